@@ -1,0 +1,30 @@
+# Two commands on a fresh machine:  `make train`  (the main job)  and  `make test`.
+# Both create the virtual environment .venv on first use (about a minute).
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup train test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps spikingjelly==0.0.0.0.14
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/delrec train $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/delrec bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info
