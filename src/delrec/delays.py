@@ -1,0 +1,114 @@
+"""Delay kernels, spread schedule, initialisations and rounding (DESIGN §2.2).
+
+A spike emitted at step ``t`` arrives ``1 + d`` steps later. A real-valued delay is made
+differentiable by spreading the spike over the integer lags ``k`` around ``c = 1 + d`` with a
+triangle of half-width ``w``, normalised by ``w²``:
+
+    κ(k) = max(0, w - |k - c|) / w²,    k = 1 … L-1  (lag 0 is never used)
+
+All delays and widths are in time steps.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+DelayInit = Callable[[tuple[int, ...], torch.Generator | None], Tensor]
+
+
+def spread_width(sigma: float, spread_logits: Tensor | None = None) -> Tensor | float:
+    """Half-width ``w`` of the kernel: ``1 + σ`` (shared) or ``1 + 2σ·sigmoid(p)`` per neuron."""
+    if spread_logits is None:
+        return 1.0 + sigma
+    return 1.0 + 2.0 * sigma * torch.sigmoid(spread_logits)
+
+
+def kernel_length(max_delay: float, max_width: float) -> int:
+    """Number of lags ``L = ceil(1 + max d + max w) + 1`` (lags 0 … L-1) covering every kernel."""
+    return math.ceil(1.0 + max_delay + max_width) + 1
+
+
+def triangle_kernel(delay: Tensor, width: Tensor | float, length: int) -> Tensor:
+    """Interpolation kernel ``κ`` over lags ``0 … length-1``, shape ``delay.shape + (length,)``.
+
+    ``delay`` (any shape, steps) and ``width`` (broadcastable to it) give the centre ``1 + d``
+    and half-width of each triangle; lag 0 is zeroed. Written so that autograd gives the
+    reference convention at the kinks (DESIGN §2.2): ``|x|' = 0`` at 0 and the clamp lets the
+    gradient through where its input is exactly 0.
+    """
+    width = torch.as_tensor(width, dtype=delay.dtype, device=delay.device)
+    lags = torch.arange(length, dtype=delay.dtype, device=delay.device)
+    centre = (1.0 + delay).unsqueeze(-1)
+    w = width.unsqueeze(-1) if width.dim() > 0 else width
+    kernel = (w - (lags - centre).abs()).clamp(min=0) / w**2
+    return kernel * (lags > 0)
+
+
+def spread_schedule(epoch: int, epochs: int, sigma0: float = 10.0, gamma: float = 0.95) -> float:
+    """Spread σ at the start of ``epoch`` (0-based) of ``epochs``: ``σ0 · γ^(100 e / E)``."""
+    if epochs <= 0:
+        raise ValueError(f"epochs must be positive, got {epochs}")
+    return sigma0 * gamma ** (100.0 * epoch / epochs)
+
+
+def integer_delays(delay: Tensor) -> Tensor:
+    """Delays rounded to the nearest integer (half to even) and clamped at 0, as a chip runs them."""
+    return delay.detach().round().clamp(min=0)
+
+
+# --------------------------------------------------------------------------- initialisers
+def uniform(low: float, high: float) -> DelayInit:
+    """Delays drawn from ``U(low, high)`` steps (SHD: ``U(10, 30)``)."""
+    if not 0 <= low <= high:
+        raise ValueError(f"uniform delay init needs 0 <= low <= high, got ({low}, {high})")
+
+    def init(shape, generator=None):
+        return low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)
+
+    init.description = f"uniform({low}, {high})"
+    return init
+
+
+def half_normal(std: float) -> DelayInit:
+    """Delays drawn from ``|N(0, std²)|`` steps (SSC, PS-MNIST: std = 12)."""
+    if not std >= 0:
+        raise ValueError(f"half-normal delay init needs std >= 0, got {std}")
+
+    def init(shape, generator=None):
+        return (std * torch.randn(shape, generator=generator, dtype=torch.float64)).abs()
+
+    init.description = f"half_normal({std})"
+    return init
+
+
+def constant(value: float) -> DelayInit:
+    """Every delay equal to ``value`` steps (0 gives a vanilla recurrent layer)."""
+    if not value >= 0:
+        raise ValueError(f"constant delay init needs value >= 0, got {value}")
+
+    def init(shape, generator=None):
+        return torch.full(shape, float(value), dtype=torch.float64)
+
+    init.description = f"constant({value})"
+    return init
+
+
+def parse_init(spec: str | float | DelayInit) -> DelayInit:
+    """Initialiser from a spec: a callable, a number, ``"uniform:A:B"`` or ``"half_normal:S"``."""
+    if callable(spec):
+        return spec
+    if isinstance(spec, (int, float)):
+        return constant(spec)
+    name, *args = str(spec).split(":")
+    makers = {"uniform": uniform, "half_normal": half_normal, "constant": constant}
+    if name not in makers:
+        raise ValueError(
+            f"unknown delay init {spec!r}; use 'uniform:LOW:HIGH', 'half_normal:STD' or a number"
+        )
+    try:
+        return makers[name](*map(float, args))
+    except TypeError:
+        raise ValueError(f"delay init {spec!r} has the wrong number of arguments") from None

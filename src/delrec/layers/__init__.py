@@ -1,0 +1,22 @@
+"""Layers: the DelRec recurrent-delay layer and the feedforward-delay baseline."""
+from torch import nn
+
+from delrec.layers.feedforward import FeedforwardDelay
+from delrec.layers.recurrent import DelRec
+
+
+def clamp_delays(model: nn.Module) -> None:
+    """Project every delay of ``model`` back into its range; call after each optimizer step."""
+    for module in model.modules():
+        if isinstance(module, (DelRec, FeedforwardDelay)):
+            module.clamp_delays_()
+
+
+def set_spread(model: nn.Module, sigma: float) -> None:
+    """Set the kernel spread σ (steps) of every DelRec layer of ``model`` that learns delays."""
+    for module in model.modules():
+        if isinstance(module, DelRec) and module.learn_delays:
+            module.sigma.fill_(sigma)
+
+
+__all__ = ["DelRec", "FeedforwardDelay", "clamp_delays", "set_spread"]

@@ -1,0 +1,168 @@
+"""The DelRec recurrent layer: spiking neurons with learnable recurrent transmission delays."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from delrec import delays as delay_fns
+from delrec.engine import reference_recurrence
+from delrec.neurons import LIF, as_neuron
+
+DELAY_TYPES = ("axonal", "synaptic", "shared")
+
+
+class DelRec(nn.Module):
+    r"""Recurrent spiking layer whose recurrent connections carry learnable delays (DESIGN §2.2).
+
+    For a time-major input current ``c`` of shape ``(T, B, N)`` (or ``(T, N)`` unbatched) it
+    returns the spikes ``s`` of the same shape, computed step by step with zero history::
+
+        r_i[t] = Σ_j W_ij Σ_k κ_j(k) s_j[t-k]      u[t] = c[t] + m ⊙ r[t]
+        s[t], state = neuron.step(u[t], state)
+
+    Args:
+        size: number of neurons ``N``.
+        neuron: neuron model (default ``LIF()``): one of ours, a user-written module with
+            ``initial_state``/``step`` (see :class:`delrec.neurons.Neuron`), or a SpikingJelly
+            single-step node.
+        delay_type: ``"axonal"`` (one delay per presynaptic neuron, shape ``N``),
+            ``"synaptic"`` (one per synapse, ``N×N``) or ``"shared"`` (one for the layer).
+        delay_init: initial delays in steps: a number, ``"uniform:A:B"``, ``"half_normal:S"``
+            or a callable from :mod:`delrec.delays`.
+        learn_delays: train the delays (False freezes them).
+        round_init: round the initial delays to integers (the fixed-random-delay baseline).
+        learn_spread: learn a per-neuron spread logit ``p`` (``w = 1 + 2σ·sigmoid(p)``);
+            otherwise every kernel has half-width ``w = 1 + σ``.
+        sigma: current spread ``σ`` in steps (the training schedule updates it).
+        recurrent_dropout: probability ``p`` of dropping a neuron's recurrent input for a whole
+            sequence (mask drawn once per sequence, fixed over time; identity in eval).
+        engine: ``"reference"`` (the paper's buffer algorithm, autograd).
+
+    In eval mode the layer runs with integer delays (``σ = 0``, ``d`` rounded), as a chip
+    would, without touching its parameters; set ``integer_eval = False`` to evaluate with the
+    spread kernel instead.
+    """
+
+    def __init__(self, size: int, neuron: nn.Module | None = None, *, delay_type: str = "axonal",
+                 delay_init="uniform:0:10", learn_delays: bool = True, round_init: bool = False,
+                 learn_spread: bool = False, sigma: float = 0.0, recurrent_dropout: float = 0.0,
+                 engine: str = "reference", generator: torch.Generator | None = None):
+        super().__init__()
+        if delay_type not in DELAY_TYPES:
+            raise ValueError(f"delay_type must be one of {DELAY_TYPES}, got {delay_type!r}")
+        if not 0 <= recurrent_dropout < 1:
+            raise ValueError(f"recurrent_dropout must be in [0, 1), got {recurrent_dropout}")
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
+        self.size = size
+        self.neuron = as_neuron(neuron if neuron is not None else LIF())
+        self.delay_type = delay_type
+        self.learn_delays = learn_delays
+        self.recurrent_dropout = recurrent_dropout
+        self.engine = engine
+        self.integer_eval = True
+
+        self.weight = nn.Parameter(torch.empty(size, size))
+        nn.init.orthogonal_(self.weight, gain=1.0, generator=generator)
+        delay_shape = {"axonal": (size,), "synaptic": (size, size), "shared": (1,)}[delay_type]
+        initial = delay_fns.parse_init(delay_init)(delay_shape, generator).float()
+        if round_init:
+            initial = initial.round()
+        self.delay = nn.Parameter(initial, requires_grad=learn_delays)
+        self.spread_logits = nn.Parameter(torch.zeros(size)) if learn_spread else None
+        self.register_buffer("sigma", torch.tensor(float(sigma)))
+        self.delay_init = getattr(delay_fns.parse_init(delay_init), "description", str(delay_init))
+
+    # ------------------------------------------------------------------ variants
+    @classmethod
+    def vanilla(cls, size: int, neuron: nn.Module | None = None, **kwargs) -> "DelRec":
+        """Plain recurrent layer: every delay 0 (one step), frozen, σ = 0."""
+        return cls(size, neuron, delay_init=0.0, learn_delays=False, **kwargs)
+
+    @classmethod
+    def fixed(cls, size: int, neuron: nn.Module | None = None, delay_init="uniform:0:10",
+              **kwargs) -> "DelRec":
+        """Fixed random integer delays: drawn from ``delay_init``, rounded, frozen, σ = 0."""
+        return cls(size, neuron, delay_init=delay_init, learn_delays=False, round_init=True,
+                   **kwargs)
+
+    # ------------------------------------------------------------------ kernel
+    @property
+    def uses_integer_delays(self) -> bool:
+        """True when this forward runs with rounded delays and no spread (eval mode)."""
+        return not self.training and self.integer_eval
+
+    def delays_and_width(self) -> tuple[Tensor, Tensor | float]:
+        """Delays broadcast to ``(N,)`` or ``(N, N)`` and the kernel half-width for this forward.
+
+        Delays below 0 (possible between an optimizer step and the clamp) are read as 0.
+        """
+        delay = self.delay.expand(self.size) if self.delay_type == "shared" else self.delay
+        if self.uses_integer_delays:
+            return delay_fns.integer_delays(delay), 1.0
+        sigma = float(self.sigma) if self.learn_delays else 0.0
+        return delay, delay_fns.spread_width(sigma, self.spread_logits)
+
+    def kernel(self) -> Tensor:
+        """The interpolation kernel ``κ``: ``(N, L)`` (axonal, shared) or ``(N, N, L)`` (synaptic)."""
+        delay, width = self.delays_and_width()
+        max_width = float(torch.as_tensor(width).detach().max())
+        length = delay_fns.kernel_length(float(delay.detach().max()), max_width)
+        if self.delay_type == "synaptic" and torch.is_tensor(width):
+            width = width.expand(self.size, self.size)  # spread is per presynaptic neuron
+        return delay_fns.triangle_kernel(delay, width, length)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, current: Tensor, dropout_mask: Tensor | None = None) -> Tensor:
+        """Input current ``(T, B, N)`` or ``(T, N)`` → spikes of the same shape.
+
+        ``dropout_mask`` ``(B, N)`` overrides the recurrent dropout mask (for tests and replay).
+        """
+        unbatched = current.dim() == 2
+        if unbatched:
+            current = current.unsqueeze(1)
+        self._check_input(current)
+        mask = dropout_mask if dropout_mask is not None else self._draw_dropout_mask(current)
+        if mask is not None and mask.shape != current.shape[1:]:
+            raise ValueError(f"dropout_mask must have shape (B, N) = {tuple(current.shape[1:])}, "
+                             f"got {tuple(mask.shape)}")
+        spikes = ENGINES[self.engine](self, current, mask)
+        return spikes.squeeze(1) if unbatched else spikes
+
+    def _check_input(self, current: Tensor) -> None:
+        if current.dim() != 3 or current.shape[-1] != self.size:
+            raise ValueError(
+                f"DelRec expects a time-major input current (T, B, {self.size}) or (T, {self.size}), "
+                f"got shape {tuple(current.shape)}; transpose batch-first data with x.transpose(0, 1)"
+            )
+        if current.dtype != self.weight.dtype:
+            raise TypeError(f"input dtype {current.dtype} does not match the layer's "
+                            f"{self.weight.dtype}; convert one with .to(dtype)")
+        if current.shape[0] == 0:
+            raise ValueError("input sequence is empty (T = 0)")
+
+    def _draw_dropout_mask(self, current: Tensor) -> Tensor | None:
+        if not self.training or self.recurrent_dropout == 0:
+            return None
+        keep = 1.0 - self.recurrent_dropout
+        return torch.bernoulli(torch.full_like(current[0], keep)) / keep
+
+    # ------------------------------------------------------------------ constraints
+    @torch.no_grad()
+    def clamp_delays_(self) -> None:
+        """Clamp ``d ≥ 0`` in place; call after every optimizer step."""
+        self.delay.clamp_(min=0)
+
+    def extra_repr(self) -> str:
+        spread = "learnable" if self.spread_logits is not None else "shared"
+        return (f"{self.size}, delay_type={self.delay_type}, delay_init={self.delay_init}, "
+                f"learn_delays={self.learn_delays}, spread={spread}, sigma={float(self.sigma):.4g}, "
+                f"recurrent_dropout={self.recurrent_dropout}, engine={self.engine}")
+
+
+def _run_reference(layer: DelRec, current: Tensor, mask: Tensor | None) -> Tensor:
+    return reference_recurrence(current, layer.weight, layer.kernel(), layer.neuron, mask)
+
+
+# engine name -> function(layer, current (T, B, N), mask (B, N) | None) -> spikes (T, B, N)
+ENGINES = {"reference": _run_reference}

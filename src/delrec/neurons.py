@@ -1,0 +1,320 @@
+"""Spiking neuron models and surrogate gradients (DESIGN §2.1).
+
+Two layers of API, in the style of Norse:
+
+* pure step functions (``lif_step``, ``adlif_step``, ``leaky_integrator_step``) that map
+  ``(input current, state, parameters) -> (spikes, new state)`` for one time step;
+* ``nn.Module`` wrappers (``LIF``, ``AdLIF``, ``LeakyIntegrator``) that hold the
+  parameters, implement the :class:`Neuron` protocol used by the recurrent-delay layer, and
+  run a whole time-major sequence ``(T, B, N)`` when called.
+
+Time is counted in steps: ``tau`` is a number of time steps, not seconds. All tensors are
+time-major, ``x[t, b, n]``; a state is a tuple of ``(B, N)`` tensors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+State = tuple[Tensor, ...]
+
+
+# --------------------------------------------------------------------------- surrogates
+class Surrogate:
+    """Heaviside step ``Θ(x)`` (with ``Θ(0) = 1``) whose backward uses ``derivative(x)``."""
+
+    def derivative(self, x: Tensor) -> Tensor:
+        """Surrogate derivative ``ψ'(x)``, same shape as ``x``."""
+        raise NotImplementedError
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _SurrogateSpike.apply(x, self)
+
+
+class _SurrogateSpike(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, surrogate: Surrogate) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.surrogate = surrogate
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        return grad * ctx.surrogate.derivative(x), None
+
+
+@dataclass(frozen=True)
+class Triangle(Surrogate):
+    """``ψ'(x) = max(0, γ - |x|) / γ²`` (the paper's default for SSC and PS-MNIST)."""
+
+    gamma: float = 1.0
+
+    def derivative(self, x: Tensor) -> Tensor:
+        return (self.gamma - x.abs()).clamp(min=0) / self.gamma**2
+
+
+@dataclass(frozen=True)
+class ATan(Surrogate):
+    """``ψ'(x) = (α/2) / (1 + (π α x / 2)²)``, SpikingJelly's ``ATan`` (SHD uses α = 5)."""
+
+    alpha: float = 2.0
+
+    def derivative(self, x: Tensor) -> Tensor:
+        return (self.alpha / 2) / (1 + (math.pi / 2 * self.alpha * x) ** 2)
+
+
+SURROGATES = {"triangle": Triangle, "atan": ATan}
+
+
+def make_surrogate(name: str, **kwargs) -> Surrogate:
+    """Surrogate by name: ``"triangle"`` (kwarg ``gamma``) or ``"atan"`` (kwarg ``alpha``)."""
+    try:
+        return SURROGATES[name.lower()](**kwargs)
+    except KeyError:
+        raise ValueError(
+            f"unknown surrogate {name!r}; choose one of {sorted(SURROGATES)}"
+        ) from None
+
+
+# --------------------------------------------------------------------------- protocol
+@runtime_checkable
+class Neuron(Protocol):
+    """What the recurrent-delay layer needs from a neuron model.
+
+    ``initial_state(like)`` returns the state before the first step for inputs shaped like
+    ``like`` (``(B, N)``); ``step(u, state)`` consumes the input current ``u`` (``(B, N)``) and
+    returns ``(spikes, new_state)``. A user-written neuron only has to provide these two
+    methods (and be an ``nn.Module`` if it has parameters); gradients then flow by autograd.
+    """
+
+    def initial_state(self, like: Tensor) -> State: ...
+
+    def step(self, u: Tensor, state: State) -> tuple[Tensor, State]: ...
+
+
+class SequenceNeuron(nn.Module):
+    """Base class: runs ``step`` over a time-major sequence when the module is called."""
+
+    def initial_state(self, like: Tensor) -> State:
+        raise NotImplementedError
+
+    def step(self, u: Tensor, state: State) -> tuple[Tensor, State]:
+        raise NotImplementedError
+
+    def forward(self, u: Tensor, state: State | None = None) -> Tensor:
+        """Input current ``(T, B, N)`` → spikes ``(T, B, N)`` (zero initial state by default)."""
+        state = self.initial_state(u[0]) if state is None else state
+        spikes = []
+        for u_t in u:
+            s_t, state = self.step(u_t, state)
+            spikes.append(s_t)
+        return torch.stack(spikes)
+
+
+# --------------------------------------------------------------------------- LIF
+@dataclass(frozen=True)
+class LIFParameters:
+    """Leaky integrate-and-fire parameters (SpikingJelly ``LIFNode`` conventions).
+
+    ``tau``: membrane time constant in steps (> 1 for a leak below one).
+    ``v_reset``: reset potential for a hard reset, or ``None`` for a soft reset
+    (subtract the threshold). ``detach_reset``: no gradient through the reset.
+    ``decay_input``: divide the input current by ``tau`` too.
+    """
+
+    tau: float = 2.0
+    v_threshold: float = 1.0
+    v_reset: float | None = 0.0
+    detach_reset: bool = False
+    decay_input: bool = False
+    surrogate: Surrogate = ATan()
+
+    def __post_init__(self):
+        if not self.tau > 0 or math.isinf(self.tau):
+            raise ValueError(f"LIF tau must be a positive number of time steps, got {self.tau}")
+
+    @property
+    def soft_reset(self) -> bool:
+        return self.v_reset is None
+
+
+def lif_charge(u: Tensor, v: Tensor, p: LIFParameters) -> Tensor:
+    """Membrane potential ``h[t]`` after integrating ``u[t]`` from ``v[t-1]`` (no firing)."""
+    v_rest = 0.0 if p.v_reset is None else p.v_reset
+    if p.decay_input:
+        return v + (u - (v - v_rest)) / p.tau
+    return v - (v - v_rest) / p.tau + u
+
+
+def lif_step(u: Tensor, v: Tensor, p: LIFParameters) -> tuple[Tensor, Tensor]:
+    """One LIF step: ``(u[t], v[t-1]) -> (s[t], v[t])``, all ``(B, N)``."""
+    h = lif_charge(u, v, p)
+    s = p.surrogate(h - p.v_threshold)
+    s_reset = s.detach() if p.detach_reset else s
+    if p.soft_reset:
+        v_next = h - p.v_threshold * s_reset
+    else:
+        v_next = h * (1 - s_reset) + p.v_reset * s_reset
+    return s, v_next
+
+
+class LIF(SequenceNeuron):
+    """Leaky integrate-and-fire neuron; state ``(v,)`` with ``v[-1] = v_reset`` (0 if soft)."""
+
+    def __init__(self, tau: float = 2.0, v_threshold: float = 1.0, v_reset: float | None = 0.0,
+                 detach_reset: bool = False, decay_input: bool = False,
+                 surrogate: Surrogate = ATan()):
+        super().__init__()
+        self.p = LIFParameters(tau, v_threshold, v_reset, detach_reset, decay_input, surrogate)
+
+    def initial_state(self, like: Tensor) -> State:
+        v0 = 0.0 if self.p.v_reset is None else self.p.v_reset
+        return (torch.full_like(like, v0),)
+
+    def step(self, u: Tensor, state: State) -> tuple[Tensor, State]:
+        s, v = lif_step(u, state[0], self.p)
+        return s, (v,)
+
+    def extra_repr(self) -> str:
+        p = self.p
+        reset = "soft" if p.soft_reset else f"hard(v_reset={p.v_reset})"
+        return (f"tau={p.tau}, v_threshold={p.v_threshold}, reset={reset}, "
+                f"detach_reset={p.detach_reset}, decay_input={p.decay_input}, surrogate={p.surrogate}")
+
+
+# --------------------------------------------------------------------------- readout
+def leaky_integrator_step(u: Tensor, v: Tensor, tau: float, decay_input: bool) -> Tensor:
+    """LIF with infinite threshold: ``v[t] = v[t-1] - v[t-1]/τ + u[t]`` (``u/τ`` if decay_input)."""
+    if decay_input:
+        return v + (u - v) / tau
+    return v - v / tau + u
+
+
+class LeakyIntegrator(nn.Module):
+    """Readout neuron that never fires; its membrane sequence is the output.
+
+    With ``decay_input=True`` it is the exponential moving average
+    ``v[t] = (1 - 1/τ) v[t-1] + u[t]/τ`` used by the Mackey-Glass forecaster.
+    """
+
+    def __init__(self, tau: float = 2.0, decay_input: bool = False):
+        super().__init__()
+        if not tau >= 1:
+            raise ValueError(f"LeakyIntegrator tau must be >= 1 time step, got {tau}")
+        self.tau = float(tau)
+        self.decay_input = decay_input
+
+    def forward(self, u: Tensor) -> Tensor:
+        """Input current ``(T, B, K)`` → membrane potentials ``(T, B, K)``."""
+        v = torch.zeros_like(u[0])
+        out = []
+        for u_t in u:
+            v = leaky_integrator_step(u_t, v, self.tau, self.decay_input)
+            out.append(v)
+        return torch.stack(out)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, decay_input={self.decay_input}"
+
+
+# --------------------------------------------------------------------------- adaptive LIF
+@dataclass(frozen=True)
+class AdLIFParameters:
+    """Adaptive LIF (SE-adLIF style, symplectic Euler order; Baronig et al. 2025).
+
+    ``tau_u``/``tau_w``: membrane and adaptation time constants in steps;
+    ``a``: sub-threshold coupling of the adaptation to the membrane; ``b``: spike-triggered
+    adaptation; reset to 0 after a spike (``detach_reset`` as in LIF).
+    """
+
+    tau_u: float = 5.0
+    tau_w: float = 30.0
+    a: float = 0.5
+    b: float = 1.0
+    v_threshold: float = 1.0
+    detach_reset: bool = False
+    surrogate: Surrogate = Triangle()
+
+
+def adlif_step(u: Tensor, v: Tensor, w: Tensor, p: AdLIFParameters) -> tuple[Tensor, Tensor, Tensor]:
+    """One adLIF step: ``(u[t], v[t-1], w[t-1]) -> (s[t], v[t], w[t])``.
+
+    ``v' = α v + (1-α)(u - w)``, ``s = Θ(v' - θ)``, ``v = v'(1 - s)``,
+    ``w = β w + (1-β)(a v + b s)`` with ``α = exp(-1/τ_u)``, ``β = exp(-1/τ_w)``.
+    """
+    alpha = math.exp(-1.0 / p.tau_u)
+    beta = math.exp(-1.0 / p.tau_w)
+    h = alpha * v + (1 - alpha) * (u - w)
+    s = p.surrogate(h - p.v_threshold)
+    s_reset = s.detach() if p.detach_reset else s
+    v_next = h * (1 - s_reset)
+    w_next = beta * w + (1 - beta) * (p.a * v_next + p.b * s)
+    return s, v_next, w_next
+
+
+class AdLIF(SequenceNeuron):
+    """Adaptive LIF neuron with two state variables ``(v, w)``, both starting at 0."""
+
+    def __init__(self, tau_u: float = 5.0, tau_w: float = 30.0, a: float = 0.5, b: float = 1.0,
+                 v_threshold: float = 1.0, detach_reset: bool = False,
+                 surrogate: Surrogate = Triangle()):
+        super().__init__()
+        self.p = AdLIFParameters(tau_u, tau_w, a, b, v_threshold, detach_reset, surrogate)
+
+    def initial_state(self, like: Tensor) -> State:
+        return (torch.zeros_like(like), torch.zeros_like(like))
+
+    def step(self, u: Tensor, state: State) -> tuple[Tensor, State]:
+        s, v, w = adlif_step(u, state[0], state[1], self.p)
+        return s, (v, w)
+
+    def extra_repr(self) -> str:
+        p = self.p
+        return (f"tau_u={p.tau_u}, tau_w={p.tau_w}, a={p.a}, b={p.b}, "
+                f"v_threshold={p.v_threshold}, surrogate={p.surrogate}")
+
+
+# --------------------------------------------------------------------------- SpikingJelly
+class SpikingJellyNeuron(nn.Module):
+    """Adapter: a SpikingJelly single-step neuron node used through the :class:`Neuron` protocol.
+
+    The node keeps its membrane in ``node.v``; the adapter sets it from the explicit state
+    before each step and reads it back afterwards, so the node can be used functionally.
+    """
+
+    def __init__(self, node: nn.Module):
+        super().__init__()
+        if getattr(node, "step_mode", "s") != "s":
+            raise ValueError("SpikingJelly node must be in single-step mode (step_mode='s')")
+        self.node = node
+
+    def initial_state(self, like: Tensor) -> State:
+        v0 = self.node.v_reset if self.node.v_reset is not None else 0.0
+        return (torch.full_like(like, v0),)
+
+    def step(self, u: Tensor, state: State) -> tuple[Tensor, State]:
+        self.node.v = state[0]
+        s = self.node(u)
+        return s, (self.node.v,)
+
+
+def as_neuron(neuron: nn.Module) -> nn.Module:
+    """Return ``neuron`` as an object following the :class:`Neuron` protocol.
+
+    Accepts our neurons, user-written ones (anything with ``initial_state`` and ``step``), and
+    SpikingJelly single-step nodes (wrapped in :class:`SpikingJellyNeuron`).
+    """
+    if isinstance(neuron, Neuron):
+        return neuron
+    if type(neuron).__module__.startswith("spikingjelly"):
+        return SpikingJellyNeuron(neuron)
+    raise TypeError(
+        f"{type(neuron).__name__} is not a neuron model: give it methods "
+        "initial_state(like) -> state and step(u, state) -> (spikes, state) "
+        "(see delrec.neurons.Neuron), or pass a SpikingJelly single-step node"
+    )
