@@ -1,0 +1,273 @@
+"""Network builders: the paper's architectures and their ablation family (DESIGN §2.4).
+
+One config object, :class:`NetworkConfig`, describes a network; :func:`build_network` turns
+it into a :class:`SpikingNetwork`; :func:`preset_network` gives the paper's settings for a
+task and model. Every network maps a time-major input ``(T, B, C)`` to a readout sequence
+``(T, B, K)``; :func:`readout_reduce` turns that sequence into the logits or prediction.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from delrec.layers import DelRec, FeedforwardDelay
+from delrec.neurons import LIF, LeakyIntegrator, make_surrogate
+
+MODELS = ("snn", "rsnn", "fixed", "delrec", "delrec-shared", "ffdelay", "ff+rec")
+READOUTS = ("lif", "sum", "ema")
+
+
+@dataclass
+class NeuronConfig:
+    """LIF settings (DESIGN §2.1). ``reset``: ``"hard"`` (to ``v_reset``) or ``"soft"``."""
+
+    tau: float = 2.0
+    v_threshold: float = 1.0
+    reset: str = "soft"
+    v_reset: float = 0.0
+    detach_reset: bool = False
+    decay_input: bool = False
+    surrogate: str = "triangle"
+    surrogate_scale: float = 1.0  # γ for "triangle", α for "atan"
+
+    def build(self) -> LIF:
+        if self.reset not in ("hard", "soft"):
+            raise ValueError(f"neuron reset must be 'hard' or 'soft', got {self.reset!r}")
+        scale_name = {"triangle": "gamma", "atan": "alpha"}.get(self.surrogate.lower(), "gamma")
+        surrogate = make_surrogate(self.surrogate, **{scale_name: self.surrogate_scale})
+        return LIF(self.tau, self.v_threshold, None if self.reset == "soft" else self.v_reset,
+                   self.detach_reset, self.decay_input, surrogate)
+
+
+@dataclass
+class NetworkConfig:
+    """Everything that defines a network. Sizes in neurons, delays and windows in time steps.
+
+    ``recurrent_layers``: indices of the hidden layers that the DelRec model makes recurrent
+    (``None``: all); the ablations change exactly those layers. ``block``:
+    ``"bn"`` = Linear → BatchNorm → neuron → dropout (SHD), ``"dropout"`` = Linear → dropout →
+    neuron (SSC, PS-MNIST, Mackey-Glass). ``readout``: ``"lif"`` (LIF with infinite threshold,
+    per-step softmax summed), ``"sum"`` (Linear summed over time), ``"ema"`` (exponential
+    moving average of the Linear output, last value = prediction).
+    """
+
+    input_size: int
+    hidden_sizes: tuple[int, ...]
+    output_size: int
+    model: str = "delrec"
+    recurrent_layers: tuple[int, ...] | None = None
+    block: str = "dropout"
+    bias: bool = True
+    dropout: float = 0.1
+    recurrent_dropout: float = 0.0
+    neuron: NeuronConfig = field(default_factory=NeuronConfig)
+    delay_type: str = "axonal"
+    delay_init: str = "half_normal:12"
+    learn_spread: bool = False
+    ff_delay_window: int = 26
+    feedforward_init: str = "uniform-sqrt6"  # or "torch" (nn.Linear's default)
+    readout: str = "sum"
+    readout_tau: float = 2.0
+    readout_bias: bool = True
+
+    def __post_init__(self):
+        self.hidden_sizes = tuple(self.hidden_sizes)
+        if isinstance(self.neuron, dict):
+            self.neuron = NeuronConfig(**self.neuron)
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {MODELS}")
+        if self.readout not in READOUTS:
+            raise ValueError(f"unknown readout {self.readout!r}; choose one of {READOUTS}")
+        if self.block not in ("bn", "dropout"):
+            raise ValueError(f"block must be 'bn' or 'dropout', got {self.block!r}")
+        if self.feedforward_init not in ("uniform-sqrt6", "torch"):
+            raise ValueError(f"feedforward_init must be 'uniform-sqrt6' or 'torch', "
+                             f"got {self.feedforward_init!r}")
+        if not self.hidden_sizes or min(self.hidden_sizes) < 1:
+            raise ValueError(f"hidden_sizes must be positive sizes, got {self.hidden_sizes}")
+        for name in ("dropout", "recurrent_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.recurrent_layers is not None:
+            self.recurrent_layers = tuple(self.recurrent_layers)
+            bad = [i for i in self.recurrent_layers if not 0 <= i < len(self.hidden_sizes)]
+            if bad:
+                raise ValueError(f"recurrent_layers {bad} out of range for "
+                                 f"{len(self.hidden_sizes)} hidden layers")
+
+    def is_recurrent_position(self, index: int) -> bool:
+        return self.recurrent_layers is None or index in self.recurrent_layers
+
+
+class HiddenBlock(nn.Module):
+    """One hidden layer: synapses (Linear or FeedforwardDelay) → [BatchNorm] → neurons → dropout.
+
+    ``(T, B, I)`` → spikes ``(T, B, O)``. ``neurons`` is a DelRec layer or a plain LIF.
+    """
+
+    def __init__(self, synapses: nn.Module, neurons: nn.Module, norm: nn.BatchNorm1d | None,
+                 dropout: float, dropout_first: bool):
+        super().__init__()
+        self.synapses, self.norm, self.neurons = synapses, norm, neurons
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_first = dropout_first
+
+    def forward(self, x: Tensor) -> Tensor:
+        current = self.synapses(x)
+        if self.norm is not None:  # statistics over all T·B frames
+            current = self.norm(current.flatten(0, 1)).view_as(current)
+        if self.dropout_first:
+            return self.neurons(self.dropout(current))
+        return self.dropout(self.neurons(current))
+
+
+class SpikingNetwork(nn.Module):
+    """Stack of hidden blocks and a readout; ``(T, B, C)`` → readout sequence ``(T, B, K)``."""
+
+    def __init__(self, config: NetworkConfig, blocks: list[HiddenBlock], readout: nn.Module,
+                 readout_neuron: nn.Module | None):
+        super().__init__()
+        self.config = config
+        self.blocks = nn.ModuleList(blocks)
+        self.readout = readout
+        self.readout_neuron = readout_neuron
+
+    def forward_with_spikes(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Readout sequence ``(T, B, K)`` and the spikes ``(T, B, N_l)`` of every hidden layer."""
+        if x.dim() != 3 or x.shape[-1] != self.config.input_size:
+            raise ValueError(f"network expects time-major input (T, B, {self.config.input_size}), "
+                             f"got {tuple(x.shape)}")
+        spikes = []
+        for block in self.blocks:
+            x = block(x)
+            spikes.append(x)
+        out = self.readout(x)
+        if self.readout_neuron is not None:
+            out = self.readout_neuron(out)
+        return out, spikes
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_with_spikes(x)[0]
+
+    def delay_layers(self) -> list[nn.Module]:
+        """The layers that hold delays (DelRec and FeedforwardDelay), in depth order."""
+        return [m for m in self.modules() if isinstance(m, (DelRec, FeedforwardDelay))]
+
+
+def readout_reduce(output: Tensor, readout: str) -> Tensor:
+    """Readout sequence ``(T, B, K)`` → logits or prediction ``(B, K)``.
+
+    ``"lif"``: Σ_t softmax(V[t]) (a probability mass summed over time; take its log for the
+    cross-entropy); ``"sum"``: Σ_t output[t]; ``"ema"``: the last value.
+    """
+    if readout == "lif":
+        return output.softmax(-1).sum(0)
+    if readout == "sum":
+        return output.sum(0)
+    if readout == "ema":
+        return output[-1]
+    raise ValueError(f"unknown readout {readout!r}; choose one of {READOUTS}")
+
+
+def _linear(cfg: NetworkConfig, fan_in: int, fan_out: int, bias: bool,
+            generator: torch.Generator | None) -> nn.Linear:
+    layer = nn.Linear(fan_in, fan_out, bias=bias)
+    if cfg.feedforward_init == "uniform-sqrt6":
+        with torch.no_grad():
+            bound = math.sqrt(6.0 / fan_in)
+            layer.weight.uniform_(-bound, bound, generator=generator)
+            if bias:
+                layer.bias.uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in), generator=generator)
+    return layer
+
+
+def _neurons(cfg: NetworkConfig, size: int, recurrent_position: bool,
+             generator: torch.Generator | None) -> nn.Module:
+    neuron = cfg.neuron.build()
+    if not recurrent_position or cfg.model in ("snn", "ffdelay"):
+        return neuron
+    common = dict(recurrent_dropout=cfg.recurrent_dropout, generator=generator)
+    if cfg.model == "rsnn":
+        return DelRec.vanilla(size, neuron, **common)
+    if cfg.model == "fixed":
+        return DelRec.fixed(size, neuron, delay_init=cfg.delay_init,
+                            delay_type=cfg.delay_type, **common)
+    delay_type = "shared" if cfg.model == "delrec-shared" else cfg.delay_type
+    return DelRec(size, neuron, delay_type=delay_type, delay_init=cfg.delay_init,
+                  learn_spread=cfg.learn_spread, **common)
+
+
+def build_network(cfg: NetworkConfig, seed: int | None = None) -> SpikingNetwork:
+    """Build the network ``cfg`` describes; ``seed`` makes the initialisation reproducible."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    blocks, fan_in = [], cfg.input_size
+    for index, size in enumerate(cfg.hidden_sizes):
+        recurrent_position = cfg.is_recurrent_position(index)
+        if recurrent_position and cfg.model in ("ffdelay", "ff+rec"):
+            synapses = FeedforwardDelay(fan_in, size, cfg.ff_delay_window, cfg.bias, generator)
+        else:
+            synapses = _linear(cfg, fan_in, size, cfg.bias, generator)
+        norm = nn.BatchNorm1d(size) if cfg.block == "bn" else None
+        blocks.append(HiddenBlock(synapses, _neurons(cfg, size, recurrent_position, generator),
+                                  norm, cfg.dropout, dropout_first=cfg.block == "dropout"))
+        fan_in = size
+    readout = _linear(cfg, fan_in, cfg.output_size, cfg.readout_bias, generator)
+    readout_neuron = {
+        "lif": lambda: LeakyIntegrator(cfg.readout_tau, decay_input=cfg.neuron.decay_input),
+        "ema": lambda: LeakyIntegrator(cfg.readout_tau, decay_input=True),
+        "sum": lambda: None,
+    }[cfg.readout]()
+    return SpikingNetwork(cfg, blocks, readout, readout_neuron)
+
+
+# --------------------------------------------------------------------------- presets
+def _shd(model: str) -> NetworkConfig:
+    neuron = NeuronConfig(tau=1.05, reset="hard", v_reset=0.0, detach_reset=True,
+                          surrogate="atan", surrogate_scale=5.0)
+    return NetworkConfig(140, (256, 256), 20, model=model, recurrent_layers=(1,), block="bn",
+                         bias=True, dropout=0.4, recurrent_dropout=0.2, neuron=neuron,
+                         delay_init="uniform:10:30", readout="lif", readout_tau=1.05,
+                         feedforward_init="uniform-sqrt6")
+
+
+def _ssc(model: str) -> NetworkConfig:
+    return NetworkConfig(140, (256, 256, 256), 35, model=model, block="dropout", bias=True,
+                         dropout=0.1, recurrent_dropout=0.3, neuron=NeuronConfig(),
+                         delay_init="half_normal:12", learn_spread=True, readout="sum",
+                         feedforward_init="torch")
+
+
+def _psmnist(model: str) -> NetworkConfig:
+    return NetworkConfig(1, (64, 212, 212), 10, model=model, block="dropout", bias=True,
+                         dropout=0.1, recurrent_dropout=0.2, neuron=NeuronConfig(),
+                         delay_init="half_normal:12", learn_spread=True, readout="sum",
+                         feedforward_init="torch")
+
+
+def _mackey_glass(model: str) -> NetworkConfig:
+    neuron = NeuronConfig(tau=2.0, reset="hard", v_reset=0.0, detach_reset=True,
+                          surrogate="atan", surrogate_scale=5.0)
+    return NetworkConfig(1, (128,), 1, model=model, block="dropout", bias=False, dropout=0.2,
+                         recurrent_dropout=0.2, neuron=neuron, delay_init="uniform:0:20",
+                         readout="ema", readout_tau=20.0, readout_bias=False,
+                         feedforward_init="torch")
+
+
+PRESETS = {"shd": _shd, "ssc": _ssc, "psmnist": _psmnist, "mackey-glass": _mackey_glass}
+
+
+def preset_network(task: str, model: str = "delrec", **overrides) -> NetworkConfig:
+    """The paper's network for ``task`` (``shd``, ``ssc``, ``psmnist``, ``mackey-glass``)
+    as ``model`` (one of :data:`MODELS`), with any field overridden by keyword."""
+    if task not in PRESETS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[task](model), **overrides)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable scalars (frozen delays of fixed/vanilla layers excluded)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
