@@ -175,13 +175,14 @@ def readout_reduce(output: Tensor, readout: str) -> Tensor:
 
 def _linear(cfg: NetworkConfig, fan_in: int, fan_out: int, bias: bool,
             generator: torch.Generator | None) -> nn.Linear:
+    """Linear layer with ``W ~ U(±sqrt(6/fan_in))`` ("uniform-sqrt6", the paper's Kaiming) or
+    ``U(±1/sqrt(fan_in))`` ("torch", nn.Linear's default); bias ``U(±1/sqrt(fan_in))``."""
     layer = nn.Linear(fan_in, fan_out, bias=bias)
-    if cfg.feedforward_init == "uniform-sqrt6":
-        with torch.no_grad():
-            bound = math.sqrt(6.0 / fan_in)
-            layer.weight.uniform_(-bound, bound, generator=generator)
-            if bias:
-                layer.bias.uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in), generator=generator)
+    bound = math.sqrt(6.0 / fan_in) if cfg.feedforward_init == "uniform-sqrt6" else 1 / math.sqrt(fan_in)
+    with torch.no_grad():
+        layer.weight.uniform_(-bound, bound, generator=generator)
+        if bias:
+            layer.bias.uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in), generator=generator)
     return layer
 
 

@@ -1,0 +1,116 @@
+"""Feedforward delays and the network builders (presets, ablation family, parameter counts)."""
+import dataclasses
+
+import pytest
+import torch
+
+from delrec.layers import DelRec, FeedforwardDelay, clamp_delays
+from delrec.models import (MODELS, NetworkConfig, build_network, count_parameters,
+                           preset_network, readout_reduce)
+from delrec.neurons import LIF
+
+
+def test_feedforward_delay_shifts_by_integer_positions_and_is_causal():
+    layer = FeedforwardDelay(2, 3, kernel_size=8, bias=False).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]))
+        layer.position.copy_(torch.tensor([[3.0, 0.0], [0.0, 7.0], [0.0, 5.0]]))
+    x = torch.zeros(20, 1, 2, dtype=torch.float64)
+    x[2, 0, 0] = 1.0
+    x[4, 0, 1] = 1.0
+    y = layer(x)[:, 0]
+    assert y[:, 0].nonzero().flatten().tolist() == [5]
+    assert y[:, 1].nonzero().flatten().tolist() == [11] and y[11, 1] == 2.0
+    assert y[:, 2].nonzero().flatten().tolist() == [2, 9]
+
+
+def test_feedforward_delay_interpolates_rounds_in_eval_and_clamps():
+    layer = FeedforwardDelay(1, 1, kernel_size=6, bias=False).double()
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        layer.position.fill_(2.25)
+    x = torch.zeros(10, 1, 1, dtype=torch.float64)
+    x[0] = 1.0
+    assert layer(x)[:4, 0, 0].tolist() == pytest.approx([0, 0, 0.75, 0.25])
+    assert layer.eval()(x)[:4, 0, 0].tolist() == [0, 0, 1.0, 0]
+    assert layer.position.item() == 2.25                   # eval did not round the parameter
+    with torch.no_grad():
+        layer.position.fill_(9.0)
+    clamp_delays(layer)
+    assert layer.position.item() == 5.0
+
+
+def test_feedforward_delay_gradients_by_finite_differences():
+    torch.manual_seed(0)
+    layer = FeedforwardDelay(3, 2, kernel_size=5).double()
+    x = torch.rand(9, 2, 3, dtype=torch.float64)
+    names = ["weight", "position", "bias"]
+    values = [getattr(layer, n).detach().clone().requires_grad_() for n in names]
+    torch.autograd.gradcheck(
+        lambda *v: torch.func.functional_call(layer, dict(zip(names, v)), (x,)), values)
+
+
+@pytest.mark.parametrize("task,expected", [("shd", 173_844), ("ssc", 374_819), ("psmnist", 156_154)])
+def test_delrec_parameter_counts_match_the_paper(task, expected):
+    assert count_parameters(build_network(preset_network(task), seed=0)) == expected
+
+
+def test_ablation_family_changes_exactly_the_recurrent_positions():
+    kinds = {}
+    for model in MODELS:
+        net = build_network(preset_network("shd", model), seed=0)
+        first, second = net.blocks
+        assert isinstance(first.neurons, LIF) and isinstance(first.synapses, torch.nn.Linear)
+        kinds[model] = (type(second.synapses).__name__, type(second.neurons).__name__)
+    assert kinds["snn"] == ("Linear", "LIF")
+    assert kinds["ffdelay"] == ("FeedforwardDelay", "LIF")
+    assert kinds["ff+rec"] == ("FeedforwardDelay", "DelRec")
+    for model in ("rsnn", "fixed", "delrec", "delrec-shared"):
+        assert kinds[model] == ("Linear", "DelRec")
+    fixed = build_network(preset_network("shd", "fixed"), seed=0).blocks[1].neurons
+    assert not fixed.delay.requires_grad and torch.equal(fixed.delay, fixed.delay.round())
+    assert 10 <= fixed.delay.min() and fixed.delay.max() <= 30
+
+
+def test_presets_encode_the_paper_settings():
+    shd = build_network(preset_network("shd"), seed=0)
+    rec = shd.blocks[1].neurons
+    assert rec.neuron.p.tau == 1.05 and rec.neuron.p.v_reset == 0.0 and rec.neuron.p.detach_reset
+    assert rec.recurrent_dropout == 0.2 and shd.blocks[1].norm is not None
+    assert 10 <= rec.delay.min() and rec.delay.max() <= 30
+    fan_in_bound = (6 / 140) ** 0.5
+    assert shd.blocks[0].synapses.weight.abs().max() <= fan_in_bound
+    assert shd.blocks[0].synapses.weight.abs().max() > 0.9 * fan_in_bound
+    w = rec.weight.detach()
+    assert torch.allclose(w @ w.T, torch.eye(256), atol=1e-4)        # orthogonal init
+    ssc = build_network(preset_network("ssc"), seed=0)
+    assert all(isinstance(b.neurons, DelRec) and b.neurons.spread_logits is not None
+               and b.neurons.neuron.p.soft_reset for b in ssc.blocks)
+    mg = build_network(preset_network("mackey-glass"), seed=0)
+    assert mg.config.hidden_sizes == (128,) and mg.readout_neuron.decay_input
+    assert mg.readout_neuron.tau == 20.0 and mg.readout.bias is None
+
+
+def test_same_seed_same_network_and_forward_shapes():
+    cfg = preset_network("ssc", hidden_sizes=(16, 16, 16))
+    a, b = build_network(cfg, seed=3), build_network(cfg, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    out, spikes = a.forward_with_spikes(torch.rand(12, 2, 140))
+    assert out.shape == (12, 2, 35) and [s.shape for s in spikes] == [(12, 2, 16)] * 3
+    assert readout_reduce(out, "sum").shape == (2, 35)
+    probs = readout_reduce(torch.randn(12, 2, 35), "lif")
+    assert torch.allclose(probs.sum(-1), torch.full((2,), 12.0))
+
+
+def test_bad_network_configs_get_clear_errors():
+    with pytest.raises(ValueError, match="unknown model"):
+        preset_network("shd", "transformer")
+    with pytest.raises(ValueError, match="unknown task"):
+        preset_network("cifar")
+    with pytest.raises(ValueError, match="recurrent_layers"):
+        NetworkConfig(4, (8,), 2, recurrent_layers=(3,))
+    with pytest.raises(ValueError, match="dropout"):
+        dataclasses.replace(preset_network("ssc"), dropout=1.5)
+    net = build_network(preset_network("ssc", hidden_sizes=(8, 8, 8)))
+    with pytest.raises(ValueError, match=r"\(T, B, 140\)"):
+        net(torch.zeros(2, 140))

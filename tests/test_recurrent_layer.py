@@ -1,0 +1,219 @@
+"""The DelRec layer (reference semantics): timing, gradients, eval mode, dropout, variants."""
+import pytest
+import torch
+from torch import nn
+
+from delrec.layers import DelRec, clamp_delays, set_spread
+from delrec.neurons import ATan, LIF
+
+
+def pulse(T, B, N, events, dtype=torch.float64):
+    """Input current that is 1.0 at each (t, b, n) of ``events`` and 0 elsewhere."""
+    x = torch.zeros(T, B, N, dtype=dtype)
+    for t, b, n in events:
+        x[t, b, n] = 1.0
+    return x
+
+
+def hard_lif():
+    return LIF(tau=2.0, v_threshold=1.0, v_reset=0.0)
+
+
+def layer_with(weight, delay, delay_type="axonal", **kwargs):
+    layer = DelRec(weight.shape[0], hard_lif(), delay_type=delay_type, delay_init=0.0, **kwargs).double()
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.delay.copy_(delay)
+    return layer
+
+
+@pytest.mark.parametrize("mode", ["eval", "train-sigma0"])
+@pytest.mark.parametrize("d", [0, 1, 3, 7, 12])
+def test_axonal_spike_arrives_one_plus_d_steps_later(d, mode):
+    weight = torch.zeros(3, 3, dtype=torch.float64)
+    weight[2, 0] = 1.0                                  # neuron 0 → neuron 2
+    layer = layer_with(weight, torch.tensor([float(d), 0.0, 0.0]))
+    layer.train(mode != "eval")
+    spikes = layer(pulse(25, 1, 3, [(4, 0, 0)]))
+    assert spikes[:, 0, 0].nonzero().flatten().tolist() == [4]
+    assert spikes[:, 0, 2].nonzero().flatten().tolist() == [4 + 1 + d]
+
+
+def test_synaptic_delays_are_per_connection():
+    weight = torch.zeros(4, 4, dtype=torch.float64)
+    weight[1:, 0] = 1.0                                 # neuron 0 → neurons 1, 2, 3
+    delay = torch.zeros(4, 4, dtype=torch.float64)
+    delay[1, 0], delay[2, 0], delay[3, 0] = 0.0, 5.0, 9.0
+    layer = layer_with(weight, delay, delay_type="synaptic").eval()
+    spikes = layer(pulse(20, 1, 4, [(2, 0, 0)]))
+    assert [spikes[:, 0, i].nonzero().flatten().tolist() for i in range(4)] == [[2], [3], [8], [12]]
+
+
+def test_self_connected_neuron_fires_every_one_plus_d_steps():
+    layer = layer_with(torch.ones(1, 1, dtype=torch.float64), torch.tensor([4.0])).eval()
+    spikes = layer(pulse(23, 1, 1, [(0, 0, 0)]))
+    assert spikes.flatten().nonzero().flatten().tolist() == [0, 5, 10, 15, 20]
+
+
+def test_shared_delay_applies_to_every_connection():
+    weight = torch.zeros(3, 3, dtype=torch.float64)
+    weight[2, 0] = weight[2, 1] = 1.0
+    layer = layer_with(weight, torch.tensor([6.0]), delay_type="shared").eval()
+    spikes = layer(pulse(20, 2, 3, [(1, 0, 0), (3, 1, 1)]))
+    assert spikes[:, 0, 2].nonzero().flatten().tolist() == [8]
+    assert spikes[:, 1, 2].nonzero().flatten().tolist() == [10]
+
+
+def test_eval_rounds_delays_and_drops_the_spread_without_touching_parameters():
+    torch.manual_seed(0)
+    layer = DelRec(6, delay_init="uniform:0:8", learn_spread=True, sigma=3.0,
+                   recurrent_dropout=0.3).double()
+    with torch.no_grad():
+        layer.spread_logits.normal_()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.rand(40, 3, 6, dtype=torch.float64) * 1.6
+    evaluated = layer.eval()(x)
+    after = layer.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    rounded = DelRec(6, delay_init=0.0, sigma=0.0).double().train()
+    with torch.no_grad():
+        rounded.weight.copy_(layer.weight)
+        rounded.delay.copy_(layer.delay.round())
+    assert torch.equal(evaluated, rounded(x))
+    layer.integer_eval = False                          # eval with the spread kernel
+    assert not torch.equal(layer(x), evaluated)
+
+
+class SmoothNeuron(nn.Module):
+    """A user-written neuron with a smooth spike function, so finite differences are meaningful."""
+
+    def initial_state(self, like):
+        return (torch.zeros_like(like),)
+
+    def step(self, u, state):
+        v = 0.6 * state[0] + u
+        s = torch.sigmoid(3.0 * (v - 1.0))
+        return s, (v - s,)
+
+
+@pytest.mark.parametrize("delay_type,learn_spread", [("axonal", False), ("axonal", True),
+                                                      ("synaptic", True), ("shared", False)])
+def test_gradients_match_finite_differences(delay_type, learn_spread):
+    """Smooth-neuron path: the whole layer (kernel, buffer, dropout) by finite differences.
+
+    Delays are non-integer so no kernel kink lies within the finite-difference step; the
+    kink convention itself is checked in test_delays.py.
+    """
+    torch.manual_seed(1)
+    layer = DelRec(4, SmoothNeuron(), delay_type=delay_type, delay_init="uniform:0.1:5.9",
+                   learn_spread=learn_spread, sigma=1.7).double()
+    mask = torch.tensor([[2.0, 0.0, 2.0, 2.0], [2.0, 2.0, 0.0, 2.0]], dtype=torch.float64)
+    x = torch.rand(12, 2, 4, dtype=torch.float64, requires_grad=True)
+    if learn_spread:
+        with torch.no_grad():
+            layer.spread_logits.normal_()
+    names = [name for name, p in layer.named_parameters() if p.requires_grad]
+
+    def run(x, *values):
+        return torch.func.functional_call(layer, dict(zip(names, values)), (x, mask))
+
+    inputs = (x, *[getattr(layer, n).detach().clone().requires_grad_() for n in names])
+    assert torch.autograd.gradcheck(run, inputs, atol=1e-6, rtol=1e-5)
+
+
+def test_real_lif_gradients_reach_every_parameter():
+    torch.manual_seed(2)
+    layer = DelRec(8, LIF(surrogate=ATan(2.0)), delay_init="uniform:0:6", learn_spread=True,
+                   sigma=2.0)
+    x = torch.rand(30, 4, 8) * 1.5
+    layer(x).sum().backward()
+    for name in ("weight", "delay", "spread_logits"):
+        grad = getattr(layer, name).grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+def test_recurrent_dropout_mask_is_drawn_per_sequence_and_fixed_over_time():
+    class AlwaysFires(nn.Module):
+        def initial_state(self, like):
+            return ()
+
+        def step(self, u, state):
+            self.currents.append(u)
+            return torch.ones_like(u), state
+
+    neuron = AlwaysFires()
+    neuron.currents = []
+    layer = DelRec.vanilla(64, neuron, recurrent_dropout=0.5).train()
+    with torch.no_grad():
+        layer.weight.fill_(1.0 / 64)                              # exact in binary
+    layer(torch.zeros(6, 4, 64))
+    recurrent = torch.stack(neuron.currents[1:])                 # r[t] = W·1 = 1 for t ≥ 1
+    assert torch.all(recurrent == recurrent[0])                   # same mask at every step
+    assert set(recurrent.unique().tolist()) == {0.0, 2.0}         # Bernoulli(1-p)/(1-p)
+    assert not torch.equal(recurrent[0, 0], recurrent[0, 1])      # one mask per sample
+    neuron.currents = []
+    layer.eval()(torch.zeros(6, 4, 64))
+    assert torch.equal(torch.stack(neuron.currents[1:]), torch.ones(5, 4, 64))
+
+
+def test_variants_and_constraints():
+    vanilla = DelRec.vanilla(5)
+    assert not vanilla.delay.requires_grad and torch.all(vanilla.delay == 0)
+    fixed = DelRec.fixed(5, delay_init="uniform:0:20")
+    assert not fixed.delay.requires_grad and torch.equal(fixed.delay, fixed.delay.round())
+    learned = DelRec(5, delay_init="uniform:0:20")
+    assert learned.delay.requires_grad and not torch.equal(learned.delay, learned.delay.round())
+    shared = DelRec(5, delay_type="shared")
+    assert shared.delay.shape == (1,)
+    model = nn.Sequential(vanilla, fixed, learned)
+    set_spread(model, 4.0)
+    assert [float(m.sigma) for m in model] == [0.0, 0.0, 4.0]
+    with torch.no_grad():
+        learned.delay[0] = -2.0
+    clamp_delays(model)
+    assert learned.delay.min() >= 0
+
+
+def test_unbatched_input_matches_a_batch_of_one():
+    torch.manual_seed(3)
+    layer = DelRec(5, delay_init="uniform:0:4", sigma=1.0)
+    x = torch.rand(20, 5) * 2
+    assert torch.equal(layer(x), layer(x.unsqueeze(1)).squeeze(1))
+
+
+def test_bad_inputs_get_clear_errors():
+    layer = DelRec(5)
+    with pytest.raises(ValueError, match=r"time-major input current \(T, B, 5\)"):
+        layer(torch.zeros(10, 3, 4))
+    with pytest.raises(TypeError, match="dtype"):
+        layer(torch.zeros(10, 3, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="dropout_mask"):
+        layer(torch.zeros(10, 3, 5), dropout_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="delay_type"):
+        DelRec(5, delay_type="dendritic")
+    with pytest.raises(ValueError, match="recurrent_dropout"):
+        DelRec(5, recurrent_dropout=1.0)
+    with pytest.raises(TypeError, match="not a neuron model"):
+        DelRec(5, nn.Tanh())
+
+
+def test_spikingjelly_node_works_in_the_layer_and_matches_our_lif():
+    sj = pytest.importorskip("spikingjelly.activation_based.neuron",
+                             reason="optional dependency spikingjelly is not installed")
+    surrogate = pytest.importorskip("spikingjelly.activation_based.surrogate")
+    torch.manual_seed(4)
+    ours = DelRec(6, LIF(tau=2.0, v_reset=0.0, detach_reset=True, surrogate=ATan(2.0)),
+                  delay_init="uniform:0:5", sigma=1.5).double()
+    theirs = DelRec(6, sj.LIFNode(tau=2.0, v_reset=0.0, detach_reset=True, decay_input=False,
+                                  surrogate_function=surrogate.ATan(alpha=2.0)),
+                    delay_init=0.0, sigma=1.5).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.rand(25, 3, 6, dtype=torch.float64) * 1.5
+    s_ours, s_theirs = ours(x), theirs(x)
+    assert s_ours.sum() > 0 and torch.equal(s_ours, s_theirs)
+    s_ours.sum().backward()
+    s_theirs.sum().backward()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        if a.requires_grad:
+            assert torch.allclose(a.grad, b.grad)
