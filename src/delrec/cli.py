@@ -11,6 +11,7 @@ import sys
 
 # subcommand name -> module providing add_parser(subparsers); imported only when needed.
 COMMANDS = {
+    "data": "delrec.data.cli",
 }
 
 

@@ -1,0 +1,47 @@
+"""`delrec data …`: download the official files, list the data sets."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .download import RESOURCES, download
+from .errors import DataError
+from .registry import DATASETS, FOLDERS, dataset_info, default_dir
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("data", help="download and inspect data sets")
+    commands = parser.add_subparsers(dest="data_command", metavar="ACTION")
+    commands.required = True
+    fetch = commands.add_parser(
+        "download", help="fetch, verify (MD5), resume and extract the official files")
+    fetch.add_argument("name", choices=sorted(RESOURCES))
+    fetch.add_argument("--to", type=Path, default=None,
+                       help="destination folder (default: $DELREC_DATA/<name> or data/<name>)")
+    fetch.add_argument("--quiet", action="store_true", help="no progress bar")
+    fetch.set_defaults(run=_run_download)
+    listing = commands.add_parser("list", help="the data sets, their sizes and file folders")
+    listing.set_defaults(run=_run_list)
+
+
+def _run_download(args: argparse.Namespace) -> int:
+    to = args.to if args.to is not None else default_dir(args.name)
+    try:
+        paths = download(args.name, to, progress=not args.quiet)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    for name in DATASETS:
+        info = dataset_info(name)
+        classes = f"{info.num_classes} classes" if info.num_classes else "regression"
+        steps = info.steps if info.steps is not None else "variable"
+        where = default_dir(name) if name in FOLDERS else "built in, no download"
+        print(f"{name:13s} input {info.input_size:3d}  steps {steps!s:8s} {classes:11s}  {where}")
+    return 0

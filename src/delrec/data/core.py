@@ -1,0 +1,164 @@
+"""The frame contract shared with training, and the data set classes that implement it.
+
+Every data set item is ``(frames, target)``:
+
+- ``frames``: float32 tensor of shape ``(T, C)`` — T time steps, C input channels (spike
+  counts per bin for SHD/SSC, pixel intensities in [0, 1] for PS-MNIST, series values for
+  Mackey-Glass). T may differ between items (SHD).
+- ``target``: an ``int`` class label, or a float32 scalar tensor for regression.
+
+:func:`collate_time_major` turns a list of items into a time-major :class:`Batch`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model builder needs to know about a data set.
+
+    ``input_size``: channels C per time step; ``num_classes``: classes (None for regression);
+    ``steps``: time steps T of every item, or None when T varies per item (SHD).
+    """
+
+    name: str
+    task: str  # "classification" or "regression"
+    input_size: int
+    num_classes: int | None
+    steps: int | None
+
+    @property
+    def output_size(self) -> int:
+        """Readout width: the class count, or 1 for a regression target."""
+        return self.num_classes if self.task == "classification" else 1
+
+
+class Batch(NamedTuple):
+    """A time-major batch.
+
+    ``frames``: (T, B, C) float32, zero-padded after each item's length, T = max length;
+    ``lengths``: (B,) int64 true lengths; ``targets``: (B,) int64 labels or float32 targets.
+    """
+
+    frames: torch.Tensor
+    lengths: torch.Tensor
+    targets: torch.Tensor
+
+
+def collate_time_major(items: Sequence[tuple[torch.Tensor, int | torch.Tensor]]) -> Batch:
+    """Stack ``(frames (T_i, C), target)`` items into a :class:`Batch` padded to max T_i."""
+    frames = [f for f, _ in items]
+    lengths = torch.tensor([f.shape[0] for f in frames], dtype=torch.long)
+    padded = pad_sequence(frames, batch_first=False)  # (T, B, C)
+    targets = [t for _, t in items]
+    if isinstance(targets[0], torch.Tensor):
+        target_tensor = torch.stack(targets)
+    else:
+        target_tensor = torch.tensor(targets, dtype=torch.long)
+    return Batch(padded, lengths, target_tensor)
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int | None = None,
+                drop_last: bool = False, num_workers: int = 0) -> DataLoader:
+    """A DataLoader yielding :class:`Batch` es; with ``seed`` the shuffling order is reproducible."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=num_workers, collate_fn=collate_time_major, generator=generator)
+
+
+class SparseFrames(Dataset):
+    """Binned spike trains kept as sparse (time bin, channel, count) entries; dense per item.
+
+    Arrays cover all samples of one file; ``indices`` selects the samples of this split.
+    Entries of sample i are ``offsets[i]:offsets[i+1]`` of ``steps``/``channels``/``counts``;
+    ``lengths[i]`` is its number of time bins.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], info: DatasetInfo, split: str,
+                 indices: np.ndarray | None = None):
+        self.offsets = arrays["offsets"]
+        self.steps = arrays["steps"]
+        self.channels = arrays["channels"]
+        self.counts = arrays["counts"]
+        self.sample_lengths = arrays["lengths"]
+        self.all_labels = arrays["labels"]
+        self.indices = np.arange(len(self.all_labels)) if indices is None else np.asarray(indices)
+        self.info = info
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(N,) int64 labels of this split, in item order."""
+        return self.all_labels[self.indices].astype(np.int64)
+
+    def dense(self, i: int) -> np.ndarray:
+        """Item i's spike counts as a (T_i, C) float32 array."""
+        j = self.indices[i]
+        lo, hi = self.offsets[j], self.offsets[j + 1]
+        out = np.zeros((int(self.sample_lengths[j]), self.info.input_size), dtype=np.float32)
+        out[self.steps[lo:hi], self.channels[lo:hi]] = self.counts[lo:hi]
+        return out
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(self.dense(i)), int(self.all_labels[self.indices[i]])
+
+
+class PermutedImages(Dataset):
+    """Images read pixel by pixel in a fixed permuted order: item = ((P, 1) intensities, label).
+
+    ``images``: (N, P) uint8 pixels; ``scale`` maps them to [0, 1]; ``permutation``: (P,) int64,
+    the order in which pixels are presented (frames[t] = pixel permutation[t]).
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, permutation: torch.Tensor,
+                 scale: float, info: DatasetInfo, split: str):
+        self.images = images
+        self.all_labels = labels.astype(np.int64)
+        self.permutation = permutation
+        self._perm = permutation.numpy()
+        self.scale = scale
+        self.info = info
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.all_labels)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(N,) int64 labels, in item order."""
+        return self.all_labels
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        pixels = self.images[i, self._perm].astype(np.float32) * np.float32(self.scale)
+        return torch.from_numpy(pixels[:, None]), int(self.all_labels[i])
+
+
+class SeriesWindows(Dataset):
+    """Forecasting windows of a scalar series: item = ((W, 1) past values, target value).
+
+    ``windows``: (N, W) float32 inputs; ``targets``: (N,) float32 values to predict.
+    """
+
+    def __init__(self, windows: np.ndarray, targets: np.ndarray, info: DatasetInfo, split: str):
+        self.windows = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))
+        self.targets = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
+        self.info = info
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.windows[i].unsqueeze(1), self.targets[i]

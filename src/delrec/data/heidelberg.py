@@ -1,0 +1,283 @@
+"""SHD and SSC: the Heidelberg spiking audio data sets, binned once and cached.
+
+File layout (HDF5, read with h5py): ``spikes/times`` (ragged, seconds), ``spikes/units``
+(ragged, channel ids 0…699), ``labels`` (N,), ``extra/…`` (metadata, not used).
+
+Binning (:class:`Binning`): a spike at time t (rounded to the nearest microsecond) falls into
+time bin ``floor(t / dt)`` — a spike exactly on an edge belongs to the later bin — and into
+input ``unit // group`` (700 channels by 5 → 140 inputs). Entries are spike counts.
+With a fixed number of bins (SSC: 250 bins of 5.6 ms = 1.4 s) spikes at or after the end of
+the last bin are dropped. Without one (SHD), a sample has ``floor(t_last / dt) + 1`` bins.
+
+Parsing happens once per file and binning setting; the result is cached as compact arrays in
+``<data dir>/cache/`` (atomic write) and invalidated when the source file changes.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .core import DatasetInfo, SparseFrames
+from .errors import DataError
+
+NUM_UNITS = 700
+CACHE_VERSION = 1
+_CHUNK = 1024  # samples parsed per HDF5 read, bounds the memory used while binning
+
+
+@dataclass(frozen=True)
+class Binning:
+    """How spike trains become frames: bin width ``dt_ms`` (milliseconds), a fixed number of
+    bins ``steps`` (None: up to each sample's last spike) and ``group`` units per input."""
+
+    dt_ms: float
+    steps: int | None
+    group: int = 5
+
+    def __post_init__(self):
+        if not self.dt_ms > 0 or round(self.dt_ms * 1000) < 1:
+            raise DataError(f"bin width dt_ms={self.dt_ms} must be at least 0.001 ms")
+        if self.steps is not None and not 0 < self.steps < 2**16:
+            raise DataError(f"steps={self.steps} must be between 1 and 65535 (or None)")
+        if not 1 <= self.group <= NUM_UNITS:
+            raise DataError(f"group={self.group} must be between 1 and {NUM_UNITS}")
+
+    @property
+    def dt_us(self) -> int:
+        return int(round(self.dt_ms * 1000))
+
+    @property
+    def input_size(self) -> int:
+        return -(-NUM_UNITS // self.group)
+
+    def cache_name(self, source: Path) -> str:
+        steps = "var" if self.steps is None else str(self.steps)
+        return f"{source.stem}.dt{self.dt_us}us.T{steps}.g{self.group}.v{CACHE_VERSION}.npz"
+
+
+def bin_spikes(times: list[np.ndarray], units: list[np.ndarray], binning: Binning,
+               ) -> dict[str, np.ndarray]:
+    """Bin ragged spike trains into sparse counts.
+
+    ``times[i]`` (seconds) and ``units[i]`` (ids < 700) are sample i's spikes. Returns arrays
+    ``offsets`` (N+1,), per-entry ``steps``, ``channels``, ``counts`` sorted by sample, then
+    time, then channel, and ``lengths`` (N,) bins per sample (≥ 1, an empty sample has one).
+    Raises ValueError naming the first bad sample (negative/NaN time, unit out of range).
+    """
+    sizes = np.array([len(t) for t in times], dtype=np.int64)
+    n = len(sizes)
+    t_all = np.concatenate(times).astype(np.float64) if n else np.zeros(0)
+    u_all = np.concatenate(units).astype(np.int64) if n else np.zeros(0, np.int64)
+    sample = np.repeat(np.arange(n), sizes)
+    bad = ~(t_all >= 0)
+    if bad.any():
+        raise ValueError(f"sample {sample[bad.argmax()]} has a negative or NaN spike time")
+    bad = (u_all < 0) | (u_all >= NUM_UNITS)
+    if bad.any():
+        raise ValueError(f"sample {sample[bad.argmax()]} has unit id {u_all[bad.argmax()]}, "
+                         f"outside 0…{NUM_UNITS - 1}")
+    step = np.rint(t_all * 1e6).astype(np.int64) // binning.dt_us
+    channel = u_all // binning.group
+    if binning.steps is None:
+        lengths = np.ones(n, dtype=np.int64)
+        np.maximum.at(lengths, sample, step + 1)
+        if lengths.max(initial=0) >= 2**16:
+            raise ValueError(f"a sample spans {lengths.max()} bins of {binning.dt_ms} ms, more "
+                             "than 65535: use a larger dt_ms or a fixed number of steps")
+    else:
+        keep = step < binning.steps
+        sample, step, channel = sample[keep], step[keep], channel[keep]
+        lengths = np.full(n, binning.steps, dtype=np.int64)
+    width = binning.input_size
+    span = int(lengths.max(initial=1)) * width
+    keys, counts = np.unique(sample * span + step * width + channel, return_counts=True)
+    entry_sample, rest = np.divmod(keys, span)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(entry_sample, minlength=n), out=offsets[1:])
+    return {
+        "offsets": offsets,
+        "steps": (rest // width).astype(np.uint16),
+        "channels": (rest % width).astype(np.uint16),
+        "counts": counts.astype(np.uint16 if counts.max(initial=0) < 2**16 else np.uint32),
+        "lengths": lengths.astype(np.uint16),
+    }
+
+
+def _concat_chunks(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    offsets = [np.zeros(1, dtype=np.int64)]
+    total = 0
+    for c in chunks:
+        offsets.append(c["offsets"][1:] + total)
+        total += int(c["offsets"][-1])
+    out = {k: np.concatenate([c[k] for c in chunks]) for k in ("steps", "channels", "lengths")}
+    out["counts"] = np.concatenate([c["counts"].astype(np.uint32) for c in chunks])
+    if out["counts"].max(initial=0) < 2**16:
+        out["counts"] = out["counts"].astype(np.uint16)
+    out["offsets"] = np.concatenate(offsets)
+    return out
+
+
+def parse_file(path: Path, binning: Binning, num_classes: int, dataset: str,
+               ) -> dict[str, np.ndarray]:
+    """Read one Heidelberg HDF5 file and bin it; every problem becomes a DataError naming
+    ``path`` and the fix. Returns :func:`bin_spikes`'s arrays plus ``labels`` (N,) int64 and
+    ``empty``, the indices of samples without any spike in the file."""
+    import h5py
+
+    fix = f"delete it and run `delrec data download {dataset} --to {path.parent}`"
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as exc:
+        raise DataError(f"{path} is not a readable HDF5 file ({exc}); it may be truncated or "
+                        f"corrupt: {fix}") from exc
+    with h5:
+        for key in ("spikes/times", "spikes/units", "labels"):
+            if key not in h5:
+                raise DataError(f"{path} has no '{key}' dataset, so it is not a Heidelberg "
+                                f"{dataset.upper()} file (expected spikes/times, spikes/units, "
+                                f"labels): {fix}")
+        try:
+            labels = np.asarray(h5["labels"][()])
+            n = len(labels)
+            if len(h5["spikes/times"]) != n or len(h5["spikes/units"]) != n:
+                raise DataError(f"{path}: spikes/times, spikes/units and labels have different "
+                                f"lengths ({len(h5['spikes/times'])}, {len(h5['spikes/units'])},"
+                                f" {n}): {fix}")
+            chunks, empty = [], []
+            for lo in range(0, n, _CHUNK):
+                times = list(h5["spikes/times"][lo:lo + _CHUNK])
+                units = list(h5["spikes/units"][lo:lo + _CHUNK])
+                if any(len(t) != len(u) for t, u in zip(times, units)):
+                    raise DataError(f"{path}: a sample in {lo}…{lo + len(times) - 1} has "
+                                    f"different numbers of spike times and units: {fix}")
+                empty += [lo + i for i, t in enumerate(times) if len(t) == 0]
+                try:
+                    chunks.append(bin_spikes(times, units, binning))
+                except ValueError as exc:
+                    raise DataError(f"{path}: {exc} (sample numbers counted from {lo}): "
+                                    f"{fix}") from exc
+        except (OSError, RuntimeError) as exc:
+            raise DataError(f"{path} could not be read ({exc}); it may be truncated or "
+                            f"corrupt: {fix}") from exc
+    if n == 0:
+        raise DataError(f"{path} holds no samples: {fix}")
+    if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= num_classes:
+        raise DataError(f"{path}: labels must be integers in 0…{num_classes - 1} for "
+                        f"{dataset.upper()}, found {labels.dtype} values in "
+                        f"{labels.min()}…{labels.max()}: {fix}")
+    arrays = _concat_chunks(chunks)
+    arrays["labels"] = labels.astype(np.int64)
+    arrays["empty"] = np.array(empty, dtype=np.int64)
+    return arrays
+
+
+def _source_stamp(path: Path) -> np.ndarray:
+    st = path.stat()
+    return np.array([st.st_size, st.st_mtime_ns], dtype=np.int64)
+
+
+def _write_atomic(target: Path, arrays: dict[str, np.ndarray]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_binned(path: Path, binning: Binning, num_classes: int, dataset: str,
+                cache_dir: Path | None = None, keep_empty: bool = False) -> dict[str, np.ndarray]:
+    """The binned arrays of ``path``, from the cache when it matches the file, else parsed and
+    cached. Cache: ``cache_dir`` (default ``<file's directory>/cache``); when it cannot be
+    written a warning is given and the data is used uncached.
+
+    A sample without any spike in the file is an error unless ``keep_empty``: then it is an
+    all-zero frame (one time bin, or the fixed number of steps)."""
+    cache = (cache_dir or path.parent / "cache") / binning.cache_name(path)
+    arrays = _cached(cache, path)
+    if arrays is None:
+        arrays = parse_file(path, binning, num_classes, dataset)
+        try:
+            _write_atomic(cache, {**arrays, "source": _source_stamp(path)})
+        except OSError as exc:
+            warnings.warn(f"could not write the cache {cache} ({exc}); {path} will be parsed "
+                          "again next time: pass cache_dir= a writable directory", stacklevel=2)
+    empty = arrays.pop("empty")
+    if len(empty) and not keep_empty:
+        raise DataError(f"{path}: {len(empty)} sample(s) have no spikes (first: sample "
+                        f"{empty[0]}); pass keep_empty=True to use them as all-zero frames")
+    return arrays
+
+
+def _cached(cache: Path, path: Path) -> dict[str, np.ndarray] | None:
+    """The arrays in ``cache`` if it exists, is readable and was made from ``path`` as it is."""
+    if not cache.exists():
+        return None
+    try:
+        with np.load(cache) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError):
+        return None
+    if not np.array_equal(arrays.pop("source", None), _source_stamp(path)):
+        return None
+    return arrays
+
+
+NUM_CLASSES = {"shd": 20, "ssc": 35}
+FILES = {"shd": {"train": "shd_train.h5", "valid": "shd_train.h5", "test": "shd_test.h5"},
+         "ssc": {"train": "ssc_train.h5", "valid": "ssc_valid.h5", "test": "ssc_test.h5"}}
+
+
+def heidelberg_info(name: str, binning: Binning) -> DatasetInfo:
+    return DatasetInfo(name, "classification", binning.input_size, NUM_CLASSES[name],
+                       binning.steps)
+
+
+def _source(root: Path, name: str, split: str) -> Path:
+    path = root / FILES[name][split]
+    if not root.is_dir():
+        raise DataError(f"{name.upper()} directory {root} does not exist: run `delrec data "
+                        f"download {name} --to {root}`, or pass root= the folder holding "
+                        f"{', '.join(sorted(set(FILES[name].values())))}")
+    if not path.is_file():
+        raise DataError(f"{path} not found: run `delrec data download {name} --to {root}`, or "
+                        f"put {path.name} there by hand")
+    return path
+
+
+def load_shd(root: Path, split: str, dt_ms: float = 10.0, steps: int | None = None,
+             group: int = 5, valid_fraction: float = 0.2, split_seed: int = 0,
+             keep_empty: bool = False, cache_dir: Path | None = None) -> SparseFrames:
+    """SHD: train/valid are a seeded ``1 - valid_fraction`` / ``valid_fraction`` split of
+    shd_train.h5, test is shd_test.h5. Items: ((T_i, 700/group) counts, label 0…19)."""
+    if not 0.0 < valid_fraction < 1.0:
+        raise DataError(f"valid_fraction={valid_fraction} must be strictly between 0 and 1")
+    binning = Binning(dt_ms, steps, group)
+    path = _source(root, "shd", split)
+    arrays = load_binned(path, binning, NUM_CLASSES["shd"], "shd", cache_dir, keep_empty)
+    indices = None
+    if split != "test":
+        n = len(arrays["labels"])
+        order = np.random.default_rng(split_seed).permutation(n)
+        n_valid = int(round(valid_fraction * n))
+        indices = np.sort(order[:n_valid] if split == "valid" else order[n_valid:])
+    return SparseFrames(arrays, heidelberg_info("shd", binning), split, indices)
+
+
+def load_ssc(root: Path, split: str, dt_ms: float = 5.6, steps: int | None = 250,
+             group: int = 5, keep_empty: bool = False, cache_dir: Path | None = None,
+             ) -> SparseFrames:
+    """SSC from its official train/valid/test files. Items: ((steps, 700/group) counts,
+    label 0…34); spikes at or after steps * dt_ms (1.4 s) are dropped."""
+    binning = Binning(dt_ms, steps, group)
+    path = _source(root, "ssc", split)
+    arrays = load_binned(path, binning, NUM_CLASSES["ssc"], "ssc", cache_dir, keep_empty)
+    return SparseFrames(arrays, heidelberg_info("ssc", binning), split)

@@ -1,0 +1,93 @@
+"""Mackey-Glass chaotic series forecasting, generated in memory (DESIGN §2.4).
+
+    dx/dt = beta * x(t - tau) / (1 + x(t - tau)^n) - gamma * x(t)
+
+Euler integration with step ``dt`` (0.1) from the constant history ``x(t) = x0`` (1.2) for
+all t <= 0; the series is sampled every ``sample_every`` (1) time units, the first
+``discard`` (5000) units are dropped and ``samples`` (6000) values kept. Values are not
+normalised (they stay in about 0.2…1.4).
+
+Splits: the kept series is cut in time into contiguous 60/20/20 segments (3600/1200/1200
+samples). Inside each segment, an item is a window of ``window`` (150) consecutive samples
+ending at time t and its target x(t + horizon); no input or target crosses a segment
+boundary, so a split holds ``segment - window - horizon + 1`` items.
+
+The integration uses only IEEE additions and multiplications (x^n by repeated squaring,
+running products and sums), so the series is the same, bit for bit, on every machine.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .core import DatasetInfo, SeriesWindows
+from .errors import DataError
+
+SPLIT_FRACTIONS = {"train": (0.0, 0.6), "valid": (0.6, 0.8), "test": (0.8, 1.0)}
+
+
+def _int_power(x: np.ndarray, n: int) -> np.ndarray:
+    """x**n for an integer n >= 1 by repeated squaring (exact IEEE products, no libm pow)."""
+    result, base = None, x
+    while n:
+        if n & 1:
+            result = base if result is None else result * base
+        n >>= 1
+        if n:
+            base = base * base
+    return result
+
+
+def mackey_glass(samples: int = 6000, tau: float = 17.0, beta: float = 0.2, gamma: float = 0.1,
+                 n: int = 10, dt: float = 0.1, x0: float = 1.2, discard: float = 5000.0,
+                 sample_every: float = 1.0) -> np.ndarray:
+    """The sampled series, (samples,) float64. ``tau``, ``discard`` and ``sample_every`` must
+    be whole multiples of ``dt``.
+
+    Vectorised by blocks: within a block of D = tau/dt Euler steps every delayed value is
+    already known, and x[k+1] = a x[k] + dt f[k] with a = 1 - gamma dt is a linear recurrence
+    solved in closed form, x[k0+j] = a^j (x[k0] + dt sum_{i<j} a^-(i+1) f[k0+i])."""
+    steps = {}
+    for key, value in (("tau", tau), ("discard", discard), ("sample_every", sample_every)):
+        steps[key] = int(round(value / dt))
+        if steps[key] < 1 or abs(steps[key] * dt - value) > 1e-9 * max(1.0, value):
+            raise DataError(f"Mackey-Glass: {key}={value} must be a positive multiple of dt={dt}")
+    if not (isinstance(n, (int, np.integer)) and n >= 1):
+        raise DataError(f"Mackey-Glass: exponent n={n} must be a positive integer")
+    if samples < 1:
+        raise DataError(f"Mackey-Glass: samples={samples} must be positive")
+    delay, stride = steps["tau"], steps["sample_every"]
+    last = steps["discard"] + (samples - 1) * stride
+    x = np.empty(last + 1)
+    x[0] = x0
+    a = 1.0 - gamma * dt
+    powers = np.cumprod(np.full(delay, a))  # a^1 … a^D
+    for k0 in range(0, last, delay):
+        m = min(delay, last - k0)
+        # x[k0+i-D]: the constant history in the first block (k0 is a multiple of D)
+        lagged = x[k0 - delay:k0 - delay + m] if k0 else np.full(m, x0)
+        drive = dt * beta * lagged / (1.0 + _int_power(lagged, n))
+        x[k0 + 1:k0 + m + 1] = powers[:m] * (x[k0] + np.cumsum(drive / powers[:m]))
+    return x[steps["discard"]::stride].copy()
+
+
+def load_mackey_glass(split: str, tau: float = 17.0, horizon: int = 20, window: int = 150,
+                      samples: int = 6000, beta: float = 0.2, gamma: float = 0.1, n: int = 10,
+                      dt: float = 0.1, x0: float = 1.2, discard: float = 5000.0,
+                      ) -> SeriesWindows:
+    """Forecasting windows of one split: items ((window, 1) float32, x(t + horizon) float32).
+    ``horizon`` and ``window`` count samples (time units)."""
+    if window < 1 or horizon < 1:
+        raise DataError(f"Mackey-Glass: window={window} and horizon={horizon} must be >= 1")
+    series = mackey_glass(samples, tau, beta, gamma, n, dt, x0, discard)
+    lo, hi = (int(round(f * samples)) for f in SPLIT_FRACTIONS[split])
+    segment = series[lo:hi]
+    count = len(segment) - window - horizon + 1
+    if count < 1:
+        raise DataError(f"Mackey-Glass: the {split} segment has {len(segment)} samples, too few "
+                        f"for window={window} plus horizon={horizon}: use more samples")
+    starts = np.arange(count)
+    windows = segment[starts[:, None] + np.arange(window)]
+    targets = segment[starts + window - 1 + horizon]
+    info = DatasetInfo("mackey-glass", "regression", input_size=1, num_classes=None,
+                       steps=window)
+    return SeriesWindows(windows, targets, info, split)
