@@ -1,0 +1,179 @@
+"""SHD/SSC: hand-computed binning of small files in the real layout, caching, splits, errors."""
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from delrec.data import DataError, dataset_info, load_dataset
+from delrec.data import heidelberg
+
+
+def write_heidelberg(path, samples, labels, time_dtype=np.float32):
+    """A Heidelberg-layout HDF5 file: samples = [(times in s, unit ids), ...]."""
+    with h5py.File(path, "w") as f:
+        times = f.create_dataset("spikes/times", (len(samples),),
+                                 dtype=h5py.vlen_dtype(np.dtype(time_dtype)))
+        units = f.create_dataset("spikes/units", (len(samples),),
+                                 dtype=h5py.vlen_dtype(np.dtype(np.uint16)))
+        for i, (t, u) in enumerate(samples):
+            times[i] = np.asarray(t, dtype=time_dtype)
+            units[i] = np.asarray(u, dtype=np.uint16)
+        f.create_dataset("labels", data=np.asarray(labels, dtype=np.uint16))
+        f.create_dataset("extra/speaker", data=np.zeros(len(samples), dtype=np.uint16))
+        f.create_dataset("extra/keys", data=np.array([b"zero", b"one"]))
+
+
+def random_samples(n, seed=0, max_time=0.9):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(5, 40))
+        out.append((np.sort(rng.uniform(0, max_time, k)), rng.integers(0, 700, k)))
+    return out
+
+
+# sample 0 of the hand-computed example: (time s, unit) -> (10 ms bin, unit // 5)
+EDGE_SAMPLE = ([0.0, 0.0099, 0.010, 0.0305, 0.030, 0.0301],
+               [0, 4, 5, 699, 3, 699])
+
+
+@pytest.fixture
+def shd_dir(tmp_path):
+    write_heidelberg(tmp_path / "shd_train.h5", random_samples(20, seed=1), list(range(20)))
+    write_heidelberg(tmp_path / "shd_test.h5",
+                     [EDGE_SAMPLE, ([0.5], [10])] + random_samples(3, seed=2), [7, 19, 0, 1, 2])
+    return tmp_path
+
+
+def test_shd_binning_matches_hand_count(shd_dir):
+    frames, label = load_dataset("shd", split="test", root=shd_dir)[0]
+    expected = np.zeros((4, 140), dtype=np.float32)
+    expected[0, 0] = 2      # 0.0 s and 0.0099 s, units 0 and 4
+    expected[1, 1] = 1      # 0.010 s lies on the edge: the later bin
+    expected[3, 139] = 2    # 0.0305 s and 0.0301 s, units 699
+    expected[3, 0] = 1      # 0.030 s on an edge, unit 3
+    assert label == 7
+    assert frames.dtype == torch.float32
+    np.testing.assert_array_equal(frames.numpy(), expected)
+
+
+def test_fixed_steps_drop_spikes_after_the_last_bin(shd_dir):
+    write_heidelberg(shd_dir / "ssc_train.h5", [EDGE_SAMPLE], [34])
+    ds = load_dataset("ssc", split="train", root=shd_dir, dt_ms=10.0, steps=3)
+    frames, label = ds[0]
+    expected = np.zeros((3, 140), dtype=np.float32)
+    expected[0, 0], expected[1, 1] = 2, 1   # everything at or after 30 ms is dropped
+    np.testing.assert_array_equal(frames.numpy(), expected)
+    assert label == 34
+
+
+def test_ssc_default_binning_250_bins_over_1_4_s(tmp_path):
+    sample = ([0.00559, 0.0056, 1.3999, 1.4, 2.0], [0, 1, 2, 3, 4])
+    write_heidelberg(tmp_path / "ssc_valid.h5", [sample], [3], time_dtype=np.float16)
+    frames, _ = load_dataset("ssc", split="valid", root=tmp_path)[0]
+    assert frames.shape == (250, 140)
+    # float16 rounds 1.3999 to 1.3994 s: still bin 249; 1.4 s and 2.0 s are dropped
+    assert {tuple(ix) for ix in np.argwhere(frames.numpy())} == {(0, 0), (1, 0), (249, 0)}
+    assert frames.sum() == 3
+
+
+def test_grouping_is_configurable(shd_dir):
+    ds = load_dataset("shd", split="test", root=shd_dir, group=10, dt_ms=100.0)
+    frames, label = ds[1]
+    assert ds.info.input_size == 70 == dataset_info("shd", group=10).input_size
+    assert frames.shape == (6, 70) and frames[5, 1] == 1 and frames.sum() == 1 and label == 19
+
+
+def test_shd_split_is_seeded_disjoint_and_complete(shd_dir):
+    train = load_dataset("shd", split="train", root=shd_dir)
+    valid = load_dataset("shd", split="valid", root=shd_dir)
+    assert (len(train), len(valid)) == (16, 4)
+    assert set(train.indices).isdisjoint(valid.indices)
+    assert set(train.indices) | set(valid.indices) == set(range(20))
+    again = load_dataset("shd", split="valid", root=shd_dir)
+    other = load_dataset("shd", split="valid", root=shd_dir, split_seed=1)
+    np.testing.assert_array_equal(valid.indices, again.indices)
+    assert not np.array_equal(valid.indices, other.indices)
+    assert train.info.num_classes == 20 and train.info.steps is None
+
+
+def test_cache_is_used_and_follows_the_source(shd_dir, monkeypatch):
+    load_dataset("shd", split="test", root=shd_dir)
+    caches = list((shd_dir / "cache").iterdir())
+    assert [c.name for c in caches] == ["shd_test.dt10000us.Tvar.g5.v1.npz"]
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("parsed the HDF5 file again")
+
+    with monkeypatch.context() as m:
+        m.setattr(heidelberg, "parse_file", no_parse)
+        frames, label = load_dataset("shd", split="test", root=shd_dir)[1]
+    assert label == 19 and frames[50, 2] == 1
+
+    write_heidelberg(shd_dir / "shd_test.h5", [([0.25], [20])], [5])  # the file changes
+    os.utime(shd_dir / "shd_test.h5", ns=(1, 1))
+    frames, label = load_dataset("shd", split="test", root=shd_dir)[0]
+    assert label == 5 and frames[25, 4] == 1
+    load_dataset("shd", split="test", root=shd_dir, dt_ms=5.0)
+    assert len(list((shd_dir / "cache").iterdir())) == 2
+
+
+def test_unreadable_cache_is_rebuilt(shd_dir):
+    load_dataset("shd", split="test", root=shd_dir)
+    cache = next((shd_dir / "cache").iterdir())
+    cache.write_bytes(b"garbage")
+    assert load_dataset("shd", split="test", root=shd_dir)[0][1] == 7
+
+
+def test_missing_directory_and_file(tmp_path):
+    with pytest.raises(DataError, match=r"does not exist.*delrec data download shd"):
+        load_dataset("shd", root=tmp_path / "nowhere")
+    with pytest.raises(DataError, match=r"shd_test.h5 not found.*delrec data download shd"):
+        load_dataset("shd", split="test", root=tmp_path)
+    with pytest.raises(DataError, match=r"ssc_valid.h5 not found"):
+        load_dataset("ssc", split="valid", root=tmp_path)
+
+
+def test_corrupt_and_truncated_files(tmp_path):
+    (tmp_path / "shd_train.h5").write_bytes(b"not an hdf5 file at all" * 100)
+    with pytest.raises(DataError, match=r"shd_train.h5 is not a readable HDF5 file.*download"):
+        load_dataset("shd", root=tmp_path)
+    write_heidelberg(tmp_path / "shd_test.h5", random_samples(50), [1] * 50)
+    data = (tmp_path / "shd_test.h5").read_bytes()
+    (tmp_path / "shd_test.h5").write_bytes(data[:len(data) // 2])
+    with pytest.raises(DataError, match=r"shd_test.h5.*(truncated|corrupt)"):
+        load_dataset("shd", split="test", root=tmp_path)
+
+
+def test_wrong_layout_names_the_missing_key(tmp_path):
+    with h5py.File(tmp_path / "shd_test.h5", "w") as f:
+        f.create_dataset("spikes/times", (1,), dtype=h5py.vlen_dtype(np.float32))
+        f.create_dataset("labels", data=np.zeros(1, dtype=np.uint16))
+    with pytest.raises(DataError, match=r"shd_test.h5 has no 'spikes/units'"):
+        load_dataset("shd", split="test", root=tmp_path)
+
+
+@pytest.mark.parametrize("samples, labels, message", [
+    ([([0.1], [1])], [20], r"labels must be integers in 0…19"),
+    ([([0.1], [700])], [0], r"unit id 700"),
+    ([([-0.1], [0])], [0], r"negative or NaN spike time"),
+    ([([0.1, 0.2], [1])], [0], r"different numbers of spike times and units"),
+])
+def test_bad_content(tmp_path, samples, labels, message):
+    write_heidelberg(tmp_path / "shd_test.h5", [([0.3], [0])] * 3 + samples, [0] * 3 + labels)
+    with pytest.raises(DataError, match=message) as err:
+        load_dataset("shd", split="test", root=tmp_path)
+    assert "shd_test.h5" in str(err.value)
+
+
+def test_empty_samples_are_an_error_unless_kept(tmp_path):
+    write_heidelberg(tmp_path / "shd_test.h5", [([0.3], [0]), ([], [])], [0, 1])
+    with pytest.raises(DataError, match=r"shd_test.h5: 1 sample\(s\) have no spikes.*keep_empty"):
+        load_dataset("shd", split="test", root=tmp_path)
+    ds = load_dataset("shd", split="test", root=tmp_path, keep_empty=True)
+    frames, label = ds[1]
+    assert frames.shape == (1, 140) and frames.sum() == 0 and label == 1
