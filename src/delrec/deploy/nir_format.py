@@ -1,0 +1,376 @@
+"""NIR (Neuromorphic Intermediate Representation) export and import of integer-delay networks.
+
+Graph layout written by :func:`to_nir` (node names in brackets)::
+
+    input → [layerL.synapses] → [layerL.lif] → … → [readout] → ([readout.li]) → output
+    [layerL.lif] → [layerL.recurrent…] → [layerL.lif]             (DelRec layers: a cycle)
+
+A projection with weights ``W`` ``(O, I)`` and integer lags ``(O, I)`` becomes
+
+* one ``Affine`` (``Linear`` if it has no bias) when every lag is 0;
+* ``Delay`` (one value per presynaptic neuron) → ``Affine``/``Linear`` when the lags depend
+  only on the presynaptic neuron (axonal and shared delays);
+* otherwise one ``[Delay →] Affine/Linear`` branch per distinct lag ``k`` holding the
+  synapses with that lag (synaptic delays, feedforward delays); the bias goes to the branch
+  of the smallest lag.
+
+Time convention (also written into the graph's metadata): one step is ``dt`` seconds; every
+node is evaluated once per step in graph order; an edge that closes a cycle delivers its
+signal one step later, and a ``Delay`` of ``k·dt`` seconds adds ``k`` steps (zero history).
+A ``LIF``/``LI`` node is the forward-Euler step of its ODE with step ``dt``::
+
+    v[t] = v[t-1] + dt/τ · (v_leak − v[t-1] + r · I[t])
+
+so delrec's ``v[t] = v[t-1] − (v[t-1] − v_reset)/τ_s + u[t]`` (``τ_s`` in steps) is exported as
+``τ = τ_s·dt``, ``r = τ_s`` (``r = 1`` with ``decay_input``), ``v_leak = v_reset``. A LIF spikes
+when ``v ≥ v_threshold`` (delrec and SpikingJelly; NIR's text says ``>``, which differs only at
+exact equality) and then sets ``v = v_reset``; membranes start at ``v_reset`` (LI at 0).
+
+What has no exact NIR form is refused with :class:`NIRExportError`: soft reset (NIR's LIF can
+only reset to ``v_reset``), the adaptive LIF and any other neuron model. Batch norm is folded
+into the affine weights and feedforward delays are expressed with ``Delay`` nodes, exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import delrec
+from delrec.deploy.streaming import DelayedSynapses, StreamingLayer, StreamingNetwork
+from delrec.neurons import LIF, LeakyIntegrator
+
+_NIR_MISSING = "NIR support needs the `nir` package: pip install 'delrec[deploy]' (or pip install nir)"
+
+
+class NIRExportError(ValueError):
+    """The network holds a construct NIR cannot express exactly; the message names it."""
+
+
+class NIRImportError(ValueError):
+    """The NIR graph does not have the shape :func:`to_nir` writes; the message says where."""
+
+
+def _nir():
+    try:
+        import nir
+    except ImportError:
+        raise ImportError(_NIR_MISSING) from None
+    return nir
+
+
+TIME_CONVENTION = (
+    "discrete time, one step = dt seconds; nodes are evaluated once per step in graph order; an "
+    "edge closing a cycle delivers its signal one step later; a Delay of k*dt seconds adds k steps "
+    "(zero history). LIF/LI nodes are forward-Euler steps with step dt: "
+    "v[t] = v[t-1] + dt/tau*(v_leak - v[t-1] + r*I[t]), i.e. delrec's "
+    "v[t] = v[t-1] - (v[t-1] - v_leak)/tau_steps + I[t] with tau = tau_steps*dt and r = tau_steps "
+    "(r = 1: input also divided by tau_steps)."
+)
+SPIKE_CONVENTION = ("a LIF spikes when v >= v_threshold, then v = v_reset; membranes start at "
+                    "v_reset (LIF) or 0 (LI)")
+
+
+# --------------------------------------------------------------------------- export
+def to_nir(net: nn.Module, dt: float = 1.0):
+    """The ``nir.NIRGraph`` of a network (a ``SpikingNetwork`` or a ``StreamingNetwork``).
+
+    ``dt``: seconds per time step (1.0 keeps time in steps). Raises :class:`NIRExportError`
+    naming the layer and construct when something cannot be exported exactly.
+    """
+    nir = _nir()
+    if not (isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0):
+        raise ValueError(f"dt must be a positive number of seconds per step, got {dt!r}")
+    stream = net if isinstance(net, StreamingNetwork) else StreamingNetwork.from_network(net)
+    nodes = {"input": nir.Input(input_type={"input": np.array([stream.input_size])})}
+    edges: list[tuple[str, str]] = []
+    source = "input"
+    for index, layer in enumerate(stream.layers):
+        name = f"layer{index}.lif"
+        nodes[name] = _lif_node(nir, layer.neuron, layer.size, dt, f"layer {index}")
+        _add_projection(nir, nodes, edges, f"layer{index}.synapses", layer.synapses, source, name, dt)
+        if layer.recurrent is not None:
+            _add_projection(nir, nodes, edges, f"layer{index}.recurrent", layer.recurrent, name, name, dt)
+        source = name
+    target = "output"
+    if stream.readout_neuron is not None:
+        target = "readout.li"
+        nodes[target] = _li_node(nir, stream.readout_neuron, stream.output_size, dt)
+        edges.append((target, "output"))
+    _add_projection(nir, nodes, edges, "readout", stream.readout, source, target, dt)
+    nodes["output"] = nir.Output(output_type={"output": np.array([stream.output_size])})
+    metadata = {
+        "generator": f"delrec {delrec.__version__}",
+        "dt": float(dt),
+        "time_convention": TIME_CONVENTION,
+        "spike_condition": SPIKE_CONVENTION,
+        "readout_reduction": stream.readout_reduction or "none",
+    }
+    return nir.NIRGraph(nodes=nodes, edges=edges, metadata=metadata)
+
+
+def export_nir(net: nn.Module, path: str | os.PathLike, dt: float = 1.0):
+    """Write the NIR graph of ``net`` to ``path`` (HDF5) and return the graph.
+
+    The file is written beside ``path`` under a temporary name, read back and validated with
+    ``nir.read``, then renamed: on any error nothing is left on disk and an existing file at
+    ``path`` is untouched.
+    """
+    nir = _nir()
+    graph = to_nir(net, dt)
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        nir.write(tmp, graph)
+        nir.read(tmp)  # nir's own reading and type checking
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return graph
+
+
+def _lif_node(nir, neuron: nn.Module, size: int, dt: float, where: str):
+    if not isinstance(neuron, LIF):
+        kind = "the adaptive LIF (AdLIF)" if type(neuron).__name__ == "AdLIF" else type(neuron).__name__
+        raise NIRExportError(f"{where}: {kind} has no NIR neuron node; NIR export supports LIF "
+                             "neurons with hard reset")
+    p = neuron.p
+    if p.soft_reset:
+        raise NIRExportError(f"{where}: LIF with soft reset (v -= threshold after a spike) has no NIR "
+                             "equivalent, NIR's LIF resets to v_reset; train with reset='hard' to export")
+    full = lambda value: np.full(size, float(value))  # noqa: E731
+    return nir.LIF(tau=full(p.tau * dt), r=full(1.0 if p.decay_input else p.tau),
+                   v_leak=full(p.v_reset), v_threshold=full(p.v_threshold), v_reset=full(p.v_reset))
+
+
+def _li_node(nir, neuron: LeakyIntegrator, size: int, dt: float):
+    full = lambda value: np.full(size, float(value))  # noqa: E731
+    return nir.LI(tau=full(neuron.tau * dt), r=full(1.0 if neuron.decay_input else neuron.tau),
+                  v_leak=full(0.0))
+
+
+def _weight_node(nir, weight: torch.Tensor, bias: torch.Tensor | None):
+    weight = weight.detach().cpu().numpy()
+    if bias is None:
+        return nir.Linear(weight=weight)
+    return nir.Affine(weight=weight, bias=bias.detach().cpu().numpy())
+
+
+def _add_projection(nir, nodes: dict, edges: list, name: str, synapses: DelayedSynapses,
+                    source: str, target: str, dt: float) -> None:
+    """Add the nodes and edges of ``source → synapses → target`` (see the module docstring)."""
+    if synapses.max_lag == 0:
+        nodes[name] = _weight_node(nir, synapses.weight, synapses.bias)
+        edges += [(source, name), (name, target)]
+    elif synapses.column_lags is not None:
+        nodes[f"{name}.delay"] = nir.Delay(delay=synapses.column_lags.cpu().numpy() * float(dt))
+        nodes[f"{name}.weight"] = _weight_node(nir, synapses.weight, synapses.bias)
+        edges += [(source, f"{name}.delay"), (f"{name}.delay", f"{name}.weight"),
+                  (f"{name}.weight", target)]
+    else:
+        lags = synapses.lags
+        for rank, lag in enumerate(torch.unique(lags).tolist()):
+            weight = torch.where(lags == lag, synapses.weight, torch.zeros_like(synapses.weight))
+            branch = f"{name}.lag{lag}"
+            nodes[f"{branch}.weight"] = _weight_node(nir, weight, synapses.bias if rank == 0 else None)
+            if lag == 0:
+                edges.append((source, f"{branch}.weight"))
+            else:
+                nodes[f"{branch}.delay"] = nir.Delay(delay=np.full(synapses.in_features, lag * float(dt)))
+                edges += [(source, f"{branch}.delay"), (f"{branch}.delay", f"{branch}.weight")]
+            edges.append((f"{branch}.weight", target))
+
+
+# --------------------------------------------------------------------------- import
+def import_nir(source, dt: float | None = None) -> StreamingNetwork:
+    """A :class:`StreamingNetwork` running a NIR graph of the shape :func:`to_nir` writes.
+
+    ``source``: a file path or a ``nir.NIRGraph``. ``dt``: seconds per step; by default the
+    graph's ``dt`` metadata. Parameters are converted back to steps (``τ_s = τ/dt`` rounded to
+    12 significant digits to undo the round-off of the conversion; lags ``= round(delay/dt)``).
+    Raises :class:`NIRImportError` where the graph differs from that shape.
+    """
+    nir = _nir()
+    graph = source if isinstance(source, nir.NIRGraph) else nir.read(source)
+    if dt is None:
+        if "dt" not in (graph.metadata or {}):
+            raise NIRImportError("the graph has no 'dt' metadata; pass dt (seconds per step)")
+        dt = float(graph.metadata["dt"])
+    successors: dict[str, list[str]] = {name: [] for name in graph.nodes}
+    for pre, post in graph.edges:
+        successors[pre].append(post)
+    inputs = [name for name, node in graph.nodes.items() if isinstance(node, nir.Input)]
+    if len(inputs) != 1:
+        raise NIRImportError(f"expected one Input node, found {len(inputs)}")
+
+    layers, source_name = [], inputs[0]
+    while True:
+        branches = [_follow_branch(nir, graph, successors, source_name, first, dt)
+                    for first in successors[source_name]]
+        recurrent = [b for b in branches if b[0] == source_name]
+        forward = [b for b in branches if b[0] != source_name]
+        if layers:
+            layers[-1] = StreamingLayer(layers[-1].synapses, layers[-1].neuron,
+                                        _merge_branches(recurrent, source_name) if recurrent else None)
+        elif recurrent:
+            raise NIRImportError(f"the Input node {source_name!r} feeds back to itself")
+        targets = {b[0] for b in forward}
+        if len(targets) != 1:
+            raise NIRImportError(f"node {source_name!r} feeds {sorted(targets) or 'nothing'}; expected "
+                                 "exactly one next neuron layer (or the output)")
+        target = targets.pop()
+        synapses = _merge_branches(forward, source_name)
+        node = graph.nodes[target]
+        if isinstance(node, nir.LIF):
+            layers.append(StreamingLayer(synapses, _lif_from_node(node, dt, target)))
+            source_name = target
+            continue
+        readout_neuron = None
+        if isinstance(node, nir.LI):
+            readout_neuron = _li_from_node(node, dt, target)
+            if [type(graph.nodes[n]) for n in successors[target]] != [nir.Output]:
+                raise NIRImportError(f"the readout LI node {target!r} must feed only the Output node")
+        elif not isinstance(node, nir.Output):
+            raise NIRImportError(f"node {target!r} is a {type(node).__name__}; expected LIF, LI or Output")
+        if synapses.max_lag:
+            raise NIRImportError(f"the readout into {target!r} has delays; expected none")
+        reduction = str((graph.metadata or {}).get("readout_reduction", "none"))
+        return StreamingNetwork(layers, synapses, readout_neuron,
+                                None if reduction == "none" else reduction)
+
+
+def _follow_branch(nir, graph, successors, source: str, first: str, dt: float):
+    """``source → [Delay] → Affine/Linear → target`` as ``(target, lags (I,), weight, bias)``."""
+    name, lags = first, None
+    if isinstance(graph.nodes[name], nir.Delay):
+        steps = np.asarray(graph.nodes[name].delay, dtype=np.float64) / dt
+        lags = np.rint(steps)
+        if (lags < 0).any() or not np.allclose(steps, lags, rtol=0, atol=1e-6):
+            raise NIRImportError(f"Delay node {name!r} holds delays that are not whole, non-negative "
+                                 f"multiples of dt = {dt}")
+        name = _single_successor(successors, name)
+    node = graph.nodes[name]
+    if not isinstance(node, (nir.Affine, nir.Linear)):
+        raise NIRImportError(f"after {source!r} expected [Delay →] Affine/Linear, found "
+                             f"{type(node).__name__} node {name!r}")
+    weight = torch.from_numpy(np.array(node.weight))
+    if weight.dim() != 2:
+        raise NIRImportError(f"weight of {name!r} must be 2-D, got shape {tuple(weight.shape)}")
+    if lags is not None and lags.shape != (weight.shape[1],):
+        raise NIRImportError(f"Delay before {name!r} has shape {lags.shape}, expected ({weight.shape[1]},)")
+    lag_tensor = torch.zeros(weight.shape[1], dtype=torch.long) if lags is None else torch.from_numpy(lags).long()
+    bias = torch.from_numpy(np.array(node.bias)).to(weight.dtype) if isinstance(node, nir.Affine) else None
+    return _single_successor(successors, name), lag_tensor, weight, bias
+
+
+def _single_successor(successors, name: str) -> str:
+    if len(successors[name]) != 1:
+        raise NIRImportError(f"node {name!r} must feed exactly one node, feeds {successors[name]}")
+    return successors[name][0]
+
+
+def _merge_branches(branches, source: str) -> DelayedSynapses:
+    """Sum the branches from ``source`` into one projection with a lag per synapse."""
+    shapes = {tuple(b[2].shape) for b in branches}
+    if len(shapes) != 1:
+        raise NIRImportError(f"the branches leaving {source!r} have different weight shapes {sorted(shapes)}")
+    weight = torch.zeros_like(branches[0][2])
+    lags = torch.zeros(weight.shape, dtype=torch.long)
+    owner = torch.zeros(weight.shape, dtype=torch.bool)
+    bias = None
+    for _, column_lags, branch_weight, branch_bias in branches:
+        used = branch_weight != 0
+        if (used & owner).any():
+            raise NIRImportError(f"a synapse leaving {source!r} appears in two branches (two delays)")
+        weight = torch.where(used, branch_weight, weight)
+        lags = torch.where(used, column_lags.expand_as(lags), lags)
+        owner |= used
+        if branch_bias is not None:
+            bias = branch_bias if bias is None else bias + branch_bias
+    return DelayedSynapses(weight, lags, bias)
+
+
+def _uniform(node, field: str, where: str) -> float:
+    values = np.asarray(getattr(node, field), dtype=np.float64).reshape(-1)
+    if values.size == 0 or not (values == values[0]).all():
+        raise NIRImportError(f"{where}: per-neuron values of {field} are not supported (delrec "
+                             "neurons share one value per layer)")
+    return float(values[0])
+
+
+def _steps(seconds: float, dt: float) -> float:
+    return float(f"{seconds / dt:.12g}")
+
+
+def _input_scaling(node, tau_steps: float, where: str) -> bool:
+    """``decay_input`` from the node's ``r``: ``r = τ_s`` → False, ``r = 1`` → True."""
+    r = _uniform(node, "r", where)
+    if math.isclose(r, tau_steps, rel_tol=1e-9):
+        return False
+    if math.isclose(r, 1.0, rel_tol=1e-9):
+        return True
+    raise NIRImportError(f"{where}: r = {r} is neither tau/dt = {tau_steps} nor 1, which delrec's "
+                         "neurons cannot express")
+
+
+def _lif_from_node(node, dt: float, where: str) -> LIF:
+    tau = _steps(_uniform(node, "tau", where), dt)
+    v_reset = _uniform(node, "v_reset", where)
+    if _uniform(node, "v_leak", where) != v_reset:
+        raise NIRImportError(f"{where}: v_leak differs from v_reset; delrec's LIF leaks towards v_reset")
+    return LIF(tau=tau, v_threshold=_uniform(node, "v_threshold", where), v_reset=v_reset,
+               decay_input=_input_scaling(node, tau, where))
+
+
+def _li_from_node(node, dt: float, where: str) -> LeakyIntegrator:
+    tau = _steps(_uniform(node, "tau", where), dt)
+    if _uniform(node, "v_leak", where) != 0:
+        raise NIRImportError(f"{where}: a readout LI must leak towards 0")
+    return LeakyIntegrator(tau, decay_input=_input_scaling(node, tau, where))
+
+
+# --------------------------------------------------------------------------- CLI
+def add_parser(subparsers) -> None:
+    """``delrec export RUN_DIR --format nir -o model.nir``."""
+    parser = subparsers.add_parser(
+        "export", help="export a trained network for neuromorphic hardware (NIR)",
+        description="Export the network of a run directory (or checkpoint file) with integer "
+        "delays. The NIR file states its time convention in its metadata.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint .pt file")
+    parser.add_argument("--format", choices=["nir"], default="nir", help="output format (default nir)")
+    parser.add_argument("-o", "--output", help="output file (default RUN_DIR/model.nir)")
+    parser.add_argument("--dt", type=float, default=1.0,
+                        help="seconds per time step written into the file (default 1: time in steps; "
+                        "SHD bins are 0.01)")
+    parser.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                        help="which checkpoint of a run directory (default best)")
+    parser.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from delrec.checkpoint import CheckpointError, load_network
+
+    run_dir = Path(args.run_dir)
+    output = Path(args.output) if args.output else (
+        run_dir / "model.nir" if run_dir.is_dir() else run_dir.with_suffix(".nir"))
+    try:
+        net = load_network(run_dir, args.checkpoint)
+        graph = export_nir(net, output, dt=args.dt)
+    except (CheckpointError, NIRExportError, ImportError, ValueError, FileNotFoundError) as error:
+        print(f"delrec export: error: {error}", file=sys.stderr)
+        return 1
+    delays = sum(type(node).__name__ == "Delay" for node in graph.nodes.values())
+    print(f"wrote {output}: {len(graph.nodes)} NIR nodes ({delays} Delay), "
+          f"{len(graph.edges)} edges, dt = {args.dt} s")
+    return 0
