@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-# subcommand name -> module providing add_parser(subparsers); imported only when needed.
+# subcommand name -> module providing add_parser(subparsers), imported when the parser is built.
 COMMANDS = {
     "data": "delrec.data.cli",
 }
