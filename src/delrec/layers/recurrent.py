@@ -65,13 +65,14 @@ class DelRec(nn.Module):
         self.weight = nn.Parameter(torch.empty(size, size))
         nn.init.orthogonal_(self.weight, gain=1.0, generator=generator)
         delay_shape = {"axonal": (size,), "synaptic": (size, size), "shared": (1,)}[delay_type]
-        initial = delay_fns.parse_init(delay_init)(delay_shape, generator).float()
+        init = delay_fns.parse_init(delay_init)
+        initial = init(delay_shape, generator).float()
         if round_init:
             initial = initial.round()
         self.delay = nn.Parameter(initial, requires_grad=learn_delays)
         self.spread_logits = nn.Parameter(torch.zeros(size)) if learn_spread else None
         self.register_buffer("sigma", torch.tensor(float(sigma)))
-        self.delay_init = getattr(delay_fns.parse_init(delay_init), "description", str(delay_init))
+        self.delay_init = getattr(init, "description", str(delay_init))
 
     # ------------------------------------------------------------------ variants
     @classmethod
