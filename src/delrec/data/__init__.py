@@ -12,7 +12,7 @@ Items are ``(frames (T, C) float32, target)``; :func:`make_loader` batches them 
 """
 from .augment import TripleAugmented
 from .core import SPLITS, Batch, DatasetInfo, collate_time_major, make_loader
-from .download import RESOURCES, download
+from .fetch import RESOURCES, download
 from .errors import DataError
 from .registry import DATASETS, data_root, dataset_info, default_dir, load_dataset, settings_of
 

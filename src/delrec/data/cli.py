@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .download import RESOURCES, download
+from .fetch import RESOURCES, download
 from .errors import DataError
 from .registry import DATASETS, FOLDERS, dataset_info, default_dir
 

@@ -1,0 +1,174 @@
+"""`delrec data download` against a local HTTP server on 127.0.0.1 serving generated archives."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import socket
+import threading
+import time
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from delrec.cli import main as delrec_main
+from delrec.data import RESOURCES, DataError, download, load_dataset
+from delrec.data.fetch import Resource
+from test_data_heidelberg import random_samples, write_heidelberg
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Serves ``files``; the paths in ``truncate`` send half their body, then hang up."""
+
+    files: dict[str, bytes] = {}
+    truncate: set[str] = set()
+    log: list[tuple[str, str | None]] = []
+
+    def do_GET(self):
+        self.log.append((self.path, self.headers.get("Range")))
+        body = self.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        start = 0
+        if self.headers.get("Range"):
+            start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        if self.path in self.truncate:
+            self.truncate.discard(self.path)
+            self.wfile.write(body[start:start + (len(body) - start) // 2])
+            self.close_connection = True
+            return
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    Handler.files, Handler.truncate, Handler.log = {}, set(), []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)
+
+
+def zipped(name: str, payload: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr(name, payload)
+    return buffer.getvalue()
+
+
+def serve(base: str, path: str, archive: bytes, target: str, md5: str | None = None) -> Resource:
+    Handler.files[path] = archive
+    return Resource(base + path, md5 or hashlib.md5(archive).hexdigest(), target)
+
+
+@pytest.fixture
+def shd_archives(tmp_path_factory, server):
+    src = tmp_path_factory.mktemp("src")
+    resources = []
+    for part, labels in (("train", list(range(20))), ("test", [3, 4, 5])):
+        write_heidelberg(src / f"shd_{part}.h5", random_samples(len(labels), seed=9), labels)
+        payload = (src / f"shd_{part}.h5").read_bytes()
+        resources.append(serve(server, f"/shd_{part}.h5.zip", zipped(f"shd_{part}.h5", payload),
+                               f"shd_{part}.h5"))
+    return resources
+
+
+def test_download_verifies_extracts_and_loads(tmp_path, shd_archives):
+    paths = download("shd", tmp_path, resources=shd_archives, progress=False)
+    assert [p.name for p in paths] == ["shd_train.h5", "shd_test.h5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shd_test.h5", "shd_train.h5"]
+    assert load_dataset("shd", split="test", root=tmp_path).labels.tolist() == [3, 4, 5]
+    requests = len(Handler.log)
+    download("shd", tmp_path, resources=shd_archives, progress=False)  # already there
+    assert len(Handler.log) == requests
+
+
+def test_wrong_checksum_is_refused(tmp_path, server):
+    bad = serve(server, "/mnist.gz", gzip.compress(b"idx"), "mnist", md5="0" * 32)
+    with pytest.raises(DataError, match=r"mnist.gz arrived with MD5 [0-9a-f]{32}, expected 0{32}"):
+        download("mnist", tmp_path, resources=[bad], progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_transfer_resumes_with_a_range_request(tmp_path, server):
+    payload = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+    archive = gzip.compress(payload, compresslevel=0)
+    resource = serve(server, "/t10k.gz", archive, "t10k")
+    Handler.truncate.add("/t10k.gz")
+    download("mnist", tmp_path, resources=[resource], progress=False)
+    assert (tmp_path / "t10k").read_bytes() == payload
+    half = len(archive) // 2
+    assert Handler.log == [("/t10k.gz", None), ("/t10k.gz", f"bytes={half}-")]
+
+
+def test_broken_transfer_keeps_the_part_file_for_the_next_run(tmp_path, server):
+    archive = gzip.compress(bytes(range(256)) * 500, compresslevel=0)
+    resource = serve(server, "/big.gz", archive, "big")
+    Handler.truncate.add("/big.gz")
+    with pytest.raises(DataError, match=r"broke off .* run the command again to resume"):
+        download("mnist", tmp_path, resources=[resource], retries=0, progress=False)
+    part = tmp_path / "big.gz.part"
+    assert part.read_bytes() == archive[:len(archive) // 2]
+    download("mnist", tmp_path, resources=[resource], retries=0, progress=False)
+    assert (tmp_path / "big").read_bytes() == bytes(range(256)) * 500
+    assert Handler.log[-1] == ("/big.gz", f"bytes={len(archive) // 2}-")
+    assert not part.exists()
+
+
+def test_an_archive_put_there_by_hand_is_verified_and_extracted(tmp_path, server):
+    archive = zipped("ssc_valid.h5", b"payload")
+    resource = Resource(server + "/not-served.zip", hashlib.md5(archive).hexdigest(), "x.h5")
+    (tmp_path / "not-served.zip").write_bytes(archive)
+    download("ssc", tmp_path, resources=[resource], progress=False)
+    assert (tmp_path / "x.h5").read_bytes() == b"payload" and Handler.log == []
+
+
+def test_no_network_fails_at_once_and_says_where_to_put_the_files(tmp_path):
+    with socket.socket() as sock:  # a port on which nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    resource = Resource(f"http://127.0.0.1:{port}/shd_train.h5.zip", "0" * 32, "shd_train.h5")
+    start = time.perf_counter()
+    with pytest.raises(DataError) as err:
+        download("shd", tmp_path / "shd", resources=[resource], progress=False)
+    assert time.perf_counter() - start < 5
+    message = str(err.value)
+    assert "cannot reach" in message and "by hand" in message
+    assert str(tmp_path / "shd" / "shd_train.h5") in message
+
+
+def test_http_error_says_where_to_put_the_files(tmp_path, server):
+    missing = Resource(server + "/gone.zip", "0" * 32, "gone.h5")
+    with pytest.raises(DataError, match=r"(?s)answered HTTP 404.*by hand"):
+        download("ssc", tmp_path, resources=[missing], progress=False)
+
+
+def test_cli_download(tmp_path, shd_archives, monkeypatch, capsys):
+    monkeypatch.setitem(RESOURCES, "shd", shd_archives)
+    assert delrec_main(["data", "download", "shd", "--to", str(tmp_path), "--quiet"]) == 0
+    assert str(tmp_path / "shd_train.h5") in capsys.readouterr().out
+    Handler.files.clear()
+    (tmp_path / "shd_test.h5").unlink()
+    assert delrec_main(["data", "download", "shd", "--to", str(tmp_path), "--quiet"]) == 1
+    assert "HTTP 404" in capsys.readouterr().err
+
+
+def test_cli_list(capsys):
+    assert delrec_main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "psmnist-mini" in out and "built in, no download" in out
