@@ -1,0 +1,355 @@
+"""Hardware report: what a chip needs to run a trained network with integer delays.
+
+Per layer: neurons, synapses, the integer delay histogram and maximum, the delay-buffer
+memory for axonal versus synaptic storage, and (over a data set) spikes and synaptic
+operations per inference; the accuracy cost of rounding the delays.
+
+Conventions. A delay ``d`` is counted in steps beyond the minimum: a recurrent spike arrives
+``1 + d`` steps after emission (the one step is the loop's own latency, present without
+delays), a feedforward-delay synapse delivers ``d`` steps later. Memory formulas, per delay
+projection with ``N_pre`` presynaptic neurons, delays ``d`` and maximum ``D``:
+
+* axonal storage — one ring of the last ``D`` spikes per presynaptic neuron, which every
+  synapse taps at its own delay: ``N_pre × D`` bits;
+* synaptic storage — one shift register of ``d`` spike bits per synapse: ``Σ_synapses d`` bits
+  (for axonal delays ``N_post × Σ_j d_j``);
+* delay values — ``values × ceil(log2(D + 1))`` bits (``N`` values axonal, ``N²`` synaptic,
+  1 shared, ``O × I`` feedforward).
+
+Synaptic operations (an energy proxy): every non-zero input of a layer (a spike, or a
+non-zero input frame entry for the first layer) costs one operation per non-zero outgoing
+weight; recurrent spikes likewise. Counts are per inference (per sample), over the true
+length of each sample when the loader gives lengths.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from delrec.deploy.streaming import DelayedSynapses, StreamingNetwork
+from delrec.layers import DelRec, FeedforwardDelay
+
+
+# --------------------------------------------------------------------------- static part
+def _delay_stats(kind: str, synapses: DelayedSynapses) -> dict:
+    """Histogram and memory of one delay projection (see the module docstring)."""
+    lags = synapses.lags
+    per_neuron = kind in ("axonal", "shared")
+    values = synapses.column_lags if per_neuron else lags.reshape(-1)
+    if kind == "shared":
+        values = values[:1]
+    max_delay = int(values.max())
+    counts = torch.bincount(values, minlength=max_delay + 1)
+    return {
+        "kind": kind,
+        "values": int(values.numel()),
+        "histogram": {str(d): int(c) for d, c in enumerate(counts.tolist()) if c},
+        "max": max_delay,
+        "mean": float(values.double().mean()),
+        "axonal_buffer_bits": synapses.in_features * max_delay,
+        "synaptic_buffer_bits": int(lags.sum()),
+        "delay_value_bits": int(values.numel()) * max(1, math.ceil(math.log2(max_delay + 1))),
+    }
+
+
+def _static_layers(net: nn.Module, stream: StreamingNetwork) -> list[dict]:
+    layers = []
+    for index, (block, layer) in enumerate(zip(net.blocks, stream.layers)):
+        entry = {"name": f"layer{index}", "neurons": layer.size,
+                 "neuron_model": type(layer.neuron).__name__,
+                 "feedforward_synapses": int(layer.synapses.weight.numel()),
+                 "recurrent_synapses": 0, "delays": []}
+        if isinstance(block.synapses, FeedforwardDelay):
+            entry["delays"].append(_delay_stats("feedforward", layer.synapses))
+        if isinstance(block.neurons, DelRec):
+            entry["recurrent_synapses"] = int(layer.recurrent.weight.numel())
+            entry["delays"].append(_delay_stats(block.neurons.delay_type, layer.recurrent))
+        layers.append(entry)
+    layers.append({"name": "readout", "neurons": stream.output_size,
+                   "neuron_model": type(stream.readout_neuron).__name__ if stream.readout_neuron else "none",
+                   "feedforward_synapses": int(stream.readout.weight.numel()),
+                   "recurrent_synapses": 0, "delays": []})
+    return layers
+
+
+# --------------------------------------------------------------------------- data part
+def _unpack(batch) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(frames (T, B, C), lengths (B,) or None, targets (B,))`` from a loader batch."""
+    if len(batch) == 3:  # delrec.data.Batch(frames, lengths, targets)
+        return batch[0], batch[1], batch[2]
+    if len(batch) == 2:
+        return batch[0], None, batch[1]
+    raise ValueError("loader batches must be (frames, lengths, targets) or (frames, targets) "
+                     f"with time-major frames (T, B, C); got {len(batch)} items")
+
+
+def _valid_steps(steps: int, batch: int, lengths: Tensor | None) -> Tensor:
+    """``(T, B, 1)`` mask of the steps inside each sample's true length."""
+    if lengths is None:
+        return torch.ones(steps, batch, 1)
+    return (torch.arange(steps)[:, None] < lengths[None, :]).unsqueeze(-1)
+
+
+def _prediction(output: Tensor, mask: Tensor, lengths: Tensor | None, readout: str) -> Tensor:
+    """Readout sequence ``(T, B, K)`` → logits or prediction ``(B, K)`` over the valid steps."""
+    if readout == "ema":
+        last = (lengths - 1) if lengths is not None else torch.full((output.shape[1],), output.shape[0] - 1)
+        return output[last, torch.arange(output.shape[1])]
+    per_step = output.softmax(-1) if readout == "lif" else output
+    return (per_step * mask).sum(0)
+
+
+class _Score:
+    """Accumulates accuracy (classification) or NMSE (``"ema"`` regression readout)."""
+
+    def __init__(self, regression: bool):
+        self.regression, self.hits, self.count = regression, 0, 0
+        self.squared_error, self.targets = 0.0, []
+
+    def add(self, prediction: Tensor, targets: Tensor) -> None:
+        if self.regression:
+            targets = targets.double().reshape(-1)
+            self.squared_error += float(((prediction.double().reshape(-1) - targets) ** 2).sum())
+            self.targets.append(targets)
+        else:
+            self.hits += int((prediction.argmax(-1) == targets).sum())
+        self.count += len(targets)
+
+    def value(self) -> float:
+        if not self.regression:
+            return self.hits / self.count
+        targets = torch.cat(self.targets)
+        return self.squared_error / float(((targets - targets.mean()) ** 2).sum())
+
+
+@torch.no_grad()
+def _evaluate(net: nn.Module, stream: StreamingNetwork, loader, readout: str, max_batches: int | None,
+              count_activity: bool) -> dict:
+    """One pass over ``loader`` in the current eval mode: the score and, if asked, activity."""
+    dtype = next(net.parameters()).dtype
+    score = _Score(regression=readout == "ema")
+    events = [torch.zeros(layer.synapses.in_features, dtype=torch.float64) for layer in stream.layers]
+    spikes = [torch.zeros(layer.size, dtype=torch.float64) for layer in stream.layers]
+    for number, batch in enumerate(loader):
+        if max_batches is not None and number >= max_batches:
+            break
+        frames, lengths, targets = _unpack(batch)
+        frames = frames.to(dtype)
+        output, layer_spikes = net.forward_with_spikes(frames)
+        mask = _valid_steps(frames.shape[0], frames.shape[1], lengths)
+        score.add(_prediction(output, mask, lengths, readout), targets)
+        if count_activity:
+            for index, s in enumerate(layer_spikes):
+                events[index] += ((frames if index == 0 else layer_spikes[index - 1]) != 0).mul(mask).sum((0, 1)).double()
+                spikes[index] += (s * mask).sum((0, 1)).double()
+    if score.count == 0:
+        raise ValueError("the loader gave no samples")
+    result = {"samples": score.count, "metric": "nmse" if score.regression else "accuracy",
+              "score": score.value()}
+    if count_activity:
+        result["events"] = [e / score.count for e in events]
+        result["spikes"] = [s / score.count for s in spikes]
+    return result
+
+
+def _fan_out(synapses: DelayedSynapses) -> Tensor:
+    """Non-zero outgoing weights of each presynaptic neuron, ``(I,)``."""
+    return (synapses.weight != 0).sum(0).double()
+
+
+def _add_activity(layers: list[dict], stream: StreamingNetwork, activity: dict) -> None:
+    for index, layer in enumerate(stream.layers):
+        synops = float(activity["events"][index] @ _fan_out(layer.synapses))
+        if layer.recurrent is not None:
+            synops += float(activity["spikes"][index] @ _fan_out(layer.recurrent))
+        layers[index]["spikes_per_inference"] = float(activity["spikes"][index].sum())
+        layers[index]["synops_per_inference"] = synops
+    layers[-1]["spikes_per_inference"] = 0.0
+    layers[-1]["synops_per_inference"] = float(activity["spikes"][-1] @ _fan_out(stream.readout))
+
+
+def hardware_report(net: nn.Module, loader=None, *, max_batches: int | None = None) -> dict:
+    """A JSON-ready report of ``net`` (a :class:`~delrec.models.SpikingNetwork`).
+
+    Without ``loader``: neurons, synapses, delay histograms and buffer memory per layer. With
+    a labelled ``loader`` (batches ``(frames (T, B, C), lengths, targets)`` as
+    :func:`delrec.data.make_loader` gives, or ``(frames, targets)``): also spikes and synaptic
+    operations per inference in integer-delay mode, and the score (accuracy, or NMSE for the
+    ``"ema"`` regression readout) with integer delays versus σ-spread delays
+    (``DelRec.integer_eval = False``). ``max_batches`` limits the pass. ``net``'s training mode
+    and ``integer_eval`` flags are restored afterwards.
+    """
+    stream = StreamingNetwork.from_network(net)
+    layers = _static_layers(net, stream)
+    report = {"layers": layers}
+    if loader is not None:
+        readout = getattr(getattr(net, "config", None), "readout", None) or "sum"
+        delrec_layers = [m for m in net.modules() if isinstance(m, DelRec)]
+        was_training, flags = net.training, [m.integer_eval for m in delrec_layers]
+        try:
+            net.eval()
+            for module in delrec_layers:
+                module.integer_eval = True
+            integer = _evaluate(net, stream, loader, readout, max_batches, count_activity=True)
+            for module in delrec_layers:
+                module.integer_eval = False
+            spread = _evaluate(net, stream, loader, readout, max_batches, count_activity=False)
+        finally:
+            net.train(was_training)
+            for module, flag in zip(delrec_layers, flags):
+                module.integer_eval = flag
+        _add_activity(layers, stream, integer)
+        report["evaluation"] = {
+            "samples": integer["samples"], "metric": integer["metric"],
+            "integer_delays": integer["score"], "spread_delays": spread["score"],
+            "rounding_cost": (spread["score"] - integer["score"]) * (1 if integer["metric"] == "accuracy" else -1),
+            "sigma": {f"layer{i}": float(block.neurons.sigma) if block.neurons.learn_delays else 0.0
+                      for i, block in enumerate(net.blocks) if isinstance(block.neurons, DelRec)},
+        }
+    totals = {key: sum(layer[key] for layer in layers)
+              for key in ("neurons", "feedforward_synapses", "recurrent_synapses")}
+    for key in ("axonal_buffer_bits", "synaptic_buffer_bits", "delay_value_bits"):
+        totals[key] = sum(d[key] for layer in layers for d in layer["delays"])
+    if loader is not None:
+        for key in ("spikes_per_inference", "synops_per_inference"):
+            totals[key] = sum(layer[key] for layer in layers)
+    report["totals"] = totals
+    return report
+
+
+# --------------------------------------------------------------------------- output
+def format_report(report: dict) -> str:
+    """The report as a plain-text table."""
+    has_activity = "spikes_per_inference" in report["totals"]
+    header = ["layer", "neurons", "synapses", "delays", "max d", "mean d", "axonal bits", "synaptic bits"]
+    if has_activity:
+        header += ["spikes/inf", "synops/inf"]
+    rows = []
+    for layer in report["layers"]:
+        delays = layer["delays"] or [None]
+        for position, d in enumerate(delays):
+            first = position == 0
+            row = [layer["name"] if first else "", str(layer["neurons"]) if first else "",
+                   str(layer["feedforward_synapses"] + layer["recurrent_synapses"]) if first else ""]
+            row += ([d["kind"], str(d["max"]), f"{d['mean']:.2f}", str(d["axonal_buffer_bits"]),
+                     str(d["synaptic_buffer_bits"])] if d else ["none", "-", "-", "-", "-"])
+            if has_activity:
+                row += [f"{layer['spikes_per_inference']:.1f}", f"{layer['synops_per_inference']:.0f}"] if first else ["", ""]
+            rows.append(row)
+    t = report["totals"]
+    total = ["total", str(t["neurons"]), str(t["feedforward_synapses"] + t["recurrent_synapses"]), "", "", "",
+             str(t["axonal_buffer_bits"]), str(t["synaptic_buffer_bits"])]
+    if has_activity:
+        total += [f"{t['spikes_per_inference']:.1f}", f"{t['synops_per_inference']:.0f}"]
+    rows.append(total)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("delay d: arrival 1 + d steps after a recurrent spike, d steps for feedforward delays; "
+                 "axonal bits = N_pre × max d, synaptic bits = Σ_synapses d")
+    if "evaluation" in report:
+        e = report["evaluation"]
+        lines.append(f"{e['metric']} on {e['samples']} samples: integer delays {e['integer_delays']:.4f}, "
+                     f"σ-spread delays {e['spread_delays']:.4f} (cost of rounding {e['rounding_cost']:+.4f})")
+    return "\n".join(lines)
+
+
+def plot_delay_histograms(report: dict, path: str | os.PathLike) -> None:
+    """Bar chart of the integer delay histogram of every delay projection, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(layer["name"], d) for layer in report["layers"] for d in layer["delays"]]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4 * max(1, len(panels)), 3), squeeze=False)
+    for ax, (name, d) in zip(axes[0], panels):
+        delays = [int(k) for k in d["histogram"]]
+        ax.bar(delays, list(d["histogram"].values()), width=0.9)
+        ax.set_title(f"{name}: {d['kind']} delays (max {d['max']})")
+        ax.set_xlabel("integer delay d (steps)")
+        ax.set_ylabel("count")
+    if not panels:
+        axes[0, 0].text(0.5, 0.5, "no delays in this network", ha="center", va="center")
+        axes[0, 0].set_axis_off()
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def write_report(report: dict, directory: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``hardware_report.json`` and ``delay_histograms.png`` into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = directory / "hardware_report.json", directory / "delay_histograms.png"
+    _atomic(json_path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    plot_delay_histograms(report, png_path)
+    return json_path, png_path
+
+
+def _atomic(path: str | os.PathLike, write) -> None:
+    """Call ``write(temporary path)`` beside ``path``, then rename it to ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- CLI
+def add_parser(subparsers) -> None:
+    """``delrec report RUN_DIR``."""
+    parser = subparsers.add_parser(
+        "report", help="hardware report: delays, buffer memory, spikes and synaptic operations",
+        description="Report what a chip needs to run the network of a run directory with integer "
+        "delays. With --data, also spikes and synaptic operations per inference and the accuracy "
+        "with σ-spread versus integer delays on that data set's split.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint .pt file")
+    parser.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                        help="which checkpoint of a run directory (default best)")
+    parser.add_argument("--data", metavar="NAME", help="data set to measure on (see `delrec data list`)")
+    parser.add_argument("--data-root", metavar="DIR", help="folder holding the data set's files")
+    parser.add_argument("--split", choices=["train", "valid", "test"], default="test")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-batches", type=int, help="stop after this many batches")
+    parser.add_argument("-o", "--output", metavar="DIR",
+                        help="where to write hardware_report.json and delay_histograms.png "
+                        "(default RUN_DIR/report, or beside a checkpoint file)")
+    parser.set_defaults(run=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from delrec.checkpoint import CheckpointError, load_network
+
+    run_dir = Path(args.run_dir)
+    output = Path(args.output) if args.output else (run_dir if run_dir.is_dir() else run_dir.parent) / "report"
+    try:
+        net = load_network(run_dir, args.checkpoint)
+        loader = None
+        if args.data:
+            from delrec.data import DataError, load_dataset, make_loader
+            try:
+                loader = make_loader(load_dataset(args.data, args.split, root=args.data_root),
+                                     batch_size=args.batch_size)
+            except DataError as error:
+                raise ValueError(str(error)) from None
+        report = hardware_report(net, loader, max_batches=args.max_batches)
+        paths = write_report(report, output)
+    except (CheckpointError, ValueError, OSError) as error:
+        print(f"delrec report: error: {error}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    print(f"wrote {paths[0]} and {paths[1]}")
+    return 0
