@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from delrec import delays as delay_fns
-from delrec.engine import reference_recurrence
+from delrec.engine import fast, reference_recurrence
 from delrec.neurons import LIF, as_neuron
 
 DELAY_TYPES = ("axonal", "synaptic", "shared")
@@ -36,7 +36,11 @@ class DelRec(nn.Module):
         sigma: current spread ``σ`` in steps (the training schedule updates it).
         recurrent_dropout: probability ``p`` of dropping a neuron's recurrent input for a whole
             sequence (mask drawn once per sequence, fixed over time; identity in eval).
-        engine: ``"reference"`` (the paper's buffer algorithm, autograd).
+        engine: ``"auto"`` (default: ``"fast"`` for the built-in :class:`~delrec.neurons.LIF`,
+            ``"reference"`` for any other neuron), ``"fast"`` (hand-written forward/backward,
+            :mod:`delrec.engine.fast`; LIF only; with integer delays and no gradient it runs
+            the ring-buffer inference path) or ``"reference"`` (the paper's buffer algorithm,
+            autograd; works with every neuron).
 
     In eval mode the layer runs with integer delays (``σ = 0``, ``d`` rounded), as a chip
     would, without touching its parameters; set ``integer_eval = False`` to evaluate with the
@@ -46,7 +50,7 @@ class DelRec(nn.Module):
     def __init__(self, size: int, neuron: nn.Module | None = None, *, delay_type: str = "axonal",
                  delay_init="uniform:0:10", learn_delays: bool = True, round_init: bool = False,
                  learn_spread: bool = False, sigma: float = 0.0, recurrent_dropout: float = 0.0,
-                 engine: str = "reference", generator: torch.Generator | None = None):
+                 engine: str = "auto", generator: torch.Generator | None = None):
         super().__init__()
         if delay_type not in DELAY_TYPES:
             raise ValueError(f"delay_type must be one of {DELAY_TYPES}, got {delay_type!r}")
@@ -56,6 +60,9 @@ class DelRec(nn.Module):
             raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
         self.size = size
         self.neuron = as_neuron(neuron if neuron is not None else LIF())
+        if engine == "fast" and not fast.supports(self.neuron):
+            raise ValueError(f"engine='fast' runs only the built-in LIF neuron, not "
+                             f"{type(self.neuron).__name__}; use engine='auto' or 'reference'")
         self.delay_type = delay_type
         self.learn_delays = learn_delays
         self.recurrent_dropout = recurrent_dropout
@@ -165,5 +172,20 @@ def _run_reference(layer: DelRec, current: Tensor, mask: Tensor | None) -> Tenso
     return reference_recurrence(current, layer.weight, layer.kernel(), layer.neuron, mask)
 
 
+def _run_fast(layer: DelRec, current: Tensor, mask: Tensor | None) -> Tensor:
+    delay, width = layer.delays_and_width()
+    params = layer.neuron.p
+    wants_grad = torch.is_grad_enabled() and (
+        current.requires_grad or any(p.requires_grad for p in layer.parameters()))
+    if layer.uses_integer_delays and not wants_grad:
+        return fast.integer_recurrence(current, layer.weight, delay, params, mask)
+    return fast.fast_recurrence(current, layer.weight, delay, width, params, mask)
+
+
+def _run_auto(layer: DelRec, current: Tensor, mask: Tensor | None) -> Tensor:
+    run = _run_fast if fast.supports(layer.neuron) else _run_reference
+    return run(layer, current, mask)
+
+
 # engine name -> function(layer, current (T, B, N), mask (B, N) | None) -> spikes (T, B, N)
-ENGINES = {"reference": _run_reference}
+ENGINES = {"auto": _run_auto, "fast": _run_fast, "reference": _run_reference}
