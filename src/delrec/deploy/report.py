@@ -19,7 +19,9 @@ projection with ``N_pre`` presynaptic neurons, delays ``d`` and maximum ``D``:
 Synaptic operations (an energy proxy): every non-zero input of a layer (a spike, or a
 non-zero input frame entry for the first layer) costs one operation per non-zero outgoing
 weight; recurrent spikes likewise. Counts are per inference (per sample), over the true
-length of each sample when the loader gives lengths.
+length of each sample when the loader gives lengths. Scores follow ``delrec eval``: class
+scores from :func:`~delrec.models.readout_reduce` over the whole (padded) batch, the
+regression prediction at each sample's last true step.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from torch import Tensor, nn
 
 from delrec.deploy.streaming import DelayedSynapses, StreamingNetwork
 from delrec.layers import DelRec, FeedforwardDelay
+from delrec.models import readout_reduce
 
 
 # --------------------------------------------------------------------------- static part
@@ -98,13 +101,12 @@ def _valid_steps(steps: int, batch: int, lengths: Tensor | None) -> Tensor:
     return (torch.arange(steps)[:, None] < lengths[None, :]).unsqueeze(-1)
 
 
-def _prediction(output: Tensor, mask: Tensor, lengths: Tensor | None, readout: str) -> Tensor:
-    """Readout sequence ``(T, B, K)`` → logits or prediction ``(B, K)`` over the valid steps."""
-    if readout == "ema":
-        last = (lengths - 1) if lengths is not None else torch.full((output.shape[1],), output.shape[0] - 1)
-        return output[last, torch.arange(output.shape[1])]
-    per_step = output.softmax(-1) if readout == "lif" else output
-    return (per_step * mask).sum(0)
+def _prediction(output: Tensor, lengths: Tensor | None, readout: str) -> Tensor:
+    """Readout sequence ``(T, B, K)`` → class scores or prediction ``(B, K)``, as training
+    evaluates it: :func:`~delrec.models.readout_reduce`, the ``"ema"`` value at the last true step."""
+    if readout != "ema" or lengths is None:
+        return readout_reduce(output, readout)
+    return output[lengths - 1, torch.arange(output.shape[1])]
 
 
 class _Score:
@@ -145,7 +147,7 @@ def _evaluate(net: nn.Module, stream: StreamingNetwork, loader, readout: str, ma
         frames = frames.to(dtype)
         output, layer_spikes = net.forward_with_spikes(frames)
         mask = _valid_steps(frames.shape[0], frames.shape[1], lengths)
-        score.add(_prediction(output, mask, lengths, readout), targets)
+        score.add(_prediction(output, lengths, readout), targets)
         if count_activity:
             for index, s in enumerate(layer_spikes):
                 events[index] += ((frames if index == 0 else layer_spikes[index - 1]) != 0).mul(mask).sum((0, 1)).double()
@@ -314,15 +316,19 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "report", help="hardware report: delays, buffer memory, spikes and synaptic operations",
         description="Report what a chip needs to run the network of a run directory with integer "
-        "delays. With --data, also spikes and synaptic operations per inference and the accuracy "
-        "with σ-spread versus integer delays on that data set's split.")
+        "delays: per layer the neurons, synapses, delay histogram and buffer memory; on the run's "
+        "test split (or --data) the spikes and synaptic operations per inference and the score "
+        "with σ-spread versus integer delays.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint .pt file")
     parser.add_argument("--checkpoint", choices=["best", "last"], default="best",
                         help="which checkpoint of a run directory (default best)")
-    parser.add_argument("--data", metavar="NAME", help="data set to measure on (see `delrec data list`)")
+    parser.add_argument("--split", choices=["train", "valid", "test"], default="test",
+                        help="split to measure on (default test)")
+    parser.add_argument("--data", metavar="NAME",
+                        help="measure on this data set (see `delrec data list`) instead of the run's")
     parser.add_argument("--data-root", metavar="DIR", help="folder holding the data set's files")
-    parser.add_argument("--split", choices=["train", "valid", "test"], default="test")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--no-data", action="store_true", help="static report only, no data pass")
+    parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     parser.add_argument("--max-batches", type=int, help="stop after this many batches")
     parser.add_argument("-o", "--output", metavar="DIR",
                         help="where to write hardware_report.json and delay_histograms.png "
@@ -330,24 +336,43 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=_run_report)
 
 
+def _loader(args: argparse.Namespace):
+    """The loader to measure on: ``--data``, else the run's own data set, else ``None``."""
+    from delrec.checkpoint import load_checkpoint
+    from delrec.data import load_dataset, make_loader
+
+    if args.no_data:
+        return None
+    if args.data:
+        return make_loader(load_dataset(args.data, args.split, root=args.data_root), args.batch_size)
+    payload = load_checkpoint(args.run_dir, args.checkpoint)
+    if "train_config" not in payload:
+        print("note: the checkpoint holds no training configuration, so there is no data set to "
+              "measure on; pass --data NAME for spikes, synaptic operations and scores")
+        return None
+    from delrec.training.config import TrainConfig
+    from delrec.training.loop import eval_loader, load_splits
+
+    values = dict(payload["train_config"], **({"data_root": args.data_root} if args.data_root else {}))
+    data = load_splits(TrainConfig.from_dict(values), splits=(args.split,),
+                       permutation=payload.get("data_permutation"))
+    return eval_loader(data.datasets[args.split], args.batch_size)
+
+
 def _run_report(args: argparse.Namespace) -> int:
     from delrec.checkpoint import CheckpointError, load_network
+    from delrec.data import DataError
 
+    if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
+        print("delrec report: error: --batch-size and --max-batches must be >= 1", file=sys.stderr)
+        return 2
     run_dir = Path(args.run_dir)
     output = Path(args.output) if args.output else (run_dir if run_dir.is_dir() else run_dir.parent) / "report"
     try:
         net = load_network(run_dir, args.checkpoint)
-        loader = None
-        if args.data:
-            from delrec.data import DataError, load_dataset, make_loader
-            try:
-                loader = make_loader(load_dataset(args.data, args.split, root=args.data_root),
-                                     batch_size=args.batch_size)
-            except DataError as error:
-                raise ValueError(str(error)) from None
-        report = hardware_report(net, loader, max_batches=args.max_batches)
+        report = hardware_report(net, _loader(args), max_batches=args.max_batches)
         paths = write_report(report, output)
-    except (CheckpointError, ValueError, OSError) as error:
+    except (CheckpointError, DataError, ValueError, OSError) as error:
         print(f"delrec report: error: {error}", file=sys.stderr)
         return 1
     print(format_report(report))
