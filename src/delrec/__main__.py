@@ -1,0 +1,4 @@
+"""`python -m delrec …` is the `delrec` command."""
+from delrec.cli import main
+
+raise SystemExit(main())

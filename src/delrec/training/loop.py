@@ -1,0 +1,449 @@
+"""The training loop: data, network, optimizers, schedules, checkpoints, resume, test.
+
+A run directory holds (see ``docs/train.md``)::
+
+    config.json            the resolved TrainConfig (plus data set info)
+    metrics.csv            one row per epoch
+    checkpoints/last.pt    everything needed to resume (written atomically every epoch)
+    checkpoints/best.pt    the network of the best validation epoch
+    test_results.json      the best-validation network on the test split, integer delays
+    figures/*.png          learning curves, delay histograms, spike raster, predictions
+
+Reproducibility: the network is initialised from ``seed``; dropout draws from the global
+torch RNG seeded with ``seed``; the training loader shuffles with its own generator; SHD
+augmentation is a function of (seed, epoch, index). ``last.pt`` stores the RNG and loader
+states, optimizers, schedulers and epoch, so a resumed run ends bit for bit where an
+uninterrupted one does (same device and thread count).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from delrec.checkpoint import atomic_save, load_checkpoint, network_payload
+from delrec.data import TripleAugmented, load_dataset, make_loader
+from delrec.delays import spread_schedule
+from delrec.layers import DelRec, FeedforwardDelay, clamp_delays, set_spread
+from delrec.models import SpikingNetwork, build_network
+from delrec.training.config import TrainConfig
+from delrec.training.objectives import make_objective
+
+
+RESUME_OVERRIDABLE = ("device", "data_root", "num_workers")  # may change when resuming
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a run directory in the wrong state)."""
+
+
+# --------------------------------------------------------------------------- pieces
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; anything else as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def delay_tensors(network: SpikingNetwork) -> dict[str, Tensor]:
+    """The delays of each delay-holding layer by name: ``rec{i}`` (DelRec in hidden layer i,
+    steps) and ``ff{i}`` (feedforward positions into hidden layer i, steps)."""
+    named = {}
+    for i, block in enumerate(network.blocks):
+        if isinstance(block.synapses, FeedforwardDelay):
+            named[f"ff{i}"] = block.synapses.position.detach()
+        if isinstance(block.neurons, DelRec):
+            named[f"rec{i}"] = block.neurons.delay.detach()
+    return named
+
+
+def parameter_groups(network: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Trainable parameters split into ``weights`` (with weight decay), ``no_decay`` (biases
+    and BatchNorm parameters) and ``positions`` (delays, spread logits, feedforward positions)."""
+    positions, no_decay = set(), set()
+    for module in network.modules():
+        if isinstance(module, DelRec):
+            positions.update(p for p in (module.delay, module.spread_logits) if p is not None)
+        elif isinstance(module, FeedforwardDelay):
+            positions.add(module.position)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            no_decay.update(module.parameters(recurse=False))
+    groups = {"weights": [], "no_decay": [], "positions": []}
+    for name, parameter in network.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter in positions:
+            groups["positions"].append(parameter)
+        elif parameter in no_decay or name.endswith("bias"):
+            groups["no_decay"].append(parameter)
+        else:
+            groups["weights"].append(parameter)
+    return groups
+
+
+def make_optimizers(network: nn.Module, config: TrainConfig) -> dict[str, torch.optim.Optimizer]:
+    """``{"weights": …, "positions": …}`` (positions only when the network learns delays)."""
+    optim = config.optim
+    kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optim.optimizer]
+    groups = parameter_groups(network)
+    weight_groups = [g for g in (
+        {"params": groups["weights"], "weight_decay": optim.weight_decay},
+        {"params": groups["no_decay"], "weight_decay": 0.0}) if g["params"]]
+    optimizers = {"weights": kind(weight_groups, lr=optim.lr)}
+    if groups["positions"]:
+        optimizers["positions"] = kind(
+            [{"params": groups["positions"], "weight_decay": optim.position_weight_decay}],
+            lr=optim.position_lr)
+    return optimizers
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, epochs: int):
+    """A schedule stepped once per epoch: one-cycle peaking at the optimizer's lr, cosine
+    annealing from it to 0 over ``epochs``, or ``None`` for a constant rate."""
+    if kind == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=epochs)
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    return None
+
+
+def spike_penalty(spikes: list[Tensor]) -> Tensor:
+    """Mean over layers of ``0.5 Σ s² / (T·N)``, averaged over the batch."""
+    return torch.stack([0.5 * s.pow(2).mean() for s in spikes]).mean()
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class Splits:
+    """The data of a run: datasets by split, the training loader, and the data set info."""
+
+    datasets: dict
+    train_loader: torch.utils.data.DataLoader
+    info: object
+    permutation: Tensor | None = None
+    augmented: TripleAugmented | None = None
+
+
+def load_splits(config: TrainConfig, splits=("train", "valid", "test"),
+                permutation: Tensor | None = None) -> Splits:
+    """Load the data sets of ``config`` and build the seeded training loader."""
+    settings = dict(config.data)
+    if permutation is not None:
+        settings["permutation"] = permutation
+    datasets = {s: load_dataset(config.task, split=s, root=config.data_root, **settings)
+                for s in splits}
+    first = datasets[splits[0]]
+    permutation = getattr(first, "permutation", None)
+    augmented, train_loader = None, None
+    if "train" in datasets:
+        train = datasets["train"]
+        if config.augment:
+            train = augmented = TripleAugmented(train, seed=config.seed)
+        if config.max_train_samples is not None and config.max_train_samples < len(train):
+            generator = torch.Generator().manual_seed(config.seed)
+            chosen = torch.randperm(len(train), generator=generator)[:config.max_train_samples]
+            train = torch.utils.data.Subset(train, chosen.sort().values.tolist())
+        datasets["train"] = train
+        train_loader = make_loader(train, config.batch_size, shuffle=True, seed=config.seed,
+                                   num_workers=config.num_workers)
+    return Splits(datasets, train_loader, first.info, permutation, augmented)
+
+
+def eval_loader(dataset, batch_size: int, num_workers: int = 0):
+    """A loader in item order that never draws from the global RNG."""
+    return make_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers)
+
+
+# --------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(network: SpikingNetwork, loader, objective, device: torch.device,
+             keep_outputs: bool = False) -> tuple[dict[str, float], Tensor | None]:
+    """Metrics of ``network`` in eval mode (integer delays unless a layer's ``integer_eval``
+    is off) over ``loader``; with ``keep_outputs``, the predictions / class scores in item
+    order, on the CPU."""
+    network.eval()
+    meter, outputs = objective.meter(), []
+    for frames, lengths, targets in loader:
+        frames, targets = frames.to(device), targets.to(device)
+        loss, output = objective(network(frames), lengths, targets)
+        meter.update(loss, output, targets)
+        if keep_outputs:
+            outputs.append(output.cpu())
+    return meter.result(), torch.cat(outputs) if keep_outputs else None
+
+
+# --------------------------------------------------------------------------- run state
+@dataclass
+class RunState:
+    """What changes from epoch to epoch and is saved in ``last.pt``."""
+
+    epoch: int = 0  # epochs completed
+    best_epoch: int | None = None
+    best_value: float | None = None
+    history: list = field(default_factory=list)
+    initial_delays: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """Trains one seed of one configuration in one run directory.
+
+    ``progress``: show a tqdm bar per epoch (on stderr). Use :meth:`fit` then :meth:`test`.
+    """
+
+    def __init__(self, config: TrainConfig, run_dir: str | os.PathLike, progress: bool = True,
+                 log=None):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.log = log or (lambda message: tqdm.write(message, file=sys.stderr))
+        self.device = resolve_device(config.device)
+
+        torch.manual_seed(config.seed)
+        self.data = load_splits(config)
+        info = self.data.info
+        self.network = build_network(config.network_config(info.input_size, info.output_size),
+                                     seed=config.seed).to(self.device)
+        self.objective = make_objective(info.task, self.network.config.readout)
+        self.optimizers = make_optimizers(self.network, config)
+        schedule_kinds = {"weights": config.optim.scheduler,
+                          "positions": config.optim.position_scheduler}
+        self.schedulers = {name: make_scheduler(opt, schedule_kinds[name], config.epochs)
+                           for name, opt in self.optimizers.items()}
+        self.weight_parameters = [p for g in self.optimizers["weights"].param_groups
+                                  for p in g["params"]]
+        self.learns_delays = any(isinstance(m, DelRec) and m.learn_delays
+                                 for m in self.network.modules())
+        self.state = RunState(initial_delays={k: v.cpu().clone()
+                                              for k, v in delay_tensors(self.network).items()})
+        self.valid_loader = eval_loader(self.data.datasets["valid"], config.eval_batch_size,
+                                        config.num_workers)
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def write_config(self) -> None:
+        """``config.json``: the resolved config and the data set's sizes."""
+        info = self.data.info
+        document = {"config": self.config.to_dict(),
+                    "dataset": {"name": info.name, "task": info.task, "input_size": info.input_size,
+                                "output_size": info.output_size, "steps": info.steps,
+                                "train_items": len(self.data.datasets["train"])}}
+        _atomic_text(self.run_dir / "config.json", json.dumps(document, indent=2) + "\n")
+
+    # ------------------------------------------------------------------ schedule
+    def sigma(self, epoch: int) -> float:
+        """The spread σ (steps) of ``epoch``; 0 for networks that do not learn delays."""
+        if not self.learns_delays:
+            return 0.0
+        spread = self.config.spread
+        return spread_schedule(epoch, self.config.epochs, spread.sigma0, spread.gamma)
+
+    # ------------------------------------------------------------------ epochs
+    def train_epoch(self, epoch: int, sigma: float) -> dict[str, float]:
+        """One pass over the training loader; returns the epoch's training metrics and the
+        mean firing rate (spikes per neuron per step, mean over hidden layers)."""
+        config, network = self.config, self.network
+        network.train()
+        meter, rate_sum, batches = self.objective.meter(), 0.0, 0
+        bar = tqdm(self.data.train_loader, desc=f"epoch {epoch + 1}/{config.epochs}",
+                   unit="batch", leave=False, file=sys.stderr, disable=not self.progress,
+                   dynamic_ncols=True)
+        start = time.perf_counter()
+        samples = 0
+        for frames, lengths, targets in bar:
+            frames, targets = frames.to(self.device), targets.to(self.device)
+            output, spikes = network.forward_with_spikes(frames)
+            loss, prediction = self.objective(output, lengths, targets)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"the training loss became {float(loss)} in epoch {epoch + 1}, batch "
+                    f"{batches + 1}; lower optim.lr or set optim.grad_clip (the last good "
+                    f"epoch is in {self.checkpoint_dir / 'last.pt'})")
+            total = loss
+            if config.rate_penalty > 0:
+                total = loss + config.rate_penalty * spike_penalty(spikes)
+            for optimizer in self.optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if config.optim.grad_clip is not None:
+                nn.utils.clip_grad_value_(self.weight_parameters, config.optim.grad_clip)
+            for optimizer in self.optimizers.values():
+                optimizer.step()
+            clamp_delays(network)
+
+            meter.update(loss, prediction, targets)
+            rate_sum += float(torch.stack([s.detach().mean() for s in spikes]).mean())
+            batches += 1
+            samples += len(targets)
+            running = meter.result()
+            bar.set_postfix(loss=f"{running['loss']:.4g}",
+                            **{self.objective.metric: f"{running[self.objective.metric]:.4g}"},
+                            σ=f"{sigma:.3g}",
+                            rate=f"{samples / (time.perf_counter() - start):.0f}/s")
+        bar.close()
+        return {**meter.result(), "firing_rate": rate_sum / batches}
+
+    def fit(self, max_epochs_this_run: int | None = None) -> bool:
+        """Train until ``config.epochs`` (or ``max_epochs_this_run`` more epochs); returns
+        True when the run is complete. Every epoch ends with ``last.pt`` and ``metrics.csv``."""
+        config, state = self.config, self.state
+        metric = self.objective.metric
+        done_this_run = 0
+        while state.epoch < config.epochs:
+            if max_epochs_this_run is not None and done_this_run >= max_epochs_this_run:
+                return False
+            epoch = state.epoch
+            start = time.perf_counter()
+            sigma = self.sigma(epoch)
+            set_spread(self.network, sigma)
+            if self.data.augmented is not None:
+                self.data.augmented.set_epoch(epoch)
+            lrs = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
+            train = self.train_epoch(epoch, sigma)
+            valid, _ = evaluate(self.network, self.valid_loader, self.objective, self.device)
+            for scheduler in self.schedulers.values():
+                if scheduler is not None:
+                    scheduler.step()
+
+            row = {"epoch": epoch + 1, "train_loss": train["loss"], f"train_{metric}": train[metric],
+                   "valid_loss": valid["loss"], f"valid_{metric}": valid[metric],
+                   "lr_weights": lrs["weights"], "lr_positions": lrs.get("positions", 0.0),
+                   "sigma": sigma}
+            for name, delays in delay_tensors(self.network).items():
+                row[f"delay_mean_{name}"] = float(delays.float().mean())
+                row[f"delay_std_{name}"] = float(delays.float().std(correction=0))
+            row["firing_rate"] = train["firing_rate"]
+            row["epoch_time_s"] = time.perf_counter() - start
+            state.history.append(row)
+            state.epoch = epoch + 1
+            value = valid[metric]
+            better = (state.best_value is None
+                      or (value > state.best_value if self.objective.higher_is_better
+                          else value < state.best_value))
+            if better:
+                state.best_epoch, state.best_value = epoch + 1, value
+                atomic_save(self._best_payload(valid), self.checkpoint_dir / "best.pt")
+            atomic_save(self._last_payload(), self.checkpoint_dir / "last.pt")
+            write_metrics(self.run_dir / "metrics.csv", state.history)
+            done_this_run += 1
+            self.log(f"epoch {epoch + 1}/{config.epochs}  σ {sigma:.3g}  "
+                     f"train loss {train['loss']:.4g} {metric} {train[metric]:.4g}  "
+                     f"valid loss {valid['loss']:.4g} {metric} {valid[metric]:.4g}"
+                     f"{'  *best' if better else ''}  ({row['epoch_time_s']:.1f} s)")
+        return True
+
+    # ------------------------------------------------------------------ checkpoints
+    def _common_payload(self) -> dict:
+        payload = {**network_payload(self.network), "train_config": self.config.to_dict(),
+                   "epoch": self.state.epoch}
+        if self.data.permutation is not None:
+            payload["data_permutation"] = self.data.permutation
+        return payload
+
+    def _best_payload(self, valid: dict) -> dict:
+        return {**self._common_payload(), "kind": "best", "valid": valid}
+
+    def _last_payload(self) -> dict:
+        state = self.state
+        rng = {"torch": torch.get_rng_state(),
+               "loader": self.data.train_loader.generator.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {**self._common_payload(), "kind": "last",
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "schedulers": {k: s.state_dict() for k, s in self.schedulers.items() if s is not None},
+                "rng": rng, "best_epoch": state.best_epoch, "best_value": state.best_value,
+                "history": state.history, "initial_delays": state.initial_delays}
+
+    def restore(self) -> bool:
+        """Continue from ``checkpoints/last.pt`` if it exists; returns True if it did."""
+        if not (self.checkpoint_dir / "last.pt").is_file():
+            return False
+        payload = load_checkpoint(self.run_dir, "last")
+        if _without(payload.get("train_config", {})) != _without(self.config.to_dict()):
+            raise TrainingError(f"{self.checkpoint_dir / 'last.pt'} was written by another "
+                                "configuration than config.json; resume the run it belongs to")
+        self.network.load_state_dict(payload["model"])
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(payload["optimizers"][name])
+        for name, scheduler in self.schedulers.items():
+            if scheduler is not None:
+                scheduler.load_state_dict(payload["schedulers"][name])
+        torch.set_rng_state(payload["rng"]["torch"])
+        self.data.train_loader.generator.set_state(payload["rng"]["loader"])
+        if "cuda" in payload["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(payload["rng"]["cuda"], self.device)
+        self.state = RunState(payload["epoch"], payload["best_epoch"], payload["best_value"],
+                              list(payload["history"]), dict(payload["initial_delays"]))
+        write_metrics(self.run_dir / "metrics.csv", self.state.history)
+        return True
+
+    # ------------------------------------------------------------------ test
+    def test(self) -> dict:
+        """Evaluate the best-validation network on the test split (integer delays), write
+        ``test_results.json`` and the figures; returns the results."""
+        from delrec.training import figures
+
+        final_network = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
+        end_delays = {k: v.cpu() for k, v in delay_tensors(self.network).items()}
+        best = load_checkpoint(self.run_dir, "best")
+        self.network.load_state_dict(best["model"])
+        test_set = self.data.datasets["test"]
+        loader = eval_loader(test_set, self.config.eval_batch_size, self.config.num_workers)
+        metrics, outputs = evaluate(self.network, loader, self.objective, self.device,
+                                    keep_outputs=True)
+        results = {"split": "test", "checkpoint": "best", "best_epoch": best["epoch"],
+                   "delays": "integer", "items": len(test_set), **metrics,
+                   "valid": best["valid"]}
+        _atomic_text(self.run_dir / "test_results.json", json.dumps(results, indent=2) + "\n")
+
+        figure_dir = self.run_dir / "figures"
+        figures.learning_curves(self.state.history, self.objective.metric,
+                                figure_dir / "learning_curves.png")
+        if end_delays:
+            figures.delay_histograms(self.state.initial_delays, end_delays,
+                                     figure_dir / "delays.png")
+        frames, _ = test_set[0]
+        with torch.no_grad():
+            self.network.eval()
+            _, spikes = self.network.forward_with_spikes(frames.unsqueeze(1).to(self.device))
+        figures.spike_raster([s[:, 0].cpu() for s in spikes], figure_dir / "raster.png")
+        if self.objective.task == "regression":
+            targets = torch.stack([test_set[i][1] for i in range(len(test_set))])
+            figures.prediction(targets, outputs, metrics, figure_dir / "prediction.png")
+        self.network.load_state_dict(final_network)
+        return results
+
+
+# --------------------------------------------------------------------------- files
+def _without(config: dict, keys=RESUME_OVERRIDABLE) -> dict:
+    return {k: v for k, v in config.items() if k not in keys}
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_metrics(path: Path, history: list[dict]) -> None:
+    """``metrics.csv``: one row per epoch (columns of the first row), written atomically."""
+    buffer = io.StringIO()
+    if history:
+        writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(history)
+    _atomic_text(path, buffer.getvalue())

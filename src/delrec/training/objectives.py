@@ -1,0 +1,114 @@
+"""Losses and metrics: regression (MSE; NMSE, NRMSE, R²) and classification (the readouts of
+DESIGN §2.4; accuracy).
+
+An objective maps the network's readout sequence ``(T, B, K)``, the true lengths ``(B,)`` and
+the targets ``(B,)`` to a scalar loss and a per-sample output (prediction or class scores);
+its :class:`Meter` accumulates a split's metrics over batches.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from delrec.models import readout_reduce
+
+
+def last_valid(output: Tensor, lengths: Tensor) -> Tensor:
+    """``output[lengths[b] - 1, b]`` for every sample: ``(T, B, K)`` → ``(B, K)``."""
+    index = (lengths.to(output.device) - 1).view(1, -1, 1).expand(1, -1, output.shape[-1])
+    return output.gather(0, index).squeeze(0)
+
+
+class Regression:
+    """One scalar target per sequence; the prediction is the last valid readout value.
+
+    Loss: MSE. Metrics over a split: ``mse``, ``nmse = mse / Var(target)`` (variance of the
+    split's targets), ``nrmse = sqrt(nmse)`` and ``r2 = 1 - nmse``. Lower NMSE is better.
+    """
+
+    task = "regression"
+    metric = "nmse"
+    higher_is_better = False
+
+    def __init__(self, readout: str):
+        self.readout = readout
+
+    def __call__(self, output: Tensor, lengths: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """→ (MSE loss, predictions ``(B,)``)."""
+        prediction = last_valid(output, lengths)[:, 0]
+        return F.mse_loss(prediction, targets.to(prediction.dtype)), prediction
+
+    def meter(self) -> "RegressionMeter":
+        return RegressionMeter()
+
+
+class RegressionMeter:
+    """Sums of squared errors and target moments (float64) over the batches of a split."""
+
+    def __init__(self):
+        self.count, self.squared_error, self.target_sum, self.target_square_sum = 0, 0.0, 0.0, 0.0
+
+    def update(self, loss: Tensor, prediction: Tensor, targets: Tensor) -> None:
+        prediction, targets = prediction.detach().double(), targets.detach().double()
+        self.count += len(targets)
+        self.squared_error += float((prediction - targets).pow(2).sum())
+        self.target_sum += float(targets.sum())
+        self.target_square_sum += float(targets.pow(2).sum())
+
+    def result(self) -> dict[str, float]:
+        mse = self.squared_error / self.count
+        variance = self.target_square_sum / self.count - (self.target_sum / self.count) ** 2
+        nmse = mse / variance if variance > 0 else math.nan
+        return {"loss": mse, "mse": mse, "nmse": nmse, "nrmse": math.sqrt(nmse), "r2": 1.0 - nmse}
+
+
+class Classification:
+    """A class label per sequence, scored by the readout (DESIGN §2.4, paper S1/S2).
+
+    ``"lif"``: ŷ = Σ_t softmax(V[t]) and loss = mean over the batch of ``-log ŷ[label]``
+    (Eq. S2; ŷ sums to T, so the loss is the cross-entropy of the time-averaged probability
+    minus log T); ``"sum"``: cross-entropy of Σ_t output[t]; ``"ema"``: cross-entropy of the
+    last valid output. Metric: accuracy of the arg-max; higher is better.
+    """
+
+    task = "classification"
+    metric = "accuracy"
+    higher_is_better = True
+
+    def __init__(self, readout: str):
+        self.readout = readout
+
+    def __call__(self, output: Tensor, lengths: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """→ (loss, class scores ``(B, K)``)."""
+        if self.readout == "lif":
+            summed = readout_reduce(output, "lif")
+            log_summed = summed.clamp_min(torch.finfo(summed.dtype).tiny).log()
+            return F.nll_loss(log_summed, targets), summed
+        scores = last_valid(output, lengths) if self.readout == "ema" else readout_reduce(output, self.readout)
+        return F.cross_entropy(scores, targets), scores
+
+    def meter(self) -> "ClassificationMeter":
+        return ClassificationMeter()
+
+
+class ClassificationMeter:
+    """Loss (weighted by batch size) and correct arg-max predictions over a split."""
+
+    def __init__(self):
+        self.count, self.loss_sum, self.correct = 0, 0.0, 0
+
+    def update(self, loss: Tensor, scores: Tensor, targets: Tensor) -> None:
+        self.count += len(targets)
+        self.loss_sum += float(loss.detach()) * len(targets)
+        self.correct += int((scores.detach().argmax(-1) == targets).sum())
+
+    def result(self) -> dict[str, float]:
+        return {"loss": self.loss_sum / self.count, "accuracy": self.correct / self.count}
+
+
+def make_objective(task: str, readout: str) -> Regression | Classification:
+    """The objective of a data set's task kind (``"regression"`` or ``"classification"``)."""
+    return Regression(readout) if task == "regression" else Classification(readout)

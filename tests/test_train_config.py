@@ -1,0 +1,171 @@
+"""Training configuration: presets encode Tables S1–S4 / DESIGN §2.4; overrides; errors."""
+import json
+
+import pytest
+import torch
+
+from delrec.cli import main
+from delrec.data import DATASETS
+from delrec.delays import spread_schedule
+from delrec.layers import DelRec
+from delrec.models import build_network
+from delrec.training.config import PRESETS, ConfigError, load_config_file, preset, resolve
+from delrec.training.loop import make_optimizers, make_scheduler, parameter_groups, spike_penalty
+
+# task -> (epochs, batch, optimizer, lr, weight decay, weight schedule, position schedule)
+TABLES = {
+    "shd": (150, 256, "adamw", 5e-3, 1e-5, "onecycle", "cosine"),    # Table S3
+    "ssc": (100, 128, "adam", 1e-3, 1e-5, "onecycle", "onecycle"),   # Table S1
+    "psmnist": (200, 256, "adamw", 1e-3, 1e-2, "onecycle", "onecycle"),  # Table S1
+    "mackey-glass": (None, None, "adam", 5e-4, 1e-4, "cosine", "cosine"),  # DESIGN §2.4
+}
+SIZES = {"shd": (140, 20), "ssc": (140, 35), "psmnist": (1, 10), "mackey-glass": (1, 1)}
+
+
+def test_one_preset_per_data_set():
+    assert set(PRESETS) == set(DATASETS)
+
+
+@pytest.mark.parametrize("task", sorted(TABLES))
+def test_preset_optimizers_and_schedules_follow_the_tables(task):
+    epochs, batch, kind, lr, wd, schedule, position_schedule = TABLES[task]
+    config = preset(task, "delrec")
+    if epochs is not None:
+        assert (config.epochs, config.batch_size) == (epochs, batch)
+    optim = config.optim
+    assert (optim.optimizer, optim.lr, optim.weight_decay) == (kind, lr, wd)
+    assert (optim.scheduler, optim.position_scheduler) == (schedule, position_schedule)
+    assert (optim.position_lr, optim.position_weight_decay, optim.grad_clip) == (5e-2, 0.0, None)
+    assert config.spread.sigma0 == 10.0 and config.spread.gamma == 0.95
+    assert spread_schedule(0, config.epochs, config.spread.sigma0, config.spread.gamma) == 10.0
+
+    network = build_network(config.network_config(*SIZES[task]), seed=0)
+    groups = parameter_groups(network)
+    delrec_layers = [m for m in network.modules() if isinstance(m, DelRec)]
+    expected_positions = {id(m.delay) for m in delrec_layers} | {
+        id(m.spread_logits) for m in delrec_layers if m.spread_logits is not None}
+    assert {id(p) for p in groups["positions"]} == expected_positions
+    named = dict(network.named_parameters())
+    no_decay = {n for n, p in named.items() if any(p is q for q in groups["no_decay"])}
+    assert no_decay == {n for n in named if n.endswith("bias") or ".norm." in n}
+
+    optimizers = make_optimizers(network, config)
+    expected_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
+    assert all(type(o) is expected_class for o in optimizers.values())
+    weight_groups = optimizers["weights"].param_groups
+    assert [(g["lr"], g["weight_decay"]) for g in weight_groups] == (
+        [(lr, wd), (lr, 0.0)] if groups["no_decay"] else [(lr, wd)])
+    (position_group,) = optimizers["positions"].param_groups
+    assert (position_group["lr"], position_group["weight_decay"]) == (5e-2, 0.0)
+
+    for name, kind_ in (("weights", schedule), ("positions", position_schedule)):
+        scheduler = make_scheduler(optimizers[name], kind_, config.epochs)
+        if kind_ == "onecycle":
+            assert scheduler.total_steps == config.epochs
+            peak = lr if name == "weights" else 5e-2
+            assert all(g["max_lr"] == peak for g in optimizers[name].param_groups)
+        else:
+            assert scheduler.T_max == config.epochs
+
+
+def test_shd_preset_network_and_augmentation():
+    config = preset("shd")
+    net = config.network
+    assert config.augment is True
+    assert (net["block"], net["bias"], net["dropout"], net["recurrent_dropout"]) == ("bn", True, 0.4, 0.2)
+    expected = {"tau": 1.05, "v_threshold": 1.0, "reset": "hard", "v_reset": 0.0,
+                "detach_reset": True, "surrogate": "atan", "surrogate_scale": 5.0}
+    assert {k: net["neuron"][k] for k in expected} == expected
+    assert net["delay_init"] == "uniform:10:30" and net["readout"] == "lif"
+
+
+@pytest.mark.parametrize("task,dropout,recurrent_dropout", [("ssc", 0.1, 0.3), ("psmnist", 0.1, 0.2)])
+def test_ssc_psmnist_preset_neurons(task, dropout, recurrent_dropout):
+    net = preset(task).network
+    assert (net["dropout"], net["recurrent_dropout"], net["learn_spread"]) == (
+        dropout, recurrent_dropout, True)
+    neuron = net["neuron"]
+    assert (neuron["tau"], neuron["v_threshold"], neuron["reset"], neuron["detach_reset"],
+            neuron["surrogate"]) == (2.0, 1.0, "soft", False, "triangle")
+
+
+def test_mackey_glass_default_task():
+    config = resolve()
+    assert (config.task, config.model) == ("mackey-glass", "delrec")
+    assert config.data == {"tau": 30.0, "horizon": 20}
+    assert config.network["hidden_sizes"] == (128,) and config.network["readout"] == "ema"
+
+
+def test_rsnn_gets_gradient_clipping_and_no_position_optimizer():
+    config = preset("shd", "rsnn")
+    assert config.optim.grad_clip == 1.0
+    network = build_network(config.network_config(140, 20), seed=0)
+    assert set(make_optimizers(network, config)) == {"weights"}
+
+
+def test_overrides_file_then_set_then_flags(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('epochs = 7\nbatch_size = 5\n[optim]\nlr = 0.02\n[network]\nhidden_sizes = [8, 8]\n'
+                    '[network.neuron]\ntau = 3.0\n')
+    config = resolve(task="digits-8x8", file_values=load_config_file(path),
+                     overrides=["batch_size=9", "optim.position_lr=0.1",
+                                "network.delay_init=uniform:0:3"],
+                     flags={"epochs": 2, "seed": None})
+    assert (config.epochs, config.batch_size, config.seed) == (2, 9, 0)
+    assert (config.optim.lr, config.optim.position_lr) == (0.02, 0.1)
+    assert config.network["hidden_sizes"] == (8, 8)
+    assert config.network["neuron"]["tau"] == 3.0
+    assert config.network["neuron"]["surrogate"] == "triangle"  # untouched preset value
+    assert config.network["delay_init"] == "uniform:0:3"
+    assert type(config).from_dict(config.to_dict()) == config
+    assert resolve(overrides=["task=digits-8x8", "model=rsnn"]).optim.grad_clip == 1.0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("epoch=3", "did you mean 'epochs'"),
+    ("optim.lrr=1", "unknown setting optim.'lrr'"),
+    ("network.dropout=1.5", "dropout must be in [0, 1)"),
+    ("network.hidden_size=[4]", "did you mean 'hidden_sizes'"),
+    ("network.input_size=3", "set by the task"),
+    ("network.neuron.reset=medium", "reset must be 'hard' or 'soft'"),
+    ("network.delay_init=gauss:3", "unknown delay init"),
+    ("network.readout=sum", "regression (mackey-glass) needs network.readout = 'ema'"),
+    ("optim.scheduler=linear", "optim.scheduler must be one of"),
+    ("optim.lr=fast", "optim.lr must be a finite number"),
+    ("optim.lr=-1", "optim.lr must be > 0"),
+    ("epochs=0", "epochs must be >= 1"),
+    ("batch_size=2.5", "batch_size must be an integer"),
+    ("augment=1", "augment must be true or false"),
+    ("augment=true", "augment applies to classification data sets only"),
+    ("spread.gamma=2", "spread.gamma must be in (0, 1]"),
+    ("data.taux=3", "unknown setting(s) taux"),
+    ("device=tpu", "device 'tpu'"),
+    ("optim", "--set expects key=value"),
+])
+def test_bad_values_are_named(override, message):
+    with pytest.raises(ConfigError) as error:
+        resolve(overrides=[override])
+    assert message in str(error.value)
+
+
+def test_bad_config_fails_before_anything_is_written(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    # a data value only the data set can check: caught when loading, before training
+    code = main(["train", "--set", "data.window=0", "--run-dir", str(run_dir), "--no-progress"])
+    assert code == 2
+    assert "window=0" in capsys.readouterr().err
+    assert not run_dir.exists()
+    assert main(["train", "--set", "optim.lr=-1", "--run-dir", str(run_dir)]) == 2
+    assert "optim.lr must be > 0" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_print_config_is_json(capsys):
+    assert main(["train", "--task", "ssc", "--model", "fixed", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["task"], printed["model"], printed["epochs"]) == ("ssc", "fixed", 100)
+
+
+def test_spike_penalty_is_half_mean_square_over_layers():
+    spikes = [torch.ones(4, 2, 3), torch.zeros(5, 2, 7)]
+    assert float(spike_penalty(spikes)) == pytest.approx(0.25)
