@@ -69,7 +69,8 @@ def collate_time_major(items: Sequence[tuple[torch.Tensor, int | torch.Tensor]])
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int | None = None,
                 drop_last: bool = False, num_workers: int = 0) -> DataLoader:
-    """A DataLoader yielding :class:`Batch` es; with ``seed`` the shuffling order is reproducible."""
+    """A DataLoader yielding :class:`Batch` es. With ``seed`` the shuffled order of every
+    epoch is reproducible (one generator, advanced epoch after epoch)."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                       num_workers=num_workers, collate_fn=collate_time_major, generator=generator)

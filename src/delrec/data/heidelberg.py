@@ -65,8 +65,9 @@ def bin_spikes(times: list[np.ndarray], units: list[np.ndarray], binning: Binnin
     """Bin ragged spike trains into sparse counts.
 
     ``times[i]`` (seconds) and ``units[i]`` (ids < 700) are sample i's spikes. Returns arrays
-    ``offsets`` (N+1,), per-entry ``steps``, ``channels``, ``counts`` sorted by sample, then
-    time, then channel, and ``lengths`` (N,) bins per sample (≥ 1, an empty sample has one).
+    ``offsets`` (N+1,), per-entry ``steps``, ``channels``, ``counts`` (uint16) sorted by
+    sample, then time, then channel, and ``lengths`` (N,) bins per sample (≥ 1, an empty
+    sample has one).
     Raises ValueError naming the first bad sample (negative/NaN time, unit out of range).
     """
     sizes = np.array([len(t) for t in times], dtype=np.int64)
@@ -96,6 +97,9 @@ def bin_spikes(times: list[np.ndarray], units: list[np.ndarray], binning: Binnin
     width = binning.input_size
     span = int(lengths.max(initial=1)) * width
     keys, counts = np.unique(sample * span + step * width + channel, return_counts=True)
+    if counts.max(initial=0) >= 2**16:
+        raise ValueError(f"a bin holds {counts.max()} spikes, more than 65535: use a smaller "
+                         "dt_ms or group")
     entry_sample, rest = np.divmod(keys, span)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(entry_sample, minlength=n), out=offsets[1:])
@@ -103,7 +107,7 @@ def bin_spikes(times: list[np.ndarray], units: list[np.ndarray], binning: Binnin
         "offsets": offsets,
         "steps": (rest // width).astype(np.uint16),
         "channels": (rest % width).astype(np.uint16),
-        "counts": counts.astype(np.uint16 if counts.max(initial=0) < 2**16 else np.uint32),
+        "counts": counts.astype(np.uint16),
         "lengths": lengths.astype(np.uint16),
     }
 
@@ -114,10 +118,8 @@ def _concat_chunks(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]
     for c in chunks:
         offsets.append(c["offsets"][1:] + total)
         total += int(c["offsets"][-1])
-    out = {k: np.concatenate([c[k] for c in chunks]) for k in ("steps", "channels", "lengths")}
-    out["counts"] = np.concatenate([c["counts"].astype(np.uint32) for c in chunks])
-    if out["counts"].max(initial=0) < 2**16:
-        out["counts"] = out["counts"].astype(np.uint16)
+    out = {k: np.concatenate([c[k] for c in chunks])
+           for k in ("steps", "channels", "counts", "lengths")}
     out["offsets"] = np.concatenate(offsets)
     return out
 
@@ -194,14 +196,15 @@ def _write_atomic(target: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def load_binned(path: Path, binning: Binning, num_classes: int, dataset: str,
-                cache_dir: Path | None = None, keep_empty: bool = False) -> dict[str, np.ndarray]:
+                cache_dir: str | Path | None = None, keep_empty: bool = False,
+                ) -> dict[str, np.ndarray]:
     """The binned arrays of ``path``, from the cache when it matches the file, else parsed and
     cached. Cache: ``cache_dir`` (default ``<file's directory>/cache``); when it cannot be
     written a warning is given and the data is used uncached.
 
     A sample without any spike in the file is an error unless ``keep_empty``: then it is an
     all-zero frame (one time bin, or the fixed number of steps)."""
-    cache = (cache_dir or path.parent / "cache") / binning.cache_name(path)
+    cache = Path(cache_dir or path.parent / "cache") / binning.cache_name(path)
     arrays = _cached(cache, path)
     if arrays is None:
         arrays = parse_file(path, binning, num_classes, dataset)
@@ -237,6 +240,7 @@ FILES = {"shd": {"train": "shd_train.h5", "valid": "shd_train.h5", "test": "shd_
 
 
 def heidelberg_info(name: str, binning: Binning) -> DatasetInfo:
+    """Sizes of "shd" or "ssc" under ``binning``."""
     return DatasetInfo(name, "classification", binning.input_size, NUM_CLASSES[name],
                        binning.steps)
 
@@ -255,7 +259,7 @@ def _source(root: Path, name: str, split: str) -> Path:
 
 def load_shd(root: Path, split: str, dt_ms: float = 10.0, steps: int | None = None,
              group: int = 5, valid_fraction: float = 0.2, split_seed: int = 0,
-             keep_empty: bool = False, cache_dir: Path | None = None) -> SparseFrames:
+             keep_empty: bool = False, cache_dir: str | Path | None = None) -> SparseFrames:
     """SHD: train/valid are a seeded ``1 - valid_fraction`` / ``valid_fraction`` split of
     shd_train.h5, test is shd_test.h5. Items: ((T_i, 700/group) counts, label 0…19)."""
     if not 0.0 < valid_fraction < 1.0:
@@ -273,7 +277,7 @@ def load_shd(root: Path, split: str, dt_ms: float = 10.0, steps: int | None = No
 
 
 def load_ssc(root: Path, split: str, dt_ms: float = 5.6, steps: int | None = 250,
-             group: int = 5, keep_empty: bool = False, cache_dir: Path | None = None,
+             group: int = 5, keep_empty: bool = False, cache_dir: str | Path | None = None,
              ) -> SparseFrames:
     """SSC from its official train/valid/test files. Items: ((steps, 700/group) counts,
     label 0…34); spikes at or after steps * dt_ms (1.4 s) are dropped."""
