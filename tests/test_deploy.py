@@ -132,6 +132,20 @@ def test_single_sample_and_batched_streams_agree_step_by_step():
     assert unbatched_out.shape == (T, 3) and unbatched_spikes[0].shape == (T, 8)
 
 
+def test_a_copied_state_branches_the_stream_and_a_fresh_state_restarts_it():
+    import copy
+
+    stream = StreamingNetwork.from_network(random_network("fixed", "axonal"))
+    x = spike_input(6)
+    state = stream.initial_state(B)
+    for x_t in x[:20]:
+        stream.step(x_t, state)
+    branch = copy.deepcopy(state)
+    tail = [stream.step(x_t, state) for x_t in x[20:]]
+    assert all(torch.equal(stream.step(x_t, branch), y) for x_t, y in zip(x[20:], tail))
+    assert torch.equal(stream.run(x)[0], stream.run(x)[0])
+
+
 def test_streaming_supports_adaptive_neurons_and_drops_out_of_window_positions():
     net = random_network("ff+rec", "axonal", block="dropout", readout="sum")
     with torch.no_grad():

@@ -136,7 +136,7 @@ class _Score:
 def _evaluate(net: nn.Module, stream: StreamingNetwork, loader, readout: str, max_batches: int | None,
               count_activity: bool) -> dict:
     """One pass over ``loader`` in the current eval mode: the score and, if asked, activity."""
-    dtype = next(net.parameters()).dtype
+    parameter = next(net.parameters())
     score = _Score(regression=readout == "ema")
     events = [torch.zeros(layer.synapses.in_features, dtype=torch.float64) for layer in stream.layers]
     spikes = [torch.zeros(layer.size, dtype=torch.float64) for layer in stream.layers]
@@ -144,10 +144,11 @@ def _evaluate(net: nn.Module, stream: StreamingNetwork, loader, readout: str, ma
         if max_batches is not None and number >= max_batches:
             break
         frames, lengths, targets = _unpack(batch)
-        frames = frames.to(dtype)
-        output, layer_spikes = net.forward_with_spikes(frames)
+        output, layer_spikes = net.forward_with_spikes(frames.to(parameter.device, parameter.dtype))
+        output, layer_spikes = output.cpu(), [s.cpu() for s in layer_spikes]
+        frames = frames.cpu()
         mask = _valid_steps(frames.shape[0], frames.shape[1], lengths)
-        score.add(_prediction(output, lengths, readout), targets)
+        score.add(_prediction(output, lengths, readout), targets.cpu())
         if count_activity:
             for index, s in enumerate(layer_spikes):
                 events[index] += ((frames if index == 0 else layer_spikes[index - 1]) != 0).mul(mask).sum((0, 1)).double()
@@ -164,7 +165,7 @@ def _evaluate(net: nn.Module, stream: StreamingNetwork, loader, readout: str, ma
 
 def _fan_out(synapses: DelayedSynapses) -> Tensor:
     """Non-zero outgoing weights of each presynaptic neuron, ``(I,)``."""
-    return (synapses.weight != 0).sum(0).double()
+    return (synapses.weight != 0).sum(0).double().cpu()
 
 
 def _add_activity(layers: list[dict], stream: StreamingNetwork, activity: dict) -> None:

@@ -290,7 +290,7 @@ def _synapse_tensors(module: nn.Module, where: str) -> tuple[Tensor, Tensor, Ten
     """``(weight (O, I), integer lags (O, I), bias)`` of a Linear or FeedforwardDelay in eval."""
     if isinstance(module, nn.Linear):
         weight = module.weight.detach()
-        return weight, torch.zeros(weight.shape, dtype=torch.long), module.bias
+        return weight, torch.zeros(weight.shape, dtype=torch.long, device=weight.device), module.bias
     if isinstance(module, FeedforwardDelay):
         position = module.position.detach().round()
         inside = (position >= 0) & (position <= module.kernel_size - 1)
