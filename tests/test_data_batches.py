@@ -100,6 +100,8 @@ def test_triple_augmentation_keeps_labels_and_is_reproducible(shd_train):
     aug = TripleAugmented(shd_train, max_shift=5, thin_p=0.5, seed=7)
     n = len(shd_train)
     assert len(aug) == 3 * n and aug.info == shd_train.info
+    with pytest.raises(IndexError):
+        aug[3 * n]
     assert aug.labels.tolist() == shd_train.labels.tolist() * 3
     for i in range(n):
         assert torch.equal(aug[i][0], shd_train[i][0])

