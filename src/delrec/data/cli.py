@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
     fetch = commands.add_parser(
         "download", help="fetch, verify (MD5), resume and extract the official files")
     fetch.add_argument("name", choices=sorted(RESOURCES))
-    fetch.add_argument("--to", type=Path, default=None,
+    fetch.add_argument("--to", type=Path, default=None, metavar="DIR",
                        help="destination folder (default: $DELREC_DATA/<name> or data/<name>)")
     fetch.add_argument("--quiet", action="store_true", help="no progress bar")
     fetch.set_defaults(run=_run_download)
