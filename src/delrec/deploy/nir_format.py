@@ -149,15 +149,19 @@ def _lif_node(nir, neuron: nn.Module, size: int, dt: float, where: str):
     if p.soft_reset:
         raise NIRExportError(f"{where}: LIF with soft reset (v -= threshold after a spike) has no NIR "
                              "equivalent, NIR's LIF resets to v_reset; train with reset='hard' to export")
-    full = lambda value: np.full(size, float(value))  # noqa: E731
-    return nir.LIF(tau=full(p.tau * dt), r=full(1.0 if p.decay_input else p.tau),
-                   v_leak=full(p.v_reset), v_threshold=full(p.v_threshold), v_reset=full(p.v_reset))
+    return nir.LIF(tau=_per_neuron(size, p.tau * dt), r=_per_neuron(size, 1.0 if p.decay_input else p.tau),
+                   v_leak=_per_neuron(size, p.v_reset), v_threshold=_per_neuron(size, p.v_threshold),
+                   v_reset=_per_neuron(size, p.v_reset))
 
 
 def _li_node(nir, neuron: LeakyIntegrator, size: int, dt: float):
-    full = lambda value: np.full(size, float(value))  # noqa: E731
-    return nir.LI(tau=full(neuron.tau * dt), r=full(1.0 if neuron.decay_input else neuron.tau),
-                  v_leak=full(0.0))
+    return nir.LI(tau=_per_neuron(size, neuron.tau * dt),
+                  r=_per_neuron(size, 1.0 if neuron.decay_input else neuron.tau),
+                  v_leak=_per_neuron(size, 0.0))
+
+
+def _per_neuron(size: int, value: float) -> np.ndarray:
+    return np.full(size, float(value))
 
 
 def _weight_node(nir, weight: torch.Tensor, bias: torch.Tensor | None):
