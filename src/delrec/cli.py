@@ -12,6 +12,7 @@ import sys
 # subcommand name -> module providing add_parser(subparsers), imported when the parser is built.
 COMMANDS = {
     "data": "delrec.data.cli",
+    "analyze": "delrec.analysis.cli",
     "train": "delrec.training.train_cmd",
     "eval": "delrec.training.eval_cmd",
     "export": "delrec.deploy.nir_format",

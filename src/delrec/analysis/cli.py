@@ -1,0 +1,120 @@
+"""`delrec analyze …`: the S3 spectral radius and the measured gradient experiment."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from delrec.analysis import gradients, spectral
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "analyze", help="the paper's gradient argument (S3): spectral radius and measurement")
+    actions = parser.add_subparsers(dest="analyze_command", metavar="ACTION")
+    actions.required = True
+
+    spec = actions.add_parser(
+        "spectral", help="spectral radius r_d of λ^(d+1) − aλ^d − b = 0 for d = 0 … D")
+    spec.add_argument("--a", type=float, required=True, help="leak coefficient a = sup|A_t|")
+    spec.add_argument("--b", type=float, required=True, help="recurrent coefficient b = sup|B_t|")
+    spec.add_argument("--max-delay", type=int, default=20, help="largest delay D (default 20)")
+    _add_outputs(spec, "spectral.png")
+    spec.set_defaults(run=run_spectral)
+
+    grad = actions.add_parser(
+        "gradients", help="measured ‖∂L/∂W_rec‖ and its growth for fixed delays, next to S3")
+    defaults = gradients.GradientSetup()
+    grad.add_argument("--delays", type=_int_list, default=defaults.delays,
+                      help="comma-separated fixed delays (default 0,1,2,5,10,20)")
+    grad.add_argument("--size", type=int, default=defaults.size, help="neurons N")
+    grad.add_argument("--steps", type=int, default=defaults.steps, help="time steps T")
+    grad.add_argument("--batch", type=int, default=defaults.batch, help="input sequences")
+    grad.add_argument("--tau", type=float, default=defaults.tau, help="LIF τ in steps")
+    grad.add_argument("--gain", type=float, default=defaults.gain,
+                      help="W = gain × orthogonal (default %(default)s: gradients explode)")
+    grad.add_argument("--input-mean", type=float, default=defaults.input_mean)
+    grad.add_argument("--input-std", type=float, default=defaults.input_std)
+    grad.add_argument("--surrogate", choices=("triangle", "atan"), default=defaults.surrogate)
+    grad.add_argument("--surrogate-scale", type=float, default=defaults.surrogate_scale,
+                      help="γ (triangle) or α (atan)")
+    grad.add_argument("--seed", type=int, default=defaults.seed)
+    _add_outputs(grad, "gradients.png")
+    grad.set_defaults(run=run_gradients)
+
+
+def _add_outputs(parser: argparse.ArgumentParser, figure: str) -> None:
+    parser.add_argument("--figure", type=Path, default=Path(figure),
+                        help="PNG figure path (default %(default)s)")
+    parser.add_argument("--no-figure", action="store_true", help="write no figure")
+    parser.add_argument("--csv", type=Path, help="also write the table as CSV")
+    parser.add_argument("--json", type=Path, help="also write everything as JSON")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _write_json(path: Path, payload) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def _write_figure(args: argparse.Namespace, plot) -> None:
+    if args.no_figure:
+        return
+    args.figure.parent.mkdir(parents=True, exist_ok=True)
+    plot(args.figure)
+    print(f"figure: {args.figure}")
+
+
+def run_spectral(args: argparse.Namespace) -> int:
+    try:
+        rows = spectral.spectral_table(args.a, args.b, args.max_delay)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"roots of λ^(d+1) − {args.a:g}·λ^d − {args.b:g} = 0")
+    print(spectral.format_table(rows))
+    records = spectral.rows_as_records(args.a, args.b, rows)
+    if args.csv:
+        _write_csv(args.csv, [{k: v for k, v in r.items() if k != "roots"} for r in records])
+    if args.json:
+        _write_json(args.json, records)
+    _write_figure(args, lambda path: spectral.plot_spectral(args.a, args.b, rows, path))
+    return 0
+
+
+def run_gradients(args: argparse.Namespace) -> int:
+    try:
+        setup = gradients.GradientSetup(
+            delays=args.delays, size=args.size, steps=args.steps, batch=args.batch, tau=args.tau,
+            gain=args.gain, input_mean=args.input_mean, input_std=args.input_std,
+            surrogate=args.surrogate, surrogate_scale=args.surrogate_scale, seed=args.seed)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    results = gradients.run_gradient_experiment(setup)
+    print(gradients.format_results(results))
+    payload = gradients.results_as_records(setup, results)
+    if args.csv:
+        scalar = ("backward_norms", "s3_bound", "step_contributions")
+        _write_csv(args.csv, [{k: v for k, v in r.items() if k not in scalar}
+                              for r in payload["results"]])
+    if args.json:
+        _write_json(args.json, payload)
+    _write_figure(args, lambda path: gradients.plot_gradients(setup, results, path))
+    return 0

@@ -1,0 +1,231 @@
+"""Measured recurrent-weight gradients against the S3 prediction, for fixed recurrent delays.
+
+One recurrent LIF layer (soft reset with the gradient through the reset, as in S3) with the
+same recurrent weights ``W`` and the same input current is run with every delay ``d`` fixed
+for all neurons. The loss reads only the last step, ``L = Σ_b Σ_i q_i s_i[T-1]`` with a fixed
+random readout ``q``, so the gradient at earlier steps is pure back-propagation through the
+recurrence. Measured, per delay:
+
+* ``δ[t] = ∂L/∂h[t]`` for ``k = T-1-t`` steps back from the loss (read as the gradient of the
+  input current, which enters the membrane ``h`` with slope 1);
+* the contribution of each step to ``∂L/∂W``: ``G[t] = Σ_b δ_b[t] ⊗ s_b[t-1-d]``, whose sum
+  over ``t`` is ``∂L/∂W``;
+* ``‖∂L/∂W‖`` itself.
+
+Through the surrogate, ``δ[t] = A_t δ[t+1] + diag(ψ'_t) Wᵀ δ[t+1+d]`` with
+``A_t = α(1 − θ ψ'_t)``, ``α = 1 − 1/τ`` (our LIF decays the reset with the membrane; S3 writes
+``α − θψ'``): the adjoint of the S3 recurrence. Two estimates of ``(a, b)`` from the recorded
+trajectory give two predictions ``r_d`` (:mod:`delrec.analysis.spectral`):
+
+* S3's: ``a = max |A_t|``, ``b = ‖W‖₂ · max ψ'`` (≥ ``sup_t ‖W diag ψ'_t‖₂``). Then
+  ``e[k] = a e[k-1] + b e[k-1-d]``, ``e[0] = ‖δ[T-1]‖``, bounds ``‖δ[T-1-k]‖`` for every ``k``
+  (induction on the recurrence above), and grows like ``r_d^k``: a rigorous but loose bound.
+* mean-field: ``a = rms(A_t)``, ``b = ‖W‖_F/√N · rms(ψ')``: the gain of a typical vector, a
+  heuristic for the trend, not a bound.
+
+The measured growth factor per step is ``exp`` of the least-squares slope of
+``log ‖δ[T-1-k]‖`` over ``k``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from delrec.analysis.spectral import spectral_radius
+from delrec.layers import DelRec
+from delrec.neurons import LIF, ATan, Triangle, lif_charge
+
+DEFAULT_DELAYS = (0, 1, 2, 5, 10, 20)
+
+
+@dataclass(frozen=True)
+class GradientSetup:
+    """The experiment's settings: sizes in neurons and steps, ``gain`` scales an orthogonal ``W``."""
+
+    delays: tuple[int, ...] = DEFAULT_DELAYS
+    size: int = 64
+    steps: int = 150
+    batch: int = 8
+    tau: float = 2.0
+    gain: float = 6.0
+    input_mean: float = 0.3
+    input_std: float = 0.5
+    surrogate: str = "triangle"
+    surrogate_scale: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.delays or min(self.delays) < 0:
+            raise ValueError(f"delays must be non-negative integers, got {self.delays}")
+        if max(self.delays) + 2 > self.steps:
+            raise ValueError(f"steps ({self.steps}) must exceed the largest delay + 1 "
+                             f"({max(self.delays) + 1}) for the recurrence to act")
+        if self.surrogate not in ("atan", "triangle"):
+            raise ValueError(f"surrogate must be 'atan' or 'triangle', got {self.surrogate!r}")
+
+
+@dataclass
+class DelayResult:
+    """What was measured for one delay, and the S3 prediction from the same trajectory."""
+
+    delay: int
+    weight_grad_norm: float
+    growth_measured: float  # exp(slope of log ‖δ[T-1-k]‖ over k)
+    a: float  # S3 estimate: max |α(1 − θψ')|
+    b: float  # S3 estimate: ‖W‖₂ · max ψ'
+    radius: float  # r_d of λ^(d+1) − a λ^d − b: the S3 bound's growth per step
+    a_rms: float  # mean-field estimate: rms of α(1 − θψ')
+    b_rms: float  # mean-field estimate: ‖W‖_F/√N · rms ψ'
+    radius_rms: float  # r_d from (a_rms, b_rms)
+    spike_rate: float
+    backward_norms: list[float] = field(repr=False)  # ‖δ[T-1-k]‖, k = 0 … T-1
+    s3_bound: list[float] = field(repr=False)  # e[k], same k
+    step_contributions: list[float] = field(repr=False)  # ‖G[t]‖, t = 0 … T-1
+
+
+class _RecordingLIF(LIF):
+    """LIF that keeps the membrane ``h[t]`` (before firing) of every step, detached."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.membranes: list[Tensor] = []
+
+    def step(self, u, state):
+        self.membranes.append(lif_charge(u, state[0], self.p).detach())
+        return super().step(u, state)
+
+
+def _surrogate(setup: GradientSetup):
+    if setup.surrogate == "atan":
+        return ATan(setup.surrogate_scale)
+    return Triangle(setup.surrogate_scale)
+
+
+def _s3_sequence(a: float, b: float, delay: int, start: float, length: int) -> np.ndarray:
+    """``e[k] = a e[k-1] + b e[k-1-d]`` with ``e[0] = start`` and ``e[k<0] = 0``."""
+    e = np.zeros(length)
+    e[0] = start
+    for k in range(1, length):
+        e[k] = a * e[k - 1] + (b * e[k - 1 - delay] if k - 1 - delay >= 0 else 0.0)
+    return e
+
+
+def _growth_factor(norms: np.ndarray) -> float:
+    """``exp`` of the least-squares slope of ``log norms`` over the steps where they are > 0."""
+    k = np.flatnonzero(norms > 0)
+    if len(k) < 2:
+        return 0.0
+    return float(math.exp(np.polyfit(k, np.log(norms[k]), 1)[0]))
+
+
+def measure_delay(setup: GradientSetup, delay: int, weight: Tensor, current: Tensor,
+                  readout: Tensor) -> tuple[DelayResult, Tensor]:
+    """Run one delay; returns the result and ``∂L/∂W`` from autograd."""
+    neuron = _RecordingLIF(tau=setup.tau, v_reset=None, surrogate=_surrogate(setup))
+    layer = DelRec.fixed(setup.size, neuron, delay_init=float(delay)).double()
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    current = current.clone().requires_grad_(True)
+    spikes = layer(current)
+    loss = (spikes[-1] * readout).sum()
+    loss.backward()
+
+    delta = current.grad  # ∂L/∂h[t], (T, B, N)
+    presynaptic = torch.zeros_like(spikes)
+    presynaptic[delay + 1:] = spikes[: len(spikes) - delay - 1].detach()
+    contributions = torch.einsum("tbi,tbj->tij", delta, presynaptic)  # G[t], sums to ∂L/∂W
+    backward_norms = delta.flatten(1).norm(dim=1).flip(0).numpy()
+
+    membranes = torch.stack(neuron.membranes)
+    slopes = _surrogate(setup).derivative(membranes - neuron.p.v_threshold)  # ψ'_t, (T, B, N)
+    leak_path = (1.0 - 1.0 / setup.tau) * (1.0 - neuron.p.v_threshold * slopes)  # A_t
+    a = float(leak_path.abs().max())
+    b = float(torch.linalg.matrix_norm(weight, ord=2) * slopes.max())
+    a_rms = float(leak_path.pow(2).mean().sqrt())
+    b_rms = float(weight.norm() / math.sqrt(setup.size) * slopes.pow(2).mean().sqrt())
+    bound = _s3_sequence(a, b, delay, float(backward_norms[0]), len(backward_norms))
+
+    result = DelayResult(
+        delay=delay, weight_grad_norm=float(layer.weight.grad.norm()),
+        growth_measured=_growth_factor(backward_norms), a=a, b=b,
+        radius=spectral_radius(a, b, delay), a_rms=a_rms, b_rms=b_rms,
+        radius_rms=spectral_radius(a_rms, b_rms, delay), spike_rate=float(spikes.detach().mean()),
+        backward_norms=backward_norms.tolist(), s3_bound=bound.tolist(),
+        step_contributions=contributions.flatten(1).norm(dim=1).tolist())
+    return result, layer.weight.grad.clone()
+
+
+def run_gradient_experiment(setup: GradientSetup) -> list[DelayResult]:
+    """Measure every delay of ``setup`` on the same weights, input current and readout."""
+    generator = torch.Generator().manual_seed(setup.seed)
+    weight = torch.empty(setup.size, setup.size, dtype=torch.float64)
+    torch.nn.init.orthogonal_(weight, gain=setup.gain, generator=generator)
+    shape = (setup.steps, setup.batch, setup.size)
+    current = setup.input_mean + setup.input_std * torch.randn(
+        shape, generator=generator, dtype=torch.float64)
+    readout = torch.randn(setup.size, generator=generator, dtype=torch.float64)
+    return [measure_delay(setup, d, weight, current, readout)[0] for d in setup.delays]
+
+
+def format_results(results: list[DelayResult]) -> str:
+    """Plain-text table: measured ‖∂L/∂W‖ and growth factor next to the S3 radius."""
+    lines = [f"{'d':>3}  {'|dL/dW|':>10}  {'growth/step':>11}  {'S3 r_d':>8}  {'a':>6}  "
+             f"{'b':>6}  {'rms r_d':>8}  {'a_rms':>6}  {'b_rms':>6}  {'spikes':>6}"]
+    for r in results:
+        lines.append(f"{r.delay:>3}  {r.weight_grad_norm:>10.4g}  {r.growth_measured:>11.4f}  "
+                     f"{r.radius:>8.4f}  {r.a:>6.3f}  {r.b:>6.3f}  {r.radius_rms:>8.4f}  "
+                     f"{r.a_rms:>6.3f}  {r.b_rms:>6.3f}  {r.spike_rate:>6.3f}")
+    return "\n".join(lines)
+
+
+def results_as_records(setup: GradientSetup, results: list[DelayResult]) -> dict:
+    """JSON-ready: the setup and every result with its curves."""
+    return {"setup": asdict(setup), "results": [asdict(r) for r in results]}
+
+
+def plot_gradients(setup: GradientSetup, results: list[DelayResult], path) -> None:
+    """Three panels: ‖∂L/∂h‖ backward in time with the S3 bound, per-step contributions to
+    ∂L/∂W, and the measured growth factor next to r_d."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (back, contrib, rates) = plt.subplots(1, 3, figsize=(16, 4.6))
+    colours = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(results)))
+    for r, colour in zip(results, colours):
+        k = np.arange(len(r.backward_norms))
+        back.semilogy(k, np.maximum(r.backward_norms, 1e-300), color=colour, label=f"d = {r.delay}")
+        back.semilogy(k, r.s3_bound, color=colour, ls="--", lw=0.8)
+        contrib.semilogy(np.maximum(r.step_contributions, 1e-300), color=colour,
+                         label=f"d = {r.delay}")
+    back.set(xlabel="steps back from the loss k", ylabel="‖∂L/∂h[T-1-k]‖",
+             title="measured (solid) and S3 bound e[k] (dashed)")
+    back.set_ylim(bottom=max(1e-12, min(min(v for v in r.backward_norms if v > 0)
+                                       for r in results) / 10))
+    back.legend(fontsize=8)
+    contrib.set(xlabel="time step t", ylabel="‖G[t]‖ (contribution to ∂L/∂W)",
+                title="per-step contributions to ∂L/∂W")
+    contrib.set_ylim(bottom=1e-12)
+
+    delays = [r.delay for r in results]
+    rates.plot(delays, [r.radius for r in results], "o--", label="S3 bound r_d (sup a, b)")
+    rates.plot(delays, [r.radius_rms for r in results], "d--", label="mean-field r_d (rms a, b)")
+    rates.plot(delays, [r.growth_measured for r in results], "s-", label="measured growth per step")
+    rates.axhline(1.0, color="black", lw=0.8)
+    twin = rates.twinx()
+    twin.semilogy(delays, [r.weight_grad_norm for r in results], "^:", color="tab:red",
+                  label="‖∂L/∂W‖")
+    twin.set_ylabel("‖∂L/∂W‖", color="tab:red")
+    rates.set(xlabel="recurrent delay d (steps)", ylabel="growth factor per step",
+              title=f"N={setup.size}, T={setup.steps}, gain={setup.gain}, τ={setup.tau}")
+    lines = rates.get_legend_handles_labels()
+    extra = twin.get_legend_handles_labels()
+    rates.legend(lines[0] + extra[0], lines[1] + extra[1], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
