@@ -9,7 +9,7 @@ For the built-in LIF neuron this computes exactly what :func:`reference_recurren
   one GEMM ``z @ Wᵀ``. The backward is a reverse-time loop whose adjoint trace uses the same
   running-sum formula on future adjoints; weight, delay and spread gradients are formed after
   the loop, batched over time, from box sums of the spikes. Saved for backward: the spikes
-  (bool) and the pre-spike membrane, O(T·B·N) bytes, independent of the delay range.
+  (bool), the pre-spike membrane and the trace, O(T·B·N) bytes, independent of the delay range.
 * **synaptic delays** — each synapse has its own lag, so the recurrent input is one GEMM of
   the window of the last spikes (only the lags inside some kernel's support) with the
   lag-stacked weighted kernel: O(B·N²·lags) per step, but no per-step activation storage;
@@ -30,7 +30,6 @@ from torch import Tensor
 from delrec.delays import triangle_kernel
 from delrec.neurons import LIF, LIFParameters
 
-_TAU = (1.0, -2.0, 1.0)  # weights of the three running-sum boundaries (fall end, centre, rise start)
 _CHUNK_ELEMENTS = 1 << 22  # float64 elements per batched post-loop chunk (32 MiB)
 
 
@@ -66,7 +65,7 @@ class _LIF:
         torch.ge(h, self.p.v_threshold, out=spikes_out)
         if self.p.soft_reset:
             return torch.sub(h, spikes_out.to(h.dtype), alpha=self.p.v_threshold)
-        return torch.where(spikes_out, self.p.v_reset, h)
+        return h.masked_fill(spikes_out, self.p.v_reset)
 
     def adjoint_factors(self, spikes: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """``(ψ'(h - θ), leak·dv/dh_total)`` for all steps: ``gh[t] = gs[t]·ψ' + gh[t+1]·M[t]``."""
@@ -82,24 +81,29 @@ class _LIF:
 
 # --------------------------------------------------------------------------- axonal plan
 class _AxonalPlan:
-    """Box boundaries and running-sum coefficients of the axonal kernels (DESIGN §4).
+    """Boundaries and recursion coefficients of the axonal kernels (DESIGN §4).
 
     For neuron ``j`` with centre ``c = 1 + d`` and half-width ``w`` the lags with non-zero weight
-    are the rising part ``[a1, b1] = [max(1, ⌈c-w⌉), max(0, ⌊c⌋)]`` and the falling part
-    ``[b1+1, b2]``, ``b2 = max(⌊c+w⌋, b1)``. With ``m_q = t - o_q`` and offsets
-    ``o = (b2, b1, a1-1)`` the trace is
+    form a rising box ``[a1, b1] = [max(1, ⌈c-w⌉), max(0, ⌊c⌋)]`` where ``w²κ(k) = α_r + (k-a1)``
+    and a falling box ``[b1+1, b2]``, ``b2 = max(⌊c+w⌋, b1)``, where ``w²κ(k) = α_f + (b2-k)``
+    (``α_r = w-c+a1``, ``α_f = w+c-b2``, both in ``[0, 1]``). Shifting the boxes by one step
+    changes the running sums ``A, F`` (spike counts in the boxes) and ``Ar, Fr`` (their ramps)
+    by the spikes at only three lags ``e = (a1, b1+1, b2+1)``; hence, with ``Y = w²z`` and
+    ``D = A - F``,
 
-        w²·z[t] = Σ_q β_q P0[m_q] + τ_q (t·P0[m_q] - P1[m_q]),  β = (-(w+c), 2c, w-c), τ = (1,-2,1)
+        Y[t] = Y[t-1] + D[t-1] + Σ_q γ_q s[t - e_q],     D[t] = D[t-1] + Σ_q (1, -2, 1)_q s[t - e_q]
 
-    and the reverse adjoint ``w²·ζ[t] = Σ_k κ(k) g[t+k]`` is the mirror image with reverse
-    running sums ``R0[n] = Σ_{v≥n} g[v]``, ``R1[n] = Σ_{v≥n} v·g[v]`` at ``n_q = t + o_q + 1``:
-
-        w²·ζ[t] = Σ_q (β_q - t·τ_q) R0[n_q] + τ_q R1[n_q].
+    with ``γ = (α_r, α_f - α_r + (b2-b1) - (b1-a1+1) - 1, 1 - α_f)``: O(1) per neuron and step
+    whatever σ and L are (the second difference of a triangle has three taps). The adjoint trace
+    ``ζ[t] = Σ_k κ(k) g[t+k]`` is the same recursion run backwards in time over ``g[t + e_q]``.
+    Both run in float64 (rounding drift O(T²·ε)).
 
     Gradient boxes follow autograd of ``triangle_kernel`` at the kinks: ``∂κ(k)/∂c`` is
-    ``+1/w²`` on ``(c, c+w]``, ``-1/w²`` on ``[c-w, c)`` and 0 at ``k = c``, so the rising box
-    of the derivative ends at ``e2 = max(⌈c⌉, 1) - 1`` (fourth offset); ``∂κ/∂w`` is
-    ``1/w² - 2κ/w`` on the closed support ``[a1, b2]``.
+    ``+1/w²`` on ``(c, c+w]``, ``-1/w²`` on ``[c-w, c)`` and 0 at ``k = c``; ``∂κ/∂w`` is
+    ``1/w² - 2κ/w`` on the closed support ``[a1, b2]``. Their box sums are read from exact spike
+    counts ``P0[m] = Σ_{u<m} s[u]`` at lags ``o = (b2, b1, a1-1, max(⌈c⌉, 1)-1)``.
+
+    Per-step tensors are neuron-major ``(N, B)`` so that every read is a contiguous row.
     """
 
     def __init__(self, delay: Tensor, width: Tensor, steps: int):
@@ -109,140 +113,135 @@ class _AxonalPlan:
         a1 = (centre - w).ceil().clamp(min=1)
         b2 = torch.maximum((centre + w).floor(), b1)
         e2 = centre.ceil().clamp(min=1) - 1
-        self.offsets = torch.stack([b2, b1, a1 - 1, e2]).long()  # (4, N), all >= 0
-        self.pad = int(self.offsets.max()) + 1
-        n = delay.shape[0]
-        self.size = n
-        c64, w64 = centre.double(), w.double()
-        self.width = w64
+        self.size = n = delay.shape[0]
+        self.steps = steps
+        self.box_offsets = torch.stack([b2, b1, a1 - 1, e2], dim=1).long()  # (N, 4)
+        self.tap_lags = torch.stack([a1, b1 + 1, b2 + 1], dim=1).long()  # (N, 3)
+        c64, w64, a1, b1, b2 = centre.double(), w.double(), a1.double(), b1.double(), b2.double()
         self.inv_w2 = 1.0 / (w64 * w64)
-        beta = torch.stack([-(w64 + c64), 2.0 * c64, w64 - c64]) * self.inv_w2  # (3, N)
-        tau = torch.tensor(_TAU, dtype=torch.float64).view(3, 1) * self.inv_w2  # (3, N)
-        t = torch.arange(steps, dtype=torch.float64).view(steps, 1, 1)
-        # per-step coefficients on (P0, P1) at the three boundaries: (T, 3, 1, 2, N)
-        self.forward_coef = torch.stack([beta + t * tau, (-tau).expand(steps, 3, n)], dim=2).unsqueeze(2)
-        self.reverse_coef = torch.stack([beta - t * tau, tau.expand(steps, 3, n)], dim=2).unsqueeze(2)
-        self.forward_index = (self.pad - self.offsets[:3]).view(1, 3, 1, 1, n) + t.long().view(steps, 1, 1, 1, 1)
-        self.reverse_index = (self.offsets[:3] + 1).view(1, 3, 1, 1, n) + t.long().view(steps, 1, 1, 1, 1)
+        alpha_r, alpha_f = w64 - c64 + a1, w64 + c64 - b2
+        gamma = torch.stack([alpha_r, alpha_f - alpha_r + (b2 - b1) - (b1 - a1 + 1) - 1, 1 - alpha_f], 1)
+        second = torch.tensor([1.0, -2.0, 1.0], dtype=torch.float64).expand(n, 3)
+        # (N, 2, 3, 1): increments of (z, D/w²) per tapped spike
+        self.tap_coef = (torch.stack([gamma, second], 1) * self.inv_w2.view(n, 1, 1)).unsqueeze(-1)
 
-    def history(self, batch: int, steps: int) -> Tensor:
-        """Zeroed running sums ``(pad + steps + 1, B, 2, N)`` float64; slot ``pad + m`` holds ``P[m]``."""
-        return torch.zeros(self.pad + steps + 1, batch, 2, self.size, dtype=torch.float64)
+    def tap_rows(self, sign: int) -> Tensor:
+        """``(T, 3N)`` rows to read at each step from a ``((T+1)·N, B)`` history: forward
+        (``sign = -1``) reads time ``t - e`` at slot ``t - e + 1`` (slot 0 is zero); reverse
+        (``sign = +1``) reads time ``t + e`` at slot ``t + e`` (slot T is zero)."""
+        n, steps = self.size, self.steps
+        t = torch.arange(steps).view(steps, 1, 1)
+        slots = (t - self.tap_lags + 1).clamp(min=0) if sign < 0 else (t + self.tap_lags).clamp(max=steps)
+        return (slots * n + torch.arange(n).view(n, 1)).view(steps, 3 * n)
 
-    def prefix_sums(self, spikes: Tensor) -> Tensor:
-        """Running sums ``(P0, P1)`` of all spikes ``(T, B, N)``, laid out as :meth:`history`."""
-        steps = spikes.shape[0]
-        s = spikes.double()
-        t = torch.arange(steps, dtype=torch.float64).view(steps, 1, 1)
-        history = self.history(spikes.shape[1], steps)
-        history[self.pad + 1:, :, 0] = s.cumsum(0)
-        history[self.pad + 1:, :, 1] = (s * t).cumsum(0)
-        return history
+    def spike_boxes(self, counts: Tensor, t0: int, t1: int) -> tuple[Tensor, Tensor]:
+        """For steps ``t0 … t1-1``, from ``counts`` ``((T+1)·N, B)`` (row ``m·N + n`` = P0[m]):
+        ``w²·∂z/∂c`` (spikes on ``(c, c+w]`` minus on ``[c-w, c)``) and the closed-support count
+        ``Σ_{|k-c|≤w} s[t-k]``, each ``(t1-t0, N, B)``."""
+        n, steps = self.size, t1 - t0
+        t = torch.arange(t0, t1).view(steps, 1, 1)
+        rows = (t - self.box_offsets).clamp(min=0) * n + torch.arange(n).view(1, n, 1)
+        p0 = counts.index_select(0, rows.view(-1)).view(steps, n, 4, -1)
+        fall_minus_rise = p0[:, :, 1] - p0[:, :, 0] - p0[:, :, 2] + p0[:, :, 3]
+        return fall_minus_rise, p0[:, :, 2] - p0[:, :, 0]
 
-    def traces(self, history: Tensor, t0: int, t1: int) -> tuple[Tensor, Tensor, Tensor]:
-        """For steps ``t0 … t1-1``: the trace ``z``, ``∂z/∂c`` and the closed-support count
-        ``Σ_{|k-c|≤w} s[t-k]``, each ``(t1-t0, B, N)`` float64."""
-        batch = history.shape[1]
-        steps = t1 - t0
-        t = torch.arange(t0, t1).view(steps, 1, 1, 1)
-        index = (self.pad - self.offsets).view(1, 4, 1, self.size) + t  # (steps, 4, 1, N)
-        p0 = history[:, :, 0].gather(0, index.reshape(steps * 4, 1, self.size).expand(-1, batch, -1))
-        p0 = p0.view(steps, 4, batch, self.size)
-        p1 = history[:, :, 1].gather(0, index[:, :3].reshape(steps * 3, 1, self.size).expand(-1, batch, -1))
-        p1 = p1.view(steps, 3, batch, self.size)
-        coef = self.forward_coef[t0:t1].squeeze(2)  # (steps, 3, 2, N)
-        z = (p0[:, :3] * coef[:, :, 0].unsqueeze(2) + p1 * coef[:, :, 1].unsqueeze(2)).sum(1)
-        dz_dc = (p0[:, 1] - p0[:, 0] - p0[:, 2] + p0[:, 3]) * self.inv_w2
-        closed = p0[:, 2] - p0[:, 0]
-        return z, dz_dc, closed
+
+def _swap(x: Tensor) -> Tensor:
+    """``(…, B, N)`` ↔ ``(…, N, B)``, contiguous."""
+    return x.transpose(-1, -2).contiguous()
 
 
 # --------------------------------------------------------------------------- axonal function
 class _AxonalRecurrence(torch.autograd.Function):
-    """Spikes ``(T, B, N)`` of a LIF layer with axonal delays; gradients by a reverse loop."""
+    """Spikes ``(T, B, N)`` of a LIF layer with axonal delays; gradients by a reverse loop.
+
+    Saved for backward: spikes (bool), pre-spike membrane and delayed trace, ``(T, N, B)`` each.
+    """
 
     @staticmethod
     def forward(ctx, current, weight, delay, width, mask, lif: _LIF):
         steps, batch, n = current.shape
         dtype = current.dtype
         plan = _AxonalPlan(delay, width, steps)
-        drive = lif.drive(current)
-        weight_t = (weight * lif.gain).t()
-        history = plan.history(batch, steps)
-        spikes = torch.empty(steps, batch, n, dtype=torch.bool)
-        membrane = torch.empty_like(current)
-        ones_t = torch.stack([torch.ones(steps, dtype=torch.float64),
-                              torch.arange(steps, dtype=torch.float64)], dim=1).view(steps, 1, 2, 1)
-        v = torch.full((batch, n), lif.v0, dtype=dtype)
-        pad = plan.pad
+        rows = plan.tap_rows(-1)
+        drive = _swap(lif.drive(current))  # (T, N, B)
+        mask_nb = None if mask is None else _swap(mask)
+        weight_in = weight * lif.gain
+        history = torch.empty(steps + 1, n, batch, dtype=torch.bool)  # slot t+1: spikes of step t
+        history[0] = False
+        taps_of = history.view(-1, batch)
+        membrane = torch.empty(steps, n, batch, dtype=dtype)
+        trace = torch.empty(steps, n, batch, dtype=dtype)
+        state = torch.zeros(n, 2, batch, dtype=torch.float64)  # (z, D/w²)
+        z64, d64 = state[:, 0], state[:, 1]
+        v = torch.full((n, batch), lif.v0, dtype=dtype)
         for t in range(steps):
-            taps = history.gather(0, plan.forward_index[t].expand(3, batch, 2, n))
-            z = (taps * plan.forward_coef[t]).sum((0, 2)).to(dtype)
-            if mask is None:
-                u = torch.addmm(drive[t], z, weight_t)
+            taps = taps_of.index_select(0, rows[t]).view(n, 1, 3, batch)
+            z64 += d64
+            state += (taps * plan.tap_coef).sum(2)
+            z = trace[t].copy_(z64)
+            if mask_nb is None:
+                u = torch.addmm(drive[t], weight_in, z)
             else:
-                u = torch.addcmul(drive[t], mask, torch.mm(z, weight_t))
+                u = torch.addcmul(drive[t], mask_nb, torch.mm(weight_in, z))
             h = torch.add(u, v, alpha=lif.leak, out=membrane[t])
-            v = lif.fire_and_reset(h, spikes[t])
-            torch.addcmul(history[pad + t], spikes[t].unsqueeze(1).to(torch.float64), ones_t[t],
-                          out=history[pad + t + 1])
+            v = lif.fire_and_reset(h, history[t + 1])
         ctx.lif = lif
-        ctx.save_for_backward(spikes, membrane, weight, delay, width, mask)
-        return spikes.to(dtype)
+        spikes = history[1:]
+        ctx.save_for_backward(spikes, membrane, trace, weight, delay, width, mask_nb)
+        return _swap(spikes).to(dtype)
 
     @staticmethod
     def backward(ctx, grad_spikes):
-        spikes, membrane, weight, delay, width, mask = ctx.saved_tensors
+        spikes, membrane, trace, weight, delay, width, mask = ctx.saved_tensors
         lif: _LIF = ctx.lif
-        steps, batch, n = membrane.shape
-        dtype = membrane.dtype
+        steps, n, batch = membrane.shape
         plan = _AxonalPlan(delay, width, steps)
-        weight_in = weight * lif.gain
+        rows = plan.tap_rows(+1)
+        weight_in_t = (weight * lif.gain).t()
         psi, carry = lif.adjoint_factors(spikes, membrane)
-        external = grad_spikes * psi
-        # reverse running sums of the trace adjoint gz, slot n holds (R0[n], R1[n])
-        future = torch.zeros(steps + plan.pad + 1, batch, 2, n, dtype=torch.float64)
-        ones_t = torch.stack([torch.ones(steps, dtype=torch.float64),
-                              torch.arange(steps, dtype=torch.float64)], dim=1).view(steps, 1, 2, 1)
+        external = psi * _swap(grad_spikes)
         grad_h = torch.empty_like(membrane)
-        grad_z = torch.empty_like(membrane)
-        gh = None
+        future = torch.empty(steps + 1, n, batch, dtype=membrane.dtype)  # slot t: gz[t]; slot T: 0
+        future[steps] = 0.0
+        taps_of = future.view(-1, batch)
+        state = torch.zeros(n, 2, batch, dtype=torch.float64)  # (ζ, D/w²) of the adjoint
+        zeta, d64 = state[:, 0], state[:, 1]
+        gh = torch.zeros(n, batch, dtype=membrane.dtype)
         for t in range(steps - 1, -1, -1):
-            if gh is None:
-                gh = grad_h[t].copy_(external[t])
-            else:
-                taps = future.gather(0, plan.reverse_index[t].expand(3, batch, 2, n))
-                zeta = (taps * plan.reverse_coef[t]).sum((0, 2)).to(dtype)
-                gh = torch.addcmul(torch.addcmul(external[t], zeta, psi[t]), gh, carry[t], out=grad_h[t])
-            g = gh if mask is None else gh * mask
-            torch.mm(g, weight_in, out=grad_z[t])
-            torch.addcmul(future[t + 1], grad_z[t].unsqueeze(1).to(torch.float64), ones_t[t], out=future[t])
-        del future, psi, carry, external
+            taps = taps_of.index_select(0, rows[t]).view(n, 1, 3, batch)
+            zeta += d64
+            state += (taps * plan.tap_coef).sum(2)
+            gh = torch.addcmul(torch.addcmul(external[t], zeta, psi[t]), gh, carry[t], out=grad_h[t])
+            torch.mm(weight_in_t, gh if mask is None else gh * mask, out=future[t])
+        del psi, carry, external, state
+        grad_z = future[:steps]
 
-        grad_current = grad_h * lif.gain if ctx.needs_input_grad[0] else None
-        grad_r = grad_h if mask is None else grad_h * mask
-        need_w, need_d, need_s = ctx.needs_input_grad[1:4]
-        grad_weight = torch.zeros_like(weight) if need_w else None
-        grad_delay = torch.zeros(n, dtype=torch.float64) if need_d else None
-        grad_width = torch.zeros(n, dtype=torch.float64) if need_s else None
-        if need_w or need_d or need_s:
-            history = plan.prefix_sums(spikes)
-            chunk = max(1, _CHUNK_ELEMENTS // (8 * batch * n))
+        need_c, need_w, need_d, need_s = ctx.needs_input_grad[:4]
+        grad_current = _swap(grad_h * lif.gain) if need_c else None
+        grad_weight = grad_delay = grad_width = None
+        if need_w:
+            grad_r = grad_h if mask is None else grad_h * mask
+            grad_weight = lif.gain * (grad_r.transpose(0, 1).reshape(n, -1)
+                                      @ trace.transpose(0, 1).reshape(n, -1).t())
+        if need_d or need_s:
+            counts = torch.zeros(steps + 1, n, batch, dtype=membrane.dtype)  # exact spike counts P0
+            torch.cumsum(spikes, 0, out=counts[1:])
+            counts = counts.view(-1, batch)
+            by_delay = torch.zeros(n, dtype=torch.float64)   # Σ gz · w²∂z/∂c
+            by_support = torch.zeros(n, dtype=torch.float64)  # Σ gz · Σ_{|k-c|≤w} s[t-k]
+            chunk = max(1, _CHUNK_ELEMENTS // (4 * batch * n))
             for t0 in range(0, steps, chunk):
                 t1 = min(steps, t0 + chunk)
-                z, dz_dc, closed = plan.traces(history, t0, t1)
-                if need_w:
-                    grad_weight += grad_r[t0:t1].reshape(-1, n).t() @ z.to(dtype).reshape(-1, n)
-                gz = grad_z[t0:t1].double()
-                if need_d:
-                    grad_delay += (gz * dz_dc).sum((0, 1))
-                if need_s:
-                    grad_width += (gz * (closed * plan.inv_w2 - 2.0 * z / plan.width)).sum((0, 1))
-            if need_w:
-                grad_weight *= lif.gain
-        return (grad_current, grad_weight,
-                grad_delay.to(delay.dtype) if need_d else None,
-                grad_width.to(width.dtype) if need_s else None, None, None)
+                fall_minus_rise, closed = plan.spike_boxes(counts, t0, t1)
+                by_delay += (grad_z[t0:t1] * fall_minus_rise).sum(2).sum(0)
+                by_support += (grad_z[t0:t1] * closed).sum(2).sum(0)
+            if need_d:
+                grad_delay = (by_delay * plan.inv_w2).to(delay.dtype)
+            if need_s:  # ∂z/∂w = (closed-support count)/w² - 2z/w
+                by_trace = (grad_z * trace).sum(2).sum(0).double()
+                grad_width = (by_support * plan.inv_w2 - 2.0 * by_trace / width.double()).to(width.dtype)
+        return grad_current, grad_weight, grad_delay, grad_width, None, None
 
 
 # --------------------------------------------------------------------------- synaptic function
