@@ -76,9 +76,13 @@ class TrainConfig:
 
     ``max_train_samples``: train on a seeded random subset of this many training items
     (``None``: all). ``augment``: present the training split three times per epoch (original,
-    time-shifted, same-class blend; SHD). ``rate_penalty``: λ of the firing-rate penalty
+    time-shifted, same-class blend; SHD). ``standardize`` (regression): feed the network
+    ``(x - m) / s`` and fit targets on the same scale, ``m``, ``s`` = mean and std of the
+    training targets; metrics are reported in the data's own units. ``rate_penalty``: λ of the firing-rate penalty
     ``λ · mean over layers of 0.5 Σ s² / (T·N)``. ``device``: ``"auto"`` (CUDA when available),
-    ``"cpu"``, ``"cuda"``, ``"cuda:1"`` …; ``data_root``: folder of the data set's files.
+    ``"cpu"``, ``"cuda"``, ``"cuda:1"`` …; ``threads``: CPU threads for torch (``None``: torch's
+    default; small networks run fastest on one, as their per-step operations are tiny);
+    ``data_root``: folder of the data set's files.
     """
 
     task: str = "mackey-glass"
@@ -92,9 +96,11 @@ class TrainConfig:
     eval_batch_size: int = 256
     max_train_samples: int | None = None
     augment: bool = False
+    standardize: bool = False
     rate_penalty: float = 0.0
     seed: int = 0
     device: str = "auto"
+    threads: int | None = None
     num_workers: int = 0
     data_root: str | None = None
 
@@ -129,7 +135,7 @@ def _mackey_glass(model: str) -> TrainConfig:
         network=_network_dict("mackey-glass", model),
         optim=OptimConfig("adam", lr=5e-4, weight_decay=1e-4, scheduler="cosine",
                           position_lr=5e-2, position_scheduler="cosine"),
-        epochs=10, batch_size=64, eval_batch_size=512, max_train_samples=None)
+        epochs=10, batch_size=64, eval_batch_size=512, standardize=True, threads=1)
 
 
 def _shd(model: str) -> TrainConfig:  # Tables S3, S4
@@ -169,7 +175,7 @@ def _digits_8x8(model: str) -> TrainConfig:
         task="digits-8x8", model=model, network=network,
         optim=OptimConfig("adamw", lr=5e-3, weight_decay=1e-2, scheduler="onecycle",
                           position_lr=5e-2, position_scheduler="onecycle"),
-        epochs=20, batch_size=64)
+        epochs=20, batch_size=64, threads=1)
 
 
 PRESETS = {"mackey-glass": _mackey_glass, "shd": _shd, "ssc": _ssc, "psmnist": _psmnist,
@@ -354,6 +360,8 @@ def validate(config: TrainConfig) -> None:
     _check(config.max_train_samples is None or config.max_train_samples >= 1,
            f"max_train_samples must be >= 1 or null, got {config.max_train_samples}")
     _check(config.num_workers >= 0, f"num_workers must be >= 0, got {config.num_workers}")
+    _check(config.threads is None or config.threads >= 1,
+           f"threads must be >= 1 or null, got {config.threads}")
     _check(config.rate_penalty >= 0, f"rate_penalty must be >= 0, got {config.rate_penalty}")
     _check(config.seed >= 0, f"seed must be >= 0, got {config.seed}")
     _check_device(config.device)
@@ -381,6 +389,8 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"data: {error}") from None
     _check(not config.augment or info.task == "classification",
            f"augment applies to classification data sets only, not {config.task!r}")
+    _check(not config.standardize or info.task == "regression",
+           f"standardize applies to regression data sets only, not {config.task!r}")
     readout = config.network.get("readout")
     _check(info.task == "classification" or readout == "ema",
            f"regression ({config.task}) needs network.readout = 'ema', got {readout!r}")

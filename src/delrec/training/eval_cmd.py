@@ -48,8 +48,8 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", split: str = "test",
     layers = [m for m in network.modules() if isinstance(m, DelRec)]
     for layer in layers:
         layer.integer_eval = not spread
-    data = load_splits(config, splits=(split,), permutation=payload.get("data_permutation"))
-    objective = make_objective(data.info.task, network.config.readout)
+    data = load_splits(config, splits=(split,), stored=payload)
+    objective = make_objective(data.info.task, network.config.readout, data.standardization)
     loader = eval_loader(data.datasets[split], batch_size or config.eval_batch_size)
     metrics, _ = evaluate(network, loader, objective, target)
     sigma = max((float(m.sigma) for m in layers if m.learn_delays), default=0.0)

@@ -23,11 +23,12 @@ def learning_curves(history: list[dict], metric: str, path: Path) -> None:
     epochs = [row["epoch"] for row in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key in zip(axes, ("loss", metric)):
-        for split in ("train", "valid"):
-            ax.plot(epochs, [row[f"{split}_{key}"] for row in history], marker=".", label=split)
+        values = {split: [row[f"{split}_{key}"] for row in history] for split in ("train", "valid")}
+        for split, curve in values.items():
+            ax.plot(epochs, curve, marker=".", label=split)
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
-        if key in ("loss", "nmse"):
+        if key in ("loss", "nmse") and min(min(v) for v in values.values()) > 0:
             ax.set_yscale("log")
         ax.legend()
         ax.grid(alpha=0.3)

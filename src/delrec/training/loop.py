@@ -39,7 +39,7 @@ from delrec.training.config import TrainConfig
 from delrec.training.objectives import make_objective
 
 
-RESUME_OVERRIDABLE = ("device", "data_root", "num_workers")  # may change when resuming
+RESUME_OVERRIDABLE = ("device", "data_root", "num_workers", "threads")  # may change when resuming
 
 
 class TrainingError(RuntimeError):
@@ -123,27 +123,62 @@ def spike_penalty(spikes: list[Tensor]) -> Tensor:
 
 
 # --------------------------------------------------------------------------- data
+class Standardized(torch.utils.data.Dataset):
+    """A regression data set on the scale ``(value - mean) / std``, for frames and targets."""
+
+    def __init__(self, base, mean: float, std: float):
+        self.base, self.mean, self.std = base, mean, std
+        self.info, self.split = base.info, base.split
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        frames, target = self.base[index]
+        return (frames - self.mean) / self.std, (target - self.mean) / self.std
+
+
+def target_moments(dataset) -> Tensor:
+    """``[mean, std]`` (float64) of a regression data set's targets."""
+    targets = torch.stack([dataset[i][1] for i in range(len(dataset))]).double()
+    return torch.stack([targets.mean(), targets.std(correction=0)])
+
+
 @dataclass
 class Splits:
-    """The data of a run: datasets by split, the training loader, and the data set info."""
+    """The data of a run: datasets by split, the seeded training loader (when "train" is
+    loaded), the data set info, and what must be stored to rebuild the same inputs:
+    ``permutation`` (PS-MNIST pixel order) and ``standardization`` (``[mean, std]``)."""
 
     datasets: dict
-    train_loader: torch.utils.data.DataLoader
+    train_loader: torch.utils.data.DataLoader | None
     info: object
     permutation: Tensor | None = None
+    standardization: Tensor | None = None
     augmented: TripleAugmented | None = None
 
 
 def load_splits(config: TrainConfig, splits=("train", "valid", "test"),
-                permutation: Tensor | None = None) -> Splits:
-    """Load the data sets of ``config`` and build the seeded training loader."""
+                stored: dict | None = None) -> Splits:
+    """Load the data sets of ``config`` and build the seeded training loader. ``stored``: a
+    checkpoint's ``data_permutation`` and ``standardization``, to reproduce its inputs."""
+    stored = stored or {}
     settings = dict(config.data)
-    if permutation is not None:
-        settings["permutation"] = permutation
-    datasets = {s: load_dataset(config.task, split=s, root=config.data_root, **settings)
-                for s in splits}
+    if stored.get("data_permutation") is not None:
+        settings["permutation"] = stored["data_permutation"]
+
+    def load(split):
+        return load_dataset(config.task, split=split, root=config.data_root, **settings)
+
+    datasets = {split: load(split) for split in splits}
     first = datasets[splits[0]]
-    permutation = getattr(first, "permutation", None)
+    standardization = None
+    if config.standardize:
+        standardization = stored.get("standardization")
+        if standardization is None:
+            standardization = target_moments(datasets["train"] if "train" in datasets else load("train"))
+        mean, std = (float(v) for v in standardization)
+        datasets = {split: Standardized(ds, mean, std) for split, ds in datasets.items()}
     augmented, train_loader = None, None
     if "train" in datasets:
         train = datasets["train"]
@@ -156,7 +191,8 @@ def load_splits(config: TrainConfig, splits=("train", "valid", "test"),
         datasets["train"] = train
         train_loader = make_loader(train, config.batch_size, shuffle=True, seed=config.seed,
                                    num_workers=config.num_workers)
-    return Splits(datasets, train_loader, first.info, permutation, augmented)
+    return Splits(datasets, train_loader, first.info, getattr(first, "permutation", None),
+                  standardization, augmented)
 
 
 def eval_loader(dataset, batch_size: int, num_workers: int = 0):
@@ -207,13 +243,16 @@ class Trainer:
         self.progress = progress
         self.log = log or (lambda message: tqdm.write(message, file=sys.stderr))
         self.device = resolve_device(config.device)
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
 
         torch.manual_seed(config.seed)
         self.data = load_splits(config)
         info = self.data.info
         self.network = build_network(config.network_config(info.input_size, info.output_size),
                                      seed=config.seed).to(self.device)
-        self.objective = make_objective(info.task, self.network.config.readout)
+        self.objective = make_objective(info.task, self.network.config.readout,
+                                        self.data.standardization)
         self.optimizers = make_optimizers(self.network, config)
         schedule_kinds = {"weights": config.optim.scheduler,
                           "positions": config.optim.position_scheduler}
@@ -350,6 +389,8 @@ class Trainer:
                    "epoch": self.state.epoch}
         if self.data.permutation is not None:
             payload["data_permutation"] = self.data.permutation
+        if self.data.standardization is not None:
+            payload["standardization"] = self.data.standardization
         return payload
 
     def _best_payload(self, valid: dict) -> dict:
@@ -422,7 +463,9 @@ class Trainer:
         figures.spike_raster([s[:, 0].cpu() for s in spikes], figure_dir / "raster.png")
         if self.objective.task == "regression":
             targets = torch.stack([test_set[i][1] for i in range(len(test_set))])
-            figures.prediction(targets, outputs, metrics, figure_dir / "prediction.png")
+            mean, std = self.data.standardization if self.config.standardize else (0.0, 1.0)
+            figures.prediction(targets * std + mean, outputs * std + mean, metrics,
+                               figure_dir / "prediction.png")
         self.network.load_state_dict(final_network)
         return results
 

@@ -25,16 +25,18 @@ def last_valid(output: Tensor, lengths: Tensor) -> Tensor:
 class Regression:
     """One scalar target per sequence; the prediction is the last valid readout value.
 
-    Loss: MSE. Metrics over a split: ``mse``, ``nmse = mse / Var(target)`` (variance of the
-    split's targets), ``nrmse = sqrt(nmse)`` and ``r2 = 1 - nmse``. Lower NMSE is better.
+    Loss: MSE on the scale the network sees. Metrics over a split: ``mse`` in the data's
+    units (``scale`` = the std the targets were divided by), ``nmse = mse / Var(target)``
+    (variance of the split's targets), ``nrmse = sqrt(nmse)`` and ``r2 = 1 - nmse``, none of
+    which depends on the scale. Lower NMSE is better.
     """
 
     task = "regression"
     metric = "nmse"
     higher_is_better = False
 
-    def __init__(self, readout: str):
-        self.readout = readout
+    def __init__(self, readout: str, scale: float = 1.0):
+        self.readout, self.scale = readout, scale
 
     def __call__(self, output: Tensor, lengths: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """→ (MSE loss, predictions ``(B,)``)."""
@@ -42,13 +44,14 @@ class Regression:
         return F.mse_loss(prediction, targets.to(prediction.dtype)), prediction
 
     def meter(self) -> "RegressionMeter":
-        return RegressionMeter()
+        return RegressionMeter(self.scale)
 
 
 class RegressionMeter:
     """Sums of squared errors and target moments (float64) over the batches of a split."""
 
-    def __init__(self):
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
         self.count, self.squared_error, self.target_sum, self.target_square_sum = 0, 0.0, 0.0, 0.0
 
     def update(self, loss: Tensor, prediction: Tensor, targets: Tensor) -> None:
@@ -62,7 +65,8 @@ class RegressionMeter:
         mse = self.squared_error / self.count
         variance = self.target_square_sum / self.count - (self.target_sum / self.count) ** 2
         nmse = mse / variance if variance > 0 else math.nan
-        return {"loss": mse, "mse": mse, "nmse": nmse, "nrmse": math.sqrt(nmse), "r2": 1.0 - nmse}
+        return {"loss": mse, "mse": mse * self.scale**2, "nmse": nmse, "nrmse": math.sqrt(nmse),
+                "r2": 1.0 - nmse}
 
 
 class Classification:
@@ -109,6 +113,10 @@ class ClassificationMeter:
         return {"loss": self.loss_sum / self.count, "accuracy": self.correct / self.count}
 
 
-def make_objective(task: str, readout: str) -> Regression | Classification:
-    """The objective of a data set's task kind (``"regression"`` or ``"classification"``)."""
-    return Regression(readout) if task == "regression" else Classification(readout)
+def make_objective(task: str, readout: str, standardization: Tensor | None = None,
+                   ) -> Regression | Classification:
+    """The objective of a data set's task kind (``"regression"`` or ``"classification"``);
+    ``standardization``: the ``[mean, std]`` regression targets were standardised with."""
+    if task == "classification":
+        return Classification(readout)
+    return Regression(readout, 1.0 if standardization is None else float(standardization[1]))

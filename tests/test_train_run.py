@@ -1,0 +1,186 @@
+"""`delrec train` / `delrec eval` end to end through the real CLI, on tiny data: run directory
+contents, learning, kill-and-resume bit for bit, several seeds."""
+import csv
+import json
+
+import pytest
+import torch
+
+from delrec.checkpoint import load_checkpoint
+from delrec.cli import main
+from delrec.training import Trainer, resolve
+from delrec.training.objectives import Classification, Regression
+
+# Mackey-Glass cut down to a few hundred 30-step windows and a 16-neuron layer.
+TINY_MG = ["--set", "data.samples=700", "data.window=30", "data.horizon=5",
+           "network.hidden_sizes=[16]", "network.delay_init=uniform:0:5", "batch_size=16",
+           "optim.lr=1e-2", "--no-progress"]
+# digits-8x8 (64 steps) on 96 training images, 8 neurons, the "lif" readout of SHD.
+TINY_DIGITS = ["--task", "digits-8x8", "--set", "max_train_samples=96",
+               "network.hidden_sizes=[8]", "network.readout=lif", "network.recurrent_dropout=0.3",
+               "batch_size=32", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """The presets run on one CPU thread (``threads = 1``); give the next tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_json(capsys, argv) -> dict:
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    return json.loads(lines[-1])
+
+
+def read_metrics(run_dir) -> list[dict]:
+    with open(run_dir / "metrics.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_mackey_glass_run_directory_and_learning(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    summary = run_json(capsys, ["train", "--epochs", "4", "--run-dir", str(run_dir), *TINY_MG])
+    assert summary["status"] == "complete" and summary["epochs_done"] == 4
+
+    document = json.loads((run_dir / "config.json").read_text())
+    assert document["config"]["data"] == {"tau": 30.0, "horizon": 5, "samples": 700, "window": 30}
+    assert document["dataset"]["task"] == "regression"
+
+    rows = read_metrics(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    for column in ("train_loss", "train_nmse", "valid_loss", "valid_nmse", "lr_weights",
+                   "lr_positions", "sigma", "delay_mean_rec0", "delay_std_rec0", "firing_rate",
+                   "epoch_time_s"):
+        assert column in rows[0]
+    assert float(rows[0]["sigma"]) == 10.0 and float(rows[-1]["sigma"]) < 1.0
+    assert float(rows[-1]["train_loss"]) < 0.85 * float(rows[0]["train_loss"])
+    assert float(rows[-1]["valid_nmse"]) < 0.85 * float(rows[0]["valid_nmse"])
+
+    for which in ("best", "last"):
+        payload = load_checkpoint(run_dir, which)  # weights_only=True inside
+        assert payload["kind"] == which
+    results = json.loads((run_dir / "test_results.json").read_text())
+    assert results["delays"] == "integer" and results["checkpoint"] == "best"
+    assert set(summary["test"]) == {"loss", "mse", "nmse", "nrmse", "r2"}
+    assert summary["test"]["nmse"] == pytest.approx(results["nmse"])
+    assert results["r2"] == pytest.approx(1 - results["nmse"])
+    for figure in ("learning_curves", "delays", "raster", "prediction"):
+        assert (run_dir / "figures" / f"{figure}.png").stat().st_size > 1000
+
+    # eval re-measures the same number in integer-delay mode, and runs with spread delays
+    evaluated = run_json(capsys, ["eval", str(run_dir), "--device", "cpu"])
+    assert evaluated["nmse"] == pytest.approx(results["nmse"], rel=1e-6)
+    spread = run_json(capsys, ["eval", str(run_dir), "--spread", "--split", "valid"])
+    assert spread["delays"].startswith("spread") and spread["split"] == "valid"
+
+
+def state_of(run_dir) -> dict:
+    payload = load_checkpoint(run_dir, "last")
+    return {"model": payload["model"], "optimizers": payload["optimizers"],
+            "schedulers": payload["schedulers"], "rng": payload["rng"]}
+
+
+def assert_identical(a, b, path="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_identical(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+@pytest.mark.parametrize("base", [TINY_DIGITS, TINY_MG], ids=["digits-lif", "mackey-glass"])
+def test_kill_and_resume_is_bit_for_bit(tmp_path, capsys, base):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run_json(capsys, ["train", "--epochs", "3", "--run-dir", str(whole), *base])
+    stopped = run_json(capsys, ["train", "--epochs", "3", "--run-dir", str(split),
+                                "--max-epochs-this-run", "1", *base])
+    assert stopped["status"] == "interrupted" and stopped["epochs_done"] == 1
+    assert not (split / "test_results.json").exists()
+    assert len(read_metrics(split)) == 1
+    # something else runs in between and moves the global RNG
+    torch.rand(1000)
+    resumed = run_json(capsys, ["train", "--resume", str(split), "--no-progress"])
+    assert resumed["status"] == "complete" and resumed["epochs_done"] == 3
+
+    assert_identical(state_of(whole), state_of(split))
+    drop_time = [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in read_metrics(whole)]
+    assert drop_time == [{k: v for k, v in row.items() if k != "epoch_time_s"}
+                         for row in read_metrics(split)]
+    assert (json.loads((whole / "test_results.json").read_text())
+            == json.loads((split / "test_results.json").read_text()))
+
+
+def test_resume_refuses_new_settings_and_unknown_dirs(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--epochs", "3"]) == 2
+    assert "drop --epochs" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("keep me")
+    assert main(["train", "--run-dir", str(run_dir), *TINY_MG]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (run_dir / "notes.txt").read_text() == "keep me"
+
+
+def test_several_seeds_report_mean_and_std(tmp_path, capsys):
+    run_dir = tmp_path / "seeds"
+    summary = run_json(capsys, ["train", "--epochs", "1", "--seeds", "0-1", "--run-dir",
+                                str(run_dir), *TINY_DIGITS])
+    accuracy = summary["test"]["accuracy"]
+    assert summary["seeds"] == [0, 1] and len(accuracy["values"]) == 2
+    assert accuracy["mean"] == pytest.approx(sum(accuracy["values"]) / 2)
+    assert accuracy["std"] == pytest.approx(abs(accuracy["values"][0] - accuracy["values"][1]) / 2)
+    for seed in (0, 1):
+        assert json.loads((run_dir / f"seed-{seed}" / "config.json").read_text())["config"]["seed"] == seed
+    assert json.loads((run_dir / "summary.json").read_text())["test"] == summary["test"]
+
+
+def test_rate_penalty_lowers_firing(tmp_path):
+    rates = {}
+    for penalty in (0.0, 10.0):
+        config = resolve(overrides=[
+            "data.samples=500", "data.window=20", "data.horizon=5", "network.hidden_sizes=[16]",
+            "network.delay_init=uniform:0:5", "batch_size=16", "epochs=2",
+            "optim.scheduler=constant", "optim.lr=1e-2", f"rate_penalty={penalty}"])
+        trainer = Trainer(config, tmp_path / f"p{penalty}", progress=False, log=lambda m: None)
+        trainer.fit()
+        rates[penalty] = trainer.state.history[-1]["firing_rate"]
+    assert rates[10.0] < 0.6 * rates[0.0]
+
+
+def test_objectives_match_their_formulas():
+    torch.manual_seed(0)
+    output = torch.randn(5, 3, 4)
+    lengths, labels = torch.tensor([5, 5, 5]), torch.tensor([0, 3, 1])
+    loss, summed = Classification("lif")(output, lengths, labels)
+    expected = -output.softmax(-1).sum(0)[torch.arange(3), labels].log().mean()
+    assert torch.allclose(loss, expected) and torch.allclose(summed.sum(-1), torch.full((3,), 5.0))
+    _, scores = Classification("ema")(output, torch.tensor([5, 2, 1]), labels)
+    assert torch.equal(scores, torch.stack([output[4, 0], output[1, 1], output[0, 2]]))
+
+    objective = Regression("ema")
+    meter = objective.meter()
+    targets = torch.tensor([1.0, 2.0, 4.0, 5.0])
+    for part in (slice(0, 2), slice(2, 4)):
+        out = torch.zeros(3, 2, 1)
+        out[-1, :, 0] = targets[part] + 0.5
+        loss, prediction = objective(out, torch.tensor([3, 3]), targets[part])
+        meter.update(loss, prediction, targets[part])
+    result = meter.result()
+    assert result["mse"] == pytest.approx(0.25)
+    assert result["nmse"] == pytest.approx(0.25 / targets.var(correction=0).item())
+    assert result["r2"] == pytest.approx(1 - result["nmse"])
