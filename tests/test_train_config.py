@@ -1,5 +1,6 @@
 """Training configuration: presets encode Tables S1–S4 / DESIGN §2.4; overrides; errors."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,14 +73,16 @@ def test_shd_preset_network_and_augmentation():
     config = preset("shd")
     net = config.network
     assert config.augment is True
-    assert (net["block"], net["bias"], net["dropout"], net["recurrent_dropout"]) == ("bn", True, 0.4, 0.2)
+    assert (net["block"], net["bias"], net["dropout"], net["recurrent_dropout"]) == (
+        "bn", True, 0.4, 0.2)
     expected = {"tau": 1.05, "v_threshold": 1.0, "reset": "hard", "v_reset": 0.0,
                 "detach_reset": True, "surrogate": "atan", "surrogate_scale": 5.0}
     assert {k: net["neuron"][k] for k in expected} == expected
     assert net["delay_init"] == "uniform:10:30" and net["readout"] == "lif"
 
 
-@pytest.mark.parametrize("task,dropout,recurrent_dropout", [("ssc", 0.1, 0.3), ("psmnist", 0.1, 0.2)])
+@pytest.mark.parametrize("task,dropout,recurrent_dropout",
+                         [("ssc", 0.1, 0.3), ("psmnist", 0.1, 0.2)])
 def test_ssc_psmnist_preset_neurons(task, dropout, recurrent_dropout):
     net = preset(task).network
     assert (net["dropout"], net["recurrent_dropout"], net["learn_spread"]) == (
@@ -92,7 +95,7 @@ def test_ssc_psmnist_preset_neurons(task, dropout, recurrent_dropout):
 def test_mackey_glass_default_task():
     config = resolve()
     assert (config.task, config.model) == ("mackey-glass", "delrec")
-    assert config.data == {"tau": 30.0, "horizon": 20}
+    assert (config.data["tau"], config.data["horizon"], config.data["window"]) == (30.0, 20, 150)
     assert config.network["hidden_sizes"] == (128,) and config.network["readout"] == "ema"
 
 
@@ -105,8 +108,8 @@ def test_rsnn_gets_gradient_clipping_and_no_position_optimizer():
 
 def test_overrides_file_then_set_then_flags(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('epochs = 7\nbatch_size = 5\n[optim]\nlr = 0.02\n[network]\nhidden_sizes = [8, 8]\n'
-                    '[network.neuron]\ntau = 3.0\n')
+    path.write_text("epochs = 7\nbatch_size = 5\n[optim]\nlr = 0.02\n"
+                    "[network]\nhidden_sizes = [8, 8]\n[network.neuron]\ntau = 3.0\n")
     config = resolve(task="digits-8x8", file_values=load_config_file(path),
                      overrides=["batch_size=9", "optim.position_lr=0.1",
                                 "network.delay_init=uniform:0:3"],
@@ -169,3 +172,10 @@ def test_print_config_is_json(capsys):
 def test_spike_penalty_is_half_mean_square_over_layers():
     spikes = [torch.ones(4, 2, 3), torch.zeros(5, 2, 7)]
     assert float(spike_penalty(spikes)) == pytest.approx(0.25)
+
+
+def test_shipped_config_files_resolve():
+    paper = resolve(file_values=load_config_file(
+        Path(__file__).parents[1] / "configs" / "mackey-glass-paper.toml"))
+    assert (paper.task, paper.epochs, paper.batch_size) == ("mackey-glass", 100, 512)
+    assert paper.optim == preset("mackey-glass").optim

@@ -46,7 +46,9 @@ def test_mackey_glass_run_directory_and_learning(tmp_path, capsys):
     assert summary["status"] == "complete" and summary["epochs_done"] == 4
 
     document = json.loads((run_dir / "config.json").read_text())
-    assert document["config"]["data"] == {"tau": 30.0, "horizon": 5, "samples": 700, "window": 30}
+    data = document["config"]["data"]
+    assert (data["tau"], data["horizon"], data["samples"], data["window"]) == (30.0, 5, 700, 30)
+    assert data["beta"] == 0.2  # the data set's defaults are resolved too
     assert document["dataset"]["task"] == "regression"
 
     rows = read_metrics(run_dir)
@@ -113,9 +115,11 @@ def test_kill_and_resume_is_bit_for_bit(tmp_path, capsys, base):
     assert resumed["status"] == "complete" and resumed["epochs_done"] == 3
 
     assert_identical(state_of(whole), state_of(split))
-    drop_time = [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in read_metrics(whole)]
-    assert drop_time == [{k: v for k, v in row.items() if k != "epoch_time_s"}
-                         for row in read_metrics(split)]
+    def without_time(run_dir):
+        return [{k: v for k, v in row.items() if k != "epoch_time_s"}
+                for row in read_metrics(run_dir)]
+
+    assert without_time(whole) == without_time(split)
     assert (json.loads((whole / "test_results.json").read_text())
             == json.loads((split / "test_results.json").read_text()))
 
@@ -145,7 +149,8 @@ def test_several_seeds_report_mean_and_std(tmp_path, capsys):
     assert accuracy["mean"] == pytest.approx(sum(accuracy["values"]) / 2)
     assert accuracy["std"] == pytest.approx(abs(accuracy["values"][0] - accuracy["values"][1]) / 2)
     for seed in (0, 1):
-        assert json.loads((run_dir / f"seed-{seed}" / "config.json").read_text())["config"]["seed"] == seed
+        document = json.loads((run_dir / f"seed-{seed}" / "config.json").read_text())
+        assert document["config"]["seed"] == seed
     assert json.loads((run_dir / "summary.json").read_text())["test"] == summary["test"]
 
 

@@ -11,7 +11,8 @@ A :class:`TrainConfig` is resolved in four layers, each overriding the one befor
 Unknown keys and bad values raise :class:`ConfigError` naming the key and the fix, before any
 data is loaded or any network is built. ``network`` holds every :class:`NetworkConfig` field
 except the ones fixed by the task (``input_size``, ``output_size``) and the ``model``;
-``data`` holds the keyword settings of :func:`delrec.data.load_dataset`.
+``data`` holds the keyword settings of :func:`delrec.data.load_dataset` (resolved with the
+data set's defaults).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from delrec.data import DATASETS, DataError, dataset_info
+from delrec.data import DATASETS, DataError, dataset_info, settings_of
 from delrec.delays import parse_init
 from delrec.models import MODELS, NetworkConfig, preset_network
 
@@ -78,7 +79,8 @@ class TrainConfig:
     (``None``: all). ``augment``: present the training split three times per epoch (original,
     time-shifted, same-class blend; SHD). ``standardize`` (regression): feed the network
     ``(x - m) / s`` and fit targets on the same scale, ``m``, ``s`` = mean and std of the
-    training targets; metrics are reported in the data's own units. ``rate_penalty``: λ of the firing-rate penalty
+    training targets; metrics are reported in the data's own units. ``rate_penalty``: λ of
+    the firing-rate penalty
     ``λ · mean over layers of 0.5 Σ s² / (T·N)``. ``device``: ``"auto"`` (CUDA when available),
     ``"cpu"``, ``"cuda"``, ``"cuda:1"`` …; ``threads``: CPU threads for torch (``None``: torch's
     default; small networks run fastest on one, as their per-step operations are tiny);
@@ -335,7 +337,8 @@ def _coerce(value, annotation, key: str):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value)):
             raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if annotation is str:
@@ -354,7 +357,8 @@ def _check(condition: bool, message: str) -> None:
 def validate(config: TrainConfig) -> None:
     """Raise :class:`ConfigError` for any value training cannot use (no data is read)."""
     _check(config.task in TASKS, f"unknown task {config.task!r}; choose one of {', '.join(TASKS)}")
-    _check(config.model in MODELS, f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}")
+    _check(config.model in MODELS,
+           f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}")
     for name in ("epochs", "batch_size", "eval_batch_size"):
         _check(getattr(config, name) >= 1, f"{name} must be >= 1, got {getattr(config, name)}")
     _check(config.max_train_samples is None or config.max_train_samples >= 1,
@@ -379,14 +383,16 @@ def validate(config: TrainConfig) -> None:
     _check(optim.grad_clip is None or optim.grad_clip > 0,
            f"optim.grad_clip must be > 0 or null, got {optim.grad_clip}")
 
-    _check(config.spread.sigma0 >= 0, f"spread.sigma0 must be >= 0 steps, got {config.spread.sigma0}")
-    _check(0 < config.spread.gamma <= 1, f"spread.gamma must be in (0, 1], got {config.spread.gamma}")
+    spread = config.spread
+    _check(spread.sigma0 >= 0, f"spread.sigma0 must be >= 0 steps, got {spread.sigma0}")
+    _check(0 < spread.gamma <= 1, f"spread.gamma must be in (0, 1], got {spread.gamma}")
 
     _validate_network(config)
     try:
         info = dataset_info(config.task, **config.data)
     except (DataError, TypeError) as error:
         raise ConfigError(f"data: {error}") from None
+    config.data = {**settings_of(config.task), **config.data}
     _check(not config.augment or info.task == "classification",
            f"augment applies to classification data sets only, not {config.task!r}")
     _check(not config.standardize or info.task == "regression",
@@ -402,14 +408,16 @@ def _check_device(device: str) -> None:
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
-        raise ConfigError(f"device {device!r} is not a torch device; use auto, cpu or cuda[:N]") from None
+        raise ConfigError(f"device {device!r} is not a torch device; "
+                          "use auto, cpu or cuda[:N]") from None
     if parsed.type == "cuda":
         _check(torch.cuda.is_available(), f"device {device!r}: CUDA is not available here; "
                "use --device cpu (or auto)")
         _check(parsed.index is None or parsed.index < torch.cuda.device_count(),
                f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
     else:
-        _check(parsed.type == "cpu", f"device {device!r} is not supported; use auto, cpu or cuda[:N]")
+        _check(parsed.type == "cpu",
+               f"device {device!r} is not supported; use auto, cpu or cuda[:N]")
 
 
 def _validate_network(config: TrainConfig) -> None:

@@ -39,7 +39,8 @@ from delrec.training.config import TrainConfig
 from delrec.training.objectives import make_objective
 
 
-RESUME_OVERRIDABLE = ("device", "data_root", "num_workers", "threads")  # may change when resuming
+# settings that may change when a run is resumed
+RESUME_OVERRIDABLE = ("device", "data_root", "num_workers", "threads")
 
 
 class TrainingError(RuntimeError):
@@ -176,7 +177,8 @@ def load_splits(config: TrainConfig, splits=("train", "valid", "test"),
     if config.standardize:
         standardization = stored.get("standardization")
         if standardization is None:
-            standardization = target_moments(datasets["train"] if "train" in datasets else load("train"))
+            train = datasets["train"] if "train" in datasets else load("train")
+            standardization = target_moments(train)
         mean, std = (float(v) for v in standardization)
         datasets = {split: Standardized(ds, mean, std) for split, ds in datasets.items()}
     augmented, train_loader = None, None
@@ -356,7 +358,8 @@ class Trainer:
                 if scheduler is not None:
                     scheduler.step()
 
-            row = {"epoch": epoch + 1, "train_loss": train["loss"], f"train_{metric}": train[metric],
+            row = {"epoch": epoch + 1,
+                   "train_loss": train["loss"], f"train_{metric}": train[metric],
                    "valid_loss": valid["loss"], f"valid_{metric}": valid[metric],
                    "lr_weights": lrs["weights"], "lr_positions": lrs.get("positions", 0.0),
                    "sigma": sigma}
@@ -404,7 +407,8 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {**self._common_payload(), "kind": "last",
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                "schedulers": {k: s.state_dict() for k, s in self.schedulers.items() if s is not None},
+                "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()
+                               if s is not None},
                 "rng": rng, "best_epoch": state.best_epoch, "best_value": state.best_value,
                 "history": state.history, "initial_delays": state.initial_delays}
 

@@ -91,7 +91,10 @@ class Classification:
             summed = readout_reduce(output, "lif")
             log_summed = summed.clamp_min(torch.finfo(summed.dtype).tiny).log()
             return F.nll_loss(log_summed, targets), summed
-        scores = last_valid(output, lengths) if self.readout == "ema" else readout_reduce(output, self.readout)
+        if self.readout == "ema":
+            scores = last_valid(output, lengths)
+        else:
+            scores = readout_reduce(output, self.readout)
         return F.cross_entropy(scores, targets), scores
 
     def meter(self) -> "ClassificationMeter":
