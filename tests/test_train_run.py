@@ -3,6 +3,8 @@ contents, learning, kill-and-resume bit for bit, several seeds."""
 import csv
 import json
 
+import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -100,8 +102,8 @@ def assert_identical(a, b, path="") -> None:
         assert a == b, path
 
 
-@pytest.mark.parametrize("base", [TINY_DIGITS, TINY_MG], ids=["digits-lif", "mackey-glass"])
-def test_kill_and_resume_is_bit_for_bit(tmp_path, capsys, base):
+def check_kill_and_resume(tmp_path, capsys, base) -> None:
+    """Three epochs in one go and 1 + 2 epochs with a resume end in identical states."""
     whole, split = tmp_path / "whole", tmp_path / "split"
     run_json(capsys, ["train", "--epochs", "3", "--run-dir", str(whole), *base])
     stopped = run_json(capsys, ["train", "--epochs", "3", "--run-dir", str(split),
@@ -115,6 +117,7 @@ def test_kill_and_resume_is_bit_for_bit(tmp_path, capsys, base):
     assert resumed["status"] == "complete" and resumed["epochs_done"] == 3
 
     assert_identical(state_of(whole), state_of(split))
+
     def without_time(run_dir):
         return [{k: v for k, v in row.items() if k != "epoch_time_s"}
                 for row in read_metrics(run_dir)]
@@ -122,6 +125,38 @@ def test_kill_and_resume_is_bit_for_bit(tmp_path, capsys, base):
     assert without_time(whole) == without_time(split)
     assert (json.loads((whole / "test_results.json").read_text())
             == json.loads((split / "test_results.json").read_text()))
+
+
+@pytest.mark.parametrize("base", [TINY_DIGITS, TINY_MG], ids=["digits-lif", "mackey-glass"])
+def test_kill_and_resume_is_bit_for_bit(tmp_path, capsys, base):
+    check_kill_and_resume(tmp_path, capsys, base)
+
+
+def write_heidelberg(path, count: int, seed: int) -> None:
+    """A small SHD-layout file: ``count`` samples of 5-40 spikes in 0-0.6 s, labels i % 20."""
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "w") as f:
+        times = f.create_dataset("spikes/times", (count,), dtype=h5py.vlen_dtype(np.float32))
+        units = f.create_dataset("spikes/units", (count,), dtype=h5py.vlen_dtype(np.uint16))
+        for i in range(count):
+            k = int(rng.integers(5, 40))
+            times[i] = np.sort(rng.uniform(0, 0.6, k)).astype(np.float32)
+            units[i] = rng.integers(0, 700, k).astype(np.uint16)
+        f.create_dataset("labels", data=np.arange(count, dtype=np.uint16) % 20)
+
+
+def test_shd_preset_with_augmentation_resumes_bit_for_bit(tmp_path, capsys):
+    root = tmp_path / "shd"
+    root.mkdir()
+    write_heidelberg(root / "shd_train.h5", 40, seed=1)
+    write_heidelberg(root / "shd_test.h5", 20, seed=2)
+    base = ["--task", "shd", "--data-root", str(root), "--set", "network.hidden_sizes=[8,8]",
+            "batch_size=16", "threads=1", "--no-progress"]
+    check_kill_and_resume(tmp_path, capsys, base)
+    document = json.loads((tmp_path / "whole" / "config.json").read_text())
+    assert document["dataset"]["train_items"] == 3 * 32  # 80 % of 40, presented three times
+    assert document["config"]["augment"] is True
+    assert "accuracy" in json.loads((tmp_path / "whole" / "test_results.json").read_text())
 
 
 def test_resume_refuses_new_settings_and_unknown_dirs(tmp_path, capsys):
