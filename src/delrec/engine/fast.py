@@ -30,7 +30,6 @@ from torch import Tensor
 from delrec.delays import triangle_kernel
 from delrec.neurons import LIF, LIFParameters
 
-_CHUNK_ELEMENTS = 1 << 22  # float64 elements per batched post-loop chunk (32 MiB)
 
 
 def supports(neuron) -> bool:
@@ -67,43 +66,49 @@ class _LIF:
             return torch.sub(h, spikes_out.to(h.dtype), alpha=self.p.v_threshold)
         return h.masked_fill(spikes_out, self.p.v_reset)
 
-    def adjoint_factors(self, spikes: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        """``(ψ'(h - θ), leak·dv/dh_total)`` for all steps: ``gh[t] = gs[t]·ψ' + gh[t+1]·M[t]``."""
+    def adjoint_step(self, grad_s: Tensor, grad_h_next: Tensor, h: Tensor, s: Tensor, out: Tensor) -> Tensor:
+        """``∂L/∂h[t]`` into ``out`` from ``∂L/∂s[t]`` (every path but the reset) and ``∂L/∂h[t+1]``.
+
+        With ``gv = leak·∂L/∂h[t+1]`` (the adjoint of ``v[t]``):
+        ``∂L/∂h = ψ'(h-θ)·(gs + gv·∂v/∂ŝ) + gv·∂v/∂h``; the ``∂v/∂ŝ`` path is cut by detach_reset.
+        """
         p = self.p
         psi = p.surrogate.derivative(h - p.v_threshold)
-        s = spikes.to(h.dtype)
-        dv_dh = torch.ones_like(h) if p.soft_reset else 1.0 - s
+        gv = grad_h_next * self.leak
         if not p.detach_reset:
-            dv_ds = torch.full_like(h, -p.v_threshold) if p.soft_reset else p.v_reset - h
-            dv_dh = dv_dh + dv_ds * psi
-        return psi, self.leak * dv_dh
+            if p.soft_reset:
+                grad_s = torch.add(grad_s, gv, alpha=-p.v_threshold)
+            else:
+                grad_s = torch.addcmul(grad_s, gv, p.v_reset - h)
+        if not p.soft_reset:
+            gv.masked_fill_(s, 0.0)
+        return torch.addcmul(gv, psi, grad_s, out=out)
 
 
 # --------------------------------------------------------------------------- axonal plan
 class _AxonalPlan:
-    """Boundaries and recursion coefficients of the axonal kernels (DESIGN §4).
+    """Tap lags and recursion coefficients of the axonal kernels (DESIGN §4).
 
     For neuron ``j`` with centre ``c = 1 + d`` and half-width ``w`` the lags with non-zero weight
     form a rising box ``[a1, b1] = [max(1, ⌈c-w⌉), max(0, ⌊c⌋)]`` where ``w²κ(k) = α_r + (k-a1)``
     and a falling box ``[b1+1, b2]``, ``b2 = max(⌊c+w⌋, b1)``, where ``w²κ(k) = α_f + (b2-k)``
-    (``α_r = w-c+a1``, ``α_f = w+c-b2``, both in ``[0, 1]``). Shifting the boxes by one step
-    changes the running sums ``A, F`` (spike counts in the boxes) and ``Ar, Fr`` (their ramps)
-    by the spikes at only three lags ``e = (a1, b1+1, b2+1)``; hence, with ``Y = w²z`` and
-    ``D = A - F``,
+    (``α_r = w-c+a1``, ``α_f = w+c-b2``, both in ``[0, 1]``). These are the running sums of
+    DESIGN §4 (box counts ``A, F`` and ramps) in recursive form: one step shifts each box by one
+    lag and changes them by the spikes at three lags ``e = (a1, b1+1, b2+1)`` only (the second
+    difference of a triangle has three taps), so with ``Y = w²z`` and ``D = A - F``
 
-        Y[t] = Y[t-1] + D[t-1] + Σ_q γ_q s[t - e_q],     D[t] = D[t-1] + Σ_q (1, -2, 1)_q s[t - e_q]
+        Y[t] = Y[t-1] + D[t-1] + Σ_q γ_q s[t-e_q],     D[t] = D[t-1] + Σ_q (1, -2, 1)_q s[t-e_q],
+        γ = (α_r, α_f - α_r + (b2-b1) - (b1-a1+1) - 1, 1 - α_f):
 
-    with ``γ = (α_r, α_f - α_r + (b2-b1) - (b1-a1+1) - 1, 1 - α_f)``: O(1) per neuron and step
-    whatever σ and L are (the second difference of a triangle has three taps). The adjoint trace
-    ``ζ[t] = Σ_k κ(k) g[t+k]`` is the same recursion run backwards in time over ``g[t + e_q]``.
-    Both run in float64 (rounding drift O(T²·ε)).
+    O(1) per neuron and step whatever σ and L are, in float64 (rounding drift O(T²·ε)).
 
-    Gradient boxes follow autograd of ``triangle_kernel`` at the kinks: ``∂κ(k)/∂c`` is
-    ``+1/w²`` on ``(c, c+w]``, ``-1/w²`` on ``[c-w, c)`` and 0 at ``k = c``; ``∂κ/∂w`` is
-    ``1/w² - 2κ/w`` on the closed support ``[a1, b2]``. Their box sums are read from exact spike
-    counts ``P0[m] = Σ_{u<m} s[u]`` at lags ``o = (b2, b1, a1-1, max(⌈c⌉, 1)-1)``.
-
-    Per-step tensors are neuron-major ``(N, B)`` so that every read is a contiguous row.
+    The adjoint ``ζ[t] = Σ_k κ(k) g[t+k]`` is the same recursion backwards in time over
+    ``g[t+e_q]``. The gradients follow autograd of ``triangle_kernel`` at the kinks: ``∂κ(k)/∂c``
+    is ``ε(k)/w²`` with ``ε = +1`` on ``(c, c+w]``, ``-1`` on ``[c-w, c)`` and 0 at ``k = c``, and
+    ``∂κ/∂w = [|k-c| ≤ w]/w² - 2κ/w``. The box sums ``E[t] = Σ_k ε(k) s[t-k]`` and
+    ``K[t] = Σ_{k=a1}^{b2} s[t-k]`` are exact integer recursions with taps at
+    ``(a1, b1+1, b2+1, e2+1)``, ``e2 = max(⌈c⌉, 1) - 1`` (the last lag of the rising box of ε):
+    ``E += -s₀ + s₁ - s₂ + s₃`` and ``K += s₀ - s₂``; then ``∂L/∂c = Σ g·E / w²``.
     """
 
     def __init__(self, delay: Tensor, width: Tensor, steps: int):
@@ -115,132 +120,113 @@ class _AxonalPlan:
         e2 = centre.ceil().clamp(min=1) - 1
         self.size = n = delay.shape[0]
         self.steps = steps
-        self.box_offsets = torch.stack([b2, b1, a1 - 1, e2], dim=1).long()  # (N, 4)
-        self.tap_lags = torch.stack([a1, b1 + 1, b2 + 1], dim=1).long()  # (N, 3)
+        self.lags = torch.stack([a1, b1 + 1, b2 + 1, e2 + 1], dim=1).long()  # (N, 4)
         c64, w64, a1, b1, b2 = centre.double(), w.double(), a1.double(), b1.double(), b2.double()
         self.inv_w2 = 1.0 / (w64 * w64)
         alpha_r, alpha_f = w64 - c64 + a1, w64 + c64 - b2
-        gamma = torch.stack([alpha_r, alpha_f - alpha_r + (b2 - b1) - (b1 - a1 + 1) - 1, 1 - alpha_f], 1)
-        second = torch.tensor([1.0, -2.0, 1.0], dtype=torch.float64).expand(n, 3)
-        # (N, 2, 3, 1): increments of (z, D/w²) per tapped spike
-        self.tap_coef = (torch.stack([gamma, second], 1) * self.inv_w2.view(n, 1, 1)).unsqueeze(-1)
+        gamma = torch.stack([alpha_r, alpha_f - alpha_r + (b2 - b1) - (b1 - a1 + 1) - 1, 1 - alpha_f])
+        second = torch.tensor([1.0, -2.0, 1.0], dtype=torch.float64).view(3, 1).expand(3, n)
+        # (2, 3, N, 1): increments of (z, D/w²) per tapped spike (or adjoint)
+        self.trace_coef = (torch.stack([gamma, second]) * self.inv_w2).unsqueeze(-1).contiguous()
+        # the gradient statistics are small integers: |ε-sum| ≤ w + 1, closed count ≤ 2w + 2
+        self.count_dtype = torch.int8 if 2 * float(w.max()) + 2 <= 127 else torch.int16
 
-    def tap_rows(self, sign: int) -> Tensor:
-        """``(T, 3N)`` rows to read at each step from a ``((T+1)·N, B)`` history: forward
-        (``sign = -1``) reads time ``t - e`` at slot ``t - e + 1`` (slot 0 is zero); reverse
-        (``sign = +1``) reads time ``t + e`` at slot ``t + e`` (slot T is zero)."""
+    def tap_rows(self, taps: int, sign: int) -> Tensor:
+        """``(T, taps·N)`` rows (tap-major) to read at each step from a ``((T+1)·N, B)`` history:
+        forward (``sign = -1``) reads time ``t - e`` at slot ``t - e + 1`` (slot 0 is zero);
+        reverse (``sign = +1``) reads time ``t + e`` at slot ``t + e`` (slot T is zero)."""
         n, steps = self.size, self.steps
         t = torch.arange(steps).view(steps, 1, 1)
-        slots = (t - self.tap_lags + 1).clamp(min=0) if sign < 0 else (t + self.tap_lags).clamp(max=steps)
-        return (slots * n + torch.arange(n).view(n, 1)).view(steps, 3 * n)
-
-    def spike_boxes(self, counts: Tensor, t0: int, t1: int) -> tuple[Tensor, Tensor]:
-        """For steps ``t0 … t1-1``, from ``counts`` ``((T+1)·N, B)`` (row ``m·N + n`` = P0[m]):
-        ``w²·∂z/∂c`` (spikes on ``(c, c+w]`` minus on ``[c-w, c)``) and the closed-support count
-        ``Σ_{|k-c|≤w} s[t-k]``, each ``(t1-t0, N, B)``."""
-        n, steps = self.size, t1 - t0
-        t = torch.arange(t0, t1).view(steps, 1, 1)
-        rows = (t - self.box_offsets).clamp(min=0) * n + torch.arange(n).view(1, n, 1)
-        p0 = counts.index_select(0, rows.view(-1)).view(steps, n, 4, -1)
-        fall_minus_rise = p0[:, :, 1] - p0[:, :, 0] - p0[:, :, 2] + p0[:, :, 3]
-        return fall_minus_rise, p0[:, :, 2] - p0[:, :, 0]
-
-
-def _swap(x: Tensor) -> Tensor:
-    """``(…, B, N)`` ↔ ``(…, N, B)``, contiguous."""
-    return x.transpose(-1, -2).contiguous()
+        lags = self.lags[:, :taps].t()  # (taps, N)
+        slots = (t - lags + 1).clamp(min=0) if sign < 0 else (t + lags).clamp(max=steps)
+        return (slots * n + torch.arange(n)).reshape(steps, taps * n)
 
 
 # --------------------------------------------------------------------------- axonal function
 class _AxonalRecurrence(torch.autograd.Function):
     """Spikes ``(T, B, N)`` of a LIF layer with axonal delays; gradients by a reverse loop.
 
-    Saved for backward: spikes (bool), pre-spike membrane and delayed trace, ``(T, N, B)`` each.
+    The tap recursions run neuron-major (``(N, B)``: each tap read is one contiguous row),
+    the neuron and the GEMM batch-major. Saved for backward: spikes (bool), pre-spike membrane
+    and delayed trace, ``(T, B, N)`` each — nothing that grows with the delay range.
     """
 
     @staticmethod
     def forward(ctx, current, weight, delay, width, mask, lif: _LIF):
         steps, batch, n = current.shape
-        dtype = current.dtype
+        need_d, need_s = ctx.needs_input_grad[2:4]
         plan = _AxonalPlan(delay, width, steps)
-        rows = plan.tap_rows(-1)
-        drive = _swap(lif.drive(current))  # (T, N, B)
-        mask_nb = None if mask is None else _swap(mask)
-        weight_in = weight * lif.gain
+        rows = plan.tap_rows(4 if need_d else 3, -1)
+        drive = lif.drive(current)
+        weight_in_t = (weight * lif.gain).t()
         history = torch.empty(steps + 1, n, batch, dtype=torch.bool)  # slot t+1: spikes of step t
         history[0] = False
         taps_of = history.view(-1, batch)
-        membrane = torch.empty(steps, n, batch, dtype=dtype)
-        trace = torch.empty(steps, n, batch, dtype=dtype)
-        state = torch.zeros(n, 2, batch, dtype=torch.float64)  # (z, D/w²)
-        z64, d64 = state[:, 0], state[:, 1]
-        v = torch.full((n, batch), lif.v0, dtype=dtype)
+        membrane = torch.empty_like(current)
+        trace = torch.empty_like(current)
+        # slot t+1: E[t] = w²·∂z[t]/∂c and K[t] (closed-support spike count), exact integers
+        slope = torch.zeros(steps + 1, n, batch, dtype=plan.count_dtype) if need_d else None
+        support = torch.zeros(steps + 1, n, batch, dtype=plan.count_dtype) if need_s else None
+        state = torch.zeros(2, n, batch, dtype=torch.float64)  # (z, D/w²)
+        v = torch.full((batch, n), lif.v0, dtype=current.dtype)
         for t in range(steps):
-            taps = taps_of.index_select(0, rows[t]).view(n, 1, 3, batch)
-            z64 += d64
-            state += (taps * plan.tap_coef).sum(2)
-            z = trace[t].copy_(z64)
-            if mask_nb is None:
-                u = torch.addmm(drive[t], weight_in, z)
+            taps = taps_of.index_select(0, rows[t]).view(-1, n, batch)
+            state[0] += state[1]
+            state += (taps[:3] * plan.trace_coef).sum(1)
+            z = trace[t].t().copy_(state[0]).t()
+            if mask is None:
+                u = torch.addmm(drive[t], z, weight_in_t)
             else:
-                u = torch.addcmul(drive[t], mask_nb, torch.mm(weight_in, z))
+                u = torch.addcmul(drive[t], mask, torch.mm(z, weight_in_t))
             h = torch.add(u, v, alpha=lif.leak, out=membrane[t])
-            v = lif.fire_and_reset(h, history[t + 1])
+            v = lif.fire_and_reset(h, history[t + 1].t())
+            if need_d or need_s:
+                k = taps.view(torch.int8)
+            if need_d:
+                torch.sub(slope[t], k[0], out=slope[t + 1]).add_(k[1]).sub_(k[2]).add_(k[3])
+            if need_s:
+                torch.add(support[t], k[0], out=support[t + 1]).sub_(k[2])
         ctx.lif = lif
-        spikes = history[1:]
-        ctx.save_for_backward(spikes, membrane, trace, weight, delay, width, mask_nb)
-        return _swap(spikes).to(dtype)
+        ctx.save_for_backward(history, membrane, trace, slope, support, weight, delay, width, mask)
+        return history[1:].transpose(1, 2).to(current.dtype)
 
     @staticmethod
     def backward(ctx, grad_spikes):
-        spikes, membrane, trace, weight, delay, width, mask = ctx.saved_tensors
+        history, membrane, trace, slope, support, weight, delay, width, mask = ctx.saved_tensors
         lif: _LIF = ctx.lif
-        steps, n, batch = membrane.shape
+        steps, batch, n = membrane.shape
+        need_c, need_w, need_d, need_s = ctx.needs_input_grad[:4]
         plan = _AxonalPlan(delay, width, steps)
-        rows = plan.tap_rows(+1)
-        weight_in_t = (weight * lif.gain).t()
-        psi, carry = lif.adjoint_factors(spikes, membrane)
-        external = psi * _swap(grad_spikes)
-        grad_h = torch.empty_like(membrane)
-        future = torch.empty(steps + 1, n, batch, dtype=membrane.dtype)  # slot t: gz[t]; slot T: 0
+        rows = plan.tap_rows(3, +1)
+        weight_in = weight * lif.gain
+        future = torch.empty(steps + 1, n, batch, dtype=membrane.dtype)  # slot t: ∂L/∂z[t]; slot T: 0
         future[steps] = 0.0
         taps_of = future.view(-1, batch)
-        state = torch.zeros(n, 2, batch, dtype=torch.float64)  # (ζ, D/w²) of the adjoint
-        zeta, d64 = state[:, 0], state[:, 1]
-        gh = torch.zeros(n, batch, dtype=membrane.dtype)
+        grad_h = torch.empty_like(membrane)
+        grad_s = torch.empty(batch, n, dtype=membrane.dtype)
+        state = torch.zeros(2, n, batch, dtype=torch.float64)  # (ζ, D/w²) of the adjoint
+        gh = torch.zeros(batch, n, dtype=membrane.dtype)
         for t in range(steps - 1, -1, -1):
-            taps = taps_of.index_select(0, rows[t]).view(n, 1, 3, batch)
-            zeta += d64
-            state += (taps * plan.tap_coef).sum(2)
-            gh = torch.addcmul(torch.addcmul(external[t], zeta, psi[t]), gh, carry[t], out=grad_h[t])
-            torch.mm(weight_in_t, gh if mask is None else gh * mask, out=future[t])
-        del psi, carry, external, state
-        grad_z = future[:steps]
+            taps = taps_of.index_select(0, rows[t]).view(3, n, batch)
+            state[0] += state[1]
+            state += (taps * plan.trace_coef).sum(1)
+            torch.add(grad_spikes[t], state[0].t(), out=grad_s)
+            gh = lif.adjoint_step(grad_s, gh, membrane[t], history[t + 1].t(), out=grad_h[t])
+            torch.mm(weight_in.t(), (gh if mask is None else gh * mask).t(), out=future[t])
 
-        need_c, need_w, need_d, need_s = ctx.needs_input_grad[:4]
-        grad_current = _swap(grad_h * lif.gain) if need_c else None
+        grad_current = (grad_h if lif.gain == 1.0 else grad_h * lif.gain) if need_c else None
         grad_weight = grad_delay = grad_width = None
         if need_w:
             grad_r = grad_h if mask is None else grad_h * mask
-            grad_weight = lif.gain * (grad_r.transpose(0, 1).reshape(n, -1)
-                                      @ trace.transpose(0, 1).reshape(n, -1).t())
-        if need_d or need_s:
-            counts = torch.zeros(steps + 1, n, batch, dtype=membrane.dtype)  # exact spike counts P0
-            torch.cumsum(spikes, 0, out=counts[1:])
-            counts = counts.view(-1, batch)
-            by_delay = torch.zeros(n, dtype=torch.float64)   # Σ gz · w²∂z/∂c
-            by_support = torch.zeros(n, dtype=torch.float64)  # Σ gz · Σ_{|k-c|≤w} s[t-k]
-            chunk = max(1, _CHUNK_ELEMENTS // (4 * batch * n))
-            for t0 in range(0, steps, chunk):
-                t1 = min(steps, t0 + chunk)
-                fall_minus_rise, closed = plan.spike_boxes(counts, t0, t1)
-                by_delay += (grad_z[t0:t1] * fall_minus_rise).sum(2).sum(0)
-                by_support += (grad_z[t0:t1] * closed).sum(2).sum(0)
-            if need_d:
-                grad_delay = (by_delay * plan.inv_w2).to(delay.dtype)
-            if need_s:  # ∂z/∂w = (closed-support count)/w² - 2z/w
-                by_trace = (grad_z * trace).sum(2).sum(0).double()
-                grad_width = (by_support * plan.inv_w2 - 2.0 * by_trace / width.double()).to(width.dtype)
+            grad_weight = lif.gain * (grad_r.reshape(-1, n).t() @ trace.reshape(-1, n))
+        grad_z = future[:steps]
+        if need_d:
+            by_slope = (grad_z * slope[1:]).sum((0, 2), dtype=torch.float64)
+            grad_delay = (by_slope * plan.inv_w2).to(delay.dtype)
+        if need_s:  # ∂z/∂w = K/w² - 2z/w
+            by_support = (grad_z * support[1:]).sum((0, 2), dtype=torch.float64)
+            by_trace = torch.einsum("tnb,tbn->n", grad_z.double(), trace.double())
+            grad_width = (by_support * plan.inv_w2 - 2.0 * by_trace / width.double()).to(width.dtype)
         return grad_current, grad_weight, grad_delay, grad_width, None, None
 
 
@@ -288,17 +274,12 @@ class _SynapticRecurrence(torch.autograd.Function):
         lags = kernel.shape[-1]
         kmax = kmin + lags - 1
         stacked_t = (kernel * lif.gain).flip(-1).permute(2, 1, 0).reshape(lags * n, n).t()
-        psi, carry = lif.adjoint_factors(spikes, membrane)
-        external = grad_spikes * psi
         recurrent = torch.zeros(batch, kmax + steps, n, dtype=membrane.dtype)  # adjoint of window
         grad_h = torch.empty_like(membrane)
-        gh = None
+        gh = torch.zeros(batch, n, dtype=membrane.dtype)
         for t in range(steps - 1, -1, -1):
-            if gh is None:
-                gh = grad_h[t].copy_(external[t])
-            else:
-                gh = torch.addcmul(torch.addcmul(external[t], recurrent[:, kmax + t], psi[t]), gh,
-                                   carry[t], out=grad_h[t])
+            gh = lif.adjoint_step(grad_spikes[t] + recurrent[:, kmax + t], gh, membrane[t], spikes[t],
+                                  out=grad_h[t])
             g = gh if mask is None else gh * mask
             recurrent[:, t:t + lags].view(batch, lags * n).addmm_(g, stacked_t)
         grad_current = grad_h * lif.gain if ctx.needs_input_grad[0] else None
