@@ -1,0 +1,109 @@
+"""The S3 gradient argument: spectral radius of λ^(d+1) − aλ^d − b and the measured gradients."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from delrec.analysis.gradients import GradientSetup, run_gradient_experiment
+from delrec.analysis.spectral import characteristic_roots, spectral_radius, spectral_table
+from delrec.cli import main
+
+
+@pytest.mark.parametrize("a, b", [(0.9, 0.5), (0.3, 0.1), (-0.7, 0.2), (0.2, -0.9), (1.5, 2.0)])
+def test_no_delay_gives_the_absolute_value_of_a_plus_b(a, b):
+    assert spectral_radius(a, b, 0) == pytest.approx(abs(a + b), abs=1e-15)
+
+
+@pytest.mark.parametrize("a, b", [(0.9, 0.5), (0.5, 1.0), (0.0, 2.0), (3.0, 10.0)])
+def test_every_root_satisfies_the_characteristic_equation(a, b):
+    for d in range(0, 61):
+        roots = characteristic_roots(a, b, d)
+        assert len(roots) == d + 1
+        residual = np.abs(roots ** (d + 1) - a * roots**d - b)
+        scale = np.abs(roots) ** (d + 1) + abs(a) * np.abs(roots) ** d + abs(b)
+        assert residual.max() <= 1e-10 * max(1.0, scale.max())
+        if a <= 1 and b <= 2:  # |λ| ≲ 2: the absolute residual is below 1e-10 as well
+            assert residual.max() <= 1e-10
+
+
+def test_radius_decreases_with_delay_toward_one_when_a_plus_b_exceeds_one():
+    radii = np.array([row.radius for row in spectral_table(0.5, 1.0, 40)])
+    assert radii[0] == pytest.approx(1.5)
+    assert np.all(np.diff(radii) < 0) and np.all(radii > 1)
+    assert 1 < spectral_radius(0.5, 1.0, 200) < 1.004 < radii[40]
+
+
+def test_radius_tends_to_a_not_one_when_a_exceeds_one():
+    radii = np.array([row.radius for row in spectral_table(1.5, 0.5, 40)])
+    assert np.all(np.diff(radii) < 0) and 1.5 < radii[40] < 1.5 + 1e-6
+
+
+def test_radius_increases_with_delay_toward_one_when_a_plus_b_is_below_one():
+    radii = np.array([row.radius for row in spectral_table(0.3, 0.4, 40)])
+    assert np.all(np.diff(radii) > 0) and np.all(radii < 1)
+    assert radii[40] < 0.996 < spectral_radius(0.3, 0.4, 200) < 1
+
+
+def test_largest_root_is_the_real_root_of_s17():
+    for d in (1, 3, 10):
+        roots = characteristic_roots(0.9, 0.5, d)
+        top = roots[np.argmax(np.abs(roots))]
+        assert abs(top.imag) < 1e-12
+        r = top.real
+        assert r**d * (r - 0.9) == pytest.approx(0.5, abs=1e-12)
+
+
+def test_spectral_command_writes_table_csv_json_and_figure(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["analyze", "spectral", "--a", "0.9", "--b", "0.5", "--max-delay", "5",
+                 "--csv", str(out / "r.csv"), "--json", str(out / "r.json"),
+                 "--figure", str(out / "r.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "1.400000  explode" in printed
+    rows = list(csv.DictReader(open(out / "r.csv")))
+    assert [int(r["delay"]) for r in rows] == list(range(6))
+    assert float(rows[3]["radius"]) == pytest.approx(spectral_radius(0.9, 0.5, 3))
+    records = json.loads((out / "r.json").read_text())
+    assert len(records[5]["roots"]) == 6
+    assert (out / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_spectral_command_rejects_a_negative_delay(capsys):
+    assert main(["analyze", "spectral", "--a", "1", "--b", "1", "--max-delay", "-1",
+                 "--no-figure"]) == 2
+    assert "max-delay" in capsys.readouterr().err
+
+
+def test_gradient_decomposition_and_the_s3_bound_hold_for_every_delay():
+    results = run_gradient_experiment(GradientSetup(delays=(0, 3), size=16, steps=40, batch=2))
+    for r in results:
+        assert r.decomposition_error < 1e-12  # Σ_t G[t] is autograd's ∂L/∂W
+        measured, bound = np.array(r.backward_norms), np.array(r.s3_bound)
+        assert np.all(measured <= bound * (1 + 1e-9))  # S3's e[k] bounds ‖∂L/∂h[T-1-k]‖
+        assert r.radius >= r.growth_measured
+
+
+def test_exploding_regime_longer_delays_grow_the_gradient_more_slowly():
+    setup = GradientSetup(delays=(0, 5, 20), size=64, steps=100, batch=8, gain=6.0, seed=0)
+    results = run_gradient_experiment(setup)
+    norms = [r.weight_grad_norm for r in results]
+    growth = [r.growth_measured for r in results]
+    assert norms[0] > 100 * norms[1] > 100 * norms[2]
+    assert growth[0] > growth[1] > growth[2] > 1
+
+
+def test_vanishing_regime_longer_delays_slow_the_vanishing_toward_one():
+    setup = GradientSetup(delays=(0, 2, 10), size=32, steps=60, batch=4, gain=1.0, seed=0)
+    growth = [r.growth_measured for r in run_gradient_experiment(setup)]
+    assert growth[0] < growth[1] < growth[2] < 1
+
+
+def test_gradients_command_writes_csv_and_figure(tmp_path, capsys):
+    assert main(["analyze", "gradients", "--delays", "0,2", "--size", "8", "--steps", "20",
+                 "--batch", "1", "--csv", str(tmp_path / "g.csv"),
+                 "--figure", str(tmp_path / "g.png")]) == 0
+    assert "growth/step" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "g.csv")))
+    assert [int(r["delay"]) for r in rows] == [0, 2] and "radius_rms" in rows[0]
+    assert (tmp_path / "g.png").stat().st_size > 1000
