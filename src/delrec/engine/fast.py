@@ -81,7 +81,7 @@ class _LIF:
             else:
                 grad_s = torch.addcmul(grad_s, gv, p.v_reset - h)
         if not p.soft_reset:
-            gv.masked_fill_(s, 0.0)
+            gv = torch.where(s, gv.new_zeros(()), gv)
         return torch.addcmul(gv, psi, grad_s, out=out)
 
 
@@ -203,6 +203,7 @@ class _AxonalRecurrence(torch.autograd.Function):
         future[steps] = 0.0
         taps_of = future.view(-1, batch)
         grad_h = torch.empty_like(membrane)
+        zeta = torch.empty(n, batch, dtype=membrane.dtype)
         grad_s = torch.empty(batch, n, dtype=membrane.dtype)
         state = torch.zeros(2, n, batch, dtype=torch.float64)  # (ζ, D/w²) of the adjoint
         gh = torch.zeros(batch, n, dtype=membrane.dtype)
@@ -210,7 +211,7 @@ class _AxonalRecurrence(torch.autograd.Function):
             taps = taps_of.index_select(0, rows[t]).view(3, n, batch)
             state[0] += state[1]
             state += (taps * plan.trace_coef).sum(1)
-            torch.add(grad_spikes[t], state[0].t(), out=grad_s)
+            torch.add(grad_spikes[t], zeta.copy_(state[0]).t(), out=grad_s)
             gh = lif.adjoint_step(grad_s, gh, membrane[t], history[t + 1].t(), out=grad_h[t])
             torch.mm(weight_in.t(), (gh if mask is None else gh * mask).t(), out=future[t])
 
@@ -221,10 +222,10 @@ class _AxonalRecurrence(torch.autograd.Function):
             grad_weight = lif.gain * (grad_r.reshape(-1, n).t() @ trace.reshape(-1, n))
         grad_z = future[:steps]
         if need_d:
-            by_slope = (grad_z * slope[1:]).sum((0, 2), dtype=torch.float64)
+            by_slope = (grad_z * slope[1:]).sum(-1, dtype=torch.float64).sum(0)
             grad_delay = (by_slope * plan.inv_w2).to(delay.dtype)
         if need_s:  # ∂z/∂w = K/w² - 2z/w
-            by_support = (grad_z * support[1:]).sum((0, 2), dtype=torch.float64)
+            by_support = (grad_z * support[1:]).sum(-1, dtype=torch.float64).sum(0)
             by_trace = torch.einsum("tnb,tbn->n", grad_z.double(), trace.double())
             grad_width = (by_support * plan.inv_w2 - 2.0 * by_trace / width.double()).to(width.dtype)
         return grad_current, grad_weight, grad_delay, grad_width, None, None
