@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     "data": "delrec.data.cli",
     "analyze": "delrec.analysis.cli",
+    "compare": "delrec.analysis.compare",
     "train": "delrec.training.train_cmd",
     "eval": "delrec.training.eval_cmd",
     "export": "delrec.deploy.nir_format",

@@ -1,0 +1,313 @@
+"""`delrec compare RUN_DIR…`: trained runs side by side, in the layout of Table S5.
+
+Each RUN_DIR is a run written by ``delrec train`` (``config.json``, ``test_results.json``)
+or a multi-seed run (``seeds.json`` and one ``seed-<s>/`` run per seed). Runs whose resolved
+configurations are equal apart from the seed (and where they ran) form one row:
+
+* test metric with the trained real-valued delays and the spread σ of the best checkpoint
+  (re-evaluated with ``delrec eval --spread``; equal to the rounded one for models without
+  learned recurrent delays), mean ± std (population) over seeds;
+* the same with integer (rounded) delays, as a chip runs them (``test_results.json``);
+* trainable parameters of the network (``count_parameters``);
+* mean firing rate (spikes per neuron per step, over hidden layers) of the training epoch
+  that gave the best checkpoint (``metrics.csv``).
+
+Rows are ranked worst to best, as in Table S5.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from delrec.checkpoint import CheckpointError, load_network
+from delrec.models import count_parameters
+
+# settings that do not change what a run computes, or that tell seeds apart
+NOT_GROUPING = ("seed", "device", "threads", "num_workers", "data_root", "eval_batch_size")
+LEARNED_RECURRENT_DELAYS = ("delrec", "delrec-shared", "ff+rec")
+# model -> (display name, recurrent, recurrent delays, feedforward delays)
+MODEL_TRAITS = {
+    "snn": ("SNN", False, False, False),
+    "rsnn": ("RSNN", True, False, False),
+    "fixed": ("Fixed rec. delays", True, True, False),
+    "delrec": ("DelRec", True, True, False),
+    "delrec-shared": ("DelRec (one shared delay)", True, True, False),
+    "ffdelay": ("Ff. delays", False, False, True),
+    "ff+rec": ("Ff. delays + DelRec", True, True, True),
+}
+
+
+class CompareError(Exception):
+    """A directory that is not a finished run; the message says what to do."""
+
+
+@dataclass
+class SeedRun:
+    """One finished run (one seed): its configuration and what was measured."""
+
+    run_dir: Path
+    config: dict
+    metric: str  # "accuracy" or "nmse"
+    rounded: float  # test metric with integer delays
+    real: float  # test metric with real-valued delays and the training spread
+    parameters: int
+    firing_rate: float | None
+
+
+@dataclass
+class Row:
+    """Runs of one configuration (several seeds)."""
+
+    label: str
+    runs: list[SeedRun]
+
+    @property
+    def model(self) -> str:
+        return self.runs[0].config["model"]
+
+    @property
+    def metric(self) -> str:
+        return self.runs[0].metric
+
+    def stats(self, field: str) -> tuple[float, float]:
+        """Mean and population std over seeds of ``"real"`` or ``"rounded"``."""
+        values = [getattr(run, field) for run in self.runs]
+        return statistics.fmean(values), statistics.pstdev(values)
+
+    @property
+    def parameters(self) -> int:
+        return self.runs[0].parameters
+
+    @property
+    def firing_rate(self) -> float | None:
+        rates = [run.firing_rate for run in self.runs if run.firing_rate is not None]
+        return statistics.fmean(rates) if rates else None
+
+
+# --------------------------------------------------------------------------- reading
+def find_runs(paths: list[Path]) -> list[Path]:
+    """The single-seed run directories named by ``paths`` (multi-seed runs expanded)."""
+    found = []
+    for path in map(Path, paths):
+        if (path / "seeds.json").is_file():
+            seeds = json.loads((path / "seeds.json").read_text())["seeds"]
+            found.extend(path / f"seed-{seed}" for seed in seeds)
+        elif (path / "config.json").is_file():
+            found.append(path)
+        else:
+            raise CompareError(f"{path} is not a run directory (no config.json or seeds.json); "
+                               "give directories written by `delrec train`")
+    return found
+
+
+def read_run(run_dir: Path, real_delays: bool = True) -> SeedRun:
+    """Read one finished run; ``real_delays`` re-evaluates it with real-valued delays."""
+    results_path = run_dir / "test_results.json"
+    if not results_path.is_file():
+        raise CompareError(f"{run_dir} has no test_results.json: the run is not finished; "
+                           f"complete it with `delrec train --resume {run_dir}`")
+    config = json.loads((run_dir / "config.json").read_text())["config"]
+    results = json.loads(results_path.read_text())
+    metric = "accuracy" if "accuracy" in results else "nmse"
+    real = results[metric]
+    if real_delays and config["model"] in LEARNED_RECURRENT_DELAYS:
+        from delrec.training.eval_cmd import evaluate_run
+
+        real = evaluate_run(run_dir, split="test", spread=True)[metric]
+    return SeedRun(run_dir, config, metric, results[metric], real,
+                   count_parameters(load_network(run_dir)),
+                   _firing_rate(run_dir / "metrics.csv", results["best_epoch"]))
+
+
+def _firing_rate(metrics_path: Path, epoch: int) -> float | None:
+    if not metrics_path.is_file():
+        return None
+    for row in csv.DictReader(metrics_path.open()):
+        if int(row["epoch"]) == epoch and row.get("firing_rate"):
+            return float(row["firing_rate"])
+    return None
+
+
+def _setting_items(config: dict, prefix: str = "") -> dict:
+    """Flat ``{"network.hidden_sizes": value, …}`` of a configuration, minus NOT_GROUPING."""
+    items = {}
+    for key, value in config.items():
+        if not prefix and key in NOT_GROUPING:
+            continue
+        if isinstance(value, dict):
+            items.update(_setting_items(value, f"{prefix}{key}."))
+        else:
+            items[prefix + key] = json.dumps(value)
+    return items
+
+
+def group_runs(runs: list[SeedRun]) -> list[Row]:
+    """One row per configuration, labelled with the model and the settings that tell its rows
+    apart from the model's other rows; ranked worst to best."""
+    groups: dict[str, list[SeedRun]] = {}
+    for run in runs:
+        key = json.dumps(_setting_items(run.config), sort_keys=True)
+        groups.setdefault(key, []).append(run)
+    rows = []
+    for members in groups.values():
+        model = members[0].config["model"]
+        siblings = [_setting_items(g[0].config) for g in groups.values()
+                    if g[0].config["model"] == model]
+        mine = _setting_items(members[0].config)
+        varying = [k for k in mine if any(s.get(k) != mine[k] for s in siblings)]
+        label = MODEL_TRAITS[model][0]
+        if varying:
+            label += " (" + ", ".join(f"{k.split('.')[-1]}={mine[k]}" for k in varying) + ")"
+        rows.append(Row(label, members))
+    better_is_lower = rows and rows[0].metric == "nmse"
+    return sorted(rows, key=lambda row: row.stats("rounded")[0], reverse=bool(better_is_lower))
+
+
+def compare(paths: list[Path], real_delays: bool = True) -> list[Row]:
+    """Rows for the runs in ``paths`` (see the module docstring)."""
+    runs = [read_run(path, real_delays) for path in find_runs(paths)]
+    metrics = {run.metric for run in runs}
+    if len(metrics) > 1:
+        raise CompareError("the runs mix classification (accuracy) and regression (nmse); "
+                           "compare runs of one kind at a time")
+    return group_runs(runs)
+
+
+# --------------------------------------------------------------------------- output
+def format_parameters(count: int) -> str:
+    """Table S5 style: ``37.5k``, ``0.17M``."""
+    if count >= 100_000:
+        return f"{count / 1e6:.2g}M"
+    if count >= 1_000:
+        return f"{count / 1e3:.3g}k"
+    return str(count)
+
+
+def _format_metric(row: Row, field: str) -> str:
+    mean, std = row.stats(field)
+    if row.metric == "accuracy":
+        return f"{100 * mean:.2f} ± {100 * std:.2f}"
+    return f"{mean:.4g} ± {std:.2g}"
+
+
+def format_markdown(rows: list[Row]) -> str:
+    """The Table S5 layout, with the rounded-delay metric and the firing rate added."""
+    name = "Acc. [%]" if rows and rows[0].metric == "accuracy" else "NMSE"
+    header = ["Model", "Rec.", "Rec. Delays", "Ff. Delays", "LIF", "Param", "Seeds",
+              f"Test {name}", f"Rounded-delay {name}", "Firing rate"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        _, recurrent, recurrent_delays, ff_delays = MODEL_TRAITS[row.model]
+        rate = f"{row.firing_rate:.4f}" if row.firing_rate is not None else "–"
+        cells = [row.label, *("✓" if t else "" for t in (recurrent, recurrent_delays, ff_delays)),
+                 "✓", format_parameters(row.parameters), str(len(row.runs)),
+                 _format_metric(row, "real"), _format_metric(row, "rounded"), rate]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def rows_as_records(rows: list[Row]) -> list[dict]:
+    """CSV-ready records, one per row."""
+    records = []
+    for row in rows:
+        _, recurrent, recurrent_delays, ff_delays = MODEL_TRAITS[row.model]
+        (real, real_std), (rounded, rounded_std) = row.stats("real"), row.stats("rounded")
+        records.append({
+            "label": row.label, "task": row.runs[0].config["task"], "model": row.model,
+            "recurrent": recurrent, "recurrent_delays": recurrent_delays,
+            "feedforward_delays": ff_delays, "parameters": row.parameters,
+            "seeds": len(row.runs), f"{row.metric}_mean": real, f"{row.metric}_std": real_std,
+            f"rounded_{row.metric}_mean": rounded, f"rounded_{row.metric}_std": rounded_std,
+            "firing_rate": row.firing_rate,
+            "run_dirs": ";".join(str(run.run_dir) for run in row.runs)})
+    return records
+
+
+X_AXES = {"parameters": "trainable parameters", "firing-rate": "mean firing rate (spikes/neuron/step)"}
+
+
+def plot_rows(rows: list[Row], path: Path, x: str = "parameters") -> None:
+    """Metric (rounded delays: filled, mean ± std; real-valued: hollow) against ``x``
+    (``"parameters"`` or ``"firing-rate"``), one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scale = 100.0 if rows and rows[0].metric == "accuracy" else 1.0
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model in dict.fromkeys(row.model for row in rows):
+        mine = [r for r in rows if r.model == model
+                and (x == "parameters" or r.firing_rate is not None)]
+        mine.sort(key=lambda r: r.parameters if x == "parameters" else r.firing_rate)
+        if not mine:
+            continue
+        xs = [r.parameters if x == "parameters" else r.firing_rate for r in mine]
+        rounded = [[v * scale for v in r.stats("rounded")] for r in mine]
+        line = ax.errorbar(xs, [m for m, _ in rounded], yerr=[s for _, s in rounded], marker="o",
+                           capsize=3, label=MODEL_TRAITS[model][0])
+        ax.scatter(xs, [r.stats("real")[0] * scale for r in mine], facecolors="none",
+                   edgecolors=line[0].get_color(), zorder=3)
+        for x_value, row, (m, _) in zip(xs, mine, rounded):
+            if row.label != MODEL_TRAITS[model][0]:
+                ax.annotate(row.label.split("(", 1)[-1].rstrip(")"), (x_value, m), fontsize=7,
+                            textcoords="offset points", xytext=(4, 4))
+    if x == "parameters":
+        ax.set_xscale("log")
+    metric = "test accuracy [%]" if scale == 100.0 else "test NMSE"
+    ax.set(xlabel=X_AXES[x], ylabel=metric,
+           title="filled: rounded delays (mean ± std over seeds); hollow: real-valued")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(rows: list[Row], markdown: Path | None, table_csv: Path | None,
+                  figure: Path | None, x: str = "parameters") -> None:
+    """Write whichever of the Markdown table, CSV table and figure are given a path."""
+    if markdown is not None:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(format_markdown(rows) + "\n")
+    if table_csv is not None:
+        records = rows_as_records(rows)
+        table_csv.parent.mkdir(parents=True, exist_ok=True)
+        with open(table_csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(records)
+    if figure is not None:
+        plot_rows(rows, figure, x)
+
+
+# --------------------------------------------------------------------------- CLI
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compare", help="table (Markdown, CSV) and figure of trained runs, Table S5 layout",
+        description=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--markdown", type=Path, help="write the Markdown table here")
+    parser.add_argument("--csv", type=Path, help="write the table as CSV here")
+    parser.add_argument("--figure", type=Path, help="write the figure (PNG) here")
+    parser.add_argument("--x", choices=sorted(X_AXES), default="parameters",
+                        help="x axis of the figure (default parameters)")
+    parser.add_argument("--rounded-only", action="store_true",
+                        help="skip re-evaluating learned delays with real values (faster)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        rows = compare(args.run_dirs, real_delays=not args.rounded_only)
+    except (CompareError, CheckpointError) as error:
+        print(f"delrec compare: error: {error}", file=sys.stderr)
+        return 2
+    print(format_markdown(rows))
+    write_outputs(rows, args.markdown, args.csv, args.figure, args.x)
+    return 0
