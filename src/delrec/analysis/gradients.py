@@ -10,7 +10,8 @@ recurrence. Measured, per delay:
   input current, which enters the membrane ``h`` with slope 1);
 * the contribution of each step to ``∂L/∂W``: ``G[t] = Σ_b δ_b[t] ⊗ s_b[t-1-d]``, whose sum
   over ``t`` is ``∂L/∂W``;
-* ``‖∂L/∂W‖`` itself.
+* ``‖∂L/∂W‖`` itself, and the relative difference between ``Σ_t G[t]`` and autograd's ``∂L/∂W``
+  (a check that the decomposition accounts for the whole gradient).
 
 Through the surrogate, ``δ[t] = A_t δ[t+1] + diag(ψ'_t) Wᵀ δ[t+1+d]`` with
 ``A_t = α(1 − θ ψ'_t)``, ``α = 1 − 1/τ`` (our LIF decays the reset with the membrane; S3 writes
@@ -82,6 +83,7 @@ class DelayResult:
     b_rms: float  # mean-field estimate: ‖W‖_F/√N · rms ψ'
     radius_rms: float  # r_d from (a_rms, b_rms)
     spike_rate: float
+    decomposition_error: float  # ‖Σ_t G[t] − ∂L/∂W‖ / ‖∂L/∂W‖
     backward_norms: list[float] = field(repr=False)  # ‖δ[T-1-k]‖, k = 0 … T-1
     s3_bound: list[float] = field(repr=False)  # e[k], same k
     step_contributions: list[float] = field(repr=False)  # ‖G[t]‖, t = 0 … T-1
@@ -123,10 +125,10 @@ def _growth_factor(norms: np.ndarray) -> float:
 
 
 def measure_delay(setup: GradientSetup, delay: int, weight: Tensor, current: Tensor,
-                  readout: Tensor) -> tuple[DelayResult, Tensor]:
-    """Run one delay; returns the result and ``∂L/∂W`` from autograd."""
+                  readout: Tensor) -> DelayResult:
+    """Run one delay on the given weights ``(N, N)``, input current ``(T, B, N)`` and readout."""
     neuron = _RecordingLIF(tau=setup.tau, v_reset=None, surrogate=_surrogate(setup))
-    layer = DelRec.fixed(setup.size, neuron, delay_init=float(delay)).double()
+    layer = DelRec.fixed(setup.size, neuron, delay_init=float(delay), engine="reference").double()
     with torch.no_grad():
         layer.weight.copy_(weight)
     current = current.clone().requires_grad_(True)
@@ -149,14 +151,15 @@ def measure_delay(setup: GradientSetup, delay: int, weight: Tensor, current: Ten
     b_rms = float(weight.norm() / math.sqrt(setup.size) * slopes.pow(2).mean().sqrt())
     bound = _s3_sequence(a, b, delay, float(backward_norms[0]), len(backward_norms))
 
-    result = DelayResult(
-        delay=delay, weight_grad_norm=float(layer.weight.grad.norm()),
+    weight_grad = layer.weight.grad
+    return DelayResult(
+        delay=delay, weight_grad_norm=float(weight_grad.norm()),
         growth_measured=_growth_factor(backward_norms), a=a, b=b,
         radius=spectral_radius(a, b, delay), a_rms=a_rms, b_rms=b_rms,
         radius_rms=spectral_radius(a_rms, b_rms, delay), spike_rate=float(spikes.detach().mean()),
         backward_norms=backward_norms.tolist(), s3_bound=bound.tolist(),
-        step_contributions=contributions.flatten(1).norm(dim=1).tolist())
-    return result, layer.weight.grad.clone()
+        step_contributions=contributions.flatten(1).norm(dim=1).tolist(),
+        decomposition_error=float((contributions.sum(0) - weight_grad).norm() / weight_grad.norm()))
 
 
 def run_gradient_experiment(setup: GradientSetup) -> list[DelayResult]:
@@ -168,7 +171,7 @@ def run_gradient_experiment(setup: GradientSetup) -> list[DelayResult]:
     current = setup.input_mean + setup.input_std * torch.randn(
         shape, generator=generator, dtype=torch.float64)
     readout = torch.randn(setup.size, generator=generator, dtype=torch.float64)
-    return [measure_delay(setup, d, weight, current, readout)[0] for d in setup.delays]
+    return [measure_delay(setup, d, weight, current, readout) for d in setup.delays]
 
 
 def format_results(results: list[DelayResult]) -> str:
