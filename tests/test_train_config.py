@@ -179,3 +179,11 @@ def test_shipped_config_files_resolve():
         Path(__file__).parents[1] / "configs" / "mackey-glass-paper.toml"))
     assert (paper.task, paper.epochs, paper.batch_size) == ("mackey-glass", 100, 512)
     assert paper.optim == preset("mackey-glass").optim
+
+
+def test_bad_data_value_with_several_seeds_writes_nothing(tmp_path, capsys):
+    run_dir = tmp_path / "seeds"
+    argv = ["train", "--seeds", "0-1", "--set", "data.horizon=0", "--run-dir", str(run_dir)]
+    assert main(argv) == 2
+    assert "horizon=0" in capsys.readouterr().err
+    assert not run_dir.exists()

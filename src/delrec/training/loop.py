@@ -329,10 +329,10 @@ class Trainer:
             batches += 1
             samples += len(targets)
             running = meter.result()
-            bar.set_postfix(loss=f"{running['loss']:.4g}",
-                            **{self.objective.metric: f"{running[self.objective.metric]:.4g}"},
-                            σ=f"{sigma:.3g}",
-                            rate=f"{samples / (time.perf_counter() - start):.0f}/s")
+            metric = self.objective.metric
+            bar.set_postfix({"loss": f"{running['loss']:.4g}",
+                             metric: f"{running[metric]:.4g}", "σ": f"{sigma:.3g}",
+                             "samples/s": f"{samples / (time.perf_counter() - start):.0f}"})
         bar.close()
         return {**meter.result(), "firing_rate": rate_sum / batches}
 

@@ -98,10 +98,8 @@ def _train(args: argparse.Namespace) -> dict | None:
         raise ConfigError(f"run directory {run_dir} already exists and is not empty; pick "
                           f"another --run-dir or continue it with --resume {run_dir}")
     if seeds is None:
-        return train_one(config, run_dir, args.max_epochs_this_run, not args.no_progress)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "seeds.json").write_text(json.dumps(
-        {"seeds": seeds, "config": config.to_dict()}, indent=2) + "\n")
+        return train_one(Trainer(config, run_dir, progress=not args.no_progress),
+                         args.max_epochs_this_run)
     return train_seeds(config, seeds, run_dir, args.max_epochs_this_run, not args.no_progress)
 
 
@@ -117,8 +115,8 @@ def _resume(args: argparse.Namespace) -> dict:
     changes = {"device": args.device, "data_root": args.data_root}
     if (run_dir / "config.json").is_file():
         config = _with_changes(json.loads((run_dir / "config.json").read_text())["config"], changes)
-        return train_one(config, run_dir, args.max_epochs_this_run, not args.no_progress,
-                         resume=True)
+        return train_one(Trainer(config, run_dir, progress=not args.no_progress),
+                         args.max_epochs_this_run, resume=True)
     if (run_dir / "seeds.json").is_file():
         document = json.loads((run_dir / "seeds.json").read_text())
         config = _with_changes(document["config"], changes)
@@ -144,11 +142,11 @@ def _default_run_dir(config: TrainConfig) -> Path:
     return candidate
 
 
-def train_one(config: TrainConfig, run_dir: Path, max_epochs_this_run: int | None = None,
-              progress: bool = True, resume: bool = False) -> dict:
-    """Train (or continue) one run in ``run_dir``; returns its summary."""
-    trainer = Trainer(config, run_dir, progress=progress)
-    log = trainer.log
+def train_one(trainer: Trainer, max_epochs_this_run: int | None = None,
+              resume: bool = False) -> dict:
+    """Train (or continue, with ``resume``) the run of ``trainer``; returns its summary.
+    Nothing is written before the trainer exists, i.e. before its data has loaded."""
+    config, run_dir, log = trainer.config, trainer.run_dir, trainer.log
     if resume:
         if trainer.restore():
             log(f"resuming {run_dir} after epoch {trainer.state.epoch}/{config.epochs}")
@@ -186,8 +184,12 @@ def train_seeds(config: TrainConfig, seeds: list[int], run_dir: Path,
     runs = []
     for seed in seeds:
         seed_dir = run_dir / f"seed-{seed}"
-        seed_config = dataclasses.replace(config, seed=seed)
-        summary = train_one(seed_config, seed_dir, max_epochs_this_run, progress,
+        trainer = Trainer(dataclasses.replace(config, seed=seed), seed_dir, progress=progress)
+        if not (run_dir / "seeds.json").is_file():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "seeds.json").write_text(json.dumps(
+                {"seeds": seeds, "config": config.to_dict()}, indent=2) + "\n")
+        summary = train_one(trainer, max_epochs_this_run,
                             resume=(seed_dir / "config.json").is_file())
         runs.append(summary)
         if summary["status"] != "complete":
