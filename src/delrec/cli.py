@@ -14,10 +14,12 @@ COMMANDS = {
     "data": "delrec.data.cli",
     "analyze": "delrec.analysis.cli",
     "compare": "delrec.analysis.compare",
+    "sweep": "delrec.analysis.sweeps",
     "train": "delrec.training.train_cmd",
     "eval": "delrec.training.eval_cmd",
     "export": "delrec.deploy.nir_format",
     "report": "delrec.deploy.report",
+    "bench": "delrec.bench",
 }
 
 
