@@ -206,14 +206,15 @@ def plot_gradients(setup: GradientSetup, results: list[DelayResult], path) -> No
         back.semilogy(k, r.s3_bound, color=colour, ls="--", lw=0.8)
         contrib.semilogy(np.maximum(r.step_contributions, 1e-300), color=colour,
                          label=f"d = {r.delay}")
+    measured = np.concatenate([r.backward_norms for r in results])
     back.set(xlabel="steps back from the loss k", ylabel="‖∂L/∂h[T-1-k]‖",
-             title="measured (solid) and S3 bound e[k] (dashed)")
-    back.set_ylim(bottom=max(1e-12, min(min(v for v in r.backward_norms if v > 0)
-                                       for r in results) / 10))
+             title="measured (solid) and S3 bound e[k] (dashed)",
+             ylim=(max(1e-12, measured[measured > 0].min() / 10), measured.max() * 1e3))
     back.legend(fontsize=8)
+    contributions = np.concatenate([r.step_contributions for r in results])
     contrib.set(xlabel="time step t", ylabel="‖G[t]‖ (contribution to ∂L/∂W)",
-                title="per-step contributions to ∂L/∂W")
-    contrib.set_ylim(bottom=1e-12)
+                title="per-step contributions to ∂L/∂W",
+                ylim=(max(1e-12, contributions[contributions > 0].min()), contributions.max() * 10))
 
     delays = [r.delay for r in results]
     rates.plot(delays, [r.radius for r in results], "o--", label="S3 bound r_d (sup a, b)")
