@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": "delrec.training.eval_cmd",
     "export": "delrec.deploy.nir_format",
     "report": "delrec.deploy.report",
+    "bench": "delrec.bench",
 }
 
 
