@@ -228,7 +228,8 @@ def rows_as_records(rows: list[Row]) -> list[dict]:
     return records
 
 
-X_AXES = {"parameters": "trainable parameters", "firing-rate": "mean firing rate (spikes/neuron/step)"}
+X_AXES = {"parameters": "trainable parameters",
+          "firing-rate": "mean firing rate (spikes/neuron/step)"}
 
 
 def plot_rows(rows: list[Row], path: Path, x: str = "parameters") -> None:
@@ -290,7 +291,8 @@ def write_outputs(rows: list[Row], markdown: Path | None, table_csv: Path | None
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "compare", help="table (Markdown, CSV) and figure of trained runs, Table S5 layout",
-        description=__doc__.split("\n\n", 1)[1])
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     parser.add_argument("--markdown", type=Path, help="write the Markdown table here")
     parser.add_argument("--csv", type=Path, help="write the table as CSV here")

@@ -45,7 +45,7 @@ DEFAULT_DELAYS = (0, 1, 2, 5, 10, 20)
 
 @dataclass(frozen=True)
 class GradientSetup:
-    """The experiment's settings: sizes in neurons and steps, ``gain`` scales an orthogonal ``W``."""
+    """The experiment's settings: sizes in neurons and steps; ``W = gain × orthogonal``."""
 
     delays: tuple[int, ...] = DEFAULT_DELAYS
     size: int = 64

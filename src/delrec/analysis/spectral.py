@@ -72,7 +72,8 @@ def format_table(rows: list[SpectralRow]) -> str:
     lines = [f"{'d':>3}  {'r_d':>10}  {'regime':<8}  roots |λ|>1"]
     for row in rows:
         outside = int((np.abs(row.roots) > 1.0).sum())
-        lines.append(f"{row.delay:>3}  {row.radius:>10.6f}  {row.regime:<8}  {outside}/{row.delay + 1}")
+        lines.append(f"{row.delay:>3}  {row.radius:>10.6f}  {row.regime:<8}  "
+                     f"{outside}/{row.delay + 1}")
     return "\n".join(lines)
 
 

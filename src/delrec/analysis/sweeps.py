@@ -62,7 +62,8 @@ def parameter_points(options: TrainOptions, models, sizes) -> list[SweepPoint]:
             raise SweepError(f"model {model}: {error}") from None
         for size in sizes:
             hidden = json.dumps([size] * layers, separators=(",", ":"))
-            points.append(SweepPoint(f"{model}-h{size}", model, (f"network.hidden_sizes={hidden}",)))
+            points.append(SweepPoint(f"{model}-h{size}", model,
+                                     (f"network.hidden_sizes={hidden}",)))
     return points
 
 
@@ -138,7 +139,8 @@ def _add_common(parser: argparse.ArgumentParser, default_out: str) -> None:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "sweep", help="accuracy vs parameters or vs firing rate: many `delrec train` runs",
-        description=__doc__.split("\n\n", 1)[1])
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     kinds = parser.add_subparsers(dest="sweep_command", metavar="SWEEP")
     kinds.required = True
     params = kinds.add_parser("params", help="ablation-family models at several hidden sizes")
@@ -163,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
         if args.sweep_command == "params":
             unknown = sorted(set(args.models) - set(compare.MODEL_TRAITS))
             if unknown or not args.models or not args.sizes or min(args.sizes) < 1:
-                raise SweepError(f"--models must name models from {', '.join(compare.MODEL_TRAITS)} "
+                known = ", ".join(compare.MODEL_TRAITS)
+                raise SweepError(f"--models must name models from {known} "
                                  f"and --sizes positive sizes (got {list(args.models)}, "
                                  f"{list(args.sizes)})")
             points, x = parameter_points(options, args.models, args.sizes), "parameters"
