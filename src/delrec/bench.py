@@ -350,10 +350,10 @@ def _plot(rows, path: Path) -> None:
               (axes[1, 0], "size", "size", "time_ms", "(c) training-step time vs hidden size"),
               (axes[1, 1], "delay", "max_delay", "time_ms", "(d) training-step time vs max delay")]
     for ax, panel, x, y, title in panels:
-        for model in MODELS:
+        for colour, model in enumerate(MODELS):
             points = sorted((r[x], r[y]) for r in rows if r["panel"] == panel and r["model"] == model)
             if points:
-                ax.plot(*zip(*points), marker="o", label=LABELS[model])
+                ax.plot(*zip(*points), marker="o", color=f"C{colour}", label=LABELS[model])
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("hidden size N" if x == "size" else "maximum delay (steps)")
         ax.set_ylabel("MB" if y == "saved_mb" else "ms per step")

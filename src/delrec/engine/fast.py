@@ -128,6 +128,9 @@ class _AxonalPlan:
         second = torch.tensor([1.0, -2.0, 1.0], dtype=torch.float64).view(3, 1).expand(3, n)
         # (2, 3, N, 1): increments of (z, D/w²) per tapped spike (or adjoint)
         self.trace_coef = (torch.stack([gamma, second]) * self.inv_w2).unsqueeze(-1).contiguous()
+        # spikes are 0/1: the increments for each pattern c = s₀ + 2s₁ + 4s₂ of the three taps, (N, 8)
+        bits = torch.stack([(torch.arange(8) >> q) & 1 for q in range(3)]).double()  # (3, 8)
+        self.z_table, self.d_table = torch.einsum("rqn,qc->rnc", self.trace_coef[..., 0], bits).unbind(0)
         # the gradient statistics are small integers: |ε-sum| ≤ w + 1, closed count ≤ 2w + 2
         self.count_dtype = torch.int8 if 2 * float(w.max()) + 2 <= 127 else torch.int16
 
@@ -171,8 +174,11 @@ class _AxonalRecurrence(torch.autograd.Function):
         v = torch.full((batch, n), lif.v0, dtype=current.dtype)
         for t in range(steps):
             taps = taps_of.index_select(0, rows[t]).view(-1, n, batch)
+            bits = taps.view(torch.int8)
+            pattern = torch.add(bits[0], bits[1], alpha=2).add_(bits[2], alpha=4).long()
             state[0] += state[1]
-            state += (taps[:3] * plan.trace_coef).sum(1)
+            state[0] += plan.z_table.gather(1, pattern)
+            state[1] += plan.d_table.gather(1, pattern)
             z = trace[t].t().copy_(state[0]).t()
             if mask is None:
                 u = torch.addmm(drive[t], z, weight_in_t)
@@ -180,12 +186,10 @@ class _AxonalRecurrence(torch.autograd.Function):
                 u = torch.addcmul(drive[t], mask, torch.mm(z, weight_in_t))
             h = torch.add(u, v, alpha=lif.leak, out=membrane[t])
             v = lif.fire_and_reset(h, history[t + 1].t())
-            if need_d or need_s:
-                k = taps.view(torch.int8)
             if need_d:
-                torch.sub(slope[t], k[0], out=slope[t + 1]).add_(k[1]).sub_(k[2]).add_(k[3])
+                torch.sub(slope[t], bits[0], out=slope[t + 1]).add_(bits[1]).sub_(bits[2]).add_(bits[3])
             if need_s:
-                torch.add(support[t], k[0], out=support[t + 1]).sub_(k[2])
+                torch.add(support[t], bits[0], out=support[t + 1]).sub_(bits[2])
         ctx.lif = lif
         ctx.save_for_backward(history, membrane, trace, slope, support, weight, delay, width, mask)
         return history[1:].transpose(1, 2).to(current.dtype)
