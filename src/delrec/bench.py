@@ -8,7 +8,6 @@ reset through ``/proc/self/clear_refs`` after returning freed heap memory with `
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import ctypes
 import gc
@@ -176,14 +175,15 @@ class Step:
 
 
 def measure(s: Setting, models, repeats: int, clock, log, cache: dict) -> list[dict]:
-    """Rows of measurements for every runnable model at ``s``; the models not in ``cache`` are run
-    interleaved (one step of each in turn, ``repeats`` times) and the median time kept."""
+    """Rows of measurements for every runnable model at ``s``; the models not in ``cache`` (keyed by
+    setting, model and repeats) are run interleaved, one step of each in turn, ``repeats`` times,
+    and the median time kept."""
     steps = {}
     for model in models:
         reason = skip_reason(model, s)
         if reason:
             log(f"  {reason}")
-        elif (s, model) not in cache:
+        elif (s, model, repeats) not in cache:
             g = torch.Generator().manual_seed(0)
             steps[model] = Step(build(model, s, g), s, g)
             steps[model]()  # warm-up
@@ -195,10 +195,10 @@ def measure(s: Setting, models, repeats: int, clock, log, cache: dict) -> list[d
             times[model].append(clock() - start)
     for model, step in steps.items():
         rss = step.peak_rss()
-        cache[(s, model)] = {**asdict(s), "model": model, "time_ms": 1e3 * statistics.median(times[model]),
+        cache[(s, model, repeats)] = {**asdict(s), "model": model, "time_ms": 1e3 * statistics.median(times[model]),
                              "saved_mb": step.saved_bytes() / 2**20,
                              "peak_rss_mb": None if rss is None else rss / 2**20}
-    return [dict(cache[(s, m)]) for m in models if (s, m) in cache]
+    return [dict(cache[(s, m, repeats)]) for m in models if (s, m, repeats) in cache]
 
 
 # --------------------------------------------------------------------------- the run
@@ -235,18 +235,20 @@ def run(args) -> int:
         "for backward; peak RSS = rise of the process's resident high-water mark during a step")
     size_panel, delay_panel, cost, shd, synaptic = grids(args.quick)
     rows, cache = [], {}
-    sections = [("size", "Panels a, c: hidden size (delays ~ U(0, 10), σ = 10)", size_panel, MODELS),
+    # (panel, title, settings, models, repeat factor: the cheap cost-of-delays pairs get more repeats)
+    sections = [("size", "Panels a, c: hidden size (delays ~ U(0, 10), σ = 10)", size_panel, MODELS, 1),
                 ("delay", "Panels b, d: maximum delay (N = 256, σ = 10)", delay_panel,
-                 ("reference", "fast", "fast-synaptic", "vanilla", "ff-delay")),
-                ("cost", "Cost of delays (axonal fast engine vs vanilla, N = 256)", cost, ("fast", "vanilla")),
-                ("shd", "SHD setting", [shd], ("reference", "fast")),
-                ("synaptic", "Synaptic vs axonal delays", [synaptic], ("fast", "fast-synaptic"))]
-    for panel, title, settings, models in sections:
+                 ("reference", "fast", "fast-synaptic", "vanilla", "ff-delay"), 1),
+                ("cost", "Cost of delays (axonal fast engine vs vanilla, N = 256)", cost, ("fast", "vanilla"), 3),
+                ("shd", "SHD setting", [shd], ("reference", "fast"), 1),
+                ("synaptic", "Synaptic vs axonal delays", [synaptic], ("fast", "fast-synaptic"), 1)]
+    for panel, title, settings, models, factor in sections:
+        factor = 1 if args.quick else factor
         log()
-        log(title)
+        log(f"{title}, {factor * args.repeats} repeats")
         for s in settings:
             log(f" {s.describe()}")
-            measured = measure(s, models, args.repeats, clock, log, cache)
+            measured = measure(s, models, factor * args.repeats, clock, log, cache)
             for row in measured:
                 row["panel"] = panel
             rows.extend(measured)

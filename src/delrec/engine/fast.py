@@ -3,18 +3,20 @@
 For the built-in LIF neuron this computes exactly what :func:`reference_recurrence` computes
 (same spikes, same gradients, including the kink convention of ``triangle_kernel``), but:
 
-* **axonal / shared delays** — the delayed trace ``z_j[t] = Σ_k κ_j(k) s_j[t-k]`` is read from
-  running sums ``P0[m] = Σ_{u<m} s[u]`` and ``P1[m] = Σ_{u<m} u·s[u]`` (exact integers held
-  in float64) at three boundaries per neuron, whatever σ and L are: O(B·N) per step, then
-  one GEMM ``z @ Wᵀ``. The backward is a reverse-time loop whose adjoint trace uses the same
-  running-sum formula on future adjoints; weight, delay and spread gradients are formed after
-  the loop, batched over time, from box sums of the spikes. Saved for backward: the spikes
-  (bool), the pre-spike membrane and the trace, O(T·B·N) bytes, independent of the delay range.
+* **axonal / shared delays** — the delayed trace ``z_j[t] = Σ_k κ_j(k) s_j[t-k]`` comes from the
+  running sums of DESIGN §4 kept in recursive form: the second difference of a triangle has
+  three taps, so each step reads three past spikes per neuron and updates a float64 state,
+  O(B·N) whatever σ and L are; then one GEMM ``z Wᵀ``. The backward is a reverse-time loop
+  running the same recursion on the future adjoints; the weight gradient is one GEMM over all
+  steps, and the delay and spread gradients are sums of the adjoint times integer box sums of
+  the spikes recorded during the forward. Saved for backward: spikes (bool), pre-spike
+  membrane, trace (and the int8 box sums when delays/spreads learn), O(T·B·N) bytes,
+  independent of the delay range.
 * **synaptic delays** — each synapse has its own lag, so the recurrent input is one GEMM of
-  the window of the last spikes (only the lags inside some kernel's support) with the
-  lag-stacked weighted kernel: O(B·N²·lags) per step, but no per-step activation storage;
-  the kernel gradient is one GEMM per lag after the loop, and autograd of ``triangle_kernel``
-  carries it to ``W``, ``d`` and the spread.
+  the window of past spikes (the lags inside some kernel's support) with the lag-stacked
+  weighted kernel: O(B·N²·lags) per step, no per-step activation storage; the kernel gradient
+  is one GEMM per lag after the loop, and autograd of ``triangle_kernel`` carries it to ``W``,
+  ``d`` and the spread.
 * **integer delays, no gradient** (eval mode): a ring buffer of the last L spikes,
   O(B·N) per step plus the GEMM (:func:`integer_recurrence`).
 
@@ -29,7 +31,6 @@ from torch import Tensor
 
 from delrec.delays import triangle_kernel
 from delrec.neurons import LIF, LIFParameters
-
 
 
 def supports(neuron) -> bool:
