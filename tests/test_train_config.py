@@ -97,6 +97,8 @@ def test_mackey_glass_default_task():
     assert (config.task, config.model) == ("mackey-glass", "delrec")
     assert (config.data["tau"], config.data["horizon"], config.data["window"]) == (30.0, 20, 150)
     assert config.network["hidden_sizes"] == (128,) and config.network["readout"] == "ema"
+    assert config.network["delay_init"] == "uniform:0:40"
+    assert (config.epochs, config.batch_size, config.max_train_samples) == (20, 64, None)
 
 
 def test_rsnn_gets_gradient_clipping_and_no_position_optimizer():
@@ -120,6 +122,7 @@ def test_overrides_file_then_set_then_flags(tmp_path):
     assert config.network["neuron"]["tau"] == 3.0
     assert config.network["neuron"]["surrogate"] == "triangle"  # untouched preset value
     assert config.network["delay_init"] == "uniform:0:3"
+    assert resolve(overrides=["network.delay_init=0"]).network["delay_init"] == "constant:0"
     assert type(config).from_dict(config.to_dict()) == config
     assert resolve(overrides=["task=digits-8x8", "model=rsnn"]).optim.grad_clip == 1.0
 
@@ -179,6 +182,7 @@ def test_shipped_config_files_resolve():
         Path(__file__).parents[1] / "configs" / "mackey-glass-paper.toml"))
     assert (paper.task, paper.epochs, paper.batch_size) == ("mackey-glass", 100, 512)
     assert paper.optim == preset("mackey-glass").optim
+    assert paper.network["delay_init"] == "uniform:0:20"  # DESIGN §2.4
 
 
 def test_bad_data_value_with_several_seeds_writes_nothing(tmp_path, capsys):
