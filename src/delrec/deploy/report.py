@@ -355,8 +355,7 @@ def _loader(args: argparse.Namespace):
     from delrec.training.loop import eval_loader, load_splits
 
     values = dict(payload["train_config"], **({"data_root": args.data_root} if args.data_root else {}))
-    data = load_splits(TrainConfig.from_dict(values), splits=(args.split,),
-                       permutation=payload.get("data_permutation"))
+    data = load_splits(TrainConfig.from_dict(values), splits=(args.split,), stored=payload)
     return eval_loader(data.datasets[args.split], args.batch_size)
 
 
