@@ -14,6 +14,10 @@ torch RNG seeded with ``seed``; the training loader shuffles with its own genera
 augmentation is a function of (seed, epoch, index). ``last.pt`` stores the RNG and loader
 states, optimizers, schedulers and epoch, so a resumed run ends bit for bit where an
 uninterrupted one does (same device and thread count).
+
+With a :class:`~delrec.training.distributed.DataParallel` (``torchrun``), the Trainer runs
+one shard of every batch and computes what one process computes on the whole batch; rank 0
+alone writes files and logs (``docs/distributed.md``).
 """
 from __future__ import annotations
 
@@ -205,18 +209,25 @@ def eval_loader(dataset, batch_size: int, num_workers: int = 0):
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(network: SpikingNetwork, loader, objective, device: torch.device,
-             keep_outputs: bool = False) -> tuple[dict[str, float], Tensor | None]:
+             keep_outputs: bool = False, dist=None) -> tuple[dict[str, float], Tensor | None]:
     """Metrics of ``network`` in eval mode (integer delays unless a layer's ``integer_eval``
     is off) over ``loader``; with ``keep_outputs``, the predictions / class scores in item
-    order, on the CPU."""
+    order, on the CPU. ``dist``: a DataParallel whose sharded ``loader`` this rank reads;
+    the metrics are those of the whole split."""
     network.eval()
     meter, outputs = objective.meter(), []
-    for frames, lengths, targets in loader:
+    for step, (frames, lengths, targets) in enumerate(loader):
         frames, targets = frames.to(device), targets.to(device)
+        if dist is not None:
+            frames, share = dist.begin_step(loader, step, frames)
+            if share == 0:
+                continue
         loss, output = objective(network(frames), lengths, targets)
         meter.update(loss, output, targets)
         if keep_outputs:
             outputs.append(output.cpu())
+    if dist is not None:
+        dist.reduce_meter(meter)
     return meter.result(), torch.cat(outputs) if keep_outputs else None
 
 
@@ -236,15 +247,21 @@ class Trainer:
     """Trains one seed of one configuration in one run directory.
 
     ``progress``: show a tqdm bar per epoch (on stderr). Use :meth:`fit` then :meth:`test`.
+    ``dist``: this process's :class:`~delrec.training.distributed.DataParallel` in a run of
+    several processes; only rank 0 (``is_main``) logs, writes files and tests.
     """
 
     def __init__(self, config: TrainConfig, run_dir: str | os.PathLike, progress: bool = True,
-                 log=None):
+                 log=None, dist=None):
         self.config = config
         self.run_dir = Path(run_dir)
-        self.progress = progress
+        self.dist = dist
+        self.is_main = dist is None or dist.is_main
+        self.progress = progress and self.is_main
         self.log = log or (lambda message: tqdm.write(message, file=sys.stderr))
-        self.device = resolve_device(config.device)
+        if not self.is_main:
+            self.log = lambda message: None
+        self.device = resolve_device(config.device) if dist is None else dist.device
         if config.threads is not None:
             torch.set_num_threads(config.threads)
 
@@ -253,6 +270,9 @@ class Trainer:
         info = self.data.info
         self.network = build_network(config.network_config(info.input_size, info.output_size),
                                      seed=config.seed).to(self.device)
+        self.train_forward = self.network.forward_with_spikes
+        if dist is not None:
+            self.train_forward = dist.wrap(self.network)
         self.objective = make_objective(info.task, self.network.config.readout,
                                         self.data.standardization)
         self.optimizers = make_optimizers(self.network, config)
@@ -268,6 +288,9 @@ class Trainer:
                                               for k, v in delay_tensors(self.network).items()})
         self.valid_loader = eval_loader(self.data.datasets["valid"], config.eval_batch_size,
                                         config.num_workers)
+        if dist is not None:
+            self.data.train_loader = dist.shard_loader(self.data.train_loader)
+            self.valid_loader = dist.shard_loader(self.valid_loader)
 
     # ------------------------------------------------------------------ paths
     @property
@@ -275,7 +298,9 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def write_config(self) -> None:
-        """``config.json``: the resolved config and the data set's sizes."""
+        """``config.json``: the resolved config and the data set's sizes (rank 0 only)."""
+        if not self.is_main:
+            return
         info = self.data.info
         document = {"config": self.config.to_dict(),
                     "dataset": {"name": info.name, "task": info.task, "input_size": info.input_size,
@@ -303,11 +328,17 @@ class Trainer:
                    dynamic_ncols=True)
         start = time.perf_counter()
         samples = 0
-        for frames, lengths, targets in bar:
+        for step, (frames, lengths, targets) in enumerate(bar):
             frames, targets = frames.to(self.device), targets.to(self.device)
-            output, spikes = network.forward_with_spikes(frames)
+            share = 1.0
+            if self.dist is not None:  # this rank's shard of the batch
+                frames, share = self.dist.begin_step(self.data.train_loader, step, frames)
+            output, spikes = self.train_forward(frames)
             loss, prediction = self.objective(output, lengths, targets)
-            if not torch.isfinite(loss):
+            failed = not torch.isfinite(loss)
+            if self.dist is not None:
+                failed = self.dist.any(failed)
+            if failed:
                 raise TrainingError(
                     f"the training loss became {float(loss)} in epoch {epoch + 1}, batch "
                     f"{batches + 1}; lower optim.lr or set optim.grad_clip (the last good "
@@ -315,6 +346,8 @@ class Trainer:
             total = loss
             if config.rate_penalty > 0:
                 total = loss + config.rate_penalty * spike_penalty(spikes)
+            if self.dist is not None:  # DDP averages over ranks: the whole batch's mean
+                total = total * (self.dist.world_size * share)
             for optimizer in self.optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
             total.backward()
@@ -324,16 +357,21 @@ class Trainer:
                 optimizer.step()
             clamp_delays(network)
 
-            meter.update(loss, prediction, targets)
-            rate_sum += float(torch.stack([s.detach().mean() for s in spikes]).mean())
+            if share > 0:
+                meter.update(loss, prediction, targets)
+                rate_sum += share * float(torch.stack([s.detach().mean() for s in spikes]).mean())
             batches += 1
-            samples += len(targets)
+            samples += len(targets) if self.dist is None else self.dist.shard.size
             running = meter.result()
             metric = self.objective.metric
             bar.set_postfix({"loss": f"{running['loss']:.4g}",
                              metric: f"{running[metric]:.4g}", "σ": f"{sigma:.3g}",
                              "samples/s": f"{samples / (time.perf_counter() - start):.0f}"})
         bar.close()
+        if self.dist is not None:
+            self.dist.reduce_meter(meter)
+            rate_sum = self.dist.sum([rate_sum])[0]
+            self.dist.check_in_sync(network, epoch)
         return {**meter.result(), "firing_rate": rate_sum / batches}
 
     def fit(self, max_epochs_this_run: int | None = None) -> bool:
@@ -353,7 +391,8 @@ class Trainer:
                 self.data.augmented.set_epoch(epoch)
             lrs = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
             train = self.train_epoch(epoch, sigma)
-            valid, _ = evaluate(self.network, self.valid_loader, self.objective, self.device)
+            valid, _ = evaluate(self.network, self.valid_loader, self.objective, self.device,
+                                dist=self.dist)
             for scheduler in self.schedulers.values():
                 if scheduler is not None:
                     scheduler.step()
@@ -376,9 +415,11 @@ class Trainer:
                           else value < state.best_value))
             if better:
                 state.best_epoch, state.best_value = epoch + 1, value
-                atomic_save(self._best_payload(valid), self.checkpoint_dir / "best.pt")
-            atomic_save(self._last_payload(), self.checkpoint_dir / "last.pt")
-            write_metrics(self.run_dir / "metrics.csv", state.history)
+                if self.is_main:
+                    atomic_save(self._best_payload(valid), self.checkpoint_dir / "best.pt")
+            if self.is_main:
+                atomic_save(self._last_payload(), self.checkpoint_dir / "last.pt")
+                write_metrics(self.run_dir / "metrics.csv", state.history)
             done_this_run += 1
             self.log(f"epoch {epoch + 1}/{config.epochs}  σ {sigma:.3g}  "
                      f"train loss {train['loss']:.4g} {metric} {train[metric]:.4g}  "
@@ -432,7 +473,8 @@ class Trainer:
             torch.cuda.set_rng_state(payload["rng"]["cuda"], self.device)
         self.state = RunState(payload["epoch"], payload["best_epoch"], payload["best_value"],
                               list(payload["history"]), dict(payload["initial_delays"]))
-        write_metrics(self.run_dir / "metrics.csv", self.state.history)
+        if self.is_main:
+            write_metrics(self.run_dir / "metrics.csv", self.state.history)
         return True
 
     # ------------------------------------------------------------------ test

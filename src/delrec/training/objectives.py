@@ -50,6 +50,8 @@ class Regression:
 class RegressionMeter:
     """Sums of squared errors and target moments (float64) over the batches of a split."""
 
+    SUMS = ("count", "squared_error", "target_sum", "target_square_sum")  # additive over shards
+
     def __init__(self, scale: float = 1.0):
         self.scale = scale
         self.count, self.squared_error, self.target_sum, self.target_square_sum = 0, 0.0, 0.0, 0.0
@@ -103,6 +105,8 @@ class Classification:
 
 class ClassificationMeter:
     """Loss (weighted by batch size) and correct arg-max predictions over a split."""
+
+    SUMS = ("count", "loss_sum", "correct")  # additive over shards
 
     def __init__(self):
         self.count, self.loss_sum, self.correct = 0, 0.0, 0

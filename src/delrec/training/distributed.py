@@ -1,0 +1,380 @@
+"""Data-parallel training on torch.distributed: K processes that compute what one process computes.
+
+``torchrun --nproc-per-node K -m delrec train …`` starts K copies of ``delrec train``. Each one
+reads its place in the run from the variables torchrun sets (``RANK``, ``LOCAL_RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``); :func:`process_group` joins them, and the
+:class:`DataParallel` it yields gives :class:`~delrec.training.loop.Trainer` its hooks:
+
+- ``batch_size`` is the global batch. Every batch of the single-process loader (same seeded
+  shuffling, same generator draws) is cut into K contiguous shards, one per rank
+  (:class:`ShardedBatches`). Shards differ by at most one item; each rank's loss is weighted
+  by ``K · n_rank / n_batch``, so the gradient that DistributedDataParallel averages is the
+  gradient of the mean loss over the whole batch. A rank whose shard of a short last batch is
+  empty runs the batch's last item as a stand-in with weight 0.
+- Each shard is padded in time to the longest item of the whole batch (variable-length data).
+- BatchNorm statistics are those of the whole batch (:class:`GlobalBatchNorm`).
+- Dropout masks are drawn for the whole batch from the shared, identically seeded torch RNG,
+  and each rank keeps its own rows (:class:`GlobalBatchDropout`; recurrent masks through a
+  forward pre-hook). The masks are those one process would draw.
+- Metrics are sums and counts all-reduced over ranks. After every epoch the ranks compare
+  checksums of their parameters and buffers.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import itertools
+import os
+import re
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, Sampler
+
+from delrec.layers import DelRec
+from delrec.training.config import ConfigError
+from delrec.training.loop import TrainingError
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class Stopped(BaseException):
+    """The launcher stopped this process (SIGTERM), usually because another rank failed."""
+
+
+def world_size() -> int:
+    """The number of processes torchrun started (``WORLD_SIZE``; 1 without torchrun)."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"WORLD_SIZE={value!r} is not a process count; launch with torchrun")
+    return int(value)
+
+
+def rank_label() -> str:
+    """``"[rank R] "`` in a run of several processes, else ``""`` (a prefix for messages)."""
+    return f"[rank {os.environ.get('RANK', '?')}] " if world_size() > 1 else ""
+
+
+# --------------------------------------------------------------------------- sharding
+@dataclass(frozen=True)
+class Shard:
+    """Rows ``start:stop`` of a global batch of ``size`` items. ``start == stop``: this rank's
+    share is empty and it processes the batch's last item as a stand-in, with weight 0."""
+
+    start: int
+    stop: int
+    size: int
+
+    @property
+    def share(self) -> float:
+        """This rank's fraction of the batch (0 for a stand-in)."""
+        return (self.stop - self.start) / self.size
+
+    @property
+    def rows(self) -> slice:
+        """The rows of a whole-batch tensor that this rank processes."""
+        if self.stop > self.start:
+            return slice(self.start, self.stop)
+        return slice(self.size - 1, self.size)
+
+
+def shard_of(size: int, rank: int, world: int) -> Shard:
+    """Rank ``rank``'s contiguous part of a batch of ``size`` items split as evenly as possible."""
+    base, extra = divmod(size, world)
+    start = rank * base + min(rank, extra)
+    return Shard(start, start + base + (1 if rank < extra else 0), size)
+
+
+class ShardedBatches(Sampler):
+    """Rank ``rank``'s shard of every batch of ``batches``, a :class:`BatchSampler` whose own
+    sampler (and so the shuffling and its generator draws) is the single-process one."""
+
+    def __init__(self, batches: BatchSampler, rank: int, world: int):
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield batch[shard_of(len(batch), self.rank, self.world).rows]
+
+    def shard(self, step: int) -> Shard:
+        """The shard of batch ``step`` (0-based) of an epoch."""
+        items, size = len(self.batches.sampler), self.batches.batch_size
+        return shard_of(min(size, items - step * size), self.rank, self.world)
+
+
+# --------------------------------------------------------------------------- whole-batch layers
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient is summed over ranks too."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+
+class GlobalBatchNorm(nn.BatchNorm1d):
+    """:class:`nn.BatchNorm1d` whose training statistics are those of the rows of every rank's
+    shard together (two-pass mean and variance, as one process computes them). Eval mode uses
+    the running statistics, which are the same on every rank. Same parameters and state dict."""
+
+    def __init__(self, norm: nn.BatchNorm1d, parallel: "DataParallel"):
+        super().__init__(norm.num_features, norm.eps, norm.momentum, norm.affine,
+                         norm.track_running_stats)
+        self.load_state_dict(norm.state_dict())
+        self.parallel = parallel
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(x)
+        if x.dim() != 2:
+            raise ValueError(f"GlobalBatchNorm expects (rows, channels), got {tuple(x.shape)}")
+        own = x if self.parallel.shard.share > 0 else x[:0]  # a stand-in adds no statistics
+        totals = _AllReduceSum.apply(torch.cat([own.sum(0), own.new_tensor([own.shape[0]])]))
+        count = totals[-1]
+        mean = totals[:-1] / count
+        centred = x - mean
+        var = _AllReduceSum.apply(centred[:own.shape[0]].pow(2).sum(0)) / count
+        out = centred / torch.sqrt(var + self.eps)
+        if self.affine:
+            out = out * self.weight + self.bias
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = (self.momentum if self.momentum is not None
+                          else 1.0 / float(self.num_batches_tracked))
+                unbiased = var * count / (count - 1).clamp_min(1)
+                self.running_mean.mul_(1 - factor).add_(factor * mean)
+                self.running_var.mul_(1 - factor).add_(factor * unbiased)
+        return out
+
+
+def _whole_batch_like(x: Tensor, dim: int, size: int, fill: float) -> Tensor:
+    """A tensor filled with ``fill`` like ``x`` (dtype, device, order of dimensions in memory)
+    with ``size`` entries along ``dim``: random draws on it land on the elements that one
+    process's whole-batch tensor would get."""
+    shape = list(x.shape)
+    shape[dim] = size
+    order = sorted(range(x.dim()), key=x.stride, reverse=True)  # outermost first, stable
+    stored = torch.full([shape[d] for d in order], fill, dtype=x.dtype, device=x.device)
+    return stored.permute([order.index(d) for d in range(x.dim())])
+
+
+class GlobalBatchDropout(nn.Module):
+    """:class:`nn.Dropout` of time-major ``(T, B, N)`` input whose mask is drawn for the whole
+    batch (the random draws of one process); this rank applies its own rows of it."""
+
+    def __init__(self, p: float, parallel: "DataParallel"):
+        super().__init__()
+        self.p, self.parallel = p, parallel
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        shard = self.parallel.shard
+        noise = F.dropout(_whole_batch_like(x, 1, shard.size, 1.0), self.p, training=True)
+        return x * noise[:, shard.rows]
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class _SpikesForward(nn.Module):
+    """``network.forward_with_spikes`` as a module's forward, for DistributedDataParallel."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, frames: Tensor):
+        return self.network.forward_with_spikes(frames)
+
+
+# --------------------------------------------------------------------------- one process
+class DataParallel:
+    """This process's place in a data-parallel run and the hooks the Trainer calls."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device, backend: str):
+        self.rank, self.world_size, self.device, self.backend = rank, world_size, device, backend
+        self.is_main = rank == 0
+        self.shard = Shard(0, 1, 1)  # the current batch's rows, set by begin_step
+        self._comm_device = device if backend == "nccl" else torch.device("cpu")
+
+    # ------------------------------------------------------------------ setup
+    def wrap(self, network: nn.Module) -> DistributedDataParallel:
+        """Give ``network`` whole-batch BatchNorm and dropout (in place; same parameters) and
+        return its training forward ``frames → (readout, spikes)`` under
+        DistributedDataParallel, which all-reduces the gradients."""
+        for module in list(network.modules()):
+            for name, child in list(module.named_children()):
+                if type(child) is nn.BatchNorm1d:
+                    setattr(module, name, GlobalBatchNorm(child, self).to(self.device))
+                elif type(child) is nn.Dropout:
+                    setattr(module, name, GlobalBatchDropout(child.p, self))
+        for module in network.modules():
+            if isinstance(module, DelRec) and module.recurrent_dropout > 0:
+                module.register_forward_pre_hook(self._recurrent_mask, with_kwargs=True)
+        return DistributedDataParallel(
+            _SpikesForward(network), device_ids=[self.device] if self.device.type == "cuda" else None,
+            broadcast_buffers=False)  # buffers stay equal: whole-batch statistics on every rank
+
+    def _recurrent_mask(self, layer: DelRec, args: tuple, kwargs: dict):
+        """DelRec pre-hook: this rank's rows of the recurrent dropout mask of the whole batch,
+        drawn exactly as the layer draws it."""
+        if not layer.training or kwargs.get("dropout_mask") is not None:
+            return None
+        keep = 1.0 - layer.recurrent_dropout
+        first_step = args[0][0]  # (B, N)
+        whole = torch.bernoulli(_whole_batch_like(first_step, 0, self.shard.size, keep)) / keep
+        return args, {**kwargs, "dropout_mask": whole[self.shard.rows]}
+
+    def shard_loader(self, loader: DataLoader) -> DataLoader:
+        """This rank's loader: the batches of ``loader`` (same order, same generator), each cut
+        to this rank's shard."""
+        return DataLoader(loader.dataset, batch_sampler=ShardedBatches(
+            loader.batch_sampler, self.rank, self.world_size), num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn, generator=loader.generator)
+
+    def agree(self, value):
+        """Rank 0's ``value`` (any picklable object) on every rank."""
+        values = [value]
+        dist.broadcast_object_list(values, src=0)
+        return values[0]
+
+    # ------------------------------------------------------------------ every batch
+    def begin_step(self, loader: DataLoader, step: int, frames: Tensor) -> tuple[Tensor, float]:
+        """Enter batch ``step`` of ``loader``: pad ``frames`` in time to the whole batch's
+        longest item; returns them and this rank's share of the batch (0 for a stand-in)."""
+        self.shard = loader.batch_sampler.shard(step)
+        steps = int(self._all_reduce(torch.tensor([frames.shape[0]]), dist.ReduceOp.MAX)[0])
+        if steps > frames.shape[0]:
+            frames = F.pad(frames, (0, 0, 0, 0, 0, steps - frames.shape[0]))
+        return frames, self.shard.share
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any."""
+        return bool(self._all_reduce(torch.tensor([float(flag)]), dist.ReduceOp.MAX)[0])
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over ranks (float64)."""
+        return self._all_reduce(torch.tensor(values, dtype=torch.float64)).tolist()
+
+    def _all_reduce(self, tensor: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
+        tensor = tensor.to(self._comm_device)
+        dist.all_reduce(tensor, op=op)
+        return tensor.cpu()
+
+    # ------------------------------------------------------------------ every epoch
+    def reduce_meter(self, meter) -> None:
+        """Replace the sums and counts of ``meter`` (named in its ``SUMS``) by their totals."""
+        totals = self.sum([float(getattr(meter, name)) for name in meter.SUMS])
+        for name, total in zip(meter.SUMS, totals):
+            setattr(meter, name, type(getattr(meter, name))(total))
+
+    def check_in_sync(self, network: nn.Module, epoch: int) -> None:
+        """Raise :class:`TrainingError` unless every rank holds the same parameters and buffers
+        (compared through per-tensor sums and sums of squares)."""
+        tensors = [t.detach().double() for t in itertools.chain(network.parameters(),
+                                                                 network.buffers())]
+        sums = torch.stack([t.sum() for t in tensors] + [t.pow(2).sum() for t in tensors])
+        bounds = self._all_reduce(torch.cat([sums, -sums]).cpu(), dist.ReduceOp.MAX)
+        if not torch.equal(bounds[:len(sums)], -bounds[len(sums):]):
+            raise TrainingError(f"the processes' networks differ after epoch {epoch + 1}; "
+                                "a layer draws randomness or keeps state this run cannot share")
+
+
+# --------------------------------------------------------------------------- process group
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "cuda":
+        raise ConfigError(f"device {name!r}: with several processes each one takes the GPU of "
+                          "its local rank; use --device cuda, auto or cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} "
+                          "visible); start at most one process per GPU (--nproc-per-node)")
+    return torch.device("cuda", local_rank)
+
+
+def _stop(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def process_group(device: str, backend: str | None = None,
+                  timeout_s: float = DEFAULT_TIMEOUT_S):
+    """Join the other processes when torchrun started several (``WORLD_SIZE`` > 1) and yield
+    this one's :class:`DataParallel`; yield ``None`` in a single process.
+
+    ``device``: the config's device (each process takes ``cuda:LOCAL_RANK`` or the CPU);
+    ``backend``: ``None`` for nccl on CUDA and gloo on the CPU; ``timeout_s``: how long a
+    collective operation (and the start-up rendezvous) waits for a silent process before it
+    fails. SIGTERM (torchrun stopping the others after one failed) raises :class:`Stopped`.
+    """
+    world = world_size()
+    if world == 1:
+        yield None
+        return
+    if timeout_s <= 0:
+        raise ConfigError(f"--dist-timeout must be > 0 seconds, got {timeout_s}")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    torch_device = _device(device, local_rank)
+    backend = backend or ("nccl" if torch_device.type == "cuda" else "gloo")
+    if not dist.is_backend_available(backend):
+        raise ConfigError(f"torch.distributed backend {backend!r} is not available in this torch "
+                          "build; use --dist-backend gloo (CPU, CUDA) or nccl (CUDA)")
+    if backend == "nccl" and torch_device.type != "cuda":
+        raise ConfigError("the nccl backend needs CUDA devices; use --dist-backend gloo on CPU")
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            yield DataParallel(rank, world, torch_device, backend)
+        finally:
+            dist.destroy_process_group()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def is_process_failure(error: BaseException) -> bool:
+    """Whether ``error`` says another process failed or went silent (not a bug of this one)."""
+    if isinstance(error, (Stopped, dist.DistError)):
+        return True
+    return isinstance(error, RuntimeError) and re.search(
+        r"gloo|nccl|connection (closed|reset|refused)|timed out", str(error), re.I) is not None
+
+
+def failure_message(error: BaseException, run_dir: Path, processes: int) -> str:
+    """What happened, where the last good checkpoint is and how to continue."""
+    if isinstance(error, Stopped):
+        what = (f"stopped by {error} (torchrun stops every process when one fails; the "
+                "failing one is reported above)")
+    else:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        what = f"lost contact with the other processes ({first_line})"
+    last = run_dir / "checkpoints" / "last.pt"
+    if last.is_file():
+        where = f"the last complete epoch is saved in {last}"
+    else:
+        where = "no epoch was complete, so nothing was saved"
+    return (f"{what}; {where}. Continue with: torchrun --nproc-per-node {processes} "
+            f"-m delrec train --resume {run_dir}")
