@@ -58,7 +58,8 @@ def world_size() -> int:
 
 def rank_label() -> str:
     """``"[rank R] "`` in a run of several processes, else ``""`` (a prefix for messages)."""
-    return f"[rank {os.environ.get('RANK', '?')}] " if world_size() > 1 else ""
+    several = os.environ.get("WORLD_SIZE", "1") not in ("", "1")
+    return f"[rank {os.environ.get('RANK', '?')}] " if several else ""
 
 
 # --------------------------------------------------------------------------- sharding
@@ -229,9 +230,8 @@ class DataParallel:
         for module in network.modules():
             if isinstance(module, DelRec) and module.recurrent_dropout > 0:
                 module.register_forward_pre_hook(self._recurrent_mask, with_kwargs=True)
-        return DistributedDataParallel(
-            _SpikesForward(network), device_ids=[self.device] if self.device.type == "cuda" else None,
-            broadcast_buffers=False)  # buffers stay equal: whole-batch statistics on every rank
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        return DistributedDataParallel(_SpikesForward(network), device_ids=device_ids)
 
     def _recurrent_mask(self, layer: DelRec, args: tuple, kwargs: dict):
         """DelRec pre-hook: this rank's rows of the recurrent dropout mask of the whole batch,

@@ -1,5 +1,7 @@
 """`delrec train`: train a preset (default: Mackey-Glass with learned delays), resume a run,
-or run several seeds; human-readable progress on stderr, one JSON summary line on stdout."""
+or run several seeds (one after another, or side by side with ``--parallel``); under
+``torchrun`` one run is trained by several processes (``docs/distributed.md``).
+Human-readable progress on stderr, one JSON summary line on stdout."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +17,11 @@ from delrec.data import DataError
 from delrec.models import MODELS
 from delrec.training.config import (ConfigError, TASKS, TrainConfig, load_config_file,
                                     resolve)
+from delrec.training.distributed import (DEFAULT_TIMEOUT_S, Stopped, failure_message,
+                                         is_process_failure, process_group, rank_label,
+                                         world_size)
 from delrec.training.loop import Trainer, TrainingError
+from delrec.training.parallel_seeds import run_seed_processes
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -36,6 +42,9 @@ def add_parser(subparsers) -> None:
     seeds.add_argument("--seed", type=int, help="random seed (default 0)")
     seeds.add_argument("--seeds", metavar="SPEC",
                        help="several seeds, e.g. 0-4 or 0,3,7: one run each, then mean ± std")
+    parser.add_argument("--parallel", type=int, metavar="K",
+                        help="with --seeds: run K seeds at once as separate processes (one GPU "
+                        "each when there are GPUs)")
     parser.add_argument("--device", help="auto (CUDA when available), cpu, cuda, cuda:N")
     parser.add_argument("--data-root", help="folder of the data set's files")
     parser.add_argument("--run-dir", type=Path,
@@ -47,6 +56,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration as JSON and exit")
+    parser.add_argument("--dist-backend", metavar="NAME",
+                        help="under torchrun: torch.distributed backend (default nccl on CUDA, "
+                        "gloo on the CPU)")
+    parser.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        metavar="SECONDS", help="under torchrun: how long a process waits for a "
+                        f"silent one before the run stops (default {DEFAULT_TIMEOUT_S:.0f})")
     parser.set_defaults(run=run)
 
 
@@ -68,19 +83,62 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = _train(args)
     except (ConfigError, DataError, CheckpointError) as error:
-        print(f"delrec train: error: {error}", file=sys.stderr)
+        print(f"delrec train: error: {rank_label()}{error}", file=sys.stderr)
         return 2
     except TrainingError as error:
-        print(f"delrec train: error: {error}", file=sys.stderr)
+        print(f"delrec train: error: {rank_label()}{error}", file=sys.stderr)
         return 1
-    if summary is not None:
-        print(json.dumps(summary), flush=True)
-    return 0
+    if summary is None:  # --print-config, or a rank other than 0 of a distributed run
+        return 0
+    print(json.dumps(summary), flush=True)
+    return 1 if summary["status"] == "failed" else 0
+
+
+def _check_launch(args: argparse.Namespace) -> None:
+    if args.max_epochs_this_run is not None and args.max_epochs_this_run < 1:
+        raise ConfigError("--max-epochs-this-run must be >= 1")
+    processes = world_size()
+    if args.parallel is not None:
+        if args.parallel < 1:
+            raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
+        if processes > 1:
+            raise ConfigError("--parallel starts its own processes; run it without torchrun")
+        if args.seeds is None and args.resume is None:
+            raise ConfigError("--parallel K runs the seeds of --seeds side by side; "
+                              "give --seeds too")
+    if processes > 1 and args.seeds is not None:
+        raise ConfigError("under torchrun the processes share each batch of one seed; launch "
+                          "one seed per torchrun, or use --seeds … --parallel K without torchrun")
+
+
+def _distributed_run(config: TrainConfig, run_dir: Path | None, args: argparse.Namespace,
+                     resume: bool) -> dict | None:
+    """One run, by this process alone or with the others torchrun started; a run directory of
+    ``None`` is chosen by rank 0."""
+    with process_group(config.device, args.dist_backend, args.dist_timeout) as dist:
+        if run_dir is None:
+            run_dir = _default_run_dir(config)
+            if dist is not None:
+                run_dir = dist.agree(run_dir)
+        if not resume:
+            _check_new_run_dir(run_dir)
+        try:
+            trainer = Trainer(config, run_dir, progress=not args.no_progress, dist=dist)
+            return train_one(trainer, args.max_epochs_this_run, resume=resume)
+        except (RuntimeError, Stopped) as error:
+            if dist is None or isinstance(error, TrainingError) or not is_process_failure(error):
+                raise
+            raise TrainingError(failure_message(error, run_dir, dist.world_size)) from None
+
+
+def _check_new_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run directory {run_dir} already exists and is not empty; pick "
+                          f"another --run-dir or continue it with --resume {run_dir}")
 
 
 def _train(args: argparse.Namespace) -> dict | None:
-    if args.max_epochs_this_run is not None and args.max_epochs_this_run < 1:
-        raise ConfigError("--max-epochs-this-run must be >= 1")
+    _check_launch(args)
     if args.resume is not None:
         return _resume(args)
     seeds = parse_seeds(args.seeds) if args.seeds else None
@@ -93,13 +151,13 @@ def _train(args: argparse.Namespace) -> dict | None:
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return None
-    run_dir = args.run_dir or _default_run_dir(config)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"run directory {run_dir} already exists and is not empty; pick "
-                          f"another --run-dir or continue it with --resume {run_dir}")
     if seeds is None:
-        return train_one(Trainer(config, run_dir, progress=not args.no_progress),
-                         args.max_epochs_this_run)
+        return _distributed_run(config, args.run_dir, args, resume=False)
+    run_dir = args.run_dir or _default_run_dir(config)
+    _check_new_run_dir(run_dir)
+    if args.parallel is not None:
+        return train_seeds_parallel(config, seeds, run_dir, args.parallel,
+                                    args.max_epochs_this_run)
     return train_seeds(config, seeds, run_dir, args.max_epochs_this_run, not args.no_progress)
 
 
@@ -114,12 +172,19 @@ def _resume(args: argparse.Namespace) -> dict:
     run_dir = args.resume
     changes = {"device": args.device, "data_root": args.data_root}
     if (run_dir / "config.json").is_file():
+        if args.parallel is not None:
+            raise ConfigError(f"{run_dir} is a single run; --parallel resumes a run of --seeds")
         config = _with_changes(json.loads((run_dir / "config.json").read_text())["config"], changes)
-        return train_one(Trainer(config, run_dir, progress=not args.no_progress),
-                         args.max_epochs_this_run, resume=True)
+        return _distributed_run(config, run_dir, args, resume=True)
     if (run_dir / "seeds.json").is_file():
+        if world_size() > 1:
+            raise ConfigError(f"{run_dir} holds several seeds; resume it without torchrun "
+                              "(--parallel K runs them side by side)")
         document = json.loads((run_dir / "seeds.json").read_text())
         config = _with_changes(document["config"], changes)
+        if args.parallel is not None:
+            return train_seeds_parallel(config, document["seeds"], run_dir, args.parallel,
+                                        args.max_epochs_this_run)
         return train_seeds(config, document["seeds"], run_dir, args.max_epochs_this_run,
                            not args.no_progress)
     raise CheckpointError(f"{run_dir} is not a run directory (no config.json or seeds.json); "
@@ -143,8 +208,9 @@ def _default_run_dir(config: TrainConfig) -> Path:
 
 
 def train_one(trainer: Trainer, max_epochs_this_run: int | None = None,
-              resume: bool = False) -> dict:
-    """Train (or continue, with ``resume``) the run of ``trainer``; returns its summary.
+              resume: bool = False) -> dict | None:
+    """Train (or continue, with ``resume``) the run of ``trainer``; returns its summary (None
+    on the ranks of a distributed run other than 0, which stop after training).
     Nothing is written before the trainer exists, i.e. before its data has loaded."""
     config, run_dir, log = trainer.config, trainer.run_dir, trainer.log
     if resume:
@@ -158,6 +224,8 @@ def train_one(trainer: Trainer, max_epochs_this_run: int | None = None,
         f"device {trainer.device}")
     start = time.perf_counter()
     complete = trainer.fit(max_epochs_this_run)
+    if not trainer.is_main:
+        return None
     summary = {"status": "complete" if complete else "interrupted", "run_dir": str(run_dir),
                "task": config.task, "model": config.model, "seed": config.seed,
                "epochs_done": trainer.state.epoch, "epochs": config.epochs,
@@ -195,6 +263,33 @@ def train_seeds(config: TrainConfig, seeds: list[int], run_dir: Path,
         if summary["status"] != "complete":
             return {"status": "interrupted", "run_dir": str(run_dir), "seeds": seeds,
                     "runs": runs}
+    return summarize_seeds(config, seeds, run_dir, runs)
+
+
+def train_seeds_parallel(config: TrainConfig, seeds: list[int], run_dir: Path, workers: int,
+                         max_epochs_this_run: int | None) -> dict:
+    """:func:`train_seeds` with ``workers`` seeds at a time, each a ``delrec train`` process
+    (one GPU each when there are GPUs). A failing seed does not stop the others; it is reported
+    and the summary's status is ``"failed"``."""
+    runs, failures = run_seed_processes(config, seeds, run_dir, workers, max_epochs_this_run)
+    if failures:
+        for seed, reason in sorted(failures.items()):
+            print(f"delrec train: error: seed {seed} failed ({reason}); its run is "
+                  f"{run_dir / f'seed-{seed}'}", file=sys.stderr)
+        print(f"delrec train: {len(runs)} of {len(seeds)} seeds ended cleanly; continue with "
+              f"`delrec train --resume {run_dir} --parallel {workers}`", file=sys.stderr)
+        return {"status": "failed", "run_dir": str(run_dir), "seeds": seeds,
+                "failed": {str(seed): reason for seed, reason in sorted(failures.items())},
+                "runs": runs}
+    if any(r["status"] != "complete" for r in runs):
+        return {"status": "interrupted", "run_dir": str(run_dir), "seeds": seeds, "runs": runs}
+    return summarize_seeds(config, seeds, run_dir, runs)
+
+
+def summarize_seeds(config: TrainConfig, seeds: list[int], run_dir: Path,
+                    runs: list[dict]) -> dict:
+    """Mean ± std (population std, as the paper's scripts) of every test metric over the
+    complete ``runs`` (in the order of ``seeds``), written to ``summary.json``."""
     metrics = sorted(runs[0]["test"])
     aggregate = {k: {"mean": statistics.fmean(r["test"][k] for r in runs),
                      "std": statistics.pstdev(r["test"][k] for r in runs),
