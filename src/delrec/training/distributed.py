@@ -337,7 +337,9 @@ def process_group(device: str, backend: str | None = None,
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     torch_device = _device(device, local_rank)
     backend = backend or ("nccl" if torch_device.type == "cuda" else "gloo")
-    if not dist.is_backend_available(backend):
+    available = {"gloo": dist.is_gloo_available, "nccl": dist.is_nccl_available,
+                 "mpi": dist.is_mpi_available}
+    if backend not in available or not available[backend]():
         raise ConfigError(f"torch.distributed backend {backend!r} is not available in this torch "
                           "build; use --dist-backend gloo (CPU, CUDA) or nccl (CUDA)")
     if backend == "nccl" and torch_device.type != "cuda":

@@ -67,7 +67,7 @@ class SeedProcess:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True, env=env, start_new_session=True)
-        self.tail: deque[str] = deque(maxlen=20)
+        self.tail: deque[str] = deque(maxlen=50)
         self.stdout: list[str] = []
         self.readers = [threading.Thread(target=self._forward_stderr, daemon=True),
                         threading.Thread(target=self._collect_stdout, daemon=True)]
@@ -90,8 +90,10 @@ class SeedProcess:
         code = self.process.wait()
         if code == 0 and self.stdout:
             return json.loads(self.stdout[-1]), None
-        last = next((line for line in reversed(self.tail) if line.strip()), "no output")
-        return None, f"exit code {code}: {last}"
+        lines = [line.strip() for line in self.tail if line.strip()] or ["no output"]
+        errors = [i for i, line in enumerate(lines) if line.startswith("delrec train: error:")]
+        message = " ".join(lines[errors[-1] if errors else -1:])
+        return None, f"exit code {code}: {message.removeprefix('delrec train: error: ')}"
 
     def stop(self) -> None:
         """End the child and everything it started (its own process group)."""

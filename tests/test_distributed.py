@@ -1,0 +1,247 @@
+"""Data-parallel training (torchrun, two CPU processes on gloo over 127.0.0.1) and seeds run
+side by side (``--parallel``): the same numbers as one process, one set of files, a clear stop
+when a process dies, and a resume that continues the run."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from delrec.checkpoint import load_checkpoint
+from delrec.cli import main
+from delrec.data import make_loader
+from delrec.training import Trainer, TrainConfig
+from delrec.training.distributed import DataParallel
+from test_train_run import read_metrics, write_heidelberg
+
+ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+RUN_TIMEOUT_S = 120
+RUN_FILES = {"config.json", "metrics.csv", "test_results.json", "checkpoints/best.pt",
+             "checkpoints/last.pt", "figures/learning_curves.png", "figures/delays.png",
+             "figures/raster.png"}
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(*args: str) -> list[str]:
+    """Two CPU processes on this machine, rendezvous on 127.0.0.1."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+            "-m", "delrec", "train", "--device", "cpu", "--dist-timeout", "30", *args]
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@contextmanager
+def launched(command: list[str]):
+    """``command`` in its own session; it and its workers (torchrun starts each in a session of
+    its own) are killed on the way out."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=ENV, start_new_session=True)
+    try:
+        yield process
+    finally:
+        for pid in [*children(process.pid), process.pid]:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        process.communicate()
+
+
+def run_torchrun(*args: str) -> tuple[dict, str]:
+    with launched(torchrun(*args)) as process:
+        out, err = process.communicate(timeout=RUN_TIMEOUT_S)
+    assert process.returncode == 0, err[-3000:]
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out  # rank 0 alone prints the summary
+    return json.loads(lines[0]), err
+
+
+def files_of(run_dir: Path) -> set[str]:
+    return {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()}
+
+
+def single_process(run_dir: Path, tmp_path: Path) -> Trainer:
+    """The run's configuration trained by one process."""
+    config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text())["config"])
+    trainer = Trainer(config, tmp_path / "single", progress=False, log=lambda message: None)
+    trainer.fit()
+    return trainer
+
+
+def assert_same_network(run_dir: Path, trainer: Trainer) -> None:
+    trained = load_checkpoint(run_dir, "last")["model"]
+    reference = trainer.network.state_dict()
+    assert trained.keys() == reference.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_two_processes_train_like_one_on_the_whole_batch(tmp_path):
+    # SHD: BatchNorm over T·B frames, variable lengths, ×3 augmentation, dropout 0.4 and
+    # recurrent dropout 0.2, the "lif" readout. Batches of 13 split 7 + 6 (a last one of 5:
+    # 3 + 2). No bias in front of BatchNorm: its true gradient is 0, and Adam turns the
+    # rounding noise of a zero gradient into steps of size lr.
+    root = tmp_path / "shd"
+    root.mkdir()
+    write_heidelberg(root / "shd_train.h5", 40, seed=1)
+    write_heidelberg(root / "shd_test.h5", 20, seed=2)
+    run_dir = tmp_path / "run"
+    summary, _ = run_torchrun(
+        "--task", "shd", "--data-root", str(root), "--epochs", "2", "--run-dir", str(run_dir),
+        "--set", "network.hidden_sizes=[8,8]", "network.bias=false", "batch_size=13",
+        "threads=1", "--no-progress")
+    assert summary["status"] == "complete" and summary["epochs_done"] == 2
+    assert files_of(run_dir) == RUN_FILES
+
+    trainer = single_process(run_dir, tmp_path)
+    assert_same_network(run_dir, trainer)
+    for row, expected in zip(read_metrics(run_dir), trainer.state.history, strict=True):
+        for column in ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy",
+                       "firing_rate", "sigma", "delay_mean_rec1"):
+            assert float(row[column]) == pytest.approx(expected[column], rel=1e-6), column
+
+
+def start_ranks(*args: str) -> list[subprocess.Popen]:
+    """The two processes of a run started by hand with torchrun's variables (no launcher to
+    stop the others when one dies)."""
+    port = str(free_port())
+    return [subprocess.Popen(
+        [sys.executable, "-m", "delrec", "train", "--device", "cpu", "--dist-timeout", "30", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+             "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+        for rank in range(2)]
+
+
+@contextmanager
+def ranks_started(*args: str):
+    processes = start_ranks(*args)
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+
+
+def test_a_killed_process_stops_the_run_and_resume_continues_it(tmp_path):
+    run_dir = tmp_path / "run"
+    settings = ["--task", "digits-8x8", "--set", "max_train_samples=200",
+                "network.hidden_sizes=[8]", "batch_size=32", "--no-progress"]
+    with ranks_started("--epochs", "4", "--run-dir", str(run_dir), *settings) as (main_rank,
+                                                                                  other):
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not (run_dir / "checkpoints" / "last.pt").exists():
+            assert main_rank.poll() is None and time.monotonic() < deadline, "no epoch finished"
+            time.sleep(0.02)
+        os.kill(other.pid, signal.SIGKILL)
+        _, err = main_rank.communicate(timeout=RUN_TIMEOUT_S)  # stops by itself, no hang
+    assert main_rank.returncode == 1
+    assert "delrec train: error: [rank 0] lost contact with the other processes" in err
+    assert f"torchrun --nproc-per-node 2 -m delrec train --resume {run_dir}" in err
+
+    epoch = load_checkpoint(run_dir, "last")["epoch"]  # intact
+    assert 1 <= epoch < 4
+    assert len(read_metrics(run_dir)) == epoch
+    assert not any(name.endswith(".tmp") for name in files_of(run_dir))
+
+    with ranks_started("--resume", str(run_dir), "--no-progress") as processes:
+        outputs = [process.communicate(timeout=RUN_TIMEOUT_S) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs[0][1][-3000:]
+    assert outputs[1][0] == ""  # rank 0 alone reports
+    summary = json.loads(outputs[0][0])
+    assert summary["status"] == "complete" and summary["epochs_done"] == 4
+    assert len(read_metrics(run_dir)) == 4
+    assert_same_network(run_dir, single_process(run_dir, tmp_path))
+
+
+TINY_DIGITS = ["--task", "digits-8x8", "--epochs", "2", "--set", "max_train_samples=64",
+               "network.hidden_sizes=[8]", "batch_size=32", "--no-progress"]
+
+
+def test_parallel_seeds_match_sequential_and_a_failing_seed_is_reported(tmp_path, capsys):
+    assert main(["train", "--seeds", "0-1", "--run-dir", str(tmp_path / "seq"), *TINY_DIGITS]) == 0
+    sequential = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    parallel_dir = tmp_path / "par"
+    assert main(["train", "--seeds", "0-1", "--parallel", "2", "--run-dir", str(parallel_dir),
+                 *TINY_DIGITS]) == 0
+    captured = capsys.readouterr()
+    parallel = json.loads(captured.out.strip().splitlines()[-1])
+    assert parallel["test"] == sequential["test"]
+    assert "[seed 1] epoch 2/2" in captured.err
+    assert json.loads((parallel_dir / "summary.json").read_text())["test"] == sequential["test"]
+
+    (parallel_dir / "seed-1" / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    assert main(["train", "--resume", str(parallel_dir), "--parallel", "2", "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    report = json.loads(captured.out.strip().splitlines()[-1])
+    assert report["status"] == "failed" and list(report["failed"]) == ["1"]
+    assert "corrupt" in report["failed"]["1"]
+    assert "seed 1 failed (exit code 2" in captured.err
+    assert [run["seed"] for run in report["runs"]] == [0]
+
+
+def test_shards_cut_the_batches_of_the_single_process_loader():
+    items, batch, world = 17, 8, 3  # batches of 8, 8 and 1: ranks 1 and 2 get a stand-in
+    data = [(torch.zeros(1, 1), i) for i in range(items)]
+    single = make_loader(data, batch, shuffle=True, seed=5)
+    ranks = [DataParallel(rank, world, torch.device("cpu"), "gloo").shard_loader(
+        make_loader(data, batch, shuffle=True, seed=5)) for rank in range(world)]
+    for _ in range(2):  # two epochs: the shuffling generator advances as in one process
+        wholes = [b.targets.tolist() for b in single]
+        shards = [[b.targets.tolist() for b in loader] for loader in ranks]
+        assert all(len(rank) == len(wholes) == 3 for rank in shards)
+        for step, whole in enumerate(wholes):
+            parts = [loader.batch_sampler.shard(step) for loader in ranks]
+            assert sum(part.share for part in parts) == pytest.approx(1.0)
+            assert [i for part, rank in zip(parts, shards) if part.share
+                    for i in rank[step]] == whole
+            assert all(rank[step] == whole[-1:] for part, rank in zip(parts, shards)
+                       if not part.share)
+        assert all(torch.equal(loader.generator.get_state(), single.generator.get_state())
+                   for loader in ranks)
+
+
+def test_launch_mistakes_are_refused(tmp_path, capsys, monkeypatch):
+    assert main(["train", "--parallel", "2", "--run-dir", str(tmp_path / "a")]) == 2
+    assert "give --seeds too" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--seeds", "0-1", "--run-dir", str(tmp_path / "b")]) == 2
+    assert "[rank 1] under torchrun" in capsys.readouterr().err
+    assert main(["train", "--seeds", "0-1", "--parallel", "2"]) == 2
+    assert "without torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
