@@ -206,7 +206,7 @@ def grids(quick: bool):
     """(size panel settings, delay panel settings, cost-of-delays settings, SHD setting, synaptic)."""
     batch = 32
     sizes = [64, 256] if quick else [64, 128, 256, 512, 1024]
-    max_delays = [10, 30] if quick else [10, 30, 60, 90, 120]
+    max_delays = [10, 20] if quick else [10, 30, 60, 90, 120]
     size_panel = [Setting(n, batch, 10, 10) for n in sizes]
     delay_panel = [Setting(256, batch, d, 10) for d in max_delays]
     cost = [Setting(256, b, d, sig) for b in ([32] if quick else [32, 128])
@@ -217,7 +217,7 @@ def grids(quick: bool):
 
 
 def run(args) -> int:
-    torch.set_num_threads(args.threads or torch.get_num_threads())
+    torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (3 if args.quick else 5)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     out = Path(args.out)
@@ -390,7 +390,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", default="bench-out", help="output directory (default: bench-out/)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats per model, median kept (default 3 with --quick, else 5)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: reproducible, and no spinning threads on a shared machine)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall-clock time, or this process's CPU time (steadier on a shared machine)")
     p.set_defaults(run=run)

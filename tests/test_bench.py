@@ -1,0 +1,36 @@
+"""`delrec bench` on a tiny grid: every model measured, targets judged, skips said, files written."""
+import csv
+
+from delrec import bench
+from delrec.cli import main
+
+
+def tiny_grids(quick):
+    size_panel = [bench.Setting(8, 2, 3, 1), bench.Setting(16, 2, 3, 1)]
+    delay_panel = [bench.Setting(8, 2, 3, 1), bench.Setting(8, 2, 6, 1)]
+    cost = [bench.Setting(8, 2, d, s) for d in (3, 6) for s in (0, 1)]
+    return size_panel, delay_panel, cost, bench.Setting(8, 2, 6, 1, min_delay=2), bench.Setting(8, 2, 3, 1)
+
+
+def test_bench_writes_the_four_panels_and_judges_the_targets(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "STEPS", 6)
+    monkeypatch.setattr(bench, "grids", tiny_grids)
+    monkeypatch.setattr(bench, "MAX_MACS", 2 * 3 * 6 * 2 * 8**2 * 10)  # reference, synaptic: N = 8 only
+    assert main(["bench", "--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    size_models = {(r["size"], r["model"]) for r in rows if r["panel"] == "size"}
+    assert {m for n, m in size_models if n == "8"} == set(bench.MODELS)
+    assert ("16", "reference") not in size_models and "reference loop skipped at N=16" in printed
+    assert ("16", "fast-synaptic") not in size_models and "synaptic engine skipped at N=16" in printed
+    assert all(float(r["time_ms"]) > 0 and float(r["saved_mb"]) > 0 for r in rows)
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    assert (tmp_path / "bench.txt").read_text().count("\n") > 20
+
+    verdicts = [line for line in printed.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert sum("cost of delays" in v for v in verdicts) == 4
+    assert sum("memory saved for backward" in v for v in verdicts) == 2
+    assert any("flat in the delay" in v for v in verdicts)      # the fast engine keeps the same bytes
+    assert any("SHD setting" in v for v in verdicts) and any("synaptic vs axonal" in v for v in verdicts)
+    assert "torch " in printed and "thread(s)" in printed
