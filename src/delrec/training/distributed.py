@@ -44,7 +44,7 @@ from delrec.training.loop import TrainingError
 DEFAULT_TIMEOUT_S = 600.0
 
 
-class Stopped(BaseException):
+class Stopped(KeyboardInterrupt):
     """The launcher stopped this process (SIGTERM), usually because another rank failed."""
 
 
@@ -368,8 +368,8 @@ def is_process_failure(error: BaseException) -> bool:
 def failure_message(error: BaseException, run_dir: Path, processes: int) -> str:
     """What happened, where the last good checkpoint is and how to continue."""
     if isinstance(error, Stopped):
-        what = (f"stopped by {error} (torchrun stops every process when one fails; the "
-                "failing one is reported above)")
+        what = (f"stopped by {error} (torchrun sends it to every process when one fails, "
+                "and reports the failing one)")
     else:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         what = f"lost contact with the other processes ({first_line})"
