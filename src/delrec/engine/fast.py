@@ -67,8 +67,9 @@ class _LIF:
             return torch.sub(h, spikes_out.to(h.dtype), alpha=self.p.v_threshold)
         return h.masked_fill(spikes_out, self.p.v_reset)
 
-    def adjoint_step(self, grad_s: Tensor, grad_h_next: Tensor, h: Tensor, s: Tensor, out: Tensor) -> Tensor:
-        """``∂L/∂h[t]`` into ``out`` from ``∂L/∂s[t]`` (every path but the reset) and ``∂L/∂h[t+1]``.
+    def adjoint_step(self, grad_s: Tensor, grad_h_next: Tensor, h: Tensor, s: Tensor,
+                     out: Tensor) -> Tensor:
+        """``∂L/∂h[t]`` into ``out`` from ``∂L/∂s[t]`` (all paths but the reset), ``∂L/∂h[t+1]``.
 
         With ``gv = leak·∂L/∂h[t+1]`` (the adjoint of ``v[t]``):
         ``∂L/∂h = ψ'(h-θ)·(gs + gv·∂v/∂ŝ) + gv·∂v/∂h``; the ``∂v/∂ŝ`` path is cut by detach_reset.
@@ -126,11 +127,12 @@ class _AxonalPlan:
         self.inv_w2 = 1.0 / (w64 * w64)
         alpha_r, alpha_f = w64 - c64 + a1, w64 + c64 - b2
         gamma = torch.stack([alpha_r, alpha_f - alpha_r + (b2 - b1) - (b1 - a1 + 1) - 1, 1 - alpha_f])
-        second = torch.tensor([1.0, -2.0, 1.0], dtype=torch.float64).view(3, 1).expand(3, n)
+        second = c64.new_tensor([1.0, -2.0, 1.0]).view(3, 1).expand(3, n)
         # (2, 3, N, 1): increments of (z, D/w²) per tapped spike (or adjoint)
         self.trace_coef = (torch.stack([gamma, second]) * self.inv_w2).unsqueeze(-1).contiguous()
         # spikes are 0/1: the increments for each pattern c = s₀ + 2s₁ + 4s₂ of the three taps, (N, 8)
-        bits = torch.stack([(torch.arange(8) >> q) & 1 for q in range(3)]).double()  # (3, 8)
+        codes = torch.arange(8, device=c64.device)
+        bits = torch.stack([(codes >> q) & 1 for q in range(3)]).double()  # (3, 8)
         self.z_table, self.d_table = torch.einsum("rqn,qc->rnc", self.trace_coef[..., 0], bits).unbind(0)
         # the gradient statistics are small integers: |ε-sum| ≤ w + 1, closed count ≤ 2w + 2
         self.count_dtype = torch.int8 if 2 * float(w.max()) + 2 <= 127 else torch.int16
@@ -140,10 +142,10 @@ class _AxonalPlan:
         forward (``sign = -1``) reads time ``t - e`` at slot ``t - e + 1`` (slot 0 is zero);
         reverse (``sign = +1``) reads time ``t + e`` at slot ``t + e`` (slot T is zero)."""
         n, steps = self.size, self.steps
-        t = torch.arange(steps).view(steps, 1, 1)
+        t = torch.arange(steps, device=self.lags.device).view(steps, 1, 1)
         lags = self.lags[:, :taps].t()  # (taps, N)
         slots = (t - lags + 1).clamp(min=0) if sign < 0 else (t + lags).clamp(max=steps)
-        return (slots * n + torch.arange(n)).reshape(steps, taps * n)
+        return (slots * n + torch.arange(n, device=self.lags.device)).reshape(steps, taps * n)
 
 
 # --------------------------------------------------------------------------- axonal function
@@ -163,16 +165,16 @@ class _AxonalRecurrence(torch.autograd.Function):
         rows = plan.tap_rows(4 if need_d else 3, -1)
         drive = lif.drive(current)
         weight_in_t = (weight * lif.gain).t()
-        history = torch.empty(steps + 1, n, batch, dtype=torch.bool)  # slot t+1: spikes of step t
+        history = current.new_empty(steps + 1, n, batch, dtype=torch.bool)  # slot t+1: spikes of step t
         history[0] = False
         taps_of = history.view(-1, batch)
         membrane = torch.empty_like(current)
         trace = torch.empty_like(current)
         # slot t+1: E[t] = w²·∂z[t]/∂c and K[t] (closed-support spike count), exact integers
-        slope = torch.zeros(steps + 1, n, batch, dtype=plan.count_dtype) if need_d else None
-        support = torch.zeros(steps + 1, n, batch, dtype=plan.count_dtype) if need_s else None
-        state = torch.zeros(2, n, batch, dtype=torch.float64)  # (z, D/w²)
-        v = torch.full((batch, n), lif.v0, dtype=current.dtype)
+        slope = current.new_zeros(steps + 1, n, batch, dtype=plan.count_dtype) if need_d else None
+        support = current.new_zeros(steps + 1, n, batch, dtype=plan.count_dtype) if need_s else None
+        state = current.new_zeros(2, n, batch, dtype=torch.float64)  # (z, D/w²)
+        v = current.new_full((batch, n), lif.v0)
         for t in range(steps):
             taps = taps_of.index_select(0, rows[t]).view(-1, n, batch)
             bits = taps.view(torch.int8)
@@ -204,14 +206,14 @@ class _AxonalRecurrence(torch.autograd.Function):
         plan = _AxonalPlan(delay, width, steps)
         rows = plan.tap_rows(3, +1)
         weight_in = weight * lif.gain
-        future = torch.empty(steps + 1, n, batch, dtype=membrane.dtype)  # slot t: ∂L/∂z[t]; slot T: 0
+        future = membrane.new_empty(steps + 1, n, batch)  # slot t: ∂L/∂z[t]; slot T: 0
         future[steps] = 0.0
         taps_of = future.view(-1, batch)
         grad_h = torch.empty_like(membrane)
-        zeta = torch.empty(n, batch, dtype=membrane.dtype)
-        grad_s = torch.empty(batch, n, dtype=membrane.dtype)
-        state = torch.zeros(2, n, batch, dtype=torch.float64)  # (ζ, D/w²) of the adjoint
-        gh = torch.zeros(batch, n, dtype=membrane.dtype)
+        zeta = membrane.new_empty(n, batch)
+        grad_s = membrane.new_empty(batch, n)
+        state = membrane.new_zeros(2, n, batch, dtype=torch.float64)  # (ζ, D/w²) of the adjoint
+        gh = membrane.new_zeros(batch, n)
         for t in range(steps - 1, -1, -1):
             taps = taps_of.index_select(0, rows[t]).view(3, n, batch)
             state[0] += state[1]
@@ -254,10 +256,10 @@ class _SynapticRecurrence(torch.autograd.Function):
         # row (l, j) of the stack multiplies the spikes of j at time t - kmax + l
         stacked = (kernel * lif.gain).flip(-1).permute(2, 1, 0).reshape(lags * n, n)
         drive = lif.drive(current)
-        window = torch.zeros(batch, kmax + steps, n, dtype=dtype)  # spike at time u in slot kmax + u
-        spikes = torch.empty(steps, batch, n, dtype=torch.bool)
+        window = current.new_zeros(batch, kmax + steps, n)  # spike at time u in slot kmax + u
+        spikes = current.new_empty(steps, batch, n, dtype=torch.bool)
         membrane = torch.empty_like(current)
-        v = torch.full((batch, n), lif.v0, dtype=dtype)
+        v = current.new_full((batch, n), lif.v0)
         for t in range(steps):
             past = window[:, t:t + lags].reshape(batch, lags * n)
             if mask is None:
@@ -280,9 +282,9 @@ class _SynapticRecurrence(torch.autograd.Function):
         lags = kernel.shape[-1]
         kmax = kmin + lags - 1
         stacked_t = (kernel * lif.gain).flip(-1).permute(2, 1, 0).reshape(lags * n, n).t()
-        recurrent = torch.zeros(batch, kmax + steps, n, dtype=membrane.dtype)  # adjoint of window
+        recurrent = membrane.new_zeros(batch, kmax + steps, n)  # adjoint of window
         grad_h = torch.empty_like(membrane)
-        gh = torch.zeros(batch, n, dtype=membrane.dtype)
+        gh = membrane.new_zeros(batch, n)
         for t in range(steps - 1, -1, -1):
             gh = lif.adjoint_step(grad_spikes[t] + recurrent[:, kmax + t], gh, membrane[t], spikes[t],
                                   out=grad_h[t])
@@ -303,7 +305,7 @@ class _SynapticRecurrence(torch.autograd.Function):
 
 # --------------------------------------------------------------------------- public API
 def _width_vector(width: Tensor | float, like: Tensor, n: int) -> Tensor:
-    width = torch.as_tensor(width, dtype=like.dtype)
+    width = torch.as_tensor(width, dtype=like.dtype, device=like.device)
     return width.expand(n) if width.dim() == 0 else width
 
 
@@ -352,14 +354,15 @@ def integer_recurrence(current: Tensor, weight: Tensor, delay: Tensor, params: L
     drive = lif.drive(current)
     lag = 1 + delay.detach().long()
     slots = int(lag.max()) + 1
-    spikes = torch.empty(steps, batch, n, dtype=torch.bool)
-    v = torch.full((batch, n), lif.v0, dtype=dtype)
-    membrane = torch.empty(batch, n, dtype=dtype)
+    spikes = current.new_empty(steps, batch, n, dtype=torch.bool)
+    v = current.new_full((batch, n), lif.v0)
+    membrane = current.new_empty(batch, n)
     if delay.dim() == 1:
         weight_t = (weight * lif.gain).t()
-        ring = torch.zeros(batch, slots * n, dtype=dtype)  # spike at time u in slot u mod L
-        phase = torch.arange(slots).view(slots, 1)
-        read = ((phase - lag) % slots) * n + torch.arange(n)  # (L, N): where s[t - lag] sits
+        ring = current.new_zeros(batch, slots * n)  # spike at time u in slot u mod L
+        phase = torch.arange(slots, device=lag.device).view(slots, 1)
+        # (L, N): where s[t - lag] sits at phase t mod L
+        read = ((phase - lag) % slots) * n + torch.arange(n, device=lag.device)
         for t in range(steps):
             slot = t % slots
             u = torch.mm(ring.index_select(1, read[slot]), weight_t)
@@ -370,10 +373,10 @@ def integer_recurrence(current: Tensor, weight: Tensor, delay: Tensor, params: L
         return spikes.to(dtype)
     kmin, kmax = int(lag.min()), int(lag.max())
     lags = kmax - kmin + 1
-    taps = torch.arange(kmax, kmin - 1, -1).view(1, 1, lags)  # window order: oldest first
+    taps = torch.arange(kmax, kmin - 1, -1, device=lag.device).view(1, 1, lags)  # window order: oldest first
     stacked = ((weight * lif.gain).unsqueeze(-1) * (lag.unsqueeze(-1) == taps)).permute(2, 1, 0)
     stacked = stacked.reshape(lags * n, n)
-    ring = torch.zeros(batch, 2 * slots, n, dtype=dtype)  # each spike frame stored twice
+    ring = current.new_zeros(batch, 2 * slots, n)  # each spike frame stored twice
     for t in range(steps):
         slot = t % slots  # frames t-L … t-1 sit in slots slot … slot+L-1
         past = ring[:, slot + slots - kmax: slot + slots - kmin + 1].reshape(batch, lags * n)
