@@ -339,8 +339,9 @@ class Trainer:
             if self.dist is not None:
                 failed = self.dist.any(failed)
             if failed:
+                value = float(loss) if not torch.isfinite(loss) else "non-finite in another process"
                 raise TrainingError(
-                    f"the training loss became {float(loss)} in epoch {epoch + 1}, batch "
+                    f"the training loss became {value} in epoch {epoch + 1}, batch "
                     f"{batches + 1}; lower optim.lr or set optim.grad_clip (the last good "
                     f"epoch is in {self.checkpoint_dir / 'last.pt'})")
             total = loss
@@ -362,11 +363,12 @@ class Trainer:
                 rate_sum += share * float(torch.stack([s.detach().mean() for s in spikes]).mean())
             batches += 1
             samples += len(targets) if self.dist is None else self.dist.shard.size
-            running = meter.result()
-            metric = self.objective.metric
-            bar.set_postfix({"loss": f"{running['loss']:.4g}",
-                             metric: f"{running[metric]:.4g}", "σ": f"{sigma:.3g}",
-                             "samples/s": f"{samples / (time.perf_counter() - start):.0f}"})
+            if self.progress:  # rank 0's shard so far, in a distributed run
+                running = meter.result()
+                metric = self.objective.metric
+                bar.set_postfix({"loss": f"{running['loss']:.4g}",
+                                 metric: f"{running[metric]:.4g}", "σ": f"{sigma:.3g}",
+                                 "samples/s": f"{samples / (time.perf_counter() - start):.0f}"})
         bar.close()
         if self.dist is not None:
             self.dist.reduce_meter(meter)
