@@ -103,7 +103,9 @@ class DelRec(nn.Module):
     def delays_and_width(self) -> tuple[Tensor, Tensor | float]:
         """Delays broadcast to ``(N,)`` or ``(N, N)`` and the kernel half-width for this forward.
 
-        Delays below 0 (possible between an optimizer step and the clamp) are read as 0.
+        A delay below 0 (possible only between an optimizer step and the clamp) is used as it
+        is in training, so the kernel loses the part of its mass that falls below lag 1; the
+        integer-delay mode rounds it to 0.
         """
         delay = self.delay.expand(self.size) if self.delay_type == "shared" else self.delay
         if self.uses_integer_delays:
