@@ -109,9 +109,10 @@ def assert_same_network(run_dir: Path, trainer: Trainer) -> None:
 
 def test_two_processes_train_like_one_on_the_whole_batch(tmp_path):
     # SHD: BatchNorm over T·B frames, variable lengths, ×3 augmentation, dropout 0.4 and
-    # recurrent dropout 0.2, the "lif" readout. Batches of 13 split 7 + 6 (a last one of 5:
-    # 3 + 2). No bias in front of BatchNorm: its true gradient is 0, and Adam turns the
-    # rounding noise of a zero gradient into steps of size lr.
+    # recurrent dropout 0.2, the "lif" readout, two AdamW optimizers, gradients clipped.
+    # Batches of 13 split 7 + 6 (a last one of 5: 3 + 2). No bias in front of BatchNorm: its
+    # true gradient is 0, and Adam turns the rounding noise of a zero gradient into steps of
+    # size lr.
     root = tmp_path / "shd"
     root.mkdir()
     write_heidelberg(root / "shd_train.h5", 40, seed=1)
@@ -120,7 +121,7 @@ def test_two_processes_train_like_one_on_the_whole_batch(tmp_path):
     summary, _ = run_torchrun(
         "--task", "shd", "--data-root", str(root), "--epochs", "2", "--run-dir", str(run_dir),
         "--set", "network.hidden_sizes=[8,8]", "network.bias=false", "batch_size=13",
-        "threads=1", "--no-progress")
+        "optim.grad_clip=0.01", "threads=1", "--no-progress")
     assert summary["status"] == "complete" and summary["epochs_done"] == 2
     assert files_of(run_dir) == RUN_FILES
 
@@ -244,4 +245,6 @@ def test_launch_mistakes_are_refused(tmp_path, capsys, monkeypatch):
     assert "[rank 1] under torchrun" in capsys.readouterr().err
     assert main(["train", "--seeds", "0-1", "--parallel", "2"]) == 2
     assert "without torchrun" in capsys.readouterr().err
+    assert main(["train", "--device", "cpu", "--dist-backend", "nccl"]) == 2
+    assert "use --dist-backend gloo" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -334,6 +334,8 @@ def process_group(device: str, backend: str | None = None,
         return
     if timeout_s <= 0:
         raise ConfigError(f"--dist-timeout must be > 0 seconds, got {timeout_s}")
+    if not os.environ.get("RANK", "").isdigit():
+        raise ConfigError(f"WORLD_SIZE={world} is set but RANK is not; launch with torchrun")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     torch_device = _device(device, local_rank)
     backend = backend or ("nccl" if torch_device.type == "cuda" else "gloo")
