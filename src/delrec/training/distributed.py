@@ -211,7 +211,7 @@ class DataParallel:
     """This process's place in a data-parallel run and the hooks the Trainer calls."""
 
     def __init__(self, rank: int, world_size: int, device: torch.device, backend: str):
-        self.rank, self.world_size, self.device, self.backend = rank, world_size, device, backend
+        self.rank, self.world_size, self.device = rank, world_size, device
         self.is_main = rank == 0
         self.shard = Shard(0, 1, 1)  # the current batch's rows, set by begin_step
         self._comm_device = device if backend == "nccl" else torch.device("cpu")
