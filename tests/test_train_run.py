@@ -207,7 +207,7 @@ def test_objectives_match_their_formulas():
     output = torch.randn(5, 3, 4)
     lengths, labels = torch.tensor([5, 5, 5]), torch.tensor([0, 3, 1])
     loss, summed = Classification("lif")(output, lengths, labels)
-    expected = -output.softmax(-1).sum(0)[torch.arange(3), labels].log().mean()
+    expected = -output.softmax(-1).sum(0).log_softmax(-1)[torch.arange(3), labels].mean()
     assert torch.allclose(loss, expected) and torch.allclose(summed.sum(-1), torch.full((3,), 5.0))
     _, scores = Classification("ema")(output, torch.tensor([5, 2, 1]), labels)
     assert torch.equal(scores, torch.stack([output[4, 0], output[1, 1], output[0, 2]]))

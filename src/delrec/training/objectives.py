@@ -74,10 +74,10 @@ class RegressionMeter:
 class Classification:
     """A class label per sequence, scored by the readout (DESIGN §2.4, paper S1/S2).
 
-    ``"lif"``: ŷ = Σ_t softmax(V[t]) and loss = mean over the batch of ``-log ŷ[label]``
-    (Eq. S2; ŷ sums to T, so the loss is the cross-entropy of the time-averaged probability
-    minus log T); ``"sum"``: cross-entropy of Σ_t output[t]; ``"ema"``: cross-entropy of the
-    last valid output. Metric: accuracy of the arg-max; higher is better.
+    ``"lif"``: ŷ = Σ_t softmax(V[t]) (Eq. S1), then the cross-entropy on that sum taken as
+    the class scores, ``-log softmax(ŷ)[label]`` (DESIGN §2.4, as the authors' published code
+    computes Eq. S2); ``"sum"``: cross-entropy of Σ_t output[t]; ``"ema"``: cross-entropy of
+    the last valid output. Metric: accuracy of the arg-max; higher is better.
     """
 
     task = "classification"
@@ -89,10 +89,6 @@ class Classification:
 
     def __call__(self, output: Tensor, lengths: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """→ (loss, class scores ``(B, K)``)."""
-        if self.readout == "lif":
-            summed = readout_reduce(output, "lif")
-            log_summed = summed.clamp_min(torch.finfo(summed.dtype).tiny).log()
-            return F.nll_loss(log_summed, targets), summed
         if self.readout == "ema":
             scores = last_valid(output, lengths)
         else:
