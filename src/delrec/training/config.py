@@ -133,8 +133,8 @@ def _mackey_glass(model: str) -> TrainConfig:
     # The quick default (≤ 5 min on 2 CPU cores): 20 epochs of batches of 64 over every training
     # window. Delays start in U(0, 40) rather than DESIGN's U(0, 20): learned delays move only
     # a few steps in training, so the initial range must already cover the series' feedback
-    # delay τ_MG = 30 (docs/train.md has the measurements). `configs/mackey-glass-paper.toml`
-    # holds the published recipe (100 epochs, batch 512, U(0, 20)).
+    # delay τ_MG = 30 (measurements in the README's Training section).
+    # `configs/mackey-glass-paper.toml` holds the published recipe (100 epochs, batch 512, U(0, 20)).
     network = _network_dict("mackey-glass", model)
     network["delay_init"] = "uniform:0:40"
     return TrainConfig(
