@@ -249,7 +249,8 @@ def _source(root: Path, name: str, split: str) -> Path:
     path = root / FILES[name][split]
     if not root.is_dir():
         raise DataError(f"{name.upper()} directory {root} does not exist: run `delrec data "
-                        f"download {name} --to {root}`, or pass root= the folder holding "
+                        f"download {name} --to {root}`, or point root= (`--data-root` on the "
+                        f"command line) at the folder holding "
                         f"{', '.join(sorted(set(FILES[name].values())))}")
     if not path.is_file():
         raise DataError(f"{path} not found: run `delrec data download {name} --to {root}`, or "
