@@ -19,11 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
 from delrec.data import TripleAugmented, load_dataset, make_loader
+from delrec.data.heidelberg import write_heidelberg
 
 PRESET = {"shd": "shd", "shd+augment": "shd", "ssc": "ssc", "psmnist": "psmnist",
           "psmnist-mini": "psmnist", "digits-8x8": "psmnist", "mackey-glass": "mackey-glass"}
@@ -32,14 +32,11 @@ PRESET = {"shd": "shd", "shd+augment": "shd", "ssc": "ssc", "psmnist": "psmnist"
 def write_spike_file(path: Path, samples: int, classes: int, max_time: float, seed: int):
     """A Heidelberg-layout file with ~5,000 spikes per sample over 0.5…max_time s."""
     rng = np.random.default_rng(seed)
-    with h5py.File(path, "w") as f:
-        times = f.create_dataset("spikes/times", (samples,), dtype=h5py.vlen_dtype(np.float32))
-        units = f.create_dataset("spikes/units", (samples,), dtype=h5py.vlen_dtype(np.uint16))
-        for i in range(samples):
-            k = int(rng.integers(4000, 6000))
-            times[i] = np.sort(rng.uniform(0, rng.uniform(0.5, max_time), k)).astype(np.float32)
-            units[i] = rng.integers(0, 700, k).astype(np.uint16)
-        f.create_dataset("labels", data=rng.integers(0, classes, samples).astype(np.uint16))
+    trains = []
+    for _ in range(samples):
+        k = int(rng.integers(4000, 6000))
+        trains.append((np.sort(rng.uniform(0, rng.uniform(0.5, max_time), k)), rng.integers(0, 700, k)))
+    write_heidelberg(path, trains, rng.integers(0, classes, samples))
 
 
 def write_idx(path: Path, array: np.ndarray):

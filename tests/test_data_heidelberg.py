@@ -13,18 +13,9 @@ from delrec.data import heidelberg
 
 
 def write_heidelberg(path, samples, labels, time_dtype=np.float32):
-    """A Heidelberg-layout HDF5 file: samples = [(times in s, unit ids), ...]."""
-    with h5py.File(path, "w") as f:
-        times = f.create_dataset("spikes/times", (len(samples),),
-                                 dtype=h5py.vlen_dtype(np.dtype(time_dtype)))
-        units = f.create_dataset("spikes/units", (len(samples),),
-                                 dtype=h5py.vlen_dtype(np.dtype(np.uint16)))
-        for i, (t, u) in enumerate(samples):
-            times[i] = np.asarray(t, dtype=time_dtype)
-            units[i] = np.asarray(u, dtype=np.uint16)
-        f.create_dataset("labels", data=np.asarray(labels, dtype=np.uint16))
-        f.create_dataset("extra/speaker", data=np.zeros(len(samples), dtype=np.uint16))
-        f.create_dataset("extra/keys", data=np.array([b"zero", b"one"]))
+    """A Heidelberg-layout file with the metadata the real files carry under ``extra/``."""
+    heidelberg.write_heidelberg(path, samples, labels, time_dtype, extra={
+        "speaker": np.zeros(len(samples), dtype=np.uint16), "keys": np.array([b"zero", b"one"])})
 
 
 def random_samples(n, seed=0, max_time=0.9):

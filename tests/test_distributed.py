@@ -19,7 +19,7 @@ from delrec.cli import main
 from delrec.data import make_loader
 from delrec.training import Trainer, TrainConfig
 from delrec.training.distributed import DataParallel
-from test_train_run import read_metrics, write_heidelberg
+from test_train_run import read_metrics, write_random_shd
 
 ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
 RUN_TIMEOUT_S = 120
@@ -115,8 +115,8 @@ def test_two_processes_train_like_one_on_the_whole_batch(tmp_path):
     # size lr.
     root = tmp_path / "shd"
     root.mkdir()
-    write_heidelberg(root / "shd_train.h5", 40, seed=1)
-    write_heidelberg(root / "shd_test.h5", 20, seed=2)
+    write_random_shd(root / "shd_train.h5", 40, seed=1)
+    write_random_shd(root / "shd_test.h5", 20, seed=2)
     run_dir = tmp_path / "run"
     summary, _ = run_torchrun(
         "--task", "shd", "--data-root", str(root), "--epochs", "2", "--run-dir", str(run_dir),

@@ -3,12 +3,12 @@ contents, learning, kill-and-resume bit for bit, several seeds."""
 import csv
 import json
 
-import h5py
 import numpy as np
 import pytest
 import torch
 
 from delrec.checkpoint import load_checkpoint
+from delrec.data.heidelberg import write_heidelberg
 from delrec.cli import main
 from delrec.training import Trainer, resolve
 from delrec.training.objectives import Classification, Regression
@@ -132,24 +132,21 @@ def test_kill_and_resume_is_bit_for_bit(tmp_path, capsys, base):
     check_kill_and_resume(tmp_path, capsys, base)
 
 
-def write_heidelberg(path, count: int, seed: int) -> None:
+def write_random_shd(path, count: int, seed: int) -> None:
     """A small SHD-layout file: ``count`` samples of 5-40 spikes in 0-0.6 s, labels i % 20."""
     rng = np.random.default_rng(seed)
-    with h5py.File(path, "w") as f:
-        times = f.create_dataset("spikes/times", (count,), dtype=h5py.vlen_dtype(np.float32))
-        units = f.create_dataset("spikes/units", (count,), dtype=h5py.vlen_dtype(np.uint16))
-        for i in range(count):
-            k = int(rng.integers(5, 40))
-            times[i] = np.sort(rng.uniform(0, 0.6, k)).astype(np.float32)
-            units[i] = rng.integers(0, 700, k).astype(np.uint16)
-        f.create_dataset("labels", data=np.arange(count, dtype=np.uint16) % 20)
+    samples = []
+    for _ in range(count):
+        k = int(rng.integers(5, 40))
+        samples.append((np.sort(rng.uniform(0, 0.6, k)), rng.integers(0, 700, k)))
+    write_heidelberg(path, samples, np.arange(count) % 20)
 
 
 def test_shd_preset_with_augmentation_resumes_bit_for_bit(tmp_path, capsys):
     root = tmp_path / "shd"
     root.mkdir()
-    write_heidelberg(root / "shd_train.h5", 40, seed=1)
-    write_heidelberg(root / "shd_test.h5", 20, seed=2)
+    write_random_shd(root / "shd_train.h5", 40, seed=1)
+    write_random_shd(root / "shd_test.h5", 20, seed=2)
     base = ["--task", "shd", "--data-root", str(root), "--set", "network.hidden_sizes=[8,8]",
             "batch_size=16", "threads=1", "--no-progress"]
     check_kill_and_resume(tmp_path, capsys, base)

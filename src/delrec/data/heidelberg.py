@@ -178,6 +178,28 @@ def parse_file(path: Path, binning: Binning, num_classes: int, dataset: str,
     return arrays
 
 
+def write_heidelberg(path: str | os.PathLike, samples, labels, time_dtype=np.float32,
+                     extra: dict[str, np.ndarray] | None = None) -> None:
+    """Write spike trains in the Heidelberg HDF5 layout (for synthetic data and tests).
+
+    ``samples``: one ``(times in s, unit ids 0…699)`` pair of 1-D arrays per sample;
+    ``labels``: ``(N,)`` class ids; ``extra``: metadata arrays stored under ``extra/``.
+    """
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        times = f.create_dataset("spikes/times", (len(samples),),
+                                 dtype=h5py.vlen_dtype(np.dtype(time_dtype)))
+        units = f.create_dataset("spikes/units", (len(samples),),
+                                 dtype=h5py.vlen_dtype(np.dtype(np.uint16)))
+        for i, (t, u) in enumerate(samples):
+            times[i] = np.asarray(t, dtype=time_dtype)
+            units[i] = np.asarray(u, dtype=np.uint16)
+        f.create_dataset("labels", data=np.asarray(labels, dtype=np.uint16))
+        for name, values in (extra or {}).items():
+            f.create_dataset(f"extra/{name}", data=values)
+
+
 def _source_stamp(path: Path) -> np.ndarray:
     st = path.stat()
     return np.array([st.st_size, st.st_mtime_ns], dtype=np.int64)
