@@ -180,7 +180,8 @@ def test_a_killed_process_stops_the_run_and_resume_continues_it(tmp_path):
 
     with ranks_started("--resume", str(run_dir), "--no-progress") as processes:
         outputs = [process.communicate(timeout=RUN_TIMEOUT_S) for process in processes]
-    assert [process.returncode for process in processes] == [0, 0], outputs[0][1][-3000:]
+    assert [process.returncode for process in processes] == [0, 0], \
+        "\n".join(f"rank {rank}: {err[-2000:]}" for rank, (_, err) in enumerate(outputs))
     assert outputs[1][0] == ""  # rank 0 alone reports
     summary = json.loads(outputs[0][0])
     assert summary["status"] == "complete" and summary["epochs_done"] == 4

@@ -279,6 +279,13 @@ class DataParallel:
         dist.all_reduce(tensor, op=op)
         return tensor.cpu()
 
+    def leave(self) -> None:
+        """Leave the run together: wait for every rank, then destroy the process group. Called
+        by every rank after its last collective; rank 0 tests afterwards, on its own (a rank
+        that left alone could tear down its connections under a peer still using them)."""
+        dist.barrier()
+        dist.destroy_process_group()
+
     # ------------------------------------------------------------------ every epoch
     def reduce_meter(self, meter) -> None:
         """Replace the sums and counts of ``meter`` (named in its ``SUMS``) by their totals."""
@@ -354,7 +361,8 @@ def process_group(device: str, backend: str | None = None,
         try:
             yield DataParallel(rank, world, torch_device, backend)
         finally:
-            dist.destroy_process_group()
+            if dist.is_initialized():  # a failure before DataParallel.leave
+                dist.destroy_process_group()
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -224,6 +224,8 @@ def train_one(trainer: Trainer, max_epochs_this_run: int | None = None,
         f"device {trainer.device}")
     start = time.perf_counter()
     complete = trainer.fit(max_epochs_this_run)
+    if trainer.dist is not None:
+        trainer.dist.leave()
     if not trainer.is_main:
         return None
     summary = {"status": "complete" if complete else "interrupted", "run_dir": str(run_dir),
