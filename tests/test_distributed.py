@@ -169,7 +169,7 @@ def test_a_killed_process_stops_the_run_and_resume_continues_it(tmp_path):
             time.sleep(0.02)
         os.kill(other.pid, signal.SIGKILL)
         _, err = main_rank.communicate(timeout=RUN_TIMEOUT_S)  # stops by itself, no hang
-    assert main_rank.returncode == 1
+    assert main_rank.returncode == 1, err[-3000:]
     assert "delrec train: error: [rank 0] lost contact with the other processes" in err
     assert f"torchrun --nproc-per-node 2 -m delrec train --resume {run_dir}" in err
 

@@ -1,5 +1,8 @@
 """The fast engine against the reference loop: same spikes, same gradients, less memory."""
 import math
+import os
+from contextlib import contextmanager
+from unittest import mock
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from delrec.delays import kernel_length, triangle_kernel
-from delrec.engine import fast, reference_recurrence
+from delrec.engine import fast, native, reference_recurrence
 from delrec.layers import DelRec
 from delrec.layers.recurrent import ENGINES
 from delrec.neurons import AdLIF, ATan, LIF, Triangle
@@ -54,6 +57,16 @@ def assert_close_relative(actual, expected, rtol=1e-6):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale + 1e-12)
 
 
+LOOPS = ("native", "pytorch")  # the axonal time loops in C++ and in PyTorch ops
+
+
+@contextmanager
+def time_loops(which):
+    """Run the fast engine's axonal loops in C++ (``native``) or in PyTorch ops."""
+    with mock.patch.dict(os.environ, {"DELREC_NATIVE": "1" if which == "native" else "0"}):
+        yield
+
+
 NEURONS = st.builds(
     LIF,
     tau=st.sampled_from([1.5, 2.0, 5.0]),
@@ -94,18 +107,21 @@ def test_fast_engine_matches_reference(steps, batch, size, delay_type, max_delay
     grad_out = torch.randn(steps, batch, size, generator=g, dtype=torch.float64)
 
     expected_spikes, expected_grads = run_with_grads(reference, current, mask, grad_out)
-    spikes, grads = run_with_grads(fast_layer, current, mask, grad_out)
+    for loops in LOOPS:
+        with time_loops(loops):
+            spikes, grads = run_with_grads(fast_layer, current, mask, grad_out)
+        assert torch.equal(spikes, expected_spikes), loops
+        for name, actual, expected in zip(["current", "weight", "delay", "spread"], grads,
+                                          expected_grads):
+            assert actual.shape == expected.shape, name
+            assert_close_relative(actual, expected)
 
-    assert torch.equal(spikes, expected_spikes)
-    for name, actual, expected in zip(["current", "weight", "delay", "spread"], grads, expected_grads):
-        assert actual.shape == expected.shape, name
-        assert_close_relative(actual, expected)
 
-
-@pytest.mark.parametrize("delay_type", ["axonal", "synaptic"])
+@pytest.mark.parametrize("delay_type,loops", [("axonal", "native"), ("axonal", "pytorch"),
+                                              ("synaptic", "pytorch")])
 @pytest.mark.parametrize("sigma", [0.0, 1.0, 2.0])
 @pytest.mark.parametrize("delay", [0.0, 1.0, 2.0, 5.0, -0.5])
-def test_gradients_at_kinks_follow_autograd_of_the_kernel(delay_type, sigma, delay):
+def test_gradients_at_kinks_follow_autograd_of_the_kernel(delay_type, loops, sigma, delay):
     """Integer centres and integer spreads put lags exactly on the kinks of the triangle; the
     reference convention (|x|' = 0 at 0, the clamp passes the gradient at 0) must hold there.
     A negative delay (before the optimizer's clamp) is read like the reference reads it."""
@@ -119,7 +135,8 @@ def test_gradients_at_kinks_follow_autograd_of_the_kernel(delay_type, sigma, del
     current = torch.rand(20, 2, size, generator=g, dtype=torch.float64) * 1.6
     grad_out = torch.randn(20, 2, size, generator=g, dtype=torch.float64)
     expected_spikes, expected_grads = run_with_grads(reference, current, None, grad_out)
-    spikes, grads = run_with_grads(fast_layer, current, None, grad_out)
+    with time_loops(loops):
+        spikes, grads = run_with_grads(fast_layer, current, None, grad_out)
     assert expected_spikes.sum() > 0
     assert torch.equal(spikes, expected_spikes)
     for actual, expected in zip(grads, expected_grads):
@@ -175,7 +192,46 @@ def _counting(function, calls):
     return wrapper
 
 
-def test_float32_recurrent_input_stays_accurate_over_long_sequences():
+def test_the_cpp_time_loops_build_and_run_by_default(monkeypatch):
+    """The C++ kernels compile on this machine (a build error fails here, with the compiler's
+    message) and a float32 layer with default settings runs them."""
+    native.build("axonal")
+    calls = []
+    monkeypatch.setattr(fast, "_native_forward", _counting(fast._native_forward, calls))
+    monkeypatch.setattr(fast, "_native_backward", _counting(fast._native_backward, calls))
+    layer = DelRec(8, LIF(), delay_init="uniform:0:5", sigma=2.0)
+    layer(torch.rand(10, 3, 8)).sum().backward()
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("delay_type", ["axonal", "synaptic"])
+@pytest.mark.parametrize("loops", LOOPS)
+def test_strided_inputs_and_gradients_give_the_same_result(delay_type, loops):
+    """Input, dropout mask and incoming gradient as permuted (non-contiguous) views, as a
+    network passes them, give what their contiguous copies give."""
+    size, steps, batch = 5, 30, 3
+    g = torch.Generator().manual_seed(8)
+    shape = (size,) if delay_type == "axonal" else (size, size)
+    _, layer = random_layer_pair(size=size, delay_type=delay_type,
+                                 delays=draw_delays(shape, 6.0, 0.5, g), sigma=2.0,
+                                 learn_spread=True, neuron=LIF(tau=2.0, v_reset=None),
+                                 dropout=0.3, seed=8)
+    current = (torch.rand(batch, size, steps, generator=g, dtype=torch.float64) * 1.6).permute(2, 0, 1)
+    mask = (torch.rand(size, batch, generator=g, dtype=torch.float64) < 0.7).double().t() / 0.7
+    grad_out = torch.randn(size, steps, batch, generator=g, dtype=torch.float64).permute(1, 2, 0)
+    assert not (current.is_contiguous() or mask.is_contiguous() or grad_out.is_contiguous())
+    with time_loops(loops):
+        spikes, grads = run_with_grads(layer, current, mask, grad_out)
+        expected_spikes, expected_grads = run_with_grads(
+            layer, current.contiguous(), mask.contiguous(), grad_out.contiguous())
+    assert 0 < expected_spikes.mean() < 1
+    assert torch.equal(spikes, expected_spikes)
+    for actual, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("loops", LOOPS)
+def test_float32_recurrent_input_stays_accurate_over_long_sequences(loops):
     """The running trace is kept in float64, so in a float32 layer the delayed input after 3000
     steps with long, wide kernels still equals the float64 direct sum Σ_k κ(k) s[t-k] to ~1e-7.
 
@@ -196,7 +252,8 @@ def test_float32_recurrent_input_stays_accurate_over_long_sequences():
         z_exact[k:] += kernel[:, k] * (source_input[:-k] / 2.0)
     margin = 2e-6 * torch.where(torch.rand(steps, batch, sources, generator=g) < 0.5, 1.0, -1.0)
     current = torch.cat([source_input, 1.0 - z_exact + margin.double()], dim=-1).float()
-    spikes = fast.fast_recurrence(current, weight.requires_grad_(), delay, width, LIF(tau=1.0).p)
+    with time_loops(loops):
+        spikes = fast.fast_recurrence(current, weight.requires_grad_(), delay, width, LIF(tau=1.0).p)
     assert torch.equal(spikes[..., :sources], source_input.float() / 2.0)
     assert torch.equal(spikes[..., sources:], (margin > 0).float())
 

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from delrec.delays import triangle_kernel
-from delrec.neurons import LIF, LIFParameters
+from delrec.engine import native
+from delrec.neurons import ATan, LIF, LIFParameters, Triangle
 
 
 def supports(neuron) -> bool:
@@ -134,6 +135,7 @@ class _AxonalPlan:
         codes = torch.arange(8, device=c64.device)
         bits = torch.stack([(codes >> q) & 1 for q in range(3)]).double()  # (3, 8)
         self.z_table, self.d_table = torch.einsum("rqn,qc->rnc", self.trace_coef[..., 0], bits).unbind(0)
+        self.native_coef = self.trace_coef[..., 0].transpose(1, 2).contiguous()  # (2, N, 3)
         # the gradient statistics are small integers: |ε-sum| ≤ w + 1, closed count ≤ 2w + 2
         self.count_dtype = torch.int8 if 2 * float(w.max()) + 2 <= 127 else torch.int16
 
@@ -152,90 +154,161 @@ class _AxonalPlan:
 class _AxonalRecurrence(torch.autograd.Function):
     """Spikes ``(T, B, N)`` of a LIF layer with axonal delays; gradients by a reverse loop.
 
-    The tap recursions run neuron-major (``(N, B)``: each tap read is one contiguous row),
-    the neuron and the GEMM batch-major. Saved for backward: spikes (bool), pre-spike membrane
-    and delayed trace, ``(T, B, N)`` each — nothing that grows with the delay range.
+    The time loops run in C++ (``csrc/axonal.cpp``) when :mod:`~delrec.engine.native` could
+    build it, and otherwise in PyTorch ops; both compute the same thing, with the tap
+    recursions neuron-major (the ``B`` values a tap reads are one contiguous row). Saved for
+    backward: spike history (bool), pre-spike membrane and delayed trace, ``T·B·N`` each (and
+    the integer box sums when delays/spreads learn) — nothing that grows with the delay range.
     """
 
     @staticmethod
     def forward(ctx, current, weight, delay, width, mask, lif: _LIF):
-        steps, batch, n = current.shape
         need_d, need_s = ctx.needs_input_grad[2:4]
-        plan = _AxonalPlan(delay, width, steps)
-        rows = plan.tap_rows(4 if need_d else 3, -1)
-        drive = lif.drive(current)
-        weight_in_t = (weight * lif.gain).t()
-        history = current.new_empty(steps + 1, n, batch, dtype=torch.bool)  # slot t+1: spikes of step t
-        history[0] = False
-        taps_of = history.view(-1, batch)
-        membrane = torch.empty_like(current)
-        trace = torch.empty_like(current)
-        # slot t+1: E[t] = w²·∂z[t]/∂c and K[t] (closed-support spike count), exact integers
-        slope = current.new_zeros(steps + 1, n, batch, dtype=plan.count_dtype) if need_d else None
-        support = current.new_zeros(steps + 1, n, batch, dtype=plan.count_dtype) if need_s else None
-        state = current.new_zeros(2, n, batch, dtype=torch.float64)  # (z, D/w²)
-        v = current.new_full((batch, n), lif.v0)
-        for t in range(steps):
-            taps = taps_of.index_select(0, rows[t]).view(-1, n, batch)
-            bits = taps.view(torch.int8)
-            pattern = torch.add(bits[0], bits[1], alpha=2).add_(bits[2], alpha=4).long()
-            state[0] += state[1]
-            state[0] += plan.z_table.gather(1, pattern)
-            state[1] += plan.d_table.gather(1, pattern)
-            z = trace[t].t().copy_(state[0]).t()
-            if mask is None:
-                u = torch.addmm(drive[t], z, weight_in_t)
-            else:
-                u = torch.addcmul(drive[t], mask, torch.mm(z, weight_in_t))
-            h = torch.add(u, v, alpha=lif.leak, out=membrane[t])
-            v = lif.fire_and_reset(h, history[t + 1].t())
-            if need_d:
-                torch.sub(slope[t], bits[0], out=slope[t + 1]).add_(bits[1]).sub_(bits[2]).add_(bits[3])
-            if need_s:
-                torch.add(support[t], bits[0], out=support[t + 1]).sub_(bits[2])
-        ctx.lif = lif
+        plan = _AxonalPlan(delay, width, current.shape[0])
+        kernels = native.load("axonal") if current.device.type == "cpu" else None
+        loop = _forward_loop if kernels is None else _native_forward
+        spikes, history, membrane, trace, slope, support = loop(current, weight, mask, lif, plan,
+                                                                need_d, need_s)
+        ctx.lif, ctx.native = lif, kernels is not None
         ctx.save_for_backward(history, membrane, trace, slope, support, weight, delay, width, mask)
-        return history[1:].transpose(1, 2).to(current.dtype)
+        return spikes
 
     @staticmethod
     def backward(ctx, grad_spikes):
         history, membrane, trace, slope, support, weight, delay, width, mask = ctx.saved_tensors
         lif: _LIF = ctx.lif
-        steps, batch, n = membrane.shape
+        n = weight.shape[0]
         need_c, need_w, need_d, need_s = ctx.needs_input_grad[:4]
-        plan = _AxonalPlan(delay, width, steps)
-        rows = plan.tap_rows(3, +1)
-        weight_in = weight * lif.gain
-        future = membrane.new_empty(steps + 1, n, batch)  # slot t: ∂L/∂z[t]; slot T: 0
-        future[steps] = 0.0
-        taps_of = future.view(-1, batch)
-        grad_h = torch.empty_like(membrane)
-        zeta = membrane.new_empty(n, batch)
-        grad_s = membrane.new_empty(batch, n)
-        state = membrane.new_zeros(2, n, batch, dtype=torch.float64)  # (ζ, D/w²) of the adjoint
-        gh = membrane.new_zeros(batch, n)
-        for t in range(steps - 1, -1, -1):
-            taps = taps_of.index_select(0, rows[t]).view(3, n, batch)
-            state[0] += state[1]
-            state += (taps * plan.trace_coef).sum(1)
-            torch.add(grad_spikes[t], zeta.copy_(state[0]).t(), out=grad_s)
-            gh = lif.adjoint_step(grad_s, gh, membrane[t], history[t + 1].t(), out=grad_h[t])
-            torch.mm(weight_in.t(), (gh if mask is None else gh * mask).t(), out=future[t])
+        plan = _AxonalPlan(delay, width, trace.shape[0])
+        loop = _native_backward if ctx.native else _backward_loop
+        grad_h, by_slope, by_support, by_trace = loop(
+            grad_spikes.contiguous(), history, membrane, trace, slope, support,
+            weight * lif.gain, mask, lif, plan)
 
         grad_current = (grad_h if lif.gain == 1.0 else grad_h * lif.gain) if need_c else None
         grad_weight = grad_delay = grad_width = None
         if need_w:
             grad_r = grad_h if mask is None else grad_h * mask
             grad_weight = lif.gain * (grad_r.reshape(-1, n).t() @ trace.reshape(-1, n))
-        grad_z = future[:steps]
-        if need_d:
-            by_slope = (grad_z * slope[1:]).sum(-1, dtype=torch.float64).sum(0)
+        if need_d:  # ∂z/∂c = E/w²
             grad_delay = (by_slope * plan.inv_w2).to(delay.dtype)
         if need_s:  # ∂z/∂w = K/w² - 2z/w
-            by_support = (grad_z * support[1:]).sum(-1, dtype=torch.float64).sum(0)
-            by_trace = torch.einsum("tnb,tbn->n", grad_z.double(), trace.double())
             grad_width = (by_support * plan.inv_w2 - 2.0 * by_trace / width.double()).to(width.dtype)
         return grad_current, grad_weight, grad_delay, grad_width, None, None
+
+
+def _native_forward(current, weight, mask, lif: _LIF, plan: _AxonalPlan, need_d: bool,
+                    need_s: bool):
+    """The forward time loop in C++. Returns spikes, trace and membrane ``(T, B, N)`` and,
+    neuron-major, the spike history ``(T+1, N, B)`` (slot ``t+1``: spikes of step ``t``) and
+    the box sums ``(T+1, N, B)`` (None when not needed)."""
+    steps, batch, n = current.shape
+    spikes, trace, membrane = (current.new_empty(steps, batch, n) for _ in range(3))  # contiguous
+    history = current.new_empty(steps + 1, n, batch, dtype=torch.bool)
+    slope, support = (current.new_empty((steps + 1, n, batch) if need else (0,),
+                                        dtype=plan.count_dtype) for need in (need_d, need_s))
+    p = lif.p
+    native.load("axonal").forward(
+        lif.drive(current).contiguous(), (weight * lif.gain).contiguous(), mask, plan.lags,
+        plan.native_coef, lif.leak, lif.v0, p.v_threshold, p.v_reset or 0.0, p.soft_reset,
+        spikes, history, membrane, trace, slope, support)
+    return (spikes, history, membrane, trace, slope if need_d else None,
+            support if need_s else None)
+
+
+def _native_backward(grad_spikes, history, membrane, trace, slope, support, weight_in, mask,
+                     lif: _LIF, plan: _AxonalPlan):
+    """The reverse time loop in C++ on what :func:`_native_forward` saved: ``∂L/∂h``
+    ``(T, B, N)`` and the per-neuron sums ``Σ ∂L/∂z·E``, ``Σ ∂L/∂z·K``, ``Σ ∂L/∂z·z`` (float64,
+    None when not needed) behind the delay and spread gradients."""
+    p = lif.p
+    surrogate = {Triangle: (1, "gamma"), ATan: (2, "alpha")}.get(type(p.surrogate))
+    if surrogate is None:  # any other surrogate: ψ' precomputed by its own code
+        code, param = 0, 0.0
+        psi = p.surrogate.derivative(membrane - p.v_threshold).contiguous()
+    else:
+        code, param, psi = surrogate[0], getattr(p.surrogate, surrogate[1]), membrane.new_empty(0)
+    empty = plan.lags.new_empty(0, dtype=plan.count_dtype)
+    grad_h = torch.empty_like(trace)
+    sums = torch.zeros(3, plan.size, dtype=torch.float64)
+    native.load("axonal").backward(
+        grad_spikes, membrane, psi, weight_in.contiguous(), mask, plan.lags, plan.native_coef,
+        lif.leak, p.v_threshold, p.v_reset or 0.0, p.soft_reset, p.detach_reset, code, param,
+        trace, empty if slope is None else slope, empty if support is None else support,
+        grad_h, sums)
+    by_slope, by_support, by_trace = sums
+    return (grad_h, by_slope if slope is not None else None,
+            *((by_support, by_trace) if support is not None else (None, None)))
+
+
+def _forward_loop(current, weight, mask, lif: _LIF, plan: _AxonalPlan, need_d: bool,
+                  need_s: bool):
+    """The forward time loop in PyTorch ops: what :func:`_native_forward` returns, but the
+    membrane batch-major ``(T, B, N)``."""
+    steps, batch, n = current.shape
+    rows = plan.tap_rows(4 if need_d else 3, -1)
+    drive = lif.drive(current)
+    weight_in_t = (weight * lif.gain).t()
+    history = current.new_empty(steps + 1, n, batch, dtype=torch.bool)  # slot t+1: spikes of step t
+    history[0] = False
+    taps_of = history.view(-1, batch)
+    membrane = torch.empty_like(current)
+    trace = torch.empty_like(current)
+    # slot t+1: E[t] = w²·∂z[t]/∂c and K[t] (closed-support spike count), exact integers
+    slope = current.new_zeros(steps + 1, n, batch, dtype=plan.count_dtype) if need_d else None
+    support = current.new_zeros(steps + 1, n, batch, dtype=plan.count_dtype) if need_s else None
+    state = current.new_zeros(2, n, batch, dtype=torch.float64)  # (z, D/w²)
+    v = current.new_full((batch, n), lif.v0)
+    for t in range(steps):
+        taps = taps_of.index_select(0, rows[t]).view(-1, n, batch)
+        bits = taps.view(torch.int8)
+        pattern = torch.add(bits[0], bits[1], alpha=2).add_(bits[2], alpha=4).long()
+        state[0] += state[1]
+        state[0] += plan.z_table.gather(1, pattern)
+        state[1] += plan.d_table.gather(1, pattern)
+        z = trace[t].t().copy_(state[0]).t()
+        if mask is None:
+            u = torch.addmm(drive[t], z, weight_in_t)
+        else:
+            u = torch.addcmul(drive[t], mask, torch.mm(z, weight_in_t))
+        h = torch.add(u, v, alpha=lif.leak, out=membrane[t])
+        v = lif.fire_and_reset(h, history[t + 1].t())
+        if need_d:
+            torch.sub(slope[t], bits[0], out=slope[t + 1]).add_(bits[1]).sub_(bits[2]).add_(bits[3])
+        if need_s:
+            torch.add(support[t], bits[0], out=support[t + 1]).sub_(bits[2])
+    spikes = history[1:].transpose(1, 2).to(current.dtype)
+    return spikes, history, membrane, trace, slope, support
+
+
+def _backward_loop(grad_spikes, history, membrane, trace, slope, support, weight_in, mask,
+                   lif: _LIF, plan: _AxonalPlan):
+    """The reverse time loop in PyTorch ops; same outputs as :func:`_native_backward`."""
+    steps, batch, n = membrane.shape
+    rows = plan.tap_rows(3, +1)
+    future = membrane.new_empty(steps + 1, n, batch)  # slot t: ∂L/∂z[t]; slot T: 0
+    future[steps] = 0.0
+    taps_of = future.view(-1, batch)
+    grad_h = torch.empty_like(membrane)
+    zeta = membrane.new_empty(n, batch)
+    grad_s = membrane.new_empty(batch, n)
+    state = membrane.new_zeros(2, n, batch, dtype=torch.float64)  # (ζ, D/w²) of the adjoint
+    gh = membrane.new_zeros(batch, n)
+    for t in range(steps - 1, -1, -1):
+        taps = taps_of.index_select(0, rows[t]).view(3, n, batch)
+        state[0] += state[1]
+        state += (taps * plan.trace_coef).sum(1)
+        torch.add(grad_spikes[t], zeta.copy_(state[0]).t(), out=grad_s)
+        gh = lif.adjoint_step(grad_s, gh, membrane[t], history[t + 1].t(), out=grad_h[t])
+        torch.mm(weight_in.t(), (gh if mask is None else gh * mask).t(), out=future[t])
+    grad_z = future[:steps]  # (T, N, B)
+    by_slope = by_support = by_trace = None
+    if slope is not None:
+        by_slope = (grad_z * slope[1:]).sum((0, 2), dtype=torch.float64)
+    if support is not None:
+        by_support = (grad_z * support[1:]).sum((0, 2), dtype=torch.float64)
+        by_trace = torch.einsum("tnb,tbn->n", grad_z.double(), trace.double())
+    return grad_h, by_slope, by_support, by_trace
 
 
 # --------------------------------------------------------------------------- synaptic function

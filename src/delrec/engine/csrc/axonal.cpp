@@ -1,0 +1,363 @@
+// The time loops of the fast engine's axonal path (delrec/engine/fast.py, DESIGN §4), fused.
+//
+// Layouts: the tap recursions run neuron-major, on the spike history (T+1, N, B), the future
+// adjoints (T+1, N, B) and the float64 recursion states (N, B), so the B values one tap reads
+// are one contiguous row; everything else is batch-major (T, B, N) like the layer's input and
+// output: the GEMMs, the neuron update and its adjoint. Each step transposes two (N, B)
+// slices, in 16-neuron blocks (a cache line of float32 per batch row).
+//
+// Per step the forward reads three (four) past spikes per neuron and sample, advances the
+// trace recursion, multiplies the trace by the weights (ATen GEMM, u = z Wᵀ) and updates the
+// LIF neurons; the backward runs the same recursion on the future adjoints, the LIF adjoint,
+// the transposed GEMM and the sums behind the delay and spread gradients. What the recursion
+// means: fast.py, _AxonalPlan.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kGrain = 8192;  // elements per parallel chunk
+constexpr int64_t kBlock = 16;    // neurons per block of a transposition
+
+// fn(j0, j1) on blocks of neurons [j0, j1), in parallel (ATen's intra-op threads).
+template <typename Fn>
+void for_each_block(int64_t n, int64_t batch, const Fn& fn) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  const int64_t grain = std::max<int64_t>(1, kGrain / (batch * kBlock));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      fn(block * kBlock, std::min(n, (block + 1) * kBlock));
+    }
+  });
+}
+
+// fn(begin, end) on a flat range of B·N elements, in parallel.
+template <typename Fn>
+void for_each_element(int64_t size, const Fn& fn) {
+  at::parallel_for(0, size, kGrain, fn);
+}
+
+// Element offset of row (slot, j) for each tap q of each neuron j at step t: slot t - lag + 1
+// of a (T+1, N, B) spike history whose slot 0 is all zero (forward), or slot min(t + lag, T)
+// of a (T+1, N, B) adjoint whose slot T is all zero (backward).
+void tap_rows(const int64_t* lags, int64_t taps, int64_t n, int64_t batch, int64_t t,
+              int64_t steps, bool forward, std::vector<int64_t>& out) {
+  out.resize(taps * n);
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t q = 0; q < taps; ++q) {
+      const int64_t lag = lags[j * 4 + q];
+      const int64_t slot = forward ? std::max<int64_t>(t - lag + 1, 0)
+                                   : std::min<int64_t>(t + lag, steps);
+      out[q * n + j] = (slot * n + j) * batch;
+    }
+  }
+}
+
+// One step of the trace recursion for neuron j over the batch, on neuron-major rows:
+// y += d; y += Σ_q c_q x_q; d += Σ_q e_q x_q, with x_q the three tapped rows.
+template <typename tap_t>
+inline void recursion_step(double* __restrict__ y, double* __restrict__ d,
+                           const tap_t* __restrict__ x0, const tap_t* __restrict__ x1,
+                           const tap_t* __restrict__ x2, const double* c, const double* e,
+                           int64_t batch) {
+  const double c0 = c[0], c1 = c[1], c2 = c[2], e0 = e[0], e1 = e[1], e2 = e[2];
+  for (int64_t b = 0; b < batch; ++b) {
+    const double a0 = x0[b], a1 = x1[b], a2 = x2[b];
+    y[b] += d[b];
+    y[b] += a0 * c0 + a1 * c1 + a2 * c2;
+    d[b] += a0 * e0 + a1 * e1 + a2 * e2;
+  }
+}
+
+// The LIF constants (fast.py, _LIF) and the surrogate derivative ψ'(h - θ): 0 = read from a
+// precomputed (T, B, N) tensor, 1 = Triangle(γ), 2 = ATan(α), with γ or α in surrogate_param.
+struct LIFConstants {
+  double leak, v0, threshold, v_reset;
+  bool soft_reset, detach_reset;
+  int64_t surrogate;
+  double surrogate_param;
+};
+
+template <typename scalar_t, typename count_t>
+void forward_loop(const at::Tensor& drive, const at::Tensor& weight_in, const at::Tensor& mask,
+                  const at::Tensor& lags, const at::Tensor& coef, const LIFConstants& lif,
+                  at::Tensor& spikes_out, at::Tensor& history, at::Tensor& membrane,
+                  at::Tensor& trace, at::Tensor& slope, at::Tensor& support) {
+  const int64_t steps = drive.size(0), batch = drive.size(1), n = drive.size(2);
+  const int64_t nb = n * batch;
+  const bool need_slope = slope.numel() > 0, need_support = support.numel() > 0;
+  const bool has_mask = mask.defined();
+
+  const scalar_t* drive_p = drive.data_ptr<scalar_t>();                      // (T, B, N)
+  const scalar_t* mask_p = has_mask ? mask.data_ptr<scalar_t>() : nullptr;   // (B, N)
+  const int64_t* lags_p = lags.data_ptr<int64_t>();
+  const double* coef_p = coef.data_ptr<double>();  // (2, N, 3): increments of z and D/w²
+  scalar_t* spikes_p = spikes_out.data_ptr<scalar_t>();                      // (T, B, N)
+  // (T+1, N, B), read as bytes: GCC vectorises uint8_t loads, not bool loads
+  uint8_t* hist = reinterpret_cast<uint8_t*>(history.data_ptr<bool>());
+  scalar_t* membrane_p = membrane.data_ptr<scalar_t>();                      // (T, B, N)
+  scalar_t* trace_p = trace.data_ptr<scalar_t>();                            // (T, B, N)
+  count_t* slope_p = need_slope ? slope.data_ptr<count_t>() : nullptr;       // (T+1, N, B)
+  count_t* support_p = need_support ? support.data_ptr<count_t>() : nullptr; // (T+1, N, B)
+
+  std::vector<double> y_store(nb, 0.0), d_store(nb, 0.0);  // z and D/w², (N, B)
+  std::vector<scalar_t> v_store(nb, static_cast<scalar_t>(lif.v0));  // (B, N)
+  double* y = y_store.data();
+  double* d = d_store.data();
+  scalar_t* v = v_store.data();
+  at::Tensor recurrent = at::empty({batch, n}, drive.options());
+  const scalar_t* rec_p = recurrent.data_ptr<scalar_t>();
+  const at::Tensor weight_in_t = weight_in.t();
+  std::vector<int64_t> rows;
+  const scalar_t theta = lif.threshold, reset = lif.v_reset, leak = lif.leak;
+  const bool soft_reset = lif.soft_reset;
+
+  std::fill(hist, hist + nb, uint8_t(0));
+  if (need_slope) std::fill(slope_p, slope_p + nb, count_t(0));
+  if (need_support) std::fill(support_p, support_p + nb, count_t(0));
+
+  for (int64_t t = 0; t < steps; ++t) {
+    tap_rows(lags_p, need_slope ? 4 : 3, n, batch, t, steps, true, rows);
+    const int64_t now = t * nb, next = (t + 1) * nb;
+    for_each_block(n, batch, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t row = j * batch;
+        const uint8_t* s0 = hist + rows[j];
+        const uint8_t* s1 = hist + rows[n + j];
+        const uint8_t* s2 = hist + rows[2 * n + j];
+        recursion_step(y + row, d + row, s0, s1, s2, coef_p + 3 * j, coef_p + 3 * (n + j), batch);
+        if (need_slope) {  // E += -s0 + s1 - s2 + s3
+          const uint8_t* s3 = hist + rows[3 * n + j];
+          const count_t* before = slope_p + now + row;
+          count_t* after = slope_p + next + row;
+          for (int64_t b = 0; b < batch; ++b) {
+            after[b] = static_cast<count_t>(before[b] - s0[b] + s1[b] - s2[b] + s3[b]);
+          }
+        }
+        if (need_support) {  // K += s0 - s2
+          const count_t* before = support_p + now + row;
+          count_t* after = support_p + next + row;
+          for (int64_t b = 0; b < batch; ++b) {
+            after[b] = static_cast<count_t>(before[b] + s0[b] - s2[b]);
+          }
+        }
+      }
+      for (int64_t b = 0; b < batch; ++b) {  // z, transposed into the batch-major trace
+        for (int64_t j = j0; j < j1; ++j) {
+          trace_p[now + b * n + j] = static_cast<scalar_t>(y[j * batch + b]);
+        }
+      }
+    });
+    at::mm_out(recurrent, trace.select(0, t), weight_in_t);  // (B, N) = z (B, N) Wᵀ
+    for_each_element(nb, [&](int64_t begin, int64_t end) {
+      const scalar_t* __restrict__ drive_t = drive_p + now;
+      scalar_t* __restrict__ h_t = membrane_p + now;
+      scalar_t* __restrict__ s_t = spikes_p + now;
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t r = has_mask ? mask_p[i] * rec_p[i] : rec_p[i];
+        const scalar_t h = (drive_t[i] + r) + leak * v[i];
+        const bool spike = h >= theta;
+        h_t[i] = h;
+        s_t[i] = spike ? scalar_t(1) : scalar_t(0);
+        v[i] = soft_reset ? h - theta * (spike ? scalar_t(1) : scalar_t(0)) : (spike ? reset : h);
+      }
+    });
+    for_each_block(n, batch, [&](int64_t j0, int64_t j1) {  // spikes, into the history
+      for (int64_t j = j0; j < j1; ++j) {
+        uint8_t* row = hist + next + j * batch;
+        for (int64_t b = 0; b < batch; ++b) row[b] = spikes_p[now + b * n + j] != scalar_t(0);
+      }
+    });
+  }
+}
+
+template <typename scalar_t, typename count_t>
+void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
+                   const at::Tensor& psi, const at::Tensor& weight_in, const at::Tensor& mask,
+                   const at::Tensor& lags, const at::Tensor& coef, const LIFConstants& lif,
+                   const at::Tensor& trace, const at::Tensor& slope, const at::Tensor& support,
+                   at::Tensor& grad_h, at::Tensor& sums) {
+  const int64_t steps = membrane.size(0), batch = membrane.size(1), n = membrane.size(2);
+  const int64_t nb = n * batch;
+  const bool has_mask = mask.defined();
+  const bool need_slope = slope.numel() > 0, need_support = support.numel() > 0;
+
+  const scalar_t* grad_out = grad_spikes.data_ptr<scalar_t>();               // (T, B, N)
+  const scalar_t* membrane_p = membrane.data_ptr<scalar_t>();                // (T, B, N)
+  const scalar_t* psi_p = lif.surrogate == 0 ? psi.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* mask_p = has_mask ? mask.data_ptr<scalar_t>() : nullptr;   // (B, N)
+  const int64_t* lags_p = lags.data_ptr<int64_t>();
+  const double* coef_p = coef.data_ptr<double>();
+  const scalar_t* trace_p = trace.data_ptr<scalar_t>();                      // (T, B, N)
+  const count_t* slope_p = need_slope ? slope.data_ptr<count_t>() + nb : nullptr;
+  const count_t* support_p = need_support ? support.data_ptr<count_t>() + nb : nullptr;
+  scalar_t* grad_h_p = grad_h.data_ptr<scalar_t>();                          // (T, B, N)
+  double* by_slope = sums.data_ptr<double>();  // (3, N): Σ ∂L/∂z·E, Σ ∂L/∂z·K, Σ ∂L/∂z·z
+  double* by_support = by_slope + n;
+  double* by_trace = by_slope + 2 * n;
+
+  // ∂L/∂z[t] (N, B) for the steps a tap still reads; slot T stays zero
+  at::Tensor future = at::empty({steps + 1, n, batch}, membrane.options());
+  future.select(0, steps).zero_();
+  scalar_t* future_p = future.data_ptr<scalar_t>();
+  std::vector<double> y_store(nb, 0.0), d_store(nb, 0.0);  // ζ and its slope, (N, B)
+  double* y = y_store.data();
+  double* d = d_store.data();
+  std::vector<scalar_t> zeta_store(nb);                     // ζ[t], (B, N)
+  scalar_t* zeta = zeta_store.data();
+  at::Tensor gh = at::zeros({batch, n}, membrane.options());  // ∂L/∂h[t] (B, N)
+  scalar_t* gh_p = gh.data_ptr<scalar_t>();
+  at::Tensor masked = has_mask ? at::empty({batch, n}, membrane.options()) : at::Tensor();
+  scalar_t* masked_p = has_mask ? masked.data_ptr<scalar_t>() : nullptr;
+  std::vector<int64_t> rows;
+  const scalar_t theta = lif.threshold, reset = lif.v_reset, leak = lif.leak;
+  const bool soft_reset = lif.soft_reset, detach_reset = lif.detach_reset;
+  const int64_t surrogate = lif.surrogate;
+  // Triangle: γ and γ²; ATan: α/2 and π α / 2
+  const scalar_t surrogate_param = surrogate == 1 ? lif.surrogate_param : lif.surrogate_param / 2;
+  const scalar_t surrogate_scale = surrogate == 1 ? lif.surrogate_param * lif.surrogate_param
+                                                  : M_PI / 2 * lif.surrogate_param;
+
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    tap_rows(lags_p, 3, n, batch, t, steps, false, rows);
+    const int64_t now = t * nb;
+    for_each_block(n, batch, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        recursion_step(y + j * batch, d + j * batch, future_p + rows[j], future_p + rows[n + j],
+                       future_p + rows[2 * n + j], coef_p + 3 * j, coef_p + 3 * (n + j), batch);
+      }
+      for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t j = j0; j < j1; ++j) zeta[b * n + j] = static_cast<scalar_t>(y[j * batch + b]);
+      }
+    });
+    // the LIF adjoint (fast.py, _LIF.adjoint_step): gv is the adjoint of v[t]; gh still holds
+    // ∂L/∂h[t+1] when step t reads it
+    for_each_element(nb, [&](int64_t begin, int64_t end) {
+      const scalar_t* __restrict__ h_t = membrane_p + now;
+      const scalar_t* __restrict__ grad_s_t = grad_out + now;
+      const scalar_t* __restrict__ zeta_t = zeta;
+      scalar_t* __restrict__ gh_t = gh_p;
+      scalar_t* __restrict__ grad_h_t = grad_h_p + now;
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t h = h_t[i];
+        scalar_t grad_s = grad_s_t[i] + zeta_t[i];
+        scalar_t gv = gh_t[i] * leak;
+        if (!detach_reset) grad_s += soft_reset ? -theta * gv : gv * (reset - h);
+        if (!soft_reset && h >= theta) gv = scalar_t(0);
+        const scalar_t x = h - theta;
+        scalar_t slope_psi;
+        if (surrogate == 1) {  // Triangle(γ): max(0, γ - |x|) / γ²
+          const scalar_t top = surrogate_param - std::abs(x);
+          slope_psi = (top > scalar_t(0) ? top : scalar_t(0)) / surrogate_scale;
+        } else if (surrogate == 2) {  // ATan(α): (α/2) / (1 + (π α x / 2)²)
+          const scalar_t scaled = surrogate_scale * x;
+          slope_psi = surrogate_param / (scalar_t(1) + scaled * scaled);
+        } else {
+          slope_psi = psi_p[now + i];
+        }
+        const scalar_t g = gv + slope_psi * grad_s;
+        grad_h_t[i] = g;
+        gh_t[i] = g;
+      }
+      if (has_mask) {
+        for (int64_t i = begin; i < end; ++i) masked_p[i] = gh_p[i] * mask_p[i];
+      }
+    });
+    at::Tensor future_t = future.select(0, t);  // (N, B) = Wᵀ (N, N) gᵀ (N, B)
+    at::mm_out(future_t, weight_in.t(), (has_mask ? masked : gh).t());
+    if (need_slope || need_support) {  // the sums behind the delay and spread gradients
+      for_each_block(n, batch, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t row = now + j * batch;
+          double slope_sum = 0.0, support_sum = 0.0;
+          for (int64_t b = 0; b < batch; ++b) {
+            const double g = future_p[row + b];
+            if (need_slope) slope_sum += g * slope_p[row + b];
+            if (need_support) support_sum += g * support_p[row + b];
+          }
+          by_slope[j] += slope_sum;
+          by_support[j] += support_sum;
+        }
+        if (need_support) {
+          for (int64_t b = 0; b < batch; ++b) {
+            for (int64_t j = j0; j < j1; ++j) {
+              by_trace[j] += static_cast<double>(future_p[now + j * batch + b]) *
+                             static_cast<double>(trace_p[now + b * n + j]);
+            }
+          }
+        }
+      });
+    }
+  }
+}
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "delrec axonal kernel: ", what); }
+
+void check_common(const at::Tensor& x, const at::Tensor& lags, const at::Tensor& coef) {
+  check(x.device().is_cpu() && x.is_contiguous() && x.dim() == 3,
+        "sequences must be contiguous (T, B, N) CPU tensors");
+  check(lags.scalar_type() == at::kLong && lags.dim() == 2 && lags.size(1) == 4,
+        "lags must be (N, 4) int64");
+  check(coef.scalar_type() == at::kDouble && coef.is_contiguous() && coef.dim() == 3,
+        "coef must be a contiguous (2, N, 3) float64 tensor");
+}
+
+void forward(const at::Tensor& drive, const at::Tensor& weight_in,
+             const c10::optional<at::Tensor>& mask, const at::Tensor& lags,
+             const at::Tensor& coef, double leak, double v0, double threshold, double v_reset,
+             bool soft_reset, at::Tensor spikes, at::Tensor history, at::Tensor membrane,
+             at::Tensor trace, at::Tensor slope, at::Tensor support) {
+  check_common(drive, lags, coef);
+  check(slope.scalar_type() == support.scalar_type(), "slope and support share a dtype");
+  const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
+  const LIFConstants lif{leak, v0, threshold, v_reset, soft_reset, false, 0, 0.0};
+  AT_DISPATCH_FLOATING_TYPES(drive.scalar_type(), "delrec_axonal_forward", [&] {
+    if (slope.scalar_type() == at::kChar) {
+      forward_loop<scalar_t, int8_t>(drive, weight_in, mask_c, lags, coef, lif, spikes,
+                                     history, membrane, trace, slope, support);
+    } else {
+      check(slope.scalar_type() == at::kShort, "box sums must be int8 or int16");
+      forward_loop<scalar_t, int16_t>(drive, weight_in, mask_c, lags, coef, lif, spikes,
+                                      history, membrane, trace, slope, support);
+    }
+  });
+}
+
+void backward(const at::Tensor& grad_spikes, const at::Tensor& membrane, const at::Tensor& psi,
+              const at::Tensor& weight_in, const c10::optional<at::Tensor>& mask,
+              const at::Tensor& lags, const at::Tensor& coef, double leak, double threshold,
+              double v_reset, bool soft_reset, bool detach_reset, int64_t surrogate,
+              double surrogate_param, const at::Tensor& trace, const at::Tensor& slope,
+              const at::Tensor& support, at::Tensor grad_h, at::Tensor sums) {
+  check_common(grad_spikes, lags, coef);
+  check(membrane.is_contiguous() && (surrogate != 0 || psi.is_contiguous()),
+        "membrane and ψ' must be contiguous (T, B, N)");
+  check(sums.scalar_type() == at::kDouble && sums.numel() == 3 * membrane.size(2),
+        "sums must be (3, N) float64");
+  const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
+  const LIFConstants lif{leak, 0.0, threshold, v_reset, soft_reset, detach_reset, surrogate,
+                         surrogate_param};
+  const at::ScalarType counts = slope.numel() ? slope.scalar_type() : support.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES(membrane.scalar_type(), "delrec_axonal_backward", [&] {
+    if (counts == at::kChar) {
+      backward_loop<scalar_t, int8_t>(grad_spikes, membrane, psi, weight_in, mask_c, lags, coef,
+                                      lif, trace, slope, support, grad_h, sums);
+    } else {
+      check(counts == at::kShort, "box sums must be int8 or int16");
+      backward_loop<scalar_t, int16_t>(grad_spikes, membrane, psi, weight_in, mask_c, lags,
+                                       coef, lif, trace, slope, support, grad_h, sums);
+    }
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "delrec: fused time loops of the axonal fast engine";
+  m.def("forward", &forward, "axonal forward loop: fills spikes, history, membrane, trace, box sums");
+  m.def("backward", &backward, "axonal backward loop: fills grad_h and the delay/spread sums");
+}

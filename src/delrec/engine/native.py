@@ -1,0 +1,97 @@
+"""The engine's C++ kernels (``engine/csrc/*.cpp``), compiled on first use.
+
+The per-step elementwise work of the fast engine (tap reads, the float64 trace recursion, the
+neuron update and its adjoint) is fused into C++ loops that run the whole time loop, calling
+ATen's GEMM each step. They are built with ``torch.utils.cpp_extension.load`` the first time
+they are needed (about a minute; needs a C++ compiler and ``ninja``, a dependency of the
+package) and cached per torch version and CPU in ``$DELREC_CACHE`` (default
+``~/.cache/delrec``). When they cannot be built, :func:`load` returns ``None`` after one
+warning that says why, and the engine runs its PyTorch-op version (same results, slower).
+``DELREC_NATIVE=0`` turns them off.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCES = Path(__file__).parent / "csrc"
+
+
+def enabled() -> bool:
+    """False when ``DELREC_NATIVE=0`` asks for the PyTorch-op engine only."""
+    return os.environ.get("DELREC_NATIVE", "1") != "0"
+
+
+def _build_directory(name: str) -> Path:
+    """One build folder per kernel source, torch version and CPU model (``-march=native``)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu += next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    source = (SOURCES / f"{name}.cpp").read_bytes()
+    key = hashlib.sha256(source + torch.__version__.encode() + cpu.encode()).hexdigest()[:16]
+    root = Path(os.environ.get("DELREC_CACHE", Path.home() / ".cache" / "delrec"))
+    folder = root / "kernels" / f"{name}-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _ninja_on_path() -> None:
+    """Put the ``ninja`` of the Python package on ``PATH`` when no other is there (a venv's
+    ``bin`` is not on ``PATH`` unless the venv is activated)."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return  # cpp_extension then says that ninja is missing
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+@functools.cache
+def build(name: str) -> ModuleType:
+    """Compile ``csrc/<name>.cpp``, or import the build cached for this source, torch and CPU;
+    raises on failure."""
+    from torch.utils import cpp_extension
+
+    module, folder = f"delrec_{name}", _build_directory(name)
+    library = folder / f"{module}.so"
+    if library.is_file():  # no ninja run, no build lock: a process killed here leaves nothing
+        spec = importlib.util.spec_from_file_location(module, library)
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        return loaded
+    _ninja_on_path()
+    return cpp_extension.load(
+        name=module, sources=[str(SOURCES / f"{name}.cpp")], build_directory=str(folder),
+        extra_cflags=["-O3", "-march=native", "-ffp-contract=off"], verbose=False)
+
+
+def load(name: str) -> ModuleType | None:
+    """The compiled kernel module ``name``, or ``None`` if ``DELREC_NATIVE=0`` or (with one
+    warning) if it can't be built."""
+    return _built_or_warned(name) if enabled() else None
+
+
+@functools.cache
+def _built_or_warned(name: str) -> ModuleType | None:
+    try:
+        return build(name)
+    except Exception as error:  # compiler missing, ninja missing, build error: say which
+        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        warnings.warn(f"delrec: the C++ kernels '{name}' could not be built or loaded "
+                      f"({first}); the fast engine runs its slower PyTorch-op version. Install "
+                      f"a C++ compiler and ninja, or delete {_build_directory(name)} to rebuild "
+                      "a damaged build, or set DELREC_NATIVE=0 to silence this.",
+                      RuntimeWarning, stacklevel=2)
+        return None
