@@ -1,0 +1,95 @@
+"""Synaptic delays by slot traces (``delrec.engine.synaptic``) next to the axonal fast engine.
+
+    python benchmarks/bench_synaptic.py [--size 512] [--batch 32] [--steps 100]
+        [--max-delay 10] [--sigma 10] [--threads 1 0] [--repeats 7]
+
+One training step (forward + backward of one float32 layer, delays ~ U(0, max-delay), shared
+spread σ) is timed for three paths in turn, repeated, and the median kept, so that the ratios
+are measured side by side on a shared machine:
+
+* ``axonal``: ``DelRec(N, LIF(), delay_type="axonal")`` (the fast engine, C++ time loops);
+* ``slots``: :func:`delrec.engine.synaptic.synaptic_recurrence` with a synaptic layer's delays;
+* ``lag-gemm``: ``DelRec(N, LIF(), delay_type="synaptic")`` (the engine's current synaptic path,
+  one GEMM of width ``lags·N`` per step).
+
+``--threads 0`` means torch's default number of threads. The number of slots per neuron (the
+recursion work per step; it grows with the delay range and is about 3× larger when ``1 + σ`` is
+not an integer or a half-integer) is printed with each configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from delrec.engine import native
+from delrec.engine.fast import _width_vector
+from delrec.engine.synaptic import _SlotPlan, synaptic_recurrence
+from delrec.layers import DelRec
+from delrec.neurons import LIF
+
+
+def step_timers(size: int, batch: int, steps: int, max_delay: float, sigma: float):
+    """Zero-argument functions, one per path, each running forward + backward once."""
+    g = torch.Generator().manual_seed(0)
+    layers = {kind: DelRec(size, LIF(), delay_type=kind, delay_init=f"uniform:0:{max_delay}",
+                           sigma=sigma, generator=g) for kind in ("axonal", "synaptic")}
+    current = (torch.rand(steps, batch, size, generator=g) * 1.2).requires_grad_()
+    synaptic = layers["synaptic"]
+
+    def slots():
+        delay, width = synaptic.delays_and_width()
+        spikes = synaptic_recurrence(current, synaptic.weight, delay, width, synaptic.neuron.p)
+        spikes.sum().backward()
+
+    def layer_step(layer):
+        return lambda: layer(current).sum().backward()
+
+    delay, width = synaptic.delays_and_width()
+    plan = _SlotPlan(delay, _width_vector(width, delay, size))
+    return {"axonal": layer_step(layers["axonal"]), "slots": slots,
+            "lag-gemm": layer_step(synaptic)}, plan.z_lags.shape[0] / size
+
+
+def median_times(timers, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each timer, calls interleaved (after one warm-up round)."""
+    for run in timers.values():
+        run()
+    times = {name: [] for name in timers}
+    for _ in range(repeats):
+        for name, run in timers.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--max-delay", type=float, default=10.0)
+    parser.add_argument("--sigma", type=float, default=10.0)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 0])
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    native.build("synaptic")
+    native.build("axonal")
+    default_threads = torch.get_num_threads()
+    for threads in args.threads:
+        torch.set_num_threads(threads or default_threads)
+        timers, slots = step_timers(args.size, args.batch, args.steps, args.max_delay, args.sigma)
+        print(f"N={args.size} B={args.batch} T={args.steps} delays~U(0, {args.max_delay:g}) "
+              f"sigma={args.sigma:g} float32 threads={torch.get_num_threads()} "
+              f"slots/neuron={slots:.1f} repeats={args.repeats}")
+        med = median_times(timers, args.repeats)
+        for name, seconds in med.items():
+            print(f"  {name:9s} {seconds * 1e3:8.1f} ms   {seconds / med['axonal']:5.2f}x axonal")
+    torch.set_num_threads(default_threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,526 @@
+// The time loops of the synaptic-delay engine (delrec/engine/synaptic.py), fused.
+//
+// Each synapse (i, j) reads, instead of its own kernel, one "slot" of its presynaptic neuron j:
+// a pair of traces (Z_s, E_s) over the batch, where Z_s is the triangle trace at the slot's
+// centre and E_s the ε-box sum (the centre derivative times w²); the recurrent input is
+//     r_i[t] = Σ_j a_ij Z_s[t] + b_ij E_s[t],   s = slot(i, j)
+// (a = gain·W, b = gain·W·(c_ij - G_s)/w²). Traces are float64 three- and four-tap recursions
+// over the spike history (what they mean: synaptic.py, _SlotPlan). Layouts are neuron-major
+// ((N, T+1, B) history and spike counts, (T, N, B) membrane, (N, T, B') adjoint ∂L/∂r, B'
+// padded to whole cache lines) so that batch rows are contiguous and one neuron's recent past
+// is close together; what the layer exchanges with the network is batch-major (T, B, N).
+//
+// forward:   per step, the slot traces, then r_i as 2 axpys per synapse, then the LIF update.
+// backward:  per reverse step, the adjoint of the spikes (one float64 recursion per neuron fed
+//            by a ring of injections), the LIF adjoint, the per-slot sums of a·ḡ and b·ḡ over
+//            the slot's members, their injections at the slot's taps, and Σ K_s·x_s (spread).
+// gradients: a second forward sweep of the slot traces, in chunks of time, dotting them with
+//            the stored adjoint: D0_ij = Σ ḡ_i Z_s, D1_ij = Σ ḡ_i E_s.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <mutex>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunk = 8;             // time steps per chunk of the gradient sweep
+constexpr int64_t kBlockBytes = 1 << 18;  // chunk tables of the neurons swept together
+
+// Vector lanes: one cache line of scalars. Batch rows of the internal buffers are padded to a
+// multiple of it (zero lanes), so the inner loops run over whole blocks the compiler vectorises.
+template <typename scalar_t>
+constexpr int64_t kLanes = 64 / sizeof(scalar_t);
+
+template <typename scalar_t>
+int64_t padded(int64_t batch) {
+  return (batch + kLanes<scalar_t> - 1) / kLanes<scalar_t> * kLanes<scalar_t>;
+}
+
+// fn(chunk, begin, end) on at::get_num_threads() contiguous chunks of [0, n): chunk 0 on the
+// caller, the others on ATen's inter-op threads. (at::parallel_for would run serially: these
+// kernels are compiled without OpenMP, and ATen's intra-op loop is OpenMP in this build.)
+template <typename Fn>
+void parallel_chunks(int64_t n, const Fn& fn) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  auto run = [&](int64_t chunk) { fn(chunk, n * chunk / chunks, n * (chunk + 1) / chunks); };
+  if (chunks == 1) return run(0);
+  std::mutex mutex;
+  std::condition_variable finished;
+  int64_t pending = chunks - 1;
+  std::exception_ptr error;
+  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+    at::launch([&, chunk] {
+      std::exception_ptr raised;
+      try {
+        run(chunk);
+      } catch (...) {
+        raised = std::current_exception();
+      }
+      std::lock_guard<std::mutex> lock(mutex);
+      if (raised) error = raised;
+      if (--pending == 0) finished.notify_one();
+    });
+  }
+  std::exception_ptr raised;
+  try {
+    run(0);
+  } catch (...) {
+    raised = std::current_exception();
+  }
+  std::unique_lock<std::mutex> lock(mutex);
+  finished.wait(lock, [&] { return pending == 0; });
+  if (raised) std::rethrow_exception(raised);
+  if (error) std::rethrow_exception(error);
+}
+
+// The slot plan (synaptic.py, _SlotPlan.native): per slot s its presynaptic neuron, the three
+// triangle taps (lags, increments of z and of its slope), the four ε-box taps (signs -, +, +, -)
+// and the closed support [lo, hi]; the synapses grouped by slot ("members", postsynaptic i
+// ascending), whose coefficients a, b come in the same order.
+struct Plan {
+  int64_t n, slots;
+  const int64_t* owner_start;   // (N+1): slots of neuron j are [owner_start[j], owner_start[j+1])
+  const int64_t* z_lags;        // (S, 3)
+  const double* z_coef;         // (S, 6): γ₀ γ₁ γ₂ δ₀ δ₁ δ₂ (already / w²)
+  const int64_t* e_lags;        // (S, 4)
+  const int64_t* support;       // (S, 2): lo, hi
+  const int64_t* member_start;  // (S+1)
+  const int32_t* member;        // (N²): postsynaptic i of each member, grouped by slot
+};
+
+Plan plan_of(const at::Tensor& owner_start, const at::Tensor& z_lags, const at::Tensor& z_coef,
+             const at::Tensor& e_lags, const at::Tensor& support, const at::Tensor& member_start,
+             const at::Tensor& member) {
+  auto ok = [](bool c, const char* what) { TORCH_CHECK(c, "delrec synaptic kernel: ", what); };
+  const int64_t n = owner_start.numel() - 1, s = z_lags.size(0);
+  ok(member_start.numel() == s + 1 && member.numel() == n * n, "plan sizes disagree");
+  ok(z_lags.scalar_type() == at::kLong && e_lags.scalar_type() == at::kLong &&
+         support.scalar_type() == at::kLong && owner_start.scalar_type() == at::kLong &&
+         member_start.scalar_type() == at::kLong, "lags and offsets must be int64");
+  ok(z_coef.scalar_type() == at::kDouble && z_coef.size(1) == 6, "z_coef must be (S, 6) float64");
+  ok(member.scalar_type() == at::kInt, "members must be int32");
+  for (const at::Tensor* x : {&owner_start, &z_lags, &z_coef, &e_lags, &support, &member_start,
+                              &member}) {
+    ok(x->is_contiguous() && x->device().is_cpu(), "plan tensors must be contiguous CPU tensors");
+  }
+  return {n, s, owner_start.data_ptr<int64_t>(), z_lags.data_ptr<int64_t>(),
+          z_coef.data_ptr<double>(), e_lags.data_ptr<int64_t>(), support.data_ptr<int64_t>(),
+          member_start.data_ptr<int64_t>(), member.data_ptr<int32_t>()};
+}
+
+// The state of the slot recursions, (S, B) each: z and its slope D/w² (float64), E (exact).
+struct SlotState {
+  std::vector<double> z, d;
+  std::vector<int32_t> e;
+  SlotState(int64_t slots, int64_t batch)
+      : z(slots * batch, 0.0), d(slots * batch, 0.0), e(slots * batch, 0) {}
+};
+
+// The recursions of one slot over a batch row: taps x (triangle) and y (ε-boxes) are 0/1 bytes.
+// Kept out of line: with its own restrict pointers the compiler vectorises it, inlined it doesn't.
+template <typename scalar_t>
+__attribute__((noinline)) void slot_step(
+    const uint8_t* __restrict x0, const uint8_t* __restrict x1, const uint8_t* __restrict x2,
+    const uint8_t* __restrict y0, const uint8_t* __restrict y1, const uint8_t* __restrict y2,
+    const uint8_t* __restrict y3, const double* __restrict c, int64_t batch,
+    double* __restrict z, double* __restrict d, int32_t* __restrict e,
+    scalar_t* __restrict z_out, scalar_t* __restrict e_out) {
+  const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3], c4 = c[4], c5 = c[5];
+  for (int64_t b = 0; b < batch; ++b) {
+    const double s0 = x0[b], s1 = x1[b], s2 = x2[b];
+    const double zb = z[b] + d[b];
+    z[b] = zb + (s0 * c0 + s1 * c1 + s2 * c2);
+    d[b] += s0 * c3 + s1 * c4 + s2 * c5;
+    e[b] += (static_cast<int32_t>(y1[b]) + y2[b]) - (static_cast<int32_t>(y0[b]) + y3[b]);
+    z_out[b] = static_cast<scalar_t>(z[b]);
+    e_out[b] = static_cast<scalar_t>(e[b]);
+  }
+}
+
+// One step of slot s at time t: reads the spikes s_j[t - lag] of its neuron j from j's (T+1, B)
+// history (frame u + 1 holds step u, frame 0 is all zero) and writes Z_s[t], E_s[t] to z_out,
+// e_out.
+template <typename scalar_t>
+inline void advance_slot(const Plan& p, int64_t s, int64_t t, int64_t batch,
+                         const bool* history_j, SlotState& st, int64_t row,
+                         scalar_t* z_out, scalar_t* e_out) {
+  auto tap = [&](int64_t lag) {  // as bytes: the compiler vectorises byte loads, not bool
+    return reinterpret_cast<const uint8_t*>(history_j) + std::max<int64_t>(t - lag + 1, 0) * batch;
+  };
+  const int64_t* zl = p.z_lags + 3 * s;
+  const int64_t* el = p.e_lags + 4 * s;
+  slot_step(tap(zl[0]), tap(zl[1]), tap(zl[2]), tap(el[0]), tap(el[1]), tap(el[2]), tap(el[3]),
+            p.z_coef + 6 * s, batch, st.z.data() + row * batch, st.d.data() + row * batch,
+            st.e.data() + row * batch, z_out, e_out);
+}
+
+struct LIFConstants {
+  double leak, v0, threshold, v_reset;
+  bool soft_reset, detach_reset;
+};
+
+template <typename scalar_t>
+void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_m,
+                  const at::Tensor& b_m, const at::Tensor& mask, const LIFConstants& lif,
+                  at::Tensor& spikes_out, at::Tensor& history, at::Tensor& membrane) {
+  const int64_t steps = drive.size(0), batch = drive.size(1), n = drive.size(2);
+  const int64_t nb = n * batch;
+  const bool has_mask = mask.defined();
+  const scalar_t* drive_p = drive.data_ptr<scalar_t>();  // (T, B, N)
+  const scalar_t* am = a_m.data_ptr<scalar_t>();         // (N²) in member order
+  const scalar_t* bm = b_m.data_ptr<scalar_t>();
+  const scalar_t* mask_p = has_mask ? mask.data_ptr<scalar_t>() : nullptr;  // (B, N)
+  scalar_t* spikes_p = spikes_out.data_ptr<scalar_t>();  // (T, B, N)
+  bool* hist = history.data_ptr<bool>();                 // (N, T+1, B)
+  const int64_t frames = (steps + 1) * batch;            // one neuron's history
+  scalar_t* membrane_p = membrane.data_ptr<scalar_t>();  // (T, N, B)
+
+  constexpr int64_t L = kLanes<scalar_t>;
+  const int64_t width = padded<scalar_t>(batch);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  SlotState state(p.slots, batch);
+  std::vector<scalar_t> table(p.slots * 2 * width, scalar_t(0));  // (S, 2, B'): Z_s, E_s at t
+  // recurrent input summed by each chunk over its presynaptic neurons, lane-block-major
+  // (chunks, B'/L, N, L): one pass over the members touches one (N, L) block, which stays in L1
+  std::vector<scalar_t> partial(chunks * n * width, scalar_t(0));
+  std::vector<scalar_t> v(nb, static_cast<scalar_t>(lif.v0));
+  const scalar_t theta = lif.threshold, reset = lif.v_reset, leak = lif.leak;
+  for (int64_t j = 0; j < n; ++j) std::fill_n(hist + j * frames, batch, false);
+
+  for (int64_t t = 0; t < steps; ++t) {
+    // each slot's traces, then a_ij Z_s + b_ij E_s added to r_i for each member i
+    parallel_chunks(n, [&](int64_t chunk, int64_t j0, int64_t j1) {
+      const int64_t s0 = p.owner_start[j0], s1 = p.owner_start[j1];
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t s = p.owner_start[j]; s < p.owner_start[j + 1]; ++s) {
+          scalar_t* z = table.data() + s * 2 * width;
+          advance_slot(p, s, t, batch, hist + j * frames, state, s, z, z + width);
+        }
+      }
+      scalar_t* r = partial.data() + chunk * n * width;
+      for (int64_t lane = 0; lane < width; lane += L) {
+        scalar_t* block = r + lane * n;
+        for (int64_t s = s0; s < s1; ++s) {
+          const scalar_t* __restrict z = table.data() + s * 2 * width + lane;
+          for (int64_t m = p.member_start[s]; m < p.member_start[s + 1]; ++m) {
+            scalar_t* __restrict out = block + p.member[m] * L;
+            const scalar_t a = am[m], b = bm[m];
+            for (int64_t l = 0; l < L; ++l) {
+              out[l] = std::fma(a, z[l], std::fma(b, z[width + l], out[l]));
+            }
+          }
+        }
+      }
+    });
+    const int64_t now = t * nb;
+    parallel_chunks(n, [&](int64_t, int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t b = 0; b < batch; ++b) {  // the LIF update (fast.py, _LIF)
+          scalar_t sum = scalar_t(0);
+          for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+            scalar_t& r = partial[chunk * n * width + (b / L) * n * L + i * L + b % L];
+            sum += r;
+            r = scalar_t(0);
+          }
+          const int64_t k = i * batch + b, out = now + b * n + i;
+          const scalar_t rec = has_mask ? mask_p[b * n + i] * sum : sum;
+          const scalar_t h = (drive_p[out] + rec) + leak * v[k];
+          const bool spike = h >= theta;
+          membrane_p[now + k] = h;
+          hist[i * frames + (t + 1) * batch + b] = spike;
+          spikes_p[out] = static_cast<scalar_t>(spike);
+          v[k] = lif.soft_reset ? h - theta * static_cast<scalar_t>(spike) : (spike ? reset : h);
+        }
+      }
+    });
+  }
+}
+
+template <typename scalar_t>
+void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tensor& history,
+                   const at::Tensor& membrane, const at::Tensor& psi, const at::Tensor& a_m,
+                   const at::Tensor& b_m, const at::Tensor& mask, const at::Tensor& counts,
+                   const LIFConstants& lif, int64_t ring, at::Tensor& grad_h,
+                   at::Tensor& adjoint, at::Tensor& by_support) {
+  const int64_t steps = membrane.size(0), n = membrane.size(1), batch = membrane.size(2);
+  const int64_t nb = n * batch;
+  const bool has_mask = mask.defined(), need_support = counts.defined();
+  constexpr int64_t L = kLanes<scalar_t>;
+  const int64_t width = adjoint.size(2);
+  const scalar_t* grad_out = grad_spikes.data_ptr<scalar_t>();  // (T, B, N)
+  const bool* hist = history.data_ptr<bool>();                 // (N, T+1, B)
+  const int64_t frames = (steps + 1) * batch;
+  const scalar_t* membrane_p = membrane.data_ptr<scalar_t>();   // (T, N, B)
+  const scalar_t* psi_p = psi.data_ptr<scalar_t>();             // (T, N, B)
+  const scalar_t* am = a_m.data_ptr<scalar_t>();                // (N²) in member order
+  const scalar_t* bm = b_m.data_ptr<scalar_t>();
+  const scalar_t* mask_p = has_mask ? mask.data_ptr<scalar_t>() : nullptr;  // (B, N)
+  const int32_t* count_p = need_support ? counts.data_ptr<int32_t>() : nullptr;  // (N, T+1, B)
+  scalar_t* grad_h_p = grad_h.data_ptr<scalar_t>();   // (T, B, N)
+  scalar_t* adj = adjoint.data_ptr<scalar_t>();  // (N, T, B'): ∂L/∂r / gain = ∂L/∂h · m
+  double* support_sum = by_support.data_ptr<double>();  // (N): Σ_t Σ_s K_s·x_s
+
+  // injections of the future adjoints into the recursion of each neuron: (R, 2, N, B)
+  std::vector<scalar_t> inject(ring * 2 * nb, scalar_t(0));
+  std::vector<double> y(nb, 0.0), d(nb, 0.0);  // Σ_k κ(k)·x[t+k] and its slope, (N, B)
+  std::vector<scalar_t> gh(nb, scalar_t(0));   // ∂L/∂h[t+1], then ∂L/∂h[t]
+  // ∂L/∂h[t] · m, lane-block-major (B'/L, N, L) like the forward's sums
+  std::vector<scalar_t> g_now(n * width, scalar_t(0));
+  std::vector<scalar_t> adjoints(p.slots * 2 * width);  // (S, 2, B'): ∂L/∂Z_s, ∂L/∂E_s at t
+  const scalar_t theta = lif.threshold, reset = lif.v_reset, leak = lif.leak;
+
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    const int64_t now = t * nb;
+    scalar_t* inj_now = inject.data() + (t % ring) * 2 * nb;
+    parallel_chunks(n, [&](int64_t, int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t b = 0, k = i * batch; b < batch; ++b, ++k) {
+          y[k] += d[k] + inj_now[k];
+          d[k] += inj_now[nb + k];
+          inj_now[k] = inj_now[nb + k] = scalar_t(0);
+          // the LIF adjoint (fast.py, _LIF.adjoint_step); gv is the adjoint of v[t]
+          const int64_t out = now + b * n + i;
+          const scalar_t h = membrane_p[now + k];
+          scalar_t grad_s = grad_out[out] + static_cast<scalar_t>(y[k]);
+          scalar_t gv = gh[k] * leak;
+          if (!lif.detach_reset) grad_s += lif.soft_reset ? -theta * gv : gv * (reset - h);
+          if (!lif.soft_reset && hist[i * frames + (t + 1) * batch + b]) gv = scalar_t(0);
+          const scalar_t g = gv + psi_p[now + k] * grad_s;
+          grad_h_p[out] = g;
+          gh[k] = g;
+          g_now[(b / L) * n * L + i * L + b % L] = has_mask ? g * mask_p[b * n + i] : g;
+        }
+      }
+    });
+    parallel_chunks(n, [&](int64_t, int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t b = 0; b < width; ++b) {
+          adj[(i * steps + t) * width + b] = g_now[(b / L) * n * L + i * L + b % L];
+        }
+      }
+    });
+    parallel_chunks(n, [&](int64_t chunk, int64_t j0, int64_t j1) {
+      const int64_t s0 = p.owner_start[j0], s1 = p.owner_start[j1];
+      for (int64_t lane = 0; lane < width; lane += L) {
+        const scalar_t* block = g_now.data() + lane * n;
+        for (int64_t s = s0; s < s1; ++s) {
+          // x = Σ a·ḡ_i, e = Σ b·ḡ_i over the members, in four chains (members even/odd)
+          const int64_t m0 = p.member_start[s], m1 = p.member_start[s + 1];
+          scalar_t acc[4][L] = {};
+          int64_t m = m0;
+          for (; m + 1 < m1; m += 2) {
+            const scalar_t* g0 = block + p.member[m] * L;
+            const scalar_t* g1 = block + p.member[m + 1] * L;
+            for (int64_t l = 0; l < L; ++l) {
+              acc[0][l] = std::fma(am[m], g0[l], acc[0][l]);
+              acc[1][l] = std::fma(bm[m], g0[l], acc[1][l]);
+              acc[2][l] = std::fma(am[m + 1], g1[l], acc[2][l]);
+              acc[3][l] = std::fma(bm[m + 1], g1[l], acc[3][l]);
+            }
+          }
+          if (m < m1) {
+            const scalar_t* g0 = block + p.member[m] * L;
+            for (int64_t l = 0; l < L; ++l) {
+              acc[0][l] = std::fma(am[m], g0[l], acc[0][l]);
+              acc[1][l] = std::fma(bm[m], g0[l], acc[1][l]);
+            }
+          }
+          scalar_t* x = adjoints.data() + s * 2 * width + lane;
+          for (int64_t l = 0; l < L; ++l) {
+            x[l] = acc[0][l] + acc[2][l];
+            x[width + l] = acc[1][l] + acc[3][l];
+          }
+        }
+      }
+      std::vector<double> support(batch);
+      for (int64_t j = j0; j < j1; ++j) {
+        std::fill(support.begin(), support.end(), 0.0);
+        for (int64_t s = p.owner_start[j]; s < p.owner_start[j + 1]; ++s) {
+          const scalar_t* x = adjoints.data() + s * 2 * width;
+          const scalar_t* e = x + width;
+          // x (∂L/∂Z_s[t]) reaches s_j[t - lag] through the triangle taps, e (∂L/∂E_s[t])
+          // through the ε-box taps: injections at the earlier times t - lag
+          const int64_t* zl = p.z_lags + 3 * s;
+          const int64_t* el = p.e_lags + 4 * s;
+          const double* c = p.z_coef + 6 * s;
+          for (int q = 0; q < 3; ++q) {
+            if (zl[q] > t) continue;
+            scalar_t* to = inject.data() + ((t - zl[q]) % ring) * 2 * nb + j * batch;
+            const scalar_t gamma = c[q], delta = c[3 + q];
+            for (int64_t b = 0; b < batch; ++b) {
+              to[b] += gamma * x[b];
+              to[nb + b] += delta * x[b];
+            }
+          }
+          for (int q = 0; q < 4; ++q) {
+            if (el[q] > t) continue;
+            scalar_t* to = inject.data() + ((t - el[q]) % ring) * 2 * nb + j * batch;
+            if (q == 1 || q == 2) {
+              for (int64_t b = 0; b < batch; ++b) to[b] += e[b];
+            } else {
+              for (int64_t b = 0; b < batch; ++b) to[b] -= e[b];
+            }
+          }
+          if (need_support) {  // K_s[t] = spikes of j at lags lo … hi = P[t-lo+1] - P[t-hi]
+            const int64_t lo = p.support[2 * s], hi = p.support[2 * s + 1];
+            const int32_t* upper = count_p + j * frames + std::max<int64_t>(t - lo + 1, 0) * batch;
+            const int32_t* lower = count_p + j * frames + std::max<int64_t>(t - hi, 0) * batch;
+            for (int64_t b = 0; b < batch; ++b) {
+              support[b] += static_cast<double>(upper[b] - lower[b]) * x[b];
+            }
+          }
+        }
+        for (int64_t b = 0; b < batch; ++b) support_sum[j] += support[b];
+      }
+    });
+  }
+}
+
+// Σ over k < len of g[k]·z[k] and g[k]·e[k], added to sz, se; len is a multiple of kLanes.
+template <typename scalar_t>
+inline void dot2(const scalar_t* g, const scalar_t* z, const scalar_t* e, int64_t len,
+                 double& sz, double& se) {
+  constexpr int64_t L = kLanes<scalar_t>;
+  scalar_t acc[4][L] = {};  // four chains: (Z, E) × (even, odd) blocks
+  int64_t k = 0;
+  for (; k + 2 * L <= len; k += 2 * L) {
+    for (int64_t l = 0; l < L; ++l) {
+      acc[0][l] = std::fma(g[k + l], z[k + l], acc[0][l]);
+      acc[1][l] = std::fma(g[k + l], e[k + l], acc[1][l]);
+      acc[2][l] = std::fma(g[k + L + l], z[k + L + l], acc[2][l]);
+      acc[3][l] = std::fma(g[k + L + l], e[k + L + l], acc[3][l]);
+    }
+  }
+  if (k < len) {
+    for (int64_t l = 0; l < L; ++l) {
+      acc[0][l] = std::fma(g[k + l], z[k + l], acc[0][l]);
+      acc[1][l] = std::fma(g[k + l], e[k + l], acc[1][l]);
+    }
+  }
+  double rz = 0.0, re = 0.0;
+  for (int64_t l = 0; l < L; ++l) {
+    rz += acc[0][l] + acc[2][l];
+    re += acc[1][l] + acc[3][l];
+  }
+  sz += rz;
+  se += re;
+}
+
+template <typename scalar_t>
+void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& adjoint,
+                    int64_t batch, at::Tensor& dz, at::Tensor& de) {
+  const int64_t n = adjoint.size(0), steps = adjoint.size(1), width = adjoint.size(2);
+  const bool* hist = history.data_ptr<bool>();        // (N, T+1, B)
+  const int64_t frames = (steps + 1) * batch;
+  const scalar_t* adj = adjoint.data_ptr<scalar_t>();  // (N, T, B')
+  double* dz_p = dz.data_ptr<double>();                // (N, N): Σ ḡ_i Z_s
+  double* de_p = de.data_ptr<double>();                // (N, N): Σ ḡ_i E_s
+
+  // neurons are taken in blocks whose chunk tables fit in cache, so that the adjoint rows
+  // read for one block's members are reused from cache across the block
+  const int64_t slot_bytes = 2 * kChunk * width * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t block_slots = std::max<int64_t>(1, kBlockBytes / slot_bytes);
+  parallel_chunks(n, [&](int64_t, int64_t begin, int64_t end) {
+    for (int64_t j0 = begin, j1; j0 < end; j0 = j1) {
+      j1 = j0 + 1;
+      while (j1 < end && p.owner_start[j1 + 1] - p.owner_start[j0] <= block_slots) ++j1;
+      const int64_t first = p.owner_start[j0], count = p.owner_start[j1] - first;
+      SlotState state(count, batch);
+      // (count, 2, chunk, B'): Z_s, E_s of the steps of one chunk, each contiguous over (t, b)
+      std::vector<scalar_t> table(count * 2 * kChunk * width, scalar_t(0));
+      for (int64_t t0 = 0; t0 < steps; t0 += kChunk) {
+        const int64_t len = std::min(kChunk, steps - t0);
+        for (int64_t j = j0; j < j1; ++j) {
+          for (int64_t s = p.owner_start[j] - first; s < p.owner_start[j + 1] - first; ++s) {
+            scalar_t* z = table.data() + s * 2 * kChunk * width;
+            for (int64_t u = 0; u < len; ++u) {
+              advance_slot(p, first + s, t0 + u, batch, hist + j * frames, state, s, z + u * width,
+                           z + (kChunk + u) * width);
+            }
+          }
+        }
+        for (int64_t j = j0; j < j1; ++j) {
+          for (int64_t s = p.owner_start[j] - first; s < p.owner_start[j + 1] - first; ++s) {
+            const scalar_t* z = table.data() + s * 2 * kChunk * width;
+            for (int64_t m = p.member_start[first + s]; m < p.member_start[first + s + 1]; ++m) {
+              const int64_t i = p.member[m];
+              dot2(adj + (i * steps + t0) * width, z, z + kChunk * width, len * width,
+                   dz_p[i * n + j], de_p[i * n + j]);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "delrec synaptic kernel: ", what); }
+
+void forward(const at::Tensor& drive, const at::Tensor& a_members, const at::Tensor& b_members,
+             const c10::optional<at::Tensor>& mask, const at::Tensor& owner_start,
+             const at::Tensor& z_lags, const at::Tensor& z_coef, const at::Tensor& e_lags,
+             const at::Tensor& support, const at::Tensor& member_start, const at::Tensor& member,
+             double leak, double v0, double threshold, double v_reset, bool soft_reset,
+             at::Tensor spikes, at::Tensor history, at::Tensor membrane) {
+  check(drive.is_contiguous() && drive.dim() == 3 && a_members.is_contiguous() &&
+            b_members.is_contiguous(), "drive (T, B, N) and coefficients (N²) must be contiguous");
+  const Plan p = plan_of(owner_start, z_lags, z_coef, e_lags, support, member_start, member);
+  const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
+  const LIFConstants lif{leak, v0, threshold, v_reset, soft_reset, false};
+  AT_DISPATCH_FLOATING_TYPES(drive.scalar_type(), "delrec_synaptic_forward", [&] {
+    forward_loop<scalar_t>(p, drive, a_members, b_members, mask_c, lif, spikes, history, membrane);
+  });
+}
+
+void backward(const at::Tensor& grad_spikes, const at::Tensor& history,
+              const at::Tensor& membrane, const at::Tensor& psi, const at::Tensor& a_members,
+              const at::Tensor& b_members, const c10::optional<at::Tensor>& mask,
+              const c10::optional<at::Tensor>& counts, const at::Tensor& owner_start,
+              const at::Tensor& z_lags, const at::Tensor& z_coef, const at::Tensor& e_lags,
+              const at::Tensor& support, const at::Tensor& member_start,
+              const at::Tensor& member, double leak, double threshold, double v_reset,
+              bool soft_reset, bool detach_reset, int64_t ring, at::Tensor grad_h,
+              at::Tensor adjoint, at::Tensor by_support) {
+  check(grad_spikes.is_contiguous() && membrane.is_contiguous() && psi.is_contiguous() &&
+            a_members.is_contiguous() && b_members.is_contiguous(),
+        "sequences and coefficients must be contiguous");
+  check(by_support.scalar_type() == at::kDouble, "by_support must be float64");
+  check(!counts.has_value() || counts->scalar_type() == at::kInt, "counts must be int32");
+  const Plan p = plan_of(owner_start, z_lags, z_coef, e_lags, support, member_start, member);
+  const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
+  const at::Tensor counts_c = counts.has_value() ? counts->contiguous() : at::Tensor();
+  const LIFConstants lif{leak, 0.0, threshold, v_reset, soft_reset, detach_reset};
+  AT_DISPATCH_FLOATING_TYPES(membrane.scalar_type(), "delrec_synaptic_backward", [&] {
+    backward_loop<scalar_t>(p, grad_spikes, history, membrane, psi, a_members, b_members, mask_c,
+                            counts_c, lif, ring, grad_h, adjoint, by_support);
+  });
+}
+
+void gradients(const at::Tensor& history, const at::Tensor& adjoint, int64_t batch,
+               const at::Tensor& owner_start, const at::Tensor& z_lags,
+               const at::Tensor& z_coef, const at::Tensor& e_lags, const at::Tensor& support,
+               const at::Tensor& member_start, const at::Tensor& member, at::Tensor dz,
+               at::Tensor de) {
+  check(adjoint.is_contiguous() && dz.scalar_type() == at::kDouble &&
+            de.scalar_type() == at::kDouble,
+        "adjoint must be contiguous (N, T, B'), the sums (N, N) float64");
+  const Plan p = plan_of(owner_start, z_lags, z_coef, e_lags, support, member_start, member);
+  AT_DISPATCH_FLOATING_TYPES(adjoint.scalar_type(), "delrec_synaptic_gradients", [&] {
+    gradient_sweep<scalar_t>(p, history, adjoint, batch, dz, de);
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "delrec: fused time loops of the synaptic-delay engine (slot traces)";
+  m.def("forward", &forward, "spikes, spike history and membrane of a synaptic-delay LIF layer");
+  m.def("backward", &backward, "reverse loop: ∂L/∂h, the adjoint ∂L/∂r (N, T, B), Σ K·x");
+  m.def("gradients", &gradients, "per-synapse sums Σ ḡ·Z and Σ ḡ·E over time and batch");
+}

@@ -1,0 +1,211 @@
+"""Synaptic delays without a GEMM per lag: each synapse reads one of a few shared traces.
+
+For per-synapse delays (``delay (N, N)``, row = postsynaptic ``i``, column = presynaptic ``j``)
+the kernel ``κ_c(k) = max(0, w - |k - c|)/w²`` (``c = 1 + d_ij``, half-width ``w_j``) is, for
+every integer lag ``k``, piecewise linear in the centre ``c`` with kinks where ``c``, ``c - w``
+or ``c + w`` is an integer. Between two kinks it is exactly linear, with slope ``ε(k)/w²``
+(``ε = sign(k - c)`` on the closed support ``|k - c| ≤ w``, 0 elsewhere). So the synapses of
+neuron ``j`` fall into a few **slots** — one per pattern of ``(closed support, ε)``, i.e. per
+interval between kinks, plus one per integer centre (where ``ε(c) = 0``) — and a synapse of
+slot ``s`` with centre ``c`` sees
+
+    z_ij[t] = Σ_k κ_c(k) s_j[t-k] = Z_s[t] + (c - G_s)/w² · E_s[t],
+
+where ``G_s`` is a centre in the slot, ``Z_s[t] = Σ_k κ_{G_s}(k) s_j[t-k]`` and
+``E_s[t] = Σ_k ε_s(k) s_j[t-k]`` (an exact integer). Both are O(1) recursions per step
+over three and four tapped spikes (the triangle's second difference; the ε-boxes' first
+difference), so a step costs O(slots·B) recursion work plus two multiply-adds of length ``B``
+per synapse, instead of a GEMM of width ``lags·N``. The slots follow autograd of
+:func:`~delrec.delays.triangle_kernel` exactly at the kinks: a centre on a kink sits in the slot
+whose pattern the reference convention gives it (``|x|' = 0`` at 0, the clamp passes the
+gradient at 0), which is the left interval for ``c - w`` integer, the right one for ``c + w``
+integer and a slot of its own for ``c`` integer.
+
+Gradients (``ḡ_i[t] = ∂L/∂h_i[t]·m_i``, ``γ`` = the LIF input gain), from per-synapse sums
+``D0 = Σ_t,b ḡ_i Z_s`` and ``D1 = Σ_t,b ḡ_i E_s`` of a second sweep over the traces:
+
+    ∂L/∂W_ij = γ (D0 + (c - G_s)/w² · D1)        ∂L/∂d_ij = γ W_ij D1 / w²
+    ∂L/∂w_j  = Σ_t,s K_s·x_s / w² - (2/w) Σ_i W_ij ∂L/∂W_ij
+
+with ``x_s = γ Σ_{i ∈ s} W_ij ḡ_i`` (the adjoint of ``Z_s``) and ``K_s`` the spike count over
+the slot's closed support. The adjoint of the spikes is one float64 recursion per neuron fed by
+injections of ``x_s`` and of ``e_s = Σ_{i ∈ s} b_ij ḡ_i`` at the slot's taps. Saved for
+backward: spike history (bool) and membrane, ``T·B·N`` each, plus the plan (``O(N²)`` and
+``O(slots)``); the backward holds ``∂L/∂r`` ``(N, T, B)``, the spike counts and a ring of ``L``
+injection rows — nothing of size ``T·L`` per synapse.
+
+Cost per step: about ``6·N²·B`` multiply-adds (forward sums, backward sums, gradient dots; the
+axonal engine's three GEMMs are ``3·N²·B``) plus ``O(slots·B)``. The slot count per neuron
+grows with the delay range: one or two per step of range when ``w = 1 + σ`` is an integer or a
+half-integer, two or three otherwise (kinks below lag 1 don't count).
+
+Time loops are in C++ (``csrc/synaptic.cpp``, built by :mod:`~delrec.engine.native`, run on
+``torch.get_num_threads()`` threads); without a compiler :func:`synaptic_recurrence` returns
+``None`` and the caller keeps the lag-GEMM engine. Units: steps; sequences are time-major
+``(T, B, N)``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from delrec.engine import native
+from delrec.engine.fast import _LIF, _width_vector
+from delrec.neurons import LIFParameters
+
+
+class _SlotPlan:
+    """Slots of every presynaptic neuron and what each synapse reads (module docstring).
+
+    Per synapse ``(i, j)``: ``offset = (c - G_s)/w²`` (float64, ``(N, N)``). Per slot, grouped
+    by owner ``j`` (``owner_start``, ``(N+1,)``): the triangle taps
+    of ``Z_s`` at centre ``G_s`` (``z_lags (S, 3)``, ``z_coef (S, 6)``: increments of z and of
+    its slope, as in :class:`delrec.engine.fast._AxonalPlan`), the ε-box taps
+    ``e_lags (S, 4)`` = ``(lo, e+1, f, hi+1)`` with signs ``(-, +, +, -)`` (ε = -1 on
+    ``[lo, e]``, +1 on ``[f, hi]``), the closed support ``support (S, 2) = (lo, hi)``, and the
+    members (``member_start (S+1,)``, ``member`` = postsynaptic ``i``, int32, and ``order``, the
+    row-major synapse index of each member). ``ring`` exceeds every tap lag.
+    """
+
+    def __init__(self, delay: Tensor, width: Tensor):
+        n = delay.shape[0]
+        centre = (1.0 + delay.detach()).double()  # in the parameter dtype, like triangle_kernel
+        w = width.detach().double()
+        wj = w.expand(n, n)
+        lo = (centre - wj).ceil().clamp(min=1)
+        hi = (centre + wj).floor()
+        empty = hi < lo
+        lo, hi = lo.masked_fill(empty, 1.0), hi.masked_fill(empty, 0.0)
+        # ε = -1 on [lo, rises], +1 on [falls, hi] (a gap at an integer centre, where ε = 0)
+        falls = torch.minimum(torch.maximum(centre.floor() + 1, lo), hi + 1)
+        rises = torch.minimum(torch.maximum(centre.ceil() - 1, lo - 1), hi)
+        # one key per (j, pattern), j-major: sorted keys put the slots of each neuron together
+        base = int(hi.max()) + 3
+        if base**4 * n >= 2**62:
+            raise ValueError(f"delays up to {float(centre.max()) - 1:g} steps are too long for "
+                             "the synaptic slot plan")
+        column = torch.arange(n, device=delay.device).expand(n, n)
+        key = (((column * base + lo.long()) * base + hi.long()) * base + rises.long() + 1) * base \
+            + falls.long()
+        keys, slot = torch.unique(key.flatten(), sorted=True, return_inverse=True)
+        slots = keys.numel()
+        owner = keys.div(base**4, rounding_mode="floor")
+        self.owner_start = torch.searchsorted(owner, torch.arange(n + 1, device=owner.device))
+
+        first = torch.full((slots,), float("inf"), dtype=torch.float64, device=delay.device)
+        first = first.scatter_reduce(0, slot, centre.flatten(), "amin")  # G_s
+        self.inv_w2 = 1.0 / (w * w)
+        self.offset = (centre - first[slot].view(n, n)) * self.inv_w2  # (c - G_s)/w², (N, N)
+
+        def per_slot(x):
+            return x.flatten().new_zeros(slots).scatter_(0, slot, x.flatten())
+
+        lo_s, hi_s, rises_s, falls_s = map(per_slot, (lo, hi, rises, falls))
+        self.z_lags, self.z_coef = _triangle_taps(first, w[owner])
+        self.e_lags = torch.stack([lo_s, rises_s + 1, falls_s, hi_s + 1], 1).long().contiguous()
+        self.support = torch.stack([lo_s, hi_s], 1).long().contiguous()
+        self.ring = int(max(self.z_lags.max(), self.e_lags.max())) + 1
+
+        self.order = torch.argsort(slot, stable=True)  # row-major synapse index, grouped by slot
+        self.member = (self.order // n).to(torch.int32)
+        counts = torch.bincount(slot, minlength=slots)
+        self.member_start = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+    def coefficients(self, weight: Tensor, gain: float) -> tuple[Tensor, Tensor]:
+        """``a = gain·W`` and ``b = gain·W·(c - G_s)/w²`` of every synapse, in member order."""
+        a = (weight.detach() * gain).flatten()[self.order]
+        b = (a.double() * self.offset.flatten()[self.order]).to(a.dtype)
+        return a.contiguous(), b.contiguous()
+
+    def native(self) -> tuple[Tensor, ...]:
+        """The plan tensors in the order the C++ functions take them."""
+        return (self.owner_start, self.z_lags, self.z_coef, self.e_lags, self.support,
+                self.member_start, self.member)
+
+
+def _triangle_taps(centre: Tensor, width: Tensor) -> tuple[Tensor, Tensor]:
+    """Lags ``(S, 3)`` and increments ``(S, 6)`` (γ/w², then δ/w² = (1, -2, 1)/w²) of the
+    three-tap recursion of a triangle trace (:class:`delrec.engine.fast._AxonalPlan`)."""
+    b1 = centre.floor().clamp(min=0)
+    a1 = (centre - width).ceil().clamp(min=1)
+    b2 = torch.maximum((centre + width).floor(), b1)
+    inv_w2 = 1.0 / (width * width)
+    alpha_r, alpha_f = width - centre + a1, width + centre - b2
+    middle = alpha_f - alpha_r + (b2 - b1) - (b1 - a1 + 1) - 1
+    gamma = torch.stack([alpha_r, middle, 1 - alpha_f], 1)
+    second = centre.new_tensor([1.0, -2.0, 1.0]).expand(centre.shape[0], 3)
+    coef = torch.cat([gamma, second], 1) * inv_w2.unsqueeze(1)
+    return torch.stack([a1, b1 + 1, b2 + 1], 1).long().contiguous(), coef.contiguous()
+
+
+class _SynapticSlots(torch.autograd.Function):
+    """Spikes ``(T, B, N)`` of a LIF layer with per-synapse delays, by slot traces (module doc)."""
+
+    @staticmethod
+    def forward(ctx, current, weight, delay, width, mask, lif: _LIF, kernels):
+        steps, batch, n = current.shape
+        plan = _SlotPlan(delay, width)
+        a, b = plan.coefficients(weight, lif.gain)
+        spikes = torch.empty_like(current)
+        history = current.new_empty(n, steps + 1, batch, dtype=torch.bool)  # frame t+1: step t
+        membrane = current.new_empty(steps, n, batch)
+        p = lif.p
+        kernels.forward(lif.drive(current).contiguous(), a, b, mask, *plan.native(),
+                        lif.leak, lif.v0, p.v_threshold, p.v_reset or 0.0, p.soft_reset, spikes,
+                        history, membrane)
+        ctx.lif, ctx.plan, ctx.kernels, ctx.delay_dtype = lif, plan, kernels, delay.dtype
+        ctx.save_for_backward(history, membrane, weight, mask)
+        return spikes
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        history, membrane, weight, mask = ctx.saved_tensors
+        lif: _LIF = ctx.lif
+        plan: _SlotPlan = ctx.plan
+        p = lif.p
+        steps, n, batch = membrane.shape
+        need_c, need_w, need_d, need_s = ctx.needs_input_grad[:4]
+        a, b = plan.coefficients(weight, lif.gain)
+        psi = p.surrogate.derivative(membrane - p.v_threshold).contiguous()
+        # P[m] = spikes before step m, (N, T+1, B): closed-support counts K_s for the spread
+        counts = history.cumsum(1, dtype=torch.int32) if need_s else None
+        grad_h = torch.empty(steps, batch, n, dtype=membrane.dtype)
+        lanes = 64 // membrane.element_size()  # batch rows padded to whole cache lines
+        adjoint = membrane.new_zeros(n, steps, -(-batch // lanes) * lanes)  # ∂L/∂h · m
+        by_support = torch.zeros(n, dtype=torch.float64)
+        ctx.kernels.backward(grad_spikes.contiguous(), history, membrane, psi, a, b, mask, counts,
+                             *plan.native(), lif.leak, p.v_threshold, p.v_reset or 0.0,
+                             p.soft_reset, p.detach_reset, plan.ring, grad_h, adjoint, by_support)
+        grad_current = grad_h * lif.gain if need_c else None
+        grad_weight = grad_delay = grad_width = None
+        if need_w or need_d or need_s:
+            dz = torch.zeros(n, n, dtype=torch.float64)
+            de = torch.zeros(n, n, dtype=torch.float64)
+            ctx.kernels.gradients(history, adjoint, batch, *plan.native(), dz, de)
+            by_weight = lif.gain * (dz + plan.offset * de)  # ∂L/∂W in float64
+            if need_w:
+                grad_weight = by_weight.to(weight.dtype)
+            if need_d:
+                grad_delay = (lif.gain * weight.double() * de * plan.inv_w2).to(ctx.delay_dtype)
+            if need_s:
+                w = 1.0 / plan.inv_w2.sqrt()
+                spread = by_support * plan.inv_w2 - 2.0 / w * (weight.double() * by_weight).sum(0)
+                grad_width = spread.to(weight.dtype)
+        return grad_current, grad_weight, grad_delay, grad_width, None, None, None
+
+
+def synaptic_recurrence(current: Tensor, weight: Tensor, delay: Tensor, width: Tensor | float,
+                        params: LIFParameters, mask: Tensor | None = None) -> Tensor | None:
+    """Spikes ``(T, B, N)`` of a recurrent LIF layer with per-synapse delays ``(N, N)``.
+
+    Same contract as :func:`delrec.engine.fast.fast_recurrence` for 2-D delays (current
+    ``(T, B, N)``, weight ``(N, N)`` row = postsynaptic, width a number or ``(N,)`` per
+    presynaptic neuron, mask ``(B, N)`` or None), differentiable in current, weight, delay and
+    width; same spikes and gradients as the reference with ``triangle_kernel``. Returns ``None``
+    when it can't run here (the C++ kernels can't be built, or tensors off the CPU).
+    """
+    kernels = native.load("synaptic") if current.device.type == "cpu" else None
+    if kernels is None:
+        return None
+    width = _width_vector(width, delay, weight.shape[0])
+    return _SynapticSlots.apply(current, weight, delay, width, mask, _LIF.of(params), kernels)
