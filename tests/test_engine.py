@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from delrec.delays import kernel_length, triangle_kernel
-from delrec.engine import fast, native, reference_recurrence
+from delrec.engine import fast, native, reference_recurrence, synaptic
 from delrec.layers import DelRec
 from delrec.layers.recurrent import ENGINES
 from delrec.neurons import AdLIF, ATan, LIF, Triangle
@@ -196,12 +196,16 @@ def test_the_cpp_time_loops_build_and_run_by_default(monkeypatch):
     """The C++ kernels compile on this machine (a build error fails here, with the compiler's
     message) and a float32 layer with default settings runs them."""
     native.build("axonal")
+    native.build("synaptic")
     calls = []
     monkeypatch.setattr(fast, "_native_forward", _counting(fast._native_forward, calls))
     monkeypatch.setattr(fast, "_native_backward", _counting(fast._native_backward, calls))
-    layer = DelRec(8, LIF(), delay_init="uniform:0:5", sigma=2.0)
-    layer(torch.rand(10, 3, 8)).sum().backward()
-    assert len(calls) == 2
+    monkeypatch.setattr(synaptic._SynapticSlots, "apply",
+                        _counting(synaptic._SynapticSlots.apply, calls))
+    for delay_type in ("axonal", "synaptic"):
+        layer = DelRec(8, LIF(), delay_type=delay_type, delay_init="uniform:0:5", sigma=2.0)
+        layer(torch.rand(10, 3, 8)).sum().backward()
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("delay_type", ["axonal", "synaptic"])
@@ -331,5 +335,8 @@ def test_builtin_lif_runs_the_fast_path_by_default():
     assert layer.engine == "auto" and set(ENGINES) == {"auto", "fast", "reference"}
     spikes = layer(torch.rand(10, 2, 6))
     assert type(spikes.grad_fn).__name__ == "_AxonalRecurrenceBackward"
-    synaptic = DelRec(6, LIF(), delay_type="synaptic")
-    assert type(synaptic(torch.rand(10, 2, 6)).grad_fn).__name__ == "_SynapticRecurrenceBackward"
+    synaptic_layer = DelRec(6, LIF(), delay_type="synaptic")
+    current = torch.rand(10, 2, 6)
+    assert type(synaptic_layer(current).grad_fn).__name__ == "_SynapticSlotsBackward"
+    with time_loops("pytorch"):  # the lag-stacked GEMM, when the C++ kernels can't be built
+        assert type(synaptic_layer(current).grad_fn).__name__ == "_SynapticRecurrenceBackward"

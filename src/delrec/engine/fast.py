@@ -406,6 +406,11 @@ def fast_recurrence(current: Tensor, weight: Tensor, delay: Tensor, width: Tenso
     lif = _LIF.of(params)
     if delay.dim() == 1:
         return _AxonalRecurrence.apply(current, weight, delay, width, mask, lif)
+    from delrec.engine.synaptic import synaptic_recurrence  # it builds on this module
+
+    spikes = synaptic_recurrence(current, weight, delay, width, params, mask)
+    if spikes is not None:  # the C++ slot traces ran
+        return spikes
     kmin, kmax = synaptic_support(delay, width)
     kernel = weight.unsqueeze(-1) * triangle_kernel(delay, width.expand(n, n), kmax + 1)[..., kmin:]
     return _SynapticRecurrence.apply(current, kernel, kmin, mask, lif)

@@ -24,6 +24,7 @@ from types import ModuleType
 import torch
 
 SOURCES = Path(__file__).parent / "csrc"
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]  # OpenMP: at::parallel_for
 
 
 def enabled() -> bool:
@@ -32,7 +33,8 @@ def enabled() -> bool:
 
 
 def _build_directory(name: str) -> Path:
-    """One build folder per kernel source, torch version and CPU model (``-march=native``)."""
+    """One build folder per kernel source, compiler flags, torch version and CPU model
+    (``-march=native``)."""
     cpu = platform.processor() or platform.machine()
     try:
         cpu += next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -40,7 +42,8 @@ def _build_directory(name: str) -> Path:
     except (OSError, StopIteration):
         pass
     source = (SOURCES / f"{name}.cpp").read_bytes()
-    key = hashlib.sha256(source + torch.__version__.encode() + cpu.encode()).hexdigest()[:16]
+    stamp = " ".join([torch.__version__, *CFLAGS, cpu]).encode()
+    key = hashlib.sha256(source + stamp).hexdigest()[:16]
     root = Path(os.environ.get("DELREC_CACHE", Path.home() / ".cache" / "delrec"))
     folder = root / "kernels" / f"{name}-{key}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -74,7 +77,7 @@ def build(name: str) -> ModuleType:
     _ninja_on_path()
     return cpp_extension.load(
         name=module, sources=[str(SOURCES / f"{name}.cpp")], build_directory=str(folder),
-        extra_cflags=["-O3", "-march=native", "-ffp-contract=off"], verbose=False)
+        extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def load(name: str) -> ModuleType | None:

@@ -146,7 +146,7 @@ class _SynapticSlots(torch.autograd.Function):
         steps, batch, n = current.shape
         plan = _SlotPlan(delay, width)
         a, b = plan.coefficients(weight, lif.gain)
-        spikes = torch.empty_like(current)
+        spikes = current.new_empty(steps, batch, n)  # contiguous, whatever current's strides
         history = current.new_empty(n, steps + 1, batch, dtype=torch.bool)  # frame t+1: step t
         membrane = current.new_empty(steps, n, batch)
         p = lif.p
