@@ -8,9 +8,10 @@ spread σ) is timed for three paths in turn, repeated, and the median kept, so t
 are measured side by side on a shared machine:
 
 * ``axonal``: ``DelRec(N, LIF(), delay_type="axonal")`` (the fast engine, C++ time loops);
-* ``slots``: :func:`delrec.engine.synaptic.synaptic_recurrence` with a synaptic layer's delays;
-* ``lag-gemm``: ``DelRec(N, LIF(), delay_type="synaptic")`` (the engine's current synaptic path,
-  one GEMM of width ``lags·N`` per step).
+* ``slots``: ``DelRec(N, LIF(), delay_type="synaptic")``, which runs the slot traces
+  (:mod:`delrec.engine.synaptic`);
+* ``lag-gemm``: the same layer with ``DELREC_NATIVE=0``: the fallback without C++ kernels,
+  one GEMM of width ``lags·N`` per step.
 
 ``--threads 0`` means torch's default number of threads. The number of slots per neuron (the
 recursion work per step; it grows with the delay range and is about 3× larger when ``1 + σ`` is
@@ -19,14 +20,16 @@ not an integer or a half-integer) is printed with each configuration.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+from unittest import mock
 
 import torch
 
 from delrec.engine import native
 from delrec.engine.fast import _width_vector
-from delrec.engine.synaptic import _SlotPlan, synaptic_recurrence
+from delrec.engine.synaptic import _SlotPlan
 from delrec.layers import DelRec
 from delrec.neurons import LIF
 
@@ -39,18 +42,17 @@ def step_timers(size: int, batch: int, steps: int, max_delay: float, sigma: floa
     current = (torch.rand(steps, batch, size, generator=g) * 1.2).requires_grad_()
     synaptic = layers["synaptic"]
 
-    def slots():
-        delay, width = synaptic.delays_and_width()
-        spikes = synaptic_recurrence(current, synaptic.weight, delay, width, synaptic.neuron.p)
-        spikes.sum().backward()
-
     def layer_step(layer):
         return lambda: layer(current).sum().backward()
 
+    def lag_gemm():
+        with mock.patch.dict(os.environ, {"DELREC_NATIVE": "0"}):
+            synaptic(current).sum().backward()
+
     delay, width = synaptic.delays_and_width()
     plan = _SlotPlan(delay, _width_vector(width, delay, size))
-    return {"axonal": layer_step(layers["axonal"]), "slots": slots,
-            "lag-gemm": layer_step(synaptic)}, plan.z_lags.shape[0] / size
+    return {"axonal": layer_step(layers["axonal"]), "slots": layer_step(synaptic),
+            "lag-gemm": lag_gemm}, plan.z_lags.shape[0] / size
 
 
 def median_times(timers, repeats: int) -> dict[str, float]:

@@ -14,7 +14,9 @@ from delrec.delays import kernel_length, triangle_kernel
 from delrec.engine import fast, native, reference_recurrence, synaptic
 from delrec.layers import DelRec
 from delrec.layers.recurrent import ENGINES
-from delrec.neurons import AdLIF, ATan, LIF, Triangle
+from delrec.neurons import AdLIF, ATan, LIF
+
+from engine_helpers import NEURONS, assert_close_relative
 
 
 def random_layer_pair(*, size, delay_type, delays, sigma, learn_spread, neuron, dropout, seed):
@@ -51,32 +53,14 @@ def run_with_grads(layer, current, mask, grad_out):
     return spikes.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
 
 
-def assert_close_relative(actual, expected, rtol=1e-6):
-    """Equal within ``rtol`` relative to the largest entry of ``expected``."""
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale + 1e-12)
-
-
-LOOPS = ("native", "pytorch")  # the axonal time loops in C++ and in PyTorch ops
+LOOPS = ("native", "pytorch")  # the engine's time loops in C++, or in PyTorch ops
 
 
 @contextmanager
 def time_loops(which):
-    """Run the fast engine's axonal loops in C++ (``native``) or in PyTorch ops."""
+    """Run the fast engine's loops in C++ (``native``) or in PyTorch ops (the fallback)."""
     with mock.patch.dict(os.environ, {"DELREC_NATIVE": "1" if which == "native" else "0"}):
         yield
-
-
-NEURONS = st.builds(
-    LIF,
-    tau=st.sampled_from([1.5, 2.0, 5.0]),
-    v_threshold=st.sampled_from([0.5, 1.0]),
-    v_reset=st.sampled_from([0.0, -0.3, None]),          # None = soft reset
-    detach_reset=st.booleans(),
-    decay_input=st.booleans(),
-    surrogate=st.one_of(st.builds(Triangle, gamma=st.sampled_from([0.5, 1.0])),
-                        st.builds(ATan, alpha=st.sampled_from([2.0, 5.0]))),
-)
 
 
 @settings(max_examples=120, deadline=None, derandomize=True)

@@ -13,6 +13,8 @@ from delrec.engine import native, reference_recurrence
 from delrec.engine.synaptic import synaptic_recurrence
 from delrec.neurons import ATan, LIF, Triangle
 
+from engine_helpers import NEURONS, assert_close_relative
+
 
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
@@ -49,12 +51,6 @@ def slots(neuron):
     return run
 
 
-def assert_close_relative(actual, expected, rtol=1e-6):
-    """Equal within ``rtol`` relative to the largest entry of ``expected``."""
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale + 1e-12)
-
-
 def assert_matches_reference(neuron, current, weight, delay, logits, sigma, mask, grad_out):
     args = (current, weight, delay, logits, sigma, mask, grad_out)
     expected_spikes, expected_grads = spikes_and_grads(reference(neuron), *args)
@@ -65,18 +61,6 @@ def assert_matches_reference(neuron, current, weight, delay, logits, sigma, mask
         assert actual.shape == expected.shape, name
         assert_close_relative(actual, expected)
     return expected_spikes
-
-
-NEURONS = st.builds(
-    LIF,
-    tau=st.sampled_from([1.5, 2.0, 5.0]),
-    v_threshold=st.sampled_from([0.5, 1.0]),
-    v_reset=st.sampled_from([0.0, -0.3, None]),          # None = soft reset
-    detach_reset=st.booleans(),
-    decay_input=st.booleans(),
-    surrogate=st.one_of(st.builds(Triangle, gamma=st.sampled_from([0.5, 1.0])),
-                        st.builds(ATan, alpha=st.sampled_from([2.0, 5.0]))),
-)
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)
