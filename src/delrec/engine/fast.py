@@ -157,8 +157,9 @@ class _AxonalRecurrence(torch.autograd.Function):
     The time loops run in C++ (``csrc/axonal.cpp``) when :mod:`~delrec.engine.native` could
     build it, and otherwise in PyTorch ops; both compute the same thing, with the tap
     recursions neuron-major (the ``B`` values a tap reads are one contiguous row). Saved for
-    backward: spike history (bool), pre-spike membrane and delayed trace, ``T·B·N`` each (and
-    the integer box sums when delays/spreads learn) — nothing that grows with the delay range.
+    backward: the pre-spike membrane (the spikes are ``h ≥ θ``) and the delayed trace,
+    ``(T, B, N)`` each, and the integer box sums when delays/spreads learn — nothing that grows
+    with the delay range.
     """
 
     @staticmethod
@@ -167,23 +168,23 @@ class _AxonalRecurrence(torch.autograd.Function):
         plan = _AxonalPlan(delay, width, current.shape[0])
         kernels = native.load("axonal") if current.device.type == "cpu" else None
         loop = _forward_loop if kernels is None else _native_forward
-        spikes, history, membrane, trace, slope, support = loop(current, weight, mask, lif, plan,
-                                                                need_d, need_s)
+        spikes, membrane, trace, slope, support = loop(current, weight, mask, lif, plan, need_d,
+                                                       need_s)
         ctx.lif, ctx.native = lif, kernels is not None
-        ctx.save_for_backward(history, membrane, trace, slope, support, weight, delay, width, mask)
+        ctx.save_for_backward(membrane, trace, slope, support, weight, delay, width, mask)
         return spikes
 
     @staticmethod
     def backward(ctx, grad_spikes):
-        history, membrane, trace, slope, support, weight, delay, width, mask = ctx.saved_tensors
+        membrane, trace, slope, support, weight, delay, width, mask = ctx.saved_tensors
         lif: _LIF = ctx.lif
         n = weight.shape[0]
         need_c, need_w, need_d, need_s = ctx.needs_input_grad[:4]
         plan = _AxonalPlan(delay, width, trace.shape[0])
         loop = _native_backward if ctx.native else _backward_loop
         grad_h, by_slope, by_support, by_trace = loop(
-            grad_spikes.contiguous(), history, membrane, trace, slope, support,
-            weight * lif.gain, mask, lif, plan)
+            grad_spikes.contiguous(), membrane, trace, slope, support, weight * lif.gain, mask,
+            lif, plan)
 
         grad_current = (grad_h if lif.gain == 1.0 else grad_h * lif.gain) if need_c else None
         grad_weight = grad_delay = grad_width = None
@@ -199,12 +200,11 @@ class _AxonalRecurrence(torch.autograd.Function):
 
 def _native_forward(current, weight, mask, lif: _LIF, plan: _AxonalPlan, need_d: bool,
                     need_s: bool):
-    """The forward time loop in C++. Returns spikes, trace and membrane ``(T, B, N)`` and,
-    neuron-major, the spike history ``(T+1, N, B)`` (slot ``t+1``: spikes of step ``t``) and
-    the box sums ``(T+1, N, B)`` (None when not needed)."""
+    """The forward time loop in C++. Returns spikes, membrane and trace ``(T, B, N)`` and the
+    neuron-major box sums ``(T+1, N, B)`` (None when not needed)."""
     steps, batch, n = current.shape
     spikes, trace, membrane = (current.new_empty(steps, batch, n) for _ in range(3))  # contiguous
-    history = current.new_empty(steps + 1, n, batch, dtype=torch.bool)
+    history = current.new_empty(steps + 1, n, batch, dtype=torch.bool)  # the taps' spikes
     slope, support = (current.new_empty((steps + 1, n, batch) if need else (0,),
                                         dtype=plan.count_dtype) for need in (need_d, need_s))
     p = lif.p
@@ -212,12 +212,11 @@ def _native_forward(current, weight, mask, lif: _LIF, plan: _AxonalPlan, need_d:
         lif.drive(current).contiguous(), (weight * lif.gain).contiguous(), mask, plan.lags,
         plan.native_coef, lif.leak, lif.v0, p.v_threshold, p.v_reset or 0.0, p.soft_reset,
         spikes, history, membrane, trace, slope, support)
-    return (spikes, history, membrane, trace, slope if need_d else None,
-            support if need_s else None)
+    return spikes, membrane, trace, slope if need_d else None, support if need_s else None
 
 
-def _native_backward(grad_spikes, history, membrane, trace, slope, support, weight_in, mask,
-                     lif: _LIF, plan: _AxonalPlan):
+def _native_backward(grad_spikes, membrane, trace, slope, support, weight_in, mask, lif: _LIF,
+                     plan: _AxonalPlan):
     """The reverse time loop in C++ on what :func:`_native_forward` saved: ``∂L/∂h``
     ``(T, B, N)`` and the per-neuron sums ``Σ ∂L/∂z·E``, ``Σ ∂L/∂z·K``, ``Σ ∂L/∂z·z`` (float64,
     None when not needed) behind the delay and spread gradients."""
@@ -278,11 +277,11 @@ def _forward_loop(current, weight, mask, lif: _LIF, plan: _AxonalPlan, need_d: b
         if need_s:
             torch.add(support[t], bits[0], out=support[t + 1]).sub_(bits[2])
     spikes = history[1:].transpose(1, 2).to(current.dtype)
-    return spikes, history, membrane, trace, slope, support
+    return spikes, membrane, trace, slope, support
 
 
-def _backward_loop(grad_spikes, history, membrane, trace, slope, support, weight_in, mask,
-                   lif: _LIF, plan: _AxonalPlan):
+def _backward_loop(grad_spikes, membrane, trace, slope, support, weight_in, mask, lif: _LIF,
+                   plan: _AxonalPlan):
     """The reverse time loop in PyTorch ops; same outputs as :func:`_native_backward`."""
     steps, batch, n = membrane.shape
     rows = plan.tap_rows(3, +1)
@@ -299,7 +298,8 @@ def _backward_loop(grad_spikes, history, membrane, trace, slope, support, weight
         state[0] += state[1]
         state += (taps * plan.trace_coef).sum(1)
         torch.add(grad_spikes[t], zeta.copy_(state[0]).t(), out=grad_s)
-        gh = lif.adjoint_step(grad_s, gh, membrane[t], history[t + 1].t(), out=grad_h[t])
+        spiked = membrane[t] >= lif.p.v_threshold
+        gh = lif.adjoint_step(grad_s, gh, membrane[t], spiked, out=grad_h[t])
         torch.mm(weight_in.t(), (gh if mask is None else gh * mask).t(), out=future[t])
     grad_z = future[:steps]  # (T, N, B)
     by_slope = by_support = by_trace = None

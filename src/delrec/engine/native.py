@@ -17,6 +17,7 @@ import importlib.util
 import os
 import platform
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -75,6 +76,8 @@ def build(name: str) -> ModuleType:
         spec.loader.exec_module(loaded)
         return loaded
     _ninja_on_path()
+    print(f"delrec: compiling the C++ kernels '{name}' (first use on this machine, about "
+          f"half a minute) into {folder}", file=sys.stderr, flush=True)
     return cpp_extension.load(
         name=module, sources=[str(SOURCES / f"{name}.cpp")], build_directory=str(folder),
         extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
