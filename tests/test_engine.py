@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from delrec.bench import saved_bytes
 from delrec.delays import kernel_length, triangle_kernel
 from delrec.engine import fast, native, reference_recurrence, synaptic
 from delrec.layers import DelRec
@@ -244,19 +245,6 @@ def test_float32_recurrent_input_stays_accurate_over_long_sequences(loops):
         spikes = fast.fast_recurrence(current, weight.requires_grad_(), delay, width, LIF(tau=1.0).p)
     assert torch.equal(spikes[..., :sources], source_input.float() / 2.0)
     assert torch.equal(spikes[..., sources:], (margin > 0).float())
-
-
-def saved_bytes(run) -> int:
-    """Bytes of the distinct tensors autograd keeps for backward while ``run()`` executes."""
-    storages = {}
-
-    def pack(x):
-        storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
-        return x
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        run()
-    return sum(storages.values())
 
 
 def layer_memory(engine, max_delay, sigma=10.0, size=32, steps=60, batch=4):

@@ -129,6 +129,20 @@ def _proc_status(key: str) -> int | None:
     return None
 
 
+def saved_bytes(run) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``run()`` executes (its
+    result is dropped)."""
+    storages = {}
+
+    def pack(x):
+        storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        run()
+    return sum(storages.values())
+
+
 def _reset_peak_rss() -> int | None:
     """Return freed memory to the OS, reset VmHWM; the resident bytes now, or None if unsupported."""
     gc.collect()
@@ -155,16 +169,7 @@ class Step:
         (self.module(self.current) * self.grad_out).sum().backward()
 
     def saved_bytes(self) -> int:
-        storages = {}
-
-        def pack(x):
-            storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
-            return x
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            out = self.module(self.current)
-        del out
-        return sum(storages.values())
+        return saved_bytes(lambda: self.module(self.current))
 
     def peak_rss(self) -> int | None:
         before = _reset_peak_rss()
