@@ -102,8 +102,8 @@ def test_fast_engine_matches_reference(steps, batch, size, delay_type, max_delay
             assert_close_relative(actual, expected)
 
 
-@pytest.mark.parametrize("delay_type,loops", [("axonal", "native"), ("axonal", "pytorch"),
-                                              ("synaptic", "pytorch")])
+@pytest.mark.parametrize("delay_type", ["axonal", "synaptic"])
+@pytest.mark.parametrize("loops", LOOPS)
 @pytest.mark.parametrize("sigma", [0.0, 1.0, 2.0])
 @pytest.mark.parametrize("delay", [0.0, 1.0, 2.0, 5.0, -0.5])
 def test_gradients_at_kinks_follow_autograd_of_the_kernel(delay_type, loops, sigma, delay):
@@ -123,6 +123,28 @@ def test_gradients_at_kinks_follow_autograd_of_the_kernel(delay_type, loops, sig
     with time_loops(loops):
         spikes, grads = run_with_grads(fast_layer, current, None, grad_out)
     assert expected_spikes.sum() > 0
+    assert torch.equal(spikes, expected_spikes)
+    for actual, expected in zip(grads, expected_grads):
+        assert_close_relative(actual, expected)
+
+
+@pytest.mark.parametrize("loops", LOOPS)
+def test_wide_kernels_keep_exact_box_sums(loops):
+    """σ = 80 (w = 81): the box sums behind the delay and spread gradients no longer fit in
+    int8 and are kept in int16; gradients still equal the reference's."""
+    size = 5
+    g = torch.Generator().manual_seed(12)
+    reference, fast_layer = random_layer_pair(
+        size=size, delay_type="axonal", delays=draw_delays((size,), 30.0, 0.5, g), sigma=80.0,
+        learn_spread=True, neuron=LIF(tau=2.0), dropout=0.0, seed=12)
+    assert fast._AxonalPlan(fast_layer.delay, fast_layer.delays_and_width()[1], 1).count_dtype \
+        == torch.int16
+    current = torch.rand(200, 2, size, generator=g, dtype=torch.float64) * 1.6
+    grad_out = torch.randn(200, 2, size, generator=g, dtype=torch.float64)
+    expected_spikes, expected_grads = run_with_grads(reference, current, None, grad_out)
+    with time_loops(loops):
+        spikes, grads = run_with_grads(fast_layer, current, None, grad_out)
+    assert 0 < expected_spikes.mean() < 1
     assert torch.equal(spikes, expected_spikes)
     for actual, expected in zip(grads, expected_grads):
         assert_close_relative(actual, expected)
