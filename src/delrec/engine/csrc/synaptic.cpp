@@ -29,7 +29,7 @@
 
 namespace {
 
-constexpr int64_t kChunk = 8;             // time steps per chunk of the gradient sweep
+constexpr int64_t kChunk = 64;            // time steps per chunk of the gradient sweep
 constexpr int64_t kBlockBytes = 1 << 18;  // chunk tables of the neurons swept together
 
 // Vector lanes: one cache line of scalars. Batch rows of the internal buffers are padded to a
@@ -266,8 +266,12 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
   scalar_t* adj = adjoint.data_ptr<scalar_t>();  // (N, T, B'): ∂L/∂r / gain = ∂L/∂h · m
   double* support_sum = by_support.data_ptr<double>();  // (N): Σ_t Σ_s K_s·x_s
 
-  // injections of the future adjoints into the recursion of each neuron: (R, 2, N, B)
+  // injections of the future adjoints into the recursion of each neuron: (N, R, 2, B), so that
+  // one neuron's injections at all ring slots stay within a few cache lines
   std::vector<scalar_t> inject(ring * 2 * nb, scalar_t(0));
+  const auto injection = [&](int64_t j, int64_t time) {
+    return inject.data() + (j * ring + time % ring) * 2 * batch;
+  };
   std::vector<double> y(nb, 0.0), d(nb, 0.0);  // Σ_k κ(k)·x[t+k] and its slope, (N, B)
   std::vector<scalar_t> gh(nb, scalar_t(0));   // ∂L/∂h[t+1], then ∂L/∂h[t]
   // ∂L/∂h[t] · m, lane-block-major (B'/L, N, L) like the forward's sums
@@ -277,13 +281,13 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
 
   for (int64_t t = steps - 1; t >= 0; --t) {
     const int64_t now = t * nb;
-    scalar_t* inj_now = inject.data() + (t % ring) * 2 * nb;
     parallel_chunks(n, [&](int64_t, int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
+        scalar_t* inj = injection(i, t);
         for (int64_t b = 0, k = i * batch; b < batch; ++b, ++k) {
-          y[k] += d[k] + inj_now[k];
-          d[k] += inj_now[nb + k];
-          inj_now[k] = inj_now[nb + k] = scalar_t(0);
+          y[k] += d[k] + inj[b];
+          d[k] += inj[batch + b];
+          inj[b] = inj[batch + b] = scalar_t(0);
           // the LIF adjoint (fast.py, _LIF.adjoint_step); gv is the adjoint of v[t]
           const int64_t out = now + b * n + i;
           const scalar_t h = membrane_p[now + k];
@@ -351,16 +355,16 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
           const double* c = p.z_coef + 6 * s;
           for (int q = 0; q < 3; ++q) {
             if (zl[q] > t) continue;
-            scalar_t* to = inject.data() + ((t - zl[q]) % ring) * 2 * nb + j * batch;
+            scalar_t* to = injection(j, t - zl[q]);
             const scalar_t gamma = c[q], delta = c[3 + q];
             for (int64_t b = 0; b < batch; ++b) {
               to[b] += gamma * x[b];
-              to[nb + b] += delta * x[b];
+              to[batch + b] += delta * x[b];
             }
           }
           for (int q = 0; q < 4; ++q) {
             if (el[q] > t) continue;
-            scalar_t* to = inject.data() + ((t - el[q]) % ring) * 2 * nb + j * batch;
+            scalar_t* to = injection(j, t - el[q]);
             if (q == 1 || q == 2) {
               for (int64_t b = 0; b < batch; ++b) to[b] += e[b];
             } else {
