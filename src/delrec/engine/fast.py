@@ -9,14 +9,16 @@ For the built-in LIF neuron this computes exactly what :func:`reference_recurren
   O(B·N) whatever σ and L are; then one GEMM ``z Wᵀ``. The backward is a reverse-time loop
   running the same recursion on the future adjoints; the weight gradient is one GEMM over all
   steps, and the delay and spread gradients are sums of the adjoint times integer box sums of
-  the spikes recorded during the forward. Saved for backward: spikes (bool), pre-spike
-  membrane, trace (and the int8 box sums when delays/spreads learn), O(T·B·N) bytes,
-  independent of the delay range.
-* **synaptic delays** — each synapse has its own lag, so the recurrent input is one GEMM of
-  the window of past spikes (the lags inside some kernel's support) with the lag-stacked
-  weighted kernel: O(B·N²·lags) per step, no per-step activation storage; the kernel gradient
-  is one GEMM per lag after the loop, and autograd of ``triangle_kernel`` carries it to ``W``,
-  ``d`` and the spread.
+  the spikes recorded during the forward. Saved for backward: pre-spike membrane (the spikes
+  are ``h ≥ θ``) and trace (and the int8 box sums when delays/spreads learn), O(T·B·N)
+  bytes, independent of the delay range. The time loops run in C++ (``csrc/axonal.cpp``,
+  built by :mod:`delrec.engine.native`), or in PyTorch ops where that can't be built.
+* **synaptic delays** — by default the slot traces of :mod:`delrec.engine.synaptic` (C++):
+  each synapse reads one of a few exact per-neuron traces. Where the C++ kernels can't be
+  built, the recurrent input is one GEMM of the window of past spikes (the lags inside some
+  kernel's support) with the lag-stacked weighted kernel: O(B·N²·lags) per step, no per-step
+  activation storage; the kernel gradient is one GEMM per lag after the loop, and autograd of
+  ``triangle_kernel`` carries it to ``W``, ``d`` and the spread.
 * **integer delays, no gradient** (eval mode): a ring buffer of the last L spikes,
   O(B·N) per step plus the GEMM (:func:`integer_recurrence`).
 
