@@ -50,7 +50,7 @@ def step_timers(size: int, batch: int, steps: int, max_delay: float, sigma: floa
             synaptic(current).sum().backward()
 
     delay, width = synaptic.delays_and_width()
-    plan = _SlotPlan(delay, _width_vector(width, delay, size))
+    plan = _SlotPlan(delay, _width_vector(width, delay, size), native.build("synaptic"))
     return {"axonal": layer_step(layers["axonal"]), "slots": layer_step(synaptic),
             "lag-gemm": lag_gemm}, plan.z_lags.shape[0] / size
 

@@ -64,58 +64,34 @@ class _SlotPlan:
     ``e_lags (S, 4)`` = ``(lo, e+1, f, hi+1)`` with signs ``(-, +, +, -)`` (ε = -1 on
     ``[lo, e]``, +1 on ``[f, hi]``), the closed support ``support (S, 2) = (lo, hi)``, and the
     members (``member_start (S+1,)``, ``member`` = postsynaptic ``i``, int32, and ``order``, the
-    row-major synapse index of each member). ``ring`` exceeds every tap lag.
+    row-major synapse index of each member), and ``slot_of (N, N)`` (int32), the slot each
+    synapse reads. ``ring`` exceeds every tap lag. The slots and members come from the C++
+    ``plan`` (one pass over the synapses, no sort); the taps from them here.
     """
 
-    def __init__(self, delay: Tensor, width: Tensor):
+    def __init__(self, delay: Tensor, width: Tensor, kernels):
         n = delay.shape[0]
         centre = (1.0 + delay.detach()).double()  # in the parameter dtype, like triangle_kernel
         w = width.detach().double()
-        wj = w.expand(n, n)
-        lo = (centre - wj).ceil().clamp(min=1)
-        hi = (centre + wj).floor()
-        empty = hi < lo
-        lo, hi = lo.masked_fill(empty, 1.0), hi.masked_fill(empty, 0.0)
-        # ε = -1 on [lo, rises], +1 on [falls, hi] (a gap at an integer centre, where ε = 0)
-        falls = torch.minimum(torch.maximum(centre.floor() + 1, lo), hi + 1)
-        rises = torch.minimum(torch.maximum(centre.ceil() - 1, lo - 1), hi)
-        # one key per (j, pattern), j-major: sorted keys put the slots of each neuron together
-        base = int(hi.max()) + 3
-        if base**4 * n >= 2**62:
-            raise ValueError(f"delays up to {float(centre.max()) - 1:g} steps are too long for "
-                             "the synaptic slot plan")
-        column = torch.arange(n, device=delay.device).expand(n, n)
-        key = (((column * base + lo.long()) * base + hi.long()) * base + rises.long() + 1) * base \
-            + falls.long()
-        keys, slot = torch.unique(key.flatten(), sorted=True, return_inverse=True)
-        slots = keys.numel()
-        owner = keys.div(base**4, rounding_mode="floor")
-        self.owner_start = torch.searchsorted(owner, torch.arange(n + 1, device=owner.device))
-
-        first = torch.full((slots,), float("inf"), dtype=torch.float64, device=delay.device)
-        first = first.scatter_reduce(0, slot, centre.flatten(), "amin")  # G_s
+        (self.owner_start, self.slot_of, first, pattern, self.member_start, self.member,
+         self.order) = kernels.plan(centre.contiguous(), w.expand(n).contiguous())
+        lo, hi, rises, falls = pattern.unbind(1)
         self.inv_w2 = 1.0 / (w * w)
-        self.offset = (centre - first[slot].view(n, n)) * self.inv_w2  # (c - G_s)/w², (N, N)
-
-        def per_slot(x):
-            return x.flatten().new_zeros(slots).scatter_(0, slot, x.flatten())
-
-        lo_s, hi_s, rises_s, falls_s = map(per_slot, (lo, hi, rises, falls))
-        self.z_lags, self.z_coef = _triangle_taps(first, w[owner])
-        self.e_lags = torch.stack([lo_s, rises_s + 1, falls_s, hi_s + 1], 1).long().contiguous()
-        self.support = torch.stack([lo_s, hi_s], 1).long().contiguous()
+        self.offset = (centre - first[self.slot_of.long()]) * self.inv_w2  # (c - G_s)/w², (N, N)
+        owner = torch.repeat_interleave(torch.arange(n), self.owner_start.diff())
+        self.z_lags, self.z_coef = _triangle_taps(first, w.expand(n)[owner])
+        self.e_lags = torch.stack([lo, rises + 1, falls, hi + 1], 1).contiguous()
+        self.support = torch.stack([lo, hi], 1).contiguous()
         self.ring = int(max(self.z_lags.max(), self.e_lags.max())) + 1
 
-        self.order = torch.argsort(slot, stable=True)  # row-major synapse index, grouped by slot
-        self.member = (self.order // n).to(torch.int32)
-        counts = torch.bincount(slot, minlength=slots)
-        self.member_start = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-
     def coefficients(self, weight: Tensor, gain: float) -> tuple[Tensor, Tensor]:
-        """``a = gain·W`` and ``b = gain·W·(c - G_s)/w²`` of every synapse, in member order."""
-        a = (weight.detach() * gain).flatten()[self.order]
-        b = (a.double() * self.offset.flatten()[self.order]).to(a.dtype)
-        return a.contiguous(), b.contiguous()
+        """``a = gain·W`` and ``b = gain·W·(c - G_s)/w²`` of every synapse, ``(N, N)`` each."""
+        a = (weight.detach() * gain).contiguous()
+        return a, (a.double() * self.offset).to(a.dtype)
+
+    def by_slot(self, per_synapse: Tensor) -> Tensor:
+        """An ``(N, N)`` per-synapse tensor flattened in member order (grouped by slot)."""
+        return per_synapse.flatten()[self.order].contiguous()
 
     def native(self) -> tuple[Tensor, ...]:
         """The plan tensors in the order the C++ functions take them."""
@@ -144,13 +120,13 @@ class _SynapticSlots(torch.autograd.Function):
     @staticmethod
     def forward(ctx, current, weight, delay, width, mask, lif: _LIF, kernels):
         steps, batch, n = current.shape
-        plan = _SlotPlan(delay, width)
+        plan = _SlotPlan(delay, width, kernels)
         a, b = plan.coefficients(weight, lif.gain)
         spikes = current.new_empty(steps, batch, n)  # contiguous, whatever current's strides
         history = current.new_empty(n, steps + 1, batch, dtype=torch.bool)  # frame t+1: step t
         membrane = current.new_empty(steps, n, batch)
         p = lif.p
-        kernels.forward(lif.drive(current).contiguous(), a, b, mask, *plan.native(),
+        kernels.forward(lif.drive(current).contiguous(), a, b, plan.slot_of, mask, *plan.native(),
                         lif.leak, lif.v0, p.v_threshold, p.v_reset or 0.0, p.soft_reset, spikes,
                         history, membrane)
         ctx.lif, ctx.plan, ctx.kernels, ctx.delay_dtype = lif, plan, kernels, delay.dtype
@@ -165,7 +141,7 @@ class _SynapticSlots(torch.autograd.Function):
         p = lif.p
         steps, n, batch = membrane.shape
         need_c, need_w, need_d, need_s = ctx.needs_input_grad[:4]
-        a, b = plan.coefficients(weight, lif.gain)
+        a, b = map(plan.by_slot, plan.coefficients(weight, lif.gain))
         psi = p.surrogate.derivative(membrane - p.v_threshold).contiguous()
         # P[m] = spikes before step m, (N, T+1, B): closed-support counts K_s for the spread
         counts = history.cumsum(1, dtype=torch.int32) if need_s else None

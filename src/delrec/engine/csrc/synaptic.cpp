@@ -20,10 +20,12 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
+#include <map>
 #include <mutex>
 #include <vector>
 
@@ -31,6 +33,8 @@ namespace {
 
 constexpr int64_t kChunk = 64;            // time steps per chunk of the gradient sweep
 constexpr int64_t kBlockBytes = 1 << 18;  // chunk tables of the neurons swept together
+constexpr int64_t kGroupBlocks = 4;       // vector blocks of a batch row the forward sums at once
+constexpr int64_t kColumnBytes = 1 << 15;  // slot traces of the neurons the forward sums at once
 
 // Vector lanes: one cache line of scalars. Batch rows of the internal buffers are padded to a
 // multiple of it (zero lanes), so the inner loops run over whole blocks the compiler vectorises.
@@ -41,6 +45,33 @@ template <typename scalar_t>
 int64_t padded(int64_t batch) {
   return (batch + kLanes<scalar_t> - 1) / kLanes<scalar_t> * kLanes<scalar_t>;
 }
+
+// kLanes scalars as one vector (GCC/Clang vector extension: an AVX-512 register, or two AVX2
+// ones); load and store accept any scalar-aligned address. Kernels marked kContract fuse
+// `acc += a * x` into FMAs (the module is built with -ffp-contract=off, so that the LIF update
+// rounds as PyTorch's ops do).
+template <typename scalar_t>
+struct VectorTypes {
+  typedef scalar_t vec __attribute__((vector_size(64)));
+  typedef scalar_t unaligned __attribute__((vector_size(64), aligned(sizeof(scalar_t))));
+};
+template <typename scalar_t>
+using Vec = typename VectorTypes<scalar_t>::vec;
+
+template <typename scalar_t>
+inline Vec<scalar_t> load(const scalar_t* p) {
+  return *reinterpret_cast<const typename VectorTypes<scalar_t>::unaligned*>(p);
+}
+template <typename scalar_t>
+inline void store(scalar_t* p, Vec<scalar_t> v) {
+  *reinterpret_cast<typename VectorTypes<scalar_t>::unaligned*>(p) = v;
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define DELREC_CONTRACT __attribute__((optimize("fp-contract=fast")))
+#else
+#define DELREC_CONTRACT
+#endif
 
 // fn(chunk, begin, end) on at::get_num_threads() contiguous chunks of [0, n): chunk 0 on the
 // caller, the others on ATen's inter-op threads. (at::parallel_for would run serially: these
@@ -165,16 +196,63 @@ struct LIFConstants {
   bool soft_reset, detach_reset;
 };
 
+// One synapse as the sums read it: a = gain·W, b = gain·W·(c - G_s)/w², and an index: the slot
+// it reads (forward) or its postsynaptic neuron i (backward).
 template <typename scalar_t>
-void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_m,
-                  const at::Tensor& b_m, const at::Tensor& mask, const LIFConstants& lif,
-                  at::Tensor& spikes_out, at::Tensor& history, at::Tensor& membrane) {
+struct Synapse {
+  int32_t index;
+  scalar_t a, b;
+};
+
+// For each of `rows` postsynaptic neurons (`count` synapses each, consecutive in `synapse`):
+// r += Σ a·Z_s + b·E_s over NB vector blocks of the batch, where table points at the first lane
+// of the (S, 2, width) slot traces and r advances by width per neuron. The sums stay in
+// registers (two chains per block); each Z_s, E_s block is one load.
+template <typename scalar_t, int NB>
+__attribute__((noinline)) DELREC_CONTRACT void gather_rows(
+    const scalar_t* __restrict table, int64_t width, const Synapse<scalar_t>* __restrict synapse,
+    int64_t count, int64_t rows, scalar_t* __restrict r) {
+  constexpr int64_t L = kLanes<scalar_t>;
+  for (int64_t row = 0; row < rows; ++row, synapse += count, r += width) {
+    Vec<scalar_t> by_z[NB] = {}, by_e[NB] = {};
+    for (int64_t k = 0; k < count; ++k) {
+      const scalar_t* z = table + static_cast<int64_t>(synapse[k].index) * 2 * width;
+      const scalar_t a = synapse[k].a, b = synapse[k].b;
+#pragma GCC unroll 4
+      for (int q = 0; q < NB; ++q) {
+        by_z[q] += a * load(z + q * L);
+        by_e[q] += b * load(z + width + q * L);
+      }
+    }
+#pragma GCC unroll 4
+    for (int q = 0; q < NB; ++q) store(r + q * L, load(r + q * L) + by_z[q] + by_e[q]);
+  }
+}
+
+// gather_rows for a run-time number of vector blocks (1 … kGroupBlocks)
+template <typename scalar_t>
+void gather_blocks(int64_t blocks, const scalar_t* table, int64_t width,
+                   const Synapse<scalar_t>* synapse, int64_t count, int64_t rows, scalar_t* r) {
+  switch (blocks) {
+    case 1: return gather_rows<scalar_t, 1>(table, width, synapse, count, rows, r);
+    case 2: return gather_rows<scalar_t, 2>(table, width, synapse, count, rows, r);
+    case 3: return gather_rows<scalar_t, 3>(table, width, synapse, count, rows, r);
+    default: return gather_rows<scalar_t, 4>(table, width, synapse, count, rows, r);
+  }
+}
+
+template <typename scalar_t>
+void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_rows,
+                  const at::Tensor& b_rows, const at::Tensor& slot_of, const at::Tensor& mask,
+                  const LIFConstants& lif, at::Tensor& spikes_out, at::Tensor& history,
+                  at::Tensor& membrane) {
   const int64_t steps = drive.size(0), batch = drive.size(1), n = drive.size(2);
   const int64_t nb = n * batch;
   const bool has_mask = mask.defined();
   const scalar_t* drive_p = drive.data_ptr<scalar_t>();  // (T, B, N)
-  const scalar_t* am = a_m.data_ptr<scalar_t>();         // (N²) in member order
-  const scalar_t* bm = b_m.data_ptr<scalar_t>();
+  const scalar_t* a = a_rows.data_ptr<scalar_t>();       // (N, N): gain·W
+  const scalar_t* b = b_rows.data_ptr<scalar_t>();       // (N, N): gain·W·(c - G_s)/w²
+  const int32_t* slot = slot_of.data_ptr<int32_t>();     // (N, N): the slot synapse (i, j) reads
   const scalar_t* mask_p = has_mask ? mask.data_ptr<scalar_t>() : nullptr;  // (B, N)
   scalar_t* spikes_p = spikes_out.data_ptr<scalar_t>();  // (T, B, N)
   bool* hist = history.data_ptr<bool>();                 // (N, T+1, B)
@@ -183,53 +261,58 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_m,
 
   constexpr int64_t L = kLanes<scalar_t>;
   const int64_t width = padded<scalar_t>(batch);
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  const int64_t group = std::min(width, kGroupBlocks * L);  // batch lanes summed in one pass
+  // presynaptic neurons in column blocks whose slot traces (one lane group) stay in L1
+  const int64_t slot_bytes = 2 * group * static_cast<int64_t>(sizeof(scalar_t));
+  std::vector<int64_t> columns{0};
+  for (int64_t j = 1; j < n; ++j) {
+    if ((p.owner_start[j + 1] - p.owner_start[columns.back()]) * slot_bytes > kColumnBytes) {
+      columns.push_back(j);
+    }
+  }
+  columns.push_back(n);
+  // the synapses in the order the sums read them: column block, postsynaptic i, presynaptic j
+  std::vector<Synapse<scalar_t>> synapses(n * n);
+  for (size_t c = 0, k = 0; c + 1 < columns.size(); ++c) {
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = columns[c]; j < columns[c + 1]; ++j, ++k) {
+        synapses[k] = {slot[i * n + j], a[i * n + j], b[i * n + j]};
+      }
+    }
+  }
   SlotState state(p.slots, batch);
   std::vector<scalar_t> table(p.slots * 2 * width, scalar_t(0));  // (S, 2, B'): Z_s, E_s at t
-  // recurrent input summed by each chunk over its presynaptic neurons, lane-block-major
-  // (chunks, B'/L, N, L): one pass over the members touches one (N, L) block, which stays in L1
-  std::vector<scalar_t> partial(chunks * n * width, scalar_t(0));
+  std::vector<scalar_t> recurrent(n * width);                      // (N, B'): r_i at t
   std::vector<scalar_t> v(nb, static_cast<scalar_t>(lif.v0));
   const scalar_t theta = lif.threshold, reset = lif.v_reset, leak = lif.leak;
   for (int64_t j = 0; j < n; ++j) std::fill_n(hist + j * frames, batch, false);
 
   for (int64_t t = 0; t < steps; ++t) {
-    // each slot's traces, then a_ij Z_s + b_ij E_s added to r_i for each member i
-    parallel_chunks(n, [&](int64_t chunk, int64_t j0, int64_t j1) {
-      const int64_t s0 = p.owner_start[j0], s1 = p.owner_start[j1];
+    parallel_chunks(n, [&](int64_t, int64_t j0, int64_t j1) {  // the slot traces at t
       for (int64_t j = j0; j < j1; ++j) {
         for (int64_t s = p.owner_start[j]; s < p.owner_start[j + 1]; ++s) {
           scalar_t* z = table.data() + s * 2 * width;
           advance_slot(p, s, t, batch, hist + j * frames, state, s, z, z + width);
         }
       }
-      scalar_t* r = partial.data() + chunk * n * width;
-      for (int64_t lane = 0; lane < width; lane += L) {
-        scalar_t* block = r + lane * n;
-        for (int64_t s = s0; s < s1; ++s) {
-          const scalar_t* __restrict z = table.data() + s * 2 * width + lane;
-          for (int64_t m = p.member_start[s]; m < p.member_start[s + 1]; ++m) {
-            scalar_t* __restrict out = block + p.member[m] * L;
-            const scalar_t a = am[m], b = bm[m];
-            for (int64_t l = 0; l < L; ++l) {
-              out[l] = std::fma(a, z[l], std::fma(b, z[width + l], out[l]));
-            }
-          }
-        }
-      }
     });
     const int64_t now = t * nb;
     parallel_chunks(n, [&](int64_t, int64_t i0, int64_t i1) {
+      std::fill(recurrent.begin() + i0 * width, recurrent.begin() + i1 * width, scalar_t(0));
+      for (int64_t lane = 0; lane < width; lane += group) {
+        const int64_t blocks = std::min(group, width - lane) / L;
+        for (size_t c = 0; c + 1 < columns.size(); ++c) {
+          const int64_t count = columns[c + 1] - columns[c];
+          gather_blocks(blocks, table.data() + lane, width,
+                        synapses.data() + n * columns[c] + i0 * count, count, i1 - i0,
+                        recurrent.data() + i0 * width + lane);
+        }
+      }
       for (int64_t i = i0; i < i1; ++i) {
+        const scalar_t* r = recurrent.data() + i * width;
         for (int64_t b = 0; b < batch; ++b) {  // the LIF update (fast.py, _LIF)
-          scalar_t sum = scalar_t(0);
-          for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-            scalar_t& r = partial[chunk * n * width + (b / L) * n * L + i * L + b % L];
-            sum += r;
-            r = scalar_t(0);
-          }
           const int64_t k = i * batch + b, out = now + b * n + i;
-          const scalar_t rec = has_mask ? mask_p[b * n + i] * sum : sum;
+          const scalar_t rec = has_mask ? mask_p[b * n + i] * r[b] : r[b];
           const scalar_t h = (drive_p[out] + rec) + leak * v[k];
           const bool spike = h >= theta;
           membrane_p[now + k] = h;
@@ -239,6 +322,137 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_m,
         }
       }
     });
+  }
+}
+
+// For slots [0, slots) of a table (x_s at row 2s, e_s at row 2s + 1, rows of `width`, pointing
+// at the first lane): x_s (+)= Σ a·ḡ_i and e_s (+)= Σ b·ḡ_i over NB vector blocks, the sum over
+// the members [cut[s·stride], cut[s·stride + 1]) of slot s (`member`: row i of g, a, b);
+// `overwrite` stores instead of adding. The sums stay in registers, each ḡ_i block is one load.
+template <typename scalar_t, int NB>
+__attribute__((noinline)) DELREC_CONTRACT void sum_members(
+    const scalar_t* __restrict g, int64_t width, const Synapse<scalar_t>* __restrict member,
+    const int64_t* __restrict cut, int64_t stride, int64_t slots, bool overwrite,
+    scalar_t* __restrict table) {
+  constexpr int64_t L = kLanes<scalar_t>;
+  for (int64_t s = 0; s < slots; ++s) {
+    Vec<scalar_t> by_a[NB] = {}, by_b[NB] = {};
+    for (int64_t k = cut[s * stride]; k < cut[s * stride + 1]; ++k) {
+      const scalar_t* gi = g + static_cast<int64_t>(member[k].index) * width;
+      const scalar_t a = member[k].a, b = member[k].b;
+#pragma GCC unroll 4
+      for (int q = 0; q < NB; ++q) {
+        const Vec<scalar_t> gq = load(gi + q * L);
+        by_a[q] += a * gq;
+        by_b[q] += b * gq;
+      }
+    }
+    scalar_t* x = table + 2 * s * width;
+#pragma GCC unroll 4
+    for (int q = 0; q < NB; ++q) {
+      store(x + q * L, overwrite ? by_a[q] : load(x + q * L) + by_a[q]);
+      store(x + width + q * L, overwrite ? by_b[q] : load(x + width + q * L) + by_b[q]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void sum_blocks(int64_t blocks, const scalar_t* g, int64_t width,
+                const Synapse<scalar_t>* member, const int64_t* cut, int64_t stride,
+                int64_t slots, bool overwrite, scalar_t* table) {
+  switch (blocks) {
+    case 1: return sum_members<scalar_t, 1>(g, width, member, cut, stride, slots, overwrite, table);
+    case 2: return sum_members<scalar_t, 2>(g, width, member, cut, stride, slots, overwrite, table);
+    case 3: return sum_members<scalar_t, 3>(g, width, member, cut, stride, slots, overwrite, table);
+    default: return sum_members<scalar_t, 4>(g, width, member, cut, stride, slots, overwrite, table);
+  }
+}
+
+// What the backward injects into the adjoint recursion of each presynaptic neuron j, grouped by
+// lag so that each ring row of j is updated once per step: ∂L/∂Z_s (row 2s of the (S, 2, B')
+// adjoint table) enters through the triangle taps, with increments `coef` of the adjoint y and
+// `slope` of its slope d; ∂L/∂E_s (row 2s + 1) through the ε-box taps, with ±1 into y.
+template <typename scalar_t>
+struct TapGroups {
+  struct Term {
+    int64_t row;
+    scalar_t coef, slope;
+  };
+  struct Group {
+    int64_t lag, begin, mid, end;  // terms [begin, mid): triangle taps, [mid, end): ε-box taps
+  };
+  std::vector<int64_t> start{0};  // (N+1): the groups of neuron j
+  std::vector<Group> groups;
+  std::vector<Term> terms;
+
+  explicit TapGroups(const Plan& p) {
+    for (int64_t j = 0; j < p.n; ++j) {
+      std::map<int64_t, std::pair<std::vector<Term>, std::vector<Term>>> by_lag;
+      for (int64_t s = p.owner_start[j]; s < p.owner_start[j + 1]; ++s) {
+        const int64_t* zl = p.z_lags + 3 * s;
+        const int64_t* el = p.e_lags + 4 * s;
+        const double* c = p.z_coef + 6 * s;
+        for (int q = 0; q < 3; ++q) {
+          by_lag[zl[q]].first.push_back({2 * s, static_cast<scalar_t>(c[q]),
+                                         static_cast<scalar_t>(c[3 + q])});
+        }
+        for (int q = 0; q < 4; ++q) {  // signs -, +, +, -
+          by_lag[el[q]].second.push_back({2 * s + 1, scalar_t(q == 1 || q == 2 ? 1 : -1), 0});
+        }
+      }
+      for (const auto& [lag, taps] : by_lag) {
+        const int64_t begin = terms.size();
+        terms.insert(terms.end(), taps.first.begin(), taps.first.end());
+        const int64_t mid = terms.size();
+        terms.insert(terms.end(), taps.second.begin(), taps.second.end());
+        groups.push_back({lag, begin, mid, static_cast<int64_t>(terms.size())});
+      }
+      start.push_back(groups.size());
+    }
+  }
+};
+
+// One group's injection over NB vector blocks: y += Σ coef·x + Σ ±e, d += Σ slope·x, with x, e
+// rows of the adjoint table (which points at the first lane) and y, d one ring row of the neuron.
+template <typename scalar_t, int NB>
+__attribute__((noinline)) DELREC_CONTRACT void inject_group(
+    const scalar_t* __restrict table, int64_t width,
+    const typename TapGroups<scalar_t>::Term* __restrict term, int64_t mid, int64_t end,
+    scalar_t* __restrict y, scalar_t* __restrict d) {
+  constexpr int64_t L = kLanes<scalar_t>;
+  Vec<scalar_t> to_y[NB] = {}, to_d[NB] = {};
+  for (int64_t k = 0; k < mid; ++k) {
+    const scalar_t* x = table + term[k].row * width;
+    const scalar_t coef = term[k].coef, slope = term[k].slope;
+#pragma GCC unroll 4
+    for (int q = 0; q < NB; ++q) {
+      const Vec<scalar_t> xq = load(x + q * L);
+      to_y[q] += coef * xq;
+      to_d[q] += slope * xq;
+    }
+  }
+  for (int64_t k = mid; k < end; ++k) {
+    const scalar_t* e = table + term[k].row * width;
+    const scalar_t sign = term[k].coef;
+#pragma GCC unroll 4
+    for (int q = 0; q < NB; ++q) to_y[q] += sign * load(e + q * L);
+  }
+#pragma GCC unroll 4
+  for (int q = 0; q < NB; ++q) {
+    store(y + q * L, load(y + q * L) + to_y[q]);
+    store(d + q * L, load(d + q * L) + to_d[q]);
+  }
+}
+
+template <typename scalar_t>
+void inject_blocks(int64_t blocks, const scalar_t* table, int64_t width,
+                   const typename TapGroups<scalar_t>::Term* term, int64_t mid, int64_t end,
+                   scalar_t* y, scalar_t* d) {
+  switch (blocks) {
+    case 1: return inject_group<scalar_t, 1>(table, width, term, mid, end, y, d);
+    case 2: return inject_group<scalar_t, 2>(table, width, term, mid, end, y, d);
+    case 3: return inject_group<scalar_t, 3>(table, width, term, mid, end, y, d);
+    default: return inject_group<scalar_t, 4>(table, width, term, mid, end, y, d);
   }
 }
 
@@ -266,17 +480,34 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
   scalar_t* adj = adjoint.data_ptr<scalar_t>();  // (N, T, B'): ∂L/∂r / gain = ∂L/∂h · m
   double* support_sum = by_support.data_ptr<double>();  // (N): Σ_t Σ_s K_s·x_s
 
-  // injections of the future adjoints into the recursion of each neuron: (N, R, 2, B), so that
+  // injections of the future adjoints into the recursion of each neuron: (N, R, 2, B'), so that
   // one neuron's injections at all ring slots stay within a few cache lines
-  std::vector<scalar_t> inject(ring * 2 * nb, scalar_t(0));
+  std::vector<scalar_t> inject(ring * 2 * n * width, scalar_t(0));
   const auto injection = [&](int64_t j, int64_t time) {
-    return inject.data() + (j * ring + time % ring) * 2 * batch;
+    return inject.data() + (j * ring + time % ring) * 2 * width;
   };
+  const TapGroups<scalar_t> taps(p);
+  const int64_t group = std::min(width, kGroupBlocks * L);  // batch lanes summed and injected at once
   std::vector<double> y(nb, 0.0), d(nb, 0.0);  // Σ_k κ(k)·x[t+k] and its slope, (N, B)
   std::vector<scalar_t> gh(nb, scalar_t(0));   // ∂L/∂h[t+1], then ∂L/∂h[t]
-  // ∂L/∂h[t] · m, lane-block-major (B'/L, N, L) like the forward's sums
-  std::vector<scalar_t> g_now(n * width, scalar_t(0));
+  std::vector<scalar_t> g_now(n * width, scalar_t(0));  // ∂L/∂h[t] · m, (N, B')
   std::vector<scalar_t> adjoints(p.slots * 2 * width);  // (S, 2, B'): ∂L/∂Z_s, ∂L/∂E_s at t
+  // the members in order (their i, a, b), cut into blocks of postsynaptic neurons whose rows of
+  // g_now (one lane group) stay in L1: members of slot s in block q are [cut[s, q], cut[s, q+1])
+  std::vector<Synapse<scalar_t>> members(n * n);
+  for (int64_t m = 0; m < n * n; ++m) members[m] = {p.member[m], am[m], bm[m]};
+  const int64_t block_rows = std::max<int64_t>(
+      1, kColumnBytes / (group * static_cast<int64_t>(sizeof(scalar_t))));
+  const int64_t row_blocks = (n + block_rows - 1) / block_rows;
+  std::vector<int64_t> cut(p.slots * (row_blocks + 1));
+  for (int64_t s = 0; s < p.slots; ++s) {
+    const int32_t* first = p.member + p.member_start[s];
+    const int32_t* last = p.member + p.member_start[s + 1];
+    for (int64_t q = 0; q <= row_blocks; ++q) {
+      const int64_t row = std::min(n, q * block_rows);
+      cut[s * (row_blocks + 1) + q] = std::lower_bound(first, last, row) - p.member;
+    }
+  }
   const scalar_t theta = lif.threshold, reset = lif.v_reset, leak = lif.leak;
 
   for (int64_t t = steps - 1; t >= 0; --t) {
@@ -286,8 +517,8 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
         scalar_t* inj = injection(i, t);
         for (int64_t b = 0, k = i * batch; b < batch; ++b, ++k) {
           y[k] += d[k] + inj[b];
-          d[k] += inj[batch + b];
-          inj[b] = inj[batch + b] = scalar_t(0);
+          d[k] += inj[width + b];
+          inj[b] = inj[width + b] = scalar_t(0);
           // the LIF adjoint (fast.py, _LIF.adjoint_step); gv is the adjoint of v[t]
           const int64_t out = now + b * n + i;
           const scalar_t h = membrane_p[now + k];
@@ -298,80 +529,39 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
           const scalar_t g = gv + psi_p[now + k] * grad_s;
           grad_h_p[out] = g;
           gh[k] = g;
-          g_now[(b / L) * n * L + i * L + b % L] = has_mask ? g * mask_p[b * n + i] : g;
+          g_now[i * width + b] = has_mask ? g * mask_p[b * n + i] : g;
         }
-      }
-    });
-    parallel_chunks(n, [&](int64_t, int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        for (int64_t b = 0; b < width; ++b) {
-          adj[(i * steps + t) * width + b] = g_now[(b / L) * n * L + i * L + b % L];
-        }
+        std::copy_n(g_now.data() + i * width, width, adj + (i * steps + t) * width);
       }
     });
     parallel_chunks(n, [&](int64_t chunk, int64_t j0, int64_t j1) {
       const int64_t s0 = p.owner_start[j0], s1 = p.owner_start[j1];
-      for (int64_t lane = 0; lane < width; lane += L) {
-        const scalar_t* block = g_now.data() + lane * n;
-        for (int64_t s = s0; s < s1; ++s) {
-          // x = Σ a·ḡ_i, e = Σ b·ḡ_i over the members, in four chains (members even/odd)
-          const int64_t m0 = p.member_start[s], m1 = p.member_start[s + 1];
-          scalar_t acc[4][L] = {};
-          int64_t m = m0;
-          for (; m + 1 < m1; m += 2) {
-            const scalar_t* g0 = block + p.member[m] * L;
-            const scalar_t* g1 = block + p.member[m + 1] * L;
-            for (int64_t l = 0; l < L; ++l) {
-              acc[0][l] = std::fma(am[m], g0[l], acc[0][l]);
-              acc[1][l] = std::fma(bm[m], g0[l], acc[1][l]);
-              acc[2][l] = std::fma(am[m + 1], g1[l], acc[2][l]);
-              acc[3][l] = std::fma(bm[m + 1], g1[l], acc[3][l]);
-            }
-          }
-          if (m < m1) {
-            const scalar_t* g0 = block + p.member[m] * L;
-            for (int64_t l = 0; l < L; ++l) {
-              acc[0][l] = std::fma(am[m], g0[l], acc[0][l]);
-              acc[1][l] = std::fma(bm[m], g0[l], acc[1][l]);
-            }
-          }
-          scalar_t* x = adjoints.data() + s * 2 * width + lane;
-          for (int64_t l = 0; l < L; ++l) {
-            x[l] = acc[0][l] + acc[2][l];
-            x[width + l] = acc[1][l] + acc[3][l];
-          }
+      // x = Σ a·ḡ_i, e = Σ b·ḡ_i over the members of each slot
+      for (int64_t lane = 0; lane < width; lane += group) {
+        for (int64_t q = 0; q < row_blocks; ++q) {
+          sum_blocks(std::min(group, width - lane) / L, g_now.data() + lane, width,
+                     members.data(), cut.data() + s0 * (row_blocks + 1) + q, row_blocks + 1,
+                     s1 - s0, q == 0, adjoints.data() + s0 * 2 * width + lane);
         }
       }
       std::vector<double> support(batch);
       for (int64_t j = j0; j < j1; ++j) {
         std::fill(support.begin(), support.end(), 0.0);
-        for (int64_t s = p.owner_start[j]; s < p.owner_start[j + 1]; ++s) {
-          const scalar_t* x = adjoints.data() + s * 2 * width;
-          const scalar_t* e = x + width;
-          // x (∂L/∂Z_s[t]) reaches s_j[t - lag] through the triangle taps, e (∂L/∂E_s[t])
-          // through the ε-box taps: injections at the earlier times t - lag
-          const int64_t* zl = p.z_lags + 3 * s;
-          const int64_t* el = p.e_lags + 4 * s;
-          const double* c = p.z_coef + 6 * s;
-          for (int q = 0; q < 3; ++q) {
-            if (zl[q] > t) continue;
-            scalar_t* to = injection(j, t - zl[q]);
-            const scalar_t gamma = c[q], delta = c[3 + q];
-            for (int64_t b = 0; b < batch; ++b) {
-              to[b] += gamma * x[b];
-              to[batch + b] += delta * x[b];
-            }
+        for (int64_t g = taps.start[j]; g < taps.start[j + 1]; ++g) {
+          const auto& tap = taps.groups[g];
+          if (tap.lag > t) continue;
+          // x = ∂L/∂Z_s[t] and e = ∂L/∂E_s[t] reach s_j[t - lag]: injections at time t - lag
+          scalar_t* to = injection(j, t - tap.lag);
+          for (int64_t lane = 0; lane < width; lane += group) {
+            inject_blocks(std::min(group, width - lane) / L, adjoints.data() + lane, width,
+                          taps.terms.data() + tap.begin, tap.mid - tap.begin,
+                          tap.end - tap.begin, to + lane, to + width + lane);
           }
-          for (int q = 0; q < 4; ++q) {
-            if (el[q] > t) continue;
-            scalar_t* to = injection(j, t - el[q]);
-            if (q == 1 || q == 2) {
-              for (int64_t b = 0; b < batch; ++b) to[b] += e[b];
-            } else {
-              for (int64_t b = 0; b < batch; ++b) to[b] -= e[b];
-            }
-          }
-          if (need_support) {  // K_s[t] = spikes of j at lags lo … hi = P[t-lo+1] - P[t-hi]
+        }
+        if (need_support) {
+          for (int64_t s = p.owner_start[j]; s < p.owner_start[j + 1]; ++s) {
+            // K_s[t] = spikes of j at lags lo … hi = P[t-lo+1] - P[t-hi]
+            const scalar_t* x = adjoints.data() + s * 2 * width;
             const int64_t lo = p.support[2 * s], hi = p.support[2 * s + 1];
             const int32_t* upper = count_p + j * frames + std::max<int64_t>(t - lo + 1, 0) * batch;
             const int32_t* lower = count_p + j * frames + std::max<int64_t>(t - hi, 0) * batch;
@@ -466,19 +656,120 @@ void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& 
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "delrec synaptic kernel: ", what); }
 
-void forward(const at::Tensor& drive, const at::Tensor& a_members, const at::Tensor& b_members,
-             const c10::optional<at::Tensor>& mask, const at::Tensor& owner_start,
+// The slots of each presynaptic neuron j and the synapses that read them (synaptic.py,
+// _SlotPlan), from the centres c = 1 + d (N, N) and half-widths w (N,), both float64. A
+// synapse's pattern is its closed support [lo, hi] and its ε-boxes (ε = -1 on [lo, rises], +1 on
+// [falls, hi]); each distinct pattern of neuron j is one slot, j's slots in pattern order.
+// Returns owner_start (N+1), slot_of (N, N) int32, G_s (S,) (the least centre of the slot),
+// patterns (S, 4) = (lo, hi, rises, falls), member_start (S+1), member (N²) int32 (postsynaptic
+// i, grouped by slot, i ascending) and order (N²) (the row-major index of each member).
+std::vector<at::Tensor> plan(const at::Tensor& centre, const at::Tensor& width) {
+  check(centre.scalar_type() == at::kDouble && width.scalar_type() == at::kDouble &&
+            width.is_contiguous() && centre.dim() == 2 && centre.size(0) == centre.size(1) &&
+            width.numel() == centre.size(0),
+        "plan needs float64 centres (N, N) and widths (N,)");
+  const int64_t n = centre.size(0);
+  const at::Tensor by_column = centre.t().contiguous();  // (j, i): one neuron's synapses together
+  const double* c = by_column.data_ptr<double>();
+  const double* w = width.data_ptr<double>();
+  // a pattern packed in 16 bits per field (lo, hi, rises + 1, falls), so that keys sort like
+  // the tuples; every field is ≥ 0, the largest is hi
+  auto key_of = [](double ci, double wj) -> uint64_t {
+    int64_t lo = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(ci - wj)));
+    int64_t hi = static_cast<int64_t>(std::floor(ci + wj));
+    if (hi < lo) lo = 1, hi = 0;
+    const int64_t falls = std::min(std::max(static_cast<int64_t>(std::floor(ci)) + 1, lo), hi + 1);
+    const int64_t rises = std::min(std::max(static_cast<int64_t>(std::ceil(ci)) - 1, lo - 1), hi);
+    return static_cast<uint64_t>(lo) << 48 | static_cast<uint64_t>(hi) << 32 |
+           static_cast<uint64_t>(rises + 1) << 16 | static_cast<uint64_t>(falls);
+  };
+  const double longest = at::max(centre).item<double>() + at::max(width).item<double>();
+  check(std::isfinite(longest) && longest < 65000.0,
+        "delays and spreads must be finite and below 65000 steps");
+
+  at::Tensor owner_start = at::empty({n + 1}, at::kLong);
+  at::Tensor slot_by_column = at::empty({n, n}, at::kInt);  // (j, i)
+  at::Tensor member = at::empty({n * n}, at::kInt);
+  at::Tensor order = at::empty({n * n}, at::kLong);
+  int64_t* owner = owner_start.data_ptr<int64_t>();
+  int32_t* slot = slot_by_column.data_ptr<int32_t>();
+  int32_t* member_p = member.data_ptr<int32_t>();
+  int64_t* order_p = order.data_ptr<int64_t>();
+  std::vector<uint64_t> keys, patterns;  // the distinct keys of one neuron; of all slots
+  std::vector<double> least;             // G_s
+  std::vector<int64_t> starts{0}, local(n), rank, count;
+  owner[0] = 0;
+  for (int64_t j = 0, m = 0; j < n; ++j) {
+    const double* cj = c + j * n;
+    keys.clear();
+    for (int64_t i = 0, last = 0; i < n; ++i) {  // neighbours often share a pattern
+      const uint64_t key = key_of(cj[i], w[j]);
+      if (last >= static_cast<int64_t>(keys.size()) || keys[last] != key) {
+        last = std::find(keys.begin(), keys.end(), key) - keys.begin();
+        if (last == static_cast<int64_t>(keys.size())) keys.push_back(key);
+      }
+      local[i] = last;
+    }
+    // slots in key order; members of each slot in i order (a counting sort)
+    rank.assign(keys.size(), 0);
+    for (size_t k = 0; k < keys.size(); ++k) {
+      for (size_t other = 0; other < keys.size(); ++other) rank[k] += keys[other] < keys[k];
+    }
+    const int64_t first_slot = patterns.size();
+    patterns.resize(first_slot + keys.size());
+    least.resize(first_slot + keys.size(), INFINITY);
+    count.assign(keys.size() + 1, 0);
+    for (size_t k = 0; k < keys.size(); ++k) patterns[first_slot + rank[k]] = keys[k];
+    for (int64_t i = 0; i < n; ++i) ++count[rank[local[i]] + 1];
+    for (size_t k = 0; k < keys.size(); ++k) {
+      count[k + 1] += count[k];
+      starts.push_back(m + count[k + 1]);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = rank[local[i]], s = first_slot + r, at = m + count[r]++;
+      slot[j * n + i] = static_cast<int32_t>(s);
+      least[s] = std::min(least[s], cj[i]);
+      member_p[at] = static_cast<int32_t>(i);
+      order_p[at] = i * n + j;
+    }
+    m += n;
+    owner[j + 1] = patterns.size();
+  }
+  const int64_t slots = patterns.size();
+  at::Tensor first = at::empty({slots}, at::kDouble);
+  at::Tensor pattern_t = at::empty({slots, 4}, at::kLong);
+  at::Tensor member_start = at::empty({slots + 1}, at::kLong);
+  std::copy(least.begin(), least.end(), first.data_ptr<double>());
+  std::copy(starts.begin(), starts.end(), member_start.data_ptr<int64_t>());
+  int64_t* field = pattern_t.data_ptr<int64_t>();
+  for (int64_t s = 0; s < slots; ++s, field += 4) {
+    field[0] = patterns[s] >> 48;
+    field[1] = patterns[s] >> 32 & 0xffff;
+    field[2] = static_cast<int64_t>(patterns[s] >> 16 & 0xffff) - 1;
+    field[3] = patterns[s] & 0xffff;
+  }
+  return {owner_start, slot_by_column.t().contiguous(), first, pattern_t, member_start, member,
+          order};
+}
+
+void forward(const at::Tensor& drive, const at::Tensor& a_rows, const at::Tensor& b_rows,
+             const at::Tensor& slot_of, const c10::optional<at::Tensor>& mask, const at::Tensor& owner_start,
              const at::Tensor& z_lags, const at::Tensor& z_coef, const at::Tensor& e_lags,
              const at::Tensor& support, const at::Tensor& member_start, const at::Tensor& member,
              double leak, double v0, double threshold, double v_reset, bool soft_reset,
              at::Tensor spikes, at::Tensor history, at::Tensor membrane) {
-  check(drive.is_contiguous() && drive.dim() == 3 && a_members.is_contiguous() &&
-            b_members.is_contiguous(), "drive (T, B, N) and coefficients (N²) must be contiguous");
+  const int64_t n = drive.size(2);
+  check(drive.is_contiguous() && drive.dim() == 3 && a_rows.is_contiguous() &&
+            b_rows.is_contiguous() && a_rows.numel() == n * n && b_rows.numel() == n * n,
+        "drive (T, B, N) and coefficients (N, N) must be contiguous");
+  check(slot_of.is_contiguous() && slot_of.scalar_type() == at::kInt && slot_of.numel() == n * n,
+        "slot_of must be a contiguous (N, N) int32 tensor");
   const Plan p = plan_of(owner_start, z_lags, z_coef, e_lags, support, member_start, member);
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const LIFConstants lif{leak, v0, threshold, v_reset, soft_reset, false};
   AT_DISPATCH_FLOATING_TYPES(drive.scalar_type(), "delrec_synaptic_forward", [&] {
-    forward_loop<scalar_t>(p, drive, a_members, b_members, mask_c, lif, spikes, history, membrane);
+    forward_loop<scalar_t>(p, drive, a_rows, b_rows, slot_of, mask_c, lif, spikes, history,
+                           membrane);
   });
 }
 
@@ -524,6 +815,7 @@ void gradients(const at::Tensor& history, const at::Tensor& adjoint, int64_t bat
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "delrec: fused time loops of the synaptic-delay engine (slot traces)";
+  m.def("plan", &plan, "the slots of each neuron and the synapses that read them");
   m.def("forward", &forward, "spikes, spike history and membrane of a synaptic-delay LIF layer");
   m.def("backward", &backward, "reverse loop: ∂L/∂h, the adjoint ∂L/∂r (N, T, B), Σ K·x");
   m.def("gradients", &gradients, "per-synapse sums Σ ḡ·Z and Σ ḡ·E over time and batch");
