@@ -139,6 +139,21 @@ def test_a_larger_layer_spanning_several_vector_blocks(threads):
         torch.set_num_threads(previous)
 
 
+def test_a_wide_batch_and_many_neurons_spanning_every_blocking_of_the_sums():
+    """70 float64 samples (9 vector blocks: lane groups of 4, 4 and 1) and 130 neurons (more than
+    one block of rows in the backward's member sums, several column blocks in the forward's)."""
+    size, steps, batch = 130, 12, 70
+    g = torch.Generator().manual_seed(3)
+    delay = torch.rand(size, size, generator=g, dtype=torch.float64) * 8.0
+    delay[::4] = delay[::4].round()
+    weight = torch.randn(size, size, generator=g, dtype=torch.float64) * 2.0 / math.sqrt(size)
+    current = torch.randn(steps, batch, size, generator=g, dtype=torch.float64) * 0.8 + 0.5
+    grad_out = torch.randn(steps, batch, size, generator=g, dtype=torch.float64)
+    spikes = assert_matches_reference(LIF(tau=2.0), current, weight, delay, None, 1.5, None,
+                                      grad_out)
+    assert 0.05 < spikes.mean() < 0.95  # the recurrent sums decide spikes
+
+
 def test_a_delay_clamped_at_zero_can_grow():
     """d = 0, σ = 0: ∂κ(2)/∂d = +1/w² (DESIGN §2.2), so a synapse at the clamp gets a
     gradient from the spikes two steps back."""

@@ -10,10 +10,14 @@
 // padded to whole cache lines) so that batch rows are contiguous and one neuron's recent past
 // is close together; what the layer exchanges with the network is batch-major (T, B, N).
 //
-// forward:   per step, the slot traces, then r_i as 2 axpys per synapse, then the LIF update.
+// plan:      the slots of each neuron and the synapses reading them, one pass, no sort.
+// forward:   per step, the slot traces, then r_i gathered per postsynaptic neuron (the sums in
+//            registers, the slot traces of a block of presynaptic neurons in L1), then the LIF
+//            update.
 // backward:  per reverse step, the adjoint of the spikes (one float64 recursion per neuron fed
 //            by a ring of injections), the LIF adjoint, the per-slot sums of a·ḡ and b·ḡ over
-//            the slot's members, their injections at the slot's taps, and Σ K_s·x_s (spread).
+//            the slot's members (in registers, a block of rows of ḡ in L1), their injections at
+//            the slot's taps (grouped by lag: one ring row update per lag), and Σ K_s·x_s.
 // gradients: a second forward sweep of the slot traces, in chunks of time, dotting them with
 //            the stored adjoint: D0_ij = Σ ḡ_i Z_s, D1_ij = Σ ḡ_i E_s.
 #include <torch/extension.h>
