@@ -15,7 +15,7 @@ def tiny_grids(quick):
 def test_bench_writes_the_four_panels_and_judges_the_targets(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "STEPS", 6)
     monkeypatch.setattr(bench, "grids", tiny_grids)
-    monkeypatch.setattr(bench, "MAX_MACS", 2 * 3 * 6 * 2 * 8**2 * 10)  # reference, synaptic: N = 8 only
+    monkeypatch.setattr(bench, "MAX_MACS", 2 * 3 * 6 * 2 * 8**2 * 10)  # the reference: N = 8 only
     assert main(["bench", "--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
 
@@ -23,7 +23,7 @@ def test_bench_writes_the_four_panels_and_judges_the_targets(tmp_path, monkeypat
     size_models = {(r["size"], r["model"]) for r in rows if r["panel"] == "size"}
     assert {m for n, m in size_models if n == "8"} == set(bench.MODELS)
     assert ("16", "reference") not in size_models and "reference loop skipped at N=16" in printed
-    assert ("16", "fast-synaptic") not in size_models and "synaptic engine skipped at N=16" in printed
+    assert ("16", "fast-synaptic") in size_models  # the C++ slot kernels: never skipped
     assert all(float(r["time_ms"]) > 0 and float(r["saved_mb"]) > 0 for r in rows)
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert (tmp_path / "bench.txt").read_text().count("\n") > 20
@@ -34,3 +34,12 @@ def test_bench_writes_the_four_panels_and_judges_the_targets(tmp_path, monkeypat
     assert any("flat in the delay" in v for v in verdicts)      # the fast engine keeps the same bytes
     assert any("SHD setting" in v for v in verdicts) and any("synaptic vs axonal" in v for v in verdicts)
     assert "torch " in printed and "thread(s)" in printed
+
+
+def test_without_the_kernels_the_synaptic_lag_gemm_is_skipped_where_too_costly(monkeypatch):
+    monkeypatch.setattr(bench, "MAX_MACS", 2 * 3 * bench.STEPS * 2 * 8**2 * 10)
+    small, large = bench.Setting(8, 2, 3, 1), bench.Setting(16, 2, 3, 1)
+    assert bench.skip_reason("fast-synaptic", large) is None  # the slot kernels run at any size
+    monkeypatch.setattr(bench.native, "load", lambda name: None)
+    assert bench.skip_reason("fast-synaptic", small) is None
+    assert "synaptic engine skipped at N=16" in bench.skip_reason("fast-synaptic", large)
