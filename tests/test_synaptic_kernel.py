@@ -139,18 +139,25 @@ def test_a_larger_layer_spanning_several_vector_blocks(threads):
         torch.set_num_threads(previous)
 
 
-def test_a_wide_batch_and_many_neurons_spanning_every_blocking_of_the_sums():
-    """70 float64 samples (9 vector blocks: lane groups of 4, 4 and 1) and 130 neurons (more than
-    one block of rows in the backward's member sums, several column blocks in the forward's)."""
-    size, steps, batch = 130, 12, 70
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_wide_batch_and_many_neurons_spanning_every_blocking_of_the_sums(threads):
+    """70 float64 samples (9 vector blocks: lane groups of 4, 4 and 1), 130 neurons and 30 steps:
+    more than one block of rows in the backward's member sums, several column blocks in the
+    forward's, and a gradient sweep in several chunks of time and groups of neurons."""
+    size, steps, batch = 130, 30, 70
     g = torch.Generator().manual_seed(3)
     delay = torch.rand(size, size, generator=g, dtype=torch.float64) * 8.0
     delay[::4] = delay[::4].round()
     weight = torch.randn(size, size, generator=g, dtype=torch.float64) * 2.0 / math.sqrt(size)
     current = torch.randn(steps, batch, size, generator=g, dtype=torch.float64) * 0.8 + 0.5
     grad_out = torch.randn(steps, batch, size, generator=g, dtype=torch.float64)
-    spikes = assert_matches_reference(LIF(tau=2.0), current, weight, delay, None, 1.5, None,
-                                      grad_out)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        spikes = assert_matches_reference(LIF(tau=2.0), current, weight, delay, None, 1.5, None,
+                                          grad_out)
+    finally:
+        torch.set_num_threads(previous)
     assert 0.05 < spikes.mean() < 0.95  # the recurrent sums decide spikes
 
 

@@ -22,6 +22,9 @@
 //            the stored adjoint: D0_ij = Σ ḡ_i Z_s, D1_ij = Σ ḡ_i E_s.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -31,14 +34,20 @@
 #include <exception>
 #include <map>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kChunk = 64;            // time steps per chunk of the gradient sweep
-constexpr int64_t kBlockBytes = 1 << 18;  // chunk tables of the neurons swept together
-constexpr int64_t kGroupBlocks = 4;       // vector blocks of a batch row the forward sums at once
-constexpr int64_t kColumnBytes = 1 << 15;  // slot traces of the neurons the forward sums at once
+// the sums of the forward and backward: vector blocks of a batch row summed at once, and the
+// bytes of slot traces (forward) or adjoint rows (backward) a block of neurons keeps in L1
+constexpr int64_t kGroupBlocks = 4;
+constexpr int64_t kColumnBytes = 1 << 15;
+// the gradient sweep: longest chunk of time, the adjoint over one chunk (all neurons) that is
+// kept in cache, the per-synapse sums of one group of neurons
+constexpr int64_t kChunk = 64;
+constexpr int64_t kAdjointBytes = 1 << 20;
+constexpr int64_t kSumBytes = 1 << 18;
 
 // Vector lanes: one cache line of scalars. Batch rows of the internal buffers are padded to a
 // multiple of it (zero lanes), so the inner loops run over whole blocks the compiler vectorises.
@@ -580,7 +589,119 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
   }
 }
 
-// Σ over k < len of g[k]·z[k] and g[k]·e[k], added to sz, se; len is a multiple of kLanes.
+// The dot products of the gradient sweep, R members of one slot at a time:
+//   dot_tile<R>(member, g, stride, z, e, len, dz, de): Σ_k ḡ_i[k]·z[k] and ḡ_i[k]·e[k] over
+//   k < len (a multiple of kLanes) for the members i = member[0 … R), added to dz[i], de[i],
+//   where ḡ_i = g + i·stride (float32 sums for float32 data).
+// With AVX-512 in register tiles: z and e are loaded once per vector block for the R rows, R + 2
+// loads per 2R FMAs in 2R independent chains. kTile: members per tile; kMinChunk: the shortest
+// chunk of the sweep.
+#if defined(__AVX512F__)
+constexpr int kTile = 8;
+constexpr int64_t kMinChunk = 1;
+
+// AVX-512 registers of kLanes scalars: zero, load, fma(a, b, c) = a·b + c, and sums(v, sum):
+// sum[q] = Σ over the lanes of v[q], for 16 registers at once.
+template <typename scalar_t>
+struct Registers;
+
+// An empty asm keeps a loaded vector in a register: GCC would otherwise fold the load into every
+// FMA that reads it (one load per FMA instead of one per vector block).
+template <typename V>
+inline V kept(V x) {
+  asm("" : "+v"(x));
+  return x;
+}
+
+template <>
+struct Registers<float> {
+  using type = __m512;
+  static type zero() { return _mm512_setzero_ps(); }
+  static type load(const float* p) { return kept(_mm512_loadu_ps(p)); }
+  static type fma(type a, type b, type c) { return _mm512_fmadd_ps(a, b, c); }
+  // a transposing tree: 16 registers -> 8 (halves summed, two registers' halves side by side)
+  // -> 4 (quarters) -> 2 -> 1, whose lane 4k + m holds the sum of input 4m + k
+  static void sums(const type (&v)[16], float* sum) {
+    type in[16], half[8], quarter[4], pair[2];
+    for (int q = 0; q < 16; ++q) in[4 * (q % 4) + q / 4] = v[q];  // lane q <- v[q]
+    for (int q = 0; q < 8; ++q) {
+      const type a = in[2 * q], b = in[2 * q + 1];
+      half[q] =
+          _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    }
+    for (int q = 0; q < 4; ++q) {
+      const type a = half[2 * q], b = half[2 * q + 1];
+      quarter[q] =
+          _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+    }
+    for (int q = 0; q < 2; ++q) {
+      const type a = quarter[2 * q], b = quarter[2 * q + 1];
+      pair[q] = _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xEE));
+    }
+    _mm512_storeu_ps(sum, _mm512_add_ps(_mm512_shuffle_ps(pair[0], pair[1], 0x88),
+                                        _mm512_shuffle_ps(pair[0], pair[1], 0xDD)));
+  }
+};
+
+template <>
+struct Registers<double> {
+  using type = __m512d;
+  static type zero() { return _mm512_setzero_pd(); }
+  static type load(const double* p) { return kept(_mm512_loadu_pd(p)); }
+  static type fma(type a, type b, type c) { return _mm512_fmadd_pd(a, b, c); }
+  // the same tree per 8 registers: 8 -> 4 (halves) -> 2 (quarters) -> 1, whose lane 2k + m
+  // holds the sum of input 4m + k
+  static void sums(const type (&v)[16], double* sum) {
+    for (int g = 0; g < 16; g += 8) {
+      type in[8], half[4], quarter[2];
+      for (int q = 0; q < 8; ++q) in[4 * (q % 2) + q / 2] = v[g + q];  // lane q <- v[g + q]
+      for (int q = 0; q < 4; ++q) {
+        const type a = in[2 * q], b = in[2 * q + 1];
+        half[q] =
+            _mm512_add_pd(_mm512_shuffle_f64x2(a, b, 0x44), _mm512_shuffle_f64x2(a, b, 0xEE));
+      }
+      for (int q = 0; q < 2; ++q) {
+        const type a = half[2 * q], b = half[2 * q + 1];
+        quarter[q] =
+            _mm512_add_pd(_mm512_shuffle_f64x2(a, b, 0x88), _mm512_shuffle_f64x2(a, b, 0xDD));
+      }
+      _mm512_storeu_pd(sum + g, _mm512_add_pd(_mm512_unpacklo_pd(quarter[0], quarter[1]),
+                                              _mm512_unpackhi_pd(quarter[0], quarter[1])));
+    }
+  }
+};
+
+// 16 accumulators whatever R (the unused ones stay zero), summed in one tree
+template <int R, typename scalar_t>
+inline void dot_tile(const int32_t* member, const scalar_t* g, int64_t stride, const scalar_t* z,
+                     const scalar_t* e, int64_t len, double* dz, double* de) {
+  using V = Registers<scalar_t>;
+  const scalar_t* row[R];
+  typename V::type acc[16];  // Σ ḡ·z of member r at r, Σ ḡ·e at 8 + r
+  for (int q = 0; q < 16; ++q) acc[q] = V::zero();
+  for (int r = 0; r < R; ++r) row[r] = g + member[r] * stride;
+  for (int64_t k = 0; k < len; k += kLanes<scalar_t>) {
+    const auto zk = V::load(z + k), ek = V::load(e + k);
+    for (int r = 0; r < R; ++r) {
+      const auto gk = V::load(row[r] + k);
+      acc[r] = V::fma(gk, zk, acc[r]);
+      acc[8 + r] = V::fma(gk, ek, acc[8 + r]);
+    }
+  }
+  scalar_t sum[16];
+  V::sums(acc, sum);
+  for (int r = 0; r < R; ++r) {
+    dz[member[r]] += sum[r];
+    de[member[r]] += sum[8 + r];
+  }
+}
+#else
+// One member at a time (tiles of plain vector loops spill or defeat the vectoriser), in whole
+// chunks: dot2 is bound by its sums per call more than by memory.
+constexpr int kTile = 1;
+constexpr int64_t kMinChunk = kChunk;
+
+// Σ over k < len of g[k]·z[k] and g[k]·e[k], added to sz, se
 template <typename scalar_t>
 inline void dot2(const scalar_t* g, const scalar_t* z, const scalar_t* e, int64_t len,
                  double& sz, double& se) {
@@ -610,6 +731,24 @@ inline void dot2(const scalar_t* g, const scalar_t* z, const scalar_t* e, int64_
   se += re;
 }
 
+template <int R, typename scalar_t>
+inline void dot_tile(const int32_t* member, const scalar_t* g, int64_t stride, const scalar_t* z,
+                     const scalar_t* e, int64_t len, double* dz, double* de) {
+  for (int r = 0; r < R; ++r) {
+    dot2(g + member[r] * stride, z, e, len, dz[member[r]], de[member[r]]);
+  }
+}
+#endif
+
+// dot_tile over the members [m, m1) of one slot: tiles of R, then of R/2, … for the rest.
+template <int R, typename scalar_t>
+inline void dot_members(const int32_t* member, int64_t m, int64_t m1, const scalar_t* g,
+                        int64_t stride, const scalar_t* z, const scalar_t* e, int64_t len,
+                        double* dz, double* de) {
+  for (; m + R <= m1; m += R) dot_tile<R>(member + m, g, stride, z, e, len, dz, de);
+  if constexpr (R > 1) dot_members<R / 2>(member, m, m1, g, stride, z, e, len, dz, de);
+}
+
 template <typename scalar_t>
 void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& adjoint,
                     int64_t batch, at::Tensor& dz, at::Tensor& de) {
@@ -620,38 +759,44 @@ void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& 
   double* dz_p = dz.data_ptr<double>();                // (N, N): Σ ḡ_i Z_s
   double* de_p = de.data_ptr<double>();                // (N, N): Σ ḡ_i E_s
 
-  // neurons are taken in blocks whose chunk tables fit in cache, so that the adjoint rows
-  // read for one block's members are reused from cache across the block
-  const int64_t slot_bytes = 2 * kChunk * width * static_cast<int64_t>(sizeof(scalar_t));
-  const int64_t block_slots = std::max<int64_t>(1, kBlockBytes / slot_bytes);
+  // Each thread takes its presynaptic neurons j in groups and sweeps time chunk by chunk over a
+  // group: per slot of each j, its traces over the chunk, then its members' dots in tiles.
+  // With register tiles, chunks are short enough that the adjoint of all N neurons over one
+  // chunk (kAdjointBytes) stays in L2 while the group's neurons read it.
+  const int64_t row_bytes = width * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t chunk = std::clamp(kAdjointBytes / (n * row_bytes), kMinChunk, kChunk);
+  const int64_t group = std::max<int64_t>(1, kSumBytes / (2 * n * sizeof(double)));
   parallel_chunks(n, [&](int64_t, int64_t begin, int64_t end) {
-    for (int64_t j0 = begin, j1; j0 < end; j0 = j1) {
-      j1 = j0 + 1;
-      while (j1 < end && p.owner_start[j1 + 1] - p.owner_start[j0] <= block_slots) ++j1;
-      const int64_t first = p.owner_start[j0], count = p.owner_start[j1] - first;
-      SlotState state(count, batch);
-      // (count, 2, chunk, B'): Z_s, E_s of the steps of one chunk, each contiguous over (t, b)
-      std::vector<scalar_t> table(count * 2 * kChunk * width, scalar_t(0));
-      for (int64_t t0 = 0; t0 < steps; t0 += kChunk) {
-        const int64_t len = std::min(kChunk, steps - t0);
+    const int64_t first = p.owner_start[begin];
+    SlotState state(p.owner_start[end] - first, batch);
+    // (2, chunk, B'): Z_s, E_s of one slot over one chunk, each contiguous over (t, b)
+    at::Tensor table = at::zeros({2, chunk, width}, adjoint.options());
+    scalar_t* z = table.data_ptr<scalar_t>();
+    scalar_t* e = z + chunk * width;
+    // one group's sums, (j, 2, N): Σ ḡ_i Z_s, Σ ḡ_i E_s of synapse (i, j) at [j - j0][·][i]
+    // (contiguous in i, where (N, N) would put one j's members a row apart)
+    std::vector<double> sums(group * 2 * n, 0.0);
+    for (int64_t j0 = begin; j0 < end; j0 += group) {
+      const int64_t j1 = std::min(end, j0 + group);
+      for (int64_t t0 = 0; t0 < steps; t0 += chunk) {
+        const int64_t len = std::min(chunk, steps - t0);
         for (int64_t j = j0; j < j1; ++j) {
-          for (int64_t s = p.owner_start[j] - first; s < p.owner_start[j + 1] - first; ++s) {
-            scalar_t* z = table.data() + s * 2 * kChunk * width;
+          double* sz = sums.data() + (j - j0) * 2 * n;
+          for (int64_t s = p.owner_start[j]; s < p.owner_start[j + 1]; ++s) {
             for (int64_t u = 0; u < len; ++u) {
-              advance_slot(p, first + s, t0 + u, batch, hist + j * frames, state, s, z + u * width,
-                           z + (kChunk + u) * width);
+              advance_slot(p, s, t0 + u, batch, hist + j * frames, state, s - first,
+                           z + u * width, e + u * width);
             }
+            dot_members<kTile>(p.member, p.member_start[s], p.member_start[s + 1],
+                               adj + t0 * width, steps * width, z, e, len * width, sz, sz + n);
           }
         }
+      }
+      for (int64_t i = 0; i < n; ++i) {  // into (N, N), clearing the sums for the next group
         for (int64_t j = j0; j < j1; ++j) {
-          for (int64_t s = p.owner_start[j] - first; s < p.owner_start[j + 1] - first; ++s) {
-            const scalar_t* z = table.data() + s * 2 * kChunk * width;
-            for (int64_t m = p.member_start[first + s]; m < p.member_start[first + s + 1]; ++m) {
-              const int64_t i = p.member[m];
-              dot2(adj + (i * steps + t0) * width, z, z + kChunk * width, len * width,
-                   dz_p[i * n + j], de_p[i * n + j]);
-            }
-          }
+          double* sz = sums.data() + (j - j0) * 2 * n + i;
+          dz_p[i * n + j] += std::exchange(sz[0], 0.0);
+          de_p[i * n + j] += std::exchange(sz[n], 0.0);
         }
       }
     }
@@ -806,9 +951,11 @@ void gradients(const at::Tensor& history, const at::Tensor& adjoint, int64_t bat
                const at::Tensor& z_coef, const at::Tensor& e_lags, const at::Tensor& support,
                const at::Tensor& member_start, const at::Tensor& member, at::Tensor dz,
                at::Tensor de) {
-  check(adjoint.is_contiguous() && dz.scalar_type() == at::kDouble &&
-            de.scalar_type() == at::kDouble,
-        "adjoint must be contiguous (N, T, B'), the sums (N, N) float64");
+  check(adjoint.is_contiguous() && adjoint.dim() == 3 &&
+            adjoint.size(2) * adjoint.element_size() % 64 == 0 &&
+            dz.scalar_type() == at::kDouble && de.scalar_type() == at::kDouble,
+        "adjoint must be contiguous (N, T, B') with B' a whole number of cache lines, the sums "
+        "(N, N) float64");
   const Plan p = plan_of(owner_start, z_lags, z_coef, e_lags, support, member_start, member);
   AT_DISPATCH_FLOATING_TYPES(adjoint.scalar_type(), "delrec_synaptic_gradients", [&] {
     gradient_sweep<scalar_t>(p, history, adjoint, batch, dz, de);
