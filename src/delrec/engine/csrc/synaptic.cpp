@@ -34,6 +34,7 @@
 #include <exception>
 #include <map>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -217,6 +218,18 @@ struct Synapse {
   scalar_t a, b;
 };
 
+// fn(std::integral_constant<int, NB>) for a run-time number of vector blocks NB, 1 … kGroupBlocks:
+// the sums below keep NB blocks of accumulators in registers, so NB must be a constant there.
+template <typename Fn>
+void with_blocks(int64_t blocks, const Fn& fn) {
+  switch (blocks) {
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    default: return fn(std::integral_constant<int, 4>{});
+  }
+}
+
 // For each of `rows` postsynaptic neurons (`count` synapses each, consecutive in `synapse`):
 // r += Σ a·Z_s + b·E_s over NB vector blocks of the batch, where table points at the first lane
 // of the (S, 2, width) slot traces and r advances by width per neuron. The sums stay in
@@ -239,18 +252,6 @@ __attribute__((noinline)) DELREC_CONTRACT void gather_rows(
     }
 #pragma GCC unroll 4
     for (int q = 0; q < NB; ++q) store(r + q * L, load(r + q * L) + by_z[q] + by_e[q]);
-  }
-}
-
-// gather_rows for a run-time number of vector blocks (1 … kGroupBlocks)
-template <typename scalar_t>
-void gather_blocks(int64_t blocks, const scalar_t* table, int64_t width,
-                   const Synapse<scalar_t>* synapse, int64_t count, int64_t rows, scalar_t* r) {
-  switch (blocks) {
-    case 1: return gather_rows<scalar_t, 1>(table, width, synapse, count, rows, r);
-    case 2: return gather_rows<scalar_t, 2>(table, width, synapse, count, rows, r);
-    case 3: return gather_rows<scalar_t, 3>(table, width, synapse, count, rows, r);
-    default: return gather_rows<scalar_t, 4>(table, width, synapse, count, rows, r);
   }
 }
 
@@ -316,9 +317,11 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_ro
         const int64_t blocks = std::min(group, width - lane) / L;
         for (size_t c = 0; c + 1 < columns.size(); ++c) {
           const int64_t count = columns[c + 1] - columns[c];
-          gather_blocks(blocks, table.data() + lane, width,
-                        synapses.data() + n * columns[c] + i0 * count, count, i1 - i0,
-                        recurrent.data() + i0 * width + lane);
+          with_blocks(blocks, [&](auto nb) {
+            gather_rows<scalar_t, decltype(nb)::value>(
+                table.data() + lane, width, synapses.data() + n * columns[c] + i0 * count, count,
+                i1 - i0, recurrent.data() + i0 * width + lane);
+          });
         }
       }
       for (int64_t i = i0; i < i1; ++i) {
@@ -366,18 +369,6 @@ __attribute__((noinline)) DELREC_CONTRACT void sum_members(
       store(x + q * L, overwrite ? by_a[q] : load(x + q * L) + by_a[q]);
       store(x + width + q * L, overwrite ? by_b[q] : load(x + width + q * L) + by_b[q]);
     }
-  }
-}
-
-template <typename scalar_t>
-void sum_blocks(int64_t blocks, const scalar_t* g, int64_t width,
-                const Synapse<scalar_t>* member, const int64_t* cut, int64_t stride,
-                int64_t slots, bool overwrite, scalar_t* table) {
-  switch (blocks) {
-    case 1: return sum_members<scalar_t, 1>(g, width, member, cut, stride, slots, overwrite, table);
-    case 2: return sum_members<scalar_t, 2>(g, width, member, cut, stride, slots, overwrite, table);
-    case 3: return sum_members<scalar_t, 3>(g, width, member, cut, stride, slots, overwrite, table);
-    default: return sum_members<scalar_t, 4>(g, width, member, cut, stride, slots, overwrite, table);
   }
 }
 
@@ -454,18 +445,6 @@ __attribute__((noinline)) DELREC_CONTRACT void inject_group(
   for (int q = 0; q < NB; ++q) {
     store(y + q * L, load(y + q * L) + to_y[q]);
     store(d + q * L, load(d + q * L) + to_d[q]);
-  }
-}
-
-template <typename scalar_t>
-void inject_blocks(int64_t blocks, const scalar_t* table, int64_t width,
-                   const typename TapGroups<scalar_t>::Term* term, int64_t mid, int64_t end,
-                   scalar_t* y, scalar_t* d) {
-  switch (blocks) {
-    case 1: return inject_group<scalar_t, 1>(table, width, term, mid, end, y, d);
-    case 2: return inject_group<scalar_t, 2>(table, width, term, mid, end, y, d);
-    case 3: return inject_group<scalar_t, 3>(table, width, term, mid, end, y, d);
-    default: return inject_group<scalar_t, 4>(table, width, term, mid, end, y, d);
   }
 }
 
@@ -552,9 +531,11 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
       // x = Σ a·ḡ_i, e = Σ b·ḡ_i over the members of each slot
       for (int64_t lane = 0; lane < width; lane += group) {
         for (int64_t q = 0; q < row_blocks; ++q) {
-          sum_blocks(std::min(group, width - lane) / L, g_now.data() + lane, width,
-                     members.data(), cut.data() + s0 * (row_blocks + 1) + q, row_blocks + 1,
-                     s1 - s0, q == 0, adjoints.data() + s0 * 2 * width + lane);
+          with_blocks(std::min(group, width - lane) / L, [&](auto nb) {
+            sum_members<scalar_t, decltype(nb)::value>(
+                g_now.data() + lane, width, members.data(), cut.data() + s0 * (row_blocks + 1) + q,
+                row_blocks + 1, s1 - s0, q == 0, adjoints.data() + s0 * 2 * width + lane);
+          });
         }
       }
       std::vector<double> support(batch);
@@ -566,9 +547,11 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
           // x = ∂L/∂Z_s[t] and e = ∂L/∂E_s[t] reach s_j[t - lag]: injections at time t - lag
           scalar_t* to = injection(j, t - tap.lag);
           for (int64_t lane = 0; lane < width; lane += group) {
-            inject_blocks(std::min(group, width - lane) / L, adjoints.data() + lane, width,
-                          taps.terms.data() + tap.begin, tap.mid - tap.begin,
-                          tap.end - tap.begin, to + lane, to + width + lane);
+            with_blocks(std::min(group, width - lane) / L, [&](auto nb) {
+              inject_group<scalar_t, decltype(nb)::value>(
+                  adjoints.data() + lane, width, taps.terms.data() + tap.begin,
+                  tap.mid - tap.begin, tap.end - tap.begin, to + lane, to + width + lane);
+            });
           }
         }
         if (need_support) {
@@ -902,10 +885,10 @@ std::vector<at::Tensor> plan(const at::Tensor& centre, const at::Tensor& width) 
 }
 
 void forward(const at::Tensor& drive, const at::Tensor& a_rows, const at::Tensor& b_rows,
-             const at::Tensor& slot_of, const c10::optional<at::Tensor>& mask, const at::Tensor& owner_start,
-             const at::Tensor& z_lags, const at::Tensor& z_coef, const at::Tensor& e_lags,
-             const at::Tensor& support, const at::Tensor& member_start, const at::Tensor& member,
-             double leak, double v0, double threshold, double v_reset, bool soft_reset,
+             const at::Tensor& slot_of, const c10::optional<at::Tensor>& mask,
+             const at::Tensor& owner_start, const at::Tensor& z_lags, const at::Tensor& z_coef,
+             const at::Tensor& e_lags, const at::Tensor& support, const at::Tensor& member_start,
+             const at::Tensor& member, double leak, double v0, double threshold, double v_reset, bool soft_reset,
              at::Tensor spikes, at::Tensor history, at::Tensor membrane) {
   const int64_t n = drive.size(2);
   check(drive.is_contiguous() && drive.dim() == 3 && a_rows.is_contiguous() &&
