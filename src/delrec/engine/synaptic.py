@@ -46,6 +46,8 @@ Time loops are in C++ (``csrc/synaptic.cpp``, built by :mod:`~delrec.engine.nati
 """
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import Tensor
 
@@ -69,7 +71,7 @@ class _SlotPlan:
     ``plan`` (one pass over the synapses, no sort); the taps from them here.
     """
 
-    def __init__(self, delay: Tensor, width: Tensor, kernels):
+    def __init__(self, delay: Tensor, width: Tensor, kernels: ModuleType):
         n = delay.shape[0]
         centre = (1.0 + delay.detach()).double()  # in the parameter dtype, like triangle_kernel
         w = width.detach().double()
