@@ -29,11 +29,8 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
-#include <exception>
 #include <map>
-#include <mutex>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -61,7 +58,7 @@ int64_t padded(int64_t batch) {
 }
 
 // kLanes scalars as one vector (GCC/Clang vector extension: an AVX-512 register, or two AVX2
-// ones); load and store accept any scalar-aligned address. Kernels marked kContract fuse
+// ones); load and store accept any scalar-aligned address. Kernels marked DELREC_CONTRACT fuse
 // `acc += a * x` into FMAs (the module is built with -ffp-contract=off, so that the LIF update
 // rounds as PyTorch's ops do).
 template <typename scalar_t>
@@ -86,43 +83,6 @@ inline void store(scalar_t* p, Vec<scalar_t> v) {
 #else
 #define DELREC_CONTRACT
 #endif
-
-// fn(chunk, begin, end) on at::get_num_threads() contiguous chunks of [0, n): chunk 0 on the
-// caller, the others on ATen's inter-op threads. (at::parallel_for would run serially: these
-// kernels are compiled without OpenMP, and ATen's intra-op loop is OpenMP in this build.)
-template <typename Fn>
-void parallel_chunks(int64_t n, const Fn& fn) {
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
-  auto run = [&](int64_t chunk) { fn(chunk, n * chunk / chunks, n * (chunk + 1) / chunks); };
-  if (chunks == 1) return run(0);
-  std::mutex mutex;
-  std::condition_variable finished;
-  int64_t pending = chunks - 1;
-  std::exception_ptr error;
-  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
-    at::launch([&, chunk] {
-      std::exception_ptr raised;
-      try {
-        run(chunk);
-      } catch (...) {
-        raised = std::current_exception();
-      }
-      std::lock_guard<std::mutex> lock(mutex);
-      if (raised) error = raised;
-      if (--pending == 0) finished.notify_one();
-    });
-  }
-  std::exception_ptr raised;
-  try {
-    run(0);
-  } catch (...) {
-    raised = std::current_exception();
-  }
-  std::unique_lock<std::mutex> lock(mutex);
-  finished.wait(lock, [&] { return pending == 0; });
-  if (raised) std::rethrow_exception(raised);
-  if (error) std::rethrow_exception(error);
-}
 
 // The slot plan (synaptic.py, _SlotPlan.native): per slot s its presynaptic neuron, the three
 // triangle taps (lags, increments of z and of its slope), the four ε-box taps (signs -, +, +, -)
@@ -302,7 +262,7 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_ro
   for (int64_t j = 0; j < n; ++j) std::fill_n(hist + j * frames, batch, false);
 
   for (int64_t t = 0; t < steps; ++t) {
-    parallel_chunks(n, [&](int64_t, int64_t j0, int64_t j1) {  // the slot traces at t
+    at::parallel_for(0, n, 1, [&](int64_t j0, int64_t j1) {  // the slot traces at t
       for (int64_t j = j0; j < j1; ++j) {
         for (int64_t s = p.owner_start[j]; s < p.owner_start[j + 1]; ++s) {
           scalar_t* z = table.data() + s * 2 * width;
@@ -311,7 +271,7 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_ro
       }
     });
     const int64_t now = t * nb;
-    parallel_chunks(n, [&](int64_t, int64_t i0, int64_t i1) {
+    at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
       std::fill(recurrent.begin() + i0 * width, recurrent.begin() + i1 * width, scalar_t(0));
       for (int64_t lane = 0; lane < width; lane += group) {
         const int64_t blocks = std::min(group, width - lane) / L;
@@ -479,7 +439,7 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
     return inject.data() + (j * ring + time % ring) * 2 * width;
   };
   const TapGroups<scalar_t> taps(p);
-  const int64_t group = std::min(width, kGroupBlocks * L);  // batch lanes summed and injected at once
+  const int64_t group = std::min(width, kGroupBlocks * L);  // batch lanes summed at once
   std::vector<double> y(nb, 0.0), d(nb, 0.0);  // Σ_k κ(k)·x[t+k] and its slope, (N, B)
   std::vector<scalar_t> gh(nb, scalar_t(0));   // ∂L/∂h[t+1], then ∂L/∂h[t]
   std::vector<scalar_t> g_now(n * width, scalar_t(0));  // ∂L/∂h[t] · m, (N, B')
@@ -504,7 +464,7 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
 
   for (int64_t t = steps - 1; t >= 0; --t) {
     const int64_t now = t * nb;
-    parallel_chunks(n, [&](int64_t, int64_t i0, int64_t i1) {
+    at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         scalar_t* inj = injection(i, t);
         for (int64_t b = 0, k = i * batch; b < batch; ++b, ++k) {
@@ -526,7 +486,7 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
         std::copy_n(g_now.data() + i * width, width, adj + (i * steps + t) * width);
       }
     });
-    parallel_chunks(n, [&](int64_t chunk, int64_t j0, int64_t j1) {
+    at::parallel_for(0, n, 1, [&](int64_t j0, int64_t j1) {
       const int64_t s0 = p.owner_start[j0], s1 = p.owner_start[j1];
       // x = Σ a·ḡ_i, e = Σ b·ḡ_i over the members of each slot
       for (int64_t lane = 0; lane < width; lane += group) {
@@ -749,7 +709,7 @@ void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& 
   const int64_t row_bytes = width * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t chunk = std::clamp(kAdjointBytes / (n * row_bytes), kMinChunk, kChunk);
   const int64_t group = std::max<int64_t>(1, kSumBytes / (2 * n * sizeof(double)));
-  parallel_chunks(n, [&](int64_t, int64_t begin, int64_t end) {
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     const int64_t first = p.owner_start[begin];
     SlotState state(p.owner_start[end] - first, batch);
     // (2, chunk, B'): Z_s, E_s of one slot over one chunk, each contiguous over (t, b)
