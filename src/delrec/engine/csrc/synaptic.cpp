@@ -803,15 +803,16 @@ std::vector<at::Tensor> plan(const at::Tensor& centre, const at::Tensor& width) 
       local[i] = last;
     }
     // slots in key order; members of each slot in i order (a counting sort)
-    rank.assign(keys.size(), 0);
-    for (size_t k = 0; k < keys.size(); ++k) {
-      for (size_t other = 0; other < keys.size(); ++other) rank[k] += keys[other] < keys[k];
-    }
     const int64_t first_slot = patterns.size();
-    patterns.resize(first_slot + keys.size());
-    least.resize(first_slot + keys.size(), INFINITY);
+    patterns.insert(patterns.end(), keys.begin(), keys.end());
+    std::sort(patterns.begin() + first_slot, patterns.end());
+    rank.resize(keys.size());
+    for (size_t k = 0; k < keys.size(); ++k) {
+      rank[k] = std::lower_bound(patterns.begin() + first_slot, patterns.end(), keys[k]) -
+                (patterns.begin() + first_slot);
+    }
+    least.resize(patterns.size(), INFINITY);
     count.assign(keys.size() + 1, 0);
-    for (size_t k = 0; k < keys.size(); ++k) patterns[first_slot + rank[k]] = keys[k];
     for (int64_t i = 0; i < n; ++i) ++count[rank[local[i]] + 1];
     for (size_t k = 0; k < keys.size(); ++k) {
       count[k + 1] += count[k];
