@@ -11,6 +11,7 @@ training step (forward, backward, Adam step) of the preset DelRec network on a b
 ``--step-batch`` items of that data set (the faster of two steps), with the share of that
 time the loading of those items takes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,15 @@ import torch
 from delrec.data import TripleAugmented, load_dataset, make_loader
 from delrec.data.heidelberg import write_heidelberg
 
-PRESET = {"shd": "shd", "shd+augment": "shd", "ssc": "ssc", "psmnist": "psmnist",
-          "psmnist-mini": "psmnist", "digits-8x8": "psmnist", "mackey-glass": "mackey-glass"}
+PRESET = {
+    "shd": "shd",
+    "shd+augment": "shd",
+    "ssc": "ssc",
+    "psmnist": "psmnist",
+    "psmnist-mini": "psmnist",
+    "digits-8x8": "psmnist",
+    "mackey-glass": "mackey-glass",
+}
 
 
 def write_spike_file(path: Path, samples: int, classes: int, max_time: float, seed: int):
@@ -35,13 +43,18 @@ def write_spike_file(path: Path, samples: int, classes: int, max_time: float, se
     trains = []
     for _ in range(samples):
         k = int(rng.integers(4000, 6000))
-        trains.append((np.sort(rng.uniform(0, rng.uniform(0.5, max_time), k)), rng.integers(0, 700, k)))
+        trains.append(
+            (np.sort(rng.uniform(0, rng.uniform(0.5, max_time), k)), rng.integers(0, 700, k))
+        )
     write_heidelberg(path, trains, rng.integers(0, classes, samples))
 
 
 def write_idx(path: Path, array: np.ndarray):
-    path.write_bytes(bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-                     + array.astype(np.uint8).tobytes())
+    path.write_bytes(
+        bytes([0, 0, 8, array.ndim])
+        + struct.pack(f">{array.ndim}I", *array.shape)
+        + array.astype(np.uint8).tobytes()
+    )
 
 
 def make_files(root: Path, samples: int) -> None:
@@ -69,7 +82,7 @@ def open_dataset(name: str, root: Path):
 def samples_per_second(ds, batch: int, max_items: int) -> float:
     loader = make_loader(ds, batch_size=batch, shuffle=True, seed=0)
     start, seen = time.perf_counter(), 0
-    for frames, lengths, targets in loader:
+    for _frames, _lengths, targets in loader:
         seen += len(targets)
         if seen >= max_items:
             break
@@ -105,8 +118,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_files(root, args.samples)
-        print(f"{'data set':13s} {'items':>6s} {'1st load s':>10s} {'reload s':>8s} "
-              f"{'samples/s':>10s} {'ms/batch':>8s} {'step s':>7s} {'load/step':>9s}")
+        print(
+            f"{'data set':13s} {'items':>6s} {'1st load s':>10s} {'reload s':>8s} "
+            f"{'samples/s':>10s} {'ms/batch':>8s} {'step s':>7s} {'load/step':>9s}"
+        )
         for name, preset in PRESET.items():
             start = time.perf_counter()
             ds = open_dataset(name, root)
@@ -119,8 +134,11 @@ def main() -> None:
             if not args.no_step:
                 step = training_step_seconds(preset, ds, args.step_batch)
                 step_columns = f"{step:7.2f} {args.step_batch / rate / step:9.2%}"
-            print(f"{name:13s} {len(ds):6d} {first:10.3f} {reload:8.3f} {rate:10.0f} "
-                  f"{1000 * args.batch / rate:8.1f} {step_columns}", flush=True)
+            print(
+                f"{name:13s} {len(ds):6d} {first:10.3f} {reload:8.3f} {rate:10.0f} "
+                f"{1000 * args.batch / rate:8.1f} {step_columns}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

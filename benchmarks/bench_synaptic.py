@@ -17,6 +17,7 @@ are measured side by side on a shared machine:
 recursion work per step; it grows with the delay range and is about 3× larger when ``1 + σ`` is
 not an integer or a half-integer) is printed with each configuration.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,17 @@ from delrec.neurons import LIF
 def step_timers(size: int, batch: int, steps: int, max_delay: float, sigma: float):
     """Zero-argument functions, one per path, each running forward + backward once."""
     g = torch.Generator().manual_seed(0)
-    layers = {kind: DelRec(size, LIF(), delay_type=kind, delay_init=f"uniform:0:{max_delay}",
-                           sigma=sigma, generator=g) for kind in ("axonal", "synaptic")}
+    layers = {
+        kind: DelRec(
+            size,
+            LIF(),
+            delay_type=kind,
+            delay_init=f"uniform:0:{max_delay}",
+            sigma=sigma,
+            generator=g,
+        )
+        for kind in ("axonal", "synaptic")
+    }
     current = (torch.rand(steps, batch, size, generator=g) * 1.2).requires_grad_()
     synaptic = layers["synaptic"]
 
@@ -51,8 +61,11 @@ def step_timers(size: int, batch: int, steps: int, max_delay: float, sigma: floa
 
     delay, width = synaptic.delays_and_width()
     plan = _SlotPlan(delay, _width_vector(width, delay, size), native.build("synaptic"))
-    return {"axonal": layer_step(layers["axonal"]), "slots": layer_step(synaptic),
-            "lag-gemm": lag_gemm}, plan.z_lags.shape[0] / size
+    return {
+        "axonal": layer_step(layers["axonal"]),
+        "slots": layer_step(synaptic),
+        "lag-gemm": lag_gemm,
+    }, plan.z_lags.shape[0] / size
 
 
 def median_times(timers, repeats: int) -> dict[str, float]:
@@ -84,9 +97,11 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads or default_threads)
         timers, slots = step_timers(args.size, args.batch, args.steps, args.max_delay, args.sigma)
-        print(f"N={args.size} B={args.batch} T={args.steps} delays~U(0, {args.max_delay:g}) "
-              f"sigma={args.sigma:g} float32 threads={torch.get_num_threads()} "
-              f"slots/neuron={slots:.1f} repeats={args.repeats}")
+        print(
+            f"N={args.size} B={args.batch} T={args.steps} delays~U(0, {args.max_delay:g}) "
+            f"sigma={args.sigma:g} float32 threads={torch.get_num_threads()} "
+            f"slots/neuron={slots:.1f} repeats={args.repeats}"
+        )
         med = median_times(timers, args.repeats)
         for name, seconds in med.items():
             print(f"  {name:9s} {seconds * 1e3:8.1f} ms   {seconds / med['axonal']:5.2f}x axonal")

@@ -1,6 +1,7 @@
 """Build the engine's C++ kernels once, before any test runs (about a minute on a fresh machine),
 so that tests and the processes they start find them in the cache. A failed build leaves a
 warning here and fails ``test_engine.py::test_the_cpp_time_loops_build_and_run_by_default``."""
+
 from delrec.engine import native
 
 

@@ -1,4 +1,5 @@
 """The S3 gradient argument: spectral radius of λ^(d+1) − aλ^d − b and the measured gradients."""
+
 import csv
 import json
 
@@ -56,9 +57,27 @@ def test_largest_root_is_the_real_root_of_s17():
 
 def test_spectral_command_writes_table_csv_json_and_figure(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["analyze", "spectral", "--a", "0.9", "--b", "0.5", "--max-delay", "5",
-                 "--csv", str(out / "r.csv"), "--json", str(out / "r.json"),
-                 "--figure", str(out / "r.png")]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "spectral",
+                "--a",
+                "0.9",
+                "--b",
+                "0.5",
+                "--max-delay",
+                "5",
+                "--csv",
+                str(out / "r.csv"),
+                "--json",
+                str(out / "r.json"),
+                "--figure",
+                str(out / "r.png"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "1.400000  explode" in printed
     rows = list(csv.DictReader(open(out / "r.csv")))
@@ -70,8 +89,10 @@ def test_spectral_command_writes_table_csv_json_and_figure(tmp_path, capsys):
 
 
 def test_spectral_command_rejects_a_negative_delay(capsys):
-    assert main(["analyze", "spectral", "--a", "1", "--b", "1", "--max-delay", "-1",
-                 "--no-figure"]) == 2
+    assert (
+        main(["analyze", "spectral", "--a", "1", "--b", "1", "--max-delay", "-1", "--no-figure"])
+        == 2
+    )
     assert "max-delay" in capsys.readouterr().err
 
 
@@ -100,9 +121,27 @@ def test_vanishing_regime_longer_delays_slow_the_vanishing_toward_one():
 
 
 def test_gradients_command_writes_csv_and_figure(tmp_path, capsys):
-    assert main(["analyze", "gradients", "--delays", "0,2", "--size", "8", "--steps", "20",
-                 "--batch", "1", "--csv", str(tmp_path / "g.csv"),
-                 "--figure", str(tmp_path / "g.png")]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "gradients",
+                "--delays",
+                "0,2",
+                "--size",
+                "8",
+                "--steps",
+                "20",
+                "--batch",
+                "1",
+                "--csv",
+                str(tmp_path / "g.csv"),
+                "--figure",
+                str(tmp_path / "g.png"),
+            ]
+        )
+        == 0
+    )
     assert "growth/step" in capsys.readouterr().out
     rows = list(csv.DictReader(open(tmp_path / "g.csv")))
     assert [int(r["delay"]) for r in rows] == [0, 2] and "radius_rms" in rows[0]

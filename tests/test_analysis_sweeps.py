@@ -1,4 +1,5 @@
 """Sweep drivers and `delrec compare`, end to end on the embedded digits-8x8 with tiny runs."""
+
 import csv
 import json
 
@@ -16,8 +17,9 @@ def _rows(path):
 @pytest.fixture(scope="module")
 def params_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep") / "params"
-    status = main(["sweep", "params", "--models", "snn,delrec", "--sizes", "4,8",
-                   "--out", str(out), *TINY])
+    status = main(
+        ["sweep", "params", "--models", "snn,delrec", "--sizes", "4,8", "--out", str(out), *TINY]
+    )
     return status, out
 
 
@@ -43,8 +45,23 @@ def test_parameter_sweep_trains_every_point_and_writes_table_and_figure(params_s
 def test_running_a_finished_sweep_again_trains_nothing(params_sweep, capsys):
     _, out = params_sweep
     before = (out / "snn-h4" / "summary.json").stat().st_mtime_ns
-    assert main(["sweep", "params", "--models", "snn,delrec", "--sizes", "4,8",
-                 "--out", str(out), "--rounded-only", *TINY]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "params",
+                "--models",
+                "snn,delrec",
+                "--sizes",
+                "4,8",
+                "--out",
+                str(out),
+                "--rounded-only",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "sweep point" not in captured.err and "| SNN (hidden_sizes=[4]) |" in captured.out
     assert (out / "snn-h4" / "summary.json").stat().st_mtime_ns == before
@@ -53,33 +70,92 @@ def test_running_a_finished_sweep_again_trains_nothing(params_sweep, capsys):
 def test_rate_sweep_resumes_an_interrupted_point_and_plots_rate(tmp_path, capsys):
     out = tmp_path / "rate"
     interrupted = out / "delrec-rate-0"
-    assert main(["train", "--task", "digits-8x8", "--seeds", "0", "--epochs", "2",
-                 "--max-epochs-this-run", "1", "--run-dir", str(interrupted), "--no-progress",
-                 "--set", "max_train_samples=32", "rate_penalty=0.0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "digits-8x8",
+                "--seeds",
+                "0",
+                "--epochs",
+                "2",
+                "--max-epochs-this-run",
+                "1",
+                "--run-dir",
+                str(interrupted),
+                "--no-progress",
+                "--set",
+                "max_train_samples=32",
+                "rate_penalty=0.0",
+            ]
+        )
+        == 0
+    )
     assert not (interrupted / "summary.json").exists()
-    assert main(["sweep", "rate", "--penalties", "0,10", "--out", str(out), "--epochs", "2",
-                 "--set", "max_train_samples=32", "--rounded-only"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "rate",
+                "--penalties",
+                "0,10",
+                "--out",
+                str(out),
+                "--epochs",
+                "2",
+                "--set",
+                "max_train_samples=32",
+                "--rounded-only",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((interrupted / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["runs"][0]["epochs_done"] == 2
     rows = _rows(out / "table.csv")
-    assert sorted(r["label"] for r in rows) == ["DelRec (rate_penalty=0.0)",
-                                                "DelRec (rate_penalty=10.0)"]
+    assert sorted(r["label"] for r in rows) == [
+        "DelRec (rate_penalty=0.0)",
+        "DelRec (rate_penalty=10.0)",
+    ]
     assert (out / "figure.png").stat().st_size > 1000
 
 
 def test_compare_groups_seeds_and_single_runs_of_one_configuration(tmp_path, capsys):
-    common = ["--task", "digits-8x8", "--model", "delrec", "--no-progress", *TINY,
-              "network.hidden_sizes=[8]"]
+    common = [
+        "--task",
+        "digits-8x8",
+        "--model",
+        "delrec",
+        "--no-progress",
+        *TINY,
+        "network.hidden_sizes=[8]",
+    ]
     assert main(["train", "--seeds", "0,1", "--run-dir", str(tmp_path / "pair"), *common]) == 0
     assert main(["train", "--seed", "5", "--run-dir", str(tmp_path / "single"), *common]) == 0
     capsys.readouterr()
-    assert main(["compare", str(tmp_path / "pair"), str(tmp_path / "single"),
-                 "--csv", str(tmp_path / "t.csv"), "--markdown", str(tmp_path / "t.md"),
-                 "--figure", str(tmp_path / "t.png")]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                str(tmp_path / "pair"),
+                str(tmp_path / "single"),
+                "--csv",
+                str(tmp_path / "t.csv"),
+                "--markdown",
+                str(tmp_path / "t.md"),
+                "--figure",
+                str(tmp_path / "t.png"),
+            ]
+        )
+        == 0
+    )
     (row,) = _rows(tmp_path / "t.csv")
     assert row["label"] == "DelRec" and int(row["seeds"]) == 3
-    accuracies = [json.loads((tmp_path / d / "test_results.json").read_text())["accuracy"]
-                  for d in ("pair/seed-0", "pair/seed-1", "single")]
+    accuracies = [
+        json.loads((tmp_path / d / "test_results.json").read_text())["accuracy"]
+        for d in ("pair/seed-0", "pair/seed-1", "single")
+    ]
     assert float(row["rounded_accuracy_mean"]) == pytest.approx(sum(accuracies) / 3)
     assert "| DelRec | ✓ | ✓ |  | ✓ | 186 | 3 |" in (tmp_path / "t.md").read_text()
 
@@ -88,9 +164,27 @@ def test_compare_names_what_is_not_a_finished_run(tmp_path, capsys):
     assert main(["compare", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
     run = tmp_path / "half"
-    assert main(["train", "--task", "digits-8x8", "--seed", "0", "--epochs", "2",
-                 "--max-epochs-this-run", "1", "--run-dir", str(run), "--no-progress",
-                 "--set", "max_train_samples=32"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "digits-8x8",
+                "--seed",
+                "0",
+                "--epochs",
+                "2",
+                "--max-epochs-this-run",
+                "1",
+                "--run-dir",
+                str(run),
+                "--no-progress",
+                "--set",
+                "max_train_samples=32",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["compare", str(run)]) == 2
     assert f"delrec train --resume {run}" in capsys.readouterr().err

@@ -1,4 +1,6 @@
-"""`delrec bench` on a tiny grid: every model measured, targets judged, skips said, files written."""
+"""`delrec bench` on a tiny grid: every model measured, targets judged, skips said, files
+written."""
+
 import csv
 
 from delrec import bench
@@ -9,7 +11,13 @@ def tiny_grids(quick):
     size_panel = [bench.Setting(8, 2, 3, 1), bench.Setting(16, 2, 3, 1)]
     delay_panel = [bench.Setting(8, 2, 3, 1), bench.Setting(8, 2, 6, 1)]
     cost = [bench.Setting(8, 2, d, s) for d in (3, 6) for s in (0, 1)]
-    return size_panel, delay_panel, cost, bench.Setting(8, 2, 6, 1, min_delay=2), bench.Setting(8, 2, 3, 1)
+    return (
+        size_panel,
+        delay_panel,
+        cost,
+        bench.Setting(8, 2, 6, 1, min_delay=2),
+        bench.Setting(8, 2, 3, 1),
+    )
 
 
 def test_bench_writes_the_four_panels_and_judges_the_targets(tmp_path, monkeypatch, capsys):
@@ -31,8 +39,10 @@ def test_bench_writes_the_four_panels_and_judges_the_targets(tmp_path, monkeypat
     verdicts = [line for line in printed.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert sum("cost of delays" in v for v in verdicts) == 4
     assert sum("memory saved for backward" in v for v in verdicts) == 2
-    assert any("flat in the delay" in v for v in verdicts)      # the fast engine keeps the same bytes
-    assert any("SHD setting" in v for v in verdicts) and any("synaptic vs axonal" in v for v in verdicts)
+    assert any("flat in the delay" in v for v in verdicts)  # the fast engine keeps the same bytes
+    assert any("SHD setting" in v for v in verdicts) and any(
+        "synaptic vs axonal" in v for v in verdicts
+    )
     assert "torch " in printed and "thread(s)" in printed
 
 

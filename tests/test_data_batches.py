@@ -1,14 +1,22 @@
 """The frame contract (collate, loader), the registry's errors, and SHD augmentation."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
-from delrec.data import (DataError, TripleAugmented, collate_time_major, dataset_info,
-                         load_dataset, make_loader, settings_of)
-from delrec.data.augment import blend, centre_of_mass, shift_channels
 from test_data_heidelberg import random_samples, write_heidelberg
+
+from delrec.data import (
+    DataError,
+    TripleAugmented,
+    collate_time_major,
+    dataset_info,
+    load_dataset,
+    make_loader,
+    settings_of,
+)
+from delrec.data.augment import blend, centre_of_mass, shift_channels
 
 
 def test_collate_pads_time_major_and_reports_lengths():
@@ -22,8 +30,9 @@ def test_collate_pads_time_major_and_reports_lengths():
 
 
 def test_collate_regression_targets_are_float():
-    batch = collate_time_major([(torch.zeros(4, 1), torch.tensor(0.5)),
-                                (torch.zeros(4, 1), torch.tensor(1.5))])
+    batch = collate_time_major(
+        [(torch.zeros(4, 1), torch.tensor(0.5)), (torch.zeros(4, 1), torch.tensor(1.5))]
+    )
     assert batch.targets.dtype == torch.float32 and batch.targets.tolist() == [0.5, 1.5]
 
 
@@ -60,8 +69,9 @@ def test_shift_moves_each_channel_within_the_limit():
     assert shifted.shape == frames.shape and shifted.sum() == frames.sum()
     offsets = []
     for c in range(6):
-        found = [s for s in range(-12, 13) if np.array_equal(np.roll(frames[:, c], s),
-                                                                  shifted[:, c])]
+        found = [
+            s for s in range(-12, 13) if np.array_equal(np.roll(frames[:, c], s), shifted[:, c])
+        ]
         assert found
         offsets.append(found[0])
     assert len(set(offsets)) > 1  # channels move independently
@@ -91,8 +101,9 @@ def test_blend_aligns_centres_of_mass_and_thins():
 
 @pytest.fixture
 def shd_train(tmp_path):
-    write_heidelberg(tmp_path / "shd_train.h5", random_samples(30, seed=3),
-                     [i % 3 for i in range(30)])
+    write_heidelberg(
+        tmp_path / "shd_train.h5", random_samples(30, seed=3), [i % 3 for i in range(30)]
+    )
     return load_dataset("shd", split="train", root=tmp_path)
 
 
@@ -124,8 +135,13 @@ def test_blend_partner_is_another_sample_of_the_class(shd_train):
     for i in range(n):
         frames, label = aug[2 * n + i]
         own = shd_train[i][0]
-        partners = [j for j in range(n) if j != i and shd_train[j][1] == label
-                    and frames.sum() == own.sum() + shd_train[j][0].sum()]
+        partners = [
+            j
+            for j in range(n)
+            if j != i
+            and shd_train[j][1] == label
+            and frames.sum() == own.sum() + shd_train[j][0].sum()
+        ]
         assert partners, f"blend of item {i} is not item {i} plus a same-class item"
 
 

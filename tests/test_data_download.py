@@ -1,4 +1,5 @@
 """`delrec data download` against a local HTTP server on 127.0.0.1 serving generated archives."""
+
 from __future__ import annotations
 
 import gzip
@@ -12,11 +13,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from test_data_heidelberg import random_samples, write_heidelberg
 
 from delrec.cli import main as delrec_main
 from delrec.data import RESOURCES, DataError, download, load_dataset
 from delrec.data.fetch import Resource
-from test_data_heidelberg import random_samples, write_heidelberg
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -43,7 +44,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.path in self.truncate:
             self.truncate.discard(self.path)
-            self.wfile.write(body[start:start + (len(body) - start) // 2])
+            self.wfile.write(body[start : start + (len(body) - start) // 2])
             self.close_connection = True
             return
         self.wfile.write(body[start:])
@@ -83,8 +84,11 @@ def shd_archives(tmp_path_factory, server):
     for part, labels in (("train", list(range(20))), ("test", [3, 4, 5])):
         write_heidelberg(src / f"shd_{part}.h5", random_samples(len(labels), seed=9), labels)
         payload = (src / f"shd_{part}.h5").read_bytes()
-        resources.append(serve(server, f"/shd_{part}.h5.zip", zipped(f"shd_{part}.h5", payload),
-                               f"shd_{part}.h5"))
+        resources.append(
+            serve(
+                server, f"/shd_{part}.h5.zip", zipped(f"shd_{part}.h5", payload), f"shd_{part}.h5"
+            )
+        )
     return resources
 
 
@@ -123,7 +127,7 @@ def test_broken_transfer_keeps_the_part_file_for_the_next_run(tmp_path, server):
     with pytest.raises(DataError, match=r"broke off .* run the command again to resume"):
         download("mnist", tmp_path, resources=[resource], retries=0, progress=False)
     part = tmp_path / "big.gz.part"
-    assert part.read_bytes() == archive[:len(archive) // 2]
+    assert part.read_bytes() == archive[: len(archive) // 2]
     download("mnist", tmp_path, resources=[resource], retries=0, progress=False)
     assert (tmp_path / "big").read_bytes() == bytes(range(256)) * 500
     assert Handler.log[-1] == ("/big.gz", f"bytes={len(archive) // 2}-")

@@ -1,4 +1,5 @@
 """SHD/SSC: hand-computed binning of small files in the real layout, caching, splits, errors."""
+
 from __future__ import annotations
 
 import os
@@ -8,14 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from delrec.data import DataError, dataset_info, load_dataset
-from delrec.data import heidelberg
+from delrec.data import DataError, dataset_info, heidelberg, load_dataset
 
 
 def write_heidelberg(path, samples, labels, time_dtype=np.float32):
     """A Heidelberg-layout file with the metadata the real files carry under ``extra/``."""
-    heidelberg.write_heidelberg(path, samples, labels, time_dtype, extra={
-        "speaker": np.zeros(len(samples), dtype=np.uint16), "keys": np.array([b"zero", b"one"])})
+    heidelberg.write_heidelberg(
+        path,
+        samples,
+        labels,
+        time_dtype,
+        extra={
+            "speaker": np.zeros(len(samples), dtype=np.uint16),
+            "keys": np.array([b"zero", b"one"]),
+        },
+    )
 
 
 def random_samples(n, seed=0, max_time=0.9):
@@ -28,25 +36,27 @@ def random_samples(n, seed=0, max_time=0.9):
 
 
 # sample 0 of the hand-computed example: (time s, unit) -> (10 ms bin, unit // 5)
-EDGE_SAMPLE = ([0.0, 0.0099, 0.010, 0.0305, 0.030, 0.0301],
-               [0, 4, 5, 699, 3, 699])
+EDGE_SAMPLE = ([0.0, 0.0099, 0.010, 0.0305, 0.030, 0.0301], [0, 4, 5, 699, 3, 699])
 
 
 @pytest.fixture
 def shd_dir(tmp_path):
     write_heidelberg(tmp_path / "shd_train.h5", random_samples(20, seed=1), list(range(20)))
-    write_heidelberg(tmp_path / "shd_test.h5",
-                     [EDGE_SAMPLE, ([0.5], [10])] + random_samples(3, seed=2), [7, 19, 0, 1, 2])
+    write_heidelberg(
+        tmp_path / "shd_test.h5",
+        [EDGE_SAMPLE, ([0.5], [10])] + random_samples(3, seed=2),
+        [7, 19, 0, 1, 2],
+    )
     return tmp_path
 
 
 def test_shd_binning_matches_hand_count(shd_dir):
     frames, label = load_dataset("shd", split="test", root=shd_dir)[0]
     expected = np.zeros((4, 140), dtype=np.float32)
-    expected[0, 0] = 2      # 0.0 s and 0.0099 s, units 0 and 4
-    expected[1, 1] = 1      # 0.010 s lies on the edge: the later bin
-    expected[3, 139] = 2    # 0.0305 s and 0.0301 s, units 699
-    expected[3, 0] = 1      # 0.030 s on an edge, unit 3
+    expected[0, 0] = 2  # 0.0 s and 0.0099 s, units 0 and 4
+    expected[1, 1] = 1  # 0.010 s lies on the edge: the later bin
+    expected[3, 139] = 2  # 0.0305 s and 0.0301 s, units 699
+    expected[3, 0] = 1  # 0.030 s on an edge, unit 3
     assert label == 7
     assert frames.dtype == torch.float32
     np.testing.assert_array_equal(frames.numpy(), expected)
@@ -57,7 +67,7 @@ def test_fixed_steps_drop_spikes_after_the_last_bin(shd_dir):
     ds = load_dataset("ssc", split="train", root=shd_dir, dt_ms=10.0, steps=3)
     frames, label = ds[0]
     expected = np.zeros((3, 140), dtype=np.float32)
-    expected[0, 0], expected[1, 1] = 2, 1   # everything at or after 30 ms is dropped
+    expected[0, 0], expected[1, 1] = 2, 1  # everything at or after 30 ms is dropped
     np.testing.assert_array_equal(frames.numpy(), expected)
     assert label == 34
 
@@ -135,7 +145,7 @@ def test_corrupt_and_truncated_files(tmp_path):
         load_dataset("shd", root=tmp_path)
     write_heidelberg(tmp_path / "shd_test.h5", random_samples(50), [1] * 50)
     data = (tmp_path / "shd_test.h5").read_bytes()
-    (tmp_path / "shd_test.h5").write_bytes(data[:len(data) // 2])
+    (tmp_path / "shd_test.h5").write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=r"shd_test.h5.*(truncated|corrupt)"):
         load_dataset("shd", split="test", root=tmp_path)
 
@@ -148,12 +158,15 @@ def test_wrong_layout_names_the_missing_key(tmp_path):
         load_dataset("shd", split="test", root=tmp_path)
 
 
-@pytest.mark.parametrize("samples, labels, message", [
-    ([([0.1], [1])], [20], r"labels must be integers in 0…19"),
-    ([([0.1], [700])], [0], r"unit id 700"),
-    ([([-0.1], [0])], [0], r"negative or NaN spike time"),
-    ([([0.1, 0.2], [1])], [0], r"different numbers of spike times and units"),
-])
+@pytest.mark.parametrize(
+    "samples, labels, message",
+    [
+        ([([0.1], [1])], [20], r"labels must be integers in 0…19"),
+        ([([0.1], [700])], [0], r"unit id 700"),
+        ([([-0.1], [0])], [0], r"negative or NaN spike time"),
+        ([([0.1, 0.2], [1])], [0], r"different numbers of spike times and units"),
+    ],
+)
 def test_bad_content(tmp_path, samples, labels, message):
     write_heidelberg(tmp_path / "shd_test.h5", [([0.3], [0])] * 3 + samples, [0] * 3 + labels)
     with pytest.raises(DataError, match=message) as err:

@@ -1,4 +1,5 @@
 """PS-MNIST from generated idx files, the embedded subsets, and Mackey-Glass."""
+
 from __future__ import annotations
 
 import gzip
@@ -50,8 +51,11 @@ def test_psmnist_reads_pixels_in_permuted_order(mnist_dir):
     assert sorted(seen) == sorted(list(np.arange(12) % 10))
     frames, label = valid_ds[0]
     assert frames.shape == (784, 1) and frames.dtype == torch.float32
-    matches = [k for k in range(12)
-               if np.allclose(frames[:, 0].numpy(), train[k].reshape(-1)[perm.numpy()] / 255)]
+    matches = [
+        k
+        for k in range(12)
+        if np.allclose(frames[:, 0].numpy(), train[k].reshape(-1)[perm.numpy()] / 255)
+    ]
     assert len(matches) == 1 and label == matches[0] % 10
 
 
@@ -89,10 +93,13 @@ def test_psmnist_file_errors(mnist_dir, tmp_path_factory):
         load_dataset("psmnist", root=tmp_path_factory.mktemp("x") / "missing")
 
 
-@pytest.mark.parametrize("name, sizes, steps", [
-    ("psmnist-mini", (3000, 1000, 1000), 784),
-    ("digits-8x8", (1078, 359, 360), 64),
-])
+@pytest.mark.parametrize(
+    "name, sizes, steps",
+    [
+        ("psmnist-mini", (3000, 1000, 1000), 784),
+        ("digits-8x8", (1078, 359, 360), 64),
+    ],
+)
 def test_embedded_sets_load_offline(name, sizes, steps):
     splits = [load_dataset(name, split=s) for s in ("train", "valid", "test")]
     assert tuple(len(s) for s in splits) == sizes
@@ -123,7 +130,7 @@ def slow_mackey_glass(steps, tau=17.0, dt=0.1, x0=1.2):
     delay, x = int(round(tau / dt)), [x0]
     for k in range(steps):
         lagged = x[k - delay] if k >= delay else x0
-        x.append(x[k] + dt * (0.2 * lagged / (1 + lagged ** 10) - 0.1 * x[k]))
+        x.append(x[k] + dt * (0.2 * lagged / (1 + lagged**10) - 0.1 * x[k]))
     return np.array(x)
 
 
@@ -146,10 +153,10 @@ def test_mackey_glass_is_deterministic_and_fast():
 
 def test_mackey_glass_windows_and_split_sizes():
     series = mackey_glass().astype(np.float32)
-    splits = {s: load_dataset("mackey-glass", split=s, horizon=20) for s in ("train", "valid",
-                                                                            "test")}
-    assert {s: len(d) for s, d in splits.items()} == {"train": 3431, "valid": 1031,
-                                                      "test": 1031}
+    splits = {
+        s: load_dataset("mackey-glass", split=s, horizon=20) for s in ("train", "valid", "test")
+    }
+    assert {s: len(d) for s, d in splits.items()} == {"train": 3431, "valid": 1031, "test": 1031}
     frames, target = splits["valid"][5]
     assert frames.shape == (150, 1) and target.dtype == torch.float32 and target.shape == ()
     np.testing.assert_array_equal(frames[:, 0].numpy(), series[3605:3755])
@@ -157,8 +164,12 @@ def test_mackey_glass_windows_and_split_sizes():
     last_frames, last_target = splits["test"][1030]
     assert float(last_target) == series[-1] and last_frames[-1, 0] == series[-21]
     info = splits["train"].info
-    assert (info.task, info.num_classes, info.output_size, info.steps) == ("regression", None,
-                                                                          1, 150)
+    assert (info.task, info.num_classes, info.output_size, info.steps) == (
+        "regression",
+        None,
+        1,
+        150,
+    )
 
 
 def test_mackey_glass_bad_settings():

@@ -1,4 +1,5 @@
 """The interpolation kernel, its kink convention, schedule and initialisers."""
+
 import math
 
 import pytest
@@ -47,14 +48,15 @@ def test_kink_convention_at_integer_centre():
     k = delays.triangle_kernel(d, 1.0, 4)[0]
     (g1,) = torch.autograd.grad(k[1], d, retain_graph=True)
     (g2,) = torch.autograd.grad(k[2], d)
-    assert g1.item() == 0.0 and g2.item() == 1.0   # a delay clamped at 0 can still grow
+    assert g1.item() == 0.0 and g2.item() == 1.0  # a delay clamped at 0 can still grow
 
 
 def test_kernel_derivatives_match_finite_differences_away_from_kinks():
     d = torch.tensor([0.37, 3.61, 7.2], dtype=torch.float64, requires_grad=True)
     p = torch.tensor([-0.4, 0.9, 0.1], dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(
-        lambda d, p: delays.triangle_kernel(d, delays.spread_width(2.3, p), 16), (d, p))
+        lambda d, p: delays.triangle_kernel(d, delays.spread_width(2.3, p), 16), (d, p)
+    )
 
 
 def test_kernel_length_covers_the_whole_support():

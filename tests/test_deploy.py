@@ -1,5 +1,6 @@
 """Deployment: streaming equals whole-sequence integer-delay eval, NIR round trip, refusals,
 hardware report, and the export/report commands."""
+
 import json
 import math
 
@@ -10,8 +11,14 @@ from torch import nn
 
 from delrec.checkpoint import atomic_save, network_payload
 from delrec.cli import main
-from delrec.deploy import (NIRExportError, NIRImportError, StreamingNetwork, export_nir,
-                           import_nir, to_nir)
+from delrec.deploy import (
+    NIRExportError,
+    NIRImportError,
+    StreamingNetwork,
+    export_nir,
+    import_nir,
+    to_nir,
+)
 from delrec.deploy.report import format_report, hardware_report, write_report
 from delrec.layers import DelRec, FeedforwardDelay
 from delrec.models import MODELS, NetworkConfig, build_network, preset_network
@@ -22,13 +29,29 @@ nir = pytest.importorskip("nir", reason="NIR tests need the optional `nir` packa
 T, B = 40, 3
 
 
-def random_network(model: str, delay_type: str = "axonal", reset: str = "hard",
-                   block: str = "bn", readout: str = "lif", seed: int = 0) -> nn.Module:
+def random_network(
+    model: str,
+    delay_type: str = "axonal",
+    reset: str = "hard",
+    block: str = "bn",
+    readout: str = "lif",
+    seed: int = 0,
+) -> nn.Module:
     """A small float64 network in eval mode with non-trivial BN statistics and a spread σ
     that integer-delay mode must ignore."""
-    cfg = NetworkConfig(6, (8, 10), 3, model=model, delay_type=delay_type, delay_init="uniform:0:8",
-                        block=block, readout=readout, learn_spread=True, ff_delay_window=5,
-                        neuron=dict(reset=reset, tau=1.5))
+    cfg = NetworkConfig(
+        6,
+        (8, 10),
+        3,
+        model=model,
+        delay_type=delay_type,
+        delay_init="uniform:0:8",
+        block=block,
+        readout=readout,
+        learn_spread=True,
+        ff_delay_window=5,
+        neuron=dict(reset=reset, tau=1.5),
+    )
     net = build_network(cfg, seed=seed).double()
     randomise(net, seed)
     return net.eval()
@@ -73,8 +96,12 @@ def test_streaming_equals_integer_delay_eval_spike_for_spike(model, delay_type, 
 
 @pytest.mark.parametrize("task", ["shd", "ssc", "psmnist", "mackey-glass"])
 def test_streaming_equals_eval_on_small_presets(task):
-    cfg = preset_network(task, "delrec", hidden_sizes=(12,) * len(preset_network(task).hidden_sizes),
-                         delay_init="uniform:0:10")
+    cfg = preset_network(
+        task,
+        "delrec",
+        hidden_sizes=(12,) * len(preset_network(task).hidden_sizes),
+        delay_init="uniform:0:10",
+    )
     net = build_network(cfg, seed=1).double()
     randomise(net, 1)
     net.eval()
@@ -89,8 +116,17 @@ def test_streaming_equals_eval_on_small_presets(task):
 def test_spike_arrives_one_plus_rounded_delay_steps_later():
     """Neuron 0 fires once at t = 0; its recurrent synapses reach neuron 1 after 1 + round(d)
     steps: d = 2.5 rounds (half to even) to 2, so neuron 1 fires at t = 3, in eval and streaming."""
-    cfg = NetworkConfig(1, (2,), 1, model="delrec", block="dropout", dropout=0.0, bias=False,
-                        readout="sum", neuron=dict(reset="hard", tau=2.0))
+    cfg = NetworkConfig(
+        1,
+        (2,),
+        1,
+        model="delrec",
+        block="dropout",
+        dropout=0.0,
+        bias=False,
+        readout="sum",
+        neuron=dict(reset="hard", tau=2.0),
+    )
     net = build_network(cfg, seed=0).double().eval()
     with torch.no_grad():
         net.blocks[0].synapses.weight.copy_(torch.tensor([[2.0], [0.0]]))
@@ -100,7 +136,10 @@ def test_spike_arrives_one_plus_rounded_delay_steps_later():
     x = torch.zeros(10, 1, 1, dtype=torch.float64)
     x[0] = 1.0
     expected = {0: [0], 1: [3]}
-    for spikes in (net.forward_with_spikes(x)[1][0], StreamingNetwork.from_network(net).run(x)[1][0]):
+    for spikes in (
+        net.forward_with_spikes(x)[1][0],
+        StreamingNetwork.from_network(net).run(x)[1][0],
+    ):
         assert {n: spikes[:, 0, n].nonzero().flatten().tolist() for n in (0, 1)} == expected
 
 
@@ -152,7 +191,9 @@ def test_streaming_supports_adaptive_neurons_and_drops_out_of_window_positions()
         net.blocks[1].neurons.neuron = AdLIF(tau_u=3.0, tau_w=10.0)
         ffd = net.blocks[0].synapses
         assert isinstance(ffd, FeedforwardDelay)
-        ffd.position[0, :3] = torch.tensor([4.6, -0.7, 4.4])  # before clamping: 5 and -1 fall outside
+        ffd.position[0, :3] = torch.tensor(
+            [4.6, -0.7, 4.4]
+        )  # before clamping: 5 and -1 fall outside
     stream = StreamingNetwork.from_network(net)
     assert stream.layers[0].synapses.weight[0, :2].eq(0).all()
     assert stream.layers[0].synapses.lags[0, 2] == 4
@@ -183,14 +224,16 @@ def test_nir_round_trip_reproduces_the_spikes(tmp_path, model, delay_type):
     net = random_network(model, delay_type, "hard", block="bn", readout="lif")
     path = tmp_path / "model.nir"
     export_nir(net, path, dt=0.01)
-    graph = nir.read(path)                      # nir's own reading, with type checking
+    graph = nir.read(path)  # nir's own reading, with type checking
     graph.check_types()
     assert_same_run(net, import_nir(path), spike_input(6))
 
 
 @pytest.mark.parametrize("task", ["shd", "mackey-glass"])
 def test_nir_round_trip_of_hard_reset_presets(tmp_path, task):
-    cfg = preset_network(task, "delrec", hidden_sizes=(12,) * len(preset_network(task).hidden_sizes))
+    cfg = preset_network(
+        task, "delrec", hidden_sizes=(12,) * len(preset_network(task).hidden_sizes)
+    )
     net = build_network(cfg, seed=3).double()
     randomise(net, 3)
     net.eval()
@@ -211,32 +254,46 @@ def test_nir_graph_maps_lif_and_puts_axonal_delays_in_the_loop(tmp_path):
     assert lif.tau == pytest.approx(1.5 * 0.01) and (lif.r == 1.5).all()
     assert (lif.v_threshold == 1.0).all() and (lif.v_reset == 0).all() and (lif.v_leak == 0).all()
     edges = set(graph.edges)
-    assert {("layer1.lif", "layer1.recurrent.delay"), ("layer1.recurrent.delay", "layer1.recurrent.weight"),
-            ("layer1.recurrent.weight", "layer1.lif")} <= edges
+    assert {
+        ("layer1.lif", "layer1.recurrent.delay"),
+        ("layer1.recurrent.delay", "layer1.recurrent.weight"),
+        ("layer1.recurrent.weight", "layer1.lif"),
+    } <= edges
     layer = net.blocks[1].neurons
-    assert graph.nodes["layer1.recurrent.delay"].delay == pytest.approx(layer.delay.detach().round().numpy() * 0.01)
+    assert graph.nodes["layer1.recurrent.delay"].delay == pytest.approx(
+        layer.delay.detach().round().numpy() * 0.01
+    )
     assert graph.metadata["dt"] == 0.01 and "forward-Euler" in graph.metadata["time_convention"]
     # the stated convention: a forward-Euler step of NIR's LIF ODE is delrec's discrete LIF
     v, current = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
     dt, tau, r, v_leak = 0.01, float(lif.tau[0]), float(lif.r[0]), float(lif.v_leak[0])
     euler = v + dt / tau * (v_leak - v + r * current)
-    torch.testing.assert_close(euler, lif_charge(current, v, layer.neuron.p), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        euler, lif_charge(current, v, layer.neuron.p), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_nir_synaptic_delays_become_one_branch_per_distinct_delay():
     net = random_network("delrec", "synaptic")
     graph = to_nir(net)
     distinct = torch.unique(net.blocks[1].neurons.delay.detach().round()).tolist()
-    branches = [name for name in graph.nodes if name.startswith("layer1.recurrent.") and name.endswith(".weight")]
+    branches = [
+        name
+        for name in graph.nodes
+        if name.startswith("layer1.recurrent.") and name.endswith(".weight")
+    ]
     assert len(branches) == len(distinct) > 1
     total = sum(torch.from_numpy(graph.nodes[n].weight) for n in branches)
     torch.testing.assert_close(total, net.blocks[1].neurons.weight.detach())
 
 
-@pytest.mark.parametrize("change,construct", [
-    (lambda net: None, "soft reset"),
-    (lambda net: setattr(net.blocks[1].neurons, "neuron", AdLIF()), "AdLIF"),
-])
+@pytest.mark.parametrize(
+    "change,construct",
+    [
+        (lambda net: None, "soft reset"),
+        (lambda net: setattr(net.blocks[1].neurons, "neuron", AdLIF()), "AdLIF"),
+    ],
+)
 def test_unsupported_constructs_are_refused_and_nothing_is_written(tmp_path, change, construct):
     net = random_network("delrec", reset="soft" if construct == "soft reset" else "hard")
     change(net)
@@ -253,13 +310,17 @@ def test_unsupported_constructs_are_refused_and_nothing_is_written(tmp_path, cha
 def test_importer_rejects_graphs_of_another_shape(tmp_path):
     n = 3
     graph = nir.NIRGraph(
-        nodes={"input": nir.Input(input_type={"input": np.array([2])}),
-               "affine": nir.Affine(weight=np.ones((n, 2)), bias=np.zeros(n)),
-               "cuba": nir.CubaLIF(**{k: np.ones(n) for k in
-                                      ("tau_syn", "tau_mem", "r", "v_leak", "v_threshold")}),
-               "output": nir.Output(output_type={"output": np.array([n])})},
+        nodes={
+            "input": nir.Input(input_type={"input": np.array([2])}),
+            "affine": nir.Affine(weight=np.ones((n, 2)), bias=np.zeros(n)),
+            "cuba": nir.CubaLIF(
+                **{k: np.ones(n) for k in ("tau_syn", "tau_mem", "r", "v_leak", "v_threshold")}
+            ),
+            "output": nir.Output(output_type={"output": np.array([n])}),
+        },
         edges=[("input", "affine"), ("affine", "cuba"), ("cuba", "output")],
-        metadata={"dt": 1.0})
+        metadata={"dt": 1.0},
+    )
     with pytest.raises(NIRImportError, match="'cuba' is a CubaLIF"):
         import_nir(graph)
     del graph.metadata["dt"]
@@ -269,21 +330,33 @@ def test_importer_rejects_graphs_of_another_shape(tmp_path):
 
 # --------------------------------------------------------------------------- report
 def test_report_counts_delays_and_buffer_memory():
-    cfg = NetworkConfig(3, (4, 5), 2, model="ff+rec", recurrent_layers=(0,), block="dropout",
-                        ff_delay_window=4, readout="sum")
+    cfg = NetworkConfig(
+        3,
+        (4, 5),
+        2,
+        model="ff+rec",
+        recurrent_layers=(0,),
+        block="dropout",
+        ff_delay_window=4,
+        readout="sum",
+    )
     net = build_network(cfg, seed=0)
     with torch.no_grad():
         net.blocks[0].neurons.delay.copy_(torch.tensor([0.0, 1.0, 1.4, 3.6]))  # → 0, 1, 1, 4
         net.blocks[0].synapses.position.copy_(torch.tensor([[0.0, 1.0, 3.0]] * 4))
     report = hardware_report(net)
     first = report["layers"][0]
-    assert first["neurons"] == 4 and first["feedforward_synapses"] == 12 and first["recurrent_synapses"] == 16
+    assert (
+        first["neurons"] == 4
+        and first["feedforward_synapses"] == 12
+        and first["recurrent_synapses"] == 16
+    )
     feedforward, recurrent = first["delays"]
     assert feedforward["histogram"] == {"0": 4, "1": 4, "3": 4} and feedforward["max"] == 3
     assert recurrent["histogram"] == {"0": 1, "1": 2, "4": 1} and recurrent["max"] == 4
-    assert recurrent["axonal_buffer_bits"] == 4 * 4          # N_pre × max d
+    assert recurrent["axonal_buffer_bits"] == 4 * 4  # N_pre × max d
     assert recurrent["synaptic_buffer_bits"] == 4 * (0 + 1 + 1 + 4)  # N_post × Σ d_j
-    assert recurrent["delay_value_bits"] == 4 * 3            # 4 values of ceil(log2(5)) bits
+    assert recurrent["delay_value_bits"] == 4 * 3  # 4 values of ceil(log2(5)) bits
     assert feedforward["synaptic_buffer_bits"] == 4 * (0 + 1 + 3)
     assert report["layers"][1]["delays"] == [] and report["layers"][2]["name"] == "readout"
     assert report["totals"]["axonal_buffer_bits"] == 16 + 3 * 3
@@ -297,7 +370,7 @@ def test_report_activity_and_rounding_cost_on_a_labelled_loader():
     lengths = torch.tensor([30, 30, 20, 25, 30, 10])
     mask = (torch.arange(30)[:, None] < lengths).unsqueeze(-1).double()
     out, spikes = net.forward_with_spikes(x)
-    labels = out.sum(0).argmax(-1)                  # integer-delay predictions: accuracy 1
+    labels = out.sum(0).argmax(-1)  # integer-delay predictions: accuracy 1
     for m in net.modules():
         if isinstance(m, DelRec):
             m.integer_eval = False
@@ -313,10 +386,10 @@ def test_report_activity_and_rounding_cost_on_a_labelled_loader():
     assert evaluation["samples"] == 6 and evaluation["integer_delays"] == 1.0
     assert evaluation["spread_delays"] == pytest.approx(spread_accuracy) and spread_accuracy < 1
     assert evaluation["rounding_cost"] == pytest.approx(spread_accuracy - 1.0)
-    layer0, layer1, readout = report["layers"]            # activity: only the true lengths count
+    layer0, layer1, readout = report["layers"]  # activity: only the true lengths count
     assert layer1["spikes_per_inference"] == pytest.approx(float((spikes[1] * mask).sum()) / 6)
     inputs = float(((x != 0) * mask).sum()) / 6
-    expected = inputs * 8 + float((spikes[0] * mask).sum()) / 6 * 8   # dense fan-outs: 8 and 8
+    expected = inputs * 8 + float((spikes[0] * mask).sum()) / 6 * 8  # dense fan-outs: 8 and 8
     assert layer0["synops_per_inference"] == pytest.approx(expected)
     assert readout["synops_per_inference"] == pytest.approx(layer1["spikes_per_inference"] * 3)
 
@@ -345,8 +418,12 @@ def save_run(tmp_path, net):
 
 
 def test_export_command_writes_a_readable_nir_file(tmp_path, capsys):
-    net = build_network(NetworkConfig(1, (6,), 10, model="delrec", block="dropout", readout="sum",
-                                      neuron=dict(reset="hard")), seed=0).eval()
+    net = build_network(
+        NetworkConfig(
+            1, (6,), 10, model="delrec", block="dropout", readout="sum", neuron=dict(reset="hard")
+        ),
+        seed=0,
+    ).eval()
     run = save_run(tmp_path, net)
     out = tmp_path / "model.nir"
     assert main(["export", str(run), "--format", "nir", "-o", str(out), "--dt", "0.01"]) == 0
@@ -357,11 +434,15 @@ def test_export_command_writes_a_readable_nir_file(tmp_path, capsys):
 
 
 def test_export_command_refuses_soft_reset_cleanly(tmp_path, capsys):
-    net = build_network(NetworkConfig(1, (6,), 10, model="delrec", neuron=dict(reset="soft")), seed=0)
+    net = build_network(
+        NetworkConfig(1, (6,), 10, model="delrec", neuron=dict(reset="soft")), seed=0
+    )
     run = save_run(tmp_path, net)
     assert main(["export", str(run), "-o", str(tmp_path / "model.nir")]) == 1
     assert "soft reset" in capsys.readouterr().err
-    assert not (tmp_path / "model.nir").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert not (tmp_path / "model.nir").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "run"
+    ]
 
 
 def test_report_command_measures_on_the_runs_test_split(tmp_path, capsys):
@@ -370,25 +451,36 @@ def test_report_command_measures_on_the_runs_test_split(tmp_path, capsys):
     train_config = preset("digits-8x8", "delrec")
     net = build_network(train_config.network_config(1, 10), seed=0)
     run = tmp_path / "run"
-    atomic_save({**network_payload(net), "train_config": train_config.to_dict()},
-                run / "checkpoints" / "best.pt")
+    atomic_save(
+        {**network_payload(net), "train_config": train_config.to_dict()},
+        run / "checkpoints" / "best.pt",
+    )
     assert main(["report", str(run), "--max-batches", "1", "--batch-size", "16"]) == 0
     printed = capsys.readouterr().out
     assert "synops/inf" in printed and "accuracy on 16 samples" in printed
     report = json.loads((run / "report" / "hardware_report.json").read_text())
-    assert report["evaluation"]["samples"] == 16 and report["layers"][0]["delays"][0]["kind"] == "axonal"
+    assert (
+        report["evaluation"]["samples"] == 16
+        and report["layers"][0]["delays"][0]["kind"] == "axonal"
+    )
     assert (run / "report" / "delay_histograms.png").is_file()
     assert main(["report", str(run), "--no-data", "-o", str(tmp_path / "static")]) == 0
-    assert "evaluation" not in json.loads((tmp_path / "static" / "hardware_report.json").read_text())
+    assert "evaluation" not in json.loads(
+        (tmp_path / "static" / "hardware_report.json").read_text()
+    )
     assert main(["report", str(tmp_path / "missing")]) == 1
     assert "no checkpoint" in capsys.readouterr().err
 
 
 def test_report_command_on_a_named_data_set(tmp_path, capsys):
     net = build_network(NetworkConfig(1, (6, 6), 10, model="delrec", delay_type="synaptic"), seed=0)
-    run = save_run(tmp_path, net)            # a bare network checkpoint: no training config
+    run = save_run(tmp_path, net)  # a bare network checkpoint: no training config
     assert main(["report", str(run)]) == 0
     assert "no training configuration" in capsys.readouterr().out
-    assert main(["report", str(run), "--data", "digits-8x8", "--max-batches", "1",
-                 "--batch-size", "8"]) == 0
+    assert (
+        main(
+            ["report", str(run), "--data", "digits-8x8", "--max-batches", "1", "--batch-size", "8"]
+        )
+        == 0
+    )
     assert "accuracy on 8 samples" in capsys.readouterr().out

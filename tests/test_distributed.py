@@ -1,6 +1,7 @@
 """Data-parallel training (torchrun, two CPU processes on gloo over 127.0.0.1) and seeds run
 side by side (``--parallel``): the same numbers as one process, one set of files, a clear stop
 when a process dies, and a resume that continues the run."""
+
 import json
 import os
 import signal
@@ -13,19 +14,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train_run import read_metrics, write_random_shd
 
 from delrec.checkpoint import load_checkpoint
 from delrec.cli import main
 from delrec.data import make_loader
-from delrec.training import Trainer, TrainConfig
+from delrec.training import TrainConfig, Trainer
 from delrec.training.distributed import DataParallel
-from test_train_run import read_metrics, write_random_shd
 
 ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
 RUN_TIMEOUT_S = 120
-RUN_FILES = {"config.json", "metrics.csv", "test_results.json", "checkpoints/best.pt",
-             "checkpoints/last.pt", "figures/learning_curves.png", "figures/delays.png",
-             "figures/raster.png"}
+RUN_FILES = {
+    "config.json",
+    "metrics.csv",
+    "test_results.json",
+    "checkpoints/best.pt",
+    "checkpoints/last.pt",
+    "figures/learning_curves.png",
+    "figures/delays.png",
+    "figures/raster.png",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -43,9 +51,25 @@ def free_port() -> int:
 
 def torchrun(*args: str) -> list[str]:
     """Two CPU processes on this machine, rendezvous on 127.0.0.1."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-            "-m", "delrec", "train", "--device", "cpu", "--dist-timeout", "30", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "delrec",
+        "train",
+        "--device",
+        "cpu",
+        "--dist-timeout",
+        "30",
+        *args,
+    ]
 
 
 def children(pid: int) -> list[int]:
@@ -65,8 +89,14 @@ def children(pid: int) -> list[int]:
 def launched(command: list[str]):
     """``command`` in its own session; it and its workers (torchrun starts each in a session of
     its own) are killed on the way out."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=ENV, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        start_new_session=True,
+    )
     try:
         yield process
     finally:
@@ -119,17 +149,37 @@ def test_two_processes_train_like_one_on_the_whole_batch(tmp_path):
     write_random_shd(root / "shd_test.h5", 20, seed=2)
     run_dir = tmp_path / "run"
     summary, _ = run_torchrun(
-        "--task", "shd", "--data-root", str(root), "--epochs", "2", "--run-dir", str(run_dir),
-        "--set", "network.hidden_sizes=[8,8]", "network.bias=false", "batch_size=13",
-        "optim.grad_clip=0.01", "threads=1", "--no-progress")
+        "--task",
+        "shd",
+        "--data-root",
+        str(root),
+        "--epochs",
+        "2",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "network.hidden_sizes=[8,8]",
+        "network.bias=false",
+        "batch_size=13",
+        "optim.grad_clip=0.01",
+        "threads=1",
+        "--no-progress",
+    )
     assert summary["status"] == "complete" and summary["epochs_done"] == 2
     assert files_of(run_dir) == RUN_FILES
 
     trainer = single_process(run_dir, tmp_path)
     assert_same_network(run_dir, trainer)
     for row, expected in zip(read_metrics(run_dir), trainer.state.history, strict=True):
-        for column in ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy",
-                       "firing_rate", "sigma", "delay_mean_rec1"):
+        for column in (
+            "train_loss",
+            "train_accuracy",
+            "valid_loss",
+            "valid_accuracy",
+            "firing_rate",
+            "sigma",
+            "delay_mean_rec1",
+        ):
             assert float(row[column]) == pytest.approx(expected[column], rel=1e-6), column
 
 
@@ -137,12 +187,35 @@ def start_ranks(*args: str) -> list[subprocess.Popen]:
     """The two processes of a run started by hand with torchrun's variables (no launcher to
     stop the others when one dies)."""
     port = str(free_port())
-    return [subprocess.Popen(
-        [sys.executable, "-m", "delrec", "train", "--device", "cpu", "--dist-timeout", "30", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-             "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-        for rank in range(2)]
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "delrec",
+                "train",
+                "--device",
+                "cpu",
+                "--dist-timeout",
+                "30",
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            env={
+                **ENV,
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": "2",
+                "LOCAL_WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            },
+        )
+        for rank in range(2)
+    ]
 
 
 @contextmanager
@@ -159,10 +232,16 @@ def ranks_started(*args: str):
 
 def test_a_killed_process_stops_the_run_and_resume_continues_it(tmp_path):
     run_dir = tmp_path / "run"
-    settings = ["--task", "digits-8x8", "--set", "max_train_samples=200",
-                "network.hidden_sizes=[8]", "batch_size=32", "--no-progress"]
-    with ranks_started("--epochs", "4", "--run-dir", str(run_dir), *settings) as (main_rank,
-                                                                                  other):
+    settings = [
+        "--task",
+        "digits-8x8",
+        "--set",
+        "max_train_samples=200",
+        "network.hidden_sizes=[8]",
+        "batch_size=32",
+        "--no-progress",
+    ]
+    with ranks_started("--epochs", "4", "--run-dir", str(run_dir), *settings) as (main_rank, other):
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while not (run_dir / "checkpoints" / "last.pt").exists():
             assert main_rank.poll() is None and time.monotonic() < deadline, "no epoch finished"
@@ -180,8 +259,9 @@ def test_a_killed_process_stops_the_run_and_resume_continues_it(tmp_path):
 
     with ranks_started("--resume", str(run_dir), "--no-progress") as processes:
         outputs = [process.communicate(timeout=RUN_TIMEOUT_S) for process in processes]
-    assert [process.returncode for process in processes] == [0, 0], \
-        "\n".join(f"rank {rank}: {err[-2000:]}" for rank, (_, err) in enumerate(outputs))
+    assert [process.returncode for process in processes] == [0, 0], "\n".join(
+        f"rank {rank}: {err[-2000:]}" for rank, (_, err) in enumerate(outputs)
+    )
     assert outputs[1][0] == ""  # rank 0 alone reports
     summary = json.loads(outputs[0][0])
     assert summary["status"] == "complete" and summary["epochs_done"] == 4
@@ -189,8 +269,17 @@ def test_a_killed_process_stops_the_run_and_resume_continues_it(tmp_path):
     assert_same_network(run_dir, single_process(run_dir, tmp_path))
 
 
-TINY_DIGITS = ["--task", "digits-8x8", "--epochs", "2", "--set", "max_train_samples=64",
-               "network.hidden_sizes=[8]", "batch_size=32", "--no-progress"]
+TINY_DIGITS = [
+    "--task",
+    "digits-8x8",
+    "--epochs",
+    "2",
+    "--set",
+    "max_train_samples=64",
+    "network.hidden_sizes=[8]",
+    "batch_size=32",
+    "--no-progress",
+]
 
 
 def test_parallel_seeds_match_sequential_and_a_failing_seed_is_reported(tmp_path, capsys):
@@ -198,8 +287,21 @@ def test_parallel_seeds_match_sequential_and_a_failing_seed_is_reported(tmp_path
     sequential = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
     parallel_dir = tmp_path / "par"
-    assert main(["train", "--seeds", "0-1", "--parallel", "2", "--run-dir", str(parallel_dir),
-                 *TINY_DIGITS]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--seeds",
+                "0-1",
+                "--parallel",
+                "2",
+                "--run-dir",
+                str(parallel_dir),
+                *TINY_DIGITS,
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     parallel = json.loads(captured.out.strip().splitlines()[-1])
     assert parallel["test"] == sequential["test"]
@@ -220,8 +322,12 @@ def test_shards_cut_the_batches_of_the_single_process_loader():
     items, batch, world = 17, 8, 3  # batches of 8, 8 and 1: ranks 1 and 2 get a stand-in
     data = [(torch.zeros(1, 1), i) for i in range(items)]
     single = make_loader(data, batch, shuffle=True, seed=5)
-    ranks = [DataParallel(rank, world, torch.device("cpu"), "gloo").shard_loader(
-        make_loader(data, batch, shuffle=True, seed=5)) for rank in range(world)]
+    ranks = [
+        DataParallel(rank, world, torch.device("cpu"), "gloo").shard_loader(
+            make_loader(data, batch, shuffle=True, seed=5)
+        )
+        for rank in range(world)
+    ]
     for _ in range(2):  # two epochs: the shuffling generator advances as in one process
         wholes = [b.targets.tolist() for b in single]
         shards = [[b.targets.tolist() for b in loader] for loader in ranks]
@@ -229,12 +335,16 @@ def test_shards_cut_the_batches_of_the_single_process_loader():
         for step, whole in enumerate(wholes):
             parts = [loader.batch_sampler.shard(step) for loader in ranks]
             assert sum(part.share for part in parts) == pytest.approx(1.0)
-            assert [i for part, rank in zip(parts, shards) if part.share
-                    for i in rank[step]] == whole
-            assert all(rank[step] == whole[-1:] for part, rank in zip(parts, shards)
-                       if not part.share)
-        assert all(torch.equal(loader.generator.get_state(), single.generator.get_state())
-                   for loader in ranks)
+            assert [
+                i for part, rank in zip(parts, shards) if part.share for i in rank[step]
+            ] == whole
+            assert all(
+                rank[step] == whole[-1:] for part, rank in zip(parts, shards) if not part.share
+            )
+        assert all(
+            torch.equal(loader.generator.get_state(), single.generator.get_state())
+            for loader in ranks
+        )
 
 
 def test_launch_mistakes_are_refused(tmp_path, capsys, monkeypatch):

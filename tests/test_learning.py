@@ -5,6 +5,7 @@ channels afterwards, and a readout that only looks at the last 4 of 32 steps. LI
 with τ= 2 forget the cue within a few steps, so a vanilla recurrent layer stays near chance
 while learned recurrent delays can carry the cue across the gap.
 """
+
 import torch
 from torch import nn
 
@@ -25,7 +26,11 @@ def delayed_cue_task(n: int, generator: torch.Generator):
 class CueNet(nn.Module):
     def __init__(self, recurrent: DelRec):
         super().__init__()
-        self.encoder, self.recurrent, self.readout = nn.Linear(2, HIDDEN), recurrent, nn.Linear(HIDDEN, 2)
+        self.encoder, self.recurrent, self.readout = (
+            nn.Linear(2, HIDDEN),
+            recurrent,
+            nn.Linear(HIDDEN, 2),
+        )
         with torch.no_grad():
             self.encoder.weight.mul_(3.0)
 
@@ -37,10 +42,15 @@ def train_and_test(model: str, seed: int = 0, steps: int = 60) -> float:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     neuron = LIF(tau=2.0, v_reset=None, surrogate=Triangle())
-    recurrent = (DelRec(HIDDEN, neuron, delay_init="uniform:0:30") if model == "delrec"
-                 else DelRec.vanilla(HIDDEN, neuron))
+    recurrent = (
+        DelRec(HIDDEN, neuron, delay_init="uniform:0:30")
+        if model == "delrec"
+        else DelRec.vanilla(HIDDEN, neuron)
+    )
     net = CueNet(recurrent)
-    weights = torch.optim.Adam([p for n, p in net.named_parameters() if n != "recurrent.delay"], lr=1e-2)
+    weights = torch.optim.Adam(
+        [p for n, p in net.named_parameters() if n != "recurrent.delay"], lr=1e-2
+    )
     positions = torch.optim.Adam([recurrent.delay], lr=0.5) if recurrent.learn_delays else None
     for step in range(steps):
         set_spread(net, spread_schedule(step, steps, sigma0=4.0))
@@ -54,7 +64,7 @@ def train_and_test(model: str, seed: int = 0, steps: int = 60) -> float:
         clamp_delays(net)
     x, y = delayed_cue_task(1000, torch.Generator().manual_seed(999))
     with torch.no_grad():
-        return (net.eval()(x).argmax(-1) == y).float().mean().item()   # integer delays
+        return (net.eval()(x).argmax(-1) == y).float().mean().item()  # integer delays
 
 
 def test_learned_delays_bridge_a_gap_that_a_vanilla_rsnn_cannot():

@@ -1,12 +1,19 @@
 """Feedforward delays and the network builders (presets, ablation family, parameter counts)."""
+
 import dataclasses
 
 import pytest
 import torch
 
 from delrec.layers import DelRec, FeedforwardDelay, clamp_delays
-from delrec.models import (MODELS, NetworkConfig, build_network, count_parameters,
-                           preset_network, readout_reduce)
+from delrec.models import (
+    MODELS,
+    NetworkConfig,
+    build_network,
+    count_parameters,
+    preset_network,
+    readout_reduce,
+)
 from delrec.neurons import LIF
 
 
@@ -33,7 +40,7 @@ def test_feedforward_delay_interpolates_rounds_in_eval_and_clamps():
     x[0] = 1.0
     assert layer(x)[:4, 0, 0].tolist() == pytest.approx([0, 0, 0.75, 0.25])
     assert layer.eval()(x)[:4, 0, 0].tolist() == [0, 0, 1.0, 0]
-    assert layer.position.item() == 2.25                   # eval did not round the parameter
+    assert layer.position.item() == 2.25  # eval did not round the parameter
     with torch.no_grad():
         layer.position.fill_(9.0)
     clamp_delays(layer)
@@ -47,10 +54,13 @@ def test_feedforward_delay_gradients_by_finite_differences():
     names = ["weight", "position", "bias"]
     values = [getattr(layer, n).detach().clone().requires_grad_() for n in names]
     torch.autograd.gradcheck(
-        lambda *v: torch.func.functional_call(layer, dict(zip(names, v)), (x,)), values)
+        lambda *v: torch.func.functional_call(layer, dict(zip(names, v)), (x,)), values
+    )
 
 
-@pytest.mark.parametrize("task,expected", [("shd", 173_844), ("ssc", 374_819), ("psmnist", 156_154)])
+@pytest.mark.parametrize(
+    "task,expected", [("shd", 173_844), ("ssc", 374_819), ("psmnist", 156_154)]
+)
 def test_delrec_parameter_counts_match_the_paper(task, expected):
     assert count_parameters(build_network(preset_network(task), seed=0)) == expected
 
@@ -82,10 +92,14 @@ def test_presets_encode_the_paper_settings():
     assert shd.blocks[0].synapses.weight.abs().max() <= fan_in_bound
     assert shd.blocks[0].synapses.weight.abs().max() > 0.9 * fan_in_bound
     w = rec.weight.detach()
-    assert torch.allclose(w @ w.T, torch.eye(256), atol=1e-4)        # orthogonal init
+    assert torch.allclose(w @ w.T, torch.eye(256), atol=1e-4)  # orthogonal init
     ssc = build_network(preset_network("ssc"), seed=0)
-    assert all(isinstance(b.neurons, DelRec) and b.neurons.spread_logits is not None
-               and b.neurons.neuron.p.soft_reset for b in ssc.blocks)
+    assert all(
+        isinstance(b.neurons, DelRec)
+        and b.neurons.spread_logits is not None
+        and b.neurons.neuron.p.soft_reset
+        for b in ssc.blocks
+    )
     mg = build_network(preset_network("mackey-glass"), seed=0)
     assert mg.config.hidden_sizes == (128,) and mg.readout_neuron.decay_input
     assert mg.readout_neuron.tau == 20.0 and mg.readout.bias is None

@@ -1,11 +1,21 @@
 """Neuron models and surrogates against hand-computed values and SpikingJelly."""
+
 import math
 
 import pytest
 import torch
 
-from delrec.neurons import (ATan, AdLIF, LIF, LeakyIntegrator, Triangle, as_neuron, lif_step,
-                            LIFParameters, make_surrogate)
+from delrec.neurons import (
+    LIF,
+    AdLIF,
+    ATan,
+    LeakyIntegrator,
+    LIFParameters,
+    Triangle,
+    as_neuron,
+    lif_step,
+    make_surrogate,
+)
 
 
 def test_heaviside_fires_at_threshold_and_surrogate_shapes_the_gradient():
@@ -15,7 +25,9 @@ def test_heaviside_fires_at_threshold_and_surrogate_shapes_the_gradient():
     s.sum().backward()
     assert x.grad.tolist() == pytest.approx([0.5, 1.0, 0.7, 0.0])
     y = torch.tensor([0.1], dtype=torch.float64)
-    assert ATan(alpha=5.0).derivative(y).item() == pytest.approx(2.5 / (1 + (math.pi * 5 * 0.1 / 2) ** 2))
+    assert ATan(alpha=5.0).derivative(y).item() == pytest.approx(
+        2.5 / (1 + (math.pi * 5 * 0.1 / 2) ** 2)
+    )
     assert Triangle(gamma=2.0).derivative(y).item() == pytest.approx(1.9 / 4)
 
 
@@ -37,7 +49,9 @@ def test_lif_charge_fire_reset_by_hand():
     s, v_di = lif_step(u, v, LIFParameters(tau=2.0, decay_input=True))
     assert s.sum() == 0 and v_di[0].tolist() == pytest.approx([0.55, 0.7, 0.75])
     # hard reset to a non-zero v_reset leaks toward v_reset
-    _, v_r = lif_step(torch.tensor([[0.0]]), torch.tensor([[0.4]]), LIFParameters(tau=4.0, v_reset=-0.4))
+    _, v_r = lif_step(
+        torch.tensor([[0.0]]), torch.tensor([[0.4]]), LIFParameters(tau=4.0, v_reset=-0.4)
+    )
     assert v_r.item() == pytest.approx(0.4 - 0.8 / 4)
 
 
@@ -49,8 +63,8 @@ def test_detach_reset_removes_the_reset_path_from_the_gradient():
         _, (v,) = neuron.step(u, neuron.initial_state(u))
         v.sum().backward()
         grads[detach] = u.grad.item()
-    assert grads[True] == pytest.approx(1.0)              # v = h - θ·sg(s): dv/du = 1
-    assert grads[False] == pytest.approx(1.0 - 0.8)       # minus θ·ψ'(h - θ) = 0.8
+    assert grads[True] == pytest.approx(1.0)  # v = h - θ·sg(s): dv/du = 1
+    assert grads[False] == pytest.approx(1.0 - 0.8)  # minus θ·ψ'(h - θ) = 0.8
 
 
 def test_lif_rejects_nonpositive_tau():
@@ -73,7 +87,7 @@ def test_adaptive_lif_adapts_its_firing():
     spikes = neuron(torch.full((300, 1, 1), 2.0))
     times = spikes.flatten().nonzero().flatten()
     intervals = times.diff()
-    assert len(times) > 5 and intervals[-1] > intervals[0]   # spike-frequency adaptation
+    assert len(times) > 5 and intervals[-1] > intervals[0]  # spike-frequency adaptation
     state = neuron.initial_state(torch.zeros(4, 7))
     assert len(state) == 2 and all(x.shape == (4, 7) for x in state)
 
@@ -84,17 +98,34 @@ def test_as_neuron_explains_what_a_neuron_needs():
 
 
 def test_our_lif_reproduces_spikingjelly_lifnode_spike_for_spike():
-    sj = pytest.importorskip("spikingjelly.activation_based.neuron",
-                             reason="optional dependency spikingjelly is not installed")
+    sj = pytest.importorskip(
+        "spikingjelly.activation_based.neuron",
+        reason="optional dependency spikingjelly is not installed",
+    )
     sj_surrogate = pytest.importorskip("spikingjelly.activation_based.surrogate")
     torch.manual_seed(0)
     x = torch.rand(200, 8, 16, dtype=torch.float64) * 1.5
-    for v_reset, detach, decay_input in [(0.0, True, False), (None, False, False),
-                                         (0.0, False, True), (-0.2, True, True)]:
-        node = sj.LIFNode(tau=1.5, v_threshold=1.0, v_reset=v_reset, detach_reset=detach,
-                          decay_input=decay_input, surrogate_function=sj_surrogate.ATan(alpha=5.0))
+    for v_reset, detach, decay_input in [
+        (0.0, True, False),
+        (None, False, False),
+        (0.0, False, True),
+        (-0.2, True, True),
+    ]:
+        node = sj.LIFNode(
+            tau=1.5,
+            v_threshold=1.0,
+            v_reset=v_reset,
+            detach_reset=detach,
+            decay_input=decay_input,
+            surrogate_function=sj_surrogate.ATan(alpha=5.0),
+        )
         expected = torch.stack([node(x_t) for x_t in x])
-        ours = LIF(tau=1.5, v_reset=v_reset, detach_reset=detach, decay_input=decay_input,
-                   surrogate=ATan(alpha=5.0))(x)
+        ours = LIF(
+            tau=1.5,
+            v_reset=v_reset,
+            detach_reset=detach,
+            decay_input=decay_input,
+            surrogate=ATan(alpha=5.0),
+        )(x)
         assert 0 < expected.sum() < expected.numel()
         assert torch.equal(ours, expected)

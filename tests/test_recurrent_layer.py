@@ -1,10 +1,11 @@
 """The DelRec layer (reference semantics): timing, gradients, eval mode, dropout, variants."""
+
 import pytest
 import torch
 from torch import nn
 
 from delrec.layers import DelRec, clamp_delays, set_spread
-from delrec.neurons import ATan, LIF
+from delrec.neurons import LIF, ATan
 
 
 def pulse(T, B, N, events, dtype=torch.float64):
@@ -20,7 +21,9 @@ def hard_lif():
 
 
 def layer_with(weight, delay, delay_type="axonal", **kwargs):
-    layer = DelRec(weight.shape[0], hard_lif(), delay_type=delay_type, delay_init=0.0, **kwargs).double()
+    layer = DelRec(
+        weight.shape[0], hard_lif(), delay_type=delay_type, delay_init=0.0, **kwargs
+    ).double()
     with torch.no_grad():
         layer.weight.copy_(weight)
         layer.delay.copy_(delay)
@@ -31,7 +34,7 @@ def layer_with(weight, delay, delay_type="axonal", **kwargs):
 @pytest.mark.parametrize("d", [0, 1, 3, 7, 12])
 def test_axonal_spike_arrives_one_plus_d_steps_later(d, mode):
     weight = torch.zeros(3, 3, dtype=torch.float64)
-    weight[2, 0] = 1.0                                  # neuron 0 → neuron 2
+    weight[2, 0] = 1.0  # neuron 0 → neuron 2
     layer = layer_with(weight, torch.tensor([float(d), 0.0, 0.0]))
     layer.train(mode != "eval")
     spikes = layer(pulse(25, 1, 3, [(4, 0, 0)]))
@@ -41,7 +44,7 @@ def test_axonal_spike_arrives_one_plus_d_steps_later(d, mode):
 
 def test_synaptic_delays_are_per_connection():
     weight = torch.zeros(4, 4, dtype=torch.float64)
-    weight[1:, 0] = 1.0                                 # neuron 0 → neurons 1, 2, 3
+    weight[1:, 0] = 1.0  # neuron 0 → neurons 1, 2, 3
     delay = torch.zeros(4, 4, dtype=torch.float64)
     delay[1, 0], delay[2, 0], delay[3, 0] = 0.0, 5.0, 9.0
     layer = layer_with(weight, delay, delay_type="synaptic").eval()
@@ -66,8 +69,9 @@ def test_shared_delay_applies_to_every_connection():
 
 def test_eval_rounds_delays_and_drops_the_spread_without_touching_parameters():
     torch.manual_seed(0)
-    layer = DelRec(6, delay_init="uniform:0:8", learn_spread=True, sigma=3.0,
-                   recurrent_dropout=0.3).double()
+    layer = DelRec(
+        6, delay_init="uniform:0:8", learn_spread=True, sigma=3.0, recurrent_dropout=0.3
+    ).double()
     with torch.no_grad():
         layer.spread_logits.normal_()
     before = {k: v.clone() for k, v in layer.state_dict().items()}
@@ -81,7 +85,7 @@ def test_eval_rounds_delays_and_drops_the_spread_without_touching_parameters():
         rounded.weight.copy_(layer.weight)
         rounded.delay.copy_(layer.delay.round())
     assert torch.equal(evaluated, rounded(x))
-    layer.integer_eval = False                          # eval with the spread kernel
+    layer.integer_eval = False  # eval with the spread kernel
     assert not torch.equal(layer(x), evaluated)
 
 
@@ -97,8 +101,10 @@ class SmoothNeuron(nn.Module):
         return s, (v - s,)
 
 
-@pytest.mark.parametrize("delay_type,learn_spread", [("axonal", False), ("axonal", True),
-                                                      ("synaptic", True), ("shared", False)])
+@pytest.mark.parametrize(
+    "delay_type,learn_spread",
+    [("axonal", False), ("axonal", True), ("synaptic", True), ("shared", False)],
+)
 def test_gradients_match_finite_differences(delay_type, learn_spread):
     """Smooth-neuron path: the whole layer (kernel, buffer, dropout) by finite differences.
 
@@ -106,8 +112,14 @@ def test_gradients_match_finite_differences(delay_type, learn_spread):
     kink convention itself is checked in test_delays.py.
     """
     torch.manual_seed(1)
-    layer = DelRec(4, SmoothNeuron(), delay_type=delay_type, delay_init="uniform:0.1:5.9",
-                   learn_spread=learn_spread, sigma=1.7).double()
+    layer = DelRec(
+        4,
+        SmoothNeuron(),
+        delay_type=delay_type,
+        delay_init="uniform:0.1:5.9",
+        learn_spread=learn_spread,
+        sigma=1.7,
+    ).double()
     mask = torch.tensor([[2.0, 0.0, 2.0, 2.0], [2.0, 2.0, 0.0, 2.0]], dtype=torch.float64)
     x = torch.rand(12, 2, 4, dtype=torch.float64, requires_grad=True)
     if learn_spread:
@@ -124,8 +136,9 @@ def test_gradients_match_finite_differences(delay_type, learn_spread):
 
 def test_real_lif_gradients_reach_every_parameter():
     torch.manual_seed(2)
-    layer = DelRec(8, LIF(surrogate=ATan(2.0)), delay_init="uniform:0:6", learn_spread=True,
-                   sigma=2.0)
+    layer = DelRec(
+        8, LIF(surrogate=ATan(2.0)), delay_init="uniform:0:6", learn_spread=True, sigma=2.0
+    )
     x = torch.rand(30, 4, 8) * 1.5
     layer(x).sum().backward()
     for name in ("weight", "delay", "spread_logits"):
@@ -146,12 +159,12 @@ def test_recurrent_dropout_mask_is_drawn_per_sequence_and_fixed_over_time():
     neuron.currents = []
     layer = DelRec.vanilla(64, neuron, recurrent_dropout=0.5).train()
     with torch.no_grad():
-        layer.weight.fill_(1.0 / 64)                              # exact in binary
+        layer.weight.fill_(1.0 / 64)  # exact in binary
     layer(torch.zeros(6, 4, 64))
-    recurrent = torch.stack(neuron.currents[1:])                 # r[t] = W·1 = 1 for t ≥ 1
-    assert torch.all(recurrent == recurrent[0])                   # same mask at every step
-    assert set(recurrent.unique().tolist()) == {0.0, 2.0}         # Bernoulli(1-p)/(1-p)
-    assert not torch.equal(recurrent[0, 0], recurrent[0, 1])      # one mask per sample
+    recurrent = torch.stack(neuron.currents[1:])  # r[t] = W·1 = 1 for t ≥ 1
+    assert torch.all(recurrent == recurrent[0])  # same mask at every step
+    assert set(recurrent.unique().tolist()) == {0.0, 2.0}  # Bernoulli(1-p)/(1-p)
+    assert not torch.equal(recurrent[0, 0], recurrent[0, 1])  # one mask per sample
     neuron.currents = []
     layer.eval()(torch.zeros(6, 4, 64))
     assert torch.equal(torch.stack(neuron.currents[1:]), torch.ones(5, 4, 64))
@@ -199,15 +212,30 @@ def test_bad_inputs_get_clear_errors():
 
 
 def test_spikingjelly_node_works_in_the_layer_and_matches_our_lif():
-    sj = pytest.importorskip("spikingjelly.activation_based.neuron",
-                             reason="optional dependency spikingjelly is not installed")
+    sj = pytest.importorskip(
+        "spikingjelly.activation_based.neuron",
+        reason="optional dependency spikingjelly is not installed",
+    )
     surrogate = pytest.importorskip("spikingjelly.activation_based.surrogate")
     torch.manual_seed(4)
-    ours = DelRec(6, LIF(tau=2.0, v_reset=0.0, detach_reset=True, surrogate=ATan(2.0)),
-                  delay_init="uniform:0:5", sigma=1.5).double()
-    theirs = DelRec(6, sj.LIFNode(tau=2.0, v_reset=0.0, detach_reset=True, decay_input=False,
-                                  surrogate_function=surrogate.ATan(alpha=2.0)),
-                    delay_init=0.0, sigma=1.5).double()
+    ours = DelRec(
+        6,
+        LIF(tau=2.0, v_reset=0.0, detach_reset=True, surrogate=ATan(2.0)),
+        delay_init="uniform:0:5",
+        sigma=1.5,
+    ).double()
+    theirs = DelRec(
+        6,
+        sj.LIFNode(
+            tau=2.0,
+            v_reset=0.0,
+            detach_reset=True,
+            decay_input=False,
+            surrogate_function=surrogate.ATan(alpha=2.0),
+        ),
+        delay_init=0.0,
+        sigma=1.5,
+    ).double()
     theirs.load_state_dict(ours.state_dict())
     x = torch.rand(25, 3, 6, dtype=torch.float64) * 1.5
     s_ours, s_theirs = ours(x), theirs(x)

@@ -1,19 +1,19 @@
 """Synaptic delays by slot traces (delrec.engine.synaptic) against the reference loop."""
+
 import math
 import os
 from unittest import mock
 
 import pytest
 import torch
+from engine_helpers import NEURONS, assert_close_relative
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from delrec.delays import kernel_length, spread_width, triangle_kernel
 from delrec.engine import native, reference_recurrence
 from delrec.engine.synaptic import synaptic_recurrence
-from delrec.neurons import ATan, LIF, Triangle
-
-from engine_helpers import NEURONS, assert_close_relative
+from delrec.neurons import LIF, ATan, Triangle
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,12 +42,14 @@ def reference(neuron):
         length = kernel_length(float(delay.detach().max()), max_width)
         kernel = triangle_kernel(delay, width, length)
         return reference_recurrence(current, weight, kernel, neuron, mask)
+
     return run
 
 
 def slots(neuron):
     def run(current, weight, delay, width, mask):
         return synaptic_recurrence(current, weight, delay, width, neuron.p, mask)
+
     return run
 
 
@@ -56,8 +58,9 @@ def assert_matches_reference(neuron, current, weight, delay, logits, sigma, mask
     expected_spikes, expected_grads = spikes_and_grads(reference(neuron), *args)
     spikes, grads = spikes_and_grads(slots(neuron), *args)
     assert torch.equal(spikes, expected_spikes)
-    for name, actual, expected in zip(["current", "weight", "delay", "spread"], grads,
-                                      expected_grads):
+    for name, actual, expected in zip(
+        ["current", "weight", "delay", "spread"], grads, expected_grads
+    ):
         assert actual.shape == expected.shape, name
         assert_close_relative(actual, expected)
     return expected_spikes
@@ -76,8 +79,9 @@ def assert_matches_reference(neuron, current, weight, delay, logits, sigma, mask
     dropout=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_slot_traces_match_the_reference(steps, batch, size, max_delay, integer_share, sigma,
-                                         spread, neuron, dropout, seed):
+def test_slot_traces_match_the_reference(
+    steps, batch, size, max_delay, integer_share, sigma, spread, neuron, dropout, seed
+):
     """Same spikes and gradients as the reference, for every neuron option, delays with zeros
     and integers, widths shared or per neuron ("learnable-integer": logits 0, so w = 1 + σ is
     an integer or half-integer for most σ and centres land on kinks)."""
@@ -87,11 +91,17 @@ def test_slot_traces_match_the_reference(steps, batch, size, max_delay, integer_
     integer = torch.rand(size, size, generator=g) < integer_share
     delay[integer] = delay[integer].round()
     delay[0, 0] = 0.0
-    logits = {"shared": None, "learnable-integer": torch.zeros(size, dtype=torch.float64),
-              "learnable": torch.randn(size, generator=g, dtype=torch.float64)}[spread]
+    logits = {
+        "shared": None,
+        "learnable-integer": torch.zeros(size, dtype=torch.float64),
+        "learnable": torch.randn(size, generator=g, dtype=torch.float64),
+    }[spread]
     current = torch.randn(steps, batch, size, generator=g, dtype=torch.float64) * 0.8 + 0.4
-    mask = (torch.bernoulli(torch.full((batch, size), 0.7, dtype=torch.float64), generator=g) / 0.7
-            if dropout else None)
+    mask = (
+        torch.bernoulli(torch.full((batch, size), 0.7, dtype=torch.float64), generator=g) / 0.7
+        if dropout
+        else None
+    )
     grad_out = torch.randn(steps, batch, size, generator=g, dtype=torch.float64)
     assert_matches_reference(neuron, current, weight, delay, logits, sigma, mask, grad_out)
 
@@ -112,8 +122,9 @@ def test_gradients_at_kinks_follow_autograd_of_the_kernel(sigma, delay, learn_sp
     logits = torch.zeros(size, dtype=torch.float64) if learn_spread else None
     current = torch.rand(20, 2, size, generator=g, dtype=torch.float64) * 1.6
     grad_out = torch.randn(20, 2, size, generator=g, dtype=torch.float64)
-    spikes = assert_matches_reference(LIF(tau=2.0), current, weight, delays, logits, sigma, None,
-                                      grad_out)
+    spikes = assert_matches_reference(
+        LIF(tau=2.0), current, weight, delays, logits, sigma, None, grad_out
+    )
     assert spikes.sum() > 0
 
 
@@ -133,8 +144,16 @@ def test_a_larger_layer_spanning_several_vector_blocks(threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert_matches_reference(LIF(tau=2.0, v_reset=None, surrogate=Triangle(1.0)), current,
-                                 weight, delay, logits, 3.3, mask, grad_out)
+        assert_matches_reference(
+            LIF(tau=2.0, v_reset=None, surrogate=Triangle(1.0)),
+            current,
+            weight,
+            delay,
+            logits,
+            3.3,
+            mask,
+            grad_out,
+        )
     finally:
         torch.set_num_threads(previous)
 
@@ -154,8 +173,9 @@ def test_a_wide_batch_and_many_neurons_spanning_every_blocking_of_the_sums(threa
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        spikes = assert_matches_reference(LIF(tau=2.0), current, weight, delay, None, 1.5, None,
-                                          grad_out)
+        spikes = assert_matches_reference(
+            LIF(tau=2.0), current, weight, delay, None, 1.5, None, grad_out
+        )
     finally:
         torch.set_num_threads(previous)
     assert 0.05 < spikes.mean() < 0.95  # the recurrent sums decide spikes
@@ -166,7 +186,7 @@ def test_a_delay_clamped_at_zero_can_grow():
     gradient from the spikes two steps back."""
     weight = torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)  # neuron 0 → neuron 1
     current = torch.zeros(6, 1, 2, dtype=torch.float64)
-    current[1, 0, 0] = 1.0                                                 # neuron 0 fires at t = 1
+    current[1, 0, 0] = 1.0  # neuron 0 fires at t = 1
     delay = torch.zeros(2, 2, dtype=torch.float64, requires_grad=True)
     spikes = synaptic_recurrence(current, weight, delay, 1.0, LIF(surrogate=ATan(2.0)).p)
     (grad,) = torch.autograd.grad(spikes[:, 0, 1].sum(), delay)
@@ -182,9 +202,9 @@ def test_long_float32_sequences_keep_the_float64_trace_accuracy():
     g = torch.Generator().manual_seed(0)
     delay = torch.zeros(2 * sources, 2 * sources)
     delay[sources:, :sources] = torch.diag(torch.tensor([0.0, 3.3, 47.5, 120.25, 149.9]))
-    width = float(torch.tensor(30.7))                                 # σ = 29.7, as float32
+    width = float(torch.tensor(30.7))  # σ = 29.7, as float32
     weight = torch.zeros(2 * sources, 2 * sources)
-    weight[sources:, :sources] = torch.eye(sources)                  # source j → detector j
+    weight[sources:, :sources] = torch.eye(sources)  # source j → detector j
     source_input = (torch.rand(steps, batch, sources, generator=g) < 0.3).double() * 2.0
     own = delay[sources:, :sources].diagonal().double()
     kernel = triangle_kernel(own, width, kernel_length(float(own.max()), width))

@@ -1,4 +1,5 @@
 """Training configuration: presets encode Tables S1–S4 / DESIGN §2.4; overrides; errors."""
+
 import json
 from pathlib import Path
 
@@ -15,8 +16,8 @@ from delrec.training.loop import make_optimizers, make_scheduler, parameter_grou
 
 # task -> (epochs, batch, optimizer, lr, weight decay, weight schedule, position schedule)
 TABLES = {
-    "shd": (150, 256, "adamw", 5e-3, 1e-5, "onecycle", "cosine"),    # Table S3
-    "ssc": (100, 128, "adam", 1e-3, 1e-5, "onecycle", "onecycle"),   # Table S1
+    "shd": (150, 256, "adamw", 5e-3, 1e-5, "onecycle", "cosine"),  # Table S3
+    "ssc": (100, 128, "adam", 1e-3, 1e-5, "onecycle", "onecycle"),  # Table S1
     "psmnist": (200, 256, "adamw", 1e-3, 1e-2, "onecycle", "onecycle"),  # Table S1
     "mackey-glass": (None, None, "adam", 5e-4, 1e-4, "cosine", "cosine"),  # DESIGN §2.4
 }
@@ -44,7 +45,8 @@ def test_preset_optimizers_and_schedules_follow_the_tables(task):
     groups = parameter_groups(network)
     delrec_layers = [m for m in network.modules() if isinstance(m, DelRec)]
     expected_positions = {id(m.delay) for m in delrec_layers} | {
-        id(m.spread_logits) for m in delrec_layers if m.spread_logits is not None}
+        id(m.spread_logits) for m in delrec_layers if m.spread_logits is not None
+    }
     assert {id(p) for p in groups["positions"]} == expected_positions
     named = dict(network.named_parameters())
     no_decay = {n for n, p in named.items() if any(p is q for q in groups["no_decay"])}
@@ -55,7 +57,8 @@ def test_preset_optimizers_and_schedules_follow_the_tables(task):
     assert all(type(o) is expected_class for o in optimizers.values())
     weight_groups = optimizers["weights"].param_groups
     assert [(g["lr"], g["weight_decay"]) for g in weight_groups] == (
-        [(lr, wd), (lr, 0.0)] if groups["no_decay"] else [(lr, wd)])
+        [(lr, wd), (lr, 0.0)] if groups["no_decay"] else [(lr, wd)]
+    )
     (position_group,) = optimizers["positions"].param_groups
     assert (position_group["lr"], position_group["weight_decay"]) == (5e-2, 0.0)
 
@@ -74,22 +77,42 @@ def test_shd_preset_network_and_augmentation():
     net = config.network
     assert config.augment is True
     assert (net["block"], net["bias"], net["dropout"], net["recurrent_dropout"]) == (
-        "bn", True, 0.4, 0.2)
-    expected = {"tau": 1.05, "v_threshold": 1.0, "reset": "hard", "v_reset": 0.0,
-                "detach_reset": True, "surrogate": "atan", "surrogate_scale": 5.0}
+        "bn",
+        True,
+        0.4,
+        0.2,
+    )
+    expected = {
+        "tau": 1.05,
+        "v_threshold": 1.0,
+        "reset": "hard",
+        "v_reset": 0.0,
+        "detach_reset": True,
+        "surrogate": "atan",
+        "surrogate_scale": 5.0,
+    }
     assert {k: net["neuron"][k] for k in expected} == expected
     assert net["delay_init"] == "uniform:10:30" and net["readout"] == "lif"
 
 
-@pytest.mark.parametrize("task,dropout,recurrent_dropout",
-                         [("ssc", 0.1, 0.3), ("psmnist", 0.1, 0.2)])
+@pytest.mark.parametrize(
+    "task,dropout,recurrent_dropout", [("ssc", 0.1, 0.3), ("psmnist", 0.1, 0.2)]
+)
 def test_ssc_psmnist_preset_neurons(task, dropout, recurrent_dropout):
     net = preset(task).network
     assert (net["dropout"], net["recurrent_dropout"], net["learn_spread"]) == (
-        dropout, recurrent_dropout, True)
+        dropout,
+        recurrent_dropout,
+        True,
+    )
     neuron = net["neuron"]
-    assert (neuron["tau"], neuron["v_threshold"], neuron["reset"], neuron["detach_reset"],
-            neuron["surrogate"]) == (2.0, 1.0, "soft", False, "triangle")
+    assert (
+        neuron["tau"],
+        neuron["v_threshold"],
+        neuron["reset"],
+        neuron["detach_reset"],
+        neuron["surrogate"],
+    ) == (2.0, 1.0, "soft", False, "triangle")
 
 
 def test_mackey_glass_default_task():
@@ -110,12 +133,16 @@ def test_rsnn_gets_gradient_clipping_and_no_position_optimizer():
 
 def test_overrides_file_then_set_then_flags(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text("epochs = 7\nbatch_size = 5\n[optim]\nlr = 0.02\n"
-                    "[network]\nhidden_sizes = [8, 8]\n[network.neuron]\ntau = 3.0\n")
-    config = resolve(task="digits-8x8", file_values=load_config_file(path),
-                     overrides=["batch_size=9", "optim.position_lr=0.1",
-                                "network.delay_init=uniform:0:3"],
-                     flags={"epochs": 2, "seed": None})
+    path.write_text(
+        "epochs = 7\nbatch_size = 5\n[optim]\nlr = 0.02\n"
+        "[network]\nhidden_sizes = [8, 8]\n[network.neuron]\ntau = 3.0\n"
+    )
+    config = resolve(
+        task="digits-8x8",
+        file_values=load_config_file(path),
+        overrides=["batch_size=9", "optim.position_lr=0.1", "network.delay_init=uniform:0:3"],
+        flags={"epochs": 2, "seed": None},
+    )
     assert (config.epochs, config.batch_size, config.seed) == (2, 9, 0)
     assert (config.optim.lr, config.optim.position_lr) == (0.02, 0.1)
     assert config.network["hidden_sizes"] == (8, 8)
@@ -127,27 +154,30 @@ def test_overrides_file_then_set_then_flags(tmp_path):
     assert resolve(overrides=["task=digits-8x8", "model=rsnn"]).optim.grad_clip == 1.0
 
 
-@pytest.mark.parametrize("override,message", [
-    ("epoch=3", "did you mean 'epochs'"),
-    ("optim.lrr=1", "unknown setting optim.'lrr'"),
-    ("network.dropout=1.5", "dropout must be in [0, 1)"),
-    ("network.hidden_size=[4]", "did you mean 'hidden_sizes'"),
-    ("network.input_size=3", "set by the task"),
-    ("network.neuron.reset=medium", "reset must be 'hard' or 'soft'"),
-    ("network.delay_init=gauss:3", "unknown delay init"),
-    ("network.readout=sum", "regression (mackey-glass) needs network.readout = 'ema'"),
-    ("optim.scheduler=linear", "optim.scheduler must be one of"),
-    ("optim.lr=fast", "optim.lr must be a finite number"),
-    ("optim.lr=-1", "optim.lr must be > 0"),
-    ("epochs=0", "epochs must be >= 1"),
-    ("batch_size=2.5", "batch_size must be an integer"),
-    ("augment=1", "augment must be true or false"),
-    ("augment=true", "augment applies to classification data sets only"),
-    ("spread.gamma=2", "spread.gamma must be in (0, 1]"),
-    ("data.taux=3", "unknown setting(s) taux"),
-    ("device=tpu", "device 'tpu'"),
-    ("optim", "--set expects key=value"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("epoch=3", "did you mean 'epochs'"),
+        ("optim.lrr=1", "unknown setting optim.'lrr'"),
+        ("network.dropout=1.5", "dropout must be in [0, 1)"),
+        ("network.hidden_size=[4]", "did you mean 'hidden_sizes'"),
+        ("network.input_size=3", "set by the task"),
+        ("network.neuron.reset=medium", "reset must be 'hard' or 'soft'"),
+        ("network.delay_init=gauss:3", "unknown delay init"),
+        ("network.readout=sum", "regression (mackey-glass) needs network.readout = 'ema'"),
+        ("optim.scheduler=linear", "optim.scheduler must be one of"),
+        ("optim.lr=fast", "optim.lr must be a finite number"),
+        ("optim.lr=-1", "optim.lr must be > 0"),
+        ("epochs=0", "epochs must be >= 1"),
+        ("batch_size=2.5", "batch_size must be an integer"),
+        ("augment=1", "augment must be true or false"),
+        ("augment=true", "augment applies to classification data sets only"),
+        ("spread.gamma=2", "spread.gamma must be in (0, 1]"),
+        ("data.taux=3", "unknown setting(s) taux"),
+        ("device=tpu", "device 'tpu'"),
+        ("optim", "--set expects key=value"),
+    ],
+)
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError) as error:
         resolve(overrides=[override])
@@ -178,8 +208,11 @@ def test_spike_penalty_is_half_mean_square_over_layers():
 
 
 def test_shipped_config_files_resolve():
-    paper = resolve(file_values=load_config_file(
-        Path(__file__).parents[1] / "configs" / "mackey-glass-paper.toml"))
+    paper = resolve(
+        file_values=load_config_file(
+            Path(__file__).parents[1] / "configs" / "mackey-glass-paper.toml"
+        )
+    )
     assert (paper.task, paper.epochs, paper.batch_size) == ("mackey-glass", 100, 512)
     assert paper.optim == preset("mackey-glass").optim
     assert paper.network["delay_init"] == "uniform:0:20"  # DESIGN §2.4

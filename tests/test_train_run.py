@@ -1,5 +1,6 @@
 """`delrec train` / `delrec eval` end to end through the real CLI, on tiny data: run directory
 contents, learning, kill-and-resume bit for bit, several seeds."""
+
 import csv
 import json
 
@@ -8,19 +9,35 @@ import pytest
 import torch
 
 from delrec.checkpoint import load_checkpoint
-from delrec.data.heidelberg import write_heidelberg
 from delrec.cli import main
+from delrec.data.heidelberg import write_heidelberg
 from delrec.training import Trainer, resolve
 from delrec.training.objectives import Classification, Regression
 
 # Mackey-Glass cut down to a few hundred 30-step windows and a 16-neuron layer.
-TINY_MG = ["--set", "data.samples=700", "data.window=30", "data.horizon=5",
-           "network.hidden_sizes=[16]", "network.delay_init=uniform:0:5", "batch_size=16",
-           "optim.lr=1e-2", "--no-progress"]
+TINY_MG = [
+    "--set",
+    "data.samples=700",
+    "data.window=30",
+    "data.horizon=5",
+    "network.hidden_sizes=[16]",
+    "network.delay_init=uniform:0:5",
+    "batch_size=16",
+    "optim.lr=1e-2",
+    "--no-progress",
+]
 # digits-8x8 (64 steps) on 96 training images, 8 neurons, the "lif" readout of SHD.
-TINY_DIGITS = ["--task", "digits-8x8", "--set", "max_train_samples=96",
-               "network.hidden_sizes=[8]", "network.readout=lif", "network.recurrent_dropout=0.3",
-               "batch_size=32", "--no-progress"]
+TINY_DIGITS = [
+    "--task",
+    "digits-8x8",
+    "--set",
+    "max_train_samples=96",
+    "network.hidden_sizes=[8]",
+    "network.readout=lif",
+    "network.recurrent_dropout=0.3",
+    "batch_size=32",
+    "--no-progress",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -55,9 +72,19 @@ def test_mackey_glass_run_directory_and_learning(tmp_path, capsys):
 
     rows = read_metrics(run_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
-    for column in ("train_loss", "train_nmse", "valid_loss", "valid_nmse", "lr_weights",
-                   "lr_positions", "sigma", "delay_mean_rec0", "delay_std_rec0", "firing_rate",
-                   "epoch_time_s"):
+    for column in (
+        "train_loss",
+        "train_nmse",
+        "valid_loss",
+        "valid_nmse",
+        "lr_weights",
+        "lr_positions",
+        "sigma",
+        "delay_mean_rec0",
+        "delay_std_rec0",
+        "firing_rate",
+        "epoch_time_s",
+    ):
         assert column in rows[0]
     assert float(rows[0]["sigma"]) == 10.0 and float(rows[-1]["sigma"]) < 1.0
     assert float(rows[-1]["train_loss"]) < 0.85 * float(rows[0]["train_loss"])
@@ -83,8 +110,12 @@ def test_mackey_glass_run_directory_and_learning(tmp_path, capsys):
 
 def state_of(run_dir) -> dict:
     payload = load_checkpoint(run_dir, "last")
-    return {"model": payload["model"], "optimizers": payload["optimizers"],
-            "schedulers": payload["schedulers"], "rng": payload["rng"]}
+    return {
+        "model": payload["model"],
+        "optimizers": payload["optimizers"],
+        "schedulers": payload["schedulers"],
+        "rng": payload["rng"],
+    }
 
 
 def assert_identical(a, b, path="") -> None:
@@ -106,8 +137,10 @@ def check_kill_and_resume(tmp_path, capsys, base) -> None:
     """Three epochs in one go and 1 + 2 epochs with a resume end in identical states."""
     whole, split = tmp_path / "whole", tmp_path / "split"
     run_json(capsys, ["train", "--epochs", "3", "--run-dir", str(whole), *base])
-    stopped = run_json(capsys, ["train", "--epochs", "3", "--run-dir", str(split),
-                                "--max-epochs-this-run", "1", *base])
+    stopped = run_json(
+        capsys,
+        ["train", "--epochs", "3", "--run-dir", str(split), "--max-epochs-this-run", "1", *base],
+    )
     assert stopped["status"] == "interrupted" and stopped["epochs_done"] == 1
     assert not (split / "test_results.json").exists()
     assert len(read_metrics(split)) == 1
@@ -119,12 +152,14 @@ def check_kill_and_resume(tmp_path, capsys, base) -> None:
     assert_identical(state_of(whole), state_of(split))
 
     def without_time(run_dir):
-        return [{k: v for k, v in row.items() if k != "epoch_time_s"}
-                for row in read_metrics(run_dir)]
+        return [
+            {k: v for k, v in row.items() if k != "epoch_time_s"} for row in read_metrics(run_dir)
+        ]
 
     assert without_time(whole) == without_time(split)
-    assert (json.loads((whole / "test_results.json").read_text())
-            == json.loads((split / "test_results.json").read_text()))
+    assert json.loads((whole / "test_results.json").read_text()) == json.loads(
+        (split / "test_results.json").read_text()
+    )
 
 
 @pytest.mark.parametrize("base", [TINY_DIGITS, TINY_MG], ids=["digits-lif", "mackey-glass"])
@@ -147,8 +182,17 @@ def test_shd_preset_with_augmentation_resumes_bit_for_bit(tmp_path, capsys):
     root.mkdir()
     write_random_shd(root / "shd_train.h5", 40, seed=1)
     write_random_shd(root / "shd_test.h5", 20, seed=2)
-    base = ["--task", "shd", "--data-root", str(root), "--set", "network.hidden_sizes=[8,8]",
-            "batch_size=16", "threads=1", "--no-progress"]
+    base = [
+        "--task",
+        "shd",
+        "--data-root",
+        str(root),
+        "--set",
+        "network.hidden_sizes=[8,8]",
+        "batch_size=16",
+        "threads=1",
+        "--no-progress",
+    ]
     check_kill_and_resume(tmp_path, capsys, base)
     document = json.loads((tmp_path / "whole" / "config.json").read_text())
     assert document["dataset"]["train_items"] == 3 * 32  # 80 % of 40, presented three times
@@ -174,8 +218,10 @@ def test_existing_run_directory_is_not_overwritten(tmp_path, capsys):
 
 def test_several_seeds_report_mean_and_std(tmp_path, capsys):
     run_dir = tmp_path / "seeds"
-    summary = run_json(capsys, ["train", "--epochs", "1", "--seeds", "0-1", "--run-dir",
-                                str(run_dir), *TINY_DIGITS])
+    summary = run_json(
+        capsys,
+        ["train", "--epochs", "1", "--seeds", "0-1", "--run-dir", str(run_dir), *TINY_DIGITS],
+    )
     accuracy = summary["test"]["accuracy"]
     assert summary["seeds"] == [0, 1] and len(accuracy["values"]) == 2
     assert accuracy["mean"] == pytest.approx(sum(accuracy["values"]) / 2)
@@ -189,10 +235,20 @@ def test_several_seeds_report_mean_and_std(tmp_path, capsys):
 def test_rate_penalty_lowers_firing(tmp_path):
     rates = {}
     for penalty in (0.0, 10.0):
-        config = resolve(overrides=[
-            "data.samples=500", "data.window=20", "data.horizon=5", "network.hidden_sizes=[16]",
-            "network.delay_init=uniform:0:5", "batch_size=16", "epochs=2",
-            "optim.scheduler=constant", "optim.lr=1e-2", f"rate_penalty={penalty}"])
+        config = resolve(
+            overrides=[
+                "data.samples=500",
+                "data.window=20",
+                "data.horizon=5",
+                "network.hidden_sizes=[16]",
+                "network.delay_init=uniform:0:5",
+                "batch_size=16",
+                "epochs=2",
+                "optim.scheduler=constant",
+                "optim.lr=1e-2",
+                f"rate_penalty={penalty}",
+            ]
+        )
         trainer = Trainer(config, tmp_path / f"p{penalty}", progress=False, log=lambda m: None)
         trainer.fit()
         rates[penalty] = trainer.state.history[-1]["firing_rate"]

@@ -6,6 +6,7 @@ Memory is reported twice: the bytes autograd keeps for backward (``saved_tensors
 distinct storages) and the peak resident memory of the step (the rise of the process's VmHWM,
 reset through ``/proc/self/clear_refs`` after returning freed heap memory with ``malloc_trim``).
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,13 +24,18 @@ from torch import Tensor, nn
 
 from delrec.engine import native
 from delrec.layers import DelRec, FeedforwardDelay
-from delrec.neurons import ATan, LIF, lif_step
+from delrec.neurons import LIF, ATan, lif_step
 
 STEPS = 100
 MODELS = ("reference", "fast", "fast-synaptic", "vanilla", "feedforward", "ff-delay")
-LABELS = {"reference": "DelRec, reference loop", "fast": "DelRec, fast engine (axonal)",
-          "fast-synaptic": "DelRec, fast engine (synaptic)", "vanilla": "vanilla recurrent LIF",
-          "feedforward": "feedforward LIF", "ff-delay": "feedforward delays + LIF"}
+LABELS = {
+    "reference": "DelRec, reference loop",
+    "fast": "DelRec, fast engine (axonal)",
+    "fast-synaptic": "DelRec, fast engine (synaptic)",
+    "vanilla": "vanilla recurrent LIF",
+    "feedforward": "feedforward LIF",
+    "ff-delay": "feedforward delays + LIF",
+}
 # Work the reference loop and the synaptic engine's fallback (lag-stacked GEMMs, when the C++
 # kernels can't be built) may take per configuration before being skipped:
 # multiply-adds per training step (~3 T·B·N²·L) and, for the reference loop, peak memory (it keeps
@@ -65,8 +71,11 @@ class FeedforwardLIF(nn.Module):
 
     def __init__(self, size: int, neuron: LIF, delays: int = 0):
         super().__init__()
-        self.synapses = (FeedforwardDelay(size, size, kernel_size=delays + 1) if delays
-                         else nn.Linear(size, size))
+        self.synapses = (
+            FeedforwardDelay(size, size, kernel_size=delays + 1)
+            if delays
+            else nn.Linear(size, size)
+        )
         self.neuron = neuron
 
     def forward(self, x: Tensor) -> Tensor:
@@ -89,8 +98,10 @@ class Setting:
         return math.ceil(1 + self.max_delay + 1 + self.sigma) + 1
 
     def describe(self) -> str:
-        return (f"N={self.size} B={self.batch} d~U({self.min_delay:g},{self.max_delay:g}) "
-                f"σ={self.sigma:g}")
+        return (
+            f"N={self.size} B={self.batch} d~U({self.min_delay:g},{self.max_delay:g}) "
+            f"σ={self.sigma:g}"
+        )
 
 
 def skip_reason(model: str, s: Setting) -> str | None:
@@ -99,11 +110,15 @@ def skip_reason(model: str, s: Setting) -> str | None:
     if model == "reference":
         peak = 5 * STEPS * s.batch * s.size * s.lags * 4
         if macs > MAX_MACS or peak > MAX_REFERENCE_PEAK_BYTES:
-            return (f"reference loop skipped at {s.describe()}: ~{macs / 1e9:.0f} G multiply-adds "
-                    f"and ~{peak / 1e9:.1f} GB peak memory per step")
+            return (
+                f"reference loop skipped at {s.describe()}: ~{macs / 1e9:.0f} G multiply-adds "
+                f"and ~{peak / 1e9:.1f} GB peak memory per step"
+            )
     if model == "fast-synaptic" and 2 * macs > MAX_MACS and native.load("synaptic") is None:
-        return (f"synaptic engine skipped at {s.describe()}: ~{2 * macs / 1e9:.0f} G multiply-adds "
-                "per step (without the C++ kernels per-synapse lags cost one GEMM per lag)")
+        return (
+            f"synaptic engine skipped at {s.describe()}: ~{2 * macs / 1e9:.0f} G multiply-adds "
+            "per step (without the C++ kernels per-synapse lags cost one GEMM per lag)"
+        )
     return None
 
 
@@ -111,9 +126,15 @@ def build(model: str, s: Setting, generator: torch.Generator) -> nn.Module:
     neuron = LIF(tau=2.0, v_reset=0.0, detach_reset=True, surrogate=ATan(5.0))
     init = f"uniform:{s.min_delay:g}:{s.max_delay:g}"
     if model in ("reference", "fast", "fast-synaptic"):
-        return DelRec(s.size, neuron, delay_type="synaptic" if model == "fast-synaptic" else "axonal",
-                      delay_init=init, sigma=s.sigma, engine="reference" if model == "reference" else "fast",
-                      generator=generator)
+        return DelRec(
+            s.size,
+            neuron,
+            delay_type="synaptic" if model == "fast-synaptic" else "axonal",
+            delay_init=init,
+            sigma=s.sigma,
+            engine="reference" if model == "reference" else "fast",
+            generator=generator,
+        )
     if model == "vanilla":
         return VanillaRecurrentLIF(s.size, neuron)
     return FeedforwardLIF(s.size, neuron, delays=int(s.max_delay) if model == "ff-delay" else 0)
@@ -146,7 +167,7 @@ def saved_bytes(run) -> int:
 
 
 def _reset_peak_rss() -> int | None:
-    """Return freed memory to the OS, reset VmHWM; the resident bytes now, or None if unsupported."""
+    """Return freed memory to the OS and reset VmHWM; the resident bytes now (None: unsupported)."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -162,7 +183,9 @@ class Step:
 
     def __init__(self, module: nn.Module, s: Setting, generator: torch.Generator):
         self.module = module
-        self.current = (torch.randn(STEPS, s.batch, s.size, generator=generator) * 0.6 + 0.3).requires_grad_()
+        self.current = (
+            torch.randn(STEPS, s.batch, s.size, generator=generator) * 0.6 + 0.3
+        ).requires_grad_()
         self.grad_out = torch.randn(STEPS, s.batch, s.size, generator=generator)
 
     def __call__(self) -> None:
@@ -202,22 +225,30 @@ def measure(s: Setting, models, repeats: int, clock, log, cache: dict) -> list[d
             times[model].append(clock() - start)
     for model, step in steps.items():
         rss = step.peak_rss()
-        cache[(s, model, repeats)] = {**asdict(s), "model": model, "time_ms": 1e3 * statistics.median(times[model]),
-                             "saved_mb": step.saved_bytes() / 2**20,
-                             "peak_rss_mb": None if rss is None else rss / 2**20}
+        cache[(s, model, repeats)] = {
+            **asdict(s),
+            "model": model,
+            "time_ms": 1e3 * statistics.median(times[model]),
+            "saved_mb": step.saved_bytes() / 2**20,
+            "peak_rss_mb": None if rss is None else rss / 2**20,
+        }
     return [dict(cache[(s, m, repeats)]) for m in models if (s, m, repeats) in cache]
 
 
 # --------------------------------------------------------------------------- the run
 def grids(quick: bool):
-    """(size panel settings, delay panel settings, cost-of-delays settings, SHD setting, synaptic)."""
+    """(size panel, delay panel, cost-of-delays, SHD setting, synaptic) settings."""
     batch = 32
     sizes = [64, 256] if quick else [64, 128, 256, 512, 1024]
     max_delays = [10, 20] if quick else [10, 30, 60, 90, 120]
     size_panel = [Setting(n, batch, 10, 10) for n in sizes]
     delay_panel = [Setting(256, batch, d, 10) for d in max_delays]
-    cost = [Setting(256, b, d, sig) for b in ([32] if quick else [32, 128])
-            for d in ([10, 120] if quick else [10, 30, 60, 120]) for sig in (0, 10)]
+    cost = [
+        Setting(256, b, d, sig)
+        for b in ([32] if quick else [32, 128])
+        for d in ([10, 120] if quick else [10, 30, 60, 120])
+        for sig in (0, 10)
+    ]
     shd = Setting(256, 32 if quick else 128, 30, 10, min_delay=10)
     synaptic = Setting(256 if quick else 512, batch, 10, 10)
     return size_panel, delay_panel, cost, shd, synaptic
@@ -235,20 +266,37 @@ def run(args) -> int:
         print(text, flush=True)
         lines.append(text)
 
-    log(f"delrec bench ({'quick' if args.quick else 'full'}): torch {torch.__version__}, "
+    log(
+        f"delrec bench ({'quick' if args.quick else 'full'}): torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), CPU {_cpu_name()} ({platform.machine()}), "
-        f"T = {STEPS}, {args.repeats} repeats (median), clock = {args.clock}")
-    log("time = one training step (forward + backward of one layer); saved = bytes autograd keeps "
-        "for backward; peak RSS = rise of the process's resident high-water mark during a step")
+        f"T = {STEPS}, {args.repeats} repeats (median), clock = {args.clock}"
+    )
+    log(
+        "time = one training step (forward + backward of one layer); saved = bytes autograd keeps "
+        "for backward; peak RSS = rise of the process's resident high-water mark during a step"
+    )
     size_panel, delay_panel, cost, shd, synaptic = grids(args.quick)
     rows, cache = [], {}
-    # (panel, title, settings, models, repeat factor: the cheap cost-of-delays pairs get more repeats)
-    sections = [("size", "Panels a, c: hidden size (delays ~ U(0, 10), σ = 10)", size_panel, MODELS, 1),
-                ("delay", "Panels b, d: maximum delay (N = 256, σ = 10)", delay_panel,
-                 ("reference", "fast", "fast-synaptic", "vanilla", "ff-delay"), 1),
-                ("cost", "Cost of delays (axonal fast engine vs vanilla, N = 256)", cost, ("fast", "vanilla"), 3),
-                ("shd", "SHD setting", [shd], ("reference", "fast"), 1),
-                ("synaptic", "Synaptic vs axonal delays", [synaptic], ("fast", "fast-synaptic"), 1)]
+    # (panel, title, settings, models, repeat factor: cheap cost-of-delays pairs repeat more)
+    sections = [
+        ("size", "Panels a, c: hidden size (delays ~ U(0, 10), σ = 10)", size_panel, MODELS, 1),
+        (
+            "delay",
+            "Panels b, d: maximum delay (N = 256, σ = 10)",
+            delay_panel,
+            ("reference", "fast", "fast-synaptic", "vanilla", "ff-delay"),
+            1,
+        ),
+        (
+            "cost",
+            "Cost of delays (axonal fast engine vs vanilla, N = 256)",
+            cost,
+            ("fast", "vanilla"),
+            3,
+        ),
+        ("shd", "SHD setting", [shd], ("reference", "fast"), 1),
+        ("synaptic", "Synaptic vs axonal delays", [synaptic], ("fast", "fast-synaptic"), 1),
+    ]
     for panel, title, settings, models, factor in sections:
         factor = 1 if args.quick else factor
         log()
@@ -275,23 +323,43 @@ def _print_rows(rows, log):
     base = by_model.get("vanilla") or by_model.get("fast")
     for r in rows:
         rss = "   n/a" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:8.1f}"
-        rel = (f"  ×{r['time_ms'] / base['time_ms']:5.2f} time, ×{r['saved_mb'] / base['saved_mb']:5.2f} saved"
-               f" vs {base['model']}" if base and r is not base else "")
-        log(f"   {LABELS[r['model']]:32s} {r['time_ms']:9.1f} ms  saved {r['saved_mb']:8.2f} MB  "
-            f"peak RSS {rss} MB{rel}")
+        rel = (
+            f"  ×{r['time_ms'] / base['time_ms']:5.2f} time, "
+            f"×{r['saved_mb'] / base['saved_mb']:5.2f} saved vs {base['model']}"
+            if base and r is not base
+            else ""
+        )
+        log(
+            f"   {LABELS[r['model']]:32s} {r['time_ms']:9.1f} ms  saved {r['saved_mb']:8.2f} MB  "
+            f"peak RSS {rss} MB{rel}"
+        )
 
 
 def _find(rows, panel, s: Setting, model):
     for r in rows:
-        if (r["panel"], r["model"], r["size"], r["batch"], r["max_delay"], r["sigma"], r["min_delay"]) == \
-                (panel, model, s.size, s.batch, s.max_delay, s.sigma, s.min_delay):
+        if (
+            r["panel"],
+            r["model"],
+            r["size"],
+            r["batch"],
+            r["max_delay"],
+            r["sigma"],
+            r["min_delay"],
+        ) == (panel, model, s.size, s.batch, s.max_delay, s.sigma, s.min_delay):
             return r
     return None
 
 
 def target_checks(rows, cost, shd, synaptic, quick) -> list[str]:
     """PASS/FAIL lines for the targets of issue 3, each with its measured ratio."""
-    lines = ["Targets" + (" (quick grid: reduced settings, run without --quick for the real checks)" if quick else "")]
+    lines = [
+        "Targets"
+        + (
+            " (quick grid: reduced settings, run without --quick for the real checks)"
+            if quick
+            else ""
+        )
+    ]
 
     def verdict(ok):
         return "PASS" if ok else "FAIL"
@@ -299,8 +367,10 @@ def target_checks(rows, cost, shd, synaptic, quick) -> list[str]:
     for s in cost:
         f, v = _find(rows, "cost", s, "fast"), _find(rows, "cost", s, "vanilla")
         ratio = f["time_ms"] / v["time_ms"]
-        lines.append(f"{verdict(ratio <= 1.5)}  cost of delays {s.describe()}: fast/vanilla time "
-                     f"×{ratio:.2f} (target ≤ 1.5)")
+        lines.append(
+            f"{verdict(ratio <= 1.5)}  cost of delays {s.describe()}: fast/vanilla time "
+            f"×{ratio:.2f} (target ≤ 1.5)"
+        )
     by_delay = {}
     for s in cost:
         f, v = _find(rows, "cost", s, "fast"), _find(rows, "cost", s, "vanilla")
@@ -308,26 +378,47 @@ def target_checks(rows, cost, shd, synaptic, quick) -> list[str]:
     for (batch, sigma), pairs in by_delay.items():
         worst = max(fs / vs for fs, vs in pairs)
         flat = max(fs for fs, _ in pairs) == min(fs for fs, _ in pairs)
-        lines.append(f"{verdict(worst <= 1 and flat)}  memory saved for backward, N=256 B={batch} σ={sigma:g}, "
-                     f"max delay {min(s.max_delay for s in cost):g}…{max(s.max_delay for s in cost):g}: "
-                     f"fast/vanilla ×{worst:.2f} (target ≤ 1), {'flat' if flat else 'NOT flat'} in the delay")
+        lines.append(
+            f"{verdict(worst <= 1 and flat)}  memory saved for backward, N=256 B={batch} "
+            f"σ={sigma:g}, "
+            f"max delay {min(s.max_delay for s in cost):g}…{max(s.max_delay for s in cost):g}: "
+            f"fast/vanilla ×{worst:.2f} (target ≤ 1), {'flat' if flat else 'NOT flat'} in the delay"
+        )
     ref, fst = _find(rows, "shd", shd, "reference"), _find(rows, "shd", shd, "fast")
     if ref and fst:
         t, m = ref["time_ms"] / fst["time_ms"], ref["saved_mb"] / fst["saved_mb"]
-        lines.append(f"{verdict(t >= 5)}  SHD setting {shd.describe()}: reference/fast time ×{t:.1f} (target ≥ 5)")
-        lines.append(f"{verdict(m >= 10)}  SHD setting {shd.describe()}: reference/fast saved memory ×{m:.1f} "
-                     f"(target ≥ 10)")
+        lines.append(
+            f"{verdict(t >= 5)}  SHD setting {shd.describe()}: reference/fast time ×{t:.1f} "
+            "(target ≥ 5)"
+        )
+        lines.append(
+            f"{verdict(m >= 10)}  SHD setting {shd.describe()}: reference/fast saved memory "
+            f"×{m:.1f} "
+            f"(target ≥ 10)"
+        )
     delay_rows = sorted((r for r in rows if r["panel"] == "delay"), key=lambda r: r["max_delay"])
-    growth = [(r["max_delay"], _ratio(delay_rows, r["max_delay"])) for r in delay_rows if r["model"] == "reference"]
+    growth = [
+        (r["max_delay"], _ratio(delay_rows, r["max_delay"]))
+        for r in delay_rows
+        if r["model"] == "reference"
+    ]
     growth = [(d, g) for d, g in growth if g]
     if len(growth) > 1:
         grows = all(b[1][0] > a[1][0] and b[1][1] > a[1][1] for a, b in zip(growth, growth[1:]))
-        lines.append(f"{verdict(grows)}  reference/fast ratios grow with the delay range: " + ", ".join(
-            f"d≤{d:g}: ×{t:.1f} time ×{m:.1f} memory" for d, (t, m) in growth))
-    ax, sy = _find(rows, "synaptic", synaptic, "fast"), _find(rows, "synaptic", synaptic, "fast-synaptic")
+        lines.append(
+            f"{verdict(grows)}  reference/fast ratios grow with the delay range: "
+            + ", ".join(f"d≤{d:g}: ×{t:.1f} time ×{m:.1f} memory" for d, (t, m) in growth)
+        )
+    ax, sy = (
+        _find(rows, "synaptic", synaptic, "fast"),
+        _find(rows, "synaptic", synaptic, "fast-synaptic"),
+    )
     if ax and sy:
         r = sy["time_ms"] / ax["time_ms"]
-        lines.append(f"{verdict(r <= 4)}  synaptic vs axonal {synaptic.describe()}: time ×{r:.1f} (target ≤ 4)")
+        lines.append(
+            f"{verdict(r <= 4)}  synaptic vs axonal {synaptic.describe()}: time ×{r:.1f} "
+            "(target ≤ 4)"
+        )
     return lines
 
 
@@ -340,8 +431,18 @@ def _ratio(rows, max_delay):
 
 
 def _write_csv(rows, path: Path) -> None:
-    fields = ["panel", "model", "size", "batch", "min_delay", "max_delay", "sigma", "time_ms", "saved_mb",
-              "peak_rss_mb"]
+    fields = [
+        "panel",
+        "model",
+        "size",
+        "batch",
+        "min_delay",
+        "max_delay",
+        "sigma",
+        "time_ms",
+        "saved_mb",
+        "peak_rss_mb",
+    ]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -350,17 +451,28 @@ def _write_csv(rows, path: Path) -> None:
 
 def _plot(rows, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    panels = [(axes[0, 0], "size", "size", "saved_mb", "(a) memory saved for backward vs hidden size"),
-              (axes[0, 1], "delay", "max_delay", "saved_mb", "(b) memory saved for backward vs max delay"),
-              (axes[1, 0], "size", "size", "time_ms", "(c) training-step time vs hidden size"),
-              (axes[1, 1], "delay", "max_delay", "time_ms", "(d) training-step time vs max delay")]
+    panels = [
+        (axes[0, 0], "size", "size", "saved_mb", "(a) memory saved for backward vs hidden size"),
+        (
+            axes[0, 1],
+            "delay",
+            "max_delay",
+            "saved_mb",
+            "(b) memory saved for backward vs max delay",
+        ),
+        (axes[1, 0], "size", "size", "time_ms", "(c) training-step time vs hidden size"),
+        (axes[1, 1], "delay", "max_delay", "time_ms", "(d) training-step time vs max delay"),
+    ]
     for ax, panel, x, y, title in panels:
         for colour, model in enumerate(MODELS):
-            points = sorted((r[x], r[y]) for r in rows if r["panel"] == panel and r["model"] == model)
+            points = sorted(
+                (r[x], r[y]) for r in rows if r["panel"] == panel and r["model"] == model
+            )
             if points:
                 ax.plot(*zip(*points), marker="o", color=f"C{colour}", label=LABELS[model])
         ax.set_title(title, fontsize=10)
@@ -389,16 +501,30 @@ def _cpu_name() -> str:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "bench", help="time and memory of the recurrent-delay layer vs baselines (Fig. S1)",
-        description="Reproduce the four panels of Fig. S1 (time per training step and memory vs hidden "
-        "size and vs maximum delay) on this machine, print the ratios and the issue-3 targets, and "
-        "write bench.csv, bench.png and bench.txt.")
+        "bench",
+        help="time and memory of the recurrent-delay layer vs baselines (Fig. S1)",
+        description="Reproduce the four panels of Fig. S1 (time per training step and memory "
+        "vs hidden size and vs maximum delay) on this machine, print the ratios and the "
+        "targets, and write bench.csv, bench.png and bench.txt.",
+    )
     p.add_argument("--quick", action="store_true", help="small grid, under a minute")
     p.add_argument("--out", default="bench-out", help="output directory (default: bench-out/)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed repeats per model, median kept (default 3 with --quick, else 5)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: reproducible, and no spinning threads on a shared machine)")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall-clock time, or this process's CPU time (steadier on a shared machine)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed repeats per model, median kept (default 3 with --quick, else 5)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: reproducible, and no spinning threads on a shared machine)",
+    )
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall-clock time, or this process's CPU time (steadier on a shared machine)",
+    )
     p.set_defaults(run=run)

@@ -5,6 +5,7 @@ A checkpoint is a ``torch.save``'d dict readable with ``weights_only=True``:
 own entries (optimizers, schedulers, RNG states, epoch). A run directory keeps its
 checkpoints as ``RUN_DIR/checkpoints/{best,last}.pt``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,7 +25,8 @@ class CheckpointError(Exception):
 
 
 def atomic_save(payload: dict, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written
+    file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -41,8 +43,11 @@ def atomic_save(payload: dict, path: str | os.PathLike) -> None:
 
 def network_payload(network: SpikingNetwork) -> dict:
     """The part of a checkpoint that rebuilds ``network``."""
-    return {"format": FORMAT, "network_config": dataclasses.asdict(network.config),
-            "model": network.state_dict()}
+    return {
+        "format": FORMAT,
+        "network_config": dataclasses.asdict(network.config),
+        "model": network.state_dict(),
+    }
 
 
 def resolve_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
@@ -51,8 +56,10 @@ def resolve_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
     if path.is_dir():
         path = path / "checkpoints" / f"{which}.pt"
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: give a run directory written by "
-                              "`delrec train` or a .pt checkpoint file")
+        raise CheckpointError(
+            f"no checkpoint at {path}: give a run directory written by "
+            "`delrec train` or a .pt checkpoint file"
+        )
     return path
 
 
@@ -62,8 +69,10 @@ def load_checkpoint(path: str | os.PathLike, which: str = "best") -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a delrec checkpoint "
-                              f"({error}); use the run's other checkpoint or retrain") from None
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a delrec checkpoint "
+            f"({error}); use the run's other checkpoint or retrain"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} file")
     return payload

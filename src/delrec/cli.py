@@ -3,6 +3,7 @@
 Each subcommand lives in the module that owns its concept and registers itself through an
 ``add_parser(subparsers)`` function listed in ``COMMANDS`` below, so this file stays a table.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -8,10 +8,11 @@ triangle of half-width ``w``, normalised by ``w²``:
 
 All delays and widths are in time steps.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -55,7 +56,7 @@ def spread_schedule(epoch: int, epochs: int, sigma0: float = 10.0, gamma: float 
 
 
 def integer_delays(delay: Tensor) -> Tensor:
-    """Delays rounded to the nearest integer (half to even) and clamped at 0, as a chip runs them."""
+    """Delays rounded to the nearest integer (half to even), clamped at 0: what a chip runs."""
     return delay.detach().round().clamp(min=0)
 
 

@@ -5,6 +5,7 @@ it into a :class:`SpikingNetwork`; :func:`preset_network` gives the paper's sett
 task and model. Every network maps a time-major input ``(T, B, C)`` to a readout sequence
 ``(T, B, K)``; :func:`readout_reduce` turns that sequence into the logits or prediction.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,14 @@ class NeuronConfig:
             raise ValueError(f"neuron reset must be 'hard' or 'soft', got {self.reset!r}")
         scale_name = {"triangle": "gamma", "atan": "alpha"}.get(self.surrogate.lower(), "gamma")
         surrogate = make_surrogate(self.surrogate, **{scale_name: self.surrogate_scale})
-        return LIF(self.tau, self.v_threshold, None if self.reset == "soft" else self.v_reset,
-                   self.detach_reset, self.decay_input, surrogate)
+        return LIF(
+            self.tau,
+            self.v_threshold,
+            None if self.reset == "soft" else self.v_reset,
+            self.detach_reset,
+            self.decay_input,
+            surrogate,
+        )
 
 
 @dataclass
@@ -85,8 +92,10 @@ class NetworkConfig:
         if self.block not in ("bn", "dropout"):
             raise ValueError(f"block must be 'bn' or 'dropout', got {self.block!r}")
         if self.feedforward_init not in ("uniform-sqrt6", "torch"):
-            raise ValueError(f"feedforward_init must be 'uniform-sqrt6' or 'torch', "
-                             f"got {self.feedforward_init!r}")
+            raise ValueError(
+                f"feedforward_init must be 'uniform-sqrt6' or 'torch', "
+                f"got {self.feedforward_init!r}"
+            )
         if not self.hidden_sizes or min(self.hidden_sizes) < 1:
             raise ValueError(f"hidden_sizes must be positive sizes, got {self.hidden_sizes}")
         for name in ("dropout", "recurrent_dropout"):
@@ -96,8 +105,10 @@ class NetworkConfig:
             self.recurrent_layers = tuple(self.recurrent_layers)
             bad = [i for i in self.recurrent_layers if not 0 <= i < len(self.hidden_sizes)]
             if bad:
-                raise ValueError(f"recurrent_layers {bad} out of range for "
-                                 f"{len(self.hidden_sizes)} hidden layers")
+                raise ValueError(
+                    f"recurrent_layers {bad} out of range for "
+                    f"{len(self.hidden_sizes)} hidden layers"
+                )
 
     def is_recurrent_position(self, index: int) -> bool:
         return self.recurrent_layers is None or index in self.recurrent_layers
@@ -109,8 +120,14 @@ class HiddenBlock(nn.Module):
     ``(T, B, I)`` → spikes ``(T, B, O)``. ``neurons`` is a DelRec layer or a plain LIF.
     """
 
-    def __init__(self, synapses: nn.Module, neurons: nn.Module, norm: nn.BatchNorm1d | None,
-                 dropout: float, dropout_first: bool):
+    def __init__(
+        self,
+        synapses: nn.Module,
+        neurons: nn.Module,
+        norm: nn.BatchNorm1d | None,
+        dropout: float,
+        dropout_first: bool,
+    ):
         super().__init__()
         self.synapses, self.norm, self.neurons = synapses, norm, neurons
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -128,8 +145,13 @@ class HiddenBlock(nn.Module):
 class SpikingNetwork(nn.Module):
     """Stack of hidden blocks and a readout; ``(T, B, C)`` → readout sequence ``(T, B, K)``."""
 
-    def __init__(self, config: NetworkConfig, blocks: list[HiddenBlock], readout: nn.Module,
-                 readout_neuron: nn.Module | None):
+    def __init__(
+        self,
+        config: NetworkConfig,
+        blocks: list[HiddenBlock],
+        readout: nn.Module,
+        readout_neuron: nn.Module | None,
+    ):
         super().__init__()
         self.config = config
         self.blocks = nn.ModuleList(blocks)
@@ -139,8 +161,10 @@ class SpikingNetwork(nn.Module):
     def forward_with_spikes(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Readout sequence ``(T, B, K)`` and the spikes ``(T, B, N_l)`` of every hidden layer."""
         if x.dim() != 3 or x.shape[-1] != self.config.input_size:
-            raise ValueError(f"network expects time-major input (T, B, {self.config.input_size}), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"network expects time-major input (T, B, {self.config.input_size}), "
+                f"got {tuple(x.shape)}"
+            )
         spikes = []
         for block in self.blocks:
             x = block(x)
@@ -173,12 +197,17 @@ def readout_reduce(output: Tensor, readout: str) -> Tensor:
     raise ValueError(f"unknown readout {readout!r}; choose one of {READOUTS}")
 
 
-def _linear(cfg: NetworkConfig, fan_in: int, fan_out: int, bias: bool,
-            generator: torch.Generator | None) -> nn.Linear:
+def _linear(
+    cfg: NetworkConfig, fan_in: int, fan_out: int, bias: bool, generator: torch.Generator | None
+) -> nn.Linear:
     """Linear layer with ``W ~ U(±sqrt(6/fan_in))`` ("uniform-sqrt6", the paper's Kaiming) or
     ``U(±1/sqrt(fan_in))`` ("torch", nn.Linear's default); bias ``U(±1/sqrt(fan_in))``."""
     layer = nn.Linear(fan_in, fan_out, bias=bias)
-    bound = math.sqrt(6.0 / fan_in) if cfg.feedforward_init == "uniform-sqrt6" else 1 / math.sqrt(fan_in)
+    bound = (
+        math.sqrt(6.0 / fan_in)
+        if cfg.feedforward_init == "uniform-sqrt6"
+        else 1 / math.sqrt(fan_in)
+    )
     with torch.no_grad():
         layer.weight.uniform_(-bound, bound, generator=generator)
         if bias:
@@ -186,8 +215,9 @@ def _linear(cfg: NetworkConfig, fan_in: int, fan_out: int, bias: bool,
     return layer
 
 
-def _neurons(cfg: NetworkConfig, size: int, recurrent_position: bool,
-             generator: torch.Generator | None) -> nn.Module:
+def _neurons(
+    cfg: NetworkConfig, size: int, recurrent_position: bool, generator: torch.Generator | None
+) -> nn.Module:
     neuron = cfg.neuron.build()
     if not recurrent_position or cfg.model in ("snn", "ffdelay"):
         return neuron
@@ -195,11 +225,18 @@ def _neurons(cfg: NetworkConfig, size: int, recurrent_position: bool,
     if cfg.model == "rsnn":
         return DelRec.vanilla(size, neuron, **common)
     if cfg.model == "fixed":
-        return DelRec.fixed(size, neuron, delay_init=cfg.delay_init,
-                            delay_type=cfg.delay_type, **common)
+        return DelRec.fixed(
+            size, neuron, delay_init=cfg.delay_init, delay_type=cfg.delay_type, **common
+        )
     delay_type = "shared" if cfg.model == "delrec-shared" else cfg.delay_type
-    return DelRec(size, neuron, delay_type=delay_type, delay_init=cfg.delay_init,
-                  learn_spread=cfg.learn_spread, **common)
+    return DelRec(
+        size,
+        neuron,
+        delay_type=delay_type,
+        delay_init=cfg.delay_init,
+        learn_spread=cfg.learn_spread,
+        **common,
+    )
 
 
 def build_network(cfg: NetworkConfig, seed: int | None = None) -> SpikingNetwork:
@@ -213,8 +250,15 @@ def build_network(cfg: NetworkConfig, seed: int | None = None) -> SpikingNetwork
         else:
             synapses = _linear(cfg, fan_in, size, cfg.bias, generator)
         norm = nn.BatchNorm1d(size) if cfg.block == "bn" else None
-        blocks.append(HiddenBlock(synapses, _neurons(cfg, size, recurrent_position, generator),
-                                  norm, cfg.dropout, dropout_first=cfg.block == "dropout"))
+        blocks.append(
+            HiddenBlock(
+                synapses,
+                _neurons(cfg, size, recurrent_position, generator),
+                norm,
+                cfg.dropout,
+                dropout_first=cfg.block == "dropout",
+            )
+        )
         fan_in = size
     readout = _linear(cfg, fan_in, cfg.output_size, cfg.readout_bias, generator)
     readout_neuron = {
@@ -227,35 +271,88 @@ def build_network(cfg: NetworkConfig, seed: int | None = None) -> SpikingNetwork
 
 # --------------------------------------------------------------------------- presets
 def _shd(model: str) -> NetworkConfig:
-    neuron = NeuronConfig(tau=1.05, reset="hard", v_reset=0.0, detach_reset=True,
-                          surrogate="atan", surrogate_scale=5.0)
-    return NetworkConfig(140, (256, 256), 20, model=model, recurrent_layers=(1,), block="bn",
-                         bias=True, dropout=0.4, recurrent_dropout=0.2, neuron=neuron,
-                         delay_init="uniform:10:30", readout="lif", readout_tau=1.05,
-                         feedforward_init="uniform-sqrt6")
+    neuron = NeuronConfig(
+        tau=1.05,
+        reset="hard",
+        v_reset=0.0,
+        detach_reset=True,
+        surrogate="atan",
+        surrogate_scale=5.0,
+    )
+    return NetworkConfig(
+        140,
+        (256, 256),
+        20,
+        model=model,
+        recurrent_layers=(1,),
+        block="bn",
+        bias=True,
+        dropout=0.4,
+        recurrent_dropout=0.2,
+        neuron=neuron,
+        delay_init="uniform:10:30",
+        readout="lif",
+        readout_tau=1.05,
+        feedforward_init="uniform-sqrt6",
+    )
 
 
 def _ssc(model: str) -> NetworkConfig:
-    return NetworkConfig(140, (256, 256, 256), 35, model=model, block="dropout", bias=True,
-                         dropout=0.1, recurrent_dropout=0.3, neuron=NeuronConfig(),
-                         delay_init="half_normal:12", learn_spread=True, readout="sum",
-                         feedforward_init="torch")
+    return NetworkConfig(
+        140,
+        (256, 256, 256),
+        35,
+        model=model,
+        block="dropout",
+        bias=True,
+        dropout=0.1,
+        recurrent_dropout=0.3,
+        neuron=NeuronConfig(),
+        delay_init="half_normal:12",
+        learn_spread=True,
+        readout="sum",
+        feedforward_init="torch",
+    )
 
 
 def _psmnist(model: str) -> NetworkConfig:
-    return NetworkConfig(1, (64, 212, 212), 10, model=model, block="dropout", bias=True,
-                         dropout=0.1, recurrent_dropout=0.2, neuron=NeuronConfig(),
-                         delay_init="half_normal:12", learn_spread=True, readout="sum",
-                         feedforward_init="torch")
+    return NetworkConfig(
+        1,
+        (64, 212, 212),
+        10,
+        model=model,
+        block="dropout",
+        bias=True,
+        dropout=0.1,
+        recurrent_dropout=0.2,
+        neuron=NeuronConfig(),
+        delay_init="half_normal:12",
+        learn_spread=True,
+        readout="sum",
+        feedforward_init="torch",
+    )
 
 
 def _mackey_glass(model: str) -> NetworkConfig:
-    neuron = NeuronConfig(tau=2.0, reset="hard", v_reset=0.0, detach_reset=True,
-                          surrogate="atan", surrogate_scale=5.0)
-    return NetworkConfig(1, (128,), 1, model=model, block="dropout", bias=False, dropout=0.2,
-                         recurrent_dropout=0.2, neuron=neuron, delay_init="uniform:0:20",
-                         readout="ema", readout_tau=20.0, readout_bias=False,
-                         feedforward_init="torch")
+    neuron = NeuronConfig(
+        tau=2.0, reset="hard", v_reset=0.0, detach_reset=True, surrogate="atan", surrogate_scale=5.0
+    )
+    return NetworkConfig(
+        1,
+        (128,),
+        1,
+        model=model,
+        block="dropout",
+        bias=False,
+        dropout=0.2,
+        recurrent_dropout=0.2,
+        neuron=neuron,
+        delay_init="uniform:0:20",
+        readout="ema",
+        readout_tau=20.0,
+        readout_bias=False,
+        feedforward_init="torch",
+    )
 
 
 PRESETS = {"shd": _shd, "ssc": _ssc, "psmnist": _psmnist, "mackey-glass": _mackey_glass}

@@ -11,6 +11,7 @@ Two layers of API, in the style of Norse:
 Time is counted in steps: ``tau`` is a number of time steps, not seconds. All tensors are
 time-major, ``x[t, b, n]``; a state is a tuple of ``(B, N)`` tensors.
 """
+
 from __future__ import annotations
 
 import math
@@ -166,9 +167,15 @@ def lif_step(u: Tensor, v: Tensor, p: LIFParameters) -> tuple[Tensor, Tensor]:
 class LIF(SequenceNeuron):
     """Leaky integrate-and-fire neuron; state ``(v,)`` with ``v[-1] = v_reset`` (0 if soft)."""
 
-    def __init__(self, tau: float = 2.0, v_threshold: float = 1.0, v_reset: float | None = 0.0,
-                 detach_reset: bool = False, decay_input: bool = False,
-                 surrogate: Surrogate = ATan()):
+    def __init__(
+        self,
+        tau: float = 2.0,
+        v_threshold: float = 1.0,
+        v_reset: float | None = 0.0,
+        detach_reset: bool = False,
+        decay_input: bool = False,
+        surrogate: Surrogate = ATan(),
+    ):
         super().__init__()
         self.p = LIFParameters(tau, v_threshold, v_reset, detach_reset, decay_input, surrogate)
 
@@ -183,8 +190,10 @@ class LIF(SequenceNeuron):
     def extra_repr(self) -> str:
         p = self.p
         reset = "soft" if p.soft_reset else f"hard(v_reset={p.v_reset})"
-        return (f"tau={p.tau}, v_threshold={p.v_threshold}, reset={reset}, "
-                f"detach_reset={p.detach_reset}, decay_input={p.decay_input}, surrogate={p.surrogate}")
+        return (
+            f"tau={p.tau}, v_threshold={p.v_threshold}, reset={reset}, "
+            f"detach_reset={p.detach_reset}, decay_input={p.decay_input}, surrogate={p.surrogate}"
+        )
 
 
 # --------------------------------------------------------------------------- readout
@@ -241,7 +250,9 @@ class AdLIFParameters:
     surrogate: Surrogate = Triangle()
 
 
-def adlif_step(u: Tensor, v: Tensor, w: Tensor, p: AdLIFParameters) -> tuple[Tensor, Tensor, Tensor]:
+def adlif_step(
+    u: Tensor, v: Tensor, w: Tensor, p: AdLIFParameters
+) -> tuple[Tensor, Tensor, Tensor]:
     """One adLIF step: ``(u[t], v[t-1], w[t-1]) -> (s[t], v[t], w[t])``.
 
     ``v' = α v + (1-α)(u - w)``, ``s = Θ(v' - θ)``, ``v = v'(1 - s)``,
@@ -260,9 +271,16 @@ def adlif_step(u: Tensor, v: Tensor, w: Tensor, p: AdLIFParameters) -> tuple[Ten
 class AdLIF(SequenceNeuron):
     """Adaptive LIF neuron with two state variables ``(v, w)``, both starting at 0."""
 
-    def __init__(self, tau_u: float = 5.0, tau_w: float = 30.0, a: float = 0.5, b: float = 1.0,
-                 v_threshold: float = 1.0, detach_reset: bool = False,
-                 surrogate: Surrogate = Triangle()):
+    def __init__(
+        self,
+        tau_u: float = 5.0,
+        tau_w: float = 30.0,
+        a: float = 0.5,
+        b: float = 1.0,
+        v_threshold: float = 1.0,
+        detach_reset: bool = False,
+        surrogate: Surrogate = Triangle(),
+    ):
         super().__init__()
         self.p = AdLIFParameters(tau_u, tau_w, a, b, v_threshold, detach_reset, surrogate)
 
@@ -275,8 +293,10 @@ class AdLIF(SequenceNeuron):
 
     def extra_repr(self) -> str:
         p = self.p
-        return (f"tau_u={p.tau_u}, tau_w={p.tau_w}, a={p.a}, b={p.b}, "
-                f"v_threshold={p.v_threshold}, surrogate={p.surrogate}")
+        return (
+            f"tau_u={p.tau_u}, tau_w={p.tau_w}, a={p.a}, b={p.b}, "
+            f"v_threshold={p.v_threshold}, surrogate={p.surrogate}"
+        )
 
 
 # --------------------------------------------------------------------------- SpikingJelly

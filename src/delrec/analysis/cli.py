@@ -1,4 +1,5 @@
 """`delrec analyze …`: the S3 spectral radius and the measured gradient experiment."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,12 +13,14 @@ from delrec.analysis import gradients, spectral
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "analyze", help="the paper's gradient argument (S3): spectral radius and measurement")
+        "analyze", help="the paper's gradient argument (S3): spectral radius and measurement"
+    )
     actions = parser.add_subparsers(dest="analyze_command", metavar="ACTION")
     actions.required = True
 
     spec = actions.add_parser(
-        "spectral", help="spectral radius r_d of λ^(d+1) − aλ^d − b = 0 for d = 0 … D")
+        "spectral", help="spectral radius r_d of λ^(d+1) − aλ^d − b = 0 for d = 0 … D"
+    )
     spec.add_argument("--a", type=float, required=True, help="leak coefficient a = sup|A_t|")
     spec.add_argument("--b", type=float, required=True, help="recurrent coefficient b = sup|B_t|")
     spec.add_argument("--max-delay", type=int, default=20, help="largest delay D (default 20)")
@@ -25,29 +28,43 @@ def add_parser(subparsers) -> None:
     spec.set_defaults(run=run_spectral)
 
     grad = actions.add_parser(
-        "gradients", help="measured ‖∂L/∂W_rec‖ and its growth for fixed delays, next to S3")
+        "gradients", help="measured ‖∂L/∂W_rec‖ and its growth for fixed delays, next to S3"
+    )
     defaults = gradients.GradientSetup()
-    grad.add_argument("--delays", type=_int_list, default=defaults.delays,
-                      help="comma-separated fixed delays (default 0,1,2,5,10,20)")
+    grad.add_argument(
+        "--delays",
+        type=_int_list,
+        default=defaults.delays,
+        help="comma-separated fixed delays (default 0,1,2,5,10,20)",
+    )
     grad.add_argument("--size", type=int, default=defaults.size, help="neurons N")
     grad.add_argument("--steps", type=int, default=defaults.steps, help="time steps T")
     grad.add_argument("--batch", type=int, default=defaults.batch, help="input sequences")
     grad.add_argument("--tau", type=float, default=defaults.tau, help="LIF τ in steps")
-    grad.add_argument("--gain", type=float, default=defaults.gain,
-                      help="W = gain × orthogonal (default %(default)s: gradients explode)")
+    grad.add_argument(
+        "--gain",
+        type=float,
+        default=defaults.gain,
+        help="W = gain × orthogonal (default %(default)s: gradients explode)",
+    )
     grad.add_argument("--input-mean", type=float, default=defaults.input_mean)
     grad.add_argument("--input-std", type=float, default=defaults.input_std)
     grad.add_argument("--surrogate", choices=("triangle", "atan"), default=defaults.surrogate)
-    grad.add_argument("--surrogate-scale", type=float, default=defaults.surrogate_scale,
-                      help="γ (triangle) or α (atan)")
+    grad.add_argument(
+        "--surrogate-scale",
+        type=float,
+        default=defaults.surrogate_scale,
+        help="γ (triangle) or α (atan)",
+    )
     grad.add_argument("--seed", type=int, default=defaults.seed)
     _add_outputs(grad, "gradients.png")
     grad.set_defaults(run=run_gradients)
 
 
 def _add_outputs(parser: argparse.ArgumentParser, figure: str) -> None:
-    parser.add_argument("--figure", type=Path, default=Path(figure),
-                        help="PNG figure path (default %(default)s)")
+    parser.add_argument(
+        "--figure", type=Path, default=Path(figure), help="PNG figure path (default %(default)s)"
+    )
     parser.add_argument("--no-figure", action="store_true", help="write no figure")
     parser.add_argument("--csv", type=Path, help="also write the table as CSV")
     parser.add_argument("--json", type=Path, help="also write everything as JSON")
@@ -57,7 +74,9 @@ def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -101,9 +120,18 @@ def run_spectral(args: argparse.Namespace) -> int:
 def run_gradients(args: argparse.Namespace) -> int:
     try:
         setup = gradients.GradientSetup(
-            delays=args.delays, size=args.size, steps=args.steps, batch=args.batch, tau=args.tau,
-            gain=args.gain, input_mean=args.input_mean, input_std=args.input_std,
-            surrogate=args.surrogate, surrogate_scale=args.surrogate_scale, seed=args.seed)
+            delays=args.delays,
+            size=args.size,
+            steps=args.steps,
+            batch=args.batch,
+            tau=args.tau,
+            gain=args.gain,
+            input_mean=args.input_mean,
+            input_std=args.input_std,
+            surrogate=args.surrogate,
+            surrogate_scale=args.surrogate_scale,
+            seed=args.seed,
+        )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -112,8 +140,9 @@ def run_gradients(args: argparse.Namespace) -> int:
     payload = gradients.results_as_records(setup, results)
     if args.csv:
         scalar = ("backward_norms", "s3_bound", "step_contributions")
-        _write_csv(args.csv, [{k: v for k, v in r.items() if k not in scalar}
-                              for r in payload["results"]])
+        _write_csv(
+            args.csv, [{k: v for k, v in r.items() if k not in scalar} for r in payload["results"]]
+        )
     if args.json:
         _write_json(args.json, payload)
     _write_figure(args, lambda path: gradients.plot_gradients(setup, results, path))

@@ -14,6 +14,7 @@ configurations are equal apart from the seed (and where they ran) form one row:
 
 Rows are ranked worst to best, as in Table S5.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,8 +101,10 @@ def find_runs(paths: list[Path]) -> list[Path]:
         elif (path / "config.json").is_file():
             found.append(path)
         else:
-            raise CompareError(f"{path} is not a run directory (no config.json or seeds.json); "
-                               "give directories written by `delrec train`")
+            raise CompareError(
+                f"{path} is not a run directory (no config.json or seeds.json); "
+                "give directories written by `delrec train`"
+            )
     return found
 
 
@@ -109,8 +112,10 @@ def read_run(run_dir: Path, real_delays: bool = True) -> SeedRun:
     """Read one finished run; ``real_delays`` re-evaluates it with real-valued delays."""
     results_path = run_dir / "test_results.json"
     if not results_path.is_file():
-        raise CompareError(f"{run_dir} has no test_results.json: the run is not finished; "
-                           f"complete it with `delrec train --resume {run_dir}`")
+        raise CompareError(
+            f"{run_dir} has no test_results.json: the run is not finished; "
+            f"complete it with `delrec train --resume {run_dir}`"
+        )
     config = json.loads((run_dir / "config.json").read_text())["config"]
     results = json.loads(results_path.read_text())
     metric = "accuracy" if "accuracy" in results else "nmse"
@@ -119,9 +124,15 @@ def read_run(run_dir: Path, real_delays: bool = True) -> SeedRun:
         from delrec.training.eval_cmd import evaluate_run
 
         real = evaluate_run(run_dir, split="test", spread=True)[metric]
-    return SeedRun(run_dir, config, metric, results[metric], real,
-                   count_parameters(load_network(run_dir)),
-                   _firing_rate(run_dir / "metrics.csv", results["best_epoch"]))
+    return SeedRun(
+        run_dir,
+        config,
+        metric,
+        results[metric],
+        real,
+        count_parameters(load_network(run_dir)),
+        _firing_rate(run_dir / "metrics.csv", results["best_epoch"]),
+    )
 
 
 def _firing_rate(metrics_path: Path, epoch: int) -> float | None:
@@ -156,8 +167,9 @@ def group_runs(runs: list[SeedRun]) -> list[Row]:
     rows = []
     for members in groups.values():
         model = members[0].config["model"]
-        siblings = [_setting_items(g[0].config) for g in groups.values()
-                    if g[0].config["model"] == model]
+        siblings = [
+            _setting_items(g[0].config) for g in groups.values() if g[0].config["model"] == model
+        ]
         mine = _setting_items(members[0].config)
         varying = [k for k in mine if any(s.get(k) != mine[k] for s in siblings)]
         label = MODEL_TRAITS[model][0]
@@ -173,8 +185,10 @@ def compare(paths: list[Path], real_delays: bool = True) -> list[Row]:
     runs = [read_run(path, real_delays) for path in find_runs(paths)]
     metrics = {run.metric for run in runs}
     if len(metrics) > 1:
-        raise CompareError("the runs mix classification (accuracy) and regression (nmse); "
-                           "compare runs of one kind at a time")
+        raise CompareError(
+            "the runs mix classification (accuracy) and regression (nmse); "
+            "compare runs of one kind at a time"
+        )
     return group_runs(runs)
 
 
@@ -198,15 +212,32 @@ def _format_metric(row: Row, field: str) -> str:
 def format_markdown(rows: list[Row]) -> str:
     """The Table S5 layout, with the rounded-delay metric and the firing rate added."""
     name = "Acc. [%]" if rows and rows[0].metric == "accuracy" else "NMSE"
-    header = ["Model", "Rec.", "Rec. Delays", "Ff. Delays", "LIF", "Param", "Seeds",
-              f"Test {name}", f"Rounded-delay {name}", "Firing rate"]
+    header = [
+        "Model",
+        "Rec.",
+        "Rec. Delays",
+        "Ff. Delays",
+        "LIF",
+        "Param",
+        "Seeds",
+        f"Test {name}",
+        f"Rounded-delay {name}",
+        "Firing rate",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         _, recurrent, recurrent_delays, ff_delays = MODEL_TRAITS[row.model]
         rate = f"{row.firing_rate:.4f}" if row.firing_rate is not None else "–"
-        cells = [row.label, *("✓" if t else "" for t in (recurrent, recurrent_delays, ff_delays)),
-                 "✓", format_parameters(row.parameters), str(len(row.runs)),
-                 _format_metric(row, "real"), _format_metric(row, "rounded"), rate]
+        cells = [
+            row.label,
+            *("✓" if t else "" for t in (recurrent, recurrent_delays, ff_delays)),
+            "✓",
+            format_parameters(row.parameters),
+            str(len(row.runs)),
+            _format_metric(row, "real"),
+            _format_metric(row, "rounded"),
+            rate,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -217,19 +248,31 @@ def rows_as_records(rows: list[Row]) -> list[dict]:
     for row in rows:
         _, recurrent, recurrent_delays, ff_delays = MODEL_TRAITS[row.model]
         (real, real_std), (rounded, rounded_std) = row.stats("real"), row.stats("rounded")
-        records.append({
-            "label": row.label, "task": row.runs[0].config["task"], "model": row.model,
-            "recurrent": recurrent, "recurrent_delays": recurrent_delays,
-            "feedforward_delays": ff_delays, "parameters": row.parameters,
-            "seeds": len(row.runs), f"{row.metric}_mean": real, f"{row.metric}_std": real_std,
-            f"rounded_{row.metric}_mean": rounded, f"rounded_{row.metric}_std": rounded_std,
-            "firing_rate": row.firing_rate,
-            "run_dirs": ";".join(str(run.run_dir) for run in row.runs)})
+        records.append(
+            {
+                "label": row.label,
+                "task": row.runs[0].config["task"],
+                "model": row.model,
+                "recurrent": recurrent,
+                "recurrent_delays": recurrent_delays,
+                "feedforward_delays": ff_delays,
+                "parameters": row.parameters,
+                "seeds": len(row.runs),
+                f"{row.metric}_mean": real,
+                f"{row.metric}_std": real_std,
+                f"rounded_{row.metric}_mean": rounded,
+                f"rounded_{row.metric}_std": rounded_std,
+                "firing_rate": row.firing_rate,
+                "run_dirs": ";".join(str(run.run_dir) for run in row.runs),
+            }
+        )
     return records
 
 
-X_AXES = {"parameters": "trainable parameters",
-          "firing-rate": "mean firing rate (spikes/neuron/step)"}
+X_AXES = {
+    "parameters": "trainable parameters",
+    "firing-rate": "mean firing rate (spikes/neuron/step)",
+}
 
 
 def plot_rows(rows: list[Row], path: Path, x: str = "parameters") -> None:
@@ -243,26 +286,46 @@ def plot_rows(rows: list[Row], path: Path, x: str = "parameters") -> None:
     scale = 100.0 if rows and rows[0].metric == "accuracy" else 1.0
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for model in dict.fromkeys(row.model for row in rows):
-        mine = [r for r in rows if r.model == model
-                and (x == "parameters" or r.firing_rate is not None)]
+        mine = [
+            r for r in rows if r.model == model and (x == "parameters" or r.firing_rate is not None)
+        ]
         mine.sort(key=lambda r: r.parameters if x == "parameters" else r.firing_rate)
         if not mine:
             continue
         xs = [r.parameters if x == "parameters" else r.firing_rate for r in mine]
         rounded = [[v * scale for v in r.stats("rounded")] for r in mine]
-        line = ax.errorbar(xs, [m for m, _ in rounded], yerr=[s for _, s in rounded], marker="o",
-                           capsize=3, label=MODEL_TRAITS[model][0])
-        ax.scatter(xs, [r.stats("real")[0] * scale for r in mine], facecolors="none",
-                   edgecolors=line[0].get_color(), zorder=3)
+        line = ax.errorbar(
+            xs,
+            [m for m, _ in rounded],
+            yerr=[s for _, s in rounded],
+            marker="o",
+            capsize=3,
+            label=MODEL_TRAITS[model][0],
+        )
+        ax.scatter(
+            xs,
+            [r.stats("real")[0] * scale for r in mine],
+            facecolors="none",
+            edgecolors=line[0].get_color(),
+            zorder=3,
+        )
         for x_value, row, (m, _) in zip(xs, mine, rounded):
             if row.label != MODEL_TRAITS[model][0]:
-                ax.annotate(row.label.split("(", 1)[-1].rstrip(")"), (x_value, m), fontsize=7,
-                            textcoords="offset points", xytext=(4, 4))
+                ax.annotate(
+                    row.label.split("(", 1)[-1].rstrip(")"),
+                    (x_value, m),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                )
     if x == "parameters":
         ax.set_xscale("log")
     metric = "test accuracy [%]" if scale == 100.0 else "test NMSE"
-    ax.set(xlabel=X_AXES[x], ylabel=metric,
-           title="filled: rounded delays (mean ± std over seeds); hollow: real-valued")
+    ax.set(
+        xlabel=X_AXES[x],
+        ylabel=metric,
+        title="filled: rounded delays (mean ± std over seeds); hollow: real-valued",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -270,8 +333,13 @@ def plot_rows(rows: list[Row], path: Path, x: str = "parameters") -> None:
     plt.close(fig)
 
 
-def write_outputs(rows: list[Row], markdown: Path | None, table_csv: Path | None,
-                  figure: Path | None, x: str = "parameters") -> None:
+def write_outputs(
+    rows: list[Row],
+    markdown: Path | None,
+    table_csv: Path | None,
+    figure: Path | None,
+    x: str = "parameters",
+) -> None:
     """Write whichever of the Markdown table, CSV table and figure are given a path."""
     if markdown is not None:
         markdown.parent.mkdir(parents=True, exist_ok=True)
@@ -290,17 +358,26 @@ def write_outputs(rows: list[Row], markdown: Path | None, table_csv: Path | None
 # --------------------------------------------------------------------------- CLI
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "compare", help="table (Markdown, CSV) and figure of trained runs, Table S5 layout",
+        "compare",
+        help="table (Markdown, CSV) and figure of trained runs, Table S5 layout",
         description=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     parser.add_argument("--markdown", type=Path, help="write the Markdown table here")
     parser.add_argument("--csv", type=Path, help="write the table as CSV here")
     parser.add_argument("--figure", type=Path, help="write the figure (PNG) here")
-    parser.add_argument("--x", choices=sorted(X_AXES), default="parameters",
-                        help="x axis of the figure (default parameters)")
-    parser.add_argument("--rounded-only", action="store_true",
-                        help="skip re-evaluating learned delays with real values (faster)")
+    parser.add_argument(
+        "--x",
+        choices=sorted(X_AXES),
+        default="parameters",
+        help="x axis of the figure (default parameters)",
+    )
+    parser.add_argument(
+        "--rounded-only",
+        action="store_true",
+        help="skip re-evaluating learned delays with real values (faster)",
+    )
     parser.set_defaults(run=run)
 
 

@@ -27,6 +27,7 @@ trajectory give two predictions ``r_d`` (:mod:`delrec.analysis.spectral`):
 The measured growth factor per step is ``exp`` of the least-squares slope of
 ``log ‖δ[T-1-k]‖`` over ``k``.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,8 +64,10 @@ class GradientSetup:
         if not self.delays or min(self.delays) < 0:
             raise ValueError(f"delays must be non-negative integers, got {self.delays}")
         if max(self.delays) + 2 > self.steps:
-            raise ValueError(f"steps ({self.steps}) must exceed the largest delay + 1 "
-                             f"({max(self.delays) + 1}) for the recurrence to act")
+            raise ValueError(
+                f"steps ({self.steps}) must exceed the largest delay + 1 "
+                f"({max(self.delays) + 1}) for the recurrence to act"
+            )
         if self.surrogate not in ("atan", "triangle"):
             raise ValueError(f"surrogate must be 'atan' or 'triangle', got {self.surrogate!r}")
 
@@ -124,8 +127,9 @@ def _growth_factor(norms: np.ndarray) -> float:
     return float(math.exp(np.polyfit(k, np.log(norms[k]), 1)[0]))
 
 
-def measure_delay(setup: GradientSetup, delay: int, weight: Tensor, current: Tensor,
-                  readout: Tensor) -> DelayResult:
+def measure_delay(
+    setup: GradientSetup, delay: int, weight: Tensor, current: Tensor, readout: Tensor
+) -> DelayResult:
     """Run one delay on the given weights ``(N, N)``, input current ``(T, B, N)`` and readout."""
     neuron = _RecordingLIF(tau=setup.tau, v_reset=None, surrogate=_surrogate(setup))
     layer = DelRec.fixed(setup.size, neuron, delay_init=float(delay), engine="reference").double()
@@ -138,7 +142,7 @@ def measure_delay(setup: GradientSetup, delay: int, weight: Tensor, current: Ten
 
     delta = current.grad  # ∂L/∂h[t], (T, B, N)
     presynaptic = torch.zeros_like(spikes)
-    presynaptic[delay + 1:] = spikes[: len(spikes) - delay - 1].detach()
+    presynaptic[delay + 1 :] = spikes[: len(spikes) - delay - 1].detach()
     contributions = torch.einsum("tbi,tbj->tij", delta, presynaptic)  # G[t], sums to ∂L/∂W
     backward_norms = delta.flatten(1).norm(dim=1).flip(0).numpy()
 
@@ -153,13 +157,21 @@ def measure_delay(setup: GradientSetup, delay: int, weight: Tensor, current: Ten
 
     weight_grad = layer.weight.grad
     return DelayResult(
-        delay=delay, weight_grad_norm=float(weight_grad.norm()),
-        growth_measured=_growth_factor(backward_norms), a=a, b=b,
-        radius=spectral_radius(a, b, delay), a_rms=a_rms, b_rms=b_rms,
-        radius_rms=spectral_radius(a_rms, b_rms, delay), spike_rate=float(spikes.detach().mean()),
-        backward_norms=backward_norms.tolist(), s3_bound=bound.tolist(),
+        delay=delay,
+        weight_grad_norm=float(weight_grad.norm()),
+        growth_measured=_growth_factor(backward_norms),
+        a=a,
+        b=b,
+        radius=spectral_radius(a, b, delay),
+        a_rms=a_rms,
+        b_rms=b_rms,
+        radius_rms=spectral_radius(a_rms, b_rms, delay),
+        spike_rate=float(spikes.detach().mean()),
+        backward_norms=backward_norms.tolist(),
+        s3_bound=bound.tolist(),
         step_contributions=contributions.flatten(1).norm(dim=1).tolist(),
-        decomposition_error=float((contributions.sum(0) - weight_grad).norm() / weight_grad.norm()))
+        decomposition_error=float((contributions.sum(0) - weight_grad).norm() / weight_grad.norm()),
+    )
 
 
 def run_gradient_experiment(setup: GradientSetup) -> list[DelayResult]:
@@ -169,19 +181,24 @@ def run_gradient_experiment(setup: GradientSetup) -> list[DelayResult]:
     torch.nn.init.orthogonal_(weight, gain=setup.gain, generator=generator)
     shape = (setup.steps, setup.batch, setup.size)
     current = setup.input_mean + setup.input_std * torch.randn(
-        shape, generator=generator, dtype=torch.float64)
+        shape, generator=generator, dtype=torch.float64
+    )
     readout = torch.randn(setup.size, generator=generator, dtype=torch.float64)
     return [measure_delay(setup, d, weight, current, readout) for d in setup.delays]
 
 
 def format_results(results: list[DelayResult]) -> str:
     """Plain-text table: measured ‖∂L/∂W‖ and growth factor next to the S3 radius."""
-    lines = [f"{'d':>3}  {'|dL/dW|':>10}  {'growth/step':>11}  {'S3 r_d':>8}  {'a':>6}  "
-             f"{'b':>6}  {'rms r_d':>8}  {'a_rms':>6}  {'b_rms':>6}  {'spikes':>6}"]
+    lines = [
+        f"{'d':>3}  {'|dL/dW|':>10}  {'growth/step':>11}  {'S3 r_d':>8}  {'a':>6}  "
+        f"{'b':>6}  {'rms r_d':>8}  {'a_rms':>6}  {'b_rms':>6}  {'spikes':>6}"
+    ]
     for r in results:
-        lines.append(f"{r.delay:>3}  {r.weight_grad_norm:>10.4g}  {r.growth_measured:>11.4f}  "
-                     f"{r.radius:>8.4f}  {r.a:>6.3f}  {r.b:>6.3f}  {r.radius_rms:>8.4f}  "
-                     f"{r.a_rms:>6.3f}  {r.b_rms:>6.3f}  {r.spike_rate:>6.3f}")
+        lines.append(
+            f"{r.delay:>3}  {r.weight_grad_norm:>10.4g}  {r.growth_measured:>11.4f}  "
+            f"{r.radius:>8.4f}  {r.a:>6.3f}  {r.b:>6.3f}  {r.radius_rms:>8.4f}  "
+            f"{r.a_rms:>6.3f}  {r.b_rms:>6.3f}  {r.spike_rate:>6.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -204,17 +221,24 @@ def plot_gradients(setup: GradientSetup, results: list[DelayResult], path) -> No
         k = np.arange(len(r.backward_norms))
         back.semilogy(k, np.maximum(r.backward_norms, 1e-300), color=colour, label=f"d = {r.delay}")
         back.semilogy(k, r.s3_bound, color=colour, ls="--", lw=0.8)
-        contrib.semilogy(np.maximum(r.step_contributions, 1e-300), color=colour,
-                         label=f"d = {r.delay}")
+        contrib.semilogy(
+            np.maximum(r.step_contributions, 1e-300), color=colour, label=f"d = {r.delay}"
+        )
     measured = np.concatenate([r.backward_norms for r in results])
-    back.set(xlabel="steps back from the loss k", ylabel="‖∂L/∂h[T-1-k]‖",
-             title="measured (solid) and S3 bound e[k] (dashed)",
-             ylim=(max(1e-12, measured[measured > 0].min() / 10), measured.max() * 1e3))
+    back.set(
+        xlabel="steps back from the loss k",
+        ylabel="‖∂L/∂h[T-1-k]‖",
+        title="measured (solid) and S3 bound e[k] (dashed)",
+        ylim=(max(1e-12, measured[measured > 0].min() / 10), measured.max() * 1e3),
+    )
     back.legend(fontsize=8)
     contributions = np.concatenate([r.step_contributions for r in results])
-    contrib.set(xlabel="time step t", ylabel="‖G[t]‖ (contribution to ∂L/∂W)",
-                title="per-step contributions to ∂L/∂W",
-                ylim=(max(1e-12, contributions[contributions > 0].min()), contributions.max() * 10))
+    contrib.set(
+        xlabel="time step t",
+        ylabel="‖G[t]‖ (contribution to ∂L/∂W)",
+        title="per-step contributions to ∂L/∂W",
+        ylim=(max(1e-12, contributions[contributions > 0].min()), contributions.max() * 10),
+    )
 
     delays = [r.delay for r in results]
     rates.plot(delays, [r.radius for r in results], "o--", label="S3 bound r_d (sup a, b)")
@@ -222,11 +246,15 @@ def plot_gradients(setup: GradientSetup, results: list[DelayResult], path) -> No
     rates.plot(delays, [r.growth_measured for r in results], "s-", label="measured growth per step")
     rates.axhline(1.0, color="black", lw=0.8)
     twin = rates.twinx()
-    twin.semilogy(delays, [r.weight_grad_norm for r in results], "^:", color="tab:red",
-                  label="‖∂L/∂W‖")
+    twin.semilogy(
+        delays, [r.weight_grad_norm for r in results], "^:", color="tab:red", label="‖∂L/∂W‖"
+    )
     twin.set_ylabel("‖∂L/∂W‖", color="tab:red")
-    rates.set(xlabel="recurrent delay d (steps)", ylabel="growth factor per step",
-              title=f"N={setup.size}, T={setup.steps}, gain={setup.gain}, τ={setup.tau}")
+    rates.set(
+        xlabel="recurrent delay d (steps)",
+        ylabel="growth factor per step",
+        title=f"N={setup.size}, T={setup.steps}, gain={setup.gain}, τ={setup.tau}",
+    )
     lines = rates.get_legend_handles_labels()
     extra = twin.get_legend_handles_labels()
     rates.legend(lines[0] + extra[0], lines[1] + extra[1], fontsize=8)

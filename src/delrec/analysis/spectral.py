@@ -6,6 +6,7 @@ Its characteristic equation is ``λ^(d+1) − a·λ^d − b = 0`` (``λ − a �
 ``r_d``, the largest modulus over all its ``d + 1`` complex roots, is the growth factor per
 time step of the bound: ``r_d > 1`` means the bound explodes, ``r_d < 1`` that it vanishes.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -72,15 +73,25 @@ def format_table(rows: list[SpectralRow]) -> str:
     lines = [f"{'d':>3}  {'r_d':>10}  {'regime':<8}  roots |λ|>1"]
     for row in rows:
         outside = int((np.abs(row.roots) > 1.0).sum())
-        lines.append(f"{row.delay:>3}  {row.radius:>10.6f}  {row.regime:<8}  "
-                     f"{outside}/{row.delay + 1}")
+        lines.append(
+            f"{row.delay:>3}  {row.radius:>10.6f}  {row.regime:<8}  {outside}/{row.delay + 1}"
+        )
     return "\n".join(lines)
 
 
 def rows_as_records(a: float, b: float, rows: list[SpectralRow]) -> list[dict]:
     """JSON-ready records (roots as ``[real, imag]`` pairs)."""
-    return [{"a": a, "b": b, "delay": row.delay, "radius": row.radius, "regime": row.regime,
-             "roots": [[float(z.real), float(z.imag)] for z in row.roots]} for row in rows]
+    return [
+        {
+            "a": a,
+            "b": b,
+            "delay": row.delay,
+            "radius": row.radius,
+            "regime": row.regime,
+            "roots": [[float(z.real), float(z.imag)] for z in row.roots],
+        }
+        for row in rows
+    ]
 
 
 def plot_spectral(a: float, b: float, rows: list[SpectralRow], path) -> None:
@@ -103,8 +114,12 @@ def plot_spectral(a: float, b: float, rows: list[SpectralRow], path) -> None:
     left.plot(delays, radii, color="gray", lw=1)
     left.scatter(delays[explode], radii[explode], color="tab:red", zorder=3)
     left.scatter(delays[~explode], radii[~explode], color="tab:blue", zorder=3)
-    left.set(xlabel="recurrent delay d (steps)", ylabel="spectral radius r_d",
-             title=f"λ^(d+1) − {a:g}·λ^d − {b:g} = 0", ylim=(bottom, top))
+    left.set(
+        xlabel="recurrent delay d (steps)",
+        ylabel="spectral radius r_d",
+        title=f"λ^(d+1) − {a:g}·λ^d − {b:g} = 0",
+        ylim=(bottom, top),
+    )
     left.legend(loc="best", fontsize=8)
 
     cmap = plt.get_cmap("viridis")

@@ -10,14 +10,27 @@ Items are ``(frames (T, C) float32, target)``; :func:`make_loader` batches them 
     >>> tuple(frames.shape)
     (64, 4, 1)
 """
+
 from .augment import TripleAugmented
 from .core import SPLITS, Batch, DatasetInfo, collate_time_major, make_loader
-from .fetch import RESOURCES, download
 from .errors import DataError
+from .fetch import RESOURCES, download
 from .registry import DATASETS, data_root, dataset_info, default_dir, load_dataset, settings_of
 
 __all__ = [
-    "Batch", "DATASETS", "DataError", "DatasetInfo", "RESOURCES", "SPLITS", "TripleAugmented",
-    "collate_time_major", "data_root", "dataset_info", "default_dir", "download",
-    "load_dataset", "make_loader", "settings_of",
+    "Batch",
+    "DATASETS",
+    "DataError",
+    "DatasetInfo",
+    "RESOURCES",
+    "SPLITS",
+    "TripleAugmented",
+    "collate_time_major",
+    "data_root",
+    "dataset_info",
+    "default_dir",
+    "download",
+    "load_dataset",
+    "make_loader",
+    "settings_of",
 ]

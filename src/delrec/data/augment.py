@@ -12,6 +12,7 @@ Randomness comes from ``numpy.random.default_rng([seed, epoch, index])``: an ite
 only on those three numbers, so it is the same in any worker and any order; call
 :meth:`TripleAugmented.set_epoch` each epoch for fresh draws.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,8 +50,8 @@ def blend(a: np.ndarray, b: np.ndarray, thin_p: float, rng: np.random.Generator)
     start_a, start_b = max(0, -align), max(0, align)
     steps = max(start_a + len(a), start_b + len(b))
     out = np.zeros((steps, a.shape[1]), dtype=np.float32)
-    out[start_a:start_a + len(a)] += rng.binomial(a.astype(np.int64), thin_p)
-    out[start_b:start_b + len(b)] += rng.binomial(b.astype(np.int64), thin_p)
+    out[start_a : start_a + len(a)] += rng.binomial(a.astype(np.int64), thin_p)
+    out[start_b : start_b + len(b)] += rng.binomial(b.astype(np.int64), thin_p)
     return out
 
 
@@ -65,8 +66,10 @@ class TripleAugmented(Dataset):
 
     def __init__(self, base: Dataset, max_shift: int = 100, thin_p: float = 0.5, seed: int = 0):
         if max_shift < 0 or not 0.0 <= thin_p <= 1.0:
-            raise DataError(f"augmentation needs max_shift >= 0 and 0 <= thin_p <= 1, got "
-                            f"max_shift={max_shift}, thin_p={thin_p}")
+            raise DataError(
+                f"augmentation needs max_shift >= 0 and 0 <= thin_p <= 1, got "
+                f"max_shift={max_shift}, thin_p={thin_p}"
+            )
         self.base = base
         self.max_shift = max_shift
         self.thin_p = thin_p
@@ -75,8 +78,9 @@ class TripleAugmented(Dataset):
         self.info = base.info
         self.split = base.split
         self._labels = np.asarray(base.labels)
-        self._same_class = {int(k): np.flatnonzero(self._labels == k)
-                            for k in np.unique(self._labels)}
+        self._same_class = {
+            int(k): np.flatnonzero(self._labels == k) for k in np.unique(self._labels)
+        }
 
     def set_epoch(self, epoch: int) -> None:
         """Use the random draws of ``epoch`` (an item is fixed by seed, epoch and index)."""

@@ -1,12 +1,13 @@
 """`delrec data …`: download the official files, list the data sets."""
+
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-from .fetch import RESOURCES, download
 from .errors import DataError
+from .fetch import RESOURCES, download
 from .registry import DATASETS, FOLDERS, dataset_info, default_dir
 
 
@@ -15,10 +16,16 @@ def add_parser(subparsers) -> None:
     commands = parser.add_subparsers(dest="data_command", metavar="ACTION")
     commands.required = True
     fetch = commands.add_parser(
-        "download", help="fetch, verify (MD5), resume and extract the official files")
+        "download", help="fetch, verify (MD5), resume and extract the official files"
+    )
     fetch.add_argument("name", choices=sorted(RESOURCES))
-    fetch.add_argument("--to", type=Path, default=None, metavar="DIR",
-                       help="destination folder (default: $DELREC_DATA/<name> or data/<name>)")
+    fetch.add_argument(
+        "--to",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="destination folder (default: $DELREC_DATA/<name> or data/<name>)",
+    )
     fetch.add_argument("--quiet", action="store_true", help="no progress bar")
     fetch.set_defaults(run=_run_download)
     listing = commands.add_parser("list", help="the data sets, their sizes and file folders")

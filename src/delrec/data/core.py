@@ -9,10 +9,12 @@ Every data set item is ``(frames, target)``:
 
 :func:`collate_time_major` turns a list of items into a time-major :class:`Batch`.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -67,13 +69,26 @@ def collate_time_major(items: Sequence[tuple[torch.Tensor, int | torch.Tensor]])
     return Batch(padded, lengths, target_tensor)
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int | None = None,
-                drop_last: bool = False, num_workers: int = 0) -> DataLoader:
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int | None = None,
+    drop_last: bool = False,
+    num_workers: int = 0,
+) -> DataLoader:
     """A DataLoader yielding :class:`Batch` es. With ``seed`` the shuffled order of every
     epoch is reproducible (one generator, advanced epoch after epoch)."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      num_workers=num_workers, collate_fn=collate_time_major, generator=generator)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        collate_fn=collate_time_major,
+        generator=generator,
+    )
 
 
 class SparseFrames(Dataset):
@@ -84,8 +99,13 @@ class SparseFrames(Dataset):
     ``lengths[i]`` is its number of time bins.
     """
 
-    def __init__(self, arrays: dict[str, np.ndarray], info: DatasetInfo, split: str,
-                 indices: np.ndarray | None = None):
+    def __init__(
+        self,
+        arrays: dict[str, np.ndarray],
+        info: DatasetInfo,
+        split: str,
+        indices: np.ndarray | None = None,
+    ):
         self.offsets = arrays["offsets"]
         self.steps = arrays["steps"]
         self.channels = arrays["channels"]
@@ -123,8 +143,15 @@ class PermutedImages(Dataset):
     the order in which pixels are presented (frames[t] = pixel permutation[t]).
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, permutation: torch.Tensor,
-                 scale: float, info: DatasetInfo, split: str):
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        permutation: torch.Tensor,
+        scale: float,
+        info: DatasetInfo,
+        split: str,
+    ):
         self.images = images
         self.all_labels = labels.astype(np.int64)
         self.permutation = permutation

@@ -7,6 +7,7 @@ already extracted is skipped. Interrupted transfers are resumed automatically (`
 times); without a network connection the first attempt fails at once with a DataError saying
 where to put the files by hand.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -44,28 +45,45 @@ class Resource:
 
 RESOURCES: dict[str, list[Resource]] = {
     "shd": [
-        Resource(HEIDELBERG_URL + "shd_train.h5.zip", "f3252aeb598ac776c1b526422d90eecb",
-                 "shd_train.h5"),
-        Resource(HEIDELBERG_URL + "shd_test.h5.zip", "1503a5064faa34311c398fb0a1ed0a6f",
-                 "shd_test.h5"),
+        Resource(
+            HEIDELBERG_URL + "shd_train.h5.zip", "f3252aeb598ac776c1b526422d90eecb", "shd_train.h5"
+        ),
+        Resource(
+            HEIDELBERG_URL + "shd_test.h5.zip", "1503a5064faa34311c398fb0a1ed0a6f", "shd_test.h5"
+        ),
     ],
     "ssc": [
-        Resource(HEIDELBERG_URL + "ssc_train.h5.zip", "d102be95e7144fcc0553d1f45ba94170",
-                 "ssc_train.h5"),
-        Resource(HEIDELBERG_URL + "ssc_valid.h5.zip", "b4eee3516a4a90dd0c71a6ac23a8ae43",
-                 "ssc_valid.h5"),
-        Resource(HEIDELBERG_URL + "ssc_test.h5.zip", "a35ff1e9cffdd02a20eb850c17c37748",
-                 "ssc_test.h5"),
+        Resource(
+            HEIDELBERG_URL + "ssc_train.h5.zip", "d102be95e7144fcc0553d1f45ba94170", "ssc_train.h5"
+        ),
+        Resource(
+            HEIDELBERG_URL + "ssc_valid.h5.zip", "b4eee3516a4a90dd0c71a6ac23a8ae43", "ssc_valid.h5"
+        ),
+        Resource(
+            HEIDELBERG_URL + "ssc_test.h5.zip", "a35ff1e9cffdd02a20eb850c17c37748", "ssc_test.h5"
+        ),
     ],
     "mnist": [
-        Resource(MNIST_URL + "train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-                 "train-images-idx3-ubyte"),
-        Resource(MNIST_URL + "train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432",
-                 "train-labels-idx1-ubyte"),
-        Resource(MNIST_URL + "t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3",
-                 "t10k-images-idx3-ubyte"),
-        Resource(MNIST_URL + "t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c",
-                 "t10k-labels-idx1-ubyte"),
+        Resource(
+            MNIST_URL + "train-images-idx3-ubyte.gz",
+            "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-images-idx3-ubyte",
+        ),
+        Resource(
+            MNIST_URL + "train-labels-idx1-ubyte.gz",
+            "d53e105ee54ea40749a09fcbcd1e9432",
+            "train-labels-idx1-ubyte",
+        ),
+        Resource(
+            MNIST_URL + "t10k-images-idx3-ubyte.gz",
+            "9fb629c4189551a2d022fa330f9573f3",
+            "t10k-images-idx3-ubyte",
+        ),
+        Resource(
+            MNIST_URL + "t10k-labels-idx1-ubyte.gz",
+            "ec29112dd5afa0611ce80d1b7f02629c",
+            "t10k-labels-idx1-ubyte",
+        ),
     ],
 }
 
@@ -85,8 +103,9 @@ class _Interrupted(Exception):
 def _fetch(resource: Resource, part: Path, timeout: float, progress: bool) -> None:
     """Append the missing bytes of ``resource`` to ``part`` (a Range request when it exists)."""
     have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(resource.url, headers={"Range": f"bytes={have}-"} if have
-                                     else {})
+    request = urllib.request.Request(
+        resource.url, headers={"Range": f"bytes={have}-"} if have else {}
+    )
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
@@ -98,9 +117,17 @@ def _fetch(resource: Resource, part: Path, timeout: float, progress: bool) -> No
             have = 0
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
-        with open(part, "ab" if have else "wb") as out, tqdm(
-                total=total, initial=have, unit="B", unit_scale=True, desc=resource.archive,
-                disable=not progress) as bar:
+        with (
+            open(part, "ab" if have else "wb") as out,
+            tqdm(
+                total=total,
+                initial=have,
+                unit="B",
+                unit_scale=True,
+                desc=resource.archive,
+                disable=not progress,
+            ) as bar,
+        ):
             try:
                 for block in iter(lambda: response.read(_BLOCK), b""):
                     out.write(block)
@@ -128,27 +155,38 @@ def _extract(archive: Path, target: Path) -> None:
         os.replace(tmp, target)
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
         tmp.unlink(missing_ok=True)
-        raise DataError(f"{archive} could not be extracted ({exc}): delete it and download "
-                        "again") from exc
+        raise DataError(
+            f"{archive} could not be extracted ({exc}): delete it and download again"
+        ) from exc
 
 
 def _by_hand(name: str, resources: list[Resource], folder: Path) -> str:
-    listing = "\n".join(f"  {r.url}  (md5 {r.md5}) -> extract to {folder / r.target}"
-                        for r in resources)
-    return (f"Download the {name} files by hand and put them (extracted, or the archives for "
-            f"`delrec data download {name} --to {folder}` to verify and extract) in "
-            f"{folder}:\n{listing}")
+    listing = "\n".join(
+        f"  {r.url}  (md5 {r.md5}) -> extract to {folder / r.target}" for r in resources
+    )
+    return (
+        f"Download the {name} files by hand and put them (extracted, or the archives for "
+        f"`delrec data download {name} --to {folder}` to verify and extract) in "
+        f"{folder}:\n{listing}"
+    )
 
 
-def download(name: str, to: Path, resources: list[Resource] | None = None, retries: int = 3,
-             timeout: float = 30.0, progress: bool = True) -> list[Path]:
+def download(
+    name: str,
+    to: Path,
+    resources: list[Resource] | None = None,
+    retries: int = 3,
+    timeout: float = 30.0,
+    progress: bool = True,
+) -> list[Path]:
     """Fetch, verify and extract the files of data set ``name`` ("shd", "ssc", "mnist") into
     the folder ``to``; returns the extracted paths. ``resources`` replaces the official list
     (tests serve their own archives). An archive already in ``to`` is verified and used."""
     if resources is None:
         if name not in RESOURCES:
-            raise DataError(f"nothing to download for '{name}': choose one of "
-                            f"{', '.join(RESOURCES)}")
+            raise DataError(
+                f"nothing to download for '{name}': choose one of {', '.join(RESOURCES)}"
+            )
         resources = RESOURCES[name]
     to = Path(to)
     to.mkdir(parents=True, exist_ok=True)
@@ -160,16 +198,23 @@ def download(name: str, to: Path, resources: list[Resource] | None = None, retri
             continue
         archive = to / resource.archive
         if not (archive.exists() and md5_of(archive) == resource.md5):
-            _download_verified(name, resource, archive, resources, to, retries, timeout,
-                               progress)
+            _download_verified(name, resource, archive, resources, to, retries, timeout, progress)
         _extract(archive, target)
         archive.unlink()
         done.append(target)
     return done
 
 
-def _download_verified(name: str, resource: Resource, archive: Path, resources: list[Resource],
-                       to: Path, retries: int, timeout: float, progress: bool) -> None:
+def _download_verified(
+    name: str,
+    resource: Resource,
+    archive: Path,
+    resources: list[Resource],
+    to: Path,
+    retries: int,
+    timeout: float,
+    progress: bool,
+) -> None:
     part = archive.with_name(archive.name + ".part")
     for attempt in range(1 + retries):
         try:
@@ -177,20 +222,28 @@ def _download_verified(name: str, resource: Resource, archive: Path, resources: 
             break
         except _Interrupted as exc:
             if attempt == retries:
-                raise DataError(f"the transfer of {resource.url} broke off ({exc}) after "
-                                f"{1 + retries} attempts; {part} keeps what arrived: run the "
-                                "command again to resume") from exc
+                raise DataError(
+                    f"the transfer of {resource.url} broke off ({exc}) after "
+                    f"{1 + retries} attempts; {part} keeps what arrived: run the "
+                    "command again to resume"
+                ) from exc
         except urllib.error.HTTPError as exc:
-            raise DataError(f"{resource.url} answered HTTP {exc.code} {exc.reason}.\n"
-                            + _by_hand(name, resources, to)) from exc
+            raise DataError(
+                f"{resource.url} answered HTTP {exc.code} {exc.reason}.\n"
+                + _by_hand(name, resources, to)
+            ) from exc
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise DataError(f"cannot reach {resource.url} ({reason}): no network?\n"
-                            + _by_hand(name, resources, to)) from exc
+            raise DataError(
+                f"cannot reach {resource.url} ({reason}): no network?\n"
+                + _by_hand(name, resources, to)
+            ) from exc
     digest = md5_of(part)
     if digest != resource.md5:
         part.unlink()
-        raise DataError(f"{resource.url} arrived with MD5 {digest}, expected {resource.md5}; "
-                        "the download was removed: run the command again, or fetch the file "
-                        "by hand.\n" + _by_hand(name, resources, to))
+        raise DataError(
+            f"{resource.url} arrived with MD5 {digest}, expected {resource.md5}; "
+            "the download was removed: run the command again, or fetch the file "
+            "by hand.\n" + _by_hand(name, resources, to)
+        )
     os.replace(part, archive)

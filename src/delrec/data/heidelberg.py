@@ -12,6 +12,7 @@ the last bin are dropped. Without one (SHD), a sample has ``floor(t_last / dt) +
 Parsing happens once per file and binning setting; the result is cached as compact arrays in
 ``<data dir>/cache/`` (atomic write) and invalidated when the source file changes.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,8 +61,11 @@ class Binning:
         return f"{source.stem}.dt{self.dt_us}us.T{steps}.g{self.group}.v{CACHE_VERSION}.npz"
 
 
-def bin_spikes(times: list[np.ndarray], units: list[np.ndarray], binning: Binning,
-               ) -> dict[str, np.ndarray]:
+def bin_spikes(
+    times: list[np.ndarray],
+    units: list[np.ndarray],
+    binning: Binning,
+) -> dict[str, np.ndarray]:
     """Bin ragged spike trains into sparse counts.
 
     ``times[i]`` (seconds) and ``units[i]`` (ids < 700) are sample i's spikes. Returns arrays
@@ -80,16 +84,20 @@ def bin_spikes(times: list[np.ndarray], units: list[np.ndarray], binning: Binnin
         raise ValueError(f"sample {sample[bad.argmax()]} has a negative or NaN spike time")
     bad = (u_all < 0) | (u_all >= NUM_UNITS)
     if bad.any():
-        raise ValueError(f"sample {sample[bad.argmax()]} has unit id {u_all[bad.argmax()]}, "
-                         f"outside 0…{NUM_UNITS - 1}")
+        raise ValueError(
+            f"sample {sample[bad.argmax()]} has unit id {u_all[bad.argmax()]}, "
+            f"outside 0…{NUM_UNITS - 1}"
+        )
     step = np.rint(t_all * 1e6).astype(np.int64) // binning.dt_us
     channel = u_all // binning.group
     if binning.steps is None:
         lengths = np.ones(n, dtype=np.int64)
         np.maximum.at(lengths, sample, step + 1)
         if lengths.max(initial=0) >= 2**16:
-            raise ValueError(f"a sample spans {lengths.max()} bins of {binning.dt_ms} ms, more "
-                             "than 65535: use a larger dt_ms or a fixed number of steps")
+            raise ValueError(
+                f"a sample spans {lengths.max()} bins of {binning.dt_ms} ms, more "
+                "than 65535: use a larger dt_ms or a fixed number of steps"
+            )
     else:
         keep = step < binning.steps
         sample, step, channel = sample[keep], step[keep], channel[keep]
@@ -98,8 +106,9 @@ def bin_spikes(times: list[np.ndarray], units: list[np.ndarray], binning: Binnin
     span = int(lengths.max(initial=1)) * width
     keys, counts = np.unique(sample * span + step * width + channel, return_counts=True)
     if counts.max(initial=0) >= 2**16:
-        raise ValueError(f"a bin holds {counts.max()} spikes, more than 65535: use a smaller "
-                         "dt_ms or group")
+        raise ValueError(
+            f"a bin holds {counts.max()} spikes, more than 65535: use a smaller dt_ms or group"
+        )
     entry_sample, rest = np.divmod(keys, span)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(entry_sample, minlength=n), out=offsets[1:])
@@ -118,14 +127,20 @@ def _concat_chunks(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]
     for c in chunks:
         offsets.append(c["offsets"][1:] + total)
         total += int(c["offsets"][-1])
-    out = {k: np.concatenate([c[k] for c in chunks])
-           for k in ("steps", "channels", "counts", "lengths")}
+    out = {
+        k: np.concatenate([c[k] for c in chunks])
+        for k in ("steps", "channels", "counts", "lengths")
+    }
     out["offsets"] = np.concatenate(offsets)
     return out
 
 
-def parse_file(path: Path, binning: Binning, num_classes: int, dataset: str,
-               ) -> dict[str, np.ndarray]:
+def parse_file(
+    path: Path,
+    binning: Binning,
+    num_classes: int,
+    dataset: str,
+) -> dict[str, np.ndarray]:
     """Read one Heidelberg HDF5 file and bin it; every problem becomes a DataError naming
     ``path`` and the fix. Returns :func:`bin_spikes`'s arrays plus ``labels`` (N,) int64 and
     ``empty``, the indices of samples without any spike in the file."""
@@ -135,51 +150,67 @@ def parse_file(path: Path, binning: Binning, num_classes: int, dataset: str,
     try:
         h5 = h5py.File(path, "r")
     except OSError as exc:
-        raise DataError(f"{path} is not a readable HDF5 file ({exc}); it may be truncated or "
-                        f"corrupt: {fix}") from exc
+        raise DataError(
+            f"{path} is not a readable HDF5 file ({exc}); it may be truncated or corrupt: {fix}"
+        ) from exc
     with h5:
         for key in ("spikes/times", "spikes/units", "labels"):
             if key not in h5:
-                raise DataError(f"{path} has no '{key}' dataset, so it is not a Heidelberg "
-                                f"{dataset.upper()} file (expected spikes/times, spikes/units, "
-                                f"labels): {fix}")
+                raise DataError(
+                    f"{path} has no '{key}' dataset, so it is not a Heidelberg "
+                    f"{dataset.upper()} file (expected spikes/times, spikes/units, "
+                    f"labels): {fix}"
+                )
         try:
             labels = np.asarray(h5["labels"][()])
             n = len(labels)
             if len(h5["spikes/times"]) != n or len(h5["spikes/units"]) != n:
-                raise DataError(f"{path}: spikes/times, spikes/units and labels have different "
-                                f"lengths ({len(h5['spikes/times'])}, {len(h5['spikes/units'])},"
-                                f" {n}): {fix}")
+                raise DataError(
+                    f"{path}: spikes/times, spikes/units and labels have different "
+                    f"lengths ({len(h5['spikes/times'])}, {len(h5['spikes/units'])},"
+                    f" {n}): {fix}"
+                )
             chunks, empty = [], []
             for lo in range(0, n, _CHUNK):
-                times = list(h5["spikes/times"][lo:lo + _CHUNK])
-                units = list(h5["spikes/units"][lo:lo + _CHUNK])
+                times = list(h5["spikes/times"][lo : lo + _CHUNK])
+                units = list(h5["spikes/units"][lo : lo + _CHUNK])
                 if any(len(t) != len(u) for t, u in zip(times, units)):
-                    raise DataError(f"{path}: a sample in {lo}…{lo + len(times) - 1} has "
-                                    f"different numbers of spike times and units: {fix}")
+                    raise DataError(
+                        f"{path}: a sample in {lo}…{lo + len(times) - 1} has "
+                        f"different numbers of spike times and units: {fix}"
+                    )
                 empty += [lo + i for i, t in enumerate(times) if len(t) == 0]
                 try:
                     chunks.append(bin_spikes(times, units, binning))
                 except ValueError as exc:
-                    raise DataError(f"{path}: {exc} (sample numbers counted from {lo}): "
-                                    f"{fix}") from exc
+                    raise DataError(
+                        f"{path}: {exc} (sample numbers counted from {lo}): {fix}"
+                    ) from exc
         except (OSError, RuntimeError) as exc:
-            raise DataError(f"{path} could not be read ({exc}); it may be truncated or "
-                            f"corrupt: {fix}") from exc
+            raise DataError(
+                f"{path} could not be read ({exc}); it may be truncated or corrupt: {fix}"
+            ) from exc
     if n == 0:
         raise DataError(f"{path} holds no samples: {fix}")
     if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= num_classes:
-        raise DataError(f"{path}: labels must be integers in 0…{num_classes - 1} for "
-                        f"{dataset.upper()}, found {labels.dtype} values in "
-                        f"{labels.min()}…{labels.max()}: {fix}")
+        raise DataError(
+            f"{path}: labels must be integers in 0…{num_classes - 1} for "
+            f"{dataset.upper()}, found {labels.dtype} values in "
+            f"{labels.min()}…{labels.max()}: {fix}"
+        )
     arrays = _concat_chunks(chunks)
     arrays["labels"] = labels.astype(np.int64)
     arrays["empty"] = np.array(empty, dtype=np.int64)
     return arrays
 
 
-def write_heidelberg(path: str | os.PathLike, samples, labels, time_dtype=np.float32,
-                     extra: dict[str, np.ndarray] | None = None) -> None:
+def write_heidelberg(
+    path: str | os.PathLike,
+    samples,
+    labels,
+    time_dtype=np.float32,
+    extra: dict[str, np.ndarray] | None = None,
+) -> None:
     """Write spike trains in the Heidelberg HDF5 layout (for synthetic data and tests).
 
     ``samples``: one ``(times in s, unit ids 0…699)`` pair of 1-D arrays per sample;
@@ -188,10 +219,12 @@ def write_heidelberg(path: str | os.PathLike, samples, labels, time_dtype=np.flo
     import h5py
 
     with h5py.File(path, "w") as f:
-        times = f.create_dataset("spikes/times", (len(samples),),
-                                 dtype=h5py.vlen_dtype(np.dtype(time_dtype)))
-        units = f.create_dataset("spikes/units", (len(samples),),
-                                 dtype=h5py.vlen_dtype(np.dtype(np.uint16)))
+        times = f.create_dataset(
+            "spikes/times", (len(samples),), dtype=h5py.vlen_dtype(np.dtype(time_dtype))
+        )
+        units = f.create_dataset(
+            "spikes/units", (len(samples),), dtype=h5py.vlen_dtype(np.dtype(np.uint16))
+        )
         for i, (t, u) in enumerate(samples):
             times[i] = np.asarray(t, dtype=time_dtype)
             units[i] = np.asarray(u, dtype=np.uint16)
@@ -217,9 +250,14 @@ def _write_atomic(target: Path, arrays: dict[str, np.ndarray]) -> None:
         raise
 
 
-def load_binned(path: Path, binning: Binning, num_classes: int, dataset: str,
-                cache_dir: str | Path | None = None, keep_empty: bool = False,
-                ) -> dict[str, np.ndarray]:
+def load_binned(
+    path: Path,
+    binning: Binning,
+    num_classes: int,
+    dataset: str,
+    cache_dir: str | Path | None = None,
+    keep_empty: bool = False,
+) -> dict[str, np.ndarray]:
     """The binned arrays of ``path``, from the cache when it matches the file, else parsed and
     cached. Cache: ``cache_dir`` (default ``<file's directory>/cache``); when it cannot be
     written a warning is given and the data is used uncached.
@@ -233,12 +271,17 @@ def load_binned(path: Path, binning: Binning, num_classes: int, dataset: str,
         try:
             _write_atomic(cache, {**arrays, "source": _source_stamp(path)})
         except OSError as exc:
-            warnings.warn(f"could not write the cache {cache} ({exc}); {path} will be parsed "
-                          "again next time: pass cache_dir= a writable directory", stacklevel=2)
+            warnings.warn(
+                f"could not write the cache {cache} ({exc}); {path} will be parsed "
+                "again next time: pass cache_dir= a writable directory",
+                stacklevel=2,
+            )
     empty = arrays.pop("empty")
     if len(empty) and not keep_empty:
-        raise DataError(f"{path}: {len(empty)} sample(s) have no spikes (first: sample "
-                        f"{empty[0]}); pass keep_empty=True to use them as all-zero frames")
+        raise DataError(
+            f"{path}: {len(empty)} sample(s) have no spikes (first: sample "
+            f"{empty[0]}); pass keep_empty=True to use them as all-zero frames"
+        )
     return arrays
 
 
@@ -257,32 +300,45 @@ def _cached(cache: Path, path: Path) -> dict[str, np.ndarray] | None:
 
 
 NUM_CLASSES = {"shd": 20, "ssc": 35}
-FILES = {"shd": {"train": "shd_train.h5", "valid": "shd_train.h5", "test": "shd_test.h5"},
-         "ssc": {"train": "ssc_train.h5", "valid": "ssc_valid.h5", "test": "ssc_test.h5"}}
+FILES = {
+    "shd": {"train": "shd_train.h5", "valid": "shd_train.h5", "test": "shd_test.h5"},
+    "ssc": {"train": "ssc_train.h5", "valid": "ssc_valid.h5", "test": "ssc_test.h5"},
+}
 
 
 def heidelberg_info(name: str, binning: Binning) -> DatasetInfo:
     """Sizes of "shd" or "ssc" under ``binning``."""
-    return DatasetInfo(name, "classification", binning.input_size, NUM_CLASSES[name],
-                       binning.steps)
+    return DatasetInfo(name, "classification", binning.input_size, NUM_CLASSES[name], binning.steps)
 
 
 def _source(root: Path, name: str, split: str) -> Path:
     path = root / FILES[name][split]
     if not root.is_dir():
-        raise DataError(f"{name.upper()} directory {root} does not exist: run `delrec data "
-                        f"download {name} --to {root}`, or point root= (`--data-root` on the "
-                        f"command line) at the folder holding "
-                        f"{', '.join(sorted(set(FILES[name].values())))}")
+        raise DataError(
+            f"{name.upper()} directory {root} does not exist: run `delrec data "
+            f"download {name} --to {root}`, or point root= (`--data-root` on the "
+            f"command line) at the folder holding "
+            f"{', '.join(sorted(set(FILES[name].values())))}"
+        )
     if not path.is_file():
-        raise DataError(f"{path} not found: run `delrec data download {name} --to {root}`, or "
-                        f"put {path.name} there by hand")
+        raise DataError(
+            f"{path} not found: run `delrec data download {name} --to {root}`, or "
+            f"put {path.name} there by hand"
+        )
     return path
 
 
-def load_shd(root: Path, split: str, dt_ms: float = 10.0, steps: int | None = None,
-             group: int = 5, valid_fraction: float = 0.2, split_seed: int = 0,
-             keep_empty: bool = False, cache_dir: str | Path | None = None) -> SparseFrames:
+def load_shd(
+    root: Path,
+    split: str,
+    dt_ms: float = 10.0,
+    steps: int | None = None,
+    group: int = 5,
+    valid_fraction: float = 0.2,
+    split_seed: int = 0,
+    keep_empty: bool = False,
+    cache_dir: str | Path | None = None,
+) -> SparseFrames:
     """SHD: train/valid are a seeded ``1 - valid_fraction`` / ``valid_fraction`` split of
     shd_train.h5, test is shd_test.h5. Items: ((T_i, 700/group) counts, label 0…19)."""
     if not 0.0 < valid_fraction < 1.0:
@@ -299,9 +355,15 @@ def load_shd(root: Path, split: str, dt_ms: float = 10.0, steps: int | None = No
     return SparseFrames(arrays, heidelberg_info("shd", binning), split, indices)
 
 
-def load_ssc(root: Path, split: str, dt_ms: float = 5.6, steps: int | None = 250,
-             group: int = 5, keep_empty: bool = False, cache_dir: str | Path | None = None,
-             ) -> SparseFrames:
+def load_ssc(
+    root: Path,
+    split: str,
+    dt_ms: float = 5.6,
+    steps: int | None = 250,
+    group: int = 5,
+    keep_empty: bool = False,
+    cache_dir: str | Path | None = None,
+) -> SparseFrames:
     """SSC from its official train/valid/test files. Items: ((steps, 700/group) counts,
     label 0…34); spikes at or after steps * dt_ms (1.4 s) are dropped."""
     binning = Binning(dt_ms, steps, group)

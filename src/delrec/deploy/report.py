@@ -23,6 +23,7 @@ length of each sample when the loader gives lengths. Scores follow ``delrec eval
 scores from :func:`~delrec.models.readout_reduce` over the whole (padded) batch, the
 regression prediction at each sample's last true step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,20 +67,32 @@ def _delay_stats(kind: str, synapses: DelayedSynapses) -> dict:
 def _static_layers(net: nn.Module, stream: StreamingNetwork) -> list[dict]:
     layers = []
     for index, (block, layer) in enumerate(zip(net.blocks, stream.layers)):
-        entry = {"name": f"layer{index}", "neurons": layer.size,
-                 "neuron_model": type(layer.neuron).__name__,
-                 "feedforward_synapses": int(layer.synapses.weight.numel()),
-                 "recurrent_synapses": 0, "delays": []}
+        entry = {
+            "name": f"layer{index}",
+            "neurons": layer.size,
+            "neuron_model": type(layer.neuron).__name__,
+            "feedforward_synapses": int(layer.synapses.weight.numel()),
+            "recurrent_synapses": 0,
+            "delays": [],
+        }
         if isinstance(block.synapses, FeedforwardDelay):
             entry["delays"].append(_delay_stats("feedforward", layer.synapses))
         if isinstance(block.neurons, DelRec):
             entry["recurrent_synapses"] = int(layer.recurrent.weight.numel())
             entry["delays"].append(_delay_stats(block.neurons.delay_type, layer.recurrent))
         layers.append(entry)
-    layers.append({"name": "readout", "neurons": stream.output_size,
-                   "neuron_model": type(stream.readout_neuron).__name__ if stream.readout_neuron else "none",
-                   "feedforward_synapses": int(stream.readout.weight.numel()),
-                   "recurrent_synapses": 0, "delays": []})
+    layers.append(
+        {
+            "name": "readout",
+            "neurons": stream.output_size,
+            "neuron_model": type(stream.readout_neuron).__name__
+            if stream.readout_neuron
+            else "none",
+            "feedforward_synapses": int(stream.readout.weight.numel()),
+            "recurrent_synapses": 0,
+            "delays": [],
+        }
+    )
     return layers
 
 
@@ -90,8 +103,10 @@ def _unpack(batch) -> tuple[Tensor, Tensor | None, Tensor]:
         return batch[0], batch[1], batch[2]
     if len(batch) == 2:
         return batch[0], None, batch[1]
-    raise ValueError("loader batches must be (frames, lengths, targets) or (frames, targets) "
-                     f"with time-major frames (T, B, C); got {len(batch)} items")
+    raise ValueError(
+        "loader batches must be (frames, lengths, targets) or (frames, targets) "
+        f"with time-major frames (T, B, C); got {len(batch)} items"
+    )
 
 
 def _valid_steps(steps: int, batch: int, lengths: Tensor | None) -> Tensor:
@@ -103,7 +118,8 @@ def _valid_steps(steps: int, batch: int, lengths: Tensor | None) -> Tensor:
 
 def _prediction(output: Tensor, lengths: Tensor | None, readout: str) -> Tensor:
     """Readout sequence ``(T, B, K)`` → class scores or prediction ``(B, K)``, as training
-    evaluates it: :func:`~delrec.models.readout_reduce`, the ``"ema"`` value at the last true step."""
+    evaluates it: :func:`~delrec.models.readout_reduce`, the ``"ema"`` value at the last true
+    step."""
     if readout != "ema" or lengths is None:
         return readout_reduce(output, readout)
     return output[lengths - 1, torch.arange(output.shape[1])]
@@ -133,12 +149,20 @@ class _Score:
 
 
 @torch.no_grad()
-def _evaluate(net: nn.Module, stream: StreamingNetwork, loader, readout: str, max_batches: int | None,
-              count_activity: bool) -> dict:
+def _evaluate(
+    net: nn.Module,
+    stream: StreamingNetwork,
+    loader,
+    readout: str,
+    max_batches: int | None,
+    count_activity: bool,
+) -> dict:
     """One pass over ``loader`` in the current eval mode: the score and, if asked, activity."""
     parameter = next(net.parameters())
     score = _Score(regression=readout == "ema")
-    events = [torch.zeros(layer.synapses.in_features, dtype=torch.float64) for layer in stream.layers]
+    events = [
+        torch.zeros(layer.synapses.in_features, dtype=torch.float64) for layer in stream.layers
+    ]
     spikes = [torch.zeros(layer.size, dtype=torch.float64) for layer in stream.layers]
     for number, batch in enumerate(loader):
         if max_batches is not None and number >= max_batches:
@@ -151,12 +175,20 @@ def _evaluate(net: nn.Module, stream: StreamingNetwork, loader, readout: str, ma
         score.add(_prediction(output, lengths, readout), targets.cpu())
         if count_activity:
             for index, s in enumerate(layer_spikes):
-                events[index] += ((frames if index == 0 else layer_spikes[index - 1]) != 0).mul(mask).sum((0, 1)).double()
+                events[index] += (
+                    ((frames if index == 0 else layer_spikes[index - 1]) != 0)
+                    .mul(mask)
+                    .sum((0, 1))
+                    .double()
+                )
                 spikes[index] += (s * mask).sum((0, 1)).double()
     if score.count == 0:
         raise ValueError("the loader gave no samples")
-    result = {"samples": score.count, "metric": "nmse" if score.regression else "accuracy",
-              "score": score.value()}
+    result = {
+        "samples": score.count,
+        "metric": "nmse" if score.regression else "accuracy",
+        "score": score.value(),
+    }
     if count_activity:
         result["events"] = [e / score.count for e in events]
         result["spikes"] = [s / score.count for s in spikes]
@@ -211,14 +243,22 @@ def hardware_report(net: nn.Module, loader=None, *, max_batches: int | None = No
                 module.integer_eval = flag
         _add_activity(layers, stream, integer)
         report["evaluation"] = {
-            "samples": integer["samples"], "metric": integer["metric"],
-            "integer_delays": integer["score"], "spread_delays": spread["score"],
-            "rounding_cost": (spread["score"] - integer["score"]) * (1 if integer["metric"] == "accuracy" else -1),
-            "sigma": {f"layer{i}": float(block.neurons.sigma) if block.neurons.learn_delays else 0.0
-                      for i, block in enumerate(net.blocks) if isinstance(block.neurons, DelRec)},
+            "samples": integer["samples"],
+            "metric": integer["metric"],
+            "integer_delays": integer["score"],
+            "spread_delays": spread["score"],
+            "rounding_cost": (spread["score"] - integer["score"])
+            * (1 if integer["metric"] == "accuracy" else -1),
+            "sigma": {
+                f"layer{i}": float(block.neurons.sigma) if block.neurons.learn_delays else 0.0
+                for i, block in enumerate(net.blocks)
+                if isinstance(block.neurons, DelRec)
+            },
         }
-    totals = {key: sum(layer[key] for layer in layers)
-              for key in ("neurons", "feedforward_synapses", "recurrent_synapses")}
+    totals = {
+        key: sum(layer[key] for layer in layers)
+        for key in ("neurons", "feedforward_synapses", "recurrent_synapses")
+    }
     for key in ("axonal_buffer_bits", "synaptic_buffer_bits", "delay_value_bits"):
         totals[key] = sum(d[key] for layer in layers for d in layer["delays"])
     if loader is not None:
@@ -232,7 +272,16 @@ def hardware_report(net: nn.Module, loader=None, *, max_batches: int | None = No
 def format_report(report: dict) -> str:
     """The report as a plain-text table."""
     has_activity = "spikes_per_inference" in report["totals"]
-    header = ["layer", "neurons", "synapses", "delays", "max d", "mean d", "axonal bits", "synaptic bits"]
+    header = [
+        "layer",
+        "neurons",
+        "synapses",
+        "delays",
+        "max d",
+        "mean d",
+        "axonal bits",
+        "synaptic bits",
+    ]
     if has_activity:
         header += ["spikes/inf", "synops/inf"]
     rows = []
@@ -240,28 +289,56 @@ def format_report(report: dict) -> str:
         delays = layer["delays"] or [None]
         for position, d in enumerate(delays):
             first = position == 0
-            row = [layer["name"] if first else "", str(layer["neurons"]) if first else "",
-                   str(layer["feedforward_synapses"] + layer["recurrent_synapses"]) if first else ""]
-            row += ([d["kind"], str(d["max"]), f"{d['mean']:.2f}", str(d["axonal_buffer_bits"]),
-                     str(d["synaptic_buffer_bits"])] if d else ["none", "-", "-", "-", "-"])
+            row = [
+                layer["name"] if first else "",
+                str(layer["neurons"]) if first else "",
+                str(layer["feedforward_synapses"] + layer["recurrent_synapses"]) if first else "",
+            ]
+            row += (
+                [
+                    d["kind"],
+                    str(d["max"]),
+                    f"{d['mean']:.2f}",
+                    str(d["axonal_buffer_bits"]),
+                    str(d["synaptic_buffer_bits"]),
+                ]
+                if d
+                else ["none", "-", "-", "-", "-"]
+            )
             if has_activity:
-                row += [f"{layer['spikes_per_inference']:.1f}", f"{layer['synops_per_inference']:.0f}"] if first else ["", ""]
+                row += (
+                    [f"{layer['spikes_per_inference']:.1f}", f"{layer['synops_per_inference']:.0f}"]
+                    if first
+                    else ["", ""]
+                )
             rows.append(row)
     t = report["totals"]
-    total = ["total", str(t["neurons"]), str(t["feedforward_synapses"] + t["recurrent_synapses"]), "", "", "",
-             str(t["axonal_buffer_bits"]), str(t["synaptic_buffer_bits"])]
+    total = [
+        "total",
+        str(t["neurons"]),
+        str(t["feedforward_synapses"] + t["recurrent_synapses"]),
+        "",
+        "",
+        "",
+        str(t["axonal_buffer_bits"]),
+        str(t["synaptic_buffer_bits"]),
+    ]
     if has_activity:
         total += [f"{t['spikes_per_inference']:.1f}", f"{t['synops_per_inference']:.0f}"]
     rows.append(total)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("delay d: arrival 1 + d steps after a recurrent spike, d steps for feedforward delays; "
-                 "axonal bits = N_pre × max d, synaptic bits = Σ_synapses d")
+    lines.append(
+        "delay d: arrival 1 + d steps after a recurrent spike, d steps for feedforward delays; "
+        "axonal bits = N_pre × max d, synaptic bits = Σ_synapses d"
+    )
     if "evaluation" in report:
         e = report["evaluation"]
-        lines.append(f"{e['metric']} on {e['samples']} samples: integer delays {e['integer_delays']:.4f}, "
-                     f"σ-spread delays {e['spread_delays']:.4f} (cost of rounding {e['rounding_cost']:+.4f})")
+        lines.append(
+            f"{e['metric']} on {e['samples']} samples: integer delays {e['integer_delays']:.4f}, "
+            f"σ-spread delays {e['spread_delays']:.4f} (cost of rounding {e['rounding_cost']:+.4f})"
+        )
     return "\n".join(lines)
 
 
@@ -273,7 +350,9 @@ def plot_delay_histograms(report: dict, path: str | os.PathLike) -> None:
     import matplotlib.pyplot as plt
 
     panels = [(layer["name"], d) for layer in report["layers"] for d in layer["delays"]]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4 * max(1, len(panels)), 3), squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(1, len(panels)), figsize=(4 * max(1, len(panels)), 3), squeeze=False
+    )
     for ax, (name, d) in zip(axes[0], panels):
         delays = [int(k) for k in d["histogram"]]
         ax.bar(delays, list(d["histogram"].values()), width=0.9)
@@ -315,25 +394,42 @@ def _atomic(path: str | os.PathLike, write) -> None:
 def add_parser(subparsers) -> None:
     """``delrec report RUN_DIR``."""
     parser = subparsers.add_parser(
-        "report", help="hardware report: delays, buffer memory, spikes and synaptic operations",
+        "report",
+        help="hardware report: delays, buffer memory, spikes and synaptic operations",
         description="Report what a chip needs to run the network of a run directory with integer "
         "delays: per layer the neurons, synapses, delay histogram and buffer memory; on the run's "
         "test split (or --data) the spikes and synaptic operations per inference and the score "
-        "with σ-spread versus integer delays.")
+        "with σ-spread versus integer delays.",
+    )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint .pt file")
-    parser.add_argument("--checkpoint", choices=["best", "last"], default="best",
-                        help="which checkpoint of a run directory (default best)")
-    parser.add_argument("--split", choices=["train", "valid", "test"], default="test",
-                        help="split to measure on (default test)")
-    parser.add_argument("--data", metavar="NAME",
-                        help="measure on this data set (see `delrec data list`) instead of the run's")
+    parser.add_argument(
+        "--checkpoint",
+        choices=["best", "last"],
+        default="best",
+        help="which checkpoint of a run directory (default best)",
+    )
+    parser.add_argument(
+        "--split",
+        choices=["train", "valid", "test"],
+        default="test",
+        help="split to measure on (default test)",
+    )
+    parser.add_argument(
+        "--data",
+        metavar="NAME",
+        help="measure on this data set (see `delrec data list`) instead of the run's",
+    )
     parser.add_argument("--data-root", metavar="DIR", help="folder holding the data set's files")
     parser.add_argument("--no-data", action="store_true", help="static report only, no data pass")
     parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     parser.add_argument("--max-batches", type=int, help="stop after this many batches")
-    parser.add_argument("-o", "--output", metavar="DIR",
-                        help="where to write hardware_report.json and delay_histograms.png "
-                        "(default RUN_DIR/report, or beside a checkpoint file)")
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="DIR",
+        help="where to write hardware_report.json and delay_histograms.png "
+        "(default RUN_DIR/report, or beside a checkpoint file)",
+    )
     parser.set_defaults(run=_run_report)
 
 
@@ -345,16 +441,22 @@ def _loader(args: argparse.Namespace):
     if args.no_data:
         return None
     if args.data:
-        return make_loader(load_dataset(args.data, args.split, root=args.data_root), args.batch_size)
+        return make_loader(
+            load_dataset(args.data, args.split, root=args.data_root), args.batch_size
+        )
     payload = load_checkpoint(args.run_dir, args.checkpoint)
     if "train_config" not in payload:
-        print("note: the checkpoint holds no training configuration, so there is no data set to "
-              "measure on; pass --data NAME for spikes, synaptic operations and scores")
+        print(
+            "note: the checkpoint holds no training configuration, so there is no data set to "
+            "measure on; pass --data NAME for spikes, synaptic operations and scores"
+        )
         return None
     from delrec.training.config import TrainConfig
     from delrec.training.loop import eval_loader, load_splits
 
-    values = dict(payload["train_config"], **({"data_root": args.data_root} if args.data_root else {}))
+    values = dict(
+        payload["train_config"], **({"data_root": args.data_root} if args.data_root else {})
+    )
     data = load_splits(TrainConfig.from_dict(values), splits=(args.split,), stored=payload)
     return eval_loader(data.datasets[args.split], args.batch_size)
 
@@ -367,7 +469,11 @@ def _run_report(args: argparse.Namespace) -> int:
         print("delrec report: error: --batch-size and --max-batches must be >= 1", file=sys.stderr)
         return 2
     run_dir = Path(args.run_dir)
-    output = Path(args.output) if args.output else (run_dir if run_dir.is_dir() else run_dir.parent) / "report"
+    output = (
+        Path(args.output)
+        if args.output
+        else (run_dir if run_dir.is_dir() else run_dir.parent) / "report"
+    )
     try:
         net = load_network(run_dir, args.checkpoint)
         report = hardware_report(net, _loader(args), max_batches=args.max_batches)

@@ -13,6 +13,7 @@ Conventions (time in steps):
   loop itself takes one step and ``lag = round(d)`` more (axonal delays: ``lag_ij = d_j``);
 * histories before ``t = 0`` are zero; neurons start from their ``initial_state``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,8 +39,10 @@ class DelayedSynapses(nn.Module):
     def __init__(self, weight: Tensor, lags: Tensor, bias: Tensor | None = None):
         super().__init__()
         if weight.dim() != 2 or lags.shape != weight.shape:
-            raise ValueError(f"weight and lags must both be (O, I), got {tuple(weight.shape)} "
-                             f"and {tuple(lags.shape)}")
+            raise ValueError(
+                f"weight and lags must both be (O, I), got {tuple(weight.shape)} "
+                f"and {tuple(lags.shape)}"
+            )
         if bias is not None and bias.shape != weight.shape[:1]:
             raise ValueError(f"bias must be (O,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
         lags = lags.to(torch.long)
@@ -71,9 +74,13 @@ class DelayedSynapses(nn.Module):
 
     def read(self, buffer: Tensor, t: int) -> Tensor:
         """``Σ_j W_ij x_j[t - lag_ij] + b_i`` from the buffer, ``(B, O)``."""
-        slots = (t - (self.column_lags if self.column_lags is not None else self.lags)) % buffer.shape[-1]
+        slots = (
+            t - (self.column_lags if self.column_lags is not None else self.lags)
+        ) % buffer.shape[-1]
         if self.column_lags is not None:
-            delayed = buffer[:, torch.arange(self.in_features, device=buffer.device), slots]  # (B, I)
+            delayed = buffer[
+                :, torch.arange(self.in_features, device=buffer.device), slots
+            ]  # (B, I)
             return F.linear(delayed, self.weight, self.bias)
         columns = torch.arange(self.in_features, device=buffer.device).expand_as(slots)
         delayed = buffer[:, columns, slots]  # (B, O, I)
@@ -82,8 +89,10 @@ class DelayedSynapses(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "per-presynaptic-neuron" if self.column_lags is not None else "per-synapse"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"max_lag={self.max_lag}, lags={kind}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"max_lag={self.max_lag}, lags={kind}, bias={self.bias is not None}"
+        )
 
 
 class StreamingLayer(nn.Module):
@@ -93,12 +102,15 @@ class StreamingLayer(nn.Module):
     feedforward layer); ``neuron`` follows :class:`delrec.neurons.Neuron`.
     """
 
-    def __init__(self, synapses: DelayedSynapses, neuron: nn.Module,
-                 recurrent: DelayedSynapses | None = None):
+    def __init__(
+        self, synapses: DelayedSynapses, neuron: nn.Module, recurrent: DelayedSynapses | None = None
+    ):
         super().__init__()
         if recurrent is not None and recurrent.weight.shape != (synapses.out_features,) * 2:
-            raise ValueError(f"recurrent weights must be ({synapses.out_features}, "
-                             f"{synapses.out_features}), got {tuple(recurrent.weight.shape)}")
+            raise ValueError(
+                f"recurrent weights must be ({synapses.out_features}, "
+                f"{synapses.out_features}), got {tuple(recurrent.weight.shape)}"
+            )
         self.synapses, self.neuron, self.recurrent = synapses, as_neuron(neuron), recurrent
 
     @property
@@ -146,20 +158,29 @@ class StreamingNetwork(nn.Module):
             y_t = stream.step(x_t, state)      # (K,) or (B, K); state.spikes has the spikes
     """
 
-    def __init__(self, layers: list[StreamingLayer], readout: DelayedSynapses,
-                 readout_neuron: LeakyIntegrator | None = None, readout_reduction: str | None = None):
+    def __init__(
+        self,
+        layers: list[StreamingLayer],
+        readout: DelayedSynapses,
+        readout_neuron: LeakyIntegrator | None = None,
+        readout_reduction: str | None = None,
+    ):
         super().__init__()
         if readout.max_lag != 0:
             raise ValueError("the readout synapses must have zero lags")
         if readout_neuron is not None and not isinstance(readout_neuron, LeakyIntegrator):
-            raise TypeError(f"readout_neuron must be a LeakyIntegrator or None, "
-                            f"got {type(readout_neuron).__name__}")
+            raise TypeError(
+                f"readout_neuron must be a LeakyIntegrator or None, "
+                f"got {type(readout_neuron).__name__}"
+            )
         fan_in = layers[0].synapses.in_features if layers else readout.in_features
         for index, layer in enumerate([*layers, None]):
             synapses = layer.synapses if layer is not None else readout
             if synapses.in_features != fan_in:
                 name = f"layer {index}" if layer is not None else "the readout"
-                raise ValueError(f"{name} expects {synapses.in_features} inputs but receives {fan_in}")
+                raise ValueError(
+                    f"{name} expects {synapses.in_features} inputs but receives {fan_in}"
+                )
             fan_in = synapses.out_features
         self.layers = nn.ModuleList(layers)
         self.readout = readout
@@ -177,7 +198,7 @@ class StreamingNetwork(nn.Module):
     # ------------------------------------------------------------------ conversion
     @classmethod
     @torch.no_grad()
-    def from_network(cls, net: nn.Module) -> "StreamingNetwork":
+    def from_network(cls, net: nn.Module) -> StreamingNetwork:
         """Integer-delay streaming copy of a :class:`~delrec.models.SpikingNetwork`.
 
         DelRec delays are rounded as in eval mode (half to even, at least 0); feedforward
@@ -187,8 +208,10 @@ class StreamingNetwork(nn.Module):
         """
         for name in ("blocks", "readout", "readout_neuron"):
             if not hasattr(net, name):
-                raise TypeError(f"{type(net).__name__} is not a delrec SpikingNetwork "
-                                f"(no .{name}); build it with delrec.models.build_network")
+                raise TypeError(
+                    f"{type(net).__name__} is not a delrec SpikingNetwork "
+                    f"(no .{name}); build it with delrec.models.build_network"
+                )
         layers = []
         for index, block in enumerate(net.blocks):
             weight, lags, bias = _synapse_tensors(block.synapses, f"layer {index}")
@@ -196,7 +219,9 @@ class StreamingNetwork(nn.Module):
                 weight, bias = _fold_batch_norm(block.norm, weight, bias, f"layer {index}")
             if isinstance(block.neurons, DelRec):
                 layer = block.neurons
-                delay = layer.delay.expand(layer.size) if layer.delay_type == "shared" else layer.delay
+                delay = (
+                    layer.delay.expand(layer.size) if layer.delay_type == "shared" else layer.delay
+                )
                 rec_lags = integer_delays(delay).long()
                 if rec_lags.dim() == 1:  # axonal: one delay per presynaptic neuron
                     rec_lags = rec_lags.expand(layer.size, layer.size)
@@ -210,8 +235,12 @@ class StreamingNetwork(nn.Module):
             raise ValueError("the readout must be an nn.Linear (no delays)")
         readout_neuron = copy.deepcopy(net.readout_neuron)
         config = getattr(net, "config", None)
-        return cls(layers, DelayedSynapses(weight, lags, bias), readout_neuron,
-                   getattr(config, "readout", None))
+        return cls(
+            layers,
+            DelayedSynapses(weight, lags, bias),
+            readout_neuron,
+            getattr(config, "readout", None),
+        )
 
     # ------------------------------------------------------------------ running
     def initial_state(self, batch_size: int = 1) -> StreamState:
@@ -222,11 +251,16 @@ class StreamingNetwork(nn.Module):
         return StreamState(
             t=0,
             input_buffers=[layer.synapses.new_buffer(batch_size) for layer in self.layers],
-            recurrent_buffers=[None if layer.recurrent is None else layer.recurrent.new_buffer(batch_size)
-                               for layer in self.layers],
-            neuron_states=[tuple(layer.neuron.initial_state(z)) for layer, z in zip(self.layers, like)],
+            recurrent_buffers=[
+                None if layer.recurrent is None else layer.recurrent.new_buffer(batch_size)
+                for layer in self.layers
+            ],
+            neuron_states=[
+                tuple(layer.neuron.initial_state(z)) for layer, z in zip(self.layers, like)
+            ],
             readout_buffer=self.readout.new_buffer(batch_size),
-            readout_membrane=None if self.readout_neuron is None
+            readout_membrane=None
+            if self.readout_neuron is None
             else self.readout.weight.new_zeros(batch_size, self.output_size),
             spikes=like,
         )
@@ -238,13 +272,17 @@ class StreamingNetwork(nn.Module):
         unbatched = x_t.dim() == 1
         x = x_t.unsqueeze(0) if unbatched else x_t
         if x.dim() != 2 or x.shape != (state.batch_size, self.input_size):
-            raise ValueError(f"expected one frame of shape ({state.batch_size}, {self.input_size})"
-                             + (f" or ({self.input_size},)" if state.batch_size == 1 else "")
-                             + f", got {tuple(x_t.shape)}; make the state with "
-                             "initial_state(batch_size)")
+            raise ValueError(
+                f"expected one frame of shape ({state.batch_size}, {self.input_size})"
+                + (f" or ({self.input_size},)" if state.batch_size == 1 else "")
+                + f", got {tuple(x_t.shape)}; make the state with "
+                "initial_state(batch_size)"
+            )
         if x.dtype != self.readout.weight.dtype:
-            raise TypeError(f"input dtype {x.dtype} does not match the network's "
-                            f"{self.readout.weight.dtype}; convert one with .to(dtype)")
+            raise TypeError(
+                f"input dtype {x.dtype} does not match the network's "
+                f"{self.readout.weight.dtype}; convert one with .to(dtype)"
+            )
         t = state.t
         for index, layer in enumerate(self.layers):
             layer.synapses.write(state.input_buffers[index], t, x)
@@ -272,8 +310,10 @@ class StreamingNetwork(nn.Module):
         if unbatched:
             x = x.unsqueeze(1)
         if x.dim() != 3 or x.shape[0] == 0:
-            raise ValueError(f"expected a time-major sequence (T, B, {self.input_size}) with T > 0, "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected a time-major sequence (T, B, {self.input_size}) with T > 0, "
+                f"got {tuple(x.shape)}"
+            )
         state = self.initial_state(x.shape[1])
         outputs, spikes = [], [[] for _ in self.layers]
         for x_t in x:
@@ -290,29 +330,43 @@ def _synapse_tensors(module: nn.Module, where: str) -> tuple[Tensor, Tensor, Ten
     """``(weight (O, I), integer lags (O, I), bias)`` of a Linear or FeedforwardDelay in eval."""
     if isinstance(module, nn.Linear):
         weight = module.weight.detach()
-        return weight, torch.zeros(weight.shape, dtype=torch.long, device=weight.device), module.bias
+        return (
+            weight,
+            torch.zeros(weight.shape, dtype=torch.long, device=weight.device),
+            module.bias,
+        )
     if isinstance(module, FeedforwardDelay):
         position = module.position.detach().round()
         inside = (position >= 0) & (position <= module.kernel_size - 1)
         weight = torch.where(inside, module.weight.detach(), torch.zeros_like(module.weight))
         return weight, torch.where(inside, position, 0).long(), module.bias
-    raise TypeError(f"{where}: synapses of type {type(module).__name__} are not supported; "
-                    "use nn.Linear or delrec.layers.FeedforwardDelay")
+    raise TypeError(
+        f"{where}: synapses of type {type(module).__name__} are not supported; "
+        "use nn.Linear or delrec.layers.FeedforwardDelay"
+    )
 
 
-def _fold_batch_norm(norm: nn.Module, weight: Tensor, bias: Tensor | None,
-                     where: str) -> tuple[Tensor, Tensor]:
+def _fold_batch_norm(
+    norm: nn.Module, weight: Tensor, bias: Tensor | None, where: str
+) -> tuple[Tensor, Tensor]:
     """Fold an eval-mode ``BatchNorm1d`` into the affine map ``(W, b)`` before it."""
     if not isinstance(norm, nn.BatchNorm1d):
-        raise TypeError(f"{where}: normalisation {type(norm).__name__} is not supported "
-                        "(only BatchNorm1d, which is folded into the weights)")
+        raise TypeError(
+            f"{where}: normalisation {type(norm).__name__} is not supported "
+            "(only BatchNorm1d, which is folded into the weights)"
+        )
     if norm.running_mean is None or norm.running_var is None:
-        raise ValueError(f"{where}: BatchNorm1d has no running statistics "
-                         "(track_running_stats=False), so it cannot be folded into fixed weights")
+        raise ValueError(
+            f"{where}: BatchNorm1d has no running statistics "
+            "(track_running_stats=False), so it cannot be folded into fixed weights"
+        )
     dtype = weight.dtype
     scale = (norm.running_var.double() + norm.eps).rsqrt()
     shift = -norm.running_mean.double() * scale
     if norm.affine:
-        scale, shift = scale * norm.weight.double(), shift * norm.weight.double() + norm.bias.double()
+        scale, shift = (
+            scale * norm.weight.double(),
+            shift * norm.weight.double() + norm.bias.double(),
+        )
     folded_bias = shift if bias is None else bias.double() * scale + shift
     return (weight.double() * scale[:, None]).to(dtype), folded_bias.to(dtype)

@@ -24,6 +24,7 @@ For the built-in LIF neuron this computes exactly what :func:`reference_recurren
 
 Units: time in steps; ``current``/``spikes`` are time-major ``(T, B, N)``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,11 +34,11 @@ from torch import Tensor
 
 from delrec.delays import triangle_kernel
 from delrec.engine import native
-from delrec.neurons import ATan, LIF, LIFParameters, Triangle
+from delrec.neurons import LIF, ATan, LIFParameters, Triangle
 
 
 def supports(neuron) -> bool:
-    """True if the fast engine runs ``neuron``: exactly our built-in :class:`LIF` (not subclasses)."""
+    """True if the fast engine runs ``neuron``: exactly the built-in :class:`LIF`, no subclass."""
     return type(neuron) is LIF
 
 
@@ -53,9 +54,11 @@ class _LIF:
     p: LIFParameters
 
     @classmethod
-    def of(cls, p: LIFParameters) -> "_LIF":
+    def of(cls, p: LIFParameters) -> _LIF:
         v_rest = 0.0 if p.soft_reset else p.v_reset
-        return cls(1.0 - 1.0 / p.tau, 1.0 / p.tau if p.decay_input else 1.0, v_rest / p.tau, v_rest, p)
+        return cls(
+            1.0 - 1.0 / p.tau, 1.0 / p.tau if p.decay_input else 1.0, v_rest / p.tau, v_rest, p
+        )
 
     def drive(self, current: Tensor) -> Tensor:
         """Feedforward part of ``h``: ``gain·c + offset``, ``(T, B, N)``."""
@@ -70,8 +73,9 @@ class _LIF:
             return torch.sub(h, spikes_out.to(h.dtype), alpha=self.p.v_threshold)
         return h.masked_fill(spikes_out, self.p.v_reset)
 
-    def adjoint_step(self, grad_s: Tensor, grad_h_next: Tensor, h: Tensor, s: Tensor,
-                     out: Tensor) -> Tensor:
+    def adjoint_step(
+        self, grad_s: Tensor, grad_h_next: Tensor, h: Tensor, s: Tensor, out: Tensor
+    ) -> Tensor:
         """``∂L/∂h[t]`` into ``out`` from ``∂L/∂s[t]`` (all paths but the reset), ``∂L/∂h[t+1]``.
 
         With ``gv = leak·∂L/∂h[t+1]`` (the adjoint of ``v[t]``):
@@ -129,14 +133,18 @@ class _AxonalPlan:
         c64, w64, a1, b1, b2 = centre.double(), w.double(), a1.double(), b1.double(), b2.double()
         self.inv_w2 = 1.0 / (w64 * w64)
         alpha_r, alpha_f = w64 - c64 + a1, w64 + c64 - b2
-        gamma = torch.stack([alpha_r, alpha_f - alpha_r + (b2 - b1) - (b1 - a1 + 1) - 1, 1 - alpha_f])
+        gamma = torch.stack(
+            [alpha_r, alpha_f - alpha_r + (b2 - b1) - (b1 - a1 + 1) - 1, 1 - alpha_f]
+        )
         second = c64.new_tensor([1.0, -2.0, 1.0]).view(3, 1).expand(3, n)
         # (2, 3, N, 1): increments of (z, D/w²) per tapped spike (or adjoint)
         self.trace_coef = (torch.stack([gamma, second]) * self.inv_w2).unsqueeze(-1).contiguous()
-        # spikes are 0/1: the increments for each pattern c = s₀ + 2s₁ + 4s₂ of the three taps, (N, 8)
+        # spikes are 0/1: increments per pattern c = s₀ + 2s₁ + 4s₂ of the three taps, (N, 8)
         codes = torch.arange(8, device=c64.device)
         bits = torch.stack([(codes >> q) & 1 for q in range(3)]).double()  # (3, 8)
-        self.z_table, self.d_table = torch.einsum("rqn,qc->rnc", self.trace_coef[..., 0], bits).unbind(0)
+        self.z_table, self.d_table = torch.einsum(
+            "rqn,qc->rnc", self.trace_coef[..., 0], bits
+        ).unbind(0)
         self.native_coef = self.trace_coef[..., 0].transpose(1, 2).contiguous()  # (2, N, 3)
         # the gradient statistics are small integers: |ε-sum| ≤ w + 1, closed count ≤ 2w + 2
         self.count_dtype = torch.int8 if 2 * float(w.max()) + 2 <= 127 else torch.int16
@@ -170,8 +178,9 @@ class _AxonalRecurrence(torch.autograd.Function):
         plan = _AxonalPlan(delay, width, current.shape[0])
         kernels = native.load("axonal") if current.device.type == "cpu" else None
         loop = _forward_loop if kernels is None else _native_forward
-        spikes, membrane, trace, slope, support = loop(current, weight, mask, lif, plan, need_d,
-                                                       need_s)
+        spikes, membrane, trace, slope, support = loop(
+            current, weight, mask, lif, plan, need_d, need_s
+        )
         ctx.lif, ctx.native = lif, kernels is not None
         ctx.save_for_backward(membrane, trace, slope, support, weight, delay, width, mask)
         return spikes
@@ -185,8 +194,16 @@ class _AxonalRecurrence(torch.autograd.Function):
         plan = _AxonalPlan(delay, width, trace.shape[0])
         loop = _native_backward if ctx.native else _backward_loop
         grad_h, by_slope, by_support, by_trace = loop(
-            grad_spikes.contiguous(), membrane, trace, slope, support, weight * lif.gain, mask,
-            lif, plan)
+            grad_spikes.contiguous(),
+            membrane,
+            trace,
+            slope,
+            support,
+            weight * lif.gain,
+            mask,
+            lif,
+            plan,
+        )
 
         grad_current = (grad_h if lif.gain == 1.0 else grad_h * lif.gain) if need_c else None
         grad_weight = grad_delay = grad_width = None
@@ -196,29 +213,49 @@ class _AxonalRecurrence(torch.autograd.Function):
         if need_d:  # ∂z/∂c = E/w²
             grad_delay = (by_slope * plan.inv_w2).to(delay.dtype)
         if need_s:  # ∂z/∂w = K/w² - 2z/w
-            grad_width = (by_support * plan.inv_w2 - 2.0 * by_trace / width.double()).to(width.dtype)
+            grad_width = (by_support * plan.inv_w2 - 2.0 * by_trace / width.double()).to(
+                width.dtype
+            )
         return grad_current, grad_weight, grad_delay, grad_width, None, None
 
 
-def _native_forward(current, weight, mask, lif: _LIF, plan: _AxonalPlan, need_d: bool,
-                    need_s: bool):
+def _native_forward(
+    current, weight, mask, lif: _LIF, plan: _AxonalPlan, need_d: bool, need_s: bool
+):
     """The forward time loop in C++. Returns spikes, membrane and trace ``(T, B, N)`` and the
     neuron-major box sums ``(T+1, N, B)`` (None when not needed)."""
     steps, batch, n = current.shape
     spikes, trace, membrane = (current.new_empty(steps, batch, n) for _ in range(3))  # contiguous
     history = current.new_empty(steps + 1, n, batch, dtype=torch.bool)  # the taps' spikes
-    slope, support = (current.new_empty((steps + 1, n, batch) if need else (0,),
-                                        dtype=plan.count_dtype) for need in (need_d, need_s))
+    slope, support = (
+        current.new_empty((steps + 1, n, batch) if need else (0,), dtype=plan.count_dtype)
+        for need in (need_d, need_s)
+    )
     p = lif.p
     native.load("axonal").forward(
-        lif.drive(current).contiguous(), (weight * lif.gain).contiguous(), mask, plan.lags,
-        plan.native_coef, lif.leak, lif.v0, p.v_threshold, p.v_reset or 0.0, p.soft_reset,
-        spikes, history, membrane, trace, slope, support)
+        lif.drive(current).contiguous(),
+        (weight * lif.gain).contiguous(),
+        mask,
+        plan.lags,
+        plan.native_coef,
+        lif.leak,
+        lif.v0,
+        p.v_threshold,
+        p.v_reset or 0.0,
+        p.soft_reset,
+        spikes,
+        history,
+        membrane,
+        trace,
+        slope,
+        support,
+    )
     return spikes, membrane, trace, slope if need_d else None, support if need_s else None
 
 
-def _native_backward(grad_spikes, membrane, trace, slope, support, weight_in, mask, lif: _LIF,
-                     plan: _AxonalPlan):
+def _native_backward(
+    grad_spikes, membrane, trace, slope, support, weight_in, mask, lif: _LIF, plan: _AxonalPlan
+):
     """The reverse time loop in C++ on what :func:`_native_forward` saved: ``∂L/∂h``
     ``(T, B, N)`` and the per-neuron sums ``Σ ∂L/∂z·E``, ``Σ ∂L/∂z·K``, ``Σ ∂L/∂z·z`` (float64,
     None when not needed) behind the delay and spread gradients."""
@@ -233,17 +270,35 @@ def _native_backward(grad_spikes, membrane, trace, slope, support, weight_in, ma
     grad_h = torch.empty_like(trace)
     sums = torch.zeros(3, plan.size, dtype=torch.float64)
     native.load("axonal").backward(
-        grad_spikes, membrane, psi, weight_in.contiguous(), mask, plan.lags, plan.native_coef,
-        lif.leak, p.v_threshold, p.v_reset or 0.0, p.soft_reset, p.detach_reset, code, param,
-        trace, empty if slope is None else slope, empty if support is None else support,
-        grad_h, sums)
+        grad_spikes,
+        membrane,
+        psi,
+        weight_in.contiguous(),
+        mask,
+        plan.lags,
+        plan.native_coef,
+        lif.leak,
+        p.v_threshold,
+        p.v_reset or 0.0,
+        p.soft_reset,
+        p.detach_reset,
+        code,
+        param,
+        trace,
+        empty if slope is None else slope,
+        empty if support is None else support,
+        grad_h,
+        sums,
+    )
     by_slope, by_support, by_trace = sums
-    return (grad_h, by_slope if slope is not None else None,
-            *((by_support, by_trace) if support is not None else (None, None)))
+    return (
+        grad_h,
+        by_slope if slope is not None else None,
+        *((by_support, by_trace) if support is not None else (None, None)),
+    )
 
 
-def _forward_loop(current, weight, mask, lif: _LIF, plan: _AxonalPlan, need_d: bool,
-                  need_s: bool):
+def _forward_loop(current, weight, mask, lif: _LIF, plan: _AxonalPlan, need_d: bool, need_s: bool):
     """The forward time loop in PyTorch ops: what :func:`_native_forward` returns, but the
     membrane batch-major ``(T, B, N)``."""
     steps, batch, n = current.shape
@@ -282,8 +337,9 @@ def _forward_loop(current, weight, mask, lif: _LIF, plan: _AxonalPlan, need_d: b
     return spikes, membrane, trace, slope, support
 
 
-def _backward_loop(grad_spikes, membrane, trace, slope, support, weight_in, mask, lif: _LIF,
-                   plan: _AxonalPlan):
+def _backward_loop(
+    grad_spikes, membrane, trace, slope, support, weight_in, mask, lif: _LIF, plan: _AxonalPlan
+):
     """The reverse time loop in PyTorch ops; same outputs as :func:`_native_backward`."""
     steps, batch, n = membrane.shape
     rows = plan.tap_rows(3, +1)
@@ -336,7 +392,7 @@ class _SynapticRecurrence(torch.autograd.Function):
         membrane = torch.empty_like(current)
         v = current.new_full((batch, n), lif.v0)
         for t in range(steps):
-            past = window[:, t:t + lags].reshape(batch, lags * n)
+            past = window[:, t : t + lags].reshape(batch, lags * n)
             if mask is None:
                 u = torch.addmm(drive[t], past, stacked)
             else:
@@ -361,20 +417,23 @@ class _SynapticRecurrence(torch.autograd.Function):
         grad_h = torch.empty_like(membrane)
         gh = membrane.new_zeros(batch, n)
         for t in range(steps - 1, -1, -1):
-            gh = lif.adjoint_step(grad_spikes[t] + recurrent[:, kmax + t], gh, membrane[t], spikes[t],
-                                  out=grad_h[t])
+            gh = lif.adjoint_step(
+                grad_spikes[t] + recurrent[:, kmax + t], gh, membrane[t], spikes[t], out=grad_h[t]
+            )
             g = gh if mask is None else gh * mask
-            recurrent[:, t:t + lags].view(batch, lags * n).addmm_(g, stacked_t)
+            recurrent[:, t : t + lags].view(batch, lags * n).addmm_(g, stacked_t)
         grad_current = grad_h * lif.gain if ctx.needs_input_grad[0] else None
         grad_kernel = None
         if ctx.needs_input_grad[1]:
             grad_r = (grad_h if mask is None else grad_h * mask) * lif.gain
             s = spikes.to(membrane.dtype)
             grad_kernel = torch.zeros_like(kernel)
-            for l in range(lags):
-                k = kmin + l
+            for lag in range(lags):
+                k = kmin + lag
                 if k < steps:
-                    grad_kernel[:, :, l] = grad_r[k:].reshape(-1, n).t() @ s[:steps - k].reshape(-1, n)
+                    grad_kernel[:, :, lag] = grad_r[k:].reshape(-1, n).t() @ s[: steps - k].reshape(
+                        -1, n
+                    )
         return grad_current, grad_kernel, None, None, None
 
 
@@ -393,8 +452,14 @@ def synaptic_support(delay: Tensor, width: Tensor) -> tuple[int, int]:
     return kmin, kmax
 
 
-def fast_recurrence(current: Tensor, weight: Tensor, delay: Tensor, width: Tensor | float,
-                    params: LIFParameters, mask: Tensor | None = None) -> Tensor:
+def fast_recurrence(
+    current: Tensor,
+    weight: Tensor,
+    delay: Tensor,
+    width: Tensor | float,
+    params: LIFParameters,
+    mask: Tensor | None = None,
+) -> Tensor:
     """Spikes ``(T, B, N)`` of a recurrent LIF layer with delays, differentiable in every input.
 
     current: feedforward current ``(T, B, N)``; weight: ``(N, N)`` (row = postsynaptic);
@@ -419,8 +484,13 @@ def fast_recurrence(current: Tensor, weight: Tensor, delay: Tensor, width: Tenso
 
 
 @torch.no_grad()
-def integer_recurrence(current: Tensor, weight: Tensor, delay: Tensor, params: LIFParameters,
-                       mask: Tensor | None = None) -> Tensor:
+def integer_recurrence(
+    current: Tensor,
+    weight: Tensor,
+    delay: Tensor,
+    params: LIFParameters,
+    mask: Tensor | None = None,
+) -> Tensor:
     """Integer-delay inference (σ = 0, delays already rounded): spikes ``(T, B, N)``, no autograd.
 
     Each spike lands exactly ``1 + d`` steps later. Axonal delays ``(N,)`` read one slot per
@@ -449,17 +519,19 @@ def integer_recurrence(current: Tensor, weight: Tensor, delay: Tensor, params: L
             u = drive[t] + (u if mask is None else mask * u)
             h = torch.add(u, v, alpha=lif.leak, out=membrane)
             v = lif.fire_and_reset(h, spikes[t])
-            ring[:, slot * n:(slot + 1) * n] = spikes[t]
+            ring[:, slot * n : (slot + 1) * n] = spikes[t]
         return spikes.to(dtype)
     kmin, kmax = int(lag.min()), int(lag.max())
     lags = kmax - kmin + 1
-    taps = torch.arange(kmax, kmin - 1, -1, device=lag.device).view(1, 1, lags)  # window order: oldest first
+    taps = torch.arange(kmax, kmin - 1, -1, device=lag.device).view(
+        1, 1, lags
+    )  # window order: oldest first
     stacked = ((weight * lif.gain).unsqueeze(-1) * (lag.unsqueeze(-1) == taps)).permute(2, 1, 0)
     stacked = stacked.reshape(lags * n, n)
     ring = current.new_zeros(batch, 2 * slots, n)  # each spike frame stored twice
     for t in range(steps):
         slot = t % slots  # frames t-L … t-1 sit in slots slot … slot+L-1
-        past = ring[:, slot + slots - kmax: slot + slots - kmin + 1].reshape(batch, lags * n)
+        past = ring[:, slot + slots - kmax : slot + slots - kmin + 1].reshape(batch, lags * n)
         u = torch.mm(past, stacked)
         u = drive[t] + (u if mask is None else mask * u)
         h = torch.add(u, v, alpha=lif.leak, out=membrane)

@@ -9,6 +9,7 @@ package) and cached per torch version and CPU in ``$DELREC_CACHE`` (default
 warning that says why, and the engine runs its PyTorch-op version (same results, slower).
 ``DELREC_NATIVE=0`` turns them off.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,8 +39,11 @@ def _build_directory(name: str) -> Path:
     (``-march=native``)."""
     cpu = platform.processor() or platform.machine()
     try:
-        cpu += next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("flags"))
+        cpu += next(
+            line
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        )
     except (OSError, StopIteration):
         pass
     source = (SOURCES / f"{name}.cpp").read_bytes()
@@ -76,11 +80,20 @@ def build(name: str) -> ModuleType:
         spec.loader.exec_module(loaded)
         return loaded
     _ninja_on_path()
-    print(f"delrec: compiling the C++ kernels '{name}' (first use on this machine, about "
-          f"half a minute) into {folder}", file=sys.stderr, flush=True)
+    print(
+        f"delrec: compiling the C++ kernels '{name}' (first use on this machine, about "
+        f"half a minute) into {folder}",
+        file=sys.stderr,
+        flush=True,
+    )
     return cpp_extension.load(
-        name=module, sources=[str(SOURCES / f"{name}.cpp")], build_directory=str(folder),
-        extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+        name=module,
+        sources=[str(SOURCES / f"{name}.cpp")],
+        build_directory=str(folder),
+        extra_cflags=CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
 
 
 def load(name: str) -> ModuleType | None:
@@ -95,9 +108,12 @@ def _built_or_warned(name: str) -> ModuleType | None:
         return build(name)
     except Exception as error:  # compiler missing, ninja missing, build error: say which
         first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        warnings.warn(f"delrec: the C++ kernels '{name}' could not be built or loaded "
-                      f"({first}); the fast engine runs its slower PyTorch-op version. Install "
-                      f"a C++ compiler and ninja, or delete {_build_directory(name)} to rebuild "
-                      "a damaged build, or set DELREC_NATIVE=0 to silence this.",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"delrec: the C++ kernels '{name}' could not be built or loaded "
+            f"({first}); the fast engine runs its slower PyTorch-op version. Install "
+            f"a C++ compiler and ninja, or delete {_build_directory(name)} to rebuild "
+            "a damaged build, or set DELREC_NATIVE=0 to silence this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None

@@ -5,6 +5,7 @@ the spikes just emitted are spread over their lags by the kernel, weighted, and 
 buffer of future recurrent input, so work is O(B·N²·L) per step and autograd keeps a
 ``(B, N, L)`` tensor per step (DESIGN §4).
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def reference_recurrence(current: Tensor, weight: Tensor, kernel: Tensor, neuron: nn.Module,
-                         mask: Tensor | None = None) -> Tensor:
+def reference_recurrence(
+    current: Tensor, weight: Tensor, kernel: Tensor, neuron: nn.Module, mask: Tensor | None = None
+) -> Tensor:
     """Run a recurrent-delay layer over a sequence; returns spikes ``(T, B, N)``.
 
     current: feedforward input current ``c``, ``(T, B, N)``.

@@ -44,6 +44,7 @@ Time loops are in C++ (``csrc/synaptic.cpp``, built by :mod:`~delrec.engine.nati
 ``None`` and the caller keeps the lag-GEMM engine. Units: steps; sequences are time-major
 ``(T, B, N)``.
 """
+
 from __future__ import annotations
 
 from types import ModuleType
@@ -75,8 +76,15 @@ class _SlotPlan:
         n = delay.shape[0]
         centre = (1.0 + delay.detach()).double()  # in the parameter dtype, like triangle_kernel
         w = width.detach().double()
-        (self.owner_start, self.slot_of, first, pattern, self.member_start, self.member,
-         self.order) = kernels.plan(centre.contiguous(), w.expand(n).contiguous())
+        (
+            self.owner_start,
+            self.slot_of,
+            first,
+            pattern,
+            self.member_start,
+            self.member,
+            self.order,
+        ) = kernels.plan(centre.contiguous(), w.expand(n).contiguous())
         lo, hi, rises, falls = pattern.unbind(1)
         self.inv_w2 = 1.0 / (w * w)
         self.offset = (centre - first[self.slot_of.long()]) * self.inv_w2  # (c - G_s)/w², (N, N)
@@ -97,8 +105,15 @@ class _SlotPlan:
 
     def native(self) -> tuple[Tensor, ...]:
         """The plan tensors in the order the C++ functions take them."""
-        return (self.owner_start, self.z_lags, self.z_coef, self.e_lags, self.support,
-                self.member_start, self.member)
+        return (
+            self.owner_start,
+            self.z_lags,
+            self.z_coef,
+            self.e_lags,
+            self.support,
+            self.member_start,
+            self.member,
+        )
 
 
 def _triangle_taps(centre: Tensor, width: Tensor) -> tuple[Tensor, Tensor]:
@@ -128,9 +143,22 @@ class _SynapticSlots(torch.autograd.Function):
         history = current.new_empty(n, steps + 1, batch, dtype=torch.bool)  # frame t+1: step t
         membrane = current.new_empty(steps, n, batch)
         p = lif.p
-        kernels.forward(lif.drive(current).contiguous(), a, b, plan.slot_of, mask, *plan.native(),
-                        lif.leak, lif.v0, p.v_threshold, p.v_reset or 0.0, p.soft_reset, spikes,
-                        history, membrane)
+        kernels.forward(
+            lif.drive(current).contiguous(),
+            a,
+            b,
+            plan.slot_of,
+            mask,
+            *plan.native(),
+            lif.leak,
+            lif.v0,
+            p.v_threshold,
+            p.v_reset or 0.0,
+            p.soft_reset,
+            spikes,
+            history,
+            membrane,
+        )
         ctx.lif, ctx.plan, ctx.kernels, ctx.delay_dtype = lif, plan, kernels, delay.dtype
         ctx.save_for_backward(history, membrane, weight, mask)
         return spikes
@@ -151,9 +179,26 @@ class _SynapticSlots(torch.autograd.Function):
         lanes = 64 // membrane.element_size()  # batch rows padded to whole cache lines
         adjoint = membrane.new_zeros(n, steps, -(-batch // lanes) * lanes)  # ∂L/∂h · m
         by_support = torch.zeros(n, dtype=torch.float64)
-        ctx.kernels.backward(grad_spikes.contiguous(), history, membrane, psi, a, b, mask, counts,
-                             *plan.native(), lif.leak, p.v_threshold, p.v_reset or 0.0,
-                             p.soft_reset, p.detach_reset, plan.ring, grad_h, adjoint, by_support)
+        ctx.kernels.backward(
+            grad_spikes.contiguous(),
+            history,
+            membrane,
+            psi,
+            a,
+            b,
+            mask,
+            counts,
+            *plan.native(),
+            lif.leak,
+            p.v_threshold,
+            p.v_reset or 0.0,
+            p.soft_reset,
+            p.detach_reset,
+            plan.ring,
+            grad_h,
+            adjoint,
+            by_support,
+        )
         grad_current = grad_h * lif.gain if need_c else None
         grad_weight = grad_delay = grad_width = None
         if need_w or need_d or need_s:
@@ -172,8 +217,14 @@ class _SynapticSlots(torch.autograd.Function):
         return grad_current, grad_weight, grad_delay, grad_width, None, None, None
 
 
-def synaptic_recurrence(current: Tensor, weight: Tensor, delay: Tensor, width: Tensor | float,
-                        params: LIFParameters, mask: Tensor | None = None) -> Tensor | None:
+def synaptic_recurrence(
+    current: Tensor,
+    weight: Tensor,
+    delay: Tensor,
+    width: Tensor | float,
+    params: LIFParameters,
+    mask: Tensor | None = None,
+) -> Tensor | None:
     """Spikes ``(T, B, N)`` of a recurrent LIF layer with per-synapse delays ``(N, N)``.
 
     Same contract as :func:`delrec.engine.fast.fast_recurrence` for 2-D delays (current

@@ -1,4 +1,5 @@
 """Layers: the DelRec recurrent-delay layer and the feedforward-delay baseline."""
+
 from torch import nn
 
 from delrec.layers.feedforward import FeedforwardDelay

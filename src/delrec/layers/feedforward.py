@@ -1,4 +1,5 @@
 """Feedforward learnable delays (the DCLS-style baseline of the paper, DESIGN §2.3)."""
+
 from __future__ import annotations
 
 import math
@@ -18,19 +19,38 @@ class FeedforwardDelay(nn.Module):
     rounded (without changing the parameters).
     """
 
-    def __init__(self, in_features: int, out_features: int, kernel_size: int = 26,
-                 bias: bool = True, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int = 26,
+        bias: bool = True,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         if kernel_size < 1:
             raise ValueError(f"kernel_size must be >= 1 step, got {kernel_size}")
-        self.in_features, self.out_features, self.kernel_size = in_features, out_features, kernel_size
+        self.in_features, self.out_features, self.kernel_size = (
+            in_features,
+            out_features,
+            kernel_size,
+        )
         bound = math.sqrt(6.0 / in_features)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(
-            -bound, bound, generator=generator))
-        self.position = nn.Parameter((kernel_size - 1) * torch.rand(
-            out_features, in_features, generator=generator))
-        self.bias = nn.Parameter(torch.empty(out_features).uniform_(
-            -1 / math.sqrt(in_features), 1 / math.sqrt(in_features), generator=generator)) if bias else None
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features).uniform_(-bound, bound, generator=generator)
+        )
+        self.position = nn.Parameter(
+            (kernel_size - 1) * torch.rand(out_features, in_features, generator=generator)
+        )
+        self.bias = (
+            nn.Parameter(
+                torch.empty(out_features).uniform_(
+                    -1 / math.sqrt(in_features), 1 / math.sqrt(in_features), generator=generator
+                )
+            )
+            if bias
+            else None
+        )
 
     def temporal_kernel(self) -> Tensor:
         """Weights per delay tap, ``(O, I, K)``: index ``k`` is a delay of ``k`` steps."""
@@ -41,7 +61,9 @@ class FeedforwardDelay(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.in_features:
-            raise ValueError(f"FeedforwardDelay expects (T, B, {self.in_features}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"FeedforwardDelay expects (T, B, {self.in_features}), got {tuple(x.shape)}"
+            )
         signal = F.pad(x.permute(1, 2, 0), (self.kernel_size - 1, 0))  # (B, I, K-1+T)
         out = F.conv1d(signal, self.temporal_kernel().flip(-1), self.bias)
         return out.permute(2, 0, 1)
@@ -52,5 +74,7 @@ class FeedforwardDelay(nn.Module):
         self.position.clamp_(0, self.kernel_size - 1)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"kernel_size={self.kernel_size}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"kernel_size={self.kernel_size}, bias={self.bias is not None}"
+        )

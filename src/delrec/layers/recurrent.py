@@ -1,4 +1,5 @@
 """The DelRec recurrent layer: spiking neurons with learnable recurrent transmission delays."""
+
 from __future__ import annotations
 
 import torch
@@ -47,10 +48,21 @@ class DelRec(nn.Module):
     spread kernel instead.
     """
 
-    def __init__(self, size: int, neuron: nn.Module | None = None, *, delay_type: str = "axonal",
-                 delay_init="uniform:0:10", learn_delays: bool = True, round_init: bool = False,
-                 learn_spread: bool = False, sigma: float = 0.0, recurrent_dropout: float = 0.0,
-                 engine: str = "auto", generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        size: int,
+        neuron: nn.Module | None = None,
+        *,
+        delay_type: str = "axonal",
+        delay_init="uniform:0:10",
+        learn_delays: bool = True,
+        round_init: bool = False,
+        learn_spread: bool = False,
+        sigma: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        engine: str = "auto",
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         if delay_type not in DELAY_TYPES:
             raise ValueError(f"delay_type must be one of {DELAY_TYPES}, got {delay_type!r}")
@@ -61,8 +73,10 @@ class DelRec(nn.Module):
         self.size = size
         self.neuron = as_neuron(neuron if neuron is not None else LIF())
         if engine == "fast" and not fast.supports(self.neuron):
-            raise ValueError(f"engine='fast' runs only the built-in LIF neuron, not "
-                             f"{type(self.neuron).__name__}; use engine='auto' or 'reference'")
+            raise ValueError(
+                f"engine='fast' runs only the built-in LIF neuron, not "
+                f"{type(self.neuron).__name__}; use engine='auto' or 'reference'"
+            )
         self.delay_type = delay_type
         self.learn_delays = learn_delays
         self.recurrent_dropout = recurrent_dropout
@@ -83,16 +97,18 @@ class DelRec(nn.Module):
 
     # ------------------------------------------------------------------ variants
     @classmethod
-    def vanilla(cls, size: int, neuron: nn.Module | None = None, **kwargs) -> "DelRec":
+    def vanilla(cls, size: int, neuron: nn.Module | None = None, **kwargs) -> DelRec:
         """Plain recurrent layer: every delay 0 (one step), frozen, σ = 0."""
         return cls(size, neuron, delay_init=0.0, learn_delays=False, **kwargs)
 
     @classmethod
-    def fixed(cls, size: int, neuron: nn.Module | None = None, delay_init="uniform:0:10",
-              **kwargs) -> "DelRec":
+    def fixed(
+        cls, size: int, neuron: nn.Module | None = None, delay_init="uniform:0:10", **kwargs
+    ) -> DelRec:
         """Fixed random integer delays: drawn from ``delay_init``, rounded, frozen, σ = 0."""
-        return cls(size, neuron, delay_init=delay_init, learn_delays=False, round_init=True,
-                   **kwargs)
+        return cls(
+            size, neuron, delay_init=delay_init, learn_delays=False, round_init=True, **kwargs
+        )
 
     # ------------------------------------------------------------------ kernel
     @property
@@ -114,7 +130,7 @@ class DelRec(nn.Module):
         return delay, delay_fns.spread_width(sigma, self.spread_logits)
 
     def kernel(self) -> Tensor:
-        """The interpolation kernel ``κ``: ``(N, L)`` (axonal, shared) or ``(N, N, L)`` (synaptic)."""
+        """Interpolation kernel ``κ``: ``(N, L)`` (axonal, shared) or ``(N, N, L)`` (synaptic)."""
         delay, width = self.delays_and_width()
         max_width = float(torch.as_tensor(width).detach().max())
         length = delay_fns.kernel_length(float(delay.detach().max()), max_width)
@@ -134,20 +150,25 @@ class DelRec(nn.Module):
         self._check_input(current)
         mask = dropout_mask if dropout_mask is not None else self._draw_dropout_mask(current)
         if mask is not None and mask.shape != current.shape[1:]:
-            raise ValueError(f"dropout_mask must have shape (B, N) = {tuple(current.shape[1:])}, "
-                             f"got {tuple(mask.shape)}")
+            raise ValueError(
+                f"dropout_mask must have shape (B, N) = {tuple(current.shape[1:])}, "
+                f"got {tuple(mask.shape)}"
+            )
         spikes = ENGINES[self.engine](self, current, mask)
         return spikes.squeeze(1) if unbatched else spikes
 
     def _check_input(self, current: Tensor) -> None:
         if current.dim() != 3 or current.shape[-1] != self.size:
             raise ValueError(
-                f"DelRec expects a time-major input current (T, B, {self.size}) or (T, {self.size}), "
-                f"got shape {tuple(current.shape)}; transpose batch-first data with x.transpose(0, 1)"
+                f"DelRec expects a time-major input current (T, B, {self.size}) or "
+                f"(T, {self.size}), got shape {tuple(current.shape)}; transpose batch-first "
+                "data with x.transpose(0, 1)"
             )
         if current.dtype != self.weight.dtype:
-            raise TypeError(f"input dtype {current.dtype} does not match the layer's "
-                            f"{self.weight.dtype}; convert one with .to(dtype)")
+            raise TypeError(
+                f"input dtype {current.dtype} does not match the layer's "
+                f"{self.weight.dtype}; convert one with .to(dtype)"
+            )
         if current.shape[0] == 0:
             raise ValueError("input sequence is empty (T = 0)")
 
@@ -165,9 +186,11 @@ class DelRec(nn.Module):
 
     def extra_repr(self) -> str:
         spread = "learnable" if self.spread_logits is not None else "shared"
-        return (f"{self.size}, delay_type={self.delay_type}, delay_init={self.delay_init}, "
-                f"learn_delays={self.learn_delays}, spread={spread}, sigma={float(self.sigma):.4g}, "
-                f"recurrent_dropout={self.recurrent_dropout}, engine={self.engine}")
+        return (
+            f"{self.size}, delay_type={self.delay_type}, delay_init={self.delay_init}, "
+            f"learn_delays={self.learn_delays}, spread={spread}, sigma={float(self.sigma):.4g}, "
+            f"recurrent_dropout={self.recurrent_dropout}, engine={self.engine}"
+        )
 
 
 def _run_reference(layer: DelRec, current: Tensor, mask: Tensor | None) -> Tensor:
@@ -178,7 +201,8 @@ def _run_fast(layer: DelRec, current: Tensor, mask: Tensor | None) -> Tensor:
     delay, width = layer.delays_and_width()
     params = layer.neuron.p
     wants_grad = torch.is_grad_enabled() and (
-        current.requires_grad or any(p.requires_grad for p in layer.parameters()))
+        current.requires_grad or any(p.requires_grad for p in layer.parameters())
+    )
     if layer.uses_integer_delays and not wants_grad:
         return fast.integer_recurrence(current, layer.weight, delay, params, mask)
     return fast.fast_recurrence(current, layer.weight, delay, width, params, mask)

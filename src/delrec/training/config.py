@@ -14,6 +14,7 @@ except the ones fixed by the task (``input_size``, ``output_size``) and the ``mo
 ``data`` holds the keyword settings of :func:`delrec.data.load_dataset` (resolved with the
 data set's defaults).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -111,7 +112,7 @@ class TrainConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         """A config from a complete nested dict (as written to ``config.json``), validated."""
         config = _build(cls, values, "")
         validate(config)
@@ -119,8 +120,9 @@ class TrainConfig:
 
     def network_config(self, input_size: int, output_size: int) -> NetworkConfig:
         """The :class:`NetworkConfig` of this run for a data set's sizes."""
-        return NetworkConfig(input_size=input_size, output_size=output_size, model=self.model,
-                             **self.network)
+        return NetworkConfig(
+            input_size=input_size, output_size=output_size, model=self.model, **self.network
+        )
 
 
 # --------------------------------------------------------------------------- presets
@@ -134,38 +136,84 @@ def _mackey_glass(model: str) -> TrainConfig:
     # window. Delays start in U(0, 40) rather than DESIGN's U(0, 20): learned delays move only
     # a few steps in training, so the initial range must already cover the series' feedback
     # delay τ_MG = 30 (measurements in the README's Training section).
-    # `configs/mackey-glass-paper.toml` holds the published recipe (100 epochs, batch 512, U(0, 20)).
+    # `configs/mackey-glass-paper.toml` holds the published recipe (100 epochs, batch 512,
+    # U(0, 20)).
     network = _network_dict("mackey-glass", model)
     network["delay_init"] = "uniform:0:40"
     return TrainConfig(
-        task="mackey-glass", model=model, data={"tau": 30.0, "horizon": 20}, network=network,
-        optim=OptimConfig("adam", lr=5e-4, weight_decay=1e-4, scheduler="cosine",
-                          position_lr=5e-2, position_scheduler="cosine"),
-        epochs=20, batch_size=64, eval_batch_size=512, standardize=True, threads=1)
+        task="mackey-glass",
+        model=model,
+        data={"tau": 30.0, "horizon": 20},
+        network=network,
+        optim=OptimConfig(
+            "adam",
+            lr=5e-4,
+            weight_decay=1e-4,
+            scheduler="cosine",
+            position_lr=5e-2,
+            position_scheduler="cosine",
+        ),
+        epochs=20,
+        batch_size=64,
+        eval_batch_size=512,
+        standardize=True,
+        threads=1,
+    )
 
 
 def _shd(model: str) -> TrainConfig:  # Tables S3, S4
     return TrainConfig(
-        task="shd", model=model, network=_network_dict("shd", model),
-        optim=OptimConfig("adamw", lr=5e-3, weight_decay=1e-5, scheduler="onecycle",
-                          position_lr=5e-2, position_scheduler="cosine"),
-        epochs=150, batch_size=256, augment=True)
+        task="shd",
+        model=model,
+        network=_network_dict("shd", model),
+        optim=OptimConfig(
+            "adamw",
+            lr=5e-3,
+            weight_decay=1e-5,
+            scheduler="onecycle",
+            position_lr=5e-2,
+            position_scheduler="cosine",
+        ),
+        epochs=150,
+        batch_size=256,
+        augment=True,
+    )
 
 
 def _ssc(model: str) -> TrainConfig:  # Tables S1, S2
     return TrainConfig(
-        task="ssc", model=model, network=_network_dict("ssc", model),
-        optim=OptimConfig("adam", lr=1e-3, weight_decay=1e-5, scheduler="onecycle",
-                          position_lr=5e-2, position_scheduler="onecycle"),
-        epochs=100, batch_size=128)
+        task="ssc",
+        model=model,
+        network=_network_dict("ssc", model),
+        optim=OptimConfig(
+            "adam",
+            lr=1e-3,
+            weight_decay=1e-5,
+            scheduler="onecycle",
+            position_lr=5e-2,
+            position_scheduler="onecycle",
+        ),
+        epochs=100,
+        batch_size=128,
+    )
 
 
 def _psmnist(model: str) -> TrainConfig:  # Tables S1, S2
     return TrainConfig(
-        task="psmnist", model=model, network=_network_dict("psmnist", model),
-        optim=OptimConfig("adamw", lr=1e-3, weight_decay=1e-2, scheduler="onecycle",
-                          position_lr=5e-2, position_scheduler="onecycle"),
-        epochs=200, batch_size=256)
+        task="psmnist",
+        model=model,
+        network=_network_dict("psmnist", model),
+        optim=OptimConfig(
+            "adamw",
+            lr=1e-3,
+            weight_decay=1e-2,
+            scheduler="onecycle",
+            position_lr=5e-2,
+            position_scheduler="onecycle",
+        ),
+        epochs=200,
+        batch_size=256,
+    )
 
 
 def _psmnist_mini(model: str) -> TrainConfig:
@@ -180,24 +228,43 @@ def _digits_8x8(model: str) -> TrainConfig:
     network = _network_dict("psmnist", model)
     network.update(hidden_sizes=(64,), delay_init="half_normal:4")
     return TrainConfig(
-        task="digits-8x8", model=model, network=network,
-        optim=OptimConfig("adamw", lr=2e-2, weight_decay=1e-2, scheduler="onecycle",
-                          position_lr=5e-2, position_scheduler="onecycle"),
-        epochs=80, batch_size=64, threads=1)
+        task="digits-8x8",
+        model=model,
+        network=network,
+        optim=OptimConfig(
+            "adamw",
+            lr=2e-2,
+            weight_decay=1e-2,
+            scheduler="onecycle",
+            position_lr=5e-2,
+            position_scheduler="onecycle",
+        ),
+        epochs=80,
+        batch_size=64,
+        threads=1,
+    )
 
 
-PRESETS = {"mackey-glass": _mackey_glass, "shd": _shd, "ssc": _ssc, "psmnist": _psmnist,
-           "psmnist-mini": _psmnist_mini, "digits-8x8": _digits_8x8}
+PRESETS = {
+    "mackey-glass": _mackey_glass,
+    "shd": _shd,
+    "ssc": _ssc,
+    "psmnist": _psmnist,
+    "psmnist-mini": _psmnist_mini,
+    "digits-8x8": _digits_8x8,
+}
 
 
 def preset(task: str = "mackey-glass", model: str = "delrec") -> TrainConfig:
     """The recipe of ``task`` for ``model``; the vanilla RSNN gets gradient clipping (1.0)."""
     if task not in PRESETS:
-        raise ConfigError(f"unknown task {task!r}{_suggest(task, PRESETS)}; "
-                          f"choose one of {', '.join(PRESETS)}")
+        raise ConfigError(
+            f"unknown task {task!r}{_suggest(task, PRESETS)}; choose one of {', '.join(PRESETS)}"
+        )
     if model not in MODELS:
-        raise ConfigError(f"unknown model {model!r}{_suggest(model, MODELS)}; "
-                          f"choose one of {', '.join(MODELS)}")
+        raise ConfigError(
+            f"unknown model {model!r}{_suggest(model, MODELS)}; choose one of {', '.join(MODELS)}"
+        )
     config = PRESETS[task](model)
     if model == "rsnn":
         config.optim.grad_clip = 1.0
@@ -205,8 +272,13 @@ def preset(task: str = "mackey-glass", model: str = "delrec") -> TrainConfig:
 
 
 # --------------------------------------------------------------------------- resolution
-def resolve(task: str | None = None, model: str | None = None, file_values: dict | None = None,
-            overrides: list[str] | None = None, flags: dict | None = None) -> TrainConfig:
+def resolve(
+    task: str | None = None,
+    model: str | None = None,
+    file_values: dict | None = None,
+    overrides: list[str] | None = None,
+    flags: dict | None = None,
+) -> TrainConfig:
     """Preset → config file values → ``--set`` overrides → flags, validated.
 
     ``task``/``model`` given here win over the ones in the file or overrides; ``flags`` maps
@@ -301,15 +373,18 @@ def _suggest(name: str, choices) -> str:
 def _build(cls, values: dict, prefix: str):
     """Instance of dataclass ``cls`` from ``values``, every value checked against its type."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a section of settings, "
-                          f"got {values!r}")
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'config'} must be a section of settings, got {values!r}"
+        )
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
-            raise ConfigError(f"unknown setting {prefix}{key!r}{_suggest(key, names)}; "
-                              f"valid keys: {', '.join(prefix + n for n in names)}")
+            raise ConfigError(
+                f"unknown setting {prefix}{key!r}{_suggest(key, names)}; "
+                f"valid keys: {', '.join(prefix + n for n in names)}"
+            )
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     return cls(**kwargs)
 
@@ -343,8 +418,11 @@ def _coerce(value, annotation, key: str):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if annotation is float:
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or not math.isfinite(value)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
             raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if annotation is str:
@@ -363,31 +441,42 @@ def _check(condition: bool, message: str) -> None:
 def validate(config: TrainConfig) -> None:
     """Raise :class:`ConfigError` for any value training cannot use (no data is read)."""
     _check(config.task in TASKS, f"unknown task {config.task!r}; choose one of {', '.join(TASKS)}")
-    _check(config.model in MODELS,
-           f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}")
+    _check(
+        config.model in MODELS, f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}"
+    )
     for name in ("epochs", "batch_size", "eval_batch_size"):
         _check(getattr(config, name) >= 1, f"{name} must be >= 1, got {getattr(config, name)}")
-    _check(config.max_train_samples is None or config.max_train_samples >= 1,
-           f"max_train_samples must be >= 1 or null, got {config.max_train_samples}")
+    _check(
+        config.max_train_samples is None or config.max_train_samples >= 1,
+        f"max_train_samples must be >= 1 or null, got {config.max_train_samples}",
+    )
     _check(config.num_workers >= 0, f"num_workers must be >= 0, got {config.num_workers}")
-    _check(config.threads is None or config.threads >= 1,
-           f"threads must be >= 1 or null, got {config.threads}")
+    _check(
+        config.threads is None or config.threads >= 1,
+        f"threads must be >= 1 or null, got {config.threads}",
+    )
     _check(config.rate_penalty >= 0, f"rate_penalty must be >= 0, got {config.rate_penalty}")
     _check(config.seed >= 0, f"seed must be >= 0, got {config.seed}")
     _check_device(config.device)
 
     optim = config.optim
-    _check(optim.optimizer in OPTIMIZERS,
-           f"optim.optimizer must be one of {', '.join(OPTIMIZERS)}, got {optim.optimizer!r}")
+    _check(
+        optim.optimizer in OPTIMIZERS,
+        f"optim.optimizer must be one of {', '.join(OPTIMIZERS)}, got {optim.optimizer!r}",
+    )
     for name in ("scheduler", "position_scheduler"):
-        _check(getattr(optim, name) in SCHEDULERS, f"optim.{name} must be one of "
-               f"{', '.join(SCHEDULERS)}, got {getattr(optim, name)!r}")
+        _check(
+            getattr(optim, name) in SCHEDULERS,
+            f"optim.{name} must be one of {', '.join(SCHEDULERS)}, got {getattr(optim, name)!r}",
+        )
     for name in ("lr", "position_lr"):
         _check(getattr(optim, name) > 0, f"optim.{name} must be > 0, got {getattr(optim, name)}")
     for name in ("weight_decay", "position_weight_decay"):
         _check(getattr(optim, name) >= 0, f"optim.{name} must be >= 0, got {getattr(optim, name)}")
-    _check(optim.grad_clip is None or optim.grad_clip > 0,
-           f"optim.grad_clip must be > 0 or null, got {optim.grad_clip}")
+    _check(
+        optim.grad_clip is None or optim.grad_clip > 0,
+        f"optim.grad_clip must be > 0 or null, got {optim.grad_clip}",
+    )
 
     spread = config.spread
     _check(spread.sigma0 >= 0, f"spread.sigma0 must be >= 0 steps, got {spread.sigma0}")
@@ -399,13 +488,19 @@ def validate(config: TrainConfig) -> None:
     except (DataError, TypeError) as error:
         raise ConfigError(f"data: {error}") from None
     config.data = {**settings_of(config.task), **config.data}
-    _check(not config.augment or info.task == "classification",
-           f"augment applies to classification data sets only, not {config.task!r}")
-    _check(not config.standardize or info.task == "regression",
-           f"standardize applies to regression data sets only, not {config.task!r}")
+    _check(
+        not config.augment or info.task == "classification",
+        f"augment applies to classification data sets only, not {config.task!r}",
+    )
+    _check(
+        not config.standardize or info.task == "regression",
+        f"standardize applies to regression data sets only, not {config.task!r}",
+    )
     readout = config.network.get("readout")
-    _check(info.task == "classification" or readout == "ema",
-           f"regression ({config.task}) needs network.readout = 'ema', got {readout!r}")
+    _check(
+        info.task == "classification" or readout == "ema",
+        f"regression ({config.task}) needs network.readout = 'ema', got {readout!r}",
+    )
 
 
 def _check_device(device: str) -> None:
@@ -414,16 +509,22 @@ def _check_device(device: str) -> None:
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
-        raise ConfigError(f"device {device!r} is not a torch device; "
-                          "use auto, cpu or cuda[:N]") from None
+        raise ConfigError(
+            f"device {device!r} is not a torch device; use auto, cpu or cuda[:N]"
+        ) from None
     if parsed.type == "cuda":
-        _check(torch.cuda.is_available(), f"device {device!r}: CUDA is not available here; "
-               "use --device cpu (or auto)")
-        _check(parsed.index is None or parsed.index < torch.cuda.device_count(),
-               f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+        _check(
+            torch.cuda.is_available(),
+            f"device {device!r}: CUDA is not available here; use --device cpu (or auto)",
+        )
+        _check(
+            parsed.index is None or parsed.index < torch.cuda.device_count(),
+            f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)",
+        )
     else:
-        _check(parsed.type == "cpu",
-               f"device {device!r} is not supported; use auto, cpu or cuda[:N]")
+        _check(
+            parsed.type == "cpu", f"device {device!r} is not supported; use auto, cpu or cuda[:N]"
+        )
 
 
 def _validate_network(config: TrainConfig) -> None:
@@ -433,8 +534,10 @@ def _validate_network(config: TrainConfig) -> None:
         if key in NETWORK_FIXED_BY_TASK:
             raise ConfigError(f"network.{key} is set by the task and --model, not by the config")
         if key not in fields:
-            raise ConfigError(f"unknown setting 'network.{key}'{_suggest(key, fields)}; valid "
-                              f"keys: {', '.join('network.' + k for k in sorted(fields))}")
+            raise ConfigError(
+                f"unknown setting 'network.{key}'{_suggest(key, fields)}; valid "
+                f"keys: {', '.join('network.' + k for k in sorted(fields))}"
+            )
     init = network.get("delay_init")
     if isinstance(init, (int, float)) and not isinstance(init, bool):  # a constant delay
         network = {**network, "delay_init": f"constant:{init}"}
@@ -446,9 +549,21 @@ def _validate_network(config: TrainConfig) -> None:
         parse_init(built.delay_init)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"network: {error}") from None
-    config.network = {k: v for k, v in dataclasses.asdict(built).items()
-                      if k not in NETWORK_FIXED_BY_TASK}
+    config.network = {
+        k: v for k, v in dataclasses.asdict(built).items() if k not in NETWORK_FIXED_BY_TASK
+    }
 
 
-__all__ = ["ConfigError", "OptimConfig", "SpreadConfig", "TrainConfig", "PRESETS", "TASKS",
-           "preset", "resolve", "load_config_file", "parse_override", "validate"]
+__all__ = [
+    "ConfigError",
+    "OptimConfig",
+    "SpreadConfig",
+    "TrainConfig",
+    "PRESETS",
+    "TASKS",
+    "preset",
+    "resolve",
+    "load_config_file",
+    "parse_override",
+    "validate",
+]

@@ -19,6 +19,7 @@ reads its place in the run from the variables torchrun sets (``RANK``, ``LOCAL_R
 - Metrics are sums and counts all-reduced over ranks. After every epoch the ranks compare
   checksums of their parameters and buffers.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -134,9 +135,10 @@ class GlobalBatchNorm(nn.BatchNorm1d):
     shard together (two-pass mean and variance, as one process computes them). Eval mode uses
     the running statistics, which are the same on every rank. Same parameters and state dict."""
 
-    def __init__(self, norm: nn.BatchNorm1d, parallel: "DataParallel"):
-        super().__init__(norm.num_features, norm.eps, norm.momentum, norm.affine,
-                         norm.track_running_stats)
+    def __init__(self, norm: nn.BatchNorm1d, parallel: DataParallel):
+        super().__init__(
+            norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats
+        )
         self.load_state_dict(norm.state_dict())
         self.parallel = parallel
 
@@ -150,15 +152,18 @@ class GlobalBatchNorm(nn.BatchNorm1d):
         count = totals[-1]
         mean = totals[:-1] / count
         centred = x - mean
-        var = _AllReduceSum.apply(centred[:own.shape[0]].pow(2).sum(0)) / count
+        var = _AllReduceSum.apply(centred[: own.shape[0]].pow(2).sum(0)) / count
         out = centred / torch.sqrt(var + self.eps)
         if self.affine:
             out = out * self.weight + self.bias
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                factor = (self.momentum if self.momentum is not None
-                          else 1.0 / float(self.num_batches_tracked))
+                factor = (
+                    self.momentum
+                    if self.momentum is not None
+                    else 1.0 / float(self.num_batches_tracked)
+                )
                 unbiased = var * count / (count - 1).clamp_min(1)
                 self.running_mean.mul_(1 - factor).add_(factor * mean)
                 self.running_var.mul_(1 - factor).add_(factor * unbiased)
@@ -180,7 +185,7 @@ class GlobalBatchDropout(nn.Module):
     """:class:`nn.Dropout` of time-major ``(T, B, N)`` input whose mask is drawn for the whole
     batch (the random draws of one process); this rank applies its own rows of it."""
 
-    def __init__(self, p: float, parallel: "DataParallel"):
+    def __init__(self, p: float, parallel: DataParallel):
         super().__init__()
         self.p, self.parallel = p, parallel
 
@@ -246,9 +251,13 @@ class DataParallel:
     def shard_loader(self, loader: DataLoader) -> DataLoader:
         """This rank's loader: the batches of ``loader`` (same order, same generator), each cut
         to this rank's shard."""
-        return DataLoader(loader.dataset, batch_sampler=ShardedBatches(
-            loader.batch_sampler, self.rank, self.world_size), num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn, generator=loader.generator)
+        return DataLoader(
+            loader.dataset,
+            batch_sampler=ShardedBatches(loader.batch_sampler, self.rank, self.world_size),
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            generator=loader.generator,
+        )
 
     def agree(self, value):
         """Rank 0's ``value`` (any picklable object) on every rank."""
@@ -296,13 +305,16 @@ class DataParallel:
     def check_in_sync(self, network: nn.Module, epoch: int) -> None:
         """Raise :class:`TrainingError` unless every rank holds the same parameters and buffers
         (compared through per-tensor sums and sums of squares)."""
-        tensors = [t.detach().double() for t in itertools.chain(network.parameters(),
-                                                                 network.buffers())]
+        tensors = [
+            t.detach().double() for t in itertools.chain(network.parameters(), network.buffers())
+        ]
         sums = torch.stack([t.sum() for t in tensors] + [t.pow(2).sum() for t in tensors])
         bounds = self._all_reduce(torch.cat([sums, -sums]).cpu(), dist.ReduceOp.MAX)
-        if not torch.equal(bounds[:len(sums)], -bounds[len(sums):]):
-            raise TrainingError(f"the processes' networks differ after epoch {epoch + 1}; "
-                                "a layer draws randomness or keeps state this run cannot share")
+        if not torch.equal(bounds[: len(sums)], -bounds[len(sums) :]):
+            raise TrainingError(
+                f"the processes' networks differ after epoch {epoch + 1}; "
+                "a layer draws randomness or keeps state this run cannot share"
+            )
 
 
 # --------------------------------------------------------------------------- process group
@@ -312,11 +324,15 @@ def _device(name: str, local_rank: int) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     if name != "cuda":
-        raise ConfigError(f"device {name!r}: with several processes each one takes the GPU of "
-                          "its local rank; use --device cuda, auto or cpu")
+        raise ConfigError(
+            f"device {name!r}: with several processes each one takes the GPU of "
+            "its local rank; use --device cuda, auto or cpu"
+        )
     if local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} "
-                          "visible); start at most one process per GPU (--nproc-per-node)")
+        raise ConfigError(
+            f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} "
+            "visible); start at most one process per GPU (--nproc-per-node)"
+        )
     return torch.device("cuda", local_rank)
 
 
@@ -325,8 +341,7 @@ def _stop(signum, frame):
 
 
 @contextlib.contextmanager
-def process_group(device: str, backend: str | None = None,
-                  timeout_s: float = DEFAULT_TIMEOUT_S):
+def process_group(device: str, backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S):
     """Join the other processes when torchrun started several (``WORLD_SIZE`` > 1) and yield
     this one's :class:`DataParallel`; yield ``None`` in a single process.
 
@@ -346,11 +361,16 @@ def process_group(device: str, backend: str | None = None,
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     torch_device = _device(device, local_rank)
     backend = backend or ("nccl" if torch_device.type == "cuda" else "gloo")
-    available = {"gloo": dist.is_gloo_available, "nccl": dist.is_nccl_available,
-                 "mpi": dist.is_mpi_available}
+    available = {
+        "gloo": dist.is_gloo_available,
+        "nccl": dist.is_nccl_available,
+        "mpi": dist.is_mpi_available,
+    }
     if backend not in available or not available[backend]():
-        raise ConfigError(f"torch.distributed backend {backend!r} is not available in this torch "
-                          "build; use --dist-backend gloo (CPU, CUDA) or nccl (CUDA)")
+        raise ConfigError(
+            f"torch.distributed backend {backend!r} is not available in this torch "
+            "build; use --dist-backend gloo (CPU, CUDA) or nccl (CUDA)"
+        )
     if backend == "nccl" and torch_device.type != "cuda":
         raise ConfigError("the nccl backend needs CUDA devices; use --dist-backend gloo on CPU")
     if torch_device.type == "cuda":
@@ -371,15 +391,20 @@ def is_process_failure(error: BaseException) -> bool:
     """Whether ``error`` says another process failed or went silent (not a bug of this one)."""
     if isinstance(error, (Stopped, dist.DistError)):
         return True
-    return isinstance(error, RuntimeError) and re.search(
-        r"gloo|nccl|connection (closed|reset|refused)|timed out", str(error), re.I) is not None
+    return (
+        isinstance(error, RuntimeError)
+        and re.search(r"gloo|nccl|connection (closed|reset|refused)|timed out", str(error), re.I)
+        is not None
+    )
 
 
 def failure_message(error: BaseException, run_dir: Path, processes: int) -> str:
     """What happened, where the last good checkpoint is and how to continue."""
     if isinstance(error, Stopped):
-        what = (f"stopped by {error} (torchrun sends it to every process when one fails, "
-                "and reports the failing one)")
+        what = (
+            f"stopped by {error} (torchrun sends it to every process when one fails, "
+            "and reports the failing one)"
+        )
     else:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         what = f"lost contact with the other processes ({first_line})"
@@ -388,5 +413,7 @@ def failure_message(error: BaseException, run_dir: Path, processes: int) -> str:
         where = f"the last complete epoch is saved in {last}"
     else:
         where = "no epoch was complete, so nothing was saved"
-    return (f"{what}; {where}. Continue with: torchrun --nproc-per-node {processes} "
-            f"-m delrec train --resume {run_dir}")
+    return (
+        f"{what}; {where}. Continue with: torchrun --nproc-per-node {processes} "
+        f"-m delrec train --resume {run_dir}"
+    )

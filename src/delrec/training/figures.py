@@ -1,4 +1,5 @@
 """Figures of a run (PNG, matplotlib's Agg backend, no display needed)."""
+
 from __future__ import annotations
 
 import math
@@ -54,16 +55,16 @@ def delay_histograms(start: dict[str, Tensor], end: dict[str, Tensor], path: Pat
 
 def spike_raster(spikes: list[Tensor], path: Path) -> None:
     """Spikes of one sample, one panel per hidden layer; each tensor is ``(T, N)``."""
-    fig, axes = plt.subplots(len(spikes), 1, figsize=(9, 2.2 * len(spikes) + 0.5),
-                             squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        len(spikes), 1, figsize=(9, 2.2 * len(spikes) + 0.5), squeeze=False, sharex=True
+    )
     for index, (ax, layer) in enumerate(zip(axes[:, 0], spikes)):
         steps, neurons = layer.nonzero(as_tuple=True)
         ax.scatter(steps.numpy(), neurons.numpy(), s=1.5, marker="|", color="black")
         ax.set_xlim(0, layer.shape[0])
         ax.set_ylim(-0.5, layer.shape[1] - 0.5)
         ax.set_ylabel(f"layer {index}\nneuron")
-        ax.set_title(f"layer {index}: {float(layer.mean()):.3f} spikes / neuron / step",
-                     fontsize=9)
+        ax.set_title(f"layer {index}: {float(layer.mean()):.3f} spikes / neuron / step", fontsize=9)
     axes[-1, 0].set_xlabel("time step")
     _save(fig, path)
 

@@ -19,6 +19,7 @@ With a :class:`~delrec.training.distributed.DataParallel` (``torchrun``), the Tr
 one shard of every batch and computes what one process computes on the whole batch; rank 0
 alone writes files and logs (README, "More than one GPU").
 """
+
 from __future__ import annotations
 
 import csv
@@ -41,7 +42,6 @@ from delrec.layers import DelRec, FeedforwardDelay, clamp_delays, set_spread
 from delrec.models import SpikingNetwork, build_network
 from delrec.training.config import TrainConfig
 from delrec.training.objectives import make_objective
-
 
 # settings that may change when a run is resumed
 RESUME_OVERRIDABLE = ("device", "data_root", "num_workers", "threads")
@@ -100,14 +100,20 @@ def make_optimizers(network: nn.Module, config: TrainConfig) -> dict[str, torch.
     optim = config.optim
     kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optim.optimizer]
     groups = parameter_groups(network)
-    weight_groups = [g for g in (
-        {"params": groups["weights"], "weight_decay": optim.weight_decay},
-        {"params": groups["no_decay"], "weight_decay": 0.0}) if g["params"]]
+    weight_groups = [
+        g
+        for g in (
+            {"params": groups["weights"], "weight_decay": optim.weight_decay},
+            {"params": groups["no_decay"], "weight_decay": 0.0},
+        )
+        if g["params"]
+    ]
     optimizers = {"weights": kind(weight_groups, lr=optim.lr)}
     if groups["positions"]:
         optimizers["positions"] = kind(
             [{"params": groups["positions"], "weight_decay": optim.position_weight_decay}],
-            lr=optim.position_lr)
+            lr=optim.position_lr,
+        )
     return optimizers
 
 
@@ -116,7 +122,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, epochs: int):
     annealing from it to 0 over ``epochs``, or ``None`` for a constant rate."""
     if kind == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=epochs)
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=epochs
+        )
     if kind == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     return None
@@ -163,8 +170,9 @@ class Splits:
     augmented: TripleAugmented | None = None
 
 
-def load_splits(config: TrainConfig, splits=("train", "valid", "test"),
-                stored: dict | None = None) -> Splits:
+def load_splits(
+    config: TrainConfig, splits=("train", "valid", "test"), stored: dict | None = None
+) -> Splits:
     """Load the data sets of ``config`` and build the seeded training loader. ``stored``: a
     checkpoint's ``data_permutation`` and ``standardization``, to reproduce its inputs."""
     stored = stored or {}
@@ -192,13 +200,20 @@ def load_splits(config: TrainConfig, splits=("train", "valid", "test"),
             train = augmented = TripleAugmented(train, seed=config.seed)
         if config.max_train_samples is not None and config.max_train_samples < len(train):
             generator = torch.Generator().manual_seed(config.seed)
-            chosen = torch.randperm(len(train), generator=generator)[:config.max_train_samples]
+            chosen = torch.randperm(len(train), generator=generator)[: config.max_train_samples]
             train = torch.utils.data.Subset(train, chosen.sort().values.tolist())
         datasets["train"] = train
-        train_loader = make_loader(train, config.batch_size, shuffle=True, seed=config.seed,
-                                   num_workers=config.num_workers)
-    return Splits(datasets, train_loader, first.info, getattr(first, "permutation", None),
-                  standardization, augmented)
+        train_loader = make_loader(
+            train, config.batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers
+        )
+    return Splits(
+        datasets,
+        train_loader,
+        first.info,
+        getattr(first, "permutation", None),
+        standardization,
+        augmented,
+    )
 
 
 def eval_loader(dataset, batch_size: int, num_workers: int = 0):
@@ -208,8 +223,14 @@ def eval_loader(dataset, batch_size: int, num_workers: int = 0):
 
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(network: SpikingNetwork, loader, objective, device: torch.device,
-             keep_outputs: bool = False, dist=None) -> tuple[dict[str, float], Tensor | None]:
+def evaluate(
+    network: SpikingNetwork,
+    loader,
+    objective,
+    device: torch.device,
+    keep_outputs: bool = False,
+    dist=None,
+) -> tuple[dict[str, float], Tensor | None]:
     """Metrics of ``network`` in eval mode (integer delays unless a layer's ``integer_eval``
     is off) over ``loader``; with ``keep_outputs``, the predictions / class scores in item
     order, on the CPU. ``dist``: a DataParallel whose sharded ``loader`` this rank reads;
@@ -251,8 +272,14 @@ class Trainer:
     several processes; only rank 0 (``is_main``) logs, writes files and tests.
     """
 
-    def __init__(self, config: TrainConfig, run_dir: str | os.PathLike, progress: bool = True,
-                 log=None, dist=None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: str | os.PathLike,
+        progress: bool = True,
+        log=None,
+        dist=None,
+    ):
         self.config = config
         self.run_dir = Path(run_dir)
         self.dist = dist
@@ -268,26 +295,36 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.data = load_splits(config)
         info = self.data.info
-        self.network = build_network(config.network_config(info.input_size, info.output_size),
-                                     seed=config.seed).to(self.device)
+        self.network = build_network(
+            config.network_config(info.input_size, info.output_size), seed=config.seed
+        ).to(self.device)
         self.train_forward = self.network.forward_with_spikes
         if dist is not None:
             self.train_forward = dist.wrap(self.network)
-        self.objective = make_objective(info.task, self.network.config.readout,
-                                        self.data.standardization)
+        self.objective = make_objective(
+            info.task, self.network.config.readout, self.data.standardization
+        )
         self.optimizers = make_optimizers(self.network, config)
-        schedule_kinds = {"weights": config.optim.scheduler,
-                          "positions": config.optim.position_scheduler}
-        self.schedulers = {name: make_scheduler(opt, schedule_kinds[name], config.epochs)
-                           for name, opt in self.optimizers.items()}
-        self.weight_parameters = [p for g in self.optimizers["weights"].param_groups
-                                  for p in g["params"]]
-        self.learns_delays = any(isinstance(m, DelRec) and m.learn_delays
-                                 for m in self.network.modules())
-        self.state = RunState(initial_delays={k: v.cpu().clone()
-                                              for k, v in delay_tensors(self.network).items()})
-        self.valid_loader = eval_loader(self.data.datasets["valid"], config.eval_batch_size,
-                                        config.num_workers)
+        schedule_kinds = {
+            "weights": config.optim.scheduler,
+            "positions": config.optim.position_scheduler,
+        }
+        self.schedulers = {
+            name: make_scheduler(opt, schedule_kinds[name], config.epochs)
+            for name, opt in self.optimizers.items()
+        }
+        self.weight_parameters = [
+            p for g in self.optimizers["weights"].param_groups for p in g["params"]
+        ]
+        self.learns_delays = any(
+            isinstance(m, DelRec) and m.learn_delays for m in self.network.modules()
+        )
+        self.state = RunState(
+            initial_delays={k: v.cpu().clone() for k, v in delay_tensors(self.network).items()}
+        )
+        self.valid_loader = eval_loader(
+            self.data.datasets["valid"], config.eval_batch_size, config.num_workers
+        )
         if dist is not None:
             self.data.train_loader = dist.shard_loader(self.data.train_loader)
             self.valid_loader = dist.shard_loader(self.valid_loader)
@@ -302,10 +339,17 @@ class Trainer:
         if not self.is_main:
             return
         info = self.data.info
-        document = {"config": self.config.to_dict(),
-                    "dataset": {"name": info.name, "task": info.task, "input_size": info.input_size,
-                                "output_size": info.output_size, "steps": info.steps,
-                                "train_items": len(self.data.datasets["train"])}}
+        document = {
+            "config": self.config.to_dict(),
+            "dataset": {
+                "name": info.name,
+                "task": info.task,
+                "input_size": info.input_size,
+                "output_size": info.output_size,
+                "steps": info.steps,
+                "train_items": len(self.data.datasets["train"]),
+            },
+        }
         _atomic_text(self.run_dir / "config.json", json.dumps(document, indent=2) + "\n")
 
     # ------------------------------------------------------------------ schedule
@@ -323,9 +367,15 @@ class Trainer:
         config, network = self.config, self.network
         network.train()
         meter, rate_sum, batches = self.objective.meter(), 0.0, 0
-        bar = tqdm(self.data.train_loader, desc=f"epoch {epoch + 1}/{config.epochs}",
-                   unit="batch", leave=False, file=sys.stderr, disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            self.data.train_loader,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            unit="batch",
+            leave=False,
+            file=sys.stderr,
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         start = time.perf_counter()
         samples = 0
         for step, (frames, lengths, targets) in enumerate(bar):
@@ -343,7 +393,8 @@ class Trainer:
                 raise TrainingError(
                     f"the training loss became {value} in epoch {epoch + 1}, batch "
                     f"{batches + 1}; lower optim.lr or set optim.grad_clip (the last good "
-                    f"epoch is in {self.checkpoint_dir / 'last.pt'})")
+                    f"epoch is in {self.checkpoint_dir / 'last.pt'})"
+                )
             total = loss
             if config.rate_penalty > 0:
                 total = loss + config.rate_penalty * spike_penalty(spikes)
@@ -366,9 +417,14 @@ class Trainer:
             if self.progress:  # rank 0's shard so far, in a distributed run
                 running = meter.result()
                 metric = self.objective.metric
-                bar.set_postfix({"loss": f"{running['loss']:.4g}",
-                                 metric: f"{running[metric]:.4g}", "σ": f"{sigma:.3g}",
-                                 "samples/s": f"{samples / (time.perf_counter() - start):.0f}"})
+                bar.set_postfix(
+                    {
+                        "loss": f"{running['loss']:.4g}",
+                        metric: f"{running[metric]:.4g}",
+                        "σ": f"{sigma:.3g}",
+                        "samples/s": f"{samples / (time.perf_counter() - start):.0f}",
+                    }
+                )
         bar.close()
         if self.dist is not None:
             self.dist.reduce_meter(meter)
@@ -393,17 +449,23 @@ class Trainer:
                 self.data.augmented.set_epoch(epoch)
             lrs = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
             train = self.train_epoch(epoch, sigma)
-            valid, _ = evaluate(self.network, self.valid_loader, self.objective, self.device,
-                                dist=self.dist)
+            valid, _ = evaluate(
+                self.network, self.valid_loader, self.objective, self.device, dist=self.dist
+            )
             for scheduler in self.schedulers.values():
                 if scheduler is not None:
                     scheduler.step()
 
-            row = {"epoch": epoch + 1,
-                   "train_loss": train["loss"], f"train_{metric}": train[metric],
-                   "valid_loss": valid["loss"], f"valid_{metric}": valid[metric],
-                   "lr_weights": lrs["weights"], "lr_positions": lrs.get("positions", 0.0),
-                   "sigma": sigma}
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": train["loss"],
+                f"train_{metric}": train[metric],
+                "valid_loss": valid["loss"],
+                f"valid_{metric}": valid[metric],
+                "lr_weights": lrs["weights"],
+                "lr_positions": lrs.get("positions", 0.0),
+                "sigma": sigma,
+            }
             for name, delays in delay_tensors(self.network).items():
                 row[f"delay_mean_{name}"] = float(delays.float().mean())
                 row[f"delay_std_{name}"] = float(delays.float().std(correction=0))
@@ -412,9 +474,11 @@ class Trainer:
             state.history.append(row)
             state.epoch = epoch + 1
             value = valid[metric]
-            better = (state.best_value is None
-                      or (value > state.best_value if self.objective.higher_is_better
-                          else value < state.best_value))
+            better = state.best_value is None or (
+                value > state.best_value
+                if self.objective.higher_is_better
+                else value < state.best_value
+            )
             if better:
                 state.best_epoch, state.best_value = epoch + 1, value
                 if self.is_main:
@@ -423,16 +487,21 @@ class Trainer:
                 atomic_save(self._last_payload(), self.checkpoint_dir / "last.pt")
                 write_metrics(self.run_dir / "metrics.csv", state.history)
             done_this_run += 1
-            self.log(f"epoch {epoch + 1}/{config.epochs}  σ {sigma:.3g}  "
-                     f"train loss {train['loss']:.4g} {metric} {train[metric]:.4g}  "
-                     f"valid loss {valid['loss']:.4g} {metric} {valid[metric]:.4g}"
-                     f"{'  *best' if better else ''}  ({row['epoch_time_s']:.1f} s)")
+            self.log(
+                f"epoch {epoch + 1}/{config.epochs}  σ {sigma:.3g}  "
+                f"train loss {train['loss']:.4g} {metric} {train[metric]:.4g}  "
+                f"valid loss {valid['loss']:.4g} {metric} {valid[metric]:.4g}"
+                f"{'  *best' if better else ''}  ({row['epoch_time_s']:.1f} s)"
+            )
         return True
 
     # ------------------------------------------------------------------ checkpoints
     def _common_payload(self) -> dict:
-        payload = {**network_payload(self.network), "train_config": self.config.to_dict(),
-                   "epoch": self.state.epoch}
+        payload = {
+            **network_payload(self.network),
+            "train_config": self.config.to_dict(),
+            "epoch": self.state.epoch,
+        }
         if self.data.permutation is not None:
             payload["data_permutation"] = self.data.permutation
         if self.data.standardization is not None:
@@ -444,16 +513,23 @@ class Trainer:
 
     def _last_payload(self) -> dict:
         state = self.state
-        rng = {"torch": torch.get_rng_state(),
-               "loader": self.data.train_loader.generator.get_state()}
+        rng = {
+            "torch": torch.get_rng_state(),
+            "loader": self.data.train_loader.generator.get_state(),
+        }
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {**self._common_payload(), "kind": "last",
-                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()
-                               if s is not None},
-                "rng": rng, "best_epoch": state.best_epoch, "best_value": state.best_value,
-                "history": state.history, "initial_delays": state.initial_delays}
+        return {
+            **self._common_payload(),
+            "kind": "last",
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items() if s is not None},
+            "rng": rng,
+            "best_epoch": state.best_epoch,
+            "best_value": state.best_value,
+            "history": state.history,
+            "initial_delays": state.initial_delays,
+        }
 
     def restore(self) -> bool:
         """Continue from ``checkpoints/last.pt`` if it exists; returns True if it did."""
@@ -461,8 +537,10 @@ class Trainer:
             return False
         payload = load_checkpoint(self.run_dir, "last")
         if _without(payload.get("train_config", {})) != _without(self.config.to_dict()):
-            raise TrainingError(f"{self.checkpoint_dir / 'last.pt'} was written by another "
-                                "configuration than config.json; resume the run it belongs to")
+            raise TrainingError(
+                f"{self.checkpoint_dir / 'last.pt'} was written by another "
+                "configuration than config.json; resume the run it belongs to"
+            )
         self.network.load_state_dict(payload["model"])
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(payload["optimizers"][name])
@@ -473,8 +551,13 @@ class Trainer:
         self.data.train_loader.generator.set_state(payload["rng"]["loader"])
         if "cuda" in payload["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(payload["rng"]["cuda"], self.device)
-        self.state = RunState(payload["epoch"], payload["best_epoch"], payload["best_value"],
-                              list(payload["history"]), dict(payload["initial_delays"]))
+        self.state = RunState(
+            payload["epoch"],
+            payload["best_epoch"],
+            payload["best_value"],
+            list(payload["history"]),
+            dict(payload["initial_delays"]),
+        )
         if self.is_main:
             write_metrics(self.run_dir / "metrics.csv", self.state.history)
         return True
@@ -491,19 +574,28 @@ class Trainer:
         self.network.load_state_dict(best["model"])
         test_set = self.data.datasets["test"]
         loader = eval_loader(test_set, self.config.eval_batch_size, self.config.num_workers)
-        metrics, outputs = evaluate(self.network, loader, self.objective, self.device,
-                                    keep_outputs=True)
-        results = {"split": "test", "checkpoint": "best", "best_epoch": best["epoch"],
-                   "delays": "integer", "items": len(test_set), **metrics,
-                   "valid": best["valid"]}
+        metrics, outputs = evaluate(
+            self.network, loader, self.objective, self.device, keep_outputs=True
+        )
+        results = {
+            "split": "test",
+            "checkpoint": "best",
+            "best_epoch": best["epoch"],
+            "delays": "integer",
+            "items": len(test_set),
+            **metrics,
+            "valid": best["valid"],
+        }
         _atomic_text(self.run_dir / "test_results.json", json.dumps(results, indent=2) + "\n")
 
         figure_dir = self.run_dir / "figures"
-        figures.learning_curves(self.state.history, self.objective.metric,
-                                figure_dir / "learning_curves.png")
+        figures.learning_curves(
+            self.state.history, self.objective.metric, figure_dir / "learning_curves.png"
+        )
         if end_delays:
-            figures.delay_histograms(self.state.initial_delays, end_delays,
-                                     figure_dir / "delays.png")
+            figures.delay_histograms(
+                self.state.initial_delays, end_delays, figure_dir / "delays.png"
+            )
         frames, _ = test_set[0]
         with torch.no_grad():
             self.network.eval()
@@ -512,8 +604,9 @@ class Trainer:
         if self.objective.task == "regression":
             targets = torch.stack([test_set[i][1] for i in range(len(test_set))])
             mean, std = self.data.standardization if self.config.standardize else (0.0, 1.0)
-            figures.prediction(targets * std + mean, outputs * std + mean, metrics,
-                               figure_dir / "prediction.png")
+            figures.prediction(
+                targets * std + mean, outputs * std + mean, metrics, figure_dir / "prediction.png"
+            )
         self.network.load_state_dict(final_network)
         return results
 

@@ -5,6 +5,7 @@ An objective maps the network's readout sequence ``(T, B, K)``, the true lengths
 the targets ``(B,)`` to a scalar loss and a per-sample output (prediction or class scores);
 its :class:`Meter` accumulates a split's metrics over batches.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,7 +43,7 @@ class Regression:
         prediction = last_valid(output, lengths)[:, 0]
         return F.mse_loss(prediction, targets.to(prediction.dtype)), prediction
 
-    def meter(self) -> "RegressionMeter":
+    def meter(self) -> RegressionMeter:
         return RegressionMeter(self.scale)
 
 
@@ -66,8 +67,13 @@ class RegressionMeter:
         mse = self.squared_error / self.count
         variance = self.target_square_sum / self.count - (self.target_sum / self.count) ** 2
         nmse = mse / variance if variance > 0 else math.nan
-        return {"loss": mse, "mse": mse * self.scale**2, "nmse": nmse, "nrmse": math.sqrt(nmse),
-                "r2": 1.0 - nmse}
+        return {
+            "loss": mse,
+            "mse": mse * self.scale**2,
+            "nmse": nmse,
+            "nrmse": math.sqrt(nmse),
+            "r2": 1.0 - nmse,
+        }
 
 
 class Classification:
@@ -94,7 +100,7 @@ class Classification:
             scores = readout_reduce(output, self.readout)
         return F.cross_entropy(scores, targets), scores
 
-    def meter(self) -> "ClassificationMeter":
+    def meter(self) -> ClassificationMeter:
         return ClassificationMeter()
 
 
@@ -115,8 +121,11 @@ class ClassificationMeter:
         return {"loss": self.loss_sum / self.count, "accuracy": self.correct / self.count}
 
 
-def make_objective(task: str, readout: str, standardization: Tensor | None = None,
-                   ) -> Regression | Classification:
+def make_objective(
+    task: str,
+    readout: str,
+    standardization: Tensor | None = None,
+) -> Regression | Classification:
     """The objective of a data set's task kind (``"regression"`` or ``"classification"``);
     ``standardization``: the ``[mean, std]`` regression targets were standardised with."""
     if task == "classification":

@@ -7,6 +7,7 @@ its results, and the mean ± std over the seeds, are the same (same device and t
 A child's stderr is forwarded line by line with a ``[seed s]`` prefix; its stdout is the
 usual JSON summary line.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,16 +34,23 @@ def gpu_ids(config: TrainConfig) -> list[str]:
     if config.device == "cpu" or not torch.cuda.is_available():
         return []
     if config.device not in ("auto", "cuda"):
-        raise ConfigError(f"--parallel gives every seed its own GPU; use --device auto or cuda, "
-                          f"not {config.device!r}")
+        raise ConfigError(
+            f"--parallel gives every seed its own GPU; use --device auto or cuda, "
+            f"not {config.device!r}"
+        )
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible:
         return [v.strip() for v in visible.split(",") if v.strip()]
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def seed_command(config: TrainConfig, config_file: Path, seed: int, seed_dir: Path,
-                 max_epochs_this_run: int | None) -> list[str]:
+def seed_command(
+    config: TrainConfig,
+    config_file: Path,
+    seed: int,
+    seed_dir: Path,
+    max_epochs_this_run: int | None,
+) -> list[str]:
     """The ``delrec train`` command line of one seed: a resume where its run exists."""
     command = [sys.executable, "-m", "delrec", "train", "--no-progress"]
     if (seed_dir / "config.json").is_file():
@@ -65,12 +73,20 @@ class SeedProcess:
         env = dict(os.environ)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True, env=env, start_new_session=True)
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
         self.tail: deque[str] = deque(maxlen=50)
         self.stdout: list[str] = []
-        self.readers = [threading.Thread(target=self._forward_stderr, daemon=True),
-                        threading.Thread(target=self._collect_stdout, daemon=True)]
+        self.readers = [
+            threading.Thread(target=self._forward_stderr, daemon=True),
+            threading.Thread(target=self._collect_stdout, daemon=True),
+        ]
         for reader in self.readers:
             reader.start()
 
@@ -92,7 +108,7 @@ class SeedProcess:
             return json.loads(self.stdout[-1]), None
         lines = [line.strip() for line in self.tail if line.strip()] or ["no output"]
         errors = [i for i, line in enumerate(lines) if line.startswith("delrec train: error:")]
-        message = " ".join(lines[errors[-1] if errors else -1:])
+        message = " ".join(lines[errors[-1] if errors else -1 :])
         return None, f"exit code {code}: {message.removeprefix('delrec train: error: ')}"
 
     def stop(self) -> None:
@@ -106,8 +122,13 @@ class SeedProcess:
                 self.process.wait()
 
 
-def run_seed_processes(config: TrainConfig, seeds: list[int], run_dir: Path, workers: int,
-                       max_epochs_this_run: int | None) -> tuple[list[dict], dict[int, str]]:
+def run_seed_processes(
+    config: TrainConfig,
+    seeds: list[int],
+    run_dir: Path,
+    workers: int,
+    max_epochs_this_run: int | None,
+) -> tuple[list[dict], dict[int, str]]:
     """Run every seed, at most ``workers`` at a time; returns the summaries of the seeds that
     ended cleanly (in the order of ``seeds``) and the failures by seed. ``seeds.json`` is
     written once a seed's data has loaded (its ``config.json`` exists), as ``--seeds`` does."""
@@ -123,10 +144,12 @@ def run_seed_processes(config: TrainConfig, seeds: list[int], run_dir: Path, wor
                 for slot in range(workers):
                     if slot not in running and pending:
                         seed = pending.pop(0)
-                        command = seed_command(config, config_file, seed, run_dir / f"seed-{seed}",
-                                               max_epochs_this_run)
-                        running[slot] = SeedProcess(seed, command,
-                                                    gpus[slot % len(gpus)] if gpus else None)
+                        command = seed_command(
+                            config, config_file, seed, run_dir / f"seed-{seed}", max_epochs_this_run
+                        )
+                        running[slot] = SeedProcess(
+                            seed, command, gpus[slot % len(gpus)] if gpus else None
+                        )
                 for slot, job in list(running.items()):
                     if job.process.poll() is not None:
                         summary, failure = job.result()
@@ -136,9 +159,11 @@ def run_seed_processes(config: TrainConfig, seeds: list[int], run_dir: Path, wor
                             failures[job.seed] = failure
                         del running[slot]
                 if not seeds_file.is_file() and any(
-                        (run_dir / f"seed-{s}" / "config.json").is_file() for s in seeds):
-                    seeds_file.write_text(json.dumps(
-                        {"seeds": seeds, "config": config.to_dict()}, indent=2) + "\n")
+                    (run_dir / f"seed-{s}" / "config.json").is_file() for s in seeds
+                ):
+                    seeds_file.write_text(
+                        json.dumps({"seeds": seeds, "config": config.to_dict()}, indent=2) + "\n"
+                    )
                 time.sleep(POLL_S if running else 0)
         finally:
             for job in running.values():
