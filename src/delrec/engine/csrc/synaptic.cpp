@@ -78,6 +78,31 @@ inline void store(scalar_t* p, Vec<scalar_t> v) {
   *reinterpret_cast<typename VectorTypes<scalar_t>::unaligned*>(p) = v;
 }
 
+// The same kLanes lanes in float64 (two registers for float32): what the backward injects into
+// its float64 adjoint recursion is summed and kept in float64, so that the three slope
+// increments of a tapped adjoint (1, -2, 1)/w² cancel as exactly as in the recursion itself; in
+// float32 their rounding would stay in the slope and make the adjoint drift as T².
+template <typename scalar_t>
+struct WideTypes {
+  typedef double vec __attribute__((vector_size(8 * kLanes<scalar_t>)));
+  typedef double unaligned __attribute__((vector_size(8 * kLanes<scalar_t>), aligned(8)));
+};
+template <typename scalar_t>
+using Wide = typename WideTypes<scalar_t>::vec;
+
+template <typename scalar_t>
+inline Wide<scalar_t> widened(const scalar_t* p) {
+  return __builtin_convertvector(load(p), Wide<scalar_t>);
+}
+template <typename scalar_t>
+inline Wide<scalar_t> load_wide(const double* p) {
+  return *reinterpret_cast<const typename WideTypes<scalar_t>::unaligned*>(p);
+}
+template <typename scalar_t>
+inline void store_wide(double* p, Wide<scalar_t> v) {
+  *reinterpret_cast<typename WideTypes<scalar_t>::unaligned*>(p) = v;
+}
+
 #if defined(__GNUC__) && !defined(__clang__)
 #define DELREC_CONTRACT __attribute__((optimize("fp-contract=fast")))
 #else
@@ -340,7 +365,7 @@ template <typename scalar_t>
 struct TapGroups {
   struct Term {
     int64_t row;
-    scalar_t coef, slope;
+    double coef, slope;
   };
   struct Group {
     int64_t lag, begin, mid, end;  // terms [begin, mid): triangle taps, [mid, end): ε-box taps
@@ -357,11 +382,10 @@ struct TapGroups {
         const int64_t* el = p.e_lags + 4 * s;
         const double* c = p.z_coef + 6 * s;
         for (int q = 0; q < 3; ++q) {
-          by_lag[zl[q]].first.push_back({2 * s, static_cast<scalar_t>(c[q]),
-                                         static_cast<scalar_t>(c[3 + q])});
+          by_lag[zl[q]].first.push_back({2 * s, c[q], c[3 + q]});
         }
         for (int q = 0; q < 4; ++q) {  // signs -, +, +, -
-          by_lag[el[q]].second.push_back({2 * s + 1, scalar_t(q == 1 || q == 2 ? 1 : -1), 0});
+          by_lag[el[q]].second.push_back({2 * s + 1, q == 1 || q == 2 ? 1.0 : -1.0, 0.0});
         }
       }
       for (const auto& [lag, taps] : by_lag) {
@@ -377,34 +401,35 @@ struct TapGroups {
 };
 
 // One group's injection over NB vector blocks: y += Σ coef·x + Σ ±e, d += Σ slope·x, with x, e
-// rows of the adjoint table (which points at the first lane) and y, d one ring row of the neuron.
+// rows of the adjoint table (which points at the first lane) and y, d one float64 ring row of
+// the neuron (summed in float64: Wide).
 template <typename scalar_t, int NB>
 __attribute__((noinline)) DELREC_CONTRACT void inject_group(
     const scalar_t* __restrict table, int64_t width,
     const typename TapGroups<scalar_t>::Term* __restrict term, int64_t mid, int64_t end,
-    scalar_t* __restrict y, scalar_t* __restrict d) {
+    double* __restrict y, double* __restrict d) {
   constexpr int64_t L = kLanes<scalar_t>;
-  Vec<scalar_t> to_y[NB] = {}, to_d[NB] = {};
+  Wide<scalar_t> to_y[NB] = {}, to_d[NB] = {};
   for (int64_t k = 0; k < mid; ++k) {
     const scalar_t* x = table + term[k].row * width;
-    const scalar_t coef = term[k].coef, slope = term[k].slope;
+    const double coef = term[k].coef, slope = term[k].slope;
 #pragma GCC unroll 4
     for (int q = 0; q < NB; ++q) {
-      const Vec<scalar_t> xq = load(x + q * L);
+      const Wide<scalar_t> xq = widened(x + q * L);
       to_y[q] += coef * xq;
       to_d[q] += slope * xq;
     }
   }
   for (int64_t k = mid; k < end; ++k) {
     const scalar_t* e = table + term[k].row * width;
-    const scalar_t sign = term[k].coef;
+    const double sign = term[k].coef;
 #pragma GCC unroll 4
-    for (int q = 0; q < NB; ++q) to_y[q] += sign * load(e + q * L);
+    for (int q = 0; q < NB; ++q) to_y[q] += sign * widened(e + q * L);
   }
 #pragma GCC unroll 4
   for (int q = 0; q < NB; ++q) {
-    store(y + q * L, load(y + q * L) + to_y[q]);
-    store(d + q * L, load(d + q * L) + to_d[q]);
+    store_wide<scalar_t>(y + q * L, load_wide<scalar_t>(y + q * L) + to_y[q]);
+    store_wide<scalar_t>(d + q * L, load_wide<scalar_t>(d + q * L) + to_d[q]);
   }
 }
 
@@ -433,8 +458,9 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
   double* support_sum = by_support.data_ptr<double>();  // (N): Σ_t Σ_s K_s·x_s
 
   // injections of the future adjoints into the recursion of each neuron: (N, R, 2, B'), so that
-  // one neuron's injections at all ring slots stay within a few cache lines
-  std::vector<scalar_t> inject(ring * 2 * n * width, scalar_t(0));
+  // one neuron's injections at all ring slots stay within a few cache lines; float64, as the
+  // recursion (WideTypes)
+  std::vector<double> inject(ring * 2 * n * width, 0.0);
   const auto injection = [&](int64_t j, int64_t time) {
     return inject.data() + (j * ring + time % ring) * 2 * width;
   };
@@ -466,11 +492,11 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
     const int64_t now = t * nb;
     at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        scalar_t* inj = injection(i, t);
+        double* inj = injection(i, t);
         for (int64_t b = 0, k = i * batch; b < batch; ++b, ++k) {
           y[k] += d[k] + inj[b];
           d[k] += inj[width + b];
-          inj[b] = inj[width + b] = scalar_t(0);
+          inj[b] = inj[width + b] = 0.0;
           // the LIF adjoint (fast.py, _LIF.adjoint_step); gv is the adjoint of v[t]
           const int64_t out = now + b * n + i;
           const scalar_t h = membrane_p[now + k];
@@ -505,7 +531,7 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
           const auto& tap = taps.groups[g];
           if (tap.lag > t) continue;
           // x = ∂L/∂Z_s[t] and e = ∂L/∂E_s[t] reach s_j[t - lag]: injections at time t - lag
-          scalar_t* to = injection(j, t - tap.lag);
+          double* to = injection(j, t - tap.lag);
           for (int64_t lane = 0; lane < width; lane += group) {
             with_blocks(std::min(group, width - lane) / L, [&](auto nb) {
               inject_group<scalar_t, decltype(nb)::value>(
