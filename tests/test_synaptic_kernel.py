@@ -1,184 +1,20 @@
-"""Synaptic delays by slot traces (delrec.engine.synaptic) against the reference loop."""
-
-import math
-import os
-from unittest import mock
+"""Synaptic delays by slot traces (delrec.engine.synaptic): what the engine paths of
+``test_engine_paths.py`` do not see (a delay at the clamp, 3000 float32 steps, the fallback)."""
 
 import pytest
 import torch
-from engine_helpers import NEURONS, assert_close_relative
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from engine_harness import native_kernels
 
-from delrec.delays import kernel_length, spread_width, triangle_kernel
-from delrec.engine import native, reference_recurrence
+from delrec.delays import kernel_length, triangle_kernel
+from delrec.engine import native
 from delrec.engine.synaptic import synaptic_recurrence
-from delrec.neurons import LIF, ATan, Triangle
+from delrec.neurons import LIF, ATan
 
 
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
     """The C++ kernels compile here; a build error fails every test with the compiler's message."""
     return native.build("synaptic")
-
-
-def spikes_and_grads(run, current, weight, delay, logits, sigma, mask, grad_out):
-    """Spikes of ``run(current, weight, delay, width, mask)`` and the gradients of
-    ``Σ spikes·grad_out`` w.r.t. current, weight, delay and (if given) the spread logits."""
-    inputs = [x.clone().requires_grad_() for x in (current, weight, delay)]
-    if logits is not None:
-        inputs.append(logits.clone().requires_grad_())
-    width = spread_width(sigma, inputs[3] if logits is not None else None)
-    spikes = run(*inputs[:3], width, mask)
-    grads = torch.autograd.grad((spikes * grad_out).sum(), inputs, allow_unused=True)
-    return spikes.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
-
-
-def reference(neuron):
-    def run(current, weight, delay, width, mask):
-        n = weight.shape[0]
-        max_width = float(torch.as_tensor(width).detach().max())
-        width = width.expand(n, n) if torch.is_tensor(width) else width  # per presynaptic neuron
-        length = kernel_length(float(delay.detach().max()), max_width)
-        kernel = triangle_kernel(delay, width, length)
-        return reference_recurrence(current, weight, kernel, neuron, mask)
-
-    return run
-
-
-def slots(neuron):
-    def run(current, weight, delay, width, mask):
-        return synaptic_recurrence(current, weight, delay, width, neuron.p, mask)
-
-    return run
-
-
-def assert_matches_reference(neuron, current, weight, delay, logits, sigma, mask, grad_out):
-    args = (current, weight, delay, logits, sigma, mask, grad_out)
-    expected_spikes, expected_grads = spikes_and_grads(reference(neuron), *args)
-    spikes, grads = spikes_and_grads(slots(neuron), *args)
-    assert torch.equal(spikes, expected_spikes)
-    for name, actual, expected in zip(
-        ["current", "weight", "delay", "spread"], grads, expected_grads
-    ):
-        assert actual.shape == expected.shape, name
-        assert_close_relative(actual, expected)
-    return expected_spikes
-
-
-@settings(max_examples=200, deadline=None, derandomize=True)
-@given(
-    steps=st.integers(1, 14),
-    batch=st.integers(1, 3),
-    size=st.integers(1, 6),
-    max_delay=st.sampled_from([0.0, 1.0, 4.0, 25.0]),  # 25 > T: kernels longer than the sequence
-    integer_share=st.sampled_from([0.0, 0.5, 1.0]),
-    sigma=st.sampled_from([0.0, 0.5, 1.0, 2.7, 10.0, 40.0]),
-    spread=st.sampled_from(["shared", "learnable", "learnable-integer"]),
-    neuron=NEURONS,
-    dropout=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_slot_traces_match_the_reference(
-    steps, batch, size, max_delay, integer_share, sigma, spread, neuron, dropout, seed
-):
-    """Same spikes and gradients as the reference, for every neuron option, delays with zeros
-    and integers, widths shared or per neuron ("learnable-integer": logits 0, so w = 1 + σ is
-    an integer or half-integer for most σ and centres land on kinks)."""
-    g = torch.Generator().manual_seed(seed)
-    weight = torch.randn(size, size, generator=g, dtype=torch.float64) * 1.5 / math.sqrt(size)
-    delay = torch.rand(size, size, generator=g, dtype=torch.float64) * max_delay
-    integer = torch.rand(size, size, generator=g) < integer_share
-    delay[integer] = delay[integer].round()
-    delay[0, 0] = 0.0
-    logits = {
-        "shared": None,
-        "learnable-integer": torch.zeros(size, dtype=torch.float64),
-        "learnable": torch.randn(size, generator=g, dtype=torch.float64),
-    }[spread]
-    current = torch.randn(steps, batch, size, generator=g, dtype=torch.float64) * 0.8 + 0.4
-    mask = (
-        torch.bernoulli(torch.full((batch, size), 0.7, dtype=torch.float64), generator=g) / 0.7
-        if dropout
-        else None
-    )
-    grad_out = torch.randn(steps, batch, size, generator=g, dtype=torch.float64)
-    assert_matches_reference(neuron, current, weight, delay, logits, sigma, mask, grad_out)
-
-
-@pytest.mark.parametrize("sigma", [0.0, 0.5, 1.0, 2.0])
-@pytest.mark.parametrize("delay", [0.0, 0.5, 1.0, 2.0, 5.0, -0.5])
-@pytest.mark.parametrize("learn_spread", [False, True])
-def test_gradients_at_kinks_follow_autograd_of_the_kernel(sigma, delay, learn_spread):
-    """Integer (or half-integer) centres and widths put c, c - w and c + w exactly on integer
-    lags, the kinks of the triangle; every synapse of a layer sits there, alone or beside
-    synapses in the neighbouring intervals (delay ± 0.25)."""
-    size = 4
-    g = torch.Generator().manual_seed(4)
-    delays = torch.full((size, size), delay, dtype=torch.float64)
-    delays[1, :2] += 0.25
-    delays[2, 2:] -= 0.25
-    weight = torch.randn(size, size, generator=g, dtype=torch.float64) / math.sqrt(size)
-    logits = torch.zeros(size, dtype=torch.float64) if learn_spread else None
-    current = torch.rand(20, 2, size, generator=g, dtype=torch.float64) * 1.6
-    grad_out = torch.randn(20, 2, size, generator=g, dtype=torch.float64)
-    spikes = assert_matches_reference(
-        LIF(tau=2.0), current, weight, delays, logits, sigma, None, grad_out
-    )
-    assert spikes.sum() > 0
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-def test_a_larger_layer_spanning_several_vector_blocks(threads):
-    """Batch rows of several vector blocks (19 float64 samples: 3 blocks of 8, the last one
-    padded), many slots per neuron, odd member counts; one thread and two."""
-    size, steps, batch = 23, 40, 19
-    g = torch.Generator().manual_seed(7)
-    delay = torch.rand(size, size, generator=g, dtype=torch.float64) * 30.0
-    delay[:, ::3] = delay[:, ::3].round()
-    weight = torch.randn(size, size, generator=g, dtype=torch.float64) * 1.5 / math.sqrt(size)
-    logits = torch.randn(size, generator=g, dtype=torch.float64)
-    current = torch.randn(steps, batch, size, generator=g, dtype=torch.float64) * 0.8 + 0.4
-    mask = torch.bernoulli(torch.full((batch, size), 0.8, dtype=torch.float64), generator=g) / 0.8
-    grad_out = torch.randn(steps, batch, size, generator=g, dtype=torch.float64)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        assert_matches_reference(
-            LIF(tau=2.0, v_reset=None, surrogate=Triangle(1.0)),
-            current,
-            weight,
-            delay,
-            logits,
-            3.3,
-            mask,
-            grad_out,
-        )
-    finally:
-        torch.set_num_threads(previous)
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-def test_a_wide_batch_and_many_neurons_spanning_every_blocking_of_the_sums(threads):
-    """70 float64 samples (9 vector blocks: lane groups of 4, 4 and 1), 130 neurons and 30 steps:
-    more than one block of rows in the backward's member sums, several column blocks in the
-    forward's, and a gradient sweep in several chunks of time and groups of neurons."""
-    size, steps, batch = 130, 30, 70
-    g = torch.Generator().manual_seed(3)
-    delay = torch.rand(size, size, generator=g, dtype=torch.float64) * 8.0
-    delay[::4] = delay[::4].round()
-    weight = torch.randn(size, size, generator=g, dtype=torch.float64) * 2.0 / math.sqrt(size)
-    current = torch.randn(steps, batch, size, generator=g, dtype=torch.float64) * 0.8 + 0.5
-    grad_out = torch.randn(steps, batch, size, generator=g, dtype=torch.float64)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        spikes = assert_matches_reference(
-            LIF(tau=2.0), current, weight, delay, None, 1.5, None, grad_out
-        )
-    finally:
-        torch.set_num_threads(previous)
-    assert 0.05 < spikes.mean() < 0.95  # the recurrent sums decide spikes
 
 
 def test_a_delay_clamped_at_zero_can_grow():
@@ -219,6 +55,6 @@ def test_long_float32_sequences_keep_the_float64_trace_accuracy():
 
 
 def test_without_the_kernels_it_returns_none_for_the_caller_to_fall_back():
-    with mock.patch.dict(os.environ, {"DELREC_NATIVE": "0"}):
+    with native_kernels(False):
         current = torch.rand(5, 2, 3)
         assert synaptic_recurrence(current, torch.eye(3), torch.ones(3, 3), 2.0, LIF().p) is None

@@ -1,0 +1,435 @@
+"""The engine test harness: every engine path against the reference loop, in one place.
+
+Which engine paths exist and how each one is forced lives here and nowhere else in the tests.
+:func:`paths` returns, for a :class:`Config` (delay type, integer-delay inference, dtype,
+device), every path that runs it on this machine, each an :class:`EnginePath` whose ``run``
+has the engine signature::
+
+    run(current (T, B, N), weight (N, N), delay (N,) or (N, N), width float or (N,),
+        params: LIFParameters, mask (B, N) or None) -> spikes (T, B, N)
+
+and :func:`reference` is what they are compared with (the reference loop on
+``triangle_kernel``, which also returns its pre-spike membrane for tie detection).
+
+How a new engine path joins
+    Until ``delrec.engine.PATHS`` exists, add one entry to ``_PATHS`` below: its name, which
+    configurations it supports, whether it is available here (a build, a device), and a
+    function with the engine signature that forces it. Once the registry ``PATHS`` is on main,
+    :func:`paths` reads it (every path whose ``supports`` and ``available`` say yes), so a path
+    registered there is run by every harness test with no change here. Either way it is then
+    checked against the reference at training sizes in float64 and float32 on one and two
+    threads, on random draws and at the kinks (``test_engine_paths.py``). Add one planted bug
+    for it to ``tests/mutations/plant.py`` and check that the suite catches it
+    (docs/testing.md).
+
+The comparison functions take any function of named input tensors that returns spikes
+``(T, B, N)``, so the feedforward engines (fused LIF against the autograd LIF loop,
+feedforward delays against the convolution) use them as they are:
+
+* :class:`Expected` — the reference's spikes, membrane and gradients of ``Σ spikes·grad_out``
+  for one case, computed once for every candidate compared with it;
+* :func:`compare` — spikes identical (up to accepted threshold ties, below), then every
+  gradient at the dtype's tolerance, entry by entry;
+* :func:`assert_exercised` — rejects a degenerate draw (no spikes, saturated, a zero gradient
+  where the test needs one): the test fails, it is not skipped.
+
+Threshold ties. A spike is ``h ≥ θ``. Two correct float32 engines round ``h`` differently, so
+where the reference's pre-spike membrane lies strictly within ``TIE_WIDTH[dtype]`` of ``θ``,
+they may disagree, and from there the sample's trajectory diverges. :func:`compare` accepts a
+disagreement only if, in its sample, every spike that differs at the first step where any
+differs is such a tie. That sample then takes no further part: its later spikes are not
+compared and its ``grad_out`` is zeroed on both sides, so it adds exactly nothing to any
+gradient. At most ``MAX_TIED_SHARE`` of the samples may tie. In float64 the width is 0: spikes
+must be identical.
+
+Gradients, per entry: ``|a - e| ≤ rtol·(|e| + floor·rms(e))`` with ``(rtol, floor)`` from
+:data:`GRAD_TOLERANCE` and ``rms`` over the tensor's entries. An error confined to the small
+entries of a gradient fails; near-zero entries (sums of many terms of both signs) are held to
+``rtol·floor·rms``. The tolerances sit about ten times above the worst agreement measured at
+training sizes (docs/testing.md).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from unittest import mock
+
+import torch
+from torch import Tensor
+
+from delrec.delays import kernel_length, triangle_kernel
+from delrec.engine import fast, native, reference_recurrence
+from delrec.neurons import LIF, LIFParameters, lif_charge
+
+DELAY_TYPES = ("axonal", "shared", "synaptic")
+
+# (rtol, floor) of the per-entry gradient check (module docstring)
+GRAD_TOLERANCE = {torch.float64: (1e-9, 1e-2), torch.float32: (4e-3, 1e-2)}
+# a reference membrane within this distance of the threshold is a tie
+TIE_WIDTH = {torch.float64: 0.0, torch.float32: 1e-5}
+MAX_TIED_SHARE = 0.25
+
+
+# --------------------------------------------------------------------------- the paths
+@dataclass(frozen=True)
+class Config:
+    """What a layer asks an engine for: the delay type, integer-delay inference (eval mode, no
+    autograd), dtype and device."""
+
+    delay_type: str
+    integer: bool = False
+    dtype: torch.dtype = torch.float64
+    device: str = "cpu"
+
+    def __post_init__(self):
+        assert self.delay_type in DELAY_TYPES, self.delay_type
+
+
+Run = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class EnginePath:
+    """One engine path; ``run`` has the engine signature (module docstring)."""
+
+    name: str
+    run: Run = field(repr=False)
+
+
+@contextmanager
+def native_kernels(enabled: bool):
+    """The C++ kernels on (``DELREC_NATIVE=1``) or off: the engine then runs its PyTorch-op
+    loops (the fallback where they can't be built)."""
+    with mock.patch.dict(os.environ, {"DELREC_NATIVE": "1" if enabled else "0"}):
+        yield
+
+
+def _cpp(kernels: str) -> Run:
+    def run(current, weight, delay, width, params, mask):
+        with native_kernels(True):
+            assert native.load(kernels) is not None, f"the C++ kernels '{kernels}' are not built"
+            return fast.fast_recurrence(current, weight, delay, width, params, mask)
+
+    return run
+
+
+def _torch_ops(current, weight, delay, width, params, mask):
+    with native_kernels(False):
+        return fast.fast_recurrence(current, weight, delay, width, params, mask)
+
+
+def _ring(current, weight, delay, width, params, mask):
+    assert width == 1.0, "integer-delay inference runs with σ = 0 (w = 1)"
+    return fast.integer_recurrence(current, weight, delay, params, mask)
+
+
+def _built(kernels: str) -> Callable[[Config], bool]:
+    return lambda config: config.device == "cpu" and native.load(kernels) is not None
+
+
+def _always(config: Config) -> bool:
+    return True
+
+
+def _axonal(config: Config) -> bool:
+    return config.delay_type != "synaptic" and not config.integer
+
+
+def _synaptic(config: Config) -> bool:
+    return config.delay_type == "synaptic" and not config.integer
+
+
+# name -> (supports(config), available(config), run)
+_PATHS: dict[str, tuple[Callable[[Config], bool], Callable[[Config], bool], Run]] = {
+    "cpp-axonal": (_axonal, _built("axonal"), _cpp("axonal")),
+    "torch-axonal": (_axonal, _always, _torch_ops),
+    "cpp-synaptic": (_synaptic, _built("synaptic"), _cpp("synaptic")),
+    "torch-synaptic": (_synaptic, _always, _torch_ops),
+    "ring": (lambda config: config.integer, _always, _ring),
+}
+
+
+def paths(config: Config) -> list[EnginePath]:
+    """Every engine path (not the reference) that supports ``config`` and runs here."""
+    return [
+        EnginePath(name, run)
+        for name, (supports, available, run) in _PATHS.items()
+        if supports(config) and available(config)
+    ]
+
+
+def all_path_names() -> list[str]:
+    """Every engine path the harness knows, available here or not."""
+    return list(_PATHS)
+
+
+@contextmanager
+def threads(count: int):
+    """Run with ``count`` intra-op threads (ATen and the C++ kernels' parallel loops)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- the reference
+class _RecordingLIF(LIF):
+    """The built-in LIF whose ``step`` also records the pre-spike membrane ``h``, the value it
+    compares with the threshold (same expression, so the same rounding)."""
+
+    def __init__(self, params: LIFParameters):
+        super().__init__()
+        self.p = params
+        self.membrane: list[Tensor] = []
+
+    def step(self, u, state):
+        self.membrane.append(lif_charge(u, state[0], self.p).detach())
+        return super().step(u, state)
+
+
+def reference(current, weight, delay, width, params, mask) -> tuple[Tensor, Tensor]:
+    """The reference loop on ``triangle_kernel``: spikes ``(T, B, N)`` (differentiable) and the
+    pre-spike membrane ``(T, B, N)`` (detached)."""
+    n = weight.shape[0]
+    max_width = float(torch.as_tensor(width).detach().max())
+    length = kernel_length(float(delay.detach().max()), max_width)
+    if delay.dim() == 2 and torch.is_tensor(width):
+        width = width.expand(n, n)  # the spread is per presynaptic neuron (column)
+    neuron = _RecordingLIF(params)
+    kernel = triangle_kernel(delay, width, length)
+    spikes = reference_recurrence(current, weight, kernel, neuron, mask)
+    return spikes, torch.stack(neuron.membrane)
+
+
+# --------------------------------------------------------------------------- cases
+@dataclass
+class Case:
+    """One engine input. Differentiable: ``current``, ``weight``, ``delay`` (``(1,)`` for shared
+    delays, expanded to ``(N,)`` for the engine) and ``width`` when it is a tensor ``(N,)``
+    (learned spreads; a number otherwise). Fixed: the LIF parameters, the dropout mask and
+    the gradient of the loss w.r.t. the spikes, ``grad_out``."""
+
+    current: Tensor
+    weight: Tensor
+    delay: Tensor
+    width: Tensor | float
+    params: LIFParameters
+    mask: Tensor | None
+    grad_out: Tensor
+
+    def inputs(self, grad: bool = True) -> dict[str, Tensor]:
+        """The differentiable inputs by name, as fresh leaves."""
+        named = {"current": self.current, "weight": self.weight, "delay": self.delay}
+        if torch.is_tensor(self.width):
+            named["width"] = self.width
+        return {k: v.detach().clone().requires_grad_(grad) for k, v in named.items()}
+
+    def bind(self, run: Callable) -> Callable:
+        """``run`` (engine signature) as a function of :meth:`inputs`."""
+        n = self.weight.shape[0]
+
+        def call(current, weight, delay, width=self.width):
+            if delay.shape == (1,) and n > 1:  # shared: one delay for every neuron
+                delay = delay.expand(n)
+            return run(current, weight, delay, width, self.params, self.mask)
+
+        return call
+
+    def to(self, dtype: torch.dtype) -> Case:
+        def cast(x):
+            return x.to(dtype) if torch.is_tensor(x) else x
+
+        return Case(
+            cast(self.current),
+            cast(self.weight),
+            cast(self.delay),
+            cast(self.width),
+            self.params,
+            cast(self.mask),
+            cast(self.grad_out),
+        )
+
+
+def draw_case(
+    *,
+    delay_type: str,
+    size: int,
+    batch: int,
+    steps: int,
+    max_delay: float,
+    sigma: float,
+    learn_spread: bool,
+    params: LIFParameters,
+    dropout: float = 0.0,
+    integer_share: float = 0.3,
+    drive: tuple[float, float] = (0.4, 0.8),
+    weight_scale: float = 1.5,
+    integer: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> Case:
+    """A random case, drawn in float64 then cast to ``dtype``: delays ``U(0, max_delay)`` with
+    a share rounded to integers (all of them, and ``w = 1``, for integer-delay inference),
+    weights ``N(0, (scale/√N)²)``, currents ``N(mean, std²)`` with ``drive = (mean, std)``,
+    half-widths ``1 + 2σ·sigmoid(N(0, 1))`` per neuron when the spreads learn (else
+    ``1 + σ``), a dropout mask ``(B, N)`` when ``dropout > 0``, and ``grad_out ~ N(0, 1)``."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    shape = {"axonal": (size,), "synaptic": (size, size), "shared": (1,)}[delay_type]
+    delay = torch.rand(shape, generator=g, dtype=f64) * max_delay
+    rounded = torch.rand(shape, generator=g) < (1.0 if integer else integer_share)
+    delay[rounded] = delay[rounded].round()
+    weight = torch.randn(size, size, generator=g, dtype=f64) * weight_scale / math.sqrt(size)
+    width: Tensor | float = 1.0 if integer else 1.0 + sigma
+    if learn_spread and not integer:
+        width = 1.0 + 2.0 * sigma * torch.sigmoid(torch.randn(size, generator=g, dtype=f64))
+    mean, std = drive
+    current = torch.randn(steps, batch, size, generator=g, dtype=f64) * std + mean
+    mask = None
+    if dropout:
+        keep = torch.full((batch, size), 1.0 - dropout, dtype=f64)
+        mask = torch.bernoulli(keep, generator=g) / (1.0 - dropout)
+    grad_out = torch.randn(steps, batch, size, generator=g, dtype=f64)
+    return Case(current, weight, delay, width, params, mask, grad_out).to(dtype)
+
+
+# --------------------------------------------------------------------------- comparisons
+class Expected:
+    """The reference's result for one case, computed once: ``reference(**inputs)`` returns the
+    spikes ``(T, B, N)`` and the pre-spike membrane compared with ``threshold``; gradients of
+    ``Σ spikes·grad_out`` w.r.t. every input that requires one, with some samples (dim 1) left
+    out (:meth:`grads`)."""
+
+    def __init__(
+        self,
+        reference: Callable[..., tuple[Tensor, Tensor]],
+        inputs: dict[str, Tensor],
+        grad_out: Tensor,
+        threshold: float,
+    ):
+        self.inputs = inputs
+        self.grad_out, self.threshold = grad_out, threshold
+        self._graph, membrane = reference(**inputs)
+        self.spikes, self.membrane = self._graph.detach(), membrane.detach()
+        self._grads: dict[tuple[int, ...], dict[str, Tensor]] = {}
+
+    def learned(self) -> list[str]:
+        return [k for k, v in self.inputs.items() if v.requires_grad]
+
+    def grads(self, left_out: tuple[int, ...] = ()) -> dict[str, Tensor]:
+        """Gradients by input name with the samples ``left_out`` given no weight in the loss."""
+        if left_out not in self._grads:
+            names = self.learned()
+            self._grads[left_out] = dict(
+                zip(
+                    names,
+                    _grads(self._graph, [self.inputs[k] for k in names], self.weighting(left_out)),
+                )
+            )
+        return self._grads[left_out]
+
+    def weighting(self, left_out: tuple[int, ...]) -> Tensor:
+        """``grad_out`` with the samples ``left_out`` zeroed."""
+        grad_out = self.grad_out.clone()
+        grad_out[:, list(left_out)] = 0.0
+        return grad_out
+
+
+def _grads(output: Tensor, inputs: list[Tensor], grad_out: Tensor) -> list[Tensor]:
+    if not inputs:
+        return []
+    found = torch.autograd.grad(output, inputs, grad_out, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, found)]
+
+
+@dataclass
+class Agreement:
+    """What :func:`compare` measured: the samples left out after a tie, and per gradient the
+    smallest ``rtol`` that would have passed, ``max |a - e| / (|e| + floor·rms(e))``."""
+
+    tied: tuple[int, ...]
+    error: dict[str, float]
+
+    def worst(self) -> float:
+        return max(self.error.values(), default=0.0)
+
+
+def tied_samples(actual: Tensor, expected: Tensor, membrane: Tensor, threshold: float):
+    """The samples (dim 1) whose spikes differ, after checking that each one's first difference
+    is a threshold tie (module docstring); AssertionError otherwise."""
+    differ = actual != expected
+    width = TIE_WIDTH[membrane.dtype]
+    tied = []
+    for b in differ.any(-1).any(0).nonzero().flatten().tolist():
+        first = int(differ[:, b].any(-1).nonzero()[0])
+        neurons = differ[first, b].nonzero().flatten()
+        distance = (membrane[first, b, neurons] - threshold).abs()
+        assert bool((distance < width).all()), (
+            f"spikes differ from the reference at step {first} of sample {b}, neurons "
+            f"{neurons.tolist()} (engine {actual[first, b, neurons].tolist()}, reference "
+            f"{expected[first, b, neurons].tolist()}), where the reference membrane is "
+            f"{distance.max().item():.3g} from the threshold: not a tie (< {width:g})"
+        )
+        tied.append(b)
+    assert len(tied) <= MAX_TIED_SHARE * actual.shape[1], (
+        f"{len(tied)} of {actual.shape[1]} samples tie at the threshold: more than "
+        f"{MAX_TIED_SHARE:.0%}, not rounding"
+    )
+    return tuple(tied)
+
+
+def assert_grad_close(name: str, actual: Tensor, expected: Tensor) -> float:
+    """The per-entry check of the module docstring; returns the smallest ``rtol`` that passes,
+    ``max |a - e| / (|e| + floor·rms(e))``."""
+    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype, (name, actual.dtype, expected.dtype)
+    rtol, floor = GRAD_TOLERANCE[expected.dtype]
+    e, a = expected.double(), actual.double()
+    error = (a - e).abs()
+    assert bool(torch.isfinite(a).all()), f"gradient '{name}' is not finite"
+    if not error.any():
+        return 0.0
+    scale = e.abs() + floor * float(e.square().mean().sqrt())
+    ratio = error / scale
+    worst = int(ratio.argmax())
+    assert float(ratio.flatten()[worst]) <= rtol, (
+        f"gradient '{name}': {int((ratio > rtol).sum())} of {e.numel()} entries off, worst at "
+        f"flat index {worst}: engine {a.flatten()[worst].item():.17g}, reference "
+        f"{e.flatten()[worst].item():.17g}, error {ratio.flatten()[worst].item():.3g} of "
+        f"|e| + {floor:g}·rms(e) (allowed {rtol:g})"
+    )
+    return float(ratio.max())
+
+
+def compare(candidate: Callable[..., Tensor], expected: Expected) -> Agreement:
+    """Check ``candidate(**inputs)`` against :class:`Expected`: spikes identical up to accepted
+    ties, then every gradient (tied samples left out on both sides) at the dtype's tolerance."""
+    inputs = {
+        k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in expected.inputs.items()
+    }
+    spikes = candidate(**inputs)
+    assert spikes.shape == expected.spikes.shape, (spikes.shape, expected.spikes.shape)
+    assert spikes.dtype == expected.spikes.dtype, (spikes.dtype, expected.spikes.dtype)
+    tied = tied_samples(spikes.detach(), expected.spikes, expected.membrane, expected.threshold)
+    names = expected.learned()
+    grads = _grads(spikes, [inputs[k] for k in names], expected.weighting(tied))
+    reference_grads = expected.grads(tied)
+    error = {k: assert_grad_close(k, g, reference_grads[k]) for k, g in zip(names, grads)}
+    return Agreement(tied, error)
+
+
+def assert_exercised(expected: Expected, nonzero: tuple[str, ...] = ()) -> None:
+    """Reject a degenerate draw: some spikes but not only spikes, and a non-zero gradient for
+    each name in ``nonzero`` (for ``delay``: some spike reached a delay kernel's slope within
+    the sequence, and its effect reached the loss)."""
+    rate = float(expected.spikes.mean())
+    assert 0.0 < rate < 1.0, f"degenerate draw: spike rate {rate}, the engine is not exercised"
+    grads = expected.grads()
+    for name in nonzero:
+        assert bool(grads[name].ne(0).any()), f"degenerate draw: the {name} gradient is all zero"
