@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from delrec.files import write_atomic
 from delrec.models import NetworkConfig, SpikingNetwork, build_network
 
 FORMAT = "delrec-checkpoint/1"
@@ -25,20 +25,13 @@ class CheckpointError(Exception):
 
 
 def atomic_save(payload: dict, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written
-    file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` whole or not at all (:func:`delrec.files.write_atomic`)."""
+
+    def save(temporary: Path) -> None:
+        with open(temporary, "wb") as handle:  # a file object: the archive's inner name is fixed
+            torch.save(payload, handle)
+
+    write_atomic(path, save)
 
 
 def network_payload(network: SpikingNetwork) -> dict:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from delrec.files import write_atomic
+
 from .errors import DataError
 
 HEIDELBERG_URL = "https://zenkelab.org/datasets/"
@@ -140,21 +142,21 @@ def _fetch(resource: Resource, part: Path, timeout: float, progress: bool) -> No
 
 def _extract(archive: Path, target: Path) -> None:
     """Write the single member of a .zip (or the content of a .gz) to ``target`` atomically."""
-    tmp = target.with_name(target.name + ".tmp")
+
+    def copy(source, temporary: Path) -> None:
+        with source, open(temporary, "wb") as destination:
+            shutil.copyfileobj(source, destination, _BLOCK)
+
     try:
         if archive.suffix == ".zip":
             with zipfile.ZipFile(archive) as zf:
                 members = [m for m in zf.namelist() if not m.endswith("/")]
                 if len(members) != 1:
                     raise DataError(f"{archive} holds {len(members)} files, expected one")
-                with zf.open(members[0]) as src, open(tmp, "wb") as dst:
-                    shutil.copyfileobj(src, dst, _BLOCK)
+                write_atomic(target, lambda temporary: copy(zf.open(members[0]), temporary))
         else:
-            with gzip.open(archive) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, _BLOCK)
-        os.replace(tmp, target)
+            write_atomic(target, lambda temporary: copy(gzip.open(archive), temporary))
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        tmp.unlink(missing_ok=True)
         raise DataError(
             f"{archive} could not be extracted ({exc}): delete it and download again"
         ) from exc

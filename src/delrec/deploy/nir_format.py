@@ -37,7 +37,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +45,7 @@ from torch import nn
 
 import delrec
 from delrec.deploy.streaming import DelayedSynapses, StreamingLayer, StreamingNetwork
+from delrec.files import write_atomic
 from delrec.neurons import LIF, LeakyIntegrator
 
 _NIR_MISSING = (
@@ -137,15 +137,12 @@ def export_nir(net: nn.Module, path: str | os.PathLike, dt: float = 1.0):
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        nir.write(tmp, graph)
-        nir.read(tmp)  # nir's own reading and type checking
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def write(temporary: Path) -> None:
+        nir.write(temporary, graph)
+        nir.read(temporary)  # nir's own reading and type checking
+
+    write_atomic(path, write)
     return graph
 
 

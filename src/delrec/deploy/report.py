@@ -27,16 +27,15 @@ regression prediction at each sample's last true step.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from delrec import files
 from delrec.deploy.streaming import DelayedSynapses, StreamingNetwork
 from delrec.layers import DelRec, FeedforwardDelay
 from delrec.models import readout_reduce
@@ -363,31 +362,17 @@ def plot_delay_histograms(report: dict, path: str | os.PathLike) -> None:
         axes[0, 0].text(0.5, 0.5, "no delays in this network", ha="center", va="center")
         axes[0, 0].set_axis_off()
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    files.write_atomic(path, lambda temporary: fig.savefig(temporary, format="png", dpi=120))
     plt.close(fig)
 
 
 def write_report(report: dict, directory: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``hardware_report.json`` and ``delay_histograms.png`` into ``directory``."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     json_path, png_path = directory / "hardware_report.json", directory / "delay_histograms.png"
-    _atomic(json_path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    files.write_json(json_path, report)
     plot_delay_histograms(report, png_path)
     return json_path, png_path
-
-
-def _atomic(path: str | os.PathLike, write) -> None:
-    """Call ``write(temporary path)`` beside ``path``, then rename it to ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- CLI

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from delrec.checkpoint import atomic_save, load_checkpoint, network_payload
 from delrec.data import TripleAugmented, load_dataset, make_loader
 from delrec.delays import spread_schedule
+from delrec.files import write_text
 from delrec.layers import DelRec, FeedforwardDelay, clamp_delays, set_spread
 from delrec.models import SpikingNetwork, build_network
 from delrec.training.config import TrainConfig
@@ -350,7 +351,7 @@ class Trainer:
                 "train_items": len(self.data.datasets["train"]),
             },
         }
-        _atomic_text(self.run_dir / "config.json", json.dumps(document, indent=2) + "\n")
+        write_text(self.run_dir / "config.json", json.dumps(document, indent=2) + "\n")
 
     # ------------------------------------------------------------------ schedule
     def sigma(self, epoch: int) -> float:
@@ -586,7 +587,7 @@ class Trainer:
             **metrics,
             "valid": best["valid"],
         }
-        _atomic_text(self.run_dir / "test_results.json", json.dumps(results, indent=2) + "\n")
+        write_text(self.run_dir / "test_results.json", json.dumps(results, indent=2) + "\n")
 
         figure_dir = self.run_dir / "figures"
         figures.learning_curves(
@@ -616,13 +617,6 @@ def _without(config: dict, keys=RESUME_OVERRIDABLE) -> dict:
     return {k: v for k, v in config.items() if k not in keys}
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_metrics(path: Path, history: list[dict]) -> None:
     """``metrics.csv``: one row per epoch (columns of the first row), written atomically."""
     buffer = io.StringIO()
@@ -630,4 +624,4 @@ def write_metrics(path: Path, history: list[dict]) -> None:
         writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(history)
-    _atomic_text(path, buffer.getvalue())
+    write_text(path, buffer.getvalue())
