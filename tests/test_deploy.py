@@ -11,6 +11,7 @@ from torch import nn
 
 from delrec.checkpoint import atomic_save, network_payload
 from delrec.cli import main
+from delrec.config import preset_network
 from delrec.deploy import (
     NIRExportError,
     NIRImportError,
@@ -21,7 +22,7 @@ from delrec.deploy import (
 )
 from delrec.deploy.report import format_report, hardware_report, write_report
 from delrec.layers import DelRec, FeedforwardDelay
-from delrec.models import MODELS, NetworkConfig, build_network, preset_network
+from delrec.models import MODELS, NetworkConfig, build_network
 from delrec.neurons import AdLIF, lif_charge
 
 nir = pytest.importorskip("nir", reason="NIR tests need the optional `nir` package")
@@ -446,7 +447,7 @@ def test_export_command_refuses_soft_reset_cleanly(tmp_path, capsys):
 
 
 def test_report_command_measures_on_the_runs_test_split(tmp_path, capsys):
-    from delrec.training.config import preset
+    from delrec.config import preset
 
     train_config = preset("digits-8x8", "delrec")
     net = build_network(train_config.network_config(1, 10), seed=0)

@@ -26,21 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from delrec.checkpoint import CheckpointError, load_network
-from delrec.models import count_parameters
+from delrec.models import VARIANTS, count_parameters
 
 # settings that do not change what a run computes, or that tell seeds apart
 NOT_GROUPING = ("seed", "device", "threads", "num_workers", "data_root", "eval_batch_size")
-LEARNED_RECURRENT_DELAYS = ("delrec", "delrec-shared", "ff+rec")
-# model -> (display name, recurrent, recurrent delays, feedforward delays)
-MODEL_TRAITS = {
-    "snn": ("SNN", False, False, False),
-    "rsnn": ("RSNN", True, False, False),
-    "fixed": ("Fixed rec. delays", True, True, False),
-    "delrec": ("DelRec", True, True, False),
-    "delrec-shared": ("DelRec (one shared delay)", True, True, False),
-    "ffdelay": ("Ff. delays", False, False, True),
-    "ff+rec": ("Ff. delays + DelRec", True, True, True),
-}
 
 
 class CompareError(Exception):
@@ -120,7 +109,7 @@ def read_run(run_dir: Path, real_delays: bool = True) -> SeedRun:
     results = json.loads(results_path.read_text())
     metric = "accuracy" if "accuracy" in results else "nmse"
     real = results[metric]
-    if real_delays and config["model"] in LEARNED_RECURRENT_DELAYS:
+    if real_delays and VARIANTS[config["model"]].learns_recurrent_delays:
         from delrec.training.eval_cmd import evaluate_run
 
         real = evaluate_run(run_dir, split="test", spread=True)[metric]
@@ -172,7 +161,7 @@ def group_runs(runs: list[SeedRun]) -> list[Row]:
         ]
         mine = _setting_items(members[0].config)
         varying = [k for k in mine if any(s.get(k) != mine[k] for s in siblings)]
-        label = MODEL_TRAITS[model][0]
+        label = VARIANTS[model].label
         if varying:
             label += " (" + ", ".join(f"{k.split('.')[-1]}={mine[k]}" for k in varying) + ")"
         rows.append(Row(label, members))
@@ -226,11 +215,12 @@ def format_markdown(rows: list[Row]) -> str:
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        _, recurrent, recurrent_delays, ff_delays = MODEL_TRAITS[row.model]
+        variant = VARIANTS[row.model]
+        traits = (variant.recurrent, variant.recurrent_delays, variant.feedforward_delays)
         rate = f"{row.firing_rate:.4f}" if row.firing_rate is not None else "–"
         cells = [
             row.label,
-            *("✓" if t else "" for t in (recurrent, recurrent_delays, ff_delays)),
+            *("✓" if t else "" for t in traits),
             "✓",
             format_parameters(row.parameters),
             str(len(row.runs)),
@@ -246,16 +236,16 @@ def rows_as_records(rows: list[Row]) -> list[dict]:
     """CSV-ready records, one per row."""
     records = []
     for row in rows:
-        _, recurrent, recurrent_delays, ff_delays = MODEL_TRAITS[row.model]
+        variant = VARIANTS[row.model]
         (real, real_std), (rounded, rounded_std) = row.stats("real"), row.stats("rounded")
         records.append(
             {
                 "label": row.label,
                 "task": row.runs[0].config["task"],
                 "model": row.model,
-                "recurrent": recurrent,
-                "recurrent_delays": recurrent_delays,
-                "feedforward_delays": ff_delays,
+                "recurrent": variant.recurrent,
+                "recurrent_delays": variant.recurrent_delays,
+                "feedforward_delays": variant.feedforward_delays,
                 "parameters": row.parameters,
                 "seeds": len(row.runs),
                 f"{row.metric}_mean": real,
@@ -300,7 +290,7 @@ def plot_rows(rows: list[Row], path: Path, x: str = "parameters") -> None:
             yerr=[s for _, s in rounded],
             marker="o",
             capsize=3,
-            label=MODEL_TRAITS[model][0],
+            label=VARIANTS[model].label,
         )
         ax.scatter(
             xs,
@@ -310,7 +300,7 @@ def plot_rows(rows: list[Row], path: Path, x: str = "parameters") -> None:
             zorder=3,
         )
         for x_value, row, (m, _) in zip(xs, mine, rounded):
-            if row.label != MODEL_TRAITS[model][0]:
+            if row.label != VARIANTS[model].label:
                 ax.annotate(
                     row.label.split("(", 1)[-1].rstrip(")"),
                     (x_value, m),

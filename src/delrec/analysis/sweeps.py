@@ -20,8 +20,9 @@ from pathlib import Path
 
 from delrec.analysis import compare
 from delrec.checkpoint import CheckpointError
+from delrec.models import MODELS, VARIANTS
 
-ABLATION_MODELS = ("snn", "rsnn", "fixed", "delrec")
+ABLATION_MODELS = tuple(model for model, variant in VARIANTS.items() if variant.ablation)
 
 
 class SweepError(Exception):
@@ -52,7 +53,7 @@ class TrainOptions:
 
 def parameter_points(options: TrainOptions, models, sizes) -> list[SweepPoint]:
     """``model × size`` points; the number of hidden layers is the preset's (after overrides)."""
-    from delrec.training.config import ConfigError, resolve
+    from delrec.config import ConfigError, resolve
 
     points = []
     for model in models:
@@ -227,9 +228,9 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         if args.sweep_command == "params":
-            unknown = sorted(set(args.models) - set(compare.MODEL_TRAITS))
+            unknown = sorted(set(args.models) - set(MODELS))
             if unknown or not args.models or not args.sizes or min(args.sizes) < 1:
-                known = ", ".join(compare.MODEL_TRAITS)
+                known = ", ".join(MODELS)
                 raise SweepError(
                     f"--models must name models from {known} "
                     f"and --sizes positive sizes (got {list(args.models)}, "

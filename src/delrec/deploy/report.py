@@ -436,7 +436,7 @@ def _loader(args: argparse.Namespace):
             "measure on; pass --data NAME for spikes, synaptic operations and scores"
         )
         return None
-    from delrec.training.config import TrainConfig
+    from delrec.config import TrainConfig
     from delrec.training.loop import eval_loader, load_splits
 
     values = dict(

@@ -6,7 +6,7 @@
 >>> trainer.fit(); results = trainer.test()
 """
 
-from delrec.training.config import (
+from delrec.config import (
     ConfigError,
     OptimConfig,
     SpreadConfig,

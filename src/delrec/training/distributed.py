@@ -38,8 +38,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
+from delrec.config import ConfigError
 from delrec.layers import DelRec
-from delrec.training.config import ConfigError
 from delrec.training.loop import TrainingError
 
 DEFAULT_TIMEOUT_S = 600.0

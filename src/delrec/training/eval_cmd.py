@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 from delrec.checkpoint import CheckpointError, load_checkpoint, load_network
+from delrec.config import ConfigError, TrainConfig
 from delrec.data import SPLITS, DataError
 from delrec.layers import DelRec
-from delrec.training.config import ConfigError, TrainConfig
 from delrec.training.loop import eval_loader, evaluate, load_splits, resolve_device
 from delrec.training.objectives import make_objective
 

@@ -36,12 +36,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from delrec.checkpoint import atomic_save, load_checkpoint, network_payload
+from delrec.config import TrainConfig
 from delrec.data import TripleAugmented, load_dataset, make_loader
 from delrec.delays import spread_schedule
 from delrec.files import write_text
 from delrec.layers import DelRec, FeedforwardDelay, clamp_delays, set_spread
 from delrec.models import SpikingNetwork, build_network
-from delrec.training.config import TrainConfig
 from delrec.training.objectives import make_objective
 
 # settings that may change when a run is resumed

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from delrec.training.config import ConfigError, TrainConfig
+from delrec.config import ConfigError, TrainConfig
 
 POLL_S = 0.1
 _print_lock = threading.Lock()

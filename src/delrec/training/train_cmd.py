@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from delrec.checkpoint import CheckpointError
+from delrec.config import TASKS, ConfigError, TrainConfig, load_config_file, resolve
 from delrec.data import DataError
 from delrec.models import MODELS
-from delrec.training.config import TASKS, ConfigError, TrainConfig, load_config_file, resolve
 from delrec.training.distributed import (
     DEFAULT_TIMEOUT_S,
     Stopped,
