@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from delrec.checkpoint import atomic_save, network_payload
+from delrec.checkpoint import network_payload, save_checkpoint
 from delrec.cli import main
 from delrec.config import preset_network
 from delrec.deploy import (
@@ -414,7 +414,7 @@ def test_report_scores_regression_by_nmse(tmp_path):
 # --------------------------------------------------------------------------- CLI
 def save_run(tmp_path, net):
     run = tmp_path / "run"
-    atomic_save(network_payload(net), run / "checkpoints" / "best.pt")
+    save_checkpoint(network_payload(net), run / "checkpoints" / "best.pt")
     return run
 
 
@@ -452,7 +452,7 @@ def test_report_command_measures_on_the_runs_test_split(tmp_path, capsys):
     train_config = preset("digits-8x8", "delrec")
     net = build_network(train_config.network_config(1, 10), seed=0)
     run = tmp_path / "run"
-    atomic_save(
+    save_checkpoint(
         {**network_payload(net), "train_config": train_config.to_dict()},
         run / "checkpoints" / "best.pt",
     )

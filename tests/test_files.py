@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from delrec import files
-from delrec.checkpoint import atomic_save
+from delrec.checkpoint import save_checkpoint
 from delrec.data import heidelberg, load_dataset
 from delrec.deploy.report import hardware_report, write_report
 from delrec.models import NetworkConfig, build_network
@@ -62,7 +62,7 @@ def _tiny_network():
 
 def _write_checkpoint(folder: Path) -> list[Path]:
     path = folder / "checkpoints" / "best.pt"
-    atomic_save({"weights": torch.ones(3)}, path)
+    save_checkpoint({"weights": torch.ones(3)}, path)
     return [path]
 
 

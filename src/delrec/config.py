@@ -388,6 +388,13 @@ def validate(config: TrainConfig) -> None:
     )
 
 
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; anything else as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def _check_device(device: str) -> None:
     if device == "auto":
         return
@@ -448,6 +455,7 @@ __all__ = [
     "preset",
     "preset_network",
     "resolve",
+    "resolve_device",
     "load_config_file",
     "parse_override",
     "validate",

@@ -19,21 +19,25 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from delrec.checkpoint import CheckpointError, load_network
+from delrec import files
+from delrec.checkpoint import CheckpointError
 from delrec.models import VARIANTS, count_parameters
+from delrec.runs import RunDir, RunError, load_network
+from delrec.training.evaluation import evaluate_run
 
 # settings that do not change what a run computes, or that tell seeds apart
 NOT_GROUPING = ("seed", "device", "threads", "num_workers", "data_root", "eval_batch_size")
 
 
 class CompareError(Exception):
-    """A directory that is not a finished run; the message says what to do."""
+    """Runs that cannot be compared with each other; the message says what to do."""
 
 
 @dataclass
@@ -82,36 +86,17 @@ class Row:
 # --------------------------------------------------------------------------- reading
 def find_runs(paths: list[Path]) -> list[Path]:
     """The single-seed run directories named by ``paths`` (multi-seed runs expanded)."""
-    found = []
-    for path in map(Path, paths):
-        if (path / "seeds.json").is_file():
-            seeds = json.loads((path / "seeds.json").read_text())["seeds"]
-            found.extend(path / f"seed-{seed}" for seed in seeds)
-        elif (path / "config.json").is_file():
-            found.append(path)
-        else:
-            raise CompareError(
-                f"{path} is not a run directory (no config.json or seeds.json); "
-                "give directories written by `delrec train`"
-            )
-    return found
+    return [run.path for path in paths for run in RunDir(path).single_runs()]
 
 
 def read_run(run_dir: Path, real_delays: bool = True) -> SeedRun:
     """Read one finished run; ``real_delays`` re-evaluates it with real-valued delays."""
-    results_path = run_dir / "test_results.json"
-    if not results_path.is_file():
-        raise CompareError(
-            f"{run_dir} has no test_results.json: the run is not finished; "
-            f"complete it with `delrec train --resume {run_dir}`"
-        )
-    config = json.loads((run_dir / "config.json").read_text())["config"]
-    results = json.loads(results_path.read_text())
+    run = RunDir(run_dir)
+    results = run.read_results()
+    config = run.config_values()
     metric = "accuracy" if "accuracy" in results else "nmse"
     real = results[metric]
     if real_delays and VARIANTS[config["model"]].learns_recurrent_delays:
-        from delrec.training.eval_cmd import evaluate_run
-
         real = evaluate_run(run_dir, split="test", spread=True)[metric]
     return SeedRun(
         run_dir,
@@ -120,14 +105,12 @@ def read_run(run_dir: Path, real_delays: bool = True) -> SeedRun:
         results[metric],
         real,
         count_parameters(load_network(run_dir)),
-        _firing_rate(run_dir / "metrics.csv", results["best_epoch"]),
+        _firing_rate(run.read_metrics(), results["best_epoch"]),
     )
 
 
-def _firing_rate(metrics_path: Path, epoch: int) -> float | None:
-    if not metrics_path.is_file():
-        return None
-    for row in csv.DictReader(metrics_path.open()):
+def _firing_rate(metrics: list[dict], epoch: int) -> float | None:
+    for row in metrics:
         if int(row["epoch"]) == epoch and row.get("firing_rate"):
             return float(row["firing_rate"])
     return None
@@ -318,8 +301,7 @@ def plot_rows(rows: list[Row], path: Path, x: str = "parameters") -> None:
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    files.write_atomic(path, lambda temporary: fig.savefig(temporary, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -332,15 +314,14 @@ def write_outputs(
 ) -> None:
     """Write whichever of the Markdown table, CSV table and figure are given a path."""
     if markdown is not None:
-        markdown.parent.mkdir(parents=True, exist_ok=True)
-        markdown.write_text(format_markdown(rows) + "\n")
+        files.write_text(markdown, format_markdown(rows) + "\n")
     if table_csv is not None:
         records = rows_as_records(rows)
-        table_csv.parent.mkdir(parents=True, exist_ok=True)
-        with open(table_csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(records[0]))
-            writer.writeheader()
-            writer.writerows(records)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+        files.write_text(table_csv, buffer.getvalue())
     if figure is not None:
         plot_rows(rows, figure, x)
 
@@ -374,7 +355,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         rows = compare(args.run_dirs, real_delays=not args.rounded_only)
-    except (CompareError, CheckpointError) as error:
+    except (CompareError, CheckpointError, RunError) as error:
         print(f"delrec compare: error: {error}", file=sys.stderr)
         return 2
     print(format_markdown(rows))

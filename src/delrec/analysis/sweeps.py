@@ -21,6 +21,7 @@ from pathlib import Path
 from delrec.analysis import compare
 from delrec.checkpoint import CheckpointError
 from delrec.models import MODELS, VARIANTS
+from delrec.runs import RunError
 
 ABLATION_MODELS = tuple(model for model, variant in VARIANTS.items() if variant.ablation)
 
@@ -242,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
                 raise SweepError(f"--penalties must be values >= 0, got {list(args.penalties)}")
             points, x = rate_points(args.model, args.penalties), "firing-rate"
         rows = run_sweep(points, args.out, options, x, real_delays=not args.rounded_only)
-    except (SweepError, compare.CompareError, CheckpointError) as error:
+    except (SweepError, compare.CompareError, CheckpointError, RunError) as error:
         print(f"delrec sweep: error: {error}", file=sys.stderr)
         return 2
     print(compare.format_markdown(rows))

@@ -450,14 +450,11 @@ def add_parser(subparsers) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from delrec.checkpoint import CheckpointError, load_network
+    from delrec.checkpoint import CheckpointError
+    from delrec.runs import default_nir_path, load_network
 
     run_dir = Path(args.run_dir)
-    output = (
-        Path(args.output)
-        if args.output
-        else (run_dir / "model.nir" if run_dir.is_dir() else run_dir.with_suffix(".nir"))
-    )
+    output = Path(args.output) if args.output else default_nir_path(run_dir)
     try:
         net = load_network(run_dir, args.checkpoint)
         graph = export_nir(net, output, dt=args.dt)

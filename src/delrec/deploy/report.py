@@ -418,10 +418,10 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=_run_report)
 
 
-def _loader(args: argparse.Namespace):
+def _loader(args: argparse.Namespace, payload: dict):
     """The loader to measure on: ``--data``, else the run's own data set, else ``None``."""
-    from delrec.checkpoint import load_checkpoint
     from delrec.data import load_dataset, make_loader
+    from delrec.runs import checkpoint_config, eval_loader, load_splits
 
     if args.no_data:
         return None
@@ -429,39 +429,31 @@ def _loader(args: argparse.Namespace):
         return make_loader(
             load_dataset(args.data, args.split, root=args.data_root), args.batch_size
         )
-    payload = load_checkpoint(args.run_dir, args.checkpoint)
     if "train_config" not in payload:
         print(
             "note: the checkpoint holds no training configuration, so there is no data set to "
             "measure on; pass --data NAME for spikes, synaptic operations and scores"
         )
         return None
-    from delrec.config import TrainConfig
-    from delrec.training.loop import eval_loader, load_splits
-
-    values = dict(
-        payload["train_config"], **({"data_root": args.data_root} if args.data_root else {})
-    )
-    data = load_splits(TrainConfig.from_dict(values), splits=(args.split,), stored=payload)
+    config = checkpoint_config(payload, args.run_dir, data_root=args.data_root)
+    data = load_splits(config, splits=(args.split,), stored=payload)
     return eval_loader(data.datasets[args.split], args.batch_size)
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from delrec.checkpoint import CheckpointError, load_network
+    from delrec.checkpoint import CheckpointError, network_from
     from delrec.data import DataError
+    from delrec.runs import default_report_dir, load_checkpoint
 
     if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
         print("delrec report: error: --batch-size and --max-batches must be >= 1", file=sys.stderr)
         return 2
-    run_dir = Path(args.run_dir)
-    output = (
-        Path(args.output)
-        if args.output
-        else (run_dir if run_dir.is_dir() else run_dir.parent) / "report"
-    )
+    output = Path(args.output) if args.output else default_report_dir(args.run_dir)
     try:
-        net = load_network(run_dir, args.checkpoint)
-        report = hardware_report(net, _loader(args), max_batches=args.max_batches)
+        payload = load_checkpoint(args.run_dir, args.checkpoint)
+        report = hardware_report(
+            network_from(payload), _loader(args, payload), max_batches=args.max_batches
+        )
         paths = write_report(report, output)
     except (CheckpointError, DataError, ValueError, OSError) as error:
         print(f"delrec report: error: {error}", file=sys.stderr)

@@ -6,28 +6,18 @@ Human-readable progress on stderr, one JSON summary line on stdout."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 from delrec.checkpoint import CheckpointError
-from delrec.config import TASKS, ConfigError, TrainConfig, load_config_file, resolve
+from delrec.config import TASKS, ConfigError, load_config_file, resolve
 from delrec.data import DataError
 from delrec.models import MODELS
-from delrec.training.distributed import (
-    DEFAULT_TIMEOUT_S,
-    Stopped,
-    failure_message,
-    is_process_failure,
-    process_group,
-    rank_label,
-    world_size,
-)
-from delrec.training.loop import Trainer, TrainingError
-from delrec.training.parallel_seeds import run_seed_processes
+from delrec.runs import RunError
+from delrec.training import jobs
+from delrec.training.distributed import DEFAULT_TIMEOUT_S, rank_label, world_size
+from delrec.training.loop import TrainingError
 
 
 def add_parser(subparsers) -> None:
@@ -36,7 +26,10 @@ def add_parser(subparsers) -> None:
         help="train a network (default: Mackey-Glass forecasting with learned delays)",
         description="Train a spiking network from a preset, a config file and overrides. "
         "Presets: " + ", ".join(TASKS) + ". Without arguments: Mackey-Glass (τ=30, H=20), "
-        "DelRec, a few minutes on a laptop CPU.",
+        "DelRec, a few minutes on a laptop CPU. One process at a time trains in a run "
+        "directory: a second `delrec train` into it (or `--resume` of it) stops at once "
+        "with exit code 2, naming the process that holds it (RUN_DIR/run.lock); the lock "
+        "of a process that died is taken over.",
     )
     parser.add_argument("--task", choices=TASKS, help="preset / data set (default mackey-glass)")
     parser.add_argument("--model", choices=MODELS, help="network family (default delrec)")
@@ -127,7 +120,7 @@ def parse_seeds(spec: str) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     try:
         summary = _train(args)
-    except (ConfigError, DataError, CheckpointError) as error:
+    except (ConfigError, DataError, CheckpointError, RunError) as error:
         print(f"delrec train: error: {rank_label()}{error}", file=sys.stderr)
         return 2
     except TrainingError as error:
@@ -159,39 +152,20 @@ def _check_launch(args: argparse.Namespace) -> None:
         )
 
 
-def _distributed_run(
-    config: TrainConfig, run_dir: Path | None, args: argparse.Namespace, resume: bool
-) -> dict | None:
-    """One run, by this process alone or with the others torchrun started; a run directory of
-    ``None`` is chosen by rank 0."""
-    with process_group(config.device, args.dist_backend, args.dist_timeout) as dist:
-        if run_dir is None:
-            run_dir = _default_run_dir(config)
-            if dist is not None:
-                run_dir = dist.agree(run_dir)
-        if not resume:
-            _check_new_run_dir(run_dir)
-        try:
-            trainer = Trainer(config, run_dir, progress=not args.no_progress, dist=dist)
-            return train_one(trainer, args.max_epochs_this_run, resume=resume)
-        except (RuntimeError, Stopped) as error:
-            if dist is None or isinstance(error, TrainingError) or not is_process_failure(error):
-                raise
-            raise TrainingError(failure_message(error, run_dir, dist.world_size)) from None
-
-
-def _check_new_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(
-            f"run directory {run_dir} already exists and is not empty; pick "
-            f"another --run-dir or continue it with --resume {run_dir}"
-        )
-
-
 def _train(args: argparse.Namespace) -> dict | None:
     _check_launch(args)
+    distributed = {"dist_backend": args.dist_backend, "dist_timeout_s": args.dist_timeout}
     if args.resume is not None:
-        return _resume(args)
+        _check_resume(args)
+        return jobs.resume(
+            args.resume,
+            device=args.device,
+            data_root=args.data_root,
+            parallel=args.parallel,
+            progress=not args.no_progress,
+            max_epochs_this_run=args.max_epochs_this_run,
+            **distributed,
+        )
     seeds = parse_seeds(args.seeds) if args.seeds else None
     config = resolve(
         task=args.task,
@@ -210,15 +184,22 @@ def _train(args: argparse.Namespace) -> dict | None:
         print(json.dumps(config.to_dict(), indent=2))
         return None
     if seeds is None:
-        return _distributed_run(config, args.run_dir, args, resume=False)
-    run_dir = args.run_dir or _default_run_dir(config)
-    _check_new_run_dir(run_dir)
+        return jobs.train_run(
+            config,
+            args.run_dir,
+            progress=not args.no_progress,
+            max_epochs_this_run=args.max_epochs_this_run,
+            **distributed,
+        )
+    run_dir = args.run_dir or jobs.default_run_dir(config)
     if args.parallel is not None:
-        return train_seeds_parallel(config, seeds, run_dir, args.parallel, args.max_epochs_this_run)
-    return train_seeds(config, seeds, run_dir, args.max_epochs_this_run, not args.no_progress)
+        return jobs.train_seeds_parallel(
+            config, seeds, run_dir, args.parallel, args.max_epochs_this_run
+        )
+    return jobs.train_seeds(config, seeds, run_dir, args.max_epochs_this_run, not args.no_progress)
 
 
-def _resume(args: argparse.Namespace) -> dict:
+def _check_resume(args: argparse.Namespace) -> None:
     fixed = {
         "--task": args.task,
         "--model": args.model,
@@ -235,190 +216,3 @@ def _resume(args: argparse.Namespace) -> dict:
         raise ConfigError(
             f"--resume continues a run with its own configuration; drop {', '.join(given)}"
         )
-    run_dir = args.resume
-    changes = {"device": args.device, "data_root": args.data_root}
-    if (run_dir / "config.json").is_file():
-        if args.parallel is not None:
-            raise ConfigError(f"{run_dir} is a single run; --parallel resumes a run of --seeds")
-        config = _with_changes(json.loads((run_dir / "config.json").read_text())["config"], changes)
-        return _distributed_run(config, run_dir, args, resume=True)
-    if (run_dir / "seeds.json").is_file():
-        if world_size() > 1:
-            raise ConfigError(
-                f"{run_dir} holds several seeds; resume it without torchrun "
-                "(--parallel K runs them side by side)"
-            )
-        document = json.loads((run_dir / "seeds.json").read_text())
-        config = _with_changes(document["config"], changes)
-        if args.parallel is not None:
-            return train_seeds_parallel(
-                config, document["seeds"], run_dir, args.parallel, args.max_epochs_this_run
-            )
-        return train_seeds(
-            config, document["seeds"], run_dir, args.max_epochs_this_run, not args.no_progress
-        )
-    raise CheckpointError(
-        f"{run_dir} is not a run directory (no config.json or seeds.json); "
-        "give the directory `delrec train` wrote"
-    )
-
-
-def _with_changes(values: dict, changes: dict) -> TrainConfig:
-    values = dict(values)
-    values.update({k: v for k, v in changes.items() if v is not None})
-    return TrainConfig.from_dict(values)
-
-
-def _default_run_dir(config: TrainConfig) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path("runs") / f"{config.task}-{config.model}-{stamp}"
-    candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
-
-
-def train_one(
-    trainer: Trainer, max_epochs_this_run: int | None = None, resume: bool = False
-) -> dict | None:
-    """Train (or continue, with ``resume``) the run of ``trainer``; returns its summary (None
-    on the ranks of a distributed run other than 0, which stop after training).
-    Nothing is written before the trainer exists, i.e. before its data has loaded."""
-    config, run_dir, log = trainer.config, trainer.run_dir, trainer.log
-    if resume:
-        if trainer.restore():
-            log(f"resuming {run_dir} after epoch {trainer.state.epoch}/{config.epochs}")
-    else:
-        log(f"run directory {run_dir}")
-    trainer.write_config()
-    log(
-        f"{config.task} · {config.model} · seed {config.seed} · {config.epochs} epochs · "
-        f"batch {config.batch_size} · {len(trainer.data.datasets['train'])} training items · "
-        f"device {trainer.device}"
-    )
-    start = time.perf_counter()
-    complete = trainer.fit(max_epochs_this_run)
-    if trainer.dist is not None:
-        trainer.dist.leave()
-    if not trainer.is_main:
-        return None
-    summary = {
-        "status": "complete" if complete else "interrupted",
-        "run_dir": str(run_dir),
-        "task": config.task,
-        "model": config.model,
-        "seed": config.seed,
-        "epochs_done": trainer.state.epoch,
-        "epochs": config.epochs,
-        "best_epoch": trainer.state.best_epoch,
-        f"valid_{trainer.objective.metric}": trainer.state.best_value,
-        "time_s": round(time.perf_counter() - start, 2),
-    }
-    if not complete:
-        log(
-            f"stopped after epoch {trainer.state.epoch}/{config.epochs}; continue with "
-            f"`delrec train --resume {run_dir}`"
-        )
-        return summary
-    results = trainer.test()
-    metric = trainer.objective.metric
-    extra = "".join(f"  {k} {results[k]:.4g}" for k in ("nrmse", "r2") if k in results)
-    log(
-        f"test {metric} {results[metric]:.4g}{extra}  (best-validation epoch "
-        f"{results['best_epoch']}, integer delays) → {run_dir}"
-    )
-    summary["test"] = {k: v for k, v in results.items() if isinstance(v, float)}
-    return summary
-
-
-def train_seeds(
-    config: TrainConfig,
-    seeds: list[int],
-    run_dir: Path,
-    max_epochs_this_run: int | None,
-    progress: bool,
-) -> dict:
-    """One run per seed in ``run_dir/seed-<s>`` (resumed where they exist), then mean ± std
-    (population std, as the paper's scripts) of every test metric in ``summary.json``."""
-    runs = []
-    for seed in seeds:
-        seed_dir = run_dir / f"seed-{seed}"
-        trainer = Trainer(dataclasses.replace(config, seed=seed), seed_dir, progress=progress)
-        if not (run_dir / "seeds.json").is_file():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "seeds.json").write_text(
-                json.dumps({"seeds": seeds, "config": config.to_dict()}, indent=2) + "\n"
-            )
-        summary = train_one(
-            trainer, max_epochs_this_run, resume=(seed_dir / "config.json").is_file()
-        )
-        runs.append(summary)
-        if summary["status"] != "complete":
-            return {"status": "interrupted", "run_dir": str(run_dir), "seeds": seeds, "runs": runs}
-    return summarize_seeds(config, seeds, run_dir, runs)
-
-
-def train_seeds_parallel(
-    config: TrainConfig,
-    seeds: list[int],
-    run_dir: Path,
-    workers: int,
-    max_epochs_this_run: int | None,
-) -> dict:
-    """:func:`train_seeds` with ``workers`` seeds at a time, each a ``delrec train`` process
-    (one GPU each when there are GPUs). A failing seed does not stop the others; it is reported
-    and the summary's status is ``"failed"``."""
-    runs, failures = run_seed_processes(config, seeds, run_dir, workers, max_epochs_this_run)
-    if failures:
-        for seed, reason in sorted(failures.items()):
-            print(
-                f"delrec train: error: seed {seed} failed ({reason}); its run is "
-                f"{run_dir / f'seed-{seed}'}",
-                file=sys.stderr,
-            )
-        print(
-            f"delrec train: {len(runs)} of {len(seeds)} seeds ended cleanly; continue with "
-            f"`delrec train --resume {run_dir} --parallel {workers}`",
-            file=sys.stderr,
-        )
-        return {
-            "status": "failed",
-            "run_dir": str(run_dir),
-            "seeds": seeds,
-            "failed": {str(seed): reason for seed, reason in sorted(failures.items())},
-            "runs": runs,
-        }
-    if any(r["status"] != "complete" for r in runs):
-        return {"status": "interrupted", "run_dir": str(run_dir), "seeds": seeds, "runs": runs}
-    return summarize_seeds(config, seeds, run_dir, runs)
-
-
-def summarize_seeds(config: TrainConfig, seeds: list[int], run_dir: Path, runs: list[dict]) -> dict:
-    """Mean ± std (population std, as the paper's scripts) of every test metric over the
-    complete ``runs`` (in the order of ``seeds``), written to ``summary.json``."""
-    metrics = sorted(runs[0]["test"])
-    aggregate = {
-        k: {
-            "mean": statistics.fmean(r["test"][k] for r in runs),
-            "std": statistics.pstdev(r["test"][k] for r in runs),
-            "values": [r["test"][k] for r in runs],
-        }
-        for k in metrics
-    }
-    result = {
-        "status": "complete",
-        "run_dir": str(run_dir),
-        "task": config.task,
-        "model": config.model,
-        "seeds": seeds,
-        "test": aggregate,
-        "runs": runs,
-    }
-    (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
-    for key, value in aggregate.items():
-        print(
-            f"test {key}: {value['mean']:.4g} ± {value['std']:.2g} over seeds {seeds}",
-            file=sys.stderr,
-        )
-    return result
