@@ -439,7 +439,8 @@ def test_export_command_refuses_soft_reset_cleanly(tmp_path, capsys):
         NetworkConfig(1, (6,), 10, model="delrec", neuron=dict(reset="soft")), seed=0
     )
     run = save_run(tmp_path, net)
-    assert main(["export", str(run), "-o", str(tmp_path / "model.nir")]) == 1
+    # a network NIR cannot express is bad input: exit code 2 (delrec.commands)
+    assert main(["export", str(run), "-o", str(tmp_path / "model.nir")]) == 2
     assert "soft reset" in capsys.readouterr().err
     assert not (tmp_path / "model.nir").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
         "run"
@@ -469,7 +470,7 @@ def test_report_command_measures_on_the_runs_test_split(tmp_path, capsys):
     assert "evaluation" not in json.loads(
         (tmp_path / "static" / "hardware_report.json").read_text()
     )
-    assert main(["report", str(tmp_path / "missing")]) == 1
+    assert main(["report", str(tmp_path / "missing")]) == 2  # a missing file: bad input
     assert "no checkpoint" in capsys.readouterr().err
 
 

@@ -1,6 +1,8 @@
 """The run directory: its files written with the one policy of delrec.files, one process at a
-time per run directory (real processes), stale temporaries cleared under the lock."""
+time per run directory (real processes), stale temporaries cleared under the lock; and one
+exit code for one kind of error in every command."""
 
+import json
 import os
 import signal
 import stat
@@ -13,8 +15,13 @@ from pathlib import Path
 import pytest
 from test_train_run import keep_thread_count  # noqa: F401  (the digits preset sets 1 thread)
 
+from delrec.checkpoint import CheckpointError
 from delrec.cli import main
-from delrec.runs import LOCK, RunDir, RunInUse
+from delrec.commands import UsageError, exit_code
+from delrec.config import ConfigError
+from delrec.data import DataError, DownloadError
+from delrec.runs import LOCK, RunDir, RunError, RunInUse
+from delrec.training import TrainingError
 
 WAIT_S = 120
 # digits-8x8 on 32 images and 4 neurons: a run that stays busy until it is stopped
@@ -137,3 +144,36 @@ def test_several_seeds_hold_their_directory(tmp_path, capsys):
         assert main(argv) == 2
         assert f"in use by pid {os.getpid()}" in capsys.readouterr().err
     assert not run.path.exists()
+
+
+# --------------------------------------------------------------------------- exit codes
+def test_a_corrupt_checkpoint_is_bad_input_for_every_command(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.pt").write_bytes(b"not a checkpoint")
+    for command in (["eval"], ["export"], ["report"], ["compare"]):
+        if command == ["compare"]:
+            (run / "config.json").write_text(json.dumps({"config": {"model": "delrec"}}))
+            (run / "test_results.json").write_text(json.dumps({"nmse": 0.5, "best_epoch": 1}))
+        assert main([*command, str(run)]) == 2, command
+        err = capsys.readouterr().err
+        assert err.startswith(f"delrec {command[0]}: error: ") and "corrupt" in err, err
+
+
+@pytest.mark.parametrize(
+    "error,code",
+    [
+        (UsageError("--batch-size must be >= 1"), 2),
+        (ConfigError("optim.lr must be > 0"), 2),
+        (DataError("shd_train.h5 is missing"), 2),
+        (CheckpointError("best.pt is corrupt"), 2),
+        (RunError("not a run directory"), 2),
+        (RunInUse("in use by pid 1"), 2),
+        (TrainingError("the training loss became nan"), 1),
+        (DownloadError("cannot reach the server"), 1),
+        (OSError("no space left on device"), 1),
+        (KeyError("a bug"), None),
+    ],
+)
+def test_one_exit_code_convention(error, code):
+    assert exit_code(error) == code

@@ -17,19 +17,16 @@ Rows are ranked worst to best, as in Table S5.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import statistics
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from delrec import files
-from delrec.checkpoint import CheckpointError
 from delrec.models import VARIANTS, count_parameters
-from delrec.runs import RunDir, RunError, load_network
+from delrec.runs import RunDir, load_network
 from delrec.training.evaluation import evaluate_run
 
 # settings that do not change what a run computes, or that tell seeds apart
@@ -324,40 +321,3 @@ def write_outputs(
         files.write_text(table_csv, buffer.getvalue())
     if figure is not None:
         plot_rows(rows, figure, x)
-
-
-# --------------------------------------------------------------------------- CLI
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "compare",
-        help="table (Markdown, CSV) and figure of trained runs, Table S5 layout",
-        description=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
-    parser.add_argument("--markdown", type=Path, help="write the Markdown table here")
-    parser.add_argument("--csv", type=Path, help="write the table as CSV here")
-    parser.add_argument("--figure", type=Path, help="write the figure (PNG) here")
-    parser.add_argument(
-        "--x",
-        choices=sorted(X_AXES),
-        default="parameters",
-        help="x axis of the figure (default parameters)",
-    )
-    parser.add_argument(
-        "--rounded-only",
-        action="store_true",
-        help="skip re-evaluating learned delays with real values (faster)",
-    )
-    parser.set_defaults(run=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        rows = compare(args.run_dirs, real_delays=not args.rounded_only)
-    except (CompareError, CheckpointError, RunError) as error:
-        print(f"delrec compare: error: {error}", file=sys.stderr)
-        return 2
-    print(format_markdown(rows))
-    write_outputs(rows, args.markdown, args.csv, args.figure, args.x)
-    return 0

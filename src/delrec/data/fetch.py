@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from delrec.files import write_atomic
 
-from .errors import DataError
+from .errors import DataError, DownloadError
 
 HEIDELBERG_URL = "https://zenkelab.org/datasets/"
 MNIST_URL = "http://yann.lecun.com/exdb/mnist/"
@@ -152,12 +152,12 @@ def _extract(archive: Path, target: Path) -> None:
             with zipfile.ZipFile(archive) as zf:
                 members = [m for m in zf.namelist() if not m.endswith("/")]
                 if len(members) != 1:
-                    raise DataError(f"{archive} holds {len(members)} files, expected one")
+                    raise DownloadError(f"{archive} holds {len(members)} files, expected one")
                 write_atomic(target, lambda temporary: copy(zf.open(members[0]), temporary))
         else:
             write_atomic(target, lambda temporary: copy(gzip.open(archive), temporary))
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(
+        raise DownloadError(
             f"{archive} could not be extracted ({exc}): delete it and download again"
         ) from exc
 
@@ -224,26 +224,26 @@ def _download_verified(
             break
         except _Interrupted as exc:
             if attempt == retries:
-                raise DataError(
+                raise DownloadError(
                     f"the transfer of {resource.url} broke off ({exc}) after "
                     f"{1 + retries} attempts; {part} keeps what arrived: run the "
                     "command again to resume"
                 ) from exc
         except urllib.error.HTTPError as exc:
-            raise DataError(
+            raise DownloadError(
                 f"{resource.url} answered HTTP {exc.code} {exc.reason}.\n"
                 + _by_hand(name, resources, to)
             ) from exc
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise DataError(
+            raise DownloadError(
                 f"cannot reach {resource.url} ({reason}): no network?\n"
                 + _by_hand(name, resources, to)
             ) from exc
     digest = md5_of(part)
     if digest != resource.md5:
         part.unlink()
-        raise DataError(
+        raise DownloadError(
             f"{resource.url} arrived with MD5 {digest}, expected {resource.md5}; "
             "the download was removed: run the command again, or fetch the file "
             "by hand.\n" + _by_hand(name, resources, to)

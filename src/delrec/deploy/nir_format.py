@@ -33,10 +33,8 @@ into the affine weights and feedforward delays are expressed with ``Delay`` node
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -417,53 +415,3 @@ def _li_from_node(node, dt: float, where: str) -> LeakyIntegrator:
     if _uniform(node, "v_leak", where) != 0:
         raise NIRImportError(f"{where}: a readout LI must leak towards 0")
     return LeakyIntegrator(tau, decay_input=_input_scaling(node, tau, where))
-
-
-# --------------------------------------------------------------------------- CLI
-def add_parser(subparsers) -> None:
-    """``delrec export RUN_DIR --format nir -o model.nir``."""
-    parser = subparsers.add_parser(
-        "export",
-        help="export a trained network for neuromorphic hardware (NIR)",
-        description="Export the network of a run directory (or checkpoint file) with integer "
-        "delays. The NIR file states its time convention in its metadata.",
-    )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint .pt file")
-    parser.add_argument(
-        "--format", choices=["nir"], default="nir", help="output format (default nir)"
-    )
-    parser.add_argument("-o", "--output", help="output file (default RUN_DIR/model.nir)")
-    parser.add_argument(
-        "--dt",
-        type=float,
-        default=1.0,
-        help="seconds per time step written into the file (default 1: time in steps; "
-        "SHD bins are 0.01)",
-    )
-    parser.add_argument(
-        "--checkpoint",
-        choices=["best", "last"],
-        default="best",
-        help="which checkpoint of a run directory (default best)",
-    )
-    parser.set_defaults(run=_run_export)
-
-
-def _run_export(args: argparse.Namespace) -> int:
-    from delrec.checkpoint import CheckpointError
-    from delrec.runs import default_nir_path, load_network
-
-    run_dir = Path(args.run_dir)
-    output = Path(args.output) if args.output else default_nir_path(run_dir)
-    try:
-        net = load_network(run_dir, args.checkpoint)
-        graph = export_nir(net, output, dt=args.dt)
-    except (CheckpointError, NIRExportError, ImportError, ValueError, FileNotFoundError) as error:
-        print(f"delrec export: error: {error}", file=sys.stderr)
-        return 1
-    delays = sum(type(node).__name__ == "Delay" for node in graph.nodes.values())
-    print(
-        f"wrote {output}: {len(graph.nodes)} NIR nodes ({delays} Delay), "
-        f"{len(graph.edges)} edges, dt = {args.dt} s"
-    )
-    return 0

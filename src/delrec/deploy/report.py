@@ -26,10 +26,8 @@ regression prediction at each sample's last true step.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -373,91 +371,3 @@ def write_report(report: dict, directory: str | os.PathLike) -> tuple[Path, Path
     files.write_json(json_path, report)
     plot_delay_histograms(report, png_path)
     return json_path, png_path
-
-
-# --------------------------------------------------------------------------- CLI
-def add_parser(subparsers) -> None:
-    """``delrec report RUN_DIR``."""
-    parser = subparsers.add_parser(
-        "report",
-        help="hardware report: delays, buffer memory, spikes and synaptic operations",
-        description="Report what a chip needs to run the network of a run directory with integer "
-        "delays: per layer the neurons, synapses, delay histogram and buffer memory; on the run's "
-        "test split (or --data) the spikes and synaptic operations per inference and the score "
-        "with σ-spread versus integer delays.",
-    )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint .pt file")
-    parser.add_argument(
-        "--checkpoint",
-        choices=["best", "last"],
-        default="best",
-        help="which checkpoint of a run directory (default best)",
-    )
-    parser.add_argument(
-        "--split",
-        choices=["train", "valid", "test"],
-        default="test",
-        help="split to measure on (default test)",
-    )
-    parser.add_argument(
-        "--data",
-        metavar="NAME",
-        help="measure on this data set (see `delrec data list`) instead of the run's",
-    )
-    parser.add_argument("--data-root", metavar="DIR", help="folder holding the data set's files")
-    parser.add_argument("--no-data", action="store_true", help="static report only, no data pass")
-    parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
-    parser.add_argument("--max-batches", type=int, help="stop after this many batches")
-    parser.add_argument(
-        "-o",
-        "--output",
-        metavar="DIR",
-        help="where to write hardware_report.json and delay_histograms.png "
-        "(default RUN_DIR/report, or beside a checkpoint file)",
-    )
-    parser.set_defaults(run=_run_report)
-
-
-def _loader(args: argparse.Namespace, payload: dict):
-    """The loader to measure on: ``--data``, else the run's own data set, else ``None``."""
-    from delrec.data import load_dataset, make_loader
-    from delrec.runs import checkpoint_config, eval_loader, load_splits
-
-    if args.no_data:
-        return None
-    if args.data:
-        return make_loader(
-            load_dataset(args.data, args.split, root=args.data_root), args.batch_size
-        )
-    if "train_config" not in payload:
-        print(
-            "note: the checkpoint holds no training configuration, so there is no data set to "
-            "measure on; pass --data NAME for spikes, synaptic operations and scores"
-        )
-        return None
-    config = checkpoint_config(payload, args.run_dir, data_root=args.data_root)
-    data = load_splits(config, splits=(args.split,), stored=payload)
-    return eval_loader(data.datasets[args.split], args.batch_size)
-
-
-def _run_report(args: argparse.Namespace) -> int:
-    from delrec.checkpoint import CheckpointError, network_from
-    from delrec.data import DataError
-    from delrec.runs import default_report_dir, load_checkpoint
-
-    if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
-        print("delrec report: error: --batch-size and --max-batches must be >= 1", file=sys.stderr)
-        return 2
-    output = Path(args.output) if args.output else default_report_dir(args.run_dir)
-    try:
-        payload = load_checkpoint(args.run_dir, args.checkpoint)
-        report = hardware_report(
-            network_from(payload), _loader(args, payload), max_batches=args.max_batches
-        )
-        paths = write_report(report, output)
-    except (CheckpointError, DataError, ValueError, OSError) as error:
-        print(f"delrec report: error: {error}", file=sys.stderr)
-        return 1
-    print(format_report(report))
-    print(f"wrote {paths[0]} and {paths[1]}")
-    return 0

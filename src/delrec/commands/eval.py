@@ -8,10 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from delrec.checkpoint import CheckpointError
-from delrec.config import ConfigError
-from delrec.data import SPLITS, DataError
-from delrec.runs import RunError
+from delrec.commands import EXIT_CODES_HELP, UsageError
+from delrec.data import SPLITS
 from delrec.training.evaluation import evaluate_run
 
 
@@ -20,6 +18,7 @@ def add_parser(subparsers) -> None:
         "eval",
         help="re-evaluate a trained run (integer delays by default)",
         description="Evaluate the best (or last) checkpoint of a run directory on a split.",
+        epilog=EXIT_CODES_HELP,
     )
     parser.add_argument(
         "run_dir",
@@ -42,21 +41,16 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
-        print("delrec eval: error: --batch-size must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        result = evaluate_run(
-            args.run_dir,
-            args.checkpoint,
-            args.split,
-            args.spread,
-            args.device,
-            args.batch_size,
-            args.data_root,
-        )
-    except (ConfigError, DataError, CheckpointError, RunError) as error:
-        print(f"delrec eval: error: {error}", file=sys.stderr)
-        return 2
+        raise UsageError("--batch-size must be >= 1")
+    result = evaluate_run(
+        args.run_dir,
+        args.checkpoint,
+        args.split,
+        args.spread,
+        args.device,
+        args.batch_size,
+        args.data_root,
+    )
     shown = "  ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
     print(
         f"{result['split']} ({result['checkpoint']} checkpoint, epoch {result['epoch']}, "

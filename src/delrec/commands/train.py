@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from delrec.checkpoint import CheckpointError
-from delrec.config import TASKS, ConfigError, load_config_file, resolve
-from delrec.data import DataError
+from delrec.commands import EXIT_CODES_HELP, UsageError, add_set_option, fail, parse_seeds
+from delrec.config import TASKS, load_config_file, resolve
 from delrec.models import MODELS
-from delrec.runs import RunError
 from delrec.training import jobs
 from delrec.training.distributed import DEFAULT_TIMEOUT_S, rank_label, world_size
-from delrec.training.loop import TrainingError
 
 
 def add_parser(subparsers) -> None:
@@ -30,6 +26,7 @@ def add_parser(subparsers) -> None:
         "directory: a second `delrec train` into it (or `--resume` of it) stops at once "
         "with exit code 2, naming the process that holds it (RUN_DIR/run.lock); the lock "
         "of a process that died is taken over.",
+        epilog=EXIT_CODES_HELP,
     )
     parser.add_argument("--task", choices=TASKS, help="preset / data set (default mackey-glass)")
     parser.add_argument("--model", choices=MODELS, help="network family (default delrec)")
@@ -39,14 +36,9 @@ def add_parser(subparsers) -> None:
         metavar="FILE",
         help="TOML or JSON file of settings (applied over the preset)",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override settings, e.g. --set optim.lr=1e-3 network.hidden_sizes=[64,64] data.tau=17",
+    add_set_option(
+        parser,
+        "override settings, e.g. --set optim.lr=1e-3 network.hidden_sizes=[64,64] data.tau=17",
     )
     parser.add_argument("--epochs", type=int, help="number of epochs")
     parser.add_argument("--batch-size", type=int, help="training batch size")
@@ -103,29 +95,11 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def parse_seeds(spec: str) -> list[int]:
-    """``"0-4"`` → [0, 1, 2, 3, 4]; ``"0,3,7"``; ``"0-2,9"``."""
-    seeds = []
-    try:
-        for part in spec.split(","):
-            low, dash, high = part.strip().partition("-")
-            seeds.extend(range(int(low), int(high) + 1) if dash else [int(low)])
-    except ValueError:
-        raise ConfigError(f"--seeds expects a list like 0-4 or 0,3,7, got {spec!r}") from None
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds {spec!r} must name distinct non-negative seeds")
-    return seeds
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         summary = _train(args)
-    except (ConfigError, DataError, CheckpointError, RunError) as error:
-        print(f"delrec train: error: {rank_label()}{error}", file=sys.stderr)
-        return 2
-    except TrainingError as error:
-        print(f"delrec train: error: {rank_label()}{error}", file=sys.stderr)
-        return 1
+    except Exception as error:
+        return fail("train", error, rank_label())
     if summary is None:  # --print-config, or a rank other than 0 of a distributed run
         return 0
     print(json.dumps(summary), flush=True)
@@ -134,19 +108,19 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_launch(args: argparse.Namespace) -> None:
     if args.max_epochs_this_run is not None and args.max_epochs_this_run < 1:
-        raise ConfigError("--max-epochs-this-run must be >= 1")
+        raise UsageError("--max-epochs-this-run must be >= 1")
     processes = world_size()
     if args.parallel is not None:
         if args.parallel < 1:
-            raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
+            raise UsageError(f"--parallel must be >= 1, got {args.parallel}")
         if processes > 1:
-            raise ConfigError("--parallel starts its own processes; run it without torchrun")
+            raise UsageError("--parallel starts its own processes; run it without torchrun")
         if args.seeds is None and args.resume is None:
-            raise ConfigError(
+            raise UsageError(
                 "--parallel K runs the seeds of --seeds side by side; give --seeds too"
             )
     if processes > 1 and args.seeds is not None:
-        raise ConfigError(
+        raise UsageError(
             "under torchrun the processes share each batch of one seed; launch "
             "one seed per torchrun, or use --seeds … --parallel K without torchrun"
         )
@@ -213,6 +187,6 @@ def _check_resume(args: argparse.Namespace) -> None:
     }
     given = [flag for flag, value in fixed.items() if value not in (None, [])]
     if given:
-        raise ConfigError(
+        raise UsageError(
             f"--resume continues a run with its own configuration; drop {', '.join(given)}"
         )
