@@ -206,6 +206,8 @@ class RunDir:
         created is removed again if nothing was written into it.
         """
         log = log or (lambda message: print(message, file=sys.stderr))
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"{self.path} is a file, not a run directory; give a directory")
         created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         descriptor = _acquire(self.path / LOCK, log)
