@@ -259,7 +259,7 @@ def grids(quick: bool):
 
 
 def run(args) -> int:
-    started = time.perf_counter()
+    started, commit = time.perf_counter(), _git_describe()  # the code measured, before any edit
     torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (3 if args.quick else 5)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -322,7 +322,8 @@ def run(args) -> int:
     titles = {panel: title for panel, title, *_ in sections}
     verdicts = [line for line in lines if line.startswith(("PASS", "FAIL"))]
     elapsed = time.perf_counter() - started
-    write_markdown(rows, titles, verdicts, out / "bench.md", _command_line(args), elapsed)
+    command = _command_line(args)
+    write_markdown(rows, titles, verdicts, out / "bench.md", command, commit, elapsed)
     log(
         f"\nwrote {out / 'bench.csv'}, {out / 'bench.png'}, {out / 'bench.txt'}, {out / 'bench.md'}"
     )
@@ -532,7 +533,9 @@ def _git_describe() -> str:
     return done.stdout.strip() if done.returncode == 0 else "unknown (not a git checkout)"
 
 
-def write_markdown(rows, titles, verdicts, path: Path, command: str, elapsed_s: float) -> None:
+def write_markdown(
+    rows, titles, verdicts, path: Path, command: str, commit: str, elapsed_s: float
+) -> None:
     """``bench.md``: how the figures were made (command, commit, date, machine), the target
     verdicts and one table per section (``titles``: panel -> heading), times and saved bytes
     also as ratios to the section's baseline (:func:`_baseline`)."""
@@ -546,7 +549,7 @@ def write_markdown(rows, titles, verdicts, path: Path, command: str, elapsed_s: 
         "| | |",
         "|---|---|",
         f"| command | `{command}` |",
-        f"| commit | `{_git_describe()}` |",
+        f"| commit | `{commit}` |",
         f"| date | {when} |",
         f"| CPU | {_cpu_name()} ({platform.machine()}), {os.cpu_count()} logical cores |",
         f"| threads | {torch.get_num_threads()} torch thread(s) |",
