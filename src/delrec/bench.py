@@ -368,7 +368,7 @@ def _find(rows, panel, s: Setting, model):
 
 
 def target_checks(rows, cost, shd, synaptic, quick) -> list[str]:
-    """PASS/FAIL lines for the targets of issue 3, each with its measured ratio."""
+    """PASS/FAIL lines for the engine's targets (docs/engine.md#delrec-bench), with the ratios."""
     lines = [
         "Targets"
         + (
