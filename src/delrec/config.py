@@ -68,8 +68,9 @@ class OptimConfig:
 
 @dataclass
 class SpreadConfig:
-    """Delay spread schedule (DESIGN §2.2): ``σ_e = sigma0 · gamma^(100 e / E)`` at the start
-    of epoch ``e`` of ``E``, in time steps. ``gamma = 1`` keeps σ constant (no annealing)."""
+    """Delay spread schedule (docs/design.md#spread-schedule-and-clamping):
+    ``σ_e = sigma0 · gamma^(100 e / E)`` at the start of epoch ``e`` of ``E``, in time steps.
+    ``gamma = 1`` keeps σ constant (no annealing)."""
 
     sigma0: float = 10.0
     gamma: float = 0.95

@@ -6,7 +6,7 @@ fields, ``optim`` :class:`~delrec.config.OptimConfig` fields, ``data`` the data 
 settings). :func:`delrec.config.preset` completes a recipe with the defaults of those classes
 and with the model variant's own defaults (:data:`delrec.models.VARIANTS`); a network's input
 and output sizes come from its data set. The paper's recipes are those of its Tables S1–S4
-(docs/design.md); the quick tasks are sized here.
+(docs/design.md#training-recipes); the quick tasks are sized here.
 """
 
 from __future__ import annotations
@@ -101,9 +101,9 @@ PSMNIST = {  # Tables S1, S2
 # The quick default (≤ 5 min on 2 CPU cores): 20 epochs of batches of 64 over every training
 # window of the series τ_MG = 30 predicted H = 20 steps ahead. Delays start in U(0, 40) rather
 # than the published U(0, 20): learned delays move only a few steps in training, so the
-# initial range must already cover the series' feedback delay τ_MG = 30 (measurements in the
-# README's Training section). `configs/mackey-glass-paper.toml` holds the published recipe
-# (100 epochs, batch 512, U(0, 20)).
+# initial range must already cover the series' feedback delay τ_MG = 30 (measurements:
+# docs/training.md#why-these-defaults). `configs/mackey-glass-paper.toml` holds the published
+# recipe (100 epochs, batch 512, U(0, 20)).
 MACKEY_GLASS = {
     "data": {"tau": 30.0, "horizon": 20},
     "network": {

@@ -1,12 +1,13 @@
-"""The fast recurrence: hand-written forward/backward over the whole sequence (DESIGN §4).
+"""The fast recurrence: hand-written forward/backward over the whole sequence
+(docs/design.md#engines).
 
 For the built-in LIF neuron this computes exactly what :func:`reference_recurrence` computes
 (same spikes, same gradients, including the kink convention of ``triangle_kernel``), but:
 
 * **axonal / shared delays** — the delayed trace ``z_j[t] = Σ_k κ_j(k) s_j[t-k]`` comes from the
-  running sums of DESIGN §4 kept in recursive form: the second difference of a triangle has
-  three taps, so each step reads three past spikes per neuron and updates a float64 state,
-  O(B·N) whatever σ and L are; then one GEMM ``z Wᵀ``. The backward is a reverse-time loop
+  running sums (docs/design.md#running-sums) in recursive form: the second difference of a
+  triangle has three taps, so each step reads three past spikes per neuron and updates a float64
+  state, O(B·N) whatever σ and L are; then one GEMM ``z Wᵀ``. The backward is a reverse-time loop
   running the same recursion on the future adjoints; the weight gradient is one GEMM over all
   steps, and the delay and spread gradients are sums of the adjoint times integer box sums of
   the spikes recorded during the forward. Saved for backward: pre-spike membrane (the spikes
@@ -45,7 +46,7 @@ def supports(neuron) -> bool:
 # --------------------------------------------------------------------------- LIF as an affine map
 @dataclass(frozen=True)
 class _LIF:
-    """``h = leak·v + gain·u + offset`` (DESIGN §2.1), then fire and reset."""
+    """``h = leak·v + gain·u + offset`` (docs/design.md#lif-neuron), then fire and reset."""
 
     leak: float
     gain: float
@@ -96,15 +97,15 @@ class _LIF:
 
 # --------------------------------------------------------------------------- axonal plan
 class _AxonalPlan:
-    """Tap lags and recursion coefficients of the axonal kernels (DESIGN §4).
+    """Tap lags and recursion coefficients of the axonal kernels (docs/design.md#running-sums).
 
     For neuron ``j`` with centre ``c = 1 + d`` and half-width ``w`` the lags with non-zero weight
     form a rising box ``[a1, b1] = [max(1, ⌈c-w⌉), max(0, ⌊c⌋)]`` where ``w²κ(k) = α_r + (k-a1)``
     and a falling box ``[b1+1, b2]``, ``b2 = max(⌊c+w⌋, b1)``, where ``w²κ(k) = α_f + (b2-k)``
     (``α_r = w-c+a1``, ``α_f = w+c-b2``, both in ``[0, 1]``). These are the running sums of
-    DESIGN §4 (box counts ``A, F`` and ramps) in recursive form: one step shifts each box by one
-    lag and changes them by the spikes at three lags ``e = (a1, b1+1, b2+1)`` only (the second
-    difference of a triangle has three taps), so with ``Y = w²z`` and ``D = A - F``
+    docs/design.md#running-sums (box counts ``A, F`` and ramps) in recursive form: one step shifts
+    each box by one lag and changes them by the spikes at three lags ``e = (a1, b1+1, b2+1)``
+    only (the second difference of a triangle has three taps), so with ``Y = w²z`` and ``D = A - F``
 
         Y[t] = Y[t-1] + D[t-1] + Σ_q γ_q s[t-e_q],     D[t] = D[t-1] + Σ_q (1, -2, 1)_q s[t-e_q],
         γ = (α_r, α_f - α_r + (b2-b1) - (b1-a1+1) - 1, 1 - α_f):

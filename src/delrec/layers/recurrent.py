@@ -13,7 +13,8 @@ DELAY_TYPES = ("axonal", "synaptic", "shared")
 
 
 class DelRec(nn.Module):
-    r"""Recurrent spiking layer whose recurrent connections carry learnable delays (DESIGN §2.2).
+    r"""Recurrent spiking layer whose recurrent connections carry learnable delays
+    (docs/design.md#the-recurrent-delay-layer).
 
     For a time-major input current ``c`` of shape ``(T, B, N)`` (or ``(T, N)`` unbatched) it
     returns the spikes ``s`` of the same shape, computed step by step with zero history::

@@ -1,6 +1,6 @@
 """Training jobs: a new run, a resumed run, several seeds (one after another or side by side),
 each in its run directory and holding that directory's lock while it trains; under
-``torchrun`` one run is trained by several processes (README, "More than one GPU").
+``torchrun`` one run is trained by several processes (docs/distributed.md).
 
 These are what ``delrec train`` and ``delrec sweep`` call. Progress goes to stderr; each job
 returns its summary (a JSON-able dict with a ``status``: ``"complete"``, ``"interrupted"``

@@ -1,15 +1,15 @@
 """The training loop: network, optimizers, schedules, epochs, checkpoints, resume, test.
 
 The Trainer writes its run directory through :class:`delrec.runs.RunDir` (which describes the
-layout). Reproducibility: the network is initialised from ``seed``; dropout draws from the global
-torch RNG seeded with ``seed``; the training loader shuffles with its own generator; SHD
-augmentation is a function of (seed, epoch, index). ``last.pt`` stores the RNG and loader
-states, optimizers, schedulers and epoch, so a resumed run ends bit for bit where an
-uninterrupted one does (same device and thread count).
+layout; docs/training.md#run-directory). Reproducibility: the network is initialised from
+``seed``; dropout draws from the global torch RNG seeded with ``seed``; the training loader
+shuffles with its own generator; SHD augmentation is a function of (seed, epoch, index).
+``last.pt`` stores the RNG and loader states, optimizers, schedulers and epoch, so a resumed
+run ends bit for bit where an uninterrupted one does (same device and thread count).
 
 With a :class:`~delrec.training.distributed.DataParallel` (``torchrun``), the Trainer runs
 one shard of every batch and computes what one process computes on the whole batch; rank 0
-alone writes files and logs (README, "More than one GPU").
+alone writes files and logs (docs/distributed.md).
 """
 
 from __future__ import annotations
