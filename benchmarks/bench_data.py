@@ -90,8 +90,7 @@ def samples_per_second(ds, batch: int, max_items: int) -> float:
 
 
 def training_step_seconds(preset: str, ds, batch: int) -> float:
-    from delrec.config import preset_network
-    from delrec.models import build_network, readout_reduce
+    from delrec.models import build_network, preset_network, readout_reduce
 
     cfg = preset_network(preset)
     net = build_network(cfg, seed=0)

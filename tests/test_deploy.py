@@ -11,7 +11,6 @@ from torch import nn
 
 from delrec.checkpoint import network_payload, save_checkpoint
 from delrec.cli import main
-from delrec.config import preset_network
 from delrec.deploy import (
     NIRExportError,
     NIRImportError,
@@ -22,7 +21,7 @@ from delrec.deploy import (
 )
 from delrec.deploy.report import format_report, hardware_report, write_report
 from delrec.layers import DelRec, FeedforwardDelay
-from delrec.models import MODELS, NetworkConfig, build_network
+from delrec.models import MODELS, NetworkConfig, build_network, preset_network
 from delrec.neurons import AdLIF, lif_charge
 
 nir = pytest.importorskip("nir", reason="NIR tests need the optional `nir` package")

@@ -5,13 +5,13 @@ import dataclasses
 import pytest
 import torch
 
-from delrec.config import preset_network
 from delrec.layers import DelRec, FeedforwardDelay, clamp_delays
 from delrec.models import (
     MODELS,
     NetworkConfig,
     build_network,
     count_parameters,
+    preset_network,
     readout_reduce,
 )
 from delrec.neurons import LIF

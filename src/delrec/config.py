@@ -148,15 +148,6 @@ def preset(task: str = "mackey-glass", model: str = "delrec") -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
-def preset_network(task: str, model: str = "delrec", **overrides) -> NetworkConfig:
-    """The network of ``task``'s recipe as ``model`` (one of :data:`~delrec.models.MODELS`),
-    sized for the task's data set, with any field overridden by keyword."""
-    config = preset(task, model)
-    info = dataset_info(config.task, **config.data)
-    network = config.network_config(info.input_size, info.output_size)
-    return dataclasses.replace(network, **overrides)
-
-
 # --------------------------------------------------------------------------- resolution
 def resolve(
     task: str | None = None,
@@ -454,7 +445,6 @@ __all__ = [
     "TrainConfig",
     "TASKS",
     "preset",
-    "preset_network",
     "resolve",
     "resolve_device",
     "load_config_file",

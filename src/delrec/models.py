@@ -3,21 +3,25 @@
 
 One config object, :class:`NetworkConfig`, describes a network; :func:`build_network` turns
 it into a :class:`SpikingNetwork`; :data:`VARIANTS` defines the model variants of the
-ablation family (the tasks' settings are their recipes, :mod:`delrec.recipes`). Every network
-maps a time-major input ``(T, B, C)`` to a readout sequence ``(T, B, K)``;
-:func:`readout_reduce` turns that sequence into the logits or prediction.
+ablation family; :func:`preset_network` gives the network of a task's recipe
+(:mod:`delrec.recipes`) as one of them. Every network maps a time-major input ``(T, B, C)`` to
+a readout sequence ``(T, B, K)``; :func:`readout_reduce` turns that sequence into the logits
+or prediction.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from delrec.data import dataset_info
 from delrec.layers import DelRec, FeedforwardDelay
 from delrec.neurons import LIF, LeakyIntegrator, make_surrogate
+from delrec.recipes import RECIPES
 
 READOUTS = ("lif", "sum", "ema")
 
@@ -317,6 +321,19 @@ def build_network(cfg: NetworkConfig, seed: int | None = None) -> SpikingNetwork
         "sum": lambda: None,
     }[cfg.readout]()
     return SpikingNetwork(cfg, blocks, readout, readout_neuron)
+
+
+def preset_network(task: str, model: str = "delrec", **overrides) -> NetworkConfig:
+    """The network of ``task``'s recipe (:data:`delrec.recipes.RECIPES`) as ``model`` (one of
+    :data:`MODELS`), sized for the task's data set, with any field overridden by keyword."""
+    if task not in RECIPES:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(RECIPES)}")
+    recipe = RECIPES[task]
+    info = dataset_info(task, **recipe.get("data", {}))
+    settings = {**copy.deepcopy(recipe["network"]), **overrides}
+    return NetworkConfig(
+        input_size=info.input_size, output_size=info.output_size, model=model, **settings
+    )
 
 
 def count_parameters(model: nn.Module) -> int:
