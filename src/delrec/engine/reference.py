@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from delrec.delays import recurrent_kernel
+
 
 def reference_recurrence(
     current: Tensor, weight: Tensor, kernel: Tensor, neuron: nn.Module, mask: Tensor | None = None
@@ -41,3 +43,16 @@ def reference_recurrence(
             arriving = torch.einsum("ij,bjl->bil", weight, s_t.unsqueeze(-1) * kernel)
         future = F.pad((future + arriving)[..., 1:], (0, 1))
     return torch.stack(spikes)
+
+
+def triangle_recurrence(
+    current: Tensor,
+    weight: Tensor,
+    delay: Tensor,
+    width: Tensor | float,
+    neuron: nn.Module,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Path ``reference``: :func:`reference_recurrence` with the triangle kernel of ``delay``
+    (``(N,)`` or ``(N, N)``, steps) and half-width ``width`` (a number or ``(N,)``), any neuron."""
+    return reference_recurrence(current, weight, recurrent_kernel(delay, width), neuron, mask)
