@@ -1,26 +1,23 @@
 """The engine test harness: every engine path against the reference loop, in one place.
 
-Which engine paths exist and how each one is forced lives here and nowhere else in the tests.
+Which engine paths a test runs, and how it forces one, lives here and nowhere else in the tests:
 :func:`paths` returns, for a :class:`Config` (delay type, integer-delay inference, dtype,
-device), every path that runs it on this machine, each an :class:`EnginePath` whose ``run``
-has the engine signature::
+device), every path of the registry :data:`delrec.engine.PATHS` except ``reference`` that
+supports the configuration and is available here, each forced by calling its ``run``::
 
     run(current (T, B, N), weight (N, N), delay (N,) or (N, N), width float or (N,),
-        params: LIFParameters, mask (B, N) or None) -> spikes (T, B, N)
+        neuron, mask (B, N) or None) -> spikes (T, B, N)
 
-and :func:`reference` is what they are compared with (the reference loop on
-``triangle_kernel``, which also returns its pre-spike membrane for tie detection).
+:func:`reference` is what they are compared with: ``PATHS["reference"]`` (the reference loop
+on ``triangle_kernel``), which also returns its pre-spike membrane for tie detection.
 
 How a new engine path joins
-    Until ``delrec.engine.PATHS`` exists, add one entry to ``_PATHS`` below: its name, which
-    configurations it supports, whether it is available here (a build, a device), and a
-    function with the engine signature that forces it. Once the registry ``PATHS`` is on main,
-    :func:`paths` reads it (every path whose ``supports`` and ``available`` say yes), so a path
-    registered there is run by every harness test with no change here. Either way it is then
-    checked against the reference at training sizes in float64 and float32 on one and two
-    threads, on random draws and at the kinks (``test_engine_paths.py``). Add one planted bug
-    for it to ``tests/mutations/plant.py`` and check that the suite catches it
-    (docs/testing.md).
+    Register it in :data:`delrec.engine.PATHS` (``delrec.engine.register``) with honest
+    ``supports`` and ``available``: nothing changes here. Every harness test then runs it
+    against the reference wherever it is available: at training sizes in float64 and float32
+    on one and two threads, on random draws, at the kinks and at the edges
+    (``test_engine_paths.py``). Add one planted bug for it to ``tests/mutations/plant.py`` and
+    check that the suite catches it (docs/testing.md).
 
 The comparison functions take any function of named input tensors that returns spikes
 ``(T, B, N)``, so the feedforward engines (fused LIF against the autograd LIF loop,
@@ -55,17 +52,14 @@ import math
 import os
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from unittest import mock
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from delrec.delays import kernel_length, triangle_kernel
-from delrec.engine import fast, native, reference_recurrence
+from delrec.engine import DELAY_TYPES, PATHS, EnginePath
 from delrec.neurons import LIF, LIFParameters, lif_charge
-
-DELAY_TYPES = ("axonal", "shared", "synaptic")
 
 # (rtol, floor) of the per-entry gradient check (module docstring)
 GRAD_TOLERANCE = {torch.float64: (1e-9, 1e-2), torch.float32: (4e-3, 1e-2)}
@@ -89,82 +83,26 @@ class Config:
         assert self.delay_type in DELAY_TYPES, self.delay_type
 
 
-Run = Callable[..., Tensor]
-
-
-@dataclass(frozen=True)
-class EnginePath:
-    """One engine path; ``run`` has the engine signature (module docstring)."""
-
-    name: str
-    run: Run = field(repr=False)
+def paths(config: Config, neuron: nn.Module | None = None) -> list[EnginePath]:
+    """Every engine path but the reference that runs ``config`` with ``neuron`` (default: the
+    built-in LIF) here, in the registry's order."""
+    neuron = LIF() if neuron is None else neuron
+    grad = not config.integer
+    return [
+        path
+        for name, path in PATHS.items()
+        if name != "reference"
+        and path.supports(config.delay_type, neuron, config.integer, grad)
+        and path.available(config.device)
+    ]
 
 
 @contextmanager
 def native_kernels(enabled: bool):
-    """The C++ kernels on (``DELREC_NATIVE=1``) or off: the engine then runs its PyTorch-op
-    loops (the fallback where they can't be built)."""
+    """The C++ kernels on (``DELREC_NATIVE=1``) or off, for tests of what the selector does
+    without them (to run one path, call ``PATHS[name].run``)."""
     with mock.patch.dict(os.environ, {"DELREC_NATIVE": "1" if enabled else "0"}):
         yield
-
-
-def _cpp(kernels: str) -> Run:
-    def run(current, weight, delay, width, params, mask):
-        with native_kernels(True):
-            assert native.load(kernels) is not None, f"the C++ kernels '{kernels}' are not built"
-            return fast.fast_recurrence(current, weight, delay, width, params, mask)
-
-    return run
-
-
-def _torch_ops(current, weight, delay, width, params, mask):
-    with native_kernels(False):
-        return fast.fast_recurrence(current, weight, delay, width, params, mask)
-
-
-def _ring(current, weight, delay, width, params, mask):
-    assert width == 1.0, "integer-delay inference runs with σ = 0 (w = 1)"
-    return fast.integer_recurrence(current, weight, delay, params, mask)
-
-
-def _built(kernels: str) -> Callable[[Config], bool]:
-    return lambda config: config.device == "cpu" and native.load(kernels) is not None
-
-
-def _always(config: Config) -> bool:
-    return True
-
-
-def _axonal(config: Config) -> bool:
-    return config.delay_type != "synaptic" and not config.integer
-
-
-def _synaptic(config: Config) -> bool:
-    return config.delay_type == "synaptic" and not config.integer
-
-
-# name -> (supports(config), available(config), run)
-_PATHS: dict[str, tuple[Callable[[Config], bool], Callable[[Config], bool], Run]] = {
-    "cpp-axonal": (_axonal, _built("axonal"), _cpp("axonal")),
-    "torch-axonal": (_axonal, _always, _torch_ops),
-    "cpp-synaptic": (_synaptic, _built("synaptic"), _cpp("synaptic")),
-    "torch-synaptic": (_synaptic, _always, _torch_ops),
-    "ring": (lambda config: config.integer, _always, _ring),
-}
-
-
-def paths(config: Config) -> list[EnginePath]:
-    """Every engine path (not the reference) that supports ``config`` and runs here."""
-    return [
-        EnginePath(name, run)
-        for name, (supports, available, run) in _PATHS.items()
-        if supports(config) and available(config)
-    ]
-
-
-def all_path_names() -> list[str]:
-    """Every engine path the harness knows, available here or not."""
-    return list(_PATHS)
 
 
 @contextmanager
@@ -193,18 +131,12 @@ class _RecordingLIF(LIF):
         return super().step(u, state)
 
 
-def reference(current, weight, delay, width, params, mask) -> tuple[Tensor, Tensor]:
-    """The reference loop on ``triangle_kernel``: spikes ``(T, B, N)`` (differentiable) and the
-    pre-spike membrane ``(T, B, N)`` (detached)."""
-    n = weight.shape[0]
-    max_width = float(torch.as_tensor(width).detach().max())
-    length = kernel_length(float(delay.detach().max()), max_width)
-    if delay.dim() == 2 and torch.is_tensor(width):
-        width = width.expand(n, n)  # the spread is per presynaptic neuron (column)
-    neuron = _RecordingLIF(params)
-    kernel = triangle_kernel(delay, width, length)
-    spikes = reference_recurrence(current, weight, kernel, neuron, mask)
-    return spikes, torch.stack(neuron.membrane)
+def reference(current, weight, delay, width, neuron, mask) -> tuple[Tensor, Tensor]:
+    """``PATHS["reference"]``: spikes ``(T, B, N)`` (differentiable) and the pre-spike membrane
+    ``(T, B, N)`` (detached) of the built-in LIF ``neuron``."""
+    recording = _RecordingLIF(neuron.p)
+    spikes = PATHS["reference"].run(current, weight, delay, width, recording, mask)
+    return spikes, torch.stack(recording.membrane)
 
 
 # --------------------------------------------------------------------------- cases
@@ -212,16 +144,20 @@ def reference(current, weight, delay, width, params, mask) -> tuple[Tensor, Tens
 class Case:
     """One engine input. Differentiable: ``current``, ``weight``, ``delay`` (``(1,)`` for shared
     delays, expanded to ``(N,)`` for the engine) and ``width`` when it is a tensor ``(N,)``
-    (learned spreads; a number otherwise). Fixed: the LIF parameters, the dropout mask and
-    the gradient of the loss w.r.t. the spikes, ``grad_out``."""
+    (learned spreads; a number otherwise). Fixed: the built-in LIF neuron, the dropout mask
+    and the gradient of the loss w.r.t. the spikes, ``grad_out``."""
 
     current: Tensor
     weight: Tensor
     delay: Tensor
     width: Tensor | float
-    params: LIFParameters
+    neuron: nn.Module
     mask: Tensor | None
     grad_out: Tensor
+
+    @property
+    def threshold(self) -> float:
+        return self.neuron.p.v_threshold
 
     def inputs(self, grad: bool = True) -> dict[str, Tensor]:
         """The differentiable inputs by name, as fresh leaves."""
@@ -237,7 +173,7 @@ class Case:
         def call(current, weight, delay, width=self.width):
             if delay.shape == (1,) and n > 1:  # shared: one delay for every neuron
                 delay = delay.expand(n)
-            return run(current, weight, delay, width, self.params, self.mask)
+            return run(current, weight, delay, width, self.neuron, self.mask)
 
         return call
 
@@ -250,7 +186,7 @@ class Case:
             cast(self.weight),
             cast(self.delay),
             cast(self.width),
-            self.params,
+            self.neuron,
             cast(self.mask),
             cast(self.grad_out),
         )
@@ -265,7 +201,7 @@ def draw_case(
     max_delay: float,
     sigma: float,
     learn_spread: bool,
-    params: LIFParameters,
+    neuron: nn.Module,
     dropout: float = 0.0,
     integer_share: float = 0.3,
     drive: tuple[float, float] = (0.4, 0.8),
@@ -296,7 +232,7 @@ def draw_case(
         keep = torch.full((batch, size), 1.0 - dropout, dtype=f64)
         mask = torch.bernoulli(keep, generator=g) / (1.0 - dropout)
     grad_out = torch.randn(steps, batch, size, generator=g, dtype=f64)
-    return Case(current, weight, delay, width, params, mask, grad_out).to(dtype)
+    return Case(current, weight, delay, width, neuron, mask, grad_out).to(dtype)
 
 
 # --------------------------------------------------------------------------- comparisons

@@ -8,13 +8,11 @@ import math
 import pytest
 import torch
 from engine_harness import (
-    DELAY_TYPES,
     GRAD_TOLERANCE,
     TIE_WIDTH,
     Case,
     Config,
     Expected,
-    all_path_names,
     assert_exercised,
     assert_grad_close,
     compare,
@@ -26,6 +24,7 @@ from engine_harness import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from delrec.engine import DELAY_TYPES, PATHS
 from delrec.neurons import LIF, ATan, Triangle
 
 F64, F32 = torch.float64, torch.float32
@@ -36,11 +35,9 @@ def check_every_path(config: Config, case: Case, nonzero=(), thread_counts=(None
     exercise the engine (``nonzero``: gradients that must not vanish). Returns the agreement
     of each (path, threads)."""
     grad = not config.integer
-    expected = Expected(
-        case.bind(reference), case.inputs(grad), case.grad_out, case.params.v_threshold
-    )
+    expected = Expected(case.bind(reference), case.inputs(grad), case.grad_out, case.threshold)
     assert_exercised(expected, nonzero if grad else ())
-    found = paths(config)
+    found = paths(config, case.neuron)
     assert found, f"no engine path runs {config}"
     agreement = {}
     for path in found:
@@ -85,7 +82,7 @@ def training_case(delay_type, dtype, sigma, learn_spread, soft, dropout, integer
         max_delay=10.0,
         sigma=sigma,
         learn_spread=learn_spread,
-        params=LIF(tau=2.0, v_reset=None if soft else 0.0, surrogate=ATan(2.0)).p,
+        neuron=LIF(tau=2.0, v_reset=None if soft else 0.0, surrogate=ATan(2.0)),
         dropout=dropout,
         integer=integer,
         seed=len(delay_type) + int(sigma) + 2 * soft,
@@ -149,7 +146,7 @@ def engine_cases(draw):
         max_delay=max_delay,
         sigma=sigma,
         learn_spread=learn_spread,
-        params=p,
+        neuron=neuron,
         dropout=draw(st.sampled_from([0.0, 0.3])),
         integer_share=draw(st.sampled_from([0.0, 0.5, 1.0])),
         drive=(level, level),
@@ -194,7 +191,7 @@ def test_every_path_at_the_kinks(delay_type, sigma, delay):
         weight=torch.randn(size, size, generator=g, dtype=F64) * 1.5 / math.sqrt(size),
         delay=delays,
         width=1.0 + sigma + (torch.arange(size, dtype=F64) % 2),
-        params=LIF(tau=2.0).p,
+        neuron=LIF(tau=2.0),
         mask=None,
         grad_out=torch.randn(20, 2, size, generator=g, dtype=F64),
     )
@@ -224,11 +221,11 @@ def test_every_path_at_the_edges(delay_type, size, steps, max_delay, sigma):
         max_delay=max_delay,
         sigma=sigma,
         learn_spread=True,
-        params=LIF(tau=2.0, v_reset=None).p,
+        neuron=LIF(tau=2.0, v_reset=None),
         drive=(1.2, 0.5),
         seed=size + steps,
     )
-    expected = Expected(case.bind(reference), case.inputs(), case.grad_out, 1.0)
+    expected = Expected(case.bind(reference), case.inputs(), case.grad_out, case.threshold)
     assert expected.spikes.sum() > 0
     for path in paths(Config(delay_type)):
         compare(case.bind(path.run), expected)
@@ -237,19 +234,18 @@ def test_every_path_at_the_edges(delay_type, size, steps, max_delay, sigma):
 
 
 # --------------------------------------------------------------------------- the harness itself
-def test_the_harness_runs_every_path_it_knows_on_this_machine():
-    """The C++ paths are built here (a compiler is part of the test setup), so no
-    configuration silently loses one."""
+def test_every_available_path_is_run_by_the_harness():
+    """No registered path (but the reference) that runs here is left out of every
+    configuration the harness tests."""
     names = {
-        name
+        path.name
         for delay_type in DELAY_TYPES
         for integer in (False, True)
-        for path_config in [Config(delay_type, integer=integer)]
-        for name in (p.name for p in paths(path_config))
+        for path in paths(Config(delay_type, integer=integer))
     }
-    assert names == set(all_path_names())
-    assert [p.name for p in paths(Config("synaptic"))] == ["cpp-synaptic", "torch-synaptic"]
-    assert [p.name for p in paths(Config("shared"))] == ["cpp-axonal", "torch-axonal"]
+    available = {name for name, path in PATHS.items() if path.available("cpu")}
+    assert names == available - {"reference"}
+    assert all(len(paths(Config(d))) >= 2 for d in DELAY_TYPES)  # a compiled and an op path
 
 
 def small_case(dtype=F64, **overrides):
@@ -261,7 +257,7 @@ def small_case(dtype=F64, **overrides):
         max_delay=4.0,
         sigma=1.0,
         learn_spread=False,
-        params=LIF(tau=2.0).p,
+        neuron=LIF(tau=2.0),
         seed=1,
         dtype=dtype,
     )

@@ -10,10 +10,11 @@ kernel mutation)::
 For each mutation the working tree (tracked files and untracked ones git does not ignore) is
 copied to a temporary folder, one snippet of one file is replaced there (it must occur exactly
 once), and the mutation's test files run in the copy with ``-x``. The line printed is ``CAUGHT``
-with the first test that failed, ``MISSED`` if every test passed, or ``BROKEN`` if the mutated
-code does not build or the tests could not run. The working tree is never written. C++ kernels
-are built into a temporary cache that starts from the current builds, so only mutated kernel
-sources are compiled. Exit status 0 if every mutation is caught.
+with the first test that failed, ``MISSED`` if every test passed, ``BROKEN`` if the mutated
+code does not build or the tests could not run, or ``STALE`` if the original snippet is no
+longer in the file (the code moved on: update the mutation). The working tree is never
+written. C++ kernels are built into a temporary cache that starts from the current builds, so
+only mutated kernel sources are compiled. Exit status 0 if every mutation is caught.
 
 Adding one: append a :class:`Mutation` to ``MUTATIONS`` — a name, the file, the original
 snippet, the mutated one, and the test files that must catch it (docs/testing.md).
@@ -55,31 +56,31 @@ class Mutation:
 MUTATIONS = [
     Mutation(
         "cpp-forward-tap",
-        "C++ axonal forward reads each tap one step too early (lag + 1)",
+        "C++ axonal forward reads each tap one step further back (lag + 1)",
         "src/delrec/engine/csrc/axonal.cpp",
         "const int64_t slot = forward ? std::max<int64_t>(t - lag + 1, 0)",
         "const int64_t slot = forward ? std::max<int64_t>(t - lag, 0)",
     ),
     Mutation(
         "torch-forward-tap",
-        "PyTorch-op axonal loop reads each tap one step too early (lag + 1)",
-        "src/delrec/engine/fast.py",
+        "PyTorch-op axonal loop reads each tap one step further back (lag + 1)",
+        "src/delrec/engine/axonal.py",
         "slots = (t - lags + 1).clamp(min=0) if sign < 0",
         "slots = (t - lags).clamp(min=0) if sign < 0",
     ),
     Mutation(
         "delay-gradient-sign",
         "axonal delay gradient with its sign flipped",
-        "src/delrec/engine/fast.py",
+        "src/delrec/engine/axonal.py",
         "grad_delay = (by_slope * plan.inv_w2).to(delay.dtype)",
         "grad_delay = (-by_slope * plan.inv_w2).to(delay.dtype)",
     ),
     Mutation(
         "cpp-soft-reset-0.9",
-        "C++ axonal soft reset subtracts 0.9·threshold",
-        "src/delrec/engine/csrc/axonal.cpp",
-        "v[i] = soft_reset ? h - theta * (spike ? scalar_t(1) : scalar_t(0))",
-        "v[i] = soft_reset ? h - scalar_t(0.9) * theta * (spike ? scalar_t(1) : scalar_t(0))",
+        "C++ soft reset (both kernels) subtracts 0.9·threshold",
+        "src/delrec/engine/csrc/lif.h",
+        "return soft_reset ? h - threshold * (spike ? scalar_t(1) : scalar_t(0))",
+        "return soft_reset ? h - scalar_t(0.9) * threshold * (spike ? scalar_t(1) : scalar_t(0))",
     ),
     Mutation(
         "float32-lane-mixup",
@@ -94,6 +95,14 @@ MUTATIONS = [
         "src/delrec/engine/csrc/axonal.cpp",
         "trace_p[now + b * n + j] = static_cast<scalar_t>(y[j * batch + b]);",
         "trace_p[now + b * n + j] = static_cast<scalar_t>(y[(j - j0) * batch + b]);",
+    ),
+    Mutation(
+        "distributed-gradient-scale",
+        "data-parallel loss weighted by the rank's share only: gradients 1/K of one process's",
+        "src/delrec/training/loop.py",
+        "total = total * (self.dist.world_size * share)",
+        "total = total * share",
+        ("tests/test_distributed.py",),
     ),
 ]
 
@@ -114,16 +123,18 @@ def copy_tree(destination: Path) -> None:
             shutil.copy2(source, target)
 
 
-def plant(copy: Path, mutation: Mutation) -> None:
+def plant(copy: Path, mutation: Mutation) -> str | None:
+    """Plant ``mutation`` in ``copy``; the reason it can't be planted, or None."""
     path = copy / mutation.file
-    text = path.read_text()
+    text = path.read_text() if path.is_file() else ""
     count = text.count(mutation.original)
     if count != 1:
-        raise SystemExit(
-            f"{mutation.name}: the original snippet occurs {count} times in {mutation.file} "
-            "(expected once): update the mutation to the current code"
+        return (
+            f"the original snippet occurs {count} times in {mutation.file} (expected once): "
+            "update the mutation to the current code"
         )
     path.write_text(text.replace(mutation.original, mutation.mutated))
+    return None
 
 
 def kernel_cache(folder: Path) -> Path:
@@ -143,7 +154,9 @@ def run(mutation: Mutation, cache: Path, all_failures: bool) -> tuple[str, str, 
     with tempfile.TemporaryDirectory(prefix=f"delrec-mutation-{mutation.name}-") as tmp:
         copy = Path(tmp)
         copy_tree(copy)
-        plant(copy, mutation)
+        stale = plant(copy, mutation)
+        if stale:
+            return "STALE", stale, time.monotonic() - start
         env = {
             **os.environ,
             "PYTHONPATH": str(copy / "src"),
