@@ -177,9 +177,11 @@ class Case:
 
         return call
 
-    def to(self, dtype: torch.dtype) -> Case:
+    def to(self, dtype: torch.dtype, device: str = "cpu") -> Case:
+        """The same case in ``dtype`` on ``device``."""
+
         def cast(x):
-            return x.to(dtype) if torch.is_tensor(x) else x
+            return x.to(device=device, dtype=dtype) if torch.is_tensor(x) else x
 
         return Case(
             cast(self.current),
@@ -209,12 +211,14 @@ def draw_case(
     integer: bool = False,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
+    device: str = "cpu",
 ) -> Case:
-    """A random case, drawn in float64 then cast to ``dtype``: delays ``U(0, max_delay)`` with
-    a share rounded to integers (all of them, and ``w = 1``, for integer-delay inference),
-    weights ``N(0, (scale/√N)²)``, currents ``N(mean, std²)`` with ``drive = (mean, std)``,
-    half-widths ``1 + 2σ·sigmoid(N(0, 1))`` per neuron when the spreads learn (else
-    ``1 + σ``), a dropout mask ``(B, N)`` when ``dropout > 0``, and ``grad_out ~ N(0, 1)``."""
+    """A random case, drawn in float64 on the CPU, then cast to ``dtype`` on ``device``:
+    delays ``U(0, max_delay)`` with a share rounded to integers (all of them, and ``w = 1``,
+    for integer-delay inference), weights ``N(0, (scale/√N)²)``, currents ``N(mean, std²)``
+    with ``drive = (mean, std)``, half-widths ``1 + 2σ·sigmoid(N(0, 1))`` per neuron when the
+    spreads learn (else ``1 + σ``), a dropout mask ``(B, N)`` when ``dropout > 0``, and
+    ``grad_out ~ N(0, 1)``."""
     g = torch.Generator().manual_seed(seed)
     f64 = torch.float64
     shape = {"axonal": (size,), "synaptic": (size, size), "shared": (1,)}[delay_type]
@@ -232,7 +236,7 @@ def draw_case(
         keep = torch.full((batch, size), 1.0 - dropout, dtype=f64)
         mask = torch.bernoulli(keep, generator=g) / (1.0 - dropout)
     grad_out = torch.randn(steps, batch, size, generator=g, dtype=f64)
-    return Case(current, weight, delay, width, neuron, mask, grad_out).to(dtype)
+    return Case(current, weight, delay, width, neuron, mask, grad_out).to(dtype, device)
 
 
 # --------------------------------------------------------------------------- comparisons

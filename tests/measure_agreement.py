@@ -5,30 +5,28 @@ the gradient tolerances of tests/engine_harness.py (docs/testing.md). Run by han
 
 For every training-size case of ``test_engine_paths.py`` and every path that runs it, on one
 and two threads, it prints the smallest per-entry ``rtol`` that would pass each gradient
-(``max |a - e| / (|e| + floor·rms(e))``, module docstring of the harness), the worst per
-dtype and path at the end, and the tolerance in force.
+(``max |a - e| / (|e| + floor·rms(e))``, module docstring of the harness) and the samples left
+out after a float32 threshold tie, then the worst per dtype and path, and the tolerance.
 """
 
 from collections import defaultdict
 
 import torch
-from engine_harness import GRAD_TOLERANCE, Config, Expected, compare, paths, reference, threads
-from test_engine_paths import TRAINING, training_case
+from engine_harness import GRAD_TOLERANCE, Config
+from test_engine_paths import TRAINING, check_every_path, training_case
 
 
 def main() -> None:
     worst = defaultdict(float)
     for name, (delay_type, dtype, *settings) in TRAINING.items():
         case = training_case(delay_type, dtype, *settings)
-        expected = Expected(case.bind(reference), case.inputs(), case.grad_out, case.threshold)
-        for path in paths(Config(delay_type, dtype=dtype), case.neuron):
-            for count in (1, 2):
-                with threads(count):
-                    agreement = compare(case.bind(path.run), expected)
-                errors = " ".join(f"{k} {v:.1e}" for k, v in agreement.error.items())
-                print(f"{name:34s} {path.name:15s} {count} thread(s): {errors}", flush=True)
-                key = (str(dtype).removeprefix("torch."), path.name)
-                worst[key] = max(worst[key], agreement.worst())
+        found = check_every_path(Config(delay_type, dtype=dtype), case, thread_counts=(1, 2))
+        for (path, count), agreement in found.items():
+            errors = " ".join(f"{k} {v:.1e}" for k, v in agreement.error.items())
+            tied = f", {len(agreement.tied)} tied samples" if agreement.tied else ""
+            print(f"{name:34s} {path:15s} {count} thread(s): {errors}{tied}", flush=True)
+            key = (str(dtype).removeprefix("torch."), path)
+            worst[key] = max(worst[key], agreement.worst())
     print()
     for (dtype, path), value in sorted(worst.items()):
         rtol, floor = GRAD_TOLERANCE[getattr(torch, dtype)]

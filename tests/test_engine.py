@@ -71,7 +71,7 @@ def test_wide_kernels_keep_exact_box_sums():
     )
     case.width[0] = 81.0
     assert axonal._AxonalPlan(case.delay, case.width, 1).count_dtype == torch.int16
-    expected = Expected(case.bind(reference), case.inputs(), case.grad_out, 1.0)
+    expected = Expected(case.bind(reference), case.inputs(), case.grad_out, case.threshold)
     assert 0 < expected.spikes.mean() < 1
     for path in paths(Config("axonal")):
         compare(case.bind(path.run), expected)
@@ -108,7 +108,7 @@ def test_integer_delay_path_equals_reference_in_eval(delay_type, monkeypatch):
     g = torch.Generator().manual_seed(11)
     delays = torch.rand(shape, generator=g, dtype=torch.float64) * 12.0
     delays.view(-1)[0] = 2.5  # rounds half to even
-    reference, fast_layer = random_layer_pair(
+    reference_layer, fast_layer = random_layer_pair(
         size=size,
         delay_type=delay_type,
         delays=delays,
@@ -123,12 +123,12 @@ def test_integer_delay_path_equals_reference_in_eval(delay_type, monkeypatch):
     monkeypatch.setitem(PATHS, "ring", dataclasses.replace(ring, run=_counting(ring.run, calls)))
     current = torch.rand(60, 3, size, generator=g, dtype=torch.float64) * 1.3
     with torch.no_grad():
-        expected = reference.eval()(current)
+        expected = reference_layer.eval()(current)
         spikes = fast_layer.eval()(current)
     assert calls, "eval without autograd should use the integer ring-buffer path"
     assert expected.sum() > 0
     assert torch.equal(spikes, expected)
-    assert torch.equal(fast_layer.delay, reference.delay)  # parameters untouched
+    assert torch.equal(fast_layer.delay, reference_layer.delay)  # parameters untouched
 
 
 def _counting(function, calls):

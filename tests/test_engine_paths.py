@@ -54,8 +54,8 @@ def check_every_path(config: Config, case: Case, nonzero=(), thread_counts=(None
 # Sizes that cross every blocking of the C++ kernels (csrc/*.cpp; lanes = one 64-byte cache line):
 # N = 264: 16.5 blocks of 16 neurons (axonal transpositions); 128 + 128 + 8 rows in the synaptic
 #   backward's member sums; many column blocks of 64 slots in the synaptic forward's gathers.
-# B = 36 in float64 (rows padded to 40 lanes: lane groups of 4 blocks and 1) and B = 70 in
-#   float32 (80 lanes: 4 blocks and 1): every sum over whole and partial lane groups.
+# B = 36 (synaptic float64: rows padded to 40 lanes, lane groups of 4 blocks and 1) and B = 70
+#   (synaptic float32: 80 lanes, 4 blocks and 1): every sum over whole and partial lane groups.
 # T = 100: the synaptic gradient sweep in 9 chunks of 12 steps, neurons in groups of 62.
 # Two threads: every parallel loop in two or three chunks (grain 8192 elements).
 TRAINING = {
@@ -73,11 +73,13 @@ TRAINING = {
 }
 
 
-def training_case(delay_type, dtype, sigma, learn_spread, soft, dropout, integer=False):
+def training_case(
+    delay_type, dtype, sigma, learn_spread, soft, dropout, integer=False, device="cpu"
+):
     return draw_case(
         delay_type=delay_type,
         size=264,
-        batch=36 if dtype == F64 else 70,
+        batch=70 if (delay_type, dtype) == ("synaptic", F32) else 36,
         steps=100,
         max_delay=10.0,
         sigma=sigma,
@@ -87,6 +89,7 @@ def training_case(delay_type, dtype, sigma, learn_spread, soft, dropout, integer
         integer=integer,
         seed=len(delay_type) + int(sigma) + 2 * soft,
         dtype=dtype,
+        device=device,
     )
 
 
@@ -98,7 +101,18 @@ def test_every_path_at_training_size_on_one_and_two_threads(name):
     check_every_path(Config(delay_type, dtype=dtype), case, nonzero, thread_counts=(1, 2))
 
 
-@pytest.mark.parametrize("delay_type", DELAY_TYPES)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(TRAINING))
+def test_every_path_on_cuda_at_training_size(name):
+    """The paths available on a GPU (the PyTorch-op loops, later GPU kernels) against the
+    reference on the same GPU."""
+    delay_type, dtype, sigma, learn_spread, soft, dropout = TRAINING[name]
+    case = training_case(delay_type, dtype, sigma, learn_spread, soft, dropout, device="cuda")
+    nonzero = ("current", "weight", "delay") + (("width",) if learn_spread else ())
+    check_every_path(Config(delay_type, dtype=dtype, device="cuda"), case, nonzero)
+
+
+@pytest.mark.parametrize("delay_type", ["axonal", "synaptic"])
 def test_integer_delay_inference_at_training_size_in_float32(delay_type):
     case = training_case(delay_type, F32, 0.0, False, False, 0.2, integer=True)
     check_every_path(Config(delay_type, integer=True, dtype=F32), case, thread_counts=(1, 2))
