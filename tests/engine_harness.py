@@ -24,7 +24,8 @@ The comparison functions take any function of named input tensors that returns s
 feedforward delays against the convolution) use them as they are:
 
 * :class:`Expected` — the reference's spikes, membrane and gradients of ``Σ spikes·grad_out``
-  for one case, computed once for every candidate compared with it;
+  for one case, computed once for every candidate compared with it (a reference built on the
+  LIF gets its pre-spike membrane from :class:`RecordingLIF`);
 * :func:`compare` — spikes identical (up to accepted threshold ties, below), then every
   gradient at the dtype's tolerance, entry by entry;
 * :func:`assert_exercised` — rejects a degenerate draw (no spikes, saturated, a zero gradient
@@ -117,7 +118,7 @@ def threads(count: int):
 
 
 # --------------------------------------------------------------------------- the reference
-class _RecordingLIF(LIF):
+class RecordingLIF(LIF):
     """The built-in LIF whose ``step`` also records the pre-spike membrane ``h``, the value it
     compares with the threshold (same expression, so the same rounding)."""
 
@@ -134,7 +135,7 @@ class _RecordingLIF(LIF):
 def reference(current, weight, delay, width, neuron, mask) -> tuple[Tensor, Tensor]:
     """``PATHS["reference"]``: spikes ``(T, B, N)`` (differentiable) and the pre-spike membrane
     ``(T, B, N)`` (detached) of the built-in LIF ``neuron``."""
-    recording = _RecordingLIF(neuron.p)
+    recording = RecordingLIF(neuron.p)
     spikes = PATHS["reference"].run(current, weight, delay, width, recording, mask)
     return spikes, torch.stack(recording.membrane)
 
