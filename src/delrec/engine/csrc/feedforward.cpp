@@ -1,0 +1,324 @@
+// The two-tap feedforward-delay engine (delrec/engine/feedforward.py): shifted sums and dots.
+//
+// A synapse (r, c) reads its source channel c at two adjacent rows (time steps): the layer's
+// output, the input gradient and the per-synapse dots of the weight and position gradients are
+//     shifted_sum: out[r, t] += lo_rc · src[c, t + s_rc] + hi_rc · src[c, t + s_rc + 1]
+//     pair_dots:   lo_rc = Σ_t grad[r, t] · src[c, t + s_rc],  hi_rc = Σ_t grad[r, t] · src[c, t + s_rc + 1]
+//     span_dots:   out_n = Σ_t grad[r_n, t] · src[c_n, t + offset_n]        (a list of synapses)
+// where a row is W values (the batch, padded with zeros to whole vectors) and every sum runs
+// over the W values of the row too. Sequences are channel-major, (C, S, W) contiguous: one
+// channel's rows follow each other, so a synapse's term over a tile of rows is a contiguous
+// span. Rows outside [first, last) of the source are zeros (padding); tiles whose rows all lie
+// there are skipped, so a synapse costs in proportion to its overlap with the sequence, whatever
+// the delay window.
+//
+// shifted_sum keeps a tile of kRows rows x kVectors vectors of one output row in registers and
+// loops over the source channels: per channel it loads kRows + 1 source rows and does two FMAs
+// per accumulator (each loaded row feeds the `hi` term of one output row and the `lo` term of the
+// next). Channels are processed in blocks whose rows fit in L2, the output tile is reloaded once
+// per block.
+// pair_dots keeps the two sums of a group of kGroup synapses of one row r in registers and sweeps
+// time: per row of grad, one load of grad and one load per synapse feed two FMAs per synapse.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace {
+
+// bytes of source rows a channel block keeps in cache
+constexpr int64_t kBlockBytes = 1 << 20;
+
+template <typename scalar_t>
+constexpr int64_t kLanes = 64 / sizeof(scalar_t);
+
+// kLanes scalars as one vector (GCC/Clang vector extension: an AVX-512 register, or two AVX2
+// ones); load and store accept any scalar-aligned address.
+template <typename scalar_t>
+struct VectorTypes {
+  typedef scalar_t vec __attribute__((vector_size(64)));
+  typedef scalar_t unaligned __attribute__((vector_size(64), aligned(sizeof(scalar_t))));
+};
+template <typename scalar_t>
+using Vec = typename VectorTypes<scalar_t>::vec;
+
+template <typename scalar_t>
+inline Vec<scalar_t> load(const scalar_t* p) {
+  return *reinterpret_cast<const typename VectorTypes<scalar_t>::unaligned*>(p);
+}
+template <typename scalar_t>
+inline void store(scalar_t* p, Vec<scalar_t> v) {
+  *reinterpret_cast<typename VectorTypes<scalar_t>::unaligned*>(p) = v;
+}
+template <typename scalar_t>
+inline double lane_sum(Vec<scalar_t> v) {
+  double s = 0.0;
+  for (int64_t q = 0; q < kLanes<scalar_t>; ++q) s += v[q];
+  return s;
+}
+
+// `acc += a * x` fused into FMAs here (the module is built with -ffp-contract=off)
+#if defined(__GNUC__) && !defined(__clang__)
+#define DELREC_CONTRACT __attribute__((optimize("fp-contract=fast")))
+#else
+#define DELREC_CONTRACT
+#endif
+
+void check(bool ok, const char* message) { TORCH_CHECK(ok, "delrec feedforward kernels: ", message); }
+
+// One output tile: rows [t0, t0 + R) of output row r, vectors [v0, v0 + VB) of the row, summed
+// over the channels [c0, c1).
+template <typename scalar_t, int R, int VB>
+DELREC_CONTRACT void sum_tile(const scalar_t* src, int64_t channel_stride, int64_t width,
+                              const int32_t* shift, const scalar_t* lo, const scalar_t* hi,
+                              int64_t c0, int64_t c1, int64_t t0, int64_t first, int64_t last,
+                              scalar_t* out) {
+  using V = Vec<scalar_t>;
+  constexpr int64_t L = kLanes<scalar_t>;
+  V acc[R][VB];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < VB; ++v) acc[r][v] = load(out + r * width + v * L);
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t row = t0 + shift[c];
+    if (row + R < first || row >= last) continue;  // reads only padding
+    const scalar_t a = lo[c], b = hi[c];
+    const scalar_t* p = src + c * channel_stride + row * width;
+    V previous[VB];
+    for (int v = 0; v < VB; ++v) previous[v] = load(p + v * L);
+    for (int r = 0; r < R; ++r) {
+      for (int v = 0; v < VB; ++v) {
+        const V x = load(p + (r + 1) * width + v * L);
+        acc[r][v] += a * previous[v] + b * x;
+        previous[v] = x;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < VB; ++v) store(out + r * width + v * L, acc[r][v]);
+}
+
+template <typename scalar_t, int R, int VB>
+void shifted_sum_loop(const at::Tensor& src, const at::Tensor& shift, const at::Tensor& lo,
+                      const at::Tensor& hi, int64_t first, int64_t last, at::Tensor& out) {
+  const int64_t channels = src.size(0), rows_in = src.size(1), width = src.size(2);
+  const int64_t outputs = out.size(0), steps = out.size(1);
+  const int64_t channel_stride = rows_in * width;
+  const int64_t block = std::max<int64_t>(
+      1, kBlockBytes / (std::min(rows_in, last - first + R + 1) * width * int64_t(sizeof(scalar_t))));
+  const scalar_t* s = src.data_ptr<scalar_t>();
+  const int32_t* sh = shift.data_ptr<int32_t>();
+  const scalar_t* l = lo.data_ptr<scalar_t>();
+  const scalar_t* h = hi.data_ptr<scalar_t>();
+  scalar_t* o = out.data_ptr<scalar_t>();
+  constexpr int64_t L = kLanes<scalar_t>;
+  for (int64_t c0 = 0; c0 < channels; c0 += block) {
+    const int64_t c1 = std::min(channels, c0 + block);
+    at::parallel_for(0, outputs, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t k = r * channels;
+        for (int64_t t0 = 0; t0 < steps; t0 += R)
+          for (int64_t v0 = 0; v0 < width; v0 += VB * L)
+            sum_tile<scalar_t, R, VB>(s + v0, channel_stride, width, sh + k, l + k, h + k, c0, c1,
+                                      t0, first, last, o + (r * steps + t0) * width + v0);
+      }
+    });
+  }
+}
+
+// The two sums of kGroup synapses (r, c0 + j), vectors [v0, v0 + VB) of the rows, added to
+// lo_sum/hi_sum (float64).
+template <typename scalar_t, int G, int VB>
+DELREC_CONTRACT void dot_tile(const scalar_t* grad, const scalar_t* src, int64_t channel_stride,
+                              int64_t width, const int32_t* shift, int64_t steps, int64_t first,
+                              int64_t last, double* lo_sum, double* hi_sum) {
+  using V = Vec<scalar_t>;
+  constexpr int64_t L = kLanes<scalar_t>;
+  // rows t of grad with some source row t + s or t + s + 1 inside [first, last)
+  int64_t begin = steps, end = 0;
+  for (int j = 0; j < G; ++j) {
+    begin = std::min(begin, std::max<int64_t>(0, first - shift[j] - 1));
+    end = std::max(end, std::min(steps, last - shift[j]));
+  }
+  if (begin >= end) return;
+  const scalar_t* p[G];
+  V acc_lo[G][VB], acc_hi[G][VB], previous[G][VB];
+  for (int j = 0; j < G; ++j) {
+    p[j] = src + j * channel_stride + (begin + shift[j]) * width;
+    for (int v = 0; v < VB; ++v) {
+      acc_lo[j][v] = V{};
+      acc_hi[j][v] = V{};
+      previous[j][v] = load(p[j] + v * L);
+    }
+  }
+  const scalar_t* g = grad + begin * width;
+  for (int64_t t = begin; t < end; ++t, g += width) {
+    V gv[VB];
+    for (int v = 0; v < VB; ++v) gv[v] = load(g + v * L);
+    for (int j = 0; j < G; ++j) {
+      p[j] += width;
+      for (int v = 0; v < VB; ++v) {
+        const V x = load(p[j] + v * L);
+        acc_lo[j][v] += gv[v] * previous[j][v];
+        acc_hi[j][v] += gv[v] * x;
+        previous[j][v] = x;
+      }
+    }
+  }
+  for (int j = 0; j < G; ++j) {
+    double l = 0.0, h = 0.0;
+    for (int v = 0; v < VB; ++v) {
+      l += lane_sum<scalar_t>(acc_lo[j][v]);
+      h += lane_sum<scalar_t>(acc_hi[j][v]);
+    }
+    lo_sum[j] += l;
+    hi_sum[j] += h;
+  }
+}
+
+template <typename scalar_t, int G, int VB>
+void pair_dots_loop(const at::Tensor& grad, const at::Tensor& src, const at::Tensor& shift,
+                    int64_t steps, int64_t first, int64_t last, at::Tensor& lo_sum,
+                    at::Tensor& hi_sum) {
+  const int64_t outputs = grad.size(0), grad_rows = grad.size(1), width = grad.size(2);
+  const int64_t channels = src.size(0), rows_in = src.size(1);
+  const int64_t channel_stride = rows_in * width;
+  const int64_t block = std::max<int64_t>(
+      G, kBlockBytes / (std::min(rows_in, last - first + 1) * width * int64_t(sizeof(scalar_t))) /
+             G * G);
+  const scalar_t* gr = grad.data_ptr<scalar_t>();
+  const scalar_t* s = src.data_ptr<scalar_t>();
+  const int32_t* sh = shift.data_ptr<int32_t>();
+  double* lo = lo_sum.data_ptr<double>();
+  double* hi = hi_sum.data_ptr<double>();
+  constexpr int64_t L = kLanes<scalar_t>;
+  for (int64_t c0 = 0; c0 < channels; c0 += block) {
+    const int64_t c1 = std::min(channels, c0 + block);
+    at::parallel_for(0, outputs, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* g = gr + r * grad_rows * width;
+        const int64_t k = r * channels;
+        for (int64_t v0 = 0; v0 < width; v0 += VB * L) {
+          int64_t c = c0;
+          for (; c + G <= c1; c += G)
+            dot_tile<scalar_t, G, VB>(g + v0, s + c * channel_stride + v0, channel_stride, width,
+                                      sh + k + c, steps, first, last, lo + k + c, hi + k + c);
+          for (; c < c1; ++c)
+            dot_tile<scalar_t, 1, VB>(g + v0, s + c * channel_stride + v0, channel_stride, width,
+                                      sh + k + c, steps, first, last, lo + k + c, hi + k + c);
+        }
+      }
+    });
+  }
+}
+
+template <typename scalar_t>
+DELREC_CONTRACT double span_dot(const scalar_t* a, const scalar_t* b, int64_t length) {
+  using V = Vec<scalar_t>;
+  constexpr int64_t L = kLanes<scalar_t>;
+  V acc[4] = {V{}, V{}, V{}, V{}};
+  int64_t q = 0;
+  for (; q + 4 * L <= length; q += 4 * L)
+    for (int u = 0; u < 4; ++u) acc[u] += load(a + q + u * L) * load(b + q + u * L);
+  double sum = 0.0;
+  for (int u = 0; u < 4; ++u) sum += lane_sum<scalar_t>(acc[u]);
+  for (; q < length; ++q) sum += double(a[q]) * double(b[q]);
+  return sum;
+}
+
+void check_sequences(const at::Tensor& a, const at::Tensor& b) {
+  check(a.dim() == 3 && b.dim() == 3 && a.is_contiguous() && b.is_contiguous() &&
+            a.scalar_type() == b.scalar_type() && a.size(2) == b.size(2) &&
+            a.size(2) * a.element_size() % 64 == 0,
+        "sequences must be contiguous (C, S, W) of one dtype, W a whole number of 64-byte "
+        "vectors");
+}
+
+void shifted_sum(const at::Tensor& src, const at::Tensor& shift, const at::Tensor& lo,
+                 const at::Tensor& hi, int64_t first, int64_t last, at::Tensor out) {
+  check_sequences(src, out);
+  check(shift.scalar_type() == at::kInt && shift.is_contiguous() && lo.is_contiguous() &&
+            hi.is_contiguous() && lo.scalar_type() == src.scalar_type() &&
+            hi.scalar_type() == src.scalar_type() && shift.numel() == out.size(0) * src.size(0) &&
+            lo.numel() == shift.numel() && hi.numel() == shift.numel(),
+        "shift (R, C) int32 and lo, hi (R, C) in the sequences' dtype, contiguous");
+  check(out.size(1) % 8 == 0, "output rows must be a multiple of 8");
+  auto max_shift = shift.numel() ? shift.max().item<int32_t>() : 0;
+  auto min_shift = shift.numel() ? shift.min().item<int32_t>() : 0;
+  check(min_shift >= 0 && out.size(1) + max_shift + 1 <= src.size(1),
+        "shifts must keep every read inside the source rows");
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "delrec_feedforward_shifted_sum", [&] {
+    if (src.size(2) / kLanes<scalar_t> % 2 == 0)
+      shifted_sum_loop<scalar_t, 4, 2>(src, shift, lo, hi, first, last, out);
+    else
+      shifted_sum_loop<scalar_t, 8, 1>(src, shift, lo, hi, first, last, out);
+  });
+}
+
+void pair_dots(const at::Tensor& grad, const at::Tensor& src, const at::Tensor& shift,
+               int64_t steps, int64_t first, int64_t last, at::Tensor lo_sum, at::Tensor hi_sum) {
+  check_sequences(grad, src);
+  check(shift.scalar_type() == at::kInt && shift.is_contiguous() &&
+            shift.numel() == grad.size(0) * src.size(0),
+        "shift must be (R, C) int32, contiguous");
+  check(lo_sum.scalar_type() == at::kDouble && hi_sum.scalar_type() == at::kDouble &&
+            lo_sum.is_contiguous() && hi_sum.is_contiguous() &&
+            lo_sum.numel() == shift.numel() && hi_sum.numel() == shift.numel(),
+        "the sums must be (R, C) float64, contiguous");
+  auto max_shift = shift.numel() ? shift.max().item<int32_t>() : 0;
+  auto min_shift = shift.numel() ? shift.min().item<int32_t>() : 0;
+  check(min_shift >= 0 && steps <= grad.size(1) && steps + max_shift + 1 <= src.size(1),
+        "shifts must keep every read inside the source rows");
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "delrec_feedforward_pair_dots", [&] {
+    if (src.size(2) / kLanes<scalar_t> % 2 == 0)
+      pair_dots_loop<scalar_t, 4, 2>(grad, src, shift, steps, first, last, lo_sum, hi_sum);
+    else
+      pair_dots_loop<scalar_t, 8, 1>(grad, src, shift, steps, first, last, lo_sum, hi_sum);
+  });
+}
+
+void span_dots(const at::Tensor& grad, const at::Tensor& src, const at::Tensor& row,
+               const at::Tensor& column, const at::Tensor& offset, int64_t steps, int64_t first,
+               int64_t last, at::Tensor out) {
+  check_sequences(grad, src);
+  check(row.scalar_type() == at::kLong && column.scalar_type() == at::kLong &&
+            offset.scalar_type() == at::kLong && row.is_contiguous() && column.is_contiguous() &&
+            offset.is_contiguous() && out.scalar_type() == at::kDouble && out.is_contiguous() &&
+            column.numel() == row.numel() && offset.numel() == row.numel() &&
+            out.numel() == row.numel(),
+        "row, column, offset (n,) int64 and out (n,) float64, contiguous");
+  const int64_t width = grad.size(2), grad_rows = grad.size(1), src_rows = src.size(1);
+  const int64_t* rw = row.data_ptr<int64_t>();
+  const int64_t* cl = column.data_ptr<int64_t>();
+  const int64_t* of = offset.data_ptr<int64_t>();
+  double* o = out.data_ptr<double>();
+  for (int64_t n = 0; n < row.numel(); ++n)
+    check(rw[n] >= 0 && rw[n] < grad.size(0) && cl[n] >= 0 && cl[n] < src.size(0) && of[n] >= 0 &&
+              steps <= grad_rows && steps + of[n] <= src_rows,
+          "span_dots: an entry reads outside its sequences");
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "delrec_feedforward_span_dots", [&] {
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    const scalar_t* s = src.data_ptr<scalar_t>();
+    at::parallel_for(0, row.numel(), 64, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t t0 = std::max<int64_t>(0, first - of[n]);
+        const int64_t t1 = std::min(steps, last - of[n]);
+        o[n] = t0 < t1 ? span_dot<scalar_t>(g + (rw[n] * grad_rows + t0) * width,
+                                             s + (cl[n] * src_rows + t0 + of[n]) * width,
+                                             (t1 - t0) * width)
+                       : 0.0;
+      }
+    });
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "delrec: the two-tap feedforward-delay engine (shifted sums and dots)";
+  m.def("shifted_sum", &shifted_sum,
+        "out[r, t] += lo[r, c] src[c, t + s[r, c]] + hi[r, c] src[c, t + s[r, c] + 1]");
+  m.def("pair_dots", &pair_dots,
+        "lo[r, c] += Σ_t grad[r, t] src[c, t + s[r, c]], hi[r, c] += Σ_t grad[r, t] src[c, t + s + 1]");
+  m.def("span_dots", &span_dots, "out[n] = Σ_t grad[row_n, t] src[column_n, t + offset_n]");
+}
