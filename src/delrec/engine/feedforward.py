@@ -66,56 +66,61 @@ def convolution(
 
 # --------------------------------------------------------------------------- the two taps
 class _Taps:
-    """Both taps of every synapse ``(O, I)`` and what its gradients need (module docstring).
+    """Both taps of every synapse ``(O, I)`` (module docstring).
 
     ``base`` (int64, in ``[0, K-1]``) is the first delay read; ``near`` and ``far`` are the
-    coefficients of ``x[t - base]`` and ``x[t - base - 1]`` (``w·λ`` as the reference rounds it,
-    0 for a tap outside the window). ``k`` is ``⌊P⌋``; ``lam[j]``, ``slope[j]`` are ``λ`` and
-    ``σ`` at delay ``k + j`` for ``j = -1, 0, 1``, zero outside the window.
+    coefficients of ``x[t - base]`` and ``x[t - base - 1]``: ``w·λ``, rounded as the reference
+    rounds it (``λ(k) = 1 - |k - P|``, ``λ(k+1) = 1 - |k + 1 - P|``), 0 for a tap outside the
+    window. ``k`` is ``⌊P⌋``.
     """
 
     def __init__(self, weight: Tensor, position: Tensor, kernel_size: int):
-        p = position.detach()
-        w = weight.detach()
-        top = kernel_size - 1
+        self.p = position.detach()
+        self.weight = weight.detach()
         self.kernel_size = kernel_size
-        self.k = p.floor()
-        self.base = self.k.clamp(0, top).long()
-        self.lam, self.slope = {}, {}
+        self.k = self.p.floor()
+        self.base = self.k.clamp(0, kernel_size - 1).long()
+        at_base = self.k == self.base  # k inside the window
+        lam_k = 1 - (self.p - self.k)  # = 1 - |k - P| (P ≥ k), no clamp needed
+        lam_next = 1 - (self.k + 1 - self.p)  # = 1 - |k + 1 - P| (P < k + 1)
+        next_inside = self.k + 1 <= kernel_size - 1
+        self.near = self.weight * torch.where(at_base, lam_k, lam_next * (self.k == -1))
+        self.far = self.weight * (lam_next * (at_base & next_inside))
+
+    def _around(self) -> tuple[dict, dict]:
+        """``λ`` and ``σ`` at delays ``k + j``, ``j = -1, 0, 1``, zero outside the window: the
+        reference's expressions, so that ties round as they round there."""
+        lam, slope = {}, {}
         for j in (-1, 0, 1):
             tap = self.k + j
-            value = 1 - (tap - p).abs()  # the reference's expression, rounded as it rounds
-            inside = (tap >= 0) & (tap <= top)
-            self.lam[j] = value.clamp(min=0) * inside
-            self.slope[j] = torch.sign(tap - p) * ((value >= 0) & inside)
-        at_base = self.k == self.base
-        self.near = w * torch.where(at_base, self.lam[0], self.lam[1] * (self.k + 1 == self.base))
-        self.far = w * self.lam[1] * at_base
-        self.weight = w
+            value = 1 - (tap - self.p).abs()
+            inside = (tap >= 0) & (tap <= self.kernel_size - 1)
+            lam[j] = value.clamp(min=0) * inside
+            slope[j] = torch.sign(tap - self.p) * ((value >= 0) & inside)
+        return lam, slope
 
     def needs_left(self) -> Tensor:
         """Synapses whose position gradient needs ``C(k-1)`` (an integer position inside the
         window) where neither ``base`` nor ``base + 1`` is ``k - 1``; bool ``(O, I)``."""
-        return (self.slope[-1] != 0) & (self.k - 1 != self.base)
+        left = self.k - 1
+        slope_left = (1 - (left - self.p).abs() >= 0) & (left >= 0) & (left <= self.kernel_size - 1)
+        return slope_left & (left != self.base)
 
     def gradients(
         self, at_base: Tensor, after_base: Tensor, left: Tensor, left_mask: Tensor
     ) -> tuple[Tensor, Tensor]:
         """``(∂L/∂w, ∂L/∂P)`` (float64) from ``C(base)``, ``C(base + 1)`` (``(O, I)``) and
         ``C(k - 1)`` for the synapses of ``left_mask`` (``(n,)``, row-major order)."""
+        lam, slope = self._around()
         base = self.base.to(self.k.dtype)
-        inside_after = base + 1 <= self.kernel_size - 1
         c_k = torch.where(self.k == base, at_base, 0.0)
         c_next = torch.where(
-            self.k == base,
-            torch.where(inside_after, after_base, 0.0),
-            torch.where(self.k + 1 == base, at_base, 0.0),
+            self.k == base, after_base, torch.where(self.k + 1 == base, at_base, 0.0)
         )
-        c_left = torch.where(self.k - 1 == base, at_base, 0.0)
-        c_left = c_left.masked_scatter(left_mask, left)
+        c_left = torch.where(self.k - 1 == base, at_base, 0.0).masked_scatter(left_mask, left)
         c = {-1: c_left, 0: c_k, 1: c_next}
-        grad_w = sum(self.lam[j].double() * c[j] for j in c)
-        grad_p = self.weight.double() * sum(self.slope[j].double() * c[j] for j in c)
+        grad_w = sum(lam[j].double() * c[j] for j in c)
+        grad_p = self.weight.double() * sum(slope[j].double() * c[j] for j in c)
         return grad_w, grad_p
 
 
@@ -162,15 +167,6 @@ class _TwoTaps(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- C++ path
-def _channel_major(seq: Tensor, lead: int, rows: int, width: int) -> Tensor:
-    """``(T, B, C)`` → zeros ``(C, rows, width)`` holding ``seq`` at rows ``[lead, lead + T)``,
-    columns ``[0, B)``."""
-    steps, batch, channels = seq.shape
-    out = seq.new_zeros(channels, rows, width)
-    out[:, lead : lead + steps, :batch] = seq.permute(2, 0, 1)
-    return out
-
-
 class _NativeTaps:
     """The two-tap sums and dots in C++ (``csrc/feedforward.cpp``): sequences channel-major
     ``(C, rows, W)``, ``W`` the batch padded to whole 64-byte vectors, the steps to a multiple
@@ -188,17 +184,17 @@ class _NativeTaps:
         steps, batch, _ = x.shape
         k = taps.kernel_size
         padded, width = self._sizes(x)
-        source = _channel_major(x, k, k + padded, width)  # x[t - j] is row k + t - j
+        source = self.kernels.channel_major(x, k, k + padded, width)  # x[t - j]: row k + t - j
         shift = (k - 1 - taps.base).int()  # row t + shift: x[t - base - 1]
         out = x.new_zeros(taps.base.shape[0], padded, width)
         self.kernels.shifted_sum(source, shift, taps.far, taps.near, k, k + steps, out)
-        return out[:, :steps, :batch].permute(1, 2, 0).contiguous()
+        return self.kernels.time_major(out, steps, batch)
 
     def backward(self, grad_y, x, taps, need_x, need_dots, left_mask) -> _Backward:
         steps, batch, _ = x.shape
         k = taps.kernel_size
         padded, width = self._sizes(x)
-        grad = _channel_major(grad_y, 0, padded + k, width)  # ∂L/∂y[t] is row t
+        grad = self.kernels.channel_major(grad_y, 0, padded + k, width)  # ∂L/∂y[t]: row t
         grad_x = at_base = after_base = left = None
         if need_x:  # ∂L/∂x[s] = Σ near·g[s + base] + far·g[s + base + 1]
             out = x.new_zeros(x.shape[2], padded, width)
@@ -211,9 +207,9 @@ class _NativeTaps:
                 steps,
                 out,
             )
-            grad_x = out[:, :steps, :batch].permute(1, 2, 0).contiguous()
+            grad_x = self.kernels.time_major(out, steps, batch)
         if need_dots:
-            source = _channel_major(x, k, k + padded, width)
+            source = self.kernels.channel_major(x, k, k + padded, width)
             after_base = torch.zeros(taps.base.shape, dtype=torch.float64)
             at_base = torch.zeros_like(after_base)
             shift = (k - 1 - taps.base).int()

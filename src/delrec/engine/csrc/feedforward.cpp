@@ -24,11 +24,23 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
-// bytes of source rows a channel block keeps in cache
+// bytes of source rows a channel block of pair_dots keeps in cache
 constexpr int64_t kBlockBytes = 1 << 20;
+// shifted_sum's tile: steps (rows) per output tile, channels per block
+constexpr int kRows = 8;
+constexpr int64_t kChannels = 16;
+
+// An empty asm keeps a loaded vector in a register: GCC would otherwise fold the load into both
+// FMAs that read it (two loads per vector instead of one).
+template <typename V>
+inline V kept(V x) {
+  asm("" : "+v"(x));
+  return x;
+}
 
 template <typename scalar_t>
 constexpr int64_t kLanes = 64 / sizeof(scalar_t);
@@ -67,63 +79,80 @@ inline double lane_sum(Vec<scalar_t> v) {
 
 void check(bool ok, const char* message) { TORCH_CHECK(ok, "delrec feedforward kernels: ", message); }
 
-// One output tile: rows [t0, t0 + R) of output row r, vectors [v0, v0 + VB) of the row, summed
-// over the channels [c0, c1).
+// A synapse as shifted_sum reads it: source row offset and the two coefficients.
+template <typename scalar_t>
+struct Tap {
+  int32_t shift;
+  scalar_t lo, hi;
+};
+
+// One output tile: rows [t0, t0 + R) of one output row, vectors [0, VB) from `out`, summed over
+// the channels [c0, c1) whose taps follow each other from `tap`.
 template <typename scalar_t, int R, int VB>
 DELREC_CONTRACT void sum_tile(const scalar_t* src, int64_t channel_stride, int64_t width,
-                              const int32_t* shift, const scalar_t* lo, const scalar_t* hi,
-                              int64_t c0, int64_t c1, int64_t t0, int64_t first, int64_t last,
-                              scalar_t* out) {
+                              const Tap<scalar_t>* tap, int64_t c0, int64_t c1, int64_t t0,
+                              int64_t first, int64_t last, scalar_t* out) {
   using V = Vec<scalar_t>;
   constexpr int64_t L = kLanes<scalar_t>;
   V acc[R][VB];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < VB; ++v) acc[r][v] = load(out + r * width + v * L);
-  for (int64_t c = c0; c < c1; ++c) {
-    const int64_t row = t0 + shift[c];
+  for (int64_t c = c0; c < c1; ++c, ++tap) {
+    const int64_t row = t0 + tap->shift;
     if (row + R < first || row >= last) continue;  // reads only padding
-    const scalar_t a = lo[c], b = hi[c];
+    const V a = V{} + tap->lo, b = V{} + tap->hi;
     const scalar_t* p = src + c * channel_stride + row * width;
-    V previous[VB];
-    for (int v = 0; v < VB; ++v) previous[v] = load(p + v * L);
-    for (int r = 0; r < R; ++r) {
+    V x[R + 1][VB];
+    for (int r = 0; r <= R; ++r)
+      for (int v = 0; v < VB; ++v) x[r][v] = kept(load(p + r * width + v * L));
+    for (int r = 0; r < R; ++r)
       for (int v = 0; v < VB; ++v) {
-        const V x = load(p + (r + 1) * width + v * L);
-        acc[r][v] += a * previous[v] + b * x;
-        previous[v] = x;
+        acc[r][v] += a * x[r][v];
+        acc[r][v] += b * x[r + 1][v];
       }
-    }
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < VB; ++v) store(out + r * width + v * L, acc[r][v]);
 }
 
-template <typename scalar_t, int R, int VB>
+// Loop order: output rows split among threads; per tile of kRows steps, per block of kChannels
+// channels (their source rows for the tile stay in L1), every output row of the thread. The
+// taps are packed per channel block, output row after output row, so that they stream.
+template <typename scalar_t, int VB>
 void shifted_sum_loop(const at::Tensor& src, const at::Tensor& shift, const at::Tensor& lo,
                       const at::Tensor& hi, int64_t first, int64_t last, at::Tensor& out) {
   const int64_t channels = src.size(0), rows_in = src.size(1), width = src.size(2);
   const int64_t outputs = out.size(0), steps = out.size(1);
   const int64_t channel_stride = rows_in * width;
-  const int64_t block = std::max<int64_t>(
-      1, kBlockBytes / (std::min(rows_in, last - first + R + 1) * width * int64_t(sizeof(scalar_t))));
-  const scalar_t* s = src.data_ptr<scalar_t>();
+  constexpr int64_t L = kLanes<scalar_t>;
   const int32_t* sh = shift.data_ptr<int32_t>();
   const scalar_t* l = lo.data_ptr<scalar_t>();
   const scalar_t* h = hi.data_ptr<scalar_t>();
-  scalar_t* o = out.data_ptr<scalar_t>();
-  constexpr int64_t L = kLanes<scalar_t>;
-  for (int64_t c0 = 0; c0 < channels; c0 += block) {
-    const int64_t c1 = std::min(channels, c0 + block);
-    at::parallel_for(0, outputs, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t k = r * channels;
-        for (int64_t t0 = 0; t0 < steps; t0 += R)
-          for (int64_t v0 = 0; v0 < width; v0 += VB * L)
-            sum_tile<scalar_t, R, VB>(s + v0, channel_stride, width, sh + k, l + k, h + k, c0, c1,
-                                      t0, first, last, o + (r * steps + t0) * width + v0);
+  std::vector<Tap<scalar_t>> taps(outputs * channels);  // [block][output][channel in block]
+  at::parallel_for(0, outputs, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t c0 = 0; c0 < channels; c0 += kChannels) {
+        const int64_t n = std::min(kChannels, channels - c0);
+        Tap<scalar_t>* t = taps.data() + c0 * outputs + r * n;
+        for (int64_t c = 0; c < n; ++c) {
+          const int64_t q = r * channels + c0 + c;
+          t[c] = Tap<scalar_t>{sh[q], l[q], h[q]};
+        }
       }
-    });
-  }
+  });
+  const scalar_t* s = src.data_ptr<scalar_t>();
+  scalar_t* o = out.data_ptr<scalar_t>();
+  at::parallel_for(0, outputs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t0 = 0; t0 < steps; t0 += kRows)
+      for (int64_t c0 = 0; c0 < channels; c0 += kChannels) {
+        const int64_t n = std::min(kChannels, channels - c0);
+        for (int64_t r = begin; r < end; ++r)
+          for (int64_t v0 = 0; v0 < width; v0 += VB * L)
+            sum_tile<scalar_t, kRows, VB>(s + v0, channel_stride, width,
+                                          taps.data() + c0 * outputs + r * n, c0, c0 + n, t0,
+                                          first, last, o + (r * steps + t0) * width + v0);
+      }
+  });
 }
 
 // The two sums of kGroup synapses (r, c0 + j), vectors [v0, v0 + VB) of the rows, added to
@@ -249,9 +278,9 @@ void shifted_sum(const at::Tensor& src, const at::Tensor& shift, const at::Tenso
         "shifts must keep every read inside the source rows");
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "delrec_feedforward_shifted_sum", [&] {
     if (src.size(2) / kLanes<scalar_t> % 2 == 0)
-      shifted_sum_loop<scalar_t, 4, 2>(src, shift, lo, hi, first, last, out);
+      shifted_sum_loop<scalar_t, 2>(src, shift, lo, hi, first, last, out);
     else
-      shifted_sum_loop<scalar_t, 8, 1>(src, shift, lo, hi, first, last, out);
+      shifted_sum_loop<scalar_t, 1>(src, shift, lo, hi, first, last, out);
   });
 }
 
@@ -312,6 +341,63 @@ void span_dots(const at::Tensor& grad, const at::Tensor& src, const at::Tensor& 
   });
 }
 
+// (T, B, C) time-major <-> (C, rows, W) channel-major, sequence at rows [lead, lead + T),
+// columns [0, B), zeros elsewhere: transposed in blocks of channels so that reads and writes
+// both stay within a few cache lines.
+constexpr int64_t kTransposeChannels = 32;
+
+at::Tensor channel_major(const at::Tensor& seq, int64_t lead, int64_t rows, int64_t width) {
+  check(seq.dim() == 3 && lead >= 0 && lead + seq.size(0) <= rows && seq.size(1) <= width,
+        "channel_major: the sequence must fit its rows and width");
+  const at::Tensor in = seq.contiguous();
+  const int64_t steps = in.size(0), batch = in.size(1), channels = in.size(2);
+  at::Tensor out = at::zeros({channels, rows, width}, in.options());
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "delrec_feedforward_channel_major", [&] {
+    const scalar_t* x = in.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t blocks = (channels + kTransposeChannels - 1) / kTransposeChannels;
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t c0 = k * kTransposeChannels;
+        const int64_t c1 = std::min(channels, c0 + kTransposeChannels);
+        for (int64_t t = 0; t < steps; ++t)
+          for (int64_t b = 0; b < batch; ++b) {
+            const scalar_t* from = x + (t * batch + b) * channels;
+            scalar_t* to = o + (lead + t) * width + b;
+            for (int64_t c = c0; c < c1; ++c) to[c * rows * width] = from[c];
+          }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor time_major(const at::Tensor& buffer, int64_t steps, int64_t batch) {
+  check(buffer.dim() == 3 && buffer.is_contiguous() && steps <= buffer.size(1) &&
+            batch <= buffer.size(2),
+        "time_major: a contiguous (C, rows, W) buffer holding the steps and the batch");
+  const int64_t channels = buffer.size(0), rows = buffer.size(1), width = buffer.size(2);
+  at::Tensor out = at::empty({steps, batch, channels}, buffer.options());
+  AT_DISPATCH_FLOATING_TYPES(buffer.scalar_type(), "delrec_feedforward_time_major", [&] {
+    const scalar_t* x = buffer.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t blocks = (channels + kTransposeChannels - 1) / kTransposeChannels;
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t c0 = k * kTransposeChannels;
+        const int64_t c1 = std::min(channels, c0 + kTransposeChannels);
+        for (int64_t t = 0; t < steps; ++t)
+          for (int64_t b = 0; b < batch; ++b) {
+            const scalar_t* from = x + t * width + b;
+            scalar_t* to = o + (t * batch + b) * channels;
+            for (int64_t c = c0; c < c1; ++c) to[c] = from[c * rows * width];
+          }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -320,5 +406,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out[r, t] += lo[r, c] src[c, t + s[r, c]] + hi[r, c] src[c, t + s[r, c] + 1]");
   m.def("pair_dots", &pair_dots,
         "lo[r, c] += Σ_t grad[r, t] src[c, t + s[r, c]], hi[r, c] += Σ_t grad[r, t] src[c, t + s + 1]");
+  m.def("channel_major", &channel_major,
+        "(T, B, C) -> zeros (C, rows, W) holding the sequence at rows [lead, lead + T)");
+  m.def("time_major", &time_major, "(C, rows, W) -> (T, B, C): rows [0, T), columns [0, B)");
   m.def("span_dots", &span_dots, "out[n] = Σ_t grad[row_n, t] src[column_n, t + offset_n]");
 }
