@@ -13,7 +13,7 @@ nothing (no renormalisation: docs/feedforward-delays.md). With ``C(j) = Σ_{t,b}
 x_i[t - j]`` (0 outside the window) the gradients are those of autograd through the
 convolution, kinks included:
 
-    ∂L/∂w = Σ_j λ(j) C(j)        ∂L/∂P = w Σ_j σ(j) C(j)        ∂L/∂x_i[s] = Σ_o Σ_j κ(j) ∂L/∂y_o[s + j]
+    ∂L/∂w = Σ_j λ(j) C(j)      ∂L/∂P = w Σ_j σ(j) C(j)      ∂L/∂x_i[s] = Σ_o Σ_j κ(j) ∂L/∂y_o[s+j]
 
 with ``σ(j) = sign(j - P)`` where ``1 - |j - P| ≥ 0`` (``|·|'(0) = 0``; the clamp passes the
 gradient at its bound), over ``j ∈ {k-1, k, k+1}``: ``∂L/∂P = w (C(k+1) - C(k))`` off the
@@ -88,10 +88,10 @@ class _Taps:
         self.far = self.weight * (lam_next * (at_base & next_inside))
 
     def _around(self) -> tuple[dict, dict]:
-        """``λ`` and ``σ`` at delays ``k + j``, ``j = -1, 0, 1``, zero outside the window: the
-        reference's expressions, so that ties round as they round there."""
+        """``λ`` and ``σ`` at delays ``k + j``, ``j = -1 … 2``, zero outside the window: the
+        reference's expressions, so that they round as they round there."""
         lam, slope = {}, {}
-        for j in (-1, 0, 1):
+        for j in (-1, 0, 1, 2):
             tap = self.k + j
             value = 1 - (tap - self.p).abs()
             inside = (tap >= 0) & (tap <= self.kernel_size - 1)
@@ -99,26 +99,42 @@ class _Taps:
             slope[j] = torch.sign(tap - self.p) * ((value >= 0) & inside)
         return lam, slope
 
-    def needs_left(self) -> Tensor:
-        """Synapses whose position gradient needs ``C(k-1)`` (an integer position inside the
-        window) where neither ``base`` nor ``base + 1`` is ``k - 1``; bool ``(O, I)``."""
-        left = self.k - 1
-        slope_left = (1 - (left - self.p).abs() >= 0) & (left >= 0) & (left <= self.kernel_size - 1)
-        return slope_left & (left != self.base)
+    def extra_taps(self) -> list[tuple[int, Tensor]]:
+        """``(j, mask)`` for the delays ``k + j`` other than ``base`` and ``base + 1`` whose
+        slope ``σ`` is not zero: ``j = -1`` at an integer position, ``j = 2`` where
+        ``|k + 2 - P|`` rounds to 1 (``P`` less than half an ulp of 1 below ``k + 1``)."""
+        _, slope = self._around()
+        base = self.base.to(self.k.dtype)
+        return [
+            (j, (slope[j] != 0) & (self.k + j != base) & (self.k + j != base + 1)) for j in (-1, 2)
+        ]
+
+    def extra_requests(self, extra_taps) -> tuple[Tensor, Tensor, Tensor]:
+        """``(row o, column i, delay)`` of the extra dots, int64, in ``gradients``'s order."""
+        none = self.base.new_empty(0)
+        rows, columns, delays = [none], [none], [none]
+        for j, mask in extra_taps:
+            o, i = mask.nonzero(as_tuple=True)
+            rows.append(o)
+            columns.append(i)
+            delays.append(self.k[o, i].long() + j)
+        return torch.cat(rows), torch.cat(columns), torch.cat(delays)
 
     def gradients(
-        self, at_base: Tensor, after_base: Tensor, left: Tensor, left_mask: Tensor
+        self, at_base: Tensor, after_base: Tensor, extra: Tensor, extra_taps
     ) -> tuple[Tensor, Tensor]:
-        """``(∂L/∂w, ∂L/∂P)`` (float64) from ``C(base)``, ``C(base + 1)`` (``(O, I)``) and
-        ``C(k - 1)`` for the synapses of ``left_mask`` (``(n,)``, row-major order)."""
+        """``(∂L/∂w, ∂L/∂P)`` (float64) from ``C(base)``, ``C(base + 1)`` (``(O, I)``) and the
+        ``C(k + j)`` of ``extra_taps`` (``(n,)``: mask after mask, row-major)."""
         lam, slope = self._around()
         base = self.base.to(self.k.dtype)
-        c_k = torch.where(self.k == base, at_base, 0.0)
-        c_next = torch.where(
-            self.k == base, after_base, torch.where(self.k + 1 == base, at_base, 0.0)
-        )
-        c_left = torch.where(self.k - 1 == base, at_base, 0.0).masked_scatter(left_mask, left)
-        c = {-1: c_left, 0: c_k, 1: c_next}
+        c, start = {}, 0
+        for j in lam:
+            tap = self.k + j
+            c[j] = torch.where(tap == base, at_base, torch.where(tap == base + 1, after_base, 0.0))
+        for j, mask in extra_taps:
+            n = int(mask.sum())
+            c[j] = c[j].masked_scatter(mask, extra[start : start + n])
+            start += n
         grad_w = sum(lam[j].double() * c[j] for j in c)
         grad_p = self.weight.double() * sum(slope[j].double() * c[j] for j in c)
         return grad_w, grad_p
@@ -127,13 +143,13 @@ class _Taps:
 @dataclass(frozen=True)
 class _Backward:
     """What a two-tap path computes in backward: ``∂L/∂x`` ``(T, B, I)`` (or None), and
-    ``C(base)``, ``C(base + 1)`` ``(O, I)`` and ``C(k - 1)`` of the ``needs_left`` synapses
-    (float64, or None)."""
+    ``C(base)``, ``C(base + 1)`` ``(O, I)`` and the requested extra dots ``(n,)`` (float64,
+    or None)."""
 
     grad_x: Tensor | None
     at_base: Tensor | None
     after_base: Tensor | None
-    left: Tensor | None
+    extra: Tensor | None
 
 
 class _TwoTaps(torch.autograd.Function):
@@ -155,11 +171,12 @@ class _TwoTaps(torch.autograd.Function):
         x, weight, position = ctx.saved_tensors
         need_x, need_w, need_p, need_b = ctx.needs_input_grad[:4]
         taps = _Taps(weight, position, ctx.kernel_size)
-        left_mask = taps.needs_left() if need_p else torch.zeros_like(taps.base, dtype=torch.bool)
-        out = ctx.path.backward(grad_y, x, taps, need_x, need_w or need_p, left_mask)
+        extra_taps = taps.extra_taps() if need_p else []
+        requests = taps.extra_requests(extra_taps)
+        out = ctx.path.backward(grad_y, x, taps, need_x, need_w or need_p, *requests)
         grad_w = grad_p = None
         if need_w or need_p:
-            gw, gp = taps.gradients(out.at_base, out.after_base, out.left, left_mask)
+            gw, gp = taps.gradients(out.at_base, out.after_base, out.extra, extra_taps)
             grad_w = gw.to(weight.dtype) if need_w else None
             grad_p = gp.to(position.dtype) if need_p else None
         grad_b = grad_y.sum((0, 1)) if need_b else None
@@ -190,12 +207,13 @@ class _NativeTaps:
         self.kernels.shifted_sum(source, shift, taps.far, taps.near, k, k + steps, out)
         return self.kernels.time_major(out, steps, batch)
 
-    def backward(self, grad_y, x, taps, need_x, need_dots, left_mask) -> _Backward:
+    def backward(self, grad_y, x, taps, need_x, need_dots, rows, columns, delays) -> _Backward:
+        """``rows``, ``columns``, ``delays``: the extra dots ``C(delay)`` wanted."""
         steps, batch, _ = x.shape
         k = taps.kernel_size
         padded, width = self._sizes(x)
         grad = self.kernels.channel_major(grad_y, 0, padded + k, width)  # ∂L/∂y[t]: row t
-        grad_x = at_base = after_base = left = None
+        grad_x = at_base = after_base = extra = None
         if need_x:  # ∂L/∂x[s] = Σ near·g[s + base] + far·g[s + base + 1]
             out = x.new_zeros(x.shape[2], padded, width)
             self.kernels.shifted_sum(
@@ -214,11 +232,10 @@ class _NativeTaps:
             at_base = torch.zeros_like(after_base)
             shift = (k - 1 - taps.base).int()
             self.kernels.pair_dots(grad, source, shift, steps, k, k + steps, after_base, at_base)
-            rows, columns = left_mask.nonzero(as_tuple=True)
-            offset = k - (taps.k[rows, columns].long() - 1)  # C(k-1): row t + k - (k-1)
-            left = torch.empty(rows.numel(), dtype=torch.float64)
-            self.kernels.span_dots(grad, source, rows, columns, offset, steps, k, k + steps, left)
-        return _Backward(grad_x, at_base, after_base, left)
+            extra = torch.empty(rows.numel(), dtype=torch.float64)
+            offset = k - delays  # C(j) reads x[t - j], row t + k - j
+            self.kernels.span_dots(grad, source, rows, columns, offset, steps, k, k + steps, extra)
+        return _Backward(grad_x, at_base, after_base, extra)
 
 
 # --------------------------------------------------------------------------- PyTorch-op path
@@ -261,7 +278,8 @@ class _SparseTaps:
         delay = torch.cat([taps.base.flatten(), taps.base.flatten() + 1])
         coef = torch.cat([taps.near.flatten(), taps.far.flatten()])
         keep = coef != 0
-        return rows.flatten().repeat(2)[keep], columns.flatten().repeat(2)[keep], delay[keep], coef[keep]
+        rows, columns = rows.flatten().repeat(2), columns.flatten().repeat(2)
+        return rows[keep], columns[keep], delay[keep], coef[keep]
 
     @staticmethod
     def _shifted(source, rows, columns, delay, coef, size, steps, batch, later: bool) -> Tensor:
@@ -308,13 +326,14 @@ class _SparseTaps:
         )
         return out.view(-1, steps, batch).permute(1, 2, 0).contiguous()
 
-    def backward(self, grad_y, x, taps, need_x, need_dots, left_mask) -> _Backward:
+    def backward(self, grad_y, x, taps, need_x, need_dots, rows, columns, delays) -> _Backward:
+        """``rows``, ``columns``, ``delays``: the extra dots ``C(delay)`` wanted."""
         steps, batch, inputs = x.shape
         grad = self._rows(grad_y)
-        grad_x = at_base = after_base = left = None
+        grad_x = at_base = after_base = extra = None
         if need_x:
-            rows, columns, delay, coef = self._entries(taps)
-            out = self._shifted(grad, columns, rows, delay, coef, inputs, steps, batch, True)
+            o, i, delay, coef = self._entries(taps)
+            out = self._shifted(grad, i, o, delay, coef, inputs, steps, batch, True)
             grad_x = out.view(-1, steps, batch).permute(1, 2, 0).contiguous()
         if need_dots:
             source = self._rows(x)
@@ -327,10 +346,8 @@ class _SparseTaps:
             at_base = self._dots(grad, source, o, i, base, steps, batch).view(taps.base.shape)
             after_base = self._dots(grad, source, o, i, base + 1, steps, batch)
             after_base = after_base.view(taps.base.shape)
-            lo, li = left_mask.nonzero(as_tuple=True)
-            left_delay = taps.k[lo, li].long() - 1
-            left = self._dots(grad, source, lo, li, left_delay, steps, batch)
-        return _Backward(grad_x, at_base, after_base, left)
+            extra = self._dots(grad, source, rows, columns, delays, steps, batch)
+        return _Backward(grad_x, at_base, after_base, extra)
 
 
 # --------------------------------------------------------------------------- selection

@@ -1,4 +1,4 @@
-"""Feedforward learnable delays (the DCLS-style baseline of the paper; docs/feedforward-delays.md)."""
+"""Feedforward learnable delays, the DCLS-style baseline (docs/feedforward-delays.md)."""
 
 from __future__ import annotations
 
