@@ -28,8 +28,10 @@
 
 namespace {
 
-// bytes of source rows a channel block of pair_dots keeps in cache
+// pair_dots: bytes of grad rows a block of outputs keeps in L2, and of source and grad rows one
+// group keeps in L1
 constexpr int64_t kBlockBytes = 1 << 20;
+constexpr int64_t kDotBytes = 1 << 15;
 // shifted_sum's tile: steps (rows) per output tile, channels per block
 constexpr int kRows = 8;
 constexpr int64_t kChannels = 16;
@@ -159,15 +161,15 @@ void shifted_sum_loop(const at::Tensor& src, const at::Tensor& shift, const at::
 // lo_sum/hi_sum (float64).
 template <typename scalar_t, int G, int VB>
 DELREC_CONTRACT void dot_tile(const scalar_t* grad, const scalar_t* src, int64_t channel_stride,
-                              int64_t width, const int32_t* shift, int64_t steps, int64_t first,
-                              int64_t last, double* lo_sum, double* hi_sum) {
+                              int64_t width, const int32_t* shift, int64_t t0, int64_t t1,
+                              int64_t first, int64_t last, double* lo_sum, double* hi_sum) {
   using V = Vec<scalar_t>;
   constexpr int64_t L = kLanes<scalar_t>;
-  // rows t of grad with some source row t + s or t + s + 1 inside [first, last)
-  int64_t begin = steps, end = 0;
+  // rows t in [t0, t1) of grad with some source row t + s or t + s + 1 inside [first, last)
+  int64_t begin = t1, end = t0;
   for (int j = 0; j < G; ++j) {
-    begin = std::min(begin, std::max<int64_t>(0, first - shift[j] - 1));
-    end = std::max(end, std::min(steps, last - shift[j]));
+    begin = std::min(begin, std::max<int64_t>(t0, first - shift[j] - 1));
+    end = std::max(end, std::min(t1, last - shift[j]));
   }
   if (begin >= end) return;
   const scalar_t* p[G];
@@ -195,13 +197,13 @@ DELREC_CONTRACT void dot_tile(const scalar_t* grad, const scalar_t* src, int64_t
     }
   }
   for (int j = 0; j < G; ++j) {
-    double l = 0.0, h = 0.0;
-    for (int v = 0; v < VB; ++v) {
-      l += lane_sum<scalar_t>(acc_lo[j][v]);
-      h += lane_sum<scalar_t>(acc_hi[j][v]);
+    V l = acc_lo[j][0], h = acc_hi[j][0];
+    for (int v = 1; v < VB; ++v) {
+      l += acc_lo[j][v];
+      h += acc_hi[j][v];
     }
-    lo_sum[j] += l;
-    hi_sum[j] += h;
+    lo_sum[j] += lane_sum<scalar_t>(l);
+    hi_sum[j] += lane_sum<scalar_t>(h);
   }
 }
 
@@ -212,33 +214,43 @@ void pair_dots_loop(const at::Tensor& grad, const at::Tensor& src, const at::Ten
   const int64_t outputs = grad.size(0), grad_rows = grad.size(1), width = grad.size(2);
   const int64_t channels = src.size(0), rows_in = src.size(1);
   const int64_t channel_stride = rows_in * width;
-  const int64_t block = std::max<int64_t>(
-      G, kBlockBytes / (std::min(rows_in, last - first + 1) * width * int64_t(sizeof(scalar_t))) /
-             G * G);
+  const int64_t row_bytes = width * int64_t(sizeof(scalar_t));
+  // a chunk of steps: the rows of a group's G channels and of one grad row stay in L1; a block
+  // of output rows: their grad rows for one chunk stay in L2
+  const int64_t chunk = std::max<int64_t>(8, kDotBytes / ((G + 1) * row_bytes));
+  const int64_t block = std::max<int64_t>(1, kBlockBytes / (chunk * row_bytes));
   const scalar_t* gr = grad.data_ptr<scalar_t>();
   const scalar_t* s = src.data_ptr<scalar_t>();
   const int32_t* sh = shift.data_ptr<int32_t>();
   double* lo = lo_sum.data_ptr<double>();
   double* hi = hi_sum.data_ptr<double>();
   constexpr int64_t L = kLanes<scalar_t>;
-  for (int64_t c0 = 0; c0 < channels; c0 += block) {
-    const int64_t c1 = std::min(channels, c0 + block);
-    at::parallel_for(0, outputs, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* g = gr + r * grad_rows * width;
-        const int64_t k = r * channels;
-        for (int64_t v0 = 0; v0 < width; v0 += VB * L) {
-          int64_t c = c0;
-          for (; c + G <= c1; c += G)
-            dot_tile<scalar_t, G, VB>(g + v0, s + c * channel_stride + v0, channel_stride, width,
-                                      sh + k + c, steps, first, last, lo + k + c, hi + k + c);
-          for (; c < c1; ++c)
-            dot_tile<scalar_t, 1, VB>(g + v0, s + c * channel_stride + v0, channel_stride, width,
-                                      sh + k + c, steps, first, last, lo + k + c, hi + k + c);
+  const int64_t blocks = (outputs + block - 1) / block;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * block, r1 = std::min(outputs, r0 + block);
+      for (int64_t t0 = 0; t0 < steps; t0 += chunk) {
+        const int64_t t1 = std::min(steps, t0 + chunk);
+        for (int64_t c = 0; c < channels; c += G) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const scalar_t* g = gr + r * grad_rows * width;
+            const int64_t k = r * channels + c;
+            for (int64_t v0 = 0; v0 < width; v0 += VB * L) {
+              const scalar_t* x = s + c * channel_stride + v0;
+              if (c + G <= channels)
+                dot_tile<scalar_t, G, VB>(g + v0, x, channel_stride, width, sh + k, t0, t1, first,
+                                          last, lo + k, hi + k);
+              else
+                for (int64_t j = 0; c + j < channels; ++j)
+                  dot_tile<scalar_t, 1, VB>(g + v0, x + j * channel_stride, channel_stride, width,
+                                            sh + k + j, t0, t1, first, last, lo + k + j,
+                                            hi + k + j);
+            }
+          }
         }
       }
-    });
-  }
+    }
+  });
 }
 
 template <typename scalar_t>
