@@ -66,90 +66,30 @@ def convolution(
 
 # --------------------------------------------------------------------------- the two taps
 class _Taps:
-    """Both taps of every synapse ``(O, I)`` (module docstring).
+    """The interpolation of every synapse ``(O, I)`` around its base delay, in PyTorch ops.
 
-    ``base`` (int64, in ``[0, K-1]``) is the first delay read; ``near`` and ``far`` are the
-    coefficients of ``x[t - base]`` and ``x[t - base - 1]``: ``w·λ``, rounded as the reference
-    rounds it (``λ(k) = 1 - |k - P|``, ``λ(k+1) = 1 - |k + 1 - P|``), 0 for a tap outside the
-    window. ``k`` is ``⌊P⌋``.
+    ``base = clamp(⌊P⌋, 0, K-1)`` (float); :meth:`around` gives ``λ`` and ``σ`` at delay
+    ``base + q``: the reference's ``1 - |d - P|`` clamped at 0, and its slope ``sign(d - P)``
+    where that is ``≥ 0``, zero outside the window. The taps with a non-zero ``λ`` are ``base``
+    and ``base + 1``; a non-zero ``σ`` can also sit at ``base - 1`` (``P`` on an integer) or
+    ``base + 2`` (``|base + 2 - P|`` rounding to 1). ``csrc/feedforward.cpp`` (``around``)
+    computes the same per synapse in C++.
     """
 
     def __init__(self, weight: Tensor, position: Tensor, kernel_size: int):
-        self.p = position.detach()
-        self.weight = weight.detach()
+        self.p, self.weight = position.detach(), weight.detach()
         self.kernel_size = kernel_size
-        self.k = self.p.floor()
-        self.base = self.k.clamp(0, kernel_size - 1).long()
-        at_base = self.k == self.base  # k inside the window
-        lam_k = 1 - (self.p - self.k)  # = 1 - |k - P| (P ≥ k), no clamp needed
-        lam_next = 1 - (self.k + 1 - self.p)  # = 1 - |k + 1 - P| (P < k + 1)
-        next_inside = self.k + 1 <= kernel_size - 1
-        self.near = self.weight * torch.where(at_base, lam_k, lam_next * (self.k == -1))
-        self.far = self.weight * (lam_next * (at_base & next_inside))
+        self.base = self.p.floor().clamp(0, kernel_size - 1)
 
-    def _around(self) -> tuple[dict, dict]:
-        """``λ`` and ``σ`` at delays ``k + j``, ``j = -1 … 2``, zero outside the window: the
-        reference's expressions, so that they round as they round there."""
-        lam, slope = {}, {}
-        for j in (-1, 0, 1, 2):
-            tap = self.k + j
-            value = 1 - (tap - self.p).abs()
-            inside = (tap >= 0) & (tap <= self.kernel_size - 1)
-            lam[j] = value.clamp(min=0) * inside
-            slope[j] = torch.sign(tap - self.p) * ((value >= 0) & inside)
-        return lam, slope
+    def around(self, q: int) -> tuple[Tensor, Tensor]:
+        delay = self.base + q
+        value = 1 - (delay - self.p).abs()
+        inside = (delay >= 0) & (delay <= self.kernel_size - 1)
+        return value.clamp(min=0) * inside, torch.sign(delay - self.p) * ((value >= 0) & inside)
 
-    def extra_taps(self) -> list[tuple[int, Tensor]]:
-        """``(j, mask)`` for the delays ``k + j`` other than ``base`` and ``base + 1`` whose
-        slope ``σ`` is not zero: ``j = -1`` at an integer position, ``j = 2`` where
-        ``|k + 2 - P|`` rounds to 1 (``P`` less than half an ulp of 1 below ``k + 1``)."""
-        _, slope = self._around()
-        base = self.base.to(self.k.dtype)
-        return [
-            (j, (slope[j] != 0) & (self.k + j != base) & (self.k + j != base + 1)) for j in (-1, 2)
-        ]
-
-    def extra_requests(self, extra_taps) -> tuple[Tensor, Tensor, Tensor]:
-        """``(row o, column i, delay)`` of the extra dots, int64, in ``gradients``'s order."""
-        none = self.base.new_empty(0)
-        rows, columns, delays = [none], [none], [none]
-        for j, mask in extra_taps:
-            o, i = mask.nonzero(as_tuple=True)
-            rows.append(o)
-            columns.append(i)
-            delays.append(self.k[o, i].long() + j)
-        return torch.cat(rows), torch.cat(columns), torch.cat(delays)
-
-    def gradients(
-        self, at_base: Tensor, after_base: Tensor, extra: Tensor, extra_taps
-    ) -> tuple[Tensor, Tensor]:
-        """``(∂L/∂w, ∂L/∂P)`` (float64) from ``C(base)``, ``C(base + 1)`` (``(O, I)``) and the
-        ``C(k + j)`` of ``extra_taps`` (``(n,)``: mask after mask, row-major)."""
-        lam, slope = self._around()
-        base = self.base.to(self.k.dtype)
-        c, start = {}, 0
-        for j in lam:
-            tap = self.k + j
-            c[j] = torch.where(tap == base, at_base, torch.where(tap == base + 1, after_base, 0.0))
-        for j, mask in extra_taps:
-            n = int(mask.sum())
-            c[j] = c[j].masked_scatter(mask, extra[start : start + n])
-            start += n
-        grad_w = sum(lam[j].double() * c[j] for j in c)
-        grad_p = self.weight.double() * sum(slope[j].double() * c[j] for j in c)
-        return grad_w, grad_p
-
-
-@dataclass(frozen=True)
-class _Backward:
-    """What a two-tap path computes in backward: ``∂L/∂x`` ``(T, B, I)`` (or None), and
-    ``C(base)``, ``C(base + 1)`` ``(O, I)`` and the requested extra dots ``(n,)`` (float64,
-    or None)."""
-
-    grad_x: Tensor | None
-    at_base: Tensor | None
-    after_base: Tensor | None
-    extra: Tensor | None
+    def coefficients(self) -> tuple[Tensor, Tensor]:
+        """``near = w·λ(base)``, ``far = w·λ(base + 1)``: the reference's kernel values."""
+        return self.weight * self.around(0)[0], self.weight * self.around(1)[0]
 
 
 class _TwoTaps(torch.autograd.Function):
@@ -157,8 +97,7 @@ class _TwoTaps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, position, bias, kernel_size, path):
-        taps = _Taps(weight, position, kernel_size)
-        y = path.forward(x, taps)
+        y = path.forward(x, weight, position, kernel_size)
         if bias is not None:
             y += bias
         ctx.kernel_size, ctx.path = kernel_size, path
@@ -170,24 +109,31 @@ class _TwoTaps(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, position = ctx.saved_tensors
         need_x, need_w, need_p, need_b = ctx.needs_input_grad[:4]
-        taps = _Taps(weight, position, ctx.kernel_size)
-        extra_taps = taps.extra_taps() if need_p else []
-        requests = taps.extra_requests(extra_taps)
-        out = ctx.path.backward(grad_y, x, taps, need_x, need_w or need_p, *requests)
-        grad_w = grad_p = None
-        if need_w or need_p:
-            gw, gp = taps.gradients(out.at_base, out.after_base, out.extra, extra_taps)
-            grad_w = gw.to(weight.dtype) if need_w else None
-            grad_p = gp.to(position.dtype) if need_p else None
+        grad_x, grad_w, grad_p = ctx.path.backward(
+            grad_y.contiguous(), x, weight, position, ctx.kernel_size, need_x, need_w, need_p
+        )
         grad_b = grad_y.sum((0, 1)) if need_b else None
-        return out.grad_x, grad_w, grad_p, grad_b, None, None
+        return grad_x, grad_w, grad_p, grad_b, None, None
+
+
+def _gradients(weight, position, lam_slope, dots, need_w, need_p):
+    """``∂L/∂w = Σ_q λ_q C_q`` and ``∂L/∂P = w Σ_q σ_q C_q`` over the delays ``base + q``
+    (float64 sums, returned in the parameters' dtypes)."""
+    grad_w = grad_p = None
+    if need_w:
+        grad_w = sum(lam.double() * c for (lam, _), c in zip(lam_slope, dots)).to(weight.dtype)
+    if need_p:
+        slope = sum(s.double() * c for (_, s), c in zip(lam_slope, dots))
+        grad_p = (weight.detach().double() * slope).to(position.dtype)
+    return grad_w, grad_p
 
 
 # --------------------------------------------------------------------------- C++ path
 class _NativeTaps:
     """The two-tap sums and dots in C++ (``csrc/feedforward.cpp``): sequences channel-major
     ``(C, rows, W)``, ``W`` the batch padded to whole 64-byte vectors, the steps to a multiple
-    of 8 (the kernels' row tile), zeros around."""
+    of 8 (the kernels' row tile), zeros around; the taps and the gradients' assembly per
+    synapse in C++ too."""
 
     def __init__(self, kernels):
         self.kernels = kernels
@@ -197,45 +143,57 @@ class _NativeTaps:
         lanes = 64 // seq.element_size()
         return -(-seq.shape[0] // 8) * 8, -(-seq.shape[1] // lanes) * lanes
 
-    def forward(self, x: Tensor, taps: _Taps) -> Tensor:
+    def forward(self, x, weight, position, kernel_size) -> Tensor:
         steps, batch, _ = x.shape
-        k = taps.kernel_size
+        k = kernel_size
         padded, width = self._sizes(x)
+        base, near, far = self.kernels.taps(weight.detach(), position.detach(), k)
         source = self.kernels.channel_major(x, k, k + padded, width)  # x[t - j]: row k + t - j
-        shift = (k - 1 - taps.base).int()  # row t + shift: x[t - base - 1]
-        out = x.new_zeros(taps.base.shape[0], padded, width)
-        self.kernels.shifted_sum(source, shift, taps.far, taps.near, k, k + steps, out)
+        out = x.new_zeros(weight.shape[0], padded, width)  # row t + (k-1-base): x[t - base - 1]
+        self.kernels.shifted_sum(source, k - 1 - base, far, near, k, k + steps, out)
         return self.kernels.time_major(out, steps, batch)
 
-    def backward(self, grad_y, x, taps, need_x, need_dots, rows, columns, delays) -> _Backward:
-        """``rows``, ``columns``, ``delays``: the extra dots ``C(delay)`` wanted."""
+    def backward(self, grad_y, x, weight, position, kernel_size, need_x, need_w, need_p):
         steps, batch, _ = x.shape
-        k = taps.kernel_size
+        k = kernel_size
         padded, width = self._sizes(x)
+        weight, position = weight.detach(), position.detach()
+        base, near, far = self.kernels.taps(weight, position, k)
         grad = self.kernels.channel_major(grad_y, 0, padded + k, width)  # ∂L/∂y[t]: row t
-        grad_x = at_base = after_base = extra = None
-        if need_x:  # ∂L/∂x[s] = Σ near·g[s + base] + far·g[s + base + 1]
+        grad_x = grad_w = grad_p = None
+        if need_x:  # ∂L/∂x[s] = Σ_o near·g[s + base] + far·g[s + base + 1]
             out = x.new_zeros(x.shape[2], padded, width)
-            self.kernels.shifted_sum(
-                grad,
-                taps.base.t().int().contiguous(),
-                taps.near.t().contiguous(),
-                taps.far.t().contiguous(),
-                0,
-                steps,
-                out,
-            )
+            transposed = [t.t().contiguous() for t in (base, near, far)]
+            self.kernels.shifted_sum(grad, *transposed, 0, steps, out)
             grad_x = self.kernels.time_major(out, steps, batch)
-        if need_dots:
+        if need_w or need_p:
             source = self.kernels.channel_major(x, k, k + padded, width)
-            after_base = torch.zeros(taps.base.shape, dtype=torch.float64)
-            at_base = torch.zeros_like(after_base)
-            shift = (k - 1 - taps.base).int()
-            self.kernels.pair_dots(grad, source, shift, steps, k, k + steps, after_base, at_base)
-            extra = torch.empty(rows.numel(), dtype=torch.float64)
-            offset = k - delays  # C(j) reads x[t - j], row t + k - j
-            self.kernels.span_dots(grad, source, rows, columns, offset, steps, k, k + steps, extra)
-        return _Backward(grad_x, at_base, after_base, extra)
+            dots = torch.zeros(4, *weight.shape, dtype=torch.float64)  # C(base - 1 … base + 2)
+            self.kernels.pair_dots(
+                grad, source, k - 1 - base, steps, k, k + steps, dots[2], dots[1]
+            )
+            if need_p:
+                index, delay = self.kernels.extra_taps(weight, position, k)
+                columns = weight.shape[1]
+                values = torch.empty(index.numel(), dtype=torch.float64)
+                self.kernels.span_dots(
+                    grad,
+                    source,
+                    index // columns,
+                    index % columns,
+                    k - delay,
+                    steps,
+                    k,
+                    k + steps,
+                    values,
+                )
+                later = delay > base.flatten()[index]  # base + 2, else base - 1
+                dots[3].view(-1)[index[later]] = values[later]
+                dots[0].view(-1)[index[~later]] = values[~later]
+            grad_w, grad_p = self.kernels.tap_gradients(weight, position, k, dots)
+            grad_w = grad_w.to(weight.dtype) if need_w else None
+            grad_p = grad_p.to(position.dtype) if need_p else None
+        return grad_x, grad_w, grad_p
 
 
 # --------------------------------------------------------------------------- PyTorch-op path
@@ -268,18 +226,25 @@ class _SparseTaps:
         return seq.permute(2, 0, 1).reshape(seq.shape[2], -1)
 
     @staticmethod
-    def _entries(taps: _Taps) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(row o, column i, delay, coefficient)`` of every non-zero tap."""
-        rows, columns = torch.meshgrid(
-            torch.arange(taps.base.shape[0], device=taps.base.device),
-            torch.arange(taps.base.shape[1], device=taps.base.device),
-            indexing="ij",
+    def _synapses(taps: _Taps) -> tuple[Tensor, Tensor]:
+        """Row ``o`` and column ``i`` of every synapse, row-major, flat."""
+        outputs, inputs = taps.base.shape
+        device = taps.base.device
+        o, i = torch.meshgrid(
+            torch.arange(outputs, device=device), torch.arange(inputs, device=device), indexing="ij"
         )
-        delay = torch.cat([taps.base.flatten(), taps.base.flatten() + 1])
-        coef = torch.cat([taps.near.flatten(), taps.far.flatten()])
+        return o.flatten(), i.flatten()
+
+    @classmethod
+    def _entries(cls, taps: _Taps) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(row o, column i, delay, coefficient)`` of every non-zero tap."""
+        o, i = cls._synapses(taps)
+        base = taps.base.flatten().long()
+        near, far = taps.coefficients()
+        delay = torch.cat([base, base + 1])
+        coef = torch.cat([near.flatten(), far.flatten()])
         keep = coef != 0
-        rows, columns = rows.flatten().repeat(2), columns.flatten().repeat(2)
-        return rows[keep], columns[keep], delay[keep], coef[keep]
+        return o.repeat(2)[keep], i.repeat(2)[keep], delay[keep], coef[keep]
 
     @staticmethod
     def _shifted(source, rows, columns, delay, coef, size, steps, batch, later: bool) -> Tensor:
@@ -318,36 +283,39 @@ class _SparseTaps:
             out[entries] = sampled.values().double()
         return out
 
-    def forward(self, x: Tensor, taps: _Taps) -> Tensor:
+    def forward(self, x, weight, position, kernel_size) -> Tensor:
         steps, batch, _ = x.shape
-        rows, columns, delay, coef = self._entries(taps)
-        out = self._shifted(
-            self._rows(x), rows, columns, delay, coef, taps.base.shape[0], steps, batch, False
-        )
+        taps = _Taps(weight, position, kernel_size)
+        o, i, delay, coef = self._entries(taps)
+        out = self._shifted(self._rows(x), o, i, delay, coef, weight.shape[0], steps, batch, False)
         return out.view(-1, steps, batch).permute(1, 2, 0).contiguous()
 
-    def backward(self, grad_y, x, taps, need_x, need_dots, rows, columns, delays) -> _Backward:
-        """``rows``, ``columns``, ``delays``: the extra dots ``C(delay)`` wanted."""
+    def backward(self, grad_y, x, weight, position, kernel_size, need_x, need_w, need_p):
         steps, batch, inputs = x.shape
+        taps = _Taps(weight, position, kernel_size)
         grad = self._rows(grad_y)
-        grad_x = at_base = after_base = extra = None
+        grad_x = grad_w = grad_p = None
         if need_x:
             o, i, delay, coef = self._entries(taps)
             out = self._shifted(grad, i, o, delay, coef, inputs, steps, batch, True)
             grad_x = out.view(-1, steps, batch).permute(1, 2, 0).contiguous()
-        if need_dots:
+        if need_w or need_p:
             source = self._rows(x)
-            o, i = torch.meshgrid(
-                torch.arange(taps.base.shape[0], device=x.device),
-                torch.arange(inputs, device=x.device),
-                indexing="ij",
-            )
-            o, i, base = o.flatten(), i.flatten(), taps.base.flatten()
-            at_base = self._dots(grad, source, o, i, base, steps, batch).view(taps.base.shape)
-            after_base = self._dots(grad, source, o, i, base + 1, steps, batch)
-            after_base = after_base.view(taps.base.shape)
-            extra = self._dots(grad, source, rows, columns, delays, steps, batch)
-        return _Backward(grad_x, at_base, after_base, extra)
+            o, i = self._synapses(taps)
+            base = taps.base.flatten().long()
+            lam_slope = [taps.around(q) for q in (-1, 0, 1, 2)]
+            dots = []
+            for q, (_, slope) in zip((-1, 0, 1, 2), lam_slope):
+                # base and base + 1 for every synapse; base - 1, base + 2 where σ is not zero
+                wanted = torch.ones_like(base, dtype=torch.bool) if q in (0, 1) else slope != 0
+                wanted = wanted.flatten().nonzero().flatten()
+                c = torch.zeros(base.numel(), dtype=torch.float64, device=x.device)
+                c[wanted] = self._dots(
+                    grad, source, o[wanted], i[wanted], base[wanted] + q, steps, batch
+                )
+                dots.append(c.view(taps.base.shape))
+            grad_w, grad_p = _gradients(weight, position, lam_slope, dots, need_w, need_p)
+        return grad_x, grad_w, grad_p
 
 
 # --------------------------------------------------------------------------- selection

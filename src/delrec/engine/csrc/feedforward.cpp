@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -81,29 +82,31 @@ inline double lane_sum(Vec<scalar_t> v) {
 
 void check(bool ok, const char* message) { TORCH_CHECK(ok, "delrec feedforward kernels: ", message); }
 
-// A synapse as shifted_sum reads it: source row offset and the two coefficients.
+// A synapse as shifted_sum reads it: source channel, row offset and the two coefficients.
 template <typename scalar_t>
 struct Tap {
-  int32_t shift;
+  int32_t channel, shift;
   scalar_t lo, hi;
 };
 
 // One output tile: rows [t0, t0 + R) of one output row, vectors [0, VB) from `out`, summed over
-// the channels [c0, c1) whose taps follow each other from `tap`.
+// the n taps from `tap`, sorted by shift (so the taps that read only padding come first or
+// last: skipped without unpredictable branches).
 template <typename scalar_t, int R, int VB>
 DELREC_CONTRACT void sum_tile(const scalar_t* src, int64_t channel_stride, int64_t width,
-                              const Tap<scalar_t>* tap, int64_t c0, int64_t c1, int64_t t0,
-                              int64_t first, int64_t last, scalar_t* out) {
+                              const Tap<scalar_t>* tap, int64_t n, int64_t t0, int64_t first,
+                              int64_t last, scalar_t* out) {
   using V = Vec<scalar_t>;
   constexpr int64_t L = kLanes<scalar_t>;
   V acc[R][VB];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < VB; ++v) acc[r][v] = load(out + r * width + v * L);
-  for (int64_t c = c0; c < c1; ++c, ++tap) {
+  for (const Tap<scalar_t>* end = tap + n; tap < end; ++tap) {
     const int64_t row = t0 + tap->shift;
-    if (row + R < first || row >= last) continue;  // reads only padding
+    if (row + R < first) continue;  // reads only padding
+    if (row >= last) break;         // this one and the rest
     const V a = V{} + tap->lo, b = V{} + tap->hi;
-    const scalar_t* p = src + c * channel_stride + row * width;
+    const scalar_t* p = src + tap->channel * channel_stride + row * width;
     V x[R + 1][VB];
     for (int r = 0; r <= R; ++r)
       for (int v = 0; v < VB; ++v) x[r][v] = kept(load(p + r * width + v * L));
@@ -117,9 +120,9 @@ DELREC_CONTRACT void sum_tile(const scalar_t* src, int64_t channel_stride, int64
     for (int v = 0; v < VB; ++v) store(out + r * width + v * L, acc[r][v]);
 }
 
-// Loop order: output rows split among threads; per tile of kRows steps, per block of kChannels
-// channels (their source rows for the tile stay in L1), every output row of the thread. The
-// taps are packed per channel block, output row after output row, so that they stream.
+// Loop order: output rows split among threads; per tile of kRows steps, per block of channels
+// (their source rows for the tile stay in L1), every output row of the thread. The taps are
+// packed per channel block, output row after output row, so that they stream.
 template <typename scalar_t, int VB>
 void shifted_sum_loop(const at::Tensor& src, const at::Tensor& shift, const at::Tensor& lo,
                       const at::Tensor& hi, int64_t first, int64_t last, at::Tensor& out) {
@@ -138,8 +141,11 @@ void shifted_sum_loop(const at::Tensor& src, const at::Tensor& shift, const at::
         Tap<scalar_t>* t = taps.data() + c0 * outputs + r * n;
         for (int64_t c = 0; c < n; ++c) {
           const int64_t q = r * channels + c0 + c;
-          t[c] = Tap<scalar_t>{sh[q], l[q], h[q]};
+          t[c] = Tap<scalar_t>{int32_t(c0 + c), sh[q], l[q], h[q]};
         }
+        std::sort(t, t + n, [](const Tap<scalar_t>& a, const Tap<scalar_t>& b) {
+          return a.shift < b.shift;
+        });
       }
   });
   const scalar_t* s = src.data_ptr<scalar_t>();
@@ -151,8 +157,8 @@ void shifted_sum_loop(const at::Tensor& src, const at::Tensor& shift, const at::
         for (int64_t r = begin; r < end; ++r)
           for (int64_t v0 = 0; v0 < width; v0 += VB * L)
             sum_tile<scalar_t, kRows, VB>(s + v0, channel_stride, width,
-                                          taps.data() + c0 * outputs + r * n, c0, c0 + n, t0,
-                                          first, last, o + (r * steps + t0) * width + v0);
+                                          taps.data() + c0 * outputs + r * n, n, t0, first, last,
+                                          o + (r * steps + t0) * width + v0);
       }
   });
 }
@@ -353,6 +359,118 @@ void span_dots(const at::Tensor& grad, const at::Tensor& src, const at::Tensor& 
   });
 }
 
+// The reference's interpolation at the delays base - 1 … base + 2 of a synapse at position p
+// (base = ⌊p⌋ clamped into the window [0, K-1]): λ = max(0, 1 - |d - p|) and its slope in p,
+// σ = sign(d - p) where 1 - |d - p| ≥ 0 (|·|' = 0 at 0, the clamp passes at its bound), both
+// zero outside the window. Computed in scalar_t exactly as PyTorch rounds the reference's
+// expression (this file is built with -ffp-contract=off); engine/feedforward.py, _Taps, is the
+// same in PyTorch ops.
+template <typename scalar_t>
+struct Around {
+  int64_t base;
+  scalar_t lam[4], slope[4];
+};
+
+template <typename scalar_t>
+Around<scalar_t> around(scalar_t p, int64_t kernel_size) {
+  Around<scalar_t> a;
+  const scalar_t top = scalar_t(kernel_size - 1);
+  a.base = int64_t(std::min(std::max(std::floor(p), scalar_t(0)), top));
+  for (int q = 0; q < 4; ++q) {
+    const scalar_t d = scalar_t(a.base - 1 + q);
+    const scalar_t value = scalar_t(1) - std::abs(d - p);
+    const bool inside = d >= 0 && d <= top;
+    a.lam[q] = inside && value > 0 ? value : scalar_t(0);
+    a.slope[q] = inside && value >= 0 ? scalar_t((d > p) - (d < p)) : scalar_t(0);
+  }
+  return a;
+}
+
+template <typename scalar_t, typename F>
+void each_synapse(const at::Tensor& weight, const at::Tensor& position, int64_t kernel_size,
+                  F f) {
+  const scalar_t* w = weight.data_ptr<scalar_t>();
+  const scalar_t* p = position.data_ptr<scalar_t>();
+  at::parallel_for(0, weight.numel(), 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) f(n, w[n], around<scalar_t>(p[n], kernel_size));
+  });
+}
+
+void check_parameters(const at::Tensor& weight, const at::Tensor& position) {
+  check(weight.dim() == 2 && weight.is_contiguous() && position.is_contiguous() &&
+            position.sizes() == weight.sizes() && position.scalar_type() == weight.scalar_type(),
+        "weight and position must be contiguous (O, I) of one dtype");
+}
+
+// base (int32) and the coefficients near = w·λ(base), far = w·λ(base + 1), (O, I) each
+std::vector<at::Tensor> taps(const at::Tensor& weight, const at::Tensor& position,
+                             int64_t kernel_size) {
+  check_parameters(weight, position);
+  at::Tensor base = at::empty(weight.sizes(), weight.options().dtype(at::kInt));
+  at::Tensor near = at::empty_like(weight), far = at::empty_like(weight);
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "delrec_feedforward_taps", [&] {
+    int32_t* b = base.data_ptr<int32_t>();
+    scalar_t* n0 = near.data_ptr<scalar_t>();
+    scalar_t* n1 = far.data_ptr<scalar_t>();
+    each_synapse<scalar_t>(weight, position, kernel_size,
+                           [&](int64_t n, scalar_t w, const Around<scalar_t>& a) {
+                             b[n] = int32_t(a.base);
+                             n0[n] = w * a.lam[1];
+                             n1[n] = w * a.lam[2];
+                           });
+  });
+  return {base, near, far};
+}
+
+// The synapses whose position gradient needs C(base - 1) or C(base + 2) (a non-zero slope
+// there: a position on an integer, or |base + 2 - p| rounding to 1): flat index and delay.
+std::vector<at::Tensor> extra_taps(const at::Tensor& weight, const at::Tensor& position,
+                                   int64_t kernel_size) {
+  check_parameters(weight, position);
+  std::vector<int64_t> index, delay;
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "delrec_feedforward_extra_taps", [&] {
+    const scalar_t* p = position.data_ptr<scalar_t>();
+    for (int64_t n = 0; n < position.numel(); ++n) {
+      const Around<scalar_t> a = around<scalar_t>(p[n], kernel_size);
+      for (int q : {0, 3})
+        if (a.slope[q] != 0) {
+          index.push_back(n);
+          delay.push_back(a.base - 1 + q);
+        }
+    }
+  });
+  const auto options = at::TensorOptions().dtype(at::kLong);
+  return {at::tensor(index, options), at::tensor(delay, options)};
+}
+
+// ∂L/∂w = Σ_q λ_q C(base - 1 + q) and ∂L/∂p = w Σ_q σ_q C(base - 1 + q) (float64), from the
+// dots c (4, O, I) float64 (c[0] and c[3] zero but where extra_taps asked for them).
+std::vector<at::Tensor> tap_gradients(const at::Tensor& weight, const at::Tensor& position,
+                                      int64_t kernel_size, const at::Tensor& c) {
+  check_parameters(weight, position);
+  check(c.scalar_type() == at::kDouble && c.is_contiguous() && c.numel() == 4 * weight.numel(),
+        "the dots must be (4, O, I) float64, contiguous");
+  at::Tensor grad_w = at::empty(weight.sizes(), c.options());
+  at::Tensor grad_p = at::empty(weight.sizes(), c.options());
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "delrec_feedforward_tap_gradients", [&] {
+    const double* cc = c.data_ptr<double>();
+    double* gw = grad_w.data_ptr<double>();
+    double* gp = grad_p.data_ptr<double>();
+    const int64_t count = weight.numel();
+    each_synapse<scalar_t>(weight, position, kernel_size,
+                           [&](int64_t n, scalar_t w, const Around<scalar_t>& a) {
+                             double sw = 0.0, sp = 0.0;
+                             for (int q = 0; q < 4; ++q) {
+                               sw += double(a.lam[q]) * cc[q * count + n];
+                               sp += double(a.slope[q]) * cc[q * count + n];
+                             }
+                             gw[n] = sw;
+                             gp[n] = double(w) * sp;
+                           });
+  });
+  return {grad_w, grad_p};
+}
+
 // (T, B, C) time-major <-> (C, rows, W) channel-major, sequence at rows [lead, lead + T),
 // columns [0, B), zeros elsewhere: transposed in blocks of channels so that reads and writes
 // both stay within a few cache lines.
@@ -418,6 +536,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out[r, t] += lo[r, c] src[c, t + s[r, c]] + hi[r, c] src[c, t + s[r, c] + 1]");
   m.def("pair_dots", &pair_dots,
         "lo[r, c] += Σ_t grad[r, t] src[c, t + s[r, c]], hi[r, c] += Σ_t grad[r, t] src[c, t + s + 1]");
+  m.def("taps", &taps, "base delay (int32), near = w·λ(base), far = w·λ(base + 1) per synapse");
+  m.def("extra_taps", &extra_taps, "synapses needing C(base - 1) or C(base + 2): index, delay");
+  m.def("tap_gradients", &tap_gradients, "∂L/∂w and ∂L/∂p (float64) from the dots (4, O, I)");
   m.def("channel_major", &channel_major,
         "(T, B, C) -> zeros (C, rows, W) holding the sequence at rows [lead, lead + T)");
   m.def("time_major", &time_major, "(C, rows, W) -> (T, B, C): rows [0, T), columns [0, B)");
