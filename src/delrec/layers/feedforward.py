@@ -1,4 +1,5 @@
-"""Feedforward learnable delays, the DCLS-style baseline (docs/feedforward-delays.md)."""
+"""Feedforward learnable delays: the DCLS-style baseline of the paper
+(docs/design.md#feedforward-delays; its engines and DCLS's edges: docs/feedforward-delays.md)."""
 
 from __future__ import annotations
 
