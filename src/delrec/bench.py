@@ -39,7 +39,7 @@ LABELS = {
     "vanilla": "vanilla recurrent LIF",
     "feedforward": "feedforward LIF",
     "ff-delay": "feedforward delays + LIF",
-    "ff-conv": "feedforward delays + LIF (convolution)",
+    "ff-conv": "feedforward delays + LIF (conv)",
 }
 # Work the reference loop and the synaptic engine's fallback (lag-stacked GEMMs, when the C++
 # kernels can't be built) may take per configuration before being skipped:

@@ -149,8 +149,8 @@ class _NativeTaps:
         padded, width = self._sizes(x)
         base, near, far = self.kernels.taps(weight.detach(), position.detach(), k)
         source = self.kernels.channel_major(x, k, k + padded, width)  # x[t - j]: row k + t - j
-        out = x.new_zeros(weight.shape[0], padded, width)  # row t + (k-1-base): x[t - base - 1]
-        self.kernels.shifted_sum(source, k - 1 - base, far, near, k, k + steps, out)
+        out = x.new_empty(weight.shape[0], padded, width)  # row t + (k-1-base): x[t - base - 1]
+        self.kernels.shifted_sum(source, k - 1 - base, far, near, k, k + steps, False, out)
         return self.kernels.time_major(out, steps, batch)
 
     def backward(self, grad_y, x, weight, position, kernel_size, need_x, need_w, need_p):
@@ -162,9 +162,9 @@ class _NativeTaps:
         grad = self.kernels.channel_major(grad_y, 0, padded + k, width)  # ∂L/∂y[t]: row t
         grad_x = grad_w = grad_p = None
         if need_x:  # ∂L/∂x[s] = Σ_o near·g[s + base] + far·g[s + base + 1]
-            out = x.new_zeros(x.shape[2], padded, width)
+            out = x.new_empty(x.shape[2], padded, width)
             transposed = [t.t().contiguous() for t in (base, near, far)]
-            self.kernels.shifted_sum(grad, *transposed, 0, steps, out)
+            self.kernels.shifted_sum(grad, *transposed, 0, steps, False, out)
             grad_x = self.kernels.time_major(out, steps, batch)
         if need_w or need_p:
             source = self.kernels.channel_major(x, k, k + padded, width)

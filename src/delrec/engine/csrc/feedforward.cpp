@@ -95,12 +95,12 @@ struct Tap {
 template <typename scalar_t, int R, int VB>
 DELREC_CONTRACT void sum_tile(const scalar_t* src, int64_t channel_stride, int64_t width,
                               const Tap<scalar_t>* tap, int64_t n, int64_t t0, int64_t first,
-                              int64_t last, scalar_t* out) {
+                              int64_t last, bool accumulate, scalar_t* out) {
   using V = Vec<scalar_t>;
   constexpr int64_t L = kLanes<scalar_t>;
   V acc[R][VB];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < VB; ++v) acc[r][v] = load(out + r * width + v * L);
+    for (int v = 0; v < VB; ++v) acc[r][v] = accumulate ? load(out + r * width + v * L) : V{};
   for (const Tap<scalar_t>* end = tap + n; tap < end; ++tap) {
     const int64_t row = t0 + tap->shift;
     if (row + R < first) continue;  // reads only padding
@@ -125,7 +125,8 @@ DELREC_CONTRACT void sum_tile(const scalar_t* src, int64_t channel_stride, int64
 // packed per channel block, output row after output row, so that they stream.
 template <typename scalar_t, int VB>
 void shifted_sum_loop(const at::Tensor& src, const at::Tensor& shift, const at::Tensor& lo,
-                      const at::Tensor& hi, int64_t first, int64_t last, at::Tensor& out) {
+                      const at::Tensor& hi, int64_t first, int64_t last, bool accumulate,
+                      at::Tensor& out) {
   const int64_t channels = src.size(0), rows_in = src.size(1), width = src.size(2);
   const int64_t outputs = out.size(0), steps = out.size(1);
   const int64_t channel_stride = rows_in * width;
@@ -158,7 +159,7 @@ void shifted_sum_loop(const at::Tensor& src, const at::Tensor& shift, const at::
           for (int64_t v0 = 0; v0 < width; v0 += VB * L)
             sum_tile<scalar_t, kRows, VB>(s + v0, channel_stride, width,
                                           taps.data() + c0 * outputs + r * n, n, t0, first, last,
-                                          o + (r * steps + t0) * width + v0);
+                                          accumulate || c0 > 0, o + (r * steps + t0) * width + v0);
       }
   });
 }
@@ -282,7 +283,8 @@ void check_sequences(const at::Tensor& a, const at::Tensor& b) {
 }
 
 void shifted_sum(const at::Tensor& src, const at::Tensor& shift, const at::Tensor& lo,
-                 const at::Tensor& hi, int64_t first, int64_t last, at::Tensor out) {
+                 const at::Tensor& hi, int64_t first, int64_t last, bool accumulate,
+                 at::Tensor out) {
   check_sequences(src, out);
   check(shift.scalar_type() == at::kInt && shift.is_contiguous() && lo.is_contiguous() &&
             hi.is_contiguous() && lo.scalar_type() == src.scalar_type() &&
@@ -296,9 +298,9 @@ void shifted_sum(const at::Tensor& src, const at::Tensor& shift, const at::Tenso
         "shifts must keep every read inside the source rows");
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "delrec_feedforward_shifted_sum", [&] {
     if (src.size(2) / kLanes<scalar_t> % 2 == 0)
-      shifted_sum_loop<scalar_t, 2>(src, shift, lo, hi, first, last, out);
+      shifted_sum_loop<scalar_t, 2>(src, shift, lo, hi, first, last, accumulate, out);
     else
-      shifted_sum_loop<scalar_t, 1>(src, shift, lo, hi, first, last, out);
+      shifted_sum_loop<scalar_t, 1>(src, shift, lo, hi, first, last, accumulate, out);
   });
 }
 
@@ -481,7 +483,7 @@ at::Tensor channel_major(const at::Tensor& seq, int64_t lead, int64_t rows, int6
         "channel_major: the sequence must fit its rows and width");
   const at::Tensor in = seq.contiguous();
   const int64_t steps = in.size(0), batch = in.size(1), channels = in.size(2);
-  at::Tensor out = at::zeros({channels, rows, width}, in.options());
+  at::Tensor out = at::empty({channels, rows, width}, in.options());
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "delrec_feedforward_channel_major", [&] {
     const scalar_t* x = in.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
@@ -490,6 +492,14 @@ at::Tensor channel_major(const at::Tensor& seq, int64_t lead, int64_t rows, int6
       for (int64_t k = begin; k < end; ++k) {
         const int64_t c0 = k * kTransposeChannels;
         const int64_t c1 = std::min(channels, c0 + kTransposeChannels);
+        for (int64_t c = c0; c < c1; ++c) {  // zeros around the sequence
+          scalar_t* channel = o + c * rows * width;
+          std::fill(channel, channel + lead * width, scalar_t(0));
+          std::fill(channel + (lead + steps) * width, channel + rows * width, scalar_t(0));
+          if (batch < width)
+            for (int64_t t = lead; t < lead + steps; ++t)
+              std::fill(channel + t * width + batch, channel + (t + 1) * width, scalar_t(0));
+        }
         for (int64_t t = 0; t < steps; ++t)
           for (int64_t b = 0; b < batch; ++b) {
             const scalar_t* from = x + (t * batch + b) * channels;
@@ -533,7 +543,8 @@ at::Tensor time_major(const at::Tensor& buffer, int64_t steps, int64_t batch) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "delrec: the two-tap feedforward-delay engine (shifted sums and dots)";
   m.def("shifted_sum", &shifted_sum,
-        "out[r, t] += lo[r, c] src[c, t + s[r, c]] + hi[r, c] src[c, t + s[r, c] + 1]");
+        "out[r, t] (+)= Σ_c lo[r, c] src[c, t + s[r, c]] + hi[r, c] src[c, t + s[r, c] + 1] "
+        "(added to out if accumulate, else written)");
   m.def("pair_dots", &pair_dots,
         "lo[r, c] += Σ_t grad[r, t] src[c, t + s[r, c]], hi[r, c] += Σ_t grad[r, t] src[c, t + s + 1]");
   m.def("taps", &taps, "base delay (int32), near = w·λ(base), far = w·λ(base + 1) per synapse");
