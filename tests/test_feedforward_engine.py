@@ -17,6 +17,7 @@ from delrec.bench import saved_bytes
 from delrec.engine import feedforward as engines
 from delrec.engine import native
 from delrec.layers import FeedforwardDelay
+from delrec.models import build_network, preset_network
 
 TWO_TAPS = ("cpp-feedforward", "torch-feedforward")
 
@@ -186,6 +187,24 @@ def test_auto_takes_the_cpp_kernels_on_the_cpu_and_pytorch_ops_without_them(monk
     assert engines.select(torch.device("cpu")).name == "torch-feedforward"
     with pytest.raises(RuntimeError, match="can't run on cpu"):
         engines.select(torch.device("cpu"), "cpp-feedforward")
+
+
+@pytest.mark.parametrize("model", ["ffdelay", "ff+rec"])
+def test_the_ablation_networks_run_the_two_tap_engine(model, monkeypatch):
+    net = build_network(preset_network("shd", model), seed=0)
+    layers = [m for m in net.modules() if isinstance(m, FeedforwardDelay)]
+    assert layers and all(layer.engine == "auto" for layer in layers)
+    ran = []
+    original = engines.PATHS["cpp-feedforward"]
+    monkeypatch.setitem(
+        engines.PATHS,
+        "cpp-feedforward",
+        engines.FeedforwardPath(
+            original.name, lambda *a: ran.append(1) or original.run(*a), original.available
+        ),
+    )
+    net(torch.rand(6, 2, 140))
+    assert len(ran) == len(layers)
 
 
 def test_bad_engine_and_dtype_mix_are_named():
