@@ -173,15 +173,16 @@ class _AxonalRecurrence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, current, weight, delay, width, mask, lif: _LIF):
+    def forward(ctx, current, weight, delay, width, mask, lif: _LIF, gpu=None):
         need_d, need_s = ctx.needs_input_grad[2:4]
         plan = _AxonalPlan(delay, width, current.shape[0])
         kernels = native.load("axonal") if current.device.type == "cpu" else None
         loop = _forward_loop if kernels is None else _native_forward
+        loop = loop if gpu is None else gpu.forward_loop
         spikes, membrane, trace, slope, support = loop(
             current, weight, mask, lif, plan, need_d, need_s
         )
-        ctx.lif, ctx.native = lif, kernels is not None
+        ctx.lif, ctx.native, ctx.gpu = lif, kernels is not None, gpu
         ctx.save_for_backward(membrane, trace, slope, support, weight, delay, width, mask)
         return spikes
 
@@ -193,6 +194,7 @@ class _AxonalRecurrence(torch.autograd.Function):
         need_c, need_w, need_d, need_s = ctx.needs_input_grad[:4]
         plan = _AxonalPlan(delay, width, trace.shape[0])
         loop = _native_backward if ctx.native else _backward_loop
+        loop = loop if ctx.gpu is None else ctx.gpu.backward_loop
         grad_h, by_slope, by_support, by_trace = loop(
             grad_spikes.contiguous(),
             membrane,
@@ -216,7 +218,7 @@ class _AxonalRecurrence(torch.autograd.Function):
             grad_width = (by_support * plan.inv_w2 - 2.0 * by_trace / width.double()).to(
                 width.dtype
             )
-        return grad_current, grad_weight, grad_delay, grad_width, None, None
+        return grad_current, grad_weight, grad_delay, grad_width, None, None, None
 
 
 def _native_forward(

@@ -1,0 +1,56 @@
+"""GPU kernels of the engine, written in Triton (an optional dependency).
+
+Every time loop of the engine has a Triton version here: the axonal/shared recurrence forward
+and backward (:mod:`.axonal`), integer-delay inference (:mod:`.ring`), the feedforward LIF layer
+and the leaky-integrator readout (:mod:`.feedforward`). They compute what the C++ loops compute,
+on the same algorithms (docs/gpu.md says how they are laid out on the GPU).
+
+They run compiled on CUDA tensors. With ``TRITON_INTERPRET=1`` set before the kernel modules
+are imported, Triton's interpreter runs the same kernels on CPU tensors (slowly): that is how
+the tests check them on machines without a GPU.
+
+This package imports without Triton; :func:`available` says whether the kernels can run on a
+device and :func:`missing_reason` why not.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton's interpreter runs the kernels (``TRITON_INTERPRET=1``), on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.cache
+def installed() -> bool:
+    """True when the ``triton`` package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def available(device: torch.device | str) -> bool:
+    """True when the kernels run on tensors of ``device``: compiled on CUDA, or under the
+    interpreter on the CPU."""
+    device = torch.device(device)
+    if not installed():
+        return False
+    if interpreting():
+        return device.type == "cpu"
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
+def missing_reason(device: torch.device | str) -> str | None:
+    """Why the kernels don't run on ``device`` (None when they do)."""
+    device = torch.device(device)
+    if not installed():
+        return "the Triton kernels need the 'triton' package (pip install triton)"
+    if interpreting() and device.type != "cpu":
+        return "TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors only"
+    if not interpreting() and device.type != "cuda":
+        return f"the Triton kernels run on CUDA tensors, not {device.type}"
+    return None
