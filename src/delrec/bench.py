@@ -255,6 +255,10 @@ def grids(quick: bool):
 
 
 def run(args) -> int:
+    if args.device == "cuda":  # the GPU benchmark: delrec.bench_gpu
+        from delrec import bench_gpu
+
+        return bench_gpu.run(args)
     torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (3 if args.quick else 5)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -508,6 +512,19 @@ def add_parser(subparsers) -> None:
         "targets, and write bench.csv, bench.png and bench.txt.",
     )
     p.add_argument("--quick", action="store_true", help="small grid, under a minute")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu (default): this benchmark; cuda: the Triton engine on a GPU against a lean "
+        "PyTorch recurrent loop, with the GPU targets (delrec.bench_gpu)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --device cuda: run the GPU benchmark at tiny sizes on the CPU under Triton's "
+        "interpreter (checks it end to end without a GPU; measures nothing)",
+    )
     p.add_argument("--out", default="bench-out", help="output directory (default: bench-out/)")
     p.add_argument(
         "--repeats",

@@ -74,8 +74,8 @@ def _forward_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    FP64: tl.constexpr = DTYPE == tl.float64
     leak = tl.load(const_ptr + LEAK).to(DTYPE)
     v0 = tl.load(const_ptr + V0).to(DTYPE)
     threshold = tl.load(const_ptr + THRESHOLD).to(DTYPE)
@@ -151,7 +151,7 @@ def _forward_kernel(
                     mask=inner_ok[:, None] & col_ok[None, :],
                     other=0.0,
                 )
-                acc = matmul(z, w_t, acc, FP64)
+                acc = matmul(z, w_t, acc, PRECISION)
             if HAS_MASK:
                 acc = tl.load(mask_ptr + at, mask=ok, other=0.0) * acc
             h_before = tl.load(membrane_ptr + now - frame + at, mask=ok & (t > 0), other=0.0)
@@ -193,8 +193,8 @@ def _backward_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    FP64: tl.constexpr = DTYPE == tl.float64
     leak = tl.load(const_ptr + LEAK).to(DTYPE)
     threshold = tl.load(const_ptr + THRESHOLD).to(DTYPE)
     v_reset = tl.load(const_ptr + V_RESET).to(DTYPE)
@@ -270,7 +270,7 @@ def _backward_kernel(
                     mask=inner_ok[:, None] & col_ok[None, :],
                     other=0.0,
                 )
-                acc = matmul(g, w, acc, FP64)
+                acc = matmul(g, w, acc, PRECISION)
             tl.store(grad_z_ptr + now + at, acc, mask=ok)
             grad_z = acc.to(tl.float64)
             if NEED_SLOPE:
@@ -335,6 +335,7 @@ def forward_loop(current, weight, mask, lif, plan, need_d: bool, need_s: bool):
         BLOCK_B=tiles.batch,
         BLOCK_N=tiles.neurons,
         BLOCK_K=tiles.inner,
+        PRECISION=tiles.precision,
         num_warps=tiles.warps,
     )
     return spikes, membrane, trace, slope if need_d else None, support if need_s else None
@@ -388,6 +389,7 @@ def backward_loop(grad_spikes, membrane, trace, slope, support, weight_in, mask,
         BLOCK_B=tiles.batch,
         BLOCK_N=tiles.neurons,
         BLOCK_K=tiles.inner,
+        PRECISION=tiles.precision,
         num_warps=tiles.warps,
     )
     by_slope, by_support, by_trace = sums.sum(0)

@@ -6,9 +6,13 @@ its adjoint is the engine's ``adjoint_step``. The constants travel as one float6
 (:func:`constants`) and are cast to the kernel's dtype inside, so a float64 run sees float64
 constants (Triton would pass Python floats as float32).
 
-Matrix products inside kernels are exact float32 products (``input_precision="ieee"``; TF32
-would round the inputs to 10 bits and flip spikes) or, in float64, a broadcast multiply and
-sum (no float64 ``tl.dot`` is assumed of the hardware).
+Matrix products inside kernels are float32 products without TF32 rounding (TF32 keeps 10 bits
+of each input and would flip spikes): exact fused multiply-adds (``input_precision="ieee"``)
+up to N = 512, and from there on, where the product dominates the step, three TF32 tensor-core
+products on a split of each input into a high and a low TF32 part (``"tf32x3"``): 21 to 22
+bits of each input against float32's 24, the error of a float32 product summed in another
+order. In float64 the product is a broadcast multiply and sum (no float64 ``tl.dot`` is assumed
+of the hardware).
 """
 
 from __future__ import annotations
@@ -100,22 +104,29 @@ class Tiles:
     neurons: int
     inner: int
     warps: int = 4
+    precision: str = "ieee"  # of tl.dot in float32
 
 
 # Interpreter runs use small blocks so that small test sizes cross every block boundary.
 INTERPRETER_TILES = Tiles(batch=16, neurons=32, inner=32, warps=1)
 
 
+# From this size on the recurrent product dominates a step: it runs on the tensor cores in
+# three TF32 parts (module docstring).
+SPLIT_TF32_FROM = 513
+
+
 def recurrent_tiles(batch: int, n: int, dtype: torch.dtype) -> Tiles:
-    """Tiles of the recurrent kernels: 16 batch rows per program (the smallest ``tl.dot``), and
-    neuron blocks sized to the layer. In float64 the product is a broadcast sum whose
-    ``(rows, inner, neurons)`` block lives in registers, so the blocks are smaller."""
+    """Tiles of the recurrent kernels: 16 batch rows per program (the smallest ``tl.dot``, so
+    the most programs), blocks of 32 neurons and an inner dimension of 64 (32 for small
+    layers). In float64 the product is a broadcast sum whose ``(rows, inner, neurons)`` block
+    lives in registers, so the blocks are smaller."""
     if interpreting():
         return INTERPRETER_TILES
     if dtype == torch.float64:
-        return Tiles(batch=16, neurons=16, inner=16, warps=4)
-    neurons = 32 if n <= 32 else 64
-    return Tiles(batch=16, neurons=neurons, inner=32, warps=4)
+        return Tiles(batch=16, neurons=16, inner=16)
+    precision = "tf32x3" if n >= SPLIT_TF32_FROM else "ieee"
+    return Tiles(batch=16, neurons=32, inner=64 if n > 32 else 32, precision=precision)
 
 
 def elementwise_tiles() -> int:
@@ -125,12 +136,13 @@ def elementwise_tiles() -> int:
 
 # --------------------------------------------------------------------------- jit helpers
 @triton.jit
-def matmul(a, b, acc, FP64: tl.constexpr):
-    """``acc + a @ b``: an exact float32 product, or a float64 broadcast sum."""
-    if FP64:
+def matmul(a, b, acc, PRECISION: tl.constexpr):
+    """``acc + a @ b``: a float32 product at ``PRECISION`` ("ieee" or "tf32x3"), or in float64
+    a broadcast sum."""
+    if a.dtype == tl.float64:
         acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     else:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc
 
 

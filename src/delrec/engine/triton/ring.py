@@ -50,8 +50,8 @@ def _ring_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    FP64: tl.constexpr = DTYPE == tl.float64
     leak = tl.load(const_ptr + LEAK).to(DTYPE)
     v0 = tl.load(const_ptr + V0).to(DTYPE)
     threshold = tl.load(const_ptr + THRESHOLD).to(DTYPE)
@@ -91,7 +91,7 @@ def _ring_kernel(
                         mask=row_ok[:, None] & (inner_ok & (source >= 0))[None, :],
                         other=0.0,
                     )
-                    acc = matmul(past, w_t, acc, FP64)
+                    acc = matmul(past, w_t, acc, PRECISION)
             if HAS_MASK:
                 acc = tl.load(mask_ptr + at, mask=ok, other=0.0) * acc
             h_before = tl.load(membrane_ptr + now - frame + at, mask=ok & (t > 0), other=0.0)
@@ -136,6 +136,7 @@ def ring_recurrence(current, weight, delay, lif, mask=None):
         BLOCK_B=tiles.batch,
         BLOCK_N=tiles.neurons,
         BLOCK_K=tiles.inner,
+        PRECISION=tiles.precision,
         num_warps=tiles.warps,
     )
     return spikes
