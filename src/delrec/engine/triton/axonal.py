@@ -58,6 +58,7 @@ def _forward_kernel(
     coef_ptr,  # (2, N, 3) float64: increments of z and D/w² per tapped spike
     const_ptr,  # (7,) float64: the LIF constants (lif.constants)
     state_ptr,  # (2, B, N) float64, zero: z and D/w²
+    history_ptr,  # (T, N, B) uint8 out: the spikes neuron-major, what the taps read
     spikes_ptr,  # (T, B, N) out
     membrane_ptr,  # (T, B, N) out: h
     trace_ptr,  # (T, B, N) out: z
@@ -72,6 +73,7 @@ def _forward_kernel(
     NEED_SLOPE: tl.constexpr,
     NEED_SUPPORT: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -86,19 +88,20 @@ def _forward_kernel(
     for t in range(steps):
         now = frame * t
         # (1) the trace recursion of every neuron
-        for n0 in range(0, n, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
+        for n0 in range(0, n, BLOCK_R):
+            cols = n0 + tl.arange(0, BLOCK_R)
             col_ok = cols < n
             ok = row_ok[:, None] & col_ok[None, :]
             at = rows[:, None] * n + cols[None, :]
+            tap = cols[None, :] * batch + rows[:, None]  # in a (N, B) frame of the history
             # spikes at the three tapped lags (before step 0: none), float64
             lag = lags_ptr + cols * 4
             src0 = t - tl.load(lag + 0, mask=col_ok, other=1)
             src1 = t - tl.load(lag + 1, mask=col_ok, other=1)
             src2 = t - tl.load(lag + 2, mask=col_ok, other=1)
-            s0 = tl.load(spikes_ptr + src0[None, :] * frame + at, mask=ok & (src0 >= 0)[None, :])
-            s1 = tl.load(spikes_ptr + src1[None, :] * frame + at, mask=ok & (src1 >= 0)[None, :])
-            s2 = tl.load(spikes_ptr + src2[None, :] * frame + at, mask=ok & (src2 >= 0)[None, :])
+            s0 = tl.load(history_ptr + src0[None, :] * frame + tap, mask=ok & (src0 >= 0)[None, :])
+            s1 = tl.load(history_ptr + src1[None, :] * frame + tap, mask=ok & (src1 >= 0)[None, :])
+            s2 = tl.load(history_ptr + src2[None, :] * frame + tap, mask=ok & (src2 >= 0)[None, :])
             s0, s1, s2 = s0.to(tl.float64), s1.to(tl.float64), s2.to(tl.float64)
             inc = coef_ptr + cols * 3  # increments of z; of D/w² at + 3n
             y = tl.load(state_ptr + at, mask=ok, other=0.0)
@@ -120,7 +123,7 @@ def _forward_kernel(
             if NEED_SLOPE:  # E += -s0 + s1 - s2 + s3
                 src3 = t - tl.load(lag + 3, mask=col_ok, other=1)
                 s3 = tl.load(
-                    spikes_ptr + src3[None, :] * frame + at, mask=ok & (src3 >= 0)[None, :]
+                    history_ptr + src3[None, :] * frame + tap, mask=ok & (src3 >= 0)[None, :]
                 )
                 s3 = s3.to(tl.float64)
                 e = tl.load(slope_ptr + now + at, mask=ok, other=0)
@@ -158,8 +161,11 @@ def _forward_kernel(
             v = after_spike(h_before, h_before >= threshold, threshold, v_reset, SOFT_RESET)
             v = tl.where(t > 0, v, v0)
             h = (tl.load(drive_ptr + now + at, mask=ok, other=0.0) + acc) + leak * v
+            spiked = h >= threshold
             tl.store(membrane_ptr + now + at, h, mask=ok)
-            tl.store(spikes_ptr + now + at, (h >= threshold).to(DTYPE), mask=ok)
+            tl.store(spikes_ptr + now + at, spiked.to(DTYPE), mask=ok)
+            tap = cols[None, :] * batch + rows[:, None]
+            tl.store(history_ptr + now + tap, spiked.to(tl.uint8), mask=ok)
         tl.debug_barrier()
 
 
@@ -178,7 +184,7 @@ def _backward_kernel(
     support_ptr,  # (T+1, B, N): K (read when NEED_SUPPORT)
     state_ptr,  # (2, B, N) float64, zero: ζ and its D/w²
     grad_h_ptr,  # (T, B, N) out: ∂L/∂h
-    grad_z_ptr,  # (T, B, N) out: ∂L/∂z
+    grad_z_ptr,  # (T, N, B) out: ∂L/∂z neuron-major, what the taps read
     sums_ptr,  # (programs, 3, N) float64, zero: Σ ∂L/∂z·E, Σ ∂L/∂z·K, Σ ∂L/∂z·z per program
     steps,
     batch,
@@ -191,6 +197,7 @@ def _backward_kernel(
     NEED_SLOPE: tl.constexpr,
     NEED_SUPPORT: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -209,19 +216,26 @@ def _backward_kernel(
         t = steps - 1 - step
         now = frame * t
         # (1) the adjoint recursion ζ[t] = Σ_k κ(k) ∂L/∂z[t+k], then the LIF adjoint
-        for n0 in range(0, n, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
+        for n0 in range(0, n, BLOCK_R):
+            cols = n0 + tl.arange(0, BLOCK_R)
             col_ok = cols < n
             ok = row_ok[:, None] & col_ok[None, :]
             at = rows[:, None] * n + cols[None, :]
+            tap = cols[None, :] * batch + rows[:, None]  # in a (N, B) frame of ∂L/∂z
             # the adjoints at the three tapped lags (from step T on: none), float64
             lag = lags_ptr + cols * 4
             src0 = t + tl.load(lag + 0, mask=col_ok, other=1)
             src1 = t + tl.load(lag + 1, mask=col_ok, other=1)
             src2 = t + tl.load(lag + 2, mask=col_ok, other=1)
-            g0 = tl.load(grad_z_ptr + src0[None, :] * frame + at, mask=ok & (src0 < steps)[None, :])
-            g1 = tl.load(grad_z_ptr + src1[None, :] * frame + at, mask=ok & (src1 < steps)[None, :])
-            g2 = tl.load(grad_z_ptr + src2[None, :] * frame + at, mask=ok & (src2 < steps)[None, :])
+            g0 = tl.load(
+                grad_z_ptr + src0[None, :] * frame + tap, mask=ok & (src0 < steps)[None, :]
+            )
+            g1 = tl.load(
+                grad_z_ptr + src1[None, :] * frame + tap, mask=ok & (src1 < steps)[None, :]
+            )
+            g2 = tl.load(
+                grad_z_ptr + src2[None, :] * frame + tap, mask=ok & (src2 < steps)[None, :]
+            )
             g0, g1, g2 = g0.to(tl.float64), g1.to(tl.float64), g2.to(tl.float64)
             inc = coef_ptr + cols * 3
             y = tl.load(state_ptr + at, mask=ok, other=0.0)
@@ -271,7 +285,7 @@ def _backward_kernel(
                     other=0.0,
                 )
                 acc = matmul(g, w, acc, PRECISION)
-            tl.store(grad_z_ptr + now + at, acc, mask=ok)
+            tl.store(grad_z_ptr + now + cols[None, :] * batch + rows[:, None], acc, mask=ok)
             grad_z = acc.to(tl.float64)
             if NEED_SLOPE:
                 e = tl.load(slope_ptr + now + frame + at, mask=ok, other=0).to(tl.float64)
@@ -310,6 +324,7 @@ def forward_loop(current, weight, mask, lif, plan, need_d: bool, need_s: bool):
             box[0].zero_()
     lags, coef = _plan_tensors(plan)
     state = current.new_zeros(2, batch, n, dtype=torch.float64)
+    history = current.new_empty(steps, n, batch, dtype=torch.uint8)
     p = lif.p
     _forward_kernel[(triton.cdiv(batch, tiles.batch),)](
         drive,
@@ -319,6 +334,7 @@ def forward_loop(current, weight, mask, lif, plan, need_d: bool, need_s: bool):
         coef,
         constants(lif, current.device),
         state,
+        history,
         spikes,
         membrane,
         trace,
@@ -333,6 +349,7 @@ def forward_loop(current, weight, mask, lif, plan, need_d: bool, need_s: bool):
         NEED_SLOPE=need_d,
         NEED_SUPPORT=need_s,
         BLOCK_B=tiles.batch,
+        BLOCK_R=tiles.recursion,
         BLOCK_N=tiles.neurons,
         BLOCK_K=tiles.inner,
         PRECISION=tiles.precision,
@@ -357,7 +374,7 @@ def backward_loop(grad_spikes, membrane, trace, slope, support, weight_in, mask,
     )
     lags, coef = _plan_tensors(plan)
     grad_h = torch.empty_like(membrane)
-    grad_z = torch.empty_like(membrane)
+    grad_z = membrane.new_empty(steps, n, batch)
     sums = membrane.new_zeros(programs, 3, n, dtype=torch.float64)
     state = membrane.new_zeros(2, batch, n, dtype=torch.float64)
     _backward_kernel[(programs,)](
@@ -387,6 +404,7 @@ def backward_loop(grad_spikes, membrane, trace, slope, support, weight_in, mask,
         NEED_SLOPE=slope is not None,
         NEED_SUPPORT=support is not None,
         BLOCK_B=tiles.batch,
+        BLOCK_R=tiles.recursion,
         BLOCK_N=tiles.neurons,
         BLOCK_K=tiles.inner,
         PRECISION=tiles.precision,

@@ -57,8 +57,10 @@ if interpreting():
 
 
 # --------------------------------------------------------------------------- constants
-# slots of the constants tensor
-LEAK, V0, THRESHOLD, V_RESET, SURROGATE_PARAM, SURROGATE_SCALE, GAIN, OFFSET = range(8)
+# slots of the constants tensor (compile-time constants of the kernels)
+LEAK, V0, THRESHOLD, V_RESET, SURROGATE_PARAM, SURROGATE_SCALE, GAIN, OFFSET = (
+    tl.constexpr(slot) for slot in range(8)
+)
 # surrogate codes: ψ' read from a precomputed tensor, Triangle(γ), ATan(α)
 PSI_TENSOR, TRIANGLE, ATAN = 0, 1, 2
 
@@ -97,18 +99,20 @@ def dtype_of(t: torch.Tensor):
 # --------------------------------------------------------------------------- tiles
 @dataclass(frozen=True)
 class Tiles:
-    """Block sizes of a kernel launch: batch rows per program, neurons per block, the inner
-    dimension of a product, and warps per program."""
+    """Block sizes of a kernel launch: batch rows per program, neurons per block of the
+    recursion sweep and of the product's output, the product's inner dimension, warps per
+    program, and the float32 product's ``tl.dot`` precision."""
 
     batch: int
+    recursion: int
     neurons: int
     inner: int
-    warps: int = 4
-    precision: str = "ieee"  # of tl.dot in float32
+    warps: int = 8
+    precision: str = "ieee"
 
 
 # Interpreter runs use small blocks so that small test sizes cross every block boundary.
-INTERPRETER_TILES = Tiles(batch=16, neurons=32, inner=32, warps=1)
+INTERPRETER_TILES = Tiles(batch=16, recursion=32, neurons=32, inner=32, warps=1)
 
 
 # From this size on the recurrent product dominates a step: it runs on the tensor cores in
@@ -118,15 +122,18 @@ SPLIT_TF32_FROM = 513
 
 def recurrent_tiles(batch: int, n: int, dtype: torch.dtype) -> Tiles:
     """Tiles of the recurrent kernels: 16 batch rows per program (the smallest ``tl.dot``, so
-    the most programs), blocks of 32 neurons and an inner dimension of 64 (32 for small
-    layers). In float64 the product is a broadcast sum whose ``(rows, inner, neurons)`` block
-    lives in registers, so the blocks are smaller."""
+    the most programs); the recursion sweeps up to 128 neurons at a time (its loads are
+    gathers whose latency a wide block amortises); the product's blocks are 32 × 32 (so that
+    eight warps hold their operands in registers without spilling). In float64 the product is
+    a broadcast sum whose ``(rows, inner, neurons)`` block lives in registers, so its blocks
+    are smaller."""
     if interpreting():
         return INTERPRETER_TILES
+    recursion = min(128, triton.next_power_of_2(n))
     if dtype == torch.float64:
-        return Tiles(batch=16, neurons=16, inner=16)
+        return Tiles(batch=16, recursion=min(recursion, 64), neurons=16, inner=16)
     precision = "tf32x3" if n >= SPLIT_TF32_FROM else "ieee"
-    return Tiles(batch=16, neurons=32, inner=64 if n > 32 else 32, precision=precision)
+    return Tiles(batch=16, recursion=recursion, neurons=32, inner=32, precision=precision)
 
 
 def elementwise_tiles() -> int:

@@ -2,9 +2,10 @@
 
 Each spike lands exactly ``1 + d`` steps later, so the recurrent input reads one past spike
 per synapse: ``r_i[t] = Σ_j W_ij s_j[t - 1 - d_j]`` (axonal, ``d`` per presynaptic neuron) or
-``s_j[t - 1 - d_ij]`` (synaptic, per synapse). The spikes written so far are the ring buffer:
-one program per tile of batch rows runs the time loop, and per block of postsynaptic neurons
-gathers the delayed spikes of every presynaptic block straight from the output, multiplies
+``s_j[t - 1 - d_ij]`` (synaptic, per synapse). The spikes written so far are the ring buffer,
+kept neuron-major as bytes ``(T, N, B)`` so that one delayed spike of a neuron is read for the
+program's rows at once: one program per tile of batch rows runs the time loop, and per block
+of postsynaptic neurons gathers the delayed spikes of every presynaptic block, multiplies
 them by ``Wᵀ`` and updates the neurons; one barrier of the program's threads per step. O(B·N)
 reads per step besides the product, whatever the delays.
 """
@@ -37,7 +38,8 @@ def _ring_kernel(
     weight_ptr,  # (N, N): gain·W, row = postsynaptic
     mask_ptr,  # (B, N) (read when HAS_MASK)
     lags_ptr,  # int32 lags 1 + d: (N,) axonal, (N, N) synaptic (row = postsynaptic)
-    const_ptr,  # (7,) float64: the LIF constants
+    const_ptr,  # (8,) float64: the LIF constants
+    history_ptr,  # (T, N, B) uint8 out: the spikes neuron-major, what the gathers read
     spikes_ptr,  # (T, B, N) out
     membrane_ptr,  # (T, B, N) out: h (v[t-1] is recomputed from it)
     steps,
@@ -87,10 +89,13 @@ def _ring_kernel(
                 else:  # s_j[t - lag_j] for (row, j), then the product
                     source = t - tl.load(lags_ptr + inner, mask=inner_ok, other=1)
                     past = tl.load(
-                        spikes_ptr + source[None, :] * frame + rows[:, None] * n + inner[None, :],
+                        history_ptr
+                        + source[None, :] * frame
+                        + inner[None, :] * batch
+                        + rows[:, None],
                         mask=row_ok[:, None] & (inner_ok & (source >= 0))[None, :],
-                        other=0.0,
-                    )
+                        other=0,
+                    ).to(DTYPE)
                     acc = matmul(past, w_t, acc, PRECISION)
             if HAS_MASK:
                 acc = tl.load(mask_ptr + at, mask=ok, other=0.0) * acc
@@ -98,8 +103,11 @@ def _ring_kernel(
             v = after_spike(h_before, h_before >= threshold, threshold, v_reset, SOFT_RESET)
             v = tl.where(t > 0, v, v0)
             h = (tl.load(drive_ptr + now + at, mask=ok, other=0.0) + acc) + leak * v
+            spiked = h >= threshold
             tl.store(membrane_ptr + now + at, h, mask=ok)
-            tl.store(spikes_ptr + now + at, (h >= threshold).to(DTYPE), mask=ok)
+            tl.store(spikes_ptr + now + at, spiked.to(DTYPE), mask=ok)
+            tap = cols[None, :] * batch + rows[:, None]
+            tl.store(history_ptr + now + tap, spiked.to(tl.uint8), mask=ok)
         tl.debug_barrier()
 
 
@@ -124,6 +132,7 @@ def ring_recurrence(current, weight, delay, lif, mask=None):
         drive if mask is None else mask.contiguous(),
         lags,
         constants(lif, current.device),
+        current.new_empty(steps, n, batch, dtype=torch.uint8),
         spikes,
         membrane,
         steps,
