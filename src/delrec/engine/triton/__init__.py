@@ -9,7 +9,7 @@ They run compiled on CUDA tensors. With ``TRITON_INTERPRET=1`` set before the ke
 are imported, Triton's interpreter runs the same kernels on CPU tensors (slowly): that is how
 the tests check them on machines without a GPU.
 
-This package imports without Triton; :func:`available` says whether the kernels can run on a
+This package imports without Triton; :func:`available` says whether the kernels run on a
 device and :func:`missing_reason` why not.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -34,23 +35,42 @@ def installed() -> bool:
 
 
 def available(device: torch.device | str) -> bool:
-    """True when the kernels run on tensors of ``device``: compiled on CUDA, or under the
-    interpreter on the CPU."""
+    """True when the kernels run compiled on tensors of ``device``: CUDA, with ``triton``.
+    (Under the interpreter they run on CPU tensors too, but only when called by name: the
+    engine never picks them there.)"""
     device = torch.device(device)
-    if not installed():
-        return False
-    if interpreting():
-        return device.type == "cpu"
-    return device.type == "cuda" and torch.cuda.is_available()
+    return (
+        device.type == "cuda" and installed() and not interpreting() and torch.cuda.is_available()
+    )
 
 
 def missing_reason(device: torch.device | str) -> str | None:
-    """Why the kernels don't run on ``device`` (None when they do)."""
+    """Why the kernels don't run compiled on ``device`` (None when they do)."""
     device = torch.device(device)
     if not installed():
         return "the Triton kernels need the 'triton' package (pip install triton)"
-    if interpreting() and device.type != "cpu":
-        return "TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors only"
-    if not interpreting() and device.type != "cuda":
+    if device.type != "cuda":
         return f"the Triton kernels run on CUDA tensors, not {device.type}"
-    return None
+    if interpreting():
+        return "TRITON_INTERPRET=1 makes Triton interpret its kernels on CPU tensors"
+    return None if torch.cuda.is_available() else "CUDA is not available here"
+
+
+@functools.cache
+def _warn_missing(reason: str) -> None:
+    warnings.warn(
+        f"{reason}: CUDA layers run the PyTorch-op loops instead (about twenty small kernels "
+        "per time step)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether a Triton engine path can run on ``device`` (an engine path's ``runs_on``); on
+    CUDA without ``triton``, one warning says why the slower paths run."""
+    if available(device):
+        return True
+    if torch.device(device).type == "cuda" and not installed():
+        _warn_missing(missing_reason(device))
+    return False
