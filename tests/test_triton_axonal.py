@@ -13,6 +13,8 @@ from triton_helpers import (
     spikes_and_grads,
 )
 
+from delrec.engine import PATHS
+from delrec.engine.axonal import _AxonalPlan
 from delrec.neurons import LIF, ATan, Surrogate, Triangle
 
 pytestmark = needs_triton
@@ -26,11 +28,9 @@ class Sigmoid(Surrogate):
         return 4.0 * s * (1 - s)
 
 
-def triton_run(params, mask):
-    from delrec.engine.triton import axonal
-
+def triton_run(neuron, mask):
     def run(current, weight, delay, width):
-        return axonal.recurrence(current, weight, delay, width, params, mask)
+        return PATHS["triton-axonal"].run(current, weight, delay, width, neuron, mask)
 
     return run
 
@@ -72,7 +72,7 @@ def test_axonal_kernels_match_reference(case):
         current = current * neuron.p.tau
     problem = (current, weight, delay, logits, sigma, learn_spread, grad_out)
     expected_spikes, expected = spikes_and_grads(reference_run(neuron, mask), *problem)
-    spikes, grads = spikes_and_grads(triton_run(neuron.p, mask), *problem)
+    spikes, grads = spikes_and_grads(triton_run(neuron, mask), *problem)
     assert 0 < expected_spikes.mean() < 1
     assert torch.equal(spikes, expected_spikes)
     assert_grads_close(grads, expected, dtype)
@@ -90,7 +90,7 @@ def test_gradients_at_kinks_follow_autograd_of_the_kernel(delay, sigma):
     neuron = LIF(tau=2.0)
     problem = (current, weight, delays, torch.zeros_like(logits), sigma, True, grad_out)
     expected_spikes, expected = spikes_and_grads(reference_run(neuron, None), *problem)
-    spikes, grads = spikes_and_grads(triton_run(neuron.p, None), *problem)
+    spikes, grads = spikes_and_grads(triton_run(neuron, None), *problem)
     assert expected_spikes.sum() > 0
     assert torch.equal(spikes, expected_spikes)
     assert_grads_close(grads, expected, torch.float64)
@@ -106,24 +106,22 @@ def test_blocks_of_rows_and_neurons_are_crossed():
     )
     problem = (current, weight, delay, logits, sigma, True, grad_out)
     expected_spikes, expected = spikes_and_grads(reference_run(neuron, mask), *problem)
-    spikes, grads = spikes_and_grads(triton_run(neuron.p, mask), *problem)
+    spikes, grads = spikes_and_grads(triton_run(neuron, mask), *problem)
     assert torch.equal(spikes, expected_spikes)
     assert_grads_close(grads, expected, torch.float64)
 
 
 def test_wide_kernels_keep_exact_box_sums():
     """σ = 70 (w = 71): the box sums behind the delay and spread gradients are int16."""
-    from delrec.engine import fast
-
     neuron = LIF(tau=2.0)
     steps = sizes(40, 160)
     current, weight, delay, logits, _, grad_out, sigma = random_problem(
         steps, 2, 5, max_delay=30.0, sigma=70.0, dtype=torch.float64, seed=12, dropout=False
     )
-    assert fast._AxonalPlan(delay, torch.full((5,), 71.0), 1).count_dtype == torch.int16
+    assert _AxonalPlan(delay, torch.full((5,), 71.0), 1).count_dtype == torch.int16
     problem = (current * 1.5, weight, delay, logits, sigma, True, grad_out)
     expected_spikes, expected = spikes_and_grads(reference_run(neuron, None), *problem)
-    spikes, grads = spikes_and_grads(triton_run(neuron.p, None), *problem)
+    spikes, grads = spikes_and_grads(triton_run(neuron, None), *problem)
     assert torch.equal(spikes, expected_spikes)
     assert_grads_close(grads, expected, torch.float64)
 
@@ -147,7 +145,7 @@ def test_variable_lengths():
     )
     for b, length in enumerate(lengths):
         grad_out[length:, b] = 0.0
-    run = triton_run(neuron.p, None)
+    run = triton_run(neuron, None)
     spikes, grads = spikes_and_grads(run, current, weight, delay, logits, sigma, True, grad_out)
     weight_grad = torch.zeros_like(weight)
     for b, length in enumerate(lengths):
@@ -168,19 +166,17 @@ def test_a_thousand_neurons_forward_and_backward(dtype):
     """N = 1024 (many neuron blocks and inner blocks) against the PyTorch-op loops: in float64
     the same spikes and gradients; in float32 the same spikes but for threshold ties (each
     flips a sample's future), finite gradients."""
-    from delrec.engine import fast
-
     neuron = LIF(tau=2.0, detach_reset=True, surrogate=ATan(5.0))
     current, weight, delay, logits, mask, grad_out, sigma = random_problem(
         30, 20, 1024, max_delay=30.0, sigma=10.0, dtype=dtype, seed=21, dropout=True
     )
 
     def torch_run(current, weight, delay, width):
-        return fast.fast_recurrence(current, weight, delay, width, neuron.p, mask)
+        return PATHS["torch-axonal"].run(current, weight, delay, width, neuron, mask)
 
     problem = (current, weight, delay, logits, sigma, True, grad_out)
     expected_spikes, expected = spikes_and_grads(torch_run, *problem)
-    spikes, grads = spikes_and_grads(triton_run(neuron.p, mask), *problem)
+    spikes, grads = spikes_and_grads(triton_run(neuron, mask), *problem)
     assert 0 < expected_spikes.mean() < 1
     if dtype == torch.float64:
         assert torch.equal(spikes, expected_spikes)

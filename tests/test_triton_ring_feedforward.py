@@ -5,7 +5,8 @@ import torch
 from triton_helpers import DEVICE, assert_grads_close, needs_triton, random_problem, sizes
 
 from delrec.delays import triangle_kernel
-from delrec.engine import fast, reference_recurrence
+from delrec.engine import PATHS, reference_recurrence
+from delrec.engine.lif import LIFMap
 from delrec.neurons import LIF, ATan, LeakyIntegrator, Surrogate, Triangle
 
 pytestmark = needs_triton
@@ -31,8 +32,6 @@ class Sigmoid(Surrogate):
 )
 def test_integer_delay_ring_matches_reference(delay_type, neuron, dropout, dtype):
     """Eval mode: delays rounded (half to even), σ = 0; every spike lands 1 + d steps later."""
-    from delrec.engine.triton import ring
-
     steps, batch, n = sizes((30, 3, 20), (80, 37, 150))
     current, weight, _, _, mask, _, _ = random_problem(
         steps, batch, n, max_delay=0.0, sigma=0.0, dtype=dtype, seed=7, dropout=dropout
@@ -45,7 +44,7 @@ def test_integer_delay_ring_matches_reference(delay_type, neuron, dropout, dtype
     delay = delay.round().to(DEVICE).expand(n if delay_type == "shared" else shape)
     kernel = triangle_kernel(delay, 1.0, int(delay.max()) + 2)
     expected = reference_recurrence(current, weight, kernel, neuron, mask)
-    spikes = ring.ring_recurrence(current, weight, delay, fast._LIF.of(neuron.p), mask)
+    spikes = PATHS["triton-ring"].run(current, weight, delay, 1.0, neuron, mask)
     assert 0 < expected.mean() < 1
     assert torch.equal(spikes, expected)
 
@@ -75,7 +74,7 @@ def test_feedforward_lif_matches_the_step_loop(case):
     expected = neuron(x)
     (expected_grad,) = torch.autograd.grad((expected * grad_out).sum(), x)
     y = current.clone().requires_grad_()
-    spikes = feedforward.lif_sequence(y, fast._LIF.of(neuron.p))
+    spikes = feedforward.lif_sequence(y, LIFMap.of(neuron.p))
     (grad,) = torch.autograd.grad((spikes * grad_out).sum(), y)
     assert 0 < expected.mean() < 1
     assert torch.equal(spikes, expected.detach())

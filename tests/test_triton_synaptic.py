@@ -12,6 +12,7 @@ from triton_helpers import (
     spikes_and_grads,
 )
 
+from delrec.engine import PATHS
 from delrec.neurons import LIF, ATan, Triangle
 
 pytestmark = needs_triton
@@ -32,8 +33,6 @@ pytestmark = needs_triton
     ],
 )
 def test_synaptic_kernels_match_reference(neuron, sigma, learn_spread, dropout, dtype):
-    from delrec.engine.triton import synaptic
-
     steps, batch, n = sizes((14, 3, 10), (60, 20, 70))
     current, weight, _, logits, mask, grad_out, sigma = random_problem(
         steps, batch, n, max_delay=0.0, sigma=sigma, dtype=dtype, seed=4, dropout=dropout
@@ -43,7 +42,7 @@ def test_synaptic_kernels_match_reference(neuron, sigma, learn_spread, dropout, 
     delay = delay.to(DEVICE, dtype)
 
     def run(current, weight, delay, width):
-        return synaptic.recurrence(current, weight, delay, width, neuron.p, mask)
+        return PATHS["triton-synaptic"].run(current, weight, delay, width, neuron, mask)
 
     problem = (current, weight, delay, logits, sigma, learn_spread, grad_out)
     expected_spikes, expected = spikes_and_grads(reference_run(neuron, mask), *problem)

@@ -1,9 +1,10 @@
 """What the Triton kernel tests share: the device they run on, and the reference they meet.
 
 Without a GPU the kernels run under Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``
-is set here, before any kernel module is imported); with one they run compiled on CUDA, at
-sizes that cross the GPU's larger blocks. Without the ``triton`` package the tests skip,
-saying so.
+is set here, before any kernel module is imported; the engine selector still never picks the
+Triton paths for CPU tensors, the tests run them by name). With a GPU they run compiled on
+CUDA, at sizes that cross the GPU's larger blocks. Without the ``triton`` package the tests
+skip, saying so.
 """
 
 import math
@@ -17,9 +18,9 @@ from delrec.engine import reference_recurrence
 from delrec.engine import triton as gpu
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 DEVICE = torch.device("cuda" if CUDA else "cpu")
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 needs_triton = pytest.mark.skipif(
     not gpu.installed(), reason="the Triton kernels need the optional package 'triton'"

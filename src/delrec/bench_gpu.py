@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from delrec import bench
+from delrec.engine import triton as gpu
 from delrec.layers import DelRec
 from delrec.models import build_network, preset_network, readout_reduce
 from delrec.neurons import LIF, ATan
@@ -280,6 +281,7 @@ def run(args) -> int:
     dry_run = args.dry_run
     if dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
+        gpu.offer_interpreted_paths()
         device = torch.device("cpu")
     else:
         if not torch.cuda.is_available():

@@ -48,6 +48,17 @@ def triangle_kernel(delay: Tensor, width: Tensor | float, length: int) -> Tensor
     return kernel * (lags > 0)
 
 
+def recurrent_kernel(delay: Tensor, width: Tensor | float) -> Tensor:
+    """Kernel ``κ`` of a recurrent layer over the lags ``0 … L-1`` that cover every triangle:
+    ``(N, L)`` for delays ``(N,)`` (axonal, shared), ``(N, N, L)`` for delays ``(N, N)``
+    (synaptic); ``width`` is a number or ``(N,)``, one per presynaptic neuron."""
+    max_width = float(torch.as_tensor(width).detach().max())
+    length = kernel_length(float(delay.detach().max()), max_width)
+    if delay.dim() == 2 and torch.is_tensor(width):
+        width = width.expand(delay.shape)  # spread is per presynaptic neuron (column)
+    return triangle_kernel(delay, width, length)
+
+
 def spread_schedule(epoch: int, epochs: int, sigma0: float = 10.0, gamma: float = 0.95) -> float:
     """Spread σ at the start of ``epoch`` (0-based) of ``epochs``: ``σ0 · γ^(100 e / E)``."""
     if epochs <= 0:

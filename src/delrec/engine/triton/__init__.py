@@ -5,12 +5,14 @@ and backward (:mod:`.axonal`), integer-delay inference (:mod:`.ring`), the feedf
 and the leaky-integrator readout (:mod:`.feedforward`). They compute what the C++ loops compute,
 on the same algorithms (docs/gpu.md says how they are laid out on the GPU).
 
-They run compiled on CUDA tensors. With ``TRITON_INTERPRET=1`` set before the kernel modules
+They run compiled on CUDA tensors. With ``TRITON_INTERPRET=1`` set when the kernel modules
 are imported, Triton's interpreter runs the same kernels on CPU tensors (slowly): that is how
 the tests check them on machines without a GPU.
 
-This package imports without Triton; :func:`available` says whether the kernels run on a
-device and :func:`missing_reason` why not.
+This package imports without Triton and imports the kernel modules only when a path runs
+(:func:`axonal_recurrence`, :func:`synaptic_recurrence`, :func:`ring_recurrence`, the engine
+paths ``triton-axonal``, ``triton-synaptic``, ``triton-ring``); :func:`available` says whether
+the kernels run on a device and :func:`missing_reason` why not.
 """
 
 from __future__ import annotations
@@ -66,11 +68,47 @@ def _warn_missing(reason: str) -> None:
     )
 
 
+_interpreter_paths = False
+
+
+def offer_interpreted_paths() -> None:
+    """Let the engine select the Triton paths for CPU tensors under the interpreter
+    (``TRITON_INTERPRET=1``): what a dry run of the GPU benchmark does to run them end to end
+    without a GPU. Otherwise they run on the CPU only when called by name (the tests)."""
+    global _interpreter_paths
+    _interpreter_paths = True
+
+
 def runs_on(device: torch.device) -> bool:
-    """Whether a Triton engine path can run on ``device`` (an engine path's ``runs_on``); on
-    CUDA without ``triton``, one warning says why the slower paths run."""
+    """Whether the Triton engine paths run on ``device`` (their ``runs_on``): compiled on CUDA;
+    on the CPU only after :func:`offer_interpreted_paths`. On CUDA without ``triton``, one
+    warning says why the slower paths run."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _interpreter_paths and installed() and interpreting()
     if available(device):
         return True
-    if torch.device(device).type == "cuda" and not installed():
+    if device.type == "cuda" and not installed():
         _warn_missing(missing_reason(device))
     return False
+
+
+def axonal_recurrence(current, weight, delay, width, neuron, mask=None):
+    """Path ``triton-axonal``: :func:`delrec.engine.triton.axonal.recurrence`."""
+    from delrec.engine.triton import axonal
+
+    return axonal.recurrence(current, weight, delay, width, neuron, mask)
+
+
+def synaptic_recurrence(current, weight, delay, width, neuron, mask=None):
+    """Path ``triton-synaptic``: :func:`delrec.engine.triton.synaptic.recurrence`."""
+    from delrec.engine.triton import synaptic
+
+    return synaptic.recurrence(current, weight, delay, width, neuron, mask)
+
+
+def ring_recurrence(current, weight, delay, width, neuron, mask=None):
+    """Path ``triton-ring``: :func:`delrec.engine.triton.ring.recurrence`."""
+    from delrec.engine.triton import ring
+
+    return ring.recurrence(current, weight, delay, width, neuron, mask)

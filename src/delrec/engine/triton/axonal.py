@@ -18,7 +18,7 @@ step is two sweeps over blocks of neurons, each closed by a barrier of the progr
 Everything lives in global memory in the layer's time-major layout ``(T, B, N)`` (the spikes are
 their own history: a tap reads ``s[t-e]`` from the output), except the float64 recursion states
 ``(2, B, N)`` and the per-program partial sums. The membrane ``h`` is saved; ``v[t-1]`` is
-recomputed from it. What the recursion means: :class:`delrec.engine.fast._AxonalPlan`.
+recomputed from it. What the recursion means: :class:`delrec.engine.axonal._AxonalPlan`.
 
 :func:`forward_loop` and :func:`backward_loop` return what the C++ loops return, with the box
 sums batch-major ``(T+1, B, N)``.
@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from delrec.engine.axonal import TimeLoops, run_loops
 from delrec.engine.triton.lif import (
     LEAK,
     PSI_TENSOR,
@@ -418,16 +419,11 @@ def backward_loop(grad_spikes, membrane, trace, slope, support, weight_in, mask,
     )
 
 
-def recurrence(current, weight, delay, width, params, mask=None):
-    """Spikes ``(T, B, N)`` of a recurrent LIF layer with axonal delays ``(N,)``, the time loops
-    in Triton, differentiable in every input (arguments as
-    :func:`delrec.engine.fast.fast_recurrence`)."""
-    import sys
+LOOPS = TimeLoops(forward_loop, backward_loop)
 
-    from delrec.engine import fast
 
-    width = fast._width_vector(width, delay, weight.shape[0])
-    lif = fast._LIF.of(params)
-    return fast._AxonalRecurrence.apply(
-        current, weight, delay, width, mask, lif, sys.modules[__name__]
-    )
+def recurrence(current, weight, delay, width, neuron, mask=None):
+    """Path ``triton-axonal``: spikes ``(T, B, N)`` of a recurrent LIF layer with axonal delays
+    ``(N,)``, the time loops in Triton, differentiable in every input (the arguments of
+    :func:`delrec.engine.axonal.cpp_recurrence`)."""
+    return run_loops(LOOPS, current, weight, delay, width, neuron, mask)

@@ -52,7 +52,9 @@ def _patch_interpreter_scalars() -> None:
     interpreter._patch_lang_tensor = patch_lang_tensor
 
 
-if interpreting():
+# whether the kernels of this process are interpreted (decided when they are defined)
+INTERPRETED = interpreting()
+if INTERPRETED:
     _patch_interpreter_scalars()
 
 
@@ -127,7 +129,7 @@ def recurrent_tiles(batch: int, n: int, dtype: torch.dtype) -> Tiles:
     eight warps hold their operands in registers without spilling). In float64 the product is
     a broadcast sum whose ``(rows, inner, neurons)`` block lives in registers, so its blocks
     are smaller."""
-    if interpreting():
+    if INTERPRETED:
         return INTERPRETER_TILES
     recursion = min(128, triton.next_power_of_2(n))
     if dtype == torch.float64:
@@ -138,7 +140,7 @@ def recurrent_tiles(batch: int, n: int, dtype: torch.dtype) -> Tiles:
 
 def elementwise_tiles() -> int:
     """Elements per program of the elementwise time loops (feedforward LIF, readout)."""
-    return 64 if interpreting() else 256
+    return 64 if INTERPRETED else 256
 
 
 # --------------------------------------------------------------------------- jit helpers

@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from delrec.engine.triton import interpreting
+from delrec.engine.lif import LIFMap
 from delrec.engine.triton.lif import (
+    INTERPRETED,
     LEAK,
     THRESHOLD,
     V0,
@@ -112,16 +113,18 @@ def _ring_kernel(
 
 
 @torch.no_grad()
-def ring_recurrence(current, weight, delay, lif, mask=None):
-    """Integer-delay inference: spikes ``(T, B, N)`` of a recurrent LIF layer, no autograd.
+def recurrence(current, weight, delay, width, neuron, mask=None):
+    """Integer-delay inference: spikes ``(T, B, N)`` of a recurrent LIF layer, no autograd
+    (the arguments of an engine path; ``width`` is 1, σ = 0).
 
     current: ``(T, B, N)``; weight: ``(N, N)`` (row = postsynaptic); delay: integer steps,
-    ``(N,)`` per presynaptic neuron or ``(N, N)`` per synapse; lif: the engine's LIF map
-    (leak, gain, offset, v0, parameters); mask: recurrent dropout ``(B, N)`` or None.
+    ``(N,)`` per presynaptic neuron or ``(N, N)`` per synapse; neuron: the built-in
+    :class:`~delrec.neurons.LIF`; mask: recurrent dropout ``(B, N)`` or None.
     """
     steps, batch, n = current.shape
+    lif = LIFMap.of(neuron.p)
     tiles = recurrent_tiles(batch, n, current.dtype)
-    if delay.dim() == 2 and not interpreting():  # the gather's (rows, inner, neurons) block
+    if delay.dim() == 2 and not INTERPRETED:  # the gather's (rows, inner, neurons) block
         tiles = dataclasses.replace(tiles, inner=8)  # lives in registers
     drive = lif.drive(current).contiguous()
     spikes, membrane = torch.empty_like(drive), torch.empty_like(drive)

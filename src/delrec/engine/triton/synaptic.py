@@ -18,6 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from delrec.delays import triangle_kernel
+from delrec.engine.lif import LIFMap, width_vector
+from delrec.engine.synaptic import synaptic_support
 from delrec.engine.triton.lif import (
     LEAK,
     PSI_TENSOR,
@@ -264,15 +267,12 @@ class _LagStacked(torch.autograd.Function):
         return grad_current, grad_kernel, None, None, None
 
 
-def recurrence(current, weight, delay, width, params, mask=None):
-    """Spikes ``(T, B, N)`` of a recurrent LIF layer with per-synapse delays ``(N, N)``, the time
-    loops in Triton, differentiable in every input (arguments as
-    :func:`delrec.engine.fast.fast_recurrence`)."""
-    from delrec.delays import triangle_kernel
-    from delrec.engine import fast
-
+def recurrence(current, weight, delay, width, neuron, mask=None):
+    """Path ``triton-synaptic``: spikes ``(T, B, N)`` of a recurrent LIF layer with per-synapse
+    delays ``(N, N)``, the time loops in Triton, differentiable in every input (the arguments
+    of :func:`delrec.engine.synaptic.torch_recurrence`)."""
     n = weight.shape[0]
-    width = fast._width_vector(width, delay, n)
-    kmin, kmax = fast.synaptic_support(delay, width)
+    width = width_vector(width, delay, n)
+    kmin, kmax = synaptic_support(delay, width)
     kernel = weight.unsqueeze(-1) * triangle_kernel(delay, width.expand(n, n), kmax + 1)[..., kmin:]
-    return _LagStacked.apply(current, kernel, kmin, mask, fast._LIF.of(params))
+    return _LagStacked.apply(current, kernel, kmin, mask, LIFMap.of(neuron.p))
