@@ -43,15 +43,17 @@ stage_env() {
 }
 
 stage_tests() {
-    # the three test files in parallel: their kernels compile at the same time
-    local pids=() status=0
+    # the test files in parallel: their kernels compile at the same time
+    local pids=() status=0 file part
     for file in tests/test_triton_*.py; do
-        "$PY" -m pytest -q -p no:cacheprovider "$file" > "$OUT/tests.$(basename "$file" .py).part" 2>&1 &
+        part="$OUT/tests.$(basename "$file" .py).part"
+        { echo "== $file"; "$PY" -m pytest -q -rs -p no:cacheprovider "$file" 2>&1; } > "$part" &
         pids+=($!)
     done
     for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-    cat "$OUT"/tests.*.part > "$OUT/tests.log"; rm -f "$OUT"/tests.*.part
-    grep -E "passed|failed|error|FAILED|ERROR" "$OUT/tests.log" | tail -30
+    cat "$OUT"/tests.*.part > "$OUT/tests.log"
+    rm -f "$OUT"/tests.*.part
+    grep -E "^== |^(FAILED|ERROR) |[0-9]+ (passed|failed|error)" "$OUT/tests.log" | tail -40
     return $status
 }
 
@@ -87,7 +89,9 @@ done
     echo "=== gpu_check summary ($([[ $DRY_RUN -eq 1 ]] && echo 'dry run, interpreter' || echo GPU)) ==="
     printf '%s\n' "${SUMMARY[@]}"
     if [[ -f "$OUT/tests.log" ]]; then
-        echo "tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT/tests.log" | tr '\n' ' ')"
+        awk '/^== /{file=$2} /[0-9]+ (passed|failed|error)/{print "  " file ": " $0}' \
+            "$OUT/tests.log"
+        grep -E "^(FAILED|ERROR) " "$OUT/tests.log" | head -10
     fi
     if [[ -f "$OUT/bench.log" ]]; then
         grep -E "^(PASS|FAIL)|samples/s, rsnn" "$OUT/bench.log"
