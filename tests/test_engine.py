@@ -200,8 +200,8 @@ def test_wide_kernels_keep_exact_box_sums(loops):
 
 
 def test_delay_clamped_at_zero_can_grow():
-    """d = 0, σ = 0: ∂κ(1)/∂d = 0 and ∂κ(2)/∂d = +1/w² (DESIGN §2.2), so a delay sitting at the
-    clamp still gets a gradient from the spikes two steps back."""
+    """d = 0, σ = 0: ∂κ(1)/∂d = 0 and ∂κ(2)/∂d = +1/w² (docs/design.md#gradients-at-the-kinks),
+    so a delay sitting at the clamp still gets a gradient from the spikes two steps back."""
     weight = torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)  # neuron 0 → neuron 1
     current = torch.zeros(6, 1, 2, dtype=torch.float64)
     current[1, 0, 0] = 1.0  # neuron 0 fires at t = 1

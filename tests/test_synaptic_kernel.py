@@ -182,8 +182,8 @@ def test_a_wide_batch_and_many_neurons_spanning_every_blocking_of_the_sums(threa
 
 
 def test_a_delay_clamped_at_zero_can_grow():
-    """d = 0, σ = 0: ∂κ(2)/∂d = +1/w² (DESIGN §2.2), so a synapse at the clamp gets a
-    gradient from the spikes two steps back."""
+    """d = 0, σ = 0: ∂κ(2)/∂d = +1/w² (docs/design.md#gradients-at-the-kinks), so a synapse at
+    the clamp gets a gradient from the spikes two steps back."""
     weight = torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)  # neuron 0 → neuron 1
     current = torch.zeros(6, 1, 2, dtype=torch.float64)
     current[1, 0, 0] = 1.0  # neuron 0 fires at t = 1

@@ -4,7 +4,7 @@ A :class:`StreamingNetwork` is what a neuromorphic chip runs: every delay is an 
 number of steps, every synaptic projection reads its input from a ring buffer of the last
 ``max_lag + 1`` input vectors (:class:`delrec.engine.ring.DelayedSynapses`, which the layer's
 integer-delay inference runs on too), batch norm is folded into the weights and dropout is gone.
-It reproduces ``net.eval()`` on the whole sequence (DESIGN §2.2, integer-delay mode) spike
+It reproduces ``net.eval()`` on the whole sequence (docs/design.md#integer-delay-mode) spike
 for spike, and it is also what :func:`delrec.deploy.import_nir` builds from a NIR file.
 
 Conventions (time in steps):

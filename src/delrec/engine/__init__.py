@@ -90,39 +90,45 @@ def _cpu_kernels(name: str) -> Callable[[torch.device], bool]:
     return runs_on
 
 
-PATHS: dict[str, EnginePath] = {}
+PATHS: dict[str, EnginePath] = {
+    path.name: path
+    for path in (
+        EnginePath(
+            "triton-ring", gpu.ring_recurrence, grad=False, integer_only=True, runs_on=gpu.runs_on
+        ),
+        EnginePath("ring", ring.ring_recurrence, grad=False, integer_only=True),
+        EnginePath(
+            "cpp-axonal",
+            axonal.cpp_recurrence,
+            ("axonal", "shared"),
+            runs_on=_cpu_kernels("axonal"),
+        ),
+        EnginePath(
+            "cpp-synaptic", synaptic.cpp_recurrence, ("synaptic",), runs_on=_cpu_kernels("synaptic")
+        ),
+        EnginePath(
+            "triton-axonal", gpu.axonal_recurrence, ("axonal", "shared"), runs_on=gpu.runs_on
+        ),
+        EnginePath("triton-synaptic", gpu.synaptic_recurrence, ("synaptic",), runs_on=gpu.runs_on),
+        EnginePath("torch-axonal", axonal.torch_recurrence, ("axonal", "shared")),
+        EnginePath("torch-synaptic", synaptic.torch_recurrence, ("synaptic",)),
+        EnginePath("reference", triangle_recurrence, lif_only=False),
+    )
+}
 
 
 def register(path: EnginePath, before: str | None = None) -> None:
-    """Add ``path`` to :data:`PATHS`, preferred to ``before`` and what follows it (default: last,
-    after ``reference``)."""
+    """Add ``path`` to :data:`PATHS`, preferred to the path named ``before`` and those after it
+    (default: last, after ``reference``)."""
     if path.name in PATHS or path.name in MODES:
         raise ValueError(f"an engine path named {path.name!r} exists already")
+    names = list(PATHS)
+    if before is not None and before not in PATHS:
+        raise ValueError(f"no engine path named {before!r} to insert before; paths: {names}")
     entries = list(PATHS.items())
-    at = len(entries) if before is None else [name for name, _ in entries].index(before)
-    entries.insert(at, (path.name, path))
+    entries.insert(len(names) if before is None else names.index(before), (path.name, path))
     PATHS.clear()
     PATHS.update(entries)
-
-
-for _path in (
-    EnginePath(
-        "triton-ring", gpu.ring_recurrence, grad=False, integer_only=True, runs_on=gpu.runs_on
-    ),
-    EnginePath("ring", ring.ring_recurrence, grad=False, integer_only=True),
-    EnginePath(
-        "cpp-axonal", axonal.cpp_recurrence, ("axonal", "shared"), runs_on=_cpu_kernels("axonal")
-    ),
-    EnginePath(
-        "cpp-synaptic", synaptic.cpp_recurrence, ("synaptic",), runs_on=_cpu_kernels("synaptic")
-    ),
-    EnginePath("triton-axonal", gpu.axonal_recurrence, ("axonal", "shared"), runs_on=gpu.runs_on),
-    EnginePath("triton-synaptic", gpu.synaptic_recurrence, ("synaptic",), runs_on=gpu.runs_on),
-    EnginePath("torch-axonal", axonal.torch_recurrence, ("axonal", "shared")),
-    EnginePath("torch-synaptic", synaptic.torch_recurrence, ("synaptic",)),
-    EnginePath("reference", triangle_recurrence, lif_only=False),
-):
-    register(_path)
 
 
 def check_engine(engine: str, neuron: nn.Module) -> None:

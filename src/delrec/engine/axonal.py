@@ -2,8 +2,8 @@
 
 For the built-in LIF neuron this computes exactly what the reference loop computes (same
 spikes, same gradients, including the kink convention of ``triangle_kernel``), but the delayed
-trace ``z_j[t] = Σ_k κ_j(k) s_j[t-k]`` comes from the running sums of docs/design.md ('Running
-sums') kept in recursive form: the second difference of a triangle has three taps
+trace ``z_j[t] = Σ_k κ_j(k) s_j[t-k]`` comes from the running sums (docs/design.md#running-sums)
+kept in recursive form: the second difference of a triangle has three taps
 (:func:`delrec.engine.lif.triangle_taps`), so each step reads three past spikes per neuron and
 updates a float64 state, O(B·N) whatever σ and L are; then one GEMM ``z Wᵀ``. The backward is
 a reverse-time loop running the same recursion on the future adjoints; the weight gradient is

@@ -1,10 +1,10 @@
 """The LIF neuron and the triangle trace as every engine path computes them.
 
 * :class:`LIFMap`: the built-in LIF step as an affine charge map ``h = leak·v + gain·u +
-  offset``, then fire and reset, and its adjoint step (docs/design.md, 'Neuron equations').
+  offset``, then fire and reset, and its adjoint step (docs/design.md#lif-neuron).
   The C++ kernels compute the same in ``csrc/lif.h``.
 * :func:`triangle_taps`: the three-tap recursion of a triangle trace ``z[t] = Σ_k κ(k) s[t-k]``
-  (docs/design.md, 'Running sums'), shared by the axonal and synaptic engines.
+  (docs/design.md#running-sums), shared by the axonal and synaptic engines.
 
 Units: time in steps; sequences are time-major ``(T, B, N)``.
 """

@@ -3,7 +3,7 @@
 Obviously correct and slow on purpose: every fast path is tested against it. At each step
 the spikes just emitted are spread over their lags by the kernel, weighted, and added to a
 buffer of future recurrent input, so work is O(B·N²·L) per step and autograd keeps a
-``(B, N, L)`` tensor per step (docs/design.md, 'Running sums').
+``(B, N, L)`` tensor per step (docs/design.md#the-reference-loop).
 """
 
 from __future__ import annotations

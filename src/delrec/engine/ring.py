@@ -4,7 +4,7 @@
 input from a ring buffer of the last ``max_lag + 1`` input frames. The recurrent layer's
 integer-delay inference (eval mode, no autograd: engine path ``ring``,
 :func:`ring_recurrence`) and the streaming network (:mod:`delrec.deploy.streaming`) both run on
-it. Units: time in steps; sequences are time-major ``(T, B, N)``.
+it (docs/design.md#ring-buffers). Units: time in steps; sequences are time-major ``(T, B, N)``.
 """
 
 from __future__ import annotations

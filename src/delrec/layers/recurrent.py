@@ -12,7 +12,7 @@ from delrec.neurons import LIF, as_neuron
 
 class DelRec(nn.Module):
     r"""Recurrent spiking layer whose recurrent connections carry learnable delays
-    (docs/design.md, 'The recurrent layer').
+    (docs/design.md#the-recurrent-delay-layer).
 
     For a time-major input current ``c`` of shape ``(T, B, N)`` (or ``(T, N)`` unbatched) it
     returns the spikes ``s`` of the same shape, computed step by step with zero history::

@@ -1,5 +1,5 @@
-// The time loops of the axonal engine (delrec/engine/axonal.py; docs/design.md, 'Running sums'),
-// fused.
+// The time loops of the axonal engine (delrec/engine/axonal.py), fused. The algorithm:
+// docs/design.md#running-sums.
 //
 // Layouts: the tap recursions run neuron-major, on the spike history (T+1, N, B), the future
 // adjoints (T+1, N, B) and the float64 recursion states (N, B), so the B values one tap reads
