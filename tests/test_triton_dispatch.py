@@ -52,7 +52,7 @@ def test_on_cuda_the_triton_paths_are_picked():
 
 @needs_triton
 @pytest.mark.skipif(not CUDA, reason="a layer on a GPU needs a GPU")
-@pytest.mark.parametrize("delay_type", ["axonal", "synaptic"])
+@pytest.mark.parametrize("delay_type", ["axonal", "shared", "synaptic"])
 def test_a_layer_on_the_gpu_trains_and_evaluates_like_on_the_cpu(delay_type):
     """The same float64 layer on the CPU (C++ loops) and on the GPU (Triton kernels): same
     spikes and gradients in training, same spikes in integer-delay eval."""
