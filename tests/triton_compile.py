@@ -18,155 +18,168 @@ from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile, don't interpret (before the kernels load)
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from delrec.engine.triton import axonal, feedforward, ring, synaptic  # noqa: E402
+from delrec.engine.triton.lif import recurrent_tiles  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
 
 def variants():
-    """(kernel, argument types, constexprs, warps) for the variants the engine launches."""
-    for dtype, name in ((tl.float32, "*fp32"), (tl.float64, "*fp64")):
-        f = name
-        fp32 = dtype == tl.float32
-        blocks = dict(BLOCK_B=16, BLOCK_N=32 if fp32 else 16, BLOCK_K=32 if fp32 else 16)
-        for precision in ("ieee", "tf32x3") if fp32 else ("ieee",):
-            rec = dict(**blocks, PRECISION=precision)
+    """(kernel, argument types, constexprs, warps) for the variants the engine launches: the
+    recurrent kernels with the tiles :func:`recurrent_tiles` gives N = 256 and N = 1024 in
+    float32 and N = 256 in float64."""
+    for n, dtype, f in (
+        (256, tl.float32, "*fp32"),
+        (1024, tl.float32, "*fp32"),
+        (256, tl.float64, "*fp64"),
+    ):
+        tiles = recurrent_tiles(256, n, torch.float32 if dtype == tl.float32 else torch.float64)
+        warps = tiles.warps
+        rec = dict(
+            BLOCK_B=tiles.batch,
+            BLOCK_N=tiles.neurons,
+            BLOCK_K=tiles.inner,
+            PRECISION=tiles.precision,
+        )
+        yield (
+            axonal._forward_kernel,
+            dict(
+                drive_ptr=f,
+                weight_ptr=f,
+                mask_ptr=f,
+                lags_ptr="*i32",
+                coef_ptr="*fp64",
+                const_ptr="*fp64",
+                state_ptr="*fp64",
+                history_ptr="*u8",
+                spikes_ptr=f,
+                membrane_ptr=f,
+                trace_ptr=f,
+                slope_ptr="*i8",
+                support_ptr="*i8",
+                steps="i32",
+                batch="i32",
+                n="i32",
+            ),
+            dict(
+                DTYPE=dtype,
+                SOFT_RESET=False,
+                HAS_MASK=True,
+                NEED_SLOPE=True,
+                NEED_SUPPORT=True,
+                BLOCK_R=tiles.recursion,
+                **rec,
+            ),
+            warps,
+        )
+        yield (
+            axonal._backward_kernel,
+            dict(
+                grad_spikes_ptr=f,
+                membrane_ptr=f,
+                psi_ptr=f,
+                weight_ptr=f,
+                mask_ptr=f,
+                lags_ptr="*i32",
+                coef_ptr="*fp64",
+                const_ptr="*fp64",
+                trace_ptr=f,
+                slope_ptr="*i8",
+                support_ptr="*i8",
+                state_ptr="*fp64",
+                grad_h_ptr=f,
+                grad_z_ptr=f,
+                sums_ptr="*fp64",
+                steps="i32",
+                batch="i32",
+                n="i32",
+            ),
+            dict(
+                DTYPE=dtype,
+                SOFT_RESET=False,
+                DETACH_RESET=False,
+                SURROGATE=2,
+                HAS_MASK=True,
+                NEED_SLOPE=True,
+                NEED_SUPPORT=True,
+                BLOCK_R=tiles.recursion,
+                **rec,
+            ),
+            warps,
+        )
+        for synaptic_delays in (False, True):
+            inner = ring.synaptic_inner(tiles) if synaptic_delays else tiles.inner
             yield (
-                axonal._forward_kernel,
+                ring._ring_kernel,
                 dict(
                     drive_ptr=f,
                     weight_ptr=f,
                     mask_ptr=f,
                     lags_ptr="*i32",
-                    coef_ptr="*fp64",
                     const_ptr="*fp64",
-                    state_ptr="*fp64",
                     history_ptr="*u8",
                     spikes_ptr=f,
                     membrane_ptr=f,
-                    trace_ptr=f,
-                    slope_ptr="*i8",
-                    support_ptr="*i8",
                     steps="i32",
                     batch="i32",
                     n="i32",
                 ),
                 dict(
                     DTYPE=dtype,
-                    SOFT_RESET=False,
+                    SOFT_RESET=True,
                     HAS_MASK=True,
-                    NEED_SLOPE=True,
-                    NEED_SUPPORT=True,
-                    BLOCK_R=128 if fp32 else 64,
-                    **rec,
+                    SYNAPTIC=synaptic_delays,
+                    **{**rec, "BLOCK_K": inner},
                 ),
+                warps,
             )
-            yield (
-                axonal._backward_kernel,
-                dict(
-                    grad_spikes_ptr=f,
-                    membrane_ptr=f,
-                    psi_ptr=f,
-                    weight_ptr=f,
-                    mask_ptr=f,
-                    lags_ptr="*i32",
-                    coef_ptr="*fp64",
-                    const_ptr="*fp64",
-                    trace_ptr=f,
-                    slope_ptr="*i8",
-                    support_ptr="*i8",
-                    state_ptr="*fp64",
-                    grad_h_ptr=f,
-                    grad_z_ptr=f,
-                    sums_ptr="*fp64",
-                    steps="i32",
-                    batch="i32",
-                    n="i32",
-                ),
-                dict(
-                    DTYPE=dtype,
-                    SOFT_RESET=False,
-                    DETACH_RESET=False,
-                    SURROGATE=2,
-                    HAS_MASK=True,
-                    NEED_SLOPE=True,
-                    NEED_SUPPORT=True,
-                    BLOCK_R=128 if fp32 else 64,
-                    **rec,
-                ),
-            )
-            for synaptic_delays in (False, True):
-                yield (
-                    ring._ring_kernel,
-                    dict(
-                        drive_ptr=f,
-                        weight_ptr=f,
-                        mask_ptr=f,
-                        lags_ptr="*i32",
-                        const_ptr="*fp64",
-                        history_ptr="*u8",
-                        spikes_ptr=f,
-                        membrane_ptr=f,
-                        steps="i32",
-                        batch="i32",
-                        n="i32",
-                    ),
-                    dict(
-                        DTYPE=dtype,
-                        SOFT_RESET=True,
-                        HAS_MASK=True,
-                        SYNAPTIC=synaptic_delays,
-                        **{**rec, "BLOCK_K": 8 if synaptic_delays else rec["BLOCK_K"]},
-                    ),
-                )
-            yield (
-                synaptic._forward_kernel,
-                dict(
-                    drive_ptr=f,
-                    kernel_ptr=f,
-                    mask_ptr=f,
-                    const_ptr="*fp64",
-                    spikes_ptr=f,
-                    membrane_ptr=f,
-                    steps="i32",
-                    batch="i32",
-                    n="i32",
-                    kmin="i32",
-                    lags="i32",
-                ),
-                dict(DTYPE=dtype, SOFT_RESET=False, HAS_MASK=True, **rec),
-            )
-            yield (
-                synaptic._backward_kernel,
-                dict(
-                    grad_spikes_ptr=f,
-                    membrane_ptr=f,
-                    psi_ptr=f,
-                    kernel_ptr=f,
-                    mask_ptr=f,
-                    const_ptr="*fp64",
-                    grad_h_ptr=f,
-                    steps="i32",
-                    batch="i32",
-                    n="i32",
-                    kmin="i32",
-                    lags="i32",
-                ),
-                dict(
-                    DTYPE=dtype,
-                    SOFT_RESET=False,
-                    DETACH_RESET=True,
-                    SURROGATE=0,
-                    HAS_MASK=True,
-                    **rec,
-                ),
-            )
+        yield (
+            synaptic._forward_kernel,
+            dict(
+                drive_ptr=f,
+                kernel_ptr=f,
+                mask_ptr=f,
+                const_ptr="*fp64",
+                spikes_ptr=f,
+                membrane_ptr=f,
+                steps="i32",
+                batch="i32",
+                n="i32",
+                kmin="i32",
+                lags="i32",
+            ),
+            dict(DTYPE=dtype, SOFT_RESET=False, HAS_MASK=True, **rec),
+            warps,
+        )
+        yield (
+            synaptic._backward_kernel,
+            dict(
+                grad_spikes_ptr=f,
+                membrane_ptr=f,
+                psi_ptr=f,
+                kernel_ptr=f,
+                mask_ptr=f,
+                const_ptr="*fp64",
+                grad_h_ptr=f,
+                steps="i32",
+                batch="i32",
+                n="i32",
+                kmin="i32",
+                lags="i32",
+            ),
+            dict(
+                DTYPE=dtype, SOFT_RESET=False, DETACH_RESET=True, SURROGATE=0, HAS_MASK=True, **rec
+            ),
+            warps,
+        )
+    for dtype, f in ((tl.float32, "*fp32"), (tl.float64, "*fp64")):
         yield (
             feedforward._lif_forward_kernel,
             dict(
@@ -178,6 +191,7 @@ def variants():
                 size="i32",
             ),
             dict(DTYPE=dtype, SOFT_RESET=False, BLOCK=256),
+            4,
         )
         yield (
             feedforward._lif_backward_kernel,
@@ -191,15 +205,17 @@ def variants():
                 size="i32",
             ),
             dict(DTYPE=dtype, SOFT_RESET=False, DETACH_RESET=False, SURROGATE=1, BLOCK=256),
+            4,
         )
         yield (
             feedforward._leaky_kernel,
             dict(input_ptr=f, output_ptr=f, scalars_ptr="*fp64", steps="i32", size="i32"),
             dict(DTYPE=dtype, REVERSE=True, BLOCK=256),
+            4,
         )
 
 
-def compile_one(kernel, types, constants, warps=8):
+def compile_one(kernel, types, constants, warps):
     """Compiles one variant; returns (seconds, shared bytes, registers, spilled bytes)."""
     signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
     start = time.perf_counter()
@@ -223,14 +239,14 @@ def compile_one(kernel, types, constants, warps=8):
 
 def main() -> int:
     failed = 0
-    for kernel, types, constants in variants():
+    for kernel, types, constants, warps in variants():
         flags = " ".join(
             f"{k}={getattr(v, 'name', v)}"
             for k, v in constants.items()
             if not k.startswith("BLOCK")
         )
         try:
-            seconds, shared, registers, spilled = compile_one(kernel, types, constants)
+            seconds, shared, registers, spilled = compile_one(kernel, types, constants, warps)
         except Exception as error:  # noqa: BLE001 (every variant is tried and reported)
             failed += 1
             print(f"FAILED {kernel.__name__} {flags}: {type(error).__name__}: {error}")

@@ -125,17 +125,18 @@ SPLIT_TF32_FROM = 513
 def recurrent_tiles(batch: int, n: int, dtype: torch.dtype) -> Tiles:
     """Tiles of the recurrent kernels: 16 batch rows per program (the smallest ``tl.dot``, so
     the most programs); the recursion sweeps up to 128 neurons at a time (its loads are
-    gathers whose latency a wide block amortises); the product's blocks are 32 × 32 (so that
-    eight warps hold their operands in registers without spilling). In float64 the product is
-    a broadcast sum whose ``(rows, inner, neurons)`` block lives in registers, so its blocks
-    are smaller."""
+    gathers whose latency a wide block amortises); the product's output blocks hold 64 neurons
+    and its inner blocks 32 (the largest that eight warps keep in registers without spilling,
+    tests/triton_compile.py). In float64 the product is a broadcast sum whose
+    ``(rows, inner, neurons)`` block lives in registers, so its blocks are smaller."""
     if INTERPRETED:
         return INTERPRETER_TILES
     recursion = min(128, triton.next_power_of_2(n))
     if dtype == torch.float64:
         return Tiles(batch=16, recursion=min(recursion, 64), neurons=16, inner=16)
     precision = "tf32x3" if n >= SPLIT_TF32_FROM else "ieee"
-    return Tiles(batch=16, recursion=recursion, neurons=32, inner=32, precision=precision)
+    neurons = 32 if n <= 32 else 64
+    return Tiles(batch=16, recursion=recursion, neurons=neurons, inner=32, precision=precision)
 
 
 def elementwise_tiles() -> int:

@@ -112,6 +112,12 @@ def _ring_kernel(
         tl.debug_barrier()
 
 
+def synaptic_inner(tiles) -> int:
+    """Inner block of the per-synapse gather: its ``(rows, inner, neurons)`` block lives in
+    registers, so it is narrow on the GPU."""
+    return tiles.inner if INTERPRETED else 8
+
+
 @torch.no_grad()
 def recurrence(current, weight, delay, width, neuron, mask=None):
     """Integer-delay inference: spikes ``(T, B, N)`` of a recurrent LIF layer, no autograd
@@ -124,8 +130,8 @@ def recurrence(current, weight, delay, width, neuron, mask=None):
     steps, batch, n = current.shape
     lif = LIFMap.of(neuron.p)
     tiles = recurrent_tiles(batch, n, current.dtype)
-    if delay.dim() == 2 and not INTERPRETED:  # the gather's (rows, inner, neurons) block
-        tiles = dataclasses.replace(tiles, inner=8)  # lives in registers
+    if delay.dim() == 2:
+        tiles = dataclasses.replace(tiles, inner=synaptic_inner(tiles))
     drive = lif.drive(current).contiguous()
     spikes, membrane = torch.empty_like(drive), torch.empty_like(drive)
     lags = (1 + delay.detach().long()).to(torch.int32).contiguous()
