@@ -287,7 +287,7 @@ def run(args) -> int:
         device = torch.device("cpu")
     else:
         if not torch.cuda.is_available():
-            raise SystemExit("delrec bench --device cuda: no CUDA device here (see --dry-run)")
+            raise RuntimeError("the GPU benchmark needs a CUDA device (or dry_run)")
         device = torch.device("cuda")
     repeats = args.repeats or (1 if dry_run else 5)
     out = Path(args.out)
