@@ -64,7 +64,8 @@ CASES = [
 def test_axonal_kernels_match_reference(case):
     neuron, max_delay, sigma, learn_spread, dropout, dtype = CASES[case]
     neuron = neuron.to(DEVICE)
-    steps, batch, n = sizes((24, 3, 20), (70, 37, 150))
+    # float32 on the GPU: smaller, since every membrane within rounding of θ would flip
+    steps, batch, n = sizes((24, 3, 20), (70, 37, 150) if dtype == torch.float64 else (40, 20, 140))
     current, weight, delay, logits, mask, grad_out, sigma = random_problem(
         steps, batch, n, max_delay=max_delay, sigma=sigma, dtype=dtype, seed=case, dropout=dropout
     )

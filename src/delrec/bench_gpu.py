@@ -46,7 +46,8 @@ PATH_OF = {"triton": "triton-{}", "torch-ops": "torch-{}"}  # model -> engine pa
 @dataclass(frozen=True)
 class Setting:
     """One GPU benchmark point: N, B, T, delays ~ U(min_delay, max_delay), spread σ, delay
-    type; ``network`` names a preset network instead of one layer (N unused)."""
+    type; ``network`` names a preset network instead of one layer (then ``size``, when not 0,
+    overrides its hidden sizes: dry runs)."""
 
     size: int
     batch: int
@@ -59,7 +60,8 @@ class Setting:
 
     def describe(self) -> str:
         if self.network:
-            return f"{self.network.upper()} preset network B={self.batch} T={self.steps}"
+            hidden = f" hidden {self.size}" if self.size else ""
+            return f"{self.network.upper()} preset network{hidden} B={self.batch} T={self.steps}"
         return (
             f"{self.delay_type} N={self.size} B={self.batch} T={self.steps} "
             f"d~U({self.min_delay:g},{self.max_delay:g}) σ={self.sigma:g}"
@@ -83,7 +85,7 @@ def target_settings(dry_run: bool) -> dict[str, Setting]:
         targets = {k: replace(s, **shrink) for k, s in targets.items()}
         targets["wide"] = replace(targets["wide"], size=40)
         targets["long"] = replace(targets["long"], max_delay=12)
-        targets["network"] = replace(targets["network"], batch=3, steps=8)
+        targets["network"] = replace(targets["network"], size=16)
     return targets
 
 
@@ -112,6 +114,12 @@ class Step:
         self.model = model
         if s.network:
             cfg = preset_network(s.network, model.split("-", 1)[1])
+            if s.size:
+                cfg = preset_network(
+                    s.network,
+                    model.split("-", 1)[1],
+                    hidden_sizes=(s.size,) * len(cfg.hidden_sizes),
+                )
             self.module = build_network(cfg, seed=seed).to(device)
             for layer in self.module.modules():
                 if isinstance(layer, DelRec) and layer.learn_delays:
@@ -321,6 +329,14 @@ def run(args) -> int:
             ("CPU grids on the GPU (T = 100)", grid_settings(dry_run), ("triton", "vanilla"))
         )
     rows = []
+
+    def write():  # after every setting: a run stopped early leaves what it measured
+        checks = verdicts(rows, targets, dry_run)
+        _write_csv(rows, out / "gpu-bench.csv")
+        _write_markdown(rows, checks, lines[0], out / "gpu-bench.md")
+        _plot(rows, out / "gpu-bench.png", lines[0])
+        return checks
+
     for title, settings, models in sections:
         log()
         log(title)
@@ -330,13 +346,10 @@ def run(args) -> int:
             for row in measured:
                 row["_setting"] = s
             rows.extend(measured)
+            checks = write()
     log()
-    checks = verdicts(rows, targets, dry_run)
     for text in checks:
         log(text)
-    _write_csv(rows, out / "gpu-bench.csv")
-    _write_markdown(rows, checks, lines[0], out / "gpu-bench.md")
-    _plot(rows, out / "gpu-bench.png", lines[0])
     log(f"\nwrote {out / 'gpu-bench.md'}, {out / 'gpu-bench.csv'}, {out / 'gpu-bench.png'}")
     return 0
 
