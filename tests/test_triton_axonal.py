@@ -6,6 +6,7 @@ from triton_helpers import (
     CUDA,
     DEVICE,
     assert_grads_close,
+    assert_same_spikes,
     needs_triton,
     random_problem,
     reference_run,
@@ -75,7 +76,7 @@ def test_axonal_kernels_match_reference(case):
     expected_spikes, expected = spikes_and_grads(reference_run(neuron, mask), *problem)
     spikes, grads = spikes_and_grads(triton_run(neuron, mask), *problem)
     assert 0 < expected_spikes.mean() < 1
-    assert torch.equal(spikes, expected_spikes)
+    assert_same_spikes(spikes, expected_spikes)
     assert_grads_close(grads, expected, dtype)
 
 
@@ -93,7 +94,7 @@ def test_gradients_at_kinks_follow_autograd_of_the_kernel(delay, sigma):
     expected_spikes, expected = spikes_and_grads(reference_run(neuron, None), *problem)
     spikes, grads = spikes_and_grads(triton_run(neuron, None), *problem)
     assert expected_spikes.sum() > 0
-    assert torch.equal(spikes, expected_spikes)
+    assert_same_spikes(spikes, expected_spikes)
     assert_grads_close(grads, expected, torch.float64)
 
 
@@ -108,7 +109,7 @@ def test_blocks_of_rows_and_neurons_are_crossed():
     problem = (current, weight, delay, logits, sigma, True, grad_out)
     expected_spikes, expected = spikes_and_grads(reference_run(neuron, mask), *problem)
     spikes, grads = spikes_and_grads(triton_run(neuron, mask), *problem)
-    assert torch.equal(spikes, expected_spikes)
+    assert_same_spikes(spikes, expected_spikes)
     assert_grads_close(grads, expected, torch.float64)
 
 
@@ -119,11 +120,11 @@ def test_wide_kernels_keep_exact_box_sums():
     current, weight, delay, logits, _, grad_out, sigma = random_problem(
         steps, 2, 5, max_delay=30.0, sigma=70.0, dtype=torch.float64, seed=12, dropout=False
     )
-    assert _AxonalPlan(delay, torch.full((5,), 71.0), 1).count_dtype == torch.int16
+    assert _AxonalPlan(delay, torch.full_like(delay, 71.0), 1).count_dtype == torch.int16
     problem = (current * 1.5, weight, delay, logits, sigma, True, grad_out)
     expected_spikes, expected = spikes_and_grads(reference_run(neuron, None), *problem)
     spikes, grads = spikes_and_grads(triton_run(neuron, None), *problem)
-    assert torch.equal(spikes, expected_spikes)
+    assert_same_spikes(spikes, expected_spikes)
     assert_grads_close(grads, expected, torch.float64)
 
 
@@ -154,7 +155,7 @@ def test_variable_lengths():
         expected_spikes, expected = spikes_and_grads(
             reference_run(neuron, None), *alone, grad_out[:length, b : b + 1]
         )
-        assert torch.equal(spikes[:length, b : b + 1], expected_spikes)
+        assert_same_spikes(spikes[:length, b : b + 1], expected_spikes)
         assert_grads_close([grads[0][:length, b : b + 1]], expected[:1], torch.float64)
         assert not grads[0][length:, b].any()
         weight_grad += expected[1]
@@ -180,7 +181,7 @@ def test_a_thousand_neurons_forward_and_backward(dtype):
     spikes, grads = spikes_and_grads(triton_run(neuron, mask), *problem)
     assert 0 < expected_spikes.mean() < 1
     if dtype == torch.float64:
-        assert torch.equal(spikes, expected_spikes)
+        assert_same_spikes(spikes, expected_spikes)
         assert_grads_close(grads, expected, dtype)
     else:
         assert (spikes != expected_spikes).float().mean() < 1e-3

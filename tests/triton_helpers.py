@@ -91,3 +91,15 @@ def assert_grads_close(actual, expected, dtype, names=("current", "weight", "del
         assert a.shape == e.shape, name
         scale = float(e.abs().max()) if e.numel() else 0.0
         torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * scale + 1e-12, msg=name)
+
+
+def assert_same_spikes(actual, expected):
+    """Spikes identical; else say how many differ and from which step (in float32 a membrane
+    within rounding of the threshold can flip one spike, and with it its sample's future)."""
+    differ = actual != expected
+    if differ.any():
+        first = int(differ.flatten(1).any(1).nonzero()[0])
+        raise AssertionError(
+            f"{int(differ.sum())} of {differ.numel()} spikes differ, the first at step {first} "
+            f"({int(differ[first].sum())} there), dtype {actual.dtype}"
+        )
