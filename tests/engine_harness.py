@@ -16,8 +16,12 @@ How a new engine path joins
     ``supports`` and ``available``: nothing changes here. Every harness test then runs it
     against the reference wherever it is available: at training sizes in float64 and float32
     on one and two threads, on random draws, at the kinks and at the edges
-    (``test_engine_paths.py``). Add one planted bug for it to ``tests/mutations/plant.py`` and
-    check that the suite catches it (docs/testing.md).
+    (``test_engine_paths.py``). A GPU path that Triton's interpreter runs on CPU tensors
+    (``runs_on`` is ``delrec.engine.triton.runs_on``) is also run there, by
+    :func:`interpreted_paths`, on small cases (random draws, kinks, edges); this module sets
+    ``TRITON_INTERPRET=1`` when there is no GPU, before any kernel module is imported. Add
+    one planted bug for it to ``tests/mutations/plant.py`` and check that the suite catches
+    it (docs/testing.md).
 
 The comparison functions take any function of named input tensors that returns spikes
 ``(T, B, N)``, so the feedforward engines (fused LIF against the autograd LIF loop,
@@ -60,7 +64,11 @@ import torch
 from torch import Tensor, nn
 
 from delrec.engine import DELAY_TYPES, PATHS, EnginePath
+from delrec.engine import triton as gpu
 from delrec.neurons import LIF, LIFParameters, lif_charge
+
+if not torch.cuda.is_available():  # before any Triton kernel module is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # (rtol, floor) of the per-entry gradient check (module docstring)
 GRAD_TOLERANCE = {torch.float64: (1e-9, 1e-2), torch.float32: (4e-3, 1e-2)}
@@ -87,14 +95,29 @@ class Config:
 def paths(config: Config, neuron: nn.Module | None = None) -> list[EnginePath]:
     """Every engine path but the reference that runs ``config`` with ``neuron`` (default: the
     built-in LIF) here, in the registry's order."""
+    return [path for path in _supporting(config, neuron) if path.available(config.device)]
+
+
+def interpreted_paths(config: Config, neuron: nn.Module | None = None) -> list[EnginePath]:
+    """The GPU (Triton) paths that run ``config`` on CPU tensors under Triton's interpreter
+    when called by name, where they are not available otherwise (no GPU): slow, so for small
+    cases. Empty without the ``triton`` package or off the CPU."""
+    if config.device != "cpu" or not (gpu.installed() and gpu.interpreting()):
+        return []
+    return [
+        path
+        for path in _supporting(config, neuron)
+        if path.runs_on is gpu.runs_on and not path.available(config.device)
+    ]
+
+
+def _supporting(config: Config, neuron: nn.Module | None) -> list[EnginePath]:
     neuron = LIF() if neuron is None else neuron
     grad = not config.integer
     return [
         path
         for name, path in PATHS.items()
-        if name != "reference"
-        and path.supports(config.delay_type, neuron, config.integer, grad)
-        and path.available(config.device)
+        if name != "reference" and path.supports(config.delay_type, neuron, config.integer, grad)
     ]
 
 

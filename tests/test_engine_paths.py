@@ -17,6 +17,7 @@ from engine_harness import (
     assert_grad_close,
     compare,
     draw_case,
+    interpreted_paths,
     paths,
     reference,
     threads,
@@ -25,19 +26,28 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from delrec.engine import DELAY_TYPES, PATHS
+from delrec.engine import triton as gpu
 from delrec.neurons import LIF, ATan, Triangle
 
 F64, F32 = torch.float64, torch.float32
+INTERPRETER = pytest.mark.skipif(
+    not (gpu.installed() and gpu.interpreting()),
+    reason="the GPU paths run under Triton's interpreter only with the optional package "
+    "'triton' and no GPU (with a GPU they run compiled: test_every_path_on_cuda_*)",
+)
 
 
-def check_every_path(config: Config, case: Case, nonzero=(), thread_counts=(None,)) -> dict:
-    """Every path of ``config`` against the reference on ``case`` (computed once); the draw must
-    exercise the engine (``nonzero``: gradients that must not vanish). Returns the agreement
-    of each (path, threads)."""
+def check_every_path(
+    config: Config, case: Case, nonzero=(), thread_counts=(None,), interpreted=False
+) -> dict:
+    """Every path of ``config`` (with ``interpreted``, only the GPU paths run by Triton's
+    interpreter) against the reference on ``case`` (computed once); the draw must exercise the
+    engine (``nonzero``: gradients that must not vanish). Returns the agreement of each
+    (path, threads)."""
     grad = not config.integer
     expected = Expected(case.bind(reference), case.inputs(grad), case.grad_out, case.threshold)
     assert_exercised(expected, nonzero if grad else ())
-    found = paths(config, case.neuron)
+    found = (interpreted_paths if interpreted else paths)(config, case.neuron)
     assert found, f"no engine path runs {config}"
     agreement = {}
     for path in found:
@@ -134,7 +144,7 @@ NEURONS = st.builds(
 
 
 @st.composite
-def engine_cases(draw):
+def engine_cases(draw, max_size=20, extra_steps=30):
     """A configuration and a case that exercises it: currents around the level at which the
     neuron fires within a few steps, and a sequence that outlasts the longest lag by 12 to 30
     steps."""
@@ -154,9 +164,9 @@ def engine_cases(draw):
     level = draw(st.sampled_from([1.2, 1.5, 2.0])) * firing
     case = draw_case(
         delay_type=config.delay_type,
-        size=draw(st.integers(2, 20)),  # beyond one block of 16 neurons
+        size=draw(st.integers(2, max_size)),  # 20: beyond one block of 16 neurons
         batch=draw(st.integers(2, 4)),
-        steps=draw(st.integers(longest + 12, longest + 30)),
+        steps=draw(st.integers(longest + 12, longest + extra_steps)),
         max_delay=max_delay,
         sigma=sigma,
         learn_spread=learn_spread,
@@ -181,7 +191,19 @@ def test_every_path_matches_the_reference_on_random_draws(drawn):
     check_every_path(config, case, nonzero)
 
 
+@INTERPRETER
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(engine_cases(max_size=8, extra_steps=16))
+def test_interpreted_gpu_paths_match_the_reference_on_random_draws(drawn):
+    config, case = drawn
+    nonzero = ("weight", "delay") + (("width",) if torch.is_tensor(case.width) else ())
+    check_every_path(config, case, nonzero, interpreted=True)
+
+
 # --------------------------------------------------------------------------- kinks
+KINK_GRADIENTS = ("weight", "delay", "width")
+
+
 @pytest.mark.parametrize("delay_type", DELAY_TYPES)
 @pytest.mark.parametrize("sigma", [0.0, 0.5, 1.0, 2.0])
 @pytest.mark.parametrize("delay", [0.0, 0.5, 1.0, 2.0, 5.0, -0.5])
@@ -191,6 +213,18 @@ def test_every_path_at_the_kinks(delay_type, sigma, delay):
     the reference convention holds (``|x|' = 0`` at 0, the clamp passes the gradient at 0);
     some delays sit beside them (± 0.25) in the neighbouring intervals. A negative delay
     (before the optimizer's clamp) is read as the reference reads it."""
+    check_every_path(Config(delay_type), kink_case(delay_type, sigma, delay), KINK_GRADIENTS)
+
+
+@INTERPRETER
+@pytest.mark.parametrize("delay_type", DELAY_TYPES)
+@pytest.mark.parametrize("delay", [0.0, 0.5, 2.0, -0.5])
+def test_interpreted_gpu_paths_at_the_kinks(delay_type, delay):
+    case = kink_case(delay_type, 1.0, delay)
+    check_every_path(Config(delay_type), case, KINK_GRADIENTS, interpreted=True)
+
+
+def kink_case(delay_type, sigma, delay):
     size = 4
     shape = {"axonal": (size,), "shared": (1,), "synaptic": (size, size)}[delay_type]
     delays = torch.full(shape, delay, dtype=F64)
@@ -200,7 +234,7 @@ def test_every_path_at_the_kinks(delay_type, sigma, delay):
         delays[1, :2] += 0.25
         delays[2, 2:] -= 0.25
     g = torch.Generator().manual_seed(4)
-    case = Case(
+    return Case(
         current=torch.rand(20, 2, size, generator=g, dtype=F64) * 1.6,
         weight=torch.randn(size, size, generator=g, dtype=F64) * 1.5 / math.sqrt(size),
         delay=delays,
@@ -209,7 +243,6 @@ def test_every_path_at_the_kinks(delay_type, sigma, delay):
         mask=None,
         grad_out=torch.randn(20, 2, size, generator=g, dtype=F64),
     )
-    check_every_path(Config(delay_type), case, nonzero=("weight", "delay", "width"))
 
 
 # --------------------------------------------------------------------------- edges
@@ -226,7 +259,8 @@ def test_every_path_at_the_kinks(delay_type, sigma, delay):
 )
 def test_every_path_at_the_edges(delay_type, size, steps, max_delay, sigma):
     """One step, one neuron, kernels longer than the sequence: what the engines compute there
-    (often nothing reaches a delay, so its gradient is exactly 0) equals the reference."""
+    (often nothing reaches a delay, so its gradient is exactly 0) equals the reference; the GPU
+    paths too, under Triton's interpreter when there is no GPU."""
     case = draw_case(
         delay_type=delay_type,
         size=size,
@@ -241,7 +275,8 @@ def test_every_path_at_the_edges(delay_type, size, steps, max_delay, sigma):
     )
     expected = Expected(case.bind(reference), case.inputs(), case.grad_out, case.threshold)
     assert expected.spikes.sum() > 0
-    for path in paths(Config(delay_type)):
+    config = Config(delay_type)
+    for path in paths(config) + interpreted_paths(config):
         compare(case.bind(path.run), expected)
     if steps == 1:  # nothing is delayed within one step
         assert not expected.grads()["delay"].any() and not expected.grads()["weight"].any()

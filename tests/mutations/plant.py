@@ -97,6 +97,21 @@ MUTATIONS = [
         "trace_p[now + b * n + j] = static_cast<scalar_t>(y[(j - j0) * batch + b]);",
     ),
     Mutation(
+        "triton-axonal-forward-tap",
+        "Triton axonal forward reads its first tap one step further back (interpreter on CPU)",
+        "src/delrec/engine/triton/axonal.py",
+        "src0 = t - tl.load(lag + 0, mask=col_ok, other=1)",
+        "src0 = t - 1 - tl.load(lag + 0, mask=col_ok, other=1)",
+    ),
+    Mutation(
+        "feedforward-slope-sign",
+        "C++ feedforward delays: the position slope of each tap with its sign flipped",
+        "src/delrec/engine/csrc/feedforward.cpp",
+        "scalar_t((d > p) - (d < p))",
+        "scalar_t((d < p) - (d > p))",
+        ("tests/test_feedforward_engine.py",),
+    ),
+    Mutation(
         "distributed-gradient-scale",
         "data-parallel loss weighted by the rank's share only: gradients 1/K of one process's",
         "src/delrec/training/loop.py",
