@@ -371,6 +371,14 @@ def assert_grad_close(name: str, actual: Tensor, expected: Tensor) -> float:
     return float(ratio.max())
 
 
+def assert_close_relative(actual: Tensor, expected: Tensor, rtol: float = 1e-6) -> None:
+    """Equal within ``rtol`` relative to the largest entry of ``expected``: a looser, tensor-wide
+    bound than :func:`assert_grad_close`, for comparisons with code whose error is relative to
+    the whole tensor (another library's normalisation epsilon, say)."""
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale + 1e-12)
+
+
 def compare(candidate: Callable[..., Tensor], expected: Expected) -> Agreement:
     """Check ``candidate(**inputs)`` against :class:`Expected`: spikes identical up to accepted
     ties, then every gradient (tied samples left out on both sides) at the dtype's tolerance."""
