@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from delrec.engine import feedforward
 from delrec.layers import DelRec, FeedforwardDelay
+from delrec.layers.dropout import Dropout
 from delrec.neurons import LIF, LeakyIntegrator, make_surrogate
 
 MODELS = ("snn", "rsnn", "fixed", "delrec", "delrec-shared", "ffdelay", "ff+rec")
@@ -118,6 +120,10 @@ class HiddenBlock(nn.Module):
     """One hidden layer: synapses (Linear or FeedforwardDelay) → [BatchNorm] → neurons → dropout.
 
     ``(T, B, I)`` → spikes ``(T, B, O)``. ``neurons`` is a DelRec layer or a plain LIF.
+    ``engine`` (see :func:`set_feedforward_engine`): ``"fused"`` runs BatchNorm, a plain LIF
+    layer with its dropout, and a lone dropout as the fused loops of
+    :mod:`delrec.engine.feedforward` where they are available (the C++ kernels, on the CPU);
+    ``"reference"`` runs the modules step by step under autograd. Same numbers either way.
     """
 
     def __init__(
@@ -130,13 +136,22 @@ class HiddenBlock(nn.Module):
     ):
         super().__init__()
         self.synapses, self.norm, self.neurons = synapses, norm, neurons
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout)
         self.dropout_first = dropout_first
+        self.engine = "fused"
 
     def forward(self, x: Tensor) -> Tensor:
         current = self.synapses(x)
+        fused = self.engine == "fused" and feedforward.kernels_for(current.device) is not None
         if self.norm is not None:  # statistics over all T·B frames
-            current = self.norm(current.flatten(0, 1)).view_as(current)
+            if fused and feedforward.fusable_norm(self.norm):
+                current = feedforward.batch_norm(current, self.norm)
+            else:
+                current = self.norm(current.flatten(0, 1)).view_as(current)
+        if fused and type(self.neurons) is LIF:  # the layer and its dropout: one loop
+            mask = self.dropout.draw()
+            masks = (mask, None) if self.dropout_first else (None, mask)
+            return feedforward.lif_layer(current, self.neurons.p, *masks)
         if self.dropout_first:
             return self.neurons(self.dropout(current))
         return self.dropout(self.neurons(current))
@@ -157,6 +172,7 @@ class SpikingNetwork(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.readout = readout
         self.readout_neuron = readout_neuron
+        self.engine = "fused"  # of the readout neuron; see set_feedforward_engine
 
     def forward_with_spikes(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Readout sequence ``(T, B, K)`` and the spikes ``(T, B, N_l)`` of every hidden layer."""
@@ -170,8 +186,12 @@ class SpikingNetwork(nn.Module):
             x = block(x)
             spikes.append(x)
         out = self.readout(x)
-        if self.readout_neuron is not None:
-            out = self.readout_neuron(out)
+        neuron = self.readout_neuron
+        if neuron is not None:
+            if self.engine == "fused" and feedforward.kernels_for(out.device) is not None:
+                out = feedforward.integrate(out, neuron.tau, neuron.decay_input)
+            else:
+                out = neuron(out)
         return out, spikes
 
     def forward(self, x: Tensor) -> Tensor:
@@ -180,6 +200,20 @@ class SpikingNetwork(nn.Module):
     def delay_layers(self) -> list[nn.Module]:
         """The layers that hold delays (DelRec and FeedforwardDelay), in depth order."""
         return [m for m in self.modules() if isinstance(m, (DelRec, FeedforwardDelay))]
+
+
+def set_feedforward_engine(network: nn.Module, engine: str) -> None:
+    """Run the network around the delays of ``network`` on ``engine``: ``"fused"`` (the default:
+    plain LIF layers, the leaky-integrator readout, dropout and BatchNorm as the compiled loops
+    of :mod:`delrec.engine.feedforward`, where they are built) or ``"reference"`` (the modules'
+    step-by-step autograd). The recurrent layers keep their own ``engine`` option."""
+    if engine not in feedforward.ENGINES:
+        raise ValueError(
+            f"unknown feedforward engine {engine!r}; choose one of {feedforward.ENGINES}"
+        )
+    for module in network.modules():
+        if isinstance(module, (HiddenBlock, SpikingNetwork, Dropout)):
+            module.engine = engine
 
 
 def readout_reduce(output: Tensor, readout: str) -> Tensor:

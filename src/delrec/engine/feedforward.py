@@ -1,0 +1,240 @@
+"""The network around the delays, fused: feedforward LIF layers, the leaky-integrator readout,
+dropout and BatchNorm over time, each one compiled loop forward and one backward.
+
+The reference for all of them is the step-by-step autograd of :mod:`delrec.neurons` (and
+``nn.BatchNorm1d``, a multiplication by the mask); the fused paths compute the same:
+
+* :func:`lif_layer`: a non-recurrent LIF layer ``current (T, B, N) → spikes (T, B, N)``, the
+  neuron as every engine computes it (``h = leak·v + gain·u + offset``, fire, reset; the
+  surrogate's ψ' in the backward), optionally with a dropout mask on its input or its output
+  drawn inside the loop. Saved for backward: the pre-spike membrane (the spikes are ``h ≥ θ``;
+  the masks are drawn again), ``T·B·N`` numbers.
+* :func:`integrate`: the leaky-integrator readout, ``v[t] = leak·v[t-1] + gain·u[t]``; saves
+  nothing.
+* :func:`apply_dropout`: ``x ⊙ mask`` with the mask of :mod:`delrec.engine.dropout` drawn in
+  the loop, forward and backward; saves nothing.
+* :func:`batch_norm`: BatchNorm with the statistics of all ``T·B`` frames; saves its input and
+  two numbers per channel.
+
+They run the C++ loops of ``csrc/feedforward.cpp`` (built by :mod:`delrec.engine.native`) on
+tensors that :func:`kernels_for` has kernels for; the network's feedforward engine
+(:func:`delrec.models.set_feedforward_engine`) chooses between them and the reference once per
+forward. Other devices register their kernels in :data:`KERNELS` under their device type, with
+the signatures of the C++ functions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from delrec.engine import native
+from delrec.engine.dropout import MaskDraw
+from delrec.engine.dropout import native as native_mask
+from delrec.engine.fast import _LIF as LIFMap
+from delrec.neurons import ATan, LIFParameters, Triangle
+
+ENGINES = ("fused", "reference")  # the choices of the network's feedforward engine
+
+# device type -> loader of the kernel module (the C++ one on the CPU)
+KERNELS = {"cpu": lambda: native.load("feedforward")}
+
+
+def kernels_for(device: torch.device):
+    """The fused kernels for tensors on ``device``, or ``None`` (then the reference runs)."""
+    loader = KERNELS.get(device.type)
+    return loader() if loader is not None else None
+
+
+def _surrogate(p: LIFParameters) -> tuple[int, float]:
+    """``(1, γ)`` for Triangle, ``(2, α)`` for ATan: computed in the kernel; ``(0, 0.0)``: any
+    other surrogate, whose ψ' the backward precomputes from the membrane."""
+    surrogate = p.surrogate
+    if type(surrogate) is Triangle:
+        return 1, surrogate.gamma
+    if type(surrogate) is ATan:
+        return 2, surrogate.alpha
+    return 0, 0.0
+
+
+# --------------------------------------------------------------------------- LIF layer
+class _LIFLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, current, lif: LIFMap, mask_in, mask_out, kernels):
+        p = lif.p
+        current = current.contiguous()
+        spikes, membrane = torch.empty_like(current), torch.empty_like(current)
+        dtype = current.dtype
+        kernels.lif_forward(
+            current,
+            lif.leak,
+            lif.gain,
+            lif.offset,
+            lif.v0,
+            p.v_threshold,
+            p.v_reset or 0.0,
+            p.soft_reset,
+            native_mask(mask_in, dtype),
+            native_mask(mask_out, dtype),
+            spikes,
+            membrane,
+        )
+        ctx.save_for_backward(membrane)
+        ctx.lif, ctx.masks, ctx.kernels = lif, (mask_in, mask_out), kernels
+        return spikes
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        (membrane,) = ctx.saved_tensors
+        lif: LIFMap = ctx.lif
+        p = lif.p
+        code, param = _surrogate(p)
+        psi = (
+            p.surrogate.derivative(membrane - p.v_threshold).contiguous()
+            if code == 0
+            else membrane.new_empty(0)
+        )
+        grad_current = torch.empty_like(membrane)
+        mask_in, mask_out = ctx.masks
+        dtype = membrane.dtype
+        ctx.kernels.lif_backward(
+            grad_spikes.contiguous(),
+            membrane,
+            psi,
+            lif.leak,
+            lif.gain,
+            p.v_threshold,
+            p.v_reset or 0.0,
+            p.soft_reset,
+            p.detach_reset,
+            code,
+            param,
+            native_mask(mask_in, dtype),
+            native_mask(mask_out, dtype),
+            grad_current,
+        )
+        return grad_current, None, None, None, None
+
+
+def lif_layer(
+    current: Tensor,
+    params: LIFParameters,
+    mask_in: MaskDraw | None = None,
+    mask_out: MaskDraw | None = None,
+) -> Tensor:
+    """Spikes ``(T, B, N)`` of a feedforward LIF layer driven by ``current`` ``(T, B, N)`` from
+    the zero state (``v = v_reset``, 0 for a soft reset), differentiable in ``current``.
+
+    ``mask_in``: dropout on the current (``u = c ⊙ m``); ``mask_out``: dropout on the spikes.
+    Same as :class:`delrec.neurons.LIF` on ``c ⊙ m_in``, times ``m_out``.
+    """
+    kernels = kernels_for(current.device)
+    if kernels is None:
+        raise RuntimeError(
+            f"no fused feedforward kernels for {current.device} tensors; run the reference "
+            "(set_feedforward_engine(network, 'reference')) or build the C++ kernels"
+        )
+    return _LIFLayer.apply(current, LIFMap.of(params), mask_in, mask_out, kernels)
+
+
+# --------------------------------------------------------------------------- readout
+class _Integrator(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, current, leak: float, gain: float, kernels):
+        current = current.contiguous()
+        out = torch.empty_like(current)
+        kernels.integrator_forward(current, leak, gain, 0.0, 0.0, out)
+        ctx.constants, ctx.kernels = (leak, gain), kernels
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_current = torch.empty_like(grad_out, memory_format=torch.contiguous_format)
+        ctx.kernels.integrator_backward(grad_out.contiguous(), *ctx.constants, grad_current)
+        return grad_current, None, None, None
+
+
+def integrate(current: Tensor, tau: float, decay_input: bool) -> Tensor:
+    """Membrane sequence ``(T, B, K)`` of leaky integrators (:class:`delrec.neurons.
+    LeakyIntegrator`: ``v[t] = (1 - 1/τ)·v[t-1] + u[t]``, ``u[t]/τ`` with ``decay_input``)."""
+    kernels = kernels_for(current.device)
+    lif = LIFMap.of(LIFParameters(tau=tau, v_reset=None, decay_input=decay_input))
+    return _Integrator.apply(current, lif.leak, lif.gain, kernels)
+
+
+# --------------------------------------------------------------------------- dropout
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, draw: MaskDraw, kernels):
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        kernels.dropout(x, out, draw.native(x.dtype))
+        ctx.draw, ctx.kernels = draw, kernels
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad = grad_out.contiguous()
+        grad_x = torch.empty_like(grad)
+        ctx.kernels.dropout(grad, grad_x, ctx.draw.native(grad.dtype))
+        return grad_x, None, None
+
+
+def apply_dropout(x: Tensor, draw: MaskDraw) -> Tensor:
+    """``x ⊙ mask`` for a ``(T, B, N)`` tensor, the mask drawn in the loop both ways."""
+    return _Dropout.apply(x, draw, kernels_for(x.device))
+
+
+# --------------------------------------------------------------------------- BatchNorm
+class _BatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, kernels):
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        n = x.shape[-1]
+        mean, var = (x.new_empty(n, dtype=torch.float64) for _ in range(2))
+        kernels.batch_norm_forward(x, weight, bias, eps, out, mean, var)
+        invstd = (var + eps).rsqrt()
+        ctx.save_for_backward(x, mean, invstd, weight)
+        ctx.kernels = kernels
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        x, mean, invstd, weight = ctx.saved_tensors
+        grad = grad_out.contiguous()
+        grad_x = torch.empty_like(x)
+        sums = x.new_empty(2, x.shape[-1], dtype=torch.float64)
+        ctx.kernels.batch_norm_backward(grad, x, mean, invstd, weight, grad_x, sums)
+        grad_weight = (sums[1] * invstd).to(weight.dtype)
+        grad_bias = sums[0].to(weight.dtype)
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+def batch_norm(current: Tensor, norm: nn.BatchNorm1d) -> Tensor:
+    """``norm`` applied to the ``T·B`` frames of ``current`` ``(T, B, N)`` (what
+    ``norm(current.flatten(0, 1))`` computes), updating its running statistics in training.
+
+    ``norm`` must be an affine ``nn.BatchNorm1d`` that tracks running statistics; in eval mode
+    the module itself runs (an affine map with the running statistics).
+    """
+    if not norm.training:
+        return norm(current.flatten(0, 1)).view_as(current)
+    out, mean, var = _BatchNorm.apply(
+        current, norm.weight, norm.bias, norm.eps, kernels_for(current.device)
+    )
+    with torch.no_grad():
+        norm.num_batches_tracked.add_(1)
+        factor = norm.momentum if norm.momentum is not None else 1 / int(norm.num_batches_tracked)
+        frames = current.shape[0] * current.shape[1]
+        unbiased = var * (frames / max(frames - 1, 1))
+        norm.running_mean.mul_(1 - factor).add_(mean.to(norm.running_mean.dtype), alpha=factor)
+        norm.running_var.mul_(1 - factor).add_(unbiased.to(norm.running_var.dtype), alpha=factor)
+    return out
+
+
+def fusable_norm(norm: nn.Module | None) -> bool:
+    """True for the BatchNorm that :func:`batch_norm` runs: an affine ``nn.BatchNorm1d`` with
+    running statistics (not a subclass, such as the data-parallel whole-batch one)."""
+    return type(norm) is nn.BatchNorm1d and norm.affine and norm.track_running_stats
