@@ -255,6 +255,10 @@ def grids(quick: bool):
 
 
 def run(args) -> int:
+    if args.network:
+        from delrec import bench_network
+
+        return bench_network.run(args)
     torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (3 if args.quick else 5)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -508,6 +512,12 @@ def add_parser(subparsers) -> None:
         "targets, and write bench.csv, bench.png and bench.txt.",
     )
     p.add_argument("--quick", action="store_true", help="small grid, under a minute")
+    p.add_argument(
+        "--network",
+        choices=("shd", "ssc", "psmnist", "mackey-glass", "all"),
+        help="instead: one training step of this preset's whole network, fused and unfused, "
+        "and where its time goes (delrec.bench_network; --quick: batch 16)",
+    )
     p.add_argument("--out", default="bench-out", help="output directory (default: bench-out/)")
     p.add_argument(
         "--repeats",

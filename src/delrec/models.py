@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from delrec.engine import feedforward
+from delrec.engine import fused
 from delrec.layers import DelRec, FeedforwardDelay
 from delrec.layers.dropout import Dropout
 from delrec.neurons import LIF, LeakyIntegrator, make_surrogate
@@ -122,7 +122,7 @@ class HiddenBlock(nn.Module):
     ``(T, B, I)`` → spikes ``(T, B, O)``. ``neurons`` is a DelRec layer or a plain LIF.
     ``engine`` (see :func:`set_feedforward_engine`): ``"fused"`` runs BatchNorm, a plain LIF
     layer with its dropout, and a lone dropout as the fused loops of
-    :mod:`delrec.engine.feedforward` where they are available (the C++ kernels, on the CPU);
+    :mod:`delrec.engine.fused` where they are available (the C++ kernels, on the CPU);
     ``"reference"`` runs the modules step by step under autograd. Same numbers either way.
     """
 
@@ -142,16 +142,16 @@ class HiddenBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         current = self.synapses(x)
-        fused = self.engine == "fused" and feedforward.kernels_for(current.device) is not None
+        use_fused = self.engine == "fused" and fused.kernels_for(current.device) is not None
         if self.norm is not None:  # statistics over all T·B frames
-            if fused and feedforward.fusable_norm(self.norm):
-                current = feedforward.batch_norm(current, self.norm)
+            if use_fused and fused.fusable_norm(self.norm):
+                current = fused.batch_norm(current, self.norm)
             else:
                 current = self.norm(current.flatten(0, 1)).view_as(current)
-        if fused and type(self.neurons) is LIF:  # the layer and its dropout: one loop
+        if use_fused and type(self.neurons) is LIF:  # the layer and its dropout: one loop
             mask = self.dropout.draw()
             masks = (mask, None) if self.dropout_first else (None, mask)
-            return feedforward.lif_layer(current, self.neurons.p, *masks)
+            return fused.lif_layer(current, self.neurons.p, *masks)
         if self.dropout_first:
             return self.neurons(self.dropout(current))
         return self.dropout(self.neurons(current))
@@ -188,8 +188,8 @@ class SpikingNetwork(nn.Module):
         out = self.readout(x)
         neuron = self.readout_neuron
         if neuron is not None:
-            if self.engine == "fused" and feedforward.kernels_for(out.device) is not None:
-                out = feedforward.integrate(out, neuron.tau, neuron.decay_input)
+            if self.engine == "fused" and fused.kernels_for(out.device) is not None:
+                out = fused.integrate(out, neuron.tau, neuron.decay_input)
             else:
                 out = neuron(out)
         return out, spikes
@@ -205,11 +205,11 @@ class SpikingNetwork(nn.Module):
 def set_feedforward_engine(network: nn.Module, engine: str) -> None:
     """Run the network around the delays of ``network`` on ``engine``: ``"fused"`` (the default:
     plain LIF layers, the leaky-integrator readout, dropout and BatchNorm as the compiled loops
-    of :mod:`delrec.engine.feedforward`, where they are built) or ``"reference"`` (the modules'
+    of :mod:`delrec.engine.fused`, where they are built) or ``"reference"`` (the modules'
     step-by-step autograd). The recurrent layers keep their own ``engine`` option."""
-    if engine not in feedforward.ENGINES:
+    if engine not in fused.ENGINES:
         raise ValueError(
-            f"unknown feedforward engine {engine!r}; choose one of {feedforward.ENGINES}"
+            f"unknown feedforward engine {engine!r}; choose one of {fused.ENGINES}"
         )
     for module in network.modules():
         if isinstance(module, (HiddenBlock, SpikingNetwork, Dropout)):

@@ -1,19 +1,21 @@
 """Dropout masks from a counter-based generator: reproducible from the seed, at memory speed.
 
 A mask is a function of one 64-bit key and of each element's position: element ``(t, b, n)`` of
-a time-major ``(T, B, N)`` mask is kept when word ``n mod 4`` of the Philox4x32-10 block (the
-generator of Salmon et al. 2011, as in Random123, cuRAND and Triton)
+a time-major ``(T, B, N)`` mask, with ``n = 64k + 16w + l`` (``w < 4``, ``l < 16``), is kept when
+word ``w`` of the Philox4x32-10 block (the generator of Salmon et al. 2011, as in Random123,
+cuRAND and Triton)
 
-    counter = (n div 4, b + batch_offset, t, 0),    key = (key mod 2³², key div 2³²)
+    counter = (16k + l, b + batch_offset, t, 0),    key = (key mod 2³², key div 2³²)
 
-is below ``round(keep · 2³²)``; a kept element is scaled by ``1/keep`` (computed in the
+is below ``round(keep · 2³²)`` (sixteen blocks fill 64 consecutive elements, one 32-bit lane
+each: a vector of consecutive elements is one output word of sixteen blocks); a kept element is scaled by ``1/keep`` (computed in the
 tensor's dtype), a dropped one is zero. Each mask draws its key from torch's global CPU
 generator (:func:`draw`), so masks follow ``torch.manual_seed`` and the RNG state a checkpoint
 stores, and are the same on every device. Because the mask is a function of the position, the
 backward pass draws it again instead of saving it, and a process that holds rows
 ``[offset, offset + B)`` of a larger batch draws exactly those rows.
 
-The C++ kernels (``csrc/feedforward.cpp``) draw masks inside the loops that use them;
+The C++ kernels (``csrc/fused.cpp``) draw masks inside the loops that use them;
 :func:`philox` and :func:`mask` compute the same in PyTorch ops (any device), and are what the
 kernels are tested against.
 """
@@ -95,27 +97,29 @@ def philox(counter: tuple[Tensor, Tensor, Tensor, Tensor], key: int) -> list[Ten
 def mask_words(shape: tuple[int, int, int], draw: MaskDraw, device=None) -> Tensor:
     """The 32-bit words (int64) behind the mask of a ``(T, B, N)`` tensor."""
     steps, batch, n = shape
-    blocks = (n + 3) // 4
+    chunks = (n + 63) // 64
 
     def arange(size, view):
         return torch.arange(size, dtype=torch.int64, device=device).view(view)
 
     counter = (
-        arange(blocks, (1, 1, blocks)),
+        arange(16 * chunks, (1, 1, 16 * chunks)),
         arange(batch, (1, batch, 1)) + draw.batch_offset,
         arange(steps, (steps, 1, 1)),
         torch.zeros((), dtype=torch.int64, device=device),
     )
-    words = torch.stack(torch.broadcast_tensors(*philox(counter, draw.key)), dim=-1)
-    return words.reshape(steps, batch, 4 * blocks)[..., :n]
+    words = torch.stack(torch.broadcast_tensors(*philox(counter, draw.key)), dim=-2)
+    # (T, B, 4, 16·chunks) -> element 64k + 16w + l = word w of block 16k + l
+    words = words.view(steps, batch, 4, chunks, 16).transpose(2, 3)
+    return words.reshape(steps, batch, 64 * chunks)[..., :n]
 
 
 def mask(shape: tuple[int, int, int], draw: MaskDraw, dtype=torch.float32, device=None) -> Tensor:
     """The mask of a ``(T, B, N)`` tensor: ``1/keep`` where kept, 0 where dropped (C++ kernel on
     the CPU where built, PyTorch ops elsewhere; the same values)."""
-    from delrec.engine import feedforward  # it builds on this module
+    from delrec.engine import fused  # it builds on this module
 
-    kernels = feedforward.kernels_for(torch.device(device or "cpu"))
+    kernels = fused.kernels_for(torch.device(device or "cpu"))
     if kernels is not None:
         out = torch.empty(shape, dtype=dtype, device=device)
         kernels.dropout(None, out, draw.native(dtype))

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from delrec.engine import dropout as masks
-from delrec.engine import feedforward
+from delrec.engine import fused
 
 
 class Dropout(nn.Module):
@@ -42,8 +42,8 @@ class Dropout(nn.Module):
             return x
         if x.dim() != 3:
             raise ValueError(f"Dropout expects a time-major (T, B, N) input, got {tuple(x.shape)}")
-        if self.engine == "fused" and feedforward.kernels_for(x.device) is not None:
-            return feedforward.apply_dropout(x, draw)
+        if self.engine == "fused" and fused.kernels_for(x.device) is not None:
+            return fused.apply_dropout(x, draw)
         return x * masks.mask(tuple(x.shape), draw, x.dtype, x.device)
 
     def extra_repr(self) -> str:

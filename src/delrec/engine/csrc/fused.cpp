@@ -1,4 +1,4 @@
-// The network around the delays, fused (delrec/engine/feedforward.py, docs/speed.md): the time
+// The network around the delays, fused (delrec/engine/fused.py, docs/speed.md): the time
 // loop of a feedforward LIF layer and of the leaky-integrator readout, forward and backward, one
 // loop each; dropout masks drawn by a counter-based generator (Philox4x32-10), applied alone or
 // inside the LIF loop; BatchNorm over the T·B frames of a sequence in two passes each way.
@@ -7,14 +7,18 @@
 // blocks of batch rows (ATen's intra-op threads), each block through the whole time loop, so
 // one layer is one parallel region; the neuron state of a block stays in L1/L2.
 //
-// Dropout masks: element (t, b, n) of a mask is kept when word n mod 4 of
-// Philox4x32-10(counter = (n div 4, b + batch_offset, t, 0), key = (key mod 2³², key div 2³²))
-// is below `threshold` = round(keep·2³²); a kept element is multiplied by 1/keep (in the
+// Dropout masks: element (t, b, n) of a mask, n = 64k + 16w + l (w < 4, l < 16), is kept when
+// word w of Philox4x32-10(counter = (16k + l, b + batch_offset, t, 0),
+// key = (key mod 2³², key div 2³²)) is below `threshold` = round(keep·2³²); a kept element is multiplied by 1/keep (in the
 // tensor's dtype), a dropped one by 0. The mask is a function of the key and the element's
 // position only: the backward draws it again instead of saving it, and a process holding
 // rows [offset, offset + B) of a larger batch draws exactly those rows.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -97,17 +101,55 @@ void for_each_row_block(int64_t batch, int64_t n, const Fn& fn) {
 // --------------------------------------------------------------------------- Philox4x32-10
 constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
-constexpr int64_t kLanes = 16;  // Philox blocks computed side by side (vectorised lanes)
+constexpr int64_t kLanes = 16;              // Philox blocks computed side by side
+constexpr int64_t kChunk = 4 * kLanes;      // mask elements per group of kLanes blocks
 
-// Words 0 … count-1 of the mask row (row, step): word i is word i mod 4 of the block with
-// counter (i div 4, row, step, 0). The blocks of a row are computed kLanes at a time, one lane
-// each, with the ten rounds unrolled (straight-line code that GCC vectorises over the lanes).
-void philox_row(uint32_t* __restrict__ out, int64_t count, uint32_t row, uint32_t step,
+// Words 0 … count-1 of the mask row (row, step), written to out (room for count rounded up to
+// kChunk): in each chunk of 64 elements k, element 64k + 16w + l is word w of the block with
+// counter (16k + l, row, step, 0). Sixteen blocks are computed at once, one per 32-bit lane.
+#if defined(__AVX512F__)
+// The 32×32 → 64-bit products of the even and odd lanes (vpmuludq), split into the high and
+// low words of each lane.
+inline void mulhilo16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, m);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+__attribute__((noinline)) void philox_row(uint32_t* __restrict__ out, int64_t count, uint32_t row, uint32_t step,
                 uint32_t key0, uint32_t key1) {
-  const int64_t blocks = (count + 3) / 4;
-  for (int64_t first = 0; first < blocks; first += kLanes) {
-    uint32_t w0[kLanes], w1[kLanes], w2[kLanes], w3[kLanes];
-    for (int64_t l = 0; l < kLanes; ++l) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
+  for (int64_t first = 0; 4 * first < count; first += kLanes) {
+    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<uint32_t>(first)), lanes);
+    __m512i c1 = _mm512_set1_epi32(row), c2 = _mm512_set1_epi32(step);
+    __m512i c3 = _mm512_setzero_si512();
+    uint32_t k0 = key0, k1 = key1;
+    for (int round = 0; round < 10; ++round) {
+      __m512i hi0, lo0, hi1, lo1;
+      mulhilo16(c0, m0, hi0, lo0);
+      mulhilo16(c2, m1, hi1, lo1);
+      c0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32(k0), 0x96);  // a ^ b ^ c
+      c2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32(k1), 0x96);
+      c1 = lo1;
+      c3 = lo0;
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    uint32_t* words = out + 4 * first;
+    _mm512_storeu_si512(words, c0);
+    _mm512_storeu_si512(words + kLanes, c1);
+    _mm512_storeu_si512(words + 2 * kLanes, c2);
+    _mm512_storeu_si512(words + 3 * kLanes, c3);
+  }
+}
+#else
+__attribute__((noinline)) void philox_row(uint32_t* __restrict__ out, int64_t count, uint32_t row, uint32_t step,
+                uint32_t key0, uint32_t key1) {
+  for (int64_t first = 0; 4 * first < count; first += kLanes) {
+    uint32_t* words = out + 4 * first;
+    for (int64_t l = 0; l < kLanes; ++l) {  // the ten rounds unrolled: GCC vectorises the lanes
       uint32_t c0 = static_cast<uint32_t>(first + l), c1 = row, c2 = step, c3 = 0;
       uint32_t k0 = key0, k1 = key1;
 #pragma GCC unroll 10
@@ -121,28 +163,14 @@ void philox_row(uint32_t* __restrict__ out, int64_t count, uint32_t row, uint32_
         k0 += kPhiloxW0;
         k1 += kPhiloxW1;
       }
-      w0[l] = c0;
-      w1[l] = c1;
-      w2[l] = c2;
-      w3[l] = c3;
-    }
-    const int64_t lanes = std::min(kLanes, blocks - first);
-    uint32_t* words = out + 4 * first;
-    if (4 * (first + lanes) <= count) {
-      for (int64_t l = 0; l < lanes; ++l) {
-        words[4 * l] = w0[l];
-        words[4 * l + 1] = w1[l];
-        words[4 * l + 2] = w2[l];
-        words[4 * l + 3] = w3[l];
-      }
-    } else {  // the row's last, partial block
-      for (int64_t i = 0; i < count - 4 * first; ++i) {
-        const int64_t l = i >> 2, w = i & 3;
-        words[i] = w == 0 ? w0[l] : w == 1 ? w1[l] : w == 2 ? w2[l] : w3[l];
-      }
+      words[l] = c0;
+      words[kLanes + l] = c1;
+      words[2 * kLanes + l] = c2;
+      words[3 * kLanes + l] = c3;
     }
   }
 }
+#endif
 
 // One dropout mask: key, threshold on the words, value of a kept element, first batch row.
 struct Mask {
@@ -151,7 +179,7 @@ struct Mask {
   double scale = 1.0;
   int64_t batch_offset = 0;
 
-  // the words of row (b, t) into buffer (length ≥ N)
+  // the words of row (b, t) into buffer (length ≥ N rounded up to kChunk)
   void draw(std::vector<uint32_t>& buffer, int64_t n, int64_t b, int64_t t) const {
     philox_row(buffer.data(), n, static_cast<uint32_t>(b + batch_offset),
                static_cast<uint32_t>(t), key0, key1);
@@ -188,7 +216,7 @@ void dropout_loop(const at::Tensor& x, at::Tensor& out, const Mask& mask) {
   scalar_t* out_p = out.data_ptr<scalar_t>();
   const Mask m = mask;
   for_each_row_block(batch, n, [=](int64_t b0, int64_t b1) {
-    std::vector<uint32_t> words(n + 4 * kLanes);
+    std::vector<uint32_t> words(n + kChunk);
     std::vector<scalar_t> values(n);
     const scalar_t kept = static_cast<scalar_t>(m.scale);
     for (int64_t t = 0; t < steps; ++t) {
@@ -225,7 +253,7 @@ void lif_forward_loop(const at::Tensor& current, const LIFConstants& constants, 
     const LIFUpdate<scalar_t> lif(k);
     const scalar_t g = gain, o = offset;
     std::vector<scalar_t> v_store((b1 - b0) * n, static_cast<scalar_t>(k.v0));
-    std::vector<uint32_t> words(n + 4 * kLanes);
+    std::vector<uint32_t> words(n + kChunk);
     std::vector<scalar_t> in_values(n, scalar_t(1)), out_values(n, scalar_t(1));
     for (int64_t t = 0; t < steps; ++t) {
       for (int64_t b = b0; b < b1; ++b) {
@@ -276,7 +304,7 @@ void lif_backward_loop(const at::Tensor& grad_out, const at::Tensor& membrane,
     const SurrogateDerivative<scalar_t, kSurrogate> surrogate(k);
     const scalar_t g = gain;
     std::vector<scalar_t> gh_store((b1 - b0) * n, scalar_t(0));  // ∂L/∂h[t+1]
-    std::vector<uint32_t> words(n + 4 * kLanes);
+    std::vector<uint32_t> words(n + kChunk);
     std::vector<scalar_t> in_values(n, scalar_t(1)), out_values(n, scalar_t(1));
     for (int64_t t = steps - 1; t >= 0; --t) {
       for (int64_t b = b0; b < b1; ++b) {
@@ -466,9 +494,9 @@ void batch_norm_backward_loop(const at::Tensor& grad, const at::Tensor& x,
 // --------------------------------------------------------------------------- bindings
 void check_sequence(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 3,
-              "delrec feedforward kernel: ", name, " must be a contiguous (T, B, N) CPU tensor");
+              "delrec fused kernel: ", name, " must be a contiguous (T, B, N) CPU tensor");
   TORCH_CHECK(x.size(1) + 0 < (int64_t(1) << 32) && x.size(0) < (int64_t(1) << 32),
-              "delrec feedforward kernel: ", name, " is too long for 32-bit mask counters");
+              "delrec fused kernel: ", name, " is too long for 32-bit mask counters");
 }
 
 LIFConstants lif_constants(double leak, double v0, double threshold, double v_reset,
@@ -553,7 +581,7 @@ void lif_backward(const at::Tensor& grad_out, const at::Tensor& membrane, const 
   check_sequence(membrane, "membrane");
   check_sequence(grad_current, "grad_current");
   TORCH_CHECK(surrogate != 0 || (psi.is_contiguous() && psi.sizes() == membrane.sizes()),
-              "delrec feedforward kernel: ψ' must be a contiguous (T, B, N) tensor");
+              "delrec fused kernel: ψ' must be a contiguous (T, B, N) tensor");
   const LIFConstants constants = lif_constants(leak, 0.0, threshold, v_reset, soft_reset,
                                                detach_reset, surrogate, surrogate_param);
   const Mask in = mask_of(in_mask), out = mask_of(out_mask);

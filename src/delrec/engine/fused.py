@@ -16,7 +16,7 @@ The reference for all of them is the step-by-step autograd of :mod:`delrec.neuro
 * :func:`batch_norm`: BatchNorm with the statistics of all ``T·B`` frames; saves its input and
   two numbers per channel.
 
-They run the C++ loops of ``csrc/feedforward.cpp`` (built by :mod:`delrec.engine.native`) on
+They run the C++ loops of ``csrc/fused.cpp`` (built by :mod:`delrec.engine.native`) on
 tensors that :func:`kernels_for` has kernels for; the network's feedforward engine
 (:func:`delrec.models.set_feedforward_engine`) chooses between them and the reference once per
 forward. Other devices register their kernels in :data:`KERNELS` under their device type, with
@@ -37,7 +37,7 @@ from delrec.neurons import ATan, LIFParameters, Triangle
 ENGINES = ("fused", "reference")  # the choices of the network's feedforward engine
 
 # device type -> loader of the kernel module (the C++ one on the CPU)
-KERNELS = {"cpu": lambda: native.load("feedforward")}
+KERNELS = {"cpu": lambda: native.load("fused")}
 
 
 def kernels_for(device: torch.device):

@@ -13,15 +13,15 @@ from torch import nn
 
 from delrec.bench import saved_bytes
 from delrec.engine import dropout as masks
-from delrec.engine import feedforward, native
+from delrec.engine import fused, native
 from delrec.layers.dropout import Dropout
 from delrec.models import build_network, preset_network, set_feedforward_engine
 from delrec.neurons import LIF, LeakyIntegrator, Surrogate
 from delrec.training.objectives import make_objective
 
 needs_kernels = pytest.mark.skipif(
-    native.load("feedforward") is None,
-    reason="the C++ kernels 'feedforward' are not built (a C++ compiler and ninja are needed)",
+    native.load("fused") is None,
+    reason="the C++ kernels 'fused' are not built (a C++ compiler and ninja are needed)",
 )
 
 
@@ -71,7 +71,7 @@ def test_the_kernel_draws_the_masks_that_the_pytorch_ops_draw(shape, key, keep, 
     expected = masks.reference_mask(shape, draw, dtype)
     assert torch.equal(masks.mask(shape, draw, dtype), expected)
     x = torch.randn(shape, dtype=dtype)
-    assert torch.equal(feedforward.apply_dropout(x, draw), x * expected)
+    assert torch.equal(fused.apply_dropout(x, draw), x * expected)
 
 
 def test_masks_keep_the_asked_share_and_scale_by_one_over_keep():
@@ -102,7 +102,7 @@ def test_keys_come_from_the_global_generator():
         masks.draw(1.0)
 
 
-@pytest.mark.parametrize("engine", feedforward.ENGINES)
+@pytest.mark.parametrize("engine", fused.ENGINES)
 def test_dropout_module(engine):
     layer = Dropout(0.3)
     layer.engine = engine
@@ -160,7 +160,7 @@ def test_fused_lif_layer_matches_the_autograd_loop(
     expected = with_masks(current, mask_in, mask_out)(neuron, x)
     (expected_grad,) = grads_of(expected, [x], grad_out)
     x = current.clone().requires_grad_()
-    spikes = feedforward.lif_layer(x, neuron.p, mask_in, mask_out)
+    spikes = fused.lif_layer(x, neuron.p, mask_in, mask_out)
     assert torch.equal(spikes, expected)
     assert_close_relative(grads_of(spikes, [x], grad_out)[0], expected_grad)
 
@@ -177,7 +177,7 @@ def test_fused_lif_layer_in_float32_at_training_size(reset):
     exact = with_masks(x64, None, draw)(neuron, x64)
     (exact_grad,) = grads_of(exact, [x64], grad_out.double())
     x = current.clone().requires_grad_()
-    spikes = feedforward.lif_layer(x, neuron.p, None, draw)
+    spikes = fused.lif_layer(x, neuron.p, None, draw)
     reference = with_masks(current, None, draw)(neuron, current)
     assert torch.equal(spikes, reference)
     assert 0.05 < spikes.ne(0).float().mean() < 0.95
@@ -189,9 +189,9 @@ def test_fused_lif_layer_in_float32_at_training_size(reset):
 def test_fused_lif_layer_saves_only_the_membrane():
     current = torch.randn(10, 3, 8, requires_grad=True)
     neuron = LIF()
-    saved = saved_bytes(lambda: feedforward.lif_layer(current, neuron.p, masks.MaskDraw(1, 0.5)))
+    saved = saved_bytes(lambda: fused.lif_layer(current, neuron.p, masks.MaskDraw(1, 0.5)))
     assert saved == current.numel() * current.element_size()
-    assert saved_bytes(lambda: feedforward.apply_dropout(current, masks.MaskDraw(1, 0.5))) == 0
+    assert saved_bytes(lambda: fused.apply_dropout(current, masks.MaskDraw(1, 0.5))) == 0
 
 
 # --------------------------------------------------------------------------- readout, norm
@@ -203,7 +203,7 @@ def test_fused_leaky_integrator_matches_the_module(decay_input, tau):
     current = torch.randn(30, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
     grad_out = torch.randn(30, 5, 7, generator=g, dtype=torch.float64)
     expected = LeakyIntegrator(tau, decay_input)(current)
-    out = feedforward.integrate(current, tau, decay_input)
+    out = fused.integrate(current, tau, decay_input)
     assert_close_relative(out.detach(), expected.detach(), rtol=1e-12)
     assert_close_relative(
         grads_of(out, [current], grad_out)[0], grads_of(expected, [current], grad_out)[0]
@@ -225,7 +225,7 @@ def test_fused_batch_norm_matches_the_module(dtype, momentum):
     rtol = 1e-9 if dtype == torch.float64 else 1e-4
     for _ in range(2):  # twice: the running statistics' second update
         expected = modules[0](current.flatten(0, 1)).view_as(current)
-        out = feedforward.batch_norm(current, modules[1])
+        out = fused.batch_norm(current, modules[1])
         assert_close_relative(out.detach(), expected.detach(), rtol)
         params = [[current, m.weight, m.bias] for m in modules]
         for a, e in zip(
@@ -235,8 +235,8 @@ def test_fused_batch_norm_matches_the_module(dtype, momentum):
         for name, buffer in modules[0].named_buffers():
             assert_close_relative(getattr(modules[1], name), buffer, rtol)
     modules[1].eval()
-    assert feedforward.batch_norm(current, modules[1]).shape == current.shape
-    assert feedforward.fusable_norm(modules[1]) and not feedforward.fusable_norm(None)
+    assert fused.batch_norm(current, modules[1]).shape == current.shape
+    assert fused.fusable_norm(modules[1]) and not fused.fusable_norm(None)
 
 
 # --------------------------------------------------------------------------- whole networks
@@ -270,7 +270,7 @@ def train_step(network, objective, frames, lengths, targets):
 @pytest.mark.parametrize("task", list(NETWORKS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fused_network_trains_like_the_reference(task, model, dtype):
-    config, (fused, reference) = network_pair(task, model, dtype)
+    config, (fused_net, reference_net) = network_pair(task, model, dtype)
     g = torch.Generator().manual_seed(7)
     steps, batch = 25, 6
     lengths = torch.tensor([25, 7, 19, 25, 1, 12])  # variable lengths, zero-padded
@@ -283,8 +283,8 @@ def test_fused_network_trains_like_the_reference(task, model, dtype):
         if task_kind == "regression"
         else torch.randint(config.output_size, (batch,), generator=g)
     )
-    out, spikes, grads = train_step(fused, objective, frames, lengths, targets)
-    ref_out, ref_spikes, ref_grads = train_step(reference, objective, frames, lengths, targets)
+    out, spikes, grads = train_step(fused_net, objective, frames, lengths, targets)
+    ref_out, ref_spikes, ref_grads = train_step(reference_net, objective, frames, lengths, targets)
     assert any(s.ne(0).any() for s in spikes)
     for s, r in zip(spikes, ref_spikes):
         assert torch.equal(s, r)
@@ -298,17 +298,17 @@ def test_fused_network_trains_like_the_reference(task, model, dtype):
         expected = ref_grads[name]
         atol = rtol * max(float(expected.abs().max()), floor)
         torch.testing.assert_close(grad, expected, rtol=rtol, atol=atol, msg=name)
-    for a, b in zip(fused.buffers(), reference.buffers()):
+    for a, b in zip(fused_net.buffers(), reference_net.buffers()):
         assert_close_relative(a, b, rtol)
 
 
 @needs_kernels
 def test_the_switch_chooses_the_path():
-    config, (fused, reference) = network_pair("shd", "delrec", torch.float32)
+    config, (fused_net, reference_net) = network_pair("shd", "delrec", torch.float32)
     x = torch.rand(5, 2, config.input_size)
-    assert type(fused(x).grad_fn).__name__ == "_IntegratorBackward"
-    assert type(reference(x).grad_fn).__name__ != "_IntegratorBackward"
+    assert type(fused_net(x).grad_fn).__name__ == "_IntegratorBackward"
+    assert type(reference_net(x).grad_fn).__name__ != "_IntegratorBackward"
     with pytest.raises(ValueError, match="feedforward engine"):
-        set_feedforward_engine(fused, "fast")
-    assert all(m.engine == "reference" for m in reference.blocks)
-    assert reference.blocks[1].neurons.engine == "auto"  # the recurrent layer's own option
+        set_feedforward_engine(fused_net, "fast")
+    assert all(m.engine == "reference" for m in reference_net.blocks)
+    assert reference_net.blocks[1].neurons.engine == "auto"  # the recurrent layer's own option
