@@ -3,6 +3,8 @@ written."""
 
 import csv
 
+import torch
+
 from delrec import bench
 from delrec.cli import main
 
@@ -35,6 +37,16 @@ def test_bench_writes_the_four_panels_and_judges_the_targets(tmp_path, monkeypat
     assert all(float(r["time_ms"]) > 0 and float(r["saved_mb"]) > 0 for r in rows)
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert (tmp_path / "bench.txt").read_text().count("\n") > 20
+    report = (tmp_path / "bench.md").read_text()  # says how it was made, embeds the figure
+    rerun = f"delrec bench --quick --out {tmp_path} --repeats 1 --threads 1 --clock wall"
+    assert f"| command | `{rerun}` |" in report and "![delrec bench](bench.png)" in report
+    assert all(f"| {key} |" in report for key in ("commit", "date", "CPU", "threads", "software"))
+    assert (
+        torch.__version__ in report and "| N=16 B=2 d~U(0,3) σ=1 | DelRec, reference" not in report
+    )
+    assert (
+        report.count("| N=8 B=2 d~U(0,3) σ=1 | vanilla recurrent LIF |") == 3
+    )  # size, delay, cost
 
     verdicts = [line for line in printed.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert sum("cost of delays" in v for v in verdicts) == 4

@@ -1,4 +1,5 @@
-"""Network builders: the paper's architectures and their ablation family (DESIGN §2.4).
+"""Network builders: the paper's architectures and their ablation family
+(docs/design.md#the-papers-networks).
 
 One config object, :class:`NetworkConfig`, describes a network; :func:`build_network` turns
 it into a :class:`SpikingNetwork`; :func:`preset_network` gives the paper's settings for a
@@ -26,7 +27,9 @@ READOUTS = ("lif", "sum", "ema")
 
 @dataclass
 class NeuronConfig:
-    """LIF settings (DESIGN §2.1). ``reset``: ``"hard"`` (to ``v_reset``) or ``"soft"``."""
+    """LIF settings (docs/design.md#lif-neuron).
+
+    ``reset``: ``"hard"`` (to ``v_reset``) or ``"soft"``."""
 
     tau: float = 2.0
     v_threshold: float = 1.0

@@ -1,4 +1,5 @@
-"""Feedforward learnable delays (the DCLS-style baseline of the paper, DESIGN §2.3)."""
+"""Feedforward learnable delays: the DCLS-style baseline of the paper
+(docs/design.md#feedforward-delays)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A :class:`TrainConfig` is resolved in four layers, each overriding the one before:
 
-1. the preset of the task and model (:func:`preset`, Tables S1–S4 and DESIGN §2.4);
+1. the preset of the task and model (:func:`preset`, Tables S1–S4, docs/design.md#training-recipes);
 2. a config file (TOML or JSON, same nesting as :meth:`TrainConfig.to_dict`);
 3. ``--set key=value`` pairs (dotted keys for nested settings, values parsed as JSON and
    taken as plain strings when they are not JSON);
@@ -65,8 +65,9 @@ class OptimConfig:
 
 @dataclass
 class SpreadConfig:
-    """Delay spread schedule (DESIGN §2.2): ``σ_e = sigma0 · gamma^(100 e / E)`` at the start
-    of epoch ``e`` of ``E``, in time steps. ``gamma = 1`` keeps σ constant (no annealing)."""
+    """Delay spread schedule (docs/design.md#spread-schedule-and-clamping):
+    ``σ_e = sigma0 · gamma^(100 e / E)`` at the start of epoch ``e`` of ``E``, in time steps.
+    ``gamma = 1`` keeps σ constant (no annealing)."""
 
     sigma0: float = 10.0
     gamma: float = 0.95
@@ -133,9 +134,9 @@ def _network_dict(task: str, model: str) -> dict:
 
 def _mackey_glass(model: str) -> TrainConfig:
     # The quick default (≤ 5 min on 2 CPU cores): 20 epochs of batches of 64 over every training
-    # window. Delays start in U(0, 40) rather than DESIGN's U(0, 20): learned delays move only
-    # a few steps in training, so the initial range must already cover the series' feedback
-    # delay τ_MG = 30 (measurements in the README's Training section).
+    # window. Delays start in U(0, 40) rather than the published U(0, 20): learned delays move
+    # only a few steps in training, so the initial range must already cover the series' feedback
+    # delay τ_MG = 30 (measurements: docs/training.md#why-these-defaults).
     # `configs/mackey-glass-paper.toml` holds the published recipe (100 epochs, batch 512,
     # U(0, 20)).
     network = _network_dict("mackey-glass", model)

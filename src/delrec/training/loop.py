@@ -1,6 +1,6 @@
 """The training loop: data, network, optimizers, schedules, checkpoints, resume, test.
 
-A run directory holds (see the README, "Run directory")::
+A run directory holds (docs/training.md#run-directory)::
 
     config.json            the resolved TrainConfig (plus data set info)
     metrics.csv            one row per epoch
@@ -17,7 +17,7 @@ uninterrupted one does (same device and thread count).
 
 With a :class:`~delrec.training.distributed.DataParallel` (``torchrun``), the Trainer runs
 one shard of every batch and computes what one process computes on the whole batch; rank 0
-alone writes files and logs (README, "More than one GPU").
+alone writes files and logs (docs/distributed.md).
 """
 
 from __future__ import annotations

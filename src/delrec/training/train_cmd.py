@@ -1,6 +1,6 @@
 """`delrec train`: train a preset (default: Mackey-Glass with learned delays), resume a run,
 or run several seeds (one after another, or side by side with ``--parallel``); under
-``torchrun`` one run is trained by several processes (README, "More than one GPU").
+``torchrun`` one run is trained by several processes (docs/distributed.md).
 Human-readable progress on stderr, one JSON summary line on stdout."""
 
 from __future__ import annotations

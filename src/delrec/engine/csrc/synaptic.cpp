@@ -35,7 +35,12 @@
 #include <utility>
 #include <vector>
 
+#include "lif.h"
+
 namespace {
+
+using delrec::LIFConstants;
+using delrec::LIFUpdate;
 
 // the sums of the forward and backward: vector blocks of a batch row summed at once, and the
 // bytes of slot traces (forward) or adjoint rows (backward) a block of neurons keeps in L1
@@ -165,11 +170,6 @@ inline void advance_slot(const Plan& p, int64_t s, int64_t t, int64_t batch,
             st.e.data() + row * batch, z_out, e_out);
 }
 
-struct LIFConstants {
-  double leak, v0, threshold, v_reset;
-  bool soft_reset, detach_reset;
-};
-
 // One synapse as the sums read it: a = gain·W, b = gain·W·(c - G_s)/w², and an index: the slot
 // it reads (forward) or its postsynaptic neuron i (backward).
 template <typename scalar_t>
@@ -258,7 +258,7 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_ro
   std::vector<scalar_t> table(p.slots * 2 * width, scalar_t(0));  // (S, 2, B'): Z_s, E_s at t
   std::vector<scalar_t> recurrent(n * width);                      // (N, B'): r_i at t
   std::vector<scalar_t> v(nb, static_cast<scalar_t>(lif.v0));
-  const scalar_t theta = lif.threshold, reset = lif.v_reset, leak = lif.leak;
+  const LIFUpdate<scalar_t> neuron(lif);
   for (int64_t j = 0; j < n; ++j) std::fill_n(hist + j * frames, batch, false);
 
   for (int64_t t = 0; t < steps; ++t) {
@@ -286,15 +286,15 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_ro
       }
       for (int64_t i = i0; i < i1; ++i) {
         const scalar_t* r = recurrent.data() + i * width;
-        for (int64_t b = 0; b < batch; ++b) {  // the LIF update (fast.py, _LIF)
+        for (int64_t b = 0; b < batch; ++b) {  // the LIF update (lif.h)
           const int64_t k = i * batch + b, out = now + b * n + i;
           const scalar_t rec = has_mask ? mask_p[b * n + i] * r[b] : r[b];
-          const scalar_t h = (drive_p[out] + rec) + leak * v[k];
-          const bool spike = h >= theta;
+          const scalar_t h = neuron.charge(drive_p[out], rec, v[k]);
+          const bool spike = neuron.fires(h);
           membrane_p[now + k] = h;
           hist[i * frames + (t + 1) * batch + b] = spike;
           spikes_p[out] = static_cast<scalar_t>(spike);
-          v[k] = lif.soft_reset ? h - theta * static_cast<scalar_t>(spike) : (spike ? reset : h);
+          v[k] = neuron.reset_after(h, spike);
         }
       }
     });
@@ -460,7 +460,7 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
       cut[s * (row_blocks + 1) + q] = std::lower_bound(first, last, row) - p.member;
     }
   }
-  const scalar_t theta = lif.threshold, reset = lif.v_reset, leak = lif.leak;
+  const LIFUpdate<scalar_t> neuron(lif);
 
   for (int64_t t = steps - 1; t >= 0; --t) {
     const int64_t now = t * nb;
@@ -471,14 +471,11 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
           y[k] += d[k] + inj[b];
           d[k] += inj[width + b];
           inj[b] = inj[width + b] = scalar_t(0);
-          // the LIF adjoint (fast.py, _LIF.adjoint_step); gv is the adjoint of v[t]
+          // the LIF adjoint (lif.h)
           const int64_t out = now + b * n + i;
-          const scalar_t h = membrane_p[now + k];
-          scalar_t grad_s = grad_out[out] + static_cast<scalar_t>(y[k]);
-          scalar_t gv = gh[k] * leak;
-          if (!lif.detach_reset) grad_s += lif.soft_reset ? -theta * gv : gv * (reset - h);
-          if (!lif.soft_reset && hist[i * frames + (t + 1) * batch + b]) gv = scalar_t(0);
-          const scalar_t g = gv + psi_p[now + k] * grad_s;
+          const scalar_t g = neuron.adjoint(grad_out[out] + static_cast<scalar_t>(y[k]), gh[k],
+                                            membrane_p[now + k],
+                                            hist[i * frames + (t + 1) * batch + b], psi_p[now + k]);
           grad_h_p[out] = g;
           gh[k] = g;
           g_now[i * width + b] = has_mask ? g * mask_p[b * n + i] : g;
