@@ -60,6 +60,7 @@ SHAPES = {
     "mackey-glass": Shape(64, 150, "series", "regression"),
 }
 QUICK_BATCH = 16
+SHD_EPOCH_ITEMS = 3 * 8156  # SHD's training files, each presented three times (augmentation)
 
 COMPONENTS = (
     "GEMMs",
@@ -377,6 +378,14 @@ def run(args) -> int:
     rows = []
     for task in presets:
         rows.extend(measure(task, args.quick, repeats, clock, log))
+    if "shd" in presets and not args.quick:
+        steps = -(-SHD_EPOCH_ITEMS // SHAPES["shd"].batch)
+        fused, unfused = (_row(rows, "shd", "delrec", e)["step_ms"] for e in ENGINES)
+        log(
+            f"\nSHD epoch ({SHD_EPOCH_ITEMS:,} items in {steps} training steps of "
+            f"{SHAPES['shd'].batch}, delrec): {steps * fused / 1e3:.0f} s fused, "
+            f"{steps * unfused / 1e3:.0f} s unfused (training steps only)"
+        )
     log()
     for line in target_checks(rows, presets, args.quick, time.perf_counter() - started):
         log(line)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from delrec.engine import fused
+from delrec.engine.lif import is_builtin_lif
 from delrec.layers import DelRec, FeedforwardDelay
 from delrec.layers.dropout import Dropout
 from delrec.neurons import LIF, LeakyIntegrator, make_surrogate
@@ -151,7 +152,7 @@ class HiddenBlock(nn.Module):
                 current = fused.batch_norm(current, self.norm)
             else:
                 current = self.norm(current.flatten(0, 1)).view_as(current)
-        if use_fused and type(self.neurons) is LIF:  # the layer and its dropout: one loop
+        if use_fused and is_builtin_lif(self.neurons):  # the layer and its dropout: one loop
             mask = self.dropout.draw()
             masks = (mask, None) if self.dropout_first else (None, mask)
             return fused.lif_layer(current, self.neurons.p, *masks)
@@ -211,9 +212,7 @@ def set_feedforward_engine(network: nn.Module, engine: str) -> None:
     of :mod:`delrec.engine.fused`, where they are built) or ``"reference"`` (the modules'
     step-by-step autograd). The recurrent layers keep their own ``engine`` option."""
     if engine not in fused.ENGINES:
-        raise ValueError(
-            f"unknown feedforward engine {engine!r}; choose one of {fused.ENGINES}"
-        )
+        raise ValueError(f"unknown feedforward engine {engine!r}; choose one of {fused.ENGINES}")
     for module in network.modules():
         if isinstance(module, (HiddenBlock, SpikingNetwork, Dropout)):
             module.engine = engine

@@ -8,16 +8,16 @@ cuRAND and Triton)
     counter = (16k + l, b + batch_offset, t, 0),    key = (key mod 2³², key div 2³²)
 
 is below ``round(keep · 2³²)`` (sixteen blocks fill 64 consecutive elements, one 32-bit lane
-each: a vector of consecutive elements is one output word of sixteen blocks); a kept element is scaled by ``1/keep`` (computed in the
-tensor's dtype), a dropped one is zero. Each mask draws its key from torch's global CPU
-generator (:func:`draw`), so masks follow ``torch.manual_seed`` and the RNG state a checkpoint
-stores, and are the same on every device. Because the mask is a function of the position, the
-backward pass draws it again instead of saving it, and a process that holds rows
-``[offset, offset + B)`` of a larger batch draws exactly those rows.
+each: a vector of consecutive elements is one output word of sixteen blocks); a kept element is
+scaled by ``1/keep`` (computed in the tensor's dtype), a dropped one is zero. Each mask draws
+its key from torch's global CPU generator (:func:`draw`), so masks follow ``torch.manual_seed``
+and the RNG state a checkpoint stores, and are the same on every device. Because the mask is a
+function of the position, the backward pass draws it again instead of saving it, and a process
+that holds rows ``[offset, offset + B)`` of a larger batch draws exactly those rows.
 
 The C++ kernels (``csrc/fused.cpp``) draw masks inside the loops that use them;
-:func:`philox` and :func:`mask` compute the same in PyTorch ops (any device), and are what the
-kernels are tested against.
+:func:`philox` and :func:`reference_mask` compute the same in PyTorch ops (any device), and are
+what the kernels are tested against.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from delrec.engine import native
 from delrec.engine.dropout import MaskDraw
 from delrec.engine.dropout import native as native_mask
-from delrec.engine.fast import _LIF as LIFMap
-from delrec.neurons import ATan, LIFParameters, Triangle
+from delrec.engine.lif import LIFMap
+from delrec.neurons import LIFParameters
 
 ENGINES = ("fused", "reference")  # the choices of the network's feedforward engine
 
@@ -44,17 +44,6 @@ def kernels_for(device: torch.device):
     """The fused kernels for tensors on ``device``, or ``None`` (then the reference runs)."""
     loader = KERNELS.get(device.type)
     return loader() if loader is not None else None
-
-
-def _surrogate(p: LIFParameters) -> tuple[int, float]:
-    """``(1, γ)`` for Triangle, ``(2, α)`` for ATan: computed in the kernel; ``(0, 0.0)``: any
-    other surrogate, whose ψ' the backward precomputes from the membrane."""
-    surrogate = p.surrogate
-    if type(surrogate) is Triangle:
-        return 1, surrogate.gamma
-    if type(surrogate) is ATan:
-        return 2, surrogate.alpha
-    return 0, 0.0
 
 
 # --------------------------------------------------------------------------- LIF layer
@@ -88,7 +77,7 @@ class _LIFLayer(torch.autograd.Function):
         (membrane,) = ctx.saved_tensors
         lif: LIFMap = ctx.lif
         p = lif.p
-        code, param = _surrogate(p)
+        code, param = lif.native_surrogate()
         psi = (
             p.surrogate.derivative(membrane - p.v_threshold).contiguous()
             if code == 0

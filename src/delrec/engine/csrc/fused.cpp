@@ -7,14 +7,18 @@
 // blocks of batch rows (ATen's intra-op threads), each block through the whole time loop, so
 // one layer is one parallel region; the neuron state of a block stays in L1/L2.
 //
+// The LIF neuron is csrc/lif.h's (charge, fire, reset, adjoint, surrogate derivative).
+//
 // Dropout masks: element (t, b, n) of a mask, n = 64k + 16w + l (w < 4, l < 16), is kept when
 // word w of Philox4x32-10(counter = (16k + l, b + batch_offset, t, 0),
-// key = (key mod 2³², key div 2³²)) is below `threshold` = round(keep·2³²); a kept element is multiplied by 1/keep (in the
-// tensor's dtype), a dropped one by 0. The mask is a function of the key and the element's
+// key = (key mod 2³², key div 2³²)) is below `threshold` = round(keep·2³²); a kept element is
+// multiplied by 1/keep (in the tensor's dtype), a dropped one by 0. The mask is a function of the key and the element's
 // position only: the backward draws it again instead of saving it, and a process holding
 // rows [offset, offset + B) of a larger batch draws exactly those rows.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#include "lif.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -24,64 +28,6 @@
 #include <cmath>
 #include <cstdint>
 #include <vector>
-
-namespace delrec {
-
-// --------------------------------------------------------------------------- LIF (lif.h)
-// Local copy of the LIF update of csrc/lif.h (branch engine-house) until it is on main:
-// charge h = (drive + recurrent) + leak·v with drive = gain·c + offset; fire Θ(h - θ); reset.
-struct LIFConstants {
-  double leak, v0, threshold, v_reset;
-  bool soft_reset, detach_reset;
-  int64_t surrogate = 0;
-  double surrogate_param = 0.0;
-};
-
-template <typename scalar_t>
-struct LIFUpdate {
-  scalar_t leak, threshold, reset;
-  bool soft_reset, detach_reset;
-
-  explicit LIFUpdate(const LIFConstants& c)
-      : leak(c.leak), threshold(c.threshold), reset(c.v_reset), soft_reset(c.soft_reset),
-        detach_reset(c.detach_reset) {}
-
-  scalar_t charge(scalar_t drive, scalar_t recurrent, scalar_t v) const {
-    return (drive + recurrent) + leak * v;
-  }
-  bool fires(scalar_t h) const { return h >= threshold; }
-  scalar_t reset_after(scalar_t h, bool spike) const {
-    return soft_reset ? h - threshold * (spike ? scalar_t(1) : scalar_t(0)) : (spike ? reset : h);
-  }
-  scalar_t adjoint(scalar_t grad_s, scalar_t grad_h_next, scalar_t h, bool spiked,
-                   scalar_t psi) const {
-    scalar_t gv = grad_h_next * leak;
-    if (!detach_reset) grad_s += soft_reset ? -threshold * gv : gv * (reset - h);
-    if (!soft_reset && spiked) gv = scalar_t(0);
-    return gv + psi * grad_s;
-  }
-};
-
-template <typename scalar_t, int kind>
-struct SurrogateDerivative {
-  scalar_t param, scale;  // Triangle: γ and γ²; ATan: α/2 and π α / 2
-
-  explicit SurrogateDerivative(const LIFConstants& c)
-      : param(c.surrogate == 1 ? c.surrogate_param : c.surrogate_param / 2),
-        scale(c.surrogate == 1 ? c.surrogate_param * c.surrogate_param
-                               : M_PI / 2 * c.surrogate_param) {}
-
-  scalar_t operator()(scalar_t x) const {
-    if (kind == 1) {  // Triangle(γ): max(0, γ - |x|) / γ²
-      const scalar_t top = param - std::abs(x);
-      return (top > scalar_t(0) ? top : scalar_t(0)) / scale;
-    }
-    const scalar_t scaled = scale * x;  // ATan(α): (α/2) / (1 + (π α x / 2)²)
-    return param / (scalar_t(1) + scaled * scaled);
-  }
-};
-
-}  // namespace delrec
 
 namespace {
 
@@ -239,7 +185,7 @@ void dropout_loop(const at::Tensor& x, at::Tensor& out, const Mask& mask) {
 
 // --------------------------------------------------------------------------- LIF layer
 // Forward: h = (gain·(c ⊙ m_in) + offset) + leak·v, s = Θ(h - θ), out = s ⊙ m_out; saves h.
-template <typename scalar_t, bool kSoftReset>
+template <typename scalar_t>
 void lif_forward_loop(const at::Tensor& current, const LIFConstants& constants, double gain,
                       double offset, const Mask& in, const Mask& out_mask, at::Tensor& spikes,
                       at::Tensor& membrane) {
@@ -288,7 +234,7 @@ void lif_forward_loop(const at::Tensor& current, const LIFConstants& constants, 
 
 // Backward: the reverse loop of the LIF adjoint; ∂L/∂c = gain·∂L/∂h ⊙ m_in, with
 // ∂L/∂s = ∂L/∂out ⊙ m_out. ψ' is computed here (Triangle, ATan) or read from `psi`.
-template <typename scalar_t, bool kSoftReset, bool kDetachReset, int kSurrogate>
+template <typename scalar_t, int kSurrogate>
 void lif_backward_loop(const at::Tensor& grad_out, const at::Tensor& membrane,
                        const at::Tensor& psi, const LIFConstants& constants, double gain,
                        const Mask& in, const Mask& out_mask, at::Tensor& grad_current) {
@@ -301,7 +247,7 @@ void lif_backward_loop(const at::Tensor& grad_out, const at::Tensor& membrane,
   const Mask m_in = in, m_out = out_mask;
   for_each_row_block(batch, n, [=](int64_t b0, int64_t b1) {
     const LIFUpdate<scalar_t> lif(k);
-    const SurrogateDerivative<scalar_t, kSurrogate> surrogate(k);
+    const SurrogateDerivative<scalar_t> surrogate(k);
     const scalar_t g = gain;
     std::vector<scalar_t> gh_store((b1 - b0) * n, scalar_t(0));  // ∂L/∂h[t+1]
     std::vector<uint32_t> words(n + kChunk);
@@ -328,7 +274,8 @@ void lif_backward_loop(const at::Tensor& grad_out, const at::Tensor& membrane,
         scalar_t* __restrict__ gh = gh_store.data() + (b - b0) * n;
         for (int64_t i = 0; i < n; ++i) {
           const scalar_t h = h_t[i];
-          const scalar_t slope = kSurrogate == 0 ? psi_t[i] : surrogate(h - lif.threshold);
+          const scalar_t slope =
+              kSurrogate == 0 ? psi_t[i] : surrogate.template of<kSurrogate>(h - lif.threshold);
           const scalar_t next = lif.adjoint(grad[i] * mo[i], gh[i], h, lif.fires(h), slope);
           gh[i] = next;
           gc[i] = (g * next) * mi[i];
@@ -506,32 +453,6 @@ LIFConstants lif_constants(double leak, double v0, double threshold, double v_re
                       surrogate, surrogate_param};
 }
 
-// fn(soft_reset, detach_reset, surrogate) with the three options as compile-time constants
-template <typename Fn>
-void with_lif_options(bool soft_reset, bool detach_reset, int64_t surrogate, const Fn& fn) {
-  auto with_surrogate = [&](auto soft, auto detach) {
-    if (surrogate == 1) {
-      fn(soft, detach, std::integral_constant<int, 1>());
-    } else if (surrogate == 2) {
-      fn(soft, detach, std::integral_constant<int, 2>());
-    } else {
-      fn(soft, detach, std::integral_constant<int, 0>());
-    }
-  };
-  auto with_detach = [&](auto soft) {
-    if (detach_reset) {
-      with_surrogate(soft, std::true_type());
-    } else {
-      with_surrogate(soft, std::false_type());
-    }
-  };
-  if (soft_reset) {
-    with_detach(std::true_type());
-  } else {
-    with_detach(std::false_type());
-  }
-}
-
 // masks travel as (active, key, threshold, scale, batch_offset)
 using MaskArgs = std::tuple<bool, int64_t, int64_t, double, int64_t>;
 
@@ -563,13 +484,7 @@ void lif_forward(const at::Tensor& current, double leak, double gain, double off
       lif_constants(leak, v0, threshold, v_reset, soft_reset, false, 0, 0.0);
   const Mask in = mask_of(in_mask), out = mask_of(out_mask);
   AT_DISPATCH_FLOATING_TYPES(current.scalar_type(), "delrec_lif_forward", [&] {
-    if (soft_reset) {
-      lif_forward_loop<scalar_t, true>(current, constants, gain, offset, in, out, spikes,
-                                       membrane);
-    } else {
-      lif_forward_loop<scalar_t, false>(current, constants, gain, offset, in, out, spikes,
-                                        membrane);
-    }
+    lif_forward_loop<scalar_t>(current, constants, gain, offset, in, out, spikes, membrane);
   });
 }
 
@@ -586,11 +501,16 @@ void lif_backward(const at::Tensor& grad_out, const at::Tensor& membrane, const 
                                                detach_reset, surrogate, surrogate_param);
   const Mask in = mask_of(in_mask), out = mask_of(out_mask);
   AT_DISPATCH_FLOATING_TYPES(membrane.scalar_type(), "delrec_lif_backward", [&] {
-    with_lif_options(soft_reset, detach_reset, surrogate, [&](auto soft, auto detach, auto kind) {
-      lif_backward_loop<scalar_t, decltype(soft)::value, decltype(detach)::value,
-                        decltype(kind)::value>(grad_out, membrane, psi, constants, gain, in, out,
-                                               grad_current);
-    });
+    if (surrogate == 1) {
+      lif_backward_loop<scalar_t, 1>(grad_out, membrane, psi, constants, gain, in, out,
+                                     grad_current);
+    } else if (surrogate == 2) {
+      lif_backward_loop<scalar_t, 2>(grad_out, membrane, psi, constants, gain, in, out,
+                                     grad_current);
+    } else {
+      lif_backward_loop<scalar_t, 0>(grad_out, membrane, psi, constants, gain, in, out,
+                                     grad_current);
+    }
   });
 }
 
