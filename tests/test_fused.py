@@ -213,10 +213,12 @@ def test_fused_leaky_integrator_matches_the_module(decay_input, tau):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_fused_batch_norm_matches_the_module(dtype, momentum):
+@pytest.mark.parametrize("with_shift", [False, True])
+def test_fused_batch_norm_matches_the_module(dtype, momentum, with_shift):
     g = torch.Generator().manual_seed(4)
     current = (torch.randn(20, 9, 6, generator=g, dtype=dtype) * 3 + 2).requires_grad_()
     grad_out = torch.randn(20, 9, 6, generator=g, dtype=dtype)
+    shift = (torch.randn(6, generator=g, dtype=dtype) * 5).requires_grad_()
     modules = [nn.BatchNorm1d(6, momentum=momentum).to(dtype) for _ in range(2)]
     with torch.no_grad():
         modules[0].weight.uniform_(0.5, 1.5, generator=g)
@@ -224,18 +226,20 @@ def test_fused_batch_norm_matches_the_module(dtype, momentum):
     modules[1].load_state_dict(modules[0].state_dict())
     rtol = 1e-9 if dtype == torch.float64 else 1e-4
     for _ in range(2):  # twice: the running statistics' second update
-        expected = modules[0](current.flatten(0, 1)).view_as(current)
-        out = fused.batch_norm(current, modules[1])
+        shifted = current + shift if with_shift else current
+        expected = modules[0](shifted.flatten(0, 1)).view_as(current)
+        out = fused.batch_norm(current, modules[1], shift if with_shift else None)
         assert_close_relative(out.detach(), expected.detach(), rtol)
-        params = [[current, m.weight, m.bias] for m in modules]
-        for a, e in zip(
-            grads_of(out, params[1], grad_out), grads_of(expected, params[0], grad_out)
-        ):
-            assert_close_relative(a, e, rtol)
+        inputs = [[current, *([shift] if with_shift else []), m.weight, m.bias] for m in modules]
+        grads = zip(grads_of(out, inputs[1], grad_out), grads_of(expected, inputs[0], grad_out))
+        for a, e in grads:  # the shift's gradient is zero, known to rounding
+            torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * float(grad_out.abs().sum()))
         for name, buffer in modules[0].named_buffers():
             assert_close_relative(getattr(modules[1], name), buffer, rtol)
     modules[1].eval()
-    assert fused.batch_norm(current, modules[1]).shape == current.shape
+    out = fused.batch_norm(current, modules[1], shift if with_shift else None)
+    expected = modules[1](shifted.flatten(0, 1)).view_as(current)
+    assert torch.equal(out, expected)
     assert fused.fusable_norm(modules[1]) and not fused.fusable_norm(None)
 
 

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from delrec.engine import fused
@@ -145,13 +146,18 @@ class HiddenBlock(nn.Module):
         self.engine = "fused"
 
     def forward(self, x: Tensor) -> Tensor:
-        current = self.synapses(x)
-        use_fused = self.engine == "fused" and fused.kernels_for(current.device) is not None
-        if self.norm is not None:  # statistics over all T·B frames
-            if use_fused and fused.fusable_norm(self.norm):
-                current = fused.batch_norm(current, self.norm)
-            else:
-                current = self.norm(current.flatten(0, 1)).view_as(current)
+        use_fused = self.engine == "fused" and fused.kernels_for(x.device) is not None
+        if use_fused and fused.fusable_norm(self.norm) and type(self.synapses) is nn.Linear:
+            # the normalisation removes the linear map's bias: it goes into the statistics only
+            current = F.linear(x, self.synapses.weight)
+            current = fused.batch_norm(current, self.norm, self.synapses.bias)
+        else:
+            current = self.synapses(x)
+            if self.norm is not None:  # statistics over all T·B frames
+                if use_fused and fused.fusable_norm(self.norm):
+                    current = fused.batch_norm(current, self.norm)
+                else:
+                    current = self.norm(current.flatten(0, 1)).view_as(current)
         if use_fused and is_builtin_lif(self.neurons):  # the layer and its dropout: one loop
             mask = self.dropout.draw()
             masks = (mask, None) if self.dropout_first else (None, mask)

@@ -13,8 +13,8 @@ The reference for all of them is the step-by-step autograd of :mod:`delrec.neuro
   nothing.
 * :func:`apply_dropout`: ``x ⊙ mask`` with the mask of :mod:`delrec.engine.dropout` drawn in
   the loop, forward and backward; saves nothing.
-* :func:`batch_norm`: BatchNorm with the statistics of all ``T·B`` frames; saves its input and
-  two numbers per channel.
+* :func:`batch_norm`: BatchNorm with the statistics of all ``T·B`` frames, the bias of the
+  linear map in front folded into its statistics; saves its input and two numbers per channel.
 
 They run the C++ loops of ``csrc/fused.cpp`` (built by :mod:`delrec.engine.native`) on
 tensors that :func:`kernels_for` has kernels for; the network's feedforward engine
@@ -177,42 +177,49 @@ def apply_dropout(x: Tensor, draw: MaskDraw) -> Tensor:
 # --------------------------------------------------------------------------- BatchNorm
 class _BatchNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps: float, kernels):
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        n = x.shape[-1]
-        mean, var = (x.new_empty(n, dtype=torch.float64) for _ in range(2))
-        kernels.batch_norm_forward(x, weight, bias, eps, out, mean, var)
+    def forward(ctx, y, weight, bias, shift, eps: float, kernels):
+        y = y.contiguous()
+        out = torch.empty_like(y)
+        n = y.shape[-1]
+        mean, var = (y.new_empty(n, dtype=torch.float64) for _ in range(2))
+        kernels.batch_norm_forward(y, weight, bias, eps, out, mean, var)
         invstd = (var + eps).rsqrt()
-        ctx.save_for_backward(x, mean, invstd, weight)
-        ctx.kernels = kernels
+        ctx.save_for_backward(y, mean, invstd, weight)
+        ctx.kernels, ctx.shifted = kernels, shift is not None
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
-        x, mean, invstd, weight = ctx.saved_tensors
+        y, mean, invstd, weight = ctx.saved_tensors
         grad = grad_out.contiguous()
-        grad_x = torch.empty_like(x)
-        sums = x.new_empty(2, x.shape[-1], dtype=torch.float64)
-        ctx.kernels.batch_norm_backward(grad, x, mean, invstd, weight, grad_x, sums)
+        grad_y = torch.empty_like(y)
+        sums = y.new_empty(3, y.shape[-1], dtype=torch.float64)
+        ctx.kernels.batch_norm_backward(grad, y, mean, invstd, weight, grad_y, sums)
         grad_weight = (sums[1] * invstd).to(weight.dtype)
         grad_bias = sums[0].to(weight.dtype)
-        return grad_x, grad_weight, grad_bias, None, None
+        grad_shift = sums[2].to(weight.dtype) if ctx.shifted else None
+        return grad_y, grad_weight, grad_bias, grad_shift, None, None
 
 
-def batch_norm(current: Tensor, norm: nn.BatchNorm1d) -> Tensor:
-    """``norm`` applied to the ``T·B`` frames of ``current`` ``(T, B, N)`` (what
-    ``norm(current.flatten(0, 1))`` computes), updating its running statistics in training.
+def batch_norm(current: Tensor, norm: nn.BatchNorm1d, shift: Tensor | None = None) -> Tensor:
+    """``norm`` applied to the ``T·B`` frames of ``c = current + shift`` ``(T, B, N)`` (what
+    ``norm(c.flatten(0, 1))`` computes), updating its running statistics in training.
 
-    ``norm`` must be an affine ``nn.BatchNorm1d`` that tracks running statistics; in eval mode
-    the module itself runs (an affine map with the running statistics).
+    ``shift`` ``(N,)``: the bias of the linear map in front (the normalisation removes it, so it
+    is added to the statistics only, saving a pass; its gradient is ``Σ ∂L/∂c``, zero up to
+    rounding). ``norm`` must be an affine ``nn.BatchNorm1d`` that tracks running statistics
+    (:func:`fusable_norm`); in eval mode the module itself runs.
     """
     if not norm.training:
+        if shift is not None:
+            current = current + shift
         return norm(current.flatten(0, 1)).view_as(current)
     out, mean, var = _BatchNorm.apply(
-        current, norm.weight, norm.bias, norm.eps, kernels_for(current.device)
+        current, norm.weight, norm.bias, shift, norm.eps, kernels_for(current.device)
     )
+    if shift is not None:
+        mean = mean + shift.detach().double()
     with torch.no_grad():
         norm.num_batches_tracked.add_(1)
         factor = norm.momentum if norm.momentum is not None else 1 / int(norm.num_batches_tracked)

@@ -333,24 +333,25 @@ void integrator_backward_loop(const at::Tensor& grad_out, double leak, double ga
 // frames (the same sums whatever the thread count).
 constexpr int64_t kFrames = 256;
 
-// per-channel Σ x and Σ (x - shift)² … written as sums[0] and sums[1], (2, N) float64
-template <typename scalar_t, typename Fn>
-void channel_sums(int64_t frames, int64_t n, at::Tensor& sums, const Fn& frame_terms) {
-  const int64_t chunks = (frames + kFrames - 1) / kFrames;
-  std::vector<double> partial(chunks * 2 * n, 0.0);
+// out (rows, N) float64 = per-channel sums over the frames of `rows` terms each:
+// frame_terms(f, acc) adds frame f's terms to acc[r·N + channel]. Frames are summed in fixed
+// chunks (the same sums whatever the thread count), the chunks in order.
+template <typename Fn>
+void channel_sums(int64_t frames, int64_t n, int64_t rows, at::Tensor& out,
+                  const Fn& frame_terms) {
+  const int64_t chunks = (frames + kFrames - 1) / kFrames, width = rows * n;
+  std::vector<double> partial(chunks * width, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      double* a = partial.data() + k * 2 * n;
-      double* b = a + n;
       for (int64_t f = k * kFrames; f < std::min(frames, (k + 1) * kFrames); ++f) {
-        frame_terms(f, a, b);
+        frame_terms(f, partial.data() + k * width);
       }
     }
   });
-  double* out = sums.data_ptr<double>();
-  std::fill(out, out + 2 * n, 0.0);
+  double* sums = out.data_ptr<double>();
+  std::fill(sums, sums + width, 0.0);
   for (int64_t k = 0; k < chunks; ++k) {
-    for (int64_t i = 0; i < 2 * n; ++i) out[i] += partial[k * 2 * n + i];
+    for (int64_t i = 0; i < width; ++i) sums[i] += partial[k * width + i];
   }
 }
 
@@ -363,8 +364,10 @@ void batch_norm_forward_loop(const at::Tensor& x, const at::Tensor& weight,
   const int64_t n = x.size(-1), frames = x.numel() / n;
   const scalar_t* x_p = x.data_ptr<scalar_t>();
   at::Tensor sums = at::empty({2, n}, x.options().dtype(at::kDouble));
-  channel_sums<scalar_t>(frames, n, sums, [&](int64_t f, double* a, double* b) {
+  channel_sums(frames, n, 2, sums, [&](int64_t f, double* acc) {
     const scalar_t* __restrict__ row = x_p + f * n;
+    double* __restrict__ a = acc;
+    double* __restrict__ b = acc + n;
     for (int64_t i = 0; i < n; ++i) {
       const double value = row[i];
       a[i] += value;
@@ -396,7 +399,8 @@ void batch_norm_forward_loop(const at::Tensor& x, const at::Tensor& weight,
 
 // Backward: with g = ∂L/∂y, S1 = Σ g and S2 = Σ g·(x - mean) per channel,
 // ∂L/∂x = γ·invstd·(g - S1/M - (x - mean)·invstd²·S2/M), ∂L/∂γ = S2·invstd, ∂L/∂β = S1.
-// Fills grad_x and sums (2, N) float64 = (S1, S2).
+// Fills grad_x and sums (3, N) float64 = (S1, S2, Σ ∂L/∂x): the last is the gradient of a bias
+// added to x before the normalisation (zero up to rounding).
 template <typename scalar_t>
 void batch_norm_backward_loop(const at::Tensor& grad, const at::Tensor& x,
                               const at::Tensor& mean, const at::Tensor& invstd,
@@ -408,15 +412,18 @@ void batch_norm_backward_loop(const at::Tensor& grad, const at::Tensor& x,
   const double* invstd_p = invstd.data_ptr<double>();
   std::vector<scalar_t> centre(n);
   for (int64_t i = 0; i < n; ++i) centre[i] = static_cast<scalar_t>(mean_p[i]);
-  channel_sums<scalar_t>(frames, n, sums, [&](int64_t f, double* a, double* b) {
+  at::Tensor moments = at::empty({2, n}, sums.options());
+  channel_sums(frames, n, 2, moments, [&](int64_t f, double* acc) {
     const scalar_t* __restrict__ g = g_p + f * n;
     const scalar_t* __restrict__ row = x_p + f * n;
+    double* __restrict__ a = acc;
+    double* __restrict__ b = acc + n;
     for (int64_t i = 0; i < n; ++i) {
       a[i] += g[i];
       b[i] += static_cast<double>(g[i]) * static_cast<double>(row[i] - centre[i]);
     }
   });
-  const double* s = sums.data_ptr<double>();
+  const double* s = moments.data_ptr<double>();
   const scalar_t* w_p = weight.data_ptr<scalar_t>();
   std::vector<scalar_t> scale(n), by_x(n), constant(n);
   for (int64_t i = 0; i < n; ++i) {
@@ -426,16 +433,20 @@ void batch_norm_backward_loop(const at::Tensor& grad, const at::Tensor& x,
     constant[i] = static_cast<scalar_t>(-a * s[i] / frames);
   }
   scalar_t* gx_p = grad_x.data_ptr<scalar_t>();
-  at::parallel_for(0, frames, std::max<int64_t>(1, kGrain / n), [&](int64_t f0, int64_t f1) {
-    for (int64_t f = f0; f < f1; ++f) {
-      const scalar_t* __restrict__ g = g_p + f * n;
-      const scalar_t* __restrict__ row = x_p + f * n;
-      scalar_t* __restrict__ out = gx_p + f * n;
-      for (int64_t i = 0; i < n; ++i) {
-        out[i] = (scale[i] * g[i] + constant[i]) + by_x[i] * (row[i] - centre[i]);
-      }
+  at::Tensor total = at::empty({1, n}, sums.options());
+  channel_sums(frames, n, 1, total, [&](int64_t f, double* acc) {
+    const scalar_t* __restrict__ g = g_p + f * n;
+    const scalar_t* __restrict__ row = x_p + f * n;
+    scalar_t* __restrict__ out = gx_p + f * n;
+    double* __restrict__ a = acc;
+    for (int64_t i = 0; i < n; ++i) {
+      out[i] = (scale[i] * g[i] + constant[i]) + by_x[i] * (row[i] - centre[i]);
+      a[i] += out[i];
     }
   });
+  sums.select(0, 0).copy_(moments.select(0, 0));
+  sums.select(0, 1).copy_(moments.select(0, 1));
+  sums.select(0, 2).copy_(total.select(0, 0));
 }
 
 // --------------------------------------------------------------------------- bindings
@@ -548,8 +559,8 @@ void batch_norm_backward(const at::Tensor& grad, const at::Tensor& x, const at::
                          at::Tensor sums) {
   check_sequence(grad, "grad");
   check_sequence(x, "x");
-  TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.numel() == 2 * x.size(2),
-              "delrec batch norm: sums must be (2, N) float64");
+  TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.numel() == 3 * x.size(2),
+              "delrec batch norm: sums must be (3, N) float64");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "delrec_batch_norm_backward", [&] {
     batch_norm_backward_loop<scalar_t>(grad, x, mean, invstd, weight.contiguous(), grad_x, sums);
   });
