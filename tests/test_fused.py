@@ -316,3 +316,16 @@ def test_the_switch_chooses_the_path():
         set_feedforward_engine(fused_net, "fast")
     assert all(m.engine == "reference" for m in reference_net.blocks)
     assert reference_net.blocks[1].neurons.engine == "auto"  # the recurrent layer's own option
+
+
+@needs_kernels
+def test_without_the_kernels_the_reference_runs_with_the_same_masks(monkeypatch):
+    config, (network, _) = network_pair("ssc", "snn", torch.float64)
+    frames = torch.rand(12, 3, config.input_size, dtype=torch.float64)
+    torch.manual_seed(0)
+    expected = network(frames)
+    monkeypatch.setenv("DELREC_NATIVE", "0")  # masks drawn by PyTorch ops, autograd loops
+    torch.manual_seed(0)
+    assert torch.equal(network(frames), expected)
+    with pytest.raises(RuntimeError, match="reference"):
+        fused.lif_layer(frames, LIF().p)

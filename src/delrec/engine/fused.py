@@ -46,6 +46,17 @@ def kernels_for(device: torch.device):
     return loader() if loader is not None else None
 
 
+def _kernels(device: torch.device):
+    """:func:`kernels_for`, or an error that says what to do instead."""
+    kernels = kernels_for(device)
+    if kernels is None:
+        raise RuntimeError(
+            f"no fused kernels for {device} tensors (DELREC_NATIVE=0, a failed build, or another "
+            "device): run the reference, set_feedforward_engine(network, 'reference')"
+        )
+    return kernels
+
+
 # --------------------------------------------------------------------------- LIF layer
 class _LIFLayer(torch.autograd.Function):
     @staticmethod
@@ -117,13 +128,7 @@ def lif_layer(
     ``mask_in``: dropout on the current (``u = c ⊙ m``); ``mask_out``: dropout on the spikes.
     Same as :class:`delrec.neurons.LIF` on ``c ⊙ m_in``, times ``m_out``.
     """
-    kernels = kernels_for(current.device)
-    if kernels is None:
-        raise RuntimeError(
-            f"no fused feedforward kernels for {current.device} tensors; run the reference "
-            "(set_feedforward_engine(network, 'reference')) or build the C++ kernels"
-        )
-    return _LIFLayer.apply(current, LIFMap.of(params), mask_in, mask_out, kernels)
+    return _LIFLayer.apply(current, LIFMap.of(params), mask_in, mask_out, _kernels(current.device))
 
 
 # --------------------------------------------------------------------------- readout
@@ -146,9 +151,8 @@ class _Integrator(torch.autograd.Function):
 def integrate(current: Tensor, tau: float, decay_input: bool) -> Tensor:
     """Membrane sequence ``(T, B, K)`` of leaky integrators (:class:`delrec.neurons.
     LeakyIntegrator`: ``v[t] = (1 - 1/τ)·v[t-1] + u[t]``, ``u[t]/τ`` with ``decay_input``)."""
-    kernels = kernels_for(current.device)
     lif = LIFMap.of(LIFParameters(tau=tau, v_reset=None, decay_input=decay_input))
-    return _Integrator.apply(current, lif.leak, lif.gain, kernels)
+    return _Integrator.apply(current, lif.leak, lif.gain, _kernels(current.device))
 
 
 # --------------------------------------------------------------------------- dropout
@@ -171,7 +175,7 @@ class _Dropout(torch.autograd.Function):
 
 def apply_dropout(x: Tensor, draw: MaskDraw) -> Tensor:
     """``x ⊙ mask`` for a ``(T, B, N)`` tensor, the mask drawn in the loop both ways."""
-    return _Dropout.apply(x, draw, kernels_for(x.device))
+    return _Dropout.apply(x, draw, _kernels(x.device))
 
 
 # --------------------------------------------------------------------------- BatchNorm
@@ -216,7 +220,7 @@ def batch_norm(current: Tensor, norm: nn.BatchNorm1d, shift: Tensor | None = Non
             current = current + shift
         return norm(current.flatten(0, 1)).view_as(current)
     out, mean, var = _BatchNorm.apply(
-        current, norm.weight, norm.bias, shift, norm.eps, kernels_for(current.device)
+        current, norm.weight, norm.bias, shift, norm.eps, _kernels(current.device)
     )
     if shift is not None:
         mean = mean + shift.detach().double()
