@@ -69,14 +69,14 @@ def test_philox_matches_the_published_known_answers():
 def test_the_kernel_draws_the_masks_that_the_pytorch_ops_draw(shape, key, keep, offset, dtype):
     draw = masks.MaskDraw(key, keep, offset)
     expected = masks.reference_mask(shape, draw, dtype)
-    assert torch.equal(masks.mask(shape, draw, dtype), expected)
+    assert torch.equal(fused.dropout_mask(shape, draw, dtype), expected)
     x = torch.randn(shape, dtype=dtype)
     assert torch.equal(fused.apply_dropout(x, draw), x * expected)
 
 
 def test_masks_keep_the_asked_share_and_scale_by_one_over_keep():
     draw = masks.MaskDraw(key=12345, keep=0.6)
-    values = masks.mask((50, 64, 100), draw)
+    values = fused.dropout_mask((50, 64, 100), draw)
     kept = values.ne(0).double().mean().item()
     assert abs(kept - 0.6) < 5 * math.sqrt(0.6 * 0.4 / values.numel())
     assert set(values.unique().tolist()) == {0.0, float(torch.tensor(1.0) / 0.6)}
@@ -88,9 +88,9 @@ def test_masks_keep_the_asked_share_and_scale_by_one_over_keep():
 
 
 def test_a_shard_of_the_batch_draws_its_rows_of_the_whole_batch_mask():
-    whole = masks.mask((4, 10, 9), masks.MaskDraw(5, 0.5, 0))
-    assert torch.equal(masks.mask((4, 3, 9), masks.MaskDraw(5, 0.5, 4)), whole[:, 4:7])
-    assert not torch.equal(masks.mask((4, 10, 9), masks.MaskDraw(6, 0.5, 0)), whole)
+    whole = fused.dropout_mask((4, 10, 9), masks.MaskDraw(5, 0.5, 0))
+    assert torch.equal(fused.dropout_mask((4, 3, 9), masks.MaskDraw(5, 0.5, 4)), whole[:, 4:7])
+    assert not torch.equal(fused.dropout_mask((4, 10, 9), masks.MaskDraw(6, 0.5, 0)), whole)
 
 
 def test_keys_come_from_the_global_generator():

@@ -259,10 +259,6 @@ def grids(quick: bool):
 
 
 def run(args) -> int:
-    if args.network:
-        from delrec import bench_network
-
-        return bench_network.run(args)
     started, commit = time.perf_counter(), _git_describe()  # the code measured, before any edit
     torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (3 if args.quick else 5)

@@ -1,9 +1,15 @@
-"""`delrec bench`: the cost of recurrent delays on this machine (:mod:`delrec.bench`)."""
+"""`delrec bench`: the cost of recurrent delays on this machine (:mod:`delrec.bench`), or of a
+preset's whole network (``--network``, :mod:`delrec.bench_network`)."""
 
 from __future__ import annotations
 
-from delrec import bench
+from delrec import bench, bench_network
 from delrec.commands import EXIT_CODES_HELP
+
+
+def run(args) -> int:
+    """The engine benchmark, or with ``--network`` the whole-network one."""
+    return bench_network.run(args) if args.network else bench.run(args)
 
 
 def add_parser(subparsers) -> None:
@@ -41,4 +47,4 @@ def add_parser(subparsers) -> None:
         default="wall",
         help="wall-clock time, or this process's CPU time (steadier on a shared machine)",
     )
-    p.set_defaults(run=bench.run)
+    p.set_defaults(run=run)

@@ -15,9 +15,9 @@ and the RNG state a checkpoint stores, and are the same on every device. Because
 function of the position, the backward pass draws it again instead of saving it, and a process
 that holds rows ``[offset, offset + B)`` of a larger batch draws exactly those rows.
 
-The C++ kernels (``csrc/fused.cpp``) draw masks inside the loops that use them;
-:func:`philox` and :func:`reference_mask` compute the same in PyTorch ops (any device), and are
-what the kernels are tested against.
+The C++ kernels (``csrc/fused.cpp``, :mod:`delrec.engine.fused`) draw masks inside the loops
+that use them; :func:`philox` and :func:`reference_mask` compute the same in PyTorch ops (any
+device), and are what the kernels are tested against.
 """
 
 from __future__ import annotations
@@ -114,22 +114,10 @@ def mask_words(shape: tuple[int, int, int], draw: MaskDraw, device=None) -> Tens
     return words.reshape(steps, batch, 64 * chunks)[..., :n]
 
 
-def mask(shape: tuple[int, int, int], draw: MaskDraw, dtype=torch.float32, device=None) -> Tensor:
-    """The mask of a ``(T, B, N)`` tensor: ``1/keep`` where kept, 0 where dropped (C++ kernel on
-    the CPU where built, PyTorch ops elsewhere; the same values)."""
-    from delrec.engine import fused  # it builds on this module
-
-    kernels = fused.kernels_for(torch.device(device or "cpu"))
-    if kernels is not None:
-        out = torch.empty(shape, dtype=dtype, device=device)
-        kernels.dropout(None, out, draw.native(dtype))
-        return out
-    return reference_mask(shape, draw, dtype, device)
-
-
 def reference_mask(
     shape: tuple[int, int, int], draw: MaskDraw, dtype=torch.float32, device=None
 ) -> Tensor:
-    """:func:`mask` in PyTorch ops."""
+    """The mask of a ``(T, B, N)`` tensor in PyTorch ops: ``1/keep`` where kept, 0 where
+    dropped."""
     kept = mask_words(shape, draw, device) < draw.threshold
     return kept.to(dtype) / draw.keep

@@ -12,7 +12,7 @@ The reference for all of them is the step-by-step autograd of :mod:`delrec.neuro
 * :func:`integrate`: the leaky-integrator readout, ``v[t] = leak·v[t-1] + gain·u[t]``; saves
   nothing.
 * :func:`apply_dropout`: ``x ⊙ mask`` with the mask of :mod:`delrec.engine.dropout` drawn in
-  the loop, forward and backward; saves nothing.
+  the loop, forward and backward; saves nothing. :func:`dropout_mask`: the mask itself.
 * :func:`batch_norm`: BatchNorm with the statistics of all ``T·B`` frames, the bias of the
   linear map in front folded into its statistics; saves its input and two numbers per channel.
 
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from delrec.engine import native
-from delrec.engine.dropout import MaskDraw
+from delrec.engine.dropout import MaskDraw, reference_mask
 from delrec.engine.dropout import native as native_mask
 from delrec.engine.lif import LIFMap
 from delrec.neurons import LIFParameters
@@ -171,6 +171,17 @@ class _Dropout(torch.autograd.Function):
         grad_x = torch.empty_like(grad)
         ctx.kernels.dropout(grad, grad_x, ctx.draw.native(grad.dtype))
         return grad_x, None, None
+
+
+def dropout_mask(shape: tuple[int, int, int], draw: MaskDraw, dtype=torch.float32, device=None):
+    """The mask of a ``(T, B, N)`` tensor (``1/keep`` where kept, 0 where dropped), drawn by the
+    kernels where there are some for ``device``, else by PyTorch ops: the same values."""
+    kernels = kernels_for(torch.device(device or "cpu"))
+    if kernels is None:
+        return reference_mask(shape, draw, dtype, device)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    kernels.dropout(None, out, draw.native(dtype))
+    return out
 
 
 def apply_dropout(x: Tensor, draw: MaskDraw) -> Tensor:

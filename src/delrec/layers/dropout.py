@@ -44,7 +44,7 @@ class Dropout(nn.Module):
             raise ValueError(f"Dropout expects a time-major (T, B, N) input, got {tuple(x.shape)}")
         if self.engine == "fused" and fused.kernels_for(x.device) is not None:
             return fused.apply_dropout(x, draw)
-        return x * masks.mask(tuple(x.shape), draw, x.dtype, x.device)
+        return x * fused.dropout_mask(tuple(x.shape), draw, x.dtype, x.device)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, engine={self.engine}"

@@ -118,6 +118,13 @@ __attribute__((noinline)) void philox_row(uint32_t* __restrict__ out, int64_t co
 }
 #endif
 
+// The value of each element of a mask row: 1/keep (kept) or 0 (dropped).
+template <typename scalar_t>
+inline void mask_values(scalar_t* __restrict__ out, const uint32_t* __restrict__ words,
+                        int64_t n, uint32_t threshold, scalar_t kept) {
+  for (int64_t i = 0; i < n; ++i) out[i] = words[i] < threshold ? kept : scalar_t(0);
+}
+
 // One dropout mask: key, threshold on the words, value of a kept element, first batch row.
 struct Mask {
   bool active = false;
@@ -129,6 +136,15 @@ struct Mask {
   void draw(std::vector<uint32_t>& buffer, int64_t n, int64_t b, int64_t t) const {
     philox_row(buffer.data(), n, static_cast<uint32_t>(b + batch_offset),
                static_cast<uint32_t>(t), key0, key1);
+  }
+
+  // the values of row (b, t), 1/keep or 0, into values (left as they are when inactive)
+  template <typename scalar_t>
+  void values_of_row(std::vector<scalar_t>& values, std::vector<uint32_t>& words, int64_t n,
+                     int64_t b, int64_t t) const {
+    if (!active) return;
+    draw(words, n, b, t);
+    mask_values(values.data(), words.data(), n, threshold, static_cast<scalar_t>(scale));
   }
 };
 
@@ -145,13 +161,6 @@ Mask make_mask(bool active, int64_t key, int64_t threshold, double scale, int64_
   mask.scale = scale;
   mask.batch_offset = batch_offset;
   return mask;
-}
-
-// The value of each element of a mask row: 1/keep (kept) or 0 (dropped).
-template <typename scalar_t>
-inline void mask_values(scalar_t* __restrict__ out, const uint32_t* __restrict__ words,
-                        int64_t n, uint32_t threshold, scalar_t kept) {
-  for (int64_t i = 0; i < n; ++i) out[i] = words[i] < threshold ? kept : scalar_t(0);
 }
 
 // out = x ⊙ mask (x undefined: out = mask), on (T, B, N) sequences.
@@ -203,16 +212,8 @@ void lif_forward_loop(const at::Tensor& current, const LIFConstants& constants, 
     std::vector<scalar_t> in_values(n, scalar_t(1)), out_values(n, scalar_t(1));
     for (int64_t t = 0; t < steps; ++t) {
       for (int64_t b = b0; b < b1; ++b) {
-        if (m_in.active) {
-          m_in.draw(words, n, b, t);
-          mask_values(in_values.data(), words.data(), n, m_in.threshold,
-                      static_cast<scalar_t>(m_in.scale));
-        }
-        if (m_out.active) {
-          m_out.draw(words, n, b, t);
-          mask_values(out_values.data(), words.data(), n, m_out.threshold,
-                      static_cast<scalar_t>(m_out.scale));
-        }
+        m_in.values_of_row(in_values, words, n, b, t);
+        m_out.values_of_row(out_values, words, n, b, t);
         const int64_t row = (t * batch + b) * n;
         const scalar_t* __restrict__ c = c_p + row;
         const scalar_t* __restrict__ mi = in_values.data();
@@ -254,16 +255,8 @@ void lif_backward_loop(const at::Tensor& grad_out, const at::Tensor& membrane,
     std::vector<scalar_t> in_values(n, scalar_t(1)), out_values(n, scalar_t(1));
     for (int64_t t = steps - 1; t >= 0; --t) {
       for (int64_t b = b0; b < b1; ++b) {
-        if (m_in.active) {
-          m_in.draw(words, n, b, t);
-          mask_values(in_values.data(), words.data(), n, m_in.threshold,
-                      static_cast<scalar_t>(m_in.scale));
-        }
-        if (m_out.active) {
-          m_out.draw(words, n, b, t);
-          mask_values(out_values.data(), words.data(), n, m_out.threshold,
-                      static_cast<scalar_t>(m_out.scale));
-        }
+        m_in.values_of_row(in_values, words, n, b, t);
+        m_out.values_of_row(out_values, words, n, b, t);
         const int64_t row = (t * batch + b) * n;
         const scalar_t* __restrict__ grad = g_p + row;
         const scalar_t* __restrict__ h_t = h_p + row;
