@@ -428,11 +428,14 @@ def _plot(rows, presets, path: Path) -> None:
             label="GEMMs alone (floor)",
             zorder=3,
         )
-        ax.set_title(f"{task} (B = {bars[0]['batch']}, T = {bars[0]['steps']})", fontsize=10)
+        ax.set_title(
+            f"{task} (B = {bars[0]['batch']:.0f}, T = {bars[0]['steps']:.0f})", fontsize=10
+        )
         ax.set_ylabel("ms per training step")
         ax.tick_params(axis="x", labelsize=8)
-    axes[0, 0].legend(fontsize=7)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(f"delrec bench --network: one training step (CPU, torch {torch.__version__})")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
