@@ -3,13 +3,12 @@ preset's whole network (``--network``, :mod:`delrec.bench_network`)."""
 
 from __future__ import annotations
 
+import argparse
+
+import torch
+
 from delrec import bench, bench_network
-from delrec.commands import EXIT_CODES_HELP
-
-
-def run(args) -> int:
-    """The engine benchmark, or with ``--network`` the whole-network one."""
-    return bench_network.run(args) if args.network else bench.run(args)
+from delrec.commands import EXIT_CODES_HELP, UsageError
 
 
 def add_parser(subparsers) -> None:
@@ -26,7 +25,20 @@ def add_parser(subparsers) -> None:
         "--network",
         choices=("shd", "ssc", "psmnist", "mackey-glass", "all"),
         help="instead: one training step of this preset's whole network, fused and unfused, "
-        "and where its time goes (delrec.bench_network; --quick: batch 16)",
+        "and where its time goes, on the CPU (delrec.bench_network; --quick: batch 16)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu (default): this benchmark; cuda: the Triton engine on a GPU against a lean "
+        "PyTorch recurrent loop, with the GPU targets (delrec.bench_gpu)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --device cuda: run the GPU benchmark at tiny sizes on the CPU under Triton's "
+        "interpreter (checks it end to end without a GPU; measures nothing)",
     )
     p.add_argument("--out", default="bench-out", help="output directory (default: bench-out/)")
     p.add_argument(
@@ -48,3 +60,18 @@ def add_parser(subparsers) -> None:
         help="wall-clock time, or this process's CPU time (steadier on a shared machine)",
     )
     p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.network:
+        if args.device != "cpu" or args.dry_run:
+            raise UsageError("--network measures the CPU engines: leave out --device and --dry-run")
+        return bench_network.run(args)
+    if args.dry_run and args.device != "cuda":
+        raise UsageError("--dry-run checks the GPU benchmark: use it with --device cuda")
+    if args.device == "cuda" and not args.dry_run and not torch.cuda.is_available():
+        raise UsageError(
+            "--device cuda: no CUDA device here; --dry-run runs the GPU benchmark at tiny sizes "
+            "on the CPU to check it"
+        )
+    return bench.run(args)
