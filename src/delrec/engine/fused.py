@@ -88,19 +88,14 @@ class _LIFLayer(torch.autograd.Function):
         (membrane,) = ctx.saved_tensors
         lif: LIFMap = ctx.lif
         p = lif.p
-        code, param = lif.native_surrogate()
-        psi = (
-            p.surrogate.derivative(membrane - p.v_threshold).contiguous()
-            if code == 0
-            else membrane.new_empty(0)
-        )
+        code, param, psi = lif.native_slope(membrane)
         grad_current = torch.empty_like(membrane)
         mask_in, mask_out = ctx.masks
         dtype = membrane.dtype
         ctx.kernels.lif_backward(
             grad_spikes.contiguous(),
             membrane,
-            psi,
+            psi.contiguous(),
             lif.leak,
             lif.gain,
             p.v_threshold,
