@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from delrec.delays import MAX_DELAY
+
 
 class FeedforwardDelay(nn.Module):
     """Dense layer whose synapses carry a weight and a learnable delay in ``[0, K-1]`` steps.
@@ -29,8 +31,11 @@ class FeedforwardDelay(nn.Module):
         generator: torch.Generator | None = None,
     ):
         super().__init__()
-        if kernel_size < 1:
-            raise ValueError(f"kernel_size must be >= 1 step, got {kernel_size}")
+        if not 1 <= kernel_size <= MAX_DELAY + 1:
+            raise ValueError(
+                f"kernel_size must be between 1 and {MAX_DELAY + 1:g} steps (delays of 0 … "
+                f"MAX_DELAY = {MAX_DELAY:g} steps), got {kernel_size}"
+            )
         self.in_features, self.out_features, self.kernel_size = (
             in_features,
             out_features,
