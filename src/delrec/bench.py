@@ -259,6 +259,10 @@ def grids(quick: bool):
 
 
 def run(args) -> int:
+    if args.device == "cuda":  # the GPU benchmark: delrec.bench_gpu
+        from delrec import bench_gpu
+
+        return bench_gpu.run(args)
     started, commit = time.perf_counter(), _git_describe()  # the code measured, before any edit
     torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (3 if args.quick else 5)
@@ -511,6 +515,8 @@ def _command_line(args) -> str:
     words = ["delrec", "bench"]
     for key, value in vars(args).items():
         if key == "command" or callable(value) or value is None or value is False:
+            continue
+        if key == "device" and value == "cpu":  # the default: this benchmark
             continue
         words.append("--" + key.replace("_", "-"))
         if value is not True:
