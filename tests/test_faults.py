@@ -304,29 +304,46 @@ def test_write_atomic_clears_stale_temporaries_of_its_target(tmp_path):
 
 # --------------------------------------------------------------------------- empty batches
 ENGINE_CASES = [(name, kind) for name, path in PATHS.items() for kind in path.delay_types]
+DEVICES = ["cpu", "cuda"]
 
 
 @pytest.mark.parametrize("name,delay_type", ENGINE_CASES)
-def test_an_empty_batch_runs_on_every_engine_path(name, delay_type):
+def test_an_empty_batch_never_reaches_a_path(name, delay_type):
+    """Every path, called directly (whether or not it runs here: B = 0 is answered before its
+    function), returns empty spikes connected to every input: zero gradients of their shapes."""
     path = PATHS[name]
-    if not path.available("cpu"):
-        pytest.skip(f"engine path {name!r} does not run on the CPU here")
-    layer = DelRec(16, delay_type=delay_type, engine=name, sigma=2.0, learn_spread=path.grad)
-    layer.train(path.grad)
+    shape = (16,) if delay_type != "synaptic" else (16, 16)
     current = torch.randn(20, 0, 16, requires_grad=path.grad)
+    weight = torch.randn(16, 16, requires_grad=path.grad)
+    delay = torch.rand(shape, requires_grad=path.grad and not path.integer_only)
+    width = torch.full((16,), 2.0, requires_grad=path.grad)
+    spikes = path.run(current, weight, delay, width, LIF())
+    assert spikes.shape == (20, 0, 16) and spikes.dtype == current.dtype
+    if path.grad:
+        spikes.sum().backward()
+        for tensor in (current, weight, delay, width):
+            assert tensor.grad.shape == tensor.shape and not tensor.grad.any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,delay_type", ENGINE_CASES)
+def test_an_empty_batch_runs_through_the_layer_on_every_path(name, delay_type, device):
+    path = PATHS[name]
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA is not available here")
+    if not path.available(device):
+        pytest.skip(f"engine path {name!r} does not run on {device} here")
+    layer = DelRec(16, delay_type=delay_type, engine=name, sigma=2.0, learn_spread=path.grad)
+    layer.to(device).train(path.grad)
+    current = torch.randn(20, 0, 16, device=device, requires_grad=path.grad)
     with torch.set_grad_enabled(path.grad):
         spikes = layer(current)
-    assert spikes.shape == (20, 0, 16) and spikes.dtype == current.dtype
+    assert spikes.shape == (20, 0, 16) and spikes.device == current.device
     if path.grad:
         spikes.sum().backward()
         assert current.grad.shape == current.shape
         for parameter in (layer.weight, layer.delay, layer.spread_logits):
-            assert parameter.grad.shape == parameter.shape
-            assert not parameter.grad.any()
-    # the path itself, called directly
-    delay, width = layer.delays_and_width()
-    direct = path.run(current.detach(), layer.weight.detach(), delay.detach(), 1.0, LIF())
-    assert direct.shape == (20, 0, 16)
+            assert parameter.grad.shape == parameter.shape and not parameter.grad.any()
 
 
 @pytest.mark.parametrize("block", ["bn", "dropout"])
@@ -400,11 +417,14 @@ def test_absurd_delay_settings_are_refused_before_any_data_loads(setting, capsys
     assert err.startswith("delrec train: error: ") and f"{MAX_DELAY:g}" in err, err
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_a_non_finite_input_current_is_refused_naming_where(value, mode):
-    layer = DelRec(16).train(mode == "train")
-    current = torch.rand(20, 2, 16)
+def test_a_non_finite_input_current_is_refused_naming_where(value, mode, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA is not available here")
+    layer = DelRec(16).to(device).train(mode == "train")
+    current = torch.rand(20, 2, 16, device=device)
     current[4, 1, 7] = value
     with pytest.raises(ValueError, match=f"not finite: {value} at step 4, batch item 1, neuron 7"):
         layer(current)
@@ -443,21 +463,26 @@ def test_absurd_lags_are_refused_by_the_ring_buffer():
         DelayedSynapses(torch.ones(2, 2), torch.full((2, 2), 10**9))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("delay", [-0.4, -1.5, -3.0, -7.3])
 @pytest.mark.parametrize("name,delay_type", [c for c in ENGINE_CASES if c[0] != "ring"])
-def test_negative_delays_set_after_construction_agree_on_every_path(name, delay_type, delay):
+def test_negative_delays_set_after_construction_agree_on_every_path(
+    name, delay_type, delay, device
+):
     """Between an optimizer step and the clamp a delay may be negative: every path reads it as
     the reference does (the kernel loses its mass below lag 1), none raises."""
     path = PATHS[name]
-    if not path.available("cpu"):
-        pytest.skip(f"engine path {name!r} does not run on the CPU here")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA is not available here")
+    if not path.available(device):
+        pytest.skip(f"engine path {name!r} does not run on {device} here")
     g = torch.Generator().manual_seed(7)
     layers = [
-        DelRec(6, delay_type=delay_type, engine=engine, sigma=1.0, generator=g).double()
+        DelRec(6, delay_type=delay_type, engine=engine, sigma=1.0, generator=g).double().to(device)
         for engine in (name, "reference")
     ]
     layers[1].load_state_dict(layers[0].state_dict())
-    current = torch.rand(20, 2, 6, generator=g, dtype=torch.float64) * 1.6
+    current = (torch.rand(20, 2, 6, generator=g, dtype=torch.float64) * 1.6).to(device)
     results = []
     for layer in layers:
         with torch.no_grad():
