@@ -465,7 +465,7 @@ def test_absurd_lags_are_refused_by_the_ring_buffer():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("delay", [-0.4, -1.5, -3.0, -7.3])
-@pytest.mark.parametrize("name,delay_type", [c for c in ENGINE_CASES if c[0] != "ring"])
+@pytest.mark.parametrize("name,delay_type", ENGINE_CASES)
 def test_negative_delays_set_after_construction_agree_on_every_path(
     name, delay_type, delay, device
 ):
@@ -488,12 +488,15 @@ def test_negative_delays_set_after_construction_agree_on_every_path(
         with torch.no_grad():
             layer.delay.fill_(delay)
             layer.delay.view(-1)[0] = 2.0  # one ordinary delay
-        x = current.clone().requires_grad_()
-        spikes = layer(x)
-        spikes.sum().backward()
-        results.append((spikes, x.grad, layer.weight.grad, layer.delay.grad))
+        if path.grad:
+            x = current.clone().requires_grad_()
+            spikes = layer(x)
+            spikes.sum().backward()
+            results.append((spikes, x.grad, layer.weight.grad, layer.delay.grad))
         with torch.no_grad():  # integer-delay eval rounds a negative delay to 0
             assert torch.equal(layer.eval()(current), layers[0].eval()(current))
+    if not path.grad:  # an integer-delay inference path: the eval comparison above
+        return
     assert torch.equal(results[0][0], results[1][0])
     for actual, expected in zip(results[0][1:], results[1][1:]):
         assert_close_relative(actual, expected)
