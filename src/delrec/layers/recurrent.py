@@ -182,8 +182,8 @@ class DelRec(nn.Module):
         """What may change between forwards, with one device sync: the input current is finite,
         the delays are finite and within ``±MAX_DELAY`` (a value set after construction), σ is
         a valid spread. Raises ValueError naming the bad value. The current is checked through
-        its sum (NaN and Inf propagate into it; one vectorised pass, about 1 % of a forward);
-        only a non-finite sum is looked at element by element."""
+        its sum (NaN and Inf propagate into it): one vectorised pass, 1-3 % of a forward
+        (benchmarks/bench_checks.py); only a non-finite sum is looked at element by element."""
         delay = self.delay.detach()
         total = current.detach().sum(dtype=torch.promote_types(current.dtype, torch.float32))
         fine = total.isfinite() & (delay.abs() <= delay_fns.MAX_DELAY).all()
