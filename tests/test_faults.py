@@ -45,8 +45,9 @@ from delrec.data.heidelberg import write_heidelberg
 from delrec.data.mnist import read_idx
 from delrec.delays import MAX_DELAY
 from delrec.engine import PATHS
+from delrec.engine import feedforward as feedforward_engines
 from delrec.engine.ring import DelayedSynapses
-from delrec.layers import DelRec, set_spread
+from delrec.layers import DelRec, FeedforwardDelay, set_spread
 from delrec.models import NetworkConfig, build_network
 from delrec.neurons import LIF
 from delrec.runs import LOCK
@@ -305,6 +306,7 @@ def test_write_atomic_clears_stale_temporaries_of_its_target(tmp_path):
 # --------------------------------------------------------------------------- empty batches
 ENGINE_CASES = [(name, kind) for name, path in PATHS.items() for kind in path.delay_types]
 DEVICES = ["cpu", "cuda"]
+FEEDFORWARD_ENGINES = list(feedforward_engines.ENGINES)
 
 
 @pytest.mark.parametrize("name,delay_type", ENGINE_CASES)
@@ -346,9 +348,27 @@ def test_an_empty_batch_runs_through_the_layer_on_every_path(name, delay_type, d
             assert parameter.grad.shape == parameter.shape and not parameter.grad.any()
 
 
+@pytest.mark.parametrize("engine", FEEDFORWARD_ENGINES)
+def test_an_empty_batch_runs_through_feedforward_delays(engine):
+    path = feedforward_engines.PATHS.get(engine)
+    if path is not None and not path.available(torch.device("cpu")):
+        pytest.skip(f"feedforward-delay engine {engine!r} does not run on the CPU here")
+    layer = FeedforwardDelay(4, 8, kernel_size=5, engine=engine)
+    x = torch.rand(10, 0, 4, requires_grad=True)
+    out = layer(x)
+    out.sum().backward()
+    assert out.shape == (10, 0, 8) and x.grad.shape == x.shape
+    for parameter in (layer.weight, layer.position, layer.bias):
+        assert parameter.grad.shape == parameter.shape and not parameter.grad.any()
+    with pytest.raises(ValueError, match=r"input sequence is empty \(T = 0\)"):
+        layer(torch.rand(0, 3, 4))
+
+
+@pytest.mark.parametrize("model", ["delrec", "ff+rec"])
 @pytest.mark.parametrize("block", ["bn", "dropout"])
-def test_an_empty_batch_runs_through_a_network(block):
-    network = build_network(NetworkConfig(3, (8,), 4, block=block, recurrent_dropout=0.2), 0)
+def test_an_empty_batch_runs_through_a_network(block, model):
+    config = NetworkConfig(3, (8,), 4, model=model, block=block, recurrent_dropout=0.2)
+    network = build_network(config, seed=0)
     out = network(torch.rand(10, 0, 3))
     out.sum().backward()
     assert out.shape == (10, 0, 4)
