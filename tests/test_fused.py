@@ -307,6 +307,21 @@ def test_fused_network_trains_like_the_reference(task, model, dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("shape", [(10, 0), (1, 1)], ids=["empty batch", "one frame"])
+def test_fused_network_answers_like_the_reference_without_statistics(shape):
+    config, networks = network_pair("shd", "snn", torch.float32)
+    frames = torch.rand(*shape, config.input_size)
+    answers = []
+    for network in networks:
+        try:
+            answers.append(network(frames).shape)
+        except ValueError as error:  # BatchNorm over a single frame
+            answers.append(str(error))
+    assert answers[0] == answers[1]
+    assert all(torch.equal(a, b) for a, b in zip(networks[0].buffers(), networks[1].buffers()))
+
+
+@needs_kernels
 def test_the_switch_chooses_the_path():
     config, (fused_net, reference_net) = network_pair("shd", "delrec", torch.float32)
     x = torch.rand(5, 2, config.input_size)

@@ -219,9 +219,10 @@ def batch_norm(current: Tensor, norm: nn.BatchNorm1d, shift: Tensor | None = Non
     ``shift`` ``(N,)``: the bias of the linear map in front (the normalisation removes it, so it
     is added to the statistics only, saving a pass; its gradient is ``Σ ∂L/∂c``, zero up to
     rounding). ``norm`` must be an affine ``nn.BatchNorm1d`` that tracks running statistics
-    (:func:`fusable_norm`); in eval mode the module itself runs.
+    (:func:`fusable_norm`); in eval mode, or with fewer than two frames, the module itself runs.
     """
-    if not norm.training:
+    if not norm.training or current.shape[0] * current.shape[1] <= 1:
+        # eval, or no statistics to take (the module's answer: an error for one frame)
         if shift is not None:
             current = current + shift
         return norm(current.flatten(0, 1)).view_as(current)
