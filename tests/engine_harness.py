@@ -61,11 +61,12 @@ from dataclasses import dataclass
 from unittest import mock
 
 import torch
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from delrec.engine import DELAY_TYPES, PATHS, EnginePath
 from delrec.engine import triton as gpu
-from delrec.neurons import LIF, LIFParameters, lif_charge
+from delrec.neurons import LIF, ATan, LIFParameters, Triangle, lif_charge
 
 if not torch.cuda.is_available():  # before any Triton kernel module is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -164,6 +165,21 @@ def reference(current, weight, delay, width, neuron, mask) -> tuple[Tensor, Tens
 
 
 # --------------------------------------------------------------------------- cases
+# the built-in LIF with every option, for random draws (hypothesis)
+NEURONS = st.builds(
+    LIF,
+    tau=st.sampled_from([1.5, 2.0, 5.0]),
+    v_threshold=st.sampled_from([0.5, 1.0]),
+    v_reset=st.sampled_from([0.0, -0.3, None]),  # None = soft reset
+    detach_reset=st.booleans(),
+    decay_input=st.booleans(),
+    surrogate=st.one_of(
+        st.builds(Triangle, gamma=st.sampled_from([0.5, 1.0])),
+        st.builds(ATan, alpha=st.sampled_from([2.0, 5.0])),
+    ),
+)
+
+
 @dataclass
 class Case:
     """One engine input. Differentiable: ``current``, ``weight``, ``delay`` (``(1,)`` for shared

@@ -9,6 +9,7 @@ import pytest
 import torch
 from engine_harness import (
     GRAD_TOLERANCE,
+    NEURONS,
     TIE_WIDTH,
     Case,
     Config,
@@ -27,7 +28,7 @@ from hypothesis import strategies as st
 
 from delrec.engine import DELAY_TYPES, PATHS
 from delrec.engine import triton as gpu
-from delrec.neurons import LIF, ATan, Triangle
+from delrec.neurons import LIF, ATan
 
 F64, F32 = torch.float64, torch.float32
 INTERPRETER = pytest.mark.skipif(
@@ -129,20 +130,6 @@ def test_integer_delay_inference_at_training_size_in_float32(delay_type):
 
 
 # --------------------------------------------------------------------------- random draws
-NEURONS = st.builds(
-    LIF,
-    tau=st.sampled_from([1.5, 2.0, 5.0]),
-    v_threshold=st.sampled_from([0.5, 1.0]),
-    v_reset=st.sampled_from([0.0, -0.3, None]),  # None = soft reset
-    detach_reset=st.booleans(),
-    decay_input=st.booleans(),
-    surrogate=st.one_of(
-        st.builds(Triangle, gamma=st.sampled_from([0.5, 1.0])),
-        st.builds(ATan, alpha=st.sampled_from([2.0, 5.0])),
-    ),
-)
-
-
 @st.composite
 def engine_cases(draw, max_size=20, extra_steps=30):
     """A configuration and a case that exercises it: currents around the level at which the
