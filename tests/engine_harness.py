@@ -24,8 +24,9 @@ How a new engine path joins
     it (docs/testing.md).
 
 The comparison functions take any function of named input tensors that returns spikes
-``(T, B, N)``, so the feedforward engines (fused LIF against the autograd LIF loop,
-feedforward delays against the convolution) use them as they are:
+``(T, B, N)``, so other spiking engines (the fused feedforward LIF against the autograd LIF
+loop) use them as they are; engines with a continuous output (feedforward delays against the
+convolution) compare it and its gradients with :func:`assert_grad_close`:
 
 * :class:`Expected` — the reference's spikes, membrane and gradients of ``Σ spikes·grad_out``
   for one case, computed once for every candidate compared with it (a reference built on the
