@@ -16,7 +16,14 @@ from delrec.cli import main
 from delrec.config import ConfigError, resolve
 from delrec.delays import MAX_DELAY, DelayLimitWarning
 from delrec.deploy.report import format_report, hardware_report
-from delrec.deploy.targets import TARGETS, Target, bits_for, get_target, target_check
+from delrec.deploy.targets import (
+    TARGETS,
+    Target,
+    bits_for,
+    format_target_check,
+    get_target,
+    target_check,
+)
 from delrec.layers import DelRec, FeedforwardDelay, clamp_delays
 from delrec.models import NetworkConfig, build_network
 from delrec.runs import load_checkpoint
@@ -305,6 +312,9 @@ def test_target_check_on_feedforward_delays():
     assert statuses(loihi, "delay type") == ["FAIL", "FAIL"] and not loihi["pass"]
     assert "without feedforward delays" in loihi["checks"][1]["detail"]
     assert target_check(report, get_target("spinnaker"))["pass"]  # one delay per synapse
+    plain = target_check(hardware_report(network(model="snn")), get_target("loihi2-lava-dl"))
+    assert plain == {**plain, "checks": [], "pass": True}  # no delays: nothing to fail
+    assert "the network has no delays" in format_target_check(plain)
 
 
 def test_delay_bits_are_compared_when_a_target_states_them():
