@@ -1,25 +1,30 @@
 // The time loops of the synaptic-delay engine (delrec/engine/synaptic.py), fused.
 //
-// Each synapse (i, j) reads, instead of its own kernel, one "slot" of its presynaptic neuron j:
-// a pair of traces (Z_s, E_s) over the batch, where Z_s is the triangle trace at the slot's
-// centre and E_s the ε-box sum (the centre derivative times w²); the recurrent input is
-//     r_i[t] = Σ_j a_ij Z_s[t] + b_ij E_s[t],   s = slot(i, j)
-// (a = gain·W, b = gain·W·(c_ij - G_s)/w²). Traces are float64 three- and four-tap recursions
-// over the spike history (what they mean: synaptic.py, _SlotPlan). Layouts are neuron-major
-// ((N, T+1, B) history and spike counts, (T, N, B) membrane, (N, T, B') adjoint ∂L/∂r, B'
-// padded to whole cache lines) so that batch rows are contiguous and one neuron's recent past
-// is close together; what the layer exchanges with the network is batch-major (T, B, N).
+// Synapse (i, j) with centre c = 1 + d_ij reads, instead of its own kernel, one row of a ring
+// of its presynaptic neuron j (docs/design.md, "Synaptic delays by shifted reads"): the
+// synapses of j fall into at most four classes (the pattern of c translated to (w, w+1]) and
+// levels m = ⌈c - w⌉ - 1, and all levels of a class are read from one ring indexed by diagonal
+// u = t - m, each row holding (Z, E) over the batch:
+//     r_i[t] = Σ_j a_ij Z[row t - m_ij] + b_ij E[row t - m_ij]
+// (a = gain·W, b = gain·W·(c - G_p - m)/w²). Per class and step, one triangle and ε-box
+// recursion enters the lowest used level m_a (in float64; E exact), a chain of lag-0 terms
+// carries the rows up to level 0 (at most ⌈w⌉ stages), and rows of levels ≥ 0 never change
+// again: the work per step does not depend on the delay range.
 //
-// plan:      the slots of each neuron and the synapses reading them, one pass, no sort.
-// forward:   per step, the slot traces, then r_i gathered per postsynaptic neuron (the sums in
-//            registers, the slot traces of a block of presynaptic neurons in L1), then the LIF
-//            update.
-// backward:  per reverse step, the adjoint of the spikes (one float64 recursion per neuron fed
-//            by a ring of injections), the LIF adjoint, the per-slot sums of a·ḡ and b·ḡ over
-//            the slot's members (in registers, a block of rows of ḡ in L1), their injections at
-//            the slot's taps (grouped by lag: one ring row update per lag), and Σ K_s·x_s.
-// gradients: a second forward sweep of the slot traces, in chunks of time, dotting them with
-//            the stored adjoint: D0_ij = Σ ḡ_i Z_s, D1_ij = Σ ḡ_i E_s.
+// Layouts are neuron-major ((N, T+1, B) spike history and prefix counts, (T, N, B) membrane,
+// (N, T, B') adjoint ∂L/∂r, B' padded to whole cache lines) so that batch rows are contiguous;
+// what the layer exchanges with the network is batch-major (T, B, N).
+//
+// plan:      classes, levels and slots (class, level) of every neuron and what each synapse reads.
+// forward:   per step, each class's entry recursion and chain into its ring, then r_i gathered per
+//            postsynaptic neuron (sums in registers, the rings of a block of presynaptic neurons
+//            in L1), then the LIF update.
+// backward:  per reverse step, the adjoint of the spikes (one float64 recursion per neuron fed by
+//            a ring of injections, plus one-off lag-1 terms), the LIF adjoint, the slot sums of
+//            a·ḡ and b·ḡ added into each class's adjoint ring at row t - m, then per class the
+//            chain's lag-1 term and the entry row's injections at its taps, and Σ K·x.
+// gradients: a second forward sweep of the classes, in chunks of time, dotting each level's
+//            values with the stored adjoint: D0_ij = Σ ḡ_i Z, D1_ij = Σ ḡ_i E.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #if defined(__AVX512F__)
@@ -27,10 +32,8 @@
 #endif
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdint>
-#include <map>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -38,14 +41,16 @@
 namespace {
 
 // the sums of the forward and backward: vector blocks of a batch row summed at once, and the
-// bytes of slot traces (forward) or adjoint rows (backward) a block of neurons keeps in L1
+// bytes of ring rows (forward) or adjoint rows (backward) a block of neurons keeps in L1
 constexpr int64_t kGroupBlocks = 4;
 constexpr int64_t kColumnBytes = 1 << 15;
 // the gradient sweep: longest chunk of time, the adjoint over one chunk (all neurons) that is
-// kept in cache, the per-synapse sums of one group of neurons
+// kept in cache, the per-synapse sums of one group of neurons and the class state (chain rows,
+// stage histories) of one group
 constexpr int64_t kChunk = 64;
 constexpr int64_t kAdjointBytes = 1 << 20;
 constexpr int64_t kSumBytes = 1 << 18;
+constexpr int64_t kStateBytes = 1 << 21;
 
 // Vector lanes: one cache line of scalars. Batch rows of the internal buffers are padded to a
 // multiple of it (zero lanes), so the inner loops run over whole blocks the compiler vectorises.
@@ -84,58 +89,93 @@ inline void store(scalar_t* p, Vec<scalar_t> v) {
 #define DELREC_CONTRACT
 #endif
 
-// The slot plan (synaptic.py, _SlotPlan.native): per slot s its presynaptic neuron, the three
-// triangle taps (lags, increments of z and of its slope), the four ε-box taps (signs -, +, +, -)
-// and the closed support [lo, hi]; the synapses grouped by slot ("members", postsynaptic i
-// ascending), whose coefficients a, b come in the same order.
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "delrec synaptic kernel: ", what); }
+
+// The plan (synaptic.py, _SlotPlan.native). Classes are grouped by neuron, slots by class (levels
+// ascending), members by slot (postsynaptic i ascending). Per class p: levels (m_a, m_b, m_top) =
+// the lowest used level (where the entry recursion runs), the top chain stage and the highest
+// used level; the entry's triangle taps (lags, increments of z and of its slope) and ε-box taps
+// (signs -, +, +, -), its closed support [lo, hi]; its chain stages m_a+1 … m_b with the lag-0
+// values (a, e, χ) of the level below each. Rings have `depth` rows per class; the row of
+// diagonal u at time t is (t - lowest - (t - u - lowest)) mod depth, see ring_row.
 struct Plan {
-  int64_t n, slots;
-  const int64_t* owner_start;   // (N+1): slots of neuron j are [owner_start[j], owner_start[j+1])
-  const int64_t* z_lags;        // (S, 3)
-  const double* z_coef;         // (S, 6): γ₀ γ₁ γ₂ δ₀ δ₁ δ₂ (already / w²)
-  const int64_t* e_lags;        // (S, 4)
-  const int64_t* support;       // (S, 2): lo, hi
+  int64_t n, classes, slots, depth, lowest;
+  const int64_t* class_start;   // (N+1): classes of neuron j
+  const int64_t* slot_start;    // (C+1): slots of class p
+  const int64_t* slot_level;    // (S): level m of the slot
+  const int64_t* levels;        // (C, 3): m_a, m_b, m_top
+  const int64_t* z_lags;        // (C, 3)
+  const double* z_coef;         // (C, 6): γ₀ γ₁ γ₂ δ₀ δ₁ δ₂ (already / w²)
+  const int64_t* e_lags;        // (C, 4)
+  const int64_t* support;       // (C, 2): lo, hi
+  const int64_t* chain_start;   // (C+1): chain stages of class p
+  const double* chain;          // (stages, 3): a, e, χ of the level below the stage
   const int64_t* member_start;  // (S+1)
   const int32_t* member;        // (N²): postsynaptic i of each member, grouped by slot
+
+  int64_t m_a(int64_t c) const { return levels[3 * c]; }
+  int64_t m_b(int64_t c) const { return levels[3 * c + 1]; }
+  int64_t m_top(int64_t c) const { return levels[3 * c + 2]; }
+  // rows of the class's chain stages m_a … m_b (a ring by diagonal)
+  int64_t stages(int64_t c) const { return m_b(c) - m_a(c) + 1; }
+  // the ring row (within a class's `depth` rows) that level m reads at time t: diagonal t - m
+  int64_t ring_row(int64_t t, int64_t m) const {
+    const int64_t row = (t - lowest) % depth - (m - lowest);
+    return row < 0 ? row + depth : row;
+  }
 };
 
-Plan plan_of(const at::Tensor& owner_start, const at::Tensor& z_lags, const at::Tensor& z_coef,
-             const at::Tensor& e_lags, const at::Tensor& support, const at::Tensor& member_start,
-             const at::Tensor& member) {
-  auto ok = [](bool c, const char* what) { TORCH_CHECK(c, "delrec synaptic kernel: ", what); };
-  const int64_t n = owner_start.numel() - 1, s = z_lags.size(0);
-  ok(member_start.numel() == s + 1 && member.numel() == n * n, "plan sizes disagree");
-  ok(z_lags.scalar_type() == at::kLong && e_lags.scalar_type() == at::kLong &&
-         support.scalar_type() == at::kLong && owner_start.scalar_type() == at::kLong &&
-         member_start.scalar_type() == at::kLong, "lags and offsets must be int64");
-  ok(z_coef.scalar_type() == at::kDouble && z_coef.size(1) == 6, "z_coef must be (S, 6) float64");
-  ok(member.scalar_type() == at::kInt, "members must be int32");
-  for (const at::Tensor* x : {&owner_start, &z_lags, &z_coef, &e_lags, &support, &member_start,
-                              &member}) {
-    ok(x->is_contiguous() && x->device().is_cpu(), "plan tensors must be contiguous CPU tensors");
+Plan plan_of(const std::vector<at::Tensor>& t, int64_t depth, int64_t lowest) {
+  check(t.size() == 12, "the plan has 12 tensors");
+  const at::Tensor &class_start = t[0], &slot_start = t[1], &slot_level = t[2], &levels = t[3],
+                   &z_lags = t[4], &z_coef = t[5], &e_lags = t[6], &support = t[7],
+                   &chain_start = t[8], &chain = t[9], &member_start = t[10], &member = t[11];
+  for (const at::Tensor& x : t) {
+    check(x.is_contiguous() && x.device().is_cpu(), "plan tensors must be contiguous CPU tensors");
   }
-  return {n, s, owner_start.data_ptr<int64_t>(), z_lags.data_ptr<int64_t>(),
-          z_coef.data_ptr<double>(), e_lags.data_ptr<int64_t>(), support.data_ptr<int64_t>(),
-          member_start.data_ptr<int64_t>(), member.data_ptr<int32_t>()};
+  for (const at::Tensor* x : {&class_start, &slot_start, &slot_level, &levels, &z_lags, &e_lags,
+                              &support, &chain_start, &member_start}) {
+    check(x->scalar_type() == at::kLong, "plan offsets, levels and lags must be int64");
+  }
+  check(z_coef.scalar_type() == at::kDouble && chain.scalar_type() == at::kDouble,
+        "plan coefficients must be float64");
+  check(member.scalar_type() == at::kInt, "members must be int32");
+  const int64_t n = class_start.numel() - 1, c = levels.size(0), s = slot_level.numel();
+  check(slot_start.numel() == c + 1 && chain_start.numel() == c + 1 &&
+            member_start.numel() == s + 1 && member.numel() == n * n && z_coef.size(0) == c &&
+            chain.size(0) == chain_start[c].item<int64_t>(),
+        "plan sizes disagree");
+  check(depth >= 1, "ring depth must be positive");
+  return {n,
+          c,
+          s,
+          depth,
+          lowest,
+          class_start.data_ptr<int64_t>(),
+          slot_start.data_ptr<int64_t>(),
+          slot_level.data_ptr<int64_t>(),
+          levels.data_ptr<int64_t>(),
+          z_lags.data_ptr<int64_t>(),
+          z_coef.data_ptr<double>(),
+          e_lags.data_ptr<int64_t>(),
+          support.data_ptr<int64_t>(),
+          chain_start.data_ptr<int64_t>(),
+          chain.data_ptr<double>(),
+          member_start.data_ptr<int64_t>(),
+          member.data_ptr<int32_t>()};
 }
 
-// The state of the slot recursions, (S, B) each: z and its slope D/w² (float64), E (exact).
-struct SlotState {
-  std::vector<double> z, d;
-  std::vector<int32_t> e;
-  SlotState(int64_t slots, int64_t batch)
-      : z(slots * batch, 0.0), d(slots * batch, 0.0), e(slots * batch, 0) {}
-};
-
-// The recursions of one slot over a batch row: taps x (triangle) and y (ε-boxes) are 0/1 bytes.
-// Kept out of line: with its own restrict pointers the compiler vectorises it, inlined it doesn't.
+// The entry recursions of one class over a batch row: z and its slope D/w² (float64, three
+// triangle taps x) and E (exact, four ε-box taps y); taps are 0/1 bytes. Writes z into z_out
+// (float64) and E into e_out. Out of line: with its own restrict pointers the compiler
+// vectorises it, inlined it doesn't.
 template <typename scalar_t>
-__attribute__((noinline)) void slot_step(
+__attribute__((noinline)) void entry_step(
     const uint8_t* __restrict x0, const uint8_t* __restrict x1, const uint8_t* __restrict x2,
     const uint8_t* __restrict y0, const uint8_t* __restrict y1, const uint8_t* __restrict y2,
     const uint8_t* __restrict y3, const double* __restrict c, int64_t batch,
     double* __restrict z, double* __restrict d, int32_t* __restrict e,
-    scalar_t* __restrict z_out, scalar_t* __restrict e_out) {
+    double* __restrict z_out, scalar_t* __restrict e_out) {
   const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3], c4 = c[4], c5 = c[5];
   for (int64_t b = 0; b < batch; ++b) {
     const double s0 = x0[b], s1 = x1[b], s2 = x2[b];
@@ -143,39 +183,65 @@ __attribute__((noinline)) void slot_step(
     z[b] = zb + (s0 * c0 + s1 * c1 + s2 * c2);
     d[b] += s0 * c3 + s1 * c4 + s2 * c5;
     e[b] += (static_cast<int32_t>(y1[b]) + y2[b]) - (static_cast<int32_t>(y0[b]) + y3[b]);
-    z_out[b] = static_cast<scalar_t>(z[b]);
+    z_out[b] = z[b];
     e_out[b] = static_cast<scalar_t>(e[b]);
   }
 }
 
-// One step of slot s at time t: reads the spikes s_j[t - lag] of its neuron j from j's (T+1, B)
-// history (frame u + 1 holds step u, frame 0 is all zero) and writes Z_s[t], E_s[t] to z_out,
-// e_out.
+// One chain stage over a batch row: z += a·s, e += ε·s for the newest spikes s (0/1 bytes).
 template <typename scalar_t>
-inline void advance_slot(const Plan& p, int64_t s, int64_t t, int64_t batch,
-                         const bool* history_j, SlotState& st, int64_t row,
-                         scalar_t* z_out, scalar_t* e_out) {
-  auto tap = [&](int64_t lag) {  // as bytes: the compiler vectorises byte loads, not bool
+__attribute__((noinline)) void chain_step(const uint8_t* __restrict s, double a, scalar_t eps,
+                                          int64_t batch, double* __restrict z,
+                                          scalar_t* __restrict e) {
+  for (int64_t b = 0; b < batch; ++b) {
+    z[b] += a * static_cast<double>(s[b]);
+    e[b] += eps * static_cast<scalar_t>(s[b]);
+  }
+}
+
+template <typename scalar_t>
+__attribute__((noinline)) void narrow(const double* __restrict z, int64_t batch,
+                                      scalar_t* __restrict out) {
+  for (int64_t b = 0; b < batch; ++b) out[b] = static_cast<scalar_t>(z[b]);
+}
+
+// The per-class state of the generator of a class's levels (forward pass and gradient sweep):
+// the entry recursions (z, D/w², E over the batch) and the chain rows, float64 z by diagonal
+// (the stage values of diagonals t - m_b … t - m_a live at rows (t - m) mod stages).
+struct ClassState {
+  std::vector<double> z, d, chain_z;
+  std::vector<int32_t> e;
+};
+
+// Advances class c of neuron j (spike history `history_j`, (T+1, B), frame t+1 = step t) to time
+// t: the entry recursion into stage m_a of diagonal t - m_a, the chain stages of diagonals
+// t - m_b … t - m_a + 1. chain_e(m) points at the E row of diagonal t - m (the caller's storage;
+// E is exact in scalar_t). After the call, chain_z row (t - m) mod stages holds Z of level m at t
+// for m_a ≤ m ≤ m_b, and chain_e(m) its E.
+template <typename scalar_t, typename ChainE>
+void advance_class(const Plan& p, int64_t c, int64_t t, int64_t batch, int64_t width,
+                   const bool* history_j, ClassState& st, const ChainE& chain_e) {
+  auto frame = [&](int64_t lag) {  // as bytes: the compiler vectorises byte loads, not bool
     return reinterpret_cast<const uint8_t*>(history_j) + std::max<int64_t>(t - lag + 1, 0) * batch;
   };
-  const int64_t* zl = p.z_lags + 3 * s;
-  const int64_t* el = p.e_lags + 4 * s;
-  slot_step(tap(zl[0]), tap(zl[1]), tap(zl[2]), tap(el[0]), tap(el[1]), tap(el[2]), tap(el[3]),
-            p.z_coef + 6 * s, batch, st.z.data() + row * batch, st.d.data() + row * batch,
-            st.e.data() + row * batch, z_out, e_out);
+  const int64_t m_a = p.m_a(c), stages = p.stages(c);
+  auto row = [&](int64_t m) {
+    return st.chain_z.data() + (((t - m) % stages + stages) % stages) * width;
+  };
+  const double* stage = p.chain + 3 * p.chain_start[c];
+  for (int64_t m = m_a + 1; m <= p.m_b(c); ++m, stage += 3) {  // s[t - 1] reaches every stage
+    chain_step(frame(1), stage[0], static_cast<scalar_t>(stage[1]), batch, row(m), chain_e(m));
+  }
+  const int64_t* zl = p.z_lags + 3 * c;
+  const int64_t* el = p.e_lags + 4 * c;
+  entry_step(frame(zl[0]), frame(zl[1]), frame(zl[2]), frame(el[0]), frame(el[1]), frame(el[2]),
+             frame(el[3]), p.z_coef + 6 * c, batch, st.z.data(), st.d.data(), st.e.data(),
+             row(m_a), chain_e(m_a));
 }
 
 struct LIFConstants {
   double leak, v0, threshold, v_reset;
   bool soft_reset, detach_reset;
-};
-
-// One synapse as the sums read it: a = gain·W, b = gain·W·(c - G_s)/w², and an index: the slot
-// it reads (forward) or its postsynaptic neuron i (backward).
-template <typename scalar_t>
-struct Synapse {
-  int32_t index;
-  scalar_t a, b;
 };
 
 // fn(std::integral_constant<int, NB>) for a run-time number of vector blocks NB, 1 … kGroupBlocks:
@@ -190,28 +256,59 @@ void with_blocks(int64_t blocks, const Fn& fn) {
   }
 }
 
+// One synapse as the forward's sums read it: its class's first ring row, its level minus the
+// plan's lowest (the ring row it reads at time t is row + Plan::ring_row), a = gain·W and
+// b = gain·W·(c - G_p - m)/w².
+template <typename scalar_t>
+struct ForwardSynapse {
+  int32_t row, level;
+  scalar_t a, b;
+};
+
 // For each of `rows` postsynaptic neurons (`count` synapses each, consecutive in `synapse`):
-// r += Σ a·Z_s + b·E_s over NB vector blocks of the batch, where table points at the first lane
-// of the (S, 2, width) slot traces and r advances by width per neuron. The sums stay in
-// registers (two chains per block); each Z_s, E_s block is one load.
+// r += Σ a·Z + b·E over NB vector blocks of the batch, where ring points at the first lane of
+// the (C·depth, 2, width) rings, `head` = (t - lowest) mod depth and r advances by width per
+// neuron. The sums stay in registers, in two sets (even and odd synapses) so that 4·NB chains
+// of FMAs run at once; each Z, E block is one load.
 template <typename scalar_t, int NB>
 __attribute__((noinline)) DELREC_CONTRACT void gather_rows(
-    const scalar_t* __restrict table, int64_t width, const Synapse<scalar_t>* __restrict synapse,
-    int64_t count, int64_t rows, scalar_t* __restrict r) {
+    const scalar_t* __restrict ring, int64_t width, int64_t head, int64_t depth,
+    const ForwardSynapse<scalar_t>* __restrict synapse, int64_t count, int64_t rows,
+    scalar_t* __restrict r) {
   constexpr int64_t L = kLanes<scalar_t>;
-  for (int64_t row = 0; row < rows; ++row, synapse += count, r += width) {
-    Vec<scalar_t> by_z[NB] = {}, by_e[NB] = {};
-    for (int64_t k = 0; k < count; ++k) {
-      const scalar_t* z = table + static_cast<int64_t>(synapse[k].index) * 2 * width;
+  auto at = [&](const ForwardSynapse<scalar_t>& s) {
+    int64_t row = head - s.level;
+    row += row < 0 ? depth : 0;
+    return ring + (s.row + row) * 2 * width;
+  };
+  for (int64_t i = 0; i < rows; ++i, synapse += count, r += width) {
+    Vec<scalar_t> by_z[2][NB] = {}, by_e[2][NB] = {};
+    int64_t k = 0;
+    for (; k + 2 <= count; k += 2) {
+#pragma GCC unroll 2
+      for (int u = 0; u < 2; ++u) {
+        const scalar_t* z = at(synapse[k + u]);
+        const scalar_t a = synapse[k + u].a, b = synapse[k + u].b;
+#pragma GCC unroll 4
+        for (int q = 0; q < NB; ++q) {
+          by_z[u][q] += a * load(z + q * L);
+          by_e[u][q] += b * load(z + width + q * L);
+        }
+      }
+    }
+    if (k < count) {
+      const scalar_t* z = at(synapse[k]);
       const scalar_t a = synapse[k].a, b = synapse[k].b;
 #pragma GCC unroll 4
       for (int q = 0; q < NB; ++q) {
-        by_z[q] += a * load(z + q * L);
-        by_e[q] += b * load(z + width + q * L);
+        by_z[0][q] += a * load(z + q * L);
+        by_e[0][q] += b * load(z + width + q * L);
       }
     }
 #pragma GCC unroll 4
-    for (int q = 0; q < NB; ++q) store(r + q * L, load(r + q * L) + by_z[q] + by_e[q]);
+    for (int q = 0; q < NB; ++q) {
+      store(r + q * L, load(r + q * L) + ((by_z[0][q] + by_z[1][q]) + (by_e[0][q] + by_e[1][q])));
+    }
   }
 }
 
@@ -225,7 +322,7 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_ro
   const bool has_mask = mask.defined();
   const scalar_t* drive_p = drive.data_ptr<scalar_t>();  // (T, B, N)
   const scalar_t* a = a_rows.data_ptr<scalar_t>();       // (N, N): gain·W
-  const scalar_t* b = b_rows.data_ptr<scalar_t>();       // (N, N): gain·W·(c - G_s)/w²
+  const scalar_t* b = b_rows.data_ptr<scalar_t>();       // (N, N): gain·W·(c - G_p - m)/w²
   const int32_t* slot = slot_of.data_ptr<int32_t>();     // (N, N): the slot synapse (i, j) reads
   const scalar_t* mask_p = has_mask ? mask.data_ptr<scalar_t>() : nullptr;  // (B, N)
   scalar_t* spikes_p = spikes_out.data_ptr<scalar_t>();  // (T, B, N)
@@ -236,37 +333,67 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_ro
   constexpr int64_t L = kLanes<scalar_t>;
   const int64_t width = padded<scalar_t>(batch);
   const int64_t group = std::min(width, kGroupBlocks * L);  // batch lanes summed in one pass
-  // presynaptic neurons in column blocks whose slot traces (one lane group) stay in L1
-  const int64_t slot_bytes = 2 * group * static_cast<int64_t>(sizeof(scalar_t));
-  std::vector<int64_t> columns{0};
-  for (int64_t j = 1; j < n; ++j) {
-    if ((p.owner_start[j + 1] - p.owner_start[columns.back()]) * slot_bytes > kColumnBytes) {
-      columns.push_back(j);
+  // each slot: its class's first ring row and its level above the lowest
+  std::vector<int32_t> slot_row(p.slots), slot_level(p.slots);
+  for (int64_t c = 0; c < p.classes; ++c) {
+    for (int64_t s = p.slot_start[c]; s < p.slot_start[c + 1]; ++s) {
+      slot_row[s] = static_cast<int32_t>(c * p.depth);
+      slot_level[s] = static_cast<int32_t>(p.slot_level[s] - p.lowest);
     }
+  }
+  // presynaptic neurons in column blocks whose ring rows read at one step (one lane group) stay
+  // in L1
+  const int64_t row_bytes = 2 * group * static_cast<int64_t>(sizeof(scalar_t));
+  auto slots_of = [&](int64_t j) {
+    return p.slot_start[p.class_start[j + 1]] - p.slot_start[p.class_start[j]];
+  };
+  std::vector<int64_t> columns{0};
+  for (int64_t j = 0, used = 0; j < n; ++j) {
+    if (j > columns.back() && (used + slots_of(j)) * row_bytes > kColumnBytes) {
+      columns.push_back(j);
+      used = 0;
+    }
+    used += slots_of(j);
   }
   columns.push_back(n);
   // the synapses in the order the sums read them: column block, postsynaptic i, presynaptic j
-  std::vector<Synapse<scalar_t>> synapses(n * n);
+  std::vector<ForwardSynapse<scalar_t>> synapses(n * n);
   for (size_t c = 0, k = 0; c + 1 < columns.size(); ++c) {
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t j = columns[c]; j < columns[c + 1]; ++j, ++k) {
-        synapses[k] = {slot[i * n + j], a[i * n + j], b[i * n + j]};
+        const int32_t s = slot[i * n + j];
+        synapses[k] = {slot_row[s], slot_level[s], a[i * n + j], b[i * n + j]};
       }
     }
   }
-  SlotState state(p.slots, batch);
-  std::vector<scalar_t> table(p.slots * 2 * width, scalar_t(0));  // (S, 2, B'): Z_s, E_s at t
-  std::vector<scalar_t> recurrent(n * width);                      // (N, B'): r_i at t
+  // the rings (C·depth rows of Z then E, B' lanes each) and the class states
+  std::vector<scalar_t> ring(p.classes * p.depth * 2 * width, scalar_t(0));
+  std::vector<ClassState> state(p.classes);
+  for (int64_t c = 0; c < p.classes; ++c) {
+    state[c].z.assign(batch, 0.0);
+    state[c].d.assign(batch, 0.0);
+    state[c].e.assign(batch, 0);
+    state[c].chain_z.assign(p.stages(c) * width, 0.0);
+  }
+  std::vector<scalar_t> recurrent(n * width);  // (N, B'): r_i at t
   std::vector<scalar_t> v(nb, static_cast<scalar_t>(lif.v0));
   const scalar_t theta = lif.threshold, reset = lif.v_reset, leak = lif.leak;
   for (int64_t j = 0; j < n; ++j) std::fill_n(hist + j * frames, batch, false);
 
   for (int64_t t = 0; t < steps; ++t) {
-    at::parallel_for(0, n, 1, [&](int64_t j0, int64_t j1) {  // the slot traces at t
+    const int64_t head = (t - p.lowest) % p.depth;
+    at::parallel_for(0, n, 1, [&](int64_t j0, int64_t j1) {  // the rings at t
       for (int64_t j = j0; j < j1; ++j) {
-        for (int64_t s = p.owner_start[j]; s < p.owner_start[j + 1]; ++s) {
-          scalar_t* z = table.data() + s * 2 * width;
-          advance_slot(p, s, t, batch, hist + j * frames, state, s, z, z + width);
+        for (int64_t c = p.class_start[j]; c < p.class_start[j + 1]; ++c) {
+          scalar_t* rows = ring.data() + c * p.depth * 2 * width;
+          auto row = [&](int64_t m) { return rows + p.ring_row(t, m) * 2 * width; };
+          advance_class<scalar_t>(p, c, t, batch, width, hist + j * frames, state[c],
+                                  [&](int64_t m) { return row(m) + width; });
+          const int64_t stages = p.stages(c);
+          for (int64_t m = p.m_a(c); m <= p.m_b(c); ++m) {  // float copies of the chain's z
+            const int64_t at = ((t - m) % stages + stages) % stages;
+            narrow(state[c].chain_z.data() + at * width, batch, row(m));
+          }
         }
       }
     });
@@ -279,8 +406,9 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_ro
           const int64_t count = columns[c + 1] - columns[c];
           with_blocks(blocks, [&](auto nb) {
             gather_rows<scalar_t, decltype(nb)::value>(
-                table.data() + lane, width, synapses.data() + n * columns[c] + i0 * count, count,
-                i1 - i0, recurrent.data() + i0 * width + lane);
+                ring.data() + lane, width, head, p.depth,
+                synapses.data() + n * columns[c] + i0 * count, count, i1 - i0,
+                recurrent.data() + i0 * width + lane);
           });
         }
       }
@@ -301,110 +429,57 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_ro
   }
 }
 
-// For slots [0, slots) of a table (x_s at row 2s, e_s at row 2s + 1, rows of `width`, pointing
-// at the first lane): x_s (+)= Σ a·ḡ_i and e_s (+)= Σ b·ḡ_i over NB vector blocks, the sum over
-// the members [cut[s·stride], cut[s·stride + 1]) of slot s (`member`: row i of g, a, b);
-// `overwrite` stores instead of adding. The sums stay in registers, each ḡ_i block is one load.
+// One member as the backward's sums read it: postsynaptic i, a and b.
+template <typename scalar_t>
+struct Member {
+  int32_t index;
+  scalar_t a, b;
+};
+
+// For slots [0, slots): x += Σ a·ḡ_i and e += Σ b·ḡ_i over NB vector blocks, the sums over the
+// members [cut[s·stride], cut[s·stride + 1]) of slot s (`member`: row i of g, a, b), added to the
+// adjoint ring row to[s] (x at +0, e at +width, both advanced by `lane`). The sums stay in
+// registers in two sets (even and odd members); each ḡ_i block is one load.
 template <typename scalar_t, int NB>
 __attribute__((noinline)) DELREC_CONTRACT void sum_members(
-    const scalar_t* __restrict g, int64_t width, const Synapse<scalar_t>* __restrict member,
-    const int64_t* __restrict cut, int64_t stride, int64_t slots, bool overwrite,
-    scalar_t* __restrict table) {
+    const scalar_t* __restrict g, int64_t width, const Member<scalar_t>* __restrict member,
+    const int64_t* __restrict cut, int64_t stride, int64_t slots, scalar_t* const* __restrict to,
+    int64_t lane) {
   constexpr int64_t L = kLanes<scalar_t>;
   for (int64_t s = 0; s < slots; ++s) {
-    Vec<scalar_t> by_a[NB] = {}, by_b[NB] = {};
-    for (int64_t k = cut[s * stride]; k < cut[s * stride + 1]; ++k) {
+    const int64_t k0 = cut[s * stride], k1 = cut[s * stride + 1];
+    if (k0 == k1) continue;
+    Vec<scalar_t> by_a[2][NB] = {}, by_b[2][NB] = {};
+    int64_t k = k0;
+    for (; k + 2 <= k1; k += 2) {
+#pragma GCC unroll 2
+      for (int u = 0; u < 2; ++u) {
+        const scalar_t* gi = g + static_cast<int64_t>(member[k + u].index) * width;
+        const scalar_t a = member[k + u].a, b = member[k + u].b;
+#pragma GCC unroll 4
+        for (int q = 0; q < NB; ++q) {
+          const Vec<scalar_t> gq = load(gi + q * L);
+          by_a[u][q] += a * gq;
+          by_b[u][q] += b * gq;
+        }
+      }
+    }
+    if (k < k1) {
       const scalar_t* gi = g + static_cast<int64_t>(member[k].index) * width;
       const scalar_t a = member[k].a, b = member[k].b;
 #pragma GCC unroll 4
       for (int q = 0; q < NB; ++q) {
         const Vec<scalar_t> gq = load(gi + q * L);
-        by_a[q] += a * gq;
-        by_b[q] += b * gq;
+        by_a[0][q] += a * gq;
+        by_b[0][q] += b * gq;
       }
     }
-    scalar_t* x = table + 2 * s * width;
+    scalar_t* x = to[s] + lane;
 #pragma GCC unroll 4
     for (int q = 0; q < NB; ++q) {
-      store(x + q * L, overwrite ? by_a[q] : load(x + q * L) + by_a[q]);
-      store(x + width + q * L, overwrite ? by_b[q] : load(x + width + q * L) + by_b[q]);
+      store(x + q * L, load(x + q * L) + (by_a[0][q] + by_a[1][q]));
+      store(x + width + q * L, load(x + width + q * L) + (by_b[0][q] + by_b[1][q]));
     }
-  }
-}
-
-// What the backward injects into the adjoint recursion of each presynaptic neuron j, grouped by
-// lag so that each ring row of j is updated once per step: ∂L/∂Z_s (row 2s of the (S, 2, B')
-// adjoint table) enters through the triangle taps, with increments `coef` of the adjoint y and
-// `slope` of its slope d; ∂L/∂E_s (row 2s + 1) through the ε-box taps, with ±1 into y.
-template <typename scalar_t>
-struct TapGroups {
-  struct Term {
-    int64_t row;
-    scalar_t coef, slope;
-  };
-  struct Group {
-    int64_t lag, begin, mid, end;  // terms [begin, mid): triangle taps, [mid, end): ε-box taps
-  };
-  std::vector<int64_t> start{0};  // (N+1): the groups of neuron j
-  std::vector<Group> groups;
-  std::vector<Term> terms;
-
-  explicit TapGroups(const Plan& p) {
-    for (int64_t j = 0; j < p.n; ++j) {
-      std::map<int64_t, std::pair<std::vector<Term>, std::vector<Term>>> by_lag;
-      for (int64_t s = p.owner_start[j]; s < p.owner_start[j + 1]; ++s) {
-        const int64_t* zl = p.z_lags + 3 * s;
-        const int64_t* el = p.e_lags + 4 * s;
-        const double* c = p.z_coef + 6 * s;
-        for (int q = 0; q < 3; ++q) {
-          by_lag[zl[q]].first.push_back({2 * s, static_cast<scalar_t>(c[q]),
-                                         static_cast<scalar_t>(c[3 + q])});
-        }
-        for (int q = 0; q < 4; ++q) {  // signs -, +, +, -
-          by_lag[el[q]].second.push_back({2 * s + 1, scalar_t(q == 1 || q == 2 ? 1 : -1), 0});
-        }
-      }
-      for (const auto& [lag, taps] : by_lag) {
-        const int64_t begin = terms.size();
-        terms.insert(terms.end(), taps.first.begin(), taps.first.end());
-        const int64_t mid = terms.size();
-        terms.insert(terms.end(), taps.second.begin(), taps.second.end());
-        groups.push_back({lag, begin, mid, static_cast<int64_t>(terms.size())});
-      }
-      start.push_back(groups.size());
-    }
-  }
-};
-
-// One group's injection over NB vector blocks: y += Σ coef·x + Σ ±e, d += Σ slope·x, with x, e
-// rows of the adjoint table (which points at the first lane) and y, d one ring row of the neuron.
-template <typename scalar_t, int NB>
-__attribute__((noinline)) DELREC_CONTRACT void inject_group(
-    const scalar_t* __restrict table, int64_t width,
-    const typename TapGroups<scalar_t>::Term* __restrict term, int64_t mid, int64_t end,
-    scalar_t* __restrict y, scalar_t* __restrict d) {
-  constexpr int64_t L = kLanes<scalar_t>;
-  Vec<scalar_t> to_y[NB] = {}, to_d[NB] = {};
-  for (int64_t k = 0; k < mid; ++k) {
-    const scalar_t* x = table + term[k].row * width;
-    const scalar_t coef = term[k].coef, slope = term[k].slope;
-#pragma GCC unroll 4
-    for (int q = 0; q < NB; ++q) {
-      const Vec<scalar_t> xq = load(x + q * L);
-      to_y[q] += coef * xq;
-      to_d[q] += slope * xq;
-    }
-  }
-  for (int64_t k = mid; k < end; ++k) {
-    const scalar_t* e = table + term[k].row * width;
-    const scalar_t sign = term[k].coef;
-#pragma GCC unroll 4
-    for (int q = 0; q < NB; ++q) to_y[q] += sign * load(e + q * L);
-  }
-#pragma GCC unroll 4
-  for (int q = 0; q < NB; ++q) {
-    store(y + q * L, load(y + q * L) + to_y[q]);
-    store(d + q * L, load(d + q * L) + to_d[q]);
   }
 }
 
@@ -412,7 +487,7 @@ template <typename scalar_t>
 void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tensor& history,
                    const at::Tensor& membrane, const at::Tensor& psi, const at::Tensor& a_m,
                    const at::Tensor& b_m, const at::Tensor& mask, const at::Tensor& counts,
-                   const LIFConstants& lif, int64_t ring, at::Tensor& grad_h,
+                   const LIFConstants& lif, int64_t reach, at::Tensor& grad_h,
                    at::Tensor& adjoint, at::Tensor& by_support) {
   const int64_t steps = membrane.size(0), n = membrane.size(1), batch = membrane.size(2);
   const int64_t nb = n * batch;
@@ -432,21 +507,23 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
   scalar_t* adj = adjoint.data_ptr<scalar_t>();  // (N, T, B'): ∂L/∂r / gain = ∂L/∂h · m
   double* support_sum = by_support.data_ptr<double>();  // (N): Σ_t Σ_s K_s·x_s
 
-  // injections of the future adjoints into the recursion of each neuron: (N, R, 2, B'), so that
-  // one neuron's injections at all ring slots stay within a few cache lines
-  std::vector<scalar_t> inject(ring * 2 * n * width, scalar_t(0));
+  // injections of the entry adjoints into the recursion of each neuron: (N, R, 2, B'), so that
+  // one neuron's injections at all ring slots stay within a few cache lines; `once`: the chain's
+  // lag-1 terms, ∂L/∂s_j[t - 1] formed at step t and used once
+  std::vector<scalar_t> inject(reach * 2 * n * width, scalar_t(0));
   const auto injection = [&](int64_t j, int64_t time) {
-    return inject.data() + (j * ring + time % ring) * 2 * width;
+    return inject.data() + (j * reach + time % reach) * 2 * width;
   };
-  const TapGroups<scalar_t> taps(p);
+  std::vector<scalar_t> once(n * width, scalar_t(0));
+  // the adjoint rings (C·depth rows of ∂L/∂Z then ∂L/∂E, B' lanes each)
+  std::vector<scalar_t> ring(p.classes * p.depth * 2 * width, scalar_t(0));
   const int64_t group = std::min(width, kGroupBlocks * L);  // batch lanes summed at once
   std::vector<double> y(nb, 0.0), d(nb, 0.0);  // Σ_k κ(k)·x[t+k] and its slope, (N, B)
   std::vector<scalar_t> gh(nb, scalar_t(0));   // ∂L/∂h[t+1], then ∂L/∂h[t]
   std::vector<scalar_t> g_now(n * width, scalar_t(0));  // ∂L/∂h[t] · m, (N, B')
-  std::vector<scalar_t> adjoints(p.slots * 2 * width);  // (S, 2, B'): ∂L/∂Z_s, ∂L/∂E_s at t
   // the members in order (their i, a, b), cut into blocks of postsynaptic neurons whose rows of
   // g_now (one lane group) stay in L1: members of slot s in block q are [cut[s, q], cut[s, q+1])
-  std::vector<Synapse<scalar_t>> members(n * n);
+  std::vector<Member<scalar_t>> members(n * n);
   for (int64_t m = 0; m < n * n; ++m) members[m] = {p.member[m], am[m], bm[m]};
   const int64_t block_rows = std::max<int64_t>(
       1, kColumnBytes / (group * static_cast<int64_t>(sizeof(scalar_t))));
@@ -460,6 +537,11 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
       cut[s * (row_blocks + 1) + q] = std::lower_bound(first, last, row) - p.member;
     }
   }
+  std::vector<int64_t> class_of(p.slots);
+  for (int64_t c = 0; c < p.classes; ++c) {
+    std::fill(class_of.begin() + p.slot_start[c], class_of.begin() + p.slot_start[c + 1], c);
+  }
+  std::vector<scalar_t*> to(p.slots);  // the adjoint ring row each slot adds into at t
   const scalar_t theta = lif.threshold, reset = lif.v_reset, leak = lif.leak;
 
   for (int64_t t = steps - 1; t >= 0; --t) {
@@ -467,6 +549,7 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
     at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         scalar_t* inj = injection(i, t);
+        scalar_t* lag1 = once.data() + i * width;
         for (int64_t b = 0, k = i * batch; b < batch; ++b, ++k) {
           y[k] += d[k] + inj[b];
           d[k] += inj[width + b];
@@ -474,7 +557,8 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
           // the LIF adjoint (fast.py, _LIF.adjoint_step); gv is the adjoint of v[t]
           const int64_t out = now + b * n + i;
           const scalar_t h = membrane_p[now + k];
-          scalar_t grad_s = grad_out[out] + static_cast<scalar_t>(y[k]);
+          scalar_t grad_s = grad_out[out] + static_cast<scalar_t>(y[k]) + lag1[b];
+          lag1[b] = scalar_t(0);
           scalar_t gv = gh[k] * leak;
           if (!lif.detach_reset) grad_s += lif.soft_reset ? -theta * gv : gv * (reset - h);
           if (!lif.soft_reset && hist[i * frames + (t + 1) * batch + b]) gv = scalar_t(0);
@@ -487,44 +571,81 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
       }
     });
     at::parallel_for(0, n, 1, [&](int64_t j0, int64_t j1) {
-      const int64_t s0 = p.owner_start[j0], s1 = p.owner_start[j1];
-      // x = Σ a·ḡ_i, e = Σ b·ḡ_i over the members of each slot
+      const int64_t c0 = p.class_start[j0], c1 = p.class_start[j1];
+      const int64_t s0 = p.slot_start[c0], s1 = p.slot_start[c1];
+      for (int64_t s = s0; s < s1; ++s) {  // x = Σ a·ḡ_i, e = Σ b·ḡ_i of a slot reach row t - m
+        const int64_t c = class_of[s];
+        to[s] = ring.data() + (c * p.depth + p.ring_row(t, p.slot_level[s])) * 2 * width;
+      }
       for (int64_t lane = 0; lane < width; lane += group) {
         for (int64_t q = 0; q < row_blocks; ++q) {
           with_blocks(std::min(group, width - lane) / L, [&](auto nb) {
             sum_members<scalar_t, decltype(nb)::value>(
                 g_now.data() + lane, width, members.data(), cut.data() + s0 * (row_blocks + 1) + q,
-                row_blocks + 1, s1 - s0, q == 0, adjoints.data() + s0 * 2 * width + lane);
+                row_blocks + 1, s1 - s0, to.data() + s0, lane);
           });
         }
       }
       std::vector<double> support(batch);
       for (int64_t j = j0; j < j1; ++j) {
         std::fill(support.begin(), support.end(), 0.0);
-        for (int64_t g = taps.start[j]; g < taps.start[j + 1]; ++g) {
-          const auto& tap = taps.groups[g];
-          if (tap.lag > t) continue;
-          // x = ∂L/∂Z_s[t] and e = ∂L/∂E_s[t] reach s_j[t - lag]: injections at time t - lag
-          scalar_t* to = injection(j, t - tap.lag);
-          for (int64_t lane = 0; lane < width; lane += group) {
-            with_blocks(std::min(group, width - lane) / L, [&](auto nb) {
-              inject_group<scalar_t, decltype(nb)::value>(
-                  adjoints.data() + lane, width, taps.terms.data() + tap.begin,
-                  tap.mid - tap.begin, tap.end - tap.begin, to + lane, to + width + lane);
-            });
-          }
-        }
-        if (need_support) {
-          for (int64_t s = p.owner_start[j]; s < p.owner_start[j + 1]; ++s) {
-            // K_s[t] = spikes of j at lags lo … hi = P[t-lo+1] - P[t-hi]
-            const scalar_t* x = adjoints.data() + s * 2 * width;
-            const int64_t lo = p.support[2 * s], hi = p.support[2 * s + 1];
-            const int32_t* upper = count_p + j * frames + std::max<int64_t>(t - lo + 1, 0) * batch;
-            const int32_t* lower = count_p + j * frames + std::max<int64_t>(t - hi, 0) * batch;
-            for (int64_t b = 0; b < batch; ++b) {
-              support[b] += static_cast<double>(upper[b] - lower[b]) * x[b];
+        const uint8_t* newest =  // s_j[t - 1]
+            reinterpret_cast<const uint8_t*>(hist + j * frames + t * batch);
+        scalar_t* lag1 = once.data() + j * width;
+        for (int64_t c = p.class_start[j]; c < p.class_start[j + 1]; ++c) {
+          scalar_t* rows = ring.data() + c * p.depth * 2 * width;
+          auto row = [&](int64_t m) { return rows + p.ring_row(t, m) * 2 * width; };
+          // chain stages: ∂L/∂s[t - 1] += a·Λ + e·Λ_E, and Σ_b s[t-1]·χ·Λ for the spread
+          const double* stage = p.chain + 3 * p.chain_start[c];
+          for (int64_t m = p.m_a(c) + 1; m <= p.m_b(c); ++m, stage += 3) {
+            if (t == 0) break;
+            const scalar_t* x = row(m);
+            const scalar_t sa = static_cast<scalar_t>(stage[0]);
+            const scalar_t se = static_cast<scalar_t>(stage[1]);
+            for (int64_t b = 0; b < batch; ++b) lag1[b] += sa * x[b] + se * x[width + b];
+            if (need_support && stage[2] != 0.0) {
+              for (int64_t b = 0; b < batch; ++b) {
+                support[b] += newest[b] ? static_cast<double>(x[b]) : 0.0;
+              }
             }
           }
+          // the entry: Λ[t - m_a, m_a] is ∂L/∂Z of level m_a at t, injected at its taps
+          scalar_t* x = row(p.m_a(c));
+          const int64_t* zl = p.z_lags + 3 * c;
+          const int64_t* el = p.e_lags + 4 * c;
+          const double* zc = p.z_coef + 6 * c;
+          for (int q = 0; q < 3; ++q) {
+            if (zl[q] > t) continue;
+            scalar_t* to_y = injection(j, t - zl[q]);
+            const scalar_t coef = static_cast<scalar_t>(zc[q]);
+            const scalar_t slope = static_cast<scalar_t>(zc[3 + q]);
+            for (int64_t b = 0; b < width; ++b) {
+              to_y[b] += coef * x[b];
+              to_y[width + b] += slope * x[b];
+            }
+          }
+          for (int q = 0; q < 4; ++q) {  // signs -, +, +, -
+            if (el[q] > t) continue;
+            scalar_t* to_y = injection(j, t - el[q]);
+            if (q == 1 || q == 2) {
+              for (int64_t b = 0; b < width; ++b) to_y[b] += x[width + b];
+            } else {
+              for (int64_t b = 0; b < width; ++b) to_y[b] -= x[width + b];
+            }
+          }
+          if (need_support) {
+            // K[t] = spikes of j at lags lo … hi = P[t-lo+1] - P[t-hi]
+            const int64_t lo = p.support[2 * c], hi = p.support[2 * c + 1];
+            if (hi >= lo) {
+              const int32_t* upper =
+                  count_p + j * frames + std::max<int64_t>(t - lo + 1, 0) * batch;
+              const int32_t* lower = count_p + j * frames + std::max<int64_t>(t - hi, 0) * batch;
+              for (int64_t b = 0; b < batch; ++b) {
+                support[b] += static_cast<double>(upper[b] - lower[b]) * x[b];
+              }
+            }
+          }
+          std::fill_n(x, 2 * width, scalar_t(0));  // the row of diagonal t - m_a is done
         }
         for (int64_t b = 0; b < batch; ++b) support_sum[j] += support[b];
       }
@@ -532,13 +653,13 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
   }
 }
 
-// The dot products of the gradient sweep, R members of one slot at a time:
-//   dot_tile<R>(member, g, stride, z, e, len, dz, de): Σ_k ḡ_i[k]·z[k] and ḡ_i[k]·e[k] over
-//   k < len (a multiple of kLanes) for the members i = member[0 … R), added to dz[i], de[i],
-//   where ḡ_i = g + i·stride (float32 sums for float32 data).
-// With AVX-512 in register tiles: z and e are loaded once per vector block for the R rows, R + 2
-// loads per 2R FMAs in 2R independent chains. kTile: members per tile; kMinChunk: the shortest
-// chunk of the sweep.
+// The dot products of the gradient sweep, R members at a time:
+//   dot_tile<R>(member, g, stride, z, e, len, dz, de): Σ_k ḡ_i[k]·z_r[k] and ḡ_i[k]·e_r[k] over
+//   k < len (a multiple of kLanes) for the members i = member[r], r < R, added to dz[i], de[i],
+//   where ḡ_i = g + i·stride (float32 sums for float32 data); z_r = z[r], e_r = e[r].
+// With AVX-512 in register tiles: 2R independent chains; when all members of a tile read the
+// same level (`shared`), z and e are loaded once per vector block for the R rows. kTile: members
+// per tile; kMinChunk: the shortest chunk of the sweep.
 #if defined(__AVX512F__)
 constexpr int kTile = 8;
 constexpr int64_t kMinChunk = 1;
@@ -615,20 +736,29 @@ struct Registers<double> {
 };
 
 // 16 accumulators whatever R (the unused ones stay zero), summed in one tree
-template <int R, typename scalar_t>
-inline void dot_tile(const int32_t* member, const scalar_t* g, int64_t stride, const scalar_t* z,
-                     const scalar_t* e, int64_t len, double* dz, double* de) {
+template <int R, bool shared, typename scalar_t>
+inline void dot_tile(const int32_t* member, const scalar_t* g, int64_t stride,
+                     const scalar_t* const* z, const scalar_t* const* e, int64_t len, double* dz,
+                     double* de) {
   using V = Registers<scalar_t>;
   const scalar_t* row[R];
   typename V::type acc[16];  // Σ ḡ·z of member r at r, Σ ḡ·e at 8 + r
   for (int q = 0; q < 16; ++q) acc[q] = V::zero();
   for (int r = 0; r < R; ++r) row[r] = g + member[r] * stride;
   for (int64_t k = 0; k < len; k += kLanes<scalar_t>) {
-    const auto zk = V::load(z + k), ek = V::load(e + k);
-    for (int r = 0; r < R; ++r) {
-      const auto gk = V::load(row[r] + k);
-      acc[r] = V::fma(gk, zk, acc[r]);
-      acc[8 + r] = V::fma(gk, ek, acc[8 + r]);
+    if constexpr (shared) {
+      const auto zk = V::load(z[0] + k), ek = V::load(e[0] + k);
+      for (int r = 0; r < R; ++r) {
+        const auto gk = V::load(row[r] + k);
+        acc[r] = V::fma(gk, zk, acc[r]);
+        acc[8 + r] = V::fma(gk, ek, acc[8 + r]);
+      }
+    } else {
+      for (int r = 0; r < R; ++r) {
+        const auto gk = V::load(row[r] + k);
+        acc[r] = V::fma(gk, V::load(z[r] + k), acc[r]);
+        acc[8 + r] = V::fma(gk, V::load(e[r] + k), acc[8 + r]);
+      }
     }
   }
   scalar_t sum[16];
@@ -674,22 +804,27 @@ inline void dot2(const scalar_t* g, const scalar_t* z, const scalar_t* e, int64_
   se += re;
 }
 
-template <int R, typename scalar_t>
-inline void dot_tile(const int32_t* member, const scalar_t* g, int64_t stride, const scalar_t* z,
-                     const scalar_t* e, int64_t len, double* dz, double* de) {
+template <int R, bool shared, typename scalar_t>
+inline void dot_tile(const int32_t* member, const scalar_t* g, int64_t stride,
+                     const scalar_t* const* z, const scalar_t* const* e, int64_t len, double* dz,
+                     double* de) {
   for (int r = 0; r < R; ++r) {
-    dot2(g + member[r] * stride, z, e, len, dz[member[r]], de[member[r]]);
+    dot2(g + member[r] * stride, z[shared ? 0 : r], e[shared ? 0 : r], len, dz[member[r]],
+         de[member[r]]);
   }
 }
 #endif
 
-// dot_tile over the members [m, m1) of one slot: tiles of R, then of R/2, … for the rest.
-template <int R, typename scalar_t>
+// dot_tile over members [m, m1): tiles of R, then of R/2, … for the rest.
+template <int R, bool shared, typename scalar_t>
 inline void dot_members(const int32_t* member, int64_t m, int64_t m1, const scalar_t* g,
-                        int64_t stride, const scalar_t* z, const scalar_t* e, int64_t len,
-                        double* dz, double* de) {
-  for (; m + R <= m1; m += R) dot_tile<R>(member + m, g, stride, z, e, len, dz, de);
-  if constexpr (R > 1) dot_members<R / 2>(member, m, m1, g, stride, z, e, len, dz, de);
+                        int64_t stride, const scalar_t* const* z, const scalar_t* const* e,
+                        int64_t len, double* dz, double* de) {
+  for (; m + R <= m1; m += R) {
+    dot_tile<R, shared>(member + m, g, stride, z + (shared ? 0 : m), e + (shared ? 0 : m), len,
+                        dz, de);
+  }
+  if constexpr (R > 1) dot_members<R / 2, shared>(member, m, m1, g, stride, z, e, len, dz, de);
 }
 
 template <typename scalar_t>
@@ -699,62 +834,151 @@ void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& 
   const bool* hist = history.data_ptr<bool>();        // (N, T+1, B)
   const int64_t frames = (steps + 1) * batch;
   const scalar_t* adj = adjoint.data_ptr<scalar_t>();  // (N, T, B')
-  double* dz_p = dz.data_ptr<double>();                // (N, N): Σ ḡ_i Z_s
-  double* de_p = de.data_ptr<double>();                // (N, N): Σ ḡ_i E_s
+  double* dz_p = dz.data_ptr<double>();                // (N, N): Σ ḡ_i Z
+  double* de_p = de.data_ptr<double>();                // (N, N): Σ ḡ_i E
 
   // Each thread takes its presynaptic neurons j in groups and sweeps time chunk by chunk over a
-  // group: per slot of each j, its traces over the chunk, then its members' dots in tiles.
-  // With register tiles, chunks are short enough that the adjoint of all N neurons over one
-  // chunk (kAdjointBytes) stays in L2 while the group's neurons read it.
+  // group: per class of each j, its levels over the chunk (the chain levels' values in `levels`,
+  // the frozen rows in the class's stage history), then its members' dots in tiles. With
+  // register tiles, chunks are short enough that the adjoint of all N neurons over one chunk
+  // (kAdjointBytes) stays in L2 while the group's neurons read it.
   const int64_t row_bytes = width * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t chunk = std::clamp(kAdjointBytes / (n * row_bytes), kMinChunk, kChunk);
-  const int64_t group = std::max<int64_t>(1, kSumBytes / (2 * n * sizeof(double)));
+  // a class's stage history: the stage-m_b values (Z, E) of diagonals t0 - m_top … t0 + chunk -
+  // m_b, each row written twice (at h and h + rows) so that every level's window is contiguous
+  auto history_rows = [&](int64_t c) {
+    return p.m_top(c) > p.m_b(c) ? p.m_top(c) - p.m_b(c) + chunk : 0;
+  };
+  auto state_bytes = [&](int64_t j) {
+    int64_t bytes = 0;
+    for (int64_t c = p.class_start[j]; c < p.class_start[j + 1]; ++c) {
+      bytes += p.stages(c) * width * (8 + sizeof(scalar_t)) + 4 * history_rows(c) * row_bytes;
+    }
+    return bytes;
+  };
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    const int64_t first = p.owner_start[begin];
-    SlotState state(p.owner_start[end] - first, batch);
-    // (2, chunk, B'): Z_s, E_s of one slot over one chunk, each contiguous over (t, b)
-    at::Tensor table = at::zeros({2, chunk, width}, adjoint.options());
-    scalar_t* z = table.data_ptr<scalar_t>();
-    scalar_t* e = z + chunk * width;
-    // one group's sums, (j, 2, N): Σ ḡ_i Z_s, Σ ḡ_i E_s of synapse (i, j) at [j - j0][·][i]
-    // (contiguous in i, where (N, N) would put one j's members a row apart)
-    std::vector<double> sums(group * 2 * n, 0.0);
-    for (int64_t j0 = begin; j0 < end; j0 += group) {
-      const int64_t j1 = std::min(end, j0 + group);
+    // chain levels over one chunk (Z then E, chunk × B' each) of the class being swept
+    int64_t most_levels = 0;
+    for (int64_t c = p.class_start[begin]; c < p.class_start[end]; ++c) {
+      int64_t chained = 0;
+      for (int64_t s = p.slot_start[c]; s < p.slot_start[c + 1]; ++s) {
+        chained += p.slot_level[s] <= p.m_b(c);
+      }
+      most_levels = std::max(most_levels, chained);
+    }
+    std::vector<scalar_t> levels(most_levels * 2 * chunk * width);
+    std::vector<const scalar_t*> z_of, e_of;  // per member of a class: its level's values
+    std::vector<int32_t> mixed;               // members left over from whole tiles
+    std::vector<double> sums;
+    for (int64_t j0 = begin; j0 < end;) {
+      // a group: its per-synapse sums (j, 2, N) and class states within budget
+      int64_t j1 = j0, bytes = 0;
+      while (j1 < end && (j1 == j0 || (bytes + state_bytes(j1) <= kStateBytes &&
+                                       (j1 - j0 + 1) * 2 * n * 8 <= kSumBytes))) {
+        bytes += state_bytes(j1++);
+      }
+      const int64_t c0 = p.class_start[j0], c1 = p.class_start[j1];
+      std::vector<ClassState> state(c1 - c0);
+      std::vector<std::vector<scalar_t>> chain_e(c1 - c0), stage(c1 - c0);
+      for (int64_t c = c0; c < c1; ++c) {
+        ClassState& st = state[c - c0];
+        st.z.assign(batch, 0.0);
+        st.d.assign(batch, 0.0);
+        st.e.assign(batch, 0);
+        st.chain_z.assign(p.stages(c) * width, 0.0);
+        chain_e[c - c0].assign(p.stages(c) * width, scalar_t(0));
+        stage[c - c0].assign(4 * history_rows(c) * width, scalar_t(0));  // Z, E; doubled
+      }
+      sums.assign((j1 - j0) * 2 * n, 0.0);
       for (int64_t t0 = 0; t0 < steps; t0 += chunk) {
         const int64_t len = std::min(chunk, steps - t0);
         for (int64_t j = j0; j < j1; ++j) {
           double* sz = sums.data() + (j - j0) * 2 * n;
-          for (int64_t s = p.owner_start[j]; s < p.owner_start[j + 1]; ++s) {
+          for (int64_t c = p.class_start[j]; c < p.class_start[j + 1]; ++c) {
+            ClassState& st = state[c - c0];
+            const int64_t stages = p.stages(c), rows = history_rows(c);
+            const int64_t s0 = p.slot_start[c], s1 = p.slot_start[c + 1];
+            scalar_t* stage_z = stage[c - c0].data();
+            scalar_t* stage_e = stage_z + 2 * rows * width;
+            auto chain_row = [&](int64_t t, int64_t m) {
+              return ((t - m) % stages + stages) % stages * width;
+            };
             for (int64_t u = 0; u < len; ++u) {
-              advance_slot(p, s, t0 + u, batch, hist + j * frames, state, s - first,
-                           z + u * width, e + u * width);
+              const int64_t t = t0 + u;
+              advance_class<scalar_t>(p, c, t, batch, width, hist + j * frames, st,
+                                      [&](int64_t m) {
+                                        return chain_e[c - c0].data() + chain_row(t, m);
+                                      });
+              int64_t k = 0;  // the chain levels this class uses, in slot order
+              for (int64_t s = s0; s < s1 && p.slot_level[s] <= p.m_b(c); ++s, ++k) {
+                const int64_t row = chain_row(t, p.slot_level[s]);
+                scalar_t* out = levels.data() + (2 * k * chunk + u) * width;
+                narrow(st.chain_z.data() + row, batch, out);
+                std::copy_n(chain_e[c - c0].data() + row, batch, out + chunk * width);
+              }
+              if (rows > 0) {  // diagonal t - m_b leaves the chain: into the stage history
+                const int64_t row = chain_row(t, p.m_b(c));
+                const int64_t at = ((t - p.m_b(c)) % rows + rows) % rows;
+                for (const int64_t h : {at, at + rows}) {
+                  narrow(st.chain_z.data() + row, batch, stage_z + h * width);
+                  std::copy_n(chain_e[c - c0].data() + row, batch, stage_e + h * width);
+                }
+              }
             }
-            dot_members<kTile>(p.member, p.member_start[s], p.member_start[s + 1],
-                               adj + t0 * width, steps * width, z, e, len * width, sz, sz + n);
+            // the dots: whole tiles of one level share its values; the rest in mixed tiles
+            z_of.resize(p.member_start[s1] - p.member_start[s0]);
+            e_of.resize(z_of.size());
+            mixed.clear();
+            for (int64_t s = s0, k = 0; s < s1; ++s) {
+              const int64_t m = p.slot_level[s];
+              const scalar_t *z, *e;
+              if (m <= p.m_b(c)) {
+                z = levels.data() + 2 * k++ * chunk * width;
+                e = z + chunk * width;
+              } else {
+                const int64_t at = ((t0 - m) % rows + rows) % rows;
+                z = stage_z + at * width;
+                e = stage_e + at * width;
+              }
+              const int64_t m0 = p.member_start[s], m1 = p.member_start[s + 1];
+              const int64_t whole = m0 + (m1 - m0) / kTile * kTile;
+              dot_members<kTile, true>(p.member, m0, whole, adj + t0 * width, steps * width, &z,
+                                       &e, len * width, sz, sz + n);
+              for (int64_t q = whole; q < m1; ++q) {
+                z_of[mixed.size()] = z;
+                e_of[mixed.size()] = e;
+                mixed.push_back(p.member[q]);
+              }
+            }
+            dot_members<kTile, false>(mixed.data(), 0, static_cast<int64_t>(mixed.size()),
+                                      adj + t0 * width, steps * width, z_of.data(), e_of.data(),
+                                      len * width, sz, sz + n);
           }
         }
       }
-      for (int64_t i = 0; i < n; ++i) {  // into (N, N), clearing the sums for the next group
+      for (int64_t i = 0; i < n; ++i) {  // into (N, N)
         for (int64_t j = j0; j < j1; ++j) {
-          double* sz = sums.data() + (j - j0) * 2 * n + i;
-          dz_p[i * n + j] += std::exchange(sz[0], 0.0);
-          de_p[i * n + j] += std::exchange(sz[n], 0.0);
+          const double* sz = sums.data() + (j - j0) * 2 * n + i;
+          dz_p[i * n + j] += sz[0];
+          de_p[i * n + j] += sz[n];
         }
       }
+      j0 = j1;
     }
   });
 }
 
-void check(bool ok, const char* what) { TORCH_CHECK(ok, "delrec synaptic kernel: ", what); }
-
-// The slots of each presynaptic neuron j and the synapses that read them (synaptic.py,
-// _SlotPlan), from the centres c = 1 + d (N, N) and half-widths w (N,), both float64. A
-// synapse's pattern is its closed support [lo, hi] and its ε-boxes (ε = -1 on [lo, rises], +1 on
-// [falls, hi]); each distinct pattern of neuron j is one slot, j's slots in pattern order.
-// Returns owner_start (N+1), slot_of (N, N) int32, G_s (S,) (the least centre of the slot),
-// patterns (S, 4) = (lo, hi, rises, falls), member_start (S+1), member (N²) int32 (postsynaptic
-// i, grouped by slot, i ascending) and order (N²) (the row-major index of each member).
+// The classes, levels and slots of each presynaptic neuron j and the synapses that read them
+// (synaptic.py, _SlotPlan), from the centres c = 1 + d (N, N) and half-widths w (N,), both
+// float64. A synapse's pattern is (⌈c - w⌉, ⌊c + w⌋, ⌈c⌉ - 1, ⌊c⌋ + 1), its level
+// m = ⌈c - w⌉ - 1 and its class the pattern translated by -m; classes of j in pattern order,
+// slots of a class by level.
+// Returns class_start (N+1), slot_start (C+1), slot_level (S), levels (C, 3) = (m_a, m_b, m_top),
+// entry (C,) = the least centre at level m_a, entry_pattern (C, 4) = its (lo, hi, rises, falls)
+// after the lag-0 rule, chain_start (C+1), chain (stages, 3) = (a, e, χ) of the level below each
+// chain stage, member_start (S+1), member (N²) int32 (postsynaptic i, grouped by slot, i
+// ascending), order (N²) (the row-major index of each member), slot_of (N, N) int32 and offset
+// (N, N) = (c - G_p - m)/w² with G_p + m_a the entry centre.
 std::vector<at::Tensor> plan(const at::Tensor& centre, const at::Tensor& width) {
   check(centre.scalar_type() == at::kDouble && width.scalar_type() == at::kDouble &&
             width.is_contiguous() && centre.dim() == 2 && centre.size(0) == centre.size(1) &&
@@ -764,92 +988,143 @@ std::vector<at::Tensor> plan(const at::Tensor& centre, const at::Tensor& width) 
   const at::Tensor by_column = centre.t().contiguous();  // (j, i): one neuron's synapses together
   const double* c = by_column.data_ptr<double>();
   const double* w = width.data_ptr<double>();
-  // a pattern packed in 16 bits per field (lo, hi, rises + 1, falls), so that keys sort like
-  // the tuples; every field is ≥ 0, the largest is hi
-  auto key_of = [](double ci, double wj) -> uint64_t {
-    int64_t lo = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(ci - wj)));
-    int64_t hi = static_cast<int64_t>(std::floor(ci + wj));
-    if (hi < lo) lo = 1, hi = 0;
-    const int64_t falls = std::min(std::max(static_cast<int64_t>(std::floor(ci)) + 1, lo), hi + 1);
-    const int64_t rises = std::min(std::max(static_cast<int64_t>(std::ceil(ci)) - 1, lo - 1), hi);
-    return static_cast<uint64_t>(lo) << 48 | static_cast<uint64_t>(hi) << 32 |
-           static_cast<uint64_t>(rises + 1) << 16 | static_cast<uint64_t>(falls);
+  if (n > 0) {
+    const double longest = at::max(centre.abs()).item<double>() + at::max(width).item<double>();
+    check(std::isfinite(longest) && longest < 30000.0,
+          "delays and spreads must be finite and below 30000 steps");
+  }
+  struct Pattern {
+    int64_t lo, hi, rises, falls;  // untruncated: ⌈c - w⌉, ⌊c + w⌋, ⌈c⌉ - 1, ⌊c⌋ + 1
   };
-  const double longest = at::max(centre).item<double>() + at::max(width).item<double>();
-  check(std::isfinite(longest) && longest < 65000.0,
-        "delays and spreads must be finite and below 65000 steps");
+  auto pattern_of = [](double ci, double wj) -> Pattern {
+    return {static_cast<int64_t>(std::ceil(ci - wj)), static_cast<int64_t>(std::floor(ci + wj)),
+            static_cast<int64_t>(std::ceil(ci)) - 1, static_cast<int64_t>(std::floor(ci)) + 1};
+  };
+  // the class of a pattern: its translate to level 0 (lo = 1), packed so that keys sort like
+  // the tuples (every field is in [0, 2^16))
+  auto class_key = [](const Pattern& q) -> uint64_t {
+    const int64_t m = q.lo - 1;
+    return static_cast<uint64_t>(q.hi - m) << 32 | static_cast<uint64_t>(q.rises - m) << 16 |
+           static_cast<uint64_t>(q.falls - m);
+  };
 
-  at::Tensor owner_start = at::empty({n + 1}, at::kLong);
-  at::Tensor slot_by_column = at::empty({n, n}, at::kInt);  // (j, i)
+  std::vector<int64_t> class_start{0}, slot_start{0}, slot_level, levels, entry_pattern,
+      chain_start{0}, member_start{0};
+  std::vector<double> entry, chain;
   at::Tensor member = at::empty({n * n}, at::kInt);
   at::Tensor order = at::empty({n * n}, at::kLong);
-  int64_t* owner = owner_start.data_ptr<int64_t>();
-  int32_t* slot = slot_by_column.data_ptr<int32_t>();
+  at::Tensor slot_by_column = at::empty({n, n}, at::kInt);  // (j, i)
+  at::Tensor offset_by_column = at::empty({n, n}, at::kDouble);
   int32_t* member_p = member.data_ptr<int32_t>();
   int64_t* order_p = order.data_ptr<int64_t>();
-  std::vector<uint64_t> keys, patterns;  // the distinct keys of one neuron; of all slots
-  std::vector<double> least;             // G_s
-  std::vector<int64_t> starts{0}, local(n), rank, count;
-  owner[0] = 0;
-  for (int64_t j = 0, m = 0; j < n; ++j) {
+  int32_t* slot_p = slot_by_column.data_ptr<int32_t>();
+  double* offset_p = offset_by_column.data_ptr<double>();
+  std::vector<uint64_t> keys;
+  std::vector<int64_t> local(n), level(n), count, first_slot;
+  for (int64_t j = 0, at_member = 0; j < n; ++j) {
     const double* cj = c + j * n;
+    const double wj = w[j], inv_w2 = 1.0 / (wj * wj);
     keys.clear();
-    for (int64_t i = 0, last = 0; i < n; ++i) {  // neighbours often share a pattern
-      const uint64_t key = key_of(cj[i], w[j]);
-      if (last >= static_cast<int64_t>(keys.size()) || keys[last] != key) {
-        last = std::find(keys.begin(), keys.end(), key) - keys.begin();
-        if (last == static_cast<int64_t>(keys.size())) keys.push_back(key);
+    for (int64_t i = 0; i < n; ++i) {
+      const Pattern q = pattern_of(cj[i], wj);
+      const uint64_t key = class_key(q);
+      int64_t k = std::find(keys.begin(), keys.end(), key) - keys.begin();
+      if (k == static_cast<int64_t>(keys.size())) keys.push_back(key);
+      local[i] = k;
+      level[i] = q.lo - 1;
+    }
+    std::vector<int64_t> rank(keys.size());  // classes in key order
+    for (size_t k = 0; k < keys.size(); ++k) {
+      rank[k] = std::count_if(keys.begin(), keys.end(), [&](uint64_t x) { return x < keys[k]; });
+    }
+    for (int64_t i = 0; i < n; ++i) local[i] = rank[local[i]];
+    const int64_t classes = keys.size();
+    std::vector<int64_t> low(classes, INT64_MAX), high(classes, INT64_MIN);
+    for (int64_t i = 0; i < n; ++i) {
+      low[local[i]] = std::min(low[local[i]], level[i]);
+      high[local[i]] = std::max(high[local[i]], level[i]);
+    }
+    // slots: (class, level) with members, in class then level order; a counting sort by slot
+    first_slot.assign(classes + 1, 0);  // dense level index of class k starts at first_slot[k]
+    for (int64_t k = 0; k < classes; ++k) first_slot[k + 1] = first_slot[k] + high[k] - low[k] + 1;
+    count.assign(first_slot[classes] + 1, 0);
+    for (int64_t i = 0; i < n; ++i) ++count[first_slot[local[i]] + level[i] - low[local[i]] + 1];
+    std::vector<int64_t> slot_index(first_slot[classes], -1);
+    for (int64_t k = 0; k < classes; ++k) {
+      for (int64_t x = first_slot[k]; x < first_slot[k + 1]; ++x) {
+        if (count[x + 1] == 0) continue;
+        slot_index[x] = slot_level.size();
+        slot_level.push_back(low[k] + x - first_slot[k]);
+        member_start.push_back(member_start.back() + count[x + 1]);
       }
-      local[i] = last;
+      slot_start.push_back(slot_level.size());
     }
-    // slots in key order; members of each slot in i order (a counting sort)
-    const int64_t first_slot = patterns.size();
-    patterns.insert(patterns.end(), keys.begin(), keys.end());
-    std::sort(patterns.begin() + first_slot, patterns.end());
-    rank.resize(keys.size());
-    for (size_t k = 0; k < keys.size(); ++k) {
-      rank[k] = std::lower_bound(patterns.begin() + first_slot, patterns.end(), keys[k]) -
-                (patterns.begin() + first_slot);
-    }
-    least.resize(patterns.size(), INFINITY);
-    count.assign(keys.size() + 1, 0);
-    for (int64_t i = 0; i < n; ++i) ++count[rank[local[i]] + 1];
-    for (size_t k = 0; k < keys.size(); ++k) {
-      count[k + 1] += count[k];
-      starts.push_back(m + count[k + 1]);
+    for (size_t x = 1; x < count.size(); ++x) count[x] += count[x - 1];
+    // the entry of each class: the least centre at its lowest level
+    std::vector<double> least(classes, INFINITY);
+    for (int64_t i = 0; i < n; ++i) {
+      if (level[i] == low[local[i]]) least[local[i]] = std::min(least[local[i]], cj[i]);
     }
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t r = rank[local[i]], s = first_slot + r, at = m + count[r]++;
-      slot[j * n + i] = static_cast<int32_t>(s);
-      least[s] = std::min(least[s], cj[i]);
+      const int64_t k = local[i], x = first_slot[k] + level[i] - low[k];
+      const int64_t at = at_member + count[x]++;
       member_p[at] = static_cast<int32_t>(i);
       order_p[at] = i * n + j;
+      slot_p[j * n + i] = static_cast<int32_t>(slot_index[x]);
+      offset_p[j * n + i] = (cj[i] - least[k] - static_cast<double>(level[i] - low[k])) * inv_w2;
     }
-    m += n;
-    owner[j + 1] = patterns.size();
+    at_member += n;
+    for (int64_t k = 0; k < classes; ++k) {
+      const int64_t m_a = low[k], m_top = high[k];
+      const int64_t m_b = m_a < 0 ? std::min<int64_t>(0, m_top) : m_a;
+      levels.insert(levels.end(), {m_a, m_b, m_top});
+      const double g = least[k];
+      entry.push_back(g);
+      // the entry's pattern after the lag-0 rule, as the ε-box and support taps read it
+      const Pattern q = pattern_of(g, wj);
+      int64_t lo = std::max<int64_t>(1, q.lo), hi = q.hi;
+      if (hi < lo) lo = 1, hi = 0;
+      const int64_t falls = std::min(std::max(q.falls, lo), hi + 1);
+      const int64_t rises = std::min(std::max(q.rises, lo - 1), hi);
+      entry_pattern.insert(entry_pattern.end(), {lo, hi, rises, falls});
+      // chain stage m takes the lag-0 values of level m - 1 (the entry pattern translated)
+      for (int64_t m = m_a + 1; m <= m_b; ++m) {
+        const int64_t shift = m - 1 - m_a;
+        const int64_t l = q.lo + shift, h = q.hi + shift, r = q.rises + shift,
+                      f = q.falls + shift;
+        const bool on = l <= 0 && 0 <= h;
+        const int64_t e = !on ? 0 : (0 <= r ? -1 : (f <= 0 ? 1 : 0));
+        const double centre_below = g + static_cast<double>(shift);
+        const double a = on ? (wj + static_cast<double>(e) * centre_below) * inv_w2 : 0.0;
+        chain.insert(chain.end(), {a, static_cast<double>(e), on ? 1.0 : 0.0});
+      }
+      chain_start.push_back(chain.size() / 3);
+    }
+    class_start.push_back(class_start.back() + classes);
   }
-  const int64_t slots = patterns.size();
-  at::Tensor first = at::empty({slots}, at::kDouble);
-  at::Tensor pattern_t = at::empty({slots, 4}, at::kLong);
-  at::Tensor member_start = at::empty({slots + 1}, at::kLong);
-  std::copy(least.begin(), least.end(), first.data_ptr<double>());
-  std::copy(starts.begin(), starts.end(), member_start.data_ptr<int64_t>());
-  int64_t* field = pattern_t.data_ptr<int64_t>();
-  for (int64_t s = 0; s < slots; ++s, field += 4) {
-    field[0] = patterns[s] >> 48;
-    field[1] = patterns[s] >> 32 & 0xffff;
-    field[2] = static_cast<int64_t>(patterns[s] >> 16 & 0xffff) - 1;
-    field[3] = patterns[s] & 0xffff;
-  }
-  return {owner_start, slot_by_column.t().contiguous(), first, pattern_t, member_start, member,
-          order};
+  auto longs = [](const std::vector<int64_t>& v, std::vector<int64_t> shape) {
+    return at::tensor(v, at::kLong).view(shape);
+  };
+  const int64_t classes = class_start.back();
+  return {longs(class_start, {n + 1}),
+          longs(slot_start, {classes + 1}),
+          longs(slot_level, {static_cast<int64_t>(slot_level.size())}),
+          longs(levels, {classes, 3}),
+          at::tensor(entry, at::kDouble),
+          longs(entry_pattern, {classes, 4}),
+          longs(chain_start, {classes + 1}),
+          at::tensor(chain, at::kDouble).view({-1, 3}),
+          longs(member_start, {static_cast<int64_t>(member_start.size())}),
+          member,
+          order,
+          slot_by_column.t().contiguous(),
+          offset_by_column.t().contiguous()};
 }
 
 void forward(const at::Tensor& drive, const at::Tensor& a_rows, const at::Tensor& b_rows,
              const at::Tensor& slot_of, const c10::optional<at::Tensor>& mask,
-             const at::Tensor& owner_start, const at::Tensor& z_lags, const at::Tensor& z_coef,
-             const at::Tensor& e_lags, const at::Tensor& support, const at::Tensor& member_start,
-             const at::Tensor& member, double leak, double v0, double threshold, double v_reset, bool soft_reset,
+             const std::vector<at::Tensor>& plan_tensors, int64_t depth, int64_t lowest,
+             double leak, double v0, double threshold, double v_reset, bool soft_reset,
              at::Tensor spikes, at::Tensor history, at::Tensor membrane) {
   const int64_t n = drive.size(2);
   check(drive.is_contiguous() && drive.dim() == 3 && a_rows.is_contiguous() &&
@@ -857,7 +1132,8 @@ void forward(const at::Tensor& drive, const at::Tensor& a_rows, const at::Tensor
         "drive (T, B, N) and coefficients (N, N) must be contiguous");
   check(slot_of.is_contiguous() && slot_of.scalar_type() == at::kInt && slot_of.numel() == n * n,
         "slot_of must be a contiguous (N, N) int32 tensor");
-  const Plan p = plan_of(owner_start, z_lags, z_coef, e_lags, support, member_start, member);
+  const Plan p = plan_of(plan_tensors, depth, lowest);
+  check(p.n == n, "the plan is for another layer size");
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const LIFConstants lif{leak, v0, threshold, v_reset, soft_reset, false};
   AT_DISPATCH_FLOATING_TYPES(drive.scalar_type(), "delrec_synaptic_forward", [&] {
@@ -869,38 +1145,34 @@ void forward(const at::Tensor& drive, const at::Tensor& a_rows, const at::Tensor
 void backward(const at::Tensor& grad_spikes, const at::Tensor& history,
               const at::Tensor& membrane, const at::Tensor& psi, const at::Tensor& a_members,
               const at::Tensor& b_members, const c10::optional<at::Tensor>& mask,
-              const c10::optional<at::Tensor>& counts, const at::Tensor& owner_start,
-              const at::Tensor& z_lags, const at::Tensor& z_coef, const at::Tensor& e_lags,
-              const at::Tensor& support, const at::Tensor& member_start,
-              const at::Tensor& member, double leak, double threshold, double v_reset,
-              bool soft_reset, bool detach_reset, int64_t ring, at::Tensor grad_h,
+              const c10::optional<at::Tensor>& counts, const std::vector<at::Tensor>& plan_tensors,
+              int64_t depth, int64_t lowest, double leak, double threshold, double v_reset,
+              bool soft_reset, bool detach_reset, int64_t reach, at::Tensor grad_h,
               at::Tensor adjoint, at::Tensor by_support) {
   check(grad_spikes.is_contiguous() && membrane.is_contiguous() && psi.is_contiguous() &&
             a_members.is_contiguous() && b_members.is_contiguous(),
         "sequences and coefficients must be contiguous");
   check(by_support.scalar_type() == at::kDouble, "by_support must be float64");
   check(!counts.has_value() || counts->scalar_type() == at::kInt, "counts must be int32");
-  const Plan p = plan_of(owner_start, z_lags, z_coef, e_lags, support, member_start, member);
+  const Plan p = plan_of(plan_tensors, depth, lowest);
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const at::Tensor counts_c = counts.has_value() ? counts->contiguous() : at::Tensor();
   const LIFConstants lif{leak, 0.0, threshold, v_reset, soft_reset, detach_reset};
   AT_DISPATCH_FLOATING_TYPES(membrane.scalar_type(), "delrec_synaptic_backward", [&] {
     backward_loop<scalar_t>(p, grad_spikes, history, membrane, psi, a_members, b_members, mask_c,
-                            counts_c, lif, ring, grad_h, adjoint, by_support);
+                            counts_c, lif, reach, grad_h, adjoint, by_support);
   });
 }
 
 void gradients(const at::Tensor& history, const at::Tensor& adjoint, int64_t batch,
-               const at::Tensor& owner_start, const at::Tensor& z_lags,
-               const at::Tensor& z_coef, const at::Tensor& e_lags, const at::Tensor& support,
-               const at::Tensor& member_start, const at::Tensor& member, at::Tensor dz,
-               at::Tensor de) {
+               const std::vector<at::Tensor>& plan_tensors, int64_t depth, int64_t lowest,
+               at::Tensor dz, at::Tensor de) {
   check(adjoint.is_contiguous() && adjoint.dim() == 3 &&
             adjoint.size(2) * adjoint.element_size() % 64 == 0 &&
             dz.scalar_type() == at::kDouble && de.scalar_type() == at::kDouble,
         "adjoint must be contiguous (N, T, B') with B' a whole number of cache lines, the sums "
         "(N, N) float64");
-  const Plan p = plan_of(owner_start, z_lags, z_coef, e_lags, support, member_start, member);
+  const Plan p = plan_of(plan_tensors, depth, lowest);
   AT_DISPATCH_FLOATING_TYPES(adjoint.scalar_type(), "delrec_synaptic_gradients", [&] {
     gradient_sweep<scalar_t>(p, history, adjoint, batch, dz, de);
   });
@@ -909,8 +1181,8 @@ void gradients(const at::Tensor& history, const at::Tensor& adjoint, int64_t bat
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "delrec: fused time loops of the synaptic-delay engine (slot traces)";
-  m.def("plan", &plan, "the slots of each neuron and the synapses that read them");
+  m.doc() = "delrec: fused time loops of the synaptic-delay engine (shifted reads of class rings)";
+  m.def("plan", &plan, "the classes, levels and slots of each neuron and what each synapse reads");
   m.def("forward", &forward, "spikes, spike history and membrane of a synaptic-delay LIF layer");
   m.def("backward", &backward, "reverse loop: ∂L/∂h, the adjoint ∂L/∂r (N, T, B), Σ K·x");
   m.def("gradients", &gradients, "per-synapse sums Σ ḡ·Z and Σ ḡ·E over time and batch");
