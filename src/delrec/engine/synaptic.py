@@ -50,7 +50,7 @@ from torch import Tensor
 
 from delrec.engine import native
 from delrec.engine.fast import _LIF, _width_vector
-from delrec.neurons import LIFParameters
+from delrec.neurons import ATan, LIFParameters, Triangle
 
 
 class _SlotPlan:
@@ -154,7 +154,7 @@ class _SynapticSlots(torch.autograd.Function):
         a, b = plan.coefficients(weight, lif.gain)
         spikes = current.new_empty(steps, batch, n)  # contiguous, whatever current's strides
         history = current.new_empty(n, steps + 1, batch, dtype=torch.bool)  # frame t+1: step t
-        membrane = current.new_empty(steps, n, batch)
+        membrane = current.new_empty(steps, batch, n)
         p = lif.p
         kernels.forward(
             lif.drive(current).contiguous(),
@@ -182,10 +182,15 @@ class _SynapticSlots(torch.autograd.Function):
         lif: _LIF = ctx.lif
         plan: _SlotPlan = ctx.plan
         p = lif.p
-        steps, n, batch = membrane.shape
+        steps, batch, n = membrane.shape
         need_c, need_w, need_d, need_s = ctx.needs_input_grad[:4]
         a, b = map(plan.by_slot, plan.coefficients(weight, lif.gain))
-        psi = p.surrogate.derivative(membrane - p.v_threshold).contiguous()
+        surrogate = {Triangle: (1, "gamma"), ATan: (2, "alpha")}.get(type(p.surrogate))
+        if surrogate is None:  # any other surrogate: ψ' precomputed by its own code
+            code, param = 0, 0.0
+            psi = p.surrogate.derivative(membrane - p.v_threshold).contiguous()
+        else:
+            code, param, psi = surrogate[0], getattr(p.surrogate, surrogate[1]), membrane[:0]
         # P[m] = spikes before step m, (N, T+1, B): closed-support counts K_s for the spread
         counts = history.cumsum(1, dtype=torch.int32) if need_s else None
         grad_h = torch.empty(steps, batch, n, dtype=membrane.dtype)
@@ -207,6 +212,8 @@ class _SynapticSlots(torch.autograd.Function):
             p.v_reset or 0.0,
             p.soft_reset,
             p.detach_reset,
+            code,
+            param,
             plan.reach,
             grad_h,
             adjoint,

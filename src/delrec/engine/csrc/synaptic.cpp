@@ -32,6 +32,7 @@
 #endif
 
 #include <algorithm>
+#include <new>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -90,6 +91,27 @@ inline void store(scalar_t* p, Vec<scalar_t> v) {
 #endif
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "delrec synaptic kernel: ", what); }
+
+// Buffers of whole cache lines: a vector block of a batch row is then one aligned load (a load
+// across two lines costs about twice as much, and the sums are bound by loads).
+template <typename T>
+struct CacheLines {
+  using value_type = T;
+  CacheLines() = default;
+  template <typename U>
+  CacheLines(const CacheLines<U>&) {}
+  T* allocate(size_t count) {
+    void* p = ::operator new(count * sizeof(T), std::align_val_t(64));
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const CacheLines<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheLines<U>&) const { return false; }
+};
+template <typename T>
+using Buffer = std::vector<T, CacheLines<T>>;
 
 // The plan (synaptic.py, _SlotPlan.native). Classes are grouped by neuron, slots by class (levels
 // ascending), members by slot (postsynaptic i ascending). Per class p: levels (m_a, m_b, m_top) =
@@ -209,7 +231,7 @@ __attribute__((noinline)) void narrow(const double* __restrict z, int64_t batch,
 // the entry recursions (z, D/w², E over the batch) and the chain rows, float64 z by diagonal
 // (the stage values of diagonals t - m_b … t - m_a live at rows (t - m) mod stages).
 struct ClassState {
-  std::vector<double> z, d, chain_z;
+  Buffer<double> z, d, chain_z;
   std::vector<int32_t> e;
 };
 
@@ -239,10 +261,84 @@ void advance_class(const Plan& p, int64_t c, int64_t t, int64_t batch, int64_t w
              row(m_a), chain_e(m_a));
 }
 
+// The LIF neuron (fast.py, _LIF): constants, the update and its adjoint in the kernel's scalar
+// type, one element at a time, in the same order as PyTorch's ops; the surrogate derivative
+// ψ'(h - θ): 0 = read from a tensor, 1 = Triangle(γ), 2 = ATan(α) (γ or α in surrogate_param).
 struct LIFConstants {
   double leak, v0, threshold, v_reset;
   bool soft_reset, detach_reset;
+  int64_t surrogate = 0;
+  double surrogate_param = 0.0;
 };
+
+template <typename scalar_t>
+struct LIFUpdate {
+  scalar_t leak, threshold, reset;
+  bool soft_reset, detach_reset;
+
+  explicit LIFUpdate(const LIFConstants& c)
+      : leak(c.leak), threshold(c.threshold), reset(c.v_reset), soft_reset(c.soft_reset),
+        detach_reset(c.detach_reset) {}
+
+  scalar_t charge(scalar_t drive, scalar_t recurrent, scalar_t v) const {
+    return (drive + recurrent) + leak * v;
+  }
+  bool fires(scalar_t h) const { return h >= threshold; }
+  scalar_t reset_after(scalar_t h, bool spike) const {
+    return soft_reset ? h - threshold * (spike ? scalar_t(1) : scalar_t(0)) : (spike ? reset : h);
+  }
+  // ∂L/∂h[t] from ∂L/∂s[t] (all paths but the reset), ∂L/∂h[t+1], h[t], s[t] and ψ'(h - θ)
+  scalar_t adjoint(scalar_t grad_s, scalar_t grad_h_next, scalar_t h, bool spiked,
+                   scalar_t psi) const {
+    scalar_t gv = grad_h_next * leak;
+    if (!detach_reset) grad_s += soft_reset ? -threshold * gv : gv * (reset - h);
+    if (!soft_reset && spiked) gv = scalar_t(0);
+    return gv + psi * grad_s;
+  }
+};
+
+template <typename scalar_t>
+struct SurrogateDerivative {
+  int64_t kind;
+  scalar_t param, scale;  // Triangle: γ and γ²; ATan: α/2 and π α / 2
+
+  explicit SurrogateDerivative(const LIFConstants& c)
+      : kind(c.surrogate),
+        param(c.surrogate == 1 ? c.surrogate_param : c.surrogate_param / 2),
+        scale(c.surrogate == 1 ? c.surrogate_param * c.surrogate_param
+                               : M_PI / 2 * c.surrogate_param) {}
+
+  scalar_t operator()(scalar_t x) const {
+    if (kind == 1) {  // Triangle(γ): max(0, γ - |x|) / γ²
+      const scalar_t top = param - std::abs(x);
+      return (top > scalar_t(0) ? top : scalar_t(0)) / scale;
+    }
+    const scalar_t scaled = scale * x;  // ATan(α): (α/2) / (1 + (π α x / 2)²)
+    return param / (scalar_t(1) + scaled * scaled);
+  }
+};
+
+// Neurons per block of a transposition between neuron-major rows (N, B') and batch-major
+// (B, N) sequences: a cache line of float32 per batch row.
+constexpr int64_t kBlock = 16;
+
+// In parallel (ATen's intra-op threads), each thread a range of whole blocks of kBlock neurons:
+// on_range(i0, i1) on the thread's range, then on_block(i0, i1) on each of its blocks.
+template <typename Range, typename Block>
+void for_each_range(int64_t n, const Range& on_range, const Block& on_block) {
+  at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+    on_range(begin * kBlock, std::min(n, end * kBlock));
+    for (int64_t block = begin; block < end; ++block) {
+      on_block(block * kBlock, std::min(n, (block + 1) * kBlock));
+    }
+  });
+}
+
+// on_block(i0, i1) on blocks of kBlock neurons, in parallel.
+template <typename Block>
+void for_each_block(int64_t n, const Block& on_block) {
+  for_each_range(n, [](int64_t, int64_t) {}, on_block);
+}
 
 // fn(std::integral_constant<int, NB>) for a run-time number of vector blocks NB, 1 … kGroupBlocks:
 // the sums below keep NB blocks of accumulators in registers, so NB must be a constant there.
@@ -328,7 +424,7 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_ro
   scalar_t* spikes_p = spikes_out.data_ptr<scalar_t>();  // (T, B, N)
   bool* hist = history.data_ptr<bool>();                 // (N, T+1, B)
   const int64_t frames = (steps + 1) * batch;            // one neuron's history
-  scalar_t* membrane_p = membrane.data_ptr<scalar_t>();  // (T, N, B)
+  scalar_t* membrane_p = membrane.data_ptr<scalar_t>();  // (T, B, N)
 
   constexpr int64_t L = kLanes<scalar_t>;
   const int64_t width = padded<scalar_t>(batch);
@@ -367,7 +463,7 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_ro
     }
   }
   // the rings (C·depth rows of Z then E, B' lanes each) and the class states
-  std::vector<scalar_t> ring(p.classes * p.depth * 2 * width, scalar_t(0));
+  Buffer<scalar_t> ring(p.classes * p.depth * 2 * width, scalar_t(0));
   std::vector<ClassState> state(p.classes);
   for (int64_t c = 0; c < p.classes; ++c) {
     state[c].z.assign(batch, 0.0);
@@ -375,9 +471,9 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_ro
     state[c].e.assign(batch, 0);
     state[c].chain_z.assign(p.stages(c) * width, 0.0);
   }
-  std::vector<scalar_t> recurrent(n * width);  // (N, B'): r_i at t
-  std::vector<scalar_t> v(nb, static_cast<scalar_t>(lif.v0));
-  const scalar_t theta = lif.threshold, reset = lif.v_reset, leak = lif.leak;
+  Buffer<scalar_t> recurrent(n * width);  // (N, B'): r_i at t
+  std::vector<scalar_t> v(nb, static_cast<scalar_t>(lif.v0));  // (B, N)
+  const LIFUpdate<scalar_t> neuron(lif);
   for (int64_t j = 0; j < n; ++j) std::fill_n(hist + j * frames, batch, false);
 
   for (int64_t t = 0; t < steps; ++t) {
@@ -398,7 +494,9 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_ro
       }
     });
     const int64_t now = t * nb;
-    at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+    // the sums over all of a thread's neurons at once (each column block's rings in L1 once
+    // per step), then the LIF update block by block
+    for_each_range(n, [&](int64_t i0, int64_t i1) {
       std::fill(recurrent.begin() + i0 * width, recurrent.begin() + i1 * width, scalar_t(0));
       for (int64_t lane = 0; lane < width; lane += group) {
         const int64_t blocks = std::min(group, width - lane) / L;
@@ -412,18 +510,24 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_ro
           });
         }
       }
-      for (int64_t i = i0; i < i1; ++i) {
-        const scalar_t* r = recurrent.data() + i * width;
-        for (int64_t b = 0; b < batch; ++b) {  // the LIF update (fast.py, _LIF)
-          const int64_t k = i * batch + b, out = now + b * n + i;
-          const scalar_t rec = has_mask ? mask_p[b * n + i] * r[b] : r[b];
-          const scalar_t h = (drive_p[out] + rec) + leak * v[k];
-          const bool spike = h >= theta;
-          membrane_p[now + k] = h;
-          hist[i * frames + (t + 1) * batch + b] = spike;
-          spikes_p[out] = static_cast<scalar_t>(spike);
-          v[k] = lif.soft_reset ? h - theta * static_cast<scalar_t>(spike) : (spike ? reset : h);
+    }, [&](int64_t i0, int64_t i1) {
+      // the LIF update, batch-major (T, B, N) like the layer's sequences
+      for (int64_t b = 0; b < batch; ++b) {
+        scalar_t rec[kBlock];
+        for (int64_t i = i0; i < i1; ++i) rec[i - i0] = recurrent[i * width + b];
+        const int64_t at = now + b * n;
+        for (int64_t i = i0; i < i1; ++i) {
+          const scalar_t r = has_mask ? mask_p[b * n + i] * rec[i - i0] : rec[i - i0];
+          const scalar_t h = neuron.charge(drive_p[at + i], r, v[b * n + i]);
+          const bool spike = neuron.fires(h);
+          membrane_p[at + i] = h;
+          spikes_p[at + i] = spike ? scalar_t(1) : scalar_t(0);
+          v[b * n + i] = neuron.reset_after(h, spike);
         }
+      }
+      for (int64_t i = i0; i < i1; ++i) {  // spikes, into the neuron-major history
+        bool* row = hist + i * frames + (t + 1) * batch;
+        for (int64_t b = 0; b < batch; ++b) row[b] = spikes_p[now + b * n + i] != scalar_t(0);
       }
     });
   }
@@ -489,7 +593,7 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
                    const at::Tensor& b_m, const at::Tensor& mask, const at::Tensor& counts,
                    const LIFConstants& lif, int64_t reach, at::Tensor& grad_h,
                    at::Tensor& adjoint, at::Tensor& by_support) {
-  const int64_t steps = membrane.size(0), n = membrane.size(1), batch = membrane.size(2);
+  const int64_t steps = membrane.size(0), batch = membrane.size(1), n = membrane.size(2);
   const int64_t nb = n * batch;
   const bool has_mask = mask.defined(), need_support = counts.defined();
   constexpr int64_t L = kLanes<scalar_t>;
@@ -497,8 +601,8 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
   const scalar_t* grad_out = grad_spikes.data_ptr<scalar_t>();  // (T, B, N)
   const bool* hist = history.data_ptr<bool>();                 // (N, T+1, B)
   const int64_t frames = (steps + 1) * batch;
-  const scalar_t* membrane_p = membrane.data_ptr<scalar_t>();   // (T, N, B)
-  const scalar_t* psi_p = psi.data_ptr<scalar_t>();             // (T, N, B)
+  const scalar_t* membrane_p = membrane.data_ptr<scalar_t>();   // (T, B, N)
+  const scalar_t* psi_p = lif.surrogate == 0 ? psi.data_ptr<scalar_t>() : nullptr;  // (T, B, N)
   const scalar_t* am = a_m.data_ptr<scalar_t>();                // (N²) in member order
   const scalar_t* bm = b_m.data_ptr<scalar_t>();
   const scalar_t* mask_p = has_mask ? mask.data_ptr<scalar_t>() : nullptr;  // (B, N)
@@ -510,17 +614,17 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
   // injections of the entry adjoints into the recursion of each neuron: (N, R, 2, B'), so that
   // one neuron's injections at all ring slots stay within a few cache lines; `once`: the chain's
   // lag-1 terms, ∂L/∂s_j[t - 1] formed at step t and used once
-  std::vector<scalar_t> inject(reach * 2 * n * width, scalar_t(0));
+  Buffer<scalar_t> inject(reach * 2 * n * width, scalar_t(0));
   const auto injection = [&](int64_t j, int64_t time) {
     return inject.data() + (j * reach + time % reach) * 2 * width;
   };
-  std::vector<scalar_t> once(n * width, scalar_t(0));
+  Buffer<scalar_t> once(n * width, scalar_t(0));
   // the adjoint rings (C·depth rows of ∂L/∂Z then ∂L/∂E, B' lanes each)
-  std::vector<scalar_t> ring(p.classes * p.depth * 2 * width, scalar_t(0));
+  Buffer<scalar_t> ring(p.classes * p.depth * 2 * width, scalar_t(0));
   const int64_t group = std::min(width, kGroupBlocks * L);  // batch lanes summed at once
   std::vector<double> y(nb, 0.0), d(nb, 0.0);  // Σ_k κ(k)·x[t+k] and its slope, (N, B)
-  std::vector<scalar_t> gh(nb, scalar_t(0));   // ∂L/∂h[t+1], then ∂L/∂h[t]
-  std::vector<scalar_t> g_now(n * width, scalar_t(0));  // ∂L/∂h[t] · m, (N, B')
+  std::vector<scalar_t> gh(nb, scalar_t(0));   // ∂L/∂h[t+1], then ∂L/∂h[t], (B, N)
+  Buffer<scalar_t> g_now(n * width, scalar_t(0));  // ∂L/∂h[t] · m, (N, B')
   // the members in order (their i, a, b), cut into blocks of postsynaptic neurons whose rows of
   // g_now (one lane group) stay in L1: members of slot s in block q are [cut[s, q], cut[s, q+1])
   std::vector<Member<scalar_t>> members(n * n);
@@ -542,31 +646,41 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
     std::fill(class_of.begin() + p.slot_start[c], class_of.begin() + p.slot_start[c + 1], c);
   }
   std::vector<scalar_t*> to(p.slots);  // the adjoint ring row each slot adds into at t
-  const scalar_t theta = lif.threshold, reset = lif.v_reset, leak = lif.leak;
+  const LIFUpdate<scalar_t> neuron(lif);
+  const SurrogateDerivative<scalar_t> derivative(lif);
 
   for (int64_t t = steps - 1; t >= 0; --t) {
     const int64_t now = t * nb;
-    at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+    for_each_block(n, [&](int64_t i0, int64_t i1) {
+      // the spikes' adjoint from the recurrence, neuron-major: y (the adjoint recursion fed by
+      // the injections at t) plus the one-off lag-1 terms, gathered in `once`
       for (int64_t i = i0; i < i1; ++i) {
         scalar_t* inj = injection(i, t);
-        scalar_t* lag1 = once.data() + i * width;
-        for (int64_t b = 0, k = i * batch; b < batch; ++b, ++k) {
-          y[k] += d[k] + inj[b];
-          d[k] += inj[width + b];
-          inj[b] = inj[width + b] = scalar_t(0);
-          // the LIF adjoint (fast.py, _LIF.adjoint_step); gv is the adjoint of v[t]
-          const int64_t out = now + b * n + i;
-          const scalar_t h = membrane_p[now + k];
-          scalar_t grad_s = grad_out[out] + static_cast<scalar_t>(y[k]) + lag1[b];
-          lag1[b] = scalar_t(0);
-          scalar_t gv = gh[k] * leak;
-          if (!lif.detach_reset) grad_s += lif.soft_reset ? -theta * gv : gv * (reset - h);
-          if (!lif.soft_reset && hist[i * frames + (t + 1) * batch + b]) gv = scalar_t(0);
-          const scalar_t g = gv + psi_p[now + k] * grad_s;
-          grad_h_p[out] = g;
-          gh[k] = g;
+        scalar_t* from_rec = once.data() + i * width;
+        double* yi = y.data() + i * batch;
+        double* di = d.data() + i * batch;
+        for (int64_t b = 0; b < batch; ++b) {
+          yi[b] += di[b] + inj[b];
+          di[b] += inj[width + b];
+          from_rec[b] += static_cast<scalar_t>(yi[b]);
+        }
+        std::fill_n(inj, 2 * width, scalar_t(0));
+      }
+      // the LIF adjoint, batch-major (T, B, N) like the layer's sequences
+      for (int64_t b = 0; b < batch; ++b) {
+        const int64_t at = now + b * n;
+        for (int64_t i = i0; i < i1; ++i) {
+          const scalar_t h = membrane_p[at + i];
+          const scalar_t psi = psi_p ? psi_p[at + i] : derivative(h - neuron.threshold);
+          const scalar_t g = neuron.adjoint(grad_out[at + i] + once[i * width + b],
+                                            gh[b * n + i], h, neuron.fires(h), psi);
+          grad_h_p[at + i] = g;
+          gh[b * n + i] = g;
           g_now[i * width + b] = has_mask ? g * mask_p[b * n + i] : g;
         }
+      }
+      for (int64_t i = i0; i < i1; ++i) {
+        std::fill_n(once.data() + i * width, width, scalar_t(0));
         std::copy_n(g_now.data() + i * width, width, adj + (i * steps + t) * width);
       }
     });
@@ -866,7 +980,7 @@ void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& 
       }
       most_levels = std::max(most_levels, chained);
     }
-    std::vector<scalar_t> levels(most_levels * 2 * chunk * width);
+    Buffer<scalar_t> levels(most_levels * 2 * chunk * width);
     std::vector<const scalar_t*> z_of, e_of;  // per member of a class: its level's values
     std::vector<int32_t> mixed;               // members left over from whole tiles
     std::vector<double> sums;
@@ -879,7 +993,7 @@ void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& 
       }
       const int64_t c0 = p.class_start[j0], c1 = p.class_start[j1];
       std::vector<ClassState> state(c1 - c0);
-      std::vector<std::vector<scalar_t>> chain_e(c1 - c0), stage(c1 - c0);
+      std::vector<Buffer<scalar_t>> chain_e(c1 - c0), stage(c1 - c0);
       for (int64_t c = c0; c < c1; ++c) {
         ClassState& st = state[c - c0];
         st.z.assign(batch, 0.0);
@@ -1147,17 +1261,19 @@ void backward(const at::Tensor& grad_spikes, const at::Tensor& history,
               const at::Tensor& b_members, const c10::optional<at::Tensor>& mask,
               const c10::optional<at::Tensor>& counts, const std::vector<at::Tensor>& plan_tensors,
               int64_t depth, int64_t lowest, double leak, double threshold, double v_reset,
-              bool soft_reset, bool detach_reset, int64_t reach, at::Tensor grad_h,
-              at::Tensor adjoint, at::Tensor by_support) {
-  check(grad_spikes.is_contiguous() && membrane.is_contiguous() && psi.is_contiguous() &&
-            a_members.is_contiguous() && b_members.is_contiguous(),
+              bool soft_reset, bool detach_reset, int64_t surrogate, double surrogate_param,
+              int64_t reach, at::Tensor grad_h, at::Tensor adjoint, at::Tensor by_support) {
+  check(grad_spikes.is_contiguous() && membrane.is_contiguous() &&
+            (surrogate != 0 || psi.is_contiguous()) && a_members.is_contiguous() &&
+            b_members.is_contiguous(),
         "sequences and coefficients must be contiguous");
   check(by_support.scalar_type() == at::kDouble, "by_support must be float64");
   check(!counts.has_value() || counts->scalar_type() == at::kInt, "counts must be int32");
   const Plan p = plan_of(plan_tensors, depth, lowest);
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const at::Tensor counts_c = counts.has_value() ? counts->contiguous() : at::Tensor();
-  const LIFConstants lif{leak, 0.0, threshold, v_reset, soft_reset, detach_reset};
+  const LIFConstants lif{leak,       0.0,          threshold, v_reset, soft_reset,
+                         detach_reset, surrogate, surrogate_param};
   AT_DISPATCH_FLOATING_TYPES(membrane.scalar_type(), "delrec_synaptic_backward", [&] {
     backward_loop<scalar_t>(p, grad_spikes, history, membrane, psi, a_members, b_members, mask_c,
                             counts_c, lif, reach, grad_h, adjoint, by_support);
