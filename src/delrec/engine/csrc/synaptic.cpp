@@ -318,6 +318,55 @@ struct SurrogateDerivative {
   }
 };
 
+// The LIF update over `count` neurons of one batch row (batch-major sequences; mask may be
+// null): h, the spikes (0/1) and v[t] from the drive, the recurrent input and v[t-1]. Out of line
+// with restrict pointers: the compiler vectorises it.
+template <typename scalar_t>
+__attribute__((noinline)) void charge_row(const LIFUpdate<scalar_t> neuron,
+                                          const scalar_t* __restrict drive,
+                                          const scalar_t* __restrict recurrent,
+                                          const scalar_t* __restrict mask, scalar_t* __restrict v,
+                                          scalar_t* __restrict h_out, scalar_t* __restrict spikes,
+                                          int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    const scalar_t r = mask ? mask[i] * recurrent[i] : recurrent[i];
+    const scalar_t h = neuron.charge(drive[i], r, v[i]);
+    const bool spike = neuron.fires(h);
+    h_out[i] = h;
+    spikes[i] = spike ? scalar_t(1) : scalar_t(0);
+    v[i] = neuron.reset_after(h, spike);
+  }
+}
+
+// ψ'(h - θ) over `count` neurons (surrogates 1 and 2).
+template <typename scalar_t>
+__attribute__((noinline)) void surrogate_row(const SurrogateDerivative<scalar_t> derivative,
+                                             scalar_t threshold, const scalar_t* __restrict h,
+                                             scalar_t* __restrict psi, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) psi[i] = derivative(h[i] - threshold);
+}
+
+// The LIF adjoint over `count` neurons of one batch row: ∂L/∂h[t] into grad_h and gh (which held
+// ∂L/∂h[t+1]) and, times the mask (may be null), into masked; grad_s: the spikes' adjoint from
+// the next layer, from_rec: from the recurrence.
+template <typename scalar_t>
+__attribute__((noinline)) void adjoint_row(const LIFUpdate<scalar_t> neuron,
+                                           const scalar_t* __restrict h,
+                                           const scalar_t* __restrict psi,
+                                           const scalar_t* __restrict grad_s,
+                                           const scalar_t* __restrict from_rec,
+                                           const scalar_t* __restrict mask,
+                                           scalar_t* __restrict gh, scalar_t* __restrict grad_h,
+                                           scalar_t* __restrict masked, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    const scalar_t g =
+        neuron.adjoint(grad_s[i] + from_rec[i], gh[i], h[i], neuron.fires(h[i]), psi[i]);
+    grad_h[i] = g;
+    gh[i] = g;
+    masked[i] = mask ? g * mask[i] : g;
+  }
+}
+
 // Neurons per block of a transposition between neuron-major rows (N, B') and batch-major
 // (B, N) sequences: a cache line of float32 per batch row.
 constexpr int64_t kBlock = 16;
@@ -515,15 +564,9 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_ro
       for (int64_t b = 0; b < batch; ++b) {
         scalar_t rec[kBlock];
         for (int64_t i = i0; i < i1; ++i) rec[i - i0] = recurrent[i * width + b];
-        const int64_t at = now + b * n;
-        for (int64_t i = i0; i < i1; ++i) {
-          const scalar_t r = has_mask ? mask_p[b * n + i] * rec[i - i0] : rec[i - i0];
-          const scalar_t h = neuron.charge(drive_p[at + i], r, v[b * n + i]);
-          const bool spike = neuron.fires(h);
-          membrane_p[at + i] = h;
-          spikes_p[at + i] = spike ? scalar_t(1) : scalar_t(0);
-          v[b * n + i] = neuron.reset_after(h, spike);
-        }
+        const int64_t at = now + b * n + i0;
+        charge_row(neuron, drive_p + at, rec, has_mask ? mask_p + b * n + i0 : nullptr,
+                   v.data() + b * n + i0, membrane_p + at, spikes_p + at, i1 - i0);
       }
       for (int64_t i = i0; i < i1; ++i) {  // spikes, into the neuron-major history
         bool* row = hist + i * frames + (t + 1) * batch;
@@ -668,16 +711,14 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
       }
       // the LIF adjoint, batch-major (T, B, N) like the layer's sequences
       for (int64_t b = 0; b < batch; ++b) {
-        const int64_t at = now + b * n;
-        for (int64_t i = i0; i < i1; ++i) {
-          const scalar_t h = membrane_p[at + i];
-          const scalar_t psi = psi_p ? psi_p[at + i] : derivative(h - neuron.threshold);
-          const scalar_t g = neuron.adjoint(grad_out[at + i] + once[i * width + b],
-                                            gh[b * n + i], h, neuron.fires(h), psi);
-          grad_h_p[at + i] = g;
-          gh[b * n + i] = g;
-          g_now[i * width + b] = has_mask ? g * mask_p[b * n + i] : g;
-        }
+        scalar_t from_rec[kBlock], psi[kBlock], masked[kBlock];
+        for (int64_t i = i0; i < i1; ++i) from_rec[i - i0] = once[i * width + b];
+        const int64_t at = now + b * n + i0;
+        if (!psi_p) surrogate_row(derivative, neuron.threshold, membrane_p + at, psi, i1 - i0);
+        adjoint_row(neuron, membrane_p + at, psi_p ? psi_p + at : psi, grad_out + at, from_rec,
+                    has_mask ? mask_p + b * n + i0 : nullptr, gh.data() + b * n + i0,
+                    grad_h_p + at, masked, i1 - i0);
+        for (int64_t i = i0; i < i1; ++i) g_now[i * width + b] = masked[i - i0];
       }
       for (int64_t i = i0; i < i1; ++i) {
         std::fill_n(once.data() + i * width, width, scalar_t(0));
