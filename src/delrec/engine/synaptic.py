@@ -195,7 +195,9 @@ class _SynapticSlots(torch.autograd.Function):
         counts = history.cumsum(1, dtype=torch.int32) if need_s else None
         grad_h = torch.empty(steps, batch, n, dtype=membrane.dtype)
         lanes = 64 // membrane.element_size()  # batch rows padded to whole cache lines
-        adjoint = membrane.new_zeros(n, steps, -(-batch // lanes) * lanes)  # ∂L/∂h · m
+        span = ctx.kernels.span  # the backward sums far slots in blocks of `span` steps
+        # ∂L/∂h · m, (N, T', B'): T' whole blocks (zero beyond T)
+        adjoint = membrane.new_zeros(n, -(-steps // span) * span, -(-batch // lanes) * lanes)
         by_support = torch.zeros(n, dtype=torch.float64)
         ctx.kernels.backward(
             grad_spikes.contiguous(),

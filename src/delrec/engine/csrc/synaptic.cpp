@@ -35,6 +35,7 @@
 #include <new>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -410,7 +411,57 @@ struct ForwardSynapse {
   scalar_t a, b;
 };
 
-// For each of `rows` postsynaptic neurons (`count` synapses each, consecutive in `synapse`):
+// Steps of a time block: a synapse whose level is at least kSpan above its class's top chain
+// stage ("far") reads, at the first step t0 of a block, rows that are final for the whole
+// block (diagonals up to t0 + kSpan - 1 - m ≤ t0 - m_b), so the forward sums its input to
+// steps t0 … t0 + kSpan - 1 at once, and the backward adds its slot sums of a block at once
+// (rows t - m are consumed at reverse step t - m + m_b at the earliest, after the block): each
+// synapse's rows of a block are consecutive, and a neuron's rings are read once per block.
+constexpr int64_t kSpan = 8;
+
+// Whether a slot is far (see kSpan).
+inline bool far_slot(const Plan& p, int64_t c, int64_t s) {
+  return p.slot_level[s] - p.m_b(c) >= kSpan;
+}
+
+// The forward's synapses of one kind (near or far) in the order its sums read them: column
+// blocks of presynaptic neurons (`columns`: the rings a block reads stay in L1), postsynaptic i,
+// presynaptic j; row i of column block c holds synapses [start[c·N + i], start[c·N + i + 1]).
+template <typename scalar_t>
+struct SynapseList {
+  std::vector<int64_t> columns{0}, start{0};
+  std::vector<ForwardSynapse<scalar_t>> synapses;
+
+  // bytes(j): the ring bytes neuron j's synapses of this kind read at once; keep(s): the kind
+  SynapseList(const Plan& p, const int32_t* slot, const scalar_t* a, const scalar_t* b,
+              const std::vector<int64_t>& class_of, const std::function<int64_t(int64_t)>& bytes,
+              const std::function<bool(int64_t)>& keep) {
+    const int64_t n = p.n;
+    for (int64_t j = 0, used = 0; j < n; ++j) {
+      if (j > columns.back() && used + bytes(j) > kColumnBytes) {
+        columns.push_back(j);
+        used = 0;
+      }
+      used += bytes(j);
+    }
+    columns.push_back(n);
+    for (size_t c = 0; c + 1 < columns.size(); ++c) {
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t j = columns[c]; j < columns[c + 1]; ++j) {
+          const int32_t s = slot[i * n + j];
+          if (!keep(s)) continue;
+          synapses.push_back({static_cast<int32_t>(class_of[s] * p.depth),
+                              static_cast<int32_t>(p.slot_level[s] - p.lowest), a[i * n + j],
+                              b[i * n + j]});
+        }
+        start.push_back(synapses.size());
+      }
+    }
+  }
+  bool empty() const { return synapses.empty(); }
+};
+
+// For each of `rows` postsynaptic neurons (synapses [start[i], start[i+1]) of `synapse`):
 // r += Σ a·Z + b·E over NB vector blocks of the batch, where ring points at the first lane of
 // the (C·depth, 2, width) rings, `head` = (t - lowest) mod depth and r advances by width per
 // neuron. The sums stay in registers, in two sets (even and odd synapses) so that 4·NB chains
@@ -418,18 +469,19 @@ struct ForwardSynapse {
 template <typename scalar_t, int NB>
 __attribute__((noinline)) DELREC_CONTRACT void gather_rows(
     const scalar_t* __restrict ring, int64_t width, int64_t head, int64_t depth,
-    const ForwardSynapse<scalar_t>* __restrict synapse, int64_t count, int64_t rows,
-    scalar_t* __restrict r) {
+    const ForwardSynapse<scalar_t>* __restrict synapse, const int64_t* __restrict start,
+    int64_t rows, scalar_t* __restrict r) {
   constexpr int64_t L = kLanes<scalar_t>;
   auto at = [&](const ForwardSynapse<scalar_t>& s) {
     int64_t row = head - s.level;
     row += row < 0 ? depth : 0;
     return ring + (s.row + row) * 2 * width;
   };
-  for (int64_t i = 0; i < rows; ++i, synapse += count, r += width) {
+  for (int64_t i = 0; i < rows; ++i, r += width) {
     Vec<scalar_t> by_z[2][NB] = {}, by_e[2][NB] = {};
-    int64_t k = 0;
-    for (; k + 2 <= count; k += 2) {
+    int64_t k = start[i];
+    const int64_t end = start[i + 1];
+    for (; k + 2 <= end; k += 2) {
 #pragma GCC unroll 2
       for (int u = 0; u < 2; ++u) {
         const scalar_t* z = at(synapse[k + u]);
@@ -441,7 +493,7 @@ __attribute__((noinline)) DELREC_CONTRACT void gather_rows(
         }
       }
     }
-    if (k < count) {
+    if (k < end) {
       const scalar_t* z = at(synapse[k]);
       const scalar_t a = synapse[k].a, b = synapse[k].b;
 #pragma GCC unroll 4
@@ -453,6 +505,49 @@ __attribute__((noinline)) DELREC_CONTRACT void gather_rows(
 #pragma GCC unroll 4
     for (int q = 0; q < NB; ++q) {
       store(r + q * L, load(r + q * L) + ((by_z[0][q] + by_z[1][q]) + (by_e[0][q] + by_e[1][q])));
+    }
+  }
+}
+
+// Steps of a block the far sums keep in registers at once: Q·NB accumulators (≤ 16).
+template <int NB>
+constexpr int kFarSteps = NB <= 2 ? 8 : 4;
+
+// The far synapses' input to steps t0 + q0 … t0 + q0 + Q - 1 of a block: for each of `rows`
+// postsynaptic neurons, future (rows of (kSpan, width), at the first lane) += Σ a·Z + b·E over
+// the Q consecutive rows of each synapse, `head` = (t0 - lowest) mod depth.
+template <typename scalar_t, int NB, int Q>
+__attribute__((noinline)) DELREC_CONTRACT void gather_far(
+    const scalar_t* __restrict ring, int64_t width, int64_t head, int64_t depth, int64_t q0,
+    const ForwardSynapse<scalar_t>* __restrict synapse, const int64_t* __restrict start,
+    int64_t rows, scalar_t* __restrict future) {
+  constexpr int64_t L = kLanes<scalar_t>;
+  for (int64_t i = 0; i < rows; ++i) {
+    Vec<scalar_t> acc[Q][NB] = {};
+    for (int64_t k = start[i]; k < start[i + 1]; ++k) {
+      const ForwardSynapse<scalar_t> s = synapse[k];
+      int64_t row = head + q0 - s.level;  // diagonal t0 + q0 - m
+      row += row < 0 ? depth : 0;
+      row -= row >= depth ? depth : 0;
+      const scalar_t* base = ring + static_cast<int64_t>(s.row) * 2 * width;
+#pragma GCC unroll 8
+      for (int q = 0; q < Q; ++q) {
+        const scalar_t* z = base + row * 2 * width;
+#pragma GCC unroll 4
+        for (int v = 0; v < NB; ++v) {
+          acc[q][v] += s.a * load(z + v * L);
+          acc[q][v] += s.b * load(z + width + v * L);
+        }
+        row = row + 1 == depth ? 0 : row + 1;
+      }
+    }
+    scalar_t* f = future + (i * kSpan + q0) * width;
+#pragma GCC unroll 8
+    for (int q = 0; q < Q; ++q) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NB; ++v) {
+        store(f + q * width + v * L, load(f + q * width + v * L) + acc[q][v]);
+      }
     }
   }
 }
@@ -478,39 +573,39 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_ro
   constexpr int64_t L = kLanes<scalar_t>;
   const int64_t width = padded<scalar_t>(batch);
   const int64_t group = std::min(width, kGroupBlocks * L);  // batch lanes summed in one pass
-  // each slot: its class's first ring row and its level above the lowest
-  std::vector<int32_t> slot_row(p.slots), slot_level(p.slots);
-  for (int64_t c = 0; c < p.classes; ++c) {
-    for (int64_t s = p.slot_start[c]; s < p.slot_start[c + 1]; ++s) {
-      slot_row[s] = static_cast<int32_t>(c * p.depth);
-      slot_level[s] = static_cast<int32_t>(p.slot_level[s] - p.lowest);
-    }
-  }
-  // presynaptic neurons in column blocks whose ring rows read at one step (one lane group) stay
-  // in L1
   const int64_t row_bytes = 2 * group * static_cast<int64_t>(sizeof(scalar_t));
-  auto slots_of = [&](int64_t j) {
-    return p.slot_start[p.class_start[j + 1]] - p.slot_start[p.class_start[j]];
-  };
-  std::vector<int64_t> columns{0};
-  for (int64_t j = 0, used = 0; j < n; ++j) {
-    if (j > columns.back() && (used + slots_of(j)) * row_bytes > kColumnBytes) {
-      columns.push_back(j);
-      used = 0;
-    }
-    used += slots_of(j);
+  std::vector<int64_t> class_of(p.slots);
+  for (int64_t c = 0; c < p.classes; ++c) {
+    std::fill(class_of.begin() + p.slot_start[c], class_of.begin() + p.slot_start[c + 1], c);
   }
-  columns.push_back(n);
-  // the synapses in the order the sums read them: column block, postsynaptic i, presynaptic j
-  std::vector<ForwardSynapse<scalar_t>> synapses(n * n);
-  for (size_t c = 0, k = 0; c + 1 < columns.size(); ++c) {
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t j = columns[c]; j < columns[c + 1]; ++j, ++k) {
-        const int32_t s = slot[i * n + j];
-        synapses[k] = {slot_row[s], slot_level[s], a[i * n + j], b[i * n + j]};
-      }
-    }
-  }
+  auto is_far = [&](int64_t s) { return far_slot(p, class_of[s], s); };
+  // near synapses: the ring rows a neuron's near slots read at one step; far synapses: the rows
+  // a neuron's far slots read in one block
+  const SynapseList<scalar_t> near(
+      p, slot, a, b, class_of,
+      [&](int64_t j) {
+        int64_t used = 0;
+        for (int64_t s = p.slot_start[p.class_start[j]]; s < p.slot_start[p.class_start[j + 1]];
+             ++s) {
+          used += !is_far(s);
+        }
+        return used * row_bytes;
+      },
+      [&](int64_t s) { return !is_far(s); });
+  const SynapseList<scalar_t> far(
+      p, slot, a, b, class_of,
+      [&](int64_t j) {
+        int64_t rows = 0;
+        for (int64_t c = p.class_start[j]; c < p.class_start[j + 1]; ++c) {
+          int64_t low = INT64_MAX;
+          for (int64_t s = p.slot_start[c]; s < p.slot_start[c + 1]; ++s) {
+            if (far_slot(p, c, s)) low = std::min(low, p.slot_level[s]);
+          }
+          if (low != INT64_MAX) rows += p.m_top(c) - low + kSpan;
+        }
+        return rows * row_bytes;
+      },
+      is_far);
   // the rings (C·depth rows of Z then E, B' lanes each) and the class states
   Buffer<scalar_t> ring(p.classes * p.depth * 2 * width, scalar_t(0));
   std::vector<ClassState> state(p.classes);
@@ -520,6 +615,8 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_ro
     state[c].e.assign(batch, 0);
     state[c].chain_z.assign(p.stages(c) * width, 0.0);
   }
+  // the far synapses' input to the steps of the current block, (N, kSpan, B')
+  Buffer<scalar_t> future(far.empty() ? 0 : n * kSpan * width, scalar_t(0));
   Buffer<scalar_t> recurrent(n * width);  // (N, B'): r_i at t
   std::vector<scalar_t> v(nb, static_cast<scalar_t>(lif.v0));  // (B, N)
   const LIFUpdate<scalar_t> neuron(lif);
@@ -546,16 +643,39 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_ro
     // the sums over all of a thread's neurons at once (each column block's rings in L1 once
     // per step), then the LIF update block by block
     for_each_range(n, [&](int64_t i0, int64_t i1) {
-      std::fill(recurrent.begin() + i0 * width, recurrent.begin() + i1 * width, scalar_t(0));
+      const int64_t q = t % kSpan;
+      if (!far.empty() && q == 0) {  // the far synapses' input to this block
+        std::fill(future.begin() + i0 * kSpan * width, future.begin() + i1 * kSpan * width,
+                  scalar_t(0));
+        for (int64_t lane = 0; lane < width; lane += group) {
+          with_blocks(std::min(group, width - lane) / L, [&](auto nb) {
+            constexpr int NB = decltype(nb)::value;
+            constexpr int Q = kFarSteps<NB>;
+            for (size_t c = 0; c + 1 < far.columns.size(); ++c) {
+              for (int64_t q0 = 0; q0 < kSpan; q0 += Q) {
+                gather_far<scalar_t, NB, Q>(ring.data() + lane, width, head, p.depth, q0,
+                                            far.synapses.data(), far.start.data() + c * n + i0,
+                                            i1 - i0, future.data() + i0 * kSpan * width + lane);
+              }
+            }
+          });
+        }
+      }
+      for (int64_t i = i0; i < i1; ++i) {
+        scalar_t* r = recurrent.data() + i * width;
+        if (far.empty()) {
+          std::fill_n(r, width, scalar_t(0));
+        } else {
+          std::copy_n(future.data() + (i * kSpan + q) * width, width, r);
+        }
+      }
       for (int64_t lane = 0; lane < width; lane += group) {
         const int64_t blocks = std::min(group, width - lane) / L;
-        for (size_t c = 0; c + 1 < columns.size(); ++c) {
-          const int64_t count = columns[c + 1] - columns[c];
+        for (size_t c = 0; c + 1 < near.columns.size(); ++c) {
           with_blocks(blocks, [&](auto nb) {
             gather_rows<scalar_t, decltype(nb)::value>(
-                ring.data() + lane, width, head, p.depth,
-                synapses.data() + n * columns[c] + i0 * count, count, i1 - i0,
-                recurrent.data() + i0 * width + lane);
+                ring.data() + lane, width, head, p.depth, near.synapses.data(),
+                near.start.data() + c * n + i0, i1 - i0, recurrent.data() + i0 * width + lane);
           });
         }
       }
@@ -630,6 +750,60 @@ __attribute__((noinline)) DELREC_CONTRACT void sum_members(
   }
 }
 
+// A far slot as the backward's block sums read it: the slot, its class's first ring row and its
+// level minus the plan's lowest.
+struct FarSlot {
+  int64_t slot;
+  int32_t row, level;
+};
+
+// Steps of a block the far slot sums keep in registers at once: 2·Q·NB accumulators (≤ 16).
+template <int NB>
+constexpr int kFarSums = NB == 1 ? 8 : (NB == 2 ? 4 : 2);
+
+// The block sums of far slots for steps t0 + q0 … t0 + q0 + Q - 1: for each slot, x = Σ a·ḡ_i
+// and e = Σ b·ḡ_i per step over its members, added to its Q consecutive adjoint ring rows
+// (diagonals t - m); g points at (neuron 0, step t0 + q0, first lane) of the (N, T', B')
+// adjoint, `head` = (t0 + q0 - lowest) mod depth.
+template <typename scalar_t, int NB, int Q>
+__attribute__((noinline)) DELREC_CONTRACT void sum_far(
+    const scalar_t* __restrict g, int64_t stride, int64_t width,
+    const Member<scalar_t>* __restrict member, const int64_t* __restrict member_start,
+    const FarSlot* __restrict slots, int64_t count, scalar_t* __restrict ring, int64_t head,
+    int64_t depth) {
+  constexpr int64_t L = kLanes<scalar_t>;
+  for (int64_t k = 0; k < count; ++k) {
+    const FarSlot f = slots[k];
+    Vec<scalar_t> x[Q][NB] = {}, e[Q][NB] = {};
+    for (int64_t m = member_start[f.slot]; m < member_start[f.slot + 1]; ++m) {
+      const scalar_t* gi = g + static_cast<int64_t>(member[m].index) * stride;
+      const scalar_t a = member[m].a, b = member[m].b;
+#pragma GCC unroll 8
+      for (int q = 0; q < Q; ++q) {
+#pragma GCC unroll 4
+        for (int v = 0; v < NB; ++v) {
+          const Vec<scalar_t> gq = load(gi + q * width + v * L);
+          x[q][v] += a * gq;
+          e[q][v] += b * gq;
+        }
+      }
+    }
+    int64_t row = head - f.level;
+    row += row < 0 ? depth : 0;
+    row -= row >= depth ? depth : 0;
+#pragma GCC unroll 8
+    for (int q = 0; q < Q; ++q) {
+      scalar_t* to = ring + (static_cast<int64_t>(f.row) + row) * 2 * width;
+#pragma GCC unroll 4
+      for (int v = 0; v < NB; ++v) {
+        store(to + v * L, load(to + v * L) + x[q][v]);
+        store(to + width + v * L, load(to + width + v * L) + e[q][v]);
+      }
+      row = row + 1 == depth ? 0 : row + 1;
+    }
+  }
+}
+
 template <typename scalar_t>
 void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tensor& history,
                    const at::Tensor& membrane, const at::Tensor& psi, const at::Tensor& a_m,
@@ -651,7 +825,9 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
   const scalar_t* mask_p = has_mask ? mask.data_ptr<scalar_t>() : nullptr;  // (B, N)
   const int32_t* count_p = need_support ? counts.data_ptr<int32_t>() : nullptr;  // (N, T+1, B)
   scalar_t* grad_h_p = grad_h.data_ptr<scalar_t>();   // (T, B, N)
-  scalar_t* adj = adjoint.data_ptr<scalar_t>();  // (N, T, B'): ∂L/∂r / gain = ∂L/∂h · m
+  // (N, T', B'): ∂L/∂r / gain = ∂L/∂h · m, T' a whole number of blocks (zero beyond T)
+  scalar_t* adj = adjoint.data_ptr<scalar_t>();
+  const int64_t span_steps = adjoint.size(1);
   double* support_sum = by_support.data_ptr<double>();  // (N): Σ_t Σ_s K_s·x_s
 
   // injections of the entry adjoints into the recursion of each neuron: (N, R, 2, B'), so that
@@ -688,6 +864,21 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
   for (int64_t c = 0; c < p.classes; ++c) {
     std::fill(class_of.begin() + p.slot_start[c], class_of.begin() + p.slot_start[c + 1], c);
   }
+  // far slots add their sums once per block (kSpan): their near sums are empty; per neuron
+  // its far slots [far_start[j], far_start[j+1]) of far_slots
+  std::vector<int64_t> far_start{0};
+  std::vector<FarSlot> far_slots;
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t c = p.class_start[j]; c < p.class_start[j + 1]; ++c) {
+      for (int64_t s = p.slot_start[c]; s < p.slot_start[c + 1]; ++s) {
+        if (!far_slot(p, c, s)) continue;
+        far_slots.push_back({s, static_cast<int32_t>(c * p.depth),
+                             static_cast<int32_t>(p.slot_level[s] - p.lowest)});
+        std::fill_n(cut.begin() + s * (row_blocks + 1) + 1, row_blocks, cut[s * (row_blocks + 1)]);
+      }
+    }
+    far_start.push_back(far_slots.size());
+  }
   std::vector<scalar_t*> to(p.slots);  // the adjoint ring row each slot adds into at t
   const LIFUpdate<scalar_t> neuron(lif);
   const SurrogateDerivative<scalar_t> derivative(lif);
@@ -722,7 +913,7 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
       }
       for (int64_t i = i0; i < i1; ++i) {
         std::fill_n(once.data() + i * width, width, scalar_t(0));
-        std::copy_n(g_now.data() + i * width, width, adj + (i * steps + t) * width);
+        std::copy_n(g_now.data() + i * width, width, adj + (i * span_steps + t) * width);
       }
     });
     at::parallel_for(0, n, 1, [&](int64_t j0, int64_t j1) {
@@ -803,6 +994,21 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
           std::fill_n(x, 2 * width, scalar_t(0));  // the row of diagonal t - m_a is done
         }
         for (int64_t b = 0; b < batch; ++b) support_sum[j] += support[b];
+      }
+    });
+    if (far_slots.empty() || t % kSpan != 0) continue;
+    at::parallel_for(0, n, 1, [&](int64_t j0, int64_t j1) {  // far slots: the block t … t+kSpan-1
+      const int64_t f0 = far_start[j0], count = far_start[j1] - f0;
+      for (int64_t lane = 0; lane < width; lane += group) {
+        with_blocks(std::min(group, width - lane) / L, [&](auto nb) {
+          constexpr int NB = decltype(nb)::value;
+          constexpr int Q = kFarSums<NB>;
+          for (int64_t q0 = 0; q0 < kSpan; q0 += Q) {
+            sum_far<scalar_t, NB, Q>(adj + (t + q0) * width + lane, span_steps * width, width,
+                                     members.data(), p.member_start, far_slots.data() + f0, count,
+                                     ring.data() + lane, (t + q0 - p.lowest) % p.depth, p.depth);
+          }
+        });
       }
     });
   }
@@ -985,10 +1191,11 @@ inline void dot_members(const int32_t* member, int64_t m, int64_t m1, const scal
 template <typename scalar_t>
 void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& adjoint,
                     int64_t batch, at::Tensor& dz, at::Tensor& de) {
-  const int64_t n = adjoint.size(0), steps = adjoint.size(1), width = adjoint.size(2);
+  const int64_t n = adjoint.size(0), steps = history.size(1) - 1, width = adjoint.size(2);
+  const int64_t stride = adjoint.size(1) * width;  // one neuron's adjoint
   const bool* hist = history.data_ptr<bool>();        // (N, T+1, B)
   const int64_t frames = (steps + 1) * batch;
-  const scalar_t* adj = adjoint.data_ptr<scalar_t>();  // (N, T, B')
+  const scalar_t* adj = adjoint.data_ptr<scalar_t>();  // (N, T', B')
   double* dz_p = dz.data_ptr<double>();                // (N, N): Σ ḡ_i Z
   double* de_p = de.data_ptr<double>();                // (N, N): Σ ḡ_i E
 
@@ -1097,8 +1304,8 @@ void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& 
               }
               const int64_t m0 = p.member_start[s], m1 = p.member_start[s + 1];
               const int64_t whole = m0 + (m1 - m0) / kTile * kTile;
-              dot_members<kTile, true>(p.member, m0, whole, adj + t0 * width, steps * width, &z,
-                                       &e, len * width, sz, sz + n);
+              dot_members<kTile, true>(p.member, m0, whole, adj + t0 * width, stride, &z, &e,
+                                       len * width, sz, sz + n);
               for (int64_t q = whole; q < m1; ++q) {
                 z_of[mixed.size()] = z;
                 e_of[mixed.size()] = e;
@@ -1106,7 +1313,7 @@ void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& 
               }
             }
             dot_members<kTile, false>(mixed.data(), 0, static_cast<int64_t>(mixed.size()),
-                                      adj + t0 * width, steps * width, z_of.data(), e_of.data(),
+                                      adj + t0 * width, stride, z_of.data(), e_of.data(),
                                       len * width, sz, sz + n);
           }
         }
@@ -1343,4 +1550,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "spikes, spike history and membrane of a synaptic-delay LIF layer");
   m.def("backward", &backward, "reverse loop: ∂L/∂h, the adjoint ∂L/∂r (N, T, B), Σ K·x");
   m.def("gradients", &gradients, "per-synapse sums Σ ḡ·Z and Σ ḡ·E over time and batch");
+  m.attr("span") = kSpan;
 }
