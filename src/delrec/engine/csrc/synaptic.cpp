@@ -425,8 +425,13 @@ inline bool far_slot(const Plan& p, int64_t c, int64_t s) {
 }
 
 // The forward's synapses of one kind (near or far) in the order its sums read them: column
-// blocks of presynaptic neurons (`columns`: the rings a block reads stay in L1), postsynaptic i,
-// presynaptic j; row i of column block c holds synapses [start[c·N + i], start[c·N + i + 1]).
+// blocks of presynaptic neurons, postsynaptic i, presynaptic j; row i of column block c holds
+// synapses [start[c·N + i], start[c·N + i + 1]). A column block's rings stay in L1
+// (kColumnBytes) unless its rows would then hold fewer than kRowSynapses synapses on average
+// (each row's sums are stored once per block): then it grows up to kColumnBytes·kColumnGrowth.
+constexpr int64_t kRowSynapses = 8;
+constexpr int64_t kColumnGrowth = 8;
+
 template <typename scalar_t>
 struct SynapseList {
   std::vector<int64_t> columns{0}, start{0};
@@ -437,12 +442,19 @@ struct SynapseList {
               const std::vector<int64_t>& class_of, const std::function<int64_t(int64_t)>& bytes,
               const std::function<bool(int64_t)>& keep) {
     const int64_t n = p.n;
-    for (int64_t j = 0, used = 0; j < n; ++j) {
-      if (j > columns.back() && used + bytes(j) > kColumnBytes) {
+    std::vector<int64_t> kept(n, 0);  // synapses of this kind per presynaptic neuron
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < n; ++j) kept[j] += keep(slot[i * n + j]);
+    }
+    for (int64_t j = 0, used = 0, count = 0; j < n; ++j) {
+      const int64_t more = used + bytes(j);
+      if (j > columns.back() && more > kColumnBytes &&
+          (count >= kRowSynapses * n || more > kColumnBytes * kColumnGrowth)) {
         columns.push_back(j);
-        used = 0;
+        used = count = 0;
       }
       used += bytes(j);
+      count += kept[j];
     }
     columns.push_back(n);
     for (size_t c = 0; c + 1 < columns.size(); ++c) {
