@@ -715,17 +715,18 @@ struct Member {
   scalar_t a, b;
 };
 
-// For slots [0, slots): x += Σ a·ḡ_i and e += Σ b·ḡ_i over NB vector blocks, the sums over the
-// members [cut[s·stride], cut[s·stride + 1]) of slot s (`member`: row i of g, a, b), added to the
-// adjoint ring row to[s] (x at +0, e at +width, both advanced by `lane`). The sums stay in
-// registers in two sets (even and odd members); each ḡ_i block is one load.
+// For the slots s = slots[0 … count): x += Σ a·ḡ_i and e += Σ b·ḡ_i over NB vector blocks, the
+// sums over the members [cut[s·stride], cut[s·stride + 1]) of slot s (`member`: row i of g, a,
+// b), added to the adjoint ring row to[s] (x at +0, e at +width, both advanced by `lane`). The
+// sums stay in registers in two sets (even and odd members); each ḡ_i block is one load.
 template <typename scalar_t, int NB>
 __attribute__((noinline)) DELREC_CONTRACT void sum_members(
     const scalar_t* __restrict g, int64_t width, const Member<scalar_t>* __restrict member,
-    const int64_t* __restrict cut, int64_t stride, int64_t slots, scalar_t* const* __restrict to,
-    int64_t lane) {
+    const int64_t* __restrict cut, int64_t stride, const int64_t* __restrict slots,
+    int64_t count, scalar_t* const* __restrict to, int64_t lane) {
   constexpr int64_t L = kLanes<scalar_t>;
-  for (int64_t s = 0; s < slots; ++s) {
+  for (int64_t k_slot = 0; k_slot < count; ++k_slot) {
+    const int64_t s = slots[k_slot];
     const int64_t k0 = cut[s * stride], k1 = cut[s * stride + 1];
     if (k0 == k1) continue;
     Vec<scalar_t> by_a[2][NB] = {}, by_b[2][NB] = {};
@@ -856,40 +857,49 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
   std::vector<double> y(nb, 0.0), d(nb, 0.0);  // Σ_k κ(k)·x[t+k] and its slope, (N, B)
   std::vector<scalar_t> gh(nb, scalar_t(0));   // ∂L/∂h[t+1], then ∂L/∂h[t], (B, N)
   Buffer<scalar_t> g_now(n * width, scalar_t(0));  // ∂L/∂h[t] · m, (N, B')
+  std::vector<int64_t> class_of(p.slots);
+  for (int64_t c = 0; c < p.classes; ++c) {
+    std::fill(class_of.begin() + p.slot_start[c], class_of.begin() + p.slot_start[c + 1], c);
+  }
+  // far slots add their sums once per block (kSpan), near slots every step: per neuron j its
+  // near slots [near_start[j], near_start[j+1]) of near_slots, its far ones likewise
+  std::vector<int64_t> near_start{0}, near_slots, far_start{0};
+  std::vector<FarSlot> far_slots;
+  int64_t near_members = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t c = p.class_start[j]; c < p.class_start[j + 1]; ++c) {
+      for (int64_t s = p.slot_start[c]; s < p.slot_start[c + 1]; ++s) {
+        if (far_slot(p, c, s)) {
+          far_slots.push_back({s, static_cast<int32_t>(c * p.depth),
+                               static_cast<int32_t>(p.slot_level[s] - p.lowest)});
+        } else {
+          near_slots.push_back(s);
+          near_members += p.member_start[s + 1] - p.member_start[s];
+        }
+      }
+    }
+    near_start.push_back(near_slots.size());
+    far_start.push_back(far_slots.size());
+  }
   // the members in order (their i, a, b), cut into blocks of postsynaptic neurons whose rows of
-  // g_now (one lane group) stay in L1: members of slot s in block q are [cut[s, q], cut[s, q+1])
+  // g_now (one lane group) stay in L1, unless a near slot's members would then be too few per
+  // block (each block's sums are added to the ring once): members of slot s in block q are
+  // [cut[s, q], cut[s, q+1])
   std::vector<Member<scalar_t>> members(n * n);
   for (int64_t m = 0; m < n * n; ++m) members[m] = {p.member[m], am[m], bm[m]};
   const int64_t block_rows = std::max<int64_t>(
       1, kColumnBytes / (group * static_cast<int64_t>(sizeof(scalar_t))));
-  const int64_t row_blocks = (n + block_rows - 1) / block_rows;
+  const int64_t per_slot = near_members / std::max<int64_t>(1, near_slots.size());
+  const int64_t row_blocks = std::clamp<int64_t>(per_slot / kRowSynapses, 1,
+                                                 (n + block_rows - 1) / block_rows);
   std::vector<int64_t> cut(p.slots * (row_blocks + 1));
   for (int64_t s = 0; s < p.slots; ++s) {
     const int32_t* first = p.member + p.member_start[s];
     const int32_t* last = p.member + p.member_start[s + 1];
     for (int64_t q = 0; q <= row_blocks; ++q) {
-      const int64_t row = std::min(n, q * block_rows);
+      const int64_t row = (n * q + row_blocks - 1) / row_blocks;
       cut[s * (row_blocks + 1) + q] = std::lower_bound(first, last, row) - p.member;
     }
-  }
-  std::vector<int64_t> class_of(p.slots);
-  for (int64_t c = 0; c < p.classes; ++c) {
-    std::fill(class_of.begin() + p.slot_start[c], class_of.begin() + p.slot_start[c + 1], c);
-  }
-  // far slots add their sums once per block (kSpan): their near sums are empty; per neuron
-  // its far slots [far_start[j], far_start[j+1]) of far_slots
-  std::vector<int64_t> far_start{0};
-  std::vector<FarSlot> far_slots;
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t c = p.class_start[j]; c < p.class_start[j + 1]; ++c) {
-      for (int64_t s = p.slot_start[c]; s < p.slot_start[c + 1]; ++s) {
-        if (!far_slot(p, c, s)) continue;
-        far_slots.push_back({s, static_cast<int32_t>(c * p.depth),
-                             static_cast<int32_t>(p.slot_level[s] - p.lowest)});
-        std::fill_n(cut.begin() + s * (row_blocks + 1) + 1, row_blocks, cut[s * (row_blocks + 1)]);
-      }
-    }
-    far_start.push_back(far_slots.size());
   }
   std::vector<scalar_t*> to(p.slots);  // the adjoint ring row each slot adds into at t
   const LIFUpdate<scalar_t> neuron(lif);
@@ -929,18 +939,17 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
       }
     });
     at::parallel_for(0, n, 1, [&](int64_t j0, int64_t j1) {
-      const int64_t c0 = p.class_start[j0], c1 = p.class_start[j1];
-      const int64_t s0 = p.slot_start[c0], s1 = p.slot_start[c1];
-      for (int64_t s = s0; s < s1; ++s) {  // x = Σ a·ḡ_i, e = Σ b·ḡ_i of a slot reach row t - m
-        const int64_t c = class_of[s];
-        to[s] = ring.data() + (c * p.depth + p.ring_row(t, p.slot_level[s])) * 2 * width;
+      const int64_t k0 = near_start[j0], count = near_start[j1] - k0;
+      for (int64_t k = k0; k < k0 + count; ++k) {  // x = Σ a·ḡ_i, e = Σ b·ḡ_i reach row t - m
+        const int64_t s = near_slots[k];
+        to[s] = ring.data() + (class_of[s] * p.depth + p.ring_row(t, p.slot_level[s])) * 2 * width;
       }
       for (int64_t lane = 0; lane < width; lane += group) {
         for (int64_t q = 0; q < row_blocks; ++q) {
           with_blocks(std::min(group, width - lane) / L, [&](auto nb) {
             sum_members<scalar_t, decltype(nb)::value>(
-                g_now.data() + lane, width, members.data(), cut.data() + s0 * (row_blocks + 1) + q,
-                row_blocks + 1, s1 - s0, to.data() + s0, lane);
+                g_now.data() + lane, width, members.data(), cut.data() + q, row_blocks + 1,
+                near_slots.data() + k0, count, to.data(), lane);
           });
         }
       }
