@@ -141,9 +141,11 @@ struct Plan {
   int64_t m_top(int64_t c) const { return levels[3 * c + 2]; }
   // rows of the class's chain stages m_a … m_b (a ring by diagonal)
   int64_t stages(int64_t c) const { return m_b(c) - m_a(c) + 1; }
-  // the ring row (within a class's `depth` rows) that level m reads at time t: diagonal t - m
-  int64_t ring_row(int64_t t, int64_t m) const {
-    const int64_t row = (t - lowest) % depth - (m - lowest);
+  // the ring row (within a class's `depth` rows) that level m reads at time t: diagonal t - m;
+  // head = (t - lowest) mod depth
+  int64_t ring_row(int64_t t, int64_t m) const { return ring_row_at((t - lowest) % depth, m); }
+  int64_t ring_row_at(int64_t head, int64_t m) const {
+    const int64_t row = head - (m - lowest);
     return row < 0 ? row + depth : row;
   }
 };
@@ -211,14 +213,25 @@ __attribute__((noinline)) void entry_step(
   }
 }
 
-// One chain stage over a batch row: z += a·s, e += ε·s for the newest spikes s (0/1 bytes).
+// One chain stage over a batch row: z += a·s, e += ε·s for the newest spikes s (as float64 and
+// as scalar_t).
 template <typename scalar_t>
-__attribute__((noinline)) void chain_step(const uint8_t* __restrict s, double a, scalar_t eps,
-                                          int64_t batch, double* __restrict z,
-                                          scalar_t* __restrict e) {
+__attribute__((noinline)) void chain_step(const double* __restrict s, const scalar_t* __restrict s_t,
+                                          double a, scalar_t eps, int64_t batch,
+                                          double* __restrict z, scalar_t* __restrict e) {
   for (int64_t b = 0; b < batch; ++b) {
-    z[b] += a * static_cast<double>(s[b]);
-    e[b] += eps * static_cast<scalar_t>(s[b]);
+    z[b] += a * s[b];
+    e[b] += eps * s_t[b];
+  }
+}
+
+// The newest spikes of a neuron (0/1 bytes) as float64 and as scalar_t.
+template <typename scalar_t>
+__attribute__((noinline)) void widen(const uint8_t* __restrict s, int64_t batch,
+                                     double* __restrict s_d, scalar_t* __restrict s_t) {
+  for (int64_t b = 0; b < batch; ++b) {
+    s_d[b] = s[b];
+    s_t[b] = s[b];
   }
 }
 
@@ -232,34 +245,63 @@ __attribute__((noinline)) void narrow(const double* __restrict z, int64_t batch,
 // the entry recursions (z, D/w², E over the batch) and the chain rows, float64 z by diagonal
 // (the stage values of diagonals t - m_b … t - m_a live at rows (t - m) mod stages).
 struct ClassState {
-  Buffer<double> z, d, chain_z;
-  std::vector<int32_t> e;
+  double *z, *d, *chain_z;
+  int32_t* e;
 };
 
-// Advances class c of neuron j (spike history `history_j`, (T+1, B), frame t+1 = step t) to time
-// t: the entry recursion into stage m_a of diagonal t - m_a, the chain stages of diagonals
-// t - m_b … t - m_a + 1. chain_e(m) points at the E row of diagonal t - m (the caller's storage;
-// E is exact in scalar_t). After the call, chain_z row (t - m) mod stages holds Z of level m at t
-// for m_a ≤ m ≤ m_b, and chain_e(m) its E.
+// The states of classes [c0, c1) in one zeroed buffer (rows of `width`), class after class, so
+// that a sweep over the neurons reads them in order.
+struct ClassStates {
+  Buffer<double> values;
+  Buffer<int32_t> counts;
+  std::vector<ClassState> states;
+  int64_t first;
+
+  ClassStates(const Plan& p, int64_t c0, int64_t c1, int64_t width) : first(c0) {
+    int64_t rows = 0;
+    for (int64_t c = c0; c < c1; ++c) rows += 2 + p.stages(c);
+    values.assign(rows * width, 0.0);
+    counts.assign((c1 - c0) * width, 0);
+    double* at = values.data();
+    for (int64_t c = c0; c < c1; ++c) {
+      states.push_back({at, at + width, at + 2 * width, counts.data() + (c - c0) * width});
+      at += (2 + p.stages(c)) * width;
+    }
+  }
+  ClassState& operator[](int64_t c) { return states[c - first]; }
+};
+
+// Advances class c of neuron j (spike history `history_j`, (T+1, B), frame t+1 = step t; its
+// spikes at t - 1 as float64 `newest` and as scalar_t `newest_t`) to time t: the chain stages of
+// diagonals t - m_b … t - m_a + 1, then the entry recursion into stage m_a of diagonal t - m_a.
+// chain_e(m) points at the E row of diagonal t - m (the caller's storage; E is exact in
+// scalar_t). After the call, chain_z row chain_row(t, m_b) + (m_b - m) (mod stages) holds Z of
+// level m at t for m_a ≤ m ≤ m_b, and chain_e(m) its E.
+inline int64_t chain_row(const Plan& p, int64_t c, int64_t t) {
+  const int64_t stages = p.stages(c);
+  return ((t - p.m_b(c)) % stages + stages) % stages;
+}
+
 template <typename scalar_t, typename ChainE>
 void advance_class(const Plan& p, int64_t c, int64_t t, int64_t batch, int64_t width,
-                   const bool* history_j, ClassState& st, const ChainE& chain_e) {
+                   const bool* history_j, const double* newest, const scalar_t* newest_t,
+                   ClassState& st, const ChainE& chain_e) {
   auto frame = [&](int64_t lag) {  // as bytes: the compiler vectorises byte loads, not bool
     return reinterpret_cast<const uint8_t*>(history_j) + std::max<int64_t>(t - lag + 1, 0) * batch;
   };
   const int64_t m_a = p.m_a(c), stages = p.stages(c);
-  auto row = [&](int64_t m) {
-    return st.chain_z.data() + (((t - m) % stages + stages) % stages) * width;
-  };
-  const double* stage = p.chain + 3 * p.chain_start[c];
-  for (int64_t m = m_a + 1; m <= p.m_b(c); ++m, stage += 3) {  // s[t - 1] reaches every stage
-    chain_step(frame(1), stage[0], static_cast<scalar_t>(stage[1]), batch, row(m), chain_e(m));
+  int64_t row = chain_row(p, c, t);  // diagonal t - m, from m = m_b down
+  for (int64_t m = p.m_b(c); m > m_a; --m) {  // s[t - 1] reaches every stage
+    const double* stage = p.chain + 3 * (p.chain_start[c] + m - m_a - 1);
+    chain_step(newest, newest_t, stage[0], static_cast<scalar_t>(stage[1]), batch,
+               st.chain_z + row * width, chain_e(m));
+    row = row + 1 == stages ? 0 : row + 1;
   }
   const int64_t* zl = p.z_lags + 3 * c;
   const int64_t* el = p.e_lags + 4 * c;
   entry_step(frame(zl[0]), frame(zl[1]), frame(zl[2]), frame(el[0]), frame(el[1]), frame(el[2]),
-             frame(el[3]), p.z_coef + 6 * c, batch, st.z.data(), st.d.data(), st.e.data(),
-             row(m_a), chain_e(m_a));
+             frame(el[3]), p.z_coef + 6 * c, batch, st.z, st.d, st.e, st.chain_z + row * width,
+             chain_e(m_a));
 }
 
 // The LIF neuron (fast.py, _LIF): constants, the update and its adjoint in the kernel's scalar
@@ -620,13 +662,7 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_ro
       is_far);
   // the rings (C·depth rows of Z then E, B' lanes each) and the class states
   Buffer<scalar_t> ring(p.classes * p.depth * 2 * width, scalar_t(0));
-  std::vector<ClassState> state(p.classes);
-  for (int64_t c = 0; c < p.classes; ++c) {
-    state[c].z.assign(batch, 0.0);
-    state[c].d.assign(batch, 0.0);
-    state[c].e.assign(batch, 0);
-    state[c].chain_z.assign(p.stages(c) * width, 0.0);
-  }
+  ClassStates state(p, 0, p.classes, width);
   // the far synapses' input to the steps of the current block, (N, kSpan, B')
   Buffer<scalar_t> future(far.empty() ? 0 : n * kSpan * width, scalar_t(0));
   Buffer<scalar_t> recurrent(n * width);  // (N, B'): r_i at t
@@ -637,16 +673,22 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_ro
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t head = (t - p.lowest) % p.depth;
     at::parallel_for(0, n, 1, [&](int64_t j0, int64_t j1) {  // the rings at t
+      Buffer<double> newest(width);
+      Buffer<scalar_t> newest_t(width);
       for (int64_t j = j0; j < j1; ++j) {
+        widen(reinterpret_cast<const uint8_t*>(hist + j * frames + t * batch), batch,
+              newest.data(), newest_t.data());
         for (int64_t c = p.class_start[j]; c < p.class_start[j + 1]; ++c) {
           scalar_t* rows = ring.data() + c * p.depth * 2 * width;
-          auto row = [&](int64_t m) { return rows + p.ring_row(t, m) * 2 * width; };
-          advance_class<scalar_t>(p, c, t, batch, width, hist + j * frames, state[c],
+          auto row = [&](int64_t m) { return rows + p.ring_row_at(head, m) * 2 * width; };
+          advance_class<scalar_t>(p, c, t, batch, width, hist + j * frames, newest.data(),
+                                  newest_t.data(), state[c],
                                   [&](int64_t m) { return row(m) + width; });
           const int64_t stages = p.stages(c);
-          for (int64_t m = p.m_a(c); m <= p.m_b(c); ++m) {  // float copies of the chain's z
-            const int64_t at = ((t - m) % stages + stages) % stages;
-            narrow(state[c].chain_z.data() + at * width, batch, row(m));
+          int64_t at = chain_row(p, c, t);
+          for (int64_t m = p.m_b(c); m >= p.m_a(c); --m) {  // float copies of the chain's z
+            narrow(state[c].chain_z + at * width, batch, row(m));
+            at = at + 1 == stages ? 0 : at + 1;
           }
         }
       }
@@ -760,6 +802,51 @@ __attribute__((noinline)) DELREC_CONTRACT void sum_members(
       store(x + q * L, load(x + q * L) + (by_a[0][q] + by_a[1][q]));
       store(x + width + q * L, load(x + width + q * L) + (by_b[0][q] + by_b[1][q]));
     }
+  }
+}
+
+// The backward's per-class row operations, out of line with restrict pointers (vectorised):
+// lag1 += a·x + e·xe (a chain stage's one-off term)
+template <typename scalar_t>
+__attribute__((noinline)) void chain_adjoint(const scalar_t* __restrict x,
+                                             const scalar_t* __restrict xe, scalar_t a,
+                                             scalar_t e, int64_t batch, scalar_t* __restrict lag1) {
+  for (int64_t b = 0; b < batch; ++b) lag1[b] += a * x[b] + e * xe[b];
+}
+
+// support += s·x for spikes s (0/1 bytes)
+template <typename scalar_t>
+__attribute__((noinline)) void gate(const uint8_t* __restrict s, const scalar_t* __restrict x,
+                                    int64_t batch, double* __restrict support) {
+  for (int64_t b = 0; b < batch; ++b) support[b] += s[b] ? static_cast<double>(x[b]) : 0.0;
+}
+
+// y += coef·x, d += slope·x (a triangle tap's injection)
+template <typename scalar_t>
+__attribute__((noinline)) void inject_tap(const scalar_t* __restrict x, scalar_t coef,
+                                          scalar_t slope, int64_t width, scalar_t* __restrict y,
+                                          scalar_t* __restrict d) {
+  for (int64_t b = 0; b < width; ++b) {
+    y[b] += coef * x[b];
+    d[b] += slope * x[b];
+  }
+}
+
+// y += sign·x (an ε-box tap's injection)
+template <typename scalar_t>
+__attribute__((noinline)) void inject_sign(const scalar_t* __restrict x, scalar_t sign,
+                                           int64_t width, scalar_t* __restrict y) {
+  for (int64_t b = 0; b < width; ++b) y[b] += sign * x[b];
+}
+
+// support += (upper - lower)·x (a closed-support spike count from prefix counts, times x)
+template <typename scalar_t>
+__attribute__((noinline)) void count_times(const int32_t* __restrict upper,
+                                           const int32_t* __restrict lower,
+                                           const scalar_t* __restrict x, int64_t batch,
+                                           double* __restrict support) {
+  for (int64_t b = 0; b < batch; ++b) {
+    support[b] += static_cast<double>(upper[b] - lower[b]) * static_cast<double>(x[b]);
   }
 }
 
@@ -906,7 +993,7 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
   const SurrogateDerivative<scalar_t> derivative(lif);
 
   for (int64_t t = steps - 1; t >= 0; --t) {
-    const int64_t now = t * nb;
+    const int64_t now = t * nb, head = (t - p.lowest) % p.depth;
     for_each_block(n, [&](int64_t i0, int64_t i1) {
       // the spikes' adjoint from the recurrence, neuron-major: y (the adjoint recursion fed by
       // the injections at t) plus the one-off lag-1 terms, gathered in `once`
@@ -942,7 +1029,7 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
       const int64_t k0 = near_start[j0], count = near_start[j1] - k0;
       for (int64_t k = k0; k < k0 + count; ++k) {  // x = Σ a·ḡ_i, e = Σ b·ḡ_i reach row t - m
         const int64_t s = near_slots[k];
-        to[s] = ring.data() + (class_of[s] * p.depth + p.ring_row(t, p.slot_level[s])) * 2 * width;
+        to[s] = ring.data() + (class_of[s] * p.depth + p.ring_row_at(head, p.slot_level[s])) * 2 * width;
       }
       for (int64_t lane = 0; lane < width; lane += group) {
         for (int64_t q = 0; q < row_blocks; ++q) {
@@ -953,7 +1040,7 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
           });
         }
       }
-      std::vector<double> support(batch);
+      Buffer<double> support(width);
       for (int64_t j = j0; j < j1; ++j) {
         std::fill(support.begin(), support.end(), 0.0);
         const uint8_t* newest =  // s_j[t - 1]
@@ -961,20 +1048,14 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
         scalar_t* lag1 = once.data() + j * width;
         for (int64_t c = p.class_start[j]; c < p.class_start[j + 1]; ++c) {
           scalar_t* rows = ring.data() + c * p.depth * 2 * width;
-          auto row = [&](int64_t m) { return rows + p.ring_row(t, m) * 2 * width; };
+          auto row = [&](int64_t m) { return rows + p.ring_row_at(head, m) * 2 * width; };
           // chain stages: ∂L/∂s[t - 1] += a·Λ + e·Λ_E, and Σ_b s[t-1]·χ·Λ for the spread
           const double* stage = p.chain + 3 * p.chain_start[c];
-          for (int64_t m = p.m_a(c) + 1; m <= p.m_b(c); ++m, stage += 3) {
-            if (t == 0) break;
+          for (int64_t m = p.m_a(c) + 1; t > 0 && m <= p.m_b(c); ++m, stage += 3) {
             const scalar_t* x = row(m);
-            const scalar_t sa = static_cast<scalar_t>(stage[0]);
-            const scalar_t se = static_cast<scalar_t>(stage[1]);
-            for (int64_t b = 0; b < batch; ++b) lag1[b] += sa * x[b] + se * x[width + b];
-            if (need_support && stage[2] != 0.0) {
-              for (int64_t b = 0; b < batch; ++b) {
-                support[b] += newest[b] ? static_cast<double>(x[b]) : 0.0;
-              }
-            }
+            chain_adjoint(x, x + width, static_cast<scalar_t>(stage[0]),
+                          static_cast<scalar_t>(stage[1]), batch, lag1);
+            if (need_support && stage[2] != 0.0) gate(newest, x, batch, support.data());
           }
           // the entry: Λ[t - m_a, m_a] is ∂L/∂Z of level m_a at t, injected at its taps
           scalar_t* x = row(p.m_a(c));
@@ -983,33 +1064,22 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
           const double* zc = p.z_coef + 6 * c;
           for (int q = 0; q < 3; ++q) {
             if (zl[q] > t) continue;
-            scalar_t* to_y = injection(j, t - zl[q]);
-            const scalar_t coef = static_cast<scalar_t>(zc[q]);
-            const scalar_t slope = static_cast<scalar_t>(zc[3 + q]);
-            for (int64_t b = 0; b < width; ++b) {
-              to_y[b] += coef * x[b];
-              to_y[width + b] += slope * x[b];
-            }
+            scalar_t* to = injection(j, t - zl[q]);
+            inject_tap(x, static_cast<scalar_t>(zc[q]), static_cast<scalar_t>(zc[3 + q]), width,
+                       to, to + width);
           }
           for (int q = 0; q < 4; ++q) {  // signs -, +, +, -
             if (el[q] > t) continue;
-            scalar_t* to_y = injection(j, t - el[q]);
-            if (q == 1 || q == 2) {
-              for (int64_t b = 0; b < width; ++b) to_y[b] += x[width + b];
-            } else {
-              for (int64_t b = 0; b < width; ++b) to_y[b] -= x[width + b];
-            }
+            inject_sign(x + width, q == 1 || q == 2 ? scalar_t(1) : scalar_t(-1), width,
+                        injection(j, t - el[q]));
           }
           if (need_support) {
             // K[t] = spikes of j at lags lo … hi = P[t-lo+1] - P[t-hi]
             const int64_t lo = p.support[2 * c], hi = p.support[2 * c + 1];
             if (hi >= lo) {
-              const int32_t* upper =
-                  count_p + j * frames + std::max<int64_t>(t - lo + 1, 0) * batch;
-              const int32_t* lower = count_p + j * frames + std::max<int64_t>(t - hi, 0) * batch;
-              for (int64_t b = 0; b < batch; ++b) {
-                support[b] += static_cast<double>(upper[b] - lower[b]) * x[b];
-              }
+              count_times(count_p + j * frames + std::max<int64_t>(t - lo + 1, 0) * batch,
+                          count_p + j * frames + std::max<int64_t>(t - hi, 0) * batch, x, batch,
+                          support.data());
             }
           }
           std::fill_n(x, 2 * width, scalar_t(0));  // the row of diagonal t - m_a is done
@@ -1251,6 +1321,8 @@ void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& 
     }
     Buffer<scalar_t> levels(most_levels * 2 * chunk * width);
     std::vector<const scalar_t*> z_of, e_of;  // per member of a class: its level's values
+    Buffer<double> newest(width);              // a neuron's spikes at t - 1
+    Buffer<scalar_t> newest_t(width);
     std::vector<int32_t> mixed;               // members left over from whole tiles
     std::vector<double> sums;
     for (int64_t j0 = begin; j0 < end;) {
@@ -1261,14 +1333,9 @@ void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& 
         bytes += state_bytes(j1++);
       }
       const int64_t c0 = p.class_start[j0], c1 = p.class_start[j1];
-      std::vector<ClassState> state(c1 - c0);
+      ClassStates state(p, c0, c1, width);
       std::vector<Buffer<scalar_t>> chain_e(c1 - c0), stage(c1 - c0);
       for (int64_t c = c0; c < c1; ++c) {
-        ClassState& st = state[c - c0];
-        st.z.assign(batch, 0.0);
-        st.d.assign(batch, 0.0);
-        st.e.assign(batch, 0);
-        st.chain_z.assign(p.stages(c) * width, 0.0);
         chain_e[c - c0].assign(p.stages(c) * width, scalar_t(0));
         stage[c - c0].assign(4 * history_rows(c) * width, scalar_t(0));  // Z, E; doubled
       }
@@ -1278,32 +1345,36 @@ void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& 
         for (int64_t j = j0; j < j1; ++j) {
           double* sz = sums.data() + (j - j0) * 2 * n;
           for (int64_t c = p.class_start[j]; c < p.class_start[j + 1]; ++c) {
-            ClassState& st = state[c - c0];
+            ClassState& st = state[c];
             const int64_t stages = p.stages(c), rows = history_rows(c);
             const int64_t s0 = p.slot_start[c], s1 = p.slot_start[c + 1];
             scalar_t* stage_z = stage[c - c0].data();
             scalar_t* stage_e = stage_z + 2 * rows * width;
-            auto chain_row = [&](int64_t t, int64_t m) {
-              return ((t - m) % stages + stages) % stages * width;
-            };
             for (int64_t u = 0; u < len; ++u) {
               const int64_t t = t0 + u;
-              advance_class<scalar_t>(p, c, t, batch, width, hist + j * frames, st,
-                                      [&](int64_t m) {
-                                        return chain_e[c - c0].data() + chain_row(t, m);
+              widen(reinterpret_cast<const uint8_t*>(hist + j * frames + t * batch), batch,
+                    newest.data(), newest_t.data());
+              const int64_t base = chain_row(p, c, t);  // the row of diagonal t - m_b
+              auto row_of = [&](int64_t m) {              // the row of diagonal t - m
+                const int64_t r = base + (p.m_b(c) - m);
+                return (r >= stages ? r - stages : r) * width;
+              };
+              advance_class<scalar_t>(p, c, t, batch, width, hist + j * frames, newest.data(),
+                                      newest_t.data(), st, [&](int64_t m) {
+                                        return chain_e[c - c0].data() + row_of(m);
                                       });
               int64_t k = 0;  // the chain levels this class uses, in slot order
               for (int64_t s = s0; s < s1 && p.slot_level[s] <= p.m_b(c); ++s, ++k) {
-                const int64_t row = chain_row(t, p.slot_level[s]);
+                const int64_t row = row_of(p.slot_level[s]);
                 scalar_t* out = levels.data() + (2 * k * chunk + u) * width;
-                narrow(st.chain_z.data() + row, batch, out);
+                narrow(st.chain_z + row, batch, out);
                 std::copy_n(chain_e[c - c0].data() + row, batch, out + chunk * width);
               }
               if (rows > 0) {  // diagonal t - m_b leaves the chain: into the stage history
-                const int64_t row = chain_row(t, p.m_b(c));
+                const int64_t row = base * width;
                 const int64_t at = ((t - p.m_b(c)) % rows + rows) % rows;
                 for (const int64_t h : {at, at + rows}) {
-                  narrow(st.chain_z.data() + row, batch, stage_z + h * width);
+                  narrow(st.chain_z + row, batch, stage_z + h * width);
                   std::copy_n(chain_e[c - c0].data() + row, batch, stage_e + h * width);
                 }
               }
