@@ -29,7 +29,7 @@ from unittest import mock
 import torch
 
 from delrec.engine import native
-from delrec.engine.fast import _width_vector
+from delrec.engine.lif import width_vector
 from delrec.engine.synaptic import _SlotPlan
 from delrec.layers import DelRec
 from delrec.neurons import LIF
@@ -60,7 +60,7 @@ def step_timers(size: int, batch: int, steps: int, max_delay: float, sigma: floa
             synaptic(current).sum().backward()
 
     delay, width = synaptic.delays_and_width()
-    plan = _SlotPlan(delay, _width_vector(width, delay, size), native.build("synaptic"))
+    plan = _SlotPlan(delay, width_vector(width, delay, size), native.build("synaptic"))
     return {
         "axonal": layer_step(layers["axonal"]),
         "slots": layer_step(synaptic),

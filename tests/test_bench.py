@@ -3,6 +3,8 @@ written."""
 
 import csv
 
+import torch
+
 from delrec import bench
 from delrec.cli import main
 
@@ -23,6 +25,9 @@ def tiny_grids(quick):
 def test_bench_writes_the_four_panels_and_judges_the_targets(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "STEPS", 6)
     monkeypatch.setattr(bench, "grids", tiny_grids)
+    monkeypatch.setattr(
+        bench, "feedforward_grid", lambda quick: [bench.Setting(8, 2, d, 0) for d in (3, 30)]
+    )
     monkeypatch.setattr(bench, "MAX_MACS", 2 * 3 * 6 * 2 * 8**2 * 10)  # the reference: N = 8 only
     assert main(["bench", "--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -35,6 +40,16 @@ def test_bench_writes_the_four_panels_and_judges_the_targets(tmp_path, monkeypat
     assert all(float(r["time_ms"]) > 0 and float(r["saved_mb"]) > 0 for r in rows)
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert (tmp_path / "bench.txt").read_text().count("\n") > 20
+    report = (tmp_path / "bench.md").read_text()  # says how it was made, embeds the figure
+    rerun = f"delrec bench --quick --out {tmp_path} --repeats 1 --threads 1 --clock wall"
+    assert f"| command | `{rerun}` |" in report and "![delrec bench](bench.png)" in report
+    assert all(f"| {key} |" in report for key in ("commit", "date", "CPU", "threads", "software"))
+    assert (
+        torch.__version__ in report and "| N=16 B=2 d~U(0,3) σ=1 | DelRec, reference" not in report
+    )
+    assert (
+        report.count("| N=8 B=2 d~U(0,3) σ=1 | vanilla recurrent LIF |") == 3
+    )  # size, delay, cost
 
     verdicts = [line for line in printed.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert sum("cost of delays" in v for v in verdicts) == 4
@@ -43,6 +58,9 @@ def test_bench_writes_the_four_panels_and_judges_the_targets(tmp_path, monkeypat
     assert any("SHD setting" in v for v in verdicts) and any(
         "synaptic vs axonal" in v for v in verdicts
     )
+    assert sum("feedforward delays N=8" in v for v in verdicts) == 5  # time, memory ×2; flat
+    assert any("saved memory flat in the window" in v for v in verdicts)
+    assert "feedforward-delay convolution skipped at N=8 B=2 d~U(0,30)" in printed
     assert "torch " in printed and "thread(s)" in printed
 
 

@@ -1,5 +1,6 @@
 """The fast engine against the reference loop: same spikes, same gradients, less memory."""
 
+import dataclasses
 import math
 import os
 from contextlib import contextmanager
@@ -14,9 +15,8 @@ from torch import nn
 
 from delrec.bench import saved_bytes
 from delrec.delays import kernel_length, triangle_kernel
-from delrec.engine import fast, native, reference_recurrence, synaptic
+from delrec.engine import PATHS, axonal, native, reference_recurrence, select, synaptic
 from delrec.layers import DelRec
-from delrec.layers.recurrent import ENGINES
 from delrec.neurons import LIF, AdLIF, ATan
 
 
@@ -185,7 +185,7 @@ def test_wide_kernels_keep_exact_box_sums(loops):
         seed=12,
     )
     assert (
-        fast._AxonalPlan(fast_layer.delay, fast_layer.delays_and_width()[1], 1).count_dtype
+        axonal._AxonalPlan(fast_layer.delay, fast_layer.delays_and_width()[1], 1).count_dtype
         == torch.int16
     )
     current = torch.rand(200, 2, size, generator=g, dtype=torch.float64) * 1.6
@@ -200,14 +200,15 @@ def test_wide_kernels_keep_exact_box_sums(loops):
 
 
 def test_delay_clamped_at_zero_can_grow():
-    """d = 0, σ = 0: ∂κ(1)/∂d = 0 and ∂κ(2)/∂d = +1/w² (DESIGN §2.2), so a delay sitting at the
-    clamp still gets a gradient from the spikes two steps back."""
+    """d = 0, σ = 0: ∂κ(1)/∂d = 0 and ∂κ(2)/∂d = +1/w² (docs/design.md#gradients-at-the-kinks),
+    so a delay sitting at the clamp still gets a gradient from the spikes two steps back."""
     weight = torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)  # neuron 0 → neuron 1
     current = torch.zeros(6, 1, 2, dtype=torch.float64)
     current[1, 0, 0] = 1.0  # neuron 0 fires at t = 1
     neuron = LIF(surrogate=ATan(2.0))
     delay = torch.zeros(2, dtype=torch.float64, requires_grad=True)
-    spikes = fast.fast_recurrence(current, weight, delay, 1.0, neuron.p)
+    path = select("axonal", neuron, device="cpu", integer=False, grad=True)
+    spikes = path.run(current, weight, delay, 1.0, neuron)
     (grad,) = torch.autograd.grad(spikes[:, 0, 1].sum(), delay)
     kernel_delay = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     expected_spikes = reference_recurrence(
@@ -240,7 +241,8 @@ def test_integer_delay_path_equals_reference_in_eval(delay_type, monkeypatch):
         seed=11,
     )
     calls = []
-    monkeypatch.setattr(fast, "integer_recurrence", _counting(fast.integer_recurrence, calls))
+    ring = PATHS["ring"]
+    monkeypatch.setitem(PATHS, "ring", dataclasses.replace(ring, run=_counting(ring.run, calls)))
     current = torch.rand(60, 3, size, generator=g, dtype=torch.float64) * 1.3
     with torch.no_grad():
         expected = reference.eval()(current)
@@ -265,8 +267,8 @@ def test_the_cpp_time_loops_build_and_run_by_default(monkeypatch):
     native.build("axonal")
     native.build("synaptic")
     calls = []
-    monkeypatch.setattr(fast, "_native_forward", _counting(fast._native_forward, calls))
-    monkeypatch.setattr(fast, "_native_backward", _counting(fast._native_backward, calls))
+    monkeypatch.setattr(axonal, "_native_forward", _counting(axonal._native_forward, calls))
+    monkeypatch.setattr(axonal, "_native_backward", _counting(axonal._native_backward, calls))
     monkeypatch.setattr(
         synaptic._SynapticSlots, "apply", _counting(synaptic._SynapticSlots.apply, calls)
     )
@@ -336,10 +338,10 @@ def test_float32_recurrent_input_stays_accurate_over_long_sequences(loops):
         z_exact[k:] += kernel[:, k] * (source_input[:-k] / 2.0)
     margin = 2e-6 * torch.where(torch.rand(steps, batch, sources, generator=g) < 0.5, 1.0, -1.0)
     current = torch.cat([source_input, 1.0 - z_exact + margin.double()], dim=-1).float()
+    neuron = LIF(tau=1.0)
     with time_loops(loops):
-        spikes = fast.fast_recurrence(
-            current, weight.requires_grad_(), delay, width, LIF(tau=1.0).p
-        )
+        path = select("axonal", neuron, device="cpu", integer=False, grad=True)
+        spikes = path.run(current, weight.requires_grad_(), delay, width, neuron)
     assert torch.equal(spikes[..., :sources], source_input.float() / 2.0)
     assert torch.equal(spikes[..., sources:], (margin > 0).float())
 
@@ -397,7 +399,8 @@ def test_other_neurons_run_the_reference_path(neuron):
     layer = DelRec(
         5, neuron, delay_init="uniform:0:4", sigma=2.0, generator=torch.Generator().manual_seed(1)
     )
-    assert layer.engine == "auto" and not fast.supports(layer.neuron)
+    assert layer.engine == "auto"
+    assert select("axonal", neuron, device="cpu", integer=False, grad=True).name == "reference"
     current = (torch.rand(15, 2, 5) * 2).requires_grad_()
     spikes = layer(current)
     expected = reference_recurrence(current, layer.weight, layer.kernel(), layer.neuron)
@@ -410,7 +413,8 @@ def test_other_neurons_run_the_reference_path(neuron):
 
 def test_builtin_lif_runs_the_fast_path_by_default():
     layer = DelRec(6, LIF(), sigma=3.0)
-    assert layer.engine == "auto" and set(ENGINES) == {"auto", "fast", "reference"}
+    assert layer.engine == "auto"
+    assert select("axonal", LIF(), device="cpu", integer=False, grad=True).name == "cpp-axonal"
     spikes = layer(torch.rand(10, 2, 6))
     assert type(spikes.grad_fn).__name__ == "_AxonalRecurrenceBackward"
     synaptic_layer = DelRec(6, LIF(), delay_type="synaptic")

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from delrec.delays import kernel_length, spread_width, triangle_kernel
-from delrec.engine import native, reference_recurrence
-from delrec.engine.synaptic import synaptic_recurrence
+from delrec.engine import PATHS, native, reference_recurrence, select
+from delrec.engine.synaptic import cpp_recurrence
 from delrec.neurons import LIF, ATan, Triangle
 
 
@@ -48,7 +48,7 @@ def reference(neuron):
 
 def slots(neuron):
     def run(current, weight, delay, width, mask):
-        return synaptic_recurrence(current, weight, delay, width, neuron.p, mask)
+        return cpp_recurrence(current, weight, delay, width, neuron, mask)
 
     return run
 
@@ -182,13 +182,13 @@ def test_a_wide_batch_and_many_neurons_spanning_every_blocking_of_the_sums(threa
 
 
 def test_a_delay_clamped_at_zero_can_grow():
-    """d = 0, σ = 0: ∂κ(2)/∂d = +1/w² (DESIGN §2.2), so a synapse at the clamp gets a
-    gradient from the spikes two steps back."""
+    """d = 0, σ = 0: ∂κ(2)/∂d = +1/w² (docs/design.md#gradients-at-the-kinks), so a synapse at
+    the clamp gets a gradient from the spikes two steps back."""
     weight = torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)  # neuron 0 → neuron 1
     current = torch.zeros(6, 1, 2, dtype=torch.float64)
     current[1, 0, 0] = 1.0  # neuron 0 fires at t = 1
     delay = torch.zeros(2, 2, dtype=torch.float64, requires_grad=True)
-    spikes = synaptic_recurrence(current, weight, delay, 1.0, LIF(surrogate=ATan(2.0)).p)
+    spikes = cpp_recurrence(current, weight, delay, 1.0, LIF(surrogate=ATan(2.0)))
     (grad,) = torch.autograd.grad(spikes[:, 0, 1].sum(), delay)
     assert spikes[:, 0, 1].nonzero().flatten().tolist() == [2]
     assert grad[1, 0] > 0 and grad.count_nonzero() == 1
@@ -213,12 +213,16 @@ def test_long_float32_sequences_keep_the_float64_trace_accuracy():
         z_exact[k:] += kernel[:, k] * (source_input[:-k] / 2.0)
     margin = 2e-6 * torch.where(torch.rand(steps, batch, sources, generator=g) < 0.5, 1.0, -1.0)
     current = torch.cat([source_input, 1.0 - z_exact + margin.double()], dim=-1).float()
-    spikes = synaptic_recurrence(current, weight.requires_grad_(), delay, width, LIF(tau=1.0).p)
+    spikes = cpp_recurrence(current, weight.requires_grad_(), delay, width, LIF(tau=1.0))
     assert torch.equal(spikes[..., :sources], source_input.float() / 2.0)
     assert torch.equal(spikes[..., sources:], (margin > 0).float())
 
 
-def test_without_the_kernels_it_returns_none_for_the_caller_to_fall_back():
+def test_without_the_kernels_the_selector_picks_the_lag_gemm_and_the_slots_refuse_to_run():
     with mock.patch.dict(os.environ, {"DELREC_NATIVE": "0"}):
         current = torch.rand(5, 2, 3)
-        assert synaptic_recurrence(current, torch.eye(3), torch.ones(3, 3), 2.0, LIF().p) is None
+        assert not PATHS["cpp-synaptic"].available("cpu")
+        path = select("synaptic", LIF(), device="cpu", integer=False, grad=True)
+        assert path.name == "torch-synaptic"
+        with pytest.raises(RuntimeError, match="DELREC_NATIVE=0"):
+            cpp_recurrence(current, torch.eye(3), torch.ones(3, 3), 2.0, LIF())

@@ -1,4 +1,5 @@
-"""Training configuration: presets encode Tables S1–S4 / DESIGN §2.4; overrides; errors."""
+"""Training configuration: presets encode Tables S1–S4 (docs/design.md#training-recipes);
+overrides; errors."""
 
 import json
 from pathlib import Path
@@ -7,11 +8,12 @@ import pytest
 import torch
 
 from delrec.cli import main
+from delrec.config import ConfigError, load_config_file, preset, resolve
 from delrec.data import DATASETS
 from delrec.delays import spread_schedule
 from delrec.layers import DelRec
 from delrec.models import build_network
-from delrec.training.config import PRESETS, ConfigError, load_config_file, preset, resolve
+from delrec.recipes import RECIPES
 from delrec.training.loop import make_optimizers, make_scheduler, parameter_groups, spike_penalty
 
 # task -> (epochs, batch, optimizer, lr, weight decay, weight schedule, position schedule)
@@ -19,13 +21,14 @@ TABLES = {
     "shd": (150, 256, "adamw", 5e-3, 1e-5, "onecycle", "cosine"),  # Table S3
     "ssc": (100, 128, "adam", 1e-3, 1e-5, "onecycle", "onecycle"),  # Table S1
     "psmnist": (200, 256, "adamw", 1e-3, 1e-2, "onecycle", "onecycle"),  # Table S1
-    "mackey-glass": (None, None, "adam", 5e-4, 1e-4, "cosine", "cosine"),  # DESIGN §2.4
+    # docs/design.md#training-recipes
+    "mackey-glass": (None, None, "adam", 5e-4, 1e-4, "cosine", "cosine"),
 }
 SIZES = {"shd": (140, 20), "ssc": (140, 35), "psmnist": (1, 10), "mackey-glass": (1, 1)}
 
 
 def test_one_preset_per_data_set():
-    assert set(PRESETS) == set(DATASETS)
+    assert set(RECIPES) == set(DATASETS)
 
 
 @pytest.mark.parametrize("task", sorted(TABLES))
@@ -215,7 +218,7 @@ def test_shipped_config_files_resolve():
     )
     assert (paper.task, paper.epochs, paper.batch_size) == ("mackey-glass", 100, 512)
     assert paper.optim == preset("mackey-glass").optim
-    assert paper.network["delay_init"] == "uniform:0:20"  # DESIGN §2.4
+    assert paper.network["delay_init"] == "uniform:0:20"  # docs/design.md#the-papers-networks
 
 
 def test_bad_data_value_with_several_seeds_writes_nothing(tmp_path, capsys):

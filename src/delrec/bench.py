@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import datetime
 import gc
 import math
+import os
 import platform
+import shlex
 import statistics
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +39,7 @@ LABELS = {
     "vanilla": "vanilla recurrent LIF",
     "feedforward": "feedforward LIF",
     "ff-delay": "feedforward delays + LIF",
+    "ff-conv": "feedforward delays + LIF (conv)",
 }
 # Work the reference loop and the synaptic engine's fallback (lag-stacked GEMMs, when the C++
 # kernels can't be built) may take per configuration before being skipped:
@@ -67,12 +72,13 @@ class VanillaRecurrentLIF(nn.Module):
 
 
 class FeedforwardLIF(nn.Module):
-    """Feedforward SNN layer: a linear map over all steps, then LIF neurons."""
+    """Feedforward SNN layer: a linear map over all steps (or feedforward delays up to
+    ``delays`` steps, run by ``engine``), then LIF neurons."""
 
-    def __init__(self, size: int, neuron: LIF, delays: int = 0):
+    def __init__(self, size: int, neuron: LIF, delays: int = 0, engine: str = "auto"):
         super().__init__()
         self.synapses = (
-            FeedforwardDelay(size, size, kernel_size=delays + 1)
+            FeedforwardDelay(size, size, kernel_size=delays + 1, engine=engine)
             if delays
             else nn.Linear(size, size)
         )
@@ -114,6 +120,8 @@ def skip_reason(model: str, s: Setting) -> str | None:
                 f"reference loop skipped at {s.describe()}: ~{macs / 1e9:.0f} G multiply-adds "
                 f"and ~{peak / 1e9:.1f} GB peak memory per step"
             )
+    if model == "ff-conv" and 3 * STEPS * s.batch * s.size**2 * (s.max_delay + 1) > MAX_MACS:
+        return f"feedforward-delay convolution skipped at {s.describe()} (K taps per synapse)"
     if model == "fast-synaptic" and 2 * macs > MAX_MACS and native.load("synaptic") is None:
         return (
             f"synaptic engine skipped at {s.describe()}: ~{2 * macs / 1e9:.0f} G multiply-adds "
@@ -137,7 +145,10 @@ def build(model: str, s: Setting, generator: torch.Generator) -> nn.Module:
         )
     if model == "vanilla":
         return VanillaRecurrentLIF(s.size, neuron)
-    return FeedforwardLIF(s.size, neuron, delays=int(s.max_delay) if model == "ff-delay" else 0)
+    if model == "feedforward":
+        return FeedforwardLIF(s.size, neuron)
+    engine = "reference" if model == "ff-conv" else "auto"
+    return FeedforwardLIF(s.size, neuron, delays=int(s.max_delay), engine=engine)
 
 
 # --------------------------------------------------------------------------- measurements
@@ -254,7 +265,17 @@ def grids(quick: bool):
     return size_panel, delay_panel, cost, shd, synaptic
 
 
+def feedforward_grid(quick: bool) -> list[Setting]:
+    """Feedforward delays vs the feedforward LIF layer: N = 256 (and 1024), max delay 10, 120."""
+    return [Setting(n, 32, d, 0) for n in ([256] if quick else [256, 1024]) for d in (10, 120)]
+
+
 def run(args) -> int:
+    if args.device == "cuda":  # the GPU benchmark: delrec.bench_gpu
+        from delrec import bench_gpu
+
+        return bench_gpu.run(args)
+    started, commit = time.perf_counter(), _git_describe()  # the code measured, before any edit
     torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (3 if args.quick else 5)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -296,6 +317,13 @@ def run(args) -> int:
         ),
         ("shd", "SHD setting", [shd], ("reference", "fast"), 1),
         ("synaptic", "Synaptic vs axonal delays", [synaptic], ("fast", "fast-synaptic"), 1),
+        (
+            "feedforward",
+            "Feedforward delays (two taps per synapse) vs feedforward LIF",
+            feedforward_grid(args.quick),
+            ("feedforward", "ff-delay", "ff-conv"),
+            1,
+        ),
     ]
     for panel, title, settings, models, factor in sections:
         factor = 1 if args.quick else factor
@@ -311,16 +339,31 @@ def run(args) -> int:
     log()
     for line in target_checks(rows, cost, shd, synaptic, args.quick):
         log(line)
+    for line in feedforward_checks(rows, feedforward_grid(args.quick)):
+        log(line)
     _write_csv(rows, out / "bench.csv")
     _plot(rows, out / "bench.png")
     (out / "bench.txt").write_text("\n".join(lines) + "\n")
-    log(f"\nwrote {out / 'bench.csv'}, {out / 'bench.png'}, {out / 'bench.txt'}")
+    titles = {panel: title for panel, title, *_ in sections}
+    verdicts = [line for line in lines if line.startswith(("PASS", "FAIL"))]
+    elapsed = time.perf_counter() - started
+    command = _command_line(args)
+    write_markdown(rows, titles, verdicts, out / "bench.md", command, commit, elapsed)
+    log(
+        f"\nwrote {out / 'bench.csv'}, {out / 'bench.png'}, {out / 'bench.txt'}, {out / 'bench.md'}"
+    )
     return 0
 
 
-def _print_rows(rows, log):
+def _baseline(rows):
+    """The row a setting's other rows are compared with: the vanilla layer, else the axonal one,
+    else (feedforward delays) the feedforward LIF layer."""
     by_model = {r["model"]: r for r in rows}
-    base = by_model.get("vanilla") or by_model.get("fast")
+    return by_model.get("vanilla") or by_model.get("fast") or by_model.get("feedforward")
+
+
+def _print_rows(rows, log):
+    base = _baseline(rows)
     for r in rows:
         rss = "   n/a" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:8.1f}"
         rel = (
@@ -351,7 +394,7 @@ def _find(rows, panel, s: Setting, model):
 
 
 def target_checks(rows, cost, shd, synaptic, quick) -> list[str]:
-    """PASS/FAIL lines for the targets of issue 3, each with its measured ratio."""
+    """PASS/FAIL lines for the engine's targets (docs/engine.md#delrec-bench), with the ratios."""
     lines = [
         "Targets"
         + (
@@ -422,6 +465,38 @@ def target_checks(rows, cost, shd, synaptic, quick) -> list[str]:
     return lines
 
 
+def feedforward_checks(rows, settings) -> list[str]:
+    """PASS/FAIL lines for the targets of issue 18: feedforward delays + LIF within 2x the
+    feedforward LIF layer in time and in saved memory, the saved memory flat in the window."""
+    lines = []
+    for s in settings:
+        d, f = (
+            _find(rows, "feedforward", s, "ff-delay"),
+            _find(rows, "feedforward", s, "feedforward"),
+        )
+        t, m = d["time_ms"] / f["time_ms"], d["saved_mb"] / f["saved_mb"]
+        lines.append(
+            f"{'PASS' if t <= 2 else 'FAIL'}  feedforward delays {s.describe()}: time ×{t:.2f} "
+            "the feedforward LIF layer (target ≤ 2)"
+        )
+        lines.append(
+            f"{'PASS' if m <= 2 else 'FAIL'}  feedforward delays {s.describe()}: saved memory "
+            f"×{m:.2f} the feedforward LIF layer (target ≤ 2)"
+        )
+    for size in sorted({s.size for s in settings}):
+        saved = [
+            _find(rows, "feedforward", s, "ff-delay")["saved_mb"]
+            for s in settings
+            if s.size == size
+        ]
+        flat = max(saved) == min(saved)
+        lines.append(
+            f"{'PASS' if flat else 'FAIL'}  feedforward delays N={size}: saved memory "
+            f"{'flat' if flat else 'NOT flat'} in the window ({min(saved):.1f}…{max(saved):.1f} MB)"
+        )
+    return lines
+
+
 def _ratio(rows, max_delay):
     ref = next((r for r in rows if r["max_delay"] == max_delay and r["model"] == "reference"), None)
     fst = next((r for r in rows if r["max_delay"] == max_delay and r["model"] == "fast"), None)
@@ -488,6 +563,105 @@ def _plot(rows, path: Path) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- the markdown report
+def _command_line(args) -> str:
+    """The ``delrec bench`` command that reruns this measurement, every option spelled out."""
+    words = ["delrec", "bench"]
+    for key, value in vars(args).items():
+        if key == "command" or callable(value) or value is None or value is False:
+            continue
+        if key == "device" and value == "cpu":  # the default: this benchmark
+            continue
+        words.append("--" + key.replace("_", "-"))
+        if value is not True:
+            words.append(shlex.quote(str(value)))
+    return " ".join(words)
+
+
+def _git_describe() -> str:
+    """``git describe`` of the source tree this module runs from, or why there is none."""
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git not available)"
+    return done.stdout.strip() if done.returncode == 0 else "unknown (not a git checkout)"
+
+
+def write_markdown(
+    rows, titles, verdicts, path: Path, command: str, commit: str, elapsed_s: float
+) -> None:
+    """``bench.md``: how the figures were made (command, commit, date, machine), the target
+    verdicts and one table per section (``titles``: panel -> heading), times and saved bytes
+    also as ratios to the section's baseline (:func:`_baseline`)."""
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = [
+        "# `delrec bench` results",
+        "",
+        "Generated by the command below; do not edit by hand, rerun it to refresh "
+        "(`bench.csv`, `bench.png`, `bench.txt` come from the same run).",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| command | `{command}` |",
+        f"| commit | `{commit}` |",
+        f"| date | {when} |",
+        f"| CPU | {_cpu_name()} ({platform.machine()}), {os.cpu_count()} logical cores |",
+        f"| threads | {torch.get_num_threads()} torch thread(s) |",
+        f"| software | torch {torch.__version__}, Python {platform.python_version()}, "
+        f"{platform.system()} |",
+        f"| run time | {elapsed_s / 60:.1f} min |",
+        "",
+        f"One training step = forward + backward of one layer over T = {STEPS} steps with a "
+        "fixed random loss; time is the median over the repeats, the models of a setting run "
+        "in turn. Saved = bytes autograd keeps for backward; peak RSS = rise of the process's "
+        "resident high-water mark during a step.",
+        "",
+        "![delrec bench](bench.png)",
+        "",
+        "## Targets",
+        "",
+        *(f"- {line}" for line in verdicts),
+    ]
+    for panel, title in titles.items():
+        section = [r for r in rows if r["panel"] == panel]
+        if not section:
+            continue
+        out += [
+            "",
+            f"## {title}",
+            "",
+            "| setting | model | time (ms) | saved (MB) | peak RSS (MB) | time ratio "
+            "| saved ratio |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        settings = {}
+        for r in section:
+            key = (r["size"], r["batch"], r["min_delay"], r["max_delay"], r["sigma"])
+            settings.setdefault(key, []).append(r)
+        for (n, b, lo, hi, sigma), group in settings.items():
+            base = _baseline(group)
+            for r in group:
+                rss = "n/a" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.1f}"
+                if base is not None and r is not base:
+                    ratios = (
+                        f"×{r['time_ms'] / base['time_ms']:.2f} | "
+                        f"×{r['saved_mb'] / base['saved_mb']:.2f}"
+                    )
+                else:
+                    ratios = "baseline | baseline" if r is base else " | "
+                out.append(
+                    f"| N={n} B={b} d~U({lo:g},{hi:g}) σ={sigma:g} | {LABELS[r['model']]} | "
+                    f"{r['time_ms']:.1f} | {r['saved_mb']:.2f} | {rss} | {ratios} |"
+                )
+    path.write_text("\n".join(out) + "\n")
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -497,34 +671,3 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "bench",
-        help="time and memory of the recurrent-delay layer vs baselines (Fig. S1)",
-        description="Reproduce the four panels of Fig. S1 (time per training step and memory "
-        "vs hidden size and vs maximum delay) on this machine, print the ratios and the "
-        "targets, and write bench.csv, bench.png and bench.txt.",
-    )
-    p.add_argument("--quick", action="store_true", help="small grid, under a minute")
-    p.add_argument("--out", default="bench-out", help="output directory (default: bench-out/)")
-    p.add_argument(
-        "--repeats",
-        type=int,
-        default=None,
-        help="timed repeats per model, median kept (default 3 with --quick, else 5)",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (default 1: reproducible, and no spinning threads on a shared machine)",
-    )
-    p.add_argument(
-        "--clock",
-        choices=("wall", "cpu"),
-        default="wall",
-        help="wall-clock time, or this process's CPU time (steadier on a shared machine)",
-    )
-    p.set_defaults(run=run)

@@ -1,4 +1,4 @@
-"""Delay kernels, spread schedule, initialisations and rounding (DESIGN §2.2).
+"""Delay kernels, spread schedule, initialisations and rounding (docs/design.md#the-delay-kernel).
 
 A spike emitted at step ``t`` arrives ``1 + d`` steps later. A real-valued delay is made
 differentiable by spreading the spike over the integer lags ``k`` around ``c = 1 + d`` with a
@@ -37,8 +37,8 @@ def triangle_kernel(delay: Tensor, width: Tensor | float, length: int) -> Tensor
 
     ``delay`` (any shape, steps) and ``width`` (broadcastable to it) give the centre ``1 + d``
     and half-width of each triangle; lag 0 is zeroed. Written so that autograd gives the
-    reference convention at the kinks (DESIGN §2.2): ``|x|' = 0`` at 0 and the clamp lets the
-    gradient through where its input is exactly 0.
+    reference convention at the kinks (docs/design.md#gradients-at-the-kinks): ``|x|' = 0`` at 0
+    and the clamp lets the gradient through where its input is exactly 0.
     """
     width = torch.as_tensor(width, dtype=delay.dtype, device=delay.device)
     lags = torch.arange(length, dtype=delay.dtype, device=delay.device)
@@ -46,6 +46,17 @@ def triangle_kernel(delay: Tensor, width: Tensor | float, length: int) -> Tensor
     w = width.unsqueeze(-1) if width.dim() > 0 else width
     kernel = (w - (lags - centre).abs()).clamp(min=0) / w**2
     return kernel * (lags > 0)
+
+
+def recurrent_kernel(delay: Tensor, width: Tensor | float) -> Tensor:
+    """Kernel ``κ`` of a recurrent layer over the lags ``0 … L-1`` that cover every triangle:
+    ``(N, L)`` for delays ``(N,)`` (axonal, shared), ``(N, N, L)`` for delays ``(N, N)``
+    (synaptic); ``width`` is a number or ``(N,)``, one per presynaptic neuron."""
+    max_width = float(torch.as_tensor(width).detach().max())
+    length = kernel_length(float(delay.detach().max()), max_width)
+    if delay.dim() == 2 and torch.is_tensor(width):
+        width = width.expand(delay.shape)  # spread is per presynaptic neuron (column)
+    return triangle_kernel(delay, width, length)
 
 
 def spread_schedule(epoch: int, epochs: int, sigma0: float = 10.0, gamma: float = 0.95) -> float:

@@ -1,4 +1,4 @@
-"""Spiking neuron models and surrogate gradients (DESIGN §2.1).
+"""Spiking neuron models and surrogate gradients (docs/design.md#neuron-models).
 
 Two layers of API, in the style of Norse:
 

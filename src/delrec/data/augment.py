@@ -1,6 +1,6 @@
-"""SHD augmentation (DESIGN §2.4): each training sample is presented three times per epoch —
-as it is, with a random temporal shift of every channel, and blended with another sample of
-its class.
+"""SHD augmentation (docs/design.md#shd-augmentation): each training sample is presented
+three times per epoch — as it is, with a random temporal shift of every channel, and blended
+with another sample of its class.
 
 - shift: each input channel is moved in time by its own integer offset drawn uniformly from
   ``-max_shift…max_shift`` bins; spikes moved outside ``0…T-1`` are dropped (T unchanged).

@@ -1,4 +1,5 @@
-"""Mackey-Glass chaotic series forecasting, generated in memory (DESIGN §2.4).
+"""Mackey-Glass chaotic series forecasting, generated in memory
+(docs/design.md#mackey-glass-forecasting).
 
     dx/dt = beta * x(t - tau) / (1 + x(t - tau)^n) - gamma * x(t)
 

@@ -2,8 +2,9 @@
 
 A :class:`StreamingNetwork` is what a neuromorphic chip runs: every delay is an integer
 number of steps, every synaptic projection reads its input from a ring buffer of the last
-``max_lag + 1`` input vectors, batch norm is folded into the weights and dropout is gone.
-It reproduces ``net.eval()`` on the whole sequence (DESIGN §2.2, integer-delay mode) spike
+``max_lag + 1`` input vectors (:class:`delrec.engine.ring.DelayedSynapses`, which the layer's
+integer-delay inference runs on too), batch norm is folded into the weights and dropout is gone.
+It reproduces ``net.eval()`` on the whole sequence (docs/design.md#integer-delay-mode) spike
 for spike, and it is also what :func:`delrec.deploy.import_nir` builds from a NIR file.
 
 Conventions (time in steps):
@@ -20,79 +21,12 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from delrec.delays import integer_delays
+from delrec.engine.ring import DelayedSynapses
 from delrec.layers import DelRec, FeedforwardDelay
 from delrec.neurons import LeakyIntegrator, as_neuron, leaky_integrator_step
-
-
-class DelayedSynapses(nn.Module):
-    """Dense synapses with one integer delay per synapse, fed through a ring buffer.
-
-    ``weight`` ``(O, I)`` (row = postsynaptic), ``lags`` ``(O, I)`` integer steps ≥ 0,
-    ``bias`` ``(O,)`` or ``None``. The ring buffer of a stream is ``(B, I, max_lag + 1)``: slot
-    ``t mod (max_lag + 1)`` holds the input of step ``t``.
-    """
-
-    def __init__(self, weight: Tensor, lags: Tensor, bias: Tensor | None = None):
-        super().__init__()
-        if weight.dim() != 2 or lags.shape != weight.shape:
-            raise ValueError(
-                f"weight and lags must both be (O, I), got {tuple(weight.shape)} "
-                f"and {tuple(lags.shape)}"
-            )
-        if bias is not None and bias.shape != weight.shape[:1]:
-            raise ValueError(f"bias must be (O,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
-        lags = lags.to(torch.long)
-        if (lags < 0).any():
-            raise ValueError("synaptic lags must be >= 0 steps")
-        self.register_buffer("weight", weight.detach().clone())
-        self.register_buffer("lags", lags.clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.max_lag = int(lags.max()) if lags.numel() else 0
-        # one lag per presynaptic neuron (axonal delays, or none): one gather and one GEMM
-        uniform_columns = bool((lags == lags[:1]).all()) if lags.numel() else True
-        self.register_buffer("column_lags", lags[0].clone() if uniform_columns else None)
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
-    def new_buffer(self, batch_size: int) -> Tensor:
-        """An empty (all-zero history) ring buffer ``(B, I, max_lag + 1)``."""
-        return self.weight.new_zeros(batch_size, self.in_features, self.max_lag + 1)
-
-    def write(self, buffer: Tensor, t: int, x: Tensor) -> None:
-        """Store the input ``x`` ``(B, I)`` of step ``t`` in ``buffer`` (in place)."""
-        buffer[:, :, t % buffer.shape[-1]] = x
-
-    def read(self, buffer: Tensor, t: int) -> Tensor:
-        """``Σ_j W_ij x_j[t - lag_ij] + b_i`` from the buffer, ``(B, O)``."""
-        slots = (
-            t - (self.column_lags if self.column_lags is not None else self.lags)
-        ) % buffer.shape[-1]
-        if self.column_lags is not None:
-            delayed = buffer[
-                :, torch.arange(self.in_features, device=buffer.device), slots
-            ]  # (B, I)
-            return F.linear(delayed, self.weight, self.bias)
-        columns = torch.arange(self.in_features, device=buffer.device).expand_as(slots)
-        delayed = buffer[:, columns, slots]  # (B, O, I)
-        out = (delayed * self.weight).sum(-1)
-        return out if self.bias is None else out + self.bias
-
-    def extra_repr(self) -> str:
-        kind = "per-presynaptic-neuron" if self.column_lags is not None else "per-synapse"
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"max_lag={self.max_lag}, lags={kind}, bias={self.bias is not None}"
-        )
 
 
 class StreamingLayer(nn.Module):
@@ -123,9 +57,10 @@ class StreamState:
     """Everything a stream remembers between steps (tensors are updated in place).
 
     ``t``: steps consumed so far. ``input_buffers[l]``: ring of layer ``l``'s input
-    ``(B, I_l, L)``; ``recurrent_buffers[l]``: ring of its own spikes or ``None``;
-    ``neuron_states[l]``: the neuron state tuple; ``readout_buffer``: ring of the readout's input;
-    ``readout_membrane``: ``(B, K)`` or ``None``; ``spikes[l]``: the latest spikes ``(B, N_l)``.
+    (:meth:`DelayedSynapses.new_buffer`); ``recurrent_buffers[l]``: ring of its own spikes or
+    ``None``; ``neuron_states[l]``: the neuron state tuple; ``readout_buffer``: ring of the
+    readout's input; ``readout_membrane``: ``(B, K)`` or ``None``; ``spikes[l]``: the latest
+    spikes ``(B, N_l)``.
     """
 
     t: int

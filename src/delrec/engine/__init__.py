@@ -1,5 +1,197 @@
-"""Execution engines of the recurrent-delay layer: the reference loop and the fast paths."""
+"""Execution engines of the recurrent-delay layer, and the one place that chooses between them.
 
-from delrec.engine.reference import reference_recurrence
+An engine *path* runs the whole recurrence of a layer over a sequence::
 
-__all__ = ["reference_recurrence"]
+    path.run(current (T, B, N), weight (N, N), delay (N,) or (N, N), width float or (N,),
+             neuron, mask (B, N) or None) -> spikes (T, B, N)
+
+(row of ``weight`` = postsynaptic neuron; delays and half-width in steps, one width per
+presynaptic neuron; ``mask``: recurrent dropout fixed over time). :data:`PATHS` holds every
+path by name, in order of preference; :func:`select` returns the one that runs a layer's
+configuration here, and the layer runs it. Nothing falls back at run time.
+
+===================  ==============================================================================
+``triton-ring``      integer-delay inference, built-in LIF, Triton kernels (CUDA)
+``ring``             integer-delay inference (eval mode, no autograd), built-in LIF, any device
+``cpp-axonal``       axonal/shared delays, built-in LIF, C++ time loops (CPU)
+``cpp-synaptic``     synaptic delays, built-in LIF, C++ slot traces (CPU)
+``triton-axonal``    axonal/shared delays, built-in LIF, Triton kernels (CUDA)
+``triton-synaptic``  synaptic delays, built-in LIF, lag-stacked Triton kernels (CUDA)
+``torch-axonal``     axonal/shared delays, built-in LIF, PyTorch ops (any device)
+``torch-synaptic``   synaptic delays, built-in LIF, lag-stacked GEMM in PyTorch ops (any device)
+``reference``        every delay type and neuron, autograd of the buffer loop (any device)
+===================  ==============================================================================
+
+To add a path, write its ``run`` function with the signature above and call
+:func:`register` (before the paths it should be preferred to). To force one in a test or a
+benchmark, run ``PATHS[name].run(...)`` after checking ``supports``/``available``, or build the
+layer with ``DelRec(..., engine=name)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from delrec.engine import axonal, native, ring, synaptic
+from delrec.engine import triton as gpu
+from delrec.engine.lif import is_builtin_lif
+from delrec.engine.reference import reference_recurrence, triangle_recurrence
+
+DELAY_TYPES = ("axonal", "synaptic", "shared")
+MODES = ("auto", "fast")  # a layer's engine option: one of these or a path name
+
+
+def _anywhere(device: torch.device) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class EnginePath:
+    """One way to run the recurrence (module docstring).
+
+    ``delay_types``: the delay types it runs; ``lif_only``: only the built-in
+    :class:`~delrec.neurons.LIF`; ``grad``: differentiable; ``integer_only``: only integer-delay
+    inference without autograd; ``runs_on(device)``: whether it can run on that device here
+    (the C++ kernels built, a GPU library importable); it warns once itself when it should
+    (``delrec.engine.native.load`` does for the C++ kernels).
+    """
+
+    name: str
+    run: Callable[..., Tensor]
+    delay_types: tuple[str, ...] = DELAY_TYPES
+    lif_only: bool = True
+    grad: bool = True
+    integer_only: bool = False
+    runs_on: Callable[[torch.device], bool] = _anywhere
+
+    def supports(self, delay_type: str, neuron: nn.Module, integer: bool, grad: bool) -> bool:
+        """True if this path computes the configuration: its delay type, neuron, whether the
+        delays are integers with σ = 0 (eval mode) and whether autograd is needed."""
+        return (
+            delay_type in self.delay_types
+            and (is_builtin_lif(neuron) or not self.lif_only)
+            and (self.grad or not grad)
+            and (integer and not grad or not self.integer_only)
+        )
+
+    def available(self, device: torch.device | str) -> bool:
+        """True if this path can run on ``device`` here."""
+        return self.runs_on(torch.device(device))
+
+
+def _cpu_kernels(name: str) -> Callable[[torch.device], bool]:
+    def runs_on(device: torch.device) -> bool:
+        return device.type == "cpu" and native.load(name) is not None
+
+    return runs_on
+
+
+PATHS: dict[str, EnginePath] = {
+    path.name: path
+    for path in (
+        EnginePath(
+            "triton-ring", gpu.ring_recurrence, grad=False, integer_only=True, runs_on=gpu.runs_on
+        ),
+        EnginePath("ring", ring.ring_recurrence, grad=False, integer_only=True),
+        EnginePath(
+            "cpp-axonal",
+            axonal.cpp_recurrence,
+            ("axonal", "shared"),
+            runs_on=_cpu_kernels("axonal"),
+        ),
+        EnginePath(
+            "cpp-synaptic", synaptic.cpp_recurrence, ("synaptic",), runs_on=_cpu_kernels("synaptic")
+        ),
+        EnginePath(
+            "triton-axonal", gpu.axonal_recurrence, ("axonal", "shared"), runs_on=gpu.runs_on
+        ),
+        EnginePath("triton-synaptic", gpu.synaptic_recurrence, ("synaptic",), runs_on=gpu.runs_on),
+        EnginePath("torch-axonal", axonal.torch_recurrence, ("axonal", "shared")),
+        EnginePath("torch-synaptic", synaptic.torch_recurrence, ("synaptic",)),
+        EnginePath("reference", triangle_recurrence, lif_only=False),
+    )
+}
+
+
+def register(path: EnginePath, before: str | None = None) -> None:
+    """Add ``path`` to :data:`PATHS`, preferred to the path named ``before`` and those after it
+    (default: last, after ``reference``)."""
+    if path.name in PATHS or path.name in MODES:
+        raise ValueError(f"an engine path named {path.name!r} exists already")
+    names = list(PATHS)
+    if before is not None and before not in PATHS:
+        raise ValueError(f"no engine path named {before!r} to insert before; paths: {names}")
+    entries = list(PATHS.items())
+    entries.insert(len(names) if before is None else names.index(before), (path.name, path))
+    PATHS.clear()
+    PATHS.update(entries)
+
+
+def check_engine(engine: str, neuron: nn.Module) -> None:
+    """Raises if ``engine`` is neither a mode (``"auto"``, ``"fast"``) nor a path name, or if it
+    is ``"fast"`` and ``neuron`` is not the built-in LIF."""
+    if engine not in MODES and engine not in PATHS:
+        raise ValueError(f"engine must be one of {(*MODES, *PATHS)}, got {engine!r}")
+    if engine == "fast" and not is_builtin_lif(neuron):
+        raise ValueError(
+            f"engine='fast' runs only the built-in LIF neuron, not {type(neuron).__name__}; "
+            "use engine='auto' or 'reference'"
+        )
+
+
+def select(
+    delay_type: str,
+    neuron: nn.Module,
+    *,
+    device: torch.device | str,
+    integer: bool,
+    grad: bool,
+    engine: str = "auto",
+) -> EnginePath:
+    """The one path that runs this configuration on ``device``.
+
+    ``delay_type``: ``"axonal"``, ``"shared"`` or ``"synaptic"``; ``neuron``: the layer's neuron
+    module; ``integer``: integer-delay inference (eval mode: delays rounded, σ = 0); ``grad``:
+    autograd needed; ``engine``: the layer's option: ``"auto"`` (the first path of
+    :data:`PATHS` that supports the configuration and is available: for the built-in LIF a
+    fast path, for any other neuron ``"reference"``), ``"fast"`` (the same, but the built-in
+    LIF is required) or a path name such as ``"reference"`` (that path, or an error saying why
+    it can't run).
+    """
+    if delay_type not in DELAY_TYPES:
+        raise ValueError(f"delay_type must be one of {DELAY_TYPES}, got {delay_type!r}")
+    if engine in PATHS:
+        path = PATHS[engine]
+        if not path.supports(delay_type, neuron, integer, grad):
+            raise ValueError(
+                f"engine path {engine!r} does not run {delay_type} delays with "
+                f"{type(neuron).__name__}{' in integer-delay eval' if integer else ''}"
+                f"{' with autograd' if grad else ''}; use engine='auto'"
+            )
+        if not path.available(device):
+            raise RuntimeError(
+                f"engine path {engine!r} is not available on {torch.device(device)} here; "
+                "use engine='auto'"
+            )
+        return path
+    check_engine(engine, neuron)
+    for path in PATHS.values():
+        if path.supports(delay_type, neuron, integer, grad) and path.available(device):
+            return path
+    raise RuntimeError(f"no engine path runs {delay_type} delays on {torch.device(device)}")
+
+
+__all__ = [
+    "DELAY_TYPES",
+    "MODES",
+    "PATHS",
+    "EnginePath",
+    "check_engine",
+    "reference_recurrence",
+    "register",
+    "select",
+]

@@ -1,12 +1,12 @@
-"""The engine's C++ kernels (``engine/csrc/*.cpp``), compiled on first use.
+"""The engine's C++ kernels (``engine/csrc/*.cpp``, sharing ``csrc/*.h``), compiled on first use.
 
-The per-step elementwise work of the fast engine (tap reads, the float64 trace recursion, the
-neuron update and its adjoint) is fused into C++ loops that run the whole time loop, calling
+The per-step elementwise work of the C++ engine paths (tap reads, the float64 trace recursion,
+the neuron update and its adjoint) is fused into C++ loops that run the whole time loop, calling
 ATen's GEMM each step. They are built with ``torch.utils.cpp_extension.load`` the first time
 they are needed (about a minute; needs a C++ compiler and ``ninja``, a dependency of the
 package) and cached per torch version and CPU in ``$DELREC_CACHE`` (default
 ``~/.cache/delrec``). When they cannot be built, :func:`load` returns ``None`` after one
-warning that says why, and the engine runs its PyTorch-op version (same results, slower).
+warning that says why, and the engine selector picks a PyTorch-op path (same results, slower).
 ``DELREC_NATIVE=0`` turns them off.
 """
 
@@ -35,8 +35,8 @@ def enabled() -> bool:
 
 
 def _build_directory(name: str) -> Path:
-    """One build folder per kernel source, compiler flags, torch version and CPU model
-    (``-march=native``)."""
+    """One build folder per kernel source (with the shared headers), compiler flags, torch
+    version and CPU model (``-march=native``)."""
     cpu = platform.processor() or platform.machine()
     try:
         cpu += next(
@@ -46,7 +46,8 @@ def _build_directory(name: str) -> Path:
         )
     except (OSError, StopIteration):
         pass
-    source = (SOURCES / f"{name}.cpp").read_bytes()
+    headers = sorted(SOURCES.glob("*.h"))
+    source = b"".join(path.read_bytes() for path in [SOURCES / f"{name}.cpp", *headers])
     stamp = " ".join([torch.__version__, *CFLAGS, cpu]).encode()
     key = hashlib.sha256(source + stamp).hexdigest()[:16]
     root = Path(os.environ.get("DELREC_CACHE", Path.home() / ".cache" / "delrec"))
@@ -96,6 +97,15 @@ def build(name: str) -> ModuleType:
     )
 
 
+def unavailable(name: str) -> str:
+    """Why the C++ kernels ``name`` can't run, and what to do."""
+    why = "DELREC_NATIVE=0" if not enabled() else "they could not be built: see the warning"
+    return (
+        f"delrec: the C++ kernels '{name}' are not available here ({why}); choose another "
+        "engine path (delrec.engine.select picks one that runs here)"
+    )
+
+
 def load(name: str) -> ModuleType | None:
     """The compiled kernel module ``name``, or ``None`` if ``DELREC_NATIVE=0`` or (with one
     warning) if it can't be built."""
@@ -110,7 +120,7 @@ def _built_or_warned(name: str) -> ModuleType | None:
         first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         warnings.warn(
             f"delrec: the C++ kernels '{name}' could not be built or loaded "
-            f"({first}); the fast engine runs its slower PyTorch-op version. Install "
+            f"({first}); the engine runs its slower PyTorch-op path. Install "
             f"a C++ compiler and ninja, or delete {_build_directory(name)} to rebuild "
             "a damaged build, or set DELREC_NATIVE=0 to silence this.",
             RuntimeWarning,

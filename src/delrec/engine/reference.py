@@ -3,7 +3,7 @@
 Obviously correct and slow on purpose: every fast path is tested against it. At each step
 the spikes just emitted are spread over their lags by the kernel, weighted, and added to a
 buffer of future recurrent input, so work is O(B·N²·L) per step and autograd keeps a
-``(B, N, L)`` tensor per step (DESIGN §4).
+``(B, N, L)`` tensor per step (docs/design.md#the-reference-loop).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from delrec.delays import recurrent_kernel
 
 
 def reference_recurrence(
@@ -41,3 +43,16 @@ def reference_recurrence(
             arriving = torch.einsum("ij,bjl->bil", weight, s_t.unsqueeze(-1) * kernel)
         future = F.pad((future + arriving)[..., 1:], (0, 1))
     return torch.stack(spikes)
+
+
+def triangle_recurrence(
+    current: Tensor,
+    weight: Tensor,
+    delay: Tensor,
+    width: Tensor | float,
+    neuron: nn.Module,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Path ``reference``: :func:`reference_recurrence` with the triangle kernel of ``delay``
+    (``(N,)`` or ``(N, N)``, steps) and half-width ``width`` (a number or ``(N,)``), any neuron."""
+    return reference_recurrence(current, weight, recurrent_kernel(delay, width), neuron, mask)

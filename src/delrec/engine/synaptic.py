@@ -36,9 +36,12 @@ rings of each pass hold ``O(N·classes·levels·B)`` values, bounded by the dela
 ``T·L``.
 
 Time loops are in C++ (``csrc/synaptic.cpp``, built by :mod:`~delrec.engine.native`, run on
-``torch.get_num_threads()`` threads); without a compiler :func:`synaptic_recurrence` returns
-``None`` and the caller keeps the lag-GEMM engine. Units: steps; sequences are time-major
-``(T, B, N)``.
+``torch.get_num_threads()`` threads): path ``cpp-synaptic``, :func:`cpp_recurrence`. Path
+``torch-synaptic`` (:func:`torch_recurrence`, PyTorch ops, any device) computes the recurrent
+input as one GEMM of the window of past spikes (the lags inside some kernel's support) with the
+lag-stacked weighted kernel: O(B·N²·lags) per step, no per-step activation storage; the kernel
+gradient is one GEMM per lag after the loop, and autograd of ``triangle_kernel`` carries it to
+``W``, ``d`` and the spread. Units: steps; sequences are time-major ``(T, B, N)``.
 """
 
 from __future__ import annotations
@@ -46,11 +49,11 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from delrec.delays import triangle_kernel
 from delrec.engine import native
-from delrec.engine.fast import _LIF, _width_vector
-from delrec.neurons import ATan, LIFParameters, Triangle
+from delrec.engine.lif import LIFMap, triangle_taps, width_vector
 
 
 class _SlotPlan:
@@ -61,7 +64,8 @@ class _SlotPlan:
     ``class_start (N+1,)``): its slots (``slot_start (C+1,)``, ``slot_level (S,)``), its levels
     ``(m_a, m_b, m_top)`` (``levels (C, 3)``: entry, top chain stage, highest), the taps of its
     entry recursion at the centre ``entry`` (the least centre at level ``m_a``): triangle
-    ``z_lags (C, 3)``, ``z_coef (C, 6)`` (increments of z and of its slope), ε-boxes
+    ``z_lags (C, 3)``, ``z_coef (C, 6)`` (increments of z and of its slope,
+    :func:`delrec.engine.lif.triangle_taps`), ε-boxes
     ``e_lags (C, 4)`` = ``(lo, e+1, f, hi+1)`` with signs ``(-, +, +, -)``, closed support
     ``support (C, 2)``, and its chain stages (``chain_start (C+1,)``, ``chain (stages, 3)``: the
     lag-0 values ``(a, e, χ)`` of the level below each stage). Per slot its members
@@ -92,7 +96,8 @@ class _SlotPlan:
         self.inv_w2 = 1.0 / (w * w)
         self.offset = offset  # (c - G_p - m)/w², (N, N)
         owner = torch.repeat_interleave(torch.arange(n), self.class_start.diff())
-        self.z_lags, self.z_coef = _triangle_taps(entry, w[owner])
+        self.z_lags, increments = triangle_taps(entry, w[owner])
+        self.z_coef = increments.view(-1, 6)
         lo, hi, rises, falls = entry_pattern.unbind(1)
         self.e_lags = torch.stack([lo, rises + 1, falls, hi + 1], 1).contiguous()
         self.support = torch.stack([lo, hi], 1).contiguous()
@@ -129,26 +134,11 @@ class _SlotPlan:
         return tensors, self.depth, self.lowest
 
 
-def _triangle_taps(centre: Tensor, width: Tensor) -> tuple[Tensor, Tensor]:
-    """Lags ``(S, 3)`` and increments ``(S, 6)`` (γ/w², then δ/w² = (1, -2, 1)/w²) of the
-    three-tap recursion of a triangle trace (:class:`delrec.engine.fast._AxonalPlan`)."""
-    b1 = centre.floor().clamp(min=0)
-    a1 = (centre - width).ceil().clamp(min=1)
-    b2 = torch.maximum((centre + width).floor(), b1)
-    inv_w2 = 1.0 / (width * width)
-    alpha_r, alpha_f = width - centre + a1, width + centre - b2
-    middle = alpha_f - alpha_r + (b2 - b1) - (b1 - a1 + 1) - 1
-    gamma = torch.stack([alpha_r, middle, 1 - alpha_f], 1)
-    second = centre.new_tensor([1.0, -2.0, 1.0]).expand(centre.shape[0], 3)
-    coef = torch.cat([gamma, second], 1) * inv_w2.unsqueeze(1)
-    return torch.stack([a1, b1 + 1, b2 + 1], 1).long().contiguous(), coef.contiguous()
-
-
 class _SynapticSlots(torch.autograd.Function):
     """Spikes ``(T, B, N)`` of a LIF layer with per-synapse delays, by slot traces (module doc)."""
 
     @staticmethod
-    def forward(ctx, current, weight, delay, width, mask, lif: _LIF, kernels):
+    def forward(ctx, current, weight, delay, width, mask, lif: LIFMap, kernels):
         steps, batch, n = current.shape
         plan = _SlotPlan(delay, width, kernels)
         a, b = plan.coefficients(weight, lif.gain)
@@ -179,18 +169,18 @@ class _SynapticSlots(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_spikes):
         history, membrane, weight, mask = ctx.saved_tensors
-        lif: _LIF = ctx.lif
+        lif: LIFMap = ctx.lif
         plan: _SlotPlan = ctx.plan
         p = lif.p
         steps, batch, n = membrane.shape
         need_c, need_w, need_d, need_s = ctx.needs_input_grad[:4]
         a, b = map(plan.by_slot, plan.coefficients(weight, lif.gain))
-        surrogate = {Triangle: (1, "gamma"), ATan: (2, "alpha")}.get(type(p.surrogate))
-        if surrogate is None:  # any other surrogate: ψ' precomputed by its own code
-            code, param = 0, 0.0
-            psi = p.surrogate.derivative(membrane - p.v_threshold).contiguous()
-        else:
-            code, param, psi = surrogate[0], getattr(p.surrogate, surrogate[1]), membrane[:0]
+        code, param = lif.native_surrogate()  # 0: any other surrogate, ψ' precomputed here
+        psi = (
+            p.surrogate.derivative(membrane - p.v_threshold).contiguous()
+            if code == 0
+            else membrane[:0]
+        )
         # P[m] = spikes before step m, (N, T+1, B): closed-support counts K_s for the spread
         counts = history.cumsum(1, dtype=torch.int32) if need_s else None
         grad_h = torch.empty(steps, batch, n, dtype=membrane.dtype)
@@ -239,24 +229,118 @@ class _SynapticSlots(torch.autograd.Function):
         return grad_current, grad_weight, grad_delay, grad_width, None, None, None
 
 
-def synaptic_recurrence(
+def cpp_recurrence(
     current: Tensor,
     weight: Tensor,
     delay: Tensor,
     width: Tensor | float,
-    params: LIFParameters,
+    neuron: nn.Module,
     mask: Tensor | None = None,
-) -> Tensor | None:
-    """Spikes ``(T, B, N)`` of a recurrent LIF layer with per-synapse delays ``(N, N)``.
+) -> Tensor:
+    """Path ``cpp-synaptic``: spikes ``(T, B, N)`` of a recurrent LIF layer with per-synapse
+    delays ``(N, N)``, by shifted reads of class rings in C++ (CPU tensors).
 
-    Same contract as :func:`delrec.engine.fast.fast_recurrence` for 2-D delays (current
-    ``(T, B, N)``, weight ``(N, N)`` row = postsynaptic, width a number or ``(N,)`` per
-    presynaptic neuron, mask ``(B, N)`` or None), differentiable in current, weight, delay and
-    width; same spikes and gradients as the reference with ``triangle_kernel``. Returns ``None``
-    when it can't run here (the C++ kernels can't be built, or tensors off the CPU).
+    current ``(T, B, N)``, weight ``(N, N)`` row = postsynaptic, width a number or ``(N,)`` per
+    presynaptic neuron, neuron the built-in :class:`~delrec.neurons.LIF`, mask ``(B, N)`` or
+    None; differentiable in current, weight, delay and width; same spikes and gradients as the
+    reference with ``triangle_kernel``.
     """
-    kernels = native.load("synaptic") if current.device.type == "cpu" else None
+    kernels = native.load("synaptic")
     if kernels is None:
-        return None
-    width = _width_vector(width, delay, weight.shape[0])
-    return _SynapticSlots.apply(current, weight, delay, width, mask, _LIF.of(params), kernels)
+        raise RuntimeError(native.unavailable("synaptic"))
+    width = width_vector(width, delay, weight.shape[0])
+    return _SynapticSlots.apply(current, weight, delay, width, mask, LIFMap.of(neuron.p), kernels)
+
+
+# --------------------------------------------------------------------------- lag-GEMM (PyTorch ops)
+class _SynapticRecurrence(torch.autograd.Function):
+    """Spikes of a LIF layer with per-synapse delays, from the lag-stacked weighted kernel.
+
+    ``kernel[i, j, l]`` is ``W_ij κ_ij(kmin + l)`` for the lags ``kmin … kmin + nl - 1`` that
+    hold every kernel's closed support; its gradient goes back through autograd of
+    ``triangle_kernel``.
+    """
+
+    @staticmethod
+    def forward(ctx, current, kernel, kmin: int, mask, lif: LIFMap):
+        steps, batch, n = current.shape
+        lags = kernel.shape[-1]
+        kmax = kmin + lags - 1
+        dtype = current.dtype
+        # row (l, j) of the stack multiplies the spikes of j at time t - kmax + l
+        stacked = (kernel * lif.gain).flip(-1).permute(2, 1, 0).reshape(lags * n, n)
+        drive = lif.drive(current)
+        window = current.new_zeros(batch, kmax + steps, n)  # spike at time u in slot kmax + u
+        spikes = current.new_empty(steps, batch, n, dtype=torch.bool)
+        membrane = torch.empty_like(current)
+        v = current.new_full((batch, n), lif.v0)
+        for t in range(steps):
+            past = window[:, t : t + lags].reshape(batch, lags * n)
+            if mask is None:
+                u = torch.addmm(drive[t], past, stacked)
+            else:
+                u = torch.addcmul(drive[t], mask, torch.mm(past, stacked))
+            h = torch.add(u, v, alpha=lif.leak, out=membrane[t])
+            v = lif.fire_and_reset(h, spikes[t])
+            window[:, kmax + t] = spikes[t]
+        ctx.lif, ctx.kmin = lif, kmin
+        ctx.save_for_backward(spikes, membrane, kernel, mask)
+        return spikes.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        spikes, membrane, kernel, mask = ctx.saved_tensors
+        lif: LIFMap = ctx.lif
+        kmin = ctx.kmin
+        steps, batch, n = membrane.shape
+        lags = kernel.shape[-1]
+        kmax = kmin + lags - 1
+        stacked_t = (kernel * lif.gain).flip(-1).permute(2, 1, 0).reshape(lags * n, n).t()
+        recurrent = membrane.new_zeros(batch, kmax + steps, n)  # adjoint of window
+        grad_h = torch.empty_like(membrane)
+        gh = membrane.new_zeros(batch, n)
+        for t in range(steps - 1, -1, -1):
+            gh = lif.adjoint_step(
+                grad_spikes[t] + recurrent[:, kmax + t], gh, membrane[t], spikes[t], out=grad_h[t]
+            )
+            g = gh if mask is None else gh * mask
+            recurrent[:, t : t + lags].view(batch, lags * n).addmm_(g, stacked_t)
+        grad_current = grad_h * lif.gain if ctx.needs_input_grad[0] else None
+        grad_kernel = None
+        if ctx.needs_input_grad[1]:
+            grad_r = (grad_h if mask is None else grad_h * mask) * lif.gain
+            s = spikes.to(membrane.dtype)
+            grad_kernel = torch.zeros_like(kernel)
+            for lag in range(lags):
+                k = kmin + lag
+                if k < steps:
+                    grad_kernel[:, :, lag] = grad_r[k:].reshape(-1, n).t() @ s[: steps - k].reshape(
+                        -1, n
+                    )
+        return grad_current, grad_kernel, None, None, None
+
+
+def synaptic_support(delay: Tensor, width: Tensor) -> tuple[int, int]:
+    """Smallest and largest lag in the closed support ``|k - (1+d)| ≤ w`` of any synapse (≥ 1)."""
+    centre = 1.0 + delay.detach()
+    w = width.detach()
+    kmin = max(1, int((centre - w).ceil().min()))
+    kmax = max(kmin, int((centre + w).floor().max()))
+    return kmin, kmax
+
+
+def torch_recurrence(
+    current: Tensor,
+    weight: Tensor,
+    delay: Tensor,
+    width: Tensor | float,
+    neuron: nn.Module,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Path ``torch-synaptic``: what :func:`cpp_recurrence` computes, by the lag-stacked GEMM
+    in PyTorch ops (any device)."""
+    n = weight.shape[0]
+    width = width_vector(width, delay, n)
+    kmin, kmax = synaptic_support(delay, width)
+    kernel = weight.unsqueeze(-1) * triangle_kernel(delay, width.expand(n, n), kmax + 1)[..., kmin:]
+    return _SynapticRecurrence.apply(current, kernel, kmin, mask, LIFMap.of(neuron.p))

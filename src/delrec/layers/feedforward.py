@@ -1,12 +1,14 @@
-"""Feedforward learnable delays (the DCLS-style baseline of the paper, DESIGN §2.3)."""
+"""Feedforward learnable delays: the DCLS-style baseline of the paper
+(docs/design.md#feedforward-delays; its engines and DCLS's edges: docs/feedforward-delays.md)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from delrec.engine import feedforward as engines
 
 
 class FeedforwardDelay(nn.Module):
@@ -14,9 +16,13 @@ class FeedforwardDelay(nn.Module):
 
     Synapse ``(o, i)`` with weight ``w`` and position ``P`` contributes
     ``w·x_i[t - P]``; a non-integer ``P`` splits ``w`` linearly between the two taps around
-    it. The layer is a causal convolution over time with a ``K``-tap kernel (left padding
-    ``K-1``). Input ``(T, B, I)`` → output ``(T, B, O)``. In eval mode the positions are
-    rounded (without changing the parameters).
+    it: the layer is a causal convolution over time with a ``K``-tap kernel (left padding
+    ``K-1``), computed by default with two taps per synapse, at a cost and a memory independent of
+    ``K`` (:mod:`delrec.engine.feedforward`). Input ``(T, B, I)`` → output ``(T, B, O)``. In eval
+    mode the positions are rounded (without changing the parameters).
+
+    ``engine``: ``"auto"`` (C++ kernels on the CPU, PyTorch ops elsewhere), ``"reference"``
+    (the convolution), or a path of :data:`delrec.engine.feedforward.PATHS` by name.
     """
 
     def __init__(
@@ -26,10 +32,16 @@ class FeedforwardDelay(nn.Module):
         kernel_size: int = 26,
         bias: bool = True,
         generator: torch.Generator | None = None,
+        engine: str = "auto",
     ):
         super().__init__()
         if kernel_size < 1:
             raise ValueError(f"kernel_size must be >= 1 step, got {kernel_size}")
+        if engine not in engines.ENGINES:
+            raise ValueError(
+                f"unknown feedforward-delay engine {engine!r}; choose one of {engines.ENGINES}"
+            )
+        self.engine = engine
         self.in_features, self.out_features, self.kernel_size = (
             in_features,
             out_features,
@@ -52,21 +64,22 @@ class FeedforwardDelay(nn.Module):
             else None
         )
 
+    def effective_position(self) -> Tensor:
+        """The positions the forward uses: the parameter in training, rounded (and detached)
+        in eval."""
+        return self.position if self.training else self.position.detach().round()
+
     def temporal_kernel(self) -> Tensor:
         """Weights per delay tap, ``(O, I, K)``: index ``k`` is a delay of ``k`` steps."""
-        position = self.position if self.training else self.position.detach().round()
-        taps = torch.arange(self.kernel_size, dtype=self.weight.dtype, device=self.weight.device)
-        interpolation = (1 - (taps - position.unsqueeze(-1)).abs()).clamp(min=0)
-        return self.weight.unsqueeze(-1) * interpolation
+        return engines.temporal_kernel(self.weight, self.effective_position(), self.kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"FeedforwardDelay expects (T, B, {self.in_features}), got {tuple(x.shape)}"
             )
-        signal = F.pad(x.permute(1, 2, 0), (self.kernel_size - 1, 0))  # (B, I, K-1+T)
-        out = F.conv1d(signal, self.temporal_kernel().flip(-1), self.bias)
-        return out.permute(2, 0, 1)
+        path = engines.select(x.device, self.engine)
+        return path.run(x, self.weight, self.effective_position(), self.bias, self.kernel_size)
 
     @torch.no_grad()
     def clamp_delays_(self) -> None:
@@ -76,5 +89,5 @@ class FeedforwardDelay(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"kernel_size={self.kernel_size}, bias={self.bias is not None}"
+            f"kernel_size={self.kernel_size}, bias={self.bias is not None}, engine={self.engine}"
         )

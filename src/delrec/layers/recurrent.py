@@ -6,14 +6,13 @@ import torch
 from torch import Tensor, nn
 
 from delrec import delays as delay_fns
-from delrec.engine import fast, reference_recurrence
+from delrec.engine import DELAY_TYPES, check_engine, select
 from delrec.neurons import LIF, as_neuron
-
-DELAY_TYPES = ("axonal", "synaptic", "shared")
 
 
 class DelRec(nn.Module):
-    r"""Recurrent spiking layer whose recurrent connections carry learnable delays (DESIGN §2.2).
+    r"""Recurrent spiking layer whose recurrent connections carry learnable delays
+    (docs/design.md#the-recurrent-delay-layer).
 
     For a time-major input current ``c`` of shape ``(T, B, N)`` (or ``(T, N)`` unbatched) it
     returns the spikes ``s`` of the same shape, computed step by step with zero history::
@@ -37,11 +36,13 @@ class DelRec(nn.Module):
         sigma: current spread ``σ`` in steps (the training schedule updates it).
         recurrent_dropout: probability ``p`` of dropping a neuron's recurrent input for a whole
             sequence (mask drawn once per sequence, fixed over time; identity in eval).
-        engine: ``"auto"`` (default: ``"fast"`` for the built-in :class:`~delrec.neurons.LIF`,
-            ``"reference"`` for any other neuron), ``"fast"`` (hand-written forward/backward,
-            :mod:`delrec.engine.fast`; LIF only; with integer delays and no gradient it runs
-            the ring-buffer inference path) or ``"reference"`` (the paper's buffer algorithm,
-            autograd; works with every neuron).
+        engine: ``"auto"`` (default: the fastest engine path that runs here, for the built-in
+            :class:`~delrec.neurons.LIF` a hand-written forward/backward, and with integer
+            delays and no gradient the ring-buffer inference path; ``"reference"`` for any
+            other neuron), ``"fast"`` (the same, but the built-in LIF is required),
+            ``"reference"`` (the paper's buffer algorithm, autograd; works with every neuron)
+            or any other path name of :data:`delrec.engine.PATHS` (that path or an error).
+            :func:`delrec.engine.select` makes the choice at each forward.
 
     In eval mode the layer runs with integer delays (``σ = 0``, ``d`` rounded), as a chip
     would, without touching its parameters; set ``integer_eval = False`` to evaluate with the
@@ -68,15 +69,9 @@ class DelRec(nn.Module):
             raise ValueError(f"delay_type must be one of {DELAY_TYPES}, got {delay_type!r}")
         if not 0 <= recurrent_dropout < 1:
             raise ValueError(f"recurrent_dropout must be in [0, 1), got {recurrent_dropout}")
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
         self.size = size
         self.neuron = as_neuron(neuron if neuron is not None else LIF())
-        if engine == "fast" and not fast.supports(self.neuron):
-            raise ValueError(
-                f"engine='fast' runs only the built-in LIF neuron, not "
-                f"{type(self.neuron).__name__}; use engine='auto' or 'reference'"
-            )
+        check_engine(engine, self.neuron)
         self.delay_type = delay_type
         self.learn_delays = learn_delays
         self.recurrent_dropout = recurrent_dropout
@@ -131,12 +126,7 @@ class DelRec(nn.Module):
 
     def kernel(self) -> Tensor:
         """Interpolation kernel ``κ``: ``(N, L)`` (axonal, shared) or ``(N, N, L)`` (synaptic)."""
-        delay, width = self.delays_and_width()
-        max_width = float(torch.as_tensor(width).detach().max())
-        length = delay_fns.kernel_length(float(delay.detach().max()), max_width)
-        if self.delay_type == "synaptic" and torch.is_tensor(width):
-            width = width.expand(self.size, self.size)  # spread is per presynaptic neuron
-        return delay_fns.triangle_kernel(delay, width, length)
+        return delay_fns.recurrent_kernel(*self.delays_and_width())
 
     # ------------------------------------------------------------------ forward
     def forward(self, current: Tensor, dropout_mask: Tensor | None = None) -> Tensor:
@@ -154,7 +144,19 @@ class DelRec(nn.Module):
                 f"dropout_mask must have shape (B, N) = {tuple(current.shape[1:])}, "
                 f"got {tuple(mask.shape)}"
             )
-        spikes = ENGINES[self.engine](self, current, mask)
+        wants_grad = torch.is_grad_enabled() and (
+            current.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        path = select(
+            self.delay_type,
+            self.neuron,
+            device=current.device,
+            integer=self.uses_integer_delays,
+            grad=wants_grad,
+            engine=self.engine,
+        )
+        delay, width = self.delays_and_width()
+        spikes = path.run(current, self.weight, delay, width, self.neuron, mask)
         return spikes.squeeze(1) if unbatched else spikes
 
     def _check_input(self, current: Tensor) -> None:
@@ -191,27 +193,3 @@ class DelRec(nn.Module):
             f"learn_delays={self.learn_delays}, spread={spread}, sigma={float(self.sigma):.4g}, "
             f"recurrent_dropout={self.recurrent_dropout}, engine={self.engine}"
         )
-
-
-def _run_reference(layer: DelRec, current: Tensor, mask: Tensor | None) -> Tensor:
-    return reference_recurrence(current, layer.weight, layer.kernel(), layer.neuron, mask)
-
-
-def _run_fast(layer: DelRec, current: Tensor, mask: Tensor | None) -> Tensor:
-    delay, width = layer.delays_and_width()
-    params = layer.neuron.p
-    wants_grad = torch.is_grad_enabled() and (
-        current.requires_grad or any(p.requires_grad for p in layer.parameters())
-    )
-    if layer.uses_integer_delays and not wants_grad:
-        return fast.integer_recurrence(current, layer.weight, delay, params, mask)
-    return fast.fast_recurrence(current, layer.weight, delay, width, params, mask)
-
-
-def _run_auto(layer: DelRec, current: Tensor, mask: Tensor | None) -> Tensor:
-    run = _run_fast if fast.supports(layer.neuron) else _run_reference
-    return run(layer, current, mask)
-
-
-# engine name -> function(layer, current (T, B, N), mask (B, N) | None) -> spikes (T, B, N)
-ENGINES = {"auto": _run_auto, "fast": _run_fast, "reference": _run_reference}

@@ -1,5 +1,5 @@
 """Losses and metrics: regression (MSE; NMSE, NRMSE, R²) and classification (the readouts of
-DESIGN §2.4; accuracy).
+docs/design.md#losses-and-readouts; accuracy).
 
 An objective maps the network's readout sequence ``(T, B, K)``, the true lengths ``(B,)`` and
 the targets ``(B,)`` to a scalar loss and a per-sample output (prediction or class scores);
@@ -77,10 +77,10 @@ class RegressionMeter:
 
 
 class Classification:
-    """A class label per sequence, scored by the readout (DESIGN §2.4, paper S1/S2).
+    """A class label per sequence, scored by the readout (docs/design.md#losses-and-readouts).
 
     ``"lif"``: ŷ = Σ_t softmax(V[t]) (Eq. S1), then the cross-entropy on that sum taken as
-    the class scores, ``-log softmax(ŷ)[label]`` (DESIGN §2.4, as the authors' published code
+    the class scores, ``-log softmax(ŷ)[label]`` (as the authors' published code
     computes Eq. S2); ``"sum"``: cross-entropy of Σ_t output[t]; ``"ema"``: cross-entropy of
     the last valid output. Metric: accuracy of the arg-max; higher is better.
     """

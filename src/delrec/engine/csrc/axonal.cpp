@@ -1,4 +1,5 @@
-// The time loops of the fast engine's axonal path (delrec/engine/fast.py, DESIGN §4), fused.
+// The time loops of the axonal engine (delrec/engine/axonal.py), fused. The algorithm:
+// docs/design.md#running-sums.
 //
 // Layouts: the tap recursions run neuron-major, on the spike history (T+1, N, B), the future
 // adjoints (T+1, N, B) and the float64 recursion states (N, B), so the B values one tap reads
@@ -10,15 +11,21 @@
 // trace recursion, multiplies the trace by the weights (ATen GEMM, u = z Wᵀ) and updates the
 // LIF neurons; the backward runs the same recursion on the future adjoints, the LIF adjoint,
 // the transposed GEMM and the sums behind the delay and spread gradients. What the recursion
-// means: fast.py, _AxonalPlan.
+// means: lif.py, triangle_taps, and axonal.py, _AxonalPlan. The LIF update: lif.h.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#include "lif.h"
 
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
 namespace {
+
+using delrec::LIFConstants;
+using delrec::LIFUpdate;
+using delrec::SurrogateDerivative;
 
 constexpr int64_t kGrain = 8192;  // elements per parallel chunk
 constexpr int64_t kBlock = 16;    // neurons per block of a transposition
@@ -73,15 +80,6 @@ inline void recursion_step(double* __restrict__ y, double* __restrict__ d,
   }
 }
 
-// The LIF constants (fast.py, _LIF) and the surrogate derivative ψ'(h - θ): 0 = read from a
-// precomputed (T, B, N) tensor, 1 = Triangle(γ), 2 = ATan(α), with γ or α in surrogate_param.
-struct LIFConstants {
-  double leak, v0, threshold, v_reset;
-  bool soft_reset, detach_reset;
-  int64_t surrogate;
-  double surrogate_param;
-};
-
 template <typename scalar_t, typename count_t>
 void forward_loop(const at::Tensor& drive, const at::Tensor& weight_in, const at::Tensor& mask,
                   const at::Tensor& lags, const at::Tensor& coef, const LIFConstants& lif,
@@ -113,8 +111,7 @@ void forward_loop(const at::Tensor& drive, const at::Tensor& weight_in, const at
   const scalar_t* rec_p = recurrent.data_ptr<scalar_t>();
   const at::Tensor weight_in_t = weight_in.t();
   std::vector<int64_t> rows;
-  const scalar_t theta = lif.threshold, reset = lif.v_reset, leak = lif.leak;
-  const bool soft_reset = lif.soft_reset;
+  const LIFUpdate<scalar_t> neuron(lif);
 
   std::fill(hist, hist + nb, uint8_t(0));
   if (need_slope) std::fill(slope_p, slope_p + nb, count_t(0));
@@ -159,11 +156,11 @@ void forward_loop(const at::Tensor& drive, const at::Tensor& weight_in, const at
       scalar_t* __restrict__ s_t = spikes_p + now;
       for (int64_t i = begin; i < end; ++i) {
         const scalar_t r = has_mask ? mask_p[i] * rec_p[i] : rec_p[i];
-        const scalar_t h = (drive_t[i] + r) + leak * v[i];
-        const bool spike = h >= theta;
+        const scalar_t h = neuron.charge(drive_t[i], r, v[i]);
+        const bool spike = neuron.fires(h);
         h_t[i] = h;
         s_t[i] = spike ? scalar_t(1) : scalar_t(0);
-        v[i] = soft_reset ? h - theta * (spike ? scalar_t(1) : scalar_t(0)) : (spike ? reset : h);
+        v[i] = neuron.reset_after(h, spike);
       }
     });
     for_each_block(n, batch, [&](int64_t j0, int64_t j1) {  // spikes, into the history
@@ -214,13 +211,8 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
   at::Tensor masked = has_mask ? at::empty({batch, n}, membrane.options()) : at::Tensor();
   scalar_t* masked_p = has_mask ? masked.data_ptr<scalar_t>() : nullptr;
   std::vector<int64_t> rows;
-  const scalar_t theta = lif.threshold, reset = lif.v_reset, leak = lif.leak;
-  const bool soft_reset = lif.soft_reset, detach_reset = lif.detach_reset;
-  const int64_t surrogate = lif.surrogate;
-  // Triangle: γ and γ²; ATan: α/2 and π α / 2
-  const scalar_t surrogate_param = surrogate == 1 ? lif.surrogate_param : lif.surrogate_param / 2;
-  const scalar_t surrogate_scale = surrogate == 1 ? lif.surrogate_param * lif.surrogate_param
-                                                  : M_PI / 2 * lif.surrogate_param;
+  const LIFUpdate<scalar_t> neuron(lif);
+  const SurrogateDerivative<scalar_t> derivative(lif);
 
   for (int64_t t = steps - 1; t >= 0; --t) {
     tap_rows(lags_p, 3, n, batch, t, steps, false, rows);
@@ -234,8 +226,7 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
         for (int64_t j = j0; j < j1; ++j) zeta[b * n + j] = static_cast<scalar_t>(y[j * batch + b]);
       }
     });
-    // the LIF adjoint (fast.py, _LIF.adjoint_step): gv is the adjoint of v[t]; gh still holds
-    // ∂L/∂h[t+1] when step t reads it
+    // the LIF adjoint (lif.h); gh still holds ∂L/∂h[t+1] when step t reads it
     for_each_element(nb, [&](int64_t begin, int64_t end) {
       const scalar_t* __restrict__ h_t = membrane_p + now;
       const scalar_t* __restrict__ grad_s_t = grad_out + now;
@@ -244,22 +235,9 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
       scalar_t* __restrict__ grad_h_t = grad_h_p + now;
       for (int64_t i = begin; i < end; ++i) {
         const scalar_t h = h_t[i];
-        scalar_t grad_s = grad_s_t[i] + zeta_t[i];
-        scalar_t gv = gh_t[i] * leak;
-        if (!detach_reset) grad_s += soft_reset ? -theta * gv : gv * (reset - h);
-        if (!soft_reset && h >= theta) gv = scalar_t(0);
-        const scalar_t x = h - theta;
-        scalar_t slope_psi;
-        if (surrogate == 1) {  // Triangle(γ): max(0, γ - |x|) / γ²
-          const scalar_t top = surrogate_param - std::abs(x);
-          slope_psi = (top > scalar_t(0) ? top : scalar_t(0)) / surrogate_scale;
-        } else if (surrogate == 2) {  // ATan(α): (α/2) / (1 + (π α x / 2)²)
-          const scalar_t scaled = surrogate_scale * x;
-          slope_psi = surrogate_param / (scalar_t(1) + scaled * scaled);
-        } else {
-          slope_psi = psi_p[now + i];
-        }
-        const scalar_t g = gv + slope_psi * grad_s;
+        const scalar_t psi = psi_p ? psi_p[now + i] : derivative(h - neuron.threshold);
+        const scalar_t g =
+            neuron.adjoint(grad_s_t[i] + zeta_t[i], gh_t[i], h, neuron.fires(h), psi);
         grad_h_t[i] = g;
         gh_t[i] = g;
       }

@@ -40,7 +40,13 @@
 #include <utility>
 #include <vector>
 
+#include "lif.h"
+
 namespace {
+
+using delrec::LIFConstants;
+using delrec::LIFUpdate;
+using delrec::SurrogateDerivative;
 
 // the sums of the forward and backward: vector blocks of a batch row summed at once, and the
 // bytes of ring rows (forward) or adjoint rows (backward) a block of neurons keeps in L1
@@ -303,63 +309,6 @@ void advance_class(const Plan& p, int64_t c, int64_t t, int64_t batch, int64_t w
              frame(el[3]), p.z_coef + 6 * c, batch, st.z, st.d, st.e, st.chain_z + row * width,
              chain_e(m_a));
 }
-
-// The LIF neuron (fast.py, _LIF): constants, the update and its adjoint in the kernel's scalar
-// type, one element at a time, in the same order as PyTorch's ops; the surrogate derivative
-// ψ'(h - θ): 0 = read from a tensor, 1 = Triangle(γ), 2 = ATan(α) (γ or α in surrogate_param).
-struct LIFConstants {
-  double leak, v0, threshold, v_reset;
-  bool soft_reset, detach_reset;
-  int64_t surrogate = 0;
-  double surrogate_param = 0.0;
-};
-
-template <typename scalar_t>
-struct LIFUpdate {
-  scalar_t leak, threshold, reset;
-  bool soft_reset, detach_reset;
-
-  explicit LIFUpdate(const LIFConstants& c)
-      : leak(c.leak), threshold(c.threshold), reset(c.v_reset), soft_reset(c.soft_reset),
-        detach_reset(c.detach_reset) {}
-
-  scalar_t charge(scalar_t drive, scalar_t recurrent, scalar_t v) const {
-    return (drive + recurrent) + leak * v;
-  }
-  bool fires(scalar_t h) const { return h >= threshold; }
-  scalar_t reset_after(scalar_t h, bool spike) const {
-    return soft_reset ? h - threshold * (spike ? scalar_t(1) : scalar_t(0)) : (spike ? reset : h);
-  }
-  // ∂L/∂h[t] from ∂L/∂s[t] (all paths but the reset), ∂L/∂h[t+1], h[t], s[t] and ψ'(h - θ)
-  scalar_t adjoint(scalar_t grad_s, scalar_t grad_h_next, scalar_t h, bool spiked,
-                   scalar_t psi) const {
-    scalar_t gv = grad_h_next * leak;
-    if (!detach_reset) grad_s += soft_reset ? -threshold * gv : gv * (reset - h);
-    if (!soft_reset && spiked) gv = scalar_t(0);
-    return gv + psi * grad_s;
-  }
-};
-
-template <typename scalar_t>
-struct SurrogateDerivative {
-  int64_t kind;
-  scalar_t param, scale;  // Triangle: γ and γ²; ATan: α/2 and π α / 2
-
-  explicit SurrogateDerivative(const LIFConstants& c)
-      : kind(c.surrogate),
-        param(c.surrogate == 1 ? c.surrogate_param : c.surrogate_param / 2),
-        scale(c.surrogate == 1 ? c.surrogate_param * c.surrogate_param
-                               : M_PI / 2 * c.surrogate_param) {}
-
-  scalar_t operator()(scalar_t x) const {
-    if (kind == 1) {  // Triangle(γ): max(0, γ - |x|) / γ²
-      const scalar_t top = param - std::abs(x);
-      return (top > scalar_t(0) ? top : scalar_t(0)) / scale;
-    }
-    const scalar_t scaled = scale * x;  // ATan(α): (α/2) / (1 + (π α x / 2)²)
-    return param / (scalar_t(1) + scaled * scaled);
-  }
-};
 
 // The LIF update over `count` neurons of one batch row (batch-major sequences; mask may be
 // null): h, the spikes (0/1) and v[t] from the drive, the recurrent input and v[t-1]. Out of line

@@ -1,0 +1,66 @@
+"""`delrec bench`: the cost of recurrent delays on this machine (:mod:`delrec.bench`)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from delrec import bench
+from delrec.commands import EXIT_CODES_HELP, UsageError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="time and memory of the recurrent-delay layer vs baselines (Fig. S1)",
+        description="Reproduce the four panels of Fig. S1 (time per training step and memory "
+        "vs hidden size and vs maximum delay) on this machine, print the ratios and the "
+        "targets, and write bench.csv, bench.png and bench.txt.",
+        epilog=EXIT_CODES_HELP,
+    )
+    p.add_argument("--quick", action="store_true", help="small grid, under a minute")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu (default): this benchmark; cuda: the Triton engine on a GPU against a lean "
+        "PyTorch recurrent loop, with the GPU targets (delrec.bench_gpu)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --device cuda: run the GPU benchmark at tiny sizes on the CPU under Triton's "
+        "interpreter (checks it end to end without a GPU; measures nothing)",
+    )
+    p.add_argument("--out", default="bench-out", help="output directory (default: bench-out/)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed repeats per model, median kept (default 3 with --quick, else 5)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: reproducible, and no spinning threads on a shared machine)",
+    )
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall-clock time, or this process's CPU time (steadier on a shared machine)",
+    )
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.dry_run and args.device != "cuda":
+        raise UsageError("--dry-run checks the GPU benchmark: use it with --device cuda")
+    if args.device == "cuda" and not args.dry_run and not torch.cuda.is_available():
+        raise UsageError(
+            "--device cuda: no CUDA device here; --dry-run runs the GPU benchmark at tiny sizes "
+            "on the CPU to check it"
+        )
+    return bench.run(args)

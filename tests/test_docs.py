@@ -1,0 +1,81 @@
+"""The documentation holds together: every relative link and anchor in README.md and docs/
+resolves, every ``docs/<page>.md#<anchor>`` cited by the code exists, the README stays short,
+and nothing refers to a design document outside the repository."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+CODE = [
+    path
+    for folder in ("src", "tests", "benchmarks", "configs")
+    for path in sorted((ROOT / folder).rglob("*"))
+    if path.suffix in {".py", ".cpp", ".h", ".toml"}
+]
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+CITATION = re.compile(r"docs/([\w/-]+\.md)(?:#([\w-]+))?")
+OUTSIDE_DOCUMENT = re.compile(r"D[E]SIGN\s*§")  # sections of a design file outside the repo
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors of a markdown page (lower case, punctuation dropped, spaces to
+    hyphens, ``-1``, ``-2`` … for repeated headings); code blocks are skipped."""
+    seen: dict[str, int] = {}
+    fenced = False
+    for line in page.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        heading = re.match(r"#{1,6} (.+)", line)
+        if heading and not fenced:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+            count = seen.get(slug, 0)
+            seen[slug] = count + 1
+            if count:
+                seen[f"{slug}-{count}"] = 1
+    return set(seen)
+
+
+def links(page: Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold no links
+    return [target for target in LINK.findall(text) if not re.match(r"[a-z]+:", target)]
+
+
+def test_anchor_rule_follows_github():
+    page = ROOT / "docs" / "design.md"
+    assert {"conventions", "gradients-at-the-kinks", "the-papers-networks"} <= anchors(page)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_and_anchor_resolves(page):
+    broken = []
+    for target in links(page):
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(f"{target}: no file {file.relative_to(ROOT)}")
+        elif anchor and (file.suffix != ".md" or anchor not in anchors(file)):
+            broken.append(f"{target}: no heading with anchor #{anchor}")
+    assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+def test_every_docs_section_cited_by_the_code_exists():
+    broken = []
+    for path in CODE:
+        for page, anchor in CITATION.findall(path.read_text()):
+            file = ROOT / "docs" / page
+            if not file.exists() or (anchor and anchor not in anchors(file)):
+                broken.append(f"{path.relative_to(ROOT)}: docs/{page}#{anchor}")
+    assert not broken, "citations of missing pages or sections: " + ", ".join(broken)
+
+
+def test_no_reference_to_a_design_document_outside_the_repository():
+    for path in [*PAGES, *CODE]:
+        cited = OUTSIDE_DOCUMENT.search(path.read_text())
+        assert not cited, f"{path.relative_to(ROOT)} cites {cited.group()}: use docs/design.md#…"
+
+
+def test_the_readme_stays_short():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 300

@@ -1,0 +1,91 @@
+"""The one engine selector: which path runs a configuration, and the errors when forced."""
+
+import os
+from unittest import mock
+
+import pytest
+import torch
+
+from delrec.engine import PATHS, EnginePath, register, select
+from delrec.layers import DelRec
+from delrec.neurons import LIF, AdLIF
+
+TRAINING, EVAL, EVAL_WITH_GRAD = (False, True), (True, False), (True, True)  # (integer, grad)
+
+
+@pytest.mark.parametrize(
+    "delay_type, mode, native, expected",
+    [
+        ("axonal", TRAINING, "1", "cpp-axonal"),
+        ("shared", TRAINING, "1", "cpp-axonal"),
+        ("synaptic", TRAINING, "1", "cpp-synaptic"),
+        ("axonal", EVAL_WITH_GRAD, "1", "cpp-axonal"),
+        ("axonal", EVAL, "1", "ring"),
+        ("synaptic", EVAL, "1", "ring"),
+        ("axonal", TRAINING, "0", "torch-axonal"),
+        ("synaptic", TRAINING, "0", "torch-synaptic"),
+        ("synaptic", EVAL, "0", "ring"),
+    ],
+)
+def test_the_builtin_lif_runs_the_first_available_path(delay_type, mode, native, expected):
+    integer, grad = mode
+    with mock.patch.dict(os.environ, {"DELREC_NATIVE": native}):
+        path = select(delay_type, LIF(), device="cpu", integer=integer, grad=grad)
+    assert path.name == expected
+    assert path.supports(delay_type, LIF(), integer, grad)
+
+
+@pytest.mark.parametrize("mode", [TRAINING, EVAL])
+def test_other_neurons_run_the_reference_and_fast_refuses_them(mode):
+    integer, grad = mode
+    assert select("synaptic", AdLIF(), device="cpu", integer=integer, grad=grad).name == (
+        "reference"
+    )
+    with pytest.raises(ValueError, match="engine='fast' runs only the built-in LIF"):
+        select("axonal", AdLIF(), device="cpu", integer=integer, grad=grad, engine="fast")
+
+
+def test_a_forced_path_runs_or_says_why_not():
+    forced = select("axonal", LIF(), device="cpu", integer=False, grad=True, engine="reference")
+    assert forced.name == "reference"
+    with pytest.raises(ValueError, match="'ring' does not run axonal delays"):
+        select("axonal", LIF(), device="cpu", integer=False, grad=True, engine="ring")
+    with pytest.raises(ValueError, match="'torch-synaptic' does not run axonal"):
+        select("axonal", LIF(), device="cpu", integer=False, grad=True, engine="torch-synaptic")
+    with mock.patch.dict(os.environ, {"DELREC_NATIVE": "0"}):
+        with pytest.raises(RuntimeError, match="'cpp-axonal' is not available on cpu"):
+            select("axonal", LIF(), device="cpu", integer=False, grad=True, engine="cpp-axonal")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        DelRec(4, engine="fastest")
+
+
+def test_a_layer_forced_onto_a_path_gives_the_same_spikes_as_auto():
+    current = torch.rand(12, 2, 6, dtype=torch.float64) * 1.5
+    layers = [
+        DelRec(6, sigma=2.0, engine=engine, generator=torch.Generator().manual_seed(0)).double()
+        for engine in ("auto", "torch-axonal")
+    ]
+    assert torch.equal(layers[0](current), layers[1](current))
+
+
+@pytest.fixture
+def restored_paths():
+    saved = dict(PATHS)
+    yield
+    PATHS.clear()
+    PATHS.update(saved)
+
+
+def test_a_registered_path_is_preferred_to_those_it_is_put_before(restored_paths):
+    gpu_only = EnginePath(
+        "test-axonal", PATHS["torch-axonal"].run, ("axonal",), runs_on=lambda d: d.type == "cuda"
+    )
+    register(gpu_only, before="cpp-axonal")
+    names = list(PATHS)
+    assert names.index("test-axonal") == names.index("cpp-axonal") - 1
+    assert select("axonal", LIF(), device="cuda", integer=False, grad=True).name == "test-axonal"
+    assert select("axonal", LIF(), device="cpu", integer=False, grad=True).name == "cpp-axonal"
+    with pytest.raises(ValueError, match="exists already"):
+        register(gpu_only)
+    with pytest.raises(ValueError, match="no engine path named 'nope'"):
+        register(EnginePath("other", gpu_only.run), before="nope")
