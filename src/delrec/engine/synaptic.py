@@ -72,7 +72,8 @@ class _SlotPlan:
     lag-0 values ``(a, e, χ)`` of the level below each stage). Per slot its members
     (``member_start (S+1,)``, ``member`` = postsynaptic ``i``, int32, and ``order``, the row-major
     synapse index of each member). Rings have ``depth`` rows per class (levels ``lowest`` …
-    ``lowest + depth - 1``); ``reach`` exceeds every tap lag.
+    ``lowest + depth - 1``); ``reach`` exceeds every tap lag; ``width`` is ``w`` per neuron,
+    ``(N,)`` float64.
     """
 
     def __init__(self, delay: Tensor, width: Tensor, kernels: ModuleType):
@@ -94,8 +95,8 @@ class _SlotPlan:
             self.slot_of,
             offset,
         ) = kernels.plan(centre.contiguous(), w)
-        self.inv_w2 = 1.0 / (w * w)
-        self.offset = offset  # (c - G_p - m)/w², (N, N)
+        self.width = w
+        self.offset = offset  # (c - G_p - m)/w², (N, N): b = gain·W·offset
         owner = torch.repeat_interleave(torch.arange(n), self.class_start.diff())
         self.z_lags, increments = triangle_taps(entry, w[owner])
         self.z_coef = increments.view(-1, 6)
@@ -105,15 +106,6 @@ class _SlotPlan:
         self.reach = int(max(self.z_lags.max(), self.e_lags.max())) + 1
         self.lowest = int(self.levels[:, 0].min())
         self.depth = int(self.levels[:, 2].max()) - self.lowest + 1
-
-    def coefficients(self, weight: Tensor, gain: float) -> tuple[Tensor, Tensor]:
-        """``a = gain·W`` and ``b = gain·W·(c - G_p - m)/w²`` of every synapse, ``(N, N)`` each."""
-        a = (weight.detach() * gain).contiguous()
-        return a, (a.double() * self.offset).to(a.dtype)
-
-    def by_slot(self, per_synapse: Tensor) -> Tensor:
-        """An ``(N, N)`` per-synapse tensor flattened in member order (grouped by slot)."""
-        return per_synapse.flatten()[self.order].contiguous()
 
     def native(self) -> tuple[list[Tensor], int, int]:
         """The plan tensors in the order the C++ functions take them, the ring depth and the
@@ -142,15 +134,16 @@ class _SynapticSlots(torch.autograd.Function):
     def forward(ctx, current, weight, delay, width, mask, lif: LIFMap, kernels):
         steps, batch, n = current.shape
         plan = _SlotPlan(delay, width, kernels)
-        a, b = plan.coefficients(weight, lif.gain)
+        weight_in = weight.detach().to(current.dtype).contiguous()  # the sums' a = gain·W
         spikes = current.new_empty(steps, batch, n)  # contiguous, whatever current's strides
         history = current.new_empty(n, steps + 1, batch, dtype=torch.bool)  # frame t+1: step t
         membrane = current.new_empty(steps, batch, n)
         p = lif.p
         kernels.forward(
             lif.drive(current).contiguous(),
-            a,
-            b,
+            weight_in,
+            plan.offset,
+            lif.gain,
             plan.slot_of,
             mask,
             *plan.native(),
@@ -163,19 +156,19 @@ class _SynapticSlots(torch.autograd.Function):
             history,
             membrane,
         )
-        ctx.lif, ctx.plan, ctx.kernels, ctx.delay_dtype = lif, plan, kernels, delay.dtype
-        ctx.save_for_backward(history, membrane, weight, mask)
+        ctx.lif, ctx.plan, ctx.kernels = lif, plan, kernels
+        ctx.dtypes = weight.dtype, delay.dtype
+        ctx.save_for_backward(history, membrane, weight_in, mask)
         return spikes
 
     @staticmethod
     def backward(ctx, grad_spikes):
-        history, membrane, weight, mask = ctx.saved_tensors
+        history, membrane, weight_in, mask = ctx.saved_tensors
         lif: LIFMap = ctx.lif
         plan: _SlotPlan = ctx.plan
         p = lif.p
         steps, batch, n = membrane.shape
         need_c, need_w, need_d, need_s = ctx.needs_input_grad[:4]
-        a, b = map(plan.by_slot, plan.coefficients(weight, lif.gain))
         code, param = lif.native_surrogate()  # 0: any other surrogate, ψ' precomputed here
         psi = (
             p.surrogate.derivative(membrane - p.v_threshold).contiguous()
@@ -184,19 +177,21 @@ class _SynapticSlots(torch.autograd.Function):
         )
         # P[m] = spikes before step m, (N, T+1, B): closed-support counts K_s for the spread
         counts = history.cumsum(1, dtype=torch.int32) if need_s else None
-        grad_h = torch.empty(steps, batch, n, dtype=membrane.dtype)
+        grad_current = torch.empty(steps, batch, n, dtype=membrane.dtype)
         lanes = 64 // membrane.element_size()  # batch rows padded to whole cache lines
         span = ctx.kernels.span  # the backward sums far slots in blocks of `span` steps
-        # ∂L/∂h · m, (N, T', B'): T' whole blocks (zero beyond T)
-        adjoint = membrane.new_zeros(n, -(-steps // span) * span, -(-batch // lanes) * lanes)
+        # ∂L/∂h · m, (N, T', B'): T' whole blocks (the kernels zero the padding)
+        adjoint = membrane.new_empty(n, -(-steps // span) * span, -(-batch // lanes) * lanes)
         by_support = torch.zeros(n, dtype=torch.float64)
         ctx.kernels.backward(
             grad_spikes.contiguous(),
             history,
             membrane,
             psi,
-            a,
-            b,
+            weight_in,
+            plan.offset,
+            lif.gain,
+            plan.order,
             mask,
             counts,
             *plan.native(),
@@ -208,25 +203,37 @@ class _SynapticSlots(torch.autograd.Function):
             code,
             param,
             plan.reach,
-            grad_h,
+            grad_current,
             adjoint,
             by_support,
         )
-        grad_current = grad_h * lif.gain if need_c else None
         grad_weight = grad_delay = grad_width = None
         if need_w or need_d or need_s:
-            dz = torch.zeros(n, n, dtype=torch.float64)
-            de = torch.zeros(n, n, dtype=torch.float64)
-            ctx.kernels.gradients(history, adjoint, batch, *plan.native(), dz, de)
-            by_weight = lif.gain * (dz + plan.offset * de)  # ∂L/∂W in float64
+            by_weight = torch.empty(n, n, dtype=torch.float64)  # ∂L/∂W
+            by_delay = torch.empty(n, n, dtype=torch.float64)  # ∂L/∂d
+            weighted = torch.empty(n, dtype=torch.float64)  # Σ_i W_ij ∂L/∂W_ij
+            ctx.kernels.gradients(
+                history,
+                adjoint,
+                batch,
+                *plan.native(),
+                weight_in,
+                plan.offset,
+                plan.width,
+                lif.gain,
+                by_weight,
+                by_delay,
+                weighted,
+            )
+            weight_dtype, delay_dtype = ctx.dtypes
             if need_w:
-                grad_weight = by_weight.to(weight.dtype)
+                grad_weight = by_weight.to(weight_dtype)
             if need_d:
-                grad_delay = (lif.gain * weight.double() * de * plan.inv_w2).to(ctx.delay_dtype)
+                grad_delay = by_delay.to(delay_dtype)
             if need_s:
-                w = 1.0 / plan.inv_w2.sqrt()
-                spread = by_support * plan.inv_w2 - 2.0 / w * (weight.double() * by_weight).sum(0)
-                grad_width = spread.to(weight.dtype)
+                w = plan.width
+                grad_width = (by_support / (w * w) - 2.0 / w * weighted).to(weight_dtype)
+        grad_current = grad_current if need_c else None
         return grad_current, grad_weight, grad_delay, grad_width, None, None, None
 
 

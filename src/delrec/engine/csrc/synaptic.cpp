@@ -338,22 +338,23 @@ __attribute__((noinline)) void surrogate_row(const SurrogateDerivative<scalar_t>
   for (int64_t i = 0; i < count; ++i) psi[i] = derivative(h[i] - threshold);
 }
 
-// The LIF adjoint over `count` neurons of one batch row: ∂L/∂h[t] into grad_h and gh (which held
-// ∂L/∂h[t+1]) and, times the mask (may be null), into masked; grad_s: the spikes' adjoint from
-// the next layer, from_rec: from the recurrence.
+// The LIF adjoint over `count` neurons of one batch row: ∂L/∂h[t] into gh (which held
+// ∂L/∂h[t+1]), times the input gain into grad_current (∂L/∂c) and times the mask (may be null)
+// into masked; grad_s: the spikes' adjoint from the next layer, from_rec: from the recurrence.
 template <typename scalar_t>
-__attribute__((noinline)) void adjoint_row(const LIFUpdate<scalar_t> neuron,
+__attribute__((noinline)) void adjoint_row(const LIFUpdate<scalar_t> neuron, scalar_t gain,
                                            const scalar_t* __restrict h,
                                            const scalar_t* __restrict psi,
                                            const scalar_t* __restrict grad_s,
                                            const scalar_t* __restrict from_rec,
                                            const scalar_t* __restrict mask,
-                                           scalar_t* __restrict gh, scalar_t* __restrict grad_h,
+                                           scalar_t* __restrict gh,
+                                           scalar_t* __restrict grad_current,
                                            scalar_t* __restrict masked, int64_t count) {
   for (int64_t i = 0; i < count; ++i) {
     const scalar_t g =
         neuron.adjoint(grad_s[i] + from_rec[i], gh[i], h[i], neuron.fires(h[i]), psi[i]);
-    grad_h[i] = g;
+    grad_current[i] = g * gain;
     gh[i] = g;
     masked[i] = mask ? g * mask[i] : g;
   }
@@ -402,6 +403,20 @@ struct ForwardSynapse {
   scalar_t a, b;
 };
 
+// The coefficients of synapse k (row-major (i, j)) as the sums read them: a = gain·W and
+// b = gain·W·(c - G_p - m)/w² (the offset in float64, rounded once into scalar_t).
+template <typename scalar_t>
+struct Coefficients {
+  const scalar_t* weight;  // (N, N)
+  const double* offset;    // (N, N)
+  scalar_t gain;
+
+  scalar_t a(int64_t k) const { return weight[k] * gain; }
+  scalar_t b(int64_t k) const {
+    return static_cast<scalar_t>(static_cast<double>(a(k)) * offset[k]);
+  }
+};
+
 // Steps of a time block: a synapse whose level is at least kSpan above its class's top chain
 // stage ("far") reads, at the first step t0 of a block, rows that are final for the whole
 // block (diagonals up to t0 + kSpan - 1 - m ≤ t0 - m_b), so the forward sums its input to
@@ -429,7 +444,7 @@ struct SynapseList {
   std::vector<ForwardSynapse<scalar_t>> synapses;
 
   // bytes(j): the ring bytes neuron j's synapses of this kind read at once; keep(s): the kind
-  SynapseList(const Plan& p, const int32_t* slot, const scalar_t* a, const scalar_t* b,
+  SynapseList(const Plan& p, const int32_t* slot, const Coefficients<scalar_t>& coef,
               const std::vector<int64_t>& class_of, const std::function<int64_t(int64_t)>& bytes,
               const std::function<bool(int64_t)>& keep) {
     const int64_t n = p.n;
@@ -454,8 +469,8 @@ struct SynapseList {
           const int32_t s = slot[i * n + j];
           if (!keep(s)) continue;
           synapses.push_back({static_cast<int32_t>(class_of[s] * p.depth),
-                              static_cast<int32_t>(p.slot_level[s] - p.lowest), a[i * n + j],
-                              b[i * n + j]});
+                              static_cast<int32_t>(p.slot_level[s] - p.lowest),
+                              coef.a(i * n + j), coef.b(i * n + j)});
         }
         start.push_back(synapses.size());
       }
@@ -556,16 +571,13 @@ __attribute__((noinline)) DELREC_CONTRACT void gather_far(
 }
 
 template <typename scalar_t>
-void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_rows,
-                  const at::Tensor& b_rows, const at::Tensor& slot_of, const at::Tensor& mask,
-                  const LIFConstants& lif, at::Tensor& spikes_out, at::Tensor& history,
-                  at::Tensor& membrane) {
+void forward_loop(const Plan& p, const at::Tensor& drive, const Coefficients<scalar_t>& coef,
+                  const at::Tensor& slot_of, const at::Tensor& mask, const LIFConstants& lif,
+                  at::Tensor& spikes_out, at::Tensor& history, at::Tensor& membrane) {
   const int64_t steps = drive.size(0), batch = drive.size(1), n = drive.size(2);
   const int64_t nb = n * batch;
   const bool has_mask = mask.defined();
   const scalar_t* drive_p = drive.data_ptr<scalar_t>();  // (T, B, N)
-  const scalar_t* a = a_rows.data_ptr<scalar_t>();       // (N, N): gain·W
-  const scalar_t* b = b_rows.data_ptr<scalar_t>();       // (N, N): gain·W·(c - G_p - m)/w²
   const int32_t* slot = slot_of.data_ptr<int32_t>();     // (N, N): the slot synapse (i, j) reads
   const scalar_t* mask_p = has_mask ? mask.data_ptr<scalar_t>() : nullptr;  // (B, N)
   scalar_t* spikes_p = spikes_out.data_ptr<scalar_t>();  // (T, B, N)
@@ -585,7 +597,7 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_ro
   // near synapses: the ring rows a neuron's near slots read at one step; far synapses: the rows
   // a neuron's far slots read in one block
   const SynapseList<scalar_t> near(
-      p, slot, a, b, class_of,
+      p, slot, coef, class_of,
       [&](int64_t j) {
         int64_t used = 0;
         for (int64_t s = p.slot_start[p.class_start[j]]; s < p.slot_start[p.class_start[j + 1]];
@@ -596,7 +608,7 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const at::Tensor& a_ro
       },
       [&](int64_t s) { return !is_far(s); });
   const SynapseList<scalar_t> far(
-      p, slot, a, b, class_of,
+      p, slot, coef, class_of,
       [&](int64_t j) {
         int64_t rows = 0;
         for (int64_t c = p.class_start[j]; c < p.class_start[j + 1]; ++c) {
@@ -855,9 +867,10 @@ __attribute__((noinline)) DELREC_CONTRACT void sum_far(
 
 template <typename scalar_t>
 void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tensor& history,
-                   const at::Tensor& membrane, const at::Tensor& psi, const at::Tensor& a_m,
-                   const at::Tensor& b_m, const at::Tensor& mask, const at::Tensor& counts,
-                   const LIFConstants& lif, int64_t reach, at::Tensor& grad_h,
+                   const at::Tensor& membrane, const at::Tensor& psi,
+                   const Coefficients<scalar_t>& coef, const int64_t* order,
+                   const at::Tensor& mask, const at::Tensor& counts,
+                   const LIFConstants& lif, int64_t reach, at::Tensor& grad_current,
                    at::Tensor& adjoint, at::Tensor& by_support) {
   const int64_t steps = membrane.size(0), batch = membrane.size(1), n = membrane.size(2);
   const int64_t nb = n * batch;
@@ -869,14 +882,17 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
   const int64_t frames = (steps + 1) * batch;
   const scalar_t* membrane_p = membrane.data_ptr<scalar_t>();   // (T, B, N)
   const scalar_t* psi_p = lif.surrogate == 0 ? psi.data_ptr<scalar_t>() : nullptr;  // (T, B, N)
-  const scalar_t* am = a_m.data_ptr<scalar_t>();                // (N²) in member order
-  const scalar_t* bm = b_m.data_ptr<scalar_t>();
   const scalar_t* mask_p = has_mask ? mask.data_ptr<scalar_t>() : nullptr;  // (B, N)
   const int32_t* count_p = need_support ? counts.data_ptr<int32_t>() : nullptr;  // (N, T+1, B)
-  scalar_t* grad_h_p = grad_h.data_ptr<scalar_t>();   // (T, B, N)
+  scalar_t* grad_current_p = grad_current.data_ptr<scalar_t>();  // (T, B, N): ∂L/∂c
+  const scalar_t gain = coef.gain;
   // (N, T', B'): ∂L/∂r / gain = ∂L/∂h · m, T' a whole number of blocks (zero beyond T)
   scalar_t* adj = adjoint.data_ptr<scalar_t>();
   const int64_t span_steps = adjoint.size(1);
+  for (int64_t i = 0; i < n; ++i) {  // steps T … T' - 1 stay zero (the last block's tail)
+    std::fill(adj + (i * span_steps + steps) * width, adj + (i + 1) * span_steps * width,
+              scalar_t(0));
+  }
   double* support_sum = by_support.data_ptr<double>();  // (N): Σ_t Σ_s K_s·x_s
 
   // injections of the entry adjoints into the recursion of each neuron: (N, R, 2, B'), so that
@@ -922,7 +938,7 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
   // block (each block's sums are added to the ring once): members of slot s in block q are
   // [cut[s, q], cut[s, q+1])
   std::vector<Member<scalar_t>> members(n * n);
-  for (int64_t m = 0; m < n * n; ++m) members[m] = {p.member[m], am[m], bm[m]};
+  for (int64_t m = 0; m < n * n; ++m) members[m] = {p.member[m], coef.a(order[m]), coef.b(order[m])};
   const int64_t block_rows = std::max<int64_t>(
       1, kColumnBytes / (group * static_cast<int64_t>(sizeof(scalar_t))));
   const int64_t per_slot = near_members / std::max<int64_t>(1, near_slots.size());
@@ -964,9 +980,9 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
         for (int64_t i = i0; i < i1; ++i) from_rec[i - i0] = once[i * width + b];
         const int64_t at = now + b * n + i0;
         if (!psi_p) surrogate_row(derivative, neuron.threshold, membrane_p + at, psi, i1 - i0);
-        adjoint_row(neuron, membrane_p + at, psi_p ? psi_p + at : psi, grad_out + at, from_rec,
-                    has_mask ? mask_p + b * n + i0 : nullptr, gh.data() + b * n + i0,
-                    grad_h_p + at, masked, i1 - i0);
+        adjoint_row(neuron, gain, membrane_p + at, psi_p ? psi_p + at : psi, grad_out + at,
+                    from_rec, has_mask ? mask_p + b * n + i0 : nullptr, gh.data() + b * n + i0,
+                    grad_current_p + at, masked, i1 - i0);
         for (int64_t i = i0; i < i1; ++i) g_now[i * width + b] = masked[i - i0];
       }
       for (int64_t i = i0; i < i1; ++i) {
@@ -1228,16 +1244,27 @@ inline void dot_members(const int32_t* member, int64_t m, int64_t m1, const scal
   if constexpr (R > 1) dot_members<R / 2, shared>(member, m, m1, g, stride, z, e, len, dz, de);
 }
 
+// What the gradient sweep makes of the per-synapse sums D0 = Σ ḡ_i Z and D1 = Σ ḡ_i E (module
+// docstring of synaptic.py): ∂L/∂W = gain·(D0 + offset·D1), ∂L/∂d = gain·W·D1/w² and, per
+// presynaptic neuron, Σ_i W·∂L/∂W (the spread gradient's second term), all float64.
+template <typename scalar_t>
+struct Gradients {
+  const scalar_t* weight;  // (N, N)
+  const double* offset;    // (N, N)
+  const double* width;     // (N,)
+  double gain;
+  double *grad_weight, *grad_delay;  // (N, N)
+  double* weighted;                  // (N,)
+};
+
 template <typename scalar_t>
 void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& adjoint,
-                    int64_t batch, at::Tensor& dz, at::Tensor& de) {
+                    int64_t batch, const Gradients<scalar_t>& out) {
   const int64_t n = adjoint.size(0), steps = history.size(1) - 1, width = adjoint.size(2);
   const int64_t stride = adjoint.size(1) * width;  // one neuron's adjoint
   const bool* hist = history.data_ptr<bool>();        // (N, T+1, B)
   const int64_t frames = (steps + 1) * batch;
   const scalar_t* adj = adjoint.data_ptr<scalar_t>();  // (N, T', B')
-  double* dz_p = dz.data_ptr<double>();                // (N, N): Σ ḡ_i Z
-  double* de_p = de.data_ptr<double>();                // (N, N): Σ ḡ_i E
 
   // Each thread takes its presynaptic neurons j in groups and sweeps time chunk by chunk over a
   // group: per class of each j, its levels over the chunk (the chain levels' values in `levels`,
@@ -1359,12 +1386,20 @@ void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& 
           }
         }
       }
-      for (int64_t i = 0; i < n; ++i) {  // into (N, N)
-        for (int64_t j = j0; j < j1; ++j) {
-          const double* sz = sums.data() + (j - j0) * 2 * n + i;
-          dz_p[i * n + j] += sz[0];
-          de_p[i * n + j] += sz[n];
+      for (int64_t j = j0; j < j1; ++j) {  // the group's gradients
+        const double* d0 = sums.data() + (j - j0) * 2 * n;
+        const double* d1 = d0 + n;
+        const double inv_w2 = 1.0 / (out.width[j] * out.width[j]);
+        double weighted = 0.0;
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t k = i * n + j;
+          const double w = out.weight[k];
+          const double by_weight = out.gain * (d0[i] + out.offset[k] * d1[i]);
+          out.grad_weight[k] = by_weight;
+          out.grad_delay[k] = out.gain * w * d1[i] * inv_w2;
+          weighted += w * by_weight;
         }
+        out.weighted[j] = weighted;
       }
       j0 = j1;
     }
@@ -1524,15 +1559,24 @@ std::vector<at::Tensor> plan(const at::Tensor& centre, const at::Tensor& width) 
           offset_by_column.t().contiguous()};
 }
 
-void forward(const at::Tensor& drive, const at::Tensor& a_rows, const at::Tensor& b_rows,
-             const at::Tensor& slot_of, const c10::optional<at::Tensor>& mask,
+// The coefficients' inputs: weight (N, N) in the kernel's scalar type, offset (N, N) float64.
+void check_coefficients(const at::Tensor& weight, const at::Tensor& offset, const at::Tensor& like,
+                        int64_t n) {
+  check(weight.is_contiguous() && weight.numel() == n * n &&
+            weight.scalar_type() == like.scalar_type(),
+        "weight must be a contiguous (N, N) tensor of the sequences' dtype");
+  check(offset.is_contiguous() && offset.numel() == n * n && offset.scalar_type() == at::kDouble,
+        "offset must be a contiguous (N, N) float64 tensor");
+}
+
+void forward(const at::Tensor& drive, const at::Tensor& weight, const at::Tensor& offset,
+             double gain, const at::Tensor& slot_of, const c10::optional<at::Tensor>& mask,
              const std::vector<at::Tensor>& plan_tensors, int64_t depth, int64_t lowest,
              double leak, double v0, double threshold, double v_reset, bool soft_reset,
              at::Tensor spikes, at::Tensor history, at::Tensor membrane) {
   const int64_t n = drive.size(2);
-  check(drive.is_contiguous() && drive.dim() == 3 && a_rows.is_contiguous() &&
-            b_rows.is_contiguous() && a_rows.numel() == n * n && b_rows.numel() == n * n,
-        "drive (T, B, N) and coefficients (N, N) must be contiguous");
+  check(drive.is_contiguous() && drive.dim() == 3, "drive (T, B, N) must be contiguous");
+  check_coefficients(weight, offset, drive, n);
   check(slot_of.is_contiguous() && slot_of.scalar_type() == at::kInt && slot_of.numel() == n * n,
         "slot_of must be a contiguous (N, N) int32 tensor");
   const Plan p = plan_of(plan_tensors, depth, lowest);
@@ -1540,22 +1584,27 @@ void forward(const at::Tensor& drive, const at::Tensor& a_rows, const at::Tensor
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const LIFConstants lif{leak, v0, threshold, v_reset, soft_reset, false};
   AT_DISPATCH_FLOATING_TYPES(drive.scalar_type(), "delrec_synaptic_forward", [&] {
-    forward_loop<scalar_t>(p, drive, a_rows, b_rows, slot_of, mask_c, lif, spikes, history,
-                           membrane);
+    const Coefficients<scalar_t> coef{weight.data_ptr<scalar_t>(), offset.data_ptr<double>(),
+                                      static_cast<scalar_t>(gain)};
+    forward_loop<scalar_t>(p, drive, coef, slot_of, mask_c, lif, spikes, history, membrane);
   });
 }
 
 void backward(const at::Tensor& grad_spikes, const at::Tensor& history,
-              const at::Tensor& membrane, const at::Tensor& psi, const at::Tensor& a_members,
-              const at::Tensor& b_members, const c10::optional<at::Tensor>& mask,
-              const c10::optional<at::Tensor>& counts, const std::vector<at::Tensor>& plan_tensors,
-              int64_t depth, int64_t lowest, double leak, double threshold, double v_reset,
-              bool soft_reset, bool detach_reset, int64_t surrogate, double surrogate_param,
-              int64_t reach, at::Tensor grad_h, at::Tensor adjoint, at::Tensor by_support) {
+              const at::Tensor& membrane, const at::Tensor& psi, const at::Tensor& weight,
+              const at::Tensor& offset, double gain, const at::Tensor& order,
+              const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& counts,
+              const std::vector<at::Tensor>& plan_tensors, int64_t depth, int64_t lowest,
+              double leak, double threshold, double v_reset, bool soft_reset, bool detach_reset,
+              int64_t surrogate, double surrogate_param, int64_t reach, at::Tensor grad_current,
+              at::Tensor adjoint, at::Tensor by_support) {
+  const int64_t n = membrane.size(2);
   check(grad_spikes.is_contiguous() && membrane.is_contiguous() &&
-            (surrogate != 0 || psi.is_contiguous()) && a_members.is_contiguous() &&
-            b_members.is_contiguous(),
-        "sequences and coefficients must be contiguous");
+            (surrogate != 0 || psi.is_contiguous()),
+        "sequences must be contiguous");
+  check_coefficients(weight, offset, membrane, n);
+  check(order.is_contiguous() && order.scalar_type() == at::kLong && order.numel() == n * n,
+        "order must be a contiguous (N²) int64 tensor");
   check(by_support.scalar_type() == at::kDouble, "by_support must be float64");
   check(!counts.has_value() || counts->scalar_type() == at::kInt, "counts must be int32");
   const Plan p = plan_of(plan_tensors, depth, lowest);
@@ -1564,22 +1613,35 @@ void backward(const at::Tensor& grad_spikes, const at::Tensor& history,
   const LIFConstants lif{leak,       0.0,          threshold, v_reset, soft_reset,
                          detach_reset, surrogate, surrogate_param};
   AT_DISPATCH_FLOATING_TYPES(membrane.scalar_type(), "delrec_synaptic_backward", [&] {
-    backward_loop<scalar_t>(p, grad_spikes, history, membrane, psi, a_members, b_members, mask_c,
-                            counts_c, lif, reach, grad_h, adjoint, by_support);
+    const Coefficients<scalar_t> coef{weight.data_ptr<scalar_t>(), offset.data_ptr<double>(),
+                                      static_cast<scalar_t>(gain)};
+    backward_loop<scalar_t>(p, grad_spikes, history, membrane, psi, coef,
+                            order.data_ptr<int64_t>(), mask_c, counts_c, lif, reach, grad_current,
+                            adjoint, by_support);
   });
 }
 
 void gradients(const at::Tensor& history, const at::Tensor& adjoint, int64_t batch,
                const std::vector<at::Tensor>& plan_tensors, int64_t depth, int64_t lowest,
-               at::Tensor dz, at::Tensor de) {
+               const at::Tensor& weight, const at::Tensor& offset, const at::Tensor& width,
+               double gain, at::Tensor grad_weight, at::Tensor grad_delay, at::Tensor weighted) {
+  const int64_t n = adjoint.size(0);
   check(adjoint.is_contiguous() && adjoint.dim() == 3 &&
-            adjoint.size(2) * adjoint.element_size() % 64 == 0 &&
-            dz.scalar_type() == at::kDouble && de.scalar_type() == at::kDouble,
-        "adjoint must be contiguous (N, T, B') with B' a whole number of cache lines, the sums "
-        "(N, N) float64");
+            adjoint.size(2) * adjoint.element_size() % 64 == 0,
+        "adjoint must be contiguous (N, T, B') with B' a whole number of cache lines");
+  check_coefficients(weight, offset, adjoint, n);
+  for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{
+           &width, &grad_weight, &grad_delay, &weighted}) {
+    check(x->is_contiguous() && x->scalar_type() == at::kDouble,
+          "widths and the gradient outputs must be contiguous float64 tensors");
+  }
   const Plan p = plan_of(plan_tensors, depth, lowest);
   AT_DISPATCH_FLOATING_TYPES(adjoint.scalar_type(), "delrec_synaptic_gradients", [&] {
-    gradient_sweep<scalar_t>(p, history, adjoint, batch, dz, de);
+    const Gradients<scalar_t> out{weight.data_ptr<scalar_t>(), offset.data_ptr<double>(),
+                                  width.data_ptr<double>(),    gain,
+                                  grad_weight.data_ptr<double>(), grad_delay.data_ptr<double>(),
+                                  weighted.data_ptr<double>()};
+    gradient_sweep<scalar_t>(p, history, adjoint, batch, out);
   });
 }
 
@@ -1589,7 +1651,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "delrec: fused time loops of the synaptic-delay engine (shifted reads of class rings)";
   m.def("plan", &plan, "the classes, levels and slots of each neuron and what each synapse reads");
   m.def("forward", &forward, "spikes, spike history and membrane of a synaptic-delay LIF layer");
-  m.def("backward", &backward, "reverse loop: ∂L/∂h, the adjoint ∂L/∂r (N, T, B), Σ K·x");
-  m.def("gradients", &gradients, "per-synapse sums Σ ḡ·Z and Σ ḡ·E over time and batch");
+  m.def("backward", &backward, "reverse loop: ∂L/∂c, the adjoint ∂L/∂r (N, T, B), Σ K·x");
+  m.def("gradients", &gradients, "∂L/∂W, ∂L/∂d and Σ_i W·∂L/∂W from the sweep's dot products");
   m.attr("span") = kSpan;
 }
