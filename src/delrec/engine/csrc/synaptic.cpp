@@ -1370,8 +1370,10 @@ void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& 
                 z = stage_z + at * width;
                 e = stage_e + at * width;
               }
+              // tiles of 8, 4 and 2 members share the level's loads; a last single member
+              // joins the mixed tiles (a tile of one runs two chains of FMAs only)
               const int64_t m0 = p.member_start[s], m1 = p.member_start[s + 1];
-              const int64_t whole = m0 + (m1 - m0) / kTile * kTile;
+              const int64_t whole = m1 - (kTile > 1 ? (m1 - m0) % 2 : 0);
               dot_members<kTile, true>(p.member, m0, whole, adj + t0 * width, stride, &z, &e,
                                        len * width, sz, sz + n);
               for (int64_t q = whole; q < m1; ++q) {
