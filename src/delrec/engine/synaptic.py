@@ -14,8 +14,9 @@ sees
 
 and every level of a class is one row of the class's **ring**, indexed by diagonal ``t - m``:
 one triangle and ε-box recursion per class enters its lowest used level ``m_a``, a chain of
-lag-0 terms carries each row up to level 0 (at most ``⌈w⌉`` stages, float64), and from level 0
-on a row never changes (levels above ``w`` are pure time shifts). A step costs two
+lag-0 terms carries each row up to level 0 (at most ``⌈w⌉`` stages, in the layer's dtype on
+the ring's rows; the entry's state is float64), and from level 0 on a row never changes
+(levels above ``w`` are pure time shifts). A step costs two
 multiply-adds of length ``B`` per synapse plus O(classes·w·B) per neuron, whatever the delay
 range. The slot ``(p, m)`` groups the synapses reading the same level. A centre on a kink gets
 the pattern the reference's autograd convention gives it (``|x|' = 0`` at 0, the clamp passes

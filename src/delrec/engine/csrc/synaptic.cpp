@@ -7,9 +7,9 @@
 // u = t - m, each row holding (Z, E) over the batch:
 //     r_i[t] = Σ_j a_ij Z[row t - m_ij] + b_ij E[row t - m_ij]
 // (a = gain·W, b = gain·W·(c - G_p - m)/w²). Per class and step, one triangle and ε-box
-// recursion enters the lowest used level m_a (in float64; E exact), a chain of lag-0 terms
-// carries the rows up to level 0 (at most ⌈w⌉ stages), and rows of levels ≥ 0 never change
-// again: the work per step does not depend on the delay range.
+// recursion enters the lowest used level m_a (float64 state; E exact), a chain of lag-0 terms
+// carries the rows up to level 0 (at most ⌈w⌉ stages, one rounding in scalar_t each), and rows
+// of levels ≥ 0 never change again: the work per step does not depend on the delay range.
 //
 // Layouts are neuron-major ((N, T+1, B) spike history and prefix counts, (T, N, B) membrane,
 // (N, T, B') adjoint ∂L/∂r, B' padded to whole cache lines) so that batch rows are contiguous;
@@ -197,16 +197,16 @@ Plan plan_of(const std::vector<at::Tensor>& t, int64_t depth, int64_t lowest) {
 }
 
 // The entry recursions of one class over a batch row: z and its slope D/w² (float64, three
-// triangle taps x) and E (exact, four ε-box taps y); taps are 0/1 bytes. Writes z into z_out
-// (float64) and E into e_out. Out of line: with its own restrict pointers the compiler
-// vectorises it, inlined it doesn't.
+// triangle taps x) and E (exact, four ε-box taps y); taps are 0/1 bytes. Writes z (rounded once
+// to scalar_t) into z_out and E into e_out. Out of line: with its own restrict pointers the
+// compiler vectorises it, inlined it doesn't.
 template <typename scalar_t>
 __attribute__((noinline)) void entry_step(
     const uint8_t* __restrict x0, const uint8_t* __restrict x1, const uint8_t* __restrict x2,
     const uint8_t* __restrict y0, const uint8_t* __restrict y1, const uint8_t* __restrict y2,
     const uint8_t* __restrict y3, const double* __restrict c, int64_t batch,
     double* __restrict z, double* __restrict d, int32_t* __restrict e,
-    double* __restrict z_out, scalar_t* __restrict e_out) {
+    scalar_t* __restrict z_out, scalar_t* __restrict e_out) {
   const double c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3], c4 = c[4], c5 = c[5];
   for (int64_t b = 0; b < batch; ++b) {
     const double s0 = x0[b], s1 = x1[b], s2 = x2[b];
@@ -214,44 +214,32 @@ __attribute__((noinline)) void entry_step(
     z[b] = zb + (s0 * c0 + s1 * c1 + s2 * c2);
     d[b] += s0 * c3 + s1 * c4 + s2 * c5;
     e[b] += (static_cast<int32_t>(y1[b]) + y2[b]) - (static_cast<int32_t>(y0[b]) + y3[b]);
-    z_out[b] = z[b];
+    z_out[b] = static_cast<scalar_t>(z[b]);
     e_out[b] = static_cast<scalar_t>(e[b]);
   }
 }
 
-// One chain stage over a batch row: z += a·s, e += ε·s for the newest spikes s (as float64 and
-// as scalar_t).
+// One chain stage over a batch row: z += a·s, e += ε·s for the newest spikes s (0/1).
 template <typename scalar_t>
-__attribute__((noinline)) void chain_step(const double* __restrict s, const scalar_t* __restrict s_t,
-                                          double a, scalar_t eps, int64_t batch,
-                                          double* __restrict z, scalar_t* __restrict e) {
+__attribute__((noinline)) void chain_step(const scalar_t* __restrict s, scalar_t a, scalar_t eps,
+                                          int64_t batch, scalar_t* __restrict z,
+                                          scalar_t* __restrict e) {
   for (int64_t b = 0; b < batch; ++b) {
     z[b] += a * s[b];
-    e[b] += eps * s_t[b];
+    e[b] += eps * s[b];
   }
 }
 
-// The newest spikes of a neuron (0/1 bytes) as float64 and as scalar_t.
+// The newest spikes of a neuron (0/1 bytes) as scalar_t.
 template <typename scalar_t>
 __attribute__((noinline)) void widen(const uint8_t* __restrict s, int64_t batch,
-                                     double* __restrict s_d, scalar_t* __restrict s_t) {
-  for (int64_t b = 0; b < batch; ++b) {
-    s_d[b] = s[b];
-    s_t[b] = s[b];
-  }
+                                     scalar_t* __restrict out) {
+  for (int64_t b = 0; b < batch; ++b) out[b] = static_cast<scalar_t>(s[b]);
 }
 
-template <typename scalar_t>
-__attribute__((noinline)) void narrow(const double* __restrict z, int64_t batch,
-                                      scalar_t* __restrict out) {
-  for (int64_t b = 0; b < batch; ++b) out[b] = static_cast<scalar_t>(z[b]);
-}
-
-// The per-class state of the generator of a class's levels (forward pass and gradient sweep):
-// the entry recursions (z, D/w², E over the batch) and the chain rows, float64 z by diagonal
-// (the stage values of diagonals t - m_b … t - m_a live at rows (t - m) mod stages).
+// The state of a class's entry recursions over the batch: z and its slope D/w² (float64), E.
 struct ClassState {
-  double *z, *d, *chain_z;
+  double *z, *d;
   int32_t* e;
 };
 
@@ -263,51 +251,47 @@ struct ClassStates {
   std::vector<ClassState> states;
   int64_t first;
 
-  ClassStates(const Plan& p, int64_t c0, int64_t c1, int64_t width) : first(c0) {
-    int64_t rows = 0;
-    for (int64_t c = c0; c < c1; ++c) rows += 2 + p.stages(c);
-    values.assign(rows * width, 0.0);
-    counts.assign((c1 - c0) * width, 0);
-    double* at = values.data();
+  ClassStates(int64_t c0, int64_t c1, int64_t width)
+      : values(2 * (c1 - c0) * width, 0.0), counts((c1 - c0) * width, 0), first(c0) {
     for (int64_t c = c0; c < c1; ++c) {
-      states.push_back({at, at + width, at + 2 * width, counts.data() + (c - c0) * width});
-      at += (2 + p.stages(c)) * width;
+      double* at = values.data() + 2 * (c - c0) * width;
+      states.push_back({at, at + width, counts.data() + (c - c0) * width});
     }
   }
   ClassState& operator[](int64_t c) { return states[c - first]; }
 };
 
-// Advances class c of neuron j (spike history `history_j`, (T+1, B), frame t+1 = step t; its
-// spikes at t - 1 as float64 `newest` and as scalar_t `newest_t`) to time t: the chain stages of
-// diagonals t - m_b … t - m_a + 1, then the entry recursion into stage m_a of diagonal t - m_a.
-// chain_e(m) points at the E row of diagonal t - m (the caller's storage; E is exact in
-// scalar_t). After the call, chain_z row chain_row(t, m_b) + (m_b - m) (mod stages) holds Z of
-// level m at t for m_a ≤ m ≤ m_b, and chain_e(m) its E.
+// The row (within `stages` rows by diagonal) of diagonal t - m_b: the chain rows of a class
+// hold diagonals t - m_b … t - m_a, diagonal t - m at row chain_row + (m_b - m) (mod stages).
 inline int64_t chain_row(const Plan& p, int64_t c, int64_t t) {
   const int64_t stages = p.stages(c);
   return ((t - p.m_b(c)) % stages + stages) % stages;
 }
 
-template <typename scalar_t, typename ChainE>
+// Advances class c of neuron j (spike history `history_j`, (T+1, B), frame t+1 = step t; its
+// spikes at t - 1 as scalar_t `newest`) to time t: the chain stages of diagonals t - m_b …
+// t - m_a + 1 (one rounding in scalar_t each), then the entry recursion into stage m_a of
+// diagonal t - m_a. row(m) points at the (Z, E) row of diagonal t - m (Z, then E at +width: the
+// caller's storage, a ring or the chain rows).
+template <typename scalar_t, typename Row>
 void advance_class(const Plan& p, int64_t c, int64_t t, int64_t batch, int64_t width,
-                   const bool* history_j, const double* newest, const scalar_t* newest_t,
-                   ClassState& st, const ChainE& chain_e) {
+                   const bool* history_j, const scalar_t* newest, ClassState& st,
+                   const Row& row) {
   auto frame = [&](int64_t lag) {  // as bytes: the compiler vectorises byte loads, not bool
     return reinterpret_cast<const uint8_t*>(history_j) + std::max<int64_t>(t - lag + 1, 0) * batch;
   };
-  const int64_t m_a = p.m_a(c), stages = p.stages(c);
-  int64_t row = chain_row(p, c, t);  // diagonal t - m, from m = m_b down
+  const int64_t m_a = p.m_a(c);
   for (int64_t m = p.m_b(c); m > m_a; --m) {  // s[t - 1] reaches every stage
     const double* stage = p.chain + 3 * (p.chain_start[c] + m - m_a - 1);
-    chain_step(newest, newest_t, stage[0], static_cast<scalar_t>(stage[1]), batch,
-               st.chain_z + row * width, chain_e(m));
-    row = row + 1 == stages ? 0 : row + 1;
+    scalar_t* z = row(m);
+    chain_step(newest, static_cast<scalar_t>(stage[0]), static_cast<scalar_t>(stage[1]), batch,
+               z, z + width);
   }
   const int64_t* zl = p.z_lags + 3 * c;
   const int64_t* el = p.e_lags + 4 * c;
+  scalar_t* z = row(m_a);
   entry_step(frame(zl[0]), frame(zl[1]), frame(zl[2]), frame(el[0]), frame(el[1]), frame(el[2]),
-             frame(el[3]), p.z_coef + 6 * c, batch, st.z, st.d, st.e, st.chain_z + row * width,
-             chain_e(m_a));
+             frame(el[3]), p.z_coef + 6 * c, batch, st.z, st.d, st.e, z, z + width);
 }
 
 // The LIF update over `count` neurons of one batch row (batch-major sequences; mask may be
@@ -623,7 +607,7 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const Coefficients<sca
       is_far);
   // the rings (C·depth rows of Z then E, B' lanes each) and the class states
   Buffer<scalar_t> ring(p.classes * p.depth * 2 * width, scalar_t(0));
-  ClassStates state(p, 0, p.classes, width);
+  ClassStates state(0, p.classes, width);
   // the far synapses' input to the steps of the current block, (N, kSpan, B')
   Buffer<scalar_t> future(far.empty() ? 0 : n * kSpan * width, scalar_t(0));
   Buffer<scalar_t> recurrent(n * width);  // (N, B'): r_i at t
@@ -634,23 +618,16 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const Coefficients<sca
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t head = (t - p.lowest) % p.depth;
     at::parallel_for(0, n, 1, [&](int64_t j0, int64_t j1) {  // the rings at t
-      Buffer<double> newest(width);
-      Buffer<scalar_t> newest_t(width);
+      Buffer<scalar_t> newest(width);
       for (int64_t j = j0; j < j1; ++j) {
         widen(reinterpret_cast<const uint8_t*>(hist + j * frames + t * batch), batch,
-              newest.data(), newest_t.data());
+              newest.data());
         for (int64_t c = p.class_start[j]; c < p.class_start[j + 1]; ++c) {
           scalar_t* rows = ring.data() + c * p.depth * 2 * width;
-          auto row = [&](int64_t m) { return rows + p.ring_row_at(head, m) * 2 * width; };
           advance_class<scalar_t>(p, c, t, batch, width, hist + j * frames, newest.data(),
-                                  newest_t.data(), state[c],
-                                  [&](int64_t m) { return row(m) + width; });
-          const int64_t stages = p.stages(c);
-          int64_t at = chain_row(p, c, t);
-          for (int64_t m = p.m_b(c); m >= p.m_a(c); --m) {  // float copies of the chain's z
-            narrow(state[c].chain_z + at * width, batch, row(m));
-            at = at + 1 == stages ? 0 : at + 1;
-          }
+                                  state[c], [&](int64_t m) {
+                                    return rows + p.ring_row_at(head, m) * 2 * width;
+                                  });
         }
       }
     });
@@ -1281,7 +1258,7 @@ void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& 
   auto state_bytes = [&](int64_t j) {
     int64_t bytes = 0;
     for (int64_t c = p.class_start[j]; c < p.class_start[j + 1]; ++c) {
-      bytes += p.stages(c) * width * (8 + sizeof(scalar_t)) + 4 * history_rows(c) * row_bytes;
+      bytes += 2 * p.stages(c) * row_bytes + 4 * history_rows(c) * row_bytes;
     }
     return bytes;
   };
@@ -1297,8 +1274,7 @@ void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& 
     }
     Buffer<scalar_t> levels(most_levels * 2 * chunk * width);
     std::vector<const scalar_t*> z_of, e_of;  // per member of a class: its level's values
-    Buffer<double> newest(width);              // a neuron's spikes at t - 1
-    Buffer<scalar_t> newest_t(width);
+    Buffer<scalar_t> newest(width);            // a neuron's spikes at t - 1
     std::vector<int32_t> mixed;               // members left over from whole tiles
     std::vector<double> sums;
     for (int64_t j0 = begin; j0 < end;) {
@@ -1309,10 +1285,11 @@ void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& 
         bytes += state_bytes(j1++);
       }
       const int64_t c0 = p.class_start[j0], c1 = p.class_start[j1];
-      ClassStates state(p, c0, c1, width);
-      std::vector<Buffer<scalar_t>> chain_e(c1 - c0), stage(c1 - c0);
+      ClassStates state(c0, c1, width);
+      // per class: its chain rows ((Z, E) by diagonal, `stages` rows) and its stage history
+      std::vector<Buffer<scalar_t>> chain(c1 - c0), stage(c1 - c0);
       for (int64_t c = c0; c < c1; ++c) {
-        chain_e[c - c0].assign(p.stages(c) * width, scalar_t(0));
+        chain[c - c0].assign(2 * p.stages(c) * width, scalar_t(0));
         stage[c - c0].assign(4 * history_rows(c) * width, scalar_t(0));  // Z, E; doubled
       }
       sums.assign((j1 - j0) * 2 * n, 0.0);
@@ -1329,29 +1306,27 @@ void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& 
             for (int64_t u = 0; u < len; ++u) {
               const int64_t t = t0 + u;
               widen(reinterpret_cast<const uint8_t*>(hist + j * frames + t * batch), batch,
-                    newest.data(), newest_t.data());
+                    newest.data());
               const int64_t base = chain_row(p, c, t);  // the row of diagonal t - m_b
-              auto row_of = [&](int64_t m) {              // the row of diagonal t - m
+              auto row = [&](int64_t m) {                 // the (Z, E) row of diagonal t - m
                 const int64_t r = base + (p.m_b(c) - m);
-                return (r >= stages ? r - stages : r) * width;
+                return chain[c - c0].data() + (r >= stages ? r - stages : r) * 2 * width;
               };
               advance_class<scalar_t>(p, c, t, batch, width, hist + j * frames, newest.data(),
-                                      newest_t.data(), st, [&](int64_t m) {
-                                        return chain_e[c - c0].data() + row_of(m);
-                                      });
+                                      st, row);
               int64_t k = 0;  // the chain levels this class uses, in slot order
               for (int64_t s = s0; s < s1 && p.slot_level[s] <= p.m_b(c); ++s, ++k) {
-                const int64_t row = row_of(p.slot_level[s]);
+                const scalar_t* from = row(p.slot_level[s]);
                 scalar_t* out = levels.data() + (2 * k * chunk + u) * width;
-                narrow(st.chain_z + row, batch, out);
-                std::copy_n(chain_e[c - c0].data() + row, batch, out + chunk * width);
+                std::copy_n(from, batch, out);
+                std::copy_n(from + width, batch, out + chunk * width);
               }
               if (rows > 0) {  // diagonal t - m_b leaves the chain: into the stage history
-                const int64_t row = base * width;
+                const scalar_t* from = row(p.m_b(c));
                 const int64_t at = ((t - p.m_b(c)) % rows + rows) % rows;
                 for (const int64_t h : {at, at + rows}) {
-                  narrow(st.chain_z + row, batch, stage_z + h * width);
-                  std::copy_n(chain_e[c - c0].data() + row, batch, stage_e + h * width);
+                  std::copy_n(from, batch, stage_z + h * width);
+                  std::copy_n(from + width, batch, stage_e + h * width);
                 }
               }
             }
