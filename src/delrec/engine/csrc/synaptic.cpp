@@ -11,20 +11,24 @@
 // carries the rows up to level 0 (at most ⌈w⌉ stages, one rounding in scalar_t each), and rows
 // of levels ≥ 0 never change again: the work per step does not depend on the delay range.
 //
-// Layouts are neuron-major ((N, T+1, B) spike history and prefix counts, (T, N, B) membrane,
-// (N, T, B') adjoint ∂L/∂r, B' padded to whole cache lines) so that batch rows are contiguous;
-// what the layer exchanges with the network is batch-major (T, B, N).
+// The recursions and sums run neuron-major ((N, T+1, B) spike history and prefix counts, rings
+// and adjoint (N, T', B') of ∂L/∂r, B' padded to whole cache lines) so that batch rows are
+// contiguous; the LIF update and its adjoint run batch-major (T, B, N) like the layer's
+// sequences and its saved membrane, each step transposing 16-neuron blocks.
 //
 // plan:      classes, levels and slots (class, level) of every neuron and what each synapse reads.
 // forward:   per step, each class's entry recursion and chain into its ring, then r_i gathered per
 //            postsynaptic neuron (sums in registers, the rings of a block of presynaptic neurons
-//            in L1), then the LIF update.
+//            in L1; synapses far above the chain read in blocks of kSpan steps), then the LIF
+//            update.
 // backward:  per reverse step, the adjoint of the spikes (one float64 recursion per neuron fed by
 //            a ring of injections, plus one-off lag-1 terms), the LIF adjoint, the slot sums of
-//            a·ḡ and b·ḡ added into each class's adjoint ring at row t - m, then per class the
-//            chain's lag-1 term and the entry row's injections at its taps, and Σ K·x.
+//            a·ḡ and b·ḡ added into each class's adjoint ring at row t - m (far slots once per
+//            block), then per class the chain's lag-1 term and the entry row's injections at its
+//            taps, and Σ K·x.
 // gradients: a second forward sweep of the classes, in chunks of time, dotting each level's
-//            values with the stored adjoint: D0_ij = Σ ḡ_i Z, D1_ij = Σ ḡ_i E.
+//            values with the stored adjoint: D0_ij = Σ ḡ_i Z, D1_ij = Σ ḡ_i E, then ∂L/∂W and
+//            ∂L/∂d.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #if defined(__AVX512F__)
@@ -53,8 +57,8 @@ using delrec::SurrogateDerivative;
 constexpr int64_t kGroupBlocks = 4;
 constexpr int64_t kColumnBytes = 1 << 15;
 // the gradient sweep: longest chunk of time, the adjoint over one chunk (all neurons) that is
-// kept in cache, the per-synapse sums of one group of neurons and the class state (chain rows,
-// stage histories) of one group
+// kept in cache, the per-synapse sums of one group of neurons and the class states (entry
+// recursions, chain rows, stage histories) of one group
 constexpr int64_t kChunk = 64;
 constexpr int64_t kAdjointBytes = 1 << 20;
 constexpr int64_t kSumBytes = 1 << 18;
@@ -125,8 +129,8 @@ using Buffer = std::vector<T, CacheLines<T>>;
 // the lowest used level (where the entry recursion runs), the top chain stage and the highest
 // used level; the entry's triangle taps (lags, increments of z and of its slope) and ε-box taps
 // (signs -, +, +, -), its closed support [lo, hi]; its chain stages m_a+1 … m_b with the lag-0
-// values (a, e, χ) of the level below each. Rings have `depth` rows per class; the row of
-// diagonal u at time t is (t - lowest - (t - u - lowest)) mod depth, see ring_row.
+// values (a, e, χ) of the level below each. Rings have `depth` rows per class: diagonal u is
+// row u mod depth (see ring_row_at).
 struct Plan {
   int64_t n, classes, slots, depth, lowest;
   const int64_t* class_start;   // (N+1): classes of neuron j
@@ -147,9 +151,8 @@ struct Plan {
   int64_t m_top(int64_t c) const { return levels[3 * c + 2]; }
   // rows of the class's chain stages m_a … m_b (a ring by diagonal)
   int64_t stages(int64_t c) const { return m_b(c) - m_a(c) + 1; }
-  // the ring row (within a class's `depth` rows) that level m reads at time t: diagonal t - m;
-  // head = (t - lowest) mod depth
-  int64_t ring_row(int64_t t, int64_t m) const { return ring_row_at((t - lowest) % depth, m); }
+  // the ring row (within a class's `depth` rows) that level m reads at time t, diagonal t - m,
+  // where head = (t - lowest) mod depth
   int64_t ring_row_at(int64_t head, int64_t m) const {
     const int64_t row = head - (m - lowest);
     return row < 0 ? row + depth : row;
@@ -379,7 +382,7 @@ void with_blocks(int64_t blocks, const Fn& fn) {
 }
 
 // One synapse as the forward's sums read it: its class's first ring row, its level minus the
-// plan's lowest (the ring row it reads at time t is row + Plan::ring_row), a = gain·W and
+// plan's lowest (the ring row it reads at time t is row + Plan::ring_row_at), a = gain·W and
 // b = gain·W·(c - G_p - m)/w².
 template <typename scalar_t>
 struct ForwardSynapse {
@@ -915,7 +918,9 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
   // block (each block's sums are added to the ring once): members of slot s in block q are
   // [cut[s, q], cut[s, q+1])
   std::vector<Member<scalar_t>> members(n * n);
-  for (int64_t m = 0; m < n * n; ++m) members[m] = {p.member[m], coef.a(order[m]), coef.b(order[m])};
+  for (int64_t m = 0; m < n * n; ++m) {
+    members[m] = {p.member[m], coef.a(order[m]), coef.b(order[m])};
+  }
   const int64_t block_rows = std::max<int64_t>(
       1, kColumnBytes / (group * static_cast<int64_t>(sizeof(scalar_t))));
   const int64_t per_slot = near_members / std::max<int64_t>(1, near_slots.size());
@@ -971,7 +976,8 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
       const int64_t k0 = near_start[j0], count = near_start[j1] - k0;
       for (int64_t k = k0; k < k0 + count; ++k) {  // x = Σ a·ḡ_i, e = Σ b·ḡ_i reach row t - m
         const int64_t s = near_slots[k];
-        to[s] = ring.data() + (class_of[s] * p.depth + p.ring_row_at(head, p.slot_level[s])) * 2 * width;
+        const int64_t row = class_of[s] * p.depth + p.ring_row_at(head, p.slot_level[s]);
+        to[s] = ring.data() + row * 2 * width;
       }
       for (int64_t lane = 0; lane < width; lane += group) {
         for (int64_t q = 0; q < row_blocks; ++q) {
