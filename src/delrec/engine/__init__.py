@@ -6,7 +6,9 @@ An engine *path* runs the whole recurrence of a layer over a sequence::
              neuron, mask (B, N) or None) -> spikes (T, B, N)
 
 (row of ``weight`` = postsynaptic neuron; delays and half-width in steps, one width per
-presynaptic neuron; ``mask``: recurrent dropout fixed over time). :data:`PATHS` holds every
+presynaptic neuron; ``mask``: recurrent dropout fixed over time). An empty batch (``B = 0``)
+never reaches a path's function: :class:`EnginePath` answers it with an empty spike tensor
+connected to every input, whose gradients are zeros of their shapes. :data:`PATHS` holds every
 path by name, in order of preference; :func:`select` returns the one that runs a layer's
 configuration here, and the layer runs it. Nothing falls back at run time.
 
@@ -30,6 +32,7 @@ layer with ``DelRec(..., engine=name)``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,7 +60,8 @@ class EnginePath:
     :class:`~delrec.neurons.LIF`; ``grad``: differentiable; ``integer_only``: only integer-delay
     inference without autograd; ``runs_on(device)``: whether it can run on that device here
     (the C++ kernels built, a GPU library importable); it warns once itself when it should
-    (``delrec.engine.native.load`` does for the C++ kernels).
+    (``delrec.engine.native.load`` does for the C++ kernels). ``run`` is kept wrapped so that
+    an empty batch never reaches it (module docstring).
     """
 
     name: str
@@ -67,6 +71,10 @@ class EnginePath:
     grad: bool = True
     integer_only: bool = False
     runs_on: Callable[[torch.device], bool] = _anywhere
+
+    def __post_init__(self):
+        if not getattr(self.run, "empty_batch_safe", False):
+            object.__setattr__(self, "run", _empty_batch_safe(self.run))
 
     def supports(self, delay_type: str, neuron: nn.Module, integer: bool, grad: bool) -> bool:
         """True if this path computes the configuration: its delay type, neuron, whether the
@@ -81,6 +89,25 @@ class EnginePath:
     def available(self, device: torch.device | str) -> bool:
         """True if this path can run on ``device`` here."""
         return self.runs_on(torch.device(device))
+
+
+def _empty_batch_safe(run: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``run``, except that a batch of ``B = 0`` sequences is answered here: spikes
+    ``(T, 0, N)`` connected to ``current``, ``weight``, ``delay`` and ``width`` (zero gradients
+    of their shapes). The C++ kernels divide work by ``B``; no path needs to handle it."""
+
+    @functools.wraps(run)
+    def guarded(current, weight, delay, width, neuron, mask=None):
+        if current.shape[1] > 0:
+            return run(current, weight, delay, width, neuron, mask)
+        spikes = current * 0.0
+        for value in (weight, delay, width):
+            if torch.is_tensor(value):
+                spikes = spikes + value.sum() * 0.0
+        return spikes
+
+    guarded.empty_batch_safe = True
+    return guarded
 
 
 def _cpu_kernels(name: str) -> Callable[[torch.device], bool]:
