@@ -170,12 +170,7 @@ class _SynapticSlots(torch.autograd.Function):
         p = lif.p
         steps, batch, n = membrane.shape
         need_c, need_w, need_d, need_s = ctx.needs_input_grad[:4]
-        code, param = lif.native_surrogate()  # 0: any other surrogate, ψ' precomputed here
-        psi = (
-            p.surrogate.derivative(membrane - p.v_threshold).contiguous()
-            if code == 0
-            else membrane[:0]
-        )
+        code, param, psi = lif.native_slope(membrane)  # any other surrogate: ψ' precomputed
         # P[m] = spikes before step m, (N, T+1, B): closed-support counts K_s for the spread
         counts = history.cumsum(1, dtype=torch.int32) if need_s else None
         grad_current = torch.empty(steps, batch, n, dtype=membrane.dtype)
