@@ -5,7 +5,7 @@ the kernel ``κ_c(k) = max(0, w - |k - c|)/w²`` (``c = 1 + d_ij``, half-width `
 every integer lag ``k``, piecewise linear in the centre ``c``: exactly linear between kinks
 (where ``c``, ``c - w`` or ``c + w`` is an integer) with slope ``ε(k)/w²``, and translating the
 centre by one step translates the trace by one step in time, up to a lag-0 term that exists
-only for ``c ≤ w`` (docs/design-synaptic.md#synaptic-delays-by-shifted-reads). So the synapses
+only for ``c ≤ w`` (docs/design.md#synaptic-delays-by-shifted-reads). So the synapses
 of neuron ``j`` fall into at most four **classes** (the pattern of ``c`` translated into
 ``(w, w + 1]``) and **levels** ``m = ⌈c - w⌉ - 1``; a synapse of class ``p`` at level ``m``
 sees

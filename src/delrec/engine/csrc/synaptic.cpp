@@ -1,7 +1,7 @@
 // The time loops of the synaptic-delay engine (delrec/engine/synaptic.py), fused.
 //
 // Synapse (i, j) with centre c = 1 + d_ij reads, instead of its own kernel, one row of a ring
-// of its presynaptic neuron j (docs/design-synaptic.md#synaptic-delays-by-shifted-reads): the
+// of its presynaptic neuron j (docs/design.md#synaptic-delays-by-shifted-reads): the
 // synapses of j fall into at most four classes (the pattern of c translated to (w, w+1]) and
 // levels m = ⌈c - w⌉ - 1, and all levels of a class are read from one ring indexed by diagonal
 // u = t - m, each row holding (Z, E) over the batch:
