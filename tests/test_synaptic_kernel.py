@@ -257,8 +257,9 @@ def test_far_and_near_synapses_spanning_every_blocking_of_the_sums():
 @pytest.mark.parametrize("sigma", [0.0, 0.5, 1.7, 3.0])
 def test_a_neuron_has_at_most_four_classes_whatever_the_delay_range(sigma):
     """The plan (docs/design.md#synaptic-delays-by-shifted-reads): each synapse's level is
-    ⌈c - w⌉ - 1 and its class the pattern of c translated into (w, w + 1]; a neuron has at most 4 classes (2 when w is an
-    integer) whether its delays span 5 steps or 500, and the rings hold the levels' range."""
+    ⌈c - w⌉ - 1 and its class the pattern of c translated into (w, w + 1]; a neuron has at
+    most 4 classes (2 when w is an integer) whether its delays span 5 steps or 500, and the
+    rings hold the levels' range."""
     size = 64
     g = torch.Generator().manual_seed(0)
     kernels = native.build("synaptic")
