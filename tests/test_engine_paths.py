@@ -53,11 +53,13 @@ def check_every_path(
     agreement = {}
     for path in found:
         for count in thread_counts:
-            if count is None:
-                agreement[path.name] = compare(case.bind(path.run), expected)
-            else:
-                with threads(count):
-                    agreement[path.name, count] = compare(case.bind(path.run), expected)
+            key = path.name if count is None else (path.name, count)
+            try:
+                with threads(count or torch.get_num_threads()):
+                    agreement[key] = compare(case.bind(path.run), expected)
+            except AssertionError as error:
+                on = "" if count is None else f" on {count} thread(s)"
+                raise AssertionError(f"engine path {path.name}{on}: {error}") from error
     return agreement
 
 

@@ -190,7 +190,9 @@ def kernel_cache(folder: Path) -> Path:
     return folder
 
 
-def run(mutation: Mutation, cache: Path, all_failures: bool) -> tuple[str, str, float]:
+def run(
+    mutation: Mutation, cache: Path, all_failures: bool, deselect: tuple[str, ...] = ()
+) -> tuple[str, str, float]:
     """(verdict, detail, seconds) of one mutation."""
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"delrec-mutation-{mutation.name}-") as tmp:
@@ -208,6 +210,7 @@ def run(mutation: Mutation, cache: Path, all_failures: bool) -> tuple[str, str, 
         env.pop("DELREC_NATIVE", None)
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf"]
         command += [] if all_failures else ["-x"]
+        command += [f"--deselect={test}" for test in deselect]
         result = subprocess.run(
             command + list(mutation.tests), cwd=copy, env=env, capture_output=True, text=True
         )
@@ -232,6 +235,13 @@ def main(argv=None) -> int:
         "--all-failures", action="store_true", help="run every test (not -x) and count failures"
     )
     parser.add_argument(
+        "--deselect",
+        action="append",
+        default=[],
+        metavar="TEST",
+        help="leave out a test (pytest node id) that fails without any mutation",
+    )
+    parser.add_argument(
         "--table",
         type=Path,
         metavar="FILE",
@@ -252,7 +262,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="delrec-mutation-cache-") as cache:
         cache = kernel_cache(Path(cache))
         for mutation in chosen:
-            verdict, detail, seconds = run(mutation, cache, args.all_failures)
+            verdict, detail, seconds = run(mutation, cache, args.all_failures, tuple(args.deselect))
             results.append((mutation, verdict, detail, seconds))
             print(f"{verdict:7s} {mutation.name:26s} {detail}  [{seconds:.0f} s]", flush=True)
     caught = sum(verdict == "CAUGHT" for _, verdict, _, _ in results)
