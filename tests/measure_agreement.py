@@ -5,18 +5,30 @@ the gradient tolerances of tests/engine_harness.py (docs/testing.md). Run by han
 
 For every training-size case of ``test_engine_paths.py`` and every path that runs it, on one
 and two threads, it prints the smallest per-entry ``rtol`` that would pass each gradient
-(``max |a - e| / (|e| + floor·rms(e))``, module docstring of the harness) and the samples left
-out after a float32 threshold tie, then the worst per dtype and path, and the tolerance.
+(``max |a - e| / (|e| + floor·rms(e))``, module docstring of the harness; measured, not
+checked) and the samples left out after a float32 threshold tie, then the worst per dtype and
+path, and the tolerance.
 """
 
+import math
 from collections import defaultdict
+from unittest import mock
 
+import engine_harness
 import torch
 from engine_harness import GRAD_TOLERANCE, Config
 from test_engine_paths import TRAINING, check_every_path, training_case
 
 
 def main() -> None:
+    # measure, don't judge: every gradient passes, its figure is printed
+    tolerance = dict(GRAD_TOLERANCE)
+    unbounded = {dtype: (math.inf, floor) for dtype, (_, floor) in tolerance.items()}
+    with mock.patch.dict(engine_harness.GRAD_TOLERANCE, unbounded):
+        measure(tolerance)
+
+
+def measure(tolerance: dict) -> None:
     worst = defaultdict(float)
     for name, (delay_type, dtype, *settings) in TRAINING.items():
         case = training_case(delay_type, dtype, *settings)
@@ -29,7 +41,7 @@ def main() -> None:
             worst[key] = max(worst[key], agreement.worst())
     print()
     for (dtype, path), value in sorted(worst.items()):
-        rtol, floor = GRAD_TOLERANCE[getattr(torch, dtype)]
+        rtol, floor = tolerance[getattr(torch, dtype)]
         print(f"{dtype:8s} {path:15s} worst {value:.1e}  (tolerance {rtol:g}, floor {floor:g})")
 
 

@@ -136,8 +136,10 @@ def measurements(cost_ratio, saved_ratio, flat, shd_time, shd_saved, growth, syn
     for s, g in zip(DELAYS, growth):
         found["delay", "reference", s] = (g, g)
         found["delay", "fast", s] = (1.0, 1.0)
-    found["synaptic", "fast", SYNAPTIC] = (1.0, 1.0)
-    found["synaptic", "fast-synaptic", SYNAPTIC] = (synaptic_ratio, 1.0)
+    for s in SYNAPTIC:
+        growing = 1 if flat else 1 + s.max_delay
+        found["synaptic", "fast", s] = (1.0, growing)
+        found["synaptic", "fast-synaptic", s] = (synaptic_ratio, saved_ratio * growing)
     return [
         {**dataclasses.asdict(setting), "panel": panel, "model": model, "time_ms": t, "saved_mb": m}
         for (panel, model, setting), (t, m) in found.items()
@@ -145,19 +147,23 @@ def measurements(cost_ratio, saved_ratio, flat, shd_time, shd_saved, growth, syn
 
 
 def verdicts_of(rows):
-    lines = bench.target_checks(rows, COST, SHD, SYNAPTIC, quick=True)
+    lines = bench.target_checks(rows, COST, SHD, quick=True)
     assert lines[0].startswith("Targets")
-    return [line.split()[0] for line in lines[1:]], lines[1:]
+    lines = lines[1:] + bench.synaptic_checks(rows, SYNAPTIC)
+    return [line.split()[0] for line in lines], lines
 
 
 def test_targets_pass_at_their_bounds_and_fail_beyond():
     """The judgement itself, on made-up measurements: every target passes exactly at its
-    bound and fails just beyond it (4 cost lines, 2 memory lines, 2 SHD, growth, synaptic)."""
+    bound and fails just beyond it (4 cost lines, 2 memory lines, 2 SHD, growth; synaptic:
+    time and memory of 2 settings, memory flat in the delay range)."""
     at_bounds = measurements(1.5, 1.0, True, 5.0, 10.0, (2.0, 3.0), 4.0)
     verdicts, lines = verdicts_of(at_bounds)
-    assert verdicts == ["PASS"] * 10, lines
+    assert verdicts == ["PASS"] * 14, lines
     assert "×1.50 (target ≤ 1.5)" in lines[0] and "flat in the delay" in lines[4]
+    assert "time ×4.00 (target ≤ 4)" in lines[9] and "saved memory flat" in lines[-1]
     beyond = measurements(1.51, 1.01, False, 4.9, 9.9, (3.0, 2.0), 4.1)
     verdicts, lines = verdicts_of(beyond)
-    assert verdicts == ["FAIL"] * 10, lines
-    assert "NOT flat in the delay" in lines[4] and "×4.1 (target ≤ 4)" in lines[-1]
+    assert verdicts == ["FAIL"] * 14, lines
+    assert "NOT flat in the delay" in lines[4] and "time ×4.10 (target ≤ 4)" in lines[9]
+    assert "saved memory NOT flat" in lines[-1]

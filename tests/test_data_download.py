@@ -159,7 +159,7 @@ def test_a_server_that_ignores_the_range_restarts_the_transfer(tmp_path, server)
     assert (tmp_path / "whole").read_bytes() == payload
     half = len(archive) // 2
     assert Handler.log == [("/whole.gz", None), ("/whole.gz", f"bytes={half}-")]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["whole"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["whole", "whole.md5"]
 
 
 def test_a_complete_part_file_is_not_fetched_again(tmp_path, server):
