@@ -9,15 +9,15 @@ import torch
 from engine_helpers import NEURONS, assert_close_relative
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from network_helpers import NETWORKS, assert_trains_alike, network_pair
 from torch import nn
 
 from delrec.bench import saved_bytes
 from delrec.engine import dropout as masks
 from delrec.engine import fused, native
 from delrec.layers.dropout import Dropout
-from delrec.models import build_network, preset_network, set_feedforward_engine
+from delrec.models import set_feedforward_engine
 from delrec.neurons import LIF, LeakyIntegrator, Surrogate
-from delrec.training.objectives import make_objective
 
 needs_kernels = pytest.mark.skipif(
     native.load("fused") is None,
@@ -244,66 +244,15 @@ def test_fused_batch_norm_matches_the_module(dtype, momentum, with_shift):
 
 
 # --------------------------------------------------------------------------- whole networks
-NETWORKS = {  # small versions of the presets: every block kind and every readout
-    "shd": dict(hidden_sizes=(12, 10)),  # bn block, lif readout, hard reset, ATan
-    "ssc": dict(hidden_sizes=(9, 9, 11)),  # dropout block, sum readout, soft reset, Triangle
-    "mackey-glass": dict(hidden_sizes=(13,)),  # dropout block, ema readout
-    "psmnist": dict(hidden_sizes=(6, 8, 8), readout="ema"),
-}
-
-
-def network_pair(task, model, dtype):
-    config = preset_network(task, model, **NETWORKS[task])
-    pair = [build_network(config, seed=5).to(dtype) for _ in range(2)]
-    set_feedforward_engine(pair[1], "reference")
-    return config, pair
-
-
-def train_step(network, objective, frames, lengths, targets):
-    """Readout, spikes and every parameter's gradient of one training step (seeded masks)."""
-    torch.manual_seed(11)
-    output, spikes = network.forward_with_spikes(frames)
-    loss, _ = objective(output, lengths, targets)
-    names = [n for n, p in network.named_parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, [p for n, p in network.named_parameters() if n in names])
-    return output, spikes, dict(zip(names, grads))
-
-
 @needs_kernels
 @pytest.mark.parametrize("model", ["delrec", "rsnn", "snn"])
 @pytest.mark.parametrize("task", list(NETWORKS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fused_network_trains_like_the_reference(task, model, dtype):
     config, (fused_net, reference_net) = network_pair(task, model, dtype)
-    g = torch.Generator().manual_seed(7)
-    steps, batch = 25, 6
     lengths = torch.tensor([25, 7, 19, 25, 1, 12])  # variable lengths, zero-padded
-    frames = torch.rand(steps, batch, config.input_size, generator=g, dtype=dtype) * 2
-    frames *= (torch.arange(steps).view(-1, 1) < lengths).unsqueeze(-1)
-    task_kind = "regression" if task == "mackey-glass" else "classification"
-    objective = make_objective(task_kind, config.readout)
-    targets = (
-        torch.randn(batch, generator=g, dtype=dtype)
-        if task_kind == "regression"
-        else torch.randint(config.output_size, (batch,), generator=g)
-    )
-    out, spikes, grads = train_step(fused_net, objective, frames, lengths, targets)
-    ref_out, ref_spikes, ref_grads = train_step(reference_net, objective, frames, lengths, targets)
-    assert any(s.ne(0).any() for s in spikes)
-    for s, r in zip(spikes, ref_spikes):
-        assert torch.equal(s, r)
     rtol = 1e-6 if dtype == torch.float64 else 1e-4
-    assert_close_relative(out.detach(), ref_out.detach(), rtol)
-    assert grads.keys() == ref_grads.keys()
-    # a bias in front of BatchNorm has a zero gradient, known to rounding: held to the scale
-    # of the network's gradients
-    floor = 1e-2 * max(float(g.abs().max()) for g in ref_grads.values())
-    for name, grad in grads.items():
-        expected = ref_grads[name]
-        atol = rtol * max(float(expected.abs().max()), floor)
-        torch.testing.assert_close(grad, expected, rtol=rtol, atol=atol, msg=name)
-    for a, b in zip(fused_net.buffers(), reference_net.buffers()):
-        assert_close_relative(a, b, rtol)
+    assert_trains_alike(task, config, fused_net, reference_net, lengths, rtol)
 
 
 @needs_kernels
