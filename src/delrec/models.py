@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from delrec.data import dataset_info
-from delrec.delays import MAX_DELAY
+from delrec.delays import MAX_DELAY, check_max_delay
 from delrec.engine import fused
 from delrec.engine.lif import is_builtin_lif
 from delrec.layers import DelRec, FeedforwardDelay
@@ -118,6 +118,11 @@ class NetworkConfig:
     neuron (SSC, PS-MNIST, Mackey-Glass). ``readout``: ``"lif"`` (LIF with infinite threshold,
     per-step softmax summed), ``"sum"`` (Linear summed over time), ``"ema"`` (exponential
     moving average of the Linear output, last value = prediction).
+    ``max_delay``: the longest delay ``d`` any layer may have, integer steps, or ``None`` (only
+    ``MAX_DELAY``): a chip's limit (docs/deployment.md#chips-delay-limits). Recurrent delays
+    and feedforward positions are kept in ``[0, max_delay]`` from initialisation (draws above
+    it are clamped, with a :class:`~delrec.delays.DelayLimitWarning`) through every optimizer
+    step (:func:`delrec.layers.clamp_delays`).
     """
 
     input_size: int
@@ -132,6 +137,7 @@ class NetworkConfig:
     neuron: NeuronConfig = field(default_factory=NeuronConfig)
     delay_type: str = "axonal"
     delay_init: str = "half_normal:12"
+    max_delay: int | None = None
     learn_spread: bool = False
     ff_delay_window: int = 26
     feedforward_init: str = "uniform-sqrt6"  # or "torch" (nn.Linear's default)
@@ -159,6 +165,7 @@ class NetworkConfig:
                 f"ff_delay_window must be between 1 and {MAX_DELAY + 1:g} steps (delays of 0 … "
                 f"MAX_DELAY = {MAX_DELAY:g} steps), got {self.ff_delay_window}"
             )
+        check_max_delay(self.max_delay, "max_delay")
         if not self.hidden_sizes or min(self.hidden_sizes) < 1:
             raise ValueError(f"hidden_sizes must be positive sizes, got {self.hidden_sizes}")
         for name in ("dropout", "recurrent_dropout"):
@@ -320,7 +327,9 @@ def _neurons(
     variant = VARIANTS[cfg.model]
     if not recurrent_position or not variant.recurrent:
         return neuron
-    common = dict(recurrent_dropout=cfg.recurrent_dropout, generator=generator)
+    common = dict(
+        recurrent_dropout=cfg.recurrent_dropout, generator=generator, max_delay=cfg.max_delay
+    )
     if variant.recurrence == "vanilla":
         return DelRec.vanilla(size, neuron, **common)
     delay_type = variant.delay_type or cfg.delay_type
@@ -345,7 +354,9 @@ def build_network(cfg: NetworkConfig, seed: int | None = None) -> SpikingNetwork
     for index, size in enumerate(cfg.hidden_sizes):
         recurrent_position = cfg.is_recurrent_position(index)
         if recurrent_position and VARIANTS[cfg.model].feedforward_delays:
-            synapses = FeedforwardDelay(fan_in, size, cfg.ff_delay_window, cfg.bias, generator)
+            synapses = FeedforwardDelay(
+                fan_in, size, cfg.ff_delay_window, cfg.bias, generator, max_delay=cfg.max_delay
+            )
         else:
             synapses = _linear(cfg, fan_in, size, cfg.bias, generator)
         norm = nn.BatchNorm1d(size) if cfg.block == "bn" else None
