@@ -15,15 +15,22 @@ import dataclasses
 import pytest
 import torch
 from engine_helpers import NEURONS, assert_close_relative
+from fused_helpers import (
+    Sigmoid,
+    assert_batch_norm_like_the_module,
+    assert_lif_layer_like_the_loop,
+    assert_trains_alike,
+    grads_of,
+    network_pair,
+    reference_layer,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from network_helpers import assert_trains_alike, network_pair
-from torch import nn
 from triton_helpers import CUDA, DEVICE, assert_same_spikes, needs_triton, sizes
 
 from delrec.engine import dropout as masks
 from delrec.engine import fused
-from delrec.neurons import LIF, ATan, LeakyIntegrator, Surrogate, Triangle
+from delrec.neurons import LIF, ATan, LeakyIntegrator, Triangle
 
 pytestmark = needs_triton
 
@@ -44,21 +51,6 @@ def triton_kernels():
         yield kernels
     finally:
         fused.KERNELS["cpu"] = cpu
-
-
-@dataclasses.dataclass(frozen=True)
-class Sigmoid(Surrogate):
-    """A surrogate the kernels don't know: its ψ' is precomputed from the saved membrane."""
-
-    beta: float = 3.0
-
-    def derivative(self, x):
-        sig = torch.sigmoid(self.beta * x)
-        return self.beta * sig * (1 - sig)
-
-
-def grads_of(output, inputs, grad_out):
-    return torch.autograd.grad((output * grad_out).sum(), inputs)
 
 
 def on_device(x):
@@ -104,16 +96,6 @@ def test_a_shard_draws_its_rows_and_large_masks_match(triton_kernels):
 
 
 # --------------------------------------------------------------------------- LIF layer
-def reference_layer(neuron, x, mask_in, mask_out):
-    """The reference of a LIF layer with dropout: masks of the PyTorch ops, autograd loop."""
-
-    def mask(draw):
-        return masks.reference_mask(x.shape, draw, x.dtype, x.device)
-
-    spikes = neuron(x if mask_in is None else x * mask(mask_in))
-    return spikes if mask_out is None else spikes * mask(mask_out)
-
-
 # compiled on CUDA, each new combination of flags is a kernel variant to compile: fewer there
 @settings(max_examples=sizes(20, 12), deadline=None, derandomize=True)
 @given(
@@ -131,22 +113,9 @@ def test_lif_layer_matches_the_autograd_loop(
 ):
     """Every reset, detach_reset, decay_input, Triangle and ATan (computed in the kernel) and a
     surrogate the kernels don't know, masks on the input and the output, float64."""
-    if other_surrogate:
-        neuron.p = dataclasses.replace(neuron.p, surrogate=Sigmoid())
-    g = torch.Generator().manual_seed(seed)
-    current = torch.randn(steps, batch, size, generator=g, dtype=torch.float64) * 0.8 + 0.5
-    grad_out = torch.randn(steps, batch, size, generator=g, dtype=torch.float64)
-    current, grad_out = on_device(current), on_device(grad_out)
-    mask_in = masks.MaskDraw(seed, 0.7) if dropout_in else None
-    mask_out = masks.MaskDraw(seed + 1, 0.6, batch_offset=seed) if dropout_out else None
-
-    x = current.clone().requires_grad_()
-    expected = reference_layer(neuron, x, mask_in, mask_out)
-    (expected_grad,) = grads_of(expected, [x], grad_out)
-    x = current.clone().requires_grad_()
-    spikes = fused.lif_layer(x, neuron.p, mask_in, mask_out)
-    assert_same_spikes(spikes, expected.detach())
-    assert_close_relative(grads_of(spikes, [x], grad_out)[0], expected_grad)
+    shape = (steps, batch, size)
+    args = (neuron, other_surrogate, dropout_in, dropout_out, seed, DEVICE)
+    assert_lif_layer_like_the_loop(shape, *args)
 
 
 LAYERS = [  # (neuron, masks in/out): both resets, both detach_reset, every surrogate kind
@@ -217,32 +186,8 @@ def test_leaky_integrator_matches_the_module(triton_kernels, tau, decay_input, d
 def test_batch_norm_matches_the_module(triton_kernels, dtype, momentum, with_shift):
     """Frames across more than one chunk of 256, channels across blocks; the running
     statistics over two updates; eval mode runs the module."""
-    steps, batch, n = sizes((20, 15, 40), (100, 256, 300))
-    g = torch.Generator().manual_seed(4)
-    current = torch.randn(steps, batch, n, generator=g, dtype=dtype) * 3 + 2
-    current = on_device(current).requires_grad_()
-    grad_out = on_device(torch.randn(steps, batch, n, generator=g, dtype=dtype))
-    shift = on_device(torch.randn(n, generator=g, dtype=dtype) * 5).requires_grad_()
-    modules = [nn.BatchNorm1d(n, momentum=momentum).to(DEVICE, dtype) for _ in range(2)]
-    with torch.no_grad():
-        modules[0].weight.uniform_(0.5, 1.5)
-        modules[0].bias.uniform_(-1, 1)
-    modules[1].load_state_dict(modules[0].state_dict())
-    rtol = 1e-9 if dtype == torch.float64 else 1e-4
-    for _ in range(2):
-        shifted = current + shift if with_shift else current
-        expected = modules[0](shifted.flatten(0, 1)).view_as(current)
-        out = fused.batch_norm(current, modules[1], shift if with_shift else None)
-        assert_close_relative(out.detach(), expected.detach(), rtol)
-        inputs = [[current, *([shift] if with_shift else []), m.weight, m.bias] for m in modules]
-        grads = zip(grads_of(out, inputs[1], grad_out), grads_of(expected, inputs[0], grad_out))
-        for a, e in grads:  # the shift's gradient is zero, known to rounding
-            torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * float(grad_out.abs().sum()))
-        for name, buffer in modules[0].named_buffers():
-            assert_close_relative(getattr(modules[1], name), buffer, rtol)
-    modules[1].eval()
-    out = fused.batch_norm(current, modules[1], shift if with_shift else None)
-    assert torch.equal(out, modules[1](shifted.flatten(0, 1)).view_as(current))
+    shape = sizes((20, 15, 40), (100, 256, 300))
+    assert_batch_norm_like_the_module(shape, dtype, momentum, with_shift, DEVICE)
 
 
 # --------------------------------------------------------------------------- whole networks
