@@ -57,6 +57,22 @@ def on_device(x):
     return x.to(DEVICE)
 
 
+class Recorder:
+    """A kernel module that records which of its functions run."""
+
+    def __init__(self, module):
+        self.module, self.ran = module, set()
+
+    def __getattr__(self, name):
+        function = getattr(self.module, name)
+
+        def run(*args, **kwargs):
+            self.ran.add(name)
+            return function(*args, **kwargs)
+
+        return run
+
+
 # --------------------------------------------------------------------------- masks
 @settings(max_examples=15, deadline=None, derandomize=True)
 @given(
@@ -150,6 +166,39 @@ def test_lif_layer_in_float32(triton_kernels, case):
     assert_close_relative(grad.double(), exact_grad, rtol=1e-5)
 
 
+KINKS = [  # (LIF keyword arguments, mask on the output): every h below lies on a dyadic grid
+    (dict(tau=2.0, v_reset=0.0, surrogate=Triangle(1.0)), False),
+    (dict(tau=4.0, v_reset=None, decay_input=True, surrogate=Triangle(0.5)), True),
+    (dict(tau=2.0, v_reset=-0.5, detach_reset=True, surrogate=ATan(2.0)), False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", range(len(KINKS)))
+def test_lif_layer_at_the_kinks(triton_kernels, case, dtype):
+    """Currents in quarters and leaks of 1/2 or 3/4 put membranes exactly on the threshold (a
+    spike: ``h ≥ θ``) and on the Triangle's corners ``θ ± 1/γ``, every number exact in both
+    dtypes: the reference's spikes, and its gradients within 1e-6, in float32 as in float64."""
+    kwargs, dropout_out = KINKS[case]
+    g = torch.Generator().manual_seed(case)
+    shape = (12, 3, 70)
+    current = torch.randint(-4, 9, shape, generator=g).to(dtype) / 4
+    if kwargs.get("decay_input"):
+        current *= kwargs["tau"]
+    current, grad_out = on_device(current), on_device(torch.randn(shape, generator=g, dtype=dtype))
+    mask_out = masks.MaskDraw(5, 0.5) if dropout_out else None
+    neuron = LIF(**kwargs)
+    x = current.clone().requires_grad_()
+    expected = reference_layer(neuron, x, None, mask_out)
+    (expected_grad,) = grads_of(expected, [x], grad_out)
+    x = current.clone().requires_grad_()
+    spikes = fused.lif_layer(x, neuron.p, None, mask_out)
+    assert_same_spikes(spikes, expected.detach())
+    assert_close_relative(grads_of(spikes, [x], grad_out)[0], expected_grad)
+    above = reference_layer(LIF(**kwargs, v_threshold=1.0 + 2**-10), current, None, mask_out)
+    assert not torch.equal(above, expected)  # some membranes sit on the threshold
+
+
 def test_an_empty_batch_and_bad_input(triton_kernels):
     empty = torch.zeros(5, 0, 7, device=DEVICE, requires_grad=True)
     spikes = fused.lif_layer(empty, LIF().p, masks.MaskDraw(1, 0.5))
@@ -191,22 +240,39 @@ def test_batch_norm_matches_the_module(triton_kernels, dtype, momentum, with_shi
 
 
 # --------------------------------------------------------------------------- whole networks
+KERNEL_NAMES = {
+    "lif_forward",
+    "lif_backward",
+    "dropout",
+    "integrator_forward",
+    "integrator_backward",
+    "batch_norm_forward",
+    "batch_norm_backward",
+}
+NO_NORM = KERNEL_NAMES - {"batch_norm_forward", "batch_norm_backward"}
+
+
 @pytest.mark.parametrize(
-    ("task", "model", "dtype"),
+    ("task", "model", "dtype", "kernels"),
     [
-        ("shd", "delrec", torch.float64),
-        ("shd", "rsnn", torch.float64),
-        ("shd", "snn", torch.float64),
-        ("ssc", "delrec", torch.float64),
-        ("mackey-glass", "snn", torch.float64),
-        ("shd", "delrec", torch.float32),
+        ("shd", "delrec", torch.float64, KERNEL_NAMES),
+        ("shd", "rsnn", torch.float64, KERNEL_NAMES),
+        ("shd", "snn", torch.float64, KERNEL_NAMES),
+        ("ssc", "delrec", torch.float64, {"dropout"}),  # recurrent layers, summed readout
+        ("mackey-glass", "snn", torch.float64, NO_NORM),
+        ("shd", "delrec", torch.float32, KERNEL_NAMES),
     ],
 )
-def test_preset_networks_train_like_the_reference(triton_kernels, task, model, dtype):
+def test_preset_networks_train_like_the_reference(
+    triton_kernels, monkeypatch, task, model, dtype, kernels
+):
     """One training step of small preset-shaped networks (every block kind and readout:
     SHD's BatchNorm blocks and LIF readout, SSC's dropout blocks and summed readout,
     Mackey-Glass's exponential readout) on variable-length sequences, fused on the Triton
-    kernels against the reference: same spikes, readout and gradients to rounding."""
+    kernels against the reference: same spikes, readout and gradients to rounding; the
+    network ran ``kernels``, each of them a Triton kernel."""
+    recorder = Recorder(triton_kernels)
+    monkeypatch.setitem(fused.KERNELS, DEVICE.type, lambda: recorder)
     hidden = {"shd": (12, 10), "ssc": (9, 9, 11), "mackey-glass": (13,)}[task]
     if CUDA:  # the SHD preset's own sizes
         hidden = {"shd": (256, 256), "ssc": (64, 64, 64), "mackey-glass": (128,)}[task]
@@ -216,6 +282,7 @@ def test_preset_networks_train_like_the_reference(triton_kernels, task, model, d
     lengths = torch.tensor(sizes([12, 5, 9, 12, 1, 7], [100, 17, 64, 100, 1, 80] * 4))
     rtol = 1e-6 if dtype == torch.float64 else 1e-4
     assert_trains_alike(task, config, fused_net, reference_net, lengths, rtol)
+    assert recorder.ran == kernels
 
 
 def test_without_triton_cuda_networks_run_the_reference_with_one_warning(monkeypatch):
@@ -223,8 +290,10 @@ def test_without_triton_cuda_networks_run_the_reference_with_one_warning(monkeyp
 
     monkeypatch.setattr(gpu, "installed", lambda: False)
     gpu._warn_missing.cache_clear()
-    with pytest.warns(RuntimeWarning, match="'triton' package"):
-        assert fused.kernels_for(torch.device("cuda")) is None
+    with pytest.warns(RuntimeWarning, match="'triton' package") as caught:
+        for _ in range(3):  # the block, the dropout, the readout: each asks
+            assert fused.kernels_for(torch.device("cuda")) is None
+    assert len(caught) == 1
     gpu._warn_missing.cache_clear()
 
 
