@@ -190,8 +190,9 @@ class HiddenBlock(nn.Module):
     ``(T, B, I)`` → spikes ``(T, B, O)``. ``neurons`` is a DelRec layer or a plain LIF.
     ``engine`` (see :func:`set_feedforward_engine`): ``"fused"`` runs BatchNorm, a plain LIF
     layer with its dropout, and a lone dropout as the fused loops of
-    :mod:`delrec.engine.fused` where they are available (the C++ kernels, on the CPU);
-    ``"reference"`` runs the modules step by step under autograd. Same numbers either way.
+    :mod:`delrec.engine.fused` where they are available (the C++ kernels on the CPU, the Triton
+    kernels on CUDA); ``"reference"`` runs the modules step by step under autograd. Same
+    numbers either way.
     """
 
     def __init__(
