@@ -78,6 +78,7 @@ stage_tests_quick() {
 }
 
 stage_bench() {
+    set -o pipefail  # a stage runs in its own shell: a failed benchmark fails the stage
     local extra=(--quick)
     [[ $DRY_RUN -eq 1 ]] && extra+=(--dry-run)
     "$PY" -m delrec bench --device cuda "${extra[@]}" --out "$OUT" 2>&1 | tee "$OUT/bench.log"
