@@ -262,6 +262,7 @@ NO_NORM = KERNEL_NAMES - {"batch_norm_forward", "batch_norm_backward"}
         ("mackey-glass", "snn", torch.float64, NO_NORM),
         ("shd", "delrec", torch.float32, KERNEL_NAMES),
     ],
+    ids=["shd-delrec", "shd-rsnn", "shd-snn", "ssc-delrec", "mackey-glass-snn", "shd-delrec-f32"],
 )
 def test_preset_networks_train_like_the_reference(
     triton_kernels, monkeypatch, task, model, dtype, kernels
