@@ -107,14 +107,21 @@ class SequenceNeuron(nn.Module):
     def step(self, u: Tensor, state: State) -> tuple[Tensor, State]:
         raise NotImplementedError
 
-    def forward(self, u: Tensor, state: State | None = None) -> Tensor:
-        """Input current ``(T, B, N)`` → spikes ``(T, B, N)`` (zero initial state by default)."""
+    def forward(
+        self, u: Tensor, state: State | None = None, *, return_state: bool = False
+    ) -> Tensor | tuple[Tensor, State]:
+        """Input current ``(T, B, N)`` → spikes ``(T, B, N)``, from ``state`` (default: the
+        initial state); ``return_state=True`` also returns the state after the last step, a
+        tuple of ``(B, N)`` tensors without gradient (chunks of a sequence, docs/layer.md)."""
         state = self.initial_state(u[0]) if state is None else state
         spikes = []
         for u_t in u:
             s_t, state = self.step(u_t, state)
             spikes.append(s_t)
-        return torch.stack(spikes)
+        spikes = torch.stack(spikes)
+        if return_state:
+            return spikes, tuple(x.detach() for x in state)
+        return spikes
 
 
 # --------------------------------------------------------------------------- LIF
@@ -218,14 +225,21 @@ class LeakyIntegrator(nn.Module):
         self.tau = float(tau)
         self.decay_input = decay_input
 
-    def forward(self, u: Tensor) -> Tensor:
-        """Input current ``(T, B, K)`` → membrane potentials ``(T, B, K)``."""
-        v = torch.zeros_like(u[0])
+    def forward(
+        self, u: Tensor, state: State | None = None, *, return_state: bool = False
+    ) -> Tensor | tuple[Tensor, State]:
+        """Input current ``(T, B, K)`` → membrane potentials ``(T, B, K)``, from ``state``
+        ``(v,)`` (default: ``v = 0``); ``return_state=True`` also returns ``(v,)`` after the
+        last step, ``(B, K)``, without gradient."""
+        v = torch.zeros_like(u[0]) if state is None else state[0]
         out = []
         for u_t in u:
             v = leaky_integrator_step(u_t, v, self.tau, self.decay_input)
             out.append(v)
-        return torch.stack(out)
+        out = torch.stack(out)
+        if return_state:
+            return out, (v.detach(),)
+        return out
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}, decay_input={self.decay_input}"

@@ -6,7 +6,9 @@ An engine *path* runs the whole recurrence of a layer over a sequence::
              neuron, mask (B, N) or None) -> spikes (T, B, N)
 
 (row of ``weight`` = postsynaptic neuron; delays and half-width in steps, one width per
-presynaptic neuron; ``mask``: recurrent dropout fixed over time). :data:`PATHS` holds every
+presynaptic neuron; ``mask``: recurrent dropout fixed over time). A ``stateful`` path also runs
+one chunk of a longer sequence, ``path.run(..., mask, state=RecurrentState) -> (spikes, final
+state)`` (:mod:`delrec.engine.state`; every path below is). :data:`PATHS` holds every
 path by name, in order of preference; :func:`select` returns the one that runs a layer's
 configuration here, and the layer runs it. Nothing falls back at run time.
 
@@ -36,6 +38,7 @@ from torch import Tensor, nn
 from delrec.engine import axonal, native, ring, synaptic
 from delrec.engine.lif import is_builtin_lif
 from delrec.engine.reference import reference_recurrence, triangle_recurrence
+from delrec.engine.state import RecurrentState
 
 DELAY_TYPES = ("axonal", "synaptic", "shared")
 MODES = ("auto", "fast")  # a layer's engine option: one of these or a path name
@@ -51,7 +54,8 @@ class EnginePath:
 
     ``delay_types``: the delay types it runs; ``lif_only``: only the built-in
     :class:`~delrec.neurons.LIF`; ``grad``: differentiable; ``integer_only``: only integer-delay
-    inference without autograd; ``runs_on(device)``: whether it can run on that device here
+    inference without autograd; ``stateful``: ``run`` takes ``state=`` (a chunk of a sequence,
+    :mod:`delrec.engine.state`); ``runs_on(device)``: whether it can run on that device here
     (the C++ kernels built, a GPU library importable); it warns once itself when it should
     (``delrec.engine.native.load`` does for the C++ kernels).
     """
@@ -62,16 +66,21 @@ class EnginePath:
     lif_only: bool = True
     grad: bool = True
     integer_only: bool = False
+    stateful: bool = False
     runs_on: Callable[[torch.device], bool] = _anywhere
 
-    def supports(self, delay_type: str, neuron: nn.Module, integer: bool, grad: bool) -> bool:
+    def supports(
+        self, delay_type: str, neuron: nn.Module, integer: bool, grad: bool, state: bool = False
+    ) -> bool:
         """True if this path computes the configuration: its delay type, neuron, whether the
-        delays are integers with σ = 0 (eval mode) and whether autograd is needed."""
+        delays are integers with σ = 0 (eval mode), whether autograd is needed and whether it
+        runs from a state (a chunk of a sequence)."""
         return (
             delay_type in self.delay_types
             and (is_builtin_lif(neuron) or not self.lif_only)
             and (self.grad or not grad)
             and (integer and not grad or not self.integer_only)
+            and (self.stateful or not state)
         )
 
     def available(self, device: torch.device | str) -> bool:
@@ -89,19 +98,24 @@ def _cpu_kernels(name: str) -> Callable[[torch.device], bool]:
 PATHS: dict[str, EnginePath] = {
     path.name: path
     for path in (
-        EnginePath("ring", ring.ring_recurrence, grad=False, integer_only=True),
+        EnginePath("ring", ring.ring_recurrence, grad=False, integer_only=True, stateful=True),
         EnginePath(
             "cpp-axonal",
             axonal.cpp_recurrence,
             ("axonal", "shared"),
+            stateful=True,
             runs_on=_cpu_kernels("axonal"),
         ),
         EnginePath(
-            "cpp-synaptic", synaptic.cpp_recurrence, ("synaptic",), runs_on=_cpu_kernels("synaptic")
+            "cpp-synaptic",
+            synaptic.cpp_recurrence,
+            ("synaptic",),
+            stateful=True,
+            runs_on=_cpu_kernels("synaptic"),
         ),
-        EnginePath("torch-axonal", axonal.torch_recurrence, ("axonal", "shared")),
-        EnginePath("torch-synaptic", synaptic.torch_recurrence, ("synaptic",)),
-        EnginePath("reference", triangle_recurrence, lif_only=False),
+        EnginePath("torch-axonal", axonal.torch_recurrence, ("axonal", "shared"), stateful=True),
+        EnginePath("torch-synaptic", synaptic.torch_recurrence, ("synaptic",), stateful=True),
+        EnginePath("reference", triangle_recurrence, lif_only=False, stateful=True),
     )
 }
 
@@ -140,6 +154,7 @@ def select(
     integer: bool,
     grad: bool,
     engine: str = "auto",
+    state: bool = False,
 ) -> EnginePath:
     """The one path that runs this configuration on ``device``.
 
@@ -149,17 +164,18 @@ def select(
     :data:`PATHS` that supports the configuration and is available: for the built-in LIF a
     fast path, for any other neuron ``"reference"``), ``"fast"`` (the same, but the built-in
     LIF is required) or a path name such as ``"reference"`` (that path, or an error saying why
-    it can't run).
+    it can't run). ``state``: the layer runs a chunk from a state (a stateful path is needed).
     """
     if delay_type not in DELAY_TYPES:
         raise ValueError(f"delay_type must be one of {DELAY_TYPES}, got {delay_type!r}")
     if engine in PATHS:
         path = PATHS[engine]
-        if not path.supports(delay_type, neuron, integer, grad):
+        if not path.supports(delay_type, neuron, integer, grad, state):
             raise ValueError(
                 f"engine path {engine!r} does not run {delay_type} delays with "
                 f"{type(neuron).__name__}{' in integer-delay eval' if integer else ''}"
-                f"{' with autograd' if grad else ''}; use engine='auto'"
+                f"{' with autograd' if grad else ''}{' from a state' if state else ''}; "
+                "use engine='auto'"
             )
         if not path.available(device):
             raise RuntimeError(
@@ -169,7 +185,7 @@ def select(
         return path
     check_engine(engine, neuron)
     for path in PATHS.values():
-        if path.supports(delay_type, neuron, integer, grad) and path.available(device):
+        if path.supports(delay_type, neuron, integer, grad, state) and path.available(device):
             return path
     raise RuntimeError(f"no engine path runs {delay_type} delays on {torch.device(device)}")
 
@@ -179,6 +195,7 @@ __all__ = [
     "MODES",
     "PATHS",
     "EnginePath",
+    "RecurrentState",
     "check_engine",
     "reference_recurrence",
     "register",

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from delrec.engine import native
 from delrec.engine.lif import LIFMap, triangle_taps, width_vector
+from delrec.engine.state import RecurrentState, run_lif
 
 
 # --------------------------------------------------------------------------- axonal plan
@@ -79,7 +80,8 @@ class _AxonalPlan:
 
 # --------------------------------------------------------------------------- axonal function
 class _AxonalRecurrence(torch.autograd.Function):
-    """Spikes ``(T, B, N)`` of a LIF layer with axonal delays; gradients by a reverse loop.
+    """Spikes ``(T, B, N)`` of a LIF layer with axonal delays, and its membrane after the last
+    step ``(B, N)`` (no gradient); gradients by a reverse loop.
 
     The time loops run in C++ (``csrc/axonal.cpp``) when ``kernels`` is that compiled module,
     and in PyTorch ops when it is None; both compute the same thing, with the tap
@@ -100,10 +102,12 @@ class _AxonalRecurrence(torch.autograd.Function):
         spikes, membrane, trace, slope, support = loops
         ctx.lif, ctx.kernels = lif, kernels
         ctx.save_for_backward(membrane, trace, slope, support, weight, delay, width, mask)
-        return spikes
+        v_last = lif.reset(membrane[-1], spikes[-1].bool())
+        ctx.mark_non_differentiable(v_last)
+        return spikes, v_last
 
     @staticmethod
-    def backward(ctx, grad_spikes):
+    def backward(ctx, grad_spikes, _grad_v_last):
         membrane, trace, slope, support, weight, delay, width, mask = ctx.saved_tensors
         lif: LIFMap = ctx.lif
         n = weight.shape[0]
@@ -305,22 +309,22 @@ def cpp_recurrence(
     width: Tensor | float,
     neuron: nn.Module,
     mask: Tensor | None = None,
-) -> Tensor:
+    state: RecurrentState | None = None,
+):
     """Path ``cpp-axonal``: spikes ``(T, B, N)`` of a recurrent LIF layer with delays ``(N,)``
     per presynaptic neuron, the time loops in C++ (CPU tensors), differentiable in every input.
 
     current: feedforward current ``(T, B, N)``; weight: ``(N, N)`` (row = postsynaptic);
     delay: steps, ``(N,)``; width: kernel half-width in steps, a number or ``(N,)``;
     neuron: the built-in :class:`~delrec.neurons.LIF`; mask: recurrent dropout ``(B, N)`` fixed
-    over time, or None. Same result as the reference loop with ``triangle_kernel``.
+    over time, or None. Same result as the reference loop with ``triangle_kernel``. With a
+    ``state`` (:class:`~delrec.engine.state.RecurrentState`) it starts from it and returns
+    ``(spikes, final state)``.
     """
     kernels = native.load("axonal")
     if kernels is None:
         raise RuntimeError(native.unavailable("axonal"))
-    width = width_vector(width, delay, weight.shape[0])
-    return _AxonalRecurrence.apply(
-        current, weight, delay, width, mask, LIFMap.of(neuron.p), kernels
-    )
+    return _run(kernels, current, weight, delay, width, neuron, mask, state)
 
 
 def torch_recurrence(
@@ -330,8 +334,18 @@ def torch_recurrence(
     width: Tensor | float,
     neuron: nn.Module,
     mask: Tensor | None = None,
-) -> Tensor:
+    state: RecurrentState | None = None,
+):
     """Path ``torch-axonal``: what :func:`cpp_recurrence` computes, the time loops in PyTorch
     ops (any device)."""
+    return _run(None, current, weight, delay, width, neuron, mask, state)
+
+
+def _run(kernels, current, weight, delay, width, neuron, mask, state):
     width = width_vector(width, delay, weight.shape[0])
-    return _AxonalRecurrence.apply(current, weight, delay, width, mask, LIFMap.of(neuron.p), None)
+    lif = LIFMap.of(neuron.p)
+
+    def run(current: Tensor) -> tuple[Tensor, Tensor]:
+        return _AxonalRecurrence.apply(current, weight, delay, width, mask, lif, kernels)
+
+    return run_lif(run, current, weight, delay, width, lif, mask, state)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from delrec.engine.lif import LIFMap
+from delrec.engine.state import RecurrentState, history_length, next_history
 
 
 class DelayedSynapses(nn.Module):
@@ -111,22 +112,31 @@ def ring_recurrence(
     width: Tensor | float,
     neuron: nn.Module,
     mask: Tensor | None = None,
-) -> Tensor:
+    state: RecurrentState | None = None,
+) -> Tensor | tuple[Tensor, RecurrentState]:
     """Path ``ring``: integer-delay inference, spikes ``(T, B, N)``, no autograd.
 
     ``delay`` ``(N,)`` or ``(N, N)`` holds integers (eval mode rounds them) and ``width`` is 1
     (σ = 0): each spike lands exactly ``1 + d`` steps later, read from a ring buffer of the
     last spikes (:class:`DelayedSynapses`), O(B·N) per step plus the GEMM. ``neuron`` is the
-    built-in :class:`~delrec.neurons.LIF`, ``mask`` ``(B, N)`` or None.
+    built-in :class:`~delrec.neurons.LIF`, ``mask`` ``(B, N)`` or None. From a ``state``
+    (:class:`~delrec.engine.state.RecurrentState`) the ring starts with its spike history and
+    the membrane with its ``v``; the result is then ``(spikes, final state)``.
     """
     steps, batch, n = current.shape
     lif = LIFMap.of(neuron.p)
     lags = 1 + delay.detach().long()
     synapses = DelayedSynapses(weight * lif.gain, lags.expand(n, n))
     ring = synapses.new_buffer(batch)
+    if state is None:
+        v = current.new_full((batch, n), lif.v0)
+    else:
+        v = state.neuron[0].to(current.dtype)
+        history = state.spikes
+        for age in range(1, min(history.shape[0], synapses.max_lag) + 1):
+            synapses.write(ring, -age, history[-age])
     drive = lif.drive(current)
     spikes = current.new_empty(steps, batch, n, dtype=torch.bool)
-    v = current.new_full((batch, n), lif.v0)
     membrane = current.new_empty(batch, n)
     for t in range(steps):
         u = synapses.read(ring, t)
@@ -134,4 +144,8 @@ def ring_recurrence(
         h = torch.add(u, v, alpha=lif.leak, out=membrane)
         v = lif.fire_and_reset(h, spikes[t])
         synapses.write(ring, t, spikes[t])
-    return spikes.to(current.dtype)
+    spikes = spikes.to(current.dtype)
+    if state is None:
+        return spikes
+    length = max(state.spikes.shape[0], history_length(delay, 1.0))
+    return spikes, RecurrentState((v.clone(),), next_history(state.spikes, spikes, length))

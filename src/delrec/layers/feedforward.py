@@ -17,7 +17,8 @@ class FeedforwardDelay(nn.Module):
     ``w·x_i[t - P]``; a non-integer ``P`` splits ``w`` linearly between the two taps around
     it. The layer is a causal convolution over time with a ``K``-tap kernel (left padding
     ``K-1``). Input ``(T, B, I)`` → output ``(T, B, O)``. In eval mode the positions are
-    rounded (without changing the parameters).
+    rounded (without changing the parameters). Its state between chunks of a sequence is the
+    last ``K-1`` input frames ``(K-1, B, I)`` (see :meth:`forward`).
     """
 
     def __init__(
@@ -60,14 +61,31 @@ class FeedforwardDelay(nn.Module):
         interpolation = (1 - (taps - position.unsqueeze(-1)).abs()).clamp(min=0)
         return self.weight.unsqueeze(-1) * interpolation
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, state: Tensor | None = None, *, return_state: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Input ``(T, B, I)`` → output ``(T, B, O)``. ``state``: the inputs of the previous
+        ``K-1`` steps ``(K-1, B, I)``, oldest first, that a previous chunk of the same sequences
+        returned (default: zeros); ``return_state=True`` also returns this chunk's, without
+        gradient."""
         if x.dim() != 3 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"FeedforwardDelay expects (T, B, {self.in_features}), got {tuple(x.shape)}"
             )
-        signal = F.pad(x.permute(1, 2, 0), (self.kernel_size - 1, 0))  # (B, I, K-1+T)
-        out = F.conv1d(signal, self.temporal_kernel().flip(-1), self.bias)
-        return out.permute(2, 0, 1)
+        past = self.kernel_size - 1
+        if state is None:
+            state = x.new_zeros(past, *x.shape[1:])
+        elif tuple(state.shape) != (past, *x.shape[1:]):
+            raise ValueError(
+                f"FeedforwardDelay state must be the last K-1 inputs ({past}, {x.shape[1]}, "
+                f"{self.in_features}), got {tuple(state.shape)}"
+            )
+        signal = torch.cat([state.to(x.dtype), x])  # (K-1+T, B, I)
+        out = F.conv1d(signal.permute(1, 2, 0), self.temporal_kernel().flip(-1), self.bias)
+        out = out.permute(2, 0, 1)
+        if return_state:
+            return out, signal[signal.shape[0] - past :].detach().clone()
+        return out
 
     @torch.no_grad()
     def clamp_delays_(self) -> None:

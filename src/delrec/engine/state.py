@@ -1,0 +1,124 @@
+"""The state of a recurrent-delay layer between two chunks of a sequence
+(docs/design.md#state-and-chunks).
+
+At step ``t`` the recurrence reads spikes up to ``L - 1`` steps back (lags ``1 … L-1`` of the
+kernel), and the neuron carries its own state from step to step. So a chunk of a sequence
+needs exactly :class:`RecurrentState`: the neuron state after the previous chunk and the last
+``H`` spikes. The spike history does not depend on the weights or delays, so it stays valid
+when an optimizer step changes them between chunks (truncated BPTT).
+
+Every engine path marked ``stateful`` runs
+``path.run(current, weight, delay, width, neuron, mask, state=RecurrentState)`` and returns
+``(spikes, RecurrentState)``. The reference and ring paths start from the state natively; the
+LIF paths run the chunk unchanged from rest with a corrected input current
+(:func:`run_lif`): the recurrent input the history still sends into the chunk
+(:func:`history_input`, non-zero in its first ``L - 1`` steps) and the membrane's difference from
+rest in the first step. The final state carries no gradient (chunks are truncated BPTT); the
+gradient with respect to the initial state is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from delrec.delays import kernel_length, recurrent_kernel
+from delrec.engine.lif import LIFMap
+
+
+class RecurrentState(NamedTuple):
+    """What a recurrent-delay layer carries from one chunk to the next.
+
+    ``neuron``: the neuron's state after the last step, a tuple of ``(B, N)`` tensors (the
+    built-in LIF: ``(v,)``). ``spikes``: ``(H, B, N)``, the spikes of the last ``H`` steps,
+    oldest first (row ``H - 1`` is the last step); spikes before those count as 0, so
+    ``H = 0`` is a fresh start. Paths keep ``H = max(H_in, L - 1)``.
+    """
+
+    neuron: tuple[Tensor, ...]
+    spikes: Tensor
+
+
+def history_length(delay: Tensor, width: Tensor | float) -> int:
+    """``L - 1``: how many steps back the kernel of ``delay`` and ``width`` (steps) reaches."""
+    max_width = float(torch.as_tensor(width).detach().max())
+    return kernel_length(float(delay.detach().max()), max_width) - 1
+
+
+def next_history(history: Tensor, spikes: Tensor, length: int) -> Tensor:
+    """The last ``length`` steps of ``history`` ``(H, B, N)`` followed by ``spikes``
+    ``(T, B, N)``, zero-padded in front when both are shorter, detached: ``(length, B, N)``."""
+    joined = torch.cat([history.detach().to(spikes.dtype), spikes.detach()])
+    if joined.shape[0] >= length:
+        return joined[joined.shape[0] - length :].clone()
+    return F.pad(joined, (0, 0, 0, 0, length - joined.shape[0], 0))
+
+
+def history_input(history: Tensor, weight: Tensor, kernel: Tensor, steps: int) -> Tensor | None:
+    """The recurrent input that the spikes of ``history`` still send into a chunk.
+
+    ``r[t, b, i] = Σ_j W_ij Σ_{m ≥ 1} κ(t + m) s[-m, b, j]`` for ``t < min(steps, L - 1)``
+    (``κ_j`` of axonal kernels ``(N, L)``, ``κ_ij`` of synaptic ones ``(N, N, L)``;
+    ``s[-m]`` = ``history[H - m]``), ``(T_r, B, N)``, or None when it is empty. Differentiable
+    in ``history``, ``weight`` and ``kernel``; one GEMM for axonal kernels, one per lag in use
+    for synaptic ones.
+    """
+    reach = kernel.shape[-1] - 1
+    past = min(history.shape[0], reach)
+    rows = min(steps, reach)
+    if past == 0 or rows == 0:
+        return None
+    synaptic = kernel.dim() == 3
+    history = history[history.shape[0] - past :].to(weight.dtype)  # time -past … -1
+    in_use = kernel.detach().reshape(-1, kernel.shape[-1]).ne(0).any(0).tolist()
+    batch, n = history.shape[1:]
+    total = history.new_zeros(rows, batch, n)
+    for lag in range(1, min(reach, rows + past - 1) + 1):
+        if not in_use[lag]:
+            continue
+        first, last = max(0, lag - past), min(lag, rows)  # steps t that read time t - lag < 0
+        spikes = history[past + first - lag : past + last - lag]
+        if synaptic:
+            total[first:last] += spikes @ (weight * kernel[..., lag]).t()
+        else:
+            total[first:last] += spikes * kernel[:, lag]
+    return total if synaptic else total @ weight.t()
+
+
+def run_lif(
+    run: Callable[[Tensor], tuple[Tensor, Tensor]],
+    current: Tensor,
+    weight: Tensor,
+    delay: Tensor,
+    width: Tensor | float,
+    lif: LIFMap,
+    mask: Tensor | None,
+    state: RecurrentState | None,
+) -> Tensor | tuple[Tensor, RecurrentState]:
+    """A built-in-LIF path, from rest or from ``state``.
+
+    ``run(current) -> (spikes, v_last)`` runs a chunk from rest and zero history. Without a
+    state that is all; with one, ``run`` gets ``c + m ⊙ r_hist`` (:func:`history_input`) and,
+    in the first step, ``leak·(v - v_rest)/gain`` more, which makes its first charge
+    ``leak·v + gain·c + offset``, and the result is the spikes ``(T, B, N)`` and the final state.
+    """
+    if state is None:
+        return run(current)[0]
+    (v,) = state.neuron
+    kernel = recurrent_kernel(delay, width)
+    length = max(state.spikes.shape[0], kernel.shape[-1] - 1)
+    recurrent = history_input(state.spikes, weight, kernel, current.shape[0])
+    corrected = current
+    if recurrent is not None:
+        recurrent = recurrent if mask is None else recurrent * mask
+        head = recurrent.shape[0]
+        corrected = torch.cat([current[:head] + recurrent, current[head:]])
+    if lif.leak != 0.0:
+        start = (v - lif.v0) * (lif.leak / lif.gain)
+        corrected = torch.cat([corrected[:1] + start, corrected[1:]])
+    spikes, v_last = run(corrected)
+    return spikes, RecurrentState((v_last,), next_history(state.spikes, spikes, length))
