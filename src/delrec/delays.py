@@ -48,6 +48,16 @@ def triangle_kernel(delay: Tensor, width: Tensor | float, length: int) -> Tensor
     return kernel * (lags > 0)
 
 
+def kernel_support(delay: Tensor, width: Tensor | float) -> tuple[int, int]:
+    """Smallest and largest lag in the closed support ``|k - (1+d)| ≤ w`` of any kernel (≥ 1):
+    outside it every kernel weight and its gradient are 0."""
+    centre = 1.0 + delay.detach()
+    w = torch.as_tensor(width).detach()
+    kmin = max(1, int((centre - w).ceil().min()))
+    kmax = max(kmin, int((centre + w).floor().max()))
+    return kmin, kmax
+
+
 def recurrent_kernel(delay: Tensor, width: Tensor | float) -> Tensor:
     """Kernel ``κ`` of a recurrent layer over the lags ``0 … L-1`` that cover every triangle:
     ``(N, L)`` for delays ``(N,)`` (axonal, shared), ``(N, N, L)`` for delays ``(N, N)``

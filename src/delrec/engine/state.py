@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from delrec.delays import kernel_length, recurrent_kernel
+from delrec.delays import kernel_length, kernel_support, recurrent_kernel
 from delrec.engine.lif import LIFMap
 
 
@@ -58,14 +58,17 @@ def next_history(history: Tensor, spikes: Tensor, length: int) -> Tensor:
     return F.pad(joined, (0, 0, 0, 0, length - joined.shape[0], 0))
 
 
-def history_input(history: Tensor, weight: Tensor, kernel: Tensor, steps: int) -> Tensor | None:
+def history_input(
+    history: Tensor, weight: Tensor, kernel: Tensor, steps: int, lags: tuple[int, int] | None = None
+) -> Tensor | None:
     """The recurrent input that the spikes of ``history`` still send into a chunk.
 
     ``r[t, b, i] = Σ_j W_ij Σ_{m ≥ 1} κ(t + m) s[-m, b, j]`` for ``t < min(steps, L - 1)``
     (``κ_j`` of axonal kernels ``(N, L)``, ``κ_ij`` of synaptic ones ``(N, N, L)``;
-    ``s[-m]`` = ``history[H - m]``), ``(T_r, B, N)``, or None when it is empty. Differentiable
-    in ``history``, ``weight`` and ``kernel``; one GEMM for axonal kernels, one per lag in use
-    for synaptic ones.
+    ``s[-m]`` = ``history[H - m]``), ``(T_r, B, N)``, or None when it is empty. ``lags``: the
+    smallest and largest lag where a kernel weight or its gradient may be non-zero
+    (:func:`~delrec.delays.kernel_support`; default all). Differentiable in ``history``,
+    ``weight`` and ``kernel``; one GEMM for axonal kernels, one per lag for synaptic ones.
     """
     reach = kernel.shape[-1] - 1
     past = min(history.shape[0], reach)
@@ -74,12 +77,10 @@ def history_input(history: Tensor, weight: Tensor, kernel: Tensor, steps: int) -
         return None
     synaptic = kernel.dim() == 3
     history = history[history.shape[0] - past :].to(weight.dtype)  # time -past … -1
-    in_use = kernel.detach().reshape(-1, kernel.shape[-1]).ne(0).any(0).tolist()
+    lowest, highest = lags if lags is not None else (1, reach)
     batch, n = history.shape[1:]
     total = history.new_zeros(rows, batch, n)
-    for lag in range(1, min(reach, rows + past - 1) + 1):
-        if not in_use[lag]:
-            continue
+    for lag in range(max(1, lowest), min(reach, highest, rows + past - 1) + 1):
         first, last = max(0, lag - past), min(lag, rows)  # steps t that read time t - lag < 0
         spikes = history[past + first - lag : past + last - lag]
         if synaptic:
@@ -111,7 +112,8 @@ def run_lif(
     (v,) = state.neuron
     kernel = recurrent_kernel(delay, width)
     length = max(state.spikes.shape[0], kernel.shape[-1] - 1)
-    recurrent = history_input(state.spikes, weight, kernel, current.shape[0])
+    lags = kernel_support(delay, width)
+    recurrent = history_input(state.spikes, weight, kernel, current.shape[0], lags)
     corrected = current
     if recurrent is not None:
         recurrent = recurrent if mask is None else recurrent * mask

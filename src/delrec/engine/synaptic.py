@@ -55,6 +55,7 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
+from delrec.delays import kernel_support as synaptic_support
 from delrec.delays import triangle_kernel
 from delrec.engine import native
 from delrec.engine.lif import LIFMap, triangle_taps, width_vector
@@ -308,15 +309,6 @@ class _SynapticRecurrence(torch.autograd.Function):
                         -1, n
                     )
         return grad_current, grad_kernel, None, None, None
-
-
-def synaptic_support(delay: Tensor, width: Tensor) -> tuple[int, int]:
-    """Smallest and largest lag in the closed support ``|k - (1+d)| ≤ w`` of any synapse (≥ 1)."""
-    centre = 1.0 + delay.detach()
-    w = width.detach()
-    kmin = max(1, int((centre - w).ceil().min()))
-    kmax = max(kmin, int((centre + w).floor().max()))
-    return kmin, kmax
 
 
 def torch_recurrence(
