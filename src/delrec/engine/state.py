@@ -68,26 +68,29 @@ def history_input(
     ``s[-m]`` = ``history[H - m]``), ``(T_r, B, N)``, or None when it is empty. ``lags``: the
     smallest and largest lag where a kernel weight or its gradient may be non-zero
     (:func:`~delrec.delays.kernel_support`; default all). Differentiable in ``history``,
-    ``weight`` and ``kernel``; one GEMM for axonal kernels, one per lag for synaptic ones.
+    ``weight`` and ``kernel``: for axonal kernels one batched product with the Toeplitz matrix
+    ``κ_j(t + m)`` and one GEMM, for synaptic ones one GEMM per lag.
     """
     reach = kernel.shape[-1] - 1
     past = min(history.shape[0], reach)
     rows = min(steps, reach)
     if past == 0 or rows == 0:
         return None
-    synaptic = kernel.dim() == 3
-    history = history[history.shape[0] - past :].to(weight.dtype)  # time -past … -1
+    by_age = history[history.shape[0] - past :].flip(0).to(weight.dtype)  # row m-1: time -m
+    if kernel.dim() == 2:  # axonal: z[t, b, j] = Σ_m κ_j(t + m) s[-m, b, j], then z Wᵀ
+        lag = torch.arange(rows, device=kernel.device).view(-1, 1) + torch.arange(
+            1, past + 1, device=kernel.device
+        )
+        toeplitz = F.pad(kernel, (0, rows + past))[:, lag]  # (N, T_r, M); 0 beyond lag L-1
+        return torch.einsum("ntm,mbn->tbn", toeplitz, by_age) @ weight.t()
     lowest, highest = lags if lags is not None else (1, reach)
-    batch, n = history.shape[1:]
-    total = history.new_zeros(rows, batch, n)
-    for lag in range(max(1, lowest), min(reach, highest, rows + past - 1) + 1):
-        first, last = max(0, lag - past), min(lag, rows)  # steps t that read time t - lag < 0
-        spikes = history[past + first - lag : past + last - lag]
-        if synaptic:
-            total[first:last] += spikes @ (weight * kernel[..., lag]).t()
-        else:
-            total[first:last] += spikes * kernel[:, lag]
-    return total if synaptic else total @ weight.t()
+    total = None
+    for k in range(max(1, lowest), min(reach, highest, rows + past - 1) + 1):
+        first, last = max(0, k - past), min(k, rows)  # steps t that read age m = k - t
+        arriving = by_age[k - last : k - first].flip(0) @ (weight * kernel[..., k]).t()
+        arriving = F.pad(arriving, (0, 0, 0, 0, first, rows - last))
+        total = arriving if total is None else total + arriving
+    return total
 
 
 def run_lif(
