@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from delrec.checkpoint import atomic_save, network_payload
+from delrec.checkpoint import network_payload, save_checkpoint
 from delrec.cli import main
 from delrec.deploy import (
     NIRExportError,
@@ -413,7 +413,7 @@ def test_report_scores_regression_by_nmse(tmp_path):
 # --------------------------------------------------------------------------- CLI
 def save_run(tmp_path, net):
     run = tmp_path / "run"
-    atomic_save(network_payload(net), run / "checkpoints" / "best.pt")
+    save_checkpoint(network_payload(net), run / "checkpoints" / "best.pt")
     return run
 
 
@@ -438,7 +438,8 @@ def test_export_command_refuses_soft_reset_cleanly(tmp_path, capsys):
         NetworkConfig(1, (6,), 10, model="delrec", neuron=dict(reset="soft")), seed=0
     )
     run = save_run(tmp_path, net)
-    assert main(["export", str(run), "-o", str(tmp_path / "model.nir")]) == 1
+    # a network NIR cannot express is bad input: exit code 2 (delrec.commands)
+    assert main(["export", str(run), "-o", str(tmp_path / "model.nir")]) == 2
     assert "soft reset" in capsys.readouterr().err
     assert not (tmp_path / "model.nir").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
         "run"
@@ -446,12 +447,12 @@ def test_export_command_refuses_soft_reset_cleanly(tmp_path, capsys):
 
 
 def test_report_command_measures_on_the_runs_test_split(tmp_path, capsys):
-    from delrec.training.config import preset
+    from delrec.config import preset
 
     train_config = preset("digits-8x8", "delrec")
     net = build_network(train_config.network_config(1, 10), seed=0)
     run = tmp_path / "run"
-    atomic_save(
+    save_checkpoint(
         {**network_payload(net), "train_config": train_config.to_dict()},
         run / "checkpoints" / "best.pt",
     )
@@ -468,7 +469,7 @@ def test_report_command_measures_on_the_runs_test_split(tmp_path, capsys):
     assert "evaluation" not in json.loads(
         (tmp_path / "static" / "hardware_report.json").read_text()
     )
-    assert main(["report", str(tmp_path / "missing")]) == 1
+    assert main(["report", str(tmp_path / "missing")]) == 2  # a missing file: bad input
     assert "no checkpoint" in capsys.readouterr().err
 
 

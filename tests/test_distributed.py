@@ -16,9 +16,9 @@ import pytest
 import torch
 from test_train_run import read_metrics, write_random_shd
 
-from delrec.checkpoint import load_checkpoint
 from delrec.cli import main
 from delrec.data import make_loader
+from delrec.runs import load_checkpoint
 from delrec.training import TrainConfig, Trainer
 from delrec.training.distributed import DataParallel
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from delrec.cli import main
+from delrec.config import ConfigError, load_config_file, preset, resolve
 from delrec.data import DATASETS
 from delrec.delays import spread_schedule
 from delrec.layers import DelRec
 from delrec.models import build_network
-from delrec.training.config import PRESETS, ConfigError, load_config_file, preset, resolve
+from delrec.recipes import RECIPES
 from delrec.training.loop import make_optimizers, make_scheduler, parameter_groups, spike_penalty
 
 # task -> (epochs, batch, optimizer, lr, weight decay, weight schedule, position schedule)
@@ -27,7 +28,7 @@ SIZES = {"shd": (140, 20), "ssc": (140, 35), "psmnist": (1, 10), "mackey-glass":
 
 
 def test_one_preset_per_data_set():
-    assert set(PRESETS) == set(DATASETS)
+    assert set(RECIPES) == set(DATASETS)
 
 
 @pytest.mark.parametrize("task", sorted(TABLES))

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from delrec.checkpoint import load_checkpoint
 from delrec.cli import main
 from delrec.data.heidelberg import write_heidelberg
+from delrec.runs import load_checkpoint
 from delrec.training import Trainer, resolve
 from delrec.training.objectives import Classification, Regression
 

@@ -1,44 +1,37 @@
-"""Checkpoints: atomic writes, and the network stored in a checkpoint or run directory.
+"""Checkpoint files: what a checkpoint holds, and writing and reading one.
 
 A checkpoint is a ``torch.save``'d dict readable with ``weights_only=True``:
 ``{"format": FORMAT, "network_config": dict, "model": state_dict, ...}``; training adds its
-own entries (optimizers, schedulers, RNG states, epoch). A run directory keeps its
-checkpoints as ``RUN_DIR/checkpoints/{best,last}.pt``.
+own entries (optimizers, schedulers, RNG states, epoch). Where a run keeps its checkpoints is
+the run directory's concern (:mod:`delrec.runs`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from delrec.files import write_atomic
 from delrec.models import NetworkConfig, SpikingNetwork, build_network
 
 FORMAT = "delrec-checkpoint/1"
 
 
 class CheckpointError(Exception):
-    """A checkpoint or run directory that cannot be read; the message says why and what to do."""
+    """A checkpoint that cannot be read; the message says why and what to do."""
 
 
-def atomic_save(payload: dict, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written
-    file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def save_checkpoint(payload: dict, path: str | os.PathLike) -> None:
+    """Write ``payload`` to ``path`` whole or not at all (:func:`delrec.files.write_atomic`)."""
+
+    def save(temporary: Path) -> None:
+        with open(temporary, "wb") as handle:  # a file object: the archive's inner name is fixed
+            torch.save(payload, handle)
+
+    write_atomic(path, save)
 
 
 def network_payload(network: SpikingNetwork) -> dict:
@@ -50,22 +43,9 @@ def network_payload(network: SpikingNetwork) -> dict:
     }
 
 
-def resolve_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
-    """A checkpoint file from a file path or a run directory (``checkpoints/{which}.pt``)."""
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Read the checkpoint file ``path`` and check its format."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoints" / f"{which}.pt"
-    if not path.is_file():
-        raise CheckpointError(
-            f"no checkpoint at {path}: give a run directory written by "
-            "`delrec train` or a .pt checkpoint file"
-        )
-    return path
-
-
-def load_checkpoint(path: str | os.PathLike, which: str = "best") -> dict:
-    """Read a checkpoint (file or run directory) and check its format."""
-    path = resolve_checkpoint(path, which)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -78,9 +58,8 @@ def load_checkpoint(path: str | os.PathLike, which: str = "best") -> dict:
     return payload
 
 
-def load_network(path: str | os.PathLike, which: str = "best") -> SpikingNetwork:
-    """The trained network of a checkpoint file or run directory, in eval mode."""
-    payload = load_checkpoint(path, which)
+def network_from(payload: dict) -> SpikingNetwork:
+    """The network a checkpoint's payload holds, in eval mode."""
     network = build_network(NetworkConfig(**payload["network_config"]))
     network.load_state_dict(payload["model"])
     return network.eval()

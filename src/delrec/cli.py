@@ -1,7 +1,9 @@
 """The `delrec` command line: one subcommand per job.
 
-Each subcommand lives in the module that owns its concept and registers itself through an
-``add_parser(subparsers)`` function listed in ``COMMANDS`` below, so this file stays a table.
+Each subcommand is a module of :mod:`delrec.commands` providing ``add_parser(subparsers)``
+(which sets ``run``), listed in ``COMMANDS`` below, so this file stays a table. Errors a
+command expects become a one-line message and an exit code by the convention of
+:mod:`delrec.commands` (1: a failure at run time; 2: bad usage or bad input).
 """
 
 from __future__ import annotations
@@ -10,17 +12,19 @@ import argparse
 import importlib
 import sys
 
+from delrec.commands import EXIT_CODES_HELP, fail
+
 # subcommand name -> module providing add_parser(subparsers), imported when the parser is built.
 COMMANDS = {
-    "data": "delrec.data.cli",
-    "analyze": "delrec.analysis.cli",
-    "compare": "delrec.analysis.compare",
-    "sweep": "delrec.analysis.sweeps",
-    "train": "delrec.training.train_cmd",
-    "eval": "delrec.training.eval_cmd",
-    "export": "delrec.deploy.nir_format",
-    "report": "delrec.deploy.report",
-    "bench": "delrec.bench",
+    "data": "delrec.commands.data",
+    "analyze": "delrec.commands.analyze",
+    "compare": "delrec.commands.compare",
+    "sweep": "delrec.commands.sweep",
+    "train": "delrec.commands.train",
+    "eval": "delrec.commands.eval",
+    "export": "delrec.commands.export",
+    "report": "delrec.commands.report",
+    "bench": "delrec.commands.bench",
 }
 
 
@@ -29,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="delrec",
         description="Train spiking networks with learnable recurrent delays (DelRec) and "
         "deploy them with integer delays.",
+        epilog=EXIT_CODES_HELP,
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
@@ -44,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        return fail(args.command, error)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,16 @@
 (docs/design.md#the-papers-networks).
 
 One config object, :class:`NetworkConfig`, describes a network; :func:`build_network` turns
-it into a :class:`SpikingNetwork`; :func:`preset_network` gives the paper's settings for a
-task and model. Every network maps a time-major input ``(T, B, C)`` to a readout sequence
-``(T, B, K)``; :func:`readout_reduce` turns that sequence into the logits or prediction.
+it into a :class:`SpikingNetwork`; :data:`VARIANTS` defines the model variants of the
+ablation family; :func:`preset_network` gives the network of a task's recipe
+(:mod:`delrec.recipes`) as one of them. Every network maps a time-major input ``(T, B, C)`` to
+a readout sequence ``(T, B, K)``; :func:`readout_reduce` turns that sequence into the logits
+or prediction.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -17,11 +19,59 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from delrec.data import dataset_info
 from delrec.layers import DelRec, DelRecState, FeedforwardDelay, run_chunk
 from delrec.neurons import LIF, LeakyIntegrator, make_surrogate
+from delrec.recipes import RECIPES
 
-MODELS = ("snn", "rsnn", "fixed", "delrec", "delrec-shared", "ffdelay", "ff+rec")
 READOUTS = ("lif", "sum", "ema")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model of the ablation family: what its recurrent positions (the hidden layers named by
+    ``NetworkConfig.recurrent_layers``) hold and what it learns.
+
+    ``recurrence``: ``None`` (LIF neurons without recurrent connections), ``"vanilla"``
+    (recurrent weights, no delays), ``"fixed"`` (integer delays drawn at initialisation and
+    frozen) or ``"learned"`` (delays trained through the σ-spread kernel). ``delay_type``: the
+    recurrent delay type it imposes (``None``: the config's ``delay_type``).
+    ``feedforward_delays``: the synapses into those positions are learned feedforward delays
+    (:class:`~delrec.layers.FeedforwardDelay`). ``label``: its name in tables and figures.
+    ``grad_clip``: its training default for ``optim.grad_clip``. ``ablation``: one of the four
+    models of the paper's ablation (the default models of ``delrec sweep params``).
+    """
+
+    label: str
+    recurrence: str | None
+    delay_type: str | None = None
+    feedforward_delays: bool = False
+    grad_clip: float | None = None
+    ablation: bool = False
+
+    @property
+    def recurrent(self) -> bool:
+        return self.recurrence is not None
+
+    @property
+    def recurrent_delays(self) -> bool:
+        return self.recurrence in ("fixed", "learned")
+
+    @property
+    def learns_recurrent_delays(self) -> bool:
+        return self.recurrence == "learned"
+
+
+VARIANTS = {
+    "snn": Variant("SNN", None, ablation=True),
+    "rsnn": Variant("RSNN", "vanilla", grad_clip=1.0, ablation=True),
+    "fixed": Variant("Fixed rec. delays", "fixed", ablation=True),
+    "delrec": Variant("DelRec", "learned", ablation=True),
+    "delrec-shared": Variant("DelRec (one shared delay)", "learned", delay_type="shared"),
+    "ffdelay": Variant("Ff. delays", None, feedforward_delays=True),
+    "ff+rec": Variant("Ff. delays + DelRec", "learned", feedforward_delays=True),
+}
+MODELS = tuple(VARIANTS)
 
 
 @dataclass
@@ -284,16 +334,17 @@ def _neurons(
     cfg: NetworkConfig, size: int, recurrent_position: bool, generator: torch.Generator | None
 ) -> nn.Module:
     neuron = cfg.neuron.build()
-    if not recurrent_position or cfg.model in ("snn", "ffdelay"):
+    variant = VARIANTS[cfg.model]
+    if not recurrent_position or not variant.recurrent:
         return neuron
     common = dict(recurrent_dropout=cfg.recurrent_dropout, generator=generator)
-    if cfg.model == "rsnn":
+    if variant.recurrence == "vanilla":
         return DelRec.vanilla(size, neuron, **common)
-    if cfg.model == "fixed":
+    delay_type = variant.delay_type or cfg.delay_type
+    if variant.recurrence == "fixed":
         return DelRec.fixed(
-            size, neuron, delay_init=cfg.delay_init, delay_type=cfg.delay_type, **common
+            size, neuron, delay_init=cfg.delay_init, delay_type=delay_type, **common
         )
-    delay_type = "shared" if cfg.model == "delrec-shared" else cfg.delay_type
     return DelRec(
         size,
         neuron,
@@ -310,7 +361,7 @@ def build_network(cfg: NetworkConfig, seed: int | None = None) -> SpikingNetwork
     blocks, fan_in = [], cfg.input_size
     for index, size in enumerate(cfg.hidden_sizes):
         recurrent_position = cfg.is_recurrent_position(index)
-        if recurrent_position and cfg.model in ("ffdelay", "ff+rec"):
+        if recurrent_position and VARIANTS[cfg.model].feedforward_delays:
             synapses = FeedforwardDelay(fan_in, size, cfg.ff_delay_window, cfg.bias, generator)
         else:
             synapses = _linear(cfg, fan_in, size, cfg.bias, generator)
@@ -334,101 +385,17 @@ def build_network(cfg: NetworkConfig, seed: int | None = None) -> SpikingNetwork
     return SpikingNetwork(cfg, blocks, readout, readout_neuron)
 
 
-# --------------------------------------------------------------------------- presets
-def _shd(model: str) -> NetworkConfig:
-    neuron = NeuronConfig(
-        tau=1.05,
-        reset="hard",
-        v_reset=0.0,
-        detach_reset=True,
-        surrogate="atan",
-        surrogate_scale=5.0,
-    )
-    return NetworkConfig(
-        140,
-        (256, 256),
-        20,
-        model=model,
-        recurrent_layers=(1,),
-        block="bn",
-        bias=True,
-        dropout=0.4,
-        recurrent_dropout=0.2,
-        neuron=neuron,
-        delay_init="uniform:10:30",
-        readout="lif",
-        readout_tau=1.05,
-        feedforward_init="uniform-sqrt6",
-    )
-
-
-def _ssc(model: str) -> NetworkConfig:
-    return NetworkConfig(
-        140,
-        (256, 256, 256),
-        35,
-        model=model,
-        block="dropout",
-        bias=True,
-        dropout=0.1,
-        recurrent_dropout=0.3,
-        neuron=NeuronConfig(),
-        delay_init="half_normal:12",
-        learn_spread=True,
-        readout="sum",
-        feedforward_init="torch",
-    )
-
-
-def _psmnist(model: str) -> NetworkConfig:
-    return NetworkConfig(
-        1,
-        (64, 212, 212),
-        10,
-        model=model,
-        block="dropout",
-        bias=True,
-        dropout=0.1,
-        recurrent_dropout=0.2,
-        neuron=NeuronConfig(),
-        delay_init="half_normal:12",
-        learn_spread=True,
-        readout="sum",
-        feedforward_init="torch",
-    )
-
-
-def _mackey_glass(model: str) -> NetworkConfig:
-    neuron = NeuronConfig(
-        tau=2.0, reset="hard", v_reset=0.0, detach_reset=True, surrogate="atan", surrogate_scale=5.0
-    )
-    return NetworkConfig(
-        1,
-        (128,),
-        1,
-        model=model,
-        block="dropout",
-        bias=False,
-        dropout=0.2,
-        recurrent_dropout=0.2,
-        neuron=neuron,
-        delay_init="uniform:0:20",
-        readout="ema",
-        readout_tau=20.0,
-        readout_bias=False,
-        feedforward_init="torch",
-    )
-
-
-PRESETS = {"shd": _shd, "ssc": _ssc, "psmnist": _psmnist, "mackey-glass": _mackey_glass}
-
-
 def preset_network(task: str, model: str = "delrec", **overrides) -> NetworkConfig:
-    """The paper's network for ``task`` (``shd``, ``ssc``, ``psmnist``, ``mackey-glass``)
-    as ``model`` (one of :data:`MODELS`), with any field overridden by keyword."""
-    if task not in PRESETS:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(PRESETS)}")
-    return dataclasses.replace(PRESETS[task](model), **overrides)
+    """The network of ``task``'s recipe (:data:`delrec.recipes.RECIPES`) as ``model`` (one of
+    :data:`MODELS`), sized for the task's data set, with any field overridden by keyword."""
+    if task not in RECIPES:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(RECIPES)}")
+    recipe = RECIPES[task]
+    info = dataset_info(task, **recipe.get("data", {}))
+    settings = {**copy.deepcopy(recipe["network"]), **overrides}
+    return NetworkConfig(
+        input_size=info.input_size, output_size=info.output_size, model=model, **settings
+    )
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -17,34 +17,24 @@ Rows are ranked worst to best, as in Table S5.
 
 from __future__ import annotations
 
-import argparse
 import csv
+import io
 import json
 import statistics
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from delrec.checkpoint import CheckpointError, load_network
-from delrec.models import count_parameters
+from delrec import files
+from delrec.models import VARIANTS, count_parameters
+from delrec.runs import RunDir, load_network
+from delrec.training.evaluation import evaluate_run
 
 # settings that do not change what a run computes, or that tell seeds apart
 NOT_GROUPING = ("seed", "device", "threads", "num_workers", "data_root", "eval_batch_size")
-LEARNED_RECURRENT_DELAYS = ("delrec", "delrec-shared", "ff+rec")
-# model -> (display name, recurrent, recurrent delays, feedforward delays)
-MODEL_TRAITS = {
-    "snn": ("SNN", False, False, False),
-    "rsnn": ("RSNN", True, False, False),
-    "fixed": ("Fixed rec. delays", True, True, False),
-    "delrec": ("DelRec", True, True, False),
-    "delrec-shared": ("DelRec (one shared delay)", True, True, False),
-    "ffdelay": ("Ff. delays", False, False, True),
-    "ff+rec": ("Ff. delays + DelRec", True, True, True),
-}
 
 
 class CompareError(Exception):
-    """A directory that is not a finished run; the message says what to do."""
+    """Runs that cannot be compared with each other; the message says what to do."""
 
 
 @dataclass
@@ -93,36 +83,17 @@ class Row:
 # --------------------------------------------------------------------------- reading
 def find_runs(paths: list[Path]) -> list[Path]:
     """The single-seed run directories named by ``paths`` (multi-seed runs expanded)."""
-    found = []
-    for path in map(Path, paths):
-        if (path / "seeds.json").is_file():
-            seeds = json.loads((path / "seeds.json").read_text())["seeds"]
-            found.extend(path / f"seed-{seed}" for seed in seeds)
-        elif (path / "config.json").is_file():
-            found.append(path)
-        else:
-            raise CompareError(
-                f"{path} is not a run directory (no config.json or seeds.json); "
-                "give directories written by `delrec train`"
-            )
-    return found
+    return [run.path for path in paths for run in RunDir(path).single_runs()]
 
 
 def read_run(run_dir: Path, real_delays: bool = True) -> SeedRun:
     """Read one finished run; ``real_delays`` re-evaluates it with real-valued delays."""
-    results_path = run_dir / "test_results.json"
-    if not results_path.is_file():
-        raise CompareError(
-            f"{run_dir} has no test_results.json: the run is not finished; "
-            f"complete it with `delrec train --resume {run_dir}`"
-        )
-    config = json.loads((run_dir / "config.json").read_text())["config"]
-    results = json.loads(results_path.read_text())
+    run = RunDir(run_dir)
+    results = run.read_results()
+    config = run.config_values()
     metric = "accuracy" if "accuracy" in results else "nmse"
     real = results[metric]
-    if real_delays and config["model"] in LEARNED_RECURRENT_DELAYS:
-        from delrec.training.eval_cmd import evaluate_run
-
+    if real_delays and VARIANTS[config["model"]].learns_recurrent_delays:
         real = evaluate_run(run_dir, split="test", spread=True)[metric]
     return SeedRun(
         run_dir,
@@ -131,14 +102,12 @@ def read_run(run_dir: Path, real_delays: bool = True) -> SeedRun:
         results[metric],
         real,
         count_parameters(load_network(run_dir)),
-        _firing_rate(run_dir / "metrics.csv", results["best_epoch"]),
+        _firing_rate(run.read_metrics(), results["best_epoch"]),
     )
 
 
-def _firing_rate(metrics_path: Path, epoch: int) -> float | None:
-    if not metrics_path.is_file():
-        return None
-    for row in csv.DictReader(metrics_path.open()):
+def _firing_rate(metrics: list[dict], epoch: int) -> float | None:
+    for row in metrics:
         if int(row["epoch"]) == epoch and row.get("firing_rate"):
             return float(row["firing_rate"])
     return None
@@ -172,7 +141,7 @@ def group_runs(runs: list[SeedRun]) -> list[Row]:
         ]
         mine = _setting_items(members[0].config)
         varying = [k for k in mine if any(s.get(k) != mine[k] for s in siblings)]
-        label = MODEL_TRAITS[model][0]
+        label = VARIANTS[model].label
         if varying:
             label += " (" + ", ".join(f"{k.split('.')[-1]}={mine[k]}" for k in varying) + ")"
         rows.append(Row(label, members))
@@ -226,11 +195,12 @@ def format_markdown(rows: list[Row]) -> str:
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        _, recurrent, recurrent_delays, ff_delays = MODEL_TRAITS[row.model]
+        variant = VARIANTS[row.model]
+        traits = (variant.recurrent, variant.recurrent_delays, variant.feedforward_delays)
         rate = f"{row.firing_rate:.4f}" if row.firing_rate is not None else "–"
         cells = [
             row.label,
-            *("✓" if t else "" for t in (recurrent, recurrent_delays, ff_delays)),
+            *("✓" if t else "" for t in traits),
             "✓",
             format_parameters(row.parameters),
             str(len(row.runs)),
@@ -246,16 +216,16 @@ def rows_as_records(rows: list[Row]) -> list[dict]:
     """CSV-ready records, one per row."""
     records = []
     for row in rows:
-        _, recurrent, recurrent_delays, ff_delays = MODEL_TRAITS[row.model]
+        variant = VARIANTS[row.model]
         (real, real_std), (rounded, rounded_std) = row.stats("real"), row.stats("rounded")
         records.append(
             {
                 "label": row.label,
                 "task": row.runs[0].config["task"],
                 "model": row.model,
-                "recurrent": recurrent,
-                "recurrent_delays": recurrent_delays,
-                "feedforward_delays": ff_delays,
+                "recurrent": variant.recurrent,
+                "recurrent_delays": variant.recurrent_delays,
+                "feedforward_delays": variant.feedforward_delays,
                 "parameters": row.parameters,
                 "seeds": len(row.runs),
                 f"{row.metric}_mean": real,
@@ -300,7 +270,7 @@ def plot_rows(rows: list[Row], path: Path, x: str = "parameters") -> None:
             yerr=[s for _, s in rounded],
             marker="o",
             capsize=3,
-            label=MODEL_TRAITS[model][0],
+            label=VARIANTS[model].label,
         )
         ax.scatter(
             xs,
@@ -310,7 +280,7 @@ def plot_rows(rows: list[Row], path: Path, x: str = "parameters") -> None:
             zorder=3,
         )
         for x_value, row, (m, _) in zip(xs, mine, rounded):
-            if row.label != MODEL_TRAITS[model][0]:
+            if row.label != VARIANTS[model].label:
                 ax.annotate(
                     row.label.split("(", 1)[-1].rstrip(")"),
                     (x_value, m),
@@ -328,8 +298,7 @@ def plot_rows(rows: list[Row], path: Path, x: str = "parameters") -> None:
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    files.write_atomic(path, lambda temporary: fig.savefig(temporary, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -342,51 +311,13 @@ def write_outputs(
 ) -> None:
     """Write whichever of the Markdown table, CSV table and figure are given a path."""
     if markdown is not None:
-        markdown.parent.mkdir(parents=True, exist_ok=True)
-        markdown.write_text(format_markdown(rows) + "\n")
+        files.write_text(markdown, format_markdown(rows) + "\n")
     if table_csv is not None:
         records = rows_as_records(rows)
-        table_csv.parent.mkdir(parents=True, exist_ok=True)
-        with open(table_csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(records[0]))
-            writer.writeheader()
-            writer.writerows(records)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+        files.write_text(table_csv, buffer.getvalue())
     if figure is not None:
         plot_rows(rows, figure, x)
-
-
-# --------------------------------------------------------------------------- CLI
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "compare",
-        help="table (Markdown, CSV) and figure of trained runs, Table S5 layout",
-        description=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
-    parser.add_argument("--markdown", type=Path, help="write the Markdown table here")
-    parser.add_argument("--csv", type=Path, help="write the table as CSV here")
-    parser.add_argument("--figure", type=Path, help="write the figure (PNG) here")
-    parser.add_argument(
-        "--x",
-        choices=sorted(X_AXES),
-        default="parameters",
-        help="x axis of the figure (default parameters)",
-    )
-    parser.add_argument(
-        "--rounded-only",
-        action="store_true",
-        help="skip re-evaluating learned delays with real values (faster)",
-    )
-    parser.set_defaults(run=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        rows = compare(args.run_dirs, real_delays=not args.rounded_only)
-    except (CompareError, CheckpointError) as error:
-        print(f"delrec compare: error: {error}", file=sys.stderr)
-        return 2
-    print(format_markdown(rows))
-    write_outputs(rows, args.markdown, args.csv, args.figure, args.x)
-    return 0

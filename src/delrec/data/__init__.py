@@ -13,7 +13,7 @@ Items are ``(frames (T, C) float32, target)``; :func:`make_loader` batches them 
 
 from .augment import TripleAugmented
 from .core import SPLITS, Batch, DatasetInfo, collate_time_major, make_loader
-from .errors import DataError
+from .errors import DataError, DownloadError
 from .fetch import RESOURCES, download
 from .registry import DATASETS, data_root, dataset_info, default_dir, load_dataset, settings_of
 
@@ -21,6 +21,7 @@ __all__ = [
     "Batch",
     "DATASETS",
     "DataError",
+    "DownloadError",
     "DatasetInfo",
     "RESOURCES",
     "SPLITS",

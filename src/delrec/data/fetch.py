@@ -23,7 +23,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import DataError
+from delrec.files import write_atomic
+
+from .errors import DataError, DownloadError
 
 HEIDELBERG_URL = "https://zenkelab.org/datasets/"
 MNIST_URL = "http://yann.lecun.com/exdb/mnist/"
@@ -140,22 +142,22 @@ def _fetch(resource: Resource, part: Path, timeout: float, progress: bool) -> No
 
 def _extract(archive: Path, target: Path) -> None:
     """Write the single member of a .zip (or the content of a .gz) to ``target`` atomically."""
-    tmp = target.with_name(target.name + ".tmp")
+
+    def copy(source, temporary: Path) -> None:
+        with source, open(temporary, "wb") as destination:
+            shutil.copyfileobj(source, destination, _BLOCK)
+
     try:
         if archive.suffix == ".zip":
             with zipfile.ZipFile(archive) as zf:
                 members = [m for m in zf.namelist() if not m.endswith("/")]
                 if len(members) != 1:
-                    raise DataError(f"{archive} holds {len(members)} files, expected one")
-                with zf.open(members[0]) as src, open(tmp, "wb") as dst:
-                    shutil.copyfileobj(src, dst, _BLOCK)
+                    raise DownloadError(f"{archive} holds {len(members)} files, expected one")
+                write_atomic(target, lambda temporary: copy(zf.open(members[0]), temporary))
         else:
-            with gzip.open(archive) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, _BLOCK)
-        os.replace(tmp, target)
+            write_atomic(target, lambda temporary: copy(gzip.open(archive), temporary))
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        tmp.unlink(missing_ok=True)
-        raise DataError(
+        raise DownloadError(
             f"{archive} could not be extracted ({exc}): delete it and download again"
         ) from exc
 
@@ -222,26 +224,26 @@ def _download_verified(
             break
         except _Interrupted as exc:
             if attempt == retries:
-                raise DataError(
+                raise DownloadError(
                     f"the transfer of {resource.url} broke off ({exc}) after "
                     f"{1 + retries} attempts; {part} keeps what arrived: run the "
                     "command again to resume"
                 ) from exc
         except urllib.error.HTTPError as exc:
-            raise DataError(
+            raise DownloadError(
                 f"{resource.url} answered HTTP {exc.code} {exc.reason}.\n"
                 + _by_hand(name, resources, to)
             ) from exc
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise DataError(
+            raise DownloadError(
                 f"cannot reach {resource.url} ({reason}): no network?\n"
                 + _by_hand(name, resources, to)
             ) from exc
     digest = md5_of(part)
     if digest != resource.md5:
         part.unlink()
-        raise DataError(
+        raise DownloadError(
             f"{resource.url} arrived with MD5 {digest}, expected {resource.md5}; "
             "the download was removed: run the command again, or fetch the file "
             "by hand.\n" + _by_hand(name, resources, to)

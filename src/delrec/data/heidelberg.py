@@ -16,12 +16,13 @@ Parsing happens once per file and binning setting; the result is cached as compa
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from delrec.files import write_atomic
 
 from .core import DatasetInfo, SparseFrames
 from .errors import DataError
@@ -238,16 +239,12 @@ def _source_stamp(path: Path) -> np.ndarray:
     return np.array([st.st_size, st.st_mtime_ns], dtype=np.int64)
 
 
-def _write_atomic(target: Path, arrays: dict[str, np.ndarray]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def _write_cache(target: Path, arrays: dict[str, np.ndarray]) -> None:
+    def save(temporary: Path) -> None:
+        with open(temporary, "wb") as handle:  # a file object: np.savez adds no ".npz"
+            np.savez(handle, **arrays)
+
+    write_atomic(target, save)
 
 
 def load_binned(
@@ -269,7 +266,7 @@ def load_binned(
     if arrays is None:
         arrays = parse_file(path, binning, num_classes, dataset)
         try:
-            _write_atomic(cache, {**arrays, "source": _source_stamp(path)})
+            _write_cache(cache, {**arrays, "source": _source_stamp(path)})
         except OSError as exc:
             warnings.warn(
                 f"could not write the cache {cache} ({exc}); {path} will be parsed "

@@ -33,11 +33,8 @@ into the affine weights and feedforward delays are expressed with ``Delay`` node
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +43,7 @@ from torch import nn
 
 import delrec
 from delrec.deploy.streaming import DelayedSynapses, StreamingLayer, StreamingNetwork
+from delrec.files import write_atomic
 from delrec.neurons import LIF, LeakyIntegrator
 
 _NIR_MISSING = (
@@ -137,15 +135,12 @@ def export_nir(net: nn.Module, path: str | os.PathLike, dt: float = 1.0):
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        nir.write(tmp, graph)
-        nir.read(tmp)  # nir's own reading and type checking
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def write(temporary: Path) -> None:
+        nir.write(temporary, graph)
+        nir.read(temporary)  # nir's own reading and type checking
+
+    write_atomic(path, write)
     return graph
 
 
@@ -420,56 +415,3 @@ def _li_from_node(node, dt: float, where: str) -> LeakyIntegrator:
     if _uniform(node, "v_leak", where) != 0:
         raise NIRImportError(f"{where}: a readout LI must leak towards 0")
     return LeakyIntegrator(tau, decay_input=_input_scaling(node, tau, where))
-
-
-# --------------------------------------------------------------------------- CLI
-def add_parser(subparsers) -> None:
-    """``delrec export RUN_DIR --format nir -o model.nir``."""
-    parser = subparsers.add_parser(
-        "export",
-        help="export a trained network for neuromorphic hardware (NIR)",
-        description="Export the network of a run directory (or checkpoint file) with integer "
-        "delays. The NIR file states its time convention in its metadata.",
-    )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint .pt file")
-    parser.add_argument(
-        "--format", choices=["nir"], default="nir", help="output format (default nir)"
-    )
-    parser.add_argument("-o", "--output", help="output file (default RUN_DIR/model.nir)")
-    parser.add_argument(
-        "--dt",
-        type=float,
-        default=1.0,
-        help="seconds per time step written into the file (default 1: time in steps; "
-        "SHD bins are 0.01)",
-    )
-    parser.add_argument(
-        "--checkpoint",
-        choices=["best", "last"],
-        default="best",
-        help="which checkpoint of a run directory (default best)",
-    )
-    parser.set_defaults(run=_run_export)
-
-
-def _run_export(args: argparse.Namespace) -> int:
-    from delrec.checkpoint import CheckpointError, load_network
-
-    run_dir = Path(args.run_dir)
-    output = (
-        Path(args.output)
-        if args.output
-        else (run_dir / "model.nir" if run_dir.is_dir() else run_dir.with_suffix(".nir"))
-    )
-    try:
-        net = load_network(run_dir, args.checkpoint)
-        graph = export_nir(net, output, dt=args.dt)
-    except (CheckpointError, NIRExportError, ImportError, ValueError, FileNotFoundError) as error:
-        print(f"delrec export: error: {error}", file=sys.stderr)
-        return 1
-    delays = sum(type(node).__name__ == "Delay" for node in graph.nodes.values())
-    print(
-        f"wrote {output}: {len(graph.nodes)} NIR nodes ({delays} Delay), "
-        f"{len(graph.edges)} edges, dt = {args.dt} s"
-    )
-    return 0

@@ -26,17 +26,14 @@ regression prediction at each sample's last true step.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from delrec import files
 from delrec.deploy.streaming import DelayedSynapses, StreamingNetwork
 from delrec.layers import DelRec, FeedforwardDelay
 from delrec.models import readout_reduce
@@ -363,124 +360,14 @@ def plot_delay_histograms(report: dict, path: str | os.PathLike) -> None:
         axes[0, 0].text(0.5, 0.5, "no delays in this network", ha="center", va="center")
         axes[0, 0].set_axis_off()
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    files.write_atomic(path, lambda temporary: fig.savefig(temporary, format="png", dpi=120))
     plt.close(fig)
 
 
 def write_report(report: dict, directory: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``hardware_report.json`` and ``delay_histograms.png`` into ``directory``."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     json_path, png_path = directory / "hardware_report.json", directory / "delay_histograms.png"
-    _atomic(json_path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    files.write_json(json_path, report)
     plot_delay_histograms(report, png_path)
     return json_path, png_path
-
-
-def _atomic(path: str | os.PathLike, write) -> None:
-    """Call ``write(temporary path)`` beside ``path``, then rename it to ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# --------------------------------------------------------------------------- CLI
-def add_parser(subparsers) -> None:
-    """``delrec report RUN_DIR``."""
-    parser = subparsers.add_parser(
-        "report",
-        help="hardware report: delays, buffer memory, spikes and synaptic operations",
-        description="Report what a chip needs to run the network of a run directory with integer "
-        "delays: per layer the neurons, synapses, delay histogram and buffer memory; on the run's "
-        "test split (or --data) the spikes and synaptic operations per inference and the score "
-        "with σ-spread versus integer delays.",
-    )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint .pt file")
-    parser.add_argument(
-        "--checkpoint",
-        choices=["best", "last"],
-        default="best",
-        help="which checkpoint of a run directory (default best)",
-    )
-    parser.add_argument(
-        "--split",
-        choices=["train", "valid", "test"],
-        default="test",
-        help="split to measure on (default test)",
-    )
-    parser.add_argument(
-        "--data",
-        metavar="NAME",
-        help="measure on this data set (see `delrec data list`) instead of the run's",
-    )
-    parser.add_argument("--data-root", metavar="DIR", help="folder holding the data set's files")
-    parser.add_argument("--no-data", action="store_true", help="static report only, no data pass")
-    parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
-    parser.add_argument("--max-batches", type=int, help="stop after this many batches")
-    parser.add_argument(
-        "-o",
-        "--output",
-        metavar="DIR",
-        help="where to write hardware_report.json and delay_histograms.png "
-        "(default RUN_DIR/report, or beside a checkpoint file)",
-    )
-    parser.set_defaults(run=_run_report)
-
-
-def _loader(args: argparse.Namespace):
-    """The loader to measure on: ``--data``, else the run's own data set, else ``None``."""
-    from delrec.checkpoint import load_checkpoint
-    from delrec.data import load_dataset, make_loader
-
-    if args.no_data:
-        return None
-    if args.data:
-        return make_loader(
-            load_dataset(args.data, args.split, root=args.data_root), args.batch_size
-        )
-    payload = load_checkpoint(args.run_dir, args.checkpoint)
-    if "train_config" not in payload:
-        print(
-            "note: the checkpoint holds no training configuration, so there is no data set to "
-            "measure on; pass --data NAME for spikes, synaptic operations and scores"
-        )
-        return None
-    from delrec.training.config import TrainConfig
-    from delrec.training.loop import eval_loader, load_splits
-
-    values = dict(
-        payload["train_config"], **({"data_root": args.data_root} if args.data_root else {})
-    )
-    data = load_splits(TrainConfig.from_dict(values), splits=(args.split,), stored=payload)
-    return eval_loader(data.datasets[args.split], args.batch_size)
-
-
-def _run_report(args: argparse.Namespace) -> int:
-    from delrec.checkpoint import CheckpointError, load_network
-    from delrec.data import DataError
-
-    if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
-        print("delrec report: error: --batch-size and --max-batches must be >= 1", file=sys.stderr)
-        return 2
-    run_dir = Path(args.run_dir)
-    output = (
-        Path(args.output)
-        if args.output
-        else (run_dir if run_dir.is_dir() else run_dir.parent) / "report"
-    )
-    try:
-        net = load_network(run_dir, args.checkpoint)
-        report = hardware_report(net, _loader(args), max_batches=args.max_batches)
-        paths = write_report(report, output)
-    except (CheckpointError, DataError, ValueError, OSError) as error:
-        print(f"delrec report: error: {error}", file=sys.stderr)
-        return 1
-    print(format_report(report))
-    print(f"wrote {paths[0]} and {paths[1]}")
-    return 0

@@ -38,8 +38,9 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
+from delrec.config import ConfigError
 from delrec.layers import DelRec
-from delrec.training.config import ConfigError
+from delrec.runs import RunDir
 from delrec.training.loop import TrainingError
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -408,7 +409,7 @@ def failure_message(error: BaseException, run_dir: Path, processes: int) -> str:
     else:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         what = f"lost contact with the other processes ({first_line})"
-    last = run_dir / "checkpoints" / "last.pt"
+    last = RunDir(run_dir).checkpoint_path("last")
     if last.is_file():
         where = f"the last complete epoch is saved in {last}"
     else:

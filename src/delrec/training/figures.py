@@ -1,4 +1,4 @@
-"""Figures of a run (PNG, matplotlib's Agg backend, no display needed)."""
+"""Figures of a run (PNG, matplotlib's Agg backend, no display needed), each written whole."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from torch import Tensor  # noqa: E402
 
+from delrec.files import write_atomic  # noqa: E402
+
 
 def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda temporary: fig.savefig(temporary, format="png", dpi=110))
     plt.close(fig)
 
 

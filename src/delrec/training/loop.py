@@ -1,19 +1,11 @@
-"""The training loop: data, network, optimizers, schedules, checkpoints, resume, test.
+"""The training loop: network, optimizers, schedules, epochs, checkpoints, resume, test.
 
-A run directory holds (docs/training.md#run-directory)::
-
-    config.json            the resolved TrainConfig (plus data set info)
-    metrics.csv            one row per epoch
-    checkpoints/last.pt    everything needed to resume (written atomically every epoch)
-    checkpoints/best.pt    the network of the best validation epoch
-    test_results.json      the best-validation network on the test split, integer delays
-    figures/*.png          learning curves, delay histograms, spike raster, predictions
-
-Reproducibility: the network is initialised from ``seed``; dropout draws from the global
-torch RNG seeded with ``seed``; the training loader shuffles with its own generator; SHD
-augmentation is a function of (seed, epoch, index). ``last.pt`` stores the RNG and loader
-states, optimizers, schedulers and epoch, so a resumed run ends bit for bit where an
-uninterrupted one does (same device and thread count).
+The Trainer writes its run directory through :class:`delrec.runs.RunDir` (which describes the
+layout; docs/training.md#run-directory). Reproducibility: the network is initialised from
+``seed``; dropout draws from the global torch RNG seeded with ``seed``; the training loader
+shuffles with its own generator; SHD augmentation is a function of (seed, epoch, index).
+``last.pt`` stores the RNG and loader states, optimizers, schedulers and epoch, so a resumed
+run ends bit for bit where an uninterrupted one does (same device and thread count).
 
 With a :class:`~delrec.training.distributed.DataParallel` (``torchrun``), the Trainer runs
 one shard of every batch and computes what one process computes on the whole batch; rank 0
@@ -22,25 +14,22 @@ alone writes files and logs (docs/distributed.md).
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from delrec.checkpoint import atomic_save, load_checkpoint, network_payload
-from delrec.data import TripleAugmented, load_dataset, make_loader
+from delrec.checkpoint import network_payload
+from delrec.config import TrainConfig, resolve_device
 from delrec.delays import spread_schedule
 from delrec.layers import DelRec, FeedforwardDelay, clamp_delays, set_spread
 from delrec.models import SpikingNetwork, build_network
-from delrec.training.config import TrainConfig
+from delrec.runs import RunDir, eval_loader, load_checkpoint, load_splits
+from delrec.training.evaluation import evaluate
 from delrec.training.objectives import make_objective
 from delrec.training.tbptt import truncated_bptt
 
@@ -53,13 +42,6 @@ class TrainingError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- pieces
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; anything else as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def delay_tensors(network: SpikingNetwork) -> dict[str, Tensor]:
     """The delays of each delay-holding layer by name: ``rec{i}`` (DelRec in hidden layer i,
     steps) and ``ff{i}`` (feedforward positions into hidden layer i, steps)."""
@@ -135,124 +117,6 @@ def spike_penalty(spikes: list[Tensor]) -> Tensor:
     return torch.stack([0.5 * s.pow(2).mean() for s in spikes]).mean()
 
 
-# --------------------------------------------------------------------------- data
-class Standardized(torch.utils.data.Dataset):
-    """A regression data set on the scale ``(value - mean) / std``, for frames and targets."""
-
-    def __init__(self, base, mean: float, std: float):
-        self.base, self.mean, self.std = base, mean, std
-        self.info, self.split = base.info, base.split
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int):
-        frames, target = self.base[index]
-        return (frames - self.mean) / self.std, (target - self.mean) / self.std
-
-
-def target_moments(dataset) -> Tensor:
-    """``[mean, std]`` (float64) of a regression data set's targets."""
-    targets = torch.stack([dataset[i][1] for i in range(len(dataset))]).double()
-    return torch.stack([targets.mean(), targets.std(correction=0)])
-
-
-@dataclass
-class Splits:
-    """The data of a run: datasets by split, the seeded training loader (when "train" is
-    loaded), the data set info, and what must be stored to rebuild the same inputs:
-    ``permutation`` (PS-MNIST pixel order) and ``standardization`` (``[mean, std]``)."""
-
-    datasets: dict
-    train_loader: torch.utils.data.DataLoader | None
-    info: object
-    permutation: Tensor | None = None
-    standardization: Tensor | None = None
-    augmented: TripleAugmented | None = None
-
-
-def load_splits(
-    config: TrainConfig, splits=("train", "valid", "test"), stored: dict | None = None
-) -> Splits:
-    """Load the data sets of ``config`` and build the seeded training loader. ``stored``: a
-    checkpoint's ``data_permutation`` and ``standardization``, to reproduce its inputs."""
-    stored = stored or {}
-    settings = dict(config.data)
-    if stored.get("data_permutation") is not None:
-        settings["permutation"] = stored["data_permutation"]
-
-    def load(split):
-        return load_dataset(config.task, split=split, root=config.data_root, **settings)
-
-    datasets = {split: load(split) for split in splits}
-    first = datasets[splits[0]]
-    standardization = None
-    if config.standardize:
-        standardization = stored.get("standardization")
-        if standardization is None:
-            train = datasets["train"] if "train" in datasets else load("train")
-            standardization = target_moments(train)
-        mean, std = (float(v) for v in standardization)
-        datasets = {split: Standardized(ds, mean, std) for split, ds in datasets.items()}
-    augmented, train_loader = None, None
-    if "train" in datasets:
-        train = datasets["train"]
-        if config.augment:
-            train = augmented = TripleAugmented(train, seed=config.seed)
-        if config.max_train_samples is not None and config.max_train_samples < len(train):
-            generator = torch.Generator().manual_seed(config.seed)
-            chosen = torch.randperm(len(train), generator=generator)[: config.max_train_samples]
-            train = torch.utils.data.Subset(train, chosen.sort().values.tolist())
-        datasets["train"] = train
-        train_loader = make_loader(
-            train, config.batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers
-        )
-    return Splits(
-        datasets,
-        train_loader,
-        first.info,
-        getattr(first, "permutation", None),
-        standardization,
-        augmented,
-    )
-
-
-def eval_loader(dataset, batch_size: int, num_workers: int = 0):
-    """A loader in item order that never draws from the global RNG."""
-    return make_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers)
-
-
-# --------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(
-    network: SpikingNetwork,
-    loader,
-    objective,
-    device: torch.device,
-    keep_outputs: bool = False,
-    dist=None,
-) -> tuple[dict[str, float], Tensor | None]:
-    """Metrics of ``network`` in eval mode (integer delays unless a layer's ``integer_eval``
-    is off) over ``loader``; with ``keep_outputs``, the predictions / class scores in item
-    order, on the CPU. ``dist``: a DataParallel whose sharded ``loader`` this rank reads;
-    the metrics are those of the whole split."""
-    network.eval()
-    meter, outputs = objective.meter(), []
-    for step, (frames, lengths, targets) in enumerate(loader):
-        frames, targets = frames.to(device), targets.to(device)
-        if dist is not None:
-            frames, share = dist.begin_step(loader, step, frames)
-            if share == 0:
-                continue
-        loss, output = objective(network(frames), lengths, targets)
-        meter.update(loss, output, targets)
-        if keep_outputs:
-            outputs.append(output.cpu())
-    if dist is not None:
-        dist.reduce_meter(meter)
-    return meter.result(), torch.cat(outputs) if keep_outputs else None
-
-
 # --------------------------------------------------------------------------- run state
 @dataclass
 class RunState:
@@ -282,7 +146,7 @@ class Trainer:
         dist=None,
     ):
         self.config = config
-        self.run_dir = Path(run_dir)
+        self.run = RunDir(run_dir)
         self.dist = dist
         self.is_main = dist is None or dist.is_main
         self.progress = progress and self.is_main
@@ -334,28 +198,21 @@ class Trainer:
             self.data.train_loader = dist.shard_loader(self.data.train_loader)
             self.valid_loader = dist.shard_loader(self.valid_loader)
 
-    # ------------------------------------------------------------------ paths
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
-
+    # ------------------------------------------------------------------ files
     def write_config(self) -> None:
         """``config.json``: the resolved config and the data set's sizes (rank 0 only)."""
         if not self.is_main:
             return
         info = self.data.info
-        document = {
-            "config": self.config.to_dict(),
-            "dataset": {
-                "name": info.name,
-                "task": info.task,
-                "input_size": info.input_size,
-                "output_size": info.output_size,
-                "steps": info.steps,
-                "train_items": len(self.data.datasets["train"]),
-            },
+        dataset = {
+            "name": info.name,
+            "task": info.task,
+            "input_size": info.input_size,
+            "output_size": info.output_size,
+            "steps": info.steps,
+            "train_items": len(self.data.datasets["train"]),
         }
-        _atomic_text(self.run_dir / "config.json", json.dumps(document, indent=2) + "\n")
+        self.run.write_config(self.config, dataset)
 
     # ------------------------------------------------------------------ schedule
     def sigma(self, epoch: int) -> float:
@@ -406,7 +263,7 @@ class Trainer:
                 raise TrainingError(
                     f"the training loss became {value} in epoch {epoch + 1}, batch "
                     f"{batches + 1}; lower optim.lr or set optim.grad_clip (the last good "
-                    f"epoch is in {self.checkpoint_dir / 'last.pt'})"
+                    f"epoch is in {self.run.checkpoint_path('last')})"
                 )
             for optimizer in self.optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
@@ -498,10 +355,10 @@ class Trainer:
             if better:
                 state.best_epoch, state.best_value = epoch + 1, value
                 if self.is_main:
-                    atomic_save(self._best_payload(valid), self.checkpoint_dir / "best.pt")
+                    self.run.save_checkpoint("best", self._best_payload(valid))
             if self.is_main:
-                atomic_save(self._last_payload(), self.checkpoint_dir / "last.pt")
-                write_metrics(self.run_dir / "metrics.csv", state.history)
+                self.run.save_checkpoint("last", self._last_payload())
+                self.run.write_metrics(state.history)
             done_this_run += 1
             self.log(
                 f"epoch {epoch + 1}/{config.epochs}  σ {sigma:.3g}  "
@@ -549,12 +406,12 @@ class Trainer:
 
     def restore(self) -> bool:
         """Continue from ``checkpoints/last.pt`` if it exists; returns True if it did."""
-        if not (self.checkpoint_dir / "last.pt").is_file():
+        if not self.run.has_checkpoint("last"):
             return False
-        payload = load_checkpoint(self.run_dir, "last")
+        payload = load_checkpoint(self.run.path, "last")
         if _without(payload.get("train_config", {})) != _without(self.config.to_dict()):
             raise TrainingError(
-                f"{self.checkpoint_dir / 'last.pt'} was written by another "
+                f"{self.run.checkpoint_path('last')} was written by another "
                 "configuration than config.json; resume the run it belongs to"
             )
         self.network.load_state_dict(payload["model"])
@@ -575,7 +432,7 @@ class Trainer:
             dict(payload["initial_delays"]),
         )
         if self.is_main:
-            write_metrics(self.run_dir / "metrics.csv", self.state.history)
+            self.run.write_metrics(self.state.history)
         return True
 
     # ------------------------------------------------------------------ test
@@ -586,7 +443,7 @@ class Trainer:
 
         final_network = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
         end_delays = {k: v.cpu() for k, v in delay_tensors(self.network).items()}
-        best = load_checkpoint(self.run_dir, "best")
+        best = load_checkpoint(self.run.path, "best")
         self.network.load_state_dict(best["model"])
         test_set = self.data.datasets["test"]
         loader = eval_loader(test_set, self.config.eval_batch_size, self.config.num_workers)
@@ -602,48 +459,29 @@ class Trainer:
             **metrics,
             "valid": best["valid"],
         }
-        _atomic_text(self.run_dir / "test_results.json", json.dumps(results, indent=2) + "\n")
+        self.run.write_results(results)
 
-        figure_dir = self.run_dir / "figures"
+        figure = self.run.figure_path
         figures.learning_curves(
-            self.state.history, self.objective.metric, figure_dir / "learning_curves.png"
+            self.state.history, self.objective.metric, figure("learning_curves")
         )
         if end_delays:
-            figures.delay_histograms(
-                self.state.initial_delays, end_delays, figure_dir / "delays.png"
-            )
+            figures.delay_histograms(self.state.initial_delays, end_delays, figure("delays"))
         frames, _ = test_set[0]
         with torch.no_grad():
             self.network.eval()
             _, spikes = self.network.forward_with_spikes(frames.unsqueeze(1).to(self.device))
-        figures.spike_raster([s[:, 0].cpu() for s in spikes], figure_dir / "raster.png")
+        figures.spike_raster([s[:, 0].cpu() for s in spikes], figure("raster"))
         if self.objective.task == "regression":
             targets = torch.stack([test_set[i][1] for i in range(len(test_set))])
             mean, std = self.data.standardization if self.config.standardize else (0.0, 1.0)
             figures.prediction(
-                targets * std + mean, outputs * std + mean, metrics, figure_dir / "prediction.png"
+                targets * std + mean, outputs * std + mean, metrics, figure("prediction")
             )
         self.network.load_state_dict(final_network)
         return results
 
 
-# --------------------------------------------------------------------------- files
+# --------------------------------------------------------------------------- resume
 def _without(config: dict, keys=RESUME_OVERRIDABLE) -> dict:
     return {k: v for k, v in config.items() if k not in keys}
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_metrics(path: Path, history: list[dict]) -> None:
-    """``metrics.csv``: one row per epoch (columns of the first row), written atomically."""
-    buffer = io.StringIO()
-    if history:
-        writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(history)
-    _atomic_text(path, buffer.getvalue())

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from delrec.training.config import ConfigError, TrainConfig
+from delrec.config import ConfigError, TrainConfig
+from delrec.runs import RunDir
 
 POLL_S = 0.1
 _print_lock = threading.Lock()
@@ -48,17 +49,24 @@ def seed_command(
     config: TrainConfig,
     config_file: Path,
     seed: int,
-    seed_dir: Path,
+    seed_run: RunDir,
     max_epochs_this_run: int | None,
 ) -> list[str]:
     """The ``delrec train`` command line of one seed: a resume where its run exists."""
     command = [sys.executable, "-m", "delrec", "train", "--no-progress"]
-    if (seed_dir / "config.json").is_file():
-        command += ["--resume", str(seed_dir), "--device", config.device]
+    if seed_run.is_single():
+        command += ["--resume", str(seed_run.path), "--device", config.device]
         if config.data_root is not None:
             command += ["--data-root", config.data_root]
     else:
-        command += ["--config", str(config_file), "--seed", str(seed), "--run-dir", str(seed_dir)]
+        command += [
+            "--config",
+            str(config_file),
+            "--seed",
+            str(seed),
+            "--run-dir",
+            str(seed_run.path),
+        ]
     if max_epochs_this_run is not None:
         command += ["--max-epochs-this-run", str(max_epochs_this_run)]
     return command
@@ -125,7 +133,7 @@ class SeedProcess:
 def run_seed_processes(
     config: TrainConfig,
     seeds: list[int],
-    run_dir: Path,
+    run: RunDir,
     workers: int,
     max_epochs_this_run: int | None,
 ) -> tuple[list[dict], dict[int, str]]:
@@ -135,7 +143,6 @@ def run_seed_processes(
     gpus = gpu_ids(config)
     pending, running = list(seeds), {}
     summaries, failures = {}, {}
-    seeds_file = run_dir / "seeds.json"
     with tempfile.TemporaryDirectory(prefix="delrec-seeds-") as folder:
         config_file = Path(folder) / "config.json"
         config_file.write_text(json.dumps(config.to_dict()))
@@ -145,7 +152,7 @@ def run_seed_processes(
                     if slot not in running and pending:
                         seed = pending.pop(0)
                         command = seed_command(
-                            config, config_file, seed, run_dir / f"seed-{seed}", max_epochs_this_run
+                            config, config_file, seed, run.seed(seed), max_epochs_this_run
                         )
                         running[slot] = SeedProcess(
                             seed, command, gpus[slot % len(gpus)] if gpus else None
@@ -158,12 +165,8 @@ def run_seed_processes(
                         else:
                             failures[job.seed] = failure
                         del running[slot]
-                if not seeds_file.is_file() and any(
-                    (run_dir / f"seed-{s}" / "config.json").is_file() for s in seeds
-                ):
-                    seeds_file.write_text(
-                        json.dumps({"seeds": seeds, "config": config.to_dict()}, indent=2) + "\n"
-                    )
+                if not run.is_multi_seed() and any(run.seed(s).is_single() for s in seeds):
+                    run.write_seeds(seeds, config)
                 time.sleep(POLL_S if running else 0)
         finally:
             for job in running.values():

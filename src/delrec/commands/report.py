@@ -1,0 +1,94 @@
+"""`delrec report RUN_DIR`: what a chip needs to run a trained network with integer delays
+(:mod:`delrec.deploy.report`), measured on the run's data or a named data set."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from delrec.checkpoint import network_from
+from delrec.commands import EXIT_CODES_HELP, UsageError
+from delrec.data import SPLITS, load_dataset, make_loader
+from delrec.deploy.report import format_report, hardware_report, write_report
+from delrec.runs import (
+    checkpoint_config,
+    default_report_dir,
+    eval_loader,
+    load_checkpoint,
+    load_splits,
+)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="hardware report: delays, buffer memory, spikes and synaptic operations",
+        description="Report what a chip needs to run the network of a run directory with integer "
+        "delays: per layer the neurons, synapses, delay histogram and buffer memory; on the run's "
+        "test split (or --data) the spikes and synaptic operations per inference and the score "
+        "with σ-spread versus integer delays.",
+        epilog=EXIT_CODES_HELP,
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint .pt file")
+    parser.add_argument(
+        "--checkpoint",
+        choices=["best", "last"],
+        default="best",
+        help="which checkpoint of a run directory (default best)",
+    )
+    parser.add_argument(
+        "--split", choices=SPLITS, default="test", help="split to measure on (default test)"
+    )
+    parser.add_argument(
+        "--data",
+        metavar="NAME",
+        help="measure on this data set (see `delrec data list`) instead of the run's",
+    )
+    parser.add_argument("--data-root", metavar="DIR", help="folder holding the data set's files")
+    parser.add_argument("--no-data", action="store_true", help="static report only, no data pass")
+    parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    parser.add_argument("--max-batches", type=int, help="stop after this many batches")
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="DIR",
+        help="where to write hardware_report.json and delay_histograms.png "
+        "(default RUN_DIR/report, or beside a checkpoint file)",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
+        raise UsageError("--batch-size and --max-batches must be >= 1")
+    output = Path(args.output) if args.output else default_report_dir(args.run_dir)
+    payload = load_checkpoint(args.run_dir, args.checkpoint)
+    try:
+        report = hardware_report(
+            network_from(payload), _loader(args, payload), max_batches=args.max_batches
+        )
+    except ValueError as error:  # no samples to measure on
+        raise UsageError(str(error)) from None
+    paths = write_report(report, output)
+    print(format_report(report))
+    print(f"wrote {paths[0]} and {paths[1]}")
+    return 0
+
+
+def _loader(args: argparse.Namespace, payload: dict):
+    """The loader to measure on: ``--data``, else the run's own data set, else ``None``."""
+    if args.no_data:
+        return None
+    if args.data:
+        return make_loader(
+            load_dataset(args.data, args.split, root=args.data_root), args.batch_size
+        )
+    if "train_config" not in payload:
+        print(
+            "note: the checkpoint holds no training configuration, so there is no data set to "
+            "measure on; pass --data NAME for spikes, synaptic operations and scores"
+        )
+        return None
+    config = checkpoint_config(payload, args.run_dir, data_root=args.data_root)
+    data = load_splits(config, splits=(args.split,), stored=payload)
+    return eval_loader(data.datasets[args.split], args.batch_size)

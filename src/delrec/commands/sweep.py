@@ -1,0 +1,115 @@
+"""`delrec sweep params|rate`: the experiment drivers of the paper's figures
+(:mod:`delrec.analysis.sweeps`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from delrec.analysis import compare, sweeps
+from delrec.commands import (
+    EXIT_CODES_HELP,
+    UsageError,
+    add_set_option,
+    comma_list,
+    parse_seeds,
+)
+from delrec.models import MODELS, VARIANTS
+
+ABLATION_MODELS = tuple(model for model, variant in VARIANTS.items() if variant.ablation)
+
+
+def _add_common(parser: argparse.ArgumentParser, default_out: str) -> None:
+    parser.add_argument(
+        "--task",
+        default="digits-8x8",
+        help="preset / data set (default digits-8x8, embedded, no download)",
+    )
+    parser.add_argument("--seeds", default="0", metavar="SPEC", help="seeds, e.g. 0-4 (default 0)")
+    parser.add_argument("--epochs", type=int, help="epochs per run (default: the preset's)")
+    add_set_option(parser, "settings for every run, as in `delrec train`")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--data-root", help="folder of the data set's files")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(default_out),
+        help="sweep folder: one run directory per point, table, figure (default %(default)s)",
+    )
+    parser.add_argument("--progress", action="store_true", help="show training progress bars")
+    parser.add_argument(
+        "--rounded-only",
+        action="store_true",
+        help="skip re-evaluating learned delays with real values",
+    )
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sweep",
+        help="accuracy vs parameters or vs firing rate: many `delrec train` runs",
+        description=sweeps.__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXIT_CODES_HELP,
+    )
+    kinds = parser.add_subparsers(dest="sweep_command", metavar="SWEEP")
+    kinds.required = True
+    params = kinds.add_parser("params", help="ablation-family models at several hidden sizes")
+    params.add_argument(
+        "--models",
+        type=comma_list(str),
+        default=ABLATION_MODELS,
+        help="comma-separated models (default snn,rsnn,fixed,delrec)",
+    )
+    params.add_argument(
+        "--sizes",
+        type=comma_list(int),
+        default=(16, 32, 64),
+        help="comma-separated hidden sizes (default 16,32,64)",
+    )
+    _add_common(params, "runs/sweep-params")
+    params.set_defaults(run=run)
+    rate = kinds.add_parser("rate", help="firing-rate penalty values λ for one model")
+    rate.add_argument("--model", choices=MODELS, default="delrec", help="model (default delrec)")
+    rate.add_argument(
+        "--penalties",
+        type=comma_list(float),
+        default=(0.0, 1.0, 10.0),
+        help="comma-separated λ values (default 0,1,10)",
+    )
+    _add_common(rate, "runs/sweep-rate")
+    rate.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = sweeps.TrainOptions(
+        args.task,
+        tuple(parse_seeds(args.seeds)),
+        args.epochs,
+        tuple(args.overrides),
+        args.device,
+        args.data_root,
+        args.progress,
+    )
+    if args.sweep_command == "params":
+        unknown = sorted(set(args.models) - set(MODELS))
+        if unknown or not args.models or not args.sizes or min(args.sizes) < 1:
+            raise UsageError(
+                f"--models must name models from {', '.join(MODELS)} "
+                f"and --sizes positive sizes (got {list(args.models)}, "
+                f"{list(args.sizes)})"
+            )
+        points, x = sweeps.parameter_points(options, args.models, args.sizes), "parameters"
+    else:
+        if not args.penalties or min(args.penalties) < 0:
+            raise UsageError(f"--penalties must be values >= 0, got {list(args.penalties)}")
+        points, x = sweeps.rate_points(args.model, args.penalties), "firing-rate"
+    rows = sweeps.run_sweep(points, args.out, options, x, real_delays=not args.rounded_only)
+    print(compare.format_markdown(rows))
+    print(
+        f"table: {args.out / 'table.md'}, {args.out / 'table.csv'}; figure: "
+        f"{args.out / 'figure.png'}",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,192 @@
+"""`delrec train`: train a preset (default: Mackey-Glass with learned delays), resume a run,
+or run several seeds (one after another, or side by side with ``--parallel``); under
+``torchrun`` one run is trained by several processes (docs/distributed.md).
+Human-readable progress on stderr, one JSON summary line on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from delrec.commands import EXIT_CODES_HELP, UsageError, add_set_option, fail, parse_seeds
+from delrec.config import TASKS, load_config_file, resolve
+from delrec.models import MODELS
+from delrec.training import jobs
+from delrec.training.distributed import DEFAULT_TIMEOUT_S, rank_label, world_size
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a network (default: Mackey-Glass forecasting with learned delays)",
+        description="Train a spiking network from a preset, a config file and overrides. "
+        "Presets: " + ", ".join(TASKS) + ". Without arguments: Mackey-Glass (τ=30, H=20), "
+        "DelRec, a few minutes on a laptop CPU. One process at a time trains in a run "
+        "directory: a second `delrec train` into it (or `--resume` of it) stops at once "
+        "with exit code 2, naming the process that holds it (RUN_DIR/run.lock); the lock "
+        "of a process that died is taken over.",
+        epilog=EXIT_CODES_HELP,
+    )
+    parser.add_argument("--task", choices=TASKS, help="preset / data set (default mackey-glass)")
+    parser.add_argument("--model", choices=MODELS, help="network family (default delrec)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML or JSON file of settings (applied over the preset)",
+    )
+    add_set_option(
+        parser,
+        "override settings, e.g. --set optim.lr=1e-3 network.hidden_sizes=[64,64] data.tau=17",
+    )
+    parser.add_argument("--epochs", type=int, help="number of epochs")
+    parser.add_argument("--batch-size", type=int, help="training batch size")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, help="random seed (default 0)")
+    seeds.add_argument(
+        "--seeds",
+        metavar="SPEC",
+        help="several seeds, e.g. 0-4 or 0,3,7: one run each, then mean ± std",
+    )
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        metavar="K",
+        help="with --seeds: run K seeds at once as separate processes (one GPU "
+        "each when there are GPUs)",
+    )
+    parser.add_argument("--device", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    parser.add_argument("--data-root", help="folder of the data set's files")
+    parser.add_argument(
+        "--run-dir", type=Path, help="run directory (default runs/<task>-<model>-<time>)"
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue an interrupted run (its config.json is used)",
+    )
+    parser.add_argument(
+        "--max-epochs-this-run",
+        type=int,
+        metavar="N",
+        help="stop after N epochs of this invocation (resume later)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved configuration as JSON and exit",
+    )
+    parser.add_argument(
+        "--dist-backend",
+        metavar="NAME",
+        help="under torchrun: torch.distributed backend (default nccl on CUDA, gloo on the CPU)",
+    )
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="under torchrun: how long a process waits for a "
+        f"silent one before the run stops (default {DEFAULT_TIMEOUT_S:.0f})",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        summary = _train(args)
+    except Exception as error:
+        return fail("train", error, rank_label())
+    if summary is None:  # --print-config, or a rank other than 0 of a distributed run
+        return 0
+    print(json.dumps(summary), flush=True)
+    return 1 if summary["status"] == "failed" else 0
+
+
+def _check_launch(args: argparse.Namespace) -> None:
+    if args.max_epochs_this_run is not None and args.max_epochs_this_run < 1:
+        raise UsageError("--max-epochs-this-run must be >= 1")
+    processes = world_size()
+    if args.parallel is not None:
+        if args.parallel < 1:
+            raise UsageError(f"--parallel must be >= 1, got {args.parallel}")
+        if processes > 1:
+            raise UsageError("--parallel starts its own processes; run it without torchrun")
+        if args.seeds is None and args.resume is None:
+            raise UsageError(
+                "--parallel K runs the seeds of --seeds side by side; give --seeds too"
+            )
+    if processes > 1 and args.seeds is not None:
+        raise UsageError(
+            "under torchrun the processes share each batch of one seed; launch "
+            "one seed per torchrun, or use --seeds … --parallel K without torchrun"
+        )
+
+
+def _train(args: argparse.Namespace) -> dict | None:
+    _check_launch(args)
+    distributed = {"dist_backend": args.dist_backend, "dist_timeout_s": args.dist_timeout}
+    if args.resume is not None:
+        _check_resume(args)
+        return jobs.resume(
+            args.resume,
+            device=args.device,
+            data_root=args.data_root,
+            parallel=args.parallel,
+            progress=not args.no_progress,
+            max_epochs_this_run=args.max_epochs_this_run,
+            **distributed,
+        )
+    seeds = parse_seeds(args.seeds) if args.seeds else None
+    config = resolve(
+        task=args.task,
+        model=args.model,
+        file_values=load_config_file(args.config) if args.config else None,
+        overrides=args.overrides,
+        flags={
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
+            "device": args.device,
+            "data_root": args.data_root,
+        },
+    )
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        return None
+    if seeds is None:
+        return jobs.train_run(
+            config,
+            args.run_dir,
+            progress=not args.no_progress,
+            max_epochs_this_run=args.max_epochs_this_run,
+            **distributed,
+        )
+    run_dir = args.run_dir or jobs.default_run_dir(config)
+    if args.parallel is not None:
+        return jobs.train_seeds_parallel(
+            config, seeds, run_dir, args.parallel, args.max_epochs_this_run
+        )
+    return jobs.train_seeds(config, seeds, run_dir, args.max_epochs_this_run, not args.no_progress)
+
+
+def _check_resume(args: argparse.Namespace) -> None:
+    fixed = {
+        "--task": args.task,
+        "--model": args.model,
+        "--config": args.config,
+        "--set": args.overrides,
+        "--epochs": args.epochs,
+        "--batch-size": args.batch_size,
+        "--seed": args.seed,
+        "--seeds": args.seeds,
+        "--run-dir": args.run_dir,
+    }
+    given = [flag for flag, value in fixed.items() if value not in (None, [])]
+    if given:
+        raise UsageError(
+            f"--resume continues a run with its own configuration; drop {', '.join(given)}"
+        )

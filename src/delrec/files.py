@@ -1,0 +1,98 @@
+"""Writing files whole or not at all: the one way delrec writes a file it keeps.
+
+:func:`write_atomic` lets a writer fill a temporary file beside the target
+(``.<name>.<random>.tmp`` in the same folder), flushes it to disk and renames it over the
+target, so a reader sees the old file or the new one, never a part of one. An interrupted
+write leaves only its temporary, which :func:`remove_temporaries` clears. Every file is
+created with mode ``0o666`` less the process's umask (``0o644`` under the usual umask 022),
+as ``open()`` creates files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Replace ``path`` by what ``write(temporary path)`` writes, in one step; returns ``path``.
+
+    The folder is created when missing. When ``write`` raises, the temporary is removed, the
+    error propagates and an existing file at ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _new_temporary(path)
+    try:
+        write(temporary)
+        _flush_to_disk(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`write_atomic` of a UTF-8 text."""
+    return write_atomic(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | os.PathLike, document, indent: int = 2) -> Path:
+    """:func:`write_atomic` of ``document`` as indented JSON ending in a newline."""
+    return write_text(path, json.dumps(document, indent=indent) + "\n")
+
+
+def temporary_target(path: str | os.PathLike) -> str | None:
+    """The name of the file a temporary of :func:`write_atomic` was written for, or ``None``
+    when ``path`` is not such a temporary."""
+    name = Path(path).name
+    if not (name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)):
+        return None
+    target, dot, token = name[1 : -len(TEMPORARY_SUFFIX)].rpartition(".")
+    return target if dot and target and len(token) == 8 else None
+
+
+def remove_temporaries(
+    folder: str | os.PathLike, targets: Iterable[str] | None = None
+) -> list[Path]:
+    """Delete the temporaries that interrupted writes left in ``folder`` (not its sub-folders):
+    all of them, or those written for the file names in ``targets``. Call it only where no
+    other process may be writing the same files (e.g. under a run directory's lock). Returns
+    the paths removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    wanted = None if targets is None else set(targets)
+    removed = []
+    for entry in folder.iterdir():
+        target = temporary_target(entry)
+        if target is None or (wanted is not None and target not in wanted):
+            continue
+        entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _new_temporary(path: Path) -> Path:
+    """An empty file of our own beside ``path`` (``O_EXCL``: never one another writer uses)."""
+    while True:
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMPORARY_SUFFIX}")
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return temporary
+
+
+def _flush_to_disk(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,434 @@
+"""The run directory: its layout, its lock, every read and write of its files, and its data.
+
+A run of ``delrec train`` (one seed) is a directory::
+
+    config.json            the resolved TrainConfig and the data set's sizes
+    metrics.csv            one row per epoch
+    checkpoints/last.pt    everything needed to resume (rewritten every epoch)
+    checkpoints/best.pt    the network of the best validation epoch
+    test_results.json      the best-validation network on the test split, integer delays
+    figures/*.png          learning curves, delay histograms, spike raster, predictions
+    report/                what `delrec report` writes (by default)
+    model.nir              what `delrec export` writes (by default)
+    run.lock               while a process trains in it: who (pid, host, start time)
+
+A run of several seeds holds ``seeds.json`` (the seeds and their shared configuration), one
+run per seed in ``seed-<s>/`` and, once every seed is complete, ``summary.json``.
+
+Every file is written whole or not at all (:mod:`delrec.files`). One process at a time trains
+in a run directory: :meth:`RunDir.lock` holds it, refuses a second process with a message
+naming the holder, takes over the lock of a process that died, and clears the temporaries
+that interrupted writes left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import datetime
+import fcntl
+import io
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from delrec import files
+from delrec.checkpoint import CheckpointError, network_from, read_checkpoint, save_checkpoint
+from delrec.config import TrainConfig
+from delrec.data import TripleAugmented, load_dataset, make_loader
+from delrec.models import SpikingNetwork
+
+CONFIG = "config.json"
+METRICS = "metrics.csv"
+RESULTS = "test_results.json"
+SEEDS = "seeds.json"
+SUMMARY = "summary.json"
+CHECKPOINTS = "checkpoints"
+FIGURES = "figures"
+REPORT = "report"
+NIR = "model.nir"
+LOCK = "run.lock"
+
+
+class RunError(Exception):
+    """A directory that is not the run a command needs (not a run, not finished, not empty);
+    the message says what to do."""
+
+
+class RunInUse(RunError):
+    """Another process holds the run directory's lock."""
+
+
+class RunDir:
+    """The run directory at ``path`` (which need not exist yet)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # ------------------------------------------------------------------ layout
+    def checkpoint_path(self, which: str) -> Path:
+        """``checkpoints/{which}.pt``, ``which`` = ``"best"`` or ``"last"``."""
+        return self.path / CHECKPOINTS / f"{which}.pt"
+
+    def figure_path(self, name: str) -> Path:
+        return self.path / FIGURES / f"{name}.png"
+
+    def seed(self, seed: int) -> RunDir:
+        """The run of ``seed`` in a run of several seeds."""
+        return RunDir(self.path / f"seed-{seed}")
+
+    def is_single(self) -> bool:
+        """A run of one seed (its ``config.json`` is written once its data has loaded)."""
+        return (self.path / CONFIG).is_file()
+
+    def is_multi_seed(self) -> bool:
+        return (self.path / SEEDS).is_file()
+
+    def has_checkpoint(self, which: str) -> bool:
+        return self.checkpoint_path(which).is_file()
+
+    def single_runs(self) -> list[RunDir]:
+        """This run, or the run of every seed of a run of several seeds."""
+        if self.is_multi_seed():
+            return [self.seed(seed) for seed in self.read_seeds()["seeds"]]
+        if self.is_single():
+            return [self]
+        raise RunError(
+            f"{self.path} is not a run directory (no {CONFIG} or {SEEDS}); "
+            "give directories written by `delrec train`"
+        )
+
+    def require_new(self) -> None:
+        """Refuse a directory that holds anything but its lock (a new run starts empty)."""
+        if self.path.is_dir() and any(entry.name != LOCK for entry in self.path.iterdir()):
+            raise RunError(
+                f"run directory {self.path} already exists and is not empty; pick "
+                f"another --run-dir or continue it with --resume {self.path}"
+            )
+
+    # ------------------------------------------------------------------ writing
+    def write_config(self, config: TrainConfig, dataset: dict) -> None:
+        """``config.json``: the resolved configuration and the data set's sizes."""
+        files.write_json(self.path / CONFIG, {"config": config.to_dict(), "dataset": dataset})
+
+    def write_metrics(self, history: list[dict]) -> None:
+        """``metrics.csv``: one row per epoch (columns of the first row)."""
+        buffer = io.StringIO()
+        if history:
+            writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(history)
+        files.write_text(self.path / METRICS, buffer.getvalue())
+
+    def write_results(self, results: dict) -> None:
+        files.write_json(self.path / RESULTS, results)
+
+    def save_checkpoint(self, which: str, payload: dict) -> None:
+        save_checkpoint(payload, self.checkpoint_path(which))
+
+    def write_seeds(self, seeds: list[int], config: TrainConfig) -> None:
+        files.write_json(self.path / SEEDS, {"seeds": seeds, "config": config.to_dict()})
+
+    def write_summary(self, summary: dict) -> None:
+        files.write_json(self.path / SUMMARY, summary)
+
+    # ------------------------------------------------------------------ reading
+    def config_values(self) -> dict:
+        """The configuration in ``config.json`` (or, for several seeds, ``seeds.json``), as
+        written: a nested dict."""
+        if self.is_single():
+            return self._read_json(CONFIG)["config"]
+        if self.is_multi_seed():
+            return self.read_seeds()["config"]
+        raise RunError(
+            f"{self.path} is not a run directory (no {CONFIG} or {SEEDS}); "
+            "give the directory `delrec train` wrote"
+        )
+
+    def read_config(self, **changes) -> TrainConfig:
+        """The run's configuration, validated, with ``changes`` (those not ``None``) applied:
+        only settings that may change on resuming (device, data root …)."""
+        return config_with(self.config_values(), **changes)
+
+    def read_results(self) -> dict:
+        """``test_results.json`` of a finished run."""
+        if not (self.path / RESULTS).is_file():
+            raise RunError(
+                f"{self.path} has no {RESULTS}: the run is not finished; "
+                f"complete it with `delrec train --resume {self.path}`"
+            )
+        return self._read_json(RESULTS)
+
+    def read_metrics(self) -> list[dict]:
+        """The rows of ``metrics.csv`` (values as written, strings); ``[]`` without the file."""
+        path = self.path / METRICS
+        if not path.is_file():
+            return []
+        with path.open(newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    def read_seeds(self) -> dict:
+        """``seeds.json``: ``{"seeds": [...], "config": {...}}``."""
+        return self._read_json(SEEDS)
+
+    def read_summary(self) -> dict | None:
+        """``summary.json`` of a run of several seeds, ``None`` before it is written."""
+        return self._read_json(SUMMARY) if (self.path / SUMMARY).is_file() else None
+
+    def _read_json(self, name: str) -> dict:
+        path = self.path / name
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise RunError(
+                f"{path} cannot be read ({error}); it is not a delrec run file"
+            ) from None
+
+    # ------------------------------------------------------------------ lock
+    @contextlib.contextmanager
+    def lock(self, log: Callable[[str], object] | None = None) -> Iterator[None]:
+        """Hold this directory for one process while the block runs (creating it if needed).
+
+        A second process is refused with :class:`RunInUse` naming the holder (pid, host,
+        start time). The lock of a process that died is taken over, with a notice to ``log``
+        (default: stderr). Under the lock, the temporaries of interrupted writes of the run's
+        files are removed. On leaving, the lock is released and a directory this call
+        created is removed again if nothing was written into it.
+        """
+        log = log or (lambda message: print(message, file=sys.stderr))
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"{self.path} is a file, not a run directory; give a directory")
+        created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        descriptor = _acquire(self.path / LOCK, log)
+        try:
+            removed = self._remove_temporaries()
+            if removed:
+                log(
+                    f"note: removed {len(removed)} temporary file(s) of interrupted writes "
+                    f"in {self.path}"
+                )
+            yield
+        finally:
+            _release(descriptor, self.path / LOCK)
+            if created:
+                with contextlib.suppress(OSError):  # not empty: keep it
+                    self.path.rmdir()
+
+    def _remove_temporaries(self) -> list[Path]:
+        """Temporaries of the files only the lock's holder writes."""
+        own = (CONFIG, METRICS, RESULTS, SEEDS, SUMMARY)
+        return [
+            *files.remove_temporaries(self.path, own),
+            *files.remove_temporaries(self.path / CHECKPOINTS),
+            *files.remove_temporaries(self.path / FIGURES),
+        ]
+
+
+# --------------------------------------------------------------------------- lock files
+def _holder() -> dict:
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def _describe(text: str) -> str:
+    try:
+        holder = json.loads(text)
+        return f"pid {holder['pid']} on host {holder['host']} (started {holder['started']})"
+    except (ValueError, KeyError, TypeError):
+        return "another process (it has not said which yet)"
+
+
+def _acquire(path: Path, log: Callable[[str], object]) -> int:
+    """Open and lock ``path`` (``flock``, released by the kernel if this process dies); its
+    content names the holder."""
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe(_read_descriptor(descriptor))
+            os.close(descriptor)
+            raise RunInUse(
+                f"run directory {path.parent} is in use by {holder}; wait until it ends or "
+                f"stop it, or give another run directory"
+            ) from None
+        try:  # the file a releasing holder unlinked is not the lock any more: start again
+            current = os.path.samestat(os.fstat(descriptor), os.stat(path))
+        except FileNotFoundError:
+            current = False
+        if not current:
+            os.close(descriptor)
+            continue
+        previous = _read_descriptor(descriptor)
+        if previous.strip():
+            log(
+                f"note: {path.parent} was locked by {_describe(previous)}, which is no longer "
+                "running; taking the lock over"
+            )
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, (json.dumps(_holder()) + "\n").encode(), 0)
+        return descriptor
+
+
+def _read_descriptor(descriptor: int) -> str:
+    return os.pread(descriptor, 1 << 16, 0).decode(errors="replace")
+
+
+def _release(descriptor: int, path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)  # while still locked: nobody can take the old file
+    finally:
+        os.close(descriptor)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def checkpoint_file(path: str | os.PathLike, which: str = "best") -> Path:
+    """A checkpoint file from a file path or a run directory (its ``which`` checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        path = RunDir(path).checkpoint_path(which)
+    if not path.is_file():
+        raise CheckpointError(
+            f"no checkpoint at {path}: give a run directory written by "
+            "`delrec train` or a .pt checkpoint file"
+        )
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, which: str = "best") -> dict:
+    """Read a checkpoint (file or run directory) and check its format."""
+    return read_checkpoint(checkpoint_file(path, which))
+
+
+def load_network(path: str | os.PathLike, which: str = "best") -> SpikingNetwork:
+    """The trained network of a checkpoint file or run directory, in eval mode."""
+    return network_from(load_checkpoint(path, which))
+
+
+def checkpoint_config(payload: dict, path: str | os.PathLike, **changes) -> TrainConfig:
+    """The training configuration a checkpoint was written with, ``changes`` applied."""
+    if "train_config" not in payload:
+        raise CheckpointError(
+            f"{path} holds a network but no training configuration; "
+            "evaluate checkpoints written by `delrec train`"
+        )
+    return config_with(payload["train_config"], **changes)
+
+
+def config_with(values: dict, **changes) -> TrainConfig:
+    """``TrainConfig.from_dict(values)`` with the settings of ``changes`` that are not None."""
+    return TrainConfig.from_dict({**values, **{k: v for k, v in changes.items() if v is not None}})
+
+
+def default_report_dir(path: str | os.PathLike) -> Path:
+    """Where `delrec report` writes by default: ``RUN_DIR/report``, or beside a checkpoint."""
+    path = Path(path)
+    return (path if path.is_dir() else path.parent) / REPORT
+
+
+def default_nir_path(path: str | os.PathLike) -> Path:
+    """Where `delrec export` writes by default: ``RUN_DIR/model.nir``, or the checkpoint's
+    name with ``.nir``."""
+    path = Path(path)
+    return path / NIR if path.is_dir() else path.with_suffix(".nir")
+
+
+# --------------------------------------------------------------------------- data
+class Standardized(torch.utils.data.Dataset):
+    """A regression data set on the scale ``(value - mean) / std``, for frames and targets."""
+
+    def __init__(self, base, mean: float, std: float):
+        self.base, self.mean, self.std = base, mean, std
+        self.info, self.split = base.info, base.split
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        frames, target = self.base[index]
+        return (frames - self.mean) / self.std, (target - self.mean) / self.std
+
+
+def target_moments(dataset) -> Tensor:
+    """``[mean, std]`` (float64) of a regression data set's targets."""
+    targets = torch.stack([dataset[i][1] for i in range(len(dataset))]).double()
+    return torch.stack([targets.mean(), targets.std(correction=0)])
+
+
+@dataclasses.dataclass
+class Splits:
+    """The data of a run: datasets by split, the seeded training loader (when "train" is
+    loaded), the data set info, and what must be stored to rebuild the same inputs:
+    ``permutation`` (PS-MNIST pixel order) and ``standardization`` (``[mean, std]``)."""
+
+    datasets: dict
+    train_loader: torch.utils.data.DataLoader | None
+    info: object
+    permutation: Tensor | None = None
+    standardization: Tensor | None = None
+    augmented: TripleAugmented | None = None
+
+
+def load_splits(
+    config: TrainConfig, splits=("train", "valid", "test"), stored: dict | None = None
+) -> Splits:
+    """Load the data sets of ``config`` and build the seeded training loader. ``stored``: a
+    checkpoint's ``data_permutation`` and ``standardization``, to reproduce its inputs."""
+    stored = stored or {}
+    settings = dict(config.data)
+    if stored.get("data_permutation") is not None:
+        settings["permutation"] = stored["data_permutation"]
+
+    def load(split):
+        return load_dataset(config.task, split=split, root=config.data_root, **settings)
+
+    datasets = {split: load(split) for split in splits}
+    first = datasets[splits[0]]
+    standardization = None
+    if config.standardize:
+        standardization = stored.get("standardization")
+        if standardization is None:
+            train = datasets["train"] if "train" in datasets else load("train")
+            standardization = target_moments(train)
+        mean, std = (float(v) for v in standardization)
+        datasets = {split: Standardized(ds, mean, std) for split, ds in datasets.items()}
+    augmented, train_loader = None, None
+    if "train" in datasets:
+        train = datasets["train"]
+        if config.augment:
+            train = augmented = TripleAugmented(train, seed=config.seed)
+        if config.max_train_samples is not None and config.max_train_samples < len(train):
+            generator = torch.Generator().manual_seed(config.seed)
+            chosen = torch.randperm(len(train), generator=generator)[: config.max_train_samples]
+            train = torch.utils.data.Subset(train, chosen.sort().values.tolist())
+        datasets["train"] = train
+        train_loader = make_loader(
+            train, config.batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers
+        )
+    return Splits(
+        datasets,
+        train_loader,
+        first.info,
+        getattr(first, "permutation", None),
+        standardization,
+        augmented,
+    )
+
+
+def eval_loader(dataset, batch_size: int, num_workers: int = 0):
+    """A loader in item order that never draws from the global RNG."""
+    return make_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers)

@@ -1,0 +1,299 @@
+"""Training jobs: a new run, a resumed run, several seeds (one after another or side by side),
+each in its run directory and holding that directory's lock while it trains; under
+``torchrun`` one run is trained by several processes (docs/distributed.md).
+
+These are what ``delrec train`` and ``delrec sweep`` call. Progress goes to stderr; each job
+returns its summary (a JSON-able dict with a ``status``: ``"complete"``, ``"interrupted"``
+after ``max_epochs_this_run`` epochs, or ``"failed"`` when seeds run side by side failed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from delrec.config import ConfigError, TrainConfig
+from delrec.runs import RunDir, RunError
+from delrec.training.distributed import (
+    DEFAULT_TIMEOUT_S,
+    Stopped,
+    failure_message,
+    is_process_failure,
+    process_group,
+    world_size,
+)
+from delrec.training.loop import Trainer, TrainingError
+from delrec.training.parallel_seeds import run_seed_processes
+
+
+def default_run_dir(config: TrainConfig) -> Path:
+    """``runs/<task>-<model>-<date>-<time>`` (with a number added if it exists)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{config.task}-{config.model}-{stamp}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def train_run(
+    config: TrainConfig,
+    run_dir: Path | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    max_epochs_this_run: int | None = None,
+    dist_backend: str | None = None,
+    dist_timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> dict | None:
+    """Train one run (a new one in an empty or missing ``run_dir``, chosen by
+    :func:`default_run_dir` when ``None``; or, with ``resume``, continue the one there), by
+    this process alone or with the others torchrun started. Returns the summary (``None`` on
+    the ranks of a distributed run other than 0)."""
+    with process_group(config.device, dist_backend, dist_timeout_s) as dist:
+        if run_dir is None:
+            run_dir = default_run_dir(config)
+            if dist is not None:
+                run_dir = dist.agree(run_dir)
+        with _holding(RunDir(run_dir), new=not resume, dist=dist):
+            try:
+                trainer = Trainer(config, run_dir, progress=progress, dist=dist)
+                return train_one(trainer, max_epochs_this_run, resume=resume)
+            except (RuntimeError, Stopped) as error:
+                if (
+                    dist is None
+                    or isinstance(error, TrainingError)
+                    or not is_process_failure(error)
+                ):
+                    raise
+                raise TrainingError(failure_message(error, run_dir, dist.world_size)) from None
+
+
+@contextlib.contextmanager
+def _holding(run: RunDir, new: bool, dist):
+    """The run directory's lock, held by this process (rank 0 of a distributed run) for the
+    block; a new run's directory must be empty. The ranks of a distributed run stop together
+    when rank 0 cannot have the directory."""
+    if dist is not None and not dist.is_main:
+        refusal = dist.agree(None)
+        if refusal is not None:
+            raise RunError(refusal)
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(run.lock())
+            if new:
+                run.require_new()
+        except Exception as error:
+            if dist is not None:
+                dist.agree(str(error))
+            raise
+        if dist is not None:
+            dist.agree(None)
+        yield
+
+
+def resume(
+    run_dir: Path,
+    *,
+    device: str | None = None,
+    data_root: str | None = None,
+    parallel: int | None = None,
+    progress: bool = True,
+    max_epochs_this_run: int | None = None,
+    dist_backend: str | None = None,
+    dist_timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> dict | None:
+    """Continue the run in ``run_dir`` with its own configuration (a run of several seeds:
+    every unfinished seed, ``parallel`` at a time when given); ``device`` and ``data_root``
+    may change."""
+    run = RunDir(run_dir)
+    config = run.read_config(device=device, data_root=data_root)
+    if run.is_single():
+        if parallel is not None:
+            raise ConfigError(f"{run_dir} is a single run; --parallel resumes a run of --seeds")
+        return train_run(
+            config,
+            run_dir,
+            resume=True,
+            progress=progress,
+            max_epochs_this_run=max_epochs_this_run,
+            dist_backend=dist_backend,
+            dist_timeout_s=dist_timeout_s,
+        )
+    if world_size() > 1:
+        raise ConfigError(
+            f"{run_dir} holds several seeds; resume it without torchrun "
+            "(--parallel K runs them side by side)"
+        )
+    seeds = run.read_seeds()["seeds"]
+    if parallel is not None:
+        return train_seeds_parallel(
+            config, seeds, run_dir, parallel, max_epochs_this_run, resume=True
+        )
+    return train_seeds(config, seeds, run_dir, max_epochs_this_run, progress, resume=True)
+
+
+def train_one(
+    trainer: Trainer, max_epochs_this_run: int | None = None, resume: bool = False
+) -> dict | None:
+    """Train (or continue, with ``resume``) the run of ``trainer``; returns its summary (None
+    on the ranks of a distributed run other than 0, which stop after training).
+    Nothing is written before the trainer exists, i.e. before its data has loaded."""
+    config, run_dir, log = trainer.config, trainer.run.path, trainer.log
+    if resume:
+        if trainer.restore():
+            log(f"resuming {run_dir} after epoch {trainer.state.epoch}/{config.epochs}")
+    else:
+        log(f"run directory {run_dir}")
+    trainer.write_config()
+    log(
+        f"{config.task} · {config.model} · seed {config.seed} · {config.epochs} epochs · "
+        f"batch {config.batch_size} · {len(trainer.data.datasets['train'])} training items · "
+        f"device {trainer.device}"
+    )
+    start = time.perf_counter()
+    complete = trainer.fit(max_epochs_this_run)
+    if trainer.dist is not None:
+        trainer.dist.leave()
+    if not trainer.is_main:
+        return None
+    summary = {
+        "status": "complete" if complete else "interrupted",
+        "run_dir": str(run_dir),
+        "task": config.task,
+        "model": config.model,
+        "seed": config.seed,
+        "epochs_done": trainer.state.epoch,
+        "epochs": config.epochs,
+        "best_epoch": trainer.state.best_epoch,
+        f"valid_{trainer.objective.metric}": trainer.state.best_value,
+        "time_s": round(time.perf_counter() - start, 2),
+    }
+    if not complete:
+        log(
+            f"stopped after epoch {trainer.state.epoch}/{config.epochs}; continue with "
+            f"`delrec train --resume {run_dir}`"
+        )
+        return summary
+    results = trainer.test()
+    metric = trainer.objective.metric
+    extra = "".join(f"  {k} {results[k]:.4g}" for k in ("nrmse", "r2") if k in results)
+    log(
+        f"test {metric} {results[metric]:.4g}{extra}  (best-validation epoch "
+        f"{results['best_epoch']}, integer delays) → {run_dir}"
+    )
+    summary["test"] = {k: v for k, v in results.items() if isinstance(v, float)}
+    return summary
+
+
+def train_seeds(
+    config: TrainConfig,
+    seeds: list[int],
+    run_dir: Path,
+    max_epochs_this_run: int | None = None,
+    progress: bool = True,
+    resume: bool = False,
+) -> dict:
+    """One run per seed in ``run_dir/seed-<s>`` (resumed where they exist), then mean ± std
+    (population std, as the paper's scripts) of every test metric in ``summary.json``. A new
+    run (not ``resume``) needs an empty or missing ``run_dir``."""
+    run = RunDir(run_dir)
+    with run.lock():
+        if not resume:
+            run.require_new()
+        runs = []
+        for seed in seeds:
+            seed_run = run.seed(seed)
+            with seed_run.lock():
+                trainer = Trainer(
+                    dataclasses.replace(config, seed=seed), seed_run.path, progress=progress
+                )
+                if not run.is_multi_seed():  # once the first seed's data has loaded
+                    run.write_seeds(seeds, config)
+                summary = train_one(trainer, max_epochs_this_run, resume=seed_run.is_single())
+            runs.append(summary)
+            if summary["status"] != "complete":
+                return {
+                    "status": "interrupted",
+                    "run_dir": str(run_dir),
+                    "seeds": seeds,
+                    "runs": runs,
+                }
+        return summarize_seeds(config, seeds, run, runs)
+
+
+def train_seeds_parallel(
+    config: TrainConfig,
+    seeds: list[int],
+    run_dir: Path,
+    workers: int,
+    max_epochs_this_run: int | None = None,
+    resume: bool = False,
+) -> dict:
+    """:func:`train_seeds` with ``workers`` seeds at a time, each a ``delrec train`` process
+    (one GPU each when there are GPUs). A failing seed does not stop the others; it is reported
+    and the summary's status is ``"failed"``."""
+    run = RunDir(run_dir)
+    with run.lock():
+        if not resume:
+            run.require_new()
+        runs, failures = run_seed_processes(config, seeds, run, workers, max_epochs_this_run)
+        if failures:
+            for seed, reason in sorted(failures.items()):
+                print(
+                    f"delrec train: error: seed {seed} failed ({reason}); its run is "
+                    f"{run.seed(seed).path}",
+                    file=sys.stderr,
+                )
+            print(
+                f"delrec train: {len(runs)} of {len(seeds)} seeds ended cleanly; continue with "
+                f"`delrec train --resume {run_dir} --parallel {workers}`",
+                file=sys.stderr,
+            )
+            return {
+                "status": "failed",
+                "run_dir": str(run_dir),
+                "seeds": seeds,
+                "failed": {str(seed): reason for seed, reason in sorted(failures.items())},
+                "runs": runs,
+            }
+        if any(r["status"] != "complete" for r in runs):
+            return {"status": "interrupted", "run_dir": str(run_dir), "seeds": seeds, "runs": runs}
+        return summarize_seeds(config, seeds, run, runs)
+
+
+def summarize_seeds(config: TrainConfig, seeds: list[int], run: RunDir, runs: list[dict]) -> dict:
+    """Mean ± std (population std, as the paper's scripts) of every test metric over the
+    complete ``runs`` (in the order of ``seeds``), written to ``summary.json``."""
+    metrics = sorted(runs[0]["test"])
+    aggregate = {
+        k: {
+            "mean": statistics.fmean(r["test"][k] for r in runs),
+            "std": statistics.pstdev(r["test"][k] for r in runs),
+            "values": [r["test"][k] for r in runs],
+        }
+        for k in metrics
+    }
+    result = {
+        "status": "complete",
+        "run_dir": str(run.path),
+        "task": config.task,
+        "model": config.model,
+        "seeds": seeds,
+        "test": aggregate,
+        "runs": runs,
+    }
+    run.write_summary(result)
+    for key, value in aggregate.items():
+        print(
+            f"test {key}: {value['mean']:.4g} ± {value['std']:.2g} over seeds {seeds}",
+            file=sys.stderr,
+        )
+    return result
