@@ -65,3 +65,24 @@ def test_without_the_kernels_the_synaptic_lag_gemm_is_skipped_where_too_costly(m
     monkeypatch.setattr(bench.native, "load", lambda name: None)
     assert bench.skip_reason("fast-synaptic", small) is None
     assert "synaptic engine skipped at N=16" in bench.skip_reason("fast-synaptic", large)
+
+
+def test_streaming_and_tbptt_benchmarks_measure_and_judge(monkeypatch, capsys):
+    """`delrec bench --streaming` (its compiled and PyTorch-op paths on an active network) and
+    the TBPTT memory benchmark on a batch of one say what they measured and judge the targets
+    (not asserted to pass: timings depend on the machine)."""
+    from delrec import bench_state
+
+    assert main(["bench", "--streaming", "--repeats", "1", "--clock", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    rates = printed.split("firing rates per layer: ")[1].splitlines()[0].split(", ")
+    assert all(float(rate) > 0.01 for rate in rates)  # the benchmark network is active
+    assert "compiled loop" in printed and "DELREC_NATIVE=0" in printed
+    assert printed.count("µs") >= 5 and "delrec bench --streaming" in printed
+    verdicts = [line for line in printed.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert len(verdicts) == 2 and "chunk of 10 steps" in verdicts[1]
+
+    lines = []
+    verdicts = bench_state.tbptt("cpu", 1, lines.append, batch=1)
+    assert len(lines) == 8 and "tbptt=49" in lines[2] and "fit over K < 784" in lines[-1]
+    assert len(verdicts) == 2 and all(v.startswith(("PASS", "FAIL")) for v in verdicts)

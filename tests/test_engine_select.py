@@ -20,8 +20,8 @@ TRAINING, EVAL, EVAL_WITH_GRAD = (False, True), (True, False), (True, True)  # (
         ("shared", TRAINING, "1", "cpp-axonal"),
         ("synaptic", TRAINING, "1", "cpp-synaptic"),
         ("axonal", EVAL_WITH_GRAD, "1", "cpp-axonal"),
-        ("axonal", EVAL, "1", "ring"),
-        ("synaptic", EVAL, "1", "ring"),
+        ("axonal", EVAL, "1", "cpp-ring"),
+        ("synaptic", EVAL, "1", "cpp-ring"),
         ("axonal", TRAINING, "0", "torch-axonal"),
         ("synaptic", TRAINING, "0", "torch-synaptic"),
         ("synaptic", EVAL, "0", "ring"),
@@ -81,7 +81,7 @@ def test_a_registered_path_is_preferred_to_those_it_is_put_before(restored_paths
         "test-axonal", PATHS["torch-axonal"].run, ("axonal",), runs_on=lambda d: d.type == "cuda"
     )
     register(gpu_only, before="cpp-axonal")
-    assert list(PATHS)[:3] == ["ring", "test-axonal", "cpp-axonal"]
+    assert list(PATHS)[:4] == ["cpp-ring", "ring", "test-axonal", "cpp-axonal"]
     assert select("axonal", LIF(), device="cuda", integer=False, grad=True).name == "test-axonal"
     assert select("axonal", LIF(), device="cpu", integer=False, grad=True).name == "cpp-axonal"
     with pytest.raises(ValueError, match="exists already"):

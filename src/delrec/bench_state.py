@@ -1,13 +1,27 @@
-"""Benchmarks of state: backward memory of truncated BPTT against the chunk length
-(``delrec bench --tbptt``) and the latency of streaming inference (``delrec bench --streaming``).
+"""Benchmarks of state: the latency of streaming inference (``delrec bench --streaming``) and
+the backward memory of truncated BPTT against the chunk length (``delrec bench --tbptt``).
 
-Every figure is measured in this process, side by side, and printed with the command that
-reproduces it; targets get a PASS/FAIL line.
+Every figure is measured in this process, side by side, with the median of repeats; targets get
+a PASS/FAIL line, and the output names the command that reproduces it.
 """
 
 from __future__ import annotations
 
+import os
+import platform
+import time
+from contextlib import contextmanager
+
 import torch
+from torch import nn
+
+from delrec.deploy.streaming import StreamingNetwork
+from delrec.models import build_network, preset_network
+from delrec.training.objectives import make_objective
+from delrec.training.tbptt import truncated_bptt
+
+STEP_TARGET_US = 100.0  # one step of the SHD network at batch 1 on one thread
+CHUNK_TARGET = 3.0  # a chunk of 10 steps against one step
 
 
 def peak_saved_bytes(run) -> int:
@@ -38,3 +52,183 @@ def peak_saved_bytes(run) -> int:
     with torch.autograd.graph.saved_tensors_hooks(Saved, lambda saved: saved.tensor):
         run()
     return held["peak"]
+
+
+def median_us(run, count: int, repeats: int, clock) -> float:
+    """Median over ``repeats`` of the time per call of ``run(i)``, ``count`` calls each, µs."""
+    for i in range(min(count, 20)):
+        run(i)
+    times = []
+    for _ in range(repeats):
+        start = clock()
+        for i in range(count):
+            run(i)
+        times.append((clock() - start) / count * 1e6)
+    return sorted(times)[len(times) // 2]
+
+
+@contextmanager
+def compiled_loops(enabled: bool):
+    """Run with the compiled loops (``DELREC_NATIVE=1``) or with PyTorch ops only."""
+    saved = os.environ.get("DELREC_NATIVE")
+    os.environ["DELREC_NATIVE"] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["DELREC_NATIVE"]
+        else:
+            os.environ["DELREC_NATIVE"] = saved
+
+
+def shd_like_network(seed: int = 0, density: float = 0.05) -> tuple[nn.Module, torch.Tensor]:
+    """The SHD preset network (140 → 256 → 256 recurrent, axonal delays → 20) in eval mode,
+    its BatchNorm statistics taken from sparse random input (each channel active with
+    probability ``density`` per step) as training would, and a 4000-step input of that kind."""
+    generator = torch.Generator().manual_seed(seed)
+    net = build_network(preset_network("shd", "delrec"), seed=seed)
+    calibration = (torch.rand(250, 32, 140, generator=generator) < density).float()
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm1d):
+            module.momentum = None  # the mean over the calibration passes
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(calibration)
+    stream = (torch.rand(4000, 1, 140, generator=generator) < density).float()
+    return net.eval(), stream
+
+
+def streaming(clock_name: str, repeats: int, log) -> list[str]:
+    """Per-step latency at batch 1 and chunk throughput of the SHD network; the verdicts."""
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
+    net, x = shd_like_network()
+    with torch.no_grad():
+        _, spikes = net.forward_with_spikes(x[:250])
+    rates = ", ".join(f"{float(s.mean()):.3f}" for s in spikes)
+    log(f"SHD network (delrec preset, axonal delays), batch 1, firing rates per layer: {rates}")
+    frames = [x[i] for i in range(x.shape[0])]  # (1, 140) each
+    chunks = [x[i : i + 10] for i in range(0, x.shape[0] - 9, 10)]
+    results = {}
+
+    def measure() -> tuple[float, float]:
+        stream = StreamingNetwork.from_network(net)
+        state = stream.initial_state(1)
+        step = median_us(lambda i: stream.step(frames[i % len(frames)], state), 400, repeats, clock)
+        chunk = median_us(
+            lambda i: stream.advance(chunks[i % len(chunks)], state), 100, repeats, clock
+        )
+        return step, chunk
+
+    for compiled in (True, False):
+        with compiled_loops(compiled):
+            step, chunk = results[compiled] = measure()
+        name = "compiled loop" if compiled else "PyTorch ops (DELREC_NATIVE=0)"
+        log(f"  {name:32s} one step {step:8.1f} µs   chunk of 10 steps {chunk:8.1f} µs")
+    with torch.no_grad():
+        whole = median_us(lambda i: net(x[:250]), 3, repeats, clock) / 250
+    log(f"  {'net.eval() on 250 steps, per step':32s} {whole:8.1f} µs")
+    step, chunk = results[True]
+    return [
+        verdict(
+            step <= STEP_TARGET_US,
+            f"one streaming step of the SHD network at batch 1: {step:.1f} µs "
+            f"(target ≤ {STEP_TARGET_US:.0f} µs, clock = {clock_name})",
+        ),
+        verdict(
+            chunk <= CHUNK_TARGET * step,
+            f"a chunk of 10 steps: {chunk:.1f} µs = {chunk / step:.2f}× one step "
+            f"(target ≤ {CHUNK_TARGET:.0f}×)",
+        ),
+    ]
+
+
+def tbptt(clock_name: str, repeats: int, log, batch: int = 16) -> list[str]:
+    """Backward memory and time of a truncated-BPTT training step of the PS-MNIST network
+    (784 steps) against the chunk length; the verdict on memory ∝ K."""
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
+    generator = torch.Generator().manual_seed(0)
+    net = build_network(preset_network("psmnist", "delrec"), seed=0).train()
+    frames = torch.rand(784, batch, 1, generator=generator)
+    lengths = torch.full((batch,), 784)
+    targets = torch.randint(0, 10, (batch,), generator=generator)
+    objective = make_objective("classification", "sum")
+    log(f"PS-MNIST network (delrec preset: 1 → 64 → 212 → 212 recurrent → 10), batch {batch}")
+
+    def full_bptt():
+        output, _ = net.forward_with_spikes(frames)
+        objective(output, lengths, targets)[0].backward()
+
+    def chunked(k):
+        return lambda: truncated_bptt(net, frames, lengths, targets, objective, k).backward()
+
+    rows = [("full BPTT", 784, full_bptt)] + [
+        (f"tbptt={k}", k, chunked(k)) for k in (49, 98, 196, 392, 784)
+    ]
+    peaks = {}
+    for name, k, run in rows:
+        peak = peak_saved_bytes(run)
+        seconds = median_us(lambda i, run=run: run(), 1, repeats, clock) / 1e6
+        peaks[name] = peak
+        log(
+            f"  {name:10s} K = {k:3d}   saved for backward {peak / 1e6:7.1f} MB "
+            f"({peak / k / 1e3:6.1f} kB per step of a chunk)   step {seconds:6.2f} s"
+        )
+    chunks = {k: peaks[f"tbptt={k}"] for k in (49, 98, 196, 392)}  # several chunks each
+    per_step, constant = linear_fit(chunks)
+    worst = max(abs(constant + per_step * k - peak) / peak for k, peak in chunks.items())
+    log(
+        f"  fit over K < 784: saved = {constant / 1e6:.1f} MB + {per_step / 1e3:.1f} kB · K "
+        f"(full BPTT: {peaks['full BPTT'] / 784 / 1e3:.1f} kB per step of the sequence)"
+    )
+    return [
+        verdict(
+            worst <= 0.01 and 0 <= constant < chunks[49] / 2,
+            f"backward memory = constant + {per_step / 1e3:.1f} kB per step of the chunk: "
+            f"largest deviation from the line {100 * worst:.2f} % (target ≤ 1 %), constant "
+            f"{constant / 1e6:.1f} MB (target < half of tbptt=49's)",
+        ),
+        verdict(
+            abs(peaks["tbptt=784"] - peaks["full BPTT"]) <= 0.01 * peaks["full BPTT"],
+            "one chunk as long as the sequence holds what full BPTT holds (within 1 %)",
+        ),
+    ]
+
+
+def linear_fit(values: dict[int, float]) -> tuple[float, float]:
+    """Least-squares slope and intercept of ``values[k]`` against ``k``."""
+    ks, ys = list(values), list(values.values())
+    mean_k, mean_y = sum(ks) / len(ks), sum(ys) / len(ys)
+    slope = sum((k - mean_k) * (y - mean_y) for k, y in zip(ks, ys)) / sum(
+        (k - mean_k) ** 2 for k in ks
+    )
+    return slope, mean_y - slope * mean_k
+
+
+def verdict(ok: bool, text: str) -> str:
+    return f"{'PASS' if ok else 'FAIL'}  {text}"
+
+
+def run(args) -> int:
+    """``delrec bench --streaming`` / ``--tbptt``: print the measurements and verdicts."""
+    torch.set_num_threads(args.threads)
+    repeats = args.repeats or 5
+    command = (
+        f"delrec bench {'--streaming' if args.streaming else '--tbptt'} "
+        f"--clock {args.clock} --threads {args.threads}"
+        + (f" --repeats {args.repeats}" if args.repeats else "")
+    )
+    print(
+        f"{command}: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"{platform.machine()}, load average {os.getloadavg()[0]:.1f}, clock = {args.clock}, "
+        f"median of {repeats}",
+        flush=True,
+    )
+
+    def log(text):
+        print(text, flush=True)
+
+    verdicts = (streaming if args.streaming else tbptt)(args.clock, repeats, log)
+    for line in verdicts:
+        print(line)
+    return 0

@@ -98,6 +98,16 @@ class Neuron(Protocol):
     def step(self, u: Tensor, state: State) -> tuple[Tensor, State]: ...
 
 
+def run_steps(neuron, u: Tensor, state: State) -> tuple[Tensor, State]:
+    """Spikes ``(T, B, N)`` of any :class:`Neuron` driven by ``u`` ``(T, B, N)`` from
+    ``state``, and its state after the last step."""
+    spikes = []
+    for u_t in u:
+        s_t, state = neuron.step(u_t, state)
+        spikes.append(s_t)
+    return torch.stack(spikes), state
+
+
 class SequenceNeuron(nn.Module):
     """Base class: runs ``step`` over a time-major sequence when the module is called."""
 
@@ -114,11 +124,7 @@ class SequenceNeuron(nn.Module):
         initial state); ``return_state=True`` also returns the state after the last step, a
         tuple of ``(B, N)`` tensors without gradient (chunks of a sequence, docs/layer.md)."""
         state = self.initial_state(u[0]) if state is None else state
-        spikes = []
-        for u_t in u:
-            s_t, state = self.step(u_t, state)
-            spikes.append(s_t)
-        spikes = torch.stack(spikes)
+        spikes, state = run_steps(self, u, state)
         if return_state:
             return spikes, tuple(x.detach() for x in state)
         return spikes

@@ -35,4 +35,23 @@ def add_parser(subparsers) -> None:
         default="wall",
         help="wall-clock time, or this process's CPU time (steadier on a shared machine)",
     )
-    p.set_defaults(run=bench.run)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--streaming",
+        action="store_true",
+        help="instead: per-step latency and chunk throughput of streaming the SHD network",
+    )
+    which.add_argument(
+        "--tbptt",
+        action="store_true",
+        help="instead: backward memory and time of truncated BPTT against the chunk length",
+    )
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    if args.streaming or args.tbptt:
+        from delrec import bench_state
+
+        return bench_state.run(args)
+    return bench.run(args)

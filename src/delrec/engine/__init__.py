@@ -13,7 +13,8 @@ path by name, in order of preference; :func:`select` returns the one that runs a
 configuration here, and the layer runs it. Nothing falls back at run time.
 
 =================  ===========================================================================
-``ring``           integer-delay inference (eval mode, no autograd), built-in LIF, any device
+``cpp-ring``       integer-delay inference (eval mode, no autograd), built-in LIF, C++ (CPU)
+``ring``           the same in PyTorch ops (any device)
 ``cpp-axonal``     axonal/shared delays, built-in LIF, C++ time loops (CPU)
 ``cpp-synaptic``   synaptic delays, built-in LIF, C++ slot traces (CPU)
 ``torch-axonal``   axonal/shared delays, built-in LIF, PyTorch ops (any device)
@@ -98,6 +99,14 @@ def _cpu_kernels(name: str) -> Callable[[torch.device], bool]:
 PATHS: dict[str, EnginePath] = {
     path.name: path
     for path in (
+        EnginePath(
+            "cpp-ring",
+            ring.cpp_ring_recurrence,
+            grad=False,
+            integer_only=True,
+            stateful=True,
+            runs_on=_cpu_kernels("ring"),
+        ),
         EnginePath("ring", ring.ring_recurrence, grad=False, integer_only=True, stateful=True),
         EnginePath(
             "cpp-axonal",
