@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from delrec.deploy.streaming import StreamingNetwork
+from delrec.layers import DelRec
 from delrec.models import build_network, preset_network
+from delrec.neurons import LIF
 from delrec.training.objectives import make_objective
 from delrec.training.tbptt import truncated_bptt
 
@@ -143,9 +145,10 @@ def streaming(clock_name: str, repeats: int, log) -> list[str]:
     ]
 
 
-def tbptt(clock_name: str, repeats: int, log, batch: int = 16) -> list[str]:
+def tbptt(clock_name: str, repeats: int, log, batch: int = 16, seeds: int = 2) -> list[str]:
     """Backward memory and time of a truncated-BPTT training step of the PS-MNIST network
-    (784 steps) against the chunk length; the verdict on memory ∝ K."""
+    (784 steps) against the chunk length, the verdicts on memory ∝ K, and how often float32
+    chunks differ from one pass (:func:`float32_chunks` on ``seeds`` seeds)."""
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
     generator = torch.Generator().manual_seed(0)
     net = build_network(preset_network("psmnist", "delrec"), seed=0).train()
@@ -174,6 +177,7 @@ def tbptt(clock_name: str, repeats: int, log, batch: int = 16) -> list[str]:
             f"  {name:10s} K = {k:3d}   saved for backward {peak / 1e6:7.1f} MB "
             f"({peak / k / 1e3:6.1f} kB per step of a chunk)   step {seconds:6.2f} s"
         )
+    float32_chunks(log, seeds)
     chunks = {k: peaks[f"tbptt={k}"] for k in (49, 98, 196, 392)}  # several chunks each
     per_step, constant = linear_fit(chunks)
     worst = max(abs(constant + per_step * k - peak) / peak for k, peak in chunks.items())
@@ -203,6 +207,48 @@ def linear_fit(values: dict[int, float]) -> tuple[float, float]:
         (k - mean_k) ** 2 for k in ks
     )
     return slope, mean_y - slope * mean_k
+
+
+def float32_chunks(log, seeds: int = 2, steps: int = 784, chunk: int = 49) -> None:
+    """How often float32 chunks on the LIF training paths differ from one pass: DelRec layers of
+    the PS-MNIST size (N = 212, batch 16, delays ~ |N(0, 12²)|, learned spreads) in training
+    mode with a fixed dropout mask, axonal and synaptic, σ = 10 and 1, hard and soft reset."""
+    samples = flipped = runs = 0
+    for seed in range(seeds):
+        for delay_type in ("axonal", "synaptic"):
+            for sigma in (10.0, 1.0):
+                for reset in (0.0, None):
+                    g = torch.Generator().manual_seed(seed)
+                    layer = DelRec(
+                        212,
+                        LIF(tau=2.0, v_reset=reset),
+                        delay_type=delay_type,
+                        delay_init="half_normal:12",
+                        sigma=sigma,
+                        learn_spread=True,
+                        generator=g,
+                    )
+                    x = torch.randn(steps, 16, 212, generator=g) * 0.7 + 0.3
+                    mask = (torch.rand(16, 212, generator=g) < 0.8).float() / 0.8
+                    with torch.no_grad():
+                        whole = layer(x, dropout_mask=mask)
+                        state, pieces = None, []
+                        for start in range(0, steps, chunk):
+                            first = {"dropout_mask": mask} if state is None else {}
+                            piece, state = layer(
+                                x[start : start + chunk], state, return_state=True, **first
+                            )
+                            pieces.append(piece)
+                    differ = (torch.cat(pieces) != whole).any(0).any(-1)  # (B,)
+                    samples += differ.numel()
+                    flipped += int(differ.sum())
+                    runs += 1
+    boundaries = samples * (-(-steps // chunk) - 1)
+    log(
+        f"  float32, training mode, chunks of {chunk} of {steps} steps on the LIF fast paths "
+        f"({runs} layers): {flipped} of {samples} samples' spike trains differ from one pass "
+        f"({flipped} flips in {boundaries} chunk boundaries)"
+    )
 
 
 def verdict(ok: bool, text: str) -> str:
