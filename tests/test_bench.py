@@ -25,6 +25,9 @@ def tiny_grids(quick):
 def test_bench_writes_the_four_panels_and_judges_the_targets(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "STEPS", 6)
     monkeypatch.setattr(bench, "grids", tiny_grids)
+    monkeypatch.setattr(
+        bench, "feedforward_grid", lambda quick: [bench.Setting(8, 2, d, 0) for d in (3, 30)]
+    )
     monkeypatch.setattr(bench, "MAX_MACS", 2 * 3 * 6 * 2 * 8**2 * 10)  # the reference: N = 8 only
     assert main(["bench", "--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -55,6 +58,9 @@ def test_bench_writes_the_four_panels_and_judges_the_targets(tmp_path, monkeypat
     assert any("SHD setting" in v for v in verdicts) and any(
         "synaptic vs axonal" in v for v in verdicts
     )
+    assert sum("feedforward delays N=8" in v for v in verdicts) == 5  # time, memory ×2; flat
+    assert any("saved memory flat in the window" in v for v in verdicts)
+    assert "feedforward-delay convolution skipped at N=8 B=2 d~U(0,30)" in printed
     assert "torch " in printed and "thread(s)" in printed
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+
+import torch
+
 from delrec import bench
-from delrec.commands import EXIT_CODES_HELP
+from delrec.commands import EXIT_CODES_HELP, UsageError
 
 
 def add_parser(subparsers) -> None:
@@ -16,6 +20,19 @@ def add_parser(subparsers) -> None:
         epilog=EXIT_CODES_HELP,
     )
     p.add_argument("--quick", action="store_true", help="small grid, under a minute")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu (default): this benchmark; cuda: the Triton engine on a GPU against a lean "
+        "PyTorch recurrent loop, with the GPU targets (delrec.bench_gpu)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --device cuda: run the GPU benchmark at tiny sizes on the CPU under Triton's "
+        "interpreter (checks it end to end without a GPU; measures nothing)",
+    )
     p.add_argument("--out", default="bench-out", help="output directory (default: bench-out/)")
     p.add_argument(
         "--repeats",
@@ -49,8 +66,17 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
+    if args.dry_run and args.device != "cuda":
+        raise UsageError("--dry-run checks the GPU benchmark: use it with --device cuda")
+    if args.device == "cuda" and not args.dry_run and not torch.cuda.is_available():
+        raise UsageError(
+            "--device cuda: no CUDA device here; --dry-run runs the GPU benchmark at tiny sizes "
+            "on the CPU to check it"
+        )
     if args.streaming or args.tbptt:
+        if args.device != "cpu":
+            raise UsageError("--streaming and --tbptt measure on the CPU: drop --device cuda")
         from delrec import bench_state
 
         return bench_state.run(args)

@@ -12,15 +12,18 @@ state)`` (:mod:`delrec.engine.state`; every path below is). :data:`PATHS` holds 
 path by name, in order of preference; :func:`select` returns the one that runs a layer's
 configuration here, and the layer runs it. Nothing falls back at run time.
 
-=================  ===========================================================================
-``cpp-ring``       integer-delay inference (eval mode, no autograd), built-in LIF, C++ (CPU)
-``ring``           the same in PyTorch ops (any device)
-``cpp-axonal``     axonal/shared delays, built-in LIF, C++ time loops (CPU)
-``cpp-synaptic``   synaptic delays, built-in LIF, C++ slot traces (CPU)
-``torch-axonal``   axonal/shared delays, built-in LIF, PyTorch ops (any device)
-``torch-synaptic`` synaptic delays, built-in LIF, lag-stacked GEMM in PyTorch ops (any device)
-``reference``      every delay type and neuron, autograd of the buffer loop (any device)
-=================  ===========================================================================
+===================  ==============================================================================
+``triton-ring``      integer-delay inference, built-in LIF, Triton kernels (CUDA)
+``cpp-ring``         integer-delay inference (eval mode, no autograd), built-in LIF, C++ (CPU)
+``ring``             the same in PyTorch ops (any device)
+``cpp-axonal``       axonal/shared delays, built-in LIF, C++ time loops (CPU)
+``cpp-synaptic``     synaptic delays, built-in LIF, C++ slot traces (CPU)
+``triton-axonal``    axonal/shared delays, built-in LIF, Triton kernels (CUDA)
+``triton-synaptic``  synaptic delays, built-in LIF, lag-stacked Triton kernels (CUDA)
+``torch-axonal``     axonal/shared delays, built-in LIF, PyTorch ops (any device)
+``torch-synaptic``   synaptic delays, built-in LIF, lag-stacked GEMM in PyTorch ops (any device)
+``reference``        every delay type and neuron, autograd of the buffer loop (any device)
+===================  ==============================================================================
 
 To add a path, write its ``run`` function with the signature above and call
 :func:`register` (before the paths it should be preferred to). To force one in a test or a
@@ -37,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from delrec.engine import axonal, native, ring, synaptic
+from delrec.engine import triton as gpu
 from delrec.engine.lif import is_builtin_lif
 from delrec.engine.reference import reference_recurrence, triangle_recurrence
 from delrec.engine.state import RecurrentState
@@ -100,6 +104,9 @@ PATHS: dict[str, EnginePath] = {
     path.name: path
     for path in (
         EnginePath(
+            "triton-ring", gpu.ring_recurrence, grad=False, integer_only=True, runs_on=gpu.runs_on
+        ),
+        EnginePath(
             "cpp-ring",
             ring.cpp_ring_recurrence,
             grad=False,
@@ -122,6 +129,14 @@ PATHS: dict[str, EnginePath] = {
             stateful=True,
             runs_on=_cpu_kernels("synaptic"),
         ),
+        EnginePath(
+            "triton-axonal",
+            gpu.axonal_recurrence,
+            ("axonal", "shared"),
+            stateful=True,
+            runs_on=gpu.runs_on,
+        ),
+        EnginePath("triton-synaptic", gpu.synaptic_recurrence, ("synaptic",), runs_on=gpu.runs_on),
         EnginePath("torch-axonal", axonal.torch_recurrence, ("axonal", "shared"), stateful=True),
         EnginePath("torch-synaptic", synaptic.torch_recurrence, ("synaptic",), stateful=True),
         EnginePath("reference", triangle_recurrence, lif_only=False, stateful=True),

@@ -1,13 +1,14 @@
 """Feedforward learnable delays: the DCLS-style baseline of the paper
-(docs/design.md#feedforward-delays)."""
+(docs/design.md#feedforward-delays; its engines and DCLS's edges: docs/feedforward-delays.md)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from delrec.engine import feedforward as engines
 
 
 class FeedforwardDelay(nn.Module):
@@ -15,10 +16,14 @@ class FeedforwardDelay(nn.Module):
 
     Synapse ``(o, i)`` with weight ``w`` and position ``P`` contributes
     ``w·x_i[t - P]``; a non-integer ``P`` splits ``w`` linearly between the two taps around
-    it. The layer is a causal convolution over time with a ``K``-tap kernel (left padding
-    ``K-1``). Input ``(T, B, I)`` → output ``(T, B, O)``. In eval mode the positions are
-    rounded (without changing the parameters). Its state between chunks of a sequence is the
-    last ``K-1`` input frames ``(K-1, B, I)`` (see :meth:`forward`).
+    it: the layer is a causal convolution over time with a ``K``-tap kernel (left padding
+    ``K-1``), computed by default with two taps per synapse, at a cost and a memory independent of
+    ``K`` (:mod:`delrec.engine.feedforward`). Input ``(T, B, I)`` → output ``(T, B, O)``. In eval
+    mode the positions are rounded (without changing the parameters). Its state between chunks
+    of a sequence is the last ``K-1`` input frames ``(K-1, B, I)`` (see :meth:`forward`).
+
+    ``engine``: ``"auto"`` (C++ kernels on the CPU, PyTorch ops elsewhere), ``"reference"``
+    (the convolution), or a path of :data:`delrec.engine.feedforward.PATHS` by name.
     """
 
     def __init__(
@@ -28,10 +33,16 @@ class FeedforwardDelay(nn.Module):
         kernel_size: int = 26,
         bias: bool = True,
         generator: torch.Generator | None = None,
+        engine: str = "auto",
     ):
         super().__init__()
         if kernel_size < 1:
             raise ValueError(f"kernel_size must be >= 1 step, got {kernel_size}")
+        if engine not in engines.ENGINES:
+            raise ValueError(
+                f"unknown feedforward-delay engine {engine!r}; choose one of {engines.ENGINES}"
+            )
+        self.engine = engine
         self.in_features, self.out_features, self.kernel_size = (
             in_features,
             out_features,
@@ -54,12 +65,14 @@ class FeedforwardDelay(nn.Module):
             else None
         )
 
+    def effective_position(self) -> Tensor:
+        """The positions the forward uses: the parameter in training, rounded (and detached)
+        in eval."""
+        return self.position if self.training else self.position.detach().round()
+
     def temporal_kernel(self) -> Tensor:
         """Weights per delay tap, ``(O, I, K)``: index ``k`` is a delay of ``k`` steps."""
-        position = self.position if self.training else self.position.detach().round()
-        taps = torch.arange(self.kernel_size, dtype=self.weight.dtype, device=self.weight.device)
-        interpolation = (1 - (taps - position.unsqueeze(-1)).abs()).clamp(min=0)
-        return self.weight.unsqueeze(-1) * interpolation
+        return engines.temporal_kernel(self.weight, self.effective_position(), self.kernel_size)
 
     def forward(
         self, x: Tensor, state: Tensor | None = None, *, return_state: bool = False
@@ -72,17 +85,19 @@ class FeedforwardDelay(nn.Module):
             raise ValueError(
                 f"FeedforwardDelay expects (T, B, {self.in_features}), got {tuple(x.shape)}"
             )
-        past = self.kernel_size - 1
+        path = engines.select(x.device, self.engine)
+        position, past = self.effective_position(), self.kernel_size - 1
         if state is None:
-            state = x.new_zeros(past, *x.shape[1:])
-        elif tuple(state.shape) != (past, *x.shape[1:]):
-            raise ValueError(
-                f"FeedforwardDelay state must be the last K-1 inputs ({past}, {x.shape[1]}, "
-                f"{self.in_features}), got {tuple(state.shape)}"
-            )
-        signal = torch.cat([state.to(x.dtype), x])  # (K-1+T, B, I)
-        out = F.conv1d(signal.permute(1, 2, 0), self.temporal_kernel().flip(-1), self.bias)
-        out = out.permute(2, 0, 1)
+            out = path.run(x, self.weight, position, self.bias, self.kernel_size)
+            signal = torch.cat([x.new_zeros(past, *x.shape[1:]), x]) if return_state else x
+        else:
+            if tuple(state.shape) != (past, *x.shape[1:]):
+                raise ValueError(
+                    f"FeedforwardDelay state must be the last K-1 inputs ({past}, {x.shape[1]}, "
+                    f"{self.in_features}), got {tuple(state.shape)}"
+                )
+            signal = torch.cat([state.to(x.dtype), x])  # (K-1+T, B, I): the chunk's outputs
+            out = path.run(signal, self.weight, position, self.bias, self.kernel_size)[past:]
         if return_state:
             return out, signal[signal.shape[0] - past :].detach().clone()
         return out
@@ -95,5 +110,5 @@ class FeedforwardDelay(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"kernel_size={self.kernel_size}, bias={self.bias is not None}"
+            f"kernel_size={self.kernel_size}, bias={self.bias is not None}, engine={self.engine}"
         )
