@@ -101,6 +101,36 @@ class DelayedSynapses(nn.Module):
         )
 
 
+def _projection(kernels, weight: Tensor, lags: Tensor | None):
+    """The compiled form of synapses ``weight`` ``(O, I)`` with integer ``lags`` ``(O, I)``
+    (None: all 0): by input with one lag per input, else each input's synapses grouped by lag
+    (``csrc/ring.cpp``, Projection)."""
+    outputs, inputs = weight.shape
+    none = torch.empty(0, dtype=torch.long)
+    if lags is None or bool((lags == lags[:1]).all()):
+        column = lags[0].long().contiguous() if lags is not None and bool(lags.any()) else none
+        weight_t = weight.t().contiguous()
+        empty = weight.new_empty(0)
+        return kernels.Projection(inputs, outputs, weight_t, column, none, none, none, none, empty)
+    by_input, order = torch.sort(lags.t().long(), dim=1, stable=True)  # (I, O)
+    first = torch.ones_like(by_input, dtype=torch.bool)
+    first[:, 1:] = by_input[:, 1:] != by_input[:, :-1]  # a group starts: a new lag of input j
+    starts = first.flatten().nonzero().flatten()
+    group_start = torch.cat([starts, starts.new_tensor([first.numel()])])
+    input_groups = torch.cat([none.new_zeros(1), first.sum(1).cumsum(0)])
+    return kernels.Projection(
+        inputs,
+        outputs,
+        weight.new_empty(0),
+        none,
+        input_groups,
+        by_input.flatten()[starts].contiguous(),
+        group_start,
+        order.flatten().contiguous(),
+        weight.t().gather(1, order).flatten().contiguous(),
+    )
+
+
 class IntegerLayer:
     """One layer with integer delays, run over a chunk by the compiled loop (``csrc/ring.cpp``).
 
@@ -128,27 +158,21 @@ class IntegerLayer:
             raise RuntimeError(native.unavailable("ring"))
         self.size = size
         leak, gain = (lif.leak, lif.gain) if lif is not None else integrator
-        empty = torch.empty(0)
-        ff_weight_t, ff_lags, ff_bias = empty, empty, empty
+        absent = self.kernels.Projection()
+        feedforward, bias = absent, torch.empty(0)
         if synapses is not None:
-            ff_weight_t = synapses.weight.t().contiguous()
-            if synapses.max_lag:
-                columns = synapses.column_lags
-                ff_lags = columns if columns is not None else synapses.lags.t().contiguous()
+            feedforward = _projection(self.kernels, synapses.weight, synapses.lags)
             if synapses.bias is not None:
-                ff_bias = synapses.bias.contiguous()
-        rec_weight_t, rec_lags = empty, empty
+                bias = synapses.bias.contiguous()
+        rec = absent
         if recurrent is not None:
             weight, lags = recurrent
-            rec_weight_t = (weight.detach() * gain).t().contiguous()
-            rec_lags = (lags if lags.dim() == 1 else lags.t()).long().contiguous()
+            rec = _projection(self.kernels, weight.detach() * gain, lags.long().expand(size, size))
         p = lif.p if lif is not None else None
         self.plan = self.kernels.Layer(
-            ff_weight_t,
-            ff_lags,
-            ff_bias,
-            rec_weight_t,
-            rec_lags,
+            feedforward,
+            rec,
+            bias,
             size,
             p is None,
             gain,
@@ -158,7 +182,7 @@ class IntegerLayer:
             (p.v_reset or 0.0) if p is not None else 0.0,
             p.soft_reset if p is not None else False,
         )
-        self.no_mask = empty
+        self.no_mask = torch.empty(0)
 
     def run(
         self,

@@ -9,21 +9,22 @@
 //   LIF:  h = (gain·a + offset + m ⊙ r) + leak·v,  s = Θ(h - θ),  v = reset(h, s)   (lif.h)
 //   LI:   v = leak·v + gain·a                          (the readout: out[t] = v)
 //
-// Inputs and spikes are read event by event: a presynaptic value that is 0 adds nothing, so a
-// step costs O(N) per non-zero input or spike (plus O(N²) lookups for per-synapse recurrent
-// lags), which at batch 1 with sparse spikes is far below a dense GEMV. Sums run over j in
-// index order. The inputs before the chunk (x_past, (Hf, B, I)) and the spikes before it
-// (s_past, (Hr, B, N)) are time-major, oldest first; the kernel writes the last rows of
-// "past, then this chunk" into x_past_out and s_past_out (zero-padded in front), which may be
-// the same tensors as x_past and s_past.
+// Inputs and spikes are read event by event: a presynaptic value that is 0 adds nothing. With
+// one lag per presynaptic neuron a non-zero x_j adds the row j of Wᵀ (O(N), vectorised); with
+// one lag per synapse the synapses of j are grouped by lag, and a non-zero x_j at a group's lag
+// adds that group's weights (O(N²) work only for a dense input). Sums run over j in index
+// order. The inputs before the chunk (x_past, (Hf, B, I)) and the spikes before it (s_past,
+// (Hr, B, N)) are time-major, oldest first; the kernel writes the last rows of "past, then this
+// chunk" into x_past_out and s_past_out (zero-padded in front), which may be the same tensors
+// as x_past and s_past.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include "lif.h"
 
 #include <algorithm>
-#include <initializer_list>
 #include <cstdint>
+#include <initializer_list>
 #include <vector>
 
 namespace {
@@ -33,46 +34,93 @@ using delrec::LIFUpdate;
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "delrec ring kernel: ", what); }
 
-// Lags of a projection into N neurons from I inputs: one per input (I,), one per synapse
-// stored input-major (I, N), or none (all 0).
-struct Lags {
-  const int64_t* data = nullptr;
-  bool per_synapse = false;
-  int64_t n = 0;
-  int64_t of(int64_t j, int64_t i) const {
-    return data == nullptr ? 0 : (per_synapse ? data[j * n + i] : data[j]);
+// Synapses from I inputs to N neurons with integer lags. Column mode: weight_t (I, N) and one
+// lag per input, lags (I,) (empty: all 0). Grouped mode (one lag per synapse): the synapses of
+// input j are the groups input_groups[j] … input_groups[j+1] - 1, group g has lag group_lag[g]
+// and members group_start[g] … group_start[g+1] - 1, each a neuron member[k] and a weight
+// member_weight[k]. An absent projection has present = false.
+struct Projection {
+  bool present = false, grouped = false;
+  int64_t inputs = 0, size = 0;
+  at::Tensor weight_t, lags, input_groups, group_lag, group_start, member, member_weight;
+
+  Projection() = default;
+  Projection(int64_t inputs, int64_t size, at::Tensor weight_t, at::Tensor lags,
+             at::Tensor input_groups, at::Tensor group_lag, at::Tensor group_start,
+             at::Tensor member, at::Tensor member_weight)
+      : present(true), grouped(member_weight.numel() > 0), inputs(inputs), size(size),
+        weight_t(std::move(weight_t)), lags(std::move(lags)),
+        input_groups(std::move(input_groups)), group_lag(std::move(group_lag)),
+        group_start(std::move(group_start)), member(std::move(member)),
+        member_weight(std::move(member_weight)) {
+    for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
+             &this->lags, &this->input_groups, &this->group_lag, &this->group_start,
+             &this->member}) {
+      check(t->numel() == 0 || (t->scalar_type() == at::kLong && t->is_contiguous()),
+            "lags and groups must be contiguous int64");
+    }
+    if (grouped) {
+      check(this->input_groups.numel() == inputs + 1, "input_groups must be (I + 1,)");
+    } else {
+      check(this->weight_t.dim() == 2 && this->weight_t.size(0) == inputs &&
+                this->weight_t.size(1) == size && this->weight_t.is_contiguous(),
+            "weight_t must be a contiguous (I, N)");
+      check(this->lags.numel() == 0 || this->lags.numel() == inputs, "lags must be (I,)");
+    }
+  }
+
+  at::ScalarType dtype() const {
+    return grouped ? member_weight.scalar_type() : weight_t.scalar_type();
+  }
+
+  // acc[i] += Σ_j W_ij · value_at(now - lag_ij, j), over the inputs whose value is not 0
+  template <typename scalar_t, typename Value>
+  void accumulate(int64_t now, const Value& value_at, scalar_t* acc) const {
+    if (!grouped) {
+      const scalar_t* w = weight_t.data_ptr<scalar_t>();
+      const int64_t* lag = lags.numel() ? lags.data_ptr<int64_t>() : nullptr;
+      for (int64_t j = 0; j < inputs; ++j) {
+        const scalar_t xj = value_at(now - (lag ? lag[j] : 0), j);
+        if (xj == scalar_t(0)) continue;
+        const scalar_t* wj = w + j * size;
+        for (int64_t i = 0; i < size; ++i) acc[i] += xj * wj[i];
+      }
+      return;
+    }
+    const int64_t* groups = input_groups.data_ptr<int64_t>();
+    const int64_t* lag = group_lag.data_ptr<int64_t>();
+    const int64_t* start = group_start.data_ptr<int64_t>();
+    const int64_t* to = member.data_ptr<int64_t>();
+    const scalar_t* w = member_weight.data_ptr<scalar_t>();
+    for (int64_t j = 0; j < inputs; ++j) {
+      for (int64_t g = groups[j]; g < groups[j + 1]; ++g) {
+        const scalar_t xj = value_at(now - lag[g], j);
+        if (xj == scalar_t(0)) continue;
+        for (int64_t k = start[g]; k < start[g + 1]; ++k) acc[to[k]] += xj * w[k];
+      }
+    }
   }
 };
 
-Lags lags_of(const at::Tensor& lags, int64_t inputs, int64_t n) {
-  Lags out;
-  out.n = n;
-  if (!lags.defined() || lags.numel() == 0) return out;
-  check(lags.scalar_type() == at::kLong && lags.is_contiguous(), "lags must be contiguous int64");
-  out.per_synapse = lags.dim() == 2;
-  check(out.per_synapse ? (lags.size(0) == inputs && lags.size(1) == n)
-                        : (lags.dim() == 1 && lags.size(0) == inputs),
-        "lags must be (I,) or (I, N)");
-  out.data = lags.data_ptr<int64_t>();
-  return out;
-}
-
-// A layer's constants: the projections (empty tensors where absent) and the neuron.
+// A layer's constants: its projections, the bias and the neuron.
 struct Layer {
-  at::Tensor ff_weight_t, ff_lags, ff_bias, rec_weight_t, rec_lags;
+  Projection feedforward, recurrent;
+  at::Tensor bias;
   int64_t size;
   bool integrator;
   double gain, offset, leak, threshold, v_reset;
   bool soft_reset;
 
-  Layer(at::Tensor ff_weight_t, at::Tensor ff_lags, at::Tensor ff_bias, at::Tensor rec_weight_t,
-        at::Tensor rec_lags, int64_t size, bool integrator, double gain, double offset,
-        double leak, double threshold, double v_reset, bool soft_reset)
-      : ff_weight_t(std::move(ff_weight_t)), ff_lags(std::move(ff_lags)),
-        ff_bias(std::move(ff_bias)), rec_weight_t(std::move(rec_weight_t)),
-        rec_lags(std::move(rec_lags)), size(size), integrator(integrator), gain(gain),
-        offset(offset), leak(leak), threshold(threshold), v_reset(v_reset),
-        soft_reset(soft_reset) {}
+  Layer(const Projection& feedforward, const Projection& recurrent, at::Tensor bias,
+        int64_t size, bool integrator, double gain, double offset, double leak,
+        double threshold, double v_reset, bool soft_reset)
+      : feedforward(feedforward), recurrent(recurrent), bias(std::move(bias)), size(size),
+        integrator(integrator), gain(gain), offset(offset), leak(leak), threshold(threshold),
+        v_reset(v_reset), soft_reset(soft_reset) {
+    check(!feedforward.present || feedforward.size == size, "feedforward synapses into N");
+    check(!recurrent.present || (recurrent.size == size && recurrent.inputs == size),
+          "recurrent synapses (N, N)");
+  }
 
   void forward(const at::Tensor& input, const at::Tensor& mask, const at::Tensor& v,
                const at::Tensor& x_past, const at::Tensor& s_past, at::Tensor out,
@@ -80,33 +128,22 @@ struct Layer {
 };
 
 template <typename scalar_t>
-void layer_loop(const Layer& layer, const at::Tensor& input, const Lags& ff_lags,
-                const Lags& rec_lags, const at::Tensor& mask, const at::Tensor& x_past,
-                const at::Tensor& s_past, at::Tensor v, at::Tensor out, at::Tensor x_past_out,
-                at::Tensor s_past_out) {
-  const at::Tensor& ff_weight_t = layer.ff_weight_t;
-  const at::Tensor& ff_bias = layer.ff_bias;
-  const at::Tensor& rec_weight_t = layer.rec_weight_t;
-  const bool integrator = layer.integrator;
-  const double gain_d = layer.gain, offset_d = layer.offset;
-  const LIFConstants constants{layer.leak, 0.0, layer.threshold, layer.v_reset,
-                               layer.soft_reset, false, 0, 0.0};
+void layer_loop(const Layer& layer, const at::Tensor& input, const at::Tensor& mask,
+                const at::Tensor& x_past, const at::Tensor& s_past, at::Tensor v, at::Tensor out,
+                at::Tensor x_past_out, at::Tensor s_past_out) {
   const int64_t steps = input.size(0), batch = input.size(1), inputs = input.size(2);
-  const int64_t n = out.size(2);
-  const bool feedforward = ff_weight_t.numel() > 0, recurrent = rec_weight_t.numel() > 0;
-  const int64_t hf = x_past.size(0), hr = s_past.size(0);
+  const int64_t n = layer.size, hf = x_past.size(0), hr = s_past.size(0);
   const scalar_t* x = input.data_ptr<scalar_t>();
-  const scalar_t* wf = feedforward ? ff_weight_t.data_ptr<scalar_t>() : nullptr;
-  const scalar_t* bias = ff_bias.numel() ? ff_bias.data_ptr<scalar_t>() : nullptr;
-  const scalar_t* wr = recurrent ? rec_weight_t.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* bias = layer.bias.numel() ? layer.bias.data_ptr<scalar_t>() : nullptr;
   const scalar_t* m = mask.numel() ? mask.data_ptr<scalar_t>() : nullptr;
   const scalar_t* xp = x_past.data_ptr<scalar_t>();
   const scalar_t* sp = s_past.data_ptr<scalar_t>();
   scalar_t* vp = v.data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
-  const LIFUpdate<scalar_t> lif(constants);
-  const scalar_t gain = gain_d, offset = offset_d;
-  const bool plain_drive = gain_d == 1.0 && offset_d == 0.0;
+  const LIFUpdate<scalar_t> lif(LIFConstants{layer.leak, 0.0, layer.threshold, layer.v_reset,
+                                             layer.soft_reset, false, 0, 0.0});
+  const scalar_t gain = layer.gain, offset = layer.offset;
+  const bool plain_drive = layer.gain == 1.0 && layer.offset == 0.0;
   const int64_t hf_out = x_past_out.size(0), hr_out = s_past_out.size(0);
   scalar_t* xpo = x_past_out.data_ptr<scalar_t>();
   scalar_t* spo = s_past_out.data_ptr<scalar_t>();
@@ -128,30 +165,15 @@ void layer_loop(const Layer& layer, const at::Tensor& input, const Lags& ff_lags
       scalar_t* vb = vp + b * n;
       const scalar_t* mb = m ? m + b * n : nullptr;
       for (int64_t t = 0; t < steps; ++t) {
-        const int64_t now_x = hf + t, now_s = hr + t;
-        const scalar_t* xt = x + (t * batch + b) * inputs;
-        if (feedforward) {  // a = bias + Σ_j W_ij x_j[t - f_ij], event by event
+        if (layer.feedforward.present) {
           for (int64_t i = 0; i < n; ++i) a[i] = bias ? bias[i] : scalar_t(0);
-          for (int64_t j = 0; j < inputs; ++j) {
-            const scalar_t* wj = wf + j * n;
-            if (!ff_lags.per_synapse) {
-              const int64_t lag = ff_lags.of(j, 0);
-              const scalar_t xj = lag == 0 ? xt[j] : x_at(now_x - lag, j);
-              if (xj != scalar_t(0)) {
-                for (int64_t i = 0; i < n; ++i) a[i] += xj * wj[i];
-              }
-            } else {
-              for (int64_t i = 0; i < n; ++i) {
-                const scalar_t xj = x_at(now_x - ff_lags.of(j, i), j);
-                if (xj != scalar_t(0)) a[i] += xj * wj[i];
-              }
-            }
-          }
+          layer.feedforward.accumulate(hf + t, x_at, a.data());
         } else {
+          const scalar_t* xt = x + (t * batch + b) * inputs;
           std::copy(xt, xt + inputs, a.begin());
         }
         scalar_t* ot = o + (t * batch + b) * n;
-        if (integrator) {
+        if (layer.integrator) {
           for (int64_t i = 0; i < n; ++i) {
             vb[i] = lif.leak * vb[i] + gain * a[i];
             ot[i] = vb[i];
@@ -159,20 +181,7 @@ void layer_loop(const Layer& layer, const at::Tensor& input, const Lags& ff_lags
           continue;
         }
         std::fill(r.begin(), r.end(), scalar_t(0));
-        if (recurrent) {  // r = Σ_j V_ij s_j[t - l_ij], spike by spike
-          for (int64_t j = 0; j < n; ++j) {
-            const scalar_t* wj = wr + j * n;
-            if (!rec_lags.per_synapse) {
-              if (s_at(now_s - rec_lags.of(j, 0), j) != scalar_t(0)) {
-                for (int64_t i = 0; i < n; ++i) r[i] += wj[i];
-              }
-            } else {
-              for (int64_t i = 0; i < n; ++i) {
-                if (s_at(now_s - rec_lags.of(j, i), j) != scalar_t(0)) r[i] += wj[i];
-              }
-            }
-          }
-        }
+        if (layer.recurrent.present) layer.recurrent.accumulate(hr + t, s_at, r.data());
         for (int64_t i = 0; i < n; ++i) {
           const scalar_t drive = plain_drive ? a[i] : a[i] * gain + offset;
           const scalar_t h = lif.charge(drive, mb ? mb[i] * r[i] : r[i], vb[i]);
@@ -191,7 +200,7 @@ void layer_loop(const Layer& layer, const at::Tensor& input, const Lags& ff_lags
       for (int64_t k = 0; k < hr_out; ++k) {
         const int64_t row = hr + steps - hr_out + k;
         scalar_t* dest = spo + (k * batch + b) * n;
-        for (int64_t j = 0; j < n; ++j) dest[j] = integrator ? scalar_t(0) : s_at(row, j);
+        for (int64_t j = 0; j < n; ++j) dest[j] = layer.integrator ? scalar_t(0) : s_at(row, j);
       }
     }
   });
@@ -205,16 +214,17 @@ void Layer::forward(const at::Tensor& input, const at::Tensor& mask, const at::T
   const int64_t batch = input.size(1), inputs = input.size(2), n = size;
   const auto dtype = input.scalar_type();
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
-           &ff_weight_t, &ff_bias, &x_past, &rec_weight_t, &mask, &s_past, &v, &out, &v_out,
-           &x_past_out, &s_past_out}) {
+           &bias, &x_past, &mask, &s_past, &v, &out, &v_out, &x_past_out, &s_past_out}) {
     check(t->numel() == 0 || (t->scalar_type() == dtype && t->is_contiguous()),
           "every tensor must be contiguous, in the input's dtype");
   }
+  for (const Projection* p : {&feedforward, &recurrent}) {
+    check(!p->present || p->dtype() == dtype, "weights must be in the input's dtype");
+  }
+  check(feedforward.present ? feedforward.inputs == inputs : inputs == n,
+        "the input must have the feedforward synapses' I inputs, or be the current (I = N)");
   check(out.dim() == 3 && out.size(0) == input.size(0) && out.size(1) == batch && out.size(2) == n,
         "out must be (T, B, N)");
-  check(ff_weight_t.numel() ? ff_weight_t.size(0) == inputs && ff_weight_t.size(1) == n
-                            : inputs == n,
-        "feedforward weights must be (I, N), or the input the current (I = N)");
   check(x_past.dim() == 3 && x_past.size(1) == batch && x_past.size(2) == inputs &&
             x_past_out.dim() == 3 && x_past_out.size(1) == batch && x_past_out.size(2) == inputs,
         "past inputs must be (Hf, B, I)");
@@ -223,13 +233,9 @@ void Layer::forward(const at::Tensor& input, const at::Tensor& mask, const at::T
         "past spikes must be (Hr, B, N)");
   check(v.dim() == 2 && v.size(0) == batch && v.size(1) == n && v_out.sizes() == v.sizes(),
         "v must be (B, N)");
-  check(rec_weight_t.numel() == 0 || (rec_weight_t.size(0) == n && rec_weight_t.size(1) == n),
-        "recurrent weights must be (N, N)");
-  const Lags ff = lags_of(ff_lags, inputs, n), rec = lags_of(rec_lags, n, n);
   if (!v_out.is_same(v)) v_out.copy_(v);
   AT_DISPATCH_FLOATING_TYPES(dtype, "delrec_ring_layer", [&] {
-    layer_loop<scalar_t>(*this, input, ff, rec, mask, x_past, s_past, v_out, out, x_past_out,
-                         s_past_out);
+    layer_loop<scalar_t>(*this, input, mask, x_past, s_past, v_out, out, x_past_out, s_past_out);
   });
 }
 
@@ -258,9 +264,13 @@ std::vector<at::Tensor> stack_forward(const std::vector<const Layer*>& layers,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "delrec: integer-delay layers, a chunk at a time from their state";
+  pybind11::class_<Projection>(m, "Projection")
+      .def(pybind11::init<>())
+      .def(pybind11::init<int64_t, int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                          at::Tensor, at::Tensor, at::Tensor>());
   pybind11::class_<Layer>(m, "Layer")
-      .def(pybind11::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t,
-                          bool, double, double, double, double, double, bool>())
+      .def(pybind11::init<const Projection&, const Projection&, at::Tensor, int64_t, bool, double,
+                          double, double, double, double, bool>())
       .def("forward", &Layer::forward,
            "one layer over a chunk: fills out and the state after it (v, past inputs, past "
            "spikes; may be the state's own tensors)");
