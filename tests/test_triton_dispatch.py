@@ -86,7 +86,7 @@ def test_a_layer_on_the_gpu_trains_and_evaluates_like_on_the_cpu(delay_type):
     results = []
     for layer in (cpu, cuda):
         device = layer.weight.device
-        x = current.to(device).requires_grad_()
+        x = current.detach().to(device).requires_grad_()
         spikes = layer(x, dropout_mask=mask.to(device))
         (spikes * grad_out.to(device)).sum().backward()
         grads = [x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]

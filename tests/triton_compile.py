@@ -40,13 +40,18 @@ def variants():
         (1024, tl.float32, "*fp32"),
         (256, tl.float64, "*fp64"),
     ):
-        tiles = recurrent_tiles(256, n, torch.float32 if dtype == tl.float32 else torch.float64)
+        torch_dtype = torch.float32 if dtype == tl.float32 else torch.float64
+        tiles = recurrent_tiles(256, n, torch_dtype)
         warps = tiles.warps
         rec = dict(
             BLOCK_B=tiles.batch,
             BLOCK_N=tiles.neurons,
             BLOCK_K=tiles.inner,
             PRECISION=tiles.precision,
+        )
+        wide = recurrent_tiles(256, n, torch_dtype, wide=True)  # the axonal kernels' tiles
+        axonal_rec = dict(
+            BLOCK_B=wide.batch, BLOCK_N=wide.neurons, BLOCK_K=wide.inner, PRECISION=wide.precision
         )
         yield (
             axonal._forward_kernel,
@@ -74,10 +79,10 @@ def variants():
                 HAS_MASK=True,
                 NEED_SLOPE=True,
                 NEED_SUPPORT=True,
-                BLOCK_R=tiles.recursion,
-                **rec,
+                BLOCK_R=wide.recursion,
+                **axonal_rec,
             ),
-            warps,
+            wide.warps,
         )
         yield (
             axonal._backward_kernel,
@@ -109,10 +114,10 @@ def variants():
                 HAS_MASK=True,
                 NEED_SLOPE=True,
                 NEED_SUPPORT=True,
-                BLOCK_R=tiles.recursion,
-                **rec,
+                BLOCK_R=wide.recursion,
+                **axonal_rec,
             ),
-            warps,
+            wide.warps,
         )
         for synaptic_delays in (False, True):
             inner = ring.synaptic_inner(tiles) if synaptic_delays else tiles.inner

@@ -44,7 +44,8 @@ def network_payload(network: SpikingNetwork) -> dict:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Read the checkpoint file ``path`` and check its format."""
+    """Read the checkpoint file ``path`` and check its format and that its network is finite
+    (no NaN or infinite parameter or buffer)."""
     path = Path(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -55,6 +56,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} file")
+    model = payload.get("model")
+    bad = [
+        name
+        for name, value in (model.items() if isinstance(model, dict) else ())
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()
+    ]
+    if bad:
+        raise CheckpointError(
+            f"{path} holds NaN or infinite values in {', '.join(bad)}: the run that wrote it "
+            "diverged; use the run's other checkpoint or retrain with a lower learning rate"
+        )
     return payload
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from delrec.data import dataset_info
+from delrec.delays import MAX_DELAY
 from delrec.layers import DelRec, DelRecState, FeedforwardDelay, run_chunk
 from delrec.neurons import LIF, LeakyIntegrator, make_surrogate
 from delrec.recipes import RECIPES
@@ -149,6 +150,11 @@ class NetworkConfig:
             raise ValueError(
                 f"feedforward_init must be 'uniform-sqrt6' or 'torch', "
                 f"got {self.feedforward_init!r}"
+            )
+        if not 1 <= self.ff_delay_window <= MAX_DELAY + 1:
+            raise ValueError(
+                f"ff_delay_window must be between 1 and {MAX_DELAY + 1:g} steps (delays of 0 … "
+                f"MAX_DELAY = {MAX_DELAY:g} steps), got {self.ff_delay_window}"
             )
         if not self.hidden_sizes or min(self.hidden_sizes) < 1:
             raise ValueError(f"hidden_sizes must be positive sizes, got {self.hidden_sizes}")

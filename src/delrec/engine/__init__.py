@@ -8,7 +8,9 @@ An engine *path* runs the whole recurrence of a layer over a sequence::
 (row of ``weight`` = postsynaptic neuron; delays and half-width in steps, one width per
 presynaptic neuron; ``mask``: recurrent dropout fixed over time). A ``stateful`` path also runs
 one chunk of a longer sequence, ``path.run(..., mask, state=RecurrentState) -> (spikes, final
-state)`` (:mod:`delrec.engine.state`; every path below is). :data:`PATHS` holds every
+state)`` (:mod:`delrec.engine.state`). An empty batch (``B = 0``) never reaches a path's
+function: :class:`EnginePath` answers it with an empty spike tensor connected to every input,
+whose gradients are zeros of their shapes (and the state it was given). :data:`PATHS` holds every
 path by name, in order of preference; :func:`select` returns the one that runs a layer's
 configuration here, and the layer runs it. Nothing falls back at run time.
 
@@ -33,6 +35,7 @@ layer with ``DelRec(..., engine=name)``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,7 +65,8 @@ class EnginePath:
     inference without autograd; ``stateful``: ``run`` takes ``state=`` (a chunk of a sequence,
     :mod:`delrec.engine.state`); ``runs_on(device)``: whether it can run on that device here
     (the C++ kernels built, a GPU library importable); it warns once itself when it should
-    (``delrec.engine.native.load`` does for the C++ kernels).
+    (``delrec.engine.native.load`` does for the C++ kernels). ``run`` is kept wrapped so that
+    an empty batch never reaches it (module docstring).
     """
 
     name: str
@@ -73,6 +77,10 @@ class EnginePath:
     integer_only: bool = False
     stateful: bool = False
     runs_on: Callable[[torch.device], bool] = _anywhere
+
+    def __post_init__(self):
+        if not getattr(self.run, "empty_batch_safe", False):
+            object.__setattr__(self, "run", _empty_batch_safe(self.run))
 
     def supports(
         self, delay_type: str, neuron: nn.Module, integer: bool, grad: bool, state: bool = False
@@ -91,6 +99,25 @@ class EnginePath:
     def available(self, device: torch.device | str) -> bool:
         """True if this path can run on ``device`` here."""
         return self.runs_on(torch.device(device))
+
+
+def _empty_batch_safe(run: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``run``, except that a batch of ``B = 0`` sequences is answered here: spikes
+    ``(T, 0, N)`` connected to ``current``, ``weight``, ``delay`` and ``width`` (zero gradients
+    of their shapes). The C++ kernels divide work by ``B``; no path needs to handle it."""
+
+    @functools.wraps(run)
+    def guarded(current, weight, delay, width, neuron, mask=None, **options):
+        if current.shape[1] > 0:
+            return run(current, weight, delay, width, neuron, mask, **options)
+        spikes = current * 0.0
+        for value in (weight, delay, width):
+            if torch.is_tensor(value):
+                spikes = spikes + value.sum() * 0.0
+        return spikes if options.get("state") is None else (spikes, options["state"])
+
+    guarded.empty_batch_safe = True
+    return guarded
 
 
 def _cpu_kernels(name: str) -> Callable[[torch.device], bool]:

@@ -337,6 +337,8 @@ def _two_taps(implementation: Callable[[], object | None]):
                 f"feedforward delays: input {x.dtype}, weight {weight.dtype} and position "
                 f"{position.dtype} must share one dtype (convert the layer with .to(dtype))"
             )
+        if x.shape[1] == 0:  # an empty batch: nothing to compute, and the kernels divide by B
+            return convolution(x, weight, position, bias, kernel_size)
         return _TwoTaps.apply(x, weight, position, bias, kernel_size, implementation())
 
     return run

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from delrec.delays import recurrent_kernel
-from delrec.engine.state import RecurrentState, next_history
+from delrec.engine.state import RecurrentState, kept_history, next_history
 
 
 def reference_recurrence(
@@ -66,7 +66,7 @@ def reference_recurrence(
     spikes = torch.stack(spikes)
     if state is None:
         return spikes
-    length = max(state.spikes.shape[0], kernel.shape[-1] - 1)
+    length = kept_history(state.spikes, current.shape[0], kernel.shape[-1] - 1)
     final = tuple(x.detach() for x in neuron_state)
     return spikes, RecurrentState(final, next_history(state.spikes, spikes, length))
 

@@ -17,23 +17,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from delrec.delays import MAX_DELAY
 from delrec.engine import native
 from delrec.engine.lif import LIFMap
-from delrec.engine.state import RecurrentState, history_length, next_history
+from delrec.engine.state import RecurrentState, history_length, kept_history, next_history
 
 
 class DelayedSynapses(nn.Module):
     """Dense synapses with one integer delay per synapse.
 
-    ``weight`` ``(O, I)`` (row = postsynaptic), ``lags`` ``(O, I)`` integer steps ≥ 0,
-    ``bias`` ``(O,)`` or ``None``: the output at step ``t`` is ``Σ_j W_ij x_j[t - lag_ij] + b_i``.
-    :meth:`run` takes a chunk of inputs and the ``max_lag`` frames before it. With one lag per
+    ``weight`` ``(O, I)`` (row = postsynaptic), ``lags`` ``(O, I)`` integer steps in
+    ``[0, MAX_DELAY + 1]``, ``bias`` ``(O,)`` or ``None``: the output at step ``t`` is
+    ``Σ_j W_ij x_j[t - lag_ij] + b_i``. :meth:`run` takes a chunk of inputs and the ``max_lag``
+    frames before it. ``horizon``: how many steps of input there are at most (``None``: an
+    endless stream); a lag of that many steps or more never delivers, so lags are capped there
+    and a window holds at most ``horizon`` past frames, whatever the delays. With one lag per
     presynaptic neuron (``column_lags``: axonal delays, or none) a read gathers one frame per
     input and multiplies once; otherwise it multiplies the window of the lags in use by the
     weights stacked by lag.
     """
 
-    def __init__(self, weight: Tensor, lags: Tensor, bias: Tensor | None = None):
+    def __init__(
+        self,
+        weight: Tensor,
+        lags: Tensor,
+        bias: Tensor | None = None,
+        horizon: int | None = None,
+    ):
         super().__init__()
         if weight.dim() != 2 or lags.shape != weight.shape:
             raise ValueError(
@@ -45,6 +55,15 @@ class DelayedSynapses(nn.Module):
         lags = lags.to(torch.long)
         if (lags < 0).any():
             raise ValueError("synaptic lags must be >= 0 steps")
+        if lags.numel() and int(lags.max()) > MAX_DELAY + 1:
+            raise ValueError(
+                f"a synaptic lag of {int(lags.max())} steps exceeds MAX_DELAY + 1 = "
+                f"{MAX_DELAY + 1:g} steps, longer than any sequence; give shorter delays"
+            )
+        if horizon is not None:
+            if horizon < 1:
+                raise ValueError(f"horizon must be >= 1 step, got {horizon}")
+            lags = lags.clamp(max=horizon)
         self.register_buffer("weight", weight.detach().clone())
         self.register_buffer("lags", lags.clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
@@ -238,7 +257,7 @@ def cpp_ring_recurrence(
         v, past, length = current.new_full((batch, n), lif.v0), empty, 0
     else:
         v, past = state.neuron[0].to(current.dtype), state.spikes.to(current.dtype).contiguous()
-        length = max(past.shape[0], history_length(delay, 1.0))
+        length = kept_history(past, current.shape[0], history_length(delay, 1.0))
     into = (torch.empty_like(v), empty, current.new_empty(length, batch, n))
     spikes, v, _, history = layer.run(current, v, empty, past, mask, into)
     return spikes if state is None else (spikes, RecurrentState((v,), history))
@@ -258,22 +277,23 @@ def ring_recurrence(
 
     ``delay`` ``(N,)`` or ``(N, N)`` holds integers (eval mode rounds them) and ``width`` is 1
     (σ = 0): each spike lands exactly ``1 + d`` steps later, read from the window of past spikes
-    (:class:`DelayedSynapses`), O(B·N) per step plus the GEMM. ``neuron`` is the built-in
+    (:class:`DelayedSynapses`, at most the history and ``2T`` frames), O(B·N) per step plus the
+    GEMM. ``neuron`` is the built-in
     :class:`~delrec.neurons.LIF`, ``mask`` ``(B, N)`` or None. From a ``state``
     (:class:`~delrec.engine.state.RecurrentState`) the window starts with its spike history and
     the membrane with its ``v``; the result is then ``(spikes, final state)``.
     """
     steps, batch, n = current.shape
     lif = LIFMap.of(neuron.p)
-    synapses = DelayedSynapses(weight * lif.gain, (1 + delay.detach().long()).expand(n, n))
+    history = state.spikes if state is not None else current.new_zeros(0, batch, n)
+    lags = (1 + delay.detach().long()).expand(n, n)
+    # a lag beyond the history and the chunk reads nothing: capped, so the window stays short
+    synapses = DelayedSynapses(weight * lif.gain, lags, horizon=history.shape[0] + steps)
     reach = synapses.max_lag
     window = current.new_zeros(reach + steps, batch, n)  # spikes; row reach + t: step t
-    if state is None:
-        v = current.new_full((batch, n), lif.v0)
-    else:
-        v = state.neuron[0].to(current.dtype)
-        past = state.spikes[max(0, state.spikes.shape[0] - reach) :]
-        window[reach - past.shape[0] : reach] = past
+    past = history[max(0, history.shape[0] - reach) :]
+    window[reach - past.shape[0] : reach] = past
+    v = current.new_full((batch, n), lif.v0) if state is None else state.neuron[0].to(current.dtype)
     drive = lif.drive(current)
     spikes = current.new_empty(steps, batch, n, dtype=torch.bool)
     membrane = current.new_empty(batch, n)
@@ -286,5 +306,5 @@ def ring_recurrence(
     spikes = spikes.to(current.dtype)
     if state is None:
         return spikes
-    length = max(state.spikes.shape[0], history_length(delay, 1.0))
-    return spikes, RecurrentState((v.clone(),), next_history(state.spikes, spikes, length))
+    length = kept_history(history, steps, history_length(delay, 1.0))
+    return spikes, RecurrentState((v.clone(),), next_history(history, spikes, length))

@@ -49,6 +49,13 @@ def history_length(delay: Tensor, width: Tensor | float) -> int:
     return kernel_length(float(delay.detach().max()), max_width) - 1
 
 
+def kept_history(history: Tensor, steps: int, reach: int) -> int:
+    """How many steps of spikes the state after a chunk of ``steps`` steps keeps: as far back as
+    the kernel reaches (``reach = L - 1``) and at least as many as ``history`` ``(H, B, N)``
+    held, but no more than the steps seen (spikes before the sequence are 0 anyway)."""
+    return min(max(history.shape[0], reach), history.shape[0] + steps)
+
+
 def next_history(history: Tensor, spikes: Tensor, length: int) -> Tensor:
     """The last ``length`` steps of ``history`` ``(H, B, N)`` followed by ``spikes``
     ``(T, B, N)``, zero-padded in front when both are shorter, detached: ``(length, B, N)``."""
@@ -113,17 +120,18 @@ def run_lif(
     if state is None:
         return run(current)[0]
     (v,) = state.neuron
-    kernel = recurrent_kernel(delay, width)
-    length = max(state.spikes.shape[0], kernel.shape[-1] - 1)
-    lags = kernel_support(delay, width)
-    recurrent = history_input(state.spikes, weight, kernel, current.shape[0], lags)
+    history, steps = state.spikes, current.shape[0]
+    reach = history_length(delay, width)
     corrected = current
-    if recurrent is not None:
+    past, rows = min(history.shape[0], reach), min(steps, reach)
+    if past and rows:  # the history's input: lags up to past + rows - 1 can reach the chunk
+        kernel = recurrent_kernel(delay, width, length=min(reach, past + rows - 1) + 1)
+        recurrent = history_input(history, weight, kernel, steps, kernel_support(delay, width))
         recurrent = recurrent if mask is None else recurrent * mask
-        head = recurrent.shape[0]
-        corrected = torch.cat([current[:head] + recurrent, current[head:]])
+        corrected = torch.cat([current[:rows] + recurrent, current[rows:]])
     if lif.leak != 0.0:
         start = (v - lif.v0) * (lif.leak / lif.gain)
         corrected = torch.cat([corrected[:1] + start, corrected[1:]])
     spikes, v_last = run(corrected)
-    return spikes, RecurrentState((v_last,), next_history(state.spikes, spikes, length))
+    length = kept_history(history, steps, reach)
+    return spikes, RecurrentState((v_last,), next_history(history, spikes, length))

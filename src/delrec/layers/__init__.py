@@ -2,6 +2,7 @@
 
 from torch import Tensor, nn
 
+from delrec.delays import check_sigma
 from delrec.layers.feedforward import FeedforwardDelay
 from delrec.layers.recurrent import DelRec, DelRecState
 from delrec.neurons import LeakyIntegrator, SequenceNeuron
@@ -26,7 +27,9 @@ def clamp_delays(model: nn.Module) -> None:
 
 
 def set_spread(model: nn.Module, sigma: float) -> None:
-    """Set the kernel spread σ (steps) of every DelRec layer of ``model`` that learns delays."""
+    """Set the kernel spread σ (steps, in ``[0, MAX_DELAY]``) of every DelRec layer of ``model``
+    that learns delays."""
+    sigma = check_sigma(sigma)
     for module in model.modules():
         if isinstance(module, DelRec) and module.learn_delays:
             module.sigma.fill_(sigma)

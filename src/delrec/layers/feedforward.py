@@ -8,6 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from delrec.delays import MAX_DELAY
 from delrec.engine import feedforward as engines
 
 
@@ -36,8 +37,11 @@ class FeedforwardDelay(nn.Module):
         engine: str = "auto",
     ):
         super().__init__()
-        if kernel_size < 1:
-            raise ValueError(f"kernel_size must be >= 1 step, got {kernel_size}")
+        if not 1 <= kernel_size <= MAX_DELAY + 1:
+            raise ValueError(
+                f"kernel_size must be between 1 and {MAX_DELAY + 1:g} steps (delays of 0 … "
+                f"MAX_DELAY = {MAX_DELAY:g} steps), got {kernel_size}"
+            )
         if engine not in engines.ENGINES:
             raise ValueError(
                 f"unknown feedforward-delay engine {engine!r}; choose one of {engines.ENGINES}"
@@ -85,6 +89,8 @@ class FeedforwardDelay(nn.Module):
             raise ValueError(
                 f"FeedforwardDelay expects (T, B, {self.in_features}), got {tuple(x.shape)}"
             )
+        if x.shape[0] == 0:
+            raise ValueError("input sequence is empty (T = 0)")
         path = engines.select(x.device, self.engine)
         position, past = self.effective_position(), self.kernel_size - 1
         if state is None:

@@ -122,19 +122,26 @@ INTERPRETER_TILES = Tiles(batch=16, recursion=32, neurons=32, inner=32, warps=1)
 SPLIT_TF32_FROM = 513
 
 
-def recurrent_tiles(batch: int, n: int, dtype: torch.dtype) -> Tiles:
+def recurrent_tiles(batch: int, n: int, dtype: torch.dtype, wide: bool = False) -> Tiles:
     """Tiles of the recurrent kernels: 16 batch rows per program (the smallest ``tl.dot``, so
     the most programs); the recursion sweeps up to 128 neurons at a time (its loads are
     gathers whose latency a wide block amortises); the product's output blocks hold 64 neurons
     and its inner blocks 32 (the largest that eight warps keep in registers without spilling,
     tests/triton_compile.py). In float64 the product is a broadcast sum whose
-    ``(rows, inner, neurons)`` block lives in registers, so its blocks are smaller."""
+    ``(rows, inner, neurons)`` block lives in registers, so its blocks are smaller. ``wide``
+    (the axonal kernels): from N = 513 on, output blocks of 256 neurons on 16 warps, the
+    fastest of a sweep on an H200 at N = 1024 (212 → 148 ms per training step, docs/gpu.md),
+    although the backward then spills a few hundred bytes."""
     if INTERPRETED:
         return INTERPRETER_TILES
     recursion = min(128, triton.next_power_of_2(n))
     if dtype == torch.float64:
         return Tiles(batch=16, recursion=min(recursion, 64), neurons=16, inner=16)
     precision = "tf32x3" if n >= SPLIT_TF32_FROM else "ieee"
+    if wide and n >= SPLIT_TF32_FROM:
+        return Tiles(
+            batch=16, recursion=recursion, neurons=256, inner=32, warps=16, precision=precision
+        )
     neurons = 32 if n <= 32 else 64
     return Tiles(batch=16, recursion=recursion, neurons=neurons, inner=32, precision=precision)
 
