@@ -36,7 +36,7 @@ class RecurrentState(NamedTuple):
     ``neuron``: the neuron's state after the last step, a tuple of ``(B, N)`` tensors (the
     built-in LIF: ``(v,)``). ``spikes``: ``(H, B, N)``, the spikes of the last ``H`` steps,
     oldest first (row ``H - 1`` is the last step); spikes before those count as 0, so
-    ``H = 0`` is a fresh start. Paths keep ``H = max(H_in, L - 1)``.
+    ``H = 0`` is a fresh start. Paths keep :func:`kept_history` steps.
     """
 
     neuron: tuple[Tensor, ...]
