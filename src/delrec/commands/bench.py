@@ -1,4 +1,5 @@
-"""`delrec bench`: the cost of recurrent delays on this machine (:mod:`delrec.bench`)."""
+"""`delrec bench`: the cost of recurrent delays on this machine (:mod:`delrec.bench`), or of a
+preset's whole network (``--network``, :mod:`delrec.bench_network`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 
 import torch
 
-from delrec import bench
+from delrec import bench, bench_network
 from delrec.commands import EXIT_CODES_HELP, UsageError
 
 
@@ -20,6 +21,12 @@ def add_parser(subparsers) -> None:
         epilog=EXIT_CODES_HELP,
     )
     p.add_argument("--quick", action="store_true", help="small grid, under a minute")
+    p.add_argument(
+        "--network",
+        choices=("shd", "ssc", "psmnist", "mackey-glass", "all"),
+        help="instead: one training step of this preset's whole network, fused and unfused, "
+        "and where its time goes, on the CPU (delrec.bench_network; --quick: batch 16)",
+    )
     p.add_argument(
         "--device",
         choices=("cpu", "cuda"),
@@ -67,6 +74,12 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.network:
+        if args.streaming or args.tbptt:
+            raise UsageError("--network, --streaming and --tbptt are separate benchmarks: give one")
+        if args.device != "cpu" or args.dry_run:
+            raise UsageError("--network measures the CPU engines: leave out --device and --dry-run")
+        return bench_network.run(args)
     if args.dry_run and args.device != "cuda":
         raise UsageError("--dry-run checks the GPU benchmark: use it with --device cuda")
     if args.device == "cuda" and not args.dry_run and not torch.cuda.is_available():

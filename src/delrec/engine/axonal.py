@@ -211,18 +211,14 @@ def _native_backward(
     ``(T, B, N)`` and the per-neuron sums ``Σ ∂L/∂z·E``, ``Σ ∂L/∂z·K``, ``Σ ∂L/∂z·z`` (float64,
     None when not needed) behind the delay and spread gradients."""
     p = lif.p
-    code, param = lif.native_surrogate()
-    if code == 0:  # any other surrogate: ψ' precomputed by its own code
-        psi = p.surrogate.derivative(membrane - p.v_threshold).contiguous()
-    else:
-        psi = membrane.new_empty(0)
+    code, param, psi = lif.native_slope(membrane)  # any other surrogate: ψ' precomputed
     empty = plan.lags.new_empty(0, dtype=plan.count_dtype)
     grad_h = torch.empty_like(trace)
     sums = torch.zeros(3, plan.size, dtype=torch.float64)
     kernels.backward(
         grad_spikes,
         membrane,
-        psi,
+        psi.contiguous(),
         weight_in.contiguous(),
         mask,
         plan.lags,

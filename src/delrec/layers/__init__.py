@@ -20,7 +20,8 @@ def run_chunk(module: nn.Module, x: Tensor, state, stateful: bool = True):
 
 
 def clamp_delays(model: nn.Module) -> None:
-    """Project every delay of ``model`` back into its range; call after each optimizer step."""
+    """Project every delay of ``model`` back into its range (``[0, max_delay]`` of each layer,
+    feedforward positions also into their window); call after each optimizer step."""
     for module in model.modules():
         if isinstance(module, (DelRec, FeedforwardDelay)):
             module.clamp_delays_()

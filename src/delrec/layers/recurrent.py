@@ -49,6 +49,11 @@ class DelRec(nn.Module):
         delay_init: initial delays in steps: a number, ``"uniform:A:B"``, ``"half_normal:S"``
             or a callable from :mod:`delrec.delays`; every delay must lie in
             ``[0, MAX_DELAY]`` (:data:`delrec.delays.MAX_DELAY`, 65 535 steps).
+        max_delay: the longest delay ``d`` the layer may have, integer steps (a chip's limit,
+            docs/deployment.md#chips-delay-limits), or ``None`` (``MAX_DELAY``): initial
+            delays above it are clamped to it with a
+            :class:`~delrec.delays.DelayLimitWarning`, and :meth:`clamp_delays_` keeps the
+            delays in ``[0, max_delay]``.
         learn_delays: train the delays (False freezes them).
         round_init: round the initial delays to integers (the fixed-random-delay baseline).
         learn_spread: learn a per-neuron spread logit ``p`` (``w = 1 + 2σ·sigmoid(p)``);
@@ -77,6 +82,7 @@ class DelRec(nn.Module):
         *,
         delay_type: str = "axonal",
         delay_init="uniform:0:10",
+        max_delay: int | None = None,
         learn_delays: bool = True,
         round_init: bool = False,
         learn_spread: bool = False,
@@ -98,6 +104,7 @@ class DelRec(nn.Module):
         self.recurrent_dropout = recurrent_dropout
         self.engine = engine
         self.integer_eval = True
+        self.max_delay = delay_fns.check_max_delay(max_delay)
 
         self.weight = nn.Parameter(torch.empty(size, size))
         nn.init.orthogonal_(self.weight, gain=1.0, generator=generator)
@@ -108,6 +115,13 @@ class DelRec(nn.Module):
         if round_init:
             initial = initial.round()
         delay_fns.check_delays(initial, f"delay_init {self.delay_init}")
+        initial = delay_fns.clamp_initial(
+            initial,
+            self.max_delay,
+            f"DelRec({size}), delay_init {self.delay_init}",
+            "draw them within the limit (e.g. delay_init uniform:0:"
+            f"{self.max_delay}) to avoid the pile-up",
+        )
         self.delay = nn.Parameter(initial, requires_grad=learn_delays)
         self.spread_logits = nn.Parameter(torch.zeros(size)) if learn_spread else None
         self.register_buffer("sigma", torch.tensor(delay_fns.check_sigma(sigma)))
@@ -285,13 +299,16 @@ class DelRec(nn.Module):
     # ------------------------------------------------------------------ constraints
     @torch.no_grad()
     def clamp_delays_(self) -> None:
-        """Clamp the delays into ``[0, MAX_DELAY]`` in place; call after every optimizer step."""
-        self.delay.clamp_(0, delay_fns.MAX_DELAY)
+        """Clamp the delays into ``[0, max_delay]`` (``[0, MAX_DELAY]`` without a limit) in
+        place; call after every optimizer step."""
+        limit = delay_fns.MAX_DELAY if self.max_delay is None else self.max_delay
+        self.delay.clamp_(0, limit)
 
     def extra_repr(self) -> str:
         spread = "learnable" if self.spread_logits is not None else "shared"
+        limit = "" if self.max_delay is None else f"max_delay={self.max_delay}, "
         return (
-            f"{self.size}, delay_type={self.delay_type}, delay_init={self.delay_init}, "
+            f"{self.size}, delay_type={self.delay_type}, delay_init={self.delay_init}, {limit}"
             f"learn_delays={self.learn_delays}, spread={spread}, sigma={float(self.sigma):.4g}, "
             f"recurrent_dropout={self.recurrent_dropout}, engine={self.engine}"
         )
