@@ -2,15 +2,19 @@
 the backward memory of truncated BPTT against the chunk length (``delrec bench --tbptt``).
 
 Every figure is measured in this process, side by side, with the median of repeats; targets get
-a PASS/FAIL line, and the output names the command that reproduces it.
+a PASS/FAIL line, and the output names the command that reproduces it. The command also writes
+its figures, verdicts and log into ``streaming.md`` / ``tbptt.md`` in ``--out`` (the docs link
+``docs/bench/``'s copies: figures are generated, never pasted).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -24,6 +28,7 @@ from delrec.training.tbptt import truncated_bptt
 
 STEP_TARGET_US = 100.0  # one step of the SHD network at batch 1 on one thread
 CHUNK_TARGET = 3.0  # a chunk of 10 steps against one step
+ENGINES = {True: "compiled loop", False: "PyTorch ops (`DELREC_NATIVE=0`)"}  # by compiled_loops
 
 
 def peak_saved_bytes(run) -> int:
@@ -101,8 +106,9 @@ def shd_like_network(seed: int = 0, density: float = 0.05) -> tuple[nn.Module, t
     return net.eval(), stream
 
 
-def streaming(clock_name: str, repeats: int, log) -> list[str]:
-    """Per-step latency at batch 1 and chunk throughput of the SHD network; the verdicts."""
+def streaming(clock_name: str, repeats: int, log) -> tuple[list[str], list[str]]:
+    """Per-step latency at batch 1 and chunk throughput of the SHD network: the verdicts and a
+    markdown table of the figures."""
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
     net, x = shd_like_network()
     with torch.no_grad():
@@ -125,11 +131,20 @@ def streaming(clock_name: str, repeats: int, log) -> list[str]:
     for compiled in (True, False):
         with compiled_loops(compiled):
             step, chunk = results[compiled] = measure()
-        name = "compiled loop" if compiled else "PyTorch ops (DELREC_NATIVE=0)"
+        name = ENGINES[compiled].replace("`", "")
         log(f"  {name:32s} one step {step:8.1f} µs   chunk of 10 steps {chunk:8.1f} µs")
     with torch.no_grad():
         whole = median_us(lambda i: net(x[:250]), 3, repeats, clock) / 250
     log(f"  {'net.eval() on 250 steps, per step':32s} {whole:8.1f} µs")
+    table = [
+        "| engine | one step (µs) | a chunk of 10 steps (µs) | chunk / step |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {ENGINES[compiled]} | {step:.1f} | {chunk:.1f} | {chunk / step:.2f}× |"
+            for compiled, (step, chunk) in results.items()
+        ),
+        f"| `net.eval()` on 250 steps, per step | {whole:.1f} | | |",
+    ]
     step, chunk = results[True]
     return [
         verdict(
@@ -142,13 +157,16 @@ def streaming(clock_name: str, repeats: int, log) -> list[str]:
             f"a chunk of 10 steps: {chunk:.1f} µs = {chunk / step:.2f}× one step "
             f"(target ≤ {CHUNK_TARGET:.0f}×)",
         ),
-    ]
+    ], table
 
 
-def tbptt(clock_name: str, repeats: int, log, batch: int = 16, seeds: int = 2) -> list[str]:
+def tbptt(
+    clock_name: str, repeats: int, log, batch: int = 16, seeds: int = 2
+) -> tuple[list[str], list[str]]:
     """Backward memory and time of a truncated-BPTT training step of the PS-MNIST network
-    (784 steps) against the chunk length, the verdicts on memory ∝ K, and how often float32
-    chunks differ from one pass (:func:`float32_chunks` on ``seeds`` seeds)."""
+    (784 steps) against the chunk length, and how often float32 chunks differ from one pass
+    (:func:`float32_chunks` on ``seeds`` seeds): the verdicts on memory ∝ K and a markdown
+    table of the figures."""
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
     generator = torch.Generator().manual_seed(0)
     net = build_network(preset_network("psmnist", "delrec"), seed=0).train()
@@ -169,10 +187,19 @@ def tbptt(clock_name: str, repeats: int, log, batch: int = 16, seeds: int = 2) -
         (f"tbptt={k}", k, chunked(k)) for k in (49, 98, 196, 392, 784)
     ]
     peaks = {}
+    table = [
+        "| `tbptt` | chunk K | kept for backward (MB) | per step of a chunk (kB) "
+        "| one training step (s) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, k, run in rows:
         peak = peak_saved_bytes(run)
         seconds = median_us(lambda i, run=run: run(), 1, repeats, clock) / 1e6
         peaks[name] = peak
+        table.append(
+            f"| {'none (full BPTT)' if name == 'full BPTT' else k} | {k} "
+            f"| {peak / 1e6:.1f} | {peak / k / 1e3:.1f} | {seconds:.2f} |"
+        )
         log(
             f"  {name:10s} K = {k:3d}   saved for backward {peak / 1e6:7.1f} MB "
             f"({peak / k / 1e3:6.1f} kB per step of a chunk)   step {seconds:6.2f} s"
@@ -196,7 +223,7 @@ def tbptt(clock_name: str, repeats: int, log, batch: int = 16, seeds: int = 2) -
             abs(peaks["tbptt=784"] - peaks["full BPTT"]) <= 0.01 * peaks["full BPTT"],
             "one chunk as long as the sequence holds what full BPTT holds (within 1 %)",
         ),
-    ]
+    ], table
 
 
 def linear_fit(values: dict[int, float]) -> tuple[float, float]:
@@ -255,26 +282,76 @@ def verdict(ok: bool, text: str) -> str:
     return f"{'PASS' if ok else 'FAIL'}  {text}"
 
 
+def write_report(path: Path, title: str, command: str, commit: str, elapsed_s: float, body):
+    """``path`` (markdown): how the figures were made (command, commit, date, machine, load),
+    then ``body`` (verdicts, tables, log)."""
+    from delrec.bench import _cpu_name  # the engine benchmark's machine line
+
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    head = [
+        f"# {title}",
+        "",
+        "Generated by the command below; do not edit by hand, rerun it to refresh.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| command | `{command}` |",
+        f"| commit | `{commit}` |",
+        f"| date | {when} |",
+        f"| CPU | {_cpu_name()} ({platform.machine()}), {os.cpu_count()} logical cores, "
+        f"load average {os.getloadavg()[0]:.1f} at the end |",
+        f"| threads | {torch.get_num_threads()} torch thread(s) |",
+        f"| software | torch {torch.__version__}, Python {platform.python_version()}, "
+        f"{platform.system()} |",
+        f"| run time | {elapsed_s / 60:.1f} min |",
+        "",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(head + body) + "\n")
+
+
 def run(args) -> int:
-    """``delrec bench --streaming`` / ``--tbptt``: print the measurements and verdicts."""
+    """``delrec bench --streaming`` / ``--tbptt``: print the measurements and verdicts, and
+    write them into ``streaming.md`` / ``tbptt.md`` in ``args.out``."""
+    from delrec.bench import _command_line, _git_describe
+
+    started, commit = time.perf_counter(), _git_describe()
     torch.set_num_threads(args.threads)
     repeats = args.repeats or 5
-    command = (
-        f"delrec bench {'--streaming' if args.streaming else '--tbptt'} "
-        f"--clock {args.clock} --threads {args.threads}"
-        + (f" --repeats {args.repeats}" if args.repeats else "")
-    )
-    print(
-        f"{command}: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-        f"{platform.machine()}, load average {os.getloadavg()[0]:.1f}, clock = {args.clock}, "
-        f"median of {repeats}",
-        flush=True,
-    )
+    command = _command_line(args)
+    lines = []
 
     def log(text):
+        lines.append(text)
         print(text, flush=True)
 
-    verdicts = (streaming if args.streaming else tbptt)(args.clock, repeats, log)
+    log(
+        f"{command}: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"{platform.machine()}, load average {os.getloadavg()[0]:.1f}, clock = {args.clock}, "
+        f"median of {repeats}"
+    )
+    verdicts, table = (streaming if args.streaming else tbptt)(args.clock, repeats, log)
     for line in verdicts:
-        print(line)
+        log(line)
+    if args.streaming:
+        name, title = "streaming.md", "`delrec bench --streaming` results"
+        what = (
+            "Streaming inference of the SHD network (`delrec` preset: 140 → 256 → 256 "
+            "recurrent, axonal delays → 20, BatchNorm statistics of sparse random input) at "
+            "batch 1 through `StreamingNetwork`: `step` of one frame and `advance` of a chunk "
+            f"of 10 frames, time per call ({args.clock} clock), median over {repeats} repeats."
+        )
+    else:
+        name, title = "tbptt.md", "`delrec bench --tbptt` results"
+        what = (
+            "One training step (forward, loss, backward) of the PS-MNIST network (`delrec` "
+            "preset, 784 steps, batch 16) with `--set tbptt=K` against full BPTT: the bytes "
+            f"autograd keeps for backward at its peak and the time ({args.clock} clock), "
+            f"median over {repeats} repeats."
+        )
+    body = [what, "", "## Targets", "", *(f"- {line}" for line in verdicts), ""]
+    body += ["## Figures", "", *table, "", "## Log", "", "```", *lines, "```"]
+    path = Path(args.out) / name
+    write_report(path, title, command, commit, time.perf_counter() - started, body)
+    print(f"\nwrote {path}")
     return 0
