@@ -21,7 +21,7 @@ from torch import nn
 
 from delrec.bench import saved_bytes
 from delrec.delays import kernel_length, triangle_kernel
-from delrec.engine import PATHS, axonal, native, reference_recurrence, select, synaptic
+from delrec.engine import PATHS, axonal, native, reference_recurrence, ring, select, synaptic
 from delrec.layers import DelRec
 from delrec.neurons import LIF, AdLIF, ATan
 
@@ -119,8 +119,9 @@ def test_integer_delay_path_equals_reference_in_eval(delay_type, monkeypatch):
         seed=11,
     )
     calls = []
-    ring = PATHS["ring"]
-    monkeypatch.setitem(PATHS, "ring", dataclasses.replace(ring, run=_counting(ring.run, calls)))
+    for name in ("cpp-ring", "ring"):
+        ring = PATHS[name]
+        monkeypatch.setitem(PATHS, name, dataclasses.replace(ring, run=_counting(ring.run, calls)))
     current = torch.rand(60, 3, size, generator=g, dtype=torch.float64) * 1.3
     with torch.no_grad():
         expected = reference_layer.eval()(current)
@@ -145,15 +146,17 @@ def test_the_cpp_time_loops_build_and_run_by_default(monkeypatch):
     layer's spikes and gradients."""
     native.build("axonal")
     native.build("synaptic")
+    native.build("ring")
     calls = []
     monkeypatch.setattr(axonal, "_native_forward", _counting(axonal._native_forward, calls))
     monkeypatch.setattr(axonal, "_native_backward", _counting(axonal._native_backward, calls))
     monkeypatch.setattr(
         synaptic._SynapticSlots, "apply", _counting(synaptic._SynapticSlots.apply, calls)
     )
+    monkeypatch.setattr(ring.IntegerLayer, "run", _counting(ring.IntegerLayer.run, calls))
     current = torch.rand(10, 3, 8, generator=torch.Generator().manual_seed(2)) * 1.5
     for delay_type in ("axonal", "synaptic"):
-        results = []
+        results, layers = [], []
         for engine in ("auto", "reference"):
             layer = DelRec(
                 8,
@@ -168,12 +171,15 @@ def test_the_cpp_time_loops_build_and_run_by_default(monkeypatch):
             spikes = layer(x)
             grads = torch.autograd.grad(spikes.sum(), [x, layer.weight, layer.delay])
             results.append((spikes.detach(), grads))
+            layers.append(layer)
+        with torch.no_grad():  # integer-delay inference: the compiled ring
+            layers[0].eval()(current)
         (spikes, grads), (expected_spikes, expected_grads) = results
         assert 0 < expected_spikes.mean() < 1
         assert torch.equal(spikes, expected_spikes)
         for name, grad, expected in zip(("current", "weight", "delay"), grads, expected_grads):
             assert_grad_close(name, grad, expected)
-    assert len(calls) == 3
+    assert len(calls) == 5
 
 
 @pytest.mark.parametrize("delay_type", ["axonal", "synaptic"])
