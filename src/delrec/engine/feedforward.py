@@ -139,7 +139,7 @@ class _NativeTaps:
         self.kernels = kernels
 
     def _layout(self, seq: Tensor) -> tuple[int, int, int]:
-        """(lead rows, rows, width) of a channel-major copy of ``seq``, and the output rows."""
+        """(steps padded to whole tiles, rows, width) of a channel-major copy of ``seq``."""
         tile, lanes = self.kernels.tile_rows, 64 // seq.element_size()
         padded = -(-seq.shape[0] // tile) * tile
         return padded, padded + 2 * tile, -(-seq.shape[1] // lanes) * lanes
@@ -151,10 +151,10 @@ class _NativeTaps:
     def forward(self, x, weight, position, kernel_size) -> Tensor:
         steps, batch, _ = x.shape
         padded, _, width = self._layout(x)
-        base, near, far = self.kernels.taps(weight.detach(), position.detach(), kernel_size)
-        out = x.new_empty(weight.shape[0], padded, width)
-        # y[t] = Σ far·x[t - base - 1] + near·x[t - base]
         lead = self.kernels.tile_rows
+        base, near, far = self.kernels.taps(weight.detach(), position.detach(), kernel_size)
+        out = x.new_empty(padded // lead, weight.shape[0], lead, width)  # tiles of steps
+        # y[t] = Σ far·x[t - base - 1] + near·x[t - base]
         source = self._channel_major(x)
         self.kernels.shifted_sum(source, base, far, near, False, -1, -1, lead, steps, out)
         return self.kernels.time_major(out, steps, batch)
@@ -168,7 +168,7 @@ class _NativeTaps:
         grad = self._channel_major(grad_y)
         grad_x = grad_w = grad_p = None
         if need_x:  # ∂L/∂x[s] = Σ_o near·g[s + base] + far·g[s + base + 1]
-            out = x.new_empty(inputs, padded, width)
+            out = x.new_empty(padded // lead, inputs, lead, width)
             self.kernels.shifted_sum(grad, base, near, far, True, 1, 0, lead, steps, out)
             grad_x = self.kernels.time_major(out, steps, batch)
         if need_w or need_p:

@@ -108,6 +108,13 @@ struct Simd<double> {
 };
 #endif
 
+// Fetch the cache line of p into L1 (a hint; nothing where the compiler has no builtin)
+inline void prefetch(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
+
 void check(bool ok, const char* message) { TORCH_CHECK(ok, "delrec feedforward kernels: ", message); }
 
 // --------------------------------------------------------------------------- shifted_sum
@@ -214,14 +221,15 @@ template <typename scalar_t, int VB>
 void shifted_sum_loop(const at::Tensor& src, const PackedTaps<scalar_t>& taps, int32_t direction,
                       int64_t offset, int64_t lead, int64_t steps, at::Tensor& out) {
   const int64_t channels = src.size(0), width = src.size(2), channel_stride = src.size(1) * width;
-  const int64_t outputs = out.size(0), rows = out.size(1);
+  const int64_t tiles = out.size(0), outputs = out.size(1);
   const int64_t blocks = (channels + kBlock - 1) / kBlock;
   constexpr int64_t L = Simd<scalar_t>::lanes;
   const scalar_t* s = src.data_ptr<scalar_t>() + lead * width;
   scalar_t* o = out.data_ptr<scalar_t>();
   at::parallel_for(0, outputs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t0 = 0; t0 < rows; t0 += kRows)
+    for (int64_t tile = 0; tile < tiles; ++tile)
       for (int64_t k = 0; k < blocks; ++k) {
+        const int64_t t0 = tile * kRows;
         const int64_t n = std::min<int64_t>(kBlock, channels - k * kBlock);
         const scalar_t* block = s + k * kBlock * channel_stride;
         for (int64_t r = begin; r < end; ++r) {
@@ -229,15 +237,15 @@ void shifted_sum_loop(const at::Tensor& src, const PackedTaps<scalar_t>& taps, i
           const uint32_t mask =
               active_taps(taps.base.data() + q, n, direction, t0 + offset, steps);
           for (int64_t v0 = 0; v0 < width; v0 += VB * L) {
-            scalar_t* tile = o + (r * rows + t0) * width + v0;
+            scalar_t* into = o + (tile * outputs + r) * kRows * width + v0;
             if (k == 0)
               sum_tile<scalar_t, VB, false>(block + v0, channel_stride, width,
                                             taps.base.data() + q, taps.a.data() + q,
-                                            taps.b.data() + q, mask, direction, t0 + offset, tile);
+                                            taps.b.data() + q, mask, direction, t0 + offset, into);
             else
               sum_tile<scalar_t, VB, true>(block + v0, channel_stride, width,
                                            taps.base.data() + q, taps.a.data() + q,
-                                           taps.b.data() + q, mask, direction, t0 + offset, tile);
+                                           taps.b.data() + q, mask, direction, t0 + offset, into);
           }
         }
       }
@@ -246,10 +254,12 @@ void shifted_sum_loop(const at::Tensor& src, const PackedTaps<scalar_t>& taps, i
 
 // --------------------------------------------------------------------------- pair_dots
 // Steps [t, t + count) of the first NA synapses of a group, added to their sums: p[j] points at
-// row t - base_j - 1 of synapse j's source channel (advanced past the steps), g at grad row t.
+// row t - base_j - 1 of synapse j's source channel (advanced past the steps), g at grad row t,
+// `ahead` at the grad row t of the next output row, fetched into L1 step by step (a stream the
+// hardware prefetcher would start too late: it changes with every call).
 template <typename scalar_t, int NA, int VB>
 DELREC_CONTRACT inline __attribute__((always_inline)) void dot_steps(
-    const scalar_t* g, const scalar_t** p, int64_t width, int64_t count,
+    const scalar_t* g, const scalar_t* ahead, const scalar_t** p, int64_t width, int64_t count,
     typename Simd<scalar_t>::V (&lo)[kGroup][VB], typename Simd<scalar_t>::V (&hi)[kGroup][VB]) {
   using S = Simd<scalar_t>;
   using V = typename S::V;
@@ -257,7 +267,8 @@ DELREC_CONTRACT inline __attribute__((always_inline)) void dot_steps(
   V previous[NA][VB];
   for (int j = 0; j < NA; ++j)
     for (int v = 0; v < VB; ++v) previous[j][v] = S::load(p[j] + v * L);
-  for (int64_t step = 0; step < count; ++step, g += width) {
+  for (int64_t step = 0; step < count; ++step, g += width, ahead += width) {
+    for (int v = 0; v < VB; ++v) prefetch(ahead + v * L);
     V gv[VB];
     for (int v = 0; v < VB; ++v) gv[v] = S::load(g + v * L);
     for (int j = 0; j < NA; ++j) {
@@ -276,48 +287,57 @@ DELREC_CONTRACT inline __attribute__((always_inline)) void dot_steps(
 // rows (g: grad row 0 of r, x: channel c at step 0), written to c0/c1 or added to them. Synapse j
 // contributes from step max(t0, base_j): the steps run in phases, one more synapse each.
 template <typename scalar_t, int VB>
-DELREC_CONTRACT void dot_group(const scalar_t* g, const scalar_t* x, int64_t channel_stride, int64_t width,
-               const int32_t* base, int64_t n, int64_t t0, int64_t t1, bool add, double* c0,
-               double* c1) {
+DELREC_CONTRACT void dot_group(const scalar_t* g, const scalar_t* ahead, const scalar_t* x,
+                               int64_t channel_stride, int64_t width, const int32_t* base,
+                               int64_t n, int64_t t0, int64_t t1, bool add, double* c0,
+                               double* c1) {
   using S = Simd<scalar_t>;
   using V = typename S::V;
-  // the synapses in the order of their first step (a sorting network on (start, index))
-  int64_t key[kGroup];
-  for (int j = 0; j < kGroup; ++j)  // the missing synapses of a short group sort last
-    key[j] = (j < n ? std::min<int64_t>(std::max<int64_t>(t0, base[j]), t1) : t1 + 1) << 3 | j;
-  auto order = [&](int i, int j) {
-    const int64_t low = std::min(key[i], key[j]), high = std::max(key[i], key[j]);
-    key[i] = low;
-    key[j] = high;
-  };
-  static_assert(kGroup == 4, "the sorting network sorts four synapses");
-  order(0, 1);
-  order(2, 3);
-  order(0, 2);
-  order(1, 3);
-  order(1, 2);
   V lo[kGroup][VB], hi[kGroup][VB];
-  const scalar_t* p[kGroup];
-  int index[kGroup];
-  int64_t start[kGroup + 1];
-  for (int q = 0; q < kGroup; ++q) {
-    index[q] = int(key[q] & 7);
-    start[q] = std::min(t1, key[q] >> 3);
+  for (int q = 0; q < kGroup; ++q)
     for (int v = 0; v < VB; ++v) lo[q][v] = hi[q][v] = S::zero();
-    p[q] = index[q] < n && start[q] < t1
-               ? x + index[q] * channel_stride + (start[q] - base[index[q]] - 1) * width
-               : x;
-  }
-  start[kGroup] = t1;
-  for (int q = 0; q < n; ++q) {
-    const int64_t count = start[q + 1] - start[q];
-    if (count <= 0) continue;
-    const scalar_t* gq = g + start[q] * width;
-    switch (q) {
-      case 0: dot_steps<scalar_t, 1, VB>(gq, p, width, count, lo, hi); break;
-      case 1: dot_steps<scalar_t, 2, VB>(gq, p, width, count, lo, hi); break;
-      case 2: dot_steps<scalar_t, 3, VB>(gq, p, width, count, lo, hi); break;
-      default: dot_steps<scalar_t, 4, VB>(gq, p, width, count, lo, hi); break;
+  const scalar_t* p[kGroup];
+  int index[kGroup] = {0, 1, 2, 3};
+  static_assert(kGroup == 4, "four synapses a group");
+  if (n == kGroup && std::max(std::max(base[0], base[1]), std::max(base[2], base[3])) <= t0) {
+    for (int j = 0; j < kGroup; ++j)  // all started: one phase
+      p[j] = x + j * channel_stride + (t0 - base[j] - 1) * width;
+    dot_steps<scalar_t, 4, VB>(g + t0 * width, ahead + t0 * width, p, width, t1 - t0, lo, hi);
+  } else {
+    // the synapses in the order of their first step (a sorting network on (start, index)),
+    // those missing from a short group last
+    int64_t key[kGroup];
+    for (int j = 0; j < kGroup; ++j)
+      key[j] = (j < n ? std::min<int64_t>(std::max<int64_t>(t0, base[j]), t1) : t1 + 1) << 3 | j;
+    auto order = [&](int i, int j) {
+      const int64_t low = std::min(key[i], key[j]), high = std::max(key[i], key[j]);
+      key[i] = low;
+      key[j] = high;
+    };
+    order(0, 1);
+    order(2, 3);
+    order(0, 2);
+    order(1, 3);
+    order(1, 2);
+    int64_t start[kGroup + 1];
+    for (int q = 0; q < kGroup; ++q) {
+      index[q] = int(key[q] & 7);
+      start[q] = std::min(t1, key[q] >> 3);
+      p[q] = index[q] < n && start[q] < t1
+                 ? x + index[q] * channel_stride + (start[q] - base[index[q]] - 1) * width
+                 : x;
+    }
+    start[kGroup] = t1;
+    for (int q = 0; q < n; ++q) {
+      const int64_t count = start[q + 1] - start[q];
+      if (count <= 0) continue;
+      const scalar_t *gq = g + start[q] * width, *aq = ahead + start[q] * width;
+      switch (q) {
+        case 0: dot_steps<scalar_t, 1, VB>(gq, aq, p, width, count, lo, hi); break;
+        case 1: dot_steps<scalar_t, 2, VB>(gq, aq, p, width, count, lo, hi); break;
+        case 2: dot_steps<scalar_t, 3, VB>(gq, aq, p, width, count, lo, hi); break;
+        default: dot_steps<scalar_t, 4, VB>(gq, aq, p, width, count, lo, hi); break;
+      }
     }
   }
   for (int q = 0; q < n; ++q) {
@@ -360,8 +380,9 @@ void pair_dots_loop(const at::Tensor& grad, const at::Tensor& src, const at::Ten
           for (int64_t r = r0; r < r1; ++r) {
             const int64_t q = r * channels + c;
             for (int64_t v0 = 0; v0 < width; v0 += VB * L)
-              dot_group<scalar_t, VB>(gr + r * grad_stride + v0, s + c * channel_stride + v0,
-                                      channel_stride, width, bs + q,
+              dot_group<scalar_t, VB>(gr + r * grad_stride + v0,
+                                      gr + std::min(r + 1, r1 - 1) * grad_stride + v0,
+                                      s + c * channel_stride + v0, channel_stride, width, bs + q,
                                       std::min<int64_t>(kGroup, channels - c), t0, t1,
                                       t0 > 0 || v0 > 0, d0 + q, d1 + q);
           }
@@ -419,16 +440,20 @@ void check_bases(const at::Tensor& base, int64_t steps) {
 void shifted_sum(const at::Tensor& src, const at::Tensor& base, const at::Tensor& a,
                  const at::Tensor& b, bool transposed, int64_t direction, int64_t offset,
                  int64_t lead, int64_t steps, at::Tensor out) {
-  check_sequences(src, out);
+  check(src.dim() == 3 && src.is_contiguous() && out.dim() == 4 && out.is_contiguous() &&
+            out.scalar_type() == src.scalar_type() && out.size(2) == kRows &&
+            out.size(3) == src.size(2) && src.size(2) * src.element_size() % 64 == 0,
+        "src (C, rows, W) and out (tiles, R, 8, W) contiguous, of one dtype, W a whole number "
+        "of 64-byte vectors");
   check_taps(base, a, b, src);
   check(direction == 1 || direction == -1, "direction must be +1 or -1");
   check(src.size(0) == base.size(transposed ? 0 : 1) &&
-            out.size(0) == base.size(transposed ? 1 : 0),
+            out.size(1) == base.size(transposed ? 1 : 0),
         "the synapses must connect the source channels to the output rows");
-  check(out.size(1) % kRows == 0 && steps <= out.size(1), "output rows: a multiple of 8");
+  check(steps <= out.size(0) * kRows, "the output tiles must hold the steps");
   check(offset <= 0 && offset >= -1, "offset must be 0 or -1");
   check_bases(base, steps);
-  check_rows(src, lead, kRows, std::max(out.size(1), steps + kRows));
+  check_rows(src, lead, kRows, std::max(out.size(0) * kRows, steps + kRows));
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "delrec_feedforward_shifted_sum", [&] {
     const PackedTaps<scalar_t> taps = pack<scalar_t>(base, a, b, transposed);
     if (src.size(2) / Simd<scalar_t>::lanes % 2 == 0)
@@ -507,11 +532,18 @@ struct Around {
   scalar_t lam[4], slope[4];
 };
 
+// ⌊p⌋ clamped into [0, top]: clamped first, then truncated (the same for p >= 0, and a
+// conversion the compiler vectorizes where std::floor is not)
+template <typename scalar_t>
+inline int32_t window_base(scalar_t p, scalar_t top) {
+  return int32_t(std::min(std::max(p, scalar_t(0)), top));
+}
+
 template <typename scalar_t>
 Around<scalar_t> around(scalar_t p, int64_t kernel_size) {
   Around<scalar_t> a;
   const scalar_t top = scalar_t(kernel_size - 1);
-  a.base = int64_t(std::min(std::max(std::floor(p), scalar_t(0)), top));
+  a.base = window_base(p, top);
   for (int q = 0; q < 4; ++q) {
     const scalar_t d = scalar_t(a.base - 1 + q);
     const scalar_t value = scalar_t(1) - std::abs(d - p);
@@ -544,10 +576,11 @@ std::vector<at::Tensor> taps(const at::Tensor& weight, const at::Tensor& positio
     const scalar_t top = scalar_t(kernel_size - 1);
     at::parallel_for(0, weight.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
-        const scalar_t d = std::min(std::max(std::floor(p[n]), scalar_t(0)), top);
+        const int32_t k = window_base(p[n], top);
+        const scalar_t d = scalar_t(k);
         const scalar_t value = scalar_t(1) - std::abs(d - p[n]);
         const scalar_t next = scalar_t(1) - std::abs((d + scalar_t(1)) - p[n]);
-        b[n] = int32_t(d);
+        b[n] = k;
         n0[n] = w[n] * (value > 0 ? value : scalar_t(0));
         n1[n] = w[n] * (d + scalar_t(1) <= top && next > 0 ? next : scalar_t(0));
       }
@@ -569,7 +602,7 @@ std::vector<at::Tensor> extra_taps(const at::Tensor& weight, const at::Tensor& p
     uint8_t* side = sides.data();
     at::parallel_for(0, position.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
-        const scalar_t d = std::min(std::max(std::floor(p[n]), scalar_t(0)), top);
+        const scalar_t d = scalar_t(window_base(p[n], top));
         const scalar_t before = d - scalar_t(1), after = d + scalar_t(2);
         const bool low = before >= 0 && scalar_t(1) - std::abs(before - p[n]) >= 0;
         const bool high = after <= top && scalar_t(1) - std::abs(after - p[n]) >= 0;
@@ -626,7 +659,7 @@ std::vector<at::Tensor> tap_gradients(const at::Tensor& weight, const at::Tensor
     auto sign = [](scalar_t x) { return scalar_t((x > 0) - (x < 0)); };
     at::parallel_for(0, weight.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
-        const scalar_t d = std::min(std::max(std::floor(p[n]), scalar_t(0)), top);
+        const scalar_t d = scalar_t(window_base(p[n], top));
         const scalar_t value = scalar_t(1) - std::abs(d - p[n]);
         const scalar_t next = scalar_t(1) - std::abs((d + scalar_t(1)) - p[n]);
         const bool inside = d + scalar_t(1) <= top;
@@ -697,14 +730,15 @@ at::Tensor channel_major(const at::Tensor& seq, int64_t lead, int64_t rows, int6
   return out;
 }
 
-at::Tensor time_major(const at::Tensor& buffer, int64_t steps, int64_t batch) {
-  check(buffer.dim() == 3 && buffer.is_contiguous() && steps <= buffer.size(1) &&
-            batch <= buffer.size(2),
-        "time_major: a contiguous (C, rows, W) buffer holding the steps and the batch");
-  const int64_t channels = buffer.size(0), rows = buffer.size(1), width = buffer.size(2);
-  at::Tensor out = at::empty({steps, batch, channels}, buffer.options());
-  AT_DISPATCH_FLOATING_TYPES(buffer.scalar_type(), "delrec_feedforward_time_major", [&] {
-    const scalar_t* x = buffer.data_ptr<scalar_t>();
+// (tiles, C, 8, W) output tiles -> (T, B, C): steps [0, T), columns [0, B)
+at::Tensor time_major(const at::Tensor& tiles, int64_t steps, int64_t batch) {
+  check(tiles.dim() == 4 && tiles.is_contiguous() && tiles.size(2) == kRows &&
+            steps <= tiles.size(0) * kRows && batch <= tiles.size(3),
+        "time_major: contiguous (tiles, C, 8, W) output tiles holding the steps and the batch");
+  const int64_t channels = tiles.size(1), width = tiles.size(3);
+  at::Tensor out = at::empty({steps, batch, channels}, tiles.options());
+  AT_DISPATCH_FLOATING_TYPES(tiles.scalar_type(), "delrec_feedforward_time_major", [&] {
+    const scalar_t* x = tiles.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t blocks = (channels + kTransposeChannels - 1) / kTransposeChannels;
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -713,9 +747,9 @@ at::Tensor time_major(const at::Tensor& buffer, int64_t steps, int64_t batch) {
         const int64_t c1 = std::min(channels, c0 + kTransposeChannels);
         for (int64_t t = 0; t < steps; ++t)
           for (int64_t b = 0; b < batch; ++b) {
-            const scalar_t* from = x + t * width + b;
+            const scalar_t* from = x + ((t / kRows * channels) * kRows + t % kRows) * width + b;
             scalar_t* to = o + (t * batch + b) * channels;
-            for (int64_t c = c0; c < c1; ++c) to[c] = from[c * rows * width];
+            for (int64_t c = c0; c < c1; ++c) to[c] = from[c * kRows * width];
           }
       }
     });
@@ -729,7 +763,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "delrec: the two-tap feedforward-delay engine (shifted sums and dots)";
   m.attr("tile_rows") = kRows;
   m.def("shifted_sum", &shifted_sum,
-        "out[r, t] = Σ_c a[r, c] src[c, f + t] + b[r, c] src[c, f + t + 1], "
+        "out[t / 8, r, t % 8] = Σ_c a[r, c] src[c, f + t] + b[r, c] src[c, f + t + 1], "
         "f = direction·base[r, c] + offset (base, a, b (O, I), r = i, c = o if transposed)");
   m.def("pair_dots", &pair_dots,
         "c0[r, c] = Σ_t grad[r, t] src[c, t - base], c1[r, c] = Σ_t grad[r, t] src[c, t - base - 1]");
@@ -740,5 +774,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "∂L/∂w and ∂L/∂p from C(base), C(base + 1) and the extra dots");
   m.def("channel_major", &channel_major,
         "(T, B, C) -> zeros (C, rows, W) holding the sequence at rows [lead, lead + T)");
-  m.def("time_major", &time_major, "(C, rows, W) -> (T, B, C): rows [0, T), columns [0, B)");
+  m.def("time_major", &time_major, "(tiles, C, 8, W) output tiles -> (T, B, C)");
 }
