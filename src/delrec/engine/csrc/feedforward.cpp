@@ -762,6 +762,11 @@ at::Tensor time_major(const at::Tensor& tiles, int64_t steps, int64_t batch) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "delrec: the two-tap feedforward-delay engine (shifted sums and dots)";
   m.attr("tile_rows") = kRows;
+#if defined(__AVX512F__)
+  m.attr("simd") = "avx512";  // the vectors this build runs (Simd)
+#else
+  m.attr("simd") = "portable";
+#endif
   m.def("shifted_sum", &shifted_sum,
         "out[t / 8, r, t % 8] = Σ_c a[r, c] src[c, f + t] + b[r, c] src[c, f + t + 1], "
         "f = direction·base[r, c] + offset (base, a, b (O, I), r = i, c = o if transposed)");
