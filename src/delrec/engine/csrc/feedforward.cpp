@@ -56,13 +56,30 @@ constexpr int64_t kBlockBytes = 1 << 20;
 #define DELREC_CONTRACT
 #endif
 
-// One 64-byte vector of scalars: AVX-512 intrinsics where the CPU has them (GCC's generic vectors
-// broadcast through the stack there), GCC/Clang generic vectors elsewhere.
+// One vector of scalars: AVX-512 intrinsics where the CPU has them (GCC's generic vectors
+// broadcast through the stack there), elsewhere GCC/Clang generic vectors of the CPU's own width
+// (wider ones are split into registers that spill: ×5 to ×40 slower on AVX2). Rows of W values
+// are whole 64-byte blocks, so whole vectors of any of these widths.
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32;
+#else
+constexpr int kVectorBytes = 16;  // SSE, NEON
+#endif
+// Vectors of a row held per tile in registers: two where there are 32 vector registers
+// (AVX-512, AArch64), one where there are 16 (the tile of 8 steps takes 8 per vector).
+#if defined(__AVX512F__) || defined(__aarch64__)
+constexpr int kRowVectors = 2;
+#else
+constexpr int kRowVectors = 1;
+#endif
+
 template <typename scalar_t>
 struct Simd {
-  typedef scalar_t V __attribute__((vector_size(64)));
-  typedef scalar_t Unaligned __attribute__((vector_size(64), aligned(sizeof(scalar_t))));
-  static constexpr int lanes = 64 / sizeof(scalar_t);
+  typedef scalar_t V __attribute__((vector_size(kVectorBytes)));
+  typedef scalar_t Unaligned __attribute__((vector_size(kVectorBytes), aligned(sizeof(scalar_t))));
+  static constexpr int lanes = kVectorBytes / sizeof(scalar_t);
   static V zero() { return V{}; }
   static V splat(scalar_t s) { return s - V{}; }  // s - 0 keeps the sign of -0
   static V load(const scalar_t* p) { return *reinterpret_cast<const Unaligned*>(p); }
@@ -456,7 +473,7 @@ void shifted_sum(const at::Tensor& src, const at::Tensor& base, const at::Tensor
   check_rows(src, lead, kRows, std::max(out.size(0) * kRows, steps + kRows));
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "delrec_feedforward_shifted_sum", [&] {
     const PackedTaps<scalar_t> taps = pack<scalar_t>(base, a, b, transposed);
-    if (src.size(2) / Simd<scalar_t>::lanes % 2 == 0)
+    if (kRowVectors == 2 && src.size(2) / Simd<scalar_t>::lanes % 2 == 0)
       shifted_sum_loop<scalar_t, 2>(src, taps, int32_t(direction), offset, lead, steps, out);
     else
       shifted_sum_loop<scalar_t, 1>(src, taps, int32_t(direction), offset, lead, steps, out);
@@ -475,7 +492,7 @@ std::vector<at::Tensor> pair_dots(const at::Tensor& grad, const at::Tensor& src,
   const auto options = grad.options().dtype(at::kDouble);
   at::Tensor c0 = at::empty(base.sizes(), options), c1 = at::empty(base.sizes(), options);
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "delrec_feedforward_pair_dots", [&] {
-    if (src.size(2) / Simd<scalar_t>::lanes % 2 == 0)
+    if (kRowVectors == 2 && src.size(2) / Simd<scalar_t>::lanes % 2 == 0)
       pair_dots_loop<scalar_t, 2>(grad, src, base, lead, steps, c0, c1);
     else
       pair_dots_loop<scalar_t, 1>(grad, src, base, lead, steps, c0, c1);
