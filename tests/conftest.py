@@ -6,7 +6,7 @@ from delrec.engine import native
 
 
 def pytest_sessionstart(session):
-    for kernels in ("axonal", "synaptic", "feedforward"):
+    for kernels in ("axonal", "synaptic", "feedforward", "fused"):
         native.load(kernels)
 
 

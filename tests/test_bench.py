@@ -2,6 +2,7 @@
 written."""
 
 import csv
+import dataclasses
 
 import torch
 
@@ -18,7 +19,7 @@ def tiny_grids(quick):
         delay_panel,
         cost,
         bench.Setting(8, 2, 6, 1, min_delay=2),
-        bench.Setting(8, 2, 3, 1),
+        [bench.Setting(8, 2, 3, 1), bench.Setting(8, 2, 30, 1)],
     )
 
 
@@ -55,9 +56,9 @@ def test_bench_writes_the_four_panels_and_judges_the_targets(tmp_path, monkeypat
     assert sum("cost of delays" in v for v in verdicts) == 4
     assert sum("memory saved for backward" in v for v in verdicts) == 2
     assert any("flat in the delay" in v for v in verdicts)  # the fast engine keeps the same bytes
-    assert any("SHD setting" in v for v in verdicts) and any(
-        "synaptic vs axonal" in v for v in verdicts
-    )
+    assert any("SHD setting" in v for v in verdicts)
+    assert sum("synaptic vs axonal N=8" in v for v in verdicts) == 4  # time and memory ×2
+    assert any("synaptic delays N=8: saved memory flat in the delay range" in v for v in verdicts)
     assert sum("feedforward delays N=8" in v for v in verdicts) == 5  # time, memory ×2; flat
     assert any("saved memory flat in the window" in v for v in verdicts)
     assert "feedforward-delay convolution skipped at N=8 B=2 d~U(0,30)" in printed
@@ -71,6 +72,71 @@ def test_without_the_kernels_the_synaptic_lag_gemm_is_skipped_where_too_costly(m
     monkeypatch.setattr(bench.native, "load", lambda name: None)
     assert bench.skip_reason("fast-synaptic", small) is None
     assert "synaptic engine skipped at N=16" in bench.skip_reason("fast-synaptic", large)
+
+
+def test_network_bench_times_breaks_down_and_judges_every_model(tmp_path, monkeypatch, capsys):
+    from delrec import bench_network
+
+    tiny = {k: dataclasses.replace(s, steps=8) for k, s in bench_network.SHAPES.items()}
+    monkeypatch.setattr(bench_network, "SHAPES", tiny)
+    monkeypatch.setattr(bench_network, "QUICK_BATCH", 3)
+    args = ["bench", "--network", "shd", "--quick", "--repeats", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+
+    rows = list(csv.DictReader(open(tmp_path / "network-bench.csv")))
+    assert {(r["model"], r["engine"]) for r in rows} == {
+        (m, e) for m in bench_network.MODELS for e in bench_network.ENGINES
+    }
+    by = {(r["model"], r["engine"]): r for r in rows}
+    for r in rows:
+        shares = [float(r[f"share_{c}"]) for c in bench_network.COMPONENTS]
+        assert abs(sum(shares) - 1) < 1e-9 and float(r["step_ms"]) > 0
+        assert 0 < float(r["gemm_floor_ms"]) and float(r["share_GEMMs"]) > 0
+    # every component lands where it runs, fused or not
+    assert float(by["snn", "fused"]["share_recurrent layer"]) == 0
+    assert float(by["delrec", "fused"]["share_recurrent layer"]) > 0
+    for engine in bench_network.ENGINES:
+        for component in ("feedforward spiking layers", "normalisation", "loss/readout"):
+            assert float(by["snn", engine][f"share_{component}"]) > 0, (engine, component)
+    assert float(by["delrec", "unfused"]["share_dropout"]) > 0
+    verdicts = [line for line in printed.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert any("fused/unfused" in v for v in verdicts) and any("its GEMMs" in v for v in verdicts)
+    assert any("delrec/rsnn" in v for v in verdicts) and any("--quick ran" in v for v in verdicts)
+    assert (tmp_path / "network-bench.png").stat().st_size > 10_000
+    assert "fused/unfused" in (tmp_path / "network-bench.txt").read_text()
+
+
+def test_streaming_and_tbptt_benchmarks_measure_and_judge(monkeypatch, capsys, tmp_path):
+    """`delrec bench --streaming` (its compiled and PyTorch-op paths on an active network) and
+    the TBPTT memory benchmark on a batch of one say what they measured and judge the targets
+    (not asserted to pass: timings depend on the machine); the command writes its figures,
+    verdicts and rerun command into streaming.md."""
+    from delrec import bench_state
+
+    out = tmp_path / "out"
+    args = ["bench", "--streaming", "--repeats", "1", "--clock", "cpu", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    rates = printed.split("firing rates per layer: ")[1].splitlines()[0].split(", ")
+    assert all(float(rate) > 0.01 for rate in rates)  # the benchmark network is active
+    assert "compiled loop" in printed and "DELREC_NATIVE=0" in printed
+    assert printed.count("µs") >= 5 and printed.startswith("delrec bench --out")
+    verdicts = [line for line in printed.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert len(verdicts) == 2 and "chunk of 10 steps" in verdicts[1]
+    report = (out / "streaming.md").read_text()
+    command = report.split("| command | `")[1].split("`")[0].split()
+    assert command[:2] == ["delrec", "bench"] and "--streaming" in command
+    assert " ".join(command).count("--clock cpu") == 1
+    assert all(f"- {line}" in report for line in verdicts)
+    figures = report.split("## Figures")[1].split("## Log")[0]
+    assert "| compiled loop | " in figures and "| PyTorch ops (`DELREC_NATIVE=0`) | " in figures
+
+    lines = []
+    verdicts, table = bench_state.tbptt("cpu", 1, lines.append, batch=1, seeds=0)
+    assert len(lines) == 9 and "tbptt=49" in lines[2] and "fit over K < 784" in lines[-1]
+    assert len(verdicts) == 2 and all(v.startswith(("PASS", "FAIL")) for v in verdicts)
+    assert len(table) == 2 + 6 and table[2].startswith("| none (full BPTT) | 784 |")
 
 
 def test_bench_runs_the_feedforward_section_alone(tmp_path, monkeypatch, capsys):
@@ -93,3 +159,5 @@ def test_bench_runs_the_feedforward_section_alone(tmp_path, monkeypatch, capsys)
     rerun = f"delrec bench --quick --sections feedforward --out {tmp_path} --repeats 1"
     assert f"| command | `{rerun} --threads 1 --clock wall` |" in report
     assert "bench.png" not in report and report.count("feedforward delays N=8") == 5
+    assert main(["bench", "--sections", "cost", "--device", "cuda"]) == 2
+    assert "--sections picks sections of the CPU layer benchmark" in capsys.readouterr().err

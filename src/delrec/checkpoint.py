@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 
 import torch
 
+from delrec.delays import DelayLimitWarning
 from delrec.files import write_atomic
 from delrec.models import NetworkConfig, SpikingNetwork, build_network
 
@@ -72,6 +74,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 def network_from(payload: dict) -> SpikingNetwork:
     """The network a checkpoint's payload holds, in eval mode."""
-    network = build_network(NetworkConfig(**payload["network_config"]))
+    with warnings.catch_warnings():  # the checkpoint's delays replace the initial draw
+        warnings.simplefilter("ignore", DelayLimitWarning)
+        network = build_network(NetworkConfig(**payload["network_config"]))
     network.load_state_dict(payload["model"])
     return network.eval()

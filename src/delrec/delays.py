@@ -8,12 +8,15 @@ triangle of half-width ``w``, normalised by ``w²``:
 
 All delays and widths are in time steps. Delays and spreads live in ``[0, MAX_DELAY]``:
 :func:`check_delays` and :func:`check_sigma` refuse anything else (infinite, NaN, or so long
-that no sequence could reach it) where a value enters, with a message naming it.
+that no sequence could reach it) where a value enters, with a message naming it. A network may
+set a tighter limit of its own, ``max_delay`` (a chip's longest delay, :func:`check_max_delay`).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -41,6 +44,48 @@ def check_delays(delay: Tensor | float, what: str = "delays") -> None:
             f"MAX_DELAY = {MAX_DELAY:g} steps (no sequence is longer); give delays in "
             "that range (a delay longer than the sequence never delivers a spike)"
         )
+
+
+class DelayLimitWarning(UserWarning):
+    """Initial delays drawn above a layer's ``max_delay`` were clamped to it."""
+
+
+def check_max_delay(max_delay, what: str = "max_delay") -> int | None:
+    """``max_delay`` if it is a valid delay limit, ``None`` (no limit) as it is; raises
+    ValueError naming ``what`` otherwise.
+
+    A delay limit is the longest delay ``d`` a network may have (a chip's limit, integer
+    steps, docs/deployment.md#chips-delay-limits): a whole number in ``[0, MAX_DELAY]``.
+    """
+    if max_delay is None:
+        return None
+    if isinstance(max_delay, bool) or not isinstance(max_delay, numbers.Integral):
+        raise ValueError(
+            f"{what} must be a whole number of steps (the longest delay d a chip runs, "
+            f"e.g. 62) or null for no limit, got {max_delay!r}"
+        )
+    if not 0 <= max_delay <= MAX_DELAY:
+        raise ValueError(
+            f"{what} = {max_delay} steps is out of range: give a limit in [0, {MAX_DELAY:g}] "
+            "(0 allows only plain one-step recurrence; MAX_DELAY bounds every delay anyway)"
+        )
+    return int(max_delay)
+
+
+def clamp_initial(values: Tensor, max_delay: int | None, what: str, advice: str) -> Tensor:
+    """``values`` (initial delays, steps) clamped to at most ``max_delay``; when any was above
+    it, a :class:`DelayLimitWarning` says how many, naming ``what`` and giving ``advice``."""
+    if max_delay is None:
+        return values
+    above = int((values > max_delay).sum())
+    if above:
+        warnings.warn(
+            f"{what}: {above} of {values.numel()} initial delays were above max_delay = "
+            f"{max_delay} steps and start at {max_delay}; {advice}",
+            DelayLimitWarning,
+            stacklevel=3,
+        )
+    return values.clamp(max=max_delay)
 
 
 def check_sigma(sigma: float, what: str = "sigma") -> float:
@@ -84,12 +129,24 @@ def triangle_kernel(delay: Tensor, width: Tensor | float, length: int) -> Tensor
     return kernel * (lags > 0)
 
 
-def recurrent_kernel(delay: Tensor, width: Tensor | float) -> Tensor:
+def kernel_support(delay: Tensor, width: Tensor | float) -> tuple[int, int]:
+    """Smallest and largest lag in the closed support ``|k - (1+d)| ≤ w`` of any kernel (≥ 1):
+    outside it every kernel weight and its gradient are 0."""
+    centre = 1.0 + delay.detach()
+    w = torch.as_tensor(width).detach()
+    kmin = max(1, int((centre - w).ceil().min()))
+    kmax = max(kmin, int((centre + w).floor().max()))
+    return kmin, kmax
+
+
+def recurrent_kernel(delay: Tensor, width: Tensor | float, length: int | None = None) -> Tensor:
     """Kernel ``κ`` of a recurrent layer over the lags ``0 … L-1`` that cover every triangle:
     ``(N, L)`` for delays ``(N,)`` (axonal, shared), ``(N, N, L)`` for delays ``(N, N)``
-    (synaptic); ``width`` is a number or ``(N,)``, one per presynaptic neuron."""
-    max_width = float(torch.as_tensor(width).detach().max())
-    length = kernel_length(float(delay.detach().max()), max_width)
+    (synaptic); ``width`` is a number or ``(N,)``, one per presynaptic neuron. ``length``: only
+    the lags ``0 … length-1``."""
+    if length is None:
+        max_width = float(torch.as_tensor(width).detach().max())
+        length = kernel_length(float(delay.detach().max()), max_width)
     if delay.dim() == 2 and torch.is_tensor(width):
         width = width.expand(delay.shape)  # spread is per presynaptic neuron (column)
     return triangle_kernel(delay, width, length)

@@ -1,4 +1,5 @@
-"""`delrec bench`: the cost of recurrent delays on this machine (:mod:`delrec.bench`)."""
+"""`delrec bench`: the cost of recurrent delays on this machine (:mod:`delrec.bench`), or of a
+preset's whole network (``--network``, :mod:`delrec.bench_network`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 
 import torch
 
-from delrec import bench
+from delrec import bench, bench_network
 from delrec.commands import EXIT_CODES_HELP, UsageError
 
 
@@ -20,6 +21,12 @@ def add_parser(subparsers) -> None:
         epilog=EXIT_CODES_HELP,
     )
     p.add_argument("--quick", action="store_true", help="small grid, under a minute")
+    p.add_argument(
+        "--network",
+        choices=("shd", "ssc", "psmnist", "mackey-glass", "all"),
+        help="instead: one training step of this preset's whole network, fused and unfused, "
+        "and where its time goes, on the CPU (delrec.bench_network; --quick: batch 16)",
+    )
     p.add_argument(
         "--device",
         choices=("cpu", "cuda"),
@@ -62,10 +69,32 @@ def add_parser(subparsers) -> None:
         default="wall",
         help="wall-clock time, or this process's CPU time (steadier on a shared machine)",
     )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--streaming",
+        action="store_true",
+        help="instead: per-step latency and chunk throughput of streaming the SHD network",
+    )
+    which.add_argument(
+        "--tbptt",
+        action="store_true",
+        help="instead: backward memory and time of truncated BPTT against the chunk length",
+    )
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.sections and (args.network or args.streaming or args.tbptt or args.device != "cpu"):
+        raise UsageError(
+            "--sections picks sections of the CPU layer benchmark: leave out --network, "
+            "--streaming, --tbptt and --device cuda"
+        )
+    if args.network:
+        if args.streaming or args.tbptt:
+            raise UsageError("--network, --streaming and --tbptt are separate benchmarks: give one")
+        if args.device != "cpu" or args.dry_run:
+            raise UsageError("--network measures the CPU engines: leave out --device and --dry-run")
+        return bench_network.run(args)
     if args.dry_run and args.device != "cuda":
         raise UsageError("--dry-run checks the GPU benchmark: use it with --device cuda")
     if args.device == "cuda" and not args.dry_run and not torch.cuda.is_available():
@@ -73,4 +102,10 @@ def run(args: argparse.Namespace) -> int:
             "--device cuda: no CUDA device here; --dry-run runs the GPU benchmark at tiny sizes "
             "on the CPU to check it"
         )
+    if args.streaming or args.tbptt:
+        if args.device != "cpu":
+            raise UsageError("--streaming and --tbptt measure on the CPU: drop --device cuda")
+        from delrec import bench_state
+
+        return bench_state.run(args)
     return bench.run(args)

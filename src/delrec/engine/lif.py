@@ -51,9 +51,13 @@ class LIFMap:
     def fire_and_reset(self, h: Tensor, spikes_out: Tensor) -> Tensor:
         """Writes ``Θ(h - θ)`` into the bool tensor ``spikes_out``; returns ``v[t]``."""
         torch.ge(h, self.p.v_threshold, out=spikes_out)
+        return self.reset(h, spikes_out)
+
+    def reset(self, h: Tensor, spiked: Tensor) -> Tensor:
+        """``v[t]`` from the charge ``h[t]`` and the bool spikes ``spiked`` of that step."""
         if self.p.soft_reset:
-            return torch.sub(h, spikes_out.to(h.dtype), alpha=self.p.v_threshold)
-        return h.masked_fill(spikes_out, self.p.v_reset)
+            return torch.sub(h, spiked.to(h.dtype), alpha=self.p.v_threshold)
+        return h.masked_fill(spiked, self.p.v_reset)
 
     def adjoint_step(
         self, grad_s: Tensor, grad_h_next: Tensor, h: Tensor, s: Tensor, out: Tensor
@@ -84,6 +88,15 @@ class LIFMap:
         if type(surrogate) is ATan:
             return 2, surrogate.alpha
         return 0, 0.0
+
+    def native_slope(self, membrane: Tensor) -> tuple[int, float, Tensor]:
+        """The surrogate as a kernel's backward takes it: :meth:`native_surrogate` and ψ'(h - θ)
+        ``(T, B, N)`` precomputed from the pre-spike ``membrane`` for a surrogate the kernels
+        don't know (code 0; an empty tensor otherwise)."""
+        code, param = self.native_surrogate()
+        if code == 0:
+            return code, param, self.p.surrogate.derivative(membrane - self.p.v_threshold)
+        return code, param, membrane.new_empty(0)
 
 
 def width_vector(width: Tensor | float, like: Tensor, n: int) -> Tensor:

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from delrec.delays import MAX_DELAY
+from delrec.delays import MAX_DELAY, check_max_delay, clamp_initial
 from delrec.engine import feedforward as engines
 
 
@@ -20,10 +20,15 @@ class FeedforwardDelay(nn.Module):
     it: the layer is a causal convolution over time with a ``K``-tap kernel (left padding
     ``K-1``), computed by default with two taps per synapse, at a cost and a memory independent of
     ``K`` (:mod:`delrec.engine.feedforward`). Input ``(T, B, I)`` → output ``(T, B, O)``. In eval
-    mode the positions are rounded (without changing the parameters).
+    mode the positions are rounded (without changing the parameters). Its state between chunks
+    of a sequence is the last ``K-1`` input frames ``(K-1, B, I)`` (see :meth:`forward`).
 
     ``engine``: ``"auto"`` (C++ kernels on the CPU, PyTorch ops elsewhere), ``"reference"``
     (the convolution), or a path of :data:`delrec.engine.feedforward.PATHS` by name.
+    ``max_delay``: the longest delay (position) allowed, integer steps (a chip's limit,
+    docs/deployment.md#chips-delay-limits), or ``None``: positions then live in
+    ``[0, min(K-1, max_delay)]``; initial positions above it are clamped to it with a
+    :class:`~delrec.delays.DelayLimitWarning`.
     """
 
     def __init__(
@@ -34,6 +39,7 @@ class FeedforwardDelay(nn.Module):
         bias: bool = True,
         generator: torch.Generator | None = None,
         engine: str = "auto",
+        max_delay: int | None = None,
     ):
         super().__init__()
         if not 1 <= kernel_size <= MAX_DELAY + 1:
@@ -46,6 +52,7 @@ class FeedforwardDelay(nn.Module):
                 f"unknown feedforward-delay engine {engine!r}; choose one of {engines.ENGINES}"
             )
         self.engine = engine
+        self.max_delay = check_max_delay(max_delay)
         self.in_features, self.out_features, self.kernel_size = (
             in_features,
             out_features,
@@ -55,8 +62,15 @@ class FeedforwardDelay(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features).uniform_(-bound, bound, generator=generator)
         )
+        initial = (kernel_size - 1) * torch.rand(out_features, in_features, generator=generator)
         self.position = nn.Parameter(
-            (kernel_size - 1) * torch.rand(out_features, in_features, generator=generator)
+            clamp_initial(
+                initial,
+                self.max_delay,
+                f"FeedforwardDelay({in_features}, {out_features}, kernel_size={kernel_size})",
+                f"set the window to the limit (kernel_size = max_delay + 1 = "
+                f"{(self.max_delay or 0) + 1}, network.ff_delay_window) to avoid the pile-up",
+            )
         )
         self.bias = (
             nn.Parameter(
@@ -77,7 +91,13 @@ class FeedforwardDelay(nn.Module):
         """Weights per delay tap, ``(O, I, K)``: index ``k`` is a delay of ``k`` steps."""
         return engines.temporal_kernel(self.weight, self.effective_position(), self.kernel_size)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, state: Tensor | None = None, *, return_state: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Input ``(T, B, I)`` → output ``(T, B, O)``. ``state``: the inputs of the previous
+        ``K-1`` steps ``(K-1, B, I)``, oldest first, that a previous chunk of the same sequences
+        returned (default: zeros); ``return_state=True`` also returns this chunk's, without
+        gradient."""
         if x.dim() != 3 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"FeedforwardDelay expects (T, B, {self.in_features}), got {tuple(x.shape)}"
@@ -85,15 +105,37 @@ class FeedforwardDelay(nn.Module):
         if x.shape[0] == 0:
             raise ValueError("input sequence is empty (T = 0)")
         path = engines.select(x.device, self.engine)
-        return path.run(x, self.weight, self.effective_position(), self.bias, self.kernel_size)
+        position, past = self.effective_position(), self.kernel_size - 1
+        if state is None:
+            out = path.run(x, self.weight, position, self.bias, self.kernel_size)
+            signal = torch.cat([x.new_zeros(past, *x.shape[1:]), x]) if return_state else x
+        else:
+            if tuple(state.shape) != (past, *x.shape[1:]):
+                raise ValueError(
+                    f"FeedforwardDelay state must be the last K-1 inputs ({past}, {x.shape[1]}, "
+                    f"{self.in_features}), got {tuple(state.shape)}"
+                )
+            signal = torch.cat([state.to(x.dtype), x])  # (K-1+T, B, I): the chunk's outputs
+            out = path.run(signal, self.weight, position, self.bias, self.kernel_size)[past:]
+        if return_state:
+            return out, signal[signal.shape[0] - past :].detach().clone()
+        return out
+
+    @property
+    def position_limit(self) -> int:
+        """The largest position allowed: ``K-1``, or ``max_delay`` when smaller."""
+        limit = self.kernel_size - 1
+        return limit if self.max_delay is None else min(limit, self.max_delay)
 
     @torch.no_grad()
     def clamp_delays_(self) -> None:
-        """Clamp positions into the window ``[0, K-1]``; call after every optimizer step."""
-        self.position.clamp_(0, self.kernel_size - 1)
+        """Clamp positions into ``[0, position_limit]`` (the window ``[0, K-1]``, or less with a
+        ``max_delay``); call after every optimizer step."""
+        self.position.clamp_(0, self.position_limit)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"kernel_size={self.kernel_size}, bias={self.bias is not None}, engine={self.engine}"
+            + ("" if self.max_delay is None else f", max_delay={self.max_delay}")
         )

@@ -313,7 +313,7 @@ def forward_loop(current, weight, mask, lif, plan, need_d: bool, need_s: bool):
     box sums ``E``, ``K`` ``(T+1, B, N)`` (slot ``t+1`` holds step ``t``; None when not
     needed)."""
     steps, batch, n = current.shape
-    tiles = recurrent_tiles(batch, n, current.dtype)
+    tiles = recurrent_tiles(batch, n, current.dtype, wide=True)
     drive = lif.drive(current).contiguous()
     spikes, membrane, trace = (torch.empty_like(drive) for _ in range(3))
     slope, support = (
@@ -364,7 +364,7 @@ def backward_loop(grad_spikes, membrane, trace, slope, support, weight_in, mask,
     ``(T, B, N)`` and the per-neuron sums ``Σ ∂L/∂z·E``, ``Σ ∂L/∂z·K``, ``Σ ∂L/∂z·z`` (float64,
     None when not needed)."""
     steps, batch, n = membrane.shape
-    tiles = recurrent_tiles(batch, n, membrane.dtype)
+    tiles = recurrent_tiles(batch, n, membrane.dtype, wide=True)
     programs = triton.cdiv(batch, tiles.batch)
     p = lif.p
     code = surrogate_code(p)
@@ -422,8 +422,8 @@ def backward_loop(grad_spikes, membrane, trace, slope, support, weight_in, mask,
 LOOPS = TimeLoops(forward_loop, backward_loop)
 
 
-def recurrence(current, weight, delay, width, neuron, mask=None):
+def recurrence(current, weight, delay, width, neuron, mask=None, state=None):
     """Path ``triton-axonal``: spikes ``(T, B, N)`` of a recurrent LIF layer with axonal delays
     ``(N,)``, the time loops in Triton, differentiable in every input (the arguments of
-    :func:`delrec.engine.axonal.cpp_recurrence`)."""
-    return run_loops(LOOPS, current, weight, delay, width, neuron, mask)
+    :func:`delrec.engine.axonal.cpp_recurrence`, a ``state`` too)."""
+    return run_loops(LOOPS, current, weight, delay, width, neuron, mask, state)

@@ -1,0 +1,235 @@
+"""The fused network around the delays against the reference: feedforward LIF layers, the
+leaky-integrator readout, BatchNorm over time and dropout masks, alone and in whole networks."""
+
+import math
+
+import pytest
+import torch
+from engine_helpers import NEURONS, assert_close_relative
+from fused_helpers import (
+    NETWORKS,
+    assert_batch_norm_like_the_module,
+    assert_lif_layer_like_the_loop,
+    assert_trains_alike,
+    grads_of,
+    network_pair,
+    reference_layer,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from delrec.bench import saved_bytes
+from delrec.engine import dropout as masks
+from delrec.engine import fused, native
+from delrec.layers.dropout import Dropout
+from delrec.models import set_feedforward_engine
+from delrec.neurons import LIF, LeakyIntegrator
+
+needs_kernels = pytest.mark.skipif(
+    native.load("fused") is None,
+    reason="the C++ kernels 'fused' are not built (a C++ compiler and ninja are needed)",
+)
+
+
+# --------------------------------------------------------------------------- masks
+def test_philox_matches_the_published_known_answers():
+    # Random123's known-answer vectors for Philox4x32-10: (counter, key) -> four words
+    vectors = [
+        ((0, 0, 0, 0), 0, (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, 0xFFFFFFFFFFFFFFFF, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            0x299F31D0A4093822,
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
+    ]
+    for counter, key, expected in vectors:
+        words = masks.philox(tuple(torch.tensor([c]) for c in counter), key)
+        assert tuple(int(w) for w in words) == expected
+
+
+@needs_kernels
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    shape=st.tuples(st.integers(1, 5), st.integers(1, 6), st.integers(1, 150)),
+    key=st.integers(0, 2**63 - 1),
+    keep=st.floats(0.05, 0.99),
+    offset=st.integers(0, 2**31),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_the_kernel_draws_the_masks_that_the_pytorch_ops_draw(shape, key, keep, offset, dtype):
+    draw = masks.MaskDraw(key, keep, offset)
+    expected = masks.reference_mask(shape, draw, dtype)
+    assert torch.equal(fused.dropout_mask(shape, draw, dtype), expected)
+    x = torch.randn(shape, dtype=dtype)
+    assert torch.equal(fused.apply_dropout(x, draw), x * expected)
+
+
+def test_masks_keep_the_asked_share_and_scale_by_one_over_keep():
+    draw = masks.MaskDraw(key=12345, keep=0.6)
+    values = fused.dropout_mask((50, 64, 100), draw)
+    kept = values.ne(0).double().mean().item()
+    assert abs(kept - 0.6) < 5 * math.sqrt(0.6 * 0.4 / values.numel())
+    assert set(values.unique().tolist()) == {0.0, float(torch.tensor(1.0) / 0.6)}
+    # consecutive neurons, samples and steps are not correlated
+    bits = values.ne(0).double() - 0.6
+    for dim in range(3):
+        near = (bits * bits.roll(1, dim)).mean().item() / 0.24
+        assert abs(near) < 0.01, dim
+
+
+def test_a_shard_of_the_batch_draws_its_rows_of_the_whole_batch_mask():
+    whole = fused.dropout_mask((4, 10, 9), masks.MaskDraw(5, 0.5, 0))
+    assert torch.equal(fused.dropout_mask((4, 3, 9), masks.MaskDraw(5, 0.5, 4)), whole[:, 4:7])
+    assert not torch.equal(fused.dropout_mask((4, 10, 9), masks.MaskDraw(6, 0.5, 0)), whole)
+
+
+def test_keys_come_from_the_global_generator():
+    torch.manual_seed(3)
+    first = [masks.draw(0.2).key for _ in range(3)]
+    torch.manual_seed(3)
+    assert [masks.draw(0.2).key for _ in range(3)] == first and len(set(first)) == 3
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        masks.draw(1.0)
+
+
+@pytest.mark.parametrize("engine", fused.ENGINES)
+def test_dropout_module(engine):
+    layer = Dropout(0.3)
+    layer.engine = engine
+    x = torch.randn(6, 4, 5, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(0)
+    y = layer(x)
+    torch.manual_seed(0)
+    mask = masks.reference_mask(x.shape, masks.draw(0.3), x.dtype)
+    assert torch.equal(y, x * mask)
+    (grad,) = grads_of(y, [x], torch.ones_like(x))
+    assert torch.equal(grad, mask)
+    assert layer.eval()(x) is x and Dropout(0.0).train()(x) is x
+    with pytest.raises(ValueError, match="probability"):
+        Dropout(1.0)
+
+
+# --------------------------------------------------------------------------- LIF layer
+@needs_kernels
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    steps=st.integers(1, 20),
+    batch=st.integers(1, 4),
+    size=st.integers(1, 70),
+    neuron=NEURONS,
+    other_surrogate=st.booleans(),
+    dropout_in=st.booleans(),
+    dropout_out=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_lif_layer_matches_the_autograd_loop(
+    steps, batch, size, neuron, other_surrogate, dropout_in, dropout_out, seed
+):
+    shape = (steps, batch, size)
+    assert_lif_layer_like_the_loop(shape, neuron, other_surrogate, dropout_in, dropout_out, seed)
+
+
+@needs_kernels
+@pytest.mark.parametrize("reset", [0.0, None])
+def test_fused_lif_layer_in_float32_at_training_size(reset):
+    g = torch.Generator().manual_seed(1)
+    neuron = LIF(tau=2.0, v_reset=reset, detach_reset=reset is not None)
+    current = torch.randn(60, 32, 100, generator=g) * 0.8 + 0.5
+    grad_out = torch.randn(60, 32, 100, generator=g)
+    draw = masks.MaskDraw(9, 0.8)
+    x64 = current.double().requires_grad_()
+    exact = reference_layer(neuron, x64, None, draw)
+    (exact_grad,) = grads_of(exact, [x64], grad_out.double())
+    x = current.clone().requires_grad_()
+    spikes = fused.lif_layer(x, neuron.p, None, draw)
+    reference = reference_layer(neuron, current, None, draw)
+    assert torch.equal(spikes, reference)
+    assert 0.05 < spikes.ne(0).float().mean() < 0.95
+    assert torch.equal(spikes.double(), exact)  # no threshold tie in this draw
+    assert_close_relative(grads_of(spikes, [x], grad_out)[0].double(), exact_grad, rtol=1e-5)
+
+
+@needs_kernels
+def test_fused_lif_layer_saves_only_the_membrane():
+    current = torch.randn(10, 3, 8, requires_grad=True)
+    neuron = LIF()
+    saved = saved_bytes(lambda: fused.lif_layer(current, neuron.p, masks.MaskDraw(1, 0.5)))
+    assert saved == current.numel() * current.element_size()
+    assert saved_bytes(lambda: fused.apply_dropout(current, masks.MaskDraw(1, 0.5))) == 0
+
+
+# --------------------------------------------------------------------------- readout, norm
+@needs_kernels
+@pytest.mark.parametrize("decay_input", [False, True])
+@pytest.mark.parametrize("tau", [1.05, 20.0])
+def test_fused_leaky_integrator_matches_the_module(decay_input, tau):
+    g = torch.Generator().manual_seed(2)
+    current = torch.randn(30, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(30, 5, 7, generator=g, dtype=torch.float64)
+    expected = LeakyIntegrator(tau, decay_input)(current)
+    out = fused.integrate(current, tau, decay_input)
+    assert_close_relative(out.detach(), expected.detach(), rtol=1e-12)
+    assert_close_relative(
+        grads_of(out, [current], grad_out)[0], grads_of(expected, [current], grad_out)[0]
+    )
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("with_shift", [False, True])
+def test_fused_batch_norm_matches_the_module(dtype, momentum, with_shift):
+    assert_batch_norm_like_the_module((20, 9, 6), dtype, momentum, with_shift)
+
+
+# --------------------------------------------------------------------------- whole networks
+@needs_kernels
+@pytest.mark.parametrize("model", ["delrec", "rsnn", "snn"])
+@pytest.mark.parametrize("task", list(NETWORKS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_network_trains_like_the_reference(task, model, dtype):
+    config, (fused_net, reference_net) = network_pair(task, model, dtype)
+    lengths = torch.tensor([25, 7, 19, 25, 1, 12])  # variable lengths, zero-padded
+    rtol = 1e-6 if dtype == torch.float64 else 1e-4
+    assert_trains_alike(task, config, fused_net, reference_net, lengths, rtol)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(10, 0), (1, 1)], ids=["empty batch", "one frame"])
+def test_fused_network_answers_like_the_reference_without_statistics(shape):
+    config, networks = network_pair("shd", "snn", torch.float32)
+    frames = torch.rand(*shape, config.input_size)
+    answers = []
+    for network in networks:
+        try:
+            answers.append(network(frames).shape)
+        except ValueError as error:  # BatchNorm over a single frame
+            answers.append(str(error))
+    assert answers[0] == answers[1]
+    assert all(torch.equal(a, b) for a, b in zip(networks[0].buffers(), networks[1].buffers()))
+
+
+@needs_kernels
+def test_the_switch_chooses_the_path():
+    config, (fused_net, reference_net) = network_pair("shd", "delrec", torch.float32)
+    x = torch.rand(5, 2, config.input_size)
+    assert type(fused_net(x).grad_fn).__name__ == "_IntegratorBackward"
+    assert type(reference_net(x).grad_fn).__name__ != "_IntegratorBackward"
+    with pytest.raises(ValueError, match="feedforward engine"):
+        set_feedforward_engine(fused_net, "fast")
+    assert all(m.engine == "reference" for m in reference_net.blocks)
+    assert reference_net.blocks[1].neurons.engine == "auto"  # the recurrent layer's own option
+
+
+@needs_kernels
+def test_without_the_kernels_the_reference_runs_with_the_same_masks(monkeypatch):
+    config, (network, _) = network_pair("ssc", "snn", torch.float64)
+    frames = torch.rand(12, 3, config.input_size, dtype=torch.float64)
+    torch.manual_seed(0)
+    expected = network(frames)
+    monkeypatch.setenv("DELREC_NATIVE", "0")  # masks drawn by PyTorch ops, autograd loops
+    torch.manual_seed(0)
+    assert torch.equal(network(frames), expected)
+    with pytest.raises(RuntimeError, match="reference"):
+        fused.lif_layer(frames, LIF().p)
