@@ -279,11 +279,8 @@ SECTIONS = ("size", "delay", "cost", "shd", "synaptic", "feedforward")
 
 
 def run(args) -> int:
-    if args.device == "cuda":  # the GPU benchmark: delrec.bench_gpu
-        from delrec import bench_gpu
-
-        return bench_gpu.run(args)
-    started, commit = time.perf_counter(), _git_describe()  # the code measured, before any edit
+    """``delrec bench`` on the CPU engines: the grids, the verdicts, the files in ``args.out``."""
+    started, commit = time.perf_counter(), git_describe()  # the code measured, before any edit
     torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (3 if args.quick else 5)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -297,7 +294,7 @@ def run(args) -> int:
 
     log(
         f"delrec bench ({'quick' if args.quick else 'full'}): torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s), CPU {_cpu_name()} ({platform.machine()}), "
+        f"{torch.get_num_threads()} thread(s), CPU {cpu_name()} ({platform.machine()}), "
         f"T = {STEPS}, {args.repeats} repeats (median), clock = {args.clock}"
     )
     log(
@@ -370,7 +367,7 @@ def run(args) -> int:
     titles = {panel: title for panel, title, *_ in sections}
     verdicts = [line for line in lines if line.startswith(("PASS", "FAIL"))]
     elapsed = time.perf_counter() - started
-    command = _command_line(args)
+    command = command_line(args)
     write_markdown(rows, titles, verdicts, out / "bench.md", command, commit, elapsed, figure)
     written = [out / "bench.csv", *([figure] if figure else []), out / "bench.txt"]
     log(f"\nwrote {', '.join(map(str, written))}, {out / 'bench.md'}")
@@ -611,7 +608,7 @@ def _plot(rows, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the markdown report
-def _command_line(args) -> str:
+def command_line(args) -> str:
     """The ``delrec bench`` command that reruns this measurement, every option spelled out."""
     words = ["delrec", "bench"]
     for key, value in vars(args).items():
@@ -627,7 +624,7 @@ def _command_line(args) -> str:
     return " ".join(words)
 
 
-def _git_describe() -> str:
+def git_describe() -> str:
     """``git describe`` of the source tree this module runs from, or why there is none."""
     try:
         done = subprocess.run(
@@ -668,7 +665,7 @@ def write_markdown(
         f"| command | `{command}` |",
         f"| commit | `{commit}` |",
         f"| date | {when} |",
-        f"| CPU | {_cpu_name()} ({platform.machine()}), {os.cpu_count()} logical cores |",
+        f"| CPU | {cpu_name()} ({platform.machine()}), {os.cpu_count()} logical cores |",
         f"| threads | {torch.get_num_threads()} torch thread(s) |",
         f"| software | torch {torch.__version__}, Python {platform.python_version()}, "
         f"{platform.system()} |",
@@ -718,7 +715,8 @@ def write_markdown(
     path.write_text("\n".join(out) + "\n")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``, else :func:`platform.processor`)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from delrec import bench, bench_network
+from delrec import bench, bench_gpu, bench_network, bench_state
 from delrec.commands import EXIT_CODES_HELP, UsageError
 
 
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if args.streaming or args.tbptt:
         if args.device != "cpu":
             raise UsageError("--streaming and --tbptt measure on the CPU: drop --device cuda")
-        from delrec import bench_state
-
         return bench_state.run(args)
+    if args.device == "cuda":
+        return bench_gpu.run(args)
     return bench.run(args)
