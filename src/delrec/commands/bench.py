@@ -40,6 +40,16 @@ def add_parser(subparsers) -> None:
         help="with --device cuda: run the GPU benchmark at tiny sizes on the CPU under Triton's "
         "interpreter (checks it end to end without a GPU; measures nothing)",
     )
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        choices=bench.SECTIONS,
+        default=None,
+        metavar="SECTION",
+        help="run only these sections of the CPU benchmark (default: all), with their targets: "
+        + ", ".join(bench.SECTIONS)
+        + " (e.g. --sections feedforward: issue 18's feedforward-delay targets alone)",
+    )
     p.add_argument("--out", default="bench-out", help="output directory (default: bench-out/)")
     p.add_argument(
         "--repeats",
@@ -74,6 +84,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.sections and (args.network or args.streaming or args.tbptt or args.device != "cpu"):
+        raise UsageError(
+            "--sections picks sections of the CPU layer benchmark: leave out --network, "
+            "--streaming, --tbptt and --device cuda"
+        )
     if args.network:
         if args.streaming or args.tbptt:
             raise UsageError("--network, --streaming and --tbptt are separate benchmarks: give one")
