@@ -95,6 +95,17 @@ inline void store(scalar_t* p, Vec<scalar_t> v) {
   *reinterpret_cast<typename VectorTypes<scalar_t>::unaligned*>(p) = v;
 }
 
+// An empty asm keeps a loaded vector in a register: GCC would otherwise fold the load into every
+// FMA that reads it (one load per FMA instead of one per vector block). With AVX-512 only, where
+// a vector is one register.
+template <typename V>
+inline V kept(V x) {
+#if defined(__AVX512F__)
+  asm("" : "+v"(x));
+#endif
+  return x;
+}
+
 #if defined(__GNUC__) && !defined(__clang__)
 #define DELREC_CONTRACT __attribute__((optimize("fp-contract=fast")))
 #else
@@ -151,8 +162,11 @@ struct Plan {
   int64_t m_top(int64_t c) const { return levels[3 * c + 2]; }
   // rows of the class's chain stages m_a … m_b (a ring by diagonal)
   int64_t stages(int64_t c) const { return m_b(c) - m_a(c) + 1; }
+  // the ring row of diagonal t - lowest: (t - lowest) mod depth, in [0, depth) also while
+  // t < lowest (when every delay exceeds the half-width)
+  int64_t head_at(int64_t t) const { return ((t - lowest) % depth + depth) % depth; }
   // the ring row (within a class's `depth` rows) that level m reads at time t, diagonal t - m,
-  // where head = (t - lowest) mod depth
+  // where head = head_at(t)
   int64_t ring_row_at(int64_t head, int64_t m) const {
     const int64_t row = head - (m - lowest);
     return row < 0 ? row + depth : row;
@@ -619,7 +633,7 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const Coefficients<sca
   for (int64_t j = 0; j < n; ++j) std::fill_n(hist + j * frames, batch, false);
 
   for (int64_t t = 0; t < steps; ++t) {
-    const int64_t head = (t - p.lowest) % p.depth;
+    const int64_t head = p.head_at(t);
     at::parallel_for(0, n, 1, [&](int64_t j0, int64_t j1) {  // the rings at t
       Buffer<scalar_t> newest(width);
       for (int64_t j = j0; j < j1; ++j) {
@@ -721,7 +735,7 @@ __attribute__((noinline)) DELREC_CONTRACT void sum_members(
         const scalar_t a = member[k + u].a, b = member[k + u].b;
 #pragma GCC unroll 4
         for (int q = 0; q < NB; ++q) {
-          const Vec<scalar_t> gq = load(gi + q * L);
+          const Vec<scalar_t> gq = kept(load(gi + q * L));
           by_a[u][q] += a * gq;
           by_b[u][q] += b * gq;
         }
@@ -732,7 +746,7 @@ __attribute__((noinline)) DELREC_CONTRACT void sum_members(
       const scalar_t a = member[k].a, b = member[k].b;
 #pragma GCC unroll 4
       for (int q = 0; q < NB; ++q) {
-        const Vec<scalar_t> gq = load(gi + q * L);
+        const Vec<scalar_t> gq = kept(load(gi + q * L));
         by_a[0][q] += a * gq;
         by_b[0][q] += b * gq;
       }
@@ -823,7 +837,7 @@ __attribute__((noinline)) DELREC_CONTRACT void sum_far(
       for (int q = 0; q < Q; ++q) {
 #pragma GCC unroll 4
         for (int v = 0; v < NB; ++v) {
-          const Vec<scalar_t> gq = load(gi + q * width + v * L);
+          const Vec<scalar_t> gq = kept(load(gi + q * width + v * L));
           x[q][v] += a * gq;
           e[q][v] += b * gq;
         }
@@ -850,7 +864,7 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
                    const at::Tensor& membrane, const at::Tensor& psi,
                    const Coefficients<scalar_t>& coef, const int64_t* order,
                    const at::Tensor& mask, const at::Tensor& counts,
-                   const LIFConstants& lif, int64_t reach, at::Tensor& grad_current,
+                   const LIFConstants& lif, const int64_t* reach, at::Tensor& grad_current,
                    at::Tensor& adjoint, at::Tensor& by_support) {
   const int64_t steps = membrane.size(0), batch = membrane.size(1), n = membrane.size(2);
   const int64_t nb = n * batch;
@@ -875,12 +889,16 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
   }
   double* support_sum = by_support.data_ptr<double>();  // (N): Σ_t Σ_s K_s·x_s
 
-  // injections of the entry adjoints into the recursion of each neuron: (N, R, 2, B'), so that
-  // one neuron's injections at all ring slots stay within a few cache lines; `once`: the chain's
-  // lag-1 terms, ∂L/∂s_j[t - 1] formed at step t and used once
-  Buffer<scalar_t> inject(reach * 2 * n * width, scalar_t(0));
+  // injections of the entry adjoints into the recursion of each neuron: reach[j] rows (2, B') of
+  // neuron j from rows_before[j], so that one neuron's injections at all ring slots stay within
+  // a few cache lines, and a neuron with short taps keeps few rows (all rows stay in cache unless
+  // the taps are long); `once`: the chain's lag-1 terms, ∂L/∂s_j[t - 1] formed at step t and
+  // used once
+  std::vector<int64_t> rows_before(n + 1, 0);
+  for (int64_t j = 0; j < n; ++j) rows_before[j + 1] = rows_before[j] + reach[j];
+  Buffer<scalar_t> inject(rows_before[n] * 2 * width, scalar_t(0));
   const auto injection = [&](int64_t j, int64_t time) {
-    return inject.data() + (j * reach + time % reach) * 2 * width;
+    return inject.data() + (rows_before[j] + time % reach[j]) * 2 * width;
   };
   Buffer<scalar_t> once(n * width, scalar_t(0));
   // the adjoint rings (C·depth rows of ∂L/∂Z then ∂L/∂E, B' lanes each)
@@ -940,7 +958,7 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
   const SurrogateDerivative<scalar_t> derivative(lif);
 
   for (int64_t t = steps - 1; t >= 0; --t) {
-    const int64_t now = t * nb, head = (t - p.lowest) % p.depth;
+    const int64_t now = t * nb, head = p.head_at(t);
     for_each_block(n, [&](int64_t i0, int64_t i1) {
       // the spikes' adjoint from the recurrence, neuron-major: y (the adjoint recursion fed by
       // the injections at t) plus the one-off lag-1 terms, gathered in `once`
@@ -1045,7 +1063,7 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
           for (int64_t q0 = 0; q0 < kSpan; q0 += Q) {
             sum_far<scalar_t, NB, Q>(adj + (t + q0) * width + lane, span_steps * width, width,
                                      members.data(), p.member_start, far_slots.data() + f0, count,
-                                     ring.data() + lane, (t + q0 - p.lowest) % p.depth, p.depth);
+                                     ring.data() + lane, p.head_at(t + q0), p.depth);
           }
         });
       }
@@ -1068,14 +1086,6 @@ constexpr int64_t kMinChunk = 1;
 // sum[q] = Σ over the lanes of v[q], for 16 registers at once.
 template <typename scalar_t>
 struct Registers;
-
-// An empty asm keeps a loaded vector in a register: GCC would otherwise fold the load into every
-// FMA that reads it (one load per FMA instead of one per vector block).
-template <typename V>
-inline V kept(V x) {
-  asm("" : "+v"(x));
-  return x;
-}
 
 template <>
 struct Registers<float> {
@@ -1579,7 +1589,8 @@ void backward(const at::Tensor& grad_spikes, const at::Tensor& history,
               const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& counts,
               const std::vector<at::Tensor>& plan_tensors, int64_t depth, int64_t lowest,
               double leak, double threshold, double v_reset, bool soft_reset, bool detach_reset,
-              int64_t surrogate, double surrogate_param, int64_t reach, at::Tensor grad_current,
+              int64_t surrogate, double surrogate_param, const at::Tensor& reach,
+              at::Tensor grad_current,
               at::Tensor adjoint, at::Tensor by_support) {
   const int64_t n = membrane.size(2);
   check(grad_spikes.is_contiguous() && membrane.is_contiguous() &&
@@ -1591,6 +1602,9 @@ void backward(const at::Tensor& grad_spikes, const at::Tensor& history,
   check(by_support.scalar_type() == at::kDouble, "by_support must be float64");
   check(!counts.has_value() || counts->scalar_type() == at::kInt, "counts must be int32");
   const Plan p = plan_of(plan_tensors, depth, lowest);
+  check(reach.is_contiguous() && reach.scalar_type() == at::kLong && reach.numel() == n &&
+            at::all(reach.ge(1)).item<bool>(),
+        "reach must be a contiguous (N,) int64 tensor of positive row counts");
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const at::Tensor counts_c = counts.has_value() ? counts->contiguous() : at::Tensor();
   const LIFConstants lif{leak,       0.0,          threshold, v_reset, soft_reset,
@@ -1599,8 +1613,8 @@ void backward(const at::Tensor& grad_spikes, const at::Tensor& history,
     const Coefficients<scalar_t> coef{weight.data_ptr<scalar_t>(), offset.data_ptr<double>(),
                                       static_cast<scalar_t>(gain)};
     backward_loop<scalar_t>(p, grad_spikes, history, membrane, psi, coef,
-                            order.data_ptr<int64_t>(), mask_c, counts_c, lif, reach, grad_current,
-                            adjoint, by_support);
+                            order.data_ptr<int64_t>(), mask_c, counts_c, lif,
+                            reach.data_ptr<int64_t>(), grad_current, adjoint, by_support);
   });
 }
 
