@@ -73,8 +73,7 @@ class _SlotPlan:
     lag-0 values ``(a, e, χ)`` of the level below each stage). Per slot its members
     (``member_start (S+1,)``, ``member`` = postsynaptic ``i``, int32, and ``order``, the row-major
     synapse index of each member). Rings have ``depth`` rows per class (levels ``lowest`` …
-    ``lowest + depth - 1``); ``reach (N,)`` (int64) exceeds every tap lag of a neuron's classes
-    (the backward keeps that many rows of injections per neuron); ``width`` is ``w`` per neuron,
+    ``lowest + depth - 1``); ``reach`` exceeds every tap lag; ``width`` is ``w`` per neuron,
     ``(N,)`` float64.
     """
 
@@ -105,8 +104,7 @@ class _SlotPlan:
         lo, hi, rises, falls = entry_pattern.unbind(1)
         self.e_lags = torch.stack([lo, rises + 1, falls, hi + 1], 1).contiguous()
         self.support = torch.stack([lo, hi], 1).contiguous()
-        longest = torch.maximum(self.z_lags.amax(1), self.e_lags.amax(1)) + 1  # per class
-        self.reach = torch.ones(n, dtype=torch.long).scatter_reduce(0, owner, longest, "amax")
+        self.reach = int(max(self.z_lags.max(), self.e_lags.max())) + 1
         self.lowest = int(self.levels[:, 0].min())
         self.depth = int(self.levels[:, 2].max()) - self.lowest + 1
 

@@ -864,7 +864,7 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
                    const at::Tensor& membrane, const at::Tensor& psi,
                    const Coefficients<scalar_t>& coef, const int64_t* order,
                    const at::Tensor& mask, const at::Tensor& counts,
-                   const LIFConstants& lif, const int64_t* reach, at::Tensor& grad_current,
+                   const LIFConstants& lif, int64_t reach, at::Tensor& grad_current,
                    at::Tensor& adjoint, at::Tensor& by_support) {
   const int64_t steps = membrane.size(0), batch = membrane.size(1), n = membrane.size(2);
   const int64_t nb = n * batch;
@@ -889,16 +889,14 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
   }
   double* support_sum = by_support.data_ptr<double>();  // (N): Σ_t Σ_s K_s·x_s
 
-  // injections of the entry adjoints into the recursion of each neuron: reach[j] rows (2, B') of
-  // neuron j from rows_before[j], so that one neuron's injections at all ring slots stay within
-  // a few cache lines, and a neuron with short taps keeps few rows (all rows stay in cache unless
-  // the taps are long); `once`: the chain's lag-1 terms, ∂L/∂s_j[t - 1] formed at step t and
-  // used once
-  std::vector<int64_t> rows_before(n + 1, 0);
-  for (int64_t j = 0; j < n; ++j) rows_before[j + 1] = rows_before[j] + reach[j];
-  Buffer<scalar_t> inject(rows_before[n] * 2 * width, scalar_t(0));
+  // injections of the entry adjoints into the recursion of each neuron: a ring of `reach` rows
+  // by time (reach > every tap lag), each row (N, 2, B') for all neurons, so that a step's
+  // writes at each tap lag and its reads run through memory in order (neuron-major rings, with
+  // all of a neuron's rows together, miss the cache at every write); `once`: the chain's lag-1
+  // terms, ∂L/∂s_j[t - 1] formed at step t and used once
+  Buffer<scalar_t> inject(reach * n * 2 * width, scalar_t(0));
   const auto injection = [&](int64_t j, int64_t time) {
-    return inject.data() + (rows_before[j] + time % reach[j]) * 2 * width;
+    return inject.data() + ((time % reach) * n + j) * 2 * width;
   };
   Buffer<scalar_t> once(n * width, scalar_t(0));
   // the adjoint rings (C·depth rows of ∂L/∂Z then ∂L/∂E, B' lanes each)
@@ -1589,8 +1587,7 @@ void backward(const at::Tensor& grad_spikes, const at::Tensor& history,
               const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& counts,
               const std::vector<at::Tensor>& plan_tensors, int64_t depth, int64_t lowest,
               double leak, double threshold, double v_reset, bool soft_reset, bool detach_reset,
-              int64_t surrogate, double surrogate_param, const at::Tensor& reach,
-              at::Tensor grad_current,
+              int64_t surrogate, double surrogate_param, int64_t reach, at::Tensor grad_current,
               at::Tensor adjoint, at::Tensor by_support) {
   const int64_t n = membrane.size(2);
   check(grad_spikes.is_contiguous() && membrane.is_contiguous() &&
@@ -1602,9 +1599,6 @@ void backward(const at::Tensor& grad_spikes, const at::Tensor& history,
   check(by_support.scalar_type() == at::kDouble, "by_support must be float64");
   check(!counts.has_value() || counts->scalar_type() == at::kInt, "counts must be int32");
   const Plan p = plan_of(plan_tensors, depth, lowest);
-  check(reach.is_contiguous() && reach.scalar_type() == at::kLong && reach.numel() == n &&
-            at::all(reach.ge(1)).item<bool>(),
-        "reach must be a contiguous (N,) int64 tensor of positive row counts");
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const at::Tensor counts_c = counts.has_value() ? counts->contiguous() : at::Tensor();
   const LIFConstants lif{leak,       0.0,          threshold, v_reset, soft_reset,
@@ -1613,8 +1607,8 @@ void backward(const at::Tensor& grad_spikes, const at::Tensor& history,
     const Coefficients<scalar_t> coef{weight.data_ptr<scalar_t>(), offset.data_ptr<double>(),
                                       static_cast<scalar_t>(gain)};
     backward_loop<scalar_t>(p, grad_spikes, history, membrane, psi, coef,
-                            order.data_ptr<int64_t>(), mask_c, counts_c, lif,
-                            reach.data_ptr<int64_t>(), grad_current, adjoint, by_support);
+                            order.data_ptr<int64_t>(), mask_c, counts_c, lif, reach, grad_current,
+                            adjoint, by_support);
   });
 }
 
