@@ -59,11 +59,24 @@ def add_parser(subparsers) -> None:
         default="wall",
         help="wall-clock time, or this process's CPU time (steadier on a shared machine)",
     )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--streaming",
+        action="store_true",
+        help="instead: per-step latency and chunk throughput of streaming the SHD network",
+    )
+    which.add_argument(
+        "--tbptt",
+        action="store_true",
+        help="instead: backward memory and time of truncated BPTT against the chunk length",
+    )
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.network:
+        if args.streaming or args.tbptt:
+            raise UsageError("--network, --streaming and --tbptt are separate benchmarks: give one")
         if args.device != "cpu" or args.dry_run:
             raise UsageError("--network measures the CPU engines: leave out --device and --dry-run")
         return bench_network.run(args)
@@ -74,4 +87,10 @@ def run(args: argparse.Namespace) -> int:
             "--device cuda: no CUDA device here; --dry-run runs the GPU benchmark at tiny sizes "
             "on the CPU to check it"
         )
+    if args.streaming or args.tbptt:
+        if args.device != "cpu":
+            raise UsageError("--streaming and --tbptt measure on the CPU: drop --device cuda")
+        from delrec import bench_state
+
+        return bench_state.run(args)
     return bench.run(args)

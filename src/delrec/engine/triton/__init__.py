@@ -93,11 +93,11 @@ def runs_on(device: torch.device) -> bool:
     return False
 
 
-def axonal_recurrence(current, weight, delay, width, neuron, mask=None):
+def axonal_recurrence(current, weight, delay, width, neuron, mask=None, state=None):
     """Path ``triton-axonal``: :func:`delrec.engine.triton.axonal.recurrence`."""
     from delrec.engine.triton import axonal
 
-    return axonal.recurrence(current, weight, delay, width, neuron, mask)
+    return axonal.recurrence(current, weight, delay, width, neuron, mask, state)
 
 
 def synaptic_recurrence(current, weight, delay, width, neuron, mask=None):
