@@ -1402,20 +1402,19 @@ void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& 
           }
         }
       }
-      for (int64_t j = j0; j < j1; ++j) {  // the group's gradients
-        const double* d0 = sums.data() + (j - j0) * 2 * n;
-        const double* d1 = d0 + n;
-        const double inv_w2 = 1.0 / (out.width[j] * out.width[j]);
-        double weighted = 0.0;
-        for (int64_t i = 0; i < n; ++i) {
+      // the group's gradients, row by row (the group's columns of a row are contiguous)
+      std::fill(out.weighted + j0, out.weighted + j1, 0.0);
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const double* d0 = sums.data() + (j - j0) * 2 * n;
+          const double* d1 = d0 + n;
           const int64_t k = i * n + j;
           const double w = out.weight[k];
           const double by_weight = out.gain * (d0[i] + out.offset[k] * d1[i]);
           out.grad_weight[k] = by_weight;
-          out.grad_delay[k] = out.gain * w * d1[i] * inv_w2;
-          weighted += w * by_weight;
+          out.grad_delay[k] = out.gain * w * d1[i] * (1.0 / (out.width[j] * out.width[j]));
+          out.weighted[j] += w * by_weight;
         }
-        out.weighted[j] = weighted;
       }
       j0 = j1;
     }
