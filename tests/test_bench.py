@@ -137,3 +137,27 @@ def test_streaming_and_tbptt_benchmarks_measure_and_judge(monkeypatch, capsys, t
     assert len(lines) == 9 and "tbptt=49" in lines[2] and "fit over K < 784" in lines[-1]
     assert len(verdicts) == 2 and all(v.startswith(("PASS", "FAIL")) for v in verdicts)
     assert len(table) == 2 + 6 and table[2].startswith("| none (full BPTT) | 784 |")
+
+
+def test_bench_runs_the_feedforward_section_alone(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "STEPS", 6)
+    monkeypatch.setattr(
+        bench, "feedforward_grid", lambda quick: [bench.Setting(8, 2, d, 0) for d in (3, 9)]
+    )
+    argv = ["bench", "--quick", "--repeats", "1", "--sections", "feedforward"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    assert {r["panel"] for r in rows} == {"feedforward"}
+    assert {r["model"] for r in rows} == {"feedforward", "ff-delay", "ff-conv"}
+    assert "C++ feedforward kernels run here with" in printed
+    verdicts = [line for line in printed.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert len(verdicts) == 5 and all("feedforward delays N=8" in v for v in verdicts)
+    assert not (tmp_path / "bench.png").exists()  # no Fig. S1 panels ran
+    report = (tmp_path / "bench.md").read_text()
+    rerun = f"delrec bench --quick --sections feedforward --out {tmp_path} --repeats 1"
+    assert f"| command | `{rerun} --threads 1 --clock wall` |" in report
+    assert "bench.png" not in report and report.count("feedforward delays N=8") == 5
+    assert main(["bench", "--sections", "cost", "--device", "cuda"]) == 2
+    assert "--sections picks sections of the CPU layer benchmark" in capsys.readouterr().err

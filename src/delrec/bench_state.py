@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from delrec.bench import command_line, cpu_name, git_describe
 from delrec.deploy.streaming import StreamingNetwork
 from delrec.layers import DelRec
 from delrec.models import build_network, preset_network
@@ -285,8 +286,6 @@ def verdict(ok: bool, text: str) -> str:
 def write_report(path: Path, title: str, command: str, commit: str, elapsed_s: float, body):
     """``path`` (markdown): how the figures were made (command, commit, date, machine, load),
     then ``body`` (verdicts, tables, log)."""
-    from delrec.bench import _cpu_name  # the engine benchmark's machine line
-
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = [
         f"# {title}",
@@ -298,7 +297,7 @@ def write_report(path: Path, title: str, command: str, commit: str, elapsed_s: f
         f"| command | `{command}` |",
         f"| commit | `{commit}` |",
         f"| date | {when} |",
-        f"| CPU | {_cpu_name()} ({platform.machine()}), {os.cpu_count()} logical cores, "
+        f"| CPU | {cpu_name()} ({platform.machine()}), {os.cpu_count()} logical cores, "
         f"load average {os.getloadavg()[0]:.1f} at the end |",
         f"| threads | {torch.get_num_threads()} torch thread(s) |",
         f"| software | torch {torch.__version__}, Python {platform.python_version()}, "
@@ -313,12 +312,11 @@ def write_report(path: Path, title: str, command: str, commit: str, elapsed_s: f
 def run(args) -> int:
     """``delrec bench --streaming`` / ``--tbptt``: print the measurements and verdicts, and
     write them into ``streaming.md`` / ``tbptt.md`` in ``args.out``."""
-    from delrec.bench import _command_line, _git_describe
 
-    started, commit = time.perf_counter(), _git_describe()
+    started, commit = time.perf_counter(), git_describe()
     torch.set_num_threads(args.threads)
     repeats = args.repeats or 5
-    command = _command_line(args)
+    command = command_line(args)
     lines = []
 
     def log(text):

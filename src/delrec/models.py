@@ -209,9 +209,9 @@ class HiddenBlock(nn.Module):
     a chunk of a sequence from a :class:`BlockState` like the layers do (:meth:`forward`).
     ``engine`` (see :func:`set_feedforward_engine`): ``"fused"`` runs BatchNorm, a plain LIF
     layer with its dropout, and a lone dropout as the fused loops of
-    :mod:`delrec.engine.fused` where they are available (the C++ kernels, on the CPU; a plain
-    LIF layer run from a state runs its module); ``"reference"`` runs the modules step by step
-    under autograd. Same numbers either way.
+    :mod:`delrec.engine.fused` where they are available (the C++ kernels on the CPU, the Triton
+    kernels on CUDA; a plain LIF layer run from a state runs its module); ``"reference"`` runs
+    the modules step by step under autograd. Same numbers either way.
     """
 
     def __init__(

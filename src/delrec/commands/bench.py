@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from delrec import bench, bench_network
+from delrec import bench, bench_gpu, bench_network, bench_state
 from delrec.commands import EXIT_CODES_HELP, UsageError
 
 
@@ -39,6 +39,16 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="with --device cuda: run the GPU benchmark at tiny sizes on the CPU under Triton's "
         "interpreter (checks it end to end without a GPU; measures nothing)",
+    )
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        choices=bench.SECTIONS,
+        default=None,
+        metavar="SECTION",
+        help="run only these sections of the CPU benchmark (default: all), with their targets: "
+        + ", ".join(bench.SECTIONS)
+        + " (e.g. --sections feedforward: issue 18's feedforward-delay targets alone)",
     )
     p.add_argument("--out", default="bench-out", help="output directory (default: bench-out/)")
     p.add_argument(
@@ -74,6 +84,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.sections and (args.network or args.streaming or args.tbptt or args.device != "cpu"):
+        raise UsageError(
+            "--sections picks sections of the CPU layer benchmark: leave out --network, "
+            "--streaming, --tbptt and --device cuda"
+        )
     if args.network:
         if args.streaming or args.tbptt:
             raise UsageError("--network, --streaming and --tbptt are separate benchmarks: give one")
@@ -90,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if args.streaming or args.tbptt:
         if args.device != "cpu":
             raise UsageError("--streaming and --tbptt measure on the CPU: drop --device cuda")
-        from delrec import bench_state
-
         return bench_state.run(args)
+    if args.device == "cuda":
+        return bench_gpu.run(args)
     return bench.run(args)
