@@ -791,22 +791,26 @@ __attribute__((noinline)) void gate(const uint8_t* __restrict s, const scalar_t*
   for (int64_t b = 0; b < batch; ++b) support[b] += s[b] ? static_cast<double>(x[b]) : 0.0;
 }
 
-// y += coef·x, d += slope·x (a triangle tap's injection)
+// y += coef·x, d += slope·x (a triangle tap's injection), in float64 like the recursion they
+// feed: the slope increments (1, -2, 1)/w² of one entry row, injected at three times, then cancel
+// in the slope as exactly as in the forward recursion; summed in scalar_t, a float32 rounding of
+// each ring row stays in the slope, which the adjoint integrates twice (an error growing as T²)
 template <typename scalar_t>
-__attribute__((noinline)) void inject_tap(const scalar_t* __restrict x, scalar_t coef,
-                                          scalar_t slope, int64_t width, scalar_t* __restrict y,
-                                          scalar_t* __restrict d) {
+__attribute__((noinline)) void inject_tap(const scalar_t* __restrict x, double coef, double slope,
+                                          int64_t width, double* __restrict y,
+                                          double* __restrict d) {
   for (int64_t b = 0; b < width; ++b) {
-    y[b] += coef * x[b];
-    d[b] += slope * x[b];
+    const double xb = static_cast<double>(x[b]);
+    y[b] += coef * xb;
+    d[b] += slope * xb;
   }
 }
 
-// y += sign·x (an ε-box tap's injection)
+// y += sign·x (an ε-box tap's injection, float64 like inject_tap)
 template <typename scalar_t>
-__attribute__((noinline)) void inject_sign(const scalar_t* __restrict x, scalar_t sign,
-                                           int64_t width, scalar_t* __restrict y) {
-  for (int64_t b = 0; b < width; ++b) y[b] += sign * x[b];
+__attribute__((noinline)) void inject_sign(const scalar_t* __restrict x, double sign,
+                                           int64_t width, double* __restrict y) {
+  for (int64_t b = 0; b < width; ++b) y[b] += sign * static_cast<double>(x[b]);
 }
 
 // support += (upper - lower)·x (a closed-support spike count from prefix counts, times x)
@@ -918,8 +922,9 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
   // by time (reach > every tap lag), each row (N, 2, B') for all neurons, so that a step's
   // writes at each tap lag and its reads run through memory in order (neuron-major rings, with
   // all of a neuron's rows together, miss the cache at every write); `once`: the chain's lag-1
-  // terms, ∂L/∂s_j[t - 1] formed at step t and used once
-  Buffer<scalar_t> inject(reach * n * 2 * width, scalar_t(0));
+  // terms, ∂L/∂s_j[t - 1] formed at step t and used once. The injections are float64, as the
+  // recursion they feed (inject_tap).
+  Buffer<double> inject(reach * n * 2 * width, 0.0);
   const auto injection = [&](int64_t j, int64_t time) {
     return inject.data() + ((time % reach) * n + j) * 2 * width;
   };
@@ -986,7 +991,7 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
       // the spikes' adjoint from the recurrence, neuron-major: y (the adjoint recursion fed by
       // the injections at t) plus the one-off lag-1 terms, gathered in `once`
       for (int64_t i = i0; i < i1; ++i) {
-        scalar_t* inj = injection(i, t);
+        double* inj = injection(i, t);
         scalar_t* from_rec = once.data() + i * width;
         double* yi = y.data() + i * batch;
         double* di = d.data() + i * batch;
@@ -995,7 +1000,7 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
           di[b] += inj[width + b];
           from_rec[b] += static_cast<scalar_t>(yi[b]);
         }
-        std::fill_n(inj, 2 * width, scalar_t(0));
+        std::fill_n(inj, 2 * width, 0.0);
       }
       // the LIF adjoint, batch-major (T, B, N) like the layer's sequences
       for (int64_t b = 0; b < batch; ++b) {
@@ -1053,14 +1058,12 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
           const double* zc = p.z_coef + 6 * c;
           for (int q = 0; q < 3; ++q) {
             if (zl[q] > t) continue;
-            scalar_t* to = injection(j, t - zl[q]);
-            inject_tap(x, static_cast<scalar_t>(zc[q]), static_cast<scalar_t>(zc[3 + q]), width,
-                       to, to + width);
+            double* to = injection(j, t - zl[q]);
+            inject_tap(x, zc[q], zc[3 + q], width, to, to + width);
           }
           for (int q = 0; q < 4; ++q) {  // signs -, +, +, -
             if (el[q] > t) continue;
-            inject_sign(x + width, q == 1 || q == 2 ? scalar_t(1) : scalar_t(-1), width,
-                        injection(j, t - el[q]));
+            inject_sign(x + width, q == 1 || q == 2 ? 1.0 : -1.0, width, injection(j, t - el[q]));
           }
           if (need_support) {
             // K[t] = spikes of j at lags lo … hi = P[t-lo+1] - P[t-hi]
