@@ -83,9 +83,16 @@ def test_mackey_glass_run_directory_and_learning(tmp_path, capsys):
         "delay_mean_rec0",
         "delay_std_rec0",
         "firing_rate",
+        "firing_rate_0",
+        "grad_norm_0",
+        "grad_norm_readout",
         "epoch_time_s",
     ):
         assert column in rows[0]
+    for row in rows:  # one hidden layer: its rate is the mean; gradients reach both layers
+        assert float(row["firing_rate_0"]) == pytest.approx(float(row["firing_rate"]))
+        assert 0 < float(row["firing_rate_0"]) < 1
+        assert float(row["grad_norm_0"]) > 0 and float(row["grad_norm_readout"]) > 0
     assert float(rows[0]["sigma"]) == 10.0 and float(rows[-1]["sigma"]) < 1.0
     assert float(rows[-1]["train_loss"]) < 0.85 * float(rows[0]["train_loss"])
     assert float(rows[-1]["valid_nmse"]) < 0.85 * float(rows[0]["valid_nmse"])
@@ -98,7 +105,7 @@ def test_mackey_glass_run_directory_and_learning(tmp_path, capsys):
     assert set(summary["test"]) == {"loss", "mse", "nmse", "nrmse", "r2"}
     assert summary["test"]["nmse"] == pytest.approx(results["nmse"])
     assert results["r2"] == pytest.approx(1 - results["nmse"])
-    for figure in ("learning_curves", "delays", "raster", "prediction"):
+    for figure in ("learning_curves", "training", "delays", "raster", "prediction"):
         assert (run_dir / "figures" / f"{figure}.png").stat().st_size > 1000
 
     # eval re-measures the same number in integer-delay mode, and runs with spread delays
@@ -277,3 +284,24 @@ def test_objectives_match_their_formulas():
     assert result["mse"] == pytest.approx(0.25)
     assert result["nmse"] == pytest.approx(0.25 / targets.var(correction=0).item())
     assert result["r2"] == pytest.approx(1 - result["nmse"])
+
+
+def test_layer_gradient_norms_cover_every_weight_once_and_leave_out_delays():
+    from delrec.models import build_network, preset_network
+    from delrec.training.loop import gradient_norms, layer_parameters, parameter_groups
+
+    network = build_network(preset_network("digits-8x8", "ff+rec", hidden_sizes=(6, 5)), seed=0)
+    layers = layer_parameters(network)
+    assert list(layers) == ["0", "1", "readout"]
+    groups = parameter_groups(network)
+    listed = [id(p) for params in layers.values() for p in params]
+    assert sorted(listed) == sorted(id(p) for p in groups["weights"] + groups["no_decay"])
+    assert not set(listed) & {id(p) for p in groups["positions"]} and groups["positions"]
+
+    network.train()
+    network(torch.rand(64, 3, 1)).pow(2).sum().backward()
+    expected = [
+        torch.cat([p.grad.flatten() for p in params]).double().norm() for params in layers.values()
+    ]
+    assert gradient_norms(layers).tolist() == pytest.approx([float(e) for e in expected], rel=1e-6)
+    assert min(gradient_norms(layers).tolist()) > 0
