@@ -193,3 +193,29 @@ def test_compare_names_what_is_not_a_finished_run(tmp_path, capsys):
 def test_sweep_rejects_an_unknown_model(tmp_path, capsys):
     assert main(["sweep", "params", "--models", "lstm", "--out", str(tmp_path)]) == 2
     assert "--models" in capsys.readouterr().err
+
+
+def test_model_sweep_runs_each_model_on_the_task_network_then_analyze_training(tmp_path, capsys):
+    out = tmp_path / "models"
+    tiny = [
+        "--epochs",
+        "1",
+        "--rounded-only",
+        "--set",
+        "max_train_samples=32",
+        "network.hidden_sizes=[4]",
+    ]
+    assert main(["sweep", "models", "--models", "snn,ffdelay", "--out", str(out), *tiny]) == 0
+    rows = {r["model"]: r for r in _rows(out / "table.csv")}
+    assert {m: r["label"] for m, r in rows.items()} == {"snn": "SNN", "ffdelay": "Ff. delays"}
+    assert rows["ffdelay"]["feedforward_delays"] == "True" and int(rows["snn"]["seeds"]) == 1
+    capsys.readouterr()
+
+    figure = tmp_path / "training.png"
+    argv = ["analyze", "training", str(out / "snn"), str(out / "ffdelay"), "--figure", str(figure)]
+    assert main([*argv, "--labels", "SNN,FF"]) == 0
+    printed = capsys.readouterr().out
+    assert "SNN: 1 epochs, last valid accuracy" in printed and "FF: 1 epochs" in printed
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+    assert main([*argv, "--labels", "one"]) == 2
+    assert "--labels names 1 runs" in capsys.readouterr().err
