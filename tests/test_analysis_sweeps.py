@@ -36,6 +36,7 @@ def test_parameter_sweep_trains_every_point_and_writes_table_and_figure(params_s
         assert int(row["parameters"]) == count and int(row["seeds"]) == 1
         assert 0 <= float(row["accuracy_mean"]) <= 1 and float(row["firing_rate"]) >= 0
         assert row["recurrent_delays"] == str(model == "delrec")
+        assert (row["rounding_cost_mean"] == "") == (model == "snn")  # nothing to round
     assert (out / "figure.png").read_bytes()[:4] == b"\x89PNG"
     table = (out / "table.md").read_text()
     assert table.startswith("| Model | Rec. | Rec. Delays | Ff. Delays | LIF | Param | Seeds |")
@@ -157,6 +158,9 @@ def test_compare_groups_seeds_and_single_runs_of_one_configuration(tmp_path, cap
         for d in ("pair/seed-0", "pair/seed-1", "single")
     ]
     assert float(row["rounded_accuracy_mean"]) == pytest.approx(sum(accuracies) / 3)
+    assert float(row["rounding_cost_mean"]) == pytest.approx(
+        float(row["accuracy_mean"]) - float(row["rounded_accuracy_mean"])
+    )
     assert "| DelRec | ✓ | ✓ |  | ✓ | 186 | 3 |" in (tmp_path / "t.md").read_text()
 
 
