@@ -6,5 +6,5 @@ from delrec.engine import native
 
 
 def pytest_sessionstart(session):
-    for kernels in ("axonal", "synaptic"):
+    for kernels in ("axonal", "synaptic", "feedforward", "fused"):
         native.load(kernels)

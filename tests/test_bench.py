@@ -2,6 +2,7 @@
 written."""
 
 import csv
+import dataclasses
 
 import torch
 
@@ -25,6 +26,9 @@ def tiny_grids(quick):
 def test_bench_writes_the_four_panels_and_judges_the_targets(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "STEPS", 6)
     monkeypatch.setattr(bench, "grids", tiny_grids)
+    monkeypatch.setattr(
+        bench, "feedforward_grid", lambda quick: [bench.Setting(8, 2, d, 0) for d in (3, 30)]
+    )
     monkeypatch.setattr(bench, "MAX_MACS", 2 * 3 * 6 * 2 * 8**2 * 10)  # the reference: N = 8 only
     assert main(["bench", "--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -55,6 +59,9 @@ def test_bench_writes_the_four_panels_and_judges_the_targets(tmp_path, monkeypat
     assert any("SHD setting" in v for v in verdicts) and any(
         "synaptic vs axonal" in v for v in verdicts
     )
+    assert sum("feedforward delays N=8" in v for v in verdicts) == 5  # time, memory ×2; flat
+    assert any("saved memory flat in the window" in v for v in verdicts)
+    assert "feedforward-delay convolution skipped at N=8 B=2 d~U(0,30)" in printed
     assert "torch " in printed and "thread(s)" in printed
 
 
@@ -65,3 +72,36 @@ def test_without_the_kernels_the_synaptic_lag_gemm_is_skipped_where_too_costly(m
     monkeypatch.setattr(bench.native, "load", lambda name: None)
     assert bench.skip_reason("fast-synaptic", small) is None
     assert "synaptic engine skipped at N=16" in bench.skip_reason("fast-synaptic", large)
+
+
+def test_network_bench_times_breaks_down_and_judges_every_model(tmp_path, monkeypatch, capsys):
+    from delrec import bench_network
+
+    tiny = {k: dataclasses.replace(s, steps=8) for k, s in bench_network.SHAPES.items()}
+    monkeypatch.setattr(bench_network, "SHAPES", tiny)
+    monkeypatch.setattr(bench_network, "QUICK_BATCH", 3)
+    args = ["bench", "--network", "shd", "--quick", "--repeats", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+
+    rows = list(csv.DictReader(open(tmp_path / "network-bench.csv")))
+    assert {(r["model"], r["engine"]) for r in rows} == {
+        (m, e) for m in bench_network.MODELS for e in bench_network.ENGINES
+    }
+    by = {(r["model"], r["engine"]): r for r in rows}
+    for r in rows:
+        shares = [float(r[f"share_{c}"]) for c in bench_network.COMPONENTS]
+        assert abs(sum(shares) - 1) < 1e-9 and float(r["step_ms"]) > 0
+        assert 0 < float(r["gemm_floor_ms"]) and float(r["share_GEMMs"]) > 0
+    # every component lands where it runs, fused or not
+    assert float(by["snn", "fused"]["share_recurrent layer"]) == 0
+    assert float(by["delrec", "fused"]["share_recurrent layer"]) > 0
+    for engine in bench_network.ENGINES:
+        for component in ("feedforward spiking layers", "normalisation", "loss/readout"):
+            assert float(by["snn", engine][f"share_{component}"]) > 0, (engine, component)
+    assert float(by["delrec", "unfused"]["share_dropout"]) > 0
+    verdicts = [line for line in printed.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert any("fused/unfused" in v for v in verdicts) and any("its GEMMs" in v for v in verdicts)
+    assert any("delrec/rsnn" in v for v in verdicts) and any("--quick ran" in v for v in verdicts)
+    assert (tmp_path / "network-bench.png").stat().st_size > 10_000
+    assert "fused/unfused" in (tmp_path / "network-bench.txt").read_text()

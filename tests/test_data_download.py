@@ -95,7 +95,15 @@ def shd_archives(tmp_path_factory, server):
 def test_download_verifies_extracts_and_loads(tmp_path, shd_archives):
     paths = download("shd", tmp_path, resources=shd_archives, progress=False)
     assert [p.name for p in paths] == ["shd_train.h5", "shd_test.h5"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["shd_test.h5", "shd_train.h5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "shd_test.h5",
+        "shd_test.h5.md5",
+        "shd_train.h5",
+        "shd_train.h5.md5",
+    ]
+    for path in paths:  # md5sum format: the MD5 of the extracted file, two spaces, its name
+        digest = hashlib.md5(path.read_bytes()).hexdigest()
+        assert (tmp_path / f"{path.name}.md5").read_text() == f"{digest}  {path.name}\n"
     assert load_dataset("shd", split="test", root=tmp_path).labels.tolist() == [3, 4, 5]
     requests = len(Handler.log)
     download("shd", tmp_path, resources=shd_archives, progress=False)  # already there

@@ -127,7 +127,8 @@ def test_unreadable_cache_is_rebuilt(shd_dir):
     load_dataset("shd", split="test", root=shd_dir)
     cache = next((shd_dir / "cache").iterdir())
     cache.write_bytes(b"garbage")
-    assert load_dataset("shd", split="test", root=shd_dir)[0][1] == 7
+    with pytest.warns(UserWarning, match=r"binning cache .* is damaged .*; rebuilding it"):
+        assert load_dataset("shd", split="test", root=shd_dir)[0][1] == 7
 
 
 def test_missing_directory_and_file(tmp_path):
@@ -163,7 +164,9 @@ def test_wrong_layout_names_the_missing_key(tmp_path):
     [
         ([([0.1], [1])], [20], r"labels must be integers in 0…19"),
         ([([0.1], [700])], [0], r"unit id 700"),
-        ([([-0.1], [0])], [0], r"negative or NaN spike time"),
+        ([([-0.1], [0])], [0], r"sample 3 has the spike time -0.1\d*: .* finite and >= 0"),
+        ([([np.inf], [0])], [0], r"sample 3 has the spike time inf: .* finite and >= 0"),
+        ([([np.nan], [0])], [0], r"sample 3 has the spike time nan: .* finite and >= 0"),
         ([([0.1, 0.2], [1])], [0], r"different numbers of spike times and units"),
     ],
 )

@@ -81,7 +81,8 @@ def test_a_registered_path_is_preferred_to_those_it_is_put_before(restored_paths
         "test-axonal", PATHS["torch-axonal"].run, ("axonal",), runs_on=lambda d: d.type == "cuda"
     )
     register(gpu_only, before="cpp-axonal")
-    assert list(PATHS)[:3] == ["ring", "test-axonal", "cpp-axonal"]
+    names = list(PATHS)
+    assert names.index("test-axonal") == names.index("cpp-axonal") - 1
     assert select("axonal", LIF(), device="cuda", integer=False, grad=True).name == "test-axonal"
     assert select("axonal", LIF(), device="cpu", integer=False, grad=True).name == "cpp-axonal"
     with pytest.raises(ValueError, match="exists already"):

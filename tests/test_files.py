@@ -1,6 +1,7 @@
 """The files delrec writes: whole or not at all, one permission policy for every writer,
 temporaries of interrupted writes recognised and removed."""
 
+import gzip
 import os
 import stat
 from pathlib import Path
@@ -10,7 +11,8 @@ import torch
 
 from delrec import files
 from delrec.checkpoint import save_checkpoint
-from delrec.data import heidelberg, load_dataset
+from delrec.data import download, heidelberg, load_dataset
+from delrec.data.fetch import Resource, md5_of, record_path
 from delrec.deploy.report import hardware_report, write_report
 from delrec.models import NetworkConfig, build_network
 from delrec.training import figures
@@ -84,6 +86,15 @@ def _write_cache(folder: Path) -> list[Path]:
     return list((folder / "cache").iterdir())
 
 
+def _write_download(folder: Path) -> list[Path]:
+    """An archive put there by hand, verified and extracted: the file and its MD5 record."""
+    archive = folder / "labels.gz"
+    archive.write_bytes(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 2, 7, 9])))
+    resource = Resource("http://127.0.0.1:9/labels.gz", md5_of(archive), "t10k-labels-idx1-ubyte")
+    (target,) = download("mnist", folder, resources=[resource], progress=False)
+    return [target, record_path(target)]
+
+
 def _write_figure(folder: Path) -> list[Path]:
     path = folder / "figures" / "raster.png"
     figures.spike_raster([torch.zeros(5, 3)], path)
@@ -92,8 +103,8 @@ def _write_figure(folder: Path) -> list[Path]:
 
 @pytest.mark.parametrize(
     "writer",
-    [_write_checkpoint, _write_report, _write_nir, _write_cache, _write_figure],
-    ids=["checkpoint", "report", "nir", "data-cache", "figure"],
+    [_write_checkpoint, _write_report, _write_nir, _write_cache, _write_download, _write_figure],
+    ids=["checkpoint", "report", "nir", "data-cache", "download", "figure"],
 )
 def test_every_writer_creates_files_with_one_mode_under_the_umask(tmp_path, umask_027, writer):
     written = writer(tmp_path)

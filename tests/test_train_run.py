@@ -61,8 +61,9 @@ def read_metrics(run_dir) -> list[dict]:
 
 def test_mackey_glass_run_directory_and_learning(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    summary = run_json(capsys, ["train", "--epochs", "4", "--run-dir", str(run_dir), *TINY_MG])
-    assert summary["status"] == "complete" and summary["epochs_done"] == 4
+    # five epochs: seed 0's validation error falls slowly at first (0.89, 0.85, 0.78, 0.70, 0.68)
+    summary = run_json(capsys, ["train", "--epochs", "5", "--run-dir", str(run_dir), *TINY_MG])
+    assert summary["status"] == "complete" and summary["epochs_done"] == 5
 
     document = json.loads((run_dir / "config.json").read_text())
     data = document["config"]["data"]
@@ -71,7 +72,7 @@ def test_mackey_glass_run_directory_and_learning(tmp_path, capsys):
     assert document["dataset"]["task"] == "regression"
 
     rows = read_metrics(run_dir)
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5]
     for column in (
         "train_loss",
         "train_nmse",

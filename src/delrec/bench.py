@@ -39,6 +39,7 @@ LABELS = {
     "vanilla": "vanilla recurrent LIF",
     "feedforward": "feedforward LIF",
     "ff-delay": "feedforward delays + LIF",
+    "ff-conv": "feedforward delays + LIF (conv)",
 }
 # Work the reference loop and the synaptic engine's fallback (lag-stacked GEMMs, when the C++
 # kernels can't be built) may take per configuration before being skipped:
@@ -71,12 +72,13 @@ class VanillaRecurrentLIF(nn.Module):
 
 
 class FeedforwardLIF(nn.Module):
-    """Feedforward SNN layer: a linear map over all steps, then LIF neurons."""
+    """Feedforward SNN layer: a linear map over all steps (or feedforward delays up to
+    ``delays`` steps, run by ``engine``), then LIF neurons."""
 
-    def __init__(self, size: int, neuron: LIF, delays: int = 0):
+    def __init__(self, size: int, neuron: LIF, delays: int = 0, engine: str = "auto"):
         super().__init__()
         self.synapses = (
-            FeedforwardDelay(size, size, kernel_size=delays + 1)
+            FeedforwardDelay(size, size, kernel_size=delays + 1, engine=engine)
             if delays
             else nn.Linear(size, size)
         )
@@ -118,6 +120,8 @@ def skip_reason(model: str, s: Setting) -> str | None:
                 f"reference loop skipped at {s.describe()}: ~{macs / 1e9:.0f} G multiply-adds "
                 f"and ~{peak / 1e9:.1f} GB peak memory per step"
             )
+    if model == "ff-conv" and 3 * STEPS * s.batch * s.size**2 * (s.max_delay + 1) > MAX_MACS:
+        return f"feedforward-delay convolution skipped at {s.describe()} (K taps per synapse)"
     if model == "fast-synaptic" and 2 * macs > MAX_MACS and native.load("synaptic") is None:
         return (
             f"synaptic engine skipped at {s.describe()}: ~{2 * macs / 1e9:.0f} G multiply-adds "
@@ -141,7 +145,10 @@ def build(model: str, s: Setting, generator: torch.Generator) -> nn.Module:
         )
     if model == "vanilla":
         return VanillaRecurrentLIF(s.size, neuron)
-    return FeedforwardLIF(s.size, neuron, delays=int(s.max_delay) if model == "ff-delay" else 0)
+    if model == "feedforward":
+        return FeedforwardLIF(s.size, neuron)
+    engine = "reference" if model == "ff-conv" else "auto"
+    return FeedforwardLIF(s.size, neuron, delays=int(s.max_delay), engine=engine)
 
 
 # --------------------------------------------------------------------------- measurements
@@ -258,7 +265,16 @@ def grids(quick: bool):
     return size_panel, delay_panel, cost, shd, synaptic
 
 
+def feedforward_grid(quick: bool) -> list[Setting]:
+    """Feedforward delays vs the feedforward LIF layer: N = 256 (and 1024), max delay 10, 120."""
+    return [Setting(n, 32, d, 0) for n in ([256] if quick else [256, 1024]) for d in (10, 120)]
+
+
 def run(args) -> int:
+    if args.device == "cuda":  # the GPU benchmark: delrec.bench_gpu
+        from delrec import bench_gpu
+
+        return bench_gpu.run(args)
     started, commit = time.perf_counter(), _git_describe()  # the code measured, before any edit
     torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (3 if args.quick else 5)
@@ -301,6 +317,13 @@ def run(args) -> int:
         ),
         ("shd", "SHD setting", [shd], ("reference", "fast"), 1),
         ("synaptic", "Synaptic vs axonal delays", [synaptic], ("fast", "fast-synaptic"), 1),
+        (
+            "feedforward",
+            "Feedforward delays (two taps per synapse) vs feedforward LIF",
+            feedforward_grid(args.quick),
+            ("feedforward", "ff-delay", "ff-conv"),
+            1,
+        ),
     ]
     for panel, title, settings, models, factor in sections:
         factor = 1 if args.quick else factor
@@ -315,6 +338,8 @@ def run(args) -> int:
             _print_rows(measured, log)
     log()
     for line in target_checks(rows, cost, shd, synaptic, args.quick):
+        log(line)
+    for line in feedforward_checks(rows, feedforward_grid(args.quick)):
         log(line)
     _write_csv(rows, out / "bench.csv")
     _plot(rows, out / "bench.png")
@@ -331,9 +356,10 @@ def run(args) -> int:
 
 
 def _baseline(rows):
-    """The row a setting's other rows are compared with: the vanilla layer, else the axonal one."""
+    """The row a setting's other rows are compared with: the vanilla layer, else the axonal one,
+    else (feedforward delays) the feedforward LIF layer."""
     by_model = {r["model"]: r for r in rows}
-    return by_model.get("vanilla") or by_model.get("fast")
+    return by_model.get("vanilla") or by_model.get("fast") or by_model.get("feedforward")
 
 
 def _print_rows(rows, log):
@@ -439,6 +465,38 @@ def target_checks(rows, cost, shd, synaptic, quick) -> list[str]:
     return lines
 
 
+def feedforward_checks(rows, settings) -> list[str]:
+    """PASS/FAIL lines for the targets of issue 18: feedforward delays + LIF within 2x the
+    feedforward LIF layer in time and in saved memory, the saved memory flat in the window."""
+    lines = []
+    for s in settings:
+        d, f = (
+            _find(rows, "feedforward", s, "ff-delay"),
+            _find(rows, "feedforward", s, "feedforward"),
+        )
+        t, m = d["time_ms"] / f["time_ms"], d["saved_mb"] / f["saved_mb"]
+        lines.append(
+            f"{'PASS' if t <= 2 else 'FAIL'}  feedforward delays {s.describe()}: time ×{t:.2f} "
+            "the feedforward LIF layer (target ≤ 2)"
+        )
+        lines.append(
+            f"{'PASS' if m <= 2 else 'FAIL'}  feedforward delays {s.describe()}: saved memory "
+            f"×{m:.2f} the feedforward LIF layer (target ≤ 2)"
+        )
+    for size in sorted({s.size for s in settings}):
+        saved = [
+            _find(rows, "feedforward", s, "ff-delay")["saved_mb"]
+            for s in settings
+            if s.size == size
+        ]
+        flat = max(saved) == min(saved)
+        lines.append(
+            f"{'PASS' if flat else 'FAIL'}  feedforward delays N={size}: saved memory "
+            f"{'flat' if flat else 'NOT flat'} in the window ({min(saved):.1f}…{max(saved):.1f} MB)"
+        )
+    return lines
+
+
 def _ratio(rows, max_delay):
     ref = next((r for r in rows if r["max_delay"] == max_delay and r["model"] == "reference"), None)
     fst = next((r for r in rows if r["max_delay"] == max_delay and r["model"] == "fast"), None)
@@ -511,6 +569,8 @@ def _command_line(args) -> str:
     words = ["delrec", "bench"]
     for key, value in vars(args).items():
         if key == "command" or callable(value) or value is None or value is False:
+            continue
+        if key == "device" and value == "cpu":  # the default: this benchmark
             continue
         words.append("--" + key.replace("_", "-"))
         if value is not True:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 
 import torch
 
+from delrec.delays import DelayLimitWarning
 from delrec.files import write_atomic
 from delrec.models import NetworkConfig, SpikingNetwork, build_network
 
@@ -44,7 +46,8 @@ def network_payload(network: SpikingNetwork) -> dict:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Read the checkpoint file ``path`` and check its format."""
+    """Read the checkpoint file ``path`` and check its format and that its network is finite
+    (no NaN or infinite parameter or buffer)."""
     path = Path(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -55,11 +58,24 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} file")
+    model = payload.get("model")
+    bad = [
+        name
+        for name, value in (model.items() if isinstance(model, dict) else ())
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()
+    ]
+    if bad:
+        raise CheckpointError(
+            f"{path} holds NaN or infinite values in {', '.join(bad)}: the run that wrote it "
+            "diverged; use the run's other checkpoint or retrain with a lower learning rate"
+        )
     return payload
 
 
 def network_from(payload: dict) -> SpikingNetwork:
     """The network a checkpoint's payload holds, in eval mode."""
-    network = build_network(NetworkConfig(**payload["network_config"]))
+    with warnings.catch_warnings():  # the checkpoint's delays replace the initial draw
+        warnings.simplefilter("ignore", DelayLimitWarning)
+        network = build_network(NetworkConfig(**payload["network_config"]))
     network.load_state_dict(payload["model"])
     return network.eval()

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from delrec.data import DataError, dataset_info, settings_of
-from delrec.delays import parse_init
+from delrec.delays import MAX_DELAY, parse_init
 from delrec.models import MODELS, VARIANTS, NetworkConfig
 from delrec.recipes import RECIPES
 
@@ -356,7 +356,10 @@ def validate(config: TrainConfig) -> None:
     )
 
     spread = config.spread
-    _check(spread.sigma0 >= 0, f"spread.sigma0 must be >= 0 steps, got {spread.sigma0}")
+    _check(
+        0 <= spread.sigma0 <= MAX_DELAY,
+        f"spread.sigma0 must be between 0 and {MAX_DELAY:g} steps, got {spread.sigma0}",
+    )
     _check(0 < spread.gamma <= 1, f"spread.gamma must be in (0, 1], got {spread.gamma}")
 
     _validate_network(config)

@@ -6,18 +6,98 @@ triangle of half-width ``w``, normalised by ``w²``:
 
     κ(k) = max(0, w - |k - c|) / w²,    k = 1 … L-1  (lag 0 is never used)
 
-All delays and widths are in time steps.
+All delays and widths are in time steps. Delays and spreads live in ``[0, MAX_DELAY]``:
+:func:`check_delays` and :func:`check_sigma` refuse anything else (infinite, NaN, or so long
+that no sequence could reach it) where a value enters, with a message naming it. A network may
+set a tighter limit of its own, ``max_delay`` (a chip's longest delay, :func:`check_max_delay`).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 DelayInit = Callable[[tuple[int, ...], torch.Generator | None], Tensor]
+
+MAX_DELAY = 65535.0
+"""The longest delay and widest spread delrec accepts, in steps: 2¹⁶ - 1, as long as the
+longest sequence its data sets make (65 535 time bins), so a longer delay could never deliver
+a spike; it also bounds the memory of every delay kernel and ring buffer."""
+
+
+def check_delays(delay: Tensor | float, what: str = "delays") -> None:
+    """Raise ValueError unless every delay in ``delay`` (steps) is finite and within
+    ``±MAX_DELAY``; ``what`` names them in the message. Delays below 0 pass: they occur between
+    an optimizer step and the clamp, and training reads them as documented
+    (:meth:`delrec.layers.DelRec.delays_and_width`)."""
+    delay = torch.as_tensor(delay).detach()
+    inside = delay.abs() <= MAX_DELAY  # False for NaN as well
+    if not bool(inside.all()):
+        bad = delay[~inside].flatten()[0].item()
+        raise ValueError(
+            f"{what}: a delay of {bad:g} steps is out of range: delays must be finite and at most "
+            f"MAX_DELAY = {MAX_DELAY:g} steps (no sequence is longer); give delays in "
+            "that range (a delay longer than the sequence never delivers a spike)"
+        )
+
+
+class DelayLimitWarning(UserWarning):
+    """Initial delays drawn above a layer's ``max_delay`` were clamped to it."""
+
+
+def check_max_delay(max_delay, what: str = "max_delay") -> int | None:
+    """``max_delay`` if it is a valid delay limit, ``None`` (no limit) as it is; raises
+    ValueError naming ``what`` otherwise.
+
+    A delay limit is the longest delay ``d`` a network may have (a chip's limit, integer
+    steps, docs/deployment.md#chips-delay-limits): a whole number in ``[0, MAX_DELAY]``.
+    """
+    if max_delay is None:
+        return None
+    if isinstance(max_delay, bool) or not isinstance(max_delay, numbers.Integral):
+        raise ValueError(
+            f"{what} must be a whole number of steps (the longest delay d a chip runs, "
+            f"e.g. 62) or null for no limit, got {max_delay!r}"
+        )
+    if not 0 <= max_delay <= MAX_DELAY:
+        raise ValueError(
+            f"{what} = {max_delay} steps is out of range: give a limit in [0, {MAX_DELAY:g}] "
+            "(0 allows only plain one-step recurrence; MAX_DELAY bounds every delay anyway)"
+        )
+    return int(max_delay)
+
+
+def clamp_initial(values: Tensor, max_delay: int | None, what: str, advice: str) -> Tensor:
+    """``values`` (initial delays, steps) clamped to at most ``max_delay``; when any was above
+    it, a :class:`DelayLimitWarning` says how many, naming ``what`` and giving ``advice``."""
+    if max_delay is None:
+        return values
+    above = int((values > max_delay).sum())
+    if above:
+        warnings.warn(
+            f"{what}: {above} of {values.numel()} initial delays were above max_delay = "
+            f"{max_delay} steps and start at {max_delay}; {advice}",
+            DelayLimitWarning,
+            stacklevel=3,
+        )
+    return values.clamp(max=max_delay)
+
+
+def check_sigma(sigma: float, what: str = "sigma") -> float:
+    """``sigma`` as a float if it is a valid spread (``0 ≤ σ ≤ MAX_DELAY`` steps); raises
+    ValueError naming it otherwise."""
+    value = float(sigma)
+    if not 0.0 <= value <= MAX_DELAY:  # False for NaN as well
+        raise ValueError(
+            f"{what} = {value:g} is not a usable spread: σ must be a finite number of steps in "
+            f"[0, {MAX_DELAY:g}] (0: integer delays, the usual schedule starts at 10)"
+        )
+    return value
 
 
 def spread_width(sigma: float, spread_logits: Tensor | None = None) -> Tensor | float:
@@ -28,8 +108,9 @@ def spread_width(sigma: float, spread_logits: Tensor | None = None) -> Tensor | 
 
 
 def kernel_length(max_delay: float, max_width: float) -> int:
-    """Number of lags ``L = ceil(1 + max d + max w) + 1`` (lags 0 … L-1) covering every kernel."""
-    return math.ceil(1.0 + max_delay + max_width) + 1
+    """Number of lags ``L = ceil(1 + max d + max w) + 1`` (lags 0 … L-1) covering every kernel;
+    at least 2 (lags 0 and 1), also when a negative delay puts every triangle below lag 1."""
+    return max(2, math.ceil(1.0 + max_delay + max_width) + 1)
 
 
 def triangle_kernel(delay: Tensor, width: Tensor | float, length: int) -> Tensor:
@@ -74,8 +155,11 @@ def integer_delays(delay: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- initialisers
 def uniform(low: float, high: float) -> DelayInit:
     """Delays drawn from ``U(low, high)`` steps (SHD: ``U(10, 30)``)."""
-    if not 0 <= low <= high:
-        raise ValueError(f"uniform delay init needs 0 <= low <= high, got ({low}, {high})")
+    if not 0 <= low <= high <= MAX_DELAY:
+        raise ValueError(
+            f"uniform delay init needs 0 <= low <= high <= {MAX_DELAY:g} steps (finite), "
+            f"got ({low}, {high})"
+        )
 
     def init(shape, generator=None):
         return low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)
@@ -86,8 +170,11 @@ def uniform(low: float, high: float) -> DelayInit:
 
 def half_normal(std: float) -> DelayInit:
     """Delays drawn from ``|N(0, std²)|`` steps (SSC, PS-MNIST: std = 12)."""
-    if not std >= 0:
-        raise ValueError(f"half-normal delay init needs std >= 0, got {std}")
+    if not 0 <= std <= MAX_DELAY / 8:  # draws beyond 8 std have probability < 1e-15
+        raise ValueError(
+            f"half-normal delay init needs 0 <= std <= {MAX_DELAY / 8:g} steps (finite), so "
+            f"that its delays stay below MAX_DELAY = {MAX_DELAY:g} steps; got {std}"
+        )
 
     def init(shape, generator=None):
         return (std * torch.randn(shape, generator=generator, dtype=torch.float64)).abs()
@@ -98,8 +185,10 @@ def half_normal(std: float) -> DelayInit:
 
 def constant(value: float) -> DelayInit:
     """Every delay equal to ``value`` steps (0 gives a vanilla recurrent layer)."""
-    if not value >= 0:
-        raise ValueError(f"constant delay init needs value >= 0, got {value}")
+    if not 0 <= value <= MAX_DELAY:
+        raise ValueError(
+            f"constant delay init needs 0 <= value <= {MAX_DELAY:g} steps (finite), got {value}"
+        )
 
     def init(shape, generator=None):
         return torch.full(shape, float(value), dtype=torch.float64)

@@ -3,7 +3,10 @@
 :func:`write_atomic` lets a writer fill a temporary file beside the target
 (``.<name>.<random>.tmp`` in the same folder), flushes it to disk and renames it over the
 target, so a reader sees the old file or the new one, never a part of one. An interrupted
-write leaves only its temporary, which :func:`remove_temporaries` clears. Every file is
+write leaves only its temporary, which :func:`remove_temporaries` clears: a run directory's
+lock clears its own at once; elsewhere (a shared data cache, a download folder, any target
+of :func:`write_atomic`) a temporary untouched for ``STALE_AFTER_S`` is taken as left behind
+and cleared, since a live writer may own a younger one. Every file is
 created with mode ``0o666`` less the process's umask (``0o644`` under the usual umask 022),
 as ``open()`` creates files.
 """
@@ -13,20 +16,24 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 TEMPORARY_SUFFIX = ".tmp"
+STALE_AFTER_S = 3600.0  # a temporary unmodified this long belongs to no live writer
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Replace ``path`` by what ``write(temporary path)`` writes, in one step; returns ``path``.
 
     The folder is created when missing. When ``write`` raises, the temporary is removed, the
-    error propagates and an existing file at ``path`` is untouched.
+    error propagates and an existing file at ``path`` is untouched. Temporaries of earlier,
+    interrupted writes of ``path`` older than ``STALE_AFTER_S`` are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(path.parent, [path.name], older_than=STALE_AFTER_S)
     temporary = _new_temporary(path)
     try:
         write(temporary)
@@ -59,22 +66,31 @@ def temporary_target(path: str | os.PathLike) -> str | None:
 
 
 def remove_temporaries(
-    folder: str | os.PathLike, targets: Iterable[str] | None = None
+    folder: str | os.PathLike,
+    targets: Iterable[str] | None = None,
+    older_than: float | None = None,
 ) -> list[Path]:
     """Delete the temporaries that interrupted writes left in ``folder`` (not its sub-folders):
-    all of them, or those written for the file names in ``targets``. Call it only where no
-    other process may be writing the same files (e.g. under a run directory's lock). Returns
-    the paths removed."""
+    all of them, or those written for the file names in ``targets``; with ``older_than``
+    (seconds), only those not modified for that long. Without it, call it only where no other
+    process may be writing the same files (e.g. under a run directory's lock). Returns the
+    paths removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     wanted = None if targets is None else set(targets)
+    now = time.time()
     removed = []
     for entry in folder.iterdir():
         target = temporary_target(entry)
         if target is None or (wanted is not None and target not in wanted):
             continue
-        entry.unlink(missing_ok=True)
+        try:
+            if older_than is not None and now - entry.stat().st_mtime < older_than:
+                continue
+            entry.unlink()
+        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+            continue
         removed.append(entry)
     return removed
 

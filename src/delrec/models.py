@@ -16,10 +16,15 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from delrec.data import dataset_info
+from delrec.delays import MAX_DELAY, check_max_delay
+from delrec.engine import fused
+from delrec.engine.lif import is_builtin_lif
 from delrec.layers import DelRec, FeedforwardDelay
+from delrec.layers.dropout import Dropout
 from delrec.neurons import LIF, LeakyIntegrator, make_surrogate
 from delrec.recipes import RECIPES
 
@@ -113,6 +118,11 @@ class NetworkConfig:
     neuron (SSC, PS-MNIST, Mackey-Glass). ``readout``: ``"lif"`` (LIF with infinite threshold,
     per-step softmax summed), ``"sum"`` (Linear summed over time), ``"ema"`` (exponential
     moving average of the Linear output, last value = prediction).
+    ``max_delay``: the longest delay ``d`` any layer may have, integer steps, or ``None`` (only
+    ``MAX_DELAY``): a chip's limit (docs/deployment.md#chips-delay-limits). Recurrent delays
+    and feedforward positions are kept in ``[0, max_delay]`` from initialisation (draws above
+    it are clamped, with a :class:`~delrec.delays.DelayLimitWarning`) through every optimizer
+    step (:func:`delrec.layers.clamp_delays`).
     """
 
     input_size: int
@@ -127,6 +137,7 @@ class NetworkConfig:
     neuron: NeuronConfig = field(default_factory=NeuronConfig)
     delay_type: str = "axonal"
     delay_init: str = "half_normal:12"
+    max_delay: int | None = None
     learn_spread: bool = False
     ff_delay_window: int = 26
     feedforward_init: str = "uniform-sqrt6"  # or "torch" (nn.Linear's default)
@@ -149,6 +160,12 @@ class NetworkConfig:
                 f"feedforward_init must be 'uniform-sqrt6' or 'torch', "
                 f"got {self.feedforward_init!r}"
             )
+        if not 1 <= self.ff_delay_window <= MAX_DELAY + 1:
+            raise ValueError(
+                f"ff_delay_window must be between 1 and {MAX_DELAY + 1:g} steps (delays of 0 … "
+                f"MAX_DELAY = {MAX_DELAY:g} steps), got {self.ff_delay_window}"
+            )
+        check_max_delay(self.max_delay, "max_delay")
         if not self.hidden_sizes or min(self.hidden_sizes) < 1:
             raise ValueError(f"hidden_sizes must be positive sizes, got {self.hidden_sizes}")
         for name in ("dropout", "recurrent_dropout"):
@@ -171,6 +188,10 @@ class HiddenBlock(nn.Module):
     """One hidden layer: synapses (Linear or FeedforwardDelay) → [BatchNorm] → neurons → dropout.
 
     ``(T, B, I)`` → spikes ``(T, B, O)``. ``neurons`` is a DelRec layer or a plain LIF.
+    ``engine`` (see :func:`set_feedforward_engine`): ``"fused"`` runs BatchNorm, a plain LIF
+    layer with its dropout, and a lone dropout as the fused loops of
+    :mod:`delrec.engine.fused` where they are available (the C++ kernels, on the CPU);
+    ``"reference"`` runs the modules step by step under autograd. Same numbers either way.
     """
 
     def __init__(
@@ -183,13 +204,27 @@ class HiddenBlock(nn.Module):
     ):
         super().__init__()
         self.synapses, self.norm, self.neurons = synapses, norm, neurons
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout)
         self.dropout_first = dropout_first
+        self.engine = "fused"
 
     def forward(self, x: Tensor) -> Tensor:
-        current = self.synapses(x)
-        if self.norm is not None:  # statistics over all T·B frames
-            current = self.norm(current.flatten(0, 1)).view_as(current)
+        use_fused = self.engine == "fused" and fused.kernels_for(x.device) is not None
+        if use_fused and fused.fusable_norm(self.norm) and type(self.synapses) is nn.Linear:
+            # the normalisation removes the linear map's bias: it goes into the statistics only
+            current = F.linear(x, self.synapses.weight)
+            current = fused.batch_norm(current, self.norm, self.synapses.bias)
+        else:
+            current = self.synapses(x)
+            if self.norm is not None:  # statistics over all T·B frames
+                if use_fused and fused.fusable_norm(self.norm):
+                    current = fused.batch_norm(current, self.norm)
+                else:
+                    current = self.norm(current.flatten(0, 1)).view_as(current)
+        if use_fused and is_builtin_lif(self.neurons):  # the layer and its dropout: one loop
+            mask = self.dropout.draw()
+            masks = (mask, None) if self.dropout_first else (None, mask)
+            return fused.lif_layer(current, self.neurons.p, *masks)
         if self.dropout_first:
             return self.neurons(self.dropout(current))
         return self.dropout(self.neurons(current))
@@ -210,6 +245,7 @@ class SpikingNetwork(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.readout = readout
         self.readout_neuron = readout_neuron
+        self.engine = "fused"  # of the readout neuron; see set_feedforward_engine
 
     def forward_with_spikes(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Readout sequence ``(T, B, K)`` and the spikes ``(T, B, N_l)`` of every hidden layer."""
@@ -223,8 +259,12 @@ class SpikingNetwork(nn.Module):
             x = block(x)
             spikes.append(x)
         out = self.readout(x)
-        if self.readout_neuron is not None:
-            out = self.readout_neuron(out)
+        neuron = self.readout_neuron
+        if neuron is not None:
+            if self.engine == "fused" and fused.kernels_for(out.device) is not None:
+                out = fused.integrate(out, neuron.tau, neuron.decay_input)
+            else:
+                out = neuron(out)
         return out, spikes
 
     def forward(self, x: Tensor) -> Tensor:
@@ -233,6 +273,18 @@ class SpikingNetwork(nn.Module):
     def delay_layers(self) -> list[nn.Module]:
         """The layers that hold delays (DelRec and FeedforwardDelay), in depth order."""
         return [m for m in self.modules() if isinstance(m, (DelRec, FeedforwardDelay))]
+
+
+def set_feedforward_engine(network: nn.Module, engine: str) -> None:
+    """Run the network around the delays of ``network`` on ``engine``: ``"fused"`` (the default:
+    plain LIF layers, the leaky-integrator readout, dropout and BatchNorm as the compiled loops
+    of :mod:`delrec.engine.fused`, where they are built) or ``"reference"`` (the modules'
+    step-by-step autograd). The recurrent layers keep their own ``engine`` option."""
+    if engine not in fused.ENGINES:
+        raise ValueError(f"unknown feedforward engine {engine!r}; choose one of {fused.ENGINES}")
+    for module in network.modules():
+        if isinstance(module, (HiddenBlock, SpikingNetwork, Dropout)):
+            module.engine = engine
 
 
 def readout_reduce(output: Tensor, readout: str) -> Tensor:
@@ -275,7 +327,9 @@ def _neurons(
     variant = VARIANTS[cfg.model]
     if not recurrent_position or not variant.recurrent:
         return neuron
-    common = dict(recurrent_dropout=cfg.recurrent_dropout, generator=generator)
+    common = dict(
+        recurrent_dropout=cfg.recurrent_dropout, generator=generator, max_delay=cfg.max_delay
+    )
     if variant.recurrence == "vanilla":
         return DelRec.vanilla(size, neuron, **common)
     delay_type = variant.delay_type or cfg.delay_type
@@ -300,7 +354,9 @@ def build_network(cfg: NetworkConfig, seed: int | None = None) -> SpikingNetwork
     for index, size in enumerate(cfg.hidden_sizes):
         recurrent_position = cfg.is_recurrent_position(index)
         if recurrent_position and VARIANTS[cfg.model].feedforward_delays:
-            synapses = FeedforwardDelay(fan_in, size, cfg.ff_delay_window, cfg.bias, generator)
+            synapses = FeedforwardDelay(
+                fan_in, size, cfg.ff_delay_window, cfg.bias, generator, max_delay=cfg.max_delay
+            )
         else:
             synapses = _linear(cfg, fan_in, size, cfg.bias, generator)
         norm = nn.BatchNorm1d(size) if cfg.block == "bn" else None

@@ -1,9 +1,14 @@
-"""`delrec bench`: the cost of recurrent delays on this machine (:mod:`delrec.bench`)."""
+"""`delrec bench`: the cost of recurrent delays on this machine (:mod:`delrec.bench`), or of a
+preset's whole network (``--network``, :mod:`delrec.bench_network`)."""
 
 from __future__ import annotations
 
-from delrec import bench
-from delrec.commands import EXIT_CODES_HELP
+import argparse
+
+import torch
+
+from delrec import bench, bench_network
+from delrec.commands import EXIT_CODES_HELP, UsageError
 
 
 def add_parser(subparsers) -> None:
@@ -16,6 +21,25 @@ def add_parser(subparsers) -> None:
         epilog=EXIT_CODES_HELP,
     )
     p.add_argument("--quick", action="store_true", help="small grid, under a minute")
+    p.add_argument(
+        "--network",
+        choices=("shd", "ssc", "psmnist", "mackey-glass", "all"),
+        help="instead: one training step of this preset's whole network, fused and unfused, "
+        "and where its time goes, on the CPU (delrec.bench_network; --quick: batch 16)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu (default): this benchmark; cuda: the Triton engine on a GPU against a lean "
+        "PyTorch recurrent loop, with the GPU targets (delrec.bench_gpu)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --device cuda: run the GPU benchmark at tiny sizes on the CPU under Triton's "
+        "interpreter (checks it end to end without a GPU; measures nothing)",
+    )
     p.add_argument("--out", default="bench-out", help="output directory (default: bench-out/)")
     p.add_argument(
         "--repeats",
@@ -35,4 +59,19 @@ def add_parser(subparsers) -> None:
         default="wall",
         help="wall-clock time, or this process's CPU time (steadier on a shared machine)",
     )
-    p.set_defaults(run=bench.run)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.network:
+        if args.device != "cpu" or args.dry_run:
+            raise UsageError("--network measures the CPU engines: leave out --device and --dry-run")
+        return bench_network.run(args)
+    if args.dry_run and args.device != "cuda":
+        raise UsageError("--dry-run checks the GPU benchmark: use it with --device cuda")
+    if args.device == "cuda" and not args.dry_run and not torch.cuda.is_available():
+        raise UsageError(
+            "--device cuda: no CUDA device here; --dry-run runs the GPU benchmark at tiny sizes "
+            "on the CPU to check it"
+        )
+    return bench.run(args)

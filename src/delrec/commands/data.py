@@ -7,6 +7,7 @@ from pathlib import Path
 
 from delrec.commands import EXIT_CODES_HELP
 from delrec.data import DATASETS, RESOURCES, dataset_info, default_dir, download
+from delrec.data.fetch import MIRROR_VARIABLE
 from delrec.data.registry import FOLDERS
 
 
@@ -19,6 +20,9 @@ def add_parser(subparsers) -> None:
     fetch = commands.add_parser(
         "download",
         help="fetch, verify (MD5), resume and extract the official files",
+        description="Fetch the official archives of a data set (or from a mirror), check their "
+        "MD5 sums, resume broken transfers, extract them and record each extracted file's "
+        "MD5 beside it (<file>.md5); files already there are checked before they are reported.",
         epilog=EXIT_CODES_HELP,
     )
     fetch.add_argument("name", choices=sorted(RESOURCES))
@@ -29,6 +33,13 @@ def add_parser(subparsers) -> None:
         metavar="DIR",
         help="destination folder (default: $DELREC_DATA/<name> or data/<name>)",
     )
+    fetch.add_argument(
+        "--mirror",
+        metavar="URL",
+        help="fetch the archives from this base URL (https://…, file://…) or folder, where they "
+        "sit under their file names, instead of the official servers (default: "
+        f"${MIRROR_VARIABLE} when set); their MD5 sums are checked all the same",
+    )
     fetch.add_argument("--quiet", action="store_true", help="no progress bar")
     fetch.set_defaults(run=_run_download)
     listing = commands.add_parser("list", help="the data sets, their sizes and file folders")
@@ -37,7 +48,7 @@ def add_parser(subparsers) -> None:
 
 def _run_download(args: argparse.Namespace) -> int:
     to = args.to if args.to is not None else default_dir(args.name)
-    for path in download(args.name, to, progress=not args.quiet):
+    for path in download(args.name, to, progress=not args.quiet, mirror=args.mirror):
         print(path)
     return 0
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from delrec.commands import EXIT_CODES_HELP, UsageError
 from delrec.deploy.nir_format import export_nir
+from delrec.deploy.report import hardware_report
+from delrec.deploy.targets import format_max_delay_check
 from delrec.runs import default_nir_path, load_network
 
 
@@ -16,7 +18,9 @@ def add_parser(subparsers) -> None:
         "export",
         help="export a trained network for neuromorphic hardware (NIR)",
         description="Export the network of a run directory (or checkpoint file) with integer "
-        "delays. The NIR file states its time convention in its metadata.",
+        "delays. The NIR file states its time convention in its metadata. A network whose "
+        "integer delays exceed its network.max_delay (the chip limit it was trained for) is "
+        "refused.",
         epilog=EXIT_CODES_HELP,
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint .pt file")
@@ -43,6 +47,13 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else default_nir_path(args.run_dir)
     net = load_network(args.run_dir, args.checkpoint)
+    limit = hardware_report(net)["max_delay"]
+    if not limit["pass"]:
+        raise UsageError(
+            f"{format_max_delay_check(limit)}: the network does not fit the chip it was trained "
+            "for; clamp its delays (delrec.layers.clamp_delays) or retrain with "
+            "--set network.max_delay=D, and check it with `delrec report RUN_DIR --target NAME`"
+        )
     try:
         graph = export_nir(net, output, dt=args.dt)
     except ValueError as error:  # a bad --dt, or a network NIR cannot express (NIRExportError)

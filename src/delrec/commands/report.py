@@ -10,6 +10,7 @@ from delrec.checkpoint import network_from
 from delrec.commands import EXIT_CODES_HELP, UsageError
 from delrec.data import SPLITS, load_dataset, make_loader
 from delrec.deploy.report import format_report, hardware_report, write_report
+from delrec.deploy.targets import TARGETS, UnknownTargetError, format_targets, get_target
 from delrec.runs import (
     checkpoint_config,
     default_report_dir,
@@ -24,12 +25,18 @@ def add_parser(subparsers) -> None:
         "report",
         help="hardware report: delays, buffer memory, spikes and synaptic operations",
         description="Report what a chip needs to run the network of a run directory with integer "
-        "delays: per layer the neurons, synapses, delay histogram and buffer memory; on the run's "
-        "test split (or --data) the spikes and synaptic operations per inference and the score "
-        "with σ-spread versus integer delays.",
-        epilog=EXIT_CODES_HELP,
+        "delays: per layer the neurons, synapses, delay histogram and buffer memory; every "
+        "integer delay against the run's network.max_delay; on the run's test split (or --data) "
+        "the spikes and synaptic operations per inference and the score with σ-spread versus "
+        "integer delays. --target compares the network with a chip's published delay limits.",
+        epilog="examples: delrec report runs/shd --target loihi2-lava-dl --no-data; "
+        "delrec report --list-targets. A delay d counts the steps beyond the minimal latency (a "
+        "recurrent spike arrives 1 + d steps later); train for a chip with "
+        "--set network.max_delay=D. " + EXIT_CODES_HELP,
     )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory or checkpoint .pt file")
+    parser.add_argument(
+        "run_dir", metavar="RUN_DIR", nargs="?", help="run directory or checkpoint .pt file"
+    )
     parser.add_argument(
         "--checkpoint",
         choices=["best", "last"],
@@ -46,6 +53,18 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--data-root", metavar="DIR", help="folder holding the data set's files")
     parser.add_argument("--no-data", action="store_true", help="static report only, no data pass")
+    parser.add_argument(
+        "--target",
+        metavar="NAME",
+        help="compare the network with a chip's delay limits (longest delay, per-neuron or "
+        "per-synapse delays, delay bits): PASS/FAIL lines, also written into the report JSON; "
+        f"NAME is one of {', '.join(TARGETS)}",
+    )
+    parser.add_argument(
+        "--list-targets",
+        action="store_true",
+        help="print the known targets with their limits and the source of every number, and exit",
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     parser.add_argument("--max-batches", type=int, help="stop after this many batches")
     parser.add_argument(
@@ -59,13 +78,25 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.list_targets:
+        print(format_targets())
+        return 0
+    if args.run_dir is None:
+        raise UsageError("give a RUN_DIR (or --list-targets)")
     if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
         raise UsageError("--batch-size and --max-batches must be >= 1")
+    try:
+        target = None if args.target is None else get_target(args.target)
+    except UnknownTargetError as error:
+        raise UsageError(str(error)) from None
     output = Path(args.output) if args.output else default_report_dir(args.run_dir)
     payload = load_checkpoint(args.run_dir, args.checkpoint)
     try:
         report = hardware_report(
-            network_from(payload), _loader(args, payload), max_batches=args.max_batches
+            network_from(payload),
+            _loader(args, payload),
+            max_batches=args.max_batches,
+            target=target,
         )
     except ValueError as error:  # no samples to measure on
         raise UsageError(str(error)) from None

@@ -2,10 +2,16 @@
 
 Each :class:`Resource` is an archive (``.zip`` holding one file, or ``.gz``) at an official
 URL with its published MD5. The archive is fetched into ``<name>.part`` (resumed from its
-current size when present), verified, then extracted next to it, and removed; a file that is
-already extracted is skipped. Interrupted transfers are resumed automatically (``retries``
-times); without a network connection the first attempt fails at once with a DataError saying
-where to put the files by hand.
+current size when present, keeping every byte that arrived before a stall), verified, then
+extracted next to it, and removed. The MD5 of the extracted file is recorded beside it in
+``<file>.md5`` (``md5sum`` format); a file that is already there is checked against that
+record (or, put there by hand, for its format) before it is reported. Interrupted transfers
+are resumed automatically (``retries`` times); without a network connection the first
+attempt fails at once with a DataError saying where to put the files by hand.
+
+A mirror (``mirror=``, ``delrec data download --mirror``, or the environment variable
+``DELREC_MIRROR``) replaces the official servers: a base URL (``https://…``, ``file://…``)
+or a folder under which the archives are found by their file names.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import shutil
+import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -23,12 +29,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from delrec.files import write_atomic
+from delrec.files import write_atomic, write_text
 
 from .errors import DataError, DownloadError
 
 HEIDELBERG_URL = "https://zenkelab.org/datasets/"
 MNIST_URL = "http://yann.lecun.com/exdb/mnist/"
+MIRROR_VARIABLE = "DELREC_MIRROR"
+RECORD_SUFFIX = ".md5"  # beside each extracted file: its MD5, md5sum format
 _BLOCK = 1 << 16
 
 
@@ -43,6 +51,14 @@ class Resource:
     @property
     def archive(self) -> str:
         return self.url.rsplit("/", 1)[-1]
+
+    def url_from(self, mirror: str | None) -> str:
+        """The archive's URL on ``mirror`` (a base URL or a folder), or the official one."""
+        if not mirror:
+            return self.url
+        if "://" not in mirror:  # a folder
+            mirror = Path(mirror).expanduser().resolve().as_uri()
+        return f"{mirror.rstrip('/')}/{self.archive}"
 
 
 RESOURCES: dict[str, list[Resource]] = {
@@ -98,16 +114,26 @@ def md5_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def record_path(target: Path) -> Path:
+    """Where the MD5 of an extracted file is recorded: ``<file>.md5``."""
+    return target.with_name(target.name + RECORD_SUFFIX)
+
+
+def _recorded_md5(target: Path) -> str | None:
+    try:
+        return record_path(target).read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 class _Interrupted(Exception):
     """The transfer stopped early; the .part file keeps what arrived."""
 
 
-def _fetch(resource: Resource, part: Path, timeout: float, progress: bool) -> None:
-    """Append the missing bytes of ``resource`` to ``part`` (a Range request when it exists)."""
+def _fetch(url: str, part: Path, timeout: float, progress: bool) -> None:
+    """Append the missing bytes at ``url`` to ``part`` (a Range request when it exists)."""
     have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(
-        resource.url, headers={"Range": f"bytes={have}-"} if have else {}
-    )
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
@@ -126,12 +152,12 @@ def _fetch(resource: Resource, part: Path, timeout: float, progress: bool) -> No
                 initial=have,
                 unit="B",
                 unit_scale=True,
-                desc=resource.archive,
+                desc=part.name.removesuffix(".part"),
                 disable=not progress,
             ) as bar,
         ):
-            try:
-                for block in iter(lambda: response.read(_BLOCK), b""):
+            try:  # read1: what has arrived, so that a stall loses nothing already received
+                for block in iter(lambda: response.read1(_BLOCK), b""):
                     out.write(block)
                     bar.update(len(block))
             except (OSError, HTTPException) as exc:
@@ -141,11 +167,15 @@ def _fetch(resource: Resource, part: Path, timeout: float, progress: bool) -> No
 
 
 def _extract(archive: Path, target: Path) -> None:
-    """Write the single member of a .zip (or the content of a .gz) to ``target`` atomically."""
+    """Write the single member of a .zip (or the content of a .gz) to ``target`` atomically,
+    then its MD5 to ``<target>.md5``."""
+    digest = hashlib.md5()
 
     def copy(source, temporary: Path) -> None:
         with source, open(temporary, "wb") as destination:
-            shutil.copyfileobj(source, destination, _BLOCK)
+            for block in iter(lambda: source.read(_BLOCK), b""):
+                digest.update(block)
+                destination.write(block)
 
     try:
         if archive.suffix == ".zip":
@@ -160,6 +190,49 @@ def _extract(archive: Path, target: Path) -> None:
         raise DownloadError(
             f"{archive} could not be extracted ({exc}): delete it and download again"
         ) from exc
+    write_text(record_path(target), f"{digest.hexdigest()}  {target.name}\n")
+
+
+def _check_extracted(target: Path, name: str) -> bool:
+    """Whether ``target`` (already there) is whole: its MD5 equals the one recorded when it was
+    extracted (False, with a notice, when it differs: it is fetched again), or, put there by
+    hand without a record, its format is right (a DataError naming the fix when it is not)."""
+    recorded = _recorded_md5(target)
+    if recorded is not None:
+        digest = md5_of(target)
+        if digest == recorded:
+            return True
+        print(
+            f"note: {target} has MD5 {digest}, not the {recorded} it had when extracted; "
+            "it is damaged: fetching it again",
+            file=sys.stderr,
+        )
+        target.unlink()
+        return False
+    problem = _format_problem(target)
+    if problem is not None:
+        raise DataError(
+            f"{target} is already there but {problem}; delete it and run "
+            f"`delrec data download {name} --to {target.parent}` again"
+        )
+    return True
+
+
+def _format_problem(path: Path) -> str | None:
+    """What is wrong with a data file put there by hand (``None``: it looks right): an HDF5
+    file's signature, an idx file's header and size."""
+    if path.suffix == ".h5":
+        import h5py
+
+        return None if h5py.is_hdf5(path) else "it is not an HDF5 file"
+    if "-idx" in path.name:
+        from .mnist import read_idx
+
+        try:
+            read_idx(path)
+        except DataError:
+            return "it is not a whole idx file"
+    return None
 
 
 def _by_hand(name: str, resources: list[Resource], folder: Path) -> str:
@@ -180,27 +253,44 @@ def download(
     retries: int = 3,
     timeout: float = 30.0,
     progress: bool = True,
+    mirror: str | None = None,
 ) -> list[Path]:
     """Fetch, verify and extract the files of data set ``name`` ("shd", "ssc", "mnist") into
     the folder ``to``; returns the extracted paths. ``resources`` replaces the official list
-    (tests serve their own archives). An archive already in ``to`` is verified and used."""
+    (tests serve their own archives). ``mirror``: a base URL or folder holding the archives
+    (default ``$DELREC_MIRROR``, else the official servers). An archive already in ``to`` is
+    verified and used; one that fails its MD5 is reported (a DataError), not replaced. A file
+    already extracted is verified (module docstring)."""
     if resources is None:
         if name not in RESOURCES:
             raise DataError(
                 f"nothing to download for '{name}': choose one of {', '.join(RESOURCES)}"
             )
         resources = RESOURCES[name]
+    if mirror is None:
+        mirror = os.environ.get(MIRROR_VARIABLE) or None
     to = Path(to)
     to.mkdir(parents=True, exist_ok=True)
     done = []
     for resource in resources:
         target = to / resource.target
-        if target.exists():
+        if target.exists() and _check_extracted(target, name):
             done.append(target)
             continue
         archive = to / resource.archive
-        if not (archive.exists() and md5_of(archive) == resource.md5):
-            _download_verified(name, resource, archive, resources, to, retries, timeout, progress)
+        if archive.exists():
+            digest = md5_of(archive)
+            if digest != resource.md5:
+                raise DataError(
+                    f"{archive} fails its checksum: MD5 {digest}, expected {resource.md5}; it is "
+                    f"damaged or not the official {resource.archive}: delete it (or put the "
+                    "official file there) and run the command again"
+                )
+        else:
+            url = resource.url_from(mirror)
+            _download_verified(
+                name, resource, url, archive, resources, to, retries, timeout, progress
+            )
         _extract(archive, target)
         archive.unlink()
         done.append(target)
@@ -210,6 +300,7 @@ def download(
 def _download_verified(
     name: str,
     resource: Resource,
+    url: str,
     archive: Path,
     resources: list[Resource],
     to: Path,
@@ -220,31 +311,30 @@ def _download_verified(
     part = archive.with_name(archive.name + ".part")
     for attempt in range(1 + retries):
         try:
-            _fetch(resource, part, timeout, progress)
+            _fetch(url, part, timeout, progress)
             break
         except _Interrupted as exc:
             if attempt == retries:
                 raise DownloadError(
-                    f"the transfer of {resource.url} broke off ({exc}) after "
+                    f"the transfer of {url} broke off ({exc}) after "
                     f"{1 + retries} attempts; {part} keeps what arrived: run the "
                     "command again to resume"
                 ) from exc
         except urllib.error.HTTPError as exc:
             raise DownloadError(
-                f"{resource.url} answered HTTP {exc.code} {exc.reason}.\n"
-                + _by_hand(name, resources, to)
+                f"{url} answered HTTP {exc.code} {exc.reason}.\n" + _by_hand(name, resources, to)
             ) from exc
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
             raise DownloadError(
-                f"cannot reach {resource.url} ({reason}): no network?\n"
-                + _by_hand(name, resources, to)
+                f"cannot reach {url} ({reason}): no network? (a mirror: --mirror URL or "
+                f"{MIRROR_VARIABLE})\n" + _by_hand(name, resources, to)
             ) from exc
     digest = md5_of(part)
     if digest != resource.md5:
         part.unlink()
         raise DownloadError(
-            f"{resource.url} arrived with MD5 {digest}, expected {resource.md5}; "
+            f"{url} arrived with MD5 {digest}, expected {resource.md5}; "
             "the download was removed: run the command again, or fetch the file "
             "by hand.\n" + _by_hand(name, resources, to)
         )

@@ -10,7 +10,10 @@ With a fixed number of bins (SSC: 250 bins of 5.6 ms = 1.4 s) spikes at or after
 the last bin are dropped. Without one (SHD), a sample has ``floor(t_last / dt) + 1`` bins.
 
 Parsing happens once per file and binning setting; the result is cached as compact arrays in
-``<data dir>/cache/`` (atomic write) and invalidated when the source file changes.
+``<data dir>/cache/`` (atomic write) and invalidated when the source file changes. A cache file
+that cannot be read or does not hold what it should (truncated, overwritten) is rebuilt from
+the source with a warning; temporaries of interrupted cache writes are cleared once they are
+an hour old (another process may still be writing a younger one: the cache is shared).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from delrec.files import write_atomic
+from delrec import files
 
 from .core import DatasetInfo, SparseFrames
 from .errors import DataError
@@ -73,23 +76,30 @@ def bin_spikes(
     ``offsets`` (N+1,), per-entry ``steps``, ``channels``, ``counts`` (uint16) sorted by
     sample, then time, then channel, and ``lengths`` (N,) bins per sample (≥ 1, an empty
     sample has one).
-    Raises ValueError naming the first bad sample (negative/NaN time, unit out of range).
+    Raises ValueError naming the first bad sample (negative, infinite or NaN time, unit out of
+    range).
     """
     sizes = np.array([len(t) for t in times], dtype=np.int64)
     n = len(sizes)
     t_all = np.concatenate(times).astype(np.float64) if n else np.zeros(0)
     u_all = np.concatenate(units).astype(np.int64) if n else np.zeros(0, np.int64)
     sample = np.repeat(np.arange(n), sizes)
-    bad = ~(t_all >= 0)
+    bad = ~((t_all >= 0) & (t_all < np.inf))
     if bad.any():
-        raise ValueError(f"sample {sample[bad.argmax()]} has a negative or NaN spike time")
+        raise ValueError(
+            f"sample {sample[bad.argmax()]} has the spike time {t_all[bad.argmax()]}: spike "
+            "times must be finite and >= 0 seconds"
+        )
     bad = (u_all < 0) | (u_all >= NUM_UNITS)
     if bad.any():
         raise ValueError(
             f"sample {sample[bad.argmax()]} has unit id {u_all[bad.argmax()]}, "
             f"outside 0…{NUM_UNITS - 1}"
         )
-    step = np.rint(t_all * 1e6).astype(np.int64) // binning.dt_us
+    # a time past the last possible bin (2¹⁶) lands there: it is dropped or reported below,
+    # and a huge time never overflows the integer conversion
+    beyond = 2**16 * binning.dt_us
+    step = np.rint(np.minimum(t_all * 1e6, beyond)).astype(np.int64) // binning.dt_us
     channel = u_all // binning.group
     if binning.steps is None:
         lengths = np.ones(n, dtype=np.int64)
@@ -244,7 +254,7 @@ def _write_cache(target: Path, arrays: dict[str, np.ndarray]) -> None:
         with open(temporary, "wb") as handle:  # a file object: np.savez adds no ".npz"
             np.savez(handle, **arrays)
 
-    write_atomic(target, save)
+    files.write_atomic(target, save)
 
 
 def load_binned(
@@ -262,6 +272,7 @@ def load_binned(
     A sample without any spike in the file is an error unless ``keep_empty``: then it is an
     all-zero frame (one time bin, or the fixed number of steps)."""
     cache = Path(cache_dir or path.parent / "cache") / binning.cache_name(path)
+    files.remove_temporaries(cache.parent, older_than=files.STALE_AFTER_S)
     arrays = _cached(cache, path)
     if arrays is None:
         arrays = parse_file(path, binning, num_classes, dataset)
@@ -282,18 +293,48 @@ def load_binned(
     return arrays
 
 
+CACHE_ARRAYS = ("offsets", "steps", "channels", "counts", "lengths", "labels", "empty", "source")
+
+
 def _cached(cache: Path, path: Path) -> dict[str, np.ndarray] | None:
-    """The arrays in ``cache`` if it exists, is readable and was made from ``path`` as it is."""
+    """The arrays in ``cache`` if it exists, is whole and was made from ``path`` as it is; a
+    cache that is damaged is reported (a warning) and ``None`` returned, to rebuild it."""
     if not cache.exists():
         return None
     try:
         with np.load(cache) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError):
+        problem = _cache_problem(arrays)
+    except Exception as error:  # zipfile, zlib, numpy and OS errors of a damaged file
+        problem = f"{type(error).__name__}: {error}"
+    if problem is not None:
+        warnings.warn(
+            f"the binning cache {cache} is damaged ({problem}); rebuilding it from {path}",
+            stacklevel=3,
+        )
         return None
-    if not np.array_equal(arrays.pop("source", None), _source_stamp(path)):
-        return None
+    if not np.array_equal(arrays.pop("source"), _source_stamp(path)):
+        return None  # the source file changed since: rebuild
     return arrays
+
+
+def _cache_problem(arrays: dict[str, np.ndarray]) -> str | None:
+    """What is wrong with the arrays of a cache file, or ``None`` when they fit together."""
+    missing = [name for name in CACHE_ARRAYS if name not in arrays]
+    if missing:
+        return f"no {', '.join(missing)}"
+    offsets, entries = arrays["offsets"], len(arrays["steps"])
+    samples = len(arrays["labels"])
+    if not (
+        len(offsets) == samples + 1
+        and len(arrays["lengths"]) == samples
+        and len(arrays["channels"]) == len(arrays["counts"]) == entries
+        and offsets[0] == 0
+        and offsets[-1] == entries
+        and (np.diff(offsets) >= 0).all()
+    ):
+        return "its arrays do not fit together"
+    return None
 
 
 NUM_CLASSES = {"shd": 20, "ssc": 35}

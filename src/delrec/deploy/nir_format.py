@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 import delrec
+from delrec.delays import MAX_DELAY
 from delrec.deploy.streaming import DelayedSynapses, StreamingLayer, StreamingNetwork
 from delrec.files import write_atomic
 from delrec.neurons import LIF, LeakyIntegrator
@@ -235,15 +236,22 @@ def import_nir(source, dt: float | None = None) -> StreamingNetwork:
 
     ``source``: a file path or a ``nir.NIRGraph``. ``dt``: seconds per step; by default the
     graph's ``dt`` metadata. Parameters are converted back to steps (``τ_s = τ/dt`` rounded to
-    12 significant digits to undo the round-off of the conversion; lags ``= round(delay/dt)``).
-    Raises :class:`NIRImportError` where the graph differs from that shape.
+    12 significant digits to undo the round-off of the conversion; lags ``= round(delay/dt)``,
+    at most ``MAX_DELAY`` steps). Raises :class:`NIRImportError` where the file is not a
+    readable NIR graph or the graph differs from that shape.
     """
     nir = _nir()
-    graph = source if isinstance(source, nir.NIRGraph) else nir.read(source)
+    graph = source if isinstance(source, nir.NIRGraph) else _read_graph(nir, source)
     if dt is None:
         if "dt" not in (graph.metadata or {}):
             raise NIRImportError("the graph has no 'dt' metadata; pass dt (seconds per step)")
-        dt = float(graph.metadata["dt"])
+        dt = graph.metadata["dt"]
+    try:
+        dt = float(dt)
+    except (TypeError, ValueError):
+        dt = math.nan
+    if not (math.isfinite(dt) and dt > 0):
+        raise NIRImportError(f"dt = {dt} is not a positive number of seconds per step; pass dt")
     successors: dict[str, list[str]] = {name: [] for name in graph.nodes}
     for pre, post in graph.edges:
         successors[pre].append(post)
@@ -299,11 +307,32 @@ def import_nir(source, dt: float | None = None) -> StreamingNetwork:
         )
 
 
+def _read_graph(nir, path: str | os.PathLike):
+    """``nir.read(path)``, its failures on a file that is not NIR as :class:`NIRImportError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no NIR file at {path}")
+    try:
+        return nir.read(path)
+    except Exception as error:  # h5py and nir raise OSError, KeyError, ValueError … on bad files
+        raise NIRImportError(
+            f"{path} is not a readable NIR file ({type(error).__name__}: {error}); it may be "
+            "truncated or another kind of file: write it again with `delrec export` or nir.write"
+        ) from None
+
+
 def _follow_branch(nir, graph, successors, source: str, first: str, dt: float):
     """``source → [Delay] → Affine/Linear → target`` as ``(target, lags (I,), weight, bias)``."""
     name, lags = first, None
     if isinstance(graph.nodes[name], nir.Delay):
         steps = np.asarray(graph.nodes[name].delay, dtype=np.float64) / dt
+        if not (np.abs(steps) <= MAX_DELAY).all():  # False for NaN too
+            worst = steps[~(np.abs(steps) <= MAX_DELAY)].flat[0]
+            raise NIRImportError(
+                f"Delay node {name!r} holds a delay of {worst:g} steps (at dt = {dt} s); delrec "
+                f"runs delays of at most MAX_DELAY = {MAX_DELAY:g} steps: check the graph's "
+                "delays and its dt (pass dt= if the metadata is wrong)"
+            )
         lags = np.rint(steps)
         if (lags < 0).any() or not np.allclose(steps, lags, rtol=0, atol=1e-6):
             raise NIRImportError(
@@ -320,6 +349,9 @@ def _follow_branch(nir, graph, successors, source: str, first: str, dt: float):
     weight = torch.from_numpy(np.array(node.weight))
     if weight.dim() != 2:
         raise NIRImportError(f"weight of {name!r} must be 2-D, got shape {tuple(weight.shape)}")
+    values = [weight, *([np.asarray(node.bias)] if isinstance(node, nir.Affine) else [])]
+    if not all(np.isfinite(np.asarray(v, dtype=np.float64)).all() for v in values):
+        raise NIRImportError(f"node {name!r} holds NaN or infinite weights or biases")
     if lags is not None and lags.shape != (weight.shape[1],):
         raise NIRImportError(
             f"Delay before {name!r} has shape {lags.shape}, expected ({weight.shape[1]},)"

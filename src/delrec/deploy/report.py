@@ -16,6 +16,11 @@ projection with ``N_pre`` presynaptic neurons, delays ``d`` and maximum ``D``:
 * delay values — ``values × ceil(log2(D + 1))`` bits (``N`` values axonal, ``N²`` synaptic,
   1 shared, ``O × I`` feedforward).
 
+``neurons_with_mixed_delays`` counts the presynaptic neurons whose synapses (non-zero weights)
+do not all share one delay: 0 means the projection runs as per-neuron (axonal) delays. The
+report checks every integer delay against the network's ``max_delay`` and, when asked, against
+a chip's published limits (:mod:`delrec.deploy.targets`).
+
 Synaptic operations (an energy proxy): every non-zero input of a layer (a spike, or a
 non-zero input frame entry for the first layer) costs one operation per non-zero outgoing
 weight; recurrent spikes likewise. Counts are per inference (per sample), over the true
@@ -26,7 +31,6 @@ regression prediction at each sample's last true step.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -35,6 +39,14 @@ from torch import Tensor, nn
 
 from delrec import files
 from delrec.deploy.streaming import DelayedSynapses, StreamingNetwork
+from delrec.deploy.targets import (
+    Target,
+    bits_for,
+    format_max_delay_check,
+    format_target_check,
+    max_delay_check,
+    target_check,
+)
 from delrec.layers import DelRec, FeedforwardDelay
 from delrec.models import readout_reduce
 
@@ -49,6 +61,9 @@ def _delay_stats(kind: str, synapses: DelayedSynapses) -> dict:
         values = values[:1]
     max_delay = int(values.max())
     counts = torch.bincount(values, minlength=max_delay + 1)
+    used = synapses.weight != 0  # (O, I): a chip drops the zero-weight synapses
+    highest = lags.masked_fill(~used, -1).amax(0)
+    lowest = lags.masked_fill(~used, max_delay + 1).amin(0)
     return {
         "kind": kind,
         "values": int(values.numel()),
@@ -57,7 +72,8 @@ def _delay_stats(kind: str, synapses: DelayedSynapses) -> dict:
         "mean": float(values.double().mean()),
         "axonal_buffer_bits": synapses.in_features * max_delay,
         "synaptic_buffer_bits": int(lags.sum()),
-        "delay_value_bits": int(values.numel()) * max(1, math.ceil(math.log2(max_delay + 1))),
+        "delay_value_bits": int(values.numel()) * bits_for(max_delay),
+        "neurons_with_mixed_delays": int(((highest >= 0) & (highest != lowest)).sum()),
     }
 
 
@@ -208,7 +224,9 @@ def _add_activity(layers: list[dict], stream: StreamingNetwork, activity: dict) 
     layers[-1]["synops_per_inference"] = float(activity["spikes"][-1] @ _fan_out(stream.readout))
 
 
-def hardware_report(net: nn.Module, loader=None, *, max_batches: int | None = None) -> dict:
+def hardware_report(
+    net: nn.Module, loader=None, *, max_batches: int | None = None, target: Target | None = None
+) -> dict:
     """A JSON-ready report of ``net`` (a :class:`~delrec.models.SpikingNetwork`).
 
     Without ``loader``: neurons, synapses, delay histograms and buffer memory per layer. With
@@ -217,7 +235,11 @@ def hardware_report(net: nn.Module, loader=None, *, max_batches: int | None = No
     operations per inference in integer-delay mode, and the score (accuracy, or NMSE for the
     ``"ema"`` regression readout) with integer delays versus σ-spread delays
     (``DelRec.integer_eval = False``). ``max_batches`` limits the pass. ``net``'s training mode
-    and ``integer_eval`` flags are restored afterwards.
+    and ``integer_eval`` flags are restored afterwards. ``report["max_delay"]`` checks every
+    integer delay against ``net.config.max_delay``
+    (:func:`~delrec.deploy.targets.max_delay_check`); with a ``target``,
+    ``report["target"]`` compares the network with its limits
+    (:func:`~delrec.deploy.targets.target_check`).
     """
     stream = StreamingNetwork.from_network(net)
     layers = _static_layers(net, stream)
@@ -262,6 +284,11 @@ def hardware_report(net: nn.Module, loader=None, *, max_batches: int | None = No
         for key in ("spikes_per_inference", "synops_per_inference"):
             totals[key] = sum(layer[key] for layer in layers)
     report["totals"] = totals
+    report["max_delay"] = max_delay_check(
+        report, getattr(getattr(net, "config", None), "max_delay", None)
+    )
+    if target is not None:
+        report["target"] = target_check(report, target)
     return report
 
 
@@ -336,6 +363,10 @@ def format_report(report: dict) -> str:
             f"{e['metric']} on {e['samples']} samples: integer delays {e['integer_delays']:.4f}, "
             f"σ-spread delays {e['spread_delays']:.4f} (cost of rounding {e['rounding_cost']:+.4f})"
         )
+    if "max_delay" in report:
+        lines.append(format_max_delay_check(report["max_delay"]))
+    if "target" in report:
+        lines.append(format_target_check(report["target"]))
     return "\n".join(lines)
 
 

@@ -6,18 +6,23 @@ An engine *path* runs the whole recurrence of a layer over a sequence::
              neuron, mask (B, N) or None) -> spikes (T, B, N)
 
 (row of ``weight`` = postsynaptic neuron; delays and half-width in steps, one width per
-presynaptic neuron; ``mask``: recurrent dropout fixed over time). :data:`PATHS` holds every
+presynaptic neuron; ``mask``: recurrent dropout fixed over time). An empty batch (``B = 0``)
+never reaches a path's function: :class:`EnginePath` answers it with an empty spike tensor
+connected to every input, whose gradients are zeros of their shapes. :data:`PATHS` holds every
 path by name, in order of preference; :func:`select` returns the one that runs a layer's
 configuration here, and the layer runs it. Nothing falls back at run time.
 
-=================  ===========================================================================
-``ring``           integer-delay inference (eval mode, no autograd), built-in LIF, any device
-``cpp-axonal``     axonal/shared delays, built-in LIF, C++ time loops (CPU)
-``cpp-synaptic``   synaptic delays, built-in LIF, C++ slot traces (CPU)
-``torch-axonal``   axonal/shared delays, built-in LIF, PyTorch ops (any device)
-``torch-synaptic`` synaptic delays, built-in LIF, lag-stacked GEMM in PyTorch ops (any device)
-``reference``      every delay type and neuron, autograd of the buffer loop (any device)
-=================  ===========================================================================
+===================  ==============================================================================
+``triton-ring``      integer-delay inference, built-in LIF, Triton kernels (CUDA)
+``ring``             integer-delay inference (eval mode, no autograd), built-in LIF, any device
+``cpp-axonal``       axonal/shared delays, built-in LIF, C++ time loops (CPU)
+``cpp-synaptic``     synaptic delays, built-in LIF, C++ slot traces (CPU)
+``triton-axonal``    axonal/shared delays, built-in LIF, Triton kernels (CUDA)
+``triton-synaptic``  synaptic delays, built-in LIF, lag-stacked Triton kernels (CUDA)
+``torch-axonal``     axonal/shared delays, built-in LIF, PyTorch ops (any device)
+``torch-synaptic``   synaptic delays, built-in LIF, lag-stacked GEMM in PyTorch ops (any device)
+``reference``        every delay type and neuron, autograd of the buffer loop (any device)
+===================  ==============================================================================
 
 To add a path, write its ``run`` function with the signature above and call
 :func:`register` (before the paths it should be preferred to). To force one in a test or a
@@ -27,6 +32,7 @@ layer with ``DelRec(..., engine=name)``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from delrec.engine import axonal, native, ring, synaptic
+from delrec.engine import triton as gpu
 from delrec.engine.lif import is_builtin_lif
 from delrec.engine.reference import reference_recurrence, triangle_recurrence
 
@@ -53,7 +60,8 @@ class EnginePath:
     :class:`~delrec.neurons.LIF`; ``grad``: differentiable; ``integer_only``: only integer-delay
     inference without autograd; ``runs_on(device)``: whether it can run on that device here
     (the C++ kernels built, a GPU library importable); it warns once itself when it should
-    (``delrec.engine.native.load`` does for the C++ kernels).
+    (``delrec.engine.native.load`` does for the C++ kernels). ``run`` is kept wrapped so that
+    an empty batch never reaches it (module docstring).
     """
 
     name: str
@@ -63,6 +71,10 @@ class EnginePath:
     grad: bool = True
     integer_only: bool = False
     runs_on: Callable[[torch.device], bool] = _anywhere
+
+    def __post_init__(self):
+        if not getattr(self.run, "empty_batch_safe", False):
+            object.__setattr__(self, "run", _empty_batch_safe(self.run))
 
     def supports(self, delay_type: str, neuron: nn.Module, integer: bool, grad: bool) -> bool:
         """True if this path computes the configuration: its delay type, neuron, whether the
@@ -79,6 +91,25 @@ class EnginePath:
         return self.runs_on(torch.device(device))
 
 
+def _empty_batch_safe(run: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``run``, except that a batch of ``B = 0`` sequences is answered here: spikes
+    ``(T, 0, N)`` connected to ``current``, ``weight``, ``delay`` and ``width`` (zero gradients
+    of their shapes). The C++ kernels divide work by ``B``; no path needs to handle it."""
+
+    @functools.wraps(run)
+    def guarded(current, weight, delay, width, neuron, mask=None):
+        if current.shape[1] > 0:
+            return run(current, weight, delay, width, neuron, mask)
+        spikes = current * 0.0
+        for value in (weight, delay, width):
+            if torch.is_tensor(value):
+                spikes = spikes + value.sum() * 0.0
+        return spikes
+
+    guarded.empty_batch_safe = True
+    return guarded
+
+
 def _cpu_kernels(name: str) -> Callable[[torch.device], bool]:
     def runs_on(device: torch.device) -> bool:
         return device.type == "cpu" and native.load(name) is not None
@@ -89,6 +120,9 @@ def _cpu_kernels(name: str) -> Callable[[torch.device], bool]:
 PATHS: dict[str, EnginePath] = {
     path.name: path
     for path in (
+        EnginePath(
+            "triton-ring", gpu.ring_recurrence, grad=False, integer_only=True, runs_on=gpu.runs_on
+        ),
         EnginePath("ring", ring.ring_recurrence, grad=False, integer_only=True),
         EnginePath(
             "cpp-axonal",
@@ -99,6 +133,10 @@ PATHS: dict[str, EnginePath] = {
         EnginePath(
             "cpp-synaptic", synaptic.cpp_recurrence, ("synaptic",), runs_on=_cpu_kernels("synaptic")
         ),
+        EnginePath(
+            "triton-axonal", gpu.axonal_recurrence, ("axonal", "shared"), runs_on=gpu.runs_on
+        ),
+        EnginePath("triton-synaptic", gpu.synaptic_recurrence, ("synaptic",), runs_on=gpu.runs_on),
         EnginePath("torch-axonal", axonal.torch_recurrence, ("axonal", "shared")),
         EnginePath("torch-synaptic", synaptic.torch_recurrence, ("synaptic",)),
         EnginePath("reference", triangle_recurrence, lif_only=False),

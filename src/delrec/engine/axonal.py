@@ -12,15 +12,19 @@ integer box sums of the spikes recorded during the forward. Saved for backward: 
 membrane (the spikes are ``h ≥ θ``) and trace (and the int8 box sums when delays/spreads
 learn), O(T·B·N) bytes, independent of the delay range.
 
-Two engine paths run it: ``cpp-axonal`` (:func:`cpp_recurrence`, the time loops in
-``csrc/axonal.cpp``, built by :mod:`delrec.engine.native`) and ``torch-axonal``
-(:func:`torch_recurrence`, the same loops in PyTorch ops, any device).
+Three engine paths run it, each with its own time loops (:class:`TimeLoops`): ``cpp-axonal``
+(:func:`cpp_recurrence`, the time loops in ``csrc/axonal.cpp``, built by
+:mod:`delrec.engine.native`), ``torch-axonal`` (:func:`torch_recurrence`, the same loops in
+PyTorch ops, any device) and ``triton-axonal`` (:mod:`delrec.engine.triton.axonal`, CUDA).
 
 Units: time in steps; ``current``/``spikes`` are time-major ``(T, B, N)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from types import ModuleType
 
 import torch
@@ -78,27 +82,38 @@ class _AxonalPlan:
 
 
 # --------------------------------------------------------------------------- axonal function
+@dataclass(frozen=True)
+class TimeLoops:
+    """The two time loops of a path.
+
+    ``forward(current, weight, mask, lif, plan, need_d, need_s)`` returns spikes, membrane and
+    trace ``(T, B, N)`` and the box sums ``E``, ``K`` ``(T+1, …)`` (None when not needed, in the
+    loops' own layout); ``backward(grad_spikes, membrane, trace, slope, support, weight_in,
+    mask, lif, plan)`` returns ``∂L/∂h`` ``(T, B, N)`` and the float64 sums ``Σ ∂L/∂z·E``,
+    ``Σ ∂L/∂z·K``, ``Σ ∂L/∂z·z`` ``(N,)`` (None when not needed).
+    """
+
+    forward: Callable
+    backward: Callable
+
+
 class _AxonalRecurrence(torch.autograd.Function):
     """Spikes ``(T, B, N)`` of a LIF layer with axonal delays; gradients by a reverse loop.
 
-    The time loops run in C++ (``csrc/axonal.cpp``) when ``kernels`` is that compiled module,
-    and in PyTorch ops when it is None; both compute the same thing, with the tap
-    recursions neuron-major (the ``B`` values a tap reads are one contiguous row). Saved for
-    backward: the pre-spike membrane (the spikes are ``h ≥ θ``) and the delayed trace,
-    ``(T, B, N)`` each, and the integer box sums when delays/spreads learn — nothing that grows
-    with the delay range.
+    ``loops`` run the time loops (in C++, PyTorch ops or Triton); all compute the same thing.
+    Saved for backward: the pre-spike membrane (the spikes are ``h ≥ θ``) and the delayed
+    trace, ``(T, B, N)`` each, and the integer box sums when delays/spreads learn — nothing
+    that grows with the delay range.
     """
 
     @staticmethod
-    def forward(ctx, current, weight, delay, width, mask, lif: LIFMap, kernels: ModuleType | None):
+    def forward(ctx, current, weight, delay, width, mask, lif: LIFMap, loops: TimeLoops):
         need_d, need_s = ctx.needs_input_grad[2:4]
         plan = _AxonalPlan(delay, width, current.shape[0])
-        if kernels is None:
-            loops = _forward_loop(current, weight, mask, lif, plan, need_d, need_s)
-        else:
-            loops = _native_forward(kernels, current, weight, mask, lif, plan, need_d, need_s)
-        spikes, membrane, trace, slope, support = loops
-        ctx.lif, ctx.kernels = lif, kernels
+        spikes, membrane, trace, slope, support = loops.forward(
+            current, weight, mask, lif, plan, need_d, need_s
+        )
+        ctx.lif, ctx.loops = lif, loops
         ctx.save_for_backward(membrane, trace, slope, support, weight, delay, width, mask)
         return spikes
 
@@ -109,12 +124,17 @@ class _AxonalRecurrence(torch.autograd.Function):
         n = weight.shape[0]
         need_c, need_w, need_d, need_s = ctx.needs_input_grad[:4]
         plan = _AxonalPlan(delay, width, trace.shape[0])
-        saved = (grad_spikes.contiguous(), membrane, trace, slope, support, weight * lif.gain)
-        if ctx.kernels is None:
-            loops = _backward_loop(*saved, mask, lif, plan)
-        else:
-            loops = _native_backward(ctx.kernels, *saved, mask, lif, plan)
-        grad_h, by_slope, by_support, by_trace = loops
+        grad_h, by_slope, by_support, by_trace = ctx.loops.backward(
+            grad_spikes.contiguous(),
+            membrane,
+            trace,
+            slope,
+            support,
+            weight * lif.gain,
+            mask,
+            lif,
+            plan,
+        )
 
         grad_current = (grad_h if lif.gain == 1.0 else grad_h * lif.gain) if need_c else None
         grad_weight = grad_delay = grad_width = None
@@ -187,18 +207,14 @@ def _native_backward(
     ``(T, B, N)`` and the per-neuron sums ``Σ ∂L/∂z·E``, ``Σ ∂L/∂z·K``, ``Σ ∂L/∂z·z`` (float64,
     None when not needed) behind the delay and spread gradients."""
     p = lif.p
-    code, param = lif.native_surrogate()
-    if code == 0:  # any other surrogate: ψ' precomputed by its own code
-        psi = p.surrogate.derivative(membrane - p.v_threshold).contiguous()
-    else:
-        psi = membrane.new_empty(0)
+    code, param, psi = lif.native_slope(membrane)  # any other surrogate: ψ' precomputed
     empty = plan.lags.new_empty(0, dtype=plan.count_dtype)
     grad_h = torch.empty_like(trace)
     sums = torch.zeros(3, plan.size, dtype=torch.float64)
     kernels.backward(
         grad_spikes,
         membrane,
-        psi,
+        psi.contiguous(),
         weight_in.contiguous(),
         mask,
         plan.lags,
@@ -317,10 +333,8 @@ def cpp_recurrence(
     kernels = native.load("axonal")
     if kernels is None:
         raise RuntimeError(native.unavailable("axonal"))
-    width = width_vector(width, delay, weight.shape[0])
-    return _AxonalRecurrence.apply(
-        current, weight, delay, width, mask, LIFMap.of(neuron.p), kernels
-    )
+    loops = TimeLoops(partial(_native_forward, kernels), partial(_native_backward, kernels))
+    return run_loops(loops, current, weight, delay, width, neuron, mask)
 
 
 def torch_recurrence(
@@ -333,5 +347,21 @@ def torch_recurrence(
 ) -> Tensor:
     """Path ``torch-axonal``: what :func:`cpp_recurrence` computes, the time loops in PyTorch
     ops (any device)."""
+    return run_loops(TORCH_LOOPS, current, weight, delay, width, neuron, mask)
+
+
+TORCH_LOOPS = TimeLoops(_forward_loop, _backward_loop)
+
+
+def run_loops(
+    loops: TimeLoops,
+    current: Tensor,
+    weight: Tensor,
+    delay: Tensor,
+    width: Tensor | float,
+    neuron: nn.Module,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """The differentiable recurrence (arguments of :func:`cpp_recurrence`) on ``loops``."""
     width = width_vector(width, delay, weight.shape[0])
-    return _AxonalRecurrence.apply(current, weight, delay, width, mask, LIFMap.of(neuron.p), None)
+    return _AxonalRecurrence.apply(current, weight, delay, width, mask, LIFMap.of(neuron.p), loops)

@@ -85,6 +85,15 @@ class LIFMap:
             return 2, surrogate.alpha
         return 0, 0.0
 
+    def native_slope(self, membrane: Tensor) -> tuple[int, float, Tensor]:
+        """The surrogate as a kernel's backward takes it: :meth:`native_surrogate` and ψ'(h - θ)
+        ``(T, B, N)`` precomputed from the pre-spike ``membrane`` for a surrogate the kernels
+        don't know (code 0; an empty tensor otherwise)."""
+        code, param = self.native_surrogate()
+        if code == 0:
+            return code, param, self.p.surrogate.derivative(membrane - self.p.v_threshold)
+        return code, param, membrane.new_empty(0)
+
 
 def width_vector(width: Tensor | float, like: Tensor, n: int) -> Tensor:
     """The kernel half-width as an ``(N,)`` tensor (one per presynaptic neuron), in the dtype

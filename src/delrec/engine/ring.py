@@ -13,22 +13,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from delrec.delays import MAX_DELAY
 from delrec.engine.lif import LIFMap
 
 
 class DelayedSynapses(nn.Module):
     """Dense synapses with one integer delay per synapse, fed through a ring buffer.
 
-    ``weight`` ``(O, I)`` (row = postsynaptic), ``lags`` ``(O, I)`` integer steps ≥ 0,
-    ``bias`` ``(O,)`` or ``None``; :meth:`read` at step ``t`` gives
-    ``Σ_j W_ij x_j[t - lag_ij] + b_i``. The ring buffer of a stream is ``(B, F, I)``: frame
-    ``t mod (max_lag + 1)`` holds the input of step ``t``. With one lag per presynaptic neuron
+    ``weight`` ``(O, I)`` (row = postsynaptic), ``lags`` ``(O, I)`` integer steps in
+    ``[0, MAX_DELAY + 1]``, ``bias`` ``(O,)`` or ``None``; :meth:`read` at step ``t`` gives
+    ``Σ_j W_ij x_j[t - lag_ij] + b_i``. ``horizon``: the number of steps the buffer serves when
+    it serves one sequence of ``T`` steps (``None``: an endless stream); a lag of ``T`` or more
+    never delivers within it, so lags are capped at ``T`` (exactly: the frame it reads is still
+    empty) and the buffer holds ``min(max lag, T) + 1`` frames, whatever the delays. The ring
+    buffer of a stream is ``(B, F, I)``: frame ``t mod (max_lag + 1)`` holds the input of step
+    ``t``. With one lag per presynaptic neuron
     (``column_lags``: axonal delays, or none) a read is one gather and one GEMM, ``F = L``;
     otherwise each frame is stored twice (``F = 2L``), so that the frames of every lag in use are
     one contiguous window, and a read is one GEMM with the lag-stacked weights.
     """
 
-    def __init__(self, weight: Tensor, lags: Tensor, bias: Tensor | None = None):
+    def __init__(
+        self,
+        weight: Tensor,
+        lags: Tensor,
+        bias: Tensor | None = None,
+        horizon: int | None = None,
+    ):
         super().__init__()
         if weight.dim() != 2 or lags.shape != weight.shape:
             raise ValueError(
@@ -40,6 +51,15 @@ class DelayedSynapses(nn.Module):
         lags = lags.to(torch.long)
         if (lags < 0).any():
             raise ValueError("synaptic lags must be >= 0 steps")
+        if lags.numel() and int(lags.max()) > MAX_DELAY + 1:
+            raise ValueError(
+                f"a synaptic lag of {int(lags.max())} steps exceeds MAX_DELAY + 1 = "
+                f"{MAX_DELAY + 1:g} steps, longer than any sequence; give shorter delays"
+            )
+        if horizon is not None:
+            if horizon < 1:
+                raise ValueError(f"horizon must be >= 1 step, got {horizon}")
+            lags = lags.clamp(max=horizon)
         self.register_buffer("weight", weight.detach().clone())
         self.register_buffer("lags", lags.clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
@@ -116,13 +136,14 @@ def ring_recurrence(
 
     ``delay`` ``(N,)`` or ``(N, N)`` holds integers (eval mode rounds them) and ``width`` is 1
     (σ = 0): each spike lands exactly ``1 + d`` steps later, read from a ring buffer of the
-    last spikes (:class:`DelayedSynapses`), O(B·N) per step plus the GEMM. ``neuron`` is the
+    last spikes (:class:`DelayedSynapses`, at most ``T + 1`` frames), O(B·N) per step plus the
+    GEMM. ``neuron`` is the
     built-in :class:`~delrec.neurons.LIF`, ``mask`` ``(B, N)`` or None.
     """
     steps, batch, n = current.shape
     lif = LIFMap.of(neuron.p)
     lags = 1 + delay.detach().long()
-    synapses = DelayedSynapses(weight * lif.gain, lags.expand(n, n))
+    synapses = DelayedSynapses(weight * lif.gain, lags.expand(n, n), horizon=steps)
     ring = synapses.new_buffer(batch)
     drive = lif.drive(current)
     spikes = current.new_empty(steps, batch, n, dtype=torch.bool)

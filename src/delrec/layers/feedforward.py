@@ -1,13 +1,15 @@
 """Feedforward learnable delays: the DCLS-style baseline of the paper
-(docs/design.md#feedforward-delays)."""
+(docs/design.md#feedforward-delays; its engines and DCLS's edges: docs/feedforward-delays.md)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from delrec.delays import MAX_DELAY, check_max_delay, clamp_initial
+from delrec.engine import feedforward as engines
 
 
 class FeedforwardDelay(nn.Module):
@@ -15,9 +17,17 @@ class FeedforwardDelay(nn.Module):
 
     Synapse ``(o, i)`` with weight ``w`` and position ``P`` contributes
     ``w·x_i[t - P]``; a non-integer ``P`` splits ``w`` linearly between the two taps around
-    it. The layer is a causal convolution over time with a ``K``-tap kernel (left padding
-    ``K-1``). Input ``(T, B, I)`` → output ``(T, B, O)``. In eval mode the positions are
-    rounded (without changing the parameters).
+    it: the layer is a causal convolution over time with a ``K``-tap kernel (left padding
+    ``K-1``), computed by default with two taps per synapse, at a cost and a memory independent of
+    ``K`` (:mod:`delrec.engine.feedforward`). Input ``(T, B, I)`` → output ``(T, B, O)``. In eval
+    mode the positions are rounded (without changing the parameters).
+
+    ``engine``: ``"auto"`` (C++ kernels on the CPU, PyTorch ops elsewhere), ``"reference"``
+    (the convolution), or a path of :data:`delrec.engine.feedforward.PATHS` by name.
+    ``max_delay``: the longest delay (position) allowed, integer steps (a chip's limit,
+    docs/deployment.md#chips-delay-limits), or ``None``: positions then live in
+    ``[0, min(K-1, max_delay)]``; initial positions above it are clamped to it with a
+    :class:`~delrec.delays.DelayLimitWarning`.
     """
 
     def __init__(
@@ -27,10 +37,21 @@ class FeedforwardDelay(nn.Module):
         kernel_size: int = 26,
         bias: bool = True,
         generator: torch.Generator | None = None,
+        engine: str = "auto",
+        max_delay: int | None = None,
     ):
         super().__init__()
-        if kernel_size < 1:
-            raise ValueError(f"kernel_size must be >= 1 step, got {kernel_size}")
+        if not 1 <= kernel_size <= MAX_DELAY + 1:
+            raise ValueError(
+                f"kernel_size must be between 1 and {MAX_DELAY + 1:g} steps (delays of 0 … "
+                f"MAX_DELAY = {MAX_DELAY:g} steps), got {kernel_size}"
+            )
+        if engine not in engines.ENGINES:
+            raise ValueError(
+                f"unknown feedforward-delay engine {engine!r}; choose one of {engines.ENGINES}"
+            )
+        self.engine = engine
+        self.max_delay = check_max_delay(max_delay)
         self.in_features, self.out_features, self.kernel_size = (
             in_features,
             out_features,
@@ -40,8 +61,15 @@ class FeedforwardDelay(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features).uniform_(-bound, bound, generator=generator)
         )
+        initial = (kernel_size - 1) * torch.rand(out_features, in_features, generator=generator)
         self.position = nn.Parameter(
-            (kernel_size - 1) * torch.rand(out_features, in_features, generator=generator)
+            clamp_initial(
+                initial,
+                self.max_delay,
+                f"FeedforwardDelay({in_features}, {out_features}, kernel_size={kernel_size})",
+                f"set the window to the limit (kernel_size = max_delay + 1 = "
+                f"{(self.max_delay or 0) + 1}, network.ff_delay_window) to avoid the pile-up",
+            )
         )
         self.bias = (
             nn.Parameter(
@@ -53,29 +81,40 @@ class FeedforwardDelay(nn.Module):
             else None
         )
 
+    def effective_position(self) -> Tensor:
+        """The positions the forward uses: the parameter in training, rounded (and detached)
+        in eval."""
+        return self.position if self.training else self.position.detach().round()
+
     def temporal_kernel(self) -> Tensor:
         """Weights per delay tap, ``(O, I, K)``: index ``k`` is a delay of ``k`` steps."""
-        position = self.position if self.training else self.position.detach().round()
-        taps = torch.arange(self.kernel_size, dtype=self.weight.dtype, device=self.weight.device)
-        interpolation = (1 - (taps - position.unsqueeze(-1)).abs()).clamp(min=0)
-        return self.weight.unsqueeze(-1) * interpolation
+        return engines.temporal_kernel(self.weight, self.effective_position(), self.kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"FeedforwardDelay expects (T, B, {self.in_features}), got {tuple(x.shape)}"
             )
-        signal = F.pad(x.permute(1, 2, 0), (self.kernel_size - 1, 0))  # (B, I, K-1+T)
-        out = F.conv1d(signal, self.temporal_kernel().flip(-1), self.bias)
-        return out.permute(2, 0, 1)
+        if x.shape[0] == 0:
+            raise ValueError("input sequence is empty (T = 0)")
+        path = engines.select(x.device, self.engine)
+        return path.run(x, self.weight, self.effective_position(), self.bias, self.kernel_size)
+
+    @property
+    def position_limit(self) -> int:
+        """The largest position allowed: ``K-1``, or ``max_delay`` when smaller."""
+        limit = self.kernel_size - 1
+        return limit if self.max_delay is None else min(limit, self.max_delay)
 
     @torch.no_grad()
     def clamp_delays_(self) -> None:
-        """Clamp positions into the window ``[0, K-1]``; call after every optimizer step."""
-        self.position.clamp_(0, self.kernel_size - 1)
+        """Clamp positions into ``[0, position_limit]`` (the window ``[0, K-1]``, or less with a
+        ``max_delay``); call after every optimizer step."""
+        self.position.clamp_(0, self.position_limit)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"kernel_size={self.kernel_size}, bias={self.bias is not None}"
+            f"kernel_size={self.kernel_size}, bias={self.bias is not None}, engine={self.engine}"
+            + ("" if self.max_delay is None else f", max_delay={self.max_delay}")
         )

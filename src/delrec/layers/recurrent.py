@@ -28,12 +28,19 @@ class DelRec(nn.Module):
         delay_type: ``"axonal"`` (one delay per presynaptic neuron, shape ``N``),
             ``"synaptic"`` (one per synapse, ``N×N``) or ``"shared"`` (one for the layer).
         delay_init: initial delays in steps: a number, ``"uniform:A:B"``, ``"half_normal:S"``
-            or a callable from :mod:`delrec.delays`.
+            or a callable from :mod:`delrec.delays`; every delay must lie in
+            ``[0, MAX_DELAY]`` (:data:`delrec.delays.MAX_DELAY`, 65 535 steps).
+        max_delay: the longest delay ``d`` the layer may have, integer steps (a chip's limit,
+            docs/deployment.md#chips-delay-limits), or ``None`` (``MAX_DELAY``): initial
+            delays above it are clamped to it with a
+            :class:`~delrec.delays.DelayLimitWarning`, and :meth:`clamp_delays_` keeps the
+            delays in ``[0, max_delay]``.
         learn_delays: train the delays (False freezes them).
         round_init: round the initial delays to integers (the fixed-random-delay baseline).
         learn_spread: learn a per-neuron spread logit ``p`` (``w = 1 + 2σ·sigmoid(p)``);
             otherwise every kernel has half-width ``w = 1 + σ``.
-        sigma: current spread ``σ`` in steps (the training schedule updates it).
+        sigma: current spread ``σ`` in steps, in ``[0, MAX_DELAY]`` (the training schedule
+            updates it).
         recurrent_dropout: probability ``p`` of dropping a neuron's recurrent input for a whole
             sequence (mask drawn once per sequence, fixed over time; identity in eval).
         engine: ``"auto"`` (default: the fastest engine path that runs here, for the built-in
@@ -56,6 +63,7 @@ class DelRec(nn.Module):
         *,
         delay_type: str = "axonal",
         delay_init="uniform:0:10",
+        max_delay: int | None = None,
         learn_delays: bool = True,
         round_init: bool = False,
         learn_spread: bool = False,
@@ -77,18 +85,27 @@ class DelRec(nn.Module):
         self.recurrent_dropout = recurrent_dropout
         self.engine = engine
         self.integer_eval = True
+        self.max_delay = delay_fns.check_max_delay(max_delay)
 
         self.weight = nn.Parameter(torch.empty(size, size))
         nn.init.orthogonal_(self.weight, gain=1.0, generator=generator)
         delay_shape = {"axonal": (size,), "synaptic": (size, size), "shared": (1,)}[delay_type]
         init = delay_fns.parse_init(delay_init)
+        self.delay_init = getattr(init, "description", str(delay_init))
         initial = init(delay_shape, generator).float()
         if round_init:
             initial = initial.round()
+        delay_fns.check_delays(initial, f"delay_init {self.delay_init}")
+        initial = delay_fns.clamp_initial(
+            initial,
+            self.max_delay,
+            f"DelRec({size}), delay_init {self.delay_init}",
+            "draw them within the limit (e.g. delay_init uniform:0:"
+            f"{self.max_delay}) to avoid the pile-up",
+        )
         self.delay = nn.Parameter(initial, requires_grad=learn_delays)
         self.spread_logits = nn.Parameter(torch.zeros(size)) if learn_spread else None
-        self.register_buffer("sigma", torch.tensor(float(sigma)))
-        self.delay_init = getattr(init, "description", str(delay_init))
+        self.register_buffer("sigma", torch.tensor(delay_fns.check_sigma(sigma)))
 
     # ------------------------------------------------------------------ variants
     @classmethod
@@ -138,6 +155,7 @@ class DelRec(nn.Module):
         if unbatched:
             current = current.unsqueeze(1)
         self._check_input(current)
+        self._check_values(current)
         mask = dropout_mask if dropout_mask is not None else self._draw_dropout_mask(current)
         if mask is not None and mask.shape != current.shape[1:]:
             raise ValueError(
@@ -174,6 +192,29 @@ class DelRec(nn.Module):
         if current.shape[0] == 0:
             raise ValueError("input sequence is empty (T = 0)")
 
+    def _check_values(self, current: Tensor) -> None:
+        """What may change between forwards, with one device sync: the input current is finite,
+        the delays are finite and within ``±MAX_DELAY`` (a value set after construction), σ is
+        a valid spread. Raises ValueError naming the bad value. The current is checked through
+        its sum (NaN and Inf propagate into it): one vectorised pass, 1-3 % of a forward
+        (benchmarks/bench_checks.py); only a non-finite sum is looked at element by element."""
+        delay = self.delay.detach()
+        total = current.detach().sum(dtype=torch.promote_types(current.dtype, torch.float32))
+        fine = total.isfinite() & (delay.abs() <= delay_fns.MAX_DELAY).all()
+        if bool(fine & (self.sigma >= 0) & (self.sigma <= delay_fns.MAX_DELAY)):
+            return
+        bad = (~torch.isfinite(current)).nonzero()
+        if len(bad):
+            t, b, i = bad[0].tolist()
+            raise ValueError(
+                f"the input current of DelRec({self.size}) is not finite: "
+                f"{current[t, b, i].item()} at step {t}, batch item {b}, neuron {i}; NaN or Inf "
+                "in a layer's input silences its neurons and spoils every gradient: check the "
+                "data and the layers before this one (torch.isfinite)"
+            )
+        delay_fns.check_delays(delay, f"DelRec({self.size}) delays")
+        delay_fns.check_sigma(self.sigma, f"DelRec({self.size}).sigma")
+
     def _draw_dropout_mask(self, current: Tensor) -> Tensor | None:
         if not self.training or self.recurrent_dropout == 0:
             return None
@@ -183,13 +224,16 @@ class DelRec(nn.Module):
     # ------------------------------------------------------------------ constraints
     @torch.no_grad()
     def clamp_delays_(self) -> None:
-        """Clamp ``d ≥ 0`` in place; call after every optimizer step."""
-        self.delay.clamp_(min=0)
+        """Clamp the delays into ``[0, max_delay]`` (``[0, MAX_DELAY]`` without a limit) in
+        place; call after every optimizer step."""
+        limit = delay_fns.MAX_DELAY if self.max_delay is None else self.max_delay
+        self.delay.clamp_(0, limit)
 
     def extra_repr(self) -> str:
         spread = "learnable" if self.spread_logits is not None else "shared"
+        limit = "" if self.max_delay is None else f"max_delay={self.max_delay}, "
         return (
-            f"{self.size}, delay_type={self.delay_type}, delay_init={self.delay_init}, "
+            f"{self.size}, delay_type={self.delay_type}, delay_init={self.delay_init}, {limit}"
             f"learn_delays={self.learn_delays}, spread={spread}, sigma={float(self.sigma):.4g}, "
             f"recurrent_dropout={self.recurrent_dropout}, engine={self.engine}"
         )

@@ -13,9 +13,11 @@ reads its place in the run from the variables torchrun sets (``RANK``, ``LOCAL_R
   empty runs the batch's last item as a stand-in with weight 0.
 - Each shard is padded in time to the longest item of the whole batch (variable-length data).
 - BatchNorm statistics are those of the whole batch (:class:`GlobalBatchNorm`).
-- Dropout masks are drawn for the whole batch from the shared, identically seeded torch RNG,
-  and each rank keeps its own rows (:class:`GlobalBatchDropout`; recurrent masks through a
-  forward pre-hook). The masks are those one process would draw.
+- Dropout masks are those of the whole batch, drawn from the shared, identically seeded torch
+  RNG: a feedforward mask is a function of its key and of each element's batch row
+  (:mod:`delrec.engine.dropout`), so each rank draws the rows of its shard
+  (``Dropout.batch_offset``); a recurrent mask is drawn for the whole batch and each rank keeps
+  its own rows (a forward pre-hook). The masks are those one process would draw.
 - Metrics are sums and counts all-reduced over ranks. After every epoch the ranks compare
   checksums of their parameters and buffers.
 """
@@ -40,6 +42,7 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from delrec.config import ConfigError
 from delrec.layers import DelRec
+from delrec.layers.dropout import Dropout
 from delrec.runs import RunDir
 from delrec.training.loop import TrainingError
 
@@ -182,25 +185,6 @@ def _whole_batch_like(x: Tensor, dim: int, size: int, fill: float) -> Tensor:
     return stored.permute([order.index(d) for d in range(x.dim())])
 
 
-class GlobalBatchDropout(nn.Module):
-    """:class:`nn.Dropout` of time-major ``(T, B, N)`` input whose mask is drawn for the whole
-    batch (the random draws of one process); this rank applies its own rows of it."""
-
-    def __init__(self, p: float, parallel: DataParallel):
-        super().__init__()
-        self.p, self.parallel = p, parallel
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0:
-            return x
-        shard = self.parallel.shard
-        noise = F.dropout(_whole_batch_like(x, 1, shard.size, 1.0), self.p, training=True)
-        return x * noise[:, shard.rows]
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
 class _SpikesForward(nn.Module):
     """``network.forward_with_spikes`` as a module's forward, for DistributedDataParallel."""
 
@@ -231,13 +215,17 @@ class DataParallel:
             for name, child in list(module.named_children()):
                 if type(child) is nn.BatchNorm1d:
                     setattr(module, name, GlobalBatchNorm(child, self).to(self.device))
-                elif type(child) is nn.Dropout:
-                    setattr(module, name, GlobalBatchDropout(child.p, self))
         for module in network.modules():
+            if isinstance(module, Dropout):
+                module.batch_offset = self._shard_start
             if isinstance(module, DelRec) and module.recurrent_dropout > 0:
                 module.register_forward_pre_hook(self._recurrent_mask, with_kwargs=True)
         device_ids = [self.device] if self.device.type == "cuda" else None
         return DistributedDataParallel(_SpikesForward(network), device_ids=device_ids)
+
+    def _shard_start(self) -> int:
+        """The row of the whole batch where this rank's rows start."""
+        return self.shard.rows.start
 
     def _recurrent_mask(self, layer: DelRec, args: tuple, kwargs: dict):
         """DelRec pre-hook: this rank's rows of the recurrent dropout mask of the whole batch,

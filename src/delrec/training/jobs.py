@@ -153,10 +153,12 @@ def train_one(
     else:
         log(f"run directory {run_dir}")
     trainer.write_config()
+    limit = config.network.get("max_delay")
     log(
         f"{config.task} · {config.model} · seed {config.seed} · {config.epochs} epochs · "
         f"batch {config.batch_size} · {len(trainer.data.datasets['train'])} training items · "
         f"device {trainer.device}"
+        + ("" if limit is None else f" · delays ≤ {limit} steps (network.max_delay)")
     )
     start = time.perf_counter()
     complete = trainer.fit(max_epochs_this_run)

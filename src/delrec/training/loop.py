@@ -275,11 +275,10 @@ class Trainer:
             if self.dist is not None:
                 failed = self.dist.any(failed)
             if failed:
-                value = float(loss) if not torch.isfinite(loss) else "non-finite in another process"
+                value = loss.item() if not torch.isfinite(loss) else "non-finite in another process"
                 raise TrainingError(
                     f"the training loss became {value} in epoch {epoch + 1}, batch "
-                    f"{batches + 1}; lower optim.lr or set optim.grad_clip (the last good "
-                    f"epoch is in {self.run.checkpoint_path('last')})"
+                    f"{batches + 1}; {self._divergence_advice()}"
                 )
             total = loss
             if config.rate_penalty > 0:
@@ -294,6 +293,7 @@ class Trainer:
                 nn.utils.clip_grad_value_(self.weight_parameters, config.optim.grad_clip)
             for optimizer in self.optimizers.values():
                 optimizer.step()
+            self._check_finite(epoch, batches + 1)  # before the clamp, which hides an Inf delay
             clamp_delays(network)
 
             if share > 0:
@@ -388,6 +388,35 @@ class Trainer:
                 f"{'  *best' if better else ''}  ({row['epoch_time_s']:.1f} s)"
             )
         return True
+
+    # ------------------------------------------------------------------ divergence
+    def _check_finite(self, epoch: int, batch: int) -> None:
+        """Stop the run (TrainingError) when an optimizer step has left a parameter or a
+        floating-point buffer of the network NaN or infinite; one device sync per step. (With
+        a finite loss, NaN weights go unnoticed: NaN membranes never spike.)"""
+        tensors = [
+            *self.network.named_parameters(),
+            *((n, b) for n, b in self.network.named_buffers() if b.is_floating_point()),
+        ]
+        if bool(torch.stack([torch.isfinite(t).all() for _, t in tensors]).all()):
+            return
+        bad = [name for name, t in tensors if not bool(torch.isfinite(t).all())]
+        raise TrainingError(
+            f"{', '.join(bad)} became NaN or infinite in the optimizer step of epoch "
+            f"{epoch + 1}, batch {batch}; {self._divergence_advice()}"
+        )
+
+    def _divergence_advice(self) -> str:
+        """What to do after the run diverged, and which checkpoint is the last good one."""
+        advice = "lower optim.lr (or optim.position_lr) or set optim.grad_clip and train again"
+        if self.state.epoch == 0 or not self.run.has_checkpoint("last"):
+            return f"{advice}; no epoch has completed, so this run has no checkpoint"
+        last = f"{self.run.checkpoint_path('last')} (after epoch {self.state.epoch})"
+        if self.state.best_epoch is not None and self.run.has_checkpoint("best"):
+            last += (
+                f", the best one {self.run.checkpoint_path('best')} (epoch {self.state.best_epoch})"
+            )
+        return f"{advice}; the last good checkpoint is {last}"
 
     # ------------------------------------------------------------------ checkpoints
     def _common_payload(self) -> dict:

@@ -67,14 +67,20 @@ struct SurrogateDerivative {
         scale(c.surrogate == 1 ? c.surrogate_param * c.surrogate_param
                                : M_PI / 2 * c.surrogate_param) {}
 
-  scalar_t operator()(scalar_t x) const {
-    if (kind == 1) {  // Triangle(γ): max(0, γ - |x|) / γ²
+  // ψ'(x) for a surrogate fixed at compile time (1 or 2): a loop calling this vectorises, one
+  // calling operator() (a branch on the runtime kind) may not
+  template <int fixed>
+  scalar_t of(scalar_t x) const {
+    if constexpr (fixed == 1) {  // Triangle(γ): max(0, γ - |x|) / γ²
       const scalar_t top = param - std::abs(x);
       return (top > scalar_t(0) ? top : scalar_t(0)) / scale;
+    } else {  // ATan(α): (α/2) / (1 + (π α x / 2)²)
+      const scalar_t scaled = scale * x;
+      return param / (scalar_t(1) + scaled * scaled);
     }
-    const scalar_t scaled = scale * x;  // ATan(α): (α/2) / (1 + (π α x / 2)²)
-    return param / (scalar_t(1) + scaled * scaled);
   }
+
+  scalar_t operator()(scalar_t x) const { return kind == 1 ? of<1>(x) : of<2>(x); }
 };
 
 }  // namespace delrec

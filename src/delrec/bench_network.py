@@ -1,0 +1,441 @@
+"""`delrec bench --network PRESET`: one training step of a preset's whole network, fused and
+unfused, and where its time goes.
+
+For the preset's network (:func:`delrec.models.preset_network`) as ``delrec``, ``rsnn`` and
+``snn``, one training step (forward, the task's loss on random targets, backward; no optimizer)
+at the preset's batch size and sequence length is timed with the network around the delays
+fused and unfused (:func:`delrec.models.set_feedforward_engine`: ``"fused"`` or
+``"reference"``; the recurrent layers run their default engine either way), one step of each in
+turn, repeated, median kept. Then:
+
+* a per-component breakdown from one profiled step of each (torch.profiler): every operator's
+  own time goes to the GEMMs (matrix products, wherever they run), or else to the component
+  whose forward ran it or whose forward created the autograd node it runs for: recurrent
+  layer, feedforward spiking layers, dropout, normalisation, loss/readout, other;
+* the floor: the step's matrix products alone, each replayed in isolation (same shapes and
+  memory layouts) and summed;
+* PASS/FAIL lines for the targets of issue 13, and a table, a CSV and a figure in ``--out``.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from delrec.layers import DelRec
+from delrec.layers.dropout import Dropout
+from delrec.models import build_network, preset_network, set_feedforward_engine
+from delrec.neurons import LeakyIntegrator, SequenceNeuron
+from delrec.training.objectives import make_objective
+
+PRESETS = ("shd", "ssc", "psmnist", "mackey-glass")
+MODELS = ("delrec", "rsnn", "snn")
+ENGINES = {"fused": "fused", "unfused": "reference"}  # column label -> feedforward engine
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A preset's training step: batch, steps, input kind and task."""
+
+    batch: int
+    steps: int
+    inputs: str  # "spikes" (event counts), "pixels" (intensities in [0, 1]) or "series"
+    task: str  # "classification" or "regression"
+
+
+# the training recipes' batch sizes and the data sets' sequence lengths (SHD: 100 bins of 10 ms)
+SHAPES = {
+    "shd": Shape(256, 100, "spikes", "classification"),
+    "ssc": Shape(128, 250, "spikes", "classification"),
+    "psmnist": Shape(256, 784, "pixels", "classification"),
+    "mackey-glass": Shape(64, 150, "series", "regression"),
+}
+QUICK_BATCH = 16
+SHD_EPOCH_ITEMS = 3 * 8156  # SHD's training files, each presented three times (augmentation)
+
+COMPONENTS = (
+    "GEMMs",
+    "recurrent layer",
+    "feedforward spiking layers",
+    "dropout",
+    "normalisation",
+    "loss/readout",
+    "other",
+)
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+# forward regions: modules (hooked by the benchmark) and the fused functions, by name
+MODULE_COMPONENTS = (
+    (DelRec, "recurrent layer"),
+    (LeakyIntegrator, "loss/readout"),
+    (SequenceNeuron, "feedforward spiking layers"),
+    (nn.BatchNorm1d, "normalisation"),
+    (Dropout, "dropout"),
+)
+FUNCTION_COMPONENTS = {
+    "_LIFLayer": "feedforward spiking layers",
+    "_Integrator": "loss/readout",
+    "_BatchNorm": "normalisation",
+    "_Dropout": "dropout",
+}
+REGION = "delrec-bench: "
+
+
+# --------------------------------------------------------------------------- one step
+class TrainingStep:
+    """One training step of ``network`` on random data of the preset's shape."""
+
+    def __init__(self, network: nn.Module, shape: Shape, generator: torch.Generator):
+        config = network.config
+        steps, batch = shape.steps, shape.batch
+        if shape.inputs == "spikes":
+            frames = torch.rand(steps, batch, config.input_size, generator=generator) < 0.05
+            self.frames = frames.float()
+        elif shape.inputs == "pixels":
+            self.frames = torch.rand(steps, batch, config.input_size, generator=generator)
+        else:
+            self.frames = torch.randn(steps, batch, config.input_size, generator=generator)
+        self.lengths = torch.full((batch,), steps)
+        if shape.task == "classification":
+            self.targets = torch.randint(config.output_size, (batch,), generator=generator)
+        else:
+            self.targets = torch.randn(batch, generator=generator)
+        self.network = network.train()
+        self.objective = make_objective(shape.task, config.readout)
+
+    def __call__(self) -> None:
+        self.network.zero_grad(set_to_none=True)
+        output = self.network(self.frames)
+        with record_function(REGION + "loss/readout"):
+            loss, _ = self.objective(output, self.lengths, self.targets)
+        loss.backward()
+
+
+# --------------------------------------------------------------------------- breakdown
+class _Regions:
+    """Forward hooks that run each component module's forward inside a labelled
+    ``record_function`` region."""
+
+    def __init__(self, network: nn.Module):
+        self.handles, self.open = [], []
+        for module in network.modules():
+            label = next((c for kind, c in MODULE_COMPONENTS if isinstance(module, kind)), None)
+            if label is not None:
+                self.handles.append(module.register_forward_pre_hook(self._enter(label)))
+                self.handles.append(module.register_forward_hook(self._exit))
+
+    def _enter(self, label):
+        def hook(module, args):
+            region = record_function(REGION + label)
+            region.__enter__()
+            self.open.append(region)
+
+        return hook
+
+    def _exit(self, module, args, output):
+        self.open.pop().__exit__(None, None, None)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _label(event) -> str | None:
+    if event.name.startswith(REGION):
+        return event.name[len(REGION) :]
+    return FUNCTION_COMPONENTS.get(event.name)
+
+
+def breakdown(step: TrainingStep) -> dict[str, float]:
+    """Milliseconds of one profiled step by component (module docstring)."""
+    regions = _Regions(step.network)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+    finally:
+        regions.remove()
+    events = list(prof.events())
+
+    def context(event) -> str | None:
+        """The component of the innermost labelled forward region, or of the autograd node,
+        that ``event`` runs in."""
+        while event is not None:
+            label = _label(event)
+            if label is not None:
+                return label
+            if event.name.startswith("autograd::engine::evaluate_function"):
+                return by_sequence.get(event.sequence_nr)
+            event = event.cpu_parent
+        return None
+
+    by_sequence: dict[int, str] = {}
+    for event in events:  # forward operators: the component that created their autograd node
+        if event.sequence_nr >= 0 and not event.name.startswith("autograd::"):
+            label = context(event)
+            if label is not None:
+                by_sequence.setdefault(event.sequence_nr, label)
+    totals = defaultdict(float)
+    for event in events:
+        component = "GEMMs" if event.name in GEMM_OPS else (context(event) or "other")
+        totals[component] += event.self_cpu_time_total / 1e3
+    return {c: totals[c] for c in COMPONENTS}
+
+
+# --------------------------------------------------------------------------- GEMM floor
+class _GemmRecorder(TorchDispatchMode):
+    """Records the signature (operator, shapes and strides of every tensor argument) of each
+    matrix product dispatched, from Python or from the C++ kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket in (
+            torch.ops.aten.mm,
+            torch.ops.aten.addmm,
+            torch.ops.aten.bmm,
+            torch.ops.aten.baddbmm,
+        ):
+            tensors = tuple(
+                (tuple(a.shape), a.stride(), a.dtype) for a in args if isinstance(a, Tensor)
+            )
+            out = tuple(
+                (k, tuple(v.shape), v.stride(), v.dtype)
+                for k, v in kwargs.items()
+                if isinstance(v, Tensor)
+            )
+            self.calls[(func, tensors, out)] += 1
+        return func(*args, **kwargs)
+
+
+def _replay(signature, repeats: int, clock) -> float:
+    """Seconds per call of one recorded matrix product on random tensors laid out the same."""
+    func, tensors, out = signature
+
+    def make(shape, stride, dtype):  # random storage seen through the recorded strides
+        extent = 1 + sum((n - 1) * abs(s) for n, s in zip(shape, stride) if n > 0)
+        return torch.randn(extent, dtype=dtype).as_strided(shape, stride)
+
+    args = [make(*t) for t in tensors]
+    kwargs = {k: make(shape, stride, dtype) for k, shape, stride, dtype in out}
+    func(*args, **kwargs)
+    times = []
+    for _ in range(repeats):
+        start = clock()
+        func(*args, **kwargs)
+        times.append(clock() - start)
+    return statistics.median(times)
+
+
+def gemm_floor(calls: Counter, clock, repeats: int = 5) -> float:
+    """Milliseconds of a step's matrix products alone: every product that a
+    :class:`_GemmRecorder` saw it dispatch, replayed in isolation, summed."""
+    return 1e3 * sum(n * _replay(sig, repeats, clock) for sig, n in calls.items())
+
+
+# --------------------------------------------------------------------------- the run
+def measure(task: str, quick: bool, repeats: int, clock, log) -> list[dict]:
+    """Rows (one per model and engine) of one preset."""
+    shape = SHAPES[task]
+    if quick:
+        shape = Shape(QUICK_BATCH, shape.steps, shape.inputs, shape.task)
+    steps, gemms = {}, {}
+    for model in MODELS:
+        for label, engine in ENGINES.items():
+            network = build_network(preset_network(task, model), seed=0)
+            set_feedforward_engine(network, engine)
+            step = TrainingStep(network, shape, torch.Generator().manual_seed(0))
+            with _GemmRecorder() as recorder:  # the warm-up step (and any first build)
+                step()
+            steps[model, label], gemms[model, label] = step, recorder.calls
+    times = defaultdict(list)
+    for _ in range(repeats):  # interleaved: one step of each in turn
+        for key, step in steps.items():
+            start = clock()
+            step()
+            times[key].append(clock() - start)
+    rows = []
+    for (model, label), step in steps.items():
+        parts = breakdown(step)
+        profiled = sum(parts.values())
+        rows.append(
+            {
+                "preset": task,
+                "batch": shape.batch,
+                "steps": shape.steps,
+                "model": model,
+                "engine": label,
+                "step_ms": 1e3 * statistics.median(times[model, label]),
+                "gemm_floor_ms": gemm_floor(gemms[model, label], clock),
+                **{f"share_{c}": parts[c] / profiled for c in COMPONENTS},
+            }
+        )
+    _print_rows(rows, log)
+    return rows
+
+
+def _row(rows, task, model, engine):
+    return next(r for r in rows if (r["preset"], r["model"], r["engine"]) == (task, model, engine))
+
+
+def _print_rows(rows, log) -> None:
+    first = rows[0]
+    log(f"\n{first['preset']}: B = {first['batch']}, T = {first['steps']}")
+    short = ["GEMM", "rec", "ff", "drop", "norm", "loss", "other"]
+    log(
+        f"  {'model':7s} {'engine':8s} {'step ms':>9s} {'floor ms':>9s} {'×floor':>7s} "
+        + " ".join(f"{s:>5s}" for s in short)
+        + "   (shares of a profiled step, %)"
+    )
+    for r in rows:
+        shares = " ".join(f"{100 * r[f'share_{c}']:5.1f}" for c in COMPONENTS)
+        log(
+            f"  {r['model']:7s} {r['engine']:8s} {r['step_ms']:9.1f} {r['gemm_floor_ms']:9.1f} "
+            f"{r['step_ms'] / r['gemm_floor_ms']:7.2f} {shares}"
+        )
+
+
+def target_checks(rows, presets, quick: bool, elapsed_s: float) -> list[str]:
+    """PASS/FAIL lines for the targets of issue 13, each with its measured ratio."""
+    lines = [
+        "Targets"
+        + (" (quick: small batch; run without --quick for the real checks)" if quick else "")
+    ]
+
+    def verdict(ok):
+        return "PASS" if ok else "FAIL"
+
+    for task in presets:
+        fused = _row(rows, task, "delrec", "fused")
+        unfused = _row(rows, task, "delrec", "unfused")
+        ratio = fused["step_ms"] / unfused["step_ms"]
+        limit = {"shd": 0.5, "ssc": 0.6, "psmnist": 0.6}.get(task)
+        if limit is not None:
+            lines.append(
+                f"{verdict(ratio <= limit)}  {task} delrec: fused/unfused step ×{ratio:.2f} "
+                f"(target ≤ {limit})"
+            )
+        if task == "shd":
+            floor = fused["step_ms"] / fused["gemm_floor_ms"]
+            lines.append(
+                f"{verdict(floor <= 2.5)}  {task} delrec: fused step / its GEMMs ×{floor:.2f} "
+                "(target ≤ 2.5)"
+            )
+        rsnn = _row(rows, task, "rsnn", "fused")
+        cost = fused["step_ms"] / rsnn["step_ms"]
+        lines.append(
+            f"{verdict(cost <= 1.15)}  {task}: delrec/rsnn fused step ×{cost:.2f} (target ≤ 1.15)"
+        )
+        dropout = fused["share_dropout"]
+        lines.append(
+            f"{verdict(dropout <= 0.05)}  {task} delrec fused: dropout {100 * dropout:.1f} % of "
+            "the step (target ≤ 5 %)"
+        )
+    if quick:
+        lines.append(
+            f"{verdict(elapsed_s < 120)}  --quick ran in {elapsed_s:.0f} s (target < 120 s)"
+        )
+    return lines
+
+
+def run(args) -> int:
+    started = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    repeats = args.repeats or (3 if args.quick else 5)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    presets = PRESETS if args.network == "all" else (args.network,)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+
+    def log(text=""):
+        print(text, flush=True)
+        lines.append(text)
+
+    from delrec.bench import _cpu_name  # the engine benchmark's machine line
+
+    log(
+        f"delrec bench --network {args.network}{' --quick' if args.quick else ''}: torch "
+        f"{torch.__version__}, {torch.get_num_threads()} thread(s), CPU {_cpu_name()}, "
+        f"{repeats} repeats (median), clock = {args.clock}"
+    )
+    log(
+        "step = forward + loss + backward of the whole network; fused/unfused = the network "
+        "around the delays on the fused loops or on autograd; floor = the step's GEMMs alone"
+    )
+    rows = []
+    for task in presets:
+        rows.extend(measure(task, args.quick, repeats, clock, log))
+    if "shd" in presets and not args.quick:
+        steps = -(-SHD_EPOCH_ITEMS // SHAPES["shd"].batch)
+        fused, unfused = (_row(rows, "shd", "delrec", e)["step_ms"] for e in ENGINES)
+        log(
+            f"\nSHD epoch ({SHD_EPOCH_ITEMS:,} items in {steps} training steps of "
+            f"{SHAPES['shd'].batch}, delrec): {steps * fused / 1e3:.0f} s fused, "
+            f"{steps * unfused / 1e3:.0f} s unfused (training steps only)"
+        )
+    log()
+    for line in target_checks(rows, presets, args.quick, time.perf_counter() - started):
+        log(line)
+    _write_csv(rows, out / "network-bench.csv")
+    _plot(rows, presets, out / "network-bench.png")
+    (out / "network-bench.txt").write_text("\n".join(lines) + "\n")
+    log(
+        f"\nwrote {out / 'network-bench.csv'}, {out / 'network-bench.png'}, "
+        f"{out / 'network-bench.txt'}"
+    )
+    return 0
+
+
+def _write_csv(rows, path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _plot(rows, presets, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(presets), figsize=(4.2 * len(presets), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], presets):
+        bars = [r for r in rows if r["preset"] == task]
+        labels = [f"{r['model']}\n{r['engine']}" for r in bars]
+        bottom = [0.0] * len(bars)
+        for colour, component in enumerate(COMPONENTS):
+            heights = [r["step_ms"] * r[f"share_{component}"] for r in bars]
+            ax.bar(labels, heights, bottom=bottom, color=f"C{colour}", label=component)
+            bottom = [b + h for b, h in zip(bottom, heights)]
+        ax.scatter(
+            labels,
+            [r["gemm_floor_ms"] for r in bars],
+            marker="_",
+            s=400,
+            color="k",
+            label="GEMMs alone (floor)",
+            zorder=3,
+        )
+        ax.set_title(
+            f"{task} (B = {bars[0]['batch']:.0f}, T = {bars[0]['steps']:.0f})", fontsize=10
+        )
+        ax.set_ylabel("ms per training step")
+        ax.tick_params(axis="x", labelsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.suptitle(f"delrec bench --network: one training step (CPU, torch {torch.__version__})")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,573 @@
+// The network around the delays, fused (delrec/engine/fused.py, docs/speed.md): the time
+// loop of a feedforward LIF layer and of the leaky-integrator readout, forward and backward, one
+// loop each; dropout masks drawn by a counter-based generator (Philox4x32-10), applied alone or
+// inside the LIF loop; BatchNorm over the T·B frames of a sequence in two passes each way.
+//
+// Layouts: every sequence is time-major (T, B, N), contiguous. The loops run in parallel over
+// blocks of batch rows (ATen's intra-op threads), each block through the whole time loop, so
+// one layer is one parallel region; the neuron state of a block stays in L1/L2.
+//
+// The LIF neuron is csrc/lif.h's (charge, fire, reset, adjoint, surrogate derivative).
+//
+// Dropout masks: element (t, b, n) of a mask, n = 64k + 16w + l (w < 4, l < 16), is kept when
+// word w of Philox4x32-10(counter = (16k + l, b + batch_offset, t, 0),
+// key = (key mod 2³², key div 2³²)) is below `threshold` = round(keep·2³²); a kept element is
+// multiplied by 1/keep (in the tensor's dtype), a dropped one by 0. The mask is a function of the key and the element's
+// position only: the backward draws it again instead of saving it, and a process holding
+// rows [offset, offset + B) of a larger batch draws exactly those rows.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include "lif.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using delrec::LIFConstants;
+using delrec::LIFUpdate;
+using delrec::SurrogateDerivative;
+
+constexpr int64_t kGrain = 8192;  // elements per parallel chunk
+
+// fn(b0, b1) on blocks of batch rows [b0, b1) of a (T, B, N) sequence, in parallel.
+template <typename Fn>
+void for_each_row_block(int64_t batch, int64_t n, const Fn& fn) {
+  const int64_t rows = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, n));
+  at::parallel_for(0, batch, rows, fn);
+}
+
+// --------------------------------------------------------------------------- Philox4x32-10
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
+constexpr int64_t kLanes = 16;              // Philox blocks computed side by side
+constexpr int64_t kChunk = 4 * kLanes;      // mask elements per group of kLanes blocks
+
+// Words 0 … count-1 of the mask row (row, step), written to out (room for count rounded up to
+// kChunk): in each chunk of 64 elements k, element 64k + 16w + l is word w of the block with
+// counter (16k + l, row, step, 0). Sixteen blocks are computed at once, one per 32-bit lane.
+#if defined(__AVX512F__)
+// The 32×32 → 64-bit products of the even and odd lanes (vpmuludq), split into the high and
+// low words of each lane.
+inline void mulhilo16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, m);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+__attribute__((noinline)) void philox_row(uint32_t* __restrict__ out, int64_t count, uint32_t row, uint32_t step,
+                uint32_t key0, uint32_t key1) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
+  for (int64_t first = 0; 4 * first < count; first += kLanes) {
+    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<uint32_t>(first)), lanes);
+    __m512i c1 = _mm512_set1_epi32(row), c2 = _mm512_set1_epi32(step);
+    __m512i c3 = _mm512_setzero_si512();
+    uint32_t k0 = key0, k1 = key1;
+    for (int round = 0; round < 10; ++round) {
+      __m512i hi0, lo0, hi1, lo1;
+      mulhilo16(c0, m0, hi0, lo0);
+      mulhilo16(c2, m1, hi1, lo1);
+      c0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32(k0), 0x96);  // a ^ b ^ c
+      c2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32(k1), 0x96);
+      c1 = lo1;
+      c3 = lo0;
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    uint32_t* words = out + 4 * first;
+    _mm512_storeu_si512(words, c0);
+    _mm512_storeu_si512(words + kLanes, c1);
+    _mm512_storeu_si512(words + 2 * kLanes, c2);
+    _mm512_storeu_si512(words + 3 * kLanes, c3);
+  }
+}
+#else
+__attribute__((noinline)) void philox_row(uint32_t* __restrict__ out, int64_t count, uint32_t row, uint32_t step,
+                uint32_t key0, uint32_t key1) {
+  for (int64_t first = 0; 4 * first < count; first += kLanes) {
+    uint32_t* words = out + 4 * first;
+    for (int64_t l = 0; l < kLanes; ++l) {  // the ten rounds unrolled: GCC vectorises the lanes
+      uint32_t c0 = static_cast<uint32_t>(first + l), c1 = row, c2 = step, c3 = 0;
+      uint32_t k0 = key0, k1 = key1;
+#pragma GCC unroll 10
+      for (int round = 0; round < 10; ++round) {
+        const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
+        const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
+        c0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+        c2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+        c1 = static_cast<uint32_t>(p1);
+        c3 = static_cast<uint32_t>(p0);
+        k0 += kPhiloxW0;
+        k1 += kPhiloxW1;
+      }
+      words[l] = c0;
+      words[kLanes + l] = c1;
+      words[2 * kLanes + l] = c2;
+      words[3 * kLanes + l] = c3;
+    }
+  }
+}
+#endif
+
+// The value of each element of a mask row: 1/keep (kept) or 0 (dropped).
+template <typename scalar_t>
+inline void mask_values(scalar_t* __restrict__ out, const uint32_t* __restrict__ words,
+                        int64_t n, uint32_t threshold, scalar_t kept) {
+  for (int64_t i = 0; i < n; ++i) out[i] = words[i] < threshold ? kept : scalar_t(0);
+}
+
+// One dropout mask: key, threshold on the words, value of a kept element, first batch row.
+struct Mask {
+  bool active = false;
+  uint32_t key0 = 0, key1 = 0, threshold = 0;
+  double scale = 1.0;
+  int64_t batch_offset = 0;
+
+  // the words of row (b, t) into buffer (length ≥ N rounded up to kChunk)
+  void draw(std::vector<uint32_t>& buffer, int64_t n, int64_t b, int64_t t) const {
+    philox_row(buffer.data(), n, static_cast<uint32_t>(b + batch_offset),
+               static_cast<uint32_t>(t), key0, key1);
+  }
+
+  // the values of row (b, t), 1/keep or 0, into values (left as they are when inactive)
+  template <typename scalar_t>
+  void values_of_row(std::vector<scalar_t>& values, std::vector<uint32_t>& words, int64_t n,
+                     int64_t b, int64_t t) const {
+    if (!active) return;
+    draw(words, n, b, t);
+    mask_values(values.data(), words.data(), n, threshold, static_cast<scalar_t>(scale));
+  }
+};
+
+Mask make_mask(bool active, int64_t key, int64_t threshold, double scale, int64_t batch_offset) {
+  Mask mask;
+  if (!active) return mask;
+  TORCH_CHECK(threshold >= 0 && threshold < (int64_t(1) << 32),
+              "delrec dropout: threshold must be in [0, 2^32)");
+  const uint64_t k = static_cast<uint64_t>(key);
+  mask.active = true;
+  mask.key0 = static_cast<uint32_t>(k);
+  mask.key1 = static_cast<uint32_t>(k >> 32);
+  mask.threshold = static_cast<uint32_t>(threshold);
+  mask.scale = scale;
+  mask.batch_offset = batch_offset;
+  return mask;
+}
+
+// out = x ⊙ mask (x undefined: out = mask), on (T, B, N) sequences.
+template <typename scalar_t>
+void dropout_loop(const at::Tensor& x, at::Tensor& out, const Mask& mask) {
+  const int64_t steps = out.size(0), batch = out.size(1), n = out.size(2);
+  const scalar_t* x_p = x.defined() ? x.data_ptr<scalar_t>() : nullptr;
+  scalar_t* out_p = out.data_ptr<scalar_t>();
+  const Mask m = mask;
+  for_each_row_block(batch, n, [=](int64_t b0, int64_t b1) {
+    std::vector<uint32_t> words(n + kChunk);
+    std::vector<scalar_t> values(n);
+    const scalar_t kept = static_cast<scalar_t>(m.scale);
+    for (int64_t t = 0; t < steps; ++t) {
+      for (int64_t b = b0; b < b1; ++b) {
+        m.draw(words, n, b, t);
+        const int64_t row = (t * batch + b) * n;
+        scalar_t* __restrict__ o = out_p + row;
+        if (x_p == nullptr) {
+          mask_values(o, words.data(), n, m.threshold, kept);
+          continue;
+        }
+        mask_values(values.data(), words.data(), n, m.threshold, kept);
+        const scalar_t* __restrict__ xr = x_p + row;
+        const scalar_t* __restrict__ factor = values.data();
+        for (int64_t i = 0; i < n; ++i) o[i] = xr[i] * factor[i];
+      }
+    }
+  });
+}
+
+// --------------------------------------------------------------------------- LIF layer
+// Forward: h = (gain·(c ⊙ m_in) + offset) + leak·v, s = Θ(h - θ), out = s ⊙ m_out; saves h.
+template <typename scalar_t>
+void lif_forward_loop(const at::Tensor& current, const LIFConstants& constants, double gain,
+                      double offset, const Mask& in, const Mask& out_mask, at::Tensor& spikes,
+                      at::Tensor& membrane) {
+  const int64_t steps = current.size(0), batch = current.size(1), n = current.size(2);
+  const scalar_t* c_p = current.data_ptr<scalar_t>();
+  scalar_t* s_p = spikes.data_ptr<scalar_t>();
+  scalar_t* h_p = membrane.data_ptr<scalar_t>();
+  const LIFConstants k = constants;
+  const Mask m_in = in, m_out = out_mask;
+  for_each_row_block(batch, n, [=](int64_t b0, int64_t b1) {
+    const LIFUpdate<scalar_t> lif(k);
+    const scalar_t g = gain, o = offset;
+    std::vector<scalar_t> v_store((b1 - b0) * n, static_cast<scalar_t>(k.v0));
+    std::vector<uint32_t> words(n + kChunk);
+    std::vector<scalar_t> in_values(n, scalar_t(1)), out_values(n, scalar_t(1));
+    for (int64_t t = 0; t < steps; ++t) {
+      for (int64_t b = b0; b < b1; ++b) {
+        m_in.values_of_row(in_values, words, n, b, t);
+        m_out.values_of_row(out_values, words, n, b, t);
+        const int64_t row = (t * batch + b) * n;
+        const scalar_t* __restrict__ c = c_p + row;
+        const scalar_t* __restrict__ mi = in_values.data();
+        const scalar_t* __restrict__ mo = out_values.data();
+        scalar_t* __restrict__ h_t = h_p + row;
+        scalar_t* __restrict__ s_t = s_p + row;
+        scalar_t* __restrict__ v = v_store.data() + (b - b0) * n;
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t h = lif.charge(g * (c[i] * mi[i]) + o, scalar_t(0), v[i]);
+          const bool spike = lif.fires(h);
+          h_t[i] = h;
+          v[i] = lif.reset_after(h, spike);
+          s_t[i] = (spike ? scalar_t(1) : scalar_t(0)) * mo[i];
+        }
+      }
+    }
+  });
+}
+
+// Backward: the reverse loop of the LIF adjoint; ∂L/∂c = gain·∂L/∂h ⊙ m_in, with
+// ∂L/∂s = ∂L/∂out ⊙ m_out. ψ' is computed here (Triangle, ATan) or read from `psi`.
+template <typename scalar_t, int kSurrogate>
+void lif_backward_loop(const at::Tensor& grad_out, const at::Tensor& membrane,
+                       const at::Tensor& psi, const LIFConstants& constants, double gain,
+                       const Mask& in, const Mask& out_mask, at::Tensor& grad_current) {
+  const int64_t steps = membrane.size(0), batch = membrane.size(1), n = membrane.size(2);
+  const scalar_t* g_p = grad_out.data_ptr<scalar_t>();
+  const scalar_t* h_p = membrane.data_ptr<scalar_t>();
+  const scalar_t* psi_p = kSurrogate == 0 ? psi.data_ptr<scalar_t>() : nullptr;
+  scalar_t* gc_p = grad_current.data_ptr<scalar_t>();
+  const LIFConstants k = constants;
+  const Mask m_in = in, m_out = out_mask;
+  for_each_row_block(batch, n, [=](int64_t b0, int64_t b1) {
+    const LIFUpdate<scalar_t> lif(k);
+    const SurrogateDerivative<scalar_t> surrogate(k);
+    const scalar_t g = gain;
+    std::vector<scalar_t> gh_store((b1 - b0) * n, scalar_t(0));  // ∂L/∂h[t+1]
+    std::vector<uint32_t> words(n + kChunk);
+    std::vector<scalar_t> in_values(n, scalar_t(1)), out_values(n, scalar_t(1));
+    for (int64_t t = steps - 1; t >= 0; --t) {
+      for (int64_t b = b0; b < b1; ++b) {
+        m_in.values_of_row(in_values, words, n, b, t);
+        m_out.values_of_row(out_values, words, n, b, t);
+        const int64_t row = (t * batch + b) * n;
+        const scalar_t* __restrict__ grad = g_p + row;
+        const scalar_t* __restrict__ h_t = h_p + row;
+        const scalar_t* __restrict__ psi_t = psi_p ? psi_p + row : nullptr;
+        const scalar_t* __restrict__ mi = in_values.data();
+        const scalar_t* __restrict__ mo = out_values.data();
+        scalar_t* __restrict__ gc = gc_p + row;
+        scalar_t* __restrict__ gh = gh_store.data() + (b - b0) * n;
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t h = h_t[i];
+          const scalar_t slope =
+              kSurrogate == 0 ? psi_t[i] : surrogate.template of<kSurrogate>(h - lif.threshold);
+          const scalar_t next = lif.adjoint(grad[i] * mo[i], gh[i], h, lif.fires(h), slope);
+          gh[i] = next;
+          gc[i] = (g * next) * mi[i];
+        }
+      }
+    }
+  });
+}
+
+// --------------------------------------------------------------------------- leaky integrator
+// v[t] = (gain·u[t] + offset) + leak·v[t-1], v[-1] = v0: the membrane sequence is the output.
+template <typename scalar_t>
+void integrator_forward_loop(const at::Tensor& current, double leak, double gain, double offset,
+                             double v0, at::Tensor& out) {
+  const int64_t steps = current.size(0), width = current.size(1) * current.size(2);
+  const scalar_t* u_p = current.data_ptr<scalar_t>();
+  scalar_t* v_p = out.data_ptr<scalar_t>();
+  const scalar_t l = leak, g = gain, o = offset, start = v0;
+  at::parallel_for(0, width, kGrain, [&](int64_t i0, int64_t i1) {
+    for (int64_t t = 0; t < steps; ++t) {
+      const scalar_t* __restrict__ u = u_p + t * width;
+      const scalar_t* __restrict__ before = t > 0 ? v_p + (t - 1) * width : nullptr;
+      scalar_t* __restrict__ v = v_p + t * width;
+      for (int64_t i = i0; i < i1; ++i) {
+        v[i] = (g * u[i] + o) + l * (before ? before[i] : start);
+      }
+    }
+  });
+}
+
+// a[t] = ∂L/∂v[t] + leak·a[t+1]; ∂L/∂u[t] = gain·a[t].
+template <typename scalar_t>
+void integrator_backward_loop(const at::Tensor& grad_out, double leak, double gain,
+                              at::Tensor& grad_current) {
+  const int64_t steps = grad_out.size(0), width = grad_out.size(1) * grad_out.size(2);
+  const scalar_t* g_p = grad_out.data_ptr<scalar_t>();
+  scalar_t* gu_p = grad_current.data_ptr<scalar_t>();
+  const scalar_t l = leak, g = gain;
+  at::parallel_for(0, width, kGrain, [&](int64_t i0, int64_t i1) {
+    std::vector<scalar_t> adjoint(i1 - i0, scalar_t(0));
+    scalar_t* __restrict__ a = adjoint.data();
+    for (int64_t t = steps - 1; t >= 0; --t) {
+      const scalar_t* __restrict__ grad = g_p + t * width + i0;
+      scalar_t* __restrict__ gu = gu_p + t * width + i0;
+      for (int64_t i = 0; i < i1 - i0; ++i) {
+        a[i] = grad[i] + l * a[i];
+        gu[i] = g * a[i];
+      }
+    }
+  });
+}
+
+// --------------------------------------------------------------------------- BatchNorm
+// Statistics over the M = T·B frames of each channel, in float64, summed in fixed chunks of
+// frames (the same sums whatever the thread count).
+constexpr int64_t kFrames = 256;
+
+// out (rows, N) float64 = per-channel sums over the frames of `rows` terms each:
+// frame_terms(f, acc) adds frame f's terms to acc[r·N + channel]. Frames are summed in fixed
+// chunks (the same sums whatever the thread count), the chunks in order.
+template <typename Fn>
+void channel_sums(int64_t frames, int64_t n, int64_t rows, at::Tensor& out,
+                  const Fn& frame_terms) {
+  const int64_t chunks = (frames + kFrames - 1) / kFrames, width = rows * n;
+  std::vector<double> partial(chunks * width, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      for (int64_t f = k * kFrames; f < std::min(frames, (k + 1) * kFrames); ++f) {
+        frame_terms(f, partial.data() + k * width);
+      }
+    }
+  });
+  double* sums = out.data_ptr<double>();
+  std::fill(sums, sums + width, 0.0);
+  for (int64_t k = 0; k < chunks; ++k) {
+    for (int64_t i = 0; i < width; ++i) sums[i] += partial[k * width + i];
+  }
+}
+
+// Forward (training): mean and biased variance of each channel, then
+// y = (x - mean)·(γ·invstd) + β. Fills out, mean (N) and var (N) (float64).
+template <typename scalar_t>
+void batch_norm_forward_loop(const at::Tensor& x, const at::Tensor& weight,
+                             const at::Tensor& bias, double eps, at::Tensor& out,
+                             at::Tensor& mean, at::Tensor& var) {
+  const int64_t n = x.size(-1), frames = x.numel() / n;
+  const scalar_t* x_p = x.data_ptr<scalar_t>();
+  at::Tensor sums = at::empty({2, n}, x.options().dtype(at::kDouble));
+  channel_sums(frames, n, 2, sums, [&](int64_t f, double* acc) {
+    const scalar_t* __restrict__ row = x_p + f * n;
+    double* __restrict__ a = acc;
+    double* __restrict__ b = acc + n;
+    for (int64_t i = 0; i < n; ++i) {
+      const double value = row[i];
+      a[i] += value;
+      b[i] += value * value;
+    }
+  });
+  const double* s = sums.data_ptr<double>();
+  double* mean_p = mean.data_ptr<double>();
+  double* var_p = var.data_ptr<double>();
+  std::vector<scalar_t> centre(n), scale(n), shift(n);
+  const scalar_t* w_p = weight.data_ptr<scalar_t>();
+  const scalar_t* b_p = bias.data_ptr<scalar_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    mean_p[i] = s[i] / frames;
+    var_p[i] = std::max(0.0, s[n + i] / frames - mean_p[i] * mean_p[i]);
+    centre[i] = static_cast<scalar_t>(mean_p[i]);
+    scale[i] = static_cast<scalar_t>(w_p[i] / std::sqrt(var_p[i] + eps));
+    shift[i] = b_p[i];
+  }
+  scalar_t* out_p = out.data_ptr<scalar_t>();
+  at::parallel_for(0, frames, std::max<int64_t>(1, kGrain / n), [&](int64_t f0, int64_t f1) {
+    for (int64_t f = f0; f < f1; ++f) {
+      const scalar_t* __restrict__ row = x_p + f * n;
+      scalar_t* __restrict__ y = out_p + f * n;
+      for (int64_t i = 0; i < n; ++i) y[i] = (row[i] - centre[i]) * scale[i] + shift[i];
+    }
+  });
+}
+
+// Backward: with g = ∂L/∂y, S1 = Σ g and S2 = Σ g·(x - mean) per channel,
+// ∂L/∂x = γ·invstd·(g - S1/M - (x - mean)·invstd²·S2/M), ∂L/∂γ = S2·invstd, ∂L/∂β = S1.
+// Fills grad_x and sums (3, N) float64 = (S1, S2, Σ ∂L/∂x): the last is the gradient of a bias
+// added to x before the normalisation (zero up to rounding).
+template <typename scalar_t>
+void batch_norm_backward_loop(const at::Tensor& grad, const at::Tensor& x,
+                              const at::Tensor& mean, const at::Tensor& invstd,
+                              const at::Tensor& weight, at::Tensor& grad_x, at::Tensor& sums) {
+  const int64_t n = x.size(-1), frames = x.numel() / n;
+  const scalar_t* g_p = grad.data_ptr<scalar_t>();
+  const scalar_t* x_p = x.data_ptr<scalar_t>();
+  const double* mean_p = mean.data_ptr<double>();
+  const double* invstd_p = invstd.data_ptr<double>();
+  std::vector<scalar_t> centre(n);
+  for (int64_t i = 0; i < n; ++i) centre[i] = static_cast<scalar_t>(mean_p[i]);
+  at::Tensor moments = at::empty({2, n}, sums.options());
+  channel_sums(frames, n, 2, moments, [&](int64_t f, double* acc) {
+    const scalar_t* __restrict__ g = g_p + f * n;
+    const scalar_t* __restrict__ row = x_p + f * n;
+    double* __restrict__ a = acc;
+    double* __restrict__ b = acc + n;
+    for (int64_t i = 0; i < n; ++i) {
+      a[i] += g[i];
+      b[i] += static_cast<double>(g[i]) * static_cast<double>(row[i] - centre[i]);
+    }
+  });
+  const double* s = moments.data_ptr<double>();
+  const scalar_t* w_p = weight.data_ptr<scalar_t>();
+  std::vector<scalar_t> scale(n), by_x(n), constant(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const double a = w_p[i] * invstd_p[i];
+    scale[i] = static_cast<scalar_t>(a);
+    by_x[i] = static_cast<scalar_t>(-a * invstd_p[i] * invstd_p[i] * s[n + i] / frames);
+    constant[i] = static_cast<scalar_t>(-a * s[i] / frames);
+  }
+  scalar_t* gx_p = grad_x.data_ptr<scalar_t>();
+  at::Tensor total = at::empty({1, n}, sums.options());
+  channel_sums(frames, n, 1, total, [&](int64_t f, double* acc) {
+    const scalar_t* __restrict__ g = g_p + f * n;
+    const scalar_t* __restrict__ row = x_p + f * n;
+    scalar_t* __restrict__ out = gx_p + f * n;
+    double* __restrict__ a = acc;
+    for (int64_t i = 0; i < n; ++i) {
+      out[i] = (scale[i] * g[i] + constant[i]) + by_x[i] * (row[i] - centre[i]);
+      a[i] += out[i];
+    }
+  });
+  sums.select(0, 0).copy_(moments.select(0, 0));
+  sums.select(0, 1).copy_(moments.select(0, 1));
+  sums.select(0, 2).copy_(total.select(0, 0));
+}
+
+// --------------------------------------------------------------------------- bindings
+void check_sequence(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 3,
+              "delrec fused kernel: ", name, " must be a contiguous (T, B, N) CPU tensor");
+  TORCH_CHECK(x.size(1) + 0 < (int64_t(1) << 32) && x.size(0) < (int64_t(1) << 32),
+              "delrec fused kernel: ", name, " is too long for 32-bit mask counters");
+}
+
+LIFConstants lif_constants(double leak, double v0, double threshold, double v_reset,
+                           bool soft_reset, bool detach_reset, int64_t surrogate,
+                           double surrogate_param) {
+  return LIFConstants{leak,         v0, threshold, v_reset, soft_reset, detach_reset,
+                      surrogate, surrogate_param};
+}
+
+// masks travel as (active, key, threshold, scale, batch_offset)
+using MaskArgs = std::tuple<bool, int64_t, int64_t, double, int64_t>;
+
+Mask mask_of(const MaskArgs& m) {
+  return make_mask(std::get<0>(m), std::get<1>(m), std::get<2>(m), std::get<3>(m),
+                   std::get<4>(m));
+}
+
+void dropout(const c10::optional<at::Tensor>& x, at::Tensor out, MaskArgs mask_args) {
+  check_sequence(out, "out");
+  const at::Tensor input = x.has_value() ? *x : at::Tensor();
+  if (input.defined()) {
+    check_sequence(input, "x");
+    TORCH_CHECK(input.sizes() == out.sizes() && input.scalar_type() == out.scalar_type(),
+                "delrec dropout: x and out differ in shape or dtype");
+  }
+  const Mask mask = mask_of(mask_args);
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "delrec_dropout",
+                             [&] { dropout_loop<scalar_t>(input, out, mask); });
+}
+
+void lif_forward(const at::Tensor& current, double leak, double gain, double offset, double v0,
+                 double threshold, double v_reset, bool soft_reset, MaskArgs in_mask,
+                 MaskArgs out_mask, at::Tensor spikes, at::Tensor membrane) {
+  check_sequence(current, "current");
+  check_sequence(spikes, "spikes");
+  check_sequence(membrane, "membrane");
+  const LIFConstants constants =
+      lif_constants(leak, v0, threshold, v_reset, soft_reset, false, 0, 0.0);
+  const Mask in = mask_of(in_mask), out = mask_of(out_mask);
+  AT_DISPATCH_FLOATING_TYPES(current.scalar_type(), "delrec_lif_forward", [&] {
+    lif_forward_loop<scalar_t>(current, constants, gain, offset, in, out, spikes, membrane);
+  });
+}
+
+void lif_backward(const at::Tensor& grad_out, const at::Tensor& membrane, const at::Tensor& psi,
+                  double leak, double gain, double threshold, double v_reset, bool soft_reset,
+                  bool detach_reset, int64_t surrogate, double surrogate_param,
+                  MaskArgs in_mask, MaskArgs out_mask, at::Tensor grad_current) {
+  check_sequence(grad_out, "grad_out");
+  check_sequence(membrane, "membrane");
+  check_sequence(grad_current, "grad_current");
+  TORCH_CHECK(surrogate != 0 || (psi.is_contiguous() && psi.sizes() == membrane.sizes()),
+              "delrec fused kernel: ψ' must be a contiguous (T, B, N) tensor");
+  const LIFConstants constants = lif_constants(leak, 0.0, threshold, v_reset, soft_reset,
+                                               detach_reset, surrogate, surrogate_param);
+  const Mask in = mask_of(in_mask), out = mask_of(out_mask);
+  AT_DISPATCH_FLOATING_TYPES(membrane.scalar_type(), "delrec_lif_backward", [&] {
+    if (surrogate == 1) {
+      lif_backward_loop<scalar_t, 1>(grad_out, membrane, psi, constants, gain, in, out,
+                                     grad_current);
+    } else if (surrogate == 2) {
+      lif_backward_loop<scalar_t, 2>(grad_out, membrane, psi, constants, gain, in, out,
+                                     grad_current);
+    } else {
+      lif_backward_loop<scalar_t, 0>(grad_out, membrane, psi, constants, gain, in, out,
+                                     grad_current);
+    }
+  });
+}
+
+void integrator_forward(const at::Tensor& current, double leak, double gain, double offset,
+                        double v0, at::Tensor out) {
+  check_sequence(current, "current");
+  check_sequence(out, "out");
+  AT_DISPATCH_FLOATING_TYPES(current.scalar_type(), "delrec_integrator_forward", [&] {
+    integrator_forward_loop<scalar_t>(current, leak, gain, offset, v0, out);
+  });
+}
+
+void integrator_backward(const at::Tensor& grad_out, double leak, double gain,
+                         at::Tensor grad_current) {
+  check_sequence(grad_out, "grad_out");
+  check_sequence(grad_current, "grad_current");
+  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "delrec_integrator_backward", [&] {
+    integrator_backward_loop<scalar_t>(grad_out, leak, gain, grad_current);
+  });
+}
+
+void batch_norm_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                        double eps, at::Tensor out, at::Tensor mean, at::Tensor var) {
+  check_sequence(x, "x");
+  TORCH_CHECK(mean.scalar_type() == at::kDouble && var.scalar_type() == at::kDouble,
+              "delrec batch norm: mean and var are float64");
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "delrec_batch_norm_forward", [&] {
+    batch_norm_forward_loop<scalar_t>(x, weight.contiguous(), bias.contiguous(), eps, out, mean,
+                                      var);
+  });
+}
+
+void batch_norm_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
+                         const at::Tensor& invstd, const at::Tensor& weight, at::Tensor grad_x,
+                         at::Tensor sums) {
+  check_sequence(grad, "grad");
+  check_sequence(x, "x");
+  TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.numel() == 3 * x.size(2),
+              "delrec batch norm: sums must be (3, N) float64");
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "delrec_batch_norm_backward", [&] {
+    batch_norm_backward_loop<scalar_t>(grad, x, mean, invstd, weight.contiguous(), grad_x, sums);
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "delrec: fused feedforward LIF layers, leaky-integrator readout, dropout, BatchNorm";
+  m.def("dropout", &dropout, "out = x ⊙ Philox dropout mask (or the mask alone)");
+  m.def("lif_forward", &lif_forward, "feedforward LIF layer: spikes and pre-spike membrane");
+  m.def("lif_backward", &lif_backward, "feedforward LIF layer: gradient of the input current");
+  m.def("integrator_forward", &integrator_forward, "leaky integrator: membrane sequence");
+  m.def("integrator_backward", &integrator_backward, "leaky integrator: input gradient");
+  m.def("batch_norm_forward", &batch_norm_forward, "BatchNorm over frames: output and stats");
+  m.def("batch_norm_backward", &batch_norm_backward, "BatchNorm over frames: input gradient");
+}

@@ -1,0 +1,247 @@
+"""The network around the delays, fused: feedforward LIF layers, the leaky-integrator readout,
+dropout and BatchNorm over time, each one compiled loop forward and one backward.
+
+The reference for all of them is the step-by-step autograd of :mod:`delrec.neurons` (and
+``nn.BatchNorm1d``, a multiplication by the mask); the fused paths compute the same:
+
+* :func:`lif_layer`: a non-recurrent LIF layer ``current (T, B, N) → spikes (T, B, N)``, the
+  neuron as every engine computes it (``h = leak·v + gain·u + offset``, fire, reset; the
+  surrogate's ψ' in the backward), optionally with a dropout mask on its input or its output
+  drawn inside the loop. Saved for backward: the pre-spike membrane (the spikes are ``h ≥ θ``;
+  the masks are drawn again), ``T·B·N`` numbers.
+* :func:`integrate`: the leaky-integrator readout, ``v[t] = leak·v[t-1] + gain·u[t]``; saves
+  nothing.
+* :func:`apply_dropout`: ``x ⊙ mask`` with the mask of :mod:`delrec.engine.dropout` drawn in
+  the loop, forward and backward; saves nothing. :func:`dropout_mask`: the mask itself.
+* :func:`batch_norm`: BatchNorm with the statistics of all ``T·B`` frames, the bias of the
+  linear map in front folded into its statistics; saves its input and two numbers per channel.
+
+They run the C++ loops of ``csrc/fused.cpp`` (built by :mod:`delrec.engine.native`) on
+tensors that :func:`kernels_for` has kernels for; the network's feedforward engine
+(:func:`delrec.models.set_feedforward_engine`) chooses between them and the reference once per
+forward. Other devices register their kernels in :data:`KERNELS` under their device type, with
+the signatures of the C++ functions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from delrec.engine import native
+from delrec.engine.dropout import MaskDraw, reference_mask
+from delrec.engine.dropout import native as native_mask
+from delrec.engine.lif import LIFMap
+from delrec.neurons import LIFParameters
+
+ENGINES = ("fused", "reference")  # the choices of the network's feedforward engine
+
+# device type -> loader of the kernel module (the C++ one on the CPU)
+KERNELS = {"cpu": lambda: native.load("fused")}
+
+
+def kernels_for(device: torch.device):
+    """The fused kernels for tensors on ``device``, or ``None`` (then the reference runs)."""
+    loader = KERNELS.get(device.type)
+    return loader() if loader is not None else None
+
+
+def _kernels(device: torch.device):
+    """:func:`kernels_for`, or an error that says what to do instead."""
+    kernels = kernels_for(device)
+    if kernels is None:
+        raise RuntimeError(
+            f"no fused kernels for {device} tensors (DELREC_NATIVE=0, a failed build, or another "
+            "device): run the reference, set_feedforward_engine(network, 'reference')"
+        )
+    return kernels
+
+
+# --------------------------------------------------------------------------- LIF layer
+class _LIFLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, current, lif: LIFMap, mask_in, mask_out, kernels):
+        p = lif.p
+        current = current.contiguous()
+        spikes, membrane = torch.empty_like(current), torch.empty_like(current)
+        dtype = current.dtype
+        kernels.lif_forward(
+            current,
+            lif.leak,
+            lif.gain,
+            lif.offset,
+            lif.v0,
+            p.v_threshold,
+            p.v_reset or 0.0,
+            p.soft_reset,
+            native_mask(mask_in, dtype),
+            native_mask(mask_out, dtype),
+            spikes,
+            membrane,
+        )
+        ctx.save_for_backward(membrane)
+        ctx.lif, ctx.masks, ctx.kernels = lif, (mask_in, mask_out), kernels
+        return spikes
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        (membrane,) = ctx.saved_tensors
+        lif: LIFMap = ctx.lif
+        p = lif.p
+        code, param, psi = lif.native_slope(membrane)
+        grad_current = torch.empty_like(membrane)
+        mask_in, mask_out = ctx.masks
+        dtype = membrane.dtype
+        ctx.kernels.lif_backward(
+            grad_spikes.contiguous(),
+            membrane,
+            psi.contiguous(),
+            lif.leak,
+            lif.gain,
+            p.v_threshold,
+            p.v_reset or 0.0,
+            p.soft_reset,
+            p.detach_reset,
+            code,
+            param,
+            native_mask(mask_in, dtype),
+            native_mask(mask_out, dtype),
+            grad_current,
+        )
+        return grad_current, None, None, None, None
+
+
+def lif_layer(
+    current: Tensor,
+    params: LIFParameters,
+    mask_in: MaskDraw | None = None,
+    mask_out: MaskDraw | None = None,
+) -> Tensor:
+    """Spikes ``(T, B, N)`` of a feedforward LIF layer driven by ``current`` ``(T, B, N)`` from
+    the zero state (``v = v_reset``, 0 for a soft reset), differentiable in ``current``.
+
+    ``mask_in``: dropout on the current (``u = c ⊙ m``); ``mask_out``: dropout on the spikes.
+    Same as :class:`delrec.neurons.LIF` on ``c ⊙ m_in``, times ``m_out``.
+    """
+    return _LIFLayer.apply(current, LIFMap.of(params), mask_in, mask_out, _kernels(current.device))
+
+
+# --------------------------------------------------------------------------- readout
+class _Integrator(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, current, leak: float, gain: float, kernels):
+        current = current.contiguous()
+        out = torch.empty_like(current)
+        kernels.integrator_forward(current, leak, gain, 0.0, 0.0, out)
+        ctx.constants, ctx.kernels = (leak, gain), kernels
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_current = torch.empty_like(grad_out, memory_format=torch.contiguous_format)
+        ctx.kernels.integrator_backward(grad_out.contiguous(), *ctx.constants, grad_current)
+        return grad_current, None, None, None
+
+
+def integrate(current: Tensor, tau: float, decay_input: bool) -> Tensor:
+    """Membrane sequence ``(T, B, K)`` of leaky integrators (:class:`delrec.neurons.
+    LeakyIntegrator`: ``v[t] = (1 - 1/τ)·v[t-1] + u[t]``, ``u[t]/τ`` with ``decay_input``)."""
+    lif = LIFMap.of(LIFParameters(tau=tau, v_reset=None, decay_input=decay_input))
+    return _Integrator.apply(current, lif.leak, lif.gain, _kernels(current.device))
+
+
+# --------------------------------------------------------------------------- dropout
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, draw: MaskDraw, kernels):
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        kernels.dropout(x, out, draw.native(x.dtype))
+        ctx.draw, ctx.kernels = draw, kernels
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad = grad_out.contiguous()
+        grad_x = torch.empty_like(grad)
+        ctx.kernels.dropout(grad, grad_x, ctx.draw.native(grad.dtype))
+        return grad_x, None, None
+
+
+def dropout_mask(shape: tuple[int, int, int], draw: MaskDraw, dtype=torch.float32, device=None):
+    """The mask of a ``(T, B, N)`` tensor (``1/keep`` where kept, 0 where dropped), drawn by the
+    kernels where there are some for ``device``, else by PyTorch ops: the same values."""
+    kernels = kernels_for(torch.device(device or "cpu"))
+    if kernels is None:
+        return reference_mask(shape, draw, dtype, device)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    kernels.dropout(None, out, draw.native(dtype))
+    return out
+
+
+def apply_dropout(x: Tensor, draw: MaskDraw) -> Tensor:
+    """``x ⊙ mask`` for a ``(T, B, N)`` tensor, the mask drawn in the loop both ways."""
+    return _Dropout.apply(x, draw, _kernels(x.device))
+
+
+# --------------------------------------------------------------------------- BatchNorm
+class _BatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, weight, bias, shift, eps: float, kernels):
+        y = y.contiguous()
+        out = torch.empty_like(y)
+        n = y.shape[-1]
+        mean, var = (y.new_empty(n, dtype=torch.float64) for _ in range(2))
+        kernels.batch_norm_forward(y, weight, bias, eps, out, mean, var)
+        invstd = (var + eps).rsqrt()
+        ctx.save_for_backward(y, mean, invstd, weight)
+        ctx.kernels, ctx.shifted = kernels, shift is not None
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        y, mean, invstd, weight = ctx.saved_tensors
+        grad = grad_out.contiguous()
+        grad_y = torch.empty_like(y)
+        sums = y.new_empty(3, y.shape[-1], dtype=torch.float64)
+        ctx.kernels.batch_norm_backward(grad, y, mean, invstd, weight, grad_y, sums)
+        grad_weight = (sums[1] * invstd).to(weight.dtype)
+        grad_bias = sums[0].to(weight.dtype)
+        grad_shift = sums[2].to(weight.dtype) if ctx.shifted else None
+        return grad_y, grad_weight, grad_bias, grad_shift, None, None
+
+
+def batch_norm(current: Tensor, norm: nn.BatchNorm1d, shift: Tensor | None = None) -> Tensor:
+    """``norm`` applied to the ``T·B`` frames of ``c = current + shift`` ``(T, B, N)`` (what
+    ``norm(c.flatten(0, 1))`` computes), updating its running statistics in training.
+
+    ``shift`` ``(N,)``: the bias of the linear map in front (the normalisation removes it, so it
+    is added to the statistics only, saving a pass; its gradient is ``Σ ∂L/∂c``, zero up to
+    rounding). ``norm`` must be an affine ``nn.BatchNorm1d`` that tracks running statistics
+    (:func:`fusable_norm`); in eval mode, or with fewer than two frames, the module itself runs.
+    """
+    if not norm.training or current.shape[0] * current.shape[1] <= 1:
+        # eval, or no statistics to take (the module's answer: an error for one frame)
+        if shift is not None:
+            current = current + shift
+        return norm(current.flatten(0, 1)).view_as(current)
+    out, mean, var = _BatchNorm.apply(
+        current, norm.weight, norm.bias, shift, norm.eps, _kernels(current.device)
+    )
+    if shift is not None:
+        mean = mean + shift.detach().double()
+    with torch.no_grad():
+        norm.num_batches_tracked.add_(1)
+        factor = norm.momentum if norm.momentum is not None else 1 / int(norm.num_batches_tracked)
+        frames = current.shape[0] * current.shape[1]
+        unbiased = var * (frames / max(frames - 1, 1))
+        norm.running_mean.mul_(1 - factor).add_(mean.to(norm.running_mean.dtype), alpha=factor)
+        norm.running_var.mul_(1 - factor).add_(unbiased.to(norm.running_var.dtype), alpha=factor)
+    return out
+
+
+def fusable_norm(norm: nn.Module | None) -> bool:
+    """True for the BatchNorm that :func:`batch_norm` runs: an affine ``nn.BatchNorm1d`` with
+    running statistics (not a subclass, such as the data-parallel whole-batch one)."""
+    return type(norm) is nn.BatchNorm1d and norm.affine and norm.track_running_stats

@@ -1,0 +1,114 @@
+"""GPU kernels of the engine, written in Triton (an optional dependency).
+
+Every time loop of the engine has a Triton version here: the axonal/shared recurrence forward
+and backward (:mod:`.axonal`), integer-delay inference (:mod:`.ring`), the feedforward LIF layer
+and the leaky-integrator readout (:mod:`.feedforward`). They compute what the C++ loops compute,
+on the same algorithms (docs/gpu.md says how they are laid out on the GPU).
+
+They run compiled on CUDA tensors. With ``TRITON_INTERPRET=1`` set when the kernel modules
+are imported, Triton's interpreter runs the same kernels on CPU tensors (slowly): that is how
+the tests check them on machines without a GPU.
+
+This package imports without Triton and imports the kernel modules only when a path runs
+(:func:`axonal_recurrence`, :func:`synaptic_recurrence`, :func:`ring_recurrence`, the engine
+paths ``triton-axonal``, ``triton-synaptic``, ``triton-ring``); :func:`available` says whether
+the kernels run on a device and :func:`missing_reason` why not.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton's interpreter runs the kernels (``TRITON_INTERPRET=1``), on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.cache
+def installed() -> bool:
+    """True when the ``triton`` package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def available(device: torch.device | str) -> bool:
+    """True when the kernels run compiled on tensors of ``device``: CUDA, with ``triton``.
+    (Under the interpreter they run on CPU tensors too, but only when called by name: the
+    engine never picks them there.)"""
+    device = torch.device(device)
+    return (
+        device.type == "cuda" and installed() and not interpreting() and torch.cuda.is_available()
+    )
+
+
+def missing_reason(device: torch.device | str) -> str | None:
+    """Why the kernels don't run compiled on ``device`` (None when they do)."""
+    device = torch.device(device)
+    if not installed():
+        return "the Triton kernels need the 'triton' package (pip install triton)"
+    if device.type != "cuda":
+        return f"the Triton kernels run on CUDA tensors, not {device.type}"
+    if interpreting():
+        return "TRITON_INTERPRET=1 makes Triton interpret its kernels on CPU tensors"
+    return None if torch.cuda.is_available() else "CUDA is not available here"
+
+
+@functools.cache
+def _warn_missing(reason: str) -> None:
+    warnings.warn(
+        f"{reason}: CUDA layers run the PyTorch-op loops instead (about twenty small kernels "
+        "per time step)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+_interpreter_paths = False
+
+
+def offer_interpreted_paths() -> None:
+    """Let the engine select the Triton paths for CPU tensors under the interpreter
+    (``TRITON_INTERPRET=1``): what a dry run of the GPU benchmark does to run them end to end
+    without a GPU. Otherwise they run on the CPU only when called by name (the tests)."""
+    global _interpreter_paths
+    _interpreter_paths = True
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether the Triton engine paths run on ``device`` (their ``runs_on``): compiled on CUDA;
+    on the CPU only after :func:`offer_interpreted_paths`. On CUDA without ``triton``, one
+    warning says why the slower paths run."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _interpreter_paths and installed() and interpreting()
+    if available(device):
+        return True
+    if device.type == "cuda" and not installed():
+        _warn_missing(missing_reason(device))
+    return False
+
+
+def axonal_recurrence(current, weight, delay, width, neuron, mask=None):
+    """Path ``triton-axonal``: :func:`delrec.engine.triton.axonal.recurrence`."""
+    from delrec.engine.triton import axonal
+
+    return axonal.recurrence(current, weight, delay, width, neuron, mask)
+
+
+def synaptic_recurrence(current, weight, delay, width, neuron, mask=None):
+    """Path ``triton-synaptic``: :func:`delrec.engine.triton.synaptic.recurrence`."""
+    from delrec.engine.triton import synaptic
+
+    return synaptic.recurrence(current, weight, delay, width, neuron, mask)
+
+
+def ring_recurrence(current, weight, delay, width, neuron, mask=None):
+    """Path ``triton-ring``: :func:`delrec.engine.triton.ring.recurrence`."""
+    from delrec.engine.triton import ring
+
+    return ring.recurrence(current, weight, delay, width, neuron, mask)

@@ -1,0 +1,868 @@
+"""Fault injection: under concurrency, faults and absurd input delrec never corrupts a run
+silently and never stops without a message naming the problem and the fix
+(docs/reliability.md).
+
+Sections: trainings started together into one directory (the lock itself: test_runs.py);
+NaN injected into parameters mid-run and a non-finite loss; corrupt binning caches; empty
+batches on every engine path; absurd delays, spreads and input currents; truncated and garbage
+files for every reader; downloads that stall, mirrors, and files damaged after extraction;
+processes killed at random points (during checkpoint writes too), then resumed, compared bit
+for bit with an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from engine_helpers import assert_close_relative
+from test_data_heidelberg import random_samples
+from test_train_run import assert_identical, keep_thread_count, read_metrics, state_of  # noqa: F401
+
+from delrec import files
+from delrec.checkpoint import CheckpointError, network_payload, read_checkpoint, save_checkpoint
+from delrec.cli import main
+from delrec.config import ConfigError, load_config_file, resolve
+from delrec.data import RESOURCES, DataError, load_dataset
+from delrec.data.fetch import Resource, download
+from delrec.data.heidelberg import write_heidelberg
+from delrec.data.mnist import read_idx
+from delrec.delays import MAX_DELAY
+from delrec.engine import PATHS
+from delrec.engine import feedforward as feedforward_engines
+from delrec.engine.ring import DelayedSynapses
+from delrec.layers import DelRec, FeedforwardDelay, set_spread
+from delrec.models import NetworkConfig, build_network
+from delrec.neurons import LIF
+from delrec.runs import LOCK
+from delrec.training import Trainer, TrainingError
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
+# digits-8x8 (64 steps) on 64 images, 8 neurons: two batches per epoch, a second an epoch
+TINY = [
+    "--task",
+    "digits-8x8",
+    "--epochs",
+    "3",
+    "--set",
+    "max_train_samples=64",
+    "network.hidden_sizes=[8]",
+    "batch_size=32",
+    "--no-progress",
+]
+
+
+def tiny_config(epochs: int = 3):
+    return resolve(
+        "digits-8x8",
+        overrides=[
+            f"epochs={epochs}",
+            "max_train_samples=64",
+            "network.hidden_sizes=[8]",
+            "batch_size=32",
+        ],
+    )
+
+
+def delrec_process(*args: str, script: str | None = None) -> subprocess.Popen:
+    """``python -m delrec ARGS`` (or ``python -c SCRIPT ARGS``), one thread, own session."""
+    command = ["-c", script] if script else ["-m", "delrec"]
+    return subprocess.Popen(
+        [sys.executable, *command, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        start_new_session=True,
+    )
+
+
+# --------------------------------------------------------------------------- concurrency
+def test_two_trainings_started_together_leave_one_consistent_run(tmp_path):
+    """The issue's reproduction: two seeds into one run directory at the same moment. One
+    trains, the other stops with exit 2 and a message; the directory holds one seed's run."""
+    run_dir = tmp_path / "run"
+    processes = {
+        seed: delrec_process("train", *TINY, "--run-dir", str(run_dir), "--seed", str(seed))
+        for seed in (0, 1)
+    }
+    outcomes = {seed: (p.wait(timeout=300), *p.communicate()) for seed, p in processes.items()}
+    codes = sorted(code for code, _, _ in outcomes.values())
+    assert codes == [0, 2], outcomes
+    winner = next(seed for seed, (code, _, _) in outcomes.items() if code == 0)
+    loser_err = outcomes[1 - winner][2]
+    assert "in use by pid" in loser_err or "already exists and is not empty" in loser_err
+    assert json.loads(outcomes[winner][1].splitlines()[-1])["seed"] == winner
+    assert json.loads((run_dir / "config.json").read_text())["config"]["seed"] == winner
+    for which in ("best", "last"):
+        assert (
+            read_checkpoint(run_dir / "checkpoints" / f"{which}.pt")["train_config"]["seed"]
+            == winner
+        )
+    assert not (run_dir / LOCK).exists()
+
+
+# --------------------------------------------------------------------------- divergence
+def poison_after_step(trainer: Trainer, parameter: str, step: int, value: float) -> None:
+    """Write ``value`` into ``parameter`` right after optimizer step ``step`` (1-based, counted
+    over the run; the tiny config has two steps per epoch)."""
+    count = {"steps": 0}
+    tensor = dict(trainer.network.named_parameters())[parameter]
+
+    def hook(optimizer, args, kwargs):
+        count["steps"] += 1
+        if count["steps"] == step:
+            with torch.no_grad():
+                tensor.view(-1)[0] = value
+
+    trainer.optimizers["weights"].register_step_post_hook(hook)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_parameters_stop_the_run_naming_epoch_batch_and_last_checkpoint(tmp_path, value):
+    trainer = Trainer(tiny_config(), tmp_path / "run", progress=False)
+    last = trainer.run.checkpoint_path("last")
+    poison_after_step(trainer, "blocks.0.neurons.weight", step=3, value=value)
+    with pytest.raises(TrainingError) as error:
+        trainer.fit()
+    message = str(error.value)
+    assert message.startswith(
+        "blocks.0.neurons.weight became NaN or infinite in the optimizer step of epoch 2, "
+        "batch 1; lower optim.lr"
+    ), message
+    assert f"the last good checkpoint is {last} (after epoch 1)" in message
+    assert read_checkpoint(last)["epoch"] == 1  # finite: it reads
+
+
+def test_a_delay_made_infinite_is_caught_before_the_clamp_hides_it(tmp_path):
+    trainer = Trainer(tiny_config(), tmp_path / "run", progress=False)
+    count = {"steps": 0}
+    delay = trainer.network.blocks[0].neurons.delay
+
+    def hook(optimizer, args, kwargs):
+        count["steps"] += 1
+        if count["steps"] == 1:
+            with torch.no_grad():
+                delay[2] = float("inf")
+
+    trainer.optimizers["positions"].register_step_post_hook(hook)
+    with pytest.raises(TrainingError, match=r"blocks.0.neurons.delay became NaN or infinite.*"):
+        trainer.fit()
+
+
+def test_divergence_in_the_first_epoch_names_no_checkpoint(tmp_path):
+    trainer = Trainer(tiny_config(), tmp_path / "run", progress=False)
+    poison_after_step(trainer, "readout.weight", step=1, value=float("nan"))
+    with pytest.raises(TrainingError) as error:
+        trainer.fit()
+    assert "epoch 1, batch 1" in str(error.value)
+    assert "no epoch has completed, so this run has no checkpoint" in str(error.value)
+    assert not trainer.run.checkpoint_path("last").exists()
+
+
+@pytest.mark.parametrize("step,where", [(1, "no checkpoint"), (4, "after epoch 1")])
+def test_a_non_finite_loss_names_the_last_checkpoint_only_if_there_is_one(tmp_path, step, where):
+    trainer = Trainer(tiny_config(), tmp_path / "run", progress=False)
+    forward, count = trainer.train_forward, {"calls": 0}
+
+    def poisoned(frames):
+        output, spikes = forward(frames)
+        count["calls"] += 1
+        return (output * float("inf") if count["calls"] == step else output), spikes
+
+    trainer.train_forward = poisoned
+    with pytest.raises(TrainingError, match=r"the training loss became (nan|inf) in epoch") as e:
+        trainer.fit()
+    assert where in str(e.value)
+    assert f"batch {2 - step % 2}" in str(e.value)
+    assert trainer.run.checkpoint_path("last").exists() == (step > 2)
+
+
+def test_a_diverging_run_from_the_command_line_stops_with_exit_1(tmp_path, capsys):
+    """The issue's reproduction (lr = 1e12): the weights become NaN with a finite loss; the run
+    stops at once with the epoch, batch and advice, and never reaches evaluation."""
+    run_dir = tmp_path / "run"
+    argv = ["train", *TINY, "--run-dir", str(run_dir), "--set", "optim.lr=1e12"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "became NaN or infinite in the optimizer step of epoch" in err, err
+    assert "lower optim.lr" in err and "Traceback" not in err
+    assert not (run_dir / LOCK).exists()
+
+
+def test_a_checkpoint_with_nan_parameters_is_refused_by_every_command(tmp_path, capsys):
+    network = build_network(NetworkConfig(1, (4,), 10, neuron={"reset": "hard"}), seed=0)
+    with torch.no_grad():
+        network.blocks[0].neurons.delay[1] = float("nan")
+    path = tmp_path / "diverged.pt"
+    save_checkpoint(network_payload(network), path)
+    with pytest.raises(CheckpointError, match=r"holds NaN or infinite values in blocks.0.neurons"):
+        read_checkpoint(path)
+    for command in (["export"], ["report", "--no-data"], ["eval"]):
+        assert main([*command, str(path)]) == 2, command
+        assert "holds NaN or infinite values" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- caches
+def _shd_folder(folder: Path) -> Path:
+    folder.mkdir(exist_ok=True)
+    write_heidelberg(folder / "shd_test.h5", random_samples(12, seed=3), list(range(12)))
+    return folder
+
+
+def _damage_cache(kind: str, cache: Path) -> None:
+    data = cache.read_bytes()
+    if kind == "truncated":
+        cache.write_bytes(data[: len(data) // 2])
+    elif kind == "empty":
+        cache.write_bytes(b"")
+    elif kind == "garbage":
+        cache.write_bytes(np.random.default_rng(0).bytes(len(data)))
+    elif kind == "bit-flip":
+        middle = len(data) // 2
+        cache.write_bytes(data[:middle] + bytes([data[middle] ^ 0x40]) + data[middle + 1 :])
+    else:  # arrays missing, or arrays that do not fit together
+        with np.load(cache) as z:
+            arrays = {k: z[k] for k in z.files}
+        if kind == "missing-arrays":
+            del arrays["offsets"]
+        else:
+            arrays["offsets"] = arrays["offsets"][:-1]
+        with open(cache, "wb") as handle:
+            np.savez(handle, **arrays)
+
+
+@pytest.mark.parametrize(
+    "kind", ["truncated", "empty", "garbage", "bit-flip", "missing-arrays", "inconsistent"]
+)
+def test_a_damaged_binning_cache_is_rebuilt_with_a_notice(tmp_path, kind):
+    folder = _shd_folder(tmp_path)
+    fresh = load_dataset("shd", "test", root=folder)
+    (cache,) = (folder / "cache").iterdir()
+    _damage_cache(kind, cache)
+    with pytest.warns(UserWarning, match=r"binning cache .* is damaged .*; rebuilding it"):
+        rebuilt = load_dataset("shd", "test", root=folder)
+    for i in range(len(fresh)):
+        assert torch.equal(rebuilt[i][0], fresh[i][0]) and rebuilt[i][1] == fresh[i][1]
+    with np.load(cache) as z:  # rewritten whole
+        assert "offsets" in z.files and len(z["offsets"]) == len(fresh) + 1
+
+
+def test_a_damaged_cache_does_not_stop_training(tmp_path, capsys):
+    folder = _shd_folder(tmp_path / "shd")
+    write_heidelberg(folder / "shd_train.h5", random_samples(40, seed=4), np.arange(40) % 20)
+    load_dataset("shd", "train", root=folder)
+    for cache in (folder / "cache").iterdir():
+        cache.write_bytes(cache.read_bytes()[:100])
+    argv = ["train", "--task", "shd", "--data-root", str(folder), "--epochs", "1"]
+    argv += ["--run-dir", str(tmp_path / "run"), "--no-progress"]
+    argv += ["--set", "network.hidden_sizes=[4,4]", "batch_size=16", "augment=false"]
+    with pytest.warns(UserWarning, match="is damaged"):
+        assert main(argv) == 0
+
+
+def test_temporaries_left_in_a_shared_cache_are_cleared_once_stale(tmp_path):
+    folder = _shd_folder(tmp_path)
+    (folder / "cache").mkdir()
+    stale = folder / "cache" / ".shd_test.dt10000us.Tvar.g5.v1.npz.0a1b2c3d.tmp"
+    young = folder / "cache" / ".shd_test.dt10000us.Tvar.g5.v1.npz.89abcdef.tmp"
+    for path in (stale, young):
+        path.write_bytes(b"partial")
+    hours_ago = time.time() - 2 * files.STALE_AFTER_S
+    os.utime(stale, (hours_ago, hours_ago))
+    load_dataset("shd", "test", root=folder)
+    assert not stale.exists() and young.exists()  # the young one may be another writer's
+
+
+def test_write_atomic_clears_stale_temporaries_of_its_target(tmp_path):
+    stale, young = tmp_path / ".model.nir.0a1b2c3d.tmp", tmp_path / ".model.nir.89abcdef.tmp"
+    other = tmp_path / ".report.json.01234567.tmp"
+    for path in (stale, young, other):
+        path.write_bytes(b"partial")
+        hours_ago = time.time() - 2 * files.STALE_AFTER_S
+        if path != young:
+            os.utime(path, (hours_ago, hours_ago))
+    files.write_text(tmp_path / "model.nir", "new")
+    assert not stale.exists() and young.exists() and other.exists()
+
+
+# --------------------------------------------------------------------------- empty batches
+ENGINE_CASES = [(name, kind) for name, path in PATHS.items() for kind in path.delay_types]
+DEVICES = ["cpu", "cuda"]
+FEEDFORWARD_ENGINES = list(feedforward_engines.ENGINES)
+
+
+@pytest.mark.parametrize("name,delay_type", ENGINE_CASES)
+def test_an_empty_batch_never_reaches_a_path(name, delay_type):
+    """Every path, called directly (whether or not it runs here: B = 0 is answered before its
+    function), returns empty spikes connected to every input: zero gradients of their shapes."""
+    path = PATHS[name]
+    shape = (16,) if delay_type != "synaptic" else (16, 16)
+    current = torch.randn(20, 0, 16, requires_grad=path.grad)
+    weight = torch.randn(16, 16, requires_grad=path.grad)
+    delay = torch.rand(shape, requires_grad=path.grad and not path.integer_only)
+    width = torch.full((16,), 2.0, requires_grad=path.grad)
+    spikes = path.run(current, weight, delay, width, LIF())
+    assert spikes.shape == (20, 0, 16) and spikes.dtype == current.dtype
+    if path.grad:
+        spikes.sum().backward()
+        for tensor in (current, weight, delay, width):
+            assert tensor.grad.shape == tensor.shape and not tensor.grad.any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,delay_type", ENGINE_CASES)
+def test_an_empty_batch_runs_through_the_layer_on_every_path(name, delay_type, device):
+    path = PATHS[name]
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA is not available here")
+    if not path.available(device):
+        pytest.skip(f"engine path {name!r} does not run on {device} here")
+    layer = DelRec(16, delay_type=delay_type, engine=name, sigma=2.0, learn_spread=path.grad)
+    layer.to(device).train(path.grad)
+    current = torch.randn(20, 0, 16, device=device, requires_grad=path.grad)
+    with torch.set_grad_enabled(path.grad):
+        spikes = layer(current)
+    assert spikes.shape == (20, 0, 16) and spikes.device == current.device
+    if path.grad:
+        spikes.sum().backward()
+        assert current.grad.shape == current.shape
+        for parameter in (layer.weight, layer.delay, layer.spread_logits):
+            assert parameter.grad.shape == parameter.shape and not parameter.grad.any()
+
+
+@pytest.mark.parametrize("engine", FEEDFORWARD_ENGINES)
+def test_an_empty_batch_runs_through_feedforward_delays(engine):
+    path = feedforward_engines.PATHS.get(engine)
+    if path is not None and not path.available(torch.device("cpu")):
+        pytest.skip(f"feedforward-delay engine {engine!r} does not run on the CPU here")
+    layer = FeedforwardDelay(4, 8, kernel_size=5, engine=engine)
+    x = torch.rand(10, 0, 4, requires_grad=True)
+    out = layer(x)
+    out.sum().backward()
+    assert out.shape == (10, 0, 8) and x.grad.shape == x.shape
+    for parameter in (layer.weight, layer.position, layer.bias):
+        assert parameter.grad.shape == parameter.shape and not parameter.grad.any()
+    with pytest.raises(ValueError, match=r"input sequence is empty \(T = 0\)"):
+        layer(torch.rand(0, 3, 4))
+
+
+@pytest.mark.parametrize("model", ["delrec", "ff+rec"])
+@pytest.mark.parametrize("block", ["bn", "dropout"])
+def test_an_empty_batch_runs_through_a_network(block, model):
+    config = NetworkConfig(3, (8,), 4, model=model, block=block, recurrent_dropout=0.2)
+    network = build_network(config, seed=0)
+    out = network(torch.rand(10, 0, 3))
+    out.sum().backward()
+    assert out.shape == (10, 0, 4)
+    with torch.no_grad():
+        assert network.eval()(torch.rand(10, 0, 3)).shape == (10, 0, 4)
+
+
+# --------------------------------------------------------------------------- absurd input
+@pytest.mark.parametrize(
+    "init",
+    [1e8, float("inf"), float("nan"), "uniform:0:inf", "uniform:0:1e9", "half_normal:1e9"],
+)
+def test_absurd_initial_delays_are_refused_by_the_layer(init):
+    with pytest.raises(ValueError, match="65535"):
+        DelRec(16, delay_init=init)
+
+
+def test_an_initialiser_drawing_absurd_delays_is_refused_naming_the_value():
+    def wild(shape, generator=None):
+        return torch.full(shape, 1e7, dtype=torch.float64)
+
+    with pytest.raises(ValueError, match=r"a delay of 1e\+07 steps is out of range"):
+        DelRec(4, delay_init=wild)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 1e9, -1e9])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_absurd_delays_set_after_construction_are_refused_at_forward(value, mode):
+    layer = DelRec(16, delay_type="synaptic").train(mode == "train")
+    with torch.no_grad():
+        layer.delay[3, 5] = value
+    with pytest.raises(
+        ValueError, match=re.escape(f"DelRec(16) delays: a delay of {value:g} steps")
+    ):
+        layer(torch.rand(20, 2, 16))
+
+
+@pytest.mark.parametrize("sigma", [-1.0, float("nan"), float("inf"), 1e9])
+def test_absurd_spreads_are_refused_by_the_constructor_set_spread_and_forward(sigma):
+    with pytest.raises(ValueError, match="not a usable spread"):
+        DelRec(16, sigma=sigma)
+    network = build_network(NetworkConfig(1, (4,), 10), seed=0)
+    with pytest.raises(ValueError, match="not a usable spread"):
+        set_spread(network, sigma)
+    layer = DelRec(16)
+    layer.sigma.fill_(sigma)
+    with pytest.raises(ValueError, match=r"DelRec\(16\).sigma = .* not a usable spread"):
+        layer(torch.rand(5, 1, 16))
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "network.delay_init=uniform:0:inf",
+        "network.delay_init=1e9",
+        "network.delay_init=half_normal:inf",
+        "network.delay_init=NaN",
+        "spread.sigma0=1e9",
+        "spread.sigma0=-1",
+        "network.ff_delay_window=100000",
+    ],
+)
+def test_absurd_delay_settings_are_refused_before_any_data_loads(setting, capsys):
+    assert main(["train", "--model", "ff+rec", "--set", setting, "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("delrec train: error: ") and f"{MAX_DELAY:g}" in err, err
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_non_finite_input_current_is_refused_naming_where(value, mode, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA is not available here")
+    layer = DelRec(16).to(device).train(mode == "train")
+    current = torch.rand(20, 2, 16, device=device)
+    current[4, 1, 7] = value
+    with pytest.raises(ValueError, match=f"not finite: {value} at step 4, batch item 1, neuron 7"):
+        layer(current)
+
+
+def test_a_huge_finite_current_whose_sum_overflows_is_accepted():
+    layer = DelRec(16).eval()
+    with torch.no_grad():
+        assert layer(torch.full((20, 2, 16), 3e38)).shape == (20, 2, 16)
+
+
+@pytest.mark.parametrize("delay_type", ["axonal", "synaptic"])
+def test_integer_delay_eval_of_long_delays_is_exact_and_needs_a_buffer_of_the_sequence(
+    delay_type,
+):
+    """Delays up to 60,000 steps on a 20-step input: the ring holds at most T + 1 frames (not
+    60,001) and gives the reference's spikes; a few short delays keep the recurrence busy."""
+    g = torch.Generator().manual_seed(5)
+    layer = DelRec(16, delay_type=delay_type, delay_init="uniform:0:60000", generator=g).eval()
+    with torch.no_grad():
+        short = layer.delay.view(-1)[::5]
+        short.copy_(torch.randint(0, 6, short.shape, generator=g).float())
+    reference = DelRec(16, delay_type=delay_type, engine="reference").eval()
+    reference.load_state_dict(layer.state_dict())
+    current = torch.rand(20, 3, 16, generator=g) * 2
+    with torch.no_grad():
+        spikes = layer(current)
+        assert torch.equal(spikes, reference(current)) and spikes.sum() > 0
+    lags = 1 + layer.delay.detach().long().expand(16, 16)
+    ring = DelayedSynapses(layer.weight.detach(), lags, horizon=20).new_buffer(3)
+    assert ring.shape[1] <= 2 * 21  # (B, frames, N): min(max lag, T) + 1, twice if per synapse
+
+
+def test_absurd_lags_are_refused_by_the_ring_buffer():
+    with pytest.raises(ValueError, match="exceeds MAX_DELAY"):
+        DelayedSynapses(torch.ones(2, 2), torch.full((2, 2), 10**9))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("delay", [-0.4, -1.5, -3.0, -7.3])
+@pytest.mark.parametrize("name,delay_type", ENGINE_CASES)
+def test_negative_delays_set_after_construction_agree_on_every_path(
+    name, delay_type, delay, device
+):
+    """Between an optimizer step and the clamp a delay may be negative: every path reads it as
+    the reference does (the kernel loses its mass below lag 1), none raises."""
+    path = PATHS[name]
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA is not available here")
+    if not path.available(device):
+        pytest.skip(f"engine path {name!r} does not run on {device} here")
+    g = torch.Generator().manual_seed(7)
+    layers = [
+        DelRec(6, delay_type=delay_type, engine=engine, sigma=1.0, generator=g).double().to(device)
+        for engine in (name, "reference")
+    ]
+    layers[1].load_state_dict(layers[0].state_dict())
+    current = (torch.rand(20, 2, 6, generator=g, dtype=torch.float64) * 1.6).to(device)
+    results = []
+    for layer in layers:
+        with torch.no_grad():
+            layer.delay.fill_(delay)
+            layer.delay.view(-1)[0] = 2.0  # one ordinary delay
+        if path.grad:
+            x = current.clone().requires_grad_()
+            spikes = layer(x)
+            spikes.sum().backward()
+            results.append((spikes, x.grad, layer.weight.grad, layer.delay.grad))
+        with torch.no_grad():  # integer-delay eval rounds a negative delay to 0
+            assert torch.equal(layer.eval()(current), layers[0].eval()(current))
+    if not path.grad:  # an integer-delay inference path: the eval comparison above
+        return
+    assert torch.equal(results[0][0], results[1][0])
+    for actual, expected in zip(results[0][1:], results[1][1:]):
+        assert_close_relative(actual, expected)
+
+
+def test_import_nir_refuses_absurd_delays_and_non_nir_files(tmp_path):
+    nir = pytest.importorskip("nir", reason="NIR import needs the optional `nir` package")
+    from delrec.deploy import NIRImportError, export_nir, import_nir
+
+    network = build_network(
+        NetworkConfig(2, (4,), 3, delay_init="uniform:0:5", neuron={"reset": "hard"}), seed=0
+    ).eval()
+    graph = export_nir(network, tmp_path / "model.nir")
+    delay_node = next(n for n in graph.nodes.values() if isinstance(n, nir.Delay))
+    for value in (1e12, float("inf"), float("nan")):
+        delay_node.delay = np.full_like(delay_node.delay, value)
+        nir.write(tmp_path / "absurd.nir", graph)
+        with pytest.raises(NIRImportError, match=re.escape(f"holds a delay of {value:g} steps")):
+            import_nir(tmp_path / "absurd.nir")
+    graph.metadata["dt"] = -1.0
+    with pytest.raises(NIRImportError, match="not a positive number of seconds"):
+        import_nir(graph)
+    with pytest.raises(FileNotFoundError, match="no NIR file"):
+        import_nir(tmp_path / "missing.nir")
+
+
+# --------------------------------------------------------------------------- damaged files
+def _network():
+    return build_network(
+        NetworkConfig(1, (4,), 3, delay_init="uniform:0:5", neuron={"reset": "hard"}), seed=0
+    ).eval()
+
+
+def _nir_reader():
+    pytest.importorskip("nir", reason="NIR import needs the optional `nir` package")
+    from delrec.deploy import NIRImportError, export_nir, import_nir
+
+    return (lambda p: export_nir(_network(), p)), import_nir, NIRImportError
+
+
+def _toml(path: Path) -> None:
+    path.write_text('epochs = 3\nbatch_size = 16\n\n[optim]\nlr = 0.001\nscheduler = "cosine"\n')
+
+
+def _idx(path: Path) -> None:
+    images = np.arange(3 * 4 * 4, dtype=np.uint8).reshape(3, 4, 4)
+    header = bytes([0, 0, 8, 3]) + np.array(images.shape, dtype=">u4").tobytes()
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + images.tobytes())
+
+
+# reader -> (write a valid file, read it, the error a damaged one gives, file name)
+READERS = {
+    "checkpoint": (
+        lambda p: save_checkpoint(network_payload(_network()), p),
+        read_checkpoint,
+        CheckpointError,
+        "best.pt",
+    ),
+    "nir": (None, None, None, "model.nir"),  # needs the optional package: see _nir_reader
+    "hdf5": (
+        lambda p: write_heidelberg(p, random_samples(30, seed=1), np.arange(30) % 20),
+        lambda p: load_dataset("shd", "test", root=p.parent),
+        DataError,
+        "shd_test.h5",
+    ),
+    "idx": (_idx, read_idx, DataError, "t10k-images-idx3-ubyte.gz"),
+    "config-toml": (_toml, load_config_file, ConfigError, "settings.toml"),
+    "config-json": (
+        lambda p: p.write_text(json.dumps(tiny_config().to_dict(), indent=2)),
+        load_config_file,
+        ConfigError,
+        "settings.json",
+    ),
+}
+DAMAGE = {
+    "empty": lambda data: b"",
+    "first-half": lambda data: data[: len(data) // 2],
+    "first-quarter": lambda data: data[: len(data) // 4],
+    "garbage": lambda data: np.random.default_rng(1).bytes(len(data)),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+@pytest.mark.parametrize("reader", list(READERS))
+def test_every_reader_turns_a_damaged_file_into_its_error(tmp_path, reader, damage):
+    write, read, error, name = READERS[reader]
+    if reader == "nir":
+        write, read, error = _nir_reader()
+    path = tmp_path / name
+    write(path)
+    read(path)  # the valid file reads
+    if (reader, damage) == ("config-toml", "empty"):  # valid TOML: no settings at all
+        path.write_bytes(b"")
+        assert read(path) == {}
+        return
+    path.write_bytes(DAMAGE[damage](path.read_bytes()))
+    (tmp_path / "cache").mkdir(exist_ok=True)
+    for cache in (tmp_path / "cache").iterdir():
+        cache.unlink()  # the HDF5 reader must read the damaged file itself
+    with pytest.raises(error) as raised:
+        read(path)
+    assert str(path) in str(raised.value)
+
+
+@pytest.mark.parametrize("name", ["config.json", "seeds.json"])
+def test_damaged_run_files_are_bad_input_for_resume(tmp_path, capsys, name):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / name).write_text('{"config": {"task": "digits-8x8", "epo')
+    assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 2
+    assert f"{run_dir / name} cannot be read" in capsys.readouterr().err
+
+
+def test_a_damaged_config_file_is_bad_input_for_train(tmp_path, capsys):
+    path = tmp_path / "settings.toml"
+    path.write_bytes(b"epochs = 3\n[opt\xff\xfe")
+    assert main(["train", "--config", str(path), "--print-config"]) == 2
+    assert f"config file {path} cannot be parsed" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- downloads
+class Server(BaseHTTPRequestHandler):
+    """Serves ``files``; a path in ``stall`` sends ``stall_bytes`` of its body and then waits
+    (the connection open, nothing sent) until ``release`` is set."""
+
+    files: dict[str, bytes] = {}
+    stall: set[str] = set()
+    stall_bytes = 100_000
+    release = threading.Event()
+
+    def do_GET(self):
+        body = self.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        start = 0
+        if self.headers.get("Range"):
+            start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
+            self.send_response(206)
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        if self.path in self.stall:
+            self.stall.discard(self.path)
+            self.wfile.write(body[start : start + self.stall_bytes])
+            self.wfile.flush()
+            self.release.wait(30)
+            self.close_connection = True
+            return
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    Server.files, Server.stall, Server.release = {}, set(), threading.Event()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    Server.release.set()
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)
+
+
+def _zipped_shd(name: str, seed: int) -> tuple[bytes, bytes]:
+    """The bytes of a small SHD-layout file and of a .zip holding it."""
+    path = Path(f"/tmp/delrec-faults-{os.getpid()}-{name}")
+    write_heidelberg(path, random_samples(5, seed=seed), [1, 2, 3, 4, 5])
+    payload = path.read_bytes()
+    path.unlink()
+    archive = Path(f"{path}.zip")
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr(name, payload)
+    data = archive.read_bytes()
+    archive.unlink()
+    return payload, data
+
+
+def _unreachable() -> str:
+    """A URL of a port on which nothing listens."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/official"
+
+
+UNREACHABLE = _unreachable()
+
+
+def test_a_stalled_transfer_keeps_every_byte_it_received(tmp_path, server):
+    archive = gzip.compress(np.random.default_rng(2).bytes(300_000), compresslevel=0)
+    Server.files["/big.gz"] = archive
+    Server.stall.add("/big.gz")
+    resource = Resource(server + "/big.gz", hashlib.md5(archive).hexdigest(), "big")
+    with pytest.raises(DataError, match="broke off"):
+        download("mnist", tmp_path, resources=[resource], retries=0, timeout=1.0, progress=False)
+    part = tmp_path / "big.gz.part"
+    assert part.read_bytes() == archive[: Server.stall_bytes]  # more than one 64 KiB block
+    Server.release.set()
+    download("mnist", tmp_path, resources=[resource], retries=0, progress=False)
+    assert (tmp_path / "big").read_bytes() == gzip.decompress(archive)
+
+
+def test_a_mirror_replaces_the_official_servers(tmp_path, server, monkeypatch, capsys):
+    payload, archive = _zipped_shd("shd_test.h5", seed=1)
+    resource = Resource(f"{UNREACHABLE}/shd_test.h5.zip", hashlib.md5(archive).hexdigest(), "x.h5")
+    Server.files["/mirror/shd_test.h5.zip"] = archive
+    download(
+        "shd", tmp_path / "a", resources=[resource], mirror=server + "/mirror/", progress=False
+    )
+    assert (tmp_path / "a" / "x.h5").read_bytes() == payload
+    monkeypatch.setenv("DELREC_MIRROR", server + "/mirror")
+    download("shd", tmp_path / "b", resources=[resource], progress=False)
+    assert (tmp_path / "b" / "x.h5").read_bytes() == payload
+    folder = tmp_path / "mirror-folder"  # a folder works as a mirror too
+    folder.mkdir()
+    (folder / "shd_test.h5.zip").write_bytes(archive)
+    download("shd", tmp_path / "c", resources=[resource], mirror=str(folder), progress=False)
+    assert (tmp_path / "c" / "x.h5").read_bytes() == payload
+    # the command line option, over the variable
+    monkeypatch.setitem(RESOURCES, "shd", [resource])
+    monkeypatch.setenv("DELREC_MIRROR", UNREACHABLE)
+    argv = ["data", "download", "shd", "--to", str(tmp_path / "d"), "--quiet"]
+    assert main([*argv, "--mirror", f"{server}/mirror"]) == 0
+    assert (tmp_path / "d" / "x.h5").read_bytes() == payload
+    assert main(["data", "download", "shd", "--to", str(tmp_path / "e"), "--quiet"]) == 1
+    assert f"cannot reach {UNREACHABLE}/shd_test.h5.zip" in capsys.readouterr().err
+
+
+def test_a_local_archive_failing_its_checksum_is_reported_as_such(tmp_path, monkeypatch, capsys):
+    _, archive = _zipped_shd("shd_test.h5", seed=1)
+    resource = Resource(f"{UNREACHABLE}/shd_test.h5.zip", "0" * 32, "shd_test.h5")
+    (tmp_path / "shd_test.h5.zip").write_bytes(archive)
+    monkeypatch.setitem(RESOURCES, "shd", [resource])
+    assert main(["data", "download", "shd", "--to", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'shd_test.h5.zip'} fails its checksum: MD5 " in err
+    assert "expected 00000000000000000000000000000000" in err and "cannot reach" not in err
+    assert (tmp_path / "shd_test.h5.zip").exists()  # the user's file is not deleted
+
+
+def test_files_damaged_after_extraction_are_noticed(tmp_path, server, capsys):
+    payload, archive = _zipped_shd("shd_test.h5", seed=1)
+    Server.files["/shd_test.h5.zip"] = archive
+    resource = Resource(server + "/shd_test.h5.zip", hashlib.md5(archive).hexdigest(), "x.h5")
+    target = tmp_path / "x.h5"
+    download("shd", tmp_path, resources=[resource], progress=False)
+    target.write_bytes(b"garbage" * 100)  # damaged since: fetched again, with a note
+    assert download("shd", tmp_path, resources=[resource], progress=False) == [target]
+    assert target.read_bytes() == payload
+    assert "is damaged: fetching it again" in capsys.readouterr().err
+    # put there by hand (no record): its format is checked
+    (tmp_path / "x.h5.md5").unlink()
+    download("shd", tmp_path, resources=[resource], progress=False)  # a real HDF5 file: fine
+    target.write_bytes(b"garbage" * 100)
+    with pytest.raises(DataError, match=r"x.h5 is already there but it is not an HDF5 file"):
+        download("shd", tmp_path, resources=[resource], progress=False)
+    idx = tmp_path / "t10k-labels-idx1-ubyte"
+    idx.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 9, 1, 2]))  # declares 9 labels, holds 2
+    with pytest.raises(DataError, match="is already there but it is not a whole idx file"):
+        download("mnist", tmp_path, resources=[Resource("x/t10k.gz", "0" * 32, idx.name)])
+
+
+# --------------------------------------------------------------------------- killed processes
+# runs `delrec ARGS…` with a fault: SIGKILL while writing the TARGET-th file named NAME (its
+# temporary half written), at optimizer step STEP, or SECONDS after the first optimizer step
+KILLER = """
+import os, signal, sys, threading
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from delrec import files
+kind, value, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if kind.startswith("write:"):
+    name, count, flush = kind[6:], [int(value)], files._flush_to_disk
+    def crash_while_writing(path):
+        if files.temporary_target(path) == name:
+            count[0] -= 1
+            if count[0] == 0:
+                os.truncate(path, os.path.getsize(path) // 2)
+                die()
+        flush(path)
+    files._flush_to_disk = crash_while_writing
+else:
+    steps = [0]
+    def after_step(optimizer, a, k):
+        steps[0] += 1
+        if kind == "step" and steps[0] == int(value):
+            die()
+        if kind == "time" and steps[0] == 1:
+            threading.Timer(float(value), die).start()
+    register_optimizer_step_post_hook(after_step)
+from delrec.cli import main
+sys.exit(main(args))
+"""
+
+_fault_rng = random.Random(17)
+FAULTS = [
+    ("write:config.json", "1"),
+    ("write:best.pt", "1"),
+    ("write:last.pt", "2"),
+    ("write:test_results.json", "1"),
+    ("step", str(_fault_rng.randint(1, 12))),  # 3 epochs × 2 batches × 2 optimizers
+    ("time", f"{_fault_rng.uniform(0.0, 1.5):.2f}"),
+]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("whole") / "run"
+    threads = torch.get_num_threads()
+    assert main(["train", *TINY, "--run-dir", str(run_dir)]) == 0
+    torch.set_num_threads(threads)
+    return run_dir
+
+
+@pytest.mark.parametrize("kind,value", FAULTS, ids=[f"{k}={v}" for k, v in FAULTS])
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted, kind, value):
+    run_dir = tmp_path / "run"
+    killed = delrec_process(kind, value, "train", *TINY, "--run-dir", str(run_dir), script=KILLER)
+    _, err = killed.communicate(timeout=300)
+    if killed.returncode == 0:  # the timer fired after the run had ended
+        assert kind == "time", err
+    else:
+        assert killed.returncode == -signal.SIGKILL, err
+    if (run_dir / "config.json").is_file():
+        assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    else:  # killed before the run existed: the same command again starts it
+        assert main(["train", *TINY, "--run-dir", str(run_dir)]) == 0
+
+    assert_identical(state_of(uninterrupted), state_of(run_dir))
+    for which in ("best",):
+        assert_identical(
+            read_checkpoint(uninterrupted / "checkpoints" / f"{which}.pt")["model"],
+            read_checkpoint(run_dir / "checkpoints" / f"{which}.pt")["model"],
+        )
+
+    def without_time(run):
+        return [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in read_metrics(run)]
+
+    assert without_time(run_dir) == without_time(uninterrupted)
+    assert (run_dir / "test_results.json").read_text() == (
+        uninterrupted / "test_results.json"
+    ).read_text()
+    assert not list(run_dir.rglob(".*.tmp")) and not (run_dir / LOCK).exists()
