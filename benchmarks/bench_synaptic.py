@@ -1,21 +1,24 @@
-"""Synaptic delays by slot traces (``delrec.engine.synaptic``) next to the axonal fast engine.
+"""Synaptic delays by shifted reads (``delrec.engine.synaptic``) next to the axonal fast engine.
 
     python benchmarks/bench_synaptic.py [--size 512] [--batch 32] [--steps 100]
         [--max-delay 10] [--sigma 10] [--threads 1 0] [--repeats 7]
+        [--paths axonal rings lag-gemm] [--clock wall|cpu]
 
 One training step (forward + backward of one float32 layer, delays ~ U(0, max-delay), shared
-spread σ) is timed for three paths in turn, repeated, and the median kept, so that the ratios
+spread σ) is timed for each path in turn, repeated, and the median kept, so that the ratios
 are measured side by side on a shared machine:
 
 * ``axonal``: ``DelRec(N, LIF(), delay_type="axonal")`` (the fast engine, C++ time loops);
-* ``slots``: ``DelRec(N, LIF(), delay_type="synaptic")``, which runs the slot traces
-  (:mod:`delrec.engine.synaptic`);
+* ``rings``: ``DelRec(N, LIF(), delay_type="synaptic")``, which runs the shifted reads of class
+  rings (:mod:`delrec.engine.synaptic`, path ``cpp-synaptic``);
 * ``lag-gemm``: the same layer with ``DELREC_NATIVE=0``: the fallback without C++ kernels,
-  one GEMM of width ``lags·N`` per step.
+  one GEMM of width ``lags·N`` per step (slow at long delay ranges: leave it out with
+  ``--paths axonal rings``).
 
-``--threads 0`` means torch's default number of threads. The number of slots per neuron (the
-recursion work per step; it grows with the delay range and is about 3× larger when ``1 + σ`` is
-not an integer or a half-integer) is printed with each configuration.
+``--threads 0`` means torch's default number of threads; ``--clock cpu`` times this process's
+CPU time (steadier on a machine shared with other jobs). Printed with each configuration: the
+classes per neuron (at most 4, whatever the delay range), the slots (levels in use) per neuron,
+which grow with the delay range, and the depth of the rings.
 """
 
 from __future__ import annotations
@@ -34,9 +37,12 @@ from delrec.engine.synaptic import _SlotPlan
 from delrec.layers import DelRec
 from delrec.neurons import LIF
 
+PATHS = ("axonal", "rings", "lag-gemm")
 
-def step_timers(size: int, batch: int, steps: int, max_delay: float, sigma: float):
-    """Zero-argument functions, one per path, each running forward + backward once."""
+
+def step_timers(size: int, batch: int, steps: int, max_delay: float, sigma: float, paths):
+    """Zero-argument functions, one per path, each running forward + backward once, and the
+    synaptic layer's plan."""
     g = torch.Generator().manual_seed(0)
     layers = {
         kind: DelRec(
@@ -61,23 +67,21 @@ def step_timers(size: int, batch: int, steps: int, max_delay: float, sigma: floa
 
     delay, width = synaptic.delays_and_width()
     plan = _SlotPlan(delay, width_vector(width, delay, size), native.build("synaptic"))
-    return {
-        "axonal": layer_step(layers["axonal"]),
-        "slots": layer_step(synaptic),
-        "lag-gemm": lag_gemm,
-    }, plan.z_lags.shape[0] / size
+    timers = {"axonal": layer_step(layers["axonal"]), "rings": layer_step(synaptic)}
+    timers["lag-gemm"] = lag_gemm
+    return {name: timers[name] for name in paths}, plan
 
 
-def median_times(timers, repeats: int) -> dict[str, float]:
+def median_times(timers, repeats: int, clock) -> dict[str, float]:
     """Median seconds per call of each timer, calls interleaved (after one warm-up round)."""
     for run in timers.values():
         run()
     times = {name: [] for name in timers}
     for _ in range(repeats):
         for name, run in timers.items():
-            start = time.perf_counter()
+            start = clock()
             run()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -90,19 +94,27 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=10.0)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = parser.parse_args()
     native.build("synaptic")
     native.build("axonal")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    paths = ["axonal", *(p for p in args.paths if p != "axonal")]  # the baseline first
     default_threads = torch.get_num_threads()
     for threads in args.threads:
         torch.set_num_threads(threads or default_threads)
-        timers, slots = step_timers(args.size, args.batch, args.steps, args.max_delay, args.sigma)
+        timers, plan = step_timers(
+            args.size, args.batch, args.steps, args.max_delay, args.sigma, paths
+        )
         print(
             f"N={args.size} B={args.batch} T={args.steps} delays~U(0, {args.max_delay:g}) "
             f"sigma={args.sigma:g} float32 threads={torch.get_num_threads()} "
-            f"slots/neuron={slots:.1f} repeats={args.repeats}"
+            f"classes/neuron={plan.levels.shape[0] / args.size:.1f} "
+            f"slots/neuron={plan.slot_level.numel() / args.size:.1f} ring depth={plan.depth} "
+            f"repeats={args.repeats} clock={args.clock}"
         )
-        med = median_times(timers, args.repeats)
+        med = median_times(timers, args.repeats, clock)
         for name, seconds in med.items():
             print(f"  {name:9s} {seconds * 1e3:8.1f} ms   {seconds / med['axonal']:5.2f}x axonal")
     torch.set_num_threads(default_threads)

@@ -19,7 +19,7 @@ def tiny_grids(quick):
         delay_panel,
         cost,
         bench.Setting(8, 2, 6, 1, min_delay=2),
-        bench.Setting(8, 2, 3, 1),
+        [bench.Setting(8, 2, 3, 1), bench.Setting(8, 2, 30, 1)],
     )
 
 
@@ -56,9 +56,9 @@ def test_bench_writes_the_four_panels_and_judges_the_targets(tmp_path, monkeypat
     assert sum("cost of delays" in v for v in verdicts) == 4
     assert sum("memory saved for backward" in v for v in verdicts) == 2
     assert any("flat in the delay" in v for v in verdicts)  # the fast engine keeps the same bytes
-    assert any("SHD setting" in v for v in verdicts) and any(
-        "synaptic vs axonal" in v for v in verdicts
-    )
+    assert any("SHD setting" in v for v in verdicts)
+    assert sum("synaptic vs axonal N=8" in v for v in verdicts) == 4  # time and memory ×2
+    assert any("synaptic delays N=8: saved memory flat in the delay range" in v for v in verdicts)
     assert sum("feedforward delays N=8" in v for v in verdicts) == 5  # time, memory ×2; flat
     assert any("saved memory flat in the window" in v for v in verdicts)
     assert "feedforward-delay convolution skipped at N=8 B=2 d~U(0,30)" in printed

@@ -1,4 +1,5 @@
-"""Synaptic delays by slot traces (delrec.engine.synaptic) against the reference loop."""
+"""Synaptic delays by shifted reads of class rings (delrec.engine.synaptic) against the
+reference loop, and the plan behind them."""
 
 import math
 import os
@@ -12,7 +13,8 @@ from hypothesis import strategies as st
 
 from delrec.delays import kernel_length, spread_width, triangle_kernel
 from delrec.engine import PATHS, native, reference_recurrence, select
-from delrec.engine.synaptic import cpp_recurrence
+from delrec.engine.lif import width_vector
+from delrec.engine.synaptic import _SlotPlan, cpp_recurrence
 from delrec.neurons import LIF, ATan, Triangle
 
 
@@ -179,6 +181,103 @@ def test_a_wide_batch_and_many_neurons_spanning_every_blocking_of_the_sums(threa
     finally:
         torch.set_num_threads(previous)
     assert 0.05 < spikes.mean() < 0.95  # the recurrent sums decide spikes
+
+
+def random_layer(size, steps, batch, delays, dtype, seed):
+    """Weights, current and a random loss of a layer whose delays are ``delays`` ``(N, N)``."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(size, size, generator=g, dtype=dtype) * 1.5 / math.sqrt(size)
+    current = torch.randn(steps, batch, size, generator=g, dtype=dtype) * 0.8 + 0.4
+    grad_out = torch.randn(steps, batch, size, generator=g, dtype=dtype)
+    return weight, current, grad_out
+
+
+@pytest.mark.parametrize(
+    "dtype, sigma, learn_spread, threads",
+    [
+        (torch.float64, 2.5, False, 1),  # w = 3.5: four classes (one at w + 1)
+        (torch.float64, 2.7, True, 2),  # a width per neuron, four classes each
+        (torch.float64, 3.0, False, 2),  # w = 4: two classes
+        (torch.float32, 2.7, False, 1),
+    ],
+)
+def test_long_delays_below_and_above_the_half_width_in_one_layer(
+    dtype, sigma, learn_spread, threads
+):
+    """Delays up to 36 steps with w ≈ 4: synapses below the half-width (chain levels), just
+    above it (near levels, read every step) and far above it (read in blocks of steps), integer
+    centres (classes of their own), a sequence long enough for every class ring to wrap, and a
+    batch of 19 (three float64 vector blocks). Spikes identical to the reference, gradients
+    within 1e-6 (float64) or 1e-4 (float32) of the largest."""
+    size, steps, batch = 40, 90, 19
+    g = torch.Generator().manual_seed(11)
+    delay = (torch.rand(size, size, generator=g, dtype=torch.float64) * 36.0).to(dtype)
+    integer = torch.rand(size, size, generator=g) < 0.3
+    delay[integer] = delay[integer].round()
+    weight, current, grad_out = random_layer(size, steps, batch, delay, dtype, seed=12)
+    logits = torch.randn(size, generator=g, dtype=dtype) if learn_spread else None
+    width = width_vector(spread_width(sigma, logits), delay, size)
+    plan = _SlotPlan(delay, width, native.build("synaptic"))
+    m_a, m_b, m_top = plan.levels.unbind(1)
+    assert (m_a < 0).any() and (m_top - m_b >= native.build("synaptic").span).any()
+    assert plan.depth < steps / 2  # the rings wrap at least twice
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        args = (current, weight, delay, logits, sigma, None, grad_out)
+        neuron = LIF(tau=2.0, v_reset=None, surrogate=ATan(2.0))
+        expected_spikes, expected_grads = spikes_and_grads(reference(neuron), *args)
+        spikes, grads = spikes_and_grads(slots(neuron), *args)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(spikes, expected_spikes) and 0.05 < spikes.mean() < 0.95
+    rtol = 1e-6 if dtype == torch.float64 else 1e-4
+    for actual, expected in zip(grads, expected_grads):
+        assert_close_relative(actual, expected, rtol=rtol)
+
+
+def test_far_and_near_synapses_spanning_every_blocking_of_the_sums():
+    """150 neurons, 40 float64 samples (lane groups of 4 and 1 vector blocks), 26 steps (a last
+    block of 2 steps): most synapses near (delays < 1, many members per slot: two blocks of rows
+    in the backward's per-step sums), the others far (delays 12 … 20: block sums, several column
+    blocks in the forward, mixed tiles and stage histories in the gradient sweep)."""
+    size, steps, batch = 150, 26, 40
+    g = torch.Generator().manual_seed(5)
+    delay = torch.rand(size, size, generator=g, dtype=torch.float64)
+    far = torch.rand(size, size, generator=g) < 0.3
+    delay[far] = 12.0 + 8.0 * delay[far]
+    weight, current, grad_out = random_layer(size, steps, batch, delay, torch.float64, seed=6)
+    mask = torch.bernoulli(torch.full((batch, size), 0.8, dtype=torch.float64), generator=g) / 0.8
+    spikes = assert_matches_reference(
+        LIF(tau=2.0), current, weight * 1.3, delay, None, 1.0, mask, grad_out
+    )
+    assert 0.05 < spikes.mean() < 0.95
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.5, 1.7, 3.0])
+def test_a_neuron_has_at_most_four_classes_whatever_the_delay_range(sigma):
+    """The plan (docs/design.md#synaptic-delays-by-shifted-reads): each synapse's level is
+    ⌈c - w⌉ - 1 and its class the pattern of c translated into (w, w + 1]; a neuron has at
+    most 4 classes (2 when w is an integer) whether its delays span 5 steps or 500, and the
+    rings hold the levels' range."""
+    size = 64
+    g = torch.Generator().manual_seed(0)
+    kernels = native.build("synaptic")
+    w = 1.0 + sigma
+    counts = []
+    for max_delay in (5.0, 500.0):
+        delay = torch.rand(size, size, generator=g, dtype=torch.float64) * max_delay
+        delay[:, ::5] = delay[:, ::5].round()  # integer centres too
+        plan = _SlotPlan(delay, torch.full((size,), w, dtype=torch.float64), kernels)
+        classes = plan.class_start.diff()
+        assert classes.max() <= (2 if w == int(w) else 4)
+        counts.append(int(classes.max()))
+        centre = 1.0 + delay
+        level = plan.slot_level[plan.slot_of.long()]
+        assert torch.equal(level, (centre - w).ceil().long() - 1)
+        m_a, _, m_top = plan.levels.unbind(1)
+        assert plan.depth == int(m_top.max() - m_a.min()) + 1
+    assert counts[0] == counts[1]  # the classes do not grow with the delay range
 
 
 def test_a_delay_clamped_at_zero_can_grow():

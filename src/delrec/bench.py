@@ -261,8 +261,13 @@ def grids(quick: bool):
         for sig in (0, 10)
     ]
     shd = Setting(256, 32 if quick else 128, 30, 10, min_delay=10)
-    synaptic = Setting(256 if quick else 512, batch, 10, 10)
+    synaptic = [Setting(n, batch, d, 10) for n, d in SYNAPTIC_TARGETS]
     return size_panel, delay_panel, cost, shd, synaptic
+
+
+# Synaptic vs axonal delays (issue 15): (N, max delay) -> the largest synaptic/axonal time ratio,
+# at B = 32, delays ~ U(0, max delay), σ = 10; in the quick grid too
+SYNAPTIC_TARGETS = {(512, 10): 2.0, (256, 120): 2.5, (512, 120): 2.5}
 
 
 def feedforward_grid(quick: bool) -> list[Setting]:
@@ -316,7 +321,7 @@ def run(args) -> int:
             3,
         ),
         ("shd", "SHD setting", [shd], ("reference", "fast"), 1),
-        ("synaptic", "Synaptic vs axonal delays", [synaptic], ("fast", "fast-synaptic"), 1),
+        ("synaptic", "Synaptic vs axonal delays", synaptic, ("fast", "fast-synaptic"), 1),
         (
             "feedforward",
             "Feedforward delays (two taps per synapse) vs feedforward LIF",
@@ -337,7 +342,9 @@ def run(args) -> int:
             rows.extend(measured)
             _print_rows(measured, log)
     log()
-    for line in target_checks(rows, cost, shd, synaptic, args.quick):
+    for line in target_checks(rows, cost, shd, args.quick):
+        log(line)
+    for line in synaptic_checks(rows, synaptic):
         log(line)
     for line in feedforward_checks(rows, feedforward_grid(args.quick)):
         log(line)
@@ -393,7 +400,7 @@ def _find(rows, panel, s: Setting, model):
     return None
 
 
-def target_checks(rows, cost, shd, synaptic, quick) -> list[str]:
+def target_checks(rows, cost, shd, quick) -> list[str]:
     """PASS/FAIL lines for the engine's targets (docs/engine.md#delrec-bench), with the ratios."""
     lines = [
         "Targets"
@@ -452,16 +459,41 @@ def target_checks(rows, cost, shd, synaptic, quick) -> list[str]:
             f"{verdict(grows)}  reference/fast ratios grow with the delay range: "
             + ", ".join(f"d≤{d:g}: ×{t:.1f} time ×{m:.1f} memory" for d, (t, m) in growth)
         )
-    ax, sy = (
-        _find(rows, "synaptic", synaptic, "fast"),
-        _find(rows, "synaptic", synaptic, "fast-synaptic"),
-    )
-    if ax and sy:
-        r = sy["time_ms"] / ax["time_ms"]
+    return lines
+
+
+def synaptic_checks(rows, settings) -> list[str]:
+    """PASS/FAIL lines for the targets of issue 15: synaptic/axonal time within
+    ``SYNAPTIC_TARGETS``, the synaptic engine's saved memory no more than the axonal engine's and
+    the same bytes whatever the delay range."""
+    lines = []
+    for s in settings:
+        ax, sy = _find(rows, "synaptic", s, "fast"), _find(rows, "synaptic", s, "fast-synaptic")
+        if not (ax and sy):
+            continue
+        t, m = sy["time_ms"] / ax["time_ms"], sy["saved_mb"] / ax["saved_mb"]
+        target = SYNAPTIC_TARGETS.get((s.size, s.max_delay), 4.0)
         lines.append(
-            f"{verdict(r <= 4)}  synaptic vs axonal {synaptic.describe()}: time ×{r:.1f} "
-            "(target ≤ 4)"
+            f"{'PASS' if t <= target else 'FAIL'}  synaptic vs axonal {s.describe()}: time "
+            f"×{t:.2f} (target ≤ {target:g})"
         )
+        lines.append(
+            f"{'PASS' if m <= 1 else 'FAIL'}  synaptic vs axonal {s.describe()}: saved memory "
+            f"×{m:.2f} (target ≤ 1)"
+        )
+    for size in sorted({s.size for s in settings}):
+        saved = [
+            r["saved_mb"]
+            for s in settings
+            if s.size == size and (r := _find(rows, "synaptic", s, "fast-synaptic"))
+        ]
+        if len(saved) > 1:
+            flat = max(saved) == min(saved)
+            lines.append(
+                f"{'PASS' if flat else 'FAIL'}  synaptic delays N={size}: saved memory "
+                f"{'flat' if flat else 'NOT flat'} in the delay range "
+                f"({min(saved):.2f}…{max(saved):.2f} MB)"
+            )
     return lines
 
 

@@ -1,43 +1,41 @@
-"""Synaptic delays without a GEMM per lag: each synapse reads one of a few shared traces.
+"""Synaptic delays without a GEMM per lag: each synapse reads one row of a few shared rings.
 
 For per-synapse delays (``delay (N, N)``, row = postsynaptic ``i``, column = presynaptic ``j``)
 the kernel ``κ_c(k) = max(0, w - |k - c|)/w²`` (``c = 1 + d_ij``, half-width ``w_j``) is, for
-every integer lag ``k``, piecewise linear in the centre ``c`` with kinks where ``c``, ``c - w``
-or ``c + w`` is an integer. Between two kinks it is exactly linear, with slope ``ε(k)/w²``
-(``ε = sign(k - c)`` on the closed support ``|k - c| ≤ w``, 0 elsewhere). So the synapses of
-neuron ``j`` fall into a few **slots** — one per pattern of ``(closed support, ε)``, i.e. per
-interval between kinks, plus one per integer centre (where ``ε(c) = 0``) — and a synapse of
-slot ``s`` with centre ``c`` sees
+every integer lag ``k``, piecewise linear in the centre ``c``: exactly linear between kinks
+(where ``c``, ``c - w`` or ``c + w`` is an integer) with slope ``ε(k)/w²``, and translating the
+centre by one step translates the trace by one step in time, up to a lag-0 term that exists
+only for ``c ≤ w`` (docs/design.md#synaptic-delays-by-shifted-reads). So the synapses
+of neuron ``j`` fall into at most four **classes** (the pattern of ``c`` translated into
+``(w, w + 1]``) and **levels** ``m = ⌈c - w⌉ - 1``; a synapse of class ``p`` at level ``m``
+sees
 
-    z_ij[t] = Σ_k κ_c(k) s_j[t-k] = Z_s[t] + (c - G_s)/w² · E_s[t],
+    z_ij[t] = Z_{G_p+m}[t] + (c - G_p - m)/w² · E_{G_p+m}[t],
 
-where ``G_s`` is a centre in the slot, ``Z_s[t] = Σ_k κ_{G_s}(k) s_j[t-k]`` and
-``E_s[t] = Σ_k ε_s(k) s_j[t-k]`` (an exact integer). Both are O(1) recursions per step
-over three and four tapped spikes (the triangle's second difference; the ε-boxes' first
-difference), so a step costs O(slots·B) recursion work plus two multiply-adds of length ``B``
-per synapse, instead of a GEMM of width ``lags·N``. The slots follow autograd of
-:func:`~delrec.delays.triangle_kernel` exactly at the kinks: a centre on a kink sits in the slot
-whose pattern the reference convention gives it (``|x|' = 0`` at 0, the clamp passes the
-gradient at 0), which is the left interval for ``c - w`` integer, the right one for ``c + w``
-integer and a slot of its own for ``c`` integer.
+and every level of a class is one row of the class's **ring**, indexed by diagonal ``t - m``:
+one triangle and ε-box recursion per class enters its lowest used level ``m_a``, a chain of
+lag-0 terms carries each row up to level 0 (at most ``⌈w⌉`` stages, in the layer's dtype on
+the ring's rows; the entry's state is float64), and from level 0 on a row never changes
+(levels above ``w`` are pure time shifts). A step costs two
+multiply-adds of length ``B`` per synapse plus O(classes·w·B) per neuron, whatever the delay
+range. The slot ``(p, m)`` groups the synapses reading the same level. A centre on a kink gets
+the pattern the reference's autograd convention gives it (``|x|' = 0`` at 0, the clamp passes
+the gradient at 0): the left interval for ``c - w`` integer, the right one for ``c + w``
+integer, a class of its own for ``c`` integer.
 
 Gradients (``ḡ_i[t] = ∂L/∂h_i[t]·m_i``, ``γ`` = the LIF input gain), from per-synapse sums
-``D0 = Σ_t,b ḡ_i Z_s`` and ``D1 = Σ_t,b ḡ_i E_s`` of a second sweep over the traces:
+``D0 = Σ_t,b ḡ_i Z`` and ``D1 = Σ_t,b ḡ_i E`` of a second sweep over the classes:
 
-    ∂L/∂W_ij = γ (D0 + (c - G_s)/w² · D1)        ∂L/∂d_ij = γ W_ij D1 / w²
+    ∂L/∂W_ij = γ (D0 + (c - G_p - m)/w² · D1)        ∂L/∂d_ij = γ W_ij D1 / w²
     ∂L/∂w_j  = Σ_t,s K_s·x_s / w² - (2/w) Σ_i W_ij ∂L/∂W_ij
 
-with ``x_s = γ Σ_{i ∈ s} W_ij ḡ_i`` (the adjoint of ``Z_s``) and ``K_s`` the spike count over
-the slot's closed support. The adjoint of the spikes is one float64 recursion per neuron fed by
-injections of ``x_s`` and of ``e_s = Σ_{i ∈ s} b_ij ḡ_i`` at the slot's taps. Saved for
-backward: spike history (bool) and membrane, ``T·B·N`` each, plus the plan (``O(N²)`` and
-``O(slots)``); the backward holds ``∂L/∂r`` ``(N, T, B)``, the spike counts and a ring of ``L``
-injection rows — nothing of size ``T·L`` per synapse.
-
-Cost per step: about ``6·N²·B`` multiply-adds (forward sums, backward sums, gradient dots; the
-axonal engine's three GEMMs are ``3·N²·B``) plus ``O(slots·B)``. The slot count per neuron
-grows with the delay range: one or two per step of range when ``w = 1 + σ`` is an integer or a
-half-integer, two or three otherwise (kinks below lag 1 don't count).
+with ``x_s = γ Σ_{i ∈ s} W_ij ḡ_i`` (the adjoint of the slot's ``Z``) and ``K_s`` the spike count
+over its closed support. The backward adds the slot sums into an adjoint ring per class (row
+``t - m``), feeds the chain's lag-0 terms back to the spikes one step earlier and injects each
+class's entry row at its taps into one float64 adjoint recursion per neuron. Saved for
+backward: spike history (bool) and membrane, ``T·B·N`` each, plus the plan (``O(N²)``); the
+rings of each pass hold ``O(N·classes·levels·B)`` values, bounded by the delay range, never
+``T·L``.
 
 Time loops are in C++ (``csrc/synaptic.cpp``, built by :mod:`~delrec.engine.native`, run on
 ``torch.get_num_threads()`` threads): path ``cpp-synaptic``, :func:`cpp_recurrence`. Path
@@ -61,63 +59,73 @@ from delrec.engine.lif import LIFMap, triangle_taps, width_vector
 
 
 class _SlotPlan:
-    """Slots of every presynaptic neuron and what each synapse reads (module docstring).
+    """Classes, levels and slots of every presynaptic neuron and what each synapse reads.
 
-    Per synapse ``(i, j)``: ``offset = (c - G_s)/w²`` (float64, ``(N, N)``). Per slot, grouped
-    by owner ``j`` (``owner_start``, ``(N+1,)``): the triangle taps
-    of ``Z_s`` at centre ``G_s`` (``z_lags (S, 3)``, ``z_coef (S, 6)``: increments of z and of
-    its slope, as in :func:`delrec.engine.lif.triangle_taps`), the ε-box taps
-    ``e_lags (S, 4)`` = ``(lo, e+1, f, hi+1)`` with signs ``(-, +, +, -)`` (ε = -1 on
-    ``[lo, e]``, +1 on ``[f, hi]``), the closed support ``support (S, 2) = (lo, hi)``, and the
-    members (``member_start (S+1,)``, ``member`` = postsynaptic ``i``, int32, and ``order``, the
-    row-major synapse index of each member), and ``slot_of (N, N)`` (int32), the slot each
-    synapse reads. ``ring`` exceeds every tap lag. The slots and members come from the C++
-    ``plan`` (one pass over the synapses, no sort); the taps from them here.
+    From the C++ ``plan`` (module docstring). Per synapse ``(i, j)``: ``slot_of (N, N)`` (int32)
+    and ``offset = (c - G_p - m)/w²`` (float64, ``(N, N)``). Per class (grouped by neuron,
+    ``class_start (N+1,)``): its slots (``slot_start (C+1,)``, ``slot_level (S,)``), its levels
+    ``(m_a, m_b, m_top)`` (``levels (C, 3)``: entry, top chain stage, highest), the taps of its
+    entry recursion at the centre ``entry`` (the least centre at level ``m_a``): triangle
+    ``z_lags (C, 3)``, ``z_coef (C, 6)`` (increments of z and of its slope,
+    :func:`delrec.engine.lif.triangle_taps`), ε-boxes
+    ``e_lags (C, 4)`` = ``(lo, e+1, f, hi+1)`` with signs ``(-, +, +, -)``, closed support
+    ``support (C, 2)``, and its chain stages (``chain_start (C+1,)``, ``chain (stages, 3)``: the
+    lag-0 values ``(a, e, χ)`` of the level below each stage). Per slot its members
+    (``member_start (S+1,)``, ``member`` = postsynaptic ``i``, int32, and ``order``, the row-major
+    synapse index of each member). Rings have ``depth`` rows per class (levels ``lowest`` …
+    ``lowest + depth - 1``); ``reach`` exceeds every tap lag; ``width`` is ``w`` per neuron,
+    ``(N,)`` float64.
     """
 
     def __init__(self, delay: Tensor, width: Tensor, kernels: ModuleType):
         n = delay.shape[0]
         centre = (1.0 + delay.detach()).double()  # in the parameter dtype, like triangle_kernel
-        w = width.detach().double()
+        w = width.detach().double().expand(n).contiguous()
         (
-            self.owner_start,
-            self.slot_of,
-            first,
-            pattern,
+            self.class_start,
+            self.slot_start,
+            self.slot_level,
+            self.levels,
+            entry,
+            entry_pattern,
+            self.chain_start,
+            self.chain,
             self.member_start,
             self.member,
             self.order,
-        ) = kernels.plan(centre.contiguous(), w.expand(n).contiguous())
-        lo, hi, rises, falls = pattern.unbind(1)
-        self.inv_w2 = 1.0 / (w * w)
-        self.offset = (centre - first[self.slot_of.long()]) * self.inv_w2  # (c - G_s)/w², (N, N)
-        owner = torch.repeat_interleave(torch.arange(n), self.owner_start.diff())
-        self.z_lags, increments = triangle_taps(first, w.expand(n)[owner])
+            self.slot_of,
+            offset,
+        ) = kernels.plan(centre.contiguous(), w)
+        self.width = w
+        self.offset = offset  # (c - G_p - m)/w², (N, N): b = gain·W·offset
+        owner = torch.repeat_interleave(torch.arange(n), self.class_start.diff())
+        self.z_lags, increments = triangle_taps(entry, w[owner])
         self.z_coef = increments.view(-1, 6)
+        lo, hi, rises, falls = entry_pattern.unbind(1)
         self.e_lags = torch.stack([lo, rises + 1, falls, hi + 1], 1).contiguous()
         self.support = torch.stack([lo, hi], 1).contiguous()
-        self.ring = int(max(self.z_lags.max(), self.e_lags.max())) + 1
+        self.reach = int(max(self.z_lags.max(), self.e_lags.max())) + 1
+        self.lowest = int(self.levels[:, 0].min())
+        self.depth = int(self.levels[:, 2].max()) - self.lowest + 1
 
-    def coefficients(self, weight: Tensor, gain: float) -> tuple[Tensor, Tensor]:
-        """``a = gain·W`` and ``b = gain·W·(c - G_s)/w²`` of every synapse, ``(N, N)`` each."""
-        a = (weight.detach() * gain).contiguous()
-        return a, (a.double() * self.offset).to(a.dtype)
-
-    def by_slot(self, per_synapse: Tensor) -> Tensor:
-        """An ``(N, N)`` per-synapse tensor flattened in member order (grouped by slot)."""
-        return per_synapse.flatten()[self.order].contiguous()
-
-    def native(self) -> tuple[Tensor, ...]:
-        """The plan tensors in the order the C++ functions take them."""
-        return (
-            self.owner_start,
+    def native(self) -> tuple[list[Tensor], int, int]:
+        """The plan tensors in the order the C++ functions take them, the ring depth and the
+        lowest level."""
+        tensors = [
+            self.class_start,
+            self.slot_start,
+            self.slot_level,
+            self.levels,
             self.z_lags,
             self.z_coef,
             self.e_lags,
             self.support,
+            self.chain_start,
+            self.chain,
             self.member_start,
             self.member,
-        )
+        ]
+        return tensors, self.depth, self.lowest
 
 
 class _SynapticSlots(torch.autograd.Function):
@@ -127,15 +135,16 @@ class _SynapticSlots(torch.autograd.Function):
     def forward(ctx, current, weight, delay, width, mask, lif: LIFMap, kernels):
         steps, batch, n = current.shape
         plan = _SlotPlan(delay, width, kernels)
-        a, b = plan.coefficients(weight, lif.gain)
+        weight_in = weight.detach().to(current.dtype).contiguous()  # the sums' a = gain·W
         spikes = current.new_empty(steps, batch, n)  # contiguous, whatever current's strides
         history = current.new_empty(n, steps + 1, batch, dtype=torch.bool)  # frame t+1: step t
-        membrane = current.new_empty(steps, n, batch)
+        membrane = current.new_empty(steps, batch, n)
         p = lif.p
         kernels.forward(
             lif.drive(current).contiguous(),
-            a,
-            b,
+            weight_in,
+            plan.offset,
+            lif.gain,
             plan.slot_of,
             mask,
             *plan.native(),
@@ -148,33 +157,37 @@ class _SynapticSlots(torch.autograd.Function):
             history,
             membrane,
         )
-        ctx.lif, ctx.plan, ctx.kernels, ctx.delay_dtype = lif, plan, kernels, delay.dtype
-        ctx.save_for_backward(history, membrane, weight, mask)
+        ctx.lif, ctx.plan, ctx.kernels = lif, plan, kernels
+        ctx.dtypes = weight.dtype, delay.dtype
+        ctx.save_for_backward(history, membrane, weight_in, mask)
         return spikes
 
     @staticmethod
     def backward(ctx, grad_spikes):
-        history, membrane, weight, mask = ctx.saved_tensors
+        history, membrane, weight_in, mask = ctx.saved_tensors
         lif: LIFMap = ctx.lif
         plan: _SlotPlan = ctx.plan
         p = lif.p
-        steps, n, batch = membrane.shape
+        steps, batch, n = membrane.shape
         need_c, need_w, need_d, need_s = ctx.needs_input_grad[:4]
-        a, b = map(plan.by_slot, plan.coefficients(weight, lif.gain))
-        psi = p.surrogate.derivative(membrane - p.v_threshold).contiguous()
+        code, param, psi = lif.native_slope(membrane)  # any other surrogate: ψ' precomputed
         # P[m] = spikes before step m, (N, T+1, B): closed-support counts K_s for the spread
         counts = history.cumsum(1, dtype=torch.int32) if need_s else None
-        grad_h = torch.empty(steps, batch, n, dtype=membrane.dtype)
+        grad_current = torch.empty(steps, batch, n, dtype=membrane.dtype)
         lanes = 64 // membrane.element_size()  # batch rows padded to whole cache lines
-        adjoint = membrane.new_zeros(n, steps, -(-batch // lanes) * lanes)  # ∂L/∂h · m
+        span = ctx.kernels.span  # the backward sums far slots in blocks of `span` steps
+        # ∂L/∂h · m, (N, T', B'): T' whole blocks (the kernels zero the padding)
+        adjoint = membrane.new_empty(n, -(-steps // span) * span, -(-batch // lanes) * lanes)
         by_support = torch.zeros(n, dtype=torch.float64)
         ctx.kernels.backward(
             grad_spikes.contiguous(),
             history,
             membrane,
             psi,
-            a,
-            b,
+            weight_in,
+            plan.offset,
+            lif.gain,
+            plan.order,
             mask,
             counts,
             *plan.native(),
@@ -183,26 +196,40 @@ class _SynapticSlots(torch.autograd.Function):
             p.v_reset or 0.0,
             p.soft_reset,
             p.detach_reset,
-            plan.ring,
-            grad_h,
+            code,
+            param,
+            plan.reach,
+            grad_current,
             adjoint,
             by_support,
         )
-        grad_current = grad_h * lif.gain if need_c else None
         grad_weight = grad_delay = grad_width = None
         if need_w or need_d or need_s:
-            dz = torch.zeros(n, n, dtype=torch.float64)
-            de = torch.zeros(n, n, dtype=torch.float64)
-            ctx.kernels.gradients(history, adjoint, batch, *plan.native(), dz, de)
-            by_weight = lif.gain * (dz + plan.offset * de)  # ∂L/∂W in float64
+            by_weight = torch.empty(n, n, dtype=torch.float64)  # ∂L/∂W
+            by_delay = torch.empty(n, n, dtype=torch.float64)  # ∂L/∂d
+            weighted = torch.empty(n, dtype=torch.float64)  # Σ_i W_ij ∂L/∂W_ij
+            ctx.kernels.gradients(
+                history,
+                adjoint,
+                batch,
+                *plan.native(),
+                weight_in,
+                plan.offset,
+                plan.width,
+                lif.gain,
+                by_weight,
+                by_delay,
+                weighted,
+            )
+            weight_dtype, delay_dtype = ctx.dtypes
             if need_w:
-                grad_weight = by_weight.to(weight.dtype)
+                grad_weight = by_weight.to(weight_dtype)
             if need_d:
-                grad_delay = (lif.gain * weight.double() * de * plan.inv_w2).to(ctx.delay_dtype)
+                grad_delay = by_delay.to(delay_dtype)
             if need_s:
-                w = 1.0 / plan.inv_w2.sqrt()
-                spread = by_support * plan.inv_w2 - 2.0 / w * (weight.double() * by_weight).sum(0)
-                grad_width = spread.to(weight.dtype)
+                w = plan.width
+                grad_width = (by_support / (w * w) - 2.0 / w * weighted).to(weight_dtype)
+        grad_current = grad_current if need_c else None
         return grad_current, grad_weight, grad_delay, grad_width, None, None, None
 
 
@@ -215,7 +242,7 @@ def cpp_recurrence(
     mask: Tensor | None = None,
 ) -> Tensor:
     """Path ``cpp-synaptic``: spikes ``(T, B, N)`` of a recurrent LIF layer with per-synapse
-    delays ``(N, N)``, by slot traces in C++ (CPU tensors).
+    delays ``(N, N)``, by shifted reads of class rings in C++ (CPU tensors).
 
     current ``(T, B, N)``, weight ``(N, N)`` row = postsynaptic, width a number or ``(N,)`` per
     presynaptic neuron, neuron the built-in :class:`~delrec.neurons.LIF`, mask ``(B, N)`` or
