@@ -8,3 +8,12 @@ from delrec.engine import native
 def pytest_sessionstart(session):
     for kernels in ("axonal", "synaptic", "feedforward", "fused"):
         native.load(kernels)
+
+
+def pytest_report_header(config):
+    kernels = native.load("feedforward")
+    vectors = "not built" if kernels is None else kernels.simd
+    return (
+        f"delrec C++ feedforward kernels on this CPU: {vectors} "
+        "(test_feedforward_engine.py also runs their portable build)"
+    )

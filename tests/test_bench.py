@@ -105,3 +105,59 @@ def test_network_bench_times_breaks_down_and_judges_every_model(tmp_path, monkey
     assert any("delrec/rsnn" in v for v in verdicts) and any("--quick ran" in v for v in verdicts)
     assert (tmp_path / "network-bench.png").stat().st_size > 10_000
     assert "fused/unfused" in (tmp_path / "network-bench.txt").read_text()
+
+
+def test_streaming_and_tbptt_benchmarks_measure_and_judge(monkeypatch, capsys, tmp_path):
+    """`delrec bench --streaming` (its compiled and PyTorch-op paths on an active network) and
+    the TBPTT memory benchmark on a batch of one say what they measured and judge the targets
+    (not asserted to pass: timings depend on the machine); the command writes its figures,
+    verdicts and rerun command into streaming.md."""
+    from delrec import bench_state
+
+    out = tmp_path / "out"
+    args = ["bench", "--streaming", "--repeats", "1", "--clock", "cpu", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    rates = printed.split("firing rates per layer: ")[1].splitlines()[0].split(", ")
+    assert all(float(rate) > 0.01 for rate in rates)  # the benchmark network is active
+    assert "compiled loop" in printed and "DELREC_NATIVE=0" in printed
+    assert printed.count("µs") >= 5 and printed.startswith("delrec bench --out")
+    verdicts = [line for line in printed.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert len(verdicts) == 2 and "chunk of 10 steps" in verdicts[1]
+    report = (out / "streaming.md").read_text()
+    command = report.split("| command | `")[1].split("`")[0].split()
+    assert command[:2] == ["delrec", "bench"] and "--streaming" in command
+    assert " ".join(command).count("--clock cpu") == 1
+    assert all(f"- {line}" in report for line in verdicts)
+    figures = report.split("## Figures")[1].split("## Log")[0]
+    assert "| compiled loop | " in figures and "| PyTorch ops (`DELREC_NATIVE=0`) | " in figures
+
+    lines = []
+    verdicts, table = bench_state.tbptt("cpu", 1, lines.append, batch=1, seeds=0)
+    assert len(lines) == 9 and "tbptt=49" in lines[2] and "fit over K < 784" in lines[-1]
+    assert len(verdicts) == 2 and all(v.startswith(("PASS", "FAIL")) for v in verdicts)
+    assert len(table) == 2 + 6 and table[2].startswith("| none (full BPTT) | 784 |")
+
+
+def test_bench_runs_the_feedforward_section_alone(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "STEPS", 6)
+    monkeypatch.setattr(
+        bench, "feedforward_grid", lambda quick: [bench.Setting(8, 2, d, 0) for d in (3, 9)]
+    )
+    argv = ["bench", "--quick", "--repeats", "1", "--sections", "feedforward"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    assert {r["panel"] for r in rows} == {"feedforward"}
+    assert {r["model"] for r in rows} == {"feedforward", "ff-delay", "ff-conv"}
+    assert "C++ feedforward kernels run here with" in printed
+    verdicts = [line for line in printed.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert len(verdicts) == 5 and all("feedforward delays N=8" in v for v in verdicts)
+    assert not (tmp_path / "bench.png").exists()  # no Fig. S1 panels ran
+    report = (tmp_path / "bench.md").read_text()
+    rerun = f"delrec bench --quick --sections feedforward --out {tmp_path} --repeats 1"
+    assert f"| command | `{rerun} --threads 1 --clock wall` |" in report
+    assert "bench.png" not in report and report.count("feedforward delays N=8") == 5
+    assert main(["bench", "--sections", "cost", "--device", "cuda"]) == 2
+    assert "--sections picks sections of the CPU layer benchmark" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from torch import nn
 
 from delrec.bench import saved_bytes
 from delrec.delays import kernel_length, triangle_kernel
-from delrec.engine import PATHS, axonal, native, reference_recurrence, select, synaptic
+from delrec.engine import PATHS, axonal, native, reference_recurrence, ring, select, synaptic
 from delrec.layers import DelRec
 from delrec.neurons import LIF, AdLIF, ATan
 
@@ -241,8 +241,9 @@ def test_integer_delay_path_equals_reference_in_eval(delay_type, monkeypatch):
         seed=11,
     )
     calls = []
-    ring = PATHS["ring"]
-    monkeypatch.setitem(PATHS, "ring", dataclasses.replace(ring, run=_counting(ring.run, calls)))
+    for name in ("cpp-ring", "ring"):
+        ring = PATHS[name]
+        monkeypatch.setitem(PATHS, name, dataclasses.replace(ring, run=_counting(ring.run, calls)))
     current = torch.rand(60, 3, size, generator=g, dtype=torch.float64) * 1.3
     with torch.no_grad():
         expected = reference.eval()(current)
@@ -266,16 +267,20 @@ def test_the_cpp_time_loops_build_and_run_by_default(monkeypatch):
     message) and a float32 layer with default settings runs them."""
     native.build("axonal")
     native.build("synaptic")
+    native.build("ring")
     calls = []
     monkeypatch.setattr(axonal, "_native_forward", _counting(axonal._native_forward, calls))
     monkeypatch.setattr(axonal, "_native_backward", _counting(axonal._native_backward, calls))
     monkeypatch.setattr(
         synaptic._SynapticSlots, "apply", _counting(synaptic._SynapticSlots.apply, calls)
     )
+    monkeypatch.setattr(ring.IntegerLayer, "run", _counting(ring.IntegerLayer.run, calls))
     for delay_type in ("axonal", "synaptic"):
         layer = DelRec(8, LIF(), delay_type=delay_type, delay_init="uniform:0:5", sigma=2.0)
         layer(torch.rand(10, 3, 8)).sum().backward()
-    assert len(calls) == 3
+        with torch.no_grad():
+            layer.eval()(torch.rand(10, 3, 8))
+    assert len(calls) == 5
 
 
 @pytest.mark.parametrize("delay_type", ["axonal", "synaptic"])

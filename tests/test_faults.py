@@ -474,8 +474,11 @@ def test_integer_delay_eval_of_long_delays_is_exact_and_needs_a_buffer_of_the_se
         spikes = layer(current)
         assert torch.equal(spikes, reference(current)) and spikes.sum() > 0
     lags = 1 + layer.delay.detach().long().expand(16, 16)
-    ring = DelayedSynapses(layer.weight.detach(), lags, horizon=20).new_buffer(3)
-    assert ring.shape[1] <= 2 * 21  # (B, frames, N): min(max lag, T) + 1, twice if per synapse
+    assert DelayedSynapses(layer.weight.detach(), lags, horizon=20).max_lag <= 20  # the window:
+    # at most max_lag past frames and the T steps of the chunk, not 60,001
+    with torch.no_grad():
+        _, state = layer(current, return_state=True)
+    assert state.spikes.shape[0] <= 20  # a state keeps no more steps than the sequence had
 
 
 def test_absurd_lags_are_refused_by_the_ring_buffer():

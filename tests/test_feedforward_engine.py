@@ -2,7 +2,9 @@
 
 Every two-tap path (C++ kernels, PyTorch sparse ops) must give the reference's output and every
 gradient (input, weight, position, bias) to 1e-6 relative in float64, including positions on
-the integers (the interpolation's kinks), at the window's ends and outside it.
+the integers (the interpolation's kinks), at the window's ends and outside it. The C++ kernels
+are checked in both their versions: the one built for this CPU (AVX-512 where it has them) and
+the portable vectors that CPUs without AVX-512 run (built without AVX-512 here if need be).
 """
 
 import math
@@ -20,13 +22,35 @@ from delrec.layers import FeedforwardDelay
 from delrec.models import build_network, preset_network
 
 TWO_TAPS = ("cpp-feedforward", "torch-feedforward")
+PORTABLE = "cpp-feedforward, portable vectors"
+
+
+def portable_kernels():
+    """The C++ kernels as a CPU without AVX-512 runs them: the default build where it is
+    portable already, else a build without AVX-512 (x86)."""
+    kernels = native.build("feedforward")
+    if kernels.simd != "portable":
+        kernels = native.build("feedforward", native.PORTABLE)
+    assert kernels.simd == "portable"
+    return kernels
+
+
+PATHS = {
+    **engines.PATHS,
+    PORTABLE: engines.FeedforwardPath(
+        PORTABLE,
+        engines._two_taps(lambda: engines._NativeTaps(portable_kernels())),
+        lambda device: device.type == "cpu",
+    ),
+}
+KERNELS = (*TWO_TAPS, PORTABLE)  # every two-tap implementation, the C++ in both versions
 
 
 def run(path, x, weight, position, bias, kernel_size, grad_y):
     """Output and the gradients of ``Σ y·grad_y`` with respect to every input that needs one."""
     inputs = [t.detach().clone().requires_grad_(t.requires_grad) for t in (x, weight, position)]
     b = None if bias is None else bias.detach().clone().requires_grad_()
-    y = engines.PATHS[path].run(*inputs, b, kernel_size)
+    y = PATHS[path].run(*inputs, b, kernel_size)
     (y * grad_y).sum().backward()
     grads = [t.grad for t in inputs if t.requires_grad] + ([] if b is None else [b.grad])
     return [y.detach(), *grads]
@@ -35,7 +59,7 @@ def run(path, x, weight, position, bias, kernel_size, grad_y):
 def assert_paths_match_reference(x, weight, position, bias, kernel_size, rtol):
     grad_y = torch.randn(x.shape[0], x.shape[1], weight.shape[0], dtype=x.dtype)
     expected = run("reference", x, weight, position, bias, kernel_size, grad_y)
-    for path in TWO_TAPS:
+    for path in KERNELS:
         actual = run(path, x, weight, position, bias, kernel_size, grad_y)
         assert len(actual) == len(expected)
         for name, a, e in zip(["output", "x", "weight", "position", "bias"], actual, expected):
@@ -101,6 +125,22 @@ def test_every_kink_and_window_end_in_one_layer(kernel_size):
     assert_paths_match_reference(x, weight, position, bias, kernel_size, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_past_every_blocking_of_the_kernels(dtype):
+    """Sizes past the C++ kernels' blockings: several channel blocks of 16 (the last one
+    partial) in both passes, tiles of 8 steps (the last partial), several chunks of steps in the
+    dots, batch rows of one and of two vectors (float64 / float32), delays up to the window."""
+    torch.manual_seed(4)
+    kernel_size = 30
+    position = torch.empty(37, 45, dtype=dtype).uniform_(-0.5, kernel_size - 0.5)
+    position[::5, ::3] = position[::5, ::3].round()  # kinks among them
+    weight = torch.randn(37, 45, dtype=dtype).requires_grad_()
+    x = torch.randn(83, 19, 45, dtype=dtype).requires_grad_()
+    bias = torch.randn(37, dtype=dtype)
+    rtol = 1e-6 if dtype == torch.float64 else 1e-5
+    assert_paths_match_reference(x, weight, position.requires_grad_(), bias, kernel_size, rtol)
+
+
 def test_position_gradient_at_the_kinks_is_autograds_convention():
     """One synapse, one input spike: C(j) is the output gradient j steps after the spike, so the
     position gradient is w·(C(k+1) - C(k)) between integers, w·(C(k+1) - C(k-1)) on one, and
@@ -119,10 +159,10 @@ def test_position_gradient_at_the_kinks_is_autograds_convention():
         -0.5: w * c[0],
     }
     for p, grad in expected.items():
-        for path in ("reference", *TWO_TAPS):
+        for path in ("reference", *KERNELS):
             weight = torch.tensor([[w]], dtype=torch.float64, requires_grad=True)
             position = torch.tensor([[p]], dtype=torch.float64, requires_grad=True)
-            y = engines.PATHS[path].run(x, weight, position, None, kernel_size)
+            y = PATHS[path].run(x, weight, position, None, kernel_size)
             (y * grad_y).sum().backward()
             assert position.grad.item() == pytest.approx(grad, rel=1e-12), (path, p)
 

@@ -1,43 +1,34 @@
 """The fused network around the delays against the reference: feedforward LIF layers, the
 leaky-integrator readout, BatchNorm over time and dropout masks, alone and in whole networks."""
 
-import dataclasses
 import math
 
 import pytest
 import torch
 from engine_helpers import NEURONS, assert_close_relative
+from fused_helpers import (
+    NETWORKS,
+    assert_batch_norm_like_the_module,
+    assert_lif_layer_like_the_loop,
+    assert_trains_alike,
+    grads_of,
+    network_pair,
+    reference_layer,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from delrec.bench import saved_bytes
 from delrec.engine import dropout as masks
 from delrec.engine import fused, native
 from delrec.layers.dropout import Dropout
-from delrec.models import build_network, preset_network, set_feedforward_engine
-from delrec.neurons import LIF, LeakyIntegrator, Surrogate
-from delrec.training.objectives import make_objective
+from delrec.models import set_feedforward_engine
+from delrec.neurons import LIF, LeakyIntegrator
 
 needs_kernels = pytest.mark.skipif(
     native.load("fused") is None,
     reason="the C++ kernels 'fused' are not built (a C++ compiler and ninja are needed)",
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Sigmoid(Surrogate):
-    """A surrogate the kernels don't know: its ψ' is precomputed from the saved membrane."""
-
-    beta: float = 3.0
-
-    def derivative(self, x):
-        sig = torch.sigmoid(self.beta * x)
-        return self.beta * sig * (1 - sig)
-
-
-def grads_of(output, inputs, grad_out):
-    return torch.autograd.grad((output * grad_out).sum(), inputs)
 
 
 # --------------------------------------------------------------------------- masks
@@ -120,19 +111,6 @@ def test_dropout_module(engine):
 
 
 # --------------------------------------------------------------------------- LIF layer
-def with_masks(current, mask_in, mask_out):
-    """The reference of a LIF layer with dropout: masks materialised, autograd multiplies."""
-
-    def mask(draw):
-        return masks.reference_mask(current.shape, draw, current.dtype)
-
-    def run(neuron, x):
-        spikes = neuron(x if mask_in is None else x * mask(mask_in))
-        return spikes if mask_out is None else spikes * mask(mask_out)
-
-    return run
-
-
 @needs_kernels
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(
@@ -148,21 +126,8 @@ def with_masks(current, mask_in, mask_out):
 def test_fused_lif_layer_matches_the_autograd_loop(
     steps, batch, size, neuron, other_surrogate, dropout_in, dropout_out, seed
 ):
-    if other_surrogate:
-        neuron.p = dataclasses.replace(neuron.p, surrogate=Sigmoid())
-    g = torch.Generator().manual_seed(seed)
-    current = torch.randn(steps, batch, size, generator=g, dtype=torch.float64) * 0.8 + 0.5
-    grad_out = torch.randn(steps, batch, size, generator=g, dtype=torch.float64)
-    mask_in = masks.MaskDraw(seed, 0.7) if dropout_in else None
-    mask_out = masks.MaskDraw(seed + 1, 0.6) if dropout_out else None
-
-    x = current.clone().requires_grad_()
-    expected = with_masks(current, mask_in, mask_out)(neuron, x)
-    (expected_grad,) = grads_of(expected, [x], grad_out)
-    x = current.clone().requires_grad_()
-    spikes = fused.lif_layer(x, neuron.p, mask_in, mask_out)
-    assert torch.equal(spikes, expected)
-    assert_close_relative(grads_of(spikes, [x], grad_out)[0], expected_grad)
+    shape = (steps, batch, size)
+    assert_lif_layer_like_the_loop(shape, neuron, other_surrogate, dropout_in, dropout_out, seed)
 
 
 @needs_kernels
@@ -174,11 +139,11 @@ def test_fused_lif_layer_in_float32_at_training_size(reset):
     grad_out = torch.randn(60, 32, 100, generator=g)
     draw = masks.MaskDraw(9, 0.8)
     x64 = current.double().requires_grad_()
-    exact = with_masks(x64, None, draw)(neuron, x64)
+    exact = reference_layer(neuron, x64, None, draw)
     (exact_grad,) = grads_of(exact, [x64], grad_out.double())
     x = current.clone().requires_grad_()
     spikes = fused.lif_layer(x, neuron.p, None, draw)
-    reference = with_masks(current, None, draw)(neuron, current)
+    reference = reference_layer(neuron, current, None, draw)
     assert torch.equal(spikes, reference)
     assert 0.05 < spikes.ne(0).float().mean() < 0.95
     assert torch.equal(spikes.double(), exact)  # no threshold tie in this draw
@@ -215,95 +180,19 @@ def test_fused_leaky_integrator_matches_the_module(decay_input, tau):
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("with_shift", [False, True])
 def test_fused_batch_norm_matches_the_module(dtype, momentum, with_shift):
-    g = torch.Generator().manual_seed(4)
-    current = (torch.randn(20, 9, 6, generator=g, dtype=dtype) * 3 + 2).requires_grad_()
-    grad_out = torch.randn(20, 9, 6, generator=g, dtype=dtype)
-    shift = (torch.randn(6, generator=g, dtype=dtype) * 5).requires_grad_()
-    modules = [nn.BatchNorm1d(6, momentum=momentum).to(dtype) for _ in range(2)]
-    with torch.no_grad():
-        modules[0].weight.uniform_(0.5, 1.5, generator=g)
-        modules[0].bias.uniform_(-1, 1, generator=g)
-    modules[1].load_state_dict(modules[0].state_dict())
-    rtol = 1e-9 if dtype == torch.float64 else 1e-4
-    for _ in range(2):  # twice: the running statistics' second update
-        shifted = current + shift if with_shift else current
-        expected = modules[0](shifted.flatten(0, 1)).view_as(current)
-        out = fused.batch_norm(current, modules[1], shift if with_shift else None)
-        assert_close_relative(out.detach(), expected.detach(), rtol)
-        inputs = [[current, *([shift] if with_shift else []), m.weight, m.bias] for m in modules]
-        grads = zip(grads_of(out, inputs[1], grad_out), grads_of(expected, inputs[0], grad_out))
-        for a, e in grads:  # the shift's gradient is zero, known to rounding
-            torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * float(grad_out.abs().sum()))
-        for name, buffer in modules[0].named_buffers():
-            assert_close_relative(getattr(modules[1], name), buffer, rtol)
-    modules[1].eval()
-    out = fused.batch_norm(current, modules[1], shift if with_shift else None)
-    expected = modules[1](shifted.flatten(0, 1)).view_as(current)
-    assert torch.equal(out, expected)
-    assert fused.fusable_norm(modules[1]) and not fused.fusable_norm(None)
+    assert_batch_norm_like_the_module((20, 9, 6), dtype, momentum, with_shift)
 
 
 # --------------------------------------------------------------------------- whole networks
-NETWORKS = {  # small versions of the presets: every block kind and every readout
-    "shd": dict(hidden_sizes=(12, 10)),  # bn block, lif readout, hard reset, ATan
-    "ssc": dict(hidden_sizes=(9, 9, 11)),  # dropout block, sum readout, soft reset, Triangle
-    "mackey-glass": dict(hidden_sizes=(13,)),  # dropout block, ema readout
-    "psmnist": dict(hidden_sizes=(6, 8, 8), readout="ema"),
-}
-
-
-def network_pair(task, model, dtype):
-    config = preset_network(task, model, **NETWORKS[task])
-    pair = [build_network(config, seed=5).to(dtype) for _ in range(2)]
-    set_feedforward_engine(pair[1], "reference")
-    return config, pair
-
-
-def train_step(network, objective, frames, lengths, targets):
-    """Readout, spikes and every parameter's gradient of one training step (seeded masks)."""
-    torch.manual_seed(11)
-    output, spikes = network.forward_with_spikes(frames)
-    loss, _ = objective(output, lengths, targets)
-    names = [n for n, p in network.named_parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, [p for n, p in network.named_parameters() if n in names])
-    return output, spikes, dict(zip(names, grads))
-
-
 @needs_kernels
 @pytest.mark.parametrize("model", ["delrec", "rsnn", "snn"])
 @pytest.mark.parametrize("task", list(NETWORKS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fused_network_trains_like_the_reference(task, model, dtype):
     config, (fused_net, reference_net) = network_pair(task, model, dtype)
-    g = torch.Generator().manual_seed(7)
-    steps, batch = 25, 6
     lengths = torch.tensor([25, 7, 19, 25, 1, 12])  # variable lengths, zero-padded
-    frames = torch.rand(steps, batch, config.input_size, generator=g, dtype=dtype) * 2
-    frames *= (torch.arange(steps).view(-1, 1) < lengths).unsqueeze(-1)
-    task_kind = "regression" if task == "mackey-glass" else "classification"
-    objective = make_objective(task_kind, config.readout)
-    targets = (
-        torch.randn(batch, generator=g, dtype=dtype)
-        if task_kind == "regression"
-        else torch.randint(config.output_size, (batch,), generator=g)
-    )
-    out, spikes, grads = train_step(fused_net, objective, frames, lengths, targets)
-    ref_out, ref_spikes, ref_grads = train_step(reference_net, objective, frames, lengths, targets)
-    assert any(s.ne(0).any() for s in spikes)
-    for s, r in zip(spikes, ref_spikes):
-        assert torch.equal(s, r)
     rtol = 1e-6 if dtype == torch.float64 else 1e-4
-    assert_close_relative(out.detach(), ref_out.detach(), rtol)
-    assert grads.keys() == ref_grads.keys()
-    # a bias in front of BatchNorm has a zero gradient, known to rounding: held to the scale
-    # of the network's gradients
-    floor = 1e-2 * max(float(g.abs().max()) for g in ref_grads.values())
-    for name, grad in grads.items():
-        expected = ref_grads[name]
-        atol = rtol * max(float(expected.abs().max()), floor)
-        torch.testing.assert_close(grad, expected, rtol=rtol, atol=atol, msg=name)
-    for a, b in zip(fused_net.buffers(), reference_net.buffers()):
-        assert_close_relative(a, b, rtol)
+    assert_trains_alike(task, config, fused_net, reference_net, lengths, rtol)
 
 
 @needs_kernels

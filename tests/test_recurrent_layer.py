@@ -128,7 +128,9 @@ def test_gradients_match_finite_differences(delay_type, learn_spread):
     names = [name for name, p in layer.named_parameters() if p.requires_grad]
 
     def run(x, *values):
-        return torch.func.functional_call(layer, dict(zip(names, values)), (x, mask))
+        return torch.func.functional_call(
+            layer, dict(zip(names, values)), (x,), {"dropout_mask": mask}
+        )
 
     inputs = (x, *[getattr(layer, n).detach().clone().requires_grad_() for n in names])
     assert torch.autograd.gradcheck(run, inputs, atol=1e-6, rtol=1e-5)

@@ -325,3 +325,19 @@ def test_without_the_kernels_the_selector_picks_the_lag_gemm_and_the_slots_refus
         assert path.name == "torch-synaptic"
         with pytest.raises(RuntimeError, match="DELREC_NATIVE=0"):
             cpp_recurrence(current, torch.eye(3), torch.ones(3, 3), 2.0, LIF())
+
+
+def test_every_delay_above_the_half_width():
+    """Delays 30 … 40 with w = 1.5: every level is above 0 (the rings' lowest level is positive),
+    so the first steps read diagonals before the sequence's start."""
+    size, steps, batch = 8, 70, 3
+    g = torch.Generator().manual_seed(3)
+    delay = 30.0 + 10.0 * torch.rand(size, size, generator=g, dtype=torch.float64)
+    width = width_vector(spread_width(0.5, None), delay, size)
+    plan = _SlotPlan(delay, width, native.build("synaptic"))
+    assert plan.lowest > 0
+    weight, current, grad_out = random_layer(size, steps, batch, delay, torch.float64, seed=4)
+    spikes = assert_matches_reference(
+        LIF(tau=2.0), current, weight * 3.0, delay, None, 0.5, None, grad_out
+    )
+    assert 0.05 < spikes.mean() < 0.95

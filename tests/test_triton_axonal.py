@@ -186,3 +186,36 @@ def test_a_thousand_neurons_forward_and_backward(dtype):
     else:
         assert (spikes != expected_spikes).float().mean() < 1e-3
         assert all(g.isfinite().all() for g in grads)
+
+
+def test_axonal_kernels_run_in_chunks_like_the_reference():
+    """From a given state (membranes and spike history), chunk by chunk: the spikes and the
+    truncated-BPTT gradients of the reference path."""
+    from delrec.engine import RecurrentState
+    from delrec.engine.state import history_length
+
+    neuron = LIF(tau=2.0, v_reset=None).to(DEVICE)
+    steps, batch, n = sizes((16, 2, 12), (60, 17, 130))
+    current, weight, delay, logits, mask, grad_out, sigma = random_problem(
+        steps, batch, n, max_delay=6.0, sigma=2.0, dtype=torch.float64, seed=5, dropout=True
+    )
+    width = 1.0 + sigma
+    g = torch.Generator().manual_seed(5)
+    v0 = torch.randn(batch, n, generator=g, dtype=torch.float64).to(DEVICE)
+    past = (torch.rand(history_length(delay, width), batch, n, generator=g) < 0.3).double()
+    results = {}
+    for name in ("reference", "triton-axonal"):
+        inputs = [x.detach().clone().requires_grad_() for x in (current, weight, delay, v0)]
+        x, w, d, v = inputs
+        state, pieces = RecurrentState((v,), past.to(DEVICE)), []
+        for start, end in ((0, 5), (5, 6), (6, steps)):
+            spikes, state = PATHS[name].run(x[start:end], w, d, width, neuron, mask, state=state)
+            pieces.append(spikes)
+        spikes = torch.cat(pieces)
+        grads = torch.autograd.grad((spikes * grad_out).sum(), inputs)
+        results[name] = spikes, grads
+    (expected_spikes, expected), (spikes, grads) = results["reference"], results["triton-axonal"]
+    assert 0 < expected_spikes.mean() < 1
+    assert_same_spikes(spikes, expected_spikes)
+    for actual, want in zip(grads, expected):
+        torch.testing.assert_close(actual, want, rtol=1e-6, atol=1e-9)

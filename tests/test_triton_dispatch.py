@@ -1,5 +1,5 @@
-"""Which path the engine selector picks for CUDA tensors, with and without triton; the layer
-on a GPU runs the Triton kernels."""
+"""Which path the engine selector picks for CUDA tensors, with and without triton, and which
+kernels the fused network finds there; the layer on a GPU runs the Triton kernels."""
 
 import warnings
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from triton_helpers import CUDA, needs_triton
 
-from delrec.engine import PATHS, select
+from delrec.engine import PATHS, fused, select
 from delrec.engine import triton as gpu
 from delrec.layers import DelRec
 from delrec.neurons import LIF, AdLIF
@@ -35,6 +35,18 @@ def test_cpu_layers_never_run_the_interpreted_kernels():
                 path = select(delay_type, LIF(), device="cpu", integer=integer, grad=grad)
                 assert not path.name.startswith("triton"), (delay_type, integer, path.name)
     assert select("axonal", AdLIF(), device="cpu", integer=False, grad=True).name == "reference"
+
+
+@needs_triton
+def test_cuda_tensors_find_the_triton_kernels_where_they_run_compiled(monkeypatch):
+    """The fused network's kernels for CUDA tensors where Triton runs compiled (CUDA with
+    ``triton``; pretended here, so that the choice is checked without a GPU): the Triton module.
+    CPU tensors keep the C++ kernels."""
+    from delrec.engine.triton import fused as kernels
+
+    monkeypatch.setattr(gpu, "available", lambda device: torch.device(device).type == "cuda")
+    assert fused.kernels_for(torch.device("cuda")) is kernels
+    assert fused.kernels_for(torch.device("cpu")) is not kernels
 
 
 @needs_triton

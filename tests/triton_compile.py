@@ -24,7 +24,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from delrec.engine.triton import axonal, feedforward, ring, synaptic  # noqa: E402
+from delrec.engine.triton import axonal, fused, ring, synaptic  # noqa: E402
 from delrec.engine.triton.lif import recurrent_tiles  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -34,7 +34,8 @@ PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 def variants():
     """(kernel, argument types, constexprs, warps) for the variants the engine launches: the
     recurrent kernels with the tiles :func:`recurrent_tiles` gives N = 256 and N = 1024 in
-    float32 and N = 256 in float64."""
+    float32 and N = 256 in float64; the fused network kernels (with both dropout masks, the
+    backward variants) in float32 and float64."""
     for n, dtype, f in (
         (256, tl.float32, "*fp32"),
         (1024, tl.float32, "*fp32"),
@@ -185,37 +186,78 @@ def variants():
             warps,
         )
     for dtype, f in ((tl.float32, "*fp32"), (tl.float64, "*fp64")):
+        chunks = dict(CHUNKS=fused.CHUNKS)
         yield (
-            feedforward._lif_forward_kernel,
+            fused._lif_forward_kernel,
             dict(
                 current_ptr=f,
                 const_ptr="*fp64",
+                masks_ptr="*i64",
                 spikes_ptr=f,
                 membrane_ptr=f,
                 steps="i32",
-                size="i32",
+                batch="i32",
+                n="i32",
             ),
-            dict(DTYPE=dtype, SOFT_RESET=False, BLOCK=256),
-            4,
+            dict(DTYPE=dtype, SOFT_RESET=False, MASK_IN=True, MASK_OUT=True, **chunks),
+            fused.CHUNK_WARPS,
         )
         yield (
-            feedforward._lif_backward_kernel,
+            fused._lif_backward_kernel,
             dict(
-                grad_spikes_ptr=f,
+                grad_out_ptr=f,
                 membrane_ptr=f,
                 psi_ptr=f,
                 const_ptr="*fp64",
+                masks_ptr="*i64",
                 grad_current_ptr=f,
                 steps="i32",
-                size="i32",
+                batch="i32",
+                n="i32",
             ),
-            dict(DTYPE=dtype, SOFT_RESET=False, DETACH_RESET=False, SURROGATE=1, BLOCK=256),
+            dict(
+                DTYPE=dtype,
+                SOFT_RESET=False,
+                DETACH_RESET=False,
+                SURROGATE=2,
+                MASK_IN=True,
+                MASK_OUT=True,
+                **chunks,
+            ),
+            fused.CHUNK_WARPS,
+        )
+        yield (
+            fused._dropout_kernel,
+            dict(x_ptr=f, out_ptr=f, mask_ptr="*i64", batch="i32", n="i32", tiles="i32"),
+            dict(DTYPE=dtype, HAS_X=True, **chunks),
+            fused.CHUNK_WARPS,
+        )
+        yield (
+            fused._leaky_kernel,
+            dict(input_ptr=f, output_ptr=f, scalars_ptr="*fp64", steps="i32", size="i32"),
+            dict(DTYPE=dtype, REVERSE=True, BLOCK=256),
+            4,
+        )
+        norm = dict(BLOCK_F=fused.NORM_FRAMES, BLOCK_N=fused.NORM_CHANNELS, FRAMES=fused.FRAMES)
+        yield (
+            fused._moments_kernel,
+            dict(a_ptr=f, x_ptr=f, centre_ptr=f, partial_ptr="*fp64", frames="i32", n="i32"),
+            dict(CENTRED=True, **norm),
             4,
         )
         yield (
-            feedforward._leaky_kernel,
-            dict(input_ptr=f, output_ptr=f, scalars_ptr="*fp64", steps="i32", size="i32"),
-            dict(DTYPE=dtype, REVERSE=True, BLOCK=256),
+            fused._normalize_kernel,
+            dict(
+                x_ptr=f,
+                grad_ptr=f,
+                centre_ptr=f,
+                coef_ptr=f,
+                out_ptr=f,
+                partial_ptr="*fp64",
+                frames="i32",
+                n="i32",
+            ),
+            dict(GRAD=True, **norm),
             4,
         )
 

@@ -275,12 +275,12 @@ def feedforward_grid(quick: bool) -> list[Setting]:
     return [Setting(n, 32, d, 0) for n in ([256] if quick else [256, 1024]) for d in (10, 120)]
 
 
-def run(args) -> int:
-    if args.device == "cuda":  # the GPU benchmark: delrec.bench_gpu
-        from delrec import bench_gpu
+SECTIONS = ("size", "delay", "cost", "shd", "synaptic", "feedforward")
 
-        return bench_gpu.run(args)
-    started, commit = time.perf_counter(), _git_describe()  # the code measured, before any edit
+
+def run(args) -> int:
+    """``delrec bench`` on the CPU engines: the grids, the verdicts, the files in ``args.out``."""
+    started, commit = time.perf_counter(), git_describe()  # the code measured, before any edit
     torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (3 if args.quick else 5)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -294,7 +294,7 @@ def run(args) -> int:
 
     log(
         f"delrec bench ({'quick' if args.quick else 'full'}): torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s), CPU {_cpu_name()} ({platform.machine()}), "
+        f"{torch.get_num_threads()} thread(s), CPU {cpu_name()} ({platform.machine()}), "
         f"T = {STEPS}, {args.repeats} repeats (median), clock = {args.clock}"
     )
     log(
@@ -330,10 +330,17 @@ def run(args) -> int:
             1,
         ),
     ]
+    if getattr(args, "sections", None):
+        sections = [section for section in sections if section[0] in args.sections]
+    ran = {panel for panel, *_ in sections}
     for panel, title, settings, models, factor in sections:
         factor = 1 if args.quick else factor
         log()
         log(f"{title}, {factor * args.repeats} repeats")
+        if panel == "feedforward":
+            kernels = native.load("feedforward")
+            vectors = "not built: PyTorch ops" if kernels is None else f"{kernels.simd} vectors"
+            log(f" the C++ feedforward kernels run here with {vectors}")
         for s in settings:
             log(f" {s.describe()}")
             measured = measure(s, models, factor * args.repeats, clock, log, cache)
@@ -342,23 +349,28 @@ def run(args) -> int:
             rows.extend(measured)
             _print_rows(measured, log)
     log()
-    for line in target_checks(rows, cost, shd, args.quick):
-        log(line)
-    for line in synaptic_checks(rows, synaptic):
-        log(line)
-    for line in feedforward_checks(rows, feedforward_grid(args.quick)):
-        log(line)
+    if ran - {"feedforward"}:  # the engine's targets, those of the sections that ran
+        for line in target_checks(rows, cost if "cost" in ran else [], shd, args.quick):
+            log(line)
+        for line in synaptic_checks(rows, synaptic):
+            log(line)
+    if "feedforward" in ran:
+        if ran == {"feedforward"}:
+            log("Targets (issue 18: feedforward delays)")
+        for line in feedforward_checks(rows, feedforward_grid(args.quick)):
+            log(line)
     _write_csv(rows, out / "bench.csv")
-    _plot(rows, out / "bench.png")
+    figure = out / "bench.png" if ran & {"size", "delay"} else None  # the panels of Fig. S1
+    if figure:
+        _plot(rows, figure)
     (out / "bench.txt").write_text("\n".join(lines) + "\n")
     titles = {panel: title for panel, title, *_ in sections}
     verdicts = [line for line in lines if line.startswith(("PASS", "FAIL"))]
     elapsed = time.perf_counter() - started
-    command = _command_line(args)
-    write_markdown(rows, titles, verdicts, out / "bench.md", command, commit, elapsed)
-    log(
-        f"\nwrote {out / 'bench.csv'}, {out / 'bench.png'}, {out / 'bench.txt'}, {out / 'bench.md'}"
-    )
+    command = command_line(args)
+    write_markdown(rows, titles, verdicts, out / "bench.md", command, commit, elapsed, figure)
+    written = [out / "bench.csv", *([figure] if figure else []), out / "bench.txt"]
+    log(f"\nwrote {', '.join(map(str, written))}, {out / 'bench.md'}")
     return 0
 
 
@@ -596,7 +608,7 @@ def _plot(rows, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the markdown report
-def _command_line(args) -> str:
+def command_line(args) -> str:
     """The ``delrec bench`` command that reruns this measurement, every option spelled out."""
     words = ["delrec", "bench"]
     for key, value in vars(args).items():
@@ -605,12 +617,14 @@ def _command_line(args) -> str:
         if key == "device" and value == "cpu":  # the default: this benchmark
             continue
         words.append("--" + key.replace("_", "-"))
-        if value is not True:
+        if isinstance(value, list):
+            words.extend(shlex.quote(str(v)) for v in value)
+        elif value is not True:
             words.append(shlex.quote(str(value)))
     return " ".join(words)
 
 
-def _git_describe() -> str:
+def git_describe() -> str:
     """``git describe`` of the source tree this module runs from, or why there is none."""
     try:
         done = subprocess.run(
@@ -626,24 +640,32 @@ def _git_describe() -> str:
 
 
 def write_markdown(
-    rows, titles, verdicts, path: Path, command: str, commit: str, elapsed_s: float
+    rows,
+    titles,
+    verdicts,
+    path: Path,
+    command: str,
+    commit: str,
+    elapsed_s: float,
+    figure: Path | None,
 ) -> None:
-    """``bench.md``: how the figures were made (command, commit, date, machine), the target
-    verdicts and one table per section (``titles``: panel -> heading), times and saved bytes
-    also as ratios to the section's baseline (:func:`_baseline`)."""
+    """``bench.md``: how the figures were made (command, commit, date, machine), the figure
+    (when drawn), the target verdicts and one table per section (``titles``: panel -> heading),
+    times and saved bytes also as ratios to the section's baseline (:func:`_baseline`)."""
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = [
         "# `delrec bench` results",
         "",
         "Generated by the command below; do not edit by hand, rerun it to refresh "
-        "(`bench.csv`, `bench.png`, `bench.txt` come from the same run).",
+        f"(`bench.csv`, {f'`{figure.name}`, ' if figure else ''}`bench.txt` come from the same "
+        "run).",
         "",
         "| | |",
         "|---|---|",
         f"| command | `{command}` |",
         f"| commit | `{commit}` |",
         f"| date | {when} |",
-        f"| CPU | {_cpu_name()} ({platform.machine()}), {os.cpu_count()} logical cores |",
+        f"| CPU | {cpu_name()} ({platform.machine()}), {os.cpu_count()} logical cores |",
         f"| threads | {torch.get_num_threads()} torch thread(s) |",
         f"| software | torch {torch.__version__}, Python {platform.python_version()}, "
         f"{platform.system()} |",
@@ -654,8 +676,7 @@ def write_markdown(
         "in turn. Saved = bytes autograd keeps for backward; peak RSS = rise of the process's "
         "resident high-water mark during a step.",
         "",
-        "![delrec bench](bench.png)",
-        "",
+        *([f"![delrec bench]({figure.name})", ""] if figure else []),
         "## Targets",
         "",
         *(f"- {line}" for line in verdicts),
@@ -694,7 +715,8 @@ def write_markdown(
     path.write_text("\n".join(out) + "\n")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``, else :func:`platform.processor`)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -7,8 +7,11 @@ the step above what was allocated before it (parameters, inputs). The baseline i
 recurrent loop of :class:`delrec.bench.VanillaRecurrentLIF` (autograd, one ``addmm`` and the
 LIF step per time step), the same size, on the same GPU.
 
-Settings: the issue's GPU targets (T = 250, B = 256) and, without ``--quick``, the CPU
-benchmark's grids (:func:`delrec.bench.grids`) on the GPU. ``--dry-run`` runs it all at tiny
+Settings: the issue's GPU targets (T = 250, B = 256), the SSC and SHD preset networks as
+``delrec`` and ``rsnn`` (synthetic input of the data sets' shapes; their feedforward layers,
+readout, dropout and BatchNorm on the fused engine, which runs the Triton kernels of
+:mod:`delrec.engine.triton.fused` on CUDA: the log says which ran) and, without ``--quick``,
+the CPU benchmark's grids (:func:`delrec.bench.grids`) on the GPU. ``--dry-run`` runs it all at tiny
 sizes on the CPU under Triton's interpreter: it checks the benchmark end to end on a machine
 without a GPU and measures nothing. Writes ``gpu-bench.md`` (table and verdicts),
 ``gpu-bench.csv`` and ``gpu-bench.png`` into ``--out``.
@@ -28,6 +31,7 @@ import torch
 from torch import nn
 
 from delrec import bench
+from delrec.engine import fused
 from delrec.engine import triton as gpu
 from delrec.layers import DelRec
 from delrec.models import build_network, preset_network, readout_reduce
@@ -39,6 +43,8 @@ LABELS = {
     "vanilla": "lean recurrent LIF loop (autograd)",
     "ssc-delrec": "SSC network, delrec",
     "ssc-rsnn": "SSC network, rsnn",
+    "shd-delrec": "SHD network, delrec",
+    "shd-rsnn": "SHD network, rsnn",
 }
 PATH_OF = {"triton": "triton-{}", "torch-ops": "torch-{}"}  # model -> engine path per delay type
 
@@ -79,6 +85,7 @@ def target_settings(dry_run: bool) -> dict[str, Setting]:
         "wide": replace(main, size=1024),
         "synaptic": replace(main, delay_type="synaptic"),
         "network": Setting(0, 128, 250, 0, 10, network="ssc"),
+        "shd": Setting(0, 256, 100, 0, 10, network="shd"),
     }
     if dry_run:
         shrink = {"size": 20, "batch": 3, "steps": 8}
@@ -86,6 +93,7 @@ def target_settings(dry_run: bool) -> dict[str, Setting]:
         targets["wide"] = replace(targets["wide"], size=40)
         targets["long"] = replace(targets["long"], max_delay=12)
         targets["network"] = replace(targets["network"], size=16)
+        targets["shd"] = replace(targets["shd"], size=16)
     return targets
 
 
@@ -276,13 +284,14 @@ def verdicts(rows, targets: dict[str, Setting], dry_run: bool) -> list[str]:
         3.0,
         f"synaptic N={syn.size} delays ≤ {syn.max_delay:g}: synaptic/axonal Triton step time",
     )
-    d, r = _find(rows, net, "ssc-delrec"), _find(rows, net, "ssc-rsnn")
-    if d and r:
-        lines.append(
-            f"      {net.describe()}: delrec {d['samples_per_s']:.0f} samples/s, "
-            f"rsnn {r['samples_per_s']:.0f} samples/s"
-        )
-    check(ratio(d, r), 1.15, f"{net.describe()}: delrec/rsnn step time")
+    for s in (net, targets["shd"]):
+        d, r = (_find(rows, s, f"{s.network}-{model}") for model in ("delrec", "rsnn"))
+        if d and r:
+            lines.append(
+                f"      {s.describe()}: delrec {d['samples_per_s']:.0f} samples/s, "
+                f"rsnn {r['samples_per_s']:.0f} samples/s"
+            )
+        check(ratio(d, r), 1.15, f"{s.describe()}: delrec/rsnn step time")
     return lines
 
 
@@ -313,6 +322,7 @@ def run(args) -> int:
         f"triton {_triton_version()}, {repeats} repeats "
         "(median), CUDA-event timing, peak = max_memory_allocated above the step's inputs"
     )
+    log(f"networks around the delays: {_feedforward_kernels(device)}")
     targets = target_settings(dry_run)
     sections = [
         ("GPU targets: axonal layer", [targets["main"]], ("triton", "torch-ops", "vanilla")),
@@ -322,7 +332,8 @@ def run(args) -> int:
             ("triton", "vanilla"),
         ),
         ("Synaptic delays", [targets["synaptic"]], ("triton",)),
-        ("Whole network", [targets["network"]], ("ssc-delrec", "ssc-rsnn")),
+        ("Whole network: SSC", [targets["network"]], ("ssc-delrec", "ssc-rsnn")),
+        ("Whole network: SHD", [targets["shd"]], ("shd-delrec", "shd-rsnn")),
     ]
     if not args.quick:
         sections.append(
@@ -352,6 +363,16 @@ def run(args) -> int:
         log(text)
     log(f"\nwrote {out / 'gpu-bench.md'}, {out / 'gpu-bench.csv'}, {out / 'gpu-bench.png'}")
     return 0
+
+
+def _feedforward_kernels(device: torch.device) -> str:
+    """Which kernels run the preset networks' feedforward layers, readout, dropout and
+    BatchNorm on ``device`` (the fused engine, :mod:`delrec.engine.fused`)."""
+    kernels = fused.kernels_for(device)
+    if kernels is None:
+        return "the reference (step-by-step autograd): no fused kernels here"
+    kind = "Triton" if kernels.__name__ == "delrec.engine.triton.fused" else "C++"
+    return f"fused, {kind} kernels ({kernels.__name__})"
 
 
 def _triton_version() -> str:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from delrec.bench import cpu_name
 from delrec.layers import DelRec
 from delrec.layers.dropout import Dropout
 from delrec.models import build_network, preset_network, set_feedforward_engine
@@ -362,11 +363,9 @@ def run(args) -> int:
         print(text, flush=True)
         lines.append(text)
 
-    from delrec.bench import _cpu_name  # the engine benchmark's machine line
-
     log(
         f"delrec bench --network {args.network}{' --quick' if args.quick else ''}: torch "
-        f"{torch.__version__}, {torch.get_num_threads()} thread(s), CPU {_cpu_name()}, "
+        f"{torch.__version__}, {torch.get_num_threads()} thread(s), CPU {cpu_name()}, "
         f"{repeats} repeats (median), clock = {args.clock}"
     )
     log(

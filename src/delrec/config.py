@@ -86,9 +86,12 @@ class TrainConfig:
     ``(x - m) / s`` and fit targets on the same scale, ``m``, ``s`` = mean and std of the
     training targets; metrics are reported in the data's own units. ``rate_penalty``: λ of
     the firing-rate penalty
-    ``λ · mean over layers of 0.5 Σ s² / (T·N)``. ``device``: ``"auto"`` (CUDA when available),
-    ``"cpu"``, ``"cuda"``, ``"cuda:1"`` …; ``threads``: CPU threads for torch (``None``: torch's
-    default; small networks run fastest on one, as their per-step operations are tiny);
+    ``λ · mean over layers of 0.5 Σ s² / (T·N)``. ``tbptt``: truncated backpropagation through
+    time in chunks of this many steps, the state carried across chunks (``None``: one pass over
+    the whole sequence; docs/training.md#truncated-bptt). ``device``: ``"auto"`` (CUDA when
+    available), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` …; ``threads``: CPU threads for torch
+    (``None``: torch's default; small networks run fastest on one, as their per-step operations
+    are tiny);
     ``data_root``: folder of the data set's files.
     """
 
@@ -105,6 +108,7 @@ class TrainConfig:
     augment: bool = False
     standardize: bool = False
     rate_penalty: float = 0.0
+    tbptt: int | None = None
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
@@ -333,6 +337,10 @@ def validate(config: TrainConfig) -> None:
         f"threads must be >= 1 or null, got {config.threads}",
     )
     _check(config.rate_penalty >= 0, f"rate_penalty must be >= 0, got {config.rate_penalty}")
+    _check(
+        config.tbptt is None or config.tbptt >= 1,
+        f"tbptt must be a chunk length >= 1 step or null, got {config.tbptt}",
+    )
     _check(config.seed >= 0, f"seed must be >= 0, got {config.seed}")
     _check_device(config.device)
 

@@ -129,12 +129,24 @@ def triangle_kernel(delay: Tensor, width: Tensor | float, length: int) -> Tensor
     return kernel * (lags > 0)
 
 
-def recurrent_kernel(delay: Tensor, width: Tensor | float) -> Tensor:
+def kernel_support(delay: Tensor, width: Tensor | float) -> tuple[int, int]:
+    """Smallest and largest lag in the closed support ``|k - (1+d)| ≤ w`` of any kernel (≥ 1):
+    outside it every kernel weight and its gradient are 0."""
+    centre = 1.0 + delay.detach()
+    w = torch.as_tensor(width).detach()
+    kmin = max(1, int((centre - w).ceil().min()))
+    kmax = max(kmin, int((centre + w).floor().max()))
+    return kmin, kmax
+
+
+def recurrent_kernel(delay: Tensor, width: Tensor | float, length: int | None = None) -> Tensor:
     """Kernel ``κ`` of a recurrent layer over the lags ``0 … L-1`` that cover every triangle:
     ``(N, L)`` for delays ``(N,)`` (axonal, shared), ``(N, N, L)`` for delays ``(N, N)``
-    (synaptic); ``width`` is a number or ``(N,)``, one per presynaptic neuron."""
-    max_width = float(torch.as_tensor(width).detach().max())
-    length = kernel_length(float(delay.detach().max()), max_width)
+    (synaptic); ``width`` is a number or ``(N,)``, one per presynaptic neuron. ``length``: only
+    the lags ``0 … length-1``."""
+    if length is None:
+        max_width = float(torch.as_tensor(width).detach().max())
+        length = kernel_length(float(delay.detach().max()), max_width)
     if delay.dim() == 2 and torch.is_tensor(width):
         width = width.expand(delay.shape)  # spread is per presynaptic neuron (column)
     return triangle_kernel(delay, width, length)

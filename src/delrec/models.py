@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from delrec.data import dataset_info
 from delrec.delays import MAX_DELAY, check_max_delay
 from delrec.engine import fused
 from delrec.engine.lif import is_builtin_lif
-from delrec.layers import DelRec, FeedforwardDelay
+from delrec.layers import DelRec, DelRecState, FeedforwardDelay, run_chunk
 from delrec.layers.dropout import Dropout
 from delrec.neurons import LIF, LeakyIntegrator, make_surrogate
 from delrec.recipes import RECIPES
@@ -184,14 +185,33 @@ class NetworkConfig:
         return self.recurrent_layers is None or index in self.recurrent_layers
 
 
+class BlockState(NamedTuple):
+    """A hidden block's state between chunks of a sequence: its synapses' (a
+    :class:`FeedforwardDelay`'s last ``K-1`` inputs ``(K-1, B, I)``, None for ``nn.Linear``) and
+    its neurons' (a :class:`~delrec.layers.DelRecState`, or the LIF's ``(v,)``, ``(B, N)``)."""
+
+    synapses: Tensor | None
+    neurons: DelRecState | tuple[Tensor, ...]
+
+
+class NetworkState(NamedTuple):
+    """A :class:`SpikingNetwork`'s state between chunks of a sequence: one :class:`BlockState`
+    per hidden block, and the readout neuron's ``(v,)`` ``(B, K)`` (None without one)."""
+
+    blocks: tuple[BlockState, ...]
+    readout: tuple[Tensor, ...] | None
+
+
 class HiddenBlock(nn.Module):
     """One hidden layer: synapses (Linear or FeedforwardDelay) → [BatchNorm] → neurons → dropout.
 
-    ``(T, B, I)`` → spikes ``(T, B, O)``. ``neurons`` is a DelRec layer or a plain LIF.
+    ``(T, B, I)`` → spikes ``(T, B, O)``. ``neurons`` is a DelRec layer or a plain LIF. It runs
+    a chunk of a sequence from a :class:`BlockState` like the layers do (:meth:`forward`).
     ``engine`` (see :func:`set_feedforward_engine`): ``"fused"`` runs BatchNorm, a plain LIF
     layer with its dropout, and a lone dropout as the fused loops of
-    :mod:`delrec.engine.fused` where they are available (the C++ kernels, on the CPU);
-    ``"reference"`` runs the modules step by step under autograd. Same numbers either way.
+    :mod:`delrec.engine.fused` where they are available (the C++ kernels on the CPU, the Triton
+    kernels on CUDA; a plain LIF layer run from a state runs its module); ``"reference"`` runs
+    the modules step by step under autograd. Same numbers either way.
     """
 
     def __init__(
@@ -208,30 +228,50 @@ class HiddenBlock(nn.Module):
         self.dropout_first = dropout_first
         self.engine = "fused"
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, state: BlockState | None = None, *, return_state: bool = False
+    ) -> Tensor | tuple[Tensor, BlockState]:
+        """``(T, B, I)`` → spikes ``(T, B, O)``, from ``state`` (default: a fresh start);
+        ``return_state=True`` also returns the :class:`BlockState` after the last step. In
+        training, BatchNorm normalises each chunk by its own statistics."""
+        stateful = state is not None or return_state
+        synapse_state, neuron_state = state if state is not None else (None, None)
         use_fused = self.engine == "fused" and fused.kernels_for(x.device) is not None
         if use_fused and fused.fusable_norm(self.norm) and type(self.synapses) is nn.Linear:
             # the normalisation removes the linear map's bias: it goes into the statistics only
             current = F.linear(x, self.synapses.weight)
             current = fused.batch_norm(current, self.norm, self.synapses.bias)
         else:
-            current = self.synapses(x)
+            current, synapse_state = run_chunk(self.synapses, x, synapse_state, stateful)
             if self.norm is not None:  # statistics over all T·B frames
                 if use_fused and fused.fusable_norm(self.norm):
                     current = fused.batch_norm(current, self.norm)
                 else:
                     current = self.norm(current.flatten(0, 1)).view_as(current)
-        if use_fused and is_builtin_lif(self.neurons):  # the layer and its dropout: one loop
+        if use_fused and is_builtin_lif(self.neurons) and not stateful:  # layer + dropout: one loop
             mask = self.dropout.draw()
             masks = (mask, None) if self.dropout_first else (None, mask)
             return fused.lif_layer(current, self.neurons.p, *masks)
         if self.dropout_first:
-            return self.neurons(self.dropout(current))
-        return self.dropout(self.neurons(current))
+            spikes, neuron_state = run_chunk(
+                self.neurons, self.dropout(current), neuron_state, stateful
+            )
+        else:
+            spikes, neuron_state = run_chunk(self.neurons, current, neuron_state, stateful)
+            spikes = self.dropout(spikes)
+        if return_state:
+            return spikes, BlockState(synapse_state, neuron_state)
+        return spikes
 
 
 class SpikingNetwork(nn.Module):
-    """Stack of hidden blocks and a readout; ``(T, B, C)`` → readout sequence ``(T, B, K)``."""
+    """Stack of hidden blocks and a readout; ``(T, B, C)`` → readout sequence ``(T, B, K)``.
+
+    A sequence can run in chunks: ``out, state = net(x[:100], return_state=True)``, then
+    ``net(x[100:], state)``, gives the output of one pass (exactly so in eval mode; in training
+    BatchNorm normalises each chunk by its own statistics). The state is a
+    :class:`NetworkState`.
+    """
 
     def __init__(
         self,
@@ -247,28 +287,55 @@ class SpikingNetwork(nn.Module):
         self.readout_neuron = readout_neuron
         self.engine = "fused"  # of the readout neuron; see set_feedforward_engine
 
-    def forward_with_spikes(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Readout sequence ``(T, B, K)`` and the spikes ``(T, B, N_l)`` of every hidden layer."""
+    def forward_with_spikes(
+        self, x: Tensor, state: NetworkState | None = None, *, return_state: bool = False
+    ) -> tuple[Tensor, list[Tensor]] | tuple[Tensor, list[Tensor], NetworkState]:
+        """Readout sequence ``(T, B, K)`` and the spikes ``(T, B, N_l)`` of every hidden layer,
+        from ``state`` (default: a fresh start); ``return_state=True`` also returns the
+        :class:`NetworkState` after the last step (no gradient)."""
         if x.dim() != 3 or x.shape[-1] != self.config.input_size:
             raise ValueError(
                 f"network expects time-major input (T, B, {self.config.input_size}), "
                 f"got {tuple(x.shape)}"
             )
-        spikes = []
-        for block in self.blocks:
-            x = block(x)
+        stateful = state is not None or return_state
+        if state is not None and len(state.blocks) != len(self.blocks):
+            raise ValueError(
+                f"state has {len(state.blocks)} blocks, the network {len(self.blocks)}; pass the "
+                "NetworkState this network returned"
+            )
+        spikes, block_states = [], []
+        for index, block in enumerate(self.blocks):
+            if stateful:
+                x, block_state = block(x, state.blocks[index] if state else None, return_state=True)
+                block_states.append(block_state)
+            else:
+                x = block(x)
             spikes.append(x)
         out = self.readout(x)
-        neuron = self.readout_neuron
+        neuron, readout_state = self.readout_neuron, None
         if neuron is not None:
+            start = state.readout if state is not None else None
             if self.engine == "fused" and fused.kernels_for(out.device) is not None:
                 out = fused.integrate(out, neuron.tau, neuron.decay_input)
+                if start is not None:  # v[t] also holds (1 - 1/τ)^(t+1)·v[-1]
+                    steps = torch.arange(1, out.shape[0] + 1, device=out.device, dtype=out.dtype)
+                    decay = (1.0 - 1.0 / neuron.tau) ** steps
+                    out = out + decay.view(-1, 1, 1) * start[0]
+                readout_state = (out[-1].detach(),) if stateful else None
             else:
-                out = neuron(out)
+                out, readout_state = run_chunk(neuron, out, start, stateful)
+        if return_state:
+            return out, spikes, NetworkState(tuple(block_states), readout_state)
         return out, spikes
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_with_spikes(x)[0]
+    def forward(
+        self, x: Tensor, state: NetworkState | None = None, *, return_state: bool = False
+    ) -> Tensor | tuple[Tensor, NetworkState]:
+        """Readout sequence ``(T, B, K)``; with ``state``/``return_state`` as in
+        :meth:`forward_with_spikes`."""
+        result = self.forward_with_spikes(x, state, return_state=return_state)
+        return (result[0], result[2]) if return_state else result[0]
 
     def delay_layers(self) -> list[nn.Module]:
         """The layers that hold delays (DelRec and FeedforwardDelay), in depth order."""

@@ -98,6 +98,16 @@ class Neuron(Protocol):
     def step(self, u: Tensor, state: State) -> tuple[Tensor, State]: ...
 
 
+def run_steps(neuron, u: Tensor, state: State) -> tuple[Tensor, State]:
+    """Spikes ``(T, B, N)`` of any :class:`Neuron` driven by ``u`` ``(T, B, N)`` from
+    ``state``, and its state after the last step."""
+    spikes = []
+    for u_t in u:
+        s_t, state = neuron.step(u_t, state)
+        spikes.append(s_t)
+    return torch.stack(spikes), state
+
+
 class SequenceNeuron(nn.Module):
     """Base class: runs ``step`` over a time-major sequence when the module is called."""
 
@@ -107,14 +117,17 @@ class SequenceNeuron(nn.Module):
     def step(self, u: Tensor, state: State) -> tuple[Tensor, State]:
         raise NotImplementedError
 
-    def forward(self, u: Tensor, state: State | None = None) -> Tensor:
-        """Input current ``(T, B, N)`` → spikes ``(T, B, N)`` (zero initial state by default)."""
+    def forward(
+        self, u: Tensor, state: State | None = None, *, return_state: bool = False
+    ) -> Tensor | tuple[Tensor, State]:
+        """Input current ``(T, B, N)`` → spikes ``(T, B, N)``, from ``state`` (default: the
+        initial state); ``return_state=True`` also returns the state after the last step, a
+        tuple of ``(B, N)`` tensors without gradient (chunks of a sequence, docs/layer.md)."""
         state = self.initial_state(u[0]) if state is None else state
-        spikes = []
-        for u_t in u:
-            s_t, state = self.step(u_t, state)
-            spikes.append(s_t)
-        return torch.stack(spikes)
+        spikes, state = run_steps(self, u, state)
+        if return_state:
+            return spikes, tuple(x.detach() for x in state)
+        return spikes
 
 
 # --------------------------------------------------------------------------- LIF
@@ -218,14 +231,21 @@ class LeakyIntegrator(nn.Module):
         self.tau = float(tau)
         self.decay_input = decay_input
 
-    def forward(self, u: Tensor) -> Tensor:
-        """Input current ``(T, B, K)`` → membrane potentials ``(T, B, K)``."""
-        v = torch.zeros_like(u[0])
+    def forward(
+        self, u: Tensor, state: State | None = None, *, return_state: bool = False
+    ) -> Tensor | tuple[Tensor, State]:
+        """Input current ``(T, B, K)`` → membrane potentials ``(T, B, K)``, from ``state``
+        ``(v,)`` (default: ``v = 0``); ``return_state=True`` also returns ``(v,)`` after the
+        last step, ``(B, K)``, without gradient."""
+        v = torch.zeros_like(u[0]) if state is None else state[0]
         out = []
         for u_t in u:
             v = leaky_integrator_step(u_t, v, self.tau, self.decay_input)
             out.append(v)
-        return torch.stack(out)
+        out = torch.stack(out)
+        if return_state:
+            return out, (v.detach(),)
+        return out
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}, decay_input={self.decay_input}"

@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from delrec import bench, bench_network
+from delrec import bench, bench_gpu, bench_network, bench_state
 from delrec.commands import EXIT_CODES_HELP, UsageError
 
 
@@ -40,6 +40,16 @@ def add_parser(subparsers) -> None:
         help="with --device cuda: run the GPU benchmark at tiny sizes on the CPU under Triton's "
         "interpreter (checks it end to end without a GPU; measures nothing)",
     )
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        choices=bench.SECTIONS,
+        default=None,
+        metavar="SECTION",
+        help="run only these sections of the CPU benchmark (default: all), with their targets: "
+        + ", ".join(bench.SECTIONS)
+        + " (e.g. --sections feedforward: issue 18's feedforward-delay targets alone)",
+    )
     p.add_argument("--out", default="bench-out", help="output directory (default: bench-out/)")
     p.add_argument(
         "--repeats",
@@ -59,11 +69,29 @@ def add_parser(subparsers) -> None:
         default="wall",
         help="wall-clock time, or this process's CPU time (steadier on a shared machine)",
     )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--streaming",
+        action="store_true",
+        help="instead: per-step latency and chunk throughput of streaming the SHD network",
+    )
+    which.add_argument(
+        "--tbptt",
+        action="store_true",
+        help="instead: backward memory and time of truncated BPTT against the chunk length",
+    )
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.sections and (args.network or args.streaming or args.tbptt or args.device != "cpu"):
+        raise UsageError(
+            "--sections picks sections of the CPU layer benchmark: leave out --network, "
+            "--streaming, --tbptt and --device cuda"
+        )
     if args.network:
+        if args.streaming or args.tbptt:
+            raise UsageError("--network, --streaming and --tbptt are separate benchmarks: give one")
         if args.device != "cpu" or args.dry_run:
             raise UsageError("--network measures the CPU engines: leave out --device and --dry-run")
         return bench_network.run(args)
@@ -74,4 +102,10 @@ def run(args: argparse.Namespace) -> int:
             "--device cuda: no CUDA device here; --dry-run runs the GPU benchmark at tiny sizes "
             "on the CPU to check it"
         )
+    if args.streaming or args.tbptt:
+        if args.device != "cpu":
+            raise UsageError("--streaming and --tbptt measure on the CPU: drop --device cuda")
+        return bench_state.run(args)
+    if args.device == "cuda":
+        return bench_gpu.run(args)
     return bench.run(args)

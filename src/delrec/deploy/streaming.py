@@ -1,11 +1,16 @@
-"""Integer-delay streaming inference: a trained network run one time step at a time.
+"""Integer-delay streaming inference: a trained network run a step or a chunk at a time.
 
 A :class:`StreamingNetwork` is what a neuromorphic chip runs: every delay is an integer
-number of steps, every synaptic projection reads its input from a ring buffer of the last
-``max_lag + 1`` input vectors (:class:`delrec.engine.ring.DelayedSynapses`, which the layer's
-integer-delay inference runs on too), batch norm is folded into the weights and dropout is gone.
-It reproduces ``net.eval()`` on the whole sequence (docs/design.md#integer-delay-mode) spike
-for spike, and it is also what :func:`delrec.deploy.import_nir` builds from a NIR file.
+number of steps, batch norm is folded into the weights and dropout is gone. It reproduces
+``net.eval()`` on the whole sequence (docs/design.md#integer-delay-mode) spike for spike, and it
+is also what :func:`delrec.deploy.import_nir` builds from a NIR file.
+
+It is a thin driver: each layer runs a chunk from its state on the engine the recurrent layer
+itself runs in eval (docs/design.md#state-and-chunks). A built-in LIF layer on the CPU is one
+call of the compiled integer-delay loop (:class:`delrec.engine.ring.IntegerLayer`, which the
+recurrent layer's ``cpp-ring`` path runs too); any other layer reads its feedforward synapses
+(:meth:`delrec.engine.ring.DelayedSynapses.run`) and runs its neurons and recurrence on the
+engine path :func:`delrec.engine.select` picks for integer delays, from a state.
 
 Conventions (time in steps):
 
@@ -19,14 +24,28 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from delrec.delays import integer_delays
-from delrec.engine.ring import DelayedSynapses
+from delrec.engine import RecurrentState, native, select
+from delrec.engine.lif import LIFMap, is_builtin_lif
+from delrec.engine.ring import DelayedSynapses, IntegerLayer, run_stack
+from delrec.engine.state import history_length
 from delrec.layers import DelRec, FeedforwardDelay
-from delrec.neurons import LeakyIntegrator, as_neuron, leaky_integrator_step
+from delrec.neurons import LeakyIntegrator, as_neuron, run_steps
+
+
+class LayerState(NamedTuple):
+    """A streaming layer's state: ``inputs``, its last ``max_lag`` input frames ``(Hf, B, I)``;
+    ``neuron``, its neurons' state tuple (``(v,)`` ``(B, N)`` for LIF and the readout);
+    ``spikes``, its last spikes ``(Hr, B, N)`` (``Hr = 0`` without recurrence). Oldest first."""
+
+    inputs: Tensor
+    neuron: tuple[Tensor, ...]
+    spikes: Tensor
 
 
 class StreamingLayer(nn.Module):
@@ -46,38 +65,103 @@ class StreamingLayer(nn.Module):
                 f"{synapses.out_features}), got {tuple(recurrent.weight.shape)}"
             )
         self.synapses, self.neuron, self.recurrent = synapses, as_neuron(neuron), recurrent
+        self._compiled: IntegerLayer | None = None
 
     @property
     def size(self) -> int:
         return self.synapses.out_features
 
+    def recurrent_delay(self) -> tuple[str, Tensor]:
+        """The recurrence as a DelRec layer's engine sees it: the delay type and the integer
+        delays, ``(N,)`` per presynaptic neuron (``"axonal"``) or ``(N, N)``."""
+        lags = self.recurrent.column_lags
+        if lags is not None:
+            return "axonal", lags.to(self.recurrent.weight.dtype)
+        return "synaptic", self.recurrent.lags.to(self.recurrent.weight.dtype)
+
+    def initial_state(self, batch_size: int) -> LayerState:
+        """Zero histories and the neurons' initial state for ``batch_size`` streams."""
+        like = self.synapses.weight.new_zeros(batch_size, self.size)
+        past = 0 if self.recurrent is None else history_length(self.recurrent_delay()[1], 1.0)
+        return LayerState(
+            self.synapses.weight.new_zeros(
+                self.synapses.max_lag, batch_size, self.synapses.in_features
+            ),
+            tuple(self.neuron.initial_state(like)),
+            like.new_zeros(past, batch_size, self.size),
+        )
+
+    def compiled(self, device: torch.device) -> IntegerLayer | None:
+        """The compiled loop of this layer (built-in LIF on the CPU, kernels built), or None."""
+        if self._compiled is not None and device.type == "cpu":
+            return self._compiled
+        if not (is_builtin_lif(self.neuron) and device.type == "cpu"):
+            return None
+        if self._compiled is None and native.load("ring") is not None:
+            recurrent = None
+            if self.recurrent is not None:
+                _, delay = self.recurrent_delay()
+                recurrent = (self.recurrent.weight, 1 + delay.long())
+            lif = LIFMap.of(self.neuron.p)
+            self._compiled = IntegerLayer(self.size, self.synapses, recurrent, lif=lif)
+        return self._compiled
+
+    def _apply(self, fn, *args, **kwargs):
+        self._compiled = None  # compiled from the tensors before the move
+        return super()._apply(fn, *args, **kwargs)
+
+    def advance(self, x: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
+        """Spikes ``(T, B, N)`` of the inputs ``x`` ``(T, B, I)`` from ``state``, and the state
+        after them (the compiled loop updates the state's tensors in place)."""
+        compiled = self.compiled(x.device)
+        if compiled is not None:
+            v = state.neuron[0]
+            spikes, *_ = compiled.run(
+                x, v, state.inputs, state.spikes, into=(v, state.inputs, state.spikes)
+            )
+            return spikes, state
+        current, inputs = self.synapses.run(x, state.inputs)
+        if self.recurrent is None:
+            spikes, neuron = run_steps(self.neuron, current, state.neuron)
+            return spikes, LayerState(inputs, neuron, state.spikes)
+        delay_type, delay = self.recurrent_delay()
+        path = select(
+            delay_type, self.neuron, device=x.device, integer=True, grad=False, state=True
+        )
+        spikes, recurrent = path.run(
+            current,
+            self.recurrent.weight,
+            delay,
+            1.0,
+            self.neuron,
+            None,
+            state=RecurrentState(state.neuron, state.spikes),
+        )
+        return spikes, LayerState(inputs, recurrent.neuron, recurrent.spikes)
+
 
 @dataclass
 class StreamState:
-    """Everything a stream remembers between steps (tensors are updated in place).
+    """Everything a stream remembers between steps (updated in place by each call).
 
-    ``t``: steps consumed so far. ``input_buffers[l]``: ring of layer ``l``'s input
-    (:meth:`DelayedSynapses.new_buffer`); ``recurrent_buffers[l]``: ring of its own spikes or
-    ``None``; ``neuron_states[l]``: the neuron state tuple; ``readout_buffer``: ring of the
-    readout's input; ``readout_membrane``: ``(B, K)`` or ``None``; ``spikes[l]``: the latest
-    spikes ``(B, N_l)``.
+    ``t``: steps consumed so far. ``layers[l]``: the :class:`LayerState` of hidden layer ``l``;
+    ``readout``: the readout's (its neuron state is the leaky integrator's ``(v,)`` ``(B, K)``,
+    the last output without one). ``spikes[l]``: the latest spikes ``(B, N_l)``.
     """
 
     t: int
-    input_buffers: list[Tensor]
-    recurrent_buffers: list[Tensor | None]
-    neuron_states: list[tuple[Tensor, ...]]
-    readout_buffer: Tensor
-    readout_membrane: Tensor | None
+    layers: list[LayerState]
+    readout: LayerState
     spikes: list[Tensor]
 
     @property
     def batch_size(self) -> int:
-        return self.readout_buffer.shape[0]
+        return self.readout.inputs.shape[1]
 
 
 class StreamingNetwork(nn.Module):
-    """A spiking network run step by step with integer delays (see the module docstring).
+    """A spiking network run a step or a chunk at a time with integer delays (see the module
+    docstring).
 
     ``layers``: hidden :class:`StreamingLayer` s in depth order; ``readout``: zero-lag
     :class:`DelayedSynapses` to the ``K`` outputs; ``readout_neuron``: a
@@ -91,6 +175,7 @@ class StreamingNetwork(nn.Module):
         state = stream.initial_state(batch_size=1)
         for x_t in live_input:                 # (C,) or (B, C)
             y_t = stream.step(x_t, state)      # (K,) or (B, K); state.spikes has the spikes
+        y, spikes = stream.advance(x, state)   # or a chunk (T, B, C) at a time
     """
 
     def __init__(
@@ -121,14 +206,9 @@ class StreamingNetwork(nn.Module):
         self.readout = readout
         self.readout_neuron = readout_neuron
         self.readout_reduction = readout_reduction
-
-    @property
-    def input_size(self) -> int:
-        return (self.layers[0].synapses if len(self.layers) else self.readout).in_features
-
-    @property
-    def output_size(self) -> int:
-        return self.readout.out_features
+        self.input_size = (layers[0].synapses if layers else readout).in_features
+        self.output_size = readout.out_features
+        self._stack: list[IntegerLayer] | None = None  # built on first use
 
     # ------------------------------------------------------------------ conversion
     @classmethod
@@ -182,60 +262,93 @@ class StreamingNetwork(nn.Module):
         """A fresh state for ``batch_size`` parallel streams (zero histories)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        like = [self.readout.weight.new_zeros(batch_size, layer.size) for layer in self.layers]
+        weight = self.readout.weight
         return StreamState(
             t=0,
-            input_buffers=[layer.synapses.new_buffer(batch_size) for layer in self.layers],
-            recurrent_buffers=[
-                None if layer.recurrent is None else layer.recurrent.new_buffer(batch_size)
-                for layer in self.layers
-            ],
-            neuron_states=[
-                tuple(layer.neuron.initial_state(z)) for layer, z in zip(self.layers, like)
-            ],
-            readout_buffer=self.readout.new_buffer(batch_size),
-            readout_membrane=None
-            if self.readout_neuron is None
-            else self.readout.weight.new_zeros(batch_size, self.output_size),
-            spikes=like,
+            layers=[layer.initial_state(batch_size) for layer in self.layers],
+            readout=LayerState(
+                weight.new_zeros(0, batch_size, self.readout.in_features),
+                (weight.new_zeros(batch_size, self.output_size),),
+                weight.new_zeros(0, batch_size, self.output_size),
+            ),
+            spikes=[weight.new_zeros(batch_size, layer.size) for layer in self.layers],
         )
 
-    @torch.no_grad()
     def step(self, x_t: Tensor, state: StreamState) -> Tensor:
         """Consume one input frame ``(B, C)`` (or ``(C,)`` for one stream) and return the
         output of this step, ``(B, K)`` (or ``(K,)``). ``state`` is advanced in place."""
         unbatched = x_t.dim() == 1
-        x = x_t.unsqueeze(0) if unbatched else x_t
-        if x.dim() != 2 or x.shape != (state.batch_size, self.input_size):
+        x = x_t.view(1, 1, -1) if unbatched else x_t.unsqueeze(0)
+        if x.dim() != 3 or x.shape[1:] != (state.batch_size, self.input_size):
             raise ValueError(
                 f"expected one frame of shape ({state.batch_size}, {self.input_size})"
                 + (f" or ({self.input_size},)" if state.batch_size == 1 else "")
                 + f", got {tuple(x_t.shape)}; make the state with "
                 "initial_state(batch_size)"
             )
+        out = self._advance(x, state)[0]
+        return out.view(-1) if unbatched else out[0]
+
+    def advance(self, x: Tensor, state: StreamState) -> tuple[Tensor, list[Tensor]]:
+        """Consume a chunk ``(T, B, C)`` and return its outputs ``(T, B, K)`` and each layer's
+        spikes ``(T, B, N_l)``; ``state`` is advanced in place, as by ``T`` calls of
+        :meth:`step`."""
+        if x.dim() != 3 or x.shape[1:] != (state.batch_size, self.input_size):
+            raise ValueError(
+                f"expected a chunk of shape (T, {state.batch_size}, {self.input_size}), got "
+                f"{tuple(x.shape)}; make the state with initial_state(batch_size)"
+            )
+        return self._advance(x, state)
+
+    def _advance(self, x: Tensor, state: StreamState) -> tuple[Tensor, list[Tensor]]:
         if x.dtype != self.readout.weight.dtype:
             raise TypeError(
                 f"input dtype {x.dtype} does not match the network's "
                 f"{self.readout.weight.dtype}; convert one with .to(dtype)"
             )
-        t = state.t
-        for index, layer in enumerate(self.layers):
-            layer.synapses.write(state.input_buffers[index], t, x)
-            current = layer.synapses.read(state.input_buffers[index], t)
-            if layer.recurrent is not None:
-                current = current + layer.recurrent.read(state.recurrent_buffers[index], t - 1)
-            x, state.neuron_states[index] = layer.neuron.step(current, state.neuron_states[index])
-            if layer.recurrent is not None:
-                layer.recurrent.write(state.recurrent_buffers[index], t, x)
-            state.spikes[index] = x
-        self.readout.write(state.readout_buffer, t, x)
-        out = self.readout.read(state.readout_buffer, t)
+        steps = x.shape[0]
+        stack = self._stack if x.device.type == "cpu" else None
+        if stack is None:
+            stack = self._compiled_stack(x.device)
+        if stack is not None:  # every layer and the readout: one compiled call
+            *spikes, out = run_stack(stack, x, [*state.layers, state.readout])
+        else:
+            with torch.no_grad():
+                spikes = []
+                for index, layer in enumerate(self.layers):
+                    x, state.layers[index] = layer.advance(x, state.layers[index])
+                    spikes.append(x)
+                out = self._readout(x, state)
+        for index, layer_spikes in enumerate(spikes):
+            state.spikes[index] = layer_spikes[-1]
+        state.t += steps
+        return out, spikes
+
+    def _compiled_stack(self, device: torch.device) -> list[IntegerLayer] | None:
+        """The compiled loops of every layer and the readout, when all of them have one."""
+        if self._stack is None and device.type == "cpu" and native.load("ring") is not None:
+            layers = [layer.compiled(device) for layer in self.layers]
+            if all(layer is not None for layer in layers):
+                neuron = self.readout_neuron
+                integrator = (0.0, 1.0)  # no readout neuron: out = the readout current
+                if neuron is not None:
+                    gain = 1.0 / neuron.tau if neuron.decay_input else 1.0
+                    integrator = (1.0 - 1.0 / neuron.tau, gain)
+                readout = IntegerLayer(self.output_size, self.readout, integrator=integrator)
+                self._stack = [*layers, readout]
+        return self._stack if device.type == "cpu" else None
+
+    def _apply(self, fn, *args, **kwargs):
+        self._stack = None  # compiled from the tensors before the move
+        return super()._apply(fn, *args, **kwargs)
+
+    def _readout(self, x: Tensor, state: StreamState) -> Tensor:
+        """The readout's output ``(T, B, K)`` for the last layer's spikes ``x``, in PyTorch ops."""
+        out, _ = self.readout.run(x, state.readout.inputs)
         if self.readout_neuron is not None:
-            neuron = self.readout_neuron
-            out = leaky_integrator_step(out, state.readout_membrane, neuron.tau, neuron.decay_input)
-            state.readout_membrane = out
-        state.t = t + 1
-        return out.squeeze(0) if unbatched else out
+            out, membrane = self.readout_neuron(out, state.readout.neuron, return_state=True)
+            state.readout = state.readout._replace(neuron=membrane)
+        return out
 
     @torch.no_grad()
     def run(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -249,13 +362,7 @@ class StreamingNetwork(nn.Module):
                 f"expected a time-major sequence (T, B, {self.input_size}) with T > 0, "
                 f"got {tuple(x.shape)}"
             )
-        state = self.initial_state(x.shape[1])
-        outputs, spikes = [], [[] for _ in self.layers]
-        for x_t in x:
-            outputs.append(self.step(x_t, state))
-            for per_layer, s in zip(spikes, state.spikes):
-                per_layer.append(s)
-        out, spikes = torch.stack(outputs), [torch.stack(s) for s in spikes]
+        out, spikes = self.advance(x, self.initial_state(x.shape[1]))
         if unbatched:
             return out.squeeze(1), [s.squeeze(1) for s in spikes]
         return out, spikes

@@ -6,15 +6,18 @@ An engine *path* runs the whole recurrence of a layer over a sequence::
              neuron, mask (B, N) or None) -> spikes (T, B, N)
 
 (row of ``weight`` = postsynaptic neuron; delays and half-width in steps, one width per
-presynaptic neuron; ``mask``: recurrent dropout fixed over time). An empty batch (``B = 0``)
-never reaches a path's function: :class:`EnginePath` answers it with an empty spike tensor
-connected to every input, whose gradients are zeros of their shapes. :data:`PATHS` holds every
+presynaptic neuron; ``mask``: recurrent dropout fixed over time). A ``stateful`` path also runs
+one chunk of a longer sequence, ``path.run(..., mask, state=RecurrentState) -> (spikes, final
+state)`` (:mod:`delrec.engine.state`). An empty batch (``B = 0``) never reaches a path's
+function: :class:`EnginePath` answers it with an empty spike tensor connected to every input,
+whose gradients are zeros of their shapes (and the state it was given). :data:`PATHS` holds every
 path by name, in order of preference; :func:`select` returns the one that runs a layer's
 configuration here, and the layer runs it. Nothing falls back at run time.
 
 ===================  ==============================================================================
 ``triton-ring``      integer-delay inference, built-in LIF, Triton kernels (CUDA)
-``ring``             integer-delay inference (eval mode, no autograd), built-in LIF, any device
+``cpp-ring``         integer-delay inference (eval mode, no autograd), built-in LIF, C++ (CPU)
+``ring``             the same in PyTorch ops (any device)
 ``cpp-axonal``       axonal/shared delays, built-in LIF, C++ time loops (CPU)
 ``cpp-synaptic``     synaptic delays, built-in LIF, C++ slot traces (CPU)
 ``triton-axonal``    axonal/shared delays, built-in LIF, Triton kernels (CUDA)
@@ -43,6 +46,7 @@ from delrec.engine import axonal, native, ring, synaptic
 from delrec.engine import triton as gpu
 from delrec.engine.lif import is_builtin_lif
 from delrec.engine.reference import reference_recurrence, triangle_recurrence
+from delrec.engine.state import RecurrentState
 
 DELAY_TYPES = ("axonal", "synaptic", "shared")
 MODES = ("auto", "fast")  # a layer's engine option: one of these or a path name
@@ -58,7 +62,8 @@ class EnginePath:
 
     ``delay_types``: the delay types it runs; ``lif_only``: only the built-in
     :class:`~delrec.neurons.LIF`; ``grad``: differentiable; ``integer_only``: only integer-delay
-    inference without autograd; ``runs_on(device)``: whether it can run on that device here
+    inference without autograd; ``stateful``: ``run`` takes ``state=`` (a chunk of a sequence,
+    :mod:`delrec.engine.state`); ``runs_on(device)``: whether it can run on that device here
     (the C++ kernels built, a GPU library importable); it warns once itself when it should
     (``delrec.engine.native.load`` does for the C++ kernels). ``run`` is kept wrapped so that
     an empty batch never reaches it (module docstring).
@@ -70,20 +75,25 @@ class EnginePath:
     lif_only: bool = True
     grad: bool = True
     integer_only: bool = False
+    stateful: bool = False
     runs_on: Callable[[torch.device], bool] = _anywhere
 
     def __post_init__(self):
         if not getattr(self.run, "empty_batch_safe", False):
             object.__setattr__(self, "run", _empty_batch_safe(self.run))
 
-    def supports(self, delay_type: str, neuron: nn.Module, integer: bool, grad: bool) -> bool:
+    def supports(
+        self, delay_type: str, neuron: nn.Module, integer: bool, grad: bool, state: bool = False
+    ) -> bool:
         """True if this path computes the configuration: its delay type, neuron, whether the
-        delays are integers with σ = 0 (eval mode) and whether autograd is needed."""
+        delays are integers with σ = 0 (eval mode), whether autograd is needed and whether it
+        runs from a state (a chunk of a sequence)."""
         return (
             delay_type in self.delay_types
             and (is_builtin_lif(neuron) or not self.lif_only)
             and (self.grad or not grad)
             and (integer and not grad or not self.integer_only)
+            and (self.stateful or not state)
         )
 
     def available(self, device: torch.device | str) -> bool:
@@ -97,14 +107,14 @@ def _empty_batch_safe(run: Callable[..., Tensor]) -> Callable[..., Tensor]:
     of their shapes). The C++ kernels divide work by ``B``; no path needs to handle it."""
 
     @functools.wraps(run)
-    def guarded(current, weight, delay, width, neuron, mask=None):
+    def guarded(current, weight, delay, width, neuron, mask=None, **options):
         if current.shape[1] > 0:
-            return run(current, weight, delay, width, neuron, mask)
+            return run(current, weight, delay, width, neuron, mask, **options)
         spikes = current * 0.0
         for value in (weight, delay, width):
             if torch.is_tensor(value):
                 spikes = spikes + value.sum() * 0.0
-        return spikes
+        return spikes if options.get("state") is None else (spikes, options["state"])
 
     guarded.empty_batch_safe = True
     return guarded
@@ -123,23 +133,40 @@ PATHS: dict[str, EnginePath] = {
         EnginePath(
             "triton-ring", gpu.ring_recurrence, grad=False, integer_only=True, runs_on=gpu.runs_on
         ),
-        EnginePath("ring", ring.ring_recurrence, grad=False, integer_only=True),
+        EnginePath(
+            "cpp-ring",
+            ring.cpp_ring_recurrence,
+            grad=False,
+            integer_only=True,
+            stateful=True,
+            runs_on=_cpu_kernels("ring"),
+        ),
+        EnginePath("ring", ring.ring_recurrence, grad=False, integer_only=True, stateful=True),
         EnginePath(
             "cpp-axonal",
             axonal.cpp_recurrence,
             ("axonal", "shared"),
+            stateful=True,
             runs_on=_cpu_kernels("axonal"),
         ),
         EnginePath(
-            "cpp-synaptic", synaptic.cpp_recurrence, ("synaptic",), runs_on=_cpu_kernels("synaptic")
+            "cpp-synaptic",
+            synaptic.cpp_recurrence,
+            ("synaptic",),
+            stateful=True,
+            runs_on=_cpu_kernels("synaptic"),
         ),
         EnginePath(
-            "triton-axonal", gpu.axonal_recurrence, ("axonal", "shared"), runs_on=gpu.runs_on
+            "triton-axonal",
+            gpu.axonal_recurrence,
+            ("axonal", "shared"),
+            stateful=True,
+            runs_on=gpu.runs_on,
         ),
         EnginePath("triton-synaptic", gpu.synaptic_recurrence, ("synaptic",), runs_on=gpu.runs_on),
-        EnginePath("torch-axonal", axonal.torch_recurrence, ("axonal", "shared")),
-        EnginePath("torch-synaptic", synaptic.torch_recurrence, ("synaptic",)),
-        EnginePath("reference", triangle_recurrence, lif_only=False),
+        EnginePath("torch-axonal", axonal.torch_recurrence, ("axonal", "shared"), stateful=True),
+        EnginePath("torch-synaptic", synaptic.torch_recurrence, ("synaptic",), stateful=True),
+        EnginePath("reference", triangle_recurrence, lif_only=False, stateful=True),
     )
 }
 
@@ -178,6 +205,7 @@ def select(
     integer: bool,
     grad: bool,
     engine: str = "auto",
+    state: bool = False,
 ) -> EnginePath:
     """The one path that runs this configuration on ``device``.
 
@@ -187,17 +215,18 @@ def select(
     :data:`PATHS` that supports the configuration and is available: for the built-in LIF a
     fast path, for any other neuron ``"reference"``), ``"fast"`` (the same, but the built-in
     LIF is required) or a path name such as ``"reference"`` (that path, or an error saying why
-    it can't run).
+    it can't run). ``state``: the layer runs a chunk from a state (a stateful path is needed).
     """
     if delay_type not in DELAY_TYPES:
         raise ValueError(f"delay_type must be one of {DELAY_TYPES}, got {delay_type!r}")
     if engine in PATHS:
         path = PATHS[engine]
-        if not path.supports(delay_type, neuron, integer, grad):
+        if not path.supports(delay_type, neuron, integer, grad, state):
             raise ValueError(
                 f"engine path {engine!r} does not run {delay_type} delays with "
                 f"{type(neuron).__name__}{' in integer-delay eval' if integer else ''}"
-                f"{' with autograd' if grad else ''}; use engine='auto'"
+                f"{' with autograd' if grad else ''}{' from a state' if state else ''}; "
+                "use engine='auto'"
             )
         if not path.available(device):
             raise RuntimeError(
@@ -207,7 +236,7 @@ def select(
         return path
     check_engine(engine, neuron)
     for path in PATHS.values():
-        if path.supports(delay_type, neuron, integer, grad) and path.available(device):
+        if path.supports(delay_type, neuron, integer, grad, state) and path.available(device):
             return path
     raise RuntimeError(f"no engine path runs {delay_type} delays on {torch.device(device)}")
 
@@ -217,6 +246,7 @@ __all__ = [
     "MODES",
     "PATHS",
     "EnginePath",
+    "RecurrentState",
     "check_engine",
     "reference_recurrence",
     "register",

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from delrec.engine import native
 from delrec.engine.lif import LIFMap, triangle_taps, width_vector
+from delrec.engine.state import RecurrentState, run_lif
 
 
 # --------------------------------------------------------------------------- axonal plan
@@ -98,7 +99,8 @@ class TimeLoops:
 
 
 class _AxonalRecurrence(torch.autograd.Function):
-    """Spikes ``(T, B, N)`` of a LIF layer with axonal delays; gradients by a reverse loop.
+    """Spikes ``(T, B, N)`` of a LIF layer with axonal delays, and its membrane after the last
+    step ``(B, N)`` (no gradient); gradients by a reverse loop.
 
     ``loops`` run the time loops (in C++, PyTorch ops or Triton); all compute the same thing.
     Saved for backward: the pre-spike membrane (the spikes are ``h ≥ θ``) and the delayed
@@ -115,10 +117,12 @@ class _AxonalRecurrence(torch.autograd.Function):
         )
         ctx.lif, ctx.loops = lif, loops
         ctx.save_for_backward(membrane, trace, slope, support, weight, delay, width, mask)
-        return spikes
+        v_last = lif.reset(membrane[-1], spikes[-1].bool())
+        ctx.mark_non_differentiable(v_last)
+        return spikes, v_last
 
     @staticmethod
-    def backward(ctx, grad_spikes):
+    def backward(ctx, grad_spikes, _grad_v_last):
         membrane, trace, slope, support, weight, delay, width, mask = ctx.saved_tensors
         lif: LIFMap = ctx.lif
         n = weight.shape[0]
@@ -321,20 +325,23 @@ def cpp_recurrence(
     width: Tensor | float,
     neuron: nn.Module,
     mask: Tensor | None = None,
-) -> Tensor:
+    state: RecurrentState | None = None,
+):
     """Path ``cpp-axonal``: spikes ``(T, B, N)`` of a recurrent LIF layer with delays ``(N,)``
     per presynaptic neuron, the time loops in C++ (CPU tensors), differentiable in every input.
 
     current: feedforward current ``(T, B, N)``; weight: ``(N, N)`` (row = postsynaptic);
     delay: steps, ``(N,)``; width: kernel half-width in steps, a number or ``(N,)``;
     neuron: the built-in :class:`~delrec.neurons.LIF`; mask: recurrent dropout ``(B, N)`` fixed
-    over time, or None. Same result as the reference loop with ``triangle_kernel``.
+    over time, or None. Same result as the reference loop with ``triangle_kernel``. With a
+    ``state`` (:class:`~delrec.engine.state.RecurrentState`) it starts from it and returns
+    ``(spikes, final state)``.
     """
     kernels = native.load("axonal")
     if kernels is None:
         raise RuntimeError(native.unavailable("axonal"))
     loops = TimeLoops(partial(_native_forward, kernels), partial(_native_backward, kernels))
-    return run_loops(loops, current, weight, delay, width, neuron, mask)
+    return run_loops(loops, current, weight, delay, width, neuron, mask, state)
 
 
 def torch_recurrence(
@@ -344,10 +351,11 @@ def torch_recurrence(
     width: Tensor | float,
     neuron: nn.Module,
     mask: Tensor | None = None,
-) -> Tensor:
+    state: RecurrentState | None = None,
+):
     """Path ``torch-axonal``: what :func:`cpp_recurrence` computes, the time loops in PyTorch
     ops (any device)."""
-    return run_loops(TORCH_LOOPS, current, weight, delay, width, neuron, mask)
+    return run_loops(TORCH_LOOPS, current, weight, delay, width, neuron, mask, state)
 
 
 TORCH_LOOPS = TimeLoops(_forward_loop, _backward_loop)
@@ -361,7 +369,14 @@ def run_loops(
     width: Tensor | float,
     neuron: nn.Module,
     mask: Tensor | None = None,
-) -> Tensor:
-    """The differentiable recurrence (arguments of :func:`cpp_recurrence`) on ``loops``."""
+    state: RecurrentState | None = None,
+):
+    """The differentiable recurrence (arguments of :func:`cpp_recurrence`) on ``loops``, from
+    rest or from ``state`` (:func:`delrec.engine.state.run_lif`)."""
     width = width_vector(width, delay, weight.shape[0])
-    return _AxonalRecurrence.apply(current, weight, delay, width, mask, LIFMap.of(neuron.p), loops)
+    lif = LIFMap.of(neuron.p)
+
+    def run(current: Tensor) -> tuple[Tensor, Tensor]:
+        return _AxonalRecurrence.apply(current, weight, delay, width, mask, lif, loops)
+
+    return run_lif(run, current, weight, delay, width, lif, mask, state)

@@ -131,68 +131,59 @@ def _gradients(weight, position, lam_slope, dots, need_w, need_p):
 # --------------------------------------------------------------------------- C++ path
 class _NativeTaps:
     """The two-tap sums and dots in C++ (``csrc/feedforward.cpp``): sequences channel-major
-    ``(C, rows, W)``, ``W`` the batch padded to whole 64-byte vectors, the steps to a multiple
-    of 8 (the kernels' row tile), zeros around; the taps and the gradients' assembly per
-    synapse in C++ too."""
+    ``(C, rows, W)``, ``W`` the batch padded to whole 64-byte vectors, step ``t`` at row
+    ``R + t`` (``R``: the kernels' tile of steps) with zero rows around, whatever the window; the
+    taps and the gradients' assembly per synapse in C++ too."""
 
     def __init__(self, kernels):
         self.kernels = kernels
 
-    @staticmethod
-    def _sizes(seq: Tensor) -> tuple[int, int]:
-        lanes = 64 // seq.element_size()
-        return -(-seq.shape[0] // 8) * 8, -(-seq.shape[1] // lanes) * lanes
+    def _layout(self, seq: Tensor) -> tuple[int, int, int]:
+        """(steps padded to whole tiles, rows, width) of a channel-major copy of ``seq``."""
+        tile, lanes = self.kernels.tile_rows, 64 // seq.element_size()
+        padded = -(-seq.shape[0] // tile) * tile
+        return padded, padded + 2 * tile, -(-seq.shape[1] // lanes) * lanes
+
+    def _channel_major(self, seq: Tensor) -> Tensor:
+        _, rows, width = self._layout(seq)
+        return self.kernels.channel_major(seq, self.kernels.tile_rows, rows, width)
 
     def forward(self, x, weight, position, kernel_size) -> Tensor:
         steps, batch, _ = x.shape
-        k = kernel_size
-        padded, width = self._sizes(x)
-        base, near, far = self.kernels.taps(weight.detach(), position.detach(), k)
-        source = self.kernels.channel_major(x, k, k + padded, width)  # x[t - j]: row k + t - j
-        out = x.new_empty(weight.shape[0], padded, width)  # row t + (k-1-base): x[t - base - 1]
-        self.kernels.shifted_sum(source, k - 1 - base, far, near, k, k + steps, False, out)
+        padded, _, width = self._layout(x)
+        lead = self.kernels.tile_rows
+        base, near, far = self.kernels.taps(weight.detach(), position.detach(), kernel_size)
+        out = x.new_empty(padded // lead, weight.shape[0], lead, width)  # tiles of steps
+        # y[t] = Σ far·x[t - base - 1] + near·x[t - base]
+        source = self._channel_major(x)
+        self.kernels.shifted_sum(source, base, far, near, False, -1, -1, lead, steps, out)
         return self.kernels.time_major(out, steps, batch)
 
     def backward(self, grad_y, x, weight, position, kernel_size, need_x, need_w, need_p):
-        steps, batch, _ = x.shape
-        k = kernel_size
-        padded, width = self._sizes(x)
+        steps, batch, inputs = x.shape
+        lead = self.kernels.tile_rows
+        padded, _, width = self._layout(x)
         weight, position = weight.detach(), position.detach()
-        base, near, far = self.kernels.taps(weight, position, k)
-        grad = self.kernels.channel_major(grad_y, 0, padded + k, width)  # ∂L/∂y[t]: row t
+        base, near, far = self.kernels.taps(weight, position, kernel_size)
+        grad = self._channel_major(grad_y)
         grad_x = grad_w = grad_p = None
         if need_x:  # ∂L/∂x[s] = Σ_o near·g[s + base] + far·g[s + base + 1]
-            out = x.new_empty(x.shape[2], padded, width)
-            transposed = [t.t().contiguous() for t in (base, near, far)]
-            self.kernels.shifted_sum(grad, *transposed, 0, steps, False, out)
+            out = x.new_empty(padded // lead, inputs, lead, width)
+            self.kernels.shifted_sum(grad, base, near, far, True, 1, 0, lead, steps, out)
             grad_x = self.kernels.time_major(out, steps, batch)
         if need_w or need_p:
-            source = self.kernels.channel_major(x, k, k + padded, width)
-            dots = torch.zeros(4, *weight.shape, dtype=torch.float64)  # C(base - 1 … base + 2)
-            self.kernels.pair_dots(
-                grad, source, k - 1 - base, steps, k, k + steps, dots[2], dots[1]
+            source = self._channel_major(x)
+            c0, c1 = self.kernels.pair_dots(grad, source, base, lead, steps)  # C(base), C(base+1)
+            index, delay = self.kernels.extra_taps(weight, position, kernel_size)
+            columns = weight.shape[1]
+            values = self.kernels.span_dots(
+                grad, source, index // columns, index % columns, delay, lead, steps
+            )  # C(base - 1) or C(base + 2) where σ is not zero there
+            grad_w, grad_p = self.kernels.tap_gradients(
+                weight, position, kernel_size, c0, c1, index, delay, values
             )
-            if need_p:
-                index, delay = self.kernels.extra_taps(weight, position, k)
-                columns = weight.shape[1]
-                values = torch.empty(index.numel(), dtype=torch.float64)
-                self.kernels.span_dots(
-                    grad,
-                    source,
-                    index // columns,
-                    index % columns,
-                    k - delay,
-                    steps,
-                    k,
-                    k + steps,
-                    values,
-                )
-                later = delay > base.flatten()[index]  # base + 2, else base - 1
-                dots[3].view(-1)[index[later]] = values[later]
-                dots[0].view(-1)[index[~later]] = values[~later]
-            grad_w, grad_p = self.kernels.tap_gradients(weight, position, k, dots)
-            grad_w = grad_w.to(weight.dtype) if need_w else None
-            grad_p = grad_p.to(position.dtype) if need_p else None
+            grad_w = grad_w if need_w else None
+            grad_p = grad_p if need_p else None
         return grad_x, grad_w, grad_p
 
 

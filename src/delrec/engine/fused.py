@@ -16,11 +16,12 @@ The reference for all of them is the step-by-step autograd of :mod:`delrec.neuro
 * :func:`batch_norm`: BatchNorm with the statistics of all ``T·B`` frames, the bias of the
   linear map in front folded into its statistics; saves its input and two numbers per channel.
 
-They run the C++ loops of ``csrc/fused.cpp`` (built by :mod:`delrec.engine.native`) on
-tensors that :func:`kernels_for` has kernels for; the network's feedforward engine
-(:func:`delrec.models.set_feedforward_engine`) chooses between them and the reference once per
-forward. Other devices register their kernels in :data:`KERNELS` under their device type, with
-the signatures of the C++ functions.
+They run the C++ loops of ``csrc/fused.cpp`` (built by :mod:`delrec.engine.native`) on CPU
+tensors and the Triton kernels of :mod:`delrec.engine.triton.fused` (the same functions) on
+CUDA tensors: whatever :func:`kernels_for` finds for the device; the network's feedforward
+engine (:func:`delrec.models.set_feedforward_engine`) chooses between them and the reference
+once per forward. Other devices register their kernels in :data:`KERNELS` under their device
+type, with the signatures of the C++ functions.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from delrec.engine import native
+from delrec.engine import triton as gpu
 from delrec.engine.dropout import MaskDraw, reference_mask
 from delrec.engine.dropout import native as native_mask
 from delrec.engine.lif import LIFMap
@@ -36,8 +38,29 @@ from delrec.neurons import LIFParameters
 
 ENGINES = ("fused", "reference")  # the choices of the network's feedforward engine
 
-# device type -> loader of the kernel module (the C++ one on the CPU)
-KERNELS = {"cpu": lambda: native.load("fused")}
+
+def _triton_kernels(device_type: str):
+    """Loader of the Triton kernels (:mod:`delrec.engine.triton.fused`, the interface of the
+    C++ module) for tensors of ``device_type``, or ``None`` where they don't run
+    (:func:`delrec.engine.triton.runs_on`: compiled on CUDA with ``triton``; on the CPU only
+    under Triton's interpreter when offered, as a dry run of the GPU benchmark does)."""
+
+    def load():
+        if not gpu.runs_on(torch.device(device_type)):
+            return None
+        from delrec.engine.triton import fused as kernels
+
+        return kernels
+
+    return load
+
+
+# device type -> loader of the kernel module: the C++ one on the CPU (or, in a dry run of the
+# GPU benchmark without it, the interpreted Triton one), the Triton one on CUDA
+KERNELS = {
+    "cpu": lambda: native.load("fused") or _triton_kernels("cpu")(),
+    "cuda": _triton_kernels("cuda"),
+}
 
 
 def kernels_for(device: torch.device):

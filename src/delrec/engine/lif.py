@@ -51,9 +51,13 @@ class LIFMap:
     def fire_and_reset(self, h: Tensor, spikes_out: Tensor) -> Tensor:
         """Writes ``Θ(h - θ)`` into the bool tensor ``spikes_out``; returns ``v[t]``."""
         torch.ge(h, self.p.v_threshold, out=spikes_out)
+        return self.reset(h, spikes_out)
+
+    def reset(self, h: Tensor, spiked: Tensor) -> Tensor:
+        """``v[t]`` from the charge ``h[t]`` and the bool spikes ``spiked`` of that step."""
         if self.p.soft_reset:
-            return torch.sub(h, spikes_out.to(h.dtype), alpha=self.p.v_threshold)
-        return h.masked_fill(spikes_out, self.p.v_reset)
+            return torch.sub(h, spiked.to(h.dtype), alpha=self.p.v_threshold)
+        return h.masked_fill(spiked, self.p.v_reset)
 
     def adjoint_step(
         self, grad_s: Tensor, grad_h_next: Tensor, h: Tensor, s: Tensor, out: Tensor

@@ -8,6 +8,13 @@ package) and cached per torch version and CPU in ``$DELREC_CACHE`` (default
 ``~/.cache/delrec``). When they cannot be built, :func:`load` returns ``None`` after one
 warning that says why, and the engine selector picks a PyTorch-op path (same results, slower).
 ``DELREC_NATIVE=0`` turns them off.
+
+They are compiled for the CPU they run on (``-march=native``): the kernels with AVX-512
+intrinsics keep a portable version (GCC/Clang vectors or plain loops) that the compiler takes
+where the CPU lacks them (``__AVX512F__`` undefined: AVX2 laptops, ARM), so one source builds
+everywhere; the feedforward kernels name theirs in their ``simd`` attribute. :func:`build` with
+``flags=PORTABLE`` compiles the portable version on an x86 CPU that has AVX-512, so that tests
+run both versions there.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import torch
 
 SOURCES = Path(__file__).parent / "csrc"
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]  # OpenMP: at::parallel_for
+# Extra flags that build a kernel's portable vectors on x86 whatever the CPU has (a variant)
+PORTABLE = ("-mno-avx512f",)
 
 
 def enabled() -> bool:
@@ -34,9 +43,9 @@ def enabled() -> bool:
     return os.environ.get("DELREC_NATIVE", "1") != "0"
 
 
-def _build_directory(name: str) -> Path:
-    """One build folder per kernel source (with the shared headers), compiler flags, torch
-    version and CPU model (``-march=native``)."""
+def _build_directory(name: str, flags: tuple[str, ...] = ()) -> Path:
+    """One build folder per kernel source (with the shared headers), compiler flags (``flags``
+    added to :data:`CFLAGS`), torch version and CPU model (``-march=native``)."""
     cpu = platform.processor() or platform.machine()
     try:
         cpu += next(
@@ -48,7 +57,7 @@ def _build_directory(name: str) -> Path:
         pass
     headers = sorted(SOURCES.glob("*.h"))
     source = b"".join(path.read_bytes() for path in [SOURCES / f"{name}.cpp", *headers])
-    stamp = " ".join([torch.__version__, *CFLAGS, cpu]).encode()
+    stamp = " ".join([torch.__version__, *CFLAGS, *flags, cpu]).encode()
     key = hashlib.sha256(source + stamp).hexdigest()[:16]
     root = Path(os.environ.get("DELREC_CACHE", Path.home() / ".cache" / "delrec"))
     folder = root / "kernels" / f"{name}-{key}"
@@ -68,12 +77,14 @@ def _ninja_on_path() -> None:
 
 
 @functools.cache
-def build(name: str) -> ModuleType:
+def build(name: str, flags: tuple[str, ...] = ()) -> ModuleType:
     """Compile ``csrc/<name>.cpp``, or import the build cached for this source, torch and CPU;
-    raises on failure."""
+    raises on failure. ``flags``: extra compiler flags, for a variant (its own module name and
+    build folder, e.g. :data:`PORTABLE`)."""
     from torch.utils import cpp_extension
 
-    module, folder = f"delrec_{name}", _build_directory(name)
+    variant = "_" + hashlib.sha256(" ".join(flags).encode()).hexdigest()[:8] if flags else ""
+    module, folder = f"delrec_{name}{variant}", _build_directory(name, flags)
     library = folder / f"{module}.so"
     if library.is_file():  # no ninja run, no build lock: a process killed here leaves nothing
         spec = importlib.util.spec_from_file_location(module, library)
@@ -91,7 +102,7 @@ def build(name: str) -> ModuleType:
         name=module,
         sources=[str(SOURCES / f"{name}.cpp")],
         build_directory=str(folder),
-        extra_cflags=CFLAGS,
+        extra_cflags=[*CFLAGS, *flags],
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )

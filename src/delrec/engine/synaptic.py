@@ -53,9 +53,11 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
+from delrec.delays import kernel_support as synaptic_support
 from delrec.delays import triangle_kernel
 from delrec.engine import native
 from delrec.engine.lif import LIFMap, triangle_taps, width_vector
+from delrec.engine.state import RecurrentState, run_lif
 
 
 class _SlotPlan:
@@ -129,7 +131,8 @@ class _SlotPlan:
 
 
 class _SynapticSlots(torch.autograd.Function):
-    """Spikes ``(T, B, N)`` of a LIF layer with per-synapse delays, by slot traces (module doc)."""
+    """Spikes ``(T, B, N)`` of a LIF layer with per-synapse delays, by slot traces (module doc),
+    and its membrane after the last step ``(B, N)`` (no gradient)."""
 
     @staticmethod
     def forward(ctx, current, weight, delay, width, mask, lif: LIFMap, kernels):
@@ -160,10 +163,12 @@ class _SynapticSlots(torch.autograd.Function):
         ctx.lif, ctx.plan, ctx.kernels = lif, plan, kernels
         ctx.dtypes = weight.dtype, delay.dtype
         ctx.save_for_backward(history, membrane, weight_in, mask)
-        return spikes
+        v_last = lif.reset(membrane[-1], spikes[-1].bool())
+        ctx.mark_non_differentiable(v_last)
+        return spikes, v_last
 
     @staticmethod
-    def backward(ctx, grad_spikes):
+    def backward(ctx, grad_spikes, _grad_v_last):
         history, membrane, weight_in, mask = ctx.saved_tensors
         lif: LIFMap = ctx.lif
         plan: _SlotPlan = ctx.plan
@@ -240,20 +245,28 @@ def cpp_recurrence(
     width: Tensor | float,
     neuron: nn.Module,
     mask: Tensor | None = None,
-) -> Tensor:
+    state: RecurrentState | None = None,
+):
     """Path ``cpp-synaptic``: spikes ``(T, B, N)`` of a recurrent LIF layer with per-synapse
     delays ``(N, N)``, by shifted reads of class rings in C++ (CPU tensors).
 
     current ``(T, B, N)``, weight ``(N, N)`` row = postsynaptic, width a number or ``(N,)`` per
     presynaptic neuron, neuron the built-in :class:`~delrec.neurons.LIF`, mask ``(B, N)`` or
     None; differentiable in current, weight, delay and width; same spikes and gradients as the
-    reference with ``triangle_kernel``.
+    reference with ``triangle_kernel``. With a ``state``
+    (:class:`~delrec.engine.state.RecurrentState`) it starts from it and returns
+    ``(spikes, final state)``.
     """
     kernels = native.load("synaptic")
     if kernels is None:
         raise RuntimeError(native.unavailable("synaptic"))
     width = width_vector(width, delay, weight.shape[0])
-    return _SynapticSlots.apply(current, weight, delay, width, mask, LIFMap.of(neuron.p), kernels)
+    lif = LIFMap.of(neuron.p)
+
+    def run(current: Tensor) -> tuple[Tensor, Tensor]:
+        return _SynapticSlots.apply(current, weight, delay, width, mask, lif, kernels)
+
+    return run_lif(run, current, weight, delay, width, lif, mask, state)
 
 
 # --------------------------------------------------------------------------- lag-GEMM (PyTorch ops)
@@ -262,7 +275,7 @@ class _SynapticRecurrence(torch.autograd.Function):
 
     ``kernel[i, j, l]`` is ``W_ij κ_ij(kmin + l)`` for the lags ``kmin … kmin + nl - 1`` that
     hold every kernel's closed support; its gradient goes back through autograd of
-    ``triangle_kernel``.
+    ``triangle_kernel``. Also returns the membrane after the last step ``(B, N)`` (no gradient).
     """
 
     @staticmethod
@@ -289,10 +302,11 @@ class _SynapticRecurrence(torch.autograd.Function):
             window[:, kmax + t] = spikes[t]
         ctx.lif, ctx.kmin = lif, kmin
         ctx.save_for_backward(spikes, membrane, kernel, mask)
-        return spikes.to(dtype)
+        ctx.mark_non_differentiable(v)
+        return spikes.to(dtype), v
 
     @staticmethod
-    def backward(ctx, grad_spikes):
+    def backward(ctx, grad_spikes, _grad_v_last):
         spikes, membrane, kernel, mask = ctx.saved_tensors
         lif: LIFMap = ctx.lif
         kmin = ctx.kmin
@@ -324,15 +338,6 @@ class _SynapticRecurrence(torch.autograd.Function):
         return grad_current, grad_kernel, None, None, None
 
 
-def synaptic_support(delay: Tensor, width: Tensor) -> tuple[int, int]:
-    """Smallest and largest lag in the closed support ``|k - (1+d)| ≤ w`` of any synapse (≥ 1)."""
-    centre = 1.0 + delay.detach()
-    w = width.detach()
-    kmin = max(1, int((centre - w).ceil().min()))
-    kmax = max(kmin, int((centre + w).floor().max()))
-    return kmin, kmax
-
-
 def torch_recurrence(
     current: Tensor,
     weight: Tensor,
@@ -340,11 +345,17 @@ def torch_recurrence(
     width: Tensor | float,
     neuron: nn.Module,
     mask: Tensor | None = None,
-) -> Tensor:
+    state: RecurrentState | None = None,
+):
     """Path ``torch-synaptic``: what :func:`cpp_recurrence` computes, by the lag-stacked GEMM
     in PyTorch ops (any device)."""
     n = weight.shape[0]
     width = width_vector(width, delay, n)
     kmin, kmax = synaptic_support(delay, width)
     kernel = weight.unsqueeze(-1) * triangle_kernel(delay, width.expand(n, n), kmax + 1)[..., kmin:]
-    return _SynapticRecurrence.apply(current, kernel, kmin, mask, LIFMap.of(neuron.p))
+    lif = LIFMap.of(neuron.p)
+
+    def run(current: Tensor) -> tuple[Tensor, Tensor]:
+        return _SynapticRecurrence.apply(current, kernel, kmin, mask, lif)
+
+    return run_lif(run, current, weight, delay, width, lif, mask, state)

@@ -1,10 +1,22 @@
 """Layers: the DelRec recurrent-delay layer and the feedforward-delay baseline."""
 
-from torch import nn
+from torch import Tensor, nn
 
 from delrec.delays import check_sigma
 from delrec.layers.feedforward import FeedforwardDelay
-from delrec.layers.recurrent import DelRec
+from delrec.layers.recurrent import DelRec, DelRecState
+from delrec.neurons import LeakyIntegrator, SequenceNeuron
+
+# modules whose forward takes (x, state, return_state=...): their state between chunks
+STATEFUL = (DelRec, FeedforwardDelay, SequenceNeuron, LeakyIntegrator)
+
+
+def run_chunk(module: nn.Module, x: Tensor, state, stateful: bool = True):
+    """``(module(x), None)``, or for a :data:`STATEFUL` module run from ``state`` when
+    ``stateful``, ``module(x, state, return_state=True)``: one chunk of a sequence."""
+    if stateful and isinstance(module, STATEFUL):
+        return module(x, state, return_state=True)
+    return module(x), None
 
 
 def clamp_delays(model: nn.Module) -> None:
@@ -24,4 +36,12 @@ def set_spread(model: nn.Module, sigma: float) -> None:
             module.sigma.fill_(sigma)
 
 
-__all__ = ["DelRec", "FeedforwardDelay", "clamp_delays", "set_spread"]
+__all__ = [
+    "STATEFUL",
+    "DelRec",
+    "DelRecState",
+    "FeedforwardDelay",
+    "clamp_delays",
+    "run_chunk",
+    "set_spread",
+]

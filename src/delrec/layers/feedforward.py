@@ -20,7 +20,8 @@ class FeedforwardDelay(nn.Module):
     it: the layer is a causal convolution over time with a ``K``-tap kernel (left padding
     ``K-1``), computed by default with two taps per synapse, at a cost and a memory independent of
     ``K`` (:mod:`delrec.engine.feedforward`). Input ``(T, B, I)`` → output ``(T, B, O)``. In eval
-    mode the positions are rounded (without changing the parameters).
+    mode the positions are rounded (without changing the parameters). Its state between chunks
+    of a sequence is the last ``K-1`` input frames ``(K-1, B, I)`` (see :meth:`forward`).
 
     ``engine``: ``"auto"`` (C++ kernels on the CPU, PyTorch ops elsewhere), ``"reference"``
     (the convolution), or a path of :data:`delrec.engine.feedforward.PATHS` by name.
@@ -90,7 +91,13 @@ class FeedforwardDelay(nn.Module):
         """Weights per delay tap, ``(O, I, K)``: index ``k`` is a delay of ``k`` steps."""
         return engines.temporal_kernel(self.weight, self.effective_position(), self.kernel_size)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, state: Tensor | None = None, *, return_state: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Input ``(T, B, I)`` → output ``(T, B, O)``. ``state``: the inputs of the previous
+        ``K-1`` steps ``(K-1, B, I)``, oldest first, that a previous chunk of the same sequences
+        returned (default: zeros); ``return_state=True`` also returns this chunk's, without
+        gradient."""
         if x.dim() != 3 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"FeedforwardDelay expects (T, B, {self.in_features}), got {tuple(x.shape)}"
@@ -98,7 +105,21 @@ class FeedforwardDelay(nn.Module):
         if x.shape[0] == 0:
             raise ValueError("input sequence is empty (T = 0)")
         path = engines.select(x.device, self.engine)
-        return path.run(x, self.weight, self.effective_position(), self.bias, self.kernel_size)
+        position, past = self.effective_position(), self.kernel_size - 1
+        if state is None:
+            out = path.run(x, self.weight, position, self.bias, self.kernel_size)
+            signal = torch.cat([x.new_zeros(past, *x.shape[1:]), x]) if return_state else x
+        else:
+            if tuple(state.shape) != (past, *x.shape[1:]):
+                raise ValueError(
+                    f"FeedforwardDelay state must be the last K-1 inputs ({past}, {x.shape[1]}, "
+                    f"{self.in_features}), got {tuple(state.shape)}"
+                )
+            signal = torch.cat([state.to(x.dtype), x])  # (K-1+T, B, I): the chunk's outputs
+            out = path.run(signal, self.weight, position, self.bias, self.kernel_size)[past:]
+        if return_state:
+            return out, signal[signal.shape[0] - past :].detach().clone()
+        return out
 
     @property
     def position_limit(self) -> int:

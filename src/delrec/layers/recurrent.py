@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
 from delrec import delays as delay_fns
-from delrec.engine import DELAY_TYPES, check_engine, select
+from delrec.engine import DELAY_TYPES, RecurrentState, check_engine, select
 from delrec.neurons import LIF, as_neuron
+
+
+class DelRecState(NamedTuple):
+    """What a :class:`DelRec` layer carries from one chunk of a sequence to the next
+    (docs/design.md#state-and-chunks).
+
+    ``neuron``: the neuron's state after the last step, a tuple of ``(B, N)`` tensors (the
+    built-in LIF: ``(v,)``). ``spikes``: ``(H, B, N)``, the spikes of the last ``H`` steps,
+    oldest first; earlier spikes count as 0 (``H``: as far back as the kernel reaches,
+    ``L - 1``, or the steps seen if fewer). ``mask``: the recurrent dropout mask ``(B, N)`` of
+    the sequence (training with ``recurrent_dropout > 0``), or None.
+    """
+
+    neuron: tuple[Tensor, ...]
+    spikes: Tensor
+    mask: Tensor | None
 
 
 class DelRec(nn.Module):
@@ -15,7 +33,8 @@ class DelRec(nn.Module):
     (docs/design.md#the-recurrent-delay-layer).
 
     For a time-major input current ``c`` of shape ``(T, B, N)`` (or ``(T, N)`` unbatched) it
-    returns the spikes ``s`` of the same shape, computed step by step with zero history::
+    returns the spikes ``s`` of the same shape, computed step by step from zero history (or
+    from a :class:`DelRecState`, see :meth:`forward`)::
 
         r_i[t] = Σ_j W_ij Σ_k κ_j(k) s_j[t-k]      u[t] = c[t] + m ⊙ r[t]
         s[t], state = neuron.step(u[t], state)
@@ -146,25 +165,48 @@ class DelRec(nn.Module):
         return delay_fns.recurrent_kernel(*self.delays_and_width())
 
     # ------------------------------------------------------------------ forward
-    def forward(self, current: Tensor, dropout_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        current: Tensor,
+        state: DelRecState | None = None,
+        *,
+        return_state: bool = False,
+        dropout_mask: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, DelRecState]:
         """Input current ``(T, B, N)`` or ``(T, N)`` → spikes of the same shape.
 
-        ``dropout_mask`` ``(B, N)`` overrides the recurrent dropout mask (for tests and replay).
+        ``state``: start from the :class:`DelRecState` a previous chunk of the same sequences
+        returned (its neurons, spike history and dropout mask) instead of zero history and a
+        fresh mask; ``return_state=True`` returns ``(spikes, state)``, the state after the last
+        step (batched, ``B = 1`` for an unbatched input). Running a sequence in chunks this way
+        gives the spikes of one pass. A returned state carries no gradient (chunks are
+        truncated BPTT); gradients reach a given state. ``dropout_mask`` ``(B, N)`` overrides
+        the recurrent dropout mask (for tests and replay).
         """
         unbatched = current.dim() == 2
         if unbatched:
             current = current.unsqueeze(1)
         self._check_input(current)
         self._check_values(current)
-        mask = dropout_mask if dropout_mask is not None else self._draw_dropout_mask(current)
+        if state is not None:
+            self._check_state(state, current)
+        if dropout_mask is not None:
+            mask = dropout_mask
+        elif state is not None:
+            mask = state.mask
+        else:
+            mask = self._draw_dropout_mask(current)
         if mask is not None and mask.shape != current.shape[1:]:
             raise ValueError(
                 f"dropout_mask must have shape (B, N) = {tuple(current.shape[1:])}, "
                 f"got {tuple(mask.shape)}"
             )
         wants_grad = torch.is_grad_enabled() and (
-            current.requires_grad or any(p.requires_grad for p in self.parameters())
+            current.requires_grad
+            or any(p.requires_grad for p in self.parameters())
+            or (state is not None and any(x.requires_grad for x in (*state.neuron, state.spikes)))
         )
+        stateful = state is not None or return_state
         path = select(
             self.delay_type,
             self.neuron,
@@ -172,10 +214,43 @@ class DelRec(nn.Module):
             integer=self.uses_integer_delays,
             grad=wants_grad,
             engine=self.engine,
+            state=stateful,
         )
         delay, width = self.delays_and_width()
-        spikes = path.run(current, self.weight, delay, width, self.neuron, mask)
-        return spikes.squeeze(1) if unbatched else spikes
+        if not stateful:
+            spikes = path.run(current, self.weight, delay, width, self.neuron, mask)
+            return spikes.squeeze(1) if unbatched else spikes
+        if state is None:
+            fresh = tuple(self.neuron.initial_state(current[0]))
+            start = RecurrentState(fresh, current.new_zeros(0, *current.shape[1:]))
+        else:
+            start = RecurrentState(tuple(state.neuron), state.spikes)
+        spikes, final = path.run(current, self.weight, delay, width, self.neuron, mask, state=start)
+        spikes = spikes.squeeze(1) if unbatched else spikes
+        if not return_state:
+            return spikes
+        neuron_state = tuple(x.detach() for x in final.neuron)
+        return spikes, DelRecState(neuron_state, final.spikes, mask)
+
+    def _check_state(self, state: DelRecState, current: Tensor) -> None:
+        batch = current.shape[1]
+        if not isinstance(state, DelRecState):
+            raise TypeError(
+                f"state must be the DelRecState a DelRec layer returned, got {type(state).__name__}"
+            )
+        expected = (batch, self.size)
+        spikes = state.spikes
+        if spikes.dim() != 3 or tuple(spikes.shape[1:]) != expected:
+            raise ValueError(
+                f"state.spikes must be (H, B, N) = (H, {batch}, {self.size}), got "
+                f"{tuple(spikes.shape)}; a state belongs to the batch it was computed for"
+            )
+        for x in state.neuron:
+            if tuple(x.shape) != expected:
+                raise ValueError(
+                    f"state.neuron holds a tensor of shape {tuple(x.shape)}, expected (B, N) = "
+                    f"{expected}"
+                )
 
     def _check_input(self, current: Tensor) -> None:
         if current.dim() != 3 or current.shape[-1] != self.size:

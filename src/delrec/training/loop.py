@@ -31,6 +31,7 @@ from delrec.models import SpikingNetwork, build_network
 from delrec.runs import RunDir, eval_loader, load_checkpoint, load_splits
 from delrec.training.evaluation import evaluate
 from delrec.training.objectives import make_objective
+from delrec.training.tbptt import truncated_bptt
 
 # settings that may change when a run is resumed
 RESUME_OVERRIDABLE = ("device", "data_root", "num_workers", "threads")
@@ -179,6 +180,10 @@ class Trainer:
         self.device = resolve_device(config.device) if dist is None else dist.device
         if config.threads is not None:
             torch.set_num_threads(config.threads)
+        if config.tbptt is not None and dist is not None:
+            raise TrainingError(
+                "tbptt (truncated BPTT) does not run data-parallel yet; train it in one process"
+            )
 
         torch.manual_seed(config.seed)
         self.data = load_splits(config)
@@ -269,8 +274,17 @@ class Trainer:
             share = 1.0
             if self.dist is not None:  # this rank's shard of the batch
                 frames, share = self.dist.begin_step(self.data.train_loader, step, frames)
-            output, spikes = self.train_forward(frames)
-            loss, prediction = self.objective(output, lengths, targets)
+            if config.tbptt is not None:  # forward in chunks now, backward below
+                chunked = truncated_bptt(
+                    network, frames, lengths, targets, self.objective, config.tbptt,
+                    config.rate_penalty,
+                )  # fmt: skip
+                loss, prediction = chunked.loss, chunked.prediction
+                batch_rates = torch.tensor(chunked.firing_rates, dtype=torch.float64)
+            else:
+                output, spikes = self.train_forward(frames)
+                loss, prediction = self.objective(output, lengths, targets)
+                batch_rates = torch.stack([s.detach().mean() for s in spikes]).cpu().double()
             failed = not torch.isfinite(loss)
             if self.dist is not None:
                 failed = self.dist.any(failed)
@@ -280,14 +294,17 @@ class Trainer:
                     f"the training loss became {value} in epoch {epoch + 1}, batch "
                     f"{batches + 1}; {self._divergence_advice()}"
                 )
-            total = loss
-            if config.rate_penalty > 0:
-                total = loss + config.rate_penalty * spike_penalty(spikes)
-            if self.dist is not None:  # DDP averages over ranks: the whole batch's mean
-                total = total * (self.dist.world_size * share)
             for optimizer in self.optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            if config.tbptt is not None:
+                chunked.backward()
+            else:
+                total = loss
+                if config.rate_penalty > 0:
+                    total = loss + config.rate_penalty * spike_penalty(spikes)
+                if self.dist is not None:  # DDP averages over ranks: the whole batch's mean
+                    total = total * (self.dist.world_size * share)
+                total.backward()
             norm_sums += gradient_norms(self.layer_parameters)
             if config.optim.grad_clip is not None:
                 nn.utils.clip_grad_value_(self.weight_parameters, config.optim.grad_clip)
@@ -298,7 +315,7 @@ class Trainer:
 
             if share > 0:
                 meter.update(loss, prediction, targets)
-                rate_sums += share * torch.stack([s.detach().mean().cpu() for s in spikes])
+                rate_sums += share * batch_rates
             batches += 1
             samples += len(targets) if self.dist is None else self.dist.shard.size
             if self.progress:  # rank 0's shard so far, in a distributed run

@@ -1,26 +1,36 @@
 // The two-tap feedforward-delay engine (delrec/engine/feedforward.py): shifted sums and dots.
 //
-// A synapse (r, c) reads its source channel c at two adjacent rows (time steps): the layer's
-// output, the input gradient and the per-synapse dots of the weight and position gradients are
-//     shifted_sum: out[r, t] += lo_rc · src[c, t + s_rc] + hi_rc · src[c, t + s_rc + 1]
-//     pair_dots:   lo_rc = Σ_t grad[r, t] · src[c, t + s_rc],  hi_rc = Σ_t grad[r, t] · src[c, t + s_rc + 1]
-//     span_dots:   out_n = Σ_t grad[r_n, t] · src[c_n, t + offset_n]        (a list of synapses)
-// where a row is W values (the batch, padded with zeros to whole vectors) and every sum runs
-// over the W values of the row too. Sequences are channel-major, (C, S, W) contiguous: one
-// channel's rows follow each other, so a synapse's term over a tile of rows is a contiguous
-// span. Rows outside [first, last) of the source are zeros (padding); tiles whose rows all lie
-// there are skipped, so a synapse costs in proportion to its overlap with the sequence, whatever
-// the delay window.
+// Sequences are channel-major, (C, rows, W) contiguous: row `lead + t` of a channel holds step t
+// (W values: the batch padded with zeros to whole vectors), with zero rows around the steps
+// (at least kRows before step 0, and after the last step up to the end). A synapse (r, c) with
+// base delay `base` reads its source channel c at two adjacent rows:
+//     shifted_sum: out[r, t] = Σ_c a_rc · src[c, f + t] + b_rc · src[c, f + t + 1],
+//                  f = direction · base_rc + offset
+//                  (layer output: direction -1, offset -1, a = far, b = near;
+//                   input gradient: direction +1, offset 0, a = near, b = far, synapses transposed)
+//     pair_dots:   c0[r, c] = Σ_t grad[r, t] · src[c, t - base_rc],
+//                  c1[r, c] = Σ_t grad[r, t] · src[c, t - base_rc - 1]
+//     span_dots:   out_n = Σ_t grad[r_n, t] · src[c_n, t - delay_n]          (a list of synapses)
+// where every sum runs over the W values of a row too.
 //
-// shifted_sum keeps a tile of kRows rows x kVectors vectors of one output row in registers and
-// loops over the source channels: per channel it loads kRows + 1 source rows and does two FMAs
-// per accumulator (each loaded row feeds the `hi` term of one output row and the `lo` term of the
-// next). Channels are processed in blocks whose rows fit in L2, the output tile is reloaded once
-// per block.
-// pair_dots keeps the two sums of a group of kGroup synapses of one row r in registers and sweeps
-// time: per row of grad, one load of grad and one load per synapse feed two FMAs per synapse.
+// shifted_sum keeps a tile of kRows steps x the row's vectors of one output row in registers and
+// streams the synapses of a block of kBlock source channels: per synapse it loads kRows + 1
+// source rows, each feeding two FMAs (the `b` term of one output step and the `a` term of the
+// next). The synapses of a block that read only zero rows at this tile are skipped through a
+// bit mask (no sorting, no unpredictable branch per synapse), so a synapse costs in proportion
+// to its overlap with the sequence, whatever the delay window. Loop order: tiles of steps, blocks
+// of channels (their rows for the tile stay in L1), output rows (their tiles stay in L2); the
+// synapses are packed block after block so that they stream.
+// pair_dots keeps the two sums of kGroup synapses of one output row in registers and sweeps
+// steps: per step one load of the grad row and one per synapse feed two FMAs per synapse. The
+// synapses of a group start at different steps (t >= base): the sweep runs in phases, adding one
+// synapse at a time in the order of their start.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -29,232 +39,370 @@
 
 namespace {
 
-// pair_dots: bytes of grad rows a block of outputs keeps in L2, and of source and grad rows one
-// group keeps in L1
-constexpr int64_t kBlockBytes = 1 << 20;
-constexpr int64_t kDotBytes = 1 << 15;
-// shifted_sum's tile: steps (rows) per output tile, channels per block
+// shifted_sum: steps per output tile, source channels per block (one bit each in a mask)
 constexpr int kRows = 8;
-constexpr int64_t kChannels = 16;
+constexpr int kBlock = 16;
+// pair_dots: synapses per group; bytes of a group's source rows kept in L1 over a chunk of steps,
+// and of a block of outputs' grad rows for a chunk kept in L2
+constexpr int kGroup = 4;
+constexpr int64_t kChunkBytes = 1 << 15;
+constexpr int64_t kBlockBytes = 1 << 20;
 
-// An empty asm keeps a loaded vector in a register: GCC would otherwise fold the load into both
-// FMAs that read it (two loads per vector instead of one).
-template <typename V>
-inline V kept(V x) {
-  asm("" : "+v"(x));
-  return x;
-}
-
-template <typename scalar_t>
-constexpr int64_t kLanes = 64 / sizeof(scalar_t);
-
-// kLanes scalars as one vector (GCC/Clang vector extension: an AVX-512 register, or two AVX2
-// ones); load and store accept any scalar-aligned address.
-template <typename scalar_t>
-struct VectorTypes {
-  typedef scalar_t vec __attribute__((vector_size(64)));
-  typedef scalar_t unaligned __attribute__((vector_size(64), aligned(sizeof(scalar_t))));
-};
-template <typename scalar_t>
-using Vec = typename VectorTypes<scalar_t>::vec;
-
-template <typename scalar_t>
-inline Vec<scalar_t> load(const scalar_t* p) {
-  return *reinterpret_cast<const typename VectorTypes<scalar_t>::unaligned*>(p);
-}
-template <typename scalar_t>
-inline void store(scalar_t* p, Vec<scalar_t> v) {
-  *reinterpret_cast<typename VectorTypes<scalar_t>::unaligned*>(p) = v;
-}
-template <typename scalar_t>
-inline double lane_sum(Vec<scalar_t> v) {
-  double s = 0.0;
-  for (int64_t q = 0; q < kLanes<scalar_t>; ++q) s += v[q];
-  return s;
-}
-
-// `acc += a * x` fused into FMAs here (the module is built with -ffp-contract=off)
+// `acc += a * b` fused into FMAs in the portable vectors (the module is built with
+// -ffp-contract=off)
 #if defined(__GNUC__) && !defined(__clang__)
 #define DELREC_CONTRACT __attribute__((optimize("fp-contract=fast")))
 #else
 #define DELREC_CONTRACT
 #endif
 
-void check(bool ok, const char* message) { TORCH_CHECK(ok, "delrec feedforward kernels: ", message); }
+// One vector of scalars: AVX-512 intrinsics where the CPU has them (GCC's generic vectors
+// broadcast through the stack there), elsewhere GCC/Clang generic vectors of the CPU's own width
+// (wider ones are split into registers that spill: ×5 to ×40 slower on AVX2). Rows of W values
+// are whole 64-byte blocks, so whole vectors of any of these widths.
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32;
+#else
+constexpr int kVectorBytes = 16;  // SSE, NEON
+#endif
+// Vectors of a row held per tile in registers: two where there are 32 vector registers
+// (AVX-512, AArch64), one where there are 16 (the tile of 8 steps takes 8 per vector).
+#if defined(__AVX512F__) || defined(__aarch64__)
+constexpr int kRowVectors = 2;
+#else
+constexpr int kRowVectors = 1;
+#endif
 
-// A synapse as shifted_sum reads it: source channel, row offset and the two coefficients.
 template <typename scalar_t>
-struct Tap {
-  int32_t channel, shift;
-  scalar_t lo, hi;
+struct Simd {
+  typedef scalar_t V __attribute__((vector_size(kVectorBytes)));
+  typedef scalar_t Unaligned __attribute__((vector_size(kVectorBytes), aligned(sizeof(scalar_t))));
+  static constexpr int lanes = kVectorBytes / sizeof(scalar_t);
+  static V zero() { return V{}; }
+  static V splat(scalar_t s) { return s - V{}; }  // s - 0 keeps the sign of -0
+  static V load(const scalar_t* p) { return *reinterpret_cast<const Unaligned*>(p); }
+  static void store(scalar_t* p, V v) { *reinterpret_cast<Unaligned*>(p) = v; }
+  DELREC_CONTRACT static V fmadd(V a, V b, V c) { return a * b + c; }
+  static V add(V a, V b) { return a + b; }
+  static double sum(V v) {
+    double s = 0.0;
+    for (int q = 0; q < lanes; ++q) s += v[q];
+    return s;
+  }
 };
 
-// One output tile: rows [t0, t0 + R) of one output row, vectors [0, VB) from `out`, summed over
-// the n taps from `tap`, sorted by shift (so the taps that read only padding come first or
-// last: skipped without unpredictable branches).
-template <typename scalar_t, int R, int VB>
+#if defined(__AVX512F__)
+template <>
+struct Simd<float> {
+  using V = __m512;
+  static constexpr int lanes = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V splat(float s) { return _mm512_set1_ps(s); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static double sum(V v) {  // in float64
+    const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    return _mm512_reduce_add_pd(
+        _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), _mm512_cvtps_pd(high)));
+  }
+};
+
+template <>
+struct Simd<double> {
+  using V = __m512d;
+  static constexpr int lanes = 8;
+  static V zero() { return _mm512_setzero_pd(); }
+  static V splat(double s) { return _mm512_set1_pd(s); }
+  static V load(const double* p) { return _mm512_loadu_pd(p); }
+  static void store(double* p, V v) { _mm512_storeu_pd(p, v); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_pd(a, b); }
+  static double sum(V v) { return _mm512_reduce_add_pd(v); }
+};
+#endif
+
+// Fetch the cache line of p into L1 (a hint; nothing where the compiler has no builtin)
+inline void prefetch(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
+
+void check(bool ok, const char* message) { TORCH_CHECK(ok, "delrec feedforward kernels: ", message); }
+
+// --------------------------------------------------------------------------- shifted_sum
+// The synapses of one pass, packed [block][output row][kBlock]: block k holds source channels
+// [k·kBlock, (k+1)·kBlock) (the last one padded with zeros).
+template <typename scalar_t>
+struct PackedTaps {
+  std::vector<int32_t> base;
+  std::vector<scalar_t> a, b;
+};
+
+// From (O, I) matrices: output rows r = o, channels c = i; transposed: r = i, c = o.
+template <typename scalar_t>
+PackedTaps<scalar_t> pack(const at::Tensor& base, const at::Tensor& a, const at::Tensor& b,
+                          bool transposed) {
+  const int64_t outputs = base.size(transposed ? 1 : 0), channels = base.size(transposed ? 0 : 1);
+  const int64_t blocks = (channels + kBlock - 1) / kBlock, stride = base.size(1);
+  PackedTaps<scalar_t> packed;
+  packed.base.assign(blocks * outputs * kBlock, 0);
+  packed.a.assign(blocks * outputs * kBlock, scalar_t(0));
+  packed.b.assign(blocks * outputs * kBlock, scalar_t(0));
+  const int32_t* bs = base.data_ptr<int32_t>();
+  const scalar_t* as = a.data_ptr<scalar_t>();
+  const scalar_t* bb = b.data_ptr<scalar_t>();
+  at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t n = std::min<int64_t>(kBlock, channels - k * kBlock);
+      auto copy = [&](int64_t r, int64_t j) {  // reads along the matrices' rows
+        const int64_t c = k * kBlock + j;
+        const int64_t from = transposed ? c * stride + r : r * stride + c;
+        const int64_t to = (k * outputs + r) * kBlock + j;
+        packed.base[to] = bs[from];
+        packed.a[to] = as[from];
+        packed.b[to] = bb[from];
+      };
+      if (transposed)
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t r = 0; r < outputs; ++r) copy(r, j);
+      else
+        for (int64_t r = 0; r < outputs; ++r)
+          for (int64_t j = 0; j < n; ++j) copy(r, j);
+    }
+  });
+  return packed;
+}
+
+// Bit j: synapse j of the block reads a row of steps [0, steps) among f_j … f_j + kRows, with
+// f_j = start + direction · base_j (start = tile's first step + offset).
+inline uint32_t active_taps(const int32_t* base, int64_t n, int32_t direction, int64_t start,
+                            int64_t steps) {
+#if defined(__AVX512F__)
+  static_assert(kBlock == 16, "one 16-lane mask per block");
+  const __m512i bases = _mm512_loadu_si512(base);
+  const __m512i origin = _mm512_set1_epi32(int32_t(start));
+  const __m512i first = direction > 0 ? _mm512_add_epi32(origin, bases)
+                                      : _mm512_sub_epi32(origin, bases);
+  const __mmask16 valid = __mmask16((1u << n) - 1);
+  return _mm512_mask_cmpge_epi32_mask(valid, first, _mm512_set1_epi32(-kRows)) &
+         _mm512_cmplt_epi32_mask(first, _mm512_set1_epi32(int32_t(steps)));
+#else
+  uint32_t mask = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t first = start + direction * int64_t(base[j]);
+    mask |= uint32_t(first >= -kRows && first < steps) << j;
+  }
+  return mask;
+#endif
+}
+
+// One output tile: steps [t0, t0 + kRows) of one output row, vectors [0, VB) from `out`, summed
+// over the synapses of a block set in `mask` (src: the block's first channel at step 0).
+template <typename scalar_t, int VB, bool kAccumulate>
 DELREC_CONTRACT void sum_tile(const scalar_t* src, int64_t channel_stride, int64_t width,
-                              const Tap<scalar_t>* tap, int64_t n, int64_t t0, int64_t first,
-                              int64_t last, bool accumulate, scalar_t* out) {
-  using V = Vec<scalar_t>;
-  constexpr int64_t L = kLanes<scalar_t>;
-  V acc[R][VB];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < VB; ++v) acc[r][v] = accumulate ? load(out + r * width + v * L) : V{};
-  for (const Tap<scalar_t>* end = tap + n; tap < end; ++tap) {
-    const int64_t row = t0 + tap->shift;
-    if (row + R < first) continue;  // reads only padding
-    if (row >= last) break;         // this one and the rest
-    const V a = V{} + tap->lo, b = V{} + tap->hi;
-    const scalar_t* p = src + tap->channel * channel_stride + row * width;
-    V x[R + 1][VB];
-    for (int r = 0; r <= R; ++r)
-      for (int v = 0; v < VB; ++v) x[r][v] = kept(load(p + r * width + v * L));
-    for (int r = 0; r < R; ++r)
+                              const int32_t* base, const scalar_t* a, const scalar_t* b,
+                              uint32_t mask, int32_t direction, int64_t start, scalar_t* out) {
+  using S = Simd<scalar_t>;
+  using V = typename S::V;
+  constexpr int L = S::lanes;
+  V acc[kRows][VB];
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < VB; ++v) acc[r][v] = kAccumulate ? S::load(out + r * width + v * L) : S::zero();
+  while (mask) {
+    const int j = __builtin_ctz(mask);
+    mask &= mask - 1;
+    const V va = S::splat(a[j]), vb = S::splat(b[j]);
+    const scalar_t* p = src + j * channel_stride + (start + direction * int64_t(base[j])) * width;
+    V previous[VB];
+    for (int v = 0; v < VB; ++v) previous[v] = S::load(p + v * L);
+    for (int r = 0; r < kRows; ++r) {
+      p += width;
       for (int v = 0; v < VB; ++v) {
-        acc[r][v] += a * x[r][v];
-        acc[r][v] += b * x[r + 1][v];
+        const V x = S::load(p + v * L);
+        acc[r][v] = S::fmadd(va, previous[v], acc[r][v]);
+        acc[r][v] = S::fmadd(vb, x, acc[r][v]);
+        previous[v] = x;
       }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < VB; ++v) store(out + r * width + v * L, acc[r][v]);
-}
-
-// Loop order: output rows split among threads; per tile of kRows steps, per block of channels
-// (their source rows for the tile stay in L1), every output row of the thread. The taps are
-// packed per channel block, output row after output row, so that they stream.
-template <typename scalar_t, int VB>
-void shifted_sum_loop(const at::Tensor& src, const at::Tensor& shift, const at::Tensor& lo,
-                      const at::Tensor& hi, int64_t first, int64_t last, bool accumulate,
-                      at::Tensor& out) {
-  const int64_t channels = src.size(0), rows_in = src.size(1), width = src.size(2);
-  const int64_t outputs = out.size(0), steps = out.size(1);
-  const int64_t channel_stride = rows_in * width;
-  constexpr int64_t L = kLanes<scalar_t>;
-  const int32_t* sh = shift.data_ptr<int32_t>();
-  const scalar_t* l = lo.data_ptr<scalar_t>();
-  const scalar_t* h = hi.data_ptr<scalar_t>();
-  std::vector<Tap<scalar_t>> taps(outputs * channels);  // [block][output][channel in block]
-  at::parallel_for(0, outputs, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      for (int64_t c0 = 0; c0 < channels; c0 += kChannels) {
-        const int64_t n = std::min(kChannels, channels - c0);
-        Tap<scalar_t>* t = taps.data() + c0 * outputs + r * n;
-        for (int64_t c = 0; c < n; ++c) {
-          const int64_t q = r * channels + c0 + c;
-          t[c] = Tap<scalar_t>{int32_t(c0 + c), sh[q], l[q], h[q]};
-        }
-        std::sort(t, t + n, [](const Tap<scalar_t>& a, const Tap<scalar_t>& b) {
-          return a.shift < b.shift;
-        });
-      }
-  });
-  const scalar_t* s = src.data_ptr<scalar_t>();
-  scalar_t* o = out.data_ptr<scalar_t>();
-  at::parallel_for(0, outputs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t0 = 0; t0 < steps; t0 += kRows)
-      for (int64_t c0 = 0; c0 < channels; c0 += kChannels) {
-        const int64_t n = std::min(kChannels, channels - c0);
-        for (int64_t r = begin; r < end; ++r)
-          for (int64_t v0 = 0; v0 < width; v0 += VB * L)
-            sum_tile<scalar_t, kRows, VB>(s + v0, channel_stride, width,
-                                          taps.data() + c0 * outputs + r * n, n, t0, first, last,
-                                          accumulate || c0 > 0, o + (r * steps + t0) * width + v0);
-      }
-  });
-}
-
-// The two sums of kGroup synapses (r, c0 + j), vectors [v0, v0 + VB) of the rows, added to
-// lo_sum/hi_sum (float64).
-template <typename scalar_t, int G, int VB>
-DELREC_CONTRACT void dot_tile(const scalar_t* grad, const scalar_t* src, int64_t channel_stride,
-                              int64_t width, const int32_t* shift, int64_t t0, int64_t t1,
-                              int64_t first, int64_t last, double* lo_sum, double* hi_sum) {
-  using V = Vec<scalar_t>;
-  constexpr int64_t L = kLanes<scalar_t>;
-  // rows t in [t0, t1) of grad with some source row t + s or t + s + 1 inside [first, last)
-  int64_t begin = t1, end = t0;
-  for (int j = 0; j < G; ++j) {
-    begin = std::min(begin, std::max<int64_t>(t0, first - shift[j] - 1));
-    end = std::max(end, std::min(t1, last - shift[j]));
-  }
-  if (begin >= end) return;
-  const scalar_t* p[G];
-  V acc_lo[G][VB], acc_hi[G][VB], previous[G][VB];
-  for (int j = 0; j < G; ++j) {
-    p[j] = src + j * channel_stride + (begin + shift[j]) * width;
-    for (int v = 0; v < VB; ++v) {
-      acc_lo[j][v] = V{};
-      acc_hi[j][v] = V{};
-      previous[j][v] = load(p[j] + v * L);
     }
   }
-  const scalar_t* g = grad + begin * width;
-  for (int64_t t = begin; t < end; ++t, g += width) {
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < VB; ++v) S::store(out + r * width + v * L, acc[r][v]);
+}
+
+template <typename scalar_t, int VB>
+void shifted_sum_loop(const at::Tensor& src, const PackedTaps<scalar_t>& taps, int32_t direction,
+                      int64_t offset, int64_t lead, int64_t steps, at::Tensor& out) {
+  const int64_t channels = src.size(0), width = src.size(2), channel_stride = src.size(1) * width;
+  const int64_t tiles = out.size(0), outputs = out.size(1);
+  const int64_t blocks = (channels + kBlock - 1) / kBlock;
+  constexpr int64_t L = Simd<scalar_t>::lanes;
+  const scalar_t* s = src.data_ptr<scalar_t>() + lead * width;
+  scalar_t* o = out.data_ptr<scalar_t>();
+  at::parallel_for(0, outputs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = 0; tile < tiles; ++tile)
+      for (int64_t k = 0; k < blocks; ++k) {
+        const int64_t t0 = tile * kRows;
+        const int64_t n = std::min<int64_t>(kBlock, channels - k * kBlock);
+        const scalar_t* block = s + k * kBlock * channel_stride;
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t q = (k * outputs + r) * kBlock;
+          const uint32_t mask =
+              active_taps(taps.base.data() + q, n, direction, t0 + offset, steps);
+          for (int64_t v0 = 0; v0 < width; v0 += VB * L) {
+            scalar_t* into = o + (tile * outputs + r) * kRows * width + v0;
+            if (k == 0)
+              sum_tile<scalar_t, VB, false>(block + v0, channel_stride, width,
+                                            taps.base.data() + q, taps.a.data() + q,
+                                            taps.b.data() + q, mask, direction, t0 + offset, into);
+            else
+              sum_tile<scalar_t, VB, true>(block + v0, channel_stride, width,
+                                           taps.base.data() + q, taps.a.data() + q,
+                                           taps.b.data() + q, mask, direction, t0 + offset, into);
+          }
+        }
+      }
+  });
+}
+
+// --------------------------------------------------------------------------- pair_dots
+// Steps [t, t + count) of the first NA synapses of a group, added to their sums: p[j] points at
+// row t - base_j - 1 of synapse j's source channel (advanced past the steps), g at grad row t,
+// `ahead` at the grad row t of the next output row, fetched into L1 step by step (a stream the
+// hardware prefetcher would start too late: it changes with every call).
+template <typename scalar_t, int NA, int VB>
+DELREC_CONTRACT inline __attribute__((always_inline)) void dot_steps(
+    const scalar_t* g, const scalar_t* ahead, const scalar_t** p, int64_t width, int64_t count,
+    typename Simd<scalar_t>::V (&lo)[kGroup][VB], typename Simd<scalar_t>::V (&hi)[kGroup][VB]) {
+  using S = Simd<scalar_t>;
+  using V = typename S::V;
+  constexpr int L = S::lanes;
+  V previous[NA][VB];
+  for (int j = 0; j < NA; ++j)
+    for (int v = 0; v < VB; ++v) previous[j][v] = S::load(p[j] + v * L);
+  for (int64_t step = 0; step < count; ++step, g += width, ahead += width) {
+    for (int v = 0; v < VB; ++v) prefetch(ahead + v * L);
     V gv[VB];
-    for (int v = 0; v < VB; ++v) gv[v] = load(g + v * L);
-    for (int j = 0; j < G; ++j) {
+    for (int v = 0; v < VB; ++v) gv[v] = S::load(g + v * L);
+    for (int j = 0; j < NA; ++j) {
       p[j] += width;
       for (int v = 0; v < VB; ++v) {
-        const V x = load(p[j] + v * L);
-        acc_lo[j][v] += gv[v] * previous[j][v];
-        acc_hi[j][v] += gv[v] * x;
+        const V x = S::load(p[j] + v * L);
+        hi[j][v] = S::fmadd(gv[v], previous[j][v], hi[j][v]);  // x[t - base - 1]
+        lo[j][v] = S::fmadd(gv[v], x, lo[j][v]);               // x[t - base]
         previous[j][v] = x;
       }
     }
   }
-  for (int j = 0; j < G; ++j) {
-    V l = acc_lo[j][0], h = acc_hi[j][0];
-    for (int v = 1; v < VB; ++v) {
-      l += acc_lo[j][v];
-      h += acc_hi[j][v];
+}
+
+// The two sums of n <= kGroup synapses (r, c + j) over steps [t0, t1), vectors [0, VB) of the
+// rows (g: grad row 0 of r, x: channel c at step 0), written to c0/c1 or added to them. Synapse j
+// contributes from step max(t0, base_j): the steps run in phases, one more synapse each.
+template <typename scalar_t, int VB>
+DELREC_CONTRACT void dot_group(const scalar_t* g, const scalar_t* ahead, const scalar_t* x,
+                               int64_t channel_stride, int64_t width, const int32_t* base,
+                               int64_t n, int64_t t0, int64_t t1, bool add, double* c0,
+                               double* c1) {
+  using S = Simd<scalar_t>;
+  using V = typename S::V;
+  V lo[kGroup][VB], hi[kGroup][VB];
+  for (int q = 0; q < kGroup; ++q)
+    for (int v = 0; v < VB; ++v) lo[q][v] = hi[q][v] = S::zero();
+  const scalar_t* p[kGroup];
+  int index[kGroup] = {0, 1, 2, 3};
+  static_assert(kGroup == 4, "four synapses a group");
+  if (n == kGroup && std::max(std::max(base[0], base[1]), std::max(base[2], base[3])) <= t0) {
+    for (int j = 0; j < kGroup; ++j)  // all started: one phase
+      p[j] = x + j * channel_stride + (t0 - base[j] - 1) * width;
+    dot_steps<scalar_t, 4, VB>(g + t0 * width, ahead + t0 * width, p, width, t1 - t0, lo, hi);
+  } else {
+    // the synapses in the order of their first step (a sorting network on (start, index)),
+    // those missing from a short group last
+    int64_t key[kGroup];
+    for (int j = 0; j < kGroup; ++j)
+      key[j] = (j < n ? std::min<int64_t>(std::max<int64_t>(t0, base[j]), t1) : t1 + 1) << 3 | j;
+    auto order = [&](int i, int j) {
+      const int64_t low = std::min(key[i], key[j]), high = std::max(key[i], key[j]);
+      key[i] = low;
+      key[j] = high;
+    };
+    order(0, 1);
+    order(2, 3);
+    order(0, 2);
+    order(1, 3);
+    order(1, 2);
+    int64_t start[kGroup + 1];
+    for (int q = 0; q < kGroup; ++q) {
+      index[q] = int(key[q] & 7);
+      start[q] = std::min(t1, key[q] >> 3);
+      p[q] = index[q] < n && start[q] < t1
+                 ? x + index[q] * channel_stride + (start[q] - base[index[q]] - 1) * width
+                 : x;
     }
-    lo_sum[j] += lane_sum<scalar_t>(l);
-    hi_sum[j] += lane_sum<scalar_t>(h);
+    start[kGroup] = t1;
+    for (int q = 0; q < n; ++q) {
+      const int64_t count = start[q + 1] - start[q];
+      if (count <= 0) continue;
+      const scalar_t *gq = g + start[q] * width, *aq = ahead + start[q] * width;
+      switch (q) {
+        case 0: dot_steps<scalar_t, 1, VB>(gq, aq, p, width, count, lo, hi); break;
+        case 1: dot_steps<scalar_t, 2, VB>(gq, aq, p, width, count, lo, hi); break;
+        case 2: dot_steps<scalar_t, 3, VB>(gq, aq, p, width, count, lo, hi); break;
+        default: dot_steps<scalar_t, 4, VB>(gq, aq, p, width, count, lo, hi); break;
+      }
+    }
+  }
+  for (int q = 0; q < n; ++q) {
+    V l = lo[q][0], h = hi[q][0];
+    for (int v = 1; v < VB; ++v) {
+      l = S::add(l, lo[q][v]);
+      h = S::add(h, hi[q][v]);
+    }
+    const int j = index[q];
+    c0[j] = (add ? c0[j] : 0.0) + S::sum(l);
+    c1[j] = (add ? c1[j] : 0.0) + S::sum(h);
   }
 }
 
-template <typename scalar_t, int G, int VB>
-void pair_dots_loop(const at::Tensor& grad, const at::Tensor& src, const at::Tensor& shift,
-                    int64_t steps, int64_t first, int64_t last, at::Tensor& lo_sum,
-                    at::Tensor& hi_sum) {
-  const int64_t outputs = grad.size(0), grad_rows = grad.size(1), width = grad.size(2);
-  const int64_t channels = src.size(0), rows_in = src.size(1);
-  const int64_t channel_stride = rows_in * width;
+template <typename scalar_t, int VB>
+void pair_dots_loop(const at::Tensor& grad, const at::Tensor& src, const at::Tensor& base,
+                    int64_t lead, int64_t steps, at::Tensor& c0, at::Tensor& c1) {
+  const int64_t outputs = grad.size(0), width = grad.size(2), channels = src.size(0);
+  const int64_t grad_stride = grad.size(1) * width, channel_stride = src.size(1) * width;
   const int64_t row_bytes = width * int64_t(sizeof(scalar_t));
-  // a chunk of steps: the rows of a group's G channels and of one grad row stay in L1; a block
-  // of output rows: their grad rows for one chunk stay in L2
-  const int64_t chunk = std::max<int64_t>(8, kDotBytes / ((G + 1) * row_bytes));
+  // chunks of steps of (about) equal length whose rows of a group's channels stay in L1; blocks
+  // of outputs whose grad rows for a chunk stay in L2
+  const int64_t longest = std::max<int64_t>(8, kChunkBytes / ((kGroup + 1) * row_bytes));
+  const int64_t chunks = std::max<int64_t>(1, (steps + longest - 1) / longest);
+  const int64_t chunk = (steps + chunks - 1) / chunks;
   const int64_t block = std::max<int64_t>(1, kBlockBytes / (chunk * row_bytes));
-  const scalar_t* gr = grad.data_ptr<scalar_t>();
-  const scalar_t* s = src.data_ptr<scalar_t>();
-  const int32_t* sh = shift.data_ptr<int32_t>();
-  double* lo = lo_sum.data_ptr<double>();
-  double* hi = hi_sum.data_ptr<double>();
-  constexpr int64_t L = kLanes<scalar_t>;
+  constexpr int64_t L = Simd<scalar_t>::lanes;
+  const scalar_t* gr = grad.data_ptr<scalar_t>() + lead * width;
+  const scalar_t* s = src.data_ptr<scalar_t>() + lead * width;
+  const int32_t* bs = base.data_ptr<int32_t>();
+  double* d0 = c0.data_ptr<double>();
+  double* d1 = c1.data_ptr<double>();
   const int64_t blocks = (outputs + block - 1) / block;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * block, r1 = std::min(outputs, r0 + block);
-      for (int64_t t0 = 0; t0 < steps; t0 += chunk) {
+      for (int64_t t0 = 0; t0 < std::max<int64_t>(steps, 1); t0 += chunk) {
         const int64_t t1 = std::min(steps, t0 + chunk);
-        for (int64_t c = 0; c < channels; c += G) {
+        for (int64_t c = 0; c < channels; c += kGroup)
           for (int64_t r = r0; r < r1; ++r) {
-            const scalar_t* g = gr + r * grad_rows * width;
-            const int64_t k = r * channels + c;
-            for (int64_t v0 = 0; v0 < width; v0 += VB * L) {
-              const scalar_t* x = s + c * channel_stride + v0;
-              if (c + G <= channels)
-                dot_tile<scalar_t, G, VB>(g + v0, x, channel_stride, width, sh + k, t0, t1, first,
-                                          last, lo + k, hi + k);
-              else
-                for (int64_t j = 0; c + j < channels; ++j)
-                  dot_tile<scalar_t, 1, VB>(g + v0, x + j * channel_stride, channel_stride, width,
-                                            sh + k + j, t0, t1, first, last, lo + k + j,
-                                            hi + k + j);
-            }
+            const int64_t q = r * channels + c;
+            for (int64_t v0 = 0; v0 < width; v0 += VB * L)
+              dot_group<scalar_t, VB>(gr + r * grad_stride + v0,
+                                      gr + std::min(r + 1, r1 - 1) * grad_stride + v0,
+                                      s + c * channel_stride + v0, channel_stride, width, bs + q,
+                                      std::min<int64_t>(kGroup, channels - c), t0, t1,
+                                      t0 > 0 || v0 > 0, d0 + q, d1 + q);
           }
-        }
       }
     }
   });
@@ -262,14 +410,15 @@ void pair_dots_loop(const at::Tensor& grad, const at::Tensor& src, const at::Ten
 
 template <typename scalar_t>
 DELREC_CONTRACT double span_dot(const scalar_t* a, const scalar_t* b, int64_t length) {
-  using V = Vec<scalar_t>;
-  constexpr int64_t L = kLanes<scalar_t>;
-  V acc[4] = {V{}, V{}, V{}, V{}};
+  using S = Simd<scalar_t>;
+  using V = typename S::V;
+  constexpr int64_t L = S::lanes;
+  V acc[4] = {S::zero(), S::zero(), S::zero(), S::zero()};
   int64_t q = 0;
   for (; q + 4 * L <= length; q += 4 * L)
-    for (int u = 0; u < 4; ++u) acc[u] += load(a + q + u * L) * load(b + q + u * L);
+    for (int u = 0; u < 4; ++u) acc[u] = S::fmadd(S::load(a + q + u * L), S::load(b + q + u * L), acc[u]);
   double sum = 0.0;
-  for (int u = 0; u < 4; ++u) sum += lane_sum<scalar_t>(acc[u]);
+  for (int u = 0; u < 4; ++u) sum += S::sum(acc[u]);
   for (; q < length; ++q) sum += double(a[q]) * double(b[q]);
   return sum;
 }
@@ -282,85 +431,112 @@ void check_sequences(const at::Tensor& a, const at::Tensor& b) {
         "vectors");
 }
 
-void shifted_sum(const at::Tensor& src, const at::Tensor& shift, const at::Tensor& lo,
-                 const at::Tensor& hi, int64_t first, int64_t last, bool accumulate,
-                 at::Tensor out) {
-  check_sequences(src, out);
-  check(shift.scalar_type() == at::kInt && shift.is_contiguous() && lo.is_contiguous() &&
-            hi.is_contiguous() && lo.scalar_type() == src.scalar_type() &&
-            hi.scalar_type() == src.scalar_type() && shift.numel() == out.size(0) * src.size(0) &&
-            lo.numel() == shift.numel() && hi.numel() == shift.numel(),
-        "shift (R, C) int32 and lo, hi (R, C) in the sequences' dtype, contiguous");
-  check(out.size(1) % 8 == 0, "output rows must be a multiple of 8");
-  auto max_shift = shift.numel() ? shift.max().item<int32_t>() : 0;
-  auto min_shift = shift.numel() ? shift.min().item<int32_t>() : 0;
-  check(min_shift >= 0 && out.size(1) + max_shift + 1 <= src.size(1),
-        "shifts must keep every read inside the source rows");
+void check_taps(const at::Tensor& base, const at::Tensor& a, const at::Tensor& b,
+                const at::Tensor& src) {
+  check(base.dim() == 2 && base.scalar_type() == at::kInt && base.is_contiguous() &&
+            a.is_contiguous() && b.is_contiguous() && a.sizes() == base.sizes() &&
+            b.sizes() == base.sizes() && a.scalar_type() == src.scalar_type() &&
+            b.scalar_type() == src.scalar_type(),
+        "base (O, I) int32 and the coefficients (O, I) in the sequences' dtype, contiguous");
+}
+
+// The rows a pass may read around steps [0, steps): `before` zero rows before step 0, and rows
+// up to `after` steps past the start (zeros from `steps` on).
+void check_rows(const at::Tensor& seq, int64_t lead, int64_t before, int64_t after) {
+  check(lead >= before && lead + after <= seq.size(1),
+        "the sequences need zero rows around the steps (lead >= the tile rows, rows after)");
+}
+
+void check_bases(const at::Tensor& base, int64_t steps) {
+  const int32_t low = base.numel() ? base.min().item<int32_t>() : 0;
+  const int32_t high = base.numel() ? base.max().item<int32_t>() : 0;
+  check(low >= 0 && int64_t(high) + steps + 2 * kRows < (int64_t(1) << 31),
+        "base delays must lie in [0, 2^31 - steps)");
+}
+
+void shifted_sum(const at::Tensor& src, const at::Tensor& base, const at::Tensor& a,
+                 const at::Tensor& b, bool transposed, int64_t direction, int64_t offset,
+                 int64_t lead, int64_t steps, at::Tensor out) {
+  check(src.dim() == 3 && src.is_contiguous() && out.dim() == 4 && out.is_contiguous() &&
+            out.scalar_type() == src.scalar_type() && out.size(2) == kRows &&
+            out.size(3) == src.size(2) && src.size(2) * src.element_size() % 64 == 0,
+        "src (C, rows, W) and out (tiles, R, 8, W) contiguous, of one dtype, W a whole number "
+        "of 64-byte vectors");
+  check_taps(base, a, b, src);
+  check(direction == 1 || direction == -1, "direction must be +1 or -1");
+  check(src.size(0) == base.size(transposed ? 0 : 1) &&
+            out.size(1) == base.size(transposed ? 1 : 0),
+        "the synapses must connect the source channels to the output rows");
+  check(steps <= out.size(0) * kRows, "the output tiles must hold the steps");
+  check(offset <= 0 && offset >= -1, "offset must be 0 or -1");
+  check_bases(base, steps);
+  check_rows(src, lead, kRows, std::max(out.size(0) * kRows, steps + kRows));
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "delrec_feedforward_shifted_sum", [&] {
-    if (src.size(2) / kLanes<scalar_t> % 2 == 0)
-      shifted_sum_loop<scalar_t, 2>(src, shift, lo, hi, first, last, accumulate, out);
+    const PackedTaps<scalar_t> taps = pack<scalar_t>(base, a, b, transposed);
+    if (kRowVectors == 2 && src.size(2) / Simd<scalar_t>::lanes % 2 == 0)
+      shifted_sum_loop<scalar_t, 2>(src, taps, int32_t(direction), offset, lead, steps, out);
     else
-      shifted_sum_loop<scalar_t, 1>(src, shift, lo, hi, first, last, accumulate, out);
+      shifted_sum_loop<scalar_t, 1>(src, taps, int32_t(direction), offset, lead, steps, out);
   });
 }
 
-void pair_dots(const at::Tensor& grad, const at::Tensor& src, const at::Tensor& shift,
-               int64_t steps, int64_t first, int64_t last, at::Tensor lo_sum, at::Tensor hi_sum) {
+std::vector<at::Tensor> pair_dots(const at::Tensor& grad, const at::Tensor& src,
+                                  const at::Tensor& base, int64_t lead, int64_t steps) {
   check_sequences(grad, src);
-  check(shift.scalar_type() == at::kInt && shift.is_contiguous() &&
-            shift.numel() == grad.size(0) * src.size(0),
-        "shift must be (R, C) int32, contiguous");
-  check(lo_sum.scalar_type() == at::kDouble && hi_sum.scalar_type() == at::kDouble &&
-            lo_sum.is_contiguous() && hi_sum.is_contiguous() &&
-            lo_sum.numel() == shift.numel() && hi_sum.numel() == shift.numel(),
-        "the sums must be (R, C) float64, contiguous");
-  auto max_shift = shift.numel() ? shift.max().item<int32_t>() : 0;
-  auto min_shift = shift.numel() ? shift.min().item<int32_t>() : 0;
-  check(min_shift >= 0 && steps <= grad.size(1) && steps + max_shift + 1 <= src.size(1),
-        "shifts must keep every read inside the source rows");
+  check(base.dim() == 2 && base.scalar_type() == at::kInt && base.is_contiguous() &&
+            base.size(0) == grad.size(0) && base.size(1) == src.size(0),
+        "base must be (O, I) int32, contiguous");
+  check_bases(base, steps);
+  check_rows(src, lead, 1, steps);
+  check_rows(grad, lead, 0, steps);
+  const auto options = grad.options().dtype(at::kDouble);
+  at::Tensor c0 = at::empty(base.sizes(), options), c1 = at::empty(base.sizes(), options);
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "delrec_feedforward_pair_dots", [&] {
-    if (src.size(2) / kLanes<scalar_t> % 2 == 0)
-      pair_dots_loop<scalar_t, 4, 2>(grad, src, shift, steps, first, last, lo_sum, hi_sum);
+    if (kRowVectors == 2 && src.size(2) / Simd<scalar_t>::lanes % 2 == 0)
+      pair_dots_loop<scalar_t, 2>(grad, src, base, lead, steps, c0, c1);
     else
-      pair_dots_loop<scalar_t, 8, 1>(grad, src, shift, steps, first, last, lo_sum, hi_sum);
+      pair_dots_loop<scalar_t, 1>(grad, src, base, lead, steps, c0, c1);
   });
+  return {c0, c1};
 }
 
-void span_dots(const at::Tensor& grad, const at::Tensor& src, const at::Tensor& row,
-               const at::Tensor& column, const at::Tensor& offset, int64_t steps, int64_t first,
-               int64_t last, at::Tensor out) {
+at::Tensor span_dots(const at::Tensor& grad, const at::Tensor& src, const at::Tensor& row,
+                     const at::Tensor& column, const at::Tensor& delay, int64_t lead,
+                     int64_t steps) {
   check_sequences(grad, src);
   check(row.scalar_type() == at::kLong && column.scalar_type() == at::kLong &&
-            offset.scalar_type() == at::kLong && row.is_contiguous() && column.is_contiguous() &&
-            offset.is_contiguous() && out.scalar_type() == at::kDouble && out.is_contiguous() &&
-            column.numel() == row.numel() && offset.numel() == row.numel() &&
-            out.numel() == row.numel(),
-        "row, column, offset (n,) int64 and out (n,) float64, contiguous");
+            delay.scalar_type() == at::kLong && row.is_contiguous() && column.is_contiguous() &&
+            delay.is_contiguous() && column.numel() == row.numel() &&
+            delay.numel() == row.numel(),
+        "row, column, delay (n,) int64, contiguous");
+  check_rows(src, lead, 0, steps);
+  check_rows(grad, lead, 0, steps);
   const int64_t width = grad.size(2), grad_rows = grad.size(1), src_rows = src.size(1);
   const int64_t* rw = row.data_ptr<int64_t>();
   const int64_t* cl = column.data_ptr<int64_t>();
-  const int64_t* of = offset.data_ptr<int64_t>();
-  double* o = out.data_ptr<double>();
+  const int64_t* dl = delay.data_ptr<int64_t>();
   for (int64_t n = 0; n < row.numel(); ++n)
-    check(rw[n] >= 0 && rw[n] < grad.size(0) && cl[n] >= 0 && cl[n] < src.size(0) && of[n] >= 0 &&
-              steps <= grad_rows && steps + of[n] <= src_rows,
-          "span_dots: an entry reads outside its sequences");
+    check(rw[n] >= 0 && rw[n] < grad.size(0) && cl[n] >= 0 && cl[n] < src.size(0),
+          "span_dots: an entry names a row or channel outside the sequences");
+  at::Tensor out = at::empty({row.numel()}, grad.options().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "delrec_feedforward_span_dots", [&] {
-    const scalar_t* g = grad.data_ptr<scalar_t>();
-    const scalar_t* s = src.data_ptr<scalar_t>();
+    const scalar_t* g = grad.data_ptr<scalar_t>() + lead * width;
+    const scalar_t* s = src.data_ptr<scalar_t>() + lead * width;
     at::parallel_for(0, row.numel(), 64, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        const int64_t t0 = std::max<int64_t>(0, first - of[n]);
-        const int64_t t1 = std::min(steps, last - of[n]);
+      for (int64_t n = begin; n < end; ++n) {  // steps t with t - delay in [0, steps)
+        const int64_t t0 = std::max<int64_t>(0, dl[n]), t1 = std::min(steps, steps + dl[n]);
         o[n] = t0 < t1 ? span_dot<scalar_t>(g + (rw[n] * grad_rows + t0) * width,
-                                             s + (cl[n] * src_rows + t0 + of[n]) * width,
+                                             s + (cl[n] * src_rows + t0 - dl[n]) * width,
                                              (t1 - t0) * width)
                        : 0.0;
       }
     });
   });
+  return out;
 }
 
+// --------------------------------------------------------------------------- taps, gradients
 // The reference's interpolation at the delays base - 1 … base + 2 of a synapse at position p
 // (base = ⌊p⌋ clamped into the window [0, K-1]): λ = max(0, 1 - |d - p|) and its slope in p,
 // σ = sign(d - p) where 1 - |d - p| ≥ 0 (|·|' = 0 at 0, the clamp passes at its bound), both
@@ -373,11 +549,18 @@ struct Around {
   scalar_t lam[4], slope[4];
 };
 
+// ⌊p⌋ clamped into [0, top]: clamped first, then truncated (the same for p >= 0, and a
+// conversion the compiler vectorizes where std::floor is not)
+template <typename scalar_t>
+inline int32_t window_base(scalar_t p, scalar_t top) {
+  return int32_t(std::min(std::max(p, scalar_t(0)), top));
+}
+
 template <typename scalar_t>
 Around<scalar_t> around(scalar_t p, int64_t kernel_size) {
   Around<scalar_t> a;
   const scalar_t top = scalar_t(kernel_size - 1);
-  a.base = int64_t(std::min(std::max(std::floor(p), scalar_t(0)), top));
+  a.base = window_base(p, top);
   for (int q = 0; q < 4; ++q) {
     const scalar_t d = scalar_t(a.base - 1 + q);
     const scalar_t value = scalar_t(1) - std::abs(d - p);
@@ -388,87 +571,139 @@ Around<scalar_t> around(scalar_t p, int64_t kernel_size) {
   return a;
 }
 
-template <typename scalar_t, typename F>
-void each_synapse(const at::Tensor& weight, const at::Tensor& position, int64_t kernel_size,
-                  F f) {
-  const scalar_t* w = weight.data_ptr<scalar_t>();
-  const scalar_t* p = position.data_ptr<scalar_t>();
-  at::parallel_for(0, weight.numel(), 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) f(n, w[n], around<scalar_t>(p[n], kernel_size));
-  });
-}
-
 void check_parameters(const at::Tensor& weight, const at::Tensor& position) {
   check(weight.dim() == 2 && weight.is_contiguous() && position.is_contiguous() &&
             position.sizes() == weight.sizes() && position.scalar_type() == weight.scalar_type(),
         "weight and position must be contiguous (O, I) of one dtype");
 }
 
-// base (int32) and the coefficients near = w·λ(base), far = w·λ(base + 1), (O, I) each
+// base (int32) and the coefficients near = w·λ(base), far = w·λ(base + 1), (O, I) each: around()
+// at q = 1, 2 in a loop the compiler vectorizes (base is inside the window, base + 1 may not be)
 std::vector<at::Tensor> taps(const at::Tensor& weight, const at::Tensor& position,
                              int64_t kernel_size) {
   check_parameters(weight, position);
   at::Tensor base = at::empty(weight.sizes(), weight.options().dtype(at::kInt));
   at::Tensor near = at::empty_like(weight), far = at::empty_like(weight);
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "delrec_feedforward_taps", [&] {
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    const scalar_t* p = position.data_ptr<scalar_t>();
     int32_t* b = base.data_ptr<int32_t>();
     scalar_t* n0 = near.data_ptr<scalar_t>();
     scalar_t* n1 = far.data_ptr<scalar_t>();
-    each_synapse<scalar_t>(weight, position, kernel_size,
-                           [&](int64_t n, scalar_t w, const Around<scalar_t>& a) {
-                             b[n] = int32_t(a.base);
-                             n0[n] = w * a.lam[1];
-                             n1[n] = w * a.lam[2];
-                           });
+    const scalar_t top = scalar_t(kernel_size - 1);
+    at::parallel_for(0, weight.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const int32_t k = window_base(p[n], top);
+        const scalar_t d = scalar_t(k);
+        const scalar_t value = scalar_t(1) - std::abs(d - p[n]);
+        const scalar_t next = scalar_t(1) - std::abs((d + scalar_t(1)) - p[n]);
+        b[n] = k;
+        n0[n] = w[n] * (value > 0 ? value : scalar_t(0));
+        n1[n] = w[n] * (d + scalar_t(1) <= top && next > 0 ? next : scalar_t(0));
+      }
+    });
   });
   return {base, near, far};
 }
 
 // The synapses whose position gradient needs C(base - 1) or C(base + 2) (a non-zero slope
 // there: a position on an integer, or |base + 2 - p| rounding to 1): flat index and delay.
+// around()'s σ at q = 0 and 3 (d never equals p there), in a loop the compiler vectorizes.
 std::vector<at::Tensor> extra_taps(const at::Tensor& weight, const at::Tensor& position,
                                    int64_t kernel_size) {
   check_parameters(weight, position);
-  std::vector<int64_t> index, delay;
+  std::vector<uint8_t> sides(position.numel());
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "delrec_feedforward_extra_taps", [&] {
     const scalar_t* p = position.data_ptr<scalar_t>();
-    for (int64_t n = 0; n < position.numel(); ++n) {
-      const Around<scalar_t> a = around<scalar_t>(p[n], kernel_size);
-      for (int q : {0, 3})
-        if (a.slope[q] != 0) {
+    const scalar_t top = scalar_t(kernel_size - 1);
+    uint8_t* side = sides.data();
+    at::parallel_for(0, position.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const scalar_t d = scalar_t(window_base(p[n], top));
+        const scalar_t before = d - scalar_t(1), after = d + scalar_t(2);
+        const bool low = before >= 0 && scalar_t(1) - std::abs(before - p[n]) >= 0;
+        const bool high = after <= top && scalar_t(1) - std::abs(after - p[n]) >= 0;
+        side[n] = uint8_t(low) | uint8_t(high) << 1;
+      }
+    });
+  });
+  std::vector<int64_t> index, delay;
+  const int32_t* base = nullptr;
+  at::Tensor bases;
+  for (int64_t n = 0; n < int64_t(sides.size()); ++n)
+    if (sides[n]) {
+      if (!base) {  // the base delays, needed only here
+        bases = taps(weight, position, kernel_size)[0];
+        base = bases.data_ptr<int32_t>();
+      }
+      for (int q : {0, 1})
+        if (sides[n] >> q & 1) {
           index.push_back(n);
-          delay.push_back(a.base - 1 + q);
+          delay.push_back(base[n] + (q ? 2 : -1));
         }
     }
-  });
   const auto options = at::TensorOptions().dtype(at::kLong);
   return {at::tensor(index, options), at::tensor(delay, options)};
 }
 
-// ∂L/∂w = Σ_q λ_q C(base - 1 + q) and ∂L/∂p = w Σ_q σ_q C(base - 1 + q) (float64), from the
-// dots c (4, O, I) float64 (c[0] and c[3] zero but where extra_taps asked for them).
+// ∂L/∂w = Σ_q λ_q C(base - 1 + q) and ∂L/∂p = w Σ_q σ_q C(base - 1 + q), summed in float64 and
+// returned in the parameters' dtype, from c0 = C(base), c1 = C(base + 1) (O, I) float64 and the
+// extra dots C(delay) of the synapses `index` (extra_taps, ascending): around() at q = 1, 2 in a
+// loop the compiler vectorizes, then the synapses with extra dots again with all four taps.
 std::vector<at::Tensor> tap_gradients(const at::Tensor& weight, const at::Tensor& position,
-                                      int64_t kernel_size, const at::Tensor& c) {
+                                      int64_t kernel_size, const at::Tensor& c0,
+                                      const at::Tensor& c1, const at::Tensor& index,
+                                      const at::Tensor& delay, const at::Tensor& values) {
   check_parameters(weight, position);
-  check(c.scalar_type() == at::kDouble && c.is_contiguous() && c.numel() == 4 * weight.numel(),
-        "the dots must be (4, O, I) float64, contiguous");
-  at::Tensor grad_w = at::empty(weight.sizes(), c.options());
-  at::Tensor grad_p = at::empty(weight.sizes(), c.options());
+  check(c0.scalar_type() == at::kDouble && c1.scalar_type() == at::kDouble &&
+            c0.is_contiguous() && c1.is_contiguous() && c0.numel() == weight.numel() &&
+            c1.numel() == weight.numel(),
+        "the dots must be (O, I) float64, contiguous");
+  check(index.scalar_type() == at::kLong && delay.scalar_type() == at::kLong &&
+            values.scalar_type() == at::kDouble && index.is_contiguous() &&
+            delay.is_contiguous() && values.is_contiguous() && delay.numel() == index.numel() &&
+            values.numel() == index.numel(),
+        "the extra dots: index, delay (n,) int64 and values (n,) float64");
+  at::Tensor grad_w = at::empty_like(weight), grad_p = at::empty_like(position);
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "delrec_feedforward_tap_gradients", [&] {
-    const double* cc = c.data_ptr<double>();
-    double* gw = grad_w.data_ptr<double>();
-    double* gp = grad_p.data_ptr<double>();
-    const int64_t count = weight.numel();
-    each_synapse<scalar_t>(weight, position, kernel_size,
-                           [&](int64_t n, scalar_t w, const Around<scalar_t>& a) {
-                             double sw = 0.0, sp = 0.0;
-                             for (int q = 0; q < 4; ++q) {
-                               sw += double(a.lam[q]) * cc[q * count + n];
-                               sp += double(a.slope[q]) * cc[q * count + n];
-                             }
-                             gw[n] = sw;
-                             gp[n] = double(w) * sp;
-                           });
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    const scalar_t* p = position.data_ptr<scalar_t>();
+    const double* d0 = c0.data_ptr<double>();
+    const double* d1 = c1.data_ptr<double>();
+    scalar_t* gw = grad_w.data_ptr<scalar_t>();
+    scalar_t* gp = grad_p.data_ptr<scalar_t>();
+    const scalar_t top = scalar_t(kernel_size - 1);
+    auto sign = [](scalar_t x) { return scalar_t((x > 0) - (x < 0)); };
+    at::parallel_for(0, weight.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const scalar_t d = scalar_t(window_base(p[n], top));
+        const scalar_t value = scalar_t(1) - std::abs(d - p[n]);
+        const scalar_t next = scalar_t(1) - std::abs((d + scalar_t(1)) - p[n]);
+        const bool inside = d + scalar_t(1) <= top;
+        const scalar_t lam0 = value > 0 ? value : scalar_t(0);
+        const scalar_t lam1 = inside && next > 0 ? next : scalar_t(0);
+        const scalar_t slope0 = value >= 0 ? sign(d - p[n]) : scalar_t(0);
+        const scalar_t slope1 = inside && next >= 0 ? sign(d + scalar_t(1) - p[n]) : scalar_t(0);
+        gw[n] = scalar_t(double(lam0) * d0[n] + double(lam1) * d1[n]);
+        gp[n] = scalar_t(double(w[n]) * (double(slope0) * d0[n] + double(slope1) * d1[n]));
+      }
+    });
+    const int64_t* ix = index.data_ptr<int64_t>();
+    const int64_t* dl = delay.data_ptr<int64_t>();
+    const double* vl = values.data_ptr<double>();
+    for (int64_t e = 0; e < index.numel();) {
+      const int64_t n = ix[e];
+      const Around<scalar_t> a = around<scalar_t>(p[n], kernel_size);
+      double c[4] = {0.0, d0[n], d1[n], 0.0};
+      for (; e < index.numel() && ix[e] == n; ++e) c[dl[e] - a.base + 1] = vl[e];
+      double sw = 0.0, sp = 0.0;
+      for (int q = 0; q < 4; ++q) {
+        sw += double(a.lam[q]) * c[q];
+        sp += double(a.slope[q]) * c[q];
+      }
+      gw[n] = scalar_t(sw);
+      gp[n] = scalar_t(double(w[n]) * sp);
+    }
   });
   return {grad_w, grad_p};
 }
@@ -512,14 +747,15 @@ at::Tensor channel_major(const at::Tensor& seq, int64_t lead, int64_t rows, int6
   return out;
 }
 
-at::Tensor time_major(const at::Tensor& buffer, int64_t steps, int64_t batch) {
-  check(buffer.dim() == 3 && buffer.is_contiguous() && steps <= buffer.size(1) &&
-            batch <= buffer.size(2),
-        "time_major: a contiguous (C, rows, W) buffer holding the steps and the batch");
-  const int64_t channels = buffer.size(0), rows = buffer.size(1), width = buffer.size(2);
-  at::Tensor out = at::empty({steps, batch, channels}, buffer.options());
-  AT_DISPATCH_FLOATING_TYPES(buffer.scalar_type(), "delrec_feedforward_time_major", [&] {
-    const scalar_t* x = buffer.data_ptr<scalar_t>();
+// (tiles, C, 8, W) output tiles -> (T, B, C): steps [0, T), columns [0, B)
+at::Tensor time_major(const at::Tensor& tiles, int64_t steps, int64_t batch) {
+  check(tiles.dim() == 4 && tiles.is_contiguous() && tiles.size(2) == kRows &&
+            steps <= tiles.size(0) * kRows && batch <= tiles.size(3),
+        "time_major: contiguous (tiles, C, 8, W) output tiles holding the steps and the batch");
+  const int64_t channels = tiles.size(1), width = tiles.size(3);
+  at::Tensor out = at::empty({steps, batch, channels}, tiles.options());
+  AT_DISPATCH_FLOATING_TYPES(tiles.scalar_type(), "delrec_feedforward_time_major", [&] {
+    const scalar_t* x = tiles.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t blocks = (channels + kTransposeChannels - 1) / kTransposeChannels;
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -528,9 +764,9 @@ at::Tensor time_major(const at::Tensor& buffer, int64_t steps, int64_t batch) {
         const int64_t c1 = std::min(channels, c0 + kTransposeChannels);
         for (int64_t t = 0; t < steps; ++t)
           for (int64_t b = 0; b < batch; ++b) {
-            const scalar_t* from = x + t * width + b;
+            const scalar_t* from = x + ((t / kRows * channels) * kRows + t % kRows) * width + b;
             scalar_t* to = o + (t * batch + b) * channels;
-            for (int64_t c = c0; c < c1; ++c) to[c] = from[c * rows * width];
+            for (int64_t c = c0; c < c1; ++c) to[c] = from[c * kRows * width];
           }
       }
     });
@@ -542,16 +778,23 @@ at::Tensor time_major(const at::Tensor& buffer, int64_t steps, int64_t batch) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "delrec: the two-tap feedforward-delay engine (shifted sums and dots)";
+  m.attr("tile_rows") = kRows;
+#if defined(__AVX512F__)
+  m.attr("simd") = "avx512";  // the vectors this build runs (Simd)
+#else
+  m.attr("simd") = "portable";
+#endif
   m.def("shifted_sum", &shifted_sum,
-        "out[r, t] (+)= Σ_c lo[r, c] src[c, t + s[r, c]] + hi[r, c] src[c, t + s[r, c] + 1] "
-        "(added to out if accumulate, else written)");
+        "out[t / 8, r, t % 8] = Σ_c a[r, c] src[c, f + t] + b[r, c] src[c, f + t + 1], "
+        "f = direction·base[r, c] + offset (base, a, b (O, I), r = i, c = o if transposed)");
   m.def("pair_dots", &pair_dots,
-        "lo[r, c] += Σ_t grad[r, t] src[c, t + s[r, c]], hi[r, c] += Σ_t grad[r, t] src[c, t + s + 1]");
+        "c0[r, c] = Σ_t grad[r, t] src[c, t - base], c1[r, c] = Σ_t grad[r, t] src[c, t - base - 1]");
+  m.def("span_dots", &span_dots, "out[n] = Σ_t grad[row_n, t] src[column_n, t - delay_n]");
   m.def("taps", &taps, "base delay (int32), near = w·λ(base), far = w·λ(base + 1) per synapse");
   m.def("extra_taps", &extra_taps, "synapses needing C(base - 1) or C(base + 2): index, delay");
-  m.def("tap_gradients", &tap_gradients, "∂L/∂w and ∂L/∂p (float64) from the dots (4, O, I)");
+  m.def("tap_gradients", &tap_gradients,
+        "∂L/∂w and ∂L/∂p from C(base), C(base + 1) and the extra dots");
   m.def("channel_major", &channel_major,
         "(T, B, C) -> zeros (C, rows, W) holding the sequence at rows [lead, lead + T)");
-  m.def("time_major", &time_major, "(C, rows, W) -> (T, B, C): rows [0, T), columns [0, B)");
-  m.def("span_dots", &span_dots, "out[n] = Σ_t grad[row_n, t] src[column_n, t + offset_n]");
+  m.def("time_major", &time_major, "(tiles, C, 8, W) output tiles -> (T, B, C)");
 }

@@ -95,6 +95,17 @@ inline void store(scalar_t* p, Vec<scalar_t> v) {
   *reinterpret_cast<typename VectorTypes<scalar_t>::unaligned*>(p) = v;
 }
 
+// An empty asm keeps a loaded vector in a register: GCC would otherwise fold the load into every
+// FMA that reads it (one load per FMA instead of one per vector block). With AVX-512 only, where
+// a vector is one register.
+template <typename V>
+inline V kept(V x) {
+#if defined(__AVX512F__)
+  asm("" : "+v"(x));
+#endif
+  return x;
+}
+
 #if defined(__GNUC__) && !defined(__clang__)
 #define DELREC_CONTRACT __attribute__((optimize("fp-contract=fast")))
 #else
@@ -151,8 +162,11 @@ struct Plan {
   int64_t m_top(int64_t c) const { return levels[3 * c + 2]; }
   // rows of the class's chain stages m_a … m_b (a ring by diagonal)
   int64_t stages(int64_t c) const { return m_b(c) - m_a(c) + 1; }
+  // the ring row of diagonal t - lowest: (t - lowest) mod depth, in [0, depth) also while
+  // t < lowest (when every delay exceeds the half-width)
+  int64_t head_at(int64_t t) const { return ((t - lowest) % depth + depth) % depth; }
   // the ring row (within a class's `depth` rows) that level m reads at time t, diagonal t - m,
-  // where head = (t - lowest) mod depth
+  // where head = head_at(t)
   int64_t ring_row_at(int64_t head, int64_t m) const {
     const int64_t row = head - (m - lowest);
     return row < 0 ? row + depth : row;
@@ -514,6 +528,21 @@ __attribute__((noinline)) DELREC_CONTRACT void gather_rows(
   }
 }
 
+// The backward's far sums prefetch the adjoint ring rows of the slot kAhead places ahead: at long
+// delay ranges the rings outgrow the cache, and the slots' rows are in no order the hardware
+// foresees. (The forward's far sums read a column block's rings from L2; prefetching them there
+// measured slower.)
+constexpr int64_t kAhead = 4;
+
+// Prefetches the cache lines of a (Z, E) ring row that a lane group of `lanes` scalars reads.
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t width, int64_t lanes) {
+  for (int64_t l = 0; l < lanes; l += kLanes<scalar_t>) {
+    __builtin_prefetch(row + l);
+    __builtin_prefetch(row + width + l);
+  }
+}
+
 // Steps of a block the far sums keep in registers at once: Q·NB accumulators (≤ 16).
 template <int NB>
 constexpr int kFarSteps = NB <= 2 ? 8 : 4;
@@ -619,7 +648,7 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const Coefficients<sca
   for (int64_t j = 0; j < n; ++j) std::fill_n(hist + j * frames, batch, false);
 
   for (int64_t t = 0; t < steps; ++t) {
-    const int64_t head = (t - p.lowest) % p.depth;
+    const int64_t head = p.head_at(t);
     at::parallel_for(0, n, 1, [&](int64_t j0, int64_t j1) {  // the rings at t
       Buffer<scalar_t> newest(width);
       for (int64_t j = j0; j < j1; ++j) {
@@ -721,7 +750,7 @@ __attribute__((noinline)) DELREC_CONTRACT void sum_members(
         const scalar_t a = member[k + u].a, b = member[k + u].b;
 #pragma GCC unroll 4
         for (int q = 0; q < NB; ++q) {
-          const Vec<scalar_t> gq = load(gi + q * L);
+          const Vec<scalar_t> gq = kept(load(gi + q * L));
           by_a[u][q] += a * gq;
           by_b[u][q] += b * gq;
         }
@@ -732,7 +761,7 @@ __attribute__((noinline)) DELREC_CONTRACT void sum_members(
       const scalar_t a = member[k].a, b = member[k].b;
 #pragma GCC unroll 4
       for (int q = 0; q < NB; ++q) {
-        const Vec<scalar_t> gq = load(gi + q * L);
+        const Vec<scalar_t> gq = kept(load(gi + q * L));
         by_a[0][q] += a * gq;
         by_b[0][q] += b * gq;
       }
@@ -813,8 +842,20 @@ __attribute__((noinline)) DELREC_CONTRACT void sum_far(
     const FarSlot* __restrict slots, int64_t count, scalar_t* __restrict ring, int64_t head,
     int64_t depth) {
   constexpr int64_t L = kLanes<scalar_t>;
+  auto first_row = [&](const FarSlot& f) {  // the slot's adjoint ring row at head
+    int64_t row = head - f.level;
+    row += row < 0 ? depth : 0;
+    return row - (row >= depth ? depth : 0);
+  };
   for (int64_t k = 0; k < count; ++k) {
     const FarSlot f = slots[k];
+    if (k + kAhead < count) {  // the rings are larger than the cache at long delay ranges
+      const FarSlot next = slots[k + kAhead];
+      int64_t row = first_row(next);
+      for (int q = 0; q < Q; ++q, row = row + 1 == depth ? 0 : row + 1) {
+        prefetch_row(ring + (static_cast<int64_t>(next.row) + row) * 2 * width, width, NB * L);
+      }
+    }
     Vec<scalar_t> x[Q][NB] = {}, e[Q][NB] = {};
     for (int64_t m = member_start[f.slot]; m < member_start[f.slot + 1]; ++m) {
       const scalar_t* gi = g + static_cast<int64_t>(member[m].index) * stride;
@@ -823,15 +864,13 @@ __attribute__((noinline)) DELREC_CONTRACT void sum_far(
       for (int q = 0; q < Q; ++q) {
 #pragma GCC unroll 4
         for (int v = 0; v < NB; ++v) {
-          const Vec<scalar_t> gq = load(gi + q * width + v * L);
+          const Vec<scalar_t> gq = kept(load(gi + q * width + v * L));
           x[q][v] += a * gq;
           e[q][v] += b * gq;
         }
       }
     }
-    int64_t row = head - f.level;
-    row += row < 0 ? depth : 0;
-    row -= row >= depth ? depth : 0;
+    int64_t row = first_row(f);
 #pragma GCC unroll 8
     for (int q = 0; q < Q; ++q) {
       scalar_t* to = ring + (static_cast<int64_t>(f.row) + row) * 2 * width;
@@ -875,12 +914,14 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
   }
   double* support_sum = by_support.data_ptr<double>();  // (N): Σ_t Σ_s K_s·x_s
 
-  // injections of the entry adjoints into the recursion of each neuron: (N, R, 2, B'), so that
-  // one neuron's injections at all ring slots stay within a few cache lines; `once`: the chain's
-  // lag-1 terms, ∂L/∂s_j[t - 1] formed at step t and used once
-  Buffer<scalar_t> inject(reach * 2 * n * width, scalar_t(0));
+  // injections of the entry adjoints into the recursion of each neuron: a ring of `reach` rows
+  // by time (reach > every tap lag), each row (N, 2, B') for all neurons, so that a step's
+  // writes at each tap lag and its reads run through memory in order (neuron-major rings, with
+  // all of a neuron's rows together, miss the cache at every write); `once`: the chain's lag-1
+  // terms, ∂L/∂s_j[t - 1] formed at step t and used once
+  Buffer<scalar_t> inject(reach * n * 2 * width, scalar_t(0));
   const auto injection = [&](int64_t j, int64_t time) {
-    return inject.data() + (j * reach + time % reach) * 2 * width;
+    return inject.data() + ((time % reach) * n + j) * 2 * width;
   };
   Buffer<scalar_t> once(n * width, scalar_t(0));
   // the adjoint rings (C·depth rows of ∂L/∂Z then ∂L/∂E, B' lanes each)
@@ -940,7 +981,7 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
   const SurrogateDerivative<scalar_t> derivative(lif);
 
   for (int64_t t = steps - 1; t >= 0; --t) {
-    const int64_t now = t * nb, head = (t - p.lowest) % p.depth;
+    const int64_t now = t * nb, head = p.head_at(t);
     for_each_block(n, [&](int64_t i0, int64_t i1) {
       // the spikes' adjoint from the recurrence, neuron-major: y (the adjoint recursion fed by
       // the injections at t) plus the one-off lag-1 terms, gathered in `once`
@@ -1045,7 +1086,7 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
           for (int64_t q0 = 0; q0 < kSpan; q0 += Q) {
             sum_far<scalar_t, NB, Q>(adj + (t + q0) * width + lane, span_steps * width, width,
                                      members.data(), p.member_start, far_slots.data() + f0, count,
-                                     ring.data() + lane, (t + q0 - p.lowest) % p.depth, p.depth);
+                                     ring.data() + lane, p.head_at(t + q0), p.depth);
           }
         });
       }
@@ -1068,14 +1109,6 @@ constexpr int64_t kMinChunk = 1;
 // sum[q] = Σ over the lanes of v[q], for 16 registers at once.
 template <typename scalar_t>
 struct Registers;
-
-// An empty asm keeps a loaded vector in a register: GCC would otherwise fold the load into every
-// FMA that reads it (one load per FMA instead of one per vector block).
-template <typename V>
-inline V kept(V x) {
-  asm("" : "+v"(x));
-  return x;
-}
 
 template <>
 struct Registers<float> {
@@ -1369,20 +1402,19 @@ void gradient_sweep(const Plan& p, const at::Tensor& history, const at::Tensor& 
           }
         }
       }
-      for (int64_t j = j0; j < j1; ++j) {  // the group's gradients
-        const double* d0 = sums.data() + (j - j0) * 2 * n;
-        const double* d1 = d0 + n;
-        const double inv_w2 = 1.0 / (out.width[j] * out.width[j]);
-        double weighted = 0.0;
-        for (int64_t i = 0; i < n; ++i) {
+      // the group's gradients, row by row (the group's columns of a row are contiguous)
+      std::fill(out.weighted + j0, out.weighted + j1, 0.0);
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const double* d0 = sums.data() + (j - j0) * 2 * n;
+          const double* d1 = d0 + n;
           const int64_t k = i * n + j;
           const double w = out.weight[k];
           const double by_weight = out.gain * (d0[i] + out.offset[k] * d1[i]);
           out.grad_weight[k] = by_weight;
-          out.grad_delay[k] = out.gain * w * d1[i] * inv_w2;
-          weighted += w * by_weight;
+          out.grad_delay[k] = out.gain * w * d1[i] * (1.0 / (out.width[j] * out.width[j]));
+          out.weighted[j] += w * by_weight;
         }
-        out.weighted[j] = weighted;
       }
       j0 = j1;
     }

@@ -1,9 +1,11 @@
 """GPU kernels of the engine, written in Triton (an optional dependency).
 
 Every time loop of the engine has a Triton version here: the axonal/shared recurrence forward
-and backward (:mod:`.axonal`), integer-delay inference (:mod:`.ring`), the feedforward LIF layer
-and the leaky-integrator readout (:mod:`.feedforward`). They compute what the C++ loops compute,
-on the same algorithms (docs/gpu.md says how they are laid out on the GPU).
+and backward (:mod:`.axonal`), synaptic delays (:mod:`.synaptic`), integer-delay inference
+(:mod:`.ring`), and the network around the delays (:mod:`.fused`: feedforward LIF layers with
+their dropout, the leaky-integrator readout, dropout, BatchNorm; the CUDA kernels of
+:mod:`delrec.engine.fused`). They compute what the C++ loops compute, on the same algorithms
+(docs/gpu.md says how they are laid out on the GPU).
 
 They run compiled on CUDA tensors. With ``TRITON_INTERPRET=1`` set when the kernel modules
 are imported, Triton's interpreter runs the same kernels on CPU tensors (slowly): that is how
@@ -11,8 +13,9 @@ the tests check them on machines without a GPU.
 
 This package imports without Triton and imports the kernel modules only when a path runs
 (:func:`axonal_recurrence`, :func:`synaptic_recurrence`, :func:`ring_recurrence`, the engine
-paths ``triton-axonal``, ``triton-synaptic``, ``triton-ring``); :func:`available` says whether
-the kernels run on a device and :func:`missing_reason` why not.
+paths ``triton-axonal``, ``triton-synaptic``, ``triton-ring``; the fused network's
+``KERNELS["cuda"]``); :func:`available` says whether the kernels run on a device and
+:func:`missing_reason` why not.
 """
 
 from __future__ import annotations
@@ -73,8 +76,9 @@ _interpreter_paths = False
 
 def offer_interpreted_paths() -> None:
     """Let the engine select the Triton paths for CPU tensors under the interpreter
-    (``TRITON_INTERPRET=1``): what a dry run of the GPU benchmark does to run them end to end
-    without a GPU. Otherwise they run on the CPU only when called by name (the tests)."""
+    (``TRITON_INTERPRET=1``), and the fused network the Triton kernels where the C++ ones are
+    not built: what a dry run of the GPU benchmark does to run them end to end without a GPU.
+    Otherwise they run on the CPU only when called by name (the tests)."""
     global _interpreter_paths
     _interpreter_paths = True
 
@@ -93,11 +97,11 @@ def runs_on(device: torch.device) -> bool:
     return False
 
 
-def axonal_recurrence(current, weight, delay, width, neuron, mask=None):
+def axonal_recurrence(current, weight, delay, width, neuron, mask=None, state=None):
     """Path ``triton-axonal``: :func:`delrec.engine.triton.axonal.recurrence`."""
     from delrec.engine.triton import axonal
 
-    return axonal.recurrence(current, weight, delay, width, neuron, mask)
+    return axonal.recurrence(current, weight, delay, width, neuron, mask, state)
 
 
 def synaptic_recurrence(current, weight, delay, width, neuron, mask=None):

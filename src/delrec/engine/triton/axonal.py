@@ -422,8 +422,8 @@ def backward_loop(grad_spikes, membrane, trace, slope, support, weight_in, mask,
 LOOPS = TimeLoops(forward_loop, backward_loop)
 
 
-def recurrence(current, weight, delay, width, neuron, mask=None):
+def recurrence(current, weight, delay, width, neuron, mask=None, state=None):
     """Path ``triton-axonal``: spikes ``(T, B, N)`` of a recurrent LIF layer with axonal delays
     ``(N,)``, the time loops in Triton, differentiable in every input (the arguments of
-    :func:`delrec.engine.axonal.cpp_recurrence`)."""
-    return run_loops(LOOPS, current, weight, delay, width, neuron, mask)
+    :func:`delrec.engine.axonal.cpp_recurrence`, a ``state`` too)."""
+    return run_loops(LOOPS, current, weight, delay, width, neuron, mask, state)

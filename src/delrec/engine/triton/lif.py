@@ -75,18 +75,52 @@ def surrogate_code(p: LIFParameters) -> int:
 
 def constants(lif, device: torch.device) -> torch.Tensor:
     """The constants of the engine's LIF map ``lif`` (leak, gain, offset, v0 and the
-    parameters ``p``) as the kernels read them, float64 ``(8,)``. For Triangle(γ) the
-    surrogate's (param, scale) are ``(γ, γ²)``: ``ψ' = max(0, γ - |x|)/γ²``; for ATan(α),
-    ``(α/2, πα/2)``: ``ψ' = (α/2)/(1 + (πα/2·x)²)``."""
+    parameters ``p``) as the kernels read them: :func:`lif_constants`."""
     p = lif.p
-    s = p.surrogate
+    return lif_constants(
+        lif.leak,
+        lif.v0,
+        p.v_threshold,
+        p.v_reset or 0.0,
+        lif.native_surrogate(),
+        lif.gain,
+        lif.offset,
+        device,
+    )
+
+
+def lif_constants(
+    leak: float,
+    v0: float,
+    threshold: float,
+    v_reset: float,
+    surrogate: tuple[int, float],
+    gain: float,
+    offset: float,
+    device: torch.device,
+) -> torch.Tensor:
+    """The LIF constants as the kernels read them, float64 ``(8,)`` on ``device``.
+    ``surrogate``: ``(code, param)`` as :meth:`~delrec.engine.lif.LIFMap.native_surrogate`
+    gives it. For Triangle(γ) the surrogate's (param, scale) are ``(γ, γ²)``:
+    ``ψ' = max(0, γ - |x|)/γ²``; for ATan(α), ``(α/2, πα/2)``: ``ψ' = (α/2)/(1 + (πα/2·x)²)``."""
+    code, value = surrogate
     param, scale = 0.0, 1.0
-    if type(s) is Triangle:
-        param, scale = s.gamma, s.gamma * s.gamma
-    elif type(s) is ATan:
-        param, scale = s.alpha / 2, math.pi / 2 * s.alpha
-    values = [lif.leak, lif.v0, p.v_threshold, p.v_reset or 0.0, param, scale, lif.gain, lif.offset]
-    return torch.tensor(values, dtype=torch.float64, device=device)
+    if code == TRIANGLE:
+        param, scale = value, value * value
+    elif code == ATAN:
+        param, scale = value / 2, math.pi / 2 * value
+    values = [leak, v0, threshold, v_reset, param, scale, gain, offset]
+    return device_tensor(values, torch.float64, device)
+
+
+def device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor of ``values`` on ``device``. To a GPU it is copied from pinned memory
+    without waiting (a plain copy from pageable memory would synchronise the host with the
+    GPU at every kernel launch)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
 
 
 def dtype_of(t: torch.Tensor):
@@ -147,7 +181,7 @@ def recurrent_tiles(batch: int, n: int, dtype: torch.dtype, wide: bool = False) 
 
 
 def elementwise_tiles() -> int:
-    """Elements per program of the elementwise time loops (feedforward LIF, readout)."""
+    """Elements per program of the readout's time loop (the leaky integrator)."""
     return 64 if INTERPRETED else 256
 
 

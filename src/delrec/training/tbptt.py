@@ -1,0 +1,120 @@
+"""Truncated backpropagation through time: a training step in chunks of ``K`` steps
+(docs/training.md#truncated-bptt).
+
+The loss of a sequence, ``L(y)``, depends on the whole readout sequence ``y`` ``(T, B, K)``
+(a sum over time, a softmax summed over time, the last valid value). A step runs twice:
+
+1. without autograd, chunk by chunk with the state carried across, to get ``y``, the loss and
+   its gradient ``G = ∂L/∂y`` (cheap: ``y`` is small);
+2. chunk by chunk again from the same random state (so with the same dropout masks) and the
+   same BatchNorm running statistics, each chunk ``c`` backpropagating ``Σ G[c]·y[c]`` plus its
+   share of the firing-rate penalty, with the state detached at its start.
+
+The gradient is exactly truncated BPTT of the sequence loss: every path from the loss back to
+a parameter that stays inside one chunk counts, none that crosses a chunk boundary. Memory for
+backward is that of one chunk (∝ K), plus ``y``; the cost is one extra forward without autograd.
+In training mode BatchNorm normalises each chunk by its own statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from delrec.models import SpikingNetwork
+
+
+@dataclass
+class ChunkedStep:
+    """The result of the first pass of :func:`truncated_bptt`: the sequence ``loss`` and
+    ``prediction`` (as the objective returns them), ``firing_rates`` (spikes per neuron per
+    step of each hidden layer) and their mean ``firing_rate``, and :meth:`backward`, the second
+    pass, which adds the truncated gradient of ``loss + rate_penalty · spike_penalty`` to the
+    parameters' ``.grad``."""
+
+    loss: Tensor
+    prediction: Tensor
+    firing_rates: list[float]
+    backward: Callable[[], None]
+
+    @property
+    def firing_rate(self) -> float:
+        return sum(self.firing_rates) / len(self.firing_rates)
+
+
+def chunk_bounds(steps: int, chunk: int) -> list[tuple[int, int]]:
+    """``[(0, K), (K, 2K), …]`` up to ``steps``; the last chunk may be shorter."""
+    if chunk < 1:
+        raise ValueError(f"the TBPTT chunk must be at least 1 step, got {chunk}")
+    return [(start, min(start + chunk, steps)) for start in range(0, steps, chunk)]
+
+
+def truncated_bptt(
+    network: SpikingNetwork,
+    frames: Tensor,
+    lengths: Tensor,
+    targets: Tensor,
+    objective,
+    chunk: int,
+    rate_penalty: float = 0.0,
+) -> ChunkedStep:
+    """One training step of ``network`` (in training mode) on ``frames`` ``(T, B, C)`` in chunks
+    of ``chunk`` steps; ``objective(y, lengths, targets) -> (loss, prediction)``. Returns the
+    first pass's results; call ``.backward()`` for the gradients (module docstring)."""
+    bounds = chunk_bounds(frames.shape[0], chunk)
+    devices = [frames.device] if frames.device.type == "cuda" else []
+    rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+    statistics = _batch_norm_buffers(network)
+    outputs, spike_sums, sizes, state = [], None, None, None
+    with torch.no_grad():
+        for start, end in bounds:
+            out, spikes, state = network.forward_with_spikes(
+                frames[start:end], state, return_state=True
+            )
+            outputs.append(out)
+            sums = [s.sum() for s in spikes]
+            spike_sums = sums if spike_sums is None else [a + b for a, b in zip(spike_sums, sums)]
+            sizes = [s[0].numel() for s in spikes]
+    output = torch.cat(outputs).requires_grad_()
+    with torch.enable_grad():
+        loss, prediction = objective(output, lengths, targets)
+        (grad_output,) = torch.autograd.grad(loss, output)
+    steps = frames.shape[0]
+    rates = [float(total) / (steps * size) for total, size in zip(spike_sums, sizes)]
+
+    def backward() -> None:
+        _restore(statistics)
+        torch.set_rng_state(rng[0])
+        for device, cuda_state in zip(devices, rng[1]):
+            torch.cuda.set_rng_state(cuda_state, device)
+        state = None
+        for start, end in bounds:
+            out, spikes, state = network.forward_with_spikes(
+                frames[start:end], state, return_state=True
+            )
+            total = (out * grad_output[start:end]).sum()
+            if rate_penalty > 0:  # its share of mean over layers of 0.5·Σ s²/(T·B·N)
+                share = [0.5 * s.pow(2).sum() / (steps * s[0].numel()) for s in spikes]
+                total = total + rate_penalty * torch.stack(share).mean()
+            total.backward()
+
+    return ChunkedStep(loss.detach(), prediction.detach(), rates, backward)
+
+
+def _batch_norm_buffers(network: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """Copies of every BatchNorm running statistic, to undo the first pass's updates."""
+    return [
+        (buffer, buffer.detach().clone())
+        for module in network.modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        for buffer in module.buffers(recurse=False)
+    ]
+
+
+def _restore(statistics: list[tuple[Tensor, Tensor]]) -> None:
+    with torch.no_grad():
+        for buffer, saved in statistics:
+            buffer.copy_(saved)

@@ -1,0 +1,124 @@
+"""Streaming runs on the layers' stateful engine: frames one at a time, chunks of any length,
+the compiled loop and the PyTorch-op paths all give ``net.eval()``'s spikes and outputs."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from delrec.bench_state import compiled_loops
+from delrec.deploy import StreamingNetwork
+from delrec.engine import native
+from delrec.engine.ring import DelayedSynapses
+from delrec.models import NetworkConfig, build_network
+
+
+def network(model="delrec", delay_type="axonal", readout="lif", seed=0):
+    cfg = NetworkConfig(
+        4,
+        (9, 11),
+        3,
+        model=model,
+        delay_type=delay_type,
+        delay_init="uniform:0:7",
+        block="bn",
+        readout=readout,
+        ff_delay_window=5,
+        neuron=dict(reset="hard", tau=1.5),
+    )
+    net = build_network(cfg, seed=seed).double().train()
+    x = (torch.rand(60, 8, 4, generator=torch.Generator().manual_seed(seed)) < 0.4).double() * 2
+    with torch.no_grad():  # BatchNorm statistics of the input, as training would give
+        net(x)
+    return net.eval()
+
+
+def spikes_in(steps, batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(steps, batch, 4, generator=g) < 0.4).double() * 2
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(
+    model=st.sampled_from(["delrec", "ff+rec", "fixed", "snn"]),
+    delay_type=st.sampled_from(["axonal", "synaptic"]),
+    readout=st.sampled_from(["lif", "sum", "ema"]),
+    cuts=st.lists(st.integers(1, 29), max_size=5).map(lambda c: sorted(set(c))),
+    compiled=st.booleans(),
+)
+def test_chunks_of_any_length_give_the_whole_evaluation(model, delay_type, readout, cuts, compiled):
+    net = network(model, delay_type, readout)
+    x = spikes_in(30)
+    with torch.no_grad():
+        out, spikes = net.forward_with_spikes(x)
+    assert sum(float(s.sum()) for s in spikes) > 0
+    with compiled_loops(compiled):
+        stream = StreamingNetwork.from_network(net)
+        state = stream.initial_state(2)
+        pieces, start = [], 0
+        for end in [*cuts, 30]:
+            pieces.append(stream.advance(x[start:end], state))
+            start = end
+    assert state.t == 30
+    for layer, expected in enumerate(spikes):
+        assert torch.equal(torch.cat([p[1][layer] for p in pieces]), expected)
+        assert torch.equal(state.spikes[layer], expected[-1])
+    torch.testing.assert_close(torch.cat([p[0] for p in pieces]), out, rtol=1e-12, atol=1e-12)
+
+
+def test_one_frame_at_a_time_equals_one_chunk():
+    stream = StreamingNetwork.from_network(network("ff+rec", "synaptic"))
+    x = spikes_in(25)
+    state = stream.initial_state(2)
+    frames = torch.stack([stream.step(x_t, state) for x_t in x])
+    whole, _ = stream.advance(x, stream.initial_state(2))
+    torch.testing.assert_close(frames, whole, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(native.load("ring") is None, reason="the C++ ring kernels did not build")
+def test_the_compiled_stack_runs_and_equals_the_pytorch_ops():
+    net = network("delrec", "axonal")
+    x = spikes_in(40)
+    with compiled_loops(True):
+        stream = StreamingNetwork.from_network(net)
+        compiled = stream.run(x)
+        assert stream._stack is not None  # every layer and the readout in one call
+    with compiled_loops(False):
+        plain_stream = StreamingNetwork.from_network(net)
+        plain = plain_stream.run(x)
+        assert plain_stream._stack is None
+    assert all(torch.equal(a, b) for a, b in zip(compiled[1], plain[1]))
+    torch.testing.assert_close(compiled[0], plain[0], rtol=1e-12, atol=1e-12)
+
+
+def test_a_stream_moved_to_another_dtype_recompiles():
+    net = network()
+    stream = StreamingNetwork.from_network(net)
+    x = spikes_in(20)
+    expected = stream.run(x)[0]
+    stream.float()
+    assert stream.run(x.float())[0].dtype == torch.float32
+    stream.double()
+    torch.testing.assert_close(stream.run(x)[0], expected, rtol=0, atol=0)
+
+
+def test_delayed_synapses_read_chunks_like_their_definition():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    bias = torch.randn(3, generator=g, dtype=torch.float64)
+    x = torch.randn(9, 2, 4, generator=g, dtype=torch.float64)
+    for lags in (
+        torch.tensor([2, 0, 3, 1]).expand(3, 4),  # one lag per input
+        torch.randint(0, 4, (3, 4), generator=g),  # one per synapse
+    ):
+        synapses = DelayedSynapses(weight, lags, bias)
+        past = torch.zeros(synapses.max_lag, 2, 4, dtype=torch.float64)
+        first, past = synapses.run(x[:4], past)
+        second, _ = synapses.run(x[4:], past)
+        want = torch.zeros(9, 2, 3, dtype=torch.float64) + bias
+        for t in range(9):
+            for i in range(3):
+                for j in range(4):
+                    if t - lags[i, j] >= 0:
+                        want[t, :, i] += weight[i, j] * x[t - lags[i, j], :, j]
+        torch.testing.assert_close(torch.cat([first, second]), want, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,165 @@
+"""Truncated BPTT in training: the two-pass chunked step computes the truncated gradient of the
+sequence loss, one chunk longer than the sequence is plain BPTT, backward memory grows with the
+chunk, and `delrec train --set tbptt=K` trains."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from delrec.bench_state import linear_fit, peak_saved_bytes
+from delrec.cli import main
+from delrec.layers import DelRec
+from delrec.models import NetworkConfig, build_network, preset_network
+from delrec.training.objectives import make_objective
+from delrec.training.tbptt import chunk_bounds, truncated_bptt
+
+
+def small_network(readout: str, block: str, seed: int = 0) -> nn.Module:
+    cfg = NetworkConfig(
+        3,
+        (6, 7),
+        4,
+        block=block,
+        dropout=0.2,
+        recurrent_dropout=0.3,
+        readout=readout,
+        delay_init="uniform:0:6",
+        learn_spread=True,
+        neuron=dict(reset="soft", tau=2.0),
+    )
+    net = build_network(cfg, seed=seed).double().train()
+    for module in net.modules():
+        if isinstance(module, DelRec):
+            module.sigma.fill_(2.0)
+    return net
+
+
+def batch(readout: str, steps: int = 25, size: int = 5):
+    g = torch.Generator().manual_seed(1)
+    frames = torch.rand(steps, size, 3, generator=g, dtype=torch.float64) * 3
+    lengths = torch.randint(steps - 6, steps + 1, (size,), generator=g)
+    if readout == "ema":
+        return frames, lengths, torch.randn(size, generator=g, dtype=torch.float64), "regression"
+    return frames, lengths, torch.randint(0, 4, (size,), generator=g), "classification"
+
+
+def gradients(net) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in net.parameters() if p.requires_grad]
+
+
+def chunked_graph_gradients(net, frames, lengths, targets, objective, chunk, penalty):
+    """The definition: every chunk's graph kept, the state detached between chunks, the
+    sequence loss (and penalty) backpropagated once."""
+    outputs, spikes, state = [], [], None
+    for start, end in chunk_bounds(frames.shape[0], chunk):
+        out, s, state = net.forward_with_spikes(frames[start:end], state, return_state=True)
+        outputs.append(out)
+        spikes.append(s)
+    loss, _ = objective(torch.cat(outputs), lengths, targets)
+    layers = [torch.cat(layer) for layer in zip(*spikes)]
+    total = loss + penalty * torch.stack([0.5 * s.pow(2).mean() for s in layers]).mean()
+    net.zero_grad(set_to_none=True)
+    total.backward()
+    return loss.detach(), gradients(net)
+
+
+@pytest.mark.parametrize("readout,block", [("sum", "dropout"), ("lif", "bn"), ("ema", "dropout")])
+def test_two_passes_give_the_truncated_gradient_of_the_sequence_loss(readout, block):
+    net = small_network(readout, block)
+    frames, lengths, targets, task = batch(readout)
+    objective = make_objective(task, readout)
+    torch.manual_seed(7)
+    expected_loss, expected = chunked_graph_gradients(
+        net, frames, lengths, targets, objective, 6, 0.3
+    )
+    expected_buffers = [b.clone() for b in net.buffers()]
+    after = torch.get_rng_state()
+
+    net = small_network(readout, block)  # the same initial parameters and statistics
+    torch.manual_seed(7)
+    step = truncated_bptt(net, frames, lengths, targets, objective, 6, 0.3)
+    net.zero_grad(set_to_none=True)
+    step.backward()
+    torch.testing.assert_close(step.loss, expected_loss, rtol=1e-12, atol=0)
+    for actual, want in zip(gradients(net), expected):
+        torch.testing.assert_close(actual, want, rtol=1e-9, atol=1e-12)
+    # BatchNorm's running statistics are updated once per chunk, as by one chunked pass
+    assert all(torch.equal(a, b) for a, b in zip(net.buffers(), expected_buffers))
+    assert torch.equal(torch.get_rng_state(), after)  # and the random stream ends where it would
+    assert 0 < step.firing_rate < 1
+
+
+def test_truncation_changes_the_gradient_and_a_chunk_as_long_as_the_sequence_is_bptt():
+    readout = "sum"
+    frames, lengths, targets, task = batch(readout)
+    objective = make_objective(task, readout)
+    results = {}
+    for chunk in (5, frames.shape[0]):
+        net = small_network(readout, "dropout")
+        torch.manual_seed(3)
+        step = truncated_bptt(net, frames, lengths, targets, objective, chunk)
+        net.zero_grad(set_to_none=True)
+        step.backward()
+        results[chunk] = gradients(net)
+    net = small_network(readout, "dropout")
+    torch.manual_seed(3)
+    output, _ = net.forward_with_spikes(frames)
+    loss, _ = objective(output, lengths, targets)
+    net.zero_grad(set_to_none=True)
+    loss.backward()
+    for actual, want in zip(results[frames.shape[0]], gradients(net)):
+        torch.testing.assert_close(actual, want, rtol=1e-9, atol=1e-12)
+    recurrent = [i for i, p in enumerate(net.parameters()) if p.shape == (7, 7)]
+    assert not torch.allclose(results[5][recurrent[0]], results[frames.shape[0]][recurrent[0]])
+
+
+def test_backward_memory_grows_with_the_chunk_not_the_sequence():
+    """PS-MNIST's network (784 steps): the graph kept for one chunk's backward is ∝ K."""
+    cfg = preset_network("psmnist", "delrec", hidden_sizes=(16, 24, 24))
+    net = build_network(cfg, seed=0).train()
+    frames = torch.rand(784, 4, 1)
+    peaks = {}
+    for chunk in (49, 98, 196, 392, 784):
+        peaks[chunk] = peak_saved_bytes(
+            lambda chunk=chunk: truncated_bptt(
+                net, frames, torch.full((4,), 784), torch.zeros(4, dtype=torch.long),
+                make_objective("classification", "sum"), chunk,
+            ).backward()
+        )  # fmt: skip
+    whole = peaks.pop(784)  # one chunk: no history to carry in
+    per_step, constant = linear_fit(peaks)
+    for chunk, peak in peaks.items():  # a constant plus the same bytes for every step of K
+        assert abs(constant + per_step * chunk - peak) <= 0.01 * peak, peaks
+    assert 0 <= constant < peaks[49] / 2 and whole <= constant + per_step * 784, peaks
+
+
+def test_chunk_bounds_cover_the_sequence_and_refuse_zero():
+    assert chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert chunk_bounds(3, 10) == [(0, 3)]
+    with pytest.raises(ValueError, match="at least 1"):
+        chunk_bounds(10, 0)
+
+
+def test_train_command_trains_in_chunks_and_resumes_bit_for_bit(tmp_path, capsys):
+    """`delrec train --set tbptt=16` on 64-step digits: recorded in the run, the loss falls, a
+    run stopped and resumed ends where an uninterrupted one does; one chunk of 64 steps trains
+    exactly as without tbptt."""
+    from test_train_run import TINY_DIGITS, check_kill_and_resume, read_metrics
+
+    base = [*TINY_DIGITS, "--set", "tbptt=16", "optim.lr=1e-2"]
+    check_kill_and_resume(tmp_path, capsys, base)
+    document = json.loads((tmp_path / "whole" / "config.json").read_text())
+    assert document["config"]["tbptt"] == 16
+    rows = read_metrics(tmp_path / "whole")
+    assert float(rows[-1]["train_loss"]) < 0.9 * float(rows[0]["train_loss"])
+
+    def metrics(name, *extra):
+        run = tmp_path / name
+        assert main(["train", "--epochs", "2", "--run-dir", str(run), *TINY_DIGITS, *extra]) == 0
+        return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in read_metrics(run)]
+
+    assert metrics("one-chunk", "--set", "tbptt=64") == metrics("plain")
+    assert main(["train", "--run-dir", str(tmp_path / "bad"), *TINY_DIGITS, "--set", "tbptt=0"])
+    assert "tbptt" in capsys.readouterr().err
