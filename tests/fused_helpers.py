@@ -4,7 +4,7 @@ and tests/test_triton_fused.py (the Triton kernels) share. Every helper runs on 
 import dataclasses
 
 import torch
-from engine_helpers import assert_close_relative
+from engine_harness import Expected, RecordingLIF, assert_close_relative, compare
 from torch import nn
 
 from delrec.engine import dropout as masks
@@ -42,10 +42,10 @@ def reference_layer(neuron, x, mask_in=None, mask_out=None):
 def assert_lif_layer_like_the_loop(
     shape, neuron, other_surrogate, dropout_in, dropout_out, seed, device="cpu"
 ):
-    """:func:`fused.lif_layer` in float64 against its autograd loop (:func:`reference_layer`):
-    same spikes, input gradient within 1e-6. ``other_surrogate``: a surrogate the kernels don't
-    know (:class:`Sigmoid`) in place of the neuron's; masks on the input and on the output (the
-    latter with a batch offset)."""
+    """:func:`fused.lif_layer` in float64 against its autograd loop (:func:`reference_layer`)
+    through the engine harness: same spikes, the input gradient entry by entry within 1e-9.
+    ``other_surrogate``: a surrogate the kernels don't know (:class:`Sigmoid`) in place of the
+    neuron's; masks on the input and on the output (the latter with a batch offset)."""
     if other_surrogate:
         neuron.p = dataclasses.replace(neuron.p, surrogate=Sigmoid())
     g = torch.Generator().manual_seed(seed)
@@ -54,13 +54,15 @@ def assert_lif_layer_like_the_loop(
     current = current.to(device)
     mask_in = masks.MaskDraw(seed, 0.7) if dropout_in else None
     mask_out = masks.MaskDraw(seed + 1, 0.6, batch_offset=seed) if dropout_out else None
-    x = current.clone().requires_grad_()
-    expected = reference_layer(neuron, x, mask_in, mask_out)
-    (expected_grad,) = grads_of(expected, [x], grad_out)
-    x = current.clone().requires_grad_()
-    spikes = fused.lif_layer(x, neuron.p, mask_in, mask_out)
-    assert torch.equal(spikes, expected.detach())
-    assert_close_relative(grads_of(spikes, [x], grad_out)[0], expected_grad)
+
+    def reference(current):
+        recording = RecordingLIF(neuron.p)  # records the pre-spike membrane (threshold ties)
+        spikes = reference_layer(recording, current, mask_in, mask_out)
+        return spikes, torch.stack(recording.membrane)
+
+    inputs = {"current": current.clone().requires_grad_()}
+    expected = Expected(reference, inputs, grad_out, neuron.p.v_threshold)
+    compare(lambda current: fused.lif_layer(current, neuron.p, mask_in, mask_out), expected)
 
 
 def assert_batch_norm_like_the_module(shape, dtype, momentum, with_shift, device="cpu"):

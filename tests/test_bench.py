@@ -54,6 +54,18 @@ def test_bench_writes_the_four_panels_and_judges_the_targets(tmp_path, monkeypat
 
     verdicts = [line for line in printed.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert sum("cost of delays" in v for v in verdicts) == 4
+    # each verdict judges the ratio measured in bench.csv, whichever way it goes
+    cost = {
+        (float(r["max_delay"]), float(r["sigma"]), r["model"]): float(r["time_ms"])
+        for r in rows
+        if r["panel"] == "cost"
+    }
+    cost_lines = [v for v in verdicts if "cost of delays" in v]
+    for setting, line in zip(tiny_grids(True)[2], cost_lines):
+        key = (float(setting.max_delay), float(setting.sigma))
+        ratio = cost[(*key, "fast")] / cost[(*key, "vanilla")]
+        assert f"×{ratio:.2f} (target ≤ 1.5)" in line and setting.describe() in line, line
+        assert line.startswith("PASS" if ratio <= 1.5 else "FAIL"), line
     assert sum("memory saved for backward" in v for v in verdicts) == 2
     assert any("flat in the delay" in v for v in verdicts)  # the fast engine keeps the same bytes
     assert any("SHD setting" in v for v in verdicts)
@@ -105,6 +117,56 @@ def test_network_bench_times_breaks_down_and_judges_every_model(tmp_path, monkey
     assert any("delrec/rsnn" in v for v in verdicts) and any("--quick ran" in v for v in verdicts)
     assert (tmp_path / "network-bench.png").stat().st_size > 10_000
     assert "fused/unfused" in (tmp_path / "network-bench.txt").read_text()
+
+
+SETTINGS = tiny_grids(True)
+COST, SHD, SYNAPTIC = SETTINGS[2], SETTINGS[3], SETTINGS[4]
+DELAYS = SETTINGS[1]
+
+
+def measurements(cost_ratio, saved_ratio, flat, shd_time, shd_saved, growth, synaptic_ratio):
+    """Rows as `delrec bench` writes them, with the given ratios to the baseline of each target
+    (saved memory growing with the delay unless ``flat``)."""
+    found = {}
+    for s in COST:
+        found["cost", "fast", s] = (cost_ratio, saved_ratio * (1 if flat else 1 + s.max_delay))
+        found["cost", "vanilla", s] = (1.0, 1.0 if flat else 1 + s.max_delay)
+    found["shd", "reference", SHD] = (shd_time, shd_saved)
+    found["shd", "fast", SHD] = (1.0, 1.0)
+    for s, g in zip(DELAYS, growth):
+        found["delay", "reference", s] = (g, g)
+        found["delay", "fast", s] = (1.0, 1.0)
+    for s in SYNAPTIC:
+        growing = 1 if flat else 1 + s.max_delay
+        found["synaptic", "fast", s] = (1.0, growing)
+        found["synaptic", "fast-synaptic", s] = (synaptic_ratio, saved_ratio * growing)
+    return [
+        {**dataclasses.asdict(setting), "panel": panel, "model": model, "time_ms": t, "saved_mb": m}
+        for (panel, model, setting), (t, m) in found.items()
+    ]
+
+
+def verdicts_of(rows):
+    lines = bench.target_checks(rows, COST, SHD, quick=True)
+    assert lines[0].startswith("Targets")
+    lines = lines[1:] + bench.synaptic_checks(rows, SYNAPTIC)
+    return [line.split()[0] for line in lines], lines
+
+
+def test_targets_pass_at_their_bounds_and_fail_beyond():
+    """The judgement itself, on made-up measurements: every target passes exactly at its
+    bound and fails just beyond it (4 cost lines, 2 memory lines, 2 SHD, growth; synaptic:
+    time and memory of 2 settings, memory flat in the delay range)."""
+    at_bounds = measurements(1.5, 1.0, True, 5.0, 10.0, (2.0, 3.0), 4.0)
+    verdicts, lines = verdicts_of(at_bounds)
+    assert verdicts == ["PASS"] * 14, lines
+    assert "×1.50 (target ≤ 1.5)" in lines[0] and "flat in the delay" in lines[4]
+    assert "time ×4.00 (target ≤ 4)" in lines[9] and "saved memory flat" in lines[-1]
+    beyond = measurements(1.51, 1.01, False, 4.9, 9.9, (3.0, 2.0), 4.1)
+    verdicts, lines = verdicts_of(beyond)
+    assert verdicts == ["FAIL"] * 14, lines
+    assert "NOT flat in the delay" in lines[4] and "time ×4.10 (target ≤ 4)" in lines[9]
+    assert "saved memory NOT flat" in lines[-1]
 
 
 def test_streaming_and_tbptt_benchmarks_measure_and_judge(monkeypatch, capsys, tmp_path):

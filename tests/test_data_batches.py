@@ -79,10 +79,21 @@ def test_shift_moves_each_channel_within_the_limit():
 
 
 def test_shift_drops_spikes_leaving_the_window():
+    """A channel with 1 at bin 0 and 2 at bin 4 of 5, moved by the offset the generator draws:
+    what lands inside stays, what leaves is dropped (no wrap-around)."""
     frames = np.zeros((5, 1), dtype=np.float32)
     frames[0, 0], frames[4, 0] = 1, 2
-    out = shift_channels(frames, 10, np.random.default_rng(0))
-    assert out.shape == (5, 1) and out.sum() in (0, 1, 2)
+    seen = set()
+    for seed in range(40):
+        offset = int(np.random.default_rng(seed).integers(-10, 11, size=1)[0])
+        out = shift_channels(frames, 10, np.random.default_rng(seed))
+        expected = np.zeros((5, 1), dtype=np.float32)
+        for t, count in ((0, 1), (4, 2)):
+            if 0 <= t + offset < 5:
+                expected[t + offset, 0] = count
+        assert np.array_equal(out, expected), (seed, offset)
+        seen.add(float(out.sum()))
+    assert {0.0, 1.0, 2.0} <= seen  # both dropped, only the 1 kept, only the 2 kept
 
 
 def test_blend_aligns_centres_of_mass_and_thins():

@@ -1,16 +1,22 @@
-"""The fast engine against the reference loop: same spikes, same gradients, less memory."""
+"""The fast engine in the layer: what the engine paths of ``test_engine_paths.py`` do not see
+(widest box sums, strided inputs, long float32 sequences, dispatch, memory, other neurons)."""
 
 import dataclasses
 import math
-import os
-from contextlib import contextmanager
-from unittest import mock
 
 import pytest
 import torch
-from engine_helpers import NEURONS, assert_close_relative
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from engine_harness import (
+    Case,
+    Config,
+    Expected,
+    assert_grad_close,
+    compare,
+    draw_case,
+    native_kernels,
+    paths,
+    reference,
+)
 from torch import nn
 
 from delrec.bench import saved_bytes
@@ -47,156 +53,28 @@ def random_layer_pair(*, size, delay_type, delays, sigma, learn_spread, neuron, 
     return layers
 
 
-def draw_delays(shape, max_delay, integer_share, g):
-    """Delays in ``[0, max_delay]``: a share rounded to integers, the first one exactly 0."""
-    delays = torch.rand(shape, generator=g, dtype=torch.float64) * max_delay
-    integer = torch.rand(shape, generator=g) < integer_share
-    delays[integer] = delays[integer].round()
-    delays.view(-1)[0] = 0.0
-    return delays
-
-
-def run_with_grads(layer, current, mask, grad_out):
-    """Spikes and the gradients of ``Σ spikes·grad_out`` w.r.t. current and every parameter."""
-    current = current.clone().requires_grad_()
-    params = [p for p in (layer.weight, layer.delay, layer.spread_logits) if p is not None]
-    spikes = layer(current, dropout_mask=mask)
-    inputs = [current] + params
-    grads = torch.autograd.grad((spikes * grad_out).sum(), inputs, allow_unused=True)
-    return spikes.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
-
-
-LOOPS = ("native", "pytorch")  # the engine's time loops in C++, or in PyTorch ops
-
-
-@contextmanager
-def time_loops(which):
-    """Run the fast engine's loops in C++ (``native``) or in PyTorch ops (the fallback)."""
-    with mock.patch.dict(os.environ, {"DELREC_NATIVE": "1" if which == "native" else "0"}):
-        yield
-
-
-@settings(max_examples=120, deadline=None, derandomize=True)
-@given(
-    steps=st.integers(1, 14),
-    batch=st.integers(1, 3),
-    size=st.integers(1, 5),
-    delay_type=st.sampled_from(["axonal", "synaptic", "shared"]),
-    max_delay=st.sampled_from([0.0, 1.0, 4.0, 25.0]),  # 25 > T: kernels longer than the sequence
-    integer_share=st.sampled_from([0.0, 0.5, 1.0]),
-    sigma=st.sampled_from([0.0, 0.5, 1.0, 2.7, 10.0, 40.0]),
-    learn_spread=st.booleans(),
-    neuron=NEURONS,
-    dropout=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_fast_engine_matches_reference(
-    steps,
-    batch,
-    size,
-    delay_type,
-    max_delay,
-    integer_share,
-    sigma,
-    learn_spread,
-    neuron,
-    dropout,
-    seed,
-):
-    g = torch.Generator().manual_seed(seed)
-    shape = {"axonal": (size,), "synaptic": (size, size), "shared": (1,)}[delay_type]
-    delays = draw_delays(shape, max_delay, integer_share, g)
-    reference, fast_layer = random_layer_pair(
-        size=size,
-        delay_type=delay_type,
-        delays=delays,
-        sigma=sigma,
-        learn_spread=learn_spread,
-        neuron=neuron,
-        dropout=0.3 if dropout else 0.0,
-        seed=seed,
-    )
-    current = torch.randn(steps, batch, size, generator=g, dtype=torch.float64) * 0.8 + 0.4
-    mask = (
-        torch.bernoulli(torch.full((batch, size), 0.7, dtype=torch.float64), generator=g) / 0.7
-        if dropout
-        else None
-    )
-    grad_out = torch.randn(steps, batch, size, generator=g, dtype=torch.float64)
-
-    expected_spikes, expected_grads = run_with_grads(reference, current, mask, grad_out)
-    for loops in LOOPS:
-        with time_loops(loops):
-            spikes, grads = run_with_grads(fast_layer, current, mask, grad_out)
-        assert torch.equal(spikes, expected_spikes), loops
-        for name, actual, expected in zip(
-            ["current", "weight", "delay", "spread"], grads, expected_grads
-        ):
-            assert actual.shape == expected.shape, name
-            assert_close_relative(actual, expected)
-
-
-@pytest.mark.parametrize("delay_type", ["axonal", "synaptic"])
-@pytest.mark.parametrize("loops", LOOPS)
-@pytest.mark.parametrize("sigma", [0.0, 1.0, 2.0])
-@pytest.mark.parametrize("delay", [0.0, 1.0, 2.0, 5.0, -0.5])
-def test_gradients_at_kinks_follow_autograd_of_the_kernel(delay_type, loops, sigma, delay):
-    """Integer centres and integer spreads put lags exactly on the kinks of the triangle; the
-    reference convention (|x|' = 0 at 0, the clamp passes the gradient at 0) must hold there.
-    A negative delay (before the optimizer's clamp) is read like the reference reads it."""
-    size = 4
-    shape = (size,) if delay_type == "axonal" else (size, size)
-    reference, fast_layer = random_layer_pair(
-        size=size,
-        delay_type=delay_type,
-        delays=torch.full(shape, delay, dtype=torch.float64),
-        sigma=sigma,
-        learn_spread=True,
-        neuron=LIF(tau=2.0),
-        dropout=0.0,
-        seed=3,
-    )
-    g = torch.Generator().manual_seed(4)
-    current = torch.rand(20, 2, size, generator=g, dtype=torch.float64) * 1.6
-    grad_out = torch.randn(20, 2, size, generator=g, dtype=torch.float64)
-    expected_spikes, expected_grads = run_with_grads(reference, current, None, grad_out)
-    with time_loops(loops):
-        spikes, grads = run_with_grads(fast_layer, current, None, grad_out)
-    assert expected_spikes.sum() > 0
-    assert torch.equal(spikes, expected_spikes)
-    for actual, expected in zip(grads, expected_grads):
-        assert_close_relative(actual, expected)
-
-
-@pytest.mark.parametrize("loops", LOOPS)
-def test_wide_kernels_keep_exact_box_sums(loops):
+def test_wide_kernels_keep_exact_box_sums():
     """σ = 80 (w = 81): the box sums behind the delay and spread gradients no longer fit in
-    int8 and are kept in int16; gradients still equal the reference's."""
-    size = 5
-    g = torch.Generator().manual_seed(12)
-    reference, fast_layer = random_layer_pair(
-        size=size,
+    int8 and are kept in int16; every path's gradients still equal the reference's."""
+    case = draw_case(
         delay_type="axonal",
-        delays=draw_delays((size,), 30.0, 0.5, g),
-        sigma=80.0,
+        size=5,
+        batch=2,
+        steps=200,
+        max_delay=30.0,
+        sigma=40.0,
         learn_spread=True,
         neuron=LIF(tau=2.0),
-        dropout=0.0,
+        integer_share=0.5,
+        drive=(0.8, 0.5),
         seed=12,
     )
-    assert (
-        axonal._AxonalPlan(fast_layer.delay, fast_layer.delays_and_width()[1], 1).count_dtype
-        == torch.int16
-    )
-    current = torch.rand(200, 2, size, generator=g, dtype=torch.float64) * 1.6
-    grad_out = torch.randn(200, 2, size, generator=g, dtype=torch.float64)
-    expected_spikes, expected_grads = run_with_grads(reference, current, None, grad_out)
-    with time_loops(loops):
-        spikes, grads = run_with_grads(fast_layer, current, None, grad_out)
-    assert 0 < expected_spikes.mean() < 1
-    assert torch.equal(spikes, expected_spikes)
-    for actual, expected in zip(grads, expected_grads):
-        assert_close_relative(actual, expected)
+    case.width[0] = 81.0
+    assert axonal._AxonalPlan(case.delay, case.width, 1).count_dtype == torch.int16
+    expected = Expected(case.bind(reference), case.inputs(), case.grad_out, case.threshold)
+    assert 0 < expected.spikes.mean() < 1
+    for path in paths(Config("axonal")):
+        compare(case.bind(path.run), expected)
 
 
 def test_delay_clamped_at_zero_can_grow():
@@ -230,7 +108,7 @@ def test_integer_delay_path_equals_reference_in_eval(delay_type, monkeypatch):
     g = torch.Generator().manual_seed(11)
     delays = torch.rand(shape, generator=g, dtype=torch.float64) * 12.0
     delays.view(-1)[0] = 2.5  # rounds half to even
-    reference, fast_layer = random_layer_pair(
+    reference_layer, fast_layer = random_layer_pair(
         size=size,
         delay_type=delay_type,
         delays=delays,
@@ -246,12 +124,12 @@ def test_integer_delay_path_equals_reference_in_eval(delay_type, monkeypatch):
         monkeypatch.setitem(PATHS, name, dataclasses.replace(ring, run=_counting(ring.run, calls)))
     current = torch.rand(60, 3, size, generator=g, dtype=torch.float64) * 1.3
     with torch.no_grad():
-        expected = reference.eval()(current)
+        expected = reference_layer.eval()(current)
         spikes = fast_layer.eval()(current)
     assert calls, "eval without autograd should use the integer ring-buffer path"
     assert expected.sum() > 0
     assert torch.equal(spikes, expected)
-    assert torch.equal(fast_layer.delay, reference.delay)  # parameters untouched
+    assert torch.equal(fast_layer.delay, reference_layer.delay)  # parameters untouched
 
 
 def _counting(function, calls):
@@ -264,7 +142,8 @@ def _counting(function, calls):
 
 def test_the_cpp_time_loops_build_and_run_by_default(monkeypatch):
     """The C++ kernels compile on this machine (a build error fails here, with the compiler's
-    message) and a float32 layer with default settings runs them."""
+    message), and a float32 layer with default settings runs them and gets the reference
+    layer's spikes and gradients."""
     native.build("axonal")
     native.build("synaptic")
     native.build("ring")
@@ -275,51 +154,81 @@ def test_the_cpp_time_loops_build_and_run_by_default(monkeypatch):
         synaptic._SynapticSlots, "apply", _counting(synaptic._SynapticSlots.apply, calls)
     )
     monkeypatch.setattr(ring.IntegerLayer, "run", _counting(ring.IntegerLayer.run, calls))
+    current = torch.rand(10, 3, 8, generator=torch.Generator().manual_seed(2)) * 1.5
     for delay_type in ("axonal", "synaptic"):
-        layer = DelRec(8, LIF(), delay_type=delay_type, delay_init="uniform:0:5", sigma=2.0)
-        layer(torch.rand(10, 3, 8)).sum().backward()
-        with torch.no_grad():
-            layer.eval()(torch.rand(10, 3, 8))
+        results, layers = [], []
+        for engine in ("auto", "reference"):
+            layer = DelRec(
+                8,
+                LIF(),
+                delay_type=delay_type,
+                delay_init="uniform:0:5",
+                sigma=2.0,
+                engine=engine,
+                generator=torch.Generator().manual_seed(5),
+            )
+            x = current.clone().requires_grad_()
+            spikes = layer(x)
+            grads = torch.autograd.grad(spikes.sum(), [x, layer.weight, layer.delay])
+            results.append((spikes.detach(), grads))
+            layers.append(layer)
+        with torch.no_grad():  # integer-delay inference: the compiled ring
+            layers[0].eval()(current)
+        (spikes, grads), (expected_spikes, expected_grads) = results
+        assert 0 < expected_spikes.mean() < 1
+        assert torch.equal(spikes, expected_spikes)
+        for name, grad, expected in zip(("current", "weight", "delay"), grads, expected_grads):
+            assert_grad_close(name, grad, expected)
     assert len(calls) == 5
 
 
 @pytest.mark.parametrize("delay_type", ["axonal", "synaptic"])
-@pytest.mark.parametrize("loops", LOOPS)
-def test_strided_inputs_and_gradients_give_the_same_result(delay_type, loops):
+def test_strided_inputs_and_gradients_give_the_same_result(delay_type):
     """Input, dropout mask and incoming gradient as permuted (non-contiguous) views, as a
-    network passes them, give what their contiguous copies give."""
+    network passes them, give every path what their contiguous copies give."""
     size, steps, batch = 5, 30, 3
-    g = torch.Generator().manual_seed(8)
-    shape = (size,) if delay_type == "axonal" else (size, size)
-    _, layer = random_layer_pair(
-        size=size,
+    case = draw_case(
         delay_type=delay_type,
-        delays=draw_delays(shape, 6.0, 0.5, g),
+        size=size,
+        batch=batch,
+        steps=steps,
+        max_delay=6.0,
         sigma=2.0,
         learn_spread=True,
         neuron=LIF(tau=2.0, v_reset=None),
         dropout=0.3,
+        integer_share=0.5,
+        drive=(0.8, 0.5),
         seed=8,
     )
-    current = (torch.rand(batch, size, steps, generator=g, dtype=torch.float64) * 1.6).permute(
-        2, 0, 1
+    strided = Case(
+        case.current.permute(1, 2, 0).contiguous().permute(2, 0, 1),
+        case.weight,
+        case.delay,
+        case.width,
+        case.neuron,
+        case.mask.t().contiguous().t(),
+        case.grad_out.permute(2, 0, 1).contiguous().permute(1, 2, 0),
     )
-    mask = (torch.rand(size, batch, generator=g, dtype=torch.float64) < 0.7).double().t() / 0.7
-    grad_out = torch.randn(size, steps, batch, generator=g, dtype=torch.float64).permute(1, 2, 0)
-    assert not (current.is_contiguous() or mask.is_contiguous() or grad_out.is_contiguous())
-    with time_loops(loops):
-        spikes, grads = run_with_grads(layer, current, mask, grad_out)
-        expected_spikes, expected_grads = run_with_grads(
-            layer, current.contiguous(), mask.contiguous(), grad_out.contiguous()
-        )
-    assert 0 < expected_spikes.mean() < 1
-    assert torch.equal(spikes, expected_spikes)
-    for actual, expected in zip(grads, expected_grads):
-        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    assert not any(x.is_contiguous() for x in (strided.current, strided.mask, strided.grad_out))
+    assert not strided.inputs()["current"].is_contiguous()  # inputs() keeps the strides
+    for path in paths(Config(delay_type)):
+        results = []
+        for c in (case, strided):
+            inputs = c.inputs()
+            spikes = c.bind(path.run)(**inputs)
+            grads = torch.autograd.grad(spikes, list(inputs.values()), c.grad_out)
+            results.append((spikes.detach(), dict(zip(inputs, grads))))
+        (expected_spikes, expected_grads), (spikes, grads) = results
+        assert 0 < expected_spikes.mean() < 1
+        assert torch.equal(spikes, expected_spikes), path.name
+        for name, grad in grads.items():
+            torch.testing.assert_close(
+                grad, expected_grads[name], rtol=1e-12, atol=1e-12, msg=f"{path.name} {name}"
+            )
 
 
-@pytest.mark.parametrize("loops", LOOPS)
-def test_float32_recurrent_input_stays_accurate_over_long_sequences(loops):
+def test_float32_recurrent_input_stays_accurate_over_long_sequences():
     """The running trace is kept in float64, so in a float32 layer the delayed input after 3000
     steps with long, wide kernels still equals the float64 direct sum Σ_k κ(k) s[t-k] to ~1e-7.
 
@@ -343,12 +252,10 @@ def test_float32_recurrent_input_stays_accurate_over_long_sequences(loops):
         z_exact[k:] += kernel[:, k] * (source_input[:-k] / 2.0)
     margin = 2e-6 * torch.where(torch.rand(steps, batch, sources, generator=g) < 0.5, 1.0, -1.0)
     current = torch.cat([source_input, 1.0 - z_exact + margin.double()], dim=-1).float()
-    neuron = LIF(tau=1.0)
-    with time_loops(loops):
-        path = select("axonal", neuron, device="cpu", integer=False, grad=True)
-        spikes = path.run(current, weight.requires_grad_(), delay, width, neuron)
-    assert torch.equal(spikes[..., :sources], source_input.float() / 2.0)
-    assert torch.equal(spikes[..., sources:], (margin > 0).float())
+    for path in paths(Config("axonal", dtype=torch.float32)):
+        spikes = path.run(current, weight.requires_grad_(), delay, width, LIF(tau=1.0), None)
+        assert torch.equal(spikes[..., :sources], source_input.float() / 2.0), path.name
+        assert torch.equal(spikes[..., sources:], (margin > 0).float()), path.name
 
 
 def layer_memory(engine, max_delay, sigma=10.0, size=32, steps=60, batch=4):
@@ -406,12 +313,19 @@ def test_other_neurons_run_the_reference_path(neuron):
     )
     assert layer.engine == "auto"
     assert select("axonal", neuron, device="cpu", integer=False, grad=True).name == "reference"
-    current = (torch.rand(15, 2, 5) * 2).requires_grad_()
+    current = (
+        torch.rand(15, 2, 5, generator=torch.Generator().manual_seed(2)) * 2
+    ).requires_grad_()
     spikes = layer(current)
     expected = reference_recurrence(current, layer.weight, layer.kernel(), layer.neuron)
-    assert torch.equal(spikes, expected)
-    spikes.sum().backward()
-    assert layer.delay.grad is not None and current.grad is not None
+    assert torch.equal(spikes, expected) and 0 < expected.mean() < 1
+    inputs = [current, layer.weight, layer.delay]
+    grads = torch.autograd.grad(spikes.sum(), inputs)
+    for name, grad, wanted in zip(
+        ("current", "weight", "delay"), grads, torch.autograd.grad(expected.sum(), inputs)
+    ):
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, wanted, rtol=0, atol=0, msg=name)
     with pytest.raises(ValueError, match="engine='fast'"):
         DelRec(5, neuron, engine="fast")
 
@@ -425,5 +339,5 @@ def test_builtin_lif_runs_the_fast_path_by_default():
     synaptic_layer = DelRec(6, LIF(), delay_type="synaptic")
     current = torch.rand(10, 2, 6)
     assert type(synaptic_layer(current).grad_fn).__name__ == "_SynapticSlotsBackward"
-    with time_loops("pytorch"):  # the lag-stacked GEMM, when the C++ kernels can't be built
+    with native_kernels(False):  # the lag-stacked GEMM, when the C++ kernels can't be built
         assert type(synaptic_layer(current).grad_fn).__name__ == "_SynapticRecurrenceBackward"

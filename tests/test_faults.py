@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engine_helpers import assert_close_relative
+from engine_harness import assert_close_relative
 from test_data_heidelberg import random_samples
 from test_train_run import assert_identical, keep_thread_count, read_metrics, state_of  # noqa: F401
 

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from engine_helpers import assert_close_relative
+from engine_harness import assert_close_relative, assert_grad_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -56,17 +56,16 @@ def run(path, x, weight, position, bias, kernel_size, grad_y):
     return [y.detach(), *grads]
 
 
-def assert_paths_match_reference(x, weight, position, bias, kernel_size, rtol):
+def assert_paths_match_reference(x, weight, position, bias, kernel_size):
+    """Output and every gradient entry by entry at the engine harness's tolerance for the dtype
+    (``assert_grad_close``)."""
     grad_y = torch.randn(x.shape[0], x.shape[1], weight.shape[0], dtype=x.dtype)
     expected = run("reference", x, weight, position, bias, kernel_size, grad_y)
     for path in KERNELS:
         actual = run(path, x, weight, position, bias, kernel_size, grad_y)
         assert len(actual) == len(expected)
         for name, a, e in zip(["output", "x", "weight", "position", "bias"], actual, expected):
-            try:
-                assert_close_relative(a, e, rtol=rtol)
-            except AssertionError as error:
-                raise AssertionError(f"{path}: {name} differs from the reference") from error
+            assert_grad_close(f"{path}: {name}", a, e)
 
 
 def kink_positions(kernel_size: int) -> list[float]:
@@ -101,7 +100,7 @@ def layers(draw, dtype=torch.float64):
 def test_two_tap_paths_match_the_convolution_float64(layer):
     x, weight, position, bias, kernel_size = layer
     x.requires_grad_()
-    assert_paths_match_reference(x, weight, position, bias, kernel_size, rtol=1e-6)
+    assert_paths_match_reference(x, weight, position, bias, kernel_size)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
@@ -109,7 +108,7 @@ def test_two_tap_paths_match_the_convolution_float64(layer):
 def test_two_tap_paths_match_the_convolution_float32(layer):
     x, weight, position, bias, kernel_size = layer
     x.requires_grad_()
-    assert_paths_match_reference(x, weight, position, bias, kernel_size, rtol=1e-5)
+    assert_paths_match_reference(x, weight, position, bias, kernel_size)
 
 
 @pytest.mark.parametrize("kernel_size", [1, 2, 5, 26])
@@ -122,7 +121,7 @@ def test_every_kink_and_window_end_in_one_layer(kernel_size):
     weight = torch.randn(position.shape, dtype=torch.float64).requires_grad_()
     x = torch.randn(kernel_size + 9, 37, position.shape[1], dtype=torch.float64).requires_grad_()
     bias = torch.randn(3, dtype=torch.float64)
-    assert_paths_match_reference(x, weight, position, bias, kernel_size, rtol=1e-6)
+    assert_paths_match_reference(x, weight, position, bias, kernel_size)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -137,8 +136,7 @@ def test_past_every_blocking_of_the_kernels(dtype):
     weight = torch.randn(37, 45, dtype=dtype).requires_grad_()
     x = torch.randn(83, 19, 45, dtype=dtype).requires_grad_()
     bias = torch.randn(37, dtype=dtype)
-    rtol = 1e-6 if dtype == torch.float64 else 1e-5
-    assert_paths_match_reference(x, weight, position.requires_grad_(), bias, kernel_size, rtol)
+    assert_paths_match_reference(x, weight, position.requires_grad_(), bias, kernel_size)
 
 
 def test_position_gradient_at_the_kinks_is_autograds_convention():

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from engine_helpers import NEURONS, assert_close_relative
+from engine_harness import NEURONS, assert_close_relative
 from fused_helpers import (
     NETWORKS,
     assert_batch_norm_like_the_module,

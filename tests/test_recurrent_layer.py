@@ -1,7 +1,10 @@
 """The DelRec layer (reference semantics): timing, gradients, eval mode, dropout, variants."""
 
+import copy
+
 import pytest
 import torch
+from engine_harness import assert_grad_close
 from torch import nn
 
 from delrec.layers import DelRec, clamp_delays, set_spread
@@ -137,15 +140,22 @@ def test_gradients_match_finite_differences(delay_type, learn_spread):
 
 
 def test_real_lif_gradients_reach_every_parameter():
+    """A float32 layer with learned spreads: every parameter gets a non-zero gradient, the one
+    the reference engine gives (float32 tolerance, tests/engine_harness.py)."""
     torch.manual_seed(2)
     layer = DelRec(
         8, LIF(surrogate=ATan(2.0)), delay_init="uniform:0:6", learn_spread=True, sigma=2.0
     )
     x = torch.rand(30, 4, 8) * 1.5
     layer(x).sum().backward()
+    reference = copy.deepcopy(layer)
+    reference.engine = "reference"
+    reference.zero_grad()
+    reference(x).sum().backward()
     for name in ("weight", "delay", "spread_logits"):
         grad = getattr(layer, name).grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+        assert_grad_close(name, grad, getattr(reference, name).grad)
 
 
 def test_recurrent_dropout_mask_is_drawn_per_sequence_and_fixed_over_time():

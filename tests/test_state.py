@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from engine_helpers import NEURONS, assert_close_relative
+from engine_harness import NEURONS, assert_close_relative
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -14,7 +14,7 @@ import dataclasses
 
 import pytest
 import torch
-from engine_helpers import NEURONS, assert_close_relative
+from engine_harness import NEURONS, assert_close_relative
 from fused_helpers import (
     Sigmoid,
     assert_batch_norm_like_the_module,
