@@ -208,6 +208,25 @@ def test_shd_preset_with_augmentation_resumes_bit_for_bit(tmp_path, capsys):
     assert "accuracy" in json.loads((tmp_path / "whole" / "test_results.json").read_text())
 
 
+def test_a_run_written_before_a_setting_existed_resumes(tmp_path, capsys):
+    """A run whose config.json and last.pt predate a setting (here ``tbptt``) resumes with the
+    setting at its default, instead of being refused as another configuration."""
+    run_dir = tmp_path / "old"
+    base = ["train", "--epochs", "2", "--run-dir", str(run_dir), *TINY_MG]
+    stopped = run_json(capsys, [*base, "--max-epochs-this-run", "1"])
+    assert stopped["status"] == "interrupted"
+    document = json.loads((run_dir / "config.json").read_text())
+    assert document["config"].pop("tbptt") is None
+    (run_dir / "config.json").write_text(json.dumps(document))
+    last = run_dir / "checkpoints" / "last.pt"
+    payload = torch.load(last, weights_only=True)
+    assert payload["train_config"].pop("tbptt") is None
+    torch.save(payload, last)
+
+    resumed = run_json(capsys, ["train", "--resume", str(run_dir), "--no-progress"])
+    assert resumed["status"] == "complete" and resumed["epochs_done"] == 2
+
+
 def test_resume_refuses_new_settings_and_unknown_dirs(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--epochs", "3"]) == 2
     assert "drop --epochs" in capsys.readouterr().err

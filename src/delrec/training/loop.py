@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from delrec.checkpoint import network_payload
-from delrec.config import TrainConfig, resolve_device
+from delrec.config import ConfigError, TrainConfig, resolve_device
 from delrec.delays import spread_schedule
 from delrec.layers import DelRec, FeedforwardDelay, clamp_delays, set_spread
 from delrec.models import SpikingNetwork, build_network
@@ -476,7 +476,8 @@ class Trainer:
         if not self.run.has_checkpoint("last"):
             return False
         payload = load_checkpoint(self.run.path, "last")
-        if _without(payload.get("train_config", {})) != _without(self.config.to_dict()):
+        written = _as_current(payload.get("train_config", {}))
+        if _without(written) != _without(self.config.to_dict()):
             raise TrainingError(
                 f"{self.run.checkpoint_path('last')} was written by another "
                 "configuration than config.json; resume the run it belongs to"
@@ -555,5 +556,14 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- resume
+def _as_current(config: dict) -> dict:
+    """A checkpoint's config dict with the settings added since it was written at their
+    defaults (a run written before ``tbptt`` existed resumes); unreadable dicts as they are."""
+    try:
+        return TrainConfig.from_dict(config).to_dict()
+    except ConfigError:
+        return config
+
+
 def _without(config: dict, keys=RESUME_OVERRIDABLE) -> dict:
     return {k: v for k, v in config.items() if k not in keys}
