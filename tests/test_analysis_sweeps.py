@@ -36,6 +36,7 @@ def test_parameter_sweep_trains_every_point_and_writes_table_and_figure(params_s
         assert int(row["parameters"]) == count and int(row["seeds"]) == 1
         assert 0 <= float(row["accuracy_mean"]) <= 1 and float(row["firing_rate"]) >= 0
         assert row["recurrent_delays"] == str(model == "delrec")
+        assert (row["rounding_cost_mean"] == "") == (model == "snn")  # nothing to round
     assert (out / "figure.png").read_bytes()[:4] == b"\x89PNG"
     table = (out / "table.md").read_text()
     assert table.startswith("| Model | Rec. | Rec. Delays | Ff. Delays | LIF | Param | Seeds |")
@@ -157,6 +158,9 @@ def test_compare_groups_seeds_and_single_runs_of_one_configuration(tmp_path, cap
         for d in ("pair/seed-0", "pair/seed-1", "single")
     ]
     assert float(row["rounded_accuracy_mean"]) == pytest.approx(sum(accuracies) / 3)
+    assert float(row["rounding_cost_mean"]) == pytest.approx(
+        float(row["accuracy_mean"]) - float(row["rounded_accuracy_mean"])
+    )
     assert "| DelRec | ✓ | ✓ |  | ✓ | 186 | 3 |" in (tmp_path / "t.md").read_text()
 
 
@@ -193,3 +197,29 @@ def test_compare_names_what_is_not_a_finished_run(tmp_path, capsys):
 def test_sweep_rejects_an_unknown_model(tmp_path, capsys):
     assert main(["sweep", "params", "--models", "lstm", "--out", str(tmp_path)]) == 2
     assert "--models" in capsys.readouterr().err
+
+
+def test_model_sweep_runs_each_model_on_the_task_network_then_analyze_training(tmp_path, capsys):
+    out = tmp_path / "models"
+    tiny = [
+        "--epochs",
+        "1",
+        "--rounded-only",
+        "--set",
+        "max_train_samples=32",
+        "network.hidden_sizes=[4]",
+    ]
+    assert main(["sweep", "models", "--models", "snn,ffdelay", "--out", str(out), *tiny]) == 0
+    rows = {r["model"]: r for r in _rows(out / "table.csv")}
+    assert {m: r["label"] for m, r in rows.items()} == {"snn": "SNN", "ffdelay": "Ff. delays"}
+    assert rows["ffdelay"]["feedforward_delays"] == "True" and int(rows["snn"]["seeds"]) == 1
+    capsys.readouterr()
+
+    figure = tmp_path / "training.png"
+    argv = ["analyze", "training", str(out / "snn"), str(out / "ffdelay"), "--figure", str(figure)]
+    assert main([*argv, "--labels", "SNN,FF"]) == 0
+    printed = capsys.readouterr().out
+    assert "SNN: 1 epochs, last valid accuracy" in printed and "FF: 1 epochs" in printed
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+    assert main([*argv, "--labels", "one"]) == 2
+    assert "--labels names 1 runs" in capsys.readouterr().err

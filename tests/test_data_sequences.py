@@ -116,6 +116,22 @@ def test_embedded_sets_load_offline(name, sizes, steps):
     assert not (images[0] & images[1] or images[0] & images[2] or images[1] & images[2])
 
 
+def test_psmnist_mini_pools_to_shorter_sequences():
+    full = load_dataset("psmnist-mini", split="valid", permutation=torch.arange(784))
+    pooled = load_dataset("psmnist-mini", split="valid", side=7, permutation_seed=3)
+    assert len(pooled) == len(full) and dataset_info("psmnist-mini", side=7).steps == 49
+    assert pooled.info == dataset_info("psmnist-mini", side=7)
+    frames, label = pooled[5]
+    image, full_label = full[5]  # unpermuted: frames are the pixels row by row
+    blocks = image.view(7, 4, 7, 4).mean((1, 3)).flatten()  # each 4 × 4 block's mean
+    assert label == full_label and frames.shape == (49, 1)
+    assert torch.allclose(frames[:, 0], blocks[make_permutation(49, 3)], atol=1e-6)
+    with pytest.raises(DataError, match="side must divide 28"):
+        load_dataset("psmnist-mini", split="valid", side=5)
+    with pytest.raises(DataError, match="side must divide 28"):
+        dataset_info("psmnist-mini", side=0)
+
+
 def test_stratified_split_partitions_each_class():
     labels = np.repeat(np.arange(3), [10, 20, 5])
     parts = stratified_split(labels, (0.6, 0.2, 0.2), seed=3)

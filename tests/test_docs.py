@@ -79,3 +79,20 @@ def test_no_reference_to_a_design_document_outside_the_repository():
 
 def test_the_readme_stays_short():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 300
+
+
+GENERATED = re.compile(r"<!-- generated: (\S+) -->\n(.*?)<!-- end generated -->", re.S)
+
+
+def test_embedded_tables_are_the_files_the_commands_wrote():
+    """A block between ``<!-- generated: PATH -->`` and ``<!-- end generated -->`` is a copy of
+    the file PATH (relative to the page) that a command wrote, e.g. a ``delrec compare`` table:
+    regenerate the file, then copy it into the page."""
+    blocks = [(page, *match) for page in PAGES for match in GENERATED.findall(page.read_text())]
+    assert blocks, "docs/results.md embeds the generated tables"
+    for page, path, block in blocks:
+        source = page.parent / path
+        assert source.is_file(), f"{page.relative_to(ROOT)} embeds {path}, which does not exist"
+        assert block.strip() == source.read_text().strip(), (
+            f"{page.relative_to(ROOT)}: the copy of {path} differs from the file; copy it again"
+        )

@@ -84,9 +84,16 @@ def test_mackey_glass_run_directory_and_learning(tmp_path, capsys):
         "delay_mean_rec0",
         "delay_std_rec0",
         "firing_rate",
+        "firing_rate_0",
+        "grad_norm_0",
+        "grad_norm_readout",
         "epoch_time_s",
     ):
         assert column in rows[0]
+    for row in rows:  # one hidden layer: its rate is the mean; gradients reach both layers
+        assert float(row["firing_rate_0"]) == pytest.approx(float(row["firing_rate"]))
+        assert 0 < float(row["firing_rate_0"]) < 1
+        assert float(row["grad_norm_0"]) > 0 and float(row["grad_norm_readout"]) > 0
     assert float(rows[0]["sigma"]) == 10.0 and float(rows[-1]["sigma"]) < 1.0
     assert float(rows[-1]["train_loss"]) < 0.85 * float(rows[0]["train_loss"])
     assert float(rows[-1]["valid_nmse"]) < 0.85 * float(rows[0]["valid_nmse"])
@@ -99,7 +106,7 @@ def test_mackey_glass_run_directory_and_learning(tmp_path, capsys):
     assert set(summary["test"]) == {"loss", "mse", "nmse", "nrmse", "r2"}
     assert summary["test"]["nmse"] == pytest.approx(results["nmse"])
     assert results["r2"] == pytest.approx(1 - results["nmse"])
-    for figure in ("learning_curves", "delays", "raster", "prediction"):
+    for figure in ("learning_curves", "training", "delays", "raster", "prediction"):
         assert (run_dir / "figures" / f"{figure}.png").stat().st_size > 1000
 
     # eval re-measures the same number in integer-delay mode, and runs with spread delays
@@ -201,6 +208,25 @@ def test_shd_preset_with_augmentation_resumes_bit_for_bit(tmp_path, capsys):
     assert "accuracy" in json.loads((tmp_path / "whole" / "test_results.json").read_text())
 
 
+def test_a_run_written_before_a_setting_existed_resumes(tmp_path, capsys):
+    """A run whose config.json and last.pt predate a setting (here ``tbptt``) resumes with the
+    setting at its default, instead of being refused as another configuration."""
+    run_dir = tmp_path / "old"
+    base = ["train", "--epochs", "2", "--run-dir", str(run_dir), *TINY_MG]
+    stopped = run_json(capsys, [*base, "--max-epochs-this-run", "1"])
+    assert stopped["status"] == "interrupted"
+    document = json.loads((run_dir / "config.json").read_text())
+    assert document["config"].pop("tbptt") is None
+    (run_dir / "config.json").write_text(json.dumps(document))
+    last = run_dir / "checkpoints" / "last.pt"
+    payload = torch.load(last, weights_only=True)
+    assert payload["train_config"].pop("tbptt") is None
+    torch.save(payload, last)
+
+    resumed = run_json(capsys, ["train", "--resume", str(run_dir), "--no-progress"])
+    assert resumed["status"] == "complete" and resumed["epochs_done"] == 2
+
+
 def test_resume_refuses_new_settings_and_unknown_dirs(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--epochs", "3"]) == 2
     assert "drop --epochs" in capsys.readouterr().err
@@ -278,3 +304,24 @@ def test_objectives_match_their_formulas():
     assert result["mse"] == pytest.approx(0.25)
     assert result["nmse"] == pytest.approx(0.25 / targets.var(correction=0).item())
     assert result["r2"] == pytest.approx(1 - result["nmse"])
+
+
+def test_layer_gradient_norms_cover_every_weight_once_and_leave_out_delays():
+    from delrec.models import build_network, preset_network
+    from delrec.training.loop import gradient_norms, layer_parameters, parameter_groups
+
+    network = build_network(preset_network("digits-8x8", "ff+rec", hidden_sizes=(6, 5)), seed=0)
+    layers = layer_parameters(network)
+    assert list(layers) == ["0", "1", "readout"]
+    groups = parameter_groups(network)
+    listed = [id(p) for params in layers.values() for p in params]
+    assert sorted(listed) == sorted(id(p) for p in groups["weights"] + groups["no_decay"])
+    assert not set(listed) & {id(p) for p in groups["positions"]} and groups["positions"]
+
+    network.train()
+    network(torch.rand(64, 3, 1)).pow(2).sum().backward()
+    expected = [
+        torch.cat([p.grad.flatten() for p in params]).double().norm() for params in layers.values()
+    ]
+    assert gradient_norms(layers).tolist() == pytest.approx([float(e) for e in expected], rel=1e-6)
+    assert min(gradient_norms(layers).tolist()) > 0

@@ -8,6 +8,10 @@ configurations are equal apart from the seed (and where they ran) form one row:
   (re-evaluated with ``delrec eval --spread``; equal to the rounded one for models without
   learned recurrent delays), mean ± std (population) over seeds;
 * the same with integer (rounded) delays, as a chip runs them (``test_results.json``);
+* the cost of rounding: the loss of test metric from real-valued to integer delays, per seed
+  (accuracy points lost, or NMSE gained), mean ± std (``–`` where nothing was re-evaluated:
+  models without learned recurrent delays, or ``--rounded-only``; learned feedforward
+  positions are rounded in both evaluations);
 * trainable parameters of the network (``count_parameters``);
 * mean firing rate (spikes per neuron per step, over hidden layers) of the training epoch
   that gave the best checkpoint (``metrics.csv``).
@@ -48,6 +52,12 @@ class SeedRun:
     real: float  # test metric with real-valued delays and the training spread
     parameters: int
     firing_rate: float | None
+    reevaluated: bool = False  # ``real`` measured with real-valued delays (else = rounded)
+
+    @property
+    def rounding_cost(self) -> float:
+        """Test metric lost by rounding the delays (accuracy points, or NMSE gained)."""
+        return self.real - self.rounded if self.metric == "accuracy" else self.rounded - self.real
 
 
 @dataclass
@@ -66,13 +76,18 @@ class Row:
         return self.runs[0].metric
 
     def stats(self, field: str) -> tuple[float, float]:
-        """Mean and population std over seeds of ``"real"`` or ``"rounded"``."""
+        """Mean and population std over seeds of ``"real"``, ``"rounded"`` or
+        ``"rounding_cost"``."""
         values = [getattr(run, field) for run in self.runs]
         return statistics.fmean(values), statistics.pstdev(values)
 
     @property
     def parameters(self) -> int:
         return self.runs[0].parameters
+
+    @property
+    def reevaluated(self) -> bool:
+        return all(run.reevaluated for run in self.runs)
 
     @property
     def firing_rate(self) -> float | None:
@@ -93,7 +108,8 @@ def read_run(run_dir: Path, real_delays: bool = True) -> SeedRun:
     config = run.config_values()
     metric = "accuracy" if "accuracy" in results else "nmse"
     real = results[metric]
-    if real_delays and VARIANTS[config["model"]].learns_recurrent_delays:
+    reevaluated = real_delays and VARIANTS[config["model"]].learns_recurrent_delays
+    if reevaluated:
         real = evaluate_run(run_dir, split="test", spread=True)[metric]
     return SeedRun(
         run_dir,
@@ -103,6 +119,7 @@ def read_run(run_dir: Path, real_delays: bool = True) -> SeedRun:
         real,
         count_parameters(load_network(run_dir)),
         _firing_rate(run.read_metrics(), results["best_epoch"]),
+        reevaluated,
     )
 
 
@@ -172,6 +189,8 @@ def format_parameters(count: int) -> str:
 
 
 def _format_metric(row: Row, field: str) -> str:
+    if field == "rounding_cost" and not row.reevaluated:
+        return "–"
     mean, std = row.stats(field)
     if row.metric == "accuracy":
         return f"{100 * mean:.2f} ± {100 * std:.2f}"
@@ -179,7 +198,8 @@ def _format_metric(row: Row, field: str) -> str:
 
 
 def format_markdown(rows: list[Row]) -> str:
-    """The Table S5 layout, with the rounded-delay metric and the firing rate added."""
+    """The Table S5 layout, with the rounded-delay metric, the cost of rounding and the firing
+    rate added."""
     name = "Acc. [%]" if rows and rows[0].metric == "accuracy" else "NMSE"
     header = [
         "Model",
@@ -191,6 +211,7 @@ def format_markdown(rows: list[Row]) -> str:
         "Seeds",
         f"Test {name}",
         f"Rounded-delay {name}",
+        "Rounding cost",
         "Firing rate",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -206,6 +227,7 @@ def format_markdown(rows: list[Row]) -> str:
             str(len(row.runs)),
             _format_metric(row, "real"),
             _format_metric(row, "rounded"),
+            _format_metric(row, "rounding_cost"),
             rate,
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -232,6 +254,8 @@ def rows_as_records(rows: list[Row]) -> list[dict]:
                 f"{row.metric}_std": real_std,
                 f"rounded_{row.metric}_mean": rounded,
                 f"rounded_{row.metric}_std": rounded_std,
+                "rounding_cost_mean": row.stats("rounding_cost")[0] if row.reevaluated else None,
+                "rounding_cost_std": row.stats("rounding_cost")[1] if row.reevaluated else None,
                 "firing_rate": row.firing_rate,
                 "run_dirs": ";".join(str(run.run_dir) for run in row.runs),
             }

@@ -1,5 +1,7 @@
 """`delrec sweep …`: the experiment drivers of the paper's figures, over training jobs.
 
+* ``models``: models of the ablation family with the task's own network (the layout of the
+  paper's Table S5) → test metric against trainable parameters;
 * ``params``: models of the ablation family at several hidden sizes (every hidden layer that
   size) → test accuracy against trainable parameters;
 * ``rate``: values λ of the firing-rate penalty → test accuracy against mean firing rate.
@@ -47,6 +49,11 @@ class TrainOptions:
     device: str | None = None
     data_root: str | None = None
     progress: bool = False
+
+
+def model_points(models) -> list[SweepPoint]:
+    """One point per model, with the task's network as its recipe builds it."""
+    return [SweepPoint(model, model) for model in models]
 
 
 def parameter_points(options: TrainOptions, models, sizes) -> list[SweepPoint]:

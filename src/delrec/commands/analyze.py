@@ -1,4 +1,5 @@
-"""`delrec analyze …`: the S3 spectral radius and the measured gradient experiment."""
+"""`delrec analyze …`: the S3 spectral radius, the measured gradient experiment, and how
+trained runs learned (validation, loss, firing rate and gradient norm per layer)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from delrec import files
 from delrec.analysis import gradients, spectral
 from delrec.commands import EXIT_CODES_HELP, UsageError, comma_list
+from delrec.runs import RunDir
 
 
 def add_parser(subparsers) -> None:
@@ -62,6 +64,24 @@ def add_parser(subparsers) -> None:
     grad.add_argument("--seed", type=int, default=defaults.seed)
     _add_outputs(grad, "gradients.png")
     grad.set_defaults(run=run_gradients)
+
+    training = actions.add_parser(
+        "training",
+        help="how runs learned: validation, loss, firing rate and gradient norm per layer",
+        description="One figure of the metrics.csv of every RUN_DIR (the runs of every seed "
+        "of a run of several seeds), epoch by epoch: validation metric, training loss, the "
+        "firing rate of each hidden layer and the gradient norm of each layer.",
+    )
+    training.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    training.add_argument(
+        "--labels",
+        type=comma_list(str),
+        help="comma-separated legend labels, one per run (default: the directory names)",
+    )
+    training.add_argument(
+        "--figure", type=Path, default=Path("training.png"), help="PNG path (default %(default)s)"
+    )
+    training.set_defaults(run=run_training)
 
 
 def _add_outputs(parser: argparse.ArgumentParser, figure: str) -> None:
@@ -133,4 +153,34 @@ def run_gradients(args: argparse.Namespace) -> int:
     if args.json:
         files.write_json(args.json, payload, indent=1)
     _write_figure(args, lambda path: gradients.plot_gradients(setup, results, path))
+    return 0
+
+
+def run_training(args: argparse.Namespace) -> int:
+    from delrec.training.figures import training_dynamics
+
+    runs = [run for path in args.run_dirs for run in RunDir(path).single_runs()]
+    labels = args.labels or [str(run.path) for run in runs]
+    if len(labels) != len(runs):
+        raise UsageError(
+            f"--labels names {len(labels)} runs, but the run directories hold {len(runs)}"
+        )
+    histories = {}
+    for label, run in zip(labels, runs):
+        rows = run.read_metrics()
+        if not rows:
+            raise UsageError(f"{run.path} has no metrics.csv yet: it has not finished an epoch")
+        histories[label] = rows
+    metrics = {"valid_accuracy" in rows[0] for rows in histories.values()}
+    if len(metrics) > 1:
+        raise UsageError("the runs mix classification and regression; give runs of one kind")
+    metric = "accuracy" if metrics.pop() else "nmse"
+    args.figure.parent.mkdir(parents=True, exist_ok=True)
+    training_dynamics(histories, metric, args.figure)
+    for label, rows in histories.items():
+        last = rows[-1]
+        print(
+            f"{label}: {len(rows)} epochs, last valid {metric} {float(last[f'valid_{metric}']):.4g}"
+        )
+    print(f"figure: {args.figure}")
     return 0

@@ -1,4 +1,4 @@
-"""`delrec sweep params|rate`: the experiment drivers of the paper's figures
+"""`delrec sweep models|params|rate`: the experiment drivers of the paper's figures
 (:mod:`delrec.analysis.sweeps`)."""
 
 from __future__ import annotations
@@ -55,6 +55,17 @@ def add_parser(subparsers) -> None:
     )
     kinds = parser.add_subparsers(dest="sweep_command", metavar="SWEEP")
     kinds.required = True
+    models = kinds.add_parser(
+        "models", help="models of the ablation family on the task's network (Table S5 layout)"
+    )
+    models.add_argument(
+        "--models",
+        type=comma_list(str),
+        default=MODELS,
+        help=f"comma-separated models (default all: {','.join(MODELS)})",
+    )
+    _add_common(models, "runs/sweep-models")
+    models.set_defaults(run=run)
     params = kinds.add_parser("params", help="ablation-family models at several hidden sizes")
     params.add_argument(
         "--models",
@@ -92,14 +103,17 @@ def run(args: argparse.Namespace) -> int:
         args.data_root,
         args.progress,
     )
-    if args.sweep_command == "params":
+    if args.sweep_command in ("models", "params"):
         unknown = sorted(set(args.models) - set(MODELS))
-        if unknown or not args.models or not args.sizes or min(args.sizes) < 1:
+        if unknown or not args.models:
             raise UsageError(
-                f"--models must name models from {', '.join(MODELS)} "
-                f"and --sizes positive sizes (got {list(args.models)}, "
-                f"{list(args.sizes)})"
+                f"--models must name models from {', '.join(MODELS)} (got {list(args.models)})"
             )
+    if args.sweep_command == "models":
+        points, x = sweeps.model_points(args.models), "parameters"
+    elif args.sweep_command == "params":
+        if not args.sizes or min(args.sizes) < 1:
+            raise UsageError(f"--sizes must be positive sizes, got {list(args.sizes)}")
         points, x = sweeps.parameter_points(options, args.models, args.sizes), "parameters"
     else:
         if not args.penalties or min(args.penalties) < 0:

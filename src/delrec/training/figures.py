@@ -80,3 +80,49 @@ def prediction(targets: Tensor, predictions: Tensor, metrics: dict, path: Path) 
     ax.set_title(f"test NMSE {metrics['nmse']:.4g}, R² {metrics['r2']:.4f} (integer delays)")
     ax.legend()
     _save(fig, path)
+
+
+def _layer_name(name: str) -> str:
+    return f"layer {name}" if name.isdigit() else name
+
+
+def training_dynamics(runs: dict[str, list[dict]], metric: str, path: Path) -> None:
+    """How one or more runs trained, epoch by epoch (``runs``: label → the rows of its
+    ``metrics.csv``): validation ``metric``, training loss, the firing rate of each hidden
+    layer and the gradient norm of each layer (``firing_rate_<i>``, ``grad_norm_<layer>``;
+    rows without them leave those panels empty). One colour per run; one line style per layer,
+    named in the legend of the first run's lines."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    (valid_ax, loss_ax), (rate_ax, grad_ax) = axes
+    styles = ("-", "--", ":", "-.")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (label, rows) in enumerate(runs.items()):
+        color = colors[index % len(colors)]
+        epochs = [int(row["epoch"]) for row in rows]
+        valid_ax.plot(epochs, [float(r[f"valid_{metric}"]) for r in rows], color=color, label=label)
+        loss_ax.plot(epochs, [float(r["train_loss"]) for r in rows], color=color, label=label)
+        columns = list(rows[0]) if rows else []
+        for ax, prefix in ((rate_ax, "firing_rate_"), (grad_ax, "grad_norm_")):
+            layers = [c for c in columns if c.startswith(prefix)]
+            for layer, column in enumerate(layers):
+                ax.plot(
+                    epochs,
+                    [float(r[column]) for r in rows],
+                    color=color,
+                    linestyle=styles[layer % len(styles)],
+                    label=_layer_name(column.removeprefix(prefix)) if index == 0 else None,
+                )
+    valid_ax.set(ylabel=f"valid {metric}")
+    loss_ax.set(ylabel="train loss", yscale="log")
+    rate_ax.set_ylabel("firing rate (spikes / neuron / step)")
+    rate_ax.set_yscale("symlog", linthresh=1e-4)  # silent layers (rate 0) stay visible
+    grad_ax.set(ylabel="gradient norm (weights and biases)", yscale="log")
+    for ax, title in zip(
+        axes.flat,
+        ("validation", "training loss", "firing rate per hidden layer", "gradient norm per layer"),
+    ):
+        ax.set(xlabel="epoch", title=title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    _save(fig, path)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from delrec.checkpoint import network_payload
-from delrec.config import TrainConfig, resolve_device
+from delrec.config import ConfigError, TrainConfig, resolve_device
 from delrec.delays import spread_schedule
 from delrec.layers import DelRec, FeedforwardDelay, clamp_delays, set_spread
 from delrec.models import SpikingNetwork, build_network
@@ -112,6 +112,30 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, epochs: int):
     return None
 
 
+def layer_parameters(network: SpikingNetwork) -> dict[str, list[nn.Parameter]]:
+    """The trainable weights and biases of each hidden layer (``"0"``, ``"1"`` …) and of the
+    readout (``"readout"``), in depth order; delays, spreads and feedforward positions are left
+    out (they have their own optimizer)."""
+    positions = set(parameter_groups(network)["positions"])
+    modules = {str(i): [block] for i, block in enumerate(network.blocks)}
+    modules["readout"] = [m for m in (network.readout, network.readout_neuron) if m is not None]
+    return {
+        name: [p for m in group for p in m.parameters() if p.requires_grad and p not in positions]
+        for name, group in modules.items()
+    }
+
+
+def gradient_norms(layers: dict[str, list[nn.Parameter]]) -> Tensor:
+    """The L2 norm of the current gradient of each entry of :func:`layer_parameters`, ``(L,)``
+    float64 on the CPU (0 for a layer without gradient)."""
+    norms = torch.zeros(len(layers), dtype=torch.float64)
+    for index, params in enumerate(layers.values()):
+        grads = [p.grad.detach() for p in params if p.grad is not None]
+        if grads:
+            norms[index] = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+    return norms
+
+
 def spike_penalty(spikes: list[Tensor]) -> Tensor:
     """Mean over layers of ``0.5 Σ s² / (T·N)``, averaged over the batch."""
     return torch.stack([0.5 * s.pow(2).mean() for s in spikes]).mean()
@@ -185,6 +209,7 @@ class Trainer:
         self.weight_parameters = [
             p for g in self.optimizers["weights"].param_groups for p in g["params"]
         ]
+        self.layer_parameters = layer_parameters(self.network)
         self.learns_delays = any(
             isinstance(m, DelRec) and m.learn_delays for m in self.network.modules()
         )
@@ -224,11 +249,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ epochs
     def train_epoch(self, epoch: int, sigma: float) -> dict[str, float]:
-        """One pass over the training loader; returns the epoch's training metrics and the
-        mean firing rate (spikes per neuron per step, mean over hidden layers)."""
+        """One pass over the training loader; returns the epoch's training metrics, the firing
+        rate of each hidden layer (``firing_rate_<i>``, spikes per neuron per step) and their
+        mean (``firing_rate``), and the mean over batches of each layer's gradient norm
+        (``grad_norm_<i>``, ``grad_norm_readout``: weights and biases, before clipping)."""
         config, network = self.config, self.network
         network.train()
-        meter, rate_sum, batches = self.objective.meter(), 0.0, 0
+        meter, batches = self.objective.meter(), 0
+        rate_sums = torch.zeros(len(network.blocks), dtype=torch.float64)
+        norm_sums = torch.zeros(len(self.layer_parameters), dtype=torch.float64)
         bar = tqdm(
             self.data.train_loader,
             desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -250,11 +279,12 @@ class Trainer:
                     network, frames, lengths, targets, self.objective, config.tbptt,
                     config.rate_penalty,
                 )  # fmt: skip
-                loss, prediction, rate = chunked.loss, chunked.prediction, chunked.firing_rate
+                loss, prediction = chunked.loss, chunked.prediction
+                batch_rates = torch.tensor(chunked.firing_rates, dtype=torch.float64)
             else:
                 output, spikes = self.train_forward(frames)
                 loss, prediction = self.objective(output, lengths, targets)
-                rate = float(torch.stack([s.detach().mean() for s in spikes]).mean())
+                batch_rates = torch.stack([s.detach().mean() for s in spikes]).cpu().double()
             failed = not torch.isfinite(loss)
             if self.dist is not None:
                 failed = self.dist.any(failed)
@@ -275,6 +305,7 @@ class Trainer:
                 if self.dist is not None:  # DDP averages over ranks: the whole batch's mean
                     total = total * (self.dist.world_size * share)
                 total.backward()
+            norm_sums += gradient_norms(self.layer_parameters)
             if config.optim.grad_clip is not None:
                 nn.utils.clip_grad_value_(self.weight_parameters, config.optim.grad_clip)
             for optimizer in self.optimizers.values():
@@ -284,7 +315,7 @@ class Trainer:
 
             if share > 0:
                 meter.update(loss, prediction, targets)
-                rate_sum += share * rate
+                rate_sums += share * batch_rates
             batches += 1
             samples += len(targets) if self.dist is None else self.dist.shard.size
             if self.progress:  # rank 0's shard so far, in a distributed run
@@ -301,9 +332,16 @@ class Trainer:
         bar.close()
         if self.dist is not None:
             self.dist.reduce_meter(meter)
-            rate_sum = self.dist.sum([rate_sum])[0]
+            rate_sums = torch.tensor(self.dist.sum(rate_sums.tolist()), dtype=torch.float64)
             self.dist.check_in_sync(network, epoch)
-        return {**meter.result(), "firing_rate": rate_sum / batches}
+        rates = (rate_sums / batches).tolist()
+        norms = (norm_sums / batches).tolist()
+        return {
+            **meter.result(),
+            "firing_rate": sum(rates) / len(rates),
+            **{f"firing_rate_{i}": rate for i, rate in enumerate(rates)},
+            **{f"grad_norm_{name}": n for name, n in zip(self.layer_parameters, norms)},
+        }
 
     def fit(self, max_epochs_this_run: int | None = None) -> bool:
         """Train until ``config.epochs`` (or ``max_epochs_this_run`` more epochs); returns
@@ -342,7 +380,7 @@ class Trainer:
             for name, delays in delay_tensors(self.network).items():
                 row[f"delay_mean_{name}"] = float(delays.float().mean())
                 row[f"delay_std_{name}"] = float(delays.float().std(correction=0))
-            row["firing_rate"] = train["firing_rate"]
+            row.update({k: v for k, v in train.items() if k.startswith(("firing_rate", "grad_"))})
             row["epoch_time_s"] = time.perf_counter() - start
             state.history.append(row)
             state.epoch = epoch + 1
@@ -438,7 +476,8 @@ class Trainer:
         if not self.run.has_checkpoint("last"):
             return False
         payload = load_checkpoint(self.run.path, "last")
-        if _without(payload.get("train_config", {})) != _without(self.config.to_dict()):
+        written = _as_current(payload.get("train_config", {}))
+        if _without(written) != _without(self.config.to_dict()):
             raise TrainingError(
                 f"{self.run.checkpoint_path('last')} was written by another "
                 "configuration than config.json; resume the run it belongs to"
@@ -494,6 +533,11 @@ class Trainer:
         figures.learning_curves(
             self.state.history, self.objective.metric, figure("learning_curves")
         )
+        figures.training_dynamics(
+            {"seed " + str(self.config.seed): self.state.history},
+            self.objective.metric,
+            figure("training"),
+        )
         if end_delays:
             figures.delay_histograms(self.state.initial_delays, end_delays, figure("delays"))
         frames, _ = test_set[0]
@@ -512,5 +556,14 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- resume
+def _as_current(config: dict) -> dict:
+    """A checkpoint's config dict with the settings added since it was written at their
+    defaults (a run written before ``tbptt`` existed resumes); unreadable dicts as they are."""
+    try:
+        return TrainConfig.from_dict(config).to_dict()
+    except ConfigError:
+        return config
+
+
 def _without(config: dict, keys=RESUME_OVERRIDABLE) -> dict:
     return {k: v for k, v in config.items() if k not in keys}

@@ -30,14 +30,19 @@ from delrec.models import SpikingNetwork
 @dataclass
 class ChunkedStep:
     """The result of the first pass of :func:`truncated_bptt`: the sequence ``loss`` and
-    ``prediction`` (as the objective returns them), the mean ``firing_rate`` (spikes per neuron
-    per step, mean over hidden layers), and :meth:`backward`, the second pass, which adds the
-    truncated gradient of ``loss + rate_penalty · spike_penalty`` to the parameters' ``.grad``."""
+    ``prediction`` (as the objective returns them), ``firing_rates`` (spikes per neuron per
+    step of each hidden layer) and their mean ``firing_rate``, and :meth:`backward`, the second
+    pass, which adds the truncated gradient of ``loss + rate_penalty · spike_penalty`` to the
+    parameters' ``.grad``."""
 
     loss: Tensor
     prediction: Tensor
-    firing_rate: float
+    firing_rates: list[float]
     backward: Callable[[], None]
+
+    @property
+    def firing_rate(self) -> float:
+        return sum(self.firing_rates) / len(self.firing_rates)
 
 
 def chunk_bounds(steps: int, chunk: int) -> list[tuple[int, int]]:
@@ -96,7 +101,7 @@ def truncated_bptt(
                 total = total + rate_penalty * torch.stack(share).mean()
             total.backward()
 
-    return ChunkedStep(loss.detach(), prediction.detach(), sum(rates) / len(rates), backward)
+    return ChunkedStep(loss.detach(), prediction.detach(), rates, backward)
 
 
 def _batch_norm_buffers(network: nn.Module) -> list[tuple[Tensor, Tensor]]:
