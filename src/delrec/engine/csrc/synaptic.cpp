@@ -22,10 +22,10 @@
 //            in L1; synapses far above the chain read in blocks of kSpan steps), then the LIF
 //            update.
 // backward:  per reverse step, the adjoint of the spikes (one float64 recursion per neuron fed by
-//            a ring of injections, plus one-off lag-1 terms), the LIF adjoint, the slot sums of
-//            a·ḡ and b·ḡ added into each class's adjoint ring at row t - m (far slots once per
-//            block), then per class the chain's lag-1 term and the entry row's injections at its
-//            taps, and Σ K·x.
+//            a float64 ring of injections, plus one-off lag-1 terms), the LIF adjoint, the slot
+//            sums of a·ḡ and b·ḡ added into each class's adjoint ring at row t - m (far slots once
+//            per block), then per class the chain's lag-1 term and the entry row's injections at
+//            its taps, and Σ K·x.
 // gradients: a second forward sweep of the classes, in chunks of time, dotting each level's
 //            values with the stored adjoint: D0_ij = Σ ḡ_i Z, D1_ij = Σ ḡ_i E, then ∂L/∂W and
 //            ∂L/∂d.
