@@ -34,6 +34,7 @@ RUN_FILES = {
     "figures/learning_curves.png",
     "figures/delays.png",
     "figures/raster.png",
+    "figures/training.png",
 }
 
 
