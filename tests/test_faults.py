@@ -352,7 +352,10 @@ def test_an_empty_batch_runs_through_the_layer_on_every_path(name, delay_type, d
 def test_an_empty_batch_runs_through_feedforward_delays(engine):
     path = feedforward_engines.PATHS.get(engine)
     if path is not None and not path.available(torch.device("cpu")):
-        pytest.skip(f"feedforward-delay engine {engine!r} does not run on the CPU here")
+        pytest.skip(
+            f"feedforward-delay engine {engine!r} does not run on the CPU here "
+            "(its C++ kernels did not build: no C++ compiler)"
+        )
     layer = FeedforwardDelay(4, 8, kernel_size=5, engine=engine)
     x = torch.rand(10, 0, 4, requires_grad=True)
     out = layer(x)
