@@ -75,6 +75,15 @@ def stateful_paths(delay_type, neuron, integer, grad):
     return paths
 
 
+def draw_current_and_mask(steps, batch, size, seed):
+    """A float64 input current ``(T, B, N)``, a recurrent dropout mask ``(B, N)`` (keep 0.7)
+    and the generator that drew them, for further draws."""
+    g = torch.Generator().manual_seed(seed + 1)
+    current = torch.randn(steps, batch, size, generator=g, dtype=torch.float64) * 0.8 + 0.4
+    mask = torch.bernoulli(torch.full((batch, size), 0.7, dtype=torch.float64), generator=g) / 0.7
+    return current, mask, g
+
+
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(
     data=st.data(),
@@ -107,23 +116,19 @@ def test_chunks_equal_one_pass_on_every_path(
     """Training mode: spread kernels and a recurrent dropout mask fixed over the sequence;
     eval mode: integer delays (the ring path among others)."""
     cuts = data.draw(cut_points(steps), label="cuts")
-    g = torch.Generator().manual_seed(seed + 1)
-    current = torch.randn(steps, batch, size, generator=g, dtype=torch.float64) * 0.8 + 0.4
-    mask = torch.bernoulli(torch.full((batch, size), 0.7, dtype=torch.float64), generator=g) / 0.7
+    current, mask, _ = draw_current_and_mask(steps, batch, size, seed)
+    options = dict(
+        max_delay=max_delay,
+        integer_share=integer_share,
+        sigma=sigma,
+        learn_spread=learn_spread,
+        neuron=neuron,
+        dropout=0.3,
+        seed=seed,
+    )
     expected = None
     for path in stateful_paths(delay_type, neuron, not training, grad=False):
-        layer = random_layer(
-            size,
-            delay_type,
-            path,
-            max_delay=max_delay,
-            integer_share=integer_share,
-            sigma=sigma,
-            learn_spread=learn_spread,
-            neuron=neuron,
-            dropout=0.3,
-            seed=seed,
-        ).train(training)
+        layer = random_layer(size, delay_type, path, **options).train(training)
         first = {"dropout_mask": mask} if training else {}
         with torch.no_grad():
             whole = layer(current, **first)
@@ -177,24 +182,20 @@ def test_chunked_gradients_are_truncated_bptt_of_the_reference(
     ``Σ spikes·g`` with respect to the input, the parameters and the initial state as the
     reference path (float64)."""
     cuts = data.draw(cut_points(steps), label="cuts")
-    g = torch.Generator().manual_seed(seed + 1)
-    current = torch.randn(steps, batch, size, generator=g, dtype=torch.float64) * 0.8 + 0.4
-    mask = torch.bernoulli(torch.full((batch, size), 0.7, dtype=torch.float64), generator=g) / 0.7
+    current, mask, g = draw_current_and_mask(steps, batch, size, seed)
+    options = dict(
+        max_delay=max_delay,
+        integer_share=integer_share,
+        sigma=sigma,
+        learn_spread=learn_spread,
+        neuron=neuron,
+        dropout=0.3,
+        seed=seed,
+    )
     grad_out = torch.randn(steps, batch, size, generator=g, dtype=torch.float64)
     results = {}
     for path in stateful_paths(delay_type, neuron, integer=False, grad=True):
-        layer = random_layer(
-            size,
-            delay_type,
-            path,
-            max_delay=max_delay,
-            integer_share=integer_share,
-            sigma=sigma,
-            learn_spread=learn_spread,
-            neuron=neuron,
-            dropout=0.3,
-            seed=seed,
-        )
+        layer = random_layer(size, delay_type, path, **options)
         x = current.clone().requires_grad_()
         v, past = random_state(batch, size, history, seed)
         start = DelRecState((v,), past, mask)
