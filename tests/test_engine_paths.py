@@ -68,7 +68,8 @@ def check_every_path(
 # N = 264: 16.5 blocks of 16 neurons (axonal transpositions); 128 + 128 + 8 rows in the synaptic
 #   backward's member sums; many column blocks of 64 slots in the synaptic forward's gathers.
 # B = 36 (synaptic float64: rows padded to 40 lanes, lane groups of 4 blocks and 1) and B = 70
-#   (synaptic float32: 80 lanes, 4 blocks and 1): every sum over whole and partial lane groups.
+#   (synaptic float32: 80 lanes, 4 blocks and 1; axonal: the backward's row sums in one chunk of
+#   64 and a tail of 6): every sum over whole and partial lane groups.
 # T = 100: the synaptic gradient sweep in 9 chunks of 12 steps, neurons in groups of 62.
 # Two threads: every parallel loop in two or three chunks (grain 8192 elements).
 TRAINING = {
@@ -92,7 +93,7 @@ def training_case(
     return draw_case(
         delay_type=delay_type,
         size=264,
-        batch=70 if (delay_type, dtype) == ("synaptic", F32) else 36,
+        batch=36 if (delay_type, dtype) == ("synaptic", F64) else 70,
         steps=100,
         max_delay=10.0,
         sigma=sigma,

@@ -94,10 +94,17 @@ MUTATIONS = [
     ),
     Mutation(
         "block-local-trace-index",
-        "C++ axonal trace copy indexes neurons within their block of 16",
+        "C++ axonal trace and adjoint copies index neurons within their block of 16",
         "src/delrec/engine/csrc/axonal.cpp",
-        "trace_p[now + b * n + j] = static_cast<scalar_t>(y[j * batch + b]);",
-        "trace_p[now + b * n + j] = static_cast<scalar_t>(y[(j - j0) * batch + b]);",
+        "out[b * n + j] = static_cast<scalar_t>(y[j * batch + b]);",
+        "out[b * n + j] = static_cast<scalar_t>(y[(j - j0) * batch + b]);",
+    ),
+    Mutation(
+        "axonal-row-sum-lanes",
+        "C++ axonal backward: delay and spread sums pair each adjoint with its neighbour's count",
+        "src/delrec/engine/csrc/axonal.cpp",
+        "product[i] = static_cast<double>(g[b + i]) * static_cast<double>(x[b + i]);",
+        "product[i] = static_cast<double>(g[b + i]) * static_cast<double>(x[b + (i ^ 1)]);",
     ),
     Mutation(
         "triton-axonal-forward-tap",

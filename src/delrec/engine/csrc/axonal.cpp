@@ -19,6 +19,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -80,6 +82,67 @@ inline void recursion_step(double* __restrict__ y, double* __restrict__ d,
   }
 }
 
+// The loops below take their constants by value and their rows through __restrict__ pointers:
+// captured by reference, a store through a byte or float pointer could alias them (the neuron's
+// constants, the lambda's captures), which makes GCC reload them each iteration and keeps the
+// loops scalar.
+
+// Box sums of one neuron's batch row (exact small integers): E += -s0 + s1 - s2 + s3 (slope of
+// the trace in the delay, times w²) and K += s0 - s2 (spikes in the closed support).
+template <typename count_t>
+inline void slope_step(count_t* __restrict__ after, const count_t* __restrict__ before,
+                       const uint8_t* __restrict__ s0, const uint8_t* __restrict__ s1,
+                       const uint8_t* __restrict__ s2, const uint8_t* __restrict__ s3,
+                       int64_t batch) {
+  for (int64_t b = 0; b < batch; ++b) {
+    after[b] = static_cast<count_t>(before[b] - s0[b] + s1[b] - s2[b] + s3[b]);
+  }
+}
+
+template <typename count_t>
+inline void support_step(count_t* __restrict__ after, const count_t* __restrict__ before,
+                         const uint8_t* __restrict__ s0, const uint8_t* __restrict__ s2,
+                         int64_t batch) {
+  for (int64_t b = 0; b < batch; ++b) after[b] = static_cast<count_t>(before[b] + s0[b] - s2[b]);
+}
+
+// z of neurons [j0, j1), neuron-major float64 (N, B), into a batch-major (B, N) slice
+template <typename scalar_t>
+inline void transpose_block(const double* __restrict__ y, scalar_t* __restrict__ out, int64_t n,
+                            int64_t batch, int64_t j0, int64_t j1) {
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t j = j0; j < j1; ++j) out[b * n + j] = static_cast<scalar_t>(y[j * batch + b]);
+  }
+}
+
+// One step of the LIF neurons on elements [begin, end) of the (B, N) slices: the membrane h,
+// the spikes (as scalars and as bytes, for the history) and v after the reset.
+template <typename scalar_t, bool masked>
+void charge_and_fire(const LIFUpdate<scalar_t> neuron, const scalar_t* __restrict__ drive,
+                     const scalar_t* __restrict__ mask, const scalar_t* __restrict__ recurrent,
+                     scalar_t* __restrict__ v, scalar_t* __restrict__ membrane,
+                     scalar_t* __restrict__ spikes, uint8_t* __restrict__ fired, int64_t begin,
+                     int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const scalar_t r = masked ? mask[i] * recurrent[i] : recurrent[i];
+    const scalar_t h = neuron.charge(drive[i], r, v[i]);
+    const bool spike = neuron.fires(h);
+    membrane[i] = h;
+    spikes[i] = spike ? scalar_t(1) : scalar_t(0);
+    fired[i] = spike;
+    v[i] = neuron.reset_after(h, spike);
+  }
+}
+
+// The spikes of neurons [j0, j1), bytes (B, N), into their neuron-major rows of the history
+inline void spikes_into_history(const uint8_t* __restrict__ fired, uint8_t* __restrict__ history,
+                                int64_t n, int64_t batch, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) {
+    uint8_t* __restrict__ row = history + j * batch;
+    for (int64_t b = 0; b < batch; ++b) row[b] = fired[b * n + j];
+  }
+}
+
 template <typename scalar_t, typename count_t>
 void forward_loop(const at::Tensor& drive, const at::Tensor& weight_in, const at::Tensor& mask,
                   const at::Tensor& lags, const at::Tensor& coef, const LIFConstants& lif,
@@ -104,9 +167,11 @@ void forward_loop(const at::Tensor& drive, const at::Tensor& weight_in, const at
 
   std::vector<double> y_store(nb, 0.0), d_store(nb, 0.0);  // z and D/w², (N, B)
   std::vector<scalar_t> v_store(nb, static_cast<scalar_t>(lif.v0));  // (B, N)
+  std::vector<uint8_t> fired_store(nb);  // the spikes of step t as bytes, (B, N)
   double* y = y_store.data();
   double* d = d_store.data();
   scalar_t* v = v_store.data();
+  uint8_t* fired = fired_store.data();
   at::Tensor recurrent = at::empty({batch, n}, drive.options());
   const scalar_t* rec_p = recurrent.data_ptr<scalar_t>();
   const at::Tensor weight_in_t = weight_in.t();
@@ -127,48 +192,127 @@ void forward_loop(const at::Tensor& drive, const at::Tensor& weight_in, const at
         const uint8_t* s1 = hist + rows[n + j];
         const uint8_t* s2 = hist + rows[2 * n + j];
         recursion_step(y + row, d + row, s0, s1, s2, coef_p + 3 * j, coef_p + 3 * (n + j), batch);
-        if (need_slope) {  // E += -s0 + s1 - s2 + s3
-          const uint8_t* s3 = hist + rows[3 * n + j];
-          const count_t* before = slope_p + now + row;
-          count_t* after = slope_p + next + row;
-          for (int64_t b = 0; b < batch; ++b) {
-            after[b] = static_cast<count_t>(before[b] - s0[b] + s1[b] - s2[b] + s3[b]);
-          }
+        if (need_slope) {
+          slope_step(slope_p + next + row, slope_p + now + row, s0, s1, s2,
+                     hist + rows[3 * n + j], batch);
         }
-        if (need_support) {  // K += s0 - s2
-          const count_t* before = support_p + now + row;
-          count_t* after = support_p + next + row;
-          for (int64_t b = 0; b < batch; ++b) {
-            after[b] = static_cast<count_t>(before[b] + s0[b] - s2[b]);
-          }
+        if (need_support) {
+          support_step(support_p + next + row, support_p + now + row, s0, s2, batch);
         }
       }
-      for (int64_t b = 0; b < batch; ++b) {  // z, transposed into the batch-major trace
-        for (int64_t j = j0; j < j1; ++j) {
-          trace_p[now + b * n + j] = static_cast<scalar_t>(y[j * batch + b]);
-        }
-      }
+      transpose_block(y, trace_p + now, n, batch, j0, j1);  // z, into the batch-major trace
     });
     at::mm_out(recurrent, trace.select(0, t), weight_in_t);  // (B, N) = z (B, N) Wᵀ
     for_each_element(nb, [&](int64_t begin, int64_t end) {
-      const scalar_t* __restrict__ drive_t = drive_p + now;
-      scalar_t* __restrict__ h_t = membrane_p + now;
-      scalar_t* __restrict__ s_t = spikes_p + now;
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t r = has_mask ? mask_p[i] * rec_p[i] : rec_p[i];
-        const scalar_t h = neuron.charge(drive_t[i], r, v[i]);
-        const bool spike = neuron.fires(h);
-        h_t[i] = h;
-        s_t[i] = spike ? scalar_t(1) : scalar_t(0);
-        v[i] = neuron.reset_after(h, spike);
+      if (has_mask) {
+        charge_and_fire<scalar_t, true>(neuron, drive_p + now, mask_p, rec_p, v,
+                                        membrane_p + now, spikes_p + now, fired, begin, end);
+      } else {
+        charge_and_fire<scalar_t, false>(neuron, drive_p + now, mask_p, rec_p, v,
+                                         membrane_p + now, spikes_p + now, fired, begin, end);
       }
     });
-    for_each_block(n, batch, [&](int64_t j0, int64_t j1) {  // spikes, into the history
-      for (int64_t j = j0; j < j1; ++j) {
-        uint8_t* row = hist + next + j * batch;
-        for (int64_t b = 0; b < batch; ++b) row[b] = spikes_p[now + b * n + j] != scalar_t(0);
-      }
+    for_each_block(n, batch, [&](int64_t j0, int64_t j1) {
+      spikes_into_history(fired, hist + next, n, batch, j0, j1);
     });
+  }
+}
+
+// One step of the LIF adjoint (lif.h) on elements [begin, end) of the (B, N) slices, the
+// surrogate derivative fixed at compile time (0: read from psi); gh holds ∂L/∂h[t+1] on entry
+// and ∂L/∂h[t] on return, masked (with the recurrent dropout mask) the input of the GEMM.
+template <typename scalar_t, int surrogate, bool has_mask>
+void adjoint_step(const LIFUpdate<scalar_t> neuron, const SurrogateDerivative<scalar_t> derivative,
+                  const scalar_t* __restrict__ membrane, const scalar_t* __restrict__ psi,
+                  const scalar_t* __restrict__ grad_s, const scalar_t* __restrict__ zeta,
+                  const scalar_t* __restrict__ mask, scalar_t* __restrict__ gh,
+                  scalar_t* __restrict__ grad_h, scalar_t* __restrict__ masked, int64_t begin,
+                  int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const scalar_t h = membrane[i];
+    scalar_t slope;
+    if constexpr (surrogate == 0) {
+      slope = psi[i];
+    } else {
+      slope = derivative.template of<surrogate>(h - neuron.threshold);
+    }
+    const scalar_t g = neuron.adjoint(grad_s[i] + zeta[i], gh[i], h, neuron.fires(h), slope);
+    grad_h[i] = g;
+    gh[i] = g;
+    if constexpr (has_mask) masked[i] = g * mask[i];
+  }
+}
+
+// Eight float64 lanes (GCC/Clang vectors: one AVX-512 register, two AVX2 ones, …); the sums
+// below keep one partial sum per lane and add the lanes in a fixed order, so that they
+// vectorise and give the same result on every CPU.
+typedef double Lanes __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 8;
+
+inline double lane_total(const Lanes& lane) {
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+// Σ_b g[b]·x[b] over one neuron's batch row in float64, element b in lane b mod 8 (the last
+// batch % 64 elements added after the lanes)
+template <typename scalar_t, typename x_t>
+inline double row_dot(const scalar_t* __restrict__ g, const x_t* __restrict__ x, int64_t batch) {
+  constexpr int64_t kChunk = 8 * kLanes;
+  Lanes lane = {};
+  double product[kChunk];
+  int64_t b = 0;
+  for (; b + kChunk <= batch; b += kChunk) {
+    for (int64_t i = 0; i < kChunk; ++i) {
+      product[i] = static_cast<double>(g[b + i]) * static_cast<double>(x[b + i]);
+    }
+    for (int64_t i = 0; i < kChunk; i += kLanes) {
+      Lanes part;
+      std::memcpy(&part, product + i, sizeof part);
+      lane += part;
+    }
+  }
+  double total = lane_total(lane);
+  for (; b < batch; ++b) total += static_cast<double>(g[b]) * static_cast<double>(x[b]);
+  return total;
+}
+
+// Σ_b ∂L/∂z[j, b]·z[b, j] for neurons [j0, j1), added to sum[j]: the adjoint neuron-major
+// (N, B), the trace batch-major (B, N). A whole block (kBlock = 2·kLanes neurons) runs on two
+// lane vectors, neuron j in lane j - j0; a partial block (the last, when kBlock ∤ N) one
+// neuron at a time.
+template <typename scalar_t>
+inline void trace_dots(const scalar_t* __restrict__ future, const scalar_t* __restrict__ trace,
+                       double* __restrict__ sum, int64_t n, int64_t batch, int64_t j0,
+                       int64_t j1) {
+  static_assert(kBlock == 2 * kLanes, "a block of neurons is two lane vectors");
+  if (j1 - j0 < kBlock) {
+    for (int64_t j = j0; j < j1; ++j) {
+      double total = 0.0;
+      for (int64_t b = 0; b < batch; ++b) {
+        total += static_cast<double>(future[j * batch + b]) * static_cast<double>(trace[b * n + j]);
+      }
+      sum[j] += total;
+    }
+    return;
+  }
+  Lanes low = {}, high = {};
+  for (int64_t b = 0; b < batch; ++b) {
+    double f[kBlock], z[kBlock];
+    for (int64_t j = 0; j < kBlock; ++j) {
+      f[j] = static_cast<double>(future[(j0 + j) * batch + b]);
+      z[j] = static_cast<double>(trace[b * n + j0 + j]);
+    }
+    Lanes f0, f1, z0, z1;
+    std::memcpy(&f0, f, sizeof f0);
+    std::memcpy(&f1, f + kLanes, sizeof f1);
+    std::memcpy(&z0, z, sizeof z0);
+    std::memcpy(&z1, z + kLanes, sizeof z1);
+    low += f0 * z0;
+    high += f1 * z1;
+  }
+  for (int64_t j = 0; j < kLanes; ++j) {
+    sum[j0 + j] += low[j];
+    sum[j0 + kLanes + j] += high[j];
   }
 }
 
@@ -214,6 +358,28 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
   const LIFUpdate<scalar_t> neuron(lif);
   const SurrogateDerivative<scalar_t> derivative(lif);
 
+  // the adjoint of step t on elements [begin, end), for each surrogate and masking
+  const auto adjoint = [&](int64_t now, int64_t begin, int64_t end) {
+    const scalar_t* psi_t = psi_p ? psi_p + now : nullptr;
+    const auto run = [&](auto surrogate, auto with_mask) {
+      adjoint_step<scalar_t, decltype(surrogate)::value, decltype(with_mask)::value>(
+          neuron, derivative, membrane_p + now, psi_t, grad_out + now, zeta, mask_p, gh_p,
+          grad_h_p + now, masked_p, begin, end);
+    };
+    const auto with_surrogate = [&](auto with_mask) {
+      switch (lif.surrogate) {
+        case 1: run(std::integral_constant<int, 1>(), with_mask); break;
+        case 2: run(std::integral_constant<int, 2>(), with_mask); break;
+        default: run(std::integral_constant<int, 0>(), with_mask); break;
+      }
+    };
+    if (has_mask) {
+      with_surrogate(std::true_type());
+    } else {
+      with_surrogate(std::false_type());
+    }
+  };
+
   for (int64_t t = steps - 1; t >= 0; --t) {
     tap_rows(lags_p, 3, n, batch, t, steps, false, rows);
     const int64_t now = t * nb;
@@ -222,51 +388,21 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
         recursion_step(y + j * batch, d + j * batch, future_p + rows[j], future_p + rows[n + j],
                        future_p + rows[2 * n + j], coef_p + 3 * j, coef_p + 3 * (n + j), batch);
       }
-      for (int64_t b = 0; b < batch; ++b) {
-        for (int64_t j = j0; j < j1; ++j) zeta[b * n + j] = static_cast<scalar_t>(y[j * batch + b]);
-      }
+      transpose_block(y, zeta, n, batch, j0, j1);  // ζ[t], batch-major
     });
-    // the LIF adjoint (lif.h); gh still holds ∂L/∂h[t+1] when step t reads it
-    for_each_element(nb, [&](int64_t begin, int64_t end) {
-      const scalar_t* __restrict__ h_t = membrane_p + now;
-      const scalar_t* __restrict__ grad_s_t = grad_out + now;
-      const scalar_t* __restrict__ zeta_t = zeta;
-      scalar_t* __restrict__ gh_t = gh_p;
-      scalar_t* __restrict__ grad_h_t = grad_h_p + now;
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t h = h_t[i];
-        const scalar_t psi = psi_p ? psi_p[now + i] : derivative(h - neuron.threshold);
-        const scalar_t g =
-            neuron.adjoint(grad_s_t[i] + zeta_t[i], gh_t[i], h, neuron.fires(h), psi);
-        grad_h_t[i] = g;
-        gh_t[i] = g;
-      }
-      if (has_mask) {
-        for (int64_t i = begin; i < end; ++i) masked_p[i] = gh_p[i] * mask_p[i];
-      }
-    });
+    // the LIF adjoint; gh still holds ∂L/∂h[t+1] when step t reads it
+    for_each_element(nb, [&](int64_t begin, int64_t end) { adjoint(now, begin, end); });
     at::Tensor future_t = future.select(0, t);  // (N, B) = Wᵀ (N, N) gᵀ (N, B)
     at::mm_out(future_t, weight_in.t(), (has_mask ? masked : gh).t());
     if (need_slope || need_support) {  // the sums behind the delay and spread gradients
       for_each_block(n, batch, [&](int64_t j0, int64_t j1) {
         for (int64_t j = j0; j < j1; ++j) {
           const int64_t row = now + j * batch;
-          double slope_sum = 0.0, support_sum = 0.0;
-          for (int64_t b = 0; b < batch; ++b) {
-            const double g = future_p[row + b];
-            if (need_slope) slope_sum += g * slope_p[row + b];
-            if (need_support) support_sum += g * support_p[row + b];
-          }
-          by_slope[j] += slope_sum;
-          by_support[j] += support_sum;
+          if (need_slope) by_slope[j] += row_dot(future_p + row, slope_p + row, batch);
+          if (need_support) by_support[j] += row_dot(future_p + row, support_p + row, batch);
         }
         if (need_support) {
-          for (int64_t b = 0; b < batch; ++b) {
-            for (int64_t j = j0; j < j1; ++j) {
-              by_trace[j] += static_cast<double>(future_p[now + j * batch + b]) *
-                             static_cast<double>(trace_p[now + b * n + j]);
-            }
-          }
+          trace_dots(future_p + now, trace_p + now, by_trace, n, batch, j0, j1);
         }
       });
     }
