@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from engine_harness import NEURONS, assert_close_relative
+from engine_harness import NEURONS, assert_close_relative, threads
 from fused_helpers import (
     NETWORKS,
     assert_batch_norm_like_the_module,
@@ -22,6 +22,7 @@ from delrec.bench import saved_bytes
 from delrec.engine import dropout as masks
 from delrec.engine import fused, native
 from delrec.layers.dropout import Dropout
+from delrec.layers.recurrent import DelRec
 from delrec.models import set_feedforward_engine
 from delrec.neurons import LIF, LeakyIntegrator
 
@@ -233,3 +234,52 @@ def test_without_the_kernels_the_reference_runs_with_the_same_masks(monkeypatch)
     assert torch.equal(network(frames), expected)
     with pytest.raises(RuntimeError, match="reference"):
         fused.lif_layer(frames, LIF().p)
+
+
+# --------------------------------------------------------------------------- recurrent input
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "engine, neuron, stateful",
+    [
+        ("cpp-axonal", LIF(tau=2.0), False),  # the mask drawn in the engine's forward loop
+        ("cpp-axonal", LIF(tau=2.0), True),  # from a state: dropped in front of the loop
+        ("cpp-axonal", LIF(tau=2.0, decay_input=True), False),  # drive ≠ current: in front
+        ("torch-axonal", LIF(tau=2.0, v_reset=0.0), False),  # a path that can't: in front
+        ("reference", LIF(tau=2.0, v_reset=0.0), False),
+    ],
+)
+def test_recurrent_layer_drops_its_input_like_the_dropout_module(
+    dtype, engine, neuron, stateful, monkeypatch
+):
+    """``DelRec(current, input_dropout=draw)`` gives the spikes and gradients of the layer run on
+    ``current ⊙ mask`` (the PyTorch-op mask) bit for bit, whoever applies the mask; N = 70 and
+    130 cross the masks' 64-element chunks, two threads split the rows."""
+    in_front = []
+    dropped = fused.dropped
+    monkeypatch.setattr(fused, "dropped", lambda x, d: in_front.append(1) or dropped(x, d))
+    for steps, batch, n in [(30, 5, 70), (20, 3, 130)]:
+        layer = DelRec(n, neuron, delay_init="uniform:0:6", learn_spread=True, sigma=2.0)
+        layer = layer.to(dtype).train()
+        layer.engine = engine
+        current = torch.randn(steps, batch, n, dtype=dtype, requires_grad=True)
+        draw = masks.draw(0.3, batch_offset=2)
+        recurrent_mask = (torch.rand(batch, n) < 0.8).to(dtype) / 0.8
+        grad_out = torch.randn(steps, batch, n, dtype=dtype)
+        results = []
+        for kind in ("in the layer", "in front"):
+            with threads(2 if kind == "in the layer" else 1):
+                options = {"return_state": True} if stateful else {}
+                if kind == "in the layer":
+                    out = layer(current, input_dropout=draw, dropout_mask=recurrent_mask, **options)
+                else:
+                    masked = current * masks.reference_mask(current.shape, draw, dtype)
+                    out = layer(masked, dropout_mask=recurrent_mask, **options)
+                spikes = out[0] if stateful else out
+                params = [current, layer.weight, layer.delay, layer.spread_logits]
+                results.append((spikes, *grads_of(spikes, params, grad_out)))
+        for fast, expected in zip(*results):
+            assert torch.equal(fast, expected)
+        assert results[0][0].sum() > 0
+    in_the_loop = engine == "cpp-axonal" and not stateful and not neuron.p.decay_input
+    assert (len(in_front) == 0) == in_the_loop

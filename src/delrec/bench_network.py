@@ -86,6 +86,7 @@ FUNCTION_COMPONENTS = {
     "_Integrator": "loss/readout",
     "_BatchNorm": "normalisation",
     "_Dropout": "dropout",
+    "_MaskedGradient": "dropout",  # the backward of a dropout drawn in the recurrent engine's loop
 }
 REGION = "delrec-bench: "
 

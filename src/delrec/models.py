@@ -252,6 +252,9 @@ class HiddenBlock(nn.Module):
             mask = self.dropout.draw()
             masks = (mask, None) if self.dropout_first else (None, mask)
             return fused.lif_layer(current, self.neurons.p, *masks)
+        if use_fused and self.dropout_first and isinstance(self.neurons, DelRec) and not stateful:
+            # the recurrent layer drops its input current itself (in its loop where it can)
+            return self.neurons(current, input_dropout=self.dropout.draw())
         if self.dropout_first:
             spikes, neuron_state = run_chunk(
                 self.neurons, self.dropout(current), neuron_state, stateful

@@ -107,6 +107,14 @@ MUTATIONS = [
         "product[i] = static_cast<double>(g[b + i]) * static_cast<double>(x[b + (i ^ 1)]);",
     ),
     Mutation(
+        "axonal-input-dropout-step",
+        "C++ axonal forward drops its input with the mask of the next step",
+        "src/delrec/engine/csrc/axonal.cpp",
+        "dropout.values_of_row(kept, words, n, b, t);",
+        "dropout.values_of_row(kept, words, n, b, t + 1);",
+        ("tests/test_fused.py",),
+    ),
+    Mutation(
         "triton-axonal-forward-tap",
         "Triton axonal forward reads its first tap one step further back (interpreter on CPU)",
         "src/delrec/engine/triton/axonal.py",

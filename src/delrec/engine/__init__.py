@@ -63,10 +63,12 @@ class EnginePath:
     ``delay_types``: the delay types it runs; ``lif_only``: only the built-in
     :class:`~delrec.neurons.LIF`; ``grad``: differentiable; ``integer_only``: only integer-delay
     inference without autograd; ``stateful``: ``run`` takes ``state=`` (a chunk of a sequence,
-    :mod:`delrec.engine.state`); ``runs_on(device)``: whether it can run on that device here
-    (the C++ kernels built, a GPU library importable); it warns once itself when it should
-    (``delrec.engine.native.load`` does for the C++ kernels). ``run`` is kept wrapped so that
-    an empty batch never reaches it (module docstring).
+    :mod:`delrec.engine.state`); ``input_dropout``: ``run`` takes ``input_dropout=`` (a
+    :class:`~delrec.engine.dropout.MaskDraw`) and drops the input current itself, with the
+    result of running on the dropped current; ``runs_on(device)``: whether it can run on that
+    device here (the C++ kernels built, a GPU library importable); it warns once itself when
+    it should (``delrec.engine.native.load`` does for the C++ kernels). ``run`` is kept wrapped
+    so that an empty batch never reaches it (module docstring).
     """
 
     name: str
@@ -76,6 +78,7 @@ class EnginePath:
     grad: bool = True
     integer_only: bool = False
     stateful: bool = False
+    input_dropout: bool = False
     runs_on: Callable[[torch.device], bool] = _anywhere
 
     def __post_init__(self):
@@ -147,6 +150,7 @@ PATHS: dict[str, EnginePath] = {
             axonal.cpp_recurrence,
             ("axonal", "shared"),
             stateful=True,
+            input_dropout=True,
             runs_on=_cpu_kernels("axonal"),
         ),
         EnginePath(

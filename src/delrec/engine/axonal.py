@@ -30,7 +30,9 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
-from delrec.engine import native
+from delrec.engine import fused, native
+from delrec.engine.dropout import MaskDraw
+from delrec.engine.dropout import native as native_mask
 from delrec.engine.lif import LIFMap, triangle_taps, width_vector
 from delrec.engine.state import RecurrentState, run_lif
 
@@ -89,9 +91,10 @@ class TimeLoops:
 
     ``forward(current, weight, mask, lif, plan, need_d, need_s)`` returns spikes, membrane and
     trace ``(T, B, N)`` and the box sums ``E``, ``K`` ``(T+1, …)`` (None when not needed, in the
-    loops' own layout); ``backward(grad_spikes, membrane, trace, slope, support, weight_in,
-    mask, lif, plan)`` returns ``∂L/∂h`` ``(T, B, N)`` and the float64 sums ``Σ ∂L/∂z·E``,
-    ``Σ ∂L/∂z·K``, ``Σ ∂L/∂z·z`` ``(N,)`` (None when not needed).
+    loops' own layout); a forward that drops its input itself also takes ``input_dropout=``;
+    ``backward(grad_spikes, membrane, trace, slope, support, weight_in, mask, lif, plan)``
+    returns ``∂L/∂h`` ``(T, B, N)`` and the float64 sums ``Σ ∂L/∂z·E``, ``Σ ∂L/∂z·K``,
+    ``Σ ∂L/∂z·z`` ``(N,)`` (None when not needed).
     """
 
     forward: Callable
@@ -105,15 +108,28 @@ class _AxonalRecurrence(torch.autograd.Function):
     ``loops`` run the time loops (in C++, PyTorch ops or Triton); all compute the same thing.
     Saved for backward: the pre-spike membrane (the spikes are ``h ≥ θ``) and the delayed
     trace, ``(T, B, N)`` each, and the integer box sums when delays/spreads learn — nothing
-    that grows with the delay range.
+    that grows with the delay range. ``input_dropout``: ``loops.forward`` (which must take it)
+    drops the current with this mask; the gradient returned is that of the dropped current
+    (the caller multiplies it by the mask, :func:`delrec.engine.fused.masked_gradient`).
     """
 
     @staticmethod
-    def forward(ctx, current, weight, delay, width, mask, lif: LIFMap, loops: TimeLoops):
+    def forward(
+        ctx,
+        current,
+        weight,
+        delay,
+        width,
+        mask,
+        lif: LIFMap,
+        loops: TimeLoops,
+        input_dropout: MaskDraw | None = None,
+    ):
         need_d, need_s = ctx.needs_input_grad[2:4]
         plan = _AxonalPlan(delay, width, current.shape[0])
+        dropping = {} if input_dropout is None else {"input_dropout": input_dropout}
         spikes, membrane, trace, slope, support = loops.forward(
-            current, weight, mask, lif, plan, need_d, need_s
+            current, weight, mask, lif, plan, need_d, need_s, **dropping
         )
         ctx.lif, ctx.loops = lif, loops
         ctx.save_for_backward(membrane, trace, slope, support, weight, delay, width, mask)
@@ -151,7 +167,7 @@ class _AxonalRecurrence(torch.autograd.Function):
             grad_width = (by_support * plan.inv_w2 - 2.0 * by_trace / width.double()).to(
                 width.dtype
             )
-        return grad_current, grad_weight, grad_delay, grad_width, None, None, None
+        return grad_current, grad_weight, grad_delay, grad_width, None, None, None, None
 
 
 def _native_forward(
@@ -163,9 +179,11 @@ def _native_forward(
     plan: _AxonalPlan,
     need_d: bool,
     need_s: bool,
+    input_dropout: MaskDraw | None = None,
 ):
     """The forward time loop in C++. Returns spikes, membrane and trace ``(T, B, N)`` and the
-    neuron-major box sums ``(T+1, N, B)`` (None when not needed)."""
+    neuron-major box sums ``(T+1, N, B)`` (None when not needed). ``input_dropout``: the loop
+    drops the current with this mask (the neuron's drive must be the current itself)."""
     steps, batch, n = current.shape
     spikes, trace, membrane = (current.new_empty(steps, batch, n) for _ in range(3))  # contiguous
     history = current.new_empty(steps + 1, n, batch, dtype=torch.bool)  # the taps' spikes
@@ -185,6 +203,7 @@ def _native_forward(
         p.v_threshold,
         p.v_reset or 0.0,
         p.soft_reset,
+        native_mask(input_dropout, current.dtype),
         spikes,
         history,
         membrane,
@@ -326,6 +345,7 @@ def cpp_recurrence(
     neuron: nn.Module,
     mask: Tensor | None = None,
     state: RecurrentState | None = None,
+    input_dropout: MaskDraw | None = None,
 ):
     """Path ``cpp-axonal``: spikes ``(T, B, N)`` of a recurrent LIF layer with delays ``(N,)``
     per presynaptic neuron, the time loops in C++ (CPU tensors), differentiable in every input.
@@ -335,13 +355,21 @@ def cpp_recurrence(
     neuron: the built-in :class:`~delrec.neurons.LIF`; mask: recurrent dropout ``(B, N)`` fixed
     over time, or None. Same result as the reference loop with ``triangle_kernel``. With a
     ``state`` (:class:`~delrec.engine.state.RecurrentState`) it starts from it and returns
-    ``(spikes, final state)``.
+    ``(spikes, final state)``. ``input_dropout``: per-element dropout of ``current``
+    (:mod:`delrec.engine.dropout`), drawn inside the forward loop when the layer runs from rest
+    and the neuron's drive is the current itself, else applied before it: the same result as
+    running on ``fused.dropped(current, input_dropout)``.
     """
     kernels = native.load("axonal")
     if kernels is None:
         raise RuntimeError(native.unavailable("axonal"))
+    if input_dropout is not None:
+        if state is None and LIFMap.of(neuron.p).drives_directly:
+            current = fused.masked_gradient(current, input_dropout)  # forward: in the loop
+        else:
+            current, input_dropout = fused.dropped(current, input_dropout), None
     loops = TimeLoops(partial(_native_forward, kernels), partial(_native_backward, kernels))
-    return run_loops(loops, current, weight, delay, width, neuron, mask, state)
+    return run_loops(loops, current, weight, delay, width, neuron, mask, state, input_dropout)
 
 
 def torch_recurrence(
@@ -370,13 +398,17 @@ def run_loops(
     neuron: nn.Module,
     mask: Tensor | None = None,
     state: RecurrentState | None = None,
+    input_dropout: MaskDraw | None = None,
 ):
     """The differentiable recurrence (arguments of :func:`cpp_recurrence`) on ``loops``, from
-    rest or from ``state`` (:func:`delrec.engine.state.run_lif`)."""
+    rest or from ``state`` (:func:`delrec.engine.state.run_lif`); ``input_dropout`` only for
+    loops whose forward drops the current itself, from rest."""
     width = width_vector(width, delay, weight.shape[0])
     lif = LIFMap.of(neuron.p)
 
     def run(current: Tensor) -> tuple[Tensor, Tensor]:
-        return _AxonalRecurrence.apply(current, weight, delay, width, mask, lif, loops)
+        return _AxonalRecurrence.apply(
+            current, weight, delay, width, mask, lif, loops, input_dropout
+        )
 
     return run_lif(run, current, weight, delay, width, lif, mask, state)

@@ -42,9 +42,14 @@ class LIFMap:
             1.0 - 1.0 / p.tau, 1.0 / p.tau if p.decay_input else 1.0, v_rest / p.tau, v_rest, p
         )
 
+    @property
+    def drives_directly(self) -> bool:
+        """True when the feedforward part of ``h`` is the current itself (gain 1, offset 0)."""
+        return self.gain == 1.0 and self.offset == 0.0
+
     def drive(self, current: Tensor) -> Tensor:
         """Feedforward part of ``h``: ``gain·c + offset``, ``(T, B, N)``."""
-        if self.gain == 1.0 and self.offset == 0.0:
+        if self.drives_directly:
             return current
         return current * self.gain + self.offset
 

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from delrec import delays as delay_fns
-from delrec.engine import DELAY_TYPES, RecurrentState, check_engine, select
+from delrec.engine import DELAY_TYPES, RecurrentState, check_engine, fused, select
+from delrec.engine.dropout import MaskDraw
 from delrec.neurons import LIF, as_neuron
 
 
@@ -172,6 +173,7 @@ class DelRec(nn.Module):
         *,
         return_state: bool = False,
         dropout_mask: Tensor | None = None,
+        input_dropout: MaskDraw | None = None,
     ) -> Tensor | tuple[Tensor, DelRecState]:
         """Input current ``(T, B, N)`` or ``(T, N)`` → spikes of the same shape.
 
@@ -181,7 +183,11 @@ class DelRec(nn.Module):
         step (batched, ``B = 1`` for an unbatched input). Running a sequence in chunks this way
         gives the spikes of one pass. A returned state carries no gradient (chunks are
         truncated BPTT); gradients reach a given state. ``dropout_mask`` ``(B, N)`` overrides
-        the recurrent dropout mask (for tests and replay).
+        the recurrent dropout mask (for tests and replay). ``input_dropout``: drop elements of
+        ``current`` with this mask (:mod:`delrec.engine.dropout`, as
+        :class:`~delrec.layers.dropout.Dropout` does) before the layer: inside the engine's loop
+        where the path can (``cpp-axonal``), saving the dropped current's pass through memory,
+        else in front of it; the same result either way.
         """
         unbatched = current.dim() == 2
         if unbatched:
@@ -217,15 +223,23 @@ class DelRec(nn.Module):
             state=stateful,
         )
         delay, width = self.delays_and_width()
+        options = {}
+        if input_dropout is not None:
+            if path.input_dropout:
+                options["input_dropout"] = input_dropout
+            else:
+                current = fused.dropped(current, input_dropout)
         if not stateful:
-            spikes = path.run(current, self.weight, delay, width, self.neuron, mask)
+            spikes = path.run(current, self.weight, delay, width, self.neuron, mask, **options)
             return spikes.squeeze(1) if unbatched else spikes
         if state is None:
             fresh = tuple(self.neuron.initial_state(current[0]))
             start = RecurrentState(fresh, current.new_zeros(0, *current.shape[1:]))
         else:
             start = RecurrentState(tuple(state.neuron), state.spikes)
-        spikes, final = path.run(current, self.weight, delay, width, self.neuron, mask, state=start)
+        spikes, final = path.run(
+            current, self.weight, delay, width, self.neuron, mask, state=start, **options
+        )
         spikes = spikes.squeeze(1) if unbatched else spikes
         if not return_state:
             return spikes

@@ -12,10 +12,16 @@
 // LIF neurons; the backward runs the same recursion on the future adjoints, the LIF adjoint,
 // the transposed GEMM and the sums behind the delay and spread gradients. What the recursion
 // means: lif.py, triangle_taps, and axonal.py, _AxonalPlan. The LIF update: lif.h.
+//
+// Input dropout: the forward may drop the input current itself, each step drawing the rows of
+// the mask it needs (csrc/philox.h) and computing c ⊙ m as csrc/fused.cpp's dropout does, which
+// saves the dropped current's pass through memory; the caller multiplies the backward's
+// ∂L/∂h by the same mask.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include "lif.h"
+#include "philox.h"
 
 #include <cmath>
 #include <cstdint>
@@ -28,6 +34,8 @@ namespace {
 using delrec::LIFConstants;
 using delrec::LIFUpdate;
 using delrec::SurrogateDerivative;
+using delrec::Mask;
+using delrec::MaskArgs;
 
 constexpr int64_t kGrain = 8192;  // elements per parallel chunk
 constexpr int64_t kBlock = 16;    // neurons per block of a transposition
@@ -115,15 +123,14 @@ inline void transpose_block(const double* __restrict__ y, scalar_t* __restrict__
   }
 }
 
-// One step of the LIF neurons on elements [begin, end) of the (B, N) slices: the membrane h,
-// the spikes (as scalars and as bytes, for the history) and v after the reset.
+// One step of the LIF neurons on `count` elements of the (B, N) slices (pointers at the first):
+// the membrane h, the spikes (as scalars and as bytes, for the history) and v after the reset.
 template <typename scalar_t, bool masked>
 void charge_and_fire(const LIFUpdate<scalar_t> neuron, const scalar_t* __restrict__ drive,
                      const scalar_t* __restrict__ mask, const scalar_t* __restrict__ recurrent,
                      scalar_t* __restrict__ v, scalar_t* __restrict__ membrane,
-                     scalar_t* __restrict__ spikes, uint8_t* __restrict__ fired, int64_t begin,
-                     int64_t end) {
-  for (int64_t i = begin; i < end; ++i) {
+                     scalar_t* __restrict__ spikes, uint8_t* __restrict__ fired, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
     const scalar_t r = masked ? mask[i] * recurrent[i] : recurrent[i];
     const scalar_t h = neuron.charge(drive[i], r, v[i]);
     const bool spike = neuron.fires(h);
@@ -146,8 +153,9 @@ inline void spikes_into_history(const uint8_t* __restrict__ fired, uint8_t* __re
 template <typename scalar_t, typename count_t>
 void forward_loop(const at::Tensor& drive, const at::Tensor& weight_in, const at::Tensor& mask,
                   const at::Tensor& lags, const at::Tensor& coef, const LIFConstants& lif,
-                  at::Tensor& spikes_out, at::Tensor& history, at::Tensor& membrane,
-                  at::Tensor& trace, at::Tensor& slope, at::Tensor& support) {
+                  const Mask& dropout, at::Tensor& spikes_out, at::Tensor& history,
+                  at::Tensor& membrane, at::Tensor& trace, at::Tensor& slope,
+                  at::Tensor& support) {
   const int64_t steps = drive.size(0), batch = drive.size(1), n = drive.size(2);
   const int64_t nb = n * batch;
   const bool need_slope = slope.numel() > 0, need_support = support.numel() > 0;
@@ -203,15 +211,35 @@ void forward_loop(const at::Tensor& drive, const at::Tensor& weight_in, const at
       transpose_block(y, trace_p + now, n, batch, j0, j1);  // z, into the batch-major trace
     });
     at::mm_out(recurrent, trace.select(0, t), weight_in_t);  // (B, N) = z (B, N) Wᵀ
-    for_each_element(nb, [&](int64_t begin, int64_t end) {
+    // the neurons, row by row when the input is dropped (the row's mask drawn, then c ⊙ m as
+    // csrc/fused.cpp's dropout computes it), else on flat ranges
+    const auto update = [&](const scalar_t* row_drive, int64_t first, int64_t count) {
+      const int64_t at = now + first;
       if (has_mask) {
-        charge_and_fire<scalar_t, true>(neuron, drive_p + now, mask_p, rec_p, v,
-                                        membrane_p + now, spikes_p + now, fired, begin, end);
+        charge_and_fire<scalar_t, true>(neuron, row_drive, mask_p + first, rec_p + first,
+                                        v + first, membrane_p + at, spikes_p + at, fired + first,
+                                        count);
       } else {
-        charge_and_fire<scalar_t, false>(neuron, drive_p + now, mask_p, rec_p, v,
-                                         membrane_p + now, spikes_p + now, fired, begin, end);
+        charge_and_fire<scalar_t, false>(neuron, row_drive, nullptr, rec_p + first, v + first,
+                                         membrane_p + at, spikes_p + at, fired + first, count);
       }
-    });
+    };
+    if (dropout.active) {
+      at::parallel_for(0, batch, std::max<int64_t>(1, kGrain / n), [&](int64_t b0, int64_t b1) {
+        std::vector<uint32_t> words(n + delrec::kChunk);
+        std::vector<scalar_t> kept(n), dropped(n);
+        for (int64_t b = b0; b < b1; ++b) {
+          dropout.values_of_row(kept, words, n, b, t);
+          const scalar_t* __restrict__ c = drive_p + now + b * n;
+          for (int64_t j = 0; j < n; ++j) dropped[j] = c[j] * kept[j];
+          update(dropped.data(), b * n, n);
+        }
+      });
+    } else {
+      for_each_element(nb, [&](int64_t begin, int64_t end) {
+        update(drive_p + now + begin, begin, end - begin);
+      });
+    }
     for_each_block(n, batch, [&](int64_t j0, int64_t j1) {
       spikes_into_history(fired, hist + next, n, batch, j0, j1);
     });
@@ -423,20 +451,21 @@ void check_common(const at::Tensor& x, const at::Tensor& lags, const at::Tensor&
 void forward(const at::Tensor& drive, const at::Tensor& weight_in,
              const c10::optional<at::Tensor>& mask, const at::Tensor& lags,
              const at::Tensor& coef, double leak, double v0, double threshold, double v_reset,
-             bool soft_reset, at::Tensor spikes, at::Tensor history, at::Tensor membrane,
-             at::Tensor trace, at::Tensor slope, at::Tensor support) {
+             bool soft_reset, MaskArgs input_dropout, at::Tensor spikes, at::Tensor history,
+             at::Tensor membrane, at::Tensor trace, at::Tensor slope, at::Tensor support) {
   check_common(drive, lags, coef);
   check(slope.scalar_type() == support.scalar_type(), "slope and support share a dtype");
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const LIFConstants lif{leak, v0, threshold, v_reset, soft_reset, false, 0, 0.0};
+  const Mask dropout = delrec::mask_of(input_dropout);
   AT_DISPATCH_FLOATING_TYPES(drive.scalar_type(), "delrec_axonal_forward", [&] {
     if (slope.scalar_type() == at::kChar) {
-      forward_loop<scalar_t, int8_t>(drive, weight_in, mask_c, lags, coef, lif, spikes,
-                                     history, membrane, trace, slope, support);
+      forward_loop<scalar_t, int8_t>(drive, weight_in, mask_c, lags, coef, lif, dropout,
+                                     spikes, history, membrane, trace, slope, support);
     } else {
       check(slope.scalar_type() == at::kShort, "box sums must be int8 or int16");
-      forward_loop<scalar_t, int16_t>(drive, weight_in, mask_c, lags, coef, lif, spikes,
-                                      history, membrane, trace, slope, support);
+      forward_loop<scalar_t, int16_t>(drive, weight_in, mask_c, lags, coef, lif, dropout,
+                                      spikes, history, membrane, trace, slope, support);
     }
   });
 }

@@ -9,20 +9,14 @@
 //
 // The LIF neuron is csrc/lif.h's (charge, fire, reset, adjoint, surrogate derivative).
 //
-// Dropout masks: element (t, b, n) of a mask, n = 64k + 16w + l (w < 4, l < 16), is kept when
-// word w of Philox4x32-10(counter = (16k + l, b + batch_offset, t, 0),
-// key = (key mod 2³², key div 2³²)) is below `threshold` = round(keep·2³²); a kept element is
-// multiplied by 1/keep (in the tensor's dtype), a dropped one by 0. The mask is a function of the key and the element's
-// position only: the backward draws it again instead of saving it, and a process holding
-// rows [offset, offset + B) of a larger batch draws exactly those rows.
+// Dropout masks (csrc/philox.h) are a function of the key and the element's position only: the
+// backward draws them again instead of saving them, and a process holding rows
+// [offset, offset + B) of a larger batch draws exactly those rows.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include "lif.h"
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "philox.h"
 
 #include <algorithm>
 #include <cmath>
@@ -34,6 +28,11 @@ namespace {
 using delrec::LIFConstants;
 using delrec::LIFUpdate;
 using delrec::SurrogateDerivative;
+using delrec::Mask;
+using delrec::MaskArgs;
+using delrec::mask_of;
+using delrec::mask_values;
+using delrec::kChunk;
 
 constexpr int64_t kGrain = 8192;  // elements per parallel chunk
 
@@ -42,125 +41,6 @@ template <typename Fn>
 void for_each_row_block(int64_t batch, int64_t n, const Fn& fn) {
   const int64_t rows = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, n));
   at::parallel_for(0, batch, rows, fn);
-}
-
-// --------------------------------------------------------------------------- Philox4x32-10
-constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
-constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
-constexpr int64_t kLanes = 16;              // Philox blocks computed side by side
-constexpr int64_t kChunk = 4 * kLanes;      // mask elements per group of kLanes blocks
-
-// Words 0 … count-1 of the mask row (row, step), written to out (room for count rounded up to
-// kChunk): in each chunk of 64 elements k, element 64k + 16w + l is word w of the block with
-// counter (16k + l, row, step, 0). Sixteen blocks are computed at once, one per 32-bit lane.
-#if defined(__AVX512F__)
-// The 32×32 → 64-bit products of the even and odd lanes (vpmuludq), split into the high and
-// low words of each lane.
-inline void mulhilo16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
-  const __m512i even = _mm512_mul_epu32(a, m);
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
-  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-}
-
-__attribute__((noinline)) void philox_row(uint32_t* __restrict__ out, int64_t count, uint32_t row, uint32_t step,
-                uint32_t key0, uint32_t key1) {
-  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
-  for (int64_t first = 0; 4 * first < count; first += kLanes) {
-    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<uint32_t>(first)), lanes);
-    __m512i c1 = _mm512_set1_epi32(row), c2 = _mm512_set1_epi32(step);
-    __m512i c3 = _mm512_setzero_si512();
-    uint32_t k0 = key0, k1 = key1;
-    for (int round = 0; round < 10; ++round) {
-      __m512i hi0, lo0, hi1, lo1;
-      mulhilo16(c0, m0, hi0, lo0);
-      mulhilo16(c2, m1, hi1, lo1);
-      c0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32(k0), 0x96);  // a ^ b ^ c
-      c2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32(k1), 0x96);
-      c1 = lo1;
-      c3 = lo0;
-      k0 += kPhiloxW0;
-      k1 += kPhiloxW1;
-    }
-    uint32_t* words = out + 4 * first;
-    _mm512_storeu_si512(words, c0);
-    _mm512_storeu_si512(words + kLanes, c1);
-    _mm512_storeu_si512(words + 2 * kLanes, c2);
-    _mm512_storeu_si512(words + 3 * kLanes, c3);
-  }
-}
-#else
-__attribute__((noinline)) void philox_row(uint32_t* __restrict__ out, int64_t count, uint32_t row, uint32_t step,
-                uint32_t key0, uint32_t key1) {
-  for (int64_t first = 0; 4 * first < count; first += kLanes) {
-    uint32_t* words = out + 4 * first;
-    for (int64_t l = 0; l < kLanes; ++l) {  // the ten rounds unrolled: GCC vectorises the lanes
-      uint32_t c0 = static_cast<uint32_t>(first + l), c1 = row, c2 = step, c3 = 0;
-      uint32_t k0 = key0, k1 = key1;
-#pragma GCC unroll 10
-      for (int round = 0; round < 10; ++round) {
-        const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
-        const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
-        c0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
-        c2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
-        c1 = static_cast<uint32_t>(p1);
-        c3 = static_cast<uint32_t>(p0);
-        k0 += kPhiloxW0;
-        k1 += kPhiloxW1;
-      }
-      words[l] = c0;
-      words[kLanes + l] = c1;
-      words[2 * kLanes + l] = c2;
-      words[3 * kLanes + l] = c3;
-    }
-  }
-}
-#endif
-
-// The value of each element of a mask row: 1/keep (kept) or 0 (dropped).
-template <typename scalar_t>
-inline void mask_values(scalar_t* __restrict__ out, const uint32_t* __restrict__ words,
-                        int64_t n, uint32_t threshold, scalar_t kept) {
-  for (int64_t i = 0; i < n; ++i) out[i] = words[i] < threshold ? kept : scalar_t(0);
-}
-
-// One dropout mask: key, threshold on the words, value of a kept element, first batch row.
-struct Mask {
-  bool active = false;
-  uint32_t key0 = 0, key1 = 0, threshold = 0;
-  double scale = 1.0;
-  int64_t batch_offset = 0;
-
-  // the words of row (b, t) into buffer (length ≥ N rounded up to kChunk)
-  void draw(std::vector<uint32_t>& buffer, int64_t n, int64_t b, int64_t t) const {
-    philox_row(buffer.data(), n, static_cast<uint32_t>(b + batch_offset),
-               static_cast<uint32_t>(t), key0, key1);
-  }
-
-  // the values of row (b, t), 1/keep or 0, into values (left as they are when inactive)
-  template <typename scalar_t>
-  void values_of_row(std::vector<scalar_t>& values, std::vector<uint32_t>& words, int64_t n,
-                     int64_t b, int64_t t) const {
-    if (!active) return;
-    draw(words, n, b, t);
-    mask_values(values.data(), words.data(), n, threshold, static_cast<scalar_t>(scale));
-  }
-};
-
-Mask make_mask(bool active, int64_t key, int64_t threshold, double scale, int64_t batch_offset) {
-  Mask mask;
-  if (!active) return mask;
-  TORCH_CHECK(threshold >= 0 && threshold < (int64_t(1) << 32),
-              "delrec dropout: threshold must be in [0, 2^32)");
-  const uint64_t k = static_cast<uint64_t>(key);
-  mask.active = true;
-  mask.key0 = static_cast<uint32_t>(k);
-  mask.key1 = static_cast<uint32_t>(k >> 32);
-  mask.threshold = static_cast<uint32_t>(threshold);
-  mask.scale = scale;
-  mask.batch_offset = batch_offset;
-  return mask;
 }
 
 // out = x ⊙ mask (x undefined: out = mask), on (T, B, N) sequences.
@@ -455,14 +335,6 @@ LIFConstants lif_constants(double leak, double v0, double threshold, double v_re
                            double surrogate_param) {
   return LIFConstants{leak,         v0, threshold, v_reset, soft_reset, detach_reset,
                       surrogate, surrogate_param};
-}
-
-// masks travel as (active, key, threshold, scale, batch_offset)
-using MaskArgs = std::tuple<bool, int64_t, int64_t, double, int64_t>;
-
-Mask mask_of(const MaskArgs& m) {
-  return make_mask(std::get<0>(m), std::get<1>(m), std::get<2>(m), std::get<3>(m),
-                   std::get<4>(m));
 }
 
 void dropout(const c10::optional<at::Tensor>& x, at::Tensor out, MaskArgs mask_args) {
