@@ -86,7 +86,9 @@ FUNCTION_COMPONENTS = {
     "_Integrator": "loss/readout",
     "_BatchNorm": "normalisation",
     "_Dropout": "dropout",
-    "_MaskedGradient": "dropout",  # the backward of a dropout drawn in the recurrent engine's loop
+    # the backward of a dropout whose forward runs in the recurrent engine's loop
+    "_MaskedGradient": "dropout",
+    "_MaskedGradientBackward": "dropout",
 }
 REGION = "delrec-bench: "
 

@@ -227,7 +227,8 @@ def _native_backward(
     plan: _AxonalPlan,
 ):
     """The reverse time loop in C++ on what :func:`_native_forward` saved: ``∂L/∂h``
-    ``(T, B, N)`` and the per-neuron sums ``Σ ∂L/∂z·E``, ``Σ ∂L/∂z·K``, ``Σ ∂L/∂z·z`` (float64,
+    ``(T, B, N)`` and the per-neuron sums ``Σ ∂L/∂z·E``, ``Σ ∂L/∂z·K``, ``Σ ∂L/∂z·z`` (the
+    last as the equal ``Σ s·ζ``, csrc/axonal.cpp: adjoint_block) (float64,
     None when not needed) behind the delay and spread gradients."""
     p = lif.p
     code, param, psi = lif.native_slope(membrane)  # any other surrogate: ψ' precomputed
@@ -249,7 +250,6 @@ def _native_backward(
         p.detach_reset,
         code,
         param,
-        trace,
         empty if slope is None else slope,
         empty if support is None else support,
         grad_h,

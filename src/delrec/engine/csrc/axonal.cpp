@@ -304,43 +304,26 @@ inline double row_dot(const scalar_t* __restrict__ g, const x_t* __restrict__ x,
   return total;
 }
 
-// Σ_b ∂L/∂z[j, b]·z[b, j] for neurons [j0, j1), added to sum[j]: the adjoint neuron-major
-// (N, B), the trace batch-major (B, N). A whole block (kBlock = 2·kLanes neurons) runs on two
-// lane vectors, neuron j in lane j - j0; a partial block (the last, when kBlock ∤ N) one
-// neuron at a time.
-template <typename scalar_t>
-inline void trace_dots(const scalar_t* __restrict__ future, const scalar_t* __restrict__ trace,
-                       double* __restrict__ sum, int64_t n, int64_t batch, int64_t j0,
-                       int64_t j1) {
-  static_assert(kBlock == 2 * kLanes, "a block of neurons is two lane vectors");
-  if (j1 - j0 < kBlock) {
-    for (int64_t j = j0; j < j1; ++j) {
-      double total = 0.0;
-      for (int64_t b = 0; b < batch; ++b) {
-        total += static_cast<double>(future[j * batch + b]) * static_cast<double>(trace[b * n + j]);
-      }
-      sum[j] += total;
-    }
-    return;
-  }
-  Lanes low = {}, high = {};
+// ζ of neurons [j0, j1), neuron-major float64 (N, B), into a batch-major (B, N) slice, and
+// Σ_b s[b, j]·ζ[j, b] added to sum[j] (spiking: h ≥ θ, membrane batch-major), one partial sum
+// per neuron over b in order. This is the sum Σ ∂L/∂z·z behind the spread gradient: with
+// z[t] = Σ_k κ(k) s[t-k] and ζ[t] = Σ_k κ(k) ∂L/∂z[t+k], Σ_t ∂L/∂z[t]·z[t] = Σ_t s[t]·ζ[t]
+// (both sums run over the same pairs (t, k)), which needs no transposed adjoint.
+template <typename scalar_t, bool sum_spiking>
+inline void adjoint_block(const double* __restrict__ y, scalar_t* __restrict__ zeta,
+                          const scalar_t* __restrict__ membrane, scalar_t threshold,
+                          double* __restrict__ sum, int64_t n, int64_t batch, int64_t j0,
+                          int64_t j1) {
+  double block[kBlock] = {};
   for (int64_t b = 0; b < batch; ++b) {
-    double f[kBlock], z[kBlock];
-    for (int64_t j = 0; j < kBlock; ++j) {
-      f[j] = static_cast<double>(future[(j0 + j) * batch + b]);
-      z[j] = static_cast<double>(trace[b * n + j0 + j]);
+    for (int64_t j = j0; j < j1; ++j) {
+      const double value = y[j * batch + b];
+      zeta[b * n + j] = static_cast<scalar_t>(value);
+      if (sum_spiking) block[j - j0] += membrane[b * n + j] >= threshold ? value : 0.0;
     }
-    Lanes f0, f1, z0, z1;
-    std::memcpy(&f0, f, sizeof f0);
-    std::memcpy(&f1, f + kLanes, sizeof f1);
-    std::memcpy(&z0, z, sizeof z0);
-    std::memcpy(&z1, z + kLanes, sizeof z1);
-    low += f0 * z0;
-    high += f1 * z1;
   }
-  for (int64_t j = 0; j < kLanes; ++j) {
-    sum[j0 + j] += low[j];
-    sum[j0 + kLanes + j] += high[j];
+  if (sum_spiking) {
+    for (int64_t j = j0; j < j1; ++j) sum[j] += block[j - j0];
   }
 }
 
@@ -348,8 +331,8 @@ template <typename scalar_t, typename count_t>
 void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
                    const at::Tensor& psi, const at::Tensor& weight_in, const at::Tensor& mask,
                    const at::Tensor& lags, const at::Tensor& coef, const LIFConstants& lif,
-                   const at::Tensor& trace, const at::Tensor& slope, const at::Tensor& support,
-                   at::Tensor& grad_h, at::Tensor& sums) {
+                   const at::Tensor& slope, const at::Tensor& support, at::Tensor& grad_h,
+                   at::Tensor& sums) {
   const int64_t steps = membrane.size(0), batch = membrane.size(1), n = membrane.size(2);
   const int64_t nb = n * batch;
   const bool has_mask = mask.defined();
@@ -361,7 +344,6 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
   const scalar_t* mask_p = has_mask ? mask.data_ptr<scalar_t>() : nullptr;   // (B, N)
   const int64_t* lags_p = lags.data_ptr<int64_t>();
   const double* coef_p = coef.data_ptr<double>();
-  const scalar_t* trace_p = trace.data_ptr<scalar_t>();                      // (T, B, N)
   const count_t* slope_p = need_slope ? slope.data_ptr<count_t>() + nb : nullptr;
   const count_t* support_p = need_support ? support.data_ptr<count_t>() + nb : nullptr;
   scalar_t* grad_h_p = grad_h.data_ptr<scalar_t>();                          // (T, B, N)
@@ -416,7 +398,13 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
         recursion_step(y + j * batch, d + j * batch, future_p + rows[j], future_p + rows[n + j],
                        future_p + rows[2 * n + j], coef_p + 3 * j, coef_p + 3 * (n + j), batch);
       }
-      transpose_block(y, zeta, n, batch, j0, j1);  // ζ[t], batch-major
+      if (need_support) {  // ζ[t], batch-major, and Σ s·ζ
+        adjoint_block<scalar_t, true>(y, zeta, membrane_p + now, neuron.threshold, by_trace, n,
+                                      batch, j0, j1);
+      } else {
+        adjoint_block<scalar_t, false>(y, zeta, nullptr, neuron.threshold, nullptr, n, batch, j0,
+                                       j1);
+      }
     });
     // the LIF adjoint; gh still holds ∂L/∂h[t+1] when step t reads it
     for_each_element(nb, [&](int64_t begin, int64_t end) { adjoint(now, begin, end); });
@@ -428,9 +416,6 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
           const int64_t row = now + j * batch;
           if (need_slope) by_slope[j] += row_dot(future_p + row, slope_p + row, batch);
           if (need_support) by_support[j] += row_dot(future_p + row, support_p + row, batch);
-        }
-        if (need_support) {
-          trace_dots(future_p + now, trace_p + now, by_trace, n, batch, j0, j1);
         }
       });
     }
@@ -474,8 +459,8 @@ void backward(const at::Tensor& grad_spikes, const at::Tensor& membrane, const a
               const at::Tensor& weight_in, const c10::optional<at::Tensor>& mask,
               const at::Tensor& lags, const at::Tensor& coef, double leak, double threshold,
               double v_reset, bool soft_reset, bool detach_reset, int64_t surrogate,
-              double surrogate_param, const at::Tensor& trace, const at::Tensor& slope,
-              const at::Tensor& support, at::Tensor grad_h, at::Tensor sums) {
+              double surrogate_param, const at::Tensor& slope, const at::Tensor& support,
+              at::Tensor grad_h, at::Tensor sums) {
   check_common(grad_spikes, lags, coef);
   check(membrane.is_contiguous() && (surrogate != 0 || psi.is_contiguous()),
         "membrane and ψ' must be contiguous (T, B, N)");
@@ -488,11 +473,11 @@ void backward(const at::Tensor& grad_spikes, const at::Tensor& membrane, const a
   AT_DISPATCH_FLOATING_TYPES(membrane.scalar_type(), "delrec_axonal_backward", [&] {
     if (counts == at::kChar) {
       backward_loop<scalar_t, int8_t>(grad_spikes, membrane, psi, weight_in, mask_c, lags, coef,
-                                      lif, trace, slope, support, grad_h, sums);
+                                      lif, slope, support, grad_h, sums);
     } else {
       check(counts == at::kShort, "box sums must be int8 or int16");
       backward_loop<scalar_t, int16_t>(grad_spikes, membrane, psi, weight_in, mask_c, lags,
-                                       coef, lif, trace, slope, support, grad_h, sums);
+                                       coef, lif, slope, support, grad_h, sums);
     }
   });
 }
