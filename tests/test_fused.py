@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from delrec.bench import saved_bytes
+from delrec.engine import PATHS, RecurrentState, fused, native
 from delrec.engine import dropout as masks
-from delrec.engine import fused, native
 from delrec.layers.dropout import Dropout
 from delrec.layers.recurrent import DelRec
 from delrec.models import set_feedforward_engine
@@ -283,3 +283,16 @@ def test_recurrent_layer_drops_its_input_like_the_dropout_module(
         assert results[0][0].sum() > 0
     in_the_loop = engine == "cpp-axonal" and not stateful and not neuron.p.decay_input
     assert (len(in_front) == 0) == in_the_loop
+
+
+@needs_kernels
+def test_the_engine_refuses_an_input_dropout_it_cannot_draw_in_its_loop():
+    """From a state, or with a drive other than the current (``decay_input``), the C++ path
+    refuses the mask with a message that says to drop the current in front."""
+    current, weight = torch.randn(6, 2, 8), torch.eye(8)
+    delay, draw = torch.full((8,), 2.0), masks.draw(0.3)
+    run = PATHS["cpp-axonal"].run
+    start = RecurrentState((torch.zeros(2, 8),), torch.zeros(0, 2, 8))
+    for neuron, state in [(LIF(), start), (LIF(decay_input=True), None)]:
+        with pytest.raises(ValueError, match="drop the current in front"):
+            run(current, weight, delay, 1.0, neuron, None, state=state, input_dropout=draw)

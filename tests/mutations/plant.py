@@ -94,7 +94,7 @@ MUTATIONS = [
     ),
     Mutation(
         "block-local-trace-index",
-        "C++ axonal trace and adjoint copies index neurons within their block of 16",
+        "C++ axonal trace copy indexes neurons within their block of 16",
         "src/delrec/engine/csrc/axonal.cpp",
         "out[b * n + j] = static_cast<scalar_t>(y[j * batch + b]);",
         "out[b * n + j] = static_cast<scalar_t>(y[(j - j0) * batch + b]);",

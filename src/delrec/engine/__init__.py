@@ -63,12 +63,15 @@ class EnginePath:
     ``delay_types``: the delay types it runs; ``lif_only``: only the built-in
     :class:`~delrec.neurons.LIF`; ``grad``: differentiable; ``integer_only``: only integer-delay
     inference without autograd; ``stateful``: ``run`` takes ``state=`` (a chunk of a sequence,
-    :mod:`delrec.engine.state`); ``input_dropout``: ``run`` takes ``input_dropout=`` (a
-    :class:`~delrec.engine.dropout.MaskDraw`) and drops the input current itself, with the
-    result of running on the dropped current; ``runs_on(device)``: whether it can run on that
-    device here (the C++ kernels built, a GPU library importable); it warns once itself when
-    it should (``delrec.engine.native.load`` does for the C++ kernels). ``run`` is kept wrapped
-    so that an empty batch never reaches it (module docstring).
+    :mod:`delrec.engine.state`); ``input_dropout``: from rest, with a neuron whose drive is the
+    current (``LIFMap.drives_directly``), ``run`` takes ``input_dropout=`` (a
+    :class:`~delrec.engine.dropout.MaskDraw`) and drops the input current in its forward loop;
+    the gradient it returns for the current is that of the dropped current, which the caller
+    multiplies by the mask (:func:`delrec.engine.fused.masked_gradient`); ``runs_on(device)``:
+    whether it can run on that device here (the C++ kernels built, a GPU library importable);
+    it warns once itself when it should (``delrec.engine.native.load`` does for the C++
+    kernels). ``run`` is kept wrapped so that an empty batch never reaches it (module
+    docstring).
     """
 
     name: str

@@ -30,7 +30,7 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
-from delrec.engine import fused, native
+from delrec.engine import native
 from delrec.engine.dropout import MaskDraw
 from delrec.engine.dropout import native as native_mask
 from delrec.engine.lif import LIFMap, triangle_taps, width_vector
@@ -356,18 +356,20 @@ def cpp_recurrence(
     over time, or None. Same result as the reference loop with ``triangle_kernel``. With a
     ``state`` (:class:`~delrec.engine.state.RecurrentState`) it starts from it and returns
     ``(spikes, final state)``. ``input_dropout``: per-element dropout of ``current``
-    (:mod:`delrec.engine.dropout`), drawn inside the forward loop when the layer runs from rest
-    and the neuron's drive is the current itself, else applied before it: the same result as
-    running on ``fused.dropped(current, input_dropout)``.
+    (:mod:`delrec.engine.dropout`), drawn inside the forward loop, from rest and when the
+    neuron's drive is the current itself (``LIFMap.drives_directly``); the gradient returned
+    for ``current`` is then that of the dropped current, which the caller multiplies by the mask
+    (:func:`delrec.engine.fused.masked_gradient`, as ``DelRec.forward`` does).
     """
     kernels = native.load("axonal")
     if kernels is None:
         raise RuntimeError(native.unavailable("axonal"))
-    if input_dropout is not None:
-        if state is None and LIFMap.of(neuron.p).drives_directly:
-            current = fused.masked_gradient(current, input_dropout)  # forward: in the loop
-        else:
-            current, input_dropout = fused.dropped(current, input_dropout), None
+    if input_dropout is not None and (state is not None or not LIFMap.of(neuron.p).drives_directly):
+        raise ValueError(
+            "input_dropout is drawn in the loop only from rest and when the neuron's drive is "
+            "the current itself (gain 1, offset 0): drop the current in front instead "
+            "(delrec.engine.fused.dropped)"
+        )
     loops = TimeLoops(partial(_native_forward, kernels), partial(_native_backward, kernels))
     return run_loops(loops, current, weight, delay, width, neuron, mask, state, input_dropout)
 

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from delrec import delays as delay_fns
 from delrec.engine import DELAY_TYPES, RecurrentState, check_engine, fused, select
 from delrec.engine.dropout import MaskDraw
+from delrec.engine.lif import LIFMap
 from delrec.neurons import LIF, as_neuron
 
 
@@ -225,7 +226,10 @@ class DelRec(nn.Module):
         delay, width = self.delays_and_width()
         options = {}
         if input_dropout is not None:
-            if path.input_dropout:
+            in_loop = path.input_dropout and not stateful
+            if in_loop and LIFMap.of(self.neuron.p).drives_directly:
+                # forward: drawn in the engine's loop; backward: ∂L/∂c ⊙ m, a node of its own
+                current = fused.masked_gradient(current, input_dropout)
                 options["input_dropout"] = input_dropout
             else:
                 current = fused.dropped(current, input_dropout)
