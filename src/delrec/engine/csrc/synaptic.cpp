@@ -365,6 +365,21 @@ __attribute__((noinline)) void adjoint_row(const LIFUpdate<scalar_t> neuron, sca
 // (B, N) sequences: a cache line of float32 per batch row.
 constexpr int64_t kBlock = 16;
 
+// Asks for the cache lines of the kBlock scalars at p (for writing if `write`). The LIF loops
+// below read and write the batch-major sequences one block of neurons per batch row, rows
+// N scalars apart, each line once per step: the hardware does not foresee that stride, so each
+// block prefetches the same batch row's next block.
+template <typename scalar_t>
+inline void prefetch_block(const scalar_t* p, bool write) {
+  for (int64_t l = 0; l < kBlock; l += kLanes<scalar_t>) {
+    if (write) {
+      __builtin_prefetch(p + l, 1);
+    } else {
+      __builtin_prefetch(p + l);
+    }
+  }
+}
+
 // In parallel (ATen's intra-op threads), each thread a range of whole blocks of kBlock neurons:
 // on_range(i0, i1) on the thread's range, then on_block(i0, i1) on each of its blocks.
 template <typename Range, typename Block>
@@ -709,6 +724,11 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const Coefficients<sca
         scalar_t rec[kBlock];
         for (int64_t i = i0; i < i1; ++i) rec[i - i0] = recurrent[i * width + b];
         const int64_t at = now + b * n + i0;
+        if (i1 < n) {  // the next block's lines (prefetch_block)
+          prefetch_block(drive_p + at + kBlock, false);
+          prefetch_block(membrane_p + at + kBlock, true);
+          prefetch_block(spikes_p + at + kBlock, true);
+        }
         charge_row(neuron, drive_p + at, rec, has_mask ? mask_p + b * n + i0 : nullptr,
                    v.data() + b * n + i0, membrane_p + at, spikes_p + at, i1 - i0);
       }
@@ -1007,6 +1027,12 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
         scalar_t from_rec[kBlock], psi[kBlock], masked[kBlock];
         for (int64_t i = i0; i < i1; ++i) from_rec[i - i0] = once[i * width + b];
         const int64_t at = now + b * n + i0;
+        if (i1 < n) {  // the next block's lines (prefetch_block)
+          prefetch_block(membrane_p + at + kBlock, false);
+          prefetch_block(grad_out + at + kBlock, false);
+          prefetch_block(grad_current_p + at + kBlock, true);
+          if (psi_p) prefetch_block(psi_p + at + kBlock, false);
+        }
         if (!psi_p) surrogate_row(derivative, neuron.threshold, membrane_p + at, psi, i1 - i0);
         adjoint_row(neuron, gain, membrane_p + at, psi_p ? psi_p + at : psi, grad_out + at,
                     from_rec, has_mask ? mask_p + b * n + i0 : nullptr, gh.data() + b * n + i0,
