@@ -661,10 +661,16 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const Coefficients<sca
   std::vector<scalar_t> v(nb, static_cast<scalar_t>(lif.v0));  // (B, N)
   const LIFUpdate<scalar_t> neuron(lif);
   for (int64_t j = 0; j < n; ++j) std::fill_n(hist + j * frames, batch, false);
+  // On one thread, each step advances the rings column block by column block, just before the
+  // near sums read that block's rows (still in cache then; all rings at once outgrow L2 at
+  // N = 512). The far sums at a block's first step read only diagonals the step does not
+  // write (kSpan). On several threads every thread's sums read every column block, so the
+  // rings advance first, in parallel.
+  const bool fused = at::get_num_threads() == 1;
 
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t head = p.head_at(t);
-    at::parallel_for(0, n, 1, [&](int64_t j0, int64_t j1) {  // the rings at t
+    auto advance = [&](int64_t j0, int64_t j1) {  // the rings of neurons j0 … j1 - 1 at t
       Buffer<scalar_t> newest(width);
       for (int64_t j = j0; j < j1; ++j) {
         widen(reinterpret_cast<const uint8_t*>(hist + j * frames + t * batch), batch,
@@ -677,7 +683,8 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const Coefficients<sca
                                   });
         }
       }
-    });
+    };
+    if (!fused) at::parallel_for(0, n, 1, advance);
     const int64_t now = t * nb;
     // the sums over all of a thread's neurons at once (each column block's rings in L1 once
     // per step), then the LIF update block by block
@@ -711,6 +718,7 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const Coefficients<sca
       for (int64_t lane = 0; lane < width; lane += group) {
         const int64_t blocks = std::min(group, width - lane) / L;
         for (size_t c = 0; c + 1 < near.columns.size(); ++c) {
+          if (fused && lane == 0) advance(near.columns[c], near.columns[c + 1]);
           with_blocks(blocks, [&](auto nb) {
             gather_rows<scalar_t, decltype(nb)::value>(
                 ring.data() + lane, width, head, p.depth, near.synapses.data(),
