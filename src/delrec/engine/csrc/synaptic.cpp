@@ -20,12 +20,12 @@
 // forward:   per step, each class's entry recursion and chain into its ring, then r_i gathered per
 //            postsynaptic neuron (sums in registers, the rings of a block of presynaptic neurons
 //            in L1; synapses far above the chain read in blocks of kSpan steps), then the LIF
-//            update.
+//            update. On one thread the rings advance block by block, just before the sums.
 // backward:  per reverse step, the adjoint of the spikes (one float64 recursion per neuron fed by
 //            a float64 ring of injections, plus one-off lag-1 terms), the LIF adjoint, the slot
 //            sums of a·ḡ and b·ḡ added into each class's adjoint ring at row t - m (far slots once
 //            per block), then per class the chain's lag-1 term and the entry row's injections at
-//            its taps, and Σ K·x.
+//            its taps, and Σ K·x (near sums and class steps by groups of presynaptic neurons).
 // gradients: a second forward sweep of the classes, in chunks of time, dotting each level's
 //            values with the stored adjoint: D0_ij = Σ ḡ_i Z, D1_ij = Σ ḡ_i E, then ∂L/∂W and
 //            ∂L/∂d.
