@@ -124,13 +124,14 @@ def test_every_kink_and_window_end_in_one_layer(kernel_size):
     assert_paths_match_reference(x, weight, position, bias, kernel_size)
 
 
+@pytest.mark.parametrize("kernel_size", [30, 90])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_past_every_blocking_of_the_kernels(dtype):
+def test_past_every_blocking_of_the_kernels(dtype, kernel_size):
     """Sizes past the C++ kernels' blockings: several channel blocks of 16 (the last one
-    partial) in both passes, tiles of 8 steps (the last partial), several chunks of steps in the
-    dots, batch rows of one and of two vectors (float64 / float32), delays up to the window."""
+    partial) in both passes, tiles of 10 steps (the last partial), several chunks of steps in
+    the dots (window 30; one chunk for the wide spread of delays of window 90), batch rows of one
+    and of two vectors (float64 / float32), delays up to the window."""
     torch.manual_seed(4)
-    kernel_size = 30
     position = torch.empty(37, 45, dtype=dtype).uniform_(-0.5, kernel_size - 0.5)
     position[::5, ::3] = position[::5, ::3].round()  # kinks among them
     weight = torch.randn(37, 45, dtype=dtype).requires_grad_()

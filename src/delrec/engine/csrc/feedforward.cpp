@@ -20,11 +20,14 @@
 // bit mask (no sorting, no unpredictable branch per synapse), so a synapse costs in proportion
 // to its overlap with the sequence, whatever the delay window. Loop order: tiles of steps, blocks
 // of channels (their rows for the tile stay in L1), output rows (their tiles stay in L2); the
-// synapses are packed block after block so that they stream.
+// synapses are packed block after block so that they stream. A tile of 10 steps (2 x 10
+// accumulators with AVX-512) measured faster than 8 or 12 at N = 1024 (fewer costs per synapse
+// for its FMAs; T = 100 in whole tiles).
 // pair_dots keeps the two sums of kGroup synapses of one output row in registers and sweeps
-// steps: per step one load of the grad row and one per synapse feed two FMAs per synapse. The
-// synapses of a group start at different steps (t >= base): the sweep runs in phases, adding one
-// synapse at a time in the order of their start.
+// steps: per step one load of the next grad row, and one source row per synapse feeding two
+// FMAs (with the grad rows of this step and the next). The synapses of a group start at
+// different steps (t >= base): the sweep runs in phases, adding one synapse at a time in the
+// order of their start.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -40,12 +43,13 @@
 namespace {
 
 // shifted_sum: steps per output tile, source channels per block (one bit each in a mask)
-constexpr int kRows = 8;
+constexpr int kRows = 10;
 constexpr int kBlock = 16;
-// pair_dots: synapses per group; bytes of a group's source rows kept in L1 over a chunk of steps,
-// and of a block of outputs' grad rows for a chunk kept in L2
+// pair_dots: synapses per group; bytes of the rows a chunk of steps reads that should stay in L1
+// (the group's source rows, the grad rows of an output row and of the next one), and of a block
+// of outputs' grad rows for a chunk kept in L2
 constexpr int kGroup = 4;
-constexpr int64_t kChunkBytes = 1 << 15;
+constexpr int64_t kChunkBytes = 44 << 10;
 constexpr int64_t kBlockBytes = 1 << 20;
 
 // `acc += a * b` fused into FMAs in the portable vectors (the module is built with
@@ -68,7 +72,7 @@ constexpr int kVectorBytes = 32;
 constexpr int kVectorBytes = 16;  // SSE, NEON
 #endif
 // Vectors of a row held per tile in registers: two where there are 32 vector registers
-// (AVX-512, AArch64), one where there are 16 (the tile of 8 steps takes 8 per vector).
+// (AVX-512, AArch64), one where there are 16 (the tile of kRows steps takes kRows per vector).
 #if defined(__AVX512F__) || defined(__aarch64__)
 constexpr int kRowVectors = 2;
 #else
@@ -129,6 +133,15 @@ struct Simd<double> {
 inline void prefetch(const void* p) {
 #if defined(__GNUC__)
   __builtin_prefetch(p, 0, 3);
+#endif
+}
+
+// Keep v in a register: stops the compiler from folding a load that feeds two FMAs into both
+// (two loads where one will do)
+template <typename V>
+inline void in_register(V& v) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  asm("" : "+v"(v));
 #endif
 }
 
@@ -270,10 +283,13 @@ void shifted_sum_loop(const at::Tensor& src, const PackedTaps<scalar_t>& taps, i
 }
 
 // --------------------------------------------------------------------------- pair_dots
-// Steps [t, t + count) of the first NA synapses of a group, added to their sums: p[j] points at
-// row t - base_j - 1 of synapse j's source channel (advanced past the steps), g at grad row t,
-// `ahead` at the grad row t of the next output row, fetched into L1 step by step (a stream the
-// hardware prefetcher would start too late: it changes with every call).
+// Steps s in [t, t + count) of the first NA synapses of a group, added to their sums: each loaded
+// source row x[s - base] feeds C(base) with grad row s and C(base + 1) with grad row s + 1 (the
+// term of grad row s + 1 that C(base + 1) needs, so the steps' grad rows s and s + 1 stay in
+// registers and each source row is loaded once). p[j] points at row t - base_j - 1 of synapse
+// j's source channel (advanced past the steps), g at grad row t, `ahead` at the grad row t of the
+// next output row, fetched into L1 step by step (a stream the hardware prefetcher would start
+// too late: it changes with every call).
 template <typename scalar_t, int NA, int VB>
 DELREC_CONTRACT inline __attribute__((always_inline)) void dot_steps(
     const scalar_t* g, const scalar_t* ahead, const scalar_t** p, int64_t width, int64_t count,
@@ -281,28 +297,30 @@ DELREC_CONTRACT inline __attribute__((always_inline)) void dot_steps(
   using S = Simd<scalar_t>;
   using V = typename S::V;
   constexpr int L = S::lanes;
-  V previous[NA][VB];
-  for (int j = 0; j < NA; ++j)
-    for (int v = 0; v < VB; ++v) previous[j][v] = S::load(p[j] + v * L);
+  V now[VB];
+  for (int v = 0; v < VB; ++v) now[v] = S::load(g + v * L);
   for (int64_t step = 0; step < count; ++step, g += width, ahead += width) {
     for (int v = 0; v < VB; ++v) prefetch(ahead + v * L);
-    V gv[VB];
-    for (int v = 0; v < VB; ++v) gv[v] = S::load(g + v * L);
+    V next[VB];
+    for (int v = 0; v < VB; ++v) next[v] = S::load(g + width + v * L);
     for (int j = 0; j < NA; ++j) {
       p[j] += width;
       for (int v = 0; v < VB; ++v) {
-        const V x = S::load(p[j] + v * L);
-        hi[j][v] = S::fmadd(gv[v], previous[j][v], hi[j][v]);  // x[t - base - 1]
-        lo[j][v] = S::fmadd(gv[v], x, lo[j][v]);               // x[t - base]
-        previous[j][v] = x;
+        V x = S::load(p[j] + v * L);  // x[s - base]
+        in_register(x);
+        lo[j][v] = S::fmadd(now[v], x, lo[j][v]);   // C(base):     grad row s
+        hi[j][v] = S::fmadd(next[v], x, hi[j][v]);  // C(base + 1): grad row s + 1
       }
     }
+    for (int v = 0; v < VB; ++v) now[v] = next[v];
   }
 }
 
-// The two sums of n <= kGroup synapses (r, c + j) over steps [t0, t1), vectors [0, VB) of the
-// rows (g: grad row 0 of r, x: channel c at step 0), written to c0/c1 or added to them. Synapse j
-// contributes from step max(t0, base_j): the steps run in phases, one more synapse each.
+// The two sums of n <= kGroup synapses (r, c + j) over the source rows s - base_j of steps s in
+// [t0, t1) (C(base + 1) takes grad row s + 1 there: over all chunks, the steps base + 1 … T, the
+// last one a zero row), vectors [0, VB) of the rows (g: grad row 0 of r, x: channel c at step
+// 0), written to c0/c1 or added to them. Synapse j contributes from step max(t0, base_j) (before
+// it, its source rows are zeros): the steps run in phases, one more synapse each.
 template <typename scalar_t, int VB>
 DELREC_CONTRACT void dot_group(const scalar_t* g, const scalar_t* ahead, const scalar_t* x,
                                int64_t channel_stride, int64_t width, const int32_t* base,
@@ -371,14 +389,18 @@ DELREC_CONTRACT void dot_group(const scalar_t* g, const scalar_t* ahead, const s
 
 template <typename scalar_t, int VB>
 void pair_dots_loop(const at::Tensor& grad, const at::Tensor& src, const at::Tensor& base,
-                    int64_t lead, int64_t steps, at::Tensor& c0, at::Tensor& c1) {
+                    int64_t spread, int64_t lead, int64_t steps, at::Tensor& c0,
+                    at::Tensor& c1) {
   const int64_t outputs = grad.size(0), width = grad.size(2), channels = src.size(0);
   const int64_t grad_stride = grad.size(1) * width, channel_stride = src.size(1) * width;
   const int64_t row_bytes = width * int64_t(sizeof(scalar_t));
-  // chunks of steps of (about) equal length whose rows of a group's channels stay in L1; blocks
-  // of outputs whose grad rows for a chunk stay in L2
-  const int64_t longest = std::max<int64_t>(8, kChunkBytes / ((kGroup + 1) * row_bytes));
-  const int64_t chunks = std::max<int64_t>(1, (steps + longest - 1) / longest);
+  // chunks of steps of (about) equal length whose rows stay in L1: per channel of a group, the
+  // chunk's steps shifted by every base delay of the block (chunk + spread rows), and two grad
+  // rows per step; one chunk where no length fits (a wide spread: L2 either way, and each chunk
+  // costs a reduction per synapse). Blocks of outputs whose grad rows for a chunk stay in L2.
+  const int64_t room = kChunkBytes / row_bytes - kGroup * spread;
+  const int64_t longest = room >= 16 * (kGroup + 2) ? room / (kGroup + 2) : steps;
+  const int64_t chunks = std::max<int64_t>(1, (steps + longest - 1) / std::max<int64_t>(longest, 1));
   const int64_t chunk = (steps + chunks - 1) / chunks;
   const int64_t block = std::max<int64_t>(1, kBlockBytes / (chunk * row_bytes));
   constexpr int64_t L = Simd<scalar_t>::lanes;
@@ -447,11 +469,13 @@ void check_rows(const at::Tensor& seq, int64_t lead, int64_t before, int64_t aft
         "the sequences need zero rows around the steps (lead >= the tile rows, rows after)");
 }
 
-void check_bases(const at::Tensor& base, int64_t steps) {
+// The spread of the base delays that reach the steps (largest, at most `steps`, - smallest)
+int64_t check_bases(const at::Tensor& base, int64_t steps) {
   const int32_t low = base.numel() ? base.min().item<int32_t>() : 0;
   const int32_t high = base.numel() ? base.max().item<int32_t>() : 0;
   check(low >= 0 && int64_t(high) + steps + 2 * kRows < (int64_t(1) << 31),
         "base delays must lie in [0, 2^31 - steps)");
+  return std::max<int64_t>(0, std::min<int64_t>(high, steps) - low);
 }
 
 void shifted_sum(const at::Tensor& src, const at::Tensor& base, const at::Tensor& a,
@@ -460,7 +484,7 @@ void shifted_sum(const at::Tensor& src, const at::Tensor& base, const at::Tensor
   check(src.dim() == 3 && src.is_contiguous() && out.dim() == 4 && out.is_contiguous() &&
             out.scalar_type() == src.scalar_type() && out.size(2) == kRows &&
             out.size(3) == src.size(2) && src.size(2) * src.element_size() % 64 == 0,
-        "src (C, rows, W) and out (tiles, R, 8, W) contiguous, of one dtype, W a whole number "
+        "src (C, rows, W) and out (tiles, R, tile rows, W) contiguous, of one dtype, W a whole number "
         "of 64-byte vectors");
   check_taps(base, a, b, src);
   check(direction == 1 || direction == -1, "direction must be +1 or -1");
@@ -486,16 +510,16 @@ std::vector<at::Tensor> pair_dots(const at::Tensor& grad, const at::Tensor& src,
   check(base.dim() == 2 && base.scalar_type() == at::kInt && base.is_contiguous() &&
             base.size(0) == grad.size(0) && base.size(1) == src.size(0),
         "base must be (O, I) int32, contiguous");
-  check_bases(base, steps);
-  check_rows(src, lead, 1, steps);
-  check_rows(grad, lead, 0, steps);
+  const int64_t spread = check_bases(base, steps);
+  check_rows(src, lead, 0, steps);
+  check_rows(grad, lead, 0, steps + 1);  // the zero row after the last step: see dot_steps
   const auto options = grad.options().dtype(at::kDouble);
   at::Tensor c0 = at::empty(base.sizes(), options), c1 = at::empty(base.sizes(), options);
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "delrec_feedforward_pair_dots", [&] {
     if (kRowVectors == 2 && src.size(2) / Simd<scalar_t>::lanes % 2 == 0)
-      pair_dots_loop<scalar_t, 2>(grad, src, base, lead, steps, c0, c1);
+      pair_dots_loop<scalar_t, 2>(grad, src, base, spread, lead, steps, c0, c1);
     else
-      pair_dots_loop<scalar_t, 1>(grad, src, base, lead, steps, c0, c1);
+      pair_dots_loop<scalar_t, 1>(grad, src, base, spread, lead, steps, c0, c1);
   });
   return {c0, c1};
 }
@@ -747,11 +771,11 @@ at::Tensor channel_major(const at::Tensor& seq, int64_t lead, int64_t rows, int6
   return out;
 }
 
-// (tiles, C, 8, W) output tiles -> (T, B, C): steps [0, T), columns [0, B)
+// (tiles, C, kRows, W) output tiles -> (T, B, C): steps [0, T), columns [0, B)
 at::Tensor time_major(const at::Tensor& tiles, int64_t steps, int64_t batch) {
   check(tiles.dim() == 4 && tiles.is_contiguous() && tiles.size(2) == kRows &&
             steps <= tiles.size(0) * kRows && batch <= tiles.size(3),
-        "time_major: contiguous (tiles, C, 8, W) output tiles holding the steps and the batch");
+        "time_major: contiguous (tiles, C, tile rows, W) output tiles holding the steps and the batch");
   const int64_t channels = tiles.size(1), width = tiles.size(3);
   at::Tensor out = at::empty({steps, batch, channels}, tiles.options());
   AT_DISPATCH_FLOATING_TYPES(tiles.scalar_type(), "delrec_feedforward_time_major", [&] {
@@ -785,7 +809,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("simd") = "portable";
 #endif
   m.def("shifted_sum", &shifted_sum,
-        "out[t / 8, r, t % 8] = Σ_c a[r, c] src[c, f + t] + b[r, c] src[c, f + t + 1], "
+        "out[t / tile_rows, r, t % tile_rows] = Σ_c a[r, c] src[c, f + t] + b[r, c] src[c, f + t + 1], "
         "f = direction·base[r, c] + offset (base, a, b (O, I), r = i, c = o if transposed)");
   m.def("pair_dots", &pair_dots,
         "c0[r, c] = Σ_t grad[r, t] src[c, t - base], c1[r, c] = Σ_t grad[r, t] src[c, t - base - 1]");
@@ -796,5 +820,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "∂L/∂w and ∂L/∂p from C(base), C(base + 1) and the extra dots");
   m.def("channel_major", &channel_major,
         "(T, B, C) -> zeros (C, rows, W) holding the sequence at rows [lead, lead + T)");
-  m.def("time_major", &time_major, "(tiles, C, 8, W) output tiles -> (T, B, C)");
+  m.def("time_major", &time_major, "(tiles, C, tile_rows, W) output tiles -> (T, B, C)");
 }
