@@ -10,8 +10,8 @@
 //                   input gradient: direction +1, offset 0, a = near, b = far, synapses transposed)
 //     pair_dots:   c0[r, c] = Σ_t grad[r, t] · src[c, t - base_rc],
 //                  c1[r, c] = Σ_t grad[r, t] · src[c, t - base_rc - 1]
-//     span_dots:   out_n = Σ_t grad[r_n, t] · src[c_n, t - delay_n]          (a list of synapses)
-// where every sum runs over the W values of a row too.
+// where every sum runs over the W values of a row too; parameter_gradients turns c0, c1 (and,
+// for the few synapses on a kink, one more dot each) into the weight and position gradients.
 //
 // shifted_sum keeps a tile of kRows steps x the row's vectors of one output row in registers and
 // streams the synapses of a block of kBlock source channels: per synapse it loads kRows + 1
@@ -247,19 +247,23 @@ DELREC_CONTRACT void sum_tile(const scalar_t* src, int64_t channel_stride, int64
     for (int v = 0; v < VB; ++v) S::store(out + r * width + v * L, acc[r][v]);
 }
 
+// Tiles of steps one after the other, each summed over the blocks of channels into a buffer of
+// one tile per output row (in L2), then copied into the time-major output (T, B, R): no
+// full-size intermediate, and the copy reads a tile that is still in cache.
 template <typename scalar_t, int VB>
 void shifted_sum_loop(const at::Tensor& src, const PackedTaps<scalar_t>& taps, int32_t direction,
                       int64_t offset, int64_t lead, int64_t steps, at::Tensor& out) {
   const int64_t channels = src.size(0), width = src.size(2), channel_stride = src.size(1) * width;
-  const int64_t tiles = out.size(0), outputs = out.size(1);
-  const int64_t blocks = (channels + kBlock - 1) / kBlock;
+  const int64_t batch = out.size(1), outputs = out.size(2);
+  const int64_t tiles = (steps + kRows - 1) / kRows, blocks = (channels + kBlock - 1) / kBlock;
   constexpr int64_t L = Simd<scalar_t>::lanes;
   const scalar_t* s = src.data_ptr<scalar_t>() + lead * width;
   scalar_t* o = out.data_ptr<scalar_t>();
   at::parallel_for(0, outputs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = 0; tile < tiles; ++tile)
+    std::vector<scalar_t> buffer((end - begin) * kRows * width);
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      const int64_t t0 = tile * kRows;
       for (int64_t k = 0; k < blocks; ++k) {
-        const int64_t t0 = tile * kRows;
         const int64_t n = std::min<int64_t>(kBlock, channels - k * kBlock);
         const scalar_t* block = s + k * kBlock * channel_stride;
         for (int64_t r = begin; r < end; ++r) {
@@ -267,7 +271,7 @@ void shifted_sum_loop(const at::Tensor& src, const PackedTaps<scalar_t>& taps, i
           const uint32_t mask =
               active_taps(taps.base.data() + q, n, direction, t0 + offset, steps);
           for (int64_t v0 = 0; v0 < width; v0 += VB * L) {
-            scalar_t* into = o + (tile * outputs + r) * kRows * width + v0;
+            scalar_t* into = buffer.data() + (r - begin) * kRows * width + v0;
             if (k == 0)
               sum_tile<scalar_t, VB, false>(block + v0, channel_stride, width,
                                             taps.base.data() + q, taps.a.data() + q,
@@ -279,6 +283,13 @@ void shifted_sum_loop(const at::Tensor& src, const PackedTaps<scalar_t>& taps, i
           }
         }
       }
+      for (int64_t t = t0; t < std::min(steps, t0 + kRows); ++t)
+        for (int64_t b = 0; b < batch; ++b) {
+          const scalar_t* from = buffer.data() + (t - t0) * width + b;
+          scalar_t* to = o + (t * batch + b) * outputs;
+          for (int64_t r = begin; r < end; ++r) to[r] = from[(r - begin) * kRows * width];
+        }
+    }
   });
 }
 
@@ -478,23 +489,23 @@ int64_t check_bases(const at::Tensor& base, int64_t steps) {
   return std::max<int64_t>(0, std::min<int64_t>(high, steps) - low);
 }
 
-void shifted_sum(const at::Tensor& src, const at::Tensor& base, const at::Tensor& a,
-                 const at::Tensor& b, bool transposed, int64_t direction, int64_t offset,
-                 int64_t lead, int64_t steps, at::Tensor out) {
-  check(src.dim() == 3 && src.is_contiguous() && out.dim() == 4 && out.is_contiguous() &&
-            out.scalar_type() == src.scalar_type() && out.size(2) == kRows &&
-            out.size(3) == src.size(2) && src.size(2) * src.element_size() % 64 == 0,
-        "src (C, rows, W) and out (tiles, R, tile rows, W) contiguous, of one dtype, W a whole number "
-        "of 64-byte vectors");
+at::Tensor shifted_sum(const at::Tensor& src, const at::Tensor& base, const at::Tensor& a,
+                       const at::Tensor& b, bool transposed, int64_t direction, int64_t offset,
+                       int64_t lead, int64_t steps, int64_t batch) {
+  check(src.dim() == 3 && src.is_contiguous() && src.size(2) * src.element_size() % 64 == 0,
+        "src (C, rows, W) contiguous, W a whole number of 64-byte vectors");
   check_taps(base, a, b, src);
   check(direction == 1 || direction == -1, "direction must be +1 or -1");
-  check(src.size(0) == base.size(transposed ? 0 : 1) &&
-            out.size(1) == base.size(transposed ? 1 : 0),
+  check(src.size(0) == base.size(transposed ? 0 : 1),
         "the synapses must connect the source channels to the output rows");
-  check(steps <= out.size(0) * kRows, "the output tiles must hold the steps");
+  check(batch >= 0 && batch <= src.size(2), "the rows must hold the batch");
   check(offset <= 0 && offset >= -1, "offset must be 0 or -1");
   check_bases(base, steps);
-  check_rows(src, lead, kRows, std::max(out.size(0) * kRows, steps + kRows));
+  const int64_t padded = (steps + kRows - 1) / kRows * kRows;
+  check_rows(src, lead, kRows, std::max(padded, steps + kRows));
+  const int64_t outputs = base.size(transposed ? 1 : 0);
+  at::Tensor out = at::empty({steps, batch, outputs}, src.options());
+  if (src.size(0) == 0) return out.zero_();  // no synapses
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "delrec_feedforward_shifted_sum", [&] {
     const PackedTaps<scalar_t> taps = pack<scalar_t>(base, a, b, transposed);
     if (kRowVectors == 2 && src.size(2) / Simd<scalar_t>::lanes % 2 == 0)
@@ -502,6 +513,7 @@ void shifted_sum(const at::Tensor& src, const at::Tensor& base, const at::Tensor
     else
       shifted_sum_loop<scalar_t, 1>(src, taps, int32_t(direction), offset, lead, steps, out);
   });
+  return out;
 }
 
 std::vector<at::Tensor> pair_dots(const at::Tensor& grad, const at::Tensor& src,
@@ -522,42 +534,6 @@ std::vector<at::Tensor> pair_dots(const at::Tensor& grad, const at::Tensor& src,
       pair_dots_loop<scalar_t, 1>(grad, src, base, spread, lead, steps, c0, c1);
   });
   return {c0, c1};
-}
-
-at::Tensor span_dots(const at::Tensor& grad, const at::Tensor& src, const at::Tensor& row,
-                     const at::Tensor& column, const at::Tensor& delay, int64_t lead,
-                     int64_t steps) {
-  check_sequences(grad, src);
-  check(row.scalar_type() == at::kLong && column.scalar_type() == at::kLong &&
-            delay.scalar_type() == at::kLong && row.is_contiguous() && column.is_contiguous() &&
-            delay.is_contiguous() && column.numel() == row.numel() &&
-            delay.numel() == row.numel(),
-        "row, column, delay (n,) int64, contiguous");
-  check_rows(src, lead, 0, steps);
-  check_rows(grad, lead, 0, steps);
-  const int64_t width = grad.size(2), grad_rows = grad.size(1), src_rows = src.size(1);
-  const int64_t* rw = row.data_ptr<int64_t>();
-  const int64_t* cl = column.data_ptr<int64_t>();
-  const int64_t* dl = delay.data_ptr<int64_t>();
-  for (int64_t n = 0; n < row.numel(); ++n)
-    check(rw[n] >= 0 && rw[n] < grad.size(0) && cl[n] >= 0 && cl[n] < src.size(0),
-          "span_dots: an entry names a row or channel outside the sequences");
-  at::Tensor out = at::empty({row.numel()}, grad.options().dtype(at::kDouble));
-  double* o = out.data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "delrec_feedforward_span_dots", [&] {
-    const scalar_t* g = grad.data_ptr<scalar_t>() + lead * width;
-    const scalar_t* s = src.data_ptr<scalar_t>() + lead * width;
-    at::parallel_for(0, row.numel(), 64, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {  // steps t with t - delay in [0, steps)
-        const int64_t t0 = std::max<int64_t>(0, dl[n]), t1 = std::min(steps, steps + dl[n]);
-        o[n] = t0 < t1 ? span_dot<scalar_t>(g + (rw[n] * grad_rows + t0) * width,
-                                             s + (cl[n] * src_rows + t0 - dl[n]) * width,
-                                             (t1 - t0) * width)
-                       : 0.0;
-      }
-    });
-  });
-  return out;
 }
 
 // --------------------------------------------------------------------------- taps, gradients
@@ -630,72 +606,32 @@ std::vector<at::Tensor> taps(const at::Tensor& weight, const at::Tensor& positio
   return {base, near, far};
 }
 
-// The synapses whose position gradient needs C(base - 1) or C(base + 2) (a non-zero slope
-// there: a position on an integer, or |base + 2 - p| rounding to 1): flat index and delay.
-// around()'s σ at q = 0 and 3 (d never equals p there), in a loop the compiler vectorizes.
-std::vector<at::Tensor> extra_taps(const at::Tensor& weight, const at::Tensor& position,
-                                   int64_t kernel_size) {
+// ∂L/∂w = Σ_q λ_q C(base - 1 + q) and ∂L/∂p = w Σ_q σ_q C(base - 1 + q) per synapse, summed in
+// float64 and returned in the parameters' dtype, with C(d) = Σ_t grad[o, t] src[i, t - d]:
+// C(base) and C(base + 1) of every synapse from pair_dots, then in one loop the compiler
+// vectorizes around() at q = 1, 2 and a flag for the synapses whose slope is not zero at
+// base - 1 or base + 2 (a position on an integer, or |base + 2 - p| rounding to 1; never
+// λ there); those few get all four taps again, their extra dots C(base - 1), C(base + 2) summed
+// on the spot.
+std::vector<at::Tensor> parameter_gradients(const at::Tensor& grad, const at::Tensor& src,
+                                            const at::Tensor& base, const at::Tensor& weight,
+                                            const at::Tensor& position, int64_t kernel_size,
+                                            int64_t lead, int64_t steps) {
   check_parameters(weight, position);
-  std::vector<uint8_t> sides(position.numel());
-  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "delrec_feedforward_extra_taps", [&] {
-    const scalar_t* p = position.data_ptr<scalar_t>();
-    const scalar_t top = scalar_t(kernel_size - 1);
-    uint8_t* side = sides.data();
-    at::parallel_for(0, position.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        const scalar_t d = scalar_t(window_base(p[n], top));
-        const scalar_t before = d - scalar_t(1), after = d + scalar_t(2);
-        const bool low = before >= 0 && scalar_t(1) - std::abs(before - p[n]) >= 0;
-        const bool high = after <= top && scalar_t(1) - std::abs(after - p[n]) >= 0;
-        side[n] = uint8_t(low) | uint8_t(high) << 1;
-      }
-    });
-  });
-  std::vector<int64_t> index, delay;
-  const int32_t* base = nullptr;
-  at::Tensor bases;
-  for (int64_t n = 0; n < int64_t(sides.size()); ++n)
-    if (sides[n]) {
-      if (!base) {  // the base delays, needed only here
-        bases = taps(weight, position, kernel_size)[0];
-        base = bases.data_ptr<int32_t>();
-      }
-      for (int q : {0, 1})
-        if (sides[n] >> q & 1) {
-          index.push_back(n);
-          delay.push_back(base[n] + (q ? 2 : -1));
-        }
-    }
-  const auto options = at::TensorOptions().dtype(at::kLong);
-  return {at::tensor(index, options), at::tensor(delay, options)};
-}
-
-// ∂L/∂w = Σ_q λ_q C(base - 1 + q) and ∂L/∂p = w Σ_q σ_q C(base - 1 + q), summed in float64 and
-// returned in the parameters' dtype, from c0 = C(base), c1 = C(base + 1) (O, I) float64 and the
-// extra dots C(delay) of the synapses `index` (extra_taps, ascending): around() at q = 1, 2 in a
-// loop the compiler vectorizes, then the synapses with extra dots again with all four taps.
-std::vector<at::Tensor> tap_gradients(const at::Tensor& weight, const at::Tensor& position,
-                                      int64_t kernel_size, const at::Tensor& c0,
-                                      const at::Tensor& c1, const at::Tensor& index,
-                                      const at::Tensor& delay, const at::Tensor& values) {
-  check_parameters(weight, position);
-  check(c0.scalar_type() == at::kDouble && c1.scalar_type() == at::kDouble &&
-            c0.is_contiguous() && c1.is_contiguous() && c0.numel() == weight.numel() &&
-            c1.numel() == weight.numel(),
-        "the dots must be (O, I) float64, contiguous");
-  check(index.scalar_type() == at::kLong && delay.scalar_type() == at::kLong &&
-            values.scalar_type() == at::kDouble && index.is_contiguous() &&
-            delay.is_contiguous() && values.is_contiguous() && delay.numel() == index.numel() &&
-            values.numel() == index.numel(),
-        "the extra dots: index, delay (n,) int64 and values (n,) float64");
+  check(base.sizes() == weight.sizes(), "base must be the (O, I) base delays of the synapses");
+  const std::vector<at::Tensor> dots = pair_dots(grad, src, base, lead, steps);
+  const double* d0 = dots[0].data_ptr<double>();
+  const double* d1 = dots[1].data_ptr<double>();
+  const int64_t columns = weight.size(1), width = grad.size(2);
+  const int64_t grad_rows = grad.size(1), src_rows = src.size(1);
   at::Tensor grad_w = at::empty_like(weight), grad_p = at::empty_like(position);
-  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "delrec_feedforward_tap_gradients", [&] {
+  std::vector<uint8_t> extra(weight.numel());
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "delrec_feedforward_parameter_gradients", [&] {
     const scalar_t* w = weight.data_ptr<scalar_t>();
     const scalar_t* p = position.data_ptr<scalar_t>();
-    const double* d0 = c0.data_ptr<double>();
-    const double* d1 = c1.data_ptr<double>();
     scalar_t* gw = grad_w.data_ptr<scalar_t>();
     scalar_t* gp = grad_p.data_ptr<scalar_t>();
+    uint8_t* flag = extra.data();
     const scalar_t top = scalar_t(kernel_size - 1);
     auto sign = [](scalar_t x) { return scalar_t((x > 0) - (x < 0)); };
     at::parallel_for(0, weight.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
@@ -708,18 +644,28 @@ std::vector<at::Tensor> tap_gradients(const at::Tensor& weight, const at::Tensor
         const scalar_t lam1 = inside && next > 0 ? next : scalar_t(0);
         const scalar_t slope0 = value >= 0 ? sign(d - p[n]) : scalar_t(0);
         const scalar_t slope1 = inside && next >= 0 ? sign(d + scalar_t(1) - p[n]) : scalar_t(0);
+        const scalar_t before = d - scalar_t(1), after = d + scalar_t(2);
+        const bool low = before >= 0 && scalar_t(1) - std::abs(before - p[n]) >= 0;
+        const bool high = after <= top && scalar_t(1) - std::abs(after - p[n]) >= 0;
+        flag[n] = uint8_t(low || high);
         gw[n] = scalar_t(double(lam0) * d0[n] + double(lam1) * d1[n]);
         gp[n] = scalar_t(double(w[n]) * (double(slope0) * d0[n] + double(slope1) * d1[n]));
       }
     });
-    const int64_t* ix = index.data_ptr<int64_t>();
-    const int64_t* dl = delay.data_ptr<int64_t>();
-    const double* vl = values.data_ptr<double>();
-    for (int64_t e = 0; e < index.numel();) {
-      const int64_t n = ix[e];
+    const scalar_t* g = grad.data_ptr<scalar_t>() + lead * width;
+    const scalar_t* x = src.data_ptr<scalar_t>() + lead * width;
+    auto dot = [&](int64_t n, int64_t delay) {  // C(delay), steps t with t - delay in [0, T)
+      const int64_t t0 = std::max<int64_t>(0, delay), t1 = std::min(steps, steps + delay);
+      return t0 < t1 ? span_dot<scalar_t>(g + (n / columns * grad_rows + t0) * width,
+                                          x + (n % columns * src_rows + t0 - delay) * width,
+                                          (t1 - t0) * width)
+                     : 0.0;
+    };
+    for (int64_t n = 0; n < weight.numel(); ++n) {
+      if (!flag[n]) continue;
       const Around<scalar_t> a = around<scalar_t>(p[n], kernel_size);
-      double c[4] = {0.0, d0[n], d1[n], 0.0};
-      for (; e < index.numel() && ix[e] == n; ++e) c[dl[e] - a.base + 1] = vl[e];
+      const double c[4] = {a.slope[0] != 0 ? dot(n, a.base - 1) : 0.0, d0[n], d1[n],
+                           a.slope[3] != 0 ? dot(n, a.base + 2) : 0.0};
       double sw = 0.0, sp = 0.0;
       for (int q = 0; q < 4; ++q) {
         sw += double(a.lam[q]) * c[q];
@@ -732,7 +678,7 @@ std::vector<at::Tensor> tap_gradients(const at::Tensor& weight, const at::Tensor
   return {grad_w, grad_p};
 }
 
-// (T, B, C) time-major <-> (C, rows, W) channel-major, sequence at rows [lead, lead + T),
+// (T, B, C) time-major -> (C, rows, W) channel-major, sequence at rows [lead, lead + T),
 // columns [0, B), zeros elsewhere: transposed in blocks of channels so that reads and writes
 // both stay within a few cache lines.
 constexpr int64_t kTransposeChannels = 32;
@@ -771,33 +717,6 @@ at::Tensor channel_major(const at::Tensor& seq, int64_t lead, int64_t rows, int6
   return out;
 }
 
-// (tiles, C, kRows, W) output tiles -> (T, B, C): steps [0, T), columns [0, B)
-at::Tensor time_major(const at::Tensor& tiles, int64_t steps, int64_t batch) {
-  check(tiles.dim() == 4 && tiles.is_contiguous() && tiles.size(2) == kRows &&
-            steps <= tiles.size(0) * kRows && batch <= tiles.size(3),
-        "time_major: contiguous (tiles, C, tile rows, W) output tiles holding the steps and the batch");
-  const int64_t channels = tiles.size(1), width = tiles.size(3);
-  at::Tensor out = at::empty({steps, batch, channels}, tiles.options());
-  AT_DISPATCH_FLOATING_TYPES(tiles.scalar_type(), "delrec_feedforward_time_major", [&] {
-    const scalar_t* x = tiles.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const int64_t blocks = (channels + kTransposeChannels - 1) / kTransposeChannels;
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
-        const int64_t c0 = k * kTransposeChannels;
-        const int64_t c1 = std::min(channels, c0 + kTransposeChannels);
-        for (int64_t t = 0; t < steps; ++t)
-          for (int64_t b = 0; b < batch; ++b) {
-            const scalar_t* from = x + ((t / kRows * channels) * kRows + t % kRows) * width + b;
-            scalar_t* to = o + (t * batch + b) * channels;
-            for (int64_t c = c0; c < c1; ++c) to[c] = from[c * kRows * width];
-          }
-      }
-    });
-  });
-  return out;
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -809,16 +728,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("simd") = "portable";
 #endif
   m.def("shifted_sum", &shifted_sum,
-        "out[t / tile_rows, r, t % tile_rows] = Σ_c a[r, c] src[c, f + t] + b[r, c] src[c, f + t + 1], "
+        "out (T, B, R): out[t, :, r] = Σ_c a[r, c] src[c, f + t] + b[r, c] src[c, f + t + 1], "
         "f = direction·base[r, c] + offset (base, a, b (O, I), r = i, c = o if transposed)");
-  m.def("pair_dots", &pair_dots,
-        "c0[r, c] = Σ_t grad[r, t] src[c, t - base], c1[r, c] = Σ_t grad[r, t] src[c, t - base - 1]");
-  m.def("span_dots", &span_dots, "out[n] = Σ_t grad[row_n, t] src[column_n, t - delay_n]");
+  m.def("parameter_gradients", &parameter_gradients,
+        "∂L/∂w and ∂L/∂p from grad (O, rows, W) and src (I, rows, W), channel-major");
   m.def("taps", &taps, "base delay (int32), near = w·λ(base), far = w·λ(base + 1) per synapse");
-  m.def("extra_taps", &extra_taps, "synapses needing C(base - 1) or C(base + 2): index, delay");
-  m.def("tap_gradients", &tap_gradients,
-        "∂L/∂w and ∂L/∂p from C(base), C(base + 1) and the extra dots");
   m.def("channel_major", &channel_major,
         "(T, B, C) -> zeros (C, rows, W) holding the sequence at rows [lead, lead + T)");
-  m.def("time_major", &time_major, "(tiles, C, tile_rows, W) output tiles -> (T, B, C)");
 }
