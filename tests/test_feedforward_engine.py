@@ -114,7 +114,7 @@ def test_two_tap_paths_match_the_convolution_float32(layer):
 @pytest.mark.parametrize("kernel_size", [1, 2, 5, 26])
 def test_every_kink_and_window_end_in_one_layer(kernel_size):
     """Each output row holds every kink position once, a batch that spans several vectors and
-    a sequence longer than the window."""
+    a sequence longer than the window (window 5: two channel blocks of 16, the last partial)."""
     torch.manual_seed(kernel_size)
     positions = torch.tensor(kink_positions(kernel_size), dtype=torch.float64)
     position = positions.repeat(3, 1).requires_grad_()
@@ -127,8 +127,9 @@ def test_every_kink_and_window_end_in_one_layer(kernel_size):
 @pytest.mark.parametrize("kernel_size", [30, 90])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_past_every_blocking_of_the_kernels(dtype, kernel_size):
-    """Sizes past the C++ kernels' blockings: several channel blocks of 16 (the last one
-    partial) in both passes, tiles of 10 steps (the last partial), several chunks of steps in
+    """Sizes past the C++ kernels' blockings: several channel blocks (of 32, the delays
+    spreading over more than two tiles; the last one partial) in both passes, tiles of 10 steps
+    (the last partial), several chunks of steps in
     the dots (window 30; one chunk for the wide spread of delays of window 90), batch rows of one
     and of two vectors (float64 / float32), delays up to the window."""
     torch.manual_seed(4)

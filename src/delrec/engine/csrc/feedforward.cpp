@@ -14,7 +14,7 @@
 // for the few synapses on a kink, one more dot each) into the weight and position gradients.
 //
 // shifted_sum keeps a tile of kRows steps x the row's vectors of one output row in registers and
-// streams the synapses of a block of kBlock source channels: per synapse it loads kRows + 1
+// streams the synapses of a block of kBlock (kWideBlock) source channels: per synapse it loads kRows + 1
 // source rows, each feeding two FMAs (the `b` term of one output step and the `a` term of the
 // next). The synapses of a block that read only zero rows at this tile are skipped through a
 // bit mask (no sorting, no unpredictable branch per synapse), so a synapse costs in proportion
@@ -42,9 +42,12 @@
 
 namespace {
 
-// shifted_sum: steps per output tile, source channels per block (one bit each in a mask)
+// shifted_sum: steps per output tile; source channels per block (one bit each in a mask), more
+// where the base delays spread over more than two tiles (the block's rows for a tile then
+// outgrow L1 anyway; a larger block halves the trips of the output tiles through L2)
 constexpr int kRows = 10;
 constexpr int kBlock = 16;
+constexpr int kWideBlock = 32;
 // pair_dots: synapses per group; bytes of the rows a chunk of steps reads that should stay in L1
 // (the group's source rows, the grad rows of an output row and of the next one), and of a block
 // of outputs' grad rows for a chunk kept in L2
@@ -148,10 +151,11 @@ inline void in_register(V& v) {
 void check(bool ok, const char* message) { TORCH_CHECK(ok, "delrec feedforward kernels: ", message); }
 
 // --------------------------------------------------------------------------- shifted_sum
-// The synapses of one pass, packed [block][output row][kBlock]: block k holds source channels
-// [k·kBlock, (k+1)·kBlock) (the last one padded with zeros).
+// The synapses of one pass, packed [block][output row][size]: block k holds source channels
+// [k·size, (k+1)·size) (the last one padded with zeros).
 template <typename scalar_t>
 struct PackedTaps {
+  int64_t size;  // channels per block
   std::vector<int32_t> base;
   std::vector<scalar_t> a, b;
 };
@@ -159,23 +163,24 @@ struct PackedTaps {
 // From (O, I) matrices: output rows r = o, channels c = i; transposed: r = i, c = o.
 template <typename scalar_t>
 PackedTaps<scalar_t> pack(const at::Tensor& base, const at::Tensor& a, const at::Tensor& b,
-                          bool transposed) {
+                          bool transposed, int64_t size) {
   const int64_t outputs = base.size(transposed ? 1 : 0), channels = base.size(transposed ? 0 : 1);
-  const int64_t blocks = (channels + kBlock - 1) / kBlock, stride = base.size(1);
+  const int64_t blocks = (channels + size - 1) / size, stride = base.size(1);
   PackedTaps<scalar_t> packed;
-  packed.base.assign(blocks * outputs * kBlock, 0);
-  packed.a.assign(blocks * outputs * kBlock, scalar_t(0));
-  packed.b.assign(blocks * outputs * kBlock, scalar_t(0));
+  packed.size = size;
+  packed.base.assign(blocks * outputs * size, 0);
+  packed.a.assign(blocks * outputs * size, scalar_t(0));
+  packed.b.assign(blocks * outputs * size, scalar_t(0));
   const int32_t* bs = base.data_ptr<int32_t>();
   const scalar_t* as = a.data_ptr<scalar_t>();
   const scalar_t* bb = b.data_ptr<scalar_t>();
   at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      const int64_t n = std::min<int64_t>(kBlock, channels - k * kBlock);
+      const int64_t n = std::min<int64_t>(size, channels - k * size);
       auto copy = [&](int64_t r, int64_t j) {  // reads along the matrices' rows
-        const int64_t c = k * kBlock + j;
+        const int64_t c = k * size + j;
         const int64_t from = transposed ? c * stride + r : r * stride + c;
-        const int64_t to = (k * outputs + r) * kBlock + j;
+        const int64_t to = (k * outputs + r) * size + j;
         packed.base[to] = bs[from];
         packed.a[to] = as[from];
         packed.b[to] = bb[from];
@@ -191,19 +196,25 @@ PackedTaps<scalar_t> pack(const at::Tensor& base, const at::Tensor& a, const at:
   return packed;
 }
 
-// Bit j: synapse j of the block reads a row of steps [0, steps) among f_j … f_j + kRows, with
-// f_j = start + direction · base_j (start = tile's first step + offset).
+// Bit j: synapse j of the block (n <= 32 of them) reads a row of steps [0, steps) among
+// f_j … f_j + kRows, with f_j = start + direction · base_j (start = tile's first step + offset).
 inline uint32_t active_taps(const int32_t* base, int64_t n, int32_t direction, int64_t start,
                             int64_t steps) {
 #if defined(__AVX512F__)
-  static_assert(kBlock == 16, "one 16-lane mask per block");
-  const __m512i bases = _mm512_loadu_si512(base);
-  const __m512i origin = _mm512_set1_epi32(int32_t(start));
-  const __m512i first = direction > 0 ? _mm512_add_epi32(origin, bases)
-                                      : _mm512_sub_epi32(origin, bases);
-  const __mmask16 valid = __mmask16((1u << n) - 1);
-  return _mm512_mask_cmpge_epi32_mask(valid, first, _mm512_set1_epi32(-kRows)) &
-         _mm512_cmplt_epi32_mask(first, _mm512_set1_epi32(int32_t(steps)));
+  static_assert(kBlock <= 32 && kWideBlock <= 32, "32 bits a block");
+  uint32_t mask = 0;
+  for (int64_t h = 0; h < n; h += 16) {  // 16 lanes at a time
+    const __mmask16 valid = __mmask16((1u << std::min<int64_t>(16, n - h)) - 1);
+    const __m512i bases = _mm512_maskz_loadu_epi32(valid, base + h);
+    const __m512i origin = _mm512_set1_epi32(int32_t(start));
+    const __m512i first = direction > 0 ? _mm512_add_epi32(origin, bases)
+                                        : _mm512_sub_epi32(origin, bases);
+    const __mmask16 active =
+        _mm512_mask_cmpge_epi32_mask(valid, first, _mm512_set1_epi32(-kRows)) &
+        _mm512_cmplt_epi32_mask(first, _mm512_set1_epi32(int32_t(steps)));
+    mask |= uint32_t(active) << h;
+  }
+  return mask;
 #else
   uint32_t mask = 0;
   for (int64_t j = 0; j < n; ++j) {
@@ -255,7 +266,8 @@ void shifted_sum_loop(const at::Tensor& src, const PackedTaps<scalar_t>& taps, i
                       int64_t offset, int64_t lead, int64_t steps, at::Tensor& out) {
   const int64_t channels = src.size(0), width = src.size(2), channel_stride = src.size(1) * width;
   const int64_t batch = out.size(1), outputs = out.size(2);
-  const int64_t tiles = (steps + kRows - 1) / kRows, blocks = (channels + kBlock - 1) / kBlock;
+  const int64_t size = taps.size, tiles = (steps + kRows - 1) / kRows;
+  const int64_t blocks = (channels + size - 1) / size;
   constexpr int64_t L = Simd<scalar_t>::lanes;
   const scalar_t* s = src.data_ptr<scalar_t>() + lead * width;
   scalar_t* o = out.data_ptr<scalar_t>();
@@ -264,10 +276,10 @@ void shifted_sum_loop(const at::Tensor& src, const PackedTaps<scalar_t>& taps, i
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const int64_t t0 = tile * kRows;
       for (int64_t k = 0; k < blocks; ++k) {
-        const int64_t n = std::min<int64_t>(kBlock, channels - k * kBlock);
-        const scalar_t* block = s + k * kBlock * channel_stride;
+        const int64_t n = std::min<int64_t>(size, channels - k * size);
+        const scalar_t* block = s + k * size * channel_stride;
         for (int64_t r = begin; r < end; ++r) {
-          const int64_t q = (k * outputs + r) * kBlock;
+          const int64_t q = (k * outputs + r) * size;
           const uint32_t mask =
               active_taps(taps.base.data() + q, n, direction, t0 + offset, steps);
           for (int64_t v0 = 0; v0 < width; v0 += VB * L) {
@@ -500,14 +512,15 @@ at::Tensor shifted_sum(const at::Tensor& src, const at::Tensor& base, const at::
         "the synapses must connect the source channels to the output rows");
   check(batch >= 0 && batch <= src.size(2), "the rows must hold the batch");
   check(offset <= 0 && offset >= -1, "offset must be 0 or -1");
-  check_bases(base, steps);
+  const int64_t spread = check_bases(base, steps);
   const int64_t padded = (steps + kRows - 1) / kRows * kRows;
   check_rows(src, lead, kRows, std::max(padded, steps + kRows));
   const int64_t outputs = base.size(transposed ? 1 : 0);
   at::Tensor out = at::empty({steps, batch, outputs}, src.options());
   if (src.size(0) == 0) return out.zero_();  // no synapses
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "delrec_feedforward_shifted_sum", [&] {
-    const PackedTaps<scalar_t> taps = pack<scalar_t>(base, a, b, transposed);
+    const PackedTaps<scalar_t> taps =
+        pack<scalar_t>(base, a, b, transposed, spread > 2 * kRows ? kWideBlock : kBlock);
     if (kRowVectors == 2 && src.size(2) / Simd<scalar_t>::lanes % 2 == 0)
       shifted_sum_loop<scalar_t, 2>(src, taps, int32_t(direction), offset, lead, steps, out);
     else
