@@ -272,7 +272,9 @@ void shifted_sum_loop(const at::Tensor& src, const PackedTaps<scalar_t>& taps, i
   const scalar_t* s = src.data_ptr<scalar_t>() + lead * width;
   scalar_t* o = out.data_ptr<scalar_t>();
   at::parallel_for(0, outputs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> buffer((end - begin) * kRows * width);
+    // 64-byte aligned (PyTorch's allocator), so that its vectors never straddle cache lines
+    const at::Tensor storage = at::empty({(end - begin) * kRows * width}, src.options());
+    scalar_t* buffer = storage.data_ptr<scalar_t>();
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const int64_t t0 = tile * kRows;
       for (int64_t k = 0; k < blocks; ++k) {
@@ -283,7 +285,7 @@ void shifted_sum_loop(const at::Tensor& src, const PackedTaps<scalar_t>& taps, i
           const uint32_t mask =
               active_taps(taps.base.data() + q, n, direction, t0 + offset, steps);
           for (int64_t v0 = 0; v0 < width; v0 += VB * L) {
-            scalar_t* into = buffer.data() + (r - begin) * kRows * width + v0;
+            scalar_t* into = buffer + (r - begin) * kRows * width + v0;
             if (k == 0)
               sum_tile<scalar_t, VB, false>(block + v0, channel_stride, width,
                                             taps.base.data() + q, taps.a.data() + q,
@@ -297,7 +299,7 @@ void shifted_sum_loop(const at::Tensor& src, const PackedTaps<scalar_t>& taps, i
       }
       for (int64_t t = t0; t < std::min(steps, t0 + kRows); ++t)
         for (int64_t b = 0; b < batch; ++b) {
-          const scalar_t* from = buffer.data() + (t - t0) * width + b;
+          const scalar_t* from = buffer + (t - t0) * width + b;
           scalar_t* to = o + (t * batch + b) * outputs;
           for (int64_t r = begin; r < end; ++r) to[r] = from[(r - begin) * kRows * width];
         }
