@@ -14,15 +14,15 @@
 // for the few synapses on a kink, one more dot each) into the weight and position gradients.
 //
 // shifted_sum keeps a tile of kRows steps x the row's vectors of one output row in registers and
-// streams the synapses of a block of kBlock (kWideBlock) source channels: per synapse it loads kRows + 1
-// source rows, each feeding two FMAs (the `b` term of one output step and the `a` term of the
-// next). The synapses of a block that read only zero rows at this tile are skipped through a
-// bit mask (no sorting, no unpredictable branch per synapse), so a synapse costs in proportion
-// to its overlap with the sequence, whatever the delay window. Loop order: tiles of steps, blocks
-// of channels (their rows for the tile stay in L1), output rows (their tiles stay in L2); the
-// synapses are packed block after block so that they stream. A tile of 10 steps (2 x 10
-// accumulators with AVX-512) measured faster than 8 or 12 at N = 1024 (fewer costs per synapse
-// for its FMAs; T = 100 in whole tiles).
+// streams the synapses of a block of kBlock (kWideBlock) source channels: per synapse it loads
+// kRows + 1 source rows, each feeding two FMAs (the `b` term of one output step and the `a` term
+// of the next). The synapses of a block that read only zero rows at this tile are skipped
+// through a bit mask (no sorting, no unpredictable branch per synapse), so a synapse costs in
+// proportion to its overlap with the sequence, whatever the delay window. Loop order: tiles of
+// steps, blocks of channels (their rows for the tile stay in L1), output rows (their tiles stay
+// in L2); the synapses are packed block after block so that they stream. A tile of 10 steps
+// (2 x 10 accumulators with AVX-512) measured faster than 8 or 12 at N = 1024 (fewer costs per
+// synapse for its FMAs; T = 100 in whole tiles).
 // pair_dots keeps the two sums of kGroup synapses of one output row in registers and sweeps
 // steps: per step one load of the next grad row, and one source row per synapse feeding two
 // FMAs (with the grad rows of this step and the next). The synapses of a group start at
@@ -424,8 +424,9 @@ void pair_dots_loop(const at::Tensor& grad, const at::Tensor& src, const at::Ten
   // rows per step; one chunk where no length fits (a wide spread: L2 either way, and each chunk
   // costs a reduction per synapse). Blocks of outputs whose grad rows for a chunk stay in L2.
   const int64_t room = kChunkBytes / row_bytes - kGroup * spread;
-  const int64_t longest = room >= 16 * (kGroup + 2) ? room / (kGroup + 2) : steps;
-  const int64_t chunks = std::max<int64_t>(1, (steps + longest - 1) / std::max<int64_t>(longest, 1));
+  const int64_t longest =
+      std::max<int64_t>(1, room >= 16 * (kGroup + 2) ? room / (kGroup + 2) : steps);
+  const int64_t chunks = std::max<int64_t>(1, (steps + longest - 1) / longest);
   const int64_t chunk = (steps + chunks - 1) / chunks;
   const int64_t block = std::max<int64_t>(1, kBlockBytes / (chunk * row_bytes));
   constexpr int64_t L = Simd<scalar_t>::lanes;
