@@ -114,7 +114,7 @@ def test_two_tap_paths_match_the_convolution_float32(layer):
 @pytest.mark.parametrize("kernel_size", [1, 2, 5, 26])
 def test_every_kink_and_window_end_in_one_layer(kernel_size):
     """Each output row holds every kink position once, a batch that spans several vectors and
-    a sequence longer than the window."""
+    a sequence longer than the window (window 5: two channel blocks of 16, the last partial)."""
     torch.manual_seed(kernel_size)
     positions = torch.tensor(kink_positions(kernel_size), dtype=torch.float64)
     position = positions.repeat(3, 1).requires_grad_()
@@ -124,13 +124,15 @@ def test_every_kink_and_window_end_in_one_layer(kernel_size):
     assert_paths_match_reference(x, weight, position, bias, kernel_size)
 
 
+@pytest.mark.parametrize("kernel_size", [30, 90])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_past_every_blocking_of_the_kernels(dtype):
-    """Sizes past the C++ kernels' blockings: several channel blocks of 16 (the last one
-    partial) in both passes, tiles of 8 steps (the last partial), several chunks of steps in the
-    dots, batch rows of one and of two vectors (float64 / float32), delays up to the window."""
+def test_past_every_blocking_of_the_kernels(dtype, kernel_size):
+    """Sizes past the C++ kernels' blockings: several channel blocks (of 32, the delays
+    spreading over more than two tiles; the last one partial) in both passes, tiles of 10 steps
+    (the last partial), several chunks of steps in
+    the dots (window 30; one chunk for the wide spread of delays of window 90), batch rows of one
+    and of two vectors (float64 / float32), delays up to the window."""
     torch.manual_seed(4)
-    kernel_size = 30
     position = torch.empty(37, 45, dtype=dtype).uniform_(-0.5, kernel_size - 0.5)
     position[::5, ::3] = position[::5, ::3].round()  # kinks among them
     weight = torch.randn(37, 45, dtype=dtype).requires_grad_()
@@ -207,15 +209,34 @@ def test_padding_does_not_leak_backward_in_time(engine):
     assert_close_relative(results[1][2], results[0][2], rtol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(20, 4, 8), (60, 16, 8)])
 @pytest.mark.parametrize("engine", TWO_TAPS)
-def test_saved_memory_is_the_input_whatever_the_window(engine):
-    x = torch.randn(20, 4, 8, requires_grad=True)
+def test_saved_memory_is_the_input_whatever_the_window(engine, shape):
+    """The input, or the C++ kernels' channel-major copy of it where that is at most 1.5 times
+    as large (a batch of whole vectors, steps well past the tiles: the second shape)."""
+    x = torch.randn(*shape, requires_grad=True)
     saved = []
     for kernel_size in (3, 60):
         layer = FeedforwardDelay(8, 6, kernel_size=kernel_size, engine=engine)
         saved.append(saved_bytes(lambda layer=layer: layer(x)))
     parameters = (2 * 6 * 8 + 6) * 4  # weight and position (the bias is not saved)
-    assert saved[0] == saved[1] <= x.numel() * 4 + parameters
+    assert saved[0] == saved[1] <= 1.5 * x.numel() * 4 + parameters
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_backward_from_the_forwards_channel_major_copy(dtype):
+    """A batch of whole vectors and a long sequence: backward reads the forward's channel-major
+    copy of the input (the other tests keep the input itself) and is still exact."""
+    torch.manual_seed(7)
+    kernel_size = 12
+    position = torch.empty(18, 20, dtype=dtype).uniform_(-0.5, kernel_size - 0.5)
+    position[::4, ::3] = position[::4, ::3].round()
+    weight = torch.randn(18, 20, dtype=dtype).requires_grad_()
+    x = torch.randn(70, 16, 20, dtype=dtype).requires_grad_()
+    for path in ("cpp-feedforward", PORTABLE):
+        y = PATHS[path].run(x, weight, position.requires_grad_(), None, kernel_size)
+        assert y.grad_fn.saved_tensors[0].shape != x.shape  # the copy, not x
+    assert_paths_match_reference(x, weight, position, torch.randn(18, dtype=dtype), kernel_size)
 
 
 def test_auto_takes_the_cpp_kernels_on_the_cpu_and_pytorch_ops_without_them(monkeypatch):

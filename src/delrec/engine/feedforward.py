@@ -29,8 +29,9 @@ Paths (chosen once per forward by :func:`select`, never switched while running):
   matrix product per delay for the output and the input gradient, sampled dense products
   (``torch.sparse.sampled_addmm``) for the dots.
 
-The two-tap paths save only the input (and the parameters) for backward: memory independent of
-``K``. Sequences are time-major ``(T, B, ·)``.
+The two-tap paths save only the input (the C++ path its channel-major copy where that is at most
+1.5 times as large) and the parameters for backward: memory independent of ``K``. Sequences are
+time-major ``(T, B, ·)``.
 """
 
 from __future__ import annotations
@@ -93,24 +94,33 @@ class _Taps:
 
 
 class _TwoTaps(torch.autograd.Function):
-    """``y = Σ`` of the two taps per synapse ``+ b`` by a two-tap path; saves only the input."""
+    """``y = Σ`` of the two taps per synapse ``+ b`` by a two-tap path; saves only the input
+    (as the path keeps it: :meth:`forward` returns it with the output) and the parameters."""
 
     @staticmethod
     def forward(ctx, x, weight, position, bias, kernel_size, path):
-        y = path.forward(x, weight, position, kernel_size)
+        y, kept = path.forward(x, weight, position, kernel_size)
         if bias is not None:
             y += bias
-        ctx.kernel_size, ctx.path = kernel_size, path
-        ctx.save_for_backward(x, weight, position)
+        ctx.kernel_size, ctx.path, ctx.input_shape = kernel_size, path, x.shape
+        ctx.save_for_backward(kept, weight, position)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        x, weight, position = ctx.saved_tensors
+        kept, weight, position = ctx.saved_tensors
         need_x, need_w, need_p, need_b = ctx.needs_input_grad[:4]
         grad_x, grad_w, grad_p = ctx.path.backward(
-            grad_y.contiguous(), x, weight, position, ctx.kernel_size, need_x, need_w, need_p
+            grad_y.contiguous(),
+            kept,
+            ctx.input_shape,
+            weight,
+            position,
+            ctx.kernel_size,
+            need_x,
+            need_w,
+            need_p,
         )
         grad_b = grad_y.sum((0, 1)) if need_b else None
         return grad_x, grad_w, grad_p, grad_b, None, None
@@ -138,49 +148,40 @@ class _NativeTaps:
     def __init__(self, kernels):
         self.kernels = kernels
 
-    def _layout(self, seq: Tensor) -> tuple[int, int, int]:
-        """(steps padded to whole tiles, rows, width) of a channel-major copy of ``seq``."""
-        tile, lanes = self.kernels.tile_rows, 64 // seq.element_size()
-        padded = -(-seq.shape[0] // tile) * tile
-        return padded, padded + 2 * tile, -(-seq.shape[1] // lanes) * lanes
-
     def _channel_major(self, seq: Tensor) -> Tensor:
-        _, rows, width = self._layout(seq)
-        return self.kernels.channel_major(seq, self.kernels.tile_rows, rows, width)
+        """The channel-major copy of ``seq``: ``rows`` = the steps padded to whole tiles and a
+        tile of zero rows either side."""
+        tile, lanes = self.kernels.tile_rows, 64 // seq.element_size()
+        rows = -(-seq.shape[0] // tile) * tile + 2 * tile
+        width = -(-seq.shape[1] // lanes) * lanes
+        return self.kernels.channel_major(seq, tile, rows, width)
 
-    def forward(self, x, weight, position, kernel_size) -> Tensor:
+    def forward(self, x, weight, position, kernel_size) -> tuple[Tensor, Tensor]:
+        """The output, and what backward needs of ``x``: its channel-major copy where that is
+        at most half as large again (a batch of about whole vectors, more steps than tiles),
+        else ``x`` (copied again in backward)."""
         steps, batch, _ = x.shape
-        padded, _, width = self._layout(x)
         lead = self.kernels.tile_rows
         base, near, far = self.kernels.taps(weight.detach(), position.detach(), kernel_size)
-        out = x.new_empty(padded // lead, weight.shape[0], lead, width)  # tiles of steps
         # y[t] = Σ far·x[t - base - 1] + near·x[t - base]
         source = self._channel_major(x)
-        self.kernels.shifted_sum(source, base, far, near, False, -1, -1, lead, steps, out)
-        return self.kernels.time_major(out, steps, batch)
+        y = self.kernels.shifted_sum(source, base, far, near, False, -1, -1, lead, steps, batch)
+        return y, source if 2 * source.numel() <= 3 * x.numel() else x.detach()
 
-    def backward(self, grad_y, x, weight, position, kernel_size, need_x, need_w, need_p):
-        steps, batch, inputs = x.shape
+    def backward(self, grad_y, kept, shape, weight, position, kernel_size, need_x, need_w, need_p):
+        steps, batch, _ = shape
         lead = self.kernels.tile_rows
-        padded, _, width = self._layout(x)
         weight, position = weight.detach(), position.detach()
         base, near, far = self.kernels.taps(weight, position, kernel_size)
         grad = self._channel_major(grad_y)
         grad_x = grad_w = grad_p = None
         if need_x:  # ∂L/∂x[s] = Σ_o near·g[s + base] + far·g[s + base + 1]
-            out = x.new_empty(padded // lead, inputs, lead, width)
-            self.kernels.shifted_sum(grad, base, near, far, True, 1, 0, lead, steps, out)
-            grad_x = self.kernels.time_major(out, steps, batch)
+            grad_x = self.kernels.shifted_sum(grad, base, near, far, True, 1, 0, lead, steps, batch)
         if need_w or need_p:
-            source = self._channel_major(x)
-            c0, c1 = self.kernels.pair_dots(grad, source, base, lead, steps)  # C(base), C(base+1)
-            index, delay = self.kernels.extra_taps(weight, position, kernel_size)
-            columns = weight.shape[1]
-            values = self.kernels.span_dots(
-                grad, source, index // columns, index % columns, delay, lead, steps
-            )  # C(base - 1) or C(base + 2) where σ is not zero there
-            grad_w, grad_p = self.kernels.tap_gradients(
-                weight, position, kernel_size, c0, c1, index, delay, values
+            # kept is x itself where it has x's shape (the copy has more rows than steps)
+            source = self._channel_major(kept) if kept.shape == shape else kept
+            grad_w, grad_p = self.kernels.parameter_gradients(
+                grad, source, base, weight, position, kernel_size, lead, steps
             )
             grad_w = grad_w if need_w else None
             grad_p = grad_p if need_p else None
@@ -274,15 +275,16 @@ class _SparseTaps:
             out[entries] = sampled.values().double()
         return out
 
-    def forward(self, x, weight, position, kernel_size) -> Tensor:
+    def forward(self, x, weight, position, kernel_size) -> tuple[Tensor, Tensor]:
+        """The output, and ``x`` for backward."""
         steps, batch, _ = x.shape
         taps = _Taps(weight, position, kernel_size)
         o, i, delay, coef = self._entries(taps)
         out = self._shifted(self._rows(x), o, i, delay, coef, weight.shape[0], steps, batch, False)
-        return out.view(-1, steps, batch).permute(1, 2, 0).contiguous()
+        return out.view(-1, steps, batch).permute(1, 2, 0).contiguous(), x.detach()
 
-    def backward(self, grad_y, x, weight, position, kernel_size, need_x, need_w, need_p):
-        steps, batch, inputs = x.shape
+    def backward(self, grad_y, x, shape, weight, position, kernel_size, need_x, need_w, need_p):
+        steps, batch, inputs = shape
         taps = _Taps(weight, position, kernel_size)
         grad = self._rows(grad_y)
         grad_x = grad_w = grad_p = None

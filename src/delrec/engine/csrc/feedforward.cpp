@@ -10,21 +10,24 @@
 //                   input gradient: direction +1, offset 0, a = near, b = far, synapses transposed)
 //     pair_dots:   c0[r, c] = Σ_t grad[r, t] · src[c, t - base_rc],
 //                  c1[r, c] = Σ_t grad[r, t] · src[c, t - base_rc - 1]
-//     span_dots:   out_n = Σ_t grad[r_n, t] · src[c_n, t - delay_n]          (a list of synapses)
-// where every sum runs over the W values of a row too.
+// where every sum runs over the W values of a row too; parameter_gradients turns c0, c1 (and,
+// for the few synapses on a kink, one more dot each) into the weight and position gradients.
 //
 // shifted_sum keeps a tile of kRows steps x the row's vectors of one output row in registers and
-// streams the synapses of a block of kBlock source channels: per synapse it loads kRows + 1
-// source rows, each feeding two FMAs (the `b` term of one output step and the `a` term of the
-// next). The synapses of a block that read only zero rows at this tile are skipped through a
-// bit mask (no sorting, no unpredictable branch per synapse), so a synapse costs in proportion
-// to its overlap with the sequence, whatever the delay window. Loop order: tiles of steps, blocks
-// of channels (their rows for the tile stay in L1), output rows (their tiles stay in L2); the
-// synapses are packed block after block so that they stream.
+// streams the synapses of a block of kBlock (kWideBlock) source channels: per synapse it loads
+// kRows + 1 source rows, each feeding two FMAs (the `b` term of one output step and the `a` term
+// of the next). The synapses of a block that read only zero rows at this tile are skipped
+// through a bit mask (no sorting, no unpredictable branch per synapse), so a synapse costs in
+// proportion to its overlap with the sequence, whatever the delay window. Loop order: tiles of
+// steps, blocks of channels (their rows for the tile stay in L1), output rows (their tiles stay
+// in L2); the synapses are packed block after block so that they stream. A tile of 10 steps
+// (2 x 10 accumulators with AVX-512) measured faster than 8 or 12 at N = 1024 (fewer costs per
+// synapse for its FMAs; T = 100 in whole tiles).
 // pair_dots keeps the two sums of kGroup synapses of one output row in registers and sweeps
-// steps: per step one load of the grad row and one per synapse feed two FMAs per synapse. The
-// synapses of a group start at different steps (t >= base): the sweep runs in phases, adding one
-// synapse at a time in the order of their start.
+// steps: per step one load of the next grad row, and one source row per synapse feeding two
+// FMAs (with the grad rows of this step and the next). The synapses of a group start at
+// different steps (t >= base): the sweep runs in phases, adding one synapse at a time in the
+// order of their start.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -39,13 +42,17 @@
 
 namespace {
 
-// shifted_sum: steps per output tile, source channels per block (one bit each in a mask)
-constexpr int kRows = 8;
+// shifted_sum: steps per output tile; source channels per block (one bit each in a mask), more
+// where the base delays spread over more than two tiles (the block's rows for a tile then
+// outgrow L1 anyway; a larger block halves the trips of the output tiles through L2)
+constexpr int kRows = 10;
 constexpr int kBlock = 16;
-// pair_dots: synapses per group; bytes of a group's source rows kept in L1 over a chunk of steps,
-// and of a block of outputs' grad rows for a chunk kept in L2
+constexpr int kWideBlock = 32;
+// pair_dots: synapses per group; bytes of the rows a chunk of steps reads that should stay in L1
+// (the group's source rows, the grad rows of an output row and of the next one), and of a block
+// of outputs' grad rows for a chunk kept in L2
 constexpr int kGroup = 4;
-constexpr int64_t kChunkBytes = 1 << 15;
+constexpr int64_t kChunkBytes = 44 << 10;
 constexpr int64_t kBlockBytes = 1 << 20;
 
 // `acc += a * b` fused into FMAs in the portable vectors (the module is built with
@@ -68,7 +75,7 @@ constexpr int kVectorBytes = 32;
 constexpr int kVectorBytes = 16;  // SSE, NEON
 #endif
 // Vectors of a row held per tile in registers: two where there are 32 vector registers
-// (AVX-512, AArch64), one where there are 16 (the tile of 8 steps takes 8 per vector).
+// (AVX-512, AArch64), one where there are 16 (the tile of kRows steps takes kRows per vector).
 #if defined(__AVX512F__) || defined(__aarch64__)
 constexpr int kRowVectors = 2;
 #else
@@ -132,13 +139,23 @@ inline void prefetch(const void* p) {
 #endif
 }
 
+// Keep v in a register: stops the compiler from folding a load that feeds two FMAs into both
+// (two loads where one will do)
+template <typename V>
+inline void in_register(V& v) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  asm("" : "+v"(v));
+#endif
+}
+
 void check(bool ok, const char* message) { TORCH_CHECK(ok, "delrec feedforward kernels: ", message); }
 
 // --------------------------------------------------------------------------- shifted_sum
-// The synapses of one pass, packed [block][output row][kBlock]: block k holds source channels
-// [k·kBlock, (k+1)·kBlock) (the last one padded with zeros).
+// The synapses of one pass, packed [block][output row][size]: block k holds source channels
+// [k·size, (k+1)·size) (the last one padded with zeros).
 template <typename scalar_t>
 struct PackedTaps {
+  int64_t size;  // channels per block
   std::vector<int32_t> base;
   std::vector<scalar_t> a, b;
 };
@@ -146,23 +163,24 @@ struct PackedTaps {
 // From (O, I) matrices: output rows r = o, channels c = i; transposed: r = i, c = o.
 template <typename scalar_t>
 PackedTaps<scalar_t> pack(const at::Tensor& base, const at::Tensor& a, const at::Tensor& b,
-                          bool transposed) {
+                          bool transposed, int64_t size) {
   const int64_t outputs = base.size(transposed ? 1 : 0), channels = base.size(transposed ? 0 : 1);
-  const int64_t blocks = (channels + kBlock - 1) / kBlock, stride = base.size(1);
+  const int64_t blocks = (channels + size - 1) / size, stride = base.size(1);
   PackedTaps<scalar_t> packed;
-  packed.base.assign(blocks * outputs * kBlock, 0);
-  packed.a.assign(blocks * outputs * kBlock, scalar_t(0));
-  packed.b.assign(blocks * outputs * kBlock, scalar_t(0));
+  packed.size = size;
+  packed.base.assign(blocks * outputs * size, 0);
+  packed.a.assign(blocks * outputs * size, scalar_t(0));
+  packed.b.assign(blocks * outputs * size, scalar_t(0));
   const int32_t* bs = base.data_ptr<int32_t>();
   const scalar_t* as = a.data_ptr<scalar_t>();
   const scalar_t* bb = b.data_ptr<scalar_t>();
   at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      const int64_t n = std::min<int64_t>(kBlock, channels - k * kBlock);
+      const int64_t n = std::min<int64_t>(size, channels - k * size);
       auto copy = [&](int64_t r, int64_t j) {  // reads along the matrices' rows
-        const int64_t c = k * kBlock + j;
+        const int64_t c = k * size + j;
         const int64_t from = transposed ? c * stride + r : r * stride + c;
-        const int64_t to = (k * outputs + r) * kBlock + j;
+        const int64_t to = (k * outputs + r) * size + j;
         packed.base[to] = bs[from];
         packed.a[to] = as[from];
         packed.b[to] = bb[from];
@@ -178,19 +196,25 @@ PackedTaps<scalar_t> pack(const at::Tensor& base, const at::Tensor& a, const at:
   return packed;
 }
 
-// Bit j: synapse j of the block reads a row of steps [0, steps) among f_j … f_j + kRows, with
-// f_j = start + direction · base_j (start = tile's first step + offset).
+// Bit j: synapse j of the block (n <= 32 of them) reads a row of steps [0, steps) among
+// f_j … f_j + kRows, with f_j = start + direction · base_j (start = tile's first step + offset).
 inline uint32_t active_taps(const int32_t* base, int64_t n, int32_t direction, int64_t start,
                             int64_t steps) {
 #if defined(__AVX512F__)
-  static_assert(kBlock == 16, "one 16-lane mask per block");
-  const __m512i bases = _mm512_loadu_si512(base);
-  const __m512i origin = _mm512_set1_epi32(int32_t(start));
-  const __m512i first = direction > 0 ? _mm512_add_epi32(origin, bases)
-                                      : _mm512_sub_epi32(origin, bases);
-  const __mmask16 valid = __mmask16((1u << n) - 1);
-  return _mm512_mask_cmpge_epi32_mask(valid, first, _mm512_set1_epi32(-kRows)) &
-         _mm512_cmplt_epi32_mask(first, _mm512_set1_epi32(int32_t(steps)));
+  static_assert(kBlock <= 32 && kWideBlock <= 32, "32 bits a block");
+  uint32_t mask = 0;
+  for (int64_t h = 0; h < n; h += 16) {  // 16 lanes at a time
+    const __mmask16 valid = __mmask16((1u << std::min<int64_t>(16, n - h)) - 1);
+    const __m512i bases = _mm512_maskz_loadu_epi32(valid, base + h);
+    const __m512i origin = _mm512_set1_epi32(int32_t(start));
+    const __m512i first = direction > 0 ? _mm512_add_epi32(origin, bases)
+                                        : _mm512_sub_epi32(origin, bases);
+    const __mmask16 active =
+        _mm512_mask_cmpge_epi32_mask(valid, first, _mm512_set1_epi32(-kRows)) &
+        _mm512_cmplt_epi32_mask(first, _mm512_set1_epi32(int32_t(steps)));
+    mask |= uint32_t(active) << h;
+  }
+  return mask;
 #else
   uint32_t mask = 0;
   for (int64_t j = 0; j < n; ++j) {
@@ -234,27 +258,34 @@ DELREC_CONTRACT void sum_tile(const scalar_t* src, int64_t channel_stride, int64
     for (int v = 0; v < VB; ++v) S::store(out + r * width + v * L, acc[r][v]);
 }
 
+// Tiles of steps one after the other, each summed over the blocks of channels into a buffer of
+// one tile per output row (in L2), then copied into the time-major output (T, B, R): no
+// full-size intermediate, and the copy reads a tile that is still in cache.
 template <typename scalar_t, int VB>
 void shifted_sum_loop(const at::Tensor& src, const PackedTaps<scalar_t>& taps, int32_t direction,
                       int64_t offset, int64_t lead, int64_t steps, at::Tensor& out) {
   const int64_t channels = src.size(0), width = src.size(2), channel_stride = src.size(1) * width;
-  const int64_t tiles = out.size(0), outputs = out.size(1);
-  const int64_t blocks = (channels + kBlock - 1) / kBlock;
+  const int64_t batch = out.size(1), outputs = out.size(2);
+  const int64_t size = taps.size, tiles = (steps + kRows - 1) / kRows;
+  const int64_t blocks = (channels + size - 1) / size;
   constexpr int64_t L = Simd<scalar_t>::lanes;
   const scalar_t* s = src.data_ptr<scalar_t>() + lead * width;
   scalar_t* o = out.data_ptr<scalar_t>();
   at::parallel_for(0, outputs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = 0; tile < tiles; ++tile)
+    // 64-byte aligned (PyTorch's allocator), so that its vectors never straddle cache lines
+    const at::Tensor storage = at::empty({(end - begin) * kRows * width}, src.options());
+    scalar_t* buffer = storage.data_ptr<scalar_t>();
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      const int64_t t0 = tile * kRows;
       for (int64_t k = 0; k < blocks; ++k) {
-        const int64_t t0 = tile * kRows;
-        const int64_t n = std::min<int64_t>(kBlock, channels - k * kBlock);
-        const scalar_t* block = s + k * kBlock * channel_stride;
+        const int64_t n = std::min<int64_t>(size, channels - k * size);
+        const scalar_t* block = s + k * size * channel_stride;
         for (int64_t r = begin; r < end; ++r) {
-          const int64_t q = (k * outputs + r) * kBlock;
+          const int64_t q = (k * outputs + r) * size;
           const uint32_t mask =
               active_taps(taps.base.data() + q, n, direction, t0 + offset, steps);
           for (int64_t v0 = 0; v0 < width; v0 += VB * L) {
-            scalar_t* into = o + (tile * outputs + r) * kRows * width + v0;
+            scalar_t* into = buffer + (r - begin) * kRows * width + v0;
             if (k == 0)
               sum_tile<scalar_t, VB, false>(block + v0, channel_stride, width,
                                             taps.base.data() + q, taps.a.data() + q,
@@ -266,14 +297,24 @@ void shifted_sum_loop(const at::Tensor& src, const PackedTaps<scalar_t>& taps, i
           }
         }
       }
+      for (int64_t t = t0; t < std::min(steps, t0 + kRows); ++t)
+        for (int64_t b = 0; b < batch; ++b) {
+          const scalar_t* from = buffer + (t - t0) * width + b;
+          scalar_t* to = o + (t * batch + b) * outputs;
+          for (int64_t r = begin; r < end; ++r) to[r] = from[(r - begin) * kRows * width];
+        }
+    }
   });
 }
 
 // --------------------------------------------------------------------------- pair_dots
-// Steps [t, t + count) of the first NA synapses of a group, added to their sums: p[j] points at
-// row t - base_j - 1 of synapse j's source channel (advanced past the steps), g at grad row t,
-// `ahead` at the grad row t of the next output row, fetched into L1 step by step (a stream the
-// hardware prefetcher would start too late: it changes with every call).
+// Steps s in [t, t + count) of the first NA synapses of a group, added to their sums: each loaded
+// source row x[s - base] feeds C(base) with grad row s and C(base + 1) with grad row s + 1 (the
+// term of grad row s + 1 that C(base + 1) needs, so the steps' grad rows s and s + 1 stay in
+// registers and each source row is loaded once). p[j] points at row t - base_j - 1 of synapse
+// j's source channel (advanced past the steps), g at grad row t, `ahead` at the grad row t of the
+// next output row, fetched into L1 step by step (a stream the hardware prefetcher would start
+// too late: it changes with every call).
 template <typename scalar_t, int NA, int VB>
 DELREC_CONTRACT inline __attribute__((always_inline)) void dot_steps(
     const scalar_t* g, const scalar_t* ahead, const scalar_t** p, int64_t width, int64_t count,
@@ -281,28 +322,30 @@ DELREC_CONTRACT inline __attribute__((always_inline)) void dot_steps(
   using S = Simd<scalar_t>;
   using V = typename S::V;
   constexpr int L = S::lanes;
-  V previous[NA][VB];
-  for (int j = 0; j < NA; ++j)
-    for (int v = 0; v < VB; ++v) previous[j][v] = S::load(p[j] + v * L);
+  V now[VB];
+  for (int v = 0; v < VB; ++v) now[v] = S::load(g + v * L);
   for (int64_t step = 0; step < count; ++step, g += width, ahead += width) {
     for (int v = 0; v < VB; ++v) prefetch(ahead + v * L);
-    V gv[VB];
-    for (int v = 0; v < VB; ++v) gv[v] = S::load(g + v * L);
+    V next[VB];
+    for (int v = 0; v < VB; ++v) next[v] = S::load(g + width + v * L);
     for (int j = 0; j < NA; ++j) {
       p[j] += width;
       for (int v = 0; v < VB; ++v) {
-        const V x = S::load(p[j] + v * L);
-        hi[j][v] = S::fmadd(gv[v], previous[j][v], hi[j][v]);  // x[t - base - 1]
-        lo[j][v] = S::fmadd(gv[v], x, lo[j][v]);               // x[t - base]
-        previous[j][v] = x;
+        V x = S::load(p[j] + v * L);  // x[s - base]
+        in_register(x);
+        lo[j][v] = S::fmadd(now[v], x, lo[j][v]);   // C(base):     grad row s
+        hi[j][v] = S::fmadd(next[v], x, hi[j][v]);  // C(base + 1): grad row s + 1
       }
     }
+    for (int v = 0; v < VB; ++v) now[v] = next[v];
   }
 }
 
-// The two sums of n <= kGroup synapses (r, c + j) over steps [t0, t1), vectors [0, VB) of the
-// rows (g: grad row 0 of r, x: channel c at step 0), written to c0/c1 or added to them. Synapse j
-// contributes from step max(t0, base_j): the steps run in phases, one more synapse each.
+// The two sums of n <= kGroup synapses (r, c + j) over the source rows s - base_j of steps s in
+// [t0, t1) (C(base + 1) takes grad row s + 1 there: over all chunks, the steps base + 1 … T, the
+// last one a zero row), vectors [0, VB) of the rows (g: grad row 0 of r, x: channel c at step
+// 0), written to c0/c1 or added to them. Synapse j contributes from step max(t0, base_j) (before
+// it, its source rows are zeros): the steps run in phases, one more synapse each.
 template <typename scalar_t, int VB>
 DELREC_CONTRACT void dot_group(const scalar_t* g, const scalar_t* ahead, const scalar_t* x,
                                int64_t channel_stride, int64_t width, const int32_t* base,
@@ -371,13 +414,18 @@ DELREC_CONTRACT void dot_group(const scalar_t* g, const scalar_t* ahead, const s
 
 template <typename scalar_t, int VB>
 void pair_dots_loop(const at::Tensor& grad, const at::Tensor& src, const at::Tensor& base,
-                    int64_t lead, int64_t steps, at::Tensor& c0, at::Tensor& c1) {
+                    int64_t spread, int64_t lead, int64_t steps, at::Tensor& c0,
+                    at::Tensor& c1) {
   const int64_t outputs = grad.size(0), width = grad.size(2), channels = src.size(0);
   const int64_t grad_stride = grad.size(1) * width, channel_stride = src.size(1) * width;
   const int64_t row_bytes = width * int64_t(sizeof(scalar_t));
-  // chunks of steps of (about) equal length whose rows of a group's channels stay in L1; blocks
-  // of outputs whose grad rows for a chunk stay in L2
-  const int64_t longest = std::max<int64_t>(8, kChunkBytes / ((kGroup + 1) * row_bytes));
+  // chunks of steps of (about) equal length whose rows stay in L1: per channel of a group, the
+  // chunk's steps shifted by every base delay of the block (chunk + spread rows), and two grad
+  // rows per step; one chunk where no length fits (a wide spread: L2 either way, and each chunk
+  // costs a reduction per synapse). Blocks of outputs whose grad rows for a chunk stay in L2.
+  const int64_t room = kChunkBytes / row_bytes - kGroup * spread;
+  const int64_t longest =
+      std::max<int64_t>(1, room >= 16 * (kGroup + 2) ? room / (kGroup + 2) : steps);
   const int64_t chunks = std::max<int64_t>(1, (steps + longest - 1) / longest);
   const int64_t chunk = (steps + chunks - 1) / chunks;
   const int64_t block = std::max<int64_t>(1, kBlockBytes / (chunk * row_bytes));
@@ -447,37 +495,41 @@ void check_rows(const at::Tensor& seq, int64_t lead, int64_t before, int64_t aft
         "the sequences need zero rows around the steps (lead >= the tile rows, rows after)");
 }
 
-void check_bases(const at::Tensor& base, int64_t steps) {
+// The spread of the base delays that reach the steps (largest, at most `steps`, - smallest)
+int64_t check_bases(const at::Tensor& base, int64_t steps) {
   const int32_t low = base.numel() ? base.min().item<int32_t>() : 0;
   const int32_t high = base.numel() ? base.max().item<int32_t>() : 0;
   check(low >= 0 && int64_t(high) + steps + 2 * kRows < (int64_t(1) << 31),
         "base delays must lie in [0, 2^31 - steps)");
+  return std::max<int64_t>(0, std::min<int64_t>(high, steps) - low);
 }
 
-void shifted_sum(const at::Tensor& src, const at::Tensor& base, const at::Tensor& a,
-                 const at::Tensor& b, bool transposed, int64_t direction, int64_t offset,
-                 int64_t lead, int64_t steps, at::Tensor out) {
-  check(src.dim() == 3 && src.is_contiguous() && out.dim() == 4 && out.is_contiguous() &&
-            out.scalar_type() == src.scalar_type() && out.size(2) == kRows &&
-            out.size(3) == src.size(2) && src.size(2) * src.element_size() % 64 == 0,
-        "src (C, rows, W) and out (tiles, R, 8, W) contiguous, of one dtype, W a whole number "
-        "of 64-byte vectors");
+at::Tensor shifted_sum(const at::Tensor& src, const at::Tensor& base, const at::Tensor& a,
+                       const at::Tensor& b, bool transposed, int64_t direction, int64_t offset,
+                       int64_t lead, int64_t steps, int64_t batch) {
+  check(src.dim() == 3 && src.is_contiguous() && src.size(2) * src.element_size() % 64 == 0,
+        "src (C, rows, W) contiguous, W a whole number of 64-byte vectors");
   check_taps(base, a, b, src);
   check(direction == 1 || direction == -1, "direction must be +1 or -1");
-  check(src.size(0) == base.size(transposed ? 0 : 1) &&
-            out.size(1) == base.size(transposed ? 1 : 0),
+  check(src.size(0) == base.size(transposed ? 0 : 1),
         "the synapses must connect the source channels to the output rows");
-  check(steps <= out.size(0) * kRows, "the output tiles must hold the steps");
+  check(batch >= 0 && batch <= src.size(2), "the rows must hold the batch");
   check(offset <= 0 && offset >= -1, "offset must be 0 or -1");
-  check_bases(base, steps);
-  check_rows(src, lead, kRows, std::max(out.size(0) * kRows, steps + kRows));
+  const int64_t spread = check_bases(base, steps);
+  const int64_t padded = (steps + kRows - 1) / kRows * kRows;
+  check_rows(src, lead, kRows, std::max(padded, steps + kRows));
+  const int64_t outputs = base.size(transposed ? 1 : 0);
+  at::Tensor out = at::empty({steps, batch, outputs}, src.options());
+  if (src.size(0) == 0) return out.zero_();  // no synapses
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "delrec_feedforward_shifted_sum", [&] {
-    const PackedTaps<scalar_t> taps = pack<scalar_t>(base, a, b, transposed);
+    const PackedTaps<scalar_t> taps =
+        pack<scalar_t>(base, a, b, transposed, spread > 2 * kRows ? kWideBlock : kBlock);
     if (kRowVectors == 2 && src.size(2) / Simd<scalar_t>::lanes % 2 == 0)
       shifted_sum_loop<scalar_t, 2>(src, taps, int32_t(direction), offset, lead, steps, out);
     else
       shifted_sum_loop<scalar_t, 1>(src, taps, int32_t(direction), offset, lead, steps, out);
   });
+  return out;
 }
 
 std::vector<at::Tensor> pair_dots(const at::Tensor& grad, const at::Tensor& src,
@@ -486,54 +538,18 @@ std::vector<at::Tensor> pair_dots(const at::Tensor& grad, const at::Tensor& src,
   check(base.dim() == 2 && base.scalar_type() == at::kInt && base.is_contiguous() &&
             base.size(0) == grad.size(0) && base.size(1) == src.size(0),
         "base must be (O, I) int32, contiguous");
-  check_bases(base, steps);
-  check_rows(src, lead, 1, steps);
-  check_rows(grad, lead, 0, steps);
+  const int64_t spread = check_bases(base, steps);
+  check_rows(src, lead, 0, steps);
+  check_rows(grad, lead, 0, steps + 1);  // the zero row after the last step: see dot_steps
   const auto options = grad.options().dtype(at::kDouble);
   at::Tensor c0 = at::empty(base.sizes(), options), c1 = at::empty(base.sizes(), options);
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "delrec_feedforward_pair_dots", [&] {
     if (kRowVectors == 2 && src.size(2) / Simd<scalar_t>::lanes % 2 == 0)
-      pair_dots_loop<scalar_t, 2>(grad, src, base, lead, steps, c0, c1);
+      pair_dots_loop<scalar_t, 2>(grad, src, base, spread, lead, steps, c0, c1);
     else
-      pair_dots_loop<scalar_t, 1>(grad, src, base, lead, steps, c0, c1);
+      pair_dots_loop<scalar_t, 1>(grad, src, base, spread, lead, steps, c0, c1);
   });
   return {c0, c1};
-}
-
-at::Tensor span_dots(const at::Tensor& grad, const at::Tensor& src, const at::Tensor& row,
-                     const at::Tensor& column, const at::Tensor& delay, int64_t lead,
-                     int64_t steps) {
-  check_sequences(grad, src);
-  check(row.scalar_type() == at::kLong && column.scalar_type() == at::kLong &&
-            delay.scalar_type() == at::kLong && row.is_contiguous() && column.is_contiguous() &&
-            delay.is_contiguous() && column.numel() == row.numel() &&
-            delay.numel() == row.numel(),
-        "row, column, delay (n,) int64, contiguous");
-  check_rows(src, lead, 0, steps);
-  check_rows(grad, lead, 0, steps);
-  const int64_t width = grad.size(2), grad_rows = grad.size(1), src_rows = src.size(1);
-  const int64_t* rw = row.data_ptr<int64_t>();
-  const int64_t* cl = column.data_ptr<int64_t>();
-  const int64_t* dl = delay.data_ptr<int64_t>();
-  for (int64_t n = 0; n < row.numel(); ++n)
-    check(rw[n] >= 0 && rw[n] < grad.size(0) && cl[n] >= 0 && cl[n] < src.size(0),
-          "span_dots: an entry names a row or channel outside the sequences");
-  at::Tensor out = at::empty({row.numel()}, grad.options().dtype(at::kDouble));
-  double* o = out.data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "delrec_feedforward_span_dots", [&] {
-    const scalar_t* g = grad.data_ptr<scalar_t>() + lead * width;
-    const scalar_t* s = src.data_ptr<scalar_t>() + lead * width;
-    at::parallel_for(0, row.numel(), 64, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {  // steps t with t - delay in [0, steps)
-        const int64_t t0 = std::max<int64_t>(0, dl[n]), t1 = std::min(steps, steps + dl[n]);
-        o[n] = t0 < t1 ? span_dot<scalar_t>(g + (rw[n] * grad_rows + t0) * width,
-                                             s + (cl[n] * src_rows + t0 - dl[n]) * width,
-                                             (t1 - t0) * width)
-                       : 0.0;
-      }
-    });
-  });
-  return out;
 }
 
 // --------------------------------------------------------------------------- taps, gradients
@@ -606,72 +622,32 @@ std::vector<at::Tensor> taps(const at::Tensor& weight, const at::Tensor& positio
   return {base, near, far};
 }
 
-// The synapses whose position gradient needs C(base - 1) or C(base + 2) (a non-zero slope
-// there: a position on an integer, or |base + 2 - p| rounding to 1): flat index and delay.
-// around()'s σ at q = 0 and 3 (d never equals p there), in a loop the compiler vectorizes.
-std::vector<at::Tensor> extra_taps(const at::Tensor& weight, const at::Tensor& position,
-                                   int64_t kernel_size) {
+// ∂L/∂w = Σ_q λ_q C(base - 1 + q) and ∂L/∂p = w Σ_q σ_q C(base - 1 + q) per synapse, summed in
+// float64 and returned in the parameters' dtype, with C(d) = Σ_t grad[o, t] src[i, t - d]:
+// C(base) and C(base + 1) of every synapse from pair_dots, then in one loop the compiler
+// vectorizes around() at q = 1, 2 and a flag for the synapses whose slope is not zero at
+// base - 1 or base + 2 (a position on an integer, or |base + 2 - p| rounding to 1; never
+// λ there); those few get all four taps again, their extra dots C(base - 1), C(base + 2) summed
+// on the spot.
+std::vector<at::Tensor> parameter_gradients(const at::Tensor& grad, const at::Tensor& src,
+                                            const at::Tensor& base, const at::Tensor& weight,
+                                            const at::Tensor& position, int64_t kernel_size,
+                                            int64_t lead, int64_t steps) {
   check_parameters(weight, position);
-  std::vector<uint8_t> sides(position.numel());
-  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "delrec_feedforward_extra_taps", [&] {
-    const scalar_t* p = position.data_ptr<scalar_t>();
-    const scalar_t top = scalar_t(kernel_size - 1);
-    uint8_t* side = sides.data();
-    at::parallel_for(0, position.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        const scalar_t d = scalar_t(window_base(p[n], top));
-        const scalar_t before = d - scalar_t(1), after = d + scalar_t(2);
-        const bool low = before >= 0 && scalar_t(1) - std::abs(before - p[n]) >= 0;
-        const bool high = after <= top && scalar_t(1) - std::abs(after - p[n]) >= 0;
-        side[n] = uint8_t(low) | uint8_t(high) << 1;
-      }
-    });
-  });
-  std::vector<int64_t> index, delay;
-  const int32_t* base = nullptr;
-  at::Tensor bases;
-  for (int64_t n = 0; n < int64_t(sides.size()); ++n)
-    if (sides[n]) {
-      if (!base) {  // the base delays, needed only here
-        bases = taps(weight, position, kernel_size)[0];
-        base = bases.data_ptr<int32_t>();
-      }
-      for (int q : {0, 1})
-        if (sides[n] >> q & 1) {
-          index.push_back(n);
-          delay.push_back(base[n] + (q ? 2 : -1));
-        }
-    }
-  const auto options = at::TensorOptions().dtype(at::kLong);
-  return {at::tensor(index, options), at::tensor(delay, options)};
-}
-
-// ∂L/∂w = Σ_q λ_q C(base - 1 + q) and ∂L/∂p = w Σ_q σ_q C(base - 1 + q), summed in float64 and
-// returned in the parameters' dtype, from c0 = C(base), c1 = C(base + 1) (O, I) float64 and the
-// extra dots C(delay) of the synapses `index` (extra_taps, ascending): around() at q = 1, 2 in a
-// loop the compiler vectorizes, then the synapses with extra dots again with all four taps.
-std::vector<at::Tensor> tap_gradients(const at::Tensor& weight, const at::Tensor& position,
-                                      int64_t kernel_size, const at::Tensor& c0,
-                                      const at::Tensor& c1, const at::Tensor& index,
-                                      const at::Tensor& delay, const at::Tensor& values) {
-  check_parameters(weight, position);
-  check(c0.scalar_type() == at::kDouble && c1.scalar_type() == at::kDouble &&
-            c0.is_contiguous() && c1.is_contiguous() && c0.numel() == weight.numel() &&
-            c1.numel() == weight.numel(),
-        "the dots must be (O, I) float64, contiguous");
-  check(index.scalar_type() == at::kLong && delay.scalar_type() == at::kLong &&
-            values.scalar_type() == at::kDouble && index.is_contiguous() &&
-            delay.is_contiguous() && values.is_contiguous() && delay.numel() == index.numel() &&
-            values.numel() == index.numel(),
-        "the extra dots: index, delay (n,) int64 and values (n,) float64");
+  check(base.sizes() == weight.sizes(), "base must be the (O, I) base delays of the synapses");
+  const std::vector<at::Tensor> dots = pair_dots(grad, src, base, lead, steps);
+  const double* d0 = dots[0].data_ptr<double>();
+  const double* d1 = dots[1].data_ptr<double>();
+  const int64_t columns = weight.size(1), width = grad.size(2);
+  const int64_t grad_rows = grad.size(1), src_rows = src.size(1);
   at::Tensor grad_w = at::empty_like(weight), grad_p = at::empty_like(position);
-  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "delrec_feedforward_tap_gradients", [&] {
+  std::vector<uint8_t> extra(weight.numel());
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "delrec_feedforward_parameter_gradients", [&] {
     const scalar_t* w = weight.data_ptr<scalar_t>();
     const scalar_t* p = position.data_ptr<scalar_t>();
-    const double* d0 = c0.data_ptr<double>();
-    const double* d1 = c1.data_ptr<double>();
     scalar_t* gw = grad_w.data_ptr<scalar_t>();
     scalar_t* gp = grad_p.data_ptr<scalar_t>();
+    uint8_t* flag = extra.data();
     const scalar_t top = scalar_t(kernel_size - 1);
     auto sign = [](scalar_t x) { return scalar_t((x > 0) - (x < 0)); };
     at::parallel_for(0, weight.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
@@ -684,18 +660,28 @@ std::vector<at::Tensor> tap_gradients(const at::Tensor& weight, const at::Tensor
         const scalar_t lam1 = inside && next > 0 ? next : scalar_t(0);
         const scalar_t slope0 = value >= 0 ? sign(d - p[n]) : scalar_t(0);
         const scalar_t slope1 = inside && next >= 0 ? sign(d + scalar_t(1) - p[n]) : scalar_t(0);
+        const scalar_t before = d - scalar_t(1), after = d + scalar_t(2);
+        const bool low = before >= 0 && scalar_t(1) - std::abs(before - p[n]) >= 0;
+        const bool high = after <= top && scalar_t(1) - std::abs(after - p[n]) >= 0;
+        flag[n] = uint8_t(low || high);
         gw[n] = scalar_t(double(lam0) * d0[n] + double(lam1) * d1[n]);
         gp[n] = scalar_t(double(w[n]) * (double(slope0) * d0[n] + double(slope1) * d1[n]));
       }
     });
-    const int64_t* ix = index.data_ptr<int64_t>();
-    const int64_t* dl = delay.data_ptr<int64_t>();
-    const double* vl = values.data_ptr<double>();
-    for (int64_t e = 0; e < index.numel();) {
-      const int64_t n = ix[e];
+    const scalar_t* g = grad.data_ptr<scalar_t>() + lead * width;
+    const scalar_t* x = src.data_ptr<scalar_t>() + lead * width;
+    auto dot = [&](int64_t n, int64_t delay) {  // C(delay), steps t with t - delay in [0, T)
+      const int64_t t0 = std::max<int64_t>(0, delay), t1 = std::min(steps, steps + delay);
+      return t0 < t1 ? span_dot<scalar_t>(g + (n / columns * grad_rows + t0) * width,
+                                          x + (n % columns * src_rows + t0 - delay) * width,
+                                          (t1 - t0) * width)
+                     : 0.0;
+    };
+    for (int64_t n = 0; n < weight.numel(); ++n) {
+      if (!flag[n]) continue;
       const Around<scalar_t> a = around<scalar_t>(p[n], kernel_size);
-      double c[4] = {0.0, d0[n], d1[n], 0.0};
-      for (; e < index.numel() && ix[e] == n; ++e) c[dl[e] - a.base + 1] = vl[e];
+      const double c[4] = {a.slope[0] != 0 ? dot(n, a.base - 1) : 0.0, d0[n], d1[n],
+                           a.slope[3] != 0 ? dot(n, a.base + 2) : 0.0};
       double sw = 0.0, sp = 0.0;
       for (int q = 0; q < 4; ++q) {
         sw += double(a.lam[q]) * c[q];
@@ -708,7 +694,7 @@ std::vector<at::Tensor> tap_gradients(const at::Tensor& weight, const at::Tensor
   return {grad_w, grad_p};
 }
 
-// (T, B, C) time-major <-> (C, rows, W) channel-major, sequence at rows [lead, lead + T),
+// (T, B, C) time-major -> (C, rows, W) channel-major, sequence at rows [lead, lead + T),
 // columns [0, B), zeros elsewhere: transposed in blocks of channels so that reads and writes
 // both stay within a few cache lines.
 constexpr int64_t kTransposeChannels = 32;
@@ -747,33 +733,6 @@ at::Tensor channel_major(const at::Tensor& seq, int64_t lead, int64_t rows, int6
   return out;
 }
 
-// (tiles, C, 8, W) output tiles -> (T, B, C): steps [0, T), columns [0, B)
-at::Tensor time_major(const at::Tensor& tiles, int64_t steps, int64_t batch) {
-  check(tiles.dim() == 4 && tiles.is_contiguous() && tiles.size(2) == kRows &&
-            steps <= tiles.size(0) * kRows && batch <= tiles.size(3),
-        "time_major: contiguous (tiles, C, 8, W) output tiles holding the steps and the batch");
-  const int64_t channels = tiles.size(1), width = tiles.size(3);
-  at::Tensor out = at::empty({steps, batch, channels}, tiles.options());
-  AT_DISPATCH_FLOATING_TYPES(tiles.scalar_type(), "delrec_feedforward_time_major", [&] {
-    const scalar_t* x = tiles.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const int64_t blocks = (channels + kTransposeChannels - 1) / kTransposeChannels;
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
-        const int64_t c0 = k * kTransposeChannels;
-        const int64_t c1 = std::min(channels, c0 + kTransposeChannels);
-        for (int64_t t = 0; t < steps; ++t)
-          for (int64_t b = 0; b < batch; ++b) {
-            const scalar_t* from = x + ((t / kRows * channels) * kRows + t % kRows) * width + b;
-            scalar_t* to = o + (t * batch + b) * channels;
-            for (int64_t c = c0; c < c1; ++c) to[c] = from[c * kRows * width];
-          }
-      }
-    });
-  });
-  return out;
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -785,16 +744,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("simd") = "portable";
 #endif
   m.def("shifted_sum", &shifted_sum,
-        "out[t / 8, r, t % 8] = Σ_c a[r, c] src[c, f + t] + b[r, c] src[c, f + t + 1], "
+        "out (T, B, R): out[t, :, r] = Σ_c a[r, c] src[c, f + t] + b[r, c] src[c, f + t + 1], "
         "f = direction·base[r, c] + offset (base, a, b (O, I), r = i, c = o if transposed)");
-  m.def("pair_dots", &pair_dots,
-        "c0[r, c] = Σ_t grad[r, t] src[c, t - base], c1[r, c] = Σ_t grad[r, t] src[c, t - base - 1]");
-  m.def("span_dots", &span_dots, "out[n] = Σ_t grad[row_n, t] src[column_n, t - delay_n]");
+  m.def("parameter_gradients", &parameter_gradients,
+        "∂L/∂w and ∂L/∂p from grad (O, rows, W) and src (I, rows, W), channel-major");
   m.def("taps", &taps, "base delay (int32), near = w·λ(base), far = w·λ(base + 1) per synapse");
-  m.def("extra_taps", &extra_taps, "synapses needing C(base - 1) or C(base + 2): index, delay");
-  m.def("tap_gradients", &tap_gradients,
-        "∂L/∂w and ∂L/∂p from C(base), C(base + 1) and the extra dots");
   m.def("channel_major", &channel_major,
         "(T, B, C) -> zeros (C, rows, W) holding the sequence at rows [lead, lead + T)");
-  m.def("time_major", &time_major, "(tiles, C, 8, W) output tiles -> (T, B, C)");
 }

@@ -20,12 +20,12 @@
 // forward:   per step, each class's entry recursion and chain into its ring, then r_i gathered per
 //            postsynaptic neuron (sums in registers, the rings of a block of presynaptic neurons
 //            in L1; synapses far above the chain read in blocks of kSpan steps), then the LIF
-//            update.
+//            update. On one thread the rings advance block by block, just before the sums.
 // backward:  per reverse step, the adjoint of the spikes (one float64 recursion per neuron fed by
 //            a float64 ring of injections, plus one-off lag-1 terms), the LIF adjoint, the slot
 //            sums of a·ḡ and b·ḡ added into each class's adjoint ring at row t - m (far slots once
 //            per block), then per class the chain's lag-1 term and the entry row's injections at
-//            its taps, and Σ K·x.
+//            its taps, and Σ K·x (near sums and class steps by groups of presynaptic neurons).
 // gradients: a second forward sweep of the classes, in chunks of time, dotting each level's
 //            values with the stored adjoint: D0_ij = Σ ḡ_i Z, D1_ij = Σ ḡ_i E, then ∂L/∂W and
 //            ∂L/∂d.
@@ -365,6 +365,21 @@ __attribute__((noinline)) void adjoint_row(const LIFUpdate<scalar_t> neuron, sca
 // (B, N) sequences: a cache line of float32 per batch row.
 constexpr int64_t kBlock = 16;
 
+// Asks for the cache lines of the kBlock scalars at p (for writing if `write`). The LIF loops
+// below read and write the batch-major sequences one block of neurons per batch row, rows
+// N scalars apart, each line once per step: the hardware does not foresee that stride, so each
+// block prefetches the same batch row's next block.
+template <typename scalar_t>
+inline void prefetch_block(const scalar_t* p, bool write) {
+  for (int64_t l = 0; l < kBlock; l += kLanes<scalar_t>) {
+    if (write) {
+      __builtin_prefetch(p + l, 1);
+    } else {
+      __builtin_prefetch(p + l);
+    }
+  }
+}
+
 // In parallel (ATen's intra-op threads), each thread a range of whole blocks of kBlock neurons:
 // on_range(i0, i1) on the thread's range, then on_block(i0, i1) on each of its blocks.
 template <typename Range, typename Block>
@@ -646,10 +661,16 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const Coefficients<sca
   std::vector<scalar_t> v(nb, static_cast<scalar_t>(lif.v0));  // (B, N)
   const LIFUpdate<scalar_t> neuron(lif);
   for (int64_t j = 0; j < n; ++j) std::fill_n(hist + j * frames, batch, false);
+  // On one thread, each step advances the rings column block by column block, just before the
+  // near sums read that block's rows (still in cache then; all rings at once outgrow L2 at
+  // N = 512). The far sums at a block's first step read only diagonals the step does not
+  // write (kSpan). On several threads every thread's sums read every column block, so the
+  // rings advance first, in parallel.
+  const bool fused = at::get_num_threads() == 1;
 
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t head = p.head_at(t);
-    at::parallel_for(0, n, 1, [&](int64_t j0, int64_t j1) {  // the rings at t
+    auto advance = [&](int64_t j0, int64_t j1) {  // the rings of neurons j0 … j1 - 1 at t
       Buffer<scalar_t> newest(width);
       for (int64_t j = j0; j < j1; ++j) {
         widen(reinterpret_cast<const uint8_t*>(hist + j * frames + t * batch), batch,
@@ -662,7 +683,8 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const Coefficients<sca
                                   });
         }
       }
-    });
+    };
+    if (!fused) at::parallel_for(0, n, 1, advance);
     const int64_t now = t * nb;
     // the sums over all of a thread's neurons at once (each column block's rings in L1 once
     // per step), then the LIF update block by block
@@ -696,6 +718,7 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const Coefficients<sca
       for (int64_t lane = 0; lane < width; lane += group) {
         const int64_t blocks = std::min(group, width - lane) / L;
         for (size_t c = 0; c + 1 < near.columns.size(); ++c) {
+          if (fused && lane == 0) advance(near.columns[c], near.columns[c + 1]);
           with_blocks(blocks, [&](auto nb) {
             gather_rows<scalar_t, decltype(nb)::value>(
                 ring.data() + lane, width, head, p.depth, near.synapses.data(),
@@ -709,6 +732,11 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const Coefficients<sca
         scalar_t rec[kBlock];
         for (int64_t i = i0; i < i1; ++i) rec[i - i0] = recurrent[i * width + b];
         const int64_t at = now + b * n + i0;
+        if (i1 < n) {  // the next block's lines (prefetch_block)
+          prefetch_block(drive_p + at + kBlock, false);
+          prefetch_block(membrane_p + at + kBlock, true);
+          prefetch_block(spikes_p + at + kBlock, true);
+        }
         charge_row(neuron, drive_p + at, rec, has_mask ? mask_p + b * n + i0 : nullptr,
                    v.data() + b * n + i0, membrane_p + at, spikes_p + at, i1 - i0);
       }
@@ -823,6 +851,11 @@ __attribute__((noinline)) void count_times(const int32_t* __restrict upper,
     support[b] += static_cast<double>(upper[b] - lower[b]) * static_cast<double>(x[b]);
   }
 }
+
+// The backward adds the near slot sums of a group of kSlotNeurons presynaptic neurons into their
+// adjoint rings, then runs those neurons' chain stages and entries, which read the same rows:
+// they are then still in cache (all neurons' rows at once outgrow L2 at N = 512).
+constexpr int64_t kSlotNeurons = 32;
 
 // A far slot as the backward's block sums read it: the slot, its class's first ring row and its
 // level minus the plan's lowest.
@@ -1007,6 +1040,12 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
         scalar_t from_rec[kBlock], psi[kBlock], masked[kBlock];
         for (int64_t i = i0; i < i1; ++i) from_rec[i - i0] = once[i * width + b];
         const int64_t at = now + b * n + i0;
+        if (i1 < n) {  // the next block's lines (prefetch_block)
+          prefetch_block(membrane_p + at + kBlock, false);
+          prefetch_block(grad_out + at + kBlock, false);
+          prefetch_block(grad_current_p + at + kBlock, true);
+          if (psi_p) prefetch_block(psi_p + at + kBlock, false);
+        }
         if (!psi_p) surrogate_row(derivative, neuron.threshold, membrane_p + at, psi, i1 - i0);
         adjoint_row(neuron, gain, membrane_p + at, psi_p ? psi_p + at : psi, grad_out + at,
                     from_rec, has_mask ? mask_p + b * n + i0 : nullptr, gh.data() + b * n + i0,
@@ -1018,65 +1057,69 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
         std::copy_n(g_now.data() + i * width, width, adj + (i * span_steps + t) * width);
       }
     });
-    at::parallel_for(0, n, 1, [&](int64_t j0, int64_t j1) {
-      const int64_t k0 = near_start[j0], count = near_start[j1] - k0;
-      for (int64_t k = k0; k < k0 + count; ++k) {  // x = Σ a·ḡ_i, e = Σ b·ḡ_i reach row t - m
-        const int64_t s = near_slots[k];
-        const int64_t row = class_of[s] * p.depth + p.ring_row_at(head, p.slot_level[s]);
-        to[s] = ring.data() + row * 2 * width;
-      }
-      for (int64_t lane = 0; lane < width; lane += group) {
-        for (int64_t q = 0; q < row_blocks; ++q) {
-          with_blocks(std::min(group, width - lane) / L, [&](auto nb) {
-            sum_members<scalar_t, decltype(nb)::value>(
-                g_now.data() + lane, width, members.data(), cut.data() + q, row_blocks + 1,
-                near_slots.data() + k0, count, to.data(), lane);
-          });
+    // near slot sums, then each class's chain and entry, group by group of presynaptic neurons
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t j0 = begin; j0 < end; j0 += kSlotNeurons) {
+        const int64_t j1 = std::min(end, j0 + kSlotNeurons);
+        const int64_t k0 = near_start[j0], count = near_start[j1] - k0;
+        for (int64_t k = k0; k < k0 + count; ++k) {  // x = Σ a·ḡ_i, e = Σ b·ḡ_i reach row t - m
+          const int64_t s = near_slots[k];
+          const int64_t row = class_of[s] * p.depth + p.ring_row_at(head, p.slot_level[s]);
+          to[s] = ring.data() + row * 2 * width;
         }
-      }
-      Buffer<double> support(width);
-      for (int64_t j = j0; j < j1; ++j) {
-        std::fill(support.begin(), support.end(), 0.0);
-        const uint8_t* newest =  // s_j[t - 1]
-            reinterpret_cast<const uint8_t*>(hist + j * frames + t * batch);
-        scalar_t* lag1 = once.data() + j * width;
-        for (int64_t c = p.class_start[j]; c < p.class_start[j + 1]; ++c) {
-          scalar_t* rows = ring.data() + c * p.depth * 2 * width;
-          auto row = [&](int64_t m) { return rows + p.ring_row_at(head, m) * 2 * width; };
-          // chain stages: ∂L/∂s[t - 1] += a·Λ + e·Λ_E, and Σ_b s[t-1]·χ·Λ for the spread
-          const double* stage = p.chain + 3 * p.chain_start[c];
-          for (int64_t m = p.m_a(c) + 1; t > 0 && m <= p.m_b(c); ++m, stage += 3) {
-            const scalar_t* x = row(m);
-            chain_adjoint(x, x + width, static_cast<scalar_t>(stage[0]),
-                          static_cast<scalar_t>(stage[1]), batch, lag1);
-            if (need_support && stage[2] != 0.0) gate(newest, x, batch, support.data());
+        for (int64_t lane = 0; lane < width; lane += group) {
+          for (int64_t q = 0; q < row_blocks; ++q) {
+            with_blocks(std::min(group, width - lane) / L, [&](auto nb) {
+              sum_members<scalar_t, decltype(nb)::value>(
+                  g_now.data() + lane, width, members.data(), cut.data() + q, row_blocks + 1,
+                  near_slots.data() + k0, count, to.data(), lane);
+            });
           }
-          // the entry: Λ[t - m_a, m_a] is ∂L/∂Z of level m_a at t, injected at its taps
-          scalar_t* x = row(p.m_a(c));
-          const int64_t* zl = p.z_lags + 3 * c;
-          const int64_t* el = p.e_lags + 4 * c;
-          const double* zc = p.z_coef + 6 * c;
-          for (int q = 0; q < 3; ++q) {
-            if (zl[q] > t) continue;
-            double* to = injection(j, t - zl[q]);
-            inject_tap(x, zc[q], zc[3 + q], width, to, to + width);
-          }
-          for (int q = 0; q < 4; ++q) {  // signs -, +, +, -
-            if (el[q] > t) continue;
-            inject_sign(x + width, q == 1 || q == 2 ? 1.0 : -1.0, width, injection(j, t - el[q]));
-          }
-          if (need_support) {
-            // K[t] = spikes of j at lags lo … hi = P[t-lo+1] - P[t-hi]
-            const int64_t lo = p.support[2 * c], hi = p.support[2 * c + 1];
-            if (hi >= lo) {
-              count_times(count_p + j * frames + std::max<int64_t>(t - lo + 1, 0) * batch,
-                          count_p + j * frames + std::max<int64_t>(t - hi, 0) * batch, x, batch,
-                          support.data());
+        }
+        Buffer<double> support(width);
+        for (int64_t j = j0; j < j1; ++j) {
+          std::fill(support.begin(), support.end(), 0.0);
+          const uint8_t* newest =  // s_j[t - 1]
+              reinterpret_cast<const uint8_t*>(hist + j * frames + t * batch);
+          scalar_t* lag1 = once.data() + j * width;
+          for (int64_t c = p.class_start[j]; c < p.class_start[j + 1]; ++c) {
+            scalar_t* rows = ring.data() + c * p.depth * 2 * width;
+            auto row = [&](int64_t m) { return rows + p.ring_row_at(head, m) * 2 * width; };
+            // chain stages: ∂L/∂s[t - 1] += a·Λ + e·Λ_E, and Σ_b s[t-1]·χ·Λ for the spread
+            const double* stage = p.chain + 3 * p.chain_start[c];
+            for (int64_t m = p.m_a(c) + 1; t > 0 && m <= p.m_b(c); ++m, stage += 3) {
+              const scalar_t* x = row(m);
+              chain_adjoint(x, x + width, static_cast<scalar_t>(stage[0]),
+                            static_cast<scalar_t>(stage[1]), batch, lag1);
+              if (need_support && stage[2] != 0.0) gate(newest, x, batch, support.data());
             }
+            // the entry: Λ[t - m_a, m_a] is ∂L/∂Z of level m_a at t, injected at its taps
+            scalar_t* x = row(p.m_a(c));
+            const int64_t* zl = p.z_lags + 3 * c;
+            const int64_t* el = p.e_lags + 4 * c;
+            const double* zc = p.z_coef + 6 * c;
+            for (int q = 0; q < 3; ++q) {
+              if (zl[q] > t) continue;
+              double* to = injection(j, t - zl[q]);
+              inject_tap(x, zc[q], zc[3 + q], width, to, to + width);
+            }
+            for (int q = 0; q < 4; ++q) {  // signs -, +, +, -
+              if (el[q] > t) continue;
+              inject_sign(x + width, q == 1 || q == 2 ? 1.0 : -1.0, width, injection(j, t - el[q]));
+            }
+            if (need_support) {
+              // K[t] = spikes of j at lags lo … hi = P[t-lo+1] - P[t-hi]
+              const int64_t lo = p.support[2 * c], hi = p.support[2 * c + 1];
+              if (hi >= lo) {
+                count_times(count_p + j * frames + std::max<int64_t>(t - lo + 1, 0) * batch,
+                            count_p + j * frames + std::max<int64_t>(t - hi, 0) * batch, x, batch,
+                            support.data());
+              }
+            }
+            std::fill_n(x, 2 * width, scalar_t(0));  // the row of diagonal t - m_a is done
           }
-          std::fill_n(x, 2 * width, scalar_t(0));  // the row of diagonal t - m_a is done
+          for (int64_t b = 0; b < batch; ++b) support_sum[j] += support[b];
         }
-        for (int64_t b = 0; b < batch; ++b) support_sum[j] += support[b];
       }
     });
     if (far_slots.empty() || t % kSpan != 0) continue;
