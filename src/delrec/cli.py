@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 
+from delrec.allocator import keep_freed_memory
 from delrec.commands import EXIT_CODES_HELP, fail
 
 # subcommand name -> module providing add_parser(subparsers), imported when the parser is built.
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # no page faults for each training step's temporaries
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
