@@ -28,6 +28,6 @@ def test_training_steps_reuse_freed_memory():
     assert min(faults[-4:]) < 50, faults  # the heap has stopped growing
 
 
-@pytest.mark.skipif(GLIBC, reason="runs where glibc is absent (this system has glibc, whose case the test above checks)")
+@pytest.mark.skipif(GLIBC, reason="runs where glibc is absent (this system has it)")
 def test_other_c_libraries_are_left_alone():
     assert keep_freed_memory() is False
