@@ -287,6 +287,22 @@ def main(argv=None) -> int:
     return 0 if caught == len(results) else 1
 
 
+def commands_still_behind_rows(commands: list[str]) -> list[str]:
+    """The commands (oldest first) that still made some row: a command whose every mutation
+    was run again by a later command is dropped (no names on a command: every mutation)."""
+    names = {m.name for m in MUTATIONS}
+
+    def ran(command: str) -> set[str]:
+        return {word for word in command.split() if word in names} or names
+
+    kept, later = [], set()
+    for command in reversed(dict.fromkeys(commands)):
+        if ran(command) - later:
+            kept.append(command)
+        later |= ran(command)
+    return kept[::-1]
+
+
 def write_table(path: Path, results, command: str) -> None:
     """The results as a markdown page, one row per mutation in the order of ``MUTATIONS``. Rows
     of mutations not run this time are kept from the page as it was (so mutations can be run a
@@ -318,7 +334,7 @@ def write_table(path: Path, results, command: str) -> None:
         "do not edit by hand, rerun it to refresh. The commands that made the rows below "
         f"({os.cpu_count()} cores; `+`: the commit with uncommitted changes):",
         "",
-        *dict.fromkeys([*commands, f"    {command}"]),
+        *commands_still_behind_rows([*commands, f"    {command}"]),
         "",
         f"**{caught} of {len(order)} mutations caught.**",
         "",
