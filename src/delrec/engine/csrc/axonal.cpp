@@ -123,24 +123,6 @@ inline void transpose_block(const double* __restrict__ y, scalar_t* __restrict__
   }
 }
 
-// One step of the LIF neurons on `count` elements of the (B, N) slices (pointers at the first):
-// the membrane h, the spikes (as scalars and as bytes, for the history) and v after the reset.
-template <typename scalar_t, bool masked>
-void charge_and_fire(const LIFUpdate<scalar_t> neuron, const scalar_t* __restrict__ drive,
-                     const scalar_t* __restrict__ mask, const scalar_t* __restrict__ recurrent,
-                     scalar_t* __restrict__ v, scalar_t* __restrict__ membrane,
-                     scalar_t* __restrict__ spikes, uint8_t* __restrict__ fired, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) {
-    const scalar_t r = masked ? mask[i] * recurrent[i] : recurrent[i];
-    const scalar_t h = neuron.charge(drive[i], r, v[i]);
-    const bool spike = neuron.fires(h);
-    membrane[i] = h;
-    spikes[i] = spike ? scalar_t(1) : scalar_t(0);
-    fired[i] = spike;
-    v[i] = neuron.reset_after(h, spike);
-  }
-}
-
 // The spikes of neurons [j0, j1), bytes (B, N), into their neuron-major rows of the history
 inline void spikes_into_history(const uint8_t* __restrict__ fired, uint8_t* __restrict__ history,
                                 int64_t n, int64_t batch, int64_t j0, int64_t j1) {
@@ -216,12 +198,13 @@ void forward_loop(const at::Tensor& drive, const at::Tensor& weight_in, const at
     const auto update = [&](const scalar_t* row_drive, int64_t first, int64_t count) {
       const int64_t at = now + first;
       if (has_mask) {
-        charge_and_fire<scalar_t, true>(neuron, row_drive, mask_p + first, rec_p + first,
-                                        v + first, membrane_p + at, spikes_p + at, fired + first,
-                                        count);
+        charge_and_fire<scalar_t, true, true>(neuron, row_drive, mask_p + first, rec_p + first,
+                                              v + first, membrane_p + at, spikes_p + at,
+                                              fired + first, count);
       } else {
-        charge_and_fire<scalar_t, false>(neuron, row_drive, nullptr, rec_p + first, v + first,
-                                         membrane_p + at, spikes_p + at, fired + first, count);
+        charge_and_fire<scalar_t, false, true>(neuron, row_drive, nullptr, rec_p + first,
+                                               v + first, membrane_p + at, spikes_p + at,
+                                               fired + first, count);
       }
     };
     if (dropout.active) {

@@ -54,6 +54,27 @@ struct LIFUpdate {
   }
 };
 
+// One step of the LIF neurons on `count` elements of one row (pointers at the first): the
+// membrane h, the spikes (0/1) and v after the reset, from the drive, the recurrent input
+// (times the mask when `masked`) and v before; with `record_fired` also the spikes as bytes.
+// Out of line with restrict pointers, specialised on mask and bytes: the compiler vectorises it.
+template <typename scalar_t, bool masked, bool record_fired>
+__attribute__((noinline)) void charge_and_fire(
+    const LIFUpdate<scalar_t> neuron, const scalar_t* __restrict__ drive,
+    const scalar_t* __restrict__ mask, const scalar_t* __restrict__ recurrent,
+    scalar_t* __restrict__ v, scalar_t* __restrict__ membrane, scalar_t* __restrict__ spikes,
+    uint8_t* __restrict__ fired, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    const scalar_t r = masked ? mask[i] * recurrent[i] : recurrent[i];
+    const scalar_t h = neuron.charge(drive[i], r, v[i]);
+    const bool spike = neuron.fires(h);
+    membrane[i] = h;
+    spikes[i] = spike ? scalar_t(1) : scalar_t(0);
+    if (record_fired) fired[i] = spike;
+    v[i] = neuron.reset_after(h, spike);
+  }
+}
+
 // ψ'(x) of the surrogates the kernels compute themselves (surrogate 1 or 2); surrogate 0 means
 // that the caller reads ψ' from a tensor instead.
 template <typename scalar_t>

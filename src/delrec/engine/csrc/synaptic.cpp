@@ -311,26 +311,6 @@ void advance_class(const Plan& p, int64_t c, int64_t t, int64_t batch, int64_t w
              frame(el[3]), p.z_coef + 6 * c, batch, st.z, st.d, st.e, z, z + width);
 }
 
-// The LIF update over `count` neurons of one batch row (batch-major sequences; mask may be
-// null): h, the spikes (0/1) and v[t] from the drive, the recurrent input and v[t-1]. Out of line
-// with restrict pointers: the compiler vectorises it.
-template <typename scalar_t>
-__attribute__((noinline)) void charge_row(const LIFUpdate<scalar_t> neuron,
-                                          const scalar_t* __restrict drive,
-                                          const scalar_t* __restrict recurrent,
-                                          const scalar_t* __restrict mask, scalar_t* __restrict v,
-                                          scalar_t* __restrict h_out, scalar_t* __restrict spikes,
-                                          int64_t count) {
-  for (int64_t i = 0; i < count; ++i) {
-    const scalar_t r = mask ? mask[i] * recurrent[i] : recurrent[i];
-    const scalar_t h = neuron.charge(drive[i], r, v[i]);
-    const bool spike = neuron.fires(h);
-    h_out[i] = h;
-    spikes[i] = spike ? scalar_t(1) : scalar_t(0);
-    v[i] = neuron.reset_after(h, spike);
-  }
-}
-
 // ψ'(h - θ) over `count` neurons (surrogates 1 and 2).
 template <typename scalar_t>
 __attribute__((noinline)) void surrogate_row(const SurrogateDerivative<scalar_t> derivative,
@@ -737,8 +717,15 @@ void forward_loop(const Plan& p, const at::Tensor& drive, const Coefficients<sca
           prefetch_block(membrane_p + at + kBlock, true);
           prefetch_block(spikes_p + at + kBlock, true);
         }
-        charge_row(neuron, drive_p + at, rec, has_mask ? mask_p + b * n + i0 : nullptr,
-                   v.data() + b * n + i0, membrane_p + at, spikes_p + at, i1 - i0);
+        if (has_mask) {
+          charge_and_fire<scalar_t, true, false>(neuron, drive_p + at, mask_p + b * n + i0, rec,
+                                                 v.data() + b * n + i0, membrane_p + at,
+                                                 spikes_p + at, nullptr, i1 - i0);
+        } else {
+          charge_and_fire<scalar_t, false, false>(neuron, drive_p + at, nullptr, rec,
+                                                  v.data() + b * n + i0, membrane_p + at,
+                                                  spikes_p + at, nullptr, i1 - i0);
+        }
       }
       for (int64_t i = i0; i < i1; ++i) {  // spikes, into the neuron-major history
         bool* row = hist + i * frames + (t + 1) * batch;
