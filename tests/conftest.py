@@ -1,11 +1,15 @@
-"""Build the engine's C++ kernels once, before any test runs (about a minute on a fresh machine),
-so that tests and the processes they start find them in the cache. A failed build leaves a
-warning here and fails ``test_engine.py::test_the_cpp_time_loops_build_and_run_by_default``."""
+"""Set up the test process as the `delrec` command line sets up its own (delrec.cpu.configure:
+subnormal floats flushed to zero, freed memory kept), then build the engine's C++ kernels once,
+before any test runs (about a minute on a fresh machine), so that tests and the processes they
+start find them in the cache. A failed build leaves a warning here and fails
+``test_engine.py::test_the_cpp_time_loops_build_and_run_by_default``."""
 
+from delrec import cpu
 from delrec.engine import native
 
 
 def pytest_sessionstart(session):
+    cpu.configure()  # before the first multi-threaded operation (see delrec.cpu)
     for kernels in ("axonal", "synaptic", "feedforward", "fused"):
         native.load(kernels)
 

@@ -14,6 +14,9 @@ turn, repeated, median kept. Then:
   layer, feedforward spiking layers, dropout, normalisation, loss/readout, other;
 * the floor: the step's matrix products alone, each replayed in isolation (same shapes and
   memory layouts) and summed;
+* on one thread, the ``delrec`` fused step also with subnormal floats kept instead of flushed
+  to zero (:func:`delrec.cpu.flush_denormals`, which the command line sets), in the same
+  rotation;
 * PASS/FAIL lines for the targets of issue 13, and a table, a CSV and a figure in ``--out``.
 """
 
@@ -262,12 +265,23 @@ def measure(task: str, quick: bool, repeats: int, clock, log) -> list[dict]:
             with _GemmRecorder() as recorder:  # the warm-up step (and any first build)
                 step()
             steps[model, label], gemms[model, label] = step, recorder.calls
+    # the delrec fused step once more with subnormal floats kept (the flag is per thread, so
+    # only where the step runs on this thread alone, and only where flushing is on to begin with)
+    subnormals = torch.get_num_threads() == 1 and torch.set_flush_denormal(True)
     times = defaultdict(list)
     for _ in range(repeats):  # interleaved: one step of each in turn
         for key, step in steps.items():
             start = clock()
             step()
             times[key].append(clock() - start)
+        if subnormals:
+            torch.set_flush_denormal(False)
+            try:
+                start = clock()
+                steps["delrec", "fused"]()
+                times["subnormals kept"].append(clock() - start)
+            finally:
+                torch.set_flush_denormal(True)
     rows = []
     for (model, label), step in steps.items():
         parts = breakdown(step)
@@ -281,6 +295,11 @@ def measure(task: str, quick: bool, repeats: int, clock, log) -> list[dict]:
                 "engine": label,
                 "step_ms": 1e3 * statistics.median(times[model, label]),
                 "gemm_floor_ms": gemm_floor(gemms[model, label], clock),
+                "subnormals_kept_ms": (
+                    1e3 * statistics.median(times["subnormals kept"])
+                    if subnormals and (model, label) == ("delrec", "fused")
+                    else None
+                ),
                 **{f"share_{c}": parts[c] / profiled for c in COMPONENTS},
             }
         )
@@ -306,6 +325,13 @@ def _print_rows(rows, log) -> None:
         log(
             f"  {r['model']:7s} {r['engine']:8s} {r['step_ms']:9.1f} {r['gemm_floor_ms']:9.1f} "
             f"{r['step_ms'] / r['gemm_floor_ms']:7.2f} {shares}"
+        )
+    fused = _row(rows, first["preset"], "delrec", "fused")
+    kept = fused["subnormals_kept_ms"]
+    if kept is not None:
+        log(
+            f"  delrec fused with subnormal floats kept instead of flushed to zero: {kept:.1f} "
+            f"ms, ×{kept / fused['step_ms']:.2f} the flushed step (delrec.cpu.flush_denormals)"
         )
 
 

@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from delrec.allocator import keep_freed_memory
+from delrec import cpu
 from delrec.commands import EXIT_CODES_HELP, fail
 
 # subcommand name -> module providing add_parser(subparsers), imported when the parser is built.
@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    cpu.configure()  # before any worker thread starts: they copy its flush-to-zero flag
     args = build_parser().parse_args(argv)
-    keep_freed_memory()  # no page faults for each training step's temporaries
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:

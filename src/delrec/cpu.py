@@ -1,0 +1,84 @@
+"""Process settings for training on the CPU: what the `delrec` command line sets at start, and
+what a training script of one's own should set first (:func:`configure`).
+
+- **Freed memory stays in the process** (:func:`keep_freed_memory`, glibc only). By default
+  glibc hands a freed block of more than about 128 KiB back to the system (``munmap``, or
+  trimming the top of the heap), so the next step's tensors of the same size come back as fresh
+  pages, each zero-filled by the kernel on first touch: about 2,400 page faults, 4 ms of a
+  23 ms Mackey-Glass training step (docs/speed.md), in a count that changes from run to run
+  with the heap's layout. Blocks up to 32 MiB then come from the heap and up to 1 GiB stays
+  free at its top, so a steady training loop reuses its pages: the process keeps the memory of
+  its largest step.
+- **Subnormal floats are flushed to zero** (:func:`flush_denormals`, x86 CPUs). Over long
+  sequences, membrane adjoints that decay through the leak step after step fall below float32's
+  smallest normal number (1.2e-38); every multiply-add that touches such a number takes a
+  microcode assist of about a hundred cycles, in the GEMMs and in the engine's loops alike. A
+  PS-MNIST training step (T = 784) ran twice as long as with flushing (docs/speed.md,
+  "Subnormal numbers"). Flushing changes only those numbers (to 0), far below anything
+  a float32 result can hold next to a normal one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import warnings
+
+import torch
+
+M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 * 2**20  # glibc's largest on 64-bit systems: blocks up to it use the heap
+TRIM_THRESHOLD = 2**30  # free memory kept at the top of the heap
+
+
+def configure() -> dict[str, bool]:
+    """Both settings of the module docstring, for the whole process; call it at the start of a
+    script, before the first multi-threaded operation (the `delrec` command line does). Which
+    of them took effect: ``{"keep_freed_memory": …, "flush_denormals": …}``."""
+    return {"keep_freed_memory": keep_freed_memory(), "flush_denormals": flush_denormals()}
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's ``malloc`` to keep freed memory for reuse (module docstring); True when it
+    did, False on other C libraries and systems (nothing changes there)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
+
+
+def flush_denormals() -> bool:
+    """Flush subnormal float inputs and results to zero on this thread and on PyTorch's worker
+    threads (module docstring); True when every thread of the intra-op pool flushes.
+
+    The flag is per thread and a new thread copies it from the thread that starts it, so it
+    reaches the workers only when it is set before PyTorch starts them (its first
+    multi-threaded operation); ``torch.set_num_threads`` may be called before or after. False,
+    with nothing changed, on CPUs where PyTorch cannot set it (it supports x86 with SSE3);
+    False with a warning when some worker started earlier and keeps subnormals."""
+    if not torch.set_flush_denormal(True):
+        return False
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return True
+    # a product PyTorch splits over the pool (above its grain size, 32,768 elements, per
+    # thread) of the smallest subnormal, made from its bits and checked by its bits (a float
+    # conversion or comparison here would itself flush it): a worker that keeps subnormals
+    # leaves non-zero bits
+    smallest = torch.ones(threads * 65536, dtype=torch.int32).view(torch.float32)
+    if not bool((smallest * 1.0).view(torch.int32).any()):
+        return True
+    warnings.warn(
+        "delrec: subnormal floats are flushed on this thread but not on all of PyTorch's "
+        "worker threads, which started before delrec.cpu.flush_denormals() was called; call "
+        "it (or delrec.cpu.configure()) at the start of the script, before the first "
+        "multi-threaded operation, or train with one thread",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return False

@@ -1,0 +1,94 @@
+"""delrec.cpu: a training loop's freed CPU tensors are reused, not faulted in again, and
+subnormal floats are flushed to zero on every thread of PyTorch's pool."""
+
+import ctypes
+import resource
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from delrec import cli
+from delrec.cpu import keep_freed_memory
+from delrec.layers import DelRec
+
+GLIBC = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+
+
+@pytest.mark.skipif(not GLIBC, reason="needs glibc's malloc (Linux)")
+def test_training_steps_reuse_freed_memory():
+    assert keep_freed_memory()
+    layer = DelRec(128, delay_init="uniform:0:40", recurrent_dropout=0.2)
+    current = torch.randn(150, 64, 128).requires_grad_()
+
+    def faults_of_a_step() -> int:  # minor page faults of one forward and backward
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        layer(current).sum().backward()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    faults = [faults_of_a_step() for _ in range(12)]  # glibc's defaults: ≈ 2,000 each
+    assert min(faults[-4:]) < 50, faults  # the heap has stopped growing
+
+
+@pytest.mark.skipif(GLIBC, reason="runs where glibc is absent (this system has it)")
+def test_other_c_libraries_are_left_alone():
+    assert keep_freed_memory() is False
+
+
+# A fresh process (the flag is per thread and copied to each thread a thread starts): whether the
+# product of the smallest subnormal by 1, split over the pool's threads, leaves non-zero bits.
+PROBE = """
+import warnings, torch
+from delrec import cpu
+torch.set_num_threads(2)
+if {pool_first}:
+    (torch.ones(1 << 22) * 2).sum()  # starts the pool's workers before the flag is set
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    configured = cpu.configure()["flush_denormals"]
+def kept(threads):
+    torch.set_num_threads(threads)
+    smallest = torch.ones(threads * 65536, dtype=torch.int32).view(torch.float32)
+    return int((smallest * 1.0).view(torch.int32).count_nonzero())
+print(configured, kept(2), kept(3), len(caught), caught[0].message if caught else "")
+"""
+
+
+def _probe(pool_first: bool) -> list[str]:
+    code = textwrap.dedent(PROBE.format(pool_first=pool_first))
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    return done.stdout.split(maxsplit=4)
+
+
+# True where PyTorch can set the flag (x86 CPUs); tests/conftest.py has set it already
+X86 = torch.set_flush_denormal(True)
+
+
+@pytest.mark.skipif(not X86, reason="PyTorch flushes subnormals on x86 CPUs only")
+def test_subnormals_are_flushed_on_every_worker_thread():
+    configured, two, three, warned = _probe(pool_first=False)[:4]
+    assert (configured, two, three, warned) == ("True", "0", "0", "0")
+
+
+@pytest.mark.skipif(not X86, reason="PyTorch flushes subnormals on x86 CPUs only")
+def test_a_pool_started_too_early_is_reported():
+    configured, two, _, warned, message = _probe(pool_first=True)
+    assert configured == "False" and int(two) > 0 and warned == "1"
+    assert "before the first multi-threaded operation" in message
+
+
+@pytest.mark.skipif(not X86, reason="PyTorch flushes subnormals on x86 CPUs only")
+def test_the_command_line_flushes_subnormals(capsys):
+    smallest = torch.ones(8, dtype=torch.int32).view(torch.float32)
+    torch.set_flush_denormal(False)  # this thread only; tests/conftest.py had set it
+    try:
+        assert (smallest * 1.0).view(torch.int32).all()
+        with pytest.raises(SystemExit):
+            cli.main(["train", "--help"])
+        assert not (smallest * 1.0).view(torch.int32).any()
+    finally:
+        torch.set_flush_denormal(True)
