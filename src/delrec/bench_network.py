@@ -89,9 +89,6 @@ FUNCTION_COMPONENTS = {
     "_Integrator": "loss/readout",
     "_BatchNorm": "normalisation",
     "_Dropout": "dropout",
-    # the backward of a dropout whose forward runs in the recurrent engine's loop
-    "_MaskedGradient": "dropout",
-    "_MaskedGradientBackward": "dropout",
 }
 REGION = "delrec-bench: "
 

@@ -9,13 +9,14 @@ what a training script of one's own should set first (:func:`configure`).
   with the heap's layout. Blocks up to 32 MiB then come from the heap and up to 1 GiB stays
   free at its top, so a steady training loop reuses its pages: the process keeps the memory of
   its largest step.
-- **Subnormal floats are flushed to zero** (:func:`flush_denormals`, x86 CPUs). Over long
-  sequences, membrane adjoints that decay through the leak step after step fall below float32's
-  smallest normal number (1.2e-38); every multiply-add that touches such a number takes a
-  microcode assist of about a hundred cycles, in the GEMMs and in the engine's loops alike. A
-  PS-MNIST training step (T = 784) ran twice as long as with flushing (docs/speed.md,
-  "Subnormal numbers"). Flushing changes only those numbers (to 0), far below anything
-  a float32 result can hold next to a normal one.
+- **Subnormal floats are flushed to zero** (:func:`flush_denormals`, x86 CPUs). A number
+  below float32's smallest normal one (1.2e-38) costs a microcode assist, of the order of a
+  hundred cycles, in every multiply-add that reads it. They arise, for one, in the PS-MNIST
+  network's loss gradient: its readout sums 784 steps, the logits of a sample spread over about
+  a hundred at initialisation, and the softmax's smallest probabilities (e^-94 ≈ 1e-41) reach
+  the gradient of every step. The GEMMs that read it made a PS-MNIST training step 2.6 times as
+  long as with flushing (docs/speed.md, "Subnormal numbers"). Flushing sets only such numbers
+  to 0, far below anything a float32 sum holds next to a normal number.
 """
 
 from __future__ import annotations

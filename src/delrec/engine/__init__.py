@@ -65,9 +65,8 @@ class EnginePath:
     inference without autograd; ``stateful``: ``run`` takes ``state=`` (a chunk of a sequence,
     :mod:`delrec.engine.state`); ``input_dropout``: from rest, with a neuron whose drive is the
     current (``LIFMap.drives_directly``), ``run`` takes ``input_dropout=`` (a
-    :class:`~delrec.engine.dropout.MaskDraw`) and drops the input current in its forward loop;
-    the gradient it returns for the current is that of the dropped current, which the caller
-    multiplies by the mask (:func:`delrec.engine.fused.masked_gradient`); ``runs_on(device)``:
+    :class:`~delrec.engine.dropout.MaskDraw`) and drops the input current in its forward loop,
+    and its backward loop applies the mask to the current's gradient; ``runs_on(device)``:
     whether it can run on that device here (the C++ kernels built, a GPU library importable);
     it warns once itself when it should (``delrec.engine.native.load`` does for the C++
     kernels). ``run`` is kept wrapped so that an empty batch never reaches it (module

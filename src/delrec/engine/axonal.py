@@ -94,7 +94,9 @@ class TimeLoops:
     loops' own layout); a forward that drops its input itself also takes ``input_dropout=``;
     ``backward(grad_spikes, membrane, trace, slope, support, weight_in, mask, lif, plan)``
     returns ``∂L/∂h`` ``(T, B, N)`` and the float64 sums ``Σ ∂L/∂z·E``, ``Σ ∂L/∂z·K``,
-    ``Σ ∂L/∂z·z`` ``(N,)`` (None when not needed).
+    ``Σ ∂L/∂z·z`` ``(N,)`` (None when not needed); after a forward that dropped its input it
+    also takes ``input_dropout=`` and then returns a fifth value, ``∂L/∂current``, the mask
+    applied.
     """
 
     forward: Callable
@@ -108,9 +110,9 @@ class _AxonalRecurrence(torch.autograd.Function):
     ``loops`` run the time loops (in C++, PyTorch ops or Triton); all compute the same thing.
     Saved for backward: the pre-spike membrane (the spikes are ``h ≥ θ``) and the delayed
     trace, ``(T, B, N)`` each, and the integer box sums when delays/spreads learn — nothing
-    that grows with the delay range. ``input_dropout``: ``loops.forward`` (which must take it)
-    drops the current with this mask; the gradient returned is that of the dropped current
-    (the caller multiplies it by the mask, :func:`delrec.engine.fused.masked_gradient`).
+    that grows with the delay range. ``input_dropout``: ``loops.forward`` and
+    ``loops.backward`` (which must take it) drop the current with this mask and return the
+    gradient of the current itself, the mask applied in the reverse loop.
     """
 
     @staticmethod
@@ -131,7 +133,7 @@ class _AxonalRecurrence(torch.autograd.Function):
         spikes, membrane, trace, slope, support = loops.forward(
             current, weight, mask, lif, plan, need_d, need_s, **dropping
         )
-        ctx.lif, ctx.loops = lif, loops
+        ctx.lif, ctx.loops, ctx.input_dropout = lif, loops, input_dropout
         ctx.save_for_backward(membrane, trace, slope, support, weight, delay, width, mask)
         v_last = lif.reset(membrane[-1], spikes[-1].bool())
         ctx.mark_non_differentiable(v_last)
@@ -144,7 +146,8 @@ class _AxonalRecurrence(torch.autograd.Function):
         n = weight.shape[0]
         need_c, need_w, need_d, need_s = ctx.needs_input_grad[:4]
         plan = _AxonalPlan(delay, width, trace.shape[0])
-        grad_h, by_slope, by_support, by_trace = ctx.loops.backward(
+        dropping = {} if ctx.input_dropout is None else {"input_dropout": ctx.input_dropout}
+        grad_h, by_slope, by_support, by_trace, *dropped = ctx.loops.backward(
             grad_spikes.contiguous(),
             membrane,
             trace,
@@ -154,9 +157,14 @@ class _AxonalRecurrence(torch.autograd.Function):
             mask,
             lif,
             plan,
+            **dropping,
         )
 
-        grad_current = (grad_h if lif.gain == 1.0 else grad_h * lif.gain) if need_c else None
+        grad_current = None
+        if need_c and dropped:
+            grad_current = dropped[0]
+        elif need_c:
+            grad_current = grad_h if lif.gain == 1.0 else grad_h * lif.gain
         grad_weight = grad_delay = grad_width = None
         if need_w:
             grad_r = grad_h if mask is None else grad_h * mask
@@ -225,15 +233,19 @@ def _native_backward(
     mask,
     lif: LIFMap,
     plan: _AxonalPlan,
+    input_dropout: MaskDraw | None = None,
 ):
     """The reverse time loop in C++ on what :func:`_native_forward` saved: ``∂L/∂h``
     ``(T, B, N)`` and the per-neuron sums ``Σ ∂L/∂z·E``, ``Σ ∂L/∂z·K``, ``Σ ∂L/∂z·z`` (the
     last as the equal ``Σ s·ζ``, csrc/axonal.cpp: adjoint_block) (float64,
-    None when not needed) behind the delay and spread gradients."""
+    None when not needed) behind the delay and spread gradients; with ``input_dropout``, also
+    ``∂L/∂current = ∂L/∂h ⊙ mask`` (the drive is the current), written by the loop while
+    ``∂L/∂h[t]`` is in cache."""
     p = lif.p
     code, param, psi = lif.native_slope(membrane)  # any other surrogate: ψ' precomputed
     empty = plan.lags.new_empty(0, dtype=plan.count_dtype)
     grad_h = torch.empty_like(trace)
+    grad_current = torch.empty_like(trace) if input_dropout is not None else trace.new_empty(0)
     sums = torch.zeros(3, plan.size, dtype=torch.float64)
     kernels.backward(
         grad_spikes,
@@ -252,7 +264,9 @@ def _native_backward(
         param,
         empty if slope is None else slope,
         empty if support is None else support,
+        native_mask(input_dropout, trace.dtype),
         grad_h,
+        grad_current,
         sums,
     )
     by_slope, by_support, by_trace = sums
@@ -260,6 +274,7 @@ def _native_backward(
         grad_h,
         by_slope if slope is not None else None,
         *((by_support, by_trace) if support is not None else (None, None)),
+        *((grad_current,) if input_dropout is not None else ()),
     )
 
 
@@ -357,9 +372,8 @@ def cpp_recurrence(
     ``state`` (:class:`~delrec.engine.state.RecurrentState`) it starts from it and returns
     ``(spikes, final state)``. ``input_dropout``: per-element dropout of ``current``
     (:mod:`delrec.engine.dropout`), drawn inside the forward loop, from rest and when the
-    neuron's drive is the current itself (``LIFMap.drives_directly``); the gradient returned
-    for ``current`` is then that of the dropped current, which the caller multiplies by the mask
-    (:func:`delrec.engine.fused.masked_gradient`, as ``DelRec.forward`` does).
+    neuron's drive is the current itself (``LIFMap.drives_directly``); the backward loop draws
+    it again and returns the gradient of ``current`` itself, the mask applied.
     """
     kernels = native.load("axonal")
     if kernels is None:

@@ -192,34 +192,6 @@ class _Dropout(torch.autograd.Function):
         return _times_mask(grad_out, ctx.draw, ctx.kernels), None, None
 
 
-def times_mask(x: Tensor, draw: MaskDraw) -> Tensor:
-    """``x ⊙ mask`` for a ``(T, B, N)`` tensor, outside autograd (a backward pass's product):
-    the mask drawn in the loop where there are kernels for ``x``'s device, else materialised
-    (the same values)."""
-    kernels = kernels_for(x.device)
-    if kernels is None:
-        return x * reference_mask(tuple(x.shape), draw, x.dtype, x.device)
-    return _times_mask(x, draw, kernels)
-
-
-class _MaskedGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, draw: MaskDraw):
-        ctx.draw = draw
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return times_mask(grad_out, ctx.draw), None
-
-
-def masked_gradient(x: Tensor, draw: MaskDraw) -> Tensor:
-    """``x`` unchanged, its gradient multiplied by the mask: the backward half of a dropout whose
-    forward product runs inside the loop that consumes ``x`` (the recurrent engine's, see
-    :func:`delrec.engine.axonal.cpp_recurrence`); a node of its own, so that profiles show it."""
-    return _MaskedGradient.apply(x, draw)
-
-
 def dropped(x: Tensor, draw: MaskDraw) -> Tensor:
     """``x ⊙ mask`` for a ``(T, B, N)`` tensor, differentiable: :func:`apply_dropout` where there
     are kernels for ``x``'s device, else the mask materialised (the same values)."""

@@ -228,8 +228,7 @@ class DelRec(nn.Module):
         if input_dropout is not None:
             in_loop = path.input_dropout and not stateful
             if in_loop and LIFMap.of(self.neuron.p).drives_directly:
-                # forward: drawn in the engine's loop; backward: ∂L/∂c ⊙ m, a node of its own
-                current = fused.masked_gradient(current, input_dropout)
+                # drawn in the engine's loops, forward and backward
                 options["input_dropout"] = input_dropout
             else:
                 current = fused.dropped(current, input_dropout)

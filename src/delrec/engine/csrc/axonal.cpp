@@ -15,8 +15,9 @@
 //
 // Input dropout: the forward may drop the input current itself, each step drawing the rows of
 // the mask it needs (csrc/philox.h) and computing c ⊙ m as csrc/fused.cpp's dropout does, which
-// saves the dropped current's pass through memory; the caller multiplies the backward's
-// ∂L/∂h by the same mask.
+// saves the dropped current's pass through memory (the drive is then the current itself); the
+// backward writes the current's gradient ∂L/∂h ⊙ m step by step, drawing the rows again, while
+// ∂L/∂h[t] is in cache, which saves the product's own pass.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -314,7 +315,7 @@ template <typename scalar_t, typename count_t>
 void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
                    const at::Tensor& psi, const at::Tensor& weight_in, const at::Tensor& mask,
                    const at::Tensor& lags, const at::Tensor& coef, const LIFConstants& lif,
-                   const at::Tensor& slope, const at::Tensor& support, at::Tensor& grad_h,
+                   const at::Tensor& slope, const at::Tensor& support, const Mask& dropout, at::Tensor& grad_h, at::Tensor& grad_current,
                    at::Tensor& sums) {
   const int64_t steps = membrane.size(0), batch = membrane.size(1), n = membrane.size(2);
   const int64_t nb = n * batch;
@@ -330,6 +331,7 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
   const count_t* slope_p = need_slope ? slope.data_ptr<count_t>() + nb : nullptr;
   const count_t* support_p = need_support ? support.data_ptr<count_t>() + nb : nullptr;
   scalar_t* grad_h_p = grad_h.data_ptr<scalar_t>();                          // (T, B, N)
+  scalar_t* grad_c_p = grad_current.numel() ? grad_current.data_ptr<scalar_t>() : nullptr;
   double* by_slope = sums.data_ptr<double>();  // (3, N): Σ ∂L/∂z·E, Σ ∂L/∂z·K, Σ ∂L/∂z·z
   double* by_support = by_slope + n;
   double* by_trace = by_slope + 2 * n;
@@ -391,6 +393,18 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
     });
     // the LIF adjoint; gh still holds ∂L/∂h[t+1] when step t reads it
     for_each_element(nb, [&](int64_t begin, int64_t end) { adjoint(now, begin, end); });
+    if (grad_c_p) {  // ∂L/∂c[t] = ∂L/∂h[t] ⊙ m[t]
+      at::parallel_for(0, batch, std::max<int64_t>(1, kGrain / n), [&](int64_t b0, int64_t b1) {
+        std::vector<uint32_t> words(n + delrec::kChunk);
+        std::vector<scalar_t> kept(n);
+        for (int64_t b = b0; b < b1; ++b) {
+          dropout.values_of_row(kept, words, n, b, t);
+          const scalar_t* __restrict__ g = grad_h_p + now + b * n;
+          scalar_t* __restrict__ c = grad_c_p + now + b * n;
+          for (int64_t j = 0; j < n; ++j) c[j] = g[j] * kept[j];
+        }
+      });
+    }
     at::Tensor future_t = future.select(0, t);  // (N, B) = Wᵀ (N, N) gᵀ (N, B)
     at::mm_out(future_t, weight_in.t(), (has_mask ? masked : gh).t());
     if (need_slope || need_support) {  // the sums behind the delay and spread gradients
@@ -443,7 +457,8 @@ void backward(const at::Tensor& grad_spikes, const at::Tensor& membrane, const a
               const at::Tensor& lags, const at::Tensor& coef, double leak, double threshold,
               double v_reset, bool soft_reset, bool detach_reset, int64_t surrogate,
               double surrogate_param, const at::Tensor& slope, const at::Tensor& support,
-              at::Tensor grad_h, at::Tensor sums) {
+              MaskArgs input_dropout, at::Tensor grad_h, at::Tensor grad_current,
+              at::Tensor sums) {
   check_common(grad_spikes, lags, coef);
   check(membrane.is_contiguous() && (surrogate != 0 || psi.is_contiguous()),
         "membrane and ψ' must be contiguous (T, B, N)");
@@ -452,15 +467,20 @@ void backward(const at::Tensor& grad_spikes, const at::Tensor& membrane, const a
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const LIFConstants lif{leak, 0.0, threshold, v_reset, soft_reset, detach_reset, surrogate,
                          surrogate_param};
+  const Mask dropout = delrec::mask_of(input_dropout);
+  check(grad_current.numel() == 0 || (dropout.active && grad_current.is_contiguous() &&
+                                       grad_current.sizes() == membrane.sizes()),
+        "grad_current must be empty, or a contiguous (T, B, N) tensor with an input dropout");
   const at::ScalarType counts = slope.numel() ? slope.scalar_type() : support.scalar_type();
   AT_DISPATCH_FLOATING_TYPES(membrane.scalar_type(), "delrec_axonal_backward", [&] {
     if (counts == at::kChar) {
       backward_loop<scalar_t, int8_t>(grad_spikes, membrane, psi, weight_in, mask_c, lags, coef,
-                                      lif, slope, support, grad_h, sums);
+                                      lif, slope, support, dropout, grad_h, grad_current, sums);
     } else {
       check(counts == at::kShort, "box sums must be int8 or int16");
       backward_loop<scalar_t, int16_t>(grad_spikes, membrane, psi, weight_in, mask_c, lags,
-                                       coef, lif, slope, support, grad_h, sums);
+                                       coef, lif, slope, support, dropout, grad_h, grad_current,
+                                       sums);
     }
   });
 }
@@ -470,5 +490,7 @@ void backward(const at::Tensor& grad_spikes, const at::Tensor& membrane, const a
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "delrec: fused time loops of the axonal fast engine";
   m.def("forward", &forward, "axonal forward loop: fills spikes, history, membrane, trace, box sums");
-  m.def("backward", &backward, "axonal backward loop: fills grad_h and the delay/spread sums");
+  m.def("backward", &backward,
+        "axonal backward loop: fills grad_h, the current's gradient (with an input dropout: "
+        "grad_h ⊙ mask) and the delay/spread sums");
 }
