@@ -112,6 +112,10 @@ def test_network_bench_times_breaks_down_and_judges_every_model(tmp_path, monkey
         for component in ("feedforward spiking layers", "normalisation", "loss/readout"):
             assert float(by["snn", engine][f"share_{component}"]) > 0, (engine, component)
     assert float(by["delrec", "unfused"]["share_dropout"]) > 0
+    # dropout's cost: the same fused step without any mask, timed beside it
+    assert float(by["delrec", "fused"]["no_dropout_ms"]) > 0
+    assert by["delrec", "unfused"]["no_dropout_ms"] == ""
+    assert "without dropout" in printed
     verdicts = [line for line in printed.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert any("fused/unfused" in v for v in verdicts) and any("its GEMMs" in v for v in verdicts)
     assert any("delrec/rsnn" in v for v in verdicts) and any("--quick ran" in v for v in verdicts)

@@ -32,6 +32,21 @@ def test_training_steps_reuse_freed_memory():
     assert min(faults[-4:]) < 50, faults  # the heap has stopped growing
 
 
+@pytest.mark.skipif(not GLIBC, reason="needs glibc's malloc (Linux)")
+def test_tensors_beyond_glibcs_mapping_threshold_reuse_freed_memory():
+    """Blocks over 32 MiB (a PS-MNIST step's (T, B, N) tensors are 170 MB), which glibc would
+    map afresh at every allocation whatever its mapping threshold, come from the heap too."""
+    assert keep_freed_memory()
+
+    def faults_of_an_allocation() -> int:  # 64 MB, written once, freed
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(16 * 2**20).sum()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    faults = [faults_of_an_allocation() for _ in range(6)]  # glibc's defaults: ≈ 16,000 each
+    assert min(faults[-3:]) < 100, faults
+
+
 @pytest.mark.skipif(GLIBC, reason="runs where glibc is absent (this system has it)")
 def test_other_c_libraries_are_left_alone():
     assert keep_freed_memory() is False

@@ -5,10 +5,10 @@ what a training script of one's own should set first (:func:`configure`).
   glibc hands a freed block of more than about 128 KiB back to the system (``munmap``, or
   trimming the top of the heap), so the next step's tensors of the same size come back as fresh
   pages, each zero-filled by the kernel on first touch: about 2,400 page faults, 4 ms of a
-  23 ms Mackey-Glass training step (docs/speed.md), in a count that changes from run to run
-  with the heap's layout. Blocks up to 32 MiB then come from the heap and up to 1 GiB stays
-  free at its top, so a steady training loop reuses its pages: the process keeps the memory of
-  its largest step.
+  23 ms Mackey-Glass training step, and 920,000 faults, a quarter of a PS-MNIST step, whose
+  `(T, B, N)` tensors are 170 MB each (docs/speed.md). Every block then comes from the heap,
+  whose top is never trimmed, so a steady training loop reuses its pages: the process keeps the
+  memory of its largest step (and some more, as a heap fragments: about 20 % at PS-MNIST).
 - **Subnormal floats are flushed to zero** (:func:`flush_denormals`, x86 CPUs). A number
   below float32's smallest normal one (1.2e-38) costs a microcode assist, of the order of a
   hundred cycles, in every multiply-add that reads it. They arise, for one, in the PS-MNIST
@@ -28,9 +28,9 @@ import warnings
 import torch
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 32 * 2**20  # glibc's largest on 64-bit systems: blocks up to it use the heap
-TRIM_THRESHOLD = 2**30  # free memory kept at the top of the heap
+M_MMAP_MAX = -4
+NO_TRIMMING = -1  # a trim threshold of -1: the top of the heap is never given back
+NO_MMAP = 0  # at most 0 blocks of their own mapping: every block comes from the heap
 
 
 def configure() -> dict[str, bool]:
@@ -48,8 +48,8 @@ def keep_freed_memory() -> bool:
     libc = ctypes.CDLL(None)
     if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    return bool(libc.mallopt(M_MMAP_MAX, NO_MMAP)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, NO_TRIMMING)
     )
 
 
