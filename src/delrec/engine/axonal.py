@@ -94,9 +94,10 @@ class TimeLoops:
     loops' own layout); a forward that drops its input itself also takes ``input_dropout=``;
     ``backward(grad_spikes, membrane, trace, slope, support, weight_in, mask, lif, plan)``
     returns ``∂L/∂h`` ``(T, B, N)`` and the float64 sums ``Σ ∂L/∂z·E``, ``Σ ∂L/∂z·K``,
-    ``Σ ∂L/∂z·z`` ``(N,)`` (None when not needed); after a forward that dropped its input it
-    also takes ``input_dropout=`` and then returns a fifth value, ``∂L/∂current``, the mask
-    applied.
+    ``Σ ∂L/∂z·z`` ``(N,)`` (None when not needed), and a dict of what the loop computed besides
+    (``"recurrent"``: ``∂L/∂h ⊙ mask``; ``"current"``: ``∂L/∂current``, given
+    ``input_dropout=`` after a forward that dropped its input); the caller computes what is
+    missing.
     """
 
     forward: Callable
@@ -147,7 +148,7 @@ class _AxonalRecurrence(torch.autograd.Function):
         need_c, need_w, need_d, need_s = ctx.needs_input_grad[:4]
         plan = _AxonalPlan(delay, width, trace.shape[0])
         dropping = {} if ctx.input_dropout is None else {"input_dropout": ctx.input_dropout}
-        grad_h, by_slope, by_support, by_trace, *dropped = ctx.loops.backward(
+        grad_h, by_slope, by_support, by_trace, extras = ctx.loops.backward(
             grad_spikes.contiguous(),
             membrane,
             trace,
@@ -161,13 +162,16 @@ class _AxonalRecurrence(torch.autograd.Function):
         )
 
         grad_current = None
-        if need_c and dropped:
-            grad_current = dropped[0]
+        if need_c and "current" in extras:
+            grad_current = extras["current"]
         elif need_c:
             grad_current = grad_h if lif.gain == 1.0 else grad_h * lif.gain
         grad_weight = grad_delay = grad_width = None
         if need_w:
-            grad_r = grad_h if mask is None else grad_h * mask
+            if "recurrent" in extras:
+                grad_r = extras["recurrent"]
+            else:
+                grad_r = grad_h if mask is None else grad_h * mask
             grad_weight = lif.gain * (grad_r.reshape(-1, n).t() @ trace.reshape(-1, n))
         if need_d:  # ∂z/∂c = E/w²
             grad_delay = (by_slope * plan.inv_w2).to(delay.dtype)
@@ -238,13 +242,15 @@ def _native_backward(
     """The reverse time loop in C++ on what :func:`_native_forward` saved: ``∂L/∂h``
     ``(T, B, N)`` and the per-neuron sums ``Σ ∂L/∂z·E``, ``Σ ∂L/∂z·K``, ``Σ ∂L/∂z·z`` (the
     last as the equal ``Σ s·ζ``, csrc/axonal.cpp: adjoint_block) (float64,
-    None when not needed) behind the delay and spread gradients; with ``input_dropout``, also
-    ``∂L/∂current = ∂L/∂h ⊙ mask`` (the drive is the current), written by the loop while
-    ``∂L/∂h[t]`` is in cache."""
+    None when not needed) behind the delay and spread gradients, and the extras the loop writes
+    while ``∂L/∂h[t]`` is in cache: ``∂L/∂h ⊙ mask`` with a recurrent dropout mask (the GEMM's
+    input at each step, kept for the weight gradient), and with ``input_dropout``
+    ``∂L/∂current = ∂L/∂h ⊙`` its mask (the drive is the current)."""
     p = lif.p
     code, param, psi = lif.native_slope(membrane)  # any other surrogate: ψ' precomputed
     empty = plan.lags.new_empty(0, dtype=plan.count_dtype)
     grad_h = torch.empty_like(trace)
+    grad_r = torch.empty_like(trace) if mask is not None else trace.new_empty(0)
     grad_current = torch.empty_like(trace) if input_dropout is not None else trace.new_empty(0)
     sums = torch.zeros(3, plan.size, dtype=torch.float64)
     kernels.backward(
@@ -266,15 +272,19 @@ def _native_backward(
         empty if support is None else support,
         native_mask(input_dropout, trace.dtype),
         grad_h,
+        grad_r,
         grad_current,
         sums,
     )
     by_slope, by_support, by_trace = sums
+    extras = {"recurrent": grad_r} if mask is not None else {}
+    if input_dropout is not None:
+        extras["current"] = grad_current
     return (
         grad_h,
         by_slope if slope is not None else None,
         *((by_support, by_trace) if support is not None else (None, None)),
-        *((grad_current,) if input_dropout is not None else ()),
+        extras,
     )
 
 
@@ -348,7 +358,7 @@ def _backward_loop(
     if support is not None:
         by_support = (grad_z * support[1:]).sum((0, 2), dtype=torch.float64)
         by_trace = torch.einsum("tnb,tbn->n", grad_z.double(), trace.double())
-    return grad_h, by_slope, by_support, by_trace
+    return grad_h, by_slope, by_support, by_trace, {}
 
 
 # --------------------------------------------------------------------------- engine paths

@@ -232,7 +232,8 @@ void forward_loop(const at::Tensor& drive, const at::Tensor& weight_in, const at
 
 // One step of the LIF adjoint (lif.h) on elements [begin, end) of the (B, N) slices, the
 // surrogate derivative fixed at compile time (0: read from psi); gh holds ∂L/∂h[t+1] on entry
-// and ∂L/∂h[t] on return, masked (with the recurrent dropout mask) the input of the GEMM.
+// and ∂L/∂h[t] on return; masked: ∂L/∂h[t] ⊙ the recurrent dropout mask, the input of the GEMM
+// (and, kept for all steps, of the weight gradient).
 template <typename scalar_t, int surrogate, bool has_mask>
 void adjoint_step(const LIFUpdate<scalar_t> neuron, const SurrogateDerivative<scalar_t> derivative,
                   const scalar_t* __restrict__ membrane, const scalar_t* __restrict__ psi,
@@ -315,7 +316,8 @@ template <typename scalar_t, typename count_t>
 void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
                    const at::Tensor& psi, const at::Tensor& weight_in, const at::Tensor& mask,
                    const at::Tensor& lags, const at::Tensor& coef, const LIFConstants& lif,
-                   const at::Tensor& slope, const at::Tensor& support, const Mask& dropout, at::Tensor& grad_h, at::Tensor& grad_current,
+                   const at::Tensor& slope, const at::Tensor& support, const Mask& dropout,
+                   at::Tensor& grad_h, at::Tensor& grad_r, at::Tensor& grad_current,
                    at::Tensor& sums) {
   const int64_t steps = membrane.size(0), batch = membrane.size(1), n = membrane.size(2);
   const int64_t nb = n * batch;
@@ -347,8 +349,7 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
   scalar_t* zeta = zeta_store.data();
   at::Tensor gh = at::zeros({batch, n}, membrane.options());  // ∂L/∂h[t] (B, N)
   scalar_t* gh_p = gh.data_ptr<scalar_t>();
-  at::Tensor masked = has_mask ? at::empty({batch, n}, membrane.options()) : at::Tensor();
-  scalar_t* masked_p = has_mask ? masked.data_ptr<scalar_t>() : nullptr;
+  scalar_t* masked_p = has_mask ? grad_r.data_ptr<scalar_t>() : nullptr;  // (T, B, N)
   std::vector<int64_t> rows;
   const LIFUpdate<scalar_t> neuron(lif);
   const SurrogateDerivative<scalar_t> derivative(lif);
@@ -359,7 +360,7 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
     const auto run = [&](auto surrogate, auto with_mask) {
       adjoint_step<scalar_t, decltype(surrogate)::value, decltype(with_mask)::value>(
           neuron, derivative, membrane_p + now, psi_t, grad_out + now, zeta, mask_p, gh_p,
-          grad_h_p + now, masked_p, begin, end);
+          grad_h_p + now, masked_p ? masked_p + now : nullptr, begin, end);
     };
     const auto with_surrogate = [&](auto with_mask) {
       switch (lif.surrogate) {
@@ -406,7 +407,7 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
       });
     }
     at::Tensor future_t = future.select(0, t);  // (N, B) = Wᵀ (N, N) gᵀ (N, B)
-    at::mm_out(future_t, weight_in.t(), (has_mask ? masked : gh).t());
+    at::mm_out(future_t, weight_in.t(), (has_mask ? grad_r.select(0, t) : gh).t());
     if (need_slope || need_support) {  // the sums behind the delay and spread gradients
       for_each_block(n, batch, [&](int64_t j0, int64_t j1) {
         for (int64_t j = j0; j < j1; ++j) {
@@ -457,14 +458,16 @@ void backward(const at::Tensor& grad_spikes, const at::Tensor& membrane, const a
               const at::Tensor& lags, const at::Tensor& coef, double leak, double threshold,
               double v_reset, bool soft_reset, bool detach_reset, int64_t surrogate,
               double surrogate_param, const at::Tensor& slope, const at::Tensor& support,
-              MaskArgs input_dropout, at::Tensor grad_h, at::Tensor grad_current,
-              at::Tensor sums) {
+              MaskArgs input_dropout, at::Tensor grad_h, at::Tensor grad_r,
+              at::Tensor grad_current, at::Tensor sums) {
   check_common(grad_spikes, lags, coef);
   check(membrane.is_contiguous() && (surrogate != 0 || psi.is_contiguous()),
         "membrane and ψ' must be contiguous (T, B, N)");
   check(sums.scalar_type() == at::kDouble && sums.numel() == 3 * membrane.size(2),
         "sums must be (3, N) float64");
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
+  check(!mask.has_value() || (grad_r.is_contiguous() && grad_r.sizes() == membrane.sizes()),
+        "with a recurrent dropout mask, grad_r must be a contiguous (T, B, N) tensor");
   const LIFConstants lif{leak, 0.0, threshold, v_reset, soft_reset, detach_reset, surrogate,
                          surrogate_param};
   const Mask dropout = delrec::mask_of(input_dropout);
@@ -475,12 +478,13 @@ void backward(const at::Tensor& grad_spikes, const at::Tensor& membrane, const a
   AT_DISPATCH_FLOATING_TYPES(membrane.scalar_type(), "delrec_axonal_backward", [&] {
     if (counts == at::kChar) {
       backward_loop<scalar_t, int8_t>(grad_spikes, membrane, psi, weight_in, mask_c, lags, coef,
-                                      lif, slope, support, dropout, grad_h, grad_current, sums);
+                                      lif, slope, support, dropout, grad_h, grad_r, grad_current,
+                                      sums);
     } else {
       check(counts == at::kShort, "box sums must be int8 or int16");
       backward_loop<scalar_t, int16_t>(grad_spikes, membrane, psi, weight_in, mask_c, lags,
-                                       coef, lif, slope, support, dropout, grad_h, grad_current,
-                                       sums);
+                                       coef, lif, slope, support, dropout, grad_h, grad_r,
+                                       grad_current, sums);
     }
   });
 }
@@ -491,6 +495,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "delrec: fused time loops of the axonal fast engine";
   m.def("forward", &forward, "axonal forward loop: fills spikes, history, membrane, trace, box sums");
   m.def("backward", &backward,
-        "axonal backward loop: fills grad_h, the current's gradient (with an input dropout: "
-        "grad_h ⊙ mask) and the delay/spread sums");
+        "axonal backward loop: fills grad_h, grad_r = grad_h ⊙ the recurrent mask (with one), "
+        "the current's gradient (with an input dropout: grad_h ⊙ its mask) and the "
+        "delay/spread sums");
 }

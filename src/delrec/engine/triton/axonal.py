@@ -416,6 +416,7 @@ def backward_loop(grad_spikes, membrane, trace, slope, support, weight_in, mask,
         grad_h,
         by_slope if slope is not None else None,
         *((by_support, by_trace) if support is not None else (None, None)),
+        {},
     )
 
 
