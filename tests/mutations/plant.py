@@ -115,6 +115,22 @@ MUTATIONS = [
         ("tests/test_fused.py",),
     ),
     Mutation(
+        "axonal-backward-dropout-step",
+        "C++ axonal backward multiplies the current's gradient by the mask of the next step",
+        "src/delrec/engine/csrc/axonal.cpp",
+        "dropout.values_of_row(factor, words, n, b, t);",
+        "dropout.values_of_row(factor, words, n, b, t + 1);",
+        ("tests/test_fused.py",),
+    ),
+    Mutation(
+        "axonal-recurrent-gradient-unmasked",
+        "the axonal weight gradient takes ∂L/∂h without the recurrent dropout mask",
+        "src/delrec/engine/axonal.py",
+        'grad_r = extras["recurrent"]',
+        "grad_r = grad_h",
+        ("tests/test_fused.py",),
+    ),
+    Mutation(
         "triton-axonal-forward-tap",
         "Triton axonal forward reads its first tap one step further back (interpreter on CPU)",
         "src/delrec/engine/triton/axonal.py",

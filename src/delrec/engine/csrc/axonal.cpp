@@ -397,12 +397,12 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
     if (grad_c_p) {  // ∂L/∂c[t] = ∂L/∂h[t] ⊙ m[t]
       at::parallel_for(0, batch, std::max<int64_t>(1, kGrain / n), [&](int64_t b0, int64_t b1) {
         std::vector<uint32_t> words(n + delrec::kChunk);
-        std::vector<scalar_t> kept(n);
+        std::vector<scalar_t> factor(n);
         for (int64_t b = b0; b < b1; ++b) {
-          dropout.values_of_row(kept, words, n, b, t);
+          dropout.values_of_row(factor, words, n, b, t);
           const scalar_t* __restrict__ g = grad_h_p + now + b * n;
           scalar_t* __restrict__ c = grad_c_p + now + b * n;
-          for (int64_t j = 0; j < n; ++j) c[j] = g[j] * kept[j];
+          for (int64_t j = 0; j < n; ++j) c[j] = g[j] * factor[j];
         }
       });
     }
