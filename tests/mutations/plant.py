@@ -128,7 +128,6 @@ MUTATIONS = [
         "src/delrec/engine/axonal.py",
         'grad_r = extras["recurrent"]',
         "grad_r = grad_h",
-        ("tests/test_fused.py",),
     ),
     Mutation(
         "triton-axonal-forward-tap",
