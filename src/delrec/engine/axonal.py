@@ -97,7 +97,7 @@ class TimeLoops:
     ``Σ ∂L/∂z·z`` ``(N,)`` (None when not needed), and a dict of what the loop computed besides
     (``"recurrent"``: ``∂L/∂h ⊙ mask``; ``"current"``: ``∂L/∂current``, given
     ``input_dropout=`` after a forward that dropped its input); the caller computes what is
-    missing.
+    missing. A loop that returns both extras may return None for ``∂L/∂h``.
     """
 
     forward: Callable
@@ -245,13 +245,16 @@ def _native_backward(
     None when not needed) behind the delay and spread gradients, and the extras the loop writes
     while ``∂L/∂h[t]`` is in cache: ``∂L/∂h ⊙ mask`` with a recurrent dropout mask (the GEMM's
     input at each step, kept for the weight gradient), and with ``input_dropout``
-    ``∂L/∂current = ∂L/∂h ⊙`` its mask (the drive is the current)."""
+    ``∂L/∂current = ∂L/∂h ⊙`` its mask (the drive is the current); with both, ``∂L/∂h`` itself
+    is not written (None)."""
     p = lif.p
     code, param, psi = lif.native_slope(membrane)  # any other surrogate: ψ' precomputed
     empty = plan.lags.new_empty(0, dtype=plan.count_dtype)
-    grad_h = torch.empty_like(trace)
     grad_r = torch.empty_like(trace) if mask is not None else trace.new_empty(0)
     grad_current = torch.empty_like(trace) if input_dropout is not None else trace.new_empty(0)
+    # ∂L/∂h itself only when the caller needs it: not when it gets both extras
+    both = mask is not None and input_dropout is not None
+    grad_h = trace.new_empty(0) if both else torch.empty_like(trace)
     sums = torch.zeros(3, plan.size, dtype=torch.float64)
     kernels.backward(
         grad_spikes,
@@ -281,7 +284,7 @@ def _native_backward(
     if input_dropout is not None:
         extras["current"] = grad_current
     return (
-        grad_h,
+        None if both else grad_h,
         by_slope if slope is not None else None,
         *((by_support, by_trace) if support is not None else (None, None)),
         extras,

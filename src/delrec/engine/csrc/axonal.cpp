@@ -250,7 +250,7 @@ void adjoint_step(const LIFUpdate<scalar_t> neuron, const SurrogateDerivative<sc
       slope = derivative.template of<surrogate>(h - neuron.threshold);
     }
     const scalar_t g = neuron.adjoint(grad_s[i] + zeta[i], gh[i], h, neuron.fires(h), slope);
-    grad_h[i] = g;
+    if (grad_h) grad_h[i] = g;  // (the loop is unswitched on it)
     gh[i] = g;
     if constexpr (has_mask) masked[i] = g * mask[i];
   }
@@ -332,7 +332,8 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
   const double* coef_p = coef.data_ptr<double>();
   const count_t* slope_p = need_slope ? slope.data_ptr<count_t>() + nb : nullptr;
   const count_t* support_p = need_support ? support.data_ptr<count_t>() + nb : nullptr;
-  scalar_t* grad_h_p = grad_h.data_ptr<scalar_t>();                          // (T, B, N)
+  // (T, B, N); empty when the caller takes both extras instead
+  scalar_t* grad_h_p = grad_h.numel() ? grad_h.data_ptr<scalar_t>() : nullptr;
   scalar_t* grad_c_p = grad_current.numel() ? grad_current.data_ptr<scalar_t>() : nullptr;
   double* by_slope = sums.data_ptr<double>();  // (3, N): Σ ∂L/∂z·E, Σ ∂L/∂z·K, Σ ∂L/∂z·z
   double* by_support = by_slope + n;
@@ -360,7 +361,7 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
     const auto run = [&](auto surrogate, auto with_mask) {
       adjoint_step<scalar_t, decltype(surrogate)::value, decltype(with_mask)::value>(
           neuron, derivative, membrane_p + now, psi_t, grad_out + now, zeta, mask_p, gh_p,
-          grad_h_p + now, masked_p ? masked_p + now : nullptr, begin, end);
+          grad_h_p ? grad_h_p + now : nullptr, masked_p ? masked_p + now : nullptr, begin, end);
     };
     const auto with_surrogate = [&](auto with_mask) {
       switch (lif.surrogate) {
@@ -400,7 +401,7 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
         std::vector<scalar_t> factor(n);
         for (int64_t b = b0; b < b1; ++b) {
           dropout.values_of_row(factor, words, n, b, t);
-          const scalar_t* __restrict__ g = grad_h_p + now + b * n;
+          const scalar_t* __restrict__ g = gh_p + b * n;  // ∂L/∂h[t]
           scalar_t* __restrict__ c = grad_c_p + now + b * n;
           for (int64_t j = 0; j < n; ++j) c[j] = g[j] * factor[j];
         }
@@ -474,6 +475,9 @@ void backward(const at::Tensor& grad_spikes, const at::Tensor& membrane, const a
   check(grad_current.numel() == 0 || (dropout.active && grad_current.is_contiguous() &&
                                        grad_current.sizes() == membrane.sizes()),
         "grad_current must be empty, or a contiguous (T, B, N) tensor with an input dropout");
+  check(grad_h.sizes() == membrane.sizes() || (grad_h.numel() == 0 && mask.has_value() &&
+                                               grad_current.numel() > 0),
+        "grad_h must be (T, B, N), or empty when grad_r and grad_current are written");
   const at::ScalarType counts = slope.numel() ? slope.scalar_type() : support.scalar_type();
   AT_DISPATCH_FLOATING_TYPES(membrane.scalar_type(), "delrec_axonal_backward", [&] {
     if (counts == at::kChar) {
@@ -495,7 +499,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "delrec: fused time loops of the axonal fast engine";
   m.def("forward", &forward, "axonal forward loop: fills spikes, history, membrane, trace, box sums");
   m.def("backward", &backward,
-        "axonal backward loop: fills grad_h, grad_r = grad_h ⊙ the recurrent mask (with one), "
-        "the current's gradient (with an input dropout: grad_h ⊙ its mask) and the "
-        "delay/spread sums");
+        "axonal backward loop: fills grad_h (unless empty), grad_r = grad_h ⊙ the recurrent "
+        "mask (with one), the current's gradient (with an input dropout: grad_h ⊙ its mask) "
+        "and the delay/spread sums");
 }
