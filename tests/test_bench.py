@@ -114,6 +114,7 @@ def test_network_bench_times_breaks_down_and_judges_every_model(tmp_path, monkey
     assert float(by["delrec", "unfused"]["share_dropout"]) > 0
     # dropout's cost: the same fused step without any mask, timed beside it
     assert float(by["delrec", "fused"]["no_dropout_ms"]) > 0
+    assert -1 < float(by["delrec", "fused"]["dropout_share"]) < 1
     assert by["delrec", "unfused"]["no_dropout_ms"] == ""
     assert "without dropout" in printed
     verdicts = [line for line in printed.splitlines() if line.startswith(("PASS", "FAIL"))]
