@@ -107,3 +107,19 @@ def test_the_command_line_flushes_subnormals(capsys):
         assert not (smallest * 1.0).view(torch.int32).any()
     finally:
         torch.set_flush_denormal(True)
+
+
+@pytest.mark.skipif(not X86, reason="PyTorch flushes subnormals on x86 CPUs only")
+def test_a_trainer_applies_the_process_settings(tmp_path):
+    """A script that trains through delrec.training gets what the command line sets."""
+    from delrec.config import resolve
+    from delrec.training.loop import Trainer
+
+    config = resolve("digits-8x8", overrides=["epochs=1", "network.hidden_sizes=[8]"])
+    smallest = torch.ones(8, dtype=torch.int32).view(torch.float32)
+    torch.set_flush_denormal(False)  # this thread only; tests/conftest.py had set it
+    try:
+        Trainer(config, tmp_path / "run", progress=False, log=lambda message: None)
+        assert not (smallest * 1.0).view(torch.int32).any()
+    finally:
+        torch.set_flush_denormal(True)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from delrec import cpu
 from delrec.checkpoint import network_payload
 from delrec.config import ConfigError, TrainConfig, resolve_device
 from delrec.delays import spread_schedule
@@ -158,7 +159,9 @@ class Trainer:
 
     ``progress``: show a tqdm bar per epoch (on stderr). Use :meth:`fit` then :meth:`test`.
     ``dist``: this process's :class:`~delrec.training.distributed.DataParallel` in a run of
-    several processes; only rank 0 (``is_main``) logs, writes files and tests.
+    several processes; only rank 0 (``is_main``) logs, writes files and tests. It applies the
+    process settings of :func:`delrec.cpu.configure` (as the command line does), so that a
+    script that trains through it gets them too.
     """
 
     def __init__(
@@ -178,6 +181,7 @@ class Trainer:
         if not self.is_main:
             self.log = lambda message: None
         self.device = resolve_device(config.device) if dist is None else dist.device
+        cpu.configure()  # (again, where the command line did: the same settings)
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         if config.tbptt is not None and dist is not None:
