@@ -1,6 +1,7 @@
 """delrec.cpu: a training loop's freed CPU tensors are reused, not faulted in again, and
 subnormal floats are flushed to zero on every thread of PyTorch's pool."""
 
+import contextlib
 import ctypes
 import resource
 import subprocess
@@ -96,17 +97,30 @@ def test_a_pool_started_too_early_is_reported():
     assert "before the first multi-threaded operation" in message
 
 
-@pytest.mark.skipif(not X86, reason="PyTorch flushes subnormals on x86 CPUs only")
-def test_the_command_line_flushes_subnormals(capsys):
+def _flushes_on_this_thread() -> bool:
+    """Whether this thread flushes: the smallest subnormal times 1, checked by its bits."""
     smallest = torch.ones(8, dtype=torch.int32).view(torch.float32)
-    torch.set_flush_denormal(False)  # this thread only; tests/conftest.py had set it
+    return not (smallest * 1.0).view(torch.int32).any()
+
+
+@contextlib.contextmanager
+def _flushing_turned_off():
+    """This thread keeps subnormals for the block (tests/conftest.py had flushing on), and
+    flushes again after it."""
+    torch.set_flush_denormal(False)
     try:
-        assert (smallest * 1.0).view(torch.int32).all()
-        with pytest.raises(SystemExit):
-            cli.main(["train", "--help"])
-        assert not (smallest * 1.0).view(torch.int32).any()
+        assert not _flushes_on_this_thread()
+        yield
     finally:
         torch.set_flush_denormal(True)
+
+
+@pytest.mark.skipif(not X86, reason="PyTorch flushes subnormals on x86 CPUs only")
+def test_the_command_line_flushes_subnormals(capsys):
+    with _flushing_turned_off():
+        with pytest.raises(SystemExit):
+            cli.main(["train", "--help"])
+        assert _flushes_on_this_thread()
 
 
 @pytest.mark.skipif(not X86, reason="PyTorch flushes subnormals on x86 CPUs only")
@@ -116,10 +130,6 @@ def test_a_trainer_applies_the_process_settings(tmp_path):
     from delrec.training.loop import Trainer
 
     config = resolve("digits-8x8", overrides=["epochs=1", "network.hidden_sizes=[8]"])
-    smallest = torch.ones(8, dtype=torch.int32).view(torch.float32)
-    torch.set_flush_denormal(False)  # this thread only; tests/conftest.py had set it
-    try:
+    with _flushing_turned_off():
         Trainer(config, tmp_path / "run", progress=False, log=lambda message: None)
-        assert not (smallest * 1.0).view(torch.int32).any()
-    finally:
-        torch.set_flush_denormal(True)
+        assert _flushes_on_this_thread()
