@@ -228,6 +228,43 @@ def test_strided_inputs_and_gradients_give_the_same_result(delay_type):
             )
 
 
+@pytest.mark.parametrize("delay_type", ["axonal", "synaptic"])
+@pytest.mark.parametrize("frozen", [("weight",), ("current", "weight"), ("delay", "width")])
+def test_frozen_inputs_leave_the_other_gradients_as_they_are(delay_type, frozen):
+    """A path told that some inputs need no gradient (a frozen weight: the C++ axonal backward
+    then skips its weight gradient) gives the others' gradients of the run that needs them all."""
+    case = draw_case(
+        delay_type=delay_type,
+        size=6,
+        batch=3,
+        steps=40,
+        max_delay=8.0,
+        sigma=2.0,
+        learn_spread=True,
+        neuron=LIF(tau=2.0, v_reset=None),
+        dropout=0.3,
+        integer_share=0.5,
+        drive=(0.8, 0.5),
+        seed=5,
+    )
+    for path in paths(Config(delay_type)):
+        everything = case.inputs()
+        spikes = case.bind(path.run)(**everything)
+        expected = dict(
+            zip(everything, torch.autograd.grad(spikes, list(everything.values()), case.grad_out))
+        )
+        inputs = case.inputs()
+        for name in frozen:
+            inputs[name].requires_grad_(False)
+        learning = {k: v for k, v in inputs.items() if v.requires_grad}
+        spikes = case.bind(path.run)(**inputs)
+        grads = torch.autograd.grad(spikes, list(learning.values()), case.grad_out)
+        for name, grad in zip(learning, grads):
+            torch.testing.assert_close(
+                grad, expected[name], rtol=1e-12, atol=1e-12, msg=f"{path.name} {name}"
+            )
+
+
 def test_float32_recurrent_input_stays_accurate_over_long_sequences():
     """The running trace is kept in float64, so in a float32 layer the delayed input after 3000
     steps with long, wide kernels still equals the float64 direct sum Σ_k κ(k) s[t-k] to ~1e-7.

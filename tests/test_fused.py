@@ -72,11 +72,19 @@ def test_masks_keep_the_asked_share_and_scale_by_one_over_keep():
     kept = values.ne(0).double().mean().item()
     assert abs(kept - 0.6) < 5 * math.sqrt(0.6 * 0.4 / values.numel())
     assert set(values.unique().tolist()) == {0.0, float(torch.tensor(1.0) / 0.6)}
-    # consecutive neurons, samples and steps are not correlated
+    # consecutive neurons, samples and steps are not correlated, nor are the neurons that share
+    # a Philox block (16 apart: its next word; 64 apart: the other half of the same word)
     bits = values.ne(0).double() - 0.6
-    for dim in range(3):
-        near = (bits * bits.roll(1, dim)).mean().item() / 0.24
-        assert abs(near) < 0.01, dim
+    for dim, lag in ((0, 1), (1, 1), (2, 1), (2, 16), (2, 64)):
+        near = (bits * bits.roll(lag, dim)).mean().item() / 0.24
+        assert abs(near) < 0.01, (dim, lag)
+
+
+def test_the_keep_probability_is_rounded_to_a_multiple_of_two_to_the_minus_16():
+    assert masks.MaskDraw(key=1, keep=0.6).threshold == 39322  # round(0.6 · 65536)
+    nearly_one = masks.MaskDraw(key=1, keep=1 - 2**-18)  # rounds to 1: every element kept
+    assert nearly_one.threshold == 2**16
+    assert bool(fused.dropout_mask((3, 4, 200), nearly_one).ne(0).all())
 
 
 def test_a_shard_of_the_batch_draws_its_rows_of_the_whole_batch_mask():
@@ -238,26 +246,28 @@ def test_without_the_kernels_the_reference_runs_with_the_same_masks(monkeypatch)
 
 # --------------------------------------------------------------------------- recurrent input
 @needs_kernels
+@pytest.mark.parametrize("where", ["input", "output"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(
     "engine, neuron, stateful",
     [
-        ("cpp-axonal", LIF(tau=2.0), False),  # the mask drawn in the engine's forward loop
-        ("cpp-axonal", LIF(tau=2.0), True),  # from a state: dropped in front of the loop
-        ("cpp-axonal", LIF(tau=2.0, decay_input=True), False),  # drive ≠ current: in front
-        ("torch-axonal", LIF(tau=2.0, v_reset=0.0), False),  # a path that can't: in front
+        ("cpp-axonal", LIF(tau=2.0), False),  # the mask drawn in the engine's loops
+        ("cpp-axonal", LIF(tau=2.0), True),  # from a state: dropped in front of / behind the loop
+        ("cpp-axonal", LIF(tau=2.0, decay_input=True), False),  # drive ≠ current: input in front
+        ("torch-axonal", LIF(tau=2.0, v_reset=0.0), False),  # a path that can't: outside
         ("reference", LIF(tau=2.0, v_reset=0.0), False),
     ],
 )
-def test_recurrent_layer_drops_its_input_like_the_dropout_module(
-    dtype, engine, neuron, stateful, monkeypatch
+def test_recurrent_layer_drops_its_input_or_spikes_like_the_dropout_module(
+    where, dtype, engine, neuron, stateful, monkeypatch
 ):
     """``DelRec(current, input_dropout=draw)`` gives the spikes and gradients of the layer run on
-    ``current ⊙ mask`` (the PyTorch-op mask) bit for bit, whoever applies the mask; N = 70 and
-    130 cross the masks' 64-element chunks, two threads split the rows."""
-    in_front = []
+    ``current ⊙ mask``, and ``DelRec(current, output_dropout=draw)`` those of ``layer(current) ⊙
+    mask`` (the PyTorch-op mask), bit for bit, whoever applies the mask; N = 70 and 130 cross
+    the masks' 128-element chunks, two threads split the rows."""
+    outside = []
     dropped = fused.dropped
-    monkeypatch.setattr(fused, "dropped", lambda x, d: in_front.append(1) or dropped(x, d))
+    monkeypatch.setattr(fused, "dropped", lambda x, d: outside.append(1) or dropped(x, d))
     for steps, batch, n in [(30, 5, 70), (20, 3, 130)]:
         layer = DelRec(n, neuron, delay_init="uniform:0:6", learn_spread=True, sigma=2.0)
         layer = layer.to(dtype).train()
@@ -267,28 +277,36 @@ def test_recurrent_layer_drops_its_input_like_the_dropout_module(
         recurrent_mask = (torch.rand(batch, n) < 0.8).to(dtype) / 0.8
         grad_out = torch.randn(steps, batch, n, dtype=dtype)
         results = []
-        for kind in ("in the layer", "in front"):
+        for kind in ("in the layer", "by hand"):
             with threads(2 if kind == "in the layer" else 1):
-                options = {"return_state": True} if stateful else {}
+                options = {"return_state": True, "dropout_mask": recurrent_mask}
+                if not stateful:
+                    options.pop("return_state")
+                mask = masks.reference_mask(current.shape, draw, dtype)
                 if kind == "in the layer":
-                    out = layer(current, input_dropout=draw, dropout_mask=recurrent_mask, **options)
+                    out = layer(current, **{f"{where}_dropout": draw}, **options)
+                elif where == "input":
+                    out = layer(current * mask, **options)
                 else:
-                    masked = current * masks.reference_mask(current.shape, draw, dtype)
-                    out = layer(masked, dropout_mask=recurrent_mask, **options)
+                    out = layer(current, **options)
+                    out = (out[0] * mask, out[1]) if stateful else out * mask
                 spikes = out[0] if stateful else out
                 params = [current, layer.weight, layer.delay, layer.spread_logits]
                 results.append((spikes, *grads_of(spikes, params, grad_out)))
         for fast, expected in zip(*results):
             assert torch.equal(fast, expected)
         assert results[0][0].sum() > 0
-    in_the_loop = engine == "cpp-axonal" and not stateful and not neuron.p.decay_input
-    assert (len(in_front) == 0) == in_the_loop
+    in_the_loop = engine == "cpp-axonal" and not stateful
+    if where == "input":
+        in_the_loop = in_the_loop and not neuron.p.decay_input
+    assert (len(outside) == 0) == in_the_loop
 
 
 @needs_kernels
-def test_the_engine_refuses_an_input_dropout_it_cannot_draw_in_its_loop():
+def test_the_engine_refuses_a_dropout_it_cannot_draw_in_its_loop():
     """From a state, or with a drive other than the current (``decay_input``), the C++ path
-    refuses the mask with a message that says to drop the current in front."""
+    refuses an input mask with a message that says to drop the current in front; from a state,
+    an output mask, saying to drop the spikes behind."""
     current, weight = torch.randn(6, 2, 8), torch.eye(8)
     delay, draw = torch.full((8,), 2.0), masks.draw(0.3)
     run = PATHS["cpp-axonal"].run
@@ -296,3 +314,5 @@ def test_the_engine_refuses_an_input_dropout_it_cannot_draw_in_its_loop():
     for neuron, state in [(LIF(), start), (LIF(decay_input=True), None)]:
         with pytest.raises(ValueError, match="drop the current in front"):
             run(current, weight, delay, 1.0, neuron, None, state=state, input_dropout=draw)
+    with pytest.raises(ValueError, match="drop the spikes behind"):
+        run(current, weight, delay, 1.0, LIF(), None, state=start, output_dropout=draw)

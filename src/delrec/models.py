@@ -210,8 +210,10 @@ class HiddenBlock(nn.Module):
     ``engine`` (see :func:`set_feedforward_engine`): ``"fused"`` runs BatchNorm, a plain LIF
     layer with its dropout, and a lone dropout as the fused loops of
     :mod:`delrec.engine.fused` where they are available (the C++ kernels on the CPU, the Triton
-    kernels on CUDA; a plain LIF layer run from a state runs its module); ``"reference"`` runs
-    the modules step by step under autograd. Same numbers either way.
+    kernels on CUDA; a plain LIF layer run from a state runs its module), and hands a DelRec
+    layer its dropout (``input_dropout=`` or ``output_dropout=``: in the engine's loops where
+    it can); ``"reference"`` runs the modules step by step under autograd. Same numbers either
+    way.
     """
 
     def __init__(
@@ -252,9 +254,13 @@ class HiddenBlock(nn.Module):
             mask = self.dropout.draw()
             masks = (mask, None) if self.dropout_first else (None, mask)
             return fused.lif_layer(current, self.neurons.p, *masks)
-        if use_fused and self.dropout_first and isinstance(self.neurons, DelRec) and not stateful:
-            # the recurrent layer drops its input current itself (in its loop where it can)
-            return self.neurons(current, input_dropout=self.dropout.draw())
+        if use_fused and isinstance(self.neurons, DelRec) and not stateful:
+            # the recurrent layer drops its input current or its spikes itself (in its loops
+            # where it can); the spikes' mask is drawn after the layer's own recurrent mask, as
+            # the modules draw them
+            if self.dropout_first:
+                return self.neurons(current, input_dropout=self.dropout.draw())
+            return self.neurons(current, output_dropout=self.dropout.draw)
         if self.dropout_first:
             spikes, neuron_state = run_chunk(
                 self.neurons, self.dropout(current), neuron_state, stateful

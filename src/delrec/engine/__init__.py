@@ -63,14 +63,15 @@ class EnginePath:
     ``delay_types``: the delay types it runs; ``lif_only``: only the built-in
     :class:`~delrec.neurons.LIF`; ``grad``: differentiable; ``integer_only``: only integer-delay
     inference without autograd; ``stateful``: ``run`` takes ``state=`` (a chunk of a sequence,
-    :mod:`delrec.engine.state`); ``input_dropout``: from rest, with a neuron whose drive is the
-    current (``LIFMap.drives_directly``), ``run`` takes ``input_dropout=`` (a
-    :class:`~delrec.engine.dropout.MaskDraw`) and drops the input current in its forward loop,
-    and its backward loop applies the mask to the current's gradient; ``runs_on(device)``:
-    whether it can run on that device here (the C++ kernels built, a GPU library importable);
-    it warns once itself when it should (``delrec.engine.native.load`` does for the C++
-    kernels). ``run`` is kept wrapped so that an empty batch never reaches it (module
-    docstring).
+    :mod:`delrec.engine.state`); ``loop_dropout``: from rest, ``run`` takes
+    ``output_dropout=`` (a :class:`~delrec.engine.dropout.MaskDraw`) and returns the spikes
+    dropped in its forward loop, its backward loop applying the mask to their gradient, and,
+    with a neuron whose drive is the current (``LIFMap.drives_directly``), ``input_dropout=``,
+    dropping the input current in its forward loop and its gradient in the backward;
+    ``runs_on(device)``: whether it can run on that device here (the C++ kernels built, a GPU
+    library importable); it warns once itself when it should (``delrec.engine.native.load``
+    does for the C++ kernels). ``run`` is kept wrapped so that an empty batch never reaches it
+    (module docstring).
     """
 
     name: str
@@ -80,7 +81,7 @@ class EnginePath:
     grad: bool = True
     integer_only: bool = False
     stateful: bool = False
-    input_dropout: bool = False
+    loop_dropout: bool = False
     runs_on: Callable[[torch.device], bool] = _anywhere
 
     def __post_init__(self):
@@ -152,7 +153,7 @@ PATHS: dict[str, EnginePath] = {
             axonal.cpp_recurrence,
             ("axonal", "shared"),
             stateful=True,
-            input_dropout=True,
+            loop_dropout=True,
             runs_on=_cpu_kernels("axonal"),
         ),
         EnginePath(

@@ -91,17 +91,21 @@ class TimeLoops:
 
     ``forward(current, weight, mask, lif, plan, need_d, need_s)`` returns spikes, membrane and
     trace ``(T, B, N)`` and the box sums ``E``, ``K`` ``(T+1, …)`` (None when not needed, in the
-    loops' own layout); a forward that drops its input itself also takes ``input_dropout=``;
+    loops' own layout); a forward that drops its input or its spikes itself also takes
+    ``input_dropout=`` or ``output_dropout=`` (and returns the dropped spikes), and so does the
+    backward after it;
     ``backward(grad_spikes, membrane, trace, slope, support, weight_in, mask, lif, plan)``
     returns ``∂L/∂h`` ``(T, B, N)`` and the float64 sums ``Σ ∂L/∂z·E``, ``Σ ∂L/∂z·K``,
     ``Σ ∂L/∂z·z`` ``(N,)`` (None when not needed), and a dict of what the loop computed besides
-    (``"recurrent"``: ``∂L/∂h ⊙ mask``; ``"current"``: ``∂L/∂current``, given
-    ``input_dropout=`` after a forward that dropped its input); the caller computes what is
-    missing. A loop that returns both extras may return None for ``∂L/∂h``.
+    (``"weight"``: ``Σ (∂L/∂h ⊙ mask)ᵀ z`` ``(N, N)``, from a loop with ``weight_in_loop``,
+    given ``need_weight=True``; ``"current"``: ``∂L/∂current``, given ``input_dropout=`` after a
+    forward that dropped its input); the caller computes what is missing. A loop that returns
+    ``"current"`` returns None for ``∂L/∂h``.
     """
 
     forward: Callable
     backward: Callable
+    weight_in_loop: bool = False
 
 
 class _AxonalRecurrence(torch.autograd.Function):
@@ -113,7 +117,8 @@ class _AxonalRecurrence(torch.autograd.Function):
     trace, ``(T, B, N)`` each, and the integer box sums when delays/spreads learn — nothing
     that grows with the delay range. ``input_dropout``: ``loops.forward`` and
     ``loops.backward`` (which must take it) drop the current with this mask and return the
-    gradient of the current itself, the mask applied in the reverse loop.
+    gradient of the current itself, the mask applied in the reverse loop; ``output_dropout``:
+    they return the spikes dropped with this mask, and take the gradient of the dropped spikes.
     """
 
     @staticmethod
@@ -127,16 +132,23 @@ class _AxonalRecurrence(torch.autograd.Function):
         lif: LIFMap,
         loops: TimeLoops,
         input_dropout: MaskDraw | None = None,
+        output_dropout: MaskDraw | None = None,
     ):
         need_d, need_s = ctx.needs_input_grad[2:4]
         plan = _AxonalPlan(delay, width, current.shape[0])
-        dropping = {} if input_dropout is None else {"input_dropout": input_dropout}
+        dropping = {
+            name: draw
+            for name, draw in (("input_dropout", input_dropout), ("output_dropout", output_dropout))
+            if draw is not None
+        }
         spikes, membrane, trace, slope, support = loops.forward(
             current, weight, mask, lif, plan, need_d, need_s, **dropping
         )
-        ctx.lif, ctx.loops, ctx.input_dropout = lif, loops, input_dropout
+        ctx.lif, ctx.loops, ctx.dropping = lif, loops, dropping
         ctx.save_for_backward(membrane, trace, slope, support, weight, delay, width, mask)
-        v_last = lif.reset(membrane[-1], spikes[-1].bool())
+        # the last step's spikes themselves (the returned ones may be dropped): h ≥ θ, compared
+        # in the membrane's dtype as the loops compare them
+        v_last = lif.reset(membrane[-1], membrane[-1] >= lif.p.v_threshold)
         ctx.mark_non_differentiable(v_last)
         return spikes, v_last
 
@@ -147,7 +159,9 @@ class _AxonalRecurrence(torch.autograd.Function):
         n = weight.shape[0]
         need_c, need_w, need_d, need_s = ctx.needs_input_grad[:4]
         plan = _AxonalPlan(delay, width, trace.shape[0])
-        dropping = {} if ctx.input_dropout is None else {"input_dropout": ctx.input_dropout}
+        options = dict(ctx.dropping)
+        if ctx.loops.weight_in_loop:
+            options["need_weight"] = need_w
         grad_h, by_slope, by_support, by_trace, extras = ctx.loops.backward(
             grad_spikes.contiguous(),
             membrane,
@@ -158,7 +172,7 @@ class _AxonalRecurrence(torch.autograd.Function):
             mask,
             lif,
             plan,
-            **dropping,
+            **options,
         )
 
         grad_current = None
@@ -167,11 +181,10 @@ class _AxonalRecurrence(torch.autograd.Function):
         elif need_c:
             grad_current = grad_h if lif.gain == 1.0 else grad_h * lif.gain
         grad_weight = grad_delay = grad_width = None
-        if need_w:
-            if "recurrent" in extras:
-                grad_r = extras["recurrent"]
-            else:
-                grad_r = grad_h if mask is None else grad_h * mask
+        if need_w and "weight" in extras:
+            grad_weight = lif.gain * extras["weight"]
+        elif need_w:
+            grad_r = grad_h if mask is None else grad_h * mask
             grad_weight = lif.gain * (grad_r.reshape(-1, n).t() @ trace.reshape(-1, n))
         if need_d:  # ∂z/∂c = E/w²
             grad_delay = (by_slope * plan.inv_w2).to(delay.dtype)
@@ -179,7 +192,7 @@ class _AxonalRecurrence(torch.autograd.Function):
             grad_width = (by_support * plan.inv_w2 - 2.0 * by_trace / width.double()).to(
                 width.dtype
             )
-        return grad_current, grad_weight, grad_delay, grad_width, None, None, None, None
+        return grad_current, grad_weight, grad_delay, grad_width, None, None, None, None, None
 
 
 def _native_forward(
@@ -192,10 +205,12 @@ def _native_forward(
     need_d: bool,
     need_s: bool,
     input_dropout: MaskDraw | None = None,
+    output_dropout: MaskDraw | None = None,
 ):
     """The forward time loop in C++. Returns spikes, membrane and trace ``(T, B, N)`` and the
     neuron-major box sums ``(T+1, N, B)`` (None when not needed). ``input_dropout``: the loop
-    drops the current with this mask (the neuron's drive must be the current itself)."""
+    drops the current with this mask (the neuron's drive must be the current itself);
+    ``output_dropout``: it returns the spikes dropped with this mask."""
     steps, batch, n = current.shape
     spikes, trace, membrane = (current.new_empty(steps, batch, n) for _ in range(3))  # contiguous
     history = current.new_empty(steps + 1, n, batch, dtype=torch.bool)  # the taps' spikes
@@ -216,6 +231,7 @@ def _native_forward(
         p.v_reset or 0.0,
         p.soft_reset,
         native_mask(input_dropout, current.dtype),
+        native_mask(output_dropout, current.dtype),
         spikes,
         history,
         membrane,
@@ -238,23 +254,25 @@ def _native_backward(
     lif: LIFMap,
     plan: _AxonalPlan,
     input_dropout: MaskDraw | None = None,
+    output_dropout: MaskDraw | None = None,
+    need_weight: bool = True,
 ):
     """The reverse time loop in C++ on what :func:`_native_forward` saved: ``∂L/∂h``
     ``(T, B, N)`` and the per-neuron sums ``Σ ∂L/∂z·E``, ``Σ ∂L/∂z·K``, ``Σ ∂L/∂z·z`` (the
     last as the equal ``Σ s·ζ``, csrc/axonal.cpp: adjoint_block) (float64,
-    None when not needed) behind the delay and spread gradients, and the extras the loop writes
-    while ``∂L/∂h[t]`` is in cache: ``∂L/∂h ⊙ mask`` with a recurrent dropout mask (the GEMM's
-    input at each step, kept for the weight gradient), and with ``input_dropout``
-    ``∂L/∂current = ∂L/∂h ⊙`` its mask (the drive is the current); with both, ``∂L/∂h`` itself
-    is not written (None)."""
+    None when not needed) behind the delay and spread gradients, and the extras the loop
+    computes while ``∂L/∂h[t]`` is in cache: the weight gradient ``Σ (∂L/∂h ⊙ mask)ᵀ z``
+    ``(N, N)`` (given ``need_weight``), and with ``input_dropout`` ``∂L/∂current = ∂L/∂h ⊙`` its
+    mask (the drive is the current), in which case ``∂L/∂h`` itself is not written (None).
+    ``output_dropout``: ``grad_spikes`` is the gradient of the spikes dropped with this mask."""
     p = lif.p
     code, param, psi = lif.native_slope(membrane)  # any other surrogate: ψ' precomputed
     empty = plan.lags.new_empty(0, dtype=plan.count_dtype)
-    grad_r = torch.empty_like(trace) if mask is not None else trace.new_empty(0)
-    grad_current = torch.empty_like(trace) if input_dropout is not None else trace.new_empty(0)
-    # ∂L/∂h itself only when the caller needs it: not when it gets both extras
-    both = mask is not None and input_dropout is not None
-    grad_h = trace.new_empty(0) if both else torch.empty_like(trace)
+    n = trace.shape[-1]
+    grad_weight = trace.new_empty((n, n) if need_weight else (0,))
+    dropping = input_dropout is not None
+    grad_current = torch.empty_like(trace) if dropping else trace.new_empty(0)
+    grad_h = trace.new_empty(0) if dropping else torch.empty_like(trace)
     sums = torch.zeros(3, plan.size, dtype=torch.float64)
     kernels.backward(
         grad_spikes,
@@ -274,17 +292,19 @@ def _native_backward(
         empty if slope is None else slope,
         empty if support is None else support,
         native_mask(input_dropout, trace.dtype),
+        native_mask(output_dropout, trace.dtype),
+        trace,
         grad_h,
-        grad_r,
+        grad_weight,
         grad_current,
         sums,
     )
     by_slope, by_support, by_trace = sums
-    extras = {"recurrent": grad_r} if mask is not None else {}
-    if input_dropout is not None:
+    extras = {"weight": grad_weight} if need_weight else {}
+    if dropping:
         extras["current"] = grad_current
     return (
-        None if both else grad_h,
+        None if dropping else grad_h,
         by_slope if slope is not None else None,
         *((by_support, by_trace) if support is not None else (None, None)),
         extras,
@@ -374,6 +394,7 @@ def cpp_recurrence(
     mask: Tensor | None = None,
     state: RecurrentState | None = None,
     input_dropout: MaskDraw | None = None,
+    output_dropout: MaskDraw | None = None,
 ):
     """Path ``cpp-axonal``: spikes ``(T, B, N)`` of a recurrent LIF layer with delays ``(N,)``
     per presynaptic neuron, the time loops in C++ (CPU tensors), differentiable in every input.
@@ -387,6 +408,8 @@ def cpp_recurrence(
     (:mod:`delrec.engine.dropout`), drawn inside the forward loop, from rest and when the
     neuron's drive is the current itself (``LIFMap.drives_directly``); the backward loop draws
     it again and returns the gradient of ``current`` itself, the mask applied.
+    ``output_dropout``: per-element dropout of the spikes, drawn inside both loops, from rest:
+    the layer returns the dropped spikes (the recurrence runs on the spikes themselves).
     """
     kernels = native.load("axonal")
     if kernels is None:
@@ -397,8 +420,17 @@ def cpp_recurrence(
             "the current itself (gain 1, offset 0): drop the current in front instead "
             "(delrec.engine.fused.dropped)"
         )
-    loops = TimeLoops(partial(_native_forward, kernels), partial(_native_backward, kernels))
-    return run_loops(loops, current, weight, delay, width, neuron, mask, state, input_dropout)
+    if output_dropout is not None and state is not None:
+        raise ValueError(
+            "output_dropout is drawn in the loop only from rest: drop the spikes behind the layer "
+            "instead (delrec.engine.fused.dropped)"
+        )
+    loops = TimeLoops(
+        partial(_native_forward, kernels), partial(_native_backward, kernels), weight_in_loop=True
+    )
+    return run_loops(
+        loops, current, weight, delay, width, neuron, mask, state, input_dropout, output_dropout
+    )
 
 
 def torch_recurrence(
@@ -428,16 +460,17 @@ def run_loops(
     mask: Tensor | None = None,
     state: RecurrentState | None = None,
     input_dropout: MaskDraw | None = None,
+    output_dropout: MaskDraw | None = None,
 ):
     """The differentiable recurrence (arguments of :func:`cpp_recurrence`) on ``loops``, from
-    rest or from ``state`` (:func:`delrec.engine.state.run_lif`); ``input_dropout`` only for
-    loops whose forward drops the current itself, from rest."""
+    rest or from ``state`` (:func:`delrec.engine.state.run_lif`); ``input_dropout`` and
+    ``output_dropout`` only for loops that draw them themselves, from rest."""
     width = width_vector(width, delay, weight.shape[0])
     lif = LIFMap.of(neuron.p)
 
     def run(current: Tensor) -> tuple[Tensor, Tensor]:
         return _AxonalRecurrence.apply(
-            current, weight, delay, width, mask, lif, loops, input_dropout
+            current, weight, delay, width, mask, lif, loops, input_dropout, output_dropout
         )
 
     return run_lif(run, current, weight, delay, width, lif, mask, state)

@@ -1,15 +1,17 @@
 """Dropout masks from a counter-based generator: reproducible from the seed, at memory speed.
 
 A mask is a function of one 64-bit key and of each element's position: element ``(t, b, n)`` of
-a time-major ``(T, B, N)`` mask, with ``n = 64k + 16w + l`` (``w < 4``, ``l < 16``), is kept when
-word ``w`` of the Philox4x32-10 block (the generator of Salmon et al. 2011, as in Random123,
-cuRAND and Triton)
+a time-major ``(T, B, N)`` mask, with ``n = 128k + 16j + l`` (``j < 8``, ``l < 16``), is kept
+when half ``j div 4`` (0: the low 16 bits, 1: the high ones) of word ``j mod 4`` of the
+Philox4x32-10 block (the generator of Salmon et al. 2011, as in Random123, cuRAND and Triton)
 
     counter = (16k + l, b + batch_offset, t, 0),    key = (key mod 2³², key div 2³²)
 
-is below ``round(keep · 2³²)`` (sixteen blocks fill 64 consecutive elements, one 32-bit lane
-each: a vector of consecutive elements is one output word of sixteen blocks); a kept element is
-scaled by ``1/keep`` (computed in the tensor's dtype), a dropped one is zero. Each mask draws
+is below ``round(keep · 2¹⁶)``: one block draws eight elements, sixteen blocks fill 128
+consecutive elements, one 32-bit lane each (a vector of 16 consecutive elements is one half of
+one output word of sixteen blocks). A kept element is scaled by ``1/keep`` (computed in the
+tensor's dtype), a dropped one is zero. The probability of keeping an element is ``keep``
+rounded to a multiple of 2⁻¹⁶ (within 7.7·10⁻⁶ of it). Each mask draws
 its key from torch's global CPU generator (:func:`draw`), so masks follow ``torch.manual_seed``
 and the RNG state a checkpoint stores, and are the same on every device. Because the mask is a
 function of the position, the backward pass draws it again instead of saving it, and a process
@@ -43,8 +45,8 @@ class MaskDraw:
 
     @property
     def threshold(self) -> int:
-        """An element is kept when its 32-bit word is below this: ``round(keep · 2³²)``."""
-        return min(round(self.keep * 2**32), WORD)
+        """An element is kept when its 16-bit draw is below this: ``round(keep · 2¹⁶)``."""
+        return round(self.keep * 2**16)
 
     def scale(self, dtype: torch.dtype) -> float:
         """The value of a kept element, ``1/keep`` rounded to ``dtype``."""
@@ -94,10 +96,10 @@ def philox(counter: tuple[Tensor, Tensor, Tensor, Tensor], key: int) -> list[Ten
     return [c0, c1, c2, c3]
 
 
-def mask_words(shape: tuple[int, int, int], draw: MaskDraw, device=None) -> Tensor:
-    """The 32-bit words (int64) behind the mask of a ``(T, B, N)`` tensor."""
+def mask_draws(shape: tuple[int, int, int], draw: MaskDraw, device=None) -> Tensor:
+    """The 16-bit draws (int64) behind the mask of a ``(T, B, N)`` tensor."""
     steps, batch, n = shape
-    chunks = (n + 63) // 64
+    chunks = (n + 127) // 128
 
     def arange(size, view):
         return torch.arange(size, dtype=torch.int64, device=device).view(view)
@@ -109,9 +111,10 @@ def mask_words(shape: tuple[int, int, int], draw: MaskDraw, device=None) -> Tens
         torch.zeros((), dtype=torch.int64, device=device),
     )
     words = torch.stack(torch.broadcast_tensors(*philox(counter, draw.key)), dim=-2)
-    # (T, B, 4, 16·chunks) -> element 64k + 16w + l = word w of block 16k + l
-    words = words.view(steps, batch, 4, chunks, 16).transpose(2, 3)
-    return words.reshape(steps, batch, 64 * chunks)[..., :n]
+    halves = torch.cat([words & 0xFFFF, words >> 16], dim=-2)  # (T, B, 8, 16·chunks): j = 4h + w
+    # element 128k + 16j + l = draw j of block 16k + l
+    halves = halves.view(steps, batch, 8, chunks, 16).transpose(2, 3)
+    return halves.reshape(steps, batch, 128 * chunks)[..., :n]
 
 
 def reference_mask(
@@ -119,5 +122,5 @@ def reference_mask(
 ) -> Tensor:
     """The mask of a ``(T, B, N)`` tensor in PyTorch ops: ``1/keep`` where kept, 0 where
     dropped."""
-    kept = mask_words(shape, draw, device) < draw.threshold
+    kept = mask_draws(shape, draw, device) < draw.threshold
     return kept.to(dtype) / draw.keep

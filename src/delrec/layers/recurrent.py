@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -175,6 +176,7 @@ class DelRec(nn.Module):
         return_state: bool = False,
         dropout_mask: Tensor | None = None,
         input_dropout: MaskDraw | None = None,
+        output_dropout: MaskDraw | Callable[[], MaskDraw | None] | None = None,
     ) -> Tensor | tuple[Tensor, DelRecState]:
         """Input current ``(T, B, N)`` or ``(T, N)`` → spikes of the same shape.
 
@@ -188,7 +190,11 @@ class DelRec(nn.Module):
         ``current`` with this mask (:mod:`delrec.engine.dropout`, as
         :class:`~delrec.layers.dropout.Dropout` does) before the layer: inside the engine's loop
         where the path can (``cpp-axonal``), saving the dropped current's pass through memory,
-        else in front of it; the same result either way.
+        else in front of it; the same result either way. ``output_dropout``: return the spikes
+        dropped with this mask (the recurrence runs on the spikes themselves), in the engine's
+        loop where the path can, else behind it; or a function that draws the mask, called
+        after the layer has drawn its recurrent dropout mask (so that the random draws come in
+        the order of the layer followed by a :class:`~delrec.layers.dropout.Dropout`).
         """
         unbatched = current.dim() == 2
         if unbatched:
@@ -203,6 +209,8 @@ class DelRec(nn.Module):
             mask = state.mask
         else:
             mask = self._draw_dropout_mask(current)
+        if callable(output_dropout):
+            output_dropout = output_dropout()
         if mask is not None and mask.shape != current.shape[1:]:
             raise ValueError(
                 f"dropout_mask must have shape (B, N) = {tuple(current.shape[1:])}, "
@@ -224,16 +232,20 @@ class DelRec(nn.Module):
             state=stateful,
         )
         delay, width = self.delays_and_width()
-        options = {}
+        options = {}  # the masks drawn in the engine's loops, forward and backward
+        in_loop = path.loop_dropout and not stateful
         if input_dropout is not None:
-            in_loop = path.input_dropout and not stateful
             if in_loop and LIFMap.of(self.neuron.p).drives_directly:
-                # drawn in the engine's loops, forward and backward
                 options["input_dropout"] = input_dropout
             else:
                 current = fused.dropped(current, input_dropout)
+        behind = output_dropout if output_dropout is not None and not in_loop else None
+        if output_dropout is not None and in_loop:
+            options["output_dropout"] = output_dropout
         if not stateful:
             spikes = path.run(current, self.weight, delay, width, self.neuron, mask, **options)
+            if behind is not None:
+                spikes = fused.dropped(spikes, behind)
             return spikes.squeeze(1) if unbatched else spikes
         if state is None:
             fresh = tuple(self.neuron.initial_state(current[0]))
@@ -243,6 +255,8 @@ class DelRec(nn.Module):
         spikes, final = path.run(
             current, self.weight, delay, width, self.neuron, mask, state=start, **options
         )
+        if behind is not None:
+            spikes = fused.dropped(spikes, behind)
         spikes = spikes.squeeze(1) if unbatched else spikes
         if not return_state:
             return spikes

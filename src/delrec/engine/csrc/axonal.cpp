@@ -13,17 +13,24 @@
 // the transposed GEMM and the sums behind the delay and spread gradients. What the recursion
 // means: lif.py, triangle_taps, and axonal.py, _AxonalPlan. The LIF update: lif.h.
 //
-// Input dropout: the forward may drop the input current itself, each step drawing the rows of
-// the mask it needs (csrc/philox.h) and computing c ⊙ m as csrc/fused.cpp's dropout does, which
-// saves the dropped current's pass through memory (the drive is then the current itself); the
-// backward writes the current's gradient ∂L/∂h ⊙ m step by step, drawing the rows again, while
-// ∂L/∂h[t] is in cache, which saves the product's own pass.
+// Input and output dropout: the forward may drop the input current itself, each step drawing
+// the rows of the mask it needs (csrc/philox.h) and computing c ⊙ m as csrc/fused.cpp's dropout
+// does (the drive is then the current itself), and may write its spikes dropped, s ⊙ m (the
+// recurrence reads the spikes themselves); the backward writes the current's gradient ∂L/∂h ⊙ m
+// step by step, and takes ∂L/∂s = ∂L/∂out ⊙ m, drawing the rows again, while they are in cache.
+// Each saves a separate pass of the product through memory, both ways.
+//
+// The weight gradient: the backward keeps the transposed GEMM's input of the last few steps
+// (∂L/∂h, times the recurrent dropout mask with one) in a buffer that stays in cache, and adds
+// Σ_t (∂L/∂h ⊙ m)[t]ᵀ z[t] over them to the gradient (one GEMM per few steps) before the buffer
+// is reused; no (T, B, N) tensor is written for it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include "lif.h"
 #include "philox.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -40,6 +47,7 @@ using delrec::MaskArgs;
 
 constexpr int64_t kGrain = 8192;  // elements per parallel chunk
 constexpr int64_t kBlock = 16;    // neurons per block of a transposition
+constexpr int64_t kPendingBytes = 1 << 20;  // the weight gradient's buffer of GEMM inputs
 
 // fn(j0, j1) on blocks of neurons [j0, j1), in parallel (ATen's intra-op threads).
 template <typename Fn>
@@ -53,11 +61,17 @@ void for_each_block(int64_t n, int64_t batch, const Fn& fn) {
   });
 }
 
-// fn(begin, end) on a flat range of B·N elements, in parallel.
+// fn(b0, b1) on ranges of the batch rows of a (B, N) slice, in parallel
 template <typename Fn>
-void for_each_element(int64_t size, const Fn& fn) {
-  at::parallel_for(0, size, kGrain, fn);
+void for_each_row(int64_t batch, int64_t n, const Fn& fn) {
+  at::parallel_for(0, batch, std::max<int64_t>(1, kGrain / n), fn);
 }
+
+// The dropout masks a layer applies in its own loops: on the input current and on the spikes.
+struct Dropouts {
+  Mask input, output;
+  bool any() const { return input.active || output.active; }
+};
 
 // Element offset of row (slot, j) for each tap q of each neuron j at step t: slot t - lag + 1
 // of a (T+1, N, B) spike history whose slot 0 is all zero (forward), or slot min(t + lag, T)
@@ -136,7 +150,7 @@ inline void spikes_into_history(const uint8_t* __restrict__ fired, uint8_t* __re
 template <typename scalar_t, typename count_t>
 void forward_loop(const at::Tensor& drive, const at::Tensor& weight_in, const at::Tensor& mask,
                   const at::Tensor& lags, const at::Tensor& coef, const LIFConstants& lif,
-                  const Mask& dropout, at::Tensor& spikes_out, at::Tensor& history,
+                  const Dropouts& dropout, at::Tensor& spikes_out, at::Tensor& history,
                   at::Tensor& membrane, at::Tensor& trace, at::Tensor& slope,
                   at::Tensor& support) {
   const int64_t steps = drive.size(0), batch = drive.size(1), n = drive.size(2);
@@ -194,8 +208,8 @@ void forward_loop(const at::Tensor& drive, const at::Tensor& weight_in, const at
       transpose_block(y, trace_p + now, n, batch, j0, j1);  // z, into the batch-major trace
     });
     at::mm_out(recurrent, trace.select(0, t), weight_in_t);  // (B, N) = z (B, N) Wᵀ
-    // the neurons, row by row when the input is dropped (the row's mask drawn, then c ⊙ m as
-    // csrc/fused.cpp's dropout computes it), else on flat ranges
+    // the neurons, batch row by batch row: with dropout, the row's masks drawn, then c ⊙ m and
+    // s ⊙ m as csrc/fused.cpp's dropout computes them, while the row is in cache
     const auto update = [&](const scalar_t* row_drive, int64_t first, int64_t count) {
       const int64_t at = now + first;
       if (has_mask) {
@@ -208,22 +222,22 @@ void forward_loop(const at::Tensor& drive, const at::Tensor& weight_in, const at
                                                fired + first, count);
       }
     };
-    if (dropout.active) {
-      at::parallel_for(0, batch, std::max<int64_t>(1, kGrain / n), [&](int64_t b0, int64_t b1) {
-        std::vector<uint32_t> words(n + delrec::kChunk);
-        std::vector<scalar_t> kept(n), dropped(n);
-        for (int64_t b = b0; b < b1; ++b) {
-          dropout.values_of_row(kept, words, n, b, t);
-          const scalar_t* __restrict__ c = drive_p + now + b * n;
-          for (int64_t j = 0; j < n; ++j) dropped[j] = c[j] * kept[j];
-          update(dropped.data(), b * n, n);
+    for_each_row(batch, n, [&](int64_t b0, int64_t b1) {
+      std::vector<uint32_t> words(dropout.any() ? n + delrec::kChunk : 0);
+      std::vector<scalar_t> dropped(dropout.input.active ? n : 0);
+      for (int64_t b = b0; b < b1; ++b) {
+        const scalar_t* row_drive = drive_p + now + b * n;
+        if (dropout.input.active) {
+          dropout.input.apply_to_row(dropped.data(), row_drive, words, n, b, t);
+          row_drive = dropped.data();
         }
-      });
-    } else {
-      for_each_element(nb, [&](int64_t begin, int64_t end) {
-        update(drive_p + now + begin, begin, end - begin);
-      });
-    }
+        update(row_drive, b * n, n);
+        scalar_t* row_spikes = spikes_p + now + b * n;
+        if (dropout.output.active) {
+          dropout.output.apply_to_row(row_spikes, row_spikes, words, n, b, t);
+        }
+      }
+    });
     for_each_block(n, batch, [&](int64_t j0, int64_t j1) {
       spikes_into_history(fired, hist + next, n, batch, j0, j1);
     });
@@ -232,8 +246,8 @@ void forward_loop(const at::Tensor& drive, const at::Tensor& weight_in, const at
 
 // One step of the LIF adjoint (lif.h) on elements [begin, end) of the (B, N) slices, the
 // surrogate derivative fixed at compile time (0: read from psi); gh holds ∂L/∂h[t+1] on entry
-// and ∂L/∂h[t] on return; masked: ∂L/∂h[t] ⊙ the recurrent dropout mask, the input of the GEMM
-// (and, kept for all steps, of the weight gradient).
+// and ∂L/∂h[t] on return; masked (unless null): ∂L/∂h[t] ⊙ the recurrent dropout mask (without
+// one, ∂L/∂h[t]), the input of the GEMM and of the weight gradient.
 template <typename scalar_t, int surrogate, bool has_mask>
 void adjoint_step(const LIFUpdate<scalar_t> neuron, const SurrogateDerivative<scalar_t> derivative,
                   const scalar_t* __restrict__ membrane, const scalar_t* __restrict__ psi,
@@ -252,7 +266,11 @@ void adjoint_step(const LIFUpdate<scalar_t> neuron, const SurrogateDerivative<sc
     const scalar_t g = neuron.adjoint(grad_s[i] + zeta[i], gh[i], h, neuron.fires(h), slope);
     if (grad_h) grad_h[i] = g;  // (the loop is unswitched on it)
     gh[i] = g;
-    if constexpr (has_mask) masked[i] = g * mask[i];
+    if constexpr (has_mask) {
+      masked[i] = g * mask[i];
+    } else {
+      if (masked) masked[i] = g;
+    }
   }
 }
 
@@ -316,9 +334,9 @@ template <typename scalar_t, typename count_t>
 void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
                    const at::Tensor& psi, const at::Tensor& weight_in, const at::Tensor& mask,
                    const at::Tensor& lags, const at::Tensor& coef, const LIFConstants& lif,
-                   const at::Tensor& slope, const at::Tensor& support, const Mask& dropout,
-                   at::Tensor& grad_h, at::Tensor& grad_r, at::Tensor& grad_current,
-                   at::Tensor& sums) {
+                   const at::Tensor& slope, const at::Tensor& support, const Dropouts& dropout,
+                   const at::Tensor& trace, at::Tensor& grad_h, at::Tensor& grad_weight,
+                   at::Tensor& grad_current, at::Tensor& sums) {
   const int64_t steps = membrane.size(0), batch = membrane.size(1), n = membrane.size(2);
   const int64_t nb = n * batch;
   const bool has_mask = mask.defined();
@@ -332,7 +350,7 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
   const double* coef_p = coef.data_ptr<double>();
   const count_t* slope_p = need_slope ? slope.data_ptr<count_t>() + nb : nullptr;
   const count_t* support_p = need_support ? support.data_ptr<count_t>() + nb : nullptr;
-  // (T, B, N); empty when the caller takes both extras instead
+  // (T, B, N), each unless empty
   scalar_t* grad_h_p = grad_h.numel() ? grad_h.data_ptr<scalar_t>() : nullptr;
   scalar_t* grad_c_p = grad_current.numel() ? grad_current.data_ptr<scalar_t>() : nullptr;
   double* by_slope = sums.data_ptr<double>();  // (3, N): Σ ∂L/∂z·E, Σ ∂L/∂z·K, Σ ∂L/∂z·z
@@ -350,18 +368,28 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
   scalar_t* zeta = zeta_store.data();
   at::Tensor gh = at::zeros({batch, n}, membrane.options());  // ∂L/∂h[t] (B, N)
   scalar_t* gh_p = gh.data_ptr<scalar_t>();
-  scalar_t* masked_p = has_mask ? grad_r.data_ptr<scalar_t>() : nullptr;  // (T, B, N)
+  // the GEMM inputs of steps [first, first + pending steps) (pending steps, B, N): the weight
+  // gradient takes them once the step `first` is done
+  const bool need_weight = grad_weight.numel() > 0;
+  const int64_t chunk =
+      std::clamp<int64_t>(kPendingBytes / static_cast<int64_t>(nb * sizeof(scalar_t)), 1, steps);
+  at::Tensor pending =
+      at::empty({has_mask || need_weight ? chunk : 0, batch, n}, membrane.options());
+  if (need_weight) grad_weight.zero_();
   std::vector<int64_t> rows;
   const LIFUpdate<scalar_t> neuron(lif);
   const SurrogateDerivative<scalar_t> derivative(lif);
+  std::vector<scalar_t> kept_store(dropout.output.active ? nb : 0);  // ∂L/∂s[t] = ∂L/∂out ⊙ m
+  scalar_t* kept = kept_store.data();
 
   // the adjoint of step t on elements [begin, end), for each surrogate and masking
-  const auto adjoint = [&](int64_t now, int64_t begin, int64_t end) {
+  const auto adjoint = [&](int64_t now, const scalar_t* grad_s, scalar_t* masked, int64_t begin,
+                           int64_t end) {
     const scalar_t* psi_t = psi_p ? psi_p + now : nullptr;
     const auto run = [&](auto surrogate, auto with_mask) {
       adjoint_step<scalar_t, decltype(surrogate)::value, decltype(with_mask)::value>(
-          neuron, derivative, membrane_p + now, psi_t, grad_out + now, zeta, mask_p, gh_p,
-          grad_h_p ? grad_h_p + now : nullptr, masked_p ? masked_p + now : nullptr, begin, end);
+          neuron, derivative, membrane_p + now, psi_t, grad_s, zeta, mask_p, gh_p,
+          grad_h_p ? grad_h_p + now : nullptr, masked, begin, end);
     };
     const auto with_surrogate = [&](auto with_mask) {
       switch (lif.surrogate) {
@@ -380,6 +408,8 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
   for (int64_t t = steps - 1; t >= 0; --t) {
     tap_rows(lags_p, 3, n, batch, t, steps, false, rows);
     const int64_t now = t * nb;
+    const int64_t first = t / chunk * chunk;  // the steps [first, …] that share the buffer
+    scalar_t* masked = pending.numel() ? pending.data_ptr<scalar_t>() + (t - first) * nb : nullptr;
     for_each_block(n, batch, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         recursion_step(y + j * batch, d + j * batch, future_p + rows[j], future_p + rows[n + j],
@@ -393,22 +423,29 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
                                        j1);
       }
     });
-    // the LIF adjoint; gh still holds ∂L/∂h[t+1] when step t reads it
-    for_each_element(nb, [&](int64_t begin, int64_t end) { adjoint(now, begin, end); });
-    if (grad_c_p) {  // ∂L/∂c[t] = ∂L/∂h[t] ⊙ m[t]
-      at::parallel_for(0, batch, std::max<int64_t>(1, kGrain / n), [&](int64_t b0, int64_t b1) {
-        std::vector<uint32_t> words(n + delrec::kChunk);
-        std::vector<scalar_t> factor(n);
-        for (int64_t b = b0; b < b1; ++b) {
-          dropout.values_of_row(factor, words, n, b, t);
-          const scalar_t* __restrict__ g = gh_p + b * n;  // ∂L/∂h[t]
-          scalar_t* __restrict__ c = grad_c_p + now + b * n;
-          for (int64_t j = 0; j < n; ++j) c[j] = g[j] * factor[j];
+    // the LIF adjoint (gh still holds ∂L/∂h[t+1] when step t reads it), batch row by batch row:
+    // with dropout, the row's masks drawn, then ∂L/∂s = ∂L/∂out ⊙ m and ∂L/∂c = ∂L/∂h ⊙ m,
+    // while the row is in cache
+    for_each_row(batch, n, [&](int64_t b0, int64_t b1) {
+      std::vector<uint32_t> words(dropout.any() ? n + delrec::kChunk : 0);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t row = b * n;
+        const scalar_t* grad_s = grad_out + now;  // ∂L/∂s[t], read at [row, row + n)
+        if (dropout.output.active) {
+          dropout.output.apply_to_row(kept + row, grad_s + row, words, n, b, t);
+          grad_s = kept;
         }
-      });
-    }
+        adjoint(now, grad_s, masked, row, row + n);
+        if (grad_c_p) dropout.input.apply_to_row(grad_c_p + now + row, gh_p + row, words, n, b, t);
+      }
+    });
     at::Tensor future_t = future.select(0, t);  // (N, B) = Wᵀ (N, N) gᵀ (N, B)
-    at::mm_out(future_t, weight_in.t(), (has_mask ? grad_r.select(0, t) : gh).t());
+    at::mm_out(future_t, weight_in.t(), (has_mask ? pending.select(0, t - first) : gh).t());
+    if (need_weight && t == first) {  // Σ (∂L/∂h ⊙ m)ᵀ z over the buffered steps
+      const int64_t count = std::min(chunk, steps - first);
+      grad_weight.addmm_(pending.narrow(0, 0, count).view({count * batch, n}).t(),
+                         trace.narrow(0, first, count).view({count * batch, n}));
+    }
     if (need_slope || need_support) {  // the sums behind the delay and spread gradients
       for_each_block(n, batch, [&](int64_t j0, int64_t j1) {
         for (int64_t j = j0; j < j1; ++j) {
@@ -435,13 +472,14 @@ void check_common(const at::Tensor& x, const at::Tensor& lags, const at::Tensor&
 void forward(const at::Tensor& drive, const at::Tensor& weight_in,
              const c10::optional<at::Tensor>& mask, const at::Tensor& lags,
              const at::Tensor& coef, double leak, double v0, double threshold, double v_reset,
-             bool soft_reset, MaskArgs input_dropout, at::Tensor spikes, at::Tensor history,
-             at::Tensor membrane, at::Tensor trace, at::Tensor slope, at::Tensor support) {
+             bool soft_reset, MaskArgs input_dropout, MaskArgs output_dropout, at::Tensor spikes,
+             at::Tensor history, at::Tensor membrane, at::Tensor trace, at::Tensor slope,
+             at::Tensor support) {
   check_common(drive, lags, coef);
   check(slope.scalar_type() == support.scalar_type(), "slope and support share a dtype");
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const LIFConstants lif{leak, v0, threshold, v_reset, soft_reset, false, 0, 0.0};
-  const Mask dropout = delrec::mask_of(input_dropout);
+  const Dropouts dropout{delrec::mask_of(input_dropout), delrec::mask_of(output_dropout)};
   AT_DISPATCH_FLOATING_TYPES(drive.scalar_type(), "delrec_axonal_forward", [&] {
     if (slope.scalar_type() == at::kChar) {
       forward_loop<scalar_t, int8_t>(drive, weight_in, mask_c, lags, coef, lif, dropout,
@@ -459,36 +497,42 @@ void backward(const at::Tensor& grad_spikes, const at::Tensor& membrane, const a
               const at::Tensor& lags, const at::Tensor& coef, double leak, double threshold,
               double v_reset, bool soft_reset, bool detach_reset, int64_t surrogate,
               double surrogate_param, const at::Tensor& slope, const at::Tensor& support,
-              MaskArgs input_dropout, at::Tensor grad_h, at::Tensor grad_r,
-              at::Tensor grad_current, at::Tensor sums) {
+              MaskArgs input_dropout, MaskArgs output_dropout, const at::Tensor& trace,
+              at::Tensor grad_h,
+              at::Tensor grad_weight, at::Tensor grad_current, at::Tensor sums) {
   check_common(grad_spikes, lags, coef);
   check(membrane.is_contiguous() && (surrogate != 0 || psi.is_contiguous()),
         "membrane and ψ' must be contiguous (T, B, N)");
   check(sums.scalar_type() == at::kDouble && sums.numel() == 3 * membrane.size(2),
         "sums must be (3, N) float64");
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
-  check(!mask.has_value() || (grad_r.is_contiguous() && grad_r.sizes() == membrane.sizes()),
-        "with a recurrent dropout mask, grad_r must be a contiguous (T, B, N) tensor");
+  const int64_t n = membrane.size(2);
+  check(trace.is_contiguous() && trace.sizes() == membrane.sizes() &&
+            trace.scalar_type() == membrane.scalar_type(),
+        "trace must be a contiguous (T, B, N) tensor like the membrane");
+  check(grad_weight.numel() == 0 ||
+            (grad_weight.is_contiguous() && grad_weight.sizes() == at::IntArrayRef({n, n}) &&
+             grad_weight.scalar_type() == membrane.scalar_type()),
+        "grad_weight must be empty, or a contiguous (N, N) tensor like the membrane");
   const LIFConstants lif{leak, 0.0, threshold, v_reset, soft_reset, detach_reset, surrogate,
                          surrogate_param};
-  const Mask dropout = delrec::mask_of(input_dropout);
-  check(grad_current.numel() == 0 || (dropout.active && grad_current.is_contiguous() &&
+  const Dropouts dropout{delrec::mask_of(input_dropout), delrec::mask_of(output_dropout)};
+  check(grad_current.numel() == 0 || (dropout.input.active && grad_current.is_contiguous() &&
                                        grad_current.sizes() == membrane.sizes()),
         "grad_current must be empty, or a contiguous (T, B, N) tensor with an input dropout");
-  check(grad_h.sizes() == membrane.sizes() || (grad_h.numel() == 0 && mask.has_value() &&
-                                               grad_current.numel() > 0),
-        "grad_h must be (T, B, N), or empty when grad_r and grad_current are written");
+  check(grad_h.numel() == 0 || (grad_h.is_contiguous() && grad_h.sizes() == membrane.sizes()),
+        "grad_h must be empty, or a contiguous (T, B, N) tensor");
   const at::ScalarType counts = slope.numel() ? slope.scalar_type() : support.scalar_type();
   AT_DISPATCH_FLOATING_TYPES(membrane.scalar_type(), "delrec_axonal_backward", [&] {
     if (counts == at::kChar) {
       backward_loop<scalar_t, int8_t>(grad_spikes, membrane, psi, weight_in, mask_c, lags, coef,
-                                      lif, slope, support, dropout, grad_h, grad_r, grad_current,
-                                      sums);
+                                      lif, slope, support, dropout, trace, grad_h, grad_weight,
+                                      grad_current, sums);
     } else {
       check(counts == at::kShort, "box sums must be int8 or int16");
       backward_loop<scalar_t, int16_t>(grad_spikes, membrane, psi, weight_in, mask_c, lags,
-                                       coef, lif, slope, support, dropout, grad_h, grad_r,
-                                       grad_current, sums);
+                                       coef, lif, slope, support, dropout, trace, grad_h,
+                                       grad_weight, grad_current, sums);
     }
   });
 }
@@ -497,9 +541,12 @@ void backward(const at::Tensor& grad_spikes, const at::Tensor& membrane, const a
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "delrec: fused time loops of the axonal fast engine";
-  m.def("forward", &forward, "axonal forward loop: fills spikes, history, membrane, trace, box sums");
+  m.def("forward", &forward,
+        "axonal forward loop: fills spikes (times the output dropout's mask, with one), history, "
+        "membrane, trace, box sums");
   m.def("backward", &backward,
-        "axonal backward loop: fills grad_h (unless empty), grad_r = grad_h ⊙ the recurrent "
-        "mask (with one), the current's gradient (with an input dropout: grad_h ⊙ its mask) "
-        "and the delay/spread sums");
+        "axonal backward loop: fills grad_h (unless empty), the weight gradient Σ (grad_h ⊙ the "
+        "recurrent mask)ᵀ trace (unless empty), the current's gradient (with an input dropout: "
+        "grad_h ⊙ its mask) and the delay/spread sums; with an output dropout, grad_spikes is "
+        "the gradient of the dropped spikes");
 }

@@ -52,21 +52,16 @@ void dropout_loop(const at::Tensor& x, at::Tensor& out, const Mask& mask) {
   const Mask m = mask;
   for_each_row_block(batch, n, [=](int64_t b0, int64_t b1) {
     std::vector<uint32_t> words(n + kChunk);
-    std::vector<scalar_t> values(n);
     const scalar_t kept = static_cast<scalar_t>(m.scale);
     for (int64_t t = 0; t < steps; ++t) {
       for (int64_t b = b0; b < b1; ++b) {
-        m.draw(words, n, b, t);
         const int64_t row = (t * batch + b) * n;
-        scalar_t* __restrict__ o = out_p + row;
         if (x_p == nullptr) {
-          mask_values(o, words.data(), n, m.threshold, kept);
-          continue;
+          m.draw(words, n, b, t);
+          mask_values(out_p + row, words.data(), n, m.threshold, kept);
+        } else {
+          m.apply_to_row(out_p + row, x_p + row, words, n, b, t);
         }
-        mask_values(values.data(), words.data(), n, m.threshold, kept);
-        const scalar_t* __restrict__ xr = x_p + row;
-        const scalar_t* __restrict__ factor = values.data();
-        for (int64_t i = 0; i < n; ++i) o[i] = xr[i] * factor[i];
       }
     }
   });

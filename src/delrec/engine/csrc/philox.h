@@ -1,9 +1,10 @@
 // Dropout masks drawn by a counter-based generator (Philox4x32-10), shared by the kernels that
 // apply them (csrc/fused.cpp; csrc/axonal.cpp, the input dropout of a recurrent layer). What a
-// mask is: delrec/engine/dropout.py. Element (t, b, n) of a mask, n = 64k + 16w + l (w < 4,
-// l < 16), is kept when word w of Philox4x32-10(counter = (16k + l, b + batch_offset, t, 0),
-// key = (key mod 2³², key div 2³²)) is below `threshold` = round(keep·2³²); a kept element is
-// multiplied by 1/keep (in the tensor's dtype), a dropped one by 0.
+// mask is: delrec/engine/dropout.py. Element (t, b, n) of a mask, n = 128k + 16j + l (j < 8,
+// l < 16), is kept when half j div 4 (0: the low 16 bits, 1: the high ones) of word j mod 4 of
+// Philox4x32-10(counter = (16k + l, b + batch_offset, t, 0), key = (key mod 2³², key div 2³²))
+// is below `threshold` = round(keep·2¹⁶); a kept element is multiplied by 1/keep (in the
+// tensor's dtype), a dropped one by 0.
 #pragma once
 
 #include <torch/extension.h>
@@ -22,11 +23,12 @@ namespace delrec {
 constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
 constexpr int64_t kLanes = 16;              // Philox blocks computed side by side
-constexpr int64_t kChunk = 4 * kLanes;      // mask elements per group of kLanes blocks
+constexpr int64_t kChunk = 8 * kLanes;      // mask elements per group of kLanes blocks
 
-// Words 0 … count-1 of the mask row (row, step), written to out (room for count rounded up to
-// kChunk): in each chunk of 64 elements k, element 64k + 16w + l is word w of the block with
-// counter (16k + l, row, step, 0). Sixteen blocks are computed at once, one per 32-bit lane.
+// The 16-bit draws 0 … count-1 of the mask row (row, step), one per uint32 of out (room for
+// count rounded up to kChunk): in each chunk of 128 elements k, element 128k + 16j + l is half
+// j div 4 of word j mod 4 of the block with counter (16k + l, row, step, 0). Sixteen blocks are
+// computed at once, one per 32-bit lane.
 #if defined(__AVX512F__)
 // The 32×32 → 64-bit products of the even and odd lanes (vpmuludq), split into the high and
 // low words of each lane.
@@ -37,11 +39,13 @@ inline void mulhilo16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
   lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
 }
 
-inline __attribute__((noinline)) void philox_row(uint32_t* __restrict__ out, int64_t count, uint32_t row, uint32_t step,
-                uint32_t key0, uint32_t key1) {
+inline __attribute__((noinline)) void philox_row(uint32_t* __restrict__ out, int64_t count,
+                                                 uint32_t row, uint32_t step, uint32_t key0,
+                                                 uint32_t key1) {
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
-  for (int64_t first = 0; 4 * first < count; first += kLanes) {
+  const __m512i low = _mm512_set1_epi32(0xFFFF);
+  for (int64_t first = 0; 8 * first < count; first += kLanes) {
     __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<uint32_t>(first)), lanes);
     __m512i c1 = _mm512_set1_epi32(row), c2 = _mm512_set1_epi32(step);
     __m512i c3 = _mm512_setzero_si512();
@@ -57,18 +61,23 @@ inline __attribute__((noinline)) void philox_row(uint32_t* __restrict__ out, int
       k0 += kPhiloxW0;
       k1 += kPhiloxW1;
     }
-    uint32_t* words = out + 4 * first;
-    _mm512_storeu_si512(words, c0);
-    _mm512_storeu_si512(words + kLanes, c1);
-    _mm512_storeu_si512(words + 2 * kLanes, c2);
-    _mm512_storeu_si512(words + 3 * kLanes, c3);
+    uint32_t* draws = out + 8 * first;
+    _mm512_storeu_si512(draws, _mm512_and_si512(c0, low));
+    _mm512_storeu_si512(draws + kLanes, _mm512_and_si512(c1, low));
+    _mm512_storeu_si512(draws + 2 * kLanes, _mm512_and_si512(c2, low));
+    _mm512_storeu_si512(draws + 3 * kLanes, _mm512_and_si512(c3, low));
+    _mm512_storeu_si512(draws + 4 * kLanes, _mm512_srli_epi32(c0, 16));
+    _mm512_storeu_si512(draws + 5 * kLanes, _mm512_srli_epi32(c1, 16));
+    _mm512_storeu_si512(draws + 6 * kLanes, _mm512_srli_epi32(c2, 16));
+    _mm512_storeu_si512(draws + 7 * kLanes, _mm512_srli_epi32(c3, 16));
   }
 }
 #else
-inline __attribute__((noinline)) void philox_row(uint32_t* __restrict__ out, int64_t count, uint32_t row, uint32_t step,
-                uint32_t key0, uint32_t key1) {
-  for (int64_t first = 0; 4 * first < count; first += kLanes) {
-    uint32_t* words = out + 4 * first;
+inline __attribute__((noinline)) void philox_row(uint32_t* __restrict__ out, int64_t count,
+                                                 uint32_t row, uint32_t step, uint32_t key0,
+                                                 uint32_t key1) {
+  for (int64_t first = 0; 8 * first < count; first += kLanes) {
+    uint32_t* draws = out + 8 * first;
     for (int64_t l = 0; l < kLanes; ++l) {  // the ten rounds unrolled: GCC vectorises the lanes
       uint32_t c0 = static_cast<uint32_t>(first + l), c1 = row, c2 = step, c3 = 0;
       uint32_t k0 = key0, k1 = key1;
@@ -83,10 +92,11 @@ inline __attribute__((noinline)) void philox_row(uint32_t* __restrict__ out, int
         k0 += kPhiloxW0;
         k1 += kPhiloxW1;
       }
-      words[l] = c0;
-      words[kLanes + l] = c1;
-      words[2 * kLanes + l] = c2;
-      words[3 * kLanes + l] = c3;
+      const uint32_t words[4] = {c0, c1, c2, c3};
+      for (int w = 0; w < 4; ++w) {
+        draws[w * kLanes + l] = words[w] & 0xFFFFu;
+        draws[(w + 4) * kLanes + l] = words[w] >> 16;
+      }
     }
   }
 }
@@ -120,13 +130,23 @@ struct Mask {
     draw(words, n, b, t);
     mask_values(values.data(), words.data(), n, threshold, static_cast<scalar_t>(scale));
   }
+
+  // out = x ⊙ the mask's row (b, t), in one pass over the row's draws (x may be out)
+  template <typename scalar_t>
+  void apply_to_row(scalar_t* out, const scalar_t* x, std::vector<uint32_t>& words, int64_t n,
+                    int64_t b, int64_t t) const {
+    draw(words, n, b, t);
+    const uint32_t* __restrict__ w = words.data();
+    const scalar_t kept = static_cast<scalar_t>(scale);
+    for (int64_t i = 0; i < n; ++i) out[i] = x[i] * (w[i] < threshold ? kept : scalar_t(0));
+  }
 };
 
 inline Mask make_mask(bool active, int64_t key, int64_t threshold, double scale, int64_t batch_offset) {
   Mask mask;
   if (!active) return mask;
-  TORCH_CHECK(threshold >= 0 && threshold < (int64_t(1) << 32),
-              "delrec dropout: threshold must be in [0, 2^32)");
+  TORCH_CHECK(threshold >= 0 && threshold <= (int64_t(1) << 16),
+              "delrec dropout: threshold must be in [0, 2^16]");
   const uint64_t k = static_cast<uint64_t>(key);
   mask.active = true;
   mask.key0 = static_cast<uint32_t>(k);

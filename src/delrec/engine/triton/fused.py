@@ -15,14 +15,14 @@ and outputs; registered as ``delrec.engine.fused.KERNELS["cuda"]``).
   pass for the per-channel sums (float64, in fixed chunks of 256 frames, so the same sums on
   every GPU), a pass for the output; the same each way.
 
-Dropout masks are those of :mod:`delrec.engine.dropout`: element ``(t, b, n)``, ``n = 64k +
-16w + l``, is kept when word ``w`` of Philox4x32-10 with counter ``(16k + l, b + offset, t, 0)``
-under the key ``(key mod 2³², key div 2³²)`` is below the mask's threshold. Triton's
-``tl.philox`` is that generator (Random123's multipliers, key increments and ten rounds, the
-key split the same way), so the kernels draw the masks that the C++ loops and the PyTorch ops
-draw, bit for bit (tests/test_triton_fused.py). The masked kernels' tiles are whole chunks of
-64 neurons of one batch row, shaped ``(chunk, word w, lane l)``: each thread holds the four
-words of one lane, one Philox block.
+Dropout masks are those of :mod:`delrec.engine.dropout`: element ``(t, b, n)``, ``n = 128k +
+16j + l``, is kept when half ``j div 4`` of word ``j mod 4`` of Philox4x32-10 with counter
+``(16k + l, b + offset, t, 0)`` under the key ``(key mod 2³², key div 2³²)`` is below the
+mask's threshold. Triton's ``tl.philox`` is that generator (Random123's multipliers, key
+increments and ten rounds, the key split the same way), so the kernels draw the masks that the
+C++ loops and the PyTorch ops draw, bit for bit (tests/test_triton_fused.py). The masked
+kernels' tiles are whole chunks of 128 neurons of one batch row, shaped ``(chunk, draw j,
+lane l)``: each thread holds the eight draws of one lane, one Philox block.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from delrec.engine.triton.lif import (
     surrogate_slope,
 )
 
-# Tiles: chunks of 64 neurons per program of the LIF and dropout kernels, and their warps (4
+# Tiles: chunks of 128 neurons per program of the LIF and dropout kernels, and their warps (8
 # elements, one Philox block, per thread; the interpreter runs the same tiles: fewer, larger
 # programs are faster there); frames and channels per block of the BatchNorm kernels (whose
 # sums run over chunks of FRAMES frames), smaller under the interpreter so that small test
@@ -67,15 +67,15 @@ MASK_FIELDS = 4  # a row of the mask table: key, threshold, batch offset, 1/keep
 # --------------------------------------------------------------------------- masks
 @triton.jit
 def _chunk_tile(tile, batch, n, CHUNKS: tl.constexpr):
-    """Tile ``tile`` of a ``(B, N)`` step: ``CHUNKS`` chunks of 64 consecutive neurons of one
-    batch row each, as ``(CHUNKS, 4, 16)`` (chunk, word, lane). Returns each chunk's batch row
+    """Tile ``tile`` of a ``(B, N)`` step: ``CHUNKS`` chunks of 128 consecutive neurons of one
+    batch row each, as ``(CHUNKS, 8, 16)`` (chunk, draw, lane). Returns each chunk's batch row
     and its index in that row (``(CHUNKS, 1, 1)``), each element's offset in the step (int64),
     and which elements exist."""
-    per_row = tl.cdiv(n, 64)
+    per_row = tl.cdiv(n, 128)
     chunk = tile * CHUNKS + tl.arange(0, CHUNKS)
     row = (chunk // per_row)[:, None, None]
     k = (chunk % per_row)[:, None, None]
-    column = 64 * k + 16 * tl.arange(0, 4)[None, :, None] + tl.arange(0, 16)[None, None, :]
+    column = 128 * k + 16 * tl.arange(0, 8)[None, :, None] + tl.arange(0, 16)[None, None, :]
     return row, k, row.to(tl.int64) * n + column, (row < batch) & (column < n)
 
 
@@ -93,16 +93,19 @@ def _mask_of(row_ptr, DTYPE: tl.constexpr):
 @triton.jit
 def _mask_values(key, threshold, offset, kept, row, k, step):
     """The mask's values over a tile of :func:`_chunk_tile` at time ``step``: ``kept`` where
-    word ``w`` of the Philox block ``(16k + l, row + offset, step, 0)`` is below ``threshold``,
-    else 0; ``(CHUNKS, 4, 16)``. One block per lane: ``(CHUNKS, 1, 16)``."""
+    half ``j div 4`` of word ``j mod 4`` of the Philox block ``(16k + l, row + offset, step, 0)``
+    is below ``threshold``, else 0; ``(CHUNKS, 8, 16)``. One block per lane: ``(CHUNKS, 1, 16)``.
+    """
     first = (16 * k + tl.arange(0, 16)[None, None, :]).to(tl.uint32)
     zero = first * 0
     w0, w1, w2, w3 = tl.philox(
         key, first, zero + (row + offset).to(tl.uint32), zero + tl.cast(step, tl.uint32), zero
     )
-    word = tl.arange(0, 4)[None, :, None]
+    j = tl.arange(0, 8)[None, :, None]
+    word = j % 4
     bits = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
-    return tl.where(bits < threshold, kept, 0.0)
+    draws = tl.where(j < 4, bits & 0xFFFF, bits >> 16)
+    return tl.where(draws < threshold, kept, 0.0)
 
 
 @triton.jit(do_not_specialize=["batch", "n", "tiles"])
@@ -154,7 +157,7 @@ def _lif_forward_kernel(
     key_in, threshold_in, offset_in, kept_in = _mask_of(masks_ptr, DTYPE)
     key_out, threshold_out, offset_out, kept_out = _mask_of(masks_ptr + 4, DTYPE)
     size = batch.to(tl.int64) * n
-    v = tl.zeros((CHUNKS, 4, 16), dtype=DTYPE) + tl.load(const_ptr + V0).to(DTYPE)
+    v = tl.zeros((CHUNKS, 8, 16), dtype=DTYPE) + tl.load(const_ptr + V0).to(DTYPE)
     for t in range(steps):
         now = size * t + at
         u = tl.load(current_ptr + now, mask=ok, other=0.0)
@@ -201,7 +204,7 @@ def _lif_backward_kernel(
     key_in, threshold_in, offset_in, kept_in = _mask_of(masks_ptr, DTYPE)
     key_out, threshold_out, offset_out, kept_out = _mask_of(masks_ptr + 4, DTYPE)
     size = batch.to(tl.int64) * n
-    grad_h = tl.zeros((CHUNKS, 4, 16), dtype=DTYPE)  # ∂L/∂h[t+1]
+    grad_h = tl.zeros((CHUNKS, 8, 16), dtype=DTYPE)  # ∂L/∂h[t+1]
     for step in range(steps):
         t = steps - 1 - step
         now = size * t + at
@@ -367,7 +370,7 @@ def _mask_table(masks, device: torch.device) -> torch.Tensor:
 
 def _chunk_grid(batch: int, n: int) -> int:
     """Tiles of :func:`_chunk_tile` per step."""
-    return triton.cdiv(batch * triton.cdiv(n, 64), CHUNKS)
+    return triton.cdiv(batch * triton.cdiv(n, 128), CHUNKS)
 
 
 def dropout(x: torch.Tensor | None, out: torch.Tensor, mask) -> None:
