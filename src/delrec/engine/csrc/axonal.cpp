@@ -371,8 +371,8 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
   // the GEMM inputs of steps [first, first + pending steps) (pending steps, B, N): the weight
   // gradient takes them once the step `first` is done
   const bool need_weight = grad_weight.numel() > 0;
-  const int64_t chunk =
-      std::clamp<int64_t>(kPendingBytes / static_cast<int64_t>(nb * sizeof(scalar_t)), 1, steps);
+  const int64_t per_step = static_cast<int64_t>(nb * sizeof(scalar_t));
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(kPendingBytes / per_step, steps));
   at::Tensor pending =
       at::empty({has_mask || need_weight ? chunk : 0, batch, n}, membrane.options());
   if (need_weight) grad_weight.zero_();
