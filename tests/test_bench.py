@@ -92,6 +92,8 @@ def test_network_bench_times_breaks_down_and_judges_every_model(tmp_path, monkey
     tiny = {k: dataclasses.replace(s, steps=8) for k, s in bench_network.SHAPES.items()}
     monkeypatch.setattr(bench_network, "SHAPES", tiny)
     monkeypatch.setattr(bench_network, "QUICK_BATCH", 3)
+    # one repeat asked, but a step of a few milliseconds rotates until 0.05 s of it are timed
+    monkeypatch.setattr(bench_network, "MIN_TIMED_S", 0.05)
     args = ["bench", "--network", "shd", "--quick", "--repeats", "1", "--out", str(tmp_path)]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -101,6 +103,9 @@ def test_network_bench_times_breaks_down_and_judges_every_model(tmp_path, monkey
         (m, e) for m in bench_network.MODELS for e in bench_network.ENGINES
     }
     by = {(r["model"], r["engine"]): r for r in rows}
+    rotations = {int(r["rotations"]) for r in rows}
+    assert len(rotations) == 1 and rotations.pop() > 1
+    assert f"{by['delrec', 'fused']['rotations']} rotations" in printed
     for r in rows:
         shares = [float(r[f"share_{c}"]) for c in bench_network.COMPONENTS]
         assert abs(sum(shares) - 1) < 1e-9 and float(r["step_ms"]) > 0

@@ -6,7 +6,8 @@ For the preset's network (:func:`delrec.models.preset_network`) as ``delrec``, `
 at the preset's batch size and sequence length is timed with the network around the delays
 fused and unfused (:func:`delrec.models.set_feedforward_engine`: ``"fused"`` or
 ``"reference"``; the recurrent layers run their default engine either way), one step of each in
-turn, repeated, median kept. Then:
+turn, repeated (at least ``--repeats`` rotations, and more until the ``delrec`` fused step has
+run for :data:`MIN_TIMED_S`), median kept. Then:
 
 * a per-component breakdown from one profiled step of each (torch.profiler): every operator's
   own time goes to the GEMMs (matrix products, wherever they run), or else to the component
@@ -67,6 +68,7 @@ SHAPES = {
     "mackey-glass": Shape(64, 150, "series", "regression"),
 }
 QUICK_BATCH = 16
+MIN_TIMED_S = 1.0  # the least time of the delrec fused step timed per preset (clock seconds)
 SHD_EPOCH_ITEMS = 3 * 8156  # SHD's training files, each presented three times (augmentation)
 
 COMPONENTS = (
@@ -277,19 +279,31 @@ def measure(task: str, quick: bool, repeats: int, clock, log) -> list[dict]:
     # only where the step runs on this thread alone, and only where flushing is on to begin with)
     subnormals = torch.get_num_threads() == 1 and torch.set_flush_denormal(True)
     times = defaultdict(list)
-    for _ in range(repeats):  # interleaved: one step of each in turn
-        for key, step in steps.items():
-            start = clock()
-            step()
-            times[key].append(clock() - start)
+
+    def timed(key, step):
+        start = clock()
+        step()
+        times[key].append(clock() - start)
+
+    fused = ("delrec", "fused")
+    others = [key for key in steps if key not in (fused, "no dropout")]
+    # interleaved: one step of each in turn, at least `repeats` rotations and at least
+    # MIN_TIMED_S of the delrec fused step (short steps get more rotations). The two steps whose
+    # ratio is dropout's cost run first, back to back, in alternating order, so that neither
+    # is always the one that follows the other (a short step runs faster on caches its
+    # predecessor warmed); the subnormal step follows them
+    while len(times[fused]) < repeats or sum(times[fused]) < MIN_TIMED_S:
+        pair = [fused, "no dropout"] if len(times[fused]) % 2 == 0 else ["no dropout", fused]
+        for key in pair:
+            timed(key, steps[key])
         if subnormals:
             torch.set_flush_denormal(False)
             try:
-                start = clock()
-                steps["delrec", "fused"]()
-                times["subnormals kept"].append(clock() - start)
+                timed("subnormals kept", steps[fused])
             finally:
                 torch.set_flush_denormal(True)
+        for key in others:
+            timed(key, steps[key])
     rows = []
     for key, step in steps.items():
         if key == "no dropout":
@@ -304,6 +318,7 @@ def measure(task: str, quick: bool, repeats: int, clock, log) -> list[dict]:
                 "steps": shape.steps,
                 "model": model,
                 "engine": label,
+                "rotations": len(times[model, label]),
                 "step_ms": 1e3 * statistics.median(times[model, label]),
                 "gemm_floor_ms": gemm_floor(gemms[model, label], clock),
                 "no_dropout_ms": (
@@ -339,7 +354,10 @@ def _row(rows, task, model, engine):
 
 def _print_rows(rows, log) -> None:
     first = rows[0]
-    log(f"\n{first['preset']}: B = {first['batch']}, T = {first['steps']}")
+    log(
+        f"\n{first['preset']}: B = {first['batch']}, T = {first['steps']}, "
+        f"{first['rotations']} rotations"
+    )
     short = ["GEMM", "rec", "ff", "drop", "norm", "loss", "other"]
     log(
         f"  {'model':7s} {'engine':8s} {'step ms':>9s} {'floor ms':>9s} {'×floor':>7s} "
@@ -425,7 +443,8 @@ def run(args) -> int:
     log(
         f"delrec bench --network {args.network}{' --quick' if args.quick else ''}: torch "
         f"{torch.__version__}, {torch.get_num_threads()} thread(s), CPU {cpu_name()}, "
-        f"{repeats} repeats (median), clock = {args.clock}"
+        f"{repeats} repeats or more (median; at least {MIN_TIMED_S:g} s of the delrec fused step "
+        f"per preset), clock = {args.clock}"
     )
     log(
         "step = forward + loss + backward of the whole network; fused/unfused = the network "
