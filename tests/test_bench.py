@@ -93,7 +93,7 @@ def test_network_bench_times_breaks_down_and_judges_every_model(tmp_path, monkey
     monkeypatch.setattr(bench_network, "SHAPES", tiny)
     monkeypatch.setattr(bench_network, "QUICK_BATCH", 3)
     # one repeat asked, but a step of a few milliseconds rotates until 0.05 s of it are timed
-    monkeypatch.setattr(bench_network, "MIN_TIMED_S", 0.05)
+    monkeypatch.setattr(bench_network, "QUICK_MIN_TIMED_S", 0.05)
     args = ["bench", "--network", "shd", "--quick", "--repeats", "1", "--out", str(tmp_path)]
     assert main(args) == 0
     printed = capsys.readouterr().out

@@ -7,7 +7,8 @@ at the preset's batch size and sequence length is timed with the network around 
 fused and unfused (:func:`delrec.models.set_feedforward_engine`: ``"fused"`` or
 ``"reference"``; the recurrent layers run their default engine either way), one step of each in
 turn, repeated (at least ``--repeats`` rotations, and more until the ``delrec`` fused step has
-run for :data:`MIN_TIMED_S`), median kept. Then:
+run for :data:`MIN_TIMED_S`, or :data:`QUICK_MIN_TIMED_S` with ``--quick``), median kept.
+Then:
 
 * a per-component breakdown from one profiled step of each (torch.profiler): every operator's
   own time goes to the GEMMs (matrix products, wherever they run), or else to the component
@@ -68,7 +69,8 @@ SHAPES = {
     "mackey-glass": Shape(64, 150, "series", "regression"),
 }
 QUICK_BATCH = 16
-MIN_TIMED_S = 1.0  # the least time of the delrec fused step timed per preset (clock seconds)
+# the least time of the delrec fused step timed per preset (clock seconds), full and --quick
+MIN_TIMED_S, QUICK_MIN_TIMED_S = 1.0, 0.25
 SHD_EPOCH_ITEMS = 3 * 8156  # SHD's training files, each presented three times (augmentation)
 
 COMPONENTS = (
@@ -256,6 +258,7 @@ def gemm_floor(calls: Counter, clock, repeats: int = 5) -> float:
 def measure(task: str, quick: bool, repeats: int, clock, log) -> list[dict]:
     """Rows (one per model and engine) of one preset."""
     shape = SHAPES[task]
+    min_timed_s = QUICK_MIN_TIMED_S if quick else MIN_TIMED_S
     if quick:
         shape = Shape(QUICK_BATCH, shape.steps, shape.inputs, shape.task)
     steps, gemms = {}, {}
@@ -288,11 +291,11 @@ def measure(task: str, quick: bool, repeats: int, clock, log) -> list[dict]:
     fused = ("delrec", "fused")
     others = [key for key in steps if key not in (fused, "no dropout")]
     # interleaved: one step of each in turn, at least `repeats` rotations and at least
-    # MIN_TIMED_S of the delrec fused step (short steps get more rotations). The two steps whose
+    # min_timed_s of the delrec fused step (short steps get more rotations). The two steps whose
     # ratio is dropout's cost run first, back to back, in alternating order, so that neither
     # is always the one that follows the other (a short step runs faster on caches its
     # predecessor warmed); the subnormal step follows them
-    while len(times[fused]) < repeats or sum(times[fused]) < MIN_TIMED_S:
+    while len(times[fused]) < repeats or sum(times[fused]) < min_timed_s:
         pair = [fused, "no dropout"] if len(times[fused]) % 2 == 0 else ["no dropout", fused]
         for key in pair:
             timed(key, steps[key])
@@ -443,8 +446,9 @@ def run(args) -> int:
     log(
         f"delrec bench --network {args.network}{' --quick' if args.quick else ''}: torch "
         f"{torch.__version__}, {torch.get_num_threads()} thread(s), CPU {cpu_name()}, "
-        f"{repeats} repeats or more (median; at least {MIN_TIMED_S:g} s of the delrec fused step "
-        f"per preset), clock = {args.clock}"
+        f"{repeats} repeats or more (median; at least "
+        f"{QUICK_MIN_TIMED_S if args.quick else MIN_TIMED_S:g} s of the delrec fused step per "
+        f"preset), clock = {args.clock}"
     )
     log(
         "step = forward + loss + backward of the whole network; fused/unfused = the network "
