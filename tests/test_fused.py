@@ -302,6 +302,17 @@ def test_recurrent_layer_drops_its_input_or_spikes_like_the_dropout_module(
     assert (len(outside) == 0) == in_the_loop
 
 
+@pytest.mark.parametrize("where", ["input_dropout", "output_dropout"])
+def test_a_dropout_that_is_not_a_mask_draw_is_refused_by_name(where):
+    layer, current = DelRec(8).train(), torch.randn(5, 2, 8)
+    expected = rf"{where} must be a delrec.engine.dropout.MaskDraw.*got float"
+    with pytest.raises(TypeError, match=expected):
+        layer(current, **{where: 0.3})
+    if where == "output_dropout":  # the function that draws it, called by the layer
+        with pytest.raises(TypeError, match=expected):
+            layer(current, output_dropout=lambda: 0.3)
+
+
 @needs_kernels
 def test_the_engine_refuses_a_dropout_it_cannot_draw_in_its_loop():
     """From a state, or with a drive other than the current (``decay_input``), the C++ path

@@ -211,6 +211,13 @@ class DelRec(nn.Module):
             mask = self._draw_dropout_mask(current)
         if callable(output_dropout):
             output_dropout = output_dropout()
+        for name, draw in (("input_dropout", input_dropout), ("output_dropout", output_dropout)):
+            if draw is not None and not isinstance(draw, MaskDraw):
+                raise TypeError(
+                    f"{name} must be a delrec.engine.dropout.MaskDraw, e.g. "
+                    f"delrec.engine.dropout.draw(p) for probability p, or None; got "
+                    f"{type(draw).__name__}"
+                )
         if mask is not None and mask.shape != current.shape[1:]:
             raise ValueError(
                 f"dropout_mask must have shape (B, N) = {tuple(current.shape[1:])}, "
