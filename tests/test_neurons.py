@@ -36,6 +36,17 @@ def test_unknown_surrogate_names_the_choices():
         make_surrogate("sigmoidal")
 
 
+def test_a_neuron_takes_a_surrogate_by_name_and_refuses_anything_else():
+    assert LIF(surrogate="triangle").p.surrogate == Triangle()
+    assert LIF(surrogate="ATan").p.surrogate == ATan()
+    with pytest.raises(ValueError, match="choose one of"):
+        LIF(surrogate="sigmoidal")
+    for neuron in (LIF, AdLIF):
+        with pytest.raises(TypeError, match="surrogate must be a delrec.neurons.Surrogate.*float"):
+            neuron(surrogate=5.0)
+    assert AdLIF(surrogate="atan").p.surrogate == ATan()
+
+
 def test_lif_charge_fire_reset_by_hand():
     u = torch.tensor([[0.6, 0.6, 1.5]])
     v = torch.tensor([[0.5, 0.8, 0.0]])

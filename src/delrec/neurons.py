@@ -82,6 +82,18 @@ def make_surrogate(name: str, **kwargs) -> Surrogate:
         ) from None
 
 
+def as_surrogate(surrogate: Surrogate | str) -> Surrogate:
+    """``surrogate`` itself, or the surrogate of that name with its default parameters."""
+    if isinstance(surrogate, str):
+        return make_surrogate(surrogate)
+    if not isinstance(surrogate, Surrogate):
+        raise TypeError(
+            f"surrogate must be a delrec.neurons.Surrogate (Triangle(gamma), ATan(alpha)) or one "
+            f"of the names {sorted(SURROGATES)}, got {type(surrogate).__name__}"
+        )
+    return surrogate
+
+
 # --------------------------------------------------------------------------- protocol
 @runtime_checkable
 class Neuron(Protocol):
@@ -138,7 +150,8 @@ class LIFParameters:
     ``tau``: membrane time constant in steps (> 1 for a leak below one).
     ``v_reset``: reset potential for a hard reset, or ``None`` for a soft reset
     (subtract the threshold). ``detach_reset``: no gradient through the reset.
-    ``decay_input``: divide the input current by ``tau`` too.
+    ``decay_input``: divide the input current by ``tau`` too. ``surrogate``: a
+    :class:`Surrogate`, or its name (``"triangle"``, ``"atan"``) for its default parameters.
     """
 
     tau: float = 2.0
@@ -151,6 +164,7 @@ class LIFParameters:
     def __post_init__(self):
         if not self.tau > 0 or math.isinf(self.tau):
             raise ValueError(f"LIF tau must be a positive number of time steps, got {self.tau}")
+        object.__setattr__(self, "surrogate", as_surrogate(self.surrogate))
 
     @property
     def soft_reset(self) -> bool:
@@ -258,7 +272,8 @@ class AdLIFParameters:
 
     ``tau_u``/``tau_w``: membrane and adaptation time constants in steps;
     ``a``: sub-threshold coupling of the adaptation to the membrane; ``b``: spike-triggered
-    adaptation; reset to 0 after a spike (``detach_reset`` as in LIF).
+    adaptation; reset to 0 after a spike (``detach_reset`` as in LIF); ``surrogate`` as in
+    :class:`LIFParameters`.
     """
 
     tau_u: float = 5.0
@@ -268,6 +283,9 @@ class AdLIFParameters:
     v_threshold: float = 1.0
     detach_reset: bool = False
     surrogate: Surrogate = Triangle()
+
+    def __post_init__(self):
+        object.__setattr__(self, "surrogate", as_surrogate(self.surrogate))
 
 
 def adlif_step(
