@@ -1,6 +1,6 @@
 // Dropout masks drawn by a counter-based generator (Philox4x32-10), shared by the kernels that
-// apply them (csrc/fused.cpp; csrc/axonal.cpp, the input dropout of a recurrent layer). What a
-// mask is: delrec/engine/dropout.py. Element (t, b, n) of a mask, n = 128k + 16j + l (j < 8,
+// apply them (csrc/fused.cpp; csrc/axonal.cpp, a recurrent layer's input and output dropout).
+// What a mask is: delrec/engine/dropout.py. Element (t, b, n) of a mask, n = 128k + 16j + l (j < 8,
 // l < 16), is kept when half j div 4 (0: the low 16 bits, 1: the high ones) of word j mod 4 of
 // Philox4x32-10(counter = (16k + l, b + batch_offset, t, 0), key = (key mod 2³², key div 2³²))
 // is below `threshold` = round(keep·2¹⁶); a kept element is multiplied by 1/keep (in the
