@@ -116,6 +116,36 @@ def test_same_seed_same_network_and_forward_shapes():
     assert torch.allclose(probs.sum(-1), torch.full((2,), 12.0))
 
 
+@pytest.mark.parametrize("readout", ["lif", "sum", "ema"])
+def test_a_sample_scores_the_same_alone_and_padded_in_a_batch(readout):
+    # the padding after a sample's true length must not count in its scores or loss gradient
+    cfg = NetworkConfig(4, (8, 8), 3, block="bn", readout=readout, recurrent_layers=(1,))
+    net = build_network(cfg, seed=0).double().eval()
+    sample = torch.rand(10, 1, 4, dtype=torch.float64)
+    padded = torch.cat([sample, torch.zeros(20, 1, 4, dtype=torch.float64)])
+    other = torch.rand(30, 1, 4, dtype=torch.float64)  # a longer neighbour in the batch
+    alone = readout_reduce(net(sample), readout, torch.tensor([10]))
+    output = net(torch.cat([padded, other], dim=1)).detach().requires_grad_()
+    batched = readout_reduce(output, readout, torch.tensor([10, 30]))
+    torch.testing.assert_close(batched[0], alone[0], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(batched[0], readout_reduce(output, readout)[0])  # padding counts
+    batched[0].sum().backward()
+    assert output.grad[10:, 0].abs().max() == 0 and output.grad[:10, 0].abs().max() > 0
+
+
+def test_bad_lengths_get_clear_errors():
+    output = torch.randn(10, 2, 3)
+    for lengths, problem in [
+        (torch.tensor([10]), r"shape \(1,\).*\(2,\)"),
+        (torch.tensor([10.0, 5.0]), "integers"),
+        (torch.tensor([0, 5]), r"\[1, 10\]"),
+        (torch.tensor([11, 5]), r"\[1, 10\]"),
+    ]:
+        for readout in ("lif", "ema"):
+            with pytest.raises(ValueError, match=problem):
+                readout_reduce(output, readout, lengths)
+
+
 def test_bad_network_configs_get_clear_errors():
     with pytest.raises(ValueError, match="unknown model"):
         preset_network("shd", "transformer")

@@ -363,19 +363,49 @@ def set_feedforward_engine(network: nn.Module, engine: str) -> None:
             module.engine = engine
 
 
-def readout_reduce(output: Tensor, readout: str) -> Tensor:
+def readout_reduce(output: Tensor, readout: str, lengths: Tensor | None = None) -> Tensor:
     """Readout sequence ``(T, B, K)`` → logits or prediction ``(B, K)``.
 
     ``"lif"``: Σ_t softmax(V[t]) (a probability mass summed over time; take its log for the
-    cross-entropy); ``"sum"``: Σ_t output[t]; ``"ema"``: the last value.
+    cross-entropy); ``"sum"``: Σ_t output[t]; ``"ema"``: the last value. ``lengths`` ``(B,)``:
+    each sample's true number of steps (integers in ``[1, T]``); the padding after it does not
+    count, so a sample gets the same answer whatever the batch it is padded in. ``None``: every
+    step counts.
     """
-    if readout == "lif":
-        return output.softmax(-1).sum(0)
-    if readout == "sum":
-        return output.sum(0)
+    if readout not in READOUTS:
+        raise ValueError(f"unknown readout {readout!r}; choose one of {READOUTS}")
+    steps = output.shape[0]
+    if lengths is not None:
+        check_lengths(lengths, steps, output.shape[1])
+        if bool((lengths == steps).all()):  # no padding (checked where the lengths live)
+            lengths = None
+        else:
+            lengths = lengths.to(output.device)
     if readout == "ema":
-        return output[-1]
-    raise ValueError(f"unknown readout {readout!r}; choose one of {READOUTS}")
+        if lengths is None:
+            return output[-1]
+        return output[lengths - 1, torch.arange(output.shape[1], device=output.device)]
+    terms = output.softmax(-1) if readout == "lif" else output
+    if lengths is not None:  # the padding's terms count zero
+        valid = torch.arange(steps, device=output.device)[:, None] < lengths[None, :]
+        terms = terms * valid.unsqueeze(-1).to(terms.dtype)
+    return terms.sum(0)
+
+
+def check_lengths(lengths: Tensor, steps: int, batch: int) -> None:
+    """Raise a ValueError unless ``lengths`` holds ``batch`` integer lengths in ``[1, steps]``."""
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise ValueError(f"lengths must be integers (steps per sample), got {lengths.dtype}")
+    if lengths.shape != (batch,):
+        raise ValueError(
+            f"lengths has shape {tuple(lengths.shape)}; it needs one length per sample of the "
+            f"batch: ({batch},)"
+        )
+    if batch and not bool(((lengths >= 1) & (lengths <= steps)).all()):
+        raise ValueError(
+            f"lengths must lie in [1, {steps}] (the sequence's steps), got "
+            f"{lengths.min().item()}…{lengths.max().item()}"
+        )
 
 
 def _linear(

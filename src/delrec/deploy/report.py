@@ -24,9 +24,8 @@ a chip's published limits (:mod:`delrec.deploy.targets`).
 Synaptic operations (an energy proxy): every non-zero input of a layer (a spike, or a
 non-zero input frame entry for the first layer) costs one operation per non-zero outgoing
 weight; recurrent spikes likewise. Counts are per inference (per sample), over the true
-length of each sample when the loader gives lengths. Scores follow ``delrec eval``: class
-scores from :func:`~delrec.models.readout_reduce` over the whole (padded) batch, the
-regression prediction at each sample's last true step.
+length of each sample when the loader gives lengths. Scores follow ``delrec eval``:
+:func:`~delrec.models.readout_reduce` over each sample's true steps.
 """
 
 from __future__ import annotations
@@ -129,15 +128,6 @@ def _valid_steps(steps: int, batch: int, lengths: Tensor | None) -> Tensor:
     return (torch.arange(steps)[:, None] < lengths[None, :]).unsqueeze(-1)
 
 
-def _prediction(output: Tensor, lengths: Tensor | None, readout: str) -> Tensor:
-    """Readout sequence ``(T, B, K)`` → class scores or prediction ``(B, K)``, as training
-    evaluates it: :func:`~delrec.models.readout_reduce`, the ``"ema"`` value at the last true
-    step."""
-    if readout != "ema" or lengths is None:
-        return readout_reduce(output, readout)
-    return output[lengths - 1, torch.arange(output.shape[1])]
-
-
 class _Score:
     """Accumulates accuracy (classification) or NMSE (``"ema"`` regression readout)."""
 
@@ -185,7 +175,7 @@ def _evaluate(
         output, layer_spikes = output.cpu(), [s.cpu() for s in layer_spikes]
         frames = frames.cpu()
         mask = _valid_steps(frames.shape[0], frames.shape[1], lengths)
-        score.add(_prediction(output, lengths, readout), targets.cpu())
+        score.add(readout_reduce(output, readout, lengths), targets.cpu())
         if count_activity:
             for index, s in enumerate(layer_spikes):
                 events[index] += (

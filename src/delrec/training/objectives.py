@@ -16,12 +16,6 @@ from torch import Tensor
 from delrec.models import readout_reduce
 
 
-def last_valid(output: Tensor, lengths: Tensor) -> Tensor:
-    """``output[lengths[b] - 1, b]`` for every sample: ``(T, B, K)`` → ``(B, K)``."""
-    index = (lengths.to(output.device) - 1).view(1, -1, 1).expand(1, -1, output.shape[-1])
-    return output.gather(0, index).squeeze(0)
-
-
 class Regression:
     """One scalar target per sequence; the prediction is the last valid readout value.
 
@@ -40,7 +34,7 @@ class Regression:
 
     def __call__(self, output: Tensor, lengths: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """→ (MSE loss, predictions ``(B,)``)."""
-        prediction = last_valid(output, lengths)[:, 0]
+        prediction = readout_reduce(output, "ema", lengths)[:, 0]
         return F.mse_loss(prediction, targets.to(prediction.dtype)), prediction
 
     def meter(self) -> RegressionMeter:
@@ -80,9 +74,10 @@ class Classification:
     """A class label per sequence, scored by the readout (docs/design.md#losses-and-readouts).
 
     ``"lif"``: ŷ = Σ_t softmax(V[t]) (Eq. S1), then the cross-entropy on that sum taken as
-    the class scores, ``-log softmax(ŷ)[label]`` (as the authors' published code
-    computes Eq. S2); ``"sum"``: cross-entropy of Σ_t output[t]; ``"ema"``: cross-entropy of
-    the last valid output. Metric: accuracy of the arg-max; higher is better.
+    the class scores, ``-log softmax(ŷ)[label]`` (as the authors' published code computes
+    Eq. S2); ``"sum"``: cross-entropy of Σ_t output[t]; ``"ema"``: cross-entropy of the last
+    valid output. The sums run over each sample's true steps (the padding of a batch does not
+    count). Metric: accuracy of the arg-max; higher is better.
     """
 
     task = "classification"
@@ -94,10 +89,7 @@ class Classification:
 
     def __call__(self, output: Tensor, lengths: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """→ (loss, class scores ``(B, K)``)."""
-        if self.readout == "ema":
-            scores = last_valid(output, lengths)
-        else:
-            scores = readout_reduce(output, self.readout)
+        scores = readout_reduce(output, self.readout, lengths)
         return F.cross_entropy(scores, targets), scores
 
     def meter(self) -> ClassificationMeter:
