@@ -485,3 +485,41 @@ def test_report_command_on_a_named_data_set(tmp_path, capsys):
         == 0
     )
     assert "accuracy on 8 samples" in capsys.readouterr().out
+
+
+def test_report_refuses_a_data_set_the_network_cannot_answer(tmp_path, capsys):
+    regression = build_network(NetworkConfig(1, (6,), 1, readout="ema"), seed=0)
+    three = build_network(NetworkConfig(1, (6,), 3), seed=0)
+    for net, data, problem in [
+        (regression, "digits-8x8", "asks for scores of 10 classes, but the network has 1"),
+        (three, "digits-8x8", "asks for scores of 10 classes, but the network has 3"),
+        (three, "mackey-glass", "asks for one regression output, but the network has 3"),
+    ]:
+        run = save_run(tmp_path / data / str(net.config.output_size), net)
+        assert main(["report", str(run), "--data", data]) == 2
+        assert problem in capsys.readouterr().err
+    assert main(["report", str(run), "--no-data", "--data", "mackey-glass"]) == 2
+    assert "contradict" in capsys.readouterr().err
+
+
+def test_report_on_the_runs_own_data_set_named_measures_it_as_the_run_saw_it(tmp_path, capsys):
+    # Mackey-Glass targets are standardised with the moments stored in the checkpoint: naming
+    # the run's own data set must not measure raw targets against standardised predictions
+    from delrec.config import preset
+
+    train_config = preset("mackey-glass", "delrec")
+    net = build_network(train_config.network_config(1, 1), seed=0)
+    run = tmp_path / "run"
+    save_checkpoint(
+        {
+            **network_payload(net),
+            "train_config": train_config.to_dict(),
+            "standardization": torch.tensor([0.9, 0.2], dtype=torch.float64),
+        },
+        run / "checkpoints" / "best.pt",
+    )
+    scores = []
+    for named in ([], ["--data", "mackey-glass"]):
+        assert main(["report", str(run), *named, "--max-batches", "1", "--batch-size", "16"]) == 0
+        scores.append(next(line for line in capsys.readouterr().out.splitlines() if "nmse" in line))
+    assert scores[0] == scores[1] and "nmse on 16 samples" in scores[0]

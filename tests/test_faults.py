@@ -49,7 +49,7 @@ from delrec.engine import feedforward as feedforward_engines
 from delrec.engine.ring import DelayedSynapses
 from delrec.layers import DelRec, FeedforwardDelay, set_spread
 from delrec.models import NetworkConfig, build_network
-from delrec.neurons import LIF
+from delrec.neurons import LIF, AdLIF
 from delrec.runs import LOCK
 from delrec.training import Trainer, TrainingError
 
@@ -218,6 +218,27 @@ def test_a_checkpoint_with_nan_parameters_is_refused_by_every_command(tmp_path, 
     for command in (["export"], ["report", "--no-data"], ["eval"]):
         assert main([*command, str(path)]) == 2, command
         assert "holds NaN or infinite values" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "edit,problem",
+    [
+        (lambda p: p["network_config"].update(bogus=1), "unexpected keyword argument 'bogus'"),
+        (lambda p: p.pop("network_config"), "no 'network_config'"),
+        (lambda p: p["network_config"].update(hidden_sizes=[6]), "size mismatch"),
+        (lambda p: p["network_config"].update(delay_type="weird"), "delay_type must be one of"),
+    ],
+)
+def test_a_checkpoint_whose_network_cannot_be_rebuilt_is_bad_input(tmp_path, capsys, edit, problem):
+    payload = network_payload(build_network(NetworkConfig(1, (4,), 10), seed=0))
+    edit(payload)
+    path = tmp_path / "edited.pt"
+    save_checkpoint(payload, path)
+    for command in (["export"], ["report", "--no-data"]):
+        assert main([*command, str(path)]) == 2, command
+        err = capsys.readouterr().err
+        assert f"the network in {path} cannot be rebuilt" in err and problem in err, err
+        assert "Traceback" not in err
 
 
 # --------------------------------------------------------------------------- caches
@@ -451,6 +472,66 @@ def test_a_non_finite_input_current_is_refused_naming_where(value, mode, device)
     current[4, 1, 7] = value
     with pytest.raises(ValueError, match=f"not finite: {value} at step 4, batch item 1, neuron 7"):
         layer(current)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize(
+    "where", ["the weights", "the spread logits", "state's neuron", "state's spike", "mask"]
+)
+def test_non_finite_weights_spreads_states_and_masks_are_refused_naming_which(where, value):
+    # each would silence the layer (no spikes) and make every gradient NaN, without a word
+    layer = DelRec(8, learn_spread=True, sigma=2.0, recurrent_dropout=0.5)
+    current = torch.rand(10, 2, 8)
+    _, state = layer(current, return_state=True)
+    neuron, spikes, mask = state
+    with torch.no_grad():
+        if where == "the weights":
+            layer.weight[3, 1] = value
+        elif where == "the spread logits":
+            layer.spread_logits[2] = value
+        elif where == "state's neuron":
+            neuron = (neuron[0].clone().fill_(value),)
+        elif where == "state's spike":
+            spikes = spikes.clone().fill_(value)
+        else:
+            mask = mask.clone().fill_(value)
+    with pytest.raises(ValueError, match=f"{where}.* of DelRec\\(8\\) hold NaN or Inf"):
+        layer(current, type(state)(neuron, spikes, mask))
+
+
+def test_states_and_masks_of_another_kind_get_clear_errors():
+    layer = DelRec(8, recurrent_dropout=0.5)
+    current = torch.rand(10, 2, 8)
+    _, (neuron, spikes, mask) = layer(current, return_state=True)
+    State = type(layer(current, return_state=True)[1])
+    with pytest.raises(TypeError, match="float64 tensors, the input is torch.float32"):
+        layer(current, State(tuple(v.double() for v in neuron), spikes.double(), mask))
+    with pytest.raises(ValueError, match="must hold the 1 tensor.*LIF neuron's state, got 0"):
+        layer(current, State((), spikes, mask))
+    with pytest.raises(ValueError, match="must hold the 2 tensor.*AdLIF neuron's state, got 1"):
+        DelRec(8, AdLIF())(current, State(neuron, spikes, mask))
+    with pytest.raises(TypeError, match="floats .* or booleans, got torch.int64"):
+        layer(current, dropout_mask=torch.ones(2, 8, dtype=torch.int64))
+    # a boolean or float64 mask runs as its float32 values would, on the fast path too
+    keep = torch.rand(2, 8) < 0.5
+    want = layer(current, dropout_mask=keep.float())
+    assert torch.equal(layer(current, dropout_mask=keep), want)
+    assert torch.equal(layer(current, dropout_mask=keep.double()), want)
+
+
+def test_absurd_neuron_parameters_and_neuron_classes_are_refused():
+    for make, match in [
+        (lambda: LIF(v_threshold=float("nan")), "LIF v_threshold must be a finite number"),
+        (lambda: LIF(v_reset=float("inf")), "LIF v_reset must be a finite number"),
+        (lambda: AdLIF(tau_u=-2.0), "AdLIF tau_u must be a positive number"),
+        (lambda: AdLIF(tau_w=0.0), "AdLIF tau_w must be a positive number"),
+        (lambda: AdLIF(tau_u=float("nan")), "AdLIF tau_u must be a positive number"),
+        (lambda: AdLIF(b=float("nan")), "AdLIF b must be a finite number"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            make()
+    with pytest.raises(TypeError, match="must be an instance, got the class LIF"):
+        DelRec(8, LIF)
 
 
 def test_a_huge_finite_current_whose_sum_overflows_is_accepted():

@@ -72,10 +72,20 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return payload
 
 
-def network_from(payload: dict) -> SpikingNetwork:
-    """The network a checkpoint's payload holds, in eval mode."""
-    with warnings.catch_warnings():  # the checkpoint's delays replace the initial draw
-        warnings.simplefilter("ignore", DelayLimitWarning)
-        network = build_network(NetworkConfig(**payload["network_config"]))
-    network.load_state_dict(payload["model"])
+def network_from(payload: dict, source: str | os.PathLike = "the checkpoint") -> SpikingNetwork:
+    """The network a checkpoint's payload holds, in eval mode; a CheckpointError naming
+    ``source`` (the file) when its configuration or weights do not rebuild one."""
+    try:
+        with warnings.catch_warnings():  # the checkpoint's delays replace the initial draw
+            warnings.simplefilter("ignore", DelayLimitWarning)
+            network = build_network(NetworkConfig(**payload["network_config"]))
+        network.load_state_dict(payload["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        problem = f"no {error}" if isinstance(error, KeyError) else " ".join(str(error).split())
+        if len(problem) > 300:  # the first of load_state_dict's missing or misshapen tensors
+            problem = problem[:297] + "..."
+        raise CheckpointError(
+            f"the network in {source} cannot be rebuilt ({problem}): the file was edited or "
+            "written by another version of delrec; use the run's other checkpoint or retrain"
+        ) from None
     return network.eval()

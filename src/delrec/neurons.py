@@ -143,6 +143,17 @@ class SequenceNeuron(nn.Module):
 
 
 # --------------------------------------------------------------------------- LIF
+def check_finite(model: str, **values: float | None) -> None:
+    """Raise a ValueError naming the first of ``values`` (a neuron's parameters) that is a
+    NaN or an infinity (``None`` passes: an unset option)."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise ValueError(
+                f"{model} {name} must be a finite number, got {value}: a NaN or infinite "
+                "parameter makes the neurons fire never or always"
+            )
+
+
 @dataclass(frozen=True)
 class LIFParameters:
     """Leaky integrate-and-fire parameters (SpikingJelly ``LIFNode`` conventions).
@@ -164,6 +175,7 @@ class LIFParameters:
     def __post_init__(self):
         if not self.tau > 0 or math.isinf(self.tau):
             raise ValueError(f"LIF tau must be a positive number of time steps, got {self.tau}")
+        check_finite("LIF", v_threshold=self.v_threshold, v_reset=self.v_reset)
         object.__setattr__(self, "surrogate", as_surrogate(self.surrogate))
 
     @property
@@ -285,6 +297,13 @@ class AdLIFParameters:
     surrogate: Surrogate = Triangle()
 
     def __post_init__(self):
+        for name in ("tau_u", "tau_w"):
+            value = getattr(self, name)
+            if not value > 0 or math.isinf(value):
+                raise ValueError(
+                    f"AdLIF {name} must be a positive number of time steps, got {value}"
+                )
+        check_finite("AdLIF", a=self.a, b=self.b, v_threshold=self.v_threshold)
         object.__setattr__(self, "surrogate", as_surrogate(self.surrogate))
 
 
@@ -367,6 +386,11 @@ def as_neuron(neuron: nn.Module) -> nn.Module:
     Accepts our neurons, user-written ones (anything with ``initial_state`` and ``step``), and
     SpikingJelly single-step nodes (wrapped in :class:`SpikingJellyNeuron`).
     """
+    if isinstance(neuron, type):
+        raise TypeError(
+            f"the neuron must be an instance, got the class {neuron.__name__}: write "
+            f"{neuron.__name__}(…) with its parameters, e.g. DelRec(size, LIF(tau=2.0))"
+        )
     if isinstance(neuron, Neuron):
         return neuron
     if type(neuron).__module__.startswith("spikingjelly"):

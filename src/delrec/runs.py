@@ -316,7 +316,7 @@ def load_checkpoint(path: str | os.PathLike, which: str = "best") -> dict:
 
 def load_network(path: str | os.PathLike, which: str = "best") -> SpikingNetwork:
     """The trained network of a checkpoint file or run directory, in eval mode."""
-    return network_from(load_checkpoint(path, which))
+    return network_from(load_checkpoint(path, which), checkpoint_file(path, which))
 
 
 def checkpoint_config(payload: dict, path: str | os.PathLike, **changes) -> TrainConfig:

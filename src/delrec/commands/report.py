@@ -13,6 +13,7 @@ from delrec.deploy.report import format_report, hardware_report, write_report
 from delrec.deploy.targets import TARGETS, UnknownTargetError, format_targets, get_target
 from delrec.runs import (
     checkpoint_config,
+    checkpoint_file,
     default_report_dir,
     eval_loader,
     load_checkpoint,
@@ -93,27 +94,45 @@ def run(args: argparse.Namespace) -> int:
     payload = load_checkpoint(args.run_dir, args.checkpoint)
     try:
         report = hardware_report(
-            network_from(payload),
+            network_from(payload, checkpoint_file(args.run_dir, args.checkpoint)),
             _loader(args, payload),
             max_batches=args.max_batches,
             target=target,
         )
     except ValueError as error:  # no samples to measure on
         raise UsageError(str(error)) from None
+    print(format_report(report))  # first: a failed write still shows the measurement
     paths = write_report(report, output)
-    print(format_report(report))
     print(f"wrote {paths[0]} and {paths[1]}")
     return 0
 
 
-def _loader(args: argparse.Namespace, payload: dict):
-    """The loader to measure on: ``--data``, else the run's own data set, else ``None``."""
-    if args.no_data:
-        return None
-    if args.data:
-        return make_loader(
-            load_dataset(args.data, args.split, root=args.data_root), args.batch_size
+def _check_fits(network: dict, info) -> None:
+    """A UsageError unless the network (its configuration) answers data set ``info``'s task:
+    one regression output from the ``"ema"`` readout, or a score for each of its classes."""
+    regression = info.task == "regression"
+    if network["output_size"] != info.output_size or regression and network["readout"] != "ema":
+        kind = "one regression output" if regression else f"scores of {info.num_classes} classes"
+        raise UsageError(
+            f"data set {info.name} asks for {kind}, but the network has {network['output_size']} "
+            f"output(s) and the {network['readout']!r} readout: measure it on the data set it "
+            "was trained for (leave out --data) or on one of the same kind"
         )
+
+
+def _loader(args: argparse.Namespace, payload: dict):
+    """The loader to measure on: ``--data``, else the run's own data set (as the run saw it:
+    its permutation, its standardised targets), else ``None``."""
+    if args.no_data:
+        if args.data:
+            raise UsageError("--no-data and --data NAME contradict each other: give one")
+        return None
+    # the run's own data set, named: measured as the run saw it (below)
+    own = "train_config" in payload and payload["train_config"].get("task") == args.data
+    if args.data and not own:
+        dataset = load_dataset(args.data, args.split, root=args.data_root)
+        _check_fits(payload["network_config"], dataset.info)
+        return make_loader(dataset, args.batch_size)
     if "train_config" not in payload:
         print(
             "note: the checkpoint holds no training configuration, so there is no data set to "

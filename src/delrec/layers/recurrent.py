@@ -200,11 +200,17 @@ class DelRec(nn.Module):
         if unbatched:
             current = current.unsqueeze(1)
         self._check_input(current)
-        self._check_values(current)
         if state is not None:
             self._check_state(state, current)
         if dropout_mask is not None:
-            mask = dropout_mask
+            if dropout_mask.dtype.is_complex or not (
+                dropout_mask.dtype.is_floating_point or dropout_mask.dtype == torch.bool
+            ):
+                raise TypeError(
+                    f"dropout_mask must hold floats (0 or 1/(1-p)) or booleans, got "
+                    f"{dropout_mask.dtype}"
+                )
+            mask = dropout_mask.to(current.dtype)
         elif state is not None:
             mask = state.mask
         else:
@@ -223,6 +229,7 @@ class DelRec(nn.Module):
                 f"dropout_mask must have shape (B, N) = {tuple(current.shape[1:])}, "
                 f"got {tuple(mask.shape)}"
             )
+        self._check_values(current, state, mask)
         wants_grad = torch.is_grad_enabled() and (
             current.requires_grad
             or any(p.requires_grad for p in self.parameters())
@@ -283,11 +290,25 @@ class DelRec(nn.Module):
                 f"state.spikes must be (H, B, N) = (H, {batch}, {self.size}), got "
                 f"{tuple(spikes.shape)}; a state belongs to the batch it was computed for"
             )
-        for x in state.neuron:
-            if tuple(x.shape) != expected:
+        fresh = self.neuron.initial_state(current[0, :1])
+        if not isinstance(state.neuron, tuple) or len(state.neuron) != len(fresh):
+            got = len(state.neuron) if isinstance(state.neuron, tuple) else state.neuron
+            raise ValueError(
+                f"state.neuron must hold the {len(fresh)} tensor(s) of the "
+                f"{type(self.neuron).__name__} neuron's state, got {got}; a state belongs to "
+                "the layer (and the neuron model) that returned it"
+            )
+        for x in (*state.neuron, spikes):
+            if x is not spikes and tuple(x.shape) != expected:
                 raise ValueError(
                     f"state.neuron holds a tensor of shape {tuple(x.shape)}, expected (B, N) = "
                     f"{expected}"
+                )
+            if x.dtype != current.dtype:
+                raise TypeError(
+                    f"the state holds {x.dtype} tensors, the input is {current.dtype}; convert "
+                    "it, DelRecState(tuple(v.to(dtype) for v in state.neuron), "
+                    "state.spikes.to(dtype), state.mask), or run the layer in its dtype"
                 )
 
     def _check_input(self, current: Tensor) -> None:
@@ -305,17 +326,39 @@ class DelRec(nn.Module):
         if current.shape[0] == 0:
             raise ValueError("input sequence is empty (T = 0)")
 
-    def _check_values(self, current: Tensor) -> None:
-        """What may change between forwards, with one device sync: the input current is finite,
-        the delays are finite and within ``±MAX_DELAY`` (a value set after construction), σ is
-        a valid spread. Raises ValueError naming the bad value. The current is checked through
-        its sum (NaN and Inf propagate into it): one vectorised pass, 1-3 % of a forward
+    def _check_values(
+        self, current: Tensor, state: DelRecState | None, mask: Tensor | None
+    ) -> None:
+        """What may change between forwards, with one device sync: the input current, the
+        weights, the spread logits, a given state and dropout mask are finite, the delays are
+        finite and within ``±MAX_DELAY`` (a value set after construction), σ is a valid spread.
+        Raises ValueError naming the bad value. Each tensor is checked through its sum (NaN and
+        Inf propagate into it): one vectorised pass, 1-3 % of a forward
         (benchmarks/bench_checks.py); only a non-finite sum is looked at element by element."""
         delay = self.delay.detach()
-        total = current.detach().sum(dtype=torch.promote_types(current.dtype, torch.float32))
-        fine = total.isfinite() & (delay.abs() <= delay_fns.MAX_DELAY).all()
+        named = {"the input current": current, "the weights": self.weight}
+        if self.spread_logits is not None:
+            named["the spread logits"] = self.spread_logits
+        if state is not None:
+            named |= {"the state's spike history": state.spikes}
+            named |= {f"the state's neuron tensor {k}": x for k, x in enumerate(state.neuron)}
+        if mask is not None:
+            named["the recurrent dropout mask"] = mask
+        sums = [
+            x.detach().sum(dtype=torch.promote_types(x.dtype, torch.float32))
+            for x in named.values()
+        ]
+        fine = torch.stack(sums).isfinite().all() & (delay.abs() <= delay_fns.MAX_DELAY).all()
         if bool(fine & (self.sigma >= 0) & (self.sigma <= delay_fns.MAX_DELAY)):
             return
+        for name, x in named.items():
+            if name != "the input current" and not bool(x.detach().isfinite().all()):
+                raise ValueError(
+                    f"{name} of DelRec({self.size}) hold NaN or Inf: the layer "
+                    "would fire nothing and every gradient would be NaN; find where they came "
+                    "from (torch.isfinite), e.g. a diverged training run (restore a checkpoint, "
+                    "lower the learning rate)"
+                )
         bad = (~torch.isfinite(current)).nonzero()
         if len(bad):
             t, b, i = bad[0].tolist()

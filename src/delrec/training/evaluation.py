@@ -12,7 +12,13 @@ from delrec.checkpoint import network_from
 from delrec.config import resolve_device
 from delrec.layers import DelRec
 from delrec.models import SpikingNetwork
-from delrec.runs import checkpoint_config, eval_loader, load_checkpoint, load_splits
+from delrec.runs import (
+    checkpoint_config,
+    checkpoint_file,
+    eval_loader,
+    load_checkpoint,
+    load_splits,
+)
 from delrec.training.objectives import make_objective
 
 
@@ -62,7 +68,7 @@ def evaluate_run(
     payload = load_checkpoint(run_dir, checkpoint)
     config = checkpoint_config(payload, run_dir, device=device, data_root=data_root or None)
     target = resolve_device(config.device)
-    network = network_from(payload).to(target)
+    network = network_from(payload, checkpoint_file(run_dir, checkpoint)).to(target)
     layers = [m for m in network.modules() if isinstance(m, DelRec)]
     for layer in layers:
         layer.integer_eval = not spread
