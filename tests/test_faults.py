@@ -534,6 +534,48 @@ def test_absurd_neuron_parameters_and_neuron_classes_are_refused():
         DelRec(8, LIF)
 
 
+def test_absurd_sizes_and_initialisers_are_refused_at_construction():
+    for make, match in [
+        (lambda: DelRec(0), "DelRec size .* >= 1, got 0"),
+        (lambda: DelRec(2.5), "DelRec size .* >= 1, got 2.5"),
+        (lambda: FeedforwardDelay(0, 4), "in_features must be a whole number >= 1, got 0"),
+        (lambda: FeedforwardDelay(3, 4, kernel_size=2.5), "kernel_size .* got 2.5"),
+        (lambda: NetworkConfig(0, (4,), 2), "input_size must be a whole number >= 1, got 0"),
+        (lambda: NetworkConfig(1, (4, -1), 2), "hidden_sizes must be a whole number >= 1"),
+        (lambda: DelRec(4, delay_init="uniform:a:b"), "arguments must be numbers of steps"),
+        (
+            lambda: DelRec(8, delay_init=lambda shape, g: torch.zeros(3)),
+            r"gave \(3,\); axonal delays of DelRec\(8\) need a tensor of shape \(8,\)",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            make()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_layers_run_on_a_path_that_takes_them(dtype):
+    # the compiled paths take float32 and float64; a half-precision layer gets a PyTorch path
+    layer = DelRec(8, recurrent_dropout=0.2).to(dtype)
+    current = torch.rand(10, 2, 8, dtype=dtype) * 2
+    layer(current).float().sum().backward()
+    assert layer.weight.grad.dtype == dtype and bool(layer.weight.grad.isfinite().all())
+    with torch.no_grad():
+        assert layer.eval()(current).dtype == dtype
+    with pytest.raises(TypeError, match="FeedforwardDelay runs float32 and float64 inputs"):
+        FeedforwardDelay(8, 8, kernel_size=4).to(dtype)(current)
+
+
+@pytest.mark.parametrize("name,delay_type", ENGINE_CASES)
+def test_every_path_returns_contiguous_spikes(name, delay_type):
+    path = PATHS[name]
+    if not path.available("cpu"):
+        needs = "a CUDA GPU with triton" if name.startswith("triton") else "a C++ compiler"
+        pytest.skip(f"{name} does not run here: it needs {needs}")
+    layer = DelRec(8, delay_type=delay_type, engine=name).train(not path.integer_only)
+    with torch.set_grad_enabled(path.grad):
+        assert layer(torch.rand(10, 2, 8) * 2).is_contiguous()
+
+
 def test_a_huge_finite_current_whose_sum_overflows_is_accepted():
     layer = DelRec(16).eval()
     with torch.no_grad():

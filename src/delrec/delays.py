@@ -222,6 +222,12 @@ def parse_init(spec: str | float | DelayInit) -> DelayInit:
             f"unknown delay init {spec!r}; use 'uniform:LOW:HIGH', 'half_normal:STD' or a number"
         )
     try:
-        return makers[name](*map(float, args))
+        numbers = [float(a) for a in args]
+    except ValueError:
+        raise ValueError(
+            f"delay init {spec!r}: its arguments must be numbers of steps, e.g. 'uniform:0:10'"
+        ) from None
+    try:
+        return makers[name](*numbers)
     except TypeError:
         raise ValueError(f"delay init {spec!r} has the wrong number of arguments") from None

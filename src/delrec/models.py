@@ -26,6 +26,7 @@ from delrec.engine import fused
 from delrec.engine.lif import is_builtin_lif
 from delrec.layers import DelRec, DelRecState, FeedforwardDelay, run_chunk
 from delrec.layers.dropout import Dropout
+from delrec.layers.sizes import check_size
 from delrec.neurons import LIF, LeakyIntegrator, make_surrogate
 from delrec.recipes import RECIPES
 
@@ -167,8 +168,11 @@ class NetworkConfig:
                 f"MAX_DELAY = {MAX_DELAY:g} steps), got {self.ff_delay_window}"
             )
         check_max_delay(self.max_delay, "max_delay")
-        if not self.hidden_sizes or min(self.hidden_sizes) < 1:
-            raise ValueError(f"hidden_sizes must be positive sizes, got {self.hidden_sizes}")
+        if not self.hidden_sizes:
+            raise ValueError("hidden_sizes must name at least one hidden layer, got ()")
+        self.hidden_sizes = tuple(check_size(n, "each of hidden_sizes") for n in self.hidden_sizes)
+        self.input_size = check_size(self.input_size, "input_size")
+        self.output_size = check_size(self.output_size, "output_size")
         for name in ("dropout", "recurrent_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")

@@ -70,8 +70,9 @@ class EnginePath:
     dropping the input current in its forward loop and its gradient in the backward;
     ``runs_on(device)``: whether it can run on that device here (the C++ kernels built, a GPU
     library importable); it warns once itself when it should (``delrec.engine.native.load``
-    does for the C++ kernels). ``run`` is kept wrapped so that an empty batch never reaches it
-    (module docstring).
+    does for the C++ kernels). ``float_types``: the dtypes its kernels take (compiled paths:
+    float32 and float64), or None for any of PyTorch's. ``run`` is kept wrapped so that an
+    empty batch never reaches it (module docstring).
     """
 
     name: str
@@ -83,6 +84,7 @@ class EnginePath:
     stateful: bool = False
     loop_dropout: bool = False
     runs_on: Callable[[torch.device], bool] = _anywhere
+    float_types: tuple[torch.dtype, ...] | None = None
 
     def __post_init__(self):
         if not getattr(self.run, "empty_batch_safe", False):
@@ -102,9 +104,10 @@ class EnginePath:
             and (self.stateful or not state)
         )
 
-    def available(self, device: torch.device | str) -> bool:
-        """True if this path can run on ``device`` here."""
-        return self.runs_on(torch.device(device))
+    def available(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> bool:
+        """True if this path can run ``dtype`` tensors on ``device`` here."""
+        fits = self.float_types is None or dtype in self.float_types
+        return fits and self.runs_on(torch.device(device))
 
 
 def _empty_batch_safe(run: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -126,6 +129,9 @@ def _empty_batch_safe(run: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return guarded
 
 
+FLOATS = (torch.float32, torch.float64)  # the dtypes of the compiled kernels
+
+
 def _cpu_kernels(name: str) -> Callable[[torch.device], bool]:
     def runs_on(device: torch.device) -> bool:
         return device.type == "cpu" and native.load(name) is not None
@@ -137,7 +143,12 @@ PATHS: dict[str, EnginePath] = {
     path.name: path
     for path in (
         EnginePath(
-            "triton-ring", gpu.ring_recurrence, grad=False, integer_only=True, runs_on=gpu.runs_on
+            "triton-ring",
+            gpu.ring_recurrence,
+            grad=False,
+            integer_only=True,
+            runs_on=gpu.runs_on,
+            float_types=FLOATS,
         ),
         EnginePath(
             "cpp-ring",
@@ -146,6 +157,7 @@ PATHS: dict[str, EnginePath] = {
             integer_only=True,
             stateful=True,
             runs_on=_cpu_kernels("ring"),
+            float_types=FLOATS,
         ),
         EnginePath("ring", ring.ring_recurrence, grad=False, integer_only=True, stateful=True),
         EnginePath(
@@ -155,6 +167,7 @@ PATHS: dict[str, EnginePath] = {
             stateful=True,
             loop_dropout=True,
             runs_on=_cpu_kernels("axonal"),
+            float_types=FLOATS,
         ),
         EnginePath(
             "cpp-synaptic",
@@ -162,6 +175,7 @@ PATHS: dict[str, EnginePath] = {
             ("synaptic",),
             stateful=True,
             runs_on=_cpu_kernels("synaptic"),
+            float_types=FLOATS,
         ),
         EnginePath(
             "triton-axonal",
@@ -169,8 +183,15 @@ PATHS: dict[str, EnginePath] = {
             ("axonal", "shared"),
             stateful=True,
             runs_on=gpu.runs_on,
+            float_types=FLOATS,
         ),
-        EnginePath("triton-synaptic", gpu.synaptic_recurrence, ("synaptic",), runs_on=gpu.runs_on),
+        EnginePath(
+            "triton-synaptic",
+            gpu.synaptic_recurrence,
+            ("synaptic",),
+            runs_on=gpu.runs_on,
+            float_types=FLOATS,
+        ),
         EnginePath("torch-axonal", axonal.torch_recurrence, ("axonal", "shared"), stateful=True),
         EnginePath("torch-synaptic", synaptic.torch_recurrence, ("synaptic",), stateful=True),
         EnginePath("reference", triangle_recurrence, lif_only=False, stateful=True),
@@ -213,6 +234,7 @@ def select(
     grad: bool,
     engine: str = "auto",
     state: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> EnginePath:
     """The one path that runs this configuration on ``device``.
 
@@ -223,6 +245,7 @@ def select(
     fast path, for any other neuron ``"reference"``), ``"fast"`` (the same, but the built-in
     LIF is required) or a path name such as ``"reference"`` (that path, or an error saying why
     it can't run). ``state``: the layer runs a chunk from a state (a stateful path is needed).
+    ``dtype``: the float type of the layer (the compiled paths take float32 and float64).
     """
     if delay_type not in DELAY_TYPES:
         raise ValueError(f"delay_type must be one of {DELAY_TYPES}, got {delay_type!r}")
@@ -235,17 +258,21 @@ def select(
                 f"{' with autograd' if grad else ''}{' from a state' if state else ''}; "
                 "use engine='auto'"
             )
-        if not path.available(device):
+        if not path.available(device, dtype):
             raise RuntimeError(
-                f"engine path {engine!r} is not available on {torch.device(device)} here; "
-                "use engine='auto'"
+                f"engine path {engine!r} is not available for {dtype} on "
+                f"{torch.device(device)} here; use engine='auto'"
             )
         return path
     check_engine(engine, neuron)
     for path in PATHS.values():
-        if path.supports(delay_type, neuron, integer, grad, state) and path.available(device):
+        if path.supports(delay_type, neuron, integer, grad, state) and path.available(
+            device, dtype
+        ):
             return path
-    raise RuntimeError(f"no engine path runs {delay_type} delays on {torch.device(device)}")
+    raise RuntimeError(
+        f"no engine path runs {delay_type} delays for {dtype} on {torch.device(device)}"
+    )
 
 
 __all__ = [

@@ -348,7 +348,7 @@ def _forward_loop(
             torch.sub(slope[t], bits[0], out=slope[t + 1]).add_(bits[1]).sub_(bits[2]).add_(bits[3])
         if need_s:
             torch.add(support[t], bits[0], out=support[t + 1]).sub_(bits[2])
-    spikes = history[1:].transpose(1, 2).to(current.dtype)
+    spikes = history[1:].transpose(1, 2).to(current.dtype, memory_format=torch.contiguous_format)
     return spikes, membrane, trace, slope, support
 
 

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from delrec.delays import MAX_DELAY, check_max_delay, clamp_initial
 from delrec.engine import feedforward as engines
+from delrec.layers.sizes import check_size
 
 
 class FeedforwardDelay(nn.Module):
@@ -42,6 +43,9 @@ class FeedforwardDelay(nn.Module):
         max_delay: int | None = None,
     ):
         super().__init__()
+        in_features = check_size(in_features, "FeedforwardDelay in_features")
+        out_features = check_size(out_features, "FeedforwardDelay out_features")
+        kernel_size = check_size(kernel_size, "FeedforwardDelay kernel_size (taps)")
         if not 1 <= kernel_size <= MAX_DELAY + 1:
             raise ValueError(
                 f"kernel_size must be between 1 and {MAX_DELAY + 1:g} steps (delays of 0 … "
@@ -104,6 +108,11 @@ class FeedforwardDelay(nn.Module):
             )
         if x.shape[0] == 0:
             raise ValueError("input sequence is empty (T = 0)")
+        if x.dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"FeedforwardDelay runs float32 and float64 inputs, got {x.dtype}; convert the "
+                "layer and its input with .float()"
+            )
         path = engines.select(x.device, self.engine)
         position, past = self.effective_position(), self.kernel_size - 1
         if state is None:

@@ -12,6 +12,7 @@ from delrec import delays as delay_fns
 from delrec.engine import DELAY_TYPES, RecurrentState, check_engine, fused, select
 from delrec.engine.dropout import MaskDraw
 from delrec.engine.lif import LIFMap
+from delrec.layers.sizes import check_size
 from delrec.neurons import LIF, as_neuron
 
 
@@ -99,7 +100,7 @@ class DelRec(nn.Module):
             raise ValueError(f"delay_type must be one of {DELAY_TYPES}, got {delay_type!r}")
         if not 0 <= recurrent_dropout < 1:
             raise ValueError(f"recurrent_dropout must be in [0, 1), got {recurrent_dropout}")
-        self.size = size
+        self.size = size = check_size(size, "DelRec size (neurons)")
         self.neuron = as_neuron(neuron if neuron is not None else LIF())
         check_engine(engine, self.neuron)
         self.delay_type = delay_type
@@ -114,7 +115,15 @@ class DelRec(nn.Module):
         delay_shape = {"axonal": (size,), "synaptic": (size, size), "shared": (1,)}[delay_type]
         init = delay_fns.parse_init(delay_init)
         self.delay_init = getattr(init, "description", str(delay_init))
-        initial = init(delay_shape, generator).float()
+        initial = init(delay_shape, generator)
+        if not torch.is_tensor(initial) or initial.shape != delay_shape:
+            got = tuple(initial.shape) if torch.is_tensor(initial) else type(initial).__name__
+            raise ValueError(
+                f"delay_init {self.delay_init} gave {got}; {delay_type} delays of DelRec({size}) "
+                f"need a tensor of shape {delay_shape}: a callable delay_init(shape, generator) "
+                "must return one of the shape it is given"
+            )
+        initial = initial.float()
         if round_init:
             initial = initial.round()
         delay_fns.check_delays(initial, f"delay_init {self.delay_init}")
@@ -244,6 +253,7 @@ class DelRec(nn.Module):
             grad=wants_grad,
             engine=self.engine,
             state=stateful,
+            dtype=current.dtype,
         )
         delay, width = self.delays_and_width()
         options = {}  # the masks drawn in the engine's loops, forward and backward
