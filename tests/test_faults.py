@@ -47,7 +47,7 @@ from delrec.delays import MAX_DELAY
 from delrec.engine import PATHS
 from delrec.engine import feedforward as feedforward_engines
 from delrec.engine.ring import DelayedSynapses
-from delrec.layers import DelRec, FeedforwardDelay, set_spread
+from delrec.layers import DelRec, FeedforwardDelay, clamp_delays, set_spread
 from delrec.models import NetworkConfig, build_network
 from delrec.neurons import LIF, AdLIF
 from delrec.runs import LOCK
@@ -576,6 +576,19 @@ def test_every_path_returns_contiguous_spikes(name, delay_type):
         assert layer(torch.rand(10, 2, 8) * 2).is_contiguous()
 
 
+def test_eval_refuses_delays_beyond_max_delay_until_they_are_clamped():
+    # weights loaded from a layer without the limit: a chip could not run them
+    layer = DelRec(8, max_delay=2)
+    with torch.no_grad():
+        layer.delay.copy_(torch.linspace(0, 4, 8))
+    current = torch.rand(10, 2, 8)
+    layer(current)  # training: between an optimizer step and the clamp, allowed
+    with pytest.raises(ValueError, match="reach 4 steps, beyond its max_delay = 2: clamp them"):
+        layer.eval()(current)
+    clamp_delays(layer)
+    assert layer(current).shape == (10, 2, 8)
+
+
 def test_a_huge_finite_current_whose_sum_overflows_is_accepted():
     layer = DelRec(16).eval()
     with torch.no_grad():
@@ -878,6 +891,16 @@ def test_a_mirror_replaces_the_official_servers(tmp_path, server, monkeypatch, c
     assert (tmp_path / "d" / "x.h5").read_bytes() == payload
     assert main(["data", "download", "shd", "--to", str(tmp_path / "e"), "--quiet"]) == 1
     assert f"cannot reach {UNREACHABLE}/shd_test.h5.zip" in capsys.readouterr().err
+    fresh = ["data", "download", "shd", "--to", str(tmp_path / "f"), "--quiet"]
+    assert main([*fresh, "--mirror", f"{UNREACHABLE}/elsewhere"]) == 1
+    assert "is the mirror right" in capsys.readouterr().err  # not "no network?"
+    for bad, problem in [
+        ("https://", "is not a URL delrec can fetch from"),
+        ("ftp://host/x", "is not a URL delrec can fetch from"),
+        (str(tmp_path / "missing"), "does not exist: give the folder of the archives"),
+    ]:
+        assert main([*fresh, "--mirror", bad]) == 2  # bad input, not a network failure
+        assert problem in capsys.readouterr().err
 
 
 def test_a_local_archive_failing_its_checksum_is_reported_as_such(tmp_path, monkeypatch, capsys):
@@ -907,6 +930,9 @@ def test_files_damaged_after_extraction_are_noticed(tmp_path, server, capsys):
     download("shd", tmp_path, resources=[resource], progress=False)  # a real HDF5 file: fine
     target.write_bytes(b"garbage" * 100)
     with pytest.raises(DataError, match=r"x.h5 is already there but it is not an HDF5 file"):
+        download("shd", tmp_path, resources=[resource], progress=False)
+    target.write_bytes(payload[: len(payload) * 9 // 10])  # truncated: the signature is there
+    with pytest.raises(DataError, match=r"x.h5 is already there but it cannot be read to its end"):
         download("shd", tmp_path, resources=[resource], progress=False)
     idx = tmp_path / "t10k-labels-idx1-ubyte"
     idx.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 9, 1, 2]))  # declares 9 labels, holds 2

@@ -112,3 +112,24 @@ def test_every_writer_creates_files_with_one_mode_under_the_umask(tmp_path, umas
     for path in written:
         assert path.is_file() and stat.S_IMODE(path.stat().st_mode) == umask_027, path.name
     assert not [p for p in tmp_path.rglob(".*.tmp")]
+
+
+def test_a_write_that_cannot_happen_names_the_target_and_keeps_the_old_file(tmp_path):
+    import errno
+
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a folder: give the path of a file"):
+        files.write_text(tmp_path, "x")
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("old")
+    with pytest.raises(NotADirectoryError, match=f"{blocker} is a file, not a folder"):
+        files.write_text(blocker / "sub" / "out.json", "x")
+
+    def disk_full(temporary):
+        temporary.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=f"cannot write {blocker}: No space left on device"):
+        files.write_atomic(blocker, disk_full)
+    assert blocker.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "notes.txt"
+    ]

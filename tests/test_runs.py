@@ -150,6 +150,15 @@ def test_several_seeds_hold_their_directory(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- exit codes
+def test_a_folder_of_seeds_is_answered_with_one_of_its_runs(tmp_path, capsys):
+    for seed in (0, 1):
+        (tmp_path / "multi" / f"seed-{seed}" / "checkpoints").mkdir(parents=True)
+    for command in (["eval"], ["export"], ["report"]):
+        assert main([*command, str(tmp_path / "multi")]) == 2, command
+        err = capsys.readouterr().err
+        assert f"holds one run per seed: give one of them, e.g. {tmp_path}/multi/seed-0" in err
+
+
 def test_a_corrupt_checkpoint_is_bad_input_for_every_command(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -161,6 +170,7 @@ def test_a_corrupt_checkpoint_is_bad_input_for_every_command(tmp_path, capsys):
         assert main([*command, str(run)]) == 2, command
         err = capsys.readouterr().err
         assert err.startswith(f"delrec {command[0]}: error: ") and "corrupt" in err, err
+        assert "weights_only" not in err  # torch's advice to unpickle anything is not ours
 
 
 @pytest.mark.parametrize(

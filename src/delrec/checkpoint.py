@@ -52,9 +52,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        reason = (  # torch's advice to unpickle anything would be wrong here
+            "torch.load reads no checkpoint of tensors and plain values in it"
+            if lines[0].startswith("Weights only load failed")
+            else lines[0]
+        )
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a delrec checkpoint "
-            f"({error}); use the run's other checkpoint or retrain"
+            f"({reason}); use the run's other checkpoint or retrain"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} file")

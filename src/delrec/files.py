@@ -13,6 +13,7 @@ as ``open()`` creates files.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -32,17 +33,42 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     interrupted writes of ``path`` older than ``STALE_AFTER_S`` are removed first.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(path.parent, [path.name], older_than=STALE_AFTER_S)
-    temporary = _new_temporary(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            errno.EISDIR, f"{path} is a folder: give the path of a file to write instead"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(path.parent, [path.name], older_than=STALE_AFTER_S)
+        temporary = _new_temporary(path)
+    except OSError as error:
+        blocking = next((a for a in path.parents if a.exists() and not a.is_dir()), None)
+        if blocking is not None:
+            raise NotADirectoryError(
+                errno.ENOTDIR,
+                f"cannot write {path}: {blocking} is a file, not a folder; write elsewhere",
+            ) from None
+        raise _cannot_write(path, error) from None
     try:
         write(temporary)
         _flush_to_disk(temporary)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno is not None:
+            raise _cannot_write(path, error) from None
         raise
     return path
+
+
+def _cannot_write(path: Path, error: OSError) -> OSError:
+    """``error`` (a failed write of ``path`` or of its temporary) as an error naming ``path``."""
+    reason = error.strerror or str(error)
+    return type(error)(
+        error.errno,
+        f"cannot write {path}: {reason}; an existing file there is unchanged (write "
+        "elsewhere, or free the disk or make the folder writable)",
+    )
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -302,9 +302,16 @@ def checkpoint_file(path: str | os.PathLike, which: str = "best") -> Path:
     if path.is_dir():
         path = RunDir(path).checkpoint_path(which)
     if not path.is_file():
+        seeds = sorted(p.name for p in path.parent.parent.glob("seed-*") if p.is_dir())
+        hint = (
+            f"; {path.parent.parent} holds one run per seed: give one of them, e.g. "
+            f"{path.parent.parent / seeds[0]}"
+            if seeds and path.parent.name == "checkpoints"
+            else ""
+        )
         raise CheckpointError(
             f"no checkpoint at {path}: give a run directory written by "
-            "`delrec train` or a .pt checkpoint file"
+            f"`delrec train` or a .pt checkpoint file{hint}"
         )
     return path
 

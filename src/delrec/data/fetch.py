@@ -21,6 +21,7 @@ import hashlib
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -220,11 +221,20 @@ def _check_extracted(target: Path, name: str) -> bool:
 
 def _format_problem(path: Path) -> str | None:
     """What is wrong with a data file put there by hand (``None``: it looks right): an HDF5
-    file's signature, an idx file's header and size."""
+    file's signature and its last sample (a truncated file cannot give it), an idx file's
+    header and size."""
     if path.suffix == ".h5":
         import h5py
 
-        return None if h5py.is_hdf5(path) else "it is not an HDF5 file"
+        if not h5py.is_hdf5(path):
+            return "it is not an HDF5 file"
+        try:
+            with h5py.File(path, "r") as h5:
+                for key in ("spikes/times", "spikes/units", "labels"):
+                    h5[key][len(h5[key]) - 1]
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            return f"it cannot be read to its end ({exc}): it is truncated or not a Heidelberg file"
+        return None
     if "-idx" in path.name:
         from .mnist import read_idx
 
@@ -269,7 +279,12 @@ def download(
         resources = RESOURCES[name]
     if mirror is None:
         mirror = os.environ.get(MIRROR_VARIABLE) or None
+    if mirror is not None:
+        _check_mirror(mirror)
     to = Path(to)
+    blocking = next((a for a in (to, *to.parents) if a.exists() and not a.is_dir()), None)
+    if blocking is not None:
+        raise DataError(f"cannot put {name} in {to}: {blocking} is a file, not a folder")
     to.mkdir(parents=True, exist_ok=True)
     done = []
     for resource in resources:
@@ -295,6 +310,22 @@ def download(
         archive.unlink()
         done.append(target)
     return done
+
+
+def _check_mirror(mirror: str) -> None:
+    """A DataError unless ``mirror`` is an http(s) or file URL with somewhere to go, or an
+    existing folder."""
+    if "://" in mirror:
+        parts = urllib.parse.urlsplit(mirror)
+        if parts.scheme not in ("http", "https", "file") or (
+            parts.scheme != "file" and not parts.netloc
+        ):
+            raise DataError(
+                f"mirror {mirror!r} is not a URL delrec can fetch from: give an http(s):// "
+                "address with a host, a file:// URL or a folder"
+            )
+    elif not Path(mirror).expanduser().is_dir():
+        raise DataError(f"mirror folder {mirror} does not exist: give the folder of the archives")
 
 
 def _download_verified(
@@ -326,9 +357,14 @@ def _download_verified(
             ) from exc
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
+            official = url == resource.url
+            hint = (
+                f"no network? (a mirror: --mirror URL or {MIRROR_VARIABLE})"
+                if official
+                else "is the mirror right, and does it hold this archive?"
+            )
             raise DownloadError(
-                f"cannot reach {url} ({reason}): no network? (a mirror: --mirror URL or "
-                f"{MIRROR_VARIABLE})\n" + _by_hand(name, resources, to)
+                f"cannot reach {url} ({reason}): {hint}\n" + _by_hand(name, resources, to)
             ) from exc
     digest = md5_of(part)
     if digest != resource.md5:

@@ -341,7 +341,8 @@ class DelRec(nn.Module):
     ) -> None:
         """What may change between forwards, with one device sync: the input current, the
         weights, the spread logits, a given state and dropout mask are finite, the delays are
-        finite and within ``±MAX_DELAY`` (a value set after construction), σ is a valid spread.
+        finite and within ``±MAX_DELAY`` (a value set after construction) and, in eval mode,
+        at most ``max_delay``, σ is a valid spread.
         Raises ValueError naming the bad value. Each tensor is checked through its sum (NaN and
         Inf propagate into it): one vectorised pass, 1-3 % of a forward
         (benchmarks/bench_checks.py); only a non-finite sum is looked at element by element."""
@@ -358,9 +359,19 @@ class DelRec(nn.Module):
             x.detach().sum(dtype=torch.promote_types(x.dtype, torch.float32))
             for x in named.values()
         ]
+        # in eval mode, as a chip runs them, the delays also keep within max_delay
+        limit = self.max_delay if not self.training and self.max_delay is not None else None
         fine = torch.stack(sums).isfinite().all() & (delay.abs() <= delay_fns.MAX_DELAY).all()
+        if limit is not None:
+            fine = fine & (delay <= limit).all()
         if bool(fine & (self.sigma >= 0) & (self.sigma <= delay_fns.MAX_DELAY)):
             return
+        if limit is not None and bool(delay.isfinite().all()) and delay.max() > limit:
+            raise ValueError(
+                f"the delays of DelRec({self.size}) reach {delay.max().item():.4g} steps, beyond "
+                f"its max_delay = {limit}: clamp them (delrec.layers.clamp_delays(model)) after "
+                "loading weights and after every optimizer step"
+            )
         for name, x in named.items():
             if name != "the input current" and not bool(x.detach().isfinite().all()):
                 raise ValueError(
