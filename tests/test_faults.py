@@ -563,6 +563,9 @@ def test_half_precision_layers_run_on_a_path_that_takes_them(dtype):
         assert layer.eval()(current).dtype == dtype
     with pytest.raises(TypeError, match="FeedforwardDelay runs float32 and float64 inputs"):
         FeedforwardDelay(8, 8, kernel_size=4).to(dtype)(current)
+    if PATHS["cpp-axonal"].available("cpu"):  # a compiled path, forced: says what it takes
+        with pytest.raises(TypeError, match=f"'cpp-axonal' takes .*float64.*, not {dtype}"):
+            DelRec(8, engine="cpp-axonal").to(dtype)(current)
 
 
 @pytest.mark.parametrize("name,delay_type", ENGINE_CASES)

@@ -258,10 +258,15 @@ def select(
                 f"{' with autograd' if grad else ''}{' from a state' if state else ''}; "
                 "use engine='auto'"
             )
-        if not path.available(device, dtype):
+        if not path.available(device):
             raise RuntimeError(
-                f"engine path {engine!r} is not available for {dtype} on "
-                f"{torch.device(device)} here; use engine='auto'"
+                f"engine path {engine!r} is not available on {torch.device(device)} here; "
+                "use engine='auto'"
+            )
+        if not path.available(device, dtype):
+            raise TypeError(
+                f"engine path {engine!r} takes {path.float_types}, not {dtype}; convert the "
+                "layer and its input, or use engine='auto'"
             )
         return path
     check_engine(engine, neuron)
