@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import pytest
 
@@ -41,6 +42,23 @@ def test_parameter_sweep_trains_every_point_and_writes_table_and_figure(params_s
     table = (out / "table.md").read_text()
     assert table.startswith("| Model | Rec. | Rec. Delays | Ff. Delays | LIF | Param | Seeds |")
     assert table.count("\n") == 2 + 4
+
+
+def test_a_sweep_never_answers_with_points_of_other_settings(params_sweep, capsys):
+    _, out = params_sweep
+    base = ["sweep", "params", "--models", "snn", "--out", str(out), "--rounded-only"]
+    for changed, differ in [
+        (["--epochs", "2", "--set", "max_train_samples=32"], "epochs differ"),
+        ([*TINY, "--seeds", "0-1"], "seeds [0]"),
+        ([*TINY, "batch_size=16"], "batch_size differ"),
+    ]:
+        assert main([*base, "--sizes", "4", *changed]) == 2
+        err = capsys.readouterr().err
+        assert "sweep point snn-h4" in err and "was trained with other settings" in err, err
+        assert differ in err, err
+    for duplicate in (["--sizes", "4,4"], ["--models", "snn,snn", "--sizes", "4"]):
+        assert main([*base, *duplicate, *TINY]) == 2
+        assert "distinct" in capsys.readouterr().err
 
 
 def test_running_a_finished_sweep_again_trains_nothing(params_sweep, capsys):
@@ -162,6 +180,12 @@ def test_compare_groups_seeds_and_single_runs_of_one_configuration(tmp_path, cap
         float(row["accuracy_mean"]) - float(row["rounded_accuracy_mean"])
     )
     assert "| DelRec | ✓ | ✓ |  | ✓ | 186 | 3 |" in (tmp_path / "t.md").read_text()
+    # a run named twice, or a copy of a run (one configuration, one seed), is not two seeds
+    assert main(["compare", str(tmp_path / "single"), str(tmp_path / "single")]) == 2
+    assert "single is named twice" in capsys.readouterr().err
+    shutil.copytree(tmp_path / "pair" / "seed-1", tmp_path / "copy")
+    assert main(["compare", str(tmp_path / "pair"), str(tmp_path / "copy")]) == 2
+    assert "are one configuration with one seed (1)" in capsys.readouterr().err
 
 
 def test_compare_names_what_is_not_a_finished_run(tmp_path, capsys):

@@ -167,6 +167,33 @@ def test_a_delay_made_infinite_is_caught_before_the_clamp_hides_it(tmp_path):
         trainer.fit()
 
 
+def test_a_run_without_its_last_checkpoint_is_not_started_over(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--run-dir", str(run)]) == 0
+    best = (run / "checkpoints" / "best.pt").read_bytes()
+    metrics = (run / "metrics.csv").read_text()
+    (run / "checkpoints" / "last.pt").unlink()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "last.pt is missing, but" in err and "metrics.csv and test_results.json" in err, err
+    assert (run / "checkpoints" / "best.pt").read_bytes() == best  # nothing overwritten
+    assert (run / "metrics.csv").read_text() == metrics
+
+
+def test_train_refuses_flags_that_would_be_ignored_or_absurd(tmp_path, capsys):
+    run = ["--run-dir", str(tmp_path / "run")]
+    for argv, problem in [
+        (["--resume", str(tmp_path / "run"), "--print-config"], "drop --print-config"),
+        (["--seeds", "", *TINY, *run], "--seeds expects a list like 0-4"),
+        (["--seeds", "0-99999999999", *TINY, *run], "names more than 100000 seeds"),
+        (["--seed", "99999999999999999999", *TINY, *run], "seed must be in 0…"),
+    ]:
+        assert main(["train", *argv]) == 2
+        assert problem in capsys.readouterr().err, argv
+    assert not (tmp_path / "run").exists()
+
+
 def test_divergence_in_the_first_epoch_names_no_checkpoint(tmp_path):
     trainer = Trainer(tiny_config(), tmp_path / "run", progress=False)
     poison_after_step(trainer, "readout.weight", step=1, value=float("nan"))

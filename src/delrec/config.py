@@ -314,6 +314,10 @@ def _coerce(value, annotation, key: str):
 
 
 # --------------------------------------------------------------------------- validation
+MAX_COUNT = 2**31 - 1  # epochs and batch sizes: more than any machine holds or runs
+MAX_SEED = 2**63 - 1  # the largest seed torch.manual_seed and the data loaders take
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -326,7 +330,8 @@ def validate(config: TrainConfig) -> None:
         config.model in MODELS, f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}"
     )
     for name in ("epochs", "batch_size", "eval_batch_size"):
-        _check(getattr(config, name) >= 1, f"{name} must be >= 1, got {getattr(config, name)}")
+        value = getattr(config, name)
+        _check(1 <= value <= MAX_COUNT, f"{name} must be in 1…{MAX_COUNT}, got {value}")
     _check(
         config.max_train_samples is None or config.max_train_samples >= 1,
         f"max_train_samples must be >= 1 or null, got {config.max_train_samples}",
@@ -341,7 +346,7 @@ def validate(config: TrainConfig) -> None:
         config.tbptt is None or config.tbptt >= 1,
         f"tbptt must be a chunk length >= 1 step or null, got {config.tbptt}",
     )
-    _check(config.seed >= 0, f"seed must be >= 0, got {config.seed}")
+    _check(0 <= config.seed <= MAX_SEED, f"seed must be in 0…{MAX_SEED}, got {config.seed}")
     _check_device(config.device)
 
     optim = config.optim

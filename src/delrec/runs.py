@@ -178,8 +178,22 @@ class RunDir:
             return list(csv.DictReader(handle))
 
     def read_seeds(self) -> dict:
-        """``seeds.json``: ``{"seeds": [...], "config": {...}}``."""
-        return self._read_json(SEEDS)
+        """``seeds.json``: ``{"seeds": [...], "config": {...}}`` (a RunError when it holds
+        anything else)."""
+        document = self._read_json(SEEDS)
+        seeds = document.get("seeds") if isinstance(document, dict) else None
+        fine = (
+            isinstance(seeds, list)
+            and seeds
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+            and isinstance(document.get("config"), dict)
+        )
+        if not fine:
+            raise RunError(
+                f"{self.path / SEEDS} does not hold a list of seeds and a configuration; it was "
+                "edited or damaged: restore it, or train again into a new --run-dir"
+            )
+        return document
 
     def read_summary(self) -> dict | None:
         """``summary.json`` of a run of several seeds, ``None`` before it is written."""

@@ -149,6 +149,15 @@ def group_runs(runs: list[SeedRun]) -> list[Row]:
     groups: dict[str, list[SeedRun]] = {}
     for run in runs:
         key = json.dumps(_setting_items(run.config), sort_keys=True)
+        twin = next(
+            (r for r in groups.get(key, []) if r.config["seed"] == run.config["seed"]), None
+        )
+        if twin is not None:
+            raise CompareError(
+                f"{twin.run_dir} and {run.run_dir} are one configuration with one seed "
+                f"({run.config['seed']}): a row would count it twice as two seeds; name each "
+                "run once"
+            )
         groups.setdefault(key, []).append(run)
     rows = []
     for members in groups.values():
@@ -168,7 +177,12 @@ def group_runs(runs: list[SeedRun]) -> list[Row]:
 
 def compare(paths: list[Path], real_delays: bool = True) -> list[Row]:
     """Rows for the runs in ``paths`` (see the module docstring)."""
-    runs = [read_run(path, real_delays) for path in find_runs(paths)]
+    found = find_runs(paths)
+    resolved = [path.resolve() for path in found]
+    twice = next((p for i, p in enumerate(found) if resolved[i] in resolved[:i]), None)
+    if twice is not None:
+        raise CompareError(f"{twice} is named twice (directly or inside a folder of seeds)")
+    runs = [read_run(path, real_delays) for path in found]
     metrics = {run.metric for run in runs}
     if len(metrics) > 1:
         raise CompareError(

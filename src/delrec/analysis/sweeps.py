@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from delrec.analysis import compare
-from delrec.config import ConfigError, resolve
-from delrec.runs import RunDir
+from delrec.config import ConfigError, TrainConfig, resolve
+from delrec.runs import SEEDS, RunDir
 from delrec.training import jobs
+from delrec.training.loop import RESUME_OVERRIDABLE
 
 
 class SweepError(Exception):
@@ -87,10 +88,18 @@ def rate_points(model: str, penalties) -> list[SweepPoint]:
 def train_point(point: SweepPoint, out: Path, options: TrainOptions) -> Path:
     """Train (or resume, or skip if finished) one point; its run directory."""
     run = RunDir(out / point.name)
+    place = {"device": options.device, "data_root": options.data_root}
+    config = resolve(
+        options.task,
+        point.model,
+        overrides=[*options.overrides, *point.overrides],
+        flags={"epochs": options.epochs, **place},
+    )
+    if (run.path / SEEDS).is_file():
+        _check_same_point(point, run, config, options.seeds)
     summary = run.read_summary()
     if summary is not None and summary.get("status") == "complete":
         return run.path
-    place = {"device": options.device, "data_root": options.data_root}
     try:
         if run.path.exists():
             print(f"sweep point {point.name}: resuming {run.path}", file=sys.stderr)
@@ -103,12 +112,6 @@ def train_point(point: SweepPoint, out: Path, options: TrainOptions) -> Path:
                 f"in {run.path}",
                 file=sys.stderr,
             )
-            config = resolve(
-                options.task,
-                point.model,
-                overrides=[*options.overrides, *point.overrides],
-                flags={"epochs": options.epochs, **place},
-            )
             jobs.train_seeds(config, list(options.seeds), run.path, progress=options.progress)
     except Exception:
         print(
@@ -118,6 +121,31 @@ def train_point(point: SweepPoint, out: Path, options: TrainOptions) -> Path:
         )
         raise
     return run.path
+
+
+def _check_same_point(point: SweepPoint, run: RunDir, config, seeds) -> None:
+    """A SweepError unless the run already in ``run`` was started with ``config`` and
+    ``seeds`` (the settings that may change on resuming aside): a sweep never answers with runs
+    of other settings."""
+    stored = run.read_seeds()
+
+    def comparable(values: dict) -> dict:
+        try:
+            values = TrainConfig.from_dict(values).to_dict()
+        except ConfigError:
+            pass
+        return {k: v for k, v in values.items() if k not in RESUME_OVERRIDABLE}
+
+    theirs, ours = comparable(stored["config"]), comparable(config.to_dict())
+    differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+    if stored["seeds"] != list(seeds):
+        differ.insert(0, f"seeds {stored['seeds']}")
+    if differ:
+        raise SweepError(
+            f"sweep point {point.name} in {run.path} was trained with other settings than this "
+            f"sweep asks for ({', '.join(map(str, differ))} differ); sweep into another --out, "
+            f"or delete {run.path} to train it again"
+        )
 
 
 def run_sweep(

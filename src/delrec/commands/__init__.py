@@ -20,7 +20,7 @@ import sys
 from delrec.analysis.compare import CompareError
 from delrec.analysis.sweeps import SweepError
 from delrec.checkpoint import CheckpointError
-from delrec.config import ConfigError
+from delrec.config import MAX_SEED, ConfigError
 from delrec.data import DataError, DownloadError
 from delrec.deploy import NIRExportError
 from delrec.runs import RunError
@@ -28,6 +28,7 @@ from delrec.training import TrainingError
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+MAX_SEEDS = 100_000  # seeds one --seeds may name
 EXIT_CODES_HELP = (
     "exit codes: 0 success; 1 a failure at run time (training diverged, download failed, a "
     "file could not be written); 2 bad usage or bad input (unknown option, bad configuration "
@@ -108,9 +109,17 @@ def parse_seeds(spec: str) -> list[int]:
     try:
         for part in spec.split(","):
             low, dash, high = part.strip().partition("-")
-            seeds.extend(range(int(low), int(high) + 1) if dash else [int(low)])
+            span = range(int(low), int(high) + 1) if dash else range(int(low), int(low) + 1)
+            if len(seeds) + len(span) > MAX_SEEDS:  # before a list of them fills the memory
+                raise UsageError(f"--seeds {spec!r} names more than {MAX_SEEDS} seeds")
+            seeds.extend(span)
     except ValueError:
         raise UsageError(f"--seeds expects a list like 0-4 or 0,3,7, got {spec!r}") from None
     if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds {spec!r} must name distinct non-negative seeds")
+    if len(seeds) > MAX_SEEDS or max(seeds) > MAX_SEED:
+        raise UsageError(
+            f"--seeds {spec!r} names {len(seeds)} seeds up to {max(seeds)}: at most "
+            f"{MAX_SEEDS} seeds, each at most {MAX_SEED}"
+        )
     return seeds

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from delrec.commands import EXIT_CODES_HELP, UsageError
+from delrec.config import MAX_COUNT
 from delrec.data import SPLITS
 from delrec.training.evaluation import evaluate_run
 
@@ -40,8 +41,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UsageError("--batch-size must be >= 1")
+    if args.batch_size is not None and not 1 <= args.batch_size <= MAX_COUNT:
+        raise UsageError(f"--batch-size must be in 1…{MAX_COUNT}, got {args.batch_size}")
     result = evaluate_run(
         args.run_dir,
         args.checkpoint,

@@ -105,19 +105,21 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.sweep_command in ("models", "params"):
         unknown = sorted(set(args.models) - set(MODELS))
-        if unknown or not args.models:
+        if unknown or not args.models or len(set(args.models)) < len(args.models):
             raise UsageError(
-                f"--models must name models from {', '.join(MODELS)} (got {list(args.models)})"
+                f"--models must name distinct models from {', '.join(MODELS)} (got "
+                f"{list(args.models)})"
             )
     if args.sweep_command == "models":
         points, x = sweeps.model_points(args.models), "parameters"
     elif args.sweep_command == "params":
-        if not args.sizes or min(args.sizes) < 1:
-            raise UsageError(f"--sizes must be positive sizes, got {list(args.sizes)}")
+        if not args.sizes or min(args.sizes) < 1 or len(set(args.sizes)) < len(args.sizes):
+            raise UsageError(f"--sizes must be distinct positive sizes, got {list(args.sizes)}")
         points, x = sweeps.parameter_points(options, args.models, args.sizes), "parameters"
     else:
-        if not args.penalties or min(args.penalties) < 0:
-            raise UsageError(f"--penalties must be values >= 0, got {list(args.penalties)}")
+        penalties = list(args.penalties)
+        if not penalties or min(penalties) < 0 or len(set(penalties)) < len(penalties):
+            raise UsageError(f"--penalties must be distinct values >= 0, got {penalties}")
         points, x = sweeps.rate_points(args.model, args.penalties), "firing-rate"
     rows = sweeps.run_sweep(points, args.out, options, x, real_delays=not args.rounded_only)
     print(compare.format_markdown(rows))

@@ -140,7 +140,7 @@ def _train(args: argparse.Namespace) -> dict | None:
             max_epochs_this_run=args.max_epochs_this_run,
             **distributed,
         )
-    seeds = parse_seeds(args.seeds) if args.seeds else None
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     config = resolve(
         task=args.task,
         model=args.model,
@@ -184,6 +184,7 @@ def _check_resume(args: argparse.Namespace) -> None:
         "--seed": args.seed,
         "--seeds": args.seeds,
         "--run-dir": args.run_dir,
+        "--print-config": args.print_config or None,  # the run's own: RUN_DIR/config.json
     }
     given = [flag for flag, value in fixed.items() if value not in (None, [])]
     if given:

@@ -29,7 +29,7 @@ from delrec.config import ConfigError, TrainConfig, resolve_device
 from delrec.delays import spread_schedule
 from delrec.layers import DelRec, FeedforwardDelay, clamp_delays, set_spread
 from delrec.models import SpikingNetwork, build_network
-from delrec.runs import RunDir, eval_loader, load_checkpoint, load_splits
+from delrec.runs import RESULTS, RunDir, RunError, eval_loader, load_checkpoint, load_splits
 from delrec.training.evaluation import evaluate
 from delrec.training.objectives import make_objective
 from delrec.training.tbptt import truncated_bptt
@@ -476,8 +476,26 @@ class Trainer:
         }
 
     def restore(self) -> bool:
-        """Continue from ``checkpoints/last.pt`` if it exists; returns True if it did."""
+        """Continue from ``checkpoints/last.pt`` if it exists; returns True if it did. Without
+        it the run starts over, unless it got further than a first epoch cut short (a kill
+        between its ``best.pt`` and its ``last.pt``): then a RunError, since starting over
+        would overwrite its results."""
         if not self.run.has_checkpoint("last"):
+            progress = [
+                name
+                for name, there in (
+                    ("metrics.csv", bool(self.run.read_metrics())),
+                    ("test_results.json", (self.run.path / RESULTS).is_file()),
+                )
+                if there
+            ]
+            if progress:
+                raise RunError(
+                    f"{self.run.checkpoint_path('last')} is missing, but {self.run.path} holds "
+                    f"{' and '.join(progress)}: the run got further than its first epoch, and "
+                    "starting over would overwrite its results; restore last.pt, or train "
+                    "again into a new --run-dir"
+                )
             return False
         payload = load_checkpoint(self.run.path, "last")
         written = _as_current(payload.get("train_config", {}))
