@@ -50,7 +50,7 @@ from delrec.engine.ring import DelayedSynapses
 from delrec.layers import DelRec, FeedforwardDelay, clamp_delays, set_spread
 from delrec.models import NetworkConfig, build_network
 from delrec.neurons import LIF, AdLIF
-from delrec.runs import LOCK
+from delrec.runs import LOCK, RunDir, RunError
 from delrec.training import Trainer, TrainingError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -179,6 +179,31 @@ def test_a_run_without_its_last_checkpoint_is_not_started_over(tmp_path, capsys)
     assert "last.pt is missing, but" in err and "metrics.csv and test_results.json" in err, err
     assert (run / "checkpoints" / "best.pt").read_bytes() == best  # nothing overwritten
     assert (run / "metrics.csv").read_text() == metrics
+
+
+def test_hand_edited_run_files_are_bad_input_not_tracebacks(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    last = run / "checkpoints" / "last.pt"
+    payload = torch.load(last, weights_only=True)
+    payload.pop("optimizers")  # as another version might write it
+    torch.save(payload, last)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    assert "last.pt cannot be resumed from (no 'optimizers')" in capsys.readouterr().err
+    best = run / "checkpoints" / "best.pt"
+    payload = torch.load(best, weights_only=True)
+    payload["model"]["blocks.0.neurons.delay"].fill_(-1e6)
+    torch.save(payload, best)
+    assert main(["eval", str(run)]) == 2
+    assert "a delay of -1e+06 steps is out of range" in capsys.readouterr().err
+    for results in ([], {"accuracy": "high"}, {"accuracy": 0.5, "best_epoch": "x"}):
+        (run / "test_results.json").write_text(json.dumps(results))
+        assert main(["compare", str(run), "--rounded-only"]) == 2
+        assert "does not hold a test metric" in capsys.readouterr().err
+    (run / "seeds.json").write_text(json.dumps({"seeds": [], "config": {}}))
+    with pytest.raises(RunError, match="does not hold a list of seeds and a configuration"):
+        RunDir(run).read_seeds()
 
 
 def test_train_refuses_flags_that_would_be_ignored_or_absurd(tmp_path, capsys):

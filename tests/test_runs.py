@@ -68,9 +68,10 @@ def test_the_lock_is_released_and_a_new_directory_it_made_is_removed_if_empty(tm
     with run.lock():
         (run.path / "notes.txt").write_text("kept")
     assert sorted(p.name for p in run.path.iterdir()) == ["notes.txt"]
-    with pytest.raises(RunError, match="is a file, not a run directory"):
-        with RunDir(run.path / "notes.txt").lock():
-            pass
+    for inside in ("notes.txt", "notes.txt/sub"):
+        with pytest.raises(RunError, match="notes.txt is a file, not a folder; give a directory"):
+            with RunDir(run.path / inside).lock():
+                pass
 
 
 @contextmanager

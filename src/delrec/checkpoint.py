@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from delrec.delays import DelayLimitWarning
+from delrec.delays import DelayLimitWarning, check_delays
 from delrec.files import write_atomic
 from delrec.models import NetworkConfig, SpikingNetwork, build_network
 
@@ -86,6 +86,9 @@ def network_from(payload: dict, source: str | os.PathLike = "the checkpoint") ->
             warnings.simplefilter("ignore", DelayLimitWarning)
             network = build_network(NetworkConfig(**payload["network_config"]))
         network.load_state_dict(payload["model"])
+        for name, value in network.state_dict().items():
+            if name.endswith((".delay", ".position")):
+                check_delays(value, name)
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         problem = f"no {error}" if isinstance(error, KeyError) else " ".join(str(error).split())
         if len(problem) > 300:  # the first of load_state_dict's missing or misshapen tensors

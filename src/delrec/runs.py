@@ -30,6 +30,7 @@ import datetime
 import fcntl
 import io
 import json
+import math
 import os
 import socket
 import sys
@@ -167,7 +168,20 @@ class RunDir:
                 f"{self.path} has no {RESULTS}: the run is not finished; "
                 f"complete it with `delrec train --resume {self.path}`"
             )
-        return self._read_json(RESULTS)
+        results = self._read_json(RESULTS)
+        metric = (
+            next((m for m in ("accuracy", "nmse") if m in results), None)
+            if isinstance(results, dict)
+            else None
+        )
+        number = metric is not None and type(results[metric]) in (int, float)
+        if not number or type(results.get("best_epoch", 0)) is not int:
+            raise RunError(
+                f"{self.path / RESULTS} does not hold a test metric (accuracy or nmse, a number) "
+                "and its best epoch; it was edited or damaged: restore it, or train the run "
+                "again into a new --run-dir"
+            )
+        return results
 
     def read_metrics(self) -> list[dict]:
         """The rows of ``metrics.csv`` (values as written, strings); ``[]`` without the file."""
@@ -220,11 +234,24 @@ class RunDir:
         created is removed again if nothing was written into it.
         """
         log = log or (lambda message: print(message, file=sys.stderr))
-        if self.path.exists() and not self.path.is_dir():
-            raise RunError(f"{self.path} is a file, not a run directory; give a directory")
+        blocking = next(
+            (p for p in (self.path, *self.path.parents) if p.exists() and not p.is_dir()), None
+        )
+        if blocking is not None:
+            raise RunError(
+                f"cannot use {self.path} as a run directory: {blocking} is a file, not a "
+                "folder; give a directory"
+            )
         created = not self.path.exists()
-        self.path.mkdir(parents=True, exist_ok=True)
-        descriptor = _acquire(self.path / LOCK, log)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            descriptor = _acquire(self.path / LOCK, log)
+        except OSError as error:
+            raise type(error)(
+                error.errno,
+                f"cannot create or lock the run directory {self.path}: "
+                f"{error.strerror or error}; give a --run-dir (--out) where this user may write",
+            ) from None
         try:
             removed = self._remove_temporaries()
             if removed:
@@ -426,6 +453,12 @@ def load_splits(
             train = datasets["train"] if "train" in datasets else load("train")
             standardization = target_moments(train)
         mean, std = (float(v) for v in standardization)
+        usable = math.isfinite(mean) and math.isfinite(std) and std > 0
+        if not usable and stored.get("standardization") is not None:
+            raise CheckpointError(
+                f"the stored target standardisation (mean {mean}, std {std}) cannot be used: "
+                "the checkpoint was edited or damaged; use the run's other checkpoint or retrain"
+            )
         datasets = {split: Standardized(ds, mean, std) for split, ds in datasets.items()}
     augmented, train_loader = None, None
     if "train" in datasets:

@@ -118,12 +118,12 @@ def read_run(run_dir: Path, real_delays: bool = True) -> SeedRun:
         results[metric],
         real,
         count_parameters(load_network(run_dir)),
-        _firing_rate(run.read_metrics(), results["best_epoch"]),
+        _firing_rate(run.read_metrics(), results.get("best_epoch")),
         reevaluated,
     )
 
 
-def _firing_rate(metrics: list[dict], epoch: int) -> float | None:
+def _firing_rate(metrics: list[dict], epoch: int | None) -> float | None:
     for row in metrics:
         if int(row["epoch"]) == epoch and row.get("firing_rate"):
             return float(row["firing_rate"])

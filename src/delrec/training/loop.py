@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from delrec import cpu
-from delrec.checkpoint import network_payload
+from delrec.checkpoint import CheckpointError, network_payload
 from delrec.config import ConfigError, TrainConfig, resolve_device
 from delrec.delays import spread_schedule
 from delrec.layers import DelRec, FeedforwardDelay, clamp_delays, set_spread
@@ -500,27 +500,35 @@ class Trainer:
         payload = load_checkpoint(self.run.path, "last")
         written = _as_current(payload.get("train_config", {}))
         if _without(written) != _without(self.config.to_dict()):
-            raise TrainingError(
+            raise RunError(
                 f"{self.run.checkpoint_path('last')} was written by another "
                 "configuration than config.json; resume the run it belongs to"
             )
-        self.network.load_state_dict(payload["model"])
-        for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(payload["optimizers"][name])
-        for name, scheduler in self.schedulers.items():
-            if scheduler is not None:
-                scheduler.load_state_dict(payload["schedulers"][name])
-        torch.set_rng_state(payload["rng"]["torch"])
-        self.data.train_loader.generator.set_state(payload["rng"]["loader"])
-        if "cuda" in payload["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(payload["rng"]["cuda"], self.device)
-        self.state = RunState(
-            payload["epoch"],
-            payload["best_epoch"],
-            payload["best_value"],
-            list(payload["history"]),
-            dict(payload["initial_delays"]),
-        )
+        try:
+            self.network.load_state_dict(payload["model"])
+            for name, optimizer in self.optimizers.items():
+                optimizer.load_state_dict(payload["optimizers"][name])
+            for name, scheduler in self.schedulers.items():
+                if scheduler is not None:
+                    scheduler.load_state_dict(payload["schedulers"][name])
+            torch.set_rng_state(payload["rng"]["torch"])
+            self.data.train_loader.generator.set_state(payload["rng"]["loader"])
+            if "cuda" in payload["rng"] and self.device.type == "cuda":
+                torch.cuda.set_rng_state(payload["rng"]["cuda"], self.device)
+            self.state = RunState(
+                payload["epoch"],
+                payload["best_epoch"],
+                payload["best_value"],
+                list(payload["history"]),
+                dict(payload["initial_delays"]),
+            )
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            problem = f"no {error}" if isinstance(error, KeyError) else str(error).split("\n")[0]
+            raise CheckpointError(
+                f"{self.run.checkpoint_path('last')} cannot be resumed from ({problem}): it was "
+                "edited or written by another version of delrec; resume with the version that "
+                "wrote it, or train again into a new --run-dir"
+            ) from None
         if self.is_main:
             self.run.write_metrics(self.state.history)
         return True
