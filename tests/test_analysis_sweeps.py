@@ -186,6 +186,12 @@ def test_compare_groups_seeds_and_single_runs_of_one_configuration(tmp_path, cap
     shutil.copytree(tmp_path / "pair" / "seed-1", tmp_path / "copy")
     assert main(["compare", str(tmp_path / "pair"), str(tmp_path / "copy")]) == 2
     assert "are one configuration with one seed (1)" in capsys.readouterr().err
+    # the figure's format follows its name
+    single = ["compare", str(tmp_path / "single"), "--rounded-only", "--figure"]
+    assert main([*single, str(tmp_path / "t.pdf")]) == 0
+    assert (tmp_path / "t.pdf").read_bytes()[:5] == b"%PDF-"
+    assert main([*single, str(tmp_path / "t.txt")]) == 2
+    assert "give a file name ending in .png, .pdf, .svg" in capsys.readouterr().err
 
 
 def test_compare_names_what_is_not_a_finished_run(tmp_path, capsys):

@@ -197,6 +197,8 @@ def test_hand_edited_run_files_are_bad_input_not_tracebacks(tmp_path, capsys):
     torch.save(payload, best)
     assert main(["eval", str(run)]) == 2
     assert "a delay of -1e+06 steps is out of range" in capsys.readouterr().err
+    assert main(["eval", str(run / "checkpoints" / "last.pt")]) == 0  # a file: its own kind
+    assert json.loads(capsys.readouterr().out)["checkpoint"] == "last"
     for results in ([], {"accuracy": "high"}, {"accuracy": 0.5, "best_epoch": "x"}):
         (run / "test_results.json").write_text(json.dumps(results))
         assert main(["compare", str(run), "--rounded-only"]) == 2
@@ -204,6 +206,20 @@ def test_hand_edited_run_files_are_bad_input_not_tracebacks(tmp_path, capsys):
     (run / "seeds.json").write_text(json.dumps({"seeds": [], "config": {}}))
     with pytest.raises(RunError, match="does not hold a list of seeds and a configuration"):
         RunDir(run).read_seeds()
+
+
+def test_an_unknown_option_is_reported_by_its_command_with_its_usage(tmp_path, capsys):
+    for argv, prefix in [
+        (["train", "--bogus"], "delrec train: error: unrecognized arguments: --bogus"),
+        (["data", "download", "shd", "--nope"], "delrec data download: error: unrecognized"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and prefix in err and err.startswith("usage: delrec "), err
+    (tmp_path / "configs").mkdir()
+    assert main(["train", "--config", str(tmp_path / "configs"), "--print-config"]) == 2
+    assert "is a folder; give a .toml or .json file" in capsys.readouterr().err
 
 
 def test_train_refuses_flags_that_would_be_ignored_or_absurd(tmp_path, capsys):

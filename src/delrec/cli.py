@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     cpu.configure()  # before any worker thread starts: they copy its flush-to-zero flag
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # said by the (sub)command they were given to, with its usage
+        _innermost(parser, sys.argv[1:] if argv is None else argv).error(
+            f"unrecognized arguments: {' '.join(extras)}"
+        )
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
@@ -53,6 +58,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as error:
         return fail(args.command, error)
+
+
+def _innermost(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The parser of the deepest subcommand named in ``argv`` (``delrec data download …``)."""
+    for token in argv:
+        commands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if commands and token in commands[0].choices:
+            parser = commands[0].choices[token]
+    return parser
 
 
 if __name__ == "__main__":

@@ -187,6 +187,8 @@ def resolve(
 def load_config_file(path: str | Path) -> dict:
     """Nested settings from a ``.toml`` or ``.json`` file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a .toml or .json file in it")
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     try:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from delrec.analysis import compare
-from delrec.commands import EXIT_CODES_HELP
+from delrec.commands import EXIT_CODES_HELP, UsageError
 
 
 def add_parser(subparsers) -> None:
@@ -20,7 +20,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     parser.add_argument("--markdown", type=Path, help="write the Markdown table here")
     parser.add_argument("--csv", type=Path, help="write the table as CSV here")
-    parser.add_argument("--figure", type=Path, help="write the figure (PNG) here")
+    parser.add_argument(
+        "--figure", type=Path, help="write the figure here (.png, .pdf or .svg, by its suffix)"
+    )
     parser.add_argument(
         "--x",
         choices=sorted(compare.X_AXES),
@@ -36,6 +38,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.figure is not None and args.figure.suffix.lower() not in compare.FIGURE_FORMATS:
+        raise UsageError(
+            f"--figure {args.figure}: give a file name ending in "
+            f"{', '.join(compare.FIGURE_FORMATS)} (the suffix chooses the format)"
+        )
     rows = compare.compare(args.run_dirs, real_delays=not args.rounded_only)
     print(compare.format_markdown(rows))
     compare.write_outputs(rows, args.markdown, args.csv, args.figure, args.x)

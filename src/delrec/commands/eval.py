@@ -27,7 +27,12 @@ def add_parser(subparsers) -> None:
         metavar="RUN_DIR",
         help="a directory written by `delrec train` (or a .pt checkpoint)",
     )
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    parser.add_argument(
+        "--checkpoint",
+        choices=("best", "last"),
+        default="best",
+        help="which checkpoint of a run directory (default best; a .pt file is itself one)",
+    )
     parser.add_argument("--split", choices=SPLITS, default="test")
     parser.add_argument(
         "--spread",

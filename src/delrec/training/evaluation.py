@@ -79,7 +79,7 @@ def evaluate_run(
     sigma = max((float(m.sigma) for m in layers if m.learn_delays), default=0.0)
     return {
         "run_dir": str(run_dir),
-        "checkpoint": checkpoint,
+        "checkpoint": payload.get("kind", checkpoint),  # a .pt file names its own kind
         "epoch": payload["epoch"],
         "split": split,
         "delays": f"spread (σ = {sigma:.4g})" if spread else "integer",
