@@ -567,6 +567,15 @@ def test_non_finite_weights_spreads_states_and_masks_are_refused_naming_which(wh
         layer(current, type(state)(neuron, spikes, mask))
 
 
+@pytest.mark.parametrize("engine", FEEDFORWARD_ENGINES)
+def test_non_finite_feedforward_positions_are_refused_on_every_engine(engine):
+    layer = FeedforwardDelay(8, 8, kernel_size=4, engine=engine)
+    with torch.no_grad():
+        layer.position[2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"positions \(delays\) of FeedforwardDelay\(8, 8\)"):
+        layer(torch.rand(10, 2, 8))
+
+
 def test_states_and_masks_of_another_kind_get_clear_errors():
     layer = DelRec(8, recurrent_dropout=0.5)
     current = torch.rand(10, 2, 8)

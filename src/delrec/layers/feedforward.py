@@ -113,6 +113,13 @@ class FeedforwardDelay(nn.Module):
                 f"FeedforwardDelay runs float32 and float64 inputs, got {x.dtype}; convert the "
                 "layer and its input with .float()"
             )
+        if not bool(self.position.detach().isfinite().all()):  # one device sync
+            raise ValueError(
+                f"the positions (delays) of FeedforwardDelay({self.in_features}, "
+                f"{self.out_features}) hold NaN or Inf: find where they came from "
+                "(torch.isfinite), e.g. a diverged training run (restore a checkpoint, lower the "
+                "learning rate)"
+            )
         path = engines.select(x.device, self.engine)
         position, past = self.effective_position(), self.kernel_size - 1
         if state is None:
