@@ -9,8 +9,8 @@
 Each point of a sweep is one run of several seeds (as ``delrec train --seeds …``) in
 ``OUT/<point>``; finished points are skipped and interrupted ones resumed, so running a sweep
 again continues it (a point trained with other settings, seeds, epochs or ``--set``, is
-refused: sweep into another ``OUT``). The results go through ``delrec compare`` into ``OUT/table.md``,
-``OUT/table.csv`` and ``OUT/figure.png``.
+refused: sweep into another ``OUT``). The results go through ``delrec compare`` into
+``OUT/table.md``, ``OUT/table.csv`` and ``OUT/figure.png``.
 """
 
 from __future__ import annotations
