@@ -523,3 +523,11 @@ def test_report_on_the_runs_own_data_set_named_measures_it_as_the_run_saw_it(tmp
         assert main(["report", str(run), *named, "--max-batches", "1", "--batch-size", "16"]) == 0
         scores.append(next(line for line in capsys.readouterr().out.splitlines() if "nmse" in line))
     assert scores[0] == scores[1] and "nmse on 16 samples" in scores[0]
+
+
+def test_report_scores_a_classifier_with_the_ema_readout_by_accuracy(tmp_path, capsys):
+    net = build_network(NetworkConfig(1, (6,), 10, readout="ema"), seed=0)
+    run = save_run(tmp_path, net)
+    argv = ["report", str(run), "--data", "digits-8x8", "--max-batches", "1", "--batch-size", "8"]
+    assert main(argv) == 0
+    assert "accuracy on 8 samples" in capsys.readouterr().out

@@ -128,6 +128,9 @@ def test_a_sample_scores_the_same_alone_and_padded_in_a_batch(readout):
     output = net(torch.cat([padded, other], dim=1)).detach().requires_grad_()
     batched = readout_reduce(output, readout, torch.tensor([10, 30]))
     torch.testing.assert_close(batched[0], alone[0], rtol=1e-12, atol=1e-12)
+    for dtype in (torch.uint8, torch.uint16, torch.int16, torch.int32):  # any integer type
+        lengths = torch.tensor([10, 30], dtype=dtype)
+        assert torch.equal(readout_reduce(output, readout, lengths), batched)
     assert not torch.allclose(batched[0], readout_reduce(output, readout)[0])  # padding counts
     batched[0].sum().backward()
     assert output.grad[10:, 0].abs().max() == 0 and output.grad[:10, 0].abs().max() > 0

@@ -380,7 +380,7 @@ def readout_reduce(output: Tensor, readout: str, lengths: Tensor | None = None) 
         raise ValueError(f"unknown readout {readout!r}; choose one of {READOUTS}")
     steps = output.shape[0]
     if lengths is not None:
-        check_lengths(lengths, steps, output.shape[1])
+        lengths = check_lengths(lengths, steps, output.shape[1])
         if bool((lengths == steps).all()):  # no padding (checked where the lengths live)
             lengths = None
         else:
@@ -396,10 +396,17 @@ def readout_reduce(output: Tensor, readout: str, lengths: Tensor | None = None) 
     return terms.sum(0)
 
 
-def check_lengths(lengths: Tensor, steps: int, batch: int) -> None:
-    """Raise a ValueError unless ``lengths`` holds ``batch`` integer lengths in ``[1, steps]``."""
+def check_lengths(lengths: Tensor, steps: int, batch: int) -> Tensor:
+    """``lengths`` as int64, or a ValueError unless it holds ``batch`` integer lengths in
+    ``[1, steps]``."""
+    if not torch.is_tensor(lengths):
+        raise TypeError(
+            f"lengths must be a tensor of integers (steps per sample), got "
+            f"{type(lengths).__name__}; wrap it with torch.as_tensor"
+        )
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
         raise ValueError(f"lengths must be integers (steps per sample), got {lengths.dtype}")
+    lengths = lengths.long()  # every integer type (unsigned ones compare only as int64)
     if lengths.shape != (batch,):
         raise ValueError(
             f"lengths has shape {tuple(lengths.shape)}; it needs one length per sample of the "
@@ -410,6 +417,7 @@ def check_lengths(lengths: Tensor, steps: int, batch: int) -> None:
             f"lengths must lie in [1, {steps}] (the sequence's steps), got "
             f"{lengths.min().item()}…{lengths.max().item()}"
         )
+    return lengths
 
 
 def _linear(

@@ -288,7 +288,8 @@ def load_binned(
     if len(empty) and not keep_empty:
         raise DataError(
             f"{path}: {len(empty)} sample(s) have no spikes (first: sample "
-            f"{empty[0]}); pass keep_empty=True to use them as all-zero frames"
+            f"{empty[0]}); pass keep_empty=True (on the command line: --set "
+            "data.keep_empty=true) to use them as all-zero frames"
         )
     return arrays
 

@@ -129,7 +129,7 @@ def _valid_steps(steps: int, batch: int, lengths: Tensor | None) -> Tensor:
 
 
 class _Score:
-    """Accumulates accuracy (classification) or NMSE (``"ema"`` regression readout)."""
+    """Accumulates accuracy (classification) or NMSE (a regression: one ``"ema"`` output)."""
 
     def __init__(self, regression: bool):
         self.regression, self.hits, self.count = regression, 0, 0
@@ -162,7 +162,8 @@ def _evaluate(
 ) -> dict:
     """One pass over ``loader`` in the current eval mode: the score and, if asked, activity."""
     parameter = next(net.parameters())
-    score = _Score(regression=readout == "ema")
+    # a regression answers with one "ema" value; a classification may use "ema" over its classes
+    score = _Score(regression=readout == "ema" and net.config.output_size == 1)
     events = [
         torch.zeros(layer.synapses.in_features, dtype=torch.float64) for layer in stream.layers
     ]
