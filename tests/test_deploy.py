@@ -531,3 +531,49 @@ def test_report_scores_a_classifier_with_the_ema_readout_by_accuracy(tmp_path, c
     argv = ["report", str(run), "--data", "digits-8x8", "--max-batches", "1", "--batch-size", "8"]
     assert main(argv) == 0
     assert "accuracy on 8 samples" in capsys.readouterr().out
+
+
+def _edited(edit):
+    graph = to_nir(random_network("delrec"))
+    edit(graph)
+    return graph
+
+
+@pytest.mark.parametrize(
+    "edit,problem",
+    [
+        (  # a loop through both layers: refused, not followed forever
+            lambda g: g.edges.__setitem__(
+                g.edges.index(("layer1.lif", "readout")), ("layer1.lif", "layer0.synapses")
+            ),
+            "'layer0.lif' is reached again from 'layer1.lif'",
+        ),
+        (
+            lambda g: setattr(g.nodes["input"], "input_type", {"input": np.array([99])}),
+            r"from 'input' to 'layer0.lif' are \(8, 6\), but the nodes have 99 and 8",
+        ),
+        (
+            lambda g: g.metadata.update(readout_reduction="bogus"),
+            "readout_reduction 'bogus'",
+        ),
+        (
+            lambda g: setattr(g.nodes["layer0.lif"], "tau", -g.nodes["layer0.lif"].tau),
+            "layer0.lif: tau = -.* steps; a time constant must be positive",
+        ),
+        (
+            lambda g: setattr(g.nodes["layer1.lif"], "v_threshold", np.full(10, np.nan)),
+            "layer1.lif: v_threshold holds NaN or Inf",
+        ),
+        (
+            lambda g: setattr(g.nodes["layer0.synapses"], "bias", np.zeros(5)),
+            "the synapses leaving 'input': bias must be",
+        ),
+        (
+            lambda g: g.edges.append(("layer1.lif", "ghost")),
+            "names a node 'ghost' it lacks",
+        ),
+    ],
+)
+def test_importer_names_what_is_wrong_in_an_edited_graph(edit, problem):
+    with pytest.raises(NIRImportError, match=problem):
+        import_nir(_edited(edit))

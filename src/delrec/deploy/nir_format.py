@@ -45,6 +45,7 @@ import delrec
 from delrec.delays import MAX_DELAY
 from delrec.deploy.streaming import DelayedSynapses, StreamingLayer, StreamingNetwork
 from delrec.files import write_atomic
+from delrec.models import READOUTS
 from delrec.neurons import LIF, LeakyIntegrator
 
 _NIR_MISSING = (
@@ -254,12 +255,18 @@ def import_nir(source, dt: float | None = None) -> StreamingNetwork:
         raise NIRImportError(f"dt = {dt} is not a positive number of seconds per step; pass dt")
     successors: dict[str, list[str]] = {name: [] for name in graph.nodes}
     for pre, post in graph.edges:
+        missing = next((n for n in (pre, post) if n not in graph.nodes), None)
+        if missing is not None:
+            raise NIRImportError(f"the edge {pre!r} → {post!r} names a node {missing!r} it lacks")
         successors[pre].append(post)
     inputs = [name for name, node in graph.nodes.items() if isinstance(node, nir.Input)]
     if len(inputs) != 1:
-        raise NIRImportError(f"expected one Input node, found {len(inputs)}")
+        raise NIRImportError(
+            f"expected one Input node, found {len(inputs)}: {inputs} (a node without incoming "
+            "edges counts as one: is a node left unconnected?)"
+        )
 
-    layers, source_name = [], inputs[0]
+    layers, source_name, visited = [], inputs[0], {inputs[0]}
     while True:
         branches = [
             _follow_branch(nir, graph, successors, source_name, first, dt)
@@ -268,11 +275,10 @@ def import_nir(source, dt: float | None = None) -> StreamingNetwork:
         recurrent = [b for b in branches if b[0] == source_name]
         forward = [b for b in branches if b[0] != source_name]
         if layers:
-            layers[-1] = StreamingLayer(
-                layers[-1].synapses,
-                layers[-1].neuron,
-                _merge_branches(recurrent, source_name) if recurrent else None,
-            )
+            loop = _merge_branches(recurrent, source_name) if recurrent else None
+            if loop is not None:
+                _check_shape(graph, loop, source_name, source_name)
+            layers[-1] = StreamingLayer(layers[-1].synapses, layers[-1].neuron, loop)
         elif recurrent:
             raise NIRImportError(f"the Input node {source_name!r} feeds back to itself")
         targets = {b[0] for b in forward}
@@ -282,7 +288,15 @@ def import_nir(source, dt: float | None = None) -> StreamingNetwork:
                 "exactly one next neuron layer (or the output)"
             )
         target = targets.pop()
+        if target in visited:  # a loop through several layers: no chain of layers
+            raise NIRImportError(
+                f"node {target!r} is reached again from {source_name!r}: the graph loops "
+                "through several layers; expected a chain of layers, each recurrent at most "
+                "onto itself"
+            )
+        visited.add(target)
         synapses = _merge_branches(forward, source_name)
+        _check_shape(graph, synapses, source_name, target)
         node = graph.nodes[target]
         if isinstance(node, nir.LIF):
             layers.append(StreamingLayer(synapses, _lif_from_node(node, dt, target)))
@@ -302,6 +316,11 @@ def import_nir(source, dt: float | None = None) -> StreamingNetwork:
         if synapses.max_lag:
             raise NIRImportError(f"the readout into {target!r} has delays; expected none")
         reduction = str((graph.metadata or {}).get("readout_reduction", "none"))
+        if reduction not in (*READOUTS, "none"):
+            raise NIRImportError(
+                f"readout_reduction {reduction!r} in the graph's metadata is none of "
+                f"{(*READOUTS, 'none')}"
+            )
         return StreamingNetwork(
             layers, synapses, readout_neuron, None if reduction == "none" else reduction
         )
@@ -375,6 +394,24 @@ def _single_successor(successors, name: str) -> str:
     return successors[name][0]
 
 
+def _width(node) -> int:
+    """Neurons of a LIF or LI node, values of an Input or Output node."""
+    if hasattr(node, "tau"):
+        return int(np.asarray(node.tau).size)
+    shapes = node.input_type if "input" in node.input_type else node.output_type
+    return int(np.prod(next(iter(shapes.values()))))
+
+
+def _check_shape(graph, synapses: DelayedSynapses, source: str, target: str) -> None:
+    """A NIRImportError unless the weights from ``source`` to ``target`` are (their widths)."""
+    want = (_width(graph.nodes[target]), _width(graph.nodes[source]))
+    if tuple(synapses.weight.shape) != want:
+        raise NIRImportError(
+            f"the weights from {source!r} to {target!r} are {tuple(synapses.weight.shape)}, "
+            f"but the nodes have {want[1]} and {want[0]} values: expected {want}"
+        )
+
+
 def _merge_branches(branches, source: str) -> DelayedSynapses:
     """Sum the branches from ``source`` into one projection with a lag per synapse."""
     shapes = {tuple(b[2].shape) for b in branches}
@@ -397,11 +434,16 @@ def _merge_branches(branches, source: str) -> DelayedSynapses:
         owner |= used
         if branch_bias is not None:
             bias = branch_bias if bias is None else bias + branch_bias
-    return DelayedSynapses(weight, lags, bias)
+    try:
+        return DelayedSynapses(weight, lags, bias)
+    except ValueError as error:
+        raise NIRImportError(f"the synapses leaving {source!r}: {error}") from None
 
 
 def _uniform(node, field: str, where: str) -> float:
     values = np.asarray(getattr(node, field), dtype=np.float64).reshape(-1)
+    if not np.isfinite(values).all():
+        raise NIRImportError(f"{where}: {field} holds NaN or Inf")
     if values.size == 0 or not (values == values[0]).all():
         raise NIRImportError(
             f"{where}: per-neuron values of {field} are not supported (delrec "
@@ -427,23 +469,37 @@ def _input_scaling(node, tau_steps: float, where: str) -> bool:
     )
 
 
-def _lif_from_node(node, dt: float, where: str) -> LIF:
+def _time_constant(node, dt: float, where: str) -> float:
+    """The node's ``tau`` in steps, or a NIRImportError unless it is positive."""
     tau = _steps(_uniform(node, "tau", where), dt)
+    if not tau > 0:
+        raise NIRImportError(f"{where}: tau = {tau} steps; a time constant must be positive")
+    return tau
+
+
+def _lif_from_node(node, dt: float, where: str) -> LIF:
+    tau = _time_constant(node, dt, where)
     v_reset = _uniform(node, "v_reset", where)
     if _uniform(node, "v_leak", where) != v_reset:
         raise NIRImportError(
             f"{where}: v_leak differs from v_reset; delrec's LIF leaks towards v_reset"
         )
-    return LIF(
-        tau=tau,
-        v_threshold=_uniform(node, "v_threshold", where),
-        v_reset=v_reset,
-        decay_input=_input_scaling(node, tau, where),
-    )
+    try:
+        return LIF(
+            tau=tau,
+            v_threshold=_uniform(node, "v_threshold", where),
+            v_reset=v_reset,
+            decay_input=_input_scaling(node, tau, where),
+        )
+    except ValueError as error:
+        raise NIRImportError(f"{where}: {error}") from None
 
 
 def _li_from_node(node, dt: float, where: str) -> LeakyIntegrator:
-    tau = _steps(_uniform(node, "tau", where), dt)
+    tau = _time_constant(node, dt, where)
     if _uniform(node, "v_leak", where) != 0:
         raise NIRImportError(f"{where}: a readout LI must leak towards 0")
-    return LeakyIntegrator(tau, decay_input=_input_scaling(node, tau, where))
+    try:
+        return LeakyIntegrator(tau, decay_input=_input_scaling(node, tau, where))
+    except ValueError as error:
+        raise NIRImportError(f"{where}: {error}") from None
