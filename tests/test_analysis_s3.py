@@ -146,3 +146,17 @@ def test_gradients_command_writes_csv_and_figure(tmp_path, capsys):
     rows = list(csv.DictReader(open(tmp_path / "g.csv")))
     assert [int(r["delay"]) for r in rows] == [0, 2] and "radius_rms" in rows[0]
     assert (tmp_path / "g.png").stat().st_size > 1000
+
+
+def test_analysis_outputs_are_checked_before_any_work(tmp_path, capsys):
+    base = ["analyze", "spectral", "--a", "0.5", "--b", "1", "--max-delay", "2"]
+    for extra, problem in [
+        (["--figure", str(tmp_path / "s.xyz")], "give a file name ending in .png, .pdf, .svg"),
+        (["--no-figure", "--figure", str(tmp_path / "s.png")], "contradict each other"),
+        (["--csv", str(tmp_path / "s.out"), "--json", str(tmp_path / "s.out")], "one file"),
+    ]:
+        assert main([*base, *extra]) == 2, extra
+        assert problem in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written before the refusal
+    assert main([*base, "--figure", str(tmp_path / "s.svg")]) == 0
+    assert b"<svg" in (tmp_path / "s.svg").read_bytes()[:400]

@@ -253,3 +253,13 @@ def test_model_sweep_runs_each_model_on_the_task_network_then_analyze_training(t
     assert figure.read_bytes()[:4] == b"\x89PNG"
     assert main([*argv, "--labels", "one"]) == 2
     assert "--labels names 1 runs" in capsys.readouterr().err
+    assert main([*argv, "--labels", "x,x"]) == 2
+    assert "each run needs a label of its own" in capsys.readouterr().err
+    pdf = ["analyze", "training", str(out / "snn"), "--figure", str(tmp_path / "t.pdf")]
+    assert main(pdf) == 0 and (tmp_path / "t.pdf").read_bytes()[:5] == b"%PDF-"
+    assert main([*pdf[:-1], str(tmp_path / "t.xyz")]) == 2
+    assert "give a file name ending in .png, .pdf, .svg" in capsys.readouterr().err
+    metrics = out / "snn" / "seed-0" / "metrics.csv"
+    metrics.write_text(metrics.read_text().replace("\n1,", "\nabc,", 1))
+    assert main(pdf) == 2
+    assert "metrics.csv line 2, column epoch: 'abc' is not a number" in capsys.readouterr().err

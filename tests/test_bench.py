@@ -233,3 +233,17 @@ def test_bench_runs_the_feedforward_section_alone(tmp_path, monkeypatch, capsys)
     assert "bench.png" not in report and report.count("feedforward delays N=8") == 5
     assert main(["bench", "--sections", "cost", "--device", "cuda"]) == 2
     assert "--sections picks sections of the CPU layer benchmark" in capsys.readouterr().err
+
+
+def test_bench_checks_its_counts_and_output_folder_before_measuring(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for argv, problem in [
+        (["--threads", "0"], "--threads must be in 1…"),
+        (["--threads", "100000"], "this machine's cores"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--out", str(afile / "sub")], "afile is a file, not a folder"),
+    ]:
+        assert main(["bench", "--quick", "--sections", "shd", *argv]) == 2, argv
+        assert problem in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

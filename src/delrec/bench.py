@@ -9,7 +9,6 @@ reset through ``/proc/self/clear_refs`` after returning freed heap memory with `
 
 from __future__ import annotations
 
-import csv
 import ctypes
 import datetime
 import gc
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from delrec import files
 from delrec.engine import native
 from delrec.layers import DelRec, FeedforwardDelay
 from delrec.neurons import LIF, ATan, lif_step
@@ -363,7 +363,7 @@ def run(args) -> int:
     figure = out / "bench.png" if ran & {"size", "delay"} else None  # the panels of Fig. S1
     if figure:
         _plot(rows, figure)
-    (out / "bench.txt").write_text("\n".join(lines) + "\n")
+    files.write_text(out / "bench.txt", "\n".join(lines) + "\n")
     titles = {panel: title for panel, title, *_ in sections}
     verdicts = [line for line in lines if line.startswith(("PASS", "FAIL"))]
     elapsed = time.perf_counter() - started
@@ -562,10 +562,7 @@ def _write_csv(rows, path: Path) -> None:
         "saved_mb",
         "peak_rss_mb",
     ]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    files.write_csv(path, rows, fields)
 
 
 def _plot(rows, path: Path) -> None:
@@ -603,7 +600,7 @@ def _plot(rows, path: Path) -> None:
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(f"delrec bench, T = {STEPS} (CPU, torch {torch.__version__})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    files.write_figure(path, fig)
     plt.close(fig)
 
 
@@ -712,7 +709,7 @@ def write_markdown(
                     f"| N={n} B={b} d~U({lo:g},{hi:g}) σ={sigma:g} | {LABELS[r['model']]} | "
                     f"{r['time_ms']:.1f} | {r['saved_mb']:.2f} | {rss} | {ratios} |"
                 )
-    path.write_text("\n".join(out) + "\n")
+    files.write_text(path, "\n".join(out) + "\n")
 
 
 def cpu_name() -> str:

@@ -19,7 +19,6 @@ without a GPU and measures nothing. Writes ``gpu-bench.md`` (table and verdicts)
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import statistics
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from delrec import bench
+from delrec import bench, files
 from delrec.engine import fused
 from delrec.engine import triton as gpu
 from delrec.layers import DelRec
@@ -401,10 +400,7 @@ FIELDS = [
 
 
 def _write_csv(rows, path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    files.write_csv(path, rows, FIELDS)
 
 
 def _write_markdown(rows, checks, header: str, path: Path) -> None:
@@ -417,7 +413,7 @@ def _write_markdown(rows, checks, header: str, path: Path) -> None:
             f"| {r['samples_per_s']:.1f} |"
         )
     text += ["", "```", *checks, "```", ""]
-    path.write_text("\n".join(text))
+    files.write_text(path, "\n".join(text))
 
 
 def _plot(rows, path: Path, header: str) -> None:
@@ -441,5 +437,5 @@ def _plot(rows, path: Path, header: str) -> None:
     axes[1].set_title("peak memory of the step", fontsize=10)
     fig.suptitle(header[:120], fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    files.write_figure(path, fig, dpi=110)
     plt.close(fig)

@@ -27,7 +27,6 @@ Then:
 
 from __future__ import annotations
 
-import csv
 import statistics
 import time
 from collections import Counter, defaultdict
@@ -39,6 +38,7 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from delrec import files
 from delrec.bench import cpu_name
 from delrec.layers import DelRec
 from delrec.layers.dropout import Dropout
@@ -470,7 +470,7 @@ def run(args) -> int:
         log(line)
     _write_csv(rows, out / "network-bench.csv")
     _plot(rows, presets, out / "network-bench.png")
-    (out / "network-bench.txt").write_text("\n".join(lines) + "\n")
+    files.write_text(out / "network-bench.txt", "\n".join(lines) + "\n")
     log(
         f"\nwrote {out / 'network-bench.csv'}, {out / 'network-bench.png'}, "
         f"{out / 'network-bench.txt'}"
@@ -479,10 +479,7 @@ def run(args) -> int:
 
 
 def _write_csv(rows, path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    files.write_csv(path, rows, list(rows[0]))
 
 
 def _plot(rows, presets, path: Path) -> None:
@@ -518,5 +515,5 @@ def _plot(rows, presets, path: Path) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(f"delrec bench --network: one training step (CPU, torch {torch.__version__})")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=120)
+    files.write_figure(path, fig)
     plt.close(fig)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from delrec import files
 from delrec.bench import command_line, cpu_name, git_describe
 from delrec.deploy.streaming import StreamingNetwork
 from delrec.layers import DelRec
@@ -305,8 +306,7 @@ def write_report(path: Path, title: str, command: str, commit: str, elapsed_s: f
         f"| run time | {elapsed_s / 60:.1f} min |",
         "",
     ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(head + body) + "\n")
+    files.write_text(path, "\n".join(head + body) + "\n")
 
 
 def run(args) -> int:

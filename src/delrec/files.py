@@ -13,7 +13,9 @@ as ``open()`` creates files.
 
 from __future__ import annotations
 
+import csv
 import errno
+import io
 import json
 import os
 import secrets
@@ -79,6 +81,32 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, document, indent: int = 2) -> Path:
     """:func:`write_atomic` of ``document`` as indented JSON ending in a newline."""
     return write_text(path, json.dumps(document, indent=indent) + "\n")
+
+
+def write_csv(path: str | os.PathLike, rows: Iterable[dict], fields: list[str]) -> Path:
+    """:func:`write_atomic` of ``rows`` as CSV with the columns ``fields`` (a row's other keys
+    are left out)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, buffer.getvalue())
+
+
+FIGURE_FORMATS = (".png", ".pdf", ".svg")  # a figure's format, chosen by its file name
+
+
+def write_figure(path: str | os.PathLike, figure, dpi: int = 120) -> Path:
+    """:func:`write_atomic` of a matplotlib ``figure`` in the format of ``path``'s suffix
+    (:data:`FIGURE_FORMATS`); a ValueError for any other suffix."""
+    path = Path(path)
+    kind = path.suffix.lower()
+    if kind not in FIGURE_FORMATS:
+        raise ValueError(
+            f"{path}: a figure's file name must end in {', '.join(FIGURE_FORMATS)} (the suffix "
+            "chooses the format)"
+        )
+    return write_atomic(path, lambda temporary: figure.savefig(temporary, format=kind[1:], dpi=dpi))
 
 
 def temporary_target(path: str | os.PathLike) -> str | None:

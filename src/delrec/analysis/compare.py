@@ -283,9 +283,6 @@ X_AXES = {
 }
 
 
-FIGURE_FORMATS = (".png", ".pdf", ".svg")  # the figure's format, by the suffix of its name
-
-
 def plot_rows(rows: list[Row], path: Path, x: str = "parameters") -> None:
     """Metric (rounded delays: filled, mean ± std; real-valued: hollow) against ``x``
     (``"parameters"`` or ``"firing-rate"``), one line per model."""
@@ -339,8 +336,7 @@ def plot_rows(rows: list[Row], path: Path, x: str = "parameters") -> None:
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
-    kind = path.suffix.lower().lstrip(".") if path.suffix.lower() in FIGURE_FORMATS else "png"
-    files.write_atomic(path, lambda temporary: fig.savefig(temporary, format=kind, dpi=120))
+    files.write_figure(path, fig)
     plt.close(fig)
 
 

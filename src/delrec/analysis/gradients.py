@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from delrec import files
 from delrec.analysis.spectral import spectral_radius
 from delrec.layers import DelRec
 from delrec.neurons import LIF, ATan, Triangle, lif_charge
@@ -259,5 +260,5 @@ def plot_gradients(setup: GradientSetup, results: list[DelayResult], path) -> No
     extra = twin.get_legend_handles_labels()
     rates.legend(lines[0] + extra[0], lines[1] + extra[1], fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    files.write_figure(path, fig)
     plt.close(fig)

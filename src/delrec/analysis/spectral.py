@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from delrec import files
+
 
 def characteristic_coefficients(a: float, b: float, delay: int) -> np.ndarray:
     """Coefficients, highest degree first, of ``λ^(d+1) − a·λ^d − b``."""
@@ -131,5 +133,5 @@ def plot_spectral(a: float, b: float, rows: list[SpectralRow], path) -> None:
     right.set(xlabel="Re λ", ylabel="Im λ", title="all roots (colour: d, dark = 0)", aspect="equal")
     right.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    files.write_figure(path, fig)
     plt.close(fig)

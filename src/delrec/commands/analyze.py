@@ -4,8 +4,6 @@ trained runs learned (validation, loss, firing rate and gradient norm per layer)
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 from pathlib import Path
 
 from delrec import files
@@ -79,37 +77,48 @@ def add_parser(subparsers) -> None:
         help="comma-separated legend labels, one per run (default: the directory names)",
     )
     training.add_argument(
-        "--figure", type=Path, default=Path("training.png"), help="PNG path (default %(default)s)"
+        "--figure", type=Path, help="figure path, .png, .pdf or .svg (default training.png)"
     )
-    training.set_defaults(run=run_training)
+    training.set_defaults(run=run_training, no_figure=False, default_figure="training.png")
 
 
 def _add_outputs(parser: argparse.ArgumentParser, figure: str) -> None:
     parser.add_argument(
-        "--figure", type=Path, default=Path(figure), help="PNG figure path (default %(default)s)"
+        "--figure", type=Path, help=f"figure path, .png, .pdf or .svg (default {figure})"
     )
+    parser.set_defaults(default_figure=figure)
     parser.add_argument("--no-figure", action="store_true", help="write no figure")
     parser.add_argument("--csv", type=Path, help="also write the table as CSV")
     parser.add_argument("--json", type=Path, help="also write everything as JSON")
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    files.write_text(path, buffer.getvalue())
+def _check_outputs(args: argparse.Namespace) -> Path | None:
+    """The figure's path (None with ``--no-figure``), checked with the other outputs before any
+    work: a format the suffix names, no two outputs to one file."""
+    if args.no_figure and args.figure is not None:
+        raise UsageError("--no-figure and --figure contradict each other: give one")
+    figure = None if args.no_figure else args.figure or Path(args.default_figure)
+    if figure is not None and figure.suffix.lower() not in files.FIGURE_FORMATS:
+        raise UsageError(
+            f"--figure {figure}: give a file name ending in {', '.join(files.FIGURE_FORMATS)} "
+            "(the suffix chooses the format)"
+        )
+    named = [p for p in (figure, getattr(args, "csv", None), getattr(args, "json", None)) if p]
+    if len({p.resolve() for p in named}) < len(named):
+        raise UsageError(
+            f"two outputs name one file ({', '.join(map(str, named))}): give each its own"
+        )
+    return figure
 
 
-def _write_figure(args: argparse.Namespace, plot) -> None:
-    if args.no_figure:
-        return
-    args.figure.parent.mkdir(parents=True, exist_ok=True)
-    plot(args.figure)
-    print(f"figure: {args.figure}")
+def _write_figure(figure: Path | None, plot) -> None:
+    if figure is not None:
+        plot(figure)
+        print(f"figure: {figure}")
 
 
 def run_spectral(args: argparse.Namespace) -> int:
+    figure = _check_outputs(args)
     try:
         rows = spectral.spectral_table(args.a, args.b, args.max_delay)
     except ValueError as error:
@@ -118,14 +127,16 @@ def run_spectral(args: argparse.Namespace) -> int:
     print(spectral.format_table(rows))
     records = spectral.rows_as_records(args.a, args.b, rows)
     if args.csv:
-        _write_csv(args.csv, [{k: v for k, v in r.items() if k != "roots"} for r in records])
+        table = [{k: v for k, v in r.items() if k != "roots"} for r in records]
+        files.write_csv(args.csv, table, list(table[0]))
     if args.json:
         files.write_json(args.json, records, indent=1)
-    _write_figure(args, lambda path: spectral.plot_spectral(args.a, args.b, rows, path))
+    _write_figure(figure, lambda path: spectral.plot_spectral(args.a, args.b, rows, path))
     return 0
 
 
 def run_gradients(args: argparse.Namespace) -> int:
+    figure = _check_outputs(args)
     try:
         setup = gradients.GradientSetup(
             delays=args.delays,
@@ -147,24 +158,26 @@ def run_gradients(args: argparse.Namespace) -> int:
     payload = gradients.results_as_records(setup, results)
     if args.csv:
         scalar = ("backward_norms", "s3_bound", "step_contributions")
-        _write_csv(
-            args.csv, [{k: v for k, v in r.items() if k not in scalar} for r in payload["results"]]
-        )
+        table = [{k: v for k, v in r.items() if k not in scalar} for r in payload["results"]]
+        files.write_csv(args.csv, table, list(table[0]))
     if args.json:
         files.write_json(args.json, payload, indent=1)
-    _write_figure(args, lambda path: gradients.plot_gradients(setup, results, path))
+    _write_figure(figure, lambda path: gradients.plot_gradients(setup, results, path))
     return 0
 
 
 def run_training(args: argparse.Namespace) -> int:
     from delrec.training.figures import training_dynamics
 
+    figure = _check_outputs(args)
     runs = [run for path in args.run_dirs for run in RunDir(path).single_runs()]
     labels = args.labels or [str(run.path) for run in runs]
     if len(labels) != len(runs):
         raise UsageError(
             f"--labels names {len(labels)} runs, but the run directories hold {len(runs)}"
         )
+    if len(set(labels)) < len(labels):
+        raise UsageError(f"--labels {','.join(labels)}: each run needs a label of its own")
     histories = {}
     for label, run in zip(labels, runs):
         rows = run.read_metrics()
@@ -175,12 +188,32 @@ def run_training(args: argparse.Namespace) -> int:
     if len(metrics) > 1:
         raise UsageError("the runs mix classification and regression; give runs of one kind")
     metric = "accuracy" if metrics.pop() else "nmse"
-    args.figure.parent.mkdir(parents=True, exist_ok=True)
-    training_dynamics(histories, metric, args.figure)
+    for rows, run in zip(histories.values(), runs):
+        _check_metrics(run.path, rows, metric)
+    training_dynamics(histories, metric, figure)
     for label, rows in histories.items():
         last = rows[-1]
         print(
             f"{label}: {len(rows)} epochs, last valid {metric} {float(last[f'valid_{metric}']):.4g}"
         )
-    print(f"figure: {args.figure}")
+    print(f"figure: {figure}")
     return 0
+
+
+def _check_metrics(run_dir: Path, rows: list[dict], metric: str) -> None:
+    """A UsageError naming the line and column of ``metrics.csv`` that the figure cannot read."""
+    needed = ["epoch", f"valid_{metric}", "train_loss"]
+    columns = needed + [c for c in rows[0] if c.startswith(("firing_rate_", "grad_norm_"))]
+    for line, row in enumerate(rows, start=2):
+        for column in columns:
+            value = row.get(column)
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = None
+            if number is None or (column == "epoch" and number != int(number)):
+                raise UsageError(
+                    f"{run_dir / 'metrics.csv'} line {line}, column {column}: {value!r} is not "
+                    "a number of the kind it should be; the file was edited or cut short: "
+                    "restore it, or leave the run out"
+                )

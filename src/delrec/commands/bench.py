@@ -4,6 +4,9 @@ preset's whole network (``--network``, :mod:`delrec.bench_network`)."""
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -84,6 +87,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    _check_counts_and_out(args)
     if args.sections and (args.network or args.streaming or args.tbptt or args.device != "cpu"):
         raise UsageError(
             "--sections picks sections of the CPU layer benchmark: leave out --network, "
@@ -109,3 +113,26 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda":
         return bench_gpu.run(args)
     return bench.run(args)
+
+
+def _check_counts_and_out(args: argparse.Namespace) -> None:
+    """Repeats, threads and the output folder, checked before anything is measured."""
+    if args.repeats is not None and args.repeats < 1:
+        raise UsageError(f"--repeats must be >= 1, got {args.repeats} (leave it out: the default)")
+    cores = os.cpu_count() or 1
+    if not 1 <= args.threads <= cores:
+        raise UsageError(
+            f"--threads must be in 1…{cores} (this machine's cores), got {args.threads}"
+        )
+    out = Path(args.out)
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"--out {out}: {blocking} is a file, not a folder")
+    existing = next(p for p in (out, *out.parents) if p.exists())  # "." at the least
+    try:  # a file made and removed where the folder is or will be: nothing left behind
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise UsageError(
+            f"--out {out} cannot be written ({error.strerror or error}): give a folder this user "
+            "may write"
+        ) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from delrec import files
 from delrec.analysis import compare
 from delrec.commands import EXIT_CODES_HELP, UsageError
 
@@ -38,10 +39,10 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.figure is not None and args.figure.suffix.lower() not in compare.FIGURE_FORMATS:
+    if args.figure is not None and args.figure.suffix.lower() not in files.FIGURE_FORMATS:
         raise UsageError(
             f"--figure {args.figure}: give a file name ending in "
-            f"{', '.join(compare.FIGURE_FORMATS)} (the suffix chooses the format)"
+            f"{', '.join(files.FIGURE_FORMATS)} (the suffix chooses the format)"
         )
     rows = compare.compare(args.run_dirs, real_delays=not args.rounded_only)
     print(compare.format_markdown(rows))

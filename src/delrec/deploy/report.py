@@ -382,7 +382,7 @@ def plot_delay_histograms(report: dict, path: str | os.PathLike) -> None:
         axes[0, 0].text(0.5, 0.5, "no delays in this network", ha="center", va="center")
         axes[0, 0].set_axis_off()
     fig.tight_layout()
-    files.write_atomic(path, lambda temporary: fig.savefig(temporary, format="png", dpi=120))
+    files.write_figure(path, fig)
     plt.close(fig)
 
 

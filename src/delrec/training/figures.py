@@ -11,12 +11,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from torch import Tensor  # noqa: E402
 
-from delrec.files import write_atomic  # noqa: E402
+from delrec.files import write_figure  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    write_atomic(path, lambda temporary: fig.savefig(temporary, format="png", dpi=110))
+    write_figure(path, fig, dpi=110)
     plt.close(fig)
 
 
