@@ -160,3 +160,25 @@ def test_analysis_outputs_are_checked_before_any_work(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []  # nothing written before the refusal
     assert main([*base, "--figure", str(tmp_path / "s.svg")]) == 0
     assert b"<svg" in (tmp_path / "s.svg").read_bytes()[:400]
+
+
+def test_gradient_and_spectral_settings_are_checked_and_a_silent_network_has_no_growth(
+    tmp_path, capsys
+):
+    for argv, problem in [
+        (["gradients", "--size", "0"], "--size must be in 1…4096"),
+        (["gradients", "--tau", "0.5"], "--tau must be >= 1 step"),
+        (["gradients", "--gain", "nan"], "--gain must be finite"),
+        (["gradients", "--surrogate-scale", "-1"], "--surrogate-scale > 0"),
+        (["spectral", "--a", "nan", "--b", "1"], "--a must be a finite number"),
+        (["spectral", "--a", "1", "--b", "-1"], "--b must be a finite number"),
+        (["spectral", "--a", "1", "--b", "1", "--max-delay", "100000"], "--max-delay must be in"),
+    ]:
+        assert main(["analyze", *argv, "--no-figure"]) == 2, argv
+        assert problem in capsys.readouterr().err
+    silent = ["--size", "8", "--steps", "30", "--batch", "2", "--delays", "0,2"]
+    figure = tmp_path / "g.png"
+    argv = ["analyze", "gradients", *silent, "--input-mean", "-10", "--figure", str(figure)]
+    assert main(argv) == 0 and figure.read_bytes()[:4] == b"\x89PNG"
+    rows = capsys.readouterr().out.splitlines()[1:3]
+    assert all(row.split()[2] == "nan" for row in rows), rows  # no gradient: no growth factor

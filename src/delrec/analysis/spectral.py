@@ -9,6 +9,7 @@ time step of the bound: ``r_d > 1`` means the bound explodes, ``r_d < 1`` that i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,10 +60,21 @@ class SpectralRow:
         return "explode" if self.radius > 1.0 else "vanish"
 
 
+MAX_TABLE_DELAY = 500  # the longest delay of a table
+
+
 def spectral_table(a: float, b: float, max_delay: int) -> list[SpectralRow]:
     """One :class:`SpectralRow` for each ``d = 0 … max_delay``."""
-    if max_delay < 0:
-        raise ValueError(f"--max-delay must be >= 0, got {max_delay}")
+    if not 0 <= max_delay <= MAX_TABLE_DELAY:
+        raise ValueError(
+            f"--max-delay must be in 0…{MAX_TABLE_DELAY}, got {max_delay} (the roots of each "
+            f"delay cost (d+1)³ operations: {MAX_TABLE_DELAY} takes about a minute)"
+        )
+    for name, value in (("--a", a), ("--b", b)):
+        if not (math.isfinite(value) and 0 <= value <= 1e6):
+            raise ValueError(
+                f"{name} must be a finite number in [0, 1e6] (a bound on a magnitude), got {value}"
+            )
     rows = []
     for delay in range(max_delay + 1):
         roots = characteristic_roots(a, b, delay)
