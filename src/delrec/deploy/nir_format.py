@@ -84,6 +84,9 @@ SPIKE_CONVENTION = (
 
 
 # --------------------------------------------------------------------------- export
+MAX_DT = 1e6  # seconds per step: far beyond any use, and time constants × dt stay finite
+
+
 def to_nir(net: nn.Module, dt: float = 1.0):
     """The ``nir.NIRGraph`` of a network (a ``SpikingNetwork`` or a ``StreamingNetwork``).
 
@@ -91,8 +94,11 @@ def to_nir(net: nn.Module, dt: float = 1.0):
     naming the layer and construct when something cannot be exported exactly.
     """
     nir = _nir()
-    if not (isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0):
-        raise ValueError(f"dt must be a positive number of seconds per step, got {dt!r}")
+    if not (isinstance(dt, (int, float)) and math.isfinite(dt) and 0 < dt <= MAX_DT):
+        raise ValueError(
+            f"dt must be a positive number of seconds per step, at most {MAX_DT:g} (time "
+            f"constants and delays are multiplied by it), got {dt!r}"
+        )
     stream = net if isinstance(net, StreamingNetwork) else StreamingNetwork.from_network(net)
     nodes = {"input": nir.Input(input_type={"input": np.array([stream.input_size])})}
     edges: list[tuple[str, str]] = []
@@ -136,7 +142,8 @@ def export_nir(net: nn.Module, path: str | os.PathLike, dt: float = 1.0):
     graph = to_nir(net, dt)
     path = Path(path)
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
+        problem = "is a file, not a folder" if path.parent.exists() else "does not exist"
+        raise FileNotFoundError(f"cannot write {path}: {path.parent} {problem}")
 
     def write(temporary: Path) -> None:
         nir.write(temporary, graph)
@@ -247,12 +254,15 @@ def import_nir(source, dt: float | None = None) -> StreamingNetwork:
         if "dt" not in (graph.metadata or {}):
             raise NIRImportError("the graph has no 'dt' metadata; pass dt (seconds per step)")
         dt = graph.metadata["dt"]
+    given = dt
     try:
         dt = float(dt)
     except (TypeError, ValueError):
         dt = math.nan
     if not (math.isfinite(dt) and dt > 0):
-        raise NIRImportError(f"dt = {dt} is not a positive number of seconds per step; pass dt")
+        raise NIRImportError(
+            f"dt = {given!r} is not a positive number of seconds per step; pass dt"
+        )
     successors: dict[str, list[str]] = {name: [] for name in graph.nodes}
     for pre, post in graph.edges:
         missing = next((n for n in (pre, post) if n not in graph.nodes), None)
