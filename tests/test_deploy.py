@@ -580,11 +580,12 @@ def test_importer_names_what_is_wrong_in_an_edited_graph(edit, problem):
 
 
 def test_export_refuses_a_dt_that_overflows_and_a_file_in_the_way(tmp_path, capsys):
-    run = save_run(tmp_path, build_network(NetworkConfig(1, (6,), 10), seed=0))
+    net = build_network(NetworkConfig(1, (6,), 10, neuron={"reset": "hard"}), seed=0)
+    run = save_run(tmp_path, net)
     assert main(["export", str(run), "--dt", "1e308", "-o", str(tmp_path / "big.nir")]) == 2
     assert "at most 1e+06" in capsys.readouterr().err and not (tmp_path / "big.nir").exists()
     (tmp_path / "afile").write_text("x")
-    assert main(["export", str(run), "-o", str(tmp_path / "afile" / "x.nir")]) == 2
+    assert main(["export", str(run), "-o", str(tmp_path / "afile" / "x.nir")]) == 1
     assert "afile is a file, not a folder" in capsys.readouterr().err
     with pytest.raises(NIRImportError, match="dt = 'x' is not a positive number"):
         import_nir(to_nir(random_network("delrec")), dt="x")
