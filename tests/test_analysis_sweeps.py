@@ -197,6 +197,8 @@ def test_compare_groups_seeds_and_single_runs_of_one_configuration(tmp_path, cap
 def test_compare_names_what_is_not_a_finished_run(tmp_path, capsys):
     assert main(["compare", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "missing")]) == 2
+    assert "missing does not exist" in capsys.readouterr().err
     run = tmp_path / "half"
     assert (
         main(

@@ -104,10 +104,12 @@ class RunDir:
             return [self.seed(seed) for seed in self.read_seeds()["seeds"]]
         if self.is_single():
             return [self]
-        raise RunError(
-            f"{self.path} is not a run directory (no {CONFIG} or {SEEDS}); "
-            "give directories written by `delrec train`"
-        )
+        raise self._not_a_run("give directories written by `delrec train`")
+
+    def _not_a_run(self, fix: str) -> RunError:
+        if not self.path.exists():
+            return RunError(f"{self.path} does not exist; {fix}")
+        return RunError(f"{self.path} is not a run directory (no {CONFIG} or {SEEDS}); {fix}")
 
     def require_new(self) -> None:
         """Refuse a directory that holds anything but its lock (a new run starts empty)."""
@@ -151,10 +153,7 @@ class RunDir:
             return self._read_json(CONFIG)["config"]
         if self.is_multi_seed():
             return self.read_seeds()["config"]
-        raise RunError(
-            f"{self.path} is not a run directory (no {CONFIG} or {SEEDS}); "
-            "give the directory `delrec train` wrote"
-        )
+        raise self._not_a_run("give the directory `delrec train` wrote")
 
     def read_config(self, **changes) -> TrainConfig:
         """The run's configuration, validated, with ``changes`` (those not ``None``) applied:
