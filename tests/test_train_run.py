@@ -231,6 +231,8 @@ def test_resume_refuses_new_settings_and_unknown_dirs(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--epochs", "3"]) == 2
     assert "drop --epochs" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "nothing does not exist" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
 
 
