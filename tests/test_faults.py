@@ -658,7 +658,7 @@ def test_every_path_returns_contiguous_spikes(name, delay_type):
 
 def test_eval_refuses_delays_beyond_max_delay_until_they_are_clamped():
     # weights loaded from a layer without the limit: a chip could not run them
-    layer = DelRec(8, max_delay=2)
+    layer = DelRec(8, max_delay=2, delay_init="uniform:0:2")
     with torch.no_grad():
         layer.delay.copy_(torch.linspace(0, 4, 8))
     current = torch.rand(10, 2, 8)

@@ -265,9 +265,10 @@ def plot_gradients(setup: GradientSetup, results: list[DelayResult], path) -> No
     rates.plot(delays, [r.growth_measured for r in results], "s-", label="measured growth per step")
     rates.axhline(1.0, color="black", lw=0.8)
     twin = rates.twinx()
-    twin.semilogy(
-        delays, [r.weight_grad_norm for r in results], "^:", color="tab:red", label="‖∂L/∂W‖"
-    )
+    norms = [r.weight_grad_norm for r in results]
+    twin.plot(delays, norms, "^:", color="tab:red", label="‖∂L/∂W‖")
+    if any(n > 0 for n in norms):  # log scale only where there is a gradient to show
+        twin.set_yscale("log")
     twin.set_ylabel("‖∂L/∂W‖", color="tab:red")
     rates.set(
         xlabel="recurrent delay d (steps)",
