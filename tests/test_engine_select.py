@@ -89,3 +89,21 @@ def test_a_registered_path_is_preferred_to_those_it_is_put_before(restored_paths
         register(gpu_only)
     with pytest.raises(ValueError, match="no engine path named 'nope'"):
         register(EnginePath("other", gpu_only.run), before="nope")
+
+
+def test_an_unusable_kernel_cache_falls_back_with_a_warning(tmp_path, monkeypatch):
+    from delrec.engine import native
+
+    if not native.enabled():
+        pytest.skip("DELREC_NATIVE=0: no C++ kernels are built here")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("DELREC_CACHE", str(blocker / "cache"))  # a folder cannot go there
+    native.build.cache_clear()
+    native._built_or_warned.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not be built or loaded.*Not a directory"):
+            assert native.load("ring") is None
+    finally:  # the other tests load the kernels from the real cache again
+        native.build.cache_clear()
+        native._built_or_warned.cache_clear()

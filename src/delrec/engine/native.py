@@ -44,8 +44,9 @@ def enabled() -> bool:
 
 
 def _build_directory(name: str, flags: tuple[str, ...] = ()) -> Path:
-    """One build folder per kernel source (with the shared headers), compiler flags (``flags``
-    added to :data:`CFLAGS`), torch version and CPU model (``-march=native``)."""
+    """The build folder (not created here): one per kernel source (with the shared headers),
+    compiler flags (``flags`` added to :data:`CFLAGS`), torch version and CPU model
+    (``-march=native``)."""
     cpu = platform.processor() or platform.machine()
     try:
         cpu += next(
@@ -60,9 +61,7 @@ def _build_directory(name: str, flags: tuple[str, ...] = ()) -> Path:
     stamp = " ".join([torch.__version__, *CFLAGS, *flags, cpu]).encode()
     key = hashlib.sha256(source + stamp).hexdigest()[:16]
     root = Path(os.environ.get("DELREC_CACHE", Path.home() / ".cache" / "delrec"))
-    folder = root / "kernels" / f"{name}-{key}"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return root / "kernels" / f"{name}-{key}"
 
 
 def _ninja_on_path() -> None:
@@ -85,6 +84,7 @@ def build(name: str, flags: tuple[str, ...] = ()) -> ModuleType:
 
     variant = "_" + hashlib.sha256(" ".join(flags).encode()).hexdigest()[:8] if flags else ""
     module, folder = f"delrec_{name}{variant}", _build_directory(name, flags)
+    folder.mkdir(parents=True, exist_ok=True)
     library = folder / f"{module}.so"
     if library.is_file():  # no ninja run, no build lock: a process killed here leaves nothing
         spec = importlib.util.spec_from_file_location(module, library)
