@@ -140,6 +140,26 @@ def test_chunks_equal_one_pass_on_every_path(
         assert state.mask is (mask if training else None)
 
 
+@pytest.mark.parametrize("delay_type", ["axonal", "synaptic", "shared"])
+@pytest.mark.parametrize("training", [True, False])
+def test_chunks_shorter_than_every_delay_equal_one_pass(delay_type, training):
+    """Delays of 5–8 steps and chunks of 1 or 2 steps: the history reaches no step of a chunk
+    (the random draws above always hold a delay of 0, so they never meet this case)."""
+    current, mask, _ = draw_current_and_mask(12, 2, 4, seed=3)
+    for path in stateful_paths(delay_type, LIF(), not training, grad=training):
+        layer = DelRec(
+            4, delay_type=delay_type, delay_init="uniform:5:8", recurrent_dropout=0.3, engine=path
+        )
+        layer = layer.double().train(training)
+        first = {"dropout_mask": mask} if training else {}
+        with torch.set_grad_enabled(training):
+            whole = layer(current, **first)
+            for cuts in ([1, 2, 3, 4, 5, 6], [2, 4, 6, 8, 10]):
+                chunked, _ = in_chunks(layer, current, cuts, **first)
+                assert torch.equal(chunked, whole), (path, cuts)
+        assert whole.sum() > 0
+
+
 def random_state(batch, size, history, seed):
     """A state to start from: random membranes and a random spike history, requiring grad."""
     g = torch.Generator().manual_seed(seed)

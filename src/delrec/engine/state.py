@@ -127,8 +127,9 @@ def run_lif(
     if past and rows:  # the history's input: lags up to past + rows - 1 can reach the chunk
         kernel = recurrent_kernel(delay, width, length=min(reach, past + rows - 1) + 1)
         recurrent = history_input(history, weight, kernel, steps, kernel_support(delay, width))
-        recurrent = recurrent if mask is None else recurrent * mask
-        corrected = torch.cat([current[:rows] + recurrent, current[rows:]])
+        if recurrent is not None:  # None: no lag of the kernels reaches from the history
+            recurrent = recurrent if mask is None else recurrent * mask
+            corrected = torch.cat([current[:rows] + recurrent, current[rows:]])
     if lif.leak != 0.0:
         start = (v - lif.v0) * (lif.leak / lif.gain)
         corrected = torch.cat([corrected[:1] + start, corrected[1:]])
