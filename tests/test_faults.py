@@ -669,6 +669,23 @@ def test_eval_refuses_delays_beyond_max_delay_until_they_are_clamped():
     assert layer(current).shape == (10, 2, 8)
 
 
+@pytest.mark.parametrize("model", ["snn", "delrec"])
+def test_a_network_refuses_bad_input_before_any_layer_runs(model):
+    # a NaN used to reach BatchNorm's running statistics first (spoiling every later
+    # evaluation), and silenced the networks without a DelRec layer without a word
+    net = build_network(NetworkConfig(3, (4,), 2, model=model, block="bn"), seed=0).train()
+    bad = torch.randn(5, 2, 3)
+    bad[2, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match="input is not finite: nan at step 2, batch item 1"):
+        net(bad)
+    assert torch.equal(net.blocks[0].norm.running_mean, torch.zeros(4))
+    with pytest.raises(ValueError, match=r"empty \(T = 0\)"):
+        net(torch.rand(0, 2, 3))
+    with pytest.raises(TypeError, match="input dtype torch.float64 does not match"):
+        net(torch.rand(5, 2, 3, dtype=torch.float64))
+    assert net(torch.full((5, 2, 3), 2e37)).shape == (5, 2, 2)  # its sum overflows: accepted
+
+
 def test_a_huge_finite_current_whose_sum_overflows_is_accepted():
     layer = DelRec(16).eval()
     with torch.no_grad():

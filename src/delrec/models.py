@@ -311,6 +311,24 @@ class SpikingNetwork(nn.Module):
                 f"network expects time-major input (T, B, {self.config.input_size}), "
                 f"got {tuple(x.shape)}"
             )
+        if x.shape[0] == 0:
+            raise ValueError("input sequence is empty (T = 0)")
+        parameter = self.readout.weight
+        if x.dtype != parameter.dtype:
+            raise TypeError(
+                f"input dtype {x.dtype} does not match the network's {parameter.dtype}; "
+                "convert one with .to(dtype)"
+            )
+        # before any layer runs: a NaN would reach BatchNorm's running statistics (spoiling
+        # every later evaluation) or silence a layer without a word (one device sync)
+        total = x.detach().sum(dtype=torch.promote_types(x.dtype, torch.float32))
+        bad = (~torch.isfinite(x)).nonzero() if not bool(total.isfinite()) else []
+        if len(bad):  # (a huge finite input may overflow the sum: then nothing is wrong)
+            t, b, c = bad[0].tolist()
+            raise ValueError(
+                f"the network's input is not finite: {x[t, b, c].item()} at step {t}, batch "
+                f"item {b}, channel {c}; check the data (torch.isfinite)"
+            )
         stateful = state is not None or return_state
         if state is not None and len(state.blocks) != len(self.blocks):
             raise ValueError(
