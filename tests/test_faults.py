@@ -684,6 +684,9 @@ def test_a_network_refuses_bad_input_before_any_layer_runs(model):
     with pytest.raises(TypeError, match="input dtype torch.float64 does not match"):
         net(torch.rand(5, 2, 3, dtype=torch.float64))
     assert net(torch.full((5, 2, 3), 2e37)).shape == (5, 2, 2)  # its sum overflows: accepted
+    _, state = net.eval()(torch.rand(5, 2, 3), return_state=True)  # a state of batch 2
+    with pytest.raises(ValueError, match="a state belongs to the batch it was computed for"):
+        net(torch.rand(5, 3, 3), state)
 
 
 def test_a_huge_finite_current_whose_sum_overflows_is_accepted():

@@ -27,7 +27,7 @@ from delrec.engine.lif import is_builtin_lif
 from delrec.layers import DelRec, DelRecState, FeedforwardDelay, run_chunk
 from delrec.layers.dropout import Dropout
 from delrec.layers.sizes import check_size
-from delrec.neurons import LIF, LeakyIntegrator, make_surrogate
+from delrec.neurons import LIF, LeakyIntegrator, check_state, make_surrogate
 from delrec.recipes import RECIPES
 
 READOUTS = ("lif", "sum", "ema")
@@ -347,6 +347,8 @@ class SpikingNetwork(nn.Module):
         neuron, readout_state = self.readout_neuron, None
         if neuron is not None:
             start = state.readout if state is not None else None
+            if start is not None:
+                check_state(start, (out[0],), "readout")
             if self.engine == "fused" and fused.kernels_for(out.device) is not None:
                 out = fused.integrate(out, neuron.tau, neuron.decay_input)
                 if start is not None:  # v[t] also holds (1 - 1/τ)^(t+1)·v[-1]

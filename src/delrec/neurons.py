@@ -120,6 +120,25 @@ def run_steps(neuron, u: Tensor, state: State) -> tuple[Tensor, State]:
     return torch.stack(spikes), state
 
 
+def check_state(state, expected: State, model: str) -> None:
+    """A ValueError (TypeError for a dtype) unless ``state`` has the tensors of ``expected``
+    (the initial state of the same batch): their number, shapes and dtypes."""
+    if not isinstance(state, tuple) or len(state) != len(expected):
+        got = len(state) if isinstance(state, tuple) else type(state).__name__
+        raise ValueError(
+            f"a {model} state is a tuple of {len(expected)} tensor(s), got {got}; pass the state "
+            "the same layer returned"
+        )
+    for x, want in zip(state, expected):
+        if tuple(x.shape) != tuple(want.shape):
+            raise ValueError(
+                f"a {model} state tensor has shape {tuple(x.shape)}, expected (B, N) = "
+                f"{tuple(want.shape)}; a state belongs to the batch it was computed for"
+            )
+        if x.dtype != want.dtype:
+            raise TypeError(f"a {model} state holds {x.dtype}, the input is {want.dtype}")
+
+
 class SequenceNeuron(nn.Module):
     """Base class: runs ``step`` over a time-major sequence when the module is called."""
 
@@ -135,8 +154,10 @@ class SequenceNeuron(nn.Module):
         """Input current ``(T, B, N)`` → spikes ``(T, B, N)``, from ``state`` (default: the
         initial state); ``return_state=True`` also returns the state after the last step, a
         tuple of ``(B, N)`` tensors without gradient (chunks of a sequence, docs/layer.md)."""
-        state = self.initial_state(u[0]) if state is None else state
-        spikes, state = run_steps(self, u, state)
+        initial = self.initial_state(u[0])
+        if state is not None:
+            check_state(state, initial, type(self).__name__)
+        spikes, state = run_steps(self, u, initial if state is None else state)
         if return_state:
             return spikes, tuple(x.detach() for x in state)
         return spikes
@@ -263,7 +284,10 @@ class LeakyIntegrator(nn.Module):
         """Input current ``(T, B, K)`` → membrane potentials ``(T, B, K)``, from ``state``
         ``(v,)`` (default: ``v = 0``); ``return_state=True`` also returns ``(v,)`` after the
         last step, ``(B, K)``, without gradient."""
-        v = torch.zeros_like(u[0]) if state is None else state[0]
+        v = torch.zeros_like(u[0])
+        if state is not None:
+            check_state(state, (v,), "LeakyIntegrator")
+            v = state[0]
         out = []
         for u_t in u:
             v = leaky_integrator_step(u_t, v, self.tau, self.decay_input)
