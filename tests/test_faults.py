@@ -222,6 +222,34 @@ def test_an_unknown_option_is_reported_by_its_command_with_its_usage(tmp_path, c
     assert "is a folder; give a .toml or .json file" in capsys.readouterr().err
 
 
+def test_sigterm_ends_a_training_with_a_message_and_its_lock_released(tmp_path):
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "delrec", "train", *TINY, "--run-dir", str(run)]
+    argv[argv.index("--epochs") + 1] = "100000"
+    process = subprocess.Popen(argv, env=ENV, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:  # after the first epoch
+        if line.startswith("epoch 1/"):
+            break
+    process.send_signal(signal.SIGTERM)
+    err = process.stderr.read()
+    assert process.wait(timeout=60) == 143
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err, err
+    assert not (run / LOCK).exists() and (run / "checkpoints" / "last.pt").is_file()
+
+
+def test_a_distributed_failure_says_how_to_continue(tmp_path, monkeypatch):
+    from delrec.training.distributed import failure_message
+
+    error = RuntimeError("Connection closed by peer")
+    assert "Run the same command again" in failure_message(error, tmp_path / "none", 2)
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--run-dir", str(run)]) == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # two nodes of one process each
+    message = failure_message(error, run, 2)
+    launch = "torchrun --nnodes 2 --nproc-per-node 1 -m delrec train"
+    assert f"on every node, as before: {launch} --resume {run}" in message
+
+
 def test_train_refuses_flags_that_would_be_ignored_or_absurd(tmp_path, capsys):
     run = ["--run-dir", str(tmp_path / "run")]
     for argv, problem in [
@@ -1121,3 +1149,26 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, uninterrupte
         uninterrupted / "test_results.json"
     ).read_text()
     assert not list(run_dir.rglob(".*.tmp")) and not (run_dir / LOCK).exists()
+
+
+def test_a_process_group_that_cannot_form_is_reported(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    assert main(["train", *TINY, "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "launch with torchrun, or set MASTER_ADDR and MASTER_PORT" in err, err
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # rank 1 never comes
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    argv = ["train", *TINY, "--run-dir", str(tmp_path / "run"), "--dist-timeout", "2"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "the 2 processes did not all join within 2 s" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

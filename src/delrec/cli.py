@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from delrec import cpu
 from delrec.commands import EXIT_CODES_HELP, fail
@@ -43,8 +45,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's time limit, ``kill``): unwinds like Ctrl-C, so that locks are
+    released and a parallel-seeds parent stops its workers."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     cpu.configure()  # before any worker thread starts: they copy its flush-to-zero flag
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        return _run(argv)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:  # said by the (sub)command they were given to, with its usage
@@ -56,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(
+            "terminated (SIGTERM); what was written is whole: a training run continues with "
+            "`delrec train --resume RUN_DIR`",
+            file=sys.stderr,
+        )
+        return 143
     except Exception as error:
         return fail(args.command, error)
 

@@ -366,7 +366,7 @@ def process_group(device: str, backend: str | None = None, timeout_s: float = DE
         torch.cuda.set_device(torch_device)
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        _join(backend, world, timeout_s)
         try:
             yield DataParallel(rank, world, torch_device, backend)
         finally:
@@ -374,6 +374,26 @@ def process_group(device: str, backend: str | None = None, timeout_s: float = DE
                 dist.destroy_process_group()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _join(backend: str, world: int, timeout_s: float) -> None:
+    """``init_process_group``, its failures said plainly: a missing address is bad usage, a
+    peer that does not join (or a port in use) a run-time failure naming what to check."""
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    except ValueError as error:  # MASTER_ADDR or MASTER_PORT unset
+        first = str(error).strip().splitlines()[0]
+        raise ConfigError(
+            f"{first}: launch with torchrun, or set MASTER_ADDR and MASTER_PORT for every process"
+        ) from None
+    except (RuntimeError, dist.DistError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        port = os.environ.get("MASTER_PORT", "?")
+        raise TrainingError(
+            f"the {world} processes did not all join within {timeout_s:g} s ({first}); check "
+            f"that every rank started and that MASTER_PORT {port} is free on the master, "
+            "then run the same command again"
+        ) from None
 
 
 def is_process_failure(error: BaseException) -> bool:
@@ -397,12 +417,17 @@ def failure_message(error: BaseException, run_dir: Path, processes: int) -> str:
     else:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         what = f"lost contact with the other processes ({first_line})"
-    last = RunDir(run_dir).checkpoint_path("last")
-    if last.is_file():
-        where = f"the last complete epoch is saved in {last}"
-    else:
-        where = "no epoch was complete, so nothing was saved"
-    return (
-        f"{what}; {where}. Continue with: torchrun --nproc-per-node {processes} "
-        f"-m delrec train --resume {run_dir}"
+    run = RunDir(run_dir)
+    last = run.checkpoint_path("last")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
+    nodes = f"--nnodes {processes // local} " if local < processes else ""
+    launch = f"torchrun {nodes}--nproc-per-node {local}"
+    if not run.is_single():  # the run never wrote its configuration: nothing to resume
+        return f"{what}; nothing was saved. Run the same command again ({launch} …)"
+    where = (
+        f"the last complete epoch is saved in {last}"
+        if last.is_file()
+        else "no epoch was complete, so nothing was saved"
     )
+    every = " on every node, as before" if nodes else ""
+    return f"{what}; {where}. Continue with{every}: {launch} -m delrec train --resume {run_dir}"

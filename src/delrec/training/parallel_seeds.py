@@ -114,6 +114,12 @@ class SeedProcess:
         code = self.process.wait()
         if code == 0 and self.stdout:
             return json.loads(self.stdout[-1]), None
+        if code < 0:  # a signal: its last output line says nothing of why
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return None, f"killed by {name}"
         lines = [line.strip() for line in self.tail if line.strip()] or ["no output"]
         errors = [i for i, line in enumerate(lines) if line.startswith("delrec train: error:")]
         message = " ".join(lines[errors[-1] if errors else -1 :])
