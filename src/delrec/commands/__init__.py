@@ -32,7 +32,8 @@ MAX_SEEDS = 100_000  # seeds one --seeds may name
 EXIT_CODES_HELP = (
     "exit codes: 0 success; 1 a failure at run time (training diverged, download failed, a "
     "file could not be written); 2 bad usage or bad input (unknown option, bad configuration "
-    "value, missing or corrupt file, run directory in use)"
+    "value, missing or corrupt file, run directory in use); 130 interrupted (Ctrl-C); 143 "
+    "terminated (SIGTERM)"
 )
 
 
