@@ -44,7 +44,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         remove_temporaries(path.parent, [path.name], older_than=STALE_AFTER_S)
         temporary = _new_temporary(path)
     except OSError as error:
-        blocking = next((a for a in path.parents if a.exists() and not a.is_dir()), None)
+        blocking = file_in_the_way(path.parent)
         if blocking is not None:
             raise NotADirectoryError(
                 errno.ENOTDIR,
@@ -71,6 +71,13 @@ def _cannot_write(path: Path, error: OSError) -> OSError:
         f"cannot write {path}: {reason}; an existing file there is unchanged (write "
         "elsewhere, or free the disk or make the folder writable)",
     )
+
+
+def file_in_the_way(folder: str | os.PathLike) -> Path | None:
+    """The file (not a folder) at ``folder`` or at one of its parents, which stops the folder
+    from being made; ``None`` when there is none."""
+    folder = Path(folder)
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -233,9 +233,7 @@ class RunDir:
         created is removed again if nothing was written into it.
         """
         log = log or (lambda message: print(message, file=sys.stderr))
-        blocking = next(
-            (p for p in (self.path, *self.path.parents) if p.exists() and not p.is_dir()), None
-        )
+        blocking = files.file_in_the_way(self.path)
         if blocking is not None:
             raise RunError(
                 f"cannot use {self.path} as a run directory: {blocking} is a file, not a "

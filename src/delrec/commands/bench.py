@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from delrec import bench, bench_gpu, bench_network, bench_state
+from delrec import bench, bench_gpu, bench_network, bench_state, files
 from delrec.commands import EXIT_CODES_HELP, UsageError
 
 
@@ -125,7 +125,7 @@ def _check_counts_and_out(args: argparse.Namespace) -> None:
             f"--threads must be in 1…{cores} (this machine's cores), got {args.threads}"
         )
     out = Path(args.out)
-    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    blocking = files.file_in_the_way(out)
     if blocking is not None:
         raise UsageError(f"--out {out}: {blocking} is a file, not a folder")
     existing = next(p for p in (out, *out.parents) if p.exists())  # "." at the least

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from delrec.files import write_atomic, write_text
+from delrec.files import file_in_the_way, write_atomic, write_text
 
 from .errors import DataError, DownloadError
 
@@ -282,7 +282,7 @@ def download(
     if mirror is not None:
         _check_mirror(mirror)
     to = Path(to)
-    blocking = next((a for a in (to, *to.parents) if a.exists() and not a.is_dir()), None)
+    blocking = file_in_the_way(to)
     if blocking is not None:
         raise DataError(f"cannot put {name} in {to}: {blocking} is a file, not a folder")
     to.mkdir(parents=True, exist_ok=True)
