@@ -103,17 +103,23 @@ def write_csv(path: str | os.PathLike, rows: Iterable[dict], fields: list[str]) 
 FIGURE_FORMATS = (".png", ".pdf", ".svg")  # a figure's format, chosen by its file name
 
 
-def write_figure(path: str | os.PathLike, figure, dpi: int = 120) -> Path:
-    """:func:`write_atomic` of a matplotlib ``figure`` in the format of ``path``'s suffix
-    (:data:`FIGURE_FORMATS`); a ValueError for any other suffix."""
-    path = Path(path)
-    kind = path.suffix.lower()
+def figure_format(path: str | os.PathLike) -> str:
+    """The format a figure's file name asks for (``"png"``, ``"pdf"``, ``"svg"``), or a
+    ValueError for any other suffix."""
+    kind = Path(path).suffix.lower()
     if kind not in FIGURE_FORMATS:
         raise ValueError(
-            f"{path}: a figure's file name must end in {', '.join(FIGURE_FORMATS)} (the suffix "
+            f"{path}: give a file name ending in {', '.join(FIGURE_FORMATS)} (the suffix "
             "chooses the format)"
         )
-    return write_atomic(path, lambda temporary: figure.savefig(temporary, format=kind[1:], dpi=dpi))
+    return kind[1:]
+
+
+def write_figure(path: str | os.PathLike, figure, dpi: int = 120) -> Path:
+    """:func:`write_atomic` of a matplotlib ``figure`` in the format of ``path``'s suffix
+    (:func:`figure_format`)."""
+    kind = figure_format(path)
+    return write_atomic(path, lambda temporary: figure.savefig(temporary, format=kind, dpi=dpi))
 
 
 def temporary_target(path: str | os.PathLike) -> str | None:

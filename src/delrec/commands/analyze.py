@@ -98,11 +98,11 @@ def _check_outputs(args: argparse.Namespace) -> Path | None:
     if args.no_figure and args.figure is not None:
         raise UsageError("--no-figure and --figure contradict each other: give one")
     figure = None if args.no_figure else args.figure or Path(args.default_figure)
-    if figure is not None and figure.suffix.lower() not in files.FIGURE_FORMATS:
-        raise UsageError(
-            f"--figure {figure}: give a file name ending in {', '.join(files.FIGURE_FORMATS)} "
-            "(the suffix chooses the format)"
-        )
+    if figure is not None:
+        try:
+            files.figure_format(figure)
+        except ValueError as error:
+            raise UsageError(f"--figure {error}") from None
     named = [p for p in (figure, getattr(args, "csv", None), getattr(args, "json", None)) if p]
     if len({p.resolve() for p in named}) < len(named):
         raise UsageError(

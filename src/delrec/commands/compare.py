@@ -39,11 +39,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.figure is not None and args.figure.suffix.lower() not in files.FIGURE_FORMATS:
-        raise UsageError(
-            f"--figure {args.figure}: give a file name ending in "
-            f"{', '.join(files.FIGURE_FORMATS)} (the suffix chooses the format)"
-        )
+    if args.figure is not None:
+        try:
+            files.figure_format(args.figure)
+        except ValueError as error:
+            raise UsageError(f"--figure {error}") from None
     rows = compare.compare(args.run_dirs, real_delays=not args.rounded_only)
     print(compare.format_markdown(rows))
     compare.write_outputs(rows, args.markdown, args.csv, args.figure, args.x)
