@@ -78,6 +78,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return payload
 
 
+def unusable(error: Exception) -> str:
+    """What a checkpoint's payload lacked or held wrong, in one line of at most 300 characters
+    (a KeyError names the missing entry; load_state_dict's first misshapen tensors)."""
+    problem = f"no {error}" if isinstance(error, KeyError) else " ".join(str(error).split())
+    return problem if len(problem) <= 300 else problem[:297] + "..."
+
+
 def network_from(payload: dict, source: str | os.PathLike = "the checkpoint") -> SpikingNetwork:
     """The network a checkpoint's payload holds, in eval mode; a CheckpointError naming
     ``source`` (the file) when its configuration or weights do not rebuild one."""
@@ -90,11 +97,9 @@ def network_from(payload: dict, source: str | os.PathLike = "the checkpoint") ->
             if name.endswith((".delay", ".position")):
                 check_delays(value, name)
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        problem = f"no {error}" if isinstance(error, KeyError) else " ".join(str(error).split())
-        if len(problem) > 300:  # the first of load_state_dict's missing or misshapen tensors
-            problem = problem[:297] + "..."
         raise CheckpointError(
-            f"the network in {source} cannot be rebuilt ({problem}): the file was edited or "
-            "written by another version of delrec; use the run's other checkpoint or retrain"
+            f"the network in {source} cannot be rebuilt ({unusable(error)}): the file was "
+            "edited or written by another version of delrec; use the run's other checkpoint or "
+            "retrain"
         ) from None
     return network.eval()

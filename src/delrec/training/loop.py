@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from delrec import cpu
-from delrec.checkpoint import CheckpointError, network_payload
+from delrec.checkpoint import CheckpointError, network_payload, unusable
 from delrec.config import ConfigError, TrainConfig, resolve_device
 from delrec.delays import spread_schedule
 from delrec.layers import DelRec, FeedforwardDelay, clamp_delays, set_spread
@@ -523,11 +523,10 @@ class Trainer:
                 dict(payload["initial_delays"]),
             )
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
-            problem = f"no {error}" if isinstance(error, KeyError) else str(error).split("\n")[0]
             raise CheckpointError(
-                f"{self.run.checkpoint_path('last')} cannot be resumed from ({problem}): it was "
-                "edited or written by another version of delrec; resume with the version that "
-                "wrote it, or train again into a new --run-dir"
+                f"{self.run.checkpoint_path('last')} cannot be resumed from "
+                f"({unusable(error)}): it was edited or written by another version of delrec; "
+                "resume with the version that wrote it, or train again into a new --run-dir"
             ) from None
         if self.is_main:
             self.run.write_metrics(self.state.history)
