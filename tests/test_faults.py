@@ -12,6 +12,7 @@ for bit with an uninterrupted run.
 
 from __future__ import annotations
 
+import builtins
 import gzip
 import hashlib
 import json
@@ -151,6 +152,13 @@ def test_nan_parameters_stop_the_run_naming_epoch_batch_and_last_checkpoint(tmp_
     assert read_checkpoint(last)["epoch"] == 1  # finite: it reads
 
 
+def test_a_network_too_large_for_memory_is_an_error_naming_its_sizes(tmp_path):
+    config = tiny_config()
+    config.network["hidden_sizes"] = [10**10]  # 2.6 TB of feedforward weights alone
+    with pytest.raises(TrainingError, match=r"do not fit in the memory of cpu \(hidden_sizes "):
+        Trainer(config, tmp_path / "run", progress=False)
+
+
 def test_a_delay_made_infinite_is_caught_before_the_clamp_hides_it(tmp_path):
     trainer = Trainer(tiny_config(), tmp_path / "run", progress=False)
     count = {"steps": 0}
@@ -235,6 +243,24 @@ def test_sigterm_ends_a_training_with_a_message_and_its_lock_released(tmp_path):
     assert process.wait(timeout=60) == 143
     assert "terminated (SIGTERM)" in err and "Traceback" not in err, err
     assert not (run / LOCK).exists() and (run / "checkpoints" / "last.pt").is_file()
+
+
+def test_ctrl_c_while_the_command_line_loads_torch_is_a_message_not_a_traceback(
+    monkeypatch, capsys
+):
+    script = "import sys, delrec.cli; print(sorted(m for m in sys.modules if m == 'torch'))"
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert loaded.stdout == "[]\n", loaded  # the entry module loads no torch of its own
+    real_import = builtins.__import__
+
+    def interrupted_import(name, *args, **kwargs):
+        if name == "delrec.commands":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted_import)
+    assert main(["train", "--help"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
 
 
 def test_a_distributed_failure_says_how_to_continue(tmp_path, monkeypatch):

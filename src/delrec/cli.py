@@ -3,7 +3,9 @@
 Each subcommand is a module of :mod:`delrec.commands` providing ``add_parser(subparsers)``
 (which sets ``run``), listed in ``COMMANDS`` below, so this file stays a table. Errors a
 command expects become a one-line message and an exit code by the convention of
-:mod:`delrec.commands` (1: a failure at run time; 2: bad usage or bad input).
+:mod:`delrec.commands` (1: a failure at run time; 2: bad usage or bad input). This module
+imports only the standard library: torch and the commands load inside :func:`main`, so that
+Ctrl-C during those first seconds also ends with "interrupted" and exit 130.
 """
 
 from __future__ import annotations
@@ -13,9 +15,6 @@ import importlib
 import signal
 import sys
 import threading
-
-from delrec import cpu
-from delrec.commands import EXIT_CODES_HELP, fail
 
 # subcommand name -> module providing add_parser(subparsers), imported when the parser is built.
 COMMANDS = {
@@ -32,6 +31,8 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from delrec.commands import EXIT_CODES_HELP
+
     parser = argparse.ArgumentParser(
         prog="delrec",
         description="Train spiking networks with learnable recurrent delays (DelRec) and "
@@ -55,25 +56,10 @@ def _terminate(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cpu.configure()  # before any worker thread starts: they copy its flush-to-zero flag
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return _run(argv)
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _run(argv: list[str] | None) -> int:
-    parser = build_parser()
-    args, extras = parser.parse_known_args(argv)
-    if extras:  # said by the (sub)command they were given to, with its usage
-        _innermost(parser, sys.argv[1:] if argv is None else argv).error(
-            f"unrecognized arguments: {' '.join(extras)}"
-        )
-    try:
-        return int(args.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -84,6 +70,24 @@ def _run(argv: list[str] | None) -> int:
             file=sys.stderr,
         )
         return 143
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> int:
+    from delrec import cpu
+    from delrec.commands import fail
+
+    cpu.configure()  # before any worker thread starts: they copy its flush-to-zero flag
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # said by the (sub)command they were given to, with its usage
+        _innermost(parser, sys.argv[1:] if argv is None else argv).error(
+            f"unrecognized arguments: {' '.join(extras)}"
+        )
+    try:
+        return int(args.run(args) or 0)
     except Exception as error:
         return fail(args.command, error)
 

@@ -43,6 +43,21 @@ class TrainingError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- pieces
+def _build_in_memory(network_config, seed: int, device: torch.device) -> SpikingNetwork:
+    """``build_network`` on ``device``, or a TrainingError naming the sizes when the weights do
+    not fit in its memory (torch's allocator error is a traceback about bytes)."""
+    try:
+        return build_network(network_config, seed=seed).to(device)
+    except (RuntimeError, MemoryError) as error:
+        if "allocate" not in str(error) and not isinstance(error, MemoryError):
+            raise
+        raise TrainingError(
+            f"the network's weights do not fit in the memory of {device} (hidden_sizes "
+            f"{list(network_config.hidden_sizes)}, {network_config.input_size} inputs); "
+            "set smaller network.hidden_sizes"
+        ) from None
+
+
 def delay_tensors(network: SpikingNetwork) -> dict[str, Tensor]:
     """The delays of each delay-holding layer by name: ``rec{i}`` (DelRec in hidden layer i,
     steps) and ``ff{i}`` (feedforward positions into hidden layer i, steps)."""
@@ -192,9 +207,9 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.data = load_splits(config)
         info = self.data.info
-        self.network = build_network(
-            config.network_config(info.input_size, info.output_size), seed=config.seed
-        ).to(self.device)
+        self.network = _build_in_memory(
+            config.network_config(info.input_size, info.output_size), config.seed, self.device
+        )
         self.train_forward = self.network.forward_with_spikes
         if dist is not None:
             self.train_forward = dist.wrap(self.network)
