@@ -184,6 +184,20 @@ def test_the_layer_in_eval_rounds_positions_like_the_reference(engine):
     assert fast.position.grad is None and reference.position.grad is None
 
 
+def test_the_temporal_kernel_is_two_taps_around_the_position_and_one_in_eval():
+    layer = FeedforwardDelay(2, 1, kernel_size=6, engine="reference").double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[2.0, -1.0]]))
+        layer.position.copy_(torch.tensor([[1.25, 4.5]]))
+    expected = torch.zeros(1, 2, 6, dtype=torch.float64)
+    expected[0, 0, 1:3] = torch.tensor([0.75 * 2.0, 0.25 * 2.0])
+    expected[0, 1, 4:6] = torch.tensor([0.5 * -1.0, 0.5 * -1.0])
+    assert torch.equal(layer.temporal_kernel(), expected)
+    rounded = torch.zeros(1, 2, 6, dtype=torch.float64)
+    rounded[0, 0, 1], rounded[0, 1, 4] = 2.0, -1.0  # 1.25 → 1; 4.5 → 4 (ties to even)
+    assert torch.equal(layer.eval().temporal_kernel(), rounded)
+
+
 @pytest.mark.parametrize("engine", TWO_TAPS)
 def test_padding_does_not_leak_backward_in_time(engine):
     """A variable-length batch: sequence b ends at lengths[b]; whatever follows (padding) changes

@@ -161,3 +161,18 @@ def test_bad_network_configs_get_clear_errors():
     net = build_network(preset_network("ssc", hidden_sizes=(8, 8, 8)))
     with pytest.raises(ValueError, match=r"\(T, B, 140\)"):
         net(torch.zeros(2, 140))
+
+
+@pytest.mark.parametrize("init", ["uniform-sqrt6", "torch"])
+def test_feedforward_init_sets_every_feedforward_weight_delay_synapses_too(init):
+    cfg = NetworkConfig(
+        input_size=400, hidden_sizes=(300,), output_size=3, model="ffdelay", feedforward_init=init
+    )
+    network = build_network(cfg, seed=0)
+    synapses, readout = network.blocks[0].synapses, network.readout
+    assert isinstance(synapses, FeedforwardDelay)
+    for weight, fan_in in ((synapses.weight, 400), (readout.weight, 300)):
+        bound = (6 / fan_in) ** 0.5 if init == "uniform-sqrt6" else fan_in**-0.5
+        assert 0.98 * bound < float(weight.detach().abs().max()) <= bound  # 120,000 draws
+    with pytest.raises(ValueError, match="feedforward_init must be one of uniform-sqrt6, torch"):
+        NetworkConfig(input_size=2, hidden_sizes=(2,), output_size=2, feedforward_init="he")

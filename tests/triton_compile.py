@@ -42,7 +42,7 @@ def variants():
         (256, tl.float64, "*fp64"),
     ):
         torch_dtype = torch.float32 if dtype == tl.float32 else torch.float64
-        tiles = recurrent_tiles(256, n, torch_dtype)
+        tiles = recurrent_tiles(n, torch_dtype)
         warps = tiles.warps
         rec = dict(
             BLOCK_B=tiles.batch,
@@ -50,7 +50,7 @@ def variants():
             BLOCK_K=tiles.inner,
             PRECISION=tiles.precision,
         )
-        wide = recurrent_tiles(256, n, torch_dtype, wide=True)  # the axonal kernels' tiles
+        wide = recurrent_tiles(n, torch_dtype, wide=True)  # the axonal kernels' tiles
         axonal_rec = dict(
             BLOCK_B=wide.batch, BLOCK_N=wide.neurons, BLOCK_K=wide.inner, PRECISION=wide.precision
         )

@@ -26,6 +26,7 @@ from delrec.engine import fused
 from delrec.engine.lif import is_builtin_lif
 from delrec.layers import DelRec, DelRecState, FeedforwardDelay, run_chunk
 from delrec.layers.dropout import Dropout
+from delrec.layers.feedforward import weight_bound
 from delrec.layers.sizes import check_size
 from delrec.neurons import LIF, LeakyIntegrator, check_state, make_surrogate
 from delrec.recipes import RECIPES
@@ -124,7 +125,9 @@ class NetworkConfig:
     ``MAX_DELAY``): a chip's limit (docs/deployment.md#chips-delay-limits). Recurrent delays
     and feedforward positions are kept in ``[0, max_delay]`` from initialisation (draws above
     it are clamped, with a :class:`~delrec.delays.DelayLimitWarning`) through every optimizer
-    step (:func:`delrec.layers.clamp_delays`).
+    step (:func:`delrec.layers.clamp_delays`). ``feedforward_init``: the initial weights of
+    every feedforward synapse, Linear and feedforward-delay layers and the readout alike
+    (:func:`delrec.layers.feedforward.weight_bound`).
     """
 
     input_size: int
@@ -142,7 +145,7 @@ class NetworkConfig:
     max_delay: int | None = None
     learn_spread: bool = False
     ff_delay_window: int = 26
-    feedforward_init: str = "uniform-sqrt6"  # or "torch" (nn.Linear's default)
+    feedforward_init: str = "uniform-sqrt6"
     readout: str = "sum"
     readout_tau: float = 2.0
     readout_bias: bool = True
@@ -157,11 +160,7 @@ class NetworkConfig:
             raise ValueError(f"unknown readout {self.readout!r}; choose one of {READOUTS}")
         if self.block not in ("bn", "dropout"):
             raise ValueError(f"block must be 'bn' or 'dropout', got {self.block!r}")
-        if self.feedforward_init not in ("uniform-sqrt6", "torch"):
-            raise ValueError(
-                f"feedforward_init must be 'uniform-sqrt6' or 'torch', "
-                f"got {self.feedforward_init!r}"
-            )
+        weight_bound(self.feedforward_init, 1)  # a ValueError naming the choices
         if not 1 <= self.ff_delay_window <= MAX_DELAY + 1:
             raise ValueError(
                 f"ff_delay_window must be between 1 and {MAX_DELAY + 1:g} steps (delays of 0 … "
@@ -207,7 +206,8 @@ class NetworkState(NamedTuple):
 
 
 class HiddenBlock(nn.Module):
-    """One hidden layer: synapses (Linear or FeedforwardDelay) → [BatchNorm] → neurons → dropout.
+    """One hidden layer: synapses (Linear or FeedforwardDelay) → [BatchNorm] → neurons → dropout
+    (dropout before the neurons with ``dropout_first``, the SSC/PS-MNIST blocks).
 
     ``(T, B, I)`` → spikes ``(T, B, O)``. ``neurons`` is a DelRec layer or a plain LIF. It runs
     a chunk of a sequence from a :class:`BlockState` like the layers do (:meth:`forward`).
@@ -370,10 +370,6 @@ class SpikingNetwork(nn.Module):
         result = self.forward_with_spikes(x, state, return_state=return_state)
         return (result[0], result[2]) if return_state else result[0]
 
-    def delay_layers(self) -> list[nn.Module]:
-        """The layers that hold delays (DelRec and FeedforwardDelay), in depth order."""
-        return [m for m in self.modules() if isinstance(m, (DelRec, FeedforwardDelay))]
-
 
 def set_feedforward_engine(network: nn.Module, engine: str) -> None:
     """Run the network around the delays of ``network`` on ``engine``: ``"fused"`` (the default:
@@ -443,14 +439,10 @@ def check_lengths(lengths: Tensor, steps: int, batch: int) -> Tensor:
 def _linear(
     cfg: NetworkConfig, fan_in: int, fan_out: int, bias: bool, generator: torch.Generator | None
 ) -> nn.Linear:
-    """Linear layer with ``W ~ U(±sqrt(6/fan_in))`` ("uniform-sqrt6", the paper's Kaiming) or
-    ``U(±1/sqrt(fan_in))`` ("torch", nn.Linear's default); bias ``U(±1/sqrt(fan_in))``."""
+    """``nn.Linear`` with the weights of ``cfg.feedforward_init`` (:func:`weight_bound`) and
+    biases ``U(±1/sqrt(fan_in))``."""
     layer = nn.Linear(fan_in, fan_out, bias=bias)
-    bound = (
-        math.sqrt(6.0 / fan_in)
-        if cfg.feedforward_init == "uniform-sqrt6"
-        else 1 / math.sqrt(fan_in)
-    )
+    bound = weight_bound(cfg.feedforward_init, fan_in)
     with torch.no_grad():
         layer.weight.uniform_(-bound, bound, generator=generator)
         if bias:
@@ -493,7 +485,13 @@ def build_network(cfg: NetworkConfig, seed: int | None = None) -> SpikingNetwork
         recurrent_position = cfg.is_recurrent_position(index)
         if recurrent_position and VARIANTS[cfg.model].feedforward_delays:
             synapses = FeedforwardDelay(
-                fan_in, size, cfg.ff_delay_window, cfg.bias, generator, max_delay=cfg.max_delay
+                fan_in,
+                size,
+                cfg.ff_delay_window,
+                cfg.bias,
+                generator,
+                max_delay=cfg.max_delay,
+                init=cfg.feedforward_init,
             )
         else:
             synapses = _linear(cfg, fan_in, size, cfg.bias, generator)

@@ -4,9 +4,10 @@ Two layers of API, in the style of Norse:
 
 * pure step functions (``lif_step``, ``adlif_step``, ``leaky_integrator_step``) that map
   ``(input current, state, parameters) -> (spikes, new state)`` for one time step;
-* ``nn.Module`` wrappers (``LIF``, ``AdLIF``, ``LeakyIntegrator``) that hold the
-  parameters, implement the :class:`Neuron` protocol used by the recurrent-delay layer, and
-  run a whole time-major sequence ``(T, B, N)`` when called.
+* ``nn.Module`` wrappers (``LIF``, ``AdLIF``) that hold the parameters, implement the
+  :class:`Neuron` protocol used by the recurrent-delay layer, and run a whole time-major
+  sequence ``(T, B, N)`` when called; ``LeakyIntegrator``, the readout, runs a sequence the
+  same way but never fires, so it is not a :class:`Neuron`.
 
 Time is counted in steps: ``tau`` is a number of time steps, not seconds. All tensors are
 time-major, ``x[t, b, n]``; a state is a tuple of ``(B, N)`` tensors.

@@ -314,8 +314,7 @@ def _native_backward(
 def _forward_loop(
     current, weight, mask, lif: LIFMap, plan: _AxonalPlan, need_d: bool, need_s: bool
 ):
-    """The forward time loop in PyTorch ops: what :func:`_native_forward` returns, but the
-    membrane batch-major ``(T, B, N)``."""
+    """The forward time loop in PyTorch ops: what :func:`_native_forward` returns."""
     steps, batch, n = current.shape
     rows = plan.tap_rows(4 if need_d else 3, -1)
     drive = lif.drive(current)

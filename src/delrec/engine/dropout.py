@@ -17,8 +17,8 @@ and the RNG state a checkpoint stores, and are the same on every device. Because
 function of the position, the backward pass draws it again instead of saving it, and a process
 that holds rows ``[offset, offset + B)`` of a larger batch draws exactly those rows.
 
-The C++ kernels (``csrc/fused.cpp``, :mod:`delrec.engine.fused`) draw masks inside the loops
-that use them; :func:`philox` and :func:`reference_mask` compute the same in PyTorch ops (any
+The C++ kernels (``csrc/fused.cpp`` and ``csrc/axonal.cpp``) draw masks inside the loops that
+use them; :func:`philox` and :func:`reference_mask` compute the same in PyTorch ops (any
 device), and are what the kernels are tested against.
 """
 

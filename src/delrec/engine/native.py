@@ -3,7 +3,7 @@
 The per-step elementwise work of the C++ engine paths (tap reads, the float64 trace recursion,
 the neuron update and its adjoint) is fused into C++ loops that run the whole time loop, calling
 ATen's GEMM each step. They are built with ``torch.utils.cpp_extension.load`` the first time
-they are needed (about a minute; needs a C++ compiler and ``ninja``, a dependency of the
+they are needed (about half a minute; needs a C++ compiler and ``ninja``, a dependency of the
 package) and cached per torch version and CPU in ``$DELREC_CACHE`` (default
 ``~/.cache/delrec``). When they cannot be built, :func:`load` returns ``None`` after one
 warning that says why, and the engine selector picks a PyTorch-op path (same results, slower).

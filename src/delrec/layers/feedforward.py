@@ -12,6 +12,17 @@ from delrec.delays import MAX_DELAY, check_max_delay, clamp_initial
 from delrec.engine import feedforward as engines
 from delrec.layers.sizes import check_size
 
+INITS = ("uniform-sqrt6", "torch")
+
+
+def weight_bound(init: str, fan_in: int) -> float:
+    """Half-width of the uniform initial weights of a feedforward layer: ``sqrt(6/fan_in)``
+    for ``"uniform-sqrt6"`` (the paper's Kaiming), ``1/sqrt(fan_in)`` for ``"torch"``
+    (``nn.Linear``'s default). Biases are ``U(±1/sqrt(fan_in))`` either way."""
+    if init not in INITS:
+        raise ValueError(f"feedforward_init must be one of {', '.join(INITS)}, got {init!r}")
+    return math.sqrt(6.0 / fan_in) if init == "uniform-sqrt6" else 1 / math.sqrt(fan_in)
+
 
 class FeedforwardDelay(nn.Module):
     """Dense layer whose synapses carry a weight and a learnable delay in ``[0, K-1]`` steps.
@@ -27,9 +38,10 @@ class FeedforwardDelay(nn.Module):
     ``engine``: ``"auto"`` (C++ kernels on the CPU, PyTorch ops elsewhere), ``"reference"``
     (the convolution), or a path of :data:`delrec.engine.feedforward.PATHS` by name.
     ``max_delay``: the longest delay (position) allowed, integer steps (a chip's limit,
-    docs/deployment.md#chips-delay-limits), or ``None``: positions then live in
-    ``[0, min(K-1, max_delay)]``; initial positions above it are clamped to it with a
-    :class:`~delrec.delays.DelayLimitWarning`.
+    docs/deployment.md#chips-delay-limits), or ``None`` (no limit but the window). Positions
+    live in ``[0, min(K-1, max_delay)]``; initial positions above ``max_delay`` are clamped to
+    it with a :class:`~delrec.delays.DelayLimitWarning`. ``init``: the initial weights, one of
+    :data:`INITS` (:func:`weight_bound`); the positions start uniform in the window.
     """
 
     def __init__(
@@ -41,6 +53,7 @@ class FeedforwardDelay(nn.Module):
         generator: torch.Generator | None = None,
         engine: str = "auto",
         max_delay: int | None = None,
+        init: str = "uniform-sqrt6",
     ):
         super().__init__()
         in_features = check_size(in_features, "FeedforwardDelay in_features")
@@ -62,7 +75,7 @@ class FeedforwardDelay(nn.Module):
             out_features,
             kernel_size,
         )
-        bound = math.sqrt(6.0 / in_features)
+        bound = weight_bound(init, in_features)
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features).uniform_(-bound, bound, generator=generator)
         )

@@ -22,8 +22,9 @@ class DelRecState(NamedTuple):
 
     ``neuron``: the neuron's state after the last step, a tuple of ``(B, N)`` tensors (the
     built-in LIF: ``(v,)``). ``spikes``: ``(H, B, N)``, the spikes of the last ``H`` steps,
-    oldest first; earlier spikes count as 0 (``H``: as far back as the kernel reaches,
-    ``L - 1``, or the steps seen if fewer). ``mask``: the recurrent dropout mask ``(B, N)`` of
+    oldest first; earlier spikes count as 0 (``H``: the longer of the previous state's
+    history and the kernel's reach ``L - 1``, at most the steps seen:
+    :func:`delrec.engine.state.kept_history`). ``mask``: the recurrent dropout mask ``(B, N)`` of
     the sequence (training with ``recurrent_dropout > 0``), or None.
     """
 

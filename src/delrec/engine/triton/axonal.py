@@ -57,7 +57,7 @@ def _forward_kernel(
     mask_ptr,  # (B, N) recurrent dropout mask (read when HAS_MASK)
     lags_ptr,  # (N, 4) int32: the tap lags (a1, b1+1, b2+1, e2+1)
     coef_ptr,  # (2, N, 3) float64: increments of z and D/w² per tapped spike
-    const_ptr,  # (7,) float64: the LIF constants (lif.constants)
+    const_ptr,  # (8,) float64: the LIF constants (lif.constants)
     state_ptr,  # (2, B, N) float64, zero: z and D/w²
     history_ptr,  # (T, N, B) uint8 out: the spikes neuron-major, what the taps read
     spikes_ptr,  # (T, B, N) out
@@ -179,7 +179,7 @@ def _backward_kernel(
     mask_ptr,  # (B, N) (read when HAS_MASK)
     lags_ptr,  # (N, 4) int32
     coef_ptr,  # (2, N, 3) float64
-    const_ptr,  # (7,) float64
+    const_ptr,  # (8,) float64
     trace_ptr,  # (T, B, N): z (read when NEED_SUPPORT)
     slope_ptr,  # (T+1, B, N): E (read when NEED_SLOPE)
     support_ptr,  # (T+1, B, N): K (read when NEED_SUPPORT)
@@ -313,7 +313,7 @@ def forward_loop(current, weight, mask, lif, plan, need_d: bool, need_s: bool):
     box sums ``E``, ``K`` ``(T+1, B, N)`` (slot ``t+1`` holds step ``t``; None when not
     needed)."""
     steps, batch, n = current.shape
-    tiles = recurrent_tiles(batch, n, current.dtype, wide=True)
+    tiles = recurrent_tiles(n, current.dtype, wide=True)
     drive = lif.drive(current).contiguous()
     spikes, membrane, trace = (torch.empty_like(drive) for _ in range(3))
     slope, support = (
@@ -364,7 +364,7 @@ def backward_loop(grad_spikes, membrane, trace, slope, support, weight_in, mask,
     ``(T, B, N)`` and the per-neuron sums ``Σ ∂L/∂z·E``, ``Σ ∂L/∂z·K``, ``Σ ∂L/∂z·z`` (float64,
     None when not needed)."""
     steps, batch, n = membrane.shape
-    tiles = recurrent_tiles(batch, n, membrane.dtype, wide=True)
+    tiles = recurrent_tiles(n, membrane.dtype, wide=True)
     programs = triton.cdiv(batch, tiles.batch)
     p = lif.p
     code = surrogate_code(p)

@@ -61,7 +61,6 @@ from delrec.engine.triton.lif import (
 CHUNKS, CHUNK_WARPS = 4, 2
 NORM_FRAMES, NORM_CHANNELS = (16, 32) if INTERPRETED else (16, 64)
 FRAMES = 256
-MASK_FIELDS = 4  # a row of the mask table: key, threshold, batch offset, 1/keep's float64 bits
 
 
 # --------------------------------------------------------------------------- masks
@@ -81,8 +80,9 @@ def _chunk_tile(tile, batch, n, CHUNKS: tl.constexpr):
 
 @triton.jit
 def _mask_of(row_ptr, DTYPE: tl.constexpr):
-    """One mask of the mask table: its key, threshold (uint32), batch offset and the value of
-    a kept element (in ``DTYPE``)."""
+    """One mask of the mask table, whose rows are 4 int64 fields (key, threshold, batch offset,
+    1/keep's float64 bits): its key, threshold (uint32), batch offset and the value of a kept
+    element (in ``DTYPE``)."""
     key = tl.load(row_ptr)
     threshold = tl.load(row_ptr + 1).to(tl.uint32)
     offset = tl.load(row_ptr + 2)

@@ -156,7 +156,7 @@ INTERPRETER_TILES = Tiles(batch=16, recursion=32, neurons=32, inner=32, warps=1)
 SPLIT_TF32_FROM = 513
 
 
-def recurrent_tiles(batch: int, n: int, dtype: torch.dtype, wide: bool = False) -> Tiles:
+def recurrent_tiles(n: int, dtype: torch.dtype, wide: bool = False) -> Tiles:
     """Tiles of the recurrent kernels: 16 batch rows per program (the smallest ``tl.dot``, so
     the most programs); the recursion sweeps up to 128 neurons at a time (its loads are
     gathers whose latency a wide block amortises); the product's output blocks hold 64 neurons

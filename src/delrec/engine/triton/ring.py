@@ -129,7 +129,7 @@ def recurrence(current, weight, delay, width, neuron, mask=None):
     """
     steps, batch, n = current.shape
     lif = LIFMap.of(neuron.p)
-    tiles = recurrent_tiles(batch, n, current.dtype)
+    tiles = recurrent_tiles(n, current.dtype)
     if delay.dim() == 2:
         tiles = dataclasses.replace(tiles, inner=synaptic_inner(tiles))
     drive = lif.drive(current).contiguous()

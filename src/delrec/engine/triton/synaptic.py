@@ -192,7 +192,7 @@ class _LagStacked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, current, kernel, kmin: int, mask, lif):
         steps, batch, n = current.shape
-        tiles = recurrent_tiles(batch, n, current.dtype)
+        tiles = recurrent_tiles(n, current.dtype)
         grid, blocks = _launch_common(tiles, batch)
         drive = lif.drive(current).contiguous()
         spikes, membrane = torch.empty_like(drive), torch.empty_like(drive)
@@ -223,7 +223,7 @@ class _LagStacked(torch.autograd.Function):
         lif, kmin = ctx.lif, ctx.kmin
         steps, batch, n = membrane.shape
         lags = kernel.shape[-1]
-        tiles = recurrent_tiles(batch, n, membrane.dtype)
+        tiles = recurrent_tiles(n, membrane.dtype)
         grid, blocks = _launch_common(tiles, batch)
         p = lif.p
         code = surrogate_code(p)
