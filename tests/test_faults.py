@@ -635,11 +635,11 @@ def test_states_and_masks_of_another_kind_get_clear_errors():
     current = torch.rand(10, 2, 8)
     _, (neuron, spikes, mask) = layer(current, return_state=True)
     State = type(layer(current, return_state=True)[1])
-    with pytest.raises(TypeError, match="float64 tensors, the input is torch.float32"):
+    with pytest.raises(TypeError, match="spikes holds torch.float64, the input is torch.float32"):
         layer(current, State(tuple(v.double() for v in neuron), spikes.double(), mask))
-    with pytest.raises(ValueError, match="must hold the 1 tensor.*LIF neuron's state, got 0"):
+    with pytest.raises(ValueError, match=r"of the LIF neuron is a tuple of 1 tensor\(s\), got 0"):
         layer(current, State((), spikes, mask))
-    with pytest.raises(ValueError, match="must hold the 2 tensor.*AdLIF neuron's state, got 1"):
+    with pytest.raises(ValueError, match=r"of the AdLIF neuron is a tuple of 2 tensor\(s\), got 1"):
         DelRec(8, AdLIF())(current, State(neuron, spikes, mask))
     with pytest.raises(TypeError, match="floats .* or booleans, got torch.int64"):
         layer(current, dropout_mask=torch.ones(2, 8, dtype=torch.int64))

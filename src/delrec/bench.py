@@ -61,9 +61,8 @@ class VanillaRecurrentLIF(nn.Module):
 
     def forward(self, current: Tensor) -> Tensor:
         """Current ``(T, B, N)`` → spikes ``(T, B, N)``."""
-        v0 = 0.0 if self.p.v_reset is None else self.p.v_reset
         s = torch.zeros_like(current[0])
-        v = torch.full_like(current[0], v0)
+        v = torch.full_like(current[0], self.p.v_rest)
         spikes = []
         for c_t in current:
             s, v = lif_step(torch.addmm(c_t, s, self.weight.t()), v, self.p)

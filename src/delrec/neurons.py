@@ -127,17 +127,17 @@ def check_state(state, expected: State, model: str) -> None:
     if not isinstance(state, tuple) or len(state) != len(expected):
         got = len(state) if isinstance(state, tuple) else type(state).__name__
         raise ValueError(
-            f"a {model} state is a tuple of {len(expected)} tensor(s), got {got}; pass the state "
-            "the same layer returned"
+            f"the state of the {model} is a tuple of {len(expected)} tensor(s), got {got}; pass "
+            "the state the same layer (and neuron model) returned"
         )
     for x, want in zip(state, expected):
         if tuple(x.shape) != tuple(want.shape):
             raise ValueError(
-                f"a {model} state tensor has shape {tuple(x.shape)}, expected (B, N) = "
-                f"{tuple(want.shape)}; a state belongs to the batch it was computed for"
+                f"the state of the {model} holds a tensor of shape {tuple(x.shape)}, expected "
+                f"(B, N) = {tuple(want.shape)}; a state belongs to the batch it was computed for"
             )
         if x.dtype != want.dtype:
-            raise TypeError(f"a {model} state holds {x.dtype}, the input is {want.dtype}")
+            raise TypeError(f"the state of the {model} holds {x.dtype}, the input is {want.dtype}")
 
 
 class SequenceNeuron(nn.Module):
@@ -204,13 +204,18 @@ class LIFParameters:
     def soft_reset(self) -> bool:
         return self.v_reset is None
 
+    @property
+    def v_rest(self) -> float:
+        """The potential the leak pulls toward, and the initial one: ``v_reset`` (hard reset)
+        or 0 (soft reset)."""
+        return 0.0 if self.v_reset is None else self.v_reset
+
 
 def lif_charge(u: Tensor, v: Tensor, p: LIFParameters) -> Tensor:
     """Membrane potential ``h[t]`` after integrating ``u[t]`` from ``v[t-1]`` (no firing)."""
-    v_rest = 0.0 if p.v_reset is None else p.v_reset
     if p.decay_input:
-        return v + (u - (v - v_rest)) / p.tau
-    return v - (v - v_rest) / p.tau + u
+        return v + (u - (v - p.v_rest)) / p.tau
+    return v - (v - p.v_rest) / p.tau + u
 
 
 def lif_step(u: Tensor, v: Tensor, p: LIFParameters) -> tuple[Tensor, Tensor]:
@@ -241,8 +246,7 @@ class LIF(SequenceNeuron):
         self.p = LIFParameters(tau, v_threshold, v_reset, detach_reset, decay_input, surrogate)
 
     def initial_state(self, like: Tensor) -> State:
-        v0 = 0.0 if self.p.v_reset is None else self.p.v_reset
-        return (torch.full_like(like, v0),)
+        return (torch.full_like(like, self.p.v_rest),)
 
     def step(self, u: Tensor, state: State) -> tuple[Tensor, State]:
         s, v = lif_step(u, state[0], self.p)

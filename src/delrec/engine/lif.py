@@ -18,6 +18,9 @@ from torch import Tensor
 
 from delrec.neurons import LIF, ATan, LIFParameters, Triangle
 
+# surrogate codes of the compiled kernels: ψ' read from a precomputed tensor, Triangle(γ), ATan(α)
+PSI_TENSOR, TRIANGLE, ATAN = 0, 1, 2
+
 
 def is_builtin_lif(neuron) -> bool:
     """True for exactly the built-in :class:`LIF` (a subclass may override ``step``)."""
@@ -37,10 +40,8 @@ class LIFMap:
 
     @classmethod
     def of(cls, p: LIFParameters) -> LIFMap:
-        v_rest = 0.0 if p.soft_reset else p.v_reset
-        return cls(
-            1.0 - 1.0 / p.tau, 1.0 / p.tau if p.decay_input else 1.0, v_rest / p.tau, v_rest, p
-        )
+        gain = 1.0 / p.tau if p.decay_input else 1.0
+        return cls(1.0 - 1.0 / p.tau, gain, p.v_rest / p.tau, p.v_rest, p)
 
     @property
     def drives_directly(self) -> bool:
@@ -85,21 +86,22 @@ class LIFMap:
         return torch.addcmul(gv, psi, grad_s, out=out)
 
     def native_surrogate(self) -> tuple[int, float]:
-        """The surrogate as ``csrc/lif.h`` computes it: ``(1, γ)`` for :class:`Triangle`,
-        ``(2, α)`` for :class:`ATan`, ``(0, 0.0)`` for any other (ψ' then read from a tensor)."""
+        """The surrogate as the kernels (``csrc/lif.h``, ``triton/lif.py``) compute it:
+        ``(TRIANGLE, γ)``, ``(ATAN, α)``, or ``(PSI_TENSOR, 0.0)`` for any other surrogate
+        (ψ' then read from a tensor)."""
         surrogate = self.p.surrogate
         if type(surrogate) is Triangle:
-            return 1, surrogate.gamma
+            return TRIANGLE, surrogate.gamma
         if type(surrogate) is ATan:
-            return 2, surrogate.alpha
-        return 0, 0.0
+            return ATAN, surrogate.alpha
+        return PSI_TENSOR, 0.0
 
     def native_slope(self, membrane: Tensor) -> tuple[int, float, Tensor]:
         """The surrogate as a kernel's backward takes it: :meth:`native_surrogate` and ψ'(h - θ)
         ``(T, B, N)`` precomputed from the pre-spike ``membrane`` for a surrogate the kernels
         don't know (code 0; an empty tensor otherwise)."""
         code, param = self.native_surrogate()
-        if code == 0:
+        if code == PSI_TENSOR:
             return code, param, self.p.surrogate.derivative(membrane - self.p.v_threshold)
         return code, param, membrane.new_empty(0)
 

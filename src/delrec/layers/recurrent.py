@@ -13,7 +13,7 @@ from delrec.engine import DELAY_TYPES, RecurrentState, check_engine, fused, sele
 from delrec.engine.dropout import MaskDraw
 from delrec.engine.lif import LIFMap
 from delrec.layers.sizes import check_size
-from delrec.neurons import LIF, as_neuron
+from delrec.neurons import LIF, as_neuron, check_state
 
 
 class DelRecState(NamedTuple):
@@ -301,26 +301,14 @@ class DelRec(nn.Module):
                 f"state.spikes must be (H, B, N) = (H, {batch}, {self.size}), got "
                 f"{tuple(spikes.shape)}; a state belongs to the batch it was computed for"
             )
-        fresh = self.neuron.initial_state(current[0, :1])
-        if not isinstance(state.neuron, tuple) or len(state.neuron) != len(fresh):
-            got = len(state.neuron) if isinstance(state.neuron, tuple) else state.neuron
-            raise ValueError(
-                f"state.neuron must hold the {len(fresh)} tensor(s) of the "
-                f"{type(self.neuron).__name__} neuron's state, got {got}; a state belongs to "
-                "the layer (and the neuron model) that returned it"
+        if spikes.dtype != current.dtype:
+            raise TypeError(
+                f"state.spikes holds {spikes.dtype}, the input is {current.dtype}; convert the "
+                "state, DelRecState(tuple(v.to(dtype) for v in state.neuron), "
+                "state.spikes.to(dtype), state.mask), or run the layer in its dtype"
             )
-        for x in (*state.neuron, spikes):
-            if x is not spikes and tuple(x.shape) != expected:
-                raise ValueError(
-                    f"state.neuron holds a tensor of shape {tuple(x.shape)}, expected (B, N) = "
-                    f"{expected}"
-                )
-            if x.dtype != current.dtype:
-                raise TypeError(
-                    f"the state holds {x.dtype} tensors, the input is {current.dtype}; convert "
-                    "it, DelRecState(tuple(v.to(dtype) for v in state.neuron), "
-                    "state.spikes.to(dtype), state.mask), or run the layer in its dtype"
-                )
+        neuron = type(self.neuron).__name__
+        check_state(state.neuron, self.neuron.initial_state(current[0]), f"{neuron} neuron")
 
     def _check_input(self, current: Tensor) -> None:
         if current.dim() != 3 or current.shape[-1] != self.size:

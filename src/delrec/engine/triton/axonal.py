@@ -33,7 +33,6 @@ import triton.language as tl
 from delrec.engine.axonal import TimeLoops, run_loops
 from delrec.engine.triton.lif import (
     LEAK,
-    PSI_TENSOR,
     SURROGATE_PARAM,
     SURROGATE_SCALE,
     THRESHOLD,
@@ -44,8 +43,8 @@ from delrec.engine.triton.lif import (
     constants,
     dtype_of,
     matmul,
+    psi_or_placeholder,
     recurrent_tiles,
-    surrogate_code,
     surrogate_slope,
 )
 
@@ -367,12 +366,7 @@ def backward_loop(grad_spikes, membrane, trace, slope, support, weight_in, mask,
     tiles = recurrent_tiles(n, membrane.dtype, wide=True)
     programs = triton.cdiv(batch, tiles.batch)
     p = lif.p
-    code = surrogate_code(p)
-    psi = (
-        p.surrogate.derivative(membrane - p.v_threshold).contiguous()
-        if code == PSI_TENSOR
-        else membrane
-    )
+    code, psi = psi_or_placeholder(lif, membrane)
     lags, coef = _plan_tensors(plan)
     grad_h = torch.empty_like(membrane)
     grad_z = membrane.new_empty(steps, n, batch)

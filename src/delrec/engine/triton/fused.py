@@ -33,12 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
+from delrec.engine.lif import PSI_TENSOR
 from delrec.engine.triton.lif import (
     GAIN,
     INTERPRETED,
     LEAK,
     OFFSET,
-    PSI_TENSOR,
     SURROGATE_PARAM,
     SURROGATE_SCALE,
     THRESHOLD,

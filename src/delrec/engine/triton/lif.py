@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from delrec.engine.lif import ATAN, PSI_TENSOR, TRIANGLE
 from delrec.engine.triton import interpreting
-from delrec.neurons import ATan, LIFParameters, Triangle
 
 
 def _patch_interpreter_scalars() -> None:
@@ -63,14 +63,14 @@ if INTERPRETED:
 LEAK, V0, THRESHOLD, V_RESET, SURROGATE_PARAM, SURROGATE_SCALE, GAIN, OFFSET = (
     tl.constexpr(slot) for slot in range(8)
 )
-# surrogate codes: ψ' read from a precomputed tensor, Triangle(γ), ATan(α)
-PSI_TENSOR, TRIANGLE, ATAN = 0, 1, 2
 
 
-def surrogate_code(p: LIFParameters) -> int:
-    """How the kernels compute ψ': :data:`TRIANGLE`, :data:`ATAN`, or :data:`PSI_TENSOR` (any
-    other surrogate: the caller passes ``ψ'(h - θ)`` computed by the surrogate's own code)."""
-    return {Triangle: TRIANGLE, ATan: ATAN}.get(type(p.surrogate), PSI_TENSOR)
+def psi_or_placeholder(lif, membrane: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """The surrogate code of the engine's LIF map ``lif`` and the tensor the backward kernels
+    read ψ' from: ``ψ'(h - θ)`` for a surrogate they don't know
+    (:data:`~delrec.engine.lif.PSI_TENSOR`), else ``membrane`` as an unread placeholder."""
+    code, _, psi = lif.native_slope(membrane)
+    return code, psi.contiguous() if code == PSI_TENSOR else membrane
 
 
 def constants(lif, device: torch.device) -> torch.Tensor:

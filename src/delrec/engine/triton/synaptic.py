@@ -23,7 +23,6 @@ from delrec.engine.lif import LIFMap, width_vector
 from delrec.engine.synaptic import synaptic_support
 from delrec.engine.triton.lif import (
     LEAK,
-    PSI_TENSOR,
     SURROGATE_PARAM,
     SURROGATE_SCALE,
     THRESHOLD,
@@ -34,8 +33,8 @@ from delrec.engine.triton.lif import (
     constants,
     dtype_of,
     matmul,
+    psi_or_placeholder,
     recurrent_tiles,
-    surrogate_code,
     surrogate_slope,
 )
 
@@ -226,12 +225,7 @@ class _LagStacked(torch.autograd.Function):
         tiles = recurrent_tiles(n, membrane.dtype)
         grid, blocks = _launch_common(tiles, batch)
         p = lif.p
-        code = surrogate_code(p)
-        psi = (
-            p.surrogate.derivative(membrane - p.v_threshold).contiguous()
-            if code == PSI_TENSOR
-            else membrane
-        )
+        code, psi = psi_or_placeholder(lif, membrane)
         grad_h = torch.empty_like(membrane)
         _backward_kernel[grid](
             grad_spikes.contiguous(),
