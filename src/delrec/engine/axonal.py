@@ -398,10 +398,10 @@ def cpp_recurrence(
     """Path ``cpp-axonal``: spikes ``(T, B, N)`` of a recurrent LIF layer with delays ``(N,)``
     per presynaptic neuron, the time loops in C++ (CPU tensors), differentiable in every input.
 
-    current: feedforward current ``(T, B, N)``; weight: ``(N, N)`` (row = postsynaptic);
-    delay: steps, ``(N,)``; width: kernel half-width in steps, a number or ``(N,)``;
-    neuron: the built-in :class:`~delrec.neurons.LIF`; mask: recurrent dropout ``(B, N)`` fixed
-    over time, or None. Same result as the reference loop with ``triangle_kernel``. With a
+    ``current``: feedforward current ``(T, B, N)``; ``weight``: ``(N, N)`` (row =
+    postsynaptic); ``delay``: steps, ``(N,)``; ``width``: kernel half-width in steps, a number
+    or ``(N,)``; ``neuron``: the built-in :class:`~delrec.neurons.LIF`; ``mask``: recurrent
+    dropout ``(B, N)`` fixed over time, or None. Same result as the reference loop with ``triangle_kernel``. With a
     ``state`` (:class:`~delrec.engine.state.RecurrentState`) it starts from it and returns
     ``(spikes, final state)``. ``input_dropout``: per-element dropout of ``current``
     (:mod:`delrec.engine.dropout`), drawn inside the forward loop, from rest and when the

@@ -27,16 +27,14 @@ def reference_recurrence(
 ) -> Tensor | tuple[Tensor, RecurrentState]:
     """Run a recurrent-delay layer over a sequence; returns spikes ``(T, B, N)``.
 
-    current: feedforward input current ``c``, ``(T, B, N)``.
-    weight:  recurrent weights ``W``, ``(N, N)``, row = postsynaptic, column = presynaptic.
-    kernel:  interpolation kernel over lags ``0 … L-1``: ``(N, L)`` per presynaptic neuron
-             (axonal) or ``(N, N, L)`` per synapse (synaptic).
-    neuron:  follows :class:`delrec.neurons.Neuron`.
-    mask:    recurrent dropout mask ``(B, N)`` on the postsynaptic side, or ``None``.
-    state:   a :class:`~delrec.engine.state.RecurrentState` to start from: the neuron starts
-             from its state and the spikes of its history are replayed, oldest first, into
-             the buffer of future input (docs/design.md#state-and-chunks). Then the result is
-             ``(spikes, final state)``.
+    ``current``: feedforward input current ``c``, ``(T, B, N)``; ``weight``: recurrent weights
+    ``W``, ``(N, N)``, row = postsynaptic, column = presynaptic; ``kernel``: interpolation
+    kernel over lags ``0 … L-1``, ``(N, L)`` per presynaptic neuron (axonal) or ``(N, N, L)``
+    per synapse (synaptic); ``neuron``: follows :class:`delrec.neurons.Neuron`; ``mask``:
+    recurrent dropout mask ``(B, N)`` on the postsynaptic side, or ``None``; ``state``: a
+    :class:`~delrec.engine.state.RecurrentState` to start from: the neuron starts from its
+    state and the spikes of its history are replayed, oldest first, into the buffer of future
+    input (docs/design.md#state-and-chunks). Then the result is ``(spikes, final state)``.
     """
     synaptic = kernel.dim() == 3
     weighted_kernel = weight.unsqueeze(-1) * kernel if synaptic else None

@@ -44,36 +44,35 @@ class DelRec(nn.Module):
         r_i[t] = Σ_j W_ij Σ_k κ_j(k) s_j[t-k]      u[t] = c[t] + m ⊙ r[t]
         s[t], state = neuron.step(u[t], state)
 
-    Args:
-        size: number of neurons ``N``.
-        neuron: neuron model (default ``LIF()``): one of ours, a user-written module with
-            ``initial_state``/``step`` (see :class:`delrec.neurons.Neuron`), or a SpikingJelly
-            single-step node.
-        delay_type: ``"axonal"`` (one delay per presynaptic neuron, shape ``N``),
-            ``"synaptic"`` (one per synapse, ``N×N``) or ``"shared"`` (one for the layer).
-        delay_init: initial delays in steps: a number, ``"uniform:A:B"``, ``"half_normal:S"``
-            or a callable from :mod:`delrec.delays`; every delay must lie in
-            ``[0, MAX_DELAY]`` (:data:`delrec.delays.MAX_DELAY`, 65 535 steps).
-        max_delay: the longest delay ``d`` the layer may have, integer steps (a chip's limit,
-            docs/deployment.md#chips-delay-limits), or ``None`` (``MAX_DELAY``): initial
-            delays above it are clamped to it with a
-            :class:`~delrec.delays.DelayLimitWarning`, and :meth:`clamp_delays_` keeps the
-            delays in ``[0, max_delay]``.
-        learn_delays: train the delays (False freezes them).
-        round_init: round the initial delays to integers (the fixed-random-delay baseline).
-        learn_spread: learn a per-neuron spread logit ``p`` (``w = 1 + 2σ·sigmoid(p)``);
-            otherwise every kernel has half-width ``w = 1 + σ``.
-        sigma: current spread ``σ`` in steps, in ``[0, MAX_DELAY]`` (the training schedule
-            updates it).
-        recurrent_dropout: probability ``p`` of dropping a neuron's recurrent input for a whole
-            sequence (mask drawn once per sequence, fixed over time; identity in eval).
-        engine: ``"auto"`` (default: the fastest engine path that runs here, for the built-in
-            :class:`~delrec.neurons.LIF` a hand-written forward/backward, and with integer
-            delays and no gradient the ring-buffer inference path; ``"reference"`` for any
-            other neuron), ``"fast"`` (the same, but the built-in LIF is required),
-            ``"reference"`` (the paper's buffer algorithm, autograd; works with every neuron)
-            or any other path name of :data:`delrec.engine.PATHS` (that path or an error).
-            :func:`delrec.engine.select` makes the choice at each forward.
+    - ``size``: number of neurons ``N``.
+    - ``neuron``: neuron model (default ``LIF()``): one of ours, a user-written module with
+      ``initial_state``/``step`` (see :class:`delrec.neurons.Neuron`), or a SpikingJelly
+      single-step node.
+    - ``delay_type``: ``"axonal"`` (one delay per presynaptic neuron, shape ``N``),
+      ``"synaptic"`` (one per synapse, ``N×N``) or ``"shared"`` (one for the layer).
+    - ``delay_init``: initial delays in steps: a number, ``"uniform:A:B"``, ``"half_normal:S"``
+      or a callable from :mod:`delrec.delays`; every delay must lie in
+      ``[0, MAX_DELAY]`` (:data:`delrec.delays.MAX_DELAY`, 65 535 steps).
+    - ``max_delay``: the longest delay ``d`` the layer may have, integer steps (a chip's limit,
+      docs/deployment.md#chips-delay-limits), or ``None`` (``MAX_DELAY``): initial
+      delays above it are clamped to it with a
+      :class:`~delrec.delays.DelayLimitWarning`, and :meth:`clamp_delays_` keeps the
+      delays in ``[0, max_delay]``.
+    - ``learn_delays``: train the delays (False freezes them).
+    - ``round_init``: round the initial delays to integers (the fixed-random-delay baseline).
+    - ``learn_spread``: learn a per-neuron spread logit ``p`` (``w = 1 + 2σ·sigmoid(p)``);
+      otherwise every kernel has half-width ``w = 1 + σ``.
+    - ``sigma``: current spread ``σ`` in steps, in ``[0, MAX_DELAY]`` (the training schedule
+      updates it).
+    - ``recurrent_dropout``: probability ``p`` of dropping a neuron's recurrent input for a whole
+      sequence (mask drawn once per sequence, fixed over time; identity in eval).
+    - ``engine``: ``"auto"`` (default: the fastest engine path that runs here, for the built-in
+      :class:`~delrec.neurons.LIF` a hand-written forward/backward, and with integer
+      delays and no gradient the ring-buffer inference path; ``"reference"`` for any
+      other neuron), ``"fast"`` (the same, but the built-in LIF is required),
+      ``"reference"`` (the paper's buffer algorithm, autograd; works with every neuron)
+      or any other path name of :data:`delrec.engine.PATHS` (that path or an error).
+      :func:`delrec.engine.select` makes the choice at each forward.
 
     In eval mode the layer runs with integer delays (``σ = 0``, ``d`` rounded), as a chip
     would, without touching its parameters; set ``integer_eval = False`` to evaluate with the

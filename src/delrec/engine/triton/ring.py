@@ -123,9 +123,9 @@ def recurrence(current, weight, delay, width, neuron, mask=None):
     """Integer-delay inference: spikes ``(T, B, N)`` of a recurrent LIF layer, no autograd
     (the arguments of an engine path; ``width`` is 1, σ = 0).
 
-    current: ``(T, B, N)``; weight: ``(N, N)`` (row = postsynaptic); delay: integer steps,
-    ``(N,)`` per presynaptic neuron or ``(N, N)`` per synapse; neuron: the built-in
-    :class:`~delrec.neurons.LIF`; mask: recurrent dropout ``(B, N)`` or None.
+    ``current``: ``(T, B, N)``; ``weight``: ``(N, N)`` (row = postsynaptic); ``delay``: integer
+    steps, ``(N,)`` per presynaptic neuron or ``(N, N)`` per synapse; ``neuron``: the built-in
+    :class:`~delrec.neurons.LIF`; ``mask``: recurrent dropout ``(B, N)`` or None.
     """
     steps, batch, n = current.shape
     lif = LIFMap.of(neuron.p)
