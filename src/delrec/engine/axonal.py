@@ -401,8 +401,9 @@ def cpp_recurrence(
     ``current``: feedforward current ``(T, B, N)``; ``weight``: ``(N, N)`` (row =
     postsynaptic); ``delay``: steps, ``(N,)``; ``width``: kernel half-width in steps, a number
     or ``(N,)``; ``neuron``: the built-in :class:`~delrec.neurons.LIF`; ``mask``: recurrent
-    dropout ``(B, N)`` fixed over time, or None. Same result as the reference loop with ``triangle_kernel``. With a
-    ``state`` (:class:`~delrec.engine.state.RecurrentState`) it starts from it and returns
+    dropout ``(B, N)`` fixed over time, or None. Same result as the reference loop with
+    ``triangle_kernel``. With a ``state`` (:class:`~delrec.engine.state.RecurrentState`) it
+    starts from it and returns
     ``(spikes, final state)``. ``input_dropout``: per-element dropout of ``current``
     (:mod:`delrec.engine.dropout`), drawn inside the forward loop, from rest and when the
     neuron's drive is the current itself (``LIFMap.drives_directly``); the backward loop draws
