@@ -403,11 +403,11 @@ def cpp_recurrence(
     or ``(N,)``; ``neuron``: the built-in :class:`~delrec.neurons.LIF`; ``mask``: recurrent
     dropout ``(B, N)`` fixed over time, or None. Same result as the reference loop with
     ``triangle_kernel``. With a ``state`` (:class:`~delrec.engine.state.RecurrentState`) it
-    starts from it and returns
-    ``(spikes, final state)``. ``input_dropout``: per-element dropout of ``current``
-    (:mod:`delrec.engine.dropout`), drawn inside the forward loop, from rest and when the
-    neuron's drive is the current itself (``LIFMap.drives_directly``); the backward loop draws
-    it again and returns the gradient of ``current`` itself, the mask applied.
+    starts from it and returns ``(spikes, final state)``. ``input_dropout``: per-element
+    dropout of ``current`` (:mod:`delrec.engine.dropout`), drawn inside the forward loop, from
+    rest and when the neuron's drive is the current itself (``LIFMap.drives_directly``); the
+    backward loop draws it again and returns the gradient of ``current`` itself, the mask
+    applied.
     ``output_dropout``: per-element dropout of the spikes, drawn inside both loops, from rest:
     the layer returns the dropped spikes (the recurrence runs on the spikes themselves).
     """
