@@ -63,7 +63,7 @@ def test_the_kernel_draws_the_masks_that_the_pytorch_ops_draw(shape, key, keep, 
     expected = masks.reference_mask(shape, draw, dtype)
     assert torch.equal(fused.dropout_mask(shape, draw, dtype), expected)
     x = torch.randn(shape, dtype=dtype)
-    assert torch.equal(fused.apply_dropout(x, draw), x * expected)
+    assert torch.equal(fused.dropped(x, draw), x * expected)
 
 
 def test_masks_keep_the_asked_share_and_scale_by_one_over_keep():
@@ -165,7 +165,7 @@ def test_fused_lif_layer_saves_only_the_membrane():
     neuron = LIF()
     saved = saved_bytes(lambda: fused.lif_layer(current, neuron.p, masks.MaskDraw(1, 0.5)))
     assert saved == current.numel() * current.element_size()
-    assert saved_bytes(lambda: fused.apply_dropout(current, masks.MaskDraw(1, 0.5))) == 0
+    assert saved_bytes(lambda: fused.dropped(current, masks.MaskDraw(1, 0.5))) == 0
 
 
 # --------------------------------------------------------------------------- readout, norm

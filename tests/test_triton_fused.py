@@ -92,7 +92,7 @@ def test_the_kernels_draw_the_masks_of_the_pytorch_ops_bit_for_bit(
     assert torch.equal(expected.cpu(), masks.reference_mask(shape, draw, dtype))
     assert torch.equal(fused.dropout_mask(shape, draw, dtype, DEVICE), expected)
     x = torch.randn(shape, dtype=dtype, device=DEVICE)
-    assert torch.equal(fused.apply_dropout(x, draw), x * expected)
+    assert torch.equal(fused.dropped(x, draw), x * expected)
 
 
 def test_a_shard_draws_its_rows_and_large_masks_match(triton_kernels):
@@ -107,7 +107,7 @@ def test_a_shard_draws_its_rows_and_large_masks_match(triton_kernels):
     )
     assert torch.equal(shard, whole[:, 4:7])
     x = torch.randn(shape, device=DEVICE, requires_grad=True)
-    (grad,) = grads_of(fused.apply_dropout(x, draw), [x], torch.ones_like(whole))
+    (grad,) = grads_of(fused.dropped(x, draw), [x], torch.ones_like(whole))
     assert torch.equal(grad, whole)
 
 

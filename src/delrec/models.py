@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from delrec.data import dataset_info
 from delrec.delays import MAX_DELAY, check_max_delay
 from delrec.engine import fused
+from delrec.engine.dropout import check_probability
 from delrec.engine.lif import is_builtin_lif
 from delrec.layers import DelRec, DelRecState, FeedforwardDelay, run_chunk
 from delrec.layers.dropout import Dropout
@@ -173,8 +174,7 @@ class NetworkConfig:
         self.input_size = check_size(self.input_size, "input_size")
         self.output_size = check_size(self.output_size, "output_size")
         for name in ("dropout", "recurrent_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+            check_probability(getattr(self, name), name)
         if self.recurrent_layers is not None:
             self.recurrent_layers = tuple(self.recurrent_layers)
             bad = [i for i in self.recurrent_layers if not 0 <= i < len(self.hidden_sizes)]

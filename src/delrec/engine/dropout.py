@@ -65,11 +65,17 @@ def native(draw: MaskDraw | None, dtype: torch.dtype) -> tuple:
     return NO_MASK if draw is None else draw.native(dtype)
 
 
+def check_probability(p: float, name: str = "dropout probability") -> float:
+    """``p`` as a float, or a ValueError naming ``name`` unless ``0 <= p < 1`` (a NaN fails)."""
+    if not 0 <= p < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {p}")
+    return float(p)
+
+
 def draw(p: float, batch_offset: int = 0) -> MaskDraw:
     """A fresh mask dropping elements with probability ``p``: one 63-bit key from torch's global
     CPU generator."""
-    if not 0 <= p < 1:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    check_probability(p)
     key = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
     return MaskDraw(key, 1.0 - p, batch_offset)
 

@@ -11,8 +11,8 @@ The reference for all of them is the step-by-step autograd of :mod:`delrec.neuro
   the masks are drawn again), ``T·B·N`` numbers.
 * :func:`integrate`: the leaky-integrator readout, ``v[t] = leak·v[t-1] + gain·u[t]``; saves
   nothing.
-* :func:`apply_dropout`: ``x ⊙ mask`` with the mask of :mod:`delrec.engine.dropout` drawn in
-  the loop, forward and backward; saves nothing. :func:`dropout_mask`: the mask itself.
+* :func:`dropped`: ``x ⊙ mask`` with the mask of :mod:`delrec.engine.dropout` drawn in the
+  loop, forward and backward; saves nothing. :func:`dropout_mask`: the mask itself.
 * :func:`batch_norm`: BatchNorm with the statistics of all ``T·B`` frames, the bias of the
   linear map in front folded into its statistics; saves its input and two numbers per channel.
 
@@ -193,11 +193,13 @@ class _Dropout(torch.autograd.Function):
 
 
 def dropped(x: Tensor, draw: MaskDraw) -> Tensor:
-    """``x ⊙ mask`` for a ``(T, B, N)`` tensor, differentiable: :func:`apply_dropout` where there
-    are kernels for ``x``'s device, else the mask materialised (the same values)."""
-    if kernels_for(x.device) is None:
+    """``x ⊙ mask`` for a ``(T, B, N)`` tensor, differentiable: where there are kernels for
+    ``x``'s device the mask is drawn in their loop both ways, else materialised (the same
+    values)."""
+    kernels = kernels_for(x.device)
+    if kernels is None:
         return x * reference_mask(tuple(x.shape), draw, x.dtype, x.device)
-    return apply_dropout(x, draw)
+    return _Dropout.apply(x, draw, kernels)
 
 
 def dropout_mask(shape: tuple[int, int, int], draw: MaskDraw, dtype=torch.float32, device=None):
@@ -209,11 +211,6 @@ def dropout_mask(shape: tuple[int, int, int], draw: MaskDraw, dtype=torch.float3
     out = torch.empty(shape, dtype=dtype, device=device)
     kernels.dropout(None, out, draw.native(dtype))
     return out
-
-
-def apply_dropout(x: Tensor, draw: MaskDraw) -> Tensor:
-    """``x ⊙ mask`` for a ``(T, B, N)`` tensor, the mask drawn in the loop both ways."""
-    return _Dropout.apply(x, draw, _kernels(x.device))
 
 
 # --------------------------------------------------------------------------- BatchNorm

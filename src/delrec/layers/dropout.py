@@ -24,9 +24,7 @@ class Dropout(nn.Module):
 
     def __init__(self, p: float = 0.5):
         super().__init__()
-        if not 0 <= p < 1:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-        self.p = float(p)
+        self.p = masks.check_probability(p)
         self.engine = "fused"
         self.batch_offset: Callable[[], int] | None = None
 
@@ -42,8 +40,8 @@ class Dropout(nn.Module):
             return x
         if x.dim() != 3:
             raise ValueError(f"Dropout expects a time-major (T, B, N) input, got {tuple(x.shape)}")
-        if self.engine == "fused" and fused.kernels_for(x.device) is not None:
-            return fused.apply_dropout(x, draw)
+        if self.engine == "fused":
+            return fused.dropped(x, draw)
         return x * fused.dropout_mask(tuple(x.shape), draw, x.dtype, x.device)
 
     def extra_repr(self) -> str:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from delrec import delays as delay_fns
 from delrec.engine import DELAY_TYPES, RecurrentState, check_engine, fused, select
-from delrec.engine.dropout import MaskDraw
+from delrec.engine.dropout import MaskDraw, check_probability
 from delrec.engine.lif import LIFMap
 from delrec.layers.sizes import check_size
 from delrec.neurons import LIF, as_neuron, check_state
@@ -98,8 +98,7 @@ class DelRec(nn.Module):
         super().__init__()
         if delay_type not in DELAY_TYPES:
             raise ValueError(f"delay_type must be one of {DELAY_TYPES}, got {delay_type!r}")
-        if not 0 <= recurrent_dropout < 1:
-            raise ValueError(f"recurrent_dropout must be in [0, 1), got {recurrent_dropout}")
+        check_probability(recurrent_dropout, "recurrent_dropout")
         self.size = size = check_size(size, "DelRec size (neurons)")
         self.neuron = as_neuron(neuron if neuron is not None else LIF())
         check_engine(engine, self.neuron)
