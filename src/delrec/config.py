@@ -51,8 +51,9 @@ class OptimConfig:
     """Two optimizers of the same kind, each with its own schedule stepped once per epoch.
 
     ``lr``/``weight_decay``: the weights (weight decay on weight matrices only; biases and
-    BatchNorm parameters get none). ``position_*``: delays and spread logits. ``lr`` is the
-    peak rate of a one-cycle schedule and the initial rate of a cosine one. ``grad_clip``:
+    BatchNorm parameters get none). ``position_*``: recurrent delays, spread logits and
+    feedforward positions. ``lr`` is the peak rate of a one-cycle schedule and the initial
+    rate of a cosine one. ``grad_clip``:
     clip every weight gradient to ``[-grad_clip, grad_clip]`` (the vanilla RSNN needs it).
     """
 

@@ -7,7 +7,8 @@ A run of ``delrec train`` (one seed) is a directory::
     checkpoints/last.pt    everything needed to resume (rewritten every epoch)
     checkpoints/best.pt    the network of the best validation epoch
     test_results.json      the best-validation network on the test split, integer delays
-    figures/*.png          learning curves, delay histograms, spike raster, predictions
+    figures/*.png          learning curves, training dynamics, delay histograms, spike raster,
+                           predictions
     report/                what `delrec report` writes (by default)
     model.nir              what `delrec export` writes (by default)
     run.lock               while a process trains in it: who (pid, host, start time)

@@ -9,7 +9,10 @@ Exit codes (every command):
 * 2 — bad usage or bad input: an unknown option or a bad argument value, a bad
   configuration value, a missing, corrupt or unsuitable file or run directory, a run
   directory in use by another process;
-* 130 — interrupted (Ctrl-C).
+* 130 — interrupted (Ctrl-C);
+* 143 — terminated (SIGTERM, e.g. a scheduler's time limit).
+
+:data:`EXIT_CODES_HELP` says the same at the end of ``delrec --help``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ from delrec.runs import RunDir
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "analyze",
-        help="the paper's gradient argument (S3): spectral radius and measurement",
+        help="the paper's gradient argument (S3): spectral radius and measurement; a run's "
+        "training curves",
         epilog=EXIT_CODES_HELP,
     )
     actions = parser.add_subparsers(dest="analyze_command", metavar="ACTION")

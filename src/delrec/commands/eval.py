@@ -1,5 +1,6 @@
 """`delrec eval RUN_DIR`: re-evaluate a run's checkpoint on a split, with integer delays (as a
-chip runs them) by default or with the σ-spread kernel of its last training epoch."""
+chip runs them) by default or with the σ-spread kernel saved with the checkpoint (the σ of
+its epoch)."""
 
 from __future__ import annotations
 

@@ -5,29 +5,12 @@
 >>> trainer = Trainer(config, "runs/demo")
 >>> trainer.fit(); results = trainer.test()
 
-The configuration (:class:`TrainConfig`, :func:`resolve`, :func:`preset`) lives in
-:mod:`delrec.config` and is offered here too; :mod:`delrec.training.jobs` trains runs in
-locked run directories as ``delrec train`` does.
+The configuration (:class:`TrainConfig`, :func:`resolve`; the rest of it, e.g. ``preset``
+and ``ConfigError``) lives in :mod:`delrec.config`; :mod:`delrec.training.jobs` trains runs
+in locked run directories as ``delrec train`` does.
 """
 
-from delrec.config import (
-    ConfigError,
-    OptimConfig,
-    SpreadConfig,
-    TrainConfig,
-    preset,
-    resolve,
-)
-from delrec.training.loop import Trainer, TrainingError, parameter_groups
+from delrec.config import TrainConfig, resolve
+from delrec.training.loop import Trainer, TrainingError
 
-__all__ = [
-    "ConfigError",
-    "OptimConfig",
-    "SpreadConfig",
-    "TrainConfig",
-    "Trainer",
-    "TrainingError",
-    "parameter_groups",
-    "preset",
-    "resolve",
-]
+__all__ = ["TrainConfig", "Trainer", "TrainingError", "resolve"]

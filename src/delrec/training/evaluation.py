@@ -63,8 +63,8 @@ def evaluate_run(
 ) -> dict:
     """Metrics of a run's ``checkpoint`` (``"best"`` or ``"last"``; or a checkpoint file
     written by training) on ``split``, with integer delays or, with ``spread``, the
-    real-valued delays and σ of its last training epoch. ``data_root``: where the data set's
-    files are now, if they moved."""
+    real-valued delays and the σ saved with that checkpoint (the σ of its epoch).
+    ``data_root``: where the data set's files are now, if they moved."""
     payload = load_checkpoint(run_dir, checkpoint)
     config = checkpoint_config(payload, run_dir, device=device, data_root=data_root or None)
     target = resolve_device(config.device)

@@ -152,7 +152,6 @@ def train_one(
             log(f"resuming {run_dir} after epoch {trainer.state.epoch}/{config.epochs}")
     else:
         log(f"run directory {run_dir}")
-    trainer.write_config()
     limit = config.network.get("max_delay")
     log(
         f"{config.task} · {config.model} · seed {config.seed} · {config.epochs} epochs · "

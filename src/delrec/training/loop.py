@@ -364,7 +364,10 @@ class Trainer:
 
     def fit(self, max_epochs_this_run: int | None = None) -> bool:
         """Train until ``config.epochs`` (or ``max_epochs_this_run`` more epochs); returns
-        True when the run is complete. Every epoch ends with ``last.pt`` and ``metrics.csv``."""
+        True when the run is complete. ``config.json`` is written first, and every epoch ends
+        with ``last.pt`` and ``metrics.csv``: a run directory that ``delrec eval``, ``compare``
+        and ``report`` read."""
+        self.write_config()
         config, state = self.config, self.state
         metric = self.objective.metric
         done_this_run = 0

@@ -3,7 +3,8 @@ docs/design.md#losses-and-readouts; accuracy).
 
 An objective maps the network's readout sequence ``(T, B, K)``, the true lengths ``(B,)`` and
 the targets ``(B,)`` to a scalar loss and a per-sample output (prediction or class scores);
-its :class:`Meter` accumulates a split's metrics over batches.
+its meter (:class:`RegressionMeter`, :class:`ClassificationMeter`) accumulates a split's
+metrics over batches.
 """
 
 from __future__ import annotations
