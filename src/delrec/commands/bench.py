@@ -51,14 +51,15 @@ def add_parser(subparsers) -> None:
         metavar="SECTION",
         help="run only these sections of the CPU benchmark (default: all), with their targets: "
         + ", ".join(bench.SECTIONS)
-        + " (e.g. --sections feedforward: issue 18's feedforward-delay targets alone)",
+        + " (e.g. --sections feedforward: the feedforward-delay rows and targets alone)",
     )
     p.add_argument("--out", default="bench-out", help="output directory (default: bench-out/)")
     p.add_argument(
         "--repeats",
         type=int,
         default=None,
-        help="timed repeats per model, median kept (default 3 with --quick, else 5)",
+        help="timed repeats per model, median kept (default 3 with --quick, else 5; 1 with "
+        "--dry-run)",
     )
     p.add_argument(
         "--threads",
@@ -109,8 +110,14 @@ def run(args: argparse.Namespace) -> int:
     if args.streaming or args.tbptt:
         if args.device != "cpu":
             raise UsageError("--streaming and --tbptt measure on the CPU: drop --device cuda")
+        if args.quick:
+            raise UsageError("--streaming and --tbptt have one size, no quick grid: drop --quick")
         return bench_state.run(args)
     if args.device == "cuda":
+        if args.threads != 1 or args.clock != "wall":
+            raise UsageError(
+                "--device cuda times the GPU by wall clock: leave out --threads and --clock"
+            )
         return bench_gpu.run(args)
     return bench.run(args)
 
