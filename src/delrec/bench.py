@@ -565,10 +565,7 @@ def _write_csv(rows, path: Path) -> None:
 
 
 def _plot(rows, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = files.pyplot()
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = [

@@ -417,10 +417,7 @@ def _write_markdown(rows, checks, header: str, path: Path) -> None:
 
 
 def _plot(rows, path: Path, header: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = files.pyplot()
 
     labels = [f"{r['_setting'].describe()}\n{r['model']}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(14, max(4, 0.35 * len(rows) + 1)))

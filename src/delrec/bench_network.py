@@ -483,10 +483,7 @@ def _write_csv(rows, path: Path) -> None:
 
 
 def _plot(rows, presets, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = files.pyplot()
 
     fig, axes = plt.subplots(1, len(presets), figsize=(4.2 * len(presets), 4.2), squeeze=False)
     for ax, task in zip(axes[0], presets):

@@ -115,6 +115,17 @@ def figure_format(path: str | os.PathLike) -> str:
     return kind[1:]
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display needed), imported by
+    the first caller: the commands that draw nothing never load matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def write_figure(path: str | os.PathLike, figure, dpi: int = 120) -> Path:
     """:func:`write_atomic` of a matplotlib ``figure`` in the format of ``path``'s suffix
     (:func:`figure_format`)."""

@@ -286,10 +286,7 @@ X_AXES = {
 def plot_rows(rows: list[Row], path: Path, x: str = "parameters") -> None:
     """Metric (rounded delays: filled, mean ± std; real-valued: hollow) against ``x``
     (``"parameters"`` or ``"firing-rate"``), one line per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = files.pyplot()
 
     scale = 100.0 if rows and rows[0].metric == "accuracy" else 1.0
     fig, ax = plt.subplots(figsize=(7, 4.5))

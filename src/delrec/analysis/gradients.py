@@ -225,10 +225,7 @@ def results_as_records(setup: GradientSetup, results: list[DelayResult]) -> dict
 def plot_gradients(setup: GradientSetup, results: list[DelayResult], path) -> None:
     """Three panels: ‖∂L/∂h‖ backward in time with the S3 bound, per-step contributions to
     ∂L/∂W, and the measured growth factor next to r_d."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = files.pyplot()
 
     fig, (back, contrib, rates) = plt.subplots(1, 3, figsize=(16, 4.6))
     colours = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(results)))

@@ -110,10 +110,7 @@ def rows_as_records(a: float, b: float, rows: list[SpectralRow]) -> list[dict]:
 
 def plot_spectral(a: float, b: float, rows: list[SpectralRow], path) -> None:
     """Two panels: r_d against d with the regimes shaded, and every root in the complex plane."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = files.pyplot()
 
     delays = np.array([row.delay for row in rows])
     radii = np.array([row.radius for row in rows])

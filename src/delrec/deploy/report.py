@@ -363,10 +363,7 @@ def format_report(report: dict) -> str:
 
 def plot_delay_histograms(report: dict, path: str | os.PathLike) -> None:
     """Bar chart of the integer delay histogram of every delay projection, saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = files.pyplot()
 
     panels = [(layer["name"], d) for layer in report["layers"] for d in layer["delays"]]
     fig, axes = plt.subplots(

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
-from delrec.config import ConfigError
+from delrec.config import ConfigError, resolve_device
 from delrec.layers import DelRec
 from delrec.layers.dropout import Dropout
 from delrec.runs import RunDir
@@ -309,7 +309,7 @@ class DataParallel:
 # --------------------------------------------------------------------------- process group
 def _device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = resolve_device(name).type
     if name == "cpu":
         return torch.device("cpu")
     if name != "cuda":

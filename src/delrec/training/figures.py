@@ -5,13 +5,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-from torch import Tensor  # noqa: E402
+from delrec.files import pyplot, write_figure
 
-from delrec.files import write_figure  # noqa: E402
+plt = pyplot()
 
 
 def _save(fig, path: Path) -> None:
