@@ -134,6 +134,21 @@ class TrainConfig:
         )
 
 
+# settings a resumed run may change (where it runs, not what it computes)
+RESUME_OVERRIDABLE = ("device", "data_root", "num_workers", "threads")
+
+
+def comparable(values: dict) -> dict:
+    """A stored config dict as two runs of the same settings share it: settings added since it
+    was written at their defaults (an unreadable dict as it is), without
+    :data:`RESUME_OVERRIDABLE`."""
+    try:
+        values = TrainConfig.from_dict(values).to_dict()
+    except ConfigError:
+        pass
+    return {k: v for k, v in values.items() if k not in RESUME_OVERRIDABLE}
+
+
 # --------------------------------------------------------------------------- presets
 def preset(task: str = "mackey-glass", model: str = "delrec") -> TrainConfig:
     """The recipe of ``task`` (:data:`delrec.recipes.RECIPES`) for ``model``, with the model
@@ -459,10 +474,12 @@ def _validate_network(config: TrainConfig) -> None:
 
 __all__ = [
     "ConfigError",
+    "RESUME_OVERRIDABLE",
     "OptimConfig",
     "SpreadConfig",
     "TrainConfig",
     "TASKS",
+    "comparable",
     "preset",
     "resolve",
     "resolve_device",

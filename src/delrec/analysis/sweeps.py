@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from delrec.analysis import compare
-from delrec.config import ConfigError, TrainConfig, resolve
+from delrec.config import ConfigError, comparable, resolve
 from delrec.runs import SEEDS, RunDir
 from delrec.training import jobs
-from delrec.training.loop import RESUME_OVERRIDABLE
 
 
 class SweepError(Exception):
@@ -129,14 +128,6 @@ def _check_same_point(point: SweepPoint, run: RunDir, config, seeds) -> None:
     ``seeds`` (the settings that may change on resuming aside): a sweep never answers with runs
     of other settings."""
     stored = run.read_seeds()
-
-    def comparable(values: dict) -> dict:
-        try:
-            values = TrainConfig.from_dict(values).to_dict()
-        except ConfigError:
-            pass
-        return {k: v for k, v in values.items() if k not in RESUME_OVERRIDABLE}
-
     theirs, ours = comparable(stored["config"]), comparable(config.to_dict())
     differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
     if stored["seeds"] != list(seeds):

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from delrec import cpu
 from delrec.checkpoint import CheckpointError, network_payload, unusable
-from delrec.config import ConfigError, TrainConfig, resolve_device
+from delrec.config import TrainConfig, comparable, resolve_device
 from delrec.delays import spread_schedule
 from delrec.layers import DelRec, FeedforwardDelay, clamp_delays, set_spread
 from delrec.models import SpikingNetwork, build_network
@@ -33,9 +33,6 @@ from delrec.runs import RESULTS, RunDir, RunError, eval_loader, load_checkpoint,
 from delrec.training.evaluation import evaluate
 from delrec.training.objectives import make_objective
 from delrec.training.tbptt import truncated_bptt
-
-# settings that may change when a run is resumed
-RESUME_OVERRIDABLE = ("device", "data_root", "num_workers", "threads")
 
 
 class TrainingError(RuntimeError):
@@ -516,8 +513,7 @@ class Trainer:
                 )
             return False
         payload = load_checkpoint(self.run.path, "last")
-        written = _as_current(payload.get("train_config", {}))
-        if _without(written) != _without(self.config.to_dict()):
+        if comparable(payload.get("train_config", {})) != comparable(self.config.to_dict()):
             raise RunError(
                 f"{self.run.checkpoint_path('last')} was written by another "
                 "configuration than config.json; resume the run it belongs to"
@@ -600,17 +596,3 @@ class Trainer:
             )
         self.network.load_state_dict(final_network)
         return results
-
-
-# --------------------------------------------------------------------------- resume
-def _as_current(config: dict) -> dict:
-    """A checkpoint's config dict with the settings added since it was written at their
-    defaults (a run written before ``tbptt`` existed resumes); unreadable dicts as they are."""
-    try:
-        return TrainConfig.from_dict(config).to_dict()
-    except ConfigError:
-        return config
-
-
-def _without(config: dict, keys=RESUME_OVERRIDABLE) -> dict:
-    return {k: v for k, v in config.items() if k not in keys}
