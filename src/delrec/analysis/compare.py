@@ -32,6 +32,7 @@ from delrec import files
 from delrec.models import VARIANTS, count_parameters
 from delrec.runs import RunDir, load_network
 from delrec.training.evaluation import evaluate_run
+from delrec.training.objectives import rounding_cost
 
 # settings that do not change what a run computes, or that tell seeds apart
 NOT_GROUPING = ("seed", "device", "threads", "num_workers", "data_root", "eval_batch_size")
@@ -57,7 +58,7 @@ class SeedRun:
     @property
     def rounding_cost(self) -> float:
         """Test metric lost by rounding the delays (accuracy points, or NMSE gained)."""
-        return self.real - self.rounded if self.metric == "accuracy" else self.rounded - self.real
+        return rounding_cost(self.metric, self.real, self.rounded)
 
 
 @dataclass

@@ -47,7 +47,7 @@ from delrec.deploy.targets import (
     target_check,
 )
 from delrec.layers import DelRec, FeedforwardDelay
-from delrec.models import readout_reduce
+from delrec.training.objectives import Classification, Regression, make_objective, rounding_cost
 
 
 # --------------------------------------------------------------------------- static part
@@ -128,27 +128,12 @@ def _valid_steps(steps: int, batch: int, lengths: Tensor | None) -> Tensor:
     return (torch.arange(steps)[:, None] < lengths[None, :]).unsqueeze(-1)
 
 
-class _Score:
-    """Accumulates accuracy (classification) or NMSE (a regression: one ``"ema"`` output)."""
-
-    def __init__(self, regression: bool):
-        self.regression, self.hits, self.count = regression, 0, 0
-        self.squared_error, self.targets = 0.0, []
-
-    def add(self, prediction: Tensor, targets: Tensor) -> None:
-        if self.regression:
-            targets = targets.double().reshape(-1)
-            self.squared_error += float(((prediction.double().reshape(-1) - targets) ** 2).sum())
-            self.targets.append(targets)
-        else:
-            self.hits += int((prediction.argmax(-1) == targets).sum())
-        self.count += len(targets)
-
-    def value(self) -> float:
-        if not self.regression:
-            return self.hits / self.count
-        targets = torch.cat(self.targets)
-        return self.squared_error / float(((targets - targets.mean()) ** 2).sum())
+def _objective(net: nn.Module, readout: str) -> Regression | Classification:
+    """The objective ``net`` was trained for: a regression answers with one ``"ema"`` value
+    (training refuses any other readout for one); a classifier has two classes or more."""
+    config = net.config
+    task = "regression" if readout == "ema" and config.output_size == 1 else "classification"
+    return make_objective(task, readout)
 
 
 @torch.no_grad()
@@ -162,8 +147,8 @@ def _evaluate(
 ) -> dict:
     """One pass over ``loader`` in the current eval mode: the score and, if asked, activity."""
     parameter = next(net.parameters())
-    # a regression answers with one "ema" value; a classification may use "ema" over its classes
-    score = _Score(regression=readout == "ema" and net.config.output_size == 1)
+    objective = _objective(net, readout)
+    meter = objective.meter()
     events = [
         torch.zeros(layer.synapses.in_features, dtype=torch.float64) for layer in stream.layers
     ]
@@ -176,7 +161,8 @@ def _evaluate(
         output, layer_spikes = output.cpu(), [s.cpu() for s in layer_spikes]
         frames = frames.cpu()
         mask = _valid_steps(frames.shape[0], frames.shape[1], lengths)
-        score.add(readout_reduce(output, readout, lengths), targets.cpu())
+        lengths = torch.full((output.shape[1],), output.shape[0]) if lengths is None else lengths
+        meter.update(*objective(output, lengths.cpu(), targets.cpu()), targets.cpu())
         if count_activity:
             for index, s in enumerate(layer_spikes):
                 events[index] += (
@@ -186,16 +172,16 @@ def _evaluate(
                     .double()
                 )
                 spikes[index] += (s * mask).sum((0, 1)).double()
-    if score.count == 0:
+    if meter.count == 0:
         raise ValueError("the loader gave no samples")
     result = {
-        "samples": score.count,
-        "metric": "nmse" if score.regression else "accuracy",
-        "score": score.value(),
+        "samples": meter.count,
+        "metric": objective.metric,
+        "score": meter.result()[objective.metric],
     }
     if count_activity:
-        result["events"] = [e / score.count for e in events]
-        result["spikes"] = [s / score.count for s in spikes]
+        result["events"] = [e / meter.count for e in events]
+        result["spikes"] = [s / meter.count for s in spikes]
     return result
 
 
@@ -257,8 +243,7 @@ def hardware_report(
             "metric": integer["metric"],
             "integer_delays": integer["score"],
             "spread_delays": spread["score"],
-            "rounding_cost": (spread["score"] - integer["score"])
-            * (1 if integer["metric"] == "accuracy" else -1),
+            "rounding_cost": rounding_cost(integer["metric"], spread["score"], integer["score"]),
             "sigma": {
                 f"layer{i}": float(block.neurons.sigma) if block.neurons.learn_delays else 0.0
                 for i, block in enumerate(net.blocks)

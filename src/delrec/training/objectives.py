@@ -124,3 +124,9 @@ def make_objective(
     if task == "classification":
         return Classification(readout)
     return Regression(readout, 1.0 if standardization is None else float(standardization[1]))
+
+
+def rounding_cost(metric: str, real: float, rounded: float) -> float:
+    """What rounding the delays cost on ``metric`` (``"accuracy"`` or ``"nmse"``), from its
+    values with real-valued and with rounded delays: accuracy lost or NMSE gained (> 0: worse)."""
+    return real - rounded if metric == "accuracy" else rounded - real
