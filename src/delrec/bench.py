@@ -264,7 +264,7 @@ def grids(quick: bool):
     return size_panel, delay_panel, cost, shd, synaptic
 
 
-# Synaptic vs axonal delays (issue 15): (N, max delay) -> the largest synaptic/axonal time ratio,
+# Synaptic vs axonal delays: (N, max delay) -> the largest synaptic/axonal time ratio,
 # at B = 32, delays ~ U(0, max delay), σ = 10; in the quick grid too
 SYNAPTIC_TARGETS = {(512, 10): 2.0, (256, 120): 2.5, (512, 120): 2.5}
 
@@ -355,7 +355,7 @@ def run(args) -> int:
             log(line)
     if "feedforward" in ran:
         if ran == {"feedforward"}:
-            log("Targets (issue 18: feedforward delays)")
+            log("Targets (feedforward delays)")
         for line in feedforward_checks(rows, feedforward_grid(args.quick)):
             log(line)
     _write_csv(rows, out / "bench.csv")
@@ -474,7 +474,7 @@ def target_checks(rows, cost, shd, quick) -> list[str]:
 
 
 def synaptic_checks(rows, settings) -> list[str]:
-    """PASS/FAIL lines for the targets of issue 15: synaptic/axonal time within
+    """PASS/FAIL lines for the synaptic engine's targets: synaptic/axonal time within
     ``SYNAPTIC_TARGETS``, the synaptic engine's saved memory no more than the axonal engine's and
     the same bytes whatever the delay range."""
     lines = []
@@ -509,7 +509,7 @@ def synaptic_checks(rows, settings) -> list[str]:
 
 
 def feedforward_checks(rows, settings) -> list[str]:
-    """PASS/FAIL lines for the targets of issue 18: feedforward delays + LIF within 2x the
+    """PASS/FAIL lines for the feedforward-delay targets: feedforward delays + LIF within 2x the
     feedforward LIF layer in time and in saved memory, the saved memory flat in the window."""
     lines = []
     for s in settings:

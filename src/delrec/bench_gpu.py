@@ -7,7 +7,7 @@ the step above what was allocated before it (parameters, inputs). The baseline i
 recurrent loop of :class:`delrec.bench.VanillaRecurrentLIF` (autograd, one ``addmm`` and the
 LIF step per time step), the same size, on the same GPU.
 
-Settings: the issue's GPU targets (T = 250, B = 256), the SSC and SHD preset networks as
+Settings: those of the GPU targets (T = 250, B = 256), the SSC and SHD preset networks as
 ``delrec`` and ``rsnn`` (synthetic input of the data sets' shapes; their feedforward layers,
 readout, dropout and BatchNorm on the fused engine, which runs the Triton kernels of
 :mod:`delrec.engine.triton.fused` on CUDA: the log says which ran) and, without ``--quick``,
@@ -75,7 +75,7 @@ class Setting:
 
 # --------------------------------------------------------------------------- what is measured
 def target_settings(dry_run: bool) -> dict[str, Setting]:
-    """The settings of the issue's GPU targets (tiny ones for a dry run)."""
+    """The settings of the GPU targets (tiny ones for a dry run)."""
     main = Setting(256, 256, 250, 30, 10)
     targets = {
         "main": main,
@@ -233,7 +233,7 @@ def _find(rows, s: Setting, model):
 
 
 def verdicts(rows, targets: dict[str, Setting], dry_run: bool) -> list[str]:
-    """PASS/FAIL lines for the issue's GPU targets, each with its measured ratio."""
+    """PASS/FAIL lines for the GPU targets, each with its measured ratio."""
     lines = [
         "Targets" + (" (dry run: tiny sizes on the CPU, ratios meaningless)" if dry_run else "")
     ]

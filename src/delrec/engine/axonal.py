@@ -7,7 +7,8 @@ kept in recursive form: the second difference of a triangle has three taps
 (:func:`delrec.engine.lif.triangle_taps`), so each step reads three past spikes per neuron and
 updates a float64 state, O(B·N) whatever σ and L are; then one GEMM ``z Wᵀ``. The backward is
 a reverse-time loop running the same recursion on the future adjoints; the weight gradient is
-one GEMM over all steps, and the delay and spread gradients are sums of the adjoint times
+a GEMM over the steps (``cpp-axonal`` adds it a batch of steps at a time, docs/engine.md), and
+the delay and spread gradients are sums of the adjoint times
 integer box sums of the spikes recorded during the forward. Saved for backward: pre-spike
 membrane (the spikes are ``h ≥ θ``) and trace (and the int8 box sums when delays/spreads
 learn), O(T·B·N) bytes, independent of the delay range.
