@@ -53,8 +53,7 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
-from delrec.delays import kernel_support as synaptic_support
-from delrec.delays import triangle_kernel
+from delrec.delays import kernel_support, triangle_kernel
 from delrec.engine import native
 from delrec.engine.lif import LIFMap, triangle_taps, width_vector
 from delrec.engine.state import RecurrentState, run_lif
@@ -270,7 +269,34 @@ def cpp_recurrence(
 
 
 # --------------------------------------------------------------------------- lag-GEMM (PyTorch ops)
-class _SynapticRecurrence(torch.autograd.Function):
+def lag_stacked_kernel(weight: Tensor, delay: Tensor, width: Tensor | float) -> tuple[Tensor, int]:
+    """The weighted kernel ``W_ij κ_ij(k)`` of every synapse over the lags ``kmin … kmax`` that
+    hold every kernel's closed support, ``(N, N, L)`` (row = postsynaptic), and ``kmin``:
+    what the lag-stacked paths (``torch-synaptic``, ``triton-synaptic``) run on."""
+    n = weight.shape[0]
+    width = width_vector(width, delay, n)
+    kmin, kmax = kernel_support(delay, width)
+    kernel = triangle_kernel(delay, width.expand(n, n), kmax + 1)[..., kmin:]
+    return weight.unsqueeze(-1) * kernel, kmin
+
+
+def lag_kernel_grad(grad_r: Tensor, spikes: Tensor, kernel: Tensor, kmin: int) -> Tensor:
+    """The gradient of the lag-stacked kernel ``(N, N, L)``, one GEMM per lag
+    ``k = kmin + l``: ``Σ_t,b ∂L/∂r_i[t] s_j[t - k]``; ``grad_r``: the gradient of the
+    recurrent input ``(T, B, N)``; ``spikes``: ``(T, B, N)``."""
+    steps, n = grad_r.shape[0], grad_r.shape[-1]
+    spikes = spikes.to(grad_r.dtype)
+    grad_kernel = torch.zeros_like(kernel)
+    for lag in range(kernel.shape[-1]):
+        k = kmin + lag
+        if k < steps:
+            grad_kernel[:, :, lag] = grad_r[k:].reshape(-1, n).t() @ spikes[: steps - k].reshape(
+                -1, n
+            )
+    return grad_kernel
+
+
+class _LagStacked(torch.autograd.Function):
     """Spikes of a LIF layer with per-synapse delays, from the lag-stacked weighted kernel.
 
     ``kernel[i, j, l]`` is ``W_ij κ_ij(kmin + l)`` for the lags ``kmin … kmin + nl - 1`` that
@@ -327,14 +353,7 @@ class _SynapticRecurrence(torch.autograd.Function):
         grad_kernel = None
         if ctx.needs_input_grad[1]:
             grad_r = (grad_h if mask is None else grad_h * mask) * lif.gain
-            s = spikes.to(membrane.dtype)
-            grad_kernel = torch.zeros_like(kernel)
-            for lag in range(lags):
-                k = kmin + lag
-                if k < steps:
-                    grad_kernel[:, :, lag] = grad_r[k:].reshape(-1, n).t() @ s[: steps - k].reshape(
-                        -1, n
-                    )
+            grad_kernel = lag_kernel_grad(grad_r, spikes, kernel, kmin)
         return grad_current, grad_kernel, None, None, None
 
 
@@ -349,13 +368,10 @@ def torch_recurrence(
 ):
     """Path ``torch-synaptic``: what :func:`cpp_recurrence` computes, by the lag-stacked GEMM
     in PyTorch ops (any device)."""
-    n = weight.shape[0]
-    width = width_vector(width, delay, n)
-    kmin, kmax = synaptic_support(delay, width)
-    kernel = weight.unsqueeze(-1) * triangle_kernel(delay, width.expand(n, n), kmax + 1)[..., kmin:]
+    kernel, kmin = lag_stacked_kernel(weight, delay, width)
     lif = LIFMap.of(neuron.p)
 
     def run(current: Tensor) -> tuple[Tensor, Tensor]:
-        return _SynapticRecurrence.apply(current, kernel, kmin, mask, lif)
+        return _LagStacked.apply(current, kernel, kmin, mask, lif)
 
     return run_lif(run, current, weight, delay, width, lif, mask, state)

@@ -18,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from delrec.delays import triangle_kernel
-from delrec.engine.lif import LIFMap, width_vector
-from delrec.engine.synaptic import synaptic_support
+from delrec.engine.lif import LIFMap
+from delrec.engine.synaptic import lag_kernel_grad, lag_stacked_kernel
 from delrec.engine.triton.lif import (
     LEAK,
     SURROGATE_PARAM,
@@ -184,7 +183,7 @@ def _launch_common(tiles, batch):
     )
 
 
-class _LagStacked(torch.autograd.Function):
+class _TritonLagStacked(torch.autograd.Function):
     """Spikes ``(T, B, N)`` from the lag-stacked weighted kernel ``K (N, N, L)`` (row =
     postsynaptic), lags ``kmin … kmin + L - 1``; gradients for the current and ``K``."""
 
@@ -249,15 +248,9 @@ class _LagStacked(torch.autograd.Function):
         )
         grad_current = grad_h * lif.gain if ctx.needs_input_grad[0] else None
         grad_kernel = None
-        if ctx.needs_input_grad[1]:  # one GEMM per lag: Σ_t,b ∂L/∂r_i[t] s_j[t - k]
+        if ctx.needs_input_grad[1]:
             grad_r = (grad_h if mask is None else grad_h * mask) * lif.gain
-            grad_kernel = torch.zeros_like(kernel)
-            for lag in range(lags):
-                k = kmin + lag
-                if k < steps:
-                    grad_kernel[:, :, lag] = grad_r[k:].reshape(-1, n).t() @ spikes[
-                        : steps - k
-                    ].reshape(-1, n)
+            grad_kernel = lag_kernel_grad(grad_r, spikes, kernel, kmin)
         return grad_current, grad_kernel, None, None, None
 
 
@@ -265,8 +258,5 @@ def recurrence(current, weight, delay, width, neuron, mask=None):
     """Path ``triton-synaptic``: spikes ``(T, B, N)`` of a recurrent LIF layer with per-synapse
     delays ``(N, N)``, the time loops in Triton, differentiable in every input (the arguments
     of :func:`delrec.engine.synaptic.torch_recurrence`)."""
-    n = weight.shape[0]
-    width = width_vector(width, delay, n)
-    kmin, kmax = synaptic_support(delay, width)
-    kernel = weight.unsqueeze(-1) * triangle_kernel(delay, width.expand(n, n), kmax + 1)[..., kmin:]
-    return _LagStacked.apply(current, kernel, kmin, mask, LIFMap.of(neuron.p))
+    kernel, kmin = lag_stacked_kernel(weight, delay, width)
+    return _TritonLagStacked.apply(current, kernel, kmin, mask, LIFMap.of(neuron.p))
