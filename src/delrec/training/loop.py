@@ -31,8 +31,8 @@ from delrec.layers import DelRec, FeedforwardDelay, clamp_delays, set_spread
 from delrec.models import SpikingNetwork, build_network
 from delrec.runs import RESULTS, RunDir, RunError, eval_loader, load_checkpoint, load_splits
 from delrec.training.evaluation import evaluate
-from delrec.training.objectives import make_objective
-from delrec.training.tbptt import truncated_bptt
+from delrec.training.objectives import make_objective, spike_penalty
+from delrec.training.tbptt import ForwardPass, truncated_bptt
 
 
 class TrainingError(RuntimeError):
@@ -147,11 +147,6 @@ def gradient_norms(layers: dict[str, list[nn.Parameter]]) -> Tensor:
         if grads:
             norms[index] = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
     return norms
-
-
-def spike_penalty(spikes: list[Tensor]) -> Tensor:
-    """Mean over layers of ``0.5 Σ s² / (T·N)``, averaged over the batch."""
-    return torch.stack([0.5 * s.pow(2).mean() for s in spikes]).mean()
 
 
 # --------------------------------------------------------------------------- run state
@@ -290,37 +285,11 @@ class Trainer:
             share = 1.0
             if self.dist is not None:  # this rank's shard of the batch
                 frames, share = self.dist.begin_step(self.data.train_loader, step, frames)
-            if config.tbptt is not None:  # forward in chunks now, backward below
-                chunked = truncated_bptt(
-                    network, frames, lengths, targets, self.objective, config.tbptt,
-                    config.rate_penalty,
-                )  # fmt: skip
-                loss, prediction = chunked.loss, chunked.prediction
-                batch_rates = torch.tensor(chunked.firing_rates, dtype=torch.float64)
-            else:
-                output, spikes = self.train_forward(frames)
-                loss, prediction = self.objective(output, lengths, targets)
-                batch_rates = torch.stack([s.detach().mean() for s in spikes]).cpu().double()
-            failed = not torch.isfinite(loss)
-            if self.dist is not None:
-                failed = self.dist.any(failed)
-            if failed:
-                value = loss.item() if not torch.isfinite(loss) else "non-finite in another process"
-                raise TrainingError(
-                    f"the training loss became {value} in epoch {epoch + 1}, batch "
-                    f"{batches + 1}; {self._divergence_advice()}"
-                )
+            forward = self._forward(frames, lengths, targets, share)
+            self._check_loss(forward.loss, epoch, batches + 1)
             for optimizer in self.optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
-            if config.tbptt is not None:
-                chunked.backward()
-            else:
-                total = loss
-                if config.rate_penalty > 0:
-                    total = loss + config.rate_penalty * spike_penalty(spikes)
-                if self.dist is not None:  # DDP averages over ranks: the whole batch's mean
-                    total = total * (self.dist.world_size * share)
-                total.backward()
+            forward.backward()
             norm_sums += gradient_norms(self.layer_parameters)
             if config.optim.grad_clip is not None:
                 nn.utils.clip_grad_value_(self.weight_parameters, config.optim.grad_clip)
@@ -330,21 +299,12 @@ class Trainer:
             clamp_delays(network)
 
             if share > 0:
-                meter.update(loss, prediction, targets)
-                rate_sums += share * batch_rates
+                meter.update(forward.loss, forward.prediction, targets)
+                rate_sums += share * torch.tensor(forward.firing_rates, dtype=torch.float64)
             batches += 1
             samples += len(targets) if self.dist is None else self.dist.shard.size
             if self.progress:  # rank 0's shard so far, in a distributed run
-                running = meter.result()
-                metric = self.objective.metric
-                bar.set_postfix(
-                    {
-                        "loss": f"{running['loss']:.4g}",
-                        metric: f"{running[metric]:.4g}",
-                        "σ": f"{sigma:.3g}",
-                        "samples/s": f"{samples / (time.perf_counter() - start):.0f}",
-                    }
-                )
+                self._show_progress(bar, meter, sigma, samples / (time.perf_counter() - start))
         bar.close()
         if self.dist is not None:
             self.dist.reduce_meter(meter)
@@ -358,6 +318,53 @@ class Trainer:
             **{f"firing_rate_{i}": rate for i, rate in enumerate(rates)},
             **{f"grad_norm_{name}": n for name, n in zip(self.layer_parameters, norms)},
         }
+
+    def _forward(self, frames, lengths, targets, share: float) -> ForwardPass:
+        """The forward pass of one training step: in chunks with ``config.tbptt``
+        (:func:`truncated_bptt`), else at once. ``share``: this process's part of the batch (its
+        loss is scaled so that DDP's average over processes is the whole batch's mean)."""
+        config = self.config
+        if config.tbptt is not None:
+            return truncated_bptt(
+                self.network, frames, lengths, targets, self.objective, config.tbptt,
+                config.rate_penalty,
+            )  # fmt: skip
+        output, spikes = self.train_forward(frames)
+        loss, prediction = self.objective(output, lengths, targets)
+        rates = torch.stack([s.detach().mean() for s in spikes]).cpu().double().tolist()
+
+        def backward() -> None:
+            total = loss
+            if config.rate_penalty > 0:
+                total = loss + config.rate_penalty * spike_penalty(spikes)
+            if self.dist is not None:
+                total = total * (self.dist.world_size * share)
+            total.backward()
+
+        return ForwardPass(loss, prediction, rates, backward)
+
+    def _check_loss(self, loss: Tensor, epoch: int, batch: int) -> None:
+        """A TrainingError when the loss (of any process) is not finite."""
+        failed = not torch.isfinite(loss)
+        if self.dist is not None:
+            failed = self.dist.any(failed)
+        if failed:
+            value = loss.item() if not torch.isfinite(loss) else "non-finite in another process"
+            raise TrainingError(
+                f"the training loss became {value} in epoch {epoch + 1}, batch {batch}; "
+                f"{self._divergence_advice()}"
+            )
+
+    def _show_progress(self, bar, meter, sigma: float, samples_per_s: float) -> None:
+        running, metric = meter.result(), self.objective.metric
+        bar.set_postfix(
+            {
+                "loss": f"{running['loss']:.4g}",
+                metric: f"{running[metric]:.4g}",
+                "σ": f"{sigma:.3g}",
+                "samples/s": f"{samples_per_s:.0f}",
+            }
+        )
 
     def fit(self, max_epochs_this_run: int | None = None) -> bool:
         """Train until ``config.epochs`` (or ``max_epochs_this_run`` more epochs); returns
@@ -385,21 +392,7 @@ class Trainer:
             for scheduler in self.schedulers.values():
                 if scheduler is not None:
                     scheduler.step()
-
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": train["loss"],
-                f"train_{metric}": train[metric],
-                "valid_loss": valid["loss"],
-                f"valid_{metric}": valid[metric],
-                "lr_weights": lrs["weights"],
-                "lr_positions": lrs.get("positions", 0.0),
-                "sigma": sigma,
-            }
-            for name, delays in delay_tensors(self.network).items():
-                row[f"delay_mean_{name}"] = float(delays.float().mean())
-                row[f"delay_std_{name}"] = float(delays.float().std(correction=0))
-            row.update({k: v for k, v in train.items() if k.startswith(("firing_rate", "grad_"))})
+            row = self._metrics_row(epoch, train, valid, lrs, sigma)
             row["epoch_time_s"] = time.perf_counter() - start
             state.history.append(row)
             state.epoch = epoch + 1
@@ -424,6 +417,25 @@ class Trainer:
                 f"{'  *best' if better else ''}  ({row['epoch_time_s']:.1f} s)"
             )
         return True
+
+    def _metrics_row(self, epoch: int, train: dict, valid: dict, lrs: dict, sigma: float) -> dict:
+        """The ``metrics.csv`` row of an epoch (its time added by the caller)."""
+        metric = self.objective.metric
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": train["loss"],
+            f"train_{metric}": train[metric],
+            "valid_loss": valid["loss"],
+            f"valid_{metric}": valid[metric],
+            "lr_weights": lrs["weights"],
+            "lr_positions": lrs.get("positions", 0.0),
+            "sigma": sigma,
+        }
+        for name, delays in delay_tensors(self.network).items():
+            row[f"delay_mean_{name}"] = float(delays.float().mean())
+            row[f"delay_std_{name}"] = float(delays.float().std(correction=0))
+        row.update({k: v for k, v in train.items() if k.startswith(("firing_rate", "grad_"))})
+        return row
 
     # ------------------------------------------------------------------ divergence
     def _check_finite(self, epoch: int, batch: int) -> None:

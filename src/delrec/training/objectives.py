@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -130,3 +131,9 @@ def rounding_cost(metric: str, real: float, rounded: float) -> float:
     """What rounding the delays cost on ``metric`` (``"accuracy"`` or ``"nmse"``), from its
     values with real-valued and with rounded delays: accuracy lost or NMSE gained (> 0: worse)."""
     return real - rounded if metric == "accuracy" else rounded - real
+
+
+def spike_penalty(spikes: list[Tensor]) -> Tensor:
+    """The firing-rate penalty of a batch's hidden spikes (``(T, B, N)`` per layer): the mean
+    over layers of ``0.5 Σ s² / (T·B·N)``."""
+    return torch.stack([0.5 * s.pow(2).mean() for s in spikes]).mean()

@@ -25,24 +25,20 @@ import torch
 from torch import Tensor, nn
 
 from delrec.models import SpikingNetwork
+from delrec.training.objectives import spike_penalty
 
 
 @dataclass
-class ChunkedStep:
-    """The result of the first pass of :func:`truncated_bptt`: the sequence ``loss`` and
-    ``prediction`` (as the objective returns them), ``firing_rates`` (spikes per neuron per
-    step of each hidden layer) and their mean ``firing_rate``, and :meth:`backward`, the second
-    pass, which adds the truncated gradient of ``loss + rate_penalty · spike_penalty`` to the
-    parameters' ``.grad``."""
+class ForwardPass:
+    """The forward pass of a training step: the sequence ``loss`` and ``prediction`` (as the
+    objective returns them), ``firing_rates`` (spikes per neuron per step of each hidden layer),
+    and ``backward()``, which adds the gradient of ``loss + rate_penalty · spike_penalty`` to
+    the parameters' ``.grad`` (truncated, for :func:`truncated_bptt`'s second pass)."""
 
     loss: Tensor
     prediction: Tensor
     firing_rates: list[float]
     backward: Callable[[], None]
-
-    @property
-    def firing_rate(self) -> float:
-        return sum(self.firing_rates) / len(self.firing_rates)
 
 
 def chunk_bounds(steps: int, chunk: int) -> list[tuple[int, int]]:
@@ -60,7 +56,7 @@ def truncated_bptt(
     objective,
     chunk: int,
     rate_penalty: float = 0.0,
-) -> ChunkedStep:
+) -> ForwardPass:
     """One training step of ``network`` (in training mode) on ``frames`` ``(T, B, C)`` in chunks
     of ``chunk`` steps; ``objective(y, lengths, targets) -> (loss, prediction)``. Returns the
     first pass's results; call ``.backward()`` for the gradients (module docstring)."""
@@ -96,12 +92,11 @@ def truncated_bptt(
                 frames[start:end], state, return_state=True
             )
             total = (out * grad_output[start:end]).sum()
-            if rate_penalty > 0:  # its share of mean over layers of 0.5·Σ s²/(T·B·N)
-                share = [0.5 * s.pow(2).sum() / (steps * s[0].numel()) for s in spikes]
-                total = total + rate_penalty * torch.stack(share).mean()
+            if rate_penalty > 0:  # the chunk's share of the sequence's penalty
+                total = total + rate_penalty * spike_penalty(spikes) * (end - start) / steps
             total.backward()
 
-    return ChunkedStep(loss.detach(), prediction.detach(), rates, backward)
+    return ForwardPass(loss.detach(), prediction.detach(), rates, backward)
 
 
 def _batch_norm_buffers(network: nn.Module) -> list[tuple[Tensor, Tensor]]:
