@@ -30,9 +30,12 @@ from unittest import mock
 import torch
 
 from delrec.config import resolve
+from delrec.data import dataset_info
 from delrec.layers import DelRec
 from delrec.models import build_network
 from delrec.training.loop import Trainer
+
+SHD = dataset_info("shd")  # its sizes: 140 input channels, 20 classes
 
 
 def medians(functions, repeats: int, device: torch.device) -> list[float]:
@@ -58,7 +61,7 @@ def medians(functions, repeats: int, device: torch.device) -> list[float]:
 
 def layer_timers(size: int, batch: int, steps: int, device: torch.device):
     """The layer's training step, its eval forward, and its value check on the same input."""
-    config = resolve("shd").network_config(140, 20)
+    config = resolve("shd").network_config(SHD.input_size, SHD.output_size)
     g = torch.Generator().manual_seed(0)
     layer = DelRec(size, config.neuron.build(), delay_init="uniform:10:30", sigma=5.0, generator=g)
     layer.to(device)
@@ -78,9 +81,11 @@ def layer_timers(size: int, batch: int, steps: int, device: torch.device):
 
 def step_timers(batch: int, steps: int, device: torch.device):
     """One SHD training step, and the parameter check the Trainer runs after it."""
-    network = build_network(resolve("shd").network_config(140, 20), seed=0).to(device)
+    network = build_network(
+        resolve("shd").network_config(SHD.input_size, SHD.output_size), seed=0
+    ).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
-    frames = (torch.rand(steps, batch, 140) < 0.05).float().to(device)
+    frames = (torch.rand(steps, batch, SHD.input_size) < 0.05).float().to(device)
 
     def step():
         network.train()

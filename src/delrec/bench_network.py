@@ -41,13 +41,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from delrec import files
 from delrec.bench import cpu_name
+from delrec.data import dataset_info
 from delrec.layers import DelRec
 from delrec.layers.dropout import Dropout
 from delrec.models import build_network, preset_network, set_feedforward_engine
 from delrec.neurons import LeakyIntegrator, SequenceNeuron
+from delrec.recipes import RECIPES
 from delrec.training.objectives import make_objective
 
-PRESETS = ("shd", "ssc", "psmnist", "mackey-glass")
 MODELS = ("delrec", "rsnn", "snn")
 ENGINES = {"fused": "fused", "unfused": "reference"}  # column label -> feedforward engine
 
@@ -62,13 +63,19 @@ class Shape:
     task: str  # "classification" or "regression"
 
 
-# the training recipes' batch sizes and the data sets' sequence lengths (SHD: 100 bins of 10 ms)
-SHAPES = {
-    "shd": Shape(256, 100, "spikes", "classification"),
-    "ssc": Shape(128, 250, "spikes", "classification"),
-    "psmnist": Shape(256, 784, "pixels", "classification"),
-    "mackey-glass": Shape(64, 150, "series", "regression"),
-}
+# each preset's kind of synthetic input
+INPUTS = {"shd": "spikes", "ssc": "spikes", "psmnist": "pixels", "mackey-glass": "series"}
+PRESETS = tuple(INPUTS)
+SHD_STEPS = 100  # SHD's lengths vary from file to file; the bench times 100 bins of 10 ms
+
+
+def shape_of(task: str) -> Shape:
+    """The training step of ``task``'s recipe: its batch size, the data set's sequence length
+    and task kind (no data is read)."""
+    info = dataset_info(task)
+    return Shape(RECIPES[task]["batch_size"], info.steps or SHD_STEPS, INPUTS[task], info.task)
+
+
 QUICK_BATCH = 16
 # the least time of the delrec fused step timed per preset (clock seconds), full and --quick
 MIN_TIMED_S, QUICK_MIN_TIMED_S = 1.0, 0.25
@@ -258,7 +265,7 @@ def gemm_floor(calls: Counter, clock, repeats: int = 5) -> float:
 # --------------------------------------------------------------------------- the run
 def measure(task: str, quick: bool, repeats: int, clock, log) -> list[dict]:
     """Rows (one per model and engine) of one preset."""
-    shape = SHAPES[task]
+    shape = shape_of(task)
     min_timed_s = QUICK_MIN_TIMED_S if quick else MIN_TIMED_S
     if quick:
         shape = Shape(QUICK_BATCH, shape.steps, shape.inputs, shape.task)
@@ -462,11 +469,12 @@ def run(args) -> int:
     for task in presets:
         rows.extend(measure(task, args.quick, repeats, clock, log))
     if "shd" in presets and not args.quick:
-        steps = -(-SHD_EPOCH_ITEMS // SHAPES["shd"].batch)
+        batch = shape_of("shd").batch
+        steps = -(-SHD_EPOCH_ITEMS // batch)
         fused, unfused = (_row(rows, "shd", "delrec", e)["step_ms"] for e in ENGINES)
         log(
             f"\nSHD epoch ({SHD_EPOCH_ITEMS:,} items in {steps} training steps of "
-            f"{SHAPES['shd'].batch}, delrec): {steps * fused / 1e3:.0f} s fused, "
+            f"{batch}, delrec): {steps * fused / 1e3:.0f} s fused, "
             f"{steps * unfused / 1e3:.0f} s unfused (training steps only)"
         )
     log()

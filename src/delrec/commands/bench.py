@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="small grid, under a minute")
     p.add_argument(
         "--network",
-        choices=("shd", "ssc", "psmnist", "mackey-glass", "all"),
+        choices=(*bench_network.PRESETS, "all"),
         help="instead: one training step of this preset's whole network, fused and unfused, "
         "and where its time goes, on the CPU (delrec.bench_network; --quick: batch 16)",
     )

@@ -71,7 +71,7 @@ def add_parser(subparsers) -> None:
         "--models",
         type=comma_list(str),
         default=ABLATION_MODELS,
-        help="comma-separated models (default snn,rsnn,fixed,delrec)",
+        help=f"comma-separated models (default {','.join(ABLATION_MODELS)})",
     )
     params.add_argument(
         "--sizes",
