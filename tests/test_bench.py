@@ -89,8 +89,10 @@ def test_without_the_kernels_the_synaptic_lag_gemm_is_skipped_where_too_costly(m
 def test_network_bench_times_breaks_down_and_judges_every_model(tmp_path, monkeypatch, capsys):
     from delrec import bench_network
 
-    tiny = {k: dataclasses.replace(s, steps=8) for k, s in bench_network.SHAPES.items()}
-    monkeypatch.setattr(bench_network, "SHAPES", tiny)
+    shape_of = bench_network.shape_of
+    monkeypatch.setattr(
+        bench_network, "shape_of", lambda t: dataclasses.replace(shape_of(t), steps=8)
+    )
     monkeypatch.setattr(bench_network, "QUICK_BATCH", 3)
     # one repeat asked, but a step of a few milliseconds rotates until 0.05 s of it are timed
     monkeypatch.setattr(bench_network, "QUICK_MIN_TIMED_S", 0.05)
