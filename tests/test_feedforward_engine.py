@@ -273,7 +273,7 @@ def test_the_ablation_networks_run_the_two_tap_engine(model, monkeypatch):
         engines.PATHS,
         "cpp-feedforward",
         engines.FeedforwardPath(
-            original.name, lambda *a: ran.append(1) or original.run(*a), original.available
+            original.name, lambda *a: ran.append(1) or original.run(*a), original.runs_on
         ),
     )
     net(torch.rand(6, 2, 140))

@@ -102,7 +102,7 @@ def test_keys_come_from_the_global_generator():
         masks.draw(1.0)
 
 
-@pytest.mark.parametrize("engine", fused.ENGINES)
+@pytest.mark.parametrize("engine", fused.NETWORK_ENGINES)
 def test_dropout_module(engine):
     layer = Dropout(0.3)
     layer.engine = engine

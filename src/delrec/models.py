@@ -376,8 +376,10 @@ def set_feedforward_engine(network: nn.Module, engine: str) -> None:
     plain LIF layers, the leaky-integrator readout, dropout and BatchNorm as the compiled loops
     of :mod:`delrec.engine.fused`, where they are built) or ``"reference"`` (the modules'
     step-by-step autograd). The recurrent layers keep their own ``engine`` option."""
-    if engine not in fused.ENGINES:
-        raise ValueError(f"unknown feedforward engine {engine!r}; choose one of {fused.ENGINES}")
+    if engine not in fused.NETWORK_ENGINES:
+        raise ValueError(
+            f"unknown feedforward engine {engine!r}; choose one of {fused.NETWORK_ENGINES}"
+        )
     for module in network.modules():
         if isinstance(module, (HiddenBlock, SpikingNetwork, Dropout)):
             module.engine = engine

@@ -316,11 +316,12 @@ class _SparseTaps:
 class FeedforwardPath:
     """One way to run the layer: ``run(x (T, B, I), weight (O, I), position (O, I),
     bias (O,) or None, kernel_size) -> (T, B, O)``, differentiable in all four tensors;
-    ``available(device)`` says whether it can run there (decided before running)."""
+    ``runs_on(device)`` says whether it can run there here (decided before running), as for
+    the recurrent paths (:class:`delrec.engine.EnginePath`)."""
 
     name: str
     run: Callable[[Tensor, Tensor, Tensor, Tensor | None, int], Tensor]
-    available: Callable[[torch.device], bool]
+    runs_on: Callable[[torch.device], bool]
 
 
 def _two_taps(implementation: Callable[[], object | None]):
@@ -361,11 +362,11 @@ def select(device: torch.device, engine: str = "auto") -> FeedforwardPath:
     kernels on the CPU where they build, PyTorch ops elsewhere; a path name forces that path."""
     if engine == "auto":
         fast = PATHS["cpp-feedforward"]
-        return fast if fast.available(device) else PATHS["torch-feedforward"]
+        return fast if fast.runs_on(device) else PATHS["torch-feedforward"]
     if engine not in PATHS:
         raise ValueError(f"unknown feedforward-delay engine {engine!r}; choose one of {ENGINES}")
     path = PATHS[engine]
-    if not path.available(device):
+    if not path.runs_on(device):
         raise RuntimeError(
             f"the feedforward-delay engine {engine!r} can't run on {device} here (its C++ "
             "kernels run on the CPU and need a compiler); use engine='auto'"

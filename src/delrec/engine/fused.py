@@ -36,7 +36,7 @@ from delrec.engine.dropout import native as native_mask
 from delrec.engine.lif import LIFMap
 from delrec.neurons import LIFParameters
 
-ENGINES = ("fused", "reference")  # the choices of the network's feedforward engine
+NETWORK_ENGINES = ("fused", "reference")  # the choices of the network's feedforward engine
 
 
 def _triton_kernels(device_type: str):
