@@ -210,19 +210,7 @@ class DelRec(nn.Module):
         self._check_input(current)
         if state is not None:
             self._check_state(state, current)
-        if dropout_mask is not None:
-            if dropout_mask.dtype.is_complex or not (
-                dropout_mask.dtype.is_floating_point or dropout_mask.dtype == torch.bool
-            ):
-                raise TypeError(
-                    f"dropout_mask must hold floats (0 or 1/(1-p)) or booleans, got "
-                    f"{dropout_mask.dtype}"
-                )
-            mask = dropout_mask.to(current.dtype)
-        elif state is not None:
-            mask = state.mask
-        else:
-            mask = self._draw_dropout_mask(current)
+        mask = self._recurrent_mask(current, state, dropout_mask)
         if callable(output_dropout):
             output_dropout = output_dropout()
         for name, draw in (("input_dropout", input_dropout), ("output_dropout", output_dropout)):
@@ -232,11 +220,6 @@ class DelRec(nn.Module):
                     f"delrec.engine.dropout.draw(p) for probability p, or None; got "
                     f"{type(draw).__name__}"
                 )
-        if mask is not None and mask.shape != current.shape[1:]:
-            raise ValueError(
-                f"dropout_mask must have shape (B, N) = {tuple(current.shape[1:])}, "
-                f"got {tuple(mask.shape)}"
-            )
         self._check_values(current, state, mask)
         wants_grad = torch.is_grad_enabled() and (
             current.requires_grad
@@ -285,6 +268,31 @@ class DelRec(nn.Module):
             return spikes
         neuron_state = tuple(x.detach() for x in final.neuron)
         return spikes, DelRecState(neuron_state, final.spikes, mask)
+
+    def _recurrent_mask(
+        self, current: Tensor, state: DelRecState | None, dropout_mask: Tensor | None
+    ) -> Tensor | None:
+        """The recurrent dropout mask ``(B, N)`` of this forward: the one given, the state's
+        (the sequence's), or a fresh draw (None when recurrent dropout is off)."""
+        if dropout_mask is not None:
+            if dropout_mask.dtype.is_complex or not (
+                dropout_mask.dtype.is_floating_point or dropout_mask.dtype == torch.bool
+            ):
+                raise TypeError(
+                    f"dropout_mask must hold floats (0 or 1/(1-p)) or booleans, got "
+                    f"{dropout_mask.dtype}"
+                )
+            mask = dropout_mask.to(current.dtype)
+        elif state is not None:
+            mask = state.mask
+        else:
+            mask = self._draw_dropout_mask(current)
+        if mask is not None and mask.shape != current.shape[1:]:
+            raise ValueError(
+                f"dropout_mask must have shape (B, N) = {tuple(current.shape[1:])}, "
+                f"got {tuple(mask.shape)}"
+            )
+        return mask
 
     def _check_state(self, state: DelRecState, current: Tensor) -> None:
         batch = current.shape[1]
