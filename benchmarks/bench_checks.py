@@ -23,12 +23,12 @@ fraction of the guarded work).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from unittest import mock
 
 import torch
 
+from delrec.bench import median_times
 from delrec.config import resolve
 from delrec.data import dataset_info
 from delrec.layers import DelRec
@@ -38,25 +38,15 @@ from delrec.training.loop import Trainer
 SHD = dataset_info("shd")  # its sizes: 140 input channels, 20 classes
 
 
-def medians(functions, repeats: int, device: torch.device) -> list[float]:
-    """Median seconds of each function, run alternately ``repeats`` times after a warm-up (on a
-    GPU, up to the end of the work it queued)."""
+def device_clock(device: torch.device):
+    """``time.perf_counter`` that first waits for the work queued on a GPU ``device``."""
 
-    def sync():
+    def clock() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        return time.perf_counter()
 
-    for function in functions:
-        function()
-    times = [[] for _ in functions]
-    for _ in range(repeats):
-        for function, record in zip(functions, times):
-            sync()
-            start = time.perf_counter()
-            function()
-            sync()
-            record.append(time.perf_counter() - start)
-    return [statistics.median(record) for record in times]
+    return clock
 
 
 def layer_timers(size: int, batch: int, steps: int, device: torch.device):
@@ -76,7 +66,7 @@ def layer_timers(size: int, batch: int, steps: int, device: torch.device):
         with torch.no_grad():
             layer(current)
 
-    return train, evaluate, lambda: layer._check_values(current)
+    return train, evaluate, lambda: layer._check_values(current, None, None)
 
 
 def step_timers(batch: int, steps: int, device: torch.device):
@@ -122,7 +112,8 @@ def main() -> int:
         ("eval", evaluate, value_check),
         ("step", step, parameter_check),
     ):
-        work_s, check_s = medians([work, check], args.repeats, device)
+        timed = median_times({"work": work, "check": check}, args.repeats, device_clock(device))
+        work_s, check_s = timed["work"], timed["check"]
         verdicts.append(check_s <= args.target * work_s)
         print(
             f"{name:5s}  work {work_s * 1e3:9.2f} ms  check {check_s * 1e3:7.3f} ms  "

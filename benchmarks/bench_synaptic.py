@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 from unittest import mock
 
 import torch
 
+from delrec.bench import median_times
 from delrec.engine import native
 from delrec.engine.lif import width_vector
 from delrec.engine.synaptic import _SlotPlan
@@ -70,19 +70,6 @@ def step_timers(size: int, batch: int, steps: int, max_delay: float, sigma: floa
     timers = {"axonal": layer_step(layers["axonal"]), "rings": layer_step(synaptic)}
     timers["lag-gemm"] = lag_gemm
     return {name: timers[name] for name in paths}, plan
-
-
-def median_times(timers, repeats: int, clock) -> dict[str, float]:
-    """Median seconds per call of each timer, calls interleaved (after one warm-up round)."""
-    for run in timers.values():
-        run()
-    times = {name: [] for name in timers}
-    for _ in range(repeats):
-        for name, run in timers.items():
-            start = clock()
-            run()
-            times[name].append(clock() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:

@@ -3,6 +3,10 @@ written."""
 
 import csv
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -249,3 +253,32 @@ def test_bench_checks_its_counts_and_output_folder_before_measuring(tmp_path, ca
         assert main(["bench", "--quick", "--sections", "shd", *argv]) == 2, argv
         assert problem in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_the_benchmark_scripts_run_end_to_end_at_tiny_sizes():
+    """They are not part of `delrec bench`; this keeps them from rotting (what they measure at
+    these sizes means nothing)."""
+    tiny = ["--size", "16", "--batch", "2", "--steps", "6", "--repeats", "1", "--threads", "1"]
+    for script, extra, expected in [
+        ("bench_checks.py", [], "every check costs at most 5% of its work"),
+        ("bench_synaptic.py", ["--max-delay", "5"], "x axonal"),
+    ]:
+        done = subprocess.run(
+            [sys.executable, str(Path(__file__).parents[1] / "benchmarks" / script), *tiny, *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert expected in done.stdout and "Traceback" not in done.stderr, (script, done.stderr)
+
+
+def test_bench_refuses_options_its_benchmark_would_ignore(capsys):
+    for argv, problem in [
+        (["--streaming", "--quick"], "--streaming and --tbptt have one size, no quick grid"),
+        (["--tbptt", "--quick"], "--streaming and --tbptt have one size, no quick grid"),
+        (["--device", "cuda", "--dry-run", "--clock", "cpu"], "leave out --threads and --clock"),
+    ] + [  # (a machine of one core refuses --threads 2 earlier)
+        (["--device", "cuda", "--dry-run", "--threads", "2"], "leave out --threads and --clock")
+    ] * ((os.cpu_count() or 1) > 1):
+        assert main(["bench", *argv]) == 2, argv
+        assert problem in capsys.readouterr().err

@@ -214,6 +214,23 @@ class Step:
         return _proc_status("VmHWM") - before
 
 
+def median_times(timers: dict, repeats: int, clock=time.perf_counter, warm_up: bool = True) -> dict:
+    """Median seconds per call of each of ``timers`` (name → function), over ``repeats`` rounds
+    that call them in turn, so that a busy neighbour slows all of them alike; ``warm_up``: one
+    round first, not timed. ``clock``: ``time.perf_counter``, ``time.process_time``, or one
+    that waits for a GPU's queued work before reading the time."""
+    if warm_up:
+        for run in timers.values():
+            run()
+    times = {name: [] for name in timers}
+    for _ in range(repeats):
+        for name, run in timers.items():
+            start = clock()
+            run()
+            times[name].append(clock() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def measure(s: Setting, models, repeats: int, clock, log, cache: dict) -> list[dict]:
     """Rows of measurements for every runnable model at ``s``; the models not in ``cache`` (keyed by
     setting, model and repeats) are run interleaved, one step of each in turn, ``repeats`` times,
@@ -227,18 +244,13 @@ def measure(s: Setting, models, repeats: int, clock, log, cache: dict) -> list[d
             g = torch.Generator().manual_seed(0)
             steps[model] = Step(build(model, s, g), s, g)
             steps[model]()  # warm-up
-    times = {m: [] for m in steps}
-    for _ in range(repeats):
-        for model, step in steps.items():
-            start = clock()
-            step()
-            times[model].append(clock() - start)
+    medians = median_times(steps, repeats, clock, warm_up=False)  # each warmed up when built
     for model, step in steps.items():
         rss = step.peak_rss()
         cache[(s, model, repeats)] = {
             **asdict(s),
             "model": model,
-            "time_ms": 1e3 * statistics.median(times[model]),
+            "time_ms": 1e3 * medians[model],
             "saved_mb": step.saved_bytes() / 2**20,
             "peak_rss_mb": None if rss is None else rss / 2**20,
         }
