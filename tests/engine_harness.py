@@ -57,15 +57,16 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from unittest import mock
 
+import pytest
 import torch
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from delrec.engine import DELAY_TYPES, PATHS, EnginePath
+from delrec.engine import DELAY_TYPES, PATHS, EnginePath, native
 from delrec.engine import triton as gpu
 from delrec.neurons import LIF, ATan, LIFParameters, Triangle, lif_charge
 
@@ -121,6 +122,39 @@ def _supporting(config: Config, neuron: nn.Module | None) -> list[EnginePath]:
         for name, path in PATHS.items()
         if name != "reference" and path.supports(config.delay_type, neuron, config.integer, grad)
     ]
+
+
+def unavailable_reason(path: EnginePath, device: str) -> str:
+    """Why ``path`` does not run on ``device`` here, in the engine's own words: what the Triton
+    kernels miss (``delrec.engine.triton.missing_reason``: the package, a CUDA GPU) or why the
+    C++ kernels don't run (``delrec.engine.native.unavailable``)."""
+    device = torch.device(device)
+    if path.runs_on is gpu.runs_on:
+        return f"engine path {path.name!r}: {gpu.missing_reason(device)}"
+    if path.name.startswith("cpp-"):
+        kernels = path.name.removeprefix("cpp-")
+        if device.type != "cpu":
+            return f"engine path {path.name!r}: the C++ kernels '{kernels}' take CPU tensors"
+        return native.unavailable(kernels)
+    return f"engine path {path.name!r} does not run on {device} here"
+
+
+@contextmanager
+def forced_in_layers(path: EnginePath, device: str):
+    """Let a layer forced onto ``path`` (``engine=path.name``) run on ``device`` for the block:
+    a Triton path on CPU tensors under Triton's interpreter (what :func:`interpreted_paths`
+    calls by name; slow, for small cases); where the path can't run, the test skips with
+    :func:`unavailable_reason`."""
+    interpreted = (
+        torch.device(device).type == "cpu"
+        and path.runs_on is gpu.runs_on
+        and gpu.installed()
+        and gpu.interpreting()
+    )
+    with mock.patch.object(gpu, "_interpreter_paths", True) if interpreted else nullcontext():
+        if not path.available(device):
+            pytest.skip(unavailable_reason(path, device))
+        yield
 
 
 @contextmanager

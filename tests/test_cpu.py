@@ -7,11 +7,12 @@ import resource
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
 
-from delrec import cli
+from delrec import cli, cpu
 from delrec.cpu import keep_freed_memory
 from delrec.layers import DelRec
 
@@ -48,8 +49,25 @@ def test_tensors_beyond_glibcs_mapping_threshold_reuse_freed_memory():
     assert min(faults[-3:]) < 100, faults
 
 
-@pytest.mark.skipif(GLIBC, reason="runs where glibc is absent (this system has it)")
-def test_other_c_libraries_are_left_alone():
+class OtherLibc:
+    """A C library other than glibc (musl, say): ``mallopt`` but no ``gnu_get_libc_version``."""
+
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, *args):
+        self.calls.append(args)
+        return 1
+
+
+def test_other_c_libraries_are_left_alone(monkeypatch):
+    libc = OtherLibc()
+    monkeypatch.setattr(cpu, "ctypes", types.SimpleNamespace(CDLL=lambda name: libc))
+    monkeypatch.setattr(cpu, "sys", types.SimpleNamespace(platform="linux"))
+    assert keep_freed_memory() is False and libc.calls == []
+    opened = types.SimpleNamespace(CDLL=lambda name: pytest.fail("a C library was opened"))
+    monkeypatch.setattr(cpu, "ctypes", opened)
+    monkeypatch.setattr(cpu, "sys", types.SimpleNamespace(platform="darwin"))
     assert keep_freed_memory() is False
 
 

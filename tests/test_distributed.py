@@ -2,6 +2,8 @@
 side by side (``--parallel``): the same numbers as one process, one set of files, a clear stop
 when a process dies, and a resume that continues the run."""
 
+import dataclasses
+import io
 import json
 import os
 import signal
@@ -11,6 +13,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,9 +21,10 @@ from gradient_recorder import recording
 from test_train_run import read_metrics, write_random_shd
 
 from delrec.cli import main
+from delrec.config import ConfigError
 from delrec.data import make_loader
-from delrec.runs import load_checkpoint
-from delrec.training import TrainConfig, Trainer
+from delrec.runs import RunDir, load_checkpoint
+from delrec.training import TrainConfig, Trainer, parallel_seeds
 from delrec.training.distributed import DataParallel
 
 ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
@@ -363,6 +367,67 @@ def test_shards_cut_the_batches_of_the_single_process_loader():
             torch.equal(loader.generator.get_state(), single.generator.get_state())
             for loader in ranks
         )
+
+
+def gpus_present(monkeypatch, count: int) -> None:
+    """``count`` CUDA GPUs as torch sees them (none visible through CUDA_VISIBLE_DEVICES)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+class FakeSeedChild:
+    """In place of ``subprocess.Popen`` for a seed's ``delrec train``: records the seed and the
+    GPUs it would see, and ends at once with a summary line."""
+
+    launched: list[tuple[int, str | None]] = []
+
+    def __init__(self, command, env, **options):
+        seed = int(command[command.index("--seed") + 1])
+        self.launched.append((seed, env.get("CUDA_VISIBLE_DEVICES")))
+        self.stdout = io.StringIO(json.dumps({"status": "complete", "seed": seed}) + "\n")
+        self.stderr = io.StringIO("")
+
+    def poll(self):
+        return 0
+
+    def wait(self, timeout=None):
+        return 0
+
+
+def launched_gpus(monkeypatch, tmp_path, config, seeds, workers) -> list[tuple[int, str | None]]:
+    """The (seed, CUDA_VISIBLE_DEVICES) of each ``delrec train`` that ``--parallel`` starts."""
+    fake = SimpleNamespace(Popen=FakeSeedChild, PIPE=subprocess.PIPE)
+    monkeypatch.setattr(parallel_seeds, "subprocess", fake)
+    FakeSeedChild.launched = []
+    summaries, failures = parallel_seeds.run_seed_processes(
+        config, seeds, RunDir(tmp_path / f"seeds-{workers}"), workers, None
+    )
+    assert [s["seed"] for s in summaries] == seeds and failures == {}
+    return FakeSeedChild.launched
+
+
+def test_parallel_seeds_get_a_gpu_each_from_the_visible_ones(tmp_path, monkeypatch):
+    config = TrainConfig()  # device auto
+    cuda, cpu = (dataclasses.replace(config, device=d) for d in ("cuda", "cpu"))
+    gpus_present(monkeypatch, 0)
+    assert parallel_seeds.gpu_ids(config) == [] and parallel_seeds.gpu_ids(cuda) == []
+    assert launched_gpus(monkeypatch, tmp_path, config, [0, 1], 2) == [(0, None), (1, None)]
+    gpus_present(monkeypatch, 3)
+    assert parallel_seeds.gpu_ids(config) == ["0", "1", "2"] == parallel_seeds.gpu_ids(cuda)
+    assert parallel_seeds.gpu_ids(cpu) == []  # --device cpu: the seeds share the CPU
+    with pytest.raises(ConfigError, match="use --device auto or cuda, not 'cuda:1'"):
+        parallel_seeds.gpu_ids(dataclasses.replace(config, device="cuda:1"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 5,,7")
+    assert parallel_seeds.gpu_ids(config) == ["2", "5", "7"]
+    # slot i of K gets GPU i mod (number of GPUs): the seeds running together never share one
+    seeds = [0, 1, 2, 3, 4]
+    assert launched_gpus(monkeypatch, tmp_path, config, seeds, 3) == [
+        (0, "2"), (1, "5"), (2, "7"), (3, "2"), (4, "5")
+    ]  # fmt: skip
+    assert launched_gpus(monkeypatch, tmp_path, config, seeds, 2) == [
+        (0, "2"), (1, "5"), (2, "2"), (3, "5"), (4, "2")
+    ]  # fmt: skip
 
 
 def test_launch_mistakes_are_refused(tmp_path, capsys, monkeypatch):

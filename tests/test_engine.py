@@ -347,7 +347,8 @@ def test_other_neurons_run_the_reference_path(neuron):
     ).requires_grad_()
     spikes = layer(current)
     width = 1.0 + 2.0  # 1 + σ: the spreads don't learn
-    kernel = triangle_kernel(layer.delay, width, kernel_length(float(layer.delay.max()), width))
+    length = kernel_length(float(layer.delay.detach().max()), width)
+    kernel = triangle_kernel(layer.delay, width, length)
     expected = reference_recurrence(current, layer.weight, kernel, layer.neuron)
     assert torch.equal(spikes, expected) and 0 < expected.mean() < 1
     inputs = [current, layer.weight, layer.delay]

@@ -136,6 +136,16 @@ def test_a_sample_scores_the_same_alone_and_padded_in_a_batch(readout):
     assert output.grad[10:, 0].abs().max() == 0 and output.grad[:10, 0].abs().max() > 0
 
 
+def test_the_sum_readout_sums_each_sample_over_its_true_steps():
+    out = torch.randn(9, 4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    lengths = torch.tensor([9, 1, 5, 8])
+    scores = readout_reduce(out, "sum", lengths)
+    assert scores.shape == (4, 3)
+    for b, length in enumerate(lengths.tolist()):
+        torch.testing.assert_close(scores[b], out[:length, b].sum(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(readout_reduce(out, "sum"), out.sum(0), rtol=1e-12, atol=1e-12)
+
+
 def test_bad_lengths_get_clear_errors():
     output = torch.randn(10, 2, 3)
     for lengths, problem in [

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from delrec.cli import main
+from delrec.data import load_dataset
 from delrec.data.heidelberg import write_heidelberg
 from delrec.runs import load_checkpoint
 from delrec.training import Trainer, resolve
@@ -246,19 +247,82 @@ def test_existing_run_directory_is_not_overwritten(tmp_path, capsys):
 
 
 def test_several_seeds_report_mean_and_std(tmp_path, capsys):
+    """Mean ± population std (as the paper's scripts) of each seed's own test results: the
+    test loss, which differs between seeds (one epoch leaves the accuracy at chance)."""
     run_dir = tmp_path / "seeds"
     summary = run_json(
         capsys,
-        ["train", "--epochs", "1", "--seeds", "0-1", "--run-dir", str(run_dir), *TINY_DIGITS],
+        ["train", "--epochs", "1", "--seeds", "0-2", "--run-dir", str(run_dir), *TINY_DIGITS],
     )
-    accuracy = summary["test"]["accuracy"]
-    assert summary["seeds"] == [0, 1] and len(accuracy["values"]) == 2
-    assert accuracy["mean"] == pytest.approx(sum(accuracy["values"]) / 2)
-    assert accuracy["std"] == pytest.approx(abs(accuracy["values"][0] - accuracy["values"][1]) / 2)
-    for seed in (0, 1):
+    assert summary["seeds"] == [0, 1, 2]
+    losses = []
+    for seed in (0, 1, 2):
         document = json.loads((run_dir / f"seed-{seed}" / "config.json").read_text())
         assert document["config"]["seed"] == seed
+        results = json.loads((run_dir / f"seed-{seed}" / "test_results.json").read_text())
+        losses.append(results["loss"])
+    assert len(set(losses)) == 3, losses
+    loss = summary["test"]["loss"]
+    assert loss["values"] == losses
+    assert loss["mean"] == pytest.approx(np.mean(losses), rel=1e-12)
+    assert loss["std"] == pytest.approx(np.std(losses, ddof=0), rel=1e-9)
     assert json.loads((run_dir / "summary.json").read_text())["test"] == summary["test"]
+
+
+# Mackey-Glass on 400 20-step windows, 8 neurons, and digits-8x8 on 64 images: six epochs at a
+# learning rate high enough that the validation metric turns back (best epochs 3 and 2)
+SHORT_RUNS = {
+    "mackey-glass": [
+        "data.samples=400",
+        "data.window=20",
+        "data.horizon=5",
+        "network.hidden_sizes=[8]",
+        "network.delay_init=uniform:0:5",
+        "batch_size=16",
+    ],
+    "digits-8x8": ["max_train_samples=64", "network.hidden_sizes=[8]", "batch_size=32"],
+}
+
+
+def short_run(tmp_path, task, *overrides) -> Trainer:
+    """A complete run of ``task`` (:data:`SHORT_RUNS`) in ``tmp_path/run``, tested."""
+    config = resolve(task, overrides=[*SHORT_RUNS[task], *overrides])
+    trainer = Trainer(config, tmp_path / "run", progress=False, log=lambda message: None)
+    assert trainer.fit()
+    trainer.test()
+    return trainer
+
+
+@pytest.mark.parametrize("task", list(SHORT_RUNS))
+def test_the_best_checkpoint_is_the_best_validation_epoch(tmp_path, task):
+    """Lowest validation NMSE (regression), highest accuracy (classification; the first of
+    equals): the epoch of best.pt and of test_results.json."""
+    trainer = short_run(tmp_path, task, "epochs=6", "optim.lr=5e-2")
+    metric = trainer.objective.metric
+    values = [float(row[f"valid_{metric}"]) for row in read_metrics(tmp_path / "run")]
+    best = 1 + int(np.argmin(values) if task == "mackey-glass" else np.argmax(values))
+    assert 1 < best < len(values) == 6, values  # the metric turns: neither first nor last
+    assert json.loads((tmp_path / "run" / "test_results.json").read_text())["best_epoch"] == best
+    payload = load_checkpoint(tmp_path / "run", "best")
+    assert payload["epoch"] == best
+    assert payload["valid"][metric] == pytest.approx(values[best - 1], rel=1e-6)
+
+
+def test_regression_mse_is_in_the_units_of_the_raw_targets(tmp_path):
+    """With standardised targets: the stored standardisation is the training targets' mean and
+    (population) std, and the test ``mse`` is ``nmse · Var(raw test targets)``."""
+    trainer = short_run(tmp_path, "mackey-glass", "epochs=1", "standardize=true")
+    config = trainer.config
+    targets = {}
+    for split in ("train", "test"):
+        raw = load_dataset(config.task, split=split, root=config.data_root, **config.data)
+        targets[split] = np.array([float(raw[i][1]) for i in range(len(raw))])
+    mean, std = load_checkpoint(tmp_path / "run", "best")["standardization"].tolist()
+    assert mean == pytest.approx(targets["train"].mean(), rel=1e-9)
+    assert std == pytest.approx(targets["train"].std(), rel=1e-9)
+    assert abs(std - 1) > 0.5  # the scale matters
+    results = json.loads((tmp_path / "run" / "test_results.json").read_text())
+    assert results["mse"] == pytest.approx(results["nmse"] * targets["test"].var(), rel=1e-6)
 
 
 def test_rate_penalty_lowers_firing(tmp_path):
