@@ -308,6 +308,16 @@ def test_the_best_checkpoint_is_the_best_validation_epoch(tmp_path, task):
     assert payload["valid"][metric] == pytest.approx(values[best - 1], rel=1e-6)
 
 
+def test_a_trainer_driven_from_python_leaves_a_run_the_commands_read(tmp_path, capsys):
+    short_run(tmp_path, "digits-8x8", "epochs=1")  # Trainer(...).fit(), .test(): no jobs module
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["task"] == (
+        "digits-8x8"
+    )
+    table = tmp_path / "table.csv"
+    assert main(["compare", str(tmp_path / "run"), "--csv", str(table), "--rounded-only"]) == 0
+    assert "digits-8x8" in table.read_text()
+
+
 def test_regression_mse_is_in_the_units_of_the_raw_targets(tmp_path):
     """With standardised targets: the stored standardisation is the training targets' mean and
     (population) std, and the test ``mse`` is ``nmse · Var(raw test targets)``."""
@@ -358,7 +368,7 @@ def test_objectives_match_their_formulas():
     _, scores = Classification("ema")(output, torch.tensor([5, 2, 1]), labels)
     assert torch.equal(scores, torch.stack([output[4, 0], output[1, 1], output[0, 2]]))
 
-    objective = Regression("ema")
+    objective = Regression()
     meter = objective.meter()
     targets = torch.tensor([1.0, 2.0, 4.0, 5.0])
     for part in (slice(0, 2), slice(2, 4)):

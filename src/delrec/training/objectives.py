@@ -31,8 +31,8 @@ class Regression:
     metric = "nmse"
     higher_is_better = False
 
-    def __init__(self, readout: str, scale: float = 1.0):
-        self.readout, self.scale = readout, scale
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
 
     def __call__(self, output: Tensor, lengths: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """→ (MSE loss, predictions ``(B,)``)."""
@@ -124,7 +124,7 @@ def make_objective(
     ``standardization``: the ``[mean, std]`` regression targets were standardised with."""
     if task == "classification":
         return Classification(readout)
-    return Regression(readout, 1.0 if standardization is None else float(standardization[1]))
+    return Regression(1.0 if standardization is None else float(standardization[1]))
 
 
 def rounding_cost(metric: str, real: float, rounded: float) -> float:
