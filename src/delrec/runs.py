@@ -360,9 +360,18 @@ def load_checkpoint(path: str | os.PathLike, which: str = "best") -> dict:
     return read_checkpoint(checkpoint_file(path, which))
 
 
+def load_trained(path: str | os.PathLike, which: str = "best") -> tuple[dict, SpikingNetwork]:
+    """A checkpoint file's or run directory's checkpoint, read once: its payload and its
+    trained network, in eval mode (a CheckpointError naming the file when it does not rebuild
+    one)."""
+    file = checkpoint_file(path, which)
+    payload = read_checkpoint(file)
+    return payload, network_from(payload, file)
+
+
 def load_network(path: str | os.PathLike, which: str = "best") -> SpikingNetwork:
     """The trained network of a checkpoint file or run directory, in eval mode."""
-    return network_from(load_checkpoint(path, which), checkpoint_file(path, which))
+    return load_trained(path, which)[1]
 
 
 def checkpoint_config(payload: dict, path: str | os.PathLike, **changes) -> TrainConfig:

@@ -6,18 +6,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from delrec.checkpoint import network_from
 from delrec.commands import EXIT_CODES_HELP, UsageError
 from delrec.data import SPLITS, load_dataset, make_loader
 from delrec.deploy.report import format_report, hardware_report, write_report
 from delrec.deploy.targets import TARGETS, UnknownTargetError, format_targets, get_target
 from delrec.runs import (
     checkpoint_config,
-    checkpoint_file,
     default_report_dir,
     eval_loader,
-    load_checkpoint,
     load_splits,
+    load_trained,
 )
 
 
@@ -91,10 +89,10 @@ def run(args: argparse.Namespace) -> int:
     except UnknownTargetError as error:
         raise UsageError(str(error)) from None
     output = Path(args.output) if args.output else default_report_dir(args.run_dir)
-    payload = load_checkpoint(args.run_dir, args.checkpoint)
+    payload, network = load_trained(args.run_dir, args.checkpoint)
     try:
         report = hardware_report(
-            network_from(payload, checkpoint_file(args.run_dir, args.checkpoint)),
+            network,
             _loader(args, payload),
             max_batches=args.max_batches,
             target=target,

@@ -8,17 +8,10 @@ import os
 import torch
 from torch import Tensor
 
-from delrec.checkpoint import network_from
 from delrec.config import resolve_device
 from delrec.layers import DelRec
 from delrec.models import SpikingNetwork
-from delrec.runs import (
-    checkpoint_config,
-    checkpoint_file,
-    eval_loader,
-    load_checkpoint,
-    load_splits,
-)
+from delrec.runs import checkpoint_config, eval_loader, load_splits, load_trained
 from delrec.training.objectives import make_objective
 
 
@@ -65,10 +58,10 @@ def evaluate_run(
     written by training) on ``split``, with integer delays or, with ``spread``, the
     real-valued delays and the σ saved with that checkpoint (the σ of its epoch).
     ``data_root``: where the data set's files are now, if they moved."""
-    payload = load_checkpoint(run_dir, checkpoint)
+    payload, network = load_trained(run_dir, checkpoint)
     config = checkpoint_config(payload, run_dir, device=device, data_root=data_root or None)
     target = resolve_device(config.device)
-    network = network_from(payload, checkpoint_file(run_dir, checkpoint)).to(target)
+    network = network.to(target)
     layers = [m for m in network.modules() if isinstance(m, DelRec)]
     for layer in layers:
         layer.integer_eval = not spread
