@@ -214,6 +214,18 @@ class Step:
         return _proc_status("VmHWM") - before
 
 
+class Log:
+    """What a benchmark prints: ``log(text)`` prints a line and keeps it in ``log.lines`` (for
+    the ``.txt`` and ``.md`` files the benchmark writes)."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __call__(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.lines.append(text)
+
+
 def median_times(timers: dict, repeats: int, clock=time.perf_counter, warm_up: bool = True) -> dict:
     """Median seconds per call of each of ``timers`` (name → function), over ``repeats`` rounds
     that call them in turn, so that a busy neighbour slows all of them alike; ``warm_up``: one
@@ -297,11 +309,7 @@ def run(args) -> int:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = []
-
-    def log(text=""):
-        print(text, flush=True)
-        lines.append(text)
+    log = Log()
 
     log(
         f"delrec bench ({'quick' if args.quick else 'full'}): torch {torch.__version__}, "
@@ -374,9 +382,9 @@ def run(args) -> int:
     figure = out / "bench.png" if ran & {"size", "delay"} else None  # the panels of Fig. S1
     if figure:
         _plot(rows, figure)
-    files.write_text(out / "bench.txt", "\n".join(lines) + "\n")
+    files.write_text(out / "bench.txt", "\n".join(log.lines) + "\n")
     titles = {panel: title for panel, title, *_ in sections}
-    verdicts = [line for line in lines if line.startswith(("PASS", "FAIL"))]
+    verdicts = [line for line in log.lines if line.startswith(("PASS", "FAIL"))]
     elapsed = time.perf_counter() - started
     command = command_line(args)
     write_markdown(rows, titles, verdicts, out / "bench.md", command, commit, elapsed, figure)

@@ -308,11 +308,7 @@ def run(args) -> int:
     repeats = args.repeats or (1 if dry_run else 5)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = []
-
-    def log(text=""):
-        print(text, flush=True)
-        lines.append(text)
+    log = bench.Log()
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
     grid = "dry run" if dry_run else "quick" if args.quick else "full"
@@ -343,8 +339,8 @@ def run(args) -> int:
     def write():  # after every setting: a run stopped early leaves what it measured
         checks = verdicts(rows, targets, dry_run)
         _write_csv(rows, out / "gpu-bench.csv")
-        _write_markdown(rows, checks, lines[0], out / "gpu-bench.md")
-        _plot(rows, out / "gpu-bench.png", lines[0])
+        _write_markdown(rows, checks, log.lines[0], out / "gpu-bench.md")
+        _plot(rows, out / "gpu-bench.png", log.lines[0])
         return checks
 
     for title, settings, models in sections:

@@ -40,7 +40,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from delrec import files
-from delrec.bench import cpu_name
+from delrec.bench import Log, cpu_name
 from delrec.data import dataset_info
 from delrec.layers import DelRec
 from delrec.layers.dropout import Dropout
@@ -448,11 +448,7 @@ def run(args) -> int:
     presets = PRESETS if args.network == "all" else (args.network,)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = []
-
-    def log(text=""):
-        print(text, flush=True)
-        lines.append(text)
+    log = Log()
 
     log(
         f"delrec bench --network {args.network}{' --quick' if args.quick else ''}: torch "
@@ -482,7 +478,7 @@ def run(args) -> int:
         log(line)
     _write_csv(rows, out / "network-bench.csv")
     _plot(rows, presets, out / "network-bench.png")
-    files.write_text(out / "network-bench.txt", "\n".join(lines) + "\n")
+    files.write_text(out / "network-bench.txt", "\n".join(log.lines) + "\n")
     log(
         f"\nwrote {out / 'network-bench.csv'}, {out / 'network-bench.png'}, "
         f"{out / 'network-bench.txt'}"

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from delrec import files
-from delrec.bench import command_line, cpu_name, git_describe
+from delrec.bench import Log, command_line, cpu_name, git_describe
 from delrec.deploy.streaming import StreamingNetwork
 from delrec.layers import DelRec
 from delrec.models import build_network, preset_network
@@ -317,11 +317,7 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     repeats = args.repeats or 5
     command = command_line(args)
-    lines = []
-
-    def log(text):
-        lines.append(text)
-        print(text, flush=True)
+    log = Log()
 
     log(
         f"{command}: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
@@ -348,7 +344,7 @@ def run(args) -> int:
             f"median over {repeats} repeats."
         )
     body = [what, "", "## Targets", "", *(f"- {line}" for line in verdicts), ""]
-    body += ["## Figures", "", *table, "", "## Log", "", "```", *lines, "```"]
+    body += ["## Figures", "", *table, "", "## Log", "", "```", *log.lines, "```"]
     path = Path(args.out) / name
     write_report(path, title, command, commit, time.perf_counter() - started, body)
     print(f"\nwrote {path}")
