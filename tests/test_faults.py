@@ -470,6 +470,27 @@ def test_an_empty_batch_never_reaches_a_path(name, delay_type):
             assert tensor.grad.shape == tensor.shape and not tensor.grad.any()
 
 
+@pytest.mark.skipif(native.load("axonal") is None, reason=native.unavailable("axonal") or "")
+def test_the_compiled_path_functions_called_directly_take_an_empty_batch():
+    """``cpp_recurrence`` of either module, outside the registry: its kernels divide by B, and a
+    batch of 0 used to kill the process (SIGFPE). Run in a child process so a crash is a
+    failure, not the end of the suite."""
+    script = """
+import torch
+from delrec.engine import axonal, synaptic
+from delrec.neurons import LIF
+for module, shape in ((axonal, (8,)), (synaptic, (8, 8))):
+    current = torch.randn(5, 0, 8, requires_grad=True)
+    delay = (torch.rand(shape) * 3).requires_grad_()
+    spikes = module.cpp_recurrence(current, torch.randn(8, 8), delay, 1.0, LIF())
+    spikes.sum().backward()
+    assert spikes.shape == (5, 0, 8) and not delay.grad.any()
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV)
+    assert done.returncode == 0 and done.stdout == "ok\n", (done.returncode, done.stderr)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,delay_type", ENGINE_CASES)
 def test_an_empty_batch_runs_through_the_layer_on_every_path(name, delay_type, device):

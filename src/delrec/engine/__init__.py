@@ -35,7 +35,6 @@ layer with ``DelRec(..., engine=name)``.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,7 +45,7 @@ from delrec.engine import axonal, native, ring, synaptic
 from delrec.engine import triton as gpu
 from delrec.engine.lif import is_builtin_lif
 from delrec.engine.reference import reference_recurrence, triangle_recurrence
-from delrec.engine.state import RecurrentState
+from delrec.engine.state import RecurrentState, empty_batch_safe
 
 DELAY_TYPES = ("axonal", "synaptic", "shared")
 MODES = ("auto", "fast")  # a layer's engine option: one of these or a path name
@@ -88,7 +87,7 @@ class EnginePath:
 
     def __post_init__(self):
         if not getattr(self.run, "empty_batch_safe", False):
-            object.__setattr__(self, "run", _empty_batch_safe(self.run))
+            object.__setattr__(self, "run", empty_batch_safe(self.run))
 
     def supports(
         self, delay_type: str, neuron: nn.Module, integer: bool, grad: bool, state: bool = False
@@ -108,25 +107,6 @@ class EnginePath:
         """True if this path can run ``dtype`` tensors on ``device`` here."""
         fits = self.float_types is None or dtype in self.float_types
         return fits and self.runs_on(torch.device(device))
-
-
-def _empty_batch_safe(run: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """``run``, except that a batch of ``B = 0`` sequences is answered here: spikes
-    ``(T, 0, N)`` connected to ``current``, ``weight``, ``delay`` and ``width`` (zero gradients
-    of their shapes). The C++ kernels divide work by ``B``; no path needs to handle it."""
-
-    @functools.wraps(run)
-    def guarded(current, weight, delay, width, neuron, mask=None, **options):
-        if current.shape[1] > 0:
-            return run(current, weight, delay, width, neuron, mask, **options)
-        spikes = current * 0.0
-        for value in (weight, delay, width):
-            if torch.is_tensor(value):
-                spikes = spikes + value.sum() * 0.0
-        return spikes if options.get("state") is None else (spikes, options["state"])
-
-    guarded.empty_batch_safe = True
-    return guarded
 
 
 FLOATS = (torch.float32, torch.float64)  # the dtypes of the compiled kernels

@@ -35,7 +35,7 @@ from delrec.engine import native
 from delrec.engine.dropout import MaskDraw
 from delrec.engine.dropout import native as native_mask
 from delrec.engine.lif import LIFMap, triangle_taps, width_vector
-from delrec.engine.state import RecurrentState, run_lif
+from delrec.engine.state import RecurrentState, empty_batch_safe, run_lif
 
 
 # --------------------------------------------------------------------------- axonal plan
@@ -385,6 +385,7 @@ def _backward_loop(
 
 
 # --------------------------------------------------------------------------- engine paths
+@empty_batch_safe
 def cpp_recurrence(
     current: Tensor,
     weight: Tensor,

@@ -19,6 +19,7 @@ gradient with respect to the initial state is exact.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -136,3 +137,24 @@ def run_lif(
     spikes, v_last = run(corrected)
     length = kept_history(history, steps, reach)
     return spikes, RecurrentState((v_last,), next_history(history, spikes, length))
+
+
+# --------------------------------------------------------------------------- empty batches
+def empty_batch_safe(run: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``run``, except that a batch of ``B = 0`` sequences is answered here: spikes
+    ``(T, 0, N)`` connected to ``current``, ``weight``, ``delay`` and ``width`` (zero gradients
+    of their shapes). The C++ kernels divide work by ``B``: every path function that calls
+    them is decorated with it, and :class:`~delrec.engine.EnginePath` wraps any other."""
+
+    @functools.wraps(run)
+    def guarded(current, weight, delay, width, neuron, mask=None, **options):
+        if current.shape[1] > 0:
+            return run(current, weight, delay, width, neuron, mask, **options)
+        spikes = current * 0.0
+        for value in (weight, delay, width):
+            if torch.is_tensor(value):
+                spikes = spikes + value.sum() * 0.0
+        return spikes if options.get("state") is None else (spikes, options["state"])
+
+    guarded.empty_batch_safe = True
+    return guarded

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from delrec.delays import kernel_support, triangle_kernel
 from delrec.engine import native
 from delrec.engine.lif import LIFMap, triangle_taps, width_vector
-from delrec.engine.state import RecurrentState, run_lif
+from delrec.engine.state import RecurrentState, empty_batch_safe, run_lif
 
 
 class _SlotPlan:
@@ -237,6 +237,7 @@ class _SynapticSlots(torch.autograd.Function):
         return grad_current, grad_weight, grad_delay, grad_width, None, None, None
 
 
+@empty_batch_safe
 def cpp_recurrence(
     current: Tensor,
     weight: Tensor,
