@@ -491,6 +491,17 @@ print("ok")
     assert done.returncode == 0 and done.stdout == "ok\n", (done.returncode, done.stderr)
 
 
+@pytest.mark.skipif(native.load("axonal") is None, reason=native.unavailable("axonal") or "")
+def test_the_compiled_path_functions_refuse_a_mask_of_another_shape():
+    """Called directly (the layer checks its mask first), the kernels would read past it."""
+    from delrec.engine import axonal, synaptic
+
+    for module, shape in ((axonal, (8,)), (synaptic, (8, 8))):
+        args = (torch.randn(5, 3, 8), torch.randn(8, 8), torch.rand(shape) * 3, 1.0, LIF())
+        with pytest.raises(RuntimeError, match="the recurrent dropout mask must be \\(B, N\\)"):
+            module.cpp_recurrence(*args, torch.ones(2, 8))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,delay_type", ENGINE_CASES)
 def test_an_empty_batch_runs_through_the_layer_on_every_path(name, delay_type, device):

@@ -296,7 +296,7 @@ void adjoint_step(const LIFUpdate<scalar_t> neuron, const SurrogateDerivative<sc
 // below keep one partial sum per lane and add the lanes in a fixed order, so that they
 // vectorise and give the same result on every CPU.
 typedef double Lanes __attribute__((vector_size(64)));
-constexpr int64_t kLanes = 8;
+constexpr int64_t kSumLanes = 8;  // doubles of a Lanes vector
 
 inline double lane_total(const Lanes& lane) {
   return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
@@ -306,15 +306,15 @@ inline double lane_total(const Lanes& lane) {
 // batch % 64 elements added after the lanes)
 template <typename scalar_t, typename x_t>
 inline double row_dot(const scalar_t* __restrict__ g, const x_t* __restrict__ x, int64_t batch) {
-  constexpr int64_t kChunk = 8 * kLanes;
+  constexpr int64_t kSumChunk = 8 * kSumLanes;
   Lanes lane = {};
-  double product[kChunk];
+  double product[kSumChunk];
   int64_t b = 0;
-  for (; b + kChunk <= batch; b += kChunk) {
-    for (int64_t i = 0; i < kChunk; ++i) {
+  for (; b + kSumChunk <= batch; b += kSumChunk) {
+    for (int64_t i = 0; i < kSumChunk; ++i) {
       product[i] = static_cast<double>(g[b + i]) * static_cast<double>(x[b + i]);
     }
-    for (int64_t i = 0; i < kChunk; i += kLanes) {
+    for (int64_t i = 0; i < kSumChunk; i += kSumLanes) {
       Lanes part;
       std::memcpy(&part, product + i, sizeof part);
       lane += part;
@@ -479,11 +479,16 @@ void backward_loop(const at::Tensor& grad_spikes, const at::Tensor& membrane,
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "delrec axonal kernel: ", what); }
 
-void check_common(const at::Tensor& x, const at::Tensor& lags, const at::Tensor& coef) {
+void check_common(const at::Tensor& x, const at::Tensor& lags, const at::Tensor& coef,
+                  const c10::optional<at::Tensor>& mask) {
   check(x.device().is_cpu() && x.is_contiguous() && x.dim() == 3,
         "sequences must be contiguous (T, B, N) CPU tensors");
-  check(lags.scalar_type() == at::kLong && lags.dim() == 2 && lags.size(1) == 4,
-        "lags must be (N, 4) int64");
+  check(lags.scalar_type() == at::kLong && lags.is_contiguous() && lags.dim() == 2 &&
+            lags.size(0) == x.size(2) && lags.size(1) == 4,
+        "lags must be a contiguous (N, 4) int64 tensor");
+  check(!mask.has_value() || (mask->dim() == 2 && mask->size(0) == x.size(1) &&
+                              mask->size(1) == x.size(2) && mask->dtype() == x.dtype()),
+        "the recurrent dropout mask must be (B, N), in the sequences' dtype");
   check(coef.scalar_type() == at::kDouble && coef.is_contiguous() && coef.dim() == 3,
         "coef must be a contiguous (2, N, 3) float64 tensor");
 }
@@ -494,7 +499,7 @@ void forward(const at::Tensor& drive, const at::Tensor& weight_in,
              bool soft_reset, MaskArgs input_dropout, MaskArgs output_dropout, at::Tensor spikes,
              at::Tensor history, at::Tensor membrane, at::Tensor trace, at::Tensor slope,
              at::Tensor support) {
-  check_common(drive, lags, coef);
+  check_common(drive, lags, coef, mask);
   check(slope.scalar_type() == support.scalar_type(), "slope and support share a dtype");
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const LIFConstants lif{leak, v0, threshold, v_reset, soft_reset, false, 0, 0.0};
@@ -519,7 +524,7 @@ void backward(const at::Tensor& grad_spikes, const at::Tensor& membrane, const a
               MaskArgs input_dropout, MaskArgs output_dropout, const at::Tensor& trace,
               at::Tensor grad_h,
               at::Tensor grad_weight, at::Tensor grad_current, at::Tensor sums) {
-  check_common(grad_spikes, lags, coef);
+  check_common(grad_spikes, lags, coef, mask);
   check(membrane.is_contiguous() && (surrogate != 0 || psi.is_contiguous()),
         "membrane and ψ' must be contiguous (T, B, N)");
   check(sums.scalar_type() == at::kDouble && sums.numel() == 3 * membrane.size(2),

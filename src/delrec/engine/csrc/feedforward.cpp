@@ -500,7 +500,7 @@ int64_t check_bases(const at::Tensor& base, int64_t steps) {
   const int32_t low = base.numel() ? base.min().item<int32_t>() : 0;
   const int32_t high = base.numel() ? base.max().item<int32_t>() : 0;
   check(low >= 0 && int64_t(high) + steps + 2 * kRows < (int64_t(1) << 31),
-        "base delays must lie in [0, 2^31 - steps)");
+        "base delays must lie in [0, 2^31 - steps - 2·kRows)");
   return std::max<int64_t>(0, std::min<int64_t>(high, steps) - low);
 }
 
@@ -516,8 +516,7 @@ at::Tensor shifted_sum(const at::Tensor& src, const at::Tensor& base, const at::
   check(batch >= 0 && batch <= src.size(2), "the rows must hold the batch");
   check(offset <= 0 && offset >= -1, "offset must be 0 or -1");
   const int64_t spread = check_bases(base, steps);
-  const int64_t padded = (steps + kRows - 1) / kRows * kRows;
-  check_rows(src, lead, kRows, std::max(padded, steps + kRows));
+  check_rows(src, lead, kRows, steps + kRows);  // whole tiles of kRows steps end before it
   const int64_t outputs = base.size(transposed ? 1 : 0);
   at::Tensor out = at::empty({steps, batch, outputs}, src.options());
   if (src.size(0) == 0) return out.zero_();  // no synapses

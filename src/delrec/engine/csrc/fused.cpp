@@ -321,7 +321,7 @@ void batch_norm_backward_loop(const at::Tensor& grad, const at::Tensor& x,
 void check_sequence(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 3,
               "delrec fused kernel: ", name, " must be a contiguous (T, B, N) CPU tensor");
-  TORCH_CHECK(x.size(1) + 0 < (int64_t(1) << 32) && x.size(0) < (int64_t(1) << 32),
+  TORCH_CHECK(x.size(1) < (int64_t(1) << 32) && x.size(0) < (int64_t(1) << 32),
               "delrec fused kernel: ", name, " is too long for 32-bit mask counters");
 }
 

@@ -221,6 +221,8 @@ void Layer::forward(const at::Tensor& input, const at::Tensor& mask, const at::T
   for (const Projection* p : {&feedforward, &recurrent}) {
     check(!p->present || p->dtype() == dtype, "weights must be in the input's dtype");
   }
+  check(mask.numel() == 0 || (mask.dim() == 2 && mask.size(0) == batch && mask.size(1) == n),
+        "the recurrent dropout mask must be (B, N)");
   check(feedforward.present ? feedforward.inputs == inputs : inputs == n,
         "the input must have the feedforward synapses' I inputs, or be the current (I = N)");
   check(out.dim() == 3 && out.size(0) == input.size(0) && out.size(1) == batch && out.size(2) == n,

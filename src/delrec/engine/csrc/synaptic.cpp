@@ -929,7 +929,7 @@ void backward_loop(const Plan& p, const at::Tensor& grad_spikes, const at::Tenso
   const int32_t* count_p = need_support ? counts.data_ptr<int32_t>() : nullptr;  // (N, T+1, B)
   scalar_t* grad_current_p = grad_current.data_ptr<scalar_t>();  // (T, B, N): ∂L/∂c
   const scalar_t gain = coef.gain;
-  // (N, T', B'): ∂L/∂r / gain = ∂L/∂h · m, T' a whole number of blocks (zero beyond T)
+  // (N, T', B'): ḡ = ∂L/∂h · m = ∂L/∂r, T' a whole number of blocks (zero beyond T)
   scalar_t* adj = adjoint.data_ptr<scalar_t>();
   const int64_t span_steps = adjoint.size(1);
   for (int64_t i = 0; i < n; ++i) {  // steps T … T' - 1 stay zero (the last block's tail)
@@ -1617,6 +1617,13 @@ void check_coefficients(const at::Tensor& weight, const at::Tensor& offset, cons
         "offset must be a contiguous (N, N) float64 tensor");
 }
 
+// the recurrent dropout mask, if any: (B, N) in the dtype of the (T, B, N) sequence x
+void check_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& x) {
+  check(!mask.has_value() || (mask->dim() == 2 && mask->size(0) == x.size(1) &&
+                              mask->size(1) == x.size(2) && mask->dtype() == x.dtype()),
+        "the recurrent dropout mask must be (B, N), in the sequences' dtype");
+}
+
 void forward(const at::Tensor& drive, const at::Tensor& weight, const at::Tensor& offset,
              double gain, const at::Tensor& slot_of, const c10::optional<at::Tensor>& mask,
              const std::vector<at::Tensor>& plan_tensors, int64_t depth, int64_t lowest,
@@ -1629,6 +1636,7 @@ void forward(const at::Tensor& drive, const at::Tensor& weight, const at::Tensor
         "slot_of must be a contiguous (N, N) int32 tensor");
   const Plan p = plan_of(plan_tensors, depth, lowest);
   check(p.n == n, "the plan is for another layer size");
+  check_mask(mask, drive);
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const LIFConstants lif{leak, v0, threshold, v_reset, soft_reset, false};
   AT_DISPATCH_FLOATING_TYPES(drive.scalar_type(), "delrec_synaptic_forward", [&] {
@@ -1656,6 +1664,7 @@ void backward(const at::Tensor& grad_spikes, const at::Tensor& history,
   check(by_support.scalar_type() == at::kDouble, "by_support must be float64");
   check(!counts.has_value() || counts->scalar_type() == at::kInt, "counts must be int32");
   const Plan p = plan_of(plan_tensors, depth, lowest);
+  check_mask(mask, membrane);
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const at::Tensor counts_c = counts.has_value() ? counts->contiguous() : at::Tensor();
   const LIFConstants lif{leak,       0.0,          threshold, v_reset, soft_reset,
@@ -1699,7 +1708,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "delrec: fused time loops of the synaptic-delay engine (shifted reads of class rings)";
   m.def("plan", &plan, "the classes, levels and slots of each neuron and what each synapse reads");
   m.def("forward", &forward, "spikes, spike history and membrane of a synaptic-delay LIF layer");
-  m.def("backward", &backward, "reverse loop: ∂L/∂c, the adjoint ∂L/∂r (N, T, B), Σ K·x");
+  m.def("backward", &backward, "reverse loop: ∂L/∂c, the adjoint ∂L/∂r (N, T', B', padded), Σ K·x");
   m.def("gradients", &gradients, "∂L/∂W, ∂L/∂d and Σ_i W·∂L/∂W from the sweep's dot products");
   m.attr("span") = kSpan;
 }

@@ -15,10 +15,11 @@ step is two sweeps over blocks of neurons, each closed by a barrier of the progr
   ``∂L/∂z[t] = (m ⊙ ∂L/∂h[t]) W`` and its products with ``E``, ``K`` and ``z`` summed per
   neuron (float64) for the delay and spread gradients.
 
-Everything lives in global memory in the layer's time-major layout ``(T, B, N)`` (the spikes are
-their own history: a tap reads ``s[t-e]`` from the output), except the float64 recursion states
-``(2, B, N)`` and the per-program partial sums. The membrane ``h`` is saved; ``v[t-1]`` is
-recomputed from it. What the recursion means: :class:`delrec.engine.axonal._AxonalPlan`.
+Everything lives in global memory in the layer's time-major layout ``(T, B, N)``, except two
+neuron-major buffers, the spike history ``(T, N, B)`` uint8 that the forward's taps read and
+the backward's ``∂L/∂z`` ``(T, N, B)`` (a tap or an adjoint reads one neuron's batch rows
+together), the float64 recursion states ``(2, B, N)`` and the per-program partial sums. The
+membrane ``h`` is saved; ``v[t-1]`` is recomputed from it. What the recursion means: :class:`delrec.engine.axonal._AxonalPlan`.
 
 :func:`forward_loop` and :func:`backward_loop` return what the C++ loops return, with the box
 sums batch-major ``(T+1, B, N)``.
