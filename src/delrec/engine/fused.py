@@ -155,7 +155,7 @@ class _Integrator(torch.autograd.Function):
     def forward(ctx, current, leak: float, gain: float, kernels):
         current = current.contiguous()
         out = torch.empty_like(current)
-        kernels.integrator_forward(current, leak, gain, 0.0, 0.0, out)
+        kernels.integrator_forward(current, leak, gain, out)
         ctx.constants, ctx.kernels = (leak, gain), kernels
         return out
 

@@ -19,7 +19,8 @@ Everything lives in global memory in the layer's time-major layout ``(T, B, N)``
 neuron-major buffers, the spike history ``(T, N, B)`` uint8 that the forward's taps read and
 the backward's ``∂L/∂z`` ``(T, N, B)`` (a tap or an adjoint reads one neuron's batch rows
 together), the float64 recursion states ``(2, B, N)`` and the per-program partial sums. The
-membrane ``h`` is saved; ``v[t-1]`` is recomputed from it. What the recursion means: :class:`delrec.engine.axonal._AxonalPlan`.
+membrane ``h`` is saved; ``v[t-1]`` is recomputed from it. What the recursion means:
+:class:`delrec.engine.axonal._AxonalPlan`.
 
 :func:`forward_loop` and :func:`backward_loop` return what the C++ loops return, with the box
 sums batch-major ``(T+1, B, N)``.

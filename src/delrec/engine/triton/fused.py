@@ -9,7 +9,8 @@ and outputs; registered as ``delrec.engine.fused.KERNELS["cuda"]``).
   (coalesced rows of the ``(T, B, N)`` layout). Saved for the backward: the membrane ``h`` (the
   spikes are ``h ≥ θ``); the backward runs the LIF adjoint in reverse time.
 * :func:`integrator_forward`, :func:`integrator_backward`: the leaky-integrator readout
-  ``v[t] = (gain·u[t] + offset) + leak·v[t-1]`` and its adjoint, the same recursion backwards.
+  ``v[t] = gain·u[t] + leak·v[t-1]`` (``v[-1] = 0``) and its adjoint, the same recursion
+  backwards.
 * :func:`dropout`: ``x ⊙ mask``, or the mask alone.
 * :func:`batch_norm_forward`, :func:`batch_norm_backward`: BatchNorm over the ``T·B`` frames: a
   pass for the per-channel sums (float64, in fixed chunks of 256 frames, so the same sums on
@@ -227,24 +228,20 @@ def _lif_backward_kernel(
 def _leaky_kernel(
     input_ptr,  # (T, B, K): u (forward) or ∂L/∂v (backward)
     output_ptr,  # (T, B, K): v (forward) or ∂L/∂u (backward)
-    scalars_ptr,  # (4,) float64: leak, gain, offset, v0
+    scalars_ptr,  # (2,) float64: leak, gain
     steps,
     size,  # B·K
     DTYPE: tl.constexpr,
     REVERSE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Forward: ``v[t] = (gain·u[t] + offset) + leak·v[t-1]`` from ``v[-1] = v0``. Reverse (the
-    adjoint): ``a[t] = ∂L/∂v[t] + leak·a[t+1]``, ``∂L/∂u[t] = gain·a[t]``."""
+    """Forward: ``v[t] = gain·u[t] + leak·v[t-1]`` from ``v[-1] = 0``. Reverse (the adjoint):
+    ``a[t] = ∂L/∂v[t] + leak·a[t+1]``, ``∂L/∂u[t] = gain·a[t]``."""
     leak = tl.load(scalars_ptr).to(DTYPE)
     gain = tl.load(scalars_ptr + 1).to(DTYPE)
-    offset = tl.load(scalars_ptr + 2).to(DTYPE)
     at = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     ok = at < size
-    if REVERSE:
-        state = tl.zeros((BLOCK,), dtype=DTYPE)
-    else:
-        state = tl.zeros((BLOCK,), dtype=DTYPE) + tl.load(scalars_ptr + 3).to(DTYPE)
+    state = tl.zeros((BLOCK,), dtype=DTYPE)
     for step in range(steps):
         if REVERSE:
             now = size.to(tl.int64) * (steps - 1 - step) + at
@@ -253,7 +250,7 @@ def _leaky_kernel(
         else:
             now = size.to(tl.int64) * step + at
             u = tl.load(input_ptr + now, mask=ok, other=0.0)
-            state = (gain * u + offset) + leak * state
+            state = gain * u + leak * state
             tl.store(output_ptr + now, state, mask=ok)
 
 
@@ -506,14 +503,15 @@ def _leaky(x, out, scalars: list[float], reverse: bool) -> None:
     )
 
 
-def integrator_forward(current, leak: float, gain: float, offset: float, v0: float, out) -> None:
-    """Fills ``out`` ``(T, B, K)`` with the membrane of leaky integrators driven by ``current``."""
-    _leaky(current, out, [leak, gain, offset, v0], reverse=False)
+def integrator_forward(current, leak: float, gain: float, out) -> None:
+    """Fills ``out`` ``(T, B, K)`` with the membrane of leaky integrators driven by ``current``
+    from rest."""
+    _leaky(current, out, [leak, gain], reverse=False)
 
 
 def integrator_backward(grad_out, leak: float, gain: float, grad_current) -> None:
     """Fills ``grad_current`` ``(T, B, K)`` with ``∂L/∂u`` of :func:`integrator_forward`."""
-    _leaky(grad_out, grad_current, [leak, gain, 0.0, 0.0], reverse=True)
+    _leaky(grad_out, grad_current, [leak, gain], reverse=True)
 
 
 def _norm_launch(x, grad, centre, coef, out, partial, grad_pass: bool) -> None:
