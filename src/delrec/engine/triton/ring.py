@@ -2,12 +2,14 @@
 
 Each spike lands exactly ``1 + d`` steps later, so the recurrent input reads one past spike
 per synapse: ``r_i[t] = Σ_j W_ij s_j[t - 1 - d_j]`` (axonal, ``d`` per presynaptic neuron) or
-``s_j[t - 1 - d_ij]`` (synaptic, per synapse). The spikes written so far are the ring buffer,
-kept neuron-major as bytes ``(T, N, B)`` so that one delayed spike of a neuron is read for the
-program's rows at once: one program per tile of batch rows runs the time loop, and per block
-of postsynaptic neurons gathers the delayed spikes of every presynaptic block, multiplies
-them by ``Wᵀ`` and updates the neurons; one barrier of the program's threads per step. O(B·N)
-reads per step besides the product, whatever the delays.
+``s_j[t - 1 - d_ij]`` (synaptic, per synapse). The spikes written so far are the ring buffer:
+with axonal delays a neuron-major copy as bytes ``(T, N, B)``, so that one delayed spike of a
+neuron is read for the program's rows at once; with synaptic delays the spike output
+``(T, B, N)`` itself, gathered synapse by synapse. One program per tile of batch rows runs the
+time loop, and per block of postsynaptic neurons gathers the delayed spikes of every
+presynaptic block, multiplies them by ``Wᵀ`` and updates the neurons; one barrier of the
+program's threads per step. O(B·N) reads per step besides the product (axonal), whatever the
+delays.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def _ring_kernel(
     mask_ptr,  # (B, N) (read when HAS_MASK)
     lags_ptr,  # int32 lags 1 + d: (N,) axonal, (N, N) synaptic (row = postsynaptic)
     const_ptr,  # (8,) float64: the LIF constants
-    history_ptr,  # (T, N, B) uint8 out: the spikes neuron-major, what the gathers read
+    history_ptr,  # (T, N, B) uint8 out: the spikes neuron-major, what the axonal gathers read
     spikes_ptr,  # (T, B, N) out
     membrane_ptr,  # (T, B, N) out: h (v[t-1] is recomputed from it)
     steps,
@@ -107,8 +109,9 @@ def _ring_kernel(
             spiked = h >= threshold
             tl.store(membrane_ptr + now + at, h, mask=ok)
             tl.store(spikes_ptr + now + at, spiked.to(DTYPE), mask=ok)
-            tap = cols[None, :] * batch + rows[:, None]
-            tl.store(history_ptr + now + tap, spiked.to(tl.uint8), mask=ok)
+            if not SYNAPTIC:  # the axonal gathers' neuron-major copy
+                tap = cols[None, :] * batch + rows[:, None]
+                tl.store(history_ptr + now + tap, spiked.to(tl.uint8), mask=ok)
         tl.debug_barrier()
 
 
@@ -141,7 +144,7 @@ def recurrence(current, weight, delay, width, neuron, mask=None):
         drive if mask is None else mask.contiguous(),
         lags,
         constants(lif, current.device),
-        current.new_empty(steps, n, batch, dtype=torch.uint8),
+        current.new_empty(steps if delay.dim() == 1 else 0, n, batch, dtype=torch.uint8),
         spikes,
         membrane,
         steps,
