@@ -359,8 +359,8 @@ def _mask_table(masks, device: torch.device) -> torch.Tensor:
         if not active:
             rows.append([0, 0, 0, 0])
             continue
-        if not 0 <= threshold < 2**32:
-            raise ValueError(f"delrec dropout: threshold must be in [0, 2^32), got {threshold}")
+        if not 0 <= threshold <= 2**16:  # as philox.h's make_mask: 16-bit draws
+            raise ValueError(f"delrec dropout: threshold must be in [0, 2^16], got {threshold}")
         rows.append([key, threshold, offset, _float_bits(scale)])
     return device_tensor(rows, torch.int64, device)
 
