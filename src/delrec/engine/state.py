@@ -15,6 +15,9 @@ LIF paths run the chunk unchanged from rest with a corrected input current
 (:func:`history_input`, non-zero in its first ``L - 1`` steps) and the membrane's difference from
 rest in the first step. The final state carries no gradient (chunks are truncated BPTT); the
 gradient with respect to the initial state is exact.
+
+Also here, shared by every path: :func:`empty_batch_safe`, the answer to a batch of no
+sequences (and, for a stateful call, its state unchanged).
 """
 
 from __future__ import annotations
