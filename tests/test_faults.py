@@ -470,7 +470,7 @@ def test_an_empty_batch_never_reaches_a_path(name, delay_type):
             assert tensor.grad.shape == tensor.shape and not tensor.grad.any()
 
 
-@pytest.mark.skipif(native.load("axonal") is None, reason=native.unavailable("axonal") or "")
+@pytest.mark.skipif(native.load("axonal") is None, reason=native.unavailable("axonal"))
 def test_the_compiled_path_functions_called_directly_take_an_empty_batch():
     """``cpp_recurrence`` of either module, outside the registry: its kernels divide by B, and a
     batch of 0 used to kill the process (SIGFPE). Run in a child process so a crash is a
@@ -491,7 +491,7 @@ print("ok")
     assert done.returncode == 0 and done.stdout == "ok\n", (done.returncode, done.stderr)
 
 
-@pytest.mark.skipif(native.load("axonal") is None, reason=native.unavailable("axonal") or "")
+@pytest.mark.skipif(native.load("axonal") is None, reason=native.unavailable("axonal"))
 def test_the_compiled_path_functions_refuse_a_mask_of_another_shape():
     """Called directly (the layer checks its mask first), the kernels would read past it."""
     from delrec.engine import axonal, synaptic
