@@ -5,7 +5,9 @@ and nothing refers to a design document outside the repository."""
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -96,3 +98,51 @@ def test_embedded_tables_are_the_files_the_commands_wrote():
         assert block.strip() == source.read_text().strip(), (
             f"{page.relative_to(ROOT)}: the copy of {path} differs from the file; copy it again"
         )
+
+
+PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+
+
+def _given_names(tmp_path, monkeypatch) -> dict:
+    """What the examples say the reader already has: ``x`` (T, B, 256) for the layer page,
+    ``net`` (the SHD preset network), ``live_frames``, ``chunk``, ``x`` and ``loader`` for
+    deployment, and an SHD folder (tiny files in the real layout) for the data page."""
+    from delrec.data import heidelberg
+    from delrec.models import build_network, preset_network
+
+    rng = np.random.default_rng(0)
+    shd = tmp_path / "data" / "shd"
+    shd.mkdir(parents=True)
+    for split in ("train", "test"):
+        samples = [(np.sort(rng.uniform(0, 0.5, 20)), rng.integers(0, 700, 20)) for _ in range(6)]
+        heidelberg.write_heidelberg(shd / f"shd_{split}.h5", samples, list(range(6)))
+    monkeypatch.setenv("DELREC_DATA", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)  # where the examples write model.nir and out/
+    torch.manual_seed(0)
+    return {
+        "README.md": {},
+        "docs/layer.md": {"x": torch.randn(130, 2, 256)},
+        "docs/data.md": {},
+        "docs/deployment.md": {
+            "net": build_network(preset_network("shd", "delrec"), seed=0),
+            "live_frames": torch.rand(3, 140),
+            "chunk": torch.rand(4, 1, 140),
+            "x": torch.rand(6, 2, 140),
+            "loader": [(torch.rand(6, 2, 140), torch.tensor([6, 4]), torch.tensor([1, 2]))],
+        },
+    }
+
+
+EXAMPLE_PAGES = [p for p in PAGES if PYTHON_BLOCK.search(p.read_text())]
+
+
+@pytest.mark.parametrize("page", EXAMPLE_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_python_examples_run(page, tmp_path, monkeypatch):
+    """Every ```python block of a page runs, in order, in one namespace (a later block may use
+    an earlier one's names), given only the names its text says the reader has."""
+    name = str(page.relative_to(ROOT))
+    given = _given_names(tmp_path, monkeypatch)
+    assert name in given, f"{name} has Python examples: say in _given_names what they assume"
+    namespace = dict(given[name])
+    for number, code in enumerate(PYTHON_BLOCK.findall(page.read_text())):
+        exec(compile(code, f"{name} example {number + 1}", "exec"), namespace)
