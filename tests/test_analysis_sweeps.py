@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from delrec.analysis.sweeps import rate_points
 from delrec.cli import main
 
 TINY = ["--epochs", "1", "--set", "max_train_samples=32"]
@@ -231,6 +232,31 @@ def test_sweep_rejects_an_unknown_model(tmp_path, capsys):
     assert "--models" in capsys.readouterr().err
 
 
+def test_every_point_is_checked_before_the_first_is_trained(tmp_path, capsys):
+    out = tmp_path / "rate"
+    argv = ["sweep", "rate", "--model", "snn", "--penalties", "0,nan", "--out", str(out), *TINY]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "sweep point snn-rate-nan: rate_penalty must be a finite number" in err, err
+    assert not out.exists()  # the good point 0 was not trained first
+    sizes = ["sweep", "params", "--models", "snn", "--sizes", "4,4097", "--out", str(out), *TINY]
+    assert main(sizes) == 2
+    assert "--sizes must be distinct hidden sizes in 1…4096" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_rate_points_of_distinct_penalties_have_distinct_names():
+    names = [p.name for p in rate_points("delrec", [0.0, 1.0, 10.0, 1e-5, 0.1, 0.1000001])]
+    assert names == [
+        "delrec-rate-0",
+        "delrec-rate-1",
+        "delrec-rate-10",
+        "delrec-rate-1e-05",
+        "delrec-rate-0.1",
+        "delrec-rate-0.1000001",
+    ]
+
+
 def test_model_sweep_runs_each_model_on_the_task_network_then_analyze_training(tmp_path, capsys):
     out = tmp_path / "models"
     tiny = [
@@ -262,6 +288,9 @@ def test_model_sweep_runs_each_model_on_the_task_network_then_analyze_training(t
     assert main([*pdf[:-1], str(tmp_path / "t.xyz")]) == 2
     assert "give a file name ending in .png, .pdf, .svg" in capsys.readouterr().err
     metrics = out / "snn" / "seed-0" / "metrics.csv"
-    metrics.write_text(metrics.read_text().replace("\n1,", "\nabc,", 1))
-    assert main(pdf) == 2
-    assert "metrics.csv line 2, column epoch: 'abc' is not a number" in capsys.readouterr().err
+    whole = metrics.read_text()
+    for epoch in ("abc", "nan", "inf", "-inf", "1.5"):
+        metrics.write_text(whole.replace("\n1,", f"\n{epoch},", 1))
+        assert main(pdf) == 2, epoch
+        err = capsys.readouterr().err
+        assert f"metrics.csv line 2, column epoch: '{epoch}' is not a number" in err, err

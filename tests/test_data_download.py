@@ -182,6 +182,23 @@ def test_an_archive_put_there_by_hand_is_verified_and_extracted(tmp_path, server
     assert (tmp_path / "x.h5").read_bytes() == b"payload" and Handler.log == []
 
 
+@pytest.mark.parametrize("record", [b"garbage  shd_train.h5\n", b"", b"\xff\xfe\x00\x81"])
+def test_a_damaged_record_keeps_the_extracted_file_and_is_written_again(
+    tmp_path, shd_archives, record, capsys
+):
+    """A .md5 record that is not an MD5 (text or binary) says nothing about the file: the file
+    is kept, checked for its format, and its MD5 recorded again, with nothing fetched."""
+    download("shd", tmp_path, resources=shd_archives[:1], progress=False)
+    target, requests = tmp_path / "shd_train.h5", len(Handler.log)
+    data = target.read_bytes()
+    (tmp_path / "shd_train.h5.md5").write_bytes(record)
+    assert download("shd", tmp_path, resources=shd_archives[:1], progress=False) == [target]
+    assert target.read_bytes() == data and len(Handler.log) == requests
+    assert "shd_train.h5.md5 is damaged" in capsys.readouterr().err
+    digest = hashlib.md5(data).hexdigest()
+    assert (tmp_path / "shd_train.h5.md5").read_text() == f"{digest}  shd_train.h5\n"
+
+
 def test_no_network_fails_at_once_and_says_where_to_put_the_files(tmp_path, monkeypatch):
     with socket.socket() as sock:  # a port on which nothing listens
         sock.bind(("127.0.0.1", 0))

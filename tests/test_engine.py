@@ -13,6 +13,8 @@ from engine_harness import (
     assert_grad_close,
     compare,
     draw_case,
+    forced_in_layers,
+    interpreted_paths,
     native_kernels,
     paths,
     reference,
@@ -373,3 +375,57 @@ def test_builtin_lif_runs_the_fast_path_by_default():
     assert type(synaptic_layer(current).grad_fn).__name__ == "_SynapticSlotsBackward"
     with native_kernels(False):  # the lag-stacked GEMM, when the C++ kernels can't be built
         assert type(synaptic_layer(current).grad_fn).__name__ == "_LagStackedBackward"
+
+
+# --------------------------------------------------------------------------- second derivatives
+HAND_WRITTEN = [
+    pytest.param(delay_type, path, id=path.name)
+    for delay_type in ("axonal", "synaptic")
+    for path in paths(Config(delay_type)) + interpreted_paths(Config(delay_type))
+]
+
+
+@pytest.mark.parametrize(("delay_type", "path"), HAND_WRITTEN)
+def test_double_backward_through_a_hand_written_path_names_the_reference(delay_type, path):
+    """A hand-written backward has first derivatives only: a backward with create_graph=True
+    (double backward, gradient penalties) raises and names engine='reference', instead of
+    crashing inside PyTorch or returning a gradient without its second-order part."""
+    layer = DelRec(3, delay_type=delay_type, engine=path.name).double()
+    current = (torch.rand(4, 1, 3, dtype=torch.float64) * 2).requires_grad_()
+    with forced_in_layers(path, "cpu"):
+        spikes = layer(current)
+    with pytest.raises(RuntimeError, match="first derivatives only.*engine='reference'"):
+        (grad,) = torch.autograd.grad(spikes.sum(), current, create_graph=True)
+        torch.autograd.grad(grad.square().sum(), layer.weight)
+
+
+class SmoothNeuron(nn.Module):
+    """A neuron with a smooth output (a sigmoid for the spike): the whole reference loop is then
+    smooth, so finite differences check its second derivatives."""
+
+    def initial_state(self, like):
+        return (torch.zeros_like(like),)
+
+    def step(self, u, state):
+        h = 0.5 * state[0] + u
+        s = torch.sigmoid(4 * (h - 1))
+        return s, (h * (1 - s),)
+
+
+@pytest.mark.parametrize("delay_type", ["axonal", "synaptic"])
+def test_reference_path_has_exact_second_derivatives(delay_type):
+    """engine='reference' is autograd of the buffer loop: its double backward in current,
+    weights, delays and widths agrees with finite differences of its gradients."""
+    g = torch.Generator().manual_seed(1)
+    n = 3
+    shape = (n,) if delay_type == "axonal" else (n, n)
+    inputs = (
+        torch.rand(5, 2, n, generator=g, dtype=torch.float64) * 1.5,
+        torch.randn(n, n, generator=g, dtype=torch.float64),
+        torch.rand(*shape, generator=g, dtype=torch.float64) * 3 + 0.3,  # off the kinks
+        torch.full((n,), 1.5, dtype=torch.float64),
+    )
+    run = PATHS["reference"].run
+    assert torch.autograd.gradgradcheck(
+        lambda *x: run(*x, SmoothNeuron(), None), [x.requires_grad_() for x in inputs]
+    )

@@ -6,7 +6,7 @@ from unittest import mock
 import pytest
 import torch
 
-from delrec.engine import PATHS, EnginePath, register, select
+from delrec.engine import PATHS, EnginePath, kernel_reach, register, select, synaptic
 from delrec.layers import DelRec
 from delrec.neurons import LIF, AdLIF
 
@@ -107,3 +107,25 @@ def test_an_unusable_kernel_cache_falls_back_with_a_warning(tmp_path, monkeypatc
     finally:  # the other tests load the kernels from the real cache again
         native.build.cache_clear()
         native._built_or_warned.cache_clear()
+
+
+@pytest.mark.skipif(not PATHS["cpp-synaptic"].available("cpu"), reason="no C++ synaptic kernels")
+def test_delays_beyond_the_cpp_synaptic_plan_run_torch_synaptic():
+    """The C++ synaptic plan takes max|1 + d| + max w below CPP_REACH = 30 000 steps, short of
+    MAX_DELAY: 'auto' passes such a layer to torch-synaptic, and a layer forced onto
+    cpp-synaptic is told to use it (the kernel's own error before)."""
+    limit = synaptic.CPP_REACH
+    below = DelRec(3, delay_type="synaptic", delay_init=limit - 2.5)  # reach limit - 0.5
+    assert type(below(torch.rand(4, 2, 3)).grad_fn).__name__ == "_SynapticSlotsBackward"
+    layer = DelRec(3, delay_type="synaptic", delay_init=limit - 2.0)  # reach = limit
+    current = torch.rand(4, 2, 3) * 2
+    spikes = layer(current)
+    assert type(spikes.grad_fn).__name__ == "_LagStackedBackward"
+    spikes.sum().backward()
+    assert layer.weight.grad is not None
+    layer.engine = "cpp-synaptic"
+    with pytest.raises(ValueError, match="reach 30000; use engine='torch-synaptic'"):
+        layer(current)
+    layer.engine = "torch-synaptic"
+    assert torch.equal(layer(current), spikes)
+    assert kernel_reach(layer.delay, 1.0) == limit

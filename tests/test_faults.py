@@ -7,7 +7,8 @@ NaN injected into parameters mid-run and a non-finite loss; corrupt binning cach
 batches on every engine path; absurd delays, spreads and input currents; truncated and garbage
 files for every reader; downloads that stall, mirrors, and files damaged after extraction;
 processes killed at random points (during checkpoint writes too), then resumed, compared bit
-for bit with an uninterrupted run.
+for bit with an uninterrupted run; outputs that would overwrite a run's files, and checkpoints
+and run files edited to unusable values (the CLI audit).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -52,7 +54,7 @@ from delrec.layers import DelRec, FeedforwardDelay, clamp_delays, set_spread
 from delrec.models import NetworkConfig, build_network
 from delrec.neurons import LIF, AdLIF
 from delrec.runs import LOCK, RunDir, RunError
-from delrec.training import Trainer, TrainingError
+from delrec.training import Trainer, TrainingError, loop
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
@@ -157,6 +159,21 @@ def test_a_network_too_large_for_memory_is_an_error_naming_its_sizes(tmp_path):
     config.network["hidden_sizes"] = [10**10]  # 2.6 TB of feedforward weights alone
     with pytest.raises(TrainingError, match=r"do not fit in the memory of cpu \(hidden_sizes "):
         Trainer(config, tmp_path / "run", progress=False)
+
+
+def test_a_network_that_would_overcommit_memory_is_refused_before_it_is_built(
+    tmp_path, monkeypatch
+):
+    """A size whose weights fit but whose training does not (gradients, Adam's moments) is
+    refused before anything is allocated: the kernel would kill the process instead."""
+    built = []
+    monkeypatch.setattr(loop, "device_memory", lambda device: 10**8)  # 100 MB
+    monkeypatch.setattr(loop, "build_network", lambda *a, **k: built.append(1))
+    config = tiny_config()
+    config.network["hidden_sizes"] = [3000]  # 9 M recurrent weights, 16 bytes each to train
+    with pytest.raises(TrainingError, match=r"about 0.145 GB to train, more than cpu has"):
+        Trainer(config, tmp_path / "run", progress=False)
+    assert not built
 
 
 def test_a_delay_made_infinite_is_caught_before_the_clamp_hides_it(tmp_path):
@@ -1227,3 +1244,182 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- CLI audit
+# outputs that would overwrite a run's files; checkpoints and run files edited by hand
+MG_TINY = [
+    "--epochs",
+    "1",
+    "--set",
+    "data.samples=800",
+    "data.window=40",
+    "network.hidden_sizes=[8]",
+    "network.max_delay=50",
+    "max_train_samples=64",
+    "--no-progress",
+]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished Mackey-Glass DelRec run (one epoch), to be copied and damaged."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    threads = torch.get_num_threads()
+    assert main(["train", *MG_TINY, "--run-dir", str(run_dir)]) == 0
+    torch.set_num_threads(threads)
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    return Path(shutil.copytree(finished_run, tmp_path / "run"))
+
+
+def _contents(run: Path) -> dict:
+    return {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+
+
+def test_export_refuses_an_output_that_is_the_checkpoint_or_a_run_file(run_copy, capsys):
+    best = run_copy / "checkpoints" / "best.pt"
+    link = run_copy.parent / "link.nir"
+    link.symlink_to(run_copy / "metrics.csv")
+    before = _contents(run_copy)
+    for source, output in [
+        (run_copy, best),
+        (run_copy, run_copy / "config.json"),
+        (run_copy, run_copy / "figures" / ".." / "test_results.json"),
+        (run_copy, link),  # through a symlink
+        (best, best),
+        (best, run_copy / "metrics.csv"),  # a checkpoint file: the files of its run too
+    ]:
+        assert main(["export", str(source), "-o", str(output)]) == 2, output
+        err = capsys.readouterr().err
+        assert f"-o {output} would overwrite {output.resolve()}, a file of the run" in err, err
+        default = source / "model.nir" if source.is_dir() else source.with_suffix(".nir")
+        assert f"write the NIR file elsewhere, e.g. -o {default}" in err, err
+    assert _contents(run_copy) == before
+    pytest.importorskip("nir", reason="NIR export needs the optional `nir` package")
+    for _ in range(2):  # an earlier export is replaced, not refused
+        assert main(["export", str(run_copy)]) == 0
+    assert (run_copy / "model.nir").is_file()
+
+
+def test_compare_refuses_outputs_that_overwrite_a_run_file_or_each_other(run_copy, capsys):
+    before = _contents(run_copy)
+    table = run_copy.parent / "table.md"
+    for options, message in [
+        (["--markdown", str(run_copy / "metrics.csv")], "--markdown"),
+        (["--csv", str(run_copy / "checkpoints" / "best.pt")], "--csv"),
+        (["--markdown", str(table), "--csv", str(table)], "--markdown and --csv both name"),
+        (["--csv", str(table), "--figure", str(table)], "--csv and --figure both name"),
+    ]:
+        assert main(["compare", str(run_copy), "--rounded-only", *options]) == 2, options
+        err = capsys.readouterr().err
+        assert message in err and ("would overwrite" in err or "its own path" in err), err
+    assert _contents(run_copy) == before and not table.exists()
+
+
+@pytest.mark.parametrize(
+    "edit,problem",
+    [
+        (lambda p: p["model"]["blocks.0.neurons.sigma"].fill_(-3), "sigma = -3 is not a usable"),
+        (lambda p: p["network_config"].update(max_delay=5), "beyond its max_delay = 5"),
+        (lambda p: p["model"]["blocks.0.synapses.weight"].fill_(3e38), "is not finite: inf"),
+    ],
+    ids=["negative-sigma", "max-delay-below-delays", "overflowing-weights"],
+)
+def test_a_checkpoint_edited_to_unusable_values_is_bad_input_for_eval_and_compare(
+    run_copy, capsys, edit, problem
+):
+    best = run_copy / "checkpoints" / "best.pt"
+    payload = torch.load(best, weights_only=True)
+    edit(payload)
+    torch.save(payload, best)
+    for argv in (["eval", str(run_copy)], ["eval", str(run_copy), "--spread"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"the network in {best} cannot be" in err and problem in err, err
+    assert main(["compare", str(run_copy)]) == 2
+    err = capsys.readouterr().err
+    assert f"the network in {best} cannot be" in err and problem in err, err
+
+
+def test_absurd_mackey_glass_sizes_are_refused_before_memory_runs_out(run_copy, capsys):
+    for settings, message in [
+        ({"samples": 10**12}, "need 1e+13 integration steps, more than 1e+08"),
+        ({"samples": 1e12}, "samples=1000000000000.0 must be a positive integer"),
+        ({"tau": 1e12}, "integration steps, more than 1e+08"),
+        ({"samples": 10**6, "window": 10**5}, "the train split holds"),
+    ]:
+        with pytest.raises(DataError, match=re.escape(message)):
+            load_dataset("mackey-glass", "train", **settings)
+    best = run_copy / "checkpoints" / "best.pt"
+    payload = torch.load(best, weights_only=True)
+    payload["train_config"]["data"]["samples"] = 10**12
+    torch.save(payload, best)
+    assert main(["eval", str(run_copy)]) == 2
+    assert "use fewer samples (the default is 6000)" in capsys.readouterr().err
+
+
+def _bare_memory_error():
+    raise MemoryError
+
+
+@pytest.mark.parametrize(
+    "allocate,detail",
+    [
+        (lambda: np.empty(2**50), "(Unable to allocate 8.00 PiB"),  # numpy names the allocation
+        (_bare_memory_error, "(no detail)"),
+    ],
+    ids=["numpy", "bare"],
+)
+def test_running_out_of_memory_is_a_message_not_a_traceback(
+    tmp_path, capsys, monkeypatch, allocate, detail
+):
+    monkeypatch.setattr("delrec.commands.eval.evaluate_run", lambda *args: allocate())
+    assert main(["eval", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("delrec eval: error: out of memory (") and detail in err, err
+    assert "use smaller ones or a machine with more memory" in err and "Traceback" not in err
+
+
+def _set_config(run: Path, **changes) -> None:
+    document = json.loads((run / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            document["config"].pop(key)
+        else:
+            document["config"][key] = value
+    (run / "config.json").write_text(json.dumps(document))
+
+
+@pytest.mark.parametrize(
+    "name,damage,message",
+    [
+        ("config.json", "[]", "config.json does not hold a run configuration (no 'config' object)"),
+        ("config.json", {"model": None}, "(model None is not one of snn, rsnn"),
+        ("config.json", {"model": 3}, "(model 3 is not one of"),
+        ("config.json", {"seed": None}, "(seed None is not a non-negative integer)"),
+        ("config.json", {"task": [1]}, "(task [1] is not a data set's name)"),
+        ("metrics.csv", "a,b\n1,2\n", "metrics.csv line 2, column epoch: missing"),
+        ("metrics.csv", "epoch,firing_rate\nx,0.1\n", "column epoch: 'x' is not a whole number"),
+        ("metrics.csv", "epoch,firing_rate\n1,abc\n", "column firing_rate: 'abc' is not a number"),
+        ("metrics.csv", "epoch,firing_rate\n1,nan\n", "column firing_rate: 'nan' is not a number"),
+        ("metrics.csv", b"\xff\xfe\n", "metrics.csv cannot be read ('utf-8' codec"),
+        ("test_results.json", '{"nmse": NaN, "best_epoch": 1}', "a finite number"),
+        ("test_results.json", '{"nmse": Infinity, "best_epoch": 1}', "a finite number"),
+        ("test_results.json", '{"nmse": 1e400, "best_epoch": 1}', "a finite number"),
+    ],
+)
+def test_compare_names_a_damaged_run_file(run_copy, capsys, name, damage, message):
+    if isinstance(damage, dict):
+        _set_config(run_copy, **damage)
+    elif isinstance(damage, bytes):
+        (run_copy / name).write_bytes(damage)
+    else:
+        (run_copy / name).write_text(damage)
+    assert main(["compare", str(run_copy), "--rounded-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"delrec compare: error: {run_copy / name}") and message in err, err
+    assert "edited" in err and "Traceback" not in err

@@ -360,3 +360,45 @@ def test_at_the_window_ends_dcls_agrees_on_the_output_not_on_the_position_gradie
     expected = torch.stack([1.5 * dots[0], -1.5 * dots[1]]).view(2, 1)
     assert_close_relative(layer.position.grad, expected, rtol=1e-12)
     assert math.isfinite(float(layer.position.grad.abs().sum()))
+
+
+# --------------------------------------------------------------------------- refused inputs
+@pytest.mark.parametrize("engine", ["reference", *TWO_TAPS])
+def test_inputs_and_states_that_would_go_wrong_are_named_on_every_path(engine):
+    """A dtype mix (the convolution's own error before), NaN in the input or the state (passed
+    silently) and a state of another kind (AttributeError) get errors saying what to do."""
+    layer = FeedforwardDelay(3, 2, kernel_size=4, engine=engine)
+    if not engines.PATHS[engine].runs_on(torch.device("cpu")):
+        pytest.skip(native.unavailable("feedforward"))
+    with pytest.raises(ValueError, match="must share one dtype; convert the layer or the input"):
+        layer(torch.rand(5, 2, 3, dtype=torch.float64))
+    x = torch.rand(5, 2, 3)
+    x[3, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or Inf in the input of FeedforwardDelay\(3, 2\)"):
+        layer(x)
+    state = torch.zeros(3, 2, 3)
+    state[0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN or Inf in the state of FeedforwardDelay\(3, 2\)"):
+        layer(torch.rand(5, 2, 3), state)
+    with pytest.raises(
+        ValueError, match=r"state must be the tensor of the last K-1 inputs .*tuple"
+    ):
+        layer(torch.rand(5, 2, 3), (torch.zeros(3, 2, 3),))
+
+
+@pytest.mark.parametrize("engine", TWO_TAPS)
+def test_double_backward_through_two_taps_names_the_reference(engine):
+    """The two-tap paths have hand-written first derivatives: create_graph=True is refused (it
+    gave a gradient without its second-order part), naming engine='reference'."""
+    if not engines.PATHS[engine].runs_on(torch.device("cpu")):
+        pytest.skip(native.unavailable("feedforward"))
+    layer = FeedforwardDelay(3, 2, kernel_size=4, engine=engine).double()
+    x = torch.rand(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="first derivatives only.*engine='reference'"):
+        torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+
+
+def test_the_reference_convolution_has_exact_second_derivatives():
+    layer = FeedforwardDelay(3, 2, kernel_size=4, engine="reference").double()
+    x = torch.rand(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(layer, (x,))

@@ -5,14 +5,18 @@ import dataclasses
 import pytest
 import torch
 
+from delrec.engine import dropout, fused
 from delrec.layers import DelRec, FeedforwardDelay, clamp_delays
 from delrec.models import (
     MODELS,
     NetworkConfig,
+    NetworkState,
+    NeuronConfig,
     build_network,
     count_parameters,
     preset_network,
     readout_reduce,
+    set_feedforward_engine,
 )
 from delrec.neurons import LIF
 
@@ -186,3 +190,57 @@ def test_feedforward_init_sets_every_feedforward_weight_delay_synapses_too(init)
         assert 0.98 * bound < float(weight.detach().abs().max()) <= bound  # 120,000 draws
     with pytest.raises(ValueError, match="feedforward_init must be one of uniform-sqrt6, torch"):
         NetworkConfig(input_size=2, hidden_sizes=(2,), output_size=2, feedforward_init="he")
+
+
+# --------------------------------------------------------------------------- refused inputs
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan")])
+@pytest.mark.parametrize("surrogate", ["triangle", "atan"])
+def test_a_bad_surrogate_scale_in_the_neuron_config_is_named(surrogate, scale):
+    neuron = NeuronConfig(surrogate=surrogate, surrogate_scale=scale)
+    with pytest.raises(ValueError, match="neuron surrogate_scale: .* must be a finite number > 0"):
+        neuron.build()
+    with pytest.raises(ValueError, match="unknown surrogate 'relu'"):  # not a scale's fault
+        NeuronConfig(surrogate="relu").build()
+
+
+def small_network(engine: str):
+    cfg = NetworkConfig(3, (8, 8), 2, block="dropout", dropout=0.3, readout="lif")
+    net = build_network(cfg, seed=0).double()
+    set_feedforward_engine(net, engine)
+    return net
+
+
+@pytest.mark.parametrize("engine", ["fused", "reference"])
+def test_network_states_of_another_kind_or_not_finite_are_refused(engine):
+    net = small_network(engine).eval()
+    x = torch.rand(5, 2, 3, dtype=torch.float64)
+    _, state = net(x, return_state=True)
+    with pytest.raises(TypeError, match="state must be the NetworkState this network returned"):
+        net(x, tuple(state))
+    nan = NetworkState(state.blocks, (torch.full_like(state.readout[0], float("nan")),))
+    with pytest.raises(ValueError, match="the state of the readout holds NaN or Inf"):
+        net(x, nan)
+
+
+def test_double_backward_through_the_fused_network_names_the_reference():
+    """The fused loops have hand-written first derivatives: create_graph=True is refused with
+    the settings that compute second derivatives (it crashed or went silently wrong)."""
+    x = torch.rand(6, 2, 3, dtype=torch.float64, requires_grad=True)
+    net = small_network("fused")
+    for block in net.blocks:
+        block.neurons.engine = "reference"
+    with pytest.raises(RuntimeError, match="set_feedforward_engine\\(network, 'reference'\\)"):
+        torch.autograd.grad(net(x).square().sum(), x, create_graph=True)
+    net = small_network("reference")
+    for block in net.blocks:
+        block.neurons.engine = "reference"
+    (grad,) = torch.autograd.grad(net(x).square().sum(), x, create_graph=True)
+    assert grad.requires_grad  # a second derivative exists
+
+
+def test_fused_dropout_has_exact_second_derivatives():
+    """x ⊙ m is linear: its backward is the same fused loop again, differentiable any number of
+    times."""
+    x = torch.rand(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    draw = dropout.draw(0.5)
+    assert torch.autograd.gradgradcheck(lambda x: fused.dropped(x, draw), (x,))

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from delrec.layers import DelRec
 from delrec.neurons import (
     LIF,
     AdLIF,
@@ -15,6 +16,7 @@ from delrec.neurons import (
     as_neuron,
     lif_step,
     make_surrogate,
+    run_steps,
 )
 
 
@@ -140,3 +142,88 @@ def test_our_lif_reproduces_spikingjelly_lifnode_spike_for_spike():
         )(x)
         assert 0 < expected.sum() < expected.numel()
         assert torch.equal(ours, expected)
+
+
+# --------------------------------------------------------------------------- refused values
+@pytest.mark.parametrize("make", [Triangle, ATan])
+@pytest.mark.parametrize("value", [0.0, -1.0, math.nan, math.inf])
+def test_surrogate_width_must_be_finite_and_positive(make, value):
+    """A zero, negative or non-finite γ or α gave NaN, zero or wrong-sign gradients."""
+    with pytest.raises(ValueError, match="must be a finite number > 0"):
+        make(value)
+    with pytest.raises(TypeError, match="must be a number"):
+        make("1.0")
+
+
+def test_surrogate_derivative_is_twice_differentiable():
+    """The surrogate spike's backward is autograd of ψ': a double backward (engine='reference')
+    gets ψ'' exactly."""
+    x = torch.tensor([-1.3, -0.4, 0.2, 0.7], dtype=torch.float64, requires_grad=True)
+    for surrogate in (Triangle(1.5), ATan(2.0)):
+        assert torch.autograd.gradgradcheck(surrogate, (x,))
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: LIF(tau=0.5), ValueError, "LIF tau must be a number of time steps >= 1"),
+        (lambda: LIF(v_threshold=0.0), ValueError, "v_threshold must lie above the resting"),
+        (lambda: LIF(v_threshold=-1.0, v_reset=None), ValueError, "resting potential 0"),
+        (lambda: LIF(v_threshold=0.2, v_reset=0.5), ValueError, "resting potential 0.5"),
+        (lambda: AdLIF(v_threshold=0.0), ValueError, "AdLIF v_threshold must lie above"),
+        (lambda: LIF(tau="2"), TypeError, "LIF tau must be a number, got '2'"),
+        (lambda: LIF(v_threshold="1"), TypeError, "LIF v_threshold must be a number"),
+        (lambda: LIF(tau=True), TypeError, "LIF tau must be a number, got True"),
+        (lambda: LIF(detach_reset="False"), TypeError, "detach_reset must be True or False"),
+        (lambda: AdLIF(tau_u="5"), TypeError, "AdLIF tau_u must be a number"),
+        (lambda: LeakyIntegrator(tau="2"), TypeError, "LeakyIntegrator tau must be a number"),
+        (lambda: LeakyIntegrator(decay_input=1), TypeError, "decay_input must be True or False"),
+    ],
+)
+def test_neuron_parameters_out_of_range_or_of_the_wrong_type_are_refused(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_lif_accepts_the_edges_of_its_range():
+    assert LIF(tau=1.0).p.tau == 1.0  # leak 0: no memory
+    assert LIF(v_threshold=-0.2, v_reset=-0.5).p.v_rest == -0.5  # above a negative reset
+
+
+@pytest.mark.parametrize(
+    "module", [LIF(), AdLIF(), LeakyIntegrator()], ids=lambda m: type(m).__name__
+)
+def test_standalone_neurons_check_their_input_current(module):
+    """As the recurrent layer does: a float sequence (T, B, N) or (T, N), T ≥ 1, finite."""
+    with pytest.raises(TypeError, match="float tensor of input current, got torch.int64"):
+        module(torch.ones(4, 2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"time-major input current .* got shape \(0, 2, 3\)"):
+        module(torch.ones(0, 2, 3))
+    with pytest.raises(ValueError, match=r"got shape \(4,\)"):
+        module(torch.ones(4))
+    current = torch.rand(4, 2, 3)
+    current[2, 1, 0] = math.nan
+    with pytest.raises(ValueError, match="not finite: nan at step 2, batch item 1, neuron 0"):
+        module(current)
+    state = (torch.full((2, 3), math.inf),) * (2 if isinstance(module, AdLIF) else 1)
+    with pytest.raises(ValueError, match="holds NaN or Inf"):
+        module(torch.rand(4, 2, 3), state)
+    assert module(torch.rand(4, 3)).shape == (4, 3)
+
+
+class Squeezing(torch.nn.Module):
+    """A user-written neuron with a bug: its spikes lose the batch dimension."""
+
+    def initial_state(self, like):
+        return (torch.zeros_like(like),)
+
+    def step(self, u, state):
+        return (u > 1).float().sum(0, keepdim=True), state
+
+
+def test_a_neuron_returning_spikes_of_the_wrong_shape_is_named():
+    match = r"Squeezing.step\(u, state\) returned spikes of shape \(1, 3\) .* \(2, 3\)"
+    with pytest.raises(ValueError, match=match):
+        run_steps(Squeezing(), torch.rand(4, 2, 3), (torch.zeros(2, 3),))
+    with pytest.raises(ValueError, match=match):  # it broadcast silently in the layer
+        DelRec(3, Squeezing())(torch.rand(4, 2, 3))

@@ -257,3 +257,16 @@ def test_spikingjelly_node_works_in_the_layer_and_matches_our_lif():
     for a, b in zip(ours.parameters(), theirs.parameters()):
         if a.requires_grad:
             assert torch.allclose(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("delay_type", ["axonal", "synaptic", "shared"])
+def test_one_step_gives_zero_parameter_gradients_on_every_engine(delay_type):
+    """With T = 1 no recurrent spike arrives: every engine gives zero gradients for the
+    recurrent parameters (the reference gave None, which an optimizer treats differently)."""
+    current = torch.rand(1, 2, 4) * 3
+    for engine in ("reference", "auto"):
+        layer = DelRec(4, delay_type=delay_type, engine=engine, learn_spread=True, sigma=1.0)
+        layer(current).sum().backward()
+        for name, parameter in layer.named_parameters():
+            assert parameter.grad is not None, (engine, name)
+            assert not parameter.grad.any(), (engine, name)

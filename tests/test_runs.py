@@ -166,7 +166,8 @@ def test_a_corrupt_checkpoint_is_bad_input_for_every_command(tmp_path, capsys):
     (run / "checkpoints" / "best.pt").write_bytes(b"not a checkpoint")
     for command in (["eval"], ["export"], ["report"], ["compare"]):
         if command == ["compare"]:
-            (run / "config.json").write_text(json.dumps({"config": {"model": "delrec"}}))
+            config = {"task": "mackey-glass", "model": "delrec", "seed": 0}
+            (run / "config.json").write_text(json.dumps({"config": config}))
             (run / "test_results.json").write_text(json.dumps({"nmse": 0.5, "best_epoch": 1}))
         assert main([*command, str(run)]) == 2, command
         err = capsys.readouterr().err
@@ -186,6 +187,7 @@ def test_a_corrupt_checkpoint_is_bad_input_for_every_command(tmp_path, capsys):
         (TrainingError("the training loss became nan"), 1),
         (DownloadError("cannot reach the server"), 1),
         (OSError("no space left on device"), 1),
+        (MemoryError(), 1),
         (KeyError("a bug"), None),
     ],
 )

@@ -385,3 +385,49 @@ def test_a_network_in_training_keeps_its_recurrent_dropout_masks_across_chunks()
         chunked_out, chunked_spikes = chunked_network(net, x, [7, 20])
     assert all(torch.equal(a, b) for a, b in zip(chunked_spikes, spikes))
     torch.testing.assert_close(chunked_out, out, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- odd states
+@pytest.mark.parametrize("integer", [False, True], ids=["training", "eval"])
+@pytest.mark.parametrize("delay_type", ["axonal", "synaptic"])
+def test_a_state_of_views_runs_like_its_contiguous_copy(delay_type, integer):
+    """A state whose tensors are views (sliced, transposed: what a user builds by hand) runs on
+    every stateful path; cpp-ring refused a non-contiguous membrane."""
+    neuron = LIF()
+    for name in stateful_paths(delay_type, neuron, integer, grad=not integer):
+        layer = DelRec(6, neuron, delay_type=delay_type, delay_init="uniform:0:3", engine=name)
+        layer.train(not integer).double()
+        current = torch.rand(
+            8, 2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+        )
+        with torch.no_grad():
+            _, state = layer(current * 1.5, return_state=True)
+            (v,) = state.neuron
+            views = DelRecState(
+                (v.t().contiguous().t(),),
+                state.spikes.transpose(0, 1).contiguous().transpose(0, 1),
+                state.mask,
+            )
+            assert not views.neuron[0].is_contiguous() and not views.spikes.is_contiguous()
+            expected = layer(current, state)
+            assert torch.equal(layer(current, views), expected), name
+
+
+def test_the_states_mask_is_checked_like_dropout_mask_and_unused_in_eval():
+    """A state's mask must hold floats or booleans (an integer one failed in a kernel), and
+    recurrent dropout is the identity in eval: a state's mask drops nothing there, though it
+    stays with the sequence."""
+    torch.manual_seed(0)
+    layer = DelRec(8, delay_init=0.0, recurrent_dropout=0.5).double()
+    current = torch.rand(6, 2, 8, dtype=torch.float64) * 1.5
+    _, state = layer(current, return_state=True)
+    assert state.mask is not None and (state.mask == 0).any()
+    integer = state._replace(mask=torch.ones(2, 8, dtype=torch.int64))
+    with pytest.raises(TypeError, match="state.mask must hold floats .* got torch.int64"):
+        layer(current, integer)
+    layer.eval()
+    spikes, after = layer(current, state, return_state=True)
+    assert torch.equal(spikes, layer(current, state._replace(mask=None)))
+    assert torch.equal(after.mask, state.mask)
+    layer.train()
+    assert not torch.equal(layer(current, state), layer(current, state._replace(mask=None)))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from delrec.delays import DelayLimitWarning, check_delays
+from delrec.delays import DelayLimitWarning, check_delays, check_sigma
 from delrec.files import write_atomic
 from delrec.models import NetworkConfig, SpikingNetwork, build_network
 
@@ -96,6 +96,8 @@ def network_from(payload: dict, source: str | os.PathLike = "the checkpoint") ->
         for name, value in network.state_dict().items():
             if name.endswith((".delay", ".position")):
                 check_delays(value, name)
+            elif name.endswith(".sigma"):
+                check_sigma(value, name)
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(
             f"the network in {source} cannot be rebuilt ({unusable(error)}): the file was "

@@ -29,7 +29,14 @@ from delrec.layers import DelRec, DelRecState, FeedforwardDelay, run_chunk
 from delrec.layers.dropout import Dropout
 from delrec.layers.feedforward import weight_bound
 from delrec.layers.sizes import check_size
-from delrec.neurons import LIF, LeakyIntegrator, check_state, make_surrogate
+from delrec.neurons import (
+    LIF,
+    SURROGATES,
+    LeakyIntegrator,
+    check_state,
+    check_state_finite,
+    make_surrogate,
+)
 from delrec.recipes import RECIPES
 
 READOUTS = ("lif", "sum", "ema")
@@ -101,7 +108,12 @@ class NeuronConfig:
         if self.reset not in ("hard", "soft"):
             raise ValueError(f"neuron reset must be 'hard' or 'soft', got {self.reset!r}")
         scale_name = {"triangle": "gamma", "atan": "alpha"}.get(self.surrogate.lower(), "gamma")
-        surrogate = make_surrogate(self.surrogate, **{scale_name: self.surrogate_scale})
+        try:
+            surrogate = make_surrogate(self.surrogate, **{scale_name: self.surrogate_scale})
+        except (TypeError, ValueError) as error:
+            if self.surrogate.lower() not in SURROGATES:
+                raise
+            raise type(error)(f"neuron surrogate_scale: {error}") from None
         return LIF(
             self.tau,
             self.v_threshold,
@@ -186,6 +198,20 @@ class NetworkConfig:
 
     def is_recurrent_position(self, index: int) -> bool:
         return self.recurrent_layers is None or index in self.recurrent_layers
+
+    def weight_count(self) -> int:
+        """The number of scalars in the network's weights, delays and positions (the synaptic
+        matrices; biases and per-neuron parameters, a few per neuron, left out), from the
+        sizes alone: what a too-large network costs before any is built."""
+        variant, count, fan_in = VARIANTS[self.model], 0, self.input_size
+        for index, size in enumerate(self.hidden_sizes):
+            position = self.is_recurrent_position(index)
+            count += fan_in * size * (2 if position and variant.feedforward_delays else 1)
+            if position and variant.recurrent:
+                synaptic = (variant.delay_type or self.delay_type) == "synaptic"
+                count += size * size * (2 if synaptic else 1)
+            fan_in = size
+        return count + fan_in * self.output_size
 
 
 class BlockState(NamedTuple):
@@ -330,6 +356,11 @@ class SpikingNetwork(nn.Module):
                 f"item {b}, channel {c}; check the data (torch.isfinite)"
             )
         stateful = state is not None or return_state
+        if state is not None and not isinstance(state, NetworkState):
+            raise TypeError(
+                f"state must be the NetworkState this network returned (net(x, "
+                f"return_state=True)), got {type(state).__name__}"
+            )
         if state is not None and len(state.blocks) != len(self.blocks):
             raise ValueError(
                 f"state has {len(state.blocks)} blocks, the network {len(self.blocks)}; pass the "
@@ -349,6 +380,7 @@ class SpikingNetwork(nn.Module):
             start = state.readout if state is not None else None
             if start is not None:
                 check_state(start, (out[0],), "readout")
+                check_state_finite(start, "readout")
             if self.engine == "fused" and fused.kernels_for(out.device) is not None:
                 out = fused.integrate(out, neuron.tau, neuron.decay_input)
                 if start is not None:  # v[t] also holds (1 - 1/τ)^(t+1)·v[-1]

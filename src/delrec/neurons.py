@@ -16,6 +16,7 @@ time-major, ``x[t, b, n]``; a state is a tuple of ``(B, N)`` tensors.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -23,6 +24,32 @@ import torch
 from torch import Tensor, nn
 
 State = tuple[Tensor, ...]
+
+
+# --------------------------------------------------------------------------- parameter checks
+def check_number(model: str, name: str, value) -> None:
+    """A TypeError unless ``value`` (a parameter ``name`` of ``model``) is a real number (not a
+    bool, a string or a tensor)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{model} {name} must be a number, got {value!r} ({type(value).__name__}); "
+            "convert it, e.g. float(value)"
+        )
+
+
+def check_flag(model: str, name: str, value) -> None:
+    """A TypeError unless ``value`` (an option ``name`` of ``model``) is True or False: a
+    string such as ``"False"`` would count as true."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{model} {name} must be True or False, got {value!r}")
+
+
+def check_positive(model: str, name: str, value, meaning: str) -> None:
+    """A TypeError or ValueError unless ``value`` is a finite number > 0 (``meaning``: what a
+    zero, negative or non-finite value would break)."""
+    check_number(model, name, value)
+    if not 0 < value < math.inf:
+        raise ValueError(f"{model} {name} must be a finite number > 0, got {value}: {meaning}")
 
 
 # --------------------------------------------------------------------------- surrogates
@@ -56,6 +83,11 @@ class Triangle(Surrogate):
 
     gamma: float = 1.0
 
+    def __post_init__(self):
+        check_positive(
+            "Triangle", "gamma", self.gamma, "the half-width of ψ' (0 or NaN: NaN gradients)"
+        )
+
     def derivative(self, x: Tensor) -> Tensor:
         return (self.gamma - x.abs()).clamp(min=0) / self.gamma**2
 
@@ -65,6 +97,11 @@ class ATan(Surrogate):
     """``ψ'(x) = (α/2) / (1 + (π α x / 2)²)``, SpikingJelly's ``ATan`` (SHD uses α = 5)."""
 
     alpha: float = 2.0
+
+    def __post_init__(self):
+        check_positive(
+            "ATan", "alpha", self.alpha, "the sharpness of ψ' (0: zero gradients, < 0: wrong sign)"
+        )
 
     def derivative(self, x: Tensor) -> Tensor:
         return (self.alpha / 2) / (1 + (math.pi / 2 * self.alpha * x) ** 2)
@@ -111,12 +148,56 @@ class Neuron(Protocol):
     def step(self, u: Tensor, state: State) -> tuple[Tensor, State]: ...
 
 
+def check_step(neuron, u: Tensor, spikes) -> None:
+    """A ValueError unless ``spikes``, what ``neuron.step(u, state)`` returned, is a tensor
+    shaped like the input current ``u`` ``(B, N)`` (a user-written neuron's mistake would
+    otherwise broadcast silently)."""
+    if not torch.is_tensor(spikes) or spikes.shape != u.shape:
+        got = tuple(spikes.shape) if torch.is_tensor(spikes) else type(spikes).__name__
+        raise ValueError(
+            f"{type(neuron).__name__}.step(u, state) returned spikes of shape {got} for an input "
+            f"current of shape {tuple(u.shape)}; step must return (spikes shaped like u, state)"
+        )
+
+
+def check_current(u: Tensor, model: str) -> None:
+    """A TypeError or ValueError unless ``u`` is a time-major float sequence ``(T, B, N)`` (or
+    ``(T, N)``) with ``T ≥ 1`` and finite values (one device sync)."""
+    if not torch.is_tensor(u) or not u.is_floating_point():
+        got = u.dtype if torch.is_tensor(u) else type(u).__name__
+        raise TypeError(f"{model} takes a float tensor of input current, got {got}")
+    if u.dim() not in (2, 3) or u.shape[0] == 0:
+        raise ValueError(
+            f"{model} expects a time-major input current (T, B, N) or (T, N) with T >= 1, got "
+            f"shape {tuple(u.shape)}; transpose batch-first data with x.transpose(0, 1)"
+        )
+    if not bool(u.detach().sum(dtype=torch.promote_types(u.dtype, torch.float32)).isfinite()):
+        refuse_nonfinite(u, model)
+
+
+def refuse_nonfinite(u: Tensor, model: str) -> None:
+    """A ValueError naming the first NaN or Inf of the input current ``u`` ``(T, B, N)`` or
+    ``(T, N)`` of ``model``, if it holds one (a huge finite input may overflow a sum: that is
+    no error)."""
+    bad = (~torch.isfinite(u)).nonzero()
+    if len(bad):
+        index = bad[0].tolist()
+        names = ("step", "batch item", "neuron") if len(index) == 3 else ("step", "neuron")
+        place = ", ".join(f"{name} {i}" for name, i in zip(names, index))
+        raise ValueError(
+            f"the input current of {model} is not finite: {u[tuple(index)].item()} at {place}; "
+            "NaN or Inf in a layer's input silences its neurons and spoils every gradient: "
+            "check the data and the layers before this one (torch.isfinite)"
+        )
+
+
 def run_steps(neuron, u: Tensor, state: State) -> tuple[Tensor, State]:
     """Spikes ``(T, B, N)`` of any :class:`Neuron` driven by ``u`` ``(T, B, N)`` from
     ``state``, and its state after the last step."""
     spikes = []
     for u_t in u:
         s_t, state = neuron.step(u_t, state)
+        check_step(neuron, u_t, s_t)
         spikes.append(s_t)
     return torch.stack(spikes), state
 
@@ -140,6 +221,17 @@ def check_state(state, expected: State, model: str) -> None:
             raise TypeError(f"the state of the {model} holds {x.dtype}, the input is {want.dtype}")
 
 
+def check_state_finite(state: State, model: str) -> None:
+    """A ValueError if a tensor of ``state`` (a tuple of tensors) holds NaN or Inf (one device
+    sync)."""
+    sums = [x.detach().sum(dtype=torch.promote_types(x.dtype, torch.float32)) for x in state]
+    if sums and not bool(torch.stack(sums).isfinite().all()):
+        raise ValueError(
+            f"the state of the {model} holds NaN or Inf: it would spoil every later step; pass "
+            "the state the same module returned, or find where it diverged (torch.isfinite)"
+        )
+
+
 class SequenceNeuron(nn.Module):
     """Base class: runs ``step`` over a time-major sequence when the module is called."""
 
@@ -155,9 +247,11 @@ class SequenceNeuron(nn.Module):
         """Input current ``(T, B, N)`` → spikes ``(T, B, N)``, from ``state`` (default: the
         initial state); ``return_state=True`` also returns the state after the last step, a
         tuple of ``(B, N)`` tensors without gradient (chunks of a sequence, docs/layer.md)."""
+        check_current(u, type(self).__name__)
         initial = self.initial_state(u[0])
         if state is not None:
             check_state(state, initial, type(self).__name__)
+            check_state_finite(state, type(self).__name__)
         spikes, state = run_steps(self, u, initial if state is None else state)
         if return_state:
             return spikes, tuple(x.detach() for x in state)
@@ -169,6 +263,8 @@ def check_finite(model: str, **values: float | None) -> None:
     """Raise a ValueError naming the first of ``values`` (a neuron's parameters) that is a
     NaN or an infinity (``None`` passes: an unset option)."""
     for name, value in values.items():
+        if value is not None:
+            check_number(model, name, value)
         if value is not None and not math.isfinite(value):
             raise ValueError(
                 f"{model} {name} must be a finite number, got {value}: a NaN or infinite "
@@ -195,9 +291,21 @@ class LIFParameters:
     surrogate: Surrogate = ATan()
 
     def __post_init__(self):
-        if not self.tau > 0 or math.isinf(self.tau):
-            raise ValueError(f"LIF tau must be a positive number of time steps, got {self.tau}")
+        check_number("LIF", "tau", self.tau)
+        if not 1 <= self.tau < math.inf:
+            raise ValueError(
+                f"LIF tau must be a number of time steps >= 1 (leak 1 - 1/tau in [0, 1)), got "
+                f"{self.tau}: below 1 step the leak turns negative and the membrane oscillates"
+            )
         check_finite("LIF", v_threshold=self.v_threshold, v_reset=self.v_reset)
+        check_flag("LIF", "detach_reset", self.detach_reset)
+        check_flag("LIF", "decay_input", self.decay_input)
+        if not self.v_threshold > self.v_rest:
+            raise ValueError(
+                f"LIF v_threshold must lie above the resting potential {self.v_rest} (v_reset "
+                f"for a hard reset, 0 for a soft one), got {self.v_threshold}: a neuron at rest "
+                "would fire at every step"
+            )
         object.__setattr__(self, "surrogate", as_surrogate(self.surrogate))
 
     @property
@@ -278,8 +386,10 @@ class LeakyIntegrator(nn.Module):
 
     def __init__(self, tau: float = 2.0, decay_input: bool = False):
         super().__init__()
-        if not tau >= 1:
+        check_number("LeakyIntegrator", "tau", tau)
+        if not 1 <= tau < math.inf:
             raise ValueError(f"LeakyIntegrator tau must be >= 1 time step, got {tau}")
+        check_flag("LeakyIntegrator", "decay_input", decay_input)
         self.tau = float(tau)
         self.decay_input = decay_input
 
@@ -289,9 +399,11 @@ class LeakyIntegrator(nn.Module):
         """Input current ``(T, B, K)`` → membrane potentials ``(T, B, K)``, from ``state``
         ``(v,)`` (default: ``v = 0``); ``return_state=True`` also returns ``(v,)`` after the
         last step, ``(B, K)``, without gradient."""
+        check_current(u, "LeakyIntegrator")
         v = torch.zeros_like(u[0])
         if state is not None:
             check_state(state, (v,), "LeakyIntegrator")
+            check_state_finite(state, "LeakyIntegrator")
             v = state[0]
         out = []
         for u_t in u:
@@ -328,11 +440,18 @@ class AdLIFParameters:
     def __post_init__(self):
         for name in ("tau_u", "tau_w"):
             value = getattr(self, name)
+            check_number("AdLIF", name, value)
             if not value > 0 or math.isinf(value):
                 raise ValueError(
                     f"AdLIF {name} must be a positive number of time steps, got {value}"
                 )
         check_finite("AdLIF", a=self.a, b=self.b, v_threshold=self.v_threshold)
+        check_flag("AdLIF", "detach_reset", self.detach_reset)
+        if not self.v_threshold > 0:
+            raise ValueError(
+                f"AdLIF v_threshold must lie above the resting potential 0, got "
+                f"{self.v_threshold}: a neuron at rest would fire at every step"
+            )
         object.__setattr__(self, "surrogate", as_surrogate(self.surrogate))
 
 

@@ -45,7 +45,7 @@ from delrec import files
 from delrec.checkpoint import CheckpointError, network_from, read_checkpoint, save_checkpoint
 from delrec.config import TrainConfig
 from delrec.data import TripleAugmented, load_dataset, make_loader
-from delrec.models import SpikingNetwork
+from delrec.models import MODELS, SpikingNetwork
 
 CONFIG = "config.json"
 METRICS = "metrics.csv"
@@ -149,12 +149,21 @@ class RunDir:
     # ------------------------------------------------------------------ reading
     def config_values(self) -> dict:
         """The configuration in ``config.json`` (or, for several seeds, ``seeds.json``), as
-        written: a nested dict."""
+        written: a nested dict (a RunError when it names no task, model or seed)."""
         if self.is_single():
-            return self._read_json(CONFIG)["config"]
-        if self.is_multi_seed():
-            return self.read_seeds()["config"]
-        raise self._not_a_run("give the directory `delrec train` wrote")
+            name, document = CONFIG, self._read_json(CONFIG)
+            config = document.get("config") if isinstance(document, dict) else None
+        elif self.is_multi_seed():
+            name, config = SEEDS, self.read_seeds()["config"]
+        else:
+            raise self._not_a_run("give the directory `delrec train` wrote")
+        problem = _config_problem(config)
+        if problem:
+            raise RunError(
+                f"{self.path / name} does not hold a run configuration ({problem}); it was "
+                "edited or damaged: restore it, or train again into a new --run-dir"
+            )
+        return config
 
     def read_config(self, **changes) -> TrainConfig:
         """The run's configuration, validated, with ``changes`` (those not ``None``) applied:
@@ -174,12 +183,16 @@ class RunDir:
             if isinstance(results, dict)
             else None
         )
-        number = metric is not None and type(results[metric]) in (int, float)
+        number = (
+            metric is not None
+            and type(results[metric]) in (int, float)
+            and math.isfinite(results[metric])
+        )
         if not number or type(results.get("best_epoch", 0)) is not int:
             raise RunError(
-                f"{self.path / RESULTS} does not hold a test metric (accuracy or nmse, a number) "
-                "and its best epoch; it was edited or damaged: restore it, or train the run "
-                "again into a new --run-dir"
+                f"{self.path / RESULTS} does not hold a test metric (accuracy or nmse, a finite "
+                "number) and its best epoch; it was edited or damaged: restore it, or train the "
+                "run again into a new --run-dir"
             )
         return results
 
@@ -188,8 +201,14 @@ class RunDir:
         path = self.path / METRICS
         if not path.is_file():
             return []
-        with path.open(newline="") as handle:
-            return list(csv.DictReader(handle))
+        try:
+            with path.open(newline="") as handle:
+                return list(csv.DictReader(handle))
+        except (OSError, UnicodeDecodeError, csv.Error) as error:
+            raise RunError(
+                f"{path} cannot be read ({error}); it was edited or damaged: restore it, or "
+                "leave the run out"
+            ) from None
 
     def read_seeds(self) -> dict:
         """``seeds.json``: ``{"seeds": [...], "config": {...}}`` (a RunError when it holds
@@ -272,6 +291,35 @@ class RunDir:
             *files.remove_temporaries(self.path / CHECKPOINTS),
             *files.remove_temporaries(self.path / FIGURES),
         ]
+
+
+def _config_problem(config) -> str | None:
+    """What a run's configuration lacks that readers of the run need, or ``None``."""
+    if not isinstance(config, dict):
+        return "no 'config' object"
+    model, seed = config.get("model"), config.get("seed")
+    if not isinstance(config.get("task"), str):
+        return f"task {config.get('task')!r} is not a data set's name"
+    if model not in MODELS:
+        return f"model {model!r} is not one of {', '.join(MODELS)}"
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        return f"seed {seed!r} is not a non-negative integer"
+    return None
+
+
+def run_files(path: str | os.PathLike) -> set[Path]:
+    """The files an output must not replace, resolved (symlinks followed): every file under a
+    run directory (or folder of seeds); for a checkpoint file, itself and, when it lies in a
+    run's ``checkpoints/``, every file of that run."""
+    root = Path(path).resolve()
+    found = set()
+    if root.is_file():
+        found.add(root)
+        run = root.parent.parent
+        root = run if root.parent.name == CHECKPOINTS and RunDir(run).is_single() else None
+    if root is not None and root.is_dir():
+        found |= {file.resolve() for file in root.rglob("*") if file.is_file()}
+    return found
 
 
 # --------------------------------------------------------------------------- lock files

@@ -39,10 +39,20 @@ from torch import Tensor
 
 from delrec import files
 from delrec.analysis.spectral import spectral_radius
+from delrec.config import MAX_SEED
 from delrec.layers import DelRec
 from delrec.neurons import LIF, ATan, Triangle, lif_charge
 
 DEFAULT_DELAYS = (0, 1, 2, 5, 10, 20)
+MAX_SIZE = 4096  # neurons of one layer: 16.8 M recurrent weights
+MAX_MAGNITUDE = 1e6  # gain, input current and surrogate scale: beyond any use, finite in float64
+MAX_PEAK_BYTES = 8e9  # the memory one experiment may take (:func:`_peak_bytes`)
+
+
+def _peak_bytes(steps: int, batch: int, size: int) -> float:
+    """About the peak memory of one delay, measured: the float64 trajectories autograd keeps
+    (some 24 of ``T·B·N``) and the per-step contributions to ∂L/∂W (``T·N²``, twice)."""
+    return 8.0 * steps * size * (24 * batch + 2 * size)
 
 
 @dataclass(frozen=True)
@@ -71,20 +81,34 @@ class GradientSetup:
             )
         if self.surrogate not in ("atan", "triangle"):
             raise ValueError(f"surrogate must be 'atan' or 'triangle', got {self.surrogate!r}")
-        for name, low, high in (("size", 1, 4096), ("batch", 1, 4096), ("steps", 2, 100_000)):
+        for name, low, high in (("size", 1, MAX_SIZE), ("batch", 1, 4096), ("steps", 2, 100_000)):
             value = getattr(self, name)
             if not low <= value <= high:
                 raise ValueError(f"--{name} must be in {low}…{high}, got {value}")
         if not (math.isfinite(self.tau) and self.tau >= 1):
             raise ValueError(f"--tau must be >= 1 step (a leak of 1/tau per step), got {self.tau}")
-        for name in ("gain", "input_mean", "input_std", "surrogate_scale"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"--{name.replace('_', '-')} must be finite")
-        if self.input_std < 0 or self.surrogate_scale <= 0:
+        peak = _peak_bytes(self.steps, self.batch, self.size)
+        if peak > MAX_PEAK_BYTES:
             raise ValueError(
-                "--input-std must be >= 0 and --surrogate-scale > 0, got "
-                f"{self.input_std} and {self.surrogate_scale}"
+                f"--steps {self.steps}, --batch {self.batch} and --size {self.size} together "
+                f"need about {peak / 1e9:.0f} GB of memory (at most {MAX_PEAK_BYTES / 1e9:.0f} "
+                "GB): lower one of them"
             )
+        for name in ("gain", "input_mean", "input_std", "surrogate_scale"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and abs(value) <= MAX_MAGNITUDE):
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be finite and at most "
+                    f"{MAX_MAGNITUDE:g} in magnitude, got {value}"
+                )
+        if self.input_std < 0:
+            raise ValueError(f"--input-std must be >= 0, got {self.input_std}")
+        if self.surrogate_scale < 1 / MAX_MAGNITUDE:
+            raise ValueError(
+                f"--surrogate-scale must be >= {1 / MAX_MAGNITUDE:g}, got {self.surrogate_scale}"
+            )
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"--seed must be in 0…{MAX_SEED}, got {self.seed}")
 
 
 @dataclass

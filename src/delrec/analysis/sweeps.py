@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from delrec.analysis import compare
-from delrec.config import ConfigError, comparable, resolve
+from delrec.config import ConfigError, TrainConfig, comparable, resolve
 from delrec.runs import SEEDS, RunDir
 from delrec.training import jobs
 
@@ -51,6 +51,11 @@ class TrainOptions:
     data_root: str | None = None
     progress: bool = False
 
+    @property
+    def place(self) -> dict:
+        """Where the runs train and read their data: ``device`` and ``data_root``."""
+        return {"device": self.device, "data_root": self.data_root}
+
 
 def model_points(models) -> list[SweepPoint]:
     """One point per model, with the task's network as its recipe builds it."""
@@ -78,32 +83,50 @@ def parameter_points(options: TrainOptions, models, sizes) -> list[SweepPoint]:
 
 
 def rate_points(model: str, penalties) -> list[SweepPoint]:
-    """One point per firing-rate penalty λ."""
+    """One point per firing-rate penalty λ, named by its short form (``1e-05``) unless that
+    stands for another number too (``0.1000001``: then its exact form)."""
     return [
-        SweepPoint(f"{model}-rate-{penalty:g}", model, (f"rate_penalty={penalty!r}",))
+        SweepPoint(f"{model}-rate-{_short(penalty)}", model, (f"rate_penalty={penalty!r}",))
         for penalty in penalties
     ]
 
 
-def train_point(point: SweepPoint, out: Path, options: TrainOptions) -> Path:
-    """Train (or resume, or skip if finished) one point; its run directory."""
+def _short(value: float) -> str:
+    return f"{value:g}" if float(f"{value:g}") == value else repr(value)
+
+
+def point_config(point: SweepPoint, out: Path, options: TrainOptions) -> TrainConfig:
+    """The configuration of one point, checked against the run already in its directory (a
+    SweepError naming the point when it cannot be trained)."""
+    try:
+        config = resolve(
+            options.task,
+            point.model,
+            overrides=[*options.overrides, *point.overrides],
+            flags={"epochs": options.epochs, **options.place},
+        )
+    except ConfigError as error:
+        raise SweepError(
+            f"sweep point {point.name}: {error}; fix the sweep's settings (every point is "
+            "checked before any is trained)"
+        ) from None
     run = RunDir(out / point.name)
-    place = {"device": options.device, "data_root": options.data_root}
-    config = resolve(
-        options.task,
-        point.model,
-        overrides=[*options.overrides, *point.overrides],
-        flags={"epochs": options.epochs, **place},
-    )
     if (run.path / SEEDS).is_file():
         _check_same_point(point, run, config, options.seeds)
+    return config
+
+
+def train_point(point: SweepPoint, config: TrainConfig, out: Path, options: TrainOptions) -> Path:
+    """Train (or resume, or skip if finished) one point with its ``config``; its run
+    directory."""
+    run = RunDir(out / point.name)
     summary = run.read_summary()
     if summary is not None and summary.get("status") == "complete":
         return run.path
     try:
         if run.path.exists():
             print(f"sweep point {point.name}: resuming {run.path}", file=sys.stderr)
-            jobs.resume(run.path, **place, progress=options.progress)
+            jobs.resume(run.path, **options.place, progress=options.progress)
         else:
             settings = " ".join([*options.overrides, *point.overrides])
             print(
@@ -143,8 +166,10 @@ def _check_same_point(point: SweepPoint, run: RunDir, config, seeds) -> None:
 def run_sweep(
     points: list[SweepPoint], out: Path, options: TrainOptions, x: str, real_delays: bool = True
 ) -> list[compare.Row]:
-    """Train every point, then write ``table.md``, ``table.csv`` and ``figure.png`` in ``out``."""
-    run_dirs = [train_point(point, out, options) for point in points]
+    """Check every point, then train them, then write ``table.md``, ``table.csv`` and
+    ``figure.png`` in ``out``."""
+    configs = [point_config(point, out, options) for point in points]
+    run_dirs = [train_point(*job, out, options) for job in zip(points, configs)]
     rows = compare.compare(run_dirs, real_delays)
     compare.write_outputs(rows, out / "table.md", out / "table.csv", out / "figure.png", x)
     return rows

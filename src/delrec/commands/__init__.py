@@ -5,7 +5,7 @@ Exit codes (every command):
 
 * 0 — success;
 * 1 — a failure at run time: training diverged or lost a process, a download failed, a seed
-  run side by side failed, a file could not be written;
+  run side by side failed, a file could not be written, the memory ran out;
 * 2 — bad usage or bad input: an unknown option or a bad argument value, a bad
   configuration value, a missing, corrupt or unsuitable file or run directory, a run
   directory in use by another process;
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from delrec.analysis.compare import CompareError
 from delrec.analysis.sweeps import SweepError
@@ -34,9 +35,9 @@ EXIT_USAGE = 2
 MAX_SEEDS = 100_000  # seeds one --seeds may name
 EXIT_CODES_HELP = (
     "exit codes: 0 success; 1 a failure at run time (training diverged, download failed, a "
-    "file could not be written); 2 bad usage or bad input (unknown option, bad configuration "
-    "value, missing or corrupt file, run directory in use); 130 interrupted (Ctrl-C); 143 "
-    "terminated (SIGTERM)"
+    "file could not be written, out of memory); 2 bad usage or bad input (unknown option, bad "
+    "configuration value, missing or corrupt file, run directory in use); 130 interrupted "
+    "(Ctrl-C); 143 terminated (SIGTERM)"
 )
 
 
@@ -50,6 +51,7 @@ _EXIT_CODES = (
     (TrainingError, EXIT_FAILURE),
     (ImportError, EXIT_FAILURE),  # an optional package is missing
     (OSError, EXIT_FAILURE),
+    (MemoryError, EXIT_FAILURE),
     (UsageError, EXIT_USAGE),
     (ConfigError, EXIT_USAGE),
     (DataError, EXIT_USAGE),
@@ -76,8 +78,35 @@ def fail(command: str, error: Exception, prefix: str = "") -> int:
     code = exit_code(error)
     if code is None:
         raise error
-    print(f"delrec {command}: error: {prefix}{error}", file=sys.stderr)
+    message = str(error)
+    if isinstance(error, MemoryError):  # numpy names the allocation; Python's own says nothing
+        message = (
+            f"out of memory ({message or 'no detail'}): the sizes asked for (data, network, "
+            "batch size) do not fit this machine; use smaller ones or a machine with more memory"
+        )
+    print(f"delrec {command}: error: {prefix}{message}", file=sys.stderr)
     return code
+
+
+def check_outputs(outputs: dict, protected: set[Path], fix: str) -> None:
+    """A UsageError for an output path (``{option: path or None}``) that resolves, symlinks
+    followed, to a file of ``protected`` (``runs.run_files``) or to another output's file;
+    ``fix`` says where to write instead."""
+    seen: dict[Path, str] = {}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        target = Path(path).resolve()
+        if target in protected:
+            raise UsageError(
+                f"{option} {path} would overwrite {target}, a file of the run being read; {fix}"
+            )
+        if target in seen:
+            raise UsageError(
+                f"{seen[target]} and {option} both name {target}: one would overwrite the other; "
+                "give each its own path"
+            )
+        seen[target] = option
 
 
 def add_set_option(parser: argparse.ArgumentParser, help: str) -> None:

@@ -4,6 +4,7 @@ trained runs learned (validation, loss, firing rate and gradient norm per layer)
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from delrec import files
@@ -212,7 +213,8 @@ def _check_metrics(run_dir: Path, rows: list[dict], metric: str) -> None:
                 number = float(value)
             except (TypeError, ValueError):
                 number = None
-            if number is None or (column == "epoch" and number != int(number)):
+            whole = number is not None and math.isfinite(number) and number == int(number)
+            if number is None or (column == "epoch" and not whole):
                 raise UsageError(
                     f"{run_dir / 'metrics.csv'} line {line}, column {column}: {value!r} is not "
                     "a number of the kind it should be; the file was edited or cut short: "

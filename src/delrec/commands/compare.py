@@ -7,7 +7,8 @@ from pathlib import Path
 
 from delrec import files
 from delrec.analysis import compare
-from delrec.commands import EXIT_CODES_HELP, UsageError
+from delrec.commands import EXIT_CODES_HELP, UsageError, check_outputs
+from delrec.runs import run_files
 
 
 def add_parser(subparsers) -> None:
@@ -39,6 +40,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_outputs(
+        {"--markdown": args.markdown, "--csv": args.csv, "--figure": args.figure},
+        set().union(*(run_files(path) for path in args.run_dirs)),
+        "write the table and figure outside the run directories",
+    )
     if args.figure is not None:
         try:
             files.figure_format(args.figure)

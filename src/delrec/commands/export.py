@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from delrec.commands import EXIT_CODES_HELP, UsageError
+from delrec.commands import EXIT_CODES_HELP, UsageError, check_outputs
 from delrec.deploy.nir_format import export_nir
 from delrec.deploy.report import hardware_report
 from delrec.deploy.targets import format_max_delay_check
-from delrec.runs import default_nir_path, load_network
+from delrec.runs import checkpoint_file, default_nir_path, load_network, run_files
 
 
 def add_parser(subparsers) -> None:
@@ -45,8 +45,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    output = Path(args.output) if args.output else default_nir_path(args.run_dir)
-    net = load_network(args.run_dir, args.checkpoint)
+    default = default_nir_path(args.run_dir)
+    output = Path(args.output) if args.output else default
+    checkpoint = checkpoint_file(args.run_dir, args.checkpoint)
+    # the run's own files, less earlier exports (which a new export replaces)
+    protected = {p for p in run_files(args.run_dir) if p.suffix != ".nir"} | {checkpoint.resolve()}
+    check_outputs({"-o": output}, protected, f"write the NIR file elsewhere, e.g. -o {default}")
+    net = load_network(checkpoint)
     limit = hardware_report(net)["max_delay"]
     if not limit["pass"]:
         raise UsageError(

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from delrec.analysis import compare, sweeps
+from delrec.analysis.gradients import MAX_SIZE
 from delrec.commands import (
     EXIT_CODES_HELP,
     UsageError,
@@ -113,8 +114,12 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep_command == "models":
         points, x = sweeps.model_points(args.models), "parameters"
     elif args.sweep_command == "params":
-        if not args.sizes or min(args.sizes) < 1 or len(set(args.sizes)) < len(args.sizes):
-            raise UsageError(f"--sizes must be distinct positive sizes, got {list(args.sizes)}")
+        sizes = list(args.sizes)
+        if not sizes or len(set(sizes)) < len(sizes) or not all(0 < n <= MAX_SIZE for n in sizes):
+            raise UsageError(
+                f"--sizes must be distinct hidden sizes in 1…{MAX_SIZE} (neurons of a layer), "
+                f"got {sizes}"
+            )
         points, x = sweeps.parameter_points(options, args.models, args.sizes), "parameters"
     else:
         penalties = list(args.penalties)

@@ -5,9 +5,10 @@ URL with its published MD5. The archive is fetched into ``<name>.part`` (resumed
 current size when present, keeping every byte that arrived before a stall), verified, then
 extracted next to it, and removed. The MD5 of the extracted file is recorded beside it in
 ``<file>.md5`` (``md5sum`` format); a file that is already there is checked against that
-record (or, put there by hand, for its format) before it is reported. Interrupted transfers
-are resumed automatically (``retries`` times); without a network connection the first
-attempt fails at once with a DataError saying where to put the files by hand.
+record (or, put there by hand or beside a damaged record, for its format) before it is
+reported. Interrupted transfers are resumed automatically (``retries`` times); without a
+network connection the first attempt fails at once with a DataError saying where to put the
+files by hand.
 
 A mirror (``mirror=``, ``delrec data download --mirror``, or the environment variable
 ``DELREC_MIRROR``) replaces the official servers: a base URL (``https://…``, ``file://…``)
@@ -19,6 +20,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import sys
 import urllib.error
 import urllib.parse
@@ -121,10 +123,17 @@ def record_path(target: Path) -> Path:
 
 
 def _recorded_md5(target: Path) -> str | None:
+    """The MD5 recorded beside ``target``; ``None`` when there is no record or it is damaged
+    (not 32 hex digits, not text)."""
     try:
-        return record_path(target).read_text().split()[0]
-    except (OSError, IndexError):
+        recorded = record_path(target).read_bytes().split()[0].decode("ascii").lower()
+    except (OSError, IndexError, UnicodeDecodeError):
         return None
+    return recorded if re.fullmatch("[0-9a-f]{32}", recorded) else None
+
+
+def _write_record(target: Path, digest: str) -> None:
+    write_text(record_path(target), f"{digest}  {target.name}\n")
 
 
 class _Interrupted(Exception):
@@ -191,13 +200,14 @@ def _extract(archive: Path, target: Path) -> None:
         raise DownloadError(
             f"{archive} could not be extracted ({exc}): delete it and download again"
         ) from exc
-    write_text(record_path(target), f"{digest.hexdigest()}  {target.name}\n")
+    _write_record(target, digest.hexdigest())
 
 
 def _check_extracted(target: Path, name: str) -> bool:
     """Whether ``target`` (already there) is whole: its MD5 equals the one recorded when it was
     extracted (False, with a notice, when it differs: it is fetched again), or, put there by
-    hand without a record, its format is right (a DataError naming the fix when it is not)."""
+    hand without a record or beside a damaged one, its format is right (a DataError naming the
+    fix when it is not); a damaged record is then written anew."""
     recorded = _recorded_md5(target)
     if recorded is not None:
         digest = md5_of(target)
@@ -216,6 +226,13 @@ def _check_extracted(target: Path, name: str) -> bool:
             f"{target} is already there but {problem}; delete it and run "
             f"`delrec data download {name} --to {target.parent}` again"
         )
+    if record_path(target).is_file():  # a damaged record: the file is whole, record it anew
+        print(
+            f"note: {record_path(target)} is damaged (not an MD5); {target} has the right "
+            "format: its MD5 is recorded again",
+            file=sys.stderr,
+        )
+        _write_record(target, md5_of(target))
     return True
 
 

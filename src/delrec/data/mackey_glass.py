@@ -25,6 +25,7 @@ from .core import DatasetInfo, SeriesWindows
 from .errors import DataError
 
 SPLIT_FRACTIONS = {"train": (0.0, 0.6), "valid": (0.6, 0.8), "test": (0.8, 1.0)}
+MAX_VALUES = 10**8  # integration steps, and window values of a split: 800 MB as float64
 
 
 def _int_power(x: np.ndarray, n: int) -> np.ndarray:
@@ -63,10 +64,16 @@ def mackey_glass(
             raise DataError(f"Mackey-Glass: {key}={value} must be a positive multiple of dt={dt}")
     if not (isinstance(n, (int, np.integer)) and n >= 1):
         raise DataError(f"Mackey-Glass: exponent n={n} must be a positive integer")
-    if samples < 1:
-        raise DataError(f"Mackey-Glass: samples={samples} must be positive")
+    if not (isinstance(samples, (int, np.integer)) and samples >= 1):
+        raise DataError(f"Mackey-Glass: samples={samples} must be a positive integer")
     delay, stride = steps["tau"], steps["sample_every"]
     last = steps["discard"] + (samples - 1) * stride
+    if max(last + 1, delay) > MAX_VALUES:
+        raise DataError(
+            f"Mackey-Glass: samples={samples}, discard={discard}, sample_every={sample_every} "
+            f"and tau={tau} at dt={dt} need {max(last + 1, delay):.3g} integration steps, more "
+            f"than {MAX_VALUES:.0e}: use fewer samples (the default is 6000) or a larger dt"
+        )
     x = np.empty(last + 1)
     x[0] = x0
     a = 1.0 - gamma * dt
@@ -105,6 +112,12 @@ def load_mackey_glass(
         raise DataError(
             f"Mackey-Glass: the {split} segment has {len(segment)} samples, too few "
             f"for window={window} plus horizon={horizon}: use more samples"
+        )
+    if count * window > MAX_VALUES:
+        raise DataError(
+            f"Mackey-Glass: the {split} split holds {count} windows of {window} samples, "
+            f"{count * window:.3g} values, more than {MAX_VALUES:.0e}: use fewer samples or a "
+            "shorter window"
         )
     starts = np.arange(count)
     windows = segment[starts[:, None] + np.arange(window)]

@@ -35,6 +35,8 @@ layer with ``DelRec(..., engine=name)``.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,8 +72,11 @@ class EnginePath:
     ``runs_on(device)``: whether it can run on that device here (the C++ kernels built, a GPU
     library importable); it warns once itself when it should (``delrec.engine.native.load``
     does for the C++ kernels). ``float_types``: the dtypes its kernels take (compiled paths:
-    float32 and float64), or None for any of PyTorch's. ``run`` is kept wrapped so that an
-    empty batch never reaches it (module docstring).
+    float32 and float64), or None for any of PyTorch's. ``max_reach``: its kernels take only
+    delays and half-widths with ``max|1 + d| + max w`` (:func:`kernel_reach`) below this many
+    steps (``cpp-synaptic``'s plan: :data:`delrec.engine.synaptic.CPP_REACH`, under
+    ``MAX_DELAY``). ``run`` is kept wrapped so that an empty batch never reaches it (module
+    docstring).
     """
 
     name: str
@@ -84,6 +89,7 @@ class EnginePath:
     loop_dropout: bool = False
     runs_on: Callable[[torch.device], bool] = _anywhere
     float_types: tuple[torch.dtype, ...] | None = None
+    max_reach: float = math.inf
 
     def __post_init__(self):
         if not getattr(self.run, "empty_batch_safe", False):
@@ -156,6 +162,7 @@ PATHS: dict[str, EnginePath] = {
             stateful=True,
             runs_on=_cpu_kernels("synaptic"),
             float_types=FLOATS,
+            max_reach=synaptic.CPP_REACH,
         ),
         EnginePath(
             "triton-axonal",
@@ -205,6 +212,13 @@ def check_engine(engine: str, neuron: nn.Module) -> None:
         )
 
 
+def kernel_reach(delay: Tensor, width: Tensor | float) -> float:
+    """``max|1 + d| + max w`` in steps: how far the kernels of ``delay`` (``(N,)`` or
+    ``(N, N)``) and half-width ``width`` (a number or ``(N,)``) reach (one device sync)."""
+    longest = float((1.0 + delay.detach()).abs().max())
+    return longest + float(torch.as_tensor(width).detach().max())
+
+
 def select(
     delay_type: str,
     neuron: nn.Module,
@@ -215,6 +229,7 @@ def select(
     engine: str = "auto",
     state: bool = False,
     dtype: torch.dtype = torch.float32,
+    reach: Callable[[], float] | None = None,
 ) -> EnginePath:
     """The one path that runs this configuration on ``device``.
 
@@ -226,9 +241,23 @@ def select(
     LIF is required) or a path name such as ``"reference"`` (that path, or an error saying why
     it can't run). ``state``: the layer runs a chunk from a state (a stateful path is needed).
     ``dtype``: the float type of the layer (the compiled paths take float32 and float64).
+    ``reach``: returns the layer's :func:`kernel_reach`, asked (once) only where a path with a
+    ``max_reach`` could run; ``"auto"`` passes over a path it exceeds. None: not checked.
     """
     if delay_type not in DELAY_TYPES:
         raise ValueError(f"delay_type must be one of {DELAY_TYPES}, got {delay_type!r}")
+    reached = functools.cache(reach) if reach is not None else None
+
+    def fits(path: EnginePath) -> bool:
+        return reached is None or path.max_reach == math.inf or reached() < path.max_reach
+
+    def runs(path: EnginePath) -> bool:
+        return (
+            path.supports(delay_type, neuron, integer, grad, state)
+            and path.available(device, dtype)
+            and fits(path)
+        )
+
     if engine in PATHS:
         path = PATHS[engine]
         if not path.supports(delay_type, neuron, integer, grad, state):
@@ -248,12 +277,17 @@ def select(
                 f"engine path {engine!r} takes {path.float_types}, not {dtype}; convert the "
                 "layer and its input, or use engine='auto'"
             )
+        if not fits(path):
+            other = next((p.name for p in PATHS.values() if runs(p)), "reference")
+            raise ValueError(
+                f"engine path {engine!r} takes delays and half-widths with max|1 + d| + max w "
+                f"below {path.max_reach:g} steps, this layer's reach {reached():g}; use "
+                f"engine={other!r} (or 'auto', which does)"
+            )
         return path
     check_engine(engine, neuron)
     for path in PATHS.values():
-        if path.supports(delay_type, neuron, integer, grad, state) and path.available(
-            device, dtype
-        ):
+        if runs(path):
             return path
     raise RuntimeError(
         f"no engine path runs {delay_type} delays for {dtype} on {torch.device(device)}"
@@ -267,6 +301,7 @@ __all__ = [
     "EnginePath",
     "RecurrentState",
     "check_engine",
+    "kernel_reach",
     "reference_recurrence",
     "register",
     "select",

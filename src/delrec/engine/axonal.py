@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from delrec.engine import native
+from delrec.engine.autograd import RECURRENT, first_order
 from delrec.engine.dropout import MaskDraw
 from delrec.engine.dropout import native as native_mask
 from delrec.engine.lif import LIFMap, triangle_taps, width_vector
@@ -154,6 +155,7 @@ class _AxonalRecurrence(torch.autograd.Function):
         return spikes, v_last
 
     @staticmethod
+    @first_order(*RECURRENT)
     def backward(ctx, grad_spikes, _grad_v_last):
         membrane, trace, slope, support, weight, delay, width, mask = ctx.saved_tensors
         lif: LIFMap = ctx.lif

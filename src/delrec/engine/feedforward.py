@@ -43,9 +43,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from delrec.engine import native
+from delrec.engine.autograd import first_order
 
 
 # --------------------------------------------------------------------------- the reference
@@ -107,7 +107,10 @@ class _TwoTaps(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order(
+        "the two-tap FeedforwardDelay engine",
+        "build the layer with engine='reference' (the convolution, by autograd)",
+    )
     def backward(ctx, grad_y):
         kept, weight, position = ctx.saved_tensors
         need_x, need_w, need_p, need_b = ctx.needs_input_grad[:4]

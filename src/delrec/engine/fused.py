@@ -31,12 +31,19 @@ from torch import Tensor, nn
 
 from delrec.engine import native
 from delrec.engine import triton as gpu
+from delrec.engine.autograd import first_order
 from delrec.engine.dropout import MaskDraw, reference_mask
 from delrec.engine.dropout import native as native_mask
 from delrec.engine.lif import LIFMap
 from delrec.neurons import LIFParameters
 
 NETWORK_ENGINES = ("fused", "reference")  # the choices of the network's feedforward engine
+NETWORK = (
+    "the fused network engine (LIF layers, readout, BatchNorm)",
+    "run the network's feedforward layers by autograd, "
+    "delrec.models.set_feedforward_engine(network, 'reference'), and its DelRec layers with "
+    "engine='reference'",
+)
 
 
 def _triton_kernels(device_type: str):
@@ -107,6 +114,7 @@ class _LIFLayer(torch.autograd.Function):
         return spikes
 
     @staticmethod
+    @first_order(*NETWORK)
     def backward(ctx, grad_spikes):
         (membrane,) = ctx.saved_tensors
         lif: LIFMap = ctx.lif
@@ -160,6 +168,7 @@ class _Integrator(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order(*NETWORK)
     def backward(ctx, grad_out):
         grad_current = torch.empty_like(grad_out, memory_format=torch.contiguous_format)
         ctx.kernels.integrator_backward(grad_out.contiguous(), *ctx.constants, grad_current)
@@ -188,8 +197,8 @@ class _Dropout(torch.autograd.Function):
         return _times_mask(x, draw, kernels)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        return _times_mask(grad_out, ctx.draw, ctx.kernels), None, None
+    def backward(ctx, grad_out):  # x ⊙ m again: differentiable any number of times
+        return _Dropout.apply(grad_out, ctx.draw, ctx.kernels), None, None
 
 
 def dropped(x: Tensor, draw: MaskDraw) -> Tensor:
@@ -229,6 +238,7 @@ class _BatchNorm(torch.autograd.Function):
         return out, mean, var
 
     @staticmethod
+    @first_order(*NETWORK)
     def backward(ctx, grad_out, _grad_mean, _grad_var):
         y, mean, invstd, weight = ctx.saved_tensors
         grad = grad_out.contiguous()

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from delrec.delays import recurrent_kernel
 from delrec.engine.state import RecurrentState, kept_history, next_history
+from delrec.neurons import check_step
 
 
 def reference_recurrence(
@@ -47,8 +48,11 @@ def reference_recurrence(
             arriving = torch.einsum("ij,bjl->bil", weight, s_t.unsqueeze(-1) * kernel)
         return F.pad((future + arriving)[..., 1:], (0, 1))
 
-    # future[b, i, k]: recurrent input reaching neuron i in k steps (k = 0 is now).
+    # future[b, i, k]: recurrent input reaching neuron i in k steps (k = 0 is now); a zero
+    # connected to the weights and the kernel, so that they get zero gradients (not None) where
+    # no spike reaches a later step (T = 1), as on every other path
     future = current.new_zeros(current.shape[1], current.shape[2], kernel.shape[-1])
+    future = future + 0.0 * (weight.sum() + kernel.sum())
     if state is None:
         neuron_state = neuron.initial_state(current[0])
     else:
@@ -59,6 +63,7 @@ def reference_recurrence(
     for c_t in current:
         recurrent = future[..., 0] if mask is None else mask * future[..., 0]
         s_t, neuron_state = neuron.step(c_t + recurrent, neuron_state)
+        check_step(neuron, c_t, s_t)
         spikes.append(s_t)
         future = advance(future, s_t)
     spikes = torch.stack(spikes)

@@ -256,7 +256,8 @@ def cpp_ring_recurrence(
     if state is None:
         v, past, length = current.new_full((batch, n), lif.v0), empty, 0
     else:
-        v, past = state.neuron[0].to(current.dtype), state.spikes.to(current.dtype).contiguous()
+        v = state.neuron[0].to(current.dtype).contiguous()  # a state may be a slice or a view
+        past = state.spikes.to(current.dtype).contiguous()
         length = kept_history(past, current.shape[0], history_length(delay, 1.0))
     into = (torch.empty_like(v), empty, current.new_empty(length, batch, n))
     spikes, v, _, history = layer.run(current, v, empty, past, mask, into)

@@ -55,8 +55,13 @@ from torch import Tensor, nn
 
 from delrec.delays import kernel_support, triangle_kernel
 from delrec.engine import native
+from delrec.engine.autograd import RECURRENT, first_order
 from delrec.engine.lif import LIFMap, triangle_taps, width_vector
 from delrec.engine.state import RecurrentState, empty_batch_safe, run_lif
+
+# the C++ plan takes kernels with max|1 + d| + max w below this many steps (csrc/synaptic.cpp:
+# plan), short of MAX_DELAY: engine selection passes longer ones to torch-synaptic
+CPP_REACH = 30000.0
 
 
 class _SlotPlan:
@@ -167,6 +172,7 @@ class _SynapticSlots(torch.autograd.Function):
         return spikes, v_last
 
     @staticmethod
+    @first_order(*RECURRENT)
     def backward(ctx, grad_spikes, _grad_v_last):
         history, membrane, weight_in, mask = ctx.saved_tensors
         lif: LIFMap = ctx.lif
@@ -333,6 +339,7 @@ class _LagStacked(torch.autograd.Function):
         return spikes.to(dtype), v
 
     @staticmethod
+    @first_order(*RECURRENT)
     def backward(ctx, grad_spikes, _grad_v_last):
         spikes, membrane, kernel, mask = ctx.saved_tensors
         lif: LIFMap = ctx.lif

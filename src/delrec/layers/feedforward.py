@@ -126,29 +126,57 @@ class FeedforwardDelay(nn.Module):
                 f"FeedforwardDelay runs float32 and float64 inputs, got {x.dtype}; convert the "
                 "layer and its input with .float()"
             )
-        if not bool(self.position.detach().isfinite().all()):  # one device sync
+        if x.dtype != self.weight.dtype:
             raise ValueError(
-                f"the positions (delays) of FeedforwardDelay({self.in_features}, "
-                f"{self.out_features}) hold NaN or Inf: find where they came from "
-                "(torch.isfinite), e.g. a diverged training run (restore a checkpoint, lower the "
-                "learning rate)"
+                f"FeedforwardDelay's input ({x.dtype}) and parameters ({self.weight.dtype}) must "
+                "share one dtype; convert the layer or the input with .to(dtype)"
             )
+        past = self.kernel_size - 1
+        if state is not None and (
+            not torch.is_tensor(state) or tuple(state.shape) != (past, *x.shape[1:])
+        ):
+            got = tuple(state.shape) if torch.is_tensor(state) else type(state).__name__
+            raise ValueError(
+                f"FeedforwardDelay state must be the tensor of the last K-1 inputs ({past}, "
+                f"{x.shape[1]}, {self.in_features}) that return_state=True gave, got {got}"
+            )
+        self._check_values(x, state)
         path = engines.select(x.device, self.engine)
-        position, past = self.effective_position(), self.kernel_size - 1
+        position = self.effective_position()
         if state is None:
             out = path.run(x, self.weight, position, self.bias, self.kernel_size)
             signal = torch.cat([x.new_zeros(past, *x.shape[1:]), x]) if return_state else x
         else:
-            if tuple(state.shape) != (past, *x.shape[1:]):
-                raise ValueError(
-                    f"FeedforwardDelay state must be the last K-1 inputs ({past}, {x.shape[1]}, "
-                    f"{self.in_features}), got {tuple(state.shape)}"
-                )
             signal = torch.cat([state.to(x.dtype), x])  # (K-1+T, B, I): the chunk's outputs
             out = path.run(signal, self.weight, position, self.bias, self.kernel_size)[past:]
         if return_state:
             return out, signal[signal.shape[0] - past :].detach().clone()
         return out
+
+    def _check_values(self, x: Tensor, state: Tensor | None) -> None:
+        """Raises a ValueError naming what holds NaN or Inf: the positions, the input or the
+        state (one device sync: a sum of each, NaN and Inf propagate into it)."""
+        named = {"positions (delays)": self.position, "input": x}
+        if state is not None:
+            named["state"] = state
+        sums = [
+            v.detach().sum(dtype=torch.promote_types(v.dtype, torch.float32))
+            for v in named.values()
+        ]
+        if bool(torch.stack(sums).isfinite().all()):
+            return
+        layer = f"FeedforwardDelay({self.in_features}, {self.out_features})"
+        for name, value in named.items():
+            if not bool(value.detach().isfinite().all()):
+                cause = (
+                    "e.g. a diverged training run (restore a checkpoint, lower the learning rate)"
+                    if value is self.position
+                    else "check the data and the layers before this one"
+                )
+                raise ValueError(
+                    f"NaN or Inf in the {name} of {layer}: find where they came from "
+                    f"(torch.isfinite), {cause}"
+                )
 
     @property
     def position_limit(self) -> int:

@@ -9,11 +9,18 @@ import torch
 from torch import Tensor, nn
 
 from delrec import delays as delay_fns
-from delrec.engine import DELAY_TYPES, RecurrentState, check_engine, fused, select
+from delrec.engine import (
+    DELAY_TYPES,
+    RecurrentState,
+    check_engine,
+    fused,
+    kernel_reach,
+    select,
+)
 from delrec.engine.dropout import MaskDraw, check_probability
 from delrec.engine.lif import LIFMap
 from delrec.layers.sizes import check_size
-from delrec.neurons import LIF, as_neuron, check_state
+from delrec.neurons import LIF, as_neuron, check_state, refuse_nonfinite
 
 
 class DelRecState(NamedTuple):
@@ -193,8 +200,10 @@ class DelRec(nn.Module):
         fresh mask; ``return_state=True`` returns ``(spikes, state)``, the state after the last
         step (batched, ``B = 1`` for an unbatched input). Running a sequence in chunks this way
         gives the spikes of one pass. A returned state carries no gradient (chunks are
-        truncated BPTT); gradients reach a given state. ``dropout_mask`` ``(B, N)`` overrides
-        the recurrent dropout mask (for tests and replay). ``input_dropout``: drop elements of
+        truncated BPTT); gradients reach a given state. In eval mode a state's dropout mask is
+        not applied (recurrent dropout is the identity there) but stays in the returned state.
+        ``dropout_mask`` ``(B, N)`` overrides the recurrent dropout mask, in either mode (for
+        tests and replay). ``input_dropout``: drop elements of
         ``current`` with this mask (:mod:`delrec.engine.dropout`, as
         :class:`~delrec.layers.dropout.Dropout` does) before the layer: inside the engine's loop
         where the path can (``cpp-axonal``), saving the dropped current's pass through memory,
@@ -211,6 +220,8 @@ class DelRec(nn.Module):
         if state is not None:
             self._check_state(state, current)
         mask = self._recurrent_mask(current, state, dropout_mask)
+        # a state's mask stays with the sequence, but dropout is the identity in eval
+        applied = mask if self.training or dropout_mask is not None else None
         if callable(output_dropout):
             output_dropout = output_dropout()
         for name, draw in (("input_dropout", input_dropout), ("output_dropout", output_dropout)):
@@ -227,6 +238,7 @@ class DelRec(nn.Module):
             or (state is not None and any(x.requires_grad for x in (*state.neuron, state.spikes)))
         )
         stateful = state is not None or return_state
+        delay, width = self.delays_and_width()
         path = select(
             self.delay_type,
             self.neuron,
@@ -236,8 +248,8 @@ class DelRec(nn.Module):
             engine=self.engine,
             state=stateful,
             dtype=current.dtype,
+            reach=lambda: kernel_reach(delay, width),
         )
-        delay, width = self.delays_and_width()
         options = {}  # the masks drawn in the engine's loops, forward and backward
         in_loop = path.loop_dropout and not stateful
         if input_dropout is not None:
@@ -249,7 +261,7 @@ class DelRec(nn.Module):
         if output_dropout is not None and in_loop:
             options["output_dropout"] = output_dropout
         if not stateful:
-            spikes = path.run(current, self.weight, delay, width, self.neuron, mask, **options)
+            spikes = path.run(current, self.weight, delay, width, self.neuron, applied, **options)
             if behind is not None:
                 spikes = fused.dropped(spikes, behind)
             return spikes.squeeze(1) if unbatched else spikes
@@ -259,7 +271,7 @@ class DelRec(nn.Module):
         else:
             start = RecurrentState(tuple(state.neuron), state.spikes)
         spikes, final = path.run(
-            current, self.weight, delay, width, self.neuron, mask, state=start, **options
+            current, self.weight, delay, width, self.neuron, applied, state=start, **options
         )
         if behind is not None:
             spikes = fused.dropped(spikes, behind)
@@ -272,27 +284,27 @@ class DelRec(nn.Module):
     def _recurrent_mask(
         self, current: Tensor, state: DelRecState | None, dropout_mask: Tensor | None
     ) -> Tensor | None:
-        """The recurrent dropout mask ``(B, N)`` of this forward: the one given, the state's
-        (the sequence's), or a fresh draw (None when recurrent dropout is off)."""
+        """The recurrent dropout mask ``(B, N)`` of the sequence, in the input's dtype: the one
+        given, the state's, or a fresh draw (None when recurrent dropout is off or in eval)."""
         if dropout_mask is not None:
-            if dropout_mask.dtype.is_complex or not (
-                dropout_mask.dtype.is_floating_point or dropout_mask.dtype == torch.bool
-            ):
-                raise TypeError(
-                    f"dropout_mask must hold floats (0 or 1/(1-p)) or booleans, got "
-                    f"{dropout_mask.dtype}"
-                )
-            mask = dropout_mask.to(current.dtype)
+            mask, name = dropout_mask, "dropout_mask"
         elif state is not None:
-            mask = state.mask
+            mask, name = state.mask, "state.mask"
         else:
-            mask = self._draw_dropout_mask(current)
-        if mask is not None and mask.shape != current.shape[1:]:
+            return self._draw_dropout_mask(current)
+        if mask is None:
+            return None
+        if not torch.is_tensor(mask) or not (
+            mask.dtype.is_floating_point or mask.dtype == torch.bool
+        ):
+            got = mask.dtype if torch.is_tensor(mask) else type(mask).__name__
+            raise TypeError(f"{name} must hold floats (0 or 1/(1-p)) or booleans, got {got}")
+        if mask.shape != current.shape[1:]:
             raise ValueError(
-                f"dropout_mask must have shape (B, N) = {tuple(current.shape[1:])}, "
+                f"{name} must have shape (B, N) = {tuple(current.shape[1:])}, "
                 f"got {tuple(mask.shape)}"
             )
-        return mask
+        return mask.to(current.dtype)
 
     def _check_state(self, state: DelRecState, current: Tensor) -> None:
         batch = current.shape[1]
@@ -375,15 +387,7 @@ class DelRec(nn.Module):
                     "from (torch.isfinite), e.g. a diverged training run (restore a checkpoint, "
                     "lower the learning rate)"
                 )
-        bad = (~torch.isfinite(current)).nonzero()
-        if len(bad):
-            t, b, i = bad[0].tolist()
-            raise ValueError(
-                f"the input current of DelRec({self.size}) is not finite: "
-                f"{current[t, b, i].item()} at step {t}, batch item {b}, neuron {i}; NaN or Inf "
-                "in a layer's input silences its neurons and spoils every gradient: check the "
-                "data and the layers before this one (torch.isfinite)"
-            )
+        refuse_nonfinite(current, f"DelRec({self.size})")
         delay_fns.check_delays(delay, f"DelRec({self.size}) delays")
         delay_fns.check_sigma(self.sigma, f"DelRec({self.size}).sigma")
 

@@ -8,10 +8,17 @@ import os
 import torch
 from torch import Tensor
 
+from delrec.checkpoint import CheckpointError, unusable
 from delrec.config import resolve_device
 from delrec.layers import DelRec
 from delrec.models import SpikingNetwork
-from delrec.runs import checkpoint_config, eval_loader, load_splits, load_trained
+from delrec.runs import (
+    checkpoint_config,
+    checkpoint_file,
+    eval_loader,
+    load_splits,
+    load_trained,
+)
 from delrec.training.objectives import make_objective
 
 
@@ -58,7 +65,8 @@ def evaluate_run(
     written by training) on ``split``, with integer delays or, with ``spread``, the
     real-valued delays and the σ saved with that checkpoint (the σ of its epoch).
     ``data_root``: where the data set's files are now, if they moved."""
-    payload, network = load_trained(run_dir, checkpoint)
+    file = checkpoint_file(run_dir, checkpoint)
+    payload, network = load_trained(file)
     config = checkpoint_config(payload, run_dir, device=device, data_root=data_root or None)
     target = resolve_device(config.device)
     network = network.to(target)
@@ -68,7 +76,13 @@ def evaluate_run(
     data = load_splits(config, splits=(split,), stored=payload)
     objective = make_objective(data.info.task, network.config.readout, data.standardization)
     loader = eval_loader(data.datasets[split], batch_size or config.eval_batch_size)
-    metrics, _ = evaluate(network, loader, objective, target)
+    try:
+        metrics, _ = evaluate(network, loader, objective, target)
+    except ValueError as error:  # a value the layers refuse: delays beyond max_delay, overflow
+        raise CheckpointError(
+            f"the network in {file} cannot be evaluated ({unusable(error)}): the file was "
+            "edited or damaged; use the run's other checkpoint or retrain"
+        ) from None
     sigma = max((float(m.sigma) for m in layers if m.learn_delays), default=0.0)
     return {
         "run_dir": str(run_dir),

@@ -40,19 +40,33 @@ class TrainingError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- pieces
+def device_memory(device: torch.device) -> int:
+    """The memory of ``device`` in bytes: the machine's RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _build_in_memory(network_config, seed: int, device: torch.device) -> SpikingNetwork:
-    """``build_network`` on ``device``, or a TrainingError naming the sizes when the weights do
-    not fit in its memory (torch's allocator error is a traceback about bytes)."""
-    try:
-        return build_network(network_config, seed=seed).to(device)
-    except (RuntimeError, MemoryError) as error:
-        if "allocate" not in str(error) and not isinstance(error, MemoryError):
-            raise
-        raise TrainingError(
-            f"the network's weights do not fit in the memory of {device} (hidden_sizes "
-            f"{list(network_config.hidden_sizes)}, {network_config.input_size} inputs); "
-            "set smaller network.hidden_sizes"
-        ) from None
+    """``build_network`` on ``device``, or a TrainingError naming the sizes when its weights,
+    their gradients and Adam's two moments (4 float32 copies) would not fit in its memory —
+    refused before any allocation, as the kernel would kill a process that overcommits instead
+    of raising — or when the allocator says so (its error is a traceback about bytes)."""
+    training_bytes = 4 * 4 * network_config.weight_count()
+    error = None
+    if training_bytes > device_memory(device):
+        error = f"about {training_bytes / 1e9:.3g} GB to train, more than {device} has"
+    else:
+        try:
+            return build_network(network_config, seed=seed).to(device)
+        except (RuntimeError, MemoryError) as raised:
+            if "allocate" not in str(raised) and not isinstance(raised, MemoryError):
+                raise
+    raise TrainingError(
+        f"the network's weights do not fit in the memory of {device} (hidden_sizes "
+        f"{list(network_config.hidden_sizes)}, {network_config.input_size} inputs"
+        f"{'; ' + error if error else ''}); set smaller network.hidden_sizes"
+    ) from None
 
 
 def delay_tensors(network: SpikingNetwork) -> dict[str, Tensor]:

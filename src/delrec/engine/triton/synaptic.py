@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from delrec.engine.autograd import RECURRENT, first_order
 from delrec.engine.lif import LIFMap
 from delrec.engine.synaptic import lag_kernel_grad, lag_stacked_kernel
 from delrec.engine.triton.lif import (
@@ -216,6 +217,7 @@ class _TritonLagStacked(torch.autograd.Function):
         return spikes
 
     @staticmethod
+    @first_order(*RECURRENT)
     def backward(ctx, grad_spikes):
         spikes, membrane, kernel, mask = ctx.saved_tensors
         lif, kmin = ctx.lif, ctx.kmin
