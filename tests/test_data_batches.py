@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -161,3 +164,48 @@ def test_augmentation_works_through_the_loader(shd_train):
     batches = list(make_loader(aug, batch_size=16, shuffle=True, seed=0))
     assert sum(len(b.targets) for b in batches) == 3 * len(shd_train)
     assert all(b.frames.shape[0] == int(b.lengths.max()) for b in batches)
+
+
+class _SignalledInWorker(torch.utils.data.Dataset):
+    """Items 0…7; a loader worker sends itself Ctrl-C and SIGTERM while it fetches item 0,
+    as a terminal or a scheduler signals the whole process group."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        if i == 0 and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return torch.full((2, 1), float(i)), i
+
+
+def test_loader_workers_leave_ctrl_c_and_sigterm_to_the_main_process():
+    labels = [b.targets.tolist() for b in make_loader(_SignalledInWorker(), 4, num_workers=1)]
+    assert labels == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+_interrupt_at_fork = False
+
+
+def _interrupt_the_parent():
+    if _interrupt_at_fork:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+os.register_at_fork(after_in_parent=_interrupt_the_parent)
+
+
+def test_ctrl_c_while_workers_start_interrupts_instead_of_being_dropped():
+    """Raised inside Python's fork handlers, a KeyboardInterrupt is dropped ("Exception
+    ignored"); the loader holds it while its workers start and raises it afterwards."""
+    global _interrupt_at_fork
+    loader = make_loader(_SignalledInWorker(), 4, num_workers=1)
+    _interrupt_at_fork = True
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            iter(loader)
+    finally:
+        _interrupt_at_fork = False
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert len(list(loader)) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import h5py
 import numpy as np
@@ -129,6 +130,22 @@ def test_unreadable_cache_is_rebuilt(shd_dir):
     cache.write_bytes(b"garbage")
     with pytest.warns(UserWarning, match=r"binning cache .* is damaged .*; rebuilding it"):
         assert load_dataset("shd", split="test", root=shd_dir)[0][1] == 7
+
+
+@pytest.mark.parametrize(
+    "valid_fraction, split, empty", [(0.01, "valid", "validation"), (0.99, "train", "training")]
+)
+def test_a_valid_fraction_that_leaves_a_split_empty_is_refused(
+    shd_dir, valid_fraction, split, empty
+):
+    with pytest.raises(DataError, match=f"holds 20 sample.*leaves no {empty} sample"):
+        load_dataset("shd", split=split, root=shd_dir, valid_fraction=valid_fraction)
+
+
+def test_bin_widths_beyond_any_recording_are_refused(shd_dir):
+    for dt_ms in (1e300, 0.0004):
+        with pytest.raises(DataError, match=re.escape(f"dt_ms={dt_ms} must be between 0.001")):
+            dataset_info("shd", dt_ms=dt_ms)
 
 
 def test_missing_directory_and_file(tmp_path):

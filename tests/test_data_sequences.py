@@ -190,3 +190,47 @@ def test_mackey_glass_bad_settings():
         load_dataset("mackey-glass", tau=17.05)
     with pytest.raises(DataError, match="too few"):
         load_dataset("mackey-glass", split="valid", samples=500)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"dt": 0.0}, "the integration step dt=0.0 must be > 0"),
+        ({"x0": 0.0}, "the train segment of the series stays at 0"),  # a fixed point
+        ({"beta": 0.0}, "the train segment of the series stays at 0"),  # decays below float32
+        ({"beta": 1e308}, "the train segment of the series overflows"),
+    ],
+)
+def test_mackey_glass_settings_without_a_series_to_forecast_are_refused(settings, message):
+    with pytest.raises(DataError, match=message):
+        load_dataset("mackey-glass", **settings)
+
+
+def test_setting_types_are_checked_where_settings_enter():
+    for name, settings, message in [
+        ("mackey-glass", {"tau": "abc"}, "tau='abc' must be a finite number"),
+        ("mackey-glass", {"tau": float("inf")}, "tau=inf must be a finite number"),
+        ("mackey-glass", {"horizon": 2.5}, "horizon=2.5 must be a positive integer"),
+        ("mackey-glass", {"window": True}, "window=True must be a positive integer"),
+        ("digits-8x8", {"split_seed": -1}, "split_seed=-1 must be a whole number in 0…"),
+        ("digits-8x8", {"permutation_seed": 1.5}, "permutation_seed=1.5 must be a whole number"),
+        ("shd", {"keep_empty": "yes"}, "keep_empty='yes' must be true or false"),
+        ("shd", {"steps": 50.5}, "steps=50.5 must be a positive integer or null"),
+    ]:
+        for check in (dataset_info, lambda n, **s: load_dataset(n, **s)):
+            with pytest.raises(DataError, match=message):
+                check(name, **settings)
+    assert dataset_info("mackey-glass", tau=30, window=np.int64(20)).steps == 20  # int as float
+
+
+def test_a_permutation_that_is_not_a_list_of_indices_is_refused():
+    with pytest.raises(DataError, match="permutation must be a list of the 64 pixel indices"):
+        load_dataset("digits-8x8", permutation="abc")
+
+
+def test_an_idx_file_without_images_is_refused(mnist_dir):
+    root, _ = mnist_dir
+    write_idx(root / "train-images-idx3-ubyte", np.zeros((0, 28, 28)))
+    write_idx(root / "train-labels-idx1-ubyte", np.zeros(0))
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte holds no images"):
+        load_dataset("psmnist", root=root)

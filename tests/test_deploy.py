@@ -440,7 +440,7 @@ def test_export_command_refuses_soft_reset_cleanly(tmp_path, capsys):
     run = save_run(tmp_path, net)
     # a network NIR cannot express is bad input: exit code 2 (delrec.commands)
     assert main(["export", str(run), "-o", str(tmp_path / "model.nir")]) == 2
-    assert "soft reset" in capsys.readouterr().err
+    assert "--set network.neuron.reset=hard" in capsys.readouterr().err
     assert not (tmp_path / "model.nir").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
         "run"
     ]
@@ -572,11 +572,74 @@ def _edited(edit):
             lambda g: g.edges.append(("layer1.lif", "ghost")),
             "names a node 'ghost' it lacks",
         ),
+        (  # an edge out of the Output node: was ignored, running another network
+            lambda g: g.edges.append(("output", "layer0.lif")),
+            r"the Output node 'output' feeds \['layer0.lif'\]",
+        ),
+        (  # a node feeding a layer but fed by nothing: its bias was ignored
+            lambda g: (
+                g.nodes.update(ghost=nir.Affine(weight=np.ones((8, 8)), bias=np.ones(8))),
+                g.edges.append(("ghost", "layer0.lif")),
+            ),
+            r"nodes \['ghost'\] are not reached from the Input node 'input'",
+        ),
+        (
+            lambda g: setattr(g.nodes["readout"], "weight", np.full((3, 10), "w")),
+            "readout: weight holds values of type <U1, not numbers",
+        ),
+        (
+            lambda g: setattr(g.nodes["layer1.recurrent.delay"], "delay", np.full(10, "d")),
+            "layer1.recurrent.delay: delay holds values of type <U1, not numbers",
+        ),
     ],
 )
 def test_importer_names_what_is_wrong_in_an_edited_graph(edit, problem):
     with pytest.raises(NIRImportError, match=problem):
         import_nir(_edited(edit))
+
+
+def test_import_runs_weights_of_mixed_dtypes_in_one_dtype():
+    """Another tool may store one node's weights in float64 and the rest in float32 (or in
+    integers): every layer runs in the widest float dtype instead of failing at the first step."""
+    graph = to_nir(random_network("delrec"))
+    weights = [n for n in graph.nodes.values() if isinstance(n, (nir.Affine, nir.Linear))]
+    for node in weights:  # values a float32 holds exactly
+        node.weight = node.weight.astype(np.float32).astype(np.float64)
+        if isinstance(node, nir.Affine):
+            node.bias = node.bias.astype(np.float32).astype(np.float64)
+    reference = import_nir(graph)
+    for node in weights[:-1]:
+        node.weight = node.weight.astype(np.float32)
+    stream = import_nir(graph)
+    assert {t.dtype for t in stream.buffers() if t.is_floating_point()} == {torch.float64}
+    x = spike_input(6)
+    out, spikes = stream.run(x)
+    want_out, want_spikes = reference.run(x)
+    assert all(torch.equal(a, b) for a, b in zip(spikes, want_spikes))
+    assert torch.equal(out, want_out)
+    for node in weights:
+        node.weight = np.rint(node.weight * 4).astype(np.int8)
+        if isinstance(node, nir.Affine):
+            node.bias = node.bias.astype(np.float32)
+    assert import_nir(graph).run(x.float())[0].dtype == torch.float32
+
+
+def test_import_names_a_wrong_dt_and_a_folder(tmp_path):
+    graph = to_nir(random_network("delrec"), dt=0.01)
+    with pytest.raises(NIRImportError, match=r"^layer0.lif: r = .*, pass dt \(seconds per step\)"):
+        import_nir(graph, dt=0.02)
+    with pytest.raises(IsADirectoryError, match="is a folder; give the path of a NIR file"):
+        import_nir(tmp_path)
+
+
+def test_report_takes_a_target_by_name_and_refuses_no_batches():
+    net = random_network("delrec")
+    report = hardware_report(net, target="spinnaker")
+    assert report["target"]["target"]["name"] == "spinnaker"
+    loader = [(spike_input(6), torch.zeros(B, dtype=torch.long))]
+    for max_batches in (0, -1):
+        with pytest.raises(ValueError, match="max_batches must be >= 1"):
+            hardware_report(net, loader, max_batches=max_batches)
 
 
 def test_export_refuses_a_dt_that_overflows_and_a_file_in_the_way(tmp_path, capsys):

@@ -1,6 +1,8 @@
 """Streaming runs on the layers' stateful engine: frames one at a time, chunks of any length,
 the compiled loop and the PyTorch-op paths all give ``net.eval()``'s spikes and outputs."""
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -128,3 +130,66 @@ def test_delayed_synapses_read_chunks_like_their_definition():
                     if t - lags[i, j] >= 0:
                         want[t, :, i] += weight[i, j] * x[t - lags[i, j], :, j]
         torch.testing.assert_close(torch.cat([first, second]), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_non_finite_frame_is_refused_and_leaves_the_state_as_it_was(compiled):
+    net = network()
+    stream = StreamingNetwork.from_network(net)
+    state = stream.initial_state(2)
+    x = spikes_in(30)
+    with compiled_loops(compiled):
+        stream.advance(x[:10], state)
+        before = copy.deepcopy(state)
+        bad = x[10:12].clone()
+        bad[1, 1, 2] = float("nan")
+        with pytest.raises(ValueError, match=r"step 11 of the stream \(batch item 1, channel 2\)"):
+            stream.advance(bad, state)
+        with pytest.raises(ValueError, match="inf, not finite"):
+            stream.step(torch.full((2, 4), float("inf"), dtype=torch.float64), state)
+        assert state.t == before.t and all(
+            torch.equal(a, b) for a, b in zip(_tensors(state), _tensors(before))
+        )
+        out, _ = stream.advance(x[10:], state)  # the stream goes on as if never interrupted
+    torch.testing.assert_close(out, net(x)[10:], rtol=1e-12, atol=1e-12)
+
+
+def _tensors(state):
+    """Every tensor of a StreamState: histories, neuron states and latest spikes."""
+    layers = [*state.layers, state.readout]
+    return [t for s in layers for t in (s.inputs, s.spikes, *s.neuron)] + state.spikes
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_an_empty_chunk_changes_nothing(compiled):
+    stream = StreamingNetwork.from_network(network())
+    state = stream.initial_state(2)
+    with compiled_loops(compiled):
+        stream.advance(spikes_in(5), state)
+        before = copy.deepcopy(state)
+        out, spikes = stream.advance(spikes_in(0), state)
+    assert out.shape == (0, 2, 3) and [s.shape for s in spikes] == [(0, 2, 9), (0, 2, 11)]
+    assert state.t == 5 and all(
+        torch.equal(a, b) for a, b in zip(_tensors(state), _tensors(before))
+    )
+
+
+def test_a_state_of_another_stream_or_dtype_is_refused():
+    stream = StreamingNetwork.from_network(network(delay_type="axonal"))
+    other = StreamingNetwork.from_network(network(model="ff+rec"))  # same sizes, other delays
+    x = spikes_in(3)
+    with pytest.raises(ValueError, match=r"layer 0 holds histories of inputs \(4, 2, 4\)"):
+        stream.advance(x, other.initial_state(2))  # its inputs would run as zero history
+    state = stream.initial_state(2)
+    stream.float()
+    with pytest.raises(ValueError, match="moved with .to"):
+        stream.advance(x.float(), state)
+    with pytest.raises(ValueError, match="the input is on meta, the stream on cpu"):
+        stream.step(torch.zeros(2, 4, device="meta"), stream.initial_state(2))
+    with pytest.raises(TypeError, match="torch.as_tensor"):
+        stream.step([0.0] * 4, stream.initial_state(1))
+    with pytest.raises(TypeError, match="StreamState"):
+        stream.step(torch.zeros(4), None)
+    for batch in (0, 2.5, True, "2"):
+        with pytest.raises(ValueError, match="batch_size must be a whole number >= 1"):
+            stream.initial_state(batch)

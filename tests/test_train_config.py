@@ -176,7 +176,15 @@ def test_overrides_file_then_set_then_flags(tmp_path):
         ("seed=99999999999999999999", "seed must be in 0…9223372036854775807"),
         ("batch_size=2.5", "batch_size must be an integer"),
         ("augment=1", "augment must be true or false"),
-        ("augment=true", "augment applies to classification data sets only"),
+        ("augment=true", "augment shifts and thins spike counts, so it applies to shd and ssc"),
+        ("threads=100000000", "threads must be in 1…1024 or null"),  # torch segfaulted
+        ("num_workers=100000", "num_workers must be in 0…1024"),  # a fork per worker
+        ("data.tau=abc", "data: tau='abc' must be a finite number"),
+        ("data.tau=NaN", "data: tau=nan must be a finite number"),
+        ("data.horizon=2.5", "data: horizon=2.5 must be a positive integer"),
+        ("data_root=", "data_root must name a folder or be null"),
+        ("task=", "unknown task ''"),  # not silently the default task
+        ("model=", "unknown model ''"),
         ("spread.gamma=2", "spread.gamma must be in (0, 1]"),
         ("data.taux=3", "unknown setting(s) taux"),
         ("device=tpu", "device 'tpu'"),
@@ -187,6 +195,14 @@ def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError) as error:
         resolve(overrides=[override])
     assert message in str(error.value)
+
+
+def test_augmentation_is_refused_for_data_that_are_not_spike_counts():
+    """Its blend thins counts binomially: pixel intensities in [0, 1] became zeros."""
+    for task in ("digits-8x8", "psmnist-mini", "psmnist"):
+        with pytest.raises(ConfigError, match=f"applies to shd and ssc only, not '{task}'"):
+            resolve(task=task, overrides=["augment=true"])
+    assert resolve(task="ssc", overrides=["augment=true"]).augment
 
 
 def test_bad_config_fails_before_anything_is_written(tmp_path, capsys):

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from delrec.data import DataError, dataset_info, settings_of
+from delrec.data.registry import MAX_SEED  # the largest seed torch and the loaders take
 from delrec.delays import MAX_DELAY, parse_init
 from delrec.models import MODELS, VARIANTS, NetworkConfig
 from delrec.recipes import RECIPES
@@ -188,9 +189,9 @@ def resolve(
     for key, value in (flags or {}).items():
         if value is not None:
             layered[key] = value
-    task = task or layered.pop("task", None) or "mackey-glass"
-    model = model or layered.pop("model", None) or "delrec"
-    layered.pop("task", None), layered.pop("model", None)
+    given = {name: layered.pop(name, None) for name in ("task", "model")}  # null: the default
+    task = task or ("mackey-glass" if given["task"] is None else given["task"])
+    model = model or ("delrec" if given["model"] is None else given["model"])
     for name, value in (("task", task), ("model", model)):
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
@@ -333,7 +334,9 @@ def _coerce(value, annotation, key: str):
 
 # --------------------------------------------------------------------------- validation
 MAX_COUNT = 2**31 - 1  # epochs and batch sizes: more than any machine holds or runs
-MAX_SEED = 2**63 - 1  # the largest seed torch.manual_seed and the data loaders take
+MAX_THREADS = 1024  # threads and loader workers: more than any machine has cores (torch
+# segfaults when it cannot start the threads asked for; a loader forks every worker)
+AUGMENTABLE = ("shd", "ssc")  # spike counts: augment.py shifts and thins counts
 
 
 def _check(condition: bool, message: str) -> None:
@@ -354,10 +357,17 @@ def validate(config: TrainConfig) -> None:
         config.max_train_samples is None or config.max_train_samples >= 1,
         f"max_train_samples must be >= 1 or null, got {config.max_train_samples}",
     )
-    _check(config.num_workers >= 0, f"num_workers must be >= 0, got {config.num_workers}")
     _check(
-        config.threads is None or config.threads >= 1,
-        f"threads must be >= 1 or null, got {config.threads}",
+        0 <= config.num_workers <= MAX_THREADS,
+        f"num_workers must be in 0…{MAX_THREADS}, got {config.num_workers}",
+    )
+    _check(
+        config.threads is None or 1 <= config.threads <= MAX_THREADS,
+        f"threads must be in 1…{MAX_THREADS} or null, got {config.threads}",
+    )
+    _check(
+        config.data_root is None or config.data_root.strip() != "",
+        "data_root must name a folder or be null, got an empty string",
     )
     _check(config.rate_penalty >= 0, f"rate_penalty must be >= 0, got {config.rate_penalty}")
     _check(
@@ -400,8 +410,9 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"data: {error}") from None
     config.data = {**settings_of(config.task), **config.data}
     _check(
-        not config.augment or info.task == "classification",
-        f"augment applies to classification data sets only, not {config.task!r}",
+        not config.augment or config.task in AUGMENTABLE,
+        f"augment shifts and thins spike counts, so it applies to {' and '.join(AUGMENTABLE)} "
+        f"only, not {config.task!r}; set augment=false",
     )
     _check(
         not config.standardize or info.task == "regression",

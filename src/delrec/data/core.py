@@ -12,6 +12,8 @@ Every data set item is ``(frames, target)``:
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -78,9 +80,10 @@ def make_loader(
     num_workers: int = 0,
 ) -> DataLoader:
     """A DataLoader yielding :class:`Batch` es. With ``seed`` the shuffled order of every
-    epoch is reproducible (one generator, advanced epoch after epoch)."""
+    epoch is reproducible (one generator, advanced epoch after epoch). With ``num_workers``,
+    Ctrl-C and SIGTERM stop the main process cleanly (:class:`InterruptibleLoader`)."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return DataLoader(
+    return InterruptibleLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
@@ -88,7 +91,49 @@ def make_loader(
         num_workers=num_workers,
         collate_fn=collate_time_major,
         generator=generator,
+        worker_init_fn=ignore_interruptions if num_workers else None,
     )
+
+
+INTERRUPTIONS = (signal.SIGINT, signal.SIGTERM)
+
+
+class InterruptibleLoader(DataLoader):
+    """A DataLoader whose worker processes leave Ctrl-C and SIGTERM to the main process.
+
+    A terminal or a scheduler signals the whole process group. A worker that died of it first
+    would turn the interruption into a crash ("worker exited unexpectedly"), so workers start
+    with both blocked and then ignore them (:func:`ignore_interruptions`). While the workers
+    are forked (every epoch) the main process holds both and raises a held one once they run:
+    raised inside Python's fork handlers, a ``KeyboardInterrupt`` would be dropped ("Exception
+    ignored") and training would go on.
+    """
+
+    def __iter__(self):
+        if not self.num_workers or threading.current_thread() is not threading.main_thread():
+            return super().__iter__()
+        handlers = {number: signal.getsignal(number) for number in INTERRUPTIONS}
+        if None in handlers.values():  # a handler set outside Python cannot be put back
+            return super().__iter__()
+        held = []  # signals another thread took while this one blocked them
+        for number in INTERRUPTIONS:
+            signal.signal(number, lambda signum, frame: held.append(signum))
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTIONS)  # workers inherit it
+        try:
+            return super().__iter__()
+        finally:
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending one is handled now
+            if held:
+                signal.raise_signal(held[0])
+
+
+def ignore_interruptions(worker_id: int) -> None:
+    """A loader worker's ``worker_init_fn``: ignore Ctrl-C and SIGTERM, blocked since the
+    fork (the main process stops, then ends its workers)."""
+    for number in INTERRUPTIONS:
+        signal.signal(number, signal.SIG_IGN)
 
 
 class SparseFrames(Dataset):

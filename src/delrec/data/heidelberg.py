@@ -31,6 +31,7 @@ from .core import DatasetInfo, SparseFrames
 from .errors import DataError
 
 NUM_UNITS = 700
+MAX_DT_MS = 1e6  # 1000 s: one bin longer than any recording
 CACHE_VERSION = 1
 _CHUNK = 1024  # samples parsed per HDF5 read, bounds the memory used while binning
 
@@ -45,8 +46,10 @@ class Binning:
     group: int = 5
 
     def __post_init__(self):
-        if not self.dt_ms > 0 or round(self.dt_ms * 1000) < 1:
-            raise DataError(f"bin width dt_ms={self.dt_ms} must be at least 0.001 ms")
+        if not 0.0005 <= self.dt_ms <= MAX_DT_MS or self.dt_us < 1:
+            raise DataError(
+                f"bin width dt_ms={self.dt_ms} must be between 0.001 and {MAX_DT_MS:g} ms"
+            )
         if self.steps is not None and not 0 < self.steps < 2**16:
             raise DataError(f"steps={self.steps} must be between 1 and 65535 (or None)")
         if not 1 <= self.group <= NUM_UNITS:
@@ -390,6 +393,13 @@ def load_shd(
         n = len(arrays["labels"])
         order = np.random.default_rng(split_seed).permutation(n)
         n_valid = int(round(valid_fraction * n))
+        if not 0 < n_valid < n:
+            raise DataError(
+                f"{path} holds {n} sample(s), and valid_fraction={valid_fraction} of them "
+                f"leaves no {'validation' if n_valid == 0 else 'training'} sample: each split "
+                "needs one at least; choose another valid_fraction (--set "
+                "data.valid_fraction=…) or use a file of more samples"
+            )
         indices = np.sort(order[:n_valid] if split == "valid" else order[n_valid:])
     return SparseFrames(arrays, heidelberg_info("shd", binning), split, indices)
 

@@ -57,6 +57,8 @@ def mackey_glass(
     Vectorised by blocks: within a block of D = tau/dt Euler steps every delayed value is
     already known, and x[k+1] = a x[k] + dt f[k] with a = 1 - gamma dt is a linear recurrence
     solved in closed form, x[k0+j] = a^j (x[k0] + dt sum_{i<j} a^-(i+1) f[k0+i])."""
+    if not dt > 0:
+        raise DataError(f"Mackey-Glass: the integration step dt={dt} must be > 0")
     steps = {}
     for key, value in (("tau", tau), ("discard", discard), ("sample_every", sample_every)):
         steps[key] = int(round(value / dt))
@@ -76,6 +78,13 @@ def mackey_glass(
         )
     x = np.empty(last + 1)
     x[0] = x0
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by the caller
+        _integrate(x, x0, delay, last, dt, beta, gamma, n)
+    return x[steps["discard"] :: stride].copy()
+
+
+def _integrate(x, x0, delay, last, dt, beta, gamma, n) -> None:
+    """Fill ``x[1 : last + 1]`` block by block (see :func:`mackey_glass`)."""
     a = 1.0 - gamma * dt
     powers = np.cumprod(np.full(delay, a))  # a^1 … a^D
     for k0 in range(0, last, delay):
@@ -84,7 +93,6 @@ def mackey_glass(
         lagged = x[k0 - delay : k0 - delay + m] if k0 else np.full(m, x0)
         drive = dt * beta * lagged / (1.0 + _int_power(lagged, n))
         x[k0 + 1 : k0 + m + 1] = powers[:m] * (x[k0] + np.cumsum(drive / powers[:m]))
-    return x[steps["discard"] :: stride].copy()
 
 
 def load_mackey_glass(
@@ -107,6 +115,15 @@ def load_mackey_glass(
     series = mackey_glass(samples, tau, beta, gamma, n, dt, x0, discard)
     lo, hi = (int(round(f * samples)) for f in SPLIT_FRACTIONS[split])
     segment = series[lo:hi]
+    with np.errstate(over="ignore"):
+        values = segment.astype(np.float32)  # as the items hold them
+    if len(values) and (not np.isfinite(values).all() or values.min() == values.max()):
+        shape = "overflows" if not np.isfinite(values).all() else f"stays at {values[0]:g}"
+        raise DataError(
+            f"Mackey-Glass: with beta={beta}, gamma={gamma}, n={n}, dt={dt}, x0={x0} the "
+            f"{split} segment of the series {shape} (in float32), so there is nothing to "
+            "forecast: keep the defaults (0.2, 0.1, 10, 0.1, 1.2) or values near them"
+        )
     count = len(segment) - window - horizon + 1
     if count < 1:
         raise DataError(

@@ -42,7 +42,13 @@ def _permutation(permutation, seed: int, size: int) -> torch.Tensor:
     """``permutation`` checked to be a permutation of 0…size-1, or the one of ``seed``."""
     if permutation is None:
         return make_permutation(size, seed)
-    perm = torch.as_tensor(permutation, dtype=torch.long)
+    try:
+        perm = torch.as_tensor(permutation, dtype=torch.long)
+    except (TypeError, ValueError, RuntimeError):
+        raise DataError(
+            f"permutation must be a list of the {size} pixel indices 0…{size - 1} in some "
+            f"order, got {permutation!r:.80}"
+        ) from None
     if perm.shape != (size,) or not torch.equal(perm.sort().values, torch.arange(size)):
         raise DataError(
             f"permutation must be a permutation of 0…{size - 1} (shape ({size},)), "
@@ -103,7 +109,12 @@ def read_mnist(root: Path, part: str) -> tuple[np.ndarray, np.ndarray]:
             f"{root}: {image_name} has shape {images.shape} and {label_name} "
             f"{labels.shape}; expected (N, rows, cols) images and N labels"
         )
-    if labels.size and labels.max() > 9:
+    if not len(labels):
+        raise DataError(
+            f"{root / label_name} holds no images: delete it and run `delrec data download "
+            f"mnist --to {root}`"
+        )
+    if labels.max() > 9:
         raise DataError(f"{root / label_name}: labels must be 0…9, found {labels.max()}")
     return images.reshape(len(images), -1), labels
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 import os
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,7 +61,11 @@ def settings_of(name: str) -> dict[str, object]:
     }
 
 
+MAX_SEED = 2**63 - 1  # the largest seed numpy's and torch's generators both take
+
+
 def _check_settings(name: str, settings: dict) -> None:
+    """A DataError for an unknown setting, or a value not of its loader's annotated type."""
     accepted = settings_of(name)
     unknown = sorted(set(settings) - set(accepted))
     if unknown:
@@ -65,6 +73,38 @@ def _check_settings(name: str, settings: dict) -> None:
             f"unknown setting(s) {', '.join(unknown)} for data set '{name}'; it "
             f"accepts: {', '.join(accepted) or 'none'}"
         )
+    hints = typing.get_type_hints(_loader(name))
+    for key, value in settings.items():
+        if key in hints:
+            _check_type(key, value, hints[key])
+
+
+def _check_type(key: str, value, annotation) -> None:
+    """A DataError unless ``value`` is of ``annotation`` (bool, int, float, str, path or an
+    optional one); a ``*_seed`` must be a whole number in 0…MAX_SEED."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    options = typing.get_args(annotation) if union else ()
+    if value is None and type(None) in options:
+        return
+    kinds = set(options or (annotation,)) - {type(None)}
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if bool in kinds:
+        wanted, fits = "true or false", isinstance(value, bool)
+    elif int in kinds:
+        wanted, fits = "a positive integer", whole  # a loader checks the value
+        if key.endswith("_seed"):
+            wanted, fits = f"a whole number in 0…{MAX_SEED}", whole and 0 <= value <= MAX_SEED
+    elif float in kinds:
+        wanted = "a finite number"
+        fits = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        fits = fits and math.isfinite(value)
+    elif str in kinds:
+        wanted, fits = "a path (a string)", isinstance(value, (str, os.PathLike))
+    else:
+        return
+    if not fits:
+        suffix = " or null" if type(None) in options else ""
+        raise DataError(f"{key}={value!r} must be {wanted}{suffix}")
 
 
 def load_dataset(

@@ -168,7 +168,8 @@ def _lif_node(nir, neuron: nn.Module, size: int, dt: float, where: str):
     if p.soft_reset:
         raise NIRExportError(
             f"{where}: LIF with soft reset (v -= threshold after a spike) has no NIR "
-            "equivalent, NIR's LIF resets to v_reset; train with reset='hard' to export"
+            "equivalent, NIR's LIF resets to v_reset; train with a hard reset to export "
+            "(delrec train --set network.neuron.reset=hard)"
         )
     return nir.LIF(
         tau=_per_neuron(size, p.tau * dt),
@@ -275,11 +276,12 @@ def import_nir(source, dt: float | None = None) -> StreamingNetwork:
             f"expected one Input node, found {len(inputs)}: {inputs} (a node without incoming "
             "edges counts as one: is a node left unconnected?)"
         )
+    dtype = _weight_dtype(nir, graph)
 
     layers, source_name, visited = [], inputs[0], {inputs[0]}
     while True:
         branches = [
-            _follow_branch(nir, graph, successors, source_name, first, dt)
+            _follow_branch(nir, graph, successors, source_name, first, dt, dtype)
             for first in successors[source_name]
         ]
         recurrent = [b for b in branches if b[0] == source_name]
@@ -331,6 +333,7 @@ def import_nir(source, dt: float | None = None) -> StreamingNetwork:
                 f"readout_reduction {reduction!r} in the graph's metadata is none of "
                 f"{(*READOUTS, 'none')}"
             )
+        _check_connected(nir, graph, successors, inputs[0])
         return StreamingNetwork(
             layers, synapses, readout_neuron, None if reduction == "none" else reduction
         )
@@ -339,6 +342,8 @@ def import_nir(source, dt: float | None = None) -> StreamingNetwork:
 def _read_graph(nir, path: str | os.PathLike):
     """``nir.read(path)``, its failures on a file that is not NIR as :class:`NIRImportError`."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give the path of a NIR file")
     if not path.is_file():
         raise FileNotFoundError(f"no NIR file at {path}")
     try:
@@ -350,11 +355,54 @@ def _read_graph(nir, path: str | os.PathLike):
         ) from None
 
 
-def _follow_branch(nir, graph, successors, source: str, first: str, dt: float):
-    """``source → [Delay] → Affine/Linear → target`` as ``(target, lags (I,), weight, bias)``."""
+def _check_connected(nir, graph, successors: dict, source: str) -> None:
+    """A NIRImportError unless every node is reached from the Input node ``source`` and no
+    Output node feeds another node: an edge the importer would not follow changes the network."""
+    reached, todo = {source}, [source]
+    while todo:
+        for name in successors[todo.pop()]:
+            if name not in reached:
+                reached.add(name)
+                todo.append(name)
+    unreached = [name for name in graph.nodes if name not in reached]
+    if unreached:
+        raise NIRImportError(
+            f"nodes {unreached} are not reached from the Input node {source!r}; remove them "
+            "or connect them"
+        )
+    for name, node in graph.nodes.items():
+        if isinstance(node, nir.Output) and successors[name]:
+            raise NIRImportError(
+                f"the Output node {name!r} feeds {successors[name]}; an Output node ends the graph"
+            )
+
+
+def _numbers(node, field: str, where: str) -> np.ndarray:
+    """The node's ``field`` as a float64 array, or a NIRImportError unless it holds numbers."""
+    values = np.asarray(getattr(node, field))
+    if values.dtype.kind not in "biuf":
+        raise NIRImportError(f"{where}: {field} holds values of type {values.dtype}, not numbers")
+    return values.astype(np.float64)
+
+
+def _weight_dtype(nir, graph) -> torch.dtype:
+    """The stream's dtype: float64 if any weight or bias is stored in float64, else float32
+    (also for integer or float16 weights), so that every layer runs in one dtype."""
+    wide = False
+    for name, node in graph.nodes.items():
+        if isinstance(node, (nir.Affine, nir.Linear)):
+            for field in ("weight", "bias") if isinstance(node, nir.Affine) else ("weight",):
+                _numbers(node, field, name)
+                wide |= np.asarray(getattr(node, field)).dtype == np.float64
+    return torch.float64 if wide else torch.float32
+
+
+def _follow_branch(nir, graph, successors, source: str, first: str, dt: float, dtype: torch.dtype):
+    """``source → [Delay] → Affine/Linear → target`` as ``(target, lags (I,), weight, bias)``,
+    the weights and bias in ``dtype``."""
     name, lags = first, None
     if isinstance(graph.nodes[name], nir.Delay):
-        steps = np.asarray(graph.nodes[name].delay, dtype=np.float64) / dt
+        steps = _numbers(graph.nodes[name], "delay", name) / dt
         if not (np.abs(steps) <= MAX_DELAY).all():  # False for NaN too
             worst = steps[~(np.abs(steps) <= MAX_DELAY)].flat[0]
             raise NIRImportError(
@@ -375,11 +423,11 @@ def _follow_branch(nir, graph, successors, source: str, first: str, dt: float):
             f"after {source!r} expected [Delay →] Affine/Linear, found "
             f"{type(node).__name__} node {name!r}"
         )
-    weight = torch.from_numpy(np.array(node.weight))
+    weight = torch.from_numpy(_numbers(node, "weight", name)).to(dtype)
     if weight.dim() != 2:
         raise NIRImportError(f"weight of {name!r} must be 2-D, got shape {tuple(weight.shape)}")
-    values = [weight, *([np.asarray(node.bias)] if isinstance(node, nir.Affine) else [])]
-    if not all(np.isfinite(np.asarray(v, dtype=np.float64)).all() for v in values):
+    bias = torch.from_numpy(_numbers(node, "bias", name)) if isinstance(node, nir.Affine) else None
+    if not all(torch.isfinite(v).all() for v in (weight, *([] if bias is None else [bias]))):
         raise NIRImportError(f"node {name!r} holds NaN or infinite weights or biases")
     if lags is not None and lags.shape != (weight.shape[1],):
         raise NIRImportError(
@@ -390,11 +438,7 @@ def _follow_branch(nir, graph, successors, source: str, first: str, dt: float):
         if lags is None
         else torch.from_numpy(lags).long()
     )
-    bias = (
-        torch.from_numpy(np.array(node.bias)).to(weight.dtype)
-        if isinstance(node, nir.Affine)
-        else None
-    )
+    bias = None if bias is None else bias.to(dtype)
     return _single_successor(successors, name), lag_tensor, weight, bias
 
 
@@ -451,7 +495,7 @@ def _merge_branches(branches, source: str) -> DelayedSynapses:
 
 
 def _uniform(node, field: str, where: str) -> float:
-    values = np.asarray(getattr(node, field), dtype=np.float64).reshape(-1)
+    values = _numbers(node, field, where).reshape(-1)
     if not np.isfinite(values).all():
         raise NIRImportError(f"{where}: {field} holds NaN or Inf")
     if values.size == 0 or not (values == values[0]).all():
@@ -475,7 +519,8 @@ def _input_scaling(node, tau_steps: float, where: str) -> bool:
         return True
     raise NIRImportError(
         f"{where}: r = {r} is neither tau/dt = {tau_steps} nor 1, which delrec's "
-        "neurons cannot express"
+        "neurons cannot express; if the graph was written with another dt than the one used "
+        "here, pass dt (seconds per step)"
     )
 
 
@@ -494,12 +539,13 @@ def _lif_from_node(node, dt: float, where: str) -> LIF:
         raise NIRImportError(
             f"{where}: v_leak differs from v_reset; delrec's LIF leaks towards v_reset"
         )
+    decay_input = _input_scaling(node, tau, where)
     try:
         return LIF(
             tau=tau,
             v_threshold=_uniform(node, "v_threshold", where),
             v_reset=v_reset,
-            decay_input=_input_scaling(node, tau, where),
+            decay_input=decay_input,
         )
     except ValueError as error:
         raise NIRImportError(f"{where}: {error}") from None
@@ -509,7 +555,8 @@ def _li_from_node(node, dt: float, where: str) -> LeakyIntegrator:
     tau = _time_constant(node, dt, where)
     if _uniform(node, "v_leak", where) != 0:
         raise NIRImportError(f"{where}: a readout LI must leak towards 0")
+    decay_input = _input_scaling(node, tau, where)
     try:
-        return LeakyIntegrator(tau, decay_input=_input_scaling(node, tau, where))
+        return LeakyIntegrator(tau, decay_input=decay_input)
     except ValueError as error:
         raise NIRImportError(f"{where}: {error}") from None

@@ -43,6 +43,7 @@ from delrec.deploy.targets import (
     bits_for,
     format_max_delay_check,
     format_target_check,
+    get_target,
     max_delay_check,
     target_check,
 )
@@ -202,7 +203,11 @@ def _add_activity(layers: list[dict], stream: StreamingNetwork, activity: dict) 
 
 
 def hardware_report(
-    net: nn.Module, loader=None, *, max_batches: int | None = None, target: Target | None = None
+    net: nn.Module,
+    loader=None,
+    *,
+    max_batches: int | None = None,
+    target: Target | str | None = None,
 ) -> dict:
     """A JSON-ready report of ``net`` (a :class:`~delrec.models.SpikingNetwork`).
 
@@ -214,10 +219,14 @@ def hardware_report(
     (``DelRec.integer_eval = False``). ``max_batches`` limits the pass. ``net``'s training mode
     and ``integer_eval`` flags are restored afterwards. ``report["max_delay"]`` checks every
     integer delay against ``net.config.max_delay``
-    (:func:`~delrec.deploy.targets.max_delay_check`); with a ``target``,
-    ``report["target"]`` compares the network with its limits
-    (:func:`~delrec.deploy.targets.target_check`).
+    (:func:`~delrec.deploy.targets.max_delay_check`); with a ``target`` (a :class:`Target` or
+    its name in :data:`~delrec.deploy.targets.TARGETS`), ``report["target"]`` compares the
+    network with its limits (:func:`~delrec.deploy.targets.target_check`).
     """
+    if isinstance(target, str):
+        target = get_target(target)  # an UnknownTargetError names the known ones
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1 (or None: every batch), got {max_batches}")
     stream = StreamingNetwork.from_network(net)
     layers = _static_layers(net, stream)
     report = {"layers": layers}

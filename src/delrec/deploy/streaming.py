@@ -23,6 +23,7 @@ Conventions (time in steps):
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -65,6 +66,8 @@ class StreamingLayer(nn.Module):
                 f"{synapses.out_features}), got {tuple(recurrent.weight.shape)}"
             )
         self.synapses, self.neuron, self.recurrent = synapses, as_neuron(neuron), recurrent
+        # steps of spikes the recurrence reaches back: the rows of the state's spike history
+        self.history = 0 if recurrent is None else history_length(self.recurrent_delay()[1], 1.0)
         self._compiled: IntegerLayer | None = None
 
     @property
@@ -82,13 +85,12 @@ class StreamingLayer(nn.Module):
     def initial_state(self, batch_size: int) -> LayerState:
         """Zero histories and the neurons' initial state for ``batch_size`` streams."""
         like = self.synapses.weight.new_zeros(batch_size, self.size)
-        past = 0 if self.recurrent is None else history_length(self.recurrent_delay()[1], 1.0)
         return LayerState(
             self.synapses.weight.new_zeros(
                 self.synapses.max_lag, batch_size, self.synapses.in_features
             ),
             tuple(self.neuron.initial_state(like)),
-            like.new_zeros(past, batch_size, self.size),
+            like.new_zeros(self.history, batch_size, self.size),
         )
 
     def compiled(self, device: torch.device) -> IntegerLayer | None:
@@ -209,6 +211,7 @@ class StreamingNetwork(nn.Module):
         self.input_size = (layers[0].synapses if layers else readout).in_features
         self.output_size = readout.out_features
         self._stack: list[IntegerLayer] | None = None  # built on first use
+        self._state_shapes: dict[int, list] = {}  # batch size → the state's history shapes
 
     # ------------------------------------------------------------------ conversion
     @classmethod
@@ -260,8 +263,8 @@ class StreamingNetwork(nn.Module):
     # ------------------------------------------------------------------ running
     def initial_state(self, batch_size: int = 1) -> StreamState:
         """A fresh state for ``batch_size`` parallel streams (zero histories)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         weight = self.readout.weight
         return StreamState(
             t=0,
@@ -277,6 +280,7 @@ class StreamingNetwork(nn.Module):
     def step(self, x_t: Tensor, state: StreamState) -> Tensor:
         """Consume one input frame ``(B, C)`` (or ``(C,)`` for one stream) and return the
         output of this step, ``(B, K)`` (or ``(K,)``). ``state`` is advanced in place."""
+        self._check_arguments(x_t, state)
         unbatched = x_t.dim() == 1
         x = x_t.view(1, 1, -1) if unbatched else x_t.unsqueeze(0)
         if x.dim() != 3 or x.shape[1:] != (state.batch_size, self.input_size):
@@ -292,7 +296,8 @@ class StreamingNetwork(nn.Module):
     def advance(self, x: Tensor, state: StreamState) -> tuple[Tensor, list[Tensor]]:
         """Consume a chunk ``(T, B, C)`` and return its outputs ``(T, B, K)`` and each layer's
         spikes ``(T, B, N_l)``; ``state`` is advanced in place, as by ``T`` calls of
-        :meth:`step`."""
+        :meth:`step` (``T = 0``: nothing happens)."""
+        self._check_arguments(x, state)
         if x.dim() != 3 or x.shape[1:] != (state.batch_size, self.input_size):
             raise ValueError(
                 f"expected a chunk of shape (T, {state.batch_size}, {self.input_size}), got "
@@ -300,13 +305,92 @@ class StreamingNetwork(nn.Module):
             )
         return self._advance(x, state)
 
+    def _check_arguments(self, x: Tensor, state: StreamState) -> None:
+        """A TypeError or ValueError unless ``x`` is a tensor and ``state`` is one this stream
+        made (:meth:`initial_state`) and advanced: its histories have the rows this stream's
+        delays reach, its readout membrane the network's dtype and device. A state of another
+        network would otherwise run without a word, its missing history read as zeros."""
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"the input must be a torch.Tensor, got {type(x).__name__}; convert it with "
+                "torch.as_tensor(x, dtype=..., device=...)"
+            )
+        if not isinstance(state, StreamState):
+            raise TypeError(
+                f"state must be a StreamState made by this stream's initial_state(batch_size), "
+                f"got {type(state).__name__}"
+            )
+        layers = [*state.layers, state.readout]
+        batch = state.batch_size
+        if batch not in self._state_shapes:  # per layer and the readout: (inputs, spikes)
+            rows = [(layer.synapses.max_lag, layer.history) for layer in self.layers]
+            widths = [(layer.synapses.in_features, layer.size) for layer in self.layers]
+            self._state_shapes[batch] = [
+                ((lag, batch, inputs), (history, batch, size))
+                for (lag, history), (inputs, size) in zip(
+                    [*rows, (0, 0)], [*widths, (self.readout.in_features, self.output_size)]
+                )
+            ]
+        expected = self._state_shapes[batch]
+        weight = self.readout.weight
+        if (
+            len(state.spikes) == len(layers) - 1
+            and [(layer.inputs.shape, layer.spikes.shape) for layer in layers] == expected
+            and state.readout.neuron[0].dtype == weight.dtype
+            and state.readout.neuron[0].device == weight.device
+        ):
+            return
+        if len(layers) != len(expected) or len(state.spikes) != len(layers) - 1:
+            problem = f"{len(state.layers)} hidden layers, the stream has {len(expected) - 1}"
+        else:
+            problem = (
+                f"its tensors are {state.readout.neuron[0].dtype} on "
+                f"{state.readout.neuron[0].device}, the stream's {weight.dtype} on {weight.device} "
+                "(was the stream moved with .to() after the state was made?)"
+            )
+            for index, (layer, (inputs, spikes)) in enumerate(zip(layers, expected)):
+                got = (tuple(layer.inputs.shape), tuple(layer.spikes.shape))
+                if got != (inputs, spikes):
+                    name = f"layer {index}" if index < len(expected) - 1 else "the readout"
+                    problem = (
+                        f"{name} holds histories of inputs {got[0]} and spikes {got[1]}, "
+                        f"the stream's delays need {inputs} and {spikes}"
+                    )
+                    break
+        raise ValueError(
+            f"this state was not made by this stream: {problem}; make one with "
+            "initial_state(batch_size) (a stream changed since, or another network's "
+            "state, would read wrong or missing histories)"
+        )
+
     def _advance(self, x: Tensor, state: StreamState) -> tuple[Tensor, list[Tensor]]:
-        if x.dtype != self.readout.weight.dtype:
+        weight = self.readout.weight
+        if x.device != weight.device:
+            raise ValueError(
+                f"the input is on {x.device}, the stream on {weight.device}; move one with "
+                ".to(device)"
+            )
+        if x.dtype != weight.dtype:
             raise TypeError(
                 f"input dtype {x.dtype} does not match the network's "
-                f"{self.readout.weight.dtype}; convert one with .to(dtype)"
+                f"{weight.dtype}; convert one with .to(dtype)"
             )
-        steps = x.shape[0]
+        # before any layer runs: a NaN would poison the membranes, silencing the stream for
+        # good without a word (a huge finite input may overflow the sum: then nothing is wrong)
+        if not math.isfinite(x.sum(dtype=torch.promote_types(x.dtype, torch.float32)).item()):
+            bad = (~torch.isfinite(x)).nonzero()
+            if len(bad):
+                t, b, c = bad[0].tolist()
+                raise ValueError(
+                    f"the input at step {state.t + t} of the stream (batch item {b}, channel "
+                    f"{c}) is {x[t, b, c].item()}, not finite; the state is unchanged: check "
+                    "the data (torch.isfinite)"
+                )
+        steps, batch = x.shape[:2]
+        if not steps:  # nothing arrived: nothing changes
+            return x.new_zeros(0, batch, self.output_size), [
+                x.new_zeros(0, batch, layer.size) for layer in self.layers
+            ]
         stack = self._stack if x.device.type == "cpu" else None
         if stack is None:
             stack = self._compiled_stack(x.device)

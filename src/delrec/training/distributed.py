@@ -240,12 +240,13 @@ class DataParallel:
     def shard_loader(self, loader: DataLoader) -> DataLoader:
         """This rank's loader: the batches of ``loader`` (same order, same generator), each cut
         to this rank's shard."""
-        return DataLoader(
+        return type(loader)(
             loader.dataset,
             batch_sampler=ShardedBatches(loader.batch_sampler, self.rank, self.world_size),
             num_workers=loader.num_workers,
             collate_fn=loader.collate_fn,
             generator=loader.generator,
+            worker_init_fn=loader.worker_init_fn,
         )
 
     def agree(self, value):
