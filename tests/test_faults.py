@@ -1183,13 +1183,19 @@ FAULTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("whole") / "run"
+def trained_run(tmp_path_factory, name: str, arguments: list[str]):
+    """The run directory of ``delrec train ARGUMENTS`` in a fresh folder ``name`` (the
+    command's thread setting undone)."""
+    run_dir = tmp_path_factory.mktemp(name) / "run"
     threads = torch.get_num_threads()
-    assert main(["train", *TINY, "--run-dir", str(run_dir)]) == 0
+    assert main(["train", *arguments, "--run-dir", str(run_dir)]) == 0
     torch.set_num_threads(threads)
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return trained_run(tmp_path_factory, "whole", TINY)
 
 
 @pytest.mark.parametrize("kind,value", FAULTS, ids=[f"{k}={v}" for k, v in FAULTS])
@@ -1264,11 +1270,7 @@ MG_TINY = [
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A finished Mackey-Glass DelRec run (one epoch), to be copied and damaged."""
-    run_dir = tmp_path_factory.mktemp("finished") / "run"
-    threads = torch.get_num_threads()
-    assert main(["train", *MG_TINY, "--run-dir", str(run_dir)]) == 0
-    torch.set_num_threads(threads)
-    return run_dir
+    return trained_run(tmp_path_factory, "finished", MG_TINY)
 
 
 @pytest.fixture
