@@ -153,7 +153,7 @@ def test_analysis_outputs_are_checked_before_any_work(tmp_path, capsys):
     for extra, problem in [
         (["--figure", str(tmp_path / "s.xyz")], "give a file name ending in .png, .pdf, .svg"),
         (["--no-figure", "--figure", str(tmp_path / "s.png")], "contradict each other"),
-        (["--csv", str(tmp_path / "s.out"), "--json", str(tmp_path / "s.out")], "one file"),
+        (["--csv", str(tmp_path / "s.out"), "--json", str(tmp_path / "s.out")], "both name"),
     ]:
         assert main([*base, *extra]) == 2, extra
         assert problem in capsys.readouterr().err

@@ -239,9 +239,11 @@ def test_every_point_is_checked_before_the_first_is_trained(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "sweep point snn-rate-nan: rate_penalty must be a finite number" in err, err
     assert not out.exists()  # the good point 0 was not trained first
-    sizes = ["sweep", "params", "--models", "snn", "--sizes", "4,4097", "--out", str(out), *TINY]
+    huge = "4,3000000"  # 9e12 recurrent weights: more memory than any machine has
+    sizes = ["sweep", "params", "--models", "rsnn", "--sizes", huge, "--out", str(out), *TINY]
     assert main(sizes) == 2
-    assert "--sizes must be distinct hidden sizes in 1…4096" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "sweep point rsnn-h3000000: the network's weights do not fit in the memory of" in err
     assert not out.exists()
 
 
@@ -287,6 +289,11 @@ def test_model_sweep_runs_each_model_on_the_task_network_then_analyze_training(t
     assert main(pdf) == 0 and (tmp_path / "t.pdf").read_bytes()[:5] == b"%PDF-"
     assert main([*pdf[:-1], str(tmp_path / "t.xyz")]) == 2
     assert "give a file name ending in .png, .pdf, .svg" in capsys.readouterr().err
+    run_figure = next((out / "snn").rglob("*.png"))  # a figure the run wrote: never replaced
+    before = run_figure.read_bytes()
+    assert main([*pdf[:-1], str(run_figure)]) == 2
+    assert "a file of the run being read" in capsys.readouterr().err
+    assert run_figure.read_bytes() == before
     metrics = out / "snn" / "seed-0" / "metrics.csv"
     whole = metrics.read_text()
     for epoch in ("abc", "nan", "inf", "-inf", "1.5"):

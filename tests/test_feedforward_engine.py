@@ -284,7 +284,7 @@ def test_bad_engine_and_dtype_mix_are_named():
     with pytest.raises(ValueError, match="unknown feedforward-delay engine 'fast'"):
         FeedforwardDelay(2, 2, engine="fast")
     layer = FeedforwardDelay(2, 2)
-    with pytest.raises(ValueError, match="must share one dtype"):
+    with pytest.raises(TypeError, match="must share one dtype"):
         layer(torch.zeros(3, 1, 2, dtype=torch.float64))
 
 
@@ -370,7 +370,7 @@ def test_inputs_and_states_that_would_go_wrong_are_named_on_every_path(engine):
     layer = FeedforwardDelay(3, 2, kernel_size=4, engine=engine)
     if not engines.PATHS[engine].runs_on(torch.device("cpu")):
         pytest.skip(native.unavailable("feedforward"))
-    with pytest.raises(ValueError, match="must share one dtype; convert the layer or the input"):
+    with pytest.raises(TypeError, match="must share one dtype; convert the layer or the input"):
         layer(torch.rand(5, 2, 3, dtype=torch.float64))
     x = torch.rand(5, 2, 3)
     x[3, 1, 2] = float("nan")
@@ -384,6 +384,8 @@ def test_inputs_and_states_that_would_go_wrong_are_named_on_every_path(engine):
         ValueError, match=r"state must be the tensor of the last K-1 inputs .*tuple"
     ):
         layer(torch.rand(5, 2, 3), (torch.zeros(3, 2, 3),))
+    with pytest.raises(ValueError, match=r"torch.float32 that return_state=True gave, got .*64"):
+        layer(torch.rand(5, 2, 3), torch.zeros(3, 2, 3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("engine", TWO_TAPS)

@@ -244,3 +244,16 @@ def test_fused_dropout_has_exact_second_derivatives():
     x = torch.rand(5, 2, 3, dtype=torch.float64, requires_grad=True)
     draw = dropout.draw(0.5)
     assert torch.autograd.gradgradcheck(lambda x: fused.dropped(x, draw), (x,))
+
+
+@pytest.mark.parametrize("delay_type", ["axonal", "synaptic"])
+@pytest.mark.parametrize("task", ["shd", "psmnist", "mackey-glass"])
+def test_weight_count_is_the_weights_delays_and_positions_a_network_holds(task, delay_type):
+    """The memory check's count from the sizes alone: the synaptic matrices of every model (the
+    tensors with a dimension of more than one neuron), exactly."""
+    for model in MODELS:
+        config = dataclasses.replace(preset_network(task, model), delay_type=delay_type)
+        net = build_network(config, seed=0)
+        tensors = [*net.parameters(), *net.buffers()]
+        matrices = sum(t.numel() for t in tensors if t.dim() == 2)
+        assert config.weight_count() == matrices, model

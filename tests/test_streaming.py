@@ -3,6 +3,7 @@ the compiled loop and the PyTorch-op paths all give ``net.eval()``'s spikes and 
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -193,3 +194,4 @@ def test_a_state_of_another_stream_or_dtype_is_refused():
     for batch in (0, 2.5, True, "2"):
         with pytest.raises(ValueError, match="batch_size must be a whole number >= 1"):
             stream.initial_state(batch)
+    assert stream.initial_state(np.int64(2)).batch_size == 2  # any whole number

@@ -208,7 +208,9 @@ class NetworkConfig:
             position = self.is_recurrent_position(index)
             count += fan_in * size * (2 if position and variant.feedforward_delays else 1)
             if position and variant.recurrent:
-                synaptic = (variant.delay_type or self.delay_type) == "synaptic"
+                synaptic = variant.recurrence != "vanilla" and (
+                    (variant.delay_type or self.delay_type) == "synaptic"
+                )
                 count += size * size * (2 if synaptic else 1)
             fan_in = size
         return count + fan_in * self.output_size

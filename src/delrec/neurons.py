@@ -276,7 +276,7 @@ def check_finite(model: str, **values: float | None) -> None:
 class LIFParameters:
     """Leaky integrate-and-fire parameters (SpikingJelly ``LIFNode`` conventions).
 
-    ``tau``: membrane time constant in steps (> 1 for a leak below one).
+    ``tau``: membrane time constant in steps, ≥ 1 (the leak 1 − 1/τ in [0, 1)).
     ``v_reset``: reset potential for a hard reset, or ``None`` for a soft reset
     (subtract the threshold). ``detach_reset``: no gradient through the reset.
     ``decay_input``: divide the input current by ``tau`` too. ``surrogate``: a
@@ -377,6 +377,16 @@ def leaky_integrator_step(u: Tensor, v: Tensor, tau: float, decay_input: bool) -
     return v - v / tau + u
 
 
+def leaky_integrator_run(u: Tensor, v: Tensor, tau: float, decay_input: bool) -> Tensor:
+    """The membranes ``(T, B, K)`` of :func:`leaky_integrator_step` over the input current
+    ``u`` ``(T, B, K)`` from ``v`` ``(B, K)``, unchecked (``T ≥ 1``)."""
+    out = []
+    for u_t in u:
+        v = leaky_integrator_step(u_t, v, tau, decay_input)
+        out.append(v)
+    return torch.stack(out)
+
+
 class LeakyIntegrator(nn.Module):
     """Readout neuron that never fires; its membrane sequence is the output.
 
@@ -405,13 +415,9 @@ class LeakyIntegrator(nn.Module):
             check_state(state, (v,), "LeakyIntegrator")
             check_state_finite(state, "LeakyIntegrator")
             v = state[0]
-        out = []
-        for u_t in u:
-            v = leaky_integrator_step(u_t, v, self.tau, self.decay_input)
-            out.append(v)
-        out = torch.stack(out)
+        out = leaky_integrator_run(u, v, self.tau, self.decay_input)
         if return_state:
-            return out, (v.detach(),)
+            return out, (out[-1].detach(),)
         return out
 
     def extra_repr(self) -> str:

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from delrec.analysis import compare
-from delrec.config import ConfigError, TrainConfig, comparable, resolve
+from delrec.config import ConfigError, TrainConfig, comparable, resolve, resolve_device
+from delrec.data import dataset_info
 from delrec.runs import SEEDS, RunDir
 from delrec.training import jobs
+from delrec.training.loop import TrainingError, check_memory
 
 
 class SweepError(Exception):
@@ -96,8 +98,8 @@ def _short(value: float) -> str:
 
 
 def point_config(point: SweepPoint, out: Path, options: TrainOptions) -> TrainConfig:
-    """The configuration of one point, checked against the run already in its directory (a
-    SweepError naming the point when it cannot be trained)."""
+    """The configuration of one point, checked against the run already in its directory and
+    the memory of its device (a SweepError naming the point when it cannot be trained)."""
     try:
         config = resolve(
             options.task,
@@ -105,7 +107,10 @@ def point_config(point: SweepPoint, out: Path, options: TrainOptions) -> TrainCo
             overrides=[*options.overrides, *point.overrides],
             flags={"epochs": options.epochs, **options.place},
         )
-    except ConfigError as error:
+        info = dataset_info(config.task, **config.data)
+        network = config.network_config(info.input_size, info.output_size)
+        check_memory(network, resolve_device(config.device))
+    except (ConfigError, TrainingError) as error:
         raise SweepError(
             f"sweep point {point.name}: {error}; fix the sweep's settings (every point is "
             "checked before any is trained)"

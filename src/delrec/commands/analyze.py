@@ -9,8 +9,8 @@ from pathlib import Path
 
 from delrec import files
 from delrec.analysis import gradients, spectral
-from delrec.commands import EXIT_CODES_HELP, UsageError, comma_list
-from delrec.runs import RunDir
+from delrec.commands import EXIT_CODES_HELP, UsageError, check_outputs, comma_list
+from delrec.runs import RunDir, run_files
 
 
 def add_parser(subparsers) -> None:
@@ -96,7 +96,8 @@ def _add_outputs(parser: argparse.ArgumentParser, figure: str) -> None:
 
 def _check_outputs(args: argparse.Namespace) -> Path | None:
     """The figure's path (None with ``--no-figure``), checked with the other outputs before any
-    work: a format the suffix names, no two outputs to one file."""
+    work: a format the suffix names, no two outputs to one file, none to a file of a run read
+    (``analyze training``)."""
     if args.no_figure and args.figure is not None:
         raise UsageError("--no-figure and --figure contradict each other: give one")
     figure = None if args.no_figure else args.figure or Path(args.default_figure)
@@ -105,11 +106,10 @@ def _check_outputs(args: argparse.Namespace) -> Path | None:
             files.figure_format(figure)
         except ValueError as error:
             raise UsageError(f"--figure {error}") from None
-    named = [p for p in (figure, getattr(args, "csv", None), getattr(args, "json", None)) if p]
-    if len({p.resolve() for p in named}) < len(named):
-        raise UsageError(
-            f"two outputs name one file ({', '.join(map(str, named))}): give each its own"
-        )
+    outputs = {"--figure": figure, "--csv": getattr(args, "csv", None)}
+    outputs["--json"] = getattr(args, "json", None)
+    protected = set().union(*map(run_files, getattr(args, "run_dirs", [])))
+    check_outputs(outputs, protected, "write it outside the run directories")
     return figure
 
 

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from delrec.analysis import compare, sweeps
-from delrec.analysis.gradients import MAX_SIZE
 from delrec.commands import (
     EXIT_CODES_HELP,
     UsageError,
@@ -115,11 +114,8 @@ def run(args: argparse.Namespace) -> int:
         points, x = sweeps.model_points(args.models), "parameters"
     elif args.sweep_command == "params":
         sizes = list(args.sizes)
-        if not sizes or len(set(sizes)) < len(sizes) or not all(0 < n <= MAX_SIZE for n in sizes):
-            raise UsageError(
-                f"--sizes must be distinct hidden sizes in 1…{MAX_SIZE} (neurons of a layer), "
-                f"got {sizes}"
-            )
+        if not sizes or len(set(sizes)) < len(sizes) or min(sizes) < 1:
+            raise UsageError(f"--sizes must be distinct hidden sizes >= 1 (neurons), got {sizes}")
         points, x = sweeps.parameter_points(options, args.models, args.sizes), "parameters"
     else:
         penalties = list(args.penalties)

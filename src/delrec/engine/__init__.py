@@ -214,7 +214,7 @@ def check_engine(engine: str, neuron: nn.Module) -> None:
 
 def kernel_reach(delay: Tensor, width: Tensor | float) -> float:
     """``max|1 + d| + max w`` in steps: how far the kernels of ``delay`` (``(N,)`` or
-    ``(N, N)``) and half-width ``width`` (a number or ``(N,)``) reach (one device sync)."""
+    ``(N, N)``) and half-width ``width`` (a number or ``(N,)``) reach (two device syncs)."""
     longest = float((1.0 + delay.detach()).abs().max())
     return longest + float(torch.as_tensor(width).detach().max())
 

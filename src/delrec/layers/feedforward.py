@@ -127,18 +127,25 @@ class FeedforwardDelay(nn.Module):
                 "layer and its input with .float()"
             )
         if x.dtype != self.weight.dtype:
-            raise ValueError(
+            raise TypeError(
                 f"FeedforwardDelay's input ({x.dtype}) and parameters ({self.weight.dtype}) must "
                 "share one dtype; convert the layer or the input with .to(dtype)"
             )
         past = self.kernel_size - 1
         if state is not None and (
-            not torch.is_tensor(state) or tuple(state.shape) != (past, *x.shape[1:])
+            not torch.is_tensor(state)
+            or tuple(state.shape) != (past, *x.shape[1:])
+            or state.dtype != x.dtype
         ):
-            got = tuple(state.shape) if torch.is_tensor(state) else type(state).__name__
+            got = (
+                f"{tuple(state.shape)} {state.dtype}"
+                if torch.is_tensor(state)
+                else type(state).__name__
+            )
             raise ValueError(
                 f"FeedforwardDelay state must be the tensor of the last K-1 inputs ({past}, "
-                f"{x.shape[1]}, {self.in_features}) that return_state=True gave, got {got}"
+                f"{x.shape[1]}, {self.in_features}) {x.dtype} that return_state=True gave, got "
+                f"{got}"
             )
         self._check_values(x, state)
         path = engines.select(x.device, self.engine)
@@ -147,7 +154,7 @@ class FeedforwardDelay(nn.Module):
             out = path.run(x, self.weight, position, self.bias, self.kernel_size)
             signal = torch.cat([x.new_zeros(past, *x.shape[1:]), x]) if return_state else x
         else:
-            signal = torch.cat([state.to(x.dtype), x])  # (K-1+T, B, I): the chunk's outputs
+            signal = torch.cat([state, x])  # (K-1+T, B, I): the chunk's outputs
             out = path.run(signal, self.weight, position, self.bias, self.kernel_size)[past:]
         if return_state:
             return out, signal[signal.shape[0] - past :].detach().clone()

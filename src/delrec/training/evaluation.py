@@ -80,8 +80,8 @@ def evaluate_run(
         metrics, _ = evaluate(network, loader, objective, target)
     except ValueError as error:  # a value the layers refuse: delays beyond max_delay, overflow
         raise CheckpointError(
-            f"the network in {file} cannot be evaluated ({unusable(error)}): the file was "
-            "edited or damaged; use the run's other checkpoint or retrain"
+            f"the network in {file} cannot be evaluated ({unusable(error)}): if the file was "
+            "edited or damaged, use the run's other checkpoint or retrain"
         ) from None
     sigma = max((float(m.sigma) for m in layers if m.learn_delays), default=0.0)
     return {

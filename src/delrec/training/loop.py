@@ -40,33 +40,50 @@ class TrainingError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- pieces
+CGROUP_LIMIT = "/sys/fs/cgroup/memory.max"  # a container's or a batch job's (cgroup v2)
+
+
 def device_memory(device: torch.device) -> int:
-    """The memory of ``device`` in bytes: the machine's RAM for the CPU."""
+    """The memory of ``device`` in bytes: for the CPU, the machine's RAM or this process's
+    cgroup limit, whichever is lower."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open(CGROUP_LIMIT) as limit:
+            return min(memory, int(limit.read()))
+    except (OSError, ValueError):  # no cgroup v2, or "max": no limit
+        return memory
 
 
-def _build_in_memory(network_config, seed: int, device: torch.device) -> SpikingNetwork:
-    """``build_network`` on ``device``, or a TrainingError naming the sizes when its weights,
-    their gradients and Adam's two moments (4 float32 copies) would not fit in its memory —
-    refused before any allocation, as the kernel would kill a process that overcommits instead
-    of raising — or when the allocator says so (its error is a traceback about bytes)."""
+def check_memory(network_config, device: torch.device) -> None:
+    """A TrainingError naming the sizes when the network's weights, their gradients and Adam's
+    two moments (4 float32 copies) would not fit in the memory of ``device``: checked before
+    any allocation, as the kernel kills a process that overcommits instead of raising."""
     training_bytes = 4 * 4 * network_config.weight_count()
-    error = None
     if training_bytes > device_memory(device):
-        error = f"about {training_bytes / 1e9:.3g} GB to train, more than {device} has"
-    else:
-        try:
-            return build_network(network_config, seed=seed).to(device)
-        except (RuntimeError, MemoryError) as raised:
-            if "allocate" not in str(raised) and not isinstance(raised, MemoryError):
-                raise
+        _too_large(network_config, device, f"about {training_bytes / 1e9:.3g} GB to train")
+
+
+def _too_large(network_config, device: torch.device, need: str = "") -> None:
     raise TrainingError(
         f"the network's weights do not fit in the memory of {device} (hidden_sizes "
         f"{list(network_config.hidden_sizes)}, {network_config.input_size} inputs"
-        f"{'; ' + error if error else ''}); set smaller network.hidden_sizes"
+        f"{f'; {need}, more than {device} has' if need else ''}); set smaller "
+        "network.hidden_sizes"
     ) from None
+
+
+def _build_in_memory(network_config, seed: int, device: torch.device) -> SpikingNetwork:
+    """``build_network`` on ``device`` after :func:`check_memory`, or a TrainingError naming
+    the sizes when the allocator refuses anyway (its error is a traceback about bytes)."""
+    check_memory(network_config, device)
+    try:
+        return build_network(network_config, seed=seed).to(device)
+    except (RuntimeError, MemoryError) as error:
+        if "allocate" not in str(error) and not isinstance(error, MemoryError):
+            raise
+    _too_large(network_config, device)
 
 
 def delay_tensors(network: SpikingNetwork) -> dict[str, Tensor]:
