@@ -300,4 +300,4 @@ def test_model_sweep_runs_each_model_on_the_task_network_then_analyze_training(t
         metrics.write_text(whole.replace("\n1,", f"\n{epoch},", 1))
         assert main(pdf) == 2, epoch
         err = capsys.readouterr().err
-        assert f"metrics.csv line 2, column epoch: '{epoch}' is not a number" in err, err
+        assert f"metrics.csv line 2, column epoch: '{epoch}' is not a whole number" in err, err

@@ -1406,8 +1406,16 @@ def _set_config(run: Path, **changes) -> None:
         ("config.json", {"task": [1]}, "(task [1] is not a data set's name)"),
         ("metrics.csv", "a,b\n1,2\n", "metrics.csv line 2, column epoch: missing"),
         ("metrics.csv", "epoch,firing_rate\nx,0.1\n", "column epoch: 'x' is not a whole number"),
-        ("metrics.csv", "epoch,firing_rate\n1,abc\n", "column firing_rate: 'abc' is not a number"),
-        ("metrics.csv", "epoch,firing_rate\n1,nan\n", "column firing_rate: 'nan' is not a number"),
+        (
+            "metrics.csv",
+            "epoch,firing_rate\n1,abc\n",
+            "column firing_rate: 'abc' is not a finite number",
+        ),
+        (
+            "metrics.csv",
+            "epoch,firing_rate\n1,nan\n",
+            "column firing_rate: 'nan' is not a finite number",
+        ),
         ("metrics.csv", b"\xff\xfe\n", "metrics.csv cannot be read ('utf-8' codec"),
         ("test_results.json", '{"nmse": NaN, "best_epoch": 1}', "a finite number"),
         ("test_results.json", '{"nmse": Infinity, "best_epoch": 1}', "a finite number"),

@@ -35,6 +35,7 @@ from delrec.neurons import (
     LeakyIntegrator,
     check_state,
     check_state_finite,
+    first_nonfinite,
     make_surrogate,
 )
 from delrec.recipes import RECIPES
@@ -349,13 +350,12 @@ class SpikingNetwork(nn.Module):
             )
         # before any layer runs: a NaN would reach BatchNorm's running statistics (spoiling
         # every later evaluation) or silence a layer without a word (one device sync)
-        total = x.detach().sum(dtype=torch.promote_types(x.dtype, torch.float32))
-        bad = (~torch.isfinite(x)).nonzero() if not bool(total.isfinite()) else []
-        if len(bad):  # (a huge finite input may overflow the sum: then nothing is wrong)
-            t, b, c = bad[0].tolist()
+        found = first_nonfinite(x)
+        if found is not None:
+            (t, b, c), value = found
             raise ValueError(
-                f"the network's input is not finite: {x[t, b, c].item()} at step {t}, batch "
-                f"item {b}, channel {c}; check the data (torch.isfinite)"
+                f"the network's input is not finite: {value} at step {t}, batch item {b}, "
+                f"channel {c}; check the data (torch.isfinite)"
             )
         stateful = state is not None or return_state
         if state is not None and not isinstance(state, NetworkState):

@@ -171,23 +171,34 @@ def check_current(u: Tensor, model: str) -> None:
             f"{model} expects a time-major input current (T, B, N) or (T, N) with T >= 1, got "
             f"shape {tuple(u.shape)}; transpose batch-first data with x.transpose(0, 1)"
         )
-    if not bool(u.detach().sum(dtype=torch.promote_types(u.dtype, torch.float32)).isfinite()):
-        refuse_nonfinite(u, model)
+    refuse_nonfinite(u, model)
+
+
+def first_nonfinite(x: Tensor) -> tuple[list[int], float] | None:
+    """The index and value of the first NaN or Inf of ``x`` (row-major order), or None: one
+    device sync, a sum, when ``x`` is finite (NaN and Inf propagate into it; a huge finite
+    ``x`` may overflow it, then a search finds nothing)."""
+    if bool(x.detach().sum(dtype=torch.promote_types(x.dtype, torch.float32)).isfinite()):
+        return None
+    bad = (~torch.isfinite(x)).nonzero()
+    if not len(bad):
+        return None
+    index = bad[0].tolist()
+    return index, x[tuple(index)].item()
 
 
 def refuse_nonfinite(u: Tensor, model: str) -> None:
     """A ValueError naming the first NaN or Inf of the input current ``u`` ``(T, B, N)`` or
-    ``(T, N)`` of ``model``, if it holds one (a huge finite input may overflow a sum: that is
-    no error)."""
-    bad = (~torch.isfinite(u)).nonzero()
-    if len(bad):
-        index = bad[0].tolist()
+    ``(T, N)`` of ``model``, if it holds one (:func:`first_nonfinite`)."""
+    found = first_nonfinite(u)
+    if found is not None:
+        index, value = found
         names = ("step", "batch item", "neuron") if len(index) == 3 else ("step", "neuron")
         place = ", ".join(f"{name} {i}" for name, i in zip(names, index))
         raise ValueError(
-            f"the input current of {model} is not finite: {u[tuple(index)].item()} at {place}; "
-            "NaN or Inf in a layer's input silences its neurons and spoils every gradient: "
-            "check the data and the layers before this one (torch.isfinite)"
+            f"the input current of {model} is not finite: {value} at {place}; NaN or Inf in a "
+            "layer's input silences its neurons and spoils every gradient: check the data and "
+            "the layers before this one (torch.isfinite)"
         )
 
 

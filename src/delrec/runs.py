@@ -210,6 +210,23 @@ class RunDir:
                 "leave the run out"
             ) from None
 
+    def metrics_number(self, line: int, row: dict, column: str) -> float:
+        """``row[column]`` of ``metrics.csv`` (``line``: its line in the file) as a finite
+        number, a whole one for the epoch (a RunError naming the line and column otherwise)."""
+        text = row.get(column)
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value) or (column == "epoch" and value != int(value)):
+            kind = "a whole number" if column == "epoch" else "a finite number"
+            problem = "missing" if text is None else f"{text!r} is not {kind}"
+            raise RunError(
+                f"{self.path / METRICS} line {line}, column {column}: {problem}; the file was "
+                "edited or cut short: restore it, or leave the run out"
+            )
+        return value
+
     def read_seeds(self) -> dict:
         """``seeds.json``: ``{"seeds": [...], "config": {...}}`` (a RunError when it holds
         anything else)."""

@@ -24,14 +24,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from delrec import files
 from delrec.models import VARIANTS, count_parameters
-from delrec.runs import METRICS, RunDir, load_network
+from delrec.runs import RunDir, load_network
 from delrec.training.evaluation import evaluate_run
 from delrec.training.objectives import rounding_cost
 
@@ -127,28 +126,11 @@ def read_run(run_dir: Path, real_delays: bool = True) -> SeedRun:
 
 def _firing_rate(run: RunDir, epoch: int | None) -> float | None:
     """The firing rate of ``epoch`` in the run's ``metrics.csv``; ``None`` where it has none (a
-    CompareError naming the line and column that is not a number)."""
+    RunError naming the line and column that is not a number)."""
     for line, row in enumerate(run.read_metrics(), start=2):
-        if _number(run, line, row, "epoch") == epoch and row.get("firing_rate"):
-            return _number(run, line, row, "firing_rate")
+        if run.metrics_number(line, row, "epoch") == epoch and row.get("firing_rate"):
+            return run.metrics_number(line, row, "firing_rate")
     return None
-
-
-def _number(run: RunDir, line: int, row: dict, column: str) -> float:
-    """``row[column]`` of ``metrics.csv`` as a finite number (a whole one for the epoch)."""
-    text = row.get(column)
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not math.isfinite(value) or (column == "epoch" and value != int(value)):
-        kind = "a whole number" if column == "epoch" else "a number"
-        problem = "missing" if text is None else f"{text!r} is not {kind}"
-        raise CompareError(
-            f"{run.path / METRICS} line {line}, column {column}: {problem}; the file was edited "
-            "or cut short: restore it, or leave the run out"
-        )
-    return value
 
 
 def _setting_items(config: dict, prefix: str = "") -> dict:

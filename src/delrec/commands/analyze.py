@@ -4,7 +4,6 @@ trained runs learned (validation, loss, firing rate and gradient norm per layer)
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 from delrec import files
@@ -191,7 +190,7 @@ def run_training(args: argparse.Namespace) -> int:
         raise UsageError("the runs mix classification and regression; give runs of one kind")
     metric = "accuracy" if metrics.pop() else "nmse"
     for rows, run in zip(histories.values(), runs):
-        _check_metrics(run.path, rows, metric)
+        _check_metrics(run, rows, metric)
     training_dynamics(histories, metric, figure)
     for label, rows in histories.items():
         last = rows[-1]
@@ -202,21 +201,10 @@ def run_training(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_metrics(run_dir: Path, rows: list[dict], metric: str) -> None:
-    """A UsageError naming the line and column of ``metrics.csv`` that the figure cannot read."""
+def _check_metrics(run: RunDir, rows: list[dict], metric: str) -> None:
+    """A RunError naming the line and column of ``metrics.csv`` that the figure cannot read."""
     needed = ["epoch", f"valid_{metric}", "train_loss"]
     columns = needed + [c for c in rows[0] if c.startswith(("firing_rate_", "grad_norm_"))]
     for line, row in enumerate(rows, start=2):
         for column in columns:
-            value = row.get(column)
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                number = None
-            whole = number is not None and math.isfinite(number) and number == int(number)
-            if number is None or (column == "epoch" and not whole):
-                raise UsageError(
-                    f"{run_dir / 'metrics.csv'} line {line}, column {column}: {value!r} is not "
-                    "a number of the kind it should be; the file was edited or cut short: "
-                    "restore it, or leave the run out"
-                )
+            run.metrics_number(line, row, column)

@@ -23,7 +23,6 @@ Conventions (time in steps):
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -37,7 +36,13 @@ from delrec.engine.ring import DelayedSynapses, IntegerLayer, run_stack
 from delrec.engine.state import history_length
 from delrec.layers import DelRec, FeedforwardDelay
 from delrec.layers.sizes import check_size
-from delrec.neurons import LeakyIntegrator, as_neuron, leaky_integrator_run, run_steps
+from delrec.neurons import (
+    LeakyIntegrator,
+    as_neuron,
+    first_nonfinite,
+    leaky_integrator_run,
+    run_steps,
+)
 
 
 class LayerState(NamedTuple):
@@ -383,16 +388,14 @@ class StreamingNetwork(nn.Module):
                 f"{weight.dtype}; convert one with .to(dtype)"
             )
         # before any layer runs: a NaN would poison the membranes, silencing the stream for
-        # good without a word (a huge finite input may overflow the sum: then nothing is wrong)
-        if not math.isfinite(x.sum(dtype=torch.promote_types(x.dtype, torch.float32)).item()):
-            bad = (~torch.isfinite(x)).nonzero()
-            if len(bad):
-                t, b, c = bad[0].tolist()
-                raise ValueError(
-                    f"the input at step {state.t + t} of the stream (batch item {b}, channel "
-                    f"{c}) is {x[t, b, c].item()}, not finite; the state is unchanged: check "
-                    "the data (torch.isfinite)"
-                )
+        # good without a word
+        found = first_nonfinite(x)
+        if found is not None:
+            (t, b, c), value = found
+            raise ValueError(
+                f"the input at step {state.t + t} of the stream (batch item {b}, channel {c}) is "
+                f"{value}, not finite; the state is unchanged: check the data (torch.isfinite)"
+            )
         steps, batch = x.shape[:2]
         if not steps:  # nothing arrived: nothing changes
             return x.new_zeros(0, batch, self.output_size), [
