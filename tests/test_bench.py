@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from delrec import bench
@@ -253,6 +254,56 @@ def test_bench_checks_its_counts_and_output_folder_before_measuring(tmp_path, ca
         assert main(["bench", "--quick", "--sections", "shd", *argv]) == 2, argv
         assert problem in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_bench_refuses_an_empty_out_and_a_broken_link_before_measuring(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)  # an empty --out would write here
+    monkeypatch.setattr(bench, "run", lambda args: pytest.fail("measured"))
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    for out, problem in [
+        ("", "--out is empty: give the folder"),
+        ("gone", "gone is a broken symbolic link (to "),
+        ("gone/sub", "gone is a broken symbolic link"),
+    ]:
+        assert main(["bench", "--quick", "--sections", "shd", "--out", out]) == 2, out
+        assert problem in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gone"]
+
+
+def test_a_gpu_bench_stopped_midway_says_its_files_are_incomplete(tmp_path, monkeypatch):
+    """The GPU benchmark rewrites its files after every setting; until the last, they say how
+    far it got, and the targets it has not reached are "not measured yet", not FAIL."""
+    from delrec import bench_gpu
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(bench_gpu.gpu, "offer_interpreted_paths", lambda: None)
+    measured = []
+
+    def measure(s, models, repeats, device, log):  # made-up rows; stopped at the `stop`-th
+        if len(measured) == stop:
+            raise KeyboardInterrupt
+        measured.append(s)
+        row = {"time_ms": 1.0, "peak_mb": None, "samples_per_s": 1.0}
+        return [{**dataclasses.asdict(s), "model": m, **row} for m in models]
+
+    monkeypatch.setattr(bench_gpu, "measure", measure)
+    argv = ["bench", "--device", "cuda", "--dry-run", "--quick", "--out", str(tmp_path)]
+    stop = 1
+    assert main(argv) == 130
+    report = (tmp_path / "gpu-bench.md").read_text()
+    assert report.startswith("# INCOMPLETE (1 of 7 settings measured so far) delrec bench")
+    assert report.count("not measured yet (the run had not reached it)") == 5
+    assert "a model failed" not in report
+    assert len(list(csv.DictReader(open(tmp_path / "gpu-bench.csv")))) == 3
+
+    measured.clear()
+    stop = None
+    assert main(argv) == 0
+    report = (tmp_path / "gpu-bench.md").read_text()
+    assert report.startswith("# delrec bench --device cuda (dry run)")
+    assert "INCOMPLETE" not in report and "not measured yet" not in report
 
 
 def test_the_benchmark_scripts_run_end_to_end_at_tiny_sizes():

@@ -442,3 +442,36 @@ def test_launch_mistakes_are_refused(tmp_path, capsys, monkeypatch):
     assert main(["train", "--device", "cpu", "--dist-backend", "nccl"]) == 2
     assert "use --dist-backend gloo" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_absurd_launch_variables_and_timeouts_are_refused_before_any_wait(
+    tmp_path, capsys, monkeypatch
+):
+    """Each refused at once with the variable and its range (before: a traceback, a wait for
+    the timeout that then blamed the port, or a timeout mistaken for a missing MASTER_ADDR)."""
+    from delrec.training.distributed import process_group
+
+    launch = {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1"}
+    run_dir = tmp_path / "run"
+    for env, timeout, problem in [
+        ({"LOCAL_RANK": "x"}, "5", "LOCAL_RANK='x' is not a rank of the WORLD_SIZE=2 processes"),
+        ({"RANK": "5"}, "5", "RANK='5' is not a rank of the WORLD_SIZE=2 processes (0…1)"),
+        ({"WORLD_SIZE": str(2**40), "RANK": "0"}, "5", "is not a process count (1…"),
+        ({"MASTER_PORT": "abc"}, "5", "MASTER_PORT='abc' is not a port number (1…65535)"),
+        ({"MASTER_PORT": "99999"}, "5", "MASTER_PORT='99999' is not a port number"),
+        ({}, "nan", "--dist-timeout must be a number of seconds > 0"),
+        ({}, "inf", "--dist-timeout must be a number of seconds > 0"),
+        ({}, "1e300", "<= 2592000 (30 days), got 1e+300"),
+    ]:
+        with monkeypatch.context() as m:
+            for name, value in {**launch, "MASTER_PORT": str(free_port()), **env}.items():
+                m.setenv(name, value)
+            argv = ["train", "--device", "cpu", "--run-dir", str(run_dir), "--dist-timeout"]
+            assert main([*argv, timeout]) == 2, env
+        err = capsys.readouterr().err
+        assert problem in err and len(err.splitlines()) == 1, err
+    assert not run_dir.exists()
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # one process refuses them too
+    with pytest.raises(ConfigError, match="--dist-timeout must be"):
+        with process_group("cpu", timeout_s=float("nan")):
+            pass

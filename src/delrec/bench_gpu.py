@@ -232,8 +232,9 @@ def _find(rows, s: Setting, model):
     return next((r for r in rows if r["model"] == model and r["_setting"] == s), None)
 
 
-def verdicts(rows, targets: dict[str, Setting], dry_run: bool) -> list[str]:
-    """PASS/FAIL lines for the GPU targets, each with its measured ratio."""
+def verdicts(rows, targets: dict[str, Setting], dry_run: bool, pending=()) -> list[str]:
+    """PASS/FAIL lines for the GPU targets, each with its measured ratio; a target that needs
+    one of the settings ``pending`` (not run yet) says so instead."""
     lines = [
         "Targets" + (" (dry run: tiny sizes on the CPU, ratios meaningless)" if dry_run else "")
     ]
@@ -248,8 +249,10 @@ def verdicts(rows, targets: dict[str, Setting], dry_run: bool) -> list[str]:
             return "no GPU"
         return a[key] / b[key]
 
-    def check(value, limit, text):
-        if isinstance(value, str):
+    def check(value, limit, text, *needs):
+        if any(s in pending for s in needs):
+            lines.append(f"----  {text}: not measured yet (the run had not reached it)")
+        elif isinstance(value, str):
             lines.append(f"FAIL  {text}: not measured ({value})")
         else:
             line(value <= limit, f"{text} ×{value:.2f} (target ≤ {limit:g})")
@@ -261,27 +264,34 @@ def verdicts(rows, targets: dict[str, Setting], dry_run: bool) -> list[str]:
         ratio(_find(rows, main, "triton"), _find(rows, main, "vanilla")),
         0.5,
         f"{main.describe()}: Triton/lean loop step time",
+        main,
     )
     check(
         ratio(_find(rows, long, "triton"), _find(rows, short, "triton")),
         1.2,
         f"axonal N={main.size}: step time, delays ≤ {long.max_delay:g} / delays ≤ "
         f"{short.max_delay:g}",
+        long,
+        short,
     )
     check(
         ratio(_find(rows, main, "triton"), _find(rows, main, "vanilla"), "peak_mb"),
         1.5,
         f"{main.describe()}: Triton/lean loop peak memory",
+        main,
     )
     check(
         ratio(_find(rows, wide, "triton"), _find(rows, wide, "vanilla")),
         1.0,
         f"{wide.describe()} (forward and backward): Triton/lean loop step time",
+        wide,
     )
     check(
         ratio(_find(rows, syn, "triton"), _find(rows, main, "triton")),
         3.0,
         f"synaptic N={syn.size} delays ≤ {syn.max_delay:g}: synaptic/axonal Triton step time",
+        syn,
+        main,
     )
     for s in (net, targets["shd"]):
         d, r = (_find(rows, s, f"{s.network}-{model}") for model in ("delrec", "rsnn"))
@@ -290,7 +300,7 @@ def verdicts(rows, targets: dict[str, Setting], dry_run: bool) -> list[str]:
                 f"      {s.describe()}: delrec {d['samples_per_s']:.0f} samples/s, "
                 f"rsnn {r['samples_per_s']:.0f} samples/s"
             )
-        check(ratio(d, r), 1.15, f"{s.describe()}: delrec/rsnn step time")
+        check(ratio(d, r), 1.15, f"{s.describe()}: delrec/rsnn step time", s)
     return lines
 
 
@@ -334,15 +344,19 @@ def run(args) -> int:
         sections.append(
             ("CPU grids on the GPU (T = 100)", grid_settings(dry_run), ("triton", "vanilla"))
         )
-    rows = []
+    rows, queue = [], [s for _, settings, _ in sections for s in settings]
 
-    def write():  # after every setting: a run stopped early leaves what it measured
-        checks = verdicts(rows, targets, dry_run)
+    def write(done: int):  # after every setting: a run stopped early leaves what it measured
+        checks = verdicts(rows, targets, dry_run, pending=queue[done:])
+        header = log.lines[0]
+        if done < len(queue):  # first, so that the figure's shortened title keeps it
+            header = f"INCOMPLETE ({done} of {len(queue)} settings measured so far) {header}"
         _write_csv(rows, out / "gpu-bench.csv")
-        _write_markdown(rows, checks, log.lines[0], out / "gpu-bench.md")
-        _plot(rows, out / "gpu-bench.png", log.lines[0])
+        _write_markdown(rows, checks, header, out / "gpu-bench.md")
+        _plot(rows, out / "gpu-bench.png", header)
         return checks
 
+    done = 0
     for title, settings, models in sections:
         log()
         log(title)
@@ -352,7 +366,8 @@ def run(args) -> int:
             for row in measured:
                 row["_setting"] = s
             rows.extend(measured)
-            checks = write()
+            done += 1
+            checks = write(done)
     log()
     for text in checks:
         log(text)

@@ -131,10 +131,18 @@ def _check_counts_and_out(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--threads must be in 1…{cores} (this machine's cores), got {args.threads}"
         )
+    if not args.out:  # Path("") would be the working directory
+        raise UsageError("--out is empty: give the folder to write into (default bench-out)")
     out = Path(args.out)
     blocking = files.file_in_the_way(out)
     if blocking is not None:
         raise UsageError(f"--out {out}: {blocking} is a file, not a folder")
+    broken = next((p for p in (out, *out.parents) if p.is_symlink() and not p.exists()), None)
+    if broken is not None:
+        raise UsageError(
+            f"--out {out}: {broken} is a broken symbolic link (to {os.readlink(broken)}); "
+            "remove it or give another folder"
+        )
     existing = next(p for p in (out, *out.parents) if p.exists())  # "." at the least
     try:  # a file made and removed where the folder is or will be: nothing left behind
         tempfile.TemporaryFile(dir=existing).close()

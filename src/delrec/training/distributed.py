@@ -47,18 +47,64 @@ from delrec.runs import RunDir
 from delrec.training.loop import TrainingError
 
 DEFAULT_TIMEOUT_S = 600.0
+MAX_TIMEOUT_S = 30 * 86400.0  # 30 days: more than any wait needs (a huge one overflows timedelta)
+MAX_WORLD_SIZE = 2**31 - 1  # torch.distributed counts processes in a C int
 
 
 class Stopped(KeyboardInterrupt):
     """The launcher stopped this process (SIGTERM), usually because another rank failed."""
 
 
+def _whole_number(value: str | None) -> int | None:
+    """``value`` (an environment variable's) as a whole number, or None if it is not one."""
+    return int(value) if value and value.isascii() and value.isdigit() else None
+
+
 def world_size() -> int:
     """The number of processes torchrun started (``WORLD_SIZE``; 1 without torchrun)."""
     value = os.environ.get("WORLD_SIZE", "1")
-    if not value.isdigit() or int(value) < 1:
-        raise ConfigError(f"WORLD_SIZE={value!r} is not a process count; launch with torchrun")
-    return int(value)
+    world = _whole_number(value)
+    if world is None or not 1 <= world <= MAX_WORLD_SIZE:
+        raise ConfigError(
+            f"WORLD_SIZE={value!r} is not a process count (1…{MAX_WORLD_SIZE}); launch with "
+            "torchrun"
+        )
+    return world
+
+
+def _rank(name: str, world: int, default: str | None = None) -> int:
+    """This process's ``RANK`` or ``LOCAL_RANK`` (``default`` when unset), a whole number below
+    ``world``."""
+    value = os.environ.get(name, default)
+    if value is None:
+        raise ConfigError(f"WORLD_SIZE={world} is set but {name} is not; launch with torchrun")
+    rank = _whole_number(value)
+    if rank is None or rank >= world:
+        raise ConfigError(
+            f"{name}={value!r} is not a rank of the WORLD_SIZE={world} processes "
+            f"(0…{world - 1}); launch with torchrun, which sets both"
+        )
+    return rank
+
+
+def _check_timeout(timeout_s: float) -> None:
+    """Refuse a ``--dist-timeout`` that is not a usable wait (NaN, infinite, not > 0, or
+    longer than :data:`MAX_TIMEOUT_S`)."""
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise ConfigError(
+            f"--dist-timeout must be a number of seconds > 0 and <= {MAX_TIMEOUT_S:.0f} "
+            f"(30 days), got {timeout_s}"
+        )
+
+
+def _check_port() -> None:
+    """Refuse a ``MASTER_PORT`` that is set but not a port number (unset: torch says so)."""
+    port = os.environ.get("MASTER_PORT", "")
+    if port and not 1 <= (_whole_number(port) or 0) <= 65535:
+        raise ConfigError(
+            f"MASTER_PORT={port!r} is not a port number (1…65535); launch with torchrun, or "
+            "set MASTER_PORT to a free port on the master (rank 0) for every process"
+        )
 
 
 def rank_label() -> str:
@@ -341,14 +387,12 @@ def process_group(device: str, backend: str | None = None, timeout_s: float = DE
     fails. SIGTERM (torchrun stopping the others after one failed) raises :class:`Stopped`.
     """
     world = world_size()
+    _check_timeout(timeout_s)  # in one process too: a bad value is refused, not ignored
     if world == 1:
         yield None
         return
-    if timeout_s <= 0:
-        raise ConfigError(f"--dist-timeout must be > 0 seconds, got {timeout_s}")
-    if not os.environ.get("RANK", "").isdigit():
-        raise ConfigError(f"WORLD_SIZE={world} is set but RANK is not; launch with torchrun")
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    _check_port()
+    rank, local_rank = _rank("RANK", world), _rank("LOCAL_RANK", world, default="0")
     torch_device = _device(device, local_rank)
     backend = backend or ("nccl" if torch_device.type == "cuda" else "gloo")
     available = {
@@ -389,11 +433,12 @@ def _join(backend: str, world: int, timeout_s: float) -> None:
         ) from None
     except (RuntimeError, dist.DistError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        port = os.environ.get("MASTER_PORT", "?")
+        address, port = (os.environ.get(name, "?") for name in ("MASTER_ADDR", "MASTER_PORT"))
         raise TrainingError(
             f"the {world} processes did not all join within {timeout_s:g} s ({first}); check "
-            f"that every rank started and that MASTER_PORT {port} is free on the master, "
-            "then run the same command again"
+            f"that every rank started, that MASTER_ADDR {address} is the master (rank 0) and "
+            f"reachable, and that MASTER_PORT {port} is free there, then run the same command "
+            "again"
         ) from None
 
 
