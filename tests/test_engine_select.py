@@ -6,7 +6,7 @@ from unittest import mock
 import pytest
 import torch
 
-from delrec.engine import PATHS, EnginePath, kernel_reach, register, select, synaptic
+from delrec.engine import PATHS, EnginePath, kernel_reach, native, register, select, synaptic
 from delrec.layers import DelRec
 from delrec.neurons import LIF, AdLIF
 
@@ -109,7 +109,9 @@ def test_an_unusable_kernel_cache_falls_back_with_a_warning(tmp_path, monkeypatc
         native._built_or_warned.cache_clear()
 
 
-@pytest.mark.skipif(not PATHS["cpp-synaptic"].available("cpu"), reason="no C++ synaptic kernels")
+@pytest.mark.skipif(
+    not PATHS["cpp-synaptic"].available("cpu"), reason=native.unavailable("synaptic")
+)
 def test_delays_beyond_the_cpp_synaptic_plan_run_torch_synaptic():
     """The C++ synaptic plan takes max|1 + d| + max w below CPP_REACH = 30 000 steps, short of
     MAX_DELAY: 'auto' passes such a layer to torch-synaptic, and a layer forced onto
