@@ -1347,6 +1347,24 @@ def test_a_checkpoint_edited_to_unusable_values_is_bad_input_for_eval_and_compar
     assert f"the network in {best} cannot be" in err and problem in err, err
 
 
+def test_eval_prints_strict_json_when_a_metric_overflows(run_copy, capsys):
+    """Readout weights of 3e38 give an infinite NMSE: shown as inf, printed as JSON null (not
+    the non-standard Infinity that strict parsers refuse)."""
+    best = run_copy / "checkpoints" / "best.pt"
+    payload = torch.load(best, weights_only=True)
+    payload["model"]["readout.weight"].fill_(3e38)
+    torch.save(payload, best)
+    assert main(["eval", str(run_copy)]) == 0
+    captured = capsys.readouterr()
+    assert "nmse inf" in captured.err, captured.err
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    result = json.loads(captured.out, parse_constant=refuse)
+    assert result["nmse"] is None and result["epoch"] >= 1
+
+
 def test_absurd_mackey_glass_sizes_are_refused_before_memory_runs_out(run_copy, capsys):
     for settings, message in [
         ({"samples": 10**12}, "need 1e+13 integration steps, more than 1e+08"),

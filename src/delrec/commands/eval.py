@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -64,5 +65,10 @@ def run(args: argparse.Namespace) -> int:
         f"{result['delays']} delays): {shown}",
         file=sys.stderr,
     )
-    print(json.dumps(result), flush=True)
+    # strict JSON for the programs that read it: a metric that overflowed (inf) becomes null
+    print(json.dumps({k: _finite_or_none(v) for k, v in result.items()}), flush=True)
     return 0
+
+
+def _finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
