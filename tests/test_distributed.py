@@ -475,3 +475,7 @@ def test_absurd_launch_variables_and_timeouts_are_refused_before_any_wait(
     with pytest.raises(ConfigError, match="--dist-timeout must be"):
         with process_group("cpu", timeout_s=float("nan")):
             pass
+    for other in (["--seeds", "0-1"], ["--seeds", "0-1", "--parallel", "2"], ["--print-config"]):
+        assert main(["train", *other, "--run-dir", str(run_dir), "--dist-timeout", "inf"]) == 2
+        assert "--dist-timeout must be a number of seconds > 0" in capsys.readouterr().err
+    assert not run_dir.exists()

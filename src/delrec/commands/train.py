@@ -13,7 +13,7 @@ from delrec.commands import EXIT_CODES_HELP, UsageError, add_set_option, fail, p
 from delrec.config import TASKS, load_config_file, resolve
 from delrec.models import MODELS
 from delrec.training import jobs
-from delrec.training.distributed import DEFAULT_TIMEOUT_S, rank_label, world_size
+from delrec.training.distributed import DEFAULT_TIMEOUT_S, check_timeout, rank_label, world_size
 
 
 def add_parser(subparsers) -> None:
@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
 def _check_launch(args: argparse.Namespace) -> None:
     if args.max_epochs_this_run is not None and args.max_epochs_this_run < 1:
         raise UsageError("--max-epochs-this-run must be >= 1")
+    check_timeout(args.dist_timeout)  # whichever path the run takes
     processes = world_size()
     if args.parallel is not None:
         if args.parallel < 1:

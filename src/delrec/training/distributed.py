@@ -87,7 +87,7 @@ def _rank(name: str, world: int, default: str | None = None) -> int:
     return rank
 
 
-def _check_timeout(timeout_s: float) -> None:
+def check_timeout(timeout_s: float) -> None:
     """Refuse a ``--dist-timeout`` that is not a usable wait (NaN, infinite, not > 0, or
     longer than :data:`MAX_TIMEOUT_S`)."""
     if not 0 < timeout_s <= MAX_TIMEOUT_S:
@@ -387,7 +387,7 @@ def process_group(device: str, backend: str | None = None, timeout_s: float = DE
     fails. SIGTERM (torchrun stopping the others after one failed) raises :class:`Stopped`.
     """
     world = world_size()
-    _check_timeout(timeout_s)  # in one process too: a bad value is refused, not ignored
+    check_timeout(timeout_s)  # in one process too: a bad value is refused, not ignored
     if world == 1:
         yield None
         return
