@@ -333,3 +333,27 @@ def test_bench_refuses_options_its_benchmark_would_ignore(capsys):
     ] * ((os.cpu_count() or 1) > 1):
         assert main(["bench", *argv]) == 2, argv
         assert problem in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="no /proc/cpuinfo (not Linux)")
+def test_the_machine_line_names_the_cpu_generation_and_its_vectors():
+    """A virtual machine's model name can be a bare "AMD EPYC": the bench's machine line adds
+    the family and model numbers and the widest vectors, which the ratios depend on."""
+    from delrec.bench import cpu_name
+
+    first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    fields = {}
+    for line in first_cpu.splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    if "model name" not in fields:
+        pytest.skip("this /proc/cpuinfo names no model (e.g. ARM)")
+    name = cpu_name()
+    assert name.startswith(fields["model name"])
+    if "cpu family" in fields:
+        assert f"family {fields['cpu family']} model {fields['model']}" in name
+    flags = fields.get("flags", "").split()
+    if "avx512f" in flags:
+        assert "AVX-512" in name
+    elif "avx2" in flags:
+        assert "AVX2" in name

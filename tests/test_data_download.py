@@ -7,6 +7,7 @@ import hashlib
 import io
 import socket
 import threading
+import time
 import urllib.request
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,11 +23,13 @@ from delrec.data.fetch import Resource
 
 class Handler(BaseHTTPRequestHandler):
     """Serves ``files``; the paths in ``truncate`` send half their body, then hang up; the paths
-    in ``no_ranges`` ignore a Range header (200 and the whole body, as some servers do)."""
+    in ``no_ranges`` ignore a Range header (200 and the whole body, as some servers do); the
+    paths in ``slow`` send their body in ten pieces, 50 ms apart."""
 
     files: dict[str, bytes] = {}
     truncate: set[str] = set()
     no_ranges: set[str] = set()
+    slow: set[str] = set()
     log: list[tuple[str, str | None]] = []
 
     def do_GET(self):
@@ -52,6 +55,13 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body[start : start + (len(body) - start) // 2])
             self.close_connection = True
             return
+        if self.path in self.slow:
+            piece = -(-(len(body) - start) // 10)
+            for offset in range(start, len(body), piece):
+                self.wfile.write(body[offset : offset + piece])
+                self.wfile.flush()
+                time.sleep(0.05)
+            return
         self.wfile.write(body[start:])
 
     def log_message(self, *args):
@@ -60,7 +70,8 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    Handler.files, Handler.truncate, Handler.no_ranges, Handler.log = {}, set(), set(), []
+    Handler.files, Handler.truncate, Handler.no_ranges, Handler.slow = {}, set(), set(), set()
+    Handler.log = []
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -197,6 +208,36 @@ def test_a_damaged_record_keeps_the_extracted_file_and_is_written_again(
     assert "shd_train.h5.md5 is damaged" in capsys.readouterr().err
     digest = hashlib.md5(data).hexdigest()
     assert (tmp_path / "shd_train.h5.md5").read_text() == f"{digest}  shd_train.h5\n"
+
+
+def test_two_downloads_into_one_folder_take_turns(tmp_path, server, capsys):
+    """A second download into the folder (another job started at the same moment) waits for
+    the first, naming it, then finds the file done: it used to append to the first one's
+    ``.part`` file and fail with a bare FileNotFoundError."""
+    payload = bytes(range(256)) * 4000
+    resource = serve(server, "/slow.zip", zipped("slow.bin", payload), "slow.bin")
+    Handler.slow.add("/slow.zip")
+    errors = []
+
+    def fetch():
+        try:
+            assert download("shd", tmp_path, resources=[resource], progress=False) == [
+                tmp_path / "slow.bin"
+            ]
+        except BaseException as error:  # reported below, with the thread's error
+            errors.append(error)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.1)  # the first is fetching when the second starts
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert (tmp_path / "slow.bin").read_bytes() == payload
+    assert [path for path, _ in Handler.log] == ["/slow.zip"]  # fetched once
+    assert "is downloading into" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slow.bin", "slow.bin.md5"]
 
 
 def test_no_network_fails_at_once_and_says_where_to_put_the_files(tmp_path, monkeypatch):

@@ -729,12 +729,33 @@ def write_markdown(
 
 
 def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``, else :func:`platform.processor`)."""
+    """The CPU's model name, family and model numbers, widest vectors and L2/L3 sizes per
+    ``/proc/cpuinfo`` and sysfs (e.g. ``AMD EPYC (family 25 model 17, AVX-512, L2 1024K,
+    L3 32768K)``: a virtual machine's bare "AMD EPYC" names no generation, and the benchmarks'
+    ratios depend on it), else :func:`platform.processor`."""
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+        first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return platform.processor() or "unknown"
+    fields = {}
+    for line in first_cpu.splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    if "model name" not in fields:
+        return platform.processor() or "unknown"
+    details = []
+    if "cpu family" in fields and "model" in fields:
+        details.append(f"family {fields['cpu family']} model {fields['model']}")
+    flags = fields.get("flags", "").split()
+    vectors = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    details += [vectors] if vectors else []
+    for level in (2, 3):
+        for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+            try:
+                if (index / "level").read_text().strip() == str(level):
+                    details.append(f"L{level} {(index / 'size').read_text().strip()}")
+                    break
+            except OSError:
+                continue
+    name = fields["model name"]
+    return f"{name} ({', '.join(details)})" if details else name

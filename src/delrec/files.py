@@ -13,14 +13,18 @@ as ``open()`` creates files.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime
 import errno
+import fcntl
 import io
 import json
 import os
 import secrets
+import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 TEMPORARY_SUFFIX = ".tmp"
@@ -190,3 +194,78 @@ def _flush_to_disk(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+# --------------------------------------------------------------------------- lock files
+def lock_holder() -> str:
+    """What a lock file holds while locked: this process's pid, host and start time (a JSON
+    line), for the message of a process that finds the lock taken."""
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    return json.dumps(holder) + "\n"
+
+
+def describe_holder(text: str) -> str:
+    """``"pid P on host H (started S)"`` from a lock file's :func:`lock_holder` text."""
+    try:
+        holder = json.loads(text)
+        return f"pid {holder['pid']} on host {holder['host']} (started {holder['started']})"
+    except (ValueError, KeyError, TypeError):
+        return "another process (it has not said which yet)"
+
+
+def acquire_lock(path: str | os.PathLike, on_busy: Callable[[str], object]) -> tuple[int, str]:
+    """Lock the file ``path`` (``flock``, released by the kernel if this process dies; the file
+    is created if need be) and write :func:`lock_holder` into it. If another process holds it,
+    call ``on_busy`` with a description of the holder: raise there to give up, return to wait
+    for the lock. Returns the open descriptor (for :func:`release_lock`) and what the file held
+    before, non-empty when its last holder died holding it."""
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                on_busy(describe_holder(_read_descriptor(descriptor)))
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+            try:  # a releasing holder unlinks the file: the one we locked is then no lock
+                current = os.path.samestat(os.fstat(descriptor), os.stat(path))
+            except FileNotFoundError:
+                current = False
+        except BaseException:
+            os.close(descriptor)
+            raise
+        if not current:
+            os.close(descriptor)
+            continue
+        previous = _read_descriptor(descriptor)
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, lock_holder().encode(), 0)
+        return descriptor, previous
+
+
+def release_lock(descriptor: int, path: str | os.PathLike) -> None:
+    """Remove the lock file ``path`` and release the lock held on it through ``descriptor``."""
+    try:
+        Path(path).unlink(missing_ok=True)  # while still locked: nobody can take the old file
+    finally:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str | os.PathLike, on_wait: Callable[[str], object]) -> Iterator[None]:
+    """Hold the lock file ``path`` (:func:`acquire_lock`) while the body runs, removing it
+    after. If another process holds it, call ``on_wait`` with a description of the holder and
+    wait for it (Ctrl-C still interrupts)."""
+    descriptor, _ = acquire_lock(path, on_wait)
+    try:
+        yield
+    finally:
+        release_lock(descriptor, path)
+
+
+def _read_descriptor(descriptor: int) -> str:
+    return os.pread(descriptor, 1 << 16, 0).decode(errors="replace")

@@ -27,13 +27,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import datetime
-import fcntl
 import io
 import json
 import math
 import os
-import socket
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -295,7 +292,7 @@ class RunDir:
                 )
             yield
         finally:
-            _release(descriptor, self.path / LOCK)
+            files.release_lock(descriptor, self.path / LOCK)
             if created:
                 with contextlib.suppress(OSError):  # not empty: keep it
                     self.path.rmdir()
@@ -340,63 +337,23 @@ def run_files(path: str | os.PathLike) -> set[Path]:
 
 
 # --------------------------------------------------------------------------- lock files
-def _holder() -> dict:
-    return {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
-
-
-def _describe(text: str) -> str:
-    try:
-        holder = json.loads(text)
-        return f"pid {holder['pid']} on host {holder['host']} (started {holder['started']})"
-    except (ValueError, KeyError, TypeError):
-        return "another process (it has not said which yet)"
-
-
 def _acquire(path: Path, log: Callable[[str], object]) -> int:
-    """Open and lock ``path`` (``flock``, released by the kernel if this process dies); its
-    content names the holder."""
-    while True:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _describe(_read_descriptor(descriptor))
-            os.close(descriptor)
-            raise RunInUse(
-                f"run directory {path.parent} is in use by {holder}; wait until it ends or "
-                f"stop it, or give another run directory"
-            ) from None
-        try:  # the file a releasing holder unlinked is not the lock any more: start again
-            current = os.path.samestat(os.fstat(descriptor), os.stat(path))
-        except FileNotFoundError:
-            current = False
-        if not current:
-            os.close(descriptor)
-            continue
-        previous = _read_descriptor(descriptor)
-        if previous.strip():
-            log(
-                f"note: {path.parent} was locked by {_describe(previous)}, which is no longer "
-                "running; taking the lock over"
-            )
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, (json.dumps(_holder()) + "\n").encode(), 0)
-        return descriptor
+    """Lock the run's lock file ``path`` (:func:`delrec.files.acquire_lock`) or raise
+    :class:`RunInUse` naming the holder; note a holder that died."""
 
+    def refuse(holder: str) -> None:
+        raise RunInUse(
+            f"run directory {path.parent} is in use by {holder}; wait until it ends or "
+            f"stop it, or give another run directory"
+        ) from None
 
-def _read_descriptor(descriptor: int) -> str:
-    return os.pread(descriptor, 1 << 16, 0).decode(errors="replace")
-
-
-def _release(descriptor: int, path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)  # while still locked: nobody can take the old file
-    finally:
-        os.close(descriptor)
+    descriptor, previous = files.acquire_lock(path, refuse)
+    if previous.strip():
+        log(
+            f"note: {path.parent} was locked by {files.describe_holder(previous)}, which "
+            "is no longer running; taking the lock over"
+        )
+    return descriptor
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -13,6 +13,10 @@ files by hand.
 A mirror (``mirror=``, ``delrec data download --mirror``, or the environment variable
 ``DELREC_MIRROR``) replaces the official servers: a base URL (``https://…``, ``file://…``)
 or a folder under which the archives are found by their file names.
+
+One download runs in a folder at a time (a lock file, ``.delrec-download.lock``, removed
+after, and released by the kernel if its process dies): a second process, e.g. another job of an array started at
+the same time, says whom it waits for, waits, then finds the files done and verifies them.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from delrec import files
 from delrec.files import file_in_the_way, write_atomic, write_text
 
 from .errors import DataError, DownloadError
@@ -40,6 +45,7 @@ HEIDELBERG_URL = "https://zenkelab.org/datasets/"
 MNIST_URL = "http://yann.lecun.com/exdb/mnist/"
 MIRROR_VARIABLE = "DELREC_MIRROR"
 RECORD_SUFFIX = ".md5"  # beside each extracted file: its MD5, md5sum format
+LOCK = ".delrec-download.lock"  # in the data folder: one download into it at a time
 _BLOCK = 1 << 16
 
 
@@ -303,30 +309,48 @@ def download(
     if blocking is not None:
         raise DataError(f"cannot put {name} in {to}: {blocking} is a file, not a folder")
     to.mkdir(parents=True, exist_ok=True)
-    done = []
-    for resource in resources:
-        target = to / resource.target
-        if target.exists() and _check_extracted(target, name):
-            done.append(target)
-            continue
-        archive = to / resource.archive
-        if archive.exists():
-            digest = md5_of(archive)
-            if digest != resource.md5:
-                raise DataError(
-                    f"{archive} fails its checksum: MD5 {digest}, expected {resource.md5}; it is "
-                    f"damaged or not the official {resource.archive}: delete it (or put the "
-                    "official file there) and run the command again"
-                )
-        else:
-            url = resource.url_from(mirror)
-            _download_verified(
-                name, resource, url, archive, resources, to, retries, timeout, progress
+
+    def wait(holder: str) -> None:
+        print(f"note: {holder} is downloading into {to}; waiting for it", file=sys.stderr)
+
+    # one download per folder at a time: the next finds the files done and verifies them
+    with files.waiting_lock(to / LOCK, wait):
+        return [
+            _fetch_resource(name, resource, resources, to, mirror, retries, timeout, progress)
+            for resource in resources
+        ]
+
+
+def _fetch_resource(
+    name: str,
+    resource: Resource,
+    resources: list[Resource],
+    to: Path,
+    mirror: str | None,
+    retries: int,
+    timeout: float,
+    progress: bool,
+) -> Path:
+    """The extracted file of ``resource`` in ``to``: verified if already there, else
+    extracted from the archive there (verified) or from a download."""
+    target = to / resource.target
+    if target.exists() and _check_extracted(target, name):
+        return target
+    archive = to / resource.archive
+    if archive.exists():
+        digest = md5_of(archive)
+        if digest != resource.md5:
+            raise DataError(
+                f"{archive} fails its checksum: MD5 {digest}, expected {resource.md5}; it is "
+                f"damaged or not the official {resource.archive}: delete it (or put the "
+                "official file there) and run the command again"
             )
-        _extract(archive, target)
-        archive.unlink()
-        done.append(target)
-    return done
+    else:
+        url = resource.url_from(mirror)
+        _download_verified(name, resource, url, archive, resources, to, retries, timeout, progress)
+    _extract(archive, target)
+    archive.unlink()
+    return target
 
 
 def _check_mirror(mirror: str) -> None:

@@ -26,6 +26,8 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -80,32 +82,57 @@ def build(name: str, flags: tuple[str, ...] = ()) -> ModuleType:
     """Compile ``csrc/<name>.cpp``, or import the build cached for this source, torch and CPU;
     raises on failure. ``flags``: extra compiler flags, for a variant (its own module name and
     build folder, e.g. :data:`PORTABLE`)."""
-    from torch.utils import cpp_extension
-
     variant = "_" + hashlib.sha256(" ".join(flags).encode()).hexdigest()[:8] if flags else ""
     module, folder = f"delrec_{name}{variant}", _build_directory(name, flags)
-    folder.mkdir(parents=True, exist_ok=True)
     library = folder / f"{module}.so"
-    if library.is_file():  # no ninja run, no build lock: a process killed here leaves nothing
+    if library.is_file():
         spec = importlib.util.spec_from_file_location(module, library)
         loaded = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(loaded)
         return loaded
+    return _compile(name, module, flags, library)
+
+
+# A private build folder older than this is left over from a process that was killed mid-build
+STALE_BUILD_SECONDS = 3600
+
+
+def _compile(name: str, module: str, flags: tuple[str, ...], library: Path) -> ModuleType:
+    """Build ``module`` in a folder of this process's own, then move the library into place
+    with one atomic rename: the cache never holds a partly written library or a lock file, so
+    processes that build at the same time each get a whole one (the last rename wins, with the
+    same bytes), and a process killed mid-build leaves nothing that stops the next."""
+    from torch.utils import cpp_extension
+
+    library.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{library.parent.name}.building-"
+    for old in library.parent.parent.glob(prefix + "*"):
+        try:
+            if time.time() - old.stat().st_mtime > STALE_BUILD_SECONDS:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:  # another process removed it first
+            pass
     _ninja_on_path()
     print(
         f"delrec: compiling the C++ kernels '{name}' (first use on this machine, about "
-        f"half a minute) into {folder}",
+        f"half a minute) into {library.parent}",
         file=sys.stderr,
         flush=True,
     )
-    return cpp_extension.load(
-        name=module,
-        sources=[str(SOURCES / f"{name}.cpp")],
-        build_directory=str(folder),
-        extra_cflags=[*CFLAGS, *flags],
-        extra_ldflags=["-fopenmp"],
-        verbose=False,
-    )
+    workspace = Path(tempfile.mkdtemp(prefix=prefix, dir=library.parent.parent))
+    try:
+        loaded = cpp_extension.load(
+            name=module,
+            sources=[str(SOURCES / f"{name}.cpp")],
+            build_directory=str(workspace),
+            extra_cflags=[*CFLAGS, *flags],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+        os.replace(workspace / f"{module}.so", library)  # the loaded library stays mapped
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+    return loaded
 
 
 def unavailable(name: str) -> str:

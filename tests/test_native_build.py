@@ -1,0 +1,126 @@
+"""Building the C++ kernels into the shared cache (delrec.engine.native): a build that a killed
+process left behind stops nothing, and processes that build at the same time each get a whole
+library. A one-function pybind11 source stands in for the kernels (a few seconds to compile)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from delrec.engine import native
+
+pytestmark = pytest.mark.skipif(
+    not native.enabled(), reason="DELREC_NATIVE=0: no C++ kernels are built here"
+)
+
+SOURCE = """
+#include <pybind11/pybind11.h>
+int answer() { return 42; }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("answer", &answer); }
+"""
+
+# Runs in a fresh process: build the stand-in kernel from the sources folder in argv[1]
+BUILD = """
+import sys
+from pathlib import Path
+from delrec.engine import native
+native.SOURCES = Path(sys.argv[1])
+print(native.build("tiny").answer())
+"""
+
+
+@pytest.fixture
+def sources(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "csrc"
+    folder.mkdir()
+    (folder / "tiny.cpp").write_text(SOURCE)
+    monkeypatch.setenv("DELREC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "SOURCES", folder)
+    return folder
+
+
+def start_build(sources: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", BUILD, str(sources)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+
+
+def finish(process: subprocess.Popen) -> str:
+    """The build's stderr, after checking that it printed the stand-in's answer (within 5
+    minutes: a build that waits on a lock forever fails here instead of hanging the suite)."""
+    try:
+        out, err = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("the build did not finish in 5 minutes (waiting on a lock?)")
+    assert process.returncode == 0, err
+    assert out.strip() == "42"
+    return err
+
+
+def test_a_build_left_by_a_killed_process_stops_nothing(sources):
+    folder = native._build_directory("tiny")
+    folder.mkdir(parents=True)
+    (folder / "lock").touch()  # what torch's build lock leaves when its process is killed
+    kernels = folder.parent
+    stale = kernels / f".{folder.name}.building-killed"
+    stale.mkdir()
+    (stale / "half.o").write_bytes(b"\0" * 100)
+    hours_ago = time.time() - 2 * native.STALE_BUILD_SECONDS
+    os.utime(stale, (hours_ago, hours_ago))
+    running = kernels / f".{folder.name}.building-running"  # another process's build, now
+    running.mkdir()
+
+    assert "compiling the C++ kernels 'tiny'" in finish(start_build(sources))
+
+    assert (folder / "delrec_tiny.so").is_file()
+    assert not stale.exists()
+    assert running.is_dir()
+    assert sorted(p.name for p in kernels.iterdir()) == sorted([folder.name, running.name])
+    # the next process imports the cached library without compiling
+    assert "compiling" not in finish(start_build(sources))
+
+
+def test_processes_building_at_once_each_get_a_whole_library(sources):
+    builds = [start_build(sources) for _ in range(2)]
+    for build in builds:
+        assert "compiling the C++ kernels 'tiny'" in finish(build)
+    kernels = native._build_directory("tiny").parent
+    assert [p.name for p in kernels.iterdir()] == [native._build_directory("tiny").name]
+    assert "compiling" not in finish(start_build(sources))
+
+
+def test_a_failed_build_leaves_no_library_and_no_workspace(sources):
+    (sources / "tiny.cpp").write_text(SOURCE + "\nthis is not C++;\n")
+    native.build.cache_clear()
+    try:
+        with pytest.raises(Exception, match="Error building extension 'delrec_tiny'"):
+            native.build("tiny")
+    finally:
+        native.build.cache_clear()
+    folder = native._build_directory("tiny")
+    assert list(folder.iterdir()) == []
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]
+
+
+def test_a_damaged_library_in_the_cache_is_named_in_one_warning(sources):
+    folder = native._build_directory("tiny")
+    folder.mkdir(parents=True)
+    (folder / "delrec_tiny.so").write_bytes(b"\x7fELF cut short")
+    native.build.cache_clear()
+    native._built_or_warned.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=f"could not be built or loaded.*delete {folder}"):
+            assert native.load("tiny") is None
+    finally:
+        native.build.cache_clear()
+        native._built_or_warned.cache_clear()
