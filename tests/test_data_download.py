@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-from test_data_heidelberg import random_samples, write_heidelberg
+from test_data_heidelberg import held_open_for_writing, random_samples, write_heidelberg
 
 from delrec.cli import main as delrec_main
 from delrec.data import RESOURCES, DataError, download, load_dataset
@@ -191,6 +191,18 @@ def test_an_archive_put_there_by_hand_is_verified_and_extracted(tmp_path, server
     (tmp_path / "not-served.zip").write_bytes(archive)
     download("ssc", tmp_path, resources=[resource], progress=False)
     assert (tmp_path / "x.h5").read_bytes() == b"payload" and Handler.log == []
+
+
+def test_a_file_put_there_by_hand_is_checked_while_another_process_holds_it(tmp_path):
+    """The format check of a file without a record reads it without HDF5's file lock (which
+    fails while another process writes the file, or on NFS): it used to call it truncated."""
+    write_heidelberg(tmp_path / "shd_test.h5", random_samples(3, seed=4), [1, 2, 3])
+    resource = Resource("http://127.0.0.1:9/shd_test.h5.zip", "0" * 32, "shd_test.h5")
+    with held_open_for_writing(tmp_path / "shd_test.h5"):
+        assert download("shd", tmp_path, resources=[resource], progress=False) == [
+            tmp_path / "shd_test.h5"
+        ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shd_test.h5"]  # checked, kept
 
 
 @pytest.mark.parametrize("record", [b"garbage  shd_train.h5\n", b"", b"\xff\xfe\x00\x81"])

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -201,3 +204,38 @@ def test_empty_samples_are_an_error_unless_kept(tmp_path):
     ds = load_dataset("shd", split="test", root=tmp_path, keep_empty=True)
     frames, label = ds[1]
     assert frames.shape == (1, 140) and frames.sum() == 0 and label == 1
+
+
+@contextlib.contextmanager
+def held_open_for_writing(path):
+    """Another process holds the HDF5 file ``path`` open for writing (and HDF5's lock on it)
+    while the block runs."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, h5py; f = h5py.File(sys.argv[1], 'a'); print('open', flush=True); "
+            "sys.stdin.read()",
+            str(path),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(OSError, match="unable to lock file"):  # what a locking read meets
+            h5py.File(path, "r")
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+def test_a_file_another_process_holds_open_for_writing_is_read(shd_dir):
+    """HDF5's file lock fails on file systems without locks (NFS, Lustre) and while another
+    process has the file open for writing; reads take none. The error used to call the file
+    corrupt and say to delete it."""
+    with held_open_for_writing(shd_dir / "shd_test.h5"):
+        frames, label = load_dataset("shd", split="test", root=shd_dir)[0]
+    assert label == 7 and frames.shape == (4, 140)

@@ -15,8 +15,9 @@ A mirror (``mirror=``, ``delrec data download --mirror``, or the environment var
 or a folder under which the archives are found by their file names.
 
 One download runs in a folder at a time (a lock file, ``.delrec-download.lock``, removed
-after, and released by the kernel if its process dies): a second process, e.g. another job of an array started at
-the same time, says whom it waits for, waits, then finds the files done and verifies them.
+after, and released by the kernel if its process dies): a second process, e.g. another job of
+an array started at the same time, says whom it waits for, waits, then finds the files done
+and verifies them.
 """
 
 from __future__ import annotations
@@ -252,7 +253,7 @@ def _format_problem(path: Path) -> str | None:
         if not h5py.is_hdf5(path):
             return "it is not an HDF5 file"
         try:
-            with h5py.File(path, "r") as h5:
+            with h5py.File(path, "r", locking=False) as h5:  # as heidelberg.parse_file
                 for key in ("spikes/times", "spikes/units", "labels"):
                     h5[key][len(h5[key]) - 1]
         except (OSError, RuntimeError, KeyError, ValueError) as exc:

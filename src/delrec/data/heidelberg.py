@@ -162,7 +162,10 @@ def parse_file(
 
     fix = f"delete it and run `delrec data download {dataset} --to {path.parent}`"
     try:
-        h5 = h5py.File(path, "r")
+        # no HDF5 file lock: a read needs none (the files are replaced only by a rename), and
+        # taking one fails on file systems without locks (NFS, Lustre) or while another
+        # process holds the file open for writing, which read as "corrupt: delete it" here
+        h5 = h5py.File(path, "r", locking=False)
     except OSError as exc:
         raise DataError(
             f"{path} is not a readable HDF5 file ({exc}); it may be truncated or corrupt: {fix}"
