@@ -3,6 +3,7 @@ subnormal floats are flushed to zero on every thread of PyTorch's pool."""
 
 import contextlib
 import ctypes
+import os
 import resource
 import subprocess
 import sys
@@ -151,3 +152,47 @@ def test_a_trainer_applies_the_process_settings(tmp_path):
     with _flushing_turned_off():
         Trainer(config, tmp_path / "run", progress=False, log=lambda message: None)
         assert _flushes_on_this_thread()
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [("150000 100000\n", 2), ("50000 100000\n", 1), ("max 100000\n", None), ("garbage\n", None)],
+)
+def test_usable_cpus_follow_a_cgroup_quota(tmp_path, monkeypatch, limit, expected):
+    """A container's CPU limit (cgroup v2 ``cpu.max``: quota and period, in µs) caps the CPUs
+    the process may use at ``⌈quota / period⌉``; without a quota, the affinity mask counts."""
+    (tmp_path / "cpu.max").write_text(limit)
+    monkeypatch.setattr(cpu, "CGROUP_CPU_LIMIT", str(tmp_path / "cpu.max"))
+    pinned = len(os.sched_getaffinity(0))
+    assert cpu.usable_cpus() == (pinned if expected is None else min(pinned, expected))
+
+
+# A fresh process whose cgroup allows one CPU's time: the threads PyTorch starts with, and after
+# configure()
+THREADS = """
+import sys, torch
+from delrec import cpu
+cpu.CGROUP_CPU_LIMIT = sys.argv[1]
+before = torch.get_num_threads()
+print(before, cpu.configure()["match_threads_to_cpus"], torch.get_num_threads())
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to lower from")
+@pytest.mark.parametrize("chosen", [None, "2"])
+def test_threads_are_lowered_to_the_cpu_quota_unless_chosen(tmp_path, chosen):
+    (tmp_path / "cpu.max").write_text("100000 100000\n")
+    env = {k: v for k, v in os.environ.items() if k not in cpu.THREAD_VARIABLES}
+    if chosen:
+        env["OMP_NUM_THREADS"] = chosen
+    done = subprocess.run(
+        [sys.executable, "-c", THREADS, str(tmp_path / "cpu.max")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env=env,
+    )
+    before, lowered, after = done.stdout.split()
+    assert int(before) >= 2
+    assert (lowered, after) == (("False", before) if chosen else ("True", "1"))

@@ -17,11 +17,18 @@ what a training script of one's own should set first (:func:`configure`).
   the gradient of every step. The GEMMs that read it made a PS-MNIST training step 2.6 times as
   long as with flushing (docs/speed.md, "Subnormal numbers"). Flushing sets only such numbers
   to 0, far below anything a float32 sum holds next to a normal number.
+- **As many threads as the process may use** (:func:`match_threads_to_cpus`). PyTorch starts
+  one thread per core it sees, but a container's CPU limit (``docker run --cpus``, a
+  Kubernetes limit: a cgroup quota of CPU time) lets the process run on fewer at once; the
+  extra threads then wait for each other at every parallel step. Unless ``OMP_NUM_THREADS``
+  or ``MKL_NUM_THREADS`` says otherwise, the thread count is lowered to :func:`usable_cpus`.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
+import os
 import sys
 import warnings
 
@@ -31,13 +38,46 @@ M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_MAX = -4
 NO_TRIMMING = -1  # a trim threshold of -1: the top of the heap is never given back
 NO_MMAP = 0  # at most 0 blocks of their own mapping: every block comes from the heap
+CGROUP_CPU_LIMIT = "/sys/fs/cgroup/cpu.max"  # "QUOTA PERIOD" or "max PERIOD" (cgroup v2)
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # a user's choice of thread count
 
 
 def configure() -> dict[str, bool]:
-    """Both settings of the module docstring, for the whole process; call it at the start of a
+    """The settings of the module docstring, for the whole process; call it at the start of a
     script, before the first multi-threaded operation (the `delrec` command line does). Which
-    of them took effect: ``{"keep_freed_memory": …, "flush_denormals": …}``."""
-    return {"keep_freed_memory": keep_freed_memory(), "flush_denormals": flush_denormals()}
+    of them took effect: ``{"keep_freed_memory": …, "match_threads_to_cpus": …,
+    "flush_denormals": …}``."""
+    return {
+        "keep_freed_memory": keep_freed_memory(),
+        "match_threads_to_cpus": match_threads_to_cpus(),
+        "flush_denormals": flush_denormals(),  # after the thread count: it checks the pool
+    }
+
+
+def usable_cpus() -> int:
+    """How many CPUs this process can run on at once: those it may be scheduled on
+    (``sched_getaffinity``), fewer where a cgroup v2 CPU quota allows less time per period
+    (``⌈quota / period⌉``); at least 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        with open(CGROUP_CPU_LIMIT) as limit:
+            quota, period = limit.read().split()
+        cpus = min(cpus, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError, ZeroDivisionError):  # no cgroup v2, "max": no quota, garbage
+        pass
+    return max(1, cpus or 1)
+
+
+def match_threads_to_cpus() -> bool:
+    """Lower PyTorch's thread count to :func:`usable_cpus` where it is higher and neither
+    ``OMP_NUM_THREADS`` nor ``MKL_NUM_THREADS`` is set (module docstring); True when it did."""
+    if any(os.environ.get(name) for name in THREAD_VARIABLES):
+        return False
+    cpus = usable_cpus()
+    if torch.get_num_threads() <= cpus:
+        return False
+    torch.set_num_threads(cpus)
+    return True
 
 
 def keep_freed_memory() -> bool:
