@@ -1,8 +1,12 @@
 """`delrec train` / `delrec eval` end to end through the real CLI, on tiny data: run directory
 contents, learning, kill-and-resume bit for bit, several seeds."""
 
+import contextlib
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -401,3 +405,33 @@ def test_layer_gradient_norms_cover_every_weight_once_and_leave_out_delays():
     ]
     assert gradient_norms(layers).tolist() == pytest.approx([float(e) for e in expected], rel=1e-6)
     assert min(gradient_norms(layers).tolist()) > 0
+
+
+def _start_training(run_dir, stderr) -> subprocess.Popen:
+    """``delrec train`` (2 tiny epochs, progress bars not turned off) in a fresh process, its
+    stderr going to ``stderr``."""
+    options = [a for a in TINY_MG if a != "--no-progress"]
+    command = [sys.executable, "-m", "delrec", "train", "--epochs", "2", "--run-dir", str(run_dir)]
+    return subprocess.Popen(command + options, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def test_progress_bars_show_on_a_terminal_only(tmp_path):
+    """A batch job's log (stderr to a file or pipe) gets the epoch lines, not a progress bar's
+    carriage-return updates; a terminal gets the bar."""
+    with open(tmp_path / "log", "w") as log:
+        assert _start_training(tmp_path / "to-file", log).wait(timeout=300) == 0
+    text = (tmp_path / "log").read_text()
+    assert "epoch 2" in text and "\r" not in text and "batch/s" not in text
+
+    leader, follower = os.openpty()
+    training = _start_training(tmp_path / "to-terminal", follower)
+    os.close(follower)
+    seen = b""
+    try:
+        with contextlib.suppress(OSError):  # EIO once the process closed the terminal
+            while chunk := os.read(leader, 1 << 16):
+                seen += chunk
+    finally:
+        os.close(leader)
+    assert training.wait(timeout=300) == 0
+    assert b"\r" in seen and b"epoch 1/2" in seen

@@ -40,7 +40,11 @@ def add_parser(subparsers) -> None:
         "sit under their file names, instead of the official servers (default: "
         f"${MIRROR_VARIABLE} when set); their MD5 sums are checked all the same",
     )
-    fetch.add_argument("--quiet", action="store_true", help="no progress bar")
+    fetch.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar (there is none where stderr is not a terminal)",
+    )
     fetch.set_defaults(run=_run_download)
     listing = commands.add_parser("list", help="the data sets, their sizes and file folders")
     listing.set_defaults(run=_run_list)

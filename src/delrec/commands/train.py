@@ -73,7 +73,11 @@ def add_parser(subparsers) -> None:
         metavar="N",
         help="stop after N epochs of this invocation (resume later)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (there is none where stderr is not a terminal)",
+    )
     parser.add_argument(
         "--print-config",
         action="store_true",

@@ -170,7 +170,7 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool) -> None:
                 unit="B",
                 unit_scale=True,
                 desc=part.name.removesuffix(".part"),
-                disable=not progress,
+                disable=None if progress else True,  # None: off where stderr is no terminal
             ) as bar,
         ):
             try:  # read1: what has arrived, so that a stall loses nothing already received

@@ -306,7 +306,7 @@ class Trainer:
             unit="batch",
             leave=False,
             file=sys.stderr,
-            disable=not self.progress,
+            disable=None if self.progress else True,  # None: off where stderr is no terminal
             dynamic_ncols=True,
         )
         start = time.perf_counter()
