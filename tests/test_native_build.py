@@ -124,3 +124,16 @@ def test_a_damaged_library_in_the_cache_is_named_in_one_warning(sources):
     finally:
         native.build.cache_clear()
         native._built_or_warned.cache_clear()
+
+
+def test_each_python_gets_its_own_build(monkeypatch):
+    """Two environments with the same torch but different Pythons share ~/.cache/delrec: a
+    library built for one fails to load, or crashes, in the other, so each gets its folder."""
+    here = native._build_directory("ring")
+    real = native.sysconfig.get_config_var
+
+    def other_python(name):
+        return ".cpython-399-x86_64-linux-gnu.so" if name == "EXT_SUFFIX" else real(name)
+
+    monkeypatch.setattr(native.sysconfig, "get_config_var", other_python)
+    assert native._build_directory("ring") != here

@@ -4,7 +4,7 @@ The per-step elementwise work of the C++ engine paths (tap reads, the float64 tr
 the neuron update and its adjoint) is fused into C++ loops that run the whole time loop, calling
 ATen's GEMM each step. They are built with ``torch.utils.cpp_extension.load`` the first time
 they are needed (about half a minute; needs a C++ compiler and ``ninja``, a dependency of the
-package) and cached per torch version and CPU in ``$DELREC_CACHE`` (default
+package) and cached per torch version, Python version and CPU in ``$DELREC_CACHE`` (default
 ``~/.cache/delrec``). When they cannot be built, :func:`load` returns ``None`` after one
 warning that says why, and the engine selector picks a PyTorch-op path (same results, slower).
 ``DELREC_NATIVE=0`` turns them off.
@@ -26,6 +26,7 @@ import os
 import platform
 import shutil
 import sys
+import sysconfig
 import tempfile
 import time
 import warnings
@@ -47,7 +48,8 @@ def enabled() -> bool:
 
 def _build_directory(name: str, flags: tuple[str, ...] = ()) -> Path:
     """The build folder (not created here): one per kernel source (with the shared headers),
-    compiler flags (``flags`` added to :data:`CFLAGS`), torch version and CPU model
+    compiler flags (``flags`` added to :data:`CFLAGS`), torch version, Python ABI (a library
+    built for another Python fails to load, or crashes, in this one) and CPU model
     (``-march=native``)."""
     cpu = platform.processor() or platform.machine()
     try:
@@ -60,7 +62,8 @@ def _build_directory(name: str, flags: tuple[str, ...] = ()) -> Path:
         pass
     headers = sorted(SOURCES.glob("*.h"))
     source = b"".join(path.read_bytes() for path in [SOURCES / f"{name}.cpp", *headers])
-    stamp = " ".join([torch.__version__, *CFLAGS, *flags, cpu]).encode()
+    python = sysconfig.get_config_var("EXT_SUFFIX") or sys.implementation.cache_tag
+    stamp = " ".join([torch.__version__, python, *CFLAGS, *flags, cpu]).encode()
     key = hashlib.sha256(source + stamp).hexdigest()[:16]
     root = Path(os.environ.get("DELREC_CACHE", Path.home() / ".cache" / "delrec"))
     return root / "kernels" / f"{name}-{key}"
