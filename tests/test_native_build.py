@@ -110,6 +110,13 @@ def test_a_failed_build_leaves_no_library_and_no_workspace(sources):
     folder = native._build_directory("tiny")
     assert list(folder.iterdir()) == []
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]
+    native._built_or_warned.cache_clear()
+    try:  # the warning quotes the compiler's error, not its command line
+        with pytest.warns(RuntimeWarning, match=r"extension 'delrec_tiny\w*': .*error:"):
+            assert native.load("tiny") is None
+    finally:
+        native.build.cache_clear()
+        native._built_or_warned.cache_clear()
 
 
 def test_a_damaged_library_in_the_cache_is_named_in_one_warning(sources):

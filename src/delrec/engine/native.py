@@ -158,13 +158,25 @@ def _built_or_warned(name: str) -> ModuleType | None:
     try:
         return build(name)
     except Exception as error:  # compiler missing, ninja missing, build error: say which
-        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         warnings.warn(
             f"delrec: the C++ kernels '{name}' could not be built or loaded "
-            f"({first}); the engine runs its slower PyTorch-op path. Install "
+            f"({_reason(error)}); the engine runs its slower PyTorch-op path. Install "
             f"a C++ compiler and ninja, or delete {_build_directory(name)} to rebuild "
             "a damaged build, or set DELREC_NATIVE=0 to silence this.",
             RuntimeWarning,
             stacklevel=2,
         )
         return None
+
+
+def _reason(error: Exception) -> str:
+    """The line of a failed build or load that says why: the compiler's first error (a build
+    error's message starts with the compiler's command line, hundreds of characters of flags),
+    else the message's first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return repr(error)
+    compiler_error = next((line for line in lines if "error:" in line), None)
+    if compiler_error is None:
+        return lines[0]
+    return f"{lines[0].split(':')[0]}: {compiler_error}"
