@@ -245,3 +245,17 @@ def test_bad_data_value_with_several_seeds_writes_nothing(tmp_path, capsys):
     assert main(argv) == 2
     assert "horizon=0" in capsys.readouterr().err
     assert not run_dir.exists()
+
+
+def test_version_names_delrec_torch_and_python(capsys):
+    import platform
+
+    import delrec
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == (
+        f"delrec {delrec.__version__} (torch {torch.__version__}, Python "
+        f"{platform.python_version()})"
+    )

@@ -31,6 +31,11 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import platform
+
+    import torch
+
+    from delrec import __version__
     from delrec.commands import EXIT_CODES_HELP
 
     parser = argparse.ArgumentParser(
@@ -38,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train spiking networks with learnable recurrent delays (DelRec) and "
         "deploy them with integer delays.",
         epilog=EXIT_CODES_HELP,
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"delrec {__version__} (torch {torch.__version__}, Python "
+        f"{platform.python_version()})",
+        help="the versions of delrec, torch and Python (for a bug report)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
