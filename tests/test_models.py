@@ -257,3 +257,46 @@ def test_weight_count_is_the_weights_delays_and_positions_a_network_holds(task, 
         tensors = [*net.parameters(), *net.buffers()]
         matrices = sum(t.numel() for t in tensors if t.dim() == 2)
         assert config.weight_count() == matrices, model
+
+
+class _OwnModel(torch.nn.Module):
+    """A model of one's own around the layers: Linear → DelRec → FeedforwardDelay → sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(5, 8)
+        self.delays = DelRec(8, delay_init="uniform:0:4")
+        self.feedforward = FeedforwardDelay(8, 3, kernel_size=5, max_delay=4)
+
+    def forward(self, x):
+        return self.feedforward(self.delays(torch.tanh(self.linear(x)) * 3)).sum(0)
+
+
+@pytest.mark.parametrize("model", ["preset", "own"])
+def test_torch_compile_runs_the_engines_as_they_are(model):
+    """torch.compile leaves the layers' forwards and the fused loops to run as they are (a
+    graph break each): same outputs and gradients as eager, and no warning from the compiler
+    trying to trace into the kernels (it used to warn at every kernel call)."""
+    import warnings
+
+    torch.manual_seed(0)
+    if model == "preset":
+        net = build_network(preset_network("shd", "delrec", hidden_sizes=[16, 16]), seed=0)
+        x = (torch.rand(12, 3, net.config.input_size) < 0.1).float()
+    else:
+        net, x = _OwnModel(), torch.randn(12, 3, 5)
+    net.train()
+    torch.manual_seed(1)
+    eager = net(x)
+    eager.sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.manual_seed(1)
+        compiled = torch.compile(net, backend="eager")(x)
+        compiled.sum().backward()
+    assert torch.equal(compiled, eager)
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, net.parameters()))
+    assert [str(w.message) for w in caught if "Dynamo" in str(w.message)] == []

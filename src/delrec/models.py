@@ -329,6 +329,7 @@ class SpikingNetwork(nn.Module):
         self.readout_neuron = readout_neuron
         self.engine = "fused"  # of the readout neuron; see set_feedforward_engine
 
+    @torch.compiler.disable  # torch.compile runs it as it is (delrec.engine docstring)
     def forward_with_spikes(
         self, x: Tensor, state: NetworkState | None = None, *, return_state: bool = False
     ) -> tuple[Tensor, list[Tensor]] | tuple[Tensor, list[Tensor], NetworkState]:
@@ -396,6 +397,7 @@ class SpikingNetwork(nn.Module):
             return out, spikes, NetworkState(tuple(block_states), readout_state)
         return out, spikes
 
+    @torch.compiler.disable  # torch.compile runs it as it is (delrec.engine docstring)
     def forward(
         self, x: Tensor, state: NetworkState | None = None, *, return_state: bool = False
     ) -> Tensor | tuple[Tensor, NetworkState]:

@@ -31,6 +31,12 @@ To add a path, write its ``run`` function with the signature above and call
 :func:`register` (before the paths it should be preferred to). To force one in a test or a
 benchmark, run ``PATHS[name].run(...)`` after checking ``supports``/``available``, or build the
 layer with ``DelRec(..., engine=name)``.
+
+``torch.compile``: the layers' forwards (``DelRec``, ``FeedforwardDelay``), the fused loops of
+:mod:`delrec.engine.fused` and the preset networks' ``SpikingNetwork`` forwards are marked
+``torch.compiler.disable``, so a compiled model runs them as they are, a graph break at each,
+and compiles the rest of a model of one's own. Their paths are compiled loops already, which
+the compiler cannot see into (it used to try, warning at every kernel call).
 """
 
 from __future__ import annotations

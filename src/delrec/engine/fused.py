@@ -142,6 +142,7 @@ class _LIFLayer(torch.autograd.Function):
         return grad_current, None, None, None, None
 
 
+@torch.compiler.disable  # torch.compile runs it as it is (delrec.engine docstring)
 def lif_layer(
     current: Tensor,
     params: LIFParameters,
@@ -175,6 +176,7 @@ class _Integrator(torch.autograd.Function):
         return grad_current, None, None, None
 
 
+@torch.compiler.disable  # torch.compile runs it as it is (delrec.engine docstring)
 def integrate(current: Tensor, tau: float, decay_input: bool) -> Tensor:
     """Membrane sequence ``(T, B, K)`` of leaky integrators (:class:`delrec.neurons.
     LeakyIntegrator`: ``v[t] = (1 - 1/τ)·v[t-1] + u[t]``, ``u[t]/τ`` with ``decay_input``)."""
@@ -201,6 +203,7 @@ class _Dropout(torch.autograd.Function):
         return _Dropout.apply(grad_out, ctx.draw, ctx.kernels), None, None
 
 
+@torch.compiler.disable  # torch.compile runs it as it is (delrec.engine docstring)
 def dropped(x: Tensor, draw: MaskDraw) -> Tensor:
     """``x ⊙ mask`` for a ``(T, B, N)`` tensor, differentiable: where there are kernels for
     ``x``'s device the mask is drawn in their loop both ways, else materialised (the same
@@ -211,6 +214,7 @@ def dropped(x: Tensor, draw: MaskDraw) -> Tensor:
     return _Dropout.apply(x, draw, kernels)
 
 
+@torch.compiler.disable  # torch.compile runs it as it is (delrec.engine docstring)
 def dropout_mask(shape: tuple[int, int, int], draw: MaskDraw, dtype=torch.float32, device=None):
     """The mask of a ``(T, B, N)`` tensor (``1/keep`` where kept, 0 where dropped), drawn by the
     kernels where there are some for ``device``, else by PyTorch ops: the same values."""
@@ -251,6 +255,7 @@ class _BatchNorm(torch.autograd.Function):
         return grad_y, grad_weight, grad_bias, grad_shift, None, None
 
 
+@torch.compiler.disable  # torch.compile runs it as it is (delrec.engine docstring)
 def batch_norm(current: Tensor, norm: nn.BatchNorm1d, shift: Tensor | None = None) -> Tensor:
     """``norm`` applied to the ``T·B`` frames of ``c = current + shift`` ``(T, B, N)`` (what
     ``norm(c.flatten(0, 1))`` computes), updating its running statistics in training.

@@ -108,6 +108,7 @@ class FeedforwardDelay(nn.Module):
         """Weights per delay tap, ``(O, I, K)``: index ``k`` is a delay of ``k`` steps."""
         return engines.temporal_kernel(self.weight, self.effective_position(), self.kernel_size)
 
+    @torch.compiler.disable  # torch.compile runs it as it is (delrec.engine docstring)
     def forward(
         self, x: Tensor, state: Tensor | None = None, *, return_state: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:

@@ -183,6 +183,7 @@ class DelRec(nn.Module):
         return delay_fns.recurrent_kernel(*self.delays_and_width())
 
     # ------------------------------------------------------------------ forward
+    @torch.compiler.disable  # torch.compile runs it as it is (delrec.engine docstring)
     def forward(
         self,
         current: Tensor,
