@@ -39,6 +39,7 @@
 
 namespace {
 
+using delrec::charge_and_fire;
 using delrec::LIFConstants;
 using delrec::LIFUpdate;
 using delrec::SurrogateDerivative;

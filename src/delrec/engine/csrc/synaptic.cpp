@@ -48,6 +48,7 @@
 
 namespace {
 
+using delrec::charge_and_fire;
 using delrec::LIFConstants;
 using delrec::LIFUpdate;
 using delrec::SurrogateDerivative;
