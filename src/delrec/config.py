@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import json
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -210,10 +211,10 @@ def load_config_file(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} not found")
     try:
         if path.suffix == ".toml":
-            try:
+            if sys.version_info >= (3, 11):
                 import tomllib
-            except ModuleNotFoundError:
-                raise ConfigError("TOML config files need Python >= 3.11; use JSON") from None
+            else:  # the same parser, as a package (a dependency there)
+                import tomli as tomllib
             with path.open("rb") as fh:
                 values = tomllib.load(fh)
         elif path.suffix == ".json":
