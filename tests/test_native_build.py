@@ -101,38 +101,36 @@ def test_processes_building_at_once_each_get_a_whole_library(sources):
     assert "compiling" not in finish(start_build(sources))
 
 
-def test_a_failed_build_leaves_no_library_and_no_workspace(sources):
-    (sources / "tiny.cpp").write_text(SOURCE + "\nthis is not C++;\n")
+@pytest.fixture
+def uncached():
+    """The kernel loaders' per-process caches cleared before and after the test (the other
+    tests load the kernels from the real cache again)."""
     native.build.cache_clear()
-    try:
-        with pytest.raises(Exception, match="Error building extension 'delrec_tiny'"):
-            native.build("tiny")
-    finally:
-        native.build.cache_clear()
+    native._built_or_warned.cache_clear()
+    yield
+    native.build.cache_clear()
+    native._built_or_warned.cache_clear()
+
+
+def test_a_failed_build_leaves_no_library_and_no_workspace(sources, uncached):
+    (sources / "tiny.cpp").write_text(SOURCE + "\nthis is not C++;\n")
+    with pytest.raises(Exception, match="Error building extension 'delrec_tiny'"):
+        native.build("tiny")
     folder = native._build_directory("tiny")
     assert list(folder.iterdir()) == []
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]
-    native._built_or_warned.cache_clear()
-    try:  # the warning quotes the compiler's error, not its command line
-        with pytest.warns(RuntimeWarning, match=r"extension 'delrec_tiny\w*': .*error:"):
-            assert native.load("tiny") is None
-    finally:
-        native.build.cache_clear()
-        native._built_or_warned.cache_clear()
+    native.build.cache_clear()
+    # the warning quotes the compiler's error, not its command line
+    with pytest.warns(RuntimeWarning, match=r"extension 'delrec_tiny\w*': .*error:"):
+        assert native.load("tiny") is None
 
 
-def test_a_damaged_library_in_the_cache_is_named_in_one_warning(sources):
+def test_a_damaged_library_in_the_cache_is_named_in_one_warning(sources, uncached):
     folder = native._build_directory("tiny")
     folder.mkdir(parents=True)
     (folder / "delrec_tiny.so").write_bytes(b"\x7fELF cut short")
-    native.build.cache_clear()
-    native._built_or_warned.cache_clear()
-    try:
-        with pytest.warns(RuntimeWarning, match=f"could not be built or loaded.*delete {folder}"):
-            assert native.load("tiny") is None
-    finally:
-        native.build.cache_clear()
-        native._built_or_warned.cache_clear()
+    with pytest.warns(RuntimeWarning, match=f"could not be built or loaded.*delete {folder}"):
+        assert native.load("tiny") is None
 
 
 def test_each_python_gets_its_own_build(monkeypatch):
