@@ -9,6 +9,9 @@ of :func:`write_atomic`) a temporary untouched for ``STALE_AFTER_S`` is taken as
 and cleared, since a live writer may own a younger one. Every file is
 created with mode ``0o666`` less the process's umask (``0o644`` under the usual umask 022),
 as ``open()`` creates files.
+
+The lock files that keep two processes off the same files (a run directory's, a data folder's
+while a download runs) are taken and released here too (:func:`acquire_lock`).
 """
 
 from __future__ import annotations

@@ -82,9 +82,9 @@ def _ninja_on_path() -> None:
 
 @functools.cache
 def build(name: str, flags: tuple[str, ...] = ()) -> ModuleType:
-    """Compile ``csrc/<name>.cpp``, or import the build cached for this source, torch and CPU;
-    raises on failure. ``flags``: extra compiler flags, for a variant (its own module name and
-    build folder, e.g. :data:`PORTABLE`)."""
+    """Compile ``csrc/<name>.cpp``, or import the build cached for this source, torch, Python
+    and CPU; raises on failure. ``flags``: extra compiler flags, for a variant (its own module
+    name and build folder, e.g. :data:`PORTABLE`)."""
     variant = "_" + hashlib.sha256(" ".join(flags).encode()).hexdigest()[:8] if flags else ""
     module, folder = f"delrec_{name}{variant}", _build_directory(name, flags)
     library = folder / f"{module}.so"
