@@ -37,8 +37,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from delrec import files
-from delrec.files import file_in_the_way, write_atomic, write_text
+from delrec.files import file_in_the_way, waiting_lock, write_atomic, write_text
 
 from .errors import DataError, DownloadError
 
@@ -315,7 +314,7 @@ def download(
         print(f"note: {holder} is downloading into {to}; waiting for it", file=sys.stderr)
 
     # one download per folder at a time: the next finds the files done and verifies them
-    with files.waiting_lock(to / LOCK, wait):
+    with waiting_lock(to / LOCK, wait):
         return [
             _fetch_resource(name, resource, resources, to, mirror, retries, timeout, progress)
             for resource in resources
