@@ -80,7 +80,7 @@ def test_spectral_command_writes_table_csv_json_and_figure(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "1.400000  explode" in printed
-    rows = list(csv.DictReader(open(out / "r.csv")))
+    rows = list(csv.DictReader(open(out / "r.csv", encoding="utf-8")))
     assert [int(r["delay"]) for r in rows] == list(range(6))
     assert float(rows[3]["radius"]) == pytest.approx(spectral_radius(0.9, 0.5, 3))
     records = json.loads((out / "r.json").read_text())
@@ -143,7 +143,7 @@ def test_gradients_command_writes_csv_and_figure(tmp_path, capsys):
         == 0
     )
     assert "growth/step" in capsys.readouterr().out
-    rows = list(csv.DictReader(open(tmp_path / "g.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "g.csv", encoding="utf-8")))
     assert [int(r["delay"]) for r in rows] == [0, 2] and "radius_rms" in rows[0]
     assert (tmp_path / "g.png").stat().st_size > 1000
 

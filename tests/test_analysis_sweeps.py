@@ -13,7 +13,7 @@ TINY = ["--epochs", "1", "--set", "max_train_samples=32"]
 
 
 def _rows(path):
-    return list(csv.DictReader(open(path)))
+    return list(csv.DictReader(open(path, encoding="utf-8")))
 
 
 @pytest.fixture(scope="module")

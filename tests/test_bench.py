@@ -38,7 +38,7 @@ def test_bench_writes_the_four_panels_and_judges_the_targets(tmp_path, monkeypat
     assert main(["bench", "--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
 
-    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv", encoding="utf-8")))
     size_models = {(r["size"], r["model"]) for r in rows if r["panel"] == "size"}
     assert {m for n, m in size_models if n == "8"} == set(bench.MODELS)
     assert ("16", "reference") not in size_models and "reference loop skipped at N=16" in printed
@@ -105,7 +105,7 @@ def test_network_bench_times_breaks_down_and_judges_every_model(tmp_path, monkey
     assert main(args) == 0
     printed = capsys.readouterr().out
 
-    rows = list(csv.DictReader(open(tmp_path / "network-bench.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "network-bench.csv", encoding="utf-8")))
     assert {(r["model"], r["engine"]) for r in rows} == {
         (m, e) for m in bench_network.MODELS for e in bench_network.ENGINES
     }
@@ -227,7 +227,7 @@ def test_bench_runs_the_feedforward_section_alone(tmp_path, monkeypatch, capsys)
     assert main([*argv, "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
 
-    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv", encoding="utf-8")))
     assert {r["panel"] for r in rows} == {"feedforward"}
     assert {r["model"] for r in rows} == {"feedforward", "ff-delay", "ff-conv"}
     assert "C++ feedforward kernels run here with" in printed
@@ -296,7 +296,7 @@ def test_a_gpu_bench_stopped_midway_says_its_files_are_incomplete(tmp_path, monk
     assert report.startswith("# INCOMPLETE (1 of 7 settings measured so far) delrec bench")
     assert report.count("not measured yet (the run had not reached it)") == 5
     assert "a model failed" not in report
-    assert len(list(csv.DictReader(open(tmp_path / "gpu-bench.csv")))) == 3
+    assert len(list(csv.DictReader(open(tmp_path / "gpu-bench.csv", encoding="utf-8")))) == 3
 
     measured.clear()
     stop = None
@@ -341,7 +341,7 @@ def test_the_machine_line_names_the_cpu_generation_and_its_vectors():
     the family and model numbers and the widest vectors, which the ratios depend on."""
     from delrec.bench import cpu_name
 
-    first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    first_cpu = Path("/proc/cpuinfo").read_text(encoding="utf-8").split("\n\n")[0]
     fields = {}
     for line in first_cpu.splitlines():
         key, _, value = line.partition(":")

@@ -376,3 +376,33 @@ def test_the_docs_table_lists_every_target_with_its_numbers():
         assert cells[4] == (
             "not published" if target.delay_bits is None else str(target.delay_bits)
         )
+
+
+def test_deployment_refuses_what_a_chip_would_run_differently(tmp_path):
+    """From Python as from the command line: a NaN weight, a delay below 0 (training reads it as
+    it is, a chip as 0), delays beyond the network's max_delay (to_nir); nothing is written."""
+    pytest.importorskip("nir", reason="NIR export needs the optional `nir` package")
+    from delrec.deploy import StreamingNetwork, export_nir
+
+    out = tmp_path / "model.nir"
+    nan_weight = network(model="ff+rec")
+    with torch.no_grad():
+        nan_weight.blocks[1].neurons.weight[0, 0] = float("nan")
+    negative = network()
+    set_delays(negative.blocks[0].neurons, -2.0)
+    over = network(max_delay=10)
+    set_delays(over.blocks[1].neurons, [1.0, 2.0, 12.4, 3.0, 0.0])
+    for net, message in (
+        (nan_weight, r"blocks\.1\.neurons\.weight holds NaN or Inf"),
+        (negative, r"blocks\.0\.neurons\.delay holds delays below 0 \(-2 steps\).*clamp_delays"),
+    ):
+        for deploy in (StreamingNetwork.from_network, lambda net: export_nir(net, out)):
+            with pytest.raises(ValueError, match=message):
+                deploy(net)
+    with pytest.raises(ValueError, match=r"EXCEEDED by layer1 recurrent axonal delays \(max 12\)"):
+        export_nir(over, out)
+    assert not out.exists()
+    StreamingNetwork.from_network(over)  # a stream of it runs, for the hardware report
+    clamp_delays(over)
+    export_nir(over, out)
+    assert out.is_file()

@@ -479,3 +479,63 @@ def test_absurd_launch_variables_and_timeouts_are_refused_before_any_wait(
         assert main(["train", *other, "--run-dir", str(run_dir), "--dist-timeout", "inf"]) == 2
         assert "--dist-timeout must be a number of seconds > 0" in capsys.readouterr().err
     assert not run_dir.exists()
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` runs (exists and is not a zombie waiting for its parent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def children_of(pid: int) -> list[int]:
+    """The process ids whose parent is ``pid`` (from Linux's /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text(encoding="utf-8").rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux's /proc")
+def test_a_seed_ends_when_its_parallel_parent_is_killed(tmp_path):
+    """A SIGKILLed ``--parallel`` parent cannot stop its seeds: a seed's ``delrec train`` watches
+    the parent named in DELREC_PARENT_PID and ends as on SIGTERM once it is gone (here its
+    output goes to a file, so no broken pipe ends it instead)."""
+    run, log = tmp_path / "seed-0", tmp_path / "seed.log"
+    command = [sys.executable, "-m", "delrec", "train", "--run-dir", str(run), *TINY_DIGITS]
+    command[command.index("--epochs") + 1] = "1000"
+    parent_script = (
+        "import os, subprocess, sys, time\n"
+        "with open(sys.argv[1], 'w', encoding='utf-8') as log:\n"
+        f"    env = {{**os.environ, {parallel_seeds.PARENT_VARIABLE!r}: str(os.getpid())}}\n"
+        "    subprocess.Popen(sys.argv[2:], stdout=log, stderr=log, env=env,\n"
+        "                     start_new_session=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_script, str(log), *command])
+    seeds = []
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "metrics.csv").is_file():
+            assert time.monotonic() < deadline, f"the seed never trained: {log.read_text('utf-8')}"
+            time.sleep(0.5)
+        seeds = children_of(parent.pid)
+        assert len(seeds) == 1
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while running(seeds[0]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = running(seeds[0])
+    if alive:
+        os.kill(seeds[0], signal.SIGKILL)
+    assert not alive, "the seed kept training after its parent was killed"
+    assert "terminated (SIGTERM)" in log.read_text(encoding="utf-8")

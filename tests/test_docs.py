@@ -27,7 +27,7 @@ def anchors(page: Path) -> set[str]:
     hyphens, ``-1``, ``-2`` … for repeated headings); code blocks are skipped."""
     seen: dict[str, int] = {}
     fenced = False
-    for line in page.read_text().splitlines():
+    for line in page.read_text(encoding="utf-8").splitlines():
         if line.startswith("```"):
             fenced = not fenced
         heading = re.match(r"#{1,6} (.+)", line)
@@ -41,7 +41,9 @@ def anchors(page: Path) -> set[str]:
 
 
 def links(page: Path) -> list[str]:
-    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold no links
+    text = re.sub(
+        r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S
+    )  # code blocks hold no links
     return [target for target in LINK.findall(text) if not re.match(r"[a-z]+:", target)]
 
 

@@ -900,7 +900,10 @@ def _nir_reader():
 
 
 def _toml(path: Path) -> None:
-    path.write_text('epochs = 3\nbatch_size = 16\n\n[optim]\nlr = 0.001\nscheduler = "cosine"\n')
+    path.write_text(
+        'epochs = 3\nbatch_size = 16\n\n[optim]\nlr = 0.001\nscheduler = "cosine"\n',
+        encoding="utf-8",
+    )
 
 
 def _idx(path: Path) -> None:
@@ -1420,7 +1423,7 @@ def _set_config(run: Path, **changes) -> None:
         ("config.json", "[]", "config.json does not hold a run configuration (no 'config' object)"),
         ("config.json", {"model": None}, "(model None is not one of snn, rsnn"),
         ("config.json", {"model": 3}, "(model 3 is not one of"),
-        ("config.json", {"seed": None}, "(seed None is not a non-negative integer)"),
+        ("config.json", {"seed": None}, "(seed None is not a whole number in 0…"),
         ("config.json", {"task": [1]}, "(task [1] is not a data set's name)"),
         ("metrics.csv", "a,b\n1,2\n", "metrics.csv line 2, column epoch: missing"),
         ("metrics.csv", "epoch,firing_rate\nx,0.1\n", "column epoch: 'x' is not a whole number"),

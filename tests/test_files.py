@@ -31,7 +31,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     files.write_text(target, "first\n")
 
     def broken(temporary: Path) -> None:
-        temporary.write_text("half of the secon")
+        temporary.write_text("half of the secon", encoding="utf-8")
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):

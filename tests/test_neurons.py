@@ -227,3 +227,18 @@ def test_a_neuron_returning_spikes_of_the_wrong_shape_is_named():
         run_steps(Squeezing(), torch.rand(4, 2, 3), (torch.zeros(2, 3),))
     with pytest.raises(ValueError, match=match):  # it broadcast silently in the layer
         DelRec(3, Squeezing())(torch.rand(4, 2, 3))
+
+
+def test_a_parameter_set_on_a_neuron_is_refused_and_p_replaced_is_used():
+    """``neuron.tau = 20`` would be a new attribute nothing reads; replacing ``p`` works."""
+    import dataclasses
+
+    for neuron, name in ((LIF(), "tau"), (AdLIF(), "tau_w")):
+        with pytest.raises(AttributeError, match=rf"\.{name} cannot be set.*dataclasses.replace"):
+            setattr(neuron, name, 20.0)
+    x = torch.rand(20, 3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2
+    expected = DelRec(8, LIF(tau=5.0), generator=torch.Generator().manual_seed(1)).double()
+    edited = DelRec(8, LIF(tau=2.0), generator=torch.Generator().manual_seed(1)).double()
+    edited.neuron.p = dataclasses.replace(edited.neuron.p, tau=5.0)
+    assert expected(x).sum() > 0
+    assert torch.equal(edited(x), expected(x))

@@ -270,3 +270,50 @@ def test_one_step_gives_zero_parameter_gradients_on_every_engine(delay_type):
         for name, parameter in layer.named_parameters():
             assert parameter.grad is not None, (engine, name)
             assert not parameter.grad.any(), (engine, name)
+
+
+def test_frozen_delays_refuse_a_spread_they_would_ignore():
+    for spread in (dict(sigma=5.0), dict(learn_spread=True)):
+        with pytest.raises(ValueError, match="learn_delays=False .* would do nothing"):
+            DelRec(4, learn_delays=False, **spread)
+        DelRec(4, **spread)  # learned delays take it
+
+
+def test_the_delays_follow_the_default_dtype():
+    """Under torch.set_default_dtype(torch.float64) the delays are float64 like the weights, so
+    a chunk from a returned state runs on every engine."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        x = torch.rand(12, 2, 8, generator=torch.Generator().manual_seed(0)) * 2
+        for delay_type in ("axonal", "synaptic", "shared"):
+            layer = DelRec(8, delay_type=delay_type)
+            assert layer.delay.dtype == layer.weight.dtype == torch.float64
+            whole = layer(x)
+            first, state = layer(x[:5], return_state=True)
+            assert torch.equal(torch.cat([first, layer(x[5:], state)]), whole)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_delays_below_zero_in_a_forward_warn_once_per_layer():
+    """An optimizer step not followed by clamp_delays: training would cut the synapses of a
+    delay <= -1 (and their gradients) where eval rounds it to 0; said once per layer."""
+    import warnings
+
+    from delrec.delays import DelayLimitWarning
+
+    x = torch.rand(10, 2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2
+    layer = DelRec(6).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)  # delays in range: nothing said
+    with torch.no_grad():
+        layer.delay[0] = -2.0
+    with pytest.warns(DelayLimitWarning, match=r"DelRec\(6\) go down to -2 steps.*clamp_delays"):
+        layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)  # said once
+    clamp_delays(layer)
+    assert float(layer.delay.detach().min()) == 0.0

@@ -195,3 +195,39 @@ def test_a_state_of_another_stream_or_dtype_is_refused():
         with pytest.raises(ValueError, match="batch_size must be a whole number >= 1"):
             stream.initial_state(batch)
     assert stream.initial_state(np.int64(2)).batch_size == 2  # any whole number
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_stream_edited_after_it_ran_runs_with_the_edits(compiled):
+    """Weights quantised in place, a state_dict loaded (synaptic feedforward lags too), an edit
+    through ``.data`` followed by refresh(): the stream runs as one built after the edit."""
+    x = spikes_in(30)
+    with compiled_loops(compiled):
+        stream = StreamingNetwork.from_network(network("ff+rec", "synaptic"))
+        stream.run(x)
+        with torch.no_grad():
+            for synapses in (stream.layers[0].recurrent, stream.layers[1].synapses, stream.readout):
+                synapses.weight.copy_((synapses.weight * 4).round() / 4)
+        edited = copy.deepcopy(stream)  # built afresh from the edited tensors
+        assert edited._stack is None
+        torch.testing.assert_close(stream.run(x), edited.run(x), rtol=0, atol=0)
+
+        other = StreamingNetwork.from_network(network("ff+rec", "synaptic", seed=3))
+        expected = other.run(x)
+        stream.load_state_dict(other.state_dict())
+        torch.testing.assert_close(stream.run(x), expected, rtol=0, atol=0)
+
+        stream.layers[0].synapses.weight.data.mul_(-1)  # not counted as a change by PyTorch
+        assert stream.refresh(force=True)
+        torch.testing.assert_close(stream.run(x), copy.deepcopy(stream).run(x), rtol=0, atol=0)
+        assert not stream.refresh()
+
+
+def test_a_stream_that_ran_can_be_copied_and_pickled():
+    import pickle
+
+    stream = StreamingNetwork.from_network(network())
+    x = spikes_in(20)
+    expected = stream.run(x)
+    for copied in (copy.deepcopy(stream), pickle.loads(pickle.dumps(stream))):
+        torch.testing.assert_close(copied.run(x), expected, rtol=0, atol=0)

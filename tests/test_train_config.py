@@ -2,6 +2,7 @@
 overrides; errors."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -259,3 +260,37 @@ def test_version_names_delrec_torch_and_python(capsys):
         f"delrec {delrec.__version__} (torch {torch.__version__}, Python "
         f"{platform.python_version()})"
     )
+
+
+def test_config_and_run_files_are_read_as_utf8_under_an_ascii_locale(tmp_path):
+    """delrec writes UTF-8; a JSON config and a run's files are read back as UTF-8 whatever the
+    locale (under LANG=C without UTF-8 mode, the locale's encoding is ASCII)."""
+    import subprocess
+    import sys
+
+    folder = "/data/données"
+    (tmp_path / "config.json").write_text(json.dumps({"data_root": folder}), encoding="utf-8")
+    run = tmp_path / "run"
+    run.mkdir()
+    document = {"config": {"task": "mackey-glass", "model": "delrec", "seed": 0}}
+    document["config"]["data_root"] = folder
+    (run / "config.json").write_text(json.dumps(document, ensure_ascii=False), encoding="utf-8")
+    (run / "metrics.csv").write_text(f"epoch,note\n1,{folder}\n", encoding="utf-8")
+    script = (
+        "import sys\n"
+        "from delrec.config import load_config_file\n"
+        "from delrec.runs import RunDir\n"
+        "run = RunDir(sys.argv[2])\n"
+        "print(ascii([load_config_file(sys.argv[1])['data_root'],\n"
+        "             run.config_values()['data_root'], run.read_metrics()[0]['note']]))\n"
+    )
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "config.json"), str(run)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ascii([folder] * 3)

@@ -60,7 +60,7 @@ def run_json(capsys, argv) -> dict:
 
 
 def read_metrics(run_dir) -> list[dict]:
-    with open(run_dir / "metrics.csv") as fh:
+    with open(run_dir / "metrics.csv", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -418,7 +418,7 @@ def _start_training(run_dir, stderr) -> subprocess.Popen:
 def test_progress_bars_show_on_a_terminal_only(tmp_path):
     """A batch job's log (stderr to a file or pipe) gets the epoch lines, not a progress bar's
     carriage-return updates; a terminal gets the bar."""
-    with open(tmp_path / "log", "w") as log:
+    with open(tmp_path / "log", "w", encoding="utf-8") as log:
         assert _start_training(tmp_path / "to-file", log).wait(timeout=300) == 0
     text = (tmp_path / "log").read_text()
     assert "epoch 2" in text and "\r" not in text and "batch/s" not in text

@@ -270,7 +270,7 @@ def compile_one(kernel, types, constants, warps):
         ASTSource(kernel, signature, constants), target=TARGET, options={"num_warps": warps}
     )
     seconds = time.perf_counter() - start
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".ptx") as ptx:
         ptx.write(compiled.asm["ptx"])
         ptx.flush()
         report = subprocess.run(

@@ -153,7 +153,7 @@ def build(model: str, s: Setting, generator: torch.Generator) -> nn.Module:
 # --------------------------------------------------------------------------- measurements
 def _proc_status(key: str) -> int | None:
     try:
-        with open("/proc/self/status") as f:
+        with open("/proc/self/status", encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
@@ -181,7 +181,7 @@ def _reset_peak_rss() -> int | None:
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")
     except OSError:
         return None
@@ -734,7 +734,9 @@ def cpu_name() -> str:
     L3 32768K)``: a virtual machine's bare "AMD EPYC" names no generation, and the benchmarks'
     ratios depend on it), else :func:`platform.processor`."""
     try:
-        first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        first_cpu = (
+            Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split("\n\n")[0]
+        )
     except OSError:
         return platform.processor() or "unknown"
     fields = {}
@@ -752,8 +754,10 @@ def cpu_name() -> str:
     for level in (2, 3):
         for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
             try:
-                if (index / "level").read_text().strip() == str(level):
-                    details.append(f"L{level} {(index / 'size').read_text().strip()}")
+                if (index / "level").read_text(encoding="ascii").strip() == str(level):
+                    details.append(
+                        f"L{level} {(index / 'size').read_text(encoding='ascii').strip()}"
+                    )
                     break
             except OSError:
                 continue

@@ -121,20 +121,23 @@ def streaming(clock_name: str, repeats: int, log) -> tuple[list[str], list[str]]
     chunks = [x[i : i + 10] for i in range(0, x.shape[0] - 9, 10)]
     results = {}
 
-    def measure() -> tuple[float, float]:
+    def measure() -> tuple[float, float, float]:
         stream = StreamingNetwork.from_network(net)
         state = stream.initial_state(1)
         step = median_us(lambda i: stream.step(frames[i % len(frames)], state), 400, repeats, clock)
         chunk = median_us(
             lambda i: stream.advance(chunks[i % len(chunks)], state), 100, repeats, clock
         )
-        return step, chunk
+        check = median_us(lambda i: stream.refresh(), 400, repeats, clock)
+        return step, chunk, check
 
     for compiled in (True, False):
         with compiled_loops(compiled):
-            step, chunk = results[compiled] = measure()
+            step, chunk, check = measure()
+        results[compiled] = step, chunk
         name = ENGINES[compiled].replace("`", "")
         log(f"  {name:32s} one step {step:8.1f} µs   chunk of 10 steps {chunk:8.1f} µs")
+    log(f"  of each call, the check for edits of the stream (refresh): {check:.1f} µs")
     with torch.no_grad():
         whole = median_us(lambda i: net(x[:250]), 3, repeats, clock) / 250
     log(f"  {'net.eval() on 250 steps, per step':32s} {whole:8.1f} µs")

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from delrec.data import DataError, dataset_info, settings_of
-from delrec.data.registry import MAX_SEED  # the largest seed torch and the loaders take
+from delrec.data.registry import MAX_SEED, is_seed
 from delrec.delays import MAX_DELAY, parse_init
 from delrec.models import MODELS, VARIANTS, NetworkConfig
 from delrec.recipes import RECIPES
@@ -218,7 +218,7 @@ def load_config_file(path: str | Path) -> dict:
             with path.open("rb") as fh:
                 values = tomllib.load(fh)
         elif path.suffix == ".json":
-            values = json.loads(path.read_text())
+            values = json.loads(path.read_text(encoding="utf-8"))
         else:
             raise ConfigError(f"config file {path} must end in .toml or .json")
     except (ValueError, OSError) as error:
@@ -375,7 +375,7 @@ def validate(config: TrainConfig) -> None:
         config.tbptt is None or config.tbptt >= 1,
         f"tbptt must be a chunk length >= 1 step or null, got {config.tbptt}",
     )
-    _check(0 <= config.seed <= MAX_SEED, f"seed must be in 0…{MAX_SEED}, got {config.seed}")
+    _check(is_seed(config.seed), f"seed must be in 0…{MAX_SEED}, got {config.seed}")
     _check_device(config.device)
 
     optim = config.optim

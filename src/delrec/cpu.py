@@ -60,7 +60,7 @@ def usable_cpus() -> int:
     (``⌈quota / period⌉``); at least 1."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     try:
-        with open(CGROUP_CPU_LIMIT) as limit:
+        with open(CGROUP_CPU_LIMIT, encoding="ascii") as limit:
             quota, period = limit.read().split()
         cpus = min(cpus, math.ceil(int(quota) / int(period)))
     except (OSError, ValueError, ZeroDivisionError):  # no cgroup v2, "max": no quota, garbage

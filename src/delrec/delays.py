@@ -47,7 +47,9 @@ def check_delays(delay: Tensor | float, what: str = "delays") -> None:
 
 
 class DelayLimitWarning(UserWarning):
-    """Initial delays drawn above a layer's ``max_delay`` were clamped to it."""
+    """Delays outside the range a layer keeps them in: initial delays drawn above its
+    ``max_delay`` (clamped to it), delays below 0 in a forward (an optimizer step not followed
+    by ``clamp_delays``)."""
 
 
 def check_max_delay(max_delay, what: str = "max_delay") -> int | None:

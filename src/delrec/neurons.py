@@ -15,6 +15,7 @@ time-major, ``x[t, b, n]``; a state is a tuple of ``(B, N)`` tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -245,6 +246,19 @@ def check_state_finite(state: State, model: str) -> None:
 
 class SequenceNeuron(nn.Module):
     """Base class: runs ``step`` over a time-major sequence when the module is called."""
+
+    def __setattr__(self, name: str, value) -> None:
+        """An AttributeError for a field of the frozen parameters ``p`` (``neuron.tau = 20``),
+        which would otherwise be a new attribute that nothing reads."""
+        p = self.__dict__.get("p")
+        if dataclasses.is_dataclass(p) and name in {field.name for field in dataclasses.fields(p)}:
+            kind = type(self).__name__
+            raise AttributeError(
+                f"{kind}.{name} cannot be set: a {kind} reads its parameters from .p "
+                f"({type(p).__name__}, frozen); replace it, "
+                f"neuron.p = dataclasses.replace(neuron.p, {name}={value!r}), or build a new {kind}"
+            )
+        super().__setattr__(name, value)
 
     def initial_state(self, like: Tensor) -> State:
         raise NotImplementedError

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from delrec import files
 from delrec.checkpoint import CheckpointError, network_from, read_checkpoint, save_checkpoint
-from delrec.config import TrainConfig
+from delrec.config import MAX_SEED, TrainConfig, is_seed
 from delrec.data import TripleAugmented, load_dataset, make_loader
 from delrec.models import MODELS, SpikingNetwork
 
@@ -199,7 +199,7 @@ class RunDir:
         if not path.is_file():
             return []
         try:
-            with path.open(newline="") as handle:
+            with path.open(newline="", encoding="utf-8") as handle:
                 return list(csv.DictReader(handle))
         except (OSError, UnicodeDecodeError, csv.Error) as error:
             raise RunError(
@@ -249,7 +249,7 @@ class RunDir:
     def _read_json(self, name: str) -> dict:
         path = self.path / name
         try:
-            return json.loads(path.read_text())
+            return json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
             raise RunError(
                 f"{path} cannot be read ({error}); it is not a delrec run file"
@@ -316,8 +316,8 @@ def _config_problem(config) -> str | None:
         return f"task {config.get('task')!r} is not a data set's name"
     if model not in MODELS:
         return f"model {model!r} is not one of {', '.join(MODELS)}"
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        return f"seed {seed!r} is not a non-negative integer"
+    if not is_seed(seed):
+        return f"seed {seed!r} is not a whole number in 0…{MAX_SEED}"
     return None
 
 

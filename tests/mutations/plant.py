@@ -346,7 +346,7 @@ def write_table(path: Path, results, command: str) -> None:
     dirty = "+" if git("status", "--porcelain", "--untracked-files=no") else ""
     commit = git("rev-parse", "--short", "HEAD") + dirty
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    old = path.read_text().splitlines() if path.is_file() else []
+    old = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
     rows = {m.group(1): line for line in old if (m := re.match(r"\| `([\w.-]+)` \|", line))}
     commands = [line for line in old if line.startswith("    python ")]
     for mutation, verdict, detail, took in results:

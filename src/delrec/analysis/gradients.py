@@ -39,7 +39,7 @@ from torch import Tensor
 
 from delrec import files
 from delrec.analysis.spectral import spectral_radius
-from delrec.config import MAX_SEED
+from delrec.config import MAX_SEED, is_seed
 from delrec.layers import DelRec
 from delrec.neurons import LIF, ATan, Triangle, lif_charge
 
@@ -107,7 +107,7 @@ class GradientSetup:
             raise ValueError(
                 f"--surrogate-scale must be >= {1 / MAX_MAGNITUDE:g}, got {self.surrogate_scale}"
             )
-        if not 0 <= self.seed <= MAX_SEED:
+        if not is_seed(self.seed):
             raise ValueError(f"--seed must be in 0…{MAX_SEED}, got {self.seed}")
 
 

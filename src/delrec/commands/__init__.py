@@ -24,7 +24,7 @@ from pathlib import Path
 from delrec.analysis.compare import CompareError
 from delrec.analysis.sweeps import SweepError
 from delrec.checkpoint import CheckpointError
-from delrec.config import MAX_SEED, ConfigError
+from delrec.config import MAX_SEED, ConfigError, is_seed
 from delrec.data import DataError, DownloadError
 from delrec.deploy import NIRExportError
 from delrec.runs import RunError
@@ -148,11 +148,6 @@ def parse_seeds(spec: str) -> list[int]:
             seeds.extend(span)
     except ValueError:
         raise UsageError(f"--seeds expects a list like 0-4 or 0,3,7, got {spec!r}") from None
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise UsageError(f"--seeds {spec!r} must name distinct non-negative seeds")
-    if len(seeds) > MAX_SEEDS or max(seeds) > MAX_SEED:
-        raise UsageError(
-            f"--seeds {spec!r} names {len(seeds)} seeds up to {max(seeds)}: at most "
-            f"{MAX_SEEDS} seeds, each at most {MAX_SEED}"
-        )
+    if not seeds or not all(map(is_seed, seeds)) or len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds {spec!r} must name distinct seeds, each in 0…{MAX_SEED}")
     return seeds

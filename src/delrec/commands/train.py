@@ -14,6 +14,7 @@ from delrec.config import TASKS, load_config_file, resolve
 from delrec.models import MODELS
 from delrec.training import jobs
 from delrec.training.distributed import DEFAULT_TIMEOUT_S, check_timeout, rank_label, world_size
+from delrec.training.parallel_seeds import end_with_parent
 
 
 def add_parser(subparsers) -> None:
@@ -100,6 +101,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    end_with_parent()  # a seed of `--parallel`: stop when the parent is gone
     try:
         summary = _train(args)
     except Exception as error:

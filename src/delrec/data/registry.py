@@ -64,6 +64,13 @@ def settings_of(name: str) -> dict[str, object]:
 MAX_SEED = 2**63 - 1  # the largest seed numpy's and torch's generators both take
 
 
+def is_seed(value) -> bool:
+    """Whether ``value`` is a seed numpy's and torch's generators both take: a whole number
+    (not a bool) in 0…MAX_SEED."""
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return whole and 0 <= value <= MAX_SEED
+
+
 def _check_settings(name: str, settings: dict) -> None:
     """A DataError for an unknown setting, or a value not of its loader's annotated type."""
     accepted = settings_of(name)
@@ -93,7 +100,7 @@ def _check_type(key: str, value, annotation) -> None:
     elif int in kinds:
         wanted, fits = "a positive integer", whole  # a loader checks the value
         if key.endswith("_seed"):
-            wanted, fits = f"a whole number in 0…{MAX_SEED}", whole and 0 <= value <= MAX_SEED
+            wanted, fits = f"a whole number in 0…{MAX_SEED}", is_seed(value)
     elif float in kinds:
         wanted = "a finite number"
         fits = isinstance(value, numbers.Real) and not isinstance(value, bool)

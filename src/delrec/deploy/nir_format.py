@@ -43,7 +43,9 @@ from torch import nn
 
 import delrec
 from delrec.delays import MAX_DELAY
+from delrec.deploy.report import hardware_report
 from delrec.deploy.streaming import DelayedSynapses, StreamingLayer, StreamingNetwork
+from delrec.deploy.targets import format_max_delay_check
 from delrec.files import write_atomic
 from delrec.models import READOUTS
 from delrec.neurons import LIF, LeakyIntegrator
@@ -99,6 +101,14 @@ def to_nir(net: nn.Module, dt: float = 1.0):
             f"dt must be a positive number of seconds per step, at most {MAX_DT:g} (time "
             f"constants and delays are multiplied by it), got {dt!r}"
         )
+    if not isinstance(net, StreamingNetwork):
+        limit = hardware_report(net)["max_delay"]
+        if not limit["pass"]:
+            raise NIRExportError(
+                f"{format_max_delay_check(limit)}: the network does not fit the chip it was "
+                "trained for; clamp its delays (delrec.layers.clamp_delays) or retrain with "
+                "--set network.max_delay=D, and check it with `delrec report RUN_DIR --target NAME`"
+            )
     stream = net if isinstance(net, StreamingNetwork) else StreamingNetwork.from_network(net)
     nodes = {"input": nir.Input(input_type={"input": np.array([stream.input_size])})}
     edges: list[tuple[str, str]] = []

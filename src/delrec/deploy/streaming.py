@@ -23,6 +23,7 @@ Conventions (time in steps):
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -44,6 +45,12 @@ from delrec.neurons import (
     run_steps,
 )
 
+# What a stream is built from: the tensors of its synapses, the settings of its neurons (a
+# built-in neuron's parameters ``p``, a readout integrator's ``tau`` and ``decay_input``)
+TENSORS = ("weight", "lags", "bias")
+SETTINGS = ("p", "tau", "decay_input")
+_version = operator.attrgetter("_version")  # a tensor's count of in-place changes
+
 
 class LayerState(NamedTuple):
     """A streaming layer's state: ``inputs``, its last ``max_lag`` input frames ``(Hf, B, I)``;
@@ -59,7 +66,9 @@ class StreamingLayer(nn.Module):
     """One hidden layer: ``c = synapses(x)``, ``u = c + recurrent(s)``, ``s = neuron.step(u)``.
 
     ``synapses`` and ``recurrent`` are :class:`DelayedSynapses` (``recurrent`` is ``None`` for a
-    feedforward layer); ``neuron`` follows :class:`delrec.neurons.Neuron`.
+    feedforward layer); ``neuron`` follows :class:`delrec.neurons.Neuron`. What is built from
+    them (the history length, the compiled loop) is built again when they change
+    (:meth:`refresh`).
     """
 
     def __init__(
@@ -72,9 +81,35 @@ class StreamingLayer(nn.Module):
                 f"{synapses.out_features}), got {tuple(recurrent.weight.shape)}"
             )
         self.synapses, self.neuron, self.recurrent = synapses, as_neuron(neuron), recurrent
+        self._built_from: tuple | None = None
+        self.refresh()
+
+    def sources(self) -> tuple:
+        """What the layer is built from: its synapses' tensors (:meth:`DelayedSynapses.sources`)
+        and its neurons' settings."""
+        modules = self._modules
+        recurrent = modules.get("recurrent")  # None: a plain attribute
+        return (
+            modules["synapses"].sources(),
+            None if recurrent is None else recurrent.sources(),
+            getattr(modules["neuron"], "p", None),
+        )
+
+    def refresh(self, force: bool = False) -> bool:
+        """Derive the history length again and drop the compiled loop if the layer's tensors or
+        neurons changed since (an in-place edit, ``load_state_dict``, a move) or ``force``;
+        whether it did."""
+        if not force and self.sources() == self._built_from:
+            return False
+        for synapses in (self.synapses, self.recurrent):
+            if synapses is not None:
+                synapses.refresh(force)
         # steps of spikes the recurrence reaches back: the rows of the state's spike history
-        self.history = 0 if recurrent is None else history_length(self.recurrent_delay()[1], 1.0)
-        self._compiled: IntegerLayer | None = None
+        rec = self.recurrent
+        self.history = 0 if rec is None else history_length(self.recurrent_delay()[1], 1.0)
+        self._compiled = None
+        self._built_from = self.sources()
+        return True
 
     @property
     def size(self) -> int:
@@ -90,6 +125,7 @@ class StreamingLayer(nn.Module):
 
     def initial_state(self, batch_size: int) -> LayerState:
         """Zero histories and the neurons' initial state for ``batch_size`` streams."""
+        self.refresh()
         like = self.synapses.weight.new_zeros(batch_size, self.size)
         return LayerState(
             self.synapses.weight.new_zeros(
@@ -99,8 +135,14 @@ class StreamingLayer(nn.Module):
             like.new_zeros(self.history, batch_size, self.size),
         )
 
+    def __getstate__(self) -> dict:
+        """For copy and pickle: without the compiled loop (it holds the kernel module), which
+        the copy builds again."""
+        return {**super().__getstate__(), "_compiled": None, "_built_from": None}
+
     def compiled(self, device: torch.device) -> IntegerLayer | None:
         """The compiled loop of this layer (built-in LIF on the CPU, kernels built), or None."""
+        self.refresh()
         if self._compiled is not None and device.type == "cpu":
             return self._compiled
         if not (is_builtin_lif(self.neuron) and device.type == "cpu"):
@@ -114,13 +156,10 @@ class StreamingLayer(nn.Module):
             self._compiled = IntegerLayer(self.size, self.synapses, recurrent, lif=lif)
         return self._compiled
 
-    def _apply(self, fn, *args, **kwargs):
-        self._compiled = None  # compiled from the tensors before the move
-        return super()._apply(fn, *args, **kwargs)
-
     def advance(self, x: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
         """Spikes ``(T, B, N)`` of the inputs ``x`` ``(T, B, I)`` from ``state``, and the state
         after them (the compiled loop updates the state's tensors in place)."""
+        self.refresh()
         compiled = self.compiled(x.device)
         if compiled is not None:
             v = state.neuron[0]
@@ -219,6 +258,59 @@ class StreamingNetwork(nn.Module):
         self._stack: list[IntegerLayer] | None = None  # built on first use
         self._state_shapes: dict[int, list] = {}  # batch size → the state's history shapes
         self._checked = None  # (state, dtype, device) of the state last found to fit
+        self._source_slots: tuple | None = None  # where _sources looks
+        self._built_from = self._sources()
+
+    def _sources(self) -> tuple:
+        """What the stream is built from, cheap enough for every step (a few µs): the identity,
+        version and storage of every synapse tensor, and the settings of every neuron."""
+        if self._source_slots is None:  # the modules' dicts, whose entries edits replace
+            synapses = [self.readout]
+            synapses += [s for layer in self.layers for s in (layer.synapses, layer.recurrent)]
+            neurons = [layer.neuron for layer in self.layers] + [self.readout_neuron]
+            tensors = [
+                (s._buffers, name)
+                for s in synapses
+                if s is not None
+                for name in TENSORS
+                if s._buffers[name] is not None
+            ]
+            settings = [(n.__dict__, name) for n in neurons if n is not None for name in SETTINGS]
+            self._source_slots = (
+                *([slot[k] for slot in tensors] for k in (0, 1)),
+                *([slot[k] for slot in settings] for k in (0, 1)),
+            )
+        where, names, settings_where, settings = self._source_slots
+        tensors = list(map(dict.get, where, names))  # the loops in C: this runs every step
+        return (
+            tuple(map(id, tensors)),
+            tuple(map(_version, tensors)),
+            tuple(map(Tensor.data_ptr, tensors)),
+            tuple(map(dict.get, settings_where, settings)),
+        )
+
+    def __getstate__(self) -> dict:
+        """For copy and pickle: without the compiled loops, which the copy builds again."""
+        cleared = dict.fromkeys(("_stack", "_checked", "_source_slots", "_built_from"))
+        return {**super().__getstate__(), **cleared}
+
+    def refresh(self, force: bool = False) -> bool:
+        """Build again what was built from the stream's tensors and settings if they changed
+        since (an in-place edit such as quantising the weights, ``load_state_dict``, ``.data =``,
+        a move) or ``force``: the layers' derived data, the compiled loops, the expected state
+        shapes; whether it did. Every method that runs the stream calls it; call
+        ``refresh(force=True)`` after an in-place edit through ``.data``, which PyTorch does not
+        count as a change."""
+        if not force and self._sources() == self._built_from:
+            return False
+        for layer in self.layers:
+            layer.refresh(force)
+        self.readout.refresh(force)
+        if self.readout.max_lag != 0:
+            raise ValueError("the readout synapses must have zero lags")
+        self._stack, self._state_shapes, self._checked = None, {}, None
+        self._built_from = self._sources()
+        return True
 
     # ------------------------------------------------------------------ conversion
     @classmethod
@@ -237,6 +329,7 @@ class StreamingNetwork(nn.Module):
                     f"{type(net).__name__} is not a delrec SpikingNetwork "
                     f"(no .{name}); build it with delrec.models.build_network"
                 )
+        check_deployable(net)
         layers = []
         for index, block in enumerate(net.blocks):
             weight, lags, bias = _synapse_tensors(block.synapses, f"layer {index}")
@@ -271,6 +364,7 @@ class StreamingNetwork(nn.Module):
     def initial_state(self, batch_size: int = 1) -> StreamState:
         """A fresh state for ``batch_size`` parallel streams (zero histories)."""
         batch_size = check_size(batch_size, "batch_size")
+        self.refresh()
         weight = self.readout.weight
         return StreamState(
             t=0,
@@ -322,6 +416,7 @@ class StreamingNetwork(nn.Module):
                 f"the input must be a torch.Tensor, got {type(x).__name__}; convert it with "
                 "torch.as_tensor(x, dtype=..., device=...)"
             )
+        self.refresh()
         if not isinstance(state, StreamState):
             raise TypeError(
                 f"state must be a StreamState made by this stream's initial_state(batch_size), "
@@ -432,10 +527,6 @@ class StreamingNetwork(nn.Module):
                 self._stack = [*layers, readout]
         return self._stack if device.type == "cpu" else None
 
-    def _apply(self, fn, *args, **kwargs):
-        self._stack = None  # compiled from the tensors before the move
-        return super()._apply(fn, *args, **kwargs)
-
     def _readout(self, x: Tensor, state: StreamState) -> Tensor:
         """The readout's output ``(T, B, K)`` for the last layer's spikes ``x``, in PyTorch ops."""
         out, _ = self.readout.run(x, state.readout.inputs)
@@ -461,6 +552,27 @@ class StreamingNetwork(nn.Module):
         if unbatched:
             return out.squeeze(1), [s.squeeze(1) for s in spikes]
         return out, spikes
+
+
+def check_deployable(net: nn.Module) -> None:
+    """A ValueError naming the first value of ``net`` that a chip would run differently from
+    the trained network: a parameter or statistic holding NaN or Inf, a recurrent delay below 0
+    (training reads it as it is, the integer-delay mode as 0). (Delays beyond the network's
+    ``max_delay`` are the hardware report's to show, and :func:`~delrec.deploy.to_nir`'s to
+    refuse.)"""
+    for name, tensor in [*net.named_parameters(), *net.named_buffers()]:
+        if tensor.is_floating_point() and not bool(tensor.detach().isfinite().all()):
+            raise ValueError(
+                f"{name} holds NaN or Inf: the network cannot be deployed; find where it came "
+                "from (torch.isfinite), e.g. a diverged training run (restore a checkpoint)"
+            )
+    for name, module in net.named_modules():
+        if isinstance(module, DelRec) and bool((module.delay < 0).any()):
+            raise ValueError(
+                f"{name}.delay holds delays below 0 ({module.delay.min():.4g} steps): training "
+                "reads them as they are, a chip as 0; clamp them with "
+                "delrec.layers.clamp_delays(net), as training does after every step"
+            )
 
 
 def _synapse_tensors(module: nn.Module, where: str) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -55,7 +55,9 @@ def _build_directory(name: str, flags: tuple[str, ...] = ()) -> Path:
     try:
         cpu += next(
             line
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            for line in Path("/proc/cpuinfo")
+            .read_text(encoding="utf-8", errors="replace")
+            .splitlines()
             if line.startswith("flags")
         )
     except (OSError, StopIteration):

@@ -34,7 +34,9 @@ class DelayedSynapses(nn.Module):
     and a window holds at most ``horizon`` past frames, whatever the delays. With one lag per
     presynaptic neuron (``column_lags``: axonal delays, or none) a read gathers one frame per
     input and multiplies once; otherwise it multiplies the window of the lags in use by the
-    weights stacked by lag.
+    weights stacked by lag. What is derived from the tensors (``max_lag``, ``column_lags``, the
+    stacked weights) is derived again when they change: an in-place edit, ``load_state_dict``,
+    ``.data =``, a move (an edit through ``.data`` is not seen: call ``refresh(force=True)``).
     """
 
     def __init__(
@@ -52,7 +54,41 @@ class DelayedSynapses(nn.Module):
             )
         if bias is not None and bias.shape != weight.shape[:1]:
             raise ValueError(f"bias must be (O,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
-        lags = lags.to(torch.long)
+        if horizon is not None and horizon < 1:
+            raise ValueError(f"horizon must be >= 1 step, got {horizon}")
+        self.horizon = horizon
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("lags", lags.to(torch.long).clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("column_lags", None, persistent=False)
+        self.register_buffer("stacked", None, persistent=False)
+        self._derived_from: tuple | None = None
+        self.refresh()
+
+    def sources(self) -> tuple:
+        """The storage and version of ``weight``, ``lags`` and ``bias``: it changes with any
+        edit of them but one through ``.data``."""
+        tensors = self._buffers  # read once per step of a stream: no Module.__getattr__
+        weight, lags, bias = tensors["weight"], tensors["lags"], tensors["bias"]
+        return (
+            weight.data_ptr(),
+            weight._version,
+            lags.data_ptr(),
+            lags._version,
+            None if bias is None else (bias.data_ptr(), bias._version),
+        )
+
+    def refresh(self, force: bool = False) -> bool:
+        """Check the lags and derive ``max_lag``, ``column_lags`` and the stacked weights again
+        if the tensors changed since they were last derived (or ``force``); whether it did."""
+        if not force and self.sources() == self._derived_from:
+            return False
+        lags = self.lags
+        if lags.dtype != torch.long or lags.shape != self.weight.shape:
+            raise ValueError(
+                f"lags must be integer steps of the weights' shape {tuple(self.weight.shape)}, "
+                f"got {lags.dtype} {tuple(lags.shape)}"
+            )
         if (lags < 0).any():
             raise ValueError("synaptic lags must be >= 0 steps")
         if lags.numel() and int(lags.max()) > MAX_DELAY + 1:
@@ -60,25 +96,19 @@ class DelayedSynapses(nn.Module):
                 f"a synaptic lag of {int(lags.max())} steps exceeds MAX_DELAY + 1 = "
                 f"{MAX_DELAY + 1:g} steps, longer than any sequence; give shorter delays"
             )
-        if horizon is not None:
-            if horizon < 1:
-                raise ValueError(f"horizon must be >= 1 step, got {horizon}")
-            lags = lags.clamp(max=horizon)
-        self.register_buffer("weight", weight.detach().clone())
-        self.register_buffer("lags", lags.clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        if self.horizon is not None:
+            lags.clamp_(max=self.horizon)
         self.max_lag = int(lags.max()) if lags.numel() else 0
         uniform_columns = bool((lags == lags[:1]).all()) if lags.numel() else True
-        self.register_buffer("column_lags", lags[0].clone() if uniform_columns else None)
-        if uniform_columns:
-            self.register_buffer("stacked", None, persistent=False)
-        else:  # (lags·I, O): row (l, j) multiplies x_j[t - kmax + l]
+        self.column_lags = lags[0].clone() if uniform_columns else None
+        self.stacked = None
+        if not uniform_columns:  # (lags·I, O): row (l, j) multiplies x_j[t - kmax + l]
             self.kmin, self.kmax = int(lags.min()), self.max_lag
             window = torch.arange(self.kmax, self.kmin - 1, -1, device=lags.device)  # oldest first
             stacked = (self.weight.unsqueeze(-1) * (lags.unsqueeze(-1) == window)).permute(2, 1, 0)
-            self.register_buffer(
-                "stacked", stacked.reshape(-1, self.out_features), persistent=False
-            )
+            self.stacked = stacked.reshape(-1, self.out_features)
+        self._derived_from = self.sources()
+        return True
 
     @property
     def in_features(self) -> int:
@@ -91,6 +121,7 @@ class DelayedSynapses(nn.Module):
     def at(self, window: Tensor, now: int | Tensor) -> Tensor:
         """``Σ_j W_ij x_j[now - lag_ij] + b_i`` for the rows ``now`` (an int or ``(T,)``) of
         ``window`` ``(W, B, I)`` (every row ``now - lag`` must exist): ``(T, B, O)``."""
+        self.refresh()
         now = torch.as_tensor(now, device=window.device).view(-1)
         if self.column_lags is not None:
             rows = now.view(-1, 1) - self.column_lags  # (T, I)
@@ -106,6 +137,7 @@ class DelayedSynapses(nn.Module):
     def run(self, x: Tensor, past: Tensor) -> tuple[Tensor, Tensor]:
         """Outputs ``(T, B, O)`` of the inputs ``x`` ``(T, B, I)`` preceded by ``past``
         ``(max_lag, B, I)``, and the ``max_lag`` frames before the next chunk."""
+        self.refresh()
         if self.max_lag == 0:
             return F.linear(x, self.weight, self.bias), past
         window = torch.cat([past, x])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -115,6 +116,12 @@ class DelRec(nn.Module):
         self.engine = engine
         self.integer_eval = True
         self.max_delay = delay_fns.check_max_delay(max_delay)
+        if not learn_delays and (delay_fns.check_sigma(sigma) or learn_spread):
+            raise ValueError(
+                f"DelRec({size}) with learn_delays=False runs its delays as they are (σ = 0), "
+                f"so sigma={sigma} and learn_spread={learn_spread} would do nothing; leave them "
+                "out, or learn the delays"
+            )
 
         self.weight = nn.Parameter(torch.empty(size, size))
         nn.init.orthogonal_(self.weight, gain=1.0, generator=generator)
@@ -129,7 +136,7 @@ class DelRec(nn.Module):
                 f"need a tensor of shape {delay_shape}: a callable delay_init(shape, generator) "
                 "must return one of the shape it is given"
             )
-        initial = initial.float()
+        initial = initial.to(self.weight.dtype)  # float32, or the default dtype if set
         if round_init:
             initial = initial.round()
         delay_fns.check_delays(initial, f"delay_init {self.delay_init}")
@@ -143,6 +150,7 @@ class DelRec(nn.Module):
         self.delay = nn.Parameter(initial, requires_grad=learn_delays)
         self.spread_logits = nn.Parameter(torch.zeros(size)) if learn_spread else None
         self.register_buffer("sigma", torch.tensor(delay_fns.check_sigma(sigma)))
+        self._warned_negative = False  # DelayLimitWarning of delays below 0 given
 
     # ------------------------------------------------------------------ variants
     @classmethod
@@ -372,8 +380,20 @@ class DelRec(nn.Module):
         fine = torch.stack(sums).isfinite().all() & (delay.abs() <= delay_fns.MAX_DELAY).all()
         if limit is not None:
             fine = fine & (delay <= limit).all()
-        if bool(fine & (self.sigma >= 0) & (self.sigma <= delay_fns.MAX_DELAY)):
+        if bool(
+            fine & (delay >= 0).all() & (self.sigma >= 0) & (self.sigma <= delay_fns.MAX_DELAY)
+        ):
             return
+        if bool(delay.isfinite().all()) and delay.min() < 0 and not self._warned_negative:
+            self._warned_negative = True  # once per layer
+            warnings.warn(
+                f"the delays of DelRec({self.size}) go down to {delay.min().item():.4g} steps, "
+                "below 0: training cuts the synapses of a delay <= -1 step, and their "
+                "gradients, while eval and a chip round it to 0; call "
+                "delrec.layers.clamp_delays(model) after every optimizer step",
+                delay_fns.DelayLimitWarning,
+                stacklevel=6,  # the caller of layer(x), through Module.__call__
+            )
         if limit is not None and bool(delay.isfinite().all()) and delay.max() > limit:
             raise ValueError(
                 f"the delays of DelRec({self.size}) reach {delay.max().item():.4g} steps, beyond "

@@ -50,7 +50,7 @@ def device_memory(device: torch.device) -> int:
         return torch.cuda.get_device_properties(device).total_memory
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     try:
-        with open(CGROUP_LIMIT) as limit:
+        with open(CGROUP_LIMIT, encoding="ascii") as limit:
             return min(memory, int(limit.read()))
     except (OSError, ValueError):  # no cgroup v2, or "max": no limit
         return memory

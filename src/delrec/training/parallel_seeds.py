@@ -27,7 +27,25 @@ from delrec.config import ConfigError, TrainConfig
 from delrec.runs import RunDir
 
 POLL_S = 0.1
+PARENT_VARIABLE = "DELREC_PARENT_PID"  # in a seed's environment: the process id of its parent
 _print_lock = threading.Lock()
+
+
+def end_with_parent() -> None:
+    """In a seed's ``delrec train`` (``DELREC_PARENT_PID`` set): a SIGTERM to this process once
+    that parent is gone, killed even by SIGKILL. The seeds run in sessions of their own (so that
+    a terminal's Ctrl-C reaches only the parent, which stops them) and would otherwise train on
+    unseen, holding their runs' locks."""
+    parent = os.environ.pop(PARENT_VARIABLE, "")
+    if not parent.isdigit():
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="delrec-parent-watch", daemon=True).start()
 
 
 def gpu_ids(config: TrainConfig) -> list[str]:
@@ -78,7 +96,7 @@ class SeedProcess:
 
     def __init__(self, seed: int, command: list[str], gpu: str | None):
         self.seed = seed
-        env = dict(os.environ)
+        env = {**os.environ, PARENT_VARIABLE: str(os.getpid())}  # it ends when this process does
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         self.process = subprocess.Popen(
@@ -151,7 +169,7 @@ def run_seed_processes(
     summaries, failures = {}, {}
     with tempfile.TemporaryDirectory(prefix="delrec-seeds-") as folder:
         config_file = Path(folder) / "config.json"
-        config_file.write_text(json.dumps(config.to_dict()))
+        config_file.write_text(json.dumps(config.to_dict()), encoding="utf-8")
         try:
             while pending or running:
                 for slot in range(workers):
