@@ -187,3 +187,23 @@ def test_gradient_and_spectral_settings_are_checked_and_a_silent_network_has_no_
     assert main(argv) == 0 and figure.read_bytes()[:4] == b"\x89PNG"
     rows = capsys.readouterr().out.splitlines()[1:3]
     assert all(row.split()[2] == "nan" for row in rows), rows  # no gradient: no growth factor
+
+
+def test_an_output_never_replaces_a_file_another_run_keeps(tmp_path, capsys):
+    """Not only the run being read: any run's config, metrics, results and checkpoints are
+    refused as outputs (an analysis that reads no run at all here)."""
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    kept = {
+        other / "config.json": b'{"config": {}}',
+        other / "metrics.csv": b"epoch\n1\n",
+        other / "checkpoints" / "best.pt": b"weights",
+    }
+    for path, content in kept.items():
+        path.write_bytes(content)
+    base = ["analyze", "spectral", "--a", "0.5", "--b", "1", "--max-delay", "2", "--no-figure"]
+    for path in kept:
+        assert main([*base, "--json", str(path)]) == 2
+        assert f"a file of the run {other}" in capsys.readouterr().err
+    assert all(path.read_bytes() == content for path, content in kept.items())
+    assert main([*base, "--json", str(other / "spectral.json")]) == 0  # beside them: fine

@@ -164,6 +164,9 @@ def test_overrides_file_then_set_then_flags(tmp_path):
         ("epoch=3", "did you mean 'epochs'"),
         ("optim.lrr=1", "unknown setting optim.'lrr'"),
         ("network.dropout=1.5", "dropout must be in [0, 1)"),
+        ("network.delay_type=bogus", "delay_type must be one of ('axonal', 'synaptic', 'shared')"),
+        ("network.readout_tau=0", "readout_tau must be a number of time steps >= 1, got 0"),
+        ("network.recurrent_layers=[0,0]", "recurrent_layers [0, 0] names a layer twice"),
         ("network.hidden_size=[4]", "did you mean 'hidden_sizes'"),
         ("network.input_size=3", "set by the task"),
         ("network.neuron.reset=medium", "reset must be 'hard' or 'soft'"),
@@ -294,3 +297,16 @@ def test_config_and_run_files_are_read_as_utf8_under_an_ascii_locale(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ascii([folder] * 3)
+
+
+def test_a_runs_own_config_file_given_as_config_says_what_it_is(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    settings = resolve(task="digits-8x8").to_dict()
+    (run / "config.json").write_text(json.dumps({"config": settings}), encoding="utf-8")
+    assert main(["train", "--config", str(run / "config.json"), "--print-config"]) == 2
+    error = capsys.readouterr().err
+    assert "is a run's own file" in error and f"--resume {run}" in error
+    (tmp_path / "again.json").write_text(json.dumps(settings), encoding="utf-8")
+    assert main(["train", "--config", str(tmp_path / "again.json"), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "digits-8x8"

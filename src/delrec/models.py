@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from delrec.data import dataset_info
 from delrec.delays import MAX_DELAY, check_max_delay
-from delrec.engine import fused
+from delrec.engine import DELAY_TYPES, fused
 from delrec.engine.dropout import check_probability
 from delrec.engine.lif import is_builtin_lif
 from delrec.layers import DelRec, DelRecState, FeedforwardDelay, run_chunk
@@ -174,6 +175,12 @@ class NetworkConfig:
             raise ValueError(f"unknown readout {self.readout!r}; choose one of {READOUTS}")
         if self.block not in ("bn", "dropout"):
             raise ValueError(f"block must be 'bn' or 'dropout', got {self.block!r}")
+        if self.delay_type not in DELAY_TYPES:
+            raise ValueError(f"delay_type must be one of {DELAY_TYPES}, got {self.delay_type!r}")
+        if not (isinstance(self.readout_tau, numbers.Real) and 1 <= self.readout_tau < math.inf):
+            raise ValueError(
+                f"readout_tau must be a number of time steps >= 1, got {self.readout_tau!r}"
+            )
         weight_bound(self.feedforward_init, 1)  # a ValueError naming the choices
         if not 1 <= self.ff_delay_window <= MAX_DELAY + 1:
             raise ValueError(
@@ -195,6 +202,10 @@ class NetworkConfig:
                 raise ValueError(
                     f"recurrent_layers {bad} out of range for "
                     f"{len(self.hidden_sizes)} hidden layers"
+                )
+            if len(set(self.recurrent_layers)) != len(self.recurrent_layers):
+                raise ValueError(
+                    f"recurrent_layers {list(self.recurrent_layers)} names a layer twice"
                 )
 
     def is_recurrent_position(self, index: int) -> bool:

@@ -54,6 +54,7 @@ FIGURES = "figures"
 REPORT = "report"
 NIR = "model.nir"
 LOCK = "run.lock"
+RUN_FILES = (CONFIG, METRICS, RESULTS, SEEDS, SUMMARY)  # written only by the lock's holder
 
 
 class RunError(Exception):
@@ -299,9 +300,8 @@ class RunDir:
 
     def _remove_temporaries(self) -> list[Path]:
         """Temporaries of the files only the lock's holder writes."""
-        own = (CONFIG, METRICS, RESULTS, SEEDS, SUMMARY)
         return [
-            *files.remove_temporaries(self.path, own),
+            *files.remove_temporaries(self.path, RUN_FILES),
             *files.remove_temporaries(self.path / CHECKPOINTS),
             *files.remove_temporaries(self.path / FIGURES),
         ]
@@ -318,6 +318,19 @@ def _config_problem(config) -> str | None:
         return f"model {model!r} is not one of {', '.join(MODELS)}"
     if not is_seed(seed):
         return f"seed {seed!r} is not a whole number in 0…{MAX_SEED}"
+    return None
+
+
+def owning_run(path: str | os.PathLike) -> Path | None:
+    """The run directory (of one seed or several) whose own file ``path`` is or would be (one
+    of RUN_FILES in it, or a file in its ``checkpoints/``), symlinks followed; else ``None``."""
+    path = Path(path).resolve()
+    for run, owned in (
+        (path.parent, path.name in RUN_FILES),
+        (path.parent.parent, path.parent.name == CHECKPOINTS),
+    ):
+        if owned and (RunDir(run).is_single() or RunDir(run).is_multi_seed()):
+            return run
     return None
 
 

@@ -27,7 +27,7 @@ from delrec.checkpoint import CheckpointError
 from delrec.config import MAX_SEED, ConfigError, is_seed
 from delrec.data import DataError, DownloadError
 from delrec.deploy import NIRExportError
-from delrec.runs import RunError
+from delrec.runs import RunError, owning_run
 from delrec.training import TrainingError
 
 EXIT_FAILURE = 1
@@ -90,8 +90,9 @@ def fail(command: str, error: Exception, prefix: str = "") -> int:
 
 def check_outputs(outputs: dict, protected: set[Path], fix: str) -> None:
     """A UsageError for an output path (``{option: path or None}``) that resolves, symlinks
-    followed, to a file of ``protected`` (``runs.run_files``) or to another output's file;
-    ``fix`` says where to write instead."""
+    followed, to a file of ``protected`` (``runs.run_files``), to a file any run keeps
+    (``runs.owning_run``: its config, metrics, results, checkpoints) or to another output's
+    file; ``fix`` says where to write instead."""
     seen: dict[Path, str] = {}
     for option, path in outputs.items():
         if path is None:
@@ -100,6 +101,11 @@ def check_outputs(outputs: dict, protected: set[Path], fix: str) -> None:
         if target in protected:
             raise UsageError(
                 f"{option} {path} would overwrite {target}, a file of the run being read; {fix}"
+            )
+        run = owning_run(target)
+        if run is not None:
+            raise UsageError(
+                f"{option} {path} would overwrite {target}, a file of the run {run}; {fix}"
             )
         if target in seen:
             raise UsageError(
