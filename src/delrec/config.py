@@ -229,7 +229,7 @@ def load_config_file(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} must hold a table/object of settings")
     if isinstance(values.get("config"), dict):  # a run's config.json: its settings one level down
         raise ConfigError(
-            f"{path} is a run's own file, whose settings are under \"config\": continue that "
+            f'{path} is a run\'s own file, whose settings are under "config": continue that '
             f"run with `delrec train --resume {path.parent}`, or train it again from a .json "
             "file holding just that object"
         )
