@@ -301,3 +301,22 @@ def test_model_sweep_runs_each_model_on_the_task_network_then_analyze_training(t
         assert main(pdf) == 2, epoch
         err = capsys.readouterr().err
         assert f"metrics.csv line 2, column epoch: '{epoch}' is not a whole number" in err, err
+
+
+@pytest.mark.parametrize(
+    "sweep, setting, option",
+    [
+        (["models", "--models", "snn"], "task=shd", "--task"),
+        (["models", "--models", "snn"], "model=rsnn", "--models"),
+        (["models", "--models", "snn"], "seed=7", "--seeds"),
+        (["params", "--models", "snn", "--sizes", "16"], "network.hidden_sizes=[8]", "--sizes"),
+        (["rate", "--penalties", "0"], "rate_penalty=5", "--penalties"),
+        (["rate", "--penalties", "0"], "model=snn", "--model"),
+    ],
+)
+def test_a_sweep_refuses_a_set_of_its_own_settings(tmp_path, capsys, sweep, setting, option):
+    """Each point gets these from the sweep: a --set of them would be overridden unseen."""
+    out = tmp_path / "sweep"
+    assert main(["sweep", *sweep, "--out", str(out), "--set", setting]) == 2
+    assert f"give it with {option}" in capsys.readouterr().err
+    assert not out.exists()

@@ -823,6 +823,7 @@ def test_absurd_lags_are_refused_by_the_ring_buffer():
         DelayedSynapses(torch.ones(2, 2), torch.full((2, 2), 10**9))
 
 
+@pytest.mark.filterwarnings("ignore::delrec.delays.DelayLimitWarning")  # said, and meant here
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("delay", [-0.4, -1.5, -3.0, -7.3])
 @pytest.mark.parametrize("name,delay_type", [c for c in ENGINE_CASES if c[0] != "reference"])

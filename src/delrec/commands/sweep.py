@@ -15,6 +15,7 @@ from delrec.commands import (
     comma_list,
     parse_seeds,
 )
+from delrec.config import parse_override
 from delrec.models import MODELS, VARIANTS
 
 ABLATION_MODELS = tuple(model for model, variant in VARIANTS.items() if variant.ablation)
@@ -93,7 +94,26 @@ def add_parser(subparsers) -> None:
     rate.set_defaults(run=run)
 
 
+def _check_overrides(args: argparse.Namespace) -> None:
+    """A UsageError for a ``--set`` of a setting the sweep gives every point itself, which
+    would be overridden without a word."""
+    owned = {"task": "--task", "seed": "--seeds"}
+    owned["model"] = "--model" if args.sweep_command == "rate" else "--models"
+    if args.sweep_command == "params":
+        owned["network.hidden_sizes"] = "--sizes"
+    if args.sweep_command == "rate":
+        owned["rate_penalty"] = "--penalties"
+    for item in args.overrides:
+        key = parse_override(item)[0]
+        if key in owned:
+            raise UsageError(
+                f"--set {item}: {key} is the sweep's own setting for each point; give it "
+                f"with {owned[key]}"
+            )
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_overrides(args)
     options = sweeps.TrainOptions(
         args.task,
         tuple(parse_seeds(args.seeds)),

@@ -384,16 +384,6 @@ class DelRec(nn.Module):
             fine & (delay >= 0).all() & (self.sigma >= 0) & (self.sigma <= delay_fns.MAX_DELAY)
         ):
             return
-        if bool(delay.isfinite().all()) and delay.min() < 0 and not self._warned_negative:
-            self._warned_negative = True  # once per layer
-            warnings.warn(
-                f"the delays of DelRec({self.size}) go down to {delay.min().item():.4g} steps, "
-                "below 0: training cuts the synapses of a delay <= -1 step, and their "
-                "gradients, while eval and a chip round it to 0; call "
-                "delrec.layers.clamp_delays(model) after every optimizer step",
-                delay_fns.DelayLimitWarning,
-                stacklevel=6,  # the caller of layer(x), through Module.__call__
-            )
         if limit is not None and bool(delay.isfinite().all()) and delay.max() > limit:
             raise ValueError(
                 f"the delays of DelRec({self.size}) reach {delay.max().item():.4g} steps, beyond "
@@ -411,6 +401,16 @@ class DelRec(nn.Module):
         refuse_nonfinite(current, f"DelRec({self.size})")
         delay_fns.check_delays(delay, f"DelRec({self.size}) delays")
         delay_fns.check_sigma(self.sigma, f"DelRec({self.size}).sigma")
+        if delay.min() < 0 and not self._warned_negative:
+            self._warned_negative = True  # once per layer
+            warnings.warn(
+                f"the delays of DelRec({self.size}) go down to {delay.min().item():.4g} steps, "
+                "below 0: training cuts the synapses of a delay <= -1 step, and their "
+                "gradients, while eval and a chip round it to 0; call "
+                "delrec.layers.clamp_delays(model) after every optimizer step",
+                delay_fns.DelayLimitWarning,
+                stacklevel=6,  # the caller of layer(x), through Module.__call__
+            )
 
     def _draw_dropout_mask(self, current: Tensor) -> Tensor | None:
         if not self.training or self.recurrent_dropout == 0:
