@@ -193,3 +193,12 @@ def test_a_corrupt_checkpoint_is_bad_input_for_every_command(tmp_path, capsys):
 )
 def test_one_exit_code_convention(error, code):
     assert exit_code(error) == code
+
+
+def test_a_folder_in_place_of_the_lock_file_is_named(tmp_path):
+    run = RunDir(tmp_path / "run")
+    (run.path / LOCK).mkdir(parents=True)
+    with pytest.raises(RunError, match=r"run\.lock is a folder, where delrec keeps the run's lock"):
+        with run.lock():
+            pass
+    assert (run.path / LOCK).is_dir()  # left as it was

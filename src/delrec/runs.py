@@ -274,6 +274,11 @@ class RunDir:
                 f"cannot use {self.path} as a run directory: {blocking} is a file, not a "
                 "folder; give a directory"
             )
+        if (self.path / LOCK).is_dir():
+            raise RunError(
+                f"{self.path / LOCK} is a folder, where delrec keeps the run's lock file; "
+                "remove it (delrec never makes one)"
+            )
         created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
