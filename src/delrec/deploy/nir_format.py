@@ -101,7 +101,9 @@ def to_nir(net: nn.Module, dt: float = 1.0):
             f"dt must be a positive number of seconds per step, at most {MAX_DT:g} (time "
             f"constants and delays are multiplied by it), got {dt!r}"
         )
-    if not isinstance(net, StreamingNetwork):
+    if isinstance(net, StreamingNetwork):
+        stream = net
+    else:
         limit = hardware_report(net)["max_delay"]
         if not limit["pass"]:
             raise NIRExportError(
@@ -109,7 +111,7 @@ def to_nir(net: nn.Module, dt: float = 1.0):
                 "trained for; clamp its delays (delrec.layers.clamp_delays) or retrain with "
                 "--set network.max_delay=D, and check it with `delrec report RUN_DIR --target NAME`"
             )
-    stream = net if isinstance(net, StreamingNetwork) else StreamingNetwork.from_network(net)
+        stream = StreamingNetwork.from_network(net)
     nodes = {"input": nir.Input(input_type={"input": np.array([stream.input_size])})}
     edges: list[tuple[str, str]] = []
     source = "input"

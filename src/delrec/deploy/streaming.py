@@ -159,8 +159,7 @@ class StreamingLayer(nn.Module):
     def advance(self, x: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
         """Spikes ``(T, B, N)`` of the inputs ``x`` ``(T, B, I)`` from ``state``, and the state
         after them (the compiled loop updates the state's tensors in place)."""
-        self.refresh()
-        compiled = self.compiled(x.device)
+        compiled = self.compiled(x.device)  # refreshed first
         if compiled is not None:
             v = state.neuron[0]
             spikes, *_ = compiled.run(
@@ -262,7 +261,7 @@ class StreamingNetwork(nn.Module):
         self._built_from = self._sources()
 
     def _sources(self) -> tuple:
-        """What the stream is built from, cheap enough for every step (a few µs): the identity,
+        """What the stream is built from, cheap enough for every step (under 10 µs): the identity,
         version and storage of every synapse tensor, and the settings of every neuron."""
         if self._source_slots is None:  # the modules' dicts, whose entries edits replace
             synapses = [self.readout]
@@ -567,9 +566,10 @@ def check_deployable(net: nn.Module) -> None:
                 "from (torch.isfinite), e.g. a diverged training run (restore a checkpoint)"
             )
     for name, module in net.named_modules():
-        if isinstance(module, DelRec) and bool((module.delay < 0).any()):
+        delay = module.delay.detach() if isinstance(module, DelRec) else None
+        if delay is not None and bool((delay < 0).any()):
             raise ValueError(
-                f"{name}.delay holds delays below 0 ({module.delay.min():.4g} steps): training "
+                f"{name}.delay holds delays below 0 ({delay.min():.4g} steps): training "
                 "reads them as they are, a chip as 0; clamp them with "
                 "delrec.layers.clamp_delays(net), as training does after every step"
             )

@@ -120,8 +120,9 @@ class DelayedSynapses(nn.Module):
 
     def at(self, window: Tensor, now: int | Tensor) -> Tensor:
         """``Σ_j W_ij x_j[now - lag_ij] + b_i`` for the rows ``now`` (an int or ``(T,)``) of
-        ``window`` ``(W, B, I)`` (every row ``now - lag`` must exist): ``(T, B, O)``."""
-        self.refresh()
+        ``window`` ``(W, B, I)`` (every row ``now - lag`` must exist): ``(T, B, O)``. It reads
+        what was derived at the last :meth:`refresh` (:meth:`run` calls one; a loop of ``at``
+        calls once before it), so that a time loop does not check the tensors at every step."""
         now = torch.as_tensor(now, device=window.device).view(-1)
         if self.column_lags is not None:
             rows = now.view(-1, 1) - self.column_lags  # (T, I)
