@@ -198,6 +198,42 @@ def test_a_state_of_another_stream_or_dtype_is_refused():
 
 
 @pytest.mark.parametrize("compiled", [True, False])
+def test_a_layer_state_replaced_after_the_stream_ran_is_checked_again(compiled):
+    """A live stream's state passes at once; a layer state swapped by hand is checked anew
+    (a wrong shape would have the compiled loop read past its histories)."""
+    stream = StreamingNetwork.from_network(network(model="ff+rec"))
+    x = spikes_in(6)
+    with compiled_loops(compiled):
+        state = stream.initial_state(2)
+        stream.advance(x[:3], state)
+        layer = state.layers[1]
+        state.layers[1] = layer._replace(spikes=layer.spikes[:1].clone())
+        with pytest.raises(ValueError, match=r"layer 1 holds histories of inputs .* spikes \(1,"):
+            stream.advance(x[3:], state)
+        state.layers[1] = layer._replace(neuron=(layer.neuron[0][:, :5],))
+        with pytest.raises(ValueError, match=r"layer 1 holds a neuron state of shapes \[\(2, 5\)"):
+            stream.advance(x[3:], state)
+        state.layers[1] = layer._replace(inputs=layer.inputs.float())
+        with pytest.raises(ValueError, match="layer 1 holds torch.float32 on cpu"):
+            stream.advance(x[3:], state)
+        nan = layer.neuron[0].clone()
+        nan[1, 4] = float("nan")
+        state.layers[1] = layer._replace(neuron=(nan,))
+        with pytest.raises(ValueError, match=r"layer 1 holds nan in its neuron\[0\] at \(1, 4\)"):
+            stream.advance(x[3:], state)
+        state.readout = state.readout._replace(
+            neuron=(torch.full_like(state.readout.neuron[0], float("inf")),)
+        )
+        state.layers[1] = layer
+        with pytest.raises(ValueError, match="the readout holds inf in its neuron"):
+            stream.step(x[3], state)
+        fresh = stream.initial_state(2)
+        stream.advance(x[:3], fresh)
+        state.layers[1], state.readout = fresh.layers[1], fresh.readout  # fits: runs
+        stream.advance(x[3:], state)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
 def test_a_stream_edited_after_it_ran_runs_with_the_edits(compiled):
     """Weights quantised in place, a state_dict loaded (synaptic feedforward lags too), an edit
     through ``.data`` followed by refresh(): the stream runs as one built after the edit."""
@@ -219,8 +255,17 @@ def test_a_stream_edited_after_it_ran_runs_with_the_edits(compiled):
 
         stream.layers[0].synapses.weight.data.mul_(-1)  # not counted as a change by PyTorch
         assert stream.refresh(force=True)
-        torch.testing.assert_close(stream.run(x), copy.deepcopy(stream).run(x), rtol=0, atol=0)
+        expected_after_data_edit = copy.deepcopy(stream).run(x)
+        torch.testing.assert_close(stream.run(x), expected_after_data_edit, rtol=0, atol=0)
         assert not stream.refresh()
+
+        bias = stream.layers[1].synapses.bias
+        stream.layers[1].synapses.bias = None  # a bias removed, then put back: both are edits
+        without = stream.run(x)
+        assert not torch.equal(without[0], expected_after_data_edit[0])
+        torch.testing.assert_close(without, copy.deepcopy(stream).run(x), rtol=0, atol=0)
+        stream.layers[1].synapses.bias = bias
+        torch.testing.assert_close(stream.run(x), expected_after_data_edit, rtol=0, atol=0)
 
 
 def test_a_stream_that_ran_can_be_copied_and_pickled():

@@ -256,7 +256,7 @@ class StreamingNetwork(nn.Module):
         self.output_size = readout.out_features
         self._stack: list[IntegerLayer] | None = None  # built on first use
         self._state_shapes: dict[int, list] = {}  # batch size → the state's history shapes
-        self._checked = None  # (state, dtype, device) of the state last found to fit
+        self._checked = None  # (state, dtype, device, its layer states) last found to fit
         self._source_slots: tuple | None = None  # where _sources looks
         self._built_from = self._sources()
 
@@ -272,7 +272,7 @@ class StreamingNetwork(nn.Module):
                 for s in synapses
                 if s is not None
                 for name in TENSORS
-                if s._buffers[name] is not None
+                if name in s._buffers  # None too: a bias set to None, or back, is an edit
             ]
             settings = [(n.__dict__, name) for n in neurons if n is not None for name in SETTINGS]
             self._source_slots = (
@@ -281,10 +281,11 @@ class StreamingNetwork(nn.Module):
             )
         where, names, settings_where, settings = self._source_slots
         tensors = list(map(dict.get, where, names))  # the loops in C: this runs every step
+        present = [t for t in tensors if t is not None]
         return (
             tuple(map(id, tensors)),
-            tuple(map(_version, tensors)),
-            tuple(map(Tensor.data_ptr, tensors)),
+            tuple(map(_version, present)),
+            tuple(map(Tensor.data_ptr, present)),
             tuple(map(dict.get, settings_where, settings)),
         )
 
@@ -408,8 +409,9 @@ class StreamingNetwork(nn.Module):
         """A TypeError or ValueError unless ``x`` is a tensor and ``state`` is one this stream
         made (:meth:`initial_state`) and advanced: its histories have the rows this stream's
         delays reach, its readout membrane the network's dtype and device. A state of another
-        network would otherwise run without a word, its missing history read as zeros. The
-        state checked last passes at once (a live stream's step), unless the stream moved."""
+        network would otherwise run without a word, its missing history read as zeros, and
+        its tensors finite. The state checked last passes at once (a live stream's step),
+        unless the stream moved or one of its layer states was replaced since."""
         if not isinstance(x, Tensor):
             raise TypeError(
                 f"the input must be a torch.Tensor, got {type(x).__name__}; convert it with "
@@ -422,52 +424,84 @@ class StreamingNetwork(nn.Module):
                 f"got {type(state).__name__}"
             )
         weight = self.readout.weight
-        checked = (state, weight.dtype, weight.device)
-        if self._checked is not None and self._checked[0] is state:
-            if self._checked[1:] == checked[1:]:
-                return  # the state this stream checked last, the stream not moved since
         layers = [*state.layers, state.readout]
+        last = self._checked
+        if (
+            last is not None
+            and last[0] is state
+            and last[1:3] == (weight.dtype, weight.device)
+            and len(last[3]) == len(layers)
+            and all(map(operator.is_, last[3], layers))
+        ):
+            return  # the state checked last, unchanged but for this stream's own steps
+        problem = self._state_problem(state, layers)
+        if problem is not None:
+            raise ValueError(
+                f"this state was not made by this stream: {problem}; make one with "
+                "initial_state(batch_size) (a stream changed since, or another network's "
+                "state, would read wrong or missing histories)"
+            )
+        self._check_finite(layers)
+        self._checked = (state, weight.dtype, weight.device, layers)
+
+    def _state_problem(self, state: StreamState, layers: list[LayerState]) -> str | None:
+        """What in ``state`` (its ``layers``: the hidden ones, then the readout's) does not fit
+        this stream, or None: the number of layers, each history's and membrane's shape, the
+        dtype and device of every tensor."""
+        if len(layers) != len(self.layers) + 1 or len(state.spikes) != len(self.layers):
+            return f"{len(state.layers)} hidden layers, the stream has {len(self.layers)}"
         batch = state.batch_size
-        if batch not in self._state_shapes:  # per layer and the readout: (inputs, spikes)
+        if batch not in self._state_shapes:  # per layer and the readout: (inputs, spikes, v)
             rows = [(layer.synapses.max_lag, layer.history) for layer in self.layers]
             widths = [(layer.synapses.in_features, layer.size) for layer in self.layers]
             self._state_shapes[batch] = [
-                ((lag, batch, inputs), (history, batch, size))
+                ((lag, batch, inputs), (history, batch, size), (batch, size))
                 for (lag, history), (inputs, size) in zip(
                     [*rows, (0, 0)], [*widths, (self.readout.in_features, self.output_size)]
                 )
             ]
-        expected = self._state_shapes[batch]
-        if (
-            len(state.spikes) == len(layers) - 1
-            and [(layer.inputs.shape, layer.spikes.shape) for layer in layers] == expected
-            and state.readout.neuron[0].dtype == weight.dtype
-            and state.readout.neuron[0].device == weight.device
+        weight = self.readout.weight
+        for index, (layer, (inputs, spikes, neuron)) in enumerate(
+            zip(layers, self._state_shapes[batch])
         ):
-            self._checked = checked
-            return
-        if len(layers) != len(expected) or len(state.spikes) != len(layers) - 1:
-            problem = f"{len(state.layers)} hidden layers, the stream has {len(expected) - 1}"
-        else:
-            problem = (
-                f"its tensors are {state.readout.neuron[0].dtype} on "
-                f"{state.readout.neuron[0].device}, the stream's {weight.dtype} on {weight.device} "
-                "(was the stream moved with .to() after the state was made?)"
-            )
-            for index, (layer, (inputs, spikes)) in enumerate(zip(layers, expected)):
-                got = (tuple(layer.inputs.shape), tuple(layer.spikes.shape))
-                if got != (inputs, spikes):
-                    name = f"layer {index}" if index < len(expected) - 1 else "the readout"
-                    problem = (
-                        f"{name} holds histories of inputs {got[0]} and spikes {got[1]}, "
-                        f"the stream's delays need {inputs} and {spikes}"
+            name = f"layer {index}" if index < len(self.layers) else "the readout"
+            got = (tuple(layer.inputs.shape), tuple(layer.spikes.shape))
+            if got != (inputs, spikes):
+                return (
+                    f"{name} holds histories of inputs {got[0]} and spikes {got[1]}, "
+                    f"the stream's delays need {inputs} and {spikes}"
+                )
+            membranes = [tuple(v.shape) for v in layer.neuron]
+            if any(shape != neuron for shape in membranes):
+                return f"{name} holds a neuron state of shapes {membranes}, the stream's {neuron}"
+            for tensor in (*layer.neuron, layer.inputs, layer.spikes):
+                if tensor.dtype != weight.dtype or tensor.device != weight.device:
+                    return (
+                        f"{name} holds {tensor.dtype} on {tensor.device}, the stream's "
+                        f"{weight.dtype} on {weight.device} (was the stream moved with .to() "
+                        "after the state was made?)"
                     )
-                    break
-        raise ValueError(
-            f"this state was not made by this stream: {problem}; make one with "
-            "initial_state(batch_size) (a stream changed since, or another network's "
-            "state, would read wrong or missing histories)"
-        )
+        return None
+
+    @staticmethod
+    def _check_finite(layers: list[LayerState]) -> None:
+        """A ValueError naming the first NaN or Inf in a state's membranes or histories: from
+        there on it would silence a layer (or flood it) without a word."""
+        for index, layer in enumerate(layers):
+            name = f"layer {index}" if index < len(layers) - 1 else "the readout"
+            for field, tensor in (
+                *((f"neuron[{i}]", t) for i, t in enumerate(layer.neuron)),
+                ("inputs", layer.inputs),
+                ("spikes", layer.spikes),
+            ):
+                found = first_nonfinite(tensor)
+                if found is not None:
+                    where, value = found
+                    raise ValueError(
+                        f"the state of {name} holds {value} in its {field} at {tuple(where)}; "
+                        "a stream's state must be finite: start again from "
+                        "initial_state(batch_size)"
+                    )
 
     def _advance(self, x: Tensor, state: StreamState) -> tuple[Tensor, list[Tensor]]:
         weight = self.readout.weight
@@ -510,6 +544,8 @@ class StreamingNetwork(nn.Module):
         for index, layer_spikes in enumerate(spikes):
             state.spikes[index] = layer_spikes[-1]
         state.t += steps
+        if self._checked is not None and self._checked[0] is state:  # its own new layer states
+            self._checked = (*self._checked[:3], [*state.layers, state.readout])
         return out, spikes
 
     def _compiled_stack(self, device: torch.device) -> list[IntegerLayer] | None:
