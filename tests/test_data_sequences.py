@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from delrec.cli import main
 from delrec.data import DataError, dataset_info, load_dataset
 from delrec.data.mackey_glass import mackey_glass
 from delrec.data.mnist import make_permutation, stratified_split
@@ -190,6 +191,28 @@ def test_mackey_glass_bad_settings():
         load_dataset("mackey-glass", tau=17.05)
     with pytest.raises(DataError, match="too few"):
         load_dataset("mackey-glass", split="valid", samples=500)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"horizon": 0}, "window=150 and horizon=0 must be >= 1"),
+        ({"samples": 2}, "train segment of samples=2 has 1 samples, too few .* samples >= 849"),
+        ({"samples": 848}, "valid segment of samples=848 has 169 samples, .* samples >= 849"),
+        ({"window": 10**8}, "too few for window=100000000 .*: use a shorter window or horizon"),
+        ({"tau": 0.05}, "tau=0.05 must be a positive multiple of dt=0.1"),
+    ],
+)
+def test_mackey_glass_sizes_are_checked_before_anything_is_integrated(settings, message):
+    """dataset_info (what configuration checks and --print-config call) refuses them as the
+    loader does; the samples it suggests are enough for every split."""
+    for check in (dataset_info, lambda n, **s: load_dataset(n, **s)):
+        with pytest.raises(DataError, match=message):
+            check("mackey-glass", **settings)
+    print_config = ["train", "--task", "mackey-glass", "--print-config", "--set"]
+    assert main([*print_config, "data.horizon=0"]) == 2
+    assert main([*print_config, "data.samples=849"]) == 0
+    assert len(load_dataset("mackey-glass", split="valid", samples=849)) == 1
 
 
 @pytest.mark.parametrize(

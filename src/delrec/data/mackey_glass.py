@@ -25,6 +25,7 @@ from .core import DatasetInfo, SeriesWindows
 from .errors import DataError
 
 SPLIT_FRACTIONS = {"train": (0.0, 0.6), "valid": (0.6, 0.8), "test": (0.8, 1.0)}
+SIZE_SETTINGS = ("tau", "horizon", "window", "samples", "n", "dt", "discard")  # check_mackey_glass
 MAX_VALUES = 10**8  # integration steps, and window values of a split: 800 MB as float64
 
 
@@ -57,6 +58,21 @@ def mackey_glass(
     Vectorised by blocks: within a block of D = tau/dt Euler steps every delayed value is
     already known, and x[k+1] = a x[k] + dt f[k] with a = 1 - gamma dt is a linear recurrence
     solved in closed form, x[k0+j] = a^j (x[k0] + dt sum_{i<j} a^-(i+1) f[k0+i])."""
+    delay, discard_steps, stride, last = _integration_steps(
+        samples, tau, n, dt, discard, sample_every
+    )
+    x = np.empty(last + 1)
+    x[0] = x0
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by the caller
+        _integrate(x, x0, delay, last, dt, beta, gamma, n)
+    return x[discard_steps::stride].copy()
+
+
+def _integration_steps(
+    samples: int, tau: float, n: int, dt: float, discard: float, sample_every: float
+) -> tuple[int, int, int, int]:
+    """The Euler steps of ``tau``, ``discard`` and ``sample_every``, and the index of the last
+    step integrated; a DataError for settings the integration cannot use."""
     if not dt > 0:
         raise DataError(f"Mackey-Glass: the integration step dt={dt} must be > 0")
     steps = {}
@@ -76,11 +92,7 @@ def mackey_glass(
             f"and tau={tau} at dt={dt} need {max(last + 1, delay):.3g} integration steps, more "
             f"than {MAX_VALUES:.0e}: use fewer samples (the default is 6000) or a larger dt"
         )
-    x = np.empty(last + 1)
-    x[0] = x0
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by the caller
-        _integrate(x, x0, delay, last, dt, beta, gamma, n)
-    return x[steps["discard"] :: stride].copy()
+    return delay, steps["discard"], stride, last
 
 
 def _integrate(x, x0, delay, last, dt, beta, gamma, n) -> None:
@@ -93,6 +105,60 @@ def _integrate(x, x0, delay, last, dt, beta, gamma, n) -> None:
         lagged = x[k0 - delay : k0 - delay + m] if k0 else np.full(m, x0)
         drive = dt * beta * lagged / (1.0 + _int_power(lagged, n))
         x[k0 + 1 : k0 + m + 1] = powers[:m] * (x[k0] + np.cumsum(drive / powers[:m]))
+
+
+def _split_bounds(split: str, samples: int) -> tuple[int, int]:
+    """The first and one past the last sample of ``split``."""
+    lo, hi = (int(round(f * samples)) for f in SPLIT_FRACTIONS[split])
+    return lo, hi
+
+
+def _window_count(samples: int, window: int, horizon: int) -> dict[str, int]:
+    """Per split, the windows of ``window`` samples whose target ``horizon`` later it holds."""
+    counts = {}
+    for split in SPLIT_FRACTIONS:
+        lo, hi = _split_bounds(split, samples)
+        counts[split] = hi - lo - window - horizon + 1
+    return counts
+
+
+def check_mackey_glass(
+    tau: float = 17.0,
+    horizon: int = 20,
+    window: int = 150,
+    samples: int = 6000,
+    n: int = 10,
+    dt: float = 0.1,
+    discard: float = 5000.0,
+) -> None:
+    """A DataError for sizes the series or its windows cannot have (nothing is integrated):
+    every split must hold at least one window with its target, and none more than
+    ``MAX_VALUES`` values."""
+    _integration_steps(samples, tau, n, dt, discard, 1.0)
+    if window < 1 or horizon < 1:
+        raise DataError(f"Mackey-Glass: window={window} and horizon={horizon} must be >= 1")
+    for split, count in _window_count(samples, window, horizon).items():
+        if count < 1:
+            shortest = min(hi - lo for lo, hi in SPLIT_FRACTIONS.values())
+            need = max(samples + 1, int((window + horizon - 1) / shortest) - 2)
+            while min(_window_count(need, window, horizon).values()) < 1:
+                need += 1
+            try:
+                _integration_steps(need, tau, n, dt, discard, 1.0)
+                fix = f"use samples >= {need}"
+            except DataError:  # more than any series integrated here
+                fix = "use a shorter window or horizon"
+            raise DataError(
+                f"Mackey-Glass: the {split} segment of samples={samples} has "
+                f"{count + window + horizon - 1} samples, too few for window={window} plus "
+                f"horizon={horizon}: {fix}"
+            )
+        if count * window > MAX_VALUES:
+            raise DataError(
+                f"Mackey-Glass: the {split} split holds {count} windows of {window} samples, "
+                f"{count * window:.3g} values, more than {MAX_VALUES:.0e}: use fewer samples or "
+                "a shorter window"
+            )
 
 
 def load_mackey_glass(
@@ -110,14 +176,13 @@ def load_mackey_glass(
 ) -> SeriesWindows:
     """Forecasting windows of one split: items ((window, 1) float32, x(t + horizon) float32).
     ``horizon`` and ``window`` count samples (time units)."""
-    if window < 1 or horizon < 1:
-        raise DataError(f"Mackey-Glass: window={window} and horizon={horizon} must be >= 1")
+    check_mackey_glass(tau, horizon, window, samples, n, dt, discard)
     series = mackey_glass(samples, tau, beta, gamma, n, dt, x0, discard)
-    lo, hi = (int(round(f * samples)) for f in SPLIT_FRACTIONS[split])
+    lo, hi = _split_bounds(split, samples)
     segment = series[lo:hi]
     with np.errstate(over="ignore"):
         values = segment.astype(np.float32)  # as the items hold them
-    if len(values) and (not np.isfinite(values).all() or values.min() == values.max()):
+    if not np.isfinite(values).all() or values.min() == values.max():
         shape = "overflows" if not np.isfinite(values).all() else f"stays at {values[0]:g}"
         raise DataError(
             f"Mackey-Glass: with beta={beta}, gamma={gamma}, n={n}, dt={dt}, x0={x0} the "
@@ -125,17 +190,6 @@ def load_mackey_glass(
             "forecast: keep the defaults (0.2, 0.1, 10, 0.1, 1.2) or values near them"
         )
     count = len(segment) - window - horizon + 1
-    if count < 1:
-        raise DataError(
-            f"Mackey-Glass: the {split} segment has {len(segment)} samples, too few "
-            f"for window={window} plus horizon={horizon}: use more samples"
-        )
-    if count * window > MAX_VALUES:
-        raise DataError(
-            f"Mackey-Glass: the {split} split holds {count} windows of {window} samples, "
-            f"{count * window:.3g} values, more than {MAX_VALUES:.0e}: use fewer samples or a "
-            "shorter window"
-        )
     starts = np.arange(count)
     windows = segment[starts[:, None] + np.arange(window)]
     targets = segment[starts + window - 1 + horizon]

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from .core import SPLITS, DatasetInfo
 from .errors import DataError
 from .heidelberg import Binning, heidelberg_info, load_shd, load_ssc
-from .mackey_glass import load_mackey_glass
+from .mackey_glass import SIZE_SETTINGS, check_mackey_glass, load_mackey_glass
 from .mnist import load_digits_8x8, load_psmnist, load_psmnist_mini, mini_steps
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
@@ -143,7 +143,9 @@ def dataset_info(name: str, **settings) -> DatasetInfo:
         binning = Binning(*(settings.get(k, defaults[k]) for k in ("dt_ms", "steps", "group")))
         return heidelberg_info(name, binning)
     if name == "mackey-glass":
-        window = settings.get("window", settings_of(name)["window"])
+        sizes = {**settings_of(name), **settings}
+        check_mackey_glass(**{key: sizes[key] for key in SIZE_SETTINGS})
+        window = sizes["window"]
         return DatasetInfo(name, "regression", input_size=1, num_classes=None, steps=window)
     if name == "psmnist-mini":
         steps = mini_steps(settings.get("side", settings_of(name)["side"]))
