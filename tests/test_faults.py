@@ -1326,6 +1326,35 @@ def test_compare_refuses_outputs_that_overwrite_a_run_file_or_each_other(run_cop
     assert _contents(run_copy) == before and not table.exists()
 
 
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(
+    run_copy, tmp_path, capsys, monkeypatch
+):
+    """A folder, a file in place of a folder, a folder this user may not write into: refused
+    with exit 2 before anything is measured (nothing printed yet), without "[Errno N]"."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file\n", encoding="utf-8")
+    run = str(run_copy)
+    cases = [
+        (["compare", run, "--rounded-only", "--figure", str(tmp_path)], "it is a folder"),
+        (["compare", run, "--csv", str(blocker / "t.csv")], f"{blocker} is a file, not a folder"),
+        (["report", run, "-o", str(blocker)], f"{blocker} is a file, not a folder"),
+        (["analyze", "training", run, "--figure", str(blocker / "a" / "b.png")], "not a folder"),
+    ]
+    for argv, problem in cases:
+        assert main(argv) == 2, argv
+        out, err = capsys.readouterr()
+        assert problem in err and "cannot be written" in err and "Errno" not in err, err
+        assert out == "", out  # refused before the work
+    monkeypatch.setattr("delrec.commands.os.access", lambda path, mode: False)
+    assert main(["report", run, "-o", str(tmp_path / "new" / "report")]) == 2
+    err = capsys.readouterr().err
+    assert f"-o {tmp_path / 'new' / 'report' / 'hardware_report.json'} cannot be written" in err
+    assert f"this user may not write into {tmp_path}; give another path" in err, err
+    monkeypatch.undo()
+    assert main(["report", run, "-o", str(tmp_path / "new" / "report")]) == 0  # folders made
+    assert (tmp_path / "new" / "report" / "hardware_report.json").is_file()
+
+
 @pytest.mark.parametrize(
     "edit,problem",
     [

@@ -18,6 +18,7 @@ Exit codes (every command):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from delrec.checkpoint import CheckpointError
 from delrec.config import MAX_SEED, ConfigError, is_seed
 from delrec.data import DataError, DownloadError
 from delrec.deploy import NIRExportError
+from delrec.files import file_in_the_way
 from delrec.runs import RunError, owning_run
 from delrec.training import TrainingError
 
@@ -79,6 +81,8 @@ def fail(command: str, error: Exception, prefix: str = "") -> int:
     if code is None:
         raise error
     message = str(error)
+    if isinstance(error, OSError) and error.strerror and error.filename is None:
+        message = error.strerror  # delrec's own message, without the "[Errno N] " of str()
     if isinstance(error, MemoryError):  # numpy names the allocation; Python's own says nothing
         message = (
             f"out of memory ({message or 'no detail'}): the sizes asked for (data, network, "
@@ -89,14 +93,19 @@ def fail(command: str, error: Exception, prefix: str = "") -> int:
 
 
 def check_outputs(outputs: dict, protected: set[Path], fix: str) -> None:
-    """A UsageError for an output path (``{option: path or None}``) that resolves, symlinks
-    followed, to a file of ``protected`` (``runs.run_files``), to a file any run keeps
-    (``runs.owning_run``: its config, metrics, results, checkpoints) or to another output's
-    file; ``fix`` says where to write instead."""
+    """A UsageError for an output path (``{option: path or None}``) that cannot be written (a
+    folder, a file where a folder should be, a folder this user may not write into) or that
+    resolves, symlinks followed, to a file of ``protected`` (``runs.run_files``), to a file any
+    run keeps (``runs.owning_run``: its config, metrics, results, checkpoints) or to another
+    output's file; ``fix`` says where to write instead of a run's file. Run before the work,
+    so that no work is lost to a path that fails at the end."""
     seen: dict[Path, str] = {}
     for option, path in outputs.items():
         if path is None:
             continue
+        problem = unwritable(Path(path))
+        if problem is not None:
+            raise UsageError(f"{option} {path} cannot be written: {problem}; give another path")
         target = Path(path).resolve()
         if target in protected:
             raise UsageError(
@@ -113,6 +122,20 @@ def check_outputs(outputs: dict, protected: set[Path], fix: str) -> None:
                 "give each its own path"
             )
         seen[target] = option
+
+
+def unwritable(path: Path) -> str | None:
+    """Why a file cannot be written at ``path``, or None (missing folders are made when the
+    file is written, :func:`delrec.files.write_atomic`)."""
+    if path.is_dir():
+        return "it is a folder, give the path of a file"
+    blocking = file_in_the_way(path.parent)
+    if blocking is not None:
+        return f"{blocking} is a file, not a folder"
+    folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"this user may not write into {folder}"
+    return None
 
 
 def add_set_option(parser: argparse.ArgumentParser, help: str) -> None:

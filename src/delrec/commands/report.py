@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from delrec.commands import EXIT_CODES_HELP, UsageError
+from delrec.commands import EXIT_CODES_HELP, UsageError, check_outputs
 from delrec.data import SPLITS, load_dataset, make_loader
-from delrec.deploy.report import format_report, hardware_report, write_report
+from delrec.deploy.report import format_report, hardware_report, report_paths, write_report
 from delrec.deploy.targets import TARGETS, UnknownTargetError, format_targets, get_target
 from delrec.runs import (
     checkpoint_config,
@@ -89,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     except UnknownTargetError as error:
         raise UsageError(str(error)) from None
     output = Path(args.output) if args.output else default_report_dir(args.run_dir)
+    for path in report_paths(output):  # before the measurement, which takes a while
+        check_outputs({"-o": path}, set(), "give -o a folder of its own")
     payload, network = load_trained(args.run_dir, args.checkpoint)
     try:
         report = hardware_report(

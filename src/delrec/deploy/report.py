@@ -377,10 +377,16 @@ def plot_delay_histograms(report: dict, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+def report_paths(directory: str | os.PathLike) -> tuple[Path, Path]:
+    """Where :func:`write_report` writes: ``hardware_report.json`` and ``delay_histograms.png``
+    in ``directory``."""
+    directory = Path(directory)
+    return directory / "hardware_report.json", directory / "delay_histograms.png"
+
+
 def write_report(report: dict, directory: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``hardware_report.json`` and ``delay_histograms.png`` into ``directory``."""
-    directory = Path(directory)
-    json_path, png_path = directory / "hardware_report.json", directory / "delay_histograms.png"
+    json_path, png_path = report_paths(directory)
     files.write_json(json_path, report)
     plot_delay_histograms(report, png_path)
     return json_path, png_path
