@@ -1326,6 +1326,31 @@ def test_compare_refuses_outputs_that_overwrite_a_run_file_or_each_other(run_cop
     assert _contents(run_copy) == before and not table.exists()
 
 
+def test_resume_says_what_a_damaged_or_missing_checkpoint_of_the_run_costs(run_copy, capsys):
+    """Not eval's "use the run's other checkpoint": on resume, last.pt is what continues the
+    run, and best.pt the network the test split measures."""
+    (run_copy / "test_results.json").unlink()  # the run stopped before its test
+    best, last = run_copy / "checkpoints" / "best.pt", run_copy / "checkpoints" / "last.pt"
+    whole = best.read_bytes()
+    resume = ["train", "--resume", str(run_copy), "--no-progress"]
+    lost = "the run's best-validation network is lost: restore best.pt from a copy"
+    for damage, message in [
+        (lambda: best.write_bytes(whole[:100]), f"checkpoint {best} is corrupt"),
+        (best.unlink, f"{best} is missing; {lost}"),
+    ]:
+        damage()
+        assert main(resume) == 2
+        err = capsys.readouterr().err
+        assert message in err and lost in err, err
+        assert f"delrec eval {run_copy} --checkpoint last measures" in err
+    best.write_bytes(whole)
+    last.write_bytes(b"garbage")
+    assert main(resume) == 2
+    assert "the run cannot continue from it: restore last.pt from a copy, or train again" in (
+        capsys.readouterr().err
+    )
+
+
 def test_outputs_that_cannot_be_written_are_refused_before_the_work(
     run_copy, tmp_path, capsys, monkeypatch
 ):

@@ -4,6 +4,7 @@ exit code for one kind of error in every command."""
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -13,9 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 from test_train_run import keep_thread_count  # noqa: F401  (the digits preset sets 1 thread)
 
-from delrec.checkpoint import CheckpointError
+from delrec.checkpoint import CheckpointError, read_checkpoint
 from delrec.cli import main
 from delrec.commands import UsageError, exit_code
 from delrec.config import ConfigError
@@ -173,6 +175,22 @@ def test_a_corrupt_checkpoint_is_bad_input_for_every_command(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"delrec {command[0]}: error: ") and "corrupt" in err, err
         assert "weights_only" not in err  # torch's advice to unpickle anything is not ours
+
+
+def test_a_corrupt_checkpoint_error_says_what_the_file_is(tmp_path):
+    """Not torch's bare detail (a text file gave "(101)", a key of the pickle reader)."""
+    text, cut = tmp_path / "notes.pt", tmp_path / "cut.pt"
+    text.write_text("hello\n", encoding="utf-8")
+    torch.save({"model": {"w": torch.ones(1000)}}, tmp_path / "whole.pt")
+    whole = (tmp_path / "whole.pt").read_bytes()
+    cut.write_bytes(whole[: len(whole) // 2])
+    for path, reason in [
+        (text, "(it is not a file torch.save writes: no zip archive, no pickle)"),
+        (cut, "(RuntimeError: PytorchStreamReader failed reading zip archive: failed finding "),
+    ]:
+        with pytest.raises(CheckpointError, match=re.escape(reason)) as caught:
+            read_checkpoint(path)
+        assert "If you are seeing this error" not in str(caught.value)
 
 
 @pytest.mark.parametrize(

@@ -45,22 +45,38 @@ def network_payload(network: SpikingNetwork) -> dict:
     }
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
+def _starts_like_torch_save(path: Path) -> bool:
+    """Whether ``path`` begins as a file of torch.save does: a zip archive, or the pickle of
+    the legacy format (protocol 2 or later)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return True  # the error torch.load gave says more
+    return head.startswith((b"PK\x03\x04", b"\x80"))
+
+
+REREAD = "use the run's other checkpoint or retrain"  # what to do with a damaged checkpoint
+
+
+def read_checkpoint(path: str | os.PathLike, fix: str = REREAD) -> dict:
     """Read the checkpoint file ``path`` and check its format and that its network is finite
-    (no NaN or infinite parameter or buffer)."""
+    (no NaN or infinite parameter or buffer); ``fix`` ends the message of a damaged file."""
     path = Path(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        lines = str(error).strip().splitlines() or [type(error).__name__]
-        reason = (  # torch's advice to unpickle anything would be wrong here
-            "torch.load reads no checkpoint of tensors and plain values in it"
-            if lines[0].startswith("Weights only load failed")
-            else lines[0]
-        )
+        lines = str(error).strip().splitlines() or [""]
+        if not _starts_like_torch_save(path):
+            reason = "it is not a file torch.save writes: no zip archive, no pickle"
+        elif lines[0].startswith("Weights only load failed"):
+            # torch's advice to unpickle anything would be wrong here
+            reason = "torch.load reads no checkpoint of tensors and plain values in it"
+        else:
+            first = lines[0].split(". ")[0]  # torch's explanation after it is generic
+            reason = f"{type(error).__name__}: {first}".rstrip(": ")
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a delrec checkpoint "
-            f"({reason}); use the run's other checkpoint or retrain"
+            f"checkpoint {path} is corrupt or not a delrec checkpoint ({reason}); {fix}"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} file")

@@ -39,7 +39,13 @@ import torch
 from torch import Tensor
 
 from delrec import files
-from delrec.checkpoint import CheckpointError, network_from, read_checkpoint, save_checkpoint
+from delrec.checkpoint import (
+    REREAD,
+    CheckpointError,
+    network_from,
+    read_checkpoint,
+    save_checkpoint,
+)
 from delrec.config import MAX_SEED, TrainConfig, is_seed
 from delrec.data import TripleAugmented, load_dataset, make_loader
 from delrec.models import MODELS, SpikingNetwork
@@ -395,9 +401,10 @@ def checkpoint_file(path: str | os.PathLike, which: str = "best") -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, which: str = "best") -> dict:
-    """Read a checkpoint (file or run directory) and check its format."""
-    return read_checkpoint(checkpoint_file(path, which))
+def load_checkpoint(path: str | os.PathLike, which: str = "best", fix: str = REREAD) -> dict:
+    """Read a checkpoint (file or run directory) and check its format; ``fix`` ends the
+    message of a damaged file."""
+    return read_checkpoint(checkpoint_file(path, which), fix)
 
 
 def load_trained(path: str | os.PathLike, which: str = "best") -> tuple[dict, SpikingNetwork]:

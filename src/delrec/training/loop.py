@@ -555,7 +555,12 @@ class Trainer:
                     "again into a new --run-dir"
                 )
             return False
-        payload = load_checkpoint(self.run.path, "last")
+        payload = load_checkpoint(
+            self.run.path,
+            "last",
+            fix="the run cannot continue from it: restore last.pt from a copy, or train again "
+            "into a new --run-dir",
+        )
         if comparable(payload.get("train_config", {})) != comparable(self.config.to_dict()):
             raise RunError(
                 f"{self.run.checkpoint_path('last')} was written by another "
@@ -597,7 +602,14 @@ class Trainer:
 
         final_network = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
         end_delays = {k: v.cpu() for k, v in delay_tensors(self.network).items()}
-        best = load_checkpoint(self.run.path, "best")
+        lost = (
+            "the run's best-validation network is lost: restore best.pt from a copy, or train "
+            f"again into a new --run-dir (delrec eval {self.run.path} --checkpoint last "
+            "measures the last epoch's network)"
+        )
+        if not self.run.has_checkpoint("best"):
+            raise RunError(f"{self.run.checkpoint_path('best')} is missing; {lost}")
+        best = load_checkpoint(self.run.path, "best", fix=lost)
         self.network.load_state_dict(best["model"])
         test_set = self.data.datasets["test"]
         loader = eval_loader(test_set, self.config.eval_batch_size, self.config.num_workers)
