@@ -1098,13 +1098,18 @@ def test_a_mirror_replaces_the_official_servers(tmp_path, server, monkeypatch, c
     fresh = ["data", "download", "shd", "--to", str(tmp_path / "f"), "--quiet"]
     assert main([*fresh, "--mirror", f"{UNREACHABLE}/elsewhere"]) == 1
     assert "is the mirror right" in capsys.readouterr().err  # not "no network?"
+    empty = tmp_path / "empty-folder"
+    empty.mkdir()
     for bad, problem in [
         ("https://", "is not a URL delrec can fetch from"),
         ("ftp://host/x", "is not a URL delrec can fetch from"),
         (str(tmp_path / "missing"), "does not exist: give the folder of the archives"),
+        (str(empty), f"the mirror folder {empty} holds no shd_test.h5.zip: put the official"),
+        (empty.as_uri(), f"the mirror folder {empty} holds no shd_test.h5.zip"),
     ]:
         assert main([*fresh, "--mirror", bad]) == 2  # bad input, not a network failure
-        assert problem in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert problem in err and "Errno" not in err, err
 
 
 def test_a_local_archive_failing_its_checksum_is_reported_as_such(tmp_path, monkeypatch, capsys):

@@ -347,6 +347,7 @@ def _fetch_resource(
             )
     else:
         url = resource.url_from(mirror)
+        _check_mirror_holds(url, resource, resources)
         _download_verified(name, resource, url, archive, resources, to, retries, timeout, progress)
     _extract(archive, target)
     archive.unlink()
@@ -367,6 +368,22 @@ def _check_mirror(mirror: str) -> None:
             )
     elif not Path(mirror).expanduser().is_dir():
         raise DataError(f"mirror folder {mirror} does not exist: give the folder of the archives")
+
+
+def _check_mirror_holds(url: str, resource: Resource, resources: list[Resource]) -> None:
+    """A DataError when ``url`` is a file of a mirror folder (``file://``) that is not there:
+    it says which archives the folder must hold."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "file":
+        return
+    path = Path(urllib.request.url2pathname(parts.path))
+    if not path.is_file():
+        names = ", ".join(r.archive for r in resources)
+        raise DataError(
+            f"the mirror folder {path.parent} holds no {resource.archive}: put the official "
+            f"archives there ({names}), or leave out --mirror (and {MIRROR_VARIABLE}) to fetch "
+            f"them from {urllib.parse.urlsplit(resource.url).netloc}"
+        )
 
 
 def _download_verified(
