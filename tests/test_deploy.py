@@ -473,6 +473,25 @@ def test_report_command_measures_on_the_runs_test_split(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+def test_report_max_batches_measures_a_random_subset_the_same_on_every_pass(capsys):
+    """A split sorted by class (psmnist-mini's test split) would score its first classes only."""
+    import argparse
+
+    from delrec.commands.report import _measured
+
+    by_class = list(range(100))  # item i of class i // 10
+    args = argparse.Namespace(max_batches=2, batch_size=5, split="test")
+    loaders = [_measured(by_class, args) for _ in range(2)]
+    chosen = [loader.dataset.indices for loader in loaders]
+    assert chosen[0] == chosen[1] and len(chosen[0]) == 10 and chosen[0] == sorted(chosen[0])
+    assert len({i // 10 for i in chosen[0]}) >= 5, chosen[0]  # not the first classes only
+    assert "measuring 10 of the test split's 100 items, drawn at random (seed 0)" in (
+        capsys.readouterr().out
+    )
+    whole = _measured(by_class, argparse.Namespace(max_batches=20, batch_size=5, split="test"))
+    assert whole.dataset is by_class  # batches enough for the whole split: every item
+
+
 def test_report_command_on_a_named_data_set(tmp_path, capsys):
     net = build_network(NetworkConfig(1, (6, 6), 10, model="delrec", delay_type="synaptic"), seed=0)
     run = save_run(tmp_path, net)  # a bare network checkpoint: no training config

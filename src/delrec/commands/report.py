@@ -6,8 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+from torch.utils.data import Subset
+
 from delrec.commands import EXIT_CODES_HELP, UsageError, check_outputs
-from delrec.data import SPLITS, load_dataset, make_loader
+from delrec.data import SPLITS, load_dataset
 from delrec.deploy.report import format_report, hardware_report, report_paths, write_report
 from delrec.deploy.targets import TARGETS, UnknownTargetError, format_targets, get_target
 from delrec.runs import (
@@ -132,7 +135,7 @@ def _loader(args: argparse.Namespace, payload: dict):
     if args.data and not own:
         dataset = load_dataset(args.data, args.split, root=args.data_root)
         _check_fits(payload["network_config"], dataset.info)
-        return make_loader(dataset, args.batch_size)
+        return _measured(dataset, args)
     if "train_config" not in payload:
         print(
             "note: the checkpoint holds no training configuration, so there is no data set to "
@@ -141,4 +144,19 @@ def _loader(args: argparse.Namespace, payload: dict):
         return None
     config = checkpoint_config(payload, args.run_dir, data_root=args.data_root)
     data = load_splits(config, splits=(args.split,), stored=payload)
-    return eval_loader(data.datasets[args.split], args.batch_size)
+    return _measured(data.datasets[args.split], args)
+
+
+def _measured(dataset, args: argparse.Namespace):
+    """A loader in item order over ``dataset``, or, with ``--max-batches``, over a random
+    subset of that many batches (the same items on every pass, seed 0): the first batches of a
+    split sorted by class would score a few classes only."""
+    if args.max_batches is not None and args.max_batches * args.batch_size < len(dataset):
+        items = args.max_batches * args.batch_size
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+        dataset = Subset(dataset, order[:items].sort().values.tolist())
+        print(
+            f"note: --max-batches {args.max_batches}: measuring {items} of the {args.split} "
+            f"split's {len(dataset.dataset)} items, drawn at random (seed 0)"
+        )
+    return eval_loader(dataset, args.batch_size)
