@@ -1,6 +1,7 @@
 """The DelRec layer (reference semantics): timing, gradients, eval mode, dropout, variants."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -221,6 +222,26 @@ def test_bad_inputs_get_clear_errors():
         DelRec(5, recurrent_dropout=1.0)
     with pytest.raises(TypeError, match="not a neuron model"):
         DelRec(5, nn.Tanh())
+
+
+@pytest.mark.parametrize(
+    "delay_type, name, shape",
+    [
+        ("axonal", "weight", (4, 4)),
+        ("axonal", "delay", (5, 5)),
+        ("synaptic", "delay", (5,)),
+        ("shared", "delay", (5,)),
+        ("axonal", "spread_logits", (4,)),
+        ("axonal", "sigma", (5,)),
+    ],
+)
+def test_a_tensor_replaced_by_hand_with_another_shape_is_named(delay_type, name, shape):
+    """Not a bare broadcast error from inside an engine."""
+    layer = DelRec(5, delay_type=delay_type, learn_spread=name == "spread_logits")
+    setattr(layer, name, nn.Parameter(torch.rand(shape), requires_grad=False))
+    expected = re.escape(f"DelRec(5).{name} has shape {shape}, the layer's is")
+    with pytest.raises(ValueError, match=expected):
+        layer(torch.zeros(10, 3, 5))
 
 
 def test_spikingjelly_node_works_in_the_layer_and_matches_our_lif():

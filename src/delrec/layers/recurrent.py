@@ -351,6 +351,23 @@ class DelRec(nn.Module):
             )
         if current.shape[0] == 0:
             raise ValueError("input sequence is empty (T = 0)")
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        """A ValueError for a tensor of the layer replaced by hand with one of another shape
+        (``layer.weight = nn.Parameter(...)``; ``load_state_dict`` checks its own), which would
+        otherwise fail deep in an engine with a bare broadcast error."""
+        n = self.size
+        delay = {"axonal": (n,), "synaptic": (n, n), "shared": (1,)}[self.delay_type]
+        expected = {"weight": (n, n), "delay": delay, "sigma": (), "spread_logits": (n,)}
+        for name, shape in expected.items():
+            tensor = getattr(self, name)
+            if tensor is not None and tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"DelRec({n}).{name} has shape {tuple(tensor.shape)}, the layer's is {shape} "
+                    f"({self.delay_type} delays): a tensor replaced by hand must keep its shape; "
+                    "build a new layer for another size"
+                )
 
     def _check_values(
         self, current: Tensor, state: DelRecState | None, mask: Tensor | None
