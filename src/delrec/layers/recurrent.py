@@ -313,6 +313,11 @@ class DelRec(nn.Module):
                 f"{name} must have shape (B, N) = {tuple(current.shape[1:])}, "
                 f"got {tuple(mask.shape)}"
             )
+        if name == "dropout_mask" and bool((mask < 0).any()):  # a state's is the layer's own
+            raise ValueError(
+                f"dropout_mask holds {mask.min().item():.4g}: a dropout mask keeps (1/(1-p), or "
+                "True) or drops (0, or False) each neuron's spikes, never below 0"
+            )
         return mask.to(current.dtype)
 
     def _check_state(self, state: DelRecState, current: Tensor) -> None:
