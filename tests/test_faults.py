@@ -738,6 +738,8 @@ def test_half_precision_layers_run_on_a_path_that_takes_them(dtype):
         assert layer.eval()(current).dtype == dtype
     with pytest.raises(TypeError, match="FeedforwardDelay runs float32 and float64 inputs"):
         FeedforwardDelay(8, 8, kernel_size=4).to(dtype)(current)
+    with pytest.raises(ValueError, match=r"got \(10, 8\) \(one sequence \(T, I\): x.unsqueeze"):
+        FeedforwardDelay(8, 8, kernel_size=4)(current[:, 0].float())
     if PATHS["cpp-axonal"].available("cpu"):  # a compiled path, forced: says what it takes
         with pytest.raises(TypeError, match=f"'cpp-axonal' takes .*float64.*, not {dtype}"):
             DelRec(8, engine="cpp-axonal").to(dtype)(current)

@@ -117,8 +117,9 @@ class FeedforwardDelay(nn.Module):
         returned (default: zeros); ``return_state=True`` also returns this chunk's, without
         gradient."""
         if x.dim() != 3 or x.shape[-1] != self.in_features:
+            one = " (one sequence (T, I): x.unsqueeze(1))" if x.dim() == 2 else ""
             raise ValueError(
-                f"FeedforwardDelay expects (T, B, {self.in_features}), got {tuple(x.shape)}"
+                f"FeedforwardDelay expects (T, B, {self.in_features}), got {tuple(x.shape)}{one}"
             )
         if x.shape[0] == 0:
             raise ValueError("input sequence is empty (T = 0)")
