@@ -201,11 +201,15 @@ def test_ctrl_c_while_workers_start_interrupts_instead_of_being_dropped():
     ignored"); the loader holds it while its workers start and raises it afterwards."""
     global _interrupt_at_fork
     loader = make_loader(_SignalledInWorker(), 4, num_workers=1)
+    # Python's own Ctrl-C handler, also where pytest started with Ctrl-C ignored (a shell's
+    # background job: `pytest &` in a script)
+    launched_with = signal.signal(signal.SIGINT, signal.default_int_handler)
     _interrupt_at_fork = True
     try:
         with pytest.raises(KeyboardInterrupt):
             iter(loader)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         _interrupt_at_fork = False
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, launched_with)
     assert len(list(loader)) == 2
