@@ -123,17 +123,11 @@ def _window_count(samples: int, window: int, horizon: int) -> dict[str, int]:
 
 
 def check_mackey_glass(
-    tau: float = 17.0,
-    horizon: int = 20,
-    window: int = 150,
-    samples: int = 6000,
-    n: int = 10,
-    dt: float = 0.1,
-    discard: float = 5000.0,
+    tau: float, horizon: int, window: int, samples: int, n: int, dt: float, discard: float
 ) -> None:
     """A DataError for sizes the series or its windows cannot have (nothing is integrated):
     every split must hold at least one window with its target, and none more than
-    ``MAX_VALUES`` values."""
+    ``MAX_VALUES`` values. The arguments are :func:`load_mackey_glass`'s."""
     _integration_steps(samples, tau, n, dt, discard, 1.0)
     if window < 1 or horizon < 1:
         raise DataError(f"Mackey-Glass: window={window} and horizon={horizon} must be >= 1")
