@@ -197,6 +197,26 @@ def test_a_state_of_another_stream_or_dtype_is_refused():
     assert stream.initial_state(np.int64(2)).batch_size == 2  # any whole number
 
 
+@pytest.mark.parametrize("readout", ["lif", "ema"])
+@pytest.mark.parametrize("compiled", [True, False])
+def test_outputs_and_spikes_edited_by_the_caller_leave_the_stream_as_it_was(compiled, readout):
+    """The returned tensors are the caller's: on the PyTorch path the readout's membrane was a
+    view of the returned outputs, so post-processing them in place changed every later one."""
+    net = network(readout=readout)
+    x = spikes_in(30)
+    expected = net(x)
+    stream = StreamingNetwork.from_network(net)
+    state, outputs = stream.initial_state(2), []
+    with compiled_loops(compiled):
+        for t in range(0, 30, 6):
+            out, spikes = stream.advance(x[t : t + 6], state)
+            outputs.append(out.clone())
+            out -= out.amax()  # e.g. a softmax's shift, in place
+            for layer_spikes in spikes:
+                layer_spikes.fill_(1.0)
+    torch.testing.assert_close(torch.cat(outputs), expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("compiled", [True, False])
 def test_a_layer_state_replaced_after_the_stream_ran_is_checked_again(compiled):
     """A live stream's state passes at once; a layer state swapped by hand is checked anew

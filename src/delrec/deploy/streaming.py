@@ -568,7 +568,8 @@ class StreamingNetwork(nn.Module):
         neuron = self.readout_neuron
         if neuron is not None:  # the state is this stream's (checked): no module checks again
             out = leaky_integrator_run(out, state.readout.neuron[0], neuron.tau, neuron.decay_input)
-            state.readout = state.readout._replace(neuron=(out[-1],))
+            # a copy: the caller owns the returned outputs, and may edit them in place
+            state.readout = state.readout._replace(neuron=(out[-1].clone(),))
         return out
 
     @torch.no_grad()
