@@ -1333,13 +1333,18 @@ def test_compare_refuses_outputs_that_overwrite_a_run_file_or_each_other(run_cop
     assert _contents(run_copy) == before and not table.exists()
 
 
-def test_resume_says_what_a_damaged_or_missing_checkpoint_of_the_run_costs(run_copy, capsys):
+def test_resume_says_what_a_damaged_or_missing_checkpoint_of_the_run_costs(
+    tmp_path_factory, capsys
+):
     """Not eval's "use the run's other checkpoint": on resume, last.pt is what continues the
-    run, and best.pt the network the test split measures."""
-    (run_copy / "test_results.json").unlink()  # the run stopped before its test
-    best, last = run_copy / "checkpoints" / "best.pt", run_copy / "checkpoints" / "last.pt"
-    whole = best.read_bytes()
-    resume = ["train", "--resume", str(run_copy), "--no-progress"]
+    run, and best.pt the network the test split measures; both are read before any epoch
+    trains (a missing best.pt was found after the remaining epochs). A config.json edited
+    since names what differs."""
+    tiny = [*MG_TINY[:1], "2", *MG_TINY[2:]]  # two epochs
+    run = trained_run(tmp_path_factory, "half", [*tiny, "--max-epochs-this-run", "1"])
+    best, last = run / "checkpoints" / "best.pt", run / "checkpoints" / "last.pt"
+    whole, metrics = best.read_bytes(), (run / "metrics.csv").read_bytes()
+    resume = ["train", "--resume", str(run), "--no-progress"]
     lost = "the run's best-validation network is lost: restore best.pt from a copy"
     for damage, message in [
         (lambda: best.write_bytes(whole[:100]), f"checkpoint {best} is corrupt"),
@@ -1347,10 +1352,18 @@ def test_resume_says_what_a_damaged_or_missing_checkpoint_of_the_run_costs(run_c
     ]:
         damage()
         assert main(resume) == 2
-        err = capsys.readouterr().err
+        out, err = capsys.readouterr()
         assert message in err and lost in err, err
-        assert f"delrec eval {run_copy} --checkpoint last measures" in err
+        assert f"delrec eval {run} --checkpoint last measures" in err
+        assert "epoch 2/2" not in out and (run / "metrics.csv").read_bytes() == metrics
     best.write_bytes(whole)
+    config = (run / "config.json").read_text(encoding="utf-8")
+    (run / "config.json").write_text(config.replace('"epochs": 2', '"epochs": 4'), "utf-8")
+    assert main(resume) == 2
+    assert "(epochs: 4 in config.json, 2 in last.pt); restore config.json" in (
+        capsys.readouterr().err
+    )
+    (run / "config.json").write_text(config, encoding="utf-8")
     last.write_bytes(b"garbage")
     assert main(resume) == 2
     assert "the run cannot continue from it: restore last.pt from a copy, or train again" in (

@@ -15,7 +15,13 @@ from delrec.delays import spread_schedule
 from delrec.layers import DelRec
 from delrec.models import build_network
 from delrec.recipes import RECIPES
-from delrec.training.loop import make_optimizers, make_scheduler, parameter_groups, spike_penalty
+from delrec.training.loop import (
+    make_optimizers,
+    make_scheduler,
+    parameter_groups,
+    short_schedule_notes,
+    spike_penalty,
+)
 
 # task -> (epochs, batch, optimizer, lr, weight decay, weight schedule, position schedule)
 TABLES = {
@@ -167,6 +173,8 @@ def test_overrides_file_then_set_then_flags(tmp_path):
         ("network.delay_type=bogus", "delay_type must be one of ('axonal', 'synaptic', 'shared')"),
         ("network.readout_tau=0", "readout_tau must be a number of time steps >= 1, got 0"),
         ("network.recurrent_layers=[0,0]", "recurrent_layers [0, 0] names a layer twice"),
+        ("network.recurrent_layers=[]", "leaves the delrec model no layer for its recurrence"),
+        ("data.horizon=0", "data: Mackey-Glass: window=150 and horizon=0 must be >= 1"),
         ("network.hidden_size=[4]", "did you mean 'hidden_sizes'"),
         ("network.input_size=3", "set by the task"),
         ("network.neuron.reset=medium", "reset must be 'hard' or 'soft'"),
@@ -310,3 +318,24 @@ def test_a_runs_own_config_file_given_as_config_says_what_it_is(tmp_path, capsys
     (tmp_path / "again.json").write_text(json.dumps(settings), encoding="utf-8")
     assert main(["train", "--config", str(tmp_path / "again.json"), "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["task"] == "digits-8x8"
+
+
+def test_one_cycle_runs_too_short_to_train_get_a_note():
+    """Stepped once per epoch, one-cycle spends its last epoch at lr/250000: one epoch trained
+    nothing (digits-8x8 stayed at chance) without a word."""
+    optimizers = {"weights": None, "positions": None}
+    one = resolve(task="digits-8x8", overrides=["epochs=1"])
+    notes = short_schedule_notes(one, optimizers)
+    assert (
+        len(notes) == 2
+        and "optim.scheduler=onecycle over 1 epoch(s) trains at lr 8e-08" in (notes[0])
+    )
+    assert "--set optim.position_scheduler=cosine" in notes[1]
+    two = resolve(task="digits-8x8", overrides=["epochs=2"])
+    assert "trains at lr 0.0162, 8e-08" in short_schedule_notes(two, optimizers)[0]
+    assert len(short_schedule_notes(one, {"weights": None})) == 1  # no delays: no positions
+    for fine in (
+        ["epochs=3"],
+        ["epochs=1", "optim.scheduler=cosine", "optim.position_scheduler=cosine"],
+    ):
+        assert short_schedule_notes(resolve(task="digits-8x8", overrides=fine), optimizers) == []

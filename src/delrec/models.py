@@ -207,6 +207,14 @@ class NetworkConfig:
                 raise ValueError(
                     f"recurrent_layers {list(self.recurrent_layers)} names a layer twice"
                 )
+            variant = VARIANTS[self.model]
+            if not self.recurrent_layers and (variant.recurrent or variant.feedforward_delays):
+                raise ValueError(
+                    f"recurrent_layers [] leaves the {self.model} model no layer for its "
+                    f"{'recurrence' if variant.recurrent else 'feedforward delays'}: it would "
+                    "train the snn model under another name; name at least one hidden layer, "
+                    "or use the snn model"
+                )
 
     def is_recurrent_position(self, index: int) -> bool:
         return self.recurrent_layers is None or index in self.recurrent_layers

@@ -26,7 +26,7 @@ from delrec.training.distributed import (
     process_group,
     world_size,
 )
-from delrec.training.loop import Trainer, TrainingError
+from delrec.training.loop import Trainer, TrainingError, short_schedule_notes
 from delrec.training.parallel_seeds import run_seed_processes
 
 
@@ -159,6 +159,8 @@ def train_one(
         f"device {trainer.device}"
         + ("" if limit is None else f" · delays ≤ {limit} steps (network.max_delay)")
     )
+    for note in short_schedule_notes(config, trainer.optimizers):
+        log(note)
     start = time.perf_counter()
     complete = trainer.fit(max_epochs_this_run)
     if trainer.dist is not None:

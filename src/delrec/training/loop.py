@@ -156,6 +156,41 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, epochs: int):
     return None
 
 
+SHORT_ONE_CYCLE = 2  # epochs: at most this many spend half their training at the schedule's end
+
+
+def short_schedule_notes(config: TrainConfig, optimizers: dict) -> list[str]:
+    """Notes for the one-cycle schedules of ``optimizers`` (:func:`make_optimizers`) too short
+    to train: stepped once per epoch, one-cycle spends its last epoch at ``lr / 250000``, so
+    with one or two epochs most of the training runs at about no rate at all."""
+    if config.epochs > SHORT_ONE_CYCLE:
+        return []
+    notes = []
+    for group, option, kind, lr in (
+        ("weights", "optim.scheduler", config.optim.scheduler, config.optim.lr),
+        (
+            "positions",
+            "optim.position_scheduler",
+            config.optim.position_scheduler,
+            config.optim.position_lr,
+        ),
+    ):
+        if kind != "onecycle" or group not in optimizers:
+            continue
+        dummy = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+        schedule, rates = make_scheduler(dummy, kind, config.epochs), []
+        for _ in range(config.epochs):
+            rates.append(f"{dummy.param_groups[0]['lr']:.3g}")
+            dummy.step()
+            schedule.step()
+        notes.append(
+            f"note: {option}=onecycle over {config.epochs} epoch(s) trains at lr "
+            f"{', '.join(rates)} (one step per epoch: its last epoch runs at lr/250000); give "
+            f"--epochs {SHORT_ONE_CYCLE + 1} or more, or --set {option}=cosine"
+        )
+    return notes
+
+
 def layer_parameters(network: SpikingNetwork) -> dict[str, list[nn.Parameter]]:
     """The trainable weights and biases of each hidden layer (``"0"``, ``"1"`` …) and of the
     readout (``"readout"``), in depth order; delays, spreads and feedforward positions are left
@@ -561,10 +596,21 @@ class Trainer:
             fix="the run cannot continue from it: restore last.pt from a copy, or train again "
             "into a new --run-dir",
         )
-        if comparable(payload.get("train_config", {})) != comparable(self.config.to_dict()):
+        stored, current = (
+            comparable(payload.get("train_config", {})),
+            comparable(self.config.to_dict()),
+        )
+        if stored != current:
+            differ = ", ".join(
+                f"{key}: {current.get(key)!r} in config.json, {stored.get(key)!r} in last.pt"
+                for key in sorted(set(stored) | set(current))
+                if stored.get(key) != current.get(key)
+            )
             raise RunError(
-                f"{self.run.checkpoint_path('last')} was written by another "
-                "configuration than config.json; resume the run it belongs to"
+                f"{self.run.checkpoint_path('last')} was written by another configuration than "
+                f"config.json ({differ}); restore config.json, or resume the run last.pt belongs "
+                "to (a run's settings, its epochs too, stay as it started: train longer in a new "
+                "--run-dir)"
             )
         try:
             self.network.load_state_dict(payload["model"])
@@ -590,9 +636,23 @@ class Trainer:
                 f"({unusable(error)}): it was edited or written by another version of delrec; "
                 "resume with the version that wrote it, or train again into a new --run-dir"
             ) from None
+        if self.state.best_epoch is not None:  # the test measures it: found lost now, not after
+            self._best_checkpoint()  # the epochs still to train
         if self.is_main:
             self.run.write_metrics(self.state.history)
         return True
+
+    def _best_checkpoint(self) -> dict:
+        """The run's ``best.pt``; a RunError or CheckpointError that says what its loss costs
+        when it is missing or damaged."""
+        lost = (
+            "the run's best-validation network is lost: restore best.pt from a copy, or train "
+            f"again into a new --run-dir (delrec eval {self.run.path} --checkpoint last "
+            "measures the last epoch's network)"
+        )
+        if not self.run.has_checkpoint("best"):
+            raise RunError(f"{self.run.checkpoint_path('best')} is missing; {lost}")
+        return load_checkpoint(self.run.path, "best", fix=lost)
 
     # ------------------------------------------------------------------ test
     def test(self) -> dict:
@@ -602,14 +662,7 @@ class Trainer:
 
         final_network = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
         end_delays = {k: v.cpu() for k, v in delay_tensors(self.network).items()}
-        lost = (
-            "the run's best-validation network is lost: restore best.pt from a copy, or train "
-            f"again into a new --run-dir (delrec eval {self.run.path} --checkpoint last "
-            "measures the last epoch's network)"
-        )
-        if not self.run.has_checkpoint("best"):
-            raise RunError(f"{self.run.checkpoint_path('best')} is missing; {lost}")
-        best = load_checkpoint(self.run.path, "best", fix=lost)
+        best = self._best_checkpoint()
         self.network.load_state_dict(best["model"])
         test_set = self.data.datasets["test"]
         loader = eval_loader(test_set, self.config.eval_batch_size, self.config.num_workers)
