@@ -273,6 +273,30 @@ def test_several_seeds_report_mean_and_std(tmp_path, capsys):
     assert json.loads((run_dir / "summary.json").read_text())["test"] == summary["test"]
 
 
+def test_max_epochs_this_run_counts_the_epochs_of_every_seed_together(tmp_path, capsys):
+    """--max-epochs-this-run bounds one invocation (a job's time limit), not each seed: two
+    epochs were trained by a call of 1 (the last of seed 0, the first of seed 1). The stopped
+    run's hint names the folder of all seeds, and the summary is that of one uninterrupted
+    call."""
+    run_dir, whole = tmp_path / "seeds", tmp_path / "whole"
+    argv = ["train", "--epochs", "2", "--seeds", "0-1", *TINY_DIGITS]
+    assert (
+        run_json(capsys, [*argv, "--run-dir", str(run_dir), "--max-epochs-this-run", "1"])["status"]
+        == "interrupted"
+    )
+    resume = ["train", "--resume", str(run_dir), "--no-progress", "--max-epochs-this-run", "1"]
+    assert main(resume) == 0
+    err = capsys.readouterr().err
+    assert f"stopped before seed 1; continue with `delrec train --resume {run_dir}`" in err
+    assert len(read_metrics(run_dir / "seed-0")) == 2 and not (run_dir / "seed-1").exists()
+    for trained in (1, 2):  # seed 1's first epoch, then its second
+        summary = run_json(capsys, resume)
+        assert len(read_metrics(run_dir / "seed-1")) == trained
+    assert summary["status"] == "complete"
+    expected = run_json(capsys, [*argv, "--run-dir", str(whole)])
+    assert summary["test"] == expected["test"]
+
+
 # Mackey-Glass on 400 20-step windows, 8 neurons, and digits-8x8 on 64 images: six epochs at a
 # learning rate high enough that the validation metric turns back (best epochs 3 and 2)
 SHORT_RUNS = {

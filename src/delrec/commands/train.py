@@ -72,7 +72,8 @@ def add_parser(subparsers) -> None:
         "--max-epochs-this-run",
         type=int,
         metavar="N",
-        help="stop after N epochs of this invocation (resume later)",
+        help="stop after N epochs of this invocation (resume later): of all seeds together "
+        "with --seeds, of each seed with --parallel",
     )
     parser.add_argument(
         "--no-progress",

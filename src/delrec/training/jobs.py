@@ -141,10 +141,15 @@ def resume(
 
 
 def train_one(
-    trainer: Trainer, max_epochs_this_run: int | None = None, resume: bool = False
+    trainer: Trainer,
+    max_epochs_this_run: int | None = None,
+    resume: bool = False,
+    continue_with: Path | None = None,
 ) -> dict | None:
     """Train (or continue, with ``resume``) the run of ``trainer``; returns its summary (None
     on the ranks of a distributed run other than 0, which stop after training).
+    ``continue_with``: the run directory a stopped run's hint names to resume (default the
+    trainer's own; a run of several seeds names its parent folder).
     Nothing is written before the trainer exists, i.e. before its data has loaded."""
     config, run_dir, log = trainer.config, trainer.run.path, trainer.log
     if resume:
@@ -182,7 +187,7 @@ def train_one(
     if not complete:
         log(
             f"stopped after epoch {trainer.state.epoch}/{config.epochs}; continue with "
-            f"`delrec train --resume {run_dir}`"
+            f"`delrec train --resume {continue_with or run_dir}`"
         )
         return summary
     results = trainer.test()
@@ -211,25 +216,35 @@ def train_seeds(
     with run.lock():
         if not resume:
             run.require_new()
-        runs = []
+        runs, budget = [], max_epochs_this_run  # epochs of this invocation, all seeds together
         for seed in seeds:
             seed_run = run.seed(seed)
+            if budget == 0 and not seed_run.has_checkpoint("last"):
+                print(
+                    f"stopped before seed {seed}; continue with `delrec train --resume {run_dir}`",
+                    file=sys.stderr,
+                )
+                return _interrupted(run_dir, seeds, runs)
             with seed_run.lock():
                 trainer = Trainer(
                     dataclasses.replace(config, seed=seed), seed_run.path, progress=progress
                 )
                 if not run.is_multi_seed():  # once the first seed's data has loaded
                     run.write_seeds(seeds, config)
-                summary = train_one(trainer, max_epochs_this_run, resume=seed_run.is_single())
+                before = len(seed_run.read_metrics())  # epochs it trained in earlier invocations
+                summary = train_one(
+                    trainer, budget, resume=seed_run.is_single(), continue_with=run_dir
+                )
             runs.append(summary)
+            if budget is not None:
+                budget -= summary["epochs_done"] - before
             if summary["status"] != "complete":
-                return {
-                    "status": "interrupted",
-                    "run_dir": str(run_dir),
-                    "seeds": seeds,
-                    "runs": runs,
-                }
+                return _interrupted(run_dir, seeds, runs)
         return summarize_seeds(config, seeds, run, runs)
+
+
+def _interrupted(run_dir: Path, seeds: list[int], runs: list[dict]) -> dict:
+    return {"status": "interrupted", "run_dir": str(run_dir), "seeds": seeds, "runs": runs}
 
 
 def train_seeds_parallel(
@@ -268,7 +283,7 @@ def train_seeds_parallel(
                 "runs": runs,
             }
         if any(r["status"] != "complete" for r in runs):
-            return {"status": "interrupted", "run_dir": str(run_dir), "seeds": seeds, "runs": runs}
+            return _interrupted(run_dir, seeds, runs)
         return summarize_seeds(config, seeds, run, runs)
 
 
