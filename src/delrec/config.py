@@ -89,7 +89,7 @@ class TrainConfig:
     ``(x - m) / s`` and fit targets on the same scale, ``m``, ``s`` = mean and std of the
     training targets; metrics are reported in the data's own units. ``rate_penalty``: λ of
     the firing-rate penalty
-    ``λ · mean over layers of 0.5 Σ s² / (T·N)``. ``tbptt``: truncated backpropagation through
+    ``λ · mean over layers of 0.5 Σ s² / (T·B·N)``. ``tbptt``: truncated backpropagation through
     time in chunks of this many steps, the state carried across chunks (``None``: one pass over
     the whole sequence; docs/training.md#truncated-bptt). ``device``: ``"auto"`` (CUDA when
     available), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` …; ``threads``: CPU threads for torch
