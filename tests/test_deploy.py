@@ -364,6 +364,29 @@ def test_report_counts_delays_and_buffer_memory():
 
 
 @torch.no_grad()
+def test_the_rounding_cost_covers_feedforward_delays():
+    """FeedforwardDelay rounded its positions in both passes, so the cost of rounding an
+    ffdelay network read 0 however much the output moved."""
+    cfg = NetworkConfig(3, (8,), 1, model="ffdelay", readout="ema", ff_delay_window=6)
+    net = build_network(cfg, seed=0).double().eval()
+    layers = [m for m in net.modules() if isinstance(m, FeedforwardDelay)]
+    for layer in layers:  # halfway between two taps: rounding moves every synapse by 0.5
+        layer.position.copy_(torch.randint(0, 5, layer.position.shape) + 0.5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 16, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(16, generator=g, dtype=torch.float64)
+    evaluation = hardware_report(net, [(x, None, y)])["evaluation"]
+    assert all(layer.integer_eval for layer in layers)
+    assert evaluation["metric"] == "nmse"
+    assert evaluation["spread_delays"] != pytest.approx(evaluation["integer_delays"], rel=1e-3)
+    for layer in layers:
+        layer.integer_eval = False
+    assert hardware_report(net, [(x, None, y)])["evaluation"]["integer_delays"] == (
+        pytest.approx(evaluation["integer_delays"])  # the report rounds whatever the flag
+    )
+
+
+@torch.no_grad()
 def test_report_activity_and_rounding_cost_on_a_labelled_loader():
     net = random_network("delrec", "axonal", readout="sum", block="dropout")
     x = spike_input(6, steps=30, batch=6)
@@ -667,7 +690,7 @@ def test_export_refuses_a_dt_that_overflows_and_a_file_in_the_way(tmp_path, caps
     assert main(["export", str(run), "--dt", "1e308", "-o", str(tmp_path / "big.nir")]) == 2
     assert "at most 1e+06" in capsys.readouterr().err and not (tmp_path / "big.nir").exists()
     (tmp_path / "afile").write_text("x")
-    assert main(["export", str(run), "-o", str(tmp_path / "afile" / "x.nir")]) == 1
+    assert main(["export", str(run), "-o", str(tmp_path / "afile" / "x.nir")]) == 2  # before work
     assert "afile is a file, not a folder" in capsys.readouterr().err
     with pytest.raises(NIRImportError, match="dt = 'x' is not a positive number"):
         import_nir(to_nir(random_network("delrec")), dt="x")

@@ -47,7 +47,7 @@ from delrec.deploy.targets import (
     max_delay_check,
     target_check,
 )
-from delrec.layers import DelRec, FeedforwardDelay
+from delrec.layers import DelRec, FeedforwardDelay, rounding_layers
 from delrec.training.objectives import Classification, Regression, make_objective, rounding_cost
 
 
@@ -232,19 +232,19 @@ def hardware_report(
     report = {"layers": layers}
     if loader is not None:
         readout = getattr(getattr(net, "config", None), "readout", None) or "sum"
-        delrec_layers = [m for m in net.modules() if isinstance(m, DelRec)]
-        was_training, flags = net.training, [m.integer_eval for m in delrec_layers]
+        rounding = rounding_layers(net)
+        was_training, flags = net.training, [m.integer_eval for m in rounding]
         try:
             net.eval()
-            for module in delrec_layers:
+            for module in rounding:
                 module.integer_eval = True
             integer = _evaluate(net, stream, loader, readout, max_batches, count_activity=True)
-            for module in delrec_layers:
+            for module in rounding:
                 module.integer_eval = False
             spread = _evaluate(net, stream, loader, readout, max_batches, count_activity=False)
         finally:
             net.train(was_training)
-            for module, flag in zip(delrec_layers, flags):
+            for module, flag in zip(rounding, flags):
                 module.integer_eval = flag
         _add_activity(layers, stream, integer)
         report["evaluation"] = {

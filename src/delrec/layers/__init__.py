@@ -27,6 +27,12 @@ def clamp_delays(model: nn.Module) -> None:
             module.clamp_delays_()
 
 
+def rounding_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers of ``model`` whose eval mode rounds their delays (DelRec, FeedforwardDelay):
+    each has an ``integer_eval`` flag, ``False`` to evaluate with real-valued delays."""
+    return [m for m in model.modules() if isinstance(m, (DelRec, FeedforwardDelay))]
+
+
 def set_spread(model: nn.Module, sigma: float) -> None:
     """Set the kernel spread σ (steps, in ``[0, MAX_DELAY]``) of every DelRec layer of ``model``
     that learns delays."""
@@ -42,6 +48,7 @@ __all__ = [
     "DelRecState",
     "FeedforwardDelay",
     "clamp_delays",
+    "rounding_layers",
     "run_chunk",
     "set_spread",
 ]

@@ -32,7 +32,8 @@ class FeedforwardDelay(nn.Module):
     it: the layer is a causal convolution over time with a ``K``-tap kernel (left padding
     ``K-1``), computed by default with two taps per synapse, at a cost and a memory independent of
     ``K`` (:mod:`delrec.engine.feedforward`). Input ``(T, B, I)`` → output ``(T, B, O)``. In eval
-    mode the positions are rounded (without changing the parameters). Its state between chunks
+    mode the positions are rounded (without changing the parameters), as a chip runs them; set
+    ``integer_eval = False`` to evaluate with the real-valued positions. Its state between chunks
     of a sequence is the last ``K-1`` input frames ``(K-1, B, I)`` (see :meth:`forward`).
 
     ``engine``: ``"auto"`` (C++ kernels on the CPU, PyTorch ops elsewhere), ``"reference"``
@@ -79,6 +80,7 @@ class FeedforwardDelay(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features).uniform_(-bound, bound, generator=generator)
         )
+        self.integer_eval = True  # eval mode rounds the positions (see the class docstring)
         initial = (kernel_size - 1) * torch.rand(out_features, in_features, generator=generator)
         self.position = nn.Parameter(
             clamp_initial(
@@ -100,9 +102,11 @@ class FeedforwardDelay(nn.Module):
         )
 
     def effective_position(self) -> Tensor:
-        """The positions the forward uses: the parameter in training, rounded (and detached)
-        in eval."""
-        return self.position if self.training else self.position.detach().round()
+        """The positions the forward uses: the parameter in training (and in eval with
+        ``integer_eval = False``), rounded (and detached) in eval."""
+        if self.training or not self.integer_eval:
+            return self.position
+        return self.position.detach().round()
 
     def temporal_kernel(self) -> Tensor:
         """Weights per delay tap, ``(O, I, K)``: index ``k`` is a delay of ``k`` steps."""

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from delrec.checkpoint import CheckpointError, unusable
 from delrec.config import resolve_device
-from delrec.layers import DelRec
+from delrec.layers import DelRec, rounding_layers
 from delrec.models import SpikingNetwork
 from delrec.runs import (
     checkpoint_config,
@@ -70,9 +70,9 @@ def evaluate_run(
     config = checkpoint_config(payload, run_dir, device=device, data_root=data_root or None)
     target = resolve_device(config.device)
     network = network.to(target)
-    layers = [m for m in network.modules() if isinstance(m, DelRec)]
-    for layer in layers:
+    for layer in rounding_layers(network):
         layer.integer_eval = not spread
+    layers = [m for m in network.modules() if isinstance(m, DelRec)]
     data = load_splits(config, splits=(split,), stored=payload)
     objective = make_objective(data.info.task, network.config.readout, data.standardization)
     loader = eval_loader(data.datasets[split], batch_size or config.eval_batch_size)
