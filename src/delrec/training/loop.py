@@ -157,6 +157,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, epochs: int):
 
 
 SHORT_ONE_CYCLE = 2  # epochs: at most this many spend half their training at the schedule's end
+ONE_CYCLE_END = 25 * 1e4  # OneCycleLR's div_factor × final_div_factor (torch's defaults)
 
 
 def short_schedule_notes(config: TrainConfig, optimizers: dict) -> list[str]:
@@ -175,19 +176,12 @@ def short_schedule_notes(config: TrainConfig, optimizers: dict) -> list[str]:
             config.optim.position_lr,
         ),
     ):
-        if kind != "onecycle" or group not in optimizers:
-            continue
-        dummy = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
-        schedule, rates = make_scheduler(dummy, kind, config.epochs), []
-        for _ in range(config.epochs):
-            rates.append(f"{dummy.param_groups[0]['lr']:.3g}")
-            dummy.step()
-            schedule.step()
-        notes.append(
-            f"note: {option}=onecycle over {config.epochs} epoch(s) trains at lr "
-            f"{', '.join(rates)} (one step per epoch: its last epoch runs at lr/250000); give "
-            f"--epochs {SHORT_ONE_CYCLE + 1} or more, or --set {option}=cosine"
-        )
+        if kind == "onecycle" and group in optimizers:
+            notes.append(
+                f"note: {option}=onecycle over {config.epochs} epoch(s) barely trains: stepped "
+                f"once per epoch, it runs its last epoch at lr/250000 ({lr / ONE_CYCLE_END:.3g} "
+                f"here); give --epochs {SHORT_ONE_CYCLE + 1} or more, or --set {option}=cosine"
+            )
     return notes
 
 
