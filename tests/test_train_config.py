@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from delrec.cli import main
-from delrec.config import ConfigError, load_config_file, preset, resolve
+from delrec.config import (
+    ConfigError,
+    given_settings,
+    ignored_settings,
+    load_config_file,
+    preset,
+    resolve,
+)
 from delrec.data import DATASETS
 from delrec.delays import spread_schedule
 from delrec.layers import DelRec
@@ -341,3 +348,36 @@ def test_one_cycle_runs_too_short_to_train_get_a_note():
     cosine = ["epochs=1", "optim.scheduler=cosine", "optim.position_scheduler=cosine"]
     for fine in (["epochs=3"], cosine):
         assert short_schedule_notes(resolve(task="digits-8x8", overrides=fine), optimizers) == []
+
+
+@pytest.mark.parametrize(
+    "model, overrides, ignored",
+    [
+        (
+            "rsnn",
+            ["network.learn_spread=true", "optim.position_lr=0.1", "spread.sigma0=3"],
+            ["network.learn_spread=True", "optim.position_lr=0.1", "spread.sigma0=3"],
+        ),
+        ("fixed", ["network.delay_type=synaptic", "spread.gamma=0.5"], ["spread.gamma=0.5"]),
+        ("delrec-shared", ["network.delay_type=synaptic"], ["network.delay_type='synaptic'"]),
+        ("delrec-shared", ["network.delay_type=shared"], []),
+        (
+            "snn",
+            ["network.recurrent_dropout=0.2", "network.ff_delay_window=5"],
+            ["network.recurrent_dropout=0.2", "network.ff_delay_window=5"],
+        ),
+        ("snn", ["network.recurrent_dropout=0"], []),
+        ("ffdelay", ["optim.position_lr=0.1", "network.ff_delay_window=5"], []),
+        ("delrec", ["network.learn_spread=true", "network.delay_type=synaptic"], []),
+    ],
+)
+def test_settings_the_model_does_not_use_are_named(model, overrides, ignored, capsys):
+    """Accepted and recorded in config.json as given, they looked applied (a preset's own
+    values, which every model inherits, are not the user's and get no note)."""
+    config = resolve(model=model, overrides=overrides)
+    found = ignored_settings(config, given_settings(None, overrides))
+    assert [entry.split(" (")[0] for entry in found] == ignored
+    assert ignored_settings(resolve(task="ssc", model=model), {}) == []
+    assert main(["train", "--model", model, "--print-config", "--set", *overrides]) == 0
+    err = capsys.readouterr().err
+    assert err.count("does nothing for the") == len(ignored), err

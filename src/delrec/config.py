@@ -183,13 +183,7 @@ def resolve(
     ``task``/``model`` given here win over the ones in the file or overrides; ``flags`` maps
     top-level keys to values (``None`` values are ignored).
     """
-    layered = _merge({}, file_values or {})
-    for item in overrides or []:
-        key, value = parse_override(item)
-        _set_dotted(layered, key, value)
-    for key, value in (flags or {}).items():
-        if value is not None:
-            layered[key] = value
+    layered = given_settings(file_values, overrides, flags)
     given = {name: layered.pop(name, None) for name in ("task", "model")}  # null: the default
     task = task or ("mackey-glass" if given["task"] is None else given["task"])
     model = model or ("delrec" if given["model"] is None else given["model"])
@@ -200,6 +194,57 @@ def resolve(
     config = _build(TrainConfig, _merge(base, layered), "")
     validate(config)
     return config
+
+
+def given_settings(
+    file_values: dict | None = None,
+    overrides: list[str] | None = None,
+    flags: dict | None = None,
+) -> dict:
+    """The settings a user gave (nested, as :func:`resolve` layers them over the preset)."""
+    layered = _merge({}, file_values or {})
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(layered, key, value)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            layered[key] = value
+    return layered
+
+
+def ignored_settings(config: TrainConfig, given: dict) -> list[str]:
+    """The settings of ``given`` (:func:`given_settings`) that ``config.model`` does not use,
+    each as ``"section.key=value"``: accepted and recorded in ``config.json`` as given (a
+    preset's own values apply to every model), they would otherwise look applied."""
+    variant = VARIANTS[config.model]
+    sections = {name: given.get(name) or {} for name in ("network", "optim", "spread")}
+    network = sections["network"]
+    no_delays, no_recurrence = not variant.learns_recurrent_delays, not variant.recurrent
+    no_positions = no_delays and not variant.feedforward_delays
+    rules = [
+        ("network", "learn_spread", no_delays and network.get("learn_spread") is True),
+        ("network", "delay_type", not variant.recurrent_delays),
+        ("network", "delay_init", not variant.recurrent_delays),
+        (
+            "network",
+            "recurrent_dropout",
+            no_recurrence and network.get("recurrent_dropout"),
+        ),
+        ("network", "ff_delay_window", not variant.feedforward_delays),
+        ("optim", "position_lr", no_positions),
+        ("optim", "position_weight_decay", no_positions),
+        ("optim", "position_scheduler", no_positions),
+        *(("spread", key, no_delays) for key in sections["spread"]),
+    ]
+    ignored = [
+        f"{section}.{key}={sections[section][key]!r}"
+        for section, key, unused in rules
+        if unused and key in sections[section]
+    ]
+    forced = variant.delay_type
+    if forced is not None and network.get("delay_type", forced) != forced:
+        ignored.append(f"network.delay_type={network['delay_type']!r} (its delays are {forced})")
+    return ignored
 
 
 def load_config_file(path: str | Path) -> dict:

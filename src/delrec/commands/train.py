@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from delrec.commands import EXIT_CODES_HELP, UsageError, add_set_option, fail, parse_seeds
-from delrec.config import TASKS, load_config_file, resolve
+from delrec.config import TASKS, given_settings, ignored_settings, load_config_file, resolve
 from delrec.models import MODELS
 from delrec.training import jobs
 from delrec.training.distributed import DEFAULT_TIMEOUT_S, check_timeout, rank_label, world_size
@@ -149,19 +150,21 @@ def _train(args: argparse.Namespace) -> dict | None:
             **distributed,
         )
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
-    config = resolve(
-        task=args.task,
-        model=args.model,
-        file_values=load_config_file(args.config) if args.config else None,
-        overrides=args.overrides,
-        flags={
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "seed": args.seed,
-            "device": args.device,
-            "data_root": args.data_root,
-        },
-    )
+    file_values = load_config_file(args.config) if args.config else None
+    flags = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "device": args.device,
+        "data_root": args.data_root,
+    }
+    config = resolve(args.task, args.model, file_values, args.overrides, flags)
+    for setting in ignored_settings(config, given_settings(file_values, args.overrides, flags)):
+        print(
+            f"note: {setting} does nothing for the {config.model} model; config.json records "
+            "it as given",
+            file=sys.stderr,
+        )
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return None
