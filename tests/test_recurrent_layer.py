@@ -216,7 +216,7 @@ def test_bad_inputs_get_clear_errors():
         layer(torch.zeros(10, 3, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="dropout_mask"):
         layer(torch.zeros(10, 3, 5), dropout_mask=torch.ones(2, 5))
-    with pytest.raises(ValueError, match="dropout_mask holds -2: a dropout mask keeps"):
+    with pytest.raises(ValueError, match="recurrent dropout mask holds -2: a dropout mask keeps"):
         layer(torch.zeros(10, 3, 5), dropout_mask=torch.tensor([1.0, 0.0, -2.0]).repeat(5, 1).T)
     with pytest.raises(ValueError, match="delay_type"):
         DelRec(5, delay_type="dendritic")

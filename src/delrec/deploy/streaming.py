@@ -464,7 +464,7 @@ class StreamingNetwork(nn.Module):
         for index, (layer, (inputs, spikes, neuron)) in enumerate(
             zip(layers, self._state_shapes[batch])
         ):
-            name = f"layer {index}" if index < len(self.layers) else "the readout"
+            name = _state_name(index, len(layers))
             got = (tuple(layer.inputs.shape), tuple(layer.spikes.shape))
             if got != (inputs, spikes):
                 return (
@@ -488,7 +488,7 @@ class StreamingNetwork(nn.Module):
         """A ValueError naming the first NaN or Inf in a state's membranes or histories: from
         there on it would silence a layer (or flood it) without a word."""
         for index, layer in enumerate(layers):
-            name = f"layer {index}" if index < len(layers) - 1 else "the readout"
+            name = _state_name(index, len(layers))
             for field, tensor in (
                 *((f"neuron[{i}]", t) for i, t in enumerate(layer.neuron)),
                 ("inputs", layer.inputs),
@@ -588,6 +588,12 @@ class StreamingNetwork(nn.Module):
         if unbatched:
             return out.squeeze(1), [s.squeeze(1) for s in spikes]
         return out, spikes
+
+
+def _state_name(index: int, count: int) -> str:
+    """How messages name entry ``index`` of a state's ``count`` layer states (the readout's
+    last)."""
+    return f"layer {index}" if index < count - 1 else "the readout"
 
 
 def check_deployable(net: nn.Module) -> None:

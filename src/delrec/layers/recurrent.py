@@ -313,11 +313,6 @@ class DelRec(nn.Module):
                 f"{name} must have shape (B, N) = {tuple(current.shape[1:])}, "
                 f"got {tuple(mask.shape)}"
             )
-        if name == "dropout_mask" and bool((mask < 0).any()):  # a state's is the layer's own
-            raise ValueError(
-                f"dropout_mask holds {mask.min().item():.4g}: a dropout mask keeps (1/(1-p), or "
-                "True) or drops (0, or False) each neuron's spikes, never below 0"
-            )
         return mask.to(current.dtype)
 
     def _check_state(self, state: DelRecState, current: Tensor) -> None:
@@ -380,7 +375,7 @@ class DelRec(nn.Module):
         """What may change between forwards, with one device sync: the input current, the
         weights, the spread logits, a given state and dropout mask are finite, the delays are
         finite and within ``±MAX_DELAY`` (a value set after construction) and, in eval mode,
-        at most ``max_delay``, σ is a valid spread.
+        at most ``max_delay``, σ is a valid spread, the dropout mask is not below 0.
         Raises ValueError naming the bad value. Each tensor is checked through its sum (NaN and
         Inf propagate into it): one vectorised pass, 1-3 % of a forward
         (benchmarks/bench_checks.py); only a non-finite sum is looked at element by element."""
@@ -402,6 +397,8 @@ class DelRec(nn.Module):
         fine = torch.stack(sums).isfinite().all() & (delay.abs() <= delay_fns.MAX_DELAY).all()
         if limit is not None:
             fine = fine & (delay <= limit).all()
+        if mask is not None:
+            fine = fine & (mask >= 0).all()
         if bool(
             fine & (delay >= 0).all() & (self.sigma >= 0) & (self.sigma <= delay_fns.MAX_DELAY)
         ):
@@ -411,6 +408,11 @@ class DelRec(nn.Module):
                 f"the delays of DelRec({self.size}) reach {delay.max().item():.4g} steps, beyond "
                 f"its max_delay = {limit}: clamp them (delrec.layers.clamp_delays(model)) after "
                 "loading weights and after every optimizer step"
+            )
+        if mask is not None and bool((mask < 0).any()):
+            raise ValueError(
+                f"the recurrent dropout mask holds {mask.min().item():.4g}: a dropout mask keeps "
+                "(1/(1-p), or True) or drops (0, or False) each neuron's spikes, never below 0"
             )
         for name, x in named.items():
             if name != "the input current" and not bool(x.detach().isfinite().all()):

@@ -144,20 +144,24 @@ def make_optimizers(network: nn.Module, config: TrainConfig) -> dict[str, torch.
     return optimizers
 
 
+ONE_CYCLE_START, ONE_CYCLE_END = 25, 25 * 1e4  # lr / these: one-cycle's first and last rates
+SHORT_ONE_CYCLE = 2  # epochs: at most this many spend half their training at the schedule's end
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, epochs: int):
     """A schedule stepped once per epoch: one-cycle peaking at the optimizer's lr, cosine
     annealing from it to 0 over ``epochs``, or ``None`` for a constant rate."""
     if kind == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=epochs
+            optimizer,
+            max_lr=[g["lr"] for g in optimizer.param_groups],
+            total_steps=epochs,
+            div_factor=ONE_CYCLE_START,
+            final_div_factor=ONE_CYCLE_END / ONE_CYCLE_START,
         )
     if kind == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     return None
-
-
-SHORT_ONE_CYCLE = 2  # epochs: at most this many spend half their training at the schedule's end
-ONE_CYCLE_END = 25 * 1e4  # OneCycleLR's div_factor × final_div_factor (torch's defaults)
 
 
 def short_schedule_notes(config: TrainConfig, optimizers: dict) -> list[str]:
@@ -179,7 +183,8 @@ def short_schedule_notes(config: TrainConfig, optimizers: dict) -> list[str]:
         if kind == "onecycle" and group in optimizers:
             notes.append(
                 f"note: {option}=onecycle over {config.epochs} epoch(s) barely trains: stepped "
-                f"once per epoch, it runs its last epoch at lr/250000 ({lr / ONE_CYCLE_END:.3g} "
+                f"once per epoch, it runs its last epoch at lr/{ONE_CYCLE_END:.0f} "
+                f"({lr / ONE_CYCLE_END:.3g} "
                 f"here); give --epochs {SHORT_ONE_CYCLE + 1} or more, or --set {option}=cosine"
             )
     return notes
