@@ -8,6 +8,7 @@ import pytest
 
 from delrec.analysis.sweeps import rate_points
 from delrec.cli import main
+from delrec.training.evaluation import evaluate_run
 
 TINY = ["--epochs", "1", "--set", "max_train_samples=32"]
 
@@ -320,3 +321,24 @@ def test_a_sweep_refuses_a_set_of_its_own_settings(tmp_path, capsys, sweep, sett
     assert main(["sweep", *sweep, "--out", str(out), "--set", setting]) == 2
     assert f"give it with {option}" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_compare_reevaluates_learned_feedforward_positions(tmp_path, capsys):
+    """Feedforward positions are delays a chip runs rounded, so `ffdelay` gets the real-valued
+    test metric (as `delrec eval --spread`) and a rounding cost, as DelRec does."""
+    run = tmp_path / "ff"
+    common = ["--no-progress", *TINY, "network.hidden_sizes=[8]"]
+    assert (
+        main(
+            ["train", "--task", "digits-8x8", "--model", "ffdelay", "--run-dir", str(run), *common]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["compare", str(run), "--csv", str(tmp_path / "t.csv")]) == 0
+    (row,) = _rows(tmp_path / "t.csv")
+    assert row["label"] == "Ff. delays" and row["rounding_cost_mean"] != ""
+    real = evaluate_run(run, split="test", spread=True)["accuracy"]
+    rounded = json.loads((run / "test_results.json").read_text())["accuracy"]
+    assert float(row["accuracy_mean"]) == pytest.approx(real)
+    assert float(row["rounding_cost_mean"]) == pytest.approx(real - rounded)

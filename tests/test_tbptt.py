@@ -13,7 +13,7 @@ from delrec.cli import main
 from delrec.layers import DelRec
 from delrec.models import NetworkConfig, build_network, preset_network
 from delrec.training.objectives import make_objective
-from delrec.training.tbptt import chunk_bounds, truncated_bptt
+from delrec.training.tbptt import chunk_bounds, spike_tally, truncated_bptt
 
 
 def small_network(readout: str, block: str, seed: int = 0) -> nn.Module:
@@ -62,7 +62,16 @@ def chunked_graph_gradients(net, frames, lengths, targets, objective, chunk, pen
     total = loss + penalty * torch.stack([0.5 * s.pow(2).mean() for s in layers]).mean()
     net.zero_grad(set_to_none=True)
     total.backward()
-    return loss.detach(), gradients(net)
+    return loss.detach(), gradients(net), layers
+
+
+def valid_step_rates(layers, lengths) -> list[float]:
+    """Spikes per neuron per step, counting each sample's steps before its length only."""
+    return [
+        sum(s[:n, b].sum().item() for b, n in enumerate(lengths.tolist()))
+        / (lengths.sum().item() * s.shape[2])
+        for s in layers
+    ]
 
 
 @pytest.mark.parametrize("readout,block", [("sum", "dropout"), ("lif", "bn"), ("ema", "dropout")])
@@ -71,7 +80,7 @@ def test_two_passes_give_the_truncated_gradient_of_the_sequence_loss(readout, bl
     frames, lengths, targets, task = batch(readout)
     objective = make_objective(task, readout)
     torch.manual_seed(7)
-    expected_loss, expected = chunked_graph_gradients(
+    expected_loss, expected, layers = chunked_graph_gradients(
         net, frames, lengths, targets, objective, 6, 0.3
     )
     expected_buffers = [b.clone() for b in net.buffers()]
@@ -88,7 +97,25 @@ def test_two_passes_give_the_truncated_gradient_of_the_sequence_loss(readout, bl
     # BatchNorm's running statistics are updated once per chunk, as by one chunked pass
     assert all(torch.equal(a, b) for a, b in zip(net.buffers(), expected_buffers))
     assert torch.equal(torch.get_rng_state(), after)  # and the random stream ends where it would
+    # firing rates over the valid steps only (the padding after a sample's end does not count)
+    assert lengths.min() < frames.shape[0]
+    assert step.firing_rates == pytest.approx(valid_step_rates(layers, lengths), rel=1e-12)
     assert all(0 < rate < 1 for rate in step.firing_rates)
+
+
+def test_spike_tally_ignores_the_padding_and_weights_samples_by_their_steps():
+    g = torch.Generator().manual_seed(3)
+    spikes = [(torch.rand(9, 4, n, generator=g) < 0.3).float() for n in (5, 2)]
+    lengths = torch.tensor([9, 3, 6, 1])
+    tally = spike_tally(spikes, lengths)
+    assert tally[:, 1].tolist() == [19 * 5, 19 * 2]  # neuron-steps: Σ lengths × N
+    rates = (tally[:, 0] / tally[:, 1]).tolist()
+    assert rates == pytest.approx(valid_step_rates(spikes, lengths), rel=1e-12)
+    padded = [torch.cat([s, torch.ones(4, 4, s.shape[2])]) for s in spikes]  # spikes after the end
+    assert torch.equal(spike_tally(padded, lengths), tally)
+    # a chunk starting at step 4 counts only the steps 4… of each sample
+    late = spike_tally([s[4:] for s in spikes], lengths, start=4)
+    assert late[:, 1].tolist() == [(5 + 2) * 5, (5 + 2) * 2]
 
 
 def test_truncation_changes_the_gradient_and_a_chunk_as_long_as_the_sequence_is_bptt():

@@ -213,6 +213,54 @@ def test_shd_preset_with_augmentation_resumes_bit_for_bit(tmp_path, capsys):
     assert "accuracy" in json.loads((tmp_path / "whole" / "test_results.json").read_text())
 
 
+def test_the_training_firing_rate_counts_each_samples_valid_steps(tmp_path):
+    """metrics.csv's ``firing_rate_<i>``: all spikes of the epoch over all neuron-steps before
+    each sample's end, so the padding does not count and a short last batch counts for its
+    samples, not as much as a full batch (as ``delrec report`` counts)."""
+    root = tmp_path / "shd"
+    root.mkdir()
+    write_random_shd(root / "shd_train.h5", 40, seed=1)
+    write_random_shd(root / "shd_test.h5", 20, seed=2)
+    config = resolve(
+        "shd",
+        overrides=[
+            f"data_root={root}",
+            "network.hidden_sizes=[8,8]",
+            "batch_size=13",  # 96 items: 7 batches of 13 and one of 5
+            "epochs=1",
+            "threads=1",
+        ],
+    )
+    trainer = Trainer(config, tmp_path / "run", progress=False, log=lambda message: None)
+    spikes, lengths = [], []
+    forward, objective = trainer.train_forward, trainer.objective
+
+    def recorded_forward(frames):
+        output, layers = forward(frames)
+        spikes.append([s.detach().clone() for s in layers])
+        return output, layers
+
+    class RecordedObjective:
+        meter = objective.meter
+
+        def __call__(self, output, steps, targets):
+            lengths.append(steps.clone())
+            return objective(output, steps, targets)
+
+    trainer.train_forward, trainer.objective = recorded_forward, RecordedObjective()
+    metrics = trainer.train_epoch(0, 0.0)
+    assert [len(n) for n in lengths] == [13] * 7 + [5]
+    assert any(n.min() < layers[0].shape[0] for n, layers in zip(lengths, spikes))  # padding
+    slots = sum(n.sum().item() for n in lengths) * 8  # neuron-steps before each sample's end
+    for layer in range(2):
+        count = sum(
+            layers[layer][:n, b].double().sum().item()
+            for batch, layers in zip(lengths, spikes)
+            for b, n in enumerate(batch.tolist())
+        )
+        assert metrics[f"firing_rate_{layer}"] == pytest.approx(count / slots, rel=1e-12)
+
+
 def test_a_run_written_before_a_setting_existed_resumes(tmp_path, capsys):
     """A run whose config.json and last.pt predate a setting (here ``tbptt``) resumes with the
     setting at its default, instead of being refused as another configuration."""

@@ -220,7 +220,7 @@ def ignored_settings(config: TrainConfig, given: dict) -> list[str]:
     sections = {name: given.get(name) or {} for name in ("network", "optim", "spread")}
     network = sections["network"]
     no_delays, no_recurrence = not variant.learns_recurrent_delays, not variant.recurrent
-    no_positions = no_delays and not variant.feedforward_delays
+    no_positions = not variant.learns_delays
     rules = [
         ("network", "learn_spread", no_delays and network.get("learn_spread") is True),
         ("network", "delay_type", not variant.recurrent_delays),

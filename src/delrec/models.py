@@ -78,6 +78,11 @@ class Variant:
     def learns_recurrent_delays(self) -> bool:
         return self.recurrence == "learned"
 
+    @property
+    def learns_delays(self) -> bool:
+        """Learned recurrent delays or feedforward positions: delays a chip runs rounded."""
+        return self.learns_recurrent_delays or self.feedforward_delays
+
 
 VARIANTS = {
     "snn": Variant("SNN", None, ablation=True),

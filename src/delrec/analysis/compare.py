@@ -4,14 +4,14 @@ Each RUN_DIR is a run written by ``delrec train`` (``config.json``, ``test_resul
 or a multi-seed run (``seeds.json`` and one ``seed-<s>/`` run per seed). Runs whose resolved
 configurations are equal apart from the seed (and where they ran) form one row:
 
-* test metric with the trained real-valued delays and the spread σ of the best checkpoint
-  (re-evaluated with ``delrec eval --spread``; equal to the rounded one for models without
-  learned recurrent delays), mean ± std (population) over seeds;
+* test metric with the trained real-valued delays (recurrent delays with the spread σ of the
+  best checkpoint, feedforward positions between their two taps), re-evaluated as
+  ``delrec eval --spread`` does; equal to the rounded one for models without learned delays,
+  mean ± std (population) over seeds;
 * the same with integer (rounded) delays, as a chip runs them (``test_results.json``);
 * the cost of rounding: the loss of test metric from real-valued to integer delays, per seed
   (accuracy points lost, or NMSE gained), mean ± std (``–`` where nothing was re-evaluated:
-  models without learned recurrent delays, or ``--rounded-only``; learned feedforward
-  positions are rounded in both evaluations);
+  models without learned delays, or ``--rounded-only``);
 * trainable parameters of the network (``count_parameters``);
 * mean firing rate (spikes per neuron per step, over hidden layers) of the training epoch
   that gave the best checkpoint (``metrics.csv``).
@@ -109,7 +109,7 @@ def read_run(run_dir: Path, real_delays: bool = True) -> SeedRun:
     config = run.config_values()
     metric = "accuracy" if "accuracy" in results else "nmse"
     real = results[metric]
-    reevaluated = real_delays and VARIANTS[config["model"]].learns_recurrent_delays
+    reevaluated = real_delays and VARIANTS[config["model"]].learns_delays
     if reevaluated:
         real = evaluate_run(run_dir, split="test", spread=True)[metric]
     return SeedRun(

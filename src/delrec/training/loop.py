@@ -32,7 +32,7 @@ from delrec.models import SpikingNetwork, build_network
 from delrec.runs import RESULTS, RunDir, RunError, eval_loader, load_checkpoint, load_splits
 from delrec.training.evaluation import evaluate
 from delrec.training.objectives import make_objective, spike_penalty
-from delrec.training.tbptt import ForwardPass, truncated_bptt
+from delrec.training.tbptt import ForwardPass, spike_tally, truncated_bptt
 
 
 class TrainingError(RuntimeError):
@@ -326,13 +326,14 @@ class Trainer:
     # ------------------------------------------------------------------ epochs
     def train_epoch(self, epoch: int, sigma: float) -> dict[str, float]:
         """One pass over the training loader; returns the epoch's training metrics, the firing
-        rate of each hidden layer (``firing_rate_<i>``, spikes per neuron per step) and their
-        mean (``firing_rate``), and the mean over batches of each layer's gradient norm
-        (``grad_norm_<i>``, ``grad_norm_readout``: weights and biases, before clipping)."""
+        rate of each hidden layer (``firing_rate_<i>``, spikes per neuron per step before each
+        sample's end: :func:`spike_tally`) and their mean (``firing_rate``), and the mean over
+        batches of each layer's gradient norm (``grad_norm_<i>``, ``grad_norm_readout``:
+        weights and biases, before clipping)."""
         config, network = self.config, self.network
         network.train()
         meter, batches = self.objective.meter(), 0
-        rate_sums = torch.zeros(len(network.blocks), dtype=torch.float64)
+        tally = torch.zeros(len(network.blocks), 2, dtype=torch.float64)  # spikes, neuron-steps
         norm_sums = torch.zeros(len(self.layer_parameters), dtype=torch.float64)
         bar = tqdm(
             self.data.train_loader,
@@ -365,7 +366,7 @@ class Trainer:
 
             if share > 0:
                 meter.update(forward.loss, forward.prediction, targets)
-                rate_sums += share * torch.tensor(forward.firing_rates, dtype=torch.float64)
+                tally += forward.spikes
             batches += 1
             samples += len(targets) if self.dist is None else self.dist.shard.size
             if self.progress:  # rank 0's shard so far, in a distributed run
@@ -373,9 +374,9 @@ class Trainer:
         bar.close()
         if self.dist is not None:
             self.dist.reduce_meter(meter)
-            rate_sums = torch.tensor(self.dist.sum(rate_sums.tolist()), dtype=torch.float64)
+            tally = torch.tensor(self.dist.sum(tally.flatten().tolist())).view_as(tally)
             self.dist.check_in_sync(network, epoch)
-        rates = (rate_sums / batches).tolist()
+        rates = (tally[:, 0] / tally[:, 1]).tolist()
         norms = (norm_sums / batches).tolist()
         return {
             **meter.result(),
@@ -396,7 +397,7 @@ class Trainer:
             )  # fmt: skip
         output, spikes = self.train_forward(frames)
         loss, prediction = self.objective(output, lengths, targets)
-        rates = torch.stack([s.detach().mean() for s in spikes]).cpu().double().tolist()
+        tally = spike_tally(spikes, lengths)
 
         def backward() -> None:
             total = loss
@@ -406,7 +407,7 @@ class Trainer:
                 total = total * (self.dist.world_size * share)
             total.backward()
 
-        return ForwardPass(loss, prediction, rates, backward)
+        return ForwardPass(loss, prediction, tally, backward)
 
     def _check_loss(self, loss: Tensor, epoch: int, batch: int) -> None:
         """A TrainingError when the loss (of any process) is not finite."""

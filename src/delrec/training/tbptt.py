@@ -31,14 +31,34 @@ from delrec.training.objectives import spike_penalty
 @dataclass
 class ForwardPass:
     """The forward pass of a training step: the sequence ``loss`` and ``prediction`` (as the
-    objective returns them), ``firing_rates`` (spikes per neuron per step of each hidden layer),
-    and ``backward()``, which adds the gradient of ``loss + rate_penalty · spike_penalty`` to
-    the parameters' ``.grad`` (truncated, for :func:`truncated_bptt`'s second pass)."""
+    objective returns them), ``spikes`` ``(layers, 2)`` float64 (each hidden layer's spike
+    count over the samples' valid steps, and its number of neuron-steps there: their ratio is
+    the layer's firing rate; :func:`spike_tally`), and ``backward()``, which adds the gradient
+    of ``loss + rate_penalty · spike_penalty`` to the parameters' ``.grad`` (truncated, for
+    :func:`truncated_bptt`'s second pass)."""
 
     loss: Tensor
     prediction: Tensor
-    firing_rates: list[float]
+    spikes: Tensor
     backward: Callable[[], None]
+
+    @property
+    def firing_rates(self) -> list[float]:
+        """Spikes per neuron per valid step of each hidden layer."""
+        return (self.spikes[:, 0] / self.spikes[:, 1]).tolist()
+
+
+def spike_tally(spikes: list[Tensor], lengths: Tensor, start: int = 0) -> Tensor:
+    """``(layers, 2)`` float64 on the CPU: each layer's spikes ``(T, B, N)`` summed over the
+    valid steps (step ``start + t`` of sample ``b`` counts when it is below ``lengths[b]``),
+    and the number of neuron-steps summed. Padding after a sample's end does not count, so a
+    firing rate does not depend on the batch a sample is padded in."""
+    device = spikes[0].device
+    times = torch.arange(start, start + spikes[0].shape[0], device=device)
+    valid = (times[:, None] < lengths.to(device)[None, :]).double()  # (T, B)
+    counted = [(s.detach().sum(-1, dtype=torch.float64) * valid).sum() for s in spikes]
+    slots = [valid.sum() * s.shape[-1] for s in spikes]
+    return torch.stack([torch.stack(counted), torch.stack(slots)], dim=1).cpu()
 
 
 def chunk_bounds(steps: int, chunk: int) -> list[tuple[int, int]]:
@@ -64,22 +84,19 @@ def truncated_bptt(
     devices = [frames.device] if frames.device.type == "cuda" else []
     rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
     statistics = _batch_norm_buffers(network)
-    outputs, spike_sums, sizes, state = [], None, None, None
+    outputs, tally, state = [], 0, None
     with torch.no_grad():
         for start, end in bounds:
             out, spikes, state = network.forward_with_spikes(
                 frames[start:end], state, return_state=True
             )
             outputs.append(out)
-            sums = [s.sum() for s in spikes]
-            spike_sums = sums if spike_sums is None else [a + b for a, b in zip(spike_sums, sums)]
-            sizes = [s[0].numel() for s in spikes]
+            tally = tally + spike_tally(spikes, lengths, start)
     output = torch.cat(outputs).requires_grad_()
     with torch.enable_grad():
         loss, prediction = objective(output, lengths, targets)
         (grad_output,) = torch.autograd.grad(loss, output)
     steps = frames.shape[0]
-    rates = [float(total) / (steps * size) for total, size in zip(spike_sums, sizes)]
 
     def backward() -> None:
         _restore(statistics)
@@ -96,7 +113,7 @@ def truncated_bptt(
                 total = total + rate_penalty * spike_penalty(spikes) * (end - start) / steps
             total.backward()
 
-    return ForwardPass(loss.detach(), prediction.detach(), rates, backward)
+    return ForwardPass(loss.detach(), prediction.detach(), tally, backward)
 
 
 def _batch_norm_buffers(network: nn.Module) -> list[tuple[Tensor, Tensor]]:
