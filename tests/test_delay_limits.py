@@ -255,6 +255,24 @@ def test_export_refuses_a_network_whose_delays_exceed_its_limit(tmp_path, capsys
     assert main(["export", str(run), "-o", str(out)]) == 0 and out.is_file()
 
 
+def test_the_report_measures_a_network_whose_delays_exceed_its_limit_on_data():
+    """The data pass runs the delays as they are (a stream would), the report says they
+    exceed the limit, and the layers keep their ``max_delay`` afterwards."""
+    net = network(max_delay=10)
+    layer = net.blocks[1].neurons
+    set_delays(layer, [1.0, 2.0, 12.4, 3.0, 0.0])
+    g = torch.Generator().manual_seed(0)
+    loader = [((torch.rand(30, 4, 3, generator=g) < 0.5).float() * 4, torch.arange(4) % 2)]
+    report = hardware_report(net, loader)
+    assert report["max_delay"]["pass"] is False and report["max_delay"]["largest"] == 12
+    assert layer.max_delay == 10 and not net.training
+    unlimited = network()
+    unlimited.load_state_dict(net.state_dict())
+    assert report == {**hardware_report(unlimited, loader), "max_delay": report["max_delay"]}
+    with pytest.raises(ValueError, match="beyond its max_delay = 10"):
+        net(loader[0][0])  # the layer itself still refuses them in eval mode
+
+
 def statuses(check: dict, name: str) -> list[str]:
     return [c["status"] for c in check["checks"] if c["check"] == name]
 

@@ -19,8 +19,8 @@ from delrec.config import (
 )
 from delrec.data import DATASETS
 from delrec.delays import spread_schedule
-from delrec.layers import DelRec
-from delrec.models import build_network
+from delrec.layers import DelRec, delay_parameters
+from delrec.models import NetworkConfig, build_network
 from delrec.recipes import RECIPES
 from delrec.training.loop import (
     make_optimizers,
@@ -87,6 +87,34 @@ def test_preset_optimizers_and_schedules_follow_the_tables(task):
             assert all(g["max_lr"] == peak for g in optimizers[name].param_groups)
         else:
             assert scheduler.T_max == config.epochs
+
+
+@pytest.mark.parametrize("model", ["ff+rec", "ffdelay", "fixed", "rsnn"])
+def test_delay_parameters_are_what_trains_at_the_position_rate(model):
+    """``delrec.layers.delay_parameters``: learned delays, spread logits and feedforward
+    positions, none of a model that learns no delays; the optimizer's position group."""
+    config = NetworkConfig(3, (6, 5), 2, model=model, learn_spread=True, ff_delay_window=5)
+    network = build_network(config, seed=0)
+    names = {
+        name
+        for name, p in network.named_parameters()
+        if any(p is d for d in delay_parameters(network))
+    }
+    expected = {
+        "ff+rec": {
+            "blocks.0.synapses.position",
+            "blocks.1.synapses.position",
+            "blocks.0.neurons.delay",
+            "blocks.0.neurons.spread_logits",
+            "blocks.1.neurons.delay",
+            "blocks.1.neurons.spread_logits",
+        },
+        "ffdelay": {"blocks.0.synapses.position", "blocks.1.synapses.position"},
+        "fixed": set(),
+        "rsnn": set(),
+    }[model]
+    assert names == expected
+    assert parameter_groups(network)["positions"] == delay_parameters(network)
 
 
 def test_shd_preset_network_and_augmentation():

@@ -103,9 +103,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    end_with_parent()  # a seed of `--parallel`: stop when the parent is gone
+    seed_of_parallel = end_with_parent()  # then stop when the parent is gone
     try:
-        summary = _train(args)
+        summary = _train(args, notes=not seed_of_parallel)
     except Exception as error:
         return fail("train", error, rank_label())
     if summary is None:  # --print-config, or a rank other than 0 of a distributed run
@@ -135,7 +135,10 @@ def _check_launch(args: argparse.Namespace) -> None:
         )
 
 
-def _train(args: argparse.Namespace) -> dict | None:
+def _train(args: argparse.Namespace, notes: bool = True) -> dict | None:
+    """Run the command; ``notes``: print the notes on given settings the model does not use
+    (not in a seed of ``--parallel``, whose parent printed them and whose configuration file
+    gives every setting)."""
     _check_launch(args)
     distributed = {"dist_backend": args.dist_backend, "dist_timeout_s": args.dist_timeout}
     if args.resume is not None:
@@ -159,7 +162,8 @@ def _train(args: argparse.Namespace) -> dict | None:
         "data_root": args.data_root,
     }
     config = resolve(args.task, args.model, file_values, args.overrides, flags)
-    for setting in ignored_settings(config, given_settings(file_values, args.overrides, flags)):
+    given = given_settings(file_values, args.overrides, flags) if notes else {}
+    for setting in ignored_settings(config, given):
         print(
             f"note: {setting} does nothing for the {config.model} model; config.json records "
             "it as given",

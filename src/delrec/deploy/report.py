@@ -216,8 +216,9 @@ def hardware_report(
     :func:`delrec.data.make_loader` gives, or ``(frames, targets)``): also spikes and synaptic
     operations per inference in integer-delay mode, and the score (accuracy, or NMSE for the
     ``"ema"`` regression readout) with integer delays versus σ-spread delays
-    (``DelRec.integer_eval = False``). ``max_batches`` limits the pass. ``net``'s training mode
-    and ``integer_eval`` flags are restored afterwards. ``report["max_delay"]`` checks every
+    (``DelRec.integer_eval = False``). ``max_batches`` limits the pass, which also runs delays
+    beyond a layer's ``max_delay``. ``net``'s training mode, ``integer_eval`` flags and
+    ``max_delay`` are restored afterwards. ``report["max_delay"]`` checks every
     integer delay against ``net.config.max_delay``
     (:func:`~delrec.deploy.targets.max_delay_check`); with a ``target`` (a :class:`Target` or
     its name in :data:`~delrec.deploy.targets.TARGETS`), ``report["target"]`` compares the
@@ -233,11 +234,15 @@ def hardware_report(
     if loader is not None:
         readout = getattr(getattr(net, "config", None), "readout", None) or "sum"
         rounding = rounding_layers(net)
+        recurrent = [m for m in net.modules() if isinstance(m, DelRec)]
         was_training, flags = net.training, [m.integer_eval for m in rounding]
+        limits = [m.max_delay for m in recurrent]
         try:
             net.eval()
             for module in rounding:
                 module.integer_eval = True
+            for module in recurrent:  # measured as it is; report["max_delay"] says it exceeds
+                module.max_delay = None
             integer = _evaluate(net, stream, loader, readout, max_batches, count_activity=True)
             for module in rounding:
                 module.integer_eval = False
@@ -246,6 +251,8 @@ def hardware_report(
             net.train(was_training)
             for module, flag in zip(rounding, flags):
                 module.integer_eval = flag
+            for module, limit in zip(recurrent, limits):
+                module.max_delay = limit
         _add_activity(layers, stream, integer)
         report["evaluation"] = {
             "samples": integer["samples"],

@@ -574,8 +574,9 @@ class StreamingNetwork(nn.Module):
 
     @torch.no_grad()
     def run(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Stream a whole time-major sequence ``(T, B, C)`` (or ``(T, C)``) from a fresh state;
-        returns the outputs ``(T, B, K)`` and each layer's spikes ``(T, B, N_l)``."""
+        """Stream a whole time-major sequence ``(T, B, C)`` from a fresh state; returns the
+        outputs ``(T, B, K)`` and each layer's spikes ``(T, B, N_l)`` (one unbatched sequence
+        ``(T, C)``: ``(T, K)`` and ``(T, N_l)``)."""
         unbatched = x.dim() == 2
         if unbatched:
             x = x.unsqueeze(1)

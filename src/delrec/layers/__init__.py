@@ -27,6 +27,19 @@ def clamp_delays(model: nn.Module) -> None:
             module.clamp_delays_()
 
 
+def delay_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable delay parameters of ``model``, in module order: each DelRec layer's
+    delays and spread logits, each FeedforwardDelay's positions (usually trained at a higher
+    learning rate than the weights, without weight decay)."""
+    found = []
+    for module in model.modules():
+        if isinstance(module, DelRec):
+            found += [p for p in (module.delay, module.spread_logits) if p is not None]
+        elif isinstance(module, FeedforwardDelay):
+            found.append(module.position)
+    return [p for p in found if isinstance(p, nn.Parameter) and p.requires_grad]
+
+
 def rounding_layers(model: nn.Module) -> list[nn.Module]:
     """The layers of ``model`` whose eval mode rounds their delays (DelRec, FeedforwardDelay):
     each has an ``integer_eval`` flag, ``False`` to evaluate with real-valued delays."""
@@ -48,6 +61,7 @@ __all__ = [
     "DelRecState",
     "FeedforwardDelay",
     "clamp_delays",
+    "delay_parameters",
     "rounding_layers",
     "run_chunk",
     "set_spread",

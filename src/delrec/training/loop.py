@@ -27,7 +27,7 @@ from delrec import cpu
 from delrec.checkpoint import CheckpointError, network_payload, unusable
 from delrec.config import TrainConfig, comparable, resolve_device
 from delrec.delays import spread_schedule
-from delrec.layers import DelRec, FeedforwardDelay, clamp_delays, set_spread
+from delrec.layers import DelRec, FeedforwardDelay, clamp_delays, delay_parameters, set_spread
 from delrec.models import SpikingNetwork, build_network
 from delrec.runs import RESULTS, RunDir, RunError, eval_loader, load_checkpoint, load_splits
 from delrec.training.evaluation import evaluate
@@ -101,13 +101,9 @@ def delay_tensors(network: SpikingNetwork) -> dict[str, Tensor]:
 def parameter_groups(network: nn.Module) -> dict[str, list[nn.Parameter]]:
     """Trainable parameters split into ``weights`` (with weight decay), ``no_decay`` (biases
     and BatchNorm parameters) and ``positions`` (delays, spread logits, feedforward positions)."""
-    positions, no_decay = set(), set()
+    positions, no_decay = set(delay_parameters(network)), set()
     for module in network.modules():
-        if isinstance(module, DelRec):
-            positions.update(p for p in (module.delay, module.spread_logits) if p is not None)
-        elif isinstance(module, FeedforwardDelay):
-            positions.add(module.position)
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
             no_decay.update(module.parameters(recurse=False))
     groups = {"weights": [], "no_decay": [], "positions": []}
     for name, parameter in network.named_parameters():

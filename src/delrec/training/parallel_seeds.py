@@ -31,14 +31,14 @@ PARENT_VARIABLE = "DELREC_PARENT_PID"  # in a seed's environment: the process id
 _print_lock = threading.Lock()
 
 
-def end_with_parent() -> None:
+def end_with_parent() -> bool:
     """In a seed's ``delrec train`` (``DELREC_PARENT_PID`` set): a SIGTERM to this process once
     that parent is gone, killed even by SIGKILL. The seeds run in sessions of their own (so that
     a terminal's Ctrl-C reaches only the parent, which stops them) and would otherwise train on
-    unseen, holding their runs' locks."""
+    unseen, holding their runs' locks. Returns whether this process is such a seed."""
     parent = os.environ.pop(PARENT_VARIABLE, "")
     if not parent.isdigit():
-        return
+        return False
 
     def watch() -> None:
         while os.getppid() == int(parent):
@@ -46,6 +46,7 @@ def end_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="delrec-parent-watch", daemon=True).start()
+    return True
 
 
 def gpu_ids(config: TrainConfig) -> list[str]:
