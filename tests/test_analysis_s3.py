@@ -185,8 +185,48 @@ def test_gradient_and_spectral_settings_are_checked_and_a_silent_network_has_no_
     figure = tmp_path / "g.png"
     argv = ["analyze", "gradients", *silent, "--input-mean", "-10", "--figure", str(figure)]
     assert main(argv) == 0 and figure.read_bytes()[:4] == b"\x89PNG"
-    rows = capsys.readouterr().out.splitlines()[1:3]
+    printed = capsys.readouterr()
+    rows = printed.out.splitlines()[1:3]
     assert all(row.split()[2] == "nan" for row in rows), rows  # no gradient: no growth factor
+    for delay in (0, 2):  # and why, with the fix
+        note = f"note: d = {delay} has no gradient to measure: the layer never spiked"
+        assert note in printed.err and "raise --input-mean" in printed.err
+
+
+def test_a_delay_without_gradient_is_explained_and_written_as_json_null(tmp_path, capsys):
+    """At d = 2 every membrane of the last step is outside the triangle's support although the
+    layer spikes: no gradient at all, so no growth factor (nan), written as null."""
+    out = tmp_path / "g.json"
+    argv = ["analyze", "gradients", "--size", "8", "--steps", "30", "--batch", "2"]
+    assert main([*argv, "--delays", "0,2", "--json", str(out), "--no-figure"]) == 0
+    err = capsys.readouterr().err
+    assert "note: d = 0" not in err  # d = 0 has its gradient
+    assert "note: d = 2 has no gradient to measure: at the last step" in err
+    assert "use --surrogate atan" in err
+    text = out.read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON, as jq reads it
+    zero, two = json.loads(text)["results"]
+    assert zero["growth_measured"] > 0 and two["weight_grad_norm"] == 0
+    assert two["growth_measured"] is None and two["decomposition_error"] is None
+
+
+def test_gradient_delays_are_sorted_and_a_repeated_delay_is_refused(capsys):
+    assert GradientSetup(delays=(5, 0, 2)).delays == (0, 2, 5)
+    argv = ["analyze", "gradients", "--size", "4", "--steps", "8", "--batch", "1", "--no-figure"]
+    assert main([*argv, "--delays", "2,0,2"]) == 2
+    err = capsys.readouterr().err
+    assert "--delays 2,0,2 names the delay 2 more than once; give each delay once" in err
+    assert main([*argv, "--delays", "2,0"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [int(row.split()[0]) for row in rows] == [0, 2]
+
+
+def test_the_spectral_delay_limit_says_how_long_the_largest_table_takes(capsys):
+    argv = ["analyze", "spectral", "--a", "1", "--b", "1", "--max-delay", "501", "--no-figure"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--max-delay must be in 0…500, got 501" in err
+    assert "D = 500 some 40 times as long, minutes" in err  # measured: D = 200 took 3 to 18 s
 
 
 def test_an_output_never_replaces_a_file_another_run_keeps(tmp_path, capsys):

@@ -63,6 +63,29 @@ def test_a_sweep_never_answers_with_points_of_other_settings(params_sweep, capsy
         assert "distinct" in capsys.readouterr().err
 
 
+def test_a_point_folder_of_another_kind_is_refused_and_an_unstarted_one_trained(tmp_path, capsys):
+    """A single run (or other files) where a point goes is not taken for the point; a folder
+    left with nothing but lock files by a sweep killed while starting is trained afresh."""
+    out = tmp_path / "sweep"
+    sweep = ["sweep", "params", "--models", "snn", "--sizes", "4", "--out", str(out), *TINY]
+    run = ["train", "--task", "digits-8x8", "--model", "snn", "--no-progress", *TINY]
+    assert main([*run, "network.hidden_sizes=[4]", "--run-dir", str(out / "snn-h4")]) == 0
+    capsys.readouterr()
+    assert main([*sweep, "--rounded-only"]) == 2
+    err = capsys.readouterr().err
+    assert f"sweep point snn-h4: {out / 'snn-h4'} holds a run of one seed" in err, err
+    assert "seeds.json" in err and "move" in err
+
+    shutil.rmtree(out / "snn-h4")
+    (out / "snn-h4" / "seed-0").mkdir(parents=True)
+    (out / "snn-h4" / "run.lock").touch()
+    (out / "snn-h4" / "seed-0" / "run.lock").touch()
+    assert main(["train", "--resume", str(out / "snn-h4")]) == 2
+    assert "holds no run yet" in capsys.readouterr().err
+    assert main([*sweep, "--rounded-only"]) == 0
+    assert json.loads((out / "snn-h4" / "summary.json").read_text())["status"] == "complete"
+
+
 def test_running_a_finished_sweep_again_trains_nothing(params_sweep, capsys):
     _, out = params_sweep
     before = (out / "snn-h4" / "summary.json").stat().st_mtime_ns

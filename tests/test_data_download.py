@@ -289,7 +289,12 @@ def test_cli_download(tmp_path, shd_archives, monkeypatch, capsys):
     assert "HTTP 404" in capsys.readouterr().err
 
 
-def test_cli_list(capsys):
+def test_cli_list_gives_the_sizes_and_settings_a_task_trains_with(capsys):
     assert delrec_main(["data", "list"]) == 0
     out = capsys.readouterr().out
     assert "psmnist-mini" in out and "built in, no download" in out
+    lines = out.splitlines()
+    mini = next(i for i, line in enumerate(lines) if line.startswith("psmnist-mini"))
+    assert "steps 49 " in lines[mini]  # the preset pools to 7 × 7, as `train --task` runs it
+    assert "side=7 (default 28)" in lines[mini + 1]
+    assert any("tau=30.0 (default 17.0)" in line for line in lines)  # Mackey-Glass's preset

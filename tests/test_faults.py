@@ -1326,11 +1326,49 @@ def test_compare_refuses_outputs_that_overwrite_a_run_file_or_each_other(run_cop
         (["--csv", str(run_copy / "checkpoints" / "best.pt")], "--csv"),
         (["--markdown", str(table), "--csv", str(table)], "--markdown and --csv both name"),
         (["--csv", str(table), "--figure", str(table)], "--csv and --figure both name"),
+        (
+            ["--markdown", str(table), "--csv", str(table / "t.csv")],
+            "would also be the folder of --csv",
+        ),
     ]:
         assert main(["compare", str(run_copy), "--rounded-only", *options]) == 2, options
         err = capsys.readouterr().err
         assert message in err and ("would overwrite" in err or "its own path" in err), err
     assert _contents(run_copy) == before and not table.exists()
+
+
+def test_compare_refuses_runs_it_would_misread(uninterrupted, run_copy, tmp_path, capsys):
+    """Runs of two tasks (a table ranks one task's models); a metrics.csv without the best
+    epoch's row (the row's firing rate came from the other seeds, or was left out); a missing
+    best.pt named as such; an unfinished seed sent to its folder's resume, which also writes the
+    summary, or named as still training while its lock's holder lives."""
+    assert main(["compare", str(uninterrupted), str(run_copy), "--rounded-only"]) == 2
+    err = capsys.readouterr().err
+    assert f"the runs are of several tasks: digits-8x8 ({uninterrupted}), mackey-glass" in err
+
+    metrics = run_copy / "metrics.csv"
+    rows = metrics.read_text(encoding="utf-8")
+    metrics.write_text(rows.splitlines()[0] + "\n", encoding="utf-8")  # cut short
+    assert main(["compare", str(run_copy), "--rounded-only"]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.csv has no row for epoch 1, the best epoch in test_results.json" in err, err
+    metrics.write_text(rows, encoding="utf-8")
+
+    (run_copy / "checkpoints" / "best.pt").unlink()
+    assert main(["compare", str(run_copy), "--rounded-only"]) == 2
+    err = capsys.readouterr().err
+    assert f"the run {run_copy} has no best checkpoint" in err and "(last.pt is there)" in err
+
+    seeds = tmp_path / "seeds"
+    tiny = ["--seeds", "0-1", "--max-epochs-this-run", "1", "--run-dir", str(seeds)]
+    assert main(["train", *MG_TINY, *tiny]) == 0  # seed 0 trained, seed 1 not started
+    capsys.readouterr()
+    assert main(["compare", str(seeds), "--rounded-only"]) == 2
+    err = capsys.readouterr().err
+    assert f"complete it with `delrec train --resume {seeds}`" in err, err
+    (seeds / "run.lock").write_text(files.lock_holder(), encoding="utf-8")  # a live holder
+    assert main(["compare", str(seeds), "--rounded-only"]) == 2
+    assert f"it is still training (pid {os.getpid()} on host" in capsys.readouterr().err
 
 
 def test_resume_says_what_a_damaged_or_missing_checkpoint_of_the_run_costs(

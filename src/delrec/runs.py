@@ -114,11 +114,27 @@ class RunDir:
     def _not_a_run(self, fix: str) -> RunError:
         if not self.path.exists():
             return RunError(f"{self.path} does not exist; {fix}")
+        if self.path.is_dir() and self.is_unstarted() and any(self.path.rglob(LOCK)):
+            return RunError(
+                f"{self.path} holds no run yet (nothing but lock files: its start was stopped "
+                "before the data had loaded); start the training again with this --run-dir"
+            )
         return RunError(f"{self.path} is not a run directory (no {CONFIG} or {SEEDS}); {fix}")
 
+    def is_unstarted(self) -> bool:
+        """Missing, or holding nothing but lock files, here and in seed folders: a start
+        killed before it wrote anything (a new run may start here)."""
+        if not self.path.is_dir():
+            return not self.path.exists()
+        return all(
+            entry.name == LOCK
+            or (entry.name.startswith("seed-") and entry.is_dir() and RunDir(entry).is_unstarted())
+            for entry in self.path.iterdir()
+        )
+
     def require_new(self) -> None:
-        """Refuse a directory that holds anything but its lock (a new run starts empty)."""
-        if self.path.is_dir() and any(entry.name != LOCK for entry in self.path.iterdir()):
+        """Refuse a directory that holds anything but lock files (a new run starts empty)."""
+        if self.path.is_dir() and not self.is_unstarted():
             raise RunError(
                 f"run directory {self.path} already exists and is not empty; pick "
                 f"another --run-dir or continue it with --resume {self.path}"
@@ -177,9 +193,18 @@ class RunDir:
     def read_results(self) -> dict:
         """``test_results.json`` of a finished run."""
         if not (self.path / RESULTS).is_file():
+            parent = RunDir(self.path.parent)  # a seed's: resuming it also writes the summary
+            seed = parent.is_multi_seed() and self.path.name.startswith("seed-")
+            whole = parent if seed else self
+            holder = files.live_holder(self.path / LOCK) or files.live_holder(whole.path / LOCK)
+            if holder is not None:
+                raise RunError(
+                    f"{self.path} has no {RESULTS}: it is still training ({holder}); use it "
+                    "once that process has ended"
+                )
             raise RunError(
-                f"{self.path} has no {RESULTS}: the run is not finished; "
-                f"complete it with `delrec train --resume {self.path}`"
+                f"{self.path} has no {RESULTS}: the run is not finished; complete it with "
+                f"`delrec train --resume {whole.path}`"
             )
         results = self._read_json(RESULTS)
         metric = (
@@ -385,7 +410,16 @@ def checkpoint_file(path: str | os.PathLike, which: str = "best") -> Path:
     """A checkpoint file from a file path or a run directory (its ``which`` checkpoint)."""
     path = Path(path)
     if path.is_dir():
-        path = RunDir(path).checkpoint_path(which)
+        run = RunDir(path)
+        path = run.checkpoint_path(which)
+        if run.is_single() and not path.is_file():
+            other = "last" if which == "best" else "best"
+            kept = f" ({other}.pt is there)" if run.has_checkpoint(other) else ""
+            raise CheckpointError(
+                f"the run {run.path} has no {which} checkpoint ({path} is missing{kept}): it "
+                "was removed, or the run stopped before its first epoch ended; restore the "
+                "file, or train the run again"
+            )
     if not path.is_file():
         seeds = sorted(p.name for p in path.parent.parent.glob("seed-*") if p.is_dir())
         hint = (

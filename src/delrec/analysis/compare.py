@@ -30,7 +30,7 @@ from pathlib import Path
 
 from delrec import files
 from delrec.models import VARIANTS, count_parameters
-from delrec.runs import RunDir, load_network
+from delrec.runs import METRICS, RESULTS, RunDir, RunError, load_network
 from delrec.training.evaluation import evaluate_run
 from delrec.training.objectives import rounding_cost
 
@@ -92,8 +92,9 @@ class Row:
 
     @property
     def firing_rate(self) -> float | None:
-        rates = [run.firing_rate for run in self.runs if run.firing_rate is not None]
-        return statistics.fmean(rates) if rates else None
+        """The mean over seeds; ``None`` unless every seed recorded one."""
+        rates = [run.firing_rate for run in self.runs]
+        return None if None in rates else statistics.fmean(rates)
 
 
 # --------------------------------------------------------------------------- reading
@@ -125,12 +126,18 @@ def read_run(run_dir: Path, real_delays: bool = True) -> SeedRun:
 
 
 def _firing_rate(run: RunDir, epoch: int | None) -> float | None:
-    """The firing rate of ``epoch`` in the run's ``metrics.csv``; ``None`` where it has none (a
-    RunError naming the line and column that is not a number)."""
+    """The firing rate of ``epoch`` in the run's ``metrics.csv``; ``None`` where the run
+    records none (written before delrec recorded it); a RunError where the file has no row for
+    ``epoch`` or a value that is not a number."""
+    if epoch is None:
+        return None
     for line, row in enumerate(run.read_metrics(), start=2):
-        if run.metrics_number(line, row, "epoch") == epoch and row.get("firing_rate"):
-            return run.metrics_number(line, row, "firing_rate")
-    return None
+        if run.metrics_number(line, row, "epoch") == epoch:
+            return run.metrics_number(line, row, "firing_rate") if row.get("firing_rate") else None
+    raise RunError(
+        f"{run.path / METRICS} has no row for epoch {epoch}, the best epoch in {RESULTS}: it "
+        "was edited, cut short or removed; restore it, or leave the run out"
+    )
 
 
 def _setting_items(config: dict, prefix: str = "") -> dict:
@@ -185,14 +192,16 @@ def compare(paths: list[Path], real_delays: bool = True) -> list[Row]:
     twice = next((p for i, p in enumerate(found) if resolved[i] in resolved[:i]), None)
     if twice is not None:
         raise CompareError(f"{twice} is named twice (directly or inside a folder of seeds)")
-    runs = [read_run(path, real_delays) for path in found]
-    metrics = {run.metric for run in runs}
-    if len(metrics) > 1:
+    for path in found:  # before any work: every run finished, and all of one task
+        RunDir(path).read_results()
+    tasks = {RunDir(path).config_values()["task"]: path for path in found}
+    if len(tasks) > 1:
+        named = ", ".join(f"{task} ({path})" for task, path in tasks.items())
         raise CompareError(
-            "the runs mix classification (accuracy) and regression (nmse); "
-            "compare runs of one kind at a time"
+            f"the runs are of several tasks: {named}; a table ranks the models of one task, "
+            "so compare one task at a time"
         )
-    return group_runs(runs)
+    return group_runs([read_run(path, real_delays) for path in found])
 
 
 # --------------------------------------------------------------------------- output

@@ -74,6 +74,13 @@ class GradientSetup:
     def __post_init__(self):
         if not self.delays or min(self.delays) < 0:
             raise ValueError(f"delays must be non-negative integers, got {self.delays}")
+        twice = sorted({d for d in self.delays if self.delays.count(d) > 1})
+        if twice:
+            raise ValueError(
+                f"--delays {','.join(map(str, self.delays))} names the delay "
+                f"{', '.join(map(str, twice))} more than once; give each delay once"
+            )
+        object.__setattr__(self, "delays", tuple(sorted(self.delays)))  # the table's order
         if max(self.delays) + 2 > self.steps:
             raise ValueError(
                 f"steps ({self.steps}) must exceed the largest delay + 1 "
@@ -241,9 +248,46 @@ def format_results(results: list[DelayResult]) -> str:
     return "\n".join(lines)
 
 
+def why_no_gradient(result: DelayResult) -> str | None:
+    """Why ``result`` has no weight gradient or no growth factor (``nan``), and what to change;
+    None when it has both."""
+    if result.weight_grad_norm > 0 and math.isfinite(result.growth_measured):
+        return None
+    if result.spike_rate == 0:
+        return (
+            "the layer never spiked, so no recurrent spike carries a gradient to W: "
+            "raise --input-mean (or --gain)"
+        )
+    if result.backward_norms[0] == 0:
+        return (
+            "at the last step, the one the loss reads, every membrane is outside the "
+            "surrogate's support (ψ' = 0), so no gradient flows back: use --surrogate atan "
+            "(ψ' > 0 everywhere), a wider --surrogate-scale, or another --seed or --steps"
+        )
+    if not math.isfinite(result.growth_measured):
+        return (
+            "∂L/∂h is non-zero at fewer than 2 steps, too few to fit a growth factor: "
+            "try another --seed or more --steps"
+        )
+    return "no presynaptic spike meets a non-zero ∂L/∂h: try another --seed or more --steps"
+
+
+def _finite_or_none(value):
+    """``value`` with every non-finite float, in lists and dicts too, made None (JSON null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
 def results_as_records(setup: GradientSetup, results: list[DelayResult]) -> dict:
-    """JSON-ready: the setup and every result with its curves."""
-    return {"setup": asdict(setup), "results": [asdict(r) for r in results]}
+    """JSON-ready (strict JSON: null for a non-finite number, e.g. the growth factor of a
+    delay without gradient): the setup and every result with its curves."""
+    records = {"setup": asdict(setup), "results": [asdict(r) for r in results]}
+    return _finite_or_none(records)
 
 
 def plot_gradients(setup: GradientSetup, results: list[DelayResult], path) -> None:

@@ -116,8 +116,15 @@ def point_config(point: SweepPoint, out: Path, options: TrainOptions) -> TrainCo
             "checked before any is trained)"
         ) from None
     run = RunDir(out / point.name)
-    if (run.path / SEEDS).is_file():
+    if run.is_multi_seed():
         _check_same_point(point, run, config, options.seeds)
+    elif not run.is_unstarted():
+        what = "a run of one seed" if run.is_single() else "files of no sweep point"
+        raise SweepError(
+            f"sweep point {point.name}: {run.path} holds {what} (a point is a run of "
+            f"`delrec train --seeds`, with {SEEDS}); sweep into another --out, or move "
+            f"{run.path} away"
+        )
     return config
 
 
@@ -129,7 +136,7 @@ def train_point(point: SweepPoint, config: TrainConfig, out: Path, options: Trai
     if summary is not None and summary.get("status") == "complete":
         return run.path
     try:
-        if run.path.exists():
+        if run.is_multi_seed():
             print(f"sweep point {point.name}: resuming {run.path}", file=sys.stderr)
             jobs.resume(run.path, **options.place, progress=options.progress)
         else:

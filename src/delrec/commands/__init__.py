@@ -97,8 +97,8 @@ def check_outputs(outputs: dict, protected: set[Path], fix: str) -> None:
     folder, a file where a folder should be, a folder this user may not write into) or that
     resolves, symlinks followed, to a file of ``protected`` (``runs.run_files``), to a file any
     run keeps (``runs.owning_run``: its config, metrics, results, checkpoints) or to another
-    output's file; ``fix`` says where to write instead of a run's file. Run before the work,
-    so that no work is lost to a path that fails at the end."""
+    output's file or folder; ``fix`` says where to write instead of a run's file. Run before
+    the work, so that no work is lost to a path that fails at the end."""
     seen: dict[Path, str] = {}
     for option, path in outputs.items():
         if path is None:
@@ -122,6 +122,14 @@ def check_outputs(outputs: dict, protected: set[Path], fix: str) -> None:
                 "give each its own path"
             )
         seen[target] = option
+    for target, option in seen.items():  # a file written where another output needs a folder
+        inside = next((o for t, o in seen.items() if target in t.parents), None)
+        if inside is not None:
+            raise UsageError(
+                f"{option} {outputs[option]} would also be the folder of {inside} "
+                f"{outputs[inside]}: one path cannot be a file and a folder; give each output "
+                "its own path"
+            )
 
 
 def unwritable(path: Path) -> str | None:

@@ -4,6 +4,7 @@ trained runs learned (validation, loss, firing rate and gradient norm per layer)
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from delrec import files
@@ -156,6 +157,10 @@ def run_gradients(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     results = gradients.run_gradient_experiment(setup)
     print(gradients.format_results(results))
+    for result in results:
+        reason = gradients.why_no_gradient(result)
+        if reason is not None:
+            print(f"note: d = {result.delay} has no gradient to measure: {reason}", file=sys.stderr)
     payload = gradients.results_as_records(setup, results)
     if args.csv:
         scalar = ("backward_norms", "s3_bound", "step_contributions")
@@ -172,7 +177,11 @@ def run_training(args: argparse.Namespace) -> int:
 
     figure = _check_outputs(args)
     runs = [run for path in args.run_dirs for run in RunDir(path).single_runs()]
-    labels = args.labels or [str(run.path) for run in runs]
+    if args.labels is None:
+        _check_runs_named_once(runs)
+        labels = [str(run.path) for run in runs]
+    else:
+        labels = list(args.labels)
     if len(labels) != len(runs):
         raise UsageError(
             f"--labels names {len(labels)} runs, but the run directories hold {len(runs)}"
@@ -199,6 +208,18 @@ def run_training(args: argparse.Namespace) -> int:
         )
     print(f"figure: {figure}")
     return 0
+
+
+def _check_runs_named_once(runs: list[RunDir]) -> None:
+    """A UsageError for a run that the RUN_DIRs name twice (the same directory, or a run of a
+    run of several seeds that is also given by itself)."""
+    named: dict[Path, Path] = {}  # resolved path → the path as first given
+    for run in runs:
+        first = named.get(run.path.resolve())
+        if first is not None:
+            spelled = "" if first == run.path else f" (as {first} and {run.path})"
+            raise UsageError(f"the run {first} is named twice{spelled}; give each run once")
+        named[run.path.resolve()] = run.path
 
 
 def _check_metrics(run: RunDir, rows: list[dict], metric: str) -> None:

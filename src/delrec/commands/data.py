@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from delrec.commands import EXIT_CODES_HELP
-from delrec.data import DATASETS, RESOURCES, dataset_info, default_dir, download
+from delrec.config import preset
+from delrec.data import DATASETS, RESOURCES, dataset_info, default_dir, download, settings_of
 from delrec.data.fetch import MIRROR_VARIABLE
 from delrec.data.registry import FOLDERS
 
@@ -46,7 +48,14 @@ def add_parser(subparsers) -> None:
         help="no progress bar (there is none where stderr is not a terminal)",
     )
     fetch.set_defaults(run=_run_download)
-    listing = commands.add_parser("list", help="the data sets, their sizes and file folders")
+    listing = commands.add_parser(
+        "list",
+        help="the data sets: sizes, file folders and data.* settings",
+        description="Each data set's sizes and its data.* settings as `delrec train --task NAME` "
+        "uses them (the task's preset; a value that differs from the data set's own default "
+        "says so), and the folder its files are read from. Change a setting with "
+        "`delrec train --set data.NAME=VALUE`.",
+    )
     listing.set_defaults(run=_run_list)
 
 
@@ -59,9 +68,16 @@ def _run_download(args: argparse.Namespace) -> int:
 
 def _run_list(args: argparse.Namespace) -> int:
     for name in DATASETS:
-        info = dataset_info(name)
+        trained, defaults = preset(name).data, settings_of(name)
+        info = dataset_info(name, **trained)
         classes = f"{info.num_classes} classes" if info.num_classes else "regression"
         steps = info.steps if info.steps is not None else "variable"
         where = default_dir(name) if name in FOLDERS else "built in, no download"
         print(f"{name:13s} input {info.input_size:3d}  steps {steps!s:8s} {classes:11s}  {where}")
+        settings = [
+            f"{key}={json.dumps(value)}"
+            + (f" (default {json.dumps(defaults[key])})" if value != defaults[key] else "")
+            for key, value in trained.items()
+        ]
+        print(f"{'':13s} data.*: {', '.join(settings)}")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from torch import Tensor
 
 from delrec.files import pyplot, write_figure
@@ -80,36 +82,64 @@ def prediction(targets: Tensor, predictions: Tensor, metrics: dict, path: Path) 
     _save(fig, path)
 
 
+LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">")
+MAX_MARKERS = 12  # per line: a long run's markers stay sparse enough to read its line
+
+
 def _layer_name(name: str) -> str:
     return f"layer {name}" if name.isdigit() else name
 
 
-def training_dynamics(runs: dict[str, list[dict]], metric: str, path: Path) -> None:
+def _layer_columns(rows: list[dict], prefix: str) -> list[tuple[str, str]]:
+    """``(column, layer name)`` of each column of ``rows`` named ``<prefix><layer>``."""
+    columns = rows[0] if rows else ()
+    return [(c, c.removeprefix(prefix)) for c in columns if c.startswith(prefix)]
+
+
+def _layer_styles(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """``{linestyle, marker}`` of each layer that any run names (``firing_rate_<layer>``,
+    ``grad_norm_<layer>``), hidden layers in depth order, then the readout: the same in every
+    run and panel; no two alike up to 20 layers, no two markers alike (all that a run of one
+    epoch shows) up to 10."""
+    names = {
+        name
+        for rows in runs.values()
+        for prefix in ("firing_rate_", "grad_norm_")
+        for _, name in _layer_columns(rows, prefix)
+    }
+    depth_order = sorted(names, key=lambda name: (not name.isdigit(), name.zfill(20)))  # 2 < 10
+    return {
+        name: {"linestyle": LINESTYLES[i % len(LINESTYLES)], "marker": MARKERS[i % len(MARKERS)]}
+        for i, name in enumerate(depth_order)
+    }
+
+
+def training_dynamics(runs: dict[str, list[dict]], metric: str, path: Path) -> Figure:
     """How one or more runs trained, epoch by epoch (``runs``: label → the rows of its
     ``metrics.csv``): validation ``metric``, training loss, the firing rate of each hidden
     layer and the gradient norm of each layer (``firing_rate_<i>``, ``grad_norm_<layer>``;
-    rows without them leave those panels empty). One colour per run; one line style per layer,
-    named in the legend of the first run's lines."""
+    rows without them leave those panels empty). One colour per run, named in the legend of the
+    validation panel; one line style and marker per layer, the same in every run, named in the
+    legends of the layer panels. Returns the figure, written to ``path`` and closed."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     (valid_ax, loss_ax), (rate_ax, grad_ax) = axes
-    styles = ("-", "--", ":", "-.")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    layer_styles = _layer_styles(runs)
     for index, (label, rows) in enumerate(runs.items()):
-        color = colors[index % len(colors)]
         epochs = [int(row["epoch"]) for row in rows]
-        valid_ax.plot(epochs, [float(r[f"valid_{metric}"]) for r in rows], color=color, label=label)
-        loss_ax.plot(epochs, [float(r["train_loss"]) for r in rows], color=color, label=label)
-        columns = list(rows[0]) if rows else []
+        run_style = {
+            "color": colors[index % len(colors)],
+            "markevery": max(1, len(epochs) // MAX_MARKERS),
+            "markersize": 4,
+        }
+        valid = [float(r[f"valid_{metric}"]) for r in rows]
+        valid_ax.plot(epochs, valid, marker=".", label=label, **run_style)
+        loss_ax.plot(epochs, [float(r["train_loss"]) for r in rows], marker=".", **run_style)
         for ax, prefix in ((rate_ax, "firing_rate_"), (grad_ax, "grad_norm_")):
-            layers = [c for c in columns if c.startswith(prefix)]
-            for layer, column in enumerate(layers):
-                ax.plot(
-                    epochs,
-                    [float(r[column]) for r in rows],
-                    color=color,
-                    linestyle=styles[layer % len(styles)],
-                    label=_layer_name(column.removeprefix(prefix)) if index == 0 else None,
-                )
+            for column, name in _layer_columns(rows, prefix):
+                values = [float(r[column]) for r in rows]
+                ax.plot(epochs, values, **run_style, **layer_styles[name])
     valid_ax.set(ylabel=f"valid {metric}")
     loss_ax.set(ylabel="train loss", yscale="log")
     rate_ax.set_ylabel("firing rate (spikes / neuron / step)")
@@ -121,6 +151,16 @@ def training_dynamics(runs: dict[str, list[dict]], metric: str, path: Path) -> N
     ):
         ax.set(xlabel="epoch", title=title)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+    if runs:
+        valid_ax.legend(fontsize=7, title="run (colour)", title_fontsize=7)
+    for ax, prefix in ((rate_ax, "firing_rate_"), (grad_ax, "grad_norm_")):
+        drawn = {name for rows in runs.values() for _, name in _layer_columns(rows, prefix)}
+        handles = [
+            Line2D([], [], color="0.3", label=_layer_name(name), **style)
+            for name, style in layer_styles.items()
+            if name in drawn
+        ]
+        if handles:
+            ax.legend(handles=handles, fontsize=7, title="layer (style, marker)", title_fontsize=7)
     _save(fig, path)
+    return fig
