@@ -23,6 +23,7 @@ import errno
 import fcntl
 import io
 import json
+import math
 import os
 import secrets
 import socket
@@ -90,6 +91,18 @@ def file_in_the_way(folder: str | os.PathLike) -> Path | None:
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """:func:`write_atomic` of a UTF-8 text."""
     return write_atomic(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def strict_json(value):
+    """``value`` with every non-finite float, in lists and dicts too, made ``None``: strict
+    JSON (``null``), which every reader accepts, where ``json.dumps`` writes ``NaN``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
 
 
 def write_json(path: str | os.PathLike, document, indent: int = 2) -> Path:

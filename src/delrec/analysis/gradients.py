@@ -272,22 +272,11 @@ def why_no_gradient(result: DelayResult) -> str | None:
     return "no presynaptic spike meets a non-zero ∂L/∂h: try another --seed or more --steps"
 
 
-def _finite_or_none(value):
-    """``value`` with every non-finite float, in lists and dicts too, made None (JSON null)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_none(item) for item in value]
-    return value
-
-
 def results_as_records(setup: GradientSetup, results: list[DelayResult]) -> dict:
     """JSON-ready (strict JSON: null for a non-finite number, e.g. the growth factor of a
     delay without gradient): the setup and every result with its curves."""
     records = {"setup": asdict(setup), "results": [asdict(r) for r in results]}
-    return _finite_or_none(records)
+    return files.strict_json(records)
 
 
 def plot_gradients(setup: GradientSetup, results: list[DelayResult], path) -> None:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 from delrec.commands import EXIT_CODES_HELP, UsageError
 from delrec.config import MAX_COUNT
 from delrec.data import SPLITS
+from delrec.files import strict_json
 from delrec.training.evaluation import evaluate_run
 
 
@@ -66,9 +66,5 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     # strict JSON for the programs that read it: a metric that overflowed (inf) becomes null
-    print(json.dumps({k: _finite_or_none(v) for k, v in result.items()}), flush=True)
+    print(json.dumps(strict_json(result)), flush=True)
     return 0
-
-
-def _finite_or_none(value):
-    return None if isinstance(value, float) and not math.isfinite(value) else value
