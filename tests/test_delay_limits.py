@@ -155,6 +155,29 @@ def test_feedforward_positions_stay_below_the_window_and_the_limit():
     assert wide_limit.position_limit == 3
 
 
+@pytest.mark.parametrize("value", [3.6, 9.0, -0.4])
+def test_feedforward_positions_outside_the_limit_are_refused_in_eval_as_recurrent_delays_are(
+    value,
+):
+    """Eval mode runs the positions as a chip would: one beyond ``max_delay`` (or the window)
+    or below 0 is an error naming the clamp, never a silent tap; training still runs it."""
+    with pytest.warns(DelayLimitWarning):  # initial positions in the window 0…9, above 3
+        layer = FeedforwardDelay(3, 2, 10, generator=torch.Generator().manual_seed(0), max_delay=3)
+    x = torch.rand(8, 2, 3)
+    with torch.no_grad():
+        layer.position[0, 1] = value
+    layer(x)  # training mode: between an optimizer step and the clamp
+    with pytest.raises(ValueError, match=r"outside \[0, 3\] \(window K-1 = 9, max_delay = 3\)"):
+        layer.eval()(x)
+    clamp_delays(layer)
+    layer(x)
+    windowed = FeedforwardDelay(3, 2, kernel_size=4).eval()
+    with torch.no_grad():
+        windowed.position[1, 0] = 5.0
+    with pytest.raises(ValueError, match=r"outside \[0, 3\] \(window K-1 = 3\)"):
+        windowed(x)
+
+
 # --------------------------------------------------------------------------- training
 def test_a_training_run_respects_the_limit_after_every_step_and_records_it(tmp_path, capsys):
     """digits-8x8 with learned recurrent and feedforward delays and a large position learning
@@ -271,6 +294,22 @@ def test_the_report_measures_a_network_whose_delays_exceed_its_limit_on_data():
     assert report == {**hardware_report(unlimited, loader), "max_delay": report["max_delay"]}
     with pytest.raises(ValueError, match="beyond its max_delay = 10"):
         net(loader[0][0])  # the layer itself still refuses them in eval mode
+
+
+def test_the_report_measures_feedforward_positions_beyond_their_limit_on_data():
+    with pytest.warns(DelayLimitWarning, match="FeedforwardDelay"):  # window 6 > limit 4
+        net = network(model="ff+rec", max_delay=4, delay_init="uniform:0:4")
+    synapses = net.blocks[0].synapses
+    assert isinstance(synapses, FeedforwardDelay) and synapses.max_delay == 4
+    with torch.no_grad():
+        synapses.position[0, 0] = 5.0  # within the window (6), beyond the limit
+    g = torch.Generator().manual_seed(0)
+    loader = [((torch.rand(30, 4, 3, generator=g) < 0.5).float() * 4, torch.arange(4) % 2)]
+    report = hardware_report(net, loader)
+    assert report["max_delay"]["pass"] is False and synapses.max_delay == 4
+    assert report["evaluation"]["samples"] == 4
+    with pytest.raises(ValueError, match=r"outside \[0, 4\]"):
+        net(loader[0][0])
 
 
 def statuses(check: dict, name: str) -> list[str]:

@@ -27,7 +27,8 @@ from delrec.runs import RunDir, load_checkpoint
 from delrec.training import TrainConfig, Trainer, parallel_seeds
 from delrec.training.distributed import DataParallel
 
-ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+# PYTHONFAULTHANDLER: a process aborted by `finished` prints where each of its threads was
+ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 RUN_TIMEOUT_S = 120
 RUN_FILES = {
     "config.json",
@@ -81,17 +82,37 @@ def torchrun(*args: str, gradients: Path | None = None) -> list[str]:
     ]
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
+def finished(processes: list[subprocess.Popen], launcher: bool = False) -> list[tuple[str, str]]:
+    """``(stdout, stderr)`` of each process once all have ended. One still running after
+    ``RUN_TIMEOUT_S`` fails the test with every process's stderr, after a SIGABRT to it (and, for
+    a ``launcher``, to its workers) has made Python print the stack of each thread:
+    a hang names where it hung."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    outputs: dict[int, tuple[str, str]] = {}
+    try:
+        for index, process in enumerate(processes):
+            outputs[index] = process.communicate(timeout=max(deadline - time.monotonic(), 1))
+        return [outputs[index] for index in range(len(processes))]
+    except subprocess.TimeoutExpired:
+        pass
+    running = [process.pid for process in processes if process.poll() is None]
+    workers = [pid for parent in running for pid in children_of(parent)] if launcher else []
+    for pid in [*workers, *running]:
+        try:
+            os.kill(pid, signal.SIGABRT)
+        except ProcessLookupError:
+            pass
+    report = []
+    for index, process in enumerate(processes):
+        if index not in outputs:
             try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if parent == pid:
-                found.append(int(entry.name))
-    return found
+                outputs[index] = process.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                outputs[index] = process.communicate()
+        err = outputs[index][1][-6000:]
+        report.append(f"--- process {index} (exit {process.returncode}):\n{err}")
+    pytest.fail(f"still running after {RUN_TIMEOUT_S} s; at the abort:\n" + "\n".join(report))
 
 
 @contextmanager
@@ -109,7 +130,7 @@ def launched(command: list[str]):
     try:
         yield process
     finally:
-        for pid in [*children(process.pid), process.pid]:
+        for pid in [*children_of(process.pid), process.pid]:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -119,7 +140,7 @@ def launched(command: list[str]):
 
 def run_torchrun(*args: str, gradients: Path | None = None) -> tuple[dict, str]:
     with launched(torchrun(*args, gradients=gradients)) as process:
-        out, err = process.communicate(timeout=RUN_TIMEOUT_S)
+        [(out, err)] = finished([process], launcher=True)
     assert process.returncode == 0, err[-3000:]
     lines = out.strip().splitlines()
     assert len(lines) == 1, out  # rank 0 alone prints the summary
@@ -269,7 +290,7 @@ def test_a_killed_process_stops_the_run_and_resume_continues_it(tmp_path):
             assert main_rank.poll() is None and time.monotonic() < deadline, "no epoch finished"
             time.sleep(0.02)
         os.kill(other.pid, signal.SIGKILL)
-        _, err = main_rank.communicate(timeout=RUN_TIMEOUT_S)  # stops by itself, no hang
+        [(_, err)] = finished([main_rank])  # stops by itself, no hang
     assert main_rank.returncode == 1, err[-3000:]
     assert "delrec train: error: [rank 0] lost contact with the other processes" in err
     assert f"torchrun --nproc-per-node 2 -m delrec train --resume {run_dir}" in err
@@ -280,7 +301,7 @@ def test_a_killed_process_stops_the_run_and_resume_continues_it(tmp_path):
     assert not any(name.endswith(".tmp") for name in files_of(run_dir))
 
     with ranks_started("--resume", str(run_dir), "--no-progress") as processes:
-        outputs = [process.communicate(timeout=RUN_TIMEOUT_S) for process in processes]
+        outputs = finished(processes)
     assert [process.returncode for process in processes] == [0, 0], "\n".join(
         f"rank {rank}: {err[-2000:]}" for rank, (_, err) in enumerate(outputs)
     )

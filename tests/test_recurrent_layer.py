@@ -340,3 +340,63 @@ def test_delays_below_zero_in_a_forward_warn_once_per_layer():
         layer(x)  # said once
     clamp_delays(layer)
     assert float(layer.delay.detach().min()) == 0.0
+
+
+@pytest.mark.parametrize("delay_type", ["axonal", "synaptic", "shared"])
+def test_a_weight_set_by_hand_gets_its_gradient_with_the_parameters_frozen(delay_type):
+    """A hypernetwork's weight tensor in place of the parameter, in eval mode with every
+    parameter frozen: the layer still takes a gradient path, and the weight's gradient is the
+    reference engine's (it was silently lost on the no-gradient path)."""
+    g = torch.Generator().manual_seed(3)
+    current = torch.rand(12, 2, 6, generator=g, dtype=torch.float64) * 2
+    source = torch.randn(6, 6, generator=g, dtype=torch.float64) * 0.5
+    base = DelRec(6, delay_type=delay_type, delay_init="uniform:0:8", max_delay=8, generator=g)
+    base = base.double().eval()
+    grads = {}
+    for engine in ("reference", "auto"):
+        layer = copy.deepcopy(base).requires_grad_(False)
+        layer.engine = engine
+        del layer.weight
+        weight = source.clone().requires_grad_()
+        layer.weight = weight * 1.0  # a plain tensor computed from another
+        (layer(current) * torch.arange(12.0, dtype=torch.float64).view(12, 1, 1)).sum().backward()
+        assert weight.grad is not None and weight.grad.any(), engine
+        grads[engine] = weight.grad
+    assert_grad_close("weight", grads["auto"], grads["reference"])
+
+
+def test_a_dropout_mask_that_requires_grad_is_refused():
+    """The engines take the recurrent dropout mask as a constant: a mask that requires grad
+    would silently get none, so it is refused with the fix (pass it detached)."""
+    layer = DelRec(5).train()
+    mask = torch.ones(3, 5, requires_grad=True)
+    with pytest.raises(ValueError, match=r"dropout_mask requires grad, .* dropout_mask.detach\(\)"):
+        layer(torch.rand(4, 3, 5), dropout_mask=mask)
+    layer(torch.rand(4, 3, 5), dropout_mask=mask.detach())
+    with torch.no_grad():
+        layer(torch.rand(4, 3, 5), dropout_mask=mask)
+
+
+@pytest.mark.parametrize("engine", ["reference", "auto"])
+def test_autocast_leaves_every_engine_in_the_layers_dtype(engine):
+    """Under bfloat16 autocast every engine gives the float32 spikes and gradients it gives
+    without (the reference engine's products ran in bfloat16), and a bfloat16 input from a
+    Linear under autocast is taken in the layer's dtype. The backward runs after the autocast
+    block, as torch.amp prescribes."""
+    from delrec.layers import FeedforwardDelay
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(30, 3, 16, generator=g) * 2
+    for layer in (
+        DelRec(16, delay_init="uniform:0:8", engine=engine, generator=g),
+        FeedforwardDelay(16, 4, kernel_size=6, generator=g, engine=engine),
+    ):
+        plain = layer(x)
+        (grad,) = torch.autograd.grad(plain.sum(), layer.weight)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = layer(x)
+            half = layer(x.bfloat16())
+        (mixed_grad,) = torch.autograd.grad(mixed.sum(), layer.weight)  # as AMP does: outside
+        assert mixed.dtype == half.dtype == torch.float32
+        assert torch.equal(mixed, plain) and torch.equal(mixed_grad, grad)
+        assert torch.equal(half, layer(x.bfloat16().float()))

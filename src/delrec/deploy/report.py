@@ -234,14 +234,14 @@ def hardware_report(
     if loader is not None:
         readout = getattr(getattr(net, "config", None), "readout", None) or "sum"
         rounding = rounding_layers(net)
-        recurrent = [m for m in net.modules() if isinstance(m, DelRec)]
+        limited = [m for m in net.modules() if isinstance(m, (DelRec, FeedforwardDelay))]
         was_training, flags = net.training, [m.integer_eval for m in rounding]
-        limits = [m.max_delay for m in recurrent]
+        limits = [m.max_delay for m in limited]
         try:
             net.eval()
             for module in rounding:
                 module.integer_eval = True
-            for module in recurrent:  # measured as it is; report["max_delay"] says it exceeds
+            for module in limited:  # measured as it is; report["max_delay"] says it exceeds
                 module.max_delay = None
             integer = _evaluate(net, stream, loader, readout, max_batches, count_activity=True)
             for module in rounding:
@@ -251,7 +251,7 @@ def hardware_report(
             net.train(was_training)
             for module, flag in zip(rounding, flags):
                 module.integer_eval = flag
-            for module, limit in zip(recurrent, limits):
+            for module, limit in zip(limited, limits):
                 module.max_delay = limit
         _add_activity(layers, stream, integer)
         report["evaluation"] = {

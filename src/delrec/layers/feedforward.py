@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from delrec.delays import MAX_DELAY, check_max_delay, clamp_initial
 from delrec.engine import feedforward as engines
+from delrec.layers.precision import own_precision
 from delrec.layers.sizes import check_size
 
 INITS = ("uniform-sqrt6", "torch")
@@ -113,6 +114,7 @@ class FeedforwardDelay(nn.Module):
         return engines.temporal_kernel(self.weight, self.effective_position(), self.kernel_size)
 
     @torch.compiler.disable  # torch.compile runs it as it is (delrec.engine docstring)
+    @own_precision  # under autocast: in the layer's dtype, on every engine
     def forward(
         self, x: Tensor, state: Tensor | None = None, *, return_state: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
@@ -168,7 +170,8 @@ class FeedforwardDelay(nn.Module):
 
     def _check_values(self, x: Tensor, state: Tensor | None) -> None:
         """Raises a ValueError naming what holds NaN or Inf: the positions, the input or the
-        state (one device sync: a sum of each, NaN and Inf propagate into it)."""
+        state; and, in eval mode (as a chip runs them), positions outside ``[0,
+        position_limit]``. One device sync: a sum of each (NaN and Inf propagate into it)."""
         named = {"positions (delays)": self.position, "input": x}
         if state is not None:
             named["state"] = state
@@ -176,7 +179,11 @@ class FeedforwardDelay(nn.Module):
             v.detach().sum(dtype=torch.promote_types(v.dtype, torch.float32))
             for v in named.values()
         ]
-        if bool(torch.stack(sums).isfinite().all()):
+        position, limit = self.position.detach(), self.position_limit
+        fine = torch.stack(sums).isfinite().all()
+        if not self.training:
+            fine = fine & (position >= 0).all() & (position <= limit).all()
+        if bool(fine):
             return
         layer = f"FeedforwardDelay({self.in_features}, {self.out_features})"
         for name, value in named.items():
@@ -190,6 +197,15 @@ class FeedforwardDelay(nn.Module):
                     f"NaN or Inf in the {name} of {layer}: find where they came from "
                     f"(torch.isfinite), {cause}"
                 )
+        window = f"window K-1 = {self.kernel_size - 1}" + (
+            "" if self.max_delay is None else f", max_delay = {self.max_delay}"
+        )
+        raise ValueError(
+            f"the positions of {layer} span {position.min().item():.4g} … "
+            f"{position.max().item():.4g} steps, outside [0, {limit}] ({window}): clamp them "
+            "(delrec.layers.clamp_delays(model)) after loading weights and after every "
+            "optimizer step"
+        )
 
     @property
     def position_limit(self) -> int:

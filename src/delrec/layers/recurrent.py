@@ -20,6 +20,7 @@ from delrec.engine import (
 )
 from delrec.engine.dropout import MaskDraw, check_probability
 from delrec.engine.lif import LIFMap
+from delrec.layers.precision import own_precision
 from delrec.layers.sizes import check_size
 from delrec.neurons import LIF, as_neuron, check_state, refuse_nonfinite
 
@@ -192,6 +193,7 @@ class DelRec(nn.Module):
 
     # ------------------------------------------------------------------ forward
     @torch.compiler.disable  # torch.compile runs it as it is (delrec.engine docstring)
+    @own_precision  # under autocast: in the layer's dtype, on every engine
     def forward(
         self,
         current: Tensor,
@@ -241,8 +243,9 @@ class DelRec(nn.Module):
                     f"{type(draw).__name__}"
                 )
         self._check_values(current, state, mask)
+        used = (current, self.weight, self.delay, self.spread_logits)  # even if set by hand
         wants_grad = torch.is_grad_enabled() and (
-            current.requires_grad
+            any(x is not None and x.requires_grad for x in used)
             or any(p.requires_grad for p in self.parameters())
             or (state is not None and any(x.requires_grad for x in (*state.neuron, state.spikes)))
         )
@@ -312,6 +315,11 @@ class DelRec(nn.Module):
             raise ValueError(
                 f"{name} must have shape (B, N) = {tuple(current.shape[1:])}, "
                 f"got {tuple(mask.shape)}"
+            )
+        if mask.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                f"{name} requires grad, but the layer takes a dropout mask as a constant (the "
+                f"engines give it no gradient); pass {name}.detach()"
             )
         return mask.to(current.dtype)
 
