@@ -365,3 +365,30 @@ def test_compare_reevaluates_learned_feedforward_positions(tmp_path, capsys):
     rounded = json.loads((run / "test_results.json").read_text())["accuracy"]
     assert float(row["accuracy_mean"]) == pytest.approx(real)
     assert float(row["rounding_cost_mean"]) == pytest.approx(real - rounded)
+
+
+def test_compare_reevaluates_from_data_that_moved_with_data_root(tmp_path, capsys):
+    """A learned-delay run is re-evaluated on its test data: once the data set's files moved,
+    compare names the fix, and `--data-root` finds them (as eval's does)."""
+    from test_train_run import write_random_shd
+
+    root = tmp_path / "shd"
+    root.mkdir()
+    write_random_shd(root / "shd_train.h5", 24, seed=1)
+    write_random_shd(root / "shd_test.h5", 12, seed=2)
+    run = tmp_path / "run"
+    settings = ["network.hidden_sizes=[6,6]", "batch_size=12"]
+    argv = ["train", "--task", "shd", "--data-root", str(root), "--epochs", "1"]
+    assert main([*argv, "--run-dir", str(run), "--no-progress", "--set", *settings]) == 0
+    moved = root.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["compare", str(run), "--csv", str(tmp_path / "t.csv")]) == 2
+    assert "--data-root" in capsys.readouterr().err
+    assert main(["compare", str(run), "--data-root", str(moved), "--device", "cpu"]) == 0
+    assert (
+        main(["compare", str(run), "--csv", str(tmp_path / "t.csv"), "--data-root", str(moved)])
+        == 0
+    )
+    (row,) = _rows(tmp_path / "t.csv")
+    real = evaluate_run(run, split="test", spread=True, data_root=str(moved))["accuracy"]
+    assert row["rounding_cost_mean"] != "" and float(row["accuracy_mean"]) == pytest.approx(real)

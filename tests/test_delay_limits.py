@@ -155,27 +155,30 @@ def test_feedforward_positions_stay_below_the_window_and_the_limit():
     assert wide_limit.position_limit == 3
 
 
-@pytest.mark.parametrize("value", [3.6, 9.0, -0.4])
-def test_feedforward_positions_outside_the_limit_are_refused_in_eval_as_recurrent_delays_are(
+@pytest.mark.parametrize("value", [3.6, 9.0, 9.7])
+def test_feedforward_positions_beyond_max_delay_are_refused_in_eval_as_recurrent_delays_are(
     value,
 ):
-    """Eval mode runs the positions as a chip would: one beyond ``max_delay`` (or the window)
-    or below 0 is an error naming the clamp, never a silent tap; training still runs it."""
+    """Eval mode runs the positions as a chip would: one beyond ``max_delay`` that still reaches
+    a tap of the window is an error naming the clamp, never a silent tap; training runs it,
+    and a position outside the window counts nothing in either mode (docs/design.md)."""
     with pytest.warns(DelayLimitWarning):  # initial positions in the window 0…9, above 3
         layer = FeedforwardDelay(3, 2, 10, generator=torch.Generator().manual_seed(0), max_delay=3)
     x = torch.rand(8, 2, 3)
     with torch.no_grad():
         layer.position[0, 1] = value
     layer(x)  # training mode: between an optimizer step and the clamp
-    with pytest.raises(ValueError, match=r"outside \[0, 3\] \(window K-1 = 9, max_delay = 3\)"):
+    with pytest.raises(ValueError, match=rf"reach {value:g} steps, beyond its max_delay = 3 \("):
         layer.eval()(x)
     clamp_delays(layer)
     layer(x)
-    windowed = FeedforwardDelay(3, 2, kernel_size=4).eval()
     with torch.no_grad():
-        windowed.position[1, 0] = 5.0
-    with pytest.raises(ValueError, match=r"outside \[0, 3\] \(window K-1 = 3\)"):
-        windowed(x)
+        layer.position[0, 1] = 10.0  # beyond the window: its synapse counts nothing
+        layer.position[1, 0] = -2.0
+    dropped = layer(x)
+    with torch.no_grad():
+        layer.weight[0, 1] = layer.weight[1, 0] = 0.0
+    assert torch.equal(layer(x), dropped)
 
 
 # --------------------------------------------------------------------------- training
@@ -308,7 +311,7 @@ def test_the_report_measures_feedforward_positions_beyond_their_limit_on_data():
     report = hardware_report(net, loader)
     assert report["max_delay"]["pass"] is False and synapses.max_delay == 4
     assert report["evaluation"]["samples"] == 4
-    with pytest.raises(ValueError, match=r"outside \[0, 4\]"):
+    with pytest.raises(ValueError, match=r"reach 5 steps, beyond its max_delay = 4"):
         net(loader[0][0])
 
 

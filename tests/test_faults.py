@@ -1463,6 +1463,22 @@ def test_a_checkpoint_edited_to_unusable_values_is_bad_input_for_eval_and_compar
     assert f"the network in {best} cannot be" in err and problem in err, err
 
 
+def test_eval_spread_says_it_changes_nothing_for_a_model_without_learned_delays(
+    tmp_path_factory, capsys
+):
+    run = trained_run(tmp_path_factory, "snn", [*MG_TINY, "--model", "snn"])
+    capsys.readouterr()
+    assert main(["eval", str(run), "--spread"]) == 0
+    captured = capsys.readouterr()
+    assert "note: --spread changes nothing for the snn model, which learns no delays" in (
+        captured.err
+    )
+    result = json.loads(captured.out)
+    assert result["delays"] == "integer" and result["model"] == "snn"
+    assert main(["eval", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out)["nmse"] == result["nmse"]
+
+
 def test_eval_prints_strict_json_when_a_metric_overflows(run_copy, capsys):
     """Readout weights of 3e38 give an infinite NMSE: shown as inf, printed as JSON null (not
     the non-standard Infinity that strict parsers refuse)."""

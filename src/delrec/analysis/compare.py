@@ -103,8 +103,11 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return [run.path for path in paths for run in RunDir(path).single_runs()]
 
 
-def read_run(run_dir: Path, real_delays: bool = True) -> SeedRun:
-    """Read one finished run; ``real_delays`` re-evaluates it with real-valued delays."""
+def read_run(
+    run_dir: Path, real_delays: bool = True, device: str = "auto", data_root: str | None = None
+) -> SeedRun:
+    """Read one finished run; ``real_delays`` re-evaluates it with real-valued delays (on
+    ``device``, from the data in ``data_root`` when the data set's files moved)."""
     run = RunDir(run_dir)
     results = run.read_results()
     config = run.config_values()
@@ -112,7 +115,9 @@ def read_run(run_dir: Path, real_delays: bool = True) -> SeedRun:
     real = results[metric]
     reevaluated = real_delays and VARIANTS[config["model"]].learns_delays
     if reevaluated:
-        real = evaluate_run(run_dir, split="test", spread=True)[metric]
+        real = evaluate_run(run_dir, split="test", spread=True, device=device, data_root=data_root)[
+            metric
+        ]
     return SeedRun(
         run_dir,
         config,
@@ -185,8 +190,11 @@ def group_runs(runs: list[SeedRun]) -> list[Row]:
     return sorted(rows, key=lambda row: row.stats("rounded")[0], reverse=bool(better_is_lower))
 
 
-def compare(paths: list[Path], real_delays: bool = True) -> list[Row]:
-    """Rows for the runs in ``paths`` (see the module docstring)."""
+def compare(
+    paths: list[Path], real_delays: bool = True, device: str = "auto", data_root: str | None = None
+) -> list[Row]:
+    """Rows for the runs in ``paths`` (see the module docstring); ``device`` and ``data_root``
+    as in :func:`read_run`."""
     found = find_runs(paths)
     resolved = [path.resolve() for path in found]
     twice = next((p for i, p in enumerate(found) if resolved[i] in resolved[:i]), None)
@@ -201,7 +209,7 @@ def compare(paths: list[Path], real_delays: bool = True) -> list[Row]:
             f"the runs are of several tasks: {named}; a table ranks the models of one task, "
             "so compare one task at a time"
         )
-    return group_runs([read_run(path, real_delays) for path in found])
+    return group_runs([read_run(path, real_delays, device, data_root) for path in found])
 
 
 # --------------------------------------------------------------------------- output

@@ -36,6 +36,12 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="skip re-evaluating learned delays with real values (faster)",
     )
+    parser.add_argument(
+        "--device", default="auto", help="where runs are re-evaluated: auto, cpu, cuda, cuda:N"
+    )
+    parser.add_argument(
+        "--data-root", help="folder of the data set's files for the re-evaluation, if they moved"
+    )
     parser.set_defaults(run=run)
 
 
@@ -50,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             files.figure_format(args.figure)
         except ValueError as error:
             raise UsageError(f"--figure {error}") from None
-    rows = compare.compare(args.run_dirs, real_delays=not args.rounded_only)
+    rows = compare.compare(args.run_dirs, not args.rounded_only, args.device, args.data_root)
     print(compare.format_markdown(rows))
     compare.write_outputs(rows, args.markdown, args.csv, args.figure, args.x)
     return 0

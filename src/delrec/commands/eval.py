@@ -59,6 +59,12 @@ def run(args: argparse.Namespace) -> int:
         args.batch_size,
         args.data_root,
     )
+    if args.spread and result["delays"] == "integer":
+        print(
+            f"note: --spread changes nothing for the {result['model']} model, which learns no "
+            "delays (its delays are integers either way)",
+            file=sys.stderr,
+        )
     shown = "  ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
     print(
         f"{result['split']} ({result['checkpoint']} checkpoint, epoch {result['epoch']}, "

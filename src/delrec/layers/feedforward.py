@@ -170,8 +170,9 @@ class FeedforwardDelay(nn.Module):
 
     def _check_values(self, x: Tensor, state: Tensor | None) -> None:
         """Raises a ValueError naming what holds NaN or Inf: the positions, the input or the
-        state; and, in eval mode (as a chip runs them), positions outside ``[0,
-        position_limit]``. One device sync: a sum of each (NaN and Inf propagate into it)."""
+        state; and, in eval mode (as a chip runs them), a position beyond ``max_delay`` that
+        still reaches a tap of the window (below ``K``; one beyond the window counts nothing,
+        as in training). One device sync: a sum of each (NaN and Inf propagate into it)."""
         named = {"positions (delays)": self.position, "input": x}
         if state is not None:
             named["state"] = state
@@ -179,10 +180,12 @@ class FeedforwardDelay(nn.Module):
             v.detach().sum(dtype=torch.promote_types(v.dtype, torch.float32))
             for v in named.values()
         ]
-        position, limit = self.position.detach(), self.position_limit
+        position, limit = self.position.detach(), self.max_delay
+        checked = not self.training and limit is not None and limit < self.kernel_size - 1
+        over = (position > limit) & (position < self.kernel_size) if checked else None
         fine = torch.stack(sums).isfinite().all()
-        if not self.training:
-            fine = fine & (position >= 0).all() & (position <= limit).all()
+        if over is not None:
+            fine = fine & ~over.any()
         if bool(fine):
             return
         layer = f"FeedforwardDelay({self.in_features}, {self.out_features})"
@@ -197,13 +200,10 @@ class FeedforwardDelay(nn.Module):
                     f"NaN or Inf in the {name} of {layer}: find where they came from "
                     f"(torch.isfinite), {cause}"
                 )
-        window = f"window K-1 = {self.kernel_size - 1}" + (
-            "" if self.max_delay is None else f", max_delay = {self.max_delay}"
-        )
         raise ValueError(
-            f"the positions of {layer} span {position.min().item():.4g} … "
-            f"{position.max().item():.4g} steps, outside [0, {limit}] ({window}): clamp them "
-            "(delrec.layers.clamp_delays(model)) after loading weights and after every "
+            f"the positions of {layer} reach {position[over].max().item():.4g} steps, beyond "
+            f"its max_delay = {limit} (within the window K-1 = {self.kernel_size - 1}): clamp "
+            "them (delrec.layers.clamp_delays(model)) after loading weights and after every "
             "optimizer step"
         )
 

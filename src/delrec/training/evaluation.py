@@ -10,7 +10,7 @@ from torch import Tensor
 
 from delrec.checkpoint import CheckpointError, unusable
 from delrec.config import resolve_device
-from delrec.layers import DelRec, rounding_layers
+from delrec.layers import DelRec, delay_parameters, rounding_layers
 from delrec.models import SpikingNetwork
 from delrec.runs import (
     checkpoint_config,
@@ -63,13 +63,15 @@ def evaluate_run(
 ) -> dict:
     """Metrics of a run's ``checkpoint`` (``"best"`` or ``"last"``; or a checkpoint file
     written by training) on ``split``, with integer delays or, with ``spread``, the
-    real-valued delays and the σ saved with that checkpoint (the σ of its epoch).
+    real-valued delays and the σ saved with that checkpoint (the σ of its epoch); a model that
+    learns no delays (snn, rsnn, fixed) has integer ones either way (``"delays": "integer"``).
     ``data_root``: where the data set's files are now, if they moved."""
     file = checkpoint_file(run_dir, checkpoint)
     payload, network = load_trained(file)
     config = checkpoint_config(payload, run_dir, device=device, data_root=data_root or None)
     target = resolve_device(config.device)
     network = network.to(target)
+    spread = spread and bool(delay_parameters(network))  # else the delays are integers anyway
     for layer in rounding_layers(network):
         layer.integer_eval = not spread
     layers = [m for m in network.modules() if isinstance(m, DelRec)]
@@ -86,6 +88,7 @@ def evaluate_run(
     sigma = max((float(m.sigma) for m in layers if m.learn_delays), default=0.0)
     return {
         "run_dir": str(run_dir),
+        "model": config.model,
         "checkpoint": payload.get("kind", checkpoint),  # a .pt file names its own kind
         "epoch": payload["epoch"],
         "split": split,
