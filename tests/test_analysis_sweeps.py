@@ -392,3 +392,14 @@ def test_compare_reevaluates_from_data_that_moved_with_data_root(tmp_path, capsy
     (row,) = _rows(tmp_path / "t.csv")
     real = evaluate_run(run, split="test", spread=True, data_root=str(moved))["accuracy"]
     assert row["rounding_cost_mean"] != "" and float(row["accuracy_mean"]) == pytest.approx(real)
+
+
+def test_a_sweep_notes_the_settings_a_points_model_does_not_use(tmp_path, capsys):
+    """As `delrec train` does, once per point before any training (snn has no delays)."""
+    out = tmp_path / "sweep"
+    argv = ["sweep", "params", "--models", "snn", "--sizes", "4", "--out", str(out), *TINY]
+    assert main([*argv, "network.delay_init=uniform:0:5", "--rounded-only"]) == 0
+    err = capsys.readouterr().err
+    note = "note: network.delay_init='uniform:0:5' does nothing for the snn model"
+    assert f"{note}; config.json records it as given (sweep point snn-h4)" in err, err
+    assert err.index(note) < err.index("sweep point snn-h4: training")

@@ -247,6 +247,16 @@ def ignored_settings(config: TrainConfig, given: dict) -> list[str]:
     return ignored
 
 
+def ignored_notes(config: TrainConfig, given: dict) -> list[str]:
+    """The line ``delrec train`` and ``delrec sweep`` print for each of
+    :func:`ignored_settings`."""
+    return [
+        f"note: {setting} does nothing for the {config.model} model; config.json records it "
+        "as given"
+        for setting in ignored_settings(config, given)
+    ]
+
+
 def load_config_file(path: str | Path) -> dict:
     """Nested settings from a ``.toml`` or ``.json`` file."""
     path = Path(path)

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from delrec.analysis import compare
-from delrec.config import ConfigError, TrainConfig, comparable, resolve, resolve_device
+from delrec.config import (
+    ConfigError,
+    TrainConfig,
+    comparable,
+    given_settings,
+    ignored_notes,
+    resolve,
+    resolve_device,
+)
 from delrec.data import dataset_info
 from delrec.runs import SEEDS, RunDir
 from delrec.training import jobs
@@ -181,6 +189,10 @@ def run_sweep(
     """Check every point, then train them, then write ``table.md``, ``table.csv`` and
     ``figure.png`` in ``out``."""
     configs = [point_config(point, out, options) for point in points]
+    given = given_settings(overrides=list(options.overrides))  # the user's --set
+    for point, config in zip(points, configs):
+        for note in ignored_notes(config, given):
+            print(f"{note} (sweep point {point.name})", file=sys.stderr)
     run_dirs = [train_point(*job, out, options) for job in zip(points, configs)]
     rows = compare.compare(run_dirs, real_delays)
     compare.write_outputs(rows, out / "table.md", out / "table.csv", out / "figure.png", x)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from delrec.commands import EXIT_CODES_HELP, UsageError, add_set_option, fail, parse_seeds
-from delrec.config import TASKS, given_settings, ignored_settings, load_config_file, resolve
+from delrec.config import TASKS, given_settings, ignored_notes, load_config_file, resolve
 from delrec.models import MODELS
 from delrec.training import jobs
 from delrec.training.distributed import DEFAULT_TIMEOUT_S, check_timeout, rank_label, world_size
@@ -163,12 +163,8 @@ def _train(args: argparse.Namespace, notes: bool = True) -> dict | None:
     }
     config = resolve(args.task, args.model, file_values, args.overrides, flags)
     given = given_settings(file_values, args.overrides, flags) if notes else {}
-    for setting in ignored_settings(config, given):
-        print(
-            f"note: {setting} does nothing for the {config.model} model; config.json records "
-            "it as given",
-            file=sys.stderr,
-        )
+    for note in ignored_notes(config, given):
+        print(note, file=sys.stderr)
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return None
