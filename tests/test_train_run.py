@@ -283,6 +283,10 @@ def test_a_run_written_before_a_setting_existed_resumes(tmp_path, capsys):
 def test_resume_refuses_new_settings_and_unknown_dirs(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--epochs", "3"]) == 2
     assert "drop --epochs" in capsys.readouterr().err
+    argv = ["train", "--resume", str(tmp_path), "--set", "threads=2", "optim.lr=1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "drop --set optim.lr=1 (only --device, --data-root and --set threads/num_workers" in err
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert "nothing does not exist" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path)]) == 2
@@ -507,3 +511,25 @@ def test_progress_bars_show_on_a_terminal_only(tmp_path):
         os.close(leader)
     assert training.wait(timeout=300) == 0
     assert b"\r" in seen and b"epoch 1/2" in seen
+
+
+def test_resume_may_change_the_threads_and_loader_workers(tmp_path, capsys):
+    """Where a run runs, not what it computes: ``--set threads=… num_workers=…`` on resume
+    (a run of seeds passes them on to each seed's process with ``--parallel``)."""
+    from delrec.runs import RunDir
+    from delrec.training.parallel_seeds import seed_command
+
+    run_dir = tmp_path / "run"
+    base = ["train", "--epochs", "2", "--run-dir", str(run_dir), *TINY_MG]
+    assert run_json(capsys, [*base, "--max-epochs-this-run", "1"])["status"] == "interrupted"
+    argv = ["train", "--resume", str(run_dir), "--no-progress"]
+    resumed = run_json(capsys, [*argv, "--set", "threads=1", "num_workers=1"])
+    assert resumed["status"] == "complete"
+    config = json.loads((run_dir / "config.json").read_text())["config"]
+    assert (config["threads"], config["num_workers"]) == (1, 1)
+    assert main([*argv, "--set", "threads=0"]) == 2
+    assert "threads must be in 1…1024" in capsys.readouterr().err
+
+    config = RunDir(run_dir).read_config(threads=3)
+    command = seed_command(config, tmp_path / "c.json", 0, RunDir(run_dir), None)
+    assert command[command.index("--set") :][:3] == ["--set", "threads=3", "num_workers=1"]

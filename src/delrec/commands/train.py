@@ -11,11 +11,22 @@ import sys
 from pathlib import Path
 
 from delrec.commands import EXIT_CODES_HELP, UsageError, add_set_option, fail, parse_seeds
-from delrec.config import TASKS, given_settings, ignored_notes, load_config_file, resolve
+from delrec.config import (
+    TASKS,
+    given_settings,
+    ignored_notes,
+    load_config_file,
+    parse_override,
+    resolve,
+)
 from delrec.models import MODELS
 from delrec.training import jobs
 from delrec.training.distributed import DEFAULT_TIMEOUT_S, check_timeout, rank_label, world_size
 from delrec.training.parallel_seeds import end_with_parent
+
+# the settings --set may change on --resume (where the run runs, not what it computes; --device
+# and --data-root are the others of config.RESUME_OVERRIDABLE)
+ON_RESUME = ("threads", "num_workers")
 
 
 def add_parser(subparsers) -> None:
@@ -67,7 +78,8 @@ def add_parser(subparsers) -> None:
         "--resume",
         type=Path,
         metavar="RUN_DIR",
-        help="continue an interrupted run (its config.json is used)",
+        help="continue an interrupted run (its config.json is used; of --set, only threads "
+        "and num_workers may change: where it runs, not what it computes)",
     )
     parser.add_argument(
         "--max-epochs-this-run",
@@ -143,10 +155,12 @@ def _train(args: argparse.Namespace, notes: bool = True) -> dict | None:
     distributed = {"dist_backend": args.dist_backend, "dist_timeout_s": args.dist_timeout}
     if args.resume is not None:
         _check_resume(args)
+        changes = dict(parse_override(item) for item in args.overrides)
         return jobs.resume(
             args.resume,
             device=args.device,
             data_root=args.data_root,
+            **{name: changes.get(name) for name in ON_RESUME},
             parallel=args.parallel,
             progress=not args.no_progress,
             max_epochs_this_run=args.max_epochs_this_run,
@@ -189,7 +203,6 @@ def _check_resume(args: argparse.Namespace) -> None:
         "--task": args.task,
         "--model": args.model,
         "--config": args.config,
-        "--set": args.overrides,
         "--epochs": args.epochs,
         "--batch-size": args.batch_size,
         "--seed": args.seed,
@@ -198,7 +211,13 @@ def _check_resume(args: argparse.Namespace) -> None:
         "--print-config": args.print_config or None,  # the run's own: RUN_DIR/config.json
     }
     given = [flag for flag, value in fixed.items() if value not in (None, [])]
+    given += [f"--set {item}" for item in args.overrides if _setting(item) not in ON_RESUME]
     if given:
         raise UsageError(
-            f"--resume continues a run with its own configuration; drop {', '.join(given)}"
+            f"--resume continues a run with its own configuration; drop {', '.join(given)} "
+            f"(only --device, --data-root and --set {'/'.join(ON_RESUME)} may change)"
         )
+
+
+def _setting(item: str) -> str:
+    return item.partition("=")[0].strip()

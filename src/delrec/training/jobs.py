@@ -109,12 +109,16 @@ def resume(
     max_epochs_this_run: int | None = None,
     dist_backend: str | None = None,
     dist_timeout_s: float = DEFAULT_TIMEOUT_S,
+    threads: int | None = None,
+    num_workers: int | None = None,
 ) -> dict | None:
     """Continue the run in ``run_dir`` with its own configuration (a run of several seeds:
-    every unfinished seed, ``parallel`` at a time when given); ``device`` and ``data_root``
-    may change."""
+    every unfinished seed, ``parallel`` at a time when given); ``device``, ``data_root``,
+    ``threads`` and ``num_workers`` may change (``None``: as before)."""
     run = RunDir(run_dir)
-    config = run.read_config(device=device, data_root=data_root)
+    config = run.read_config(
+        device=device, data_root=data_root, threads=threads, num_workers=num_workers
+    )
     if run.is_single():
         if parallel is not None:
             raise ConfigError(f"{run_dir} is a single run; --parallel resumes a run of --seeds")

@@ -77,6 +77,8 @@ def seed_command(
         command += ["--resume", str(seed_run.path), "--device", config.device]
         if config.data_root is not None:
             command += ["--data-root", config.data_root]
+        command += ["--set", f"threads={json.dumps(config.threads)}"]
+        command += [f"num_workers={config.num_workers}"]
     else:
         command += [
             "--config",
