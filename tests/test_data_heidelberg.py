@@ -109,7 +109,9 @@ def test_shd_split_is_seeded_disjoint_and_complete(shd_dir):
 def test_cache_is_used_and_follows_the_source(shd_dir, monkeypatch):
     load_dataset("shd", split="test", root=shd_dir)
     caches = list((shd_dir / "cache").iterdir())
-    assert [c.name for c in caches] == ["shd_test.dt10000us.Tvar.g5.v1.npz"]
+    assert [c.name for c in caches] == [
+        f"shd_test.dt10000us.Tvar.g5.v{heidelberg.CACHE_VERSION}.npz"
+    ]
 
     def no_parse(*args, **kwargs):
         raise AssertionError("parsed the HDF5 file again")
@@ -125,6 +127,111 @@ def test_cache_is_used_and_follows_the_source(shd_dir, monkeypatch):
     assert label == 5 and frames[25, 4] == 1
     load_dataset("shd", split="test", root=shd_dir, dt_ms=5.0)
     assert len(list((shd_dir / "cache").iterdir())) == 2
+
+
+def test_a_source_replaced_while_it_is_parsed_is_parsed_again_next_time(shd_dir, monkeypatch):
+    """`data download` replaces a file by a rename: the cache of the old file, parsed while
+    the new one arrived, carries the old file's stamp, so the next load parses the new one."""
+    parse = heidelberg.parse_file
+
+    def parse_then_replace(path, *args):
+        arrays = parse(path, *args)
+        write_heidelberg(path.with_suffix(".new"), [([0.25], [20])], [5])
+        os.replace(path.with_suffix(".new"), path)
+        return arrays
+
+    with monkeypatch.context() as m:
+        m.setattr(heidelberg, "parse_file", parse_then_replace)
+        assert len(load_dataset("shd", split="test", root=shd_dir)) == 5  # the old file
+    again = load_dataset("shd", split="test", root=shd_dir)
+    assert len(again) == 1 and again[0][1] == 5
+
+
+def test_spike_times_not_in_seconds_are_refused_with_fixed_steps(tmp_path):
+    """Times in milliseconds or microseconds put (nearly) every spike after the last bin:
+    refused, where the binning used to drop them and train on empty frames."""
+    ms = [(np.sort(t) * 1000, u) for t, u in random_samples(6, seed=3)]
+    write_heidelberg(tmp_path / "ssc_test.h5", ms, [0] * 6)
+    with pytest.raises(
+        DataError,
+        match=r"ssc_test.h5: \d+% of the spikes fall after the last of the 250 bins of 5.6 ms \(1.4 s; the latest spike is at 8\d\d.*read in seconds",
+    ):
+        load_dataset("ssc", split="test", root=tmp_path)
+    write_heidelberg(tmp_path / "shd_test.h5", ms, [0] * 6)
+    with pytest.raises(
+        DataError,
+        match=r"spans \d+ bins of 10.0 ms, more than 65535 \(its last spike at 8\d\d.*read in seconds",
+    ):
+        load_dataset("shd", split="test", root=tmp_path)
+
+
+def test_a_sample_whose_spikes_all_fall_after_the_last_bin_counts_as_empty(tmp_path):
+    write_heidelberg(
+        tmp_path / "ssc_test.h5",
+        [([0.1, 0.2, 0.3], [0, 1, 2]), ([1.5, 1.6], [0, 1])] * 3,
+        [0, 1] * 3,
+    )
+    with pytest.raises(
+        DataError, match=r"3 sample\(s\) have no spikes within the 250 bins \(first: sample 1\)"
+    ):
+        load_dataset("ssc", split="test", root=tmp_path)
+    frames, _ = load_dataset("ssc", split="test", root=tmp_path, keep_empty=True)[1]
+    assert frames.shape == (250, 140) and frames.sum() == 0
+
+
+def _layout(path, times=None, units=None, labels=None):
+    """A Heidelberg file of 3 samples with one dataset replaced."""
+    with h5py.File(path, "w") as f:
+        for key, given, base in (
+            ("spikes/times", times, np.float32),
+            ("spikes/units", units, np.uint16),
+        ):
+            if given is None:
+                data = f.create_dataset(key, (3,), dtype=h5py.vlen_dtype(base))
+                for i in range(3):
+                    data[i] = np.array([0.1 * (i + 1)], dtype=base) if base is np.float32 else [i]
+            else:
+                f.create_dataset(key, data=given)
+        f.create_dataset("labels", data=np.arange(3, dtype=np.uint16) if labels is None else labels)
+
+
+@pytest.mark.parametrize(
+    "replaced, message",
+    [
+        (
+            {"times": np.zeros((3, 4), np.float32), "units": np.zeros((3, 4), np.uint16)},
+            r"'spikes/times' must be a 1-D dataset.*found a 2-D dataset",
+        ),
+        ({"times": np.float32(0.1)}, r"'spikes/times' must be a 1-D dataset.*found a 0-D"),
+        (
+            {"times": np.zeros(3, np.float32)},
+            r"'spikes/times' must be ragged \(variable-length\).*padding would read as spikes",
+        ),
+        ({"labels": np.zeros((3, 1), np.uint16)}, r"'labels' must be a 1-D dataset.*2-D"),
+        (
+            {"labels": np.array([b"a", b"b", b"c"])},
+            r"labels must be integers \(class ids\), found \|S1",
+        ),
+        ({"labels": np.uint16(1)}, r"'labels' must be a 1-D dataset"),
+    ],
+)
+def test_a_file_of_another_layout_is_refused_naming_the_dataset(tmp_path, replaced, message):
+    _layout(tmp_path / "shd_test.h5", **replaced)
+    with pytest.raises(DataError, match=message):
+        load_dataset("shd", split="test", root=tmp_path)
+
+
+def test_float_unit_ids_are_refused_not_truncated(tmp_path):
+    with h5py.File(tmp_path / "shd_test.h5", "w") as f:
+        units = f.create_dataset("spikes/units", (1,), dtype=h5py.vlen_dtype(np.float32))
+        units[0] = np.array([3.9], np.float32)
+        times = f.create_dataset("spikes/times", (1,), dtype=h5py.vlen_dtype(np.float32))
+        times[0] = np.array([0.1], np.float32)
+        f.create_dataset("labels", data=np.zeros(1, np.uint16))
+    with pytest.raises(
+        DataError, match=r"'spikes/units' must hold integers \(channel ids\), found float32"
+    ):
+        load_dataset("shd", split="test", root=tmp_path)
 
 
 def test_unreadable_cache_is_rebuilt(shd_dir):

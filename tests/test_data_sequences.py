@@ -93,6 +93,24 @@ def test_psmnist_file_errors(mnist_dir, tmp_path_factory):
         load_dataset("psmnist", root=tmp_path_factory.mktemp("x") / "missing")
 
 
+def test_psmnist_refuses_images_of_another_size_and_damaged_compression(mnist_dir):
+    """A t10k file of 14×14 images scored the test split on other sequences without a word;
+    a damaged deflate block of a .gz file raised zlib's own error."""
+    root, _ = mnist_dir
+    test_images = root / "t10k-images-idx3-ubyte.gz"
+    write_idx(root / "t10k-images-idx3-ubyte", np.zeros((4, 14, 14)), True)
+    with pytest.raises(
+        DataError,
+        match=r"t10k-images-idx3-ubyte.gz holds images of 14×14 pixels; MNIST's are 28×28",
+    ):
+        load_dataset("psmnist", split="test", root=root)
+    raw = bytearray(gzip.compress(bytes(4 * 784 + 16)))
+    raw[12] ^= 0xFF  # inside the first deflate block
+    test_images.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz could not be read .*corrupt"):
+        load_dataset("psmnist", split="test", root=root)
+
+
 @pytest.mark.parametrize(
     "name, sizes, steps",
     [

@@ -32,7 +32,7 @@ from .errors import DataError
 
 NUM_UNITS = 700
 MAX_DT_MS = 1e6  # 1000 s: one bin longer than any recording
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: ``empty`` counts the samples left without a spike by the binning
 _CHUNK = 1024  # samples parsed per HDF5 read, bounds the memory used while binning
 
 
@@ -109,8 +109,10 @@ def bin_spikes(
         np.maximum.at(lengths, sample, step + 1)
         if lengths.max(initial=0) >= 2**16:
             raise ValueError(
-                f"a sample spans {lengths.max()} bins of {binning.dt_ms} ms, more "
-                "than 65535: use a larger dt_ms or a fixed number of steps"
+                f"a sample spans {lengths.max()} bins of {binning.dt_ms} ms, more than 65535 "
+                f"(its last spike at {t_all[sample == lengths.argmax()].max():g}): spike times "
+                "are read in seconds, so convert times in ms or µs; else use a larger dt_ms or "
+                "a fixed number of steps"
             )
     else:
         keep = step < binning.steps
@@ -157,7 +159,9 @@ def parse_file(
 ) -> dict[str, np.ndarray]:
     """Read one Heidelberg HDF5 file and bin it; every problem becomes a DataError naming
     ``path`` and the fix. Returns :func:`bin_spikes`'s arrays plus ``labels`` (N,) int64 and
-    ``empty``, the indices of samples without any spike in the file."""
+    ``empty``, the indices of samples without any spike once binned (none in the file, or none
+    within a fixed number of bins). More than half of the spikes after the last of a fixed
+    number of bins is an error: their times are not in seconds."""
     import h5py
 
     fix = f"delete it and run `delrec data download {dataset} --to {path.parent}`"
@@ -171,14 +175,8 @@ def parse_file(
             f"{path} is not a readable HDF5 file ({exc}); it may be truncated or corrupt: {fix}"
         ) from exc
     with h5:
-        for key in ("spikes/times", "spikes/units", "labels"):
-            if key not in h5:
-                raise DataError(
-                    f"{path} has no '{key}' dataset, so it is not a Heidelberg "
-                    f"{dataset.upper()} file (expected spikes/times, spikes/units, "
-                    f"labels): {fix}"
-                )
         try:
+            _check_layout(h5, path, dataset, fix)
             labels = np.asarray(h5["labels"][()])
             n = len(labels)
             if len(h5["spikes/times"]) != n or len(h5["spikes/units"]) != n:
@@ -187,7 +185,7 @@ def parse_file(
                     f"lengths ({len(h5['spikes/times'])}, {len(h5['spikes/units'])},"
                     f" {n}): {fix}"
                 )
-            chunks, empty = [], []
+            chunks, spikes, latest = [], 0, 0.0
             for lo in range(0, n, _CHUNK):
                 times = list(h5["spikes/times"][lo : lo + _CHUNK])
                 units = list(h5["spikes/units"][lo : lo + _CHUNK])
@@ -196,29 +194,75 @@ def parse_file(
                         f"{path}: a sample in {lo}…{lo + len(times) - 1} has "
                         f"different numbers of spike times and units: {fix}"
                     )
-                empty += [lo + i for i, t in enumerate(times) if len(t) == 0]
+                spikes += sum(len(t) for t in times)
+                latest = max([latest, *(float(np.max(t)) for t in times if len(t))])
                 try:
                     chunks.append(bin_spikes(times, units, binning))
                 except ValueError as exc:
                     raise DataError(
                         f"{path}: {exc} (sample numbers counted from {lo}): {fix}"
                     ) from exc
-        except (OSError, RuntimeError) as exc:
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:
             raise DataError(
                 f"{path} could not be read ({exc}); it may be truncated or corrupt: {fix}"
             ) from exc
     if n == 0:
         raise DataError(f"{path} holds no samples: {fix}")
-    if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= num_classes:
+    if labels.min() < 0 or labels.max() >= num_classes:
         raise DataError(
             f"{path}: labels must be integers in 0…{num_classes - 1} for "
-            f"{dataset.upper()}, found {labels.dtype} values in "
-            f"{labels.min()}…{labels.max()}: {fix}"
+            f"{dataset.upper()}, found values in {labels.min()}…{labels.max()}: {fix}"
         )
     arrays = _concat_chunks(chunks)
+    dropped = spikes - int(arrays["counts"].sum(dtype=np.int64))
+    if binning.steps is not None and dropped > spikes / 2:
+        end = binning.steps * binning.dt_ms / 1000
+        raise DataError(
+            f"{path}: {dropped / spikes:.0%} of the spikes fall after the last of the "
+            f"{binning.steps} bins of {binning.dt_ms:g} ms ({end:g} s; the latest spike is at "
+            f"{latest:g}): spike times are read in seconds, so convert times in ms or µs, or "
+            "raise data.steps"
+        )
     arrays["labels"] = labels.astype(np.int64)
-    arrays["empty"] = np.array(empty, dtype=np.int64)
+    arrays["empty"] = np.flatnonzero(np.diff(arrays["offsets"]) == 0)
     return arrays
+
+
+def _check_layout(h5, path: Path, dataset: str, fix: str) -> None:
+    """A DataError unless ``h5`` holds the Heidelberg layout: 1-D ragged ``spikes/times``
+    (floats) and ``spikes/units`` (integers), one array per sample, and 1-D integer
+    ``labels``."""
+    import h5py
+
+    for key in ("spikes/times", "spikes/units", "labels"):
+        if key not in h5:
+            raise DataError(
+                f"{path} has no '{key}' dataset, so it is not a Heidelberg "
+                f"{dataset.upper()} file (expected spikes/times, spikes/units, labels): {fix}"
+            )
+        item = h5[key]
+        if not isinstance(item, h5py.Dataset) or item.ndim != 1:
+            found = f"a {item.ndim}-D dataset" if isinstance(item, h5py.Dataset) else "a group"
+            raise DataError(
+                f"{path}: '{key}' must be a 1-D dataset, one entry per sample; found {found}: {fix}"
+            )
+    for key, kinds, what in (
+        ("spikes/times", "fc", "floats (seconds)"),
+        ("spikes/units", "iu", "integers (channel ids)"),
+    ):
+        base = h5py.check_vlen_dtype(h5[key].dtype)
+        if base is None:
+            raise DataError(
+                f"{path}: '{key}' must be ragged (variable-length), one array of {what} per "
+                f"sample; found fixed-size {h5[key].dtype} entries, whose padding would read "
+                f"as spikes: {fix}"
+            )
+        if base.kind not in kinds:
+            raise DataError(f"{path}: '{key}' must hold {what}, found {base}: {fix}")
+    if h5["labels"].dtype.kind not in "iu":
+        raise DataError(
+            f"{path}: labels must be integers (class ids), found {h5['labels'].dtype}: {fix}"
+        )
 
 
 def write_heidelberg(
@@ -281,9 +325,10 @@ def load_binned(
     files.remove_temporaries(cache.parent, older_than=files.STALE_AFTER_S)
     arrays = _cached(cache, path)
     if arrays is None:
+        stamp = _source_stamp(path)  # before parsing: a file replaced meanwhile is parsed again
         arrays = parse_file(path, binning, num_classes, dataset)
         try:
-            _write_cache(cache, {**arrays, "source": _source_stamp(path)})
+            _write_cache(cache, {**arrays, "source": stamp})
         except OSError as exc:
             warnings.warn(
                 f"could not write the cache {cache} ({exc}); {path} will be parsed "
@@ -292,8 +337,9 @@ def load_binned(
             )
     empty = arrays.pop("empty")
     if len(empty) and not keep_empty:
+        within = "" if binning.steps is None else f" within the {binning.steps} bins"
         raise DataError(
-            f"{path}: {len(empty)} sample(s) have no spikes (first: sample "
+            f"{path}: {len(empty)} sample(s) have no spikes{within} (first: sample "
             f"{empty[0]}); pass keep_empty=True (on the command line: --set "
             "data.keep_empty=true) to use them as all-zero frames"
         )

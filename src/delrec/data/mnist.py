@@ -20,6 +20,7 @@ import functools
 import gzip
 import hashlib
 import importlib.resources
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -64,9 +65,9 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as fh:
             raw = fh.read()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # zlib: a damaged compressed block
         raise DataError(
-            f"{path} could not be read ({exc}); it may be truncated: delete it and "
+            f"{path} could not be read ({exc}); it may be truncated or corrupt: delete it and "
             f"run `delrec data download mnist --to {path.parent}`"
         ) from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
@@ -104,11 +105,17 @@ def _find(root: Path, name: str) -> Path:
 def read_mnist(root: Path, part: str) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, P) uint8 and labels (N,) of the MNIST ``part`` ("train" or "test")."""
     image_name, label_name = MNIST_FILES[part]
-    images, labels = read_idx(_find(root, image_name)), read_idx(_find(root, label_name))
+    image_path = _find(root, image_name)
+    images, labels = read_idx(image_path), read_idx(_find(root, label_name))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(
             f"{root}: {image_name} has shape {images.shape} and {label_name} "
             f"{labels.shape}; expected (N, rows, cols) images and N labels"
+        )
+    if images.shape[1:] != (28, 28):
+        raise DataError(
+            f"{image_path} holds images of {images.shape[1]}×{images.shape[2]} pixels; "
+            "MNIST's are 28×28: use the original MNIST files (`delrec data download mnist`)"
         )
     if not len(labels):
         raise DataError(
