@@ -533,3 +533,27 @@ def test_resume_may_change_the_threads_and_loader_workers(tmp_path, capsys):
     config = RunDir(run_dir).read_config(threads=3)
     command = seed_command(config, tmp_path / "c.json", 0, RunDir(run_dir), None)
     assert command[command.index("--set") :][:3] == ["--set", "threads=3", "num_workers=1"]
+
+
+def test_resume_refuses_a_data_root_holding_another_data_set(tmp_path, capsys):
+    """`--data-root` may change on resume (the files moved), not the data: a folder whose data
+    set has other item counts is refused before training on it."""
+    for name, count in (("good", 40), ("other", 60)):
+        (tmp_path / name).mkdir()
+        write_random_shd(tmp_path / name / "shd_train.h5", count, seed=1)
+        write_random_shd(tmp_path / name / "shd_test.h5", 20, seed=2)
+    run_dir = tmp_path / "run"
+    base = ["train", "--task", "shd", "--epochs", "2", "--no-progress", "--run-dir", str(run_dir)]
+    settings = ["--set", "network.hidden_sizes=[6,6]", "batch_size=16", "threads=1"]
+    argv = [*base, "--data-root", str(tmp_path / "good"), *settings, "--max-epochs-this-run", "1"]
+    assert run_json(capsys, argv)["status"] == "interrupted"
+    before = (run_dir / "config.json").read_text()
+    resume = ["train", "--resume", str(run_dir), "--no-progress", "--data-root"]
+    assert main([*resume, str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert f"the data set in {tmp_path / 'other'} is not the one {run_dir} trained on" in err
+    assert "train_items 144 now, 96 when it trained" in err and "valid_items 12 now, 8" in err
+    assert (run_dir / "config.json").read_text() == before
+    (tmp_path / "good").rename(tmp_path / "moved")
+    resumed = run_json(capsys, [*resume, str(tmp_path / "moved")])
+    assert resumed["status"] == "complete"

@@ -190,6 +190,13 @@ class RunDir:
         only settings that may change on resuming (device, data root …)."""
         return config_with(self.config_values(), **changes)
 
+    def read_dataset(self) -> dict:
+        """What ``config.json`` records of a run's data set (sizes, item counts; ``{}``
+        where it records nothing)."""
+        document = self._read_json(CONFIG)
+        dataset = document.get("dataset") if isinstance(document, dict) else None
+        return dataset if isinstance(dataset, dict) else {}
+
     def read_results(self) -> dict:
         """``test_results.json`` of a finished run."""
         if not (self.path / RESULTS).is_file():

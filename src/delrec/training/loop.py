@@ -300,16 +300,20 @@ class Trainer:
         """``config.json``: the resolved config and the data set's sizes (rank 0 only)."""
         if not self.is_main:
             return
-        info = self.data.info
-        dataset = {
+        self.run.write_config(self.config, self.dataset_record())
+
+    def dataset_record(self) -> dict:
+        """What ``config.json`` records of the data set: its name, sizes and item counts (a
+        resume compares them with the data it finds)."""
+        info, datasets = self.data.info, self.data.datasets
+        return {
             "name": info.name,
             "task": info.task,
             "input_size": info.input_size,
             "output_size": info.output_size,
             "steps": info.steps,
-            "train_items": len(self.data.datasets["train"]),
+            **{f"{split}_items": len(datasets[split]) for split in ("train", "valid", "test")},
         }
-        self.run.write_config(self.config, dataset)
 
     # ------------------------------------------------------------------ schedule
     def sigma(self, epoch: int) -> float:
@@ -404,6 +408,23 @@ class Trainer:
             total.backward()
 
         return ForwardPass(loss, prediction, tally, backward)
+
+    def _check_same_data(self) -> None:
+        """A RunError when the data set found differs from the one ``config.json`` says the
+        run trained on (another ``--data-root`` given on resume): its sizes and item counts."""
+        recorded, found = self.run.read_dataset(), self.dataset_record()
+        differ = [
+            f"{key} {found[key]} now, {recorded[key]} when it trained"
+            for key in found
+            if key in recorded and recorded[key] != found[key]
+        ]
+        if differ:
+            where = f" in {self.config.data_root}" if self.config.data_root else ""
+            raise RunError(
+                f"the data set{where} is not the one {self.run.path} trained on "
+                f"({', '.join(differ)}): resume with the run's own data (--data-root, where "
+                "its files are)"
+            )
 
     def _check_loss(self, loss: Tensor, epoch: int, batch: int) -> None:
         """A TrainingError when the loss (of any process) is not finite."""
@@ -608,6 +629,7 @@ class Trainer:
                 "to (a run's settings, its epochs too, stay as it started: train longer in a new "
                 "--run-dir)"
             )
+        self._check_same_data()
         try:
             self.network.load_state_dict(payload["model"])
             for name, optimizer in self.optimizers.items():
