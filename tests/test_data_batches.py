@@ -213,3 +213,14 @@ def test_ctrl_c_while_workers_start_interrupts_instead_of_being_dropped():
         _interrupt_at_fork = False
         signal.signal(signal.SIGINT, launched_with)
     assert len(list(loader)) == 2
+
+
+def test_blends_keep_a_fixed_number_of_steps(tmp_path):
+    """SSC's items are 250 steps, as validation and test are: a blend whose centres of mass
+    put one sample later keeps 250 (it grew beyond), dropping what passes the end."""
+    samples = [([0.05, 0.1], [0, 5]), ([1.2, 1.3], [0, 5])] * 3
+    write_heidelberg(tmp_path / "ssc_train.h5", samples, [0] * 6)
+    train = load_dataset("ssc", split="train", root=tmp_path)
+    aug = TripleAugmented(train, thin_p=1.0, seed=0)
+    lengths = {len(aug[i][0]) for i in range(len(aug))}
+    assert lengths == {250}

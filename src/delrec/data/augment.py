@@ -6,7 +6,9 @@ with another sample of its class.
   ``-max_shift…max_shift`` bins; spikes moved outside ``0…T-1`` are dropped (T unchanged).
 - blend: the two samples are placed so that their centres of mass in time (count-weighted
   mean bin) coincide (to the nearest bin), each is thinned binomially (every spike kept with
-  probability ``thin_p``) and the two are added; T grows to hold both.
+  probability ``thin_p``) and the two are added; T grows to hold both, except where the data
+  set has a fixed number of steps (SSC): there the blend keeps it, and spikes after the last
+  step are dropped, as the binning drops them.
 
 Randomness comes from ``numpy.random.default_rng([seed, epoch, index])``: an item depends
 only on those three numbers, so it is the same in any worker and any order; call
@@ -107,5 +109,5 @@ class TripleAugmented(Dataset):
             partner = peers[rng.integers(len(peers) - 1)]
             partner = partner if partner != i else peers[-1]
             mixed = blend(frames.numpy(), self.base[int(partner)][0].numpy(), self.thin_p, rng)
-            return torch.from_numpy(mixed), label
+            return torch.from_numpy(mixed[: self.info.steps]), label  # None: all of it
         return torch.from_numpy(shift_channels(frames.numpy(), self.max_shift, rng)), label
