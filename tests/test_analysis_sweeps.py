@@ -162,6 +162,10 @@ def test_rate_sweep_resumes_an_interrupted_point_and_plots_rate(tmp_path, capsys
         "DelRec (rate_penalty=0.0)",
         "DelRec (rate_penalty=10.0)",
     ]
+    # --rounded-only measured no real-valued delays: nothing stands in their column
+    assert all(r["accuracy_mean"] == "" and r["rounded_accuracy_mean"] != "" for r in rows)
+    table = (out / "table.md").read_text().splitlines()
+    assert all(line.split(" | ")[7] == "–" for line in table[2:]), table
     assert (out / "figure.png").stat().st_size > 1000
 
 

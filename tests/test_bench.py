@@ -224,6 +224,7 @@ def test_bench_runs_the_feedforward_section_alone(tmp_path, monkeypatch, capsys)
         bench, "feedforward_grid", lambda quick: [bench.Setting(8, 2, d, 0) for d in (3, 9)]
     )
     argv = ["bench", "--quick", "--repeats", "1", "--sections", "feedforward"]
+    (tmp_path / "bench.png").write_bytes(b"an earlier run's figure")
     assert main([*argv, "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
 
@@ -233,7 +234,7 @@ def test_bench_runs_the_feedforward_section_alone(tmp_path, monkeypatch, capsys)
     assert "C++ feedforward kernels run here with" in printed
     verdicts = [line for line in printed.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert len(verdicts) == 5 and all("feedforward delays N=8" in v for v in verdicts)
-    assert not (tmp_path / "bench.png").exists()  # no Fig. S1 panels ran
+    assert not (tmp_path / "bench.png").exists()  # no Fig. S1 panels ran: none left either
     report = (tmp_path / "bench.md").read_text()
     rerun = f"delrec bench --quick --sections feedforward --out {tmp_path} --repeats 1"
     assert f"| command | `{rerun} --threads 1 --clock wall` |" in report
@@ -304,6 +305,42 @@ def test_a_gpu_bench_stopped_midway_says_its_files_are_incomplete(tmp_path, monk
     report = (tmp_path / "gpu-bench.md").read_text()
     assert report.startswith("# delrec bench --device cuda (dry run)")
     assert "INCOMPLETE" not in report and "not measured yet" not in report
+
+
+def test_a_gpu_bench_whose_model_failed_exits_1_naming_it(tmp_path, monkeypatch, capsys):
+    """A model that fails is reported FAILED and the rest runs, but the command no longer
+    ends with exit 0 as if everything had been measured."""
+    from delrec import bench_gpu
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(bench_gpu.gpu, "offer_interpreted_paths", lambda: None)
+
+    def measure(s, models, repeats, device, log):  # the first model of every setting fails
+        row = {"time_ms": 1.0, "peak_mb": None, "samples_per_s": 1.0}
+        return [{**dataclasses.asdict(s), "model": m, **row} for m in models[1:]]
+
+    monkeypatch.setattr(bench_gpu, "measure", measure)
+    argv = ["bench", "--device", "cuda", "--dry-run", "--quick", "--out", str(tmp_path)]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "7 measurement(s) failed (FAILED above): triton at axonal" in out, out[-2000:]
+
+
+def test_the_gpu_dry_run_interprets_the_kernels_when_started_from_the_shell(tmp_path):
+    """From the command line, without TRITON_INTERPRET in the environment: every Triton
+    kernel ran interpreted (triton, imported by torch, used to compile them for a GPU and
+    every Triton model FAILED, with exit 0)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    argv = ["bench", "--device", "cuda", "--dry-run", "--quick", "--out", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, "-m", "delrec", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "FAILED" not in output, output[-3000:]
 
 
 def test_the_benchmark_scripts_run_end_to_end_at_tiny_sizes():

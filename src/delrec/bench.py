@@ -382,6 +382,8 @@ def run(args) -> int:
     figure = out / "bench.png" if ran & {"size", "delay"} else None  # the panels of Fig. S1
     if figure:
         _plot(rows, figure)
+    else:  # an earlier run's figure would sit beside these numbers as if it showed them
+        (out / "bench.png").unlink(missing_ok=True)
     files.write_text(out / "bench.txt", "\n".join(log.lines) + "\n")
     titles = {panel: title for panel, title, *_ in sections}
     verdicts = [line for line in log.lines if line.startswith(("PASS", "FAIL"))]

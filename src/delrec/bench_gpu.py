@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -308,7 +309,14 @@ def verdicts(rows, targets: dict[str, Setting], dry_run: bool, pending=()) -> li
 def run(args) -> int:
     dry_run = args.dry_run
     if dry_run:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+        if not gpu.interpreting():
+            if "triton" in sys.modules:  # too late: its kernels would compile for a GPU
+                raise RuntimeError(
+                    "the dry run interprets the Triton kernels on the CPU, which needs "
+                    "TRITON_INTERPRET=1 before triton is imported: set it in the environment "
+                    "(TRITON_INTERPRET=1 delrec bench --device cuda --dry-run …)"
+                )
+            os.environ["TRITON_INTERPRET"] = "1"
         gpu.offer_interpreted_paths()
         device = torch.device("cpu")
     else:
@@ -356,13 +364,14 @@ def run(args) -> int:
         _plot(rows, out / "gpu-bench.png", header)
         return checks
 
-    done = 0
+    done, failed = 0, []
     for title, settings, models in sections:
         log()
         log(title)
         for s in settings:
             log(f" {s.describe()}")
             measured = measure(s, models, repeats, device, log)
+            failed += [f"{m} at {s.describe()}" for m in models if m not in _models(measured)]
             for row in measured:
                 row["_setting"] = s
             rows.extend(measured)
@@ -372,7 +381,14 @@ def run(args) -> int:
     for text in checks:
         log(text)
     log(f"\nwrote {out / 'gpu-bench.md'}, {out / 'gpu-bench.csv'}, {out / 'gpu-bench.png'}")
+    if failed:
+        log(f"{len(failed)} measurement(s) failed (FAILED above): {'; '.join(failed)}")
+        return 1
     return 0
+
+
+def _models(rows: list[dict]) -> set[str]:
+    return {row["model"] for row in rows}
 
 
 def _feedforward_kernels(device: torch.device) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -88,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
+    if {"bench", "--dry-run"} <= set(sys.argv[1:] if argv is None else argv):
+        # the GPU bench's dry run interprets the Triton kernels on the CPU; triton reads this
+        # when torch first imports it, i.e. below
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     from delrec import cpu
     from delrec.commands import fail
 

@@ -84,8 +84,9 @@ class TrainConfig:
     """Everything that defines a training run; see the module docstring for how it resolves.
 
     ``max_train_samples``: train on a seeded random subset of this many training items
-    (``None``: all; with ``augment``, of the 3N augmented views). ``augment``: present the training split three times per epoch (original,
-    time-shifted, same-class blend; SHD). ``standardize`` (regression): feed the network
+    (``None``: all; with ``augment``, of the 3N augmented views). ``augment``: present the
+    training split three times per epoch (original, time-shifted, same-class blend; SHD).
+    ``standardize`` (regression): feed the network
     ``(x - m) / s`` and fit targets on the same scale, ``m``, ``s`` = mean and std of the
     training targets; metrics are reported in the data's own units. ``rate_penalty``: λ of
     the firing-rate penalty

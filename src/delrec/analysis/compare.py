@@ -11,7 +11,8 @@ configurations are equal apart from the seed (and where they ran) form one row:
 * the same with integer (rounded) delays, as a chip runs them (``test_results.json``);
 * the cost of rounding: the loss of test metric from real-valued to integer delays, per seed
   (accuracy points lost, or NMSE gained), mean ± std (``–`` where nothing was re-evaluated:
-  models without learned delays, or ``--rounded-only``);
+  models without learned delays, or ``--rounded-only``, where the real-valued metric of a
+  model that learns delays is ``–`` too, an empty cell in the CSV);
 * trainable parameters of the network (``count_parameters``);
 * mean firing rate (spikes per neuron per step, over hidden layers) of the training epoch
   that gave the best checkpoint (``metrics.csv``).
@@ -89,6 +90,12 @@ class Row:
     @property
     def reevaluated(self) -> bool:
         return all(run.reevaluated for run in self.runs)
+
+    @property
+    def real_known(self) -> bool:
+        """Whether the real-valued-delay metric was measured: re-evaluated, or equal to the
+        rounded one (a model that learns no delays); not under ``--rounded-only``."""
+        return self.reevaluated or not VARIANTS[self.model].learns_delays
 
     @property
     def firing_rate(self) -> float | None:
@@ -223,7 +230,9 @@ def format_parameters(count: int) -> str:
 
 
 def _format_metric(row: Row, field: str) -> str:
-    if field == "rounding_cost" and not row.reevaluated:
+    if (field == "rounding_cost" and not row.reevaluated) or (
+        field == "real" and not row.real_known
+    ):
         return "–"
     mean, std = row.stats(field)
     if row.metric == "accuracy":
@@ -284,8 +293,8 @@ def rows_as_records(rows: list[Row]) -> list[dict]:
                 "feedforward_delays": variant.feedforward_delays,
                 "parameters": row.parameters,
                 "seeds": len(row.runs),
-                f"{row.metric}_mean": real,
-                f"{row.metric}_std": real_std,
+                f"{row.metric}_mean": real if row.real_known else None,
+                f"{row.metric}_std": real_std if row.real_known else None,
                 f"rounded_{row.metric}_mean": rounded,
                 f"rounded_{row.metric}_std": rounded_std,
                 "rounding_cost_mean": row.stats("rounding_cost")[0] if row.reevaluated else None,
@@ -327,9 +336,10 @@ def plot_rows(rows: list[Row], path: Path, x: str = "parameters") -> None:
             capsize=3,
             label=VARIANTS[model].label,
         )
+        known = [(x_value, r) for x_value, r in zip(xs, mine) if r.real_known]
         ax.scatter(
-            xs,
-            [r.stats("real")[0] * scale for r in mine],
+            [x_value for x_value, _ in known],
+            [r.stats("real")[0] * scale for _, r in known],
             facecolors="none",
             edgecolors=line[0].get_color(),
             zorder=3,

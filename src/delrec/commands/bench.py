@@ -20,7 +20,9 @@ def add_parser(subparsers) -> None:
         help="time and memory of the recurrent-delay layer vs baselines (Fig. S1)",
         description="Reproduce the four panels of Fig. S1 (time per training step and memory "
         "vs hidden size and vs maximum delay) on this machine, print the ratios and the "
-        "targets, and write bench.csv, bench.png and bench.txt.",
+        "targets, and write bench.csv, bench.md, bench.txt and (with the size or delay "
+        "section) bench.png into --out. --network writes network-bench.*, --device cuda "
+        "gpu-bench.*, --streaming streaming.md, --tbptt tbptt.md.",
         epilog=EXIT_CODES_HELP,
     )
     p.add_argument("--quick", action="store_true", help="small grid, under a minute")
@@ -58,8 +60,8 @@ def add_parser(subparsers) -> None:
         "--repeats",
         type=int,
         default=None,
-        help="timed repeats per model, median kept (default 3 with --quick, else 5; 1 with "
-        "--dry-run)",
+        help="timed repeats per model, median kept (default on the CPU 3 with --quick, else 5; "
+        "on a GPU 5; 1 with --dry-run)",
     )
     p.add_argument(
         "--threads",
