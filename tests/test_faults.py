@@ -1523,8 +1523,9 @@ def _bare_memory_error():
     [
         (lambda: np.empty(2**50), "(Unable to allocate 8.00 PiB"),  # numpy names the allocation
         (_bare_memory_error, "(no detail)"),
+        (lambda: torch.empty(2**50), "can't allocate memory: you tried to allocate"),  # torch's
     ],
-    ids=["numpy", "bare"],
+    ids=["numpy", "bare", "torch"],
 )
 def test_running_out_of_memory_is_a_message_not_a_traceback(
     tmp_path, capsys, monkeypatch, allocate, detail

@@ -206,6 +206,9 @@ def test_a_corrupt_checkpoint_error_says_what_the_file_is(tmp_path):
         (DownloadError("cannot reach the server"), 1),
         (OSError("no space left on device"), 1),
         (MemoryError(), 1),
+        (torch.OutOfMemoryError("CUDA out of memory"), 1),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8"), 1),
+        (RuntimeError("a bug"), None),
         (KeyError("a bug"), None),
     ],
 )

@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from delrec.analysis.compare import CompareError
 from delrec.analysis.sweeps import SweepError
 from delrec.checkpoint import CheckpointError
@@ -53,7 +55,6 @@ _EXIT_CODES = (
     (TrainingError, EXIT_FAILURE),
     (ImportError, EXIT_FAILURE),  # an optional package is missing
     (OSError, EXIT_FAILURE),
-    (MemoryError, EXIT_FAILURE),
     (UsageError, EXIT_USAGE),
     (ConfigError, EXIT_USAGE),
     (DataError, EXIT_USAGE),
@@ -65,9 +66,19 @@ _EXIT_CODES = (
 )
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a failed allocation: Python's and numpy's ``MemoryError``, torch's
+    ``OutOfMemoryError`` (a GPU) and the ``RuntimeError`` of its CPU allocator."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
+
+
 def exit_code(error: BaseException) -> int | None:
     """The exit code of ``error`` by the convention above; ``None`` for an error no command
     expects (a bug: it propagates with its traceback)."""
+    if out_of_memory(error):
+        return EXIT_FAILURE
     for kind, code in _EXIT_CODES:
         if isinstance(error, kind):
             return code
@@ -83,10 +94,11 @@ def fail(command: str, error: Exception, prefix: str = "") -> int:
     message = str(error)
     if isinstance(error, OSError) and error.strerror and error.filename is None:
         message = error.strerror  # delrec's own message, without the "[Errno N] " of str()
-    if isinstance(error, MemoryError):  # numpy names the allocation; Python's own says nothing
+    if out_of_memory(error):  # numpy and torch name the allocation; Python's says nothing
+        detail = message.strip().splitlines()[0] if message.strip() else "no detail"
         message = (
-            f"out of memory ({message or 'no detail'}): the sizes asked for (data, network, "
-            "batch size) do not fit this machine; use smaller ones or a machine with more memory"
+            f"out of memory ({detail}): the sizes asked for (data, network, batch size) do not "
+            "fit this machine; use smaller ones or a machine with more memory"
         )
     print(f"delrec {command}: error: {prefix}{message}", file=sys.stderr)
     return code
