@@ -154,13 +154,15 @@ def test_spike_times_not_in_seconds_are_refused_with_fixed_steps(tmp_path):
     write_heidelberg(tmp_path / "ssc_test.h5", ms, [0] * 6)
     with pytest.raises(
         DataError,
-        match=r"ssc_test.h5: \d+% of the spikes fall after the last of the 250 bins of 5.6 ms \(1.4 s; the latest spike is at 8\d\d.*read in seconds",
+        match=r"ssc_test.h5: \d+% of the spikes fall after the last of the 250 bins of 5.6 ms "
+        r"\(1.4 s; the latest spike is at 8\d\d.*read in seconds",
     ):
         load_dataset("ssc", split="test", root=tmp_path)
     write_heidelberg(tmp_path / "shd_test.h5", ms, [0] * 6)
     with pytest.raises(
         DataError,
-        match=r"spans \d+ bins of 10.0 ms, more than 65535 \(its last spike at 8\d\d.*read in seconds",
+        match=r"spans \d+ bins of 10.0 ms, more than 65535 \(its last spike at 8\d\d"
+        r".*read in seconds",
     ):
         load_dataset("shd", split="test", root=tmp_path)
 

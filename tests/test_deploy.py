@@ -692,5 +692,7 @@ def test_export_refuses_a_dt_that_overflows_and_a_file_in_the_way(tmp_path, caps
     (tmp_path / "afile").write_text("x")
     assert main(["export", str(run), "-o", str(tmp_path / "afile" / "x.nir")]) == 2  # before work
     assert "afile is a file, not a folder" in capsys.readouterr().err
+    assert main(["export", str(run), "-o", str(tmp_path / "new" / "sub" / "m.nir")]) == 0
+    assert (tmp_path / "new" / "sub" / "m.nir").is_file()  # missing folders made, as elsewhere
     with pytest.raises(NIRImportError, match="dt = 'x' is not a positive number"):
         import_nir(to_nir(random_network("delrec")), dt="x")

@@ -1309,13 +1309,15 @@ def test_export_refuses_an_output_that_is_the_checkpoint_or_a_run_file(run_copy,
         assert main(["export", str(source), "-o", str(output)]) == 2, output
         err = capsys.readouterr().err
         assert f"-o {output} would overwrite {output.resolve()}, a file of the run" in err, err
-        default = source / "model.nir" if source.is_dir() else source.with_suffix(".nir")
+        default = run_copy / ("model.nir" if source.is_dir() else "best.nir")
         assert f"write the NIR file elsewhere, e.g. -o {default}" in err, err
     assert _contents(run_copy) == before
     pytest.importorskip("nir", reason="NIR export needs the optional `nir` package")
     for _ in range(2):  # an earlier export is replaced, not refused
         assert main(["export", str(run_copy)]) == 0
     assert (run_copy / "model.nir").is_file()
+    assert main(["export", str(best)]) == 0  # beside the run's files, not among its checkpoints
+    assert (run_copy / "best.nir").is_file()
 
 
 def test_compare_refuses_outputs_that_overwrite_a_run_file_or_each_other(run_copy, capsys):

@@ -484,10 +484,15 @@ def default_report_dir(path: str | os.PathLike) -> Path:
 
 
 def default_nir_path(path: str | os.PathLike) -> Path:
-    """Where `delrec export` writes by default: ``RUN_DIR/model.nir``, or the checkpoint's
-    name with ``.nir``."""
+    """Where `delrec export` writes by default: ``RUN_DIR/model.nir``; for a checkpoint file,
+    its name with ``.nir`` beside it, or beside the run's files for one in a run's
+    ``checkpoints/`` (which holds checkpoints only: ``RUN_DIR/best.nir``)."""
     path = Path(path)
-    return path / NIR if path.is_dir() else path.with_suffix(".nir")
+    if path.is_dir():
+        return path / NIR
+    if path.parent.name == CHECKPOINTS and RunDir(path.parent.parent).is_single():
+        return path.parent.parent / path.with_suffix(".nir").name
+    return path.with_suffix(".nir")
 
 
 # --------------------------------------------------------------------------- data

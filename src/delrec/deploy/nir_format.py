@@ -148,14 +148,11 @@ def export_nir(net: nn.Module, path: str | os.PathLike, dt: float = 1.0):
 
     The file is written beside ``path`` under a temporary name, read back and validated with
     ``nir.read``, then renamed: on any error nothing is left on disk and an existing file at
-    ``path`` is untouched.
+    ``path`` is untouched. A missing folder is created (:func:`delrec.files.write_atomic`).
     """
     nir = _nir()
     graph = to_nir(net, dt)
     path = Path(path)
-    if not path.parent.is_dir():
-        problem = "is a file, not a folder" if path.parent.exists() else "does not exist"
-        raise FileNotFoundError(f"cannot write {path}: {path.parent} {problem}")
 
     def write(temporary: Path) -> None:
         nir.write(temporary, graph)
