@@ -255,9 +255,14 @@ def test_compare_names_what_is_not_a_finished_run(tmp_path, capsys):
     assert f"delrec train --resume {run}" in capsys.readouterr().err
 
 
-def test_sweep_rejects_an_unknown_model(tmp_path, capsys):
+def test_sweep_rejects_an_unknown_model_and_an_empty_out(tmp_path, capsys, monkeypatch):
     assert main(["sweep", "params", "--models", "lstm", "--out", str(tmp_path)]) == 2
     assert "--models" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:  # argparse's own exit
+        main(["sweep", "models", "--out", ""])
+    assert stop.value.code == 2 and list(tmp_path.iterdir()) == []
+    assert "argument --out: is empty: give the sweep's folder" in capsys.readouterr().err
 
 
 def test_every_point_is_checked_before_the_first_is_trained(tmp_path, capsys):

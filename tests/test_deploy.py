@@ -480,8 +480,10 @@ def test_report_command_measures_on_the_runs_test_split(tmp_path, capsys):
         run / "checkpoints" / "best.pt",
     )
     assert main(["report", str(run), "--max-batches", "1", "--batch-size", "16"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "synops/inf" in printed and "accuracy on 16 samples" in printed
+    assert "note: --max-batches 1: measuring 16 of the test split's" in captured.err  # not out
     report = json.loads((run / "report" / "hardware_report.json").read_text())
     assert (
         report["evaluation"]["samples"] == 16
@@ -509,7 +511,7 @@ def test_report_max_batches_measures_a_random_subset_the_same_on_every_pass(caps
     assert chosen[0] == chosen[1] and len(chosen[0]) == 10 and chosen[0] == sorted(chosen[0])
     assert len({i // 10 for i in chosen[0]}) >= 5, chosen[0]  # not the first classes only
     assert "measuring 10 of the test split's 100 items, drawn at random (seed 0)" in (
-        capsys.readouterr().out
+        capsys.readouterr().err
     )
     whole = _measured(by_class, argparse.Namespace(max_batches=20, batch_size=5, split="test"))
     assert whole.dataset is by_class  # batches enough for the whole split: every item
@@ -519,7 +521,7 @@ def test_report_command_on_a_named_data_set(tmp_path, capsys):
     net = build_network(NetworkConfig(1, (6, 6), 10, model="delrec", delay_type="synaptic"), seed=0)
     run = save_run(tmp_path, net)  # a bare network checkpoint: no training config
     assert main(["report", str(run)]) == 0
-    assert "no training configuration" in capsys.readouterr().out
+    assert "no training configuration" in capsys.readouterr().err
     assert (
         main(
             ["report", str(run), "--data", "digits-8x8", "--max-batches", "1", "--batch-size", "8"]

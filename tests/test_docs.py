@@ -148,3 +148,15 @@ def test_python_examples_run(page, tmp_path, monkeypatch):
     namespace = dict(given[name])
     for number, code in enumerate(PYTHON_BLOCK.findall(page.read_text())):
         exec(compile(code, f"{name} example {number + 1}", "exec"), namespace)
+
+
+@pytest.mark.parametrize("command", ["compare", "sweep"])
+def test_help_descriptions_drawn_from_docstrings_carry_no_markup(command, capsys):
+    """`delrec sweep --help` showed ``models`` and :func:`…` as written in the docstring."""
+    from delrec.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    shown = capsys.readouterr().out
+    assert "``" not in shown and ":func:" not in shown and ":class:" not in shown
+    assert len(shown.splitlines()) > 10

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -43,6 +44,13 @@ EXIT_CODES_HELP = (
     "configuration value, missing or corrupt file, run directory in use); 130 interrupted "
     "(Ctrl-C); 143 terminated (SIGTERM)"
 )
+
+
+def described(module) -> str:
+    """A command's ``--help`` description: the docstring of ``module`` after its first
+    paragraph, its reST markup (````code````, ``:func:`name```) as plain text."""
+    text = module.__doc__.split("\n\n", 1)[1]
+    return re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
 
 
 class UsageError(Exception):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from delrec import files
 from delrec.analysis import compare
-from delrec.commands import EXIT_CODES_HELP, UsageError, check_outputs
+from delrec.commands import EXIT_CODES_HELP, UsageError, check_outputs, described
 from delrec.runs import run_files
 
 
@@ -15,7 +15,7 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "compare",
         help="table (Markdown, CSV) and figure of trained runs, Table S5 layout",
-        description=compare.__doc__.split("\n\n", 1)[1],
+        description=described(compare),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXIT_CODES_HELP,
     )

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -68,7 +69,11 @@ def add_parser(subparsers) -> None:
         help="print the known targets with their limits and the source of every number, and exit",
     )
     parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
-    parser.add_argument("--max-batches", type=int, help="stop after this many batches")
+    parser.add_argument(
+        "--max-batches",
+        type=int,
+        help="measure a random subset (seed 0) of this many batches of the split, not all of it",
+    )
     parser.add_argument(
         "-o",
         "--output",
@@ -139,7 +144,8 @@ def _loader(args: argparse.Namespace, payload: dict):
     if "train_config" not in payload:
         print(
             "note: the checkpoint holds no training configuration, so there is no data set to "
-            "measure on; pass --data NAME for spikes, synaptic operations and scores"
+            "measure on; pass --data NAME for spikes, synaptic operations and scores",
+            file=sys.stderr,
         )
         return None
     config = checkpoint_config(payload, args.run_dir, data_root=args.data_root)
@@ -157,6 +163,7 @@ def _measured(dataset, args: argparse.Namespace):
         dataset = Subset(dataset, order[:items].sort().values.tolist())
         print(
             f"note: --max-batches {args.max_batches}: measuring {items} of the {args.split} "
-            f"split's {len(dataset.dataset)} items, drawn at random (seed 0)"
+            f"split's {len(dataset.dataset)} items, drawn at random (seed 0)",
+            file=sys.stderr,
         )
     return eval_loader(dataset, args.batch_size)

@@ -13,6 +13,7 @@ from delrec.commands import (
     UsageError,
     add_set_option,
     comma_list,
+    described,
     parse_seeds,
 )
 from delrec.config import parse_override
@@ -34,7 +35,7 @@ def _add_common(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--data-root", help="folder of the data set's files")
     parser.add_argument(
         "--out",
-        type=Path,
+        type=_out_folder,
         default=Path(default_out),
         help="sweep folder: one run directory per point, table, figure (default %(default)s)",
     )
@@ -46,11 +47,19 @@ def _add_common(parser: argparse.ArgumentParser, default_out: str) -> None:
     )
 
 
+def _out_folder(text: str) -> Path:
+    """``--out``: a folder; an empty value (an unset shell variable) is refused, not read as
+    the current folder, where a sweep would scatter its runs."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give the sweep's folder")
+    return Path(text)
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "sweep",
         help="accuracy vs parameters or vs firing rate: many `delrec train` runs",
-        description=sweeps.__doc__.split("\n\n", 1)[1],
+        description=described(sweeps),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXIT_CODES_HELP,
     )
