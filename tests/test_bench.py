@@ -186,6 +186,12 @@ def test_targets_pass_at_their_bounds_and_fail_beyond():
     assert "saved memory NOT flat" in lines[-1]
 
 
+def test_targets_of_sections_that_did_not_run_say_so():
+    """`--sections size` judges no target: the heading says so rather than standing alone."""
+    lines = bench.target_checks([], [], bench.Setting(256, 32, 10, 5), quick=True)
+    assert lines[1:] == ["(none among the sections that ran)"]
+
+
 def test_streaming_and_tbptt_benchmarks_measure_and_judge(monkeypatch, capsys, tmp_path):
     """`delrec bench --streaming` (its compiled and PyTorch-op paths on an active network) and
     the TBPTT memory benchmark on a batch of one say what they measured and judge the targets

@@ -492,6 +492,8 @@ def target_checks(rows, cost, shd, quick) -> list[str]:
             f"{verdict(grows)}  reference/fast ratios grow with the delay range: "
             + ", ".join(f"d≤{d:g}: ×{t:.1f} time ×{m:.1f} memory" for d, (t, m) in growth)
         )
+    if len(lines) == 1:
+        lines.append("(none among the sections that ran)")
     return lines
 
 
