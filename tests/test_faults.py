@@ -138,6 +138,26 @@ def poison_after_step(trainer: Trainer, parameter: str, step: int, value: float)
     trainer.optimizers["weights"].register_step_post_hook(hook)
 
 
+def test_the_trainer_api_refuses_what_it_would_silently_ignore(tmp_path):
+    """A TrainConfig written by hand is validated (a regression with the classification
+    readout trained another model); the network is fixed (a network assigned afterwards went
+    untrained, the optimizers on the old one); evaluate leaves the mode as it found it (a loop
+    that validated mid-epoch went on with integer delays, which get no gradient)."""
+    from delrec.config import TrainConfig
+    from delrec.training.evaluation import evaluate
+
+    by_hand = TrainConfig(task="mackey-glass", network={"hidden_sizes": [8]}, epochs=1)
+    with pytest.raises(ConfigError, match="regression \\(mackey-glass\\) needs network.readout"):
+        Trainer(by_hand, tmp_path / "run", progress=False)
+    trainer = Trainer(tiny_config(1), tmp_path / "run", progress=False)
+    with pytest.raises(AttributeError):
+        trainer.network = trainer.network
+    for mode in (True, False):
+        trainer.network.train(mode)
+        evaluate(trainer.network, trainer.valid_loader, trainer.objective, trainer.device)
+        assert trainer.network.training is mode
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nan_parameters_stop_the_run_naming_epoch_batch_and_last_checkpoint(tmp_path, value):
     trainer = Trainer(tiny_config(), tmp_path / "run", progress=False)

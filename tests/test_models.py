@@ -300,3 +300,63 @@ def test_torch_compile_runs_the_engines_as_they_are(model):
     assert torch.equal(compiled, eager)
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, net.parameters()))
     assert [str(w.message) for w in caught if "Dynamo" in str(w.message)] == []
+
+
+@pytest.mark.parametrize("task", ["shd", "ssc"])  # BatchNorm blocks, dropout-first blocks
+def test_hooks_on_a_networks_modules_run_on_the_fused_path_too(task):
+    """The fused loops call no module: a block whose modules carry hooks (an ablation, an
+    activation recorder, torch.nn.utils.prune) runs its modules, with the reference numbers
+    (the hooks were skipped: the ablation did nothing, pruning used a stale weight)."""
+    torch.manual_seed(0)
+    config = preset_network(task, "delrec", hidden_sizes=[12, 12])
+    net = build_network(config, seed=0).double().eval()
+    x = (torch.rand(15, 3, net.config.input_size, dtype=torch.float64) < 0.5).double() * 4
+    plain = net(x)
+    assert net.forward_with_spikes(x)[1][0].any()  # the first layer fires: ablating it shows
+    recorded = []
+
+    def ablate(module, inputs, output):
+        recorded.append(type(module).__name__)
+        return torch.zeros_like(output)
+
+    handle = net.blocks[0].neurons.register_forward_hook(ablate)
+    last = net.readout_neuron or net.readout
+    reader = last.register_forward_hook(lambda m, i, o: recorded.append("readout"))
+    fused_out = net(x)
+    set_feedforward_engine(net, "reference")
+    reference_out = net(x)
+    set_feedforward_engine(net, "fused")
+    assert torch.equal(fused_out, reference_out) and not torch.equal(fused_out, plain)
+    assert recorded == [type(net.blocks[0].neurons).__name__, "readout"] * 2
+    handle.remove()
+    reader.remove()
+    assert torch.equal(net(x), plain)
+
+    from torch.nn.utils import prune
+
+    pruned = build_network(config, seed=0).double().eval()
+    prune.l1_unstructured(pruned.blocks[1].synapses, "weight", amount=0.5)
+    pruned.load_state_dict(
+        {
+            **pruned.state_dict(),
+            "blocks.1.synapses.weight_orig": net.blocks[1].synapses.weight.detach() * 2,
+        }
+    )
+    expected = build_network(config, seed=0).double().eval()
+    expected.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        expected.blocks[1].synapses.weight.copy_(
+            2 * net.blocks[1].synapses.weight * pruned.blocks[1].synapses.weight_mask
+        )
+    assert torch.allclose(pruned(x), expected(x), rtol=0, atol=1e-12)
+
+
+def test_a_network_under_autocast_runs_in_its_dtype():
+    """bfloat16 autocast: the fused loops run float32 and float64 only (they raised "not
+    implemented for 'BFloat16'"); the network runs in its parameters' dtype, as without."""
+    torch.manual_seed(0)
+    net = build_network(preset_network("shd", "delrec", hidden_sizes=[12, 12]), seed=0).eval()
+    x = (torch.rand(15, 3, net.config.input_size) < 0.2).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = net(x)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, net(x))

@@ -29,6 +29,7 @@ from delrec.engine.lif import is_builtin_lif
 from delrec.layers import DelRec, DelRecState, FeedforwardDelay, run_chunk
 from delrec.layers.dropout import Dropout
 from delrec.layers.feedforward import weight_bound
+from delrec.layers.precision import own_precision
 from delrec.layers.sizes import check_size
 from delrec.neurons import (
     LIF,
@@ -258,6 +259,24 @@ class NetworkState(NamedTuple):
     readout: tuple[Tensor, ...] | None
 
 
+def hooked(modules) -> bool:
+    """Whether a hook waits on one of ``modules`` or their sub-modules: a forward or backward
+    hook or pre-hook of their own (``torch.nn.utils.prune``'s, a recorder's, an ablation's) or
+    registered for every module. The fused loops call no module, so a block with one runs its
+    modules instead (the reference path, the same numbers)."""
+    from torch.nn.modules import module as base
+
+    if base._global_forward_hooks or base._global_forward_pre_hooks:
+        return True
+    if base._global_backward_hooks or base._global_backward_pre_hooks:
+        return True
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        for module in modules
+        for m in module.modules()
+    )
+
+
 class HiddenBlock(nn.Module):
     """One hidden layer: synapses (Linear or FeedforwardDelay) → [BatchNorm] → neurons → dropout
     (dropout before the neurons with ``dropout_first``, the SSC/PS-MNIST blocks).
@@ -270,7 +289,7 @@ class HiddenBlock(nn.Module):
     kernels on CUDA; a plain LIF layer run from a state runs its module), and hands a DelRec
     layer its dropout (``input_dropout=`` or ``output_dropout=``: in the engine's loops where
     it can); ``"reference"`` runs the modules step by step under autograd. Same numbers either
-    way.
+    way. A block whose modules carry hooks (:func:`hooked`) runs its modules, so the hooks run.
     """
 
     def __init__(
@@ -295,7 +314,11 @@ class HiddenBlock(nn.Module):
         training, BatchNorm normalises each chunk by its own statistics."""
         stateful = state is not None or return_state
         synapse_state, neuron_state = state if state is not None else (None, None)
-        use_fused = self.engine == "fused" and fused.kernels_for(x.device) is not None
+        use_fused = (
+            self.engine == "fused"
+            and fused.kernels_for(x.device) is not None
+            and not hooked(self.children())
+        )
         if use_fused and fused.fusable_norm(self.norm) and type(self.synapses) is nn.Linear:
             # the normalisation removes the linear map's bias: it goes into the statistics only
             current = F.linear(x, self.synapses.weight)
@@ -354,6 +377,7 @@ class SpikingNetwork(nn.Module):
         self.engine = "fused"  # of the readout neuron; see set_feedforward_engine
 
     @torch.compiler.disable  # torch.compile runs it as it is (delrec.engine docstring)
+    @own_precision  # under autocast: in the network's dtype (the fused loops run no other)
     def forward_with_spikes(
         self, x: Tensor, state: NetworkState | None = None, *, return_state: bool = False
     ) -> tuple[Tensor, list[Tensor]] | tuple[Tensor, list[Tensor], NetworkState]:
@@ -408,7 +432,8 @@ class SpikingNetwork(nn.Module):
             if start is not None:
                 check_state(start, (out[0],), "readout")
                 check_state_finite(start, "readout")
-            if self.engine == "fused" and fused.kernels_for(out.device) is not None:
+            runs_fused = self.engine == "fused" and fused.kernels_for(out.device) is not None
+            if runs_fused and not hooked([neuron]):
                 out = fused.integrate(out, neuron.tau, neuron.decay_input)
                 if start is not None:  # v[t] also holds (1 - 1/τ)^(t+1)·v[-1]
                     steps = torch.arange(1, out.shape[0] + 1, device=out.device, dtype=out.dtype)

@@ -1,5 +1,5 @@
-"""Mixed precision: under ``torch.autocast`` the delay layers run in their parameters' dtype, on
-every engine alike (docs/layer.md#mixed-precision)."""
+"""Mixed precision: under ``torch.autocast`` the delay layers and the networks built of them run
+in their parameters' dtype, on every engine alike (docs/layer.md#mixed-precision)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,18 @@ HALF = (torch.float16, torch.bfloat16)
 
 
 def own_precision(forward):
-    """Decorate a layer's ``forward(self, x, ...)``: under autocast, a half-precision input
-    ``x`` is cast to the layer's dtype (``self.weight.dtype``) and autocast is off inside, so
-    the reference engine's products compute what the compiled engines do (autocast never
-    reaches those)."""
+    """Decorate a module's ``forward(self, x, ...)``: under autocast, a half-precision input
+    ``x`` is cast to the module's dtype (its ``weight``'s, else its first parameter's) and
+    autocast is off inside, so the reference engine's products compute what the compiled
+    engines do (autocast never reaches those, and they run float32 and float64 only)."""
 
     @functools.wraps(forward)
     def run(self, x, *args, **kwargs):
         if not torch.is_tensor(x) or not torch.is_autocast_enabled(x.device.type):
             return forward(self, x, *args, **kwargs)
         if x.dtype in HALF:
-            x = x.to(self.weight.dtype)
+            weight = getattr(self, "weight", None)
+            x = x.to(weight.dtype if torch.is_tensor(weight) else next(self.parameters()).dtype)
         with torch.autocast(x.device.type, enabled=False):
             return forward(self, x, *args, **kwargs)
 

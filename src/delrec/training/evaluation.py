@@ -34,19 +34,23 @@ def evaluate(
     """Metrics of ``network`` in eval mode (integer delays unless a layer's ``integer_eval``
     is off) over ``loader``; with ``keep_outputs``, the predictions / class scores in item
     order, on the CPU. ``dist``: a DataParallel whose sharded ``loader`` this rank reads;
-    the metrics are those of the whole split."""
+    the metrics are those of the whole split. The network is left in the mode it was in."""
+    was_training = network.training
     network.eval()
     meter, outputs = objective.meter(), []
-    for step, (frames, lengths, targets) in enumerate(loader):
-        frames, targets = frames.to(device), targets.to(device)
-        if dist is not None:
-            frames, share = dist.begin_step(loader, step, frames)
-            if share == 0:
-                continue
-        loss, output = objective(network(frames), lengths, targets)
-        meter.update(loss, output, targets)
-        if keep_outputs:
-            outputs.append(output.cpu())
+    try:
+        for step, (frames, lengths, targets) in enumerate(loader):
+            frames, targets = frames.to(device), targets.to(device)
+            if dist is not None:
+                frames, share = dist.begin_step(loader, step, frames)
+                if share == 0:
+                    continue
+            loss, output = objective(network(frames), lengths, targets)
+            meter.update(loss, output, targets)
+            if keep_outputs:
+                outputs.append(output.cpu())
+    finally:  # a training loop that validates mid-epoch goes on training (delays included)
+        network.train(was_training)
     if dist is not None:
         dist.reduce_meter(meter)
     return meter.result(), torch.cat(outputs) if keep_outputs else None

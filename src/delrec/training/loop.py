@@ -240,7 +240,11 @@ class Trainer:
         log=None,
         dist=None,
     ):
-        self.config = config
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        # validated, with sections given as dicts built: delrec.config.resolve makes one from
+        # a preset, which a TrainConfig(...) written by hand does not have
+        self.config = config = TrainConfig.from_dict(config.to_dict())
         self.run = RunDir(run_dir)
         self.dist = dist
         self.is_main = dist is None or dist.is_main
@@ -260,7 +264,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.data = load_splits(config)
         info = self.data.info
-        self.network = _build_in_memory(
+        self._network = _build_in_memory(
             config.network_config(info.input_size, info.output_size), config.seed, self.device
         )
         self.train_forward = self.network.forward_with_spikes
@@ -294,6 +298,12 @@ class Trainer:
         if dist is not None:
             self.data.train_loader = dist.shard_loader(self.data.train_loader)
             self.valid_loader = dist.shard_loader(self.valid_loader)
+
+    @property
+    def network(self) -> SpikingNetwork:
+        """The network being trained (fixed: the optimizers and the forward are built on it;
+        a network of your own trains through the layers' API, docs/layer.md)."""
+        return self._network
 
     # ------------------------------------------------------------------ files
     def write_config(self) -> None:
