@@ -360,3 +360,5 @@ def test_a_network_under_autocast_runs_in_its_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = net(x)
     assert mixed.dtype == torch.float32 and torch.equal(mixed, net(x))
+    with pytest.raises(TypeError, match="runs in float32 or float64 .* not torch.float16"):
+        net.half()(x.half())

@@ -392,6 +392,12 @@ class SpikingNetwork(nn.Module):
         if x.shape[0] == 0:
             raise ValueError("input sequence is empty (T = 0)")
         parameter = self.readout.weight
+        if parameter.dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"a delrec network runs in float32 or float64 (its fused loops and dropout "
+                f"masks), not {parameter.dtype}; convert it with .float(), or keep it float32 "
+                "under torch.autocast, which runs it in float32"
+            )
         if x.dtype != parameter.dtype:
             raise TypeError(
                 f"input dtype {x.dtype} does not match the network's {parameter.dtype}; "
