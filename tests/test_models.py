@@ -14,6 +14,7 @@ from delrec.models import (
     NeuronConfig,
     build_network,
     count_parameters,
+    hooked,
     preset_network,
     readout_reduce,
     set_feedforward_engine,
@@ -331,6 +332,9 @@ def test_hooks_on_a_networks_modules_run_on_the_fused_path_too(task):
     handle.remove()
     reader.remove()
     assert torch.equal(net(x), plain)
+    delrec = next(m for m in net.modules() if isinstance(m, DelRec))
+    delrec.register_forward_pre_hook(lambda m, i: None)  # called as a module either way
+    assert not hooked(net.blocks)  # the block keeps its fused loops
 
     from torch.nn.utils import prune
 

@@ -262,8 +262,9 @@ class NetworkState(NamedTuple):
 def hooked(modules) -> bool:
     """Whether a hook waits on one of ``modules`` or their sub-modules: a forward or backward
     hook or pre-hook of their own (``torch.nn.utils.prune``'s, a recorder's, an ablation's) or
-    registered for every module. The fused loops call no module, so a block with one runs its
-    modules instead (the reference path, the same numbers)."""
+    registered for every module. The fused loops call no module but the DelRec layers (whose
+    hooks run either way, a distributed run's recurrent-mask hook among them), so a block with
+    one elsewhere runs its modules instead (the reference path, the same numbers)."""
     from torch.nn.modules import module as base
 
     if base._global_forward_hooks or base._global_forward_pre_hooks:
@@ -274,6 +275,7 @@ def hooked(modules) -> bool:
         m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
         for module in modules
         for m in module.modules()
+        if not isinstance(m, DelRec)
     )
 
 
