@@ -669,7 +669,7 @@ def test_non_finite_weights_spreads_states_and_masks_are_refused_naming_which(wh
     layer = DelRec(8, learn_spread=True, sigma=2.0, recurrent_dropout=0.5)
     current = torch.rand(10, 2, 8)
     _, state = layer(current, return_state=True)
-    neuron, spikes, mask = state
+    neuron, spikes, mask, _ = state
     with torch.no_grad():
         if where == "the weights":
             layer.weight[3, 1] = value
@@ -697,7 +697,7 @@ def test_non_finite_feedforward_positions_are_refused_on_every_engine(engine):
 def test_states_and_masks_of_another_kind_get_clear_errors():
     layer = DelRec(8, recurrent_dropout=0.5)
     current = torch.rand(10, 2, 8)
-    _, (neuron, spikes, mask) = layer(current, return_state=True)
+    _, (neuron, spikes, mask, _) = layer(current, return_state=True)
     State = type(layer(current, return_state=True)[1])
     with pytest.raises(TypeError, match="spikes holds torch.float64, the input is torch.float32"):
         layer(current, State(tuple(v.double() for v in neuron), spikes.double(), mask))

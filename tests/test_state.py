@@ -431,3 +431,29 @@ def test_the_states_mask_is_checked_like_dropout_mask_and_unused_in_eval():
     assert torch.equal(after.mask, state.mask)
     layer.train()
     assert not torch.equal(layer(current, state), layer(current, state._replace(mask=None)))
+
+
+def test_a_state_whose_history_the_grown_delays_outreach_is_refused():
+    """A state keeps as many steps of spikes as the delays reached when it was made. Delays
+    that grew since (an optimizer step between chunks) reach older spikes the state no longer
+    holds: refused, where they counted as 0 without a word. A state of a sequence shorter
+    than its history, or one made by hand (steps unknown), runs as before."""
+    torch.manual_seed(0)
+    layer = DelRec(8, delay_init=1.0).double()
+    current = torch.rand(24, 2, 8, dtype=torch.float64) * 2
+    _, state = layer(current[:12], return_state=True)
+    assert state.steps == 12 and state.spikes.shape[0] < 12
+    _, later = layer(current[12:16], state, return_state=True)
+    assert later.steps == 16
+    with torch.no_grad():
+        layer.delay.fill_(7.6)
+    with pytest.raises(
+        ValueError,
+        match=r"keeps the spikes of the last 3 steps of a sequence 12 steps in, but the delays "
+        r"of DelRec\(8\) now reach 1\d steps back",
+    ):
+        layer(current[12:], state)
+    layer(current[12:], state._replace(steps=None))  # made by hand: not known, runs
+    _, short = DelRec(8, delay_init=1.0).double()(current[:2], return_state=True)
+    assert short.steps == 2 and short.spikes.shape[0] == 2
+    layer(current[2:], short)  # it holds the whole sequence so far

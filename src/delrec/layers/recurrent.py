@@ -20,6 +20,7 @@ from delrec.engine import (
 )
 from delrec.engine.dropout import MaskDraw, check_probability
 from delrec.engine.lif import LIFMap
+from delrec.engine.state import history_length
 from delrec.layers.precision import own_precision
 from delrec.layers.sizes import check_size
 from delrec.neurons import LIF, as_neuron, check_state, refuse_nonfinite
@@ -34,12 +35,15 @@ class DelRecState(NamedTuple):
     oldest first; earlier spikes count as 0 (``H``: the longer of the previous state's
     history and the kernel's reach ``L - 1``, at most the steps seen:
     :func:`delrec.engine.state.kept_history`). ``mask``: the recurrent dropout mask ``(B, N)`` of
-    the sequence (training with ``recurrent_dropout > 0``), or None.
+    the sequence (training with ``recurrent_dropout > 0``), or None. ``steps``: how many steps
+    of the sequence the state has seen (``None``: not known, a state made by hand); a layer
+    refuses a state whose history was cut shorter than its delays now reach.
     """
 
     neuron: tuple[Tensor, ...]
     spikes: Tensor
     mask: Tensor | None
+    steps: int | None = None
 
 
 class DelRec(nn.Module):
@@ -281,6 +285,7 @@ class DelRec(nn.Module):
             fresh = tuple(self.neuron.initial_state(current[0]))
             start = RecurrentState(fresh, current.new_zeros(0, *current.shape[1:]))
         else:
+            self._check_history(state, delay, width)
             start = RecurrentState(tuple(state.neuron), state.spikes)
         spikes, final = path.run(
             current, self.weight, delay, width, self.neuron, applied, state=start, **options
@@ -291,7 +296,27 @@ class DelRec(nn.Module):
         if not return_state:
             return spikes
         neuron_state = tuple(x.detach() for x in final.neuron)
-        return spikes, DelRecState(neuron_state, final.spikes, mask)
+        before = 0 if state is None else state.steps
+        seen = None if before is None else before + current.shape[0]
+        return spikes, DelRecState(neuron_state, final.spikes, mask, seen)
+
+    def _check_history(self, state: DelRecState, delay: Tensor, width) -> None:
+        """A ValueError when ``state`` kept fewer steps of spikes than the delays now reach
+        and the sequence is longer than that (its older spikes are gone: they would count as
+        0); the delays grew since the state was made, e.g. an optimizer step between chunks."""
+        kept = state.spikes.shape[0]
+        if state.steps is None or state.steps <= kept:
+            return
+        reach = history_length(delay, width)
+        if reach > kept:
+            raise ValueError(
+                f"this DelRecState keeps the spikes of the last {kept} steps of a sequence "
+                f"{state.steps} steps in, but the delays of DelRec({self.size}) now reach "
+                f"{reach} steps back (they grew since the state was made, e.g. by an optimizer "
+                "step between chunks): the older spikes are gone. Keep a sequence's delays "
+                "fixed until its last chunk (step the optimizer between sequences), or run the "
+                "sequence again from its start"
+            )
 
     def _recurrent_mask(
         self, current: Tensor, state: DelRecState | None, dropout_mask: Tensor | None
