@@ -13,7 +13,9 @@ The loss of a sequence, ``L(y)``, depends on the whole readout sequence ``y`` ``
 The gradient is exactly truncated BPTT of the sequence loss: every path from the loss back to
 a parameter that stays inside one chunk counts, none that crosses a chunk boundary. Memory for
 backward is that of one chunk (∝ K), plus ``y``; the cost is one extra forward without autograd.
-In training mode BatchNorm normalises each chunk by its own statistics.
+In training mode BatchNorm normalises each chunk by its own statistics; its running statistics
+take one update per step, from the statistics of all the step's frames (combined from the
+chunks': :func:`sequence_statistics`), as without chunks.
 """
 
 from __future__ import annotations
@@ -84,14 +86,27 @@ def truncated_bptt(
     devices = [frames.device] if frames.device.type == "cuda" else []
     rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
     statistics = _batch_norm_buffers(network)
-    outputs, tally, state = [], 0, None
+    norms = [m for m in network.modules() if _tracks(m)]
+    momenta = [norm.momentum for norm in norms]
+    outputs, tally, state, chunk_statistics = [], 0, None, []
     with torch.no_grad():
-        for start, end in bounds:
-            out, spikes, state = network.forward_with_spikes(
-                frames[start:end], state, return_state=True
-            )
-            outputs.append(out)
-            tally = tally + spike_tally(spikes, lengths, start)
+        try:
+            for norm in norms:  # each chunk's running statistics become its batch statistics
+                norm.momentum = 1.0
+            for start, end in bounds:
+                out, spikes, state = network.forward_with_spikes(
+                    frames[start:end], state, return_state=True
+                )
+                outputs.append(out)
+                tally = tally + spike_tally(spikes, lengths, start)
+                frames_seen = (end - start) * frames.shape[1]
+                chunk_statistics.append(
+                    [(frames_seen, n.running_mean.clone(), n.running_var.clone()) for n in norms]
+                )
+        finally:
+            for norm, momentum in zip(norms, momenta):
+                norm.momentum = momentum
+    whole = [sequence_statistics(list(per_norm)) for per_norm in zip(*chunk_statistics)]
     output = torch.cat(outputs).requires_grad_()
     with torch.enable_grad():
         loss, prediction = objective(output, lengths, targets)
@@ -112,8 +127,32 @@ def truncated_bptt(
             if rate_penalty > 0:  # the chunk's share of the sequence's penalty
                 total = total + rate_penalty * spike_penalty(spikes) * (end - start) / steps
             total.backward()
+        _restore(statistics)  # then one update per step, as a pass without chunks makes
+        with torch.no_grad():
+            for norm, (mean, var) in zip(norms, whole):
+                norm.num_batches_tracked += 1
+                cumulative = 1 / int(norm.num_batches_tracked)  # momentum None: an average
+                factor = cumulative if norm.momentum is None else norm.momentum
+                norm.running_mean.lerp_(mean, factor)
+                norm.running_var.lerp_(var, factor)
 
     return ForwardPass(loss.detach(), prediction.detach(), tally, backward)
+
+
+def sequence_statistics(chunks: list[tuple[int, Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """The mean and unbiased variance over all frames of the chunks ``(frames, mean, unbiased
+    variance)`` of one BatchNorm layer, from theirs (the law of total variance): what the
+    layer measures on the whole sequence at once."""
+    total = sum(count for count, _, _ in chunks)
+    mean = sum(count * chunk_mean for count, chunk_mean, _ in chunks) / total
+    spread = sum(
+        (count - 1) * var + count * (chunk_mean - mean) ** 2 for count, chunk_mean, var in chunks
+    )
+    return mean, spread / max(total - 1, 1)
+
+
+def _tracks(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
 
 
 def _batch_norm_buffers(network: nn.Module) -> list[tuple[Tensor, Tensor]]:
