@@ -181,6 +181,20 @@ def test_backward_memory_grows_with_the_chunk_not_the_sequence():
     assert 0 <= constant < peaks[49] / 2 and whole <= constant + per_step * 784, peaks
 
 
+def test_a_chunk_of_one_frame_for_batch_norm_is_refused_naming_the_settings():
+    """tbptt=1 and a last batch of one item gave BatchNorm one frame: a raw ValueError from
+    torch after the whole epoch. It names tbptt and batch_size."""
+    from delrec.config import ConfigError
+
+    net = small_network("lif", "bn")
+    frames, lengths, targets, task = batch("lif", size=1)
+    with pytest.raises(
+        ConfigError, match="gives BatchNorm one frame, .* raise tbptt, or choose a batch_size"
+    ):
+        truncated_bptt(net, frames, lengths, targets, make_objective(task, "lif"), 1)
+    truncated_bptt(net, frames, lengths, targets, make_objective(task, "lif"), 5)  # 25 = 5 × 5
+
+
 def test_chunk_bounds_cover_the_sequence_and_refuse_zero():
     assert chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert chunk_bounds(3, 10) == [(0, 3)]

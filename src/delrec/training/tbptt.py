@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from delrec.config import ConfigError
 from delrec.models import SpikingNetwork
 from delrec.training.objectives import spike_penalty
 
@@ -83,6 +84,14 @@ def truncated_bptt(
     of ``chunk`` steps; ``objective(y, lengths, targets) -> (loss, prediction)``. Returns the
     first pass's results; call ``.backward()`` for the gradients (module docstring)."""
     bounds = chunk_bounds(frames.shape[0], chunk)
+    fewest = frames.shape[1] * min(end - start for start, end in bounds)
+    norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if fewest < 2 and norms:
+        raise ConfigError(
+            f"a chunk of {bounds[-1][1] - bounds[-1][0]} step(s) of a batch of {frames.shape[1]} "
+            "gives BatchNorm one frame, whose statistics it cannot take: raise tbptt, or choose "
+            "a batch_size that leaves no last batch of one item"
+        )
     devices = [frames.device] if frames.device.type == "cuda" else []
     rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
     statistics = _batch_norm_buffers(network)
