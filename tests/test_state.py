@@ -431,6 +431,11 @@ def test_the_states_mask_is_checked_like_dropout_mask_and_unused_in_eval():
     assert torch.equal(after.mask, state.mask)
     layer.train()
     assert not torch.equal(layer(current, state), layer(current, state._replace(mask=None)))
+    # a state made in eval mode carries no mask: in training it gets the layer's fresh draw
+    _, made_in_eval = layer.eval()(current, return_state=True)
+    assert made_in_eval.mask is None
+    _, continued = layer.train()(current, made_in_eval, return_state=True)
+    assert continued.mask is not None and (continued.mask == 0).any()
 
 
 def test_a_state_whose_history_the_grown_delays_outreach_is_refused():

@@ -322,15 +322,14 @@ class DelRec(nn.Module):
         self, current: Tensor, state: DelRecState | None, dropout_mask: Tensor | None
     ) -> Tensor | None:
         """The recurrent dropout mask ``(B, N)`` of the sequence, in the input's dtype: the one
-        given, the state's, or a fresh draw (None when recurrent dropout is off or in eval)."""
+        given, the state's, or a fresh draw (None when recurrent dropout is off or in eval; a
+        state made in eval mode has none, and continued in training gets a fresh draw)."""
         if dropout_mask is not None:
             mask, name = dropout_mask, "dropout_mask"
-        elif state is not None:
+        elif state is not None and state.mask is not None:
             mask, name = state.mask, "state.mask"
         else:
             return self._draw_dropout_mask(current)
-        if mask is None:
-            return None
         if not torch.is_tensor(mask) or not (
             mask.dtype.is_floating_point or mask.dtype == torch.bool
         ):
