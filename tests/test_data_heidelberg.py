@@ -147,24 +147,28 @@ def test_a_source_replaced_while_it_is_parsed_is_parsed_again_next_time(shd_dir,
     assert len(again) == 1 and again[0][1] == 5
 
 
-def test_spike_times_not_in_seconds_are_refused_with_fixed_steps(tmp_path):
-    """Times in milliseconds or microseconds put (nearly) every spike after the last bin:
-    refused, where the binning used to drop them and train on empty frames."""
+@pytest.mark.parametrize(
+    "task, message",
+    [
+        (
+            "ssc",
+            r"ssc_test.h5: \d+% of the spikes fall after the last of the 250 bins of 5.6 ms "
+            r"\(1.4 s; the latest spike is at 8\d\d.*read in seconds",
+        ),
+        (
+            "shd",
+            r"spans \d+ bins of 10.0 ms, more than 65535 \(its last spike at 8\d\d.*in seconds",
+        ),
+    ],
+)
+def test_spike_times_not_in_seconds_are_refused(tmp_path, task, message):
+    """Times in milliseconds put every spike after SSC's last bin (and SHD's samples beyond
+    65535 bins): refused, naming seconds, where SSC's binning dropped them and trained on
+    empty frames."""
     ms = [(np.sort(t) * 1000, u) for t, u in random_samples(6, seed=3)]
-    write_heidelberg(tmp_path / "ssc_test.h5", ms, [0] * 6)
-    with pytest.raises(
-        DataError,
-        match=r"ssc_test.h5: \d+% of the spikes fall after the last of the 250 bins of 5.6 ms "
-        r"\(1.4 s; the latest spike is at 8\d\d.*read in seconds",
-    ):
-        load_dataset("ssc", split="test", root=tmp_path)
-    write_heidelberg(tmp_path / "shd_test.h5", ms, [0] * 6)
-    with pytest.raises(
-        DataError,
-        match=r"spans \d+ bins of 10.0 ms, more than 65535 \(its last spike at 8\d\d"
-        r".*read in seconds",
-    ):
-        load_dataset("shd", split="test", root=tmp_path)
+    write_heidelberg(tmp_path / f"{task}_test.h5", ms, [0] * 6)
+    with pytest.raises(DataError, match=message):
+        load_dataset(task, split="test", root=tmp_path)
 
 
 def test_a_sample_whose_spikes_all_fall_after_the_last_bin_counts_as_empty(tmp_path):
