@@ -84,18 +84,18 @@ def truncated_bptt(
     of ``chunk`` steps; ``objective(y, lengths, targets) -> (loss, prediction)``. Returns the
     first pass's results; call ``.backward()`` for the gradients (module docstring)."""
     bounds = chunk_bounds(frames.shape[0], chunk)
-    fewest = frames.shape[1] * min(end - start for start, end in bounds)
-    norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if fewest < 2 and norms:
+    batch_norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    shortest = min(end - start for start, end in bounds)  # the last chunk
+    if batch_norms and shortest * frames.shape[1] < 2:
         raise ConfigError(
-            f"a chunk of {bounds[-1][1] - bounds[-1][0]} step(s) of a batch of {frames.shape[1]} "
-            "gives BatchNorm one frame, whose statistics it cannot take: raise tbptt, or choose "
-            "a batch_size that leaves no last batch of one item"
+            f"a chunk of {shortest} step(s) of a batch of {frames.shape[1]} gives BatchNorm one "
+            "frame, whose statistics it cannot take: raise tbptt, or choose a batch_size that "
+            "leaves no last batch of one item"
         )
     devices = [frames.device] if frames.device.type == "cuda" else []
     rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-    statistics = _batch_norm_buffers(network)
-    norms = [m for m in network.modules() if _tracks(m)]
+    statistics = _batch_norm_buffers(batch_norms)
+    norms = [norm for norm in batch_norms if norm.track_running_stats]
     momenta = [norm.momentum for norm in norms]
     outputs, tally, state, chunk_statistics = [], 0, None, []
     with torch.no_grad():
@@ -160,18 +160,10 @@ def sequence_statistics(chunks: list[tuple[int, Tensor, Tensor]]) -> tuple[Tenso
     return mean, spread / max(total - 1, 1)
 
 
-def _tracks(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
-
-
-def _batch_norm_buffers(network: nn.Module) -> list[tuple[Tensor, Tensor]]:
-    """Copies of every BatchNorm running statistic, to undo the first pass's updates."""
-    return [
-        (buffer, buffer.detach().clone())
-        for module in network.modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm)
-        for buffer in module.buffers(recurse=False)
-    ]
+def _batch_norm_buffers(norms: list[nn.Module]) -> list[tuple[Tensor, Tensor]]:
+    """Copies of the running statistics of the BatchNorm layers ``norms``, to undo the passes'
+    updates."""
+    return [(buffer, buffer.detach().clone()) for norm in norms for buffer in norm.buffers()]
 
 
 def _restore(statistics: list[tuple[Tensor, Tensor]]) -> None:
