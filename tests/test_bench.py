@@ -136,6 +136,24 @@ def test_network_bench_times_breaks_down_and_judges_every_model(tmp_path, monkey
     assert "fused/unfused" in (tmp_path / "network-bench.txt").read_text()
 
 
+@pytest.mark.parametrize("engine", ["fused", "reference"])
+def test_the_profiled_step_runs_the_path_that_was_timed(monkeypatch, engine):
+    """The breakdown's labels must not send a fused network through its modules."""
+    from delrec import bench_network, models
+    from delrec.engine import fused
+
+    network = models.build_network(models.preset_network("shd"), seed=0)
+    models.set_feedforward_engine(network, engine)
+    shape = bench_network.Shape(3, 6, "spikes", "classification")
+    step = bench_network.TrainingStep(network, shape, torch.Generator().manual_seed(0))
+    calls = []
+    lif_layer = fused.lif_layer
+    monkeypatch.setattr(fused, "lif_layer", lambda *a, **k: calls.append(1) or lif_layer(*a, **k))
+    shares = bench_network.breakdown(step)
+    assert len(calls) == (1 if engine == "fused" else 0)
+    assert shares["feedforward spiking layers"] > 0 and shares["recurrent layer"] > 0
+
+
 SETTINGS = tiny_grids(True)
 COST, SHD, SYNAPTIC = SETTINGS[2], SETTINGS[3], SETTINGS[4]
 DELAYS = SETTINGS[1]

@@ -2,6 +2,7 @@
 leaky-integrator readout, BatchNorm over time and dropout masks, alone and in whole networks."""
 
 import math
+import platform
 
 import pytest
 import torch
@@ -64,6 +65,32 @@ def test_the_kernel_draws_the_masks_that_the_pytorch_ops_draw(shape, key, keep, 
     assert torch.equal(fused.dropout_mask(shape, draw, dtype), expected)
     x = torch.randn(shape, dtype=dtype)
     assert torch.equal(fused.dropped(x, draw), x * expected)
+
+
+def philox_variants():
+    """Extra compiler flags for each generator version besides the default build's that this
+    CPU runs: plain loops always, AVX2 where the default build has AVX-512."""
+    variants = [("-mno-avx512f", "-mno-avx2")]
+    default = native.load("fused")
+    if default is not None and default.philox == "avx512":
+        variants.append(("-mno-avx512f",))
+    return variants
+
+
+@needs_kernels
+@pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64"),
+    reason="the variants are builds for x86 (-mno-avx512f, -mno-avx2)",
+)
+@pytest.mark.parametrize("flags", philox_variants())
+def test_every_version_of_the_generator_draws_the_same_masks(flags):
+    kernels = native.build("fused", flags)
+    assert kernels.philox != native.load("fused").philox
+    for shape, keep, offset in (((3, 5, 300), 0.7, 0), ((2, 3, 17), 0.05, 2**31 - 3)):
+        draw = masks.MaskDraw(987654321987, keep, offset)
+        out = torch.empty(shape)
+        kernels.dropout(None, out, draw.native(out.dtype))
+        assert torch.equal(out, masks.reference_mask(shape, draw, out.dtype))
 
 
 def test_masks_keep_the_asked_share_and_scale_by_one_over_keep():

@@ -92,7 +92,7 @@ COMPONENTS = (
 )
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 # forward regions: modules (hooked by the benchmark) and the fused functions, by name
-MODULE_COMPONENTS = (
+MODULE_COMPONENTS = (  # DelRec first: the one a fused network calls as a module
     (DelRec, "recurrent layer"),
     (LeakyIntegrator, "loss/readout"),
     (SequenceNeuron, "feedforward spiking layers"),
@@ -141,12 +141,18 @@ class TrainingStep:
 # --------------------------------------------------------------------------- breakdown
 class _Regions:
     """Forward hooks that run each component module's forward inside a labelled
-    ``record_function`` region."""
+    ``record_function`` region.
+
+    On a fused network only the DelRec layers are hooked: the fused loops call no other module
+    (their functions carry their own labels, :data:`FUNCTION_COMPONENTS`), and a hook on one
+    would send its block through its modules (:func:`delrec.models.hooked`), profiling another
+    path than the one timed."""
 
     def __init__(self, network: nn.Module):
         self.handles, self.open = [], []
+        kinds = MODULE_COMPONENTS if network.engine == "reference" else MODULE_COMPONENTS[:1]
         for module in network.modules():
-            label = next((c for kind, c in MODULE_COMPONENTS if isinstance(module, kind)), None)
+            label = next((c for kind, c in kinds if isinstance(module, kind)), None)
             if label is not None:
                 self.handles.append(module.register_forward_pre_hook(self._enter(label)))
                 self.handles.append(module.register_forward_hook(self._exit))

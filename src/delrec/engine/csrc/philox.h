@@ -9,7 +9,7 @@
 
 #include <torch/extension.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -72,6 +72,57 @@ inline __attribute__((noinline)) void philox_row(uint32_t* __restrict__ out, int
     _mm512_storeu_si512(draws + 7 * kLanes, _mm512_srli_epi32(c3, 16));
   }
 }
+#elif defined(__AVX2__)
+// Eight lanes per register: the sixteen blocks are two groups of eight, run side by side.
+inline void mulhilo8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+
+inline __attribute__((noinline)) void philox_row(uint32_t* __restrict__ out, int64_t count,
+                                                 uint32_t row, uint32_t step, uint32_t key0,
+                                                 uint32_t key1) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
+  const __m256i low = _mm256_set1_epi32(0xFFFF);
+  for (int64_t first = 0; 8 * first < count; first += kLanes) {
+    __m256i c0[2], c1[2], c2[2], c3[2];
+    for (int g = 0; g < 2; ++g) {
+      c0[g] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<uint32_t>(first + 8 * g)), lanes);
+      c1[g] = _mm256_set1_epi32(row);
+      c2[g] = _mm256_set1_epi32(step);
+      c3[g] = _mm256_setzero_si256();
+    }
+    uint32_t k0 = key0, k1 = key1;
+    for (int round = 0; round < 10; ++round) {
+      const __m256i key_a = _mm256_set1_epi32(k0), key_b = _mm256_set1_epi32(k1);
+      for (int g = 0; g < 2; ++g) {
+        __m256i hi0, lo0, hi1, lo1;
+        mulhilo8(c0[g], m0, hi0, lo0);
+        mulhilo8(c2[g], m1, hi1, lo1);
+        c0[g] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[g]), key_a);
+        c2[g] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[g]), key_b);
+        c1[g] = lo1;
+        c3[g] = lo0;
+      }
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    uint32_t* draws = out + 8 * first;
+    for (int g = 0; g < 2; ++g) {
+      uint32_t* lane = draws + 8 * g;
+      const __m256i words[4] = {c0[g], c1[g], c2[g], c3[g]};
+      for (int w = 0; w < 4; ++w) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(lane + w * kLanes),
+                            _mm256_and_si256(words[w], low));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(lane + (w + 4) * kLanes),
+                            _mm256_srli_epi32(words[w], 16));
+      }
+    }
+  }
+}
 #else
 inline __attribute__((noinline)) void philox_row(uint32_t* __restrict__ out, int64_t count,
                                                  uint32_t row, uint32_t step, uint32_t key0,
@@ -100,6 +151,15 @@ inline __attribute__((noinline)) void philox_row(uint32_t* __restrict__ out, int
     }
   }
 }
+#endif
+
+// The vectors philox_row runs on in this build (a test builds each variant this CPU can run).
+#if defined(__AVX512F__)
+constexpr const char* kPhiloxVectors = "avx512";
+#elif defined(__AVX2__)
+constexpr const char* kPhiloxVectors = "avx2";
+#else
+constexpr const char* kPhiloxVectors = "portable";
 #endif
 
 // The value of each element of a mask row: 1/keep (kept) or 0 (dropped).
