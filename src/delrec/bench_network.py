@@ -92,7 +92,7 @@ COMPONENTS = (
 )
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 # forward regions: modules (hooked by the benchmark) and the fused functions, by name
-MODULE_COMPONENTS = (  # DelRec first: the one a fused network calls as a module
+MODULE_COMPONENTS = (
     (DelRec, "recurrent layer"),
     (LeakyIntegrator, "loss/readout"),
     (SequenceNeuron, "feedforward spiking layers"),
@@ -150,7 +150,11 @@ class _Regions:
 
     def __init__(self, network: nn.Module):
         self.handles, self.open = [], []
-        kinds = MODULE_COMPONENTS if network.engine == "reference" else MODULE_COMPONENTS[:1]
+        kinds = [
+            (kind, label)
+            for kind, label in MODULE_COMPONENTS
+            if network.engine == "reference" or kind is DelRec
+        ]
         for module in network.modules():
             label = next((c for kind, c in kinds if isinstance(module, kind)), None)
             if label is not None:
