@@ -93,12 +93,14 @@ def test_without_the_kernels_the_synaptic_lag_gemm_is_skipped_where_too_costly(m
 
 def test_network_bench_times_breaks_down_and_judges_every_model(tmp_path, monkeypatch, capsys):
     from delrec import bench_network
+    from delrec.engine import fused
 
     shape_of = bench_network.shape_of
     monkeypatch.setattr(
         bench_network, "shape_of", lambda t: dataclasses.replace(shape_of(t), steps=8)
     )
     monkeypatch.setattr(bench_network, "QUICK_BATCH", 3)
+    monkeypatch.setattr(fused, "MIN_ROWS", 1)  # spike products on 8·3 frames
     # one repeat asked, but a step of a few milliseconds rotates until 0.05 s of it are timed
     monkeypatch.setattr(bench_network, "QUICK_MIN_TIMED_S", 0.05)
     args = ["bench", "--network", "shd", "--quick", "--repeats", "1", "--out", str(tmp_path)]
@@ -120,6 +122,10 @@ def test_network_bench_times_breaks_down_and_judges_every_model(tmp_path, monkey
     # every component lands where it runs, fused or not
     assert float(by["snn", "fused"]["share_recurrent layer"]) == 0
     assert float(by["delrec", "fused"]["share_recurrent layer"]) > 0
+    # the floor: the network's dense products (the unfused step's), one per model
+    assert by["delrec", "fused"]["gemm_floor_ms"] == by["delrec", "unfused"]["gemm_floor_ms"]
+    assert float(by["snn", "fused"]["share_spike products"]) > 0  # the sparse input, at least
+    assert float(by["snn", "unfused"]["share_spike products"]) == 0
     for engine in bench_network.ENGINES:
         for component in ("feedforward spiking layers", "normalisation", "loss/readout"):
             assert float(by["snn", engine][f"share_{component}"]) > 0, (engine, component)
@@ -130,7 +136,9 @@ def test_network_bench_times_breaks_down_and_judges_every_model(tmp_path, monkey
     assert by["delrec", "unfused"]["no_dropout_ms"] == ""
     assert "without dropout" in printed
     verdicts = [line for line in printed.splitlines() if line.startswith(("PASS", "FAIL"))]
-    assert any("fused/unfused" in v for v in verdicts) and any("its GEMMs" in v for v in verdicts)
+    assert any("fused/unfused" in v for v in verdicts) and any(
+        "network's GEMMs" in v for v in verdicts
+    )
     assert any("delrec/rsnn" in v for v in verdicts) and any("--quick ran" in v for v in verdicts)
     assert (tmp_path / "network-bench.png").stat().st_size > 10_000
     assert "fused/unfused" in (tmp_path / "network-bench.txt").read_text()
@@ -367,21 +375,29 @@ def test_the_gpu_dry_run_interprets_the_kernels_when_started_from_the_shell(tmp_
     assert done.returncode == 0 and "FAILED" not in output, output[-3000:]
 
 
-def test_the_benchmark_scripts_run_end_to_end_at_tiny_sizes():
+def test_the_benchmark_scripts_run_end_to_end_at_tiny_sizes(tmp_path):
     """They are not part of `delrec bench`; this keeps them from rotting (what they measure at
     these sizes means nothing)."""
     tiny = ["--size", "16", "--batch", "2", "--steps", "6", "--repeats", "1", "--threads", "1"]
-    for script, extra, expected in [
-        ("bench_checks.py", [], "every check costs at most 5% of its work"),
-        ("bench_synaptic.py", ["--max-delay", "5"], "x axonal"),
+    log = tmp_path / "spike-products.txt"
+    small = ["--rows", "40", "--layers", "8:70", "--densities", "0.1", "--repeats", "1"]
+    small += ["--out", str(log)]
+    for script, args, expected in [
+        ("bench_checks.py", tiny, "every check costs at most 5% of its work"),
+        ("bench_synaptic.py", [*tiny, "--max-delay", "5"], "x axonal"),
+        ("bench_spike_products.py", small, "the spike products run only where"),
     ]:
         done = subprocess.run(
-            [sys.executable, str(Path(__file__).parents[1] / "benchmarks" / script), *tiny, *extra],
+            [sys.executable, str(Path(__file__).parents[1] / "benchmarks" / script), *args],
             capture_output=True,
             text=True,
             timeout=300,
         )
         assert expected in done.stdout and "Traceback" not in done.stderr, (script, done.stderr)
+    assert (
+        expected in log.read_text()
+        and "$ python benchmarks/bench_spike_products.py" in log.read_text()
+    )
 
 
 def test_bench_refuses_options_its_benchmark_would_ignore(capsys):

@@ -1,8 +1,10 @@
 """The fused network around the delays against the reference: feedforward LIF layers, the
-leaky-integrator readout, BatchNorm over time and dropout masks, alone and in whole networks."""
+leaky-integrator readout, BatchNorm over time, dropout masks and spike products, alone and in
+whole networks."""
 
 import math
 import platform
+from unittest import mock
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from fused_helpers import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.nn import functional as F
 
 from delrec.bench import saved_bytes
 from delrec.engine import PATHS, RecurrentState, fused, native
@@ -219,6 +222,124 @@ def test_fused_batch_norm_matches_the_module(dtype, momentum, with_shift):
     assert_batch_norm_like_the_module((20, 9, 6), dtype, momentum, with_shift)
 
 
+# --------------------------------------------------------------------------- spike products
+def spiky(shape, density, dtype, generator):
+    """Random spikes of ``shape``: ``⌊density·numel⌋`` of them non-zero, at random places and
+    of random sizes (masked and scaled spikes, or data)."""
+    numel = math.prod(shape)
+    x = torch.zeros(numel, dtype=dtype)
+    places = torch.randperm(numel, generator=generator)[: int(density * numel)]
+    x[places] = torch.randn(len(places), generator=generator, dtype=dtype)
+    return x.view(shape)
+
+
+def ran_sparse(out):
+    """Whether ``out`` of :func:`fused.linear` came from the spike products (a view of)."""
+    return "_SpikeLinear" in type(out.grad_fn.next_functions[0][0]).__name__
+
+
+def sparse_calls(monkeypatch):
+    """A list that records each call of the spike products' autograd Function."""
+    calls, apply = [], fused._SpikeLinear.apply
+    monkeypatch.setattr(fused._SpikeLinear, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+@needs_kernels
+@settings(max_examples=120, deadline=None, derandomize=True)
+@given(
+    lead=st.lists(st.integers(0, 9), min_size=1, max_size=2),
+    inputs=st.integers(1, 70),
+    outputs=st.integers(1, 300),
+    density=st.floats(0, fused.MAX_DENSITY, allow_subnormal=False),
+    with_bias=st.booleans(),
+    input_grad=st.booleans(),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    seed=st.integers(0, 2**16),
+)
+def test_spike_products_match_the_dense_product(
+    lead, inputs, outputs, density, with_bias, input_grad, dtype, seed
+):
+    """Outputs of any width (whole register blocks, single vectors and the scalar tail), empty
+    batches, any density up to the limit; the width and row limits lowered."""
+    g = torch.Generator().manual_seed(seed)
+    x = spiky((*lead, inputs), density, dtype, g).requires_grad_(input_grad)
+    weight = torch.randn(outputs, inputs, generator=g, dtype=dtype).requires_grad_()
+    bias = torch.randn(outputs, generator=g, dtype=dtype).requires_grad_() if with_bias else None
+    grad_out = torch.randn((*lead, outputs), generator=g, dtype=dtype)
+    with mock.patch.object(fused, "MIN_OUTPUTS", 1), mock.patch.object(fused, "MIN_ROWS", 0):
+        out = fused.linear(x, weight, bias)
+    expected = F.linear(x, weight, bias)
+    assert ran_sparse(out)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_close_relative(out.detach(), expected.detach(), rtol)
+    wanted = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+    for got, want in zip(grads_of(out, wanted, grad_out), grads_of(expected, wanted, grad_out)):
+        assert_close_relative(got, want, rtol)
+
+
+@needs_kernels
+def test_spike_products_give_the_same_sums_on_any_number_of_threads():
+    """Rows past the weight gradient's first chunks of partial sums (2,048 rows each): the
+    values of the dense product, bit for bit the same on one thread and on three."""
+    g = torch.Generator().manual_seed(3)
+    x = spiky((3 * 2048 + 5, 40), 0.1, torch.float64, g).requires_grad_()
+    weight = torch.randn(150, 40, generator=g, dtype=torch.float64).requires_grad_()
+    bias = torch.randn(150, generator=g, dtype=torch.float64).requires_grad_()
+    grad_out = torch.randn(len(x), 150, generator=g, dtype=torch.float64)
+    runs = []
+    for count in (1, 3):
+        with threads(count):
+            out = fused.linear(x, weight, bias)
+            runs.append([out, *grads_of(out, [x, weight, bias], grad_out)])
+    assert ran_sparse(out)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    expected = F.linear(x, weight, bias)
+    assert_close_relative(runs[0][0].detach(), expected.detach(), 1e-12)
+    for got, want in zip(runs[0][1:], grads_of(expected, [x, weight, bias], grad_out)):
+        assert_close_relative(got, want, 1e-12)
+
+
+@needs_kernels
+def test_spike_products_run_where_they_pay(monkeypatch):
+    """Sparse with at most :data:`fused.MAX_DENSITY` non-zeros (one more: dense), at least
+    :data:`fused.MIN_OUTPUTS` outputs and :data:`fused.MIN_ROWS` rows, on the C++ kernels;
+    what does not match goes to ``F.linear``, which says what."""
+    calls = sparse_calls(monkeypatch)
+    rows, inputs = fused.MIN_ROWS, 5
+    x = torch.zeros(rows * inputs)
+    x[torch.randperm(rows * inputs)[: int(fused.MAX_DENSITY * rows * inputs)]] = 1.0
+    x = x.view(rows, inputs)
+    wide = torch.randn(fused.MIN_OUTPUTS, inputs)
+    fused.linear(x, wide)
+    assert len(calls) == 1
+    denser = x.clone()
+    denser.view(-1)[denser.view(-1).eq(0).nonzero()[0]] = 1.0
+    for args in [(denser, wide), (x, wide[:-1]), (x[:-1], wide), (x.double(), wide.double())]:
+        assert torch.equal(fused.linear(*args), F.linear(*args))
+    assert len(calls) == 2  # float64 runs them too
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        fused.linear(x[:, :4], wide)
+    with pytest.raises(RuntimeError, match="dtype"):
+        fused.linear(x.double(), wide)
+    monkeypatch.setenv("DELREC_NATIVE", "0")
+    fused.linear(x, wide)
+    assert len(calls) == 2
+
+
+@needs_kernels
+def test_spike_products_refuse_a_second_derivative(monkeypatch):
+    monkeypatch.setattr(fused, "MIN_ROWS", 1)
+    x = torch.zeros(4, 8)
+    x[0, 3] = 1.0
+    weight = torch.randn(fused.MIN_OUTPUTS, 8, requires_grad=True)
+    (grad,) = torch.autograd.grad(fused.linear(x, weight).sum(), weight)  # first order: fine
+    assert_close_relative(grad, torch.autograd.grad(F.linear(x, weight).sum(), weight)[0], 1e-6)
+    with pytest.raises(RuntimeError, match="first derivatives only.*set_feedforward_engine"):
+        torch.autograd.grad(fused.linear(x, weight).square().sum(), weight, create_graph=True)
+
+
 # --------------------------------------------------------------------------- whole networks
 @needs_kernels
 @pytest.mark.parametrize("model", ["delrec", "rsnn", "snn"])
@@ -355,3 +476,19 @@ def test_the_engine_refuses_a_dropout_it_cannot_draw_in_its_loop():
             run(current, weight, delay, 1.0, neuron, None, state=state, input_dropout=draw)
     with pytest.raises(ValueError, match="drop the spikes behind"):
         run(current, weight, delay, 1.0, LIF(), None, state=start, output_dropout=draw)
+
+
+@needs_kernels
+@pytest.mark.parametrize("model", ["delrec", "snn"])
+@pytest.mark.parametrize("task", ["shd", "ssc"])
+def test_wide_networks_train_like_the_reference_through_spike_products(task, model, monkeypatch):
+    """Hidden layers wide enough for the spike products (the BatchNorm block of SHD and the
+    dropout block of SSC): float64, so that rounding cannot flip a spike."""
+    calls = sparse_calls(monkeypatch)
+    monkeypatch.setattr(fused, "MIN_ROWS", 1)  # T·B = 120 frames here
+    config, (fused_net, reference_net) = network_pair(
+        task, model, torch.float64, hidden_sizes=(fused.MIN_OUTPUTS, 70, 130)[: 2 + (task == "ssc")]
+    )
+    lengths = torch.tensor([30, 9, 22, 30])
+    assert_trains_alike(task, config, fused_net, reference_net, lengths, 1e-9)
+    assert calls

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from delrec.data import dataset_info
@@ -285,7 +284,8 @@ class HiddenBlock(nn.Module):
 
     ``(T, B, I)`` → spikes ``(T, B, O)``. ``neurons`` is a DelRec layer or a plain LIF. It runs
     a chunk of a sequence from a :class:`BlockState` like the layers do (:meth:`forward`).
-    ``engine`` (see :func:`set_feedforward_engine`): ``"fused"`` runs BatchNorm, a plain LIF
+    ``engine`` (see :func:`set_feedforward_engine`): ``"fused"`` runs ``Linear`` synapses
+    (:func:`delrec.engine.fused.linear`: over the non-zero spikes), BatchNorm, a plain LIF
     layer with its dropout, and a lone dropout as the fused loops of
     :mod:`delrec.engine.fused` where they are available (the C++ kernels on the CPU, the Triton
     kernels on CUDA; a plain LIF layer run from a state runs its module), and hands a DelRec
@@ -321,17 +321,18 @@ class HiddenBlock(nn.Module):
             and fused.kernels_for(x.device) is not None
             and not hooked(self.children())
         )
-        if use_fused and fused.fusable_norm(self.norm) and type(self.synapses) is nn.Linear:
-            # the normalisation removes the linear map's bias: it goes into the statistics only
-            current = F.linear(x, self.synapses.weight)
-            current = fused.batch_norm(current, self.norm, self.synapses.bias)
+        linear_fused = use_fused and type(self.synapses) is nn.Linear  # stateless synapses
+        norm_fused = use_fused and fused.fusable_norm(self.norm)
+        if linear_fused:  # spike products; a normalisation removes the bias: it folds it in
+            bias = None if norm_fused else self.synapses.bias
+            current = fused.linear(x, self.synapses.weight, bias)
         else:
             current, synapse_state = run_chunk(self.synapses, x, synapse_state, stateful)
-            if self.norm is not None:  # statistics over all T·B frames
-                if use_fused and fused.fusable_norm(self.norm):
-                    current = fused.batch_norm(current, self.norm)
-                else:
-                    current = self.norm(current.flatten(0, 1)).view_as(current)
+        if norm_fused:  # statistics over all T·B frames
+            shift = self.synapses.bias if linear_fused else None
+            current = fused.batch_norm(current, self.norm, shift)
+        elif self.norm is not None:
+            current = self.norm(current.flatten(0, 1)).view_as(current)
         if use_fused and is_builtin_lif(self.neurons) and not stateful:  # layer + dropout: one loop
             mask = self.dropout.draw()
             masks = (mask, None) if self.dropout_first else (None, mask)

@@ -15,6 +15,8 @@ The reference for all of them is the step-by-step autograd of :mod:`delrec.neuro
   loop, forward and backward; saves nothing. :func:`dropout_mask`: the mask itself.
 * :func:`batch_norm`: BatchNorm with the statistics of all ``T·B`` frames, the bias of the
   linear map in front folded into its statistics; saves its input and two numbers per channel.
+* :func:`linear`: ``F.linear`` of spikes, the forward and the weight gradient over the non-zero
+  inputs only (on the CPU, where the input is sparse enough); saves the non-zeros.
 
 They run the C++ loops of ``csrc/fused.cpp`` (built by :mod:`delrec.engine.native`) on CPU
 tensors and the Triton kernels of :mod:`delrec.engine.triton.fused` (the same functions) on
@@ -28,6 +30,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.profiler import record_function
 
 from delrec.engine import native
 from delrec.engine import triton as gpu
@@ -224,6 +228,63 @@ def dropout_mask(shape: tuple[int, int, int], draw: MaskDraw, dtype=torch.float3
     out = torch.empty(shape, dtype=dtype, device=device)
     kernels.dropout(None, out, draw.native(dtype))
     return out
+
+
+# --------------------------------------------------------------------------- spike products
+# where the spike products pay (docs/speed.md#spike-products, benchmarks/bench_spike_products.py)
+MIN_OUTPUTS = 64  # narrower maps (a readout) gain nothing: one block of outputs per input
+MIN_ROWS = 1024  # T·B frames; fewer (a streamed step) cost less than the path's fixed overhead
+MAX_DENSITY = 0.15  # share of non-zero inputs; the dense product is faster from ~20 % on
+
+
+class _SpikeLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, compressed, kernels):  # x (M, I), compressed by rows
+        rows = compressed[0].numel() - 1
+        out = x.new_empty(rows, weight.shape[0])
+        bias = None if bias is None else bias.contiguous()
+        kernels.sparse_linear(*compressed, weight.t().contiguous(), bias, out)
+        ctx.save_for_backward(weight, *compressed)
+        ctx.kernels, ctx.has_bias = kernels, bias is not None
+        return out
+
+    @staticmethod
+    @first_order(*NETWORK)
+    def backward(ctx, grad_out):
+        weight, *compressed = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None  # dense: not sparse
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_weight_t = grad_out.new_empty(weight.shape[1], weight.shape[0])
+            ctx.kernels.sparse_weight_grad(*compressed, grad_out, grad_weight_t)
+            grad_weight = grad_weight_t.t().contiguous()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum(0)
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+@torch.compiler.disable  # torch.compile runs it as it is (delrec.engine docstring)
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for ``x`` ``(..., I)``, weight ``(O, I)``: on CPU tensors
+    with at least :data:`MIN_OUTPUTS` outputs, :data:`MIN_ROWS` rows (``x.numel() / I``) and at
+    most :data:`MAX_DENSITY` non-zero inputs (spikes), the product and the weight gradient run
+    over the non-zeros only (the input gradient is the dense ``grad·W``); elsewhere
+    ``F.linear`` itself. Same values up to rounding; differentiable once."""
+    kernels = native.load("fused") if x.device.type == "cpu" else None
+    outputs, inputs = weight.shape
+    rows = x.numel() // max(inputs, 1)
+    if kernels is None or outputs < MIN_OUTPUTS or rows < MIN_ROWS:
+        return F.linear(x, weight, bias)
+    if x.shape[-1] != inputs or x.dtype != weight.dtype:
+        return F.linear(x, weight, bias)  # its error says what does not match
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    with record_function("delrec::nonzero_rows"):  # a profiled region, as ATen's operators
+        compressed = kernels.nonzero_rows(flat, int(MAX_DENSITY * flat.numel()))
+    if not compressed:  # too many non-zeros
+        return F.linear(x, weight, bias)
+    out = _SpikeLinear.apply(flat, weight, bias, compressed, kernels)
+    return out.view(*x.shape[:-1], outputs)
 
 
 # --------------------------------------------------------------------------- BatchNorm

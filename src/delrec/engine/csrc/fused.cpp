@@ -1,7 +1,8 @@
 // The network around the delays, fused (delrec/engine/fused.py, docs/speed.md): the time
 // loop of a feedforward LIF layer and of the leaky-integrator readout, forward and backward, one
 // loop each; dropout masks drawn by a counter-based generator (Philox4x32-10), applied alone or
-// inside the LIF loop; BatchNorm over the T·B frames of a sequence in two passes each way.
+// inside the LIF loop; BatchNorm over the T·B frames of a sequence in two passes each way;
+// linear maps of spikes over their non-zero inputs only (spike products).
 //
 // Layouts: every sequence is time-major (T, B, N), contiguous. The loops run in parallel over
 // blocks of batch rows (ATen's intra-op threads), each block through the whole time loop, so
@@ -21,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -317,6 +319,215 @@ void batch_norm_backward_loop(const at::Tensor& grad, const at::Tensor& x,
   sums.select(0, 2).copy_(total.select(0, 0));
 }
 
+// --------------------------------------------------------------------------- spike products
+// A linear map of spikes, y = x·Wᵀ + b with x (M, I) mostly zeros, over the non-zero inputs
+// only: x compressed by rows (offsets (M+1), index (nnz) int32, value (nnz)), W given as
+// Wᵀ (I, O) so that one input's weights are contiguous. Outputs are taken in blocks of up to
+// kVectors vectors held in registers; every output's sum runs over the rows' non-zeros in
+// order (the same sums whatever the thread count).
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#else
+constexpr int kVectorBytes = 32;
+#endif
+constexpr int kVectors = 8;
+
+template <typename scalar_t>
+struct Vector {
+  // loaded and stored at any address of a scalar_t, aliasing scalar_t arrays
+  typedef scalar_t type
+      __attribute__((vector_size(kVectorBytes), aligned(sizeof(scalar_t)), may_alias));
+  static constexpr int64_t kLanes = kVectorBytes / sizeof(scalar_t);
+};
+
+// Fills offsets (M+1) with the row starts of x's non-zeros; returns their count.
+template <typename scalar_t>
+int64_t count_nonzero_rows(const at::Tensor& x, at::Tensor& offsets) {
+  const int64_t rows = x.size(0), n = x.size(1);
+  const scalar_t* x_p = x.data_ptr<scalar_t>();
+  int64_t* o_p = offsets.data_ptr<int64_t>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, n)),
+                   [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* __restrict__ row = x_p + r * n;
+      int32_t count = 0;
+      for (int64_t i = 0; i < n; ++i) count += row[i] != scalar_t(0);
+      o_p[r + 1] = count;
+    }
+  });
+  o_p[0] = 0;
+  for (int64_t r = 0; r < rows; ++r) o_p[r + 1] += o_p[r];
+  return o_p[rows];
+}
+
+// Fills index and value from the offsets, 64 inputs at a time: a bit mask of the non-zeros,
+// then its set bits in order.
+template <typename scalar_t>
+void gather_nonzero_rows(const at::Tensor& x, const at::Tensor& offsets, at::Tensor& index,
+                         at::Tensor& value) {
+  const int64_t rows = x.size(0), n = x.size(1);
+  const scalar_t* x_p = x.data_ptr<scalar_t>();
+  const int64_t* o_p = offsets.data_ptr<int64_t>();
+  int32_t* i_p = index.data_ptr<int32_t>();
+  scalar_t* v_p = value.data_ptr<scalar_t>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, n)),
+                   [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* __restrict__ row = x_p + r * n;
+      int64_t k = o_p[r];
+      for (int64_t i0 = 0; i0 < n; i0 += 64) {
+        const int64_t width = std::min<int64_t>(64, n - i0);
+        uint64_t bits = 0;
+        for (int64_t i = 0; i < width; ++i) bits |= uint64_t(row[i0 + i] != scalar_t(0)) << i;
+        for (; bits != 0; bits &= bits - 1) {
+          const int64_t i = i0 + __builtin_ctzll(bits);
+          i_p[k] = static_cast<int32_t>(i);
+          v_p[k++] = row[i];
+        }
+      }
+    }
+  });
+}
+
+// y[j, j + kCount·lanes) = bias + Σ_k value[k]·Wᵀ[index[k], same outputs], k in [k0, k1).
+template <typename scalar_t, int kCount>
+inline void product_block(const int32_t* index, const scalar_t* value, int64_t k0, int64_t k1,
+                          const scalar_t* weight_t, int64_t n_out, int64_t j,
+                          const scalar_t* bias, scalar_t* y) {
+  using vec = typename Vector<scalar_t>::type;
+  constexpr int64_t lanes = Vector<scalar_t>::kLanes;
+  vec acc[kCount];
+  for (int a = 0; a < kCount; ++a) {
+    acc[a] = bias != nullptr ? *reinterpret_cast<const vec*>(bias + j + a * lanes) : vec{};
+  }
+  for (int64_t k = k0; k < k1; ++k) {
+    const vec* w = reinterpret_cast<const vec*>(weight_t + index[k] * n_out + j);
+    const scalar_t v = value[k];
+    for (int a = 0; a < kCount; ++a) acc[a] += v * w[a];
+  }
+  for (int a = 0; a < kCount; ++a) reinterpret_cast<vec*>(y + j)[a] = acc[a];
+}
+
+// gradᵀ[index[k], j + kCount·lanes) += value[k]·grad_row[same outputs], k in [k0, k1).
+template <typename scalar_t, int kCount>
+inline void scatter_block(const int32_t* index, const scalar_t* value, int64_t k0, int64_t k1,
+                          const scalar_t* grad_row, int64_t n_out, int64_t j,
+                          scalar_t* grad_weight_t) {
+  using vec = typename Vector<scalar_t>::type;
+  constexpr int64_t lanes = Vector<scalar_t>::kLanes;
+  vec g[kCount];
+  for (int a = 0; a < kCount; ++a) g[a] = *reinterpret_cast<const vec*>(grad_row + j + a * lanes);
+  for (int64_t k = k0; k < k1; ++k) {
+    vec* w = reinterpret_cast<vec*>(grad_weight_t + index[k] * n_out + j);
+    const scalar_t v = value[k];
+    for (int a = 0; a < kCount; ++a) w[a] += v * g[a];
+  }
+}
+
+// Calls block<kVectors>(j) on whole blocks of outputs in [j0, j1), then block<1>(j) on the
+// whole vectors left, then tail(j) on each output left: the outputs of [j0, j1) in register
+// blocks.
+template <typename scalar_t, typename Block, typename Tail>
+inline void for_each_block(int64_t j0, int64_t j1, const Block& block, const Tail& tail) {
+  constexpr int64_t lanes = Vector<scalar_t>::kLanes;
+  int64_t j = j0;
+  for (; j + kVectors * lanes <= j1; j += kVectors * lanes) {
+    block(std::integral_constant<int, kVectors>{}, j);
+  }
+  for (; j + lanes <= j1; j += lanes) block(std::integral_constant<int, 1>{}, j);
+  for (; j < j1; ++j) tail(j);
+}
+
+// out (M, O) = x·Wᵀ (+ bias) from x compressed; weight_t (I, O). Threads take rows.
+template <typename scalar_t>
+void sparse_linear_loop(const at::Tensor& offsets, const at::Tensor& index,
+                        const at::Tensor& value, const at::Tensor& weight_t,
+                        const scalar_t* bias, at::Tensor& out) {
+  const int64_t rows = out.size(0), n_out = out.size(1);
+  const int64_t* o_p = offsets.data_ptr<int64_t>();
+  const int32_t* i_p = index.data_ptr<int32_t>();
+  const scalar_t* v_p = value.data_ptr<scalar_t>();
+  const scalar_t* w_p = weight_t.data_ptr<scalar_t>();
+  scalar_t* out_p = out.data_ptr<scalar_t>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / n_out), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      scalar_t* y = out_p + r * n_out;
+      const int64_t k0 = o_p[r], k1 = o_p[r + 1];
+      for_each_block<scalar_t>(
+          0, n_out,
+          [&](auto count, int64_t j) {
+            product_block<scalar_t, decltype(count)::value>(i_p, v_p, k0, k1, w_p, n_out, j,
+                                                            bias, y);
+          },
+          [&](int64_t j) {
+            scalar_t acc = bias != nullptr ? bias[j] : scalar_t(0);
+            for (int64_t k = k0; k < k1; ++k) acc += v_p[k] * w_p[i_p[k] * n_out + j];
+            y[j] = acc;
+          });
+    }
+  });
+}
+
+// Rows of the weight gradient's partial sums: at least kRowChunk, at most kRowChunks of them,
+// a function of the row count only (the same sums whatever the thread count).
+constexpr int64_t kRowChunk = 2048, kRowChunks = 64;
+
+// grad_weight_t (I, O) = xᵀ·grad (the weight gradient, transposed) from x compressed; grad
+// (M, O). The rows are cut into chunks, each summed in order into a partial gradient of its
+// own by blocks of outputs (threads take (chunk, block) pairs), and the partials are added in
+// chunk order.
+template <typename scalar_t>
+void sparse_weight_grad_loop(const at::Tensor& offsets, const at::Tensor& index,
+                             const at::Tensor& value, const at::Tensor& grad,
+                             at::Tensor& grad_weight_t) {
+  const int64_t rows = grad.size(0), n_out = grad.size(1);
+  const int64_t* o_p = offsets.data_ptr<int64_t>();
+  const int32_t* i_p = index.data_ptr<int32_t>();
+  const scalar_t* v_p = value.data_ptr<scalar_t>();
+  const scalar_t* g_p = grad.data_ptr<scalar_t>();
+  const int64_t chunk = std::max(kRowChunk, (rows + kRowChunks - 1) / kRowChunks);
+  const int64_t chunks = std::max<int64_t>(1, (rows + chunk - 1) / chunk);
+  at::Tensor partial = chunks == 1 ? grad_weight_t
+                                   : at::empty({chunks, grad_weight_t.size(0), n_out},
+                                               grad_weight_t.options());
+  partial.zero_();
+  scalar_t* part_p = partial.data_ptr<scalar_t>();
+  const int64_t part_size = grad_weight_t.numel();
+  constexpr int64_t block = kVectors * Vector<scalar_t>::kLanes;
+  const int64_t blocks = (n_out + block - 1) / block;
+  at::parallel_for(0, chunks * blocks, 1, [&](int64_t task0, int64_t task1) {
+    for (int64_t task = task0; task < task1; ++task) {
+      const int64_t c = task / blocks, b = task % blocks;
+      const int64_t j0 = b * block, j1 = std::min(n_out, j0 + block);
+      scalar_t* gw_p = part_p + c * part_size;
+      for (int64_t r = c * chunk; r < std::min(rows, (c + 1) * chunk); ++r) {
+        const int64_t k0 = o_p[r], k1 = o_p[r + 1];
+        if (k0 == k1) continue;
+        const scalar_t* g = g_p + r * n_out;
+        for_each_block<scalar_t>(
+            j0, j1,
+            [&](auto count, int64_t j) {
+              scatter_block<scalar_t, decltype(count)::value>(i_p, v_p, k0, k1, g, n_out, j,
+                                                              gw_p);
+            },
+            [&](int64_t j) {
+              for (int64_t k = k0; k < k1; ++k) gw_p[i_p[k] * n_out + j] += v_p[k] * g[j];
+            });
+      }
+    }
+  });
+  if (chunks > 1) {
+    scalar_t* out_p = grad_weight_t.data_ptr<scalar_t>();
+    at::parallel_for(0, part_size, kGrain, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        scalar_t sum = part_p[e];
+        for (int64_t c = 1; c < chunks; ++c) sum += part_p[c * part_size + e];
+        out_p[e] = sum;
+      }
+    });
+  }
+}
+
 // --------------------------------------------------------------------------- bindings
 void check_sequence(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 3,
@@ -425,6 +636,72 @@ void batch_norm_backward(const at::Tensor& grad, const at::Tensor& x, const at::
   });
 }
 
+void check_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 2,
+              "delrec fused kernel: ", name, " must be a contiguous (M, N) CPU tensor");
+}
+
+// x (M, I) compressed by rows: [offsets (M+1) int64, index int32, value], or [] where x has
+// more than max_count non-zeros (then the dense product is the faster one).
+std::vector<at::Tensor> nonzero_rows(const at::Tensor& x, int64_t max_count) {
+  check_rows(x, "x");
+  TORCH_CHECK(x.size(1) < (int64_t(1) << 31), "delrec spike products: too many inputs");
+  at::Tensor offsets = at::empty({x.size(0) + 1}, x.options().dtype(at::kLong));
+  std::vector<at::Tensor> compressed;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "delrec_nonzero_rows", [&] {
+    const int64_t count = count_nonzero_rows<scalar_t>(x, offsets);
+    if (count > max_count) return;
+    at::Tensor index = at::empty({count}, x.options().dtype(at::kInt));
+    at::Tensor value = at::empty({count}, x.options());
+    gather_nonzero_rows<scalar_t>(x, offsets, index, value);
+    compressed = {offsets, index, value};
+  });
+  return compressed;
+}
+
+void check_compressed(const at::Tensor& offsets, const at::Tensor& index,
+                      const at::Tensor& value, int64_t rows, const at::Tensor& like) {
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.numel() == rows + 1 &&
+                  index.scalar_type() == at::kInt && value.scalar_type() == like.scalar_type() &&
+                  index.numel() == value.numel() && offsets.is_contiguous() &&
+                  index.is_contiguous() && value.is_contiguous(),
+              "delrec spike products: the compressed rows do not match (nonzero_rows' output)");
+}
+
+void sparse_linear(const at::Tensor& offsets, const at::Tensor& index, const at::Tensor& value,
+                   const at::Tensor& weight_t, const c10::optional<at::Tensor>& bias,
+                   at::Tensor out) {
+  check_rows(weight_t, "weight_t");
+  check_rows(out, "out");
+  check_compressed(offsets, index, value, out.size(0), out);
+  TORCH_CHECK(weight_t.size(1) == out.size(1) && weight_t.scalar_type() == out.scalar_type(),
+              "delrec spike products: weight_t (I, O) and out (M, O) do not match");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->is_contiguous() && bias->numel() == out.size(1) &&
+                    bias->scalar_type() == out.scalar_type(),
+                "delrec spike products: bias must be a contiguous (O,) tensor of out's dtype");
+  }
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "delrec_sparse_linear", [&] {
+    const scalar_t* b = has_bias ? bias->data_ptr<scalar_t>() : nullptr;
+    sparse_linear_loop<scalar_t>(offsets, index, value, weight_t, b, out);
+  });
+}
+
+void sparse_weight_grad(const at::Tensor& offsets, const at::Tensor& index,
+                        const at::Tensor& value, const at::Tensor& grad,
+                        at::Tensor grad_weight_t) {
+  check_rows(grad, "grad");
+  check_rows(grad_weight_t, "grad_weight_t");
+  check_compressed(offsets, index, value, grad.size(0), grad);
+  TORCH_CHECK(grad_weight_t.size(1) == grad.size(1) &&
+                  grad_weight_t.scalar_type() == grad.scalar_type(),
+              "delrec spike products: grad_weight_t (I, O) and grad (M, O) do not match");
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "delrec_sparse_weight_grad", [&] {
+    sparse_weight_grad_loop<scalar_t>(offsets, index, value, grad, grad_weight_t);
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -437,4 +714,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("integrator_backward", &integrator_backward, "leaky integrator: input gradient");
   m.def("batch_norm_forward", &batch_norm_forward, "BatchNorm over frames: output and stats");
   m.def("batch_norm_backward", &batch_norm_backward, "BatchNorm over frames: input gradient");
+  m.def("nonzero_rows", &nonzero_rows, "a matrix compressed by rows (or [] past max_count)");
+  m.def("sparse_linear", &sparse_linear, "x·Wᵀ + b from x compressed by rows");
+  m.def("sparse_weight_grad", &sparse_weight_grad, "xᵀ·grad from x compressed by rows");
 }
