@@ -70,9 +70,11 @@ def test_the_kernel_draws_the_masks_that_the_pytorch_ops_draw(shape, key, keep, 
     assert torch.equal(fused.dropped(x, draw), x * expected)
 
 
-def philox_variants():
-    """Extra compiler flags for each generator version besides the default build's that this
-    CPU runs: plain loops always, AVX2 where the default build has AVX-512."""
+def vector_variants():
+    """Extra compiler flags for each build of the fused kernels besides the default one that
+    this CPU runs: without AVX2 and AVX-512 always (the generator's plain loops, the spike
+    products' 32-byte vectors on AVX), with AVX2 where the default build has AVX-512 (the
+    generator's AVX2 version, the spike products' 32-byte vectors)."""
     variants = [("-mno-avx512f", "-mno-avx2")]
     default = native.load("fused")
     if default is not None and default.philox == "avx512":
@@ -80,12 +82,15 @@ def philox_variants():
     return variants
 
 
-@needs_kernels
-@pytest.mark.skipif(
+x86_variants = pytest.mark.skipif(
     platform.machine() not in ("x86_64", "AMD64"),
     reason="the variants are builds for x86 (-mno-avx512f, -mno-avx2)",
 )
-@pytest.mark.parametrize("flags", philox_variants())
+
+
+@needs_kernels
+@x86_variants
+@pytest.mark.parametrize("flags", vector_variants())
 def test_every_version_of_the_generator_draws_the_same_masks(flags):
     kernels = native.build("fused", flags)
     assert kernels.philox != native.load("fused").philox
@@ -299,6 +304,33 @@ def test_spike_products_give_the_same_sums_on_any_number_of_threads():
     assert_close_relative(runs[0][0].detach(), expected.detach(), 1e-12)
     for got, want in zip(runs[0][1:], grads_of(expected, [x, weight, bias], grad_out)):
         assert_close_relative(got, want, 1e-12)
+
+
+@needs_kernels
+@x86_variants
+@pytest.mark.parametrize("flags", vector_variants())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_every_vector_width_computes_the_same_spike_products(flags, dtype):
+    """The C++ spike products of a variant build against the dense product: outputs across
+    the register blocks of every vector width, rows across the weight gradient's chunks."""
+    kernels = native.build("fused", flags)
+    assert kernels.vector_bytes == 32
+    g = torch.Generator().manual_seed(8)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    for rows, inputs, outputs in [(300, 33, n) for n in (1, 7, 17, 64, 65, 129, 200)] + [
+        (2 * 2048 + 3, 20, 70)
+    ]:
+        x = spiky((rows, inputs), 0.1, dtype, g)
+        weight = torch.randn(outputs, inputs, generator=g, dtype=dtype)
+        bias = torch.randn(outputs, generator=g, dtype=dtype)
+        grad = torch.randn(rows, outputs, generator=g, dtype=dtype)
+        compressed = kernels.nonzero_rows(x, x.numel())
+        out = torch.empty(rows, outputs, dtype=dtype)
+        kernels.sparse_linear(*compressed, weight.t().contiguous(), bias, out)
+        assert_close_relative(out, F.linear(x, weight, bias), rtol)
+        grad_weight_t = torch.empty(inputs, outputs, dtype=dtype)
+        kernels.sparse_weight_grad(*compressed, grad, grad_weight_t)
+        assert_close_relative(grad_weight_t, x.t() @ grad, rtol)
 
 
 @needs_kernels

@@ -708,6 +708,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "delrec: fused feedforward LIF layers, leaky-integrator readout, dropout, BatchNorm";
   m.def("dropout", &dropout, "out = x ⊙ Philox dropout mask (or the mask alone)");
   m.attr("philox") = delrec::kPhiloxVectors;  // the vectors the masks are drawn with
+  m.attr("vector_bytes") = kVectorBytes;        // the spike products' vectors
   m.def("lif_forward", &lif_forward, "feedforward LIF layer: spikes and pre-spike membrane");
   m.def("lif_backward", &lif_backward, "feedforward LIF layer: gradient of the input current");
   m.def("integrator_forward", &integrator_forward, "leaky integrator: membrane sequence");
