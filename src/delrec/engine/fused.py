@@ -240,8 +240,7 @@ MAX_DENSITY = 0.15  # share of non-zero inputs; the dense product is faster from
 class _SpikeLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, compressed, kernels):  # x (M, I), compressed by rows
-        rows = compressed[0].numel() - 1
-        out = x.new_empty(rows, weight.shape[0])
+        out = x.new_empty(x.shape[0], weight.shape[0])
         bias = None if bias is None else bias.contiguous()
         kernels.sparse_linear(*compressed, weight.t().contiguous(), bias, out)
         ctx.save_for_backward(weight, *compressed)
@@ -273,12 +272,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     ``F.linear`` itself. Same values up to rounding; differentiable once."""
     kernels = native.load("fused") if x.device.type == "cpu" else None
     outputs, inputs = weight.shape
+    fits = x.shape[-1] == inputs and x.dtype == weight.dtype  # else F.linear's error says what
     rows = x.numel() // max(inputs, 1)
-    if kernels is None or outputs < MIN_OUTPUTS or rows < MIN_ROWS:
+    if kernels is None or not fits or outputs < MIN_OUTPUTS or rows < MIN_ROWS:
         return F.linear(x, weight, bias)
-    if x.shape[-1] != inputs or x.dtype != weight.dtype:
-        return F.linear(x, weight, bias)  # its error says what does not match
-    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    flat = x.reshape(rows, inputs).contiguous()
     with record_function("delrec::nonzero_rows"):  # a profiled region, as ATen's operators
         compressed = kernels.nonzero_rows(flat, int(MAX_DENSITY * flat.numel()))
     if not compressed:  # too many non-zeros
