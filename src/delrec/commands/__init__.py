@@ -93,9 +93,27 @@ def exit_code(error: BaseException) -> int | None:
     return None
 
 
+def interruption_behind(error: BaseException) -> BaseException | None:
+    """The interruption (Ctrl-C, SIGTERM, exit: a ``BaseException`` that is no ``Exception``)
+    that ``error`` was raised while handling, or ``None``. A library whose cleanup fails when
+    interrupted in the middle of a write (``torch.save``'s archive writer: "unexpected pos")
+    puts an error of its own in the interruption's place."""
+    context = error.__context__
+    while context is not None:
+        if not isinstance(context, Exception):
+            return context
+        context = context.__context__
+    return None
+
+
 def fail(command: str, error: Exception, prefix: str = "") -> int:
     """Print ``delrec COMMAND: error: PREFIX MESSAGE`` on stderr and return the exit code of
-    ``error``; re-raise an error no command expects."""
+    ``error``; re-raise an error no command expects, and the interruption behind an error
+    raised while handling one (:func:`interruption_behind`), which ends the command as
+    interrupted."""
+    interruption = interruption_behind(error)
+    if interruption is not None:
+        raise interruption
     code = exit_code(error)
     if code is None:
         raise error
