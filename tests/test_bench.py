@@ -142,6 +142,42 @@ def test_network_bench_times_breaks_down_and_judges_every_model(tmp_path, monkey
     assert any("delrec/rsnn" in v for v in verdicts) and any("--quick ran" in v for v in verdicts)
     assert (tmp_path / "network-bench.png").stat().st_size > 10_000
     assert "fused/unfused" in (tmp_path / "network-bench.txt").read_text()
+    # each model's firing rates, as the fresh weights give them
+    for model in bench_network.MODELS:
+        rates = [float(r) for r in by[model, "fused"]["firing_rates"].split()]
+        assert len(rates) == 2 and all(0 <= r <= 1 for r in rates)
+        assert by[model, "fused"]["firing_rates"] == by[model, "unfused"]["firing_rates"]
+        line = f"{model} firing rates of the hidden layers (the preset's fresh weights): "
+        assert line + ", ".join(f"{100 * r:.1f} %" for r in rates) in printed
+
+
+def test_a_calibrated_network_fires_at_the_rate_asked_in_every_layer():
+    """`--rate`: the fresh SSC network is silent; calibrated, each of its layers fires the
+    rate asked, on the items the bench measures, whether the gain had to rise or fall."""
+    from delrec import bench_network, models
+
+    shape = bench_network.Shape(8, 30, "spikes", "classification")
+    for preset, rate in (("ssc", 0.1), ("shd", 0.03)):
+        network = models.build_network(models.preset_network(preset), seed=0)
+        step = bench_network.TrainingStep(network, shape, torch.Generator().manual_seed(0))
+        before = bench_network.firing_rates(network, step.frames)
+        assert preset != "ssc" or max(before) == 0  # silent when fresh
+        gains = bench_network.calibrate(network, step.frames, rate)
+        after = bench_network.firing_rates(network, step.frames)
+        assert len(gains) == len(after) == len(network.blocks)
+        for fresh, gain, reached in zip(before, gains, after):
+            assert (gain > 1) == (fresh < rate), (preset, fresh, gain)
+            assert 0.8 * rate <= reached <= 1.25 * rate, (preset, reached)
+
+
+def test_a_layer_that_cannot_fire_at_the_rate_is_named():
+    """A layer without input and bias never fires, however its current is scaled."""
+    from delrec import bench_network, models
+
+    network = models.build_network(models.preset_network("mackey-glass"), seed=0)
+    frames = torch.zeros(20, 4, network.config.input_size)
+    with pytest.raises(ValueError, match="hidden layer 1 fires 0.0% .*×4096, not 5.0%: ask"):
+        bench_network.calibrate(network, frames, 0.05)
 
 
 @pytest.mark.parametrize("engine", ["fused", "reference"])
@@ -405,6 +441,10 @@ def test_bench_refuses_options_its_benchmark_would_ignore(capsys):
         (["--streaming", "--quick"], "--streaming and --tbptt have one size, no quick grid"),
         (["--tbptt", "--quick"], "--streaming and --tbptt have one size, no quick grid"),
         (["--device", "cuda", "--dry-run", "--clock", "cpu"], "leave out --threads and --clock"),
+        (["--rate", "0.1"], "use it with --network"),
+        (["--network", "ssc", "--rate", "0"], "in (0, 0.5]; got 0"),
+        (["--network", "ssc", "--rate", "0.7"], "in (0, 0.5]; got 0.7"),
+        (["--network", "ssc", "--rate", "nan"], "in (0, 0.5]; got nan"),
     ] + [  # (a machine of one core refuses --threads 2 earlier)
         (["--device", "cuda", "--dry-run", "--threads", "2"], "leave out --threads and --clock")
     ] * ((os.cpu_count() or 1) > 1):

@@ -30,6 +30,7 @@ Then:
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import Counter, defaultdict
@@ -277,19 +278,104 @@ def gemm_floor(calls: Counter, clock, repeats: int = 5) -> float:
     return 1e3 * sum(n * _replay(sig, repeats, clock) for sig, n in calls.items())
 
 
+# --------------------------------------------------------------------------- firing rates
+RATE_ITEMS = 32  # the batch items that firing rates are measured and calibrated on
+MAX_RATE = 0.5
+GAIN_RANGE = 2.0**12  # a calibration looks for a gain in [1/GAIN_RANGE, GAIN_RANGE]
+GAIN_HALVINGS = 10  # bisection steps (in log2) once the target rate is bracketed
+
+
+def _spike_share(spikes: Tensor) -> float:
+    """Spike events per neuron and step of a layer's output ``(T, B, N)`` (dropout scales kept
+    spikes: events are counted, not their values)."""
+    return float((spikes != 0).float().mean())
+
+
+@torch.no_grad()
+def firing_rates(network: nn.Module, frames: Tensor) -> list[float]:
+    """Spike events per neuron and step of each hidden layer of ``network`` on the first
+    :data:`RATE_ITEMS` items of ``frames`` ``(T, B, C)``, in training mode as the step runs."""
+    _, spikes = network.forward_with_spikes(frames[:, :RATE_ITEMS])
+    return [_spike_share(s) for s in spikes]
+
+
+def _current_parameters(block: nn.Module) -> list[Tensor]:
+    """What a hidden block's input current is proportional to: BatchNorm's weight and bias where
+    the block normalises (a normalised current ignores the synapses' scale), else the synapses'
+    weight and bias."""
+    layer = block.norm if block.norm is not None and block.norm.affine else block.synapses
+    return [p for p in (layer.weight, layer.bias) if p is not None]
+
+
+@torch.no_grad()
+def calibrate(network: nn.Module, frames: Tensor, rate: float) -> list[float]:
+    """Scale each hidden block's input current (:func:`_current_parameters`), first block first,
+    until the block fires ``rate`` spike events per neuron and step (within 10 %, else a little
+    more) on the first :data:`RATE_ITEMS` items of ``frames``; returns the gains. Fresh networks
+    of some presets are silent (SSC's three layers), and a silent layer's spike products cost
+    nothing: the step at trained rates costs more."""
+    x = frames[:, :RATE_ITEMS]
+    gains = []
+    for index, block in enumerate(network.blocks):
+        gains.append(_calibrate_block(block, x, rate, f"hidden layer {index + 1}"))
+        x = block(x)
+    return gains
+
+
+def _calibrate_block(block: nn.Module, x: Tensor, rate: float, name: str) -> float:
+    """The gain of ``block``'s input current that makes it fire ``rate`` on input ``x``, left
+    applied (a bisection in log2); a ValueError when no gain up to :data:`GAIN_RANGE` does."""
+    parameters = _current_parameters(block)
+    originals = [p.clone() for p in parameters]
+
+    def rate_at(gain: float) -> float:
+        for parameter, original in zip(parameters, originals):
+            parameter.copy_(original * gain)
+        return _spike_share(block(x))
+
+    high = 1.0  # bracket the rate: low fires less, high at least as much
+    while (reached := rate_at(high)) < rate:
+        if high >= GAIN_RANGE:
+            raise ValueError(
+                f"{name} fires {reached:.1%} of its steps with its input current "
+                f"×{GAIN_RANGE:g}, not {rate:.1%}: ask for a lower --rate"
+            )
+        high *= 2
+    low = high / 2
+    while low > 1 / GAIN_RANGE and rate_at(low) >= rate:
+        low /= 2
+    for _ in range(GAIN_HALVINGS):
+        middle = math.sqrt(low * high)
+        reached = rate_at(middle)
+        if abs(reached - rate) <= 0.1 * rate:
+            high = middle
+            break
+        low, high = (middle, high) if reached < rate else (low, middle)
+    rate_at(high)
+    return high
+
+
 # --------------------------------------------------------------------------- the run
-def measure(task: str, quick: bool, repeats: int, clock, log) -> list[dict]:
-    """Rows (one per model and engine) of one preset."""
+def measure(
+    task: str, quick: bool, repeats: int, clock, log, rate: float | None = None
+) -> list[dict]:
+    """Rows (one per model and engine) of one preset; with ``rate``, every network calibrated
+    to fire at that rate first (:func:`calibrate`)."""
     shape = shape_of(task)
     min_timed_s = QUICK_MIN_TIMED_S if quick else MIN_TIMED_S
     if quick:
         shape = Shape(QUICK_BATCH, shape.steps, shape.inputs, shape.task)
     steps, gemms = {}, {}  # gemms: the matrix products each model's unfused step dispatched
+    rates = {}  # each model's hidden-layer firing rates (its two engines fire alike)
     for model in MODELS:
         for label, engine in ENGINES.items():
             network = build_network(preset_network(task, model), seed=0)
             set_feedforward_engine(network, engine)
             step = TrainingStep(network, shape, torch.Generator().manual_seed(0))
+            if rate is not None:
+                calibrate(network, step.frames, rate)
+            if engine == "fused":
+                rates[model] = firing_rates(network, step.frames)
             with _GemmRecorder() as recorder:  # the warm-up step (and any first build)
                 step()
             steps[model, label] = step
@@ -302,6 +388,8 @@ def measure(task: str, quick: bool, repeats: int, clock, log) -> list[dict]:
         preset_network(task, "delrec", dropout=0.0, recurrent_dropout=0.0), seed=0
     )
     steps["no dropout"] = TrainingStep(without, shape, torch.Generator().manual_seed(0))
+    if rate is not None:
+        calibrate(without, steps["no dropout"].frames, rate)
     steps["no dropout"]()
     # the delrec fused step once more with subnormal floats kept (the flag is per thread, so
     # only where the step runs on this thread alone, and only where flushing is on to begin with)
@@ -348,6 +436,7 @@ def measure(task: str, quick: bool, repeats: int, clock, log) -> list[dict]:
                 "model": model,
                 "engine": label,
                 "rotations": len(times[model, label]),
+                "firing_rates": " ".join(f"{r:.4f}" for r in rates[model]),
                 "step_ms": 1e3 * statistics.median(times[model, label]),
                 "gemm_floor_ms": floors[model],
                 "no_dropout_ms": (
@@ -373,7 +462,7 @@ def measure(task: str, quick: bool, repeats: int, clock, log) -> list[dict]:
                 **{f"share_{c}": parts[c] / profiled for c in COMPONENTS},
             }
         )
-    _print_rows(rows, log)
+    _print_rows(rows, log, rate)
     return rows
 
 
@@ -381,12 +470,23 @@ def _row(rows, task, model, engine):
     return next(r for r in rows if (r["preset"], r["model"], r["engine"]) == (task, model, engine))
 
 
-def _print_rows(rows, log) -> None:
+def _print_rows(rows, log, rate: float | None = None) -> None:
     first = rows[0]
     log(
         f"\n{first['preset']}: B = {first['batch']}, T = {first['steps']}, "
         f"{first['rotations']} rotations"
     )
+    how = (
+        f"input currents scaled to fire {100 * rate:g} % (--rate {rate:g})"
+        if rate is not None
+        else "the preset's fresh weights"
+    )
+    for model in MODELS:
+        shares = ", ".join(
+            f"{100 * float(r):.1f} %"
+            for r in _row(rows, first["preset"], model, "fused")["firing_rates"].split()
+        )
+        log(f"  {model} firing rates of the hidden layers ({how}): {shares}")
     short = ["GEMM", "spike", "rec", "ff", "drop", "norm", "loss", "other"]
     log(
         f"  {'model':7s} {'engine':8s} {'step ms':>9s} {'floor ms':>9s} {'×floor':>7s} "
@@ -469,7 +569,8 @@ def run(args) -> int:
     log = Log()
 
     log(
-        f"delrec bench --network {args.network}{' --quick' if args.quick else ''}: torch "
+        f"delrec bench --network {args.network}{' --quick' if args.quick else ''}"
+        f"{f' --rate {args.rate:g}' if args.rate is not None else ''}: torch "
         f"{torch.__version__}, {torch.get_num_threads()} thread(s), CPU {cpu_name()}, "
         f"{repeats} repeats or more (median; at least "
         f"{QUICK_MIN_TIMED_S if args.quick else MIN_TIMED_S:g} s of the delrec fused step per "
@@ -482,7 +583,7 @@ def run(args) -> int:
     )
     rows = []
     for task in presets:
-        rows.extend(measure(task, args.quick, repeats, clock, log))
+        rows.extend(measure(task, args.quick, repeats, clock, log, args.rate))
     if "shd" in presets and not args.quick:
         batch = shape_of("shd").batch
         steps = -(-SHD_EPOCH_ITEMS // batch)

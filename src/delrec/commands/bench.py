@@ -33,6 +33,16 @@ def add_parser(subparsers) -> None:
         "and where its time goes, on the CPU (delrec.bench_network; --quick: batch 16)",
     )
     p.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        metavar="R",
+        help="with --network: first scale each hidden layer's input current until it fires R "
+        "spike events per neuron and step (e.g. 0.05), as a trained network does; by default "
+        "the preset's fresh weights, whose layers may be silent (SSC's are), which makes the "
+        "fused step's spike products cost nothing",
+    )
+    p.add_argument(
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
@@ -96,7 +106,14 @@ def run(args: argparse.Namespace) -> int:
             "--sections picks sections of the CPU layer benchmark: leave out --network, "
             "--streaming, --tbptt and --device cuda"
         )
+    if args.rate is not None and not args.network:
+        raise UsageError("--rate sets the firing rate of --network's step: use it with --network")
     if args.network:
+        if args.rate is not None and not 0 < args.rate <= bench_network.MAX_RATE:
+            raise UsageError(
+                f"--rate is spike events per neuron and step, in (0, {bench_network.MAX_RATE:g}]; "
+                f"got {args.rate:g}"
+            )
         if args.streaming or args.tbptt:
             raise UsageError("--network, --streaming and --tbptt are separate benchmarks: give one")
         if args.device != "cpu" or args.dry_run:
