@@ -8,8 +8,10 @@ fused and unfused (:func:`delrec.models.set_feedforward_engine`: ``"fused"`` or
 ``"reference"``; the recurrent layers run their default engine either way), one step of each in
 turn, repeated (at least ``--repeats`` rotations, and more until the ``delrec`` fused step has
 run for :data:`MIN_TIMED_S`, or :data:`QUICK_MIN_TIMED_S` with ``--quick``), median kept.
-Then:
+With ``--rate R`` every network first has its hidden layers' input currents scaled until each
+fires ``R`` (:func:`calibrate`; fresh networks of some presets are silent). Then:
 
+* each model's hidden-layer firing rates (:func:`firing_rates`);
 * a per-component breakdown from one profiled step of each (torch.profiler): every operator's
   own time goes to the GEMMs (dense matrix products, wherever they run), or else to the
   component whose forward ran it or whose forward created the autograd node it runs for: spike
