@@ -140,6 +140,22 @@ def test_network_bench_times_breaks_down_and_judges_every_model(tmp_path, monkey
         "network's GEMMs" in v for v in verdicts
     )
     assert any("delrec/rsnn" in v for v in verdicts) and any("--quick ran" in v for v in verdicts)
+    # a ratio of two steps with its range over the rotations, which holds the median ratio
+    for pair, words in (
+        (("delrec", "unfused"), "fused/unfused"),
+        (("rsnn", "fused"), "delrec/rsnn"),
+    ):
+        times = [
+            [float(t) for t in by[key]["rotation_ms"].split()]
+            for key in (("delrec", "fused"), pair)
+        ]
+        assert len(times[0]) == len(times[1]) == int(by["delrec", "fused"]["rotations"])
+        ratios = [a / b for a, b in zip(*times)]
+        line = next(v for v in verdicts if words in v)
+        spread = f"rotations ×{min(ratios):.2f}–×{max(ratios):.2f}"
+        assert spread in line, (spread, line)
+        median = float(by["delrec", "fused"]["step_ms"]) / float(by[pair]["step_ms"])
+        assert min(ratios) - 1e-9 <= median <= max(ratios) + 1e-9
     assert (tmp_path / "network-bench.png").stat().st_size > 10_000
     assert "fused/unfused" in (tmp_path / "network-bench.txt").read_text()
     # each model's firing rates, as the fresh weights give them
