@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import types
+import warnings
 
 import pytest
 import torch
@@ -165,6 +166,33 @@ def test_a_trainer_applies_the_process_settings(tmp_path):
     with _flushing_turned_off():
         Trainer(config, tmp_path / "run", progress=False, log=lambda message: None)
         assert _flushes_on_this_thread()
+
+
+@pytest.mark.skipif(not X86, reason="PyTorch flushes subnormals on x86 CPUs only")
+def test_a_training_step_that_keeps_subnormals_warns_once(monkeypatch):
+    """A loop of one's own without delrec.cpu.configure(): the first training step of a layer
+    or a network says so, once; inference and a flushing thread say nothing."""
+    from delrec.models import build_network, preset_network
+
+    layer, x = DelRec(4), torch.rand(5, 2, 4)
+    network = build_network(preset_network("digits-8x8", "snn"), seed=0)  # no DelRec layer
+    frames = torch.rand(3, 2, network.config.input_size)
+    for step in (lambda: layer(x), lambda: network(frames)):
+        monkeypatch.setattr(cpu, "_subnormals_checked", False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            step()  # this thread flushes (tests/conftest.py)
+        monkeypatch.setattr(cpu, "_subnormals_checked", False)
+        with _flushing_turned_off():
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                with torch.no_grad():
+                    step()  # no training step: not checked yet
+            with pytest.warns(cpu.SubnormalWarning, match=r"delrec\.cpu\.configure\(\)"):
+                step()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                step()  # once per process
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ what a training script of one's own should set first (:func:`configure`).
   the gradient of every step. The GEMMs that read it made a PS-MNIST training step 2.6 times as
   long as with flushing (docs/speed.md, "Subnormal numbers"). Flushing sets only such numbers
   to 0, far below anything a float32 sum holds next to a normal number.
+  A training step on the CPU that keeps them warns once (:func:`warn_if_subnormals_kept`).
 - **As many threads as the process may use** (:func:`match_threads_to_cpus`). PyTorch starts
   one thread per core it sees, but a container's CPU limit (``docker run --cpus``, a
   Kubernetes limit: a cgroup quota of CPU time) lets the process run on fewer at once; the
@@ -29,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import platform
 import sys
 import warnings
 
@@ -123,3 +125,37 @@ def flush_denormals() -> bool:
         stacklevel=2,
     )
     return False
+
+
+class SubnormalWarning(RuntimeWarning):
+    """A delrec network trains on a CPU thread that keeps subnormal floats (module docstring)."""
+
+
+_subnormals_checked = False  # warn_if_subnormals_kept looks once per process
+
+
+def warn_if_subnormals_kept() -> None:
+    """At its first call in the process, a :class:`SubnormalWarning` if this thread keeps
+    subnormal floats on an x86 CPU, where :func:`flush_denormals` would flush them (a training
+    loop of one's own that did not call :func:`configure`); nothing at later calls or elsewhere.
+    The delrec layers call it when a training step (a forward that records gradients) starts on
+    the CPU."""
+    global _subnormals_checked
+    if _subnormals_checked:
+        return
+    _subnormals_checked = True
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return  # PyTorch flushes them on x86 only: nothing to advise elsewhere
+    smallest = torch.ones(1, dtype=torch.int32).view(torch.float32)  # checked by its bits
+    if not bool((smallest * 1.0).view(torch.int32).any()):
+        return
+    warnings.warn(
+        "delrec: this thread keeps subnormal floats, which cost a microcode assist in every "
+        "multiply-add that reads them; a training step whose gradients underflow (the PS-MNIST "
+        "network's) then runs 3-5 times as long. Call delrec.cpu.configure() at the start of "
+        "the script, before the first multi-threaded operation (the delrec command line and "
+        "delrec.training do), or silence this with warnings.filterwarnings('ignore', "
+        "category=delrec.cpu.SubnormalWarning)",
+        SubnormalWarning,
+        stacklevel=2,
+    )

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from delrec import cpu
 from delrec.data import dataset_info
 from delrec.delays import MAX_DELAY, check_max_delay
 from delrec.engine import DELAY_TYPES, fused
@@ -415,6 +416,8 @@ class SpikingNetwork(nn.Module):
                 f"the network's input is not finite: {value} at step {t}, batch item {b}, "
                 f"channel {c}; check the data (torch.isfinite)"
             )
+        if torch.is_grad_enabled() and x.device.type == "cpu":
+            cpu.warn_if_subnormals_kept()
         stateful = state is not None or return_state
         if state is not None and not isinstance(state, NetworkState):
             raise TypeError(

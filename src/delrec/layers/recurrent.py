@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from delrec import cpu
 from delrec import delays as delay_fns
 from delrec.engine import (
     DELAY_TYPES,
@@ -253,6 +254,8 @@ class DelRec(nn.Module):
             or any(p.requires_grad for p in self.parameters())
             or (state is not None and any(x.requires_grad for x in (*state.neuron, state.spikes)))
         )
+        if wants_grad and current.device.type == "cpu":
+            cpu.warn_if_subnormals_kept()
         stateful = state is not None or return_state
         delay, width = self.delays_and_width()
         path = select(
