@@ -361,6 +361,29 @@ def test_spike_products_run_where_they_pay(monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("where", ["first rows", "last rows"])
+def test_the_count_says_too_many_wherever_the_non_zeros_lie(where):
+    """The count stops once the rows counted pass the limit; at the limit exactly it counts
+    every row and compresses them all, one more non-zero is "dense", whichever rows (and
+    threads) hold them."""
+    kernels = native.load("fused")
+    rows, inputs, limit = 5000, 7, 3000
+    for pool in (1, 2):
+        with threads(pool):
+            for count in (limit, limit + 1):
+                x = torch.zeros(rows * inputs)
+                span = slice(0, count) if where == "first rows" else slice(-count, None)
+                x[span] = 2.0
+                compressed = kernels.nonzero_rows(x.view(rows, inputs), limit)
+                if count > limit:
+                    assert compressed == []
+                    continue
+                offsets, index, value = compressed
+                assert offsets[0] == 0 and offsets[-1] == count and torch.all(value == 2.0)
+                assert torch.equal(offsets.diff(), x.view(rows, inputs).ne(0).sum(1))
+
+
+@needs_kernels
 def test_spike_products_refuse_a_second_derivative(monkeypatch):
     monkeypatch.setattr(fused, "MIN_ROWS", 1)
     x = torch.zeros(4, 8)

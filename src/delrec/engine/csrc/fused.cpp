@@ -20,6 +20,7 @@
 #include "philox.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -340,21 +341,34 @@ struct Vector {
   static constexpr int64_t kLanes = kVectorBytes / sizeof(scalar_t);
 };
 
-// Fills offsets (M+1) with the row starts of x's non-zeros; returns their count.
+// Fills offsets (M+1) with the row starts of x's non-zeros and returns their count, or stops
+// as soon as the rows counted hold more than max_count and returns -1 (a dense input then pays
+// for about max_count / its density of the pass, not all of it: the count only has to say
+// "more"). Each thread adds its rows' counts to a shared total every kCountCheck rows.
+constexpr int64_t kCountCheck = 64;
+
 template <typename scalar_t>
-int64_t count_nonzero_rows(const at::Tensor& x, at::Tensor& offsets) {
+int64_t count_nonzero_rows(const at::Tensor& x, at::Tensor& offsets, int64_t max_count) {
   const int64_t rows = x.size(0), n = x.size(1);
   const scalar_t* x_p = x.data_ptr<scalar_t>();
   int64_t* o_p = offsets.data_ptr<int64_t>();
+  std::atomic<int64_t> counted{0};
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, n)),
                    [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* __restrict__ row = x_p + r * n;
-      int32_t count = 0;
-      for (int64_t i = 0; i < n; ++i) count += row[i] != scalar_t(0);
-      o_p[r + 1] = count;
+    for (int64_t c0 = r0; c0 < r1; c0 += kCountCheck) {
+      const int64_t c1 = std::min(r1, c0 + kCountCheck);
+      int64_t sum = 0;
+      for (int64_t r = c0; r < c1; ++r) {
+        const scalar_t* __restrict__ row = x_p + r * n;
+        int32_t count = 0;
+        for (int64_t i = 0; i < n; ++i) count += row[i] != scalar_t(0);
+        o_p[r + 1] = count;
+        sum += count;
+      }
+      if (counted.fetch_add(sum, std::memory_order_relaxed) + sum > max_count) return;
     }
   });
+  if (counted.load() > max_count) return -1;
   o_p[0] = 0;
   for (int64_t r = 0; r < rows; ++r) o_p[r + 1] += o_p[r];
   return o_p[rows];
@@ -649,8 +663,8 @@ std::vector<at::Tensor> nonzero_rows(const at::Tensor& x, int64_t max_count) {
   at::Tensor offsets = at::empty({x.size(0) + 1}, x.options().dtype(at::kLong));
   std::vector<at::Tensor> compressed;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "delrec_nonzero_rows", [&] {
-    const int64_t count = count_nonzero_rows<scalar_t>(x, offsets);
-    if (count > max_count) return;
+    const int64_t count = count_nonzero_rows<scalar_t>(x, offsets, max_count);
+    if (count < 0) return;
     at::Tensor index = at::empty({count}, x.options().dtype(at::kInt));
     at::Tensor value = at::empty({count}, x.options());
     gather_nonzero_rows<scalar_t>(x, offsets, index, value);
