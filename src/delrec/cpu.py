@@ -152,7 +152,8 @@ def warn_if_subnormals_kept() -> None:
     warnings.warn(
         "delrec: this thread keeps subnormal floats, which cost a microcode assist in every "
         "multiply-add that reads them; a training step whose gradients underflow (the PS-MNIST "
-        "network's) then runs 3-5 times as long. Call delrec.cpu.configure() at the start of "
+        "network's) then runs several times as long (2.8-5.4 times in delrec bench --network "
+        "psmnist). Call delrec.cpu.configure() at the start of "
         "the script, before the first multi-threaded operation (the delrec command line and "
         "delrec.training do), or silence this with warnings.filterwarnings('ignore', "
         "category=delrec.cpu.SubnormalWarning)",
