@@ -167,6 +167,36 @@ def test_network_bench_times_breaks_down_and_judges_every_model(tmp_path, monkey
         assert line + ", ".join(f"{100 * r:.1f} %" for r in rates) in printed
 
 
+def test_network_bench_says_when_a_layer_is_silent_and_times_it_firing_with_rate(
+    tmp_path, monkeypatch, capsys
+):
+    """Fresh SSC networks are silent: the bench says what that hides and how to see it; with
+    `--rate 0.1` every layer of every model fires about 10 %, and the log says so."""
+    from delrec import bench_network
+
+    shape_of = bench_network.shape_of
+    monkeypatch.setattr(
+        bench_network, "shape_of", lambda t: dataclasses.replace(shape_of(t), steps=12)
+    )
+    monkeypatch.setattr(bench_network, "QUICK_BATCH", 4)
+    monkeypatch.setattr(bench_network, "QUICK_MIN_TIMED_S", 0.0)
+    args = ["bench", "--network", "ssc", "--quick", "--repeats", "1", "--out", str(tmp_path)]
+    hint = "--rate 0.1 times the step with every layer firing 10 %"
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "delrec firing rates of the hidden layers (the preset's fresh weights): 0.0 %" in printed
+    assert hint in printed
+    assert main([*args, "--rate", "0.1"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("delrec bench --network ssc --quick --rate 0.1:")
+    assert hint not in printed
+    rows = list(csv.DictReader(open(tmp_path / "network-bench.csv", encoding="utf-8")))
+    for row in rows:
+        assert all(0.08 <= float(r) <= 0.125 for r in row["firing_rates"].split()), row
+    label = "firing rates of the hidden layers (input currents scaled to fire 10 % (--rate 0.1))"
+    assert printed.count(label) == len(bench_network.MODELS)
+
+
 def test_a_calibrated_network_fires_at_the_rate_asked_in_every_layer():
     """`--rate`: the fresh SSC network is silent; calibrated, each of its layers fires the
     rate asked, on the items the bench measures, whether the gain had to rise or fall."""

@@ -484,12 +484,19 @@ def _print_rows(rows, log, rate: float | None = None) -> None:
         if rate is not None
         else "the preset's fresh weights"
     )
+    silent = False
     for model in MODELS:
-        shares = ", ".join(
-            f"{100 * float(r):.1f} %"
-            for r in _row(rows, first["preset"], model, "fused")["firing_rates"].split()
-        )
+        rates = [
+            float(r) for r in _row(rows, first["preset"], model, "fused")["firing_rates"].split()
+        ]
+        silent |= min(rates) == 0
+        shares = ", ".join(f"{100 * r:.1f} %" for r in rates)
         log(f"  {model} firing rates of the hidden layers ({how}): {shares}")
+    if silent:
+        log(
+            "  (a silent layer's spike products cost nothing, which a trained network's do not: "
+            "--rate 0.1 times the step with every layer firing 10 %)"
+        )
     short = ["GEMM", "spike", "rec", "ff", "drop", "norm", "loss", "other"]
     log(
         f"  {'model':7s} {'engine':8s} {'step ms':>9s} {'floor ms':>9s} {'×floor':>7s} "
