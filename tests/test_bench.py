@@ -244,6 +244,27 @@ def test_the_profiled_step_runs_the_path_that_was_timed(monkeypatch, engine):
     assert shares["feedforward spiking layers"] > 0 and shares["recurrent layer"] > 0
 
 
+def test_the_profiled_step_keeps_its_stderr_but_not_the_profilers_log_lines(capfd):
+    """torch's profiler logs a line to standard error as it starts and stops (``USDT: …
+    profiler_start``), noise in the bench's output; what the step itself writes there stays."""
+    from delrec import bench_network, models
+
+    network = models.build_network(models.preset_network("mackey-glass"), seed=0)
+    shape = bench_network.Shape(3, 6, "series", "regression")
+    step = bench_network.TrainingStep(network, shape, torch.Generator().manual_seed(0))
+
+    class Loud:
+        network = step.network
+
+        def __call__(self):
+            print("said by the step", file=sys.stderr, flush=True)
+            step()
+
+    bench_network.breakdown(Loud())
+    err = capfd.readouterr().err
+    assert "said by the step" in err and "profiler_st" not in err, err
+
+
 SETTINGS = tiny_grids(True)
 COST, SHD, SYNAPTIC = SETTINGS[2], SETTINGS[3], SETTINGS[4]
 DELAYS = SETTINGS[1]

@@ -32,8 +32,11 @@ fires ``R`` (:func:`calibrate`; fresh networks of some presets are silent). Then
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import statistics
+import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -191,12 +194,34 @@ def _label(event) -> str | None:
     return FUNCTION_COMPONENTS.get(event.name)
 
 
+@contextlib.contextmanager
+def _stderr_discarded():
+    """Standard error (file descriptor 2, which C++ code writes to) sent to the null device for
+    the block: for the profiler's start and stop, which its C++ logger announces there
+    (``USDT: … profiler_start``), a line each, noise in the bench's log."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w", encoding="ascii") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def breakdown(step: TrainingStep) -> dict[str, float]:
     """Milliseconds of one profiled step by component (module docstring)."""
     regions = _Regions(step.network)
+    prof = profile(activities=[ProfilerActivity.CPU])
     try:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with _stderr_discarded():
+            prof.start()
+        try:
             step()
+        finally:
+            with _stderr_discarded():
+                prof.stop()
     finally:
         regions.remove()
     events = list(prof.events())
