@@ -312,7 +312,7 @@ GAIN_RANGE = 2.0**12  # a calibration looks for a gain in [1/GAIN_RANGE, GAIN_RA
 GAIN_HALVINGS = 10  # bisection steps (in log2) once the target rate is bracketed
 
 
-def _spike_share(spikes: Tensor) -> float:
+def _spike_rate(spikes: Tensor) -> float:
     """Spike events per neuron and step of a layer's output ``(T, B, N)`` (dropout scales kept
     spikes: events are counted, not their values)."""
     return float((spikes != 0).float().mean())
@@ -323,7 +323,7 @@ def firing_rates(network: nn.Module, frames: Tensor) -> list[float]:
     """Spike events per neuron and step of each hidden layer of ``network`` on the first
     :data:`RATE_ITEMS` items of ``frames`` ``(T, B, C)``, in training mode as the step runs."""
     _, spikes = network.forward_with_spikes(frames[:, :RATE_ITEMS])
-    return [_spike_share(s) for s in spikes]
+    return [_spike_rate(s) for s in spikes]
 
 
 def _current_parameters(block: nn.Module) -> list[Tensor]:
@@ -358,7 +358,7 @@ def _calibrate_block(block: nn.Module, x: Tensor, rate: float, name: str) -> flo
     def rate_at(gain: float) -> float:
         for parameter, original in zip(parameters, originals):
             parameter.copy_(original * gain)
-        return _spike_share(block(x))
+        return _spike_rate(block(x))
 
     high = 1.0  # bracket the rate: low fires less, high at least as much
     while (reached := rate_at(high)) < rate:
@@ -514,9 +514,9 @@ def _print_rows(rows, log, rate: float | None = None) -> None:
         rates = [
             float(r) for r in _row(rows, first["preset"], model, "fused")["firing_rates"].split()
         ]
-        silent |= min(rates) == 0
-        shares = ", ".join(f"{100 * r:.1f} %" for r in rates)
-        log(f"  {model} firing rates of the hidden layers ({how}): {shares}")
+        silent |= 0.0 in rates
+        listed = ", ".join(f"{100 * r:.1f} %" for r in rates)
+        log(f"  {model} firing rates of the hidden layers ({how}): {listed}")
     if silent:
         log(
             "  (a silent layer's spike products cost nothing, which a trained network's do not: "
