@@ -110,11 +110,8 @@ def flush_denormals() -> bool:
     if threads == 1:
         return True
     # a product PyTorch splits over the pool (above its grain size, 32,768 elements, per
-    # thread) of the smallest subnormal, made from its bits and checked by its bits (a float
-    # conversion or comparison here would itself flush it): a worker that keeps subnormals
-    # leaves non-zero bits
-    smallest = torch.ones(threads * 65536, dtype=torch.int32).view(torch.float32)
-    if not bool((smallest * 1.0).view(torch.int32).any()):
+    # thread): a worker that keeps subnormals leaves non-zero bits
+    if not _subnormals_kept(threads * 65536):
         return True
     warnings.warn(
         "delrec: subnormal floats are flushed on this thread but not on all of PyTorch's "
@@ -125,6 +122,15 @@ def flush_denormals() -> bool:
         stacklevel=2,
     )
     return False
+
+
+def _subnormals_kept(elements: int) -> bool:
+    """Whether ``elements`` copies of the smallest subnormal times 1 leave any non-zero bits:
+    made from their bits and checked by their bits (a float conversion or comparison here would
+    itself flush them); a product of more than 32,768 elements per thread is split over
+    PyTorch's pool."""
+    smallest = torch.ones(elements, dtype=torch.int32).view(torch.float32)
+    return bool((smallest * 1.0).view(torch.int32).any())
 
 
 class SubnormalWarning(RuntimeWarning):
@@ -146,8 +152,7 @@ def warn_if_subnormals_kept() -> None:
     _subnormals_checked = True
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return  # PyTorch flushes them on x86 only: nothing to advise elsewhere
-    smallest = torch.ones(1, dtype=torch.int32).view(torch.float32)  # checked by its bits
-    if not bool((smallest * 1.0).view(torch.int32).any()):
+    if not _subnormals_kept(1):  # on this thread alone
         return
     warnings.warn(
         "delrec: this thread keeps subnormal floats, which cost a microcode assist in every "
