@@ -39,9 +39,13 @@ def test_training_steps_reuse_freed_memory():
 @pytest.mark.skipif(not GLIBC, reason="needs glibc's malloc (Linux)")
 def test_tensors_beyond_glibcs_mapping_threshold_reuse_freed_memory():
     """Blocks over 32 MiB (a PS-MNIST step's (T, B, N) tensors are 170 MB), which glibc would
-    map afresh at every allocation whatever its mapping threshold, come from the heap too.
-    Measured in a fresh process: the heap that earlier tests of this one left behind (a
-    64 MB block may not fit between what they hold) once gave 16,385 faults here."""
+    map afresh at every allocation whatever its mapping threshold, come from the heap too, and
+    once the heap has stopped growing no allocation faults. It grows a few times first: PyTorch
+    asks for 64-byte-aligned blocks, which glibc serves from a free chunk only if it holds the
+    block plus its alignment, so a freed 64 MB block serves the next one only once it has
+    merged with a free neighbour. Measured in a fresh process (one that earlier tests left a
+    fragmented heap could grow for longer), 40 times: the last allocation that faulted was the
+    3rd to the 6th of 16."""
     code = textwrap.dedent(
         """
         import resource, torch
@@ -53,7 +57,7 @@ def test_tensors_beyond_glibcs_mapping_threshold_reuse_freed_memory():
             return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
         kept = keep_freed_memory()
-        print(kept, *[faults_of_an_allocation() for _ in range(6)])
+        print(kept, *[faults_of_an_allocation() for _ in range(16)])
         """
     )
     done = subprocess.run(
@@ -61,7 +65,7 @@ def test_tensors_beyond_glibcs_mapping_threshold_reuse_freed_memory():
     )
     kept, *faults = done.stdout.split()
     faults = [int(f) for f in faults]  # glibc's defaults: ≈ 16,000 each
-    assert kept == "True" and min(faults[-3:]) < 100, faults
+    assert kept == "True" and max(faults[-6:]) < 100, faults  # the heap has stopped growing
 
 
 class OtherLibc:
