@@ -780,6 +780,106 @@ def test_absurd_sizes_and_initialisers_are_refused_at_construction():
             make()
 
 
+def test_settings_of_the_wrong_kind_are_refused_not_read_as_truthy_or_cut_off():
+    """A string where a flag belongs was taken as True (``bias="no"`` built biases), a
+    non-integer layer index matched no layer (``recurrent_layers=(0.5,)`` built the snn model),
+    and a string probability failed inside a comparison."""
+    for make, error, match in [
+        (
+            lambda: NetworkConfig(6, (8, 8), 3, recurrent_layers=(0.5,)),
+            ValueError,
+            r"recurrent_layers \[0.5\]: each must be the index of a hidden layer",
+        ),
+        (
+            lambda: NetworkConfig(6, (8, 8), 3, recurrent_layers=(True,)),
+            ValueError,
+            r"recurrent_layers \[True\]",
+        ),
+        (
+            lambda: NetworkConfig(6, (8, 8), 3, recurrent_layers=0),
+            TypeError,
+            "recurrent_layers must be a list of whole numbers, got 0",
+        ),
+        (
+            lambda: NetworkConfig(6, (8,), 3, bias="no"),
+            TypeError,
+            "bias must be True or False, got 'no'",
+        ),
+        (
+            lambda: NetworkConfig(6, (8,), 3, ff_delay_window="26"),
+            ValueError,
+            "ff_delay_window must be between 1 and .* got '26'",
+        ),
+        (
+            lambda: build_network(NetworkConfig(6, (8,), 3, neuron={"surrogate": 5})),
+            TypeError,
+            r"neuron surrogate must be one of \['atan', 'triangle'\], got 5",
+        ),
+        (lambda: build_network({}), TypeError, "build_network takes a NetworkConfig, got dict"),
+        (
+            lambda: build_network(NetworkConfig(6, (8,), 3), seed="a"),
+            TypeError,
+            "seed must be a whole number or None, got 'a'",
+        ),
+        (
+            lambda: DelRec(4, learn_delays="no"),
+            TypeError,
+            "DelRec learn_delays must be True or False, got 'no'",
+        ),
+        (
+            lambda: DelRec(4, recurrent_dropout="0.3"),
+            TypeError,
+            "recurrent_dropout must be a number in \\[0, 1\\), got '0.3'",
+        ),
+        (lambda: DelRec(4)([[1.0] * 4]), TypeError, "DelRec takes a tensor, got list"),
+        (
+            lambda: FeedforwardDelay(4, 3)([[1.0] * 4]),
+            TypeError,
+            "FeedforwardDelay takes a tensor, got list",
+        ),
+    ]:
+        with pytest.raises(error, match=match):
+            make()
+
+
+def test_settings_changed_after_construction_are_checked_where_they_are_used():
+    """A NetworkConfig is a plain dataclass and a DelRec's dropout a plain attribute: values
+    set after construction went unchecked (a KeyError, torch's own errors, a dropout of 1 drew
+    a NaN mask that was blamed on a diverged run)."""
+    for field, value, match in [
+        ("model", "bogus", "unknown model 'bogus'"),
+        ("hidden_sizes", (8, -2), "each of hidden_sizes must be a whole number >= 1, got -2"),
+        ("readout_tau", 0.1, "readout_tau must be a number of time steps >= 1, got 0.1"),
+        ("recurrent_layers", (7,), r"recurrent_layers \[7\]"),
+    ]:
+        config = NetworkConfig(6, (8, 8), 3)
+        setattr(config, field, value)
+        with pytest.raises(ValueError, match=match):
+            build_network(config)
+    layer = DelRec(4)
+    for value in (1.0, -0.5):
+        with pytest.raises(
+            ValueError, match=f"recurrent_dropout must be in \\[0, 1\\), got {value}"
+        ):
+            layer.recurrent_dropout = value
+    layer.recurrent_dropout = 0.25
+    assert layer.recurrent_dropout == 0.25 and "recurrent_dropout=0.25" in repr(layer)
+
+
+@pytest.mark.parametrize("engine", FEEDFORWARD_ENGINES)
+def test_non_finite_feedforward_weights_and_biases_are_refused_on_every_engine(engine):
+    for name, value in [("weight", float("nan")), ("bias", float("inf"))]:
+        layer = FeedforwardDelay(8, 8, kernel_size=4, engine=engine)
+        with torch.no_grad():
+            getattr(layer, name).view(-1)[5] = value
+        with pytest.raises(ValueError, match=f"NaN or Inf in the {name}.? of FeedforwardDelay"):
+            layer(torch.rand(10, 2, 8))
+    layer = FeedforwardDelay(8, 8, kernel_size=4, engine=engine).double()
+    with torch.no_grad():
+        layer.weight.fill_(1e308)  # finite, though their sum overflows: accepted
+    assert layer(torch.rand(10, 2, 8, dtype=torch.float64)).shape == (10, 2, 8)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_layers_run_on_a_path_that_takes_them(dtype):
     # the compiled paths take float32 and float64; a half-precision layer gets a PyTorch path

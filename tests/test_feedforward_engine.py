@@ -8,6 +8,7 @@ the portable vectors that CPUs without AVX-512 run (built without AVX-512 here i
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from delrec.bench import saved_bytes
+from delrec.delays import DelayLimitWarning
 from delrec.engine import feedforward as engines
 from delrec.engine import native
 from delrec.layers import FeedforwardDelay
@@ -109,6 +111,37 @@ def test_two_tap_paths_match_the_convolution_float32(layer):
     x, weight, position, bias, kernel_size = layer
     x.requires_grad_()
     assert_paths_match_reference(x, weight, position, bias, kernel_size)
+
+
+def test_transposed_parameters_run_on_every_path():
+    """Weights and positions stored transposed (a view of an (I, O) tensor: what an exchange
+    format or a hand-made layer may give) were refused by the C++ kernels with a bare error."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 3, 5, dtype=torch.float64, generator=generator).requires_grad_()
+    weight = torch.randn(5, 4, dtype=torch.float64, generator=generator).t().requires_grad_()
+    position = (6 * torch.rand(5, 4, dtype=torch.float64, generator=generator)).t()
+    bias = torch.randn(4, dtype=torch.float64, generator=generator)
+    assert not weight.is_contiguous() and not position.clone().is_contiguous()
+    assert_paths_match_reference(x, weight, position.requires_grad_(), bias, 7)
+
+
+def test_loading_positions_beyond_the_window_warns():
+    """Weights and positions have the same shapes whatever the window, so a state dict of a
+    wider layer loaded without a word, and its positions beyond the window counted nothing."""
+    wide, narrow = FeedforwardDelay(3, 4, 50), FeedforwardDelay(3, 4, 5)
+    with torch.no_grad():
+        wide.position.fill_(20.0)
+        wide.position[0, 0] = 2.0
+    network = torch.nn.Sequential(narrow)
+    with pytest.warns(
+        DelayLimitWarning,
+        match=r"11 of the 12 positions loaded into "
+        r"FeedforwardDelay\(3, 4, kernel_size=5\) lie at or beyond the window",
+    ):
+        network.load_state_dict({f"0.{k}": v for k, v in wide.state_dict().items()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        narrow.load_state_dict(FeedforwardDelay(3, 4, 5).state_dict())  # inside: no warning
 
 
 @pytest.mark.parametrize("kernel_size", [1, 2, 5, 26])

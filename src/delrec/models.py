@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -115,6 +116,13 @@ class NeuronConfig:
     def build(self) -> LIF:
         if self.reset not in ("hard", "soft"):
             raise ValueError(f"neuron reset must be 'hard' or 'soft', got {self.reset!r}")
+        if not isinstance(self.surrogate, str):
+            raise TypeError(
+                f"neuron surrogate must be one of {sorted(SURROGATES)}, got {self.surrogate!r}"
+            )
+        for name in ("detach_reset", "decay_input"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"neuron {name} must be True or False, got {getattr(self, name)!r}")
         scale_name = {"triangle": "gamma", "atan": "alpha"}.get(self.surrogate.lower(), "gamma")
         try:
             surrogate = make_surrogate(self.surrogate, **{scale_name: self.surrogate_scale})
@@ -172,6 +180,21 @@ class NetworkConfig:
     readout_bias: bool = True
 
     def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Refuse a bad setting with a ValueError (or TypeError) naming it; normalise the
+        sequences to tuples. Runs at construction and again in :func:`build_network` (a
+        dataclass's fields may be changed after construction)."""
+        for name in ("bias", "learn_spread", "readout_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("hidden_sizes", "recurrent_layers"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not (
+                value is None or isinstance(value, Iterable)
+            ):
+                raise TypeError(f"{name} must be a list of whole numbers, got {value!r}")
         self.hidden_sizes = tuple(self.hidden_sizes)
         if isinstance(self.neuron, dict):
             self.neuron = NeuronConfig(**self.neuron)
@@ -188,10 +211,14 @@ class NetworkConfig:
                 f"readout_tau must be a number of time steps >= 1, got {self.readout_tau!r}"
             )
         weight_bound(self.feedforward_init, 1)  # a ValueError naming the choices
-        if not 1 <= self.ff_delay_window <= MAX_DELAY + 1:
+        if not (
+            isinstance(self.ff_delay_window, numbers.Integral)
+            and not isinstance(self.ff_delay_window, bool)
+            and 1 <= self.ff_delay_window <= MAX_DELAY + 1
+        ):
             raise ValueError(
                 f"ff_delay_window must be between 1 and {MAX_DELAY + 1:g} steps (delays of 0 … "
-                f"MAX_DELAY = {MAX_DELAY:g} steps), got {self.ff_delay_window}"
+                f"MAX_DELAY = {MAX_DELAY:g} steps), got {self.ff_delay_window!r}"
             )
         check_max_delay(self.max_delay, "max_delay")
         if not self.hidden_sizes:
@@ -203,11 +230,18 @@ class NetworkConfig:
             check_probability(getattr(self, name), name)
         if self.recurrent_layers is not None:
             self.recurrent_layers = tuple(self.recurrent_layers)
-            bad = [i for i in self.recurrent_layers if not 0 <= i < len(self.hidden_sizes)]
+            bad = [
+                i
+                for i in self.recurrent_layers
+                if isinstance(i, bool)
+                or not isinstance(i, numbers.Integral)
+                or not 0 <= i < len(self.hidden_sizes)
+            ]
             if bad:
                 raise ValueError(
-                    f"recurrent_layers {bad} out of range for "
-                    f"{len(self.hidden_sizes)} hidden layers"
+                    f"recurrent_layers {bad}: each must be the index of a hidden layer, a whole "
+                    f"number from 0 to {len(self.hidden_sizes) - 1} "
+                    f"({len(self.hidden_sizes)} hidden layers)"
                 )
             if len(set(self.recurrent_layers)) != len(self.recurrent_layers):
                 raise ValueError(
@@ -578,6 +612,11 @@ def _neurons(
 
 def build_network(cfg: NetworkConfig, seed: int | None = None) -> SpikingNetwork:
     """Build the network ``cfg`` describes; ``seed`` makes the initialisation reproducible."""
+    if not isinstance(cfg, NetworkConfig):
+        raise TypeError(f"build_network takes a NetworkConfig, got {type(cfg).__name__}")
+    cfg.check()  # its fields may have changed since it was made
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"seed must be a whole number or None, got {seed!r}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     blocks, fan_in = [], cfg.input_size
     for index, size in enumerate(cfg.hidden_sizes):

@@ -24,6 +24,7 @@ device), and are what the kernels are tested against.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,10 @@ def native(draw: MaskDraw | None, dtype: torch.dtype) -> tuple:
 
 
 def check_probability(p: float, name: str = "dropout probability") -> float:
-    """``p`` as a float, or a ValueError naming ``name`` unless ``0 <= p < 1`` (a NaN fails)."""
+    """``p`` as a float, or a ValueError naming ``name`` unless ``0 <= p < 1`` (a NaN fails;
+    a TypeError unless it is a number)."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"{name} must be a number in [0, 1), got {p!r}")
     if not 0 <= p < 1:
         raise ValueError(f"{name} must be in [0, 1), got {p}")
     return float(p)

@@ -336,6 +336,8 @@ def _two_taps(implementation: Callable[[], object | None]):
             )
         if x.shape[1] == 0:  # an empty batch: nothing to compute, and the kernels divide by B
             return convolution(x, weight, position, bias, kernel_size)
+        # the kernels read (O, I) rows; a transposed parameter is copied (autograd sees through)
+        weight, position = weight.contiguous(), position.contiguous()
         return _TwoTaps.apply(x, weight, position, bias, kernel_size, implementation())
 
     return run

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
 
-from delrec.delays import MAX_DELAY, check_max_delay, clamp_initial
+from delrec.delays import MAX_DELAY, DelayLimitWarning, check_max_delay, clamp_initial
 from delrec.engine import feedforward as engines
 from delrec.layers.precision import own_precision
 from delrec.layers.sizes import check_size
@@ -58,6 +59,7 @@ class FeedforwardDelay(nn.Module):
         init: str = "uniform-sqrt6",
     ):
         super().__init__()
+        self.register_load_state_dict_post_hook(self._warn_of_positions_beyond_the_window)
         in_features = check_size(in_features, "FeedforwardDelay in_features")
         out_features = check_size(out_features, "FeedforwardDelay out_features")
         kernel_size = check_size(kernel_size, "FeedforwardDelay kernel_size (taps)")
@@ -101,6 +103,25 @@ class FeedforwardDelay(nn.Module):
             if bias
             else None
         )
+
+    def _warn_of_positions_beyond_the_window(self, _module, _keys) -> None:
+        """After ``load_state_dict``: a DelayLimitWarning where loaded positions reach ``K`` or
+        more, where no tap of the window is left (the weights and positions have the same
+        shapes whatever ``K``, so a layer of another window loads without an error)."""
+        position = self.position.detach()
+        beyond = position >= self.kernel_size
+        if bool(beyond.any()):
+            warnings.warn(
+                f"{int(beyond.sum())} of the {position.numel()} positions loaded into "
+                f"FeedforwardDelay({self.in_features}, {self.out_features}, kernel_size="
+                f"{self.kernel_size}) lie at or beyond the window (up to "
+                f"{position.max().item():.4g} steps, the window ends at K-1 = "
+                f"{self.kernel_size - 1}): those synapses count for nothing. Were they saved "
+                "from a layer with a wider window? Build this one with that kernel_size (or "
+                "clamp them with delrec.layers.clamp_delays(model))",
+                DelayLimitWarning,
+                stacklevel=2,
+            )
 
     def effective_position(self) -> Tensor:
         """The positions the forward uses: the parameter in training (and in eval with
@@ -169,11 +190,14 @@ class FeedforwardDelay(nn.Module):
         return out
 
     def _check_values(self, x: Tensor, state: Tensor | None) -> None:
-        """Raises a ValueError naming what holds NaN or Inf: the positions, the input or the
-        state; and, in eval mode (as a chip runs them), a position beyond ``max_delay`` that
-        still reaches a tap of the window (below ``K``; one beyond the window counts nothing,
-        as in training). One device sync: a sum of each (NaN and Inf propagate into it)."""
-        named = {"positions (delays)": self.position, "input": x}
+        """Raises a ValueError naming what holds NaN or Inf: the positions, weights, bias, the
+        input or the state; and, in eval mode (as a chip runs them), a position beyond
+        ``max_delay`` that still reaches a tap of the window (below ``K``; one beyond the
+        window counts nothing, as in training). One device sync: a sum of each (NaN and Inf
+        propagate into it)."""
+        named = {"positions (delays)": self.position, "weights": self.weight, "input": x}
+        if self.bias is not None:
+            named["bias"] = self.bias
         if state is not None:
             named["state"] = state
         sums = [
@@ -193,13 +217,15 @@ class FeedforwardDelay(nn.Module):
             if not bool(value.detach().isfinite().all()):
                 cause = (
                     "e.g. a diverged training run (restore a checkpoint, lower the learning rate)"
-                    if value is self.position
+                    if isinstance(value, nn.Parameter)
                     else "check the data and the layers before this one"
                 )
                 raise ValueError(
                     f"NaN or Inf in the {name} of {layer}: find where they came from "
                     f"(torch.isfinite), {cause}"
                 )
+        if over is None or not bool(over.any()):
+            return  # every value is finite: only a sum overflowed
         raise ValueError(
             f"the positions of {layer} reach {position[over].max().item():.4g} steps, beyond "
             f"its max_delay = {limit} (within the window K-1 = {self.kernel_size - 1}): clamp "

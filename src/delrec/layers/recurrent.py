@@ -112,7 +112,13 @@ class DelRec(nn.Module):
         super().__init__()
         if delay_type not in DELAY_TYPES:
             raise ValueError(f"delay_type must be one of {DELAY_TYPES}, got {delay_type!r}")
-        check_probability(recurrent_dropout, "recurrent_dropout")
+        for name, flag in (
+            ("learn_delays", learn_delays),
+            ("round_init", round_init),
+            ("learn_spread", learn_spread),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"DelRec {name} must be True or False, got {flag!r}")
         self.size = size = check_size(size, "DelRec size (neurons)")
         self.neuron = as_neuron(neuron if neuron is not None else LIF())
         check_engine(engine, self.neuron)
@@ -470,6 +476,16 @@ class DelRec(nn.Module):
                 delay_fns.DelayLimitWarning,
                 stacklevel=6,  # the caller of layer(x), through Module.__call__
             )
+
+    @property
+    def recurrent_dropout(self) -> float:
+        """Probability of dropping a neuron's recurrent input for a whole sequence, in
+        training; checked whenever it is set."""
+        return self._recurrent_dropout
+
+    @recurrent_dropout.setter
+    def recurrent_dropout(self, p: float) -> None:
+        self._recurrent_dropout = check_probability(p, "recurrent_dropout")
 
     def _draw_dropout_mask(self, current: Tensor) -> Tensor | None:
         if not self.training or self.recurrent_dropout == 0:
