@@ -217,6 +217,14 @@ def test_fused_leaky_integrator_matches_the_module(decay_input, tau):
     assert_close_relative(
         grads_of(out, [current], grad_out)[0], grads_of(expected, [current], grad_out)[0]
     )
+    # from a membrane of a previous chunk: v[-1], and its gradient
+    start = torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    out = fused.integrate(current, tau, decay_input, start)
+    expected, _ = LeakyIntegrator(tau, decay_input)(current, (start,), return_state=True)
+    assert_close_relative(out.detach(), expected.detach(), rtol=1e-12)
+    actual = grads_of(out, [current, start], grad_out)
+    for a, e in zip(actual, grads_of(expected, [current, start], grad_out)):
+        assert_close_relative(a, e)
 
 
 @needs_kernels

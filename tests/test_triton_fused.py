@@ -227,6 +227,13 @@ def test_leaky_integrator_matches_the_module(triton_kernels, tau, decay_input, d
     assert_close_relative(
         grads_of(out, [current], grad_out)[0], grads_of(expected, [current], grad_out)[0], rtol
     )
+    start = on_device(torch.randn(*shape[1:], generator=g, dtype=dtype)).requires_grad_()
+    out = fused.integrate(current, tau, decay_input, start)
+    expected, _ = LeakyIntegrator(tau, decay_input)(current, (start,), return_state=True)
+    assert_close_relative(out.detach(), expected.detach(), rtol)
+    actual = grads_of(out, [current, start], grad_out)
+    for a, e in zip(actual, grads_of(expected, [current, start], grad_out)):
+        assert_close_relative(a, e, rtol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

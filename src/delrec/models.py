@@ -395,9 +395,10 @@ class SpikingNetwork(nn.Module):
     """Stack of hidden blocks and a readout; ``(T, B, C)`` → readout sequence ``(T, B, K)``.
 
     A sequence can run in chunks: ``out, state = net(x[:100], return_state=True)``, then
-    ``net(x[100:], state)``, gives the output of one pass (exactly so in eval mode; in training
-    BatchNorm normalises each chunk by its own statistics). The state is a
-    :class:`NetworkState`.
+    ``net(x[100:], state)``, gives the output of one pass: in eval mode the same spikes, and
+    the same outputs to the bit in float64 (in float32 up to the order in which the BLAS sums
+    a product of another length); in training BatchNorm normalises each chunk by its own
+    statistics. The state is a :class:`NetworkState`.
     """
 
     def __init__(
@@ -480,11 +481,8 @@ class SpikingNetwork(nn.Module):
                 check_state_finite(start, "readout")
             runs_fused = self.engine == "fused" and fused.kernels_for(out.device) is not None
             if runs_fused and not hooked([neuron]):
-                out = fused.integrate(out, neuron.tau, neuron.decay_input)
-                if start is not None:  # v[t] also holds (1 - 1/τ)^(t+1)·v[-1]
-                    steps = torch.arange(1, out.shape[0] + 1, device=out.device, dtype=out.dtype)
-                    decay = (1.0 - 1.0 / neuron.tau) ** steps
-                    out = out + decay.view(-1, 1, 1) * start[0]
+                initial = None if start is None else start[0]
+                out = fused.integrate(out, neuron.tau, neuron.decay_input, initial)
                 readout_state = (out[-1].detach(),) if stateful else None
             else:
                 out, readout_state = run_chunk(neuron, out, start, stateful)

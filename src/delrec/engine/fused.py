@@ -165,27 +165,35 @@ def lif_layer(
 # --------------------------------------------------------------------------- readout
 class _Integrator(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, current, leak: float, gain: float, kernels):
+    def forward(ctx, current, initial, leak: float, gain: float, kernels):
         current = current.contiguous()
         out = torch.empty_like(current)
-        kernels.integrator_forward(current, leak, gain, out)
+        kernels.integrator_forward(current, leak, gain, initial.contiguous(), out)
         ctx.constants, ctx.kernels = (leak, gain), kernels
         return out
 
     @staticmethod
     @first_order(*NETWORK)
     def backward(ctx, grad_out):
+        leak, gain = ctx.constants
         grad_current = torch.empty_like(grad_out, memory_format=torch.contiguous_format)
-        ctx.kernels.integrator_backward(grad_out.contiguous(), *ctx.constants, grad_current)
-        return grad_current, None, None, None
+        ctx.kernels.integrator_backward(grad_out.contiguous(), leak, gain, grad_current)
+        # ∂L/∂v[-1] = leak·a[0], and ∂L/∂u[0] = gain·a[0]
+        grad_initial = grad_current[0] * (leak / gain) if ctx.needs_input_grad[1] else None
+        return grad_current, grad_initial, None, None, None
 
 
 @torch.compiler.disable  # torch.compile runs it as it is (delrec.engine docstring)
-def integrate(current: Tensor, tau: float, decay_input: bool) -> Tensor:
+def integrate(
+    current: Tensor, tau: float, decay_input: bool, initial: Tensor | None = None
+) -> Tensor:
     """Membrane sequence ``(T, B, K)`` of leaky integrators (:class:`delrec.neurons.
-    LeakyIntegrator`: ``v[t] = (1 - 1/τ)·v[t-1] + u[t]``, ``u[t]/τ`` with ``decay_input``)."""
+    LeakyIntegrator`: ``v[t] = (1 - 1/τ)·v[t-1] + u[t]``, ``u[t]/τ`` with ``decay_input``),
+    from the membrane ``initial`` ``(B, K)`` (default: at rest, 0)."""
     lif = LIFMap.of(LIFParameters(tau=tau, v_reset=None, decay_input=decay_input))
-    return _Integrator.apply(current, lif.leak, lif.gain, _kernels(current.device))
+    if initial is None:
+        initial = current.new_zeros(current.shape[1:])
+    return _Integrator.apply(current, initial, lif.leak, lif.gain, _kernels(current.device))
 
 
 # --------------------------------------------------------------------------- dropout

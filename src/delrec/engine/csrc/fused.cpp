@@ -157,22 +157,22 @@ void lif_backward_loop(const at::Tensor& grad_out, const at::Tensor& membrane,
 }
 
 // --------------------------------------------------------------------------- leaky integrator
-// v[t] = gain·u[t] + leak·v[t-1], v[-1] = 0: the membrane sequence is the output.
+// v[t] = gain·u[t] + leak·v[t-1] from v[-1] = initial (B, K): the membrane sequence is the
+// output (a sequence run in chunks computes what one pass does, to the bit).
 template <typename scalar_t>
 void integrator_forward_loop(const at::Tensor& current, double leak, double gain,
-                             at::Tensor& out) {
+                             const at::Tensor& initial, at::Tensor& out) {
   const int64_t steps = current.size(0), width = current.size(1) * current.size(2);
   const scalar_t* u_p = current.data_ptr<scalar_t>();
+  const scalar_t* v0_p = initial.data_ptr<scalar_t>();
   scalar_t* v_p = out.data_ptr<scalar_t>();
   const scalar_t l = leak, g = gain;
   at::parallel_for(0, width, kGrain, [&](int64_t i0, int64_t i1) {
     for (int64_t t = 0; t < steps; ++t) {
       const scalar_t* __restrict__ u = u_p + t * width;
-      const scalar_t* __restrict__ before = t > 0 ? v_p + (t - 1) * width : nullptr;
+      const scalar_t* __restrict__ before = t > 0 ? v_p + (t - 1) * width : v0_p;
       scalar_t* __restrict__ v = v_p + t * width;
-      for (int64_t i = i0; i < i1; ++i) {
-        v[i] = g * u[i] + (before ? l * before[i] : scalar_t(0));
-      }
+      for (int64_t i = i0; i < i1; ++i) v[i] = g * u[i] + l * before[i];
     }
   });
 }
@@ -610,11 +610,16 @@ void lif_backward(const at::Tensor& grad_out, const at::Tensor& membrane, const 
   });
 }
 
-void integrator_forward(const at::Tensor& current, double leak, double gain, at::Tensor out) {
+void integrator_forward(const at::Tensor& current, double leak, double gain,
+                        const at::Tensor& initial, at::Tensor out) {
   check_sequence(current, "current");
   check_sequence(out, "out");
+  TORCH_CHECK(initial.is_contiguous() && initial.scalar_type() == current.scalar_type() &&
+                  initial.numel() == current.size(1) * current.size(2),
+              "delrec fused kernels: initial must be a contiguous (B, K) tensor of the "
+              "current's dtype");
   AT_DISPATCH_FLOATING_TYPES(current.scalar_type(), "delrec_integrator_forward", [&] {
-    integrator_forward_loop<scalar_t>(current, leak, gain, out);
+    integrator_forward_loop<scalar_t>(current, leak, gain, initial, out);
   });
 }
 

@@ -228,6 +228,7 @@ def _lif_backward_kernel(
 def _leaky_kernel(
     input_ptr,  # (T, B, K): u (forward) or ∂L/∂v (backward)
     output_ptr,  # (T, B, K): v (forward) or ∂L/∂u (backward)
+    initial_ptr,  # (B, K): v[-1] (forward) or 0 (backward)
     scalars_ptr,  # (2,) float64: leak, gain
     steps,
     size,  # B·K
@@ -235,13 +236,13 @@ def _leaky_kernel(
     REVERSE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Forward: ``v[t] = gain·u[t] + leak·v[t-1]`` from ``v[-1] = 0``. Reverse (the adjoint):
-    ``a[t] = ∂L/∂v[t] + leak·a[t+1]``, ``∂L/∂u[t] = gain·a[t]``."""
+    """Forward: ``v[t] = gain·u[t] + leak·v[t-1]`` from ``v[-1]`` = initial. Reverse (the
+    adjoint): ``a[t] = ∂L/∂v[t] + leak·a[t+1]``, ``∂L/∂u[t] = gain·a[t]``, from ``a[T] = 0``."""
     leak = tl.load(scalars_ptr).to(DTYPE)
     gain = tl.load(scalars_ptr + 1).to(DTYPE)
     at = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     ok = at < size
-    state = tl.zeros((BLOCK,), dtype=DTYPE)
+    state = tl.load(initial_ptr + at, mask=ok, other=0.0)
     for step in range(steps):
         if REVERSE:
             now = size.to(tl.int64) * (steps - 1 - step) + at
@@ -483,7 +484,7 @@ def lif_backward(
     )
 
 
-def _leaky(x, out, scalars: list[float], reverse: bool) -> None:
+def _leaky(x, out, initial, scalars: list[float], reverse: bool) -> None:
     _check_sequence(x, "input")
     _check_sequence(out, "output")
     if x.numel() == 0:
@@ -493,6 +494,7 @@ def _leaky(x, out, scalars: list[float], reverse: bool) -> None:
     _leaky_kernel[(triton.cdiv(size, block),)](
         x,
         out,
+        initial.contiguous(),
         # through a float64 tensor, so that float64 runs see the constants exactly
         device_tensor(scalars, torch.float64, x.device),
         steps,
@@ -503,15 +505,16 @@ def _leaky(x, out, scalars: list[float], reverse: bool) -> None:
     )
 
 
-def integrator_forward(current, leak: float, gain: float, out) -> None:
+def integrator_forward(current, leak: float, gain: float, initial, out) -> None:
     """Fills ``out`` ``(T, B, K)`` with the membrane of leaky integrators driven by ``current``
-    from rest."""
-    _leaky(current, out, [leak, gain], reverse=False)
+    from the membrane ``initial`` ``(B, K)``."""
+    _leaky(current, out, initial, [leak, gain], reverse=False)
 
 
 def integrator_backward(grad_out, leak: float, gain: float, grad_current) -> None:
     """Fills ``grad_current`` ``(T, B, K)`` with ``∂L/∂u`` of :func:`integrator_forward`."""
-    _leaky(grad_out, grad_current, [leak, gain], reverse=True)
+    rest = grad_out.new_zeros(grad_out.shape[1:])
+    _leaky(grad_out, grad_current, rest, [leak, gain], reverse=True)
 
 
 def _norm_launch(x, grad, centre, coef, out, partial, grad_pass: bool) -> None:
