@@ -72,8 +72,15 @@ def test_spread_schedule_ends_near_006_whatever_the_epochs():
         assert delays.spread_schedule(0, epochs) == 10.0
         assert delays.spread_schedule(epochs, epochs) == pytest.approx(10 * 0.95**100)
     assert 0.05 < delays.spread_schedule(1, 1) < 0.07
-    with pytest.raises(ValueError):
-        delays.spread_schedule(0, 0)
+    for args, match in [
+        ((0, 0), "epochs must be positive, got 0"),
+        ((-1, 10), "epoch must be a number of epochs >= 0, got -1"),  # gave σ > σ0
+        ((float("nan"), 10), "epoch must be .* got nan"),  # gave NaN
+        ((0, 10, float("inf")), "sigma0 must be a finite spread >= 0, got inf"),
+        ((0, 10, 10.0, 1.5), r"gamma must be in \(0, 1\], got 1.5"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            delays.spread_schedule(*args)
 
 
 def test_initialisers():

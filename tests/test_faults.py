@@ -747,6 +747,28 @@ def test_states_and_masks_of_another_kind_get_clear_errors():
     assert torch.equal(layer(current, dropout_mask=keep.double()), want)
 
 
+def test_a_readout_state_for_a_readout_without_one_is_refused():
+    net = build_network(NetworkConfig(3, (4,), 2, readout="sum"), seed=0).eval()
+    _, state = net(torch.rand(5, 2, 3), return_state=True)
+    assert state.readout is None
+    with pytest.raises(ValueError, match="'sum' readout keeps no state between chunks"):
+        net(torch.rand(5, 2, 3), state._replace(readout=(torch.zeros(2, 2),)))
+
+
+def test_a_state_with_an_absurd_step_count_is_refused():
+    """``steps`` decides whether a state's history can still serve the delays: a negative or
+    fractional count skipped that check."""
+    layer = DelRec(8)
+    current = torch.rand(10, 2, 8)
+    _, state = layer(current, return_state=True)
+    for steps in (-5, 3.5, "10"):
+        with pytest.raises(
+            ValueError, match=f"state.steps must be the whole number .* got {steps!r}"
+        ):
+            layer(current, state._replace(steps=steps))
+    assert layer(current, state._replace(steps=None)).shape == current.shape
+
+
 def test_absurd_neuron_parameters_and_neuron_classes_are_refused():
     for make, match in [
         (lambda: LIF(v_threshold=float("nan")), "LIF v_threshold must be a finite number"),

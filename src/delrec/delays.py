@@ -156,8 +156,14 @@ def recurrent_kernel(delay: Tensor, width: Tensor | float, length: int | None = 
 
 def spread_schedule(epoch: int, epochs: int, sigma0: float = 10.0, gamma: float = 0.95) -> float:
     """Spread σ at the start of ``epoch`` (0-based) of ``epochs``: ``σ0 · γ^(100 e / E)``."""
-    if epochs <= 0:
+    if not epochs > 0:
         raise ValueError(f"epochs must be positive, got {epochs}")
+    if not 0 <= epoch < math.inf:
+        raise ValueError(f"epoch must be a number of epochs >= 0, got {epoch}")
+    if not 0 <= sigma0 < math.inf:
+        raise ValueError(f"sigma0 must be a finite spread >= 0, got {sigma0}")
+    if not 0 < gamma <= 1:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
     return sigma0 * gamma ** (100.0 * epoch / epochs)
 
 

@@ -474,6 +474,12 @@ class SpikingNetwork(nn.Module):
             spikes.append(x)
         out = self.readout(x)
         neuron, readout_state = self.readout_neuron, None
+        if neuron is None and state is not None and state.readout is not None:
+            raise ValueError(
+                f"this network's {self.config.readout!r} readout keeps no state between chunks, "
+                "but the state holds a readout state; pass the NetworkState this network "
+                "returned (its readout is None)"
+            )
         if neuron is not None:
             start = state.readout if state is not None else None
             if start is not None:

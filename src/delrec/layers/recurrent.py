@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -361,6 +362,15 @@ class DelRec(nn.Module):
         if not isinstance(state, DelRecState):
             raise TypeError(
                 f"state must be the DelRecState a DelRec layer returned, got {type(state).__name__}"
+            )
+        if state.steps is not None and (
+            isinstance(state.steps, bool)
+            or not isinstance(state.steps, numbers.Integral)
+            or state.steps < 0
+        ):
+            raise ValueError(
+                f"state.steps must be the whole number of steps the state has seen (>= 0), or "
+                f"None for a state made by hand, got {state.steps!r}"
             )
         expected = (batch, self.size)
         spikes = state.spikes
