@@ -229,6 +229,34 @@ def test_a_neuron_returning_spikes_of_the_wrong_shape_is_named():
         DelRec(3, Squeezing())(torch.rand(4, 2, 3))
 
 
+class OwnNeuron(torch.nn.Module):
+    """A user-written neuron whose spikes have the dtype ``spike_dtype`` (None: the input's)
+    and whose initial state is ``start`` (by default a tuple of one tensor)."""
+
+    def __init__(self, spike_dtype=None, start="zeros"):
+        super().__init__()
+        self.spike_dtype, self.start = spike_dtype, start
+
+    def initial_state(self, like):
+        return (torch.zeros_like(like),) if self.start == "zeros" else self.start
+
+    def step(self, u, state):
+        v = state[0] + u
+        return (v > 1).to(self.spike_dtype or u.dtype), (v * (v <= 1),)
+
+
+def test_a_neuron_returning_spikes_or_a_state_of_the_wrong_kind_is_named():
+    """Bool spikes came back from the layer and its own state was then refused as the user's
+    mistake; float64 spikes in a float32 layer failed deep inside torch; a state of None failed
+    with "'NoneType' object is not iterable"."""
+    for dtype in (torch.bool, torch.float64):
+        with pytest.raises(TypeError, match=f"OwnNeuron.step.* dtype {dtype} .* torch.float32"):
+            DelRec(3, OwnNeuron(dtype))(torch.rand(4, 2, 3))
+    with pytest.raises(TypeError, match=r"OwnNeuron.initial_state\(like\) returned NoneType"):
+        DelRec(3, OwnNeuron(start=None))(torch.rand(4, 2, 3))
+    assert DelRec(3, OwnNeuron())(torch.rand(4, 2, 3)).dtype == torch.float32
+
+
 def test_a_parameter_set_on_a_neuron_is_refused_and_p_replaced_is_used():
     """``neuron.tau = 20`` would be a new attribute nothing reads; replacing ``p`` works."""
     import dataclasses

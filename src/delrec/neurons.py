@@ -152,12 +152,28 @@ class Neuron(Protocol):
 def check_step(neuron, u: Tensor, spikes) -> None:
     """A ValueError unless ``spikes``, what ``neuron.step(u, state)`` returned, is a tensor
     shaped like the input current ``u`` ``(B, N)`` (a user-written neuron's mistake would
-    otherwise broadcast silently)."""
+    otherwise broadcast silently), a TypeError unless it has ``u``'s dtype."""
     if not torch.is_tensor(spikes) or spikes.shape != u.shape:
         got = tuple(spikes.shape) if torch.is_tensor(spikes) else type(spikes).__name__
         raise ValueError(
             f"{type(neuron).__name__}.step(u, state) returned spikes of shape {got} for an input "
             f"current of shape {tuple(u.shape)}; step must return (spikes shaped like u, state)"
+        )
+    if spikes.dtype != u.dtype:  # a bool or float64 result failed later, deep inside torch
+        raise TypeError(
+            f"{type(neuron).__name__}.step(u, state) returned spikes of dtype {spikes.dtype} for "
+            f"an input current of dtype {u.dtype}; step must return spikes of u's dtype (e.g. "
+            "(v >= threshold).to(u.dtype))"
+        )
+
+
+def check_initial_state(neuron, state) -> None:
+    """A TypeError unless ``state``, what ``neuron.initial_state(like)`` returned, is a tuple
+    of tensors (the layer detaches and carries each of them between chunks)."""
+    if not isinstance(state, tuple) or not all(torch.is_tensor(x) for x in state):
+        raise TypeError(
+            f"{type(neuron).__name__}.initial_state(like) returned {type(state).__name__}; it "
+            "must return the neuron's state as a tuple of tensors, e.g. (torch.zeros_like(like),)"
         )
 
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from delrec.delays import recurrent_kernel
 from delrec.engine.state import RecurrentState, kept_history, next_history
-from delrec.neurons import check_step
+from delrec.neurons import check_initial_state, check_step
 
 
 def reference_recurrence(
@@ -55,6 +55,7 @@ def reference_recurrence(
     future = future + 0.0 * (weight.sum() + kernel.sum())
     if state is None:
         neuron_state = neuron.initial_state(current[0])
+        check_initial_state(neuron, neuron_state)
     else:
         neuron_state = state.neuron
         for s_past in state.spikes[max(0, state.spikes.shape[0] - kernel.shape[-1] + 1) :]:
