@@ -1161,6 +1161,42 @@ def test_a_damaged_config_file_is_bad_input_for_train(tmp_path, capsys):
     assert f"config file {path} cannot be parsed" in capsys.readouterr().err
 
 
+def test_config_files_nested_too_deeply_or_with_a_key_twice_are_bad_input(tmp_path, capsys):
+    """Deep nesting ended in a RecursionError traceback (exit 1), in a config file, a --set
+    value and a run's own files alike; a JSON key given twice kept its last value silently."""
+    deep = {
+        "deep.json": '{"epochs": ' + "[" * 5000 + "]" * 5000 + "}",
+        "deep.toml": "a = " + "[" * 5000,
+    }
+    for name, text in deep.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        assert main(["train", "--config", str(tmp_path / name), "--print-config"]) == 2
+        assert (
+            "cannot be parsed: its lists or tables are nested too deeply" in capsys.readouterr().err
+        )
+    assert main(["train", "--print-config", "--set", "network.hidden_sizes=" + "[" * 5000]) == 2
+    assert "--set network.hidden_sizes: the value is nested too deeply" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.json", "test_results.json"):
+        (run / name).write_text("[" * 5000, encoding="utf-8")
+    assert main(["compare", str(run), "--rounded-only"]) == 2
+    assert "cannot be read (maximum recursion depth" in capsys.readouterr().err
+    twice = tmp_path / "twice.json"
+    twice.write_text('{"epochs": 1, "epochs": 2}', encoding="utf-8")
+    assert main(["train", "--config", str(twice), "--print-config"]) == 2
+    assert "the key 'epochs' is given twice in one object" in capsys.readouterr().err
+
+
+def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path, capsys):
+    """Editors on Windows may start a UTF-8 file with a byte-order mark; TOML called it an
+    invalid statement at line 1, column 1."""
+    for name, text in [("bom.toml", "epochs = 7\n"), ("bom.json", '{"epochs": 7}')]:
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert main(["train", "--config", str(tmp_path / name), "--print-config"]) == 0
+        assert json.loads(capsys.readouterr().out)["epochs"] == 7
+
+
 # --------------------------------------------------------------------------- downloads
 class Server(BaseHTTPRequestHandler):
     """Serves ``files``; a path in ``stall`` sends ``stall_bytes`` of its body and then waits

@@ -271,12 +271,17 @@ def load_config_file(path: str | Path) -> dict:
                 import tomllib
             else:  # the same parser, as a package (a dependency there)
                 import tomli as tomllib
-            with path.open("rb") as fh:
-                values = tomllib.load(fh)
+            # utf-8-sig: a byte-order mark (Windows editors write one) is not a TOML statement
+            values = tomllib.loads(path.read_text(encoding="utf-8-sig"))
         elif path.suffix == ".json":
-            values = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8-sig")
+            values = json.loads(text, object_pairs_hook=_without_repeated_keys)
         else:
             raise ConfigError(f"config file {path} must end in .toml or .json")
+    except RecursionError:
+        raise ConfigError(
+            f"config file {path} cannot be parsed: its lists or tables are nested too deeply"
+        ) from None
     except (ValueError, OSError) as error:
         if isinstance(error, ConfigError):
             raise
@@ -292,6 +297,17 @@ def load_config_file(path: str | Path) -> dict:
     return values
 
 
+def _without_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's pairs as a dict; a ValueError naming a key given twice (JSON keeps the
+    last one without a word, TOML refuses it)."""
+    values = {}
+    for key, value in pairs:
+        if key in values:
+            raise ValueError(f"the key {key!r} is given twice in one object")
+        values[key] = value
+    return values
+
+
 def parse_override(item: str) -> tuple[str, object]:
     """``"optim.lr=1e-3"`` → ``("optim.lr", 0.001)``: the value is JSON when it parses as
     JSON (numbers, true/false, null, lists), else the plain string."""
@@ -301,6 +317,8 @@ def parse_override(item: str) -> tuple[str, object]:
         raise ConfigError(f"--set expects key=value (e.g. optim.lr=1e-3), got {item!r}")
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise ConfigError(f"--set {key}: the value is nested too deeply") from None
     except ValueError:
         value = text
     return key, value

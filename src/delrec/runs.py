@@ -289,7 +289,7 @@ class RunDir:
         path = self.path / name
         try:
             return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, RecursionError) as error:  # RecursionError: nested deeply
             raise RunError(
                 f"{path} cannot be read ({error}); it is not a delrec run file"
             ) from None
