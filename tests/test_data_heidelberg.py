@@ -269,6 +269,12 @@ def test_missing_directory_and_file(tmp_path):
         load_dataset("shd", root=tmp_path / "nowhere")
     with pytest.raises(DataError, match=r"shd_test.h5 not found.*delrec data download shd"):
         load_dataset("shd", split="test", root=tmp_path)
+    (tmp_path / "shd_test.h5").mkdir()  # the messages named a missing folder and file
+    with pytest.raises(DataError, match=r"shd_test.h5 is a folder, not the HDF5 file"):
+        load_dataset("shd", split="test", root=tmp_path)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(DataError, match=r"a-file is a file, not a folder: point root="):
+        load_dataset("shd", split="test", root=tmp_path / "a-file")
     with pytest.raises(DataError, match=r"ssc_valid.h5 not found"):
         load_dataset("ssc", split="valid", root=tmp_path)
 

@@ -91,6 +91,10 @@ def test_psmnist_file_errors(mnist_dir, tmp_path_factory):
         load_dataset("psmnist", split="test", root=root)
     with pytest.raises(DataError, match="does not exist.*download mnist"):
         load_dataset("psmnist", root=tmp_path_factory.mktemp("x") / "missing")
+    afile = tmp_path_factory.mktemp("y") / "a-file"
+    afile.write_text("x")
+    with pytest.raises(DataError, match="MNIST directory .*a-file is a file, not a folder"):
+        load_dataset("psmnist", root=afile)
 
 
 def test_psmnist_refuses_images_of_another_size_and_damaged_compression(mnist_dir):

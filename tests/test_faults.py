@@ -1313,10 +1313,13 @@ def test_a_mirror_replaces_the_official_servers(tmp_path, server, monkeypatch, c
     assert "is the mirror right" in capsys.readouterr().err  # not "no network?"
     empty = tmp_path / "empty-folder"
     empty.mkdir()
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
     for bad, problem in [
         ("https://", "is not a URL delrec can fetch from"),
         ("ftp://host/x", "is not a URL delrec can fetch from"),
         (str(tmp_path / "missing"), "does not exist: give the folder of the archives"),
+        (str(afile), "is a file, not a folder: give the folder of the archives"),
         (str(empty), f"the mirror folder {empty} holds no shd_test.h5.zip: put the official"),
         (empty.as_uri(), f"the mirror folder {empty} holds no shd_test.h5.zip"),
     ]:

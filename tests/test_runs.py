@@ -191,6 +191,10 @@ def test_a_corrupt_checkpoint_error_says_what_the_file_is(tmp_path):
         with pytest.raises(CheckpointError, match=re.escape(reason)) as caught:
             read_checkpoint(path)
         assert "If you are seeing this error" not in str(caught.value)
+    config = tmp_path / "config.json"  # "corrupt or not a delrec checkpoint" before
+    config.write_text('  {"config": {}}\n', encoding="utf-8")
+    with pytest.raises(CheckpointError, match="config.json is a JSON text file, such as a run's"):
+        read_checkpoint(config)
 
 
 @pytest.mark.parametrize(

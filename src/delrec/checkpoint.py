@@ -56,6 +56,15 @@ def _starts_like_torch_save(path: Path) -> bool:
     return head.startswith((b"PK\x03\x04", b"\x80"))
 
 
+def _is_json(path: Path) -> bool:
+    """Whether ``path`` starts like a JSON object (a run's own files), whitespace aside."""
+    try:
+        with path.open("rb") as fh:
+            return fh.read(64).lstrip().startswith(b"{")
+    except OSError:
+        return False
+
+
 REREAD = "use the run's other checkpoint or retrain"  # what to do with a damaged checkpoint
 
 
@@ -67,6 +76,11 @@ def read_checkpoint(path: str | os.PathLike, fix: str = REREAD) -> dict:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         lines = str(error).strip().splitlines() or [""]
+        if _is_json(path):
+            raise CheckpointError(
+                f"{path} is a JSON text file, such as a run's config.json, not a checkpoint: "
+                "give the run directory or one of its checkpoints/*.pt"
+            ) from None
         if not _starts_like_torch_save(path):
             reason = "it is not a file torch.save writes: no zip archive, no pickle"
         elif lines[0].startswith("Weights only load failed"):

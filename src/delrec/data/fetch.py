@@ -366,6 +366,8 @@ def _check_mirror(mirror: str) -> None:
                 f"mirror {mirror!r} is not a URL delrec can fetch from: give an http(s):// "
                 "address with a host, a file:// URL or a folder"
             )
+    elif Path(mirror).expanduser().exists() and not Path(mirror).expanduser().is_dir():
+        raise DataError(f"mirror {mirror} is a file, not a folder: give the folder of the archives")
     elif not Path(mirror).expanduser().is_dir():
         raise DataError(f"mirror folder {mirror} does not exist: give the folder of the archives")
 

@@ -404,12 +404,19 @@ def heidelberg_info(name: str, binning: Binning) -> DatasetInfo:
 
 def _source(root: Path, name: str, split: str) -> Path:
     path = root / FILES[name][split]
+    holding = ", ".join(sorted(set(FILES[name].values())))
+    if root.exists() and not root.is_dir():
+        raise DataError(
+            f"{name.upper()} directory {root} is a file, not a folder: point root= "
+            f"(`--data-root` on the command line) at the folder holding {holding}"
+        )
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not the HDF5 file: put {path.name} there instead")
     if not root.is_dir():
         raise DataError(
             f"{name.upper()} directory {root} does not exist: run `delrec data "
             f"download {name} --to {root}`, or point root= (`--data-root` on the "
-            f"command line) at the folder holding "
-            f"{', '.join(sorted(set(FILES[name].values())))}"
+            f"command line) at the folder holding {holding}"
         )
     if not path.is_file():
         raise DataError(

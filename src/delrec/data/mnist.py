@@ -91,6 +91,11 @@ def _find(root: Path, name: str) -> Path:
     for candidate in (root / name, root / f"{name}.gz"):
         if candidate.exists():
             return candidate
+    if root.exists() and not root.is_dir():
+        raise DataError(
+            f"MNIST directory {root} is a file, not a folder: point root= (`--data-root` on the "
+            "command line) at the folder of the four MNIST idx files"
+        )
     if not root.is_dir():
         raise DataError(
             f"MNIST directory {root} does not exist: run `delrec data download "
