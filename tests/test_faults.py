@@ -267,6 +267,24 @@ def test_an_unknown_option_is_reported_by_its_command_with_its_usage(tmp_path, c
     assert "is a folder; give a .toml or .json file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["analyze", "gradients", "--delays", "1,,2"],
+        ["sweep", "rate", "--penalties", "1,,2"],
+        ["sweep", "models", "--models", "delrec,"],
+    ],
+)
+def test_a_list_option_with_an_empty_item_is_refused(command, capsys):
+    """``1,,2`` ran the points 1 and 2 without a word: a value may have been lost."""
+    with pytest.raises(SystemExit) as end:
+        main(command)
+    assert end.value.code == 2
+    assert "which has an empty item: write the values separated by single commas" in (
+        capsys.readouterr().err
+    )
+
+
 def test_sigterm_ends_a_training_with_a_message_and_its_lock_released(tmp_path):
     run = tmp_path / "run"
     argv = [sys.executable, "-m", "delrec", "train", *TINY, "--run-dir", str(run)]

@@ -198,11 +198,18 @@ def add_set_option(parser: argparse.ArgumentParser, help: str) -> None:
 
 
 def comma_list(kind):
-    """An argparse type: ``"a,b,c"`` → a tuple of ``kind`` values."""
+    """An argparse type: ``"a,b,c"`` → a tuple of ``kind`` values (an empty item, as in
+    ``"1,,2"``, is an error: a value may have been lost)."""
 
     def parse(text: str) -> tuple:
+        items = text.split(",")
+        if not all(item.strip() for item in items):
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of values, got {text!r}, which has an empty "
+                "item: write the values separated by single commas"
+            )
         try:
-            return tuple(kind(item) for item in text.split(",") if item.strip())
+            return tuple(kind(item) for item in items)
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expected a comma-separated list, got {text!r}"
