@@ -244,6 +244,25 @@ def test_bad_values_are_named(override, message):
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (["--epochs", "1", "--set", "epochs=-3"], "epochs is given twice, --epochs 1 and --set"),
+        (["--model", "rsnn", "--set", "model=snn"], "model is given twice, --model rsnn and"),
+        (["--task", "mackey-glass", "--set", "task=foo"], "task is given twice, --task mackey"),
+        (["--batch-size", "8", "--set", "batch_size=16"], "batch_size is given twice"),
+        (["--seed", "3", "--set", "seed=5"], "seed is given twice, --seed 3 and --set seed=5"),
+    ],
+)
+def test_a_flag_and_a_set_of_the_same_setting_must_agree(arguments, message, capsys):
+    """The flag won and the other value, however absurd, went unchecked."""
+    assert main(["train", *arguments, "--print-config"]) == 2
+    assert message in capsys.readouterr().err
+    agreeing = ["train", "--epochs", "2", "--set", "epochs=2", "--print-config"]
+    assert main(agreeing) == 0
+    assert json.loads(capsys.readouterr().out)["epochs"] == 2
+
+
 def test_augmentation_is_refused_for_data_that_are_not_spike_counts():
     """Its blend thins counts binomially: pixel intensities in [0, 1] became zeros."""
     for task in ("digits-8x8", "psmnist-mini", "psmnist"):

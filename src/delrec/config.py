@@ -184,7 +184,9 @@ def resolve(
     ``task``/``model`` given here win over the ones in the file or overrides; ``flags`` maps
     top-level keys to values (``None`` values are ignored).
     """
-    layered = given_settings(file_values, overrides, flags)
+    layered = given_settings(
+        file_values, overrides, {**(flags or {}), "task": task, "model": model}
+    )
     given = {name: layered.pop(name, None) for name in ("task", "model")}  # null: the default
     task = task or ("mackey-glass" if given["task"] is None else given["task"])
     model = model or ("delrec" if given["model"] is None else given["model"])
@@ -202,14 +204,25 @@ def given_settings(
     overrides: list[str] | None = None,
     flags: dict | None = None,
 ) -> dict:
-    """The settings a user gave (nested, as :func:`resolve` layers them over the preset)."""
+    """The settings a user gave (nested, as :func:`resolve` layers them over the preset). A
+    flag (a top-level setting of the command line) and a ``--set`` of the same key with
+    another value are a ConfigError: the flag would win and the other value go unchecked."""
     layered = _merge({}, file_values or {})
+    set_here = {}
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(layered, key, value)
+        set_here[key] = value
     for key, value in (flags or {}).items():
-        if value is not None:
-            layered[key] = value
+        if value is None:
+            continue
+        if key in set_here and set_here[key] != value:
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(
+                f"{key} is given twice, {flag} {value} and --set {key}={set_here[key]}: give "
+                "it once"
+            )
+        layered[key] = value
     return layered
 
 
