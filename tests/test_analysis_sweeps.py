@@ -265,6 +265,16 @@ def test_sweep_rejects_an_unknown_model_and_an_empty_out(tmp_path, capsys, monke
     assert "argument --out: is empty: give the sweep's folder" in capsys.readouterr().err
 
 
+def test_a_sweep_into_the_folder_of_a_training_run_is_refused(params_sweep, capsys):
+    """It wrote its point folders, tables and figure among the run's own files."""
+    _, out = params_sweep
+    for run in (out / "snn-h4", out / "snn-h4" / "seed-0"):  # of seeds, and of one seed
+        before = sorted(run.rglob("*"))
+        assert main(["sweep", "models", "--models", "snn", "--out", str(run), *TINY]) == 2
+        assert f"--out {run} is the folder of a training run" in capsys.readouterr().err
+        assert sorted(run.rglob("*")) == before
+
+
 def test_every_point_is_checked_before_the_first_is_trained(tmp_path, capsys):
     out = tmp_path / "rate"
     argv = ["sweep", "rate", "--model", "snn", "--penalties", "0,nan", "--out", str(out), *TINY]

@@ -18,6 +18,7 @@ from delrec.commands import (
 )
 from delrec.config import parse_override
 from delrec.models import MODELS, VARIANTS
+from delrec.runs import RunDir
 
 ABLATION_MODELS = tuple(model for model, variant in VARIANTS.items() if variant.ablation)
 
@@ -123,6 +124,11 @@ def _check_overrides(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_overrides(args)
+    if RunDir(args.out).is_single() or RunDir(args.out).is_multi_seed():
+        raise UsageError(
+            f"--out {args.out} is the folder of a training run; its points and tables would "
+            "land among the run's files: give the sweep a folder of its own"
+        )
     options = sweeps.TrainOptions(
         args.task,
         tuple(parse_seeds(args.seeds)),
