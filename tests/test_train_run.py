@@ -491,6 +491,21 @@ def _start_training(run_dir, stderr) -> subprocess.Popen:
     return subprocess.Popen(command + options, stdout=subprocess.DEVNULL, stderr=stderr)
 
 
+def test_a_run_whose_network_gets_no_gradient_says_so_once(tmp_path, capsys):
+    """A readout τ of 1e30 scales the readout's input current to 0: every gradient was 0 and
+    the run "trained" without a word (and the figure's log scale warned of no positive data)."""
+    tiny = ["--epochs", "2", "--no-progress", "--set", "data.samples=1200"]
+    silent = [*tiny, "network.hidden_sizes=[8]", "network.readout_tau=1e30"]
+    assert main(["train", *silent, "--run-dir", str(tmp_path / "silent")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note: no gradient reached any weight in epoch 1") == 1, err
+    assert "no positive values" not in err
+    assert (
+        main(["train", *tiny, "network.hidden_sizes=[8]", "--run-dir", str(tmp_path / "ok")]) == 0
+    )
+    assert "no gradient reached" not in capsys.readouterr().err
+
+
 def test_progress_bars_show_on_a_terminal_only(tmp_path):
     """A batch job's log (stderr to a file or pipe) gets the epoch lines, not a progress bar's
     carriage-return updates; a terminal gets the bar."""

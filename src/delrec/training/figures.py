@@ -144,7 +144,8 @@ def training_dynamics(runs: dict[str, list[dict]], metric: str, path: Path) -> F
     loss_ax.set(ylabel="train loss", yscale="log")
     rate_ax.set_ylabel("firing rate (spikes / neuron / step)")
     rate_ax.set_yscale("symlog", linthresh=1e-4)  # silent layers (rate 0) stay visible
-    grad_ax.set(ylabel="gradient norm (weights and biases)", yscale="log")
+    grad_ax.set_ylabel("gradient norm (weights and biases)")
+    grad_ax.set_yscale("symlog", linthresh=1e-8)  # layers without gradient (0) stay visible
     for ax, title in zip(
         axes.flat,
         ("validation", "training loss", "firing rate per hidden layer", "gradient norm per layer"),

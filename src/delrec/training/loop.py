@@ -249,6 +249,7 @@ class Trainer:
         self.dist = dist
         self.is_main = dist is None or dist.is_main
         self.progress = progress and self.is_main
+        self._said_no_gradient = False  # the note of an epoch without gradient, once a run
         self.log = log or (lambda message: tqdm.write(message, file=sys.stderr))
         if not self.is_main:
             self.log = lambda message: None
@@ -509,6 +510,15 @@ class Trainer:
                 f"valid loss {valid['loss']:.4g} {metric} {valid[metric]:.4g}"
                 f"{'  *best' if better else ''}  ({row['epoch_time_s']:.1f} s)"
             )
+            norms = [value for key, value in train.items() if key.startswith("grad_norm_")]
+            if not any(norms) and not self._said_no_gradient:
+                self._said_no_gradient = True  # once a run
+                self.log(
+                    f"note: no gradient reached any weight in epoch {epoch + 1} (every layer's "
+                    "gradient norm is 0), so the network does not learn: a setting may silence "
+                    "it (a neuron or readout τ so long that its input current vanishes, a "
+                    "threshold no current reaches); see the settings in config.json"
+                )
         return True
 
     def _metrics_row(self, epoch: int, train: dict, valid: dict, lrs: dict, sigma: float) -> dict:
