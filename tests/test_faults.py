@@ -285,6 +285,25 @@ def test_a_list_option_with_an_empty_item_is_refused(command, capsys):
     )
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["export", "RUN", "-o", ""],
+        ["analyze", "spectral", "--csv", ""],
+        ["data", "download", "shd", "--mirror", ""],
+        ["train", "--run-dir", "", "--print-config"],
+        ["compare", "RUN", "--figure", ""],
+    ],
+)
+def test_an_empty_path_is_refused_not_read_as_the_default(command, capsys):
+    """An unset shell variable: export wrote the default file, the mirror fell back to the
+    official servers, --csv named the current folder."""
+    with pytest.raises(SystemExit) as end:
+        main(command)
+    assert end.value.code == 2
+    assert "is empty (an unset shell variable?): give a value" in capsys.readouterr().err
+
+
 def test_sigterm_ends_a_training_with_a_message_and_its_lock_released(tmp_path):
     run = tmp_path / "run"
     argv = [sys.executable, "-m", "delrec", "train", *TINY, "--run-dir", str(run)]

@@ -45,7 +45,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(
-            errno.EISDIR, f"{path} is a folder: give the path of a file to write instead"
+            errno.EISDIR,
+            f"{path} is a folder: remove it, or give the path of a file to write instead",
         )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +57,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         if blocking is not None:
             raise NotADirectoryError(
                 errno.ENOTDIR,
-                f"cannot write {path}: {blocking} is a file, not a folder; write elsewhere",
+                f"cannot write {path}: {blocking} is a file, not a folder; move it away, or "
+                "write elsewhere",
             ) from None
         raise _cannot_write(path, error) from None
     try:

@@ -21,6 +21,7 @@ import argparse
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -195,6 +196,18 @@ def add_set_option(parser: argparse.ArgumentParser, help: str) -> None:
         metavar="KEY=VALUE",
         help=help,
     )
+
+
+def nonempty(kind: Callable[[str], object] = Path):
+    """An argparse type: ``kind(text)``, refusing an empty value (an unset shell variable),
+    which would otherwise read as the current folder or fall back to the default."""
+
+    def parse(text: str):
+        if not text.strip():
+            raise argparse.ArgumentTypeError("is empty (an unset shell variable?): give a value")
+        return kind(text)
+
+    return parse
 
 
 def comma_list(kind):

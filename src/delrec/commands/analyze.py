@@ -9,7 +9,7 @@ from pathlib import Path
 
 from delrec import files
 from delrec.analysis import gradients, spectral
-from delrec.commands import EXIT_CODES_HELP, UsageError, check_outputs, comma_list
+from delrec.commands import EXIT_CODES_HELP, UsageError, check_outputs, comma_list, nonempty
 from delrec.runs import RunDir, run_files
 
 
@@ -72,26 +72,28 @@ def add_parser(subparsers) -> None:
         "of a run of several seeds), epoch by epoch: validation metric, training loss, the "
         "firing rate of each hidden layer and the gradient norm of each layer.",
     )
-    training.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    training.add_argument("run_dirs", nargs="+", type=nonempty(Path), metavar="RUN_DIR")
     training.add_argument(
         "--labels",
         type=comma_list(str),
         help="comma-separated legend labels, one per run (default: the directory names)",
     )
     training.add_argument(
-        "--figure", type=Path, help="figure path, .png, .pdf or .svg (default training.png)"
+        "--figure",
+        type=nonempty(Path),
+        help="figure path, .png, .pdf or .svg (default training.png)",
     )
     training.set_defaults(run=run_training, no_figure=False, default_figure="training.png")
 
 
 def _add_outputs(parser: argparse.ArgumentParser, figure: str) -> None:
     parser.add_argument(
-        "--figure", type=Path, help=f"figure path, .png, .pdf or .svg (default {figure})"
+        "--figure", type=nonempty(Path), help=f"figure path, .png, .pdf or .svg (default {figure})"
     )
     parser.set_defaults(default_figure=figure)
     parser.add_argument("--no-figure", action="store_true", help="write no figure")
-    parser.add_argument("--csv", type=Path, help="also write the table as CSV")
-    parser.add_argument("--json", type=Path, help="also write everything as JSON")
+    parser.add_argument("--csv", type=nonempty(Path), help="also write the table as CSV")
+    parser.add_argument("--json", type=nonempty(Path), help="also write everything as JSON")
 
 
 def _check_outputs(args: argparse.Namespace) -> Path | None:

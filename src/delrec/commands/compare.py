@@ -7,7 +7,7 @@ from pathlib import Path
 
 from delrec import files
 from delrec.analysis import compare
-from delrec.commands import EXIT_CODES_HELP, UsageError, check_outputs, described
+from delrec.commands import EXIT_CODES_HELP, UsageError, check_outputs, described, nonempty
 from delrec.runs import run_files
 
 
@@ -19,11 +19,13 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXIT_CODES_HELP,
     )
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
-    parser.add_argument("--markdown", type=Path, help="write the Markdown table here")
-    parser.add_argument("--csv", type=Path, help="write the table as CSV here")
+    parser.add_argument("run_dirs", nargs="+", type=nonempty(Path), metavar="RUN_DIR")
+    parser.add_argument("--markdown", type=nonempty(Path), help="write the Markdown table here")
+    parser.add_argument("--csv", type=nonempty(Path), help="write the table as CSV here")
     parser.add_argument(
-        "--figure", type=Path, help="write the figure here (.png, .pdf or .svg, by its suffix)"
+        "--figure",
+        type=nonempty(Path),
+        help="write the figure here (.png, .pdf or .svg, by its suffix)",
     )
     parser.add_argument(
         "--x",

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from delrec.commands import EXIT_CODES_HELP
+from delrec.commands import EXIT_CODES_HELP, nonempty
 from delrec.config import preset
 from delrec.data import DATASETS, RESOURCES, dataset_info, default_dir, download, settings_of
 from delrec.data.fetch import MIRROR_VARIABLE
@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
     fetch.add_argument("name", choices=sorted(RESOURCES))
     fetch.add_argument(
         "--to",
-        type=Path,
+        type=nonempty(Path),
         default=None,
         metavar="DIR",
         help="destination folder (default: $DELREC_DATA/<name> or data/<name>)",
@@ -38,6 +38,7 @@ def add_parser(subparsers) -> None:
     fetch.add_argument(
         "--mirror",
         metavar="URL",
+        type=nonempty(str),
         help="fetch the archives from this base URL (https://…, file://…) or folder, where they "
         "sit under their file names, instead of the official servers (default: "
         f"${MIRROR_VARIABLE} when set); their MD5 sums are checked all the same",

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from delrec.commands import EXIT_CODES_HELP, UsageError
+from delrec.commands import EXIT_CODES_HELP, UsageError, nonempty
 from delrec.config import MAX_COUNT
 from delrec.data import SPLITS
 from delrec.files import strict_json
@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "run_dir",
-        type=Path,
+        type=nonempty(Path),
         metavar="RUN_DIR",
         help="a directory written by `delrec train` (or a .pt checkpoint)",
     )

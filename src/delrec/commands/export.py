@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from delrec.commands import EXIT_CODES_HELP, UsageError, check_outputs
+from delrec.commands import EXIT_CODES_HELP, UsageError, check_outputs, nonempty
 from delrec.deploy.nir_format import export_nir
 from delrec.runs import checkpoint_file, default_nir_path, load_network, run_files
 
@@ -25,7 +25,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--format", choices=["nir"], default="nir", help="output format (default nir)"
     )
-    parser.add_argument("-o", "--output", help="output file (default RUN_DIR/model.nir)")
+    parser.add_argument(
+        "-o", "--output", type=nonempty(Path), help="output file (default RUN_DIR/model.nir)"
+    )
     parser.add_argument(
         "--dt",
         type=float,

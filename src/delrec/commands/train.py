@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from delrec.commands import EXIT_CODES_HELP, UsageError, add_set_option, fail, parse_seeds
+from delrec.commands import EXIT_CODES_HELP, UsageError, add_set_option, fail, nonempty, parse_seeds
 from delrec.config import (
     TASKS,
     given_settings,
@@ -45,7 +45,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model", choices=MODELS, help="network family (default delrec)")
     parser.add_argument(
         "--config",
-        type=Path,
+        type=nonempty(Path),
         metavar="FILE",
         help="TOML or JSON file of settings (applied over the preset)",
     )
@@ -72,11 +72,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--device", help="auto (CUDA when available), cpu, cuda, cuda:N")
     parser.add_argument("--data-root", help="folder of the data set's files")
     parser.add_argument(
-        "--run-dir", type=Path, help="run directory (default runs/<task>-<model>-<time>)"
+        "--run-dir", type=nonempty(Path), help="run directory (default runs/<task>-<model>-<time>)"
     )
     parser.add_argument(
         "--resume",
-        type=Path,
+        type=nonempty(Path),
         metavar="RUN_DIR",
         help="continue an interrupted run (its config.json is used; of --set, only threads "
         "and num_workers may change: where it runs, not what it computes)",
