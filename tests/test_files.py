@@ -117,7 +117,9 @@ def test_every_writer_creates_files_with_one_mode_under_the_umask(tmp_path, umas
 def test_a_write_that_cannot_happen_names_the_target_and_keeps_the_old_file(tmp_path):
     import errno
 
-    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a folder: remove it, or give the path of a file"):
+    with pytest.raises(
+        IsADirectoryError, match=f"{tmp_path} is a folder: remove it, or give the path of a file"
+    ):
         files.write_text(tmp_path, "x")
     blocker = tmp_path / "notes.txt"
     blocker.write_text("old")

@@ -210,6 +210,7 @@ def test_overrides_file_then_set_then_flags(tmp_path):
         ("network.recurrent_layers=[0,0]", "recurrent_layers [0, 0] names a layer twice"),
         ("network.recurrent_layers=[]", "leaves the delrec model no layer for its recurrence"),
         ("data.horizon=0", "data: Mackey-Glass: window=150 and horizon=0 must be >= 1"),
+        ("max_train_samples=1", "leaves regression (mackey-glass) one training item"),
         ("network.hidden_size=[4]", "did you mean 'hidden_sizes'"),
         ("network.input_size=3", "set by the task"),
         ("network.neuron.reset=medium", "reset must be 'hard' or 'soft'"),

@@ -512,6 +512,11 @@ def validate(config: TrainConfig) -> None:
         not config.standardize or info.task == "regression",
         f"standardize applies to regression data sets only, not {config.task!r}",
     )
+    _check(
+        info.task == "classification" or (config.max_train_samples or 2) >= 2,
+        f"max_train_samples = 1 leaves regression ({config.task}) one training item, whose "
+        "targets have no variance to normalise the NMSE by (it would read nan); give 2 or more",
+    )
     readout = config.network.get("readout")
     _check(
         info.task == "classification" or readout == "ema",
