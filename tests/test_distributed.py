@@ -455,6 +455,8 @@ def test_parallel_seeds_get_a_gpu_each_from_the_visible_ones(tmp_path, monkeypat
 def test_launch_mistakes_are_refused(tmp_path, capsys, monkeypatch):
     assert main(["train", "--parallel", "2", "--run-dir", str(tmp_path / "a")]) == 2
     assert "give --seeds too" in capsys.readouterr().err
+    assert main(["train", "--dist-backend", "gloo", "--run-dir", str(tmp_path / "a")]) == 2
+    assert "--dist-backend gloo applies under torchrun only" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert main(["train", "--seeds", "0-1", "--run-dir", str(tmp_path / "b")]) == 2

@@ -304,6 +304,23 @@ def test_an_empty_path_is_refused_not_read_as_the_default(command, capsys):
     assert "is empty (an unset shell variable?): give a value" in capsys.readouterr().err
 
 
+def test_report_and_compare_refuse_options_they_would_ignore(tmp_path, capsys):
+    """Each of these ran and ignored the option: a split or a batch count with --no-data, a
+    run directory with --list-targets, an unknown device with --rounded-only."""
+    run = tmp_path / "nowhere"
+    for argv, problem in [
+        (["report", str(run), "--no-data", "--split", "train"], "--split chooses the data"),
+        (
+            ["report", str(run), "--no-data", "--max-batches", "1", "--data-root", str(tmp_path)],
+            "--max-batches and --data-root choose the data to measure on, and --no-data measures",
+        ),
+        (["report", "--list-targets", str(run)], "--list-targets prints the known targets"),
+        (["compare", str(run), "--device", "tpu", "--rounded-only"], "device 'tpu' is not a"),
+    ]:
+        assert main(argv) == 2, argv
+        assert problem in capsys.readouterr().err, argv
+
+
 def test_sigterm_ends_a_training_with_a_message_and_its_lock_released(tmp_path):
     run = tmp_path / "run"
     argv = [sys.executable, "-m", "delrec", "train", *TINY, "--run-dir", str(run)]

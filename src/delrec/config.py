@@ -469,7 +469,7 @@ def validate(config: TrainConfig) -> None:
         f"tbptt must be a chunk length >= 1 step or null, got {config.tbptt}",
     )
     _check(is_seed(config.seed), f"seed must be in 0…{MAX_SEED}, got {config.seed}")
-    _check_device(config.device)
+    check_device(config.device)
 
     optim = config.optim
     _check(
@@ -531,7 +531,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
+    """A ConfigError unless ``device`` is ``auto`` or a torch device this machine has."""
     if device == "auto":
         return
     try:

@@ -8,6 +8,7 @@ from pathlib import Path
 from delrec import files
 from delrec.analysis import compare
 from delrec.commands import EXIT_CODES_HELP, UsageError, check_outputs, described, nonempty
+from delrec.config import check_device
 from delrec.runs import run_files
 
 
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
             files.figure_format(args.figure)
         except ValueError as error:
             raise UsageError(f"--figure {error}") from None
+    check_device(args.device)  # also with --rounded-only, which runs nothing on it
     rows = compare.compare(args.run_dirs, not args.rounded_only, args.device, args.data_root)
     print(compare.format_markdown(rows))
     compare.write_outputs(rows, args.markdown, args.csv, args.figure, args.x)

@@ -46,9 +46,7 @@ def add_parser(subparsers) -> None:
         default="best",
         help="which checkpoint of a run directory (default best)",
     )
-    parser.add_argument(
-        "--split", choices=SPLITS, default="test", help="split to measure on (default test)"
-    )
+    parser.add_argument("--split", choices=SPLITS, help="split to measure on (default test)")
     parser.add_argument(
         "--data",
         metavar="NAME",
@@ -86,8 +84,26 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.list_targets:
+        if args.run_dir is not None:
+            raise UsageError("--list-targets prints the known targets and exits: drop RUN_DIR")
         print(format_targets())
         return 0
+    if args.no_data:
+        given = [
+            option
+            for option, value in (
+                ("--split", args.split),
+                ("--max-batches", args.max_batches),
+                ("--data-root", args.data_root),
+            )
+            if value is not None
+        ]
+        if given:
+            raise UsageError(
+                f"{' and '.join(given)} {'chooses' if len(given) == 1 else 'choose'} the data "
+                "to measure on, and --no-data measures none: give one or the other"
+            )
+    args.split = args.split or "test"
     if args.run_dir is None:
         raise UsageError("give a RUN_DIR (or --list-targets)")
     if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):

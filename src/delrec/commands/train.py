@@ -131,6 +131,11 @@ def _check_launch(args: argparse.Namespace) -> None:
         raise UsageError("--max-epochs-this-run must be >= 1")
     check_timeout(args.dist_timeout)  # whichever path the run takes
     processes = world_size()
+    if args.dist_backend is not None and processes <= 1:
+        raise UsageError(
+            f"--dist-backend {args.dist_backend} applies under torchrun only, which this "
+            "process was not started by: drop it, or start the command with torchrun"
+        )
     if args.parallel is not None:
         if args.parallel < 1:
             raise UsageError(f"--parallel must be >= 1, got {args.parallel}")
