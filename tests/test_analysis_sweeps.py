@@ -275,6 +275,26 @@ def test_a_sweep_into_the_folder_of_a_training_run_is_refused(params_sweep, caps
         assert sorted(run.rglob("*")) == before
 
 
+def test_compare_refuses_a_run_whose_config_was_edited(params_sweep, tmp_path, capsys):
+    """It read the row's settings from config.json alone: a run showed under settings it was
+    not trained with (another task, a negative epoch count, another width)."""
+    _, out = params_sweep
+    for key, value, shown in [
+        ("epochs", -1, "epochs: -1 in config.json, 1 in the checkpoint"),
+        ("task", "mackey-glass", 'task: "mackey-glass" in config.json'),
+    ]:
+        run = tmp_path / key
+        shutil.copytree(out / "snn-h4" / "seed-0", run)
+        document = json.loads((run / "config.json").read_text(encoding="utf-8"))
+        document["config"][key] = value
+        (run / "config.json").write_text(json.dumps(document), encoding="utf-8")
+        assert main(["compare", str(run), "--rounded-only"]) == 2
+        err = capsys.readouterr().err
+        assert "config.json does not describe the network its best checkpoint holds" in err
+        assert shown in err, err
+    assert main(["compare", str(out / "snn-h4"), "--rounded-only"]) == 0
+
+
 def test_every_point_is_checked_before_the_first_is_trained(tmp_path, capsys):
     out = tmp_path / "rate"
     argv = ["sweep", "rate", "--model", "snn", "--penalties", "0,nan", "--out", str(out), *TINY]

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from delrec import files
+from delrec.config import comparable
 from delrec.models import VARIANTS, count_parameters
-from delrec.runs import METRICS, RESULTS, RunDir, RunError, load_network
+from delrec.runs import METRICS, RESULTS, RunDir, RunError, load_trained
 from delrec.training.evaluation import evaluate_run
 from delrec.training.objectives import rounding_cost
 
@@ -125,16 +126,47 @@ def read_run(
         real = evaluate_run(run_dir, split="test", spread=True, device=device, data_root=data_root)[
             metric
         ]
+    payload, network = load_trained(run_dir)
+    _check_same_config(run_dir, config, payload)
     return SeedRun(
         run_dir,
         config,
         metric,
         results[metric],
         real,
-        count_parameters(load_network(run_dir)),
+        count_parameters(network),
         _firing_rate(run, results.get("best_epoch")),
         reevaluated,
     )
+
+
+def _check_same_config(run_dir: Path, config: dict, payload: dict) -> None:
+    """A RunError unless ``config.json``'s settings are those the best checkpoint was trained
+    with (a row would show one run under another's settings)."""
+    stored = _flat(comparable(payload.get("train_config", {})))
+    written = _flat(comparable(config))
+    if "train_config" in payload and stored != written:
+        differ = ", ".join(
+            f"{key}: {written.get(key, 'nothing')} in config.json, "
+            f"{stored.get(key, 'nothing')} in the checkpoint"
+            for key in sorted(set(stored) | set(written))
+            if stored.get(key) != written.get(key)
+        )
+        raise RunError(
+            f"{run_dir / 'config.json'} does not describe the network its best checkpoint "
+            f"holds ({differ}): it was edited; restore it, or leave the run out"
+        )
+
+
+def _flat(values: dict, prefix: str = "") -> dict[str, str]:
+    """``{"network.hidden_sizes": "[32]", …}``: a nested configuration, values as JSON."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = json.dumps(value)
+    return flat
 
 
 def _firing_rate(run: RunDir, epoch: int | None) -> float | None:
@@ -152,17 +184,9 @@ def _firing_rate(run: RunDir, epoch: int | None) -> float | None:
     )
 
 
-def _setting_items(config: dict, prefix: str = "") -> dict:
+def _setting_items(config: dict) -> dict:
     """Flat ``{"network.hidden_sizes": value, …}`` of a configuration, minus NOT_GROUPING."""
-    items = {}
-    for key, value in config.items():
-        if not prefix and key in NOT_GROUPING:
-            continue
-        if isinstance(value, dict):
-            items.update(_setting_items(value, f"{prefix}{key}."))
-        else:
-            items[prefix + key] = json.dumps(value)
-    return items
+    return {key: value for key, value in _flat(config).items() if key not in NOT_GROUPING}
 
 
 def group_runs(runs: list[SeedRun]) -> list[Row]:
