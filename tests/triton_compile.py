@@ -234,7 +234,14 @@ def variants():
         )
         yield (
             fused._leaky_kernel,
-            dict(input_ptr=f, output_ptr=f, scalars_ptr="*fp64", steps="i32", size="i32"),
+            dict(
+                input_ptr=f,
+                output_ptr=f,
+                initial_ptr=f,
+                scalars_ptr="*fp64",
+                steps="i32",
+                size="i32",
+            ),
             dict(DTYPE=dtype, REVERSE=True, BLOCK=256),
             4,
         )
