@@ -12,8 +12,10 @@ from torch import nn
 from delrec.checkpoint import network_payload, save_checkpoint
 from delrec.cli import main
 from delrec.deploy import (
+    DelayedSynapses,
     NIRExportError,
     NIRImportError,
+    StreamingLayer,
     StreamingNetwork,
     export_nir,
     import_nir,
@@ -640,6 +642,35 @@ def _edited(edit):
 def test_importer_names_what_is_wrong_in_an_edited_graph(edit, problem):
     with pytest.raises(NIRImportError, match=problem):
         import_nir(_edited(edit))
+
+
+def test_a_bias_on_a_recurrent_connection_is_added_every_step():
+    """NIR adds an Affine's bias to the membrane's input at every step, whatever feeds it: a
+    recurrent Affine's bias was read and then never added (the stream ran as without it)."""
+    graph = to_nir(random_network("delrec"))
+    plain = import_nir(graph)
+    loop, synapses = graph.nodes["layer1.recurrent.weight"], graph.nodes["layer1.synapses"]
+    bias = np.linspace(-0.5, 0.8, loop.weight.shape[0]).astype(loop.weight.dtype)
+    graph.nodes["layer1.recurrent.weight"] = nir.Affine(weight=loop.weight, bias=bias)
+    with_loop_bias = import_nir(graph)
+    graph.nodes["layer1.recurrent.weight"] = loop  # the same current through the feedforward bias
+    synapses.bias = synapses.bias + bias
+    expected = import_nir(graph)
+    x = spike_input(6)
+    out, spikes = with_loop_bias.run(x)
+    want_out, want_spikes = expected.run(x)
+    assert all(torch.equal(a, b) for a, b in zip(spikes, want_spikes))
+    assert torch.equal(out, want_out)
+    assert not torch.equal(out, plain.run(x)[0])
+    layer = with_loop_bias.layers[1]
+    with pytest.raises(ValueError, match="the recurrent synapses have a bias"):
+        StreamingLayer(
+            layer.synapses,
+            layer.neuron,
+            DelayedSynapses(
+                layer.recurrent.weight, layer.recurrent.lags, torch.ones(10, dtype=out.dtype)
+            ),
+        )
 
 
 def test_import_runs_weights_of_mixed_dtypes_in_one_dtype():

@@ -297,9 +297,14 @@ def import_nir(source, dt: float | None = None) -> StreamingNetwork:
         forward = [b for b in branches if b[0] != source_name]
         if layers:
             loop = _merge_branches(recurrent, source_name) if recurrent else None
+            synapses = layers[-1].synapses
             if loop is not None:
                 _check_shape(graph, loop, source_name, source_name)
-            layers[-1] = StreamingLayer(layers[-1].synapses, layers[-1].neuron, loop)
+                if loop.bias is not None:  # the same current every step: the layer's own bias
+                    bias = loop.bias if synapses.bias is None else synapses.bias + loop.bias
+                    synapses = DelayedSynapses(synapses.weight, synapses.lags, bias)
+                    loop = DelayedSynapses(loop.weight, loop.lags)
+            layers[-1] = StreamingLayer(synapses, layers[-1].neuron, loop)
         elif recurrent:
             raise NIRImportError(f"the Input node {source_name!r} feeds back to itself")
         targets = {b[0] for b in forward}

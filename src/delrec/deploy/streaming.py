@@ -80,6 +80,12 @@ class StreamingLayer(nn.Module):
                 f"recurrent weights must be ({synapses.out_features}, "
                 f"{synapses.out_features}), got {tuple(recurrent.weight.shape)}"
             )
+        if recurrent is not None and recurrent.bias is not None:
+            raise ValueError(
+                "the recurrent synapses have a bias, which the recurrent loop does not add: it "
+                "adds the same current every step, so give it to the feedforward synapses "
+                "(their bias plus this one) and none to the recurrent ones"
+            )
         self.synapses, self.neuron, self.recurrent = synapses, as_neuron(neuron), recurrent
         self._built_from: tuple | None = None
         self.refresh()
