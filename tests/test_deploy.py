@@ -456,6 +456,20 @@ def test_export_command_writes_a_readable_nir_file(tmp_path, capsys):
     assert math.isclose(float(nir.read(out).metadata["dt"]), 0.01)
     x = torch.rand(30, 2, 1) * 3
     assert torch.equal(import_nir(out).run(x)[1][0], net.forward_with_spikes(x)[1][0])
+    # an earlier export is replaced; any other file is not (a checkpoint outside a run was)
+    assert main(["export", str(run), "-o", str(out)]) == 0
+    mine = tmp_path / "mine.pt"
+    mine.write_bytes((run / "checkpoints" / "best.pt").read_bytes())
+    assert main(["export", str(run), "-o", str(mine)]) == 2
+    assert "exists and is not a NIR (HDF5) file, which the export would" in (
+        capsys.readouterr().err
+    )
+    assert mine.read_bytes() == (run / "checkpoints" / "best.pt").read_bytes()
+    for command in ("export", "eval"):  # a NIR file given where a run is expected
+        assert main([command, str(out)]) == 2
+        assert "is an HDF5 file, such as a NIR export, not a checkpoint" in (
+            capsys.readouterr().err
+        )
 
 
 def test_export_command_refuses_soft_reset_cleanly(tmp_path, capsys):

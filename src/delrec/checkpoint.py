@@ -56,6 +56,23 @@ def _starts_like_torch_save(path: Path) -> bool:
     return head.startswith((b"PK\x03\x04", b"\x80"))
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # the first bytes of an HDF5 file (a NIR export)
+
+
+def _starts_with(path: Path, signature: bytes) -> bool:
+    """Whether the file ``path`` starts with ``signature`` (False where it cannot be read)."""
+    try:
+        with path.open("rb") as fh:
+            return fh.read(len(signature)) == signature
+    except OSError:
+        return False
+
+
+def is_hdf5(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an HDF5 file (a NIR export), by its first bytes."""
+    return _starts_with(Path(path), HDF5_SIGNATURE)
+
+
 def _is_json(path: Path) -> bool:
     """Whether ``path`` starts like a JSON object (a run's own files), whitespace aside."""
     try:
@@ -76,6 +93,12 @@ def read_checkpoint(path: str | os.PathLike, fix: str = REREAD) -> dict:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         lines = str(error).strip().splitlines() or [""]
+        if is_hdf5(path):
+            raise CheckpointError(
+                f"{path} is an HDF5 file, such as a NIR export, not a checkpoint: give the run "
+                "directory or one of its checkpoints/*.pt (delrec.deploy.import_nir reads a NIR "
+                "file)"
+            ) from None
         if _is_json(path):
             raise CheckpointError(
                 f"{path} is a JSON text file, such as a run's config.json, not a checkpoint: "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from delrec.checkpoint import is_hdf5
 from delrec.commands import EXIT_CODES_HELP, UsageError, check_outputs, nonempty
 from delrec.deploy.nir_format import export_nir
 from delrec.runs import checkpoint_file, default_nir_path, load_network, run_files
@@ -48,10 +49,15 @@ def run(args: argparse.Namespace) -> int:
     default = default_nir_path(args.run_dir)
     output = Path(args.output) if args.output else default
     checkpoint = checkpoint_file(args.run_dir, args.checkpoint)
+    net = load_network(checkpoint)  # first: its errors say what the input is
     # the run's own files, less earlier exports (which a new export replaces)
     protected = {p for p in run_files(args.run_dir) if p.suffix != ".nir"} | {checkpoint.resolve()}
     check_outputs({"-o": output}, protected, f"write the NIR file elsewhere, e.g. -o {default}")
-    net = load_network(checkpoint)
+    if output.is_file() and not is_hdf5(output):
+        raise UsageError(
+            f"-o {output} exists and is not a NIR (HDF5) file, which the export would replace: "
+            "remove it first, or give another path"
+        )
     try:
         graph = export_nir(net, output, dt=args.dt)
     except ValueError as error:  # a bad --dt, delays beyond max_delay, a network NIR cannot
