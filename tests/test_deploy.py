@@ -687,6 +687,22 @@ def test_a_bias_on_a_recurrent_connection_is_added_every_step():
         )
 
 
+def test_a_source_or_dt_of_the_wrong_kind_is_named(tmp_path):
+    """``dt=True`` ran as 1 s a step; a dict or None failed inside pathlib."""
+    net = random_network("delrec")
+    with pytest.raises(ValueError, match="dt must be a positive number of seconds .* got True"):
+        to_nir(net, dt=True)
+    graph = to_nir(net)
+    graph.metadata["dt"] = True
+    with pytest.raises(NIRImportError, match="dt = True is not a positive number of seconds"):
+        import_nir(graph)
+    for source in (None, {"nodes": {}}, 5):
+        with pytest.raises(TypeError, match="import_nir takes the path of a NIR file or a nir"):
+            import_nir(source)
+    with pytest.raises(TypeError, match="export_nir writes to a file path, got NoneType"):
+        export_nir(net, None)
+
+
 def test_import_runs_weights_of_mixed_dtypes_in_one_dtype():
     """Another tool may store one node's weights in float64 and the rest in float32 (or in
     integers): every layer runs in the widest float dtype instead of failing at the first step."""

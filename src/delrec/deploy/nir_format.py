@@ -96,7 +96,8 @@ def to_nir(net: nn.Module, dt: float = 1.0):
     naming the layer and construct when something cannot be exported exactly.
     """
     nir = _nir()
-    if not (isinstance(dt, (int, float)) and math.isfinite(dt) and 0 < dt <= MAX_DT):
+    number = isinstance(dt, (int, float)) and not isinstance(dt, bool)
+    if not (number and math.isfinite(dt) and 0 < dt <= MAX_DT):
         raise ValueError(
             f"dt must be a positive number of seconds per step, at most {MAX_DT:g} (time "
             f"constants and delays are multiplied by it), got {dt!r}"
@@ -151,6 +152,8 @@ def export_nir(net: nn.Module, path: str | os.PathLike, dt: float = 1.0):
     ``path`` is untouched. A missing folder is created (:func:`delrec.files.write_atomic`).
     """
     nir = _nir()
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"export_nir writes to a file path, got {type(path).__name__}")
     graph = to_nir(net, dt)
     path = Path(path)
 
@@ -259,6 +262,11 @@ def import_nir(source, dt: float | None = None) -> StreamingNetwork:
     readable NIR graph or the graph differs from that shape.
     """
     nir = _nir()
+    if not isinstance(source, (str, os.PathLike, nir.NIRGraph)):
+        raise TypeError(
+            f"import_nir takes the path of a NIR file or a nir.NIRGraph, got "
+            f"{type(source).__name__}"
+        )
     graph = source if isinstance(source, nir.NIRGraph) else _read_graph(nir, source)
     if dt is None:
         if "dt" not in (graph.metadata or {}):
@@ -266,7 +274,7 @@ def import_nir(source, dt: float | None = None) -> StreamingNetwork:
         dt = graph.metadata["dt"]
     given = dt
     try:
-        dt = float(dt)
+        dt = math.nan if isinstance(dt, (bool, np.bool_)) else float(dt)
     except (TypeError, ValueError):
         dt = math.nan
     if not (math.isfinite(dt) and dt > 0):
