@@ -152,6 +152,28 @@ def comparable(values: dict) -> dict:
     return {k: v for k, v in values.items() if k not in RESUME_OVERRIDABLE}
 
 
+def flat_settings(values: dict, prefix: str = "") -> dict[str, str]:
+    """``{"network.hidden_sizes": "[32]", …}``: a nested configuration, values as JSON."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = json.dumps(value)
+    return flat
+
+
+def differences(first: dict, second: dict, first_name: str, second_name: str) -> str:
+    """Where two stored configurations differ (:func:`comparable`), setting by setting:
+    ``"epochs: 4 in config.json, 2 in last.pt, …"``; ``""`` where they agree."""
+    a, b = flat_settings(comparable(first)), flat_settings(comparable(second))
+    return ", ".join(
+        f"{key}: {a.get(key, 'nothing')} in {first_name}, {b.get(key, 'nothing')} in {second_name}"
+        for key in sorted(set(a) | set(b))
+        if a.get(key) != b.get(key)
+    )
+
+
 # --------------------------------------------------------------------------- presets
 def preset(task: str = "mackey-glass", model: str = "delrec") -> TrainConfig:
     """The recipe of ``task`` (:data:`delrec.recipes.RECIPES`) for ``model``, with the model

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from delrec import files
-from delrec.config import comparable
+from delrec.config import differences, flat_settings
 from delrec.models import VARIANTS, count_parameters
 from delrec.runs import METRICS, RESULTS, RunDir, RunError, load_trained
 from delrec.training.evaluation import evaluate_run
@@ -143,30 +143,14 @@ def read_run(
 def _check_same_config(run_dir: Path, config: dict, payload: dict) -> None:
     """A RunError unless ``config.json``'s settings are those the best checkpoint was trained
     with (a row would show one run under another's settings)."""
-    stored = _flat(comparable(payload.get("train_config", {})))
-    written = _flat(comparable(config))
-    if "train_config" in payload and stored != written:
-        differ = ", ".join(
-            f"{key}: {written.get(key, 'nothing')} in config.json, "
-            f"{stored.get(key, 'nothing')} in the checkpoint"
-            for key in sorted(set(stored) | set(written))
-            if stored.get(key) != written.get(key)
-        )
+    if "train_config" not in payload:
+        return
+    differ = differences(config, payload["train_config"], "config.json", "the checkpoint")
+    if differ:
         raise RunError(
             f"{run_dir / 'config.json'} does not describe the network its best checkpoint "
             f"holds ({differ}): it was edited; restore it, or leave the run out"
         )
-
-
-def _flat(values: dict, prefix: str = "") -> dict[str, str]:
-    """``{"network.hidden_sizes": "[32]", …}``: a nested configuration, values as JSON."""
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = json.dumps(value)
-    return flat
 
 
 def _firing_rate(run: RunDir, epoch: int | None) -> float | None:
@@ -186,7 +170,7 @@ def _firing_rate(run: RunDir, epoch: int | None) -> float | None:
 
 def _setting_items(config: dict) -> dict:
     """Flat ``{"network.hidden_sizes": value, …}`` of a configuration, minus NOT_GROUPING."""
-    return {key: value for key, value in _flat(config).items() if key not in NOT_GROUPING}
+    return {key: value for key, value in flat_settings(config).items() if key not in NOT_GROUPING}
 
 
 def group_runs(runs: list[SeedRun]) -> list[Row]:

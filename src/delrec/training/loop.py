@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from delrec import cpu
 from delrec.checkpoint import CheckpointError, network_payload, unusable
-from delrec.config import TrainConfig, comparable, resolve_device
+from delrec.config import TrainConfig, differences, resolve_device
 from delrec.delays import spread_schedule
 from delrec.layers import DelRec, FeedforwardDelay, clamp_delays, delay_parameters, set_spread
 from delrec.models import SpikingNetwork, build_network
@@ -633,16 +633,10 @@ class Trainer:
             fix="the run cannot continue from it: restore last.pt from a copy, or train again "
             "into a new --run-dir",
         )
-        stored, current = (
-            comparable(payload.get("train_config", {})),
-            comparable(self.config.to_dict()),
+        differ = differences(
+            self.config.to_dict(), payload.get("train_config", {}), "config.json", "last.pt"
         )
-        if stored != current:
-            differ = ", ".join(
-                f"{key}: {current.get(key)!r} in config.json, {stored.get(key)!r} in last.pt"
-                for key in sorted(set(stored) | set(current))
-                if stored.get(key) != current.get(key)
-            )
+        if differ:
             raise RunError(
                 f"{self.run.checkpoint_path('last')} was written by another configuration than "
                 f"config.json ({differ}); restore config.json, or resume the run last.pt belongs "
