@@ -15,7 +15,7 @@ import torch
 from delrec.cli import main
 from delrec.data import load_dataset
 from delrec.data.heidelberg import write_heidelberg
-from delrec.runs import load_checkpoint
+from delrec.runs import RunError, load_checkpoint
 from delrec.training import Trainer, resolve
 from delrec.training.objectives import Classification, Regression
 
@@ -396,6 +396,15 @@ def test_a_trainer_driven_from_python_leaves_a_run_the_commands_read(tmp_path, c
     table = tmp_path / "table.csv"
     assert main(["compare", str(tmp_path / "run"), "--csv", str(table), "--rounded-only"]) == 0
     assert "digits-8x8" in table.read_text()
+    # a second new Trainer into the finished run is refused before it writes (it overwrote
+    # config.json, the checkpoints and metrics.csv and left the old test_results.json)
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    config = resolve("digits-8x8", overrides=[*SHORT_RUNS["digits-8x8"], "epochs=1"])
+    again = Trainer(config, tmp_path / "run", progress=False, log=lambda message: None)
+    with pytest.raises(RunError, match="already holds a run, which a new one would overwrite"):
+        again.fit()
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    assert again.restore() and again.fit()  # continuing it is what restore() is for
 
 
 def test_regression_mse_is_in_the_units_of_the_raw_targets(tmp_path):

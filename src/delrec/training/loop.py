@@ -250,6 +250,7 @@ class Trainer:
         self.is_main = dist is None or dist.is_main
         self.progress = progress and self.is_main
         self._said_no_gradient = False  # the note of an epoch without gradient, once a run
+        self._run_is_ours = False  # until restore() or a first fit(): a new run needs an empty one
         self.log = log or (lambda message: tqdm.write(message, file=sys.stderr))
         if not self.is_main:
             self.log = lambda message: None
@@ -464,7 +465,15 @@ class Trainer:
         """Train until ``config.epochs`` (or ``max_epochs_this_run`` more epochs); returns
         True when the run is complete. ``config.json`` is written first, and every epoch ends
         with ``last.pt`` and ``metrics.csv``: a run directory that ``delrec eval``, ``compare``
-        and ``report`` read."""
+        and ``report`` read. A new run (no :meth:`restore` before) needs an empty directory: a
+        RunError otherwise, before anything is written."""
+        if self.is_main and not self._run_is_ours and not self.run.is_unstarted():
+            raise RunError(
+                f"run directory {self.run.path} already holds a run, which a new one would "
+                "overwrite; give another run directory, or continue that run: call "
+                "restore() before fit()"
+            )
+        self._run_is_ours = True  # a later fit() continues it
         self.write_config()
         config, state = self.config, self.state
         metric = self.objective.metric
@@ -610,6 +619,7 @@ class Trainer:
         it the run starts over, unless it got further than a first epoch cut short (a kill
         between its ``best.pt`` and its ``last.pt``): then a RunError, since starting over
         would overwrite its results."""
+        self._run_is_ours = True
         if not self.run.has_checkpoint("last"):
             progress = [
                 name
