@@ -5,6 +5,7 @@ import json
 import pytest
 
 from delrec.cli import main
+from delrec.config import preset
 from delrec.training.figures import training_dynamics
 
 NO_MARKER = (None, "", " ", "None", "none")
@@ -26,9 +27,11 @@ def _rows(epochs: int, hidden_layers: int) -> list[dict]:
 
 
 def _write_run(path, rows: list[dict]) -> None:
-    """A run directory as `analyze training` reads it: config.json and metrics.csv."""
+    """A run directory as `analyze training` reads it: config.json (of a classification
+    task, as the rows' valid_accuracy says) and metrics.csv."""
     path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"config": {}}))
+    config = preset("digits-8x8", "delrec").to_dict()
+    (path / "config.json").write_text(json.dumps({"config": config}))
     lines = [",".join(rows[0])] + [",".join(row.values()) for row in rows]
     (path / "metrics.csv").write_text("\n".join(lines) + "\n")
 
@@ -100,3 +103,41 @@ def test_labels_given_twice_are_refused_by_their_option(tmp_path, capsys, monkey
     assert "--labels x,x: each run needs a label of its own" in capsys.readouterr().err
     assert main(argv) == 0
     assert "s1: 1 epochs" in capsys.readouterr().out
+
+
+def test_an_edited_metrics_file_is_refused_not_plotted_shifted(tmp_path, capsys, monkeypatch):
+    """A row missing a value plotted the learning rate as accuracy; repeated or reordered
+    epochs plotted without a word; an epoch written "2.0" ended in a traceback."""
+    monkeypatch.chdir(tmp_path)
+    for name, edit, problem in [
+        ("fewer", lambda rows: rows[1].rsplit(",", 1)[0], "its number of values differs"),
+        ("more", lambda rows: rows[1] + ",7", "its number of values differs"),
+        ("twice", lambda rows: "1" + rows[1][1:], "epoch 1 where epoch 2 belongs"),
+    ]:
+        _write_run(tmp_path / name, _rows(3, 1))
+        path = tmp_path / name / "metrics.csv"
+        header, *lines = path.read_text().splitlines()
+        lines[1] = edit(lines)
+        path.write_text("\n".join([header, *lines]) + "\n")
+        assert main(["analyze", "training", name, "--figure", "t.png"]) == 2
+        assert f"metrics.csv line 3: {problem}" in capsys.readouterr().err, name
+    _write_run(tmp_path / "float", _rows(3, 1))
+    path = tmp_path / "float" / "metrics.csv"
+    path.write_text(path.read_text().replace("\n2,", "\n2.0,"))
+    assert main(["analyze", "training", "float", "--figure", "t.png"]) == 0
+    assert "float: 3 epochs" in capsys.readouterr().out
+
+
+def test_a_finished_run_without_metrics_or_with_a_damaged_config_is_named(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    _write_run(tmp_path / "done", _rows(2, 1))
+    (tmp_path / "done" / "test_results.json").write_text('{"accuracy": 0.5}')
+    (tmp_path / "done" / "metrics.csv").unlink()  # "it has not finished an epoch" before
+    assert main(["analyze", "training", "done", "--figure", "t.png"]) == 2
+    assert "metrics.csv is missing or empty, but the run finished" in capsys.readouterr().err
+    _write_run(tmp_path / "cut", _rows(2, 1))
+    (tmp_path / "cut" / "config.json").write_text("{")  # accepted before
+    assert main(["analyze", "training", "cut", "--figure", "t.png"]) == 2
+    assert "config.json cannot be read" in capsys.readouterr().err

@@ -233,18 +233,32 @@ class RunDir:
         return results
 
     def read_metrics(self) -> list[dict]:
-        """The rows of ``metrics.csv`` (values as written, strings); ``[]`` without the file."""
+        """The rows of ``metrics.csv`` (values as written, strings); ``[]`` without the file.
+        A RunError where a row has more or fewer values than the header names, or the epochs
+        are not 1, 2, 3 … in order (an edited file would plot shifted or repeated values)."""
         path = self.path / METRICS
         if not path.is_file():
             return []
         try:
             with path.open(newline="", encoding="utf-8") as handle:
-                return list(csv.DictReader(handle))
+                rows = list(csv.DictReader(handle))
         except (OSError, UnicodeDecodeError, csv.Error) as error:
             raise RunError(
                 f"{path} cannot be read ({error}); it was edited or damaged: restore it, or "
                 "leave the run out"
             ) from None
+        for line, row in enumerate(rows, start=2):
+            problem = None
+            if None in row or None in row.values():
+                problem = "its number of values differs from the header's columns"
+            elif self.metrics_number(line, row, "epoch") != line - 1:
+                problem = f"epoch {row['epoch']} where epoch {line - 1} belongs"
+            if problem:
+                raise RunError(
+                    f"{path} line {line}: {problem}; the file was edited or damaged: restore "
+                    "it, or leave the run out"
+                )
+        return rows
 
     def metrics_number(self, line: int, row: dict, column: str) -> float:
         """``row[column]`` of ``metrics.csv`` (``line``: its line in the file) as a finite

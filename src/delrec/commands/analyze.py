@@ -10,7 +10,8 @@ from pathlib import Path
 from delrec import files
 from delrec.analysis import gradients, spectral
 from delrec.commands import EXIT_CODES_HELP, UsageError, check_outputs, comma_list, nonempty
-from delrec.runs import RunDir, run_files
+from delrec.data import dataset_info
+from delrec.runs import METRICS, RESULTS, RunDir, run_files
 
 
 def add_parser(subparsers) -> None:
@@ -193,13 +194,19 @@ def run_training(args: argparse.Namespace) -> int:
     histories = {}
     for label, run in zip(labels, runs):
         rows = run.read_metrics()
+        if not rows and (run.path / RESULTS).is_file():
+            raise UsageError(
+                f"{run.path / METRICS} is missing or empty, but the run finished "
+                f"({RESULTS}): it was removed or emptied; restore it, or leave the run out"
+            )
         if not rows:
             raise UsageError(f"{run.path} has no metrics.csv yet: it has not finished an epoch")
         histories[label] = rows
-    metrics = {"valid_accuracy" in rows[0] for rows in histories.values()}
-    if len(metrics) > 1:
+    configs = [run.read_config() for run in runs]  # config.json checked too
+    kinds = {dataset_info(c.task, **c.data).task for c in configs}
+    if len(kinds) > 1:
         raise UsageError("the runs mix classification and regression; give runs of one kind")
-    metric = "accuracy" if metrics.pop() else "nmse"
+    metric = "accuracy" if kinds.pop() == "classification" else "nmse"
     for rows, run in zip(histories.values(), runs):
         _check_metrics(run, rows, metric)
     training_dynamics(histories, metric, figure)

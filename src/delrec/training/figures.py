@@ -127,7 +127,7 @@ def training_dynamics(runs: dict[str, list[dict]], metric: str, path: Path) -> F
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     layer_styles = _layer_styles(runs)
     for index, (label, rows) in enumerate(runs.items()):
-        epochs = [int(row["epoch"]) for row in rows]
+        epochs = [int(float(row["epoch"])) for row in rows]  # "2.0" is epoch 2 too
         run_style = {
             "color": colors[index % len(colors)],
             "markevery": max(1, len(epochs) // MAX_MARKERS),
