@@ -11,6 +11,7 @@ import time
 import urllib.request
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -298,3 +299,14 @@ def test_cli_list_gives_the_sizes_and_settings_a_task_trains_with(capsys):
     assert "steps 49 " in lines[mini]  # the preset pools to 7 × 7, as `train --task` runs it
     assert "side=7 (default 28)" in lines[mini + 1]
     assert any("tau=30.0 (default 17.0)" in line for line in lines)  # Mackey-Glass's preset
+
+
+def test_an_empty_data_variable_means_the_default_folder(monkeypatch, tmp_path):
+    """``DELREC_DATA=""`` (an unset shell variable) named the current folder: a download
+    wrote ./mnist there."""
+    from delrec.data.registry import data_root
+
+    monkeypatch.setenv("DELREC_DATA", " ")
+    assert data_root() == Path("data")
+    monkeypatch.setenv("DELREC_DATA", str(tmp_path))
+    assert data_root() == tmp_path

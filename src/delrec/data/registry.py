@@ -37,8 +37,9 @@ _STATIC_INFO = {
 
 
 def data_root() -> Path:
-    """The folder holding one sub-folder per data set: ``$DELREC_DATA`` or ``./data``."""
-    return Path(os.environ.get("DELREC_DATA", "data"))
+    """The folder holding one sub-folder per data set: ``$DELREC_DATA`` or ``./data`` (also
+    where the variable is set but empty, which would name the current folder)."""
+    return Path(os.environ.get("DELREC_DATA", "").strip() or "data")
 
 
 def default_dir(name: str) -> Path:
