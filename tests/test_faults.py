@@ -1394,6 +1394,23 @@ def test_a_local_archive_failing_its_checksum_is_reported_as_such(tmp_path, monk
     assert (tmp_path / "shd_test.h5.zip").exists()  # the user's file is not deleted
 
 
+def test_a_damaged_archive_in_a_mirror_folder_is_bad_input(tmp_path, monkeypatch, capsys):
+    """It was a failed transfer (exit 1) whose advice, to run the command again, could never
+    help: the mirror's copy gives the same bytes every time."""
+    _, archive = _zipped_shd("shd_test.h5", seed=1)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "shd_test.h5.zip").write_bytes(archive)
+    monkeypatch.setitem(
+        RESOURCES, "shd", [Resource(f"{UNREACHABLE}/shd_test.h5.zip", "0" * 32, "shd_test.h5")]
+    )
+    command = ["data", "download", "shd", "--to", str(tmp_path / "d"), "--mirror", str(mirror)]
+    assert main([*command, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "the archive in the mirror folder is damaged or another version; replace it" in err
+    assert (mirror / "shd_test.h5.zip").read_bytes() == archive  # the mirror is not touched
+
+
 def test_files_damaged_after_extraction_are_noticed(tmp_path, server, capsys):
     payload, archive = _zipped_shd("shd_test.h5", seed=1)
     Server.files["/shd_test.h5.zip"] = archive

@@ -429,6 +429,12 @@ def _download_verified(
     digest = md5_of(part)
     if digest != resource.md5:
         part.unlink()
+        if url.startswith("file:"):  # a copy on disk: fetching it again gives the same bytes
+            raise DataError(
+                f"{url} has MD5 {digest}, expected {resource.md5}: the archive in the mirror "
+                "folder is damaged or another version; replace it with the official one.\n"
+                + _by_hand(name, resources, to)
+            )
         raise DownloadError(
             f"{url} arrived with MD5 {digest}, expected {resource.md5}; "
             "the download was removed: run the command again, or fetch the file "
