@@ -45,41 +45,33 @@ def network_payload(network: SpikingNetwork) -> dict:
     }
 
 
+def _head(path: Path, size: int) -> bytes | None:
+    """The first ``size`` bytes of the file ``path``; None where it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(size)
+    except OSError:
+        return None
+
+
 def _starts_like_torch_save(path: Path) -> bool:
     """Whether ``path`` begins as a file of torch.save does: a zip archive, or the pickle of
     the legacy format (protocol 2 or later)."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-    except OSError:
-        return True  # the error torch.load gave says more
-    return head.startswith((b"PK\x03\x04", b"\x80"))
+    head = _head(path, 4)
+    return head is None or head.startswith((b"PK\x03\x04", b"\x80"))  # None: torch says more
 
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # the first bytes of an HDF5 file (a NIR export)
 
 
-def _starts_with(path: Path, signature: bytes) -> bool:
-    """Whether the file ``path`` starts with ``signature`` (False where it cannot be read)."""
-    try:
-        with path.open("rb") as fh:
-            return fh.read(len(signature)) == signature
-    except OSError:
-        return False
-
-
 def is_hdf5(path: str | os.PathLike) -> bool:
     """Whether ``path`` is an HDF5 file (a NIR export), by its first bytes."""
-    return _starts_with(Path(path), HDF5_SIGNATURE)
+    return _head(Path(path), len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
 
 
 def _is_json(path: Path) -> bool:
     """Whether ``path`` starts like a JSON object (a run's own files), whitespace aside."""
-    try:
-        with path.open("rb") as fh:
-            return fh.read(64).lstrip().startswith(b"{")
-    except OSError:
-        return False
+    return (_head(path, 64) or b"").lstrip().startswith(b"{")
 
 
 REREAD = "use the run's other checkpoint or retrain"  # what to do with a damaged checkpoint
