@@ -31,7 +31,7 @@ from delrec.layers import DelRec, DelRecState, FeedforwardDelay, run_chunk
 from delrec.layers.dropout import Dropout
 from delrec.layers.feedforward import weight_bound
 from delrec.layers.precision import own_precision
-from delrec.layers.sizes import check_size
+from delrec.layers.sizes import check_size, is_whole_number
 from delrec.neurons import (
     LIF,
     SURROGATES,
@@ -211,11 +211,8 @@ class NetworkConfig:
                 f"readout_tau must be a number of time steps >= 1, got {self.readout_tau!r}"
             )
         weight_bound(self.feedforward_init, 1)  # a ValueError naming the choices
-        if not (
-            isinstance(self.ff_delay_window, numbers.Integral)
-            and not isinstance(self.ff_delay_window, bool)
-            and 1 <= self.ff_delay_window <= MAX_DELAY + 1
-        ):
+        window = self.ff_delay_window
+        if not (is_whole_number(window) and 1 <= window <= MAX_DELAY + 1):
             raise ValueError(
                 f"ff_delay_window must be between 1 and {MAX_DELAY + 1:g} steps (delays of 0 … "
                 f"MAX_DELAY = {MAX_DELAY:g} steps), got {self.ff_delay_window!r}"
@@ -233,9 +230,7 @@ class NetworkConfig:
             bad = [
                 i
                 for i in self.recurrent_layers
-                if isinstance(i, bool)
-                or not isinstance(i, numbers.Integral)
-                or not 0 <= i < len(self.hidden_sizes)
+                if not is_whole_number(i) or not 0 <= i < len(self.hidden_sizes)
             ]
             if bad:
                 raise ValueError(
@@ -619,7 +614,7 @@ def build_network(cfg: NetworkConfig, seed: int | None = None) -> SpikingNetwork
     if not isinstance(cfg, NetworkConfig):
         raise TypeError(f"build_network takes a NetworkConfig, got {type(cfg).__name__}")
     cfg.check()  # its fields may have changed since it was made
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+    if seed is not None and not is_whole_number(seed):
         raise TypeError(f"seed must be a whole number or None, got {seed!r}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     blocks, fan_in = [], cfg.input_size

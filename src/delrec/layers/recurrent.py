@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -24,7 +23,7 @@ from delrec.engine.dropout import MaskDraw, check_probability
 from delrec.engine.lif import LIFMap
 from delrec.engine.state import history_length
 from delrec.layers.precision import own_precision
-from delrec.layers.sizes import check_size
+from delrec.layers.sizes import check_size, is_whole_number
 from delrec.neurons import LIF, as_neuron, check_state, refuse_nonfinite
 
 
@@ -363,11 +362,7 @@ class DelRec(nn.Module):
             raise TypeError(
                 f"state must be the DelRecState a DelRec layer returned, got {type(state).__name__}"
             )
-        if state.steps is not None and (
-            isinstance(state.steps, bool)
-            or not isinstance(state.steps, numbers.Integral)
-            or state.steps < 0
-        ):
+        if state.steps is not None and (not is_whole_number(state.steps) or state.steps < 0):
             raise ValueError(
                 f"state.steps must be the whole number of steps the state has seen (>= 0), or "
                 f"None for a state made by hand, got {state.steps!r}"
