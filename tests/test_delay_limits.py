@@ -393,9 +393,11 @@ def test_report_target_command_prints_pass_fail_and_writes_json(tmp_path, capsys
     net = network("synaptic", max_delay=30)
     run = tmp_path / "run"
     save_checkpoint(network_payload(net), run / "checkpoints" / "best.pt")
-    assert main(["report", str(run), "--no-data", "--target", "loihi2-lava-dl"]) == 0
-    printed = capsys.readouterr().out
+    assert main(["report", str(run), "--no-data", "--target", "loihi2-lava-dl"]) == 3
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "target loihi2-lava-dl:" in printed and "verdict: FAIL" in printed
+    assert "does not fit loihi2-lava-dl (verdict FAIL above): exit code 3" in captured.err
     assert re.search(r"FAIL\s+delay type: layer0 recurrent synaptic delays", printed)
     assert re.search(r"PASS\s+max delay: layer0 recurrent synaptic delays", printed)
     report = json.loads((run / "report" / "hardware_report.json").read_text())
@@ -406,6 +408,8 @@ def test_report_target_command_prints_pass_fail_and_writes_json(tmp_path, capsys
     error = capsys.readouterr().err
     assert "unknown target 'loihi' (did you mean 'loihi2-lava-dl'?)" in error
     assert all(name in error for name in TARGETS)
+    assert main(["report", str(run), "--no-data", "--target", "spinnaker-delay-ext"]) == 0  # fits it
+    assert "verdict: PASS" in capsys.readouterr().out
     assert main(["report", "--list-targets"]) == 0
     listing = capsys.readouterr().out
     assert all(f"{name}:" in listing for name in TARGETS) and "source: https://" in listing

@@ -9,6 +9,8 @@ Exit codes (every command):
 * 2 — bad usage or bad input: an unknown option or a bad argument value, a bad
   configuration value, a missing, corrupt or unsuitable file or run directory, a run
   directory in use by another process;
+* 3 — the command ran and its check failed: ``delrec report --target``'s verdict is FAIL
+  (the network does not fit the chip; the report is written all the same);
 * 130 — interrupted (Ctrl-C);
 * 143 — terminated (SIGTERM, e.g. a scheduler's time limit).
 
@@ -38,11 +40,13 @@ from delrec.training import TrainingError
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+CHECK_FAILED = 3  # the command ran; the check it was asked for failed
 MAX_SEEDS = 100_000  # seeds one --seeds may name
 EXIT_CODES_HELP = (
     "exit codes: 0 success; 1 a failure at run time (training diverged, download failed, a "
     "file could not be written, out of memory); 2 bad usage or bad input (unknown option, bad "
-    "configuration value, missing or corrupt file, run directory in use); 130 interrupted "
+    "configuration value, missing or corrupt file, run directory in use); 3 a check failed "
+    "(report --target: the network does not fit the chip); 130 interrupted "
     "(Ctrl-C); 143 terminated (SIGTERM)"
 )
 

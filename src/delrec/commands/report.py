@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from delrec.commands import EXIT_CODES_HELP, UsageError, check_outputs
+from delrec.commands import CHECK_FAILED, EXIT_CODES_HELP, UsageError, check_outputs
 from delrec.data import SPLITS, load_dataset
 from delrec.deploy.report import format_report, hardware_report, report_paths, write_report
 from delrec.deploy.targets import TARGETS, UnknownTargetError, format_targets, get_target
@@ -128,6 +128,13 @@ def run(args: argparse.Namespace) -> int:
     print(format_report(report))  # first: a failed write still shows the measurement
     paths = write_report(report, output)
     print(f"wrote {paths[0]} and {paths[1]}")
+    if target is not None and not report["target"]["pass"]:
+        print(
+            f"delrec report: the network does not fit {target.name} (verdict FAIL above): "
+            "exit code 3",
+            file=sys.stderr,
+        )
+        return CHECK_FAILED
     return 0
 
 
