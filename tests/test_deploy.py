@@ -624,6 +624,14 @@ def _edited(edit):
             lambda g: setattr(g.nodes["layer1.lif"], "v_threshold", np.full(10, np.nan)),
             "layer1.lif: v_threshold holds NaN or Inf",
         ),
+        (  # per-neuron parameters of another length: were accepted as long as they agreed
+            lambda g: setattr(g.nodes["layer1.lif"], "v_threshold", np.ones(3)),
+            r"layer1.lif: v_threshold holds 3 values for the node's 10 neurons",
+        ),
+        (  # an Output node wider than the readout feeding it: the stream gave 3 values
+            lambda g: g.nodes.update(output=nir.Output(output_type={"output": np.array([7])})),
+            r"the Output node 'output' has 7 values, but the readout LI node 'readout.li'",
+        ),
         (
             lambda g: setattr(g.nodes["layer0.synapses"], "bias", np.zeros(5)),
             "the synapses leaving 'input': bias must be",

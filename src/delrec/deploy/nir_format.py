@@ -343,6 +343,12 @@ def import_nir(source, dt: float | None = None) -> StreamingNetwork:
                 raise NIRImportError(
                     f"the readout LI node {target!r} must feed only the Output node"
                 )
+            output = successors[target][0]
+            if _width(graph.nodes[output]) != _width(node):
+                raise NIRImportError(
+                    f"the Output node {output!r} has {_width(graph.nodes[output])} values, "
+                    f"but the readout LI node {target!r} feeding it has {_width(node)} neurons"
+                )
         elif not isinstance(node, nir.Output):
             raise NIRImportError(
                 f"node {target!r} is a {type(node).__name__}; expected LIF, LI or Output"
@@ -517,7 +523,14 @@ def _merge_branches(branches, source: str) -> DelayedSynapses:
 
 
 def _uniform(node, field: str, where: str) -> float:
+    """The one value of the node's per-neuron ``field``, or a NIRImportError unless it holds
+    one finite value per neuron (as many as ``tau``), all equal."""
     values = _numbers(node, field, where).reshape(-1)
+    if values.size != _width(node):
+        raise NIRImportError(
+            f"{where}: {field} holds {values.size} values for the node's {_width(node)} "
+            "neurons (the size of tau); expected one per neuron"
+        )
     if not np.isfinite(values).all():
         raise NIRImportError(f"{where}: {field} holds NaN or Inf")
     if values.size == 0 or not (values == values[0]).all():
