@@ -562,10 +562,10 @@ def test_resume_may_change_the_threads_and_loader_workers(tmp_path, capsys):
 def test_resume_refuses_a_data_root_holding_another_data_set(tmp_path, capsys):
     """`--data-root` may change on resume (the files moved), not the data: a folder whose data
     set has other item counts is refused before training on it."""
-    for name, count in (("good", 40), ("other", 60)):
+    for name, count, seed in (("good", 40, 1), ("other", 60, 1), ("same-sizes", 40, 5)):
         (tmp_path / name).mkdir()
-        write_random_shd(tmp_path / name / "shd_train.h5", count, seed=1)
-        write_random_shd(tmp_path / name / "shd_test.h5", 20, seed=2)
+        write_random_shd(tmp_path / name / "shd_train.h5", count, seed=seed)
+        write_random_shd(tmp_path / name / "shd_test.h5", 20, seed=seed + 1)
     run_dir = tmp_path / "run"
     base = ["train", "--task", "shd", "--epochs", "2", "--no-progress", "--run-dir", str(run_dir)]
     settings = ["--set", "network.hidden_sizes=[6,6]", "batch_size=16", "threads=1"]
@@ -577,6 +577,12 @@ def test_resume_refuses_a_data_root_holding_another_data_set(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"the data set in {tmp_path / 'other'} is not the one {run_dir} trained on" in err
     assert "train_items 144 now, 96 when it trained" in err and "valid_items 12 now, 8" in err
+    assert (run_dir / "config.json").read_text() == before
+    # other recordings of the same sizes: only the items tell (the counts let it through)
+    assert main([*resume, str(tmp_path / "same-sizes")]) == 2
+    err = capsys.readouterr().err
+    assert f"the data set in {tmp_path / 'same-sizes'} is not the one {run_dir} trained on" in err
+    assert "its validation and test items differ from the same items when it trained" in err
     assert (run_dir / "config.json").read_text() == before
     (tmp_path / "good").rename(tmp_path / "moved")
     resumed = run_json(capsys, [*resume, str(tmp_path / "moved")])

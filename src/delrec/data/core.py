@@ -12,6 +12,7 @@ Every data set item is ``(frames, target)``:
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import threading
 from collections.abc import Sequence
@@ -24,6 +25,20 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
 SPLITS = ("train", "valid", "test")
+
+
+def sample_digest(datasets: Sequence[Dataset]) -> str:
+    """A short hex digest of the first, middle and last item of each data set in
+    ``datasets``: a cheap fingerprint of their contents, which a copy of the same files keeps
+    and other files of the same sizes do not."""
+    digest = hashlib.sha256()
+    for dataset in datasets:
+        count = len(dataset)
+        for index in sorted({0, count // 2, count - 1} if count else set()):
+            frames, target = dataset[index]
+            digest.update(frames.numpy().astype("<f4").tobytes())
+            digest.update(repr(torch.as_tensor(target).tolist()).encode())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

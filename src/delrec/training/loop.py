@@ -26,6 +26,7 @@ from tqdm import tqdm
 from delrec import cpu
 from delrec.checkpoint import CheckpointError, network_payload, unusable
 from delrec.config import TrainConfig, differences, resolve_device
+from delrec.data.core import sample_digest
 from delrec.delays import spread_schedule
 from delrec.layers import DelRec, FeedforwardDelay, clamp_delays, delay_parameters, set_spread
 from delrec.models import SpikingNetwork, build_network
@@ -315,8 +316,9 @@ class Trainer:
         self.run.write_config(self.config, self.dataset_record())
 
     def dataset_record(self) -> dict:
-        """What ``config.json`` records of the data set: its name, sizes and item counts (a
-        resume compares them with the data it finds)."""
+        """What ``config.json`` records of the data set: its name, sizes, item counts and a
+        digest of a few validation and test items (a resume compares them with the data it
+        finds; the training split is left out, as augmentation makes its items per epoch)."""
         info, datasets = self.data.info, self.data.datasets
         return {
             "name": info.name,
@@ -325,6 +327,7 @@ class Trainer:
             "output_size": info.output_size,
             "steps": info.steps,
             **{f"{split}_items": len(datasets[split]) for split in ("train", "valid", "test")},
+            "items_digest": sample_digest([datasets["valid"], datasets["test"]]),
         }
 
     # ------------------------------------------------------------------ schedule
@@ -423,10 +426,13 @@ class Trainer:
 
     def _check_same_data(self) -> None:
         """A RunError when the data set found differs from the one ``config.json`` says the
-        run trained on (another ``--data-root`` given on resume): its sizes and item counts."""
+        run trained on (another ``--data-root`` given on resume): its sizes, item counts or
+        the digest of its items (a run written before the digest is checked without it)."""
         recorded, found = self.run.read_dataset(), self.dataset_record()
         differ = [
             f"{key} {found[key]} now, {recorded[key]} when it trained"
+            if key != "items_digest"
+            else "its validation and test items differ from the same items when it trained"
             for key in found
             if key in recorded and recorded[key] != found[key]
         ]
