@@ -429,3 +429,17 @@ def test_settings_the_model_does_not_use_are_named(model, overrides, ignored, ca
     assert main(["train", "--model", model, "--print-config", "--set", *overrides]) == 0
     err = capsys.readouterr().err
     assert err.count("does nothing for the") == len(ignored), err
+
+
+def test_a_data_root_for_a_data_set_without_files_gets_a_note(tmp_path, capsys):
+    """Mackey-Glass is generated and digits-8x8 ships with scikit-learn: a data root given
+    for them was accepted and recorded without a word, as if it were read."""
+    for task in ("mackey-glass", "digits-8x8"):
+        argv = ["train", "--task", task, "--print-config", "--data-root", str(tmp_path)]
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+        assert f"(--data-root) does nothing for {task}, whose data is generated" in err, err
+    assert main(["train", "--task", "shd", "--print-config", "--data-root", str(tmp_path)]) == 0
+    assert "does nothing" not in capsys.readouterr().err
+    assert main(["train", "--task", "mackey-glass", "--print-config"]) == 0
+    assert "does nothing" not in capsys.readouterr().err

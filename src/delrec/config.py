@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from delrec.data import DataError, dataset_info, settings_of
-from delrec.data.registry import MAX_SEED, is_seed
+from delrec.data.registry import MAX_SEED, is_seed, needs_files
 from delrec.delays import MAX_DELAY, parse_init
 from delrec.models import MODELS, VARIANTS, NetworkConfig
 from delrec.recipes import RECIPES
@@ -285,12 +285,19 @@ def ignored_settings(config: TrainConfig, given: dict) -> list[str]:
 
 def ignored_notes(config: TrainConfig, given: dict) -> list[str]:
     """The line ``delrec train`` and ``delrec sweep`` print for each of
-    :func:`ignored_settings`."""
-    return [
+    :func:`ignored_settings`, and for a data root given for a data set that reads no files."""
+    notes = [
         f"note: {setting} does nothing for the {config.model} model; config.json records it "
         "as given"
         for setting in ignored_settings(config, given)
     ]
+    if "data_root" in given and config.data_root is not None and not needs_files(config.task):
+        notes.append(
+            f"note: data_root={config.data_root!r} (--data-root) does nothing for "
+            f"{config.task}, whose data is generated or ships with delrec's dependencies: "
+            "no files are read"
+        )
+    return notes
 
 
 def load_config_file(path: str | Path) -> dict:

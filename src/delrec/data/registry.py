@@ -42,6 +42,12 @@ def data_root() -> Path:
     return Path(os.environ.get("DELREC_DATA", "").strip() or "data")
 
 
+def needs_files(name: str) -> bool:
+    """Whether data set ``name`` is read from files (the others are generated or ship with
+    a package, and take no data root)."""
+    return name in FOLDERS
+
+
 def default_dir(name: str) -> Path:
     """Where the files of ``name`` (a data set or download name) are looked for by default."""
     return data_root() / FOLDERS[name]
@@ -130,7 +136,7 @@ def load_dataset(
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}': choose one of {', '.join(SPLITS)}")
     _check_settings(name, settings)
-    if name not in FOLDERS:
+    if not needs_files(name):
         return loader(split, **settings)
     return loader(Path(root) if root is not None else default_dir(name), split, **settings)
 
