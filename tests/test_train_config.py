@@ -221,7 +221,8 @@ def test_overrides_file_then_set_then_flags(tmp_path):
         ("optim.lr=-1", "optim.lr must be > 0"),
         ("epochs=0", "epochs must be in 1…2147483647, got 0"),
         ("batch_size=99999999999999999999", "batch_size must be in 1…2147483647"),
-        ("seed=99999999999999999999", "seed must be in 0…9223372036854775807"),
+        ("seed=99999999999999999999", "seed must be in 0…4294967295"),
+        ("seed=4294967296", "seed must be in 0…4294967295, got 4294967296"),  # = seed 0
         ("batch_size=2.5", "batch_size must be an integer"),
         ("augment=1", "augment must be true or false"),
         ("augment=true", "augment shifts and thins spike counts, so it applies to shd and ssc"),
