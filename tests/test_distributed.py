@@ -468,6 +468,16 @@ def test_launch_mistakes_are_refused(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_truncated_bptt_data_parallel_is_a_setting_refused(tmp_path):
+    """Exit code 2 (bad usage), like the other launch mistakes: it was a TrainingError, a
+    failure at run time (exit code 1)."""
+    config = TrainConfig(task="digits-8x8", network={"hidden_sizes": [8]}, tbptt=16)
+    dist = SimpleNamespace(is_main=True, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="tbptt .* does not run data-parallel yet"):
+        Trainer(config, tmp_path / "run", dist=dist)
+    assert not (tmp_path / "run").exists()
+
+
 def test_absurd_launch_variables_and_timeouts_are_refused_before_any_wait(
     tmp_path, capsys, monkeypatch
 ):

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from delrec import cpu
 from delrec.checkpoint import CheckpointError, network_payload, unusable
-from delrec.config import TrainConfig, differences, resolve_device
+from delrec.config import ConfigError, TrainConfig, differences, resolve_device
 from delrec.data.core import sample_digest
 from delrec.delays import spread_schedule
 from delrec.layers import DelRec, FeedforwardDelay, clamp_delays, delay_parameters, set_spread
@@ -259,8 +259,8 @@ class Trainer:
         cpu.configure()  # (again, where the command line did: the same settings)
         if config.threads is not None:
             torch.set_num_threads(config.threads)
-        if config.tbptt is not None and dist is not None:
-            raise TrainingError(
+        if config.tbptt is not None and dist is not None:  # a setting, not a run-time failure
+            raise ConfigError(
                 "tbptt (truncated BPTT) does not run data-parallel yet; train it in one process"
             )
 
