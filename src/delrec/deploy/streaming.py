@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from delrec.delays import integer_delays
-from delrec.engine import RecurrentState, native, select
+from delrec.engine import FLOATS, RecurrentState, native, select
 from delrec.engine.lif import LIFMap, is_builtin_lif
 from delrec.engine.ring import DelayedSynapses, IntegerLayer, run_stack
 from delrec.engine.state import history_length
@@ -147,11 +147,11 @@ class StreamingLayer(nn.Module):
         return {**super().__getstate__(), "_compiled": None, "_built_from": None}
 
     def compiled(self, device: torch.device) -> IntegerLayer | None:
-        """The compiled loop of this layer (built-in LIF on the CPU, kernels built), or None."""
+        """The compiled loop of this layer (built-in LIF on the CPU, float32 or float64, kernels
+        built), or None: the layer then runs on PyTorch ops."""
         self.refresh()
-        if self._compiled is not None and device.type == "cpu":
-            return self._compiled
-        if not (is_builtin_lif(self.neuron) and device.type == "cpu"):
+        compilable = device.type == "cpu" and self.synapses.weight.dtype in FLOATS
+        if not (compilable and is_builtin_lif(self.neuron)):
             return None
         if self._compiled is None and native.load("ring") is not None:
             recurrent = None
@@ -178,7 +178,13 @@ class StreamingLayer(nn.Module):
             return spikes, LayerState(inputs, neuron, state.spikes)
         delay_type, delay = self.recurrent_delay()
         path = select(
-            delay_type, self.neuron, device=x.device, integer=True, grad=False, state=True
+            delay_type,
+            self.neuron,
+            device=x.device,
+            integer=True,
+            grad=False,
+            state=True,
+            dtype=x.dtype,
         )
         spikes, recurrent = path.run(
             current,
