@@ -333,7 +333,27 @@ def test_sigterm_ends_a_training_with_a_message_and_its_lock_released(tmp_path):
     err = process.stderr.read()
     assert process.wait(timeout=60) == 143
     assert "terminated (SIGTERM)" in err and "Traceback" not in err, err
+    assert "the run continues with `delrec train --resume RUN_DIR`" in err, err
     assert not (run / LOCK).exists() and (run / "checkpoints" / "last.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "then"),
+    [
+        (["--quiet", "sweep", "rate"], "the same `delrec sweep …` command continues the sweep"),
+        (["data", "download", "shd"], "run the command again"),
+    ],
+)
+def test_sigterm_says_how_each_command_goes_on(monkeypatch, capsys, argv, then):
+    """The one line said `delrec train --resume RUN_DIR` after any command, a sweep too,
+    whose own command line continues it."""
+
+    def terminated(argv):
+        raise cli.Terminated
+
+    monkeypatch.setattr(cli, "_run", terminated)
+    assert cli.main(argv) == 143
+    assert f"terminated (SIGTERM); what was written is whole: {then}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -1873,3 +1893,23 @@ def test_compare_names_a_damaged_run_file(run_copy, capsys, name, damage, messag
     err = capsys.readouterr().err
     assert err.startswith(f"delrec compare: error: {run_copy / name}") and message in err, err
     assert "edited" in err and "Traceback" not in err
+
+
+def test_a_damaged_seed_is_trained_again_as_its_message_says(tmp_path, capsys):
+    """The fix said "train again into a new --run-dir", which drops every other seed: a seed
+    of a run of several seeds starts over when its folder is moved away and the run resumed."""
+    tiny = [*MG_TINY[:1], "2", *MG_TINY[2:]]  # two epochs
+    seeds = tmp_path / "seeds"
+    argv = ["train", *tiny, "--seeds", "0-1", "--max-epochs-this-run", "1", "--run-dir"]
+    assert main([*argv, str(seeds)]) == 0  # seed 0 after its first epoch
+    capsys.readouterr()
+    (seeds / "seed-0" / "checkpoints" / "last.pt").write_bytes(b"garbage")
+    resume = ["train", "--resume", str(seeds), "--no-progress"]
+    assert main(resume) == 2
+    err = capsys.readouterr().err
+    fix = f"train that seed again: move {seeds / 'seed-0'} away and resume `delrec train --resume"
+    assert fix in err and "new --run-dir" not in err, err
+    (seeds / "seed-0").rename(tmp_path / "seed-0-damaged")
+    assert main(resume) == 0
+    summary = json.loads((seeds / "summary.json").read_text(encoding="utf-8"))
+    assert summary["status"] == "complete" and [r["seed"] for r in summary["runs"]] == [0, 1]

@@ -68,6 +68,14 @@ def _terminate(signum, frame) -> None:
     raise Terminated
 
 
+# how to go on after SIGTERM, by command (the others: run it again)
+AFTER_TERMINATION = {
+    "train": "the run continues with `delrec train --resume RUN_DIR` (the folder its first "
+    "line named)",
+    "sweep": "the same `delrec sweep …` command continues the sweep where it stopped",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
@@ -77,11 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Terminated:
-        print(
-            "terminated (SIGTERM); what was written is whole: a training run continues with "
-            "`delrec train --resume RUN_DIR`",
-            file=sys.stderr,
-        )
+        words = sys.argv[1:] if argv is None else argv
+        command = next((word for word in words if not word.startswith("-")), None)
+        then = AFTER_TERMINATION.get(command, "run the command again")
+        print(f"terminated (SIGTERM); what was written is whole: {then}", file=sys.stderr)
         return 143
     finally:
         if in_main_thread:

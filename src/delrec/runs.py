@@ -93,6 +93,18 @@ class RunDir:
         """The run of ``seed`` in a run of several seeds."""
         return RunDir(self.path / f"seed-{seed}")
 
+    def train_again(self) -> str:
+        """How to train this run again from the start, for a message's fix: into a new
+        ``--run-dir``, or, for a seed of a run of several seeds, by moving its folder away and
+        resuming the parent run (which trains a seed without a folder from the start)."""
+        parent = RunDir(self.path.parent)
+        if self.path.name.startswith("seed-") and parent.is_multi_seed():
+            return (
+                f"train that seed again: move {self.path} away and resume "
+                f"`delrec train --resume {parent.path}`"
+            )
+        return "train again into a new --run-dir"
+
     def is_single(self) -> bool:
         """A run of one seed (its ``config.json`` is written once its data has loaded)."""
         return (self.path / CONFIG).is_file()
@@ -181,7 +193,7 @@ class RunDir:
         if problem:
             raise RunError(
                 f"{self.path / name} does not hold a run configuration ({problem}); it was "
-                "edited or damaged: restore it, or train again into a new --run-dir"
+                f"edited or damaged: restore it, or {self.train_again()}"
             )
         return config
 
@@ -227,8 +239,8 @@ class RunDir:
         if not number or type(results.get("best_epoch", 0)) is not int:
             raise RunError(
                 f"{self.path / RESULTS} does not hold a test metric (accuracy or nmse, a finite "
-                "number) and its best epoch; it was edited or damaged: restore it, or train the "
-                "run again into a new --run-dir"
+                "number) and its best epoch; it was edited or damaged: restore it, or "
+                f"{self.train_again()}"
             )
         return results
 

@@ -639,15 +639,15 @@ class Trainer:
                 raise RunError(
                     f"{self.run.checkpoint_path('last')} is missing, but {self.run.path} holds "
                     f"{' and '.join(progress)}: the run got further than its first epoch, and "
-                    "starting over would overwrite its results; restore last.pt, or train "
-                    "again into a new --run-dir"
+                    f"starting over would overwrite its results; restore last.pt, or "
+                    f"{self.run.train_again()}"
                 )
             return False
         payload = load_checkpoint(
             self.run.path,
             "last",
-            fix="the run cannot continue from it: restore last.pt from a copy, or train again "
-            "into a new --run-dir",
+            fix="the run cannot continue from it: restore last.pt from a copy, or "
+            f"{self.run.train_again()}",
         )
         differ = differences(
             self.config.to_dict(), payload.get("train_config", {}), "config.json", "last.pt"
@@ -682,7 +682,7 @@ class Trainer:
             raise CheckpointError(
                 f"{self.run.checkpoint_path('last')} cannot be resumed from "
                 f"({unusable(error)}): it was edited or written by another version of delrec; "
-                "resume with the version that wrote it, or train again into a new --run-dir"
+                f"resume with the version that wrote it, or {self.run.train_again()}"
             ) from None
         if self.state.best_epoch is not None:  # the test measures it: found lost now, not after
             self._best_checkpoint()  # the epochs still to train
@@ -694,8 +694,8 @@ class Trainer:
         """The run's ``best.pt``; a RunError or CheckpointError that says what its loss costs
         when it is missing or damaged."""
         lost = (
-            "the run's best-validation network is lost: restore best.pt from a copy, or train "
-            f"again into a new --run-dir (delrec eval {self.run.path} --checkpoint last "
+            "the run's best-validation network is lost: restore best.pt from a copy, or "
+            f"{self.run.train_again()} (delrec eval {self.run.path} --checkpoint last "
             "measures the last epoch's network)"
         )
         if not self.run.has_checkpoint("best"):
