@@ -25,7 +25,7 @@ from delrec.config import ConfigError
 from delrec.data import make_loader
 from delrec.runs import RunDir, load_checkpoint
 from delrec.training import TrainConfig, Trainer, parallel_seeds
-from delrec.training.distributed import DataParallel
+from delrec.training.distributed import DataParallel, resume_command
 
 # PYTHONFAULTHANDLER: a process aborted by `finished` prints where each of its threads was
 ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
@@ -476,6 +476,34 @@ def test_truncated_bptt_data_parallel_is_a_setting_refused(tmp_path):
     with pytest.raises(ConfigError, match="tbptt .* does not run data-parallel yet"):
         Trainer(config, tmp_path / "run", dist=dist)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_stopped_early_under_torchrun_names_torchrun_to_continue(monkeypatch, tmp_path):
+    """`--max-epochs-this-run` under torchrun said `delrec train --resume R`, which continues
+    in one process; a lost process already named the torchrun command."""
+    run = tmp_path / "run"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resume_command(run, 2) == f"torchrun --nproc-per-node 2 -m delrec train --resume {run}"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resume_command(run, 8) == (
+        f"torchrun --nnodes 2 --nproc-per-node 4 -m delrec train --resume {run} "
+        "(on every node, as before)"
+    )
+
+
+def test_parallel_seeds_stopped_early_name_the_parent_run_to_continue(tmp_path, capsys):
+    """Each seed said `continue with delrec train --resume R/seed-0`, which finishes that seed
+    but never writes the summary; the parent said nothing."""
+    run_dir = tmp_path / "par"
+    stopped = ["--seeds", "0-1", "--parallel", "2", "--max-epochs-this-run", "1"]
+    assert main(["train", *stopped, "--run-dir", str(run_dir), *TINY_DIGITS]) == 0
+    err = capsys.readouterr().err
+    assert "[seed 0] stopped after epoch 1/2" in err and "[seed 1] stopped after epoch 1/2" in err
+    assert "seed-0`" not in err and "seed-1`" not in err, err
+    assert (
+        "delrec train: stopped with 0 of 2 seeds complete; continue with "
+        f"`delrec train --resume {run_dir} --parallel 2`"
+    ) in err
 
 
 def test_absurd_launch_variables_and_timeouts_are_refused_before_any_wait(

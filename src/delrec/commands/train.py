@@ -153,9 +153,10 @@ def _check_launch(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace, notes: bool = True) -> dict | None:
-    """Run the command; ``notes``: print the notes on given settings the model does not use
-    (not in a seed of ``--parallel``, whose parent printed them and whose configuration file
-    gives every setting)."""
+    """Run the command; ``notes``: print the notes on given settings the model does not use,
+    and the command that continues a run stopped early (not in a seed of ``--parallel``,
+    whose parent printed them, whose configuration file gives every setting and whose parent
+    run is the one to continue)."""
     _check_launch(args)
     distributed = {"dist_backend": args.dist_backend, "dist_timeout_s": args.dist_timeout}
     if args.resume is not None:
@@ -169,6 +170,7 @@ def _train(args: argparse.Namespace, notes: bool = True) -> dict | None:
             parallel=args.parallel,
             progress=not args.no_progress,
             max_epochs_this_run=args.max_epochs_this_run,
+            hint=notes,
             **distributed,
         )
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
@@ -193,6 +195,7 @@ def _train(args: argparse.Namespace, notes: bool = True) -> dict | None:
             args.run_dir,
             progress=not args.no_progress,
             max_epochs_this_run=args.max_epochs_this_run,
+            hint=notes,
             **distributed,
         )
     run_dir = args.run_dir or jobs.default_run_dir(config)

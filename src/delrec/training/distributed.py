@@ -465,9 +465,7 @@ def failure_message(error: BaseException, run_dir: Path, processes: int) -> str:
         what = f"lost contact with the other processes ({first_line})"
     run = RunDir(run_dir)
     last = run.checkpoint_path("last")
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
-    nodes = f"--nnodes {processes // local} " if local < processes else ""
-    launch = f"torchrun {nodes}--nproc-per-node {local}"
+    launch, several_nodes = torchrun_launch(processes)
     if not run.is_single():  # the run never wrote its configuration: nothing to resume
         return f"{what}; nothing was saved. Run the same command again ({launch} …)"
     where = (
@@ -475,5 +473,22 @@ def failure_message(error: BaseException, run_dir: Path, processes: int) -> str:
         if last.is_file()
         else "no epoch was complete, so nothing was saved"
     )
-    every = " on every node, as before" if nodes else ""
+    every = " on every node, as before" if several_nodes else ""
     return f"{what}; {where}. Continue with{every}: {launch} -m delrec train --resume {run_dir}"
+
+
+def resume_command(run_dir: Path, processes: int) -> str:
+    """The command that continues ``run_dir`` with ``processes`` processes, launched as this
+    job was."""
+    launch, several_nodes = torchrun_launch(processes)
+    every = " (on every node, as before)" if several_nodes else ""
+    return f"{launch} -m delrec train --resume {run_dir}{every}"
+
+
+def torchrun_launch(processes: int) -> tuple[str, bool]:
+    """The ``torchrun`` prefix that starts ``processes`` processes as this job was started
+    (``--nnodes`` where they span several nodes), and whether they do."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
+    several_nodes = local < processes
+    nodes = f"--nnodes {processes // local} " if several_nodes else ""
+    return f"torchrun {nodes}--nproc-per-node {local}", several_nodes

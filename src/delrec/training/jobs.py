@@ -24,6 +24,7 @@ from delrec.training.distributed import (
     failure_message,
     is_process_failure,
     process_group,
+    resume_command,
     world_size,
 )
 from delrec.training.loop import Trainer, TrainingError, short_schedule_notes
@@ -50,11 +51,14 @@ def train_run(
     max_epochs_this_run: int | None = None,
     dist_backend: str | None = None,
     dist_timeout_s: float = DEFAULT_TIMEOUT_S,
+    hint: bool = True,
 ) -> dict | None:
     """Train one run (a new one in an empty or missing ``run_dir``, chosen by
     :func:`default_run_dir` when ``None``; or, with ``resume``, continue the one there), by
     this process alone or with the others torchrun started. Returns the summary (``None`` on
-    the ranks of a distributed run other than 0)."""
+    the ranks of a distributed run other than 0). ``hint``: a run stopped by
+    ``max_epochs_this_run`` names the command that continues it (not in a seed of
+    ``--parallel``, whose parent names its own)."""
     with process_group(config.device, dist_backend, dist_timeout_s) as dist:
         if run_dir is None:
             run_dir = default_run_dir(config)
@@ -63,7 +67,17 @@ def train_run(
         with _holding(RunDir(run_dir), new=not resume, dist=dist):
             try:
                 trainer = Trainer(config, run_dir, progress=progress, dist=dist)
-                return train_one(trainer, max_epochs_this_run, resume=resume)
+                continue_with = (
+                    f"delrec train --resume {run_dir}"
+                    if dist is None
+                    else resume_command(run_dir, dist.world_size)  # as many processes again
+                )
+                return train_one(
+                    trainer,
+                    max_epochs_this_run,
+                    resume=resume,
+                    continue_with=continue_with if hint else None,
+                )
             except (RuntimeError, Stopped) as error:
                 if (
                     dist is None
@@ -111,10 +125,12 @@ def resume(
     dist_timeout_s: float = DEFAULT_TIMEOUT_S,
     threads: int | None = None,
     num_workers: int | None = None,
+    hint: bool = True,
 ) -> dict | None:
     """Continue the run in ``run_dir`` with its own configuration (a run of several seeds:
     every unfinished seed, ``parallel`` at a time when given); ``device``, ``data_root``,
-    ``threads`` and ``num_workers`` may change (``None``: as before)."""
+    ``threads`` and ``num_workers`` may change (``None``: as before); ``hint`` as for
+    :func:`train_run`."""
     run = RunDir(run_dir)
     config = run.read_config(
         device=device, data_root=data_root, threads=threads, num_workers=num_workers
@@ -130,6 +146,7 @@ def resume(
             max_epochs_this_run=max_epochs_this_run,
             dist_backend=dist_backend,
             dist_timeout_s=dist_timeout_s,
+            hint=hint,
         )
     if world_size() > 1:
         raise ConfigError(
@@ -148,12 +165,12 @@ def train_one(
     trainer: Trainer,
     max_epochs_this_run: int | None = None,
     resume: bool = False,
-    continue_with: Path | None = None,
+    continue_with: str | None = None,
 ) -> dict | None:
     """Train (or continue, with ``resume``) the run of ``trainer``; returns its summary (None
     on the ranks of a distributed run other than 0, which stop after training).
-    ``continue_with``: the run directory a stopped run's hint names to resume (default the
-    trainer's own; a run of several seeds names its parent folder).
+    ``continue_with``: the command that continues a run stopped by ``max_epochs_this_run``,
+    which it then names (``None``: it names none).
     Nothing is written before the trainer exists, i.e. before its data has loaded."""
     config, run_dir, log = trainer.config, trainer.run.path, trainer.log
     if resume:
@@ -189,10 +206,8 @@ def train_one(
         "time_s": round(time.perf_counter() - start, 2),
     }
     if not complete:
-        log(
-            f"stopped after epoch {trainer.state.epoch}/{config.epochs}; continue with "
-            f"`delrec train --resume {continue_with or run_dir}`"
-        )
+        then = f"; continue with `{continue_with}`" if continue_with else ""
+        log(f"stopped after epoch {trainer.state.epoch}/{config.epochs}{then}")
         return summary
     results = trainer.test()
     metric = trainer.objective.metric
@@ -237,7 +252,10 @@ def train_seeds(
                     run.write_seeds(seeds, config)
                 before = len(seed_run.read_metrics())  # epochs it trained in earlier invocations
                 summary = train_one(
-                    trainer, budget, resume=seed_run.is_single(), continue_with=run_dir
+                    trainer,
+                    budget,
+                    resume=seed_run.is_single(),
+                    continue_with=f"delrec train --resume {run_dir}",
                 )
             runs.append(summary)
             if budget is not None:
@@ -287,6 +305,12 @@ def train_seeds_parallel(
                 "runs": runs,
             }
         if any(r["status"] != "complete" for r in runs):
+            complete = sum(r["status"] == "complete" for r in runs)
+            print(
+                f"delrec train: stopped with {complete} of {len(seeds)} seeds complete; "
+                f"continue with `delrec train --resume {run_dir} --parallel {workers}`",
+                file=sys.stderr,
+            )
             return _interrupted(run_dir, seeds, runs)
         return summarize_seeds(config, seeds, run, runs)
 
