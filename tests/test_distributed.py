@@ -359,6 +359,8 @@ def test_parallel_seeds_match_sequential_and_a_failing_seed_is_reported(tmp_path
     assert report["status"] == "failed" and list(report["failed"]) == ["1"]
     assert "corrupt" in report["failed"]["1"]
     assert "seed 1 failed (exit code 2" in captured.err
+    assert f"train that seed again: move {parallel_dir / 'seed-1'} away" in captured.err
+    assert "1 of 2 seeds ended cleanly; once what the errors above name is dealt" in captured.err
     assert [run["seed"] for run in report["runs"]] == [0]
 
 

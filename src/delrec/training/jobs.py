@@ -293,7 +293,8 @@ def train_seeds_parallel(
                     file=sys.stderr,
                 )
             print(
-                f"delrec train: {len(runs)} of {len(seeds)} seeds ended cleanly; continue with "
+                f"delrec train: {len(runs)} of {len(seeds)} seeds ended cleanly; once what "
+                "the errors above name is dealt with, continue with "
                 f"`delrec train --resume {run_dir} --parallel {workers}`",
                 file=sys.stderr,
             )
