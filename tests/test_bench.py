@@ -541,3 +541,22 @@ def test_the_machine_line_names_the_cpu_generation_and_its_vectors():
         assert "AVX-512" in name
     elif "avx2" in flags:
         assert "AVX2" in name
+
+
+def test_the_shd_epoch_counts_the_training_split_of_the_preset(tmp_path, monkeypatch):
+    """The epoch line counted all 8,156 files of shd_train.h5 three times (96 steps of 256),
+    though the preset holds a fifth of them out for validation (77 steps). Checked on a file of
+    40 recordings against the training loader the preset builds."""
+    from test_train_run import write_random_shd
+
+    from delrec import bench_network
+    from delrec.config import resolve
+    from delrec.runs import load_splits
+
+    write_random_shd(tmp_path / "shd_train.h5", 40, seed=1)
+    write_random_shd(tmp_path / "shd_test.h5", 4, seed=2)
+    monkeypatch.setattr(bench_network, "SHD_TRAIN_FILES", 40)
+    config = resolve(task="shd", flags={"data_root": str(tmp_path)})
+    assert len(load_splits(config).datasets["train"]) == bench_network.shd_epoch_items() == 96
+    monkeypatch.setattr(bench_network, "SHD_TRAIN_FILES", 8156)
+    assert bench_network.shd_epoch_items() == 3 * 6525

@@ -49,7 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from delrec import files
 from delrec.bench import Log, cpu_name
-from delrec.data import dataset_info
+from delrec.data import dataset_info, settings_of
 from delrec.layers import DelRec
 from delrec.layers.dropout import Dropout
 from delrec.models import build_network, preset_network, set_feedforward_engine
@@ -87,7 +87,17 @@ def shape_of(task: str) -> Shape:
 QUICK_BATCH = 16
 # the least time of the delrec fused step timed per preset (clock seconds), full and --quick
 MIN_TIMED_S, QUICK_MIN_TIMED_S = 1.0, 0.25
-SHD_EPOCH_ITEMS = 3 * 8156  # SHD's training files, each presented three times (augmentation)
+SHD_TRAIN_FILES = 8156  # recordings in shd_train.h5
+
+
+def shd_epoch_items() -> int:
+    """The items of one SHD training epoch under the preset: the training files the
+    validation split leaves (``data.valid_fraction``), each presented three times
+    (augmentation)."""
+    data = {**settings_of("shd"), **RECIPES["shd"].get("data", {})}
+    held_out = round(data["valid_fraction"] * SHD_TRAIN_FILES)  # as delrec.data.heidelberg
+    return 3 * (SHD_TRAIN_FILES - held_out)
+
 
 COMPONENTS = (
     "GEMMs",
@@ -633,10 +643,11 @@ def run(args) -> int:
         rows.extend(measure(task, args.quick, repeats, clock, log, args.rate))
     if "shd" in presets and not args.quick:
         batch = shape_of("shd").batch
-        steps = -(-SHD_EPOCH_ITEMS // batch)
+        items = shd_epoch_items()
+        steps = -(-items // batch)
         fused, unfused = (_row(rows, "shd", "delrec", e)["step_ms"] for e in ENGINES)
         log(
-            f"\nSHD epoch ({SHD_EPOCH_ITEMS:,} items in {steps} training steps of "
+            f"\nSHD epoch ({items:,} items in {steps} training steps of "
             f"{batch}, delrec): {steps * fused / 1e3:.0f} s fused, "
             f"{steps * unfused / 1e3:.0f} s unfused (training steps only)"
         )
