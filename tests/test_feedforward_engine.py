@@ -8,6 +8,7 @@ the portable vectors that CPUs without AVX-512 run (built without AVX-512 here i
 """
 
 import math
+import re
 import warnings
 
 import pytest
@@ -319,6 +320,28 @@ def test_bad_engine_and_dtype_mix_are_named():
     layer = FeedforwardDelay(2, 2)
     with pytest.raises(TypeError, match="must share one dtype"):
         layer(torch.zeros(3, 1, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("engine", ["reference", *TWO_TAPS])
+@pytest.mark.parametrize(
+    "name, value, problem",
+    [
+        ("bias", torch.full((1,), 0.5), "bias has shape (1,), the layer's is (3,)"),
+        ("position", torch.rand(4) * 4, "position has shape (4,), the layer's is (3, 4)"),
+        ("position", torch.rand(3, 1) * 4, "position has shape (3, 1), the layer's is (3, 4)"),
+        ("weight", torch.rand(1, 4), "weight has shape (1, 4), the layer's is (3, 4)"),
+        ("bias", torch.zeros(3, dtype=torch.float64), "bias is torch.float64, the layer's"),
+    ],
+)
+def test_a_tensor_replaced_by_hand_with_another_shape_or_dtype_is_named(
+    engine, name, value, problem
+):
+    """Some broadcast: a bias of one value ran on the C++ and sparse paths, a row of positions
+    on the reference, each path giving another result; the others failed with bare errors."""
+    layer = FeedforwardDelay(4, 3, 5, engine=engine)
+    setattr(layer, name, torch.nn.Parameter(value))
+    with pytest.raises(ValueError, match=re.escape(f"FeedforwardDelay(4, 3).{problem}")):
+        layer(torch.randn(8, 2, 4))
 
 
 # --------------------------------------------------------------------------- DCLS

@@ -246,6 +246,17 @@ def test_a_tensor_replaced_by_hand_with_another_shape_is_named(delay_type, name,
         layer(torch.zeros(10, 3, 5))
 
 
+@pytest.mark.parametrize("engine", ["auto", "reference"])
+def test_a_tensor_replaced_by_hand_with_another_dtype_is_named(engine):
+    """A float64 delay in a float32 layer ran on the C++ engines and failed on the others
+    with a bare "expected scalar type" error."""
+    layer = DelRec(6, delay_type="synaptic", engine=engine)
+    layer.delay = nn.Parameter(layer.delay.detach().double())
+    expected = re.escape("DelRec(6).delay is torch.float64, the layer's weight torch.float32")
+    with pytest.raises(ValueError, match=expected):
+        layer(torch.randn(10, 2, 6))
+
+
 def test_spikingjelly_node_works_in_the_layer_and_matches_our_lif():
     sj = pytest.importorskip(
         "spikingjelly.activation_based.neuron",

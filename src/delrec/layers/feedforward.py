@@ -160,6 +160,7 @@ class FeedforwardDelay(nn.Module):
                 f"FeedforwardDelay's input ({x.dtype}) and parameters ({self.weight.dtype}) must "
                 "share one dtype; convert the layer or the input with .to(dtype)"
             )
+        self._check_shapes()
         past = self.kernel_size - 1
         if state is not None and (
             not torch.is_tensor(state)
@@ -188,6 +189,27 @@ class FeedforwardDelay(nn.Module):
         if return_state:
             return out, signal[signal.shape[0] - past :].detach().clone()
         return out
+
+    def _check_shapes(self) -> None:
+        """A ValueError for a weight, position or bias replaced by hand with one of another
+        shape or float type (``layer.bias = nn.Parameter(...)``; ``load_state_dict`` checks its
+        own): some broadcast, and the engines disagreed on the result, or failed with a bare
+        error."""
+        o, i = self.out_features, self.in_features
+        expected = {"weight": (o, i), "position": (o, i), "bias": (o,)}
+        for name, shape in expected.items():
+            tensor = getattr(self, name)
+            problem = None
+            if tensor is not None and tuple(tensor.shape) != shape:
+                problem = f"has shape {tuple(tensor.shape)}, the layer's is {shape}"
+            elif tensor is not None and tensor.dtype != self.weight.dtype:
+                problem = f"is {tensor.dtype}, the layer's weight {self.weight.dtype}"
+            if problem:
+                raise ValueError(
+                    f"FeedforwardDelay({i}, {o}).{name} {problem}: a tensor replaced by hand "
+                    "must keep the layer's shape and float type; build a new layer for other "
+                    "sizes, or convert the whole layer with .to(dtype)"
+                )
 
     def _check_values(self, x: Tensor, state: Tensor | None) -> None:
         """Raises a ValueError naming what holds NaN or Inf: the positions, weights, bias, the

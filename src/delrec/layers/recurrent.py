@@ -401,8 +401,9 @@ class DelRec(nn.Module):
 
     def _check_shapes(self) -> None:
         """A ValueError for a tensor of the layer replaced by hand with one of another shape
-        (``layer.weight = nn.Parameter(...)``; ``load_state_dict`` checks its own), which would
-        otherwise fail deep in an engine with a bare broadcast error."""
+        or float type (``layer.weight = nn.Parameter(...)``; ``load_state_dict`` checks its
+        own), which would otherwise fail deep in an engine with a bare broadcast error, or run
+        on one engine and fail on another."""
         n = self.size
         delay = {"axonal": (n,), "synaptic": (n, n), "shared": (1,)}[self.delay_type]
         expected = {"weight": (n, n), "delay": delay, "sigma": (), "spread_logits": (n,)}
@@ -413,6 +414,12 @@ class DelRec(nn.Module):
                     f"DelRec({n}).{name} has shape {tuple(tensor.shape)}, the layer's is {shape} "
                     f"({self.delay_type} delays): a tensor replaced by hand must keep its shape; "
                     "build a new layer for another size"
+                )
+            if tensor is not None and tensor.dtype != self.weight.dtype:
+                raise ValueError(
+                    f"DelRec({n}).{name} is {tensor.dtype}, the layer's weight "
+                    f"{self.weight.dtype}: the layer's tensors share one float type; convert "
+                    "the tensor replaced by hand, or the whole layer with .to(dtype)"
                 )
 
     def _check_values(
