@@ -286,6 +286,11 @@ def test_spikingjelly_node_works_in_the_layer_and_matches_our_lif():
     x = torch.rand(25, 3, 6, dtype=torch.float64) * 1.5
     s_ours, s_theirs = ours(x), theirs(x)
     assert s_ours.sum() > 0 and torch.equal(s_ours, s_theirs)
+    # the node holds no membrane between calls: it kept the last one with its graph, and a
+    # deepcopy of the layer failed ("Only Tensors created explicitly by the user …")
+    assert not torch.is_tensor(theirs.neuron.node.v)
+    copied = copy.deepcopy(theirs)
+    assert torch.equal(copied(x), s_theirs)
     s_ours.sum().backward()
     s_theirs.sum().backward()
     for a, b in zip(ours.parameters(), theirs.parameters()):

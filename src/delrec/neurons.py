@@ -556,7 +556,8 @@ class SpikingJellyNeuron(nn.Module):
     """Adapter: a SpikingJelly single-step neuron node used through the :class:`Neuron` protocol.
 
     The node keeps its membrane in ``node.v``; the adapter sets it from the explicit state
-    before each step and reads it back afterwards, so the node can be used functionally.
+    before each step, reads it back afterwards and resets the node, so the node can be used
+    functionally and holds no tensor (and no autograd graph) between steps.
     """
 
     def __init__(self, node: nn.Module):
@@ -572,7 +573,9 @@ class SpikingJellyNeuron(nn.Module):
     def step(self, u: Tensor, state: State) -> tuple[Tensor, State]:
         self.node.v = state[0]
         s = self.node(u)
-        return s, (self.node.v,)
+        v = self.node.v
+        self.node.reset()  # else the last membrane kept its graph alive (and deepcopy failed)
+        return s, (v,)
 
 
 def as_neuron(neuron: nn.Module) -> nn.Module:
