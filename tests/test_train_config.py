@@ -205,6 +205,8 @@ def test_overrides_file_then_set_then_flags(tmp_path):
         ("epoch=3", "did you mean 'epochs'"),
         ("optim.lrr=1", "unknown setting optim.'lrr'"),
         ("network.dropout=1.5", "dropout must be in [0, 1)"),
+        # every element dropped (keep rounds to 0 in steps of 2^-16), silently
+        ("network.dropout=0.999995", "dropout = 0.999995 drops more than the masks can resolve"),
         ("network.delay_type=bogus", "delay_type must be one of ('axonal', 'synaptic', 'shared')"),
         ("network.readout_tau=0", "readout_tau must be a number of time steps >= 1, got 0"),
         ("network.recurrent_layers=[0,0]", "recurrent_layers [0, 0] names a layer twice"),

@@ -66,13 +66,24 @@ def native(draw: MaskDraw | None, dtype: torch.dtype) -> tuple:
     return NO_MASK if draw is None else draw.native(dtype)
 
 
+MAX_PROBABILITY = 1 - 2**-16  # the masks keep elements with probabilities in steps of 2⁻¹⁶
+
+
 def check_probability(p: float, name: str = "dropout probability") -> float:
     """``p`` as a float, or a ValueError naming ``name`` unless ``0 <= p < 1`` (a NaN fails;
-    a TypeError unless it is a number)."""
+    a TypeError unless it is a number) and at most :data:`MAX_PROBABILITY` (beyond it the
+    rounded probability of keeping an element is 0 or far from ``1 - p``)."""
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"{name} must be a number in [0, 1), got {p!r}")
     if not 0 <= p < 1:
         raise ValueError(f"{name} must be in [0, 1), got {p}")
+    if p > MAX_PROBABILITY:
+        raise ValueError(
+            f"{name} = {p} drops more than the masks can resolve: they keep elements with "
+            f"probabilities in steps of 2^-16, so p must be at most 1 - 2^-16 = "
+            f"{MAX_PROBABILITY:.7f} (beyond it every element was dropped, or the kept ones "
+            "scaled by far more than their rate)"
+        )
     return float(p)
 
 
