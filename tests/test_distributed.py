@@ -226,9 +226,9 @@ def test_two_processes_train_like_one_on_the_whole_batch(tmp_path):
             assert float(row[column]) == pytest.approx(expected[column], rel=1e-6), column
 
 
-def start_ranks(*args: str) -> list[subprocess.Popen]:
+def start_ranks(*args: str, per_rank: tuple[list[str], list[str]] = ([], [])):
     """The two processes of a run started by hand with torchrun's variables (no launcher to
-    stop the others when one dies)."""
+    stop the others when one dies); ``per_rank``: arguments of rank 0 and of rank 1 alone."""
     port = str(free_port())
     return [
         subprocess.Popen(
@@ -242,6 +242,7 @@ def start_ranks(*args: str) -> list[subprocess.Popen]:
                 "--dist-timeout",
                 "30",
                 *args,
+                *per_rank[rank],
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -262,8 +263,8 @@ def start_ranks(*args: str) -> list[subprocess.Popen]:
 
 
 @contextmanager
-def ranks_started(*args: str):
-    processes = start_ranks(*args)
+def ranks_started(*args: str, per_rank: tuple[list[str], list[str]] = ([], [])):
+    processes = start_ranks(*args, per_rank=per_rank)
     try:
         yield processes
     finally:
@@ -271,6 +272,26 @@ def ranks_started(*args: str):
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
+
+
+def test_processes_started_with_different_settings_stop_before_training(tmp_path):
+    """Ranks started with another seed trained as one network on two recipes without a word;
+    with other epoch counts or --max-epochs-this-run one waited out --dist-timeout for the
+    other. Every rank now stops at once (exit code 2), naming what differs."""
+    run_dir = tmp_path / "run"
+    settings = ["--task", "digits-8x8", "--epochs", "2", "--run-dir", str(run_dir), *TINY_SETS]
+    per_rank = (["--seed", "0"], ["--seed", "1", "--max-epochs-this-run", "1"])
+    with ranks_started(*settings, per_rank=per_rank) as processes:
+        outputs = finished(processes)
+    for rank, (process, (_, err)) in enumerate(zip(processes, outputs)):
+        assert process.returncode == 2, err[-3000:]
+        assert f"[rank {rank}] torchrun's processes were started with different settings" in err
+        assert "seed: 0 in rank 0, 1 in rank 1" in err
+        assert "--max-epochs-this-run None in rank 0, 1 in rank 1" in err
+    assert not run_dir.exists()
+
+
+TINY_SETS = ["--set", "max_train_samples=64", "network.hidden_sizes=[8]", "--no-progress"]
 
 
 def test_a_killed_process_stops_the_run_and_resume_continues_it(tmp_path):

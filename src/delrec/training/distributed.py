@@ -301,6 +301,12 @@ class DataParallel:
         dist.broadcast_object_list(values, src=0)
         return values[0]
 
+    def gather(self, value) -> list:
+        """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
     # ------------------------------------------------------------------ every batch
     def begin_step(self, loader: DataLoader, step: int, frames: Tensor) -> tuple[Tensor, float]:
         """Enter batch ``step`` of ``loader``: pad ``frames`` in time to the whole batch's

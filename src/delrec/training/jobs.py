@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from delrec.config import ConfigError, TrainConfig
+from delrec.config import ConfigError, TrainConfig, differences
 from delrec.runs import RunDir, RunError
 from delrec.training.distributed import (
     DEFAULT_TIMEOUT_S,
@@ -60,6 +60,8 @@ def train_run(
     ``max_epochs_this_run`` names the command that continues it (not in a seed of
     ``--parallel``, whose parent names its own)."""
     with process_group(config.device, dist_backend, dist_timeout_s) as dist:
+        if dist is not None:
+            _check_same_command(dist, config, max_epochs_this_run)
         if run_dir is None:
             run_dir = default_run_dir(config)
             if dist is not None:
@@ -86,6 +88,25 @@ def train_run(
                 ):
                     raise
                 raise TrainingError(failure_message(error, run_dir, dist.world_size)) from None
+
+
+def _check_same_command(dist, config: TrainConfig, max_epochs_this_run: int | None) -> None:
+    """A ConfigError on every rank when torchrun's processes were started with different
+    settings (a config file or flag that differs between nodes): the ranks would train as one
+    network on different recipes, or one would wait for another that stopped earlier. Where a
+    process runs (device, data root, threads, workers) may differ."""
+    settings = dist.gather((config.to_dict(), max_epochs_this_run))
+    first, first_limit = settings[0]
+    for rank, (values, limit) in enumerate(settings[1:], start=1):
+        differ = [differences(first, values, "rank 0", f"rank {rank}")]
+        if limit != first_limit:
+            differ.append(f"--max-epochs-this-run {first_limit} in rank 0, {limit} in rank {rank}")
+        if any(differ):
+            raise ConfigError(
+                f"torchrun's processes were started with different settings "
+                f"({', '.join(filter(None, differ))}): start every process with the same "
+                "command and configuration"
+            )
 
 
 @contextlib.contextmanager
