@@ -488,6 +488,12 @@ def test_launch_mistakes_are_refused(tmp_path, capsys, monkeypatch):
     assert "without torchrun" in capsys.readouterr().err
     assert main(["train", "--device", "cpu", "--dist-backend", "nccl"]) == 2
     assert "use --dist-backend gloo" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_code:  # it said "not available in this torch build"
+        main(["train", "--dist-backend", "GLOO"])
+    assert exit_code.value.code == 2
+    assert "--dist-backend: invalid choice: 'GLOO'" in capsys.readouterr().err
+    assert main(["train", "--print-config"]) == 0  # rank 1 of 2: rank 0 alone prints it
+    assert capsys.readouterr().out == ""
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

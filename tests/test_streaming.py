@@ -2,6 +2,7 @@
 the compiled loop and the PyTorch-op paths all give ``net.eval()``'s spikes and outputs."""
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -191,6 +192,15 @@ def test_an_empty_chunk_changes_nothing(compiled):
     assert state.t == 5 and all(
         torch.equal(a, b) for a, b in zip(_tensors(state), _tensors(before))
     )
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 4), (5, 0, 4), (5, 2, 4, 1)])
+def test_run_names_an_empty_or_misshapen_sequence(shape):
+    """An input without batch items said "batch_size must be a whole number >= 1, got 0",
+    an argument the caller never gave."""
+    stream = StreamingNetwork.from_network(network())
+    with pytest.raises(ValueError, match=re.escape(f"with T > 0 and B > 0, got {shape}")):
+        stream.run(torch.zeros(shape, dtype=torch.float64))
 
 
 def test_a_state_of_another_stream_or_dtype_is_refused():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--dist-backend",
-        metavar="NAME",
+        choices=["gloo", "nccl", "mpi"],
         help="under torchrun: torch.distributed backend (default nccl on CUDA, gloo on the CPU)",
     )
     parser.add_argument(
@@ -187,7 +188,8 @@ def _train(args: argparse.Namespace, notes: bool = True) -> dict | None:
     for note in ignored_notes(config, given):
         print(note, file=sys.stderr)
     if args.print_config:
-        print(json.dumps(config.to_dict(), indent=2))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+            print(json.dumps(config.to_dict(), indent=2))
         return None
     if seeds is None:
         return jobs.train_run(

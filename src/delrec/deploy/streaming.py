@@ -592,10 +592,10 @@ class StreamingNetwork(nn.Module):
         unbatched = x.dim() == 2
         if unbatched:
             x = x.unsqueeze(1)
-        if x.dim() != 3 or x.shape[0] == 0:
+        if x.dim() != 3 or x.shape[0] == 0 or x.shape[1] == 0:
             raise ValueError(
-                f"expected a time-major sequence (T, B, {self.input_size}) with T > 0, "
-                f"got {tuple(x.shape)}"
+                f"expected a time-major sequence (T, B, {self.input_size}) with T > 0 and "
+                f"B > 0, got {tuple(x.shape)}"
             )
         out, spikes = self.advance(x, self.initial_state(x.shape[1]))
         if unbatched:
