@@ -1561,6 +1561,7 @@ def test_a_process_group_that_cannot_form_is_reported(tmp_path, monkeypatch, cap
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "the 2 processes did not all join within 2 s" in err and "Traceback" not in err, err
+    assert "with a --dist-timeout above 2 s if the processes start further apart" in err
     assert not (tmp_path / "run").exists()
 
 

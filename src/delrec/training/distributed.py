@@ -444,7 +444,8 @@ def _join(backend: str, world: int, timeout_s: float) -> None:
             f"the {world} processes did not all join within {timeout_s:g} s ({first}); check "
             f"that every rank started, that MASTER_ADDR {address} is the master (rank 0) and "
             f"reachable, and that MASTER_PORT {port} is free there, then run the same command "
-            "again"
+            f"again (with a --dist-timeout above {timeout_s:g} s if the processes start further "
+            "apart)"
         ) from None
 
 
