@@ -129,6 +129,75 @@ def test_cache_is_used_and_follows_the_source(shd_dir, monkeypatch):
     assert len(list((shd_dir / "cache").iterdir())) == 2
 
 
+def test_a_cache_follows_content_that_keeps_size_and_time(shd_dir, tmp_path):
+    """The cache was keyed by the file's size and modification time only: relabelled in place
+    with its time restored (as `cp -p`, rsync and tar keep it), or another folder's file of
+    the same size and time sharing a cache folder, served the old labels."""
+    source = shd_dir / "shd_test.h5"
+    cache = tmp_path / "cache"
+    before = load_dataset("shd", split="test", root=shd_dir, cache_dir=cache).labels.copy()
+    stat = source.stat()
+    with h5py.File(source, "r+") as h5:
+        h5["labels"][...] = 19 - h5["labels"][()]
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert source.stat().st_size == stat.st_size
+    after = load_dataset("shd", split="test", root=shd_dir, cache_dir=cache).labels
+    np.testing.assert_array_equal(after, 19 - before)
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "shd_test.h5").write_bytes(source.read_bytes())
+    with h5py.File(other / "shd_test.h5", "r+") as h5:
+        h5["labels"][...] = np.zeros_like(h5["labels"][()])
+    os.utime(other / "shd_test.h5", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    theirs = load_dataset("shd", split="test", root=other, cache_dir=cache).labels
+    assert not theirs.any()
+    mine = load_dataset("shd", split="test", root=shd_dir, cache_dir=cache).labels
+    np.testing.assert_array_equal(mine, 19 - before)
+
+
+@pytest.mark.parametrize(
+    "samples, labels, problem",
+    [
+        ([([0.01], [65536 + 3])], [0], "the unit ids of sample 0 must be whole numbers"),
+        ([([0.01], [3.9])], [0], "the unit ids of sample 0 must be whole numbers"),
+        ([([0.01], [-1])], [0], "the unit ids of sample 0 must be whole numbers"),
+        ([([0.01], [3])], [65536 + 4], "labels must be whole numbers in 0…65535"),
+        ([([0.01], [3])], [3.7], "labels must be whole numbers in 0…65535"),
+    ],
+)
+def test_the_writer_refuses_ids_and_labels_a_cast_would_change(tmp_path, samples, labels, problem):
+    """Stored as uint16, 65539 became 3, 3.9 became 3 and -1 became 65535, without a word."""
+    with pytest.raises(ValueError, match=problem):
+        write_heidelberg(tmp_path / "shd_test.h5", samples, labels)
+    assert not (tmp_path / "shd_test.h5").exists()
+
+
+def test_bin_widths_and_values_the_binning_cannot_read_as_given_are_named(tmp_path):
+    """dt_ms=0.0015 binned by 2 µs and 0.0006 (below the stated minimum) by 1 µs; a complex
+    time read as its real part; a uint64 unit id of 2⁶⁴-1 was reported as -1."""
+    for dt_ms, problem in [
+        (0.0015, "dt_ms=0.0015 is not a whole number of microseconds"),
+        (0.0006, "dt_ms=0.0006 must be between 0.001 and"),
+    ]:
+        with pytest.raises(DataError, match=problem):
+            heidelberg.Binning(dt_ms, None)
+    heidelberg.Binning(0.003, None)  # 3 µs
+    heidelberg.Binning(5.6, 250)
+    for name, dtype, values, problem in [
+        ("spikes/times", np.complex64, [0.01 + 3j], r"must hold real floats \(seconds\)"),
+        ("spikes/units", np.uint64, [2**64 - 1], "unit id 18446744073709551615, outside 0…699"),
+    ]:
+        path = tmp_path / "shd_test.h5"
+        write_heidelberg(path, [([0.01], [3])], [0])
+        with h5py.File(path, "r+") as h5:
+            del h5[name]
+            data = h5.create_dataset(name, (1,), dtype=h5py.vlen_dtype(np.dtype(dtype)))
+            data[0] = np.asarray(values, dtype=dtype)
+        with pytest.raises(DataError, match=problem):
+            load_dataset("shd", split="test", root=tmp_path, cache_dir=tmp_path / name[7:])
+
+
 def test_a_source_replaced_while_it_is_parsed_is_parsed_again_next_time(shd_dir, monkeypatch):
     """`data download` replaces a file by a rename: the cache of the old file, parsed while
     the new one arrived, carries the old file's stamp, so the next load parses the new one."""
@@ -148,25 +217,33 @@ def test_a_source_replaced_while_it_is_parsed_is_parsed_again_next_time(shd_dir,
 
 
 @pytest.mark.parametrize(
-    "task, message",
+    "task, longest, message",
     [
         (
             "ssc",
-            r"ssc_test.h5: \d+% of the spikes fall after the last of the 250 bins of 5.6 ms "
-            r"\(1.4 s; the latest spike is at 8\d\d.*read in seconds",
+            0.9,
+            r"ssc_test.h5: the latest spike is at 8\d\d.*, while SSC recordings last about a "
+            r"second: spike times are read in seconds",
         ),
         (
             "shd",
+            0.9,
             r"spans \d+ bins of 10.0 ms, more than 65535 \(its last spike at 8\d\d.*in seconds",
+        ),
+        (  # 60,000 bins of mostly nothing: under the bin limit, so it loaded without a word
+            "shd",
+            0.6,
+            r"shd_test.h5: the latest spike is at 5\d\d.*, while SHD recordings last about a "
+            r"second: spike times are read in seconds, so convert times in ms",
         ),
     ],
 )
-def test_spike_times_not_in_seconds_are_refused(tmp_path, task, message):
-    """Times in milliseconds put every spike after SSC's last bin (and SHD's samples beyond
-    65535 bins): refused, naming seconds, where SSC's binning dropped them and trained on
-    empty frames."""
-    ms = [(np.sort(t) * 1000, u) for t, u in random_samples(6, seed=3)]
-    write_heidelberg(tmp_path / f"{task}_test.h5", ms, [0] * 6)
+def test_spike_times_not_in_seconds_are_refused(tmp_path, task, longest, message):
+    """Times in milliseconds put every spike after SSC's last bin, or SHD's samples beyond
+    65535 bins or at tens of thousands of nearly empty ones: refused, naming seconds, where
+    SSC's binning dropped them and trained on empty frames."""
+    samples = random_samples(6, seed=3, max_time=longest)
+    write_heidelberg(tmp_path / f"{task}_test.h5", [(t * 1000, u) for t, u in samples], [0] * 6)
     with pytest.raises(DataError, match=message):
         load_dataset(task, split="test", root=tmp_path)
 

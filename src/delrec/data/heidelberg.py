@@ -18,6 +18,8 @@ an hour old (another process may still be writing a younger one: the cache is sh
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -33,6 +35,8 @@ from .errors import DataError
 NUM_UNITS = 700
 MAX_DT_MS = 1e6  # 1000 s: one bin longer than any recording
 CACHE_VERSION = 2  # 2: ``empty`` counts the samples left without a spike by the binning
+# a spike later than this is not a time in seconds of SHD or SSC (recordings of about 1 s)
+MAX_SPIKE_TIME_S = 30.0
 _CHUNK = 1024  # samples parsed per HDF5 read, bounds the memory used while binning
 
 
@@ -46,9 +50,15 @@ class Binning:
     group: int = 5
 
     def __post_init__(self):
-        if not 0.0005 <= self.dt_ms <= MAX_DT_MS or self.dt_us < 1:
+        if not 0.001 <= self.dt_ms <= MAX_DT_MS:
             raise DataError(
                 f"bin width dt_ms={self.dt_ms} must be between 0.001 and {MAX_DT_MS:g} ms"
+            )
+        if not math.isclose(self.dt_ms * 1000, self.dt_us, rel_tol=1e-9):
+            raise DataError(
+                f"bin width dt_ms={self.dt_ms} is not a whole number of microseconds, the "
+                f"resolution of the binning (it would bin by {self.dt_us / 1000:g} ms): give "
+                "dt_ms in steps of 0.001"
             )
         if self.steps is not None and not 0 < self.steps < 2**16:
             raise DataError(f"steps={self.steps} must be between 1 and 65535 (or None)")
@@ -85,8 +95,15 @@ def bin_spikes(
     sizes = np.array([len(t) for t in times], dtype=np.int64)
     n = len(sizes)
     t_all = np.concatenate(times).astype(np.float64) if n else np.zeros(0)
-    u_all = np.concatenate(units).astype(np.int64) if n else np.zeros(0, np.int64)
+    u_raw = np.concatenate(units) if n else np.zeros(0, np.int64)
     sample = np.repeat(np.arange(n), sizes)
+    bad = u_raw >= NUM_UNITS  # before the cast: a uint64 id above 2⁶³ would read negative
+    if bad.any():
+        raise ValueError(
+            f"sample {sample[bad.argmax()]} has unit id {u_raw[bad.argmax()]}, "
+            f"outside 0…{NUM_UNITS - 1}"
+        )
+    u_all = u_raw.astype(np.int64)
     bad = ~((t_all >= 0) & (t_all < np.inf))
     if bad.any():
         raise ValueError(
@@ -213,6 +230,13 @@ def parse_file(
             f"{path}: labels must be integers in 0…{num_classes - 1} for "
             f"{dataset.upper()}, found values in {labels.min()}…{labels.max()}: {fix}"
         )
+    if latest > MAX_SPIKE_TIME_S:
+        raise DataError(
+            f"{path}: the latest spike is at {latest:g}, while {dataset.upper()} recordings "
+            f"last about a second: spike times are read in seconds, so convert times in ms or "
+            f"µs (a file of recordings longer than {MAX_SPIKE_TIME_S:g} s is not one of these "
+            "data sets)"
+        )
     arrays = _concat_chunks(chunks)
     dropped = spikes - int(arrays["counts"].sum(dtype=np.int64))
     if binning.steps is not None and dropped > spikes / 2:
@@ -247,7 +271,7 @@ def _check_layout(h5, path: Path, dataset: str, fix: str) -> None:
                 f"{path}: '{key}' must be a 1-D dataset, one entry per sample; found {found}: {fix}"
             )
     for key, kinds, what in (
-        ("spikes/times", "fc", "floats (seconds)"),
+        ("spikes/times", "f", "real floats (seconds)"),
         ("spikes/units", "iu", "integers (channel ids)"),
     ):
         base = h5py.check_vlen_dtype(h5[key].dtype)
@@ -275,10 +299,16 @@ def write_heidelberg(
     """Write spike trains in the Heidelberg HDF5 layout (for synthetic data and tests).
 
     ``samples``: one ``(times in s, unit ids 0…699)`` pair of 1-D arrays per sample;
-    ``labels``: ``(N,)`` class ids; ``extra``: metadata arrays stored under ``extra/``.
+    ``labels``: ``(N,)`` class ids; ``extra``: metadata arrays stored under ``extra/``. Unit
+    ids and labels must be whole numbers in 0…65535 (they are stored as uint16); a ValueError
+    names one that is not, before anything is written.
     """
     import h5py
 
+    labels = _whole_numbers(labels, "labels")
+    samples = [
+        (t, _whole_numbers(u, f"the unit ids of sample {i}")) for i, (t, u) in enumerate(samples)
+    ]
     with h5py.File(path, "w") as f:
         times = f.create_dataset(
             "spikes/times", (len(samples),), dtype=h5py.vlen_dtype(np.dtype(time_dtype))
@@ -294,9 +324,39 @@ def write_heidelberg(
             f.create_dataset(f"extra/{name}", data=values)
 
 
+def _whole_numbers(values, what: str) -> np.ndarray:
+    """``values`` as uint16, or a ValueError unless they are whole numbers in 0…65535 (a cast
+    would wrap 65539 to 3 and cut 3.9 to 3)."""
+    array = np.asarray(values)
+    if array.size and (
+        array.dtype.kind not in "iuf"
+        or not np.all(np.isfinite(array))
+        or not np.all(array == np.round(array))
+        or array.min() < 0
+        or array.max() > 65535
+    ):
+        raise ValueError(f"{what} must be whole numbers in 0…65535, got {array}")
+    return array.astype(np.uint16)
+
+
 def _source_stamp(path: Path) -> np.ndarray:
+    """What a cache was made from: the file's size and modification time, and a digest of its
+    resolved path, labels and first and last spike times. A copy that keeps size and time
+    (``cp -p``, rsync, tar), or another folder's file of the same size and time sharing a
+    cache folder, then differs."""
+    import h5py
+
     st = path.stat()
-    return np.array([st.st_size, st.st_mtime_ns], dtype=np.int64)
+    digest = hashlib.sha256(str(path.resolve()).encode())
+    try:
+        with h5py.File(path, "r", locking=False) as h5:
+            times = h5["spikes/times"]
+            for array in (h5["labels"][()], *(times[[0, -1]] if len(times) else ())):
+                digest.update(np.ascontiguousarray(array).tobytes())
+    except (OSError, KeyError, TypeError, ValueError):
+        pass  # an unreadable file: parsing it reports what is wrong
+    content = int.from_bytes(digest.digest()[:8], "little", signed=True)
+    return np.array([st.st_size, st.st_mtime_ns, content], dtype=np.int64)
 
 
 def _write_cache(target: Path, arrays: dict[str, np.ndarray]) -> None:
