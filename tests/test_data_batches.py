@@ -166,6 +166,19 @@ def test_augmentation_works_through_the_loader(shd_train):
     assert all(b.frames.shape[0] == int(b.lengths.max()) for b in batches)
 
 
+def test_augmentation_refuses_what_would_make_empty_or_cut_items(shd_train):
+    """thin_p=0 made every blend an all-zero frame with a label; a negative seed failed in
+    numpy on the first access; intensities were cut to whole numbers by the blend."""
+    with pytest.raises(DataError, match="0 < thin_p <= 1 .*0 would make every blend empty"):
+        TripleAugmented(shd_train, thin_p=0.0)
+    with pytest.raises(DataError, match="seed must be a whole number >= 0, got -1"):
+        TripleAugmented(shd_train, seed=-1)
+    images = TripleAugmented(load_dataset("digits-8x8", split="train"))
+    assert torch.equal(images[0][0], images.base[0][0])  # the originals pass as they are
+    with pytest.raises(DataError, match="takes spike counts, and item 0 of the data set"):
+        images[len(images.base)]
+
+
 class _SignalledInWorker(torch.utils.data.Dataset):
     """Items 0…7; a loader worker sends itself Ctrl-C and SIGTERM while it fetches item 0,
     as a terminal or a scheduler signals the whole process group."""

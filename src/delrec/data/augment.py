@@ -6,7 +6,7 @@ with another sample of its class.
   ``-max_shift…max_shift`` bins; spikes moved outside ``0…T-1`` are dropped (T unchanged).
 - blend: the two samples are placed so that their centres of mass in time (count-weighted
   mean bin) coincide (to the nearest bin), each is thinned binomially (every spike kept with
-  probability ``thin_p``) and the two are added; T grows to hold both, except where the data
+  probability ``thin_p`` > 0) and the two are added; T grows to hold both, except where the data
   set has a fixed number of steps (SSC): there the blend keeps it, and spikes after the last
   step are dropped, as the binning drops them.
 
@@ -16,6 +16,8 @@ only on those three numbers, so it is the same in any worker and any order; call
 """
 
 from __future__ import annotations
+
+import numbers
 
 import numpy as np
 import torch
@@ -67,11 +69,14 @@ class TripleAugmented(Dataset):
     """
 
     def __init__(self, base: Dataset, max_shift: int = 100, thin_p: float = 0.5, seed: int = 0):
-        if max_shift < 0 or not 0.0 <= thin_p <= 1.0:
+        if max_shift < 0 or not 0.0 < thin_p <= 1.0:
             raise DataError(
-                f"augmentation needs max_shift >= 0 and 0 <= thin_p <= 1, got "
+                f"augmentation needs max_shift >= 0 and 0 < thin_p <= 1 (the probability of "
+                f"keeping a spike in a blend; 0 would make every blend empty), got "
                 f"max_shift={max_shift}, thin_p={thin_p}"
             )
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise DataError(f"augmentation seed must be a whole number >= 0, got {seed!r}")
         self.base = base
         self.max_shift = max_shift
         self.thin_p = thin_p
@@ -103,6 +108,11 @@ class TripleAugmented(Dataset):
         frames, label = self.base[i]
         if view == 0:
             return frames, label
+        if not torch.equal(frames, frames.round()):  # blends and shifts move whole spikes
+            raise DataError(
+                f"augmentation takes spike counts, and item {i} of the data set holds values "
+                "that are not whole numbers (intensities?): augment spike data only"
+            )
         rng = np.random.default_rng([self.seed, self.epoch, index])
         peers = self._same_class[int(label)]
         if view == 2 and len(peers) > 1:
