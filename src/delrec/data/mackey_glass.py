@@ -26,6 +26,8 @@ from .errors import DataError
 
 SPLIT_FRACTIONS = {"train": (0.0, 0.6), "valid": (0.6, 0.8), "test": (0.8, 1.0)}
 SIZE_SETTINGS = ("tau", "horizon", "window", "samples", "n", "dt", "discard")  # check_mackey_glass
+# windows each split holds at least: the NMSE divides by the variance of a split's targets
+MIN_WINDOWS = 2
 MAX_VALUES = 10**8  # integration steps, and window values of a split: 800 MB as float64
 
 
@@ -126,16 +128,16 @@ def check_mackey_glass(
     tau: float, horizon: int, window: int, samples: int, n: int, dt: float, discard: float
 ) -> None:
     """A DataError for sizes the series or its windows cannot have (nothing is integrated):
-    every split must hold at least one window with its target, and none more than
-    ``MAX_VALUES`` values. The arguments are :func:`load_mackey_glass`'s."""
+    every split must hold at least :data:`MIN_WINDOWS` windows with their targets, and none
+    more than ``MAX_VALUES`` values. The arguments are :func:`load_mackey_glass`'s."""
     _integration_steps(samples, tau, n, dt, discard, 1.0)
     if window < 1 or horizon < 1:
         raise DataError(f"Mackey-Glass: window={window} and horizon={horizon} must be >= 1")
     for split, count in _window_count(samples, window, horizon).items():
-        if count < 1:
+        if count < MIN_WINDOWS:
             shortest = min(hi - lo for lo, hi in SPLIT_FRACTIONS.values())
-            need = max(samples + 1, int((window + horizon - 1) / shortest) - 2)
-            while min(_window_count(need, window, horizon).values()) < 1:
+            need = max(samples + 1, int((window + horizon) / shortest) - 2)
+            while min(_window_count(need, window, horizon).values()) < MIN_WINDOWS:
                 need += 1
             try:
                 _integration_steps(need, tau, n, dt, discard, 1.0)
@@ -144,8 +146,9 @@ def check_mackey_glass(
                 fix = "use a shorter window or horizon"
             raise DataError(
                 f"Mackey-Glass: the {split} segment of samples={samples} has "
-                f"{count + window + horizon - 1} samples, too few for window={window} plus "
-                f"horizon={horizon}: {fix}"
+                f"{count + window + horizon - 1} samples, too few for {MIN_WINDOWS} "
+                f"windows of window={window} plus horizon={horizon} (the NMSE divides by the "
+                f"variance of a split's targets, which one window does not have): {fix}"
             )
         if count * window > MAX_VALUES:
             raise DataError(
