@@ -3,11 +3,14 @@
 import csv
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 
+from delrec.analysis.compare import Row, unlabelled_differences
 from delrec.analysis.sweeps import rate_points
 from delrec.cli import main
+from delrec.config import resolve
 from delrec.training.evaluation import evaluate_run
 
 TINY = ["--epochs", "1", "--set", "max_train_samples=32"]
@@ -221,6 +224,30 @@ def test_compare_groups_seeds_and_single_runs_of_one_configuration(tmp_path, cap
     assert (tmp_path / "t.pdf").read_bytes()[:5] == b"%PDF-"
     assert main([*single, str(tmp_path / "t.txt")]) == 2
     assert "give a file name ending in .png, .pdf, .svg" in capsys.readouterr().err
+
+
+def test_compare_names_settings_the_rows_differ_in_beyond_their_models():
+    """Four models trained with a cosine schedule and DelRec with the preset's one-cycle one
+    were ranked in one table labelled by model alone. What a preset sets per model (the
+    vanilla RSNN's gradient clipping) and what the labels show are no such difference."""
+
+    def row(model, label, shown=(), **changes):
+        overrides = [f"{key}={value}" for key, value in changes.items()]
+        config = resolve(task="shd", model=model, overrides=overrides).to_dict()
+        return Row(label, [SimpleNamespace(config=config)], shown)
+
+    assert unlabelled_differences([row("delrec", "DelRec"), row("rsnn", "RSNN")]) == []
+    cosine = {"optim.scheduler": "cosine"}
+    rows = [row("fixed", "Fixed", **cosine), row("rsnn", "RSNN", **cosine), row("delrec", "DelRec")]
+    assert unlabelled_differences(rows) == [
+        'optim.scheduler: "cosine" in Fixed, RSNN; "onecycle" in DelRec'
+    ]
+    assert unlabelled_differences([row("fixed", "F", **cosine), row("rsnn", "R", **cosine)]) == []
+    sizes = {"network.hidden_sizes": "[8,8]"}
+    shown = ("network.hidden_sizes",)  # a sweep of sizes: the labels name them
+    assert (
+        unlabelled_differences([row("delrec", "D (8)", shown, **sizes), row("delrec", "D")]) == []
+    )
 
 
 def test_compare_names_what_is_not_a_finished_run(tmp_path, capsys):

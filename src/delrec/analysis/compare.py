@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from delrec import files
-from delrec.config import differences, flat_settings
+from delrec.config import differences, flat_settings, preset
 from delrec.models import VARIANTS, count_parameters
 from delrec.runs import METRICS, RESULTS, RunDir, RunError, load_trained
 from delrec.training.evaluation import evaluate_run
@@ -69,6 +69,7 @@ class Row:
 
     label: str
     runs: list[SeedRun]
+    shown: tuple[str, ...] = ()  # the settings its label names (they tell the model's rows apart)
 
     @property
     def model(self) -> str:
@@ -200,9 +201,36 @@ def group_runs(runs: list[SeedRun]) -> list[Row]:
         label = VARIANTS[model].label
         if varying:
             label += " (" + ", ".join(f"{k.split('.')[-1]}={mine[k]}" for k in varying) + ")"
-        rows.append(Row(label, members))
+        rows.append(Row(label, members, tuple(varying)))
     better_is_lower = rows and rows[0].metric == "nmse"
     return sorted(rows, key=lambda row: row.stats("rounded")[0], reverse=bool(better_is_lower))
+
+
+def unlabelled_differences(rows: list[Row]) -> list[str]:
+    """The settings in which the rows differ beyond their models and their labels, each as
+    ``'optim.scheduler: "cosine" in A, B; "onecycle" in C'``: a setting some row changed from
+    its model's preset for the task (:func:`delrec.config.preset`; a preset's own differences
+    between models are part of the models) that not every row holds at the same value. The
+    ranking then compares those settings too."""
+    values, changed = [], set()
+    for row in rows:
+        config = row.runs[0].config
+        mine = _setting_items(config)
+        base = _setting_items(preset(config["task"], config["model"]).to_dict())
+        changed |= {key for key, value in mine.items() if base.get(key) != value}
+        values.append(mine)
+    shown = {key for row in rows for key in row.shown}
+    notes = []
+    for key in sorted(changed - shown):
+        seen: dict[str, list[str]] = {}
+        for row, mine in zip(rows, values):
+            seen.setdefault(mine.get(key, "nothing"), []).append(row.label)  # JSON text
+        if len(seen) > 1:
+            notes.append(
+                f"{key}: "
+                + "; ".join(f"{value} in {', '.join(labels)}" for value, labels in seen.items())
+            )
+    return notes
 
 
 def compare(

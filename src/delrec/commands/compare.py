@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from delrec import files
@@ -62,5 +63,12 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)  # also with --rounded-only, which runs nothing on it
     rows = compare.compare(args.run_dirs, not args.rounded_only, args.device, args.data_root)
     print(compare.format_markdown(rows))
+    unlabelled = compare.unlabelled_differences(rows)
+    if unlabelled:
+        print(
+            "note: the rows differ in more than their models and labels, so the ranking "
+            f"compares these settings too: {' | '.join(unlabelled)}",
+            file=sys.stderr,
+        )
     compare.write_outputs(rows, args.markdown, args.csv, args.figure, args.x)
     return 0
