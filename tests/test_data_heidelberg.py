@@ -143,6 +143,12 @@ def test_a_cache_follows_content_that_keeps_size_and_time(shd_dir, tmp_path):
     assert source.stat().st_size == stat.st_size
     after = load_dataset("shd", split="test", root=shd_dir, cache_dir=cache).labels
     np.testing.assert_array_equal(after, 19 - before)
+    first = load_dataset("shd", split="test", root=shd_dir, cache_dir=cache)[0][0]
+    with h5py.File(source, "r+") as h5:  # the first sample's spikes a step later, same size
+        h5["spikes/times"][0] = h5["spikes/times"][0] + np.float32(0.01)
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    moved = load_dataset("shd", split="test", root=shd_dir, cache_dir=cache)[0][0]
+    assert moved.shape[0] == first.shape[0] + 1 and torch.equal(moved[1:], first)
 
     other = tmp_path / "other"
     other.mkdir()

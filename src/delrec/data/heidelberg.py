@@ -351,7 +351,8 @@ def _source_stamp(path: Path) -> np.ndarray:
     try:
         with h5py.File(path, "r", locking=False) as h5:
             times = h5["spikes/times"]
-            for array in (h5["labels"][()], *(times[[0, -1]] if len(times) else ())):
+            ends = sorted({0, len(times) - 1}) if len(times) else []
+            for array in (h5["labels"][()], *(times[index] for index in ends)):
                 digest.update(np.ascontiguousarray(array).tobytes())
     except (OSError, KeyError, TypeError, ValueError):
         pass  # an unreadable file: parsing it reports what is wrong
