@@ -310,3 +310,20 @@ def test_an_empty_data_variable_means_the_default_folder(monkeypatch, tmp_path):
     assert data_root() == Path("data")
     monkeypatch.setenv("DELREC_DATA", str(tmp_path))
     assert data_root() == tmp_path
+
+
+def test_a_folder_that_cannot_be_made_is_named_before_any_transfer(tmp_path, monkeypatch, capsys):
+    """`--to /proc/x` (a file system where nothing can be made) ended in a bare
+    "[Errno 2] No such file or directory", exit code 1 (a failure at run time)."""
+    real_mkdir = Path.mkdir
+
+    def refused(self, *args, **kwargs):
+        if self == tmp_path / "x":
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    assert delrec_main(["data", "download", "shd", "--to", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot put shd in {tmp_path / 'x'}: the folder cannot be made (No such file" in err
+    assert "give --to a folder you can write" in err

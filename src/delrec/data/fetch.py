@@ -308,7 +308,13 @@ def download(
     blocking = file_in_the_way(to)
     if blocking is not None:
         raise DataError(f"cannot put {name} in {to}: {blocking} is a file, not a folder")
-    to.mkdir(parents=True, exist_ok=True)
+    try:
+        to.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a read-only or special file system (/proc), no permission
+        raise DataError(
+            f"cannot put {name} in {to}: the folder cannot be made ({error.strerror or error}); "
+            "give --to a folder you can write"
+        ) from None
 
     def wait(holder: str) -> None:
         print(f"note: {holder} is downloading into {to}; waiting for it", file=sys.stderr)
