@@ -14,6 +14,7 @@ and run files edited to unusable values (the CLI audit).
 from __future__ import annotations
 
 import builtins
+import errno
 import gzip
 import hashlib
 import json
@@ -1744,8 +1745,18 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(
     assert f"-o {tmp_path / 'new' / 'report' / 'hardware_report.json'} cannot be written" in err
     assert f"this user may not write into {tmp_path}; give another path" in err, err
     monkeypatch.undo()
+
+    def read_only(*args, dir=None, **kwargs):  # what /proc or a read-only mount answers
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr("delrec.commands.tempfile.mkstemp", read_only)
+    assert main(["report", run, "-o", str(tmp_path / "new" / "report")]) == 2
+    err = capsys.readouterr().err  # the permission bits allowed it: failed after the work
+    assert f"no file can be made in {tmp_path} (Read-only file system)" in err, err
+    monkeypatch.undo()
     assert main(["report", run, "-o", str(tmp_path / "new" / "report")]) == 0  # folders made
     assert (tmp_path / "new" / "report" / "hardware_report.json").is_file()
+    assert not list(tmp_path.glob(".delrec-probe-*"))  # the probe leaves nothing
 
 
 @pytest.mark.parametrize(

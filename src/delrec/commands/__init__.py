@@ -23,6 +23,7 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -186,6 +187,12 @@ def unwritable(path: Path) -> str | None:
     folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"this user may not write into {folder}"
+    try:  # what the permission bits do not tell: a read-only or special file system (/proc)
+        descriptor, probe = tempfile.mkstemp(prefix=".delrec-probe-", dir=folder)
+    except OSError as error:
+        return f"no file can be made in {folder} ({error.strerror or error})"
+    os.close(descriptor)
+    os.unlink(probe)
     return None
 
 
