@@ -9,7 +9,7 @@ from engine_harness import assert_grad_close
 from torch import nn
 
 from delrec.layers import DelRec, clamp_delays, set_spread
-from delrec.neurons import LIF, ATan
+from delrec.neurons import LIF, ATan, as_neuron
 
 
 def pulse(T, B, N, events, dtype=torch.float64):
@@ -255,6 +255,24 @@ def test_a_tensor_replaced_by_hand_with_another_dtype_is_named(engine):
     expected = re.escape("DelRec(6).delay is torch.float64, the layer's weight torch.float32")
     with pytest.raises(ValueError, match=expected):
         layer(torch.randn(10, 2, 6))
+
+
+def test_an_adaptive_spikingjelly_node_keeps_its_adaptation_between_steps():
+    """Resetting the whole node after each step (to drop the membrane's graph) also zeroed an
+    adaptive node's w: an Izhikevich node then fired 80 spikes instead of 56."""
+    sj = pytest.importorskip(
+        "spikingjelly.activation_based.neuron",
+        reason="optional dependency spikingjelly is not installed",
+    )
+    node = sj.IzhikevichNode(tau=2.0, v_c=0.8, a0=1.0, v_threshold=1.0, a=1.0, b=0.1, tau_w=10.0)
+    neuron = as_neuron(node)
+    u = torch.full((1, 4), 2.0)
+    state, total = neuron.initial_state(u), 0.0
+    for _ in range(40):
+        spikes, state = neuron.step(u, state)
+        total += float(spikes.sum())
+    assert total == 56 and torch.allclose(node.w, torch.full((1, 4), 1.0984), atol=1e-4)
+    assert not torch.is_tensor(node.v)  # the membrane itself is handed back, not kept
 
 
 def test_spikingjelly_node_works_in_the_layer_and_matches_our_lif():

@@ -556,8 +556,9 @@ class SpikingJellyNeuron(nn.Module):
     """Adapter: a SpikingJelly single-step neuron node used through the :class:`Neuron` protocol.
 
     The node keeps its membrane in ``node.v``; the adapter sets it from the explicit state
-    before each step, reads it back afterwards and resets the node, so the node can be used
-    functionally and holds no tensor (and no autograd graph) between steps.
+    before each step, reads it back afterwards and sets it back to its initial value, so the
+    node can be used functionally and holds no membrane (and its autograd graph) between
+    steps. Other state of the node (an adaptive node's ``w``) stays in the node, as before.
     """
 
     def __init__(self, node: nn.Module):
@@ -574,7 +575,9 @@ class SpikingJellyNeuron(nn.Module):
         self.node.v = state[0]
         s = self.node(u)
         v = self.node.v
-        self.node.reset()  # else the last membrane kept its graph alive (and deepcopy failed)
+        # back to its initial value (else the last membrane kept its graph alive, and a deepcopy
+        # of the layer failed); only v: an adaptive node keeps its other state between steps
+        self.node.v = self.node.v_reset if self.node.v_reset is not None else 0.0
         return s, (v,)
 
 
