@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -127,6 +128,20 @@ def test_cache_is_used_and_follows_the_source(shd_dir, monkeypatch):
     assert label == 5 and frames[25, 4] == 1
     load_dataset("shd", split="test", root=shd_dir, dt_ms=5.0)
     assert len(list((shd_dir / "cache").iterdir())) == 2
+
+
+def test_a_copy_of_the_data_folder_keeps_using_its_cache(shd_dir, tmp_path, monkeypatch):
+    """`cp -a` of the data folder to a node's local disk: its cache still applies (a stamp
+    holding the file's path made every job parse SSC again)."""
+    load_dataset("shd", split="test", root=shd_dir)  # writes shd_dir/cache
+    copy = tmp_path / "copy"
+    shutil.copytree(shd_dir, copy)  # copy2: times kept
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("parsed the HDF5 file again")
+
+    monkeypatch.setattr(heidelberg, "parse_file", no_parse)
+    assert load_dataset("shd", split="test", root=copy)[1][1] == 19
 
 
 def test_a_cache_follows_content_that_keeps_size_and_time(shd_dir, tmp_path):

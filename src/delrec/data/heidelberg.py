@@ -34,7 +34,9 @@ from .errors import DataError
 
 NUM_UNITS = 700
 MAX_DT_MS = 1e6  # 1000 s: one bin longer than any recording
-CACHE_VERSION = 2  # 2: ``empty`` counts the samples left without a spike by the binning
+# 2: ``empty`` counts the samples left without a spike by the binning; 3: the source stamp
+# holds a digest of the file's content (another version's caches keep their own files)
+CACHE_VERSION = 3
 # a spike later than this is not a time in seconds of SHD or SSC (recordings of about 1 s)
 MAX_SPIKE_TIME_S = 30.0
 _CHUNK = 1024  # samples parsed per HDF5 read, bounds the memory used while binning
@@ -341,13 +343,13 @@ def _whole_numbers(values, what: str) -> np.ndarray:
 
 def _source_stamp(path: Path) -> np.ndarray:
     """What a cache was made from: the file's size and modification time, and a digest of its
-    resolved path, labels and first and last spike times. A copy that keeps size and time
-    (``cp -p``, rsync, tar), or another folder's file of the same size and time sharing a
-    cache folder, then differs."""
+    labels and first and last spike times. A file changed in place with its size and time
+    kept (``cp -p``, rsync, tar), or another folder's file of the same size and time sharing a
+    cache folder, then differs; a copy of the data folder with its cache does not."""
     import h5py
 
     st = path.stat()
-    digest = hashlib.sha256(str(path.resolve()).encode())
+    digest = hashlib.sha256()
     try:
         with h5py.File(path, "r", locking=False) as h5:
             times = h5["spikes/times"]
