@@ -172,7 +172,7 @@ def test_gradient_and_spectral_settings_are_checked_and_a_silent_network_has_no_
         (["gradients", "--gain", "1e300"], "--gain must be finite and at most 1e+06"),
         (["gradients", "--surrogate-scale", "-1"], "--surrogate-scale must be >= 1e-06"),
         (["gradients", "--surrogate-scale", "1e200"], "--surrogate-scale must be finite and"),
-        (["gradients", "--seed", "-1"], "--seed must be in 0…4294967295, got -1"),
+        (["gradients", "--seed", "-1"], "--seed must be in 0…9223372036854775807, got -1"),
         (["gradients", "--seed", str(10**23)], "--seed must be in 0…"),
         (["gradients", "--steps", "100000", "--size", "4096", "--batch", "4096"], "GB of memory"),
         (["spectral", "--a", "nan", "--b", "1"], "--a must be a finite number"),

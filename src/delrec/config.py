@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from delrec.data import DataError, dataset_info, settings_of
-from delrec.data.registry import MAX_SEED, is_seed, needs_files
+from delrec.data.registry import MAX_RUN_SEED, MAX_SEED, is_seed, needs_files
 from delrec.delays import MAX_DELAY, parse_init
 from delrec.models import MODELS, VARIANTS, NetworkConfig
 from delrec.recipes import RECIPES
@@ -218,7 +218,19 @@ def resolve(
     base = preset(task, model).to_dict()
     config = _build(TrainConfig, _merge(base, layered), "")
     validate(config)
+    check_new_seed(config.seed)
     return config
+
+
+def check_new_seed(seed: int) -> None:
+    """A ConfigError for the seed of a new run beyond :data:`MAX_RUN_SEED`, which torch's
+    generators would read as ``seed mod 2**32`` (a run written before with one stays usable)."""
+    if seed > MAX_RUN_SEED:
+        raise ConfigError(
+            f"seed {seed} is beyond {MAX_RUN_SEED}: torch's generators keep a seed's low 32 "
+            f"bits, so the run would initialise, shuffle and drop out as seed "
+            f"{seed % 2**32}; give a seed in 0…{MAX_RUN_SEED}"
+        )
 
 
 def given_settings(

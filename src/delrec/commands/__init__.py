@@ -32,7 +32,7 @@ import torch
 from delrec.analysis.compare import CompareError
 from delrec.analysis.sweeps import SweepError
 from delrec.checkpoint import CheckpointError
-from delrec.config import MAX_SEED, ConfigError, is_seed
+from delrec.config import MAX_SEED, ConfigError, check_new_seed, is_seed
 from delrec.data import DataError, DownloadError
 from delrec.deploy import NIRExportError
 from delrec.files import file_in_the_way
@@ -256,4 +256,6 @@ def parse_seeds(spec: str) -> list[int]:
         raise UsageError(f"--seeds expects a list like 0-4 or 0,3,7, got {spec!r}") from None
     if not seeds or not all(map(is_seed, seeds)) or len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds {spec!r} must name distinct seeds, each in 0…{MAX_SEED}")
+    for seed in seeds:
+        check_new_seed(seed)
     return seeds

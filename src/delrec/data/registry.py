@@ -68,9 +68,10 @@ def settings_of(name: str) -> dict[str, object]:
     }
 
 
-# the largest seed that seeds torch's generators as itself: they keep its low 32 bits, so
-# 2**32 would train exactly as seed 0 (numpy's take any 64-bit seed)
-MAX_SEED = 2**32 - 1
+MAX_SEED = 2**63 - 1  # the largest seed numpy's and torch's generators both take
+# the largest seed of a new run: torch's generators keep a seed's low 32 bits, so a larger one
+# initialises, shuffles and drops out as seed mod 2**32 (runs written before stay usable)
+MAX_RUN_SEED = 2**32 - 1
 
 
 def is_seed(value) -> bool:

@@ -25,7 +25,13 @@ from tqdm import tqdm
 
 from delrec import cpu
 from delrec.checkpoint import CheckpointError, network_payload, unusable
-from delrec.config import ConfigError, TrainConfig, differences, resolve_device
+from delrec.config import (
+    ConfigError,
+    TrainConfig,
+    check_new_seed,
+    differences,
+    resolve_device,
+)
 from delrec.data.core import sample_digest
 from delrec.delays import spread_schedule
 from delrec.layers import DelRec, FeedforwardDelay, clamp_delays, delay_parameters, set_spread
@@ -479,6 +485,8 @@ class Trainer:
                 "overwrite; give another run directory, or continue that run: call "
                 "restore() before fit()"
             )
+        if not self._run_is_ours:
+            check_new_seed(self.config.seed)
         self._run_is_ours = True  # a later fit() continues it
         self.write_config()
         config, state = self.config, self.state
