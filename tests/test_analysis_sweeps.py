@@ -245,9 +245,13 @@ def test_compare_names_settings_the_rows_differ_in_beyond_their_models():
     assert unlabelled_differences([row("fixed", "F", **cosine), row("rsnn", "R", **cosine)]) == []
     sizes = {"network.hidden_sizes": "[8,8]"}
     shown = ("network.hidden_sizes",)  # a sweep of sizes: the labels name them
-    assert (
-        unlabelled_differences([row("delrec", "D (8)", shown, **sizes), row("delrec", "D")]) == []
-    )
+    swept = [row("delrec", "D (8)", shown, **sizes), row("delrec", "D (256)", shown)]
+    assert unlabelled_differences(swept) == []
+    # labelled among DelRec's rows, but the SNN row's own value is in no label
+    rates = [row("delrec", f"D (lr={lr})", ("optim.lr",), **{"optim.lr": lr}) for lr in (1, 2)]
+    assert unlabelled_differences([*rates, row("snn", "SNN", **{"optim.lr": 5})]) == [
+        "optim.lr: 1.0 in D (lr=1); 2.0 in D (lr=2); 5.0 in SNN"
+    ]
 
 
 def test_compare_names_what_is_not_a_finished_run(tmp_path, capsys):

@@ -291,6 +291,22 @@ def test_processes_started_with_different_settings_stop_before_training(tmp_path
     assert not run_dir.exists()
 
 
+def test_ranks_may_differ_in_where_they_run_and_cache_data():
+    """A per-node cache folder (`--set data.cache_dir=$TMPDIR/cache`) stopped every rank."""
+    from delrec.config import resolve
+    from delrec.training.jobs import _check_same_command, launch_settings
+
+    def ranks(mine, theirs):  # rank 1 started with `theirs`
+        return SimpleNamespace(gather=lambda value: [value, launch_settings(theirs, None)])
+
+    base = resolve(task="shd")
+    here = resolve(task="shd", overrides=["data.cache_dir=/local/a", "threads=2"])
+    _check_same_command(ranks(base, here), base, None)
+    other = resolve(task="shd", flags={"seed": 3})
+    with pytest.raises(ConfigError, match="seed: 0 in rank 0, 3 in rank 1"):
+        _check_same_command(ranks(base, other), base, None)
+
+
 TINY_SETS = ["--set", "max_train_samples=64", "network.hidden_sizes=[8]", "--no-progress"]
 
 

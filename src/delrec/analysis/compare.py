@@ -210,8 +210,8 @@ def unlabelled_differences(rows: list[Row]) -> list[str]:
     """The settings in which the rows differ beyond their models and their labels, each as
     ``'optim.scheduler: "cosine" in A, B; "onecycle" in C'``: a setting some row changed from
     its model's preset for the task (:func:`delrec.config.preset`; a preset's own differences
-    between models are part of the models) that not every row holds at the same value. The
-    ranking then compares those settings too."""
+    between models are part of the models) in which a row whose label does not show it differs
+    from another row. The ranking then compares those settings too."""
     values, changed = [], set()
     for row in rows:
         config = row.runs[0].config
@@ -219,13 +219,15 @@ def unlabelled_differences(rows: list[Row]) -> list[str]:
         base = _setting_items(preset(config["task"], config["model"]).to_dict())
         changed |= {key for key, value in mine.items() if base.get(key) != value}
         values.append(mine)
-    shown = {key for row in rows for key in row.shown}
     notes = []
-    for key in sorted(changed - shown):
+    for key in sorted(changed):
         seen: dict[str, list[str]] = {}
         for row, mine in zip(rows, values):
             seen.setdefault(mine.get(key, "nothing"), []).append(row.label)  # JSON text
-        if len(seen) > 1:
+        unlabelled = {
+            mine.get(key, "nothing") for row, mine in zip(rows, values) if key not in row.shown
+        }
+        if len(seen) > 1 and unlabelled:
             notes.append(
                 f"{key}: "
                 + "; ".join(f"{value} in {', '.join(labels)}" for value, labels in seen.items())

@@ -94,8 +94,8 @@ def _check_same_command(dist, config: TrainConfig, max_epochs_this_run: int | No
     """A ConfigError on every rank when torchrun's processes were started with different
     settings (a config file or flag that differs between nodes): the ranks would train as one
     network on different recipes, or one would wait for another that stopped earlier. Where a
-    process runs (device, data root, threads, workers) may differ."""
-    settings = dist.gather((config.to_dict(), max_epochs_this_run))
+    process runs (device, data root and cache folder, threads, workers) may differ."""
+    settings = dist.gather(launch_settings(config, max_epochs_this_run))
     first, first_limit = settings[0]
     for rank, (values, limit) in enumerate(settings[1:], start=1):
         differ = [differences(first, values, "rank 0", f"rank {rank}")]
@@ -107,6 +107,14 @@ def _check_same_command(dist, config: TrainConfig, max_epochs_this_run: int | No
                 f"({', '.join(filter(None, differ))}): start every process with the same "
                 "command and configuration"
             )
+
+
+def launch_settings(config: TrainConfig, max_epochs_this_run: int | None) -> tuple:
+    """What every torchrun process must be started with: the configuration (less the data
+    cache folder, a node's local disk, say) and ``max_epochs_this_run``."""
+    values = config.to_dict()
+    values["data"].pop("cache_dir", None)
+    return values, max_epochs_this_run
 
 
 @contextlib.contextmanager
