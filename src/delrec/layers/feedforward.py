@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from delrec.delays import MAX_DELAY, DelayLimitWarning, check_max_delay, clamp_initial
 from delrec.engine import feedforward as engines
 from delrec.layers.precision import own_precision
-from delrec.layers.sizes import check_size
+from delrec.layers.sizes import check_size, check_tensor_shapes
 
 INITS = ("uniform-sqrt6", "torch")
 
@@ -192,24 +192,17 @@ class FeedforwardDelay(nn.Module):
 
     def _check_shapes(self) -> None:
         """A ValueError for a weight, position or bias replaced by hand with one of another
-        shape or float type (``layer.bias = nn.Parameter(...)``; ``load_state_dict`` checks its
-        own): some broadcast, and the engines disagreed on the result, or failed with a bare
-        error."""
+        shape or float type (:func:`~delrec.layers.sizes.check_tensor_shapes`)."""
         o, i = self.out_features, self.in_features
-        expected = {"weight": (o, i), "position": (o, i), "bias": (o,)}
-        for name, shape in expected.items():
-            tensor = getattr(self, name)
-            problem = None
-            if tensor is not None and tuple(tensor.shape) != shape:
-                problem = f"has shape {tuple(tensor.shape)}, the layer's is {shape}"
-            elif tensor is not None and tensor.dtype != self.weight.dtype:
-                problem = f"is {tensor.dtype}, the layer's weight {self.weight.dtype}"
-            if problem:
-                raise ValueError(
-                    f"FeedforwardDelay({i}, {o}).{name} {problem}: a tensor replaced by hand "
-                    "must keep the layer's shape and float type; build a new layer for other "
-                    "sizes, or convert the whole layer with .to(dtype)"
-                )
+        check_tensor_shapes(
+            f"FeedforwardDelay({i}, {o})",
+            {
+                "weight": (self.weight, (o, i)),
+                "position": (self.position, (o, i)),
+                "bias": (self.bias, (o,)),
+            },
+            self.weight.dtype,
+        )
 
     def _check_values(self, x: Tensor, state: Tensor | None) -> None:
         """Raises a ValueError naming what holds NaN or Inf: the positions, weights, bias, the

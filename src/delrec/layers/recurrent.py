@@ -23,7 +23,7 @@ from delrec.engine.dropout import MaskDraw, check_probability
 from delrec.engine.lif import LIFMap
 from delrec.engine.state import history_length
 from delrec.layers.precision import own_precision
-from delrec.layers.sizes import check_size, is_whole_number
+from delrec.layers.sizes import check_size, check_tensor_shapes, is_whole_number
 from delrec.neurons import LIF, as_neuron, check_state, refuse_nonfinite
 
 
@@ -401,26 +401,16 @@ class DelRec(nn.Module):
 
     def _check_shapes(self) -> None:
         """A ValueError for a tensor of the layer replaced by hand with one of another shape
-        or float type (``layer.weight = nn.Parameter(...)``; ``load_state_dict`` checks its
-        own), which would otherwise fail deep in an engine with a bare broadcast error, or run
-        on one engine and fail on another."""
+        or float type (:func:`~delrec.layers.sizes.check_tensor_shapes`)."""
         n = self.size
         delay = {"axonal": (n,), "synaptic": (n, n), "shared": (1,)}[self.delay_type]
-        expected = {"weight": (n, n), "delay": delay, "sigma": (), "spread_logits": (n,)}
-        for name, shape in expected.items():
-            tensor = getattr(self, name)
-            if tensor is not None and tuple(tensor.shape) != shape:
-                raise ValueError(
-                    f"DelRec({n}).{name} has shape {tuple(tensor.shape)}, the layer's is {shape} "
-                    f"({self.delay_type} delays): a tensor replaced by hand must keep its shape; "
-                    "build a new layer for another size"
-                )
-            if tensor is not None and tensor.dtype != self.weight.dtype:
-                raise ValueError(
-                    f"DelRec({n}).{name} is {tensor.dtype}, the layer's weight "
-                    f"{self.weight.dtype}: the layer's tensors share one float type; convert "
-                    "the tensor replaced by hand, or the whole layer with .to(dtype)"
-                )
+        shapes = {"weight": (n, n), "delay": delay, "sigma": (), "spread_logits": (n,)}
+        check_tensor_shapes(
+            f"DelRec({n})",
+            {name: (getattr(self, name), shape) for name, shape in shapes.items()},
+            self.weight.dtype,
+            f" ({self.delay_type} delays)",
+        )
 
     def _check_values(
         self, current: Tensor, state: DelRecState | None, mask: Tensor | None
