@@ -468,3 +468,26 @@ def test_a_state_whose_history_the_grown_delays_outreach_is_refused():
     _, short = DelRec(8, delay_init=1.0).double()(current[:2], return_state=True)
     assert short.steps == 2 and short.spikes.shape[0] == 2
     layer(current[2:], short)  # it holds the whole sequence so far
+
+
+@pytest.mark.parametrize("delay_type", ["axonal", "synaptic", "shared"])
+def test_a_state_made_in_eval_continues_in_training(delay_type):
+    """Warm up in eval (integer delays), then train on the rest of the sequence: the eval state
+    keeps as many steps of spikes as the training kernels reach (σ > 0, a delay rounded down),
+    so training continues from it, with the spikes the reference loop gives from that state.
+    The eval state used to keep only the integer delays' reach and was refused."""
+    torch.manual_seed(1)
+    layer = DelRec(6, delay_type=delay_type, delay_init="uniform:0:4", sigma=3.0).double()
+    current = torch.rand(30, 2, 6, dtype=torch.float64) * 2
+    layer.eval()
+    with torch.no_grad():
+        warm, state = layer(current[:20], return_state=True)
+    reach = math.ceil(float(layer.delay.detach().max()) + 1 + 1 + 3.0)  # the spread kernel's L - 1
+    assert state.spikes.shape[0] >= min(20, reach)
+    assert torch.equal(state.spikes, warm[20 - state.spikes.shape[0] :])
+    layer.train()
+    fast = layer(current[20:], state)
+    reference = DelRec(6, delay_type=delay_type, delay_init=0.0, sigma=3.0, engine="reference")
+    reference = reference.double()
+    reference.load_state_dict(layer.state_dict())
+    assert torch.equal(fast, reference(current[20:], state))

@@ -117,6 +117,20 @@ def test_delay_parameters_are_what_trains_at_the_position_rate(model):
     assert parameter_groups(network)["positions"] == delay_parameters(network)
 
 
+def test_delay_parameters_include_delays_frozen_for_a_warm_up():
+    """An optimizer split made while the delays are frozen (``requires_grad_(False)``, a
+    warm-up of the weights) keeps them out of the weights' group, as docs/layer.md splits it:
+    once unfrozen they train at the delays' rate, without weight decay."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), DelRec(8, delay_init="uniform:0:6"))
+    net[1].delay.requires_grad_(False)
+    delays = delay_parameters(net)
+    weights = [p for p in net.parameters() if not any(p is d for d in delays)]
+    assert any(p is net[1].delay for p in delays)
+    assert not any(p is net[1].delay for p in weights)
+    fixed = DelRec(8, delay_init=2.0, learn_delays=False)
+    assert delay_parameters(fixed) == []
+
+
 def test_shd_preset_network_and_augmentation():
     config = preset("shd")
     net = config.network

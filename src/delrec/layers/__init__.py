@@ -28,16 +28,19 @@ def clamp_delays(model: nn.Module) -> None:
 
 
 def delay_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable delay parameters of ``model``, in module order: each DelRec layer's
-    delays and spread logits, each FeedforwardDelay's positions (usually trained at a higher
-    learning rate than the weights, without weight decay)."""
+    """The delay parameters that ``model`` learns, in module order: the delays and spread
+    logits of each DelRec layer built with ``learn_delays=True``, each FeedforwardDelay's
+    positions (usually trained at a higher learning rate than the weights, without weight
+    decay). Also those frozen for now with ``requires_grad_(False)`` (a warm-up of the
+    weights): an optimizer split made while they are frozen keeps them out of the weights'
+    group, and an optimizer skips them while they have no gradient."""
     found = []
     for module in model.modules():
-        if isinstance(module, DelRec):
+        if isinstance(module, DelRec) and module.learn_delays:
             found += [p for p in (module.delay, module.spread_logits) if p is not None]
         elif isinstance(module, FeedforwardDelay):
             found.append(module.position)
-    return [p for p in found if isinstance(p, nn.Parameter) and p.requires_grad]
+    return [p for p in found if isinstance(p, nn.Parameter)]
 
 
 def rounding_layers(model: nn.Module) -> list[nn.Module]:

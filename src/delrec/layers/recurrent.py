@@ -21,7 +21,7 @@ from delrec.engine import (
 )
 from delrec.engine.dropout import MaskDraw, check_probability
 from delrec.engine.lif import LIFMap
-from delrec.engine.state import history_length
+from delrec.engine.state import history_length, kept_history, next_history
 from delrec.layers.precision import own_precision
 from delrec.layers.sizes import check_size, check_tensor_shapes, is_whole_number
 from delrec.neurons import LIF, as_neuron, check_state, refuse_nonfinite
@@ -72,7 +72,9 @@ class DelRec(nn.Module):
       delays above it are clamped to it with a
       :class:`~delrec.delays.DelayLimitWarning`, and :meth:`clamp_delays_` keeps the
       delays in ``[0, max_delay]``.
-    - ``learn_delays``: train the delays (False freezes them).
+    - ``learn_delays``: train the delays; False freezes them and runs them sharp (σ = 0,
+      untouched by :func:`~delrec.layers.set_spread`). Freezing the parameter by hand
+      instead (``delay.requires_grad_(False)``, a warm-up) keeps the spread σ.
     - ``round_init``: round the initial delays to integers (the fixed-random-delay baseline).
     - ``learn_spread``: learn a per-neuron spread logit ``p`` (``w = 1 + 2σ·sigmoid(p)``);
       otherwise every kernel has half-width ``w = 1 + σ``.
@@ -299,6 +301,8 @@ class DelRec(nn.Module):
         spikes, final = path.run(
             current, self.weight, delay, width, self.neuron, applied, state=start, **options
         )
+        if self.uses_integer_delays and self.learn_delays:
+            final = self._training_history(start, spikes, final)
         if behind is not None:
             spikes = fused.dropped(spikes, behind)
         spikes = spikes.squeeze(1) if unbatched else spikes
@@ -308,6 +312,20 @@ class DelRec(nn.Module):
         before = 0 if state is None else state.steps
         seen = None if before is None else before + current.shape[0]
         return spikes, DelRecState(neuron_state, final.spikes, mask, seen)
+
+    def _training_history(
+        self, start: RecurrentState, spikes: Tensor, final: RecurrentState
+    ) -> RecurrentState:
+        """``final`` with as many steps of spikes as a training forward would keep: a state made
+        in eval mode (integer delays reach less far back than the spread kernels) can then
+        continue the sequence in training. ``spikes``: the chunk's ``(T, B, N)``."""
+        training_width = delay_fns.spread_width(float(self.sigma), self.spread_logits)
+        delay = self.delay.expand(self.size) if self.delay_type == "shared" else self.delay
+        reach = history_length(delay, training_width)
+        length = kept_history(start.spikes, spikes.shape[0], reach)
+        if length <= final.spikes.shape[0]:
+            return final
+        return final._replace(spikes=next_history(start.spikes, spikes, length))
 
     def _check_history(self, state: DelRecState, delay: Tensor, width) -> None:
         """A ValueError when ``state`` kept fewer steps of spikes than the delays now reach
