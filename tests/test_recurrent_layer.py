@@ -434,3 +434,53 @@ def test_autocast_leaves_every_engine_in_the_layers_dtype(engine):
         assert mixed.dtype == half.dtype == torch.float32
         assert torch.equal(mixed, plain) and torch.equal(mixed_grad, grad)
         assert torch.equal(half, layer(x.bfloat16().float()))
+
+
+def test_torch_func_transforms_fail_as_layer_md_says():
+    """docs/layer.md names the errors of ``torch.func`` transforms; they stay as it says."""
+    layer = DelRec(4, delay_init="uniform:0:3")
+    x = torch.randn(5, 2, 4)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda c: layer(c).sum())(x)
+    with pytest.raises(RuntimeError, match="data-dependent control flow"):
+        torch.func.vmap(layer, in_dims=1, out_dims=1)(x)
+
+
+def test_delays_given_as_a_tensor_and_a_size_given_as_one():
+    """``delay_init`` takes the delays themselves as a tensor of the layer's delay shape; a size
+    given as a tensor is named as such (both were "unknown"/"not a whole number" alone)."""
+    layer = DelRec(4, delay_init=torch.tensor([0.0, 1.5, 2, 3]))
+    assert torch.equal(layer.delay.detach(), torch.tensor([0.0, 1.5, 2, 3]))
+    synaptic = torch.rand(3, 3) * 5
+    layer = DelRec(3, delay_type="synaptic", delay_init=synaptic)
+    assert torch.equal(layer.delay.detach(), synaptic)
+    with pytest.raises(ValueError, match=r"tensor of shape \(3,\), but the layer's delays are"):
+        DelRec(4, delay_init=torch.tensor([0.0, 1, 2]))
+    with pytest.raises(ValueError, match="out of range"):
+        DelRec(2, delay_init=torch.tensor([0.0, float("nan")]))
+    with pytest.raises(ValueError, match=r"a Python int: int\(\.\.\.\) of the tensor"):
+        DelRec(torch.tensor(4))
+
+
+def test_warnings_name_the_line_that_called_the_layer():
+    """A warning raised inside a forward, a constructor or a load names the user's line, not
+    torch's ``Module.__call__`` or a line of delrec (``delrec.user_warnings``)."""
+    from delrec.layers import FeedforwardDelay
+
+    layer = DelRec(4, delay_init=1.0)
+    with torch.no_grad():
+        layer.delay.fill_(-0.5)
+    feedforward = FeedforwardDelay(3, 3, kernel_size=5)
+    saved = feedforward.state_dict()
+    saved["position"] = saved["position"] + 10
+    calls = {
+        "forward": lambda: layer(torch.randn(5, 2, 4)),
+        "constructor": lambda: DelRec(4, delay_init=9.0, max_delay=3),
+        "load_state_dict": lambda: feedforward.load_state_dict(saved),
+    }
+    for name, call in calls.items():
+        with pytest.warns(Warning) as record:
+            call()
+        delay_warnings = [w for w in record if "delay" in w.category.__name__.lower()]
+        assert delay_warnings, name
+        assert all(w.filename == __file__ for w in delay_warnings), (name, delay_warnings)

@@ -491,3 +491,17 @@ def test_a_state_made_in_eval_continues_in_training(delay_type):
     reference = reference.double()
     reference.load_state_dict(layer.state_dict())
     assert torch.equal(fast, reference(current[20:], state))
+
+
+def test_a_feedforward_delay_layer_takes_one_sequence_like_delrec():
+    """``(T, I)`` in, ``(T, O)`` out, its state batched with ``B = 1``, as DelRec does; it used
+    to be refused."""
+    torch.manual_seed(0)
+    layer = FeedforwardDelay(4, 3, kernel_size=5).double()
+    x = torch.randn(12, 4, dtype=torch.float64)
+    assert torch.equal(layer(x), layer(x[:, None])[:, 0])
+    head, state = layer(x[:7], return_state=True)
+    assert state.shape == (4, 1, 4)
+    assert torch.equal(torch.cat([head, layer(x[7:], state)]), layer(x))
+    with pytest.raises(ValueError, match=r"expects \(T, B, 4\) or \(T, 4\), got \(12, 5\)"):
+        layer(torch.randn(12, 5, dtype=torch.float64))

@@ -32,9 +32,10 @@ import math
 import os
 import platform
 import sys
-import warnings
 
 import torch
+
+from delrec import user_warnings
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_MAX = -4
@@ -113,13 +114,12 @@ def flush_denormals() -> bool:
     # thread): a worker that keeps subnormals leaves non-zero bits
     if not _subnormals_kept(threads * 65536):
         return True
-    warnings.warn(
+    user_warnings.warn(
         "delrec: subnormal floats are flushed on this thread but not on all of PyTorch's "
         "worker threads, which started before delrec.cpu.flush_denormals() was called; call "
         "it (or delrec.cpu.configure()) at the start of the script, before the first "
         "multi-threaded operation, or train with one thread",
         RuntimeWarning,
-        stacklevel=2,
     )
     return False
 
@@ -154,7 +154,7 @@ def warn_if_subnormals_kept() -> None:
         return  # PyTorch flushes them on x86 only: nothing to advise elsewhere
     if not _subnormals_kept(1):  # on this thread alone
         return
-    warnings.warn(
+    user_warnings.warn(
         "delrec: this thread keeps subnormal floats, which cost a microcode assist in every "
         "multiply-add that reads them; a training step whose gradients underflow (the PS-MNIST "
         "network's) then runs several times as long (2.8-5.4 times in delrec bench --network "
@@ -163,5 +163,4 @@ def warn_if_subnormals_kept() -> None:
         "delrec.training do), or silence this with warnings.filterwarnings('ignore', "
         "category=delrec.cpu.SubnormalWarning)",
         SubnormalWarning,
-        stacklevel=2,
     )

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from delrec import user_warnings
 
 DelayInit = Callable[[tuple[int, ...], torch.Generator | None], Tensor]
 
@@ -81,11 +82,10 @@ def clamp_initial(values: Tensor, max_delay: int | None, what: str, advice: str)
         return values
     above = int((values > max_delay).sum())
     if above:
-        warnings.warn(
+        user_warnings.warn(
             f"{what}: {above} of {values.numel()} initial delays were above max_delay = "
             f"{max_delay} steps and start at {max_delay}; {advice}",
             DelayLimitWarning,
-            stacklevel=3,
         )
     return values.clamp(max=max_delay)
 
@@ -217,17 +217,37 @@ def constant(value: float) -> DelayInit:
     return init
 
 
-def parse_init(spec: str | float | DelayInit) -> DelayInit:
-    """Initialiser from a spec: a callable, a number, ``"uniform:A:B"`` or ``"half_normal:S"``."""
+def given(values: Tensor) -> DelayInit:
+    """The delays ``values`` themselves, steps: a tensor of the layer's delay shape (a copy)."""
+    values = values.detach().to(torch.float64).clone()
+
+    def init(shape, generator=None):
+        if tuple(values.shape) != tuple(shape):
+            raise ValueError(
+                f"delay init tensor of shape {tuple(values.shape)}, but the layer's delays "
+                f"are {tuple(shape)}"
+            )
+        return values.clone()
+
+    init.description = f"given{tuple(values.shape)}"
+    return init
+
+
+def parse_init(spec: str | float | Tensor | DelayInit) -> DelayInit:
+    """Initialiser from a spec: a callable, a number, a tensor of the delays,
+    ``"uniform:A:B"`` or ``"half_normal:S"``."""
     if callable(spec):
         return spec
+    if torch.is_tensor(spec):
+        return given(spec)
     if isinstance(spec, (int, float)):
         return constant(spec)
     name, *args = str(spec).split(":")
     makers = {"uniform": uniform, "half_normal": half_normal, "constant": constant}
     if name not in makers:
         raise ValueError(
-            f"unknown delay init {spec!r}; use 'uniform:LOW:HIGH', 'half_normal:STD' or a number"
+            f"unknown delay init {spec!r}; use 'uniform:LOW:HIGH', 'half_normal:STD', a number "
+            "or a tensor of the delays"
         )
     try:
         numbers = [float(a) for a in args]

@@ -29,11 +29,12 @@ import sys
 import sysconfig
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from delrec import user_warnings
 
 SOURCES = Path(__file__).parent / "csrc"
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]  # OpenMP: at::parallel_for
@@ -160,13 +161,12 @@ def _built_or_warned(name: str) -> ModuleType | None:
     try:
         return build(name)
     except Exception as error:  # compiler missing, ninja missing, build error: say which
-        warnings.warn(
+        user_warnings.warn(
             f"delrec: the C++ kernels '{name}' could not be built or loaded "
             f"({_reason(error)}); the engine runs its slower PyTorch-op path. Install "
             f"a C++ compiler and ninja, or delete {_build_directory(name)} to rebuild "
             "a damaged build, or set DELREC_NATIVE=0 to silence this.",
             RuntimeWarning,
-            stacklevel=2,
         )
         return None
 

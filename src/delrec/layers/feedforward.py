@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor, nn
 
+from delrec import user_warnings
 from delrec.delays import MAX_DELAY, DelayLimitWarning, check_max_delay, clamp_initial
 from delrec.engine import feedforward as engines
 from delrec.layers.precision import own_precision
@@ -111,7 +111,7 @@ class FeedforwardDelay(nn.Module):
         position = self.position.detach()
         beyond = position >= self.kernel_size
         if bool(beyond.any()):
-            warnings.warn(
+            user_warnings.warn(
                 f"{int(beyond.sum())} of the {position.numel()} positions loaded into "
                 f"FeedforwardDelay({self.in_features}, {self.out_features}, kernel_size="
                 f"{self.kernel_size}) lie at or beyond the window (up to "
@@ -120,7 +120,6 @@ class FeedforwardDelay(nn.Module):
                 "from a layer with a wider window? Build this one with that kernel_size (or "
                 "clamp them with delrec.layers.clamp_delays(model))",
                 DelayLimitWarning,
-                stacklevel=2,
             )
 
     def effective_position(self) -> Tensor:
@@ -139,15 +138,18 @@ class FeedforwardDelay(nn.Module):
     def forward(
         self, x: Tensor, state: Tensor | None = None, *, return_state: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """Input ``(T, B, I)`` → output ``(T, B, O)``. ``state``: the inputs of the previous
-        ``K-1`` steps ``(K-1, B, I)``, oldest first, that a previous chunk of the same sequences
-        returned (default: zeros); ``return_state=True`` also returns this chunk's, without
-        gradient."""
-        if x.dim() != 3 or x.shape[-1] != self.in_features:
-            one = " (one sequence (T, I): x.unsqueeze(1))" if x.dim() == 2 else ""
+        """Input ``(T, B, I)`` or ``(T, I)`` → output ``(T, B, O)`` or ``(T, O)``. ``state``:
+        the inputs of the previous ``K-1`` steps ``(K-1, B, I)``, oldest first, that a previous
+        chunk of the same sequences returned (default: zeros); ``return_state=True`` also
+        returns this chunk's, without gradient (batched, ``B = 1`` for an unbatched input)."""
+        if x.dim() not in (2, 3) or x.shape[-1] != self.in_features:
             raise ValueError(
-                f"FeedforwardDelay expects (T, B, {self.in_features}), got {tuple(x.shape)}{one}"
+                f"FeedforwardDelay expects (T, B, {self.in_features}) or (T, "
+                f"{self.in_features}), got {tuple(x.shape)}"
             )
+        unbatched = x.dim() == 2
+        if unbatched:
+            x = x.unsqueeze(1)
         if x.shape[0] == 0:
             raise ValueError("input sequence is empty (T = 0)")
         if x.dtype not in (torch.float32, torch.float64):
@@ -186,6 +188,7 @@ class FeedforwardDelay(nn.Module):
         else:
             signal = torch.cat([state, x])  # (K-1+T, B, I): the chunk's outputs
             out = path.run(signal, self.weight, position, self.bias, self.kernel_size)[past:]
+        out = out.squeeze(1) if unbatched else out
         if return_state:
             return out, signal[signal.shape[0] - past :].detach().clone()
         return out

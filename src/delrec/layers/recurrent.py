@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from delrec import cpu
+from delrec import cpu, user_warnings
 from delrec import delays as delay_fns
 from delrec.engine import (
     DELAY_TYPES,
@@ -488,13 +487,12 @@ class DelRec(nn.Module):
         delay_fns.check_sigma(self.sigma, f"DelRec({self.size}).sigma")
         if delay.min() < 0 and not self._warned_negative:
             self._warned_negative = True  # once per layer
-            warnings.warn(
+            user_warnings.warn(
                 f"the delays of DelRec({self.size}) go down to {delay.min().item():.4g} steps, "
                 "below 0: training cuts the synapses of a delay <= -1 step, and their "
                 "gradients, while eval and a chip round it to 0; call "
                 "delrec.layers.clamp_delays(model) after every optimizer step",
                 delay_fns.DelayLimitWarning,
-                stacklevel=6,  # the caller of layer(x), through Module.__call__
             )
 
     @property

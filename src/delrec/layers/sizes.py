@@ -15,7 +15,9 @@ def check_size(value, what: str) -> int:
     """``value`` as an int, or a ValueError naming ``what`` unless it is a whole number ≥ 1
     (a bool is not a size)."""
     if not is_whole_number(value) or value < 1:
-        raise ValueError(f"{what} must be a whole number >= 1, got {value!r}")
+        tensor = type(value).__module__.startswith("torch")
+        hint = " (a Python int: int(...) of the tensor)" if tensor else ""
+        raise ValueError(f"{what} must be a whole number >= 1, got {value!r}{hint}")
     return int(value)
 
 
