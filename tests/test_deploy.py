@@ -767,3 +767,39 @@ def test_export_refuses_a_dt_that_overflows_and_a_file_in_the_way(tmp_path, caps
     assert (tmp_path / "new" / "sub" / "m.nir").is_file()  # missing folders made, as elsewhere
     with pytest.raises(NIRImportError, match="dt = 'x' is not a positive number"):
         import_nir(to_nir(random_network("delrec")), dt="x")
+
+
+def test_export_records_the_runs_standardisation_and_pixel_order(tmp_path, capsys):
+    """A Mackey-Glass network takes and predicts ``(x - mean) / std``, a PS-MNIST one reads its
+    pixels in the run's order: the export writes both into the graph's metadata and says so.
+    The graph used to say nothing, and a chip fed the raw series predicted garbage."""
+    import nir
+
+    from delrec.config import TrainConfig, preset
+
+    values = preset("mackey-glass", "delrec").to_dict()
+    values["network"]["neuron"]["reset"] = "hard"
+    train_config = TrainConfig.from_dict(values)
+    net = build_network(train_config.network_config(1, 1), seed=0)
+    run = tmp_path / "run"
+    order = torch.randperm(5)
+    save_checkpoint(
+        {
+            **network_payload(net),
+            "train_config": train_config.to_dict(),
+            "standardization": torch.tensor([0.9, 0.2], dtype=torch.float64),
+            "data_permutation": order,
+        },
+        run / "checkpoints" / "best.pt",
+    )
+    out = tmp_path / "mg.nir"
+    assert main(["export", str(run), "-o", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "(x - 0.9) / 0.2" in said and "input_order" in said
+    metadata = nir.read(out).metadata
+    assert list(metadata["input_standardization"]) == pytest.approx([0.9, 0.2])
+    assert list(metadata["output_standardization"]) == pytest.approx([0.9, 0.2])
+    assert [int(i) for i in metadata["input_order"]] == order.tolist()
+    assert str(metadata["task"]) == "mackey-glass"
+    with pytest.raises(ValueError, match="written by delrec itself"):
+        to_nir(net, metadata={"dt": 2.0})

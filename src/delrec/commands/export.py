@@ -9,7 +9,7 @@ from pathlib import Path
 from delrec.checkpoint import is_hdf5
 from delrec.commands import EXIT_CODES_HELP, UsageError, check_outputs, nonempty
 from delrec.deploy.nir_format import export_nir
-from delrec.runs import checkpoint_file, default_nir_path, load_network, run_files
+from delrec.runs import checkpoint_file, default_nir_path, load_trained, run_files
 
 
 def add_parser(subparsers) -> None:
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     default = default_nir_path(args.run_dir)
     output = Path(args.output) if args.output else default
     checkpoint = checkpoint_file(args.run_dir, args.checkpoint)
-    net = load_network(checkpoint)  # first: its errors say what the input is
+    payload, net = load_trained(checkpoint)  # first: its errors say what the input is
     # the run's own files, less earlier exports (which a new export replaces)
     protected = {p for p in run_files(args.run_dir) if p.suffix != ".nir"} | {checkpoint.resolve()}
     check_outputs({"-o": output}, protected, f"write the NIR file elsewhere, e.g. -o {default}")
@@ -58,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
             f"-o {output} exists and is not a NIR (HDF5) file, which the export would replace: "
             "remove it first, or give another path"
         )
+    metadata = input_metadata(payload)
     try:
-        graph = export_nir(net, output, dt=args.dt)
+        graph = export_nir(net, output, dt=args.dt, metadata=metadata)
     except ValueError as error:  # a bad --dt, delays beyond max_delay, a network NIR cannot
         # express (NIRExportError)
         raise UsageError(str(error)) from None
@@ -68,4 +69,29 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {output}: {len(graph.nodes)} NIR nodes ({delays} Delay), "
         f"{len(graph.edges)} edges, dt = {args.dt} s"
     )
+    if "input_standardization" in metadata:
+        mean, std = metadata["input_standardization"]
+        print(
+            f"note: the network takes (x - {mean:.6g}) / {std:.6g} and predicts on that scale "
+            f"(a prediction y is y * {std:.6g} + {mean:.6g}); the graph's metadata records it "
+            "(input_standardization, output_standardization)"
+        )
+    if "input_order" in metadata:
+        print(
+            "note: step t of the input is pixel input_order[t] of the image (the run's "
+            "permutation, in the graph's metadata)"
+        )
     return 0
+
+
+def input_metadata(payload: dict) -> dict:
+    """What a chip must do to the data as the run did, for the graph's metadata: the run's
+    standardisation (``[mean, std]`` of inputs and targets) and pixel order, where it has one."""
+    metadata = {"task": str(payload.get("train_config", {}).get("task", "unknown"))}
+    if payload.get("standardization") is not None:
+        mean, std = (float(v) for v in payload["standardization"])
+        metadata["input_standardization"] = [mean, std]
+        metadata["output_standardization"] = [mean, std]
+    if payload.get("data_permutation") is not None:
+        metadata["input_order"] = [int(i) for i in payload["data_permutation"]]
+    return metadata

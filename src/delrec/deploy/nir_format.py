@@ -87,13 +87,18 @@ SPIKE_CONVENTION = (
 
 # --------------------------------------------------------------------------- export
 MAX_DT = 1e6  # seconds per step: far beyond any use, and time constants × dt stay finite
+WRITTEN_METADATA = frozenset(
+    {"generator", "dt", "time_convention", "spike_condition", "readout_reduction"}
+)
 
 
-def to_nir(net: nn.Module, dt: float = 1.0):
+def to_nir(net: nn.Module, dt: float = 1.0, metadata: dict | None = None):
     """The ``nir.NIRGraph`` of a network (a ``SpikingNetwork`` or a ``StreamingNetwork``).
 
-    ``dt``: seconds per time step (1.0 keeps time in steps). Raises :class:`NIRExportError`
-    naming the layer and construct when something cannot be exported exactly.
+    ``dt``: seconds per time step (1.0 keeps time in steps). ``metadata``: more entries for
+    the graph's metadata (what the input must be, e.g. ``input_standardization``), not those
+    delrec writes itself. Raises :class:`NIRExportError` naming the layer and construct when
+    something cannot be exported exactly.
     """
     nir = _nir()
     number = isinstance(dt, (int, float)) and not isinstance(dt, bool)
@@ -113,6 +118,9 @@ def to_nir(net: nn.Module, dt: float = 1.0):
                 "--set network.max_delay=D, and check it with `delrec report RUN_DIR --target NAME`"
             )
         stream = StreamingNetwork.from_network(net)
+    clash = sorted(set(metadata or {}) & WRITTEN_METADATA)
+    if clash:
+        raise ValueError(f"metadata {clash} is written by delrec itself; give other keys")
     nodes = {"input": nir.Input(input_type={"input": np.array([stream.input_size])})}
     edges: list[tuple[str, str]] = []
     source = "input"
@@ -134,18 +142,21 @@ def to_nir(net: nn.Module, dt: float = 1.0):
         edges.append((target, "output"))
     _add_projection(nir, nodes, edges, "readout", stream.readout, source, target, dt)
     nodes["output"] = nir.Output(output_type={"output": np.array([stream.output_size])})
-    metadata = {
+    written = {
         "generator": f"delrec {delrec.__version__}",
         "dt": float(dt),
         "time_convention": TIME_CONVENTION,
         "spike_condition": SPIKE_CONVENTION,
         "readout_reduction": stream.readout_reduction or "none",
     }
-    return nir.NIRGraph(nodes=nodes, edges=edges, metadata=metadata)
+    return nir.NIRGraph(nodes=nodes, edges=edges, metadata=written | dict(metadata or {}))
 
 
-def export_nir(net: nn.Module, path: str | os.PathLike, dt: float = 1.0):
-    """Write the NIR graph of ``net`` to ``path`` (HDF5) and return the graph.
+def export_nir(
+    net: nn.Module, path: str | os.PathLike, dt: float = 1.0, metadata: dict | None = None
+):
+    """Write the NIR graph of ``net`` (:func:`to_nir`, with ``dt`` and ``metadata``) to
+    ``path`` (HDF5) and return the graph.
 
     The file is written beside ``path`` under a temporary name, read back and validated with
     ``nir.read``, then renamed: on any error nothing is left on disk and an existing file at
@@ -154,7 +165,7 @@ def export_nir(net: nn.Module, path: str | os.PathLike, dt: float = 1.0):
     nir = _nir()
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"export_nir writes to a file path, got {type(path).__name__}")
-    graph = to_nir(net, dt)
+    graph = to_nir(net, dt, metadata)
     path = Path(path)
 
     def write(temporary: Path) -> None:
