@@ -21,6 +21,7 @@ from delrec.deploy.targets import (
     Target,
     bits_for,
     format_target_check,
+    format_targets,
     get_target,
     target_check,
 )
@@ -331,15 +332,31 @@ def test_target_check_on_each_recurrent_delay_type(delay_type, per_neuron_chip):
     loihi = target_check(report, get_target("loihi2-lava-dl"))
     assert statuses(loihi, "max delay") == ["PASS", "PASS"]
     assert statuses(loihi, "delay type") == [per_neuron_chip] * 2
-    assert loihi["pass"] == (per_neuron_chip == "PASS")
+    assert statuses(loihi, "recurrent delays") == ["FAIL", "FAIL"] and not loihi["pass"]
     spinnaker = target_check(report, get_target("spinnaker"))
     assert statuses(spinnaker, "delay type") == ["PASS", "PASS"] and spinnaker["pass"]
     assert statuses(spinnaker, "delay bits") == ["n/a", "n/a"]  # no source states them
 
     set_delays(net.blocks[1].neurons, 20.0)  # beyond SpiNNaker's 15, within 143 with extensions
     report = hardware_report(net)
-    assert statuses(target_check(report, get_target("spinnaker")), "max delay") == ["PASS", "FAIL"]
+    spinnaker = target_check(report, get_target("spinnaker"))
+    assert statuses(spinnaker, "max delay") == ["PASS", "FAIL"]
+    assert "train for it: --set network.max_delay=15" in spinnaker["checks"][3]["detail"]
     assert target_check(report, get_target("spinnaker-delay-ext"))["pass"]
+
+
+def test_a_target_without_recurrent_delays_fails_delrec_and_passes_a_plain_loop():
+    """lava-dl delays a block's output to the next layer, not its recurrent synapses: a DelRec
+    network fails loihi2-lava-dl (it used to pass as "axonal delays are per neuron"), a
+    recurrent network without delays (rsnn) passes, and the listing says why."""
+    delrec = target_check(hardware_report(network("axonal")), get_target("loihi2-lava-dl"))
+    failed = [c for c in delrec["checks"] if c["check"] == "recurrent delays"]
+    assert failed and all(c["status"] == "FAIL" for c in failed)
+    assert "not its recurrent synapses" in failed[0]["detail"]
+    assert "no delays on recurrent synapses" in format_target_check(delrec)
+    plain = target_check(hardware_report(network(model="rsnn")), get_target("loihi2-lava-dl"))
+    assert plain["pass"] and set(statuses(plain, "recurrent delays")) <= {"PASS"}
+    assert "AbstractRecurrent" in format_targets()
 
 
 def test_per_neuron_targets_take_synaptic_delays_that_are_equal_per_neuron():

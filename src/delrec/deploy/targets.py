@@ -31,8 +31,10 @@ class Target:
     ``per_synapse``: True if every synapse has its own delay (any delrec delay type runs),
     False if a delay belongs to the presynaptic neuron (axonal and shared delays run, and a
     synaptic or feedforward projection whose synapses from each neuron share one delay);
-    ``delay_bits``: the bits a delay value is stored in, or ``None`` where no source states it.
-    Each ``*_source`` holds the citation (address, file or page, and the statement).
+    ``delay_bits``: the bits a delay value is stored in, or ``None`` where no source states it;
+    ``recurrent_delays``: False where the toolchain delays a neuron's output to the next layer
+    only, so a recurrent loop runs with no delay beyond its one step (``d = 0``). Each
+    ``*_source`` holds the citation (address, file or page, and the statement).
     """
 
     name: str
@@ -44,6 +46,8 @@ class Target:
     granularity_source: str
     delay_bits: int | None = None
     delay_bits_source: str | None = None
+    recurrent_delays: bool = True
+    recurrent_source: str | None = None
 
     @property
     def granularity(self) -> str:
@@ -94,6 +98,15 @@ TARGETS: dict[str, Target] = {
                 f"{_LAVA_DL}/dfa245c2f29f3cc37caf2273e4b784d26a55edf8/"
                 "src/lava/lib/dl/slayer/axon/delay.py: 'Learnable axonal delay module. The delays "
                 "operate on channel dimension' (one delay per neuron of the block)"
+            ),
+            recurrent_delays=False,
+            recurrent_source=(
+                f"{_LAVA_DL}/098249029a39c1f99ca06a299adef7acb7ea3f82/"
+                "src/lava/lib/dl/slayer/block/base.py: AbstractRecurrent ('s_out[t] = "
+                "f_s(W s_in[t] + R s_out[t-1])') runs its recurrence through "
+                "'recurrent.custom_recurrent(z, self.neuron, self.recurrent_synapse)' and only "
+                "then applies 'delay(x, 1)' and 'self.delay(x)' to the block's output; its "
+                "export_hdf5 is 'pass'"
             ),
         ),
         Target(
@@ -203,10 +216,15 @@ def target_check(report: dict, target: Target) -> dict:
                 "projection": what,
                 "status": "PASS" if within else "FAIL",
                 "detail": f"longest delay d = {entry['max']} {'<=' if within else '>'} "
-                f"{target.max_delay} steps",
+                f"{target.max_delay} steps"
+                + (
+                    "" if within else f" (train for it: --set network.max_delay={target.max_delay})"
+                ),
             }
         )
         checks.append(_granularity_check(what, entry, target))
+        if entry["kind"] != "feedforward" and not target.recurrent_delays:
+            checks.append(_recurrent_check(what, entry))
         needed = bits_for(entry["max"])
         if target.delay_bits is None:
             status, detail = "n/a", f"needs {needed} bits; the target's delay bits are unpublished"
@@ -252,6 +270,22 @@ def _granularity_check(what: str, entry: dict, target: Target) -> dict:
     return {"check": "delay type", "projection": what, "status": status, "detail": detail}
 
 
+def _recurrent_check(what: str, entry: dict) -> dict:
+    """A recurrent projection on a target whose delays act on a neuron's output to the next
+    layer only: its loop runs one step (``d = 0``), so any longer recurrent delay fails."""
+    if entry["max"] == 0:
+        status, detail = "PASS", "every recurrent delay is 0: the loop's own step, as the target's"
+    else:
+        status = "FAIL"
+        detail = (
+            f"recurrent delays up to d = {entry['max']}, but the target delays a neuron's output "
+            "to the next layer, not its recurrent synapses (its recurrence reads s[t-1]); "
+            "choose a target with delays per synapse (delrec report --list-targets), or a model "
+            "without recurrent delays (--model rsnn)"
+        )
+    return {"check": "recurrent delays", "projection": what, "status": status, "detail": detail}
+
+
 # --------------------------------------------------------------------------- text
 def format_max_delay_check(check: dict) -> str:
     """One line about the network's own limit."""
@@ -276,7 +310,8 @@ def format_target_check(check: dict) -> str:
         f"target {target['name']}: {target['chip']}",
         f"  limits: delays d <= {target['max_delay']} steps beyond the one-step minimum, "
         f"{'per synapse' if target['per_synapse'] else 'per neuron (axonal)'}, delay bits "
-        + ("unpublished" if target["delay_bits"] is None else str(target["delay_bits"])),
+        + ("unpublished" if target["delay_bits"] is None else str(target["delay_bits"]))
+        + ("" if target["recurrent_delays"] else ", no delays on recurrent synapses"),
     ]
     if not check["checks"]:
         lines.append("  PASS  the network has no delays")
@@ -302,6 +337,14 @@ def format_targets() -> str:
                     f"    source: {t.max_delay_source}",
                     f"  delays {t.granularity}",
                     f"    source: {t.granularity_source}",
+                    *(
+                        []
+                        if t.recurrent_delays
+                        else [
+                            "  no delays on recurrent synapses (a recurrent loop runs with d = 0)",
+                            f"    source: {t.recurrent_source}",
+                        ]
+                    ),
                     "  delay bits: "
                     + (
                         "no source states them"
