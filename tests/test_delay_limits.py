@@ -488,3 +488,27 @@ def test_deployment_refuses_what_a_chip_would_run_differently(tmp_path):
     clamp_delays(over)
     export_nir(over, out)
     assert out.is_file()
+
+
+def test_a_pruned_synapse_counts_in_no_delay_figure_and_exports_no_branch():
+    """A zero-weight synapse is dropped by a chip: its delay no longer sets the maximum, the
+    histogram, the buffers or a target's verdict, and the NIR export writes no Delay branch
+    for it (a 40-step synapse of weight 0 made SpiNNaker FAIL and exported a 40-step Delay)."""
+    from delrec.deploy.nir_format import to_nir
+
+    net = network("synaptic", delay_init="uniform:0:10")
+    layer = net.blocks[0].neurons
+    with torch.no_grad():
+        layer.delay[0, 0] = 40.0
+        layer.weight[0, 0] = 0.0
+    report = hardware_report(net)
+    entry = report["layers"][0]["delays"][0]
+    assert entry["max"] <= 10 and "40" not in entry["histogram"]
+    assert entry["values"] == layer.weight.numel() - 1
+    assert target_check(report, get_target("spinnaker"))["pass"]
+    assert not any("lag40" in name for name in to_nir(net).nodes)
+    axonal = network("axonal", delay_init="uniform:0:10")
+    with torch.no_grad():
+        axonal.blocks[0].neurons.delay[2] = 40.0
+        axonal.blocks[0].neurons.weight[:, 2] = 0.0  # neuron 2 sends nothing back
+    assert hardware_report(axonal)["layers"][0]["delays"][0]["max"] <= 10

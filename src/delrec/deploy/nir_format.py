@@ -244,9 +244,10 @@ def _add_projection(
             (f"{name}.delay", f"{name}.weight"),
             (f"{name}.weight", target),
         ]
-    else:
-        lags = synapses.lags
-        for rank, lag in enumerate(torch.unique(lags).tolist()):
+    else:  # one branch per lag of a kept synapse (non-zero weight), the bias on the first
+        lags, used = synapses.lags, synapses.weight != 0
+        kept = torch.unique(lags[used]).tolist() or [0]
+        for rank, lag in enumerate(kept):
             weight = torch.where(lags == lag, synapses.weight, torch.zeros_like(synapses.weight))
             branch = f"{name}.lag{lag}"
             nodes[f"{branch}.weight"] = _weight_node(

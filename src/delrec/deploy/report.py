@@ -53,15 +53,17 @@ from delrec.training.objectives import Classification, Regression, make_objectiv
 
 # --------------------------------------------------------------------------- static part
 def _delay_stats(kind: str, synapses: DelayedSynapses) -> dict:
-    """Histogram and memory of one delay projection (see the module docstring)."""
+    """Histogram and memory of one delay projection (see the module docstring), over the
+    synapses a chip keeps: those of non-zero weight (a pruned synapse's delay counts nowhere)."""
     lags = synapses.lags
-    per_neuron = kind in ("axonal", "shared")
-    values = synapses.column_lags if per_neuron else lags.reshape(-1)
-    if kind == "shared":
-        values = values[:1]
-    max_delay = int(values.max())
-    counts = torch.bincount(values, minlength=max_delay + 1)
     used = synapses.weight != 0  # (O, I): a chip drops the zero-weight synapses
+    if kind in ("axonal", "shared"):
+        values = synapses.column_lags[used.any(0)]
+        values = values[:1] if kind == "shared" else values
+    else:
+        values = lags[used]
+    max_delay = int(values.max()) if values.numel() else 0
+    counts = torch.bincount(values, minlength=max_delay + 1)
     highest = lags.masked_fill(~used, -1).amax(0)
     lowest = lags.masked_fill(~used, max_delay + 1).amin(0)
     return {
@@ -69,9 +71,9 @@ def _delay_stats(kind: str, synapses: DelayedSynapses) -> dict:
         "values": int(values.numel()),
         "histogram": {str(d): int(c) for d, c in enumerate(counts.tolist()) if c},
         "max": max_delay,
-        "mean": float(values.double().mean()),
+        "mean": float(values.double().mean()) if values.numel() else 0.0,
         "axonal_buffer_bits": synapses.in_features * max_delay,
-        "synaptic_buffer_bits": int(lags.sum()),
+        "synaptic_buffer_bits": int(lags[used].sum()),
         "delay_value_bits": int(values.numel()) * bits_for(max_delay),
         "neurons_with_mixed_delays": int(((highest >= 0) & (highest != lowest)).sum()),
     }
