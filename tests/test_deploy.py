@@ -803,3 +803,26 @@ def test_export_records_the_runs_standardisation_and_pixel_order(tmp_path, capsy
     assert str(metadata["task"]) == "mackey-glass"
     with pytest.raises(ValueError, match="written by delrec itself"):
         to_nir(net, metadata={"dt": 2.0})
+
+
+def test_parallel_branches_of_one_delay_add_up_and_of_two_delays_are_refused():
+    """NIR sums parallel edges: two Linear branches from one source into one LIF import as
+    their sum (they were refused as "two delays"); one synapse reached through branches of
+    different delays is refused, naming the synapse and both delays."""
+    net = random_network("snn")
+    graph = to_nir(net)
+    inputs = graph.nodes["layer0.synapses"].weight.shape[1]
+    x = (torch.rand(12, 2, inputs) < 0.4).double()
+    expected, spikes = import_nir(graph).run(x)
+    half = graph.nodes["layer0.synapses"].weight / 2
+    graph.nodes["layer0.synapses"].weight = half
+    graph.nodes["layer0.again"] = nir.Linear(weight=half)
+    graph.edges += [("input", "layer0.again"), ("layer0.again", "layer0.lif")]
+    out, summed = import_nir(graph).run(x)
+    assert torch.allclose(out, expected, atol=1e-9) and spikes[0].sum() > 0
+    assert all(torch.equal(a, b) for a, b in zip(summed, spikes))
+    graph.nodes["layer0.later"] = nir.Delay(delay=np.full(inputs, 2.0))
+    graph.edges.remove(("input", "layer0.again"))
+    graph.edges += [("input", "layer0.later"), ("layer0.later", "layer0.again")]
+    with pytest.raises(NIRImportError, match=r"two branches with different delays \(0 and 2"):
+        import_nir(graph)

@@ -507,7 +507,9 @@ def _check_shape(graph, synapses: DelayedSynapses, source: str, target: str) -> 
 
 
 def _merge_branches(branches, source: str) -> DelayedSynapses:
-    """Sum the branches from ``source`` into one projection with a lag per synapse."""
+    """Sum the branches from ``source`` into one projection with a lag per synapse: parallel
+    branches of one delay add their weights (as NIR sums them); one synapse in two branches of
+    different delays has no single lag and is refused."""
     shapes = {tuple(b[2].shape) for b in branches}
     if len(shapes) != 1:
         raise NIRImportError(
@@ -519,12 +521,17 @@ def _merge_branches(branches, source: str) -> DelayedSynapses:
     bias = None
     for _, column_lags, branch_weight, branch_bias in branches:
         used = branch_weight != 0
-        if (used & owner).any():
+        branch_lags = column_lags.expand_as(lags)
+        clash = used & owner & (lags != branch_lags)
+        if clash.any():
+            o, i = (int(v) for v in clash.nonzero()[0])
             raise NIRImportError(
-                f"a synapse leaving {source!r} appears in two branches (two delays)"
+                f"synapse {i} -> {o} leaving {source!r} appears in two branches with different "
+                f"delays ({int(lags[o, i])} and {int(branch_lags[o, i])} steps); delrec runs one "
+                "delay per synapse"
             )
-        weight = torch.where(used, branch_weight, weight)
-        lags = torch.where(used, column_lags.expand_as(lags), lags)
+        weight = weight + torch.where(used, branch_weight, torch.zeros_like(weight))
+        lags = torch.where(used, branch_lags, lags)
         owner |= used
         if branch_bias is not None:
             bias = branch_bias if bias is None else bias + branch_bias
