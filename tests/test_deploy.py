@@ -826,3 +826,14 @@ def test_parallel_branches_of_one_delay_add_up_and_of_two_delays_are_refused():
     graph.edges += [("input", "layer0.later"), ("layer0.later", "layer0.again")]
     with pytest.raises(NIRImportError, match=r"two branches with different delays \(0 and 2"):
         import_nir(graph)
+
+
+def test_a_graph_whose_output_is_spikes_is_refused_naming_the_readout_it_lacks():
+    graph = to_nir(random_network("snn"))
+    graph.edges = [e for e in graph.edges if e[0] not in ("readout", "readout.li")]
+    graph.edges = [e for e in graph.edges if e[1] != "readout"]
+    for name in ("readout", "readout.li"):
+        graph.nodes.pop(name, None)
+    graph.edges.append(("layer1.lif", "output"))
+    with pytest.raises(NIRImportError, match="output is the spikes of LIF 'layer1.lif'"):
+        import_nir(graph)

@@ -458,6 +458,11 @@ def _follow_branch(nir, graph, successors, source: str, first: str, dt: float, d
             )
         name = _single_successor(successors, name)
     node = graph.nodes[name]
+    if isinstance(node, nir.Output) and isinstance(graph.nodes[source], nir.LIF):
+        raise NIRImportError(
+            f"the graph's output is the spikes of LIF {source!r}; delrec networks end in a "
+            "readout, Affine/Linear (into an LI, optionally) before the Output node: add one"
+        )
     if not isinstance(node, (nir.Affine, nir.Linear)):
         raise NIRImportError(
             f"after {source!r} expected [Delay →] Affine/Linear, found "
