@@ -376,7 +376,9 @@ def test_model_sweep_runs_each_model_on_the_task_network_then_analyze_training(t
     assert "SNN: 1 epochs, last valid accuracy" in printed and "FF: 1 epochs" in printed
     assert figure.read_bytes()[:4] == b"\x89PNG"
     assert main([*argv, "--labels", "one"]) == 2
-    assert "--labels names 1 runs" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "--labels names 1 runs" in error and "give 2 labels in that order" in error
+    assert str(out / "snn" / "seed-0") in error  # the runs it counted, by folder
     assert main([*argv, "--labels", "x,x"]) == 2
     assert "each run needs a label of its own" in capsys.readouterr().err
     pdf = ["analyze", "training", str(out / "snn"), "--figure", str(tmp_path / "t.pdf")]

@@ -440,6 +440,8 @@ def test_a_gpu_bench_stopped_midway_says_its_files_are_incomplete(tmp_path, monk
     report = (tmp_path / "gpu-bench.md").read_text()
     assert report.startswith("# delrec bench --device cuda (dry run)")
     assert "INCOMPLETE" not in report and "not measured yet" not in report
+    targets = report[report.index("Targets (dry run") :]
+    assert "n/a " in targets and "FAIL  " not in targets and "PASS  " not in targets
 
 
 def test_a_gpu_bench_whose_model_failed_exits_1_naming_it(tmp_path, monkeypatch, capsys):

@@ -646,3 +646,21 @@ def test_a_seed_ends_when_its_parallel_parent_is_killed(tmp_path):
         os.kill(seeds[0], signal.SIGKILL)
     assert not alive, "the seed kept training after its parent was killed"
     assert "terminated (SIGTERM)" in log.read_text(encoding="utf-8")
+
+
+def test_parallel_seeds_json_exists_before_any_seed_starts(tmp_path, monkeypatch):
+    """A ``--parallel`` parent SIGKILLed just after a seed wrote its ``config.json`` left no
+    ``seeds.json`` (it was written on the next poll): neither ``--resume`` ("not a run
+    directory") nor the same command ("not empty") went on. It is now written before the first
+    seed starts, so every seed's run has its parent's record."""
+    run = RunDir(tmp_path / "par")
+    seen = []
+
+    class Child(FakeSeedChild):
+        def __init__(self, command, env, **options):
+            seen.append((run.path / "seeds.json").is_file())
+            super().__init__(command, env, **options)
+
+    monkeypatch.setattr(parallel_seeds, "subprocess", SimpleNamespace(Popen=Child, PIPE=0))
+    parallel_seeds.run_seed_processes(TrainConfig(device="cpu"), [0, 1], run, 2, None)
+    assert seen == [True, True] and run.read_seeds()["seeds"] == [0, 1]

@@ -217,7 +217,7 @@ def test_overrides_file_then_set_then_flags(tmp_path):
     "override,message",
     [
         ("epoch=3", "did you mean 'epochs'"),
-        ("optim.lrr=1", "unknown setting optim.'lrr'"),
+        ("optim.lrr=1", "unknown setting 'optim.lrr'"),
         ("network.dropout=1.5", "dropout must be in [0, 1)"),
         # every element dropped (keep rounds to 0 in steps of 2^-16), silently
         ("network.dropout=0.999995", "dropout = 0.999995 drops more than the masks can resolve"),

@@ -240,8 +240,8 @@ def verdicts(rows, targets: dict[str, Setting], dry_run: bool, pending=()) -> li
         "Targets" + (" (dry run: tiny sizes on the CPU, ratios meaningless)" if dry_run else "")
     ]
 
-    def line(ok, text):
-        lines.append(f"{'PASS' if ok else 'FAIL'}  {text}")
+    def line(ok, text):  # a dry run's figures judge nothing
+        lines.append(f"{'n/a ' if dry_run else 'PASS' if ok else 'FAIL'}  {text}")
 
     def ratio(a, b, key="time_ms"):
         if a is None or b is None:
@@ -254,7 +254,7 @@ def verdicts(rows, targets: dict[str, Setting], dry_run: bool, pending=()) -> li
         if any(s in pending for s in needs):
             lines.append(f"----  {text}: not measured yet (the run had not reached it)")
         elif isinstance(value, str):
-            lines.append(f"FAIL  {text}: not measured ({value})")
+            lines.append(f"{'n/a ' if dry_run else 'FAIL'}  {text}: not measured ({value})")
         else:
             line(value <= limit, f"{text} ×{value:.2f} (target ≤ {limit:g})")
 
@@ -333,7 +333,8 @@ def run(args) -> int:
     log(
         f"delrec bench --device cuda ({grid}): {name}, torch {torch.__version__}, "
         f"triton {_triton_version()}, {repeats} repeats "
-        "(median), CUDA-event timing, peak = max_memory_allocated above the step's inputs"
+        f"(median), {'CPU timing' if device.type != 'cuda' else 'CUDA-event timing'}, "
+        "peak = max_memory_allocated above the step's inputs"
     )
     log(f"networks around the delays: {_feedforward_kernels(device)}")
     targets = target_settings(dry_run)

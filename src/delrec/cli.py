@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
 # subcommand name -> module providing add_parser(subparsers), imported when the parser is built.
 COMMANDS = {
@@ -61,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 class Terminated(BaseException):
     """SIGTERM (a scheduler's time limit, ``kill``): unwinds like Ctrl-C, so that locks are
-    released and a parallel-seeds parent stops its workers."""
+    released and a parallel-seeds parent stops its workers. ``then``: how the command goes on,
+    from its ``after_termination(args)`` where it has one."""
+
+    then: str | None = None
 
 
 def _terminate(signum, frame) -> None:
@@ -76,21 +80,29 @@ AFTER_TERMINATION = {
 }
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line, ``warning (Category): message``: on the command line the file
+    and line of the code that warned say nothing to the user."""
+    return f"warning ({category.__name__}): {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    formatted, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         return _run(argv)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Terminated:
+    except Terminated as stop:
         words = sys.argv[1:] if argv is None else argv
         command = next((word for word in words if not word.startswith("-")), None)
-        then = AFTER_TERMINATION.get(command, "run the command again")
+        then = stop.then or AFTER_TERMINATION.get(command, "run the command again")
         print(f"terminated (SIGTERM); what was written is whole: {then}", file=sys.stderr)
         return 143
     finally:
+        warnings.formatwarning = formatted
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
 
@@ -112,6 +124,10 @@ def _run(argv: list[str] | None) -> int:
         )
     try:
         return int(args.run(args) or 0)
+    except Terminated as stop:
+        if hasattr(args, "after_termination"):
+            stop.then = args.after_termination(args)
+        raise
     except Exception as error:
         return fail(args.command, error)
 

@@ -417,7 +417,7 @@ def _build(cls, values: dict, prefix: str):
     for key, value in values.items():
         if key not in hints:
             raise ConfigError(
-                f"unknown setting {prefix}{key!r}{_suggest(key, names)}; "
+                f"unknown setting '{prefix}{key}'{_suggest(key, names)}; "
                 f"valid keys: {', '.join(prefix + n for n in names)}"
             )
         kwargs[key] = _coerce(value, hints[key], prefix + key)

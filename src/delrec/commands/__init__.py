@@ -232,11 +232,12 @@ def comma_list(kind):
                 f"expected a comma-separated list of values, got {text!r}, which has an empty "
                 "item: write the values separated by single commas"
             )
+        what = {int: "whole numbers", float: "numbers"}.get(kind, "values")
         try:
             return tuple(kind(item) for item in items)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected a comma-separated list, got {text!r}"
+                f"expected a comma-separated list of {what}, got {text!r}"
             ) from None
 
     return parse

@@ -25,7 +25,13 @@ def add_parser(subparsers) -> None:
     actions.required = True
 
     spec = actions.add_parser(
-        "spectral", help="spectral radius r_d of λ^(d+1) − aλ^d − b = 0 for d = 0 … D"
+        "spectral",
+        help="spectral radius r_d of λ^(d+1) − aλ^d − b = 0 for d = 0 … D",
+        description="The paper's S3 argument: the spectral radius r_d of the recurrence of a "
+        "layer with delay d, the roots of λ^(d+1) − aλ^d − b = 0, for d = 0 … D; r_d < 1 means "
+        "gradients vanish through the loop, and longer delays bring r_d towards 1 "
+        "(docs/analysis.md).",
+        epilog=EXIT_CODES_HELP,
     )
     spec.add_argument("--a", type=float, required=True, help="leak coefficient a = sup|A_t|")
     spec.add_argument("--b", type=float, required=True, help="recurrent coefficient b = sup|B_t|")
@@ -34,7 +40,11 @@ def add_parser(subparsers) -> None:
     spec.set_defaults(run=run_spectral)
 
     grad = actions.add_parser(
-        "gradients", help="measured ‖∂L/∂W_rec‖ and its growth for fixed delays, next to S3"
+        "gradients",
+        help="measured ‖∂L/∂W_rec‖ and its growth for fixed delays, next to S3",
+        description="Measure ‖∂L/∂W_rec‖ and its growth per step for a recurrent LIF layer "
+        "with fixed delays, next to S3's r_d (docs/analysis.md).",
+        epilog=EXIT_CODES_HELP,
     )
     defaults = gradients.GradientSetup()
     grad.add_argument(
@@ -43,26 +53,54 @@ def add_parser(subparsers) -> None:
         default=defaults.delays,
         help="comma-separated fixed delays (default 0,1,2,5,10,20)",
     )
-    grad.add_argument("--size", type=int, default=defaults.size, help="neurons N")
-    grad.add_argument("--steps", type=int, default=defaults.steps, help="time steps T")
-    grad.add_argument("--batch", type=int, default=defaults.batch, help="input sequences")
-    grad.add_argument("--tau", type=float, default=defaults.tau, help="LIF τ in steps")
+    grad.add_argument(
+        "--size", type=int, default=defaults.size, help="neurons N (default %(default)s)"
+    )
+    grad.add_argument(
+        "--steps", type=int, default=defaults.steps, help="time steps T (default %(default)s)"
+    )
+    grad.add_argument(
+        "--batch", type=int, default=defaults.batch, help="input sequences (default %(default)s)"
+    )
+    grad.add_argument(
+        "--tau", type=float, default=defaults.tau, help="LIF τ in steps (default %(default)s)"
+    )
     grad.add_argument(
         "--gain",
         type=float,
         default=defaults.gain,
         help="W = gain × orthogonal (default %(default)s: gradients explode)",
     )
-    grad.add_argument("--input-mean", type=float, default=defaults.input_mean)
-    grad.add_argument("--input-std", type=float, default=defaults.input_std)
-    grad.add_argument("--surrogate", choices=("triangle", "atan"), default=defaults.surrogate)
+    grad.add_argument(
+        "--input-mean",
+        type=float,
+        default=defaults.input_mean,
+        help="mean of the Gaussian input current (default %(default)s)",
+    )
+    grad.add_argument(
+        "--input-std",
+        type=float,
+        default=defaults.input_std,
+        help="standard deviation of the input current (default %(default)s)",
+    )
+    grad.add_argument(
+        "--surrogate",
+        choices=("triangle", "atan"),
+        default=defaults.surrogate,
+        help="surrogate gradient of the spike (default %(default)s)",
+    )
     grad.add_argument(
         "--surrogate-scale",
         type=float,
         default=defaults.surrogate_scale,
-        help="γ (triangle) or α (atan)",
+        help="γ (triangle) or α (atan) (default %(default)s)",
     )
-    grad.add_argument("--seed", type=int, default=defaults.seed)
+    grad.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="seed of the weights and inputs (default %(default)s)",
+    )
     _add_outputs(grad, "gradients.png")
     grad.set_defaults(run=run_gradients)
 
@@ -72,12 +110,14 @@ def add_parser(subparsers) -> None:
         description="One figure of the metrics.csv of every RUN_DIR (the runs of every seed "
         "of a run of several seeds), epoch by epoch: validation metric, training loss, the "
         "firing rate of each hidden layer and the gradient norm of each layer.",
+        epilog=EXIT_CODES_HELP,
     )
     training.add_argument("run_dirs", nargs="+", type=nonempty(Path), metavar="RUN_DIR")
     training.add_argument(
         "--labels",
         type=comma_list(str),
-        help="comma-separated legend labels, one per run (default: the directory names)",
+        help="comma-separated legend labels, one per run, a folder of several seeds counting "
+        "one per seed in seed order (default: the directory names)",
     )
     training.add_argument(
         "--figure",
@@ -187,7 +227,10 @@ def run_training(args: argparse.Namespace) -> int:
         labels = list(args.labels)
     if len(labels) != len(runs):
         raise UsageError(
-            f"--labels names {len(labels)} runs, but the run directories hold {len(runs)}"
+            f"--labels names {len(labels)} runs, but the run directories hold {len(runs)} "
+            f"(a folder of several seeds holds one per seed: "
+            f"{', '.join(str(run.path) for run in runs)}): give {len(runs)} labels in that "
+            "order, or leave out --labels"
         )
     if len(set(labels)) < len(labels):
         raise UsageError(f"--labels {','.join(labels)}: each run needs a label of its own")

@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
         "gpu-bench.*, --streaming streaming.md, --tbptt tbptt.md.",
         epilog=EXIT_CODES_HELP,
     )
-    p.add_argument("--quick", action="store_true", help="small grid, under a minute")
+    p.add_argument("--quick", action="store_true", help="small grid, about a minute of CPU time")
     p.add_argument(
         "--network",
         choices=(*bench_network.PRESETS, "all"),

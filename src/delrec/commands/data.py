@@ -27,7 +27,12 @@ def add_parser(subparsers) -> None:
         "MD5 beside it (<file>.md5); files already there are checked before they are reported.",
         epilog=EXIT_CODES_HELP,
     )
-    fetch.add_argument("name", choices=sorted(RESOURCES))
+    fetch.add_argument(
+        "name",
+        choices=sorted(RESOURCES),
+        help="the data set: shd and ssc (Heidelberg spoken digits and commands), mnist "
+        "(for psmnist)",
+    )
     fetch.add_argument(
         "--to",
         type=nonempty(Path),
@@ -56,6 +61,7 @@ def add_parser(subparsers) -> None:
         "uses them (the task's preset; a value that differs from the data set's own default "
         "says so), and the folder its files are read from. Change a setting with "
         "`delrec train --set data.NAME=VALUE`.",
+        epilog=EXIT_CODES_HELP,
     )
     listing.set_defaults(run=_run_list)
 

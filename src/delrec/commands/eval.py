@@ -35,7 +35,9 @@ def add_parser(subparsers) -> None:
         default="best",
         help="which checkpoint of a run directory (default best; a .pt file is itself one)",
     )
-    parser.add_argument("--split", choices=SPLITS, default="test")
+    parser.add_argument(
+        "--split", choices=SPLITS, default="test", help="split to evaluate (default test)"
+    )
     parser.add_argument(
         "--spread",
         action="store_true",

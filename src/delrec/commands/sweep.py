@@ -67,7 +67,11 @@ def add_parser(subparsers) -> None:
     kinds = parser.add_subparsers(dest="sweep_command", metavar="SWEEP")
     kinds.required = True
     models = kinds.add_parser(
-        "models", help="models of the ablation family on the task's network (Table S5 layout)"
+        "models",
+        help="models of the ablation family on the task's network (Table S5 layout)",
+        description="Train each model of --models on the task's preset network, every seed, "
+        "and write the table of test metrics in the layout of the paper's Table S5.",
+        epilog=EXIT_CODES_HELP,
     )
     models.add_argument(
         "--models",
@@ -77,7 +81,13 @@ def add_parser(subparsers) -> None:
     )
     _add_common(models, "runs/sweep-models")
     models.set_defaults(run=run)
-    params = kinds.add_parser("params", help="ablation-family models at several hidden sizes")
+    params = kinds.add_parser(
+        "params",
+        help="ablation-family models at several hidden sizes",
+        description="Train each model of --models at each hidden size of --sizes, every seed: "
+        "test metric against the number of parameters.",
+        epilog=EXIT_CODES_HELP,
+    )
     params.add_argument(
         "--models",
         type=comma_list(str),
@@ -92,7 +102,13 @@ def add_parser(subparsers) -> None:
     )
     _add_common(params, "runs/sweep-params")
     params.set_defaults(run=run)
-    rate = kinds.add_parser("rate", help="firing-rate penalty values λ for one model")
+    rate = kinds.add_parser(
+        "rate",
+        help="firing-rate penalty values λ for one model",
+        description="Train one model at each firing-rate penalty λ of --penalties, every seed: "
+        "test metric against the firing rate it reached.",
+        epilog=EXIT_CODES_HELP,
+    )
     rate.add_argument("--model", choices=MODELS, default="delrec", help="model (default delrec)")
     rate.add_argument(
         "--penalties",

@@ -21,9 +21,16 @@ from delrec.config import (
     resolve,
 )
 from delrec.models import MODELS
+from delrec.runs import RunDir
 from delrec.training import jobs
-from delrec.training.distributed import DEFAULT_TIMEOUT_S, check_timeout, rank_label, world_size
-from delrec.training.parallel_seeds import end_with_parent
+from delrec.training.distributed import (
+    DEFAULT_TIMEOUT_S,
+    check_timeout,
+    rank_label,
+    resume_command,
+    world_size,
+)
+from delrec.training.parallel_seeds import PARENT_VARIABLE, end_with_parent
 
 # the settings --set may change on --resume (where the run runs, not what it computes; --device
 # and --data-root are the others of config.RESUME_OVERRIDABLE)
@@ -112,7 +119,7 @@ def add_parser(subparsers) -> None:
         help="under torchrun: how long a process waits for a "
         f"silent one before the run stops (default {DEFAULT_TIMEOUT_S:.0f})",
     )
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, after_termination=after_termination)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,6 +132,26 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(json.dumps(summary), flush=True)
     return 1 if summary["status"] == "failed" else 0
+
+
+def after_termination(args: argparse.Namespace) -> str:
+    """How this ``delrec train`` goes on after SIGTERM (``delrec.cli``): the command that
+    continues its run (the parent run of several seeds, with ``--parallel`` as given), or, when
+    nothing of the run was written yet, the same command again."""
+    if PARENT_VARIABLE in os.environ:
+        return "its --parallel parent names the command that continues the run"
+    run_dir = args.resume or args.run_dir
+    if run_dir is None:  # under torchrun, the ranks chose the folder together
+        return "the run continues with `delrec train --resume RUN_DIR` (the folder its first "
+        "line named)"
+    run = RunDir(run_dir)
+    if not (run.is_single() or run.is_multi_seed()):
+        return "nothing of the run was written yet: run the same command again"
+    processes = world_size()
+    if processes > 1:
+        return f"the run continues with `{resume_command(Path(run_dir), processes)}`"
+    parallel = f" --parallel {args.parallel}" if args.parallel else ""
+    return f"the run continues with `delrec train --resume {run_dir}{parallel}`"
 
 
 def _check_launch(args: argparse.Namespace) -> None:
@@ -191,6 +218,8 @@ def _train(args: argparse.Namespace, notes: bool = True) -> dict | None:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, once
             print(json.dumps(config.to_dict(), indent=2))
         return None
+    if args.run_dir is None and (seeds is not None or world_size() <= 1):
+        args.run_dir = jobs.default_run_dir(config)  # known to after_termination too
     if seeds is None:
         return jobs.train_run(
             config,
@@ -200,12 +229,13 @@ def _train(args: argparse.Namespace, notes: bool = True) -> dict | None:
             hint=notes,
             **distributed,
         )
-    run_dir = args.run_dir or jobs.default_run_dir(config)
     if args.parallel is not None:
         return jobs.train_seeds_parallel(
-            config, seeds, run_dir, args.parallel, args.max_epochs_this_run
+            config, seeds, args.run_dir, args.parallel, args.max_epochs_this_run
         )
-    return jobs.train_seeds(config, seeds, run_dir, args.max_epochs_this_run, not args.no_progress)
+    return jobs.train_seeds(
+        config, seeds, args.run_dir, args.max_epochs_this_run, not args.no_progress
+    )
 
 
 def _check_resume(args: argparse.Namespace) -> None:

@@ -51,7 +51,8 @@ from delrec.models import READOUTS
 from delrec.neurons import LIF, LeakyIntegrator
 
 _NIR_MISSING = (
-    "NIR support needs the `nir` package: pip install 'delrec[deploy]' (or pip install nir)"
+    "NIR support needs the `nir` package: pip install -e '.[deploy]' in the delrec checkout "
+    "(make setup installs it), or pip install nir"
 )
 
 

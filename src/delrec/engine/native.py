@@ -3,7 +3,7 @@
 The per-step elementwise work of the C++ engine paths (tap reads, the float64 trace recursion,
 the neuron update and its adjoint) is fused into C++ loops that run the whole time loop, calling
 ATen's GEMM each step. They are built with ``torch.utils.cpp_extension.load`` the first time
-they are needed (about half a minute; needs a C++ compiler and ``ninja``, a dependency of the
+they are needed (about a minute; needs a C++ compiler and ``ninja``, a dependency of the
 package) and cached per torch version, Python version and CPU in ``$DELREC_CACHE`` (default
 ``~/.cache/delrec``). When they cannot be built, :func:`load` returns ``None`` after one
 warning that says why, and the engine selector picks a PyTorch-op path (same results, slower).
@@ -121,7 +121,7 @@ def _compile(name: str, module: str, flags: tuple[str, ...], library: Path) -> M
     _ninja_on_path()
     print(
         f"delrec: compiling the C++ kernels '{name}' (first use on this machine, about "
-        f"half a minute) into {library.parent}",
+        f"a minute) into {library.parent}",
         file=sys.stderr,
         flush=True,
     )

@@ -166,13 +166,16 @@ def run_seed_processes(
 ) -> tuple[list[dict], dict[int, str]]:
     """Run every seed, at most ``workers`` at a time; returns the summaries of the seeds that
     ended cleanly (in the order of ``seeds``) and the failures by seed. ``seeds.json`` is
-    written once a seed's data has loaded (its ``config.json`` exists), as ``--seeds`` does."""
+    written before the first seed starts: a seed's ``config.json`` never exists without it, so
+    ``--resume`` continues the run whenever this process is killed."""
     gpus = gpu_ids(config)
     pending, running = list(seeds), {}
     summaries, failures = {}, {}
     with tempfile.TemporaryDirectory(prefix="delrec-seeds-") as folder:
         config_file = Path(folder) / "config.json"
         config_file.write_text(json.dumps(config.to_dict()), encoding="utf-8")
+        if not run.is_multi_seed():
+            run.write_seeds(seeds, config)
         try:
             while pending or running:
                 for slot in range(workers):
@@ -192,8 +195,6 @@ def run_seed_processes(
                         else:
                             failures[job.seed] = failure
                         del running[slot]
-                if not run.is_multi_seed() and any(run.seed(s).is_single() for s in seeds):
-                    run.write_seeds(seeds, config)
                 time.sleep(POLL_S if running else 0)
         finally:
             for job in running.values():

@@ -53,7 +53,10 @@ def missing_reason(device: torch.device | str) -> str | None:
     """Why the kernels don't run compiled on ``device`` (None when they do)."""
     device = torch.device(device)
     if not installed():
-        return "the Triton kernels need the 'triton' package (pip install triton)"
+        return (
+            "the Triton kernels need the 'triton' package: pip install triton==3.7.1 (the "
+            "version torch 2.13.0 needs; another makes pip replace torch), as make setup does"
+        )
     if device.type != "cuda":
         return f"the Triton kernels run on CUDA tensors, not {device.type}"
     if interpreting():
