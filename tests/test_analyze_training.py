@@ -89,7 +89,8 @@ def test_a_run_named_twice_is_refused_as_such(tmp_path, capsys, monkeypatch, twi
     argv = ["analyze", "training", "s1", twice.format(tmp=tmp_path), "--figure", "t.png"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "error: the run s1 is named twice" in err and "give each run once" in err
+    assert err.startswith("delrec analyze training: error: the run s1 is named twice"), err
+    assert "give each run once" in err
     assert "--labels" not in err  # an option not given is not blamed
     assert not (tmp_path / "t.png").exists()
 

@@ -128,8 +128,9 @@ def _run(argv: list[str] | None) -> int:
         if hasattr(args, "after_termination"):
             stop.then = args.after_termination(args)
         raise
-    except Exception as error:
-        return fail(args.command, error)
+    except Exception as error:  # named as invoked: `delrec analyze training: error: …`
+        action = getattr(args, f"{args.command}_command", None)
+        return fail(f"{args.command} {action}" if action else args.command, error)
 
 
 def _innermost(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
