@@ -507,8 +507,10 @@ def test_a_pruned_synapse_counts_in_no_delay_figure_and_exports_no_branch():
     assert entry["values"] == layer.weight.numel() - 1
     assert target_check(report, get_target("spinnaker"))["pass"]
     assert not any("lag40" in name for name in to_nir(net).nodes)
-    axonal = network("axonal", delay_init="uniform:0:10")
+    axonal = network("axonal", delay_init="uniform:0:10", max_delay=10)
     with torch.no_grad():
         axonal.blocks[0].neurons.delay[2] = 40.0
         axonal.blocks[0].neurons.weight[:, 2] = 0.0  # neuron 2 sends nothing back
     assert hardware_report(axonal)["layers"][0]["delays"][0]["max"] <= 10
+    delay = to_nir(axonal).nodes["layer0.recurrent.delay"].delay  # exported within the limit
+    assert delay.max() <= 10 and delay[2] == 0

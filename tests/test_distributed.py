@@ -654,13 +654,21 @@ def test_parallel_seeds_json_exists_before_any_seed_starts(tmp_path, monkeypatch
     directory") nor the same command ("not empty") went on. It is now written before the first
     seed starts, so every seed's run has its parent's record."""
     run = RunDir(tmp_path / "par")
-    seen = []
+    seen, starts = [], []
 
     class Child(FakeSeedChild):
         def __init__(self, command, env, **options):
             seen.append((run.path / "seeds.json").is_file())
+            if starts[-1]:  # the seed's data loaded: it wrote its config.json
+                seed = RunDir(Path(command[command.index("--run-dir") + 1]))
+                seed.path.mkdir(parents=True)
+                seed.write_config(TrainConfig(device="cpu"), {})
             super().__init__(command, env, **options)
 
     monkeypatch.setattr(parallel_seeds, "subprocess", SimpleNamespace(Popen=Child, PIPE=0))
-    parallel_seeds.run_seed_processes(TrainConfig(device="cpu"), [0, 1], run, 2, None)
-    assert seen == [True, True] and run.read_seeds()["seeds"] == [0, 1]
+    for started in (False, True):
+        starts.append(started)
+        parallel_seeds.run_seed_processes(TrainConfig(device="cpu"), [0, 1], run, 2, None)
+        # no seed started (their data failed to load): gone, so the same command starts again
+        assert run.is_multi_seed() == started
+    assert seen == [True] * 4 and run.read_seeds()["seeds"] == [0, 1]

@@ -1974,3 +1974,22 @@ def test_a_warning_on_the_command_line_is_one_line_without_source(tmp_path):
     line = next(x for x in done.stderr.splitlines() if "DelayLimitWarning" in x)
     assert line.startswith("warning (DelayLimitWarning): DelRec(") and ".py:" not in line
     assert "sys.exit(main())" not in done.stderr
+
+
+def test_sigterm_under_torchrun_names_the_torchrun_command(tmp_path, monkeypatch):
+    """Under torchrun the run continues with as many processes again: the hint names the
+    torchrun command, with the run's folder where this process knows it."""
+    from argparse import Namespace
+
+    from delrec.commands.train import after_termination
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    hint = after_termination(Namespace(resume=None, run_dir=None, parallel=None))
+    assert hint.startswith("the run continues with `torchrun") and "--resume RUN_DIR" in hint
+    assert hint.endswith("(RUN_DIR: the folder its first line named)")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    hint = after_termination(Namespace(resume=None, run_dir=str(run), parallel=None))
+    assert "torchrun" in hint and f"--resume {run}`" in hint

@@ -70,6 +70,24 @@ def test_the_kernel_draws_the_masks_that_the_pytorch_ops_draw(shape, key, keep, 
     assert torch.equal(fused.dropped(x, draw), x * expected)
 
 
+@needs_kernels
+def test_masks_of_rows_beyond_two_to_the_32_are_refused_on_both_paths():
+    """A mask's row counter is one 32-bit word: the kernel wrapped rows past 2³² while the
+    PyTorch ops did not, so the two drew different masks. Such rows are now refused."""
+    draw = masks.MaskDraw(12345, 0.5, 2**32 - 2)
+    assert torch.equal(  # the last two rows it can tell apart
+        fused.dropout_mask((2, 2, 20), draw, torch.float64),
+        masks.reference_mask((2, 2, 20), draw, torch.float64),
+    )
+    with pytest.raises(ValueError, match="2\\^32 rows only"):
+        masks.reference_mask((2, 4, 20), draw, torch.float64)
+    with pytest.raises(RuntimeError, match="2\\^32 rows of a batch only"):
+        fused.dropout_mask((2, 4, 20), draw, torch.float64)
+    for offset in (-1, 2**32):
+        with pytest.raises(ValueError, match="batch_offset must be a row"):
+            masks.MaskDraw(1, 0.5, offset)
+
+
 def vector_variants():
     """Extra compiler flags for each build of the fused kernels besides the default one that
     this CPU runs: without AVX2 and AVX-512 always (the generator's plain loops, the spike
@@ -233,6 +251,21 @@ def test_fused_leaky_integrator_matches_the_module(decay_input, tau):
 @pytest.mark.parametrize("with_shift", [False, True])
 def test_fused_batch_norm_matches_the_module(dtype, momentum, with_shift):
     assert_batch_norm_like_the_module((20, 9, 6), dtype, momentum, with_shift)
+
+
+@needs_kernels
+def test_fused_batch_norm_keeps_float64_precision_for_a_large_mean():
+    """Channels whose mean is 10⁶ times their spread: the variance as Σx²/M − mean² lost most
+    of its digits (outputs off by 6e-6 at 10⁵, 1.5e-3 at 10⁶); taken around a pivot it keeps
+    them, as ``nn.BatchNorm1d`` does."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 8, 4, generator=g, dtype=torch.float64) * 1e-2 + 1e4
+    modules = [torch.nn.BatchNorm1d(4).double() for _ in range(2)]
+    expected = modules[0](x.flatten(0, 1)).view_as(x)
+    out = fused.batch_norm(x, modules[1])
+    assert_close_relative(out.detach(), expected.detach(), 1e-9)
+    assert_close_relative(modules[1].running_var, modules[0].running_var, 1e-9)
+    assert_close_relative(modules[1].running_mean, modules[0].running_mean, 1e-12)
 
 
 # --------------------------------------------------------------------------- spike products

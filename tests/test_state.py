@@ -491,6 +491,11 @@ def test_a_state_made_in_eval_continues_in_training(delay_type):
     reference = reference.double()
     reference.load_state_dict(layer.state_dict())
     assert torch.equal(fast, reference(current[20:], state))
+    fixed = DelRec(6, delay_type=delay_type, delay_init="uniform:0:4", learn_delays=False)
+    fixed = fixed.double().eval()  # real-valued fixed delays: training reaches d + 1, eval round(d)
+    with torch.no_grad():
+        _, state = fixed(current[:20], return_state=True)
+    fixed.train()(current[20:], state)
 
 
 def test_a_feedforward_delay_layer_takes_one_sequence_like_delrec():

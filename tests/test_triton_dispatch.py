@@ -108,3 +108,40 @@ def test_a_layer_on_the_gpu_trains_and_evaluates_like_on_the_cpu(delay_type):
     for expected, actual in zip(*results):
         torch.testing.assert_close(actual.cpu(), expected, rtol=1e-6, atol=1e-9)
     assert PATHS["triton-axonal"].available("cuda")
+
+
+@needs_triton
+def test_a_triton_path_on_cpu_tensors_without_the_interpreter_says_so():
+    """Without the interpreter a Triton path called by name on CPU tensors failed inside Triton
+    ("0 active drivers"); with TRITON_INTERPRET set only after the kernels were imported, the
+    selector offered them and an ordinary eval forward failed so. Now the path says what it
+    needs, and the selector keeps the CPU paths for kernels loaded compiled."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import os, torch\n"
+        "from delrec.engine import PATHS\n"
+        "from delrec.engine.triton import ring\n"
+        "from delrec.layers import DelRec\n"
+        "from delrec.neurons import LIF\n"
+        "x, w = torch.rand(5, 2, 4), torch.rand(4, 4)\n"
+        "try:\n"
+        "    PATHS['triton-ring'].run(x, w, torch.ones(4), 1.0, LIF())\n"
+        "except RuntimeError as error:\n"
+        "    print('refused:', error)\n"
+        "os.environ['TRITON_INTERPRET'] = '1'  # too late for the kernels imported above\n"
+        "from delrec.engine import triton as gpu\n"
+        "gpu.offer_interpreted_paths()\n"
+        "with torch.no_grad():\n"
+        "    print('eval:', tuple(DelRec(4).eval()(x).shape))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused: the Triton paths run on CUDA tensors" in done.stdout, done.stdout
+    assert "TRITON_INTERPRET=1" in done.stdout and "engine='auto'" in done.stdout
+    assert "eval: (5, 2, 4)" in done.stdout

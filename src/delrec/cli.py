@@ -72,10 +72,10 @@ def _terminate(signum, frame) -> None:
     raise Terminated
 
 
-# how to go on after SIGTERM, by command (the others: run it again)
+# how to go on after SIGTERM, by command, where the command has no after_termination(args) or
+# the signal came before its arguments were read (the others: run it again)
 AFTER_TERMINATION = {
-    "train": "the run continues with `delrec train --resume RUN_DIR` (the folder its first "
-    "line named)",
+    "train": "run the same command again, or resume the run its first line named",
     "sweep": "the same `delrec sweep …` command continues the sweep where it stopped",
 }
 

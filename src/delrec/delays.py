@@ -219,7 +219,7 @@ def constant(value: float) -> DelayInit:
 
 def given(values: Tensor) -> DelayInit:
     """The delays ``values`` themselves, steps: a tensor of the layer's delay shape (a copy)."""
-    values = values.detach().to(torch.float64).clone()
+    values = values.detach().to("cpu", torch.float64).clone()  # as every initialiser gives
 
     def init(shape, generator=None):
         if tuple(values.shape) != tuple(shape):

@@ -175,6 +175,10 @@ class RunDir:
     def write_seeds(self, seeds: list[int], config: TrainConfig) -> None:
         files.write_json(self.path / SEEDS, {"seeds": seeds, "config": config.to_dict()})
 
+    def forget_seeds(self) -> None:
+        """Remove ``seeds.json`` of a run of several seeds none of which started."""
+        (self.path / SEEDS).unlink(missing_ok=True)
+
     def write_summary(self, summary: dict) -> None:
         files.write_json(self.path / SUMMARY, summary)
 

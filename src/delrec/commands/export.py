@@ -85,8 +85,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def input_metadata(payload: dict) -> dict:
-    """What a chip must do to the data as the run did, for the graph's metadata: the run's
-    standardisation (``[mean, std]`` of inputs and targets) and pixel order, where it has one."""
+    """What the run did to its data that only its checkpoint records, for the graph's metadata:
+    its task, its standardisation (``[mean, std]`` of inputs and targets) and pixel order,
+    where it has them (a task's own input scale is in docs/data.md)."""
     metadata = {"task": str(payload.get("train_config", {}).get("task", "unknown"))}
     if payload.get("standardization") is not None:
         mean, std = (float(v) for v in payload["standardization"])

@@ -140,14 +140,13 @@ def after_termination(args: argparse.Namespace) -> str:
     nothing of the run was written yet, the same command again."""
     if PARENT_VARIABLE in os.environ:
         return "its --parallel parent names the command that continues the run"
-    run_dir = args.resume or args.run_dir
-    if run_dir is None:  # under torchrun, the ranks chose the folder together
-        return "the run continues with `delrec train --resume RUN_DIR` (the folder its first "
-        "line named)"
+    run_dir, processes = args.resume or args.run_dir, world_size()
+    if run_dir is None:  # under torchrun, where the ranks chose the folder together
+        command = resume_command(Path("RUN_DIR"), processes)
+        return f"the run continues with `{command}` (RUN_DIR: the folder its first line named)"
     run = RunDir(run_dir)
     if not (run.is_single() or run.is_multi_seed()):
         return "nothing of the run was written yet: run the same command again"
-    processes = world_size()
     if processes > 1:
         return f"the run continues with `{resume_command(Path(run_dir), processes)}`"
     parallel = f" --parallel {args.parallel}" if args.parallel else ""

@@ -88,9 +88,6 @@ SPIKE_CONVENTION = (
 
 # --------------------------------------------------------------------------- export
 MAX_DT = 1e6  # seconds per step: far beyond any use, and time constants × dt stay finite
-WRITTEN_METADATA = frozenset(
-    {"generator", "dt", "time_convention", "spike_condition", "readout_reduction"}
-)
 
 
 def to_nir(net: nn.Module, dt: float = 1.0, metadata: dict | None = None):
@@ -119,9 +116,6 @@ def to_nir(net: nn.Module, dt: float = 1.0, metadata: dict | None = None):
                 "--set network.max_delay=D, and check it with `delrec report RUN_DIR --target NAME`"
             )
         stream = StreamingNetwork.from_network(net)
-    clash = sorted(set(metadata or {}) & WRITTEN_METADATA)
-    if clash:
-        raise ValueError(f"metadata {clash} is written by delrec itself; give other keys")
     nodes = {"input": nir.Input(input_type={"input": np.array([stream.input_size])})}
     edges: list[tuple[str, str]] = []
     source = "input"
@@ -150,6 +144,9 @@ def to_nir(net: nn.Module, dt: float = 1.0, metadata: dict | None = None):
         "spike_condition": SPIKE_CONVENTION,
         "readout_reduction": stream.readout_reduction or "none",
     }
+    clash = sorted(set(metadata or {}) & set(written))
+    if clash:
+        raise ValueError(f"metadata {clash} is written by delrec itself; give other keys")
     return nir.NIRGraph(nodes=nodes, edges=edges, metadata=written | dict(metadata or {}))
 
 
@@ -233,12 +230,17 @@ def _add_projection(
     target: str,
     dt: float,
 ) -> None:
-    """Add the nodes and edges of ``source → synapses → target`` (see the module docstring)."""
-    if synapses.max_lag == 0:
+    """Add the nodes and edges of ``source → synapses → target`` (see the module docstring),
+    without the delays of zero-weight synapses, which a chip drops."""
+    used = synapses.weight != 0
+    column = synapses.column_lags
+    if column is not None:  # one lag per presynaptic neuron: 0 for one that sends nothing
+        column = torch.where(used.any(0), column, torch.zeros_like(column))
+    if synapses.max_lag == 0 or (column is not None and not bool(column.any())):
         nodes[name] = _weight_node(nir, synapses.weight, synapses.bias)
         edges += [(source, name), (name, target)]
-    elif synapses.column_lags is not None:
-        nodes[f"{name}.delay"] = nir.Delay(delay=synapses.column_lags.cpu().numpy() * float(dt))
+    elif column is not None:
+        nodes[f"{name}.delay"] = nir.Delay(delay=column.cpu().numpy() * float(dt))
         nodes[f"{name}.weight"] = _weight_node(nir, synapses.weight, synapses.bias)
         edges += [
             (source, f"{name}.delay"),
@@ -246,7 +248,7 @@ def _add_projection(
             (f"{name}.weight", target),
         ]
     else:  # one branch per lag of a kept synapse (non-zero weight), the bias on the first
-        lags, used = synapses.lags, synapses.weight != 0
+        lags = synapses.lags
         kept = torch.unique(lags[used]).tolist() or [0]
         for rank, lag in enumerate(kept):
             weight = torch.where(lags == lag, synapses.weight, torch.zeros_like(synapses.weight))

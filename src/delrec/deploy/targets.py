@@ -218,7 +218,9 @@ def target_check(report: dict, target: Target) -> dict:
                 "detail": f"longest delay d = {entry['max']} {'<=' if within else '>'} "
                 f"{target.max_delay} steps"
                 + (
-                    "" if within else f" (train for it: --set network.max_delay={target.max_delay})"
+                    ""
+                    if within or (entry["kind"] != "feedforward" and not target.recurrent_delays)
+                    else f" (train for it: --set network.max_delay={target.max_delay})"
                 ),
             }
         )

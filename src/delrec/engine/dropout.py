@@ -33,6 +33,7 @@ from torch import Tensor
 PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # round multipliers
 PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # key increments (golden ratio, √3 - 1)
 WORD = 0xFFFFFFFF
+ROWS = 2**32  # batch rows a mask tells apart (its row counter is one 32-bit word)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,13 @@ class MaskDraw:
     key: int
     keep: float
     batch_offset: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.batch_offset < ROWS:
+            raise ValueError(
+                f"MaskDraw batch_offset must be a row of a batch in [0, 2^32), got "
+                f"{self.batch_offset}: the masks count rows in 32 bits"
+            )
 
     @property
     def threshold(self) -> int:
@@ -120,6 +128,11 @@ def philox(counter: tuple[Tensor, Tensor, Tensor, Tensor], key: int) -> list[Ten
 def mask_draws(shape: tuple[int, int, int], draw: MaskDraw, device=None) -> Tensor:
     """The 16-bit draws (int64) behind the mask of a ``(T, B, N)`` tensor."""
     steps, batch, n = shape
+    if draw.batch_offset + batch > ROWS:
+        raise ValueError(
+            f"rows {draw.batch_offset}…{draw.batch_offset + batch - 1} of a batch: the masks "
+            "tell apart 2^32 rows only"
+        )
     chunks = (n + 127) // 128
 
     def arange(size, view):

@@ -193,9 +193,14 @@ class DelRec(nn.Module):
         is in training, so the kernel loses the part of its mass that falls below lag 1; the
         integer-delay mode rounds it to 0.
         """
-        delay = self.delay.expand(self.size) if self.delay_type == "shared" else self.delay
+        delay, width = self._training_delays_and_width()
         if self.uses_integer_delays:
             return delay_fns.integer_delays(delay), 1.0
+        return delay, width
+
+    def _training_delays_and_width(self) -> tuple[Tensor, Tensor | float]:
+        """The delays ``(N,)`` or ``(N, N)`` and kernel half-width of a training forward."""
+        delay = self.delay.expand(self.size) if self.delay_type == "shared" else self.delay
         sigma = float(self.sigma) if self.learn_delays else 0.0
         return delay, delay_fns.spread_width(sigma, self.spread_logits)
 
@@ -300,13 +305,14 @@ class DelRec(nn.Module):
         spikes, final = path.run(
             current, self.weight, delay, width, self.neuron, applied, state=start, **options
         )
-        if self.uses_integer_delays and self.learn_delays:
-            final = self._training_history(start, spikes, final)
+        raw = spikes  # what the recurrence ran on, before output dropout
         if behind is not None:
             spikes = fused.dropped(spikes, behind)
         spikes = spikes.squeeze(1) if unbatched else spikes
         if not return_state:
             return spikes
+        if self.uses_integer_delays:
+            final = self._training_history(start, raw, final)
         neuron_state = tuple(x.detach() for x in final.neuron)
         before = 0 if state is None else state.steps
         seen = None if before is None else before + current.shape[0]
@@ -318,9 +324,7 @@ class DelRec(nn.Module):
         """``final`` with as many steps of spikes as a training forward would keep: a state made
         in eval mode (integer delays reach less far back than the spread kernels) can then
         continue the sequence in training. ``spikes``: the chunk's ``(T, B, N)``."""
-        training_width = delay_fns.spread_width(float(self.sigma), self.spread_logits)
-        delay = self.delay.expand(self.size) if self.delay_type == "shared" else self.delay
-        reach = history_length(delay, training_width)
+        reach = history_length(*self._training_delays_and_width())
         length = kept_history(start.spikes, spikes.shape[0], reach)
         if length <= final.spikes.shape[0]:
             return final

@@ -321,10 +321,14 @@ def train_seeds_parallel(
                     f"{run.seed(seed).path}",
                     file=sys.stderr,
                 )
+            then = (
+                f"continue with `delrec train --resume {run_dir} --parallel {workers}`"
+                if run.is_multi_seed()
+                else "run the same command again (no seed started)"
+            )
             print(
                 f"delrec train: {len(runs)} of {len(seeds)} seeds ended cleanly; once what "
-                "the errors above name is dealt with, continue with "
-                f"`delrec train --resume {run_dir} --parallel {workers}`",
+                f"the errors above name is dealt with, {then}",
                 file=sys.stderr,
             )
             return {

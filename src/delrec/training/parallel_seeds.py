@@ -167,14 +167,16 @@ def run_seed_processes(
     """Run every seed, at most ``workers`` at a time; returns the summaries of the seeds that
     ended cleanly (in the order of ``seeds``) and the failures by seed. ``seeds.json`` is
     written before the first seed starts: a seed's ``config.json`` never exists without it, so
-    ``--resume`` continues the run whenever this process is killed."""
+    ``--resume`` continues the run whenever this process is killed; it is removed again when no
+    seed started (their data failed to load), so that the same command starts the run again."""
     gpus = gpu_ids(config)
     pending, running = list(seeds), {}
     summaries, failures = {}, {}
     with tempfile.TemporaryDirectory(prefix="delrec-seeds-") as folder:
         config_file = Path(folder) / "config.json"
         config_file.write_text(json.dumps(config.to_dict()), encoding="utf-8")
-        if not run.is_multi_seed():
+        ours = not run.is_multi_seed()
+        if ours:
             run.write_seeds(seeds, config)
         try:
             while pending or running:
@@ -199,4 +201,6 @@ def run_seed_processes(
         finally:
             for job in running.values():
                 job.stop()
+            if ours and not any(run.seed(s).is_single() for s in seeds):
+                run.forget_seeds()
     return [summaries[s] for s in seeds if s in summaries], failures

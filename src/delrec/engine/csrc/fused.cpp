@@ -234,13 +234,18 @@ void batch_norm_forward_loop(const at::Tensor& x, const at::Tensor& weight,
                              at::Tensor& mean, at::Tensor& var) {
   const int64_t n = x.size(-1), frames = x.numel() / n;
   const scalar_t* x_p = x.data_ptr<scalar_t>();
+  // the sums are taken around a pivot, each channel's first value: Σx²/M − mean² of values far
+  // from zero against their spread would cancel most of the variance's digits
+  std::vector<double> pivot(n, 0.0);
+  for (int64_t i = 0; i < n && frames > 0; ++i) pivot[i] = x_p[i];
   at::Tensor sums = at::empty({2, n}, x.options().dtype(at::kDouble));
   channel_sums(frames, n, 2, sums, [&](int64_t f, double* acc) {
     const scalar_t* __restrict__ row = x_p + f * n;
+    const double* __restrict__ k = pivot.data();
     double* __restrict__ a = acc;
     double* __restrict__ b = acc + n;
     for (int64_t i = 0; i < n; ++i) {
-      const double value = row[i];
+      const double value = double(row[i]) - k[i];
       a[i] += value;
       b[i] += value * value;
     }
@@ -252,8 +257,9 @@ void batch_norm_forward_loop(const at::Tensor& x, const at::Tensor& weight,
   const scalar_t* w_p = weight.data_ptr<scalar_t>();
   const scalar_t* b_p = bias.data_ptr<scalar_t>();
   for (int64_t i = 0; i < n; ++i) {
-    mean_p[i] = s[i] / frames;
-    var_p[i] = std::max(0.0, s[n + i] / frames - mean_p[i] * mean_p[i]);
+    const double offset = s[i] / frames;  // mean − pivot
+    mean_p[i] = pivot[i] + offset;
+    var_p[i] = std::max(0.0, s[n + i] / frames - offset * offset);
     centre[i] = static_cast<scalar_t>(mean_p[i]);
     scale[i] = static_cast<scalar_t>(w_p[i] / std::sqrt(var_p[i] + eps));
     shift[i] = b_p[i];

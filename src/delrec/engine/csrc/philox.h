@@ -178,6 +178,8 @@ struct Mask {
 
   // the words of row (b, t) into buffer (length ≥ N rounded up to kChunk)
   void draw(std::vector<uint32_t>& buffer, int64_t n, int64_t b, int64_t t) const {
+    TORCH_CHECK(b + batch_offset < (int64_t(1) << 32),
+                "delrec dropout: the masks tell apart 2^32 rows of a batch only");
     philox_row(buffer.data(), n, static_cast<uint32_t>(b + batch_offset),
                static_cast<uint32_t>(t), key0, key1);
   }
@@ -207,6 +209,8 @@ inline Mask make_mask(bool active, int64_t key, int64_t threshold, double scale,
   if (!active) return mask;
   TORCH_CHECK(threshold >= 0 && threshold <= (int64_t(1) << 16),
               "delrec dropout: threshold must be in [0, 2^16]");
+  TORCH_CHECK(batch_offset >= 0 && batch_offset < (int64_t(1) << 32),
+              "delrec dropout: batch_offset must be in [0, 2^32)");
   const uint64_t k = static_cast<uint64_t>(key);
   mask.active = true;
   mask.key0 = static_cast<uint32_t>(k);

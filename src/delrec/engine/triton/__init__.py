@@ -23,14 +23,36 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import warnings
+import sys
 
 import torch
+
+from delrec import user_warnings
 
 
 def interpreting() -> bool:
     """True when Triton's interpreter runs the kernels (``TRITON_INTERPRET=1``), on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def kernels_interpreted() -> bool:
+    """Whether the kernels run under the interpreter: fixed when they are first imported
+    (:mod:`delrec.engine.triton.lif` reads ``TRITON_INTERPRET`` then), so the variable set
+    later does not count."""
+    lif = sys.modules.get("delrec.engine.triton.lif")
+    return lif.INTERPRETED if lif is not None else interpreting()
+
+
+def _check_device(current: torch.Tensor) -> None:
+    """A RuntimeError, not Triton's own ("0 active drivers"), for a path called by name on
+    tensors its kernels cannot run on."""
+    if current.device.type != "cuda" and not kernels_interpreted():
+        raise RuntimeError(
+            f"the Triton paths run on CUDA tensors, or on CPU tensors under Triton's "
+            f"interpreter (TRITON_INTERPRET=1 set before the kernels are first imported), not "
+            f"on these {current.device.type} tensors; use engine='auto' for a path that runs "
+            "on them"
+        )
 
 
 @functools.cache
@@ -66,11 +88,10 @@ def missing_reason(device: torch.device | str) -> str | None:
 
 @functools.cache
 def _warn_missing(reason: str) -> None:
-    warnings.warn(
+    user_warnings.warn(
         f"{reason}: CUDA layers run the PyTorch-op loops instead (about twenty small kernels "
         "per time step)",
         RuntimeWarning,
-        stacklevel=4,
     )
 
 
@@ -92,7 +113,7 @@ def runs_on(device: torch.device) -> bool:
     warning says why the slower paths run."""
     device = torch.device(device)
     if device.type == "cpu":
-        return _interpreter_paths and installed() and interpreting()
+        return _interpreter_paths and installed() and kernels_interpreted()
     if available(device):
         return True
     if device.type == "cuda" and not installed():
@@ -102,6 +123,7 @@ def runs_on(device: torch.device) -> bool:
 
 def axonal_recurrence(current, weight, delay, width, neuron, mask=None, state=None):
     """Path ``triton-axonal``: :func:`delrec.engine.triton.axonal.recurrence`."""
+    _check_device(current)
     from delrec.engine.triton import axonal
 
     return axonal.recurrence(current, weight, delay, width, neuron, mask, state)
@@ -109,6 +131,7 @@ def axonal_recurrence(current, weight, delay, width, neuron, mask=None, state=No
 
 def synaptic_recurrence(current, weight, delay, width, neuron, mask=None):
     """Path ``triton-synaptic``: :func:`delrec.engine.triton.synaptic.recurrence`."""
+    _check_device(current)
     from delrec.engine.triton import synaptic
 
     return synaptic.recurrence(current, weight, delay, width, neuron, mask)
@@ -116,6 +139,7 @@ def synaptic_recurrence(current, weight, delay, width, neuron, mask=None):
 
 def ring_recurrence(current, weight, delay, width, neuron, mask=None):
     """Path ``triton-ring``: :func:`delrec.engine.triton.ring.recurrence`."""
+    _check_device(current)
     from delrec.engine.triton import ring
 
     return ring.recurrence(current, weight, delay, width, neuron, mask)
